@@ -1,0 +1,1 @@
+"""gallery: the media service devices stream their captures into."""

@@ -1,0 +1,33 @@
+"""Renders envoy/envoy.yaml for a given listener, admin port and set of gRPC backends."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import string
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "envoy" / "envoy.yaml"
+DESCRIPTOR = ROOT / "generated" / "gallery_descriptor.pb"
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def render(*, listen: str, admin_port: int, backends: list[str]) -> str:
+    listen_host, listen_port = split_address(listen)
+    endpoints = []
+    for backend in backends:
+        host, port = split_address(backend)
+        endpoints.append(
+            {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+        )
+    return string.Template(TEMPLATE.read_text()).substitute(
+        ADMIN_PORT=admin_port,
+        LISTEN_HOST=listen_host,
+        LISTEN_PORT=listen_port,
+        DESCRIPTOR=str(DESCRIPTOR),
+        BACKENDS=json.dumps(endpoints),  # JSON is YAML: a flow sequence
+    )

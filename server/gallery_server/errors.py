@@ -1,0 +1,45 @@
+"""The one tree of domain errors. Domain modules raise these; rpc/status.py maps them to gRPC status.
+
+GalleryError                 base; carries a stable UPPER_SNAKE `reason` and `metadata`
+├── InvalidArgument          the request is malformed (400 / INVALID_ARGUMENT)
+├── Unauthenticated          no valid bearer token (401 / UNAUTHENTICATED)
+├── PermissionDenied         the token or signed URL does not allow this (403 / PERMISSION_DENIED)
+├── NotFound                 the event does not exist for this device (404 / NOT_FOUND)
+├── AlreadyExists            the resource was created already (409 / ALREADY_EXISTS)
+└── TooLarge                 a size limit was exceeded (429 through Envoy / RESOURCE_EXHAUSTED)
+"""
+
+from __future__ import annotations
+
+
+class GalleryError(Exception):
+    def __init__(self, reason: str, message: str, *, field: str = "", **metadata: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.field = field  # the request field at fault, for BadRequest details
+        self.metadata = {k: str(v) for k, v in metadata.items()}
+
+
+class InvalidArgument(GalleryError):
+    pass
+
+
+class Unauthenticated(GalleryError):
+    pass
+
+
+class PermissionDenied(GalleryError):
+    pass
+
+
+class NotFound(GalleryError):
+    pass
+
+
+class AlreadyExists(GalleryError):
+    pass
+
+
+class TooLarge(GalleryError):
+    pass

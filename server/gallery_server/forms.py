@@ -1,0 +1,142 @@
+"""The REST multipart upload, parsed incrementally (python-multipart) straight into an Upload.
+
+File parts (`event`, `thumbnail`) go to staging as they arrive; text parts (`name`, `media_type`,
+`has_thumbnail`, `metadata`) are small and bounded. Parts may come in any order: the reference's
+own curl example sends `event` before `media_type` and `metadata`.
+"""
+
+from __future__ import annotations
+
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+
+from . import validation
+from .errors import InvalidArgument, TooLarge
+from .uploads import Upload
+
+_TEXT_LIMITS = {"name": 4 * validation.MAX_NAME_CHARS, "media_type": 64, "has_thumbnail": 16}
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off", ""}
+
+
+def multipart_boundary(content_type: str) -> bytes:
+    kind, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary", b"")
+    if kind != b"multipart/form-data" or not boundary:
+        raise InvalidArgument(
+            "NOT_MULTIPART", "the upload body must be multipart/form-data with a boundary",
+            field="content_type",
+        )
+    return boundary
+
+
+class FormReceiver:
+    """Feed it the body in pieces; it fills upload.fields and the upload's staged files."""
+
+    def __init__(self, upload: Upload, content_type: str, *, max_metadata_bytes: int) -> None:
+        self._upload = upload
+        self._limits = {**_TEXT_LIMITS, "metadata": max_metadata_bytes}
+        self._seen: set[str] = set()
+        self._texts: dict[str, bytearray] = {}
+        self._header_field = bytearray()
+        self._header_value = bytearray()
+        self._headers: dict[str, bytes] = {}
+        self._part = ""
+        self._error: Exception | None = None
+        self._parser = MultipartParser(
+            multipart_boundary(content_type),
+            {
+                "on_part_begin": self._on_part_begin,
+                "on_header_field": self._on_header_field,
+                "on_header_value": self._on_header_value,
+                "on_header_end": self._on_header_end,
+                "on_headers_finished": self._on_headers_finished,
+                "on_part_data": self._on_part_data,
+            },
+        )
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._parser.write(data)
+        except Exception as exc:  # python-multipart wraps callback errors; unwrap ours
+            raise self._error or InvalidArgument(
+                "MALFORMED_MULTIPART", f"malformed multipart body: {exc}"
+            ) from None
+
+    def finish(self) -> None:
+        """Check the body ended properly and copy the text fields into upload.fields."""
+        if self._parser.state != MultipartState.END:
+            raise InvalidArgument(
+                "MALFORMED_MULTIPART", "multipart body ended before its closing boundary"
+            )
+        texts = {k: v.decode("utf-8", "replace") for k, v in self._texts.items()}
+        fields = self._upload.fields
+        fields.name = texts.get("name", "")
+        fields.media_type = texts.get("media_type", "").strip()
+        fields.metadata_json = validation.metadata_json(
+            texts.get("metadata", ""), self._limits["metadata"]
+        )
+        flag = texts.get("has_thumbnail", "").strip().lower()
+        if flag not in _TRUE | _FALSE:
+            raise InvalidArgument(
+                "INVALID_HAS_THUMBNAIL", "has_thumbnail must be true or false",
+                field="has_thumbnail",
+            )
+        fields.thumbnail_promised = flag in _TRUE
+
+    # -- parser callbacks: errors are kept, because python-multipart re-raises its own ----------
+
+    def _fail(self, error: Exception) -> None:
+        self._error = error
+        raise error
+
+    def _on_part_begin(self) -> None:
+        self._headers = {}
+        self._part = ""
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        self._headers[self._header_field.decode("latin-1").lower()] = bytes(self._header_value)
+        self._header_field.clear()
+        self._header_value.clear()
+
+    def _on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get("content-disposition", b""))
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        if name not in ("event", "thumbnail", *self._limits):
+            self._fail(InvalidArgument(
+                "UNKNOWN_FORM_FIELD", f"unknown form field {name[:64]!r}", field=name[:64]
+            ))
+        if name in self._seen:
+            self._fail(InvalidArgument(
+                "DUPLICATE_FORM_FIELD", f"form field {name!r} appears twice", field=name
+            ))
+        self._seen.add(name)
+        self._part = name
+        if name == "event":
+            self._upload.write_media(b"")  # an empty file part is still a file (0-byte media)
+        elif name != "thumbnail":
+            self._texts[name] = bytearray()
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        chunk = memoryview(data)[start:end]
+        try:
+            if self._part == "event":
+                self._upload.write_media(chunk)
+            elif self._part == "thumbnail":
+                self._upload.write_thumbnail(chunk)
+            else:
+                text = self._texts[self._part]
+                if len(text) + len(chunk) > self._limits[self._part]:
+                    self._fail(TooLarge(
+                        "FORM_FIELD_TOO_LARGE",
+                        f"form field {self._part!r} is longer than {self._limits[self._part]} bytes",
+                        field=self._part,
+                    ))
+                text += chunk
+        except (InvalidArgument, TooLarge) as exc:
+            self._fail(exc)

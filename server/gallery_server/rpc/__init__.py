@@ -1,0 +1,1 @@
+"""The gRPC transport: servicer, interceptor and server assembly. Domain logic lives outside."""

@@ -1,0 +1,154 @@
+"""Cross-cutting work for every RPC: authentication, request ids, access logs, error mapping.
+
+The interceptor wraps each method handler so that, inside the worker thread running the RPC:
+- the bearer token is verified (except for the methods in PUBLIC_METHODS) and the Principal is
+  available to the servicer through current_principal();
+- a GalleryError becomes its mapped status; any other exception is logged with its traceback and
+  becomes a generic INTERNAL, so no exception text reaches a client;
+- one access-log line records method, code, duration, subject and request id.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from .. import auth
+from ..errors import GalleryError, Unauthenticated
+from . import status
+
+log = logging.getLogger("gallery.access")
+
+# Methods that carry their own proof (signed URLs) or must answer anyone (health, reflection).
+PUBLIC_METHODS = frozenset({"/gallery.v1.GalleryService/PutSignedUpload"})
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+_principal: contextvars.ContextVar[auth.Principal] = contextvars.ContextVar("principal")
+
+
+def current_principal() -> auth.Principal:
+    """The verified caller of the RPC running in this thread."""
+    try:
+        return _principal.get()
+    except LookupError:  # a public method asked: treat as unauthenticated
+        raise Unauthenticated("TOKEN_MISSING", "missing bearer token") from None
+
+
+class GalleryInterceptor(grpc.ServerInterceptor):
+    def __init__(self, jwt_secret: str) -> None:
+        self._secret = jwt_secret
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(PUBLIC_PREFIXES):
+            return handler
+        public = method in PUBLIC_METHODS
+        if handler.response_streaming:
+            behavior = handler.unary_stream or handler.stream_stream
+            wrapped: Callable[..., Any] = self._wrap_stream(method, public, behavior)
+        else:
+            behavior = handler.unary_unary or handler.stream_unary
+            wrapped = self._wrap_unary(method, public, behavior)
+        factory = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(handler.request_streaming, handler.response_streaming)]
+        return factory(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap_unary(self, method: str, public: bool, behavior: Callable[..., Any]) -> Callable:
+        def run(request: Any, context: grpc.ServicerContext) -> Any:
+            call = _Call(method, context)
+            try:
+                token = self._enter(call, public)
+                try:
+                    return behavior(request, context)
+                finally:
+                    _principal.reset(token) if token else None
+            except BaseException as exc:  # noqa: BLE001  (mapped, logged, re-raised by abort)
+                call.fail(exc)
+            finally:
+                call.log()
+
+        return run
+
+    def _wrap_stream(self, method: str, public: bool, behavior: Callable[..., Any]) -> Callable:
+        def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            call = _Call(method, context)
+            try:
+                token = self._enter(call, public)
+                try:
+                    yield from behavior(request, context)
+                finally:
+                    _principal.reset(token) if token else None
+            except BaseException as exc:  # noqa: BLE001
+                call.fail(exc)
+            finally:
+                call.log()
+
+        return run
+
+    def _enter(self, call: _Call, public: bool) -> contextvars.Token[auth.Principal] | None:
+        if public:
+            return None
+        principal = auth.verify(auth.bearer_token(call.metadata.get("authorization")), self._secret)
+        call.subject = principal.subject
+        return _principal.set(principal)
+
+
+class _Call:
+    """Bookkeeping of one RPC for the access log."""
+
+    def __init__(self, method: str, context: grpc.ServicerContext) -> None:
+        self.method = method
+        self.context = context
+        self.metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        self.request_id = self.metadata.get("x-request-id") or uuid.uuid4().hex
+        self.subject = ""
+        self.code = "OK"
+        self.reason = ""
+        self.started = time.perf_counter()
+
+    def fail(self, exc: BaseException) -> None:
+        if isinstance(exc, GalleryError):
+            mapped = status.to_status(exc)
+            self.code, self.reason = mapped.code.name, exc.reason
+            self.context.abort_with_status(mapped)
+        if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)):
+            raise exc
+        if not self.context.is_active():  # the client went away: nothing to report to it
+            self.code = "CANCELLED"
+            raise exc
+        self.code = "INTERNAL"
+        log.error("unexpected error in %s", self.method, exc_info=exc,
+                  extra={"request_id": self.request_id})
+        self.context.abort_with_status(status.internal_status())
+
+    def log(self) -> None:
+        log.info(
+            "rpc",
+            extra={
+                "method": self.method,
+                "code": self.code,
+                "reason": self.reason,
+                "subject": self.subject,
+                "request_id": self.request_id,
+                "duration_ms": round((time.perf_counter() - self.started) * 1000, 2),
+            },
+        )

@@ -1,0 +1,77 @@
+"""Assembles the gRPC server: servicer, interceptor, health and reflection, in one place."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from gallery.v1 import gallery_pb2, gallery_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ..db import Database
+from ..service import Gallery
+from ..settings import Settings
+from ..signed_urls import SignedUploads
+from ..storage import Storage
+from .interceptor import GalleryInterceptor
+from .servicer import GalleryServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = gallery_pb2.DESCRIPTOR.services_by_name["GalleryService"].full_name
+# Upload chunks are up to 1 MiB from Envoy and up to 4 MiB from native clients.
+MAX_MESSAGE_BYTES = 8 << 20
+
+
+def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
+    """Build a ready-to-start server bound to `address` (use port 0 in tests); returns its port."""
+    db = Database(settings.database_url, pool_size=settings.grpc_workers + 4)
+    db.create_tables()
+    gallery = Gallery(settings, db, Storage(settings.data_dir))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=settings.grpc_workers, thread_name_prefix="rpc"
+        ),
+        interceptors=[GalleryInterceptor(settings.jwt_secret)],
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+        maximum_concurrent_rpcs=settings.grpc_workers * 4,
+    )
+    gallery_pb2_grpc.add_GalleryServiceServicer_to_server(
+        GalleryServicer(gallery, SignedUploads(gallery)), server
+    )
+    health_servicer = health.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return server, port
+
+
+def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then stop with a grace period for RPCs in flight."""
+    server, port = create_server(settings, settings.grpc_address)
+    server.start()
+    log.info("gRPC server listening", extra={"address": settings.grpc_address, "port": port})
+    stopping = threading.Event()
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("stopping", extra={"signal": signal.Signals(signum).name})
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    stopping.wait()
+    server.stop(grace=10).wait()

@@ -1,0 +1,174 @@
+"""GalleryService over gRPC: converts messages to domain calls and domain results to messages.
+
+Authentication happened in the interceptor; authorization and validation happen in the domain.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import grpc
+from gallery.v1 import gallery_pb2 as pb
+from gallery.v1 import gallery_pb2_grpc
+from google.protobuf import json_format
+
+from .. import validation
+from ..errors import InvalidArgument
+from ..forms import FormReceiver
+from ..models import Event
+from ..service import Gallery
+from ..signed_urls import THUMBNAIL, SignedUploads
+from .interceptor import current_principal
+
+
+class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
+    def __init__(self, gallery: Gallery, signed: SignedUploads) -> None:
+        self.gallery = gallery
+        self.signed = signed
+
+    def GetDevicePaths(self, request, context):  # type: ignore[no-untyped-def]
+        incoming, thumbnails = self.gallery.device_paths(current_principal(), request.device)
+        return pb.GetDevicePathsResponse(
+            success=True,
+            paths=pb.DevicePaths(incoming=str(incoming), thumbnails=str(thumbnails)),
+        )
+
+    def ListEvents(self, request, context):  # type: ignore[no-untyped-def]
+        events = self.gallery.list_events(
+            current_principal(),
+            request.device,
+            media_type=request.media_type,
+            limit=request.limit if request.HasField("limit") else None,
+            offset=request.offset if request.HasField("offset") else None,
+        )
+        for event in events:
+            yield event_message(event)
+
+    def GetEvent(self, request, context):  # type: ignore[no-untyped-def]
+        event = self.gallery.get_event(current_principal(), request.device, request.event_id)
+        return event_message(event, with_metadata=True)
+
+    def GetStats(self, request, context):  # type: ignore[no-untyped-def]
+        stats = self.gallery.stats(current_principal(), request.device)
+        return pb.GetStatsResponse(
+            total_events=stats.total_events,
+            total_size=stats.total_size,
+            by_type={
+                media: pb.TypeStats(count=t.count, size=t.size) for media, t in stats.by_type.items()
+            },
+        )
+
+    def DeleteEvent(self, request, context):  # type: ignore[no-untyped-def]
+        self.gallery.delete_event(current_principal(), request.device, request.event_id)
+        return pb.DeleteEventResponse(success=True)
+
+    def CreateUploadUrl(self, request, context):  # type: ignore[no-untyped-def]
+        urls = self.signed.create_urls(
+            current_principal(), request.device, request.filename, thumbnail=request.thumbnail
+        )
+        response = pb.CreateUploadUrlResponse(
+            success=True, upload_url=urls.media_url, event_id=urls.event_id
+        )
+        if urls.thumbnail_url:
+            response.thumbnail_upload_url = urls.thumbnail_url
+        response.expires_at.FromDatetime(urls.expires_at)
+        return response
+
+    def UploadEvent(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        header = _first(request_iterator)
+        if header.WhichOneof("part") != "header":
+            raise InvalidArgument(
+                "HEADER_REQUIRED", "the first message of an upload must be its header",
+                field="header",
+            )
+        h = header.header
+        settings = self.gallery.settings
+        with self.gallery.begin_upload(current_principal(), h.device) as upload:
+            fields = upload.fields
+            fields.name = h.name
+            fields.media_type = h.media_type
+            fields.metadata_json = validation.metadata_object(
+                json_format.MessageToDict(h.metadata), settings.max_metadata_bytes
+            )
+            fields.declared_size = h.size if h.HasField("size") else None
+            fields.declared_sha256 = h.sha256
+            upload.write_media(b"")  # no media chunks at all is a valid, empty file
+            for message in request_iterator:
+                part = message.WhichOneof("part")
+                if part == "media_chunk":
+                    upload.write_media(message.media_chunk)
+                elif part == "thumbnail_chunk":
+                    upload.write_thumbnail(message.thumbnail_chunk)
+                else:
+                    raise InvalidArgument(
+                        "HEADER_REPEATED", "only the first message may be a header",
+                        field="header",
+                    )
+            _require_active(context)
+            event = self.gallery.store(upload)
+        return pb.UploadEventResponse(success=True, event_id=event.id)
+
+    def UploadEventForm(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        first = _first(request_iterator)
+        with self.gallery.begin_upload(current_principal(), first.device) as upload:
+            form = FormReceiver(
+                upload,
+                first.http_body.content_type,
+                max_metadata_bytes=self.gallery.settings.max_metadata_bytes,
+            )
+            form.feed(first.http_body.data)
+            for message in request_iterator:
+                form.feed(message.http_body.data)
+            _require_active(context)
+            form.finish()
+            event = self.gallery.store(upload)
+        return pb.UploadEventResponse(success=True, event_id=event.id)
+
+    def PutSignedUpload(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        first = _first(request_iterator)
+        target = self.signed.verify(validation.device_id(first.device), first.token)
+        self.signed.claim(target)
+        settings = self.gallery.settings
+        limit = settings.max_thumbnail_bytes if target.purpose == THUMBNAIL else None
+        try:
+            with self.gallery.open_upload(target.device, max_media_bytes=limit) as upload:
+                upload.write_media(first.http_body.data)
+                for message in request_iterator:
+                    upload.write_media(message.http_body.data)
+                _require_active(context)
+                event_id = self.signed.complete(target, upload)
+        except BaseException:
+            self.signed.release(target)
+            raise
+        return pb.UploadEventResponse(success=True, event_id=event_id)
+
+
+def event_message(event: Event, *, with_metadata: bool = False) -> pb.Event:
+    message = pb.Event(
+        id=event.id,
+        name=event.name,
+        media_type=event.media_type,
+        size=float(event.size),
+        has_thumbnail=event.has_thumbnail,
+        mime_type=event.mime_type,
+        sha256=event.sha256,
+    )
+    message.created.FromDatetime(event.created)
+    if with_metadata:
+        message.metadata.SetInParent()  # present even when empty: `"metadata": {}`
+        message.metadata.update(json.loads(event.metadata_json))
+    return message
+
+
+def _first(request_iterator: Iterator):  # type: ignore[no-untyped-def,type-arg]
+    first = next(request_iterator, None)
+    if first is None:
+        raise InvalidArgument("EMPTY_STREAM", "the upload stream carried no message")
+    return first
+
+
+def _require_active(context: grpc.ServicerContext) -> None:
+    # Never store an upload whose client is gone: its stream may have ended early.
+    if not context.is_active():
+        raise InvalidArgument("UPLOAD_CANCELLED", "the upload was cancelled by the client")

@@ -1,0 +1,57 @@
+"""The one place where domain errors become gRPC status (and so, through Envoy, HTTP status).
+
+Each error becomes a google.rpc.Status with an ErrorInfo (domain `gallery`, the error's reason and
+metadata) and, when a request field is at fault, a BadRequest field violation (AIP-193).
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from .. import errors
+
+ERROR_DOMAIN = "gallery"
+
+_CODES: dict[type[errors.GalleryError], int] = {
+    errors.InvalidArgument: code_pb2.INVALID_ARGUMENT,  # HTTP 400
+    errors.Unauthenticated: code_pb2.UNAUTHENTICATED,  # HTTP 401
+    errors.PermissionDenied: code_pb2.PERMISSION_DENIED,  # HTTP 403
+    errors.NotFound: code_pb2.NOT_FOUND,  # HTTP 404
+    errors.AlreadyExists: code_pb2.ALREADY_EXISTS,  # HTTP 409
+    errors.TooLarge: code_pb2.RESOURCE_EXHAUSTED,  # HTTP 429 (Envoy's mapping)
+}
+
+
+def to_status(error: errors.GalleryError) -> grpc.Status:
+    details = [
+        error_details_pb2.ErrorInfo(
+            reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+        )
+    ]
+    if error.field:
+        details.append(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(
+                field=error.field, description=error.message, reason=error.reason
+            )
+        ]))
+    packed = []
+    for detail in details:
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)
+        packed.append(any_detail)
+    return rpc_status.to_status(
+        status_pb2.Status(
+            code=_CODES.get(type(error), code_pb2.INTERNAL),
+            message=error.message,
+            details=packed,
+        )
+    )
+
+
+def internal_status() -> grpc.Status:
+    return rpc_status.to_status(status_pb2.Status(
+        code=code_pb2.INTERNAL, message="internal error; the server log has the details"
+    ))

@@ -1,0 +1,218 @@
+"""The gallery's operations, independent of any transport. Every method authorizes first.
+
+Authorization is checked before existence (AIP-135): a token without access to a device learns
+nothing about that device's events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import pathlib
+from collections.abc import Callable
+
+import sqlalchemy as sa
+from sqlmodel import Session, col, func, select
+
+from . import validation
+from .auth import READ, WRITE, Principal
+from .db import Database
+from .errors import InvalidArgument, NotFound
+from .media_types import classify, detect_mime
+from .models import Event
+from .settings import Settings
+from .storage import Storage
+from .uploads import Upload
+
+log = logging.getLogger(__name__)
+
+# Runs inside the transaction that inserts an event, before the insert.
+SessionHook = Callable[[Session, Event], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class TypeStats:
+    count: int
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    total_events: int
+    total_size: int
+    by_type: dict[str, TypeStats]
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+class Gallery:
+    def __init__(self, settings: Settings, db: Database, storage: Storage) -> None:
+        self.settings = settings
+        self.db = db
+        self.storage = storage
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def device_paths(self, principal: Principal, device: str) -> tuple[pathlib.Path, pathlib.Path]:
+        principal.require(validation.device_id(device), READ)
+        return self.storage.device_paths(device)
+
+    def list_events(
+        self,
+        principal: Principal,
+        device: str,
+        *,
+        media_type: str = "",
+        limit: int | None = None,
+        offset: int | None = None,
+    ) -> list[Event]:
+        principal.require(validation.device_id(device), READ)
+        if media_type:
+            validation.media_type(media_type)
+        limit, offset = validation.page(limit, offset)
+        query = select(Event).where(Event.device == device)
+        if media_type:
+            query = query.where(Event.media_type == media_type)
+        query = (
+            query.order_by(col(Event.created).desc(), col(Event.id).desc())
+            .offset(offset)
+            .limit(limit)
+        )
+        with self.db.session() as session:
+            return list(session.exec(query))
+
+    def get_event(self, principal: Principal, device: str, event_id: str) -> Event:
+        principal.require(validation.device_id(device), READ)
+        validation.event_id(event_id)
+        with self.db.session() as session:
+            event = session.get(Event, event_id)
+        if event is None or event.device != device:
+            raise _not_found(device, event_id)
+        return event
+
+    def stats(self, principal: Principal, device: str) -> Stats:
+        principal.require(validation.device_id(device), READ)
+        query = (
+            select(Event.media_type, func.count(), func.coalesce(func.sum(Event.size), 0))
+            .where(Event.device == device)
+            .group_by(Event.media_type)
+        )
+        with self.db.session() as session:
+            rows = session.exec(query).all()
+        by_type = {media: TypeStats(int(count), int(size)) for media, count, size in rows}
+        return Stats(
+            total_events=sum(t.count for t in by_type.values()),
+            total_size=sum(t.size for t in by_type.values()),
+            by_type=by_type,
+        )
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def delete_event(self, principal: Principal, device: str, event_id: str) -> None:
+        principal.require(validation.device_id(device), WRITE)
+        validation.event_id(event_id)
+        with self.db.session() as session:
+            deleted = session.exec(  # type: ignore[call-overload]
+                sa.delete(Event).where(col(Event.id) == event_id, col(Event.device) == device)
+            ).rowcount
+            session.commit()
+        if not deleted:
+            raise _not_found(device, event_id)
+        # The row is gone first: a crash here leaves files without a row (reclaimable), never a
+        # row without its file.
+        self.storage.remove_event_files(device, event_id)
+
+    def begin_upload(self, principal: Principal, device: str) -> Upload:
+        principal.require(validation.device_id(device), WRITE)
+        return self.open_upload(device)
+
+    def open_upload(self, device: str, *, max_media_bytes: int | None = None) -> Upload:
+        """An Upload for a device already authorized (by a token or by a signed URL)."""
+        return Upload(
+            self.storage,
+            device,
+            max_media_bytes=max_media_bytes or self.settings.max_upload_bytes,
+            max_thumbnail_bytes=self.settings.max_thumbnail_bytes,
+        )
+
+    def store(
+        self,
+        upload: Upload,
+        *,
+        event_id: str | None = None,
+        before_insert: SessionHook | None = None,
+    ) -> Event:
+        """Validate a fully received upload, move its files into place and commit its row.
+
+        `before_insert` runs inside the row's transaction, before the insert (signed URLs use it to
+        mark their grant used in the same commit).
+        """
+        fields = upload.fields
+        name = validation.display_name(fields.name)
+        if fields.media_type:
+            validation.media_type(fields.media_type)
+        validation.sha256_hex(fields.declared_sha256)
+        if not upload.media_received:
+            raise InvalidArgument("EVENT_FILE_REQUIRED", "the event file is missing", field="event")
+        if fields.thumbnail_promised and upload.thumbnail is None:
+            raise InvalidArgument(
+                "THUMBNAIL_MISSING", "has_thumbnail is true but no thumbnail was sent",
+                field="thumbnail",
+            )
+        media = upload.media
+        if fields.declared_size is not None and fields.declared_size != media.size:
+            raise InvalidArgument(
+                "SIZE_MISMATCH",
+                f"received {media.size} bytes, declared {fields.declared_size}",
+                field="size", declared=str(fields.declared_size), received=str(media.size),
+            )
+        if fields.declared_sha256 and fields.declared_sha256 != media.sha256:
+            raise InvalidArgument(
+                "SHA256_MISMATCH", "the received bytes do not match the declared sha256",
+                field="sha256", declared=fields.declared_sha256, received=media.sha256,
+            )
+        mime = detect_mime(name, media.head)
+        event = Event(
+            id=event_id or validation.new_event_id(),
+            device=upload.device,
+            name=name,
+            media_type=fields.media_type or classify(mime),
+            mime_type=mime,
+            size=media.size,
+            sha256=media.sha256,
+            has_thumbnail=upload.thumbnail is not None,
+            metadata_json=fields.metadata_json,
+            created=utcnow(),
+        )
+        media_path = self.storage.media_path(event.device, event.id)
+        thumbnail_path = self.storage.thumbnail_path(event.device, event.id)
+        media.commit(media_path)
+        if upload.thumbnail is not None:
+            upload.thumbnail.commit(thumbnail_path)
+        try:
+            with self.db.session() as session:
+                if before_insert is not None:
+                    before_insert(session, event)
+                session.add(event)
+                session.commit()
+        except BaseException:
+            media_path.unlink(missing_ok=True)
+            if upload.thumbnail is not None:
+                thumbnail_path.unlink(missing_ok=True)
+            raise
+        log.info(
+            "event stored",
+            extra={"device": event.device, "event_id": event.id, "size": event.size},
+        )
+        return event
+
+
+def _not_found(device: str, event_id: str) -> NotFound:
+    return NotFound(
+        "EVENT_NOT_FOUND", f"event {event_id} not found for device {device}",
+        device=device, event_id=event_id,
+    )
+

@@ -1,0 +1,98 @@
+"""Configuration, read once from environment variables into an immutable Settings object.
+
+| variable                    | default                  | meaning                                        |
+|-----------------------------|--------------------------|------------------------------------------------|
+| GALLERY_DATA_DIR            | ./data                   | root of the database, media and drop folders    |
+| GALLERY_DATABASE_URL        | sqlite:///<data>/gallery.db | SQLAlchemy URL; postgresql+psycopg://... for PostgreSQL |
+| GALLERY_JWT_SECRET          | contents of <data>/jwt-secret | HS256 key for bearer tokens and signed URLs |
+| GALLERY_PUBLIC_URL          | http://localhost:8001    | base of the pre-signed upload URLs              |
+| GALLERY_UPLOAD_URL_TTL      | 900                      | seconds a pre-signed URL stays valid            |
+| GALLERY_GRPC_ADDRESS        | 127.0.0.1:50051          | where the gRPC server listens                   |
+| GALLERY_HTTP_ADDRESS        | 0.0.0.0:8001             | where Envoy listens (REST and gRPC)             |
+| GALLERY_ENVOY_ADMIN_PORT    | 9901                     | Envoy admin port (always on 127.0.0.1)          |
+| GALLERY_MAX_UPLOAD_BYTES    | 17179869184 (16 GiB)     | largest media file accepted                     |
+| GALLERY_MAX_THUMBNAIL_BYTES | 10485760 (10 MiB)        | largest thumbnail accepted                      |
+| GALLERY_MAX_METADATA_BYTES  | 65536                    | largest metadata JSON accepted                  |
+| GALLERY_GRPC_WORKERS        | 32                       | gRPC server threads (concurrent RPCs)           |
+| GALLERY_LOG_LEVEL           | INFO                     | log level                                       |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import secrets
+
+SECRET_FILE_NAME = "jwt-secret"
+
+
+class ConfigError(Exception):
+    """The environment does not describe a usable configuration."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    data_dir: pathlib.Path
+    database_url: str
+    jwt_secret: str = dataclasses.field(repr=False)
+    public_url: str = "http://localhost:8001"
+    upload_url_ttl: int = 900
+    grpc_address: str = "127.0.0.1:50051"
+    http_address: str = "0.0.0.0:8001"
+    envoy_admin_port: int = 9901
+    max_upload_bytes: int = 16 << 30
+    max_thumbnail_bytes: int = 10 << 20
+    max_metadata_bytes: int = 64 << 10
+    grpc_workers: int = 32
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: os._Environ[str] | dict[str, str] = os.environ) -> Settings:
+        data_dir = pathlib.Path(env.get("GALLERY_DATA_DIR", "./data")).resolve()
+        secret = env.get("GALLERY_JWT_SECRET") or read_secret_file(data_dir)
+        if not secret:
+            raise ConfigError(
+                f"no JWT secret: set GALLERY_JWT_SECRET or create {data_dir / SECRET_FILE_NAME}"
+                " (`gallery run` creates one)"
+            )
+        try:
+            return cls(
+                data_dir=data_dir,
+                database_url=env.get("GALLERY_DATABASE_URL") or f"sqlite:///{data_dir / 'gallery.db'}",
+                jwt_secret=secret,
+                public_url=env.get("GALLERY_PUBLIC_URL", cls.public_url).rstrip("/"),
+                upload_url_ttl=int(env.get("GALLERY_UPLOAD_URL_TTL", cls.upload_url_ttl)),
+                grpc_address=env.get("GALLERY_GRPC_ADDRESS", cls.grpc_address),
+                http_address=env.get("GALLERY_HTTP_ADDRESS", cls.http_address),
+                envoy_admin_port=int(env.get("GALLERY_ENVOY_ADMIN_PORT", cls.envoy_admin_port)),
+                max_upload_bytes=int(env.get("GALLERY_MAX_UPLOAD_BYTES", cls.max_upload_bytes)),
+                max_thumbnail_bytes=int(
+                    env.get("GALLERY_MAX_THUMBNAIL_BYTES", cls.max_thumbnail_bytes)
+                ),
+                max_metadata_bytes=int(
+                    env.get("GALLERY_MAX_METADATA_BYTES", cls.max_metadata_bytes)
+                ),
+                grpc_workers=int(env.get("GALLERY_GRPC_WORKERS", cls.grpc_workers)),
+                log_level=env.get("GALLERY_LOG_LEVEL", cls.log_level).upper(),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"bad numeric setting: {exc}") from None
+
+
+def read_secret_file(data_dir: pathlib.Path) -> str:
+    path = data_dir / SECRET_FILE_NAME
+    return path.read_text().strip() if path.exists() else ""
+
+
+def ensure_secret_file(data_dir: pathlib.Path) -> str:
+    """Return the development secret under data_dir, creating it (mode 0600) if missing."""
+    existing = read_secret_file(data_dir)
+    if existing:
+        return existing
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    fd = os.open(data_dir / SECRET_FILE_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return secret

@@ -1,0 +1,116 @@
+"""Media files on local disk.
+
+Layout under the data root:
+    media/<device>/<event_id>          stored media (the name never derives from the filename)
+    media/<device>/<event_id>.thumb    its thumbnail
+    staging/<random>                   uploads in flight, renamed into media/ once complete
+    gallery/<device>/incoming          drop folders handed out by GetDevicePaths
+    gallery/<device>/thumbnails
+
+A file reaches media/ only by rename after it is complete, hashed and fsynced, so a reader never
+sees a partial file; staging/ lives on the same filesystem so the rename is atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import secrets
+
+from .errors import TooLarge
+from .media_types import SNIFF_BYTES
+
+
+class Storage:
+    def __init__(self, data_dir: pathlib.Path) -> None:
+        self.data_dir = data_dir
+        self.media_root = data_dir / "media"
+        self.staging_root = data_dir / "staging"
+        self.drop_root = data_dir / "gallery"
+        for folder in (self.media_root, self.staging_root, self.drop_root):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def device_paths(self, device: str) -> tuple[pathlib.Path, pathlib.Path]:
+        incoming = self.drop_root / device / "incoming"
+        thumbnails = self.drop_root / device / "thumbnails"
+        incoming.mkdir(parents=True, exist_ok=True)
+        thumbnails.mkdir(parents=True, exist_ok=True)
+        return incoming, thumbnails
+
+    def media_path(self, device: str, event_id: str) -> pathlib.Path:
+        return self.media_root / device / event_id
+
+    def thumbnail_path(self, device: str, event_id: str) -> pathlib.Path:
+        return self.media_root / device / f"{event_id}.thumb"
+
+    def stage(self, *, max_bytes: int, what: str) -> StagedFile:
+        return StagedFile(self.staging_root / secrets.token_hex(16), max_bytes=max_bytes, what=what)
+
+    def remove_event_files(self, device: str, event_id: str) -> None:
+        for path in (self.media_path(device, event_id), self.thumbnail_path(device, event_id)):
+            path.unlink(missing_ok=True)
+        _fsync_dir(self.media_root / device)
+
+
+class StagedFile:
+    """A file being received: bounded in size, hashed as it is written, discarded unless committed."""
+
+    def __init__(self, path: pathlib.Path, *, max_bytes: int, what: str) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.what = what
+        self.size = 0
+        self.head = b""
+        self._hash = hashlib.sha256()
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+
+    def write(self, data: bytes | memoryview) -> None:
+        if not data:
+            return
+        if self.size + len(data) > self.max_bytes:
+            raise TooLarge(
+                "UPLOAD_TOO_LARGE", f"{self.what} is larger than {self.max_bytes} bytes",
+                field=self.what, limit=str(self.max_bytes),
+            )
+        if len(self.head) < SNIFF_BYTES:
+            self.head += bytes(data[: SNIFF_BYTES - len(self.head)])
+        self._hash.update(data)
+        view = memoryview(data)
+        while view:
+            assert self._fd is not None
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self.size += len(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def commit(self, destination: pathlib.Path) -> None:
+        """Make the bytes durable, then move them to `destination` atomically."""
+        assert self._fd is not None
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path, destination)
+        _fsync_dir(destination.parent)
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self.path.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    # A rename or unlink is durable only once its directory is fsynced.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,67 @@
+"""An upload in flight: staged media and thumbnail plus the fields that describe them.
+
+Nothing here touches the database; Gallery.store() turns a finished Upload into an event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .errors import InvalidArgument
+from .storage import StagedFile, Storage
+
+
+@dataclasses.dataclass
+class UploadFields:
+    """What the client said about the upload; validated by Gallery.store()."""
+
+    name: str = ""
+    media_type: str = ""  # empty: infer from content and name
+    metadata_json: str = "{}"
+    declared_size: int | None = None
+    declared_sha256: str = ""
+    # REST `has_thumbnail`: when true, a thumbnail part must be present.
+    thumbnail_promised: bool = False
+
+
+class Upload:
+    """Receives bytes into staging; discards them on close() unless Gallery.store() took them."""
+
+    def __init__(
+        self, storage: Storage, device: str, *, max_media_bytes: int, max_thumbnail_bytes: int
+    ) -> None:
+        self.device = device
+        self.fields = UploadFields()
+        self._storage = storage
+        self._max_thumbnail_bytes = max_thumbnail_bytes
+        self.media = storage.stage(max_bytes=max_media_bytes, what="event")
+        self.media_received = False
+        self.thumbnail: StagedFile | None = None
+
+    def write_media(self, data: bytes | memoryview) -> None:
+        self.media_received = True
+        self.media.write(data)
+        declared = self.fields.declared_size
+        if declared is not None and self.media.size > declared:
+            raise InvalidArgument(
+                "SIZE_MISMATCH", f"media is larger than the declared size {declared}",
+                field="size", declared=str(declared),
+            )
+
+    def write_thumbnail(self, data: bytes | memoryview) -> None:
+        if self.thumbnail is None:
+            self.thumbnail = self._storage.stage(
+                max_bytes=self._max_thumbnail_bytes, what="thumbnail"
+            )
+        self.thumbnail.write(data)
+
+    def close(self) -> None:
+        self.media.discard()
+        if self.thumbnail is not None:
+            self.thumbnail.discard()
+
+    def __enter__(self) -> Upload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,124 @@
+"""Validators for every identifier and name that enters the service."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import unicodedata
+from typing import Any
+
+from .errors import InvalidArgument, TooLarge
+
+MEDIA_TYPES = ("image", "video", "audio", "document", "other")
+MAX_NAME_CHARS = 255
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 50
+
+_DEVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_EVENT_ID_RE = re.compile(r"evt_[A-Za-z0-9_-]{22}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def new_event_id() -> str:
+    # 128 random bits, URL-safe base64 without padding: 22 characters.
+    return "evt_" + secrets.token_urlsafe(16)
+
+
+def device_id(value: str) -> str:
+    if not _DEVICE_RE.fullmatch(value):
+        raise InvalidArgument(
+            "INVALID_DEVICE_ID",
+            "device must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+            field="device",
+            device=value[:200],
+        )
+    return value
+
+
+def event_id(value: str) -> str:
+    if not _EVENT_ID_RE.fullmatch(value):
+        raise InvalidArgument(
+            "INVALID_EVENT_ID", "eventId must look like evt_ followed by 22 URL-safe characters",
+            field="event_id", event_id=value[:200],
+        )
+    return value
+
+
+def display_name(value: str, field: str = "name") -> str:
+    """A filename shown to users: never used to build a path, but kept printable and bounded."""
+    if not value:
+        raise InvalidArgument("NAME_REQUIRED", f"{field} is required", field=field)
+    if len(value) > MAX_NAME_CHARS:
+        raise InvalidArgument(
+            "NAME_TOO_LONG", f"{field} is longer than {MAX_NAME_CHARS} characters", field=field
+        )
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") for c in value):
+        raise InvalidArgument(
+            "NAME_INVALID", f"{field} contains control or unassigned characters", field=field
+        )
+    return unicodedata.normalize("NFC", value)
+
+
+def media_type(value: str) -> str:
+    if value not in MEDIA_TYPES:
+        raise InvalidArgument(
+            "INVALID_MEDIA_TYPE",
+            f"media_type must be one of {', '.join(MEDIA_TYPES)}",
+            field="media_type",
+            media_type=value[:64],
+        )
+    return value
+
+
+def page(limit: int | None, offset: int | None) -> tuple[int, int]:
+    limit = DEFAULT_LIMIT if limit is None else limit
+    offset = 0 if offset is None else offset
+    if not 1 <= limit <= MAX_LIMIT:
+        raise InvalidArgument(
+            "INVALID_LIMIT", f"limit must be between 1 and {MAX_LIMIT}", field="limit",
+            limit=str(limit),
+        )
+    if offset < 0:
+        raise InvalidArgument(
+            "INVALID_OFFSET", "offset must be >= 0", field="offset", offset=str(offset)
+        )
+    return limit, offset
+
+
+def sha256_hex(value: str) -> str:
+    if value and not _SHA256_RE.fullmatch(value):
+        raise InvalidArgument(
+            "INVALID_SHA256", "sha256 must be 64 lowercase hex digits", field="sha256"
+        )
+    return value
+
+
+def metadata_json(text: str, max_bytes: int) -> str:
+    """Validate a metadata JSON string; return it in canonical compact form."""
+    if len(text.encode()) > max_bytes:
+        raise TooLarge(
+            "METADATA_TOO_LARGE", f"metadata is larger than {max_bytes} bytes",
+            field="metadata", limit=str(max_bytes),
+        )
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except (ValueError, RecursionError):
+        raise InvalidArgument(
+            "INVALID_METADATA", "metadata must be a JSON object", field="metadata"
+        ) from None
+    return metadata_object(value, max_bytes)
+
+
+def metadata_object(value: Any, max_bytes: int) -> str:
+    if not isinstance(value, dict):
+        raise InvalidArgument(
+            "INVALID_METADATA", "metadata must be a JSON object", field="metadata"
+        )
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if len(text.encode()) > max_bytes:
+        raise TooLarge(
+            "METADATA_TOO_LARGE", f"metadata is larger than {max_bytes} bytes",
+            field="metadata", limit=str(max_bytes),
+        )
+    return text
