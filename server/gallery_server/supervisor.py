@@ -31,7 +31,14 @@ def envoy_binary() -> str:
     return str(local) if local.exists() else "envoy"
 
 
-def wait_grpc_healthy(address: str, timeout: float = READY_TIMEOUT_S) -> None:
+def _check_alive(process: subprocess.Popen[bytes] | None) -> None:
+    if process is not None and process.poll() is not None:
+        raise TimeoutError(f"{process.args[0]} exited with {process.returncode} while starting")
+
+
+def wait_grpc_healthy(
+    address: str, timeout: float = READY_TIMEOUT_S, process: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -42,12 +49,15 @@ def wait_grpc_healthy(address: str, timeout: float = READY_TIMEOUT_S) -> None:
                     return
             except grpc.RpcError:
                 pass
+            _check_alive(process)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"gRPC server at {address} not healthy after {timeout}s")
             time.sleep(0.1)
 
 
-def wait_envoy_ready(admin_port: int, timeout: float = READY_TIMEOUT_S) -> None:
+def wait_envoy_ready(
+    admin_port: int, timeout: float = READY_TIMEOUT_S, process: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -56,6 +66,7 @@ def wait_envoy_ready(admin_port: int, timeout: float = READY_TIMEOUT_S) -> None:
                     return
         except OSError:
             pass
+        _check_alive(process)
         if time.monotonic() > deadline:
             raise TimeoutError(f"Envoy not ready after {timeout}s")
         time.sleep(0.1)
@@ -85,9 +96,9 @@ def run(settings: Settings) -> int:
             env={**os.environ, "GALLERY_DATA_DIR": str(settings.data_dir)},
             start_new_session=True,
         ))
-        wait_grpc_healthy(settings.grpc_address)
+        wait_grpc_healthy(settings.grpc_address, process=children[-1])
         children.append(start_envoy(settings, [settings.grpc_address]))
-        wait_envoy_ready(settings.envoy_admin_port)
+        wait_envoy_ready(settings.envoy_admin_port, process=children[-1])
         _print_banner(settings)
         while not stop.wait(0.5):
             for child in children:

@@ -29,9 +29,10 @@ MAX_MESSAGE_BYTES = 8 << 20
 
 def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
     """Build a ready-to-start server bound to `address` (use port 0 in tests); returns its port."""
+    storage = Storage(settings.data_dir)  # creates the data root, where SQLite lives by default
     db = Database(settings.database_url, pool_size=settings.grpc_workers + 4)
     db.create_tables()
-    gallery = Gallery(settings, db, Storage(settings.data_dir))
+    gallery = Gallery(settings, db, storage)
     server = grpc.server(
         futures.ThreadPoolExecutor(
             max_workers=settings.grpc_workers, thread_name_prefix="rpc"

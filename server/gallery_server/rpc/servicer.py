@@ -6,7 +6,7 @@ Authentication happened in the interceptor; authorization and validation happen 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 from gallery.v1 import gallery_pb2 as pb
@@ -14,6 +14,7 @@ from gallery.v1 import gallery_pb2_grpc
 from google.protobuf import json_format
 
 from .. import validation
+from ..auth import Principal
 from ..errors import InvalidArgument
 from ..forms import FormReceiver
 from ..models import Event
@@ -23,12 +24,19 @@ from .interceptor import current_principal
 
 
 class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
-    def __init__(self, gallery: Gallery, signed: SignedUploads) -> None:
+    def __init__(
+        self,
+        gallery: Gallery,
+        signed: SignedUploads,
+        principal: Callable[[], Principal] = current_principal,
+    ) -> None:
         self.gallery = gallery
         self.signed = signed
+        # Who is calling; the interceptor's verified principal unless a test injects one.
+        self.principal = principal
 
     def GetDevicePaths(self, request, context):  # type: ignore[no-untyped-def]
-        incoming, thumbnails = self.gallery.device_paths(current_principal(), request.device)
+        incoming, thumbnails = self.gallery.device_paths(self.principal(), request.device)
         return pb.GetDevicePathsResponse(
             success=True,
             paths=pb.DevicePaths(incoming=str(incoming), thumbnails=str(thumbnails)),
@@ -36,7 +44,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
 
     def ListEvents(self, request, context):  # type: ignore[no-untyped-def]
         events = self.gallery.list_events(
-            current_principal(),
+            self.principal(),
             request.device,
             media_type=request.media_type,
             limit=request.limit if request.HasField("limit") else None,
@@ -46,11 +54,11 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             yield event_message(event)
 
     def GetEvent(self, request, context):  # type: ignore[no-untyped-def]
-        event = self.gallery.get_event(current_principal(), request.device, request.event_id)
+        event = self.gallery.get_event(self.principal(), request.device, request.event_id)
         return event_message(event, with_metadata=True)
 
     def GetStats(self, request, context):  # type: ignore[no-untyped-def]
-        stats = self.gallery.stats(current_principal(), request.device)
+        stats = self.gallery.stats(self.principal(), request.device)
         return pb.GetStatsResponse(
             total_events=stats.total_events,
             total_size=stats.total_size,
@@ -60,12 +68,12 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         )
 
     def DeleteEvent(self, request, context):  # type: ignore[no-untyped-def]
-        self.gallery.delete_event(current_principal(), request.device, request.event_id)
+        self.gallery.delete_event(self.principal(), request.device, request.event_id)
         return pb.DeleteEventResponse(success=True)
 
     def CreateUploadUrl(self, request, context):  # type: ignore[no-untyped-def]
         urls = self.signed.create_urls(
-            current_principal(), request.device, request.filename, thumbnail=request.thumbnail
+            self.principal(), request.device, request.filename, thumbnail=request.thumbnail
         )
         response = pb.CreateUploadUrlResponse(
             success=True, upload_url=urls.media_url, event_id=urls.event_id
@@ -84,7 +92,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             )
         h = header.header
         settings = self.gallery.settings
-        with self.gallery.begin_upload(current_principal(), h.device) as upload:
+        with self.gallery.begin_upload(self.principal(), h.device) as upload:
             fields = upload.fields
             fields.name = h.name
             fields.media_type = h.media_type
@@ -111,7 +119,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
 
     def UploadEventForm(self, request_iterator, context):  # type: ignore[no-untyped-def]
         first = _first(request_iterator)
-        with self.gallery.begin_upload(current_principal(), first.device) as upload:
+        with self.gallery.begin_upload(self.principal(), first.device) as upload:
             form = FormReceiver(
                 upload,
                 first.http_body.content_type,

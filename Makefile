@@ -1,0 +1,53 @@
+# `make run` and `make test` set everything up on a fresh machine (Python venv, buf from npm).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+# Database tests also run against this PostgreSQL (the machine's local server, trust auth).
+export GALLERY_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
+
+.PHONY: setup run test unit e2e lint generate check-generated bench bench-quick clean
+
+setup: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+$(BUF):
+	npm install --silent --no-save --no-package-lock --prefix .tools @bufbuild/buf@$(BUF_VERSION)
+
+run: setup
+	$(VENV)/bin/gallery run
+
+generate: setup
+	$(PY) tools/generate.py
+
+check-generated: setup
+	$(PY) tools/generate.py --check
+
+lint: setup $(BUF)
+	$(VENV)/bin/ruff check server tests tools bench
+	$(BUF) lint "generated/gallery_descriptor.pb#format=binpb" --path gallery/v1/gallery.proto
+
+test: setup check-generated lint
+	$(PY) -m pytest
+
+unit: setup
+	$(PY) -m pytest -m "not e2e"
+
+e2e: setup
+	$(PY) -m pytest -m e2e
+
+bench: setup
+	$(PY) bench/run.py
+
+bench-quick: setup
+	$(PY) bench/run.py --quick
+
+clean:
+	rm -rf $(VENV) .tools data build .pytest_cache

@@ -1,0 +1,122 @@
+"""Shared fixtures: settings on a temporary data root, tokens, and databases (SQLite and PostgreSQL).
+
+PostgreSQL tests use GALLERY_TEST_POSTGRES_URL (the Makefile points it at the machine's local
+server); each test session creates its own throw-away database there and drops it afterwards.
+When the variable is unset the PostgreSQL variants are skipped, so `make test` never skips them.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import secrets
+import uuid
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from gallery_server import auth
+from gallery_server.db import Database
+from gallery_server.service import Gallery
+from gallery_server.settings import Settings
+from gallery_server.signed_urls import SignedUploads
+from gallery_server.storage import Storage
+
+JWT_SECRET = "test-secret-" + "x" * 40
+READ_WRITE = f"{auth.READ} {auth.WRITE}"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    base = os.environ.get("GALLERY_TEST_POSTGRES_URL")
+    if not base:
+        pytest.skip("GALLERY_TEST_POSTGRES_URL is not set")
+    url = sa.make_url(base)
+    name = f"gallery_test_{uuid.uuid4().hex[:12]}"
+    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[str]:
+    """Every test using this runs once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'gallery.db'}"
+        return
+    url = request.getfixturevalue("postgres_url")
+    yield url
+    # Each test starts from empty tables on the shared throw-away database.
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS events, upload_grants")
+    engine.dispose()
+
+
+def make_settings(data_dir: pathlib.Path, database_url: str = "", **overrides: object) -> Settings:
+    return Settings(
+        data_dir=data_dir,
+        database_url=database_url or f"sqlite:///{data_dir / 'gallery.db'}",
+        jwt_secret=JWT_SECRET,
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def settings(tmp_path: pathlib.Path, database_url: str) -> Settings:
+    data = tmp_path / "data"
+    data.mkdir()
+    return make_settings(data, database_url)
+
+
+@pytest.fixture
+def gallery(settings: Settings) -> Iterator[Gallery]:
+    db = Database(settings.database_url, pool_size=4)
+    db.create_tables()
+    yield Gallery(settings, db, Storage(settings.data_dir))
+    db.dispose()
+
+
+@pytest.fixture
+def signed(gallery: Gallery) -> SignedUploads:
+    return SignedUploads(gallery)
+
+
+@pytest.fixture
+def principal() -> auth.Principal:
+    return auth.Principal("tester", frozenset({"*"}), frozenset({auth.READ, auth.WRITE}))
+
+
+@pytest.fixture
+def mint() -> Callable[..., str]:
+    """mint(devices=["cam1"], scope="gallery:read", ttl=60, secret=...) -> a bearer token."""
+
+    def _mint(
+        devices: list[str] | None = None,
+        scope: str = READ_WRITE,
+        ttl: int = 3600,
+        secret: str = JWT_SECRET,
+        sub: str = "tester",
+    ) -> str:
+        return auth.mint(secret, subject=sub, devices=devices or ["*"], scope=scope,
+                         ttl_seconds=ttl)
+
+    return _mint
+
+
+def random_bytes(n: int) -> bytes:
+    return secrets.token_bytes(n)
+
+
+def stored_files(data_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Every file in the managed store and in staging: what an upload may leave behind."""
+    return sorted(
+        p for root in ("media", "staging") for p in (data_dir / root).rglob("*") if p.is_file()
+    )
