@@ -1,0 +1,112 @@
+"""`gallery run` as a new user starts it: no secret configured, Ctrl-C/SIGTERM stops everything."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+
+import httpx
+
+from .conftest import free_port, start_stack, stop_stack
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped) counts as gone.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(c) for c in f.read().split()]
+    return found
+
+
+def test_run_generates_secret_prints_token_and_stops_cleanly(tmp_path, monkeypatch):
+    monkeypatch.delenv("GALLERY_JWT_SECRET", raising=False)
+    data = tmp_path / "data"
+    stack = start_stack(data, tmp_path / "run.log", extra_env={"GALLERY_JWT_SECRET": ""})
+    try:
+        secret_file = data / "jwt-secret"
+        assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+        secret = secret_file.read_text().strip()
+        assert len(secret) >= 32
+        match = re.search(r"export TOKEN=(\S+)", stack.log())
+        assert match, stack.log()
+        token = match.group(1)
+        r = httpx.get(stack.url("/api/gallery/device123/paths"),
+                      headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200, r.text
+        assert r.json()["success"] is True
+        # The secret never reaches the log.
+        assert secret not in stack.log()
+        children = _children(stack.process.pid)
+        assert len(children) == 2  # the gRPC server and Envoy
+    finally:
+        stop_stack(stack)
+    assert stack.process.returncode == 0
+    assert not any(_pid_alive(pid) for pid in children)
+
+
+def test_run_reuses_existing_secret(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "jwt-secret").write_text("kept-secret-" + "k" * 40 + "\n")
+    (data / "jwt-secret").chmod(0o600)
+    stack = start_stack(data, tmp_path / "run.log", extra_env={"GALLERY_JWT_SECRET": ""})
+    try:
+        token = subprocess.run(
+            [sys.executable, "-m", "gallery_server", "token", "--sub", "ops", "--device", "cam-1",
+             "--scope", "gallery:read"],
+            env={**os.environ, "GALLERY_DATA_DIR": str(data), "GALLERY_JWT_SECRET": ""},
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        headers = {"Authorization": f"Bearer {token}"}
+        assert httpx.get(stack.url("/api/gallery/cam-1/stats"), headers=headers).status_code == 200
+        # The minted token is limited to its device and scope.
+        assert httpx.get(stack.url("/api/gallery/cam-2/stats"), headers=headers).status_code == 403
+        assert httpx.get(stack.url("/api/gallery/cam-1/upload-url?filename=a.jpg"),
+                         headers=headers).status_code == 403
+    finally:
+        stop_stack(stack)
+
+
+def test_run_fails_fast_when_the_port_is_taken(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {
+            **os.environ,
+            "GALLERY_DATA_DIR": str(tmp_path / "data"),
+            "GALLERY_GRPC_ADDRESS": f"127.0.0.1:{port}",
+            "GALLERY_HTTP_ADDRESS": f"127.0.0.1:{free_port()}",
+            "GALLERY_ENVOY_ADMIN_PORT": str(free_port()),
+        }
+        result = subprocess.run(
+            [sys.executable, "-m", "gallery_server", "run"], env=env, capture_output=True,
+            text=True, timeout=60,
+        )
+    assert result.returncode != 0
+    assert "exited" in result.stderr
+
+
+def test_sigint_stops_like_ctrl_c(tmp_path):
+    stack = start_stack(tmp_path / "data", tmp_path / "run.log")
+    children = _children(stack.process.pid)
+    stack.process.send_signal(signal.SIGINT)
+    stack.process.wait(timeout=30)
+    assert stack.process.returncode == 0
+    assert not any(_pid_alive(pid) for pid in children)

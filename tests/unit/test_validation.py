@@ -1,0 +1,318 @@
+"""Validators: every identifier, name, page bound and metadata blob that enters the service."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+
+import pytest
+
+from gallery_server import validation
+from gallery_server.errors import GalleryError, InvalidArgument, TooLarge
+
+
+def _raises(error: type[GalleryError], reason: str, func, *args, **kwargs) -> GalleryError:  # type: ignore[no-untyped-def]
+    with pytest.raises(error) as info:
+        func(*args, **kwargs)
+    assert type(info.value) is error
+    assert info.value.reason == reason
+    return info.value
+
+
+# -- device ids -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "a",
+        "Z",
+        "0",
+        "device123",
+        "cam-1.front_left",
+        "a" * 128,
+        "9" + "._-" * 42 + "x",  # 128 characters, punctuation after the first
+        "a..b",
+        "a-",
+        "a.",
+    ],
+)
+def test_device_id_valid(device: str) -> None:
+    assert validation.device_id(device) == device
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "",
+        ".",
+        "..",
+        ".hidden",
+        "-flag",
+        "_under",
+        "a" * 129,
+        "a/b",
+        "../etc",
+        "a\\b",
+        "a\x00",
+        "\x00",
+        "a b",
+        "a\n",
+        "cam1\n",
+        "\u0430bc",  # Cyrillic a
+        "dev\u0456ce",  # Cyrillic i
+        "\uff41",  # fullwidth a
+        "caf\u00e9",
+        "\u0661\u0662",  # Arabic-Indic digits: \d would take them, the regex must not
+        "a:b",
+        "a%2Fb",
+    ],
+)
+def test_device_id_invalid(device: str) -> None:
+    error = _raises(InvalidArgument, "INVALID_DEVICE_ID", validation.device_id, device)
+    assert error.field == "device"
+
+
+def test_device_id_error_metadata_is_bounded() -> None:
+    error = _raises(InvalidArgument, "INVALID_DEVICE_ID", validation.device_id, "/" * 5000)
+    assert len(error.metadata["device"]) <= 200
+
+
+# -- event ids ------------------------------------------------------------------------------------
+
+
+def test_new_event_ids_are_valid_and_unique() -> None:
+    ids = {validation.new_event_id() for _ in range(500)}
+    assert len(ids) == 500
+    for value in ids:
+        assert validation.event_id(value) == value
+        assert len(value) == 4 + 22
+
+
+@pytest.mark.parametrize("value", ["evt_" + "A" * 22, "evt_" + "-_09azAZ" * 2 + "abcdef"])
+def test_event_id_valid(value: str) -> None:
+    assert validation.event_id(value) == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "evt_",
+        "evt_" + "a" * 21,
+        "evt_" + "a" * 23,
+        "EVT_" + "a" * 22,
+        "ev_" + "a" * 23,
+        "evt_" + "a" * 21 + "/",
+        "evt_" + "a" * 21 + ".",
+        "evt_" + "a" * 21 + "=",
+        "evt_" + "a" * 21 + "\x00",
+        "evt_" + "a" * 21 + "\u0430",
+        "evt_" + "a" * 22 + "\n",
+        "../evt_" + "a" * 22,
+    ],
+)
+def test_event_id_invalid(value: str) -> None:
+    error = _raises(InvalidArgument, "INVALID_EVENT_ID", validation.event_id, value)
+    assert error.field == "event_id"
+
+
+# -- display names --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a", "photo.jpg", "x" * 255, "résumé final (2).pdf", "日本語.png", "a b", "../../etc/passwd", "😀.gif"],
+)
+def test_display_name_valid(name: str) -> None:
+    assert validation.display_name(name) == unicodedata.normalize("NFC", name)
+
+
+def test_display_name_is_nfc_normalised() -> None:
+    decomposed = "cafe\u0301.jpg"
+    assert validation.display_name(decomposed) == "caf\u00e9.jpg"
+    assert validation.display_name("\u212b") == "\u00c5"  # Angstrom sign -> A with ring
+
+
+def test_display_name_required() -> None:
+    error = _raises(InvalidArgument, "NAME_REQUIRED", validation.display_name, "")
+    assert error.field == "name"
+    error = _raises(InvalidArgument, "NAME_REQUIRED", validation.display_name, "", "filename")
+    assert error.field == "filename"
+
+
+def test_display_name_too_long() -> None:
+    error = _raises(InvalidArgument, "NAME_TOO_LONG", validation.display_name, "x" * 256)
+    assert error.field == "name"
+    _raises(InvalidArgument, "NAME_TOO_LONG", validation.display_name, "日" * 10_000)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a\x00b",
+        "\x00",
+        "line\nbreak",
+        "tab\there",
+        "cr\r",
+        "esc\x1b[31m",
+        "del\x7f",
+        "c1\x85",
+        "evil\u202egpj.exe",  # RIGHT-TO-LEFT OVERRIDE
+        "\u202dx",  # LEFT-TO-RIGHT OVERRIDE
+        "iso\u2066late",  # LEFT-TO-RIGHT ISOLATE
+        "zero\u200bwidth",  # ZERO WIDTH SPACE (Cf)
+        "bom\ufeff",
+        "private\ue000",
+        "unassigned\u0378",
+    ],
+)
+def test_display_name_rejects_control_format_and_unassigned(name: str) -> None:
+    error = _raises(InvalidArgument, "NAME_INVALID", validation.display_name, name, "filename")
+    assert error.field == "filename"
+
+
+# -- media types ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["image", "video", "audio", "document", "other"])
+def test_media_type_valid(value: str) -> None:
+    assert validation.media_type(value) == value
+
+
+@pytest.mark.parametrize("value", ["", "Image", "IMAGE", "images", " image", "image ", "text", "x" * 500])
+def test_media_type_invalid(value: str) -> None:
+    error = _raises(InvalidArgument, "INVALID_MEDIA_TYPE", validation.media_type, value)
+    assert error.field == "media_type"
+    assert len(error.metadata["media_type"]) <= 64
+
+
+# -- page bounds ----------------------------------------------------------------------------------
+
+
+def test_page_defaults() -> None:
+    assert validation.page(None, None) == (50, 0)
+    assert validation.page(None, 7) == (50, 7)
+    assert validation.page(3, None) == (3, 0)
+
+
+@pytest.mark.parametrize("limit,offset", [(1, 0), (1000, 0), (500, 10**9), (50, 0)])
+def test_page_valid(limit: int, offset: int) -> None:
+    assert validation.page(limit, offset) == (limit, offset)
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1001, 2**31 - 1, -(2**31)])
+def test_page_invalid_limit(limit: int) -> None:
+    error = _raises(InvalidArgument, "INVALID_LIMIT", validation.page, limit, 0)
+    assert error.field == "limit"
+
+
+@pytest.mark.parametrize("offset", [-1, -(2**31)])
+def test_page_invalid_offset(offset: int) -> None:
+    error = _raises(InvalidArgument, "INVALID_OFFSET", validation.page, 10, offset)
+    assert error.field == "offset"
+
+
+# -- sha256 ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["", "0" * 64, "0123456789abcdef" * 4])
+def test_sha256_valid(value: str) -> None:
+    assert validation.sha256_hex(value) == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["0" * 63, "0" * 65, "A" * 64, "0123456789ABCDEF" * 4, "g" * 64, " " + "0" * 63, "0" * 64 + "\n", "z"],
+)
+def test_sha256_invalid(value: str) -> None:
+    error = _raises(InvalidArgument, "INVALID_SHA256", validation.sha256_hex, value)
+    assert error.field == "sha256"
+
+
+# -- metadata -------------------------------------------------------------------------------------
+
+LIMIT = 1024
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("", "{}"),
+        ("   ", "{}"),
+        ("{}", "{}"),
+        ('{ "a" : 1 , "b": [true, null, "x"] }', '{"a":1,"b":[true,null,"x"]}'),
+        ('{"name": "caf\\u00e9"}', '{"name":"café"}'),
+        ('{"nested": {"deep": {"x": 1.5}}}', '{"nested":{"deep":{"x":1.5}}}'),
+    ],
+)
+def test_metadata_json_accepts_objects(text: str, expected: str) -> None:
+    result = validation.metadata_json(text, LIMIT)
+    assert result == expected
+    assert isinstance(json.loads(result), dict)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[]",
+        "[1, 2]",
+        '"a string"',
+        "42",
+        "true",
+        "null",
+        "{",
+        "{'single': 1}",
+        '{"a": 1,}',
+        "not json",
+        "NaN",
+        "Infinity",
+        "[" * 5000 + "]" * 5000,
+    ],
+)
+def test_metadata_json_rejects_non_objects_and_garbage(text: str) -> None:
+    error = _raises(InvalidArgument, "INVALID_METADATA", validation.metadata_json, text, 1 << 20)
+    assert error.field == "metadata"
+
+
+@pytest.mark.parametrize("text", ['{"a": NaN}', '{"a": Infinity}', '{"a": [-Infinity]}'])
+def test_metadata_json_rejects_non_finite_numbers(text: str) -> None:
+    # JSON has no NaN/Infinity: such metadata is a malformed request (INVALID_ARGUMENT), not a crash.
+    error = _raises(InvalidArgument, "INVALID_METADATA", validation.metadata_json, text, LIMIT)
+    assert error.field == "metadata"
+
+
+def test_metadata_object_rejects_non_finite_numbers() -> None:
+    _raises(InvalidArgument, "INVALID_METADATA", validation.metadata_object, {"a": float("nan")}, LIMIT)
+
+
+def test_metadata_json_too_large_raw_text() -> None:
+    text = json.dumps({"k": "v" * LIMIT})
+    error = _raises(TooLarge, "METADATA_TOO_LARGE", validation.metadata_json, text, LIMIT)
+    assert error.field == "metadata"
+    assert error.metadata["limit"] == str(LIMIT)
+
+
+def test_metadata_json_limit_counts_bytes_not_characters() -> None:
+    text = json.dumps({"k": "é" * 400}, ensure_ascii=False)  # ~800 bytes, ~400 characters
+    assert len(text) < 500
+    _raises(TooLarge, "METADATA_TOO_LARGE", validation.metadata_json, text, 500)
+
+
+def test_metadata_json_whitespace_does_not_count_after_canonicalisation_but_raw_size_does() -> None:
+    padded = "{" + " " * 2000 + '"a": 1}'
+    _raises(TooLarge, "METADATA_TOO_LARGE", validation.metadata_json, padded, LIMIT)
+    assert validation.metadata_json(padded, 4096) == '{"a":1}'
+
+
+def test_metadata_json_exactly_at_limit() -> None:
+    text = '{"k":"' + "v" * (LIMIT - 8) + '"}'
+    assert len(text.encode()) == LIMIT
+    assert validation.metadata_json(text, LIMIT) == text
+
+
+def test_metadata_object() -> None:
+    assert validation.metadata_object({"b": 1, "a": "é"}, LIMIT) == '{"b":1,"a":"é"}'
+    for value in ([], "x", 1, None, [("a", 1)]):
+        _raises(InvalidArgument, "INVALID_METADATA", validation.metadata_object, value, LIMIT)
+    _raises(TooLarge, "METADATA_TOO_LARGE", validation.metadata_object, {"k": "v" * LIMIT}, LIMIT)
