@@ -32,7 +32,7 @@ check-generated: setup
 
 lint: setup $(BUF)
 	$(VENV)/bin/ruff check server tests tools bench
-	$(BUF) lint "generated/gallery_descriptor.pb#format=binpb" --path gallery/v1/gallery.proto --config buf.yaml
+	$(BUF) lint "generated/gallery_descriptor.pb#format=binpb" --path gallery/v1 --config buf.yaml
 
 test: setup check-generated lint
 	$(PY) -m pytest

@@ -15,6 +15,9 @@
 | GALLERY_MAX_METADATA_BYTES  | 65536                    | largest metadata JSON accepted                  |
 | GALLERY_GRPC_WORKERS        | 32                       | gRPC server threads (concurrent RPCs)           |
 | GALLERY_LOG_LEVEL           | INFO                     | log level                                       |
+| GALLERY_PULL_TTL            | 3600                     | seconds an open pull request waits for content  |
+| GALLERY_INCOMING_SCAN_SECONDS | 1.0                    | how often the incoming folders are scanned      |
+| GALLERY_INCOMING_SETTLE_SECONDS | 2.0                  | how long a file's size and mtime must be stable |
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ class Settings:
     max_metadata_bytes: int = 64 << 10
     grpc_workers: int = 32
     log_level: str = "INFO"
+    pull_ttl: int = 3600
+    incoming_scan_seconds: float = 1.0
+    incoming_settle_seconds: float = 2.0
 
     @classmethod
     def from_env(cls, env: os._Environ[str] | dict[str, str] = os.environ) -> Settings:
@@ -75,6 +81,13 @@ class Settings:
                 ),
                 grpc_workers=int(env.get("GALLERY_GRPC_WORKERS", cls.grpc_workers)),
                 log_level=env.get("GALLERY_LOG_LEVEL", cls.log_level).upper(),
+                pull_ttl=int(env.get("GALLERY_PULL_TTL", cls.pull_ttl)),
+                incoming_scan_seconds=float(
+                    env.get("GALLERY_INCOMING_SCAN_SECONDS", cls.incoming_scan_seconds)
+                ),
+                incoming_settle_seconds=float(
+                    env.get("GALLERY_INCOMING_SETTLE_SECONDS", cls.incoming_settle_seconds)
+                ),
             )
         except ValueError as exc:
             raise ConfigError(f"bad numeric setting: {exc}") from None

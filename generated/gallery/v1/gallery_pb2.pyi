@@ -13,7 +13,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Event(_message.Message):
-    __slots__ = ("id", "name", "media_type", "size", "has_thumbnail", "created", "mime_type", "sha256", "metadata")
+    __slots__ = ("id", "name", "media_type", "size", "has_thumbnail", "created", "mime_type", "sha256", "metadata", "state", "pull")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,8 @@ class Event(_message.Message):
     MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     media_type: str
@@ -32,7 +34,21 @@ class Event(_message.Message):
     mime_type: str
     sha256: str
     metadata: _struct_pb2.Struct
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., media_type: _Optional[str] = ..., size: _Optional[float] = ..., has_thumbnail: _Optional[bool] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mime_type: _Optional[str] = ..., sha256: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    state: str
+    pull: PullStatus
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., media_type: _Optional[str] = ..., size: _Optional[float] = ..., has_thumbnail: _Optional[bool] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mime_type: _Optional[str] = ..., sha256: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., state: _Optional[str] = ..., pull: _Optional[_Union[PullStatus, _Mapping]] = ...) -> None: ...
+
+class PullStatus(_message.Message):
+    __slots__ = ("state", "error", "requested", "expires_at")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    error: str
+    requested: _timestamp_pb2.Timestamp
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, state: _Optional[str] = ..., error: _Optional[str] = ..., requested: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetDevicePathsRequest(_message.Message):
     __slots__ = ("device",)
@@ -87,20 +103,22 @@ class UploadEventRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., media_chunk: _Optional[bytes] = ..., thumbnail_chunk: _Optional[bytes] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("device", "name", "media_type", "metadata", "size", "sha256")
+    __slots__ = ("device", "name", "media_type", "metadata", "size", "sha256", "event_id")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     device: str
     name: str
     media_type: str
     metadata: _struct_pb2.Struct
     size: int
     sha256: str
-    def __init__(self, device: _Optional[str] = ..., name: _Optional[str] = ..., media_type: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    event_id: str
+    def __init__(self, device: _Optional[str] = ..., name: _Optional[str] = ..., media_type: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., event_id: _Optional[str] = ...) -> None: ...
 
 class UploadEventResponse(_message.Message):
     __slots__ = ("success", "event_id")
@@ -182,6 +200,36 @@ class TypeStats(_message.Message):
     count: float
     size: float
     def __init__(self, count: _Optional[float] = ..., size: _Optional[float] = ...) -> None: ...
+
+class PullEventRequest(_message.Message):
+    __slots__ = ("device", "event_id", "wait")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    event_id: str
+    wait: int
+    def __init__(self, device: _Optional[str] = ..., event_id: _Optional[str] = ..., wait: _Optional[int] = ...) -> None: ...
+
+class PullEventResponse(_message.Message):
+    __slots__ = ("success", "event_id", "state", "pull")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    event_id: str
+    state: str
+    pull: PullStatus
+    def __init__(self, success: _Optional[bool] = ..., event_id: _Optional[str] = ..., state: _Optional[str] = ..., pull: _Optional[_Union[PullStatus, _Mapping]] = ...) -> None: ...
+
+class GetEventContentRequest(_message.Message):
+    __slots__ = ("device", "event_id")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    event_id: str
+    def __init__(self, device: _Optional[str] = ..., event_id: _Optional[str] = ...) -> None: ...
 
 class DeleteEventRequest(_message.Message):
     __slots__ = ("device", "event_id")

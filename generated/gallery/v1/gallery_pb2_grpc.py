@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from gallery.v1 import gallery_pb2 as gallery_dot_v1_dot_gallery__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -85,6 +86,16 @@ class GalleryServiceStub:
                 '/gallery.v1.GalleryService/GetStats',
                 request_serializer=gallery_dot_v1_dot_gallery__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=gallery_dot_v1_dot_gallery__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
+        self.PullEvent = channel.unary_unary(
+                '/gallery.v1.GalleryService/PullEvent',
+                request_serializer=gallery_dot_v1_dot_gallery__pb2.PullEventRequest.SerializeToString,
+                response_deserializer=gallery_dot_v1_dot_gallery__pb2.PullEventResponse.FromString,
+                _registered_method=True)
+        self.GetEventContent = channel.unary_stream(
+                '/gallery.v1.GalleryService/GetEventContent',
+                request_serializer=gallery_dot_v1_dot_gallery__pb2.GetEventContentRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.DeleteEvent = channel.unary_unary(
                 '/gallery.v1.GalleryService/DeleteEvent',
@@ -184,6 +195,27 @@ class GalleryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullEvent(self, request, context):
+        """Asks the device to upload the content of an event it announced (`on_device`). Answers once the
+        pull request is durable; it reaches the device at once if connected, else when it connects.
+        Pulling a stored event succeeds at once; repeated pulls while one is open do not queue more.
+        With `wait` (seconds, 1..60) the call waits for the content and reports the pull's state.
+        Needs `gallery:write`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEventContent(self, request, context):
+        """Streams the stored content of an event (REST: the raw bytes, with the detected content type).
+        An event still on the device is FAILED_PRECONDITION (HTTP 400) with reason EVENT_ON_DEVICE.
+        Needs `gallery:read`.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteEvent(self, request, context):
         """Deletes an event, its media and its thumbnail. Deleting an event that does not exist (or no
         longer exists) is NOT_FOUND. Needs `gallery:write`.
@@ -234,6 +266,16 @@ def add_GalleryServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=gallery_dot_v1_dot_gallery__pb2.GetStatsRequest.FromString,
                     response_serializer=gallery_dot_v1_dot_gallery__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'PullEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullEvent,
+                    request_deserializer=gallery_dot_v1_dot_gallery__pb2.PullEventRequest.FromString,
+                    response_serializer=gallery_dot_v1_dot_gallery__pb2.PullEventResponse.SerializeToString,
+            ),
+            'GetEventContent': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetEventContent,
+                    request_deserializer=gallery_dot_v1_dot_gallery__pb2.GetEventContentRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'DeleteEvent': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteEvent,
@@ -469,6 +511,60 @@ class GalleryService:
             '/gallery.v1.GalleryService/GetStats',
             gallery_dot_v1_dot_gallery__pb2.GetStatsRequest.SerializeToString,
             gallery_dot_v1_dot_gallery__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gallery.v1.GalleryService/PullEvent',
+            gallery_dot_v1_dot_gallery__pb2.PullEventRequest.SerializeToString,
+            gallery_dot_v1_dot_gallery__pb2.PullEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEventContent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gallery.v1.GalleryService/GetEventContent',
+            gallery_dot_v1_dot_gallery__pb2.GetEventContentRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,
