@@ -1,7 +1,7 @@
 """Bearer tokens: verification (PyJWT, HS256 pinned) and per-device, per-scope authorization.
 
 Claims: `sub` (required), `exp` (required), `devices` (list of device ids, or ["*"]) and `scope`
-(space-separated: `gallery:read`, `gallery:write`).
+(space-separated: `gallery:read`, `gallery:write`, `gallery:device`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from .errors import PermissionDenied, Unauthenticated
 
 READ = "gallery:read"
 WRITE = "gallery:write"
+DEVICE = "gallery:device"  # a device: announce, keep the command channel, upload pulled content
 ALGORITHM = "HS256"
 LEEWAY_SECONDS = 30
 

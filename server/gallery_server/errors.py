@@ -6,6 +6,7 @@ GalleryError                 base; carries a stable UPPER_SNAKE `reason` and `me
 ├── PermissionDenied         the token or signed URL does not allow this (403 / PERMISSION_DENIED)
 ├── NotFound                 the event does not exist for this device (404 / NOT_FOUND)
 ├── AlreadyExists            the resource was created already (409 / ALREADY_EXISTS)
+├── FailedPrecondition       not possible in the resource's current state (400 / FAILED_PRECONDITION)
 └── TooLarge                 a size limit was exceeded (429 through Envoy / RESOURCE_EXHAUSTED)
 """
 
@@ -38,6 +39,10 @@ class NotFound(GalleryError):
 
 
 class AlreadyExists(GalleryError):
+    pass
+
+
+class FailedPrecondition(GalleryError):
     pass
 
 

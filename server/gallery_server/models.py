@@ -16,6 +16,8 @@ class Event(SQLModel, table=True):
         # Serves the listing (newest first, id as tie-break) and the per-device stats.
         sa.Index("ix_events_device_created", "device", "created", "id"),
         sa.Index("ix_events_device_type_created", "device", "media_type", "created", "id"),
+        # Announcing the same device-side file twice yields the same event.
+        sa.UniqueConstraint("device", "device_key", name="uq_events_device_key"),
     )
 
     id: str = Field(primary_key=True, max_length=64)
@@ -30,6 +32,11 @@ class Event(SQLModel, table=True):
     metadata_json: str = Field(default="{}", sa_type=sa.Text)
     # UTC; rendered as RFC 3339 UTC.
     created: datetime.datetime
+    # STORED: the content is in media/. ON_DEVICE: announced by the device, content not yet pulled
+    # (size and sha256 are then the device's claims).
+    state: str = Field(default="stored", max_length=16)
+    # The device's own key for an announced file; NULL for uploads.
+    device_key: str | None = Field(default=None, max_length=512)
 
 
 class UploadGrant(SQLModel, table=True):
@@ -49,3 +56,41 @@ class UploadGrant(SQLModel, table=True):
     expires_at: datetime.datetime
     media_state: str = Field(default="open", max_length=16)
     thumbnail_state: str = Field(default="none", max_length=16)
+
+
+class DeviceCommand(SQLModel, table=True):
+    """A durable command for a device (so far: upload an announced event's content).
+
+    Delivered in `seq` order, at least once: a command delivered to a connection that is no longer
+    live is delivered again. States: pending -> delivered -> acked -> completed | failed | expired.
+    """
+
+    __tablename__ = "device_commands"
+    __table_args__ = (sa.Index("ix_device_commands_device_state", "device", "state", "seq"),)
+
+    seq: int | None = Field(default=None, primary_key=True)
+    id: str = Field(max_length=64, unique=True)
+    device: str = Field(max_length=128)
+    event_id: str = Field(max_length=64, index=True)
+    kind: str = Field(default="upload_event", max_length=32)
+    state: str = Field(default="pending", max_length=16)
+    # The event id while the command is open, NULL once closed: the unique index makes "at most one
+    # open pull per event" hold across concurrent requests and replicas.
+    open_key: str | None = Field(default=None, max_length=64, unique=True)
+    error: str = Field(default="", max_length=1024)
+    bytes_sent: int = Field(default=0, sa_type=sa.BigInteger)
+    attempts: int = 0
+    delivered_to: str | None = Field(default=None, max_length=64)
+    created: datetime.datetime
+    expires_at: datetime.datetime
+    delivered_at: datetime.datetime | None = None
+
+
+class DeviceConnection(SQLModel, table=True):
+    """A live command channel; a connection whose heartbeat is stale counts as gone."""
+
+    __tablename__ = "device_connections"
+
+    id: str = Field(primary_key=True, max_length=64)
+    device: str = Field(max_length=128, index=True)
+    last_seen: datetime.datetime

@@ -18,7 +18,7 @@ from sqlmodel import Session, col, func, select
 from . import validation
 from .auth import READ, WRITE, Principal
 from .db import Database
-from .errors import InvalidArgument, NotFound
+from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .media_types import classify, detect_mime
 from .models import Event
 from .settings import Settings
@@ -144,12 +144,46 @@ class Gallery:
         *,
         event_id: str | None = None,
         before_insert: SessionHook | None = None,
+        fill: Event | None = None,
     ) -> Event:
         """Validate a fully received upload, move its files into place and commit its row.
 
-        `before_insert` runs inside the row's transaction, before the insert (signed URLs use it to
-        mark their grant used in the same commit).
+        `before_insert` runs inside the row's transaction (signed URLs mark their grant used, pulls
+        close their command, in the same commit). `fill` is an announced (`on_device`) event whose
+        content this upload is: its row is updated, under its row lock, instead of inserted.
         """
+        event = self._describe(upload, event_id, fill)
+        media_path = self.storage.media_path(event.device, event.id)
+        thumbnail_path = self.storage.thumbnail_path(event.device, event.id)
+        staged = [(upload.media, media_path)]
+        if upload.thumbnail is not None:
+            staged.append((upload.thumbnail, thumbnail_path))
+        for file, _ in staged:
+            file.sync()
+        try:
+            with self.db.session() as session:
+                if fill is not None:
+                    self._lock_announced(session, event)
+                for file, destination in staged:
+                    file.move(destination)
+                if before_insert is not None:
+                    before_insert(session, event)
+                if fill is None:
+                    session.add(event)
+                session.commit()
+        except BaseException:
+            for file, destination in staged:
+                if file.moved:
+                    destination.unlink(missing_ok=True)
+            raise
+        log.info(
+            "event stored",
+            extra={"device": event.device, "event_id": event.id, "size": event.size},
+        )
+        return event
+
+    def _describe(self, upload: Upload, event_id: str | None, fill: Event | None) -> Event:
+        """Check a received upload against what the client declared; the Event it becomes."""
         fields = upload.fields
         name = validation.display_name(fields.name)
         if fields.media_type:
@@ -175,39 +209,37 @@ class Gallery:
                 field="sha256", declared=fields.declared_sha256, received=media.sha256,
             )
         mime = detect_mime(name, media.head)
-        event = Event(
-            id=event_id or validation.new_event_id(),
+        return Event(
+            id=fill.id if fill else event_id or validation.new_event_id(),
             device=upload.device,
             name=name,
             media_type=fields.media_type or classify(mime),
             mime_type=mime,
             size=media.size,
             sha256=media.sha256,
-            has_thumbnail=upload.thumbnail is not None,
+            has_thumbnail=upload.thumbnail is not None or bool(fill and fill.has_thumbnail),
             metadata_json=fields.metadata_json,
-            created=utcnow(),
+            created=fill.created if fill else utcnow(),
+            device_key=fill.device_key if fill else None,
         )
-        media_path = self.storage.media_path(event.device, event.id)
-        thumbnail_path = self.storage.thumbnail_path(event.device, event.id)
-        media.commit(media_path)
-        if upload.thumbnail is not None:
-            upload.thumbnail.commit(thumbnail_path)
-        try:
-            with self.db.session() as session:
-                if before_insert is not None:
-                    before_insert(session, event)
-                session.add(event)
-                session.commit()
-        except BaseException:
-            media_path.unlink(missing_ok=True)
-            if upload.thumbnail is not None:
-                thumbnail_path.unlink(missing_ok=True)
-            raise
-        log.info(
-            "event stored",
-            extra={"device": event.device, "event_id": event.id, "size": event.size},
-        )
-        return event
+
+    def _lock_announced(self, session: Session, event: Event) -> None:
+        """Turn an announced row into a stored one; the UPDATE takes the row lock before any file
+        moves, so two uploads of one announced event cannot both store content."""
+        updated = session.exec(  # type: ignore[call-overload]
+            sa.update(Event)
+            .where(col(Event.id) == event.id, col(Event.device) == event.device,
+                   col(Event.state) == "on_device")
+            .values(state="stored", size=event.size, sha256=event.sha256,
+                    mime_type=event.mime_type, media_type=event.media_type,
+                    has_thumbnail=event.has_thumbnail, name=event.name,
+                    metadata_json=event.metadata_json)
+        ).rowcount
+        if not updated:
+            raise FailedPrecondition(
+                "EVENT_ALREADY_STORED", f"event {event.id} is not waiting for content",
+                event_id=event.id,
+            )
 
 
 def _not_found(device: str, event_id: str) -> NotFound:

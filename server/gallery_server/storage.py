@@ -63,6 +63,7 @@ class StagedFile:
         self.size = 0
         self.head = b""
         self._hash = hashlib.sha256()
+        self.moved = False
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
 
     def write(self, data: bytes | memoryview) -> None:
@@ -89,18 +90,27 @@ class StagedFile:
 
     def commit(self, destination: pathlib.Path) -> None:
         """Make the bytes durable, then move them to `destination` atomically."""
-        assert self._fd is not None
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
+        self.sync()
+        self.move(destination)
+
+    def sync(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+    def move(self, destination: pathlib.Path) -> None:
+        assert self._fd is None, "sync() first"
         destination.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.path, destination)
+        self.moved = True
         _fsync_dir(destination.parent)
 
     def discard(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if not self.moved:
             self.path.unlink(missing_ok=True)
 
 

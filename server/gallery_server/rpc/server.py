@@ -8,21 +8,24 @@ import threading
 from concurrent import futures
 
 import grpc
-from gallery.v1 import gallery_pb2, gallery_pb2_grpc
+from gallery.v1 import device_pb2, device_pb2_grpc, gallery_pb2, gallery_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..db import Database
+from ..devices import Devices
 from ..service import Gallery
 from ..settings import Settings
 from ..signed_urls import SignedUploads
 from ..storage import Storage
+from .device_servicer import DeviceServicer
 from .interceptor import GalleryInterceptor
 from .servicer import GalleryServicer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = gallery_pb2.DESCRIPTOR.services_by_name["GalleryService"].full_name
+DEVICE_SERVICE_NAME = device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name
 # Upload chunks are up to 1 MiB from Envoy and up to 4 MiB from native clients.
 MAX_MESSAGE_BYTES = 8 << 20
 
@@ -45,15 +48,17 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
         ],
         maximum_concurrent_rpcs=settings.grpc_workers * 4,
     )
+    devices = Devices(gallery)
     gallery_pb2_grpc.add_GalleryServiceServicer_to_server(
-        GalleryServicer(gallery, SignedUploads(gallery)), server
+        GalleryServicer(gallery, SignedUploads(gallery), devices), server
     )
+    device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(devices), server)
     health_servicer = health.HealthServicer()
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME, DEVICE_SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, DEVICE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     port = server.add_insecure_port(address)
     if port == 0:

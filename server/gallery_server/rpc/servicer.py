@@ -6,21 +6,26 @@ Authentication happened in the interceptor; authorization and validation happen 
 from __future__ import annotations
 
 import json
+import urllib.parse
 from collections.abc import Callable, Iterator
 
 import grpc
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
+from google.api.httpbody_pb2 import HttpBody
 from google.protobuf import json_format
 
 from .. import validation
 from ..auth import Principal
-from ..errors import InvalidArgument
+from ..devices import Devices, PullStatus
+from ..errors import FailedPrecondition, InvalidArgument
 from ..forms import FormReceiver
 from ..models import Event
 from ..service import Gallery
 from ..signed_urls import THUMBNAIL, SignedUploads
 from .interceptor import current_principal
+
+DOWNLOAD_CHUNK = 1 << 20
 
 
 class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
@@ -28,10 +33,12 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         self,
         gallery: Gallery,
         signed: SignedUploads,
+        devices: Devices,
         principal: Callable[[], Principal] = current_principal,
     ) -> None:
         self.gallery = gallery
         self.signed = signed
+        self.devices = devices
         # Who is calling; the interceptor's verified principal unless a test injects one.
         self.principal = principal
 
@@ -55,7 +62,39 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
 
     def GetEvent(self, request, context):  # type: ignore[no-untyped-def]
         event = self.gallery.get_event(self.principal(), request.device, request.event_id)
-        return event_message(event, with_metadata=True)
+        message = event_message(event, with_metadata=True)
+        _set_pull(message.pull, self.devices.pull_status(event.id))
+        return message
+
+    def PullEvent(self, request, context):  # type: ignore[no-untyped-def]
+        result = self.devices.pull(
+            self.principal(), request.device, request.event_id, wait=request.wait
+        )
+        response = pb.PullEventResponse(
+            success=result.success, event_id=result.event.id, state=result.event.state
+        )
+        _set_pull(response.pull, result.pull)
+        return response
+
+    def GetEventContent(self, request, context):  # type: ignore[no-untyped-def]
+        event = self.gallery.get_event(self.principal(), request.device, request.event_id)
+        if event.state != "stored":
+            raise FailedPrecondition(
+                "EVENT_ON_DEVICE",
+                f"event {event.id} is still on the device: pull it first "
+                f"(POST /api/gallery/{event.device}/pull/{event.id})",
+                event_id=event.id,
+            )
+        path = self.gallery.storage.media_path(event.device, event.id)
+        with open(path, "rb") as f:
+            context.send_initial_metadata((
+                ("content-disposition", content_disposition(event.name)),
+                ("x-content-sha256", event.sha256),
+                ("x-content-length", str(event.size)),
+            ))
+            yield HttpBody(content_type=event.mime_type, data=f.read(DOWNLOAD_CHUNK))
+            while chunk := f.read(DOWNLOAD_CHUNK):
+                yield HttpBody(data=chunk)
 
     def GetStats(self, request, context):  # type: ignore[no-untyped-def]
         stats = self.gallery.stats(self.principal(), request.device)
@@ -92,7 +131,16 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             )
         h = header.header
         settings = self.gallery.settings
-        with self.gallery.begin_upload(self.principal(), h.device) as upload:
+        principal = self.principal()
+        # A device answering a pull fills its announced event; anyone else creates a new one.
+        announced = (
+            self.devices.pulled_event(principal, h.device, h.event_id) if h.event_id else None
+        )
+        upload = (
+            self.gallery.open_upload(h.device) if announced
+            else self.gallery.begin_upload(principal, h.device)
+        )
+        with upload:
             fields = upload.fields
             fields.name = h.name
             fields.media_type = h.media_type
@@ -101,6 +149,12 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             )
             fields.declared_size = h.size if h.HasField("size") else None
             fields.declared_sha256 = h.sha256
+            if announced:
+                fields.name = fields.name or announced.name
+                fields.media_type = fields.media_type or announced.media_type
+                fields.declared_sha256 = fields.declared_sha256 or announced.sha256
+                if fields.metadata_json == "{}":
+                    fields.metadata_json = announced.metadata_json
             upload.write_media(b"")  # no media chunks at all is a valid, empty file
             for message in request_iterator:
                 part = message.WhichOneof("part")
@@ -114,7 +168,10 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
                         field="header",
                     )
             _require_active(context)
-            event = self.gallery.store(upload)
+            event = self.gallery.store(
+                upload, fill=announced,
+                before_insert=self.devices.complete_pull if announced else None,
+            )
         return pb.UploadEventResponse(success=True, event_id=event.id)
 
     def UploadEventForm(self, request_iterator, context):  # type: ignore[no-untyped-def]
@@ -161,12 +218,28 @@ def event_message(event: Event, *, with_metadata: bool = False) -> pb.Event:
         has_thumbnail=event.has_thumbnail,
         mime_type=event.mime_type,
         sha256=event.sha256,
+        state=event.state,
     )
     message.created.FromDatetime(event.created)
     if with_metadata:
         message.metadata.SetInParent()  # present even when empty: `"metadata": {}`
         message.metadata.update(json.loads(event.metadata_json))
     return message
+
+
+def _set_pull(message: pb.PullStatus, status: PullStatus | None) -> None:
+    if status is None:
+        return
+    message.state = status.state
+    message.error = status.error
+    message.requested.FromDatetime(status.requested)
+    message.expires_at.FromDatetime(status.expires_at)
+
+
+def content_disposition(name: str) -> str:
+    """An attachment header safe for any filename: ASCII fallback plus RFC 5987 UTF-8 form."""
+    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{urllib.parse.quote(name, safe='')}"
 
 
 def _first(request_iterator: Iterator):  # type: ignore[no-untyped-def,type-arg]

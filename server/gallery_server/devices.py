@@ -1,0 +1,369 @@
+"""Devices in the loop: announced events, durable pull commands and the command channel.
+
+Commands are rows (DeviceCommand), so they survive restarts and are shared by every replica.
+A connection claims a command with a conditional UPDATE, which is what keeps two live connections
+of one device from both receiving it; a command whose connection is no longer live (no heartbeat
+for CONNECTION_STALE_S) is delivered again. Replicas find new commands by polling every
+POLL_INTERVAL_S; within one process a pull wakes the device's connections at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+
+import sqlalchemy as sa
+from sqlmodel import Session, col, select
+
+from . import validation
+from .auth import DEVICE, WRITE, Principal
+from .errors import FailedPrecondition, InvalidArgument, NotFound, TooLarge
+from .media_types import classify, detect_mime
+from .models import DeviceCommand, DeviceConnection, Event
+from .service import Gallery, utcnow
+
+POLL_INTERVAL_S = 1.0
+HEARTBEAT_S = 5.0
+CONNECTION_STALE_S = 15.0
+MAX_ANNOUNCE = 1000
+MAX_WAIT_S = 60
+OPEN_STATES = ("pending", "delivered", "acked")
+# How a command's state reads on the event: the device has it whether or not it acknowledged.
+PULL_STATES = {"pending": "pending", "delivered": "delivered", "acked": "delivered",
+               "completed": "completed", "failed": "failed", "expired": "expired"}
+
+
+@dataclasses.dataclass
+class Announcement:
+    device_key: str
+    name: str
+    media_type: str = ""
+    size: int = 0
+    created: datetime.datetime | None = None
+    metadata_json: str = "{}"
+    thumbnail: bytes = b""
+    sha256: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class PullStatus:
+    state: str
+    error: str
+    requested: datetime.datetime
+    expires_at: datetime.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class PullResult:
+    event: Event
+    pull: PullStatus | None
+
+    @property
+    def success(self) -> bool:
+        return self.event.state == "stored" or (
+            self.pull is not None and self.pull.state not in ("failed", "expired")
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """A command handed to one connection, with what the device needs to carry it out."""
+
+    command_id: str
+    event_id: str
+    device_key: str
+    name: str
+
+
+class _Wakeups:
+    """Per-device condition variables: a pull in this process wakes that device's channels."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conditions: dict[str, threading.Condition] = {}
+
+    def condition(self, device: str) -> threading.Condition:
+        with self._lock:
+            return self._conditions.setdefault(device, threading.Condition())
+
+    def notify(self, device: str) -> None:
+        condition = self.condition(device)
+        with condition:
+            condition.notify_all()
+
+
+class Devices:
+    def __init__(self, gallery: Gallery) -> None:
+        self.gallery = gallery
+        self.db = gallery.db
+        self.settings = gallery.settings
+        self._wakeups = _Wakeups()
+
+    # -- inventory ----------------------------------------------------------------------------
+
+    def announce(
+        self, principal: Principal, device: str, announcements: list[Announcement]
+    ) -> list[Event]:
+        principal.require(validation.device_id(device), DEVICE)
+        if len(announcements) > MAX_ANNOUNCE:
+            raise TooLarge("TOO_MANY_EVENTS", f"at most {MAX_ANNOUNCE} events per announcement",
+                           field="events")
+        for a in announcements:
+            if not 1 <= len(a.device_key) <= 512:
+                raise InvalidArgument("INVALID_DEVICE_KEY", "device_key must be 1..512 characters",
+                                      field="device_key")
+            a.name = validation.display_name(a.name)
+            if a.media_type:
+                validation.media_type(a.media_type)
+            validation.sha256_hex(a.sha256)
+            if len(a.thumbnail) > self.settings.max_thumbnail_bytes:
+                raise TooLarge("THUMBNAIL_TOO_LARGE", "thumbnail is larger than the limit",
+                               field="thumbnail")
+        return [self._announce_one(device, a) for a in announcements]
+
+    def _announce_one(self, device: str, a: Announcement) -> Event:
+        existing = self._by_key(device, a.device_key)
+        if existing is not None:
+            return existing
+        mime = detect_mime(a.name, b"")
+        event = Event(
+            id=validation.new_event_id(), device=device, name=a.name,
+            media_type=a.media_type or classify(mime), mime_type=mime, size=a.size,
+            sha256=a.sha256, has_thumbnail=bool(a.thumbnail), metadata_json=a.metadata_json,
+            created=a.created or utcnow(), state="on_device", device_key=a.device_key,
+        )
+        thumbnail_path = self.gallery.storage.thumbnail_path(device, event.id)
+        if a.thumbnail:
+            staged = self.gallery.storage.stage(
+                max_bytes=self.settings.max_thumbnail_bytes, what="thumbnail")
+            try:
+                staged.write(a.thumbnail)
+                staged.commit(thumbnail_path)
+            finally:
+                staged.discard()
+        try:
+            with self.db.session() as session:
+                session.add(event)
+                session.commit()
+        except sa.exc.IntegrityError:
+            # The same key announced concurrently: the other announcement won.
+            thumbnail_path.unlink(missing_ok=True)
+            existing = self._by_key(device, a.device_key)
+            if existing is None:
+                raise
+            return existing
+        return event
+
+    def _by_key(self, device: str, device_key: str) -> Event | None:
+        with self.db.session() as session:
+            return session.exec(
+                select(Event).where(Event.device == device, Event.device_key == device_key)
+            ).first()
+
+    # -- pulls --------------------------------------------------------------------------------
+
+    def pull(self, principal: Principal, device: str, event_id: str, *, wait: int = 0) -> PullResult:
+        principal.require(validation.device_id(device), WRITE)
+        validation.event_id(event_id)
+        if not 0 <= wait <= MAX_WAIT_S:
+            raise InvalidArgument("INVALID_WAIT", f"wait must be between 0 and {MAX_WAIT_S} seconds",
+                                  field="wait")
+        event = self._event(device, event_id)
+        if event.state == "stored":
+            return PullResult(event, self.pull_status(event_id))
+        self._open_pull(device, event_id)
+        self._wakeups.notify(device)
+        deadline = time.monotonic() + wait
+        while True:
+            result = PullResult(self._event(device, event_id), self.pull_status(event_id))
+            done = result.event.state == "stored" or (
+                result.pull is not None and result.pull.state in ("failed", "expired"))
+            if done or time.monotonic() >= deadline:
+                return result
+            time.sleep(0.2)
+
+    def _open_pull(self, device: str, event_id: str) -> None:
+        now = utcnow()
+        self.expire_overdue()
+        command = DeviceCommand(
+            id="cmd_" + secrets.token_urlsafe(12), device=device, event_id=event_id,
+            open_key=event_id, created=now,
+            expires_at=now + datetime.timedelta(seconds=self.settings.pull_ttl),
+        )
+        try:
+            with self.db.session() as session:
+                session.add(command)
+                session.commit()
+        except sa.exc.IntegrityError:
+            pass  # a pull for this event is already open: do not queue another
+
+    def pull_status(self, event_id: str) -> PullStatus | None:
+        with self.db.session() as session:
+            command = session.exec(
+                select(DeviceCommand).where(DeviceCommand.event_id == event_id)
+                .order_by(col(DeviceCommand.seq).desc()).limit(1)
+            ).first()
+        if command is None:
+            return None
+        state = command.state
+        if state in OPEN_STATES and _aware(command.expires_at) < utcnow():
+            state = "expired"
+        return PullStatus(PULL_STATES[state], command.error, command.created, command.expires_at)
+
+    def expire_overdue(self) -> None:
+        with self.db.session() as session:
+            session.exec(  # type: ignore[call-overload]
+                sa.update(DeviceCommand)
+                .where(col(DeviceCommand.open_key).is_not(None),
+                       col(DeviceCommand.expires_at) < utcnow())
+                .values(state="expired", open_key=None)
+            )
+            session.commit()
+
+    def _event(self, device: str, event_id: str) -> Event:
+        with self.db.session() as session:
+            event = session.get(Event, event_id)
+        if event is None or event.device != device:
+            raise NotFound("EVENT_NOT_FOUND", f"event {event_id} not found for device {device}",
+                           device=device, event_id=event_id)
+        return event
+
+    def pulled_event(self, principal: Principal, device: str, event_id: str) -> Event:
+        """The announced event a device's upload fills (checked before any byte is stored)."""
+        principal.require(validation.device_id(device), DEVICE)
+        validation.event_id(event_id)
+        event = self._event(device, event_id)
+        if event.state != "on_device":
+            raise FailedPrecondition("EVENT_ALREADY_STORED", f"event {event_id} is already stored",
+                                     event_id=event_id)
+        return event
+
+    def complete_pull(self, session: Session, event: Event) -> None:
+        """Close the event's open pull, inside the transaction that stores its content."""
+        session.exec(  # type: ignore[call-overload]
+            sa.update(DeviceCommand)
+            .where(col(DeviceCommand.event_id) == event.id, col(DeviceCommand.open_key).is_not(None))
+            .values(state="completed", open_key=None, error="")
+        )
+
+    # -- the command channel ------------------------------------------------------------------
+
+    def connect(self, principal: Principal, device: str) -> Channel:
+        principal.require(validation.device_id(device), DEVICE)
+        channel = Channel(self, device)
+        with self.db.session() as session:
+            session.add(DeviceConnection(id=channel.id, device=device, last_seen=utcnow()))
+            session.commit()
+        return channel
+
+    def acknowledge(self, device: str, command_id: str) -> None:
+        self._update_command(device, command_id, ("delivered",), state="acked")
+
+    def progress(self, device: str, command_id: str, bytes_sent: int) -> None:
+        self._update_command(device, command_id, OPEN_STATES, bytes_sent=bytes_sent)
+
+    def fail(self, device: str, command_id: str, reason: str) -> None:
+        self._update_command(device, command_id, OPEN_STATES, state="failed", open_key=None,
+                             error=reason[:1024] or "failed on the device")
+
+    def _update_command(
+        self, device: str, command_id: str, states: tuple[str, ...], **values: object
+    ) -> None:
+        # Scoped to the device, so one device cannot touch another's commands.
+        with self.db.session() as session:
+            session.exec(  # type: ignore[call-overload]
+                sa.update(DeviceCommand)
+                .where(col(DeviceCommand.id) == command_id, col(DeviceCommand.device) == device,
+                       col(DeviceCommand.state).in_(states))
+                .values(**values)
+            )
+            session.commit()
+
+
+class Channel:
+    """One live connection of a device: claims its commands and keeps its heartbeat."""
+
+    def __init__(self, devices: Devices, device: str) -> None:
+        self.devices = devices
+        self.device = device
+        self.id = "conn_" + secrets.token_urlsafe(12)
+        self.closed = threading.Event()
+        self._condition = devices._wakeups.condition(device)
+        self._last_heartbeat = time.monotonic()
+
+    def claim(self) -> list[Delivery]:
+        """Commands for this device not held by a live connection, now held by this one."""
+        db = self.devices.db
+        now = utcnow()
+        stale = now - datetime.timedelta(seconds=CONNECTION_STALE_S)
+        live = select(DeviceConnection.id).where(col(DeviceConnection.last_seen) >= stale)
+        deliverable = (
+            col(DeviceCommand.device) == self.device,
+            col(DeviceCommand.state).in_(OPEN_STATES),
+            col(DeviceCommand.expires_at) > now,
+            sa.or_(col(DeviceCommand.delivered_to).is_(None),
+                   col(DeviceCommand.delivered_to).not_in(live)),
+        )
+        claimed = []
+        with db.session() as session:
+            candidates = session.exec(
+                select(DeviceCommand).where(*deliverable).order_by(col(DeviceCommand.seq))
+            ).all()
+        for command in candidates:
+            with db.session() as session:
+                taken = session.exec(  # type: ignore[call-overload]
+                    sa.update(DeviceCommand)
+                    .where(col(DeviceCommand.seq) == command.seq, *deliverable)
+                    .values(state="delivered", delivered_to=self.id, delivered_at=now,
+                            attempts=DeviceCommand.attempts + 1)
+                ).rowcount
+                session.commit()
+                event = session.get(Event, command.event_id) if taken else None
+            if taken:
+                claimed.append(Delivery(
+                    command.id, command.event_id,
+                    (event.device_key or "") if event else "", event.name if event else "",
+                ))
+        return claimed
+
+    def wait(self) -> bool:
+        """Sleep until woken, the poll interval passes or the channel closes; True when a
+        heartbeat is due (the heartbeat row is refreshed then)."""
+        with self._condition:
+            if not self.closed.is_set():
+                self._condition.wait(POLL_INTERVAL_S)
+        if time.monotonic() - self._last_heartbeat < HEARTBEAT_S:
+            return False
+        self._last_heartbeat = time.monotonic()
+        with self.devices.db.session() as session:
+            session.exec(  # type: ignore[call-overload]
+                sa.update(DeviceConnection).where(col(DeviceConnection.id) == self.id)
+                .values(last_seen=utcnow())
+            )
+            session.commit()
+        return True
+
+    def close(self) -> None:
+        self.closed.set()
+        self.devices._wakeups.notify(self.device)
+        with self.devices.db.session() as session:
+            session.exec(  # type: ignore[call-overload]
+                sa.delete(DeviceConnection).where(col(DeviceConnection.id) == self.id)
+            )
+            session.commit()
+
+    def commands(self) -> Iterator[Delivery | None]:
+        """Yields commands as they become deliverable, and None when a heartbeat is due."""
+        yield None
+        while not self.closed.is_set():
+            yield from self.claim()
+            if self.wait():
+                yield None
+
+
+def _aware(moment: datetime.datetime) -> datetime.datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)

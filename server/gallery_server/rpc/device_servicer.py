@@ -1,0 +1,100 @@
+"""DeviceService over gRPC: the command channel and announcements."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+from collections.abc import Callable, Iterator
+
+import grpc
+from gallery.v1 import device_pb2 as pb
+from gallery.v1 import device_pb2_grpc
+from google.protobuf import json_format
+
+from .. import validation
+from ..auth import Principal
+from ..devices import Announcement, Channel, Devices
+from ..errors import InvalidArgument
+from .interceptor import current_principal
+
+log = logging.getLogger(__name__)
+
+
+class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
+    def __init__(
+        self, devices: Devices, principal: Callable[[], Principal] = current_principal
+    ) -> None:
+        self.devices = devices
+        self.principal = principal
+
+    def AnnounceEvents(self, request, context):  # type: ignore[no-untyped-def]
+        max_metadata = self.devices.settings.max_metadata_bytes
+        announcements = [
+            Announcement(
+                device_key=e.device_key,
+                name=e.name,
+                media_type=e.media_type,
+                size=e.size,
+                created=e.created.ToDatetime(tzinfo=datetime.UTC) if e.HasField("created") else None,
+                metadata_json=validation.metadata_object(
+                    json_format.MessageToDict(e.metadata), max_metadata
+                ),
+                thumbnail=e.thumbnail,
+                sha256=e.sha256,
+            )
+            for e in request.events
+        ]
+        events = self.devices.announce(self.principal(), request.device, announcements)
+        return pb.AnnounceEventsResponse(results=[
+            pb.AnnouncedEventResult(device_key=e.device_key or "", event_id=e.id, state=e.state)
+            for e in events
+        ])
+
+    def Connect(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("message") != "hello":
+            raise InvalidArgument("HELLO_REQUIRED", "the first message must be a hello",
+                                  field="hello")
+        channel = self.devices.connect(self.principal(), first.hello.device)
+        context.add_callback(channel.close)  # the RPC ended, however it ended
+        reader = threading.Thread(
+            target=self._read_replies, args=(request_iterator, channel),
+            name=f"device-{channel.device}", daemon=True,
+        )
+        reader.start()
+        log.info("device connected", extra={"device": channel.device, "connection": channel.id,
+                                             "agent": first.hello.agent})
+        try:
+            for command in channel.commands():
+                if command is None:
+                    yield pb.ConnectResponse(heartbeat=pb.Heartbeat())
+                    continue
+                yield pb.ConnectResponse(command=pb.Command(
+                    id=command.command_id,
+                    upload_event=pb.UploadEventCommand(
+                        event_id=command.event_id, device_key=command.device_key,
+                        name=command.name,
+                    ),
+                ))
+        finally:
+            channel.close()
+
+    def _read_replies(self, request_iterator: Iterator[pb.ConnectRequest], channel: Channel) -> None:
+        device = channel.device
+        try:
+            for message in request_iterator:
+                kind = message.WhichOneof("message")
+                if kind == "ack":
+                    self.devices.acknowledge(device, message.ack.command_id)
+                elif kind == "progress":
+                    self.devices.progress(device, message.progress.command_id,
+                                          message.progress.bytes_sent)
+                elif kind == "failure":
+                    self.devices.fail(device, message.failure.command_id, message.failure.reason)
+        except grpc.RpcError:
+            pass  # the device went away; close() below ends the command loop
+        except Exception:
+            log.exception("device channel reader failed", extra={"device": device})
+        finally:
+            channel.close()
