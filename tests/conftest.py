@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import psycopg
 import pytest
 import sqlalchemy as sa
+from sqlmodel import SQLModel
 
 from gallery_server import auth
 from gallery_server.db import Database
@@ -55,8 +56,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iter
     yield url
     # Each test starts from empty tables on the shared throw-away database.
     engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("DROP TABLE IF EXISTS events, upload_grants")
+    SQLModel.metadata.drop_all(engine)
     engine.dispose()
 
 

@@ -1,0 +1,224 @@
+"""Announcements, pulls and the command channel, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import threading
+
+import pytest
+import sqlalchemy as sa
+from sqlmodel import select
+
+from gallery_server import auth, devices as devices_module
+from gallery_server.devices import Announcement, Devices
+from gallery_server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, TooLarge
+from gallery_server.models import DeviceCommand, DeviceConnection, Event
+
+DEVICE = "cam-1"
+
+
+@pytest.fixture
+def devices(gallery):
+    return Devices(gallery)
+
+
+@pytest.fixture
+def device_principal():
+    return auth.Principal("cam-1", frozenset({DEVICE}), frozenset({auth.DEVICE}))
+
+
+def announce(devices, principal, key="dcim/a.mp4", **kwargs):
+    [event] = devices.announce(principal, DEVICE, [Announcement(device_key=key, name=key.split("/")[-1],
+                                                                 size=kwargs.pop("size", 10), **kwargs)])
+    return event
+
+
+def commands(gallery, event_id=None):
+    with gallery.db.session() as session:
+        query = select(DeviceCommand).order_by(DeviceCommand.seq)
+        if event_id:
+            query = query.where(DeviceCommand.event_id == event_id)
+        return list(session.exec(query))
+
+
+def test_announce_is_idempotent_per_key_and_lists_on_device(devices, gallery, device_principal, principal):
+    first = announce(devices, device_principal, thumbnail=b"\xff\xd8thumb")
+    again = announce(devices, device_principal, thumbnail=b"\xff\xd8thumb")
+    assert again.id == first.id
+    assert first.state == "on_device" and first.media_type == "video" and first.has_thumbnail
+    assert gallery.storage.thumbnail_path(DEVICE, first.id).read_bytes() == b"\xff\xd8thumb"
+    [listed] = gallery.list_events(principal, DEVICE)
+    assert (listed.id, listed.state, listed.size) == (first.id, "on_device", 10)
+    assert not gallery.storage.media_path(DEVICE, first.id).exists()
+
+
+def test_announce_needs_device_scope_and_the_device(devices, principal):
+    with pytest.raises(PermissionDenied):  # read+write is not device scope
+        devices.announce(principal, DEVICE, [Announcement(device_key="k", name="a.jpg")])
+    other = auth.Principal("x", frozenset({"cam-2"}), frozenset({auth.DEVICE}))
+    with pytest.raises(PermissionDenied):
+        devices.announce(other, DEVICE, [Announcement(device_key="k", name="a.jpg")])
+
+
+def test_announce_validates(devices, device_principal):
+    with pytest.raises(InvalidArgument):
+        devices.announce(device_principal, DEVICE, [Announcement(device_key="", name="a.jpg")])
+    with pytest.raises(InvalidArgument):
+        devices.announce(device_principal, DEVICE, [Announcement(device_key="k", name="a\x00b")])
+    with pytest.raises(TooLarge):
+        devices.announce(device_principal, DEVICE,
+                         [Announcement(device_key=str(i), name="a") for i in range(1001)])
+
+
+def test_pull_queues_one_command_while_open(devices, gallery, device_principal, principal):
+    event = announce(devices, device_principal)
+    results = [devices.pull(principal, DEVICE, event.id) for _ in range(3)]
+    assert all(r.success and r.pull.state == "pending" for r in results)
+    assert len(commands(gallery, event.id)) == 1
+
+
+def test_concurrent_pulls_queue_one_command(devices, gallery, device_principal, principal):
+    event = announce(devices, device_principal)
+    threads = [threading.Thread(target=devices.pull, args=(principal, DEVICE, event.id)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(commands(gallery, event.id)) == 1
+
+
+def test_pull_errors(devices, device_principal, principal):
+    event = announce(devices, device_principal)
+    with pytest.raises(NotFound):
+        devices.pull(principal, DEVICE, "evt_" + "A" * 22)
+    with pytest.raises(NotFound):  # another device's event is not this device's
+        devices.pull(principal, "cam-2", event.id)
+    reader = auth.Principal("r", frozenset({"*"}), frozenset({auth.READ}))
+    with pytest.raises(PermissionDenied):
+        devices.pull(reader, DEVICE, event.id)
+    stranger = auth.Principal("s", frozenset({"cam-2"}), frozenset({auth.WRITE}))
+    with pytest.raises(PermissionDenied):  # permission before existence
+        devices.pull(stranger, DEVICE, "evt_" + "A" * 22)
+    with pytest.raises(InvalidArgument):
+        devices.pull(principal, DEVICE, event.id, wait=61)
+
+
+def test_one_channel_gets_a_command_and_a_dead_ones_commands_are_redelivered(
+    devices, gallery, device_principal, principal
+):
+    event = announce(devices, device_principal)
+    devices.pull(principal, DEVICE, event.id)
+    first, second = devices.connect(device_principal, DEVICE), devices.connect(device_principal, DEVICE)
+    deliveries = first.claim() + second.claim()
+    assert [(d.event_id, d.device_key, d.name) for d in deliveries] == [(event.id, "dcim/a.mp4", "a.mp4")]
+    assert first.claim() + second.claim() == []  # never twice while the holder is live
+    holder, other = (first, second) if commands(gallery)[0].delivered_to == first.id else (second, first)
+    holder.close()
+    [again] = other.claim()
+    assert again.command_id == deliveries[0].command_id
+    assert commands(gallery)[0].attempts == 2
+    other.close()
+
+
+def test_stale_connection_counts_as_gone(devices, gallery, device_principal, principal):
+    event = announce(devices, device_principal)
+    devices.pull(principal, DEVICE, event.id)
+    crashed = devices.connect(device_principal, DEVICE)
+    assert len(crashed.claim()) == 1
+    # The server holding `crashed` died: its heartbeat stops.
+    old = devices_module.utcnow() - datetime.timedelta(seconds=devices_module.CONNECTION_STALE_S + 1)
+    with gallery.db.session() as session:
+        session.exec(sa.update(DeviceConnection).values(last_seen=old))
+        session.commit()
+    fresh = devices.connect(device_principal, DEVICE)
+    assert [d.event_id for d in fresh.claim()] == [event.id]
+
+
+def test_commands_are_delivered_in_order(devices, device_principal, principal):
+    events = [announce(devices, device_principal, key=f"k{i}") for i in range(5)]
+    for event in reversed(events):
+        devices.pull(principal, DEVICE, event.id)
+    channel = devices.connect(device_principal, DEVICE)
+    assert [d.event_id for d in channel.claim()] == [e.id for e in reversed(events)]
+
+
+def test_failure_is_reported_and_a_new_pull_can_follow(devices, gallery, device_principal, principal):
+    event = announce(devices, device_principal)
+    devices.pull(principal, DEVICE, event.id)
+    channel = devices.connect(device_principal, DEVICE)
+    [delivery] = channel.claim()
+    devices.acknowledge(DEVICE, delivery.command_id)
+    assert devices.pull_status(event.id).state == "delivered"
+    devices.fail("cam-2", delivery.command_id, "not mine")  # another device cannot touch it
+    assert devices.pull_status(event.id).state == "delivered"
+    devices.fail(DEVICE, delivery.command_id, "file deleted on device")
+    status = devices.pull_status(event.id)
+    assert (status.state, status.error) == ("failed", "file deleted on device")
+    result = devices.pull(principal, DEVICE, event.id, wait=1)
+    assert result.pull.state in ("pending", "delivered")
+    assert len(commands(gallery, event.id)) == 2
+
+
+def test_waiting_pull_reports_failure(devices, device_principal, principal):
+    event = announce(devices, device_principal)
+    devices.pull(principal, DEVICE, event.id)
+    [delivery] = devices.connect(device_principal, DEVICE).claim()
+    timer = threading.Timer(0.3, devices.fail, args=(DEVICE, delivery.command_id, "gone"))
+    timer.start()
+    result = devices.pull(principal, DEVICE, event.id, wait=5)
+    timer.join()
+    assert not result.success
+    assert result.pull.state == "failed"
+
+
+def test_pulls_expire(devices, gallery, device_principal, principal):
+    event = announce(devices, device_principal)
+    devices.pull(principal, DEVICE, event.id)
+    with gallery.db.session() as session:
+        session.exec(sa.update(DeviceCommand).values(
+            expires_at=devices_module.utcnow() - datetime.timedelta(seconds=1)))
+        session.commit()
+    assert devices.pull_status(event.id).state == "expired"
+    assert devices.connect(device_principal, DEVICE).claim() == []
+    devices.pull(principal, DEVICE, event.id)  # expiry frees the event for a new pull
+    assert [c.state for c in commands(gallery, event.id)] == ["expired", "pending"]
+
+
+def test_pulled_upload_fills_the_announced_event(devices, gallery, device_principal, principal):
+    content = b"the real bytes" * 1000
+    event = announce(devices, device_principal, size=len(content),
+                     sha256=hashlib.sha256(content).hexdigest())
+    devices.pull(principal, DEVICE, event.id)
+    announced = devices.pulled_event(device_principal, DEVICE, event.id)
+    with gallery.open_upload(DEVICE) as upload:
+        upload.fields.name = announced.name
+        upload.fields.declared_sha256 = announced.sha256
+        upload.write_media(content)
+        stored = gallery.store(upload, fill=announced, before_insert=devices.complete_pull)
+    assert stored.id == event.id
+    got = gallery.get_event(principal, DEVICE, event.id)
+    assert (got.state, got.size, got.created) == ("stored", len(content), event.created)
+    assert gallery.storage.media_path(DEVICE, event.id).read_bytes() == content
+    assert devices.pull_status(event.id).state == "completed"
+    assert devices.pull(principal, DEVICE, event.id).success
+    assert len(commands(gallery, event.id)) == 1  # a stored event is not pulled again
+    with pytest.raises(FailedPrecondition):
+        devices.pulled_event(device_principal, DEVICE, event.id)
+
+
+def test_second_fill_of_one_event_is_refused_and_keeps_the_first(devices, gallery, device_principal):
+    event = announce(devices, device_principal)
+    announced = devices.pulled_event(device_principal, DEVICE, event.id)
+    for content, expect_ok in ((b"first", True), (b"second", False)):
+        with gallery.open_upload(DEVICE) as upload:
+            upload.fields.name = announced.name
+            upload.write_media(content)
+            if expect_ok:
+                gallery.store(upload, fill=announced)
+            else:
+                with pytest.raises(FailedPrecondition):
+                    gallery.store(upload, fill=announced)
+    assert gallery.storage.media_path(DEVICE, event.id).read_bytes() == b"first"
+    with gallery.db.session() as session:
+        assert session.get(Event, event.id).size == len(b"first")
