@@ -1,0 +1,563 @@
+"""Incoming folders: files dropped into `gallery/<device>/incoming` become events of that device.
+
+The convention, for whatever writes there (rsync, SFTP, an NFS client, a local process):
+
+* Only regular files at the top level of `incoming` are taken. Dotfiles, names ending in `.part`,
+  `.tmp` or `~`, symlinks and subdirectories are never imported. Write a file under such a name
+  (rsync does this by itself: `.name.XXXXXX`) and rename it when it is complete.
+* A file is complete once its size and mtime have not changed for GALLERY_INCOMING_SETTLE_SECONDS,
+  observed over successive scans. This holds for renamed-in files too, so a writer that writes in
+  place must not pause longer than that. On NFS, attribute caching can hide a growing file for up
+  to `acregmax` seconds: there use the rename convention, or a settle time above `acregmax`.
+* Empty files are never imported (they are usually a writer's placeholder).
+* A file in `thumbnails` whose stem equals a media file's stem (`a.png` for `a.mp4`) becomes that
+  event's thumbnail. One that arrives after its media was imported attaches to the newest event
+  imported from this device's incoming folder with that stem and no thumbnail yet; until there is
+  such an event, it waits.
+* An imported file is removed from `incoming` (the managed store keeps its own copy).
+
+Crash and concurrency safety, without locks, with any number of replicas scanning the same
+folders: the event id is derived from (device, name, size, sha256) with an HMAC under the server
+secret, so every replica, and every run after a crash, names the same file the same event. The
+bytes reach `media/` by an atomic rename, then the row is inserted (a duplicate key means the
+event already exists: someone else got there first), and only then is the dropped file unlinked,
+and only if the path still names the very file that was imported. A crash between any two steps
+leaves the file in `incoming`; the next scan converges on exactly one event. Because the id
+commits to the content, replacing `media/<id>` again never changes the bytes a row describes.
+An identical file (same device, name and bytes) dropped again while its event exists is therefore
+not imported twice: it is simply removed from `incoming`.
+
+Files are hard-linked into the store (no copy, whatever their size); when the drop folder is on
+another filesystem, or linking is not allowed, they are copied.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import errno
+import hashlib
+import hmac
+import logging
+import os
+import pathlib
+import secrets
+import stat
+import threading
+import time
+
+import sqlalchemy as sa
+from sqlmodel import col, select
+
+from . import validation
+from .errors import GalleryError
+from .media_types import SNIFF_BYTES, classify, detect_mime
+from .models import Event
+from .service import Gallery, utcnow
+from .storage import _fsync_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE_METADATA = '{"source":"incoming"}'
+IGNORED_SUFFIXES = (".part", ".tmp", "~")
+_ID_LABEL = b"gallery incoming event ids v1"
+_CHUNK = 1 << 20
+
+# (st_dev, st_ino, st_size, st_mtime_ns): what must stay unchanged for a file to count as complete,
+# and what the path must still name for the dropped file to be removed after its import.
+Signature = tuple[int, int, int, int]
+
+
+def signature(st: os.stat_result) -> Signature:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def is_candidate_name(name: str) -> bool:
+    return not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES)
+
+
+def stem(name: str) -> str:
+    return pathlib.PurePath(name).stem
+
+
+class _Changed(Exception):
+    """The file is no longer the one that was seen settled: wait for it to settle again."""
+
+
+class _Stopped(Exception):
+    """stop() was called while a file was being read."""
+
+
+@dataclasses.dataclass
+class _Seen:
+    signature: Signature
+    since: float  # when this signature was first observed
+    sha256: str = ""  # cached digest of a thumbnail with this signature
+    reported: str = ""  # the last problem logged for this signature (logged once, not every scan)
+
+
+@dataclasses.dataclass
+class _DropFile:
+    name: str
+    path: pathlib.Path
+    signature: Signature
+    stable: bool
+
+    @property
+    def size(self) -> int:
+        return self.signature[2]
+
+
+@dataclasses.dataclass
+class _Taken:
+    """A dropped file's bytes under a private name in staging, hashed and fsynced."""
+
+    staged: pathlib.Path
+    source: Signature
+    sha256: str
+    head: bytes
+
+    @property
+    def size(self) -> int:
+        return self.source[2]
+
+    def discard(self) -> None:
+        self.staged.unlink(missing_ok=True)
+
+
+class IncomingImporter:
+    """Imports the incoming folders of every device. scan_once() is one pass; start() loops it."""
+
+    def __init__(self, gallery: Gallery) -> None:
+        self.gallery = gallery
+        self.settings = gallery.settings
+        self.storage = gallery.storage
+        self._key = hmac.new(self.settings.jwt_secret.encode(), _ID_LABEL, hashlib.sha256).digest()
+        self._seen: dict[str, _Seen] = {}
+        self._scan_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="incoming-importer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the loop; a file being read is abandoned (it stays in incoming)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        log.info("incoming folders scanner started", extra={"folder": str(self.storage.drop_root)})
+        while not self._stopping.is_set():
+            try:
+                self.scan_once()
+            except Exception:
+                log.exception("incoming folders scan failed")
+            self._stopping.wait(self.settings.incoming_scan_seconds)
+
+    # -- one pass -----------------------------------------------------------------------------
+
+    def event_id_for(self, device: str, name: str, size: int, sha256: str) -> str:
+        mac = hmac.new(self._key, f"{device}\0{name}\0{size}\0{sha256}".encode(), hashlib.sha256)
+        return "evt_" + base64.urlsafe_b64encode(mac.digest()).decode()[:22]
+
+    def scan_once(self, now: float | None = None) -> list[str]:
+        """Import every settled file once; returns the ids of the events this pass created.
+
+        `now` is a monotonic clock reading (tests pass their own); a file counts as settled once
+        its signature has been observed unchanged for incoming_settle_seconds.
+        """
+        now = time.monotonic() if now is None else now
+        with self._scan_lock:
+            seen: dict[str, _Seen] = {}
+            imported: list[str] = []
+            try:
+                for device, incoming, thumbnails in self._device_folders():
+                    if self._stopping.is_set():
+                        break
+                    media = self._list(incoming, now, seen)
+                    thumbs = self._list(thumbnails, now, seen)
+                    imported += self._scan_device(device, media, thumbs, seen)
+            except _Stopped:
+                pass
+            finally:
+                self._seen = seen  # forgets what is gone (and, after a stop, what was not reached)
+            return imported
+
+    def _device_folders(self) -> list[tuple[str, pathlib.Path, pathlib.Path]]:
+        try:
+            entries = sorted(os.scandir(self.storage.drop_root), key=lambda e: e.name)
+        except FileNotFoundError:
+            return []
+        folders = []
+        for entry in entries:
+            try:
+                validation.device_id(entry.name)
+            except GalleryError:
+                continue
+            if entry.is_dir():
+                root = pathlib.Path(entry.path)
+                folders.append((entry.name, root / "incoming", root / "thumbnails"))
+        return folders
+
+    def _list(self, folder: pathlib.Path, now: float, seen: dict[str, _Seen]) -> list[_DropFile]:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            log.warning("cannot list a drop folder", extra={"folder": str(folder), "error": str(exc)})
+            return []
+        files = []
+        for entry in entries:
+            if not is_candidate_name(entry.name):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue  # gone meanwhile, or unreadable
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            sig = signature(st)
+            previous = self._seen.get(entry.path)
+            if previous is not None and previous.signature == sig:
+                record = previous
+            else:
+                record = _Seen(sig, now)
+            seen[entry.path] = record
+            stable = now - record.since >= self.settings.incoming_settle_seconds
+            files.append(_DropFile(entry.name, pathlib.Path(entry.path), sig, stable))
+        return files
+
+    def _scan_device(
+        self, device: str, media: list[_DropFile], thumbs: list[_DropFile], seen: dict[str, _Seen]
+    ) -> list[str]:
+        imported = []
+        waiting_stems = {stem(f.name) for f in media}
+        claimed: set[str] = set()
+        for file in media:
+            if not file.stable or self._stopping.is_set():
+                continue
+            thumb = next(
+                (t for t in thumbs if t.stable and t.name not in claimed and stem(t.name) == stem(file.name)),
+                None,
+            )
+            if thumb is not None:
+                claimed.add(thumb.name)
+            event_id = self._guarded(device, file, seen, lambda f=file, t=thumb: self._import(device, f, t, seen))
+            if event_id:
+                imported.append(event_id)
+        for thumb in thumbs:
+            # A thumbnail whose media is still in incoming waits for it, rather than attaching to
+            # an older event of the same name.
+            if not thumb.stable or thumb.name in claimed or stem(thumb.name) in waiting_stems:
+                continue
+            if self._stopping.is_set():
+                break
+            self._guarded(device, thumb, seen, lambda t=thumb: self._attach_late(device, t, seen))
+        return imported
+
+    def _guarded(self, device: str, file: _DropFile, seen: dict[str, _Seen], action):  # type: ignore[no-untyped-def]
+        """Run one file's work; one bad file is logged (once per version) and never stalls the rest."""
+        try:
+            return action()
+        except _Stopped:
+            raise
+        except _Changed:
+            seen.pop(str(file.path), None)  # it must settle again
+        except Exception as exc:
+            record = seen.get(str(file.path))
+            problem = f"{type(exc).__name__}: {exc}"
+            if record is not None and record.reported == problem:
+                log.debug("incoming file still failing", extra={"device": device, "file": file.name})
+            else:
+                log.exception("cannot import an incoming file", extra={"device": device, "file": file.name})
+                if record is not None:
+                    record.reported = problem
+        return None
+
+    def _skip(self, device: str, file: _DropFile, seen: dict[str, _Seen], why: str) -> None:
+        record = seen.get(str(file.path))
+        if record is not None and record.reported == why:
+            return
+        log.warning("incoming file left in place: " + why, extra={"device": device, "file": file.name})
+        if record is not None:
+            record.reported = why
+
+    # -- media --------------------------------------------------------------------------------
+
+    def _import(self, device: str, file: _DropFile, thumb: _DropFile | None, seen: dict[str, _Seen]) -> str | None:
+        try:
+            name = validation.display_name(file.name)
+        except GalleryError as exc:
+            self._skip(device, file, seen, exc.message)
+            return None
+        if file.size == 0:
+            self._skip(device, file, seen, "the file is empty")
+            return None
+        if file.size > self.settings.max_upload_bytes:
+            self._skip(device, file, seen, f"larger than {self.settings.max_upload_bytes} bytes")
+            return None
+        if thumb is not None and not 0 < thumb.size <= self.settings.max_thumbnail_bytes:
+            self._skip(device, thumb, seen, f"thumbnail empty or larger than {self.settings.max_thumbnail_bytes} bytes")
+            thumb = None
+
+        taken = self._take(file)
+        if taken is None:
+            return None  # gone: another replica imported it
+        thumb_taken: _Taken | None = None
+        try:
+            event_id = self.event_id_for(device, name, taken.size, taken.sha256)
+            media_path = self.storage.media_path(device, event_id)
+            thumb_path = self.storage.thumbnail_path(device, event_id)
+            created = False
+            with self.gallery.db.session() as session:
+                existing = session.get(Event, event_id)
+            if existing is None:
+                _place(taken, media_path)
+                if thumb is not None:
+                    thumb_taken = self._take_thumbnail(thumb, seen)
+                    if thumb_taken is not None:
+                        _place(thumb_taken, thumb_path)
+                mime = detect_mime(name, taken.head)
+                event = Event(
+                    id=event_id,
+                    device=device,
+                    name=name,
+                    media_type=classify(mime),
+                    mime_type=mime,
+                    size=taken.size,
+                    sha256=taken.sha256,
+                    has_thumbnail=thumb_taken is not None,
+                    metadata_json=SOURCE_METADATA,
+                    created=utcnow(),
+                )
+                created = self._insert(event)
+            if not created and thumb is not None:
+                # The event already existed (an earlier run or another replica), perhaps without
+                # this thumbnail: attach it before the dropped file goes.
+                if thumb_taken is None:
+                    thumb_taken = self._take_thumbnail(thumb, seen)
+                    if thumb_taken is not None:
+                        _place(thumb_taken, thumb_path)
+                if thumb_taken is not None:
+                    self._set_has_thumbnail(event_id)
+            # The thumbnail goes first: while the media file is still here, a thumbnail of the same
+            # stem is known to belong to it.
+            if thumb is not None and thumb_taken is not None:
+                _unlink_if_same(thumb.path, thumb_taken.source)
+            _unlink_if_same(file.path, taken.source)
+        finally:
+            taken.discard()
+            if thumb_taken is not None:
+                thumb_taken.discard()
+        if created:
+            log.info(
+                "incoming file imported",
+                extra={"device": device, "file": file.name, "event_id": event_id, "size": taken.size,
+                       "has_thumbnail": thumb_taken is not None},
+            )
+            return event_id
+        log.info("incoming file was already imported; removed", extra={"device": device, "file": file.name,
+                                                                         "event_id": event_id})
+        return None
+
+    def _take_thumbnail(self, thumb: _DropFile, seen: dict[str, _Seen]) -> _Taken | None:
+        # A thumbnail that changed meanwhile does not hold up its media: it attaches later.
+        try:
+            return self._take(thumb)
+        except _Changed:
+            seen.pop(str(thumb.path), None)
+            return None
+
+    def _insert(self, event: Event) -> bool:
+        """Insert the row; False if it already exists (an earlier run or another replica)."""
+        try:
+            with self.gallery.db.session() as session:
+                session.add(event)
+                session.commit()
+        except sa.exc.IntegrityError:
+            return False
+        return True
+
+    def _set_has_thumbnail(self, event_id: str) -> None:
+        with self.gallery.db.session() as session:
+            session.exec(  # type: ignore[call-overload]
+                sa.update(Event).where(col(Event.id) == event_id).values(has_thumbnail=True)
+            )
+            session.commit()
+
+    # -- thumbnails arriving after their media --------------------------------------------------
+
+    def _attach_late(self, device: str, thumb: _DropFile, seen: dict[str, _Seen]) -> None:
+        if not 0 < thumb.size <= self.settings.max_thumbnail_bytes:
+            self._skip(device, thumb, seen, f"thumbnail empty or larger than {self.settings.max_thumbnail_bytes} bytes")
+            return
+        wanted = stem(thumb.name)
+        query = (
+            select(Event)
+            .where(
+                col(Event.device) == device,
+                col(Event.metadata_json) == SOURCE_METADATA,
+                col(Event.name).startswith(wanted, autoescape=True),
+            )
+            .order_by(col(Event.created).desc(), col(Event.id).desc())
+        )
+        with self.gallery.db.session() as session:
+            candidates = [e for e in session.exec(query) if stem(e.name) == wanted]
+        if not candidates:
+            return  # waits for its media
+        # Newest first: the first event without a thumbnail gets it, unless a newer one has this very
+        # thumbnail already (attached by a run that stopped before removing it, or by a replica).
+        target = None
+        for event in candidates:
+            if not event.has_thumbnail:
+                target = event
+                break
+            if self._same_file(self.storage.thumbnail_path(device, event.id), thumb, seen):
+                _unlink_if_same(thumb.path, thumb.signature)
+                return
+        if target is None:
+            return  # every event of that name has one: waits for a new media file
+        taken = self._take(thumb)
+        if taken is None:
+            return
+        try:
+            _place(taken, self.storage.thumbnail_path(device, target.id))
+            self._set_has_thumbnail(target.id)
+            _unlink_if_same(thumb.path, taken.source)
+        finally:
+            taken.discard()
+        log.info("incoming thumbnail attached", extra={"device": device, "file": thumb.name, "event_id": target.id})
+
+    def _same_file(self, stored: pathlib.Path, dropped: _DropFile, seen: dict[str, _Seen]) -> bool:
+        try:
+            st = os.stat(stored)
+        except FileNotFoundError:
+            return False
+        if (st.st_dev, st.st_ino) == dropped.signature[:2]:
+            return True  # hard-linked: the very same file
+        if st.st_size != dropped.size:
+            return False
+        record = seen.get(str(dropped.path))
+        if record is None or not record.sha256:
+            taken = self._take(dropped)
+            if taken is None:
+                return False
+            taken.discard()
+            record = record or _Seen(dropped.signature, 0.0)
+            record.sha256 = taken.sha256  # cached while the file keeps its signature
+        return _sha256_of(stored) == record.sha256
+
+    # -- files --------------------------------------------------------------------------------
+
+    def _take(self, file: _DropFile) -> _Taken | None:
+        """Hard-link (or copy) the settled file into staging, hash it and fsync it.
+
+        None if the file is gone; _Changed if it is no longer the file that settled.
+        """
+        try:
+            # O_NOFOLLOW: a symlink swapped in after the listing is refused; O_NONBLOCK: so is a FIFO.
+            fd = os.open(file.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _Changed() from None
+            raise
+        staged = self.storage.staging_root / f"incoming-{secrets.token_hex(16)}"
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or signature(st) != file.signature:
+                raise _Changed()
+            try:
+                linked = self._link(file.path, staged, st)
+            except FileNotFoundError:
+                if os.path.lexists(file.path):
+                    raise
+                return None  # removed meanwhile: another replica imported it
+            if linked:
+                sha256, head = self._read(fd, None)
+                os.fsync(fd)
+            else:
+                out = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+                try:
+                    sha256, head = self._read(fd, out)
+                    os.fsync(out)
+                finally:
+                    os.close(out)
+            if signature(os.fstat(fd)) != file.signature:
+                raise _Changed()
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        return _Taken(staged, file.signature, sha256, head)
+
+    def _link(self, source: pathlib.Path, staged: pathlib.Path, st: os.stat_result) -> bool:
+        try:
+            os.link(source, staged, follow_symlinks=False)
+        except (FileNotFoundError, FileExistsError):
+            raise
+        except OSError:
+            return False  # another filesystem (EXDEV), or links not allowed: copy instead
+        linked = os.lstat(staged)
+        if (linked.st_dev, linked.st_ino) != (st.st_dev, st.st_ino):
+            staged.unlink(missing_ok=True)
+            raise _Changed()
+        return True
+
+    def _read(self, fd: int, out: int | None) -> tuple[str, bytes]:
+        digest = hashlib.sha256()
+        head = b""
+        while chunk := os.read(fd, _CHUNK):
+            if self._stopping.is_set():
+                raise _Stopped()
+            if len(head) < SNIFF_BYTES:
+                head += chunk[: SNIFF_BYTES - len(head)]
+            digest.update(chunk)
+            if out is not None:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view):]
+        return digest.hexdigest(), head
+
+
+def _place(taken: _Taken, destination: pathlib.Path) -> None:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(taken.staged, destination)
+    _fsync_dir(destination.parent)
+
+
+def _unlink_if_same(path: pathlib.Path, expected: Signature) -> None:
+    """Remove a dropped file only if the path still names the file that was imported.
+
+    A new file renamed onto the same name meanwhile (or a file modified after it settled) stays,
+    and is imported on its own once it settles.
+    """
+    try:
+        current = signature(os.lstat(path))
+    except FileNotFoundError:
+        return
+    if current != expected:
+        log.warning("incoming file changed while it was imported; left in place", extra={"file": str(path)})
+        return
+    path.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _sha256_of(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,503 @@
+"""Incoming folders: settling, the naming convention, thumbnails, crash recovery and concurrent replicas.
+
+Every test runs on SQLite and PostgreSQL (the `gallery` fixture). Scans get explicit clock readings
+instead of sleeping: the default settle time is 2 s, so `now=0` then `now=SETTLED` imports a file
+that did not change in between.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import errno
+import hashlib
+import os
+import pathlib
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from gallery_server import incoming, validation
+from gallery_server.db import Database
+from gallery_server.incoming import IncomingImporter
+from gallery_server.models import Event
+from gallery_server.service import Gallery
+from gallery_server.storage import Storage
+from sqlmodel import select
+
+from ..conftest import random_bytes
+
+DEVICE = "cam1"
+SETTLED = 10.0  # well past the default settle time (2 s)
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64)
+
+
+@pytest.fixture(params=["link", "copy"])
+def transfer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`copy`: hard links fail as across filesystems (an NFS-mounted drop folder)."""
+    if request.param == "copy":
+
+        def no_link(*_args: object, **_kwargs: object) -> None:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "link", no_link)
+    return str(request.param)
+
+
+@pytest.fixture
+def importer(gallery: Gallery) -> IncomingImporter:
+    return IncomingImporter(gallery)
+
+
+@pytest.fixture
+def folders(gallery: Gallery) -> tuple[pathlib.Path, pathlib.Path]:
+    return gallery.storage.device_paths(DEVICE)
+
+
+def events(gallery: Gallery, device: str = DEVICE) -> list[Event]:
+    with gallery.db.session() as session:
+        return sorted(session.exec(select(Event).where(Event.device == device)), key=lambda e: e.created)
+
+
+def write(path: pathlib.Path, data: bytes) -> bytes:
+    path.write_bytes(data)
+    return data
+
+
+def settle(importer: IncomingImporter, start: float = 0.0) -> list[str]:
+    """Two scans far enough apart for anything unchanged in between to count as complete."""
+    return importer.scan_once(now=start) + importer.scan_once(now=start + SETTLED)
+
+
+@pytest.fixture
+def restarted(gallery: Gallery) -> Iterator[Callable[[], IncomingImporter]]:
+    """restarted() -> a new importer with its own connection pool: a restarted or another server."""
+    databases: list[Database] = []
+
+    def _new() -> IncomingImporter:
+        databases.append(Database(gallery.settings.database_url, pool_size=4))
+        return IncomingImporter(Gallery(gallery.settings, databases[-1], Storage(gallery.settings.data_dir)))
+
+    yield _new
+    for db in databases:
+        db.dispose()
+
+
+def leftovers(gallery: Gallery) -> list[pathlib.Path]:
+    return sorted(gallery.storage.staging_root.iterdir())
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- settling and the naming convention -----------------------------------------------------------
+
+
+def test_a_file_is_imported_once_it_has_settled(gallery, importer, folders, transfer):
+    inbox, _ = folders
+    data = write(inbox / "photo.png", PNG + random_bytes(100_000))
+
+    assert importer.scan_once(now=0) == []
+    assert importer.scan_once(now=1.5) == []  # seen unchanged for 1.5 s < 2 s
+    assert events(gallery) == [] and (inbox / "photo.png").exists()
+
+    [event_id] = importer.scan_once(now=2.5)
+    [event] = events(gallery)
+    assert event.id == event_id
+    assert validation.event_id(event_id) == event_id
+    assert event.name == "photo.png"
+    assert event.media_type == "image"
+    assert event.mime_type == "image/png"
+    assert event.size == len(data)
+    assert event.sha256 == sha(data)
+    assert event.has_thumbnail is False
+    assert event.metadata_json == '{"source":"incoming"}'
+    age = datetime.datetime.now(datetime.UTC).replace(tzinfo=None) - event.created.replace(tzinfo=None)
+    assert abs(age) < datetime.timedelta(minutes=1)
+    assert gallery.storage.media_path(DEVICE, event_id).read_bytes() == data
+    assert not gallery.storage.thumbnail_path(DEVICE, event_id).exists()
+    assert list(inbox.iterdir()) == []
+    assert leftovers(gallery) == []
+
+    assert settle(importer, 20) == []
+    assert len(events(gallery)) == 1
+
+
+def test_partial_names_dotfiles_symlinks_and_folders_are_never_imported(gallery, importer, folders, tmp_path):
+    inbox, _ = folders
+    outside = write(tmp_path / "secret.txt", b"not for the gallery")
+    names = [".hidden.jpg", "clip.mp4.part", "clip.mp4.tmp", "clip.mp4~", ".clip.mp4.Xa81kq"]
+    for name in names:
+        write(inbox / name, random_bytes(1000))
+    (inbox / "link.txt").symlink_to(tmp_path / "secret.txt")
+    (inbox / "sub").mkdir()
+    write(inbox / "sub" / "nested.jpg", random_bytes(1000))
+
+    assert settle(importer) == []
+    assert settle(importer, 100) == []
+    assert events(gallery) == []
+    assert sorted(p.name for p in inbox.iterdir()) == sorted([*names, "link.txt", "sub"])
+    assert (inbox / "sub" / "nested.jpg").exists()
+    assert (tmp_path / "secret.txt").read_bytes() == outside
+
+    # The convention: write under a partial name, rename when complete.
+    data = (inbox / "clip.mp4.part").read_bytes()
+    (inbox / "clip.mp4.part").rename(inbox / "clip.mp4")
+    [event_id] = settle(importer, 200)
+    assert gallery.storage.media_path(DEVICE, event_id).read_bytes() == data
+    assert [e.name for e in events(gallery)] == ["clip.mp4"]
+
+
+def test_a_growing_file_waits_until_it_stops_growing(gallery, importer, folders):
+    inbox, _ = folders
+    first, rest = random_bytes(50_000), random_bytes(70_000)
+    write(inbox / "video.mp4", first)
+    assert importer.scan_once(now=0) == []
+    with (inbox / "video.mp4").open("ab") as f:
+        f.write(rest)
+    os.utime(inbox / "video.mp4", ns=(time.time_ns(), time.time_ns() + 1_000_000))  # coarse mtime clocks
+    assert importer.scan_once(now=3) == []  # changed: the settle time starts again
+    assert importer.scan_once(now=4.5) == []
+    [event_id] = importer.scan_once(now=5.5)
+    [event] = events(gallery)
+    assert event.size == len(first + rest)
+    assert event.sha256 == sha(first + rest)
+    assert gallery.storage.media_path(DEVICE, event_id).read_bytes() == first + rest
+
+
+def test_only_incoming_folders_of_valid_devices_are_scanned(gallery, importer):
+    drop = gallery.storage.drop_root
+    for folder in (drop / "-bad" / "incoming", drop / "cam1" / "elsewhere", drop / ".x" / "incoming"):
+        folder.mkdir(parents=True)
+        write(folder / "a.jpg", random_bytes(100))
+    write(drop / "stray.jpg", random_bytes(100))
+    assert settle(importer) == []
+    assert events(gallery) == []
+
+
+def test_empty_files_and_bad_names_stay_and_are_reported_once(gallery, importer, folders, caplog):
+    inbox, _ = folders
+    write(inbox / "empty.jpg", b"")
+    write(inbox / "bad\x01name.jpg", random_bytes(100))
+    data = write(inbox / "good.jpg", random_bytes(100))
+    [event_id] = settle(importer)
+    assert gallery.storage.media_path(DEVICE, event_id).read_bytes() == data
+    assert sorted(p.name for p in inbox.iterdir()) == ["bad\x01name.jpg", "empty.jpg"]
+    assert importer.scan_once(now=30) == []
+    warnings = [r for r in caplog.records if r.name == "gallery_server.incoming" and r.levelname == "WARNING"]
+    assert sorted(r.file for r in warnings) == ["bad\x01name.jpg", "empty.jpg"]  # not again on later scans
+
+
+def test_one_failing_file_does_not_hold_up_the_others(gallery, importer, folders, monkeypatch):
+    inbox, _ = folders
+    write(inbox / "a.bin", random_bytes(100))
+    write(inbox / "b.bin", random_bytes(100))
+    real = IncomingImporter._import
+
+    def flaky(self, device, file, thumb, seen):  # type: ignore[no-untyped-def]
+        if file.name == "a.bin":
+            raise OSError(errno.EIO, "disk trouble")
+        return real(self, device, file, thumb, seen)
+
+    monkeypatch.setattr(IncomingImporter, "_import", flaky)
+    assert len(settle(importer)) == 1
+    assert [e.name for e in events(gallery)] == ["b.bin"]
+    assert [p.name for p in inbox.iterdir()] == ["a.bin"]
+
+    monkeypatch.setattr(IncomingImporter, "_import", real)
+    assert len(importer.scan_once(now=20)) == 1
+    assert sorted(e.name for e in events(gallery)) == ["a.bin", "b.bin"]
+
+
+def test_the_same_file_dropped_again_is_not_imported_twice(gallery, importer, folders):
+    inbox, _ = folders
+    data = write(inbox / "a.jpg", random_bytes(1000))
+    [first] = settle(importer)
+    write(inbox / "a.jpg", data)  # e.g. a client retrying an upload that did arrive
+    assert settle(importer, 100) == []
+    assert [e.id for e in events(gallery)] == [first]
+    assert list(inbox.iterdir()) == []
+
+    # Same name, other bytes: another event.
+    write(inbox / "a.jpg", random_bytes(1000))
+    [second] = settle(importer, 200)
+    assert second != first
+    assert len(events(gallery)) == 2
+
+
+def test_a_file_replaced_while_it_is_imported_is_kept_and_imported_next(gallery, importer, folders, monkeypatch):
+    inbox, _ = folders
+    old = write(inbox / "latest.jpg", random_bytes(1000))
+    new = random_bytes(1000)
+    real = IncomingImporter._insert
+
+    def insert_then_replace(self, event):  # type: ignore[no-untyped-def]
+        created = real(self, event)
+        write(inbox / "new.part", new)
+        os.replace(inbox / "new.part", inbox / "latest.jpg")  # a writer renames a new version in
+        return created
+
+    monkeypatch.setattr(IncomingImporter, "_insert", insert_then_replace)
+    [first] = settle(importer)
+    monkeypatch.setattr(IncomingImporter, "_insert", real)
+    assert (inbox / "latest.jpg").read_bytes() == new
+    [second] = settle(importer, 100)
+    stored = {e.id: gallery.storage.media_path(DEVICE, e.id).read_bytes() for e in events(gallery)}
+    assert stored == {first: old, second: new}
+
+
+# -- thumbnails -----------------------------------------------------------------------------------
+
+
+def test_a_thumbnail_with_the_same_stem_is_attached(gallery, importer, folders, transfer):
+    inbox, thumbs = folders
+    data = write(inbox / "clip.mp4", random_bytes(5000))
+    thumb = write(thumbs / "clip.jpg", random_bytes(300))
+    write(thumbs / "other.jpg", random_bytes(300))
+    [event_id] = settle(importer)
+    [event] = events(gallery)
+    assert event.has_thumbnail is True
+    assert gallery.storage.media_path(DEVICE, event_id).read_bytes() == data
+    assert gallery.storage.thumbnail_path(DEVICE, event_id).read_bytes() == thumb
+    assert list(inbox.iterdir()) == []
+    assert [p.name for p in thumbs.iterdir()] == ["other.jpg"]  # no event of that name: it waits
+    assert leftovers(gallery) == []
+
+
+def test_a_thumbnail_arriving_later_is_attached_once_settled(gallery, importer, folders, transfer):
+    inbox, thumbs = folders
+    write(inbox / "clip.mp4", random_bytes(5000))
+    [event_id] = settle(importer)
+    thumb = write(thumbs / "clip.webp", random_bytes(300))
+    assert importer.scan_once(now=100) == []
+    assert events(gallery)[0].has_thumbnail is False
+    assert importer.scan_once(now=100 + SETTLED) == []  # attaching is not importing
+    [event] = events(gallery)
+    assert event.has_thumbnail is True
+    assert gallery.storage.thumbnail_path(DEVICE, event_id).read_bytes() == thumb
+    assert list(thumbs.iterdir()) == []
+    assert leftovers(gallery) == []
+
+
+def test_a_thumbnail_waits_for_its_media_rather_than_joining_an_older_event(gallery, importer, folders):
+    inbox, thumbs = folders
+    write(inbox / "snap.jpg", random_bytes(500))
+    [old] = settle(importer)
+
+    thumb = write(thumbs / "snap.png", random_bytes(300))
+    assert importer.scan_once(now=100) == []
+    write(inbox / "snap.jpg", random_bytes(500))  # its media arrives later than the thumbnail
+    assert importer.scan_once(now=100 + SETTLED) == []  # the thumbnail has settled, the media not
+    [new] = importer.scan_once(now=100 + 2 * SETTLED)
+    by_id = {e.id: e for e in events(gallery)}
+    assert by_id[old].has_thumbnail is False
+    assert by_id[new].has_thumbnail is True
+    assert gallery.storage.thumbnail_path(DEVICE, new).read_bytes() == thumb
+    assert not gallery.storage.thumbnail_path(DEVICE, old).exists()
+
+
+def test_a_late_thumbnail_joins_the_newest_event_without_one(gallery, importer, folders):
+    inbox, thumbs = folders
+    write(inbox / "snap.jpg", random_bytes(500))
+    [older] = settle(importer)
+    write(inbox / "snap.jpg", random_bytes(500))
+    [newer] = settle(importer, 100)
+    write(inbox / "snap.jpg.part", b"")  # unrelated partial file: does not hold the thumbnail back
+    thumb = write(thumbs / "snap.png", random_bytes(300))
+    settle(importer, 200)
+    by_id = {e.id: e for e in events(gallery)}
+    assert (by_id[older].has_thumbnail, by_id[newer].has_thumbnail) == (False, True)
+    assert gallery.storage.thumbnail_path(DEVICE, newer).read_bytes() == thumb
+
+    second = write(thumbs / "snap.png", random_bytes(300))  # the next one goes to the older event
+    settle(importer, 300)
+    assert all(e.has_thumbnail for e in events(gallery))
+    assert gallery.storage.thumbnail_path(DEVICE, older).read_bytes() == second
+    assert list(thumbs.iterdir()) == []
+
+
+def test_an_identical_thumbnail_still_goes_to_a_newer_event(gallery, importer, folders, transfer):
+    inbox, thumbs = folders
+    thumb = random_bytes(300)
+    write(inbox / "snap.jpg", random_bytes(500))
+    write(thumbs / "snap.png", thumb)
+    [older] = settle(importer)
+    write(inbox / "snap.jpg", random_bytes(500))
+    [newer] = settle(importer, 100)
+    write(thumbs / "snap.png", thumb)  # the same picture again, for the new event
+    settle(importer, 200)
+    assert all(e.has_thumbnail for e in events(gallery))
+    assert gallery.storage.thumbnail_path(DEVICE, newer).read_bytes() == thumb
+    assert list(thumbs.iterdir()) == []
+
+
+def test_a_thumbnail_never_attaches_to_uploaded_events(gallery, importer, folders, principal):
+    _, thumbs = folders
+    with gallery.begin_upload(principal, DEVICE) as upload:
+        upload.fields.name = "up.jpg"
+        upload.write_media(random_bytes(100))
+        gallery.store(upload)
+    write(thumbs / "up.png", random_bytes(100))
+    settle(importer)
+    assert [e.has_thumbnail for e in events(gallery)] == [False]
+    assert [p.name for p in thumbs.iterdir()] == ["up.png"]
+
+
+# -- crashes: the next run converges on exactly one event ------------------------------------------
+
+
+def _crash(monkeypatch: pytest.MonkeyPatch, target: object, name: str) -> None:
+    def boom(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError(f"simulated crash in {name}")
+
+    monkeypatch.setattr(target, name, boom)
+
+
+@pytest.mark.parametrize(
+    "crash_in",
+    [
+        "_insert",  # media in place, no row
+        "_unlink_if_same",  # row committed, dropped files still there
+        "_fsync_dir",  # first rename done, nothing more
+    ],
+)
+def test_a_crash_at_any_step_converges_on_one_event(
+    gallery, importer, folders, monkeypatch, crash_in, transfer, restarted
+):
+    inbox, thumbs = folders
+    data = write(inbox / "clip.mp4", random_bytes(20_000))
+    thumb = write(thumbs / "clip.jpg", random_bytes(300))
+    with monkeypatch.context() as m:
+        _crash(m, IncomingImporter if crash_in == "_insert" else incoming, crash_in)
+        assert settle(importer) == []
+    assert (inbox / "clip.mp4").exists()
+
+    again = restarted()
+    imported = settle(again)
+    [event] = events(gallery)
+    assert imported in ([], [event.id])  # [] when the crashed run had committed the row
+    assert event.has_thumbnail is True
+    assert gallery.storage.media_path(DEVICE, event.id).read_bytes() == data
+    assert gallery.storage.thumbnail_path(DEVICE, event.id).read_bytes() == thumb
+    assert sorted(p.name for p in (gallery.storage.media_root / DEVICE).iterdir()) == [event.id, f"{event.id}.thumb"]
+    assert list(inbox.iterdir()) == list(thumbs.iterdir()) == []
+    assert leftovers(gallery) == []
+    assert settle(again, 100) == [] and len(events(gallery)) == 1
+
+
+def test_media_and_row_present_but_file_still_in_incoming(gallery, importer, folders):
+    inbox, _ = folders
+    data = write(inbox / "a.png", PNG + random_bytes(1000))
+    event_id = importer.event_id_for(DEVICE, "a.png", len(data), sha(data))
+    media = gallery.storage.media_path(DEVICE, event_id)
+    media.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(inbox / "a.png", media)
+    with gallery.db.session() as session:
+        session.add(Event(id=event_id, device=DEVICE, name="a.png", media_type="image", mime_type="image/png",
+                          size=len(data), sha256=sha(data), metadata_json=incoming.SOURCE_METADATA,
+                          created=datetime.datetime.now(datetime.UTC)))
+        session.commit()
+
+    assert settle(importer) == []
+    assert [e.id for e in events(gallery)] == [event_id]
+    assert media.read_bytes() == data
+    assert list(inbox.iterdir()) == []
+
+
+def test_a_crash_after_attaching_a_late_thumbnail_does_not_attach_it_twice(
+    gallery, importer, folders, monkeypatch, transfer, restarted
+):
+    inbox, thumbs = folders
+    write(inbox / "snap.jpg", random_bytes(500))
+    [older] = settle(importer)
+    write(inbox / "snap.jpg", random_bytes(500))
+    [newer] = settle(importer, 100)
+    thumb = write(thumbs / "snap.png", random_bytes(300))
+    with monkeypatch.context() as m:
+        _crash(m, incoming, "_unlink_if_same")
+        settle(importer, 200)
+    assert (thumbs / "snap.png").exists()
+
+    settle(restarted(), 300)
+    by_id = {e.id: e for e in events(gallery)}
+    assert (by_id[older].has_thumbnail, by_id[newer].has_thumbnail) == (False, True)
+    assert gallery.storage.thumbnail_path(DEVICE, newer).read_bytes() == thumb
+    assert list(thumbs.iterdir()) == []
+
+
+def test_the_event_id_is_stable_and_keyed(gallery, importer, tmp_path, restarted):
+    from ..conftest import make_settings
+
+    a = importer.event_id_for(DEVICE, "a.jpg", 3, sha(b"abc"))
+    assert a == restarted().event_id_for(DEVICE, "a.jpg", 3, sha(b"abc"))
+    assert validation.event_id(a) == a
+    assert a != importer.event_id_for("cam2", "a.jpg", 3, sha(b"abc"))
+    assert a != importer.event_id_for(DEVICE, "b.jpg", 3, sha(b"abc"))
+    other_secret = dataclasses.replace(make_settings(tmp_path), jwt_secret="another-secret-" + "y" * 40)
+    other = IncomingImporter(Gallery(other_secret, gallery.db, gallery.storage))
+    assert other.event_id_for(DEVICE, "a.jpg", 3, sha(b"abc")) != a
+
+
+# -- replicas -------------------------------------------------------------------------------------
+
+
+def test_replicas_scanning_the_same_folders_import_each_file_exactly_once(gallery, folders, restarted):
+    inbox, thumbs = folders
+    replicas = [restarted() for _ in range(3)]
+    expected: dict[str, bytes] = {}
+    for round_ in range(3):
+        for i in range(12):
+            name = f"r{round_}-{i:02}.bin"
+            expected[name] = write(inbox / name, random_bytes(10_000 + i))
+            if i % 3 == 0:
+                write(thumbs / f"r{round_}-{i:02}.jpg", random_bytes(200))
+        start = round_ * 100.0
+        for replica in replicas:
+            assert replica.scan_once(now=start) == []
+        barrier = threading.Barrier(len(replicas))
+        results: list[list[str]] = [[] for _ in replicas]
+
+        def run(index: int, start: float = start, barrier: threading.Barrier = barrier,
+                results: list[list[str]] = results) -> None:
+            barrier.wait()
+            results[index] = replicas[index].scan_once(now=start + SETTLED)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(replicas))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        imported = [event_id for r in results for event_id in r]
+        assert len(imported) == len(set(imported)) == 12  # each created by exactly one replica
+
+    stored = events(gallery)
+    assert sorted(e.name for e in stored) == sorted(expected)
+    for event in stored:
+        assert gallery.storage.media_path(DEVICE, event.id).read_bytes() == expected[event.name]
+        assert event.has_thumbnail == (int(event.name[3:5]) % 3 == 0)
+        assert gallery.storage.thumbnail_path(DEVICE, event.id).exists() == event.has_thumbnail
+    assert list(inbox.iterdir()) == list(thumbs.iterdir()) == []
+    assert leftovers(gallery) == []
+
+
+# -- the background loop --------------------------------------------------------------------------
+
+
+def test_start_scans_in_the_background_until_stopped(gallery, folders):
+    inbox, _ = folders
+    fast = dataclasses.replace(gallery.settings, incoming_scan_seconds=0.05, incoming_settle_seconds=0.2)
+    importer = IncomingImporter(Gallery(fast, gallery.db, gallery.storage))
+    data = write(inbox / "bg.bin", random_bytes(1000))
+    importer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not events(gallery) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        importer.stop()
+    [event] = events(gallery)
+    assert event.sha256 == sha(data)
+    assert not any(t.name == "incoming-importer" for t in threading.enumerate())
