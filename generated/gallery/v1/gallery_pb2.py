@@ -28,7 +28,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gallery/v1/gallery.proto\x12\ngallery.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfb\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1e\n\nmedia_type\x18\x03 \x01(\tR\nmedia_type\x12\x0c\n\x04size\x18\x04 \x01(\x01\x12$\n\rhas_thumbnail\x18\x05 \x01(\x08R\rhas_thumbnail\x12+\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\tmime_type\x18\x07 \x01(\tR\tmime_type\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12)\n\x08metadata\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\"\'\n\x15GetDevicePathsRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\"Q\n\x16GetDevicePathsResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12&\n\x05paths\x18\x02 \x01(\x0b\x32\x17.gallery.v1.DevicePaths\"3\n\x0b\x44\x65vicePaths\x12\x10\n\x08incoming\x18\x01 \x01(\t\x12\x12\n\nthumbnails\x18\x02 \x01(\t\"\x81\x01\n\x11ListEventsRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x1e\n\nmedia_type\x18\x02 \x01(\tR\nmedia_type\x12\x12\n\x05limit\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06offset\x18\x04 \x01(\x05H\x01\x88\x01\x01\x42\x08\n\x06_limitB\t\n\x07_offset\"<\n\x0fGetEventRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x19\n\x08\x65vent_id\x18\x02 \x01(\tR\x07\x65ventId\"z\n\x12UploadEventRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.gallery.v1.UploadHeaderH\x00\x12\x15\n\x0bmedia_chunk\x18\x02 \x01(\x0cH\x00\x12\x19\n\x0fthumbnail_chunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04part\"\x97\x01\n\x0cUploadHeader\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nmedia_type\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\x04size\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06sha256\x18\x06 \x01(\tB\x07\n\x05_size\"A\n\x13UploadEventResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x19\n\x08\x65vent_id\x18\x02 \x01(\tR\x07\x65ventId\"Q\n\x16UploadEventFormRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\'\n\thttp_body\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\"M\n\x16\x43reateUploadUrlRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x11\n\tthumbnail\x18\x03 \x01(\x08\"\xf3\x01\n\x17\x43reateUploadUrlResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x1e\n\nupload_url\x18\x02 \x01(\tR\nupload_url\x12\x37\n\x14thumbnail_upload_url\x18\x03 \x01(\tH\x00R\x14thumbnail_upload_url\x88\x01\x01\x12\x19\n\x08\x65vent_id\x18\x04 \x01(\tR\x07\x65ventId\x12:\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nexpires_atB\x17\n\x15_thumbnail_upload_url\"`\n\x16PutSignedUploadRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\'\n\thttp_body\x18\x03 \x01(\x0b\x32\x14.google.api.HttpBody\"!\n\x0fGetStatsRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\"\xe0\x01\n\x10GetStatsResponse\x12\"\n\x0ctotal_events\x18\x01 \x01(\x01R\x0ctotal_events\x12\x1e\n\ntotal_size\x18\x02 \x01(\x01R\ntotal_size\x12\x42\n\x07\x62y_type\x18\x03 \x03(\x0b\x32(.gallery.v1.GetStatsResponse.ByTypeEntryR\x07\x62y_type\x1a\x44\n\x0b\x42yTypeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.gallery.v1.TypeStats:\x02\x38\x01\"(\n\tTypeStats\x12\r\n\x05\x63ount\x18\x01 \x01(\x01\x12\x0c\n\x04size\x18\x02 \x01(\x01\"?\n\x12\x44\x65leteEventRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x19\n\x08\x65vent_id\x18\x02 \x01(\tR\x07\x65ventId\"&\n\x13\x44\x65leteEventResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x32\xc9\x08\n\x0eGalleryService\x12|\n\x0eGetDevicePaths\x12!.gallery.v1.GetDevicePathsRequest\x1a\".gallery.v1.GetDevicePathsResponse\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/api/gallery/{device}/paths\x12\x66\n\nListEvents\x12\x1d.gallery.v1.ListEventsRequest\x1a\x11.gallery.v1.Event\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/api/gallery/{device}/events0\x01\x12k\n\x08GetEvent\x12\x1b.gallery.v1.GetEventRequest\x1a\x11.gallery.v1.Event\"/\x82\xd3\xe4\x93\x02)\x12\'/api/gallery/{device}/events/{event_id}\x12P\n\x0bUploadEvent\x12\x1e.gallery.v1.UploadEventRequest\x1a\x1f.gallery.v1.UploadEventResponse(\x01\x12\x89\x01\n\x0fUploadEventForm\x12\".gallery.v1.UploadEventFormRequest\x1a\x1f.gallery.v1.UploadEventResponse\"/\x82\xd3\xe4\x93\x02)\"\x1c/api/gallery/{device}/upload:\thttp_body(\x01\x12\x84\x01\n\x0f\x43reateUploadUrl\x12\".gallery.v1.CreateUploadUrlRequest\x1a#.gallery.v1.CreateUploadUrlResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /api/gallery/{device}/upload-url\x12\x91\x01\n\x0fPutSignedUpload\x12\".gallery.v1.PutSignedUploadRequest\x1a\x1f.gallery.v1.UploadEventResponse\"7\x82\xd3\xe4\x93\x02\x31\x1a$/api/gallery/{device}/upload/{token}:\thttp_body(\x01\x12j\n\x08GetStats\x12\x1b.gallery.v1.GetStatsRequest\x1a\x1c.gallery.v1.GetStatsResponse\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/api/gallery/{device}/stats\x12\x7f\n\x0b\x44\x65leteEvent\x12\x1e.gallery.v1.DeleteEventRequest\x1a\x1f.gallery.v1.DeleteEventResponse\"/\x82\xd3\xe4\x93\x02)*\'/api/gallery/{device}/events/{event_id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gallery/v1/gallery.proto\x12\ngallery.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfb\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1e\n\nmedia_type\x18\x03 \x01(\tR\nmedia_type\x12\x0c\n\x04size\x18\x04 \x01(\x01\x12$\n\rhas_thumbnail\x18\x05 \x01(\x08R\rhas_thumbnail\x12+\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\tmime_type\x18\x07 \x01(\tR\tmime_type\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12)\n\x08metadata\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\"\'\n\x15GetDevicePathsRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\"Q\n\x16GetDevicePathsResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12&\n\x05paths\x18\x02 \x01(\x0b\x32\x17.gallery.v1.DevicePaths\"3\n\x0b\x44\x65vicePaths\x12\x10\n\x08incoming\x18\x01 \x01(\t\x12\x12\n\nthumbnails\x18\x02 \x01(\t\"\x81\x01\n\x11ListEventsRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x1e\n\nmedia_type\x18\x02 \x01(\tR\nmedia_type\x12\x12\n\x05limit\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06offset\x18\x04 \x01(\x05H\x01\x88\x01\x01\x42\x08\n\x06_limitB\t\n\x07_offset\"<\n\x0fGetEventRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x19\n\x08\x65vent_id\x18\x02 \x01(\tR\x07\x65ventId\"\xa6\x01\n\x12UploadEventRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.gallery.v1.UploadHeaderH\x00\x12\x15\n\x0bmedia_chunk\x18\x02 \x01(\x0cH\x00\x12\x19\n\x0fthumbnail_chunk\x18\x03 \x01(\x0cH\x00\x12*\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x18.gallery.v1.UploadFinishH\x00\x42\x06\n\x04part\":\n\x0cUploadFinish\x12\x11\n\x04size\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06sha256\x18\x02 \x01(\tB\x07\n\x05_size\"\x97\x01\n\x0cUploadHeader\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nmedia_type\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\x04size\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06sha256\x18\x06 \x01(\tB\x07\n\x05_size\"A\n\x13UploadEventResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x19\n\x08\x65vent_id\x18\x02 \x01(\tR\x07\x65ventId\"Q\n\x16UploadEventFormRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\'\n\thttp_body\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\"M\n\x16\x43reateUploadUrlRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x11\n\tthumbnail\x18\x03 \x01(\x08\"\xf3\x01\n\x17\x43reateUploadUrlResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x1e\n\nupload_url\x18\x02 \x01(\tR\nupload_url\x12\x37\n\x14thumbnail_upload_url\x18\x03 \x01(\tH\x00R\x14thumbnail_upload_url\x88\x01\x01\x12\x19\n\x08\x65vent_id\x18\x04 \x01(\tR\x07\x65ventId\x12:\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nexpires_atB\x17\n\x15_thumbnail_upload_url\"`\n\x16PutSignedUploadRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\'\n\thttp_body\x18\x03 \x01(\x0b\x32\x14.google.api.HttpBody\"!\n\x0fGetStatsRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\"\xe0\x01\n\x10GetStatsResponse\x12\"\n\x0ctotal_events\x18\x01 \x01(\x01R\x0ctotal_events\x12\x1e\n\ntotal_size\x18\x02 \x01(\x01R\ntotal_size\x12\x42\n\x07\x62y_type\x18\x03 \x03(\x0b\x32(.gallery.v1.GetStatsResponse.ByTypeEntryR\x07\x62y_type\x1a\x44\n\x0b\x42yTypeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.gallery.v1.TypeStats:\x02\x38\x01\"(\n\tTypeStats\x12\r\n\x05\x63ount\x18\x01 \x01(\x01\x12\x0c\n\x04size\x18\x02 \x01(\x01\"?\n\x12\x44\x65leteEventRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x19\n\x08\x65vent_id\x18\x02 \x01(\tR\x07\x65ventId\"&\n\x13\x44\x65leteEventResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x32\xc9\x08\n\x0eGalleryService\x12|\n\x0eGetDevicePaths\x12!.gallery.v1.GetDevicePathsRequest\x1a\".gallery.v1.GetDevicePathsResponse\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/api/gallery/{device}/paths\x12\x66\n\nListEvents\x12\x1d.gallery.v1.ListEventsRequest\x1a\x11.gallery.v1.Event\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/api/gallery/{device}/events0\x01\x12k\n\x08GetEvent\x12\x1b.gallery.v1.GetEventRequest\x1a\x11.gallery.v1.Event\"/\x82\xd3\xe4\x93\x02)\x12\'/api/gallery/{device}/events/{event_id}\x12P\n\x0bUploadEvent\x12\x1e.gallery.v1.UploadEventRequest\x1a\x1f.gallery.v1.UploadEventResponse(\x01\x12\x89\x01\n\x0fUploadEventForm\x12\".gallery.v1.UploadEventFormRequest\x1a\x1f.gallery.v1.UploadEventResponse\"/\x82\xd3\xe4\x93\x02)\"\x1c/api/gallery/{device}/upload:\thttp_body(\x01\x12\x84\x01\n\x0f\x43reateUploadUrl\x12\".gallery.v1.CreateUploadUrlRequest\x1a#.gallery.v1.CreateUploadUrlResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /api/gallery/{device}/upload-url\x12\x91\x01\n\x0fPutSignedUpload\x12\".gallery.v1.PutSignedUploadRequest\x1a\x1f.gallery.v1.UploadEventResponse\"7\x82\xd3\xe4\x93\x02\x31\x1a$/api/gallery/{device}/upload/{token}:\thttp_body(\x01\x12j\n\x08GetStats\x12\x1b.gallery.v1.GetStatsRequest\x1a\x1c.gallery.v1.GetStatsResponse\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/api/gallery/{device}/stats\x12\x7f\n\x0b\x44\x65leteEvent\x12\x1e.gallery.v1.DeleteEventRequest\x1a\x1f.gallery.v1.DeleteEventResponse\"/\x82\xd3\xe4\x93\x02)*\'/api/gallery/{device}/events/{event_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -65,32 +65,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTEVENTSREQUEST']._serialized_end=721
   _globals['_GETEVENTREQUEST']._serialized_start=723
   _globals['_GETEVENTREQUEST']._serialized_end=783
-  _globals['_UPLOADEVENTREQUEST']._serialized_start=785
-  _globals['_UPLOADEVENTREQUEST']._serialized_end=907
-  _globals['_UPLOADHEADER']._serialized_start=910
-  _globals['_UPLOADHEADER']._serialized_end=1061
-  _globals['_UPLOADEVENTRESPONSE']._serialized_start=1063
-  _globals['_UPLOADEVENTRESPONSE']._serialized_end=1128
-  _globals['_UPLOADEVENTFORMREQUEST']._serialized_start=1130
-  _globals['_UPLOADEVENTFORMREQUEST']._serialized_end=1211
-  _globals['_CREATEUPLOADURLREQUEST']._serialized_start=1213
-  _globals['_CREATEUPLOADURLREQUEST']._serialized_end=1290
-  _globals['_CREATEUPLOADURLRESPONSE']._serialized_start=1293
-  _globals['_CREATEUPLOADURLRESPONSE']._serialized_end=1536
-  _globals['_PUTSIGNEDUPLOADREQUEST']._serialized_start=1538
-  _globals['_PUTSIGNEDUPLOADREQUEST']._serialized_end=1634
-  _globals['_GETSTATSREQUEST']._serialized_start=1636
-  _globals['_GETSTATSREQUEST']._serialized_end=1669
-  _globals['_GETSTATSRESPONSE']._serialized_start=1672
-  _globals['_GETSTATSRESPONSE']._serialized_end=1896
-  _globals['_GETSTATSRESPONSE_BYTYPEENTRY']._serialized_start=1828
-  _globals['_GETSTATSRESPONSE_BYTYPEENTRY']._serialized_end=1896
-  _globals['_TYPESTATS']._serialized_start=1898
-  _globals['_TYPESTATS']._serialized_end=1938
-  _globals['_DELETEEVENTREQUEST']._serialized_start=1940
-  _globals['_DELETEEVENTREQUEST']._serialized_end=2003
-  _globals['_DELETEEVENTRESPONSE']._serialized_start=2005
-  _globals['_DELETEEVENTRESPONSE']._serialized_end=2043
-  _globals['_GALLERYSERVICE']._serialized_start=2046
-  _globals['_GALLERYSERVICE']._serialized_end=3143
+  _globals['_UPLOADEVENTREQUEST']._serialized_start=786
+  _globals['_UPLOADEVENTREQUEST']._serialized_end=952
+  _globals['_UPLOADFINISH']._serialized_start=954
+  _globals['_UPLOADFINISH']._serialized_end=1012
+  _globals['_UPLOADHEADER']._serialized_start=1015
+  _globals['_UPLOADHEADER']._serialized_end=1166
+  _globals['_UPLOADEVENTRESPONSE']._serialized_start=1168
+  _globals['_UPLOADEVENTRESPONSE']._serialized_end=1233
+  _globals['_UPLOADEVENTFORMREQUEST']._serialized_start=1235
+  _globals['_UPLOADEVENTFORMREQUEST']._serialized_end=1316
+  _globals['_CREATEUPLOADURLREQUEST']._serialized_start=1318
+  _globals['_CREATEUPLOADURLREQUEST']._serialized_end=1395
+  _globals['_CREATEUPLOADURLRESPONSE']._serialized_start=1398
+  _globals['_CREATEUPLOADURLRESPONSE']._serialized_end=1641
+  _globals['_PUTSIGNEDUPLOADREQUEST']._serialized_start=1643
+  _globals['_PUTSIGNEDUPLOADREQUEST']._serialized_end=1739
+  _globals['_GETSTATSREQUEST']._serialized_start=1741
+  _globals['_GETSTATSREQUEST']._serialized_end=1774
+  _globals['_GETSTATSRESPONSE']._serialized_start=1777
+  _globals['_GETSTATSRESPONSE']._serialized_end=2001
+  _globals['_GETSTATSRESPONSE_BYTYPEENTRY']._serialized_start=1933
+  _globals['_GETSTATSRESPONSE_BYTYPEENTRY']._serialized_end=2001
+  _globals['_TYPESTATS']._serialized_start=2003
+  _globals['_TYPESTATS']._serialized_end=2043
+  _globals['_DELETEEVENTREQUEST']._serialized_start=2045
+  _globals['_DELETEEVENTREQUEST']._serialized_end=2108
+  _globals['_DELETEEVENTRESPONSE']._serialized_start=2110
+  _globals['_DELETEEVENTRESPONSE']._serialized_end=2148
+  _globals['_GALLERYSERVICE']._serialized_start=2151
+  _globals['_GALLERYSERVICE']._serialized_end=3248
 # @@protoc_insertion_point(module_scope)
