@@ -132,7 +132,7 @@ class FormReceiver:
             else:
                 text = self._texts[self._part]
                 if len(text) + len(chunk) > self._limits[self._part]:
-                    self._fail(TooLarge(
+                    self._fail(InvalidArgument(
                         "FORM_FIELD_TOO_LARGE",
                         f"form field {self._part!r} is longer than {self._limits[self._part]} bytes",
                         field=self._part,

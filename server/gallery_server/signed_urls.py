@@ -23,7 +23,7 @@ from sqlmodel import Session, col
 
 from . import validation
 from .auth import WRITE, Principal
-from .errors import PermissionDenied
+from .errors import NotFound, PermissionDenied
 from .models import Event, UploadGrant
 from .service import Gallery
 from .uploads import Upload
@@ -146,11 +146,18 @@ class SignedUploads:
         try:
             with self.gallery.db.session() as session:
                 self._move(target, "uploading", "done", session=session)
-                session.exec(  # type: ignore[call-overload]
+                attached = session.exec(  # type: ignore[call-overload]
                     sa.update(Event)
                     .where(col(Event.id) == target.event_id)
                     .values(has_thumbnail=True)
-                )
+                ).rowcount
+                grant = session.get(UploadGrant, target.event_id)
+                if not attached and grant is not None and grant.media_state == "done":
+                    # The media arrived and its event was deleted since: nothing to attach to.
+                    raise NotFound(
+                        "EVENT_NOT_FOUND", f"event {target.event_id} no longer exists",
+                        event_id=target.event_id,
+                    )
                 session.commit()
         except BaseException:
             path.unlink(missing_ok=True)

@@ -23,6 +23,22 @@ class UploadFields:
     # REST `has_thumbnail`: when true, a thumbnail part must be present.
     thumbnail_promised: bool = False
 
+    def declare_size(self, size: int) -> None:
+        """Record a declared size; two declarations (header and finish) must agree."""
+        if self.declared_size is not None and self.declared_size != size:
+            raise InvalidArgument(
+                "SIZE_MISMATCH", f"declared sizes disagree: {self.declared_size} and {size}",
+                field="size",
+            )
+        self.declared_size = size
+
+    def declare_sha256(self, sha256: str) -> None:
+        if self.declared_sha256 and sha256 and self.declared_sha256 != sha256:
+            raise InvalidArgument(
+                "SHA256_MISMATCH", "declared sha256 values disagree", field="sha256"
+            )
+        self.declared_sha256 = self.declared_sha256 or sha256
+
 
 class Upload:
     """Receives bytes into staging; discards them on close() unless Gallery.store() took them."""

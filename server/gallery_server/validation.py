@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import unicodedata
 from typing import Any
 
-from .errors import InvalidArgument, TooLarge
+from .errors import InvalidArgument
 
 MEDIA_TYPES = ("image", "video", "audio", "document", "other")
 MAX_NAME_CHARS = 255
@@ -97,28 +98,57 @@ def sha256_hex(value: str) -> str:
 def metadata_json(text: str, max_bytes: int) -> str:
     """Validate a metadata JSON string; return it in canonical compact form."""
     if len(text.encode()) > max_bytes:
-        raise TooLarge(
-            "METADATA_TOO_LARGE", f"metadata is larger than {max_bytes} bytes",
-            field="metadata", limit=str(max_bytes),
-        )
+        raise _metadata_too_large(max_bytes)
     try:
-        value = json.loads(text) if text.strip() else {}
+        value = json.loads(text, parse_constant=_reject_constant) if text.strip() else {}
     except (ValueError, RecursionError):
-        raise InvalidArgument(
-            "INVALID_METADATA", "metadata must be a JSON object", field="metadata"
-        ) from None
+        raise _invalid_metadata("metadata must be a JSON object") from None
     return metadata_object(value, max_bytes)
 
 
 def metadata_object(value: Any, max_bytes: int) -> str:
     if not isinstance(value, dict):
-        raise InvalidArgument(
-            "INVALID_METADATA", "metadata must be a JSON object", field="metadata"
-        )
+        raise _invalid_metadata("metadata must be a JSON object")
+    # Metadata travels as a google.protobuf.Struct, whose numbers are doubles: refuse numbers a
+    # double cannot hold exactly rather than store what could never be read back unchanged.
+    try:
+        _check_numbers(value)
+    except RecursionError:
+        raise _invalid_metadata("metadata is nested too deeply") from None
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     if len(text.encode()) > max_bytes:
-        raise TooLarge(
-            "METADATA_TOO_LARGE", f"metadata is larger than {max_bytes} bytes",
-            field="metadata", limit=str(max_bytes),
-        )
+        raise _metadata_too_large(max_bytes)
     return text
+
+
+_MAX_EXACT_INT = 2**53
+
+
+def _check_numbers(value: Any) -> None:
+    if isinstance(value, dict):
+        for item in value.values():
+            _check_numbers(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_numbers(item)
+    elif isinstance(value, bool):
+        return
+    elif isinstance(value, int) and abs(value) > _MAX_EXACT_INT:
+        raise _invalid_metadata("metadata integers must be within +/-2^53")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise _invalid_metadata("metadata numbers must be finite")
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _invalid_metadata(message: str) -> InvalidArgument:
+    return InvalidArgument("INVALID_METADATA", message, field="metadata")
+
+
+def _metadata_too_large(max_bytes: int) -> InvalidArgument:
+    return InvalidArgument(
+        "METADATA_TOO_LARGE", f"metadata is larger than {max_bytes} bytes",
+        field="metadata", limit=str(max_bytes),
+    )

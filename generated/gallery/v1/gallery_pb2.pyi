@@ -93,14 +93,24 @@ class GetEventRequest(_message.Message):
     def __init__(self, device: _Optional[str] = ..., event_id: _Optional[str] = ...) -> None: ...
 
 class UploadEventRequest(_message.Message):
-    __slots__ = ("header", "media_chunk", "thumbnail_chunk")
+    __slots__ = ("header", "media_chunk", "thumbnail_chunk", "finish")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     MEDIA_CHUNK_FIELD_NUMBER: _ClassVar[int]
     THUMBNAIL_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    FINISH_FIELD_NUMBER: _ClassVar[int]
     header: UploadHeader
     media_chunk: bytes
     thumbnail_chunk: bytes
-    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., media_chunk: _Optional[bytes] = ..., thumbnail_chunk: _Optional[bytes] = ...) -> None: ...
+    finish: UploadFinish
+    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., media_chunk: _Optional[bytes] = ..., thumbnail_chunk: _Optional[bytes] = ..., finish: _Optional[_Union[UploadFinish, _Mapping]] = ...) -> None: ...
+
+class UploadFinish(_message.Message):
+    __slots__ = ("size", "sha256")
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    sha256: str
+    def __init__(self, size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
     __slots__ = ("device", "name", "media_type", "metadata", "size", "sha256", "event_id")

@@ -26,6 +26,8 @@ from ..signed_urls import THUMBNAIL, SignedUploads
 from .interceptor import current_principal
 
 DOWNLOAD_CHUNK = 1 << 20
+# Set by Envoy from the HTTP Content-Length (envoy/envoy.yaml), which transcoding drops.
+CONTENT_LENGTH_HEADER = "x-gallery-content-length"
 
 
 class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
@@ -147,7 +149,8 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             fields.metadata_json = validation.metadata_object(
                 json_format.MessageToDict(h.metadata), settings.max_metadata_bytes
             )
-            fields.declared_size = h.size if h.HasField("size") else None
+            if h.HasField("size"):
+                fields.declare_size(h.size)
             fields.declared_sha256 = h.sha256
             if announced:
                 fields.name = fields.name or announced.name
@@ -156,18 +159,35 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
                 if fields.metadata_json == "{}":
                     fields.metadata_json = announced.metadata_json
             upload.write_media(b"")  # no media chunks at all is a valid, empty file
+            finished = False
             for message in request_iterator:
                 part = message.WhichOneof("part")
+                if finished:
+                    raise InvalidArgument(
+                        "FINISH_NOT_LAST", "nothing may follow the finish message", field="finish"
+                    )
                 if part == "media_chunk":
                     upload.write_media(message.media_chunk)
                 elif part == "thumbnail_chunk":
                     upload.write_thumbnail(message.thumbnail_chunk)
+                elif part == "finish":
+                    finished = True
+                    if message.finish.HasField("size"):
+                        fields.declare_size(message.finish.size)
+                    fields.declare_sha256(message.finish.sha256)
                 else:
                     raise InvalidArgument(
                         "HEADER_REPEATED", "only the first message may be a header",
                         field="header",
                     )
             _require_active(context)
+            if not finished and fields.declared_size is None:
+                raise InvalidArgument(
+                    "UPLOAD_NOT_FINISHED",
+                    "the stream ended without a finish message or a declared size: "
+                    "it may have been cut short, so nothing was stored",
+                    field="finish",
+                )
             event = self.gallery.store(
                 upload, fill=announced,
                 before_insert=self.devices.complete_pull if announced else None,
@@ -183,9 +203,12 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
                 max_metadata_bytes=self.gallery.settings.max_metadata_bytes,
             )
             form.feed(first.http_body.data)
+            received = len(first.http_body.data)
             for message in request_iterator:
                 form.feed(message.http_body.data)
+                received += len(message.http_body.data)
             _require_active(context)
+            _require_whole_body(_declared_body_length(context), received)
             form.finish()
             event = self.gallery.store(upload)
         return pb.UploadEventResponse(success=True, event_id=event.id)
@@ -193,6 +216,12 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
     def PutSignedUpload(self, request_iterator, context):  # type: ignore[no-untyped-def]
         first = _first(request_iterator)
         target = self.signed.verify(validation.device_id(first.device), first.token)
+        declared = _declared_body_length(context)
+        if declared is None:
+            raise InvalidArgument(
+                "LENGTH_REQUIRED", "a PUT upload needs a Content-Length header",
+                field="content_length",
+            )
         self.signed.claim(target)
         settings = self.gallery.settings
         limit = settings.max_thumbnail_bytes if target.purpose == THUMBNAIL else None
@@ -202,6 +231,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
                 for message in request_iterator:
                     upload.write_media(message.http_body.data)
                 _require_active(context)
+                _require_whole_body(declared, upload.media.size)
                 event_id = self.signed.complete(target, upload)
         except BaseException:
             self.signed.release(target)
@@ -247,6 +277,25 @@ def _first(request_iterator: Iterator):  # type: ignore[no-untyped-def,type-arg]
     if first is None:
         raise InvalidArgument("EMPTY_STREAM", "the upload stream carried no message")
     return first
+
+
+def _declared_body_length(context: grpc.ServicerContext) -> int | None:
+    """The HTTP Content-Length of a transcoded upload, which Envoy passes on as metadata.
+
+    A client that disconnects mid-body can reach the server as an ordinary end of stream (grpcio
+    may report the cancellation only later), so the declared length is what proves completeness.
+    A multipart body also proves it by its closing boundary; a raw PUT has nothing else.
+    """
+    declared = dict(context.invocation_metadata()).get(CONTENT_LENGTH_HEADER, "")
+    return int(declared) if declared.isdigit() else None
+
+
+def _require_whole_body(declared: int | None, received: int) -> None:
+    if declared is not None and declared != received:
+        raise InvalidArgument(
+            "BODY_INCOMPLETE", f"received {received} of {declared} body bytes: nothing was stored",
+            field="content_length", declared=str(declared), received=str(received),
+        )
 
 
 def _require_active(context: grpc.ServicerContext) -> None:
