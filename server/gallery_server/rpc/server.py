@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ..db import Database
 from ..devices import Devices
+from ..incoming import IncomingImporter
 from ..service import Gallery
 from ..settings import Settings
 from ..signed_urls import SignedUploads
@@ -71,6 +72,11 @@ def serve(settings: Settings) -> None:
     server, port = create_server(settings, settings.grpc_address)
     server.start()
     log.info("gRPC server listening", extra={"address": settings.grpc_address, "port": port})
+    # Every replica may scan the shared drop folders: imports are idempotent (incoming.py).
+    importer = IncomingImporter(
+        Gallery(settings, Database(settings.database_url, pool_size=2), Storage(settings.data_dir))
+    )
+    importer.start()
     stopping = threading.Event()
 
     def stop(signum: int, _frame: object) -> None:
@@ -80,4 +86,5 @@ def serve(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     stopping.wait()
+    importer.stop()
     server.stop(grace=10).wait()
