@@ -6,9 +6,8 @@ import json
 import unicodedata
 
 import pytest
-
 from gallery_server import validation
-from gallery_server.errors import GalleryError, InvalidArgument, TooLarge
+from gallery_server.errors import GalleryError, InvalidArgument
 
 
 def _raises(error: type[GalleryError], reason: str, func, *args, **kwargs) -> GalleryError:  # type: ignore[no-untyped-def]
@@ -132,6 +131,18 @@ def test_display_name_is_nfc_normalised() -> None:
     decomposed = "cafe\u0301.jpg"
     assert validation.display_name(decomposed) == "caf\u00e9.jpg"
     assert validation.display_name("\u212b") == "\u00c5"  # Angstrom sign -> A with ring
+
+
+@pytest.mark.parametrize("char", ["\u0958", "\ufb2c", "\U0001d160"])  # NFC expands each to 2-3 code points
+def test_display_name_limit_holds_after_normalisation(char: str) -> None:
+    # The contract is 1..255 characters for the name as stored and returned, i.e. after NFC.
+    try:
+        result = validation.display_name(char * validation.MAX_NAME_CHARS)
+    except InvalidArgument as exc:
+        assert exc.reason == "NAME_TOO_LONG"
+    else:
+        assert len(result) <= validation.MAX_NAME_CHARS, f"stored name has {len(result)} characters"
+    assert len(validation.display_name(char * 10)) <= validation.MAX_NAME_CHARS
 
 
 def test_display_name_required() -> None:
@@ -283,12 +294,39 @@ def test_metadata_json_rejects_non_finite_numbers(text: str) -> None:
 
 
 def test_metadata_object_rejects_non_finite_numbers() -> None:
-    _raises(InvalidArgument, "INVALID_METADATA", validation.metadata_object, {"a": float("nan")}, LIMIT)
+    for value in (float("nan"), float("inf"), -float("inf")):
+        _raises(InvalidArgument, "INVALID_METADATA", validation.metadata_object, {"a": {"b": [value]}}, LIMIT)
+
+
+# Metadata travels as a google.protobuf.Struct (numbers are doubles): integers beyond 2^53 are refused.
+@pytest.mark.parametrize("number", [2**53, -(2**53), 2**53 - 1, 1.5e300, 0, -0.0])
+def test_metadata_numbers_a_double_holds_are_accepted(number: float) -> None:
+    result = validation.metadata_json(json.dumps({"n": [number]}), LIMIT)
+    assert json.loads(result) == {"n": [number]}
+
+
+@pytest.mark.parametrize("number", [2**53 + 1, -(2**53) - 1, 10**30])
+def test_metadata_integers_beyond_double_precision_are_refused(number: int) -> None:
+    _raises(InvalidArgument, "INVALID_METADATA", validation.metadata_json, json.dumps({"n": {"x": number}}), LIMIT)
+    _raises(InvalidArgument, "INVALID_METADATA", validation.metadata_object, {"n": [number]}, LIMIT)
+
+
+def test_metadata_booleans_are_not_numbers() -> None:
+    assert validation.metadata_object({"t": True, "f": False}, LIMIT) == '{"t":true,"f":false}'
+
+
+def test_metadata_object_nested_too_deeply() -> None:
+    value: dict = {}
+    inner = value
+    for _ in range(100_000):
+        inner["a"] = {}
+        inner = inner["a"]
+    _raises(InvalidArgument, "INVALID_METADATA", validation.metadata_object, value, 1 << 30)
 
 
 def test_metadata_json_too_large_raw_text() -> None:
     text = json.dumps({"k": "v" * LIMIT})
-    error = _raises(TooLarge, "METADATA_TOO_LARGE", validation.metadata_json, text, LIMIT)
+    error = _raises(InvalidArgument, "METADATA_TOO_LARGE", validation.metadata_json, text, LIMIT)
     assert error.field == "metadata"
     assert error.metadata["limit"] == str(LIMIT)
 
@@ -296,12 +334,12 @@ def test_metadata_json_too_large_raw_text() -> None:
 def test_metadata_json_limit_counts_bytes_not_characters() -> None:
     text = json.dumps({"k": "é" * 400}, ensure_ascii=False)  # ~800 bytes, ~400 characters
     assert len(text) < 500
-    _raises(TooLarge, "METADATA_TOO_LARGE", validation.metadata_json, text, 500)
+    _raises(InvalidArgument, "METADATA_TOO_LARGE", validation.metadata_json, text, 500)
 
 
 def test_metadata_json_whitespace_does_not_count_after_canonicalisation_but_raw_size_does() -> None:
     padded = "{" + " " * 2000 + '"a": 1}'
-    _raises(TooLarge, "METADATA_TOO_LARGE", validation.metadata_json, padded, LIMIT)
+    _raises(InvalidArgument, "METADATA_TOO_LARGE", validation.metadata_json, padded, LIMIT)
     assert validation.metadata_json(padded, 4096) == '{"a":1}'
 
 
@@ -315,4 +353,4 @@ def test_metadata_object() -> None:
     assert validation.metadata_object({"b": 1, "a": "é"}, LIMIT) == '{"b":1,"a":"é"}'
     for value in ([], "x", 1, None, [("a", 1)]):
         _raises(InvalidArgument, "INVALID_METADATA", validation.metadata_object, value, LIMIT)
-    _raises(TooLarge, "METADATA_TOO_LARGE", validation.metadata_object, {"k": "v" * LIMIT}, LIMIT)
+    _raises(InvalidArgument, "METADATA_TOO_LARGE", validation.metadata_object, {"k": "v" * LIMIT}, LIMIT)

@@ -1,0 +1,440 @@
+"""The real gRPC server in-process: interceptor (auth, status mapping), servicer, health, reflection."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from gallery.v1 import gallery_pb2 as pb
+from gallery.v1 import gallery_pb2_grpc
+from gallery_server import db as db_module
+from gallery_server.rpc import server as server_module
+from gallery_server.settings import Settings
+from google.api import httpbody_pb2
+from google.protobuf import struct_pb2
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from .conftest import stored_files
+
+SERVICE_NAME = "gallery.v1.GalleryService"
+GENERIC_INTERNAL = "internal error; the server log has the details"
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 64
+
+
+@dataclasses.dataclass
+class Running:
+    settings: Settings
+    port: int
+    channel: grpc.Channel
+    stub: gallery_pb2_grpc.GalleryServiceStub
+    token: Callable[..., str]
+
+    def auth(self, **mint_kwargs: Any) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token(**mint_kwargs)}")]
+
+    def files(self) -> list:
+        return stored_files(self.settings.data_dir)
+
+
+@pytest.fixture
+def running(settings: Settings, mint, monkeypatch: pytest.MonkeyPatch) -> Iterator[Running]:  # type: ignore[no-untyped-def]
+    databases: list[db_module.Database] = []
+
+    class TrackedDatabase(db_module.Database):  # so that teardown can close the server's pool
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            databases.append(self)
+
+    monkeypatch.setattr(server_module, "Database", TrackedDatabase)
+    server, port = server_module.create_server(settings, "127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield Running(settings, port, channel, gallery_pb2_grpc.GalleryServiceStub(channel), mint)
+    finally:
+        channel.close()
+        server.stop(None).wait()
+        for database in databases:
+            database.dispose()
+
+
+def error_info(error: grpc.RpcError) -> tuple[grpc.StatusCode, error_details_pb2.ErrorInfo, list]:
+    status = rpc_status.from_call(error)
+    assert status is not None, "no google.rpc.Status in the trailers"
+    assert status.code == error.code().value[0]
+    assert status.message == error.details()
+    infos, violations = [], []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            infos.append(info)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations.extend(bad.field_violations)
+    assert len(infos) == 1
+    assert infos[0].domain == "gallery"
+    return error.code(), infos[0], violations
+
+
+def expect_error(
+    call: Callable[[], Any], code: grpc.StatusCode, reason: str
+) -> tuple[error_details_pb2.ErrorInfo, list]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    got_code, details, violations = error_info(info.value)
+    assert (got_code, details.reason) == (code, reason), info.value.details()
+    return details, violations
+
+
+def upload_requests(data: bytes, chunk: int = 64 << 10, thumbnail: bytes | None = None,
+                    **header: Any) -> Iterator[pb.UploadEventRequest]:
+    header.setdefault("device", "cam1")
+    header.setdefault("name", "photo.png")
+    yield pb.UploadEventRequest(header=pb.UploadHeader(**header))
+    for start in range(0, len(data), chunk):
+        yield pb.UploadEventRequest(media_chunk=data[start : start + chunk])
+    if thumbnail is not None:
+        yield pb.UploadEventRequest(thumbnail_chunk=thumbnail)
+    yield pb.UploadEventRequest(finish=pb.UploadFinish())
+
+
+def list_ids(running: Running, device: str = "cam1") -> list[str]:
+    return [e.id for e in running.stub.ListEvents(pb.ListEventsRequest(device=device), metadata=running.auth())]
+
+
+# -- health and reflection ------------------------------------------------------------------------
+
+
+def test_health_answers_without_a_token(running: Running) -> None:
+    health = health_pb2_grpc.HealthStub(running.channel)
+    for service in ("", SERVICE_NAME):
+        response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as info:
+        health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+    assert info.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_answers_without_a_token(running: Running) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(running.channel)
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME),
+    ]
+    listed, found = list(stub.ServerReflectionInfo(iter(requests), timeout=5))
+    names = {s.name for s in listed.list_services_response.service}
+    assert names >= {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+    assert found.file_descriptor_response.file_descriptor_proto
+
+
+# -- authentication -------------------------------------------------------------------------------
+
+
+def test_unauthenticated_without_token(running: Running) -> None:
+    info, _ = expect_error(lambda: running.stub.GetStats(pb.GetStatsRequest(device="cam1")),
+                           grpc.StatusCode.UNAUTHENTICATED, "TOKEN_MISSING")
+    assert info.metadata == {}
+
+
+def test_unauthenticated_bad_header(running: Running) -> None:
+    for authorization, reason in [
+        ("Bearer", "TOKEN_MALFORMED"),
+        ("Basic dXNlcjpwYXNz", "TOKEN_MALFORMED"),
+        ("Bearer not.a.jwt", "TOKEN_INVALID"),
+    ]:
+        expect_error(lambda a=authorization: running.stub.GetStats(pb.GetStatsRequest(device="cam1"),
+                                                                     metadata=[("authorization", a)]),
+                     grpc.StatusCode.UNAUTHENTICATED, reason)
+
+
+def test_unauthenticated_expired_and_wrong_secret(running: Running) -> None:
+    for kwargs, reason in (({"ttl": -3600}, "TOKEN_EXPIRED"), ({"secret": "w" * 48}, "TOKEN_INVALID")):
+        info, _ = expect_error(
+            lambda kw=kwargs: running.stub.GetStats(pb.GetStatsRequest(device="cam1"), metadata=running.auth(**kw)),
+            grpc.StatusCode.UNAUTHENTICATED, reason,
+        )
+
+
+def test_unauthenticated_on_every_kind_of_method(running: Running) -> None:
+    code, reason = grpc.StatusCode.UNAUTHENTICATED, "TOKEN_MISSING"
+    expect_error(lambda: list(running.stub.ListEvents(pb.ListEventsRequest(device="cam1"))), code, reason)
+    expect_error(lambda: running.stub.UploadEvent(upload_requests(PNG)), code, reason)
+    expect_error(lambda: running.stub.DeleteEvent(pb.DeleteEventRequest(device="cam1", event_id="evt_" + "a" * 22)),
+                 code, reason)
+    assert running.files() == []
+
+
+# -- status mapping -------------------------------------------------------------------------------
+
+
+def test_permission_denied_mapping(running: Running) -> None:
+    info, _ = expect_error(
+        lambda: running.stub.GetStats(pb.GetStatsRequest(device="cam1"), metadata=running.auth(devices=["cam2"])),
+        grpc.StatusCode.PERMISSION_DENIED, "DEVICE_NOT_ALLOWED",
+    )
+    assert info.metadata["device"] == "cam1"
+    expect_error(
+        lambda: running.stub.UploadEvent(upload_requests(PNG), metadata=running.auth(scope="gallery:read")),
+        grpc.StatusCode.PERMISSION_DENIED, "SCOPE_MISSING",
+    )
+    assert running.files() == []
+
+
+def test_invalid_argument_mapping_has_field_violation(running: Running) -> None:
+    _, violations = expect_error(
+        lambda: running.stub.GetStats(pb.GetStatsRequest(device="../x"), metadata=running.auth()),
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_DEVICE_ID",
+    )
+    assert [(v.field, v.reason) for v in violations] == [("device", "INVALID_DEVICE_ID")]
+
+
+def test_streaming_response_error_mapping(running: Running) -> None:
+    _, violations = expect_error(
+        lambda: list(running.stub.ListEvents(pb.ListEventsRequest(device="cam1", limit=5000), metadata=running.auth())),
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_LIMIT",
+    )
+    assert [v.field for v in violations] == ["limit"]
+
+
+def test_not_found_mapping(running: Running) -> None:
+    info, _ = expect_error(
+        lambda: running.stub.GetEvent(pb.GetEventRequest(device="cam1", event_id="evt_" + "a" * 22),
+                                      metadata=running.auth()),
+        grpc.StatusCode.NOT_FOUND, "EVENT_NOT_FOUND",
+    )
+    assert info.metadata["event_id"] == "evt_" + "a" * 22
+
+
+def test_metadata_too_large_mapping(running: Running) -> None:
+    metadata = struct_pb2.Struct()
+    metadata.update({"blob": "x" * (running.settings.max_metadata_bytes + 10)})
+    _, violations = expect_error(
+        lambda: running.stub.UploadEvent(upload_requests(PNG, metadata=metadata), metadata=running.auth()),
+        grpc.StatusCode.INVALID_ARGUMENT, "METADATA_TOO_LARGE",
+    )
+    assert [v.field for v in violations] == ["metadata"]
+    assert running.files() == []
+
+
+def test_too_large_mapping(running: Running) -> None:
+    limit = running.settings.max_thumbnail_bytes
+    chunk = b"t" * (4 << 20)
+
+    def requests() -> Iterator[pb.UploadEventRequest]:
+        yield pb.UploadEventRequest(header=pb.UploadHeader(device="cam1", name="a.png"))
+        yield pb.UploadEventRequest(media_chunk=PNG)
+        for _ in range(limit // len(chunk) + 1):
+            yield pb.UploadEventRequest(thumbnail_chunk=chunk)
+        yield pb.UploadEventRequest(finish=pb.UploadFinish())
+
+    info, _ = expect_error(lambda: running.stub.UploadEvent(requests(), metadata=running.auth(), timeout=30),
+                           grpc.StatusCode.RESOURCE_EXHAUSTED, "UPLOAD_TOO_LARGE")
+    assert info.metadata["limit"] == str(limit)
+    assert running.files() == []
+
+
+def test_unfinished_stream_is_refused(running: Running) -> None:
+    def unfinished() -> Iterator[pb.UploadEventRequest]:
+        yield pb.UploadEventRequest(header=pb.UploadHeader(device="cam1", name="a.png"))
+        yield pb.UploadEventRequest(media_chunk=PNG)
+
+    _, violations = expect_error(lambda: running.stub.UploadEvent(unfinished(), metadata=running.auth()),
+                                 grpc.StatusCode.INVALID_ARGUMENT, "UPLOAD_NOT_FINISHED")
+    assert [v.field for v in violations] == ["finish"]
+    assert running.files() == []
+
+
+def test_upload_failure_mid_stream_leaves_nothing(running: Running) -> None:
+    expect_error(lambda: running.stub.UploadEvent(upload_requests(PNG, chunk=1000, size=5000),
+                                                  metadata=running.auth()),
+                 grpc.StatusCode.INVALID_ARGUMENT, "SIZE_MISMATCH")
+    expect_error(lambda: running.stub.UploadEvent(upload_requests(PNG, sha256="0" * 64), metadata=running.auth()),
+                 grpc.StatusCode.INVALID_ARGUMENT, "SHA256_MISMATCH")
+    assert running.files() == []
+    assert list_ids(running) == []
+
+
+def test_internal_error_is_generic(running: Running, caplog: pytest.LogCaptureFixture) -> None:
+    # A real failure outside the domain: the staging folder disappears under the server.
+    shutil.rmtree(running.settings.data_dir / "staging")
+    with caplog.at_level(logging.INFO, logger="gallery.access"):
+        with pytest.raises(grpc.RpcError) as info:
+            running.stub.UploadEvent(upload_requests(PNG), metadata=running.auth())
+        # The access line is written as the handler returns, possibly just after the client has
+        # its status.
+        assert wait_until(lambda: any(r.getMessage() == "rpc" for r in caplog.records))
+    error = info.value
+    assert error.code() is grpc.StatusCode.INTERNAL
+    assert error.details() == GENERIC_INTERNAL
+    assert "staging" not in error.details() and str(running.settings.data_dir) not in error.details()
+    status = rpc_status.from_call(error)
+    assert status is not None and status.message == GENERIC_INTERNAL and list(status.details) == []
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR and r.name == "gallery.access"]
+    assert len(errors) == 1 and errors[0].exc_info and isinstance(errors[0].exc_info[1], FileNotFoundError)
+    access = [r for r in caplog.records if r.getMessage() == "rpc"]
+    assert [getattr(r, "code", None) for r in access] == ["INTERNAL"]
+
+
+def test_database_error_is_generic(running: Running) -> None:
+    engine = sa.create_engine(running.settings.database_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE events")
+    finally:
+        engine.dispose()
+    with pytest.raises(grpc.RpcError) as info:
+        running.stub.GetStats(pb.GetStatsRequest(device="cam1"), metadata=running.auth())
+    assert info.value.code() is grpc.StatusCode.INTERNAL
+    assert info.value.details() == GENERIC_INTERNAL
+    assert "events" not in info.value.details()
+
+
+# -- round trips ----------------------------------------------------------------------------------
+
+
+def test_streaming_upload_round_trip(running: Running) -> None:
+    stub, auth = running.stub, running.auth()
+    data = PNG * 40  # ~640 KiB
+    thumbnail = b"\xff\xd8\xff\xe0" + b"t" * 1000
+    metadata = struct_pb2.Struct()
+    metadata.update({"where": {"lat": 48.1, "lon": 11.5}, "tags": ["x"]})
+    response = stub.UploadEvent(
+        upload_requests(data, chunk=100_000, thumbnail=thumbnail, size=len(data),
+                        sha256=hashlib.sha256(data).hexdigest(), metadata=metadata),
+        metadata=auth, timeout=30,
+    )
+    assert response.success and response.event_id.startswith("evt_")
+    event = stub.GetEvent(pb.GetEventRequest(device="cam1", event_id=response.event_id), metadata=auth)
+    assert (event.name, event.media_type, event.mime_type, event.size, event.has_thumbnail) == (
+        "photo.png", "image", "image/png", float(len(data)), True
+    )
+    assert event.sha256 == hashlib.sha256(data).hexdigest()
+    assert event.metadata == metadata
+    assert abs(event.created.ToDatetime().timestamp() - time.time()) < 120
+    media_path = running.settings.data_dir / "media" / "cam1" / response.event_id
+    assert media_path.read_bytes() == data
+    assert list_ids(running) == [response.event_id]
+    stats = stub.GetStats(pb.GetStatsRequest(device="cam1"), metadata=auth)
+    assert (stats.total_events, stats.total_size) == (1, len(data))
+    assert stub.DeleteEvent(pb.DeleteEventRequest(device="cam1", event_id=response.event_id), metadata=auth).success
+    assert running.files() == []
+    expect_error(lambda: stub.DeleteEvent(pb.DeleteEventRequest(device="cam1", event_id=response.event_id),
+                                          metadata=auth),
+                 grpc.StatusCode.NOT_FOUND, "EVENT_NOT_FOUND")
+
+
+def test_large_chunks_upload(running: Running) -> None:
+    data = bytes(range(256)) * (4 << 12)  # 4 MiB in one message, as native clients may send
+    response = running.stub.UploadEvent(upload_requests(data * 2, chunk=len(data)), metadata=running.auth(),
+                                        timeout=30)
+    path = running.settings.data_dir / "media" / "cam1" / response.event_id
+    assert path.stat().st_size == 2 * len(data)
+
+
+def test_device_paths(running: Running) -> None:
+    response = running.stub.GetDevicePaths(pb.GetDevicePathsRequest(device="device123"), metadata=running.auth())
+    root = running.settings.data_dir / "gallery" / "device123"
+    assert response.paths.incoming == str(root / "incoming")
+    assert response.paths.thumbnails == str(root / "thumbnails")
+
+
+def test_signed_upload_is_public(running: Running) -> None:
+    urls = running.stub.CreateUploadUrl(pb.CreateUploadUrlRequest(device="cam1", filename="s.png"),
+                                        metadata=running.auth())
+    token = urls.upload_url.rsplit("/", 1)[1]
+
+    def put(token: str, data: bytes) -> pb.UploadEventResponse:
+        return running.stub.PutSignedUpload(iter([
+            pb.PutSignedUploadRequest(device="cam1", token=token, http_body=httpbody_pb2.HttpBody(data=data[:10])),
+            pb.PutSignedUploadRequest(http_body=httpbody_pb2.HttpBody(data=data[10:])),
+        ]), metadata=[("x-gallery-content-length", str(len(data)))])  # no authorization: the token is the proof
+
+    payload, signature = token.split(".")
+    expect_error(lambda: put(payload[:-1] + ("A" if payload[-1] != "A" else "B") + "." + signature, PNG),
+                 grpc.StatusCode.PERMISSION_DENIED, "URL_SIGNATURE_INVALID")
+    assert put(token, PNG).event_id == urls.event_id
+    expect_error(lambda: put(token, PNG), grpc.StatusCode.PERMISSION_DENIED, "URL_ALREADY_USED")
+    assert list_ids(running) == [urls.event_id]
+
+
+# -- cancellation ---------------------------------------------------------------------------------
+#
+# The server sees a cancelled (or timed-out) stream as a request iterator that stops. Whether it was a
+# normal end or a cancellation is known only once gRPC has processed the cancellation, so these tests
+# repeat the scenario: one lucky round proves little.
+
+ROUNDS = 4
+
+
+def staged(running: Running) -> list:
+    return sorted((running.settings.data_dir / "staging").iterdir())
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def assert_nothing_left(running: Running, round_: int) -> None:
+    # Once staging is empty the server has either discarded the upload or moved it into media/.
+    assert wait_until(lambda: not staged(running)), f"round {round_}: staged files left: {staged(running)}"
+    time.sleep(0.05)  # a row, if any, is committed right after the move
+    assert running.files() == [], f"round {round_}: a cancelled upload was stored"
+    assert list_ids(running) == [], f"round {round_}: a cancelled upload became an event"
+
+
+def cut_short(declared_size: int | None, release: threading.Event) -> Iterator[pb.UploadEventRequest]:
+    """An upload whose client stops mid-stream: no finish, and fewer bytes than any declared size."""
+    header = pb.UploadHeader(device="cam1", name="cut.png")
+    if declared_size is not None:
+        header.size = declared_size
+    yield pb.UploadEventRequest(header=header)
+    yield pb.UploadEventRequest(media_chunk=PNG)
+    yield pb.UploadEventRequest(thumbnail_chunk=b"thumb")
+    release.wait(10)  # hold the stream open, as a slow client would
+
+
+@pytest.mark.parametrize("declared_size", [None, 10 * len(PNG)])
+def test_client_cancel_mid_stream_leaves_nothing(running: Running, declared_size: int | None) -> None:
+    for round_ in range(ROUNDS):
+        release = threading.Event()
+        future = running.stub.UploadEvent.future(cut_short(declared_size, release), metadata=running.auth())
+        try:
+            assert wait_until(lambda: len(staged(running)) == 2), "the server never staged the upload"
+            assert future.cancel()
+            with pytest.raises(grpc.FutureCancelledError):
+                future.result()
+            assert_nothing_left(running, round_)
+        finally:
+            release.set()
+
+
+@pytest.mark.parametrize("declared_size", [None, 10 * len(PNG)])
+def test_deadline_mid_stream_leaves_nothing(running: Running, declared_size: int | None) -> None:
+    for round_ in range(ROUNDS):
+        release = threading.Event()
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                running.stub.UploadEvent(cut_short(declared_size, release), metadata=running.auth(), timeout=0.15)
+            assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert_nothing_left(running, round_)
+        finally:
+            release.set()

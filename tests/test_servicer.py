@@ -1,0 +1,526 @@
+"""GalleryServicer in isolation with grpcio-testing: messages in, domain calls, messages out.
+
+There is no interceptor here, so a domain error is not mapped to its status: grpc_testing reports
+any exception escaping the servicer as UNKNOWN with the exception text. The status mapping is
+covered by test_grpc_server.py, which runs the real server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import pathlib
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import grpc
+import grpc_testing
+import pytest
+from gallery.v1 import gallery_pb2 as pb
+from gallery_server import auth
+from gallery_server.rpc.servicer import GalleryServicer
+from gallery_server.service import Gallery
+from gallery_server.signed_urls import SignedUploads
+from google.api import httpbody_pb2
+from google.protobuf import struct_pb2
+
+from .conftest import stored_files
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GalleryService"]
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x07" * 300
+BOUNDARY = "XyZzY-boundary"
+
+
+def method(name: str) -> Any:
+    return SERVICE.methods_by_name[name]
+
+
+@pytest.fixture
+def database_url(tmp_path: pathlib.Path) -> str:
+    """SQLite only: the servicer only translates messages, the domain below it is tested on both
+    databases (tests/unit/test_service.py, test_signed_urls.py) and so is the real server
+    (test_grpc_server.py)."""
+    return f"sqlite:///{tmp_path / 'gallery.db'}"
+
+
+@pytest.fixture
+def make_server(gallery: Gallery) -> Callable[[auth.Principal], grpc_testing.Server]:
+    def make(who: auth.Principal) -> grpc_testing.Server:
+        servicer = GalleryServicer(gallery, SignedUploads(gallery), principal=lambda: who)
+        return grpc_testing.server_from_dictionary({SERVICE: servicer}, grpc_testing.strict_real_time())
+
+    return make
+
+
+@pytest.fixture
+def server(make_server, principal: auth.Principal) -> grpc_testing.Server:  # type: ignore[no-untyped-def]
+    return make_server(principal)
+
+
+def unary(server: grpc_testing.Server, name: str, request: Any) -> tuple[Any, grpc.StatusCode, str]:
+    rpc = server.invoke_unary_unary(method(name), (), request, None)
+    response, _, code, details = rpc.termination()
+    return response, code, details
+
+
+def stream_unary(server: grpc_testing.Server, name: str, requests: Iterable[Any],
+                 metadata: tuple = ()) -> tuple[Any, grpc.StatusCode, str]:
+    rpc = server.invoke_stream_unary(method(name), metadata, None)
+    for request in requests:
+        rpc.send_request(request)
+    rpc.requests_closed()
+    response, _, code, details = rpc.termination()
+    return response, code, details
+
+
+def list_events(server: grpc_testing.Server, request: pb.ListEventsRequest) -> tuple[list[pb.Event], grpc.StatusCode]:
+    rpc = server.invoke_unary_stream(method("ListEvents"), (), request, None)
+    events = []
+    while True:
+        try:
+            events.append(rpc.take_response())
+        except ValueError:  # "No more responses!" once the RPC has terminated
+            break
+    _, code, _ = rpc.termination()
+    return events, code
+
+
+def header(device: str = "cam1", name: str = "photo.png", **kwargs: Any) -> pb.UploadEventRequest:
+    return pb.UploadEventRequest(header=pb.UploadHeader(device=device, name=name, **kwargs))
+
+
+def media(data: bytes) -> pb.UploadEventRequest:
+    return pb.UploadEventRequest(media_chunk=data)
+
+
+def thumb(data: bytes) -> pb.UploadEventRequest:
+    return pb.UploadEventRequest(thumbnail_chunk=data)
+
+
+def finish(**kwargs: Any) -> pb.UploadEventRequest:
+    return pb.UploadEventRequest(finish=pb.UploadFinish(**kwargs))
+
+
+def chunks(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def upload(server: grpc_testing.Server, data: bytes = PNG, thumbnail: bytes | None = None,
+           **header_kwargs: Any) -> str:
+    requests = [header(**header_kwargs)] + [media(c) for c in chunks(data, 100)]
+    if thumbnail is not None:
+        requests += [thumb(c) for c in chunks(thumbnail, 100)]
+    requests.append(finish())
+    response, code, details = stream_unary(server, "UploadEvent", requests)
+    assert code is grpc.StatusCode.OK, details
+    assert response.success
+    return response.event_id
+
+
+def assert_failed(code: grpc.StatusCode, details: str, *fragments: str) -> None:
+    assert code is not grpc.StatusCode.OK
+    assert code is grpc.StatusCode.UNKNOWN  # an unmapped exception, as grpc_testing reports it
+    for fragment in fragments:
+        assert fragment in details, details
+
+
+# -- reads ----------------------------------------------------------------------------------------
+
+
+def test_get_device_paths(server: grpc_testing.Server, gallery: Gallery) -> None:
+    response, code, _ = unary(server, "GetDevicePaths", pb.GetDevicePathsRequest(device="device123"))
+    assert code is grpc.StatusCode.OK
+    root = gallery.settings.data_dir / "gallery" / "device123"
+    assert response == pb.GetDevicePathsResponse(
+        success=True, paths=pb.DevicePaths(incoming=str(root / "incoming"), thumbnails=str(root / "thumbnails"))
+    )
+    assert (root / "incoming").is_dir() and (root / "thumbnails").is_dir()
+
+
+def test_get_device_paths_invalid_device(server: grpc_testing.Server, gallery: Gallery) -> None:
+    _, code, details = unary(server, "GetDevicePaths", pb.GetDevicePathsRequest(device="../etc"))
+    assert_failed(code, details, "device must match")
+    assert not (gallery.settings.data_dir / "etc").exists()
+
+
+def test_get_stats_empty(server: grpc_testing.Server) -> None:
+    response, code, _ = unary(server, "GetStats", pb.GetStatsRequest(device="cam1"))
+    assert code is grpc.StatusCode.OK
+    assert response == pb.GetStatsResponse(total_events=0, total_size=0)
+    assert dict(response.by_type) == {}
+
+
+def test_get_stats(server: grpc_testing.Server) -> None:
+    upload(server, PNG)
+    upload(server, JPEG, name="b.jpg")
+    upload(server, b"%PDF-1.4\n" + b"z" * 10, name="c.pdf")
+    upload(server, b"elsewhere", device="cam2", name="x.bin")
+    response, code, _ = unary(server, "GetStats", pb.GetStatsRequest(device="cam1"))
+    assert code is grpc.StatusCode.OK
+    assert response.total_events == 3
+    assert response.total_size == len(PNG) + len(JPEG) + 19
+    assert dict(response.by_type) == {
+        "image": pb.TypeStats(count=2, size=len(PNG) + len(JPEG)),
+        "document": pb.TypeStats(count=1, size=19),
+    }
+
+
+def test_list_events(server: grpc_testing.Server) -> None:
+    ids = [upload(server, PNG, name=f"{i}.png") for i in range(3)]
+    doc = upload(server, b"%PDF-1.4\n", name="d.pdf")
+    events, code = list_events(server, pb.ListEventsRequest(device="cam1"))
+    assert code is grpc.StatusCode.OK
+    assert {e.id for e in events} == {*ids, doc}
+    assert [(e.created.ToDatetime(), e.id) for e in events] == sorted(
+        ((e.created.ToDatetime(), e.id) for e in events), reverse=True
+    )
+    for event in events:
+        assert not event.HasField("metadata")  # ListEvents leaves metadata unset
+        assert event.created.seconds > 0
+    image = next(e for e in events if e.id == ids[0])
+    assert (image.name, image.media_type, image.mime_type, image.size, image.sha256, image.has_thumbnail) == (
+        "0.png", "image", "image/png", float(len(PNG)), hashlib.sha256(PNG).hexdigest(), False
+    )
+    events, _ = list_events(server, pb.ListEventsRequest(device="cam1", media_type="document"))
+    assert [e.id for e in events] == [doc]
+    events, _ = list_events(server, pb.ListEventsRequest(device="cam1", limit=2))
+    assert len(events) == 2
+    page2, _ = list_events(server, pb.ListEventsRequest(device="cam1", limit=2, offset=2))
+    assert len(page2) == 2 and not {e.id for e in events} & {e.id for e in page2}
+    events, _ = list_events(server, pb.ListEventsRequest(device="cam1", offset=4))
+    assert events == []
+
+
+def test_list_events_invalid(server: grpc_testing.Server) -> None:
+    for request, fragment in [
+        (pb.ListEventsRequest(device="cam1", limit=0), "limit"),  # explicitly 0 is not "unset"
+        (pb.ListEventsRequest(device="cam1", limit=1001), "limit"),
+        (pb.ListEventsRequest(device="cam1", offset=-1), "offset"),
+        (pb.ListEventsRequest(device="cam1", media_type="pictures"), "media_type"),
+        (pb.ListEventsRequest(device=""), "device"),
+    ]:
+        rpc = server.invoke_unary_stream(method("ListEvents"), (), request, None)
+        _, code, details = rpc.termination()
+        assert_failed(code, details, fragment)
+
+
+def test_get_event_with_metadata(server: grpc_testing.Server) -> None:
+    metadata = struct_pb2.Struct()
+    metadata.update({"gps": {"lat": 1.5, "lon": -2}, "tags": ["a", "b"], "ok": True, "none": None})
+    event_id = upload(server, PNG, JPEG, name="cafe\u0301.png", metadata=metadata)
+    response, code, _ = unary(server, "GetEvent", pb.GetEventRequest(device="cam1", event_id=event_id))
+    assert code is grpc.StatusCode.OK
+    assert response.id == event_id
+    assert response.name == "caf\u00e9.png"
+    assert response.has_thumbnail
+    assert response.metadata == metadata
+
+
+def test_get_event_empty_metadata_is_present(server: grpc_testing.Server) -> None:
+    event_id = upload(server, PNG)
+    response, _, _ = unary(server, "GetEvent", pb.GetEventRequest(device="cam1", event_id=event_id))
+    assert response.HasField("metadata")
+    assert response.metadata == struct_pb2.Struct()
+
+
+def test_get_event_not_found(server: grpc_testing.Server) -> None:
+    _, code, details = unary(server, "GetEvent", pb.GetEventRequest(device="cam1", event_id="evt_" + "a" * 22))
+    assert_failed(code, details, "not found")
+
+
+# -- delete ---------------------------------------------------------------------------------------
+
+
+def test_delete_event(server: grpc_testing.Server, gallery: Gallery) -> None:
+    event_id = upload(server, PNG, JPEG)
+    assert len(stored_files(gallery.settings.data_dir)) == 2
+    response, code, _ = unary(server, "DeleteEvent", pb.DeleteEventRequest(device="cam1", event_id=event_id))
+    assert code is grpc.StatusCode.OK
+    assert response == pb.DeleteEventResponse(success=True)
+    assert stored_files(gallery.settings.data_dir) == []
+    _, code, details = unary(server, "DeleteEvent", pb.DeleteEventRequest(device="cam1", event_id=event_id))
+    assert_failed(code, details, "not found")
+
+
+def test_permission_denied_before_existence(make_server, server: grpc_testing.Server) -> None:  # type: ignore[no-untyped-def]
+    event_id = upload(server, PNG)
+    outsider = make_server(auth.Principal("o", frozenset({"cam2"}), frozenset({auth.READ, auth.WRITE})))
+    for eid in (event_id, "evt_" + "b" * 22):
+        for name, request in (
+            ("GetEvent", pb.GetEventRequest(device="cam1", event_id=eid)),
+            ("DeleteEvent", pb.DeleteEventRequest(device="cam1", event_id=eid)),
+        ):
+            _, code, details = unary(outsider, name, request)
+            assert_failed(code, details, "does not grant device")
+    _, code, details = unary(outsider, "GetStats", pb.GetStatsRequest(device="cam1"))
+    assert_failed(code, details, "does not grant device")
+    _, code, _ = unary(server, "GetEvent", pb.GetEventRequest(device="cam1", event_id=event_id))
+    assert code is grpc.StatusCode.OK
+
+
+def test_read_only_principal_cannot_write(make_server, gallery: Gallery) -> None:  # type: ignore[no-untyped-def]
+    reader = make_server(auth.Principal("r", frozenset({"*"}), frozenset({auth.READ})))
+    _, code, details = stream_unary(reader, "UploadEvent", [header(), media(PNG), finish()])
+    assert_failed(code, details, "gallery:write")
+    _, code, details = unary(reader, "CreateUploadUrl", pb.CreateUploadUrlRequest(device="cam1", filename="a"))
+    assert_failed(code, details, "gallery:write")
+    assert stored_files(gallery.settings.data_dir) == []
+
+
+# -- native streaming upload ----------------------------------------------------------------------
+
+
+def test_upload_event_roundtrip(server: grpc_testing.Server, gallery: Gallery, principal: auth.Principal) -> None:
+    requests = [header(size=len(PNG), sha256=hashlib.sha256(PNG).hexdigest(), media_type="document")]
+    # Media and thumbnail chunks interleaved, in any order.
+    media_chunks, thumb_chunks = chunks(PNG, 97), chunks(JPEG, 41)
+    while media_chunks or thumb_chunks:
+        if thumb_chunks:
+            requests.append(thumb(thumb_chunks.pop(0)))
+        if media_chunks:
+            requests.append(media(media_chunks.pop(0)))
+    requests.append(finish(size=len(PNG), sha256=hashlib.sha256(PNG).hexdigest()))
+    response, code, details = stream_unary(server, "UploadEvent", requests)
+    assert code is grpc.StatusCode.OK, details
+    assert response.success and response.event_id.startswith("evt_")
+    event = gallery.get_event(principal, "cam1", response.event_id)
+    assert (event.size, event.sha256, event.media_type, event.has_thumbnail) == (
+        len(PNG), hashlib.sha256(PNG).hexdigest(), "document", True
+    )
+    assert gallery.storage.media_path("cam1", event.id).read_bytes() == PNG
+    assert gallery.storage.thumbnail_path("cam1", event.id).read_bytes() == JPEG
+    assert list(gallery.storage.staging_root.iterdir()) == []
+
+
+def test_upload_event_header_only_is_an_empty_file(server: grpc_testing.Server, gallery: Gallery,
+                                                   principal: auth.Principal) -> None:
+    response, code, _ = stream_unary(server, "UploadEvent", [header(name="empty.txt"), finish()])
+    assert code is grpc.StatusCode.OK
+    event = gallery.get_event(principal, "cam1", response.event_id)
+    assert event.size == 0 and event.sha256 == hashlib.sha256(b"").hexdigest()
+
+
+UPLOAD_FAILURES = [
+    ([], "no message"),
+    ([media(PNG), finish()], "first message"),
+    ([thumb(JPEG), header(), finish()], "first message"),
+    ([header(), media(PNG), header(), finish()], "only the first"),
+    ([header(), media(PNG), pb.UploadEventRequest(), finish()], "only the first"),
+    ([header(size=len(PNG) - 1), media(PNG), finish()], "declared size"),
+    ([header(size=len(PNG) + 1), media(PNG), finish()], "declared"),
+    ([header(), media(PNG), finish(size=len(PNG) + 1)], "declared"),
+    ([header(size=len(PNG)), media(PNG), finish(size=len(PNG) + 1)], "disagree"),
+    ([header(sha256="0" * 64), media(PNG), finish()], "sha256"),
+    ([header(), media(PNG), finish(sha256="0" * 64)], "sha256"),
+    ([header(sha256=hashlib.sha256(PNG).hexdigest()), media(PNG), finish(sha256="1" * 64)], "disagree"),
+    ([header(sha256="ABC"), media(PNG), finish()], "sha256"),
+    ([header(), media(PNG), finish(sha256="ABC")], "sha256"),
+    ([header(name=""), media(PNG), finish()], "name is required"),
+    ([header(name="a\nb"), media(PNG), finish()], "control"),
+    ([header(media_type="photo"), media(PNG), finish()], "media_type"),
+    ([header(device="a/b"), media(PNG), finish()], "device must match"),
+    # A stream that simply stops may have been cut short: nothing is stored without a finish.
+    ([header(), media(PNG)], "without a finish message"),
+    ([header()], "without a finish message"),
+    ([header(), media(PNG), finish(), media(b"more")], "nothing may follow the finish"),
+    ([header(), finish(), finish()], "nothing may follow the finish"),
+    ([header(), finish(), header()], "nothing may follow the finish"),
+]
+
+
+def test_upload_event_failures_leave_nothing(server: grpc_testing.Server, gallery: Gallery,
+                                             principal: auth.Principal) -> None:
+    for requests, fragment in UPLOAD_FAILURES:
+        if len(requests) > 1:
+            requests = requests[:1] + [thumb(JPEG)] + requests[1:]
+        _, code, details = stream_unary(server, "UploadEvent", requests)
+        assert_failed(code, details, fragment)
+        assert stored_files(gallery.settings.data_dir) == [], fragment
+    assert gallery.list_events(principal, "cam1") == []
+
+
+def test_upload_event_declared_size_without_finish(server: grpc_testing.Server, gallery: Gallery,
+                                                   principal: auth.Principal) -> None:
+    # A size declared up front proves completeness on its own: the finish message is optional.
+    response, code, details = stream_unary(server, "UploadEvent", [header(size=len(PNG)), media(PNG)])
+    assert code is grpc.StatusCode.OK, details
+    assert gallery.get_event(principal, "cam1", response.event_id).size == len(PNG)
+
+
+def test_upload_event_size_and_sha256_in_finish(server: grpc_testing.Server, gallery: Gallery,
+                                                principal: auth.Principal) -> None:
+    digest = hashlib.sha256(PNG).hexdigest()
+    for requests in (
+        [header(), media(PNG), finish(size=len(PNG), sha256=digest)],
+        [header(size=len(PNG), sha256=digest), media(PNG), finish(size=len(PNG), sha256=digest)],
+        [header(sha256=digest), media(PNG), finish()],
+    ):
+        response, code, details = stream_unary(server, "UploadEvent", requests)
+        assert code is grpc.StatusCode.OK, details
+        assert gallery.get_event(principal, "cam1", response.event_id).sha256 == digest
+
+
+def test_upload_event_metadata_too_large(make_server, gallery: Gallery, principal: auth.Principal) -> None:  # type: ignore[no-untyped-def]
+    metadata = struct_pb2.Struct()
+    metadata.update({"blob": "x" * (gallery.settings.max_metadata_bytes + 1)})
+    requests = [header(metadata=metadata), media(PNG), finish()]
+    _, code, details = stream_unary(make_server(principal), "UploadEvent", requests)
+    assert_failed(code, details, "metadata is larger")
+    assert stored_files(gallery.settings.data_dir) == []
+
+
+def test_upload_event_client_cancel_leaves_nothing(server: grpc_testing.Server, gallery: Gallery,
+                                                   principal: auth.Principal) -> None:
+    rpc = server.invoke_stream_unary(method("UploadEvent"), (), None)
+    rpc.send_request(header())
+    rpc.send_request(media(PNG))
+    rpc.send_request(thumb(JPEG))
+    deadline = time.monotonic() + 5
+    while len(stored_files(gallery.settings.data_dir)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(stored_files(gallery.settings.data_dir)) == 2  # staged while in flight
+    rpc.cancel()
+    while stored_files(gallery.settings.data_dir) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stored_files(gallery.settings.data_dir) == []
+    assert gallery.list_events(principal, "cam1") == []
+
+
+# -- REST multipart form --------------------------------------------------------------------------
+
+
+def form_body(**fields: bytes) -> bytes:
+    out = b""
+    for name, value in fields.items():
+        out += f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"; filename="f"\r\n\r\n'.encode()
+        out += value + b"\r\n"
+    return out + f"--{BOUNDARY}--\r\n".encode()
+
+
+def form_requests(body: bytes, size: int, device: str = "cam1",
+                  content_type: str = f"multipart/form-data; boundary={BOUNDARY}") -> list:
+    pieces = chunks(body, size)
+    first = pb.UploadEventFormRequest(device=device, http_body=httpbody_pb2.HttpBody(
+        content_type=content_type, data=pieces[0]))
+    return [first] + [pb.UploadEventFormRequest(http_body=httpbody_pb2.HttpBody(data=p)) for p in pieces[1:]]
+
+
+def test_upload_event_form(server: grpc_testing.Server, gallery: Gallery, principal: auth.Principal) -> None:
+    body = form_body(event=PNG, media_type=b"image", name=b"form.png", thumbnail=JPEG,
+                     has_thumbnail=b"true", metadata=b'{"k": [1, 2]}')
+    response, code, details = stream_unary(server, "UploadEventForm", form_requests(body, 33))
+    assert code is grpc.StatusCode.OK, details
+    event = gallery.get_event(principal, "cam1", response.event_id)
+    assert (event.name, event.size, event.has_thumbnail, event.metadata_json) == (
+        "form.png", len(PNG), True, '{"k":[1,2]}'
+    )
+    assert list(gallery.storage.staging_root.iterdir()) == []
+
+
+def test_upload_event_form_content_length(server: grpc_testing.Server, gallery: Gallery) -> None:
+    body = form_body(event=PNG, name=b"form.png")
+    for declared in (len(body) - 1, len(body) + 1):
+        _, code, details = stream_unary(server, "UploadEventForm", form_requests(body, 40),
+                                        ((LENGTH, str(declared)),))
+        assert_failed(code, details, f"of {declared} body bytes")
+        assert stored_files(gallery.settings.data_dir) == []
+    response, code, details = stream_unary(server, "UploadEventForm", form_requests(body, 40),
+                                           ((LENGTH, str(len(body))),))
+    assert code is grpc.StatusCode.OK, details
+
+
+def test_upload_event_form_failures(server: grpc_testing.Server, gallery: Gallery) -> None:
+    for body, content_type, fragment in [
+        (form_body(event=PNG, name=b"a", extra=b"x"), None, "unknown form field"),
+        (form_body(event=PNG, name=b"a")[:-10], None, "closing boundary"),
+        (form_body(event=PNG, name=b"a"), "application/json", "multipart/form-data"),
+        (form_body(name=b"a"), None, "event file is missing"),
+        (form_body(event=PNG, name=b"a", has_thumbnail=b"true"), None, "no thumbnail"),
+        (form_body(event=PNG, name=b"a", metadata=b"[1]"), None, "JSON object"),
+    ]:
+        kwargs = {"content_type": content_type} if content_type else {}
+        _, code, details = stream_unary(server, "UploadEventForm", form_requests(body, 50, **kwargs))
+        assert_failed(code, details, fragment)
+        assert stored_files(gallery.settings.data_dir) == [], fragment
+
+
+# -- signed URLs ----------------------------------------------------------------------------------
+
+
+LENGTH = "x-gallery-content-length"  # Envoy passes the HTTP Content-Length as this metadata
+
+
+def put(server: grpc_testing.Server, device: str, url: str, data: bytes,
+        length: int | None = -1) -> tuple[Any, grpc.StatusCode, str]:
+    """A transcoded PUT; `length` is the declared Content-Length (default: the body's, None: absent)."""
+    declared = len(data) if length == -1 else length
+    metadata = () if declared is None else ((LENGTH, str(declared)),)
+    return stream_unary(server, "PutSignedUpload", put_requests(device, url, data), metadata)
+
+
+def put_requests(device: str, url: str, data: bytes, size: int = 64) -> list:
+    token = url.rsplit("/", 1)[1]
+    pieces = chunks(data, size) or [b""]
+    first = pb.PutSignedUploadRequest(device=device, token=token, http_body=httpbody_pb2.HttpBody(data=pieces[0]))
+    return [first] + [pb.PutSignedUploadRequest(http_body=httpbody_pb2.HttpBody(data=p)) for p in pieces[1:]]
+
+
+def test_create_upload_url_and_put(server: grpc_testing.Server, gallery: Gallery, principal: auth.Principal) -> None:
+    response, code, _ = unary(server, "CreateUploadUrl",
+                              pb.CreateUploadUrlRequest(device="cam1", filename="signed.png", thumbnail=True))
+    assert code is grpc.StatusCode.OK
+    assert response.success and response.event_id.startswith("evt_")
+    assert response.HasField("thumbnail_upload_url")
+    assert response.expires_at.seconds > time.time()
+    result, code, details = put(server, "cam1", response.upload_url, PNG)
+    assert code is grpc.StatusCode.OK, details
+    assert result == pb.UploadEventResponse(success=True, event_id=response.event_id)
+    result, code, _ = put(server, "cam1", response.thumbnail_upload_url, JPEG)
+    assert code is grpc.StatusCode.OK
+    event = gallery.get_event(principal, "cam1", response.event_id)
+    assert (event.name, event.size, event.has_thumbnail) == ("signed.png", len(PNG), True)
+    # Used once: a second PUT of either URL is refused.
+    for url in (response.upload_url, response.thumbnail_upload_url):
+        _, code, details = put(server, "cam1", url, b"again")
+        assert_failed(code, details, "already been used")
+    _, code, details = put(server, "cam2", response.upload_url, b"x")
+    assert_failed(code, details, "another device")
+
+
+def test_create_upload_url_without_thumbnail(server: grpc_testing.Server) -> None:
+    response, code, _ = unary(server, "CreateUploadUrl", pb.CreateUploadUrlRequest(device="cam1", filename="a"))
+    assert code is grpc.StatusCode.OK
+    assert not response.HasField("thumbnail_upload_url")
+
+
+def test_failed_put_can_be_retried(make_server, gallery: Gallery, principal: auth.Principal) -> None:  # type: ignore[no-untyped-def]
+    small = dataclasses.replace(gallery.settings, max_thumbnail_bytes=100)
+    tiny = Gallery(small, gallery.db, gallery.storage)
+    server = grpc_testing.server_from_dictionary(
+        {SERVICE: GalleryServicer(tiny, SignedUploads(tiny), principal=lambda: principal)},
+        grpc_testing.strict_real_time(),
+    )
+    response, _, _ = unary(server, "CreateUploadUrl",
+                           pb.CreateUploadUrlRequest(device="cam1", filename="a.png", thumbnail=True))
+    _, code, details = put(server, "cam1", response.thumbnail_upload_url, b"t" * 101)
+    assert_failed(code, details, "larger than 100")
+    assert stored_files(gallery.settings.data_dir) == []
+    _, code, _ = put(server, "cam1", response.thumbnail_upload_url, b"t" * 100)
+    assert code is grpc.StatusCode.OK
+
+
+def test_put_needs_a_content_length_and_all_of_the_body(server: grpc_testing.Server, gallery: Gallery,
+                                                        principal: auth.Principal) -> None:
+    response, _, _ = unary(server, "CreateUploadUrl", pb.CreateUploadUrlRequest(device="cam1", filename="a.png"))
+    _, code, details = put(server, "cam1", response.upload_url, PNG, length=None)
+    assert_failed(code, details, "Content-Length")
+    for declared in (len(PNG) + 1, len(PNG) - 1, 0):
+        _, code, details = put(server, "cam1", response.upload_url, PNG, length=declared)
+        assert_failed(code, details, f"of {declared} body bytes")
+        assert stored_files(gallery.settings.data_dir) == []
+    assert gallery.list_events(principal, "cam1") == []
+    # Each failed PUT gave the URL back: a complete one still works.
+    _, code, details = put(server, "cam1", response.upload_url, PNG)
+    assert code is grpc.StatusCode.OK, details

@@ -1,0 +1,488 @@
+"""Gallery operations on both databases (the `gallery` fixture runs on SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+
+import pytest
+import sqlalchemy as sa
+from gallery_server import auth, service
+from gallery_server.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, TooLarge
+from gallery_server.models import Event
+from gallery_server.service import Gallery
+
+from ..conftest import stored_files
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 64
+PDF = b"%PDF-1.7\n" + b"x" * 100
+
+
+def store(
+    gallery: Gallery,
+    principal: auth.Principal,
+    device: str = "cam1",
+    data: bytes = PNG,
+    *,
+    name: str = "photo.png",
+    media_type: str = "",
+    thumbnail: bytes | None = None,
+    metadata_json: str = "{}",
+    declared_size: int | None = None,
+    declared_sha256: str = "",
+    event_id: str | None = None,
+) -> Event:
+    with gallery.begin_upload(principal, device) as upload:
+        upload.fields.name = name
+        upload.fields.media_type = media_type
+        upload.fields.metadata_json = metadata_json
+        upload.fields.declared_size = declared_size
+        upload.fields.declared_sha256 = declared_sha256
+        upload.write_media(data)
+        if thumbnail is not None:
+            upload.write_thumbnail(thumbnail)
+        return gallery.store(upload, event_id=event_id)
+
+
+def row_count(gallery: Gallery) -> int:
+    with gallery.db.session() as session:
+        return session.exec(sa.select(sa.func.count()).select_from(Event)).one()[0]  # type: ignore[call-overload]
+
+
+def as_utc(value: datetime.datetime) -> datetime.datetime:
+    return value.replace(tzinfo=datetime.UTC) if value.tzinfo is None else value.astimezone(datetime.UTC)
+
+
+@pytest.fixture
+def fixed_clock(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Set service.utcnow; returns a setter."""
+    def set_time(value: datetime.datetime) -> None:
+        monkeypatch.setattr(service, "utcnow", lambda: value)
+    return set_time
+
+
+def other_principal(devices: frozenset[str] = frozenset({"cam2"})) -> auth.Principal:
+    return auth.Principal("other", devices, frozenset({auth.READ, auth.WRITE}))
+
+
+# -- store and get --------------------------------------------------------------------------------
+
+
+def test_store_and_get(gallery: Gallery, principal: auth.Principal) -> None:
+    before = datetime.datetime.now(datetime.UTC)
+    event = store(gallery, principal, data=PNG, thumbnail=JPEG, metadata_json='{"a":1}')
+    assert event.id.startswith("evt_")
+    got = gallery.get_event(principal, "cam1", event.id)
+    assert got.id == event.id
+    assert got.device == "cam1"
+    assert got.name == "photo.png"
+    assert got.media_type == "image"
+    assert got.mime_type == "image/png"
+    assert got.size == len(PNG)
+    assert got.sha256 == hashlib.sha256(PNG).hexdigest()
+    assert got.has_thumbnail is True
+    assert json.loads(got.metadata_json) == {"a": 1}
+    created = as_utc(got.created)
+    assert before - datetime.timedelta(seconds=1) <= created <= datetime.datetime.now(datetime.UTC)
+    storage = gallery.storage
+    assert storage.media_path("cam1", event.id).read_bytes() == PNG
+    assert storage.thumbnail_path("cam1", event.id).read_bytes() == JPEG
+    assert list(storage.staging_root.iterdir()) == []
+
+
+def test_store_without_thumbnail(gallery: Gallery, principal: auth.Principal) -> None:
+    event = store(gallery, principal, data=PDF, name="doc.pdf")
+    assert event.has_thumbnail is False
+    assert event.media_type == "document"
+    assert not gallery.storage.thumbnail_path("cam1", event.id).exists()
+
+
+def test_store_empty_file(gallery: Gallery, principal: auth.Principal) -> None:
+    event = store(gallery, principal, data=b"", name="empty.bin")
+    assert event.size == 0
+    assert event.sha256 == hashlib.sha256(b"").hexdigest()
+    assert gallery.storage.media_path("cam1", event.id).read_bytes() == b""
+
+
+def test_store_name_is_normalised_and_never_a_path(gallery: Gallery, principal: auth.Principal) -> None:
+    event = store(gallery, principal, name="../../cafe\u0301.png")
+    assert event.name == "../../caf\u00e9.png"
+    assert gallery.storage.media_path("cam1", event.id).parent == gallery.storage.media_root / "cam1"
+    assert [p.name for p in (gallery.storage.media_root / "cam1").iterdir()] == [event.id]
+
+
+def test_store_explicit_media_type_wins(gallery: Gallery, principal: auth.Principal) -> None:
+    assert store(gallery, principal, data=PNG, media_type="document").media_type == "document"
+
+
+def test_store_declared_size_and_sha256_matching(gallery: Gallery, principal: auth.Principal) -> None:
+    event = store(gallery, principal, declared_size=len(PNG), declared_sha256=hashlib.sha256(PNG).hexdigest())
+    assert event.size == len(PNG)
+
+
+def test_failed_store_leaves_nothing(gallery: Gallery, principal: auth.Principal) -> None:
+    for kwargs, reason in [
+        ({"declared_sha256": "0" * 64}, "SHA256_MISMATCH"),
+        ({"declared_sha256": "XYZ"}, "INVALID_SHA256"),
+        ({"declared_size": len(PNG) + 1}, "SIZE_MISMATCH"),
+        ({"name": ""}, "NAME_REQUIRED"),
+        ({"name": "a\u202eb"}, "NAME_INVALID"),
+        ({"media_type": "picture"}, "INVALID_MEDIA_TYPE"),
+    ]:
+        with pytest.raises(InvalidArgument) as info:
+            store(gallery, principal, thumbnail=JPEG, **kwargs)
+        assert info.value.reason == reason
+        assert row_count(gallery) == 0
+        assert stored_files(gallery.settings.data_dir) == [], reason
+
+
+def test_declared_size_smaller_than_received_fails_while_streaming(
+    gallery: Gallery, principal: auth.Principal
+) -> None:
+    with gallery.begin_upload(principal, "cam1") as upload:
+        upload.fields.declared_size = 3
+        upload.write_media(b"abc")
+        with pytest.raises(InvalidArgument) as info:
+            upload.write_media(b"d")
+        assert info.value.reason == "SIZE_MISMATCH"
+    assert stored_files(gallery.settings.data_dir) == []
+
+
+def test_upload_too_large(gallery: Gallery, principal: auth.Principal) -> None:
+    with gallery.open_upload("cam1", max_media_bytes=4) as upload:
+        upload.write_media(b"abcd")
+        with pytest.raises(TooLarge) as info:
+            upload.write_media(b"e")
+        assert info.value.reason == "UPLOAD_TOO_LARGE"
+    assert stored_files(gallery.settings.data_dir) == []
+
+
+def test_store_without_media(gallery: Gallery, principal: auth.Principal) -> None:
+    with gallery.begin_upload(principal, "cam1") as upload:
+        upload.fields.name = "x"
+        with pytest.raises(InvalidArgument) as info:
+            gallery.store(upload)
+    assert info.value.reason == "EVENT_FILE_REQUIRED"
+    assert row_count(gallery) == 0 and stored_files(gallery.settings.data_dir) == []
+
+
+def test_store_thumbnail_promised_but_missing(gallery: Gallery, principal: auth.Principal) -> None:
+    with gallery.begin_upload(principal, "cam1") as upload:
+        upload.fields.name = "x"
+        upload.fields.thumbnail_promised = True
+        upload.write_media(b"data")
+        with pytest.raises(InvalidArgument) as info:
+            gallery.store(upload)
+    assert info.value.reason == "THUMBNAIL_MISSING"
+    assert row_count(gallery) == 0 and stored_files(gallery.settings.data_dir) == []
+
+
+def test_db_failure_during_insert_removes_moved_files(gallery: Gallery, principal: auth.Principal) -> None:
+    first = store(gallery, principal, data=PNG)
+    # A second store under an id that already exists fails in the INSERT.
+    with pytest.raises(sa.exc.IntegrityError):
+        store(gallery, principal, "cam2", data=JPEG, thumbnail=JPEG, event_id=first.id)
+    assert row_count(gallery) == 1
+    assert list(gallery.storage.staging_root.iterdir()) == []
+    assert not gallery.storage.media_path("cam2", first.id).exists()
+    assert not gallery.storage.thumbnail_path("cam2", first.id).exists()
+
+
+def test_db_failure_during_insert_hook_removes_moved_files(gallery: Gallery, principal: auth.Principal) -> None:
+    def boom(session, event):  # type: ignore[no-untyped-def]
+        raise RuntimeError("database went away")
+
+    with gallery.begin_upload(principal, "cam1") as upload:
+        upload.fields.name = "a.png"
+        upload.write_media(PNG)
+        upload.write_thumbnail(JPEG)
+        with pytest.raises(RuntimeError):
+            gallery.store(upload, before_insert=boom)
+    assert row_count(gallery) == 0
+    assert stored_files(gallery.settings.data_dir) == []
+
+
+def test_failed_insert_under_existing_id_keeps_existing_event_intact(
+    gallery: Gallery, principal: auth.Principal
+) -> None:
+    # A row never exists without its file: a store that fails must not touch another event's files.
+    first = store(gallery, principal, data=PNG, thumbnail=JPEG)
+    with pytest.raises(AlreadyExists):
+        store(gallery, principal, data=PDF, thumbnail=b"other thumb", event_id=first.id)
+    assert row_count(gallery) == 1
+    assert gallery.get_event(principal, "cam1", first.id).sha256 == hashlib.sha256(PNG).hexdigest()
+    media = gallery.storage.media_path("cam1", first.id)
+    thumb = gallery.storage.thumbnail_path("cam1", first.id)
+    assert media.exists() and media.read_bytes() == PNG
+    assert thumb.exists() and thumb.read_bytes() == JPEG
+    assert list(gallery.storage.staging_root.iterdir()) == []
+
+
+# -- list -----------------------------------------------------------------------------------------
+
+T0 = datetime.datetime(2024, 5, 1, 12, 0, 0, tzinfo=datetime.UTC)
+
+
+def test_list_newest_first(gallery: Gallery, principal: auth.Principal, fixed_clock) -> None:  # type: ignore[no-untyped-def]
+    ids = []
+    for minutes in (5, 1, 9, 3):
+        fixed_clock(T0 + datetime.timedelta(minutes=minutes))
+        ids.append((minutes, store(gallery, principal, name=f"{minutes}.png").id))
+    listed = gallery.list_events(principal, "cam1")
+    assert [e.id for e in listed] == [i for _, i in sorted(ids, reverse=True)]
+    assert [as_utc(e.created) for e in listed] == [
+        T0 + datetime.timedelta(minutes=m) for m in (9, 5, 3, 1)
+    ]
+
+
+def test_list_microsecond_order(gallery: Gallery, principal: auth.Principal, fixed_clock) -> None:  # type: ignore[no-untyped-def]
+    a_time, b_time = T0, T0 + datetime.timedelta(microseconds=1)
+    fixed_clock(b_time)
+    b = store(gallery, principal, event_id="evt_" + "A" * 22)
+    fixed_clock(a_time)
+    a = store(gallery, principal, event_id="evt_" + "z" * 22)
+    assert [e.id for e in gallery.list_events(principal, "cam1")] == [b.id, a.id]
+
+
+def test_list_ties_broken_by_id_descending(gallery: Gallery, principal: auth.Principal, fixed_clock) -> None:  # type: ignore[no-untyped-def]
+    fixed_clock(T0)
+    ids = [store(gallery, principal).id for _ in range(6)]
+    listed = [e.id for e in gallery.list_events(principal, "cam1")]
+    assert listed == sorted(ids, reverse=True)
+
+
+def test_list_offset_and_limit(gallery: Gallery, principal: auth.Principal, fixed_clock) -> None:  # type: ignore[no-untyped-def]
+    ids = []
+    for i in range(7):
+        fixed_clock(T0 + datetime.timedelta(seconds=i))
+        ids.append(store(gallery, principal).id)
+    newest_first = ids[::-1]
+    assert [e.id for e in gallery.list_events(principal, "cam1", limit=3)] == newest_first[:3]
+    assert [e.id for e in gallery.list_events(principal, "cam1", limit=3, offset=3)] == newest_first[3:6]
+    assert [e.id for e in gallery.list_events(principal, "cam1", limit=3, offset=6)] == newest_first[6:]
+    assert gallery.list_events(principal, "cam1", offset=7) == []
+    assert gallery.list_events(principal, "cam1", offset=10**6) == []
+    assert [e.id for e in gallery.list_events(principal, "cam1", limit=1, offset=0)] == newest_first[:1]
+    assert len(gallery.list_events(principal, "cam1", limit=1000)) == 7
+
+
+def test_list_default_limit_is_50(gallery: Gallery, principal: auth.Principal, fixed_clock) -> None:  # type: ignore[no-untyped-def]
+    fixed_clock(T0)
+    for _ in range(51):
+        store(gallery, principal, data=b"x", name="x.bin")
+    assert len(gallery.list_events(principal, "cam1")) == 50
+    assert len(gallery.list_events(principal, "cam1", offset=50)) == 1
+
+
+def test_list_media_type_filter(gallery: Gallery, principal: auth.Principal) -> None:
+    image = store(gallery, principal, data=PNG)
+    doc = store(gallery, principal, data=PDF, name="a.pdf")
+    other = store(gallery, principal, data=b"\x00\x01", name="blob")
+    assert [e.id for e in gallery.list_events(principal, "cam1", media_type="image")] == [image.id]
+    assert [e.id for e in gallery.list_events(principal, "cam1", media_type="document")] == [doc.id]
+    assert [e.id for e in gallery.list_events(principal, "cam1", media_type="other")] == [other.id]
+    assert gallery.list_events(principal, "cam1", media_type="video") == []
+    assert {e.id for e in gallery.list_events(principal, "cam1", media_type="")} == {image.id, doc.id, other.id}
+
+
+def test_list_only_the_device(gallery: Gallery, principal: auth.Principal) -> None:
+    mine = store(gallery, principal, "cam1")
+    store(gallery, principal, "cam2")
+    store(gallery, principal, "cam10")
+    assert [e.id for e in gallery.list_events(principal, "cam1")] == [mine.id]
+    assert gallery.list_events(principal, "cam3") == []
+
+
+def test_list_invalid_arguments(gallery: Gallery, principal: auth.Principal) -> None:
+    for kwargs, reason in [
+        ({"media_type": "Image"}, "INVALID_MEDIA_TYPE"),
+        ({"limit": 0}, "INVALID_LIMIT"),
+        ({"limit": 1001}, "INVALID_LIMIT"),
+        ({"offset": -1}, "INVALID_OFFSET"),
+    ]:
+        with pytest.raises(InvalidArgument) as info:
+            gallery.list_events(principal, "cam1", **kwargs)  # type: ignore[arg-type]
+        assert info.value.reason == reason
+
+
+def test_invalid_device_everywhere(gallery: Gallery, principal: auth.Principal) -> None:
+    calls = [
+        lambda: gallery.list_events(principal, "../x"),
+        lambda: gallery.get_event(principal, "../x", "evt_" + "a" * 22),
+        lambda: gallery.delete_event(principal, "../x", "evt_" + "a" * 22),
+        lambda: gallery.stats(principal, "../x"),
+        lambda: gallery.device_paths(principal, "../x"),
+        lambda: gallery.begin_upload(principal, "../x"),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidArgument) as info:
+            call()
+        assert info.value.reason == "INVALID_DEVICE_ID"
+
+
+# -- get ------------------------------------------------------------------------------------------
+
+
+def test_get_not_found(gallery: Gallery, principal: auth.Principal) -> None:
+    with pytest.raises(NotFound) as info:
+        gallery.get_event(principal, "cam1", "evt_" + "a" * 22)
+    assert info.value.reason == "EVENT_NOT_FOUND"
+
+
+def test_get_event_of_another_device_is_not_found(gallery: Gallery, principal: auth.Principal) -> None:
+    event = store(gallery, principal, "cam2")
+    with pytest.raises(NotFound):
+        gallery.get_event(principal, "cam1", event.id)
+
+
+def test_get_invalid_event_id(gallery: Gallery, principal: auth.Principal) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        gallery.get_event(principal, "cam1", "evt_short")
+    assert info.value.reason == "INVALID_EVENT_ID"
+
+
+# -- stats ----------------------------------------------------------------------------------------
+
+
+def test_stats_empty(gallery: Gallery, principal: auth.Principal) -> None:
+    stats = gallery.stats(principal, "cam1")
+    assert stats == service.Stats(total_events=0, total_size=0, by_type={})
+
+
+def test_stats_grouped_by_type(gallery: Gallery, principal: auth.Principal) -> None:
+    store(gallery, principal, data=PNG)
+    store(gallery, principal, data=JPEG, name="a.jpg")
+    store(gallery, principal, data=PDF, name="a.pdf")
+    store(gallery, principal, "cam2", data=b"x" * 1000, name="a.bin")
+    stats = gallery.stats(principal, "cam1")
+    assert stats.by_type == {
+        "image": service.TypeStats(2, len(PNG) + len(JPEG)),
+        "document": service.TypeStats(1, len(PDF)),
+    }
+    assert stats.total_events == 3
+    assert stats.total_size == len(PNG) + len(JPEG) + len(PDF)
+    assert all(type(t.count) is int and type(t.size) is int for t in stats.by_type.values())
+
+
+def test_stats_large_sizes_are_exact(gallery: Gallery, principal: auth.Principal) -> None:
+    # Sizes are BIGINT: sums beyond 2^31 and 2^32 must stay exact integers.
+    big = 5 * (1 << 30) + 7
+    for i in range(3):
+        with gallery.db.session() as session:
+            session.add(Event(
+                id=f"evt_{i:022d}", device="cam1", name="big.mp4", media_type="video",
+                mime_type="video/mp4", size=big, sha256="0" * 64, created=T0,
+            ))
+            session.commit()
+    stats = gallery.stats(principal, "cam1")
+    assert stats.by_type == {"video": service.TypeStats(3, 3 * big)}
+    assert stats.total_size == 3 * big
+
+
+def test_stats_computed_by_one_grouped_query(gallery: Gallery, principal: auth.Principal) -> None:
+    for _ in range(3):
+        store(gallery, principal)
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    sa.event.listen(gallery.db.engine, "before_cursor_execute", record)
+    try:
+        stats = gallery.stats(principal, "cam1")
+    finally:
+        sa.event.remove(gallery.db.engine, "before_cursor_execute", record)
+    assert stats.total_events == 3
+    selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    assert len(selects) == 1
+    assert "GROUP BY" in selects[0].upper()
+    assert "count(" in selects[0].lower() and "sum(" in selects[0].lower()
+
+
+# -- delete ---------------------------------------------------------------------------------------
+
+
+def test_delete(gallery: Gallery, principal: auth.Principal) -> None:
+    keep = store(gallery, principal, data=JPEG, thumbnail=JPEG)
+    event = store(gallery, principal, thumbnail=JPEG)
+    gallery.delete_event(principal, "cam1", event.id)
+    assert not gallery.storage.media_path("cam1", event.id).exists()
+    assert not gallery.storage.thumbnail_path("cam1", event.id).exists()
+    with pytest.raises(NotFound):
+        gallery.get_event(principal, "cam1", event.id)
+    assert [e.id for e in gallery.list_events(principal, "cam1")] == [keep.id]
+    assert gallery.storage.media_path("cam1", keep.id).exists()
+    assert gallery.storage.thumbnail_path("cam1", keep.id).exists()
+    with pytest.raises(NotFound) as info:
+        gallery.delete_event(principal, "cam1", event.id)
+    assert info.value.reason == "EVENT_NOT_FOUND"
+    assert info.value.metadata == {"device": "cam1", "event_id": event.id}
+
+
+def test_delete_never_existing(gallery: Gallery, principal: auth.Principal) -> None:
+    with pytest.raises(NotFound):
+        gallery.delete_event(principal, "cam1", "evt_" + "b" * 22)
+
+
+def test_delete_through_another_device_is_not_found(gallery: Gallery, principal: auth.Principal) -> None:
+    event = store(gallery, principal, "cam2")
+    with pytest.raises(NotFound):
+        gallery.delete_event(principal, "cam1", event.id)
+    assert gallery.get_event(principal, "cam2", event.id).id == event.id
+    assert gallery.storage.media_path("cam2", event.id).exists()
+
+
+def test_delete_invalid_event_id(gallery: Gallery, principal: auth.Principal) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        gallery.delete_event(principal, "cam1", "evt_../../../x")
+    assert info.value.reason == "INVALID_EVENT_ID"
+
+
+# -- authorization before existence --------------------------------------------------------------
+
+
+def test_authorization_before_existence(gallery: Gallery, principal: auth.Principal) -> None:
+    existing = store(gallery, principal, "cam1").id
+    missing = "evt_" + "c" * 22
+    outsider = other_principal()
+    for event_id in (existing, missing, "not-even-valid"):
+        for call in (gallery.get_event, gallery.delete_event):
+            with pytest.raises(PermissionDenied) as info:
+                call(outsider, "cam1", event_id)
+            assert info.value.reason == "DEVICE_NOT_ALLOWED"
+    for call in (gallery.list_events, gallery.stats, gallery.device_paths, gallery.begin_upload):
+        with pytest.raises(PermissionDenied) as info:
+            call(outsider, "cam1")  # type: ignore[operator]
+        assert info.value.reason == "DEVICE_NOT_ALLOWED"
+    assert gallery.get_event(principal, "cam1", existing).id == existing  # untouched
+
+
+def test_scopes(gallery: Gallery, principal: auth.Principal) -> None:
+    event = store(gallery, principal)
+    reader = auth.Principal("r", frozenset({"cam1"}), frozenset({auth.READ}))
+    writer = auth.Principal("w", frozenset({"cam1"}), frozenset({auth.WRITE}))
+    assert gallery.get_event(reader, "cam1", event.id).id == event.id
+    assert gallery.stats(reader, "cam1").total_events == 1
+    for call in (
+        lambda: gallery.delete_event(reader, "cam1", event.id),
+        lambda: gallery.begin_upload(reader, "cam1"),
+        lambda: gallery.list_events(writer, "cam1"),
+        lambda: gallery.get_event(writer, "cam1", event.id),
+        lambda: gallery.stats(writer, "cam1"),
+        lambda: gallery.device_paths(writer, "cam1"),
+    ):
+        with pytest.raises(PermissionDenied) as info:
+            call()
+        assert info.value.reason == "SCOPE_MISSING"
+    gallery.delete_event(writer, "cam1", event.id)
+    assert stored_files(gallery.settings.data_dir) == []
+
+
+def test_device_paths(gallery: Gallery, principal: auth.Principal) -> None:
+    incoming, thumbnails = gallery.device_paths(principal, "device123")
+    root = gallery.settings.data_dir / "gallery" / "device123"
+    assert (incoming, thumbnails) == (root / "incoming", root / "thumbnails")
+    assert incoming.is_dir() and thumbnails.is_dir()
+    assert gallery.device_paths(principal, "device123") == (incoming, thumbnails)  # idempotent

@@ -1,0 +1,386 @@
+"""Pre-signed upload URLs: HMAC tokens, single-use grants, and media/thumbnail meeting at one event."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import threading
+import time
+import types
+from collections.abc import Iterator
+
+import pytest
+from gallery_server import auth, signed_urls
+from gallery_server.db import Database
+from gallery_server.errors import InvalidArgument, NotFound, PermissionDenied, TooLarge
+from gallery_server.service import Gallery
+from gallery_server.signed_urls import MEDIA, THUMBNAIL, SignedTarget, SignedUploads
+from gallery_server.storage import Storage
+
+from ..conftest import make_settings, stored_files
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x01" * 200
+JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x02" * 50
+
+
+@pytest.fixture
+def keyed(tmp_path) -> SignedUploads:  # type: ignore[no-untyped-def]
+    """SignedUploads for token-only checks (sign/verify never touch the database or the disk)."""
+    return SignedUploads(Gallery(make_settings(tmp_path), None, None))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def local(tmp_path) -> Iterator[SignedUploads]:  # type: ignore[no-untyped-def]
+    """SignedUploads on SQLite only, for checks of the tokens themselves (the database is incidental)."""
+    settings = make_settings(tmp_path)
+    db = Database(settings.database_url, pool_size=2)
+    db.create_tables()
+    yield SignedUploads(Gallery(settings, db, Storage(tmp_path)))
+    db.dispose()
+
+
+def token_of(url: str) -> str:
+    return url.rsplit("/", 1)[1]
+
+
+def put(signed: SignedUploads, target: SignedTarget, data: bytes) -> str:
+    """What PutSignedUpload does: claim, receive, complete (or release on failure)."""
+    signed.claim(target)
+    settings = signed.gallery.settings
+    limit = settings.max_thumbnail_bytes if target.purpose == THUMBNAIL else None
+    try:
+        with signed.gallery.open_upload(target.device, max_media_bytes=limit) as upload:
+            upload.write_media(data)
+            return signed.complete(target, upload)
+    except BaseException:
+        signed.release(target)
+        raise
+
+
+def targets(signed: SignedUploads, principal: auth.Principal, device: str = "cam1",
+            filename: str = "photo.png") -> tuple[SignedTarget, SignedTarget]:
+    urls = signed.create_urls(principal, device, filename, thumbnail=True)
+    assert urls.thumbnail_url is not None
+    return signed.verify(device, token_of(urls.media_url)), signed.verify(device, token_of(urls.thumbnail_url))
+
+
+def denied(reason: str, func, *args) -> PermissionDenied:  # type: ignore[no-untyped-def]
+    with pytest.raises(PermissionDenied) as info:
+        func(*args)
+    assert info.value.reason == reason
+    return info.value
+
+
+_B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def flip(text: str, index: int) -> str:
+    """Change one base64url character in its most significant bit, which always carries data
+    (the low bits of a last character may be padding that decoders ignore)."""
+    replacement = _B64URL[_B64URL.index(text[index]) ^ 0b100000]
+    return text[:index] + replacement + text[index + 1 :]
+
+
+# -- create and verify ----------------------------------------------------------------------------
+
+
+def test_create_urls_and_verify_roundtrip(signed: SignedUploads, principal: auth.Principal) -> None:
+    before = int(time.time())
+    urls = signed.create_urls(principal, "cam1", "photo.png", thumbnail=True)
+    assert urls.event_id.startswith("evt_") and len(urls.event_id) == 26
+    prefix = f"{signed.gallery.settings.public_url}/api/gallery/cam1/upload/"
+    assert urls.media_url.startswith(prefix)
+    assert urls.thumbnail_url is not None and urls.thumbnail_url.startswith(prefix)
+    assert urls.media_url != urls.thumbnail_url
+    ttl = signed.gallery.settings.upload_url_ttl
+    assert before + ttl <= urls.expires_at.timestamp() <= time.time() + ttl + 1
+    assert urls.expires_at.tzinfo is not None
+    assert signed.verify("cam1", token_of(urls.media_url)) == SignedTarget("cam1", urls.event_id, MEDIA, "photo.png")
+    assert signed.verify("cam1", token_of(urls.thumbnail_url)) == SignedTarget(
+        "cam1", urls.event_id, THUMBNAIL, "photo.png"
+    )
+
+
+def test_create_urls_without_thumbnail(signed: SignedUploads, principal: auth.Principal) -> None:
+    urls = signed.create_urls(principal, "cam1", "a.png", thumbnail=False)
+    assert urls.thumbnail_url is None
+    # A thumbnail token for this grant (forged with the key) finds no open thumbnail slot.
+    forged = signed._sign([1, "cam1", urls.event_id, THUMBNAIL, int(time.time()) + 60, "a.png"])
+    denied("URL_ALREADY_USED", signed.claim, signed.verify("cam1", forged))
+
+
+def test_each_grant_has_its_own_event_id(local: SignedUploads, principal: auth.Principal) -> None:
+    ids = {local.create_urls(principal, "cam1", "a.png", thumbnail=False).event_id for _ in range(20)}
+    assert len(ids) == 20
+
+
+def test_create_urls_authorization_and_validation(local: SignedUploads) -> None:
+    outsider = auth.Principal("o", frozenset({"cam2"}), frozenset({auth.READ, auth.WRITE}))
+    reader = auth.Principal("r", frozenset({"*"}), frozenset({auth.READ}))
+    with pytest.raises(PermissionDenied) as info:
+        local.create_urls(outsider, "cam1", "a.png", thumbnail=False)
+    assert info.value.reason == "DEVICE_NOT_ALLOWED"
+    with pytest.raises(PermissionDenied) as info:
+        local.create_urls(reader, "cam1", "a.png", thumbnail=False)
+    assert info.value.reason == "SCOPE_MISSING"
+    writer = auth.Principal("w", frozenset({"*"}), frozenset({auth.WRITE}))
+    for device, filename, reason in [
+        ("../x", "a.png", "INVALID_DEVICE_ID"),
+        ("cam1", "", "NAME_REQUIRED"),
+        ("cam1", "evil\u202egnp.exe", "NAME_INVALID"),
+        ("cam1", "x" * 256, "NAME_TOO_LONG"),
+    ]:
+        with pytest.raises(InvalidArgument) as err:
+            local.create_urls(writer, device, filename, thumbnail=False)
+        assert err.value.reason == reason
+    assert err.value.field == "filename"
+
+
+def test_filename_is_normalised_and_bound(signed: SignedUploads, principal: auth.Principal) -> None:
+    urls = signed.create_urls(principal, "cam1", "cafe\u0301 ü.png", thumbnail=False)
+    target = signed.verify("cam1", token_of(urls.media_url))
+    assert target.filename == "caf\u00e9 ü.png"
+    put(signed, target, PNG)
+    assert signed.gallery.get_event(principal, "cam1", urls.event_id).name == "caf\u00e9 ü.png"
+
+
+# -- tampering ------------------------------------------------------------------------------------
+
+
+def test_tampered_payload(local: SignedUploads, principal: auth.Principal) -> None:
+    token = token_of(local.create_urls(principal, "cam1", "a.png", thumbnail=False).media_url)
+    payload, signature = token.split(".")
+    for index in range(0, len(payload), 3):
+        denied("URL_SIGNATURE_INVALID", local.verify, "cam1", f"{flip(payload, index)}.{signature}")
+
+
+def test_tampered_signature(local: SignedUploads, principal: auth.Principal) -> None:
+    token = token_of(local.create_urls(principal, "cam1", "a.png", thumbnail=False).media_url)
+    payload, signature = token.split(".")
+    for index in range(len(signature)):
+        denied("URL_SIGNATURE_INVALID", local.verify, "cam1", f"{payload}.{flip(signature, index)}")
+    for bad in ("", signature[:-1], signature + "A", signature[:-4], "!" * len(signature)):
+        denied("URL_SIGNATURE_INVALID", local.verify, "cam1", f"{payload}.{bad}")
+
+
+def test_payload_swapped_between_urls(local: SignedUploads, principal: auth.Principal) -> None:
+    urls = local.create_urls(principal, "cam1", "a.png", thumbnail=True)
+    assert urls.thumbnail_url is not None
+    media_payload, media_sig = token_of(urls.media_url).split(".")
+    thumb_payload, thumb_sig = token_of(urls.thumbnail_url).split(".")
+    denied("URL_SIGNATURE_INVALID", local.verify, "cam1", f"{thumb_payload}.{media_sig}")
+    denied("URL_SIGNATURE_INVALID", local.verify, "cam1", f"{media_payload}.{thumb_sig}")
+
+
+@pytest.mark.parametrize("token", ["", ".", "abc", "abc.", ".abc", "a.b.c", "é.é", "\x00.\x00", "%%%.###"])
+def test_garbage_tokens(keyed: SignedUploads, token: str) -> None:
+    denied("URL_SIGNATURE_INVALID", keyed.verify, "cam1", token)
+
+
+def test_token_from_another_secret(local: SignedUploads, principal: auth.Principal) -> None:
+    gallery = local.gallery
+    other_settings = dataclasses.replace(gallery.settings, jwt_secret="another-secret-" + "z" * 40)
+    other = SignedUploads(Gallery(other_settings, gallery.db, gallery.storage))
+    token = token_of(other.create_urls(principal, "cam1", "a.png", thumbnail=False).media_url)
+    denied("URL_SIGNATURE_INVALID", local.verify, "cam1", token)
+
+
+def test_bearer_jwt_is_not_an_upload_token(keyed: SignedUploads, mint) -> None:  # type: ignore[no-untyped-def]
+    denied("URL_SIGNATURE_INVALID", keyed.verify, "cam1", mint())
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png"],  # unknown version
+        [1, "cam1", "evt_" + "a" * 22, "other", 2**40, "a.png"],  # unknown purpose
+        [1, "cam1", "evt_" + "a" * 22, MEDIA, 2**40],  # too short
+        [1, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", "extra"],
+        {"v": 1},
+        "just a string",
+    ],
+)
+def test_signed_but_malformed_payloads(keyed: SignedUploads, payload: object) -> None:
+    denied("URL_SIGNATURE_INVALID", keyed.verify, "cam1", keyed._sign(payload))  # type: ignore[arg-type]
+
+
+def test_other_device(local: SignedUploads, principal: auth.Principal) -> None:
+    token = token_of(local.create_urls(principal, "cam1", "a.png", thumbnail=False).media_url)
+    for device in ("cam2", "CAM1", "cam1 ", "cam10"):
+        denied("URL_DEVICE_MISMATCH", local.verify, device, token)
+
+
+def test_expired(local: SignedUploads, principal: auth.Principal) -> None:
+    gallery = local.gallery
+    expired = SignedUploads(Gallery(dataclasses.replace(gallery.settings, upload_url_ttl=-1), gallery.db,
+                                    gallery.storage))
+    urls = expired.create_urls(principal, "cam1", "a.png", thumbnail=True)
+    assert urls.expires_at < datetime.datetime.now(datetime.UTC)
+    assert urls.thumbnail_url is not None
+    denied("URL_EXPIRED", expired.verify, "cam1", token_of(urls.media_url))
+    denied("URL_EXPIRED", expired.verify, "cam1", token_of(urls.thumbnail_url))
+    # Verified by the normal instance (same secret): still expired.
+    denied("URL_EXPIRED", SignedUploads(gallery).verify, "cam1", token_of(urls.media_url))
+
+
+def test_expiry_is_checked_at_verify_time(local: SignedUploads, principal: auth.Principal,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    urls = local.create_urls(principal, "cam1", "a.png", thumbnail=False)
+    token = token_of(urls.media_url)
+    assert local.verify("cam1", token).event_id == urls.event_id
+    later = urls.expires_at.timestamp() + 1
+    monkeypatch.setattr(signed_urls, "time", types.SimpleNamespace(time=lambda: later))
+    denied("URL_EXPIRED", local.verify, "cam1", token)
+
+
+# -- single use -----------------------------------------------------------------------------------
+
+
+def test_claim_twice(signed: SignedUploads, principal: auth.Principal) -> None:
+    media, thumb = targets(signed, principal)
+    signed.claim(media)
+    error = denied("URL_ALREADY_USED", signed.claim, media)
+    assert error.metadata == {"event_id": media.event_id}
+    signed.claim(thumb)  # the thumbnail URL is independent
+    denied("URL_ALREADY_USED", signed.claim, thumb)
+
+
+def test_concurrent_claims_let_exactly_one_through(signed: SignedUploads, principal: auth.Principal) -> None:
+    for round_ in range(10):
+        media, _ = targets(signed, principal)
+        barrier = threading.Barrier(2)
+        outcomes: list[str] = []
+
+        def claim(barrier: threading.Barrier = barrier, outcomes: list[str] = outcomes,
+                  media: SignedTarget = media) -> None:
+            barrier.wait(timeout=10)
+            try:
+                signed.claim(media)
+                outcomes.append("claimed")
+            except PermissionDenied as exc:
+                outcomes.append(exc.reason)
+
+        threads = [threading.Thread(target=claim) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert sorted(outcomes) == ["URL_ALREADY_USED", "claimed"], f"round {round_}: {outcomes}"
+
+
+def test_release_then_claim_again(signed: SignedUploads, principal: auth.Principal) -> None:
+    media, _ = targets(signed, principal)
+    signed.claim(media)
+    signed.release(media)
+    signed.claim(media)
+    denied("URL_ALREADY_USED", signed.claim, media)
+
+
+def test_release_of_open_url_is_harmless(signed: SignedUploads, principal: auth.Principal) -> None:
+    media, _ = targets(signed, principal)
+    signed.release(media)
+    signed.claim(media)
+
+
+def test_completed_url_cannot_be_reused_or_released(signed: SignedUploads, principal: auth.Principal) -> None:
+    media, thumb = targets(signed, principal)
+    assert put(signed, media, PNG) == media.event_id
+    assert put(signed, thumb, JPEG) == media.event_id
+    for target in (media, thumb):
+        signed.release(target)  # a release of a done URL changes nothing
+        denied("URL_ALREADY_USED", signed.claim, target)
+    assert signed.gallery.storage.media_path("cam1", media.event_id).read_bytes() == PNG
+
+
+def test_failed_put_releases_the_url_for_a_retry(gallery: Gallery, principal: auth.Principal) -> None:
+    small = SignedUploads(Gallery(dataclasses.replace(gallery.settings, max_thumbnail_bytes=10), gallery.db,
+                                  gallery.storage))
+    media, thumb = targets(small, principal)
+    with pytest.raises(TooLarge):
+        put(small, thumb, b"t" * 11)
+    assert stored_files(gallery.settings.data_dir) == []
+    assert put(small, thumb, b"t" * 10) == thumb.event_id
+    assert put(small, media, PNG) == media.event_id
+    assert gallery.get_event(principal, "cam1", media.event_id).has_thumbnail is True
+
+
+# -- media and thumbnail meet at one event --------------------------------------------------------
+
+
+def test_media_then_thumbnail(signed: SignedUploads, principal: auth.Principal) -> None:
+    gallery = signed.gallery
+    media, thumb = targets(signed, principal, filename="holiday.png")
+    assert put(signed, media, PNG) == media.event_id
+    event = gallery.get_event(principal, "cam1", media.event_id)
+    assert event.has_thumbnail is False
+    assert event.name == "holiday.png"
+    assert event.sha256 == hashlib.sha256(PNG).hexdigest()
+    assert event.media_type == "image"
+    assert put(signed, thumb, JPEG) == media.event_id
+    assert gallery.get_event(principal, "cam1", media.event_id).has_thumbnail is True
+    assert gallery.storage.media_path("cam1", media.event_id).read_bytes() == PNG
+    assert gallery.storage.thumbnail_path("cam1", media.event_id).read_bytes() == JPEG
+    assert list(gallery.storage.staging_root.iterdir()) == []
+
+
+def test_thumbnail_then_media(signed: SignedUploads, principal: auth.Principal) -> None:
+    gallery = signed.gallery
+    media, thumb = targets(signed, principal)
+    assert put(signed, thumb, JPEG) == thumb.event_id
+    assert gallery.list_events(principal, "cam1") == []  # no event before its media
+    assert put(signed, media, PNG) == media.event_id
+    event = gallery.get_event(principal, "cam1", media.event_id)
+    assert event.has_thumbnail is True
+    assert event.size == len(PNG)
+    assert gallery.storage.thumbnail_path("cam1", media.event_id).read_bytes() == JPEG
+    assert list(gallery.storage.staging_root.iterdir()) == []
+
+
+def test_thumbnail_after_the_event_was_deleted(signed: SignedUploads, principal: auth.Principal) -> None:
+    gallery = signed.gallery
+    media, thumb = targets(signed, principal)
+    put(signed, media, PNG)
+    gallery.delete_event(principal, "cam1", media.event_id)
+    with pytest.raises(NotFound) as info:
+        put(signed, thumb, JPEG)
+    assert info.value.reason == "EVENT_NOT_FOUND"
+    assert stored_files(gallery.settings.data_dir) == []  # no orphaned thumbnail
+
+
+def test_media_only_grant(signed: SignedUploads, principal: auth.Principal) -> None:
+    urls = signed.create_urls(principal, "cam1", "a.png", thumbnail=False)
+    put(signed, signed.verify("cam1", token_of(urls.media_url)), PNG)
+    assert signed.gallery.get_event(principal, "cam1", urls.event_id).has_thumbnail is False
+
+
+def test_concurrent_media_and_thumbnail(signed: SignedUploads, principal: auth.Principal) -> None:
+    gallery = signed.gallery
+    for round_ in range(20):
+        media, thumb = targets(signed, principal)
+        barrier = threading.Barrier(2)
+        errors: list[BaseException] = []
+
+        def run(target: SignedTarget, data: bytes, barrier: threading.Barrier = barrier,
+                errors: list[BaseException] = errors) -> None:
+            try:
+                barrier.wait(timeout=10)
+                put(signed, target, data)
+            except BaseException as exc:  # noqa: BLE001 (reported below)
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=run, args=(media, PNG)),
+            threading.Thread(target=run, args=(thumb, JPEG)),
+        ]
+        if round_ % 2:
+            threads.reverse()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert errors == [], f"round {round_}: {errors!r}"
+        event = gallery.get_event(principal, "cam1", media.event_id)
+        assert event.has_thumbnail is True, f"round {round_}"
+        assert gallery.storage.thumbnail_path("cam1", media.event_id).read_bytes() == JPEG
+    assert list(gallery.storage.staging_root.iterdir()) == []
