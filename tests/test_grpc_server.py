@@ -14,17 +14,18 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
-from gallery.v1 import gallery_pb2 as pb
-from gallery.v1 import gallery_pb2_grpc
-from gallery_server import db as db_module
-from gallery_server.rpc import server as server_module
-from gallery_server.settings import Settings
 from google.api import httpbody_pb2
 from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
+
+from gallery.v1 import gallery_pb2 as pb
+from gallery.v1 import gallery_pb2_grpc
+from gallery_server import db as db_module
+from gallery_server.rpc import server as server_module
+from gallery_server.settings import Settings
 
 from .conftest import stored_files
 

@@ -17,13 +17,15 @@ from typing import Any
 import grpc
 import grpc_testing
 import pytest
+from google.api import httpbody_pb2
+from google.protobuf import struct_pb2
+
 from gallery.v1 import gallery_pb2 as pb
 from gallery_server import auth
+from gallery_server.devices import Devices
 from gallery_server.rpc.servicer import GalleryServicer
 from gallery_server.service import Gallery
 from gallery_server.signed_urls import SignedUploads
-from google.api import httpbody_pb2
-from google.protobuf import struct_pb2
 
 from .conftest import stored_files
 
@@ -48,7 +50,7 @@ def database_url(tmp_path: pathlib.Path) -> str:
 @pytest.fixture
 def make_server(gallery: Gallery) -> Callable[[auth.Principal], grpc_testing.Server]:
     def make(who: auth.Principal) -> grpc_testing.Server:
-        servicer = GalleryServicer(gallery, SignedUploads(gallery), principal=lambda: who)
+        servicer = GalleryServicer(gallery, SignedUploads(gallery), Devices(gallery), principal=lambda: who)
         return grpc_testing.server_from_dictionary({SERVICE: servicer}, grpc_testing.strict_real_time())
 
     return make
@@ -499,7 +501,7 @@ def test_failed_put_can_be_retried(make_server, gallery: Gallery, principal: aut
     small = dataclasses.replace(gallery.settings, max_thumbnail_bytes=100)
     tiny = Gallery(small, gallery.db, gallery.storage)
     server = grpc_testing.server_from_dictionary(
-        {SERVICE: GalleryServicer(tiny, SignedUploads(tiny), principal=lambda: principal)},
+        {SERVICE: GalleryServicer(tiny, SignedUploads(tiny), Devices(tiny), principal=lambda: principal)},
         grpc_testing.strict_real_time(),
     )
     response, _, _ = unary(server, "CreateUploadUrl",

@@ -1,8 +1,10 @@
-"""The `gallery` command: run the stack, serve gRPC alone, or mint a development token."""
+"""The `gallery` command: run the stack, serve gRPC alone, mint a development token, or run a
+device agent."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pathlib
 import sys
@@ -25,7 +27,25 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--scope", default=f"{auth.READ} {auth.WRITE}",
                        help="space-separated scopes (default: %(default)s)")
     token.add_argument("--ttl", type=int, default=86400, help="lifetime in seconds")
+    agent = commands.add_parser(
+        "agent", help="run a device agent: announce a folder's files, upload them when pulled",
+        description="Watches a folder, announces its files to the gallery and uploads a file when "
+        "someone pulls it. The token (scope gallery:device) is read from GALLERY_AGENT_TOKEN "
+        "unless --token is given (an environment variable is not visible in ps).",
+    )
+    agent.add_argument("--device", required=True, help="this device's id")
+    agent.add_argument("--dir", required=True, type=pathlib.Path, help="the folder to watch")
+    agent.add_argument("--server", default="http://localhost:8001",
+                       help="gallery URL: http://host:port, host:port or https://host (default: %(default)s)")
+    agent.add_argument("--token", default=None, help="bearer token (default: $GALLERY_AGENT_TOKEN)")
+    agent.add_argument("--scan-interval", type=float, default=2.0,
+                       help="seconds between scans of the folder (default: %(default)s)")
+    agent.add_argument("--max-rate", type=float, default=0,
+                       help="upload bandwidth limit in bytes per second; 0 for none (default)")
     args = parser.parse_args(argv)
+
+    if args.command == "agent":
+        return _agent(args)
 
     try:
         if args.command == "run" and not os.environ.get("GALLERY_JWT_SECRET"):
@@ -49,6 +69,26 @@ def main(argv: list[str] | None = None) -> int:
     from .supervisor import run
 
     return run(settings)
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from .agent import Agent
+
+    token = args.token or os.environ.get("GALLERY_AGENT_TOKEN", "")
+    if not token:
+        print("gallery agent: no token: set GALLERY_AGENT_TOKEN or pass --token", file=sys.stderr)
+        return 2
+    if not args.dir.is_dir():
+        print(f"gallery agent: {args.dir} is not a folder", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s gallery-agent: %(message)s")
+    try:
+        agent = Agent(device=args.device, root=args.dir, server=args.server, token=token,
+                      scan_interval=args.scan_interval, max_rate=args.max_rate)
+    except ValueError as exc:
+        print(f"gallery agent: {exc}", file=sys.stderr)
+        return 2
+    return agent.run()
 
 
 if __name__ == "__main__":

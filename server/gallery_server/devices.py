@@ -196,7 +196,16 @@ class Devices:
         )
         try:
             with self.db.session() as session:
-                session.add(command)
+                # Take the event's row lock first: an upload storing the content at this moment
+                # either commits before us (then there is nothing left to pull) or after us (then
+                # it closes this command in its own transaction).
+                still_on_device = session.exec(  # type: ignore[call-overload]
+                    sa.update(Event)
+                    .where(col(Event.id) == event_id, col(Event.state) == "on_device")
+                    .values(state="on_device")
+                ).rowcount
+                if still_on_device:
+                    session.add(command)
                 session.commit()
         except sa.exc.IntegrityError:
             pass  # a pull for this event is already open: do not queue another

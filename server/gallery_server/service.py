@@ -165,7 +165,9 @@ class Gallery:
                 if fill is not None:
                     self._lock_announced(session, event)
                 for file, destination in staged:
-                    file.move(destination)
+                    # A new event's paths must be free; an announced one may already have the
+                    # thumbnail the device sent with its announcement, which the upload replaces.
+                    file.move(destination, replace=fill is not None)
                 if before_insert is not None:
                     before_insert(session, event)
                 if fill is None:

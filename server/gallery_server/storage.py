@@ -18,7 +18,7 @@ import os
 import pathlib
 import secrets
 
-from .errors import TooLarge
+from .errors import AlreadyExists, TooLarge
 from .media_types import SNIFF_BYTES
 
 
@@ -99,10 +99,21 @@ class StagedFile:
             os.close(self._fd)
             self._fd = None
 
-    def move(self, destination: pathlib.Path) -> None:
+    def move(self, destination: pathlib.Path, *, replace: bool = True) -> None:
+        """Rename into place. With replace=False an existing file is never touched: the move
+        fails with AlreadyExists instead (a new event must not overwrite anyone's bytes)."""
         assert self._fd is None, "sync() first"
         destination.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.path, destination)
+        if replace:
+            os.replace(self.path, destination)
+        else:
+            try:
+                os.link(self.path, destination)
+            except FileExistsError:
+                raise AlreadyExists(
+                    "EVENT_EXISTS", f"{destination.name} is already stored", file=destination.name
+                ) from None
+            os.unlink(self.path)
         self.moved = True
         _fsync_dir(destination.parent)
 

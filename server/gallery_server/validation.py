@@ -48,6 +48,7 @@ def event_id(value: str) -> str:
 
 def display_name(value: str, field: str = "name") -> str:
     """A filename shown to users: never used to build a path, but kept printable and bounded."""
+    value = unicodedata.normalize("NFC", value)  # before measuring: NFC can lengthen a name
     if not value:
         raise InvalidArgument("NAME_REQUIRED", f"{field} is required", field=field)
     if len(value) > MAX_NAME_CHARS:
@@ -58,7 +59,7 @@ def display_name(value: str, field: str = "name") -> str:
         raise InvalidArgument(
             "NAME_INVALID", f"{field} contains control or unassigned characters", field=field
         )
-    return unicodedata.normalize("NFC", value)
+    return value
 
 
 def media_type(value: str) -> str:

@@ -20,7 +20,13 @@ from gallery_server import supervisor
 
 from ..conftest import JWT_SECRET
 
-pytestmark = pytest.mark.e2e
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Everything under tests/e2e needs the real stack: `make unit` deselects it with -m "not e2e".
+    here = pathlib.Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.e2e)
 
 
 def free_port() -> int:
@@ -47,9 +53,14 @@ class Stack:
 
 
 def start_stack(
-    data_dir: pathlib.Path, log_path: pathlib.Path, *, extra_env: dict[str, str] | None = None
+    data_dir: pathlib.Path,
+    log_path: pathlib.Path,
+    *,
+    extra_env: dict[str, str] | None = None,
+    ports: tuple[int, int, int] | None = None,
 ) -> Stack:
-    http_port, grpc_port, admin_port = free_port(), free_port(), free_port()
+    """Start `gallery run`; `ports` (http, grpc, envoy admin) are free ones unless given."""
+    http_port, grpc_port, admin_port = ports or (free_port(), free_port(), free_port())
     env = {
         **os.environ,
         "GALLERY_DATA_DIR": str(data_dir),
@@ -116,3 +127,11 @@ def auth_headers(mint: Callable[..., str]) -> Callable[..., dict[str, str]]:
 def envoy_channel(stack: Stack) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(stack.envoy_grpc_address) as channel:
         yield channel
+
+
+def stack_ports(stack: Stack) -> tuple[int, int, int]:
+    """(http, grpc, envoy admin) ports of a stack: start_stack(..., ports=...) restarts it on the
+    same address, so that clients that keep the address (device agents) reconnect to it."""
+    http_port = int(stack.base_url.rpartition(":")[2])
+    grpc_port = int(stack.grpc_address.rpartition(":")[2])
+    return http_port, grpc_port, stack.admin_port

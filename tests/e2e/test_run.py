@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 
 import httpx
 
@@ -41,8 +42,11 @@ def test_run_generates_secret_prints_token_and_stops_cleanly(tmp_path, monkeypat
         assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
         secret = secret_file.read_text().strip()
         assert len(secret) >= 32
-        match = re.search(r"export TOKEN=(\S+)", stack.log())
-        assert match, stack.log()
+        # The supervisor prints its banner once its own readiness checks pass.
+        deadline = time.monotonic() + 30
+        while not (match := re.search(r"export TOKEN=(\S+)", stack.log())):
+            assert time.monotonic() < deadline, stack.log()
+            time.sleep(0.1)
         token = match.group(1)
         r = httpx.get(stack.url("/api/gallery/device123/paths"),
                       headers={"Authorization": f"Bearer {token}"})

@@ -8,6 +8,7 @@ import time
 
 import jwt
 import pytest
+
 from gallery_server import auth
 from gallery_server.errors import PermissionDenied, Unauthenticated
 

@@ -10,7 +10,8 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import select
 
-from gallery_server import auth, devices as devices_module
+from gallery_server import auth
+from gallery_server import devices as devices_module
 from gallery_server.devices import Announcement, Devices
 from gallery_server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, TooLarge
 from gallery_server.models import DeviceCommand, DeviceConnection, Event

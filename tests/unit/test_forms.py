@@ -9,6 +9,7 @@ import pathlib
 from collections.abc import Iterator
 
 import pytest
+
 from gallery_server.errors import GalleryError, InvalidArgument, TooLarge
 from gallery_server.forms import FormReceiver, multipart_boundary
 from gallery_server.storage import Storage

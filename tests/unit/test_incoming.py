@@ -19,13 +19,14 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from sqlmodel import select
+
 from gallery_server import incoming, validation
 from gallery_server.db import Database
 from gallery_server.incoming import IncomingImporter
 from gallery_server.models import Event
 from gallery_server.service import Gallery
 from gallery_server.storage import Storage
-from sqlmodel import select
 
 from ..conftest import random_bytes
 

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import sqlalchemy as sa
+
 from gallery_server import auth, service
 from gallery_server.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, TooLarge
 from gallery_server.models import Event

@@ -11,6 +11,7 @@ import types
 from collections.abc import Iterator
 
 import pytest
+
 from gallery_server import auth, signed_urls
 from gallery_server.db import Database
 from gallery_server.errors import InvalidArgument, NotFound, PermissionDenied, TooLarge

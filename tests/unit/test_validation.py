@@ -6,6 +6,7 @@ import json
 import unicodedata
 
 import pytest
+
 from gallery_server import validation
 from gallery_server.errors import GalleryError, InvalidArgument
 

@@ -8,9 +8,10 @@ import threading
 from collections.abc import Callable, Iterator
 
 import grpc
+from google.protobuf import json_format
+
 from gallery.v1 import device_pb2 as pb
 from gallery.v1 import device_pb2_grpc
-from google.protobuf import json_format
 
 from .. import validation
 from ..auth import Principal

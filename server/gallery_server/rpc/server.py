@@ -8,9 +8,10 @@ import threading
 from concurrent import futures
 
 import grpc
-from gallery.v1 import device_pb2, device_pb2_grpc, gallery_pb2, gallery_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from gallery.v1 import device_pb2, device_pb2_grpc, gallery_pb2, gallery_pb2_grpc
 
 from ..db import Database
 from ..devices import Devices

@@ -10,10 +10,11 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 
 import grpc
-from gallery.v1 import gallery_pb2 as pb
-from gallery.v1 import gallery_pb2_grpc
 from google.api.httpbody_pb2 import HttpBody
 from google.protobuf import json_format
+
+from gallery.v1 import gallery_pb2 as pb
+from gallery.v1 import gallery_pb2_grpc
 
 from .. import validation
 from ..auth import Principal

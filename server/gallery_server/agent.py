@@ -1,0 +1,443 @@
+"""`gallery agent`: the device side of the gallery, and the reference for device integrators.
+
+A device keeps its media and tells the gallery what it holds; the gallery fetches the content only
+when someone pulls it. The protocol (protos/gallery/v1/device.proto), as this agent speaks it:
+
+1. Every call carries `authorization: Bearer <token>` metadata. The token's `devices` claim names
+   this device and its scope includes `gallery:device`.
+2. DeviceService.AnnounceEvents(device, events) lists files without their content, at most 1000
+   per call: device_key (the device's stable key; here the path relative to the watched folder),
+   name, size, created, sha256 and an optional small JPEG thumbnail. It is idempotent per
+   device_key (the same key gets the same event id back), so the agent keeps no state file: it
+   announces everything again on start and after every reconnect, which also lets a server that
+   lost its database converge.
+3. DeviceService.Connect is the command channel, a bidirectional stream. The device sends
+   `hello{device}` first; the server streams a heartbeat at once and every few seconds, and
+   `command`s. Commands are durable and delivered at least once, so one may arrive twice.
+4. On `upload_event{event_id, device_key, name}` the device sends `ack`, then streams the file
+   with GalleryService.UploadEvent: a header{device, event_id, name, size} then 1 MiB media_chunk
+   messages, reporting `progress{bytes_sent}` on the channel. The upload succeeding is the
+   command's success; when the file cannot be sent the device answers `failure{reason}`.
+   FAILED_PRECONDITION with reason EVENT_ALREADY_STORED means an earlier attempt got through.
+5. When the channel ends or fails (or stays silent), reconnect with exponential backoff and full
+   jitter. Uploads run in their own threads and retry transient errors the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import logging
+import mimetypes
+import os
+import pathlib
+import queue
+import random
+import signal
+import stat
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from gallery.v1 import device_pb2 as dpb
+from gallery.v1 import device_pb2_grpc, gallery_pb2_grpc
+from gallery.v1 import gallery_pb2 as gpb
+
+log = logging.getLogger("gallery.agent")
+
+CHUNK = 1 << 20  # bytes per media_chunk message
+MAX_ANNOUNCE = 1000  # events per AnnounceEvents call (the server's limit)
+MAX_KEY_CHARS = 512  # the server's limit on device_key
+THUMBNAIL_PX = 320
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 30.0
+CHANNEL_SILENCE_S = 30.0  # the server heartbeats every 5 s: this much silence means a dead channel
+PROGRESS_EVERY_S = 1.0
+IGNORED_SUFFIXES = (".part", ".tmp")  # files still being written by convention
+# Worth retrying: the server or the network is away, or had a passing problem.
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                       grpc.StatusCode.CANCELLED})
+
+
+def backoff_delay(attempt: int, rng: Callable[[], float] = random.random) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt))."""
+    return rng() * min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(attempt, 32))
+
+
+def parse_server(url: str) -> tuple[str, bool]:
+    """`http://host:port` or `host:port` -> (host:port, insecure); `https://...` -> secure."""
+    parsed = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+    secure = parsed.scheme in ("https", "grpcs")
+    if parsed.scheme not in ("http", "https", "grpc", "grpcs") or not parsed.hostname:
+        raise ValueError(f"not a server URL: {url!r}")
+    host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
+    return f"{host}:{parsed.port or (443 if secure else 80)}", secure
+
+
+def resolve_key(root: pathlib.Path, device_key: str) -> pathlib.Path:
+    """The file a device_key names; ValueError for a key that would leave the watched folder."""
+    key = pathlib.PurePosixPath(device_key)
+    if not device_key or "\x00" in device_key or key.is_absolute() or ".." in key.parts:
+        raise ValueError(f"device_key {device_key!r} is not a path inside the folder")
+    base = root.resolve()
+    path = (base / key).resolve()  # follows symlinks, so a link pointing outside is refused too
+    if path == base or not path.is_relative_to(base):
+        raise ValueError(f"device_key {device_key!r} leads outside the folder")
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class FileInfo:
+    key: str  # path relative to the folder, with "/" separators: the device_key
+    path: pathlib.Path
+    size: int
+    mtime_ns: int
+
+
+def list_files(root: pathlib.Path) -> dict[str, FileInfo]:
+    """Regular files under root, skipping dotfiles, dot-folders, *.part/*.tmp and symlinks."""
+    found = {}
+    for folder, subfolders, names in os.walk(root):  # does not descend into symlinked folders
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        for name in names:
+            if name.startswith(".") or name.endswith(IGNORED_SUFFIXES) or not name.isprintable():
+                continue
+            path = pathlib.Path(folder, name)
+            try:
+                st = path.lstat()
+            except OSError:
+                continue  # gone since the listing
+            key = path.relative_to(root).as_posix()
+            if stat.S_ISREG(st.st_mode) and len(key) <= MAX_KEY_CHARS and len(name) <= 255:
+                found[key] = FileInfo(key, path, st.st_size, st.st_mtime_ns)
+    return found
+
+
+class Scanner:
+    """Polls the folder; a file counts once its size and mtime held still for one scan interval."""
+
+    def __init__(self, root: pathlib.Path) -> None:
+        self.root = root
+        self._previous: dict[str, tuple[int, int]] = {}
+
+    def scan(self) -> list[FileInfo]:
+        current = list_files(self.root)
+        stable = [f for k, f in current.items() if self._previous.get(k) == (f.size, f.mtime_ns)]
+        self._previous = {k: (f.size, f.mtime_ns) for k, f in current.items()}
+        return sorted(stable, key=lambda f: f.key)
+
+
+def make_thumbnail(path: pathlib.Path) -> bytes:
+    """A JPEG at most THUMBNAIL_PX on its longer side, or b"" if the image cannot be read."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (THUMBNAIL_PX, THUMBNAIL_PX))  # JPEG: decode at a reduced scale
+            small = ImageOps.exif_transpose(image).convert("RGB")
+            small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+            out = io.BytesIO()
+            small.save(out, "JPEG", quality=80)
+            return out.getvalue()
+    except Exception:  # noqa: BLE001  (a thumbnail is optional: any failure means none)
+        return b""
+
+
+def file_sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe(info: FileInfo, sha256: str = "") -> dpb.AnnouncedEvent:
+    """The announcement of one file, with a thumbnail for an image; hashes it unless given."""
+    created = Timestamp()
+    created.FromNanoseconds(info.mtime_ns)
+    is_image = (mimetypes.guess_type(info.path.name)[0] or "").startswith("image/")
+    return dpb.AnnouncedEvent(
+        device_key=info.key, name=info.path.name, size=info.size, created=created,
+        sha256=sha256 or file_sha256(info.path), thumbnail=make_thumbnail(info.path) if is_image else b"",
+    )
+
+
+def error_reason(error: grpc.RpcError) -> str:
+    """The ErrorInfo reason of a gallery error (e.g. EVENT_ALREADY_STORED), or ""."""
+    status = rpc_status.from_call(error) if isinstance(error, grpc.Call) else None
+    for detail in status.details if status else []:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.reason
+    return ""
+
+
+class _ReadError(Exception):
+    """The file could not be read while uploading it."""
+
+
+class _Stopped(Exception):
+    """The agent is stopping: the upload was cancelled."""
+
+
+class Agent:
+    def __init__(self, *, device: str, root: pathlib.Path, server: str, token: str,
+                 scan_interval: float = 2.0, max_rate: float = 0) -> None:
+        self.device, self.root, self.scan_interval, self.max_rate = device, root, scan_interval, max_rate
+        target, secure = parse_server(server)
+        self._channel = (grpc.secure_channel(target, grpc.ssl_channel_credentials()) if secure
+                         else grpc.insecure_channel(target))
+        self._devices = device_pb2_grpc.DeviceServiceStub(self._channel)
+        self._gallery = gallery_pb2_grpc.GalleryServiceStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._outbox: queue.Queue[dpb.ConnectRequest | None] | None = None  # the open channel's
+        self._call: grpc.Call | None = None
+        self._reannounce = threading.Event()
+        self._announced: dict[str, tuple[int, int]] = {}  # key -> (size, mtime_ns) announced
+        self._hashes: dict[str, tuple[int, int, str]] = {}  # key -> (size, mtime_ns, sha256)
+        self._upload_threads: list[threading.Thread] = []
+        # A command concerns one event, so event ids stand for handled command ids: an event
+        # uploaded (or being uploaded) is not uploaded again, whichever command asks.
+        self._uploaded: set[str] = set()
+        self._uploading: set[str] = set()
+
+    # -- main loop: watch the folder and announce --------------------------------------------
+
+    def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.stop.set())
+        log.info("agent for device %s watching %s", self.device, self.root)
+        channel_thread = threading.Thread(target=self._channel_loop, name="channel", daemon=True)
+        channel_thread.start()
+        scanner = Scanner(self.root)
+        while not self.stop.is_set():
+            if self._reannounce.is_set():  # a (re)connected server may have forgotten us
+                self._reannounce.clear()
+                self._announced.clear()
+            todo = [f for f in scanner.scan() if self._announced.get(f.key) != (f.size, f.mtime_ns)]
+            try:
+                self.announce(todo)
+            except grpc.RpcError as exc:
+                log.warning("announce failed (%s: %s); will retry", exc.code().name, exc.details())
+            self.stop.wait(self.scan_interval)
+        log.info("stopping")
+        if self._call is not None:
+            self._call.cancel()
+        for thread in [channel_thread, *self._upload_threads]:
+            thread.join(timeout=5)
+        self._channel.close()
+        return 0
+
+    def announce(self, files: list[FileInfo]) -> None:
+        events = []
+        for info in files:
+            known = self._hashes.get(info.key)  # hash a file once, not on every re-announcement
+            try:
+                event = describe(info, known[2] if known and known[:2] == (info.size, info.mtime_ns) else "")
+            except OSError:
+                continue  # vanished or unreadable: the next scan decides
+            self._hashes[info.key] = (info.size, info.mtime_ns, event.sha256)
+            events.append((info, event))
+        for start in range(0, len(events), MAX_ANNOUNCE):
+            batch = events[start:start + MAX_ANNOUNCE]
+            response = self._devices.AnnounceEvents(
+                dpb.AnnounceEventsRequest(device=self.device, events=[e for _, e in batch]),
+                metadata=self._metadata, timeout=60,
+            )
+            for info, _ in batch:
+                self._announced[info.key] = (info.size, info.mtime_ns)
+            stored = sum(r.state == "stored" for r in response.results)
+            log.info("announced %d file(s) (%d already stored)", len(batch), stored)
+
+    # -- the command channel ------------------------------------------------------------------
+
+    def _channel_loop(self) -> None:
+        attempt = 0
+        while not self.stop.is_set():
+            if self._connect_once():
+                attempt = 0  # it worked for a while: start the backoff over
+            if self.stop.is_set():
+                return
+            delay = backoff_delay(attempt)
+            attempt += 1
+            log.info("reconnecting in %.1fs", delay)
+            self.stop.wait(delay)
+
+    def _connect_once(self) -> bool:
+        """Runs one Connect stream until it ends; True if the server answered at all."""
+        outbox: queue.Queue[dpb.ConnectRequest | None] = queue.Queue()
+
+        def requests() -> Iterator[dpb.ConnectRequest]:
+            yield dpb.ConnectRequest(hello=dpb.DeviceHello(device=self.device, agent="gallery-agent/py"))
+            while (message := outbox.get()) is not None:
+                yield message
+
+        call = self._devices.Connect(requests(), metadata=self._metadata)
+        self._call = call
+        if self.stop.is_set():  # stopped while connecting: run() may have missed this call
+            call.cancel()
+        last_seen = time.monotonic()
+        ended = threading.Event()
+
+        def watchdog() -> None:  # heartbeats stopped: the connection is dead without knowing it
+            while not ended.wait(1):
+                if time.monotonic() - last_seen > CHANNEL_SILENCE_S:
+                    log.warning("no heartbeat for %.0fs; dropping the channel", CHANNEL_SILENCE_S)
+                    call.cancel()
+                    return
+
+        threading.Thread(target=watchdog, name="watchdog", daemon=True).start()
+        established = False
+        try:
+            for response in call:
+                last_seen = time.monotonic()
+                if not established:
+                    established = True
+                    with self._lock:
+                        self._outbox = outbox
+                    self._reannounce.set()
+                    log.info("channel open")
+                if response.HasField("command"):
+                    self._on_command(response.command)
+            log.info("channel closed by the server")
+        except grpc.RpcError as exc:
+            if not self.stop.is_set():
+                log.warning("channel failed: %s: %s", exc.code().name, exc.details())
+        finally:
+            ended.set()
+            with self._lock:
+                self._outbox = None
+            outbox.put(None)  # ends requests(), so gRPC's sending thread finishes
+        return established
+
+    def _send(self, message: dpb.ConnectRequest) -> None:
+        """Sends on the open channel; dropped when there is none (an unanswered command is
+        delivered again after the reconnect)."""
+        with self._lock:
+            if self._outbox is not None:
+                self._outbox.put(message)
+
+    def _on_command(self, command: dpb.Command) -> None:
+        if command.WhichOneof("action") != "upload_event":
+            log.warning("command %s: unknown action; refusing it", command.id)
+            self._send(dpb.ConnectRequest(failure=dpb.CommandFailure(
+                command_id=command.id, reason="this agent does not support the command")))
+            return
+        self._send(dpb.ConnectRequest(ack=dpb.CommandAck(command_id=command.id)))
+        up = command.upload_event
+        with self._lock:
+            if up.event_id in self._uploaded or up.event_id in self._uploading:
+                log.info("command %s: %s already uploaded or uploading", command.id, up.device_key)
+                return
+            self._uploading.add(up.event_id)
+        log.info("command %s: upload %s as %s", command.id, up.device_key, up.event_id)
+        thread = threading.Thread(target=self._upload, args=(command.id, up), name="upload", daemon=True)
+        thread.start()
+        self._upload_threads = [t for t in self._upload_threads if t.is_alive()] + [thread]
+
+    # -- uploads ------------------------------------------------------------------------------
+
+    def _upload(self, command_id: str, up: dpb.UploadEventCommand) -> None:
+        try:
+            if self._upload_with_retries(command_id, up):
+                with self._lock:
+                    self._uploaded.add(up.event_id)
+        finally:
+            with self._lock:
+                self._uploading.discard(up.event_id)
+
+    def _fail(self, command_id: str, up: dpb.UploadEventCommand, reason: str) -> bool:
+        log.warning("command %s: %s: %s", command_id, up.device_key, reason)
+        self._send(dpb.ConnectRequest(failure=dpb.CommandFailure(command_id=command_id, reason=reason)))
+        return False
+
+    def _upload_with_retries(self, command_id: str, up: dpb.UploadEventCommand) -> bool:
+        attempt = 0
+        while not self.stop.is_set():
+            try:
+                path = resolve_key(self.root, up.device_key)
+                f = path.open("rb")
+            except ValueError as exc:
+                return self._fail(command_id, up, f"refused: {exc}")
+            except FileNotFoundError:
+                return self._fail(command_id, up, "file no longer on device")
+            except OSError as exc:
+                return self._fail(command_id, up, f"cannot read the file: {exc.strerror}")
+            try:
+                with f:
+                    self._send_file(command_id, up, f)
+                log.info("command %s: uploaded %s", command_id, up.device_key)
+                return True
+            except _ReadError as exc:
+                return self._fail(command_id, up, f"cannot read the file: {exc}")
+            except _Stopped:
+                return False
+            except grpc.RpcError as exc:
+                if self.stop.is_set():
+                    return False
+                code, reason = exc.code(), error_reason(exc)
+                if code == grpc.StatusCode.FAILED_PRECONDITION and reason == "EVENT_ALREADY_STORED":
+                    log.info("command %s: %s was already stored", command_id, up.device_key)
+                    return True
+                if code not in TRANSIENT:
+                    return self._fail(command_id, up, f"upload refused: {exc.details()}")
+                delay = backoff_delay(attempt)
+                attempt += 1
+                log.warning("command %s: upload failed (%s: %s); retrying in %.1fs",
+                            command_id, code.name, exc.details(), delay)
+                self.stop.wait(delay)
+        return False
+
+    def _send_file(self, command_id: str, up: dpb.UploadEventCommand, f: BinaryIO) -> None:
+        # Declaring the size makes the server refuse a stream that ends early (stop, read error)
+        # or a file that grew; the announced sha256 makes it refuse changed content.
+        size = os.fstat(f.fileno()).st_size
+        read_error: list[OSError] = []
+
+        def requests() -> Iterator[gpb.UploadEventRequest]:
+            yield gpb.UploadEventRequest(header=gpb.UploadHeader(
+                device=self.device, event_id=up.event_id, name=up.name, size=size))
+            sent, started, reported = 0, time.monotonic(), time.monotonic()
+            while not self.stop.is_set():
+                try:
+                    chunk = f.read(CHUNK)
+                except OSError as exc:
+                    read_error.append(exc)
+                    return
+                except ValueError:  # closed: the call has ended already
+                    return
+                if not chunk:
+                    break
+                yield gpb.UploadEventRequest(media_chunk=chunk)
+                sent += len(chunk)
+                if self.max_rate:  # optional bandwidth cap
+                    self.stop.wait(max(0.0, started + sent / self.max_rate - time.monotonic()))
+                if time.monotonic() - reported >= PROGRESS_EVERY_S:
+                    reported = time.monotonic()
+                    self._send(dpb.ConnectRequest(progress=dpb.CommandProgress(
+                        command_id=command_id, bytes_sent=sent)))
+
+        future = self._gallery.UploadEvent.future(requests(), metadata=self._metadata)
+        done = threading.Event()
+        future.add_done_callback(lambda _: done.set())
+        try:
+            while not done.wait(0.2):
+                if self.stop.is_set():
+                    future.cancel()
+                    raise _Stopped()
+            future.result()
+        except grpc.RpcError:
+            if read_error:
+                raise _ReadError(read_error[0].strerror or str(read_error[0])) from None
+            raise

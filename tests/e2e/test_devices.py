@@ -1,0 +1,351 @@
+"""Devices in the loop, end to end: a real `gallery agent` process against the real stack.
+
+The agent announces the files of its folder; a REST client pulls one; the agent receives the
+command on its channel and uploads the content; the REST client downloads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import grpc
+import httpx
+import pytest
+from PIL import Image
+
+from gallery.v1 import device_pb2 as dpb
+from gallery.v1 import device_pb2_grpc, gallery_pb2_grpc
+from gallery.v1 import gallery_pb2 as gpb
+from gallery_server import agent as agent_module
+from gallery_server import auth
+
+from .conftest import Stack, stack_ports, start_stack, stop_stack
+
+DOCUMENTED_FIELDS = {"id", "name", "media_type", "size", "has_thumbnail", "created", "mime_type", "sha256"}
+
+
+@dataclasses.dataclass
+class AgentProcess:
+    process: subprocess.Popen[bytes]
+    log_path: pathlib.Path
+    token: str
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(timeout=15) == 0, self.log()
+        assert self.token not in self.log()
+
+
+@pytest.fixture
+def run_agent(mint: Callable[..., str], tmp_path: pathlib.Path) -> Iterator[Callable[..., AgentProcess]]:
+    """run_agent(stack, device, folder, *extra_args) -> a running `gallery agent` subprocess."""
+    started: list[AgentProcess] = []
+
+    def _run(stack: Stack, device: str, folder: pathlib.Path, *extra: str) -> AgentProcess:
+        token = mint(devices=[device], scope=auth.DEVICE, sub=f"device-{device}")
+        log_path = tmp_path / f"agent-{len(started)}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "gallery_server", "agent", "--device", device,
+                 "--dir", str(folder), "--server", stack.base_url, "--scan-interval", "0.3", *extra],
+                env={**os.environ, "GALLERY_AGENT_TOKEN": token}, stdout=log, stderr=log,
+            )
+        assert token not in " ".join(process.args)  # type: ignore[arg-type]  (not visible in ps)
+        started.append(AgentProcess(process, log_path, token))
+        return started[-1]
+
+    yield _run
+    for agent in started:
+        if agent.process.poll() is None:
+            agent.process.kill()
+            agent.process.wait()
+
+
+def wait_for(check: Callable[[], object], timeout: float, what: str) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def list_events(http: httpx.Client, headers: dict[str, str], device: str) -> list[dict]:
+    r = http.get(f"/api/gallery/{device}/events", headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_announced(http, headers, device: str, count: int, agent: AgentProcess) -> dict[str, dict]:
+    def announced() -> list[dict] | None:
+        events = list_events(http, headers, device)
+        return events if len(events) == count else None
+
+    try:
+        events = wait_for(announced, 15, f"{count} announced events")
+    except AssertionError:
+        raise AssertionError(agent.log()) from None
+    return {e["name"]: e for e in events}  # type: ignore[union-attr]
+
+
+def get_event(http: httpx.Client, headers: dict[str, str], device: str, event_id: str) -> dict:
+    r = http.get(f"/api/gallery/{device}/events/{event_id}", headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_stored(http, headers, device: str, event_id: str, timeout: float, agent: AgentProcess) -> dict:
+    try:
+        return wait_for(  # type: ignore[return-value]
+            lambda: (e := get_event(http, headers, device, event_id))["state"] == "stored" and e,
+            timeout, f"{event_id} stored",
+        )
+    except AssertionError:
+        raise AssertionError(agent.log()) from None
+
+
+def command_count(data_dir: pathlib.Path, event_id: str) -> int:
+    with sqlite3.connect(data_dir / "gallery.db") as db:
+        return db.execute("SELECT count(*) FROM device_commands WHERE event_id = ?", (event_id,)).fetchone()[0]
+
+
+def content(http: httpx.Client, headers: dict[str, str], device: str, event_id: str) -> bytes:
+    r = http.get(f"/api/gallery/{device}/events/{event_id}/content", headers=headers)
+    assert r.status_code == 200, r.text
+    return r.content
+
+
+def new_device() -> str:
+    return f"cam-{uuid.uuid4().hex[:10]}"
+
+
+def test_announce_pull_and_download(stack, http, auth_headers, run_agent, tmp_path, envoy_channel):
+    device, folder, headers = new_device(), tmp_path / "dcim", auth_headers()
+    (folder / "sub").mkdir(parents=True)
+    Image.new("RGB", (800, 600), "teal").save(folder / "photo.jpg")
+    clip = os.urandom(3 * (1 << 20) + 123)
+    (folder / "sub" / "clip.mp4").write_bytes(clip)
+    (folder / ".hidden.jpg").write_bytes(b"not announced")
+    (folder / "half.mp4.part").write_bytes(b"not announced")
+    agent = run_agent(stack, device, folder)
+
+    events = wait_announced(http, headers, device, 2, agent)
+    for event in events.values():
+        assert DOCUMENTED_FIELDS <= set(event), event
+        assert event["state"] == "on_device"
+    photo, video = events["photo.jpg"], events["clip.mp4"]
+    assert (photo["media_type"], photo["has_thumbnail"]) == ("image", True)
+    assert (video["media_type"], video["has_thumbnail"], video["size"]) == ("video", False, len(clip))
+    assert video["sha256"] == hashlib.sha256(clip).hexdigest()
+    assert get_event(http, headers, device, video["id"])["state"] == "on_device"
+    with Image.open(stack.data_dir / "media" / device / f"{photo['id']}.thumb") as thumbnail:
+        assert thumbnail.format == "JPEG" and max(thumbnail.size) == 320
+    r = http.get(f"/api/gallery/{device}/events/{video['id']}/content", headers=headers)
+    assert r.status_code == 400 and "pull" in r.text
+
+    # Pull over REST: the pull is recorded, the agent uploads, the content is there.
+    r = http.post(f"/api/gallery/{device}/pull/{video['id']}", headers=headers)
+    assert r.status_code == 200, r.text
+    assert (r.json()["success"], r.json()["eventId"]) == (True, video["id"])
+    stored = wait_stored(http, headers, device, video["id"], 20, agent)
+    assert stored["pull"]["state"] == "completed" and stored["sha256"] == video["sha256"]
+    assert content(http, headers, device, video["id"]) == clip
+    assert command_count(stack.data_dir, video["id"]) == 1
+
+    # A stored event: success at once, no new command.
+    r = http.post(f"/api/gallery/{device}/pull/{video['id']}", headers=headers)
+    assert r.status_code == 200 and r.json()["success"] is True and r.json()["state"] == "stored"
+    assert command_count(stack.data_dir, video["id"]) == 1
+
+    # ?wait answers once the content is there.
+    r = http.post(f"/api/gallery/{device}/pull/{photo['id']}?wait=20", headers=headers)
+    assert r.status_code == 200, r.text
+    assert (r.json()["success"], r.json()["state"]) == (True, "stored"), agent.log()
+    assert content(http, headers, device, photo["id"]) == (folder / "photo.jpg").read_bytes()
+    assert [e["state"] for e in list_events(http, headers, device)] == ["stored", "stored"]
+    agent.stop()
+
+    # Uploading a stored event again is refused with the reason the agent takes as "done".
+    def upload_again() -> Iterator[gpb.UploadEventRequest]:
+        yield gpb.UploadEventRequest(header=gpb.UploadHeader(device=device, event_id=photo["id"]))
+        yield gpb.UploadEventRequest(media_chunk=b"x")
+
+    with pytest.raises(grpc.RpcError) as failed:
+        gallery_pb2_grpc.GalleryServiceStub(envoy_channel).UploadEvent(
+            upload_again(), metadata=[("authorization", f"Bearer {agent.token}")], timeout=10)
+    assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert agent_module.error_reason(failed.value) == "EVENT_ALREADY_STORED"
+
+
+def test_pull_waits_for_an_offline_device(stack, http, auth_headers, run_agent, tmp_path):
+    device, folder, headers = new_device(), tmp_path / "dcim", auth_headers()
+    folder.mkdir()
+    data = os.urandom(1 << 20)
+    (folder / "late.mov").write_bytes(data)
+    agent = run_agent(stack, device, folder, "--max-rate", str(1 << 19))  # 2 s: it reports progress
+    event = wait_announced(http, headers, device, 1, agent)["late.mov"]
+    agent.stop()
+
+    for _ in range(3):
+        r = http.post(f"/api/gallery/{device}/pull/{event['id']}", headers=headers)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["success"], body["state"], body["pull"]["state"]) == (True, "on_device", "pending")
+    assert get_event(http, headers, device, event["id"])["pull"]["state"] == "pending"
+    assert command_count(stack.data_dir, event["id"]) == 1
+
+    agent = run_agent(stack, device, folder, "--max-rate", str(1 << 19))
+    wait_stored(http, headers, device, event["id"], 20, agent)
+    assert content(http, headers, device, event["id"]) == data
+    with sqlite3.connect(stack.data_dir / "gallery.db") as db:
+        [(bytes_sent,)] = db.execute("SELECT bytes_sent FROM device_commands WHERE event_id = ?",
+                                     (event["id"],)).fetchall()
+    assert bytes_sent > 0
+    agent.stop()
+
+
+def test_pulls_racing_the_upload_leave_no_open_command(stack, http, auth_headers, run_agent, tmp_path):
+    device, folder, headers = new_device(), tmp_path / "dcim", auth_headers()
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.mp4").write_bytes(os.urandom(2 << 20))
+    agent = run_agent(stack, device, folder)
+    events = wait_announced(http, headers, device, 4, agent).values()
+
+    def pull_until_stored(event_id: str) -> None:
+        with httpx.Client(base_url=stack.base_url, headers=headers, timeout=30) as client:
+            deadline = time.monotonic() + 20
+            while client.post(f"/api/gallery/{device}/pull/{event_id}").json()["state"] != "stored":
+                assert time.monotonic() < deadline
+
+    pullers = [threading.Thread(target=pull_until_stored, args=(e["id"],)) for e in events for _ in range(3)]
+    for thread in pullers:
+        thread.start()
+    for thread in pullers:
+        thread.join()
+    time.sleep(0.5)  # let a command that slipped in reach the agent
+    for event in events:
+        assert get_event(http, headers, device, event["id"])["pull"]["state"] == "completed"
+        assert command_count(stack.data_dir, event["id"]) == 1
+    agent.stop()
+
+
+def test_device_failure_is_reported(stack, http, auth_headers, run_agent, tmp_path):
+    device, folder, headers = new_device(), tmp_path / "dcim", auth_headers()
+    folder.mkdir()
+    (folder / "gone.jpg").write_bytes(b"\xff\xd8 soon deleted")
+    agent = run_agent(stack, device, folder)
+    event = wait_announced(http, headers, device, 1, agent)["gone.jpg"]
+    (folder / "gone.jpg").unlink()
+
+    r = http.post(f"/api/gallery/{device}/pull/{event['id']}?wait=5", headers=headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["success"], body["state"], body["pull"]["state"]) == (False, "on_device", "failed"), agent.log()
+    assert "no longer on device" in body["pull"]["error"]
+    shown = get_event(http, headers, device, event["id"])
+    assert (shown["state"], shown["pull"]["state"]) == ("on_device", "failed")
+    assert shown["pull"]["error"] == body["pull"]["error"]
+    agent.stop()
+
+
+def test_devices_cannot_reach_each_others_events(stack, http, auth_headers, mint, envoy_channel):
+    dev_a, dev_b = new_device(), new_device()
+    token_a = [("authorization", f"Bearer {mint(devices=[dev_a], scope=auth.DEVICE)}")]
+    token_b = [("authorization", f"Bearer {mint(devices=[dev_b], scope=auth.DEVICE)}")]
+    devices = device_pb2_grpc.DeviceServiceStub(envoy_channel)
+    gallery = gallery_pb2_grpc.GalleryServiceStub(envoy_channel)
+    announced = devices.AnnounceEvents(dpb.AnnounceEventsRequest(device=dev_b, events=[
+        dpb.AnnouncedEvent(device_key="b/1.jpg", name="1.jpg", size=3)]), metadata=token_b)
+    event_b = announced.results[0].event_id
+
+    # REST: the event is not devA's; a token for devA only does not open devB.
+    r = http.post(f"/api/gallery/{dev_a}/pull/{event_b}", headers=auth_headers())
+    assert r.status_code == 404, r.text
+    r = http.post(f"/api/gallery/{dev_b}/pull/{event_b}", headers=auth_headers(devices=[dev_a]))
+    assert r.status_code == 403, r.text
+    r = http.post(f"/api/gallery/{dev_b}/pull/{event_b}", headers=auth_headers(devices=[dev_b], scope=auth.DEVICE))
+    assert r.status_code == 403, r.text  # a device token cannot pull
+
+    # gRPC: devA's device token can neither open devB's channel, nor announce or upload for it.
+    def hello_b() -> Iterator[dpb.ConnectRequest]:
+        yield dpb.ConnectRequest(hello=dpb.DeviceHello(device=dev_b))
+
+    with pytest.raises(grpc.RpcError) as failed:
+        next(iter(devices.Connect(hello_b(), metadata=token_a, timeout=10)))
+    assert failed.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as failed:
+        devices.AnnounceEvents(dpb.AnnounceEventsRequest(device=dev_b, events=[
+            dpb.AnnouncedEvent(device_key="x", name="x.jpg")]), metadata=token_a, timeout=10)
+    assert failed.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    def upload(device: str) -> Iterator[gpb.UploadEventRequest]:
+        yield gpb.UploadEventRequest(header=gpb.UploadHeader(device=device, event_id=event_b, name="1.jpg"))
+        yield gpb.UploadEventRequest(media_chunk=b"abc")
+
+    for device, code, reason in ((dev_b, grpc.StatusCode.PERMISSION_DENIED, "DEVICE_NOT_ALLOWED"),
+                                 (dev_a, grpc.StatusCode.NOT_FOUND, "EVENT_NOT_FOUND")):
+        with pytest.raises(grpc.RpcError) as failed:
+            gallery.UploadEvent(upload(device), metadata=token_a, timeout=10)
+        assert (failed.value.code(), agent_module.error_reason(failed.value)) == (code, reason)
+    assert get_event(http, auth_headers(), dev_b, event_b)["state"] == "on_device"
+
+
+def test_upload_survives_a_server_restart(auth_headers, run_agent, tmp_path):
+    """The stack dies mid-upload and comes back on the same address with the same data: the
+    still-running agent reconnects, uploads again and the pull completes, once."""
+    root = tmp_path / "restart"
+    root.mkdir()
+    stack = start_stack(root / "data", root / "gallery-1.log")
+    try:
+        device, folder, headers = new_device(), tmp_path / "dcim", auth_headers()
+        folder.mkdir()
+        block = os.urandom(1 << 20)
+        big = folder / "big.mp4"
+        with big.open("wb") as f:
+            for i in range(64):  # 64 MiB, every MiB different
+                f.write(i.to_bytes(8, "big") + block[8:])
+        digest = hashlib.sha256(big.read_bytes()).hexdigest()
+        # Capped at 16 MiB/s so that the upload is surely in flight when the stack goes down.
+        agent = run_agent(stack, device, folder, "--max-rate", str(16 << 20))
+        with httpx.Client(base_url=stack.base_url, timeout=30) as client:
+            event = wait_announced(client, headers, device, 1, agent)["big.mp4"]
+            r = client.post(f"/api/gallery/{device}/pull/{event['id']}", headers=headers)
+            assert r.status_code == 200 and r.json()["success"] is True, r.text
+
+        def staged_bytes() -> int:
+            return sum(p.stat().st_size for p in (root / "data" / "staging").iterdir() if p.is_file())
+
+        wait_for(lambda: staged_bytes() > (4 << 20), 15, "the upload to be under way")
+        ports = stack_ports(stack)
+        stop_stack(stack)
+        assert stack.process.returncode == 0, stack.log()
+        stack = start_stack(root / "data", root / "gallery-2.log", ports=ports)
+
+        with httpx.Client(base_url=stack.base_url, timeout=30) as client:
+            stored = wait_stored(client, headers, device, event["id"], 45, agent)
+            assert stored["sha256"] == digest and stored["size"] == 64 << 20
+            assert hashlib.sha256(content(client, headers, device, event["id"])).hexdigest() == digest
+            assert [e["id"] for e in list_events(client, headers, device)] == [event["id"]]
+        assert command_count(root / "data", event["id"]) == 1
+        assert staged_bytes() == 0  # the interrupted upload left nothing behind
+        assert "retrying" in agent.log() or "reconnecting" in agent.log()
+        agent.stop()
+    finally:
+        stop_stack(stack)
