@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 from gallery_server import supervisor
 
@@ -176,6 +177,14 @@ def reset_peak(pid: int) -> bool:
         return False
 
 
+def machine_busy_seconds() -> float:
+    """CPU time (all CPUs, every process and the kernel) spent not idle since boot."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (all its threads)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -197,10 +206,13 @@ class MemoryProbe:
         self.baseline: dict[str, int] = {}
         self.peak: dict[str, int] = {}
         self.hwm_reset: dict[str, bool] = {}
+        self.started = 0.0  # time.monotonic() at __enter__
+        self.series: list[tuple[float, ...]] = []  # (seconds since start, RSS KiB of each pid in order)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
 
     def __enter__(self) -> MemoryProbe:
+        self.started = time.monotonic()
         for name, pid in self.pids.items():
             self.baseline[name] = rss_kib(pid)
             self.hwm_reset[name] = reset_peak(pid)
@@ -210,11 +222,15 @@ class MemoryProbe:
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
+            row: list[float] = [round(time.monotonic() - self.started, 3)]
             for name, pid in self.pids.items():
                 try:
-                    self.peak[name] = max(self.peak[name], rss_kib(pid))
+                    rss = rss_kib(pid)
                 except (FileNotFoundError, ProcessLookupError):
-                    pass
+                    rss = 0
+                self.peak[name] = max(self.peak[name], rss)
+                row.append(rss)
+            self.series.append(tuple(row))
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
