@@ -1,155 +1,15 @@
-"""The real stack for benchmarks: `python -m gallery_server run` (the supervisor that owns the gRPC
-server and the real Envoy binary) on free ports and a temporary data root, plus /proc probes for the
-memory and CPU of its processes.
-
-Deliberately independent of tests/: benchmarks must not import test code.
+"""/proc probes for the memory and CPU of the stack's processes. The stack itself comes from
+gallery_server.local_stack (`gallery run` on free ports), as in the end-to-end tests.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import pathlib
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
-from gallery_server import supervisor
-
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclasses.dataclass
-class Stack:
-    process: subprocess.Popen[bytes]  # the supervisor (`gallery run`)
-    data_dir: pathlib.Path
-    log_path: pathlib.Path
-    base_url: str  # http://127.0.0.1:<envoy port>: REST and native gRPC
-    grpc_address: str  # the gRPC server itself, behind Envoy
-    envoy_grpc_address: str  # native gRPC through Envoy
-    admin_port: int
-    jwt_secret: str
-    server_pid: int = 0
-    envoy_pid: int = 0
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-def start_stack(
-    data_dir: pathlib.Path,
-    log_path: pathlib.Path,
-    *,
-    jwt_secret: str,
-    extra_env: dict[str, str] | None = None,
-) -> Stack:
-    http_port, grpc_port, admin_port = free_port(), free_port(), free_port()
-    env = {
-        **os.environ,
-        "GALLERY_DATA_DIR": str(data_dir),
-        "GALLERY_HTTP_ADDRESS": f"127.0.0.1:{http_port}",
-        "GALLERY_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
-        "GALLERY_ENVOY_ADMIN_PORT": str(admin_port),
-        "GALLERY_PUBLIC_URL": f"http://127.0.0.1:{http_port}",
-        "GALLERY_JWT_SECRET": jwt_secret,
-        **(extra_env or {}),
-    }
-    with log_path.open("wb") as log:  # the child keeps its own copy of the descriptor
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gallery_server", "run"], env=env, stdout=log, stderr=log
-        )
-    stack = Stack(
-        process=process,
-        data_dir=data_dir,
-        log_path=log_path,
-        base_url=f"http://127.0.0.1:{http_port}",
-        grpc_address=f"127.0.0.1:{grpc_port}",
-        envoy_grpc_address=f"127.0.0.1:{http_port}",
-        admin_port=admin_port,
-        jwt_secret=jwt_secret,
-    )
-    try:
-        supervisor.wait_grpc_healthy(stack.grpc_address, process=process)
-        supervisor.wait_envoy_ready(admin_port, process=process)
-        # Envoy is ready before its health checker has seen the backend: wait for a real answer.
-        supervisor.wait_grpc_healthy(stack.envoy_grpc_address, process=process)
-        stack.server_pid, stack.envoy_pid = _find_children(process.pid)
-    except (TimeoutError, RuntimeError) as exc:
-        stop_stack(stack)
-        raise RuntimeError(f"stack did not start: {exc}\n{stack.log_tail()}") from None
-    return stack
-
-
-def stop_stack(stack: Stack) -> None:
-    if stack.process.poll() is None:
-        stack.process.send_signal(signal.SIGTERM)
-        try:
-            stack.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            stack.process.kill()
-            stack.process.wait()
-    # The supervisor normally stops its children; never leave one behind if it could not.
-    for pid in (stack.server_pid, stack.envoy_pid):
-        if pid and _alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-# -- /proc probes -------------------------------------------------------------------------------
-
-
-def children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                found.extend(int(p) for p in f.read().split())
-        except FileNotFoundError:
-            continue
-    return found
-
-
-def cmdline(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return [part.decode(errors="replace") for part in f.read().split(b"\0") if part]
-
-
-def _find_children(supervisor_pid: int) -> tuple[int, int]:
-    """(gRPC server pid, Envoy pid) among the supervisor's children."""
-    server = envoy = 0
-    for pid in children(supervisor_pid):
-        args = cmdline(pid)
-        if "gallery_server" in args and "serve" in args:
-            server = pid
-        elif args and os.path.basename(args[0]) == "envoy":  # the envoy wrapper exec()s the binary
-            envoy = pid
-    if not server or not envoy:
-        raise RuntimeError(f"could not find server ({server}) and envoy ({envoy}) processes")
-    return server, envoy
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def status_kib(pid: int, field: str) -> int:

@@ -36,9 +36,10 @@ from collections.abc import Callable, Iterable, Iterator
 import _stack
 import grpc
 import httpx
+
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
-from gallery_server import auth, supervisor
+from gallery_server import auth, local_stack, supervisor
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
@@ -118,7 +119,7 @@ class Bench:
     """Everything a scenario needs: the running stack, clients, a token and the payload."""
 
     options: Options
-    stack: _stack.Stack
+    stack: local_stack.Stack
     token: str
     http: httpx.Client
     envoy_channel: grpc.Channel
@@ -861,10 +862,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     info = machine()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="gallery-bench-"))
-    stack: _stack.Stack | None = None
+    stack: local_stack.Stack | None = None
     sections: list[Section] = []
     try:
-        stack = _stack.start_stack(
+        stack = local_stack.start_stack(
             tmp / "data", tmp / "gallery.log", jwt_secret=JWT_SECRET,
             extra_env={"GALLERY_MAX_UPLOAD_BYTES": str(max(opts.size * 2, 16 * GiB)), "GALLERY_LOG_LEVEL": "WARNING"},
         )
@@ -891,11 +892,11 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, RuntimeError) as exc:
         print(f"\nFAILED: {exc}", file=sys.stderr)
         if stack is not None:
-            print(f"--- stack log (tail)\n{stack.log_tail()}", file=sys.stderr)
+            print(f"--- stack log (tail)\n{stack.log()[-6000:]}", file=sys.stderr)
         return 1
     finally:
         if stack is not None:
-            _stack.stop_stack(stack)
+            local_stack.stop_stack(stack)
         shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.monotonic() - started
     failures = [f for s in sections for f in s.failures]

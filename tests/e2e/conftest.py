@@ -3,20 +3,15 @@ owning the gRPC server and the real Envoy binary, on free ports and a temporary 
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import pathlib
-import signal
-import socket
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 
 import grpc
 import httpx
 import pytest
 
-from gallery_server import supervisor
+from gallery_server import local_stack
+from gallery_server.local_stack import Stack, stop_stack
 
 from ..conftest import JWT_SECRET
 
@@ -29,29 +24,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclasses.dataclass
-class Stack:
-    process: subprocess.Popen[bytes]
-    data_dir: pathlib.Path
-    base_url: str  # http://127.0.0.1:<envoy port>
-    grpc_address: str  # the gRPC server itself, behind Envoy
-    envoy_grpc_address: str  # native gRPC through Envoy
-    admin_port: int
-    log_path: pathlib.Path
-
-    def url(self, path: str) -> str:
-        return self.base_url + path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
 def start_stack(
     data_dir: pathlib.Path,
     log_path: pathlib.Path,
@@ -59,45 +31,13 @@ def start_stack(
     extra_env: dict[str, str] | None = None,
     ports: tuple[int, int, int] | None = None,
 ) -> Stack:
-    """Start `gallery run`; `ports` (http, grpc, envoy admin) are free ones unless given."""
-    http_port, grpc_port, admin_port = ports or (free_port(), free_port(), free_port())
-    env = {
-        **os.environ,
-        "GALLERY_DATA_DIR": str(data_dir),
-        "GALLERY_HTTP_ADDRESS": f"127.0.0.1:{http_port}",
-        "GALLERY_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
-        "GALLERY_ENVOY_ADMIN_PORT": str(admin_port),
-        "GALLERY_PUBLIC_URL": f"http://127.0.0.1:{http_port}",
-        "GALLERY_JWT_SECRET": JWT_SECRET,
-        **(extra_env or {}),
-    }
-    with log_path.open("wb") as log:  # the child keeps its own copy of the descriptor
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gallery_server", "run"], env=env, stdout=log, stderr=log
-        )
-    stack = Stack(
-        process, data_dir, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}",
-        f"127.0.0.1:{http_port}", admin_port, log_path,
-    )
+    """The real stack, signed with the tests' JWT secret; a failure to start fails the test."""
     try:
-        supervisor.wait_grpc_healthy(stack.grpc_address, process=process)
-        supervisor.wait_envoy_ready(admin_port, process=process)
-        # Envoy is ready before its health checker has seen the backend: wait for a real answer.
-        supervisor.wait_grpc_healthy(stack.envoy_grpc_address, process=process)
-    except TimeoutError:
-        stop_stack(stack)
-        raise AssertionError("stack did not start:\n" + stack.log()) from None
-    return stack
-
-
-def stop_stack(stack: Stack) -> None:
-    if stack.process.poll() is None:
-        stack.process.send_signal(signal.SIGTERM)
-        try:
-            stack.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            stack.process.kill()
-            stack.process.wait()
+        return local_stack.start_stack(
+            data_dir, log_path, jwt_secret=JWT_SECRET, extra_env=extra_env, ports=ports
+        )
+    except RuntimeError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 @pytest.fixture(scope="session")
@@ -129,9 +69,3 @@ def envoy_channel(stack: Stack) -> Iterator[grpc.Channel]:
         yield channel
 
 
-def stack_ports(stack: Stack) -> tuple[int, int, int]:
-    """(http, grpc, envoy admin) ports of a stack: start_stack(..., ports=...) restarts it on the
-    same address, so that clients that keep the address (device agents) reconnect to it."""
-    http_port = int(stack.base_url.rpartition(":")[2])
-    grpc_port = int(stack.grpc_address.rpartition(":")[2])
-    return http_port, grpc_port, stack.admin_port

@@ -30,7 +30,7 @@ from gallery.v1 import gallery_pb2 as gpb
 from gallery_server import agent as agent_module
 from gallery_server import auth
 
-from .conftest import Stack, stack_ports, start_stack, stop_stack
+from .conftest import Stack, start_stack, stop_stack
 
 DOCUMENTED_FIELDS = {"id", "name", "media_type", "size", "has_thumbnail", "created", "mime_type", "sha256"}
 
@@ -333,7 +333,7 @@ def test_upload_survives_a_server_restart(auth_headers, run_agent, tmp_path):
             return sum(p.stat().st_size for p in (root / "data" / "staging").iterdir() if p.is_file())
 
         wait_for(lambda: staged_bytes() > (4 << 20), 15, "the upload to be under way")
-        ports = stack_ports(stack)
+        ports = stack.ports
         stop_stack(stack)
         assert stack.process.returncode == 0, stack.log()
         stack = start_stack(root / "data", root / "gallery-2.log", ports=ports)

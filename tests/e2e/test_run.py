@@ -12,7 +12,9 @@ import time
 
 import httpx
 
-from .conftest import free_port, start_stack, stop_stack
+from gallery_server.local_stack import free_port
+
+from .conftest import start_stack, stop_stack
 
 
 def _pid_alive(pid: int) -> bool:
@@ -23,14 +25,6 @@ def _pid_alive(pid: int) -> bool:
     # A zombie (exited, not yet reaped) counts as gone.
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            found += [int(c) for c in f.read().split()]
-    return found
 
 
 def test_run_generates_secret_prints_token_and_stops_cleanly(tmp_path, monkeypatch):
@@ -54,8 +48,8 @@ def test_run_generates_secret_prints_token_and_stops_cleanly(tmp_path, monkeypat
         assert r.json()["success"] is True
         # The secret never reaches the log.
         assert secret not in stack.log()
-        children = _children(stack.process.pid)
-        assert len(children) == 2  # the gRPC server and Envoy
+        children = [stack.server_pid, stack.envoy_pid]  # found by their command lines
+        assert all(_pid_alive(pid) for pid in children)
     finally:
         stop_stack(stack)
     assert stack.process.returncode == 0
@@ -109,7 +103,7 @@ def test_run_fails_fast_when_the_port_is_taken(tmp_path):
 
 def test_sigint_stops_like_ctrl_c(tmp_path):
     stack = start_stack(tmp_path / "data", tmp_path / "run.log")
-    children = _children(stack.process.pid)
+    children = [stack.server_pid, stack.envoy_pid]
     stack.process.send_signal(signal.SIGINT)
     stack.process.wait(timeout=30)
     assert stack.process.returncode == 0

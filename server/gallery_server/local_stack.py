@@ -1,0 +1,143 @@
+"""A whole local stack in a subprocess: `gallery run` (gRPC server + Envoy) on free ports and a
+data root of your choosing, started and stopped from Python.
+
+For end-to-end tests and benchmarks, here and in projects that integrate with the gallery:
+
+    stack = start_stack(tmp / "data", tmp / "gallery.log", jwt_secret="...")
+    ... httpx.get(stack.url("/api/gallery/cam1/stats"), headers=...) ...
+    stop_stack(stack)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+
+from . import supervisor
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclasses.dataclass
+class Stack:
+    process: subprocess.Popen[bytes]  # the supervisor
+    data_dir: pathlib.Path
+    log_path: pathlib.Path
+    http_port: int  # Envoy: REST and native gRPC
+    grpc_port: int  # the gRPC server itself, behind Envoy
+    admin_port: int  # Envoy admin
+    server_pid: int = 0
+    envoy_pid: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def envoy_grpc_address(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def ports(self) -> tuple[int, int, int]:
+        """(http, grpc, admin): pass to start_stack to restart on the same addresses."""
+        return self.http_port, self.grpc_port, self.admin_port
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+def start_stack(
+    data_dir: pathlib.Path,
+    log_path: pathlib.Path,
+    *,
+    jwt_secret: str,
+    extra_env: dict[str, str] | None = None,
+    ports: tuple[int, int, int] | None = None,
+) -> Stack:
+    """Start `gallery run` and return once REST and gRPC answer through Envoy.
+
+    Raises RuntimeError (with the log) if it does not come up."""
+    http_port, grpc_port, admin_port = ports or (free_port(), free_port(), free_port())
+    env = {
+        **os.environ,
+        "GALLERY_DATA_DIR": str(data_dir),
+        "GALLERY_HTTP_ADDRESS": f"127.0.0.1:{http_port}",
+        "GALLERY_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
+        "GALLERY_ENVOY_ADMIN_PORT": str(admin_port),
+        "GALLERY_PUBLIC_URL": f"http://127.0.0.1:{http_port}",
+        "GALLERY_JWT_SECRET": jwt_secret,
+        **(extra_env or {}),
+    }
+    with log_path.open("wb") as log:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gallery_server", "run"], env=env, stdout=log, stderr=log
+        )
+    stack = Stack(process, data_dir, log_path, http_port, grpc_port, admin_port)
+    try:
+        supervisor.wait_grpc_healthy(stack.grpc_address, process=process)
+        supervisor.wait_envoy_ready(admin_port, process=process)
+        # Envoy is ready before its health checker has seen the backend: wait for a real answer.
+        supervisor.wait_grpc_healthy(stack.envoy_grpc_address, process=process)
+        stack.server_pid, stack.envoy_pid = _children(process.pid)
+    except (TimeoutError, ValueError) as exc:
+        stop_stack(stack)
+        raise RuntimeError(f"stack did not start: {exc}\n{stack.log()}") from None
+    return stack
+
+
+def stop_stack(stack: Stack) -> None:
+    """SIGTERM the supervisor (as Ctrl-C would) and make sure no child outlives it."""
+    if stack.process.poll() is None:
+        stack.process.send_signal(signal.SIGTERM)
+        try:
+            stack.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            stack.process.kill()
+            stack.process.wait()
+    for pid in (stack.server_pid, stack.envoy_pid):
+        if pid and _command(pid):  # still ours (a pid reused by another program has another line)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            line = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+    return line if ("gallery_server" in line or "envoy" in line) else ""
+
+
+def _children(pid: int) -> tuple[int, int]:
+    """(server, envoy) pids among the supervisor's children."""
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(c) for c in f.read().split()]
+    server = [p for p in found if "gallery_server" in _command(p)]
+    envoy = [p for p in found if "envoy" in _command(p).split(" ")[0]]
+    if len(server) != 1 or len(envoy) != 1:
+        raise ValueError(f"expected the server and Envoy under pid {pid}, found {found}")
+    return server[0], envoy[0]
