@@ -13,7 +13,7 @@
 | GALLERY_MAX_UPLOAD_BYTES    | 17179869184 (16 GiB)     | largest media file accepted                     |
 | GALLERY_MAX_THUMBNAIL_BYTES | 10485760 (10 MiB)        | largest thumbnail accepted                      |
 | GALLERY_MAX_METADATA_BYTES  | 65536                    | largest metadata JSON accepted                  |
-| GALLERY_GRPC_WORKERS        | 32                       | gRPC server threads (concurrent RPCs)           |
+| GALLERY_GRPC_WORKERS        | 64                       | gRPC server threads (a connected device holds one) |
 | GALLERY_LOG_LEVEL           | INFO                     | log level                                       |
 | GALLERY_PULL_TTL            | 3600                     | seconds an open pull request waits for content  |
 | GALLERY_INCOMING_SCAN_SECONDS | 1.0                    | how often the incoming folders are scanned      |
@@ -47,7 +47,7 @@ class Settings:
     max_upload_bytes: int = 16 << 30
     max_thumbnail_bytes: int = 10 << 20
     max_metadata_bytes: int = 64 << 10
-    grpc_workers: int = 32
+    grpc_workers: int = 64
     log_level: str = "INFO"
     pull_ttl: int = 3600
     incoming_scan_seconds: float = 1.0

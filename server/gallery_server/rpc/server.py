@@ -30,12 +30,15 @@ SERVICE_NAME = gallery_pb2.DESCRIPTOR.services_by_name["GalleryService"].full_na
 DEVICE_SERVICE_NAME = device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name
 # Upload chunks are up to 1 MiB from Envoy and up to 4 MiB from native clients.
 MAX_MESSAGE_BYTES = 8 << 20
+DB_POOL_SIZE = 20
 
 
 def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
     """Build a ready-to-start server bound to `address` (use port 0 in tests); returns its port."""
     storage = Storage(settings.data_dir)  # creates the data root, where SQLite lives by default
-    db = Database(settings.database_url, pool_size=settings.grpc_workers + 4)
+    # RPCs hold a connection only for their queries, not while streaming bytes: a pool much smaller
+    # than the worker count keeps several replicas within PostgreSQL's connection limit.
+    db = Database(settings.database_url, pool_size=DB_POOL_SIZE)
     db.create_tables()
     gallery = Gallery(settings, db, storage)
     server = grpc.server(
