@@ -1,0 +1,281 @@
+"""The whole stack on PostgreSQL: the same REST conversation as on SQLite gives the same JSON, and
+the rows really live in PostgreSQL.
+
+Needs GALLERY_TEST_POSTGRES_URL (the Makefile sets it); skipped without it, like every PostgreSQL test.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import pathlib
+import random
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from ..conftest import stored_files
+from .conftest import Stack, start_stack, stop_stack
+
+EVENT_ID_RE = re.compile(r"evt_[A-Za-z0-9_-]{22}")
+_rng = random.Random(20240320)
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + _rng.randbytes(300_000)
+VIDEO = _rng.randbytes(1_500_000)
+THUMB = b"\xff\xd8\xff\xe0" + _rng.randbytes(4_000)
+SIGNED = _rng.randbytes(50_000)
+METADATA = {"timestamp": "2024-03-20T10:00:00Z", "camera": {"iso": 200, "flash": False}, "tags": ["a", "b"]}
+
+Check = Callable[[str, str, dict[str, str]], None]
+
+
+@pytest.fixture(scope="module")
+def pg_stack(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("pg-stack")
+    stack = start_stack(
+        root / "data", root / "gallery.log", extra_env={"GALLERY_DATABASE_URL": postgres_url}
+    )
+    yield stack
+    stop_stack(stack)
+    assert stack.process.returncode == 0, stack.log()
+
+
+@pytest.fixture
+def pg_engine(postgres_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(postgres_url)
+    yield engine
+    engine.dispose()
+
+
+def rest_flow(stack: Stack, headers: dict[str, str], device: str, check: Check) -> dict[str, Any]:
+    """Upload (multipart and signed URL), list, stats, get, delete through Envoy.
+
+    Returns every response in a form that does not depend on ids or clocks, so that two stacks can
+    be compared; `check(stage, device, ids)` runs after the uploads and after the delete.
+    """
+    out: dict[str, Any] = {}
+    ids: dict[str, str] = {}
+
+    def normalize(value: Any) -> Any:
+        text = json.dumps(value)
+        for label, event_id in ids.items():
+            text = text.replace(event_id, f"<{label}>")
+        value = json.loads(text)
+        return _drop_created(value)
+
+    with httpx.Client(base_url=stack.base_url, timeout=60) as http:
+        # 1. multipart upload with thumbnail and metadata (the reference's field order)
+        r = http.post(
+            f"/api/gallery/{device}/upload",
+            headers=headers,
+            data={"name": "capture.png", "media_type": "image", "has_thumbnail": "true",
+                  "metadata": json.dumps(METADATA)},
+            files={"event": ("capture.png", PNG, "image/png"),
+                   "thumbnail": ("thumb.jpg", THUMB, "image/jpeg")},
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == {"success", "eventId"} and body["success"] is True, body
+        assert EVENT_ID_RE.fullmatch(body["eventId"])
+        ids["image"] = body["eventId"]
+
+        # 2. multipart upload without thumbnail, media type inferred from the name
+        r = http.post(
+            f"/api/gallery/{device}/upload",
+            headers=headers,
+            data={"name": "clip.mp4"},
+            files={"event": ("clip.mp4", VIDEO, "application/octet-stream")},
+        )
+        assert r.status_code == 200, r.text
+        ids["video"] = r.json()["eventId"]
+
+        # 3. signed URLs: thumbnail first, then the media
+        r = http.get(f"/api/gallery/{device}/upload-url",
+                     params={"filename": "notes.txt", "thumbnail": "true"}, headers=headers)
+        assert r.status_code == 200, r.text
+        urls = r.json()
+        ids["signed"] = urls["eventId"]
+        with httpx.Client(timeout=60) as raw:
+            r = raw.put(urls["thumbnail_upload_url"], content=THUMB)
+            assert r.status_code == 200, r.text
+            out["signed_thumbnail_put"] = normalize(r.json())
+            r = raw.put(urls["upload_url"], content=SIGNED)
+            assert r.status_code == 200, r.text
+            out["signed_media_put"] = normalize(r.json())
+            r = raw.put(urls["upload_url"], content=SIGNED)
+            assert r.status_code == 403, r.text
+            out["signed_reuse"] = (r.status_code, normalize(r.json()))
+
+        check("uploaded", device, ids)
+
+        r = http.get(f"/api/gallery/{device}/events", headers=headers)
+        assert r.status_code == 200, r.text
+        listed = r.json()
+        assert [e["id"] for e in listed] == [ids["signed"], ids["video"], ids["image"]], listed
+        for event in listed:
+            assert set(event) == {"id", "name", "media_type", "size", "has_thumbnail", "created",
+                                  "mime_type", "sha256"}, event
+            created = datetime.datetime.fromisoformat(event["created"].replace("Z", "+00:00"))
+            assert event["created"].endswith("Z")
+            assert abs(datetime.datetime.now(datetime.UTC) - created) < datetime.timedelta(minutes=5)
+            assert isinstance(event["size"], int)
+        out["list"] = normalize(listed)
+
+        for name, params in {
+            "list_images": {"media_type": "image"},
+            "list_page": {"limit": "1", "offset": "1"},
+            "list_past_end": {"offset": "10"},
+        }.items():
+            r = http.get(f"/api/gallery/{device}/events", params=params, headers=headers)
+            assert r.status_code == 200, r.text
+            out[name] = normalize(r.json())
+
+        r = http.get(f"/api/gallery/{device}/stats", headers=headers)
+        assert r.status_code == 200, r.text
+        out["stats"] = r.json()
+
+        r = http.get(f"/api/gallery/{device}/events/{ids['image']}", headers=headers)
+        assert r.status_code == 200, r.text
+        out["get_image"] = normalize(r.json())
+
+        r = http.delete(f"/api/gallery/{device}/events/{ids['video']}", headers=headers)
+        assert r.status_code == 200, r.text
+        out["delete"] = r.json()
+        r = http.delete(f"/api/gallery/{device}/events/{ids['video']}", headers=headers)
+        assert r.status_code == 404, r.text
+        out["delete_again"] = normalize(r.json())
+        r = http.get(f"/api/gallery/{device}/events/{ids['video']}", headers=headers)
+        assert r.status_code == 404, r.text
+        out["get_deleted"] = normalize(r.json())
+
+        check("deleted", device, ids)
+
+        r = http.get(f"/api/gallery/{device}/events", headers=headers)
+        out["list_after_delete"] = normalize(r.json())
+        r = http.get(f"/api/gallery/{device}/stats", headers=headers)
+        out["stats_after_delete"] = r.json()
+    # Device names differ between the runs; ids are already replaced.
+    return json.loads(json.dumps(out).replace(device, "<device>"))
+
+
+def _drop_created(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_drop_created(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _drop_created(v) for k, v in value.items() if k != "created"}
+    return value
+
+
+def expected_event(name: str, media_type: str, mime: str, data: bytes, thumb: bool, label: str) -> dict:
+    return {
+        "id": f"<{label}>", "name": name, "media_type": media_type, "size": len(data),
+        "has_thumbnail": thumb, "mime_type": mime, "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def test_postgres_stack_matches_sqlite(
+    postgres_url: str,  # first: skips before any stack starts when PostgreSQL is not configured
+    stack: Stack, pg_stack: Stack, pg_engine: sa.Engine, auth_headers: Callable[..., dict[str, str]]
+) -> None:
+    headers = auth_headers()
+
+    def check_files(data_dir: pathlib.Path) -> Check:
+        def check(stage: str, device: str, ids: dict[str, str]) -> None:
+            media = data_dir / "media" / device
+            if stage == "uploaded":
+                assert (media / ids["image"]).read_bytes() == PNG
+                assert (media / f"{ids['image']}.thumb").read_bytes() == THUMB
+                assert (media / ids["video"]).read_bytes() == VIDEO
+                assert (media / ids["signed"]).read_bytes() == SIGNED
+                assert (media / f"{ids['signed']}.thumb").read_bytes() == THUMB
+            else:
+                assert not (media / ids["video"]).exists()
+                assert (media / ids["image"]).exists()
+            assert not list((data_dir / "staging").iterdir())
+
+        return check
+
+    sqlite_result = rest_flow(stack, headers, f"sq-{uuid.uuid4().hex[:8]}", check_files(stack.data_dir))
+
+    pg_files = check_files(pg_stack.data_dir)
+
+    def check_pg(stage: str, device: str, ids: dict[str, str]) -> None:
+        pg_files(stage, device, ids)
+        with pg_engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT id, device, name, media_type, mime_type, size, sha256, has_thumbnail,"
+                        " metadata_json FROM events WHERE device = :device ORDER BY name"),
+                {"device": device},
+            ).mappings().all()
+            grants = conn.execute(
+                sa.text("SELECT event_id, device, filename, media_state, thumbnail_state"
+                        " FROM upload_grants WHERE device = :device"),
+                {"device": device},
+            ).mappings().all()
+        by_id = {row["id"]: dict(row) for row in rows}
+        if stage == "uploaded":
+            assert set(by_id) == set(ids.values()), rows
+            image = by_id[ids["image"]]
+            assert image["name"] == "capture.png"
+            assert image["media_type"] == "image"
+            assert image["size"] == len(PNG)
+            assert image["sha256"] == hashlib.sha256(PNG).hexdigest()
+            assert image["has_thumbnail"] is True
+            assert json.loads(image["metadata_json"]) == METADATA
+            assert by_id[ids["video"]]["size"] == len(VIDEO)
+            assert by_id[ids["signed"]]["name"] == "notes.txt"
+            assert by_id[ids["signed"]]["has_thumbnail"] is True
+            assert [dict(g) for g in grants] == [{
+                "event_id": ids["signed"], "device": device, "filename": "notes.txt",
+                "media_state": "done", "thumbnail_state": "done",
+            }]
+        else:
+            assert set(by_id) == {ids["image"], ids["signed"]}, rows
+
+    pg_result = rest_flow(pg_stack, headers, f"pg-{uuid.uuid4().hex[:8]}", check_pg)
+
+    assert pg_result == sqlite_result
+
+    # And the JSON is the one the contract describes.
+    image = expected_event("capture.png", "image", "image/png", PNG, True, "image")
+    video = expected_event("clip.mp4", "video", "video/mp4", VIDEO, False, "video")
+    signed = expected_event("notes.txt", "document", "text/plain", SIGNED, True, "signed")
+    assert pg_result["list"] == [signed, video, image]
+    assert pg_result["list_images"] == [image]
+    assert pg_result["list_page"] == [video]
+    assert pg_result["list_past_end"] == []
+    assert pg_result["get_image"] == {**image, "metadata": METADATA}
+    assert pg_result["stats"] == {
+        "total_events": 3,
+        "total_size": len(PNG) + len(VIDEO) + len(SIGNED),
+        "by_type": {
+            "image": {"count": 1, "size": len(PNG)},
+            "video": {"count": 1, "size": len(VIDEO)},
+            "document": {"count": 1, "size": len(SIGNED)},
+        },
+    }
+    assert pg_result["delete"] == {"success": True}
+    assert pg_result["delete_again"]["code"] == 5
+    assert pg_result["delete_again"]["details"][0]["reason"] == "EVENT_NOT_FOUND"
+    assert pg_result["get_deleted"]["details"][0]["reason"] == "EVENT_NOT_FOUND"
+    assert pg_result["signed_thumbnail_put"] == {"success": True, "eventId": "<signed>"}
+    assert pg_result["signed_media_put"] == {"success": True, "eventId": "<signed>"}
+    assert pg_result["signed_reuse"][1]["details"][0]["reason"] == "URL_ALREADY_USED"
+    assert pg_result["list_after_delete"] == [signed, image]
+    assert pg_result["stats_after_delete"] == {
+        "total_events": 2,
+        "total_size": len(PNG) + len(SIGNED),
+        "by_type": {
+            "image": {"count": 1, "size": len(PNG)},
+            "document": {"count": 1, "size": len(SIGNED)},
+        },
+    }
+
+    # The PostgreSQL stack never fell back to SQLite.
+    assert not (pg_stack.data_dir / "gallery.db").exists()
+    assert all(p.parent.parent.name == "media" for p in stored_files(pg_stack.data_dir))
