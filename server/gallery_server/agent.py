@@ -400,8 +400,8 @@ class Agent:
         return False
 
     def _send_file(self, command_id: str, up: dpb.UploadEventCommand, f: BinaryIO) -> None:
-        # Declaring the size makes the server refuse a stream that ends early (stop, read error)
-        # or a file that grew; the announced sha256 makes it refuse changed content.
+        # Only a stream that ends with `finish` is stored, so one cut short (stop, read error) is
+        # refused; the declared size catches a file that grew, the announced sha256 changed content.
         size = os.fstat(f.fileno()).st_size
         read_error: list[OSError] = []
 
@@ -418,7 +418,8 @@ class Agent:
                 except ValueError:  # closed: the call has ended already
                     return
                 if not chunk:
-                    break
+                    yield gpb.UploadEventRequest(finish=gpb.UploadFinish())
+                    return
                 yield gpb.UploadEventRequest(media_chunk=chunk)
                 sent += len(chunk)
                 if self.max_rate:  # optional bandwidth cap

@@ -148,7 +148,7 @@ class GalleryServiceServicer:
 
     def UploadEvent(self, request_iterator, context):
         """Native streaming upload: one `header`, then media chunks and optional thumbnail chunks in any
-        order, then one `finish` (optional when the header declares `size`). The event exists only
+        order, then one `finish`. The event exists only
         once the whole stream has been received and stored; a stream that fails or is cancelled
         leaves nothing behind. Needs `gallery:write`.
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE

@@ -8,16 +8,15 @@ import threading
 from collections.abc import Callable, Iterator
 
 import grpc
-from google.protobuf import json_format
 
 from gallery.v1 import device_pb2 as pb
 from gallery.v1 import device_pb2_grpc
 
-from .. import validation
 from ..auth import Principal
 from ..devices import Announcement, Channel, Devices
 from ..errors import InvalidArgument
 from .interceptor import current_principal
+from .servicer import metadata_json
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +37,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 media_type=e.media_type,
                 size=e.size,
                 created=e.created.ToDatetime(tzinfo=datetime.UTC) if e.HasField("created") else None,
-                metadata_json=validation.metadata_object(
-                    json_format.MessageToDict(e.metadata), max_metadata
-                ),
+                metadata_json=metadata_json(e.metadata, max_metadata),
                 thumbnail=e.thumbnail,
                 sha256=e.sha256,
             )

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 import grpc
 from google.api.httpbody_pb2 import HttpBody
 from google.protobuf import json_format
+from google.protobuf.struct_pb2 import Struct
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
@@ -147,9 +148,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             fields = upload.fields
             fields.name = h.name
             fields.media_type = h.media_type
-            fields.metadata_json = validation.metadata_object(
-                json_format.MessageToDict(h.metadata), settings.max_metadata_bytes
-            )
+            fields.metadata_json = metadata_json(h.metadata, settings.max_metadata_bytes)
             if h.HasField("size"):
                 fields.declare_size(h.size)
             fields.declared_sha256 = h.sha256
@@ -182,11 +181,11 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
                         field="header",
                     )
             _require_active(context)
-            if not finished and fields.declared_size is None:
+            if not finished:
                 raise InvalidArgument(
                     "UPLOAD_NOT_FINISHED",
-                    "the stream ended without a finish message or a declared size: "
-                    "it may have been cut short, so nothing was stored",
+                    "the stream ended without a finish message: it may have been cut short, "
+                    "so nothing was stored",
                     field="finish",
                 )
             event = self.gallery.store(
@@ -256,6 +255,17 @@ def event_message(event: Event, *, with_metadata: bool = False) -> pb.Event:
         message.metadata.SetInParent()  # present even when empty: `"metadata": {}`
         message.metadata.update(json.loads(event.metadata_json))
     return message
+
+
+def metadata_json(struct: Struct, max_bytes: int) -> str:
+    """A metadata Struct as validated JSON text (the same rules as the REST form field)."""
+    try:
+        value = json_format.MessageToDict(struct)
+    except ValueError:  # NaN and infinities, which JSON cannot carry
+        raise InvalidArgument(
+            "INVALID_METADATA", "metadata numbers must be finite", field="metadata"
+        ) from None
+    return validation.metadata_object(value, max_bytes)
 
 
 def _set_pull(message: pb.PullStatus, status: PullStatus | None) -> None:
