@@ -231,6 +231,21 @@ def test_metadata_too_large_mapping(running: Running) -> None:
     assert running.files() == []
 
 
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "infinity", "minus-infinity"]
+)
+def test_non_finite_metadata_mapping(running: Running, value: float) -> None:
+    metadata = struct_pb2.Struct()
+    metadata.update({"ok": 1, "bad": value})
+    _, violations = expect_error(
+        lambda: running.stub.UploadEvent(upload_requests(PNG, metadata=metadata), metadata=running.auth()),
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_METADATA",
+    )
+    assert [v.field for v in violations] == ["metadata"]
+    assert running.files() == []
+    assert list_ids(running) == []
+
+
 def test_too_large_mapping(running: Running) -> None:
     limit = running.settings.max_thumbnail_bytes
     chunk = b"t" * (4 << 20)
@@ -248,15 +263,24 @@ def test_too_large_mapping(running: Running) -> None:
     assert running.files() == []
 
 
-def test_unfinished_stream_is_refused(running: Running) -> None:
+@pytest.mark.parametrize(
+    "declared",
+    [{}, {"size": len(PNG)}, {"size": len(PNG), "sha256": hashlib.sha256(PNG).hexdigest()}, {"size": 5 * len(PNG)}],
+    ids=["nothing-declared", "right-size", "right-size-and-sha256", "larger-size"],
+)
+def test_unfinished_stream_is_refused(running: Running, declared: dict[str, Any]) -> None:
+    # A declared size does not replace the finish (it proves neither the thumbnail nor intent), and
+    # the finish check comes before the size check: a larger declared size is still UPLOAD_NOT_FINISHED.
     def unfinished() -> Iterator[pb.UploadEventRequest]:
-        yield pb.UploadEventRequest(header=pb.UploadHeader(device="cam1", name="a.png"))
+        yield pb.UploadEventRequest(header=pb.UploadHeader(device="cam1", name="a.png", **declared))
         yield pb.UploadEventRequest(media_chunk=PNG)
+        yield pb.UploadEventRequest(thumbnail_chunk=b"thumb")
 
     _, violations = expect_error(lambda: running.stub.UploadEvent(unfinished(), metadata=running.auth()),
                                  grpc.StatusCode.INVALID_ARGUMENT, "UPLOAD_NOT_FINISHED")
     assert [v.field for v in violations] == ["finish"]
     assert running.files() == []
+    assert list_ids(running) == []
 
 
 def test_upload_failure_mid_stream_leaves_nothing(running: Running) -> None:
@@ -403,7 +427,8 @@ def assert_nothing_left(running: Running, round_: int) -> None:
 
 
 def cut_short(declared_size: int | None, release: threading.Event) -> Iterator[pb.UploadEventRequest]:
-    """An upload whose client stops mid-stream: no finish, and fewer bytes than any declared size."""
+    """An upload whose client stops mid-stream, before its finish. With a declared size of len(PNG)
+    all the media has arrived and only the rest of the thumbnail (and the finish) is missing."""
     header = pb.UploadHeader(device="cam1", name="cut.png")
     if declared_size is not None:
         header.size = declared_size
@@ -413,7 +438,7 @@ def cut_short(declared_size: int | None, release: threading.Event) -> Iterator[p
     release.wait(10)  # hold the stream open, as a slow client would
 
 
-@pytest.mark.parametrize("declared_size", [None, 10 * len(PNG)])
+@pytest.mark.parametrize("declared_size", [None, 10 * len(PNG), len(PNG)], ids=["no-size", "larger-size", "media-size"])
 def test_client_cancel_mid_stream_leaves_nothing(running: Running, declared_size: int | None) -> None:
     for round_ in range(ROUNDS):
         release = threading.Event()
@@ -428,7 +453,7 @@ def test_client_cancel_mid_stream_leaves_nothing(running: Running, declared_size
             release.set()
 
 
-@pytest.mark.parametrize("declared_size", [None, 10 * len(PNG)])
+@pytest.mark.parametrize("declared_size", [None, 10 * len(PNG), len(PNG)], ids=["no-size", "larger-size", "media-size"])
 def test_deadline_mid_stream_leaves_nothing(running: Running, declared_size: int | None) -> None:
     for round_ in range(ROUNDS):
         release = threading.Event()

@@ -323,9 +323,16 @@ UPLOAD_FAILURES = [
     ([header(name="a\nb"), media(PNG), finish()], "control"),
     ([header(media_type="photo"), media(PNG), finish()], "media_type"),
     ([header(device="a/b"), media(PNG), finish()], "device must match"),
-    # A stream that simply stops may have been cut short: nothing is stored without a finish.
+    # A stream that simply stops may have been cut short: nothing is stored without a finish,
+    # whatever the header declared (the finish check comes before the size and sha256 checks).
     ([header(), media(PNG)], "without a finish message"),
     ([header()], "without a finish message"),
+    ([header(size=len(PNG)), media(PNG)], "without a finish message"),
+    ([header(size=len(PNG), sha256=hashlib.sha256(PNG).hexdigest()), media(PNG)], "without a finish message"),
+    ([header(size=len(PNG) + 1), media(PNG)], "without a finish message"),
+    ([header(size=0)], "without a finish message"),
+    # Media beyond a declared size is refused as it arrives, finish or not.
+    ([header(size=len(PNG) - 1), media(PNG)], "larger than the declared size"),
     ([header(), media(PNG), finish(), media(b"more")], "nothing may follow the finish"),
     ([header(), finish(), finish()], "nothing may follow the finish"),
     ([header(), finish(), header()], "nothing may follow the finish"),
@@ -345,10 +352,30 @@ def test_upload_event_failures_leave_nothing(server: grpc_testing.Server, galler
 
 def test_upload_event_declared_size_without_finish(server: grpc_testing.Server, gallery: Gallery,
                                                    principal: auth.Principal) -> None:
-    # A size declared up front proves completeness on its own: the finish message is optional.
-    response, code, details = stream_unary(server, "UploadEvent", [header(size=len(PNG)), media(PNG)])
+    # A size declared up front proves only the media complete, not the thumbnail nor that the
+    # client meant to end there: the finish message is required all the same.
+    for requests in (
+        [header(size=len(PNG)), media(PNG)],
+        [header(size=len(PNG)), media(PNG), thumb(JPEG[:100])],  # the rest of the thumbnail never came
+        [header(size=len(PNG)), thumb(JPEG), media(PNG)],
+    ):
+        _, code, details = stream_unary(server, "UploadEvent", requests)
+        assert_failed(code, details, "without a finish message")
+        assert stored_files(gallery.settings.data_dir) == []
+    assert gallery.list_events(principal, "cam1") == []
+    # The same stream with its finish is stored.
+    response, code, details = stream_unary(server, "UploadEvent", [header(size=len(PNG)), media(PNG), finish()])
     assert code is grpc.StatusCode.OK, details
     assert gallery.get_event(principal, "cam1", response.event_id).size == len(PNG)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_upload_event_non_finite_metadata(server: grpc_testing.Server, gallery: Gallery, value: float) -> None:
+    metadata = struct_pb2.Struct()
+    metadata.update({"ok": 1, "bad": value})
+    _, code, details = stream_unary(server, "UploadEvent", [header(metadata=metadata), media(PNG), finish()])
+    assert_failed(code, details, "metadata numbers must be finite")
+    assert stored_files(gallery.settings.data_dir) == []
 
 
 def test_upload_event_size_and_sha256_in_finish(server: grpc_testing.Server, gallery: Gallery,
@@ -373,10 +400,12 @@ def test_upload_event_metadata_too_large(make_server, gallery: Gallery, principa
     assert stored_files(gallery.settings.data_dir) == []
 
 
+@pytest.mark.parametrize("declared_size", [None, len(PNG)], ids=["no-size", "media-size"])
 def test_upload_event_client_cancel_leaves_nothing(server: grpc_testing.Server, gallery: Gallery,
-                                                   principal: auth.Principal) -> None:
+                                                   principal: auth.Principal, declared_size: int | None) -> None:
+    # With media-size all the declared media has arrived when the client cancels during its thumbnail.
     rpc = server.invoke_stream_unary(method("UploadEvent"), (), None)
-    rpc.send_request(header())
+    rpc.send_request(header() if declared_size is None else header(size=declared_size))
     rpc.send_request(media(PNG))
     rpc.send_request(thumb(JPEG))
     deadline = time.monotonic() + 5

@@ -1,8 +1,9 @@
 """Native gRPC clients, both straight to the gRPC server and through Envoy (h2c on the REST port).
 
-An upload stream is a header, chunks, then a `finish` message (optional only when the header
-declares `size`): grpcio can report a cancelled client stream as a normal end of stream, so a
-stream without either proof of completeness is refused (UPLOAD_NOT_FINISHED).
+An upload stream is a header, chunks, then a `finish` message, always: grpcio can report a
+cancelled client stream as a normal end of stream, so a stream without its finish is refused
+(UPLOAD_NOT_FINISHED) even when the header declares `size`, which proves neither that the
+thumbnail is complete nor that the client meant to end there.
 
 Every upload that fails (bad header, size or sha256 mismatch, no finish, no token, a client that
 cancels) must leave nothing behind: no file in media/ or staging/ and no event row.
@@ -20,13 +21,14 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
-from gallery.v1 import gallery_pb2 as pb
-from gallery.v1 import gallery_pb2_grpc
 from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
+
+from gallery.v1 import gallery_pb2 as pb
+from gallery.v1 import gallery_pb2_grpc
 
 from ..conftest import random_bytes, stored_files
 from .conftest import Stack
@@ -132,6 +134,7 @@ def test_upload_list_get_stats_delete(
             yield pb.UploadEventRequest(media_chunk=piece)
             if i < len(thumb_parts):
                 yield pb.UploadEventRequest(thumbnail_chunk=thumb_parts[i])
+        yield FINISH
 
     response = stub.UploadEvent(requests(), metadata=bearer(token), timeout=TIMEOUT)
     assert response.success is True
@@ -297,9 +300,12 @@ def upload_error_cases(device: str) -> list[tuple[str, list[pb.UploadEventReques
         ("empty-stream", [], grpc.StatusCode.INVALID_ARGUMENT, "EMPTY_STREAM", ""),
         ("header-repeated", [header_message(device), MEDIA_CHUNKS[0], header_message(device)],
          grpc.StatusCode.INVALID_ARGUMENT, "HEADER_REPEATED", "header"),
-        ("declared-size-smaller", [header_message(device, size=len(MEDIA) - 1), *MEDIA_CHUNKS],
+        ("declared-size-smaller", [header_message(device, size=len(MEDIA) - 1), *MEDIA_CHUNKS, FINISH],
          grpc.StatusCode.INVALID_ARGUMENT, "SIZE_MISMATCH", "size"),
-        ("declared-size-larger", [header_message(device, size=len(MEDIA) + 1), *MEDIA_CHUNKS],
+        ("declared-size-larger", [header_message(device, size=len(MEDIA) + 1), *MEDIA_CHUNKS, FINISH],
+         grpc.StatusCode.INVALID_ARGUMENT, "SIZE_MISMATCH", "size"),
+        # Media beyond the declared size is refused as it arrives, before the stream ends.
+        ("declared-size-smaller-not-finished", [header_message(device, size=len(MEDIA) - 1), *MEDIA_CHUNKS],
          grpc.StatusCode.INVALID_ARGUMENT, "SIZE_MISMATCH", "size"),
         ("sha256-mismatch", [header_message(device, sha256=other_sha), *MEDIA_CHUNKS, thumb, FINISH],
          grpc.StatusCode.INVALID_ARGUMENT, "SHA256_MISMATCH", "sha256"),
@@ -314,7 +320,7 @@ def upload_error_cases(device: str) -> list[tuple[str, list[pb.UploadEventReques
         # Too large is a bad argument now (HTTP 400), no longer RESOURCE_EXHAUSTED.
         ("metadata-too-large", [header_message(device, metadata=big_metadata), *MEDIA_CHUNKS, FINISH],
          grpc.StatusCode.INVALID_ARGUMENT, "METADATA_TOO_LARGE", "metadata"),
-        # No finish and no declared size: the stream may have been cut short.
+        # No finish: the stream may have been cut short, whatever the header declared.
         ("not-finished", [header_message(device), *MEDIA_CHUNKS],
          grpc.StatusCode.INVALID_ARGUMENT, "UPLOAD_NOT_FINISHED", "finish"),
         ("not-finished-thumbnail-last", [header_message(device), *MEDIA_CHUNKS, thumb],
@@ -323,6 +329,16 @@ def upload_error_cases(device: str) -> list[tuple[str, list[pb.UploadEventReques
          grpc.StatusCode.INVALID_ARGUMENT, "UPLOAD_NOT_FINISHED", "finish"),
         # A sha256 alone proves nothing about the end: a matching hash is only checked once finished.
         ("not-finished-with-sha256", [header_message(device, sha256=MEDIA_SHA), *MEDIA_CHUNKS],
+         grpc.StatusCode.INVALID_ARGUMENT, "UPLOAD_NOT_FINISHED", "finish"),
+        # Nor does a declared size, even a right one: the finish check comes before the size check.
+        ("not-finished-with-size", [header_message(device, size=len(MEDIA)), *MEDIA_CHUNKS],
+         grpc.StatusCode.INVALID_ARGUMENT, "UPLOAD_NOT_FINISHED", "finish"),
+        ("not-finished-with-size-and-sha256",
+         [header_message(device, size=len(MEDIA), sha256=MEDIA_SHA), *MEDIA_CHUNKS, thumb],
+         grpc.StatusCode.INVALID_ARGUMENT, "UPLOAD_NOT_FINISHED", "finish"),
+        ("not-finished-with-larger-size", [header_message(device, size=len(MEDIA) + 1), *MEDIA_CHUNKS],
+         grpc.StatusCode.INVALID_ARGUMENT, "UPLOAD_NOT_FINISHED", "finish"),
+        ("not-finished-header-size-zero", [header_message(device, size=0)],
          grpc.StatusCode.INVALID_ARGUMENT, "UPLOAD_NOT_FINISHED", "finish"),
         # Nothing may follow the finish.
         ("chunk-after-finish", [header_message(device), *MEDIA_CHUNKS, FINISH, MEDIA_CHUNKS[0]],
@@ -384,9 +400,9 @@ def test_upload_errors_leave_nothing(
         assert stored_files(stack.data_dir) == before, case_id
         assert list_events(stub, token, device) == [], case_id
 
-    # The same bytes with a correct header are accepted.
+    # The same bytes with a correct header and a finish are accepted.
     response = stub.UploadEvent(
-        iter([header_message(device, size=len(MEDIA), sha256=MEDIA_SHA), *MEDIA_CHUNKS]),
+        iter([header_message(device, size=len(MEDIA), sha256=MEDIA_SHA), *MEDIA_CHUNKS, FINISH]),
         metadata=bearer(token), timeout=TIMEOUT,
     )
     assert [e.id for e in list_events(stub, token, device)] == [response.event_id]
@@ -406,7 +422,6 @@ FINISH_HAPPY_PATHS: dict[str, tuple[tuple[str, ...], Callable[[bytes], list[pb.U
         *media_messages(media), finish_message(size=len(media), sha256=sha(media))]),
     "header-size-finish-sha256": (("size",), lambda media: [
         *media_messages(media), finish_message(sha256=sha(media))]),
-    "header-size-without-finish": (("size",), lambda media: media_messages(media)),
 }
 
 
@@ -440,6 +455,34 @@ def test_finish_declares_size_and_sha256_at_the_end(
         assert event.size == len(media)
         assert event.sha256 == sha(media)
         assert event.has_thumbnail is False
+    assert not list((stack.data_dir / "staging").iterdir())
+
+
+@pytest.mark.parametrize("header_fields", [("size",), ("size", "sha256")], ids=["size", "size-and-sha256"])
+@pytest.mark.parametrize("with_thumbnail", [False, True], ids=["media-only", "with-thumbnail"])
+def test_header_size_without_finish_is_not_finished(
+    stub: gallery_pb2_grpc.GalleryServiceStub, token: str, stack: Stack,
+    header_fields: tuple[str, ...], with_thumbnail: bool,
+) -> None:
+    """A size (and sha256) declared up front does not replace `finish`: every byte the header
+    announced may have arrived, yet the stream is refused and nothing is stored."""
+    device = new_device()
+    thumbnail = random_bytes(25_000) if with_thumbnail else b""
+    for media in (random_bytes(2 * MiB + 333), b""):
+        declared = {"size": len(media), "sha256": sha(media)}
+        fields = {name: declared[name] for name in header_fields}
+        before = stored_files(stack.data_dir)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.UploadEvent(
+                iter([header_message(device, "clip.bin", **fields), *media_messages(media, thumbnail)]),
+                metadata=bearer(token), timeout=TIMEOUT,
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+        info, violations = error_details(err.value)
+        assert info.reason == "UPLOAD_NOT_FINISHED", (len(media), info)
+        assert violations == ["finish"]
+        assert stored_files(stack.data_dir) == before
+    assert list_events(stub, token, device) == []
     assert not list((stack.data_dir / "staging").iterdir())
 
 
@@ -494,12 +537,6 @@ def test_non_finite_metadata_stores_nothing(
 
 
 @NON_FINITE
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: UploadEvent calls json_format.MessageToDict on the header metadata, which "
-           "raises ValueError for a non-finite number before validation runs: INTERNAL, not "
-           "INVALID_ARGUMENT/INVALID_METADATA as over REST",
-)
 def test_non_finite_metadata_is_invalid_metadata(
     stub: gallery_pb2_grpc.GalleryServiceStub, token: str, stack: Stack, value: float
 ) -> None:
@@ -542,6 +579,10 @@ def test_upload_auth_errors_leave_nothing(
 CANCEL_ATTEMPTS = 4
 CANCEL_SENT = 3 * MiB  # what reaches the server before the cancel
 CANCEL_FULL = 4 * MiB  # the size of the file the client meant to send
+# What the server's access log may record for a cancelled upload: grpcio reported the cancel, the
+# servicer saw the client gone at the end of the stream, or the stream just ended without finish.
+CANCEL_OUTCOMES = {("CANCELLED", ""), ("INVALID_ARGUMENT", "UPLOAD_CANCELLED"),
+                   ("INVALID_ARGUMENT", "UPLOAD_NOT_FINISHED")}
 
 
 def upload_access(stack: Stack) -> list[dict]:
@@ -567,9 +608,11 @@ def test_cancel_mid_stream_leaves_nothing(
 
     grpcio may show the server a cancelled stream as a normal end of stream, so what protects the
     server is that the stream lacks its `finish` (no-finish: the client's stream simply ends
-    without one; finish-never-sent: the rest of the file and the finish were still to come) or
-    that the received size differs from the one the header declared (header-size). The outcome
-    depends on timing, hence several attempts.
+    without one; finish-never-sent: the rest of the file and the finish were still to come;
+    header-size: the same, with the full size declared in the header, which no longer exempts
+    the stream from `finish`). Fewer bytes than declared arrive, so the size check in store()
+    (SIZE_MISMATCH) is never reached: the finish check comes first. The outcome depends on
+    timing, hence several attempts.
     """
     attempts = []
     for _ in range(CANCEL_ATTEMPTS):
@@ -625,24 +668,19 @@ def test_cancel_mid_stream_leaves_nothing(
     for device, before, _, after, _ in attempts:
         assert after == before, device
     assert not list((stack.data_dir / "staging").iterdir())
-    # The server never answered OK: it saw the cancel, or a stream that could not be complete.
+    # The server never answered OK: it saw the cancel, or a stream without its finish.
     outcomes = [outcome for *_, outcome in attempts]
-    allowed = {("CANCELLED", ""), ("INVALID_ARGUMENT", "UPLOAD_CANCELLED"),
-               ("INVALID_ARGUMENT", "SIZE_MISMATCH" if variant == "header-size" else "UPLOAD_NOT_FINISHED")}
-    assert set(outcomes) <= allowed, outcomes
+    assert set(outcomes) <= CANCEL_OUTCOMES, outcomes
 
 
-@pytest.mark.xfail(
-    strict=False,  # a race: each attempt exposes the bug about half of the time (less via Envoy)
-    reason="server bug: a declared header size exempts the stream from `finish` but proves only "
-           "the media complete, so a stream cancelled during its thumbnail can be stored with a "
-           "truncated thumbnail",
-)
 def test_cancel_during_thumbnail_with_declared_size_leaves_nothing(
     stub: gallery_pb2_grpc.GalleryServiceStub, token: str, stack: Stack
 ) -> None:
     """The header declares the media size and all the media arrives, then the client cancels
-    while its thumbnail is still coming: the stream was cancelled, so nothing may be stored."""
+    while its thumbnail is still coming (the rest of it and the finish were still to come): the
+    stream was cancelled, so nothing may be stored. The declared size proves only the media
+    complete; the missing finish is what keeps a truncated thumbnail out."""
+    outcomes = []
     for attempt in range(20):
         device = new_device()
         before = stored_files(stack.data_dir)
@@ -660,6 +698,7 @@ def test_cancel_during_thumbnail_with_declared_size_leaves_nothing(
             sent.set()
             release.wait(timeout=30)  # the call is cancelled meanwhile: the rest is never sent
             yield pb.UploadEventRequest(thumbnail_chunk=thumbnail[100_000:])
+            yield FINISH
 
         future = stub.UploadEvent.future(requests(), metadata=bearer(token), timeout=TIMEOUT)
         try:
@@ -679,6 +718,9 @@ def test_cancel_during_thumbnail_with_declared_size_leaves_nothing(
             f"attempt {attempt}: cancelled upload stored; thumbnail sizes {thumbs} of {len(thumbnail)}"
         )
         assert stored_files(stack.data_dir) == before, attempt
+        entry = upload_access(stack)[seen]
+        outcomes.append((entry["code"], entry["reason"]))
+    assert set(outcomes) <= CANCEL_OUTCOMES, outcomes
 
 
 # -- health and reflection ------------------------------------------------------------------------
@@ -712,17 +754,18 @@ def test_reflection(channel: grpc.Channel) -> None:
 def test_large_chunks_and_empty_media(
     stub: gallery_pb2_grpc.GalleryServiceStub, token: str, stack: Stack
 ) -> None:
-    """4 MiB chunks (the documented native maximum) pass, and a header alone is an empty file."""
+    """4 MiB chunks (the documented native maximum) pass, and a header and finish alone are an
+    empty file."""
     device = new_device()
     media = random_bytes(8 * MiB + 5)
     response = stub.UploadEvent(
         iter([header_message(device, "big.bin", size=len(media)),
-              *(pb.UploadEventRequest(media_chunk=c) for c in chunks(media, 4 * MiB))]),
+              *(pb.UploadEventRequest(media_chunk=c) for c in chunks(media, 4 * MiB)), FINISH]),
         metadata=bearer(token), timeout=TIMEOUT,
     )
     assert (stack.data_dir / "media" / device / response.event_id).read_bytes() == media
 
-    empty = stub.UploadEvent(iter([header_message(device, "empty.txt", size=0)]),
+    empty = stub.UploadEvent(iter([header_message(device, "empty.txt", size=0), FINISH]),
                              metadata=bearer(token), timeout=TIMEOUT)
     assert (stack.data_dir / "media" / device / empty.event_id).read_bytes() == b""
     events = {e.id: e for e in list_events(stub, token, device)}
