@@ -119,7 +119,8 @@ def rest_flow(stack: Stack, headers: dict[str, str], device: str, check: Check) 
         assert [e["id"] for e in listed] == [ids["signed"], ids["video"], ids["image"]], listed
         for event in listed:
             assert set(event) == {"id", "name", "media_type", "size", "has_thumbnail", "created",
-                                  "mime_type", "sha256"}, event
+                                  "mime_type", "sha256", "state"}, event
+            assert event["state"] == "stored"
             created = datetime.datetime.fromisoformat(event["created"].replace("Z", "+00:00"))
             assert event["created"].endswith("Z")
             assert abs(datetime.datetime.now(datetime.UTC) - created) < datetime.timedelta(minutes=5)
@@ -174,7 +175,7 @@ def _drop_created(value: Any) -> Any:
 def expected_event(name: str, media_type: str, mime: str, data: bytes, thumb: bool, label: str) -> dict:
     return {
         "id": f"<{label}>", "name": name, "media_type": media_type, "size": len(data),
-        "has_thumbnail": thumb, "mime_type": mime, "sha256": hashlib.sha256(data).hexdigest(),
+        "has_thumbnail": thumb, "mime_type": mime, "sha256": hashlib.sha256(data).hexdigest(), "state": "stored",
     }
 
 

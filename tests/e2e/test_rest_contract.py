@@ -33,7 +33,7 @@ EVENT_ID_RE = re.compile(r"^evt_[A-Za-z0-9_-]{22}$")
 RFC3339_UTC_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 UNKNOWN_EVENT_ID = "evt_" + "A" * 22  # well-formed, never issued (ids are 128 random bits)
 GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5}
-EVENT_KEYS = {"id", "name", "media_type", "size", "has_thumbnail", "created", "mime_type", "sha256"}
+EVENT_KEYS = {"id", "name", "media_type", "size", "has_thumbnail", "created", "mime_type", "sha256", "state"}
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -188,6 +188,7 @@ def assert_error(r: httpx.Response, status: int, reason: str | None = None) -> d
 def assert_event_object(event: dict) -> None:
     """Keys and JSON types of an event as the list renders it (no metadata there)."""
     assert set(event) == EVENT_KEYS, event
+    assert event["state"] == "stored"
     assert isinstance(event["id"], str) and EVENT_ID_RE.match(event["id"])
     assert isinstance(event["name"], str)
     assert event["media_type"] in ("image", "video", "audio", "document", "other")
