@@ -13,9 +13,12 @@ import secrets
 import uuid
 from collections.abc import Callable, Iterator
 
+import grpc
 import psycopg
 import pytest
 import sqlalchemy as sa
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from sqlmodel import SQLModel
 
 from gallery_server import auth
@@ -113,6 +116,30 @@ def mint() -> Callable[..., str]:
 
 def random_bytes(n: int) -> bytes:
     return secrets.token_bytes(n)
+
+
+Violation = error_details_pb2.BadRequest.FieldViolation
+
+
+def rich_error(error: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo, list[Violation]]:
+    """The one ErrorInfo (domain `gallery`) and the BadRequest violations of a failed call."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, f"no google.rpc.Status in the trailers: {error}"
+    assert status.code == error.code().value[0]
+    assert status.message == error.details()
+    infos, violations = [], []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            infos.append(info)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations.extend(bad.field_violations)
+    assert len(infos) == 1, status
+    assert infos[0].domain == "gallery"
+    return infos[0], violations
 
 
 def stored_files(data_dir: pathlib.Path) -> list[pathlib.Path]:

@@ -27,7 +27,7 @@ from gallery_server import db as db_module
 from gallery_server.rpc import server as server_module
 from gallery_server.settings import Settings
 
-from .conftest import stored_files
+from .conftest import rich_error, stored_files
 
 SERVICE_NAME = "gallery.v1.GalleryService"
 GENERIC_INTERNAL = "internal error; the server log has the details"
@@ -72,23 +72,8 @@ def running(settings: Settings, mint, monkeypatch: pytest.MonkeyPatch) -> Iterat
 
 
 def error_info(error: grpc.RpcError) -> tuple[grpc.StatusCode, error_details_pb2.ErrorInfo, list]:
-    status = rpc_status.from_call(error)
-    assert status is not None, "no google.rpc.Status in the trailers"
-    assert status.code == error.code().value[0]
-    assert status.message == error.details()
-    infos, violations = [], []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            infos.append(info)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            violations.extend(bad.field_violations)
-    assert len(infos) == 1
-    assert infos[0].domain == "gallery"
-    return error.code(), infos[0], violations
+    info, violations = rich_error(error)
+    return error.code(), info, violations
 
 
 def expect_error(

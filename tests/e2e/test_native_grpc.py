@@ -25,12 +25,11 @@ from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from grpc_status import rpc_status
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
 
-from ..conftest import random_bytes, stored_files
+from ..conftest import random_bytes, rich_error, stored_files
 from .conftest import Stack
 
 EVENT_ID_RE = re.compile(r"evt_[A-Za-z0-9_-]{22}")
@@ -49,22 +48,8 @@ def bearer(token: str) -> list[tuple[str, str]]:
 
 def error_details(err: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo, list[str]]:
     """The ErrorInfo and the BadRequest violated fields carried by a failed call."""
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None, f"no rich status: {err}"
-    assert status.code == err.code().value[0]
-    infos, fields = [], []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            infos.append(info)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [v.field for v in bad.field_violations]
-    assert len(infos) == 1, status
-    assert infos[0].domain == "gallery"
-    return infos[0], fields
+    info, violations = rich_error(err)
+    return info, [v.field for v in violations]
 
 
 def header_message(device: str, name: str = "capture.mp4", **fields: object) -> pb.UploadEventRequest:
