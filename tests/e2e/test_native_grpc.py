@@ -20,13 +20,14 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
-from gallery.v1 import gallery_pb2 as pb
-from gallery.v1 import gallery_pb2_grpc
 from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
+
+from gallery.v1 import gallery_pb2 as pb
+from gallery.v1 import gallery_pb2_grpc
 
 from ..conftest import random_bytes, stored_files
 from .conftest import Stack
