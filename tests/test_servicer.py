@@ -555,3 +555,66 @@ def test_put_needs_a_content_length_and_all_of_the_body(server: grpc_testing.Ser
     # Each failed PUT gave the URL back: a complete one still works.
     _, code, details = put(server, "cam1", response.upload_url, PNG)
     assert code is grpc.StatusCode.OK, details
+
+
+# -- downloads ------------------------------------------------------------------------------------
+
+
+def download(server: grpc_testing.Server, name: str, request: Any,
+             metadata: tuple = ()) -> tuple[list[Any], dict[str, str], grpc.StatusCode]:
+    rpc = server.invoke_unary_stream(method(name), metadata, request, None)
+    try:
+        initial = dict(rpc.initial_metadata())
+    except ValueError:  # failed before sending any
+        initial = {}
+    messages = []
+    while True:
+        try:
+            messages.append(rpc.take_response())
+        except ValueError:
+            break
+    _, code, _ = rpc.termination()
+    return messages, initial, code
+
+
+def test_get_event_content_headers_in_and_out(server: grpc_testing.Server) -> None:
+    data = PNG * 1500  # > 1 MiB: two messages
+    event_id = upload(server, data, name="ü.png")
+    request = pb.GetEventContentRequest(device="cam1", event_id=event_id)
+    etag = f'"{hashlib.sha256(data).hexdigest()}"'
+
+    messages, initial, code = download(server, "GetEventContent", request)
+    assert code is grpc.StatusCode.OK
+    assert [len(m.data) for m in messages] == [1 << 20, len(data) - (1 << 20)]
+    assert [m.content_type for m in messages] == ["image/png", ""]  # the first names the type
+    assert initial["x-http-status"] == "200" and initial["etag"] == etag
+    assert initial["content-disposition"] == "attachment; filename=\"_.png\"; filename*=UTF-8''%C3%BC.png"
+
+    messages, initial, _ = download(server, "GetEventContent", request, (("range", "bytes=-3"),))
+    assert b"".join(m.data for m in messages) == data[-3:]
+    size = len(data)
+    assert (initial["x-http-status"], initial["content-range"]) == ("206", f"bytes {size - 3}-{size - 1}/{size}")
+
+    # Repeated metadata is one list, as repeated HTTP headers are.
+    messages, initial, _ = download(server, "GetEventContent", request,
+                                    (("if-none-match", '"a"'), ("if-none-match", etag)))
+    assert initial["x-http-status"] == "304"
+    assert [(m.content_type, m.data) for m in messages] == [("image/png", b"")]  # one empty message
+
+    messages, initial, _ = download(server, "GetEventContent", request, (("range", "bytes=-0"),))
+    assert initial["x-http-status"] == "416" and [m.data for m in messages] == [b""]
+
+
+def test_read_event_content(server: grpc_testing.Server) -> None:
+    event_id = upload(server, PNG)
+    messages, initial, code = download(server, "ReadEventContent", pb.ReadEventContentRequest(
+        device="cam1", event_id=event_id, read_offset=10, read_limit=20))
+    assert code is grpc.StatusCode.OK
+    assert [m.data for m in messages] == [PNG[10:30]]
+    assert initial["x-content-length"] == str(len(PNG)) and "x-http-status" not in initial
+    messages, _, code = download(server, "ReadEventContent", pb.ReadEventContentRequest(
+        device="cam1", event_id=event_id, read_offset=len(PNG)))
+    assert (messages, code) == ([], grpc.StatusCode.OK)
+    _, _, code = download(server, "ReadEventContent", pb.ReadEventContentRequest(
+        device="cam1", event_id=event_id, read_offset=len(PNG) + 1))
+    assert code is grpc.StatusCode.UNKNOWN  # OutOfRange, unmapped without the interceptor

@@ -7,6 +7,7 @@ GalleryError                 base; carries a stable UPPER_SNAKE `reason` and `me
 ├── NotFound                 the event does not exist for this device (404 / NOT_FOUND)
 ├── AlreadyExists            the resource was created already (409 / ALREADY_EXISTS)
 ├── FailedPrecondition       not possible in the resource's current state (400 / FAILED_PRECONDITION)
+├── OutOfRange               a read past the end of the content (400 / OUT_OF_RANGE)
 └── TooLarge                 a size limit was exceeded (429 through Envoy / RESOURCE_EXHAUSTED)
 """
 
@@ -43,6 +44,10 @@ class AlreadyExists(GalleryError):
 
 
 class FailedPrecondition(GalleryError):
+    pass
+
+
+class OutOfRange(GalleryError):
     pass
 
 

@@ -9,17 +9,18 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import os
 import pathlib
 from collections.abc import Callable
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, func, select
 
-from . import validation
+from . import downloads, validation
 from .auth import READ, WRITE, Principal
 from .db import Database
 from .errors import FailedPrecondition, InvalidArgument, NotFound
-from .media_types import classify, detect_mime
+from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import Event
 from .settings import Settings
 from .storage import Storage
@@ -92,6 +93,47 @@ class Gallery:
         if event is None or event.device != device:
             raise _not_found(device, event_id)
         return event
+
+    def open_content(self, principal: Principal, device: str, event_id: str) -> downloads.Content:
+        """The stored media of an event, open for reading. The caller closes `content.file`."""
+        event = self.get_event(principal, device, event_id)
+        if event.state != "stored":
+            raise FailedPrecondition(
+                "EVENT_ON_DEVICE",
+                f"event {event.id} is still on the device: pull it first "
+                f"(POST /api/gallery/{event.device}/pull/{event.id})",
+                event_id=event.id,
+            )
+        try:
+            file = self.storage.media_path(device, event.id).open("rb")
+        except FileNotFoundError:  # deleted since the row was read
+            raise _not_found(device, event_id) from None
+        if os.fstat(file.fileno()).st_size != event.size:
+            file.close()
+            raise RuntimeError(f"stored media of {event.id} does not have its recorded size")
+        return downloads.Content(file, event.size, event.sha256, event.mime_type, event.name)
+
+    def open_thumbnail(self, principal: Principal, device: str, event_id: str) -> downloads.Content:
+        """The thumbnail of an event, open for reading, its type detected from its bytes.
+
+        Thumbnails are small (GALLERY_MAX_THUMBNAIL_BYTES) and may be replaced when a pulled
+        upload brings its own, so their SHA-256 is computed from the open file on every read."""
+        event = self.get_event(principal, device, event_id)
+        try:
+            file = self.storage.thumbnail_path(device, event.id).open("rb")
+        except FileNotFoundError:
+            raise NotFound(
+                "THUMBNAIL_NOT_FOUND", f"event {event.id} has no thumbnail",
+                device=device, event_id=event.id,
+            ) from None
+        try:
+            head = file.read(SNIFF_BYTES)
+            sha256 = downloads.sha256_of(file)
+            size = file.tell()
+        except BaseException:
+            file.close()
+            raise
+        return downloads.Content(file, size, sha256, detect_mime("", head))
 
     def stats(self, principal: Principal, device: str) -> Stats:
         principal.require(validation.device_id(device), READ)

@@ -54,6 +54,17 @@ def test_announce_is_idempotent_per_key_and_lists_on_device(devices, gallery, de
     assert not gallery.storage.media_path(DEVICE, first.id).exists()
 
 
+def test_announced_event_has_a_thumbnail_but_no_content(devices, gallery, device_principal, principal):
+    event = announce(devices, device_principal, thumbnail=b"\xff\xd8\xff\xe0thumb")
+    with pytest.raises(FailedPrecondition) as info:
+        gallery.open_content(principal, DEVICE, event.id)
+    assert (info.value.reason, info.value.metadata["event_id"]) == ("EVENT_ON_DEVICE", event.id)
+    thumbnail = gallery.open_thumbnail(principal, DEVICE, event.id)
+    with thumbnail.file:
+        assert thumbnail.size == len(b"\xff\xd8\xff\xe0thumb")
+        assert thumbnail.mime_type == "image/jpeg"
+
+
 def test_announce_needs_device_scope_and_the_device(devices, principal):
     with pytest.raises(PermissionDenied):  # read+write is not device scope
         devices.announce(principal, DEVICE, [Announcement(device_key="k", name="a.jpg")])

@@ -487,3 +487,66 @@ def test_device_paths(gallery: Gallery, principal: auth.Principal) -> None:
     assert (incoming, thumbnails) == (root / "incoming", root / "thumbnails")
     assert incoming.is_dir() and thumbnails.is_dir()
     assert gallery.device_paths(principal, "device123") == (incoming, thumbnails)  # idempotent
+
+
+# -- downloads -------------------------------------------------------------------------------------
+
+
+def test_open_content(gallery: Gallery, principal: auth.Principal) -> None:
+    event = store(gallery, principal, data=PDF, name="report ü.pdf")
+    content = gallery.open_content(principal, "cam1", event.id)
+    with content.file:
+        assert content.file.read() == PDF
+    assert (content.size, content.sha256) == (len(PDF), hashlib.sha256(PDF).hexdigest())
+    assert (content.mime_type, content.filename) == ("application/pdf", "report ü.pdf")
+
+
+def test_open_content_of_a_deleted_file_is_not_found(gallery: Gallery, principal: auth.Principal) -> None:
+    event = store(gallery, principal)
+    gallery.storage.media_path("cam1", event.id).unlink()  # deleted between the row and the file
+    with pytest.raises(NotFound) as info:
+        gallery.open_content(principal, "cam1", event.id)
+    assert info.value.reason == "EVENT_NOT_FOUND"
+
+
+def test_open_content_refuses_a_file_that_differs_from_its_record(
+    gallery: Gallery, principal: auth.Principal
+) -> None:
+    event = store(gallery, principal)
+    gallery.storage.media_path("cam1", event.id).write_bytes(PNG[:10])
+    with pytest.raises(RuntimeError):  # INTERNAL for the client, logged with its traceback
+        gallery.open_content(principal, "cam1", event.id)
+
+
+def test_open_thumbnail(gallery: Gallery, principal: auth.Principal) -> None:
+    event = store(gallery, principal, data=PDF, name="clip.mp4", thumbnail=JPEG)
+    content = gallery.open_thumbnail(principal, "cam1", event.id)
+    with content.file:
+        content.file.seek(0)
+        assert content.file.read() == JPEG
+    # The type comes from the bytes, never from the event's name.
+    assert (content.mime_type, content.filename) == ("image/jpeg", "")
+    assert (content.size, content.sha256) == (len(JPEG), hashlib.sha256(JPEG).hexdigest())
+
+
+def test_open_thumbnail_missing(gallery: Gallery, principal: auth.Principal) -> None:
+    event = store(gallery, principal)
+    with pytest.raises(NotFound) as info:
+        gallery.open_thumbnail(principal, "cam1", event.id)
+    assert (info.value.reason, info.value.metadata["event_id"]) == ("THUMBNAIL_NOT_FOUND", event.id)
+    with pytest.raises(NotFound) as info:
+        gallery.open_thumbnail(principal, "cam1", "evt_" + "c" * 22)
+    assert info.value.reason == "EVENT_NOT_FOUND"
+
+
+def test_downloads_authorize_before_existence(gallery: Gallery, principal: auth.Principal) -> None:
+    existing = store(gallery, principal, "cam1", thumbnail=JPEG).id
+    writer = auth.Principal("w", frozenset({"cam1"}), frozenset({auth.WRITE}))
+    for call in (gallery.open_content, gallery.open_thumbnail):
+        for event_id in (existing, "evt_" + "c" * 22, "not-even-valid"):
+            with pytest.raises(PermissionDenied) as info:
+                call(other_principal(), "cam1", event_id)
+            assert info.value.reason == "DEVICE_NOT_ALLOWED"
+            with pytest.raises(PermissionDenied) as info:
+                call(writer, "cam1", event_id)
+            assert info.value.reason == "SCOPE_MISSING"

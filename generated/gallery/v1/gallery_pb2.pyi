@@ -241,6 +241,32 @@ class GetEventContentRequest(_message.Message):
     event_id: str
     def __init__(self, device: _Optional[str] = ..., event_id: _Optional[str] = ...) -> None: ...
 
+class GetEventThumbnailRequest(_message.Message):
+    __slots__ = ("device", "event_id")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    event_id: str
+    def __init__(self, device: _Optional[str] = ..., event_id: _Optional[str] = ...) -> None: ...
+
+class ReadEventContentRequest(_message.Message):
+    __slots__ = ("device", "event_id", "read_offset", "read_limit")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    READ_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    READ_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    event_id: str
+    read_offset: int
+    read_limit: int
+    def __init__(self, device: _Optional[str] = ..., event_id: _Optional[str] = ..., read_offset: _Optional[int] = ..., read_limit: _Optional[int] = ...) -> None: ...
+
+class ReadEventContentResponse(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
 class DeleteEventRequest(_message.Message):
     __slots__ = ("device", "event_id")
     DEVICE_FIELD_NUMBER: _ClassVar[int]

@@ -97,6 +97,16 @@ class GalleryServiceStub:
                 request_serializer=gallery_dot_v1_dot_gallery__pb2.GetEventContentRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.GetEventThumbnail = channel.unary_stream(
+                '/gallery.v1.GalleryService/GetEventThumbnail',
+                request_serializer=gallery_dot_v1_dot_gallery__pb2.GetEventThumbnailRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.ReadEventContent = channel.unary_stream(
+                '/gallery.v1.GalleryService/ReadEventContent',
+                request_serializer=gallery_dot_v1_dot_gallery__pb2.ReadEventContentRequest.SerializeToString,
+                response_deserializer=gallery_dot_v1_dot_gallery__pb2.ReadEventContentResponse.FromString,
+                _registered_method=True)
         self.DeleteEvent = channel.unary_unary(
                 '/gallery.v1.GalleryService/DeleteEvent',
                 request_serializer=gallery_dot_v1_dot_gallery__pb2.DeleteEventRequest.SerializeToString,
@@ -208,10 +218,49 @@ class GalleryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetEventContent(self, request, context):
-        """Streams the stored content of an event (REST: the raw bytes, with the detected content type).
-        An event still on the device is FAILED_PRECONDITION (HTTP 400) with reason EVENT_ON_DEVICE.
-        Needs `gallery:read`.
+        """Streams the stored content of an event in messages of at most 1 MiB (REST: the raw bytes, with
+        the stored `mime_type` as Content-Type). An event still on the device is FAILED_PRECONDITION
+        (HTTP 400) with reason EVENT_ON_DEVICE. Needs `gallery:read`.
+
+        HTTP semantics ride on metadata, so that REST clients get them through Envoy. Request metadata
+        `range` (one range: `bytes=a-b`, `bytes=a-`, `bytes=-n`), `if-none-match` and `if-range` are
+        honoured as RFC 9110 says; a malformed or multi-range `range` is ignored (the whole file).
+        Initial metadata carries `etag` (`"<sha256 hex>"`), `accept-ranges: bytes`,
+        `x-content-length` and `x-content-sha256` (size and SHA-256 of the whole file, also for a
+        range: HTTP/1.1 clients check a download against them, since an error in the middle of a
+        stream reaches them as a clean end), `content-disposition` (the original name, RFC 6266),
+        `content-range` for 206 and 416, and `x-http-status`: 200, 206 (a range), 304 (If-None-Match
+        matched; no body) or 416 (unsatisfiable range; no body). Envoy makes that the HTTP status; the
+        gRPC status stays OK. Errors (401, 403, 404, 400) are gRPC status as for every RPC.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEventThumbnail(self, request, context):
+        """Streams the thumbnail of an event, with the content type detected from its bytes (for example
+        `image/jpeg`), an `etag` of its SHA-256 and the same metadata and conditional/range handling
+        as GetEventContent (no `content-disposition`). Works for events still on the device when they
+        announced a thumbnail. An event without one is NOT_FOUND (HTTP 404) with reason
+        THUMBNAIL_NOT_FOUND. Needs `gallery:read`.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadEventContent(self, request, context):
+        """Native read of an event's stored content from an offset, in the shape of
+        google.bytestream.ByteStream.Read: messages of at most 1 MiB, `read_limit` bytes at most.
+        An offset past the end is OUT_OF_RANGE (reason READ_OFFSET_OUT_OF_RANGE); an offset equal to
+        the size reads nothing; a negative offset or limit is INVALID_ARGUMENT. Initial metadata
+        carries `etag`, `x-content-length` and `x-content-sha256` of the whole file, so that a client
+        resuming a read can check it is still the same content. An event still on the device is
+        FAILED_PRECONDITION with reason EVENT_ON_DEVICE. Needs `gallery:read`. Not mapped to REST
+        (REST clients use GetEventContent with a `Range` header).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -277,6 +326,16 @@ def add_GalleryServiceServicer_to_server(servicer, server):
                     servicer.GetEventContent,
                     request_deserializer=gallery_dot_v1_dot_gallery__pb2.GetEventContentRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'GetEventThumbnail': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetEventThumbnail,
+                    request_deserializer=gallery_dot_v1_dot_gallery__pb2.GetEventThumbnailRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'ReadEventContent': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadEventContent,
+                    request_deserializer=gallery_dot_v1_dot_gallery__pb2.ReadEventContentRequest.FromString,
+                    response_serializer=gallery_dot_v1_dot_gallery__pb2.ReadEventContentResponse.SerializeToString,
             ),
             'DeleteEvent': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteEvent,
@@ -566,6 +625,60 @@ class GalleryService:
             '/gallery.v1.GalleryService/GetEventContent',
             gallery_dot_v1_dot_gallery__pb2.GetEventContentRequest.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEventThumbnail(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gallery.v1.GalleryService/GetEventThumbnail',
+            gallery_dot_v1_dot_gallery__pb2.GetEventThumbnailRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadEventContent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gallery.v1.GalleryService/ReadEventContent',
+            gallery_dot_v1_dot_gallery__pb2.ReadEventContentRequest.SerializeToString,
+            gallery_dot_v1_dot_gallery__pb2.ReadEventContentResponse.FromString,
             options,
             channel_credentials,
             insecure,

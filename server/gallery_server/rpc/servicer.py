@@ -17,17 +17,16 @@ from google.protobuf.struct_pb2 import Struct
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
 
-from .. import validation
+from .. import downloads, validation
 from ..auth import Principal
 from ..devices import Devices, PullStatus
-from ..errors import FailedPrecondition, InvalidArgument
+from ..errors import InvalidArgument
 from ..forms import FormReceiver
 from ..models import Event
 from ..service import Gallery
 from ..signed_urls import THUMBNAIL, SignedUploads
 from .interceptor import current_principal
 
-DOWNLOAD_CHUNK = 1 << 20
 # Set by Envoy from the HTTP Content-Length (envoy/envoy.yaml), which transcoding drops.
 CONTENT_LENGTH_HEADER = "x-gallery-content-length"
 
@@ -81,24 +80,27 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         return response
 
     def GetEventContent(self, request, context):  # type: ignore[no-untyped-def]
-        event = self.gallery.get_event(self.principal(), request.device, request.event_id)
-        if event.state != "stored":
-            raise FailedPrecondition(
-                "EVENT_ON_DEVICE",
-                f"event {event.id} is still on the device: pull it first "
-                f"(POST /api/gallery/{event.device}/pull/{event.id})",
-                event_id=event.id,
+        content = self.gallery.open_content(self.principal(), request.device, request.event_id)
+        yield from _http_download(context, content)
+
+    def GetEventThumbnail(self, request, context):  # type: ignore[no-untyped-def]
+        content = self.gallery.open_thumbnail(self.principal(), request.device, request.event_id)
+        yield from _http_download(context, content)
+
+    def ReadEventContent(self, request, context):  # type: ignore[no-untyped-def]
+        downloads.check_read(request.read_offset, request.read_limit)
+        content = self.gallery.open_content(self.principal(), request.device, request.event_id)
+        with content.file:
+            start, length = downloads.read_window(
+                content.size, request.read_offset, request.read_limit
             )
-        path = self.gallery.storage.media_path(event.device, event.id)
-        with open(path, "rb") as f:
             context.send_initial_metadata((
-                ("content-disposition", content_disposition(event.name)),
-                ("x-content-sha256", event.sha256),
-                ("x-content-length", str(event.size)),
+                (downloads.ETAG, downloads.etag(content.sha256)),
+                (downloads.SIZE, str(content.size)),
+                (downloads.SHA256, content.sha256),
             ))
-            yield HttpBody(content_type=event.mime_type, data=f.read(DOWNLOAD_CHUNK))
-            while chunk := f.read(DOWNLOAD_CHUNK):
-                yield HttpBody(data=chunk)
+            for chunk in downloads.read_chunks(content.file, start, length):
+                yield pb.ReadEventContentResponse(data=chunk)
 
     def GetStats(self, request, context):  # type: ignore[no-untyped-def]
         stats = self.gallery.stats(self.principal(), request.device)
@@ -275,6 +277,43 @@ def _set_pull(message: pb.PullStatus, status: PullStatus | None) -> None:
     message.error = status.error
     message.requested.FromDatetime(status.requested)
     message.expires_at.FromDatetime(status.expires_at)
+
+
+# Envoy's Lua filter (envoy/envoy.yaml) turns this response header into the HTTP status of a
+# transcoded download and removes it; native gRPC clients see it as initial metadata.
+HTTP_STATUS_HEADER = "x-http-status"
+
+
+def _http_download(context: grpc.ServicerContext, content: downloads.Content) -> Iterator[HttpBody]:
+    """Answer a download as the request's Range and conditional headers ask (downloads.reply)."""
+    with content.file:
+        request = _request_headers(context)
+        reply = downloads.reply(
+            content.size, content.sha256,
+            range_header=request.get("range", ""),
+            if_none_match=request.get("if-none-match", ""),
+            if_range=request.get("if-range", ""),
+        )
+        metadata = [(HTTP_STATUS_HEADER, str(reply.status)), *reply.headers]
+        if content.filename:
+            metadata.append(("content-disposition", content_disposition(content.filename)))
+        context.send_initial_metadata(metadata)
+        # The first message names the content type; a 304 or 416 is that message with no data.
+        content_type = content.mime_type
+        for chunk in downloads.read_chunks(content.file, reply.start, reply.length):
+            yield HttpBody(content_type=content_type, data=chunk)
+            content_type = ""
+        if content_type:
+            yield HttpBody(content_type=content_type)
+
+
+def _request_headers(context: grpc.ServicerContext) -> dict[str, str]:
+    """Text metadata by name; repeated names joined with commas, as HTTP list headers are."""
+    headers: dict[str, str] = {}
+    for key, value in context.invocation_metadata():
+        if isinstance(value, str):
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return headers
 
 
 def content_disposition(name: str) -> str:
