@@ -12,11 +12,12 @@ import logging
 import os
 import pathlib
 from collections.abc import Callable
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, func, select
 
-from . import downloads, validation
+from . import downloads, paging, validation
 from .auth import READ, WRITE, Principal
 from .db import Database
 from .errors import FailedPrecondition, InvalidArgument, NotFound
@@ -61,29 +62,52 @@ class Gallery:
         principal.require(validation.device_id(device), READ)
         return self.storage.device_paths(device)
 
-    def list_events(
+    def list_events(self, principal: Principal, device: str, **request: Any) -> list[Event]:
+        return self.list_page(principal, device, **request)[0]
+
+    def list_page(
         self,
         principal: Principal,
         device: str,
         *,
         media_type: str = "",
+        since: str = "",
+        until: str = "",
+        order: str = "",
         limit: int | None = None,
         offset: int | None = None,
-    ) -> list[Event]:
+        page_token: str = "",
+    ) -> tuple[list[Event], str]:
+        """One page of a device's events, and the token of the next page ("" after the last)."""
         principal.require(validation.device_id(device), READ)
-        if media_type:
-            validation.media_type(media_type)
-        limit, offset = validation.page(limit, offset)
-        query = select(Event).where(Event.device == device)
-        if media_type:
-            query = query.where(Event.media_type == media_type)
-        query = (
-            query.order_by(col(Event.created).desc(), col(Event.id).desc())
-            .offset(offset)
-            .limit(limit)
+        query = paging.build(
+            media_type=media_type, since=since, until=until, order=order, limit=limit,
+            offset=offset, page_token=page_token,
         )
+        statement = select(Event).where(Event.device == device)
+        if query.media_type:
+            statement = statement.where(Event.media_type == query.media_type)
+        if query.since:
+            statement = statement.where(col(Event.created) >= query.since)
+        if query.until:
+            statement = statement.where(col(Event.created) < query.until)
+        created, event_id = col(Event.created), col(Event.id)
+        if query.after:
+            after_created, after_id = query.after
+            if query.newest_first:
+                statement = statement.where(sa.or_(
+                    created < after_created, sa.and_(created == after_created, event_id < after_id)
+                ))
+            else:
+                statement = statement.where(sa.or_(
+                    created > after_created, sa.and_(created == after_created, event_id > after_id)
+                ))
+        order = (created.desc(), event_id.desc()) if query.newest_first else (created, event_id)
+        statement = statement.order_by(*order).offset(query.offset).limit(query.limit)
         with self.db.session() as session:
-            return list(session.exec(query))
+            events = list(session.exec(statement))
+        last = (events[-1].created, events[-1].id) if events else None
+        return events, paging.next_page_token(query, last, full=len(events) == query.limit)
 
     def get_event(self, principal: Principal, device: str, event_id: str) -> Event:
         principal.require(validation.device_id(device), READ)

@@ -73,16 +73,24 @@ class DevicePaths(_message.Message):
     def __init__(self, incoming: _Optional[str] = ..., thumbnails: _Optional[str] = ...) -> None: ...
 
 class ListEventsRequest(_message.Message):
-    __slots__ = ("device", "media_type", "limit", "offset")
+    __slots__ = ("device", "media_type", "limit", "offset", "since", "until", "order", "page_token")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     device: str
     media_type: str
     limit: int
     offset: int
-    def __init__(self, device: _Optional[str] = ..., media_type: _Optional[str] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+    since: str
+    until: str
+    order: str
+    page_token: str
+    def __init__(self, device: _Optional[str] = ..., media_type: _Optional[str] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ..., since: _Optional[str] = ..., until: _Optional[str] = ..., order: _Optional[str] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class GetEventRequest(_message.Message):
     __slots__ = ("device", "event_id")

@@ -27,6 +27,8 @@ from ..service import Gallery
 from ..signed_urls import THUMBNAIL, SignedUploads
 from .interceptor import current_principal
 
+# Where ListEvents returns the next page's token (empty after the last page).
+NEXT_PAGE_TOKEN_HEADER = "x-next-page-token"
 # Set by Envoy from the HTTP Content-Length (envoy/envoy.yaml), which transcoding drops.
 CONTENT_LENGTH_HEADER = "x-gallery-content-length"
 
@@ -53,13 +55,19 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         )
 
     def ListEvents(self, request, context):  # type: ignore[no-untyped-def]
-        events = self.gallery.list_events(
+        events, next_page_token = self.gallery.list_page(
             self.principal(),
             request.device,
             media_type=request.media_type,
+            since=request.since,
+            until=request.until,
+            order=request.order,
             limit=request.limit if request.HasField("limit") else None,
             offset=request.offset if request.HasField("offset") else None,
+            page_token=request.page_token,
         )
+        # The body is the documented top-level array, so the token travels as a header.
+        context.send_initial_metadata(((NEXT_PAGE_TOKEN_HEADER, next_page_token),))
         for event in events:
             yield event_message(event)
 

@@ -1,0 +1,128 @@
+"""How a listing is asked for: filters, order, and opaque page tokens for keyset pagination.
+
+`offset` pages (the documented contract) skip rows, so they cost more the deeper they go and
+shift when events arrive. A page token instead names the last event returned, and the next page
+starts strictly after it in the listing order: pages stay stable across inserts and deletes and
+cost the same at any depth. The token also records the filters and order it belongs to, so it
+cannot be replayed against another listing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import datetime
+import json
+
+from . import validation
+from .errors import InvalidArgument
+
+ORDERS = ("newest", "oldest")
+_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ListQuery:
+    media_type: str = ""
+    since: datetime.datetime | None = None  # inclusive
+    until: datetime.datetime | None = None  # exclusive
+    order: str = "newest"
+    limit: int = validation.DEFAULT_LIMIT
+    offset: int = 0
+    after: tuple[datetime.datetime, str] | None = None  # (created, id) of the previous page's last
+
+    @property
+    def newest_first(self) -> bool:
+        return self.order == "newest"
+
+
+def build(
+    *,
+    media_type: str = "",
+    since: str = "",
+    until: str = "",
+    order: str = "",
+    limit: int | None = None,
+    offset: int | None = None,
+    page_token: str = "",
+) -> ListQuery:
+    """Validate a listing request into a ListQuery (every bad value is a 400)."""
+    if media_type:
+        validation.media_type(media_type)
+    order = order or "newest"
+    if order not in ORDERS:
+        raise InvalidArgument("INVALID_ORDER", "order must be newest or oldest", field="order")
+    limit, offset = validation.page(limit, offset)
+    query = ListQuery(
+        media_type=media_type,
+        since=_instant(since, "since"),
+        until=_instant(until, "until"),
+        order=order,
+        limit=limit,
+        offset=offset,
+    )
+    if query.since and query.until and query.since >= query.until:
+        raise InvalidArgument("INVALID_TIME_WINDOW", "since must be before until", field="since")
+    if not page_token:
+        return query
+    if offset:
+        raise InvalidArgument(
+            "PAGE_TOKEN_WITH_OFFSET", "use either offset or page_token, not both", field="offset"
+        )
+    return dataclasses.replace(query, after=_decode(page_token, query))
+
+
+def next_page_token(query: ListQuery, page_last: tuple[datetime.datetime, str] | None, full: bool) -> str:
+    """The token for the page after this one; empty when this page was the last."""
+    if not full or page_last is None:
+        return ""
+    created, event_id = page_last
+    payload = [_VERSION, *_fingerprint(query), _iso(created), event_id]
+    return base64.urlsafe_b64encode(json.dumps(payload, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def _fingerprint(query: ListQuery) -> list[str]:
+    return [query.order, query.media_type, _iso(query.since), _iso(query.until)]
+
+
+def _decode(token: str, query: ListQuery) -> tuple[datetime.datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        version, *fingerprint, created, event_id = json.loads(raw)
+        after = (datetime.datetime.fromisoformat(created), validation.event_id(event_id))
+        valid = version == _VERSION and after[0].tzinfo is not None
+    except (ValueError, TypeError, binascii.Error, InvalidArgument):
+        valid = False
+    if not valid:
+        raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not valid", field="page_token")
+    if fingerprint != _fingerprint(query):
+        raise InvalidArgument(
+            "PAGE_TOKEN_MISMATCH",
+            "page_token belongs to a listing with other filters or order",
+            field="page_token",
+        )
+    return after
+
+
+def _instant(value: str, field: str) -> datetime.datetime | None:
+    if not value:
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(value.replace("z", "Z"))
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise InvalidArgument(
+            "INVALID_TIME", f"{field} must be an RFC 3339 time with a zone, e.g. 2024-03-20T10:00:00Z",
+            field=field,
+        )
+    return moment.astimezone(datetime.UTC)
+
+
+def _iso(moment: datetime.datetime | None) -> str:
+    if moment is None:
+        return ""
+    if moment.tzinfo is None:  # SQLite hands back naive UTC
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.astimezone(datetime.UTC).isoformat()
