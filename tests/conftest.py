@@ -88,6 +88,29 @@ def gallery(settings: Settings) -> Iterator[Gallery]:
 
 
 @pytest.fixture
+def grpc_port(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """An in-process gRPC server (create_server on port 0) for this test; yields its port."""
+    from gallery_server.rpc import server as server_module
+
+    databases: list[Database] = []
+
+    class TrackedDatabase(Database):  # so that teardown can close the server's pool
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            databases.append(self)
+
+    monkeypatch.setattr(server_module, "Database", TrackedDatabase)
+    server, port = server_module.create_server(settings, "127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(None).wait()
+        for database in databases:
+            database.dispose()
+
+
+@pytest.fixture
 def signed(gallery: Gallery) -> SignedUploads:
     return SignedUploads(gallery)
 

@@ -23,8 +23,6 @@ from grpc_status import rpc_status
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
-from gallery_server import db as db_module
-from gallery_server.rpc import server as server_module
 from gallery_server.settings import Settings
 
 from .conftest import rich_error, stored_files
@@ -50,25 +48,12 @@ class Running:
 
 
 @pytest.fixture
-def running(settings: Settings, mint, monkeypatch: pytest.MonkeyPatch) -> Iterator[Running]:  # type: ignore[no-untyped-def]
-    databases: list[db_module.Database] = []
-
-    class TrackedDatabase(db_module.Database):  # so that teardown can close the server's pool
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            databases.append(self)
-
-    monkeypatch.setattr(server_module, "Database", TrackedDatabase)
-    server, port = server_module.create_server(settings, "127.0.0.1:0")
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+def running(settings: Settings, mint, grpc_port: int) -> Iterator[Running]:  # type: ignore[no-untyped-def]
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
     try:
-        yield Running(settings, port, channel, gallery_pb2_grpc.GalleryServiceStub(channel), mint)
+        yield Running(settings, grpc_port, channel, gallery_pb2_grpc.GalleryServiceStub(channel), mint)
     finally:
         channel.close()
-        server.stop(None).wait()
-        for database in databases:
-            database.dispose()
 
 
 def error_info(error: grpc.RpcError) -> tuple[grpc.StatusCode, error_details_pb2.ErrorInfo, list]:

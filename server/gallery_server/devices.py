@@ -34,7 +34,8 @@ MAX_WAIT_S = 60
 OPEN_STATES = ("pending", "delivered", "acked")
 # How a command's state reads on the event: the device has it whether or not it acknowledged.
 PULL_STATES = {"pending": "pending", "delivered": "delivered", "acked": "delivered",
-               "completed": "completed", "failed": "failed", "expired": "expired"}
+               "completed": "completed", "failed": "failed", "expired": "expired",
+               "cancelled": "cancelled"}
 
 
 @dataclasses.dataclass
@@ -113,9 +114,16 @@ class Devices:
             raise TooLarge("TOO_MANY_EVENTS", f"at most {MAX_ANNOUNCE} events per announcement",
                            field="events")
         for a in announcements:
-            if not 1 <= len(a.device_key) <= 512:
-                raise InvalidArgument("INVALID_DEVICE_KEY", "device_key must be 1..512 characters",
-                                      field="device_key")
+            if not 1 <= len(a.device_key) <= 512 or not a.device_key.isprintable():
+                raise InvalidArgument(
+                    "INVALID_DEVICE_KEY", "device_key must be 1..512 printable characters",
+                    field="device_key",
+                )
+            if a.size > self.settings.max_upload_bytes:
+                raise InvalidArgument(
+                    "INVALID_SIZE", f"size is above the upload limit of {self.settings.max_upload_bytes}",
+                    field="size",
+                )
             a.name = validation.display_name(a.name)
             if a.media_type:
                 validation.media_type(a.media_type)
@@ -156,6 +164,9 @@ class Devices:
             if existing is None:
                 raise
             return existing
+        except BaseException:
+            thumbnail_path.unlink(missing_ok=True)  # no row, so no file either
+            raise
         return event
 
     def _by_key(self, device: str, device_key: str) -> Event | None:
@@ -273,6 +284,8 @@ class Devices:
         self._update_command(device, command_id, ("delivered",), state="acked")
 
     def progress(self, device: str, command_id: str, bytes_sent: int) -> None:
+        # A device's report, not a fact: keep it within what the column and the limits hold.
+        bytes_sent = min(bytes_sent, self.settings.max_upload_bytes)
         self._update_command(device, command_id, OPEN_STATES, bytes_sent=bytes_sent)
 
     def fail(self, device: str, command_id: str, reason: str) -> None:
@@ -312,6 +325,7 @@ class Channel:
         live = select(DeviceConnection.id).where(col(DeviceConnection.last_seen) >= stale)
         deliverable = (
             col(DeviceCommand.device) == self.device,
+            col(DeviceCommand.event_id).in_(select(Event.id).where(Event.device == self.device)),
             col(DeviceCommand.state).in_(OPEN_STATES),
             col(DeviceCommand.expires_at) > now,
             sa.or_(col(DeviceCommand.delivered_to).is_(None),

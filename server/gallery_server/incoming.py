@@ -27,8 +27,8 @@ commits to the content, replacing `media/<id>` again never changes the bytes a r
 An identical file (same device, name and bytes) dropped again while its event exists is therefore
 not imported twice: it is simply removed from `incoming`.
 
-Files are hard-linked into the store (no copy, whatever their size); when the drop folder is on
-another filesystem, or linking is not allowed, they are copied.
+Files are copied into the store, never hard-linked: a writer still holding a dropped file open (or
+another link to it) must not be able to change bytes an event already describes.
 """
 
 from __future__ import annotations
@@ -203,12 +203,16 @@ class IncomingImporter:
                 validation.device_id(entry.name)
             except GalleryError:
                 continue
-            if entry.is_dir():
-                root = pathlib.Path(entry.path)
+            # Never through a symlink: a linked folder would import (and then delete) files from
+            # wherever it points, or another device's folder as this device's.
+            root = pathlib.Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
                 folders.append((entry.name, root / "incoming", root / "thumbnails"))
         return folders
 
     def _list(self, folder: pathlib.Path, now: float, seen: dict[str, _Seen]) -> list[_DropFile]:
+        if folder.is_symlink():
+            return []
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except (FileNotFoundError, NotADirectoryError):
@@ -460,7 +464,7 @@ class IncomingImporter:
     # -- files --------------------------------------------------------------------------------
 
     def _take(self, file: _DropFile) -> _Taken | None:
-        """Hard-link (or copy) the settled file into staging, hash it and fsync it.
+        """Copy the settled file into staging, hashing it, and fsync the copy.
 
         None if the file is gone; _Changed if it is no longer the file that settled.
         """
@@ -478,22 +482,14 @@ class IncomingImporter:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or signature(st) != file.signature:
                 raise _Changed()
+            # A copy, never a hard link: a writer that still holds the file open (or another link
+            # to it) must not be able to change bytes the event already describes.
+            out = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                linked = self._link(file.path, staged, st)
-            except FileNotFoundError:
-                if os.path.lexists(file.path):
-                    raise
-                return None  # removed meanwhile: another replica imported it
-            if linked:
-                sha256, head = self._read(fd, None)
-                os.fsync(fd)
-            else:
-                out = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-                try:
-                    sha256, head = self._read(fd, out)
-                    os.fsync(out)
-                finally:
-                    os.close(out)
+                sha256, head = self._read(fd, out)
+                os.fsync(out)
+            finally:
+                os.close(out)
             if signature(os.fstat(fd)) != file.signature:
                 raise _Changed()
         except BaseException:
@@ -502,19 +498,6 @@ class IncomingImporter:
         finally:
             os.close(fd)
         return _Taken(staged, file.signature, sha256, head)
-
-    def _link(self, source: pathlib.Path, staged: pathlib.Path, st: os.stat_result) -> bool:
-        try:
-            os.link(source, staged, follow_symlinks=False)
-        except (FileNotFoundError, FileExistsError):
-            raise
-        except OSError:
-            return False  # another filesystem (EXDEV), or links not allowed: copy instead
-        linked = os.lstat(staged)
-        if (linked.st_dev, linked.st_ino) != (st.st_dev, st.st_ino):
-            staged.unlink(missing_ok=True)
-            raise _Changed()
-        return True
 
     def _read(self, fd: int, out: int | None) -> tuple[str, bytes]:
         digest = hashlib.sha256()

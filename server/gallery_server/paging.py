@@ -19,6 +19,7 @@ from . import validation
 from .errors import InvalidArgument
 
 ORDERS = ("newest", "oldest")
+MAX_TOKEN_CHARS = 1024
 _VERSION = 1
 
 
@@ -87,12 +88,14 @@ def _fingerprint(query: ListQuery) -> list[str]:
 
 
 def _decode(token: str, query: ListQuery) -> tuple[datetime.datetime, str]:
+    if len(token) > MAX_TOKEN_CHARS:
+        raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not valid", field="page_token")
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         version, *fingerprint, created, event_id = json.loads(raw)
         after = (datetime.datetime.fromisoformat(created), validation.event_id(event_id))
         valid = version == _VERSION and after[0].tzinfo is not None
-    except (ValueError, TypeError, binascii.Error, InvalidArgument):
+    except (ValueError, TypeError, binascii.Error, RecursionError, InvalidArgument):
         valid = False
     if not valid:
         raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not valid", field="page_token")
@@ -110,14 +113,15 @@ def _instant(value: str, field: str) -> datetime.datetime | None:
         return None
     try:
         moment = datetime.datetime.fromisoformat(value.replace("z", "Z"))
-    except ValueError:
+        moment = moment.astimezone(datetime.UTC) if moment.tzinfo else None
+    except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 shifted out of range
         moment = None
-    if moment is None or moment.tzinfo is None:
+    if moment is None:
         raise InvalidArgument(
             "INVALID_TIME", f"{field} must be an RFC 3339 time with a zone, e.g. 2024-03-20T10:00:00Z",
             field=field,
         )
-    return moment.astimezone(datetime.UTC)
+    return moment
 
 
 def _iso(moment: datetime.datetime | None) -> str:

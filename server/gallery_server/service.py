@@ -22,7 +22,7 @@ from .auth import READ, WRITE, Principal
 from .db import Database
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .media_types import SNIFF_BYTES, classify, detect_mime
-from .models import Event
+from .models import DeviceCommand, Event
 from .settings import Settings
 from .storage import Storage
 from .uploads import Upload
@@ -184,6 +184,13 @@ class Gallery:
             deleted = session.exec(  # type: ignore[call-overload]
                 sa.delete(Event).where(col(Event.id) == event_id, col(Event.device) == device)
             ).rowcount
+            if deleted:  # a pull still open for it has nothing left to fetch
+                session.exec(  # type: ignore[call-overload]
+                    sa.update(DeviceCommand)
+                    .where(col(DeviceCommand.event_id) == event_id,
+                           col(DeviceCommand.open_key).is_not(None))
+                    .values(state="cancelled", open_key=None)
+                )
             session.commit()
         if not deleted:
             raise _not_found(device, event_id)

@@ -234,3 +234,43 @@ def test_second_fill_of_one_event_is_refused_and_keeps_the_first(devices, galler
     assert gallery.storage.media_path(DEVICE, event.id).read_bytes() == b"first"
     with gallery.db.session() as session:
         assert session.get(Event, event.id).size == len(b"first")
+
+
+def test_announce_refuses_sizes_and_keys_it_cannot_store(devices, gallery, device_principal):
+    for bad, reason in (
+        (Announcement(device_key="k", name="a.mp4", size=2**63), "INVALID_SIZE"),
+        (Announcement(device_key="k\x00", name="a.mp4"), "INVALID_DEVICE_KEY"),
+        (Announcement(device_key="k\n", name="a.mp4"), "INVALID_DEVICE_KEY"),
+    ):
+        with pytest.raises(InvalidArgument) as caught:
+            devices.announce(device_principal, DEVICE, [bad])
+        assert caught.value.reason == reason
+
+
+def test_failed_announcement_leaves_no_thumbnail(devices, gallery, device_principal, monkeypatch):
+    def broken_session():
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(gallery.db, "session", broken_session)
+    with pytest.raises(RuntimeError):
+        devices.announce(device_principal, DEVICE, [Announcement(device_key="k", name="a.jpg",
+                                                                 thumbnail=b"\xff\xd8thumb")])
+    monkeypatch.undo()
+    assert list((gallery.storage.media_root).rglob("*.thumb")) == []
+
+
+def test_progress_reports_are_clamped(devices, gallery, device_principal, principal):
+    event = announce(devices, device_principal)
+    devices.pull(principal, DEVICE, event.id)
+    [delivery] = devices.connect(device_principal, DEVICE).claim()
+    devices.progress(DEVICE, delivery.command_id, 2**64 - 1)
+    assert commands(gallery, event.id)[0].bytes_sent == gallery.settings.max_upload_bytes
+
+
+def test_deleting_an_event_cancels_its_pull(devices, gallery, device_principal, principal):
+    event = announce(devices, device_principal)
+    devices.pull(principal, DEVICE, event.id)
+    gallery.delete_event(principal, DEVICE, event.id)
+    assert devices.connect(device_principal, DEVICE).claim() == []
+    [command] = commands(gallery, event.id)
+    assert (command.state, command.open_key) == ("cancelled", None)

@@ -35,18 +35,6 @@ SETTLED = 10.0  # well past the default settle time (2 s)
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64)
 
 
-@pytest.fixture(params=["link", "copy"])
-def transfer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """`copy`: hard links fail as across filesystems (an NFS-mounted drop folder)."""
-    if request.param == "copy":
-
-        def no_link(*_args: object, **_kwargs: object) -> None:
-            raise OSError(errno.EXDEV, "Invalid cross-device link")
-
-        monkeypatch.setattr(os, "link", no_link)
-    return str(request.param)
-
-
 @pytest.fixture
 def importer(gallery: Gallery) -> IncomingImporter:
     return IncomingImporter(gallery)
@@ -97,7 +85,7 @@ def sha(data: bytes) -> str:
 # -- settling and the naming convention -----------------------------------------------------------
 
 
-def test_a_file_is_imported_once_it_has_settled(gallery, importer, folders, transfer):
+def test_a_file_is_imported_once_it_has_settled(gallery, importer, folders):
     inbox, _ = folders
     data = write(inbox / "photo.png", PNG + random_bytes(100_000))
 
@@ -253,7 +241,7 @@ def test_a_file_replaced_while_it_is_imported_is_kept_and_imported_next(gallery,
 # -- thumbnails -----------------------------------------------------------------------------------
 
 
-def test_a_thumbnail_with_the_same_stem_is_attached(gallery, importer, folders, transfer):
+def test_a_thumbnail_with_the_same_stem_is_attached(gallery, importer, folders):
     inbox, thumbs = folders
     data = write(inbox / "clip.mp4", random_bytes(5000))
     thumb = write(thumbs / "clip.jpg", random_bytes(300))
@@ -268,7 +256,7 @@ def test_a_thumbnail_with_the_same_stem_is_attached(gallery, importer, folders, 
     assert leftovers(gallery) == []
 
 
-def test_a_thumbnail_arriving_later_is_attached_once_settled(gallery, importer, folders, transfer):
+def test_a_thumbnail_arriving_later_is_attached_once_settled(gallery, importer, folders):
     inbox, thumbs = folders
     write(inbox / "clip.mp4", random_bytes(5000))
     [event_id] = settle(importer)
@@ -320,7 +308,7 @@ def test_a_late_thumbnail_joins_the_newest_event_without_one(gallery, importer, 
     assert list(thumbs.iterdir()) == []
 
 
-def test_an_identical_thumbnail_still_goes_to_a_newer_event(gallery, importer, folders, transfer):
+def test_an_identical_thumbnail_still_goes_to_a_newer_event(gallery, importer, folders):
     inbox, thumbs = folders
     thumb = random_bytes(300)
     write(inbox / "snap.jpg", random_bytes(500))
@@ -366,7 +354,7 @@ def _crash(monkeypatch: pytest.MonkeyPatch, target: object, name: str) -> None:
     ],
 )
 def test_a_crash_at_any_step_converges_on_one_event(
-    gallery, importer, folders, monkeypatch, crash_in, transfer, restarted
+    gallery, importer, folders, monkeypatch, crash_in, restarted
 ):
     inbox, thumbs = folders
     data = write(inbox / "clip.mp4", random_bytes(20_000))
@@ -409,7 +397,7 @@ def test_media_and_row_present_but_file_still_in_incoming(gallery, importer, fol
 
 
 def test_a_crash_after_attaching_a_late_thumbnail_does_not_attach_it_twice(
-    gallery, importer, folders, monkeypatch, transfer, restarted
+    gallery, importer, folders, monkeypatch, restarted
 ):
     inbox, thumbs = folders
     write(inbox / "snap.jpg", random_bytes(500))
@@ -502,3 +490,28 @@ def test_start_scans_in_the_background_until_stopped(gallery, folders):
     [event] = events(gallery)
     assert event.sha256 == sha(data)
     assert not any(t.name == "incoming-importer" for t in threading.enumerate())
+
+
+def test_symlinked_folders_are_never_followed(gallery, importer, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "passwords.txt").write_bytes(b"secret")
+    drop = gallery.storage.drop_root
+    (drop / "evil").mkdir()
+    (drop / "evil" / "incoming").symlink_to(outside)  # a linked incoming folder
+    (drop / "alias").symlink_to(outside.parent)  # a linked device folder
+    for now in (0.0, 100.0, 200.0):
+        assert importer.scan_once(now=now) == []
+    assert (outside / "passwords.txt").read_bytes() == b"secret"
+
+
+def test_a_writer_holding_the_file_cannot_change_the_stored_bytes(gallery, importer, folders):
+    inbox, _ = folders
+    with open(inbox / "clip.bin", "wb") as writer:
+        writer.write(b"a" * 1000)
+        writer.flush()
+        importer.scan_once(now=0.0)
+        [event_id] = importer.scan_once(now=100.0)
+        writer.write(b"b" * 500)  # the writer goes on after the file settled and was taken
+    stored = gallery.storage.media_path(DEVICE, event_id)
+    assert stored.read_bytes() == b"a" * 1000

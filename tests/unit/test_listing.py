@@ -113,3 +113,26 @@ def test_token_round_trip_fuzz():
         again = paging.build(order="oldest", media_type="image", since="2024-01-01T00:00:00Z", page_token=token)
         assert again.after == (moment, event_id)
     assert paging.next_page_token(query, (T0, "evt_" + "A" * 22), full=False) == ""
+
+
+@pytest.mark.parametrize(("request_args", "reason"), [
+    ({"since": "0001-01-01T00:00:00+01:00"}, "INVALID_TIME"),  # shifts before year 1
+    ({"until": "9999-12-31T23:59:59-01:00"}, "INVALID_TIME"),  # shifts past year 9999
+    ({"page_token": "W" * 5000}, "INVALID_PAGE_TOKEN"),  # too long to be ours
+])
+def test_hostile_listing_values_are_400s(gallery, principal, request_args, reason):
+    with pytest.raises(InvalidArgument) as caught:
+        gallery.list_page(principal, "cam1", **request_args)
+    assert caught.value.reason == reason
+
+
+def test_deeply_nested_page_token_is_invalid(gallery, principal):
+    import base64
+
+    token = base64.urlsafe_b64encode(b"[" * 600).decode().rstrip("=")
+    assert len(token) <= paging.MAX_TOKEN_CHARS
+    nested = base64.urlsafe_b64encode(b"[" * 3000).decode().rstrip("=")
+    for value in (token, nested):
+        with pytest.raises(InvalidArgument) as caught:
+            gallery.list_page(principal, "cam1", page_token=value)
+        assert caught.value.reason == "INVALID_PAGE_TOKEN"

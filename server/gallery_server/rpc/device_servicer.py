@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from gallery.v1 import device_pb2 as pb
 from gallery.v1 import device_pb2_grpc
@@ -19,6 +20,14 @@ from .interceptor import current_principal
 from .servicer import metadata_json
 
 log = logging.getLogger(__name__)
+
+
+def _instant(timestamp: Timestamp) -> datetime.datetime:
+    try:
+        return timestamp.ToDatetime(tzinfo=datetime.UTC)
+    except (ValueError, OverflowError):  # outside 0001..9999, which Timestamp also forbids
+        raise InvalidArgument("INVALID_CREATED", "created is not a valid timestamp",
+                              field="created") from None
 
 
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
@@ -36,7 +45,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 name=e.name,
                 media_type=e.media_type,
                 size=e.size,
-                created=e.created.ToDatetime(tzinfo=datetime.UTC) if e.HasField("created") else None,
+                created=_instant(e.created) if e.HasField("created") else None,
                 metadata_json=metadata_json(e.metadata, max_metadata),
                 thumbnail=e.thumbnail,
                 sha256=e.sha256,
@@ -79,20 +88,25 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             channel.close()
 
     def _read_replies(self, request_iterator: Iterator[pb.ConnectRequest], channel: Channel) -> None:
+        """Apply the device's acks, progress and failures as they come.
+
+        A device that half-closes its side keeps receiving commands: only the end of the RPC
+        (a callback registered in Connect) or a broken stream closes the channel."""
         device = channel.device
         try:
             for message in request_iterator:
-                kind = message.WhichOneof("message")
-                if kind == "ack":
-                    self.devices.acknowledge(device, message.ack.command_id)
-                elif kind == "progress":
-                    self.devices.progress(device, message.progress.command_id,
-                                          message.progress.bytes_sent)
-                elif kind == "failure":
-                    self.devices.fail(device, message.failure.command_id, message.failure.reason)
+                try:
+                    self._apply(device, message)
+                except Exception:  # one bad report must not end the device's channel
+                    log.exception("device message ignored", extra={"device": device})
         except grpc.RpcError:
-            pass  # the device went away; close() below ends the command loop
-        except Exception:
-            log.exception("device channel reader failed", extra={"device": device})
-        finally:
-            channel.close()
+            channel.close()  # the device went away
+
+    def _apply(self, device: str, message: pb.ConnectRequest) -> None:
+        kind = message.WhichOneof("message")
+        if kind == "ack":
+            self.devices.acknowledge(device, message.ack.command_id)
+        elif kind == "progress":
+            self.devices.progress(device, message.progress.command_id, message.progress.bytes_sent)
+        elif kind == "failure":
+            self.devices.fail(device, message.failure.command_id, message.failure.reason)

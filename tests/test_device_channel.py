@@ -1,0 +1,62 @@
+"""DeviceService on an in-process server (port 0): the channel's edge cases."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from gallery.v1 import device_pb2 as dpb
+from gallery.v1 import device_pb2_grpc, gallery_pb2, gallery_pb2_grpc
+
+from .conftest import rich_error
+
+
+@pytest.fixture
+def channel(grpc_port: int) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        yield channel
+
+
+def device_auth(mint, device="cam1"):
+    return [("authorization", f"Bearer {mint(devices=[device], scope='gallery:device')}")]
+
+
+def test_a_half_closed_channel_still_receives_commands(channel, mint, gallery):
+    stub = device_pb2_grpc.DeviceServiceStub(channel)
+    auth = device_auth(mint)
+    [result] = stub.AnnounceEvents(dpb.AnnounceEventsRequest(device="cam1", events=[
+        dpb.AnnouncedEvent(device_key="a.mp4", name="a.mp4", size=3)]), metadata=auth).results
+    # The device sends its hello and closes its side; commands must still reach it.
+    stream = stub.Connect(iter([dpb.ConnectRequest(hello=dpb.DeviceHello(device="cam1"))]), metadata=auth)
+    got: list[dpb.ConnectResponse] = []
+    done = threading.Event()
+
+    def read() -> None:
+        for message in stream:
+            got.append(message)
+            if message.HasField("command"):
+                done.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    user = [("authorization", f"Bearer {mint(devices=['cam1'])}")]
+    gallery_pb2_grpc.GalleryServiceStub(channel).PullEvent(
+        gallery_pb2.PullEventRequest(device="cam1", event_id=result.event_id), metadata=user)
+    assert done.wait(10), got
+    assert got[-1].command.upload_event.event_id == result.event_id
+    stream.cancel()
+
+
+def test_an_out_of_range_created_is_invalid(channel, mint):
+    stub = device_pb2_grpc.DeviceServiceStub(channel)
+    event = dpb.AnnouncedEvent(device_key="a", name="a.jpg")
+    event.created.seconds = 2**40
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.AnnounceEvents(dpb.AnnounceEventsRequest(device="cam1", events=[event]), metadata=device_auth(mint))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info, _ = rich_error(caught.value)
+    assert info.reason == "INVALID_CREATED"
