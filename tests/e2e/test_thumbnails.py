@@ -1,0 +1,57 @@
+"""Server-made thumbnails end to end: a real JPEG uploaded over REST without a thumbnail gets one
+from the running server's background thumbnailer; a broken image leaves its event intact."""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+
+import httpx
+from PIL import Image
+
+from ..unit.test_thumbnails import jpeg_with_exif
+from .test_downloads import content_url, multipart_upload
+
+
+def wait_for(http: httpx.Client, device: str, headers: dict[str, str], event_id: str, *,
+              seconds: float = 15) -> dict[str, object]:
+    """Poll the listing until the event's thumbnail work is over; returns its listing entry."""
+    deadline = time.monotonic() + seconds
+    while True:
+        r = http.get(f"/api/gallery/{device}/events", headers=headers)
+        assert r.status_code == 200, r.text
+        entry = next(e for e in r.json() if e["id"] == event_id)
+        if entry["has_thumbnail"] or time.monotonic() > deadline:
+            return dict(entry)
+        time.sleep(0.1)
+
+
+def test_uploaded_jpeg_gets_a_thumbnail(http, auth_headers):
+    device, headers = f"th-{uuid.uuid4().hex[:10]}", auth_headers()
+    photo = jpeg_with_exif((1200, 900), orientation=1)
+    event_id = multipart_upload(http, device, headers, "photo.jpg", photo, len(photo))
+
+    assert wait_for(http, device, headers, event_id)["has_thumbnail"] is True
+    r = http.get(content_url(device, event_id, "thumbnail"), headers=headers)
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "image/jpeg"
+    im = Image.open(io.BytesIO(r.content))
+    assert (im.format, im.size) == ("JPEG", (320, 240))
+    event = http.get(f"/api/gallery/{device}/events/{event_id}", headers=headers).json()
+    assert event["metadata"]["media"] == {"width": 1200, "height": 900, "captured_at": "2024-05-01T12:34:56+02:00"}
+
+
+def test_truncated_image_keeps_its_event(http, auth_headers):
+    device, headers = f"th-{uuid.uuid4().hex[:10]}", auth_headers()
+    photo = jpeg_with_exif((400, 300), orientation=1)
+    good_id = multipart_upload(http, device, headers, "good.jpg", photo, len(photo))
+    broken = jpeg_with_exif()[:1500]  # newer: usually taken first
+    bad_id = multipart_upload(http, device, headers, "broken.jpg", broken, len(broken))
+
+    assert wait_for(http, device, headers, good_id)["has_thumbnail"] is True
+    entry = wait_for(http, device, headers, bad_id, seconds=0)
+    assert entry["has_thumbnail"] is False
+    r = http.get(content_url(device, bad_id), headers=headers)
+    assert (r.status_code, r.content) == (200, broken)
+    assert http.get(content_url(device, bad_id, "thumbnail"), headers=headers).status_code == 404
