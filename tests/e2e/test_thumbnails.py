@@ -6,12 +6,30 @@ from __future__ import annotations
 import io
 import time
 import uuid
+from collections.abc import Iterator
 
 import httpx
+import pytest
 from PIL import Image
 
+from gallery_server.local_stack import stop_stack
+
 from ..unit.test_thumbnails import jpeg_with_exif
+from .conftest import start_stack
 from .test_downloads import content_url, multipart_upload
+
+
+@pytest.fixture(scope="module")
+def http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    """A stack of its own, making thumbnails (the shared one does not)."""
+    root = tmp_path_factory.mktemp("thumbs")
+    stack = start_stack(root / "data", root / "gallery.log", extra_env={"GALLERY_MAKE_THUMBNAILS": "true"})
+    try:
+        with httpx.Client(base_url=stack.base_url, timeout=60) as client:
+            yield client
+    finally:
+        stop_stack(stack)
+    assert stack.process.returncode == 0, stack.log()
 
 
 def wait_for(http: httpx.Client, device: str, headers: dict[str, str], event_id: str, *,

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from PIL import Image
 
 from gallery_server import auth, thumbnails
+from gallery_server.incoming import IncomingImporter
 from gallery_server.models import Event
 from gallery_server.rpc.servicer import event_message
 from gallery_server.service import Gallery
@@ -227,3 +228,47 @@ def test_video_gets_thumbnail_and_duration(gallery: Gallery, principal: auth.Pri
     info = json.loads(done.media_info_json)
     assert (info["width"], info["height"]) == (640, 360)
     assert info["duration"] == pytest.approx(2.0, abs=0.2)
+
+
+# -- the device's own thumbnail wins --------------------------------------------------------------
+
+
+def test_signed_thumbnail_after_media_replaces_the_servers(signed, principal: auth.Principal) -> None:  # type: ignore[no-untyped-def]
+    from .test_signed_urls import put, targets
+
+    gallery = signed.gallery
+    media, thumb = targets(signed, principal, filename="a.png")
+    event_id = put(signed, media, png())
+    assert row(gallery, event_id).thumbnail_state == "pending"  # type: ignore[union-attr]
+    Thumbnailer(gallery).work_once()
+    assert row(gallery, event_id).thumbnail_state == "generated"  # type: ignore[union-attr]
+    put(signed, thumb, b"device thumb")
+    done = row(gallery, event_id)
+    assert done is not None and (done.has_thumbnail, done.thumbnail_state) == (True, "")
+    assert gallery.storage.thumbnail_path("cam1", event_id).read_bytes() == b"device thumb"
+    assert Thumbnailer(gallery).work_once() == []
+
+
+def test_signed_thumbnail_before_media_is_kept(signed, principal: auth.Principal) -> None:  # type: ignore[no-untyped-def]
+    from .test_signed_urls import put, targets
+
+    media, thumb = targets(signed, principal, filename="a.png")
+    put(signed, thumb, b"device thumb")
+    event_id = put(signed, media, png())
+    assert row(signed.gallery, event_id).thumbnail_state == ""  # type: ignore[union-attr]
+    assert Thumbnailer(signed.gallery).work_once() == []
+
+
+def test_late_incoming_thumbnail_replaces_the_servers(gallery: Gallery) -> None:
+    importer = IncomingImporter(gallery)
+    inbox, thumbs = gallery.storage.device_paths("cam1")
+    (inbox / "a.png").write_bytes(png())
+    [event_id] = importer.scan_once(now=0) + importer.scan_once(now=10)
+    assert Thumbnailer(gallery).work_once() == [event_id]
+    (thumbs / "a.jpg").write_bytes(b"device thumb")
+    importer.scan_once(now=20)
+    importer.scan_once(now=30)
+    done = row(gallery, event_id)
+    assert done is not None and (done.has_thumbnail, done.thumbnail_state) == (True, "")
+    assert gallery.storage.thumbnail_path("cam1", event_id).read_bytes() == b"device thumb"
+    assert list(thumbs.iterdir()) == []

@@ -82,11 +82,13 @@ def serve(settings: Settings) -> None:
         Gallery(settings, Database(settings.database_url, pool_size=2), Storage(settings.data_dir))
     )
     importer.start()
-    # Every replica also makes missing thumbnails: events are claimed one at a time (thumbnails.py).
-    thumbnailer = Thumbnailer(
-        Gallery(settings, Database(settings.database_url, pool_size=2), Storage(settings.data_dir))
-    )
-    thumbnailer.start()
+    # Every replica may also make missing thumbnails: events are claimed one at a time (thumbnails.py).
+    thumbnailer = None
+    if settings.make_thumbnails:
+        thumbnailer = Thumbnailer(
+            Gallery(settings, Database(settings.database_url, pool_size=2), Storage(settings.data_dir))
+        )
+        thumbnailer.start()
     stopping = threading.Event()
 
     def stop(signum: int, _frame: object) -> None:
@@ -98,5 +100,6 @@ def serve(settings: Settings) -> None:
     stopping.wait()
     importer.stop()
     # A file in hand is not waited for long: its claim is simply taken again after the lease.
-    thumbnailer.stop(timeout=5)
+    if thumbnailer is not None:
+        thumbnailer.stop(timeout=5)
     server.stop(grace=10).wait()
