@@ -4,6 +4,8 @@ from the running server's background thumbnailer; a broken image leaves its even
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -73,3 +75,22 @@ def test_truncated_image_keeps_its_event(http, auth_headers):
     r = http.get(content_url(device, bad_id), headers=headers)
     assert (r.status_code, r.content) == (200, broken)
     assert http.get(content_url(device, bad_id, "thumbnail"), headers=headers).status_code == 404
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
+def test_uploaded_video_gets_a_thumbnail(http, auth_headers, tmp_path):
+    device, headers = f"th-{uuid.uuid4().hex[:10]}", auth_headers()
+    clip = tmp_path / "clip.mp4"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi",
+                    "-i", "testsrc=duration=1.5:size=320x240:rate=10", "-c:v", "mpeg4",
+                    "-pix_fmt", "yuv420p", str(clip)], check=True, timeout=30)
+    data = clip.read_bytes()
+    event_id = multipart_upload(http, device, headers, "clip.mp4", data, len(data))
+
+    assert wait_for(http, device, headers, event_id)["has_thumbnail"] is True
+    r = http.get(content_url(device, event_id, "thumbnail"), headers=headers)
+    assert (r.status_code, r.headers["content-type"]) == (200, "image/jpeg")
+    assert Image.open(io.BytesIO(r.content)).size == (320, 240)
+    media = http.get(f"/api/gallery/{device}/events/{event_id}", headers=headers).json()["metadata"]["media"]
+    assert (media["width"], media["height"]) == (320, 240)
+    assert media["duration"] == pytest.approx(1.5, abs=0.2)
