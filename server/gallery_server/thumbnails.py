@@ -242,7 +242,7 @@ def make_image(path: Any) -> Made:
             if exif.get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees: shown the other way
                 width, height = height, width
             info["width"], info["height"] = width, height
-            if im.format == "JPEG":
+            if im.format in ("JPEG", "MPO"):  # MPO: a phone's JPEG with extra pictures
                 im.draft("RGB", (THUMBNAIL_MAX_SIDE * 2, THUMBNAIL_MAX_SIDE * 2))  # decode at a fraction
             im.load()
             return Made(_to_jpeg(im), info)
