@@ -52,7 +52,7 @@ from sqlmodel import col, select
 from . import validation
 from .errors import GalleryError
 from .media_types import SNIFF_BYTES, classify, detect_mime
-from .models import Event
+from .models import Event, initial_thumbnail_state
 from .service import Gallery, utcnow
 from .storage import _fsync_dir
 
@@ -341,6 +341,7 @@ class IncomingImporter:
                     size=taken.size,
                     sha256=taken.sha256,
                     has_thumbnail=thumb_taken is not None,
+                    thumbnail_state=initial_thumbnail_state(classify(mime), thumb_taken is not None),
                     metadata_json=SOURCE_METADATA,
                     created=utcnow(),
                 )
@@ -395,7 +396,7 @@ class IncomingImporter:
     def _set_has_thumbnail(self, event_id: str) -> None:
         with self.gallery.db.session() as session:
             session.exec(  # type: ignore[call-overload]
-                sa.update(Event).where(col(Event.id) == event_id).values(has_thumbnail=True)
+                sa.update(Event).where(col(Event.id) == event_id).values(has_thumbnail=True, thumbnail_state="")
             )
             session.commit()
 
@@ -423,7 +424,8 @@ class IncomingImporter:
         # thumbnail already (attached by a run that stopped before removing it, or by a replica).
         target = None
         for event in candidates:
-            if not event.has_thumbnail:
+            # A thumbnail the server made (or is making) gives way to the device's own.
+            if not event.has_thumbnail or event.thumbnail_state:
                 target = event
                 break
             if self._same_file(self.storage.thumbnail_path(device, event.id), thumb, seen):

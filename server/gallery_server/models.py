@@ -18,6 +18,8 @@ class Event(SQLModel, table=True):
         sa.Index("ix_events_device_type_created", "device", "media_type", "created", "id"),
         # Announcing the same device-side file twice yields the same event.
         sa.UniqueConstraint("device", "device_key", name="uq_events_device_key"),
+        # The thumbnail queue (thumbnails.py): pending work, newest first.
+        sa.Index("ix_events_thumbnail_queue", "thumbnail_state", "created", "id"),
     )
 
     id: str = Field(primary_key=True, max_length=64)
@@ -37,6 +39,23 @@ class Event(SQLModel, table=True):
     state: str = Field(default="stored", max_length=16)
     # The device's own key for an announced file; NULL for uploads.
     device_key: str | None = Field(default=None, max_length=512)
+    # Server-made thumbnails (thumbnails.py): "" when the device sent one or none is wanted;
+    # pending -> working -> generated | failed | skipped. attempts counts claims (a crash mid-file
+    # is retried, a file that keeps crashing its worker is given up on).
+    thumbnail_state: str = Field(default="", max_length=16)
+    thumbnail_attempts: int = 0
+    thumbnail_claimed_at: datetime.datetime | None = None
+    # What the server read from the file (dimensions, capture time, duration) as a JSON object, or
+    # "" before it looked; shown as metadata.media unless the device sent its own `media` key.
+    media_info_json: str = Field(default="", sa_type=sa.Text)
+
+
+THUMBNAILED_MEDIA_TYPES = ("image", "video")
+
+
+def initial_thumbnail_state(media_type: str, has_thumbnail: bool) -> str:
+    """A stored image or video that arrived without a thumbnail is queued for one."""
+    return "pending" if not has_thumbnail and media_type in THUMBNAILED_MEDIA_TYPES else ""
 
 
 class UploadGrant(SQLModel, table=True):

@@ -22,7 +22,7 @@ from .auth import READ, WRITE, Principal
 from .db import Database
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .media_types import SNIFF_BYTES, classify, detect_mime
-from .models import DeviceCommand, Event
+from .models import DeviceCommand, Event, initial_thumbnail_state
 from .settings import Settings
 from .storage import Storage
 from .uploads import Upload
@@ -244,6 +244,8 @@ class Gallery:
                 if before_insert is not None:
                     before_insert(session, event)
                 if fill is None:
+                    # before_insert may have attached a thumbnail that arrived first.
+                    event.thumbnail_state = initial_thumbnail_state(event.media_type, event.has_thumbnail)
                     session.add(event)
                 session.commit()
         except BaseException:
@@ -284,15 +286,18 @@ class Gallery:
                 field="sha256", declared=fields.declared_sha256, received=media.sha256,
             )
         mime = detect_mime(name, media.head)
+        media_type = fields.media_type or classify(mime)
+        has_thumbnail = upload.thumbnail is not None or bool(fill and fill.has_thumbnail)
         return Event(
             id=fill.id if fill else event_id or validation.new_event_id(),
             device=upload.device,
             name=name,
-            media_type=fields.media_type or classify(mime),
+            media_type=media_type,
             mime_type=mime,
             size=media.size,
             sha256=media.sha256,
-            has_thumbnail=upload.thumbnail is not None or bool(fill and fill.has_thumbnail),
+            has_thumbnail=has_thumbnail,
+            thumbnail_state=initial_thumbnail_state(media_type, has_thumbnail),
             metadata_json=fields.metadata_json,
             created=fill.created if fill else utcnow(),
             device_key=fill.device_key if fill else None,
@@ -308,7 +313,7 @@ class Gallery:
             .values(state="stored", size=event.size, sha256=event.sha256,
                     mime_type=event.mime_type, media_type=event.media_type,
                     has_thumbnail=event.has_thumbnail, name=event.name,
-                    metadata_json=event.metadata_json)
+                    metadata_json=event.metadata_json, thumbnail_state=event.thumbnail_state)
         ).rowcount
         if not updated:
             raise FailedPrecondition(

@@ -18,6 +18,7 @@
 | GALLERY_PULL_TTL            | 3600                     | seconds an open pull request waits for content  |
 | GALLERY_INCOMING_SCAN_SECONDS | 1.0                    | how often the incoming folders are scanned      |
 | GALLERY_INCOMING_SETTLE_SECONDS | 2.0                  | how long a file's size and mtime must be stable |
+| GALLERY_MAKE_THUMBNAILS     | true                     | this replica makes missing thumbnails (thumbnails.py) |
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Settings:
     pull_ttl: int = 3600
     incoming_scan_seconds: float = 1.0
     incoming_settle_seconds: float = 2.0
+    make_thumbnails: bool = True
 
     @classmethod
     def from_env(cls, env: os._Environ[str] | dict[str, str] = os.environ) -> Settings:
@@ -88,9 +90,21 @@ class Settings:
                 incoming_settle_seconds=float(
                     env.get("GALLERY_INCOMING_SETTLE_SECONDS", cls.incoming_settle_seconds)
                 ),
+                make_thumbnails=_flag(env.get("GALLERY_MAKE_THUMBNAILS", ""), default=cls.make_thumbnails),
             )
         except ValueError as exc:
             raise ConfigError(f"bad numeric setting: {exc}") from None
+
+
+def _flag(text: str, *, default: bool) -> bool:
+    value = text.strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"not a boolean: {text!r} (use true or false)")
 
 
 def read_secret_file(data_dir: pathlib.Path) -> str:

@@ -149,7 +149,8 @@ class SignedUploads:
                 attached = session.exec(  # type: ignore[call-overload]
                     sa.update(Event)
                     .where(col(Event.id) == target.event_id)
-                    .values(has_thumbnail=True)
+                    # The device's thumbnail replaces one the server made or is making.
+                    .values(has_thumbnail=True, thumbnail_state="")
                 ).rowcount
                 grant = session.get(UploadGrant, target.event_id)
                 if not attached and grant is not None and grant.media_state == "done":

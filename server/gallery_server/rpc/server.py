@@ -20,6 +20,7 @@ from ..service import Gallery
 from ..settings import Settings
 from ..signed_urls import SignedUploads
 from ..storage import Storage
+from ..thumbnails import Thumbnailer
 from .device_servicer import DeviceServicer
 from .interceptor import GalleryInterceptor
 from .servicer import GalleryServicer
@@ -81,6 +82,13 @@ def serve(settings: Settings) -> None:
         Gallery(settings, Database(settings.database_url, pool_size=2), Storage(settings.data_dir))
     )
     importer.start()
+    # Every replica may also make missing thumbnails: events are claimed one at a time (thumbnails.py).
+    thumbnailer = None
+    if settings.make_thumbnails:
+        thumbnailer = Thumbnailer(
+            Gallery(settings, Database(settings.database_url, pool_size=2), Storage(settings.data_dir))
+        )
+        thumbnailer.start()
     stopping = threading.Event()
 
     def stop(signum: int, _frame: object) -> None:
@@ -91,4 +99,7 @@ def serve(settings: Settings) -> None:
     signal.signal(signal.SIGINT, stop)
     stopping.wait()
     importer.stop()
+    # A file in hand is not waited for long: its claim is simply taken again after the lease.
+    if thumbnailer is not None:
+        thumbnailer.stop(timeout=5)
     server.stop(grace=10).wait()

@@ -263,7 +263,11 @@ def event_message(event: Event, *, with_metadata: bool = False) -> pb.Event:
     message.created.FromDatetime(event.created)
     if with_metadata:
         message.metadata.SetInParent()  # present even when empty: `"metadata": {}`
-        message.metadata.update(json.loads(event.metadata_json))
+        metadata = json.loads(event.metadata_json)
+        if event.media_info_json and "media" not in metadata:
+            # What the server read from the file; never over what the device sent.
+            metadata["media"] = json.loads(event.media_info_json)
+        message.metadata.update(metadata)
     return message
 
 

@@ -1,0 +1,277 @@
+"""Server-made thumbnails (thumbnails.py) on both databases, with real image and video files."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import shutil
+import struct
+import subprocess
+import threading
+import zlib
+
+import pytest
+import sqlalchemy as sa
+from PIL import Image
+
+from gallery_server import auth, thumbnails
+from gallery_server.incoming import IncomingImporter
+from gallery_server.models import Event
+from gallery_server.rpc.servicer import event_message
+from gallery_server.service import Gallery
+from gallery_server.thumbnails import Thumbnailer
+
+from .test_service import store
+
+ffmpeg_missing = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
+
+
+def jpeg_with_exif(size: tuple[int, int] = (800, 600), orientation: int = 6) -> bytes:
+    im = Image.new("RGB", size, (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif.get_ifd(0x8769)[36867] = "2024:05:01 12:34:56"
+    exif.get_ifd(0x8769)[36881] = "+02:00"
+    out = io.BytesIO()
+    im.save(out, "JPEG", exif=exif, quality=90)
+    return out.getvalue()
+
+
+def png(size: tuple[int, int] = (640, 400), mode: str = "RGBA") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size, (10, 200, 10, 128) if mode == "RGBA" else (10, 200, 10)).save(out, "PNG")
+    return out.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small valid PNG whose header claims width x height (a decompression bomb's shape)."""
+    data = bytearray(png((8, 8), "RGB"))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def row(gallery: Gallery, event_id: str) -> Event | None:
+    with gallery.db.session() as session:
+        return session.get(Event, event_id)
+
+
+def thumb_of(gallery: Gallery, event: Event) -> Image.Image:
+    data = gallery.storage.thumbnail_path(event.device, event.id).read_bytes()
+    im = Image.open(io.BytesIO(data))
+    assert im.format == "JPEG"
+    assert max(im.size) <= thumbnails.THUMBNAIL_MAX_SIDE
+    return im
+
+
+def backdate(gallery: Gallery, event_id: str, minutes: int) -> None:
+    with gallery.db.session() as session:
+        session.exec(sa.update(Event).where(Event.id == event_id).values(  # type: ignore[call-overload, arg-type]
+            created=datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=minutes)))
+        session.commit()
+
+
+def test_jpeg_gets_thumbnail_and_media_info(gallery: Gallery, principal: auth.Principal) -> None:
+    device_meta = json.dumps({"camera": "front", "width": 1})
+    event = store(gallery, principal, data=jpeg_with_exif(), name="a.jpg", metadata_json=device_meta)
+    assert (event.has_thumbnail, event.thumbnail_state) == (False, "pending")
+
+    assert Thumbnailer(gallery).work_once() == [event.id]
+
+    done = row(gallery, event.id)
+    assert done is not None
+    assert (done.has_thumbnail, done.thumbnail_state) == (True, "generated")
+    assert thumb_of(gallery, done).size == (240, 320)  # orientation 6: the 800x600 photo stands up
+    assert json.loads(done.metadata_json) == json.loads(device_meta)  # the device's own is untouched
+    metadata = dict(event_message(done, with_metadata=True).metadata)
+    assert metadata["camera"] == "front" and metadata["width"] == 1
+    assert dict(metadata["media"]) == {"width": 600, "height": 800, "captured_at": "2024-05-01T12:34:56+02:00"}
+
+
+def test_png_gets_thumbnail(gallery: Gallery, principal: auth.Principal) -> None:
+    event = store(gallery, principal, data=png(), name="a.png")
+    Thumbnailer(gallery).work_once()
+    done = row(gallery, event.id)
+    assert done is not None and done.has_thumbnail
+    assert thumb_of(gallery, done).size == (320, 200)
+    assert json.loads(done.media_info_json) == {"width": 640, "height": 400}
+
+
+def test_device_media_key_wins(gallery: Gallery, principal: auth.Principal) -> None:
+    event = store(gallery, principal, data=png(), metadata_json='{"media": {"width": 7}}')
+    Thumbnailer(gallery).work_once()
+    done = row(gallery, event.id)
+    assert done is not None and done.media_info_json
+    assert dict(event_message(done, with_metadata=True).metadata["media"]) == {"width": 7}
+
+
+BAD_FILES = {
+    "bomb": png_claiming(100_000, 100_000),  # beyond Pillow's own limit
+    "bomb-warning": png_claiming(10_000, 10_000),  # over Pillow's warning threshold
+    "over-limit": png_claiming(9_000, 8_000),  # over ours (64 MP) only
+    "truncated": jpeg_with_exif()[:2000],
+    "garbage": b"GIF89a" + b"\x00" * 40,  # not a decodable image
+    "not-allowed": b"P6\n4 4\n255\n" + b"\x00" * 48,  # a valid PPM: not an allowed format
+}
+
+
+def test_bad_files_fail_alone(gallery: Gallery, principal: auth.Principal) -> None:
+    good = store(gallery, principal, data=png(), name="good.png")
+    backdate(gallery, good.id, 1)  # every bad one is newer: processed first
+    bad = {name: store(gallery, principal, data=data, name=f"{name}.png", media_type="image")
+           for name, data in BAD_FILES.items()}
+
+    processed = Thumbnailer(gallery).work_once()
+    assert processed[-1] == good.id and sorted(processed[:-1]) == sorted(e.id for e in bad.values())
+
+    for name, event in bad.items():
+        failed = row(gallery, event.id)
+        assert failed is not None, name
+        assert (failed.has_thumbnail, failed.thumbnail_state, failed.size) == (False, "failed", len(BAD_FILES[name]))
+        assert gallery.storage.media_path("cam1", event.id).read_bytes() == BAD_FILES[name]
+        assert not gallery.storage.thumbnail_path("cam1", event.id).exists()
+    ok = row(gallery, good.id)
+    assert ok is not None and ok.has_thumbnail
+
+
+def test_newest_first(gallery: Gallery, principal: auth.Principal) -> None:
+    events = [store(gallery, principal, data=png((40, 40)), name=f"{i}.png") for i in range(3)]
+    for age, event in enumerate(reversed(events)):
+        backdate(gallery, event.id, age * 10)
+    worker = Thumbnailer(gallery)
+    assert worker.work_once(limit=1) == [events[2].id]
+    newer = store(gallery, principal, data=png((40, 40)), name="new.png")
+    assert worker.work_once() == [newer.id, events[1].id, events[0].id]
+    assert worker.work_once() == []
+
+
+def test_replicas_process_each_event_once(gallery: Gallery, principal: auth.Principal) -> None:
+    ids = {store(gallery, principal, data=png((60, 60)), name=f"{i}.png").id for i in range(8)}
+    workers = [Thumbnailer(gallery) for _ in range(3)]
+    results: list[list[str]] = [[] for _ in workers]
+    barrier = threading.Barrier(len(workers))
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = workers[i].work_once()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(workers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done = [event_id for r in results for event_id in r]
+    assert sorted(done) == sorted(ids)  # each exactly once
+    assert all(row(gallery, i).thumbnail_attempts == 1 for i in ids)  # type: ignore[union-attr]
+
+
+def test_deleted_while_working_leaves_no_thumbnail(
+    gallery: Gallery, principal: auth.Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    event = store(gallery, principal, data=png(), name="a.png")
+    real = thumbnails.make
+
+    def make_then_delete(media_type, path):  # type: ignore[no-untyped-def]
+        made = real(media_type, path)
+        gallery.delete_event(principal, "cam1", event.id)
+        return made
+
+    monkeypatch.setattr(thumbnails, "make", make_then_delete)
+    assert Thumbnailer(gallery).work_once() == [event.id]
+    assert row(gallery, event.id) is None
+    assert not gallery.storage.thumbnail_path("cam1", event.id).exists()
+    assert list(gallery.storage.staging_root.iterdir()) == []
+
+
+def test_device_thumbnail_is_not_touched(gallery: Gallery, principal: auth.Principal) -> None:
+    event = store(gallery, principal, data=png(), name="a.png", thumbnail=b"device thumb")
+    store(gallery, principal, data=b"%PDF-1.7\n" + b"x" * 50, name="doc.pdf")
+    assert event.thumbnail_state == ""
+    assert Thumbnailer(gallery).work_once() == []
+    assert gallery.storage.thumbnail_path("cam1", event.id).read_bytes() == b"device thumb"
+
+
+def test_stale_claim_is_retried_then_given_up(gallery: Gallery, principal: auth.Principal) -> None:
+    event = store(gallery, principal, data=png(), name="a.png")
+    long_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
+
+    def crash_claim(attempts: int) -> None:  # a worker that died holding the claim
+        with gallery.db.session() as session:
+            session.exec(sa.update(Event).where(Event.id == event.id).values(  # type: ignore[call-overload, arg-type]
+                thumbnail_state="working", thumbnail_attempts=attempts, thumbnail_claimed_at=long_ago))
+            session.commit()
+
+    crash_claim(1)
+    assert Thumbnailer(gallery).work_once() == [event.id]
+    assert row(gallery, event.id).thumbnail_state == "generated"  # type: ignore[union-attr]
+    crash_claim(thumbnails.MAX_ATTEMPTS)
+    assert Thumbnailer(gallery).work_once() == []
+    assert row(gallery, event.id).thumbnail_state == "failed"  # type: ignore[union-attr]
+
+
+def test_video_without_ffmpeg_is_skipped(
+    gallery: Gallery, principal: auth.Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(thumbnails.shutil, "which", lambda name: None)
+    event = store(gallery, principal, data=b"\x00" * 100, name="clip.mp4", media_type="video")
+    assert Thumbnailer(gallery).work_once() == [event.id]
+    assert row(gallery, event.id).thumbnail_state == "skipped"  # type: ignore[union-attr]
+
+
+@ffmpeg_missing
+def test_video_thumbnail_and_duration(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The video path on its own (the queue around it is the images' one; e2e runs it whole)."""
+    clip = tmp_path / "clip"  # stored media has no extension: ffmpeg goes by the content
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", "testsrc=duration=2:size=640x360:rate=10",
+                    "-c:v", "mpeg4", "-pix_fmt", "yuv420p", "-f", "mp4", str(clip)], check=True, timeout=30)
+    made = thumbnails.make("video", clip)
+    im = Image.open(io.BytesIO(made.jpeg))
+    assert (im.format, im.size) == ("JPEG", (320, 180))
+    assert (made.info["width"], made.info["height"]) == (640, 360)
+    assert made.info["duration"] == pytest.approx(2.0, abs=0.2)
+
+
+# -- the device's own thumbnail wins --------------------------------------------------------------
+
+
+def test_signed_thumbnail_after_media_replaces_the_servers(signed, principal: auth.Principal) -> None:  # type: ignore[no-untyped-def]
+    from .test_signed_urls import put, targets
+
+    gallery = signed.gallery
+    media, thumb = targets(signed, principal, filename="a.png")
+    event_id = put(signed, media, png())
+    assert row(gallery, event_id).thumbnail_state == "pending"  # type: ignore[union-attr]
+    Thumbnailer(gallery).work_once()
+    assert row(gallery, event_id).thumbnail_state == "generated"  # type: ignore[union-attr]
+    put(signed, thumb, b"device thumb")
+    done = row(gallery, event_id)
+    assert done is not None and (done.has_thumbnail, done.thumbnail_state) == (True, "")
+    assert gallery.storage.thumbnail_path("cam1", event_id).read_bytes() == b"device thumb"
+    assert Thumbnailer(gallery).work_once() == []
+
+
+def test_signed_thumbnail_before_media_is_kept(signed, principal: auth.Principal) -> None:  # type: ignore[no-untyped-def]
+    from .test_signed_urls import put, targets
+
+    media, thumb = targets(signed, principal, filename="a.png")
+    put(signed, thumb, b"device thumb")
+    event_id = put(signed, media, png())
+    assert row(signed.gallery, event_id).thumbnail_state == ""  # type: ignore[union-attr]
+    assert Thumbnailer(signed.gallery).work_once() == []
+
+
+def test_late_incoming_thumbnail_replaces_the_servers(gallery: Gallery) -> None:
+    importer = IncomingImporter(gallery)
+    inbox, thumbs = gallery.storage.device_paths("cam1")
+    (inbox / "a.png").write_bytes(png())
+    [event_id] = importer.scan_once(now=0) + importer.scan_once(now=10)
+    assert Thumbnailer(gallery).work_once() == [event_id]
+    (thumbs / "a.jpg").write_bytes(b"device thumb")
+    importer.scan_once(now=20)
+    importer.scan_once(now=30)
+    done = row(gallery, event_id)
+    assert done is not None and (done.has_thumbnail, done.thumbnail_state) == (True, "")
+    assert gallery.storage.thumbnail_path("cam1", event_id).read_bytes() == b"device thumb"
+    assert list(thumbs.iterdir()) == []
