@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pathlib
 import secrets
+import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -106,6 +107,11 @@ def grpc_port(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[i
         yield port
     finally:
         server.stop(None).wait()
+        # A handler whose RPC was cancelled or timed out may still be finishing in its thread:
+        # let it hand its connection back before the pool is closed, or the connection leaks.
+        deadline = time.monotonic() + 10
+        while any(d.engine.pool.checkedout() for d in databases) and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.05)
         for database in databases:
             database.dispose()
 
