@@ -132,9 +132,7 @@ class ResumableUploads:
                 try:
                     session.flush()  # takes the key: a concurrent start of this id waits or fails
                     path = self.storage.session_path(device, upload_id)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-                    os.close(fd)
+                    os.close(_open(path, os.O_TRUNC))
                     _fsync_dir(path.parent)
                     session.commit()
                     log.info("upload session started",
@@ -289,6 +287,7 @@ class ResumableUploads:
         if held:
             path.unlink(missing_ok=True)
             _fsync_dir(path.parent)
+            _tidy(path)
         try:
             if fd is not None:
                 try:
@@ -297,6 +296,7 @@ class ResumableUploads:
                     return False
                 path.unlink(missing_ok=True)
                 _fsync_dir(path.parent)
+                _tidy(path)
             with self.db.session() as session:
                 statement = sa.delete(UploadSessionRow).where(
                     col(UploadSessionRow.device) == row.device,
@@ -445,6 +445,7 @@ class SessionWriter:
         finally:
             media.sync()  # closes its descriptor; the file stays unless stored or removed
         row.event_id = event.id
+        _tidy(path)
         return _state(row)
 
     def state(self) -> SessionState:
@@ -491,9 +492,24 @@ def _state(row: UploadSessionRow) -> SessionState:
     return SessionState(row.upload_id, row.committed_size, _aware(row.expires_at), row.event_id or "")
 
 
-def _open(path: pathlib.Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+def _open(path: pathlib.Path, flags: int = 0) -> int:
+    for _ in range(10):  # _tidy() may remove an empty parent between mkdir and open
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o640)
+        except FileNotFoundError:
+            continue
+    raise RuntimeError(f"could not create {path}")
+
+
+def _tidy(path: pathlib.Path) -> None:
+    """Remove the session's device folder and sessions/ once empty: staging/ holds only uploads
+    in flight."""
+    for folder in (path.parent, path.parent.parent):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): leave it
+            return
 
 
 def _lock(fd: int, upload_id_: str) -> None:
