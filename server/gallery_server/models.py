@@ -20,6 +20,8 @@ class Event(SQLModel, table=True):
         sa.UniqueConstraint("device", "device_key", name="uq_events_device_key"),
         # The thumbnail queue (thumbnails.py): pending work, newest first.
         sa.Index("ix_events_thumbnail_queue", "thumbnail_state", "created", "id"),
+        # FindExistingChecksums and StartUpload's dedupe: which digests a device has.
+        sa.Index("ix_events_device_sha256", "device", "sha256"),
     )
 
     id: str = Field(primary_key=True, max_length=64)
@@ -113,3 +115,28 @@ class DeviceConnection(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=64)
     device: str = Field(max_length=128, index=True)
     last_seen: datetime.datetime
+
+
+class UploadSessionRow(SQLModel, table=True):
+    """A resumable upload (resumable.py). Its bytes are in staging/sessions/<device>/<upload_id>.
+
+    `committed_size` counts bytes fsynced in that file; it is raised only after the fsync, so the
+    file always holds at least that many. `event_id` is set, in the transaction that stores the
+    event, once the upload is complete; the row then remains until it expires, so that a retry
+    gets the same event.
+    """
+
+    __tablename__ = "upload_sessions"
+    __table_args__ = (sa.Index("ix_upload_sessions_expires", "expires_at"),)
+
+    device: str = Field(primary_key=True, max_length=128)
+    upload_id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(max_length=1024)
+    media_type: str = Field(default="", max_length=16)
+    metadata_json: str = Field(default="{}", sa_type=sa.Text)
+    declared_size: int | None = Field(default=None, sa_type=sa.BigInteger)
+    declared_sha256: str = Field(default="", max_length=64)
+    committed_size: int = Field(default=0, sa_type=sa.BigInteger)
+    created: datetime.datetime
+    expires_at: datetime.datetime
+    event_id: str | None = Field(default=None, max_length=64)

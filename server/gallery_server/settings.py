@@ -19,6 +19,7 @@
 | GALLERY_INCOMING_SCAN_SECONDS | 1.0                    | how often the incoming folders are scanned      |
 | GALLERY_INCOMING_SETTLE_SECONDS | 2.0                  | how long a file's size and mtime must be stable |
 | GALLERY_MAKE_THUMBNAILS     | true                     | this replica makes missing thumbnails (thumbnails.py) |
+| GALLERY_UPLOAD_SESSION_TTL  | 86400                    | seconds a resumable upload lives after its last write |
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Settings:
     incoming_scan_seconds: float = 1.0
     incoming_settle_seconds: float = 2.0
     make_thumbnails: bool = True
+    upload_session_ttl: int = 86400
 
     @classmethod
     def from_env(cls, env: os._Environ[str] | dict[str, str] = os.environ) -> Settings:
@@ -91,6 +93,9 @@ class Settings:
                     env.get("GALLERY_INCOMING_SETTLE_SECONDS", cls.incoming_settle_seconds)
                 ),
                 make_thumbnails=_flag(env.get("GALLERY_MAKE_THUMBNAILS", ""), default=cls.make_thumbnails),
+                upload_session_ttl=int(
+                    env.get("GALLERY_UPLOAD_SESSION_TTL", cls.upload_session_ttl)
+                ),
             )
         except ValueError as exc:
             raise ConfigError(f"bad numeric setting: {exc}") from None

@@ -4,6 +4,7 @@ Layout under the data root:
     media/<device>/<event_id>          stored media (the name never derives from the filename)
     media/<device>/<event_id>.thumb    its thumbnail
     staging/<random>                   uploads in flight, renamed into media/ once complete
+    staging/sessions/<device>/<id>     resumable uploads (resumable.py), kept across restarts
     gallery/<device>/incoming          drop folders handed out by GetDevicePaths
     gallery/<device>/thumbnails
 
@@ -47,6 +48,9 @@ class Storage:
     def stage(self, *, max_bytes: int, what: str) -> StagedFile:
         return StagedFile(self.staging_root / secrets.token_hex(16), max_bytes=max_bytes, what=what)
 
+    def session_path(self, device: str, upload_id: str) -> pathlib.Path:
+        return self.staging_root / "sessions" / device / upload_id
+
     def remove_event_files(self, device: str, event_id: str) -> None:
         for path in (self.media_path(device, event_id), self.thumbnail_path(device, event_id)):
             path.unlink(missing_ok=True)
@@ -65,6 +69,22 @@ class StagedFile:
         self._hash = hashlib.sha256()
         self.moved = False
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+
+    @classmethod
+    def adopt(cls, path: pathlib.Path, *, what: str) -> StagedFile:
+        """An existing complete file (a finished resumable upload), hashed by one streaming read;
+        sync() and move() then work as for a file received here."""
+        self = cls.__new__(cls)
+        self.path, self.what, self.moved = path, what, False
+        self._hash = hashlib.sha256()
+        self._fd = os.open(path, os.O_RDONLY)
+        self.head = os.pread(self._fd, SNIFF_BYTES, 0)
+        self.size = 0
+        while chunk := os.read(self._fd, 1 << 20):
+            self._hash.update(chunk)
+            self.size += len(chunk)
+        self.max_bytes = self.size
+        return self
 
     def write(self, data: bytes | memoryview) -> None:
         if not data:

@@ -44,14 +44,16 @@ class Upload:
     """Receives bytes into staging; discards them on close() unless Gallery.store() took them."""
 
     def __init__(
-        self, storage: Storage, device: str, *, max_media_bytes: int, max_thumbnail_bytes: int
+        self, storage: Storage, device: str, *, max_media_bytes: int, max_thumbnail_bytes: int,
+        media: StagedFile | None = None,
     ) -> None:
+        """`media`: bytes received already (a resumable upload's file), instead of a new file."""
         self.device = device
         self.fields = UploadFields()
         self._storage = storage
         self._max_thumbnail_bytes = max_thumbnail_bytes
-        self.media = storage.stage(max_bytes=max_media_bytes, what="event")
-        self.media_received = False
+        self.media = media or storage.stage(max_bytes=max_media_bytes, what="event")
+        self.media_received = media is not None
         self.thumbnail: StagedFile | None = None
 
     def write_media(self, data: bytes | memoryview) -> None:

@@ -7,7 +7,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -288,3 +288,78 @@ class DeleteEventResponse(_message.Message):
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     success: bool
     def __init__(self, success: _Optional[bool] = ...) -> None: ...
+
+class UploadSession(_message.Message):
+    __slots__ = ("upload_id", "committed_size", "expires_at", "event_id")
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    upload_id: str
+    committed_size: int
+    expires_at: _timestamp_pb2.Timestamp
+    event_id: str
+    def __init__(self, upload_id: _Optional[str] = ..., committed_size: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., event_id: _Optional[str] = ...) -> None: ...
+
+class StartUploadRequest(_message.Message):
+    __slots__ = ("device", "name", "media_type", "metadata", "size", "sha256", "upload_id", "dedupe")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    DEDUPE_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    name: str
+    media_type: str
+    metadata: _struct_pb2.Struct
+    size: int
+    sha256: str
+    upload_id: str
+    dedupe: bool
+    def __init__(self, device: _Optional[str] = ..., name: _Optional[str] = ..., media_type: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., upload_id: _Optional[str] = ..., dedupe: _Optional[bool] = ...) -> None: ...
+
+class WriteUploadRequest(_message.Message):
+    __slots__ = ("device", "upload_id", "write_offset", "data", "finish_write")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    WRITE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    FINISH_WRITE_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    upload_id: str
+    write_offset: int
+    data: bytes
+    finish_write: bool
+    def __init__(self, device: _Optional[str] = ..., upload_id: _Optional[str] = ..., write_offset: _Optional[int] = ..., data: _Optional[bytes] = ..., finish_write: _Optional[bool] = ...) -> None: ...
+
+class QueryUploadRequest(_message.Message):
+    __slots__ = ("device", "upload_id")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    upload_id: str
+    def __init__(self, device: _Optional[str] = ..., upload_id: _Optional[str] = ...) -> None: ...
+
+class FindExistingChecksumsRequest(_message.Message):
+    __slots__ = ("device", "sha256s")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SHA256S_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    sha256s: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device: _Optional[str] = ..., sha256s: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FindExistingChecksumsResponse(_message.Message):
+    __slots__ = ("existing",)
+    class ExistingEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    EXISTING_FIELD_NUMBER: _ClassVar[int]
+    existing: _containers.ScalarMap[str, str]
+    def __init__(self, existing: _Optional[_Mapping[str, str]] = ...) -> None: ...

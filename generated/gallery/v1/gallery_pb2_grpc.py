@@ -112,6 +112,26 @@ class GalleryServiceStub:
                 request_serializer=gallery_dot_v1_dot_gallery__pb2.DeleteEventRequest.SerializeToString,
                 response_deserializer=gallery_dot_v1_dot_gallery__pb2.DeleteEventResponse.FromString,
                 _registered_method=True)
+        self.StartUpload = channel.unary_unary(
+                '/gallery.v1.GalleryService/StartUpload',
+                request_serializer=gallery_dot_v1_dot_gallery__pb2.StartUploadRequest.SerializeToString,
+                response_deserializer=gallery_dot_v1_dot_gallery__pb2.UploadSession.FromString,
+                _registered_method=True)
+        self.WriteUpload = channel.stream_unary(
+                '/gallery.v1.GalleryService/WriteUpload',
+                request_serializer=gallery_dot_v1_dot_gallery__pb2.WriteUploadRequest.SerializeToString,
+                response_deserializer=gallery_dot_v1_dot_gallery__pb2.UploadSession.FromString,
+                _registered_method=True)
+        self.QueryUpload = channel.unary_unary(
+                '/gallery.v1.GalleryService/QueryUpload',
+                request_serializer=gallery_dot_v1_dot_gallery__pb2.QueryUploadRequest.SerializeToString,
+                response_deserializer=gallery_dot_v1_dot_gallery__pb2.UploadSession.FromString,
+                _registered_method=True)
+        self.FindExistingChecksums = channel.unary_unary(
+                '/gallery.v1.GalleryService/FindExistingChecksums',
+                request_serializer=gallery_dot_v1_dot_gallery__pb2.FindExistingChecksumsRequest.SerializeToString,
+                response_deserializer=gallery_dot_v1_dot_gallery__pb2.FindExistingChecksumsResponse.FromString,
+                _registered_method=True)
 
 
 class GalleryServiceServicer:
@@ -274,6 +294,74 @@ class GalleryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartUpload(self, request, context):
+        """Starts (or returns) a resumable native upload session, in the shape of
+        google.bytestream.ByteStream: StartUpload, then WriteUpload streams that each append at the
+        committed size, QueryUpload to learn the committed size after an interruption, until a
+        WriteUpload with `finish_write` stores the event. Idempotent for the same device and
+        `upload_id`: a session that exists is returned as it stands (with `event_id` once complete,
+        so a retry never stores twice). With `dedupe` and a declared `sha256` that an event of the
+        device already has, the answer is at once that event's id and no session is created.
+        Errors: INVALID_ARGUMENT INVALID_UPLOAD_ID (not `[A-Za-z0-9_-]{8,64}`), INVALID_SHA256,
+        NAME_REQUIRED and the other name and metadata reasons of UploadEvent; FAILED_PRECONDITION
+        UPLOAD_ID_IN_USE (the id names a session with another declared size or sha256);
+        RESOURCE_EXHAUSTED UPLOAD_TOO_LARGE (declared size above the server's limit). Needs
+        `gallery:write`. Not mapped to REST.
+        Returns the UploadSession resource itself, as AIP-133/131 methods return their resource.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WriteUpload(self, request_iterator, context):
+        """Appends to a resumable upload. The first message names the session and the `write_offset`,
+        which must equal the committed size (else FAILED_PRECONDITION WRONG_OFFSET, with the
+        committed size in the message and in ErrorInfo metadata `committed_size`). Bytes are fsynced
+        before the committed size advances (after each MiB received and at the end of the stream), so
+        the committed size only counts bytes that are durable and it never goes backwards. A stream
+        that ends without `finish_write` leaves the session to be resumed. With `finish_write` (valid
+        once all declared bytes are committed, or when no size was declared; else FAILED_PRECONDITION
+        UPLOAD_INCOMPLETE) the whole file is hashed, checked against the declared size and sha256
+        (INVALID_ARGUMENT SIZE_MISMATCH or SHA256_MISMATCH: the session and its bytes are removed,
+        nothing is stored) and stored as an event whose id the response carries. Writing to a
+        completed session stores nothing and answers with its `event_id`. Other errors: OUT_OF_RANGE
+        WRITE_BEYOND_SIZE (bytes past the declared size; none of that message is kept), NOT_FOUND
+        UPLOAD_NOT_FOUND, FAILED_PRECONDITION SESSION_EXPIRED, FAILED_PRECONDITION UPLOAD_BUSY
+        (another stream is writing this session), INVALID_ARGUMENT FIRST_WRITE_REQUIRED.
+        Needs `gallery:write`. Not mapped to REST.
+        Returns the UploadSession resource itself, as AIP-133/131 methods return their resource.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryUpload(self, request, context):
+        """Returns the state of a resumable upload: its committed size (where the next WriteUpload must
+        start), its expiry, and its `event_id` once complete. Works across server restarts.
+        NOT_FOUND UPLOAD_NOT_FOUND when there is no such session for the device (sessions of other
+        devices included); FAILED_PRECONDITION SESSION_EXPIRED when it expired (its bytes are then
+        removed). Needs `gallery:write`. Not mapped to REST.
+        Returns the UploadSession resource itself, as AIP-133/131 methods return their resource.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindExistingChecksums(self, request, context):
+        """Tells which of up to 1000 SHA-256 digests a device already has stored, so that a client can
+        skip uploading them. INVALID_ARGUMENT TOO_MANY_CHECKSUMS above 1000, INVALID_SHA256 for a
+        digest that is not 64 lowercase hex digits. Needs `gallery:read`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GalleryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -341,6 +429,26 @@ def add_GalleryServiceServicer_to_server(servicer, server):
                     servicer.DeleteEvent,
                     request_deserializer=gallery_dot_v1_dot_gallery__pb2.DeleteEventRequest.FromString,
                     response_serializer=gallery_dot_v1_dot_gallery__pb2.DeleteEventResponse.SerializeToString,
+            ),
+            'StartUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartUpload,
+                    request_deserializer=gallery_dot_v1_dot_gallery__pb2.StartUploadRequest.FromString,
+                    response_serializer=gallery_dot_v1_dot_gallery__pb2.UploadSession.SerializeToString,
+            ),
+            'WriteUpload': grpc.stream_unary_rpc_method_handler(
+                    servicer.WriteUpload,
+                    request_deserializer=gallery_dot_v1_dot_gallery__pb2.WriteUploadRequest.FromString,
+                    response_serializer=gallery_dot_v1_dot_gallery__pb2.UploadSession.SerializeToString,
+            ),
+            'QueryUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.QueryUpload,
+                    request_deserializer=gallery_dot_v1_dot_gallery__pb2.QueryUploadRequest.FromString,
+                    response_serializer=gallery_dot_v1_dot_gallery__pb2.UploadSession.SerializeToString,
+            ),
+            'FindExistingChecksums': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindExistingChecksums,
+                    request_deserializer=gallery_dot_v1_dot_gallery__pb2.FindExistingChecksumsRequest.FromString,
+                    response_serializer=gallery_dot_v1_dot_gallery__pb2.FindExistingChecksumsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -706,6 +814,114 @@ class GalleryService:
             '/gallery.v1.GalleryService/DeleteEvent',
             gallery_dot_v1_dot_gallery__pb2.DeleteEventRequest.SerializeToString,
             gallery_dot_v1_dot_gallery__pb2.DeleteEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gallery.v1.GalleryService/StartUpload',
+            gallery_dot_v1_dot_gallery__pb2.StartUploadRequest.SerializeToString,
+            gallery_dot_v1_dot_gallery__pb2.UploadSession.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteUpload(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gallery.v1.GalleryService/WriteUpload',
+            gallery_dot_v1_dot_gallery__pb2.WriteUploadRequest.SerializeToString,
+            gallery_dot_v1_dot_gallery__pb2.UploadSession.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gallery.v1.GalleryService/QueryUpload',
+            gallery_dot_v1_dot_gallery__pb2.QueryUploadRequest.SerializeToString,
+            gallery_dot_v1_dot_gallery__pb2.UploadSession.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindExistingChecksums(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gallery.v1.GalleryService/FindExistingChecksums',
+            gallery_dot_v1_dot_gallery__pb2.FindExistingChecksumsRequest.SerializeToString,
+            gallery_dot_v1_dot_gallery__pb2.FindExistingChecksumsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,6 +16,7 @@ from gallery.v1 import device_pb2, device_pb2_grpc, gallery_pb2, gallery_pb2_grp
 from ..db import Database
 from ..devices import Devices
 from ..incoming import IncomingImporter
+from ..resumable import ResumableUploads, SessionSweeper
 from ..service import Gallery
 from ..settings import Settings
 from ..signed_urls import SignedUploads
@@ -82,6 +83,11 @@ def serve(settings: Settings) -> None:
         Gallery(settings, Database(settings.database_url, pool_size=2), Storage(settings.data_dir))
     )
     importer.start()
+    # Every replica may sweep expired upload sessions: removal is idempotent (resumable.py).
+    sweeper = SessionSweeper(ResumableUploads(
+        Gallery(settings, Database(settings.database_url, pool_size=2), Storage(settings.data_dir))
+    ))
+    sweeper.start()
     # Every replica may also make missing thumbnails: events are claimed one at a time (thumbnails.py).
     thumbnailer = None
     if settings.make_thumbnails:
@@ -99,6 +105,7 @@ def serve(settings: Settings) -> None:
     signal.signal(signal.SIGINT, stop)
     stopping.wait()
     importer.stop()
+    sweeper.stop()
     # A file in hand is not waited for long: its claim is simply taken again after the lease.
     if thumbnailer is not None:
         thumbnailer.stop(timeout=5)

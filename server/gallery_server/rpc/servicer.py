@@ -23,6 +23,7 @@ from ..devices import Devices, PullStatus
 from ..errors import InvalidArgument
 from ..forms import FormReceiver
 from ..models import Event
+from ..resumable import ResumableUploads, SessionState
 from ..service import Gallery
 from ..signed_urls import THUMBNAIL, SignedUploads
 from .interceptor import current_principal
@@ -44,6 +45,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         self.gallery = gallery
         self.signed = signed
         self.devices = devices
+        self.resumable = ResumableUploads(gallery)
         # Who is calling; the interceptor's verified principal unless a test injects one.
         self.principal = principal
 
@@ -204,6 +206,73 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             )
         return pb.UploadEventResponse(success=True, event_id=event.id)
 
+    def StartUpload(self, request, context):  # type: ignore[no-untyped-def]
+        return _session_message(self.resumable.start(
+            self.principal(),
+            request.device,
+            name=request.name,
+            media_type=request.media_type,
+            metadata_json=metadata_json(request.metadata, self.gallery.settings.max_metadata_bytes),
+            size=request.size if request.HasField("size") else None,
+            sha256=request.sha256,
+            upload_id=request.upload_id,
+            dedupe=request.dedupe,
+        ))
+
+    def QueryUpload(self, request, context):  # type: ignore[no-untyped-def]
+        return _session_message(
+            self.resumable.query(self.principal(), request.device, request.upload_id)
+        )
+
+    def WriteUpload(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        first = next(request_iterator, None)
+        if first is None or not first.upload_id:
+            raise InvalidArgument(
+                "FIRST_WRITE_REQUIRED",
+                "the first message of a write must name device, upload_id and write_offset",
+                field="upload_id",
+            )
+        writer = self.resumable.open_write(
+            self.principal(), first.device, first.upload_id, first.write_offset
+        )
+        try:
+            if writer.done is not None:  # completed before: never stored twice
+                return _session_message(writer.done)
+            message, finished = first, False
+            while True:
+                if finished:
+                    raise InvalidArgument(
+                        "FINISH_NOT_LAST", "nothing may follow finish_write", field="finish_write"
+                    )
+                if (message.upload_id and message.upload_id != first.upload_id) or (
+                    message.device and message.device != first.device
+                ):
+                    raise InvalidArgument(
+                        "UPLOAD_ID_CHANGED", "every message of a write names the same upload",
+                        field="upload_id",
+                    )
+                writer.write(message.data)
+                finished = message.finish_write
+                message = next(request_iterator, None)
+                if message is None:
+                    break
+            # Every message received is whole: committing them is right even if the client
+            # was cancelled. Only finishing needs the client to have meant the end.
+            writer.commit()
+            if finished:
+                _require_active(context)
+                return _session_message(writer.finish())
+            return _session_message(writer.state())
+        finally:
+            writer.commit_quietly()
+            writer.close()
+
+    def FindExistingChecksums(self, request, context):  # type: ignore[no-untyped-def]
+        existing = self.resumable.find_existing(
+            self.principal(), request.device, list(request.sha256s)
+        )
+        return pb.FindExistingChecksumsResponse(existing=existing)
+
     def UploadEventForm(self, request_iterator, context):  # type: ignore[no-untyped-def]
         first = _first(request_iterator)
         with self.gallery.begin_upload(self.principal(), first.device) as upload:
@@ -280,6 +349,14 @@ def metadata_json(struct: Struct, max_bytes: int) -> str:
             "INVALID_METADATA", "metadata numbers must be finite", field="metadata"
         ) from None
     return validation.metadata_object(value, max_bytes)
+
+
+def _session_message(state: SessionState) -> pb.UploadSession:
+    message = pb.UploadSession(
+        upload_id=state.upload_id, committed_size=state.committed_size, event_id=state.event_id
+    )
+    message.expires_at.FromDatetime(state.expires_at)
+    return message
 
 
 def _set_pull(message: pb.PullStatus, status: PullStatus | None) -> None:

@@ -1,0 +1,531 @@
+"""Resumable native uploads (StartUpload, WriteUpload, QueryUpload), in ByteStream's shape.
+
+A session is its row (models.UploadSessionRow) plus its staging file
+`staging/sessions/<device>/<upload_id>`; both survive a restart of the server.
+
+Durability: bytes are written at the committed size, fsynced, and only then is the row's
+`committed_size` raised (every COMMIT_BYTES and at the end of each stream), so the file always
+holds at least the committed bytes and the committed size never goes backwards. Bytes past the
+committed size were never acknowledged: whoever opens the session (a writer, QueryUpload) truncates
+them away. A file shorter than its row (lost outside the server's control) lowers the row to it.
+
+One writer per session: a writer holds an exclusive flock on the staging file for its stream (a
+second stream waits LOCK_WAIT_SECONDS, then fails with UPLOAD_BUSY). The lock is per open file, so
+it holds across threads and processes of one host; replicas on several hosts sharing one staging
+folder need a filesystem with working flock (local disks, NFSv4).
+
+Completion: the whole file is hashed once (one streaming read, no hash state kept across
+resumes), checked against the declared size and sha256 and handed to Gallery.store(), which marks
+the row complete with the event id in the same transaction that inserts the event. The completed
+row remains until it expires, so a retry with the same upload id gets that event, never a second.
+
+Expiry: a session lives GALLERY_UPLOAD_SESSION_TTL after its start or last committed write. An
+expired session is removed (file, then row) on access and by SessionSweeper in every replica.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import fcntl
+import logging
+import os
+import pathlib
+import re
+import secrets
+import threading
+import time
+
+import sqlalchemy as sa
+from sqlmodel import col, select
+
+from . import validation
+from .auth import READ, WRITE, Principal
+from .errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, TooLarge
+from .models import Event, UploadSessionRow
+from .service import Gallery, utcnow
+from .storage import StagedFile, _fsync_dir
+from .uploads import Upload
+
+log = logging.getLogger(__name__)
+
+COMMIT_BYTES = 1 << 20  # fsync and commit at least every MiB received
+LOCK_WAIT_SECONDS = 5.0
+MAX_CHECKSUMS = 1000
+_UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionState:
+    """What the API reports of a session."""
+
+    upload_id: str
+    committed_size: int
+    expires_at: datetime.datetime
+    event_id: str = ""
+
+
+def check_upload_id(value: str) -> str:
+    if not _UPLOAD_ID_RE.fullmatch(value):
+        raise InvalidArgument(
+            "INVALID_UPLOAD_ID", "upload_id must match ^[A-Za-z0-9_-]{8,64}$",
+            field="upload_id", upload_id=value[:200],
+        )
+    return value
+
+
+class ResumableUploads:
+    def __init__(self, gallery: Gallery) -> None:
+        self.gallery = gallery
+        self.db = gallery.db
+        self.storage = gallery.storage
+        self.settings = gallery.settings
+
+    # -- StartUpload / QueryUpload ------------------------------------------------------------
+
+    def start(
+        self,
+        principal: Principal,
+        device: str,
+        *,
+        name: str,
+        media_type: str = "",
+        metadata_json: str = "{}",
+        size: int | None = None,
+        sha256: str = "",
+        upload_id: str = "",
+        dedupe: bool = False,
+    ) -> SessionState:
+        principal.require(validation.device_id(device), WRITE)
+        upload_id = check_upload_id(upload_id) if upload_id else secrets.token_urlsafe(24)
+        validation.display_name(name)
+        if media_type:
+            validation.media_type(media_type)
+        validation.sha256_hex(sha256)
+        limit = self.settings.max_upload_bytes
+        if size is not None and size > limit:
+            raise TooLarge(
+                "UPLOAD_TOO_LARGE", f"event is larger than {limit} bytes",
+                field="size", limit=str(limit),
+            )
+        if dedupe:
+            if not sha256:
+                raise InvalidArgument(
+                    "SHA256_REQUIRED", "dedupe needs the declared sha256", field="sha256"
+                )
+            existing = self._event_with(device, sha256)
+            if existing is not None:
+                return SessionState(upload_id, existing.size, utcnow(), existing.id)
+        now = utcnow()
+        with self.db.session() as session:
+            row = session.get(UploadSessionRow, (device, upload_id))
+            if row is not None and _aware(row.expires_at) <= now:
+                self._remove(row)
+                row = None
+            if row is None:
+                row = UploadSessionRow(
+                    device=device, upload_id=upload_id, name=name, media_type=media_type,
+                    metadata_json=metadata_json, declared_size=size, declared_sha256=sha256,
+                    committed_size=0, created=now, expires_at=self._expiry(now),
+                )
+                session.add(row)
+                try:
+                    session.flush()  # takes the key: a concurrent start of this id waits or fails
+                    path = self.storage.session_path(device, upload_id)
+                    os.close(_open(path, os.O_TRUNC))
+                    _fsync_dir(path.parent)
+                    session.commit()
+                    log.info("upload session started",
+                             extra={"device": device, "upload_id": upload_id})
+                    return _state(row)
+                except sa.exc.IntegrityError:
+                    session.rollback()
+                    row = session.get(UploadSessionRow, (device, upload_id))
+                    if row is None:
+                        raise
+        if row.declared_size != size or row.declared_sha256 != sha256:
+            raise FailedPrecondition(
+                "UPLOAD_ID_IN_USE",
+                f"upload {upload_id} exists with another declared size or sha256",
+                upload_id=upload_id,
+            )
+        return _state(row)
+
+    def query(self, principal: Principal, device: str, upload_id_: str) -> SessionState:
+        principal.require(validation.device_id(device), WRITE)
+        row = self._load(device, check_upload_id(upload_id_))
+        if row.event_id:
+            return _state(row)
+        fd = _open(self.storage.session_path(device, row.upload_id))
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a writer has it: its committed size is the answer
+                return _state(row)
+            return _state(self._recover(row, fd))
+        finally:
+            os.close(fd)
+
+    def find_existing(self, principal: Principal, device: str, sha256s: list[str]) -> dict[str, str]:
+        """The digests among `sha256s` that the device has stored, each with its oldest event."""
+        principal.require(validation.device_id(device), READ)
+        if len(sha256s) > MAX_CHECKSUMS:
+            raise InvalidArgument(
+                "TOO_MANY_CHECKSUMS", f"at most {MAX_CHECKSUMS} checksums per request",
+                field="sha256s", limit=str(MAX_CHECKSUMS),
+            )
+        wanted = sorted({validation.sha256_hex(s or "-") for s in sha256s})
+        if not wanted:
+            return {}
+        statement = (
+            select(Event.sha256, Event.id)
+            .where(Event.device == device, col(Event.sha256).in_(wanted), Event.state == "stored")
+            .order_by(col(Event.created).desc(), col(Event.id).desc())
+        )
+        with self.db.session() as session:
+            rows = session.exec(statement).all()
+        return {sha: event_id for sha, event_id in rows}  # the oldest, listed last, wins
+
+    # -- WriteUpload ----------------------------------------------------------------------------
+
+    def open_write(
+        self, principal: Principal, device: str, upload_id_: str, write_offset: int
+    ) -> SessionWriter:
+        """A writer positioned at `write_offset`, which must be the committed size. The caller
+        closes it. A completed session gives a writer whose `done` is its state."""
+        principal.require(validation.device_id(device), WRITE)
+        row = self._load(device, check_upload_id(upload_id_))
+        if row.event_id:
+            return SessionWriter(self, row, None)
+        fd = _open(self.storage.session_path(device, row.upload_id))
+        try:
+            _lock(fd, row.upload_id)
+            row = self._load(device, row.upload_id)  # as it is now that this writer is alone
+            if row.event_id:
+                os.close(fd)
+                return SessionWriter(self, row, None)
+            row = self._recover(row, fd)
+            if write_offset != row.committed_size:
+                raise FailedPrecondition(
+                    "WRONG_OFFSET",
+                    f"write_offset {write_offset} is not the committed size {row.committed_size}:"
+                    f" resume at {row.committed_size}",
+                    field="write_offset", committed_size=str(row.committed_size),
+                    write_offset=str(write_offset),
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        return SessionWriter(self, row, fd)
+
+    # -- expiry ---------------------------------------------------------------------------------
+
+    def sweep_once(self, now: datetime.datetime | None = None) -> int:
+        """Remove expired sessions (their bytes first); one in use by a writer is skipped."""
+        now = now or utcnow()
+        with self.db.session() as session:
+            rows = session.exec(
+                select(UploadSessionRow).where(col(UploadSessionRow.expires_at) <= now)
+            ).all()
+        removed = 0
+        for row in rows:
+            if self._remove(row, now=now):
+                removed += 1
+        return removed
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _expiry(self, now: datetime.datetime) -> datetime.datetime:
+        return now + datetime.timedelta(seconds=self.settings.upload_session_ttl)
+
+    def _load(self, device: str, upload_id_: str) -> UploadSessionRow:
+        with self.db.session() as session:
+            row = session.get(UploadSessionRow, (device, upload_id_))
+        if row is None:
+            raise NotFound(
+                "UPLOAD_NOT_FOUND", f"upload {upload_id_} not found for device {device}",
+                device=device, upload_id=upload_id_,
+            )
+        if _aware(row.expires_at) <= utcnow():
+            self._remove(row)
+            raise FailedPrecondition(
+                "SESSION_EXPIRED", f"upload {upload_id_} expired: start it again",
+                device=device, upload_id=upload_id_,
+            )
+        return row
+
+    def _recover(self, row: UploadSessionRow, fd: int) -> UploadSessionRow:
+        """Under the session's lock: make the file exactly the committed bytes."""
+        size = os.fstat(fd).st_size
+        if size > row.committed_size:  # written but never acknowledged
+            os.ftruncate(fd, row.committed_size)
+            os.fsync(fd)
+        elif size < row.committed_size:
+            log.warning("upload session file shorter than its row",
+                        extra={"device": row.device, "upload_id": row.upload_id})
+            with self.db.session() as session:
+                session.exec(  # type: ignore[call-overload]
+                    sa.update(UploadSessionRow)
+                    .where(col(UploadSessionRow.device) == row.device,
+                           col(UploadSessionRow.upload_id) == row.upload_id)
+                    .values(committed_size=size)
+                )
+                session.commit()
+            row.committed_size = size
+        return row
+
+    def _remove(
+        self, row: UploadSessionRow, *, now: datetime.datetime | None = None, held: bool = False
+    ) -> bool:
+        """Delete a session's file, then its row (only if still expired at `now`, when given).
+        False when a writer holds it (unless `held`: the caller is that writer)."""
+        path = self.storage.session_path(row.device, row.upload_id)
+        try:
+            fd = None if held else os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            fd = None
+        if held:
+            path.unlink(missing_ok=True)
+            _fsync_dir(path.parent)
+            _tidy(path)
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False
+                path.unlink(missing_ok=True)
+                _fsync_dir(path.parent)
+                _tidy(path)
+            with self.db.session() as session:
+                statement = sa.delete(UploadSessionRow).where(
+                    col(UploadSessionRow.device) == row.device,
+                    col(UploadSessionRow.upload_id) == row.upload_id,
+                )
+                if now is not None:
+                    statement = statement.where(col(UploadSessionRow.expires_at) <= now)
+                session.exec(statement)  # type: ignore[call-overload]
+                session.commit()
+        finally:
+            if fd is not None:
+                os.close(fd)
+        log.info("upload session removed", extra={"device": row.device, "upload_id": row.upload_id})
+        return True
+
+    def _event_with(self, device: str, sha256: str) -> Event | None:
+        with self.db.session() as session:
+            return session.exec(
+                select(Event)
+                .where(Event.device == device, Event.sha256 == sha256, Event.state == "stored")
+                .order_by(col(Event.created), col(Event.id))
+                .limit(1)
+            ).first()
+
+
+class SessionWriter:
+    """Appends to one session for one WriteUpload stream, holding its lock until close()."""
+
+    def __init__(self, uploads: ResumableUploads, row: UploadSessionRow, fd: int | None) -> None:
+        self._uploads = uploads
+        self._row = row
+        self._fd = fd
+        self.offset = row.committed_size  # bytes written to the file (committed or not)
+
+    @property
+    def done(self) -> SessionState | None:
+        """The state of a session that was complete before this stream: nothing to write."""
+        return _state(self._row) if self._row.event_id else None
+
+    def write(self, data: bytes) -> None:
+        assert self._fd is not None
+        declared = self._row.declared_size
+        end = self.offset + len(data)
+        if declared is not None and end > declared:
+            raise OutOfRange(
+                "WRITE_BEYOND_SIZE",
+                f"the write ends at {end}, past the declared size {declared}",
+                field="data", declared=str(declared), committed_size=str(self._row.committed_size),
+            )
+        limit = self._uploads.settings.max_upload_bytes
+        if end > limit:
+            raise TooLarge(
+                "UPLOAD_TOO_LARGE", f"event is larger than {limit} bytes",
+                field="data", limit=str(limit),
+            )
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, self.offset)
+            view = view[written:]
+            self.offset += written
+        if self.offset - self._row.committed_size >= COMMIT_BYTES:
+            self.commit()
+
+    def commit(self) -> None:
+        """fsync what was written, then record it as committed (in that order)."""
+        if self._fd is None or self.offset == self._row.committed_size:
+            return
+        os.fsync(self._fd)
+        now = utcnow()
+        row = self._row
+        with self._uploads.db.session() as session:
+            updated = session.exec(  # type: ignore[call-overload]
+                sa.update(UploadSessionRow)
+                .where(col(UploadSessionRow.device) == row.device,
+                       col(UploadSessionRow.upload_id) == row.upload_id,
+                       col(UploadSessionRow.committed_size) == row.committed_size,
+                       col(UploadSessionRow.event_id).is_(None))
+                .values(committed_size=self.offset, expires_at=self._uploads._expiry(now))
+            ).rowcount
+            session.commit()
+        if not updated:  # removed (expired) or changed under the lock: should not happen
+            raise FailedPrecondition(
+                "SESSION_EXPIRED", f"upload {row.upload_id} is no longer open",
+                upload_id=row.upload_id,
+            )
+        row.committed_size = self.offset
+        row.expires_at = self._uploads._expiry(now)
+
+    def commit_quietly(self) -> None:
+        """commit() for a stream that ended in an error (or was cancelled): every message
+        received before it was whole, so its bytes count."""
+        if self._fd is None or self._row.event_id:
+            return
+        try:
+            self.commit()
+        except Exception:
+            log.warning("could not commit an interrupted write", exc_info=True,
+                        extra={"device": self._row.device, "upload_id": self._row.upload_id})
+
+    def finish(self) -> SessionState:
+        """Commit, verify and store the upload as an event."""
+        self.commit()
+        row = self._row
+        if row.declared_size is not None and row.committed_size < row.declared_size:
+            raise FailedPrecondition(
+                "UPLOAD_INCOMPLETE",
+                f"{row.committed_size} of {row.declared_size} declared bytes are committed",
+                committed_size=str(row.committed_size), declared=str(row.declared_size),
+            )
+        uploads = self._uploads
+        gallery = uploads.gallery
+        path = uploads.storage.session_path(row.device, row.upload_id)
+        media = StagedFile.adopt(path, what="event")
+        upload = Upload(
+            uploads.storage, row.device, max_media_bytes=uploads.settings.max_upload_bytes,
+            max_thumbnail_bytes=uploads.settings.max_thumbnail_bytes, media=media,
+        )
+        fields = upload.fields
+        fields.name = row.name
+        fields.media_type = row.media_type
+        fields.metadata_json = row.metadata_json
+        fields.declared_size = row.declared_size
+        fields.declared_sha256 = row.declared_sha256
+
+        def mark_complete(session, event):  # type: ignore[no-untyped-def]
+            updated = session.exec(
+                sa.update(UploadSessionRow)
+                .where(col(UploadSessionRow.device) == row.device,
+                       col(UploadSessionRow.upload_id) == row.upload_id,
+                       col(UploadSessionRow.event_id).is_(None))
+                .values(event_id=event.id)
+            ).rowcount
+            if not updated:
+                raise FailedPrecondition(
+                    "UPLOAD_BUSY", f"upload {row.upload_id} was completed by another stream",
+                    upload_id=row.upload_id,
+                )
+
+        try:
+            event = gallery.store(upload, before_insert=mark_complete)
+        except InvalidArgument as exc:
+            if exc.reason in ("SIZE_MISMATCH", "SHA256_MISMATCH"):
+                media.sync()
+                uploads._remove(row, held=True)
+            raise
+        finally:
+            media.sync()  # closes its descriptor; the file stays unless stored or removed
+        row.event_id = event.id
+        _tidy(path)
+        return _state(row)
+
+    def state(self) -> SessionState:
+        return _state(self._row)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+
+class SessionSweeper:
+    """Removes expired sessions in the background (every replica may: removal is idempotent)."""
+
+    def __init__(self, uploads: ResumableUploads, interval: float = 60.0) -> None:
+        self.uploads = uploads
+        self.interval = interval
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="session-sweeper", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.uploads.sweep_once()
+            except Exception:
+                log.exception("upload session sweep failed")
+            self._stopping.wait(self.interval)
+
+
+def _state(row: UploadSessionRow) -> SessionState:
+    return SessionState(row.upload_id, row.committed_size, _aware(row.expires_at), row.event_id or "")
+
+
+def _open(path: pathlib.Path, flags: int = 0) -> int:
+    for _ in range(10):  # _tidy() may remove an empty parent between mkdir and open
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o640)
+        except FileNotFoundError:
+            continue
+    raise RuntimeError(f"could not create {path}")
+
+
+def _tidy(path: pathlib.Path) -> None:
+    """Remove the session's device folder and sessions/ once empty: staging/ holds only uploads
+    in flight."""
+    for folder in (path.parent, path.parent.parent):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): leave it
+            return
+
+
+def _lock(fd: int, upload_id_: str) -> None:
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise FailedPrecondition(
+                    "UPLOAD_BUSY", f"another stream is writing upload {upload_id_}",
+                    upload_id=upload_id_,
+                ) from None
+            time.sleep(0.05)
+
+
+def _aware(moment: datetime.datetime) -> datetime.datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
