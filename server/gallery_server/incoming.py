@@ -50,6 +50,7 @@ import sqlalchemy as sa
 from sqlmodel import col, select
 
 from . import validation
+from .background import BackgroundLoop
 from .errors import GalleryError
 from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import Event, initial_thumbnail_state
@@ -125,43 +126,23 @@ class _Taken:
         self.staged.unlink(missing_ok=True)
 
 
-class IncomingImporter:
+class IncomingImporter(BackgroundLoop):
     """Imports the incoming folders of every device. scan_once() is one pass; start() loops it."""
 
+    thread_name = "incoming-importer"
+
     def __init__(self, gallery: Gallery) -> None:
+        super().__init__(gallery.settings.incoming_scan_seconds)
         self.gallery = gallery
         self.settings = gallery.settings
         self.storage = gallery.storage
         self._key = hmac.new(self.settings.jwt_secret.encode(), _ID_LABEL, hashlib.sha256).digest()
         self._seen: dict[str, _Seen] = {}
         self._scan_lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    # -- lifecycle ----------------------------------------------------------------------------
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="incoming-importer", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop the loop; a file being read is abandoned (it stays in incoming)."""
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _run(self) -> None:
-        log.info("incoming folders scanner started", extra={"folder": str(self.storage.drop_root)})
-        while not self._stopping.is_set():
-            try:
-                self.scan_once()
-            except Exception:
-                log.exception("incoming folders scan failed")
-            self._stopping.wait(self.settings.incoming_scan_seconds)
+    def run_pass(self) -> bool:
+        self.scan_once()  # a stopped importer abandons the file it reads: it stays in incoming
+        return False
 
     # -- one pass -----------------------------------------------------------------------------
 

@@ -33,7 +33,6 @@ import os
 import pathlib
 import re
 import secrets
-import threading
 import time
 
 import sqlalchemy as sa
@@ -41,6 +40,7 @@ from sqlmodel import col, select
 
 from . import validation
 from .auth import READ, WRITE, Principal
+from .background import BackgroundLoop
 from .errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, TooLarge
 from .models import Event, UploadSessionRow
 from .service import Gallery, utcnow
@@ -457,35 +457,18 @@ class SessionWriter:
             self._fd = None
 
 
-class SessionSweeper:
+class SessionSweeper(BackgroundLoop):
     """Removes expired sessions in the background (every replica may: removal is idempotent)."""
 
+    thread_name = "session-sweeper"
+
     def __init__(self, uploads: ResumableUploads, interval: float = 60.0) -> None:
+        super().__init__(interval)
         self.uploads = uploads
-        self.interval = interval
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="session-sweeper", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float | None = None) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                self.uploads.sweep_once()
-            except Exception:
-                log.exception("upload session sweep failed")
-            self._stopping.wait(self.interval)
+    def run_pass(self) -> bool:
+        self.uploads.sweep_once()
+        return False
 
 
 def _state(row: UploadSessionRow) -> SessionState:

@@ -32,7 +32,6 @@ import json
 import logging
 import shutil
 import subprocess
-import threading
 import warnings
 from typing import Any
 
@@ -40,6 +39,7 @@ import sqlalchemy as sa
 from PIL import Image, ImageOps
 from sqlmodel import col, select
 
+from .background import BackgroundLoop
 from .models import Event
 from .service import Gallery, utcnow
 
@@ -70,42 +70,20 @@ class Made:
     info: dict[str, Any]
 
 
-class Thumbnailer:
-    """Makes missing thumbnails. work_once() is one pass; start() loops it on a daemon thread."""
+class Thumbnailer(BackgroundLoop):
+    """Makes missing thumbnails. work_once() is one pass; start() loops it on a daemon thread.
+
+    Stopping lets the file in hand finish; a claim left behind is retried after LEASE_SECONDS."""
+
+    thread_name = "thumbnailer"
 
     def __init__(self, gallery: Gallery, *, poll_seconds: float = POLL_SECONDS) -> None:
+        super().__init__(poll_seconds)
         self.gallery = gallery
         self.storage = gallery.storage
-        self.poll_seconds = poll_seconds
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    # -- lifecycle ----------------------------------------------------------------------------
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="thumbnailer", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop after the file in hand (a claim left behind is retried after LEASE_SECONDS)."""
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _run(self) -> None:
-        log.info("thumbnailer started", extra={"ffmpeg": bool(shutil.which("ffmpeg"))})
-        while not self._stopping.is_set():
-            try:
-                done = self.work_once(limit=20)
-            except Exception:
-                log.exception("thumbnail pass failed")
-                done = []
-            if not done:
-                self._stopping.wait(self.poll_seconds)
+    def run_pass(self) -> bool:
+        return bool(self.work_once(limit=20))
 
     # -- the queue ----------------------------------------------------------------------------
 
