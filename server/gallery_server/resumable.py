@@ -4,7 +4,7 @@ A session is its row (models.UploadSessionRow) plus its staging file
 `staging/sessions/<device>/<upload_id>`; both survive a restart of the server.
 
 Durability: bytes are written at the committed size, fsynced, and only then is the row's
-`committed_size` raised (every COMMIT_BYTES and at the end of each stream), so the file always
+`committed_size` raised (every COMMIT_BYTES or COMMIT_SECONDS, and at the end of each stream), so the file always
 holds at least the committed bytes and the committed size never goes backwards. Bytes past the
 committed size were never acknowledged: whoever opens the session (a writer, QueryUpload) truncates
 them away. A file shorter than its row (lost outside the server's control) lowers the row to it.
@@ -49,7 +49,10 @@ from .uploads import Upload
 
 log = logging.getLogger(__name__)
 
-COMMIT_BYTES = 1 << 20  # fsync and commit at least every MiB received
+# An fsync and a row update per MiB would cost more than the bytes themselves; a crash loses at
+# most this much (the client resumes from the committed size), and a slow link still commits often.
+COMMIT_BYTES = 32 << 20
+COMMIT_SECONDS = 2.0
 LOCK_WAIT_SECONDS = 5.0
 MAX_CHECKSUMS = 1000
 _UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
@@ -330,6 +333,7 @@ class SessionWriter:
         self._row = row
         self._fd = fd
         self.offset = row.committed_size  # bytes written to the file (committed or not)
+        self._committed_at = time.monotonic()
 
     @property
     def done(self) -> SessionState | None:
@@ -357,7 +361,8 @@ class SessionWriter:
             written = os.pwrite(self._fd, view, self.offset)
             view = view[written:]
             self.offset += written
-        if self.offset - self._row.committed_size >= COMMIT_BYTES:
+        if (self.offset - self._row.committed_size >= COMMIT_BYTES
+                or time.monotonic() - self._committed_at >= COMMIT_SECONDS):
             self.commit()
 
     def commit(self) -> None:
@@ -383,6 +388,7 @@ class SessionWriter:
                 upload_id=row.upload_id,
             )
         row.committed_size = self.offset
+        self._committed_at = time.monotonic()
         row.expires_at = self._uploads._expiry(now)
 
     def commit_quietly(self) -> None:
