@@ -319,7 +319,7 @@ class GalleryServiceServicer:
         """Appends to a resumable upload. The first message names the session and the `write_offset`,
         which must equal the committed size (else FAILED_PRECONDITION WRONG_OFFSET, with the
         committed size in the message and in ErrorInfo metadata `committed_size`). Bytes are fsynced
-        before the committed size advances (after each MiB received and at the end of the stream), so
+        before the committed size advances (every 32 MiB or 2 s, and at the end of the stream), so
         the committed size only counts bytes that are durable and it never goes backwards. A stream
         that ends without `finish_write` leaves the session to be resumed. With `finish_write` (valid
         once all declared bytes are committed, or when no size was declared; else FAILED_PRECONDITION
