@@ -7,6 +7,7 @@ GalleryError                 base; carries a stable UPPER_SNAKE `reason` and `me
 ├── NotFound                 the event does not exist for this device (404 / NOT_FOUND)
 ├── AlreadyExists            the resource was created already (409 / ALREADY_EXISTS)
 ├── FailedPrecondition       not possible in the resource's current state (400 / FAILED_PRECONDITION)
+├── Conflict                 lost to another request's state: re-read, then retry (409 / ABORTED)
 ├── OutOfRange               a read past the end of the content (400 / OUT_OF_RANGE)
 └── TooLarge                 a size limit was exceeded (429 through Envoy / RESOURCE_EXHAUSTED)
 """
@@ -45,6 +46,12 @@ class AlreadyExists(GalleryError):
 
 class FailedPrecondition(GalleryError):
     pass
+
+
+class Conflict(GalleryError):
+    """A REST pre-signed resumable PUT that does not fit the upload's current state (a wrong
+    offset, another PUT writing): 409 as HTTP range-upload protocols answer, where native gRPC keeps
+    ByteStream's FAILED_PRECONDITION."""
 
 
 class OutOfRange(GalleryError):

@@ -1,8 +1,8 @@
 """The REST multipart upload, parsed incrementally (python-multipart) straight into an Upload.
 
 File parts (`event`, `thumbnail`) go to staging as they arrive; text parts (`name`, `media_type`,
-`has_thumbnail`, `metadata`) are small and bounded. Parts may come in any order: the reference's
-own curl example sends `event` before `media_type` and `metadata`.
+`has_thumbnail`, `metadata`, `device_event_id`) are small and bounded. Parts may come in any
+order: the reference's own curl example sends `event` before `media_type` and `metadata`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ from python_multipart.multipart import MultipartParser, MultipartState, parse_op
 
 from . import validation
 from .errors import InvalidArgument, TooLarge
-from .uploads import Upload
+from .uploads import Upload, device_event_id
 
-_TEXT_LIMITS = {"name": 4 * validation.MAX_NAME_CHARS, "media_type": 64, "has_thumbnail": 16}
+_TEXT_LIMITS = {"name": 4 * validation.MAX_NAME_CHARS, "media_type": 64, "has_thumbnail": 16,
+                # UTF-8 of uploads.MAX_DEVICE_EVENT_ID_CHARS characters.
+                "device_event_id": 4 * 128}
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", ""}
 
@@ -82,6 +84,7 @@ class FormReceiver:
                 field="has_thumbnail",
             )
         fields.thumbnail_promised = flag in _TRUE
+        fields.device_event_id = device_event_id(texts.get("device_event_id", "").strip())
 
     # -- parser callbacks: errors are kept, because python-multipart re-raises its own ----------
 

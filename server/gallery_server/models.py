@@ -22,6 +22,9 @@ class Event(SQLModel, table=True):
         sa.Index("ix_events_thumbnail_queue", "thumbnail_state", "created", "id"),
         # FindExistingChecksums and StartUpload's dedupe: which digests a device has.
         sa.Index("ix_events_device_sha256", "device", "sha256"),
+        # A capture the device names (device_event_id) is stored once, even when retries race on
+        # several replicas: the loser's insert fails here and it answers with the winner's event.
+        sa.UniqueConstraint("device", "device_event_id", name="uq_events_device_event_id"),
     )
 
     id: str = Field(primary_key=True, max_length=64)
@@ -41,6 +44,10 @@ class Event(SQLModel, table=True):
     state: str = Field(default="stored", max_length=16)
     # The device's own key for an announced file; NULL for uploads.
     device_key: str | None = Field(default=None, max_length=512)
+    # The device's own id for an uploaded capture (UploadHeader.device_event_id, the REST form
+    # field `device_event_id`); NULL when it sent none. Separate from device_key: announcing and
+    # uploading are different protocols, and an id of one must not collide with the other's.
+    device_event_id: str | None = Field(default=None, max_length=128)
     # Server-made thumbnails (thumbnails.py): "" when the device sent one or none is wanted;
     # pending -> working -> generated | failed | skipped. attempts counts claims (a crash mid-file
     # is retried, a file that keeps crashing its worker is given up on).
@@ -122,8 +129,10 @@ class UploadSessionRow(SQLModel, table=True):
 
     `committed_size` counts bytes fsynced in that file; it is raised only after the fsync, so the
     file always holds at least that many. `event_id` is set, in the transaction that stores the
-    event, once the upload is complete; the row then remains until it expires, so that a retry
-    gets the same event.
+    event, once the upload is complete; the row then remains as long as that event exists (its
+    bytes are gone), so that a retry, however late, gets the same event and never a second one.
+    Upload ids containing a "." belong to pre-signed URLs (signed_urls.py), which native ids
+    cannot contain.
     """
 
     __tablename__ = "upload_sessions"
@@ -140,3 +149,7 @@ class UploadSessionRow(SQLModel, table=True):
     created: datetime.datetime
     expires_at: datetime.datetime
     event_id: str | None = Field(default=None, max_length=64)
+    # The device's id for the capture (StartUploadRequest.device_event_id), given to the event.
+    device_event_id: str = Field(default="", max_length=128)
+    # A bound on expires_at whatever the writes: a pre-signed URL's session ends with the URL.
+    not_after: datetime.datetime | None = None

@@ -17,10 +17,17 @@ folder need a filesystem with working flock (local disks, NFSv4).
 Completion: the whole file is hashed once (one streaming read, no hash state kept across
 resumes), checked against the declared size and sha256 and handed to Gallery.store(), which marks
 the row complete with the event id in the same transaction that inserts the event. The completed
-row remains until it expires, so a retry with the same upload id gets that event, never a second.
+row (its bytes are gone) remains as long as its event exists, however late a retry comes: a retry
+with the same upload id gets that event, never a second. Once the event is deleted, QueryUpload
+and WriteUpload answer NOT_FOUND UPLOAD_EVENT_DELETED (for a TTL, then UPLOAD_NOT_FOUND) and
+StartUpload with the id starts afresh: a deleted capture comes back only if a client says so.
 
-Expiry: a session lives GALLERY_UPLOAD_SESSION_TTL after its start or last committed write. An
-expired session is removed (file, then row) on access and by SessionSweeper in every replica.
+Expiry: an incomplete session lives GALLERY_UPLOAD_SESSION_TTL after its start or last committed
+write (and never past its `not_after`: a pre-signed URL's session ends with the URL). An expired
+session is removed (file, then row) on access and by SessionSweeper in every replica.
+
+Pre-signed URLs (signed_urls.py) use the same sessions through the methods without a principal
+(`open_session`, `writer`, `state`): the URL's signature is their authorization.
 """
 
 from __future__ import annotations
@@ -41,11 +48,11 @@ from sqlmodel import col, select
 from . import validation
 from .auth import READ, WRITE, Principal
 from .background import BackgroundLoop
-from .errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, TooLarge
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, TooLarge
 from .models import Event, UploadSessionRow
-from .service import Gallery, utcnow
+from .service import Gallery, SessionHook, utcnow
 from .storage import StagedFile, _fsync_dir
-from .uploads import Upload
+from .uploads import Upload, device_event_id
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +105,32 @@ class ResumableUploads:
         sha256: str = "",
         upload_id: str = "",
         dedupe: bool = False,
+        device_event_id_: str = "",
     ) -> SessionState:
         principal.require(validation.device_id(device), WRITE)
         upload_id = check_upload_id(upload_id) if upload_id else secrets.token_urlsafe(24)
+        return self.open_session(
+            device, upload_id, name=name, media_type=media_type, metadata_json=metadata_json,
+            size=size, sha256=sha256, dedupe=dedupe, device_event_id_=device_event_id_,
+        )
+
+    def open_session(
+        self,
+        device: str,
+        upload_id: str,
+        *,
+        name: str,
+        media_type: str = "",
+        metadata_json: str = "{}",
+        size: int | None = None,
+        sha256: str = "",
+        dedupe: bool = False,
+        device_event_id_: str = "",
+        not_after: datetime.datetime | None = None,
+    ) -> SessionState:
+        """start() for a caller that has authorized the device and chosen the id."""
         validation.display_name(name)
+        device_event_id(device_event_id_)
         if media_type:
             validation.media_type(media_type)
         validation.sha256_hex(sha256)
@@ -119,17 +148,32 @@ class ResumableUploads:
             existing = self._event_with(device, sha256)
             if existing is not None:
                 return SessionState(upload_id, existing.size, utcnow(), existing.id)
+        if device_event_id_:
+            existing = self._event_of_capture(device, device_event_id_)
+            if existing is not None:
+                if sha256 and existing.sha256 != sha256:
+                    raise AlreadyExists(
+                        "DEVICE_EVENT_ID_CONFLICT",
+                        f"event {existing.id} already has device_event_id {device_event_id_!r}"
+                        " with another sha256", field="device_event_id",
+                        device_event_id=device_event_id_, event_id=existing.id,
+                    )
+                return SessionState(upload_id, existing.size, utcnow(), existing.id)
         now = utcnow()
         with self.db.session() as session:
             row = session.get(UploadSessionRow, (device, upload_id))
-            if row is not None and _aware(row.expires_at) <= now:
+            if row is not None and (
+                (not row.event_id and _aware(row.expires_at) <= now)
+                or (row.event_id and not self._event_exists(row.event_id))
+            ):  # expired, or its event was deleted: the id is free again
                 self._remove(row)
                 row = None
             if row is None:
                 row = UploadSessionRow(
                     device=device, upload_id=upload_id, name=name, media_type=media_type,
                     metadata_json=metadata_json, declared_size=size, declared_sha256=sha256,
-                    committed_size=0, created=now, expires_at=self._expiry(now),
+                    committed_size=0, created=now, expires_at=self._expiry(now, not_after),
+                    device_event_id=device_event_id_, not_after=not_after,
                 )
                 session.add(row)
                 try:
@@ -156,7 +200,11 @@ class ResumableUploads:
 
     def query(self, principal: Principal, device: str, upload_id_: str) -> SessionState:
         principal.require(validation.device_id(device), WRITE)
-        row = self._load(device, check_upload_id(upload_id_))
+        return self.state(device, check_upload_id(upload_id_))
+
+    def state(self, device: str, upload_id_: str) -> SessionState:
+        """query() for a caller that has authorized the device."""
+        row = self._load(device, upload_id_)
         if row.event_id:
             return _state(row)
         fd = _open(self.storage.session_path(device, row.upload_id))
@@ -168,6 +216,12 @@ class ResumableUploads:
             return _state(self._recover(row, fd))
         finally:
             os.close(fd)
+
+    def declared_size(self, device: str, upload_id_: str) -> int:
+        """The size a session declared (0 when none or no session)."""
+        with self.db.session() as session:
+            row = session.get(UploadSessionRow, (device, upload_id_))
+        return (row.declared_size or 0) if row is not None else 0
 
     def find_existing(self, principal: Principal, device: str, sha256s: list[str]) -> dict[str, str]:
         """The digests among `sha256s` that the device has stored, each with its oldest event."""
@@ -197,7 +251,12 @@ class ResumableUploads:
         """A writer positioned at `write_offset`, which must be the committed size. The caller
         closes it. A completed session gives a writer whose `done` is its state."""
         principal.require(validation.device_id(device), WRITE)
-        row = self._load(device, check_upload_id(upload_id_))
+        return self.writer(device, check_upload_id(upload_id_), write_offset)
+
+    def writer(self, device: str, upload_id_: str, write_offset: int | None) -> SessionWriter:
+        """open_write() for a caller that has authorized the device; `write_offset` None: at the
+        committed size, whatever it is."""
+        row = self._load(device, upload_id_)
         if row.event_id:
             return SessionWriter(self, row, None)
         fd = _open(self.storage.session_path(device, row.upload_id))
@@ -208,7 +267,7 @@ class ResumableUploads:
                 os.close(fd)
                 return SessionWriter(self, row, None)
             row = self._recover(row, fd)
-            if write_offset != row.committed_size:
+            if write_offset is not None and write_offset != row.committed_size:
                 raise FailedPrecondition(
                     "WRONG_OFFSET",
                     f"write_offset {write_offset} is not the committed size {row.committed_size}:"
@@ -224,11 +283,17 @@ class ResumableUploads:
     # -- expiry ---------------------------------------------------------------------------------
 
     def sweep_once(self, now: datetime.datetime | None = None) -> int:
-        """Remove expired sessions (their bytes first); one in use by a writer is skipped."""
+        """Remove expired incomplete sessions (their bytes first; one in use by a writer is
+        skipped) and expired completed ones whose event was deleted. A completed session whose
+        event exists is kept: it is the answer to a late retry."""
         now = now or utcnow()
+        event_gone = ~sa.exists().where(col(Event.id) == col(UploadSessionRow.event_id))
         with self.db.session() as session:
             rows = session.exec(
-                select(UploadSessionRow).where(col(UploadSessionRow.expires_at) <= now)
+                select(UploadSessionRow).where(
+                    col(UploadSessionRow.expires_at) <= now,
+                    sa.or_(col(UploadSessionRow.event_id).is_(None), event_gone),
+                )
             ).all()
         removed = 0
         for row in rows:
@@ -238,8 +303,11 @@ class ResumableUploads:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _expiry(self, now: datetime.datetime) -> datetime.datetime:
-        return now + datetime.timedelta(seconds=self.settings.upload_session_ttl)
+    def _expiry(
+        self, now: datetime.datetime, not_after: datetime.datetime | None = None
+    ) -> datetime.datetime:
+        expiry = now + datetime.timedelta(seconds=self.settings.upload_session_ttl)
+        return min(expiry, _aware(not_after)) if not_after is not None else expiry
 
     def _load(self, device: str, upload_id_: str) -> UploadSessionRow:
         with self.db.session() as session:
@@ -249,6 +317,15 @@ class ResumableUploads:
                 "UPLOAD_NOT_FOUND", f"upload {upload_id_} not found for device {device}",
                 device=device, upload_id=upload_id_,
             )
+        if row.event_id:  # complete: never expires while its event exists
+            if not self._event_exists(row.event_id):
+                raise NotFound(
+                    "UPLOAD_EVENT_DELETED",
+                    f"upload {upload_id_} was stored as event {row.event_id}, which has been"
+                    " deleted since; StartUpload with this upload_id uploads it again",
+                    device=device, upload_id=upload_id_, event_id=row.event_id,
+                )
+            return row
         if _aware(row.expires_at) <= utcnow():
             self._remove(row)
             raise FailedPrecondition(
@@ -315,6 +392,16 @@ class ResumableUploads:
         log.info("upload session removed", extra={"device": row.device, "upload_id": row.upload_id})
         return True
 
+    def _event_exists(self, event_id: str) -> bool:
+        with self.db.session() as session:
+            return session.get(Event, event_id) is not None
+
+    def _event_of_capture(self, device: str, device_event_id_: str) -> Event | None:
+        with self.db.session() as session:
+            return session.exec(
+                select(Event).where(Event.device == device, Event.device_event_id == device_event_id_)
+            ).first()
+
     def _event_with(self, device: str, sha256: str) -> Event | None:
         with self.db.session() as session:
             return session.exec(
@@ -379,7 +466,8 @@ class SessionWriter:
                        col(UploadSessionRow.upload_id) == row.upload_id,
                        col(UploadSessionRow.committed_size) == row.committed_size,
                        col(UploadSessionRow.event_id).is_(None))
-                .values(committed_size=self.offset, expires_at=self._uploads._expiry(now))
+                .values(committed_size=self.offset,
+                        expires_at=self._uploads._expiry(now, row.not_after))
             ).rowcount
             session.commit()
         if not updated:  # removed (expired) or changed under the lock: should not happen
@@ -389,7 +477,7 @@ class SessionWriter:
             )
         row.committed_size = self.offset
         self._committed_at = time.monotonic()
-        row.expires_at = self._uploads._expiry(now)
+        row.expires_at = self._uploads._expiry(now, row.not_after)
 
     def commit_quietly(self) -> None:
         """commit() for a stream that ended in an error (or was cancelled): every message
@@ -402,8 +490,11 @@ class SessionWriter:
             log.warning("could not commit an interrupted write", exc_info=True,
                         extra={"device": self._row.device, "upload_id": self._row.upload_id})
 
-    def finish(self) -> SessionState:
-        """Commit, verify and store the upload as an event."""
+    def finish(
+        self, *, event_id: str | None = None, before_insert: SessionHook | None = None
+    ) -> SessionState:
+        """Commit, verify and store the upload as an event (`event_id`: its id chosen before, as a
+        pre-signed URL's; `before_insert`: more to do in the event's transaction)."""
         self.commit()
         row = self._row
         if row.declared_size is not None and row.committed_size < row.declared_size:
@@ -426,6 +517,7 @@ class SessionWriter:
         fields.metadata_json = row.metadata_json
         fields.declared_size = row.declared_size
         fields.declared_sha256 = row.declared_sha256
+        fields.device_event_id = row.device_event_id
 
         def mark_complete(session, event):  # type: ignore[no-untyped-def]
             updated = session.exec(
@@ -440,16 +532,22 @@ class SessionWriter:
                     "UPLOAD_BUSY", f"upload {row.upload_id} was completed by another stream",
                     upload_id=row.upload_id,
                 )
+            if before_insert is not None:
+                before_insert(session, event)
 
         try:
-            event = gallery.store(upload, before_insert=mark_complete)
-        except InvalidArgument as exc:
-            if exc.reason in ("SIZE_MISMATCH", "SHA256_MISMATCH"):
+            event = gallery.store(upload, event_id=event_id, before_insert=mark_complete)
+        except (InvalidArgument, AlreadyExists) as exc:
+            # Bytes that can never become this upload's event: nothing of them is kept.
+            if exc.reason in ("SIZE_MISMATCH", "SHA256_MISMATCH", "DEVICE_EVENT_ID_CONFLICT"):
                 media.sync()
                 uploads._remove(row, held=True)
             raise
         finally:
             media.sync()  # closes its descriptor; the file stays unless stored or removed
+        if not media.moved:  # the capture was stored already (device_event_id): its answer
+            path.unlink(missing_ok=True)
+            _fsync_dir(path.parent)
         row.event_id = event.id
         _tidy(path)
         return _state(row)

@@ -20,12 +20,12 @@ from sqlmodel import Session, col, func, select
 from . import downloads, paging, validation
 from .auth import READ, WRITE, Principal
 from .db import Database
-from .errors import FailedPrecondition, InvalidArgument, NotFound
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import DeviceCommand, Event, initial_thumbnail_state
 from .settings import Settings
 from .storage import Storage
-from .uploads import Upload
+from .uploads import Upload, device_event_id
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +224,16 @@ class Gallery:
         `before_insert` runs inside the row's transaction (signed URLs mark their grant used, pulls
         close their command, in the same commit). `fill` is an announced (`on_device`) event whose
         content this upload is: its row is updated, under its row lock, instead of inserted.
+
+        With a device_event_id that an event of the device has already, that event is returned
+        and nothing is stored (its `before_insert` still runs, with that event, so a resumable
+        session records its answer); other content under the same id is DEVICE_EVENT_ID_CONFLICT.
         """
         event = self._describe(upload, event_id, fill)
+        if event.device_event_id:
+            existing = self._same_capture(event)
+            if existing is not None:
+                return self._answer_duplicate(existing, before_insert)
         media_path = self.storage.media_path(event.device, event.id)
         thumbnail_path = self.storage.thumbnail_path(event.device, event.id)
         staged = [(upload.media, media_path)]
@@ -248,16 +256,46 @@ class Gallery:
                     event.thumbnail_state = initial_thumbnail_state(event.media_type, event.has_thumbnail)
                     session.add(event)
                 session.commit()
-        except BaseException:
+        except BaseException as exc:
             for file, destination in staged:
                 if file.moved:
                     destination.unlink(missing_ok=True)
+            # A concurrent upload of the same capture won the unique (device, device_event_id).
+            if isinstance(exc, sa.exc.IntegrityError) and event.device_event_id:
+                existing = self._same_capture(event)
+                if existing is not None:
+                    return self._answer_duplicate(existing, before_insert)
             raise
         log.info(
             "event stored",
             extra={"device": event.device, "event_id": event.id, "size": event.size},
         )
         return event
+
+    def _same_capture(self, event: Event) -> Event | None:
+        """The stored event of the same device-side capture, if any; other content is a conflict."""
+        with self.db.session() as session:
+            existing = session.exec(
+                select(Event).where(Event.device == event.device,
+                                    Event.device_event_id == event.device_event_id)
+            ).first()
+        if existing is not None and existing.sha256 != event.sha256:
+            raise AlreadyExists(
+                "DEVICE_EVENT_ID_CONFLICT",
+                f"event {existing.id} already has device_event_id {event.device_event_id!r} with"
+                " other content: nothing was stored",
+                field="device_event_id", device_event_id=event.device_event_id,
+                event_id=existing.id,
+            )
+        return existing
+
+    def _answer_duplicate(self, existing: Event, before_insert: SessionHook | None) -> Event:
+        if before_insert is not None:
+            with self.db.session() as session:
+                before_insert(session, existing)
+                session.commit()
+        log.info("upload of a stored capture", extra={"device": existing.device, "event_id": existing.id})
+        return existing
 
     def _describe(self, upload: Upload, event_id: str | None, fill: Event | None) -> Event:
         """Check a received upload against what the client declared; the Event it becomes."""
@@ -266,6 +304,7 @@ class Gallery:
         if fields.media_type:
             validation.media_type(fields.media_type)
         validation.sha256_hex(fields.declared_sha256)
+        device_event_id(fields.device_event_id)
         if not upload.media_received:
             raise InvalidArgument("EVENT_FILE_REQUIRED", "the event file is missing", field="event")
         if fields.thumbnail_promised and upload.thumbnail is None:
@@ -301,6 +340,8 @@ class Gallery:
             metadata_json=fields.metadata_json,
             created=fill.created if fill else utcnow(),
             device_key=fill.device_key if fill else None,
+            # An announced event's content is that capture already: no second key for it.
+            device_event_id=(fields.device_event_id or None) if fill is None else None,
         )
 
     def _lock_announced(self, session: Session, event: Event) -> None:

@@ -4,6 +4,13 @@ A token is `<payload>.<signature>`, both base64url: the payload is the JSON list
 [version, device, event_id, purpose, expires_unix, filename] and the signature an HMAC-SHA256 of
 the payload under a key derived from the JWT secret (so one secret serves both, for different
 purposes). A PUT is authorized by its token alone; no bearer token is needed.
+
+Resumable media PUTs (`Content-Range: bytes a-b/total`, GCS-style): each PUT appends one chunk to
+a resumable session (resumable.py, upload id `url.<event_id>`, which no native id can be) at its
+committed size; the chunk that completes the file stores the event under the URL's event id, in
+the transaction that marks the grant `done`, so a URL still completes exactly one event. Chunk PUTs
+never take the grant's `uploading` state (a server killed mid-PUT would leave it taken for good):
+the session's lock orders them, and the grant moves `open` -> `done` only at completion.
 """
 
 from __future__ import annotations
@@ -15,22 +22,73 @@ import datetime
 import hashlib
 import hmac
 import json
+import re
 import time
 import urllib.parse
+from collections.abc import Iterable
 
 import sqlalchemy as sa
 from sqlmodel import Session, col
 
 from . import validation
 from .auth import WRITE, Principal
-from .errors import NotFound, PermissionDenied
+from .errors import (
+    Conflict,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    TooLarge,
+)
 from .models import Event, UploadGrant
+from .resumable import ResumableUploads, SessionWriter
 from .service import Gallery
 from .uploads import Upload
 
 MEDIA = "media"
 THUMBNAIL = "thumbnail"
 _VERSION = 1
+# The session of a pre-signed URL: "." keeps it apart from native upload ids ([A-Za-z0-9_-]).
+SESSION_PREFIX = "url."
+_CONTENT_RANGE_RE = re.compile(r"bytes (?:(\d{1,19})-(\d{1,19})|\*)/(\d{1,19})")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContentRange:
+    """`bytes first-last/total`, or `bytes */total` (first and last None: where to resume?)."""
+
+    first: int | None
+    last: int | None
+    total: int
+
+    @property
+    def length(self) -> int:
+        return 0 if self.first is None or self.last is None else self.last - self.first + 1
+
+
+def parse_content_range(header: str) -> ContentRange:
+    match = _CONTENT_RANGE_RE.fullmatch(header.strip())
+    if match is None or (match[1] is not None and not int(match[1]) <= int(match[2]) < int(match[3])):
+        raise InvalidArgument(
+            "INVALID_CONTENT_RANGE",
+            "Content-Range must be `bytes <first>-<last>/<total>` with first <= last < total,"
+            " or `bytes */<total>`",
+            field="content_range", content_range=header[:100],
+        )
+    first = int(match[1]) if match[1] is not None else None
+    last = int(match[2]) if match[2] is not None else None
+    return ContentRange(first, last, int(match[3]))
+
+
+@dataclasses.dataclass(frozen=True)
+class SignedUploadState:
+    """Where the upload behind a pre-signed URL stands."""
+
+    event_id: str
+    committed_size: int
+    size: int  # the total the Content-Range PUTs declared; 0 before the first
+    complete: bool
+    expires_at: datetime.datetime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +143,9 @@ class SignedUploads:
             expires_at=expires_at,
         )
 
-    def verify(self, device: str, token: str) -> SignedTarget:
-        """Check signature, expiry and device binding; every failure is the same 403 family."""
+    def verify(self, device: str, token: str, *, allow_expired: bool = False) -> SignedTarget:
+        """Check signature, expiry and device binding; every failure is the same 403 family.
+        `allow_expired`: for reading the upload's state, which stays readable after expiry."""
         payload_b64, _, signature_b64 = token.partition(".")
         try:
             signature = _b64decode(signature_b64)
@@ -104,7 +163,7 @@ class SignedUploads:
             raise PermissionDenied(
                 "URL_DEVICE_MISMATCH", "upload URL was issued for another device"
             )
-        if time.time() > expires:
+        if time.time() > expires and not allow_expired:
             raise PermissionDenied("URL_EXPIRED", "upload URL has expired")
         return SignedTarget(device, event_id, purpose, filename)
 
@@ -137,6 +196,100 @@ class SignedUploads:
             self.gallery.store(upload, event_id=target.event_id, before_insert=mark_used)
             return target.event_id
         return self._attach_thumbnail(target, upload)
+
+    # -- resumable PUTs and their status ---------------------------------------------------------
+
+    def status(self, device: str, token: str) -> SignedUploadState:
+        target = self.verify(device, token, allow_expired=True)
+        grant = self._grant(target)
+        done_state = grant.media_state if target.purpose == MEDIA else grant.thumbnail_state
+        expires_at = _aware(grant.expires_at)
+        if done_state == "done":
+            size = 0
+            if target.purpose == MEDIA:
+                with self.gallery.db.session() as session:
+                    event = session.get(Event, target.event_id)
+                size = event.size if event is not None else 0
+            return SignedUploadState(target.event_id, size, size, True, expires_at)
+        committed = size = 0
+        if target.purpose == MEDIA:
+            uploads = ResumableUploads(self.gallery)
+            try:
+                committed = uploads.state(target.device, _session_id(target)).committed_size
+                size = uploads.declared_size(target.device, _session_id(target))
+            except (NotFound, FailedPrecondition):  # none yet, or expired (its bytes are gone)
+                pass
+        return SignedUploadState(target.event_id, committed, size, False, expires_at)
+
+    def open_range(
+        self, target: SignedTarget, content_range: ContentRange, content_length: int | None
+    ) -> RangePut:
+        """The writer of one Content-Range PUT (the caller feeds it the body, then finish()es and
+        close()s it). When the URL's event is stored already, `done` says so and nothing is
+        written."""
+        if target.purpose != MEDIA:
+            raise InvalidArgument(
+                "RESUMABLE_MEDIA_ONLY",
+                "Content-Range PUTs are for media URLs; PUT a thumbnail whole",
+                field="content_range",
+            )
+        expected = content_range.length
+        if content_length is not None and content_length != expected:
+            raise InvalidArgument(
+                "INVALID_CONTENT_RANGE",
+                f"Content-Length {content_length} does not match the Content-Range ({expected} bytes)",
+                field="content_range", content_length=str(content_length), expected=str(expected),
+            )
+        if content_length is None and expected:
+            raise InvalidArgument(
+                "LENGTH_REQUIRED", "a PUT upload needs a Content-Length header",
+                field="content_length",
+            )
+        limit = self.gallery.settings.max_upload_bytes
+        if content_range.total > limit:
+            raise TooLarge(
+                "UPLOAD_TOO_LARGE", f"event is larger than {limit} bytes",
+                field="content_range", limit=str(limit),
+            )
+        grant = self._grant(target)
+        if grant.media_state == "done":
+            return RangePut(self, target, content_range, None)
+        if grant.media_state == "uploading":
+            raise Conflict(
+                "UPLOAD_BUSY", "a single-shot PUT of this URL is in progress",
+                event_id=target.event_id,
+            )
+        uploads = ResumableUploads(self.gallery)
+        session_id = _session_id(target)
+        try:
+            uploads.open_session(
+                target.device, session_id, name=target.filename, size=content_range.total,
+                not_after=_aware(grant.expires_at),
+            )
+        except FailedPrecondition as exc:
+            if exc.reason != "UPLOAD_ID_IN_USE":
+                raise
+            raise InvalidArgument(
+                "INVALID_CONTENT_RANGE",
+                f"the total size {content_range.total} differs from the one this upload started with"
+                f" ({uploads.declared_size(target.device, session_id)})",
+                field="content_range", total=str(content_range.total),
+            ) from None
+        try:
+            writer = uploads.writer(target.device, session_id, content_range.first)
+        except FailedPrecondition as exc:
+            if exc.reason in ("WRONG_OFFSET", "UPLOAD_BUSY"):
+                # REST range uploads answer a conflict with the upload's state as 409.
+                raise Conflict(exc.reason, exc.message, field=exc.field, **exc.metadata) from None
+            raise
+        return RangePut(self, target, content_range, writer)
+
+    def _grant(self, target: SignedTarget) -> UploadGrant:
+        with self.gallery.db.session() as session:
+            grant = session.get(UploadGrant, target.event_id)
+        if grant is None or grant.device != target.device:
+            raise PermissionDenied("URL_SIGNATURE_INVALID", "upload URL is not valid")
+        return grant
 
     def _attach_thumbnail(self, target: SignedTarget, upload: Upload) -> str:
         storage = self.gallery.storage
@@ -193,3 +346,70 @@ def _b64encode(data: bytes) -> str:
 
 def _b64decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class RangePut:
+    """One Content-Range PUT of a media URL: appends its body to the URL's session."""
+
+    def __init__(self, signed: SignedUploads, target: SignedTarget, content_range: ContentRange,
+                 writer: SessionWriter | None) -> None:
+        self._signed = signed
+        self._target = target
+        self._range = content_range
+        self._writer = writer
+        self.received = 0
+
+    @property
+    def done(self) -> str:
+        """The URL's event id when it was stored before this PUT ("" otherwise)."""
+        if self._writer is None:
+            return self._target.event_id
+        return self._writer.done.event_id if self._writer.done is not None else ""
+
+    def write_all(self, pieces: Iterable[bytes]) -> None:
+        assert self._writer is not None
+        for data in pieces:
+            self._writer.write(data)
+            self.received += len(data)
+
+    def finish(self) -> SignedUploadState:
+        """Commit this PUT's bytes; store the event if they complete the file."""
+        writer = self._writer
+        assert writer is not None
+        writer.commit()
+        total = self._range.total
+        target = self._target
+        signed = self._signed
+        if writer.offset == total:
+
+            def mark_used(session: Session, event: Event) -> None:
+                if not signed._move(target, "open", "done", session=session):
+                    raise Conflict(
+                        "UPLOAD_BUSY", "a single-shot PUT of this URL is in progress",
+                        event_id=target.event_id,
+                    )
+                grant = session.get(UploadGrant, target.event_id)
+                if grant is not None and grant.thumbnail_state == "done":
+                    event.has_thumbnail = True
+
+            writer.finish(event_id=target.event_id, before_insert=mark_used)
+        state = writer.state()
+        grant = signed._grant(target)
+        return SignedUploadState(
+            target.event_id, state.committed_size, total, bool(state.event_id),
+            _aware(grant.expires_at),
+        )
+
+    def close(self) -> None:
+        """Every piece received was whole: commit them even when the PUT was cut short."""
+        if self._writer is not None:
+            self._writer.commit_quietly()
+            self._writer.close()
+
+
+def _session_id(target: SignedTarget) -> str:
+    return SESSION_PREFIX + target.event_id
+
+
+def _aware(moment: datetime.datetime) -> datetime.datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)

@@ -6,9 +6,12 @@ Nothing here touches the database; Gallery.store() turns a finished Upload into 
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 
 from .errors import InvalidArgument
 from .storage import StagedFile, Storage
+
+MAX_DEVICE_EVENT_ID_CHARS = 128
 
 
 @dataclasses.dataclass
@@ -22,6 +25,9 @@ class UploadFields:
     declared_sha256: str = ""
     # REST `has_thumbnail`: when true, a thumbnail part must be present.
     thumbnail_promised: bool = False
+    # The device's own id for the capture; an event of the device with it already is the answer
+    # instead of a new event (Gallery.store()). Empty: none.
+    device_event_id: str = ""
 
     def declare_size(self, size: int) -> None:
         """Record a declared size; two declarations (header and finish) must agree."""
@@ -38,6 +44,19 @@ class UploadFields:
                 "SHA256_MISMATCH", "declared sha256 values disagree", field="sha256"
             )
         self.declared_sha256 = self.declared_sha256 or sha256
+
+
+def device_event_id(value: str) -> str:
+    """A device's id for a capture: printable, 1..128 characters (empty means none)."""
+    if len(value) > MAX_DEVICE_EVENT_ID_CHARS or any(
+        unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") for c in value
+    ):
+        raise InvalidArgument(
+            "INVALID_DEVICE_EVENT_ID",
+            f"device_event_id must be at most {MAX_DEVICE_EVENT_ID_CHARS} printable characters",
+            field="device_event_id",
+        )
+    return value
 
 
 class Upload:

@@ -121,7 +121,7 @@ class UploadFinish(_message.Message):
     def __init__(self, size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("device", "name", "media_type", "metadata", "size", "sha256", "event_id")
+    __slots__ = ("device", "name", "media_type", "metadata", "size", "sha256", "event_id", "device_event_id")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class UploadHeader(_message.Message):
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     device: str
     name: str
     media_type: str
@@ -136,7 +137,8 @@ class UploadHeader(_message.Message):
     size: int
     sha256: str
     event_id: str
-    def __init__(self, device: _Optional[str] = ..., name: _Optional[str] = ..., media_type: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., event_id: _Optional[str] = ...) -> None: ...
+    device_event_id: str
+    def __init__(self, device: _Optional[str] = ..., name: _Optional[str] = ..., media_type: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., event_id: _Optional[str] = ..., device_event_id: _Optional[str] = ...) -> None: ...
 
 class UploadEventResponse(_message.Message):
     __slots__ = ("success", "event_id")
@@ -187,6 +189,30 @@ class PutSignedUploadRequest(_message.Message):
     token: str
     http_body: _httpbody_pb2.HttpBody
     def __init__(self, device: _Optional[str] = ..., token: _Optional[str] = ..., http_body: _Optional[_Union[_httpbody_pb2.HttpBody, _Mapping]] = ...) -> None: ...
+
+class GetSignedUploadStatusRequest(_message.Message):
+    __slots__ = ("device", "token")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    token: str
+    def __init__(self, device: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+
+class SignedUploadStatus(_message.Message):
+    __slots__ = ("success", "event_id", "committed_size", "size", "complete", "expires_at")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    event_id: str
+    committed_size: float
+    size: float
+    complete: bool
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, success: _Optional[bool] = ..., event_id: _Optional[str] = ..., committed_size: _Optional[float] = ..., size: _Optional[float] = ..., complete: _Optional[bool] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ("device",)
@@ -302,7 +328,7 @@ class UploadSession(_message.Message):
     def __init__(self, upload_id: _Optional[str] = ..., committed_size: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., event_id: _Optional[str] = ...) -> None: ...
 
 class StartUploadRequest(_message.Message):
-    __slots__ = ("device", "name", "media_type", "metadata", "size", "sha256", "upload_id", "dedupe")
+    __slots__ = ("device", "name", "media_type", "metadata", "size", "sha256", "upload_id", "dedupe", "device_event_id")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -311,6 +337,7 @@ class StartUploadRequest(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     DEDUPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     device: str
     name: str
     media_type: str
@@ -319,7 +346,8 @@ class StartUploadRequest(_message.Message):
     sha256: str
     upload_id: str
     dedupe: bool
-    def __init__(self, device: _Optional[str] = ..., name: _Optional[str] = ..., media_type: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., upload_id: _Optional[str] = ..., dedupe: _Optional[bool] = ...) -> None: ...
+    device_event_id: str
+    def __init__(self, device: _Optional[str] = ..., name: _Optional[str] = ..., media_type: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., upload_id: _Optional[str] = ..., dedupe: _Optional[bool] = ..., device_event_id: _Optional[str] = ...) -> None: ...
 
 class WriteUploadRequest(_message.Message):
     __slots__ = ("device", "upload_id", "write_offset", "data", "finish_write")

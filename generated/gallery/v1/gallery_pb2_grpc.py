@@ -82,6 +82,11 @@ class GalleryServiceStub:
                 request_serializer=gallery_dot_v1_dot_gallery__pb2.PutSignedUploadRequest.SerializeToString,
                 response_deserializer=gallery_dot_v1_dot_gallery__pb2.UploadEventResponse.FromString,
                 _registered_method=True)
+        self.GetSignedUploadStatus = channel.unary_unary(
+                '/gallery.v1.GalleryService/GetSignedUploadStatus',
+                request_serializer=gallery_dot_v1_dot_gallery__pb2.GetSignedUploadStatusRequest.SerializeToString,
+                response_deserializer=gallery_dot_v1_dot_gallery__pb2.SignedUploadStatus.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/gallery.v1.GalleryService/GetStats',
                 request_serializer=gallery_dot_v1_dot_gallery__pb2.GetStatsRequest.SerializeToString,
@@ -211,8 +216,41 @@ class GalleryServiceServicer:
         """Receives the raw body PUT to a pre-signed URL. The media PUT creates the event named in the
         URL; the thumbnail PUT attaches to that event, before or after the media arrives. A tampered,
         expired or already used URL is PERMISSION_DENIED (HTTP 403).
+
+        Resumable (issue 5): a PUT with `Content-Range: bytes <first>-<last>/<total>` appends one chunk
+        at the committed size instead of storing the whole body at once (media URLs only; a thumbnail
+        URL refuses it with INVALID_ARGUMENT RESUMABLE_MEDIA_ONLY). The bytes go to a resumable upload
+        session (the machinery of WriteUpload: fsynced before they count, one writer at a time, so
+        even the received part of a PUT cut short counts). A chunk that does not complete the file
+        answers HTTP 308 with `Range: bytes=0-<committed-1>` (absent while nothing is committed) and
+        `x-committed-size: <committed>`, and the body `{"success": true, "eventId": ""}`; the chunk
+        that completes it answers 200 `{"success": true, "eventId": "<id>"}`. `Content-Range:
+        bytes */<total>` with an empty body asks where to resume (308, or 200 once complete) and
+        finishes an upload whose bytes are all committed. A first byte other than the committed size
+        is ABORTED (HTTP 409) WRONG_OFFSET with ErrorInfo metadata `committed_size`; a Content-Range
+        that is malformed, disagrees with the Content-Length or changes the total is INVALID_ARGUMENT
+        INVALID_CONTENT_RANGE; another PUT writing the same URL is ABORTED (409) UPLOAD_BUSY; a total
+        above the server's limit is RESOURCE_EXHAUSTED (429) UPLOAD_TOO_LARGE. Once the URL's event is
+        stored, every Content-Range PUT answers 200 with that event's id and stores nothing (a PUT
+        without Content-Range keeps the single-shot rule: URL_ALREADY_USED).
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSignedUploadStatus(self, request, context):
+        """---- Resumable pre-signed uploads (issue 5) -------------------------------------------------
+
+        The state of the upload behind a pre-signed URL (`GET` or `HEAD` on the URL itself; no bearer
+        token, the signature is the proof; answers after the URL's expiry too, so that a client can
+        learn how its upload ended). JSON: `eventId`, `committedSize`, `size`, `complete`,
+        `expires_at`. The same facts come as headers (for HEAD, which has no body):
+        `x-committed-size`, `x-upload-complete` (`true`/`false`), `x-event-id` and, once bytes are
+        committed, `range: bytes=0-<committed-1>`. A tampered URL or one for another device is
+        PERMISSION_DENIED (403).
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -399,6 +437,11 @@ def add_GalleryServiceServicer_to_server(servicer, server):
                     servicer.PutSignedUpload,
                     request_deserializer=gallery_dot_v1_dot_gallery__pb2.PutSignedUploadRequest.FromString,
                     response_serializer=gallery_dot_v1_dot_gallery__pb2.UploadEventResponse.SerializeToString,
+            ),
+            'GetSignedUploadStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSignedUploadStatus,
+                    request_deserializer=gallery_dot_v1_dot_gallery__pb2.GetSignedUploadStatusRequest.FromString,
+                    response_serializer=gallery_dot_v1_dot_gallery__pb2.SignedUploadStatus.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
@@ -652,6 +695,33 @@ class GalleryService:
             '/gallery.v1.GalleryService/PutSignedUpload',
             gallery_dot_v1_dot_gallery__pb2.PutSignedUploadRequest.SerializeToString,
             gallery_dot_v1_dot_gallery__pb2.UploadEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSignedUploadStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gallery.v1.GalleryService/GetSignedUploadStatus',
+            gallery_dot_v1_dot_gallery__pb2.GetSignedUploadStatusRequest.SerializeToString,
+            gallery_dot_v1_dot_gallery__pb2.SignedUploadStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,10 @@ from . import status
 log = logging.getLogger("gallery.access")
 
 # Methods that carry their own proof (signed URLs) or must answer anyone (health, reflection).
-PUBLIC_METHODS = frozenset({"/gallery.v1.GalleryService/PutSignedUpload"})
+PUBLIC_METHODS = frozenset({
+    "/gallery.v1.GalleryService/PutSignedUpload",
+    "/gallery.v1.GalleryService/GetSignedUploadStatus",
+})
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 _principal: contextvars.ContextVar[auth.Principal] = contextvars.ContextVar("principal")

@@ -5,6 +5,7 @@ Authentication happened in the interceptor; authorization and validation happen 
 
 from __future__ import annotations
 
+import itertools
 import json
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from ..forms import FormReceiver
 from ..models import Event
 from ..resumable import ResumableUploads, SessionState
 from ..service import Gallery
-from ..signed_urls import THUMBNAIL, SignedUploads
+from ..signed_urls import THUMBNAIL, SignedTarget, SignedUploads, SignedUploadState, parse_content_range
 from .interceptor import current_principal
 
 # Where ListEvents returns the next page's token (empty after the last page).
@@ -164,6 +165,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             if h.HasField("size"):
                 fields.declare_size(h.size)
             fields.declared_sha256 = h.sha256
+            fields.device_event_id = h.device_event_id
             if announced:
                 fields.name = fields.name or announced.name
                 fields.media_type = fields.media_type or announced.media_type
@@ -217,6 +219,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             sha256=request.sha256,
             upload_id=request.upload_id,
             dedupe=request.dedupe,
+            device_event_id_=request.device_event_id,
         ))
 
     def QueryUpload(self, request, context):  # type: ignore[no-untyped-def]
@@ -296,6 +299,9 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         first = _first(request_iterator)
         target = self.signed.verify(validation.device_id(first.device), first.token)
         declared = _declared_body_length(context)
+        content_range = _request_headers(context).get("content-range", "")
+        if content_range:
+            return self._put_range(context, target, content_range, declared, first, request_iterator)
         if declared is None:
             raise InvalidArgument(
                 "LENGTH_REQUIRED", "a PUT upload needs a Content-Length header",
@@ -316,6 +322,47 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             self.signed.release(target)
             raise
         return pb.UploadEventResponse(success=True, event_id=event_id)
+
+    def _put_range(self, context, target: SignedTarget, content_range: str,  # type: ignore[no-untyped-def]
+                   declared: int | None, first, request_iterator):
+        """A resumable PUT (Content-Range): 200 with the event id once the file is complete, else
+        308 with the committed size (GCS's "resume incomplete")."""
+        put = self.signed.open_range(target, parse_content_range(content_range), declared)
+        try:
+            if put.done:  # the URL's event is stored: answer it, store nothing
+                return pb.UploadEventResponse(success=True, event_id=put.done)
+            put.write_all(m.http_body.data for m in itertools.chain([first], request_iterator))
+            # What arrived is committed either way (close()); only a whole chunk may finish.
+            _require_whole_body(declared, put.received)
+            state = put.finish()
+        finally:
+            put.close()
+        if state.complete:
+            return pb.UploadEventResponse(success=True, event_id=state.event_id)
+        context.send_initial_metadata([(HTTP_STATUS_HEADER, "308"), *_upload_state_headers(state)])
+        return pb.UploadEventResponse(success=True, event_id="")
+
+    def GetSignedUploadStatus(self, request, context):  # type: ignore[no-untyped-def]
+        state = self.signed.status(validation.device_id(request.device), request.token)
+        context.send_initial_metadata(_upload_state_headers(state))
+        message = pb.SignedUploadStatus(
+            success=True, event_id=state.event_id, committed_size=float(state.committed_size),
+            size=float(state.size), complete=state.complete,
+        )
+        message.expires_at.FromDatetime(state.expires_at)
+        return message
+
+
+def _upload_state_headers(state: SignedUploadState) -> list[tuple[str, str]]:
+    """A pre-signed upload's state as response headers: for HEAD, and for a 308's client."""
+    headers = [
+        ("x-committed-size", str(state.committed_size)),
+        ("x-upload-complete", "true" if state.complete else "false"),
+        ("x-event-id", state.event_id),
+    ]
+    if state.committed_size:  # GCS's form; absent while nothing is committed, as there
+        headers.append(("range", f"bytes=0-{state.committed_size - 1}"))
+    return headers
 
 
 def event_message(event: Event, *, with_metadata: bool = False) -> pb.Event:

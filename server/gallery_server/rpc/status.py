@@ -22,6 +22,7 @@ _CODES: dict[type[errors.GalleryError], int] = {
     errors.NotFound: code_pb2.NOT_FOUND,  # HTTP 404
     errors.AlreadyExists: code_pb2.ALREADY_EXISTS,  # HTTP 409
     errors.FailedPrecondition: code_pb2.FAILED_PRECONDITION,  # HTTP 400
+    errors.Conflict: code_pb2.ABORTED,  # HTTP 409
     errors.OutOfRange: code_pb2.OUT_OF_RANGE,  # HTTP 400
     errors.TooLarge: code_pb2.RESOURCE_EXHAUSTED,  # HTTP 429 (Envoy's mapping)
 }
