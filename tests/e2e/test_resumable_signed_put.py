@@ -1,0 +1,239 @@
+"""Resumable pre-signed PUTs through the real Envoy: Content-Range chunks, a chunk cut mid-body on a
+raw socket, the status GET/HEAD, resuming, and exactly one event whose bytes equal the source.
+With httpx and with curl (a subprocess), as clients in the field would do it."""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+import socket
+import subprocess
+import time
+import urllib.parse
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from ..conftest import random_bytes
+from .conftest import Stack
+from .test_signed_urls import error_reason, new_device, put_access_lines, wait_for_put_access
+
+MIB = 1024 * 1024
+STATUS_KEYS = {"success", "eventId", "committedSize", "size", "complete", "expires_at"}
+
+
+def status(url: str) -> dict:
+    with httpx.Client(timeout=30) as http:
+        response = http.get(url)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == STATUS_KEYS, body
+    assert isinstance(body["committedSize"], int) and isinstance(body["size"], int)
+    assert isinstance(body["complete"], bool) and isinstance(body["eventId"], str)
+    # The same facts as headers (what HEAD carries).
+    assert response.headers["x-committed-size"] == str(body["committedSize"])
+    assert response.headers["x-upload-complete"] == ("true" if body["complete"] else "false")
+    assert response.headers["x-event-id"] == body["eventId"]
+    return body
+
+
+def put_range(url: str, data: bytes, first: int, total: int) -> httpx.Response:
+    headers = {"Content-Range": f"bytes {first}-{first + len(data) - 1}/{total}"}
+    with httpx.Client(timeout=60) as http:
+        return http.put(url, content=data, headers=headers)
+
+
+def assert_incomplete(response: httpx.Response, committed: int) -> None:
+    """308 "resume incomplete", GCS-style: the committed size in Range and x-committed-size."""
+    assert response.status_code == 308, response.text
+    assert response.headers["x-committed-size"] == str(committed)
+    assert response.headers.get("range") == (f"bytes=0-{committed - 1}" if committed else None)
+    assert response.json() == {"success": True, "eventId": ""}
+
+
+def cut_put(stack: Stack, url: str, first: int, total: int, declared: bytes, sent: int) -> None:
+    """A raw HTTP/1.1 chunk PUT declaring `declared`, sending only `sent` bytes of it, then closing."""
+    host, port = stack.base_url.removeprefix("http://").rsplit(":", 1)
+    path = urllib.parse.urlsplit(url).path
+    head = (f"PUT {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(declared)}\r\n"
+            f"Content-Range: bytes {first}-{first + len(declared) - 1}/{total}\r\n\r\n")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(head.encode() + declared[:sent])
+        time.sleep(0.3)  # let Envoy forward what was sent before the connection goes
+
+
+def session_files(stack: Stack) -> list[pathlib.Path]:
+    return [p for p in (stack.data_dir / "staging").rglob("*") if p.is_file()]
+
+
+def test_chunks_cut_query_resume_complete(
+    stack: Stack, http: httpx.Client, auth_headers: Callable[..., dict[str, str]]
+) -> None:
+    device = new_device()
+    headers = auth_headers()
+    urls = http.get(f"/api/gallery/{device}/upload-url", params={"filename": "clip.mp4"},
+                    headers=headers).json()
+    url, event_id = urls["upload_url"], urls["eventId"]
+    data = random_bytes(5 * MIB + 321)
+    total = len(data)
+
+    body = status(url)
+    assert body == {"success": True, "eventId": event_id, "committedSize": 0, "size": 0,
+                    "complete": False, "expires_at": urls["expires_at"]}
+
+    assert_incomplete(put_range(url, data[:MIB], 0, total), MIB)
+    assert status(url)["committedSize"] == MIB and status(url)["size"] == total
+
+    # A chunk cut mid-body: what arrived counts (it was whole), the rest is resumed.
+    seen = put_access_lines(stack)
+    sent = MIB + 300_000
+    cut_put(stack, url, MIB, total, data[MIB:3 * MIB], sent)
+    code, reason = wait_for_put_access(stack, seen)
+    assert (code, reason) in {("CANCELLED", ""), ("INVALID_ARGUMENT", "BODY_INCOMPLETE")}, (code, reason)
+    committed = status(url)["committedSize"]
+    assert MIB <= committed <= MIB + sent, committed
+    with httpx.Client(timeout=30) as raw:
+        head = raw.head(url)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["x-committed-size"] == str(committed)
+    assert head.headers["x-upload-complete"] == "false"
+
+    # Resuming anywhere but the committed size is 409 WRONG_OFFSET, naming the committed size.
+    wrong = put_range(url, data[:MIB], 0, total)
+    assert wrong.status_code == 409, wrong.text
+    assert error_reason(wrong) == "WRONG_OFFSET"
+    [info] = [d for d in wrong.json()["details"] if d["@type"].endswith("ErrorInfo")]
+    assert info["metadata"]["committed_size"] == str(committed)
+
+    # GCS's query form: `bytes */total` with no body.
+    with httpx.Client(timeout=30) as raw:
+        query = raw.put(url, headers={"Content-Range": f"bytes */{total}"})
+    assert_incomplete(query, committed)
+
+    offset = committed
+    while offset + 2 * MIB < total:
+        assert_incomplete(put_range(url, data[offset:offset + 2 * MIB], offset, total), offset + 2 * MIB)
+        offset += 2 * MIB
+    done = put_range(url, data[offset:], offset, total)
+    assert done.status_code == 200, done.text
+    assert done.json() == {"success": True, "eventId": event_id}
+
+    assert status(url) == {"success": True, "eventId": event_id, "committedSize": total,
+                           "size": total, "complete": True, "expires_at": urls["expires_at"]}
+    stored = stack.data_dir / "media" / device / event_id
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+    events = http.get(f"/api/gallery/{device}/events", headers=headers).json()
+    assert [(e["id"], e["size"], e["name"]) for e in events] == [(event_id, total, "clip.mp4")]
+    assert not [p for p in session_files(stack) if device in str(p)]
+
+    # The URL completed its one event: a repeated final chunk answers it and stores nothing; a
+    # single-shot PUT keeps its rule (used URL).
+    again = put_range(url, data[offset:], offset, total)
+    assert again.status_code == 200 and again.json() == {"success": True, "eventId": event_id}
+    with httpx.Client(timeout=30) as raw:
+        plain = raw.put(url, content=data)
+    assert plain.status_code == 403 and error_reason(plain) == "URL_ALREADY_USED"
+    assert len(http.get(f"/api/gallery/{device}/events", headers=headers).json()) == 1
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def curl(*args: str) -> tuple[int, dict[str, str], bytes]:
+    """curl in a subprocess: (status, headers, body) of the last response."""
+    result = subprocess.run(["curl", "-s", "-D", "-", *args], capture_output=True, timeout=60)
+    head, _, body = result.stdout.partition(b"\r\n\r\n")
+    while head.split(b" ")[1:2] == [b"100"]:  # curl's Expect: 100-continue, then the answer
+        head, _, body = body.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    status_code = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return status_code, headers, body
+
+
+def test_resume_with_curl(stack: Stack, http: httpx.Client, tmp_path: pathlib.Path,
+                          auth_headers: Callable[..., dict[str, str]]) -> None:
+    device = new_device()
+    headers = auth_headers()
+    urls = http.get(f"/api/gallery/{device}/upload-url", params={"filename": "drone.bin"},
+                    headers=headers).json()
+    url, event_id = urls["upload_url"], urls["eventId"]
+    data = random_bytes(3 * MIB + 5)
+    total = len(data)
+    chunk = tmp_path / "chunk"
+
+    chunk.write_bytes(data[:MIB])
+    code, got, _ = curl("-X", "PUT", "--upload-file", str(chunk), "-H",
+                        f"Content-Range: bytes 0-{MIB - 1}/{total}", url)
+    assert code == 308 and got["range"] == f"bytes=0-{MIB - 1}" and got["x-committed-size"] == str(MIB)
+
+    # curl gives up mid-chunk (slow link, --max-time): the part that arrived counts.
+    chunk.write_bytes(data[MIB:])
+    seen = put_access_lines(stack)
+    subprocess.run(["curl", "-s", "-o", "/dev/null", "--limit-rate", "256k", "--max-time", "1.5",
+                    "-X", "PUT", "--upload-file", str(chunk), "-H",
+                    f"Content-Range: bytes {MIB}-{total - 1}/{total}", url], timeout=30)
+    wait_for_put_access(stack, seen)  # the server commits the cut stream's bytes, then logs it
+    code, got, body = curl(url)
+    assert code == 200, body
+    committed = int(got["x-committed-size"])
+    assert MIB <= committed < total
+    code, got, _ = curl("-I", url)
+    assert code == 200 and got["x-committed-size"] == str(committed)
+    code, got, _ = curl("-X", "PUT", "-H", f"Content-Range: bytes */{total}", url)
+    assert code == 308 and got["range"] == f"bytes=0-{committed - 1}"
+
+    chunk.write_bytes(data[committed:])
+    code, _, body = curl("-X", "PUT", "--upload-file", str(chunk), "-H",
+                         f"Content-Range: bytes {committed}-{total - 1}/{total}", url)
+    assert code == 200, body
+    assert httpx.Response(200, content=body).json() == {"success": True, "eventId": event_id}
+    stored = stack.data_dir / "media" / device / event_id
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert [e["id"] for e in http.get(f"/api/gallery/{device}/events", headers=headers).json()] == [event_id]
+
+
+@pytest.mark.parametrize(
+    ("content_range", "body", "reason"),
+    [
+        ("bytes 0-9", b"x" * 10, "INVALID_CONTENT_RANGE"),  # no total
+        ("bytes 0-9/*", b"x" * 10, "INVALID_CONTENT_RANGE"),  # unknown total: not supported
+        ("bytes 5-2/10", b"x" * 4, "INVALID_CONTENT_RANGE"),  # last before first
+        ("bytes 0-10/10", b"x" * 11, "INVALID_CONTENT_RANGE"),  # past the total
+        ("bytes 0-9/20", b"x" * 5, "INVALID_CONTENT_RANGE"),  # disagrees with Content-Length
+    ],
+)
+def test_bad_content_range_is_400_and_stores_nothing(
+    stack: Stack, http: httpx.Client, auth_headers: Callable[..., dict[str, str]],
+    content_range: str, body: bytes, reason: str,
+) -> None:
+    device = new_device()
+    urls = http.get(f"/api/gallery/{device}/upload-url", params={"filename": "a.bin"},
+                    headers=auth_headers()).json()
+    with httpx.Client(timeout=30) as raw:
+        response = raw.put(urls["upload_url"], content=body, headers={"Content-Range": content_range})
+    assert response.status_code == 400, response.text
+    assert error_reason(response) == reason
+    assert status(urls["upload_url"])["committedSize"] == 0
+    assert not (stack.data_dir / "media" / device).exists()
+    assert not [p for p in session_files(stack) if device in str(p)]
+
+
+def test_total_change_and_thumbnail_url(
+    stack: Stack, http: httpx.Client, auth_headers: Callable[..., dict[str, str]]
+) -> None:
+    device = new_device()
+    headers = auth_headers()
+    urls = http.get(f"/api/gallery/{device}/upload-url", params={"filename": "a.jpg", "thumbnail": "true"},
+                    headers=headers).json()
+    assert_incomplete(put_range(urls["upload_url"], b"abc", 0, 10), 3)
+    changed = put_range(urls["upload_url"], b"defg", 3, 11)
+    assert changed.status_code == 400 and error_reason(changed) == "INVALID_CONTENT_RANGE"
+    thumb = put_range(urls["thumbnail_upload_url"], b"jpeg", 0, 4)
+    assert thumb.status_code == 400 and error_reason(thumb) == "RESUMABLE_MEDIA_ONLY"
+    # The thumbnail, PUT whole, attaches whenever the resumable media completes.
+    with httpx.Client(timeout=30) as raw:
+        assert raw.put(urls["thumbnail_upload_url"], content=b"jpeg").status_code == 200
+    done = put_range(urls["upload_url"], b"defghij", 3, 10)
+    assert done.status_code == 200, done.text
+    [event] = http.get(f"/api/gallery/{device}/events", headers=headers).json()
+    assert event["id"] == urls["eventId"] and event["has_thumbnail"] is True and event["size"] == 10
