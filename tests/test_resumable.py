@@ -16,8 +16,15 @@ from sqlmodel import select
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
 from gallery_server import auth
-from gallery_server.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
-from gallery_server.models import Event
+from gallery_server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    TooLarge,
+)
+from gallery_server.models import Event, UploadSessionRow
 from gallery_server.resumable import ResumableUploads
 from gallery_server.service import Gallery
 from gallery_server.settings import Settings
@@ -283,3 +290,190 @@ def test_rpc_sha_mismatch_and_dedupe(client: Client) -> None:
         device="cam1", sha256s=[hashlib.sha256(b"abc").hexdigest(), "1" * 64],
     ), metadata=client.metadata)
     assert dict(found.existing) == {hashlib.sha256(b"abc").hexdigest(): done.event_id}
+
+
+# -- completed sessions outlive their expiry; errors leave nothing behind --------------------------
+
+
+def session_file(gallery: Gallery, upload_id: str) -> Any:
+    return gallery.settings.data_dir / "staging" / "sessions" / "cam1" / upload_id
+
+
+def test_completed_session_answers_until_its_event_is_deleted(
+    gallery: Gallery, principal: auth.Principal
+) -> None:
+    uploads = ResumableUploads(gallery)
+    uploads.start(principal, "cam1", name="a.bin", upload_id="late-retry-01")
+    done = write(uploads, principal, "late-retry-01", 0, b"payload", finish=True)
+    # Long past its expiry, the completed session is not swept and still answers a retry.
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=30)
+    assert uploads.sweep_once(now=later) == 0
+    uploads.settings = dataclasses.replace(gallery.settings, upload_session_ttl=-1)  # all expired
+    assert uploads.query(principal, "cam1", "late-retry-01").event_id == done.event_id
+    assert uploads.start(principal, "cam1", name="a.bin", upload_id="late-retry-01").event_id == done.event_id
+    assert write(uploads, principal, "late-retry-01", 0, b"x", finish=True).event_id == done.event_id
+    assert len(events(gallery)) == 1 and not session_file(gallery, "late-retry-01").exists()
+
+    # Once the event is deleted: Query and Write say so (NOT_FOUND UPLOAD_EVENT_DELETED) ...
+    gallery.delete_event(principal, "cam1", done.event_id)
+    for attempt in (lambda: uploads.query(principal, "cam1", "late-retry-01"),
+                    lambda: write(uploads, principal, "late-retry-01", 0, b"x", finish=True)):
+        with pytest.raises(NotFound) as caught:
+            attempt()
+        assert caught.value.reason == "UPLOAD_EVENT_DELETED"
+        assert caught.value.metadata["event_id"] == done.event_id
+    assert events(gallery) == []
+    # ... until the sweeper forgets it; and StartUpload with the id starts afresh.
+    assert uploads.sweep_once(now=later) == 1
+    with pytest.raises(NotFound) as caught:
+        uploads.query(principal, "cam1", "late-retry-01")
+    assert caught.value.reason == "UPLOAD_NOT_FOUND"
+    uploads.settings = gallery.settings
+    fresh = uploads.start(principal, "cam1", name="a.bin", upload_id="late-retry-01")
+    assert (fresh.committed_size, fresh.event_id) == (0, "")
+
+
+def test_start_after_deletion_starts_afresh(gallery: Gallery, principal: auth.Principal) -> None:
+    uploads = ResumableUploads(gallery)
+    uploads.start(principal, "cam1", name="a.bin", upload_id="deleted-0001")
+    done = write(uploads, principal, "deleted-0001", 0, b"one", finish=True)
+    gallery.delete_event(principal, "cam1", done.event_id)
+    fresh = uploads.start(principal, "cam1", name="a.bin", upload_id="deleted-0001")
+    assert (fresh.committed_size, fresh.event_id) == (0, "")
+    again = write(uploads, principal, "deleted-0001", 0, b"two", finish=True)
+    assert again.event_id and again.event_id != done.event_id
+    assert [e.id for e in events(gallery)] == [again.event_id]
+
+
+def leftovers(gallery: Gallery) -> list[Any]:
+    return [p.relative_to(gallery.settings.data_dir) for p in stored_files(gallery.settings.data_dir)]
+
+
+def test_errors_have_distinct_reasons_and_leave_nothing(gallery: Gallery, principal: auth.Principal) -> None:
+    uploads = ResumableUploads(gallery)
+    sha = hashlib.sha256(b"0123456789").hexdigest()
+
+    # Declared sha256 mismatch at the finish: the session and all its bytes are removed.
+    uploads.start(principal, "cam1", name="a.bin", size=10, sha256="f" * 64, upload_id="err-sha256")
+    with pytest.raises(InvalidArgument) as caught:
+        write(uploads, principal, "err-sha256", 0, b"0123456789", finish=True)
+    assert caught.value.reason == "SHA256_MISMATCH"
+    assert leftovers(gallery) == [] and events(gallery) == []
+
+    # Declared size exceeded: nothing of the offending write is kept, only committed bytes.
+    uploads.start(principal, "cam1", name="a.bin", size=10, sha256=sha, upload_id="err-beyond")
+    write(uploads, principal, "err-beyond", 0, b"01234")
+    with pytest.raises(OutOfRange) as caught:
+        write(uploads, principal, "err-beyond", 5, b"56789-too-long")
+    assert caught.value.reason == "WRITE_BEYOND_SIZE"
+    assert session_file(gallery, "err-beyond").read_bytes() == b"01234"
+    # Wrong offset: nothing written either; the committed size is in the error.
+    with pytest.raises(FailedPrecondition) as caught:
+        write(uploads, principal, "err-beyond", 3, b"34567")
+    assert caught.value.reason == "WRONG_OFFSET" and caught.value.metadata["committed_size"] == "5"
+    assert session_file(gallery, "err-beyond").read_bytes() == b"01234"
+    assert events(gallery) == [] and not (gallery.settings.data_dir / "media" / "cam1").exists()
+
+    # Expired: its bytes and row are removed on access.
+    with gallery.db.session() as session:
+        row = session.get(UploadSessionRow, ("cam1", "err-beyond"))
+        row.expires_at = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=1)
+        session.commit()
+    with pytest.raises(FailedPrecondition) as caught:
+        write(uploads, principal, "err-beyond", 5, b"56789", finish=True)
+    assert caught.value.reason == "SESSION_EXPIRED"
+    assert leftovers(gallery) == [] and events(gallery) == []
+    with pytest.raises(NotFound):
+        uploads.query(principal, "cam1", "err-beyond")
+
+    # Declared size above the server's limit: refused at the start, no session at all.
+    uploads.settings = dataclasses.replace(gallery.settings, max_upload_bytes=4)
+    with pytest.raises(TooLarge) as caught:
+        uploads.start(principal, "cam1", name="a.bin", size=10, upload_id="err-toolarge")
+    assert caught.value.reason == "UPLOAD_TOO_LARGE"
+    uploads.settings = gallery.settings
+    with pytest.raises(NotFound):
+        uploads.query(principal, "cam1", "err-toolarge")
+    assert leftovers(gallery) == [] and events(gallery) == []
+
+
+# -- the device's own event id ----------------------------------------------------------------------
+
+
+def upload_once(gallery: Gallery, data: bytes, device_event_id: str, *, device: str = "cam1",
+                before_insert: Any = None) -> Event:
+    with gallery.open_upload(device) as upload:
+        upload.fields.name = "capture.jpg"
+        upload.fields.device_event_id = device_event_id
+        upload.write_media(data)
+        return gallery.store(upload, before_insert=before_insert)
+
+
+def test_device_event_id_dedupes_and_conflicts(gallery: Gallery, principal: auth.Principal) -> None:
+    first = upload_once(gallery, b"capture bytes", "DSC_0001")
+    files = leftovers(gallery)
+    again = upload_once(gallery, b"capture bytes", "DSC_0001")
+    assert again.id == first.id
+    assert [e.id for e in events(gallery)] == [first.id] and leftovers(gallery) == files
+    with pytest.raises(AlreadyExists) as caught:
+        upload_once(gallery, b"other bytes", "DSC_0001")
+    assert caught.value.reason == "DEVICE_EVENT_ID_CONFLICT"
+    assert caught.value.metadata == {"device_event_id": "DSC_0001", "event_id": first.id}
+    assert [e.id for e in events(gallery)] == [first.id] and leftovers(gallery) == files
+    # Ids are per device; and an upload without one is never deduplicated.
+    other = upload_once(gallery, b"capture bytes", "DSC_0001", device="cam2")
+    plain = upload_once(gallery, b"capture bytes", "")
+    assert len({first.id, other.id, plain.id}) == 3
+    with pytest.raises(InvalidArgument) as caught:
+        upload_once(gallery, b"x", "bad\x00id")
+    assert caught.value.reason == "INVALID_DEVICE_EVENT_ID"
+
+    # A resumable upload naming a stored capture is answered at once, with no session.
+    uploads = ResumableUploads(gallery)
+    state = uploads.start(principal, "cam1", name="a.jpg", upload_id="capture-0001",
+                          device_event_id_="DSC_0001")
+    assert state.event_id == first.id
+    with pytest.raises(AlreadyExists):
+        uploads.start(principal, "cam1", name="a.jpg", upload_id="capture-0002",
+                      sha256=hashlib.sha256(b"other").hexdigest(), device_event_id_="DSC_0001")
+    # One that finishes after another upload stored the capture gets that event; its bytes go.
+    uploads.start(principal, "cam1", name="a.jpg", upload_id="capture-0003", device_event_id_="DSC_0002")
+    stored = upload_once(gallery, b"second capture", "DSC_0002")
+    assert write(uploads, principal, "capture-0003", 0, b"second capture", finish=True).event_id == stored.id
+    assert uploads.query(principal, "cam1", "capture-0003").event_id == stored.id
+    assert not session_file(gallery, "capture-0003").exists()
+    assert sum(e.device_event_id == "DSC_0002" for e in events(gallery)) == 1
+
+
+def test_concurrent_uploads_of_one_capture_make_one_event(gallery: Gallery) -> None:
+    """Every upload passes the look-up before any inserts (a barrier inside the transaction), so
+    the unique (device, device_event_id) constraint alone decides; all converge on its winner."""
+    racers = 4
+    barrier = threading.Barrier(racers, timeout=20)
+    data = random_bytes(50_000)
+    results: list[str] = []
+    failures: list[BaseException] = []
+
+    def racer() -> None:
+        waited = threading.local()
+
+        def hold(session: Any, event: Event) -> None:
+            if not getattr(waited, "done", False):
+                waited.done = True
+                barrier.wait()
+
+        try:
+            results.append(upload_once(gallery, data, "DSC_RACE", before_insert=hold).id)
+        except BaseException as exc:  # noqa: BLE001  (reported below)
+            failures.append(exc)
+
+    threads = [threading.Thread(target=racer) for _ in range(racers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not failures, failures
+    [event] = events(gallery)
+    assert results == [event.id] * racers
+    assert event.device_event_id == "DSC_RACE"
+    assert [p.name for p in stored_files(gallery.settings.data_dir)] == [event.id]

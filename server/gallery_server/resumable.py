@@ -162,12 +162,15 @@ class ResumableUploads:
         now = utcnow()
         with self.db.session() as session:
             row = session.get(UploadSessionRow, (device, upload_id))
-            if row is not None and (
-                (not row.event_id and _aware(row.expires_at) <= now)
-                or (row.event_id and not self._event_exists(row.event_id))
-            ):  # expired, or its event was deleted: the id is free again
-                self._remove(row)
-                row = None
+        if row is not None and (
+            (not row.event_id and _aware(row.expires_at) <= now)
+            or (row.event_id and not self._event_exists(row.event_id))
+        ):  # expired, or its event was deleted: the id is free again. Removed outside the
+            # session that inserts: on SQLite a transaction that read before another's write
+            # cannot write after it.
+            self._remove(row)
+        with self.db.session() as session:
+            row = session.get(UploadSessionRow, (device, upload_id))
             if row is None:
                 row = UploadSessionRow(
                     device=device, upload_id=upload_id, name=name, media_type=media_type,
