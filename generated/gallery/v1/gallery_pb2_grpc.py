@@ -194,7 +194,8 @@ class GalleryServiceServicer:
 
     def UploadEventForm(self, request_iterator, context):
         """REST multipart upload (`POST /api/gallery/{device}/upload`, fields `name`, `event`, `thumbnail`,
-        `media_type`, `has_thumbnail`, `metadata`). The body arrives as a stream of HttpBody chunks and is
+        `media_type`, `has_thumbnail`, `metadata`, and beyond the reference `device_event_id`, as
+        UploadHeader.device_event_id). The body arrives as a stream of HttpBody chunks and is
         parsed incrementally. Needs `gallery:write`.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
@@ -339,12 +340,17 @@ class GalleryServiceServicer:
         WriteUpload with `finish_write` stores the event. Idempotent for the same device and
         `upload_id`: a session that exists is returned as it stands (with `event_id` once complete,
         so a retry never stores twice). With `dedupe` and a declared `sha256` that an event of the
-        device already has, the answer is at once that event's id and no session is created.
+        device already has, the answer is at once that event's id and no session is created; so it
+        is with a `device_event_id` that an event of the device has already. A completed session is
+        kept as long as its event exists (not only until it expires), so a retry however late gets
+        the same event; once that event is deleted, StartUpload with the id starts a fresh session.
         Errors: INVALID_ARGUMENT INVALID_UPLOAD_ID (not `[A-Za-z0-9_-]{8,64}`), INVALID_SHA256,
-        NAME_REQUIRED and the other name and metadata reasons of UploadEvent; FAILED_PRECONDITION
-        UPLOAD_ID_IN_USE (the id names a session with another declared size or sha256);
-        RESOURCE_EXHAUSTED UPLOAD_TOO_LARGE (declared size above the server's limit). Needs
-        `gallery:write`. Not mapped to REST.
+        INVALID_DEVICE_EVENT_ID, NAME_REQUIRED and the other name and metadata reasons of
+        UploadEvent; FAILED_PRECONDITION UPLOAD_ID_IN_USE (the id names a session with another
+        declared size or sha256); ALREADY_EXISTS DEVICE_EVENT_ID_CONFLICT (the device_event_id is
+        stored with another sha256); RESOURCE_EXHAUSTED UPLOAD_TOO_LARGE (declared size above the
+        server's limit). Needs `gallery:write`. Not mapped to REST (REST clients resume through
+        pre-signed URLs: see PutSignedUpload).
         Returns the UploadSession resource itself, as AIP-133/131 methods return their resource.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
@@ -366,8 +372,12 @@ class GalleryServiceServicer:
         nothing is stored) and stored as an event whose id the response carries. Writing to a
         completed session stores nothing and answers with its `event_id`. Other errors: OUT_OF_RANGE
         WRITE_BEYOND_SIZE (bytes past the declared size; none of that message is kept), NOT_FOUND
-        UPLOAD_NOT_FOUND, FAILED_PRECONDITION SESSION_EXPIRED, FAILED_PRECONDITION UPLOAD_BUSY
-        (another stream is writing this session), INVALID_ARGUMENT FIRST_WRITE_REQUIRED.
+        UPLOAD_NOT_FOUND, NOT_FOUND UPLOAD_EVENT_DELETED (the session completed, and its event has
+        been deleted since), FAILED_PRECONDITION SESSION_EXPIRED (its bytes are removed),
+        FAILED_PRECONDITION UPLOAD_BUSY (another stream is writing this session), ALREADY_EXISTS
+        DEVICE_EVENT_ID_CONFLICT (at the finish: nothing is stored, the session is removed),
+        INVALID_ARGUMENT FIRST_WRITE_REQUIRED. A message cut short never counts: the committed size
+        only covers whole messages, whatever the point where a connection or the server died.
         Needs `gallery:write`. Not mapped to REST.
         Returns the UploadSession resource itself, as AIP-133/131 methods return their resource.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
@@ -382,7 +392,9 @@ class GalleryServiceServicer:
         start), its expiry, and its `event_id` once complete. Works across server restarts.
         NOT_FOUND UPLOAD_NOT_FOUND when there is no such session for the device (sessions of other
         devices included); FAILED_PRECONDITION SESSION_EXPIRED when it expired (its bytes are then
-        removed). Needs `gallery:write`. Not mapped to REST.
+        removed); NOT_FOUND UPLOAD_EVENT_DELETED when it completed as an event deleted since. A
+        completed session answers with its `event_id` as long as that event exists. Needs
+        `gallery:write`. Not mapped to REST.
         Returns the UploadSession resource itself, as AIP-133/131 methods return their resource.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
