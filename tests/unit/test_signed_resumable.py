@@ -1,0 +1,127 @@
+"""Resumable pre-signed PUTs in the domain (both databases): Content-Range parsing, the status, the
+URL's session ending with the URL, and the conflicts that are 409 over REST."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+
+import pytest
+from sqlmodel import select
+
+from gallery_server import auth, resumable
+from gallery_server.errors import Conflict, InvalidArgument, PermissionDenied
+from gallery_server.models import Event
+from gallery_server.service import Gallery
+from gallery_server.signed_urls import ContentRange, SignedUploads, parse_content_range
+
+from ..conftest import stored_files
+
+
+def new_url(signed: SignedUploads, principal: auth.Principal) -> tuple[str, str]:
+    urls = signed.create_urls(principal, "cam1", "clip.mp4", thumbnail=False)
+    return urls.media_url.rsplit("/", 1)[1], urls.event_id
+
+
+def put_range(signed: SignedUploads, token: str, data: bytes, content_range: str) -> str:
+    """What PutSignedUpload does with a Content-Range: returns the event id, "" while incomplete."""
+    target = signed.verify("cam1", token)
+    put = signed.open_range(target, parse_content_range(content_range), len(data))
+    try:
+        if put.done:
+            return put.done
+        put.write_all([data])
+        state = put.finish()
+    finally:
+        put.close()
+    return state.event_id if state.complete else ""
+
+
+def test_parse_content_range() -> None:
+    assert parse_content_range("bytes 0-9/10") == ContentRange(0, 9, 10)
+    assert parse_content_range("bytes */10") == ContentRange(None, None, 10)
+    assert parse_content_range("bytes 5-5/6").length == 1
+    for bad in ("bytes 0-9/*", "bytes 0-10/10", "bytes 3-2/10", "bytes=0-9/10", "0-9/10", "bytes -1-2/3", ""):
+        with pytest.raises(InvalidArgument) as caught:
+            parse_content_range(bad)
+        assert caught.value.reason == "INVALID_CONTENT_RANGE"
+
+
+def test_chunks_status_and_one_event(signed: SignedUploads, principal: auth.Principal) -> None:
+    token, event_id = new_url(signed, principal)
+    data = b"0123456789" * 100
+    before = signed.status("cam1", token)
+    assert (before.event_id, before.committed_size, before.size, before.complete) == (event_id, 0, 0, False)
+    assert put_range(signed, token, data[:400], "bytes 0-399/1000") == ""
+    assert (signed.status("cam1", token).committed_size, signed.status("cam1", token).size) == (400, 1000)
+    with pytest.raises(Conflict) as caught:  # 409 over REST
+        put_range(signed, token, data[:400], "bytes 0-399/1000")
+    assert caught.value.reason == "WRONG_OFFSET" and caught.value.metadata["committed_size"] == "400"
+    with pytest.raises(InvalidArgument) as caught:
+        put_range(signed, token, data[400:500], "bytes 400-499/2000")
+    assert caught.value.reason == "INVALID_CONTENT_RANGE"
+    assert put_range(signed, token, data[400:], "bytes 400-999/1000") == event_id
+    after = signed.status("cam1", token)
+    assert (after.committed_size, after.size, after.complete) == (1000, 1000, True)
+    # Retries of the final chunk, or a query, answer the event; nothing more is stored.
+    assert put_range(signed, token, data[400:], "bytes 400-999/1000") == event_id
+    assert put_range(signed, token, b"", "bytes */1000") == event_id
+    with signed.gallery.db.session() as session:
+        [event] = session.exec(select(Event)).all()
+    assert (event.id, event.size, event.sha256) == (event_id, 1000, hashlib.sha256(data).hexdigest())
+    assert [p.name for p in stored_files(signed.gallery.settings.data_dir)] == [event_id]
+
+
+def test_empty_file_and_query_finish(signed: SignedUploads, principal: auth.Principal) -> None:
+    token, event_id = new_url(signed, principal)
+    assert put_range(signed, token, b"", "bytes */0") == event_id
+    assert signed.status("cam1", token).complete
+
+
+def test_busy_url_is_conflict(signed: SignedUploads, principal: auth.Principal,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(resumable, "LOCK_WAIT_SECONDS", 0.2)
+    token, _ = new_url(signed, principal)
+    target = signed.verify("cam1", token)
+    first = signed.open_range(target, parse_content_range("bytes 0-4/10"), 5)
+    try:
+        with pytest.raises(Conflict) as caught:  # another chunk PUT holds the session
+            signed.open_range(target, parse_content_range("bytes 0-4/10"), 5)
+        assert caught.value.reason == "UPLOAD_BUSY"
+    finally:
+        first.close()
+    signed.claim(target)  # a single-shot PUT in progress
+    with pytest.raises(Conflict) as caught:
+        signed.open_range(target, parse_content_range("bytes 0-4/10"), 5)
+    assert caught.value.reason == "UPLOAD_BUSY"
+    signed.release(target)
+    thumbnail = signed.create_urls(principal, "cam1", "a.jpg", thumbnail=True).thumbnail_url
+    assert thumbnail is not None
+    with pytest.raises(InvalidArgument) as caught:
+        signed.open_range(signed.verify("cam1", thumbnail.rsplit("/", 1)[1]),
+                          parse_content_range("bytes 0-4/10"), 5)
+    assert caught.value.reason == "RESUMABLE_MEDIA_ONLY"
+
+
+def test_session_ends_with_the_url(gallery: Gallery, principal: auth.Principal) -> None:
+    short = SignedUploads(_with_ttl(gallery, 60))
+    token, event_id = new_url(short, principal)
+    assert put_range(short, token, b"abc", "bytes 0-2/10") == ""
+    assert stored_files(gallery.settings.data_dir)  # the session's bytes
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=120)
+    # Its session lives no longer than the URL (not GALLERY_UPLOAD_SESSION_TTL): swept with it.
+    assert resumable.ResumableUploads(gallery).sweep_once(now=later) == 1
+    assert stored_files(gallery.settings.data_dir) == []
+    # An expired URL takes no bytes, but its status stays readable.
+    expired = SignedUploads(_with_ttl(gallery, -1))
+    token, event_id = new_url(expired, principal)
+    with pytest.raises(PermissionDenied) as caught:
+        expired.verify("cam1", token)
+    assert caught.value.reason == "URL_EXPIRED"
+    state = expired.status("cam1", token)
+    assert (state.event_id, state.complete, state.committed_size) == (event_id, False, 0)
+
+
+def _with_ttl(gallery: Gallery, ttl: int) -> Gallery:
+    return Gallery(dataclasses.replace(gallery.settings, upload_url_ttl=ttl), gallery.db, gallery.storage)
