@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import pathlib
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -16,6 +17,7 @@ from gallery.v1 import gallery_pb2_grpc
 
 from ..conftest import random_bytes, rich_error, stored_files
 from .conftest import Stack
+from .test_resumable_cuts import Server
 from .test_signed_urls import error_reason, new_device
 
 
@@ -75,3 +77,41 @@ def test_native_header_field(stack: Stack, envoy_channel: grpc.Channel, mint: Ca
         raise AssertionError("a conflicting device_event_id was accepted")
     events = list(stub.ListEvents(pb.ListEventsRequest(device=device), metadata=metadata))
     assert [e.id for e in events] == [first.event_id]
+
+
+def test_replicas_race_on_postgresql(postgres_url: str, tmp_path: pathlib.Path, mint: Callable[..., str]) -> None:
+    """Two server processes (replicas) on one PostgreSQL and one data root; re-sends of a capture
+    race across both: one event, one file, every caller told its id."""
+    replicas = [Server(tmp_path, name=f"replica-{n}", env={"GALLERY_DATABASE_URL": postgres_url})
+                for n in range(2)]
+    for replica in replicas:
+        replica.start()  # one after the other: each creates the tables if missing
+    try:
+        metadata = [("authorization", f"Bearer {mint()}")]
+        device = new_device()
+        data = random_bytes(400_000)
+
+        def upload(n: int) -> str:
+            def parts() -> Iterator[pb.UploadEventRequest]:
+                yield pb.UploadEventRequest(header=pb.UploadHeader(
+                    device=device, name="race.jpg", device_event_id="IMG_0001"))
+                for i in range(0, len(data), 64 * 1024):
+                    yield pb.UploadEventRequest(media_chunk=data[i:i + 64 * 1024])
+                yield pb.UploadEventRequest(finish=pb.UploadFinish())
+
+            with grpc.insecure_channel(replicas[n % 2].address) as channel:
+                stub = gallery_pb2_grpc.GalleryServiceStub(channel)
+                return stub.UploadEvent(parts(), metadata=metadata, timeout=60).event_id
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            ids = set(pool.map(upload, range(8)))
+        assert len(ids) == 1, ids
+        with grpc.insecure_channel(replicas[1].address) as channel:
+            events = list(gallery_pb2_grpc.GalleryServiceStub(channel).ListEvents(
+                pb.ListEventsRequest(device=device), metadata=metadata))
+        assert [e.id for e in events] == list(ids)
+        assert [p.name for p in (replicas[0].data_dir / "media" / device).iterdir()] == list(ids)
+        assert not [p for p in (replicas[0].data_dir / "staging").rglob("*") if p.is_file()]
+    finally:
+        for replica in replicas:
+            replica.stop()

@@ -51,16 +51,17 @@ def seeded() -> random.Random:
 class Server:
     """`gallery serve` in a subprocess on a fixed port; kill() and start() again at will."""
 
-    def __init__(self, root: pathlib.Path) -> None:
+    def __init__(self, root: pathlib.Path, *, name: str = "server", env: dict[str, str] | None = None) -> None:
         self.data_dir = root / "data"
-        self.log_path = root / "server.log"
+        self.log_path = root / f"{name}.log"
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         env = {**os.environ, "GALLERY_DATA_DIR": str(self.data_dir), "GALLERY_GRPC_ADDRESS": self.address,
-               "GALLERY_JWT_SECRET": JWT_SECRET, "GALLERY_MAKE_THUMBNAILS": "false"}
+               "GALLERY_JWT_SECRET": JWT_SECRET, "GALLERY_MAKE_THUMBNAILS": "false", **self.env}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "gallery_server", "serve"],
                                             env=env, stdout=log, stderr=log)
