@@ -409,7 +409,7 @@ def upload_once(gallery: Gallery, data: bytes, device_event_id: str, *, device: 
         return gallery.store(upload, before_insert=before_insert)
 
 
-def test_device_event_id_dedupes_and_conflicts(gallery: Gallery, principal: auth.Principal) -> None:
+def test_device_event_iddedupes_and_conflicts(gallery: Gallery, principal: auth.Principal) -> None:
     first = upload_once(gallery, b"capture bytes", "DSC_0001")
     files = leftovers(gallery)
     again = upload_once(gallery, b"capture bytes", "DSC_0001")
@@ -431,13 +431,13 @@ def test_device_event_id_dedupes_and_conflicts(gallery: Gallery, principal: auth
     # A resumable upload naming a stored capture is answered at once, with no session.
     uploads = ResumableUploads(gallery)
     state = uploads.start(principal, "cam1", name="a.jpg", upload_id="capture-0001",
-                          device_event_id_="DSC_0001")
+                          device_event_id="DSC_0001")
     assert state.event_id == first.id
     with pytest.raises(AlreadyExists):
         uploads.start(principal, "cam1", name="a.jpg", upload_id="capture-0002",
-                      sha256=hashlib.sha256(b"other").hexdigest(), device_event_id_="DSC_0001")
+                      sha256=hashlib.sha256(b"other").hexdigest(), device_event_id="DSC_0001")
     # One that finishes after another upload stored the capture gets that event; its bytes go.
-    uploads.start(principal, "cam1", name="a.jpg", upload_id="capture-0003", device_event_id_="DSC_0002")
+    uploads.start(principal, "cam1", name="a.jpg", upload_id="capture-0003", device_event_id="DSC_0002")
     stored = upload_once(gallery, b"second capture", "DSC_0002")
     assert write(uploads, principal, "capture-0003", 0, b"second capture", finish=True).event_id == stored.id
     assert uploads.query(principal, "cam1", "capture-0003").event_id == stored.id

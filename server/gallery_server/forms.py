@@ -11,7 +11,7 @@ from python_multipart.multipart import MultipartParser, MultipartState, parse_op
 
 from . import validation
 from .errors import InvalidArgument, TooLarge
-from .uploads import Upload, device_event_id
+from .uploads import Upload, check_device_event_id
 
 _TEXT_LIMITS = {"name": 4 * validation.MAX_NAME_CHARS, "media_type": 64, "has_thumbnail": 16,
                 # UTF-8 of uploads.MAX_DEVICE_EVENT_ID_CHARS characters.
@@ -84,7 +84,7 @@ class FormReceiver:
                 field="has_thumbnail",
             )
         fields.thumbnail_promised = flag in _TRUE
-        fields.device_event_id = device_event_id(texts.get("device_event_id", "").strip())
+        fields.device_event_id = check_device_event_id(texts.get("device_event_id", "").strip())
 
     # -- parser callbacks: errors are kept, because python-multipart re-raises its own ----------
 

@@ -52,7 +52,7 @@ from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .models import Event, UploadSessionRow
 from .service import Gallery, SessionHook, utcnow
 from .storage import StagedFile, _fsync_dir
-from .uploads import Upload, device_event_id
+from .uploads import Upload, check_device_event_id
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +105,13 @@ class ResumableUploads:
         sha256: str = "",
         upload_id: str = "",
         dedupe: bool = False,
-        device_event_id_: str = "",
+        device_event_id: str = "",
     ) -> SessionState:
         principal.require(validation.device_id(device), WRITE)
         upload_id = check_upload_id(upload_id) if upload_id else secrets.token_urlsafe(24)
         return self.open_session(
             device, upload_id, name=name, media_type=media_type, metadata_json=metadata_json,
-            size=size, sha256=sha256, dedupe=dedupe, device_event_id_=device_event_id_,
+            size=size, sha256=sha256, dedupe=dedupe, device_event_id=device_event_id,
         )
 
     def open_session(
@@ -125,12 +125,12 @@ class ResumableUploads:
         size: int | None = None,
         sha256: str = "",
         dedupe: bool = False,
-        device_event_id_: str = "",
+        device_event_id: str = "",
         not_after: datetime.datetime | None = None,
     ) -> SessionState:
         """start() for a caller that has authorized the device and chosen the id."""
         validation.display_name(name)
-        device_event_id(device_event_id_)
+        check_device_event_id(device_event_id)
         if media_type:
             validation.media_type(media_type)
         validation.sha256_hex(sha256)
@@ -148,15 +148,15 @@ class ResumableUploads:
             existing = self._event_with(device, sha256)
             if existing is not None:
                 return SessionState(upload_id, existing.size, utcnow(), existing.id)
-        if device_event_id_:
-            existing = self._event_of_capture(device, device_event_id_)
+        if device_event_id:
+            existing = self._event_of_capture(device, device_event_id)
             if existing is not None:
                 if sha256 and existing.sha256 != sha256:
                     raise AlreadyExists(
                         "DEVICE_EVENT_ID_CONFLICT",
-                        f"event {existing.id} already has device_event_id {device_event_id_!r}"
+                        f"event {existing.id} already has device_event_id {device_event_id!r}"
                         " with another sha256", field="device_event_id",
-                        device_event_id=device_event_id_, event_id=existing.id,
+                        device_event_id=device_event_id, event_id=existing.id,
                     )
                 return SessionState(upload_id, existing.size, utcnow(), existing.id)
         now = utcnow()
@@ -176,7 +176,7 @@ class ResumableUploads:
                     device=device, upload_id=upload_id, name=name, media_type=media_type,
                     metadata_json=metadata_json, declared_size=size, declared_sha256=sha256,
                     committed_size=0, created=now, expires_at=self._expiry(now, not_after),
-                    device_event_id=device_event_id_, not_after=not_after,
+                    device_event_id=device_event_id, not_after=not_after,
                 )
                 session.add(row)
                 try:
@@ -399,10 +399,10 @@ class ResumableUploads:
         with self.db.session() as session:
             return session.get(Event, event_id) is not None
 
-    def _event_of_capture(self, device: str, device_event_id_: str) -> Event | None:
+    def _event_of_capture(self, device: str, device_event_id: str) -> Event | None:
         with self.db.session() as session:
             return session.exec(
-                select(Event).where(Event.device == device, Event.device_event_id == device_event_id_)
+                select(Event).where(Event.device == device, Event.device_event_id == device_event_id)
             ).first()
 
     def _event_with(self, device: str, sha256: str) -> Event | None:

@@ -46,7 +46,7 @@ class UploadFields:
         self.declared_sha256 = self.declared_sha256 or sha256
 
 
-def device_event_id(value: str) -> str:
+def check_device_event_id(value: str) -> str:
     """A device's id for a capture: printable, 1..128 characters (empty means none)."""
     if len(value) > MAX_DEVICE_EVENT_ID_CHARS or any(
         unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") for c in value

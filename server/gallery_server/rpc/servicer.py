@@ -219,7 +219,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             sha256=request.sha256,
             upload_id=request.upload_id,
             dedupe=request.dedupe,
-            device_event_id_=request.device_event_id,
+            device_event_id=request.device_event_id,
         ))
 
     def QueryUpload(self, request, context):  # type: ignore[no-untyped-def]
