@@ -41,8 +41,8 @@ def current_principal() -> auth.Principal:
 
 
 class GalleryInterceptor(grpc.ServerInterceptor):
-    def __init__(self, jwt_secret: str) -> None:
-        self._secret = jwt_secret
+    def __init__(self, verifier: auth.Verifier) -> None:
+        self._verifier = verifier
 
     def intercept_service(
         self,
@@ -107,7 +107,8 @@ class GalleryInterceptor(grpc.ServerInterceptor):
     def _enter(self, call: _Call, public: bool) -> contextvars.Token[auth.Principal] | None:
         if public:
             return None
-        principal = auth.verify(auth.bearer_token(call.metadata.get("authorization")), self._secret)
+        token = auth.bearer_token(call.metadata.get("authorization"))
+        principal = self._verifier.verify(token)
         call.subject = principal.subject
         return _principal.set(principal)
 
