@@ -137,6 +137,8 @@ class Verifier:
         return self._jwks is not None or self._algorithms != [ALGORITHM]
 
     def verify(self, token: str) -> Principal:
+        if not token.isascii():  # a JWT is base64url and dots; PyJWT would choke on surrogates
+            raise Unauthenticated("TOKEN_INVALID", "invalid token: not ASCII")
         key, algorithms = self._key_for(token)
         require = ["exp", "sub"]
         if self._issuer:

@@ -19,7 +19,10 @@ _FALSE = {"false", "0", "no", "off", ""}
 
 
 def multipart_boundary(content_type: str) -> bytes:
-    kind, options = parse_options_header(content_type)
+    try:
+        kind, options = parse_options_header(content_type)
+    except UnicodeEncodeError:  # python-multipart reads the header as latin-1: `Ā` crashed it
+        kind, options = b"", {}
     boundary = options.get(b"boundary", b"")
     if kind != b"multipart/form-data" or not boundary:
         raise InvalidArgument(
