@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from .. import auth
-from ..errors import GalleryError, Unauthenticated
+from ..errors import GalleryError, InvalidArgument, Unauthenticated
 from . import status
 
 log = logging.getLogger("gallery.access")
@@ -56,9 +57,12 @@ class GalleryInterceptor(grpc.ServerInterceptor):
         public = method in PUBLIC_METHODS
         if handler.response_streaming:
             behavior = handler.unary_stream or handler.stream_stream
-            wrapped: Callable[..., Any] = self._wrap_stream(method, public, behavior)
         else:
             behavior = handler.unary_unary or handler.stream_unary
+        behavior = _refusing_undecodable(behavior, handler.request_streaming)
+        if handler.response_streaming:
+            wrapped: Callable[..., Any] = self._wrap_stream(method, public, behavior)
+        else:
             wrapped = self._wrap_unary(method, public, behavior)
         factory = {
             (False, False): grpc.unary_unary_rpc_method_handler,
@@ -68,7 +72,7 @@ class GalleryInterceptor(grpc.ServerInterceptor):
         }[(handler.request_streaming, handler.response_streaming)]
         return factory(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -111,6 +115,52 @@ class GalleryInterceptor(grpc.ServerInterceptor):
         principal = self._verifier.verify(token)
         call.subject = principal.subject
         return _principal.set(principal)
+
+
+class _Undecodable:
+    """A request the protobuf runtime could not parse, kept so the RPC can answer a clean 400.
+
+    Envoy puts path and query values into string fields byte for byte, so `?page_token=%FF` is a
+    string that is not UTF-8; grpcio would answer it with INTERNAL ("Exception deserializing
+    request!"), a 500 through Envoy, before any of our code ran."""
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _Undecodable()
+
+    return deserialize
+
+
+def _malformed() -> InvalidArgument:
+    return InvalidArgument(
+        "MALFORMED_REQUEST", "the request is not a valid message (a text field that is not UTF-8?)"
+    )
+
+
+def _refusing_undecodable(behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+    """Raise MALFORMED_REQUEST where the servicer would have met an undecodable message."""
+
+    def checked(messages: Iterator[Any]) -> Iterator[Any]:
+        for message in messages:
+            if isinstance(message, _Undecodable):
+                raise _malformed()
+            yield message
+
+    def call(request: Any, context: grpc.ServicerContext) -> Any:
+        if streaming:
+            return behavior(checked(request), context)
+        if isinstance(request, _Undecodable):
+            raise _malformed()
+        return behavior(request, context)
+
+    return call
 
 
 class _Call:
