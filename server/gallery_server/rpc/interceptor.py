@@ -175,6 +175,11 @@ class _Call:
         self.code = "OK"
         self.reason = ""
         self.started = time.perf_counter()
+        if log.isEnabledFor(logging.DEBUG):
+            # Names only: the values carry bearer tokens (authorization) and, for a transcoded
+            # PUT, the path with its signed-URL token is not in the metadata at all.
+            log.debug("rpc started", extra={"method": method, "request_id": self.request_id,
+                                            "metadata_keys": sorted(self.metadata)})
 
     def fail(self, exc: BaseException) -> None:
         if isinstance(exc, GalleryError):
