@@ -17,6 +17,7 @@ never verify. `alg: none` is never in an allowed list, so it is always refused.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any
 
@@ -37,6 +38,8 @@ RS256 = "RS256"
 ES256 = "ES256"
 # What one JWKS fetch may take before the request that needed it fails (UNAVAILABLE).
 JWKS_TIMEOUT_SECONDS = 5.0
+# After a failed JWKS fetch, requests fail fast (503) for this long (or the cooldown, if shorter).
+JWKS_RETRY_SECONDS = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +107,8 @@ class Verifier:
         self._key: Any = None
         self._algorithms: list[str] = []
         self._jwks: jwt.PyJWKClient | None = None
+        self._jwks_failed_at = -math.inf
+        self._jwks_retry = min(jwks_cooldown, JWKS_RETRY_SECONDS)
         if jwks_url:
             # PyJWT's client caches the key set for `lifespan` and refetches it for an unknown
             # `kid` at most once per `cooldown_duration`: tokens with made-up kids cannot turn
@@ -171,12 +176,15 @@ class Verifier:
             raise Unauthenticated("TOKEN_INVALID", f"invalid token: {exc}") from None
         if not isinstance(kid, str) or not kid:
             raise Unauthenticated("TOKEN_INVALID", "invalid token: the header has no 'kid'")
+        if time.monotonic() - self._jwks_failed_at < self._jwks_retry:
+            raise _jwks_unavailable()
         try:
             jwk = self._jwks.get_signing_key(kid)
         except jwt.PyJWKClientConnectionError:
-            raise Unavailable(
-                "JWKS_UNAVAILABLE", "the token's keys could not be fetched; try again later"
-            ) from None
+            # PyJWT retries a failed fetch on every call; while the identity provider is down,
+            # every request would wait out a fetch. Fail fast for a few seconds instead.
+            self._jwks_failed_at = time.monotonic()
+            raise _jwks_unavailable() from None
         except jwt.PyJWTError:
             raise Unauthenticated("TOKEN_KEY_UNKNOWN", "invalid token: no known key has its 'kid'") from None
         # The JWK's type (or its own `alg`) decides the algorithm; only the asymmetric pair is
@@ -186,6 +194,10 @@ class Verifier:
         if algorithm not in (RS256, ES256) or not isinstance(jwk.key, expected):
             raise Unauthenticated("TOKEN_KEY_UNKNOWN", "invalid token: its key is not RS256 or ES256")
         return jwk.key, [algorithm]
+
+
+def _jwks_unavailable() -> Unavailable:
+    return Unavailable("JWKS_UNAVAILABLE", "the token's keys could not be fetched; try again later")
 
 
 def _principal(claims: dict[str, Any]) -> Principal:

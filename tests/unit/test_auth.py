@@ -558,7 +558,14 @@ def test_jwks_symmetric_key_is_never_used(jwks_server) -> None:  # type: ignore[
 
 def test_jwks_unreachable_is_unavailable_not_unauthenticated(jwks_server, rsa_private) -> None:  # type: ignore[no-untyped-def]
     jwks_server.down = True
-    verifier = auth.Verifier(secret=JWT_SECRET, jwks_url=jwks_server.url)
-    with pytest.raises(Unavailable) as info:
-        verifier.verify(_kid_token(rsa_private, "rsa-1"))
-    assert info.value.reason == "JWKS_UNAVAILABLE"
+    jwks_server.publish("rsa-1", rsa_private)
+    verifier = auth.Verifier(secret=JWT_SECRET, jwks_url=jwks_server.url, jwks_cooldown=0.5)
+    for _ in range(20):  # one fetch fails; the next requests fail fast without fetching
+        with pytest.raises(Unavailable) as info:
+            verifier.verify(_kid_token(rsa_private, "rsa-1"))
+        assert info.value.reason == "JWKS_UNAVAILABLE"
+    assert jwks_server.requests == 1
+    jwks_server.down = False
+    time.sleep(0.6)
+    assert verifier.verify(_kid_token(rsa_private, "rsa-1")).subject == "alice"
+    assert jwks_server.requests == 2
