@@ -471,3 +471,63 @@ def test_case_count() -> None:
     # The issue asks for at least 40 distinct bad inputs.
     assert len(REST_CASES) + len(NATIVE_CASES) >= 40
     assert len({c.id for c in REST_CASES} | {c.id for c in NATIVE_CASES}) == len(REST_CASES) + len(NATIVE_CASES)
+
+
+# -- native messages that are not valid protobuf ---------------------------------------------------
+# A client in any language can send bytes no stub would: a string field that is not UTF-8, or no
+# protobuf at all. grpcio answered those with INTERNAL before any of our code ran.
+
+NOT_UTF8_DEVICE = b"\x0a\x02\xff\xfe"  # field 1 (device), a 2-byte string that is not UTF-8
+NOT_PROTOBUF = b"\xff\xff\xff\xff\xff"
+RAW_CASES = [
+    ("stats-not-utf8", "/gallery.v1.GalleryService/GetStats", "unary", NOT_UTF8_DEVICE),
+    ("stats-not-protobuf", "/gallery.v1.GalleryService/GetStats", "unary", NOT_PROTOBUF),
+    ("list-not-utf8", "/gallery.v1.GalleryService/ListEvents", "server-stream", NOT_UTF8_DEVICE),
+    ("upload-not-utf8", "/gallery.v1.GalleryService/UploadEvent", "client-stream",
+     b"\x0a\x04\x0a\x02\xff\xfe"),  # header { device: <not UTF-8> }
+    ("write-not-protobuf", "/gallery.v1.GalleryService/WriteUpload", "client-stream", NOT_PROTOBUF),
+]
+
+
+@pytest.mark.parametrize("case", RAW_CASES, ids=[c[0] for c in RAW_CASES])
+def test_native_undecodable_messages(case: tuple[str, str, str, bytes], bad_stack: Stack) -> None:
+    _, path, kind, payload = case
+    before = snapshot(bad_stack.data_dir)
+    metadata = [("authorization", f"Bearer {_token()}")]
+    with grpc.insecure_channel(bad_stack.envoy_grpc_address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            if kind == "unary":
+                channel.unary_unary(path)(payload, metadata=metadata, timeout=TIMEOUT)
+            elif kind == "server-stream":
+                list(channel.unary_stream(path)(payload, metadata=metadata, timeout=TIMEOUT))
+            else:
+                channel.stream_unary(path)(iter([payload]), metadata=metadata, timeout=TIMEOUT)
+    error_info, _ = rich_error(info.value)
+    assert (info.value.code(), error_info.reason) == (INVALID, "MALFORMED_REQUEST")
+    # Without a token the answer is still the token's: authentication comes first.
+    with grpc.insecure_channel(bad_stack.envoy_grpc_address) as channel, pytest.raises(grpc.RpcError) as info:
+        channel.unary_unary("/gallery.v1.GalleryService/GetStats")(NOT_PROTOBUF, timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert snapshot(bad_stack.data_dir) == before
+
+
+def test_device_channel_survives_an_undecodable_message(bad_stack: Stack) -> None:
+    """A garbled message on an open command channel ends that channel cleanly, never the server."""
+    metadata = [("authorization", f"Bearer {_token(scope=auth.DEVICE)}")]
+    hello = dpb.ConnectRequest(hello=dpb.DeviceHello(device=DEVICE)).SerializeToString()
+    with grpc.insecure_channel(bad_stack.envoy_grpc_address) as channel:
+        call = channel.stream_stream("/gallery.v1.DeviceService/Connect")(
+            iter([hello, NOT_PROTOBUF]), metadata=metadata, timeout=10,
+        )
+        try:
+            for _ in call:
+                pass
+        except grpc.RpcError as error:
+            raise AssertionError(f"the channel ended in an error instead of closing: {error}") from None
+    log = bad_stack.log()
+    assert "Traceback" not in log, log[-2000:]
+    assert '"message": "device channel closed: bad message"' in log
+    # And the device can connect again.
+    stub = device_pb2_grpc.DeviceServiceStub(grpc.insecure_channel(bad_stack.envoy_grpc_address))
+    answer = stub.AnnounceEvents(dpb.AnnounceEventsRequest(device=DEVICE), metadata=metadata, timeout=TIMEOUT)
+    assert list(answer.results) == []
