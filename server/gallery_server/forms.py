@@ -32,6 +32,16 @@ def multipart_boundary(content_type: str) -> bytes:
     return boundary
 
 
+def _utf8(field: str, value: bytearray) -> str:
+    # Refused rather than decoded with U+FFFD: a name or metadata silently changed is worse.
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument(
+            "FORM_FIELD_NOT_UTF8", f"form field {field!r} is not UTF-8 text", field=field
+        ) from None
+
+
 class FormReceiver:
     """Feed it the body in pieces; it fills upload.fields and the upload's staged files."""
 
@@ -71,7 +81,7 @@ class FormReceiver:
             raise InvalidArgument(
                 "MALFORMED_MULTIPART", "multipart body ended before its closing boundary"
             )
-        texts = {k: v.decode("utf-8", "replace") for k, v in self._texts.items()}
+        texts = {k: _utf8(k, v) for k, v in self._texts.items()}
         fields = self._upload.fields
         fields.name = texts.get("name", "")
         fields.media_type = texts.get("media_type", "").strip()

@@ -129,6 +129,7 @@ def sha256_hex(value: str) -> str:
 
 def metadata_json(text: str, max_bytes: int) -> str:
     """Validate a metadata JSON string; return it in canonical compact form."""
+    _check_unicode(text)
     if len(text.encode()) > max_bytes:
         raise _metadata_too_large(max_bytes)
     try:

@@ -34,7 +34,7 @@ from gallery_server.uploads import Upload
 from ..conftest import JWT_SECRET, make_settings, stored_files
 
 PROFILE = settings(
-    max_examples=150, deadline=None, derandomize=True, database=None,
+    max_examples=100, deadline=None, derandomize=True, database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 FEW = settings(PROFILE, max_examples=40)
