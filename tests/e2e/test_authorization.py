@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 import httpx
@@ -28,9 +28,10 @@ from gallery.v1 import device_pb2, gallery_pb2
 from gallery.v1 import device_pb2 as dpb
 from gallery.v1 import gallery_pb2 as pb
 from gallery_server import auth, validation
+from gallery_server.local_stack import stop_stack
 
 from ..conftest import JWT_SECRET, rich_error
-from .conftest import Stack
+from .conftest import Stack, start_stack
 
 TIMEOUT = 20
 SERVICES = (
@@ -95,18 +96,41 @@ def test_every_rpc_has_an_authorization_case() -> None:
 
 
 @pytest.fixture(scope="module")
-def target(stack: Stack) -> dict[str, str]:
+def authz_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # Its own stack: the upload session made below would stay in the shared stack's staging/,
+    # which other tests expect empty.
+    root = tmp_path_factory.mktemp("authz")
+    stack = start_stack(root / "data", root / "gallery.log", extra_env={"GALLERY_MAKE_THUMBNAILS": "false"})
+    yield stack
+    stop_stack(stack)
+    assert stack.process.returncode == 0, stack.log()
+
+
+@pytest.fixture
+def http(authz_stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=authz_stack.base_url, timeout=TIMEOUT) as client:
+        yield client
+
+
+@pytest.fixture
+def envoy_channel(authz_stack: Stack) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(authz_stack.envoy_grpc_address) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+def target(authz_stack: Stack) -> dict[str, str]:
     """A device with a real event and a real upload session, named by the other tests."""
     device = f"authz-{uuid.uuid4().hex[:8]}"
     owner = auth.mint(JWT_SECRET, subject="owner", devices=[device], scope=" ".join(ALL_SCOPES))
     headers = {"Authorization": f"Bearer {owner}"}
-    with httpx.Client(base_url=stack.base_url, timeout=TIMEOUT) as client:
+    with httpx.Client(base_url=authz_stack.base_url, timeout=TIMEOUT) as client:
         r = client.post(f"/api/gallery/{device}/upload", headers=headers,
                         files={"event": ("a.txt", b"hello")}, data={"name": "a.txt"})
         assert r.status_code == 200, r.text
         event_id = r.json()["eventId"]
     upload_id = "authz-" + uuid.uuid4().hex
-    with grpc.insecure_channel(stack.envoy_grpc_address) as channel:
+    with grpc.insecure_channel(authz_stack.envoy_grpc_address) as channel:
         call = _multicallable(channel, SERVICES[0].methods_by_name["StartUpload"])
         call(pb.StartUploadRequest(device=device, name="b.bin", size=5, upload_id=upload_id),
              metadata=[("authorization", f"Bearer {owner}")], timeout=TIMEOUT)
@@ -212,7 +236,7 @@ def test_rest_route_authorization(item, target, http) -> None:  # type: ignore[n
     )
 
 
-def test_signed_upload_authorization(target, http, stack) -> None:  # type: ignore[no-untyped-def]
+def test_signed_upload_authorization(target, http) -> None:  # type: ignore[no-untyped-def]
     device = target["device"]
     owner = _token([device], ALL_SCOPES)
     r = http.get(f"/api/gallery/{device}/upload-url?filename=x.jpg",
