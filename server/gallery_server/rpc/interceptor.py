@@ -5,7 +5,9 @@ The interceptor wraps each method handler so that, inside the worker thread runn
   available to the servicer through current_principal();
 - a GalleryError becomes its mapped status; any other exception is logged with its traceback and
   becomes a generic INTERNAL, so no exception text reaches a client;
-- one access-log line records method, code, duration, subject and request id.
+- one access-log line records method, code, duration, subject and request id (never a token);
+- a request message that does not parse (text that is not UTF-8, bytes that are not protobuf)
+  is INVALID_ARGUMENT `MALFORMED_REQUEST` once authentication passed, not grpcio's INTERNAL.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 
 def _malformed() -> InvalidArgument:
     return InvalidArgument(
-        "MALFORMED_REQUEST", "the request is not a valid message (a text field that is not UTF-8?)"
+        "MALFORMED_REQUEST", "the request is not a valid message (e.g. text that is not UTF-8)"
     )
 
 
