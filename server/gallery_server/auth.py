@@ -1,23 +1,45 @@
-"""Bearer tokens: verification (PyJWT, HS256 pinned) and per-device, per-scope authorization.
+"""Bearer tokens: verification (PyJWT, algorithms pinned per key) and per-device, per-scope
+authorization.
 
 Claims: `sub` (required), `exp` (required), `devices` (list of device ids, or ["*"]) and `scope`
-(space-separated: `gallery:read`, `gallery:write`, `gallery:device`).
+(space-separated: `gallery:read`, `gallery:write`, `gallery:device`); `iss` and `aud` when the
+server is configured to check them.
+
+Which tokens are accepted depends on the configured key, never on the token's own header:
+- the shared secret alone: HS256 only (what `gallery token` mints);
+- a PEM public key: RS256 for an RSA key, ES256 for a P-256 key, and nothing else;
+- a JWKS URL: the key named by the token's `kid`, RS256 or ES256 as that key's type says.
+With a public key or JWKS configured, HS256 tokens are refused: the secret then only signs
+upload URLs, and an HS256 token "signed" with the public key (the classic confusion attack) can
+never verify. `alg: none` is never in an allowed list, so it is always refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
+from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from .errors import PermissionDenied, Unauthenticated
+from .errors import PermissionDenied, Unauthenticated, Unavailable
 
 READ = "gallery:read"
 WRITE = "gallery:write"
 DEVICE = "gallery:device"  # a device: announce, keep the command channel, upload pulled content
 ALGORITHM = "HS256"
 LEEWAY_SECONDS = 30
+# The asymmetric algorithms accepted, by key type. Pinned: a key of one type never verifies a
+# token that names another algorithm.
+RS256 = "RS256"
+ES256 = "ES256"
+# What one JWKS fetch may take before the request that needed it fails (UNAVAILABLE).
+JWKS_TIMEOUT_SECONDS = 5.0
+# After a failed JWKS fetch, requests fail fast (503) for this long (or the cooldown, if shorter).
+JWKS_RETRY_SECONDS = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,20 +69,138 @@ def bearer_token(authorization: str | None) -> str:
     return token.strip()
 
 
-def verify(token: str, secret: str) -> Principal:
+def public_key_algorithm(pem: str) -> tuple[Any, str]:
+    """The (key, algorithm) of a PEM public key: RSA is RS256, EC P-256 is ES256.
+
+    Raises ValueError for anything else (a private key, another curve, Ed25519, garbage)."""
     try:
-        claims = jwt.decode(
-            token,
-            secret,
-            algorithms=[ALGORITHM],
-            options={"require": ["exp", "sub"]},
-            leeway=LEEWAY_SECONDS,
+        key = serialization.load_pem_public_key(pem.encode())
+    except (ValueError, TypeError, UnicodeError) as exc:
+        raise ValueError(f"not a PEM public key: {exc}") from None
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise ValueError(f"RSA key of {key.key_size} bits: at least 2048 are needed")
+        return key, RS256
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return key, ES256
+    raise ValueError("the public key must be RSA (RS256) or EC P-256 (ES256)")
+
+
+class Verifier:
+    """Verifies bearer tokens against the one kind of key the server is configured with."""
+
+    def __init__(
+        self,
+        *,
+        secret: str = "",
+        public_key: str = "",
+        jwks_url: str = "",
+        issuer: str = "",
+        audience: str = "",
+        jwks_cooldown: float = 60.0,
+        jwks_lifespan: float = 300.0,
+    ) -> None:
+        if public_key and jwks_url:
+            raise ValueError("configure a public key or a JWKS URL, not both")
+        self._issuer = issuer or None
+        self._audience = audience or None
+        self._key: Any = None
+        self._algorithms: list[str] = []
+        self._jwks: jwt.PyJWKClient | None = None
+        self._jwks_failed_at = -math.inf
+        self._jwks_retry = min(jwks_cooldown, JWKS_RETRY_SECONDS)
+        if jwks_url:
+            # PyJWT's client caches the key set for `lifespan` and refetches it for an unknown
+            # `kid` at most once per `cooldown_duration`: tokens with made-up kids cannot turn
+            # into a flood of requests to the identity provider.
+            self._jwks = jwt.PyJWKClient(
+                jwks_url, cache_jwk_set=True, lifespan=jwks_lifespan,
+                cooldown_duration=jwks_cooldown, timeout=JWKS_TIMEOUT_SECONDS,
+            )
+        elif public_key:
+            self._key, algorithm = public_key_algorithm(public_key)
+            self._algorithms = [algorithm]
+        elif secret:
+            self._key, self._algorithms = secret, [ALGORITHM]
+        else:
+            raise ValueError("no key to verify tokens with")
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Verifier:
+        return cls(
+            secret=settings.jwt_secret,
+            public_key=settings.jwt_public_key,
+            jwks_url=settings.jwt_jwks_url,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            jwks_cooldown=settings.jwt_jwks_cooldown,
+            jwks_lifespan=settings.jwt_jwks_lifespan,
         )
-    except jwt.ExpiredSignatureError:
-        raise Unauthenticated("TOKEN_EXPIRED", "token has expired") from None
-    except jwt.InvalidTokenError as exc:
-        # The exception text names the failed check, never the token or the key.
-        raise Unauthenticated("TOKEN_INVALID", f"invalid token: {exc}") from None
+
+    @property
+    def asymmetric(self) -> bool:
+        return self._jwks is not None or self._algorithms != [ALGORITHM]
+
+    def verify(self, token: str) -> Principal:
+        if not token.isascii():  # a JWT is base64url and dots; PyJWT would choke on surrogates
+            raise Unauthenticated("TOKEN_INVALID", "invalid token: not ASCII")
+        key, algorithms = self._key_for(token)
+        require = ["exp", "sub"]
+        if self._issuer:
+            require.append("iss")
+        if self._audience:
+            require.append("aud")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=algorithms,
+                options={"require": require},
+                issuer=self._issuer,
+                audience=self._audience,
+                leeway=LEEWAY_SECONDS,
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("TOKEN_EXPIRED", "token has expired") from None
+        except jwt.InvalidTokenError as exc:
+            # The exception text names the failed check, never the token or the key.
+            raise Unauthenticated("TOKEN_INVALID", f"invalid token: {exc}") from None
+        return _principal(claims)
+
+    def _key_for(self, token: str) -> tuple[Any, list[str]]:
+        if self._jwks is None:
+            return self._key, self._algorithms
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.InvalidTokenError as exc:
+            raise Unauthenticated("TOKEN_INVALID", f"invalid token: {exc}") from None
+        if not isinstance(kid, str) or not kid:
+            raise Unauthenticated("TOKEN_INVALID", "invalid token: the header has no 'kid'")
+        if time.monotonic() - self._jwks_failed_at < self._jwks_retry:
+            raise _jwks_unavailable()
+        try:
+            jwk = self._jwks.get_signing_key(kid)
+        except jwt.PyJWKClientConnectionError:
+            # PyJWT retries a failed fetch on every call; while the identity provider is down,
+            # every request would wait out a fetch. Fail fast for a few seconds instead.
+            self._jwks_failed_at = time.monotonic()
+            raise _jwks_unavailable() from None
+        except jwt.PyJWTError:
+            raise Unauthenticated("TOKEN_KEY_UNKNOWN", "invalid token: no known key has its 'kid'") from None
+        # The JWK's type (or its own `alg`) decides the algorithm; only the asymmetric pair is
+        # allowed, so an `oct` (shared secret) key published in a JWKS is never used.
+        algorithm = jwk.algorithm_name
+        expected = rsa.RSAPublicKey if algorithm == RS256 else ec.EllipticCurvePublicKey
+        if algorithm not in (RS256, ES256) or not isinstance(jwk.key, expected):
+            raise Unauthenticated("TOKEN_KEY_UNKNOWN", "invalid token: its key is not RS256 or ES256")
+        return jwk.key, [algorithm]
+
+
+def _jwks_unavailable() -> Unavailable:
+    return Unavailable("JWKS_UNAVAILABLE", "the token's keys could not be fetched; try again later")
+
+
+def _principal(claims: dict[str, Any]) -> Principal:
     devices = claims.get("devices", [])
     scope = claims.get("scope", "")
     if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
@@ -70,6 +210,11 @@ def verify(token: str, secret: str) -> Principal:
     return Principal(
         subject=str(claims["sub"]), devices=frozenset(devices), scopes=frozenset(scope.split())
     )
+
+
+def verify(token: str, secret: str) -> Principal:
+    """Verify an HS256 token under `secret` (the default configuration)."""
+    return Verifier(secret=secret).verify(token)
 
 
 def mint(

@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gallery: {exc}", file=sys.stderr)
         return 2
 
+    if args.command == "token" and (settings.jwt_public_key or settings.jwt_jwks_url):
+        print("gallery: this server takes RS256/ES256 tokens from its identity provider;"
+              " `gallery token` mints HS256 tokens that it refuses", file=sys.stderr)
+        return 2
     if args.command == "token":
         print(auth.mint(settings.jwt_secret, subject=args.sub, devices=args.device,
                         scope=args.scope, ttl_seconds=args.ttl))

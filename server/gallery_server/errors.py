@@ -9,7 +9,8 @@ GalleryError                 base; carries a stable UPPER_SNAKE `reason` and `me
 ├── FailedPrecondition       not possible in the resource's current state (400 / FAILED_PRECONDITION)
 ├── Conflict                 lost to another request's state: re-read, then retry (409 / ABORTED)
 ├── OutOfRange               a read past the end of the content (400 / OUT_OF_RANGE)
-└── TooLarge                 a size limit was exceeded (429 through Envoy / RESOURCE_EXHAUSTED)
+├── TooLarge                 a size limit was exceeded (429 through Envoy / RESOURCE_EXHAUSTED)
+└── Unavailable              a service the request needs is unreachable, e.g. the JWKS (503 / UNAVAILABLE)
 """
 
 from __future__ import annotations
@@ -59,4 +60,8 @@ class OutOfRange(GalleryError):
 
 
 class TooLarge(GalleryError):
+    pass
+
+
+class Unavailable(GalleryError):
     pass

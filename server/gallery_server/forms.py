@@ -21,7 +21,10 @@ _FALSE = {"false", "0", "no", "off", ""}
 
 
 def multipart_boundary(content_type: str) -> bytes:
-    kind, options = parse_options_header(content_type)
+    try:
+        kind, options = parse_options_header(content_type)
+    except UnicodeEncodeError:  # python-multipart reads the header as latin-1: `Ā` crashed it
+        kind, options = b"", {}
     boundary = options.get(b"boundary", b"")
     if kind != b"multipart/form-data" or not boundary:
         raise InvalidArgument(
@@ -29,6 +32,16 @@ def multipart_boundary(content_type: str) -> bytes:
             field="content_type",
         )
     return boundary
+
+
+def _utf8(field: str, value: bytearray) -> str:
+    # Refused rather than decoded with U+FFFD: a name or metadata silently changed is worse.
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument(
+            "FORM_FIELD_NOT_UTF8", f"form field {field!r} is not UTF-8 text", field=field
+        ) from None
 
 
 class FormReceiver:
@@ -70,7 +83,7 @@ class FormReceiver:
             raise InvalidArgument(
                 "MALFORMED_MULTIPART", "multipart body ended before its closing boundary"
             )
-        texts = {k: v.decode("utf-8", "replace") for k, v in self._texts.items()}
+        texts = {k: _utf8(k, v) for k, v in self._texts.items()}
         fields = self._upload.fields
         fields.name = texts.get("name", "")
         fields.media_type = texts.get("media_type", "").strip()

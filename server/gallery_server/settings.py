@@ -20,14 +20,27 @@
 | GALLERY_INCOMING_SETTLE_SECONDS | 2.0                  | how long a file's size and mtime must be stable |
 | GALLERY_MAKE_THUMBNAILS     | true                     | this replica makes missing thumbnails (thumbnails.py) |
 | GALLERY_UPLOAD_SESSION_TTL  | 86400                    | seconds a resumable upload lives after its last write |
+| GALLERY_JWT_PUBLIC_KEY      | (none)                   | PEM public key of tokens (RSA: RS256, P-256: ES256) |
+| GALLERY_JWT_PUBLIC_KEY_FILE | (none)                   | file holding that PEM public key                |
+| GALLERY_JWT_JWKS_URL        | (none)                   | JWKS of the identity provider (key by `kid`) |
+| GALLERY_JWT_JWKS_COOLDOWN   | 60                       | least seconds between refetches for an unknown `kid` |
+| GALLERY_JWT_JWKS_LIFESPAN   | 300                      | seconds the fetched key set is cached           |
+| GALLERY_JWT_ISSUER          | (none)                   | when set, tokens must carry this `iss`          |
+| GALLERY_JWT_AUDIENCE        | (none)                   | when set, tokens must carry this `aud`          |
+
+With a public key or a JWKS URL, bearer tokens must be RS256/ES256 from it and HS256 tokens are
+refused (auth.py); the secret (GALLERY_JWT_SECRET or <data>/jwt-secret, which `gallery run`
+creates) is still needed: it signs the pre-signed upload URLs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 import secrets
+import urllib.parse
 
 SECRET_FILE_NAME = "jwt-secret"
 
@@ -56,6 +69,13 @@ class Settings:
     incoming_settle_seconds: float = 2.0
     make_thumbnails: bool = True
     upload_session_ttl: int = 86400
+    # -- bearer tokens beyond the HS256 secret (auth.py) --
+    jwt_public_key: str = ""  # PEM text
+    jwt_jwks_url: str = ""
+    jwt_jwks_cooldown: float = 60.0
+    jwt_jwks_lifespan: float = 300.0
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
 
     @classmethod
     def from_env(cls, env: os._Environ[str] | dict[str, str] = os.environ) -> Settings:
@@ -66,6 +86,7 @@ class Settings:
                 f"no JWT secret: set GALLERY_JWT_SECRET or create {data_dir / SECRET_FILE_NAME}"
                 " (`gallery run` creates one)"
             )
+        public_key, jwks_url = _token_keys(env)
         try:
             return cls(
                 data_dir=data_dir,
@@ -96,9 +117,53 @@ class Settings:
                 upload_session_ttl=int(
                     env.get("GALLERY_UPLOAD_SESSION_TTL", cls.upload_session_ttl)
                 ),
+                jwt_public_key=public_key,
+                jwt_jwks_url=jwks_url,
+                jwt_jwks_cooldown=_non_negative(env, "GALLERY_JWT_JWKS_COOLDOWN", cls.jwt_jwks_cooldown),
+                jwt_jwks_lifespan=_non_negative(
+                    env, "GALLERY_JWT_JWKS_LIFESPAN", cls.jwt_jwks_lifespan, positive=True
+                ),
+                jwt_issuer=env.get("GALLERY_JWT_ISSUER", ""),
+                jwt_audience=env.get("GALLERY_JWT_AUDIENCE", ""),
             )
         except ValueError as exc:
             raise ConfigError(f"bad numeric setting: {exc}") from None
+
+
+def _token_keys(env: os._Environ[str] | dict[str, str]) -> tuple[str, str]:
+    """The PEM public key and the JWKS URL of bearer tokens, checked now rather than at the
+    first request."""
+    public_key = env.get("GALLERY_JWT_PUBLIC_KEY", "")
+    key_file = env.get("GALLERY_JWT_PUBLIC_KEY_FILE", "")
+    jwks_url = env.get("GALLERY_JWT_JWKS_URL", "")
+    if public_key and key_file:
+        raise ConfigError("set GALLERY_JWT_PUBLIC_KEY or GALLERY_JWT_PUBLIC_KEY_FILE, not both")
+    if key_file:
+        try:
+            public_key = pathlib.Path(key_file).read_text()
+        except (OSError, UnicodeError) as exc:
+            raise ConfigError(f"GALLERY_JWT_PUBLIC_KEY_FILE: {exc}") from None
+    if public_key and jwks_url:
+        raise ConfigError("set a JWT public key or GALLERY_JWT_JWKS_URL, not both")
+    if public_key:
+        from .auth import public_key_algorithm
+
+        try:
+            public_key_algorithm(public_key)
+        except ValueError as exc:
+            raise ConfigError(f"JWT public key: {exc}") from None
+    if jwks_url and urllib.parse.urlsplit(jwks_url).scheme not in ("http", "https"):
+        raise ConfigError("GALLERY_JWT_JWKS_URL must be an http or https URL")
+    return public_key, jwks_url
+
+
+def _non_negative(
+    env: os._Environ[str] | dict[str, str], name: str, default: float, *, positive: bool = False
+) -> float:
+    value = float(env.get(name, default))
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0")
+    return value
 
 
 def _flag(text: str, *, default: bool) -> bool:

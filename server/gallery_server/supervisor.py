@@ -127,6 +127,14 @@ def _stop_all(children: list[subprocess.Popen[bytes]]) -> None:
 
 
 def _print_banner(settings: Settings) -> None:
+    if settings.jwt_public_key or settings.jwt_jwks_url:
+        # HS256 tokens are refused in this configuration: a minted one would only mislead.
+        print(
+            f"\ngallery is up: REST and gRPC on {settings.public_url}; bearer tokens: RS256/ES256"
+            " from your identity provider\nCtrl-C stops everything.\n",
+            flush=True,
+        )
+        return
     token = auth.mint(
         settings.jwt_secret, subject="dev", devices=["*"], scope=f"{auth.READ} {auth.WRITE}"
     )

@@ -1,4 +1,23 @@
-"""Validators for every identifier and name that enters the service."""
+"""Validators for every identifier and name that enters the service.
+
+The policy, everywhere a name or id comes in (REST path, query and form, native fields, pre-signed
+URLs, the drop folders):
+- Identifiers are ASCII-only patterns, so no look-alike, NUL, separator or traversal can pass:
+  device ids `^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`, event ids `evt_` + 22 URL-safe characters,
+  upload ids `^[A-Za-z0-9_-]{8,64}$` (resumable.py), sha256 64 lowercase hex digits. Nothing is
+  normalised: a value is either exactly valid or refused.
+- Display names (the event's filename, a pre-signed URL's filename, an announced name) are
+  NFC-normalised, then must be 1..255 characters and hold no control (Cc), format (Cf: bidi
+  overrides and isolates, zero-width characters, BOM), surrogate, private-use or unassigned
+  character, nor a line or paragraph separator; `.` and `..` are refused. Look-alike letters of
+  other scripts are allowed (they are real names in those scripts). A name is never used to build
+  a path; `/` and `\\` are allowed in it and replaced in Content-Disposition.
+- Metadata keys (at every depth) follow the same character rules as names and are at most 256
+  characters; keys and string values must be valid Unicode (no lone surrogates, which JSON's
+  `\\ud800` escapes can produce).
+- Page tokens and signed-URL tokens are opaque, bounded and authenticated or parsed defensively
+  (paging.py, signed_urls.py): any malformed one is the same 400 or 403.
+"""
 
 from __future__ import annotations
 
@@ -55,11 +74,23 @@ def display_name(value: str, field: str = "name") -> str:
         raise InvalidArgument(
             "NAME_TOO_LONG", f"{field} is longer than {MAX_NAME_CHARS} characters", field=field
         )
-    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") for c in value):
+    if not _printable(value):
         raise InvalidArgument(
-            "NAME_INVALID", f"{field} contains control or unassigned characters", field=field
+            "NAME_INVALID", f"{field} contains control, format or unassigned characters",
+            field=field,
         )
+    if value in (".", ".."):
+        raise InvalidArgument("NAME_INVALID", f"{field} cannot be . or ..", field=field)
     return value
+
+
+# Control, format (bidi overrides, zero-width), surrogate, private-use, unassigned; line and
+# paragraph separators, which split log lines and headers as a newline would.
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def _printable(value: str) -> bool:
+    return not any(unicodedata.category(c) in _UNPRINTABLE for c in value)
 
 
 def media_type(value: str) -> str:
@@ -98,6 +129,7 @@ def sha256_hex(value: str) -> str:
 
 def metadata_json(text: str, max_bytes: int) -> str:
     """Validate a metadata JSON string; return it in canonical compact form."""
+    _check_unicode(text)
     if len(text.encode()) > max_bytes:
         raise _metadata_too_large(max_bytes)
     try:
@@ -123,21 +155,43 @@ def metadata_object(value: Any, max_bytes: int) -> str:
 
 
 _MAX_EXACT_INT = 2**53
+MAX_METADATA_KEY_CHARS = 256
 
 
 def _check_numbers(value: Any) -> None:
+    """Check numbers, keys and strings at every depth (the name is older than the last two)."""
     if isinstance(value, dict):
-        for item in value.values():
+        for key, item in value.items():
+            _check_key(key)
             _check_numbers(item)
     elif isinstance(value, list):
         for item in value:
             _check_numbers(item)
     elif isinstance(value, bool):
         return
+    elif isinstance(value, str):
+        _check_unicode(value)
     elif isinstance(value, int) and abs(value) > _MAX_EXACT_INT:
         raise _invalid_metadata("metadata integers must be within +/-2^53")
     elif isinstance(value, float) and not math.isfinite(value):
         raise _invalid_metadata("metadata numbers must be finite")
+
+
+def _check_key(key: str) -> None:
+    _check_unicode(key)
+    if not key or len(key) > MAX_METADATA_KEY_CHARS or not _printable(key):
+        raise _invalid_metadata(
+            f"metadata keys must be 1..{MAX_METADATA_KEY_CHARS} characters without control,"
+            " format or unassigned characters"
+        )
+
+
+def _check_unicode(text: str) -> None:
+    # A lone surrogate is no character: it cannot be encoded as UTF-8, stored or sent back.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid_metadata("metadata strings must be valid Unicode (no lone surrogates)") from None
 
 
 def _reject_constant(name: str) -> None:

@@ -1,16 +1,25 @@
-"""Bearer tokens: verification with HS256 pinned, and per-device, per-scope authorization."""
+"""Bearer tokens: verification (HS256 by default; RS256/ES256 from a PEM key or a JWKS, pinned
+per key type), and per-device, per-scope authorization."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
+import http.server
 import json
+import threading
 import time
+from collections.abc import Iterator
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from gallery_server import auth
-from gallery_server.errors import PermissionDenied, Unauthenticated
+from gallery_server.errors import PermissionDenied, Unauthenticated, Unavailable
+from gallery_server.settings import ConfigError, Settings
 
 from ..conftest import JWT_SECRET
 
@@ -265,3 +274,298 @@ def test_bearer_token_malformed(header: str) -> None:
     with pytest.raises(Unauthenticated) as info:
         auth.bearer_token(header)
     assert info.value.reason == "TOKEN_MALFORMED"
+
+
+# -- asymmetric keys: PEM public key and JWKS ---------------------------------------------------
+# Real keys, generated here; a real HTTP server on a thread serves the JWKS and counts requests.
+
+
+def _rsa_key(bits: int = 2048) -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def _ec_key(curve: ec.EllipticCurve | None = None) -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(curve or ec.SECP256R1())
+
+
+def _public_pem(private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
+    return private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+
+
+@pytest.fixture(scope="module")
+def rsa_private() -> rsa.RSAPrivateKey:
+    return _rsa_key()
+
+
+@pytest.fixture(scope="module")
+def ec_private() -> ec.EllipticCurvePrivateKey:
+    return _ec_key()
+
+
+def _hand_signed(header: dict, claims: dict, key: bytes) -> str:
+    """An HS256 token made by hand: PyJWT itself refuses to HMAC with a PEM key."""
+    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+    signature = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64(signature)}"
+
+
+def _refused(verifier: auth.Verifier, token: str, reason: str) -> None:
+    with pytest.raises(Unauthenticated) as info:
+        verifier.verify(token)
+    assert info.value.reason == reason, info.value.message
+
+
+def test_rs256_public_key_accepts_its_tokens(rsa_private) -> None:  # type: ignore[no-untyped-def]
+    verifier = auth.Verifier(secret=JWT_SECRET, public_key=_public_pem(rsa_private))
+    assert verifier.asymmetric
+    principal = verifier.verify(jwt.encode(_claims(), rsa_private, algorithm="RS256"))
+    assert principal == auth.Principal(
+        "alice", frozenset({"cam1", "cam2"}), frozenset({auth.READ, auth.WRITE})
+    )
+
+
+def test_es256_public_key_accepts_its_tokens(ec_private) -> None:  # type: ignore[no-untyped-def]
+    verifier = auth.Verifier(secret=JWT_SECRET, public_key=_public_pem(ec_private))
+    assert verifier.verify(jwt.encode(_claims(), ec_private, algorithm="ES256")).subject == "alice"
+
+
+def test_public_key_refuses_another_keys_tokens(rsa_private) -> None:  # type: ignore[no-untyped-def]
+    verifier = auth.Verifier(secret=JWT_SECRET, public_key=_public_pem(rsa_private))
+    _refused(verifier, jwt.encode(_claims(), _rsa_key(), algorithm="RS256"), "TOKEN_INVALID")
+
+
+def test_hs256_signed_with_the_public_key_is_refused(rsa_private) -> None:  # type: ignore[no-untyped-def]
+    pem = _public_pem(rsa_private)
+    verifier = auth.Verifier(secret=JWT_SECRET, public_key=pem)
+    forged = _hand_signed({"alg": "HS256", "typ": "JWT"}, _claims(), pem.encode())
+    _refused(verifier, forged, "TOKEN_INVALID")
+
+
+def test_hs256_with_the_secret_is_refused_once_a_public_key_is_configured(rsa_private) -> None:  # type: ignore[no-untyped-def]
+    verifier = auth.Verifier(secret=JWT_SECRET, public_key=_public_pem(rsa_private))
+    _refused(verifier, _encode(_claims()), "TOKEN_INVALID")
+
+
+def test_algorithm_pinned_to_the_key_type(rsa_private, ec_private) -> None:  # type: ignore[no-untyped-def]
+    # A P-256 key verifies ES256 only; an RSA key RS256 only (no PS256, RS512...).
+    ec_verifier = auth.Verifier(secret=JWT_SECRET, public_key=_public_pem(ec_private))
+    _refused(ec_verifier, jwt.encode(_claims(), rsa_private, algorithm="RS256"), "TOKEN_INVALID")
+    rsa_verifier = auth.Verifier(secret=JWT_SECRET, public_key=_public_pem(rsa_private))
+    for algorithm in ("RS512", "PS256"):
+        _refused(rsa_verifier, jwt.encode(_claims(), rsa_private, algorithm=algorithm), "TOKEN_INVALID")
+    _refused(rsa_verifier, jwt.encode(_claims(), ec_private, algorithm="ES256"), "TOKEN_INVALID")
+
+
+@pytest.mark.parametrize("mode", ["secret", "public_key", "jwks"])
+def test_alg_none_refused_in_every_mode(mode: str, rsa_private, jwks_server) -> None:  # type: ignore[no-untyped-def]
+    kwargs = {"secret": {}, "public_key": {"public_key": _public_pem(rsa_private)},
+              "jwks": {"jwks_url": jwks_server.url}}[mode]
+    jwks_server.publish("k1", rsa_private)  # the kid the forged token names exists
+    verifier = auth.Verifier(secret=JWT_SECRET, **kwargs)
+    header = _b64(json.dumps({"alg": "none", "typ": "JWT", "kid": "k1"}).encode())
+    body = _b64(json.dumps(_claims()).encode())
+    for token in (f"{header}.{body}.", f"{header}.{body}.{_b64(b'x' * 32)}"):
+        _refused(verifier, token, "TOKEN_INVALID")
+
+
+def test_issuer_and_audience_checked_when_configured(rsa_private) -> None:  # type: ignore[no-untyped-def]
+    verifier = auth.Verifier(
+        secret=JWT_SECRET, public_key=_public_pem(rsa_private),
+        issuer="https://id.example", audience="gallery",
+    )
+
+    def token(**claims: object) -> str:
+        return jwt.encode(_claims(**claims), rsa_private, algorithm="RS256")
+
+    assert verifier.verify(token(iss="https://id.example", aud="gallery")).subject == "alice"
+    assert verifier.verify(token(iss="https://id.example", aud=["other", "gallery"])).subject == "alice"
+    _refused(verifier, token(aud="gallery"), "TOKEN_INVALID")  # no iss
+    _refused(verifier, token(iss="https://id.example"), "TOKEN_INVALID")  # no aud
+    _refused(verifier, token(iss="https://evil.example", aud="gallery"), "TOKEN_INVALID")
+    _refused(verifier, token(iss="https://id.example", aud="other"), "TOKEN_INVALID")
+
+
+def test_issuer_and_audience_unchecked_by_default() -> None:
+    verifier = auth.Verifier(secret=JWT_SECRET)
+    assert verifier.verify(_encode(_claims(iss="anyone"))).subject == "alice"
+    # PyJWT's rule, kept: a token meant for a named audience is not for a server that has none.
+    _refused(verifier, _encode(_claims(aud="gallery")), "TOKEN_INVALID")
+
+
+def test_leeway_applies_to_asymmetric_tokens(rsa_private) -> None:  # type: ignore[no-untyped-def]
+    verifier = auth.Verifier(secret=JWT_SECRET, public_key=_public_pem(rsa_private))
+    now = int(time.time())
+    assert verifier.verify(jwt.encode(_claims(exp=now - 10), rsa_private, algorithm="RS256"))
+    _refused(verifier, jwt.encode(_claims(exp=now - 120), rsa_private, algorithm="RS256"),
+             "TOKEN_EXPIRED")
+
+
+@pytest.mark.parametrize(
+    "make_pem",
+    [
+        lambda: "not a key",
+        lambda: _rsa_key().private_bytes(  # a private key is not what is asked for
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode(),
+        lambda: _public_pem(_rsa_key(1024)),  # too short
+        lambda: _public_pem(_ec_key(ec.SECP384R1())),  # ES384: not allowed
+        lambda: ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode(),
+    ],
+    ids=["garbage", "private-key", "rsa-1024", "p384", "ed25519"],
+)
+def test_unusable_public_keys_refused_at_startup(make_pem, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pem = make_pem()
+    with pytest.raises(ValueError):
+        auth.public_key_algorithm(pem)
+    with pytest.raises(ConfigError):
+        Settings.from_env({"GALLERY_DATA_DIR": str(tmp_path), "GALLERY_JWT_SECRET": JWT_SECRET,
+                           "GALLERY_JWT_PUBLIC_KEY": pem})
+
+
+def test_settings_read_the_token_keys(rsa_private, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pem_file = tmp_path / "idp.pem"
+    pem_file.write_text(_public_pem(rsa_private))
+    base = {"GALLERY_DATA_DIR": str(tmp_path), "GALLERY_JWT_SECRET": JWT_SECRET}
+    settings = Settings.from_env({
+        **base, "GALLERY_JWT_PUBLIC_KEY_FILE": str(pem_file), "GALLERY_JWT_ISSUER": "https://id",
+        "GALLERY_JWT_AUDIENCE": "gallery",
+    })
+    assert settings.jwt_public_key == _public_pem(rsa_private)
+    assert (settings.jwt_issuer, settings.jwt_audience) == ("https://id", "gallery")
+    verifier = auth.Verifier.from_settings(settings)
+    token = jwt.encode(_claims(iss="https://id", aud="gallery"), rsa_private, algorithm="RS256")
+    assert verifier.verify(token).subject == "alice"
+    settings = Settings.from_env({**base, "GALLERY_JWT_JWKS_URL": "https://id/jwks.json",
+                                  "GALLERY_JWT_JWKS_COOLDOWN": "5"})
+    assert (settings.jwt_jwks_url, settings.jwt_jwks_cooldown) == ("https://id/jwks.json", 5.0)
+    for bad in (
+        {"GALLERY_JWT_PUBLIC_KEY": _public_pem(rsa_private), "GALLERY_JWT_JWKS_URL": "https://id/j"},
+        {"GALLERY_JWT_PUBLIC_KEY": "x", "GALLERY_JWT_PUBLIC_KEY_FILE": str(pem_file)},
+        {"GALLERY_JWT_PUBLIC_KEY_FILE": str(tmp_path / "missing.pem")},
+        {"GALLERY_JWT_JWKS_URL": "file:///etc/passwd"},
+        {"GALLERY_JWT_JWKS_URL": "https://id/j", "GALLERY_JWT_JWKS_COOLDOWN": "-1"},
+        {"GALLERY_JWT_JWKS_URL": "https://id/j", "GALLERY_JWT_JWKS_LIFESPAN": "0"},
+        {"GALLERY_JWT_JWKS_URL": "https://id/j", "GALLERY_JWT_JWKS_COOLDOWN": "nan"},
+    ):
+        with pytest.raises(ConfigError):
+            Settings.from_env({**base, **bad})
+
+
+class JwksServer:
+    """A real HTTP server on a thread that serves a JWKS and counts its requests."""
+
+    def __init__(self) -> None:
+        self.keys: list[dict] = []
+        self.requests = 0
+        self.down = False
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                server.requests += 1
+                if server.down:
+                    self.send_error(503)
+                    return
+                body = json.dumps({"keys": server.keys}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:  # keep pytest's output clean
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/.well-known/jwks.json"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def publish(self, kid: str, private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> None:
+        rsa_key = isinstance(private, rsa.RSAPrivateKey)
+        algorithm = jwt.algorithms.RSAAlgorithm if rsa_key else jwt.algorithms.ECAlgorithm
+        jwk = algorithm.to_jwk(private.public_key(), as_dict=True)
+        self.keys.append({**jwk, "kid": kid, "use": "sig"})
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def jwks_server() -> Iterator[JwksServer]:
+    server = JwksServer()
+    yield server
+    server.close()
+
+
+def _kid_token(private: object, kid: str, algorithm: str = "RS256", **claims: object) -> str:
+    return jwt.encode(_claims(**claims), private, algorithm=algorithm, headers={"kid": kid})
+
+
+def test_jwks_accepts_rs256_and_es256_by_kid(jwks_server, rsa_private, ec_private) -> None:  # type: ignore[no-untyped-def]
+    jwks_server.publish("rsa-1", rsa_private)
+    jwks_server.publish("ec-1", ec_private)
+    verifier = auth.Verifier(secret=JWT_SECRET, jwks_url=jwks_server.url)
+    assert verifier.verify(_kid_token(rsa_private, "rsa-1")).subject == "alice"
+    assert verifier.verify(_kid_token(ec_private, "ec-1", "ES256")).subject == "alice"
+    assert jwks_server.requests == 1  # cached
+    # A token signed by one published key but naming the other's kid fails its signature.
+    _refused(verifier, _kid_token(rsa_private, "ec-1"), "TOKEN_INVALID")
+    _refused(verifier, _kid_token(ec_private, "rsa-1", "ES256"), "TOKEN_INVALID")
+    # An HS256 token "signed" with the RSA key's PEM, naming its kid.
+    forged = _hand_signed({"alg": "HS256", "kid": "rsa-1"}, _claims(), _public_pem(rsa_private).encode())
+    _refused(verifier, forged, "TOKEN_INVALID")
+    _refused(verifier, _encode(_claims()), "TOKEN_INVALID")  # no kid at all
+
+
+def test_jwks_unknown_kids_cannot_flood_the_identity_provider(jwks_server, rsa_private) -> None:  # type: ignore[no-untyped-def]
+    jwks_server.publish("rsa-1", rsa_private)
+    verifier = auth.Verifier(secret=JWT_SECRET, jwks_url=jwks_server.url, jwks_cooldown=1.0)
+    assert verifier.verify(_kid_token(rsa_private, "rsa-1")).subject == "alice"
+    assert jwks_server.requests == 1
+    for n in range(50):  # within the cooldown of that fetch: no refetch at all
+        _refused(verifier, _kid_token(rsa_private, f"random-{n}"), "TOKEN_KEY_UNKNOWN")
+    assert jwks_server.requests == 1
+    time.sleep(1.1)
+    # After the cooldown, a burst of unknown kids costs exactly one refetch.
+    for n in range(50):
+        _refused(verifier, _kid_token(rsa_private, f"again-{n}"), "TOKEN_KEY_UNKNOWN")
+    assert jwks_server.requests == 2
+    # A rotated-in key is found by the next refetch the cooldown allows.
+    rotated = _rsa_key()
+    jwks_server.publish("rsa-2", rotated)
+    _refused(verifier, _kid_token(rotated, "rsa-2"), "TOKEN_KEY_UNKNOWN")
+    assert jwks_server.requests == 2
+    time.sleep(1.1)
+    assert verifier.verify(_kid_token(rotated, "rsa-2")).subject == "alice"
+    assert jwks_server.requests == 3
+
+
+def test_jwks_symmetric_key_is_never_used(jwks_server) -> None:  # type: ignore[no-untyped-def]
+    # An `oct` key in the set (a shared secret) must not verify HS256 tokens.
+    secret = b"s" * 32
+    jwks_server.keys.append({"kty": "oct", "k": _b64(secret), "kid": "oct-1", "alg": "HS256"})
+    verifier = auth.Verifier(secret=JWT_SECRET, jwks_url=jwks_server.url)
+    token = jwt.encode(_claims(), secret, algorithm="HS256", headers={"kid": "oct-1"})
+    _refused(verifier, token, "TOKEN_KEY_UNKNOWN")
+
+
+def test_jwks_unreachable_is_unavailable_not_unauthenticated(jwks_server, rsa_private) -> None:  # type: ignore[no-untyped-def]
+    jwks_server.down = True
+    jwks_server.publish("rsa-1", rsa_private)
+    verifier = auth.Verifier(secret=JWT_SECRET, jwks_url=jwks_server.url, jwks_cooldown=0.5)
+    for _ in range(20):  # one fetch fails; the next requests fail fast without fetching
+        with pytest.raises(Unavailable) as info:
+            verifier.verify(_kid_token(rsa_private, "rsa-1"))
+        assert info.value.reason == "JWKS_UNAVAILABLE"
+    assert jwks_server.requests == 1
+    jwks_server.down = False
+    time.sleep(0.6)
+    assert verifier.verify(_kid_token(rsa_private, "rsa-1")).subject == "alice"
+    assert jwks_server.requests == 2

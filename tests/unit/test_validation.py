@@ -355,3 +355,54 @@ def test_metadata_object() -> None:
     for value in ([], "x", 1, None, [("a", 1)]):
         _raises(InvalidArgument, "INVALID_METADATA", validation.metadata_object, value, LIMIT)
     _raises(InvalidArgument, "METADATA_TOO_LARGE", validation.metadata_object, {"k": "v" * LIMIT}, LIMIT)
+
+
+# -- the names and ids policy (module docstring of validation.py) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", [".", "..", "line\u2028sep", "para\u2029sep", "zw\u200djoiner", "wj\u2060x", "\u061cx"]
+)
+def test_display_name_refuses_dot_names_separators_and_invisible_characters(name: str) -> None:
+    _raises(InvalidArgument, "NAME_INVALID", validation.display_name, name)
+
+
+@pytest.mark.parametrize("name", ["...", ".hidden", "a/b", "a\\b", "p\u0430ypal.jpg"])
+def test_display_name_allows_what_is_only_a_display_concern(name: str) -> None:
+    # Names are never paths (Content-Disposition replaces the separators) and letters of any
+    # script are real names: a Cyrillic look-alike is a name, not an identifier.
+    assert validation.display_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a": "\\ud800"}',  # a lone surrogate as a value: cannot be encoded, stored or returned
+        '{"\\udfff": 1}',  # ... or as a key
+        '{"x": [{"y": "\\ud83d"}]}',  # ... at any depth
+        '{"": 1}',
+        '{"a\\u0000": 1}',
+        '{"evil\\u202e": 1}',
+        '{"zero\\u200bwidth": 1}',
+        '{"nested": {"k\\n": 1}}',
+        json.dumps({"k" * 257: 1}),
+    ],
+)
+def test_metadata_bad_keys_and_strings_refused(text: str) -> None:
+    error = _raises(InvalidArgument, "INVALID_METADATA", validation.metadata_json, text, 65536)
+    assert error.field == "metadata"
+
+
+def test_metadata_string_values_may_hold_any_valid_text() -> None:
+    value = {"note": "line\nbreak\t\u202e\u200b", "k" * 256: "ok", "emoji": "😀"}
+    assert json.loads(validation.metadata_json(json.dumps(value), 65536)) == value
+
+
+def test_content_disposition_never_suggests_a_path() -> None:
+    from gallery_server.rpc.servicer import content_disposition
+
+    header = content_disposition("../../etc/pass\\wd\"x.jpg")
+    assert header == (
+        "attachment; filename=\".._.._etc_pass_wd_x.jpg\"; "
+        "filename*=UTF-8''.._.._etc_pass_wd%22x.jpg"
+    )

@@ -15,7 +15,7 @@ from gallery.v1 import device_pb2_grpc
 
 from ..auth import Principal
 from ..devices import Announcement, Channel, Devices
-from ..errors import InvalidArgument
+from ..errors import GalleryError, InvalidArgument
 from .interceptor import current_principal
 from .servicer import metadata_json
 
@@ -101,6 +101,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     log.exception("device message ignored", extra={"device": device})
         except grpc.RpcError:
             channel.close()  # the device went away
+        except GalleryError as exc:  # an undecodable message (interceptor.py): end the channel
+            log.warning("device channel closed: bad message", extra={"device": device, "reason": exc.reason})
+            channel.close()
 
     def _apply(self, device: str, message: pb.ConnectRequest) -> None:
         kind = message.WhichOneof("message")

@@ -5,7 +5,9 @@ The interceptor wraps each method handler so that, inside the worker thread runn
   available to the servicer through current_principal();
 - a GalleryError becomes its mapped status; any other exception is logged with its traceback and
   becomes a generic INTERNAL, so no exception text reaches a client;
-- one access-log line records method, code, duration, subject and request id.
+- one access-log line records method, code, duration, subject and request id (never a token);
+- a request message that does not parse (text that is not UTF-8, bytes that are not protobuf)
+  is INVALID_ARGUMENT `MALFORMED_REQUEST` once authentication passed, not grpcio's INTERNAL.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from .. import auth
-from ..errors import GalleryError, Unauthenticated
+from ..errors import GalleryError, InvalidArgument, Unauthenticated
 from . import status
 
 log = logging.getLogger("gallery.access")
@@ -44,8 +47,8 @@ def current_principal() -> auth.Principal:
 
 
 class GalleryInterceptor(grpc.ServerInterceptor):
-    def __init__(self, jwt_secret: str) -> None:
-        self._secret = jwt_secret
+    def __init__(self, verifier: auth.Verifier) -> None:
+        self._verifier = verifier
 
     def intercept_service(
         self,
@@ -59,9 +62,12 @@ class GalleryInterceptor(grpc.ServerInterceptor):
         public = method in PUBLIC_METHODS
         if handler.response_streaming:
             behavior = handler.unary_stream or handler.stream_stream
-            wrapped: Callable[..., Any] = self._wrap_stream(method, public, behavior)
         else:
             behavior = handler.unary_unary or handler.stream_unary
+        behavior = _refusing_undecodable(behavior, handler.request_streaming)
+        if handler.response_streaming:
+            wrapped: Callable[..., Any] = self._wrap_stream(method, public, behavior)
+        else:
             wrapped = self._wrap_unary(method, public, behavior)
         factory = {
             (False, False): grpc.unary_unary_rpc_method_handler,
@@ -71,7 +77,7 @@ class GalleryInterceptor(grpc.ServerInterceptor):
         }[(handler.request_streaming, handler.response_streaming)]
         return factory(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -110,9 +116,56 @@ class GalleryInterceptor(grpc.ServerInterceptor):
     def _enter(self, call: _Call, public: bool) -> contextvars.Token[auth.Principal] | None:
         if public:
             return None
-        principal = auth.verify(auth.bearer_token(call.metadata.get("authorization")), self._secret)
+        token = auth.bearer_token(call.metadata.get("authorization"))
+        principal = self._verifier.verify(token)
         call.subject = principal.subject
         return _principal.set(principal)
+
+
+class _Undecodable:
+    """A request the protobuf runtime could not parse, kept so the RPC can answer a clean 400.
+
+    Envoy puts path and query values into string fields byte for byte, so `?page_token=%FF` is a
+    string that is not UTF-8; grpcio would answer it with INTERNAL ("Exception deserializing
+    request!"), a 500 through Envoy, before any of our code ran."""
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _Undecodable()
+
+    return deserialize
+
+
+def _malformed() -> InvalidArgument:
+    return InvalidArgument(
+        "MALFORMED_REQUEST", "the request is not a valid message (e.g. text that is not UTF-8)"
+    )
+
+
+def _refusing_undecodable(behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+    """Raise MALFORMED_REQUEST where the servicer would have met an undecodable message."""
+
+    def checked(messages: Iterator[Any]) -> Iterator[Any]:
+        for message in messages:
+            if isinstance(message, _Undecodable):
+                raise _malformed()
+            yield message
+
+    def call(request: Any, context: grpc.ServicerContext) -> Any:
+        if streaming:
+            return behavior(checked(request), context)
+        if isinstance(request, _Undecodable):
+            raise _malformed()
+        return behavior(request, context)
+
+    return call
 
 
 class _Call:
@@ -127,6 +180,11 @@ class _Call:
         self.code = "OK"
         self.reason = ""
         self.started = time.perf_counter()
+        if log.isEnabledFor(logging.DEBUG):
+            # Names only: the values carry bearer tokens (authorization) and, for a transcoded
+            # PUT, the path with its signed-URL token is not in the metadata at all.
+            log.debug("rpc started", extra={"method": method, "request_id": self.request_id,
+                                            "metadata_keys": sorted(self.metadata)})
 
     def fail(self, exc: BaseException) -> None:
         if isinstance(exc, GalleryError):

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gallery.v1 import device_pb2, device_pb2_grpc, gallery_pb2, gallery_pb2_grpc
 
+from ..auth import Verifier
 from ..db import Database
 from ..devices import Devices
 from ..incoming import IncomingImporter
@@ -47,7 +48,7 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
         futures.ThreadPoolExecutor(
             max_workers=settings.grpc_workers, thread_name_prefix="rpc"
         ),
-        interceptors=[GalleryInterceptor(settings.jwt_secret)],
+        interceptors=[GalleryInterceptor(Verifier.from_settings(settings))],
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

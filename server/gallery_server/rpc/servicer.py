@@ -453,8 +453,12 @@ def _request_headers(context: grpc.ServicerContext) -> dict[str, str]:
 
 
 def content_disposition(name: str) -> str:
-    """An attachment header safe for any filename: ASCII fallback plus RFC 5987 UTF-8 form."""
-    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in name)
+    """An attachment header safe for any filename: ASCII fallback plus RFC 5987 UTF-8 form.
+
+    A stored name may hold `/` or `\\` (names are not paths); the suggested filename never does,
+    so that a client saving under it cannot be steered into another folder."""
+    name = name.replace("/", "_").replace("\\", "_")
+    fallback = "".join(c if c.isascii() and c.isprintable() and c != '"' else "_" for c in name)
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{urllib.parse.quote(name, safe='')}"
 
 

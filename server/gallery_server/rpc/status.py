@@ -25,6 +25,7 @@ _CODES: dict[type[errors.GalleryError], int] = {
     errors.Conflict: code_pb2.ABORTED,  # HTTP 409
     errors.OutOfRange: code_pb2.OUT_OF_RANGE,  # HTTP 400
     errors.TooLarge: code_pb2.RESOURCE_EXHAUSTED,  # HTTP 429 (Envoy's mapping)
+    errors.Unavailable: code_pb2.UNAVAILABLE,  # HTTP 503
 }
 
 

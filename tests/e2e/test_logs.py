@@ -1,0 +1,125 @@
+"""Secrets never reach the logs: a real stack at log level DEBUG is sent good and bad bearer
+tokens and pre-signed URLs (used, reused, tampered, expired), REST and native; afterwards neither
+the server's log, the supervisor's nor Envoy's (its stderr, and any access log file its config
+names) holds a token, a signed-URL token or the JWT secret.
+
+The one JWT allowed in the output is the development token that `gallery run` prints in its
+banner for the operator (README, "Two commands"): it is minted at start, not received.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+
+import grpc
+import httpx
+import jwt
+
+from gallery.v1 import gallery_pb2 as pb
+from gallery.v1 import gallery_pb2_grpc
+from gallery_server import auth
+from gallery_server.local_stack import stop_stack
+
+from ..conftest import JWT_SECRET
+from .conftest import start_stack
+
+DEVICE = "log-cam"
+JWT_RE = re.compile(rb"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+# Envoy access log operators that would write a secret: the path carries signed-URL tokens, the
+# Authorization header bearer tokens.
+RISKY_ACCESS_LOG = re.compile(r"%REQ\((:PATH|X-ENVOY-ORIGINAL-PATH|AUTHORIZATION)[^%]*%|%PATH%", re.I)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def test_no_secret_in_any_log_at_debug(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    stack = start_stack(tmp_path / "data", tmp_path / "gallery.log", extra_env={
+        "GALLERY_LOG_LEVEL": "DEBUG", "GALLERY_MAKE_THUMBNAILS": "false",
+    })
+    sent: list[str] = []  # every secret that went over the wire
+
+    def token(**kw: object) -> str:
+        value = auth.mint(JWT_SECRET, subject="logger", devices=kw.pop("devices", [DEVICE]),  # type: ignore[arg-type]
+                          scope=f"{auth.READ} {auth.WRITE}", **kw)  # type: ignore[arg-type]
+        sent.append(value)
+        return value
+
+    try:
+        with httpx.Client(base_url=stack.base_url, timeout=30) as http:
+            good = {"Authorization": f"Bearer {token()}"}
+            assert http.get(f"/api/gallery/{DEVICE}/stats", headers=good).status_code == 200
+            r = http.post(f"/api/gallery/{DEVICE}/upload", headers=good,
+                          files={"event": ("a.txt", b"hello")}, data={"name": "a.txt"})
+            assert r.status_code == 200, r.text
+            event = r.json()["eventId"]
+            bad_tokens = [
+                token(ttl_seconds=-600),  # expired
+                token(devices=["someone-else"]),  # another device
+                jwt.encode({"sub": "x", "exp": int(time.time()) + 60}, "wrong-secret-" + "w" * 40,
+                           algorithm="HS256"),
+                "eyJhbGciOiJub25lIn0." + _b64(b'{"sub":"x"}') + ".",
+                "not-a-jwt-but-secret-looking-" + "q" * 30,
+            ]
+            sent.extend(bad_tokens)
+            for bad in bad_tokens:
+                r = http.get(f"/api/gallery/{DEVICE}/events/{event}", headers={"Authorization": f"Bearer {bad}"})
+                assert r.status_code in (401, 403), r.text
+            # Pre-signed URLs: used, reused, tampered, another device's path, no Content-Length.
+            r = http.get(f"/api/gallery/{DEVICE}/upload-url?filename=v.bin&thumbnail=true", headers=good)
+            assert r.status_code == 200, r.text
+            urls = r.json()
+            signed = [urls["upload_url"].rsplit("/", 1)[1], urls["thumbnail_upload_url"].rsplit("/", 1)[1]]
+            sent.extend(signed)
+            sent.extend(part for value in signed for part in value.split("."))
+            assert http.put(urls["upload_url"], content=b"video").status_code == 200
+            assert http.put(urls["upload_url"], content=b"again").status_code == 403
+            tampered = signed[1][:-3] + ("AAA" if not signed[1].endswith("AAA") else "BBB")
+            sent.append(tampered)
+            assert http.put(f"/api/gallery/{DEVICE}/upload/{tampered}", content=b"t").status_code == 403
+            assert http.put(f"/api/gallery/other-cam/upload/{signed[1]}", content=b"t").status_code == 403
+            chunked = http.put(urls["thumbnail_upload_url"], content=iter([b"x", b"y"]))
+            assert chunked.status_code == 400, chunked.text
+            # Tokens in a query string and a custom header: no access line may echo them either.
+            http.get(f"/api/gallery/{DEVICE}/stats?access_token={sent[0]}", headers=good)
+        with grpc.insecure_channel(stack.envoy_grpc_address) as channel:
+            stub = gallery_pb2_grpc.GalleryServiceStub(channel)
+            stub.GetStats(pb.GetStatsRequest(device=DEVICE), metadata=[("authorization", f"Bearer {sent[0]}")],
+                          timeout=30)
+            try:
+                stub.GetStats(pb.GetStatsRequest(device=DEVICE),
+                              metadata=[("authorization", f"Bearer {bad_tokens[2]}")], timeout=30)
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+            else:
+                raise AssertionError("a token signed with another secret was accepted")
+    finally:
+        stop_stack(stack)
+
+    config = (stack.data_dir / "run" / "envoy.yaml").read_text()
+    logs = [stack.log_path.read_bytes()]
+    if "access_log" in config:
+        # Whatever access log Envoy keeps must not be built from the path or the Authorization
+        # header, and a file it writes is checked like the rest.
+        assert not RISKY_ACCESS_LOG.search(config), RISKY_ACCESS_LOG.search(config)
+        for path in re.findall(r"path:\s*\"?(/[^\s\"]+)", config):
+            if not path.startswith("/dev/") and (p := __import__("pathlib").Path(path)).is_file():
+                logs.append(p.read_bytes())
+    text = b"\n".join(logs)
+    # The log really is at DEBUG and really recorded these calls.
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith(b"{")]
+    assert any(line["level"] == "DEBUG" for line in lines), "no DEBUG line: the level did not apply"
+    methods = {line.get("method") for line in lines}
+    assert {"/gallery.v1.GalleryService/PutSignedUpload", "/gallery.v1.GalleryService/GetEvent"} <= methods
+    reasons = {line.get("reason") for line in lines}
+    assert {"TOKEN_EXPIRED", "URL_SIGNATURE_INVALID", "URL_ALREADY_USED"} <= reasons
+    assert JWT_SECRET.encode() not in text
+    for secret in sent:
+        assert secret.encode() not in text, f"a sent secret is in the logs: {secret[:12]}..."
+    banner = [line for line in text.splitlines() if line.strip().startswith(b"export TOKEN=")]
+    allowed = {m.group() for line in banner for m in JWT_RE.finditer(line)}
+    assert {m.group() for m in JWT_RE.finditer(text)} <= allowed
