@@ -7,7 +7,8 @@ REST route, over REST through Envoy:
 - a token for another device: PERMISSION_DENIED / 403 DEVICE_NOT_ALLOWED, and the very same answer
   whether or not the event (or upload session) named exists: no existence oracle across devices;
 - a token for the device without the method's scope: PERMISSION_DENIED / 403 SCOPE_MISSING.
-PutSignedUpload carries its own proof (the signed URL) and is checked for that instead.
+PutSignedUpload and GetSignedUploadStatus carry their own proof (the signed URL) and are checked for
+that instead.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ SERVICES = (
     device_pb2.DESCRIPTOR.services_by_name["DeviceService"],
 )
 ALL_SCOPES = {auth.READ, auth.WRITE, auth.DEVICE}
-PUBLIC = {"PutSignedUpload"}
+PUBLIC = {"PutSignedUpload", "GetSignedUploadStatus"}
 BOUNDARY = "authz-boundary"
 FORM = (
     f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\na.txt\r\n"
@@ -250,6 +251,11 @@ def test_signed_upload_authorization(target, http) -> None:  # type: ignore[no-u
     # A bearer token is no substitute for the URL's signature.
     r = http.put(f"/api/gallery/{device}/upload/{token[:-2]}AA", content=b"x",
                  headers={"Authorization": f"Bearer {owner}"})
+    assert (r.status_code, r.json()["details"][0]["reason"]) == (403, "URL_SIGNATURE_INVALID")
+    # Its status is the URL's too: another device's path, or a forged token, learn nothing.
+    r = http.get(f"/api/gallery/someone-else/upload/{token}")
+    assert (r.status_code, r.json()["details"][0]["reason"]) == (403, "URL_DEVICE_MISMATCH")
+    r = http.get(f"/api/gallery/{device}/upload/{token[:-2]}AA", headers={"Authorization": f"Bearer {owner}"})
     assert (r.status_code, r.json()["details"][0]["reason"]) == (403, "URL_SIGNATURE_INVALID")
     data = json.loads(http.get(f"/api/gallery/{device}/events",
                                headers={"Authorization": f"Bearer {owner}"}).text)
