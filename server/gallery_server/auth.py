@@ -16,6 +16,7 @@ from .errors import PermissionDenied, Unauthenticated
 READ = "gallery:read"
 WRITE = "gallery:write"
 DEVICE = "gallery:device"  # a device: announce, keep the command channel, upload pulled content
+ADMIN = "gallery:admin"  # operators: the admin status (reconcile.py)
 ALGORITHM = "HS256"
 LEEWAY_SECONDS = 30
 

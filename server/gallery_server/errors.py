@@ -8,7 +8,9 @@ GalleryError                 base; carries a stable UPPER_SNAKE `reason` and `me
 ├── AlreadyExists            the resource was created already (409 / ALREADY_EXISTS)
 ├── FailedPrecondition       not possible in the resource's current state (400 / FAILED_PRECONDITION)
 ├── OutOfRange               a read past the end of the content (400 / OUT_OF_RANGE)
-└── TooLarge                 a size limit was exceeded (429 through Envoy / RESOURCE_EXHAUSTED)
+├── TooLarge                 a size limit was exceeded (429 through Envoy / RESOURCE_EXHAUSTED)
+└── Exhausted                a capacity limit was hit: too many uploads at once (429) or too little
+                             free disk (507 through Envoy; both RESOURCE_EXHAUSTED)
 """
 
 from __future__ import annotations
@@ -53,3 +55,7 @@ class OutOfRange(GalleryError):
 
 class TooLarge(GalleryError):
     pass
+
+
+class Exhausted(GalleryError):
+    """The server is at a capacity limit; the same request may succeed later."""
