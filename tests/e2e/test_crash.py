@@ -195,7 +195,7 @@ def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
+    except (OSError, IndexError):  # gone, even between open() and read()
         return False
 
 
@@ -237,6 +237,8 @@ def test_sigkill_during_uploads_loses_nothing_acknowledged(tmp_path: pathlib.Pat
     incoming.mkdir(parents=True)
     started = time.monotonic()
     timings = {"start": 0.0, "join": 0.0}
+    stop = threading.Event()
+    running: list[threading.Thread] = []
     try:
         servers.start()
         envoy = supervisor.start_envoy(
@@ -256,6 +258,7 @@ def test_sigkill_during_uploads_loses_nothing_acknowledged(tmp_path: pathlib.Pat
                 (incoming / f".{name}.tmp").write_bytes(body)
                 os.rename(incoming / f".{name}.tmp", incoming / name)
                 dropped[name] = (incoming_device, body)
+                stop.set()  # (the previous cycle's, already joined)
                 stop = threading.Event()
                 channel = grpc.insecure_channel(grpc_address, options=CHANNEL_OPTIONS)
                 stub = gallery_pb2_grpc.GalleryServiceStub(channel)
@@ -273,6 +276,7 @@ def test_sigkill_during_uploads_loses_nothing_acknowledged(tmp_path: pathlib.Pat
                 ]
                 for thread in threads:
                     thread.start()
+                running.extend(threads)
                 time.sleep(rng.uniform(0.02, 0.3))  # then kill, wherever the uploads are
                 servers.kill()
                 stop.set()
@@ -292,6 +296,9 @@ def test_sigkill_during_uploads_loses_nothing_acknowledged(tmp_path: pathlib.Pat
             time.sleep(0.05)
         servers.kill(signal.SIGTERM)
     finally:
+        stop.set()  # a failed cycle must not leave clients running
+        for thread in running:
+            thread.join(timeout=30)
         servers.close()
         if envoy is not None:
             envoy.terminate()
