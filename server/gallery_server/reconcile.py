@@ -123,8 +123,13 @@ class Reconciler:
     def run_once(self) -> Findings:
         findings = Findings(started=_rfc3339(utcnow()), replica=f"{socket.gethostname()}:{os.getpid()}")
         cutoff = time.time() - self.grace_seconds
-        self._staging(findings, cutoff)
-        self._media(findings, cutoff)
+        # Ages are read for every file before any is removed: a staging leftover and an orphan in
+        # media/ may be two links of one inode (a crash between link and unlink), and removing
+        # one link sets the inode's ctime to now, which would make the other look young.
+        staging, sessions = self._old_staging(cutoff)
+        media = self._old_media(cutoff)
+        self._staging(findings, staging, sessions)
+        self._media(findings, media)
         self._grants(findings)
         self._rows(findings)
         findings.finished = _rfc3339(utcnow())
@@ -136,25 +141,29 @@ class Reconciler:
         )
         return findings
 
-    def _staging(self, findings: Findings, cutoff: float) -> None:
+    def _old_staging(self, cutoff: float) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
         root = self.storage.staging_root
-        for path in _files(root):
-            if _changed(path) < cutoff:
-                self._remove(path, findings, "staging_removed")
-        sessions = root / "sessions"
-        for device_dir in _dirs(sessions):
-            for path in _files(device_dir):
-                if _changed(path) >= cutoff:
-                    continue
-                with self.db.session() as session:
-                    row = session.get(UploadSessionRow, (device_dir.name, path.name))
-                if row is None:
-                    self._remove(path, findings, "staging_removed")
+        uploads = [p for p in _files(root) if _changed(p) < cutoff]
+        sessions = [p for d in _dirs(root / "sessions") for p in _files(d) if _changed(p) < cutoff]
+        return uploads, sessions
 
-    def _media(self, findings: Findings, cutoff: float) -> None:
-        for device_dir in _dirs(self.storage.media_root):
-            device = device_dir.name
-            old = [p for p in _files(device_dir) if _changed(p) < cutoff]
+    def _old_media(self, cutoff: float) -> dict[str, list[pathlib.Path]]:
+        return {
+            device_dir.name: [p for p in _files(device_dir) if _changed(p) < cutoff]
+            for device_dir in _dirs(self.storage.media_root)
+        }
+
+    def _staging(self, findings: Findings, uploads: list[pathlib.Path], sessions: list[pathlib.Path]) -> None:
+        for path in uploads:
+            self._remove(path, findings, "staging_removed")
+        for path in sessions:
+            with self.db.session() as session:
+                row = session.get(UploadSessionRow, (path.parent.name, path.name))
+            if row is None:
+                self._remove(path, findings, "staging_removed")
+
+    def _media(self, findings: Findings, media: dict[str, list[pathlib.Path]]) -> None:
+        for device, old in media.items():
             for start in range(0, len(old), ROW_BATCH):
                 batch = old[start:start + ROW_BATCH]
                 ids = {p.name.removesuffix(THUMB_SUFFIX) for p in batch}

@@ -248,3 +248,18 @@ def test_idle_stream_is_cancelled_and_its_reader_told_why():
     # A stream that keeps sending is never cancelled.
     assert list(watchdog.watch(iter(range(5)), lambda: cancelled.append(False))) == list(range(5))
     assert cancelled == [True]
+
+
+def test_two_links_of_one_inode_go_in_one_pass(gallery):
+    # A crash between link (into media/) and unlink (of the staging name) leaves one inode under
+    # two names; removing either sets the inode's ctime, which must not spare the other.
+    storage = gallery.storage
+    staged = storage.staging_root / "fedcba9876543210fedcba9876543210"
+    staged.write_bytes(b"half-stored")
+    media = storage.media_path("cam1", "evt_twolinks000000000000")
+    media.parent.mkdir(parents=True)
+    os.link(staged, media)
+    settle()
+    findings = Reconciler(gallery, grace_seconds=0).run_once()
+    assert (findings.staging_removed, findings.orphan_media_removed) == (1, 1)
+    assert not staged.exists() and not media.exists()
