@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import pathlib
+import secrets
 import socket
 import time
 from typing import Any
@@ -261,7 +262,8 @@ class Reconciler:
     def _write_status(self, findings: Findings) -> None:
         path = self.status_path
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        # A private temporary name: replicas (and threads) may write the status at once.
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
         temporary.write_text(json.dumps(findings.to_json()))
         os.replace(temporary, path)
 

@@ -263,3 +263,29 @@ def test_two_links_of_one_inode_go_in_one_pass(gallery):
     findings = Reconciler(gallery, grace_seconds=0).run_once()
     assert (findings.staging_removed, findings.orphan_media_removed) == (1, 1)
     assert not staged.exists() and not media.exists()
+
+
+def test_replicas_reconciling_at_once_remove_each_orphan_once(gallery, principal):
+    # Several replicas share storage and database: their passes may overlap.
+    kept = store(gallery, principal, "cam1", PNG)
+    orphans = [gallery.storage.media_path("cam1", f"evt_orphan{i:013d}") for i in range(40)]
+    for path in orphans:
+        path.write_bytes(b"o")
+    settle()
+    results, errors = [], []
+
+    def replica() -> None:
+        try:
+            results.append(Reconciler(gallery, grace_seconds=0).run_once())
+        except Exception as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=replica) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert sum(r.orphan_media_removed for r in results) == len(orphans)
+    assert not any(p.exists() for p in orphans)
+    assert gallery.storage.media_path("cam1", kept.id).exists()
