@@ -1,6 +1,7 @@
-"""Crash safety: CYCLES times, a real gRPC server process is SIGKILLed at a random moment while
-uploads run on every path at once, then a fresh server process takes over (same data root, same
-port, the same real Envoy in front). Afterwards:
+"""Crash safety: CYCLES times on SQLite (POSTGRES_CYCLES on PostgreSQL), a real gRPC server process
+is SIGKILLed at a random moment while uploads run on every path at once, then a fresh server
+process takes over (same data root, same database, same port, the same real Envoy in front).
+Afterwards:
 
 * zero acknowledged uploads lost: every event id a client was given exists, for its device, with
   the size and sha256 the client sent, and the file in media/ has exactly those bytes;
@@ -38,7 +39,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sqlmodel import select
+from sqlmodel import SQLModel, select
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
@@ -54,6 +55,8 @@ from gallery_server.storage import Storage
 from ..conftest import JWT_SECRET
 
 CYCLES = int(os.environ.get("GALLERY_CRASH_CYCLES", "200"))
+# PostgreSQL runs fewer cycles (the suite's time budget); SQLite, the default, runs them all.
+POSTGRES_CYCLES = int(os.environ.get("GALLERY_CRASH_CYCLES_POSTGRES", "20"))
 FORKSERVER = pathlib.Path(__file__).with_name("forkserver.py")
 CHUNK = 64 * 1024
 # Fast reconnects: the next server is up within tens of milliseconds of the kill.
@@ -202,7 +205,23 @@ def _alive(pid: int) -> bool:
 # -- the test -----------------------------------------------------------------------------------
 
 
-def test_sigkill_during_uploads_loses_nothing_acknowledged(tmp_path: pathlib.Path) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def crash_database(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[tuple[str, int]]:
+    """(database URL, cycles): SQLite in the data root, or a fresh schema on the test PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'data' / 'gallery.db'}", CYCLES
+        return
+    url = request.getfixturevalue("postgres_url")
+    yield url, POSTGRES_CYCLES
+    engine = sa.create_engine(url)
+    SQLModel.metadata.drop_all(engine)
+    engine.dispose()
+
+
+def test_sigkill_during_uploads_loses_nothing_acknowledged(
+    tmp_path: pathlib.Path, crash_database: tuple[str, int]
+) -> None:
+    database_url, cycles = crash_database
     seed = int(os.environ.get("GALLERY_CRASH_SEED") or random.randrange(1 << 32))
     print(f"crash test seed: {seed} (GALLERY_CRASH_SEED={seed} replays it)")
     rng = random.Random(seed)
@@ -223,6 +242,7 @@ def test_sigkill_during_uploads_loses_nothing_acknowledged(tmp_path: pathlib.Pat
         # Never let a live server's own reconciler run during the test: the check below does.
         "GALLERY_RECONCILE_INTERVAL_SECONDS": "3600",
         "GALLERY_MIN_FREE_BYTES": "0",
+        "GALLERY_DATABASE_URL": database_url,
     }
     settings = Settings.from_env(env)
     data_dir.mkdir()
@@ -247,7 +267,7 @@ def test_sigkill_during_uploads_loses_nothing_acknowledged(tmp_path: pathlib.Pat
         )
         supervisor.wait_envoy_ready(admin_port, process=envoy)
         with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=10) as http:
-            for cycle in range(CYCLES):
+            for cycle in range(cycles):
                 if cycle:
                     t0 = time.monotonic()
                     servers.start()
@@ -304,9 +324,9 @@ def test_sigkill_during_uploads_loses_nothing_acknowledged(tmp_path: pathlib.Pat
             envoy.terminate()
             envoy.wait(timeout=15)
 
-    print(f"crash test: {CYCLES} SIGKILLs in {crash_seconds:.1f} s, {len(run.acks)} uploads "
-          f"acknowledged, {run.errors} cut off, {len(dropped)} incoming drops; {timings}")
-    assert len(run.acks) > CYCLES, f"seed {seed}: too few uploads completed to prove anything"
+    print(f"crash test ({database_url.split(':')[0]}): {cycles} SIGKILLs in {crash_seconds:.1f} s, "
+          f"{len(run.acks)} uploads acknowledged, {run.errors} cut off, {len(dropped)} incoming drops; {timings}")
+    assert len(run.acks) > cycles, f"seed {seed}: too few uploads completed to prove anything"
     assert {a.path for a in run.acks} >= {"native", "resumable", "multipart", "signed"}
     _verify(settings, run, dropped)
 
