@@ -169,3 +169,17 @@ def test_admin_status_natively(limited: Stack, mint: Callable[..., str]) -> None
             stub.GetAdminStatus(pb.GetAdminStatusRequest(),
                                 metadata=[("authorization", f"Bearer {mint()}")])
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_edge_refuses_oversized_headers_and_keeps_paths_canonical(limited: Stack, mint: Callable[..., str]) -> None:
+    token = {"Authorization": f"Bearer {mint()}"}
+    with httpx.Client(base_url=limited.base_url, timeout=30) as http:
+        assert http.get("/api/gallery/cam1/stats", headers=token).status_code == 200
+        # At most 32 KiB of request headers, and at most 64 of them (envoy/envoy.yaml).
+        big = http.get("/api/gallery/cam1/stats", headers={**token, "x-big": "a" * (40 << 10)})
+        assert big.status_code == 431
+        many = http.get("/api/gallery/cam1/stats", headers={**token, **{f"x-h{i}": "1" for i in range(70)}})
+        assert many.status_code == 431
+        # Merged slashes reach the same route (merge_slashes); an encoded slash is refused.
+        assert http.get("/api//gallery//cam1/stats", headers=token).status_code == 200
+        assert http.get("/api/gallery/cam%2F1/stats", headers=token).status_code == 400
