@@ -30,6 +30,7 @@ from .errors import PermissionDenied, Unauthenticated, Unavailable
 READ = "gallery:read"
 WRITE = "gallery:write"
 DEVICE = "gallery:device"  # a device: announce, keep the command channel, upload pulled content
+ADMIN = "gallery:admin"  # operators: the admin status (reconcile.py)
 ALGORITHM = "HS256"
 LEEWAY_SECONDS = 30
 # The asymmetric algorithms accepted, by key type. Pinned: a key of one type never verifies a

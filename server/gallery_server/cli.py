@@ -18,6 +18,14 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="start the gRPC server and Envoy; Ctrl-C stops both")
     commands.add_parser("serve", help="start only the gRPC server (GALLERY_GRPC_ADDRESS)")
+    reconcile = commands.add_parser(
+        "reconcile", help="reconcile files and rows once and print the findings as JSON",
+        description="One pass of the reconciler that every server runs periodically (safe while "
+        "servers run). Exit status 1 when stored rows lack their media file.",
+    )
+    reconcile.add_argument("--grace", type=float, default=None,
+                           help="seconds a leftover file must be old to be removed "
+                           "(default: GALLERY_RECONCILE_GRACE_SECONDS); 0 only when no upload runs")
     token = commands.add_parser("token", help="mint a bearer token signed with the server's secret")
     token.add_argument("--sub", required=True, help="the token's subject (who it is for)")
     token.add_argument(
@@ -65,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                         scope=args.scope, ttl_seconds=args.ttl))
         return 0
     logs.configure(settings.log_level)
+    if args.command == "reconcile":
+        return _reconcile(settings, args.grace)
     if args.command == "serve":
         from .rpc.server import serve
 
@@ -73,6 +83,24 @@ def main(argv: list[str] | None = None) -> int:
     from .supervisor import run
 
     return run(settings)
+
+
+def _reconcile(settings: Settings, grace: float | None) -> int:
+    import json
+
+    from .db import Database
+    from .reconcile import Reconciler
+    from .service import Gallery
+    from .storage import Storage
+
+    db = Database(settings.database_url, pool_size=2)
+    try:
+        db.create_tables()
+        findings = Reconciler(Gallery(settings, db, Storage(settings.data_dir)), grace_seconds=grace).run_once()
+    finally:
+        db.dispose()
+    print(json.dumps(findings.to_json()))
+    return 1 if findings.missing_media or findings.size_mismatch else 0
 
 
 def _agent(args: argparse.Namespace) -> int:

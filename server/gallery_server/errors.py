@@ -10,7 +10,9 @@ GalleryError                 base; carries a stable UPPER_SNAKE `reason` and `me
 ├── Conflict                 lost to another request's state: re-read, then retry (409 / ABORTED)
 ├── OutOfRange               a read past the end of the content (400 / OUT_OF_RANGE)
 ├── TooLarge                 a size limit was exceeded (429 through Envoy / RESOURCE_EXHAUSTED)
-└── Unavailable              a service the request needs is unreachable, e.g. the JWKS (503 / UNAVAILABLE)
+├── Unavailable              a service the request needs is unreachable, e.g. the JWKS (503 / UNAVAILABLE)
+└── Exhausted                a capacity limit was hit: too many uploads at once (429) or too little
+                             free disk (507 through Envoy; both RESOURCE_EXHAUSTED)
 """
 
 from __future__ import annotations
@@ -65,3 +67,7 @@ class TooLarge(GalleryError):
 
 class Unavailable(GalleryError):
     pass
+
+
+class Exhausted(GalleryError):
+    """The server is at a capacity limit; the same request may succeed later."""

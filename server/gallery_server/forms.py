@@ -10,7 +10,7 @@ from __future__ import annotations
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from . import validation
-from .errors import InvalidArgument, TooLarge
+from .errors import Exhausted, InvalidArgument, TooLarge
 from .uploads import Upload, check_device_event_id
 
 _TEXT_LIMITS = {"name": 4 * validation.MAX_NAME_CHARS, "media_type": 64, "has_thumbnail": 16,
@@ -154,5 +154,5 @@ class FormReceiver:
                         field=self._part,
                     ))
                 text += chunk
-        except (InvalidArgument, TooLarge) as exc:
+        except (InvalidArgument, TooLarge, Exhausted) as exc:  # Exhausted: a full disk
             self._fail(exc)

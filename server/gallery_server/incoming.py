@@ -55,7 +55,7 @@ from .errors import GalleryError
 from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import Event, initial_thumbnail_state
 from .service import Gallery, utcnow
-from .storage import _fsync_dir
+from .storage import _fsync_dir, _make_dir
 
 log = logging.getLogger(__name__)
 
@@ -499,7 +499,7 @@ class IncomingImporter(BackgroundLoop):
 
 
 def _place(taken: _Taken, destination: pathlib.Path) -> None:
-    destination.parent.mkdir(parents=True, exist_ok=True)
+    _make_dir(destination.parent)  # a new device folder is made durable with the file in it
     os.replace(taken.staged, destination)
     _fsync_dir(destination.parent)
 

@@ -11,8 +11,8 @@ import datetime
 import logging
 import os
 import pathlib
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, func, select
@@ -24,13 +24,14 @@ from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import DeviceCommand, Event, initial_thumbnail_state
 from .settings import Settings
-from .storage import Storage
-from .uploads import Upload, check_device_event_id
+from .storage import SPACE_CHECK_BYTES, Storage
+from .uploads import IdleWatchdog, Upload, UploadSlots, check_device_event_id
 
 log = logging.getLogger(__name__)
 
 # Runs inside the transaction that inserts an event, before the insert.
 SessionHook = Callable[[Session, Event], None]
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,15 @@ class Gallery:
         self.settings = settings
         self.db = db
         self.storage = storage
+        # The settings own the disk headroom, whoever built the Storage (tests of the stateless
+        # signed-URL checks build a Gallery without one).
+        if storage is not None:
+            storage.min_free_bytes = settings.min_free_bytes
+        # Limits on uploads in flight, per replica (one Gallery serves all RPCs of a server).
+        self.slots = UploadSlots(
+            per_device=settings.max_uploads_per_device, total=settings.max_uploads_total
+        )
+        self.idle = IdleWatchdog(settings.upload_idle_seconds)
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -203,13 +213,44 @@ class Gallery:
         return self.open_upload(device)
 
     def open_upload(self, device: str, *, max_media_bytes: int | None = None) -> Upload:
-        """An Upload for a device already authorized (by a token or by a signed URL)."""
-        return Upload(
-            self.storage,
-            device,
-            max_media_bytes=max_media_bytes or self.settings.max_upload_bytes,
-            max_thumbnail_bytes=self.settings.max_thumbnail_bytes,
-        )
+        """An Upload for a device already authorized (by a token or by a signed URL).
+
+        Refused (Exhausted) when the disk is down to its headroom or the device, or the replica,
+        has as many uploads in flight as allowed; the Upload holds its slot until closed."""
+        self.storage.require_space()
+        release = self.slots.acquire(device)
+        try:
+            return Upload(
+                self.storage,
+                device,
+                max_media_bytes=max_media_bytes or self.settings.max_upload_bytes,
+                max_thumbnail_bytes=self.settings.max_thumbnail_bytes,
+                release=release,
+            )
+        except BaseException:
+            release()
+            raise
+
+    def watch_upload(
+        self, messages: Iterator[T], cancel: Callable[[], None],
+        size_of: Callable[[T], int] | None = None,
+    ) -> Iterator[T]:
+        """The messages of an upload stream, aborted (by `cancel`) once idle for
+        GALLERY_UPLOAD_IDLE_SECONDS. With `size_of`, the free disk space is checked again every
+        SPACE_CHECK_BYTES received (for streams that write outside a StagedFile)."""
+        watched = self.idle.watch(messages, cancel)
+        if size_of is None:
+            return watched
+        return self._metered(watched, size_of)
+
+    def _metered(self, messages: Iterator[T], size_of: Callable[[T], int]) -> Iterator[T]:
+        unchecked = 0
+        for message in messages:
+            unchecked += size_of(message)
+            if unchecked >= SPACE_CHECK_BYTES:
+                unchecked = 0
+                self.storage.require_space()
+            yield message
 
     def store(
         self,

@@ -31,6 +31,17 @@
 With a public key or a JWKS URL, bearer tokens must be RS256/ES256 from it and HS256 tokens are
 refused (auth.py); the secret (GALLERY_JWT_SECRET or <data>/jwt-secret, which `gallery run`
 creates) is still needed: it signs the pre-signed upload URLs.
+
+Limits and reconciliation (README "Reliability"); upload counts are per replica:
+
+| variable                           | default  | meaning                                          |
+|------------------------------------|----------|--------------------------------------------------|
+| GALLERY_MAX_UPLOADS_PER_DEVICE     | 4        | uploads of one device at once                    |
+| GALLERY_MAX_UPLOADS_TOTAL          | 48       | uploads at once, all devices (< workers: reads keep threads) |
+| GALLERY_UPLOAD_IDLE_SECONDS        | 120      | an upload stream silent this long is aborted     |
+| GALLERY_MIN_FREE_BYTES             | 1 GiB    | disk headroom: no uploads accepted below it      |
+| GALLERY_RECONCILE_INTERVAL_SECONDS | 600      | how often each replica reconciles (reconcile.py) |
+| GALLERY_RECONCILE_GRACE_SECONDS    | 3600     | age before a leftover or rowless file is removed |
 """
 
 from __future__ import annotations
@@ -76,6 +87,13 @@ class Settings:
     jwt_jwks_lifespan: float = 300.0
     jwt_issuer: str = ""
     jwt_audience: str = ""
+    # -- limits and reconciliation (one block; README "Reliability") ---------------------------
+    max_uploads_per_device: int = 4
+    max_uploads_total: int = 48
+    upload_idle_seconds: float = 120.0
+    min_free_bytes: int = 1 << 30
+    reconcile_interval_seconds: float = 600.0
+    reconcile_grace_seconds: float = 3600.0
 
     @classmethod
     def from_env(cls, env: os._Environ[str] | dict[str, str] = os.environ) -> Settings:
@@ -125,6 +143,7 @@ class Settings:
                 ),
                 jwt_issuer=env.get("GALLERY_JWT_ISSUER", ""),
                 jwt_audience=env.get("GALLERY_JWT_AUDIENCE", ""),
+                **_limits(env),
             )
         except ValueError as exc:
             raise ConfigError(f"bad numeric setting: {exc}") from None
@@ -164,6 +183,30 @@ def _non_negative(
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0")
     return value
+
+
+_LIMITS: dict[str, tuple[str, type]] = {
+    "max_uploads_per_device": ("GALLERY_MAX_UPLOADS_PER_DEVICE", int),
+    "max_uploads_total": ("GALLERY_MAX_UPLOADS_TOTAL", int),
+    "upload_idle_seconds": ("GALLERY_UPLOAD_IDLE_SECONDS", float),
+    "min_free_bytes": ("GALLERY_MIN_FREE_BYTES", int),
+    "reconcile_interval_seconds": ("GALLERY_RECONCILE_INTERVAL_SECONDS", float),
+    "reconcile_grace_seconds": ("GALLERY_RECONCILE_GRACE_SECONDS", float),
+}
+
+
+def _limits(env: os._Environ[str] | dict[str, str]) -> dict[str, object]:
+    """The limits block; each must be positive (0 for the free-space headroom and the grace)."""
+    values: dict[str, object] = {}
+    for field, (variable, kind) in _LIMITS.items():
+        text = env.get(variable)
+        if text is None:
+            continue
+        value = kind(text)
+        if value < 0 or (value == 0 and field not in ("min_free_bytes", "reconcile_grace_seconds")):
+            raise ConfigError(f"{variable} must be positive, not {text!r}")
+        values[field] = value
+    return values
 
 
 def _flag(text: str, *, default: bool) -> bool:

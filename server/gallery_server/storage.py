@@ -10,22 +10,41 @@ Layout under the data root:
 
 A file reaches media/ only by rename after it is complete, hashed and fsynced, so a reader never
 sees a partial file; staging/ lives on the same filesystem so the rename is atomic.
+
+Disk headroom: uploads need `min_free_bytes` left on the data root's filesystem, checked when an
+upload starts (require_space) and again every SPACE_CHECK_BYTES while it is written, so one upload
+cannot fill the disk; a write that still hits ENOSPC is the same INSUFFICIENT_STORAGE error.
+Reads never check: a full disk keeps serving what it holds.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
 import os
 import pathlib
 import secrets
+from collections.abc import Callable
 
-from .errors import AlreadyExists, TooLarge
+from .errors import AlreadyExists, Exhausted, TooLarge
 from .media_types import SNIFF_BYTES
+
+# How many bytes a staged file may grow between two free-space checks: a statvfs() costs
+# microseconds, and at most this much (per upload in flight) is written below the headroom.
+SPACE_CHECK_BYTES = 8 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskSpace:
+    total_bytes: int
+    free_bytes: int  # available to this (unprivileged) process
 
 
 class Storage:
-    def __init__(self, data_dir: pathlib.Path) -> None:
+    def __init__(self, data_dir: pathlib.Path, *, min_free_bytes: int = 0) -> None:
         self.data_dir = data_dir
+        self.min_free_bytes = min_free_bytes
         self.media_root = data_dir / "media"
         self.staging_root = data_dir / "staging"
         self.drop_root = data_dir / "gallery"
@@ -46,7 +65,22 @@ class Storage:
         return self.media_root / device / f"{event_id}.thumb"
 
     def stage(self, *, max_bytes: int, what: str) -> StagedFile:
-        return StagedFile(self.staging_root / secrets.token_hex(16), max_bytes=max_bytes, what=what)
+        return StagedFile(
+            self.staging_root / secrets.token_hex(16), max_bytes=max_bytes, what=what,
+            space_check=self.require_space,
+        )
+
+    def disk_space(self) -> DiskSpace:
+        st = os.statvfs(self.data_dir)
+        return DiskSpace(total_bytes=st.f_blocks * st.f_frsize, free_bytes=st.f_bavail * st.f_frsize)
+
+    def require_space(self) -> None:
+        """Refuse to accept more bytes once the free space is down to the headroom."""
+        if not self.min_free_bytes:
+            return
+        free = self.disk_space().free_bytes
+        if free < self.min_free_bytes:
+            raise insufficient_storage(free, self.min_free_bytes)
 
     def session_path(self, device: str, upload_id: str) -> pathlib.Path:
         return self.staging_root / "sessions" / device / upload_id
@@ -60,7 +94,10 @@ class Storage:
 class StagedFile:
     """A file being received: bounded in size, hashed as it is written, discarded unless committed."""
 
-    def __init__(self, path: pathlib.Path, *, max_bytes: int, what: str) -> None:
+    def __init__(
+        self, path: pathlib.Path, *, max_bytes: int, what: str,
+        space_check: Callable[[], None] | None = None,
+    ) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.what = what
@@ -68,6 +105,8 @@ class StagedFile:
         self.head = b""
         self._hash = hashlib.sha256()
         self.moved = False
+        self._space_check = space_check
+        self._unchecked = 0  # bytes written since the last free-space check
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
 
     @classmethod
@@ -84,6 +123,7 @@ class StagedFile:
             self._hash.update(chunk)
             self.size += len(chunk)
         self.max_bytes = self.size
+        self._space_check, self._unchecked = None, 0
         return self
 
     def write(self, data: bytes | memoryview) -> None:
@@ -96,11 +136,21 @@ class StagedFile:
             )
         if len(self.head) < SNIFF_BYTES:
             self.head += bytes(data[: SNIFF_BYTES - len(self.head)])
+        if self._space_check is not None:
+            self._unchecked += len(data)
+            if self._unchecked >= SPACE_CHECK_BYTES:
+                self._unchecked = 0
+                self._space_check()
         self._hash.update(data)
         view = memoryview(data)
         while view:
             assert self._fd is not None
-            written = os.write(self._fd, view)
+            try:
+                written = os.write(self._fd, view)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise insufficient_storage(0, 0) from None
+                raise
             view = view[written:]
         self.size += len(data)
 
@@ -123,7 +173,7 @@ class StagedFile:
         """Rename into place. With replace=False an existing file is never touched: the move
         fails with AlreadyExists instead (a new event must not overwrite anyone's bytes)."""
         assert self._fd is None, "sync() first"
-        destination.parent.mkdir(parents=True, exist_ok=True)
+        _make_dir(destination.parent)
         if replace:
             os.replace(self.path, destination)
         else:
@@ -143,6 +193,27 @@ class StagedFile:
             self._fd = None
         if not self.moved:
             self.path.unlink(missing_ok=True)
+
+
+def insufficient_storage(free: int, headroom: int) -> Exhausted:
+    return Exhausted(
+        "INSUFFICIENT_STORAGE",
+        "the server is short of disk space and accepts no uploads for now: retry later",
+        free_bytes=str(free), min_free_bytes=str(headroom),
+    )
+
+
+def _make_dir(path: pathlib.Path) -> None:
+    """mkdir -p, durably: a new device folder's own entry must survive a crash with the files
+    linked into it, so its parent is fsynced when it is created."""
+    if path.is_dir():
+        return
+    _make_dir(path.parent)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        return
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: pathlib.Path) -> None:

@@ -23,6 +23,11 @@ from . import auth, envoy_config
 from .settings import Settings
 
 READY_TIMEOUT_S = 60
+_FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 200),
+]
 
 
 def envoy_binary() -> str:
@@ -40,7 +45,9 @@ def wait_grpc_healthy(
     address: str, timeout: float = READY_TIMEOUT_S, process: subprocess.Popen[bytes] | None = None
 ) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    # The first attempts are refused while the server starts; grpc's default reconnect backoff
+    # (1 s, growing) would then delay noticing it is up by up to a second.
+    with grpc.insecure_channel(address, options=_FAST_RECONNECT) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

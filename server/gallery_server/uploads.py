@@ -1,14 +1,23 @@
 """An upload in flight: staged media and thumbnail plus the fields that describe them.
 
 Nothing here touches the database; Gallery.store() turns a finished Upload into an event.
+
+Also the limits on uploads in flight, per replica: UploadSlots (how many at once, per device and
+in total) and IdleWatchdog (a stream that sends nothing for a while is aborted).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import threading
+import time
 import unicodedata
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
-from .errors import InvalidArgument
+from .errors import Exhausted, FailedPrecondition, InvalidArgument
 from .storage import StagedFile, Storage
 
 MAX_DEVICE_EVENT_ID_CHARS = 128
@@ -64,10 +73,12 @@ class Upload:
 
     def __init__(
         self, storage: Storage, device: str, *, max_media_bytes: int, max_thumbnail_bytes: int,
-        media: StagedFile | None = None,
+        media: StagedFile | None = None, release: Callable[[], None] | None = None,
     ) -> None:
-        """`media`: bytes received already (a resumable upload's file), instead of a new file."""
+        """`media`: bytes received already (a resumable upload's file), instead of a new file.
+        `release`: called once on close(), to give back an UploadSlots slot."""
         self.device = device
+        self._release = release
         self.fields = UploadFields()
         self._storage = storage
         self._max_thumbnail_bytes = max_thumbnail_bytes
@@ -93,12 +104,143 @@ class Upload:
         self.thumbnail.write(data)
 
     def close(self) -> None:
-        self.media.discard()
-        if self.thumbnail is not None:
-            self.thumbnail.discard()
+        try:
+            self.media.discard()
+            if self.thumbnail is not None:
+                self.thumbnail.discard()
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
 
     def __enter__(self) -> Upload:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class UploadSlots:
+    """Counts the uploads in flight in this replica and refuses one past either limit.
+
+    Each upload holds a server thread and a staging file for as long as its client sends; without
+    a bound, one device (or a crowd) could hold every thread and leave none for reads.
+    """
+
+    def __init__(self, *, per_device: int, total: int) -> None:
+        self.per_device = per_device
+        self.total = total
+        self._lock = threading.Lock()
+        self._by_device: dict[str, int] = {}
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def acquire(self, device: str) -> Callable[[], None]:
+        """Take a slot for `device`; returns the function that gives it back (once)."""
+        with self._lock:
+            if self._in_flight >= self.total:
+                raise Exhausted(
+                    "TOO_MANY_UPLOADS",
+                    f"the server is receiving {self.total} uploads already: retry later",
+                    limit=str(self.total),
+                )
+            held = self._by_device.get(device, 0)
+            if held >= self.per_device:
+                raise Exhausted(
+                    "TOO_MANY_DEVICE_UPLOADS",
+                    f"device {device} has {self.per_device} uploads in progress already: "
+                    "finish one first",
+                    device=device, limit=str(self.per_device),
+                )
+            self._by_device[device] = held + 1
+            self._in_flight += 1
+        released = threading.Event()
+
+        def release() -> None:
+            if released.is_set():
+                return
+            released.set()
+            with self._lock:
+                self._in_flight -= 1
+                left = self._by_device[device] - 1
+                if left:
+                    self._by_device[device] = left
+                else:
+                    del self._by_device[device]
+
+        return release
+
+    @contextlib.contextmanager
+    def hold(self, device: str) -> Iterator[None]:
+        release = self.acquire(device)
+        try:
+            yield
+        finally:
+            release()
+
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class IdleWatchdog:
+    """Aborts upload streams that send nothing for `idle_seconds`.
+
+    A client that stops sending without closing its stream (a dead link, a stuck device) would
+    otherwise hold its slot, its thread and its staging file until TCP gives up, which may be
+    never. One thread per replica watches every stream; `cancel` (the transport's, e.g. a gRPC
+    context's cancel) ends the stream, whose reader then fails with UPLOAD_IDLE and cleans up.
+    """
+
+    def __init__(self, idle_seconds: float) -> None:
+        self.idle_seconds = idle_seconds
+        self._lock = threading.Lock()
+        self._streams: dict[int, list[object]] = {}  # id -> [last message time, cancel, fired]
+        self._thread: threading.Thread | None = None
+
+    def watch(self, messages: Iterator[T], cancel: Callable[[], None]) -> Iterator[T]:
+        entry: list[object] = [time.monotonic(), cancel, False]
+        key = id(entry)
+        with self._lock:
+            self._streams[key] = entry
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="upload-idle", daemon=True)
+                self._thread.start()
+        try:
+            while True:
+                try:
+                    message = next(messages)
+                except StopIteration:
+                    return
+                except Exception:
+                    if entry[2]:
+                        raise FailedPrecondition(
+                            "UPLOAD_IDLE",
+                            f"the upload sent nothing for {self.idle_seconds:g} s and was aborted",
+                        ) from None
+                    raise
+                entry[0] = time.monotonic()
+                yield message
+        finally:
+            with self._lock:
+                self._streams.pop(key, None)
+
+    def _run(self) -> None:
+        period = max(0.05, min(1.0, self.idle_seconds / 4))
+        while True:
+            time.sleep(period)
+            now = time.monotonic()
+            with self._lock:
+                stalled = [e for e in self._streams.values()
+                           if not e[2] and now - e[0] > self.idle_seconds]  # type: ignore[operator]
+                for entry in stalled:
+                    entry[2] = True
+            for entry in stalled:
+                log.warning("upload stream idle: aborting", extra={"idle_seconds": self.idle_seconds})
+                try:
+                    entry[1]()  # type: ignore[operator]
+                except Exception:
+                    log.exception("could not abort an idle upload")

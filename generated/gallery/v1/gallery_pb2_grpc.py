@@ -1013,3 +1013,95 @@ class GalleryService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class GalleryAdminServiceStub:
+    """===================================================================================================
+    Administration: reconciliation and capacity (server/gallery_server/reconcile.py). A separate
+    service, so that operators' RPCs are never mixed up with devices' and viewers' ones.
+    ===================================================================================================
+
+    GalleryAdminService reports the health of the store to operators. Needs scope `gallery:admin`.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetAdminStatus = channel.unary_unary(
+                '/gallery.v1.GalleryAdminService/GetAdminStatus',
+                request_serializer=gallery_dot_v1_dot_gallery__pb2.GetAdminStatusRequest.SerializeToString,
+                response_deserializer=gallery_dot_v1_dot_gallery__pb2.GetAdminStatusResponse.FromString,
+                _registered_method=True)
+
+
+class GalleryAdminServiceServicer:
+    """===================================================================================================
+    Administration: reconciliation and capacity (server/gallery_server/reconcile.py). A separate
+    service, so that operators' RPCs are never mixed up with devices' and viewers' ones.
+    ===================================================================================================
+
+    GalleryAdminService reports the health of the store to operators. Needs scope `gallery:admin`.
+    """
+
+    def GetAdminStatus(self, request, context):
+        """The last reconciliation (of any replica), disk space and headroom, and counts.
+        REST: `GET /api/admin/status`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_GalleryAdminServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetAdminStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAdminStatus,
+                    request_deserializer=gallery_dot_v1_dot_gallery__pb2.GetAdminStatusRequest.FromString,
+                    response_serializer=gallery_dot_v1_dot_gallery__pb2.GetAdminStatusResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'gallery.v1.GalleryAdminService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('gallery.v1.GalleryAdminService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class GalleryAdminService:
+    """===================================================================================================
+    Administration: reconciliation and capacity (server/gallery_server/reconcile.py). A separate
+    service, so that operators' RPCs are never mixed up with devices' and viewers' ones.
+    ===================================================================================================
+
+    GalleryAdminService reports the health of the store to operators. Needs scope `gallery:admin`.
+    """
+
+    @staticmethod
+    def GetAdminStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gallery.v1.GalleryAdminService/GetAdminStatus',
+            gallery_dot_v1_dot_gallery__pb2.GetAdminStatusRequest.SerializeToString,
+            gallery_dot_v1_dot_gallery__pb2.GetAdminStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -17,12 +17,14 @@ from ..auth import Verifier
 from ..db import Database
 from ..devices import Devices
 from ..incoming import IncomingImporter
+from ..reconcile import ReconcileLoop, Reconciler
 from ..resumable import ResumableUploads, SessionSweeper
 from ..service import Gallery
 from ..settings import Settings
 from ..signed_urls import SignedUploads
 from ..storage import Storage
 from ..thumbnails import Thumbnailer
+from .admin_servicer import AdminServicer
 from .device_servicer import DeviceServicer
 from .interceptor import GalleryInterceptor
 from .servicer import GalleryServicer
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = gallery_pb2.DESCRIPTOR.services_by_name["GalleryService"].full_name
 DEVICE_SERVICE_NAME = device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name
+ADMIN_SERVICE_NAME = gallery_pb2.DESCRIPTOR.services_by_name["GalleryAdminService"].full_name
 # Upload chunks are up to 1 MiB from Envoy and up to 4 MiB from native clients.
 MAX_MESSAGE_BYTES = 8 << 20
 DB_POOL_SIZE = 20
@@ -61,12 +64,17 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
         GalleryServicer(gallery, SignedUploads(gallery), devices), server
     )
     device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(devices), server)
+    gallery_pb2_grpc.add_GalleryAdminServiceServicer_to_server(
+        AdminServicer(Reconciler(gallery)), server
+    )
     health_servicer = health.HealthServicer()
-    for name in ("", SERVICE_NAME, DEVICE_SERVICE_NAME):
+    for name in ("", SERVICE_NAME, DEVICE_SERVICE_NAME, ADMIN_SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, DEVICE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, DEVICE_SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME,
+         reflection.SERVICE_NAME),
+        server,
     )
     port = server.add_insecure_port(address)
     if port == 0:
@@ -89,6 +97,14 @@ def serve(settings: Settings) -> None:
         Gallery(settings, Database(settings.database_url, pool_size=2), Storage(settings.data_dir))
     ))
     sweeper.start()
+    # Every replica reconciles files and rows, at start-up and then periodically: each step is
+    # idempotent and spares anything younger than the grace period (reconcile.py).
+    reconciler = ReconcileLoop(
+        Reconciler(Gallery(settings, Database(settings.database_url, pool_size=2),
+                           Storage(settings.data_dir))),
+        settings.reconcile_interval_seconds,
+    )
+    reconciler.start()
     # Every replica may also make missing thumbnails: events are claimed one at a time (thumbnails.py).
     thumbnailer = None
     if settings.make_thumbnails:
@@ -107,6 +123,7 @@ def serve(settings: Settings) -> None:
     stopping.wait()
     importer.stop()
     sweeper.stop()
+    reconciler.stop(timeout=5)
     # A file in hand is not waited for long: its claim is simply taken again after the lease.
     if thumbnailer is not None:
         thumbnailer.stop(timeout=5)

@@ -140,6 +140,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         return response
 
     def UploadEvent(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        request_iterator = self.gallery.watch_upload(request_iterator, context.cancel)
         header = _first(request_iterator)
         if header.WhichOneof("part") != "header":
             raise InvalidArgument(
@@ -228,6 +229,11 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         )
 
     def WriteUpload(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        # Resumable bytes go to the session file, not a StagedFile: the disk headroom is checked
+        # as the messages arrive.
+        request_iterator = self.gallery.watch_upload(
+            request_iterator, context.cancel, size_of=lambda m: len(m.data)
+        )
         first = next(request_iterator, None)
         if first is None or not first.upload_id:
             raise InvalidArgument(
@@ -238,9 +244,12 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         writer = self.resumable.open_write(
             self.principal(), first.device, first.upload_id, first.write_offset
         )
+        release = None
         try:
             if writer.done is not None:  # completed before: never stored twice
                 return _session_message(writer.done)
+            self.gallery.storage.require_space()
+            release = self.gallery.slots.acquire(first.device)
             message, finished = first, False
             while True:
                 if finished:
@@ -269,6 +278,8 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         finally:
             writer.commit_quietly()
             writer.close()
+            if release is not None:
+                release()
 
     def FindExistingChecksums(self, request, context):  # type: ignore[no-untyped-def]
         existing = self.resumable.find_existing(
@@ -277,6 +288,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         return pb.FindExistingChecksumsResponse(existing=existing)
 
     def UploadEventForm(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        request_iterator = self.gallery.watch_upload(request_iterator, context.cancel)
         first = _first(request_iterator)
         with self.gallery.begin_upload(self.principal(), first.device) as upload:
             form = FormReceiver(
@@ -296,6 +308,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         return pb.UploadEventResponse(success=True, event_id=event.id)
 
     def PutSignedUpload(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        request_iterator = self.gallery.watch_upload(request_iterator, context.cancel)
         first = _first(request_iterator)
         target = self.signed.verify(validation.device_id(first.device), first.token)
         declared = _declared_body_length(context)

@@ -26,7 +26,16 @@ _CODES: dict[type[errors.GalleryError], int] = {
     errors.OutOfRange: code_pb2.OUT_OF_RANGE,  # HTTP 400
     errors.TooLarge: code_pb2.RESOURCE_EXHAUSTED,  # HTTP 429 (Envoy's mapping)
     errors.Unavailable: code_pb2.UNAVAILABLE,  # HTTP 503
+    errors.Exhausted: code_pb2.RESOURCE_EXHAUSTED,  # HTTP 429, or 507 (_HTTP_STATUS below)
 }
+
+# Reasons whose REST status is not Envoy's mapping of their gRPC code. The status travels in the
+# `x-http-status` trailer, which the Lua filter of envoy/envoy.yaml turns into the HTTP status of
+# a REST response (as it does for downloads); native gRPC clients see the code and the trailer.
+# A full disk is 507 Insufficient Storage (RFC 4918): unlike 429, it tells the client that
+# slowing down will not help until the operator frees space.
+_HTTP_STATUS: dict[str, str] = {"INSUFFICIENT_STORAGE": "507"}
+HTTP_STATUS_HEADER = "x-http-status"
 
 
 def to_status(error: errors.GalleryError) -> grpc.Status:
@@ -46,13 +55,26 @@ def to_status(error: errors.GalleryError) -> grpc.Status:
         any_detail = any_pb2.Any()
         any_detail.Pack(detail)
         packed.append(any_detail)
-    return rpc_status.to_status(
+    mapped = rpc_status.to_status(
         status_pb2.Status(
             code=_CODES.get(type(error), code_pb2.INTERNAL),
             message=error.message,
             details=packed,
         )
     )
+    http_status = _HTTP_STATUS.get(error.reason)
+    if http_status is None:
+        return mapped
+    return _Status(
+        mapped.code, mapped.details, (*mapped.trailing_metadata, (HTTP_STATUS_HEADER, http_status))
+    )
+
+
+class _Status(grpc.Status):
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple) -> None:  # type: ignore[type-arg]
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
 
 
 def internal_status() -> grpc.Status:

@@ -1,0 +1,350 @@
+"""Reconciliation of files and rows, and the admin status that reports it.
+
+A crash (or a kill, or a full disk) can leave, at worst: bytes in staging/ that no upload will
+finish, a media file or thumbnail whose row was never committed (or was deleted: rows go first),
+and grant rows of signed URLs long expired. Reconciler.run_once() clears those, and reports, never
+touches, the one thing that must not happen: a stored row whose media file is missing or short.
+
+What is removed, and why it is safe with any number of replicas sharing storage and database:
+
+* staging/<name> (an upload in flight, an incoming copy) whose last change is older than the grace
+  period. Uploads in flight write continually, and a silent one is aborted after
+  GALLERY_UPLOAD_IDLE_SECONDS, far below the grace period.
+* staging/sessions/<device>/<upload_id> with no session row, older than the grace period: a live
+  resumable session always has its row (resumable.py removes the file first, then the row).
+* media/<device>/<id> with no event row for that device and id, older than the grace period: an
+  upload links its file into media/ a moment before it commits the row, so a young file may be
+  one about to be committed. Age is the later of mtime and ctime: a link or rename sets ctime, so
+  a resumable file written long ago but linked just now counts as new.
+* media/<device>/<id>.thumb with neither an event row nor a grant row, older than the grace
+  period: a signed thumbnail URL may deliver the thumbnail before its media (signed_urls.py).
+* grant rows expired for longer than the grace period, except those with a PUT `uploading`
+  (kept a day longer: a PUT verified before expiry may still be running).
+
+Every decision reads the row again right before the unlink, every unlink tolerates the file being
+gone (another replica got there first), and nothing is ever deleted from the events table.
+
+The last run's findings are written to <data>/run/reconcile.json (atomically, shared by replicas),
+which GetAdminStatus reports with disk space and counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import pathlib
+import secrets
+import socket
+import time
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import col, func, select
+
+from .auth import ADMIN, Principal
+from .background import BackgroundLoop
+from .errors import PermissionDenied
+from .models import Event, UploadGrant, UploadSessionRow
+from .service import Gallery, utcnow
+from .storage import DiskSpace, _fsync_dir
+
+log = logging.getLogger(__name__)
+
+THUMB_SUFFIX = ".thumb"
+ROW_BATCH = 500
+MAX_EXAMPLES = 20
+# A PUT in progress keeps its grant this much longer after expiry (a 16 GiB PUT over a slow link).
+UPLOADING_GRANT_SLACK = datetime.timedelta(days=1)
+
+
+@dataclasses.dataclass
+class Findings:
+    """One pass of the reconciler: what it removed and what it found wrong."""
+
+    started: str = ""  # RFC 3339 UTC
+    finished: str = ""
+    replica: str = ""  # host:pid of the replica that ran it
+    staging_removed: int = 0
+    orphan_media_removed: int = 0
+    orphan_thumbnails_removed: int = 0
+    expired_grants_removed: int = 0
+    bytes_reclaimed: int = 0
+    rows_checked: int = 0
+    # Rows whose media file is missing, or has another size than the row says: never deleted.
+    missing_media: int = 0
+    size_mismatch: int = 0
+    examples: list[str] = dataclasses.field(default_factory=list)  # "<device>/<event_id>"
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Findings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclasses.dataclass(frozen=True)
+class Counts:
+    events_stored: int
+    events_on_device: int
+    stored_bytes: int
+    upload_sessions: int
+    upload_grants: int
+    uploads_in_flight: int  # in the replica that answered
+
+
+@dataclasses.dataclass(frozen=True)
+class AdminStatus:
+    last_reconcile: Findings | None
+    disk: DiskSpace
+    min_free_bytes: int
+    accepting_uploads: bool
+    counts: Counts
+
+
+class Reconciler:
+    def __init__(self, gallery: Gallery, *, grace_seconds: float | None = None) -> None:
+        self.gallery = gallery
+        self.db = gallery.db
+        self.storage = gallery.storage
+        self.grace_seconds = (
+            gallery.settings.reconcile_grace_seconds if grace_seconds is None else grace_seconds
+        )
+
+    @property
+    def status_path(self) -> pathlib.Path:
+        return self.storage.data_dir / "run" / "reconcile.json"
+
+    # -- one pass -------------------------------------------------------------------------------
+
+    def run_once(self) -> Findings:
+        findings = Findings(started=_rfc3339(utcnow()), replica=f"{socket.gethostname()}:{os.getpid()}")
+        cutoff = time.time() - self.grace_seconds
+        # Ages are read for every file before any is removed: a staging leftover and an orphan in
+        # media/ may be two links of one inode (a crash between link and unlink), and removing
+        # one link sets the inode's ctime to now, which would make the other look young.
+        staging, sessions = self._old_staging(cutoff)
+        media = self._old_media(cutoff)
+        self._staging(findings, staging, sessions)
+        self._media(findings, media)
+        self._grants(findings)
+        self._rows(findings)
+        findings.finished = _rfc3339(utcnow())
+        self._write_status(findings)
+        problems = findings.missing_media + findings.size_mismatch
+        (log.error if problems else log.info)(
+            "reconciled", extra={k: v for k, v in findings.to_json().items() if k != "examples"}
+            | {"examples": ",".join(findings.examples)},
+        )
+        return findings
+
+    def _old_staging(self, cutoff: float) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
+        root = self.storage.staging_root
+        uploads = [p for p in _files(root) if _changed(p) < cutoff]
+        sessions = [p for d in _dirs(root / "sessions") for p in _files(d) if _changed(p) < cutoff]
+        return uploads, sessions
+
+    def _old_media(self, cutoff: float) -> dict[str, list[pathlib.Path]]:
+        return {
+            device_dir.name: [p for p in _files(device_dir) if _changed(p) < cutoff]
+            for device_dir in _dirs(self.storage.media_root)
+        }
+
+    def _staging(self, findings: Findings, uploads: list[pathlib.Path], sessions: list[pathlib.Path]) -> None:
+        for path in uploads:
+            self._remove(path, findings, "staging_removed")
+        for path in sessions:
+            with self.db.session() as session:
+                row = session.get(UploadSessionRow, (path.parent.name, path.name))
+            if row is None:
+                self._remove(path, findings, "staging_removed")
+
+    def _media(self, findings: Findings, media: dict[str, list[pathlib.Path]]) -> None:
+        for device, old in media.items():
+            for start in range(0, len(old), ROW_BATCH):
+                batch = old[start:start + ROW_BATCH]
+                ids = {p.name.removesuffix(THUMB_SUFFIX) for p in batch}
+                with self.db.session() as session:
+                    events = set(session.exec(
+                        select(Event.id).where(Event.device == device, col(Event.id).in_(ids))
+                    ))
+                    grants = set(session.exec(
+                        select(UploadGrant.event_id).where(col(UploadGrant.event_id).in_(ids))
+                    ))
+                for path in batch:
+                    event_id = path.name.removesuffix(THUMB_SUFFIX)
+                    thumbnail = path.name.endswith(THUMB_SUFFIX)
+                    if event_id in events or (thumbnail and event_id in grants):
+                        continue
+                    if self._has_row(device, event_id, thumbnail):  # committed since the batch read
+                        continue
+                    counter = "orphan_thumbnails_removed" if thumbnail else "orphan_media_removed"
+                    self._remove(path, findings, counter)
+
+    def _has_row(self, device: str, event_id: str, thumbnail: bool) -> bool:
+        with self.db.session() as session:
+            event = session.get(Event, event_id)
+            if event is not None and event.device == device:
+                return True
+            return thumbnail and session.get(UploadGrant, event_id) is not None
+
+    def _grants(self, findings: Findings) -> None:
+        now = utcnow()
+        expired = now - datetime.timedelta(seconds=self.grace_seconds)
+        uploading = sa.or_(
+            col(UploadGrant.media_state) == "uploading", col(UploadGrant.thumbnail_state) == "uploading"
+        )
+        with self.db.session() as session:
+            removed = session.exec(  # type: ignore[call-overload]
+                sa.delete(UploadGrant).where(
+                    col(UploadGrant.expires_at) < expired,
+                    sa.or_(sa.not_(uploading), col(UploadGrant.expires_at) < expired - UPLOADING_GRANT_SLACK),
+                )
+            ).rowcount
+            session.commit()
+        findings.expired_grants_removed += removed or 0
+
+    def _rows(self, findings: Findings) -> None:
+        """Every stored row must have its media file with the recorded size: report any that
+        does not (logged with its id, counted, shown by GetAdminStatus), never delete it."""
+        after = ""
+        while True:
+            with self.db.session() as session:
+                rows = session.exec(
+                    select(Event.id, Event.device, Event.size)
+                    .where(Event.state == "stored", col(Event.id) > after)
+                    .order_by(col(Event.id)).limit(ROW_BATCH)
+                ).all()
+            if not rows:
+                return
+            for event_id, device, size in rows:
+                findings.rows_checked += 1
+                try:
+                    actual = os.stat(self.storage.media_path(device, event_id)).st_size
+                except FileNotFoundError:
+                    if self._still_stored(event_id):  # not deleted meanwhile
+                        findings.missing_media += 1
+                        self._example(findings, device, event_id, "missing")
+                    continue
+                if actual != size and self._still_stored(event_id):
+                    findings.size_mismatch += 1
+                    self._example(findings, device, event_id, f"size {actual} != {size}")
+            after = rows[-1][0]
+
+    def _still_stored(self, event_id: str) -> bool:
+        with self.db.session() as session:
+            event = session.get(Event, event_id)
+        return event is not None and event.state == "stored"
+
+    def _example(self, findings: Findings, device: str, event_id: str, what: str) -> None:
+        log.error("stored event without its media file",
+                  extra={"device": device, "event_id": event_id, "problem": what})
+        if len(findings.examples) < MAX_EXAMPLES:
+            findings.examples.append(f"{device}/{event_id}")
+
+    def _remove(self, path: pathlib.Path, findings: Findings, counter: str) -> None:
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:  # another replica removed it
+            return
+        _fsync_dir(path.parent)
+        setattr(findings, counter, getattr(findings, counter) + 1)
+        findings.bytes_reclaimed += size
+        log.info("reconcile removed a file", extra={"path": str(path), "reason": counter})
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def _write_status(self, findings: Findings) -> None:
+        path = self.status_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A private temporary name: replicas (and threads) may write the status at once.
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+        temporary.write_text(json.dumps(findings.to_json()))
+        os.replace(temporary, path)
+
+    def last(self) -> Findings | None:
+        try:
+            return Findings.from_json(json.loads(self.status_path.read_text()))
+        except (FileNotFoundError, ValueError, TypeError):
+            return None
+
+    def admin_status(self, principal: Principal) -> AdminStatus:
+        if ADMIN not in principal.scopes:
+            raise PermissionDenied("SCOPE_MISSING", f"token lacks scope {ADMIN!r}", scope=ADMIN)
+        disk = self.storage.disk_space()
+        with self.db.session() as session:
+            by_state = dict(session.exec(  # type: ignore[call-overload]
+                select(Event.state, func.count()).group_by(Event.state)
+            ).all())
+            stored_bytes = session.exec(
+                select(func.coalesce(func.sum(Event.size), 0)).where(Event.state == "stored")
+            ).one()
+            sessions = session.exec(
+                select(func.count()).select_from(UploadSessionRow)
+                .where(col(UploadSessionRow.event_id).is_(None))
+            ).one()
+            grants = session.exec(select(func.count()).select_from(UploadGrant)).one()
+        minimum = self.storage.min_free_bytes
+        return AdminStatus(
+            last_reconcile=self.last(),
+            disk=disk,
+            min_free_bytes=minimum,
+            accepting_uploads=disk.free_bytes >= minimum,
+            counts=Counts(
+                events_stored=int(by_state.get("stored", 0)),
+                events_on_device=int(by_state.get("on_device", 0)),
+                stored_bytes=int(stored_bytes),
+                upload_sessions=int(sessions),
+                upload_grants=int(grants),
+                uploads_in_flight=self.gallery.slots.in_flight,
+            ),
+        )
+
+
+class ReconcileLoop(BackgroundLoop):
+    """Runs the reconciler at start-up and every GALLERY_RECONCILE_INTERVAL_SECONDS, in every
+    replica (all its steps are idempotent)."""
+
+    thread_name = "reconciler"
+
+    def __init__(self, reconciler: Reconciler, interval: float) -> None:
+        super().__init__(interval)
+        self.reconciler = reconciler
+
+    def run_pass(self) -> bool:
+        self.reconciler.run_once()
+        return False
+
+
+def _rfc3339(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _changed(path: pathlib.Path) -> float:
+    """When the file last changed: its content (mtime) or its name (ctime: link, rename)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return float("inf")  # gone: never "old"
+    return max(st.st_mtime, st.st_ctime)
+
+
+def _files(folder: pathlib.Path) -> list[pathlib.Path]:
+    try:
+        with os.scandir(folder) as entries:
+            return [folder / e.name for e in entries if e.is_file(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+
+
+def _dirs(folder: pathlib.Path) -> list[pathlib.Path]:
+    try:
+        with os.scandir(folder) as entries:
+            return [folder / e.name for e in entries if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []

@@ -1,0 +1,194 @@
+"""A full disk, for real: the data root of a real stack is a small tmpfs (64 MiB) that the test fills.
+
+* Below the headroom (GALLERY_MIN_FREE_BYTES) uploads are refused before any byte is stored: REST
+  507 with reason INSUFFICIENT_STORAGE (JSON google.rpc.Status), native gRPC RESOURCE_EXHAUSTED.
+* An upload that starts above the headroom is stopped while it streams, before the disk is full.
+* With no headroom at all, the real ENOSPC is the same clean error.
+* No partial file is left in staging/ or media/; reads keep working; once space returns, uploads
+  work again.
+
+Needs root (mount -t tmpfs); skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+from collections.abc import Callable, Iterator
+
+import grpc
+import httpx
+import pytest
+
+from gallery.v1 import gallery_pb2 as pb
+from gallery.v1 import gallery_pb2_grpc
+from gallery_server import auth
+
+from ..conftest import random_bytes, rich_error, stored_files
+from .conftest import Stack, start_stack, stop_stack
+
+MiB = 1 << 20
+SIZE = "64m"
+HEADROOM = 16 * MiB
+
+
+@pytest.fixture
+def tmpfs(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={SIZE},mode=0755", "tmpfs", str(mount)],
+        capture_output=True, text=True,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def free(path: pathlib.Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def fill_to(path: pathlib.Path, ballast: pathlib.Path, left: int) -> None:
+    """Grow `ballast` until `left` bytes (or fewer) are free."""
+    with ballast.open("ab") as f:
+        while (gap := free(path) - left) > 0:
+            try:
+                f.write(b"\0" * min(gap, 4 * MiB))
+                f.flush()
+            except OSError:  # ENOSPC: as full as it gets
+                return
+
+
+def multipart(http: httpx.Client, headers: dict[str, str], device: str, data: bytes) -> httpx.Response:
+    return http.post(f"/api/gallery/{device}/upload", headers=headers,
+                     files={"event": ("f.bin", data, "application/octet-stream")}, data={"name": "f.bin"})
+
+
+def native(stub: gallery_pb2_grpc.GalleryServiceStub, md, device: str, chunks: Iterator[bytes]) -> str:
+    def parts() -> Iterator[pb.UploadEventRequest]:
+        yield pb.UploadEventRequest(header=pb.UploadHeader(device=device, name="n.bin"))
+        for chunk in chunks:
+            yield pb.UploadEventRequest(media_chunk=chunk)
+        yield pb.UploadEventRequest(finish=pb.UploadFinish())
+
+    return str(stub.UploadEvent(parts(), metadata=md, timeout=60).event_id)
+
+
+def assert_refused_507(r: httpx.Response) -> None:
+    assert r.status_code == 507, r.text
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert set(body) == {"code", "message", "details"}
+    assert body["code"] == 8  # RESOURCE_EXHAUSTED
+    [info] = body["details"]
+    assert info["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
+    assert info["reason"] == "INSUFFICIENT_STORAGE"
+    assert set(info["metadata"]) == {"free_bytes", "min_free_bytes"}
+
+
+def no_partial_files(stack: Stack, stored: set[pathlib.Path]) -> None:
+    assert set(stored_files(stack.data_dir)) == stored
+
+
+def test_full_disk_refuses_uploads_cleanly_and_recovers(tmpfs: pathlib.Path, mint: Callable[..., str]) -> None:
+    data_dir = tmpfs / "data"
+    log_dir = tmpfs.parent
+    env = {"GALLERY_MAKE_THUMBNAILS": "false", "GALLERY_MIN_FREE_BYTES": str(HEADROOM)}
+    stack = start_stack(data_dir, log_dir / "gallery.log", extra_env=env)
+    token = mint(scope=f"{auth.READ} {auth.WRITE} {auth.ADMIN}")
+    headers = {"Authorization": f"Bearer {token}"}
+    md = [("authorization", f"Bearer {token}")]
+    ballast = tmpfs / "ballast"
+    try:
+        with httpx.Client(base_url=stack.base_url, timeout=60) as http, \
+                grpc.insecure_channel(stack.envoy_grpc_address) as channel:
+            stub = gallery_pb2_grpc.GalleryServiceStub(channel)
+            kept = random_bytes(MiB)
+            r = multipart(http, headers, "disk1", kept)
+            assert r.status_code == 200, r.text
+            kept_id = r.json()["eventId"]
+            stored = set(stored_files(stack.data_dir))
+
+            # 1. Below the headroom: refused before a byte is stored, on every path.
+            fill_to(tmpfs, ballast, HEADROOM - 4 * MiB)
+            assert_refused_507(multipart(http, headers, "disk1", random_bytes(100_000)))
+            with pytest.raises(grpc.RpcError) as refused:
+                native(stub, md, "disk1", iter([random_bytes(1000)]))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert rich_error(refused.value)[0].reason == "INSUFFICIENT_STORAGE"
+            session = stub.StartUpload(pb.StartUploadRequest(device="disk1", name="r.bin", size=10),
+                                       metadata=md)
+            with pytest.raises(grpc.RpcError) as resumable:
+                stub.WriteUpload(iter([pb.WriteUploadRequest(
+                    device="disk1", upload_id=session.upload_id, data=b"0123456789", finish_write=True,
+                )]), metadata=md)
+            assert rich_error(resumable.value)[0].reason == "INSUFFICIENT_STORAGE"
+            no_partial_files(stack, stored | {stack.data_dir / "staging" / "sessions" / "disk1" / session.upload_id})
+
+            # Reads keep working, and the admin status says why uploads are refused.
+            listed = http.get("/api/gallery/disk1/events", headers=headers)
+            assert listed.status_code == 200 and [e["id"] for e in listed.json()] == [kept_id]
+            content = http.get(f"/api/gallery/disk1/events/{kept_id}/content", headers=headers)
+            assert content.status_code == 200 and content.content == kept
+            status = http.get("/api/admin/status", headers=headers).json()
+            assert status["disk"]["accepting_uploads"] is False
+            assert status["disk"]["min_free_bytes"] == HEADROOM
+            assert status["disk"]["free_bytes"] < HEADROOM
+
+            # 2. Space returns: uploads work again.
+            ballast.unlink()
+            r = multipart(http, headers, "disk1", random_bytes(200_000))
+            assert r.status_code == 200, r.text
+            assert http.get("/api/admin/status", headers=headers).json()["disk"]["accepting_uploads"] is True
+            stored = set(stored_files(stack.data_dir))
+
+            # 3. Above the headroom at the start, but too big to fit above it: stopped mid-stream,
+            # before the disk is full, with nothing left behind.
+            fill_to(tmpfs, ballast, HEADROOM + 12 * MiB)
+            lowest = [free(tmpfs)]
+
+            def big() -> Iterator[bytes]:
+                for _ in range(40):
+                    lowest[0] = min(lowest[0], free(tmpfs))
+                    yield random_bytes(MiB)
+
+            with pytest.raises(grpc.RpcError) as stopped:
+                native(stub, md, "disk1", big())
+            assert stopped.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert rich_error(stopped.value)[0].reason == "INSUFFICIENT_STORAGE"
+            assert lowest[0] > HEADROOM - 9 * MiB  # at most one check interval below the headroom
+            no_partial_files(stack, stored | {stack.data_dir / "staging" / "sessions" / "disk1" / session.upload_id})
+            ballast.unlink()
+    finally:
+        stop_stack(stack)
+        ballast.unlink(missing_ok=True)
+
+    # 4. No headroom configured and a truly full disk: ENOSPC is the same clean 507.
+    stack = start_stack(data_dir, log_dir / "gallery2.log",
+                        extra_env={**env, "GALLERY_MIN_FREE_BYTES": "0"}, ports=stack.ports)
+    try:
+        with httpx.Client(base_url=stack.base_url, timeout=60) as http:
+            stored = set(stored_files(stack.data_dir))
+            fill_to(tmpfs, ballast, 2 * MiB)
+            assert_refused_507(multipart(http, headers, "disk1", random_bytes(4 * MiB)))
+            no_partial_files(stack, stored)
+            listed = http.get("/api/gallery/disk1/events", headers=headers)
+            assert listed.status_code == 200 and len(listed.json()) == 2
+            ballast.unlink()
+            r = multipart(http, headers, "disk1", random_bytes(4 * MiB))
+            assert r.status_code == 200, r.text
+            stored_hash = hashlib.sha256(
+                (stack.data_dir / "media" / "disk1" / r.json()["eventId"]).read_bytes()
+            ).hexdigest()
+            assert json.loads(http.get(f"/api/gallery/disk1/events/{r.json()['eventId']}",
+                                       headers=headers).text)["sha256"] == stored_hash
+    finally:
+        stop_stack(stack)

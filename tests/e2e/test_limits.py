@@ -1,0 +1,185 @@
+"""Limits through the real stack: uploads in flight per device and in total (429 with distinct
+reasons), an idle upload stream aborted and cleaned, and the admin status (GET /api/admin/status,
+scope gallery:admin) with its exact JSON shape."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+import httpx
+import pytest
+
+from gallery.v1 import gallery_pb2 as pb
+from gallery.v1 import gallery_pb2_grpc
+from gallery_server import auth
+
+from ..conftest import rich_error, stored_files
+from .conftest import Stack, start_stack, stop_stack
+
+IDLE_SECONDS = 2.0
+ADMIN_SCOPES = f"{auth.READ} {auth.WRITE} {auth.ADMIN}"
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("limits")
+    stack = start_stack(root / "data", root / "gallery.log", extra_env={
+        "GALLERY_MAKE_THUMBNAILS": "false",
+        "GALLERY_MAX_UPLOADS_PER_DEVICE": "1",
+        "GALLERY_MAX_UPLOADS_TOTAL": "3",
+        "GALLERY_UPLOAD_IDLE_SECONDS": str(IDLE_SECONDS),
+    })
+    yield stack
+    stop_stack(stack)
+
+
+class HeldUpload:
+    """A native upload kept open (sending a byte now and then) until released."""
+
+    def __init__(self, stub: gallery_pb2_grpc.GalleryServiceStub, md, device: str, *, keep_alive: bool = True):
+        self.release = threading.Event()
+        self.keep_alive = keep_alive
+        self.future = stub.UploadEvent.future(self._parts(device), metadata=md, timeout=60)
+
+    def _parts(self, device: str) -> Iterator[pb.UploadEventRequest]:
+        yield pb.UploadEventRequest(header=pb.UploadHeader(device=device, name="held.bin"))
+        yield pb.UploadEventRequest(media_chunk=b"x" * 1000)
+        while not self.release.wait(IDLE_SECONDS / 4 if self.keep_alive else 60):
+            yield pb.UploadEventRequest(media_chunk=b"x")
+        yield pb.UploadEventRequest(finish=pb.UploadFinish())
+
+
+def admin_status(http: httpx.Client, token: str) -> dict:
+    r = http.get("/api/admin/status", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def wait_in_flight(http: httpx.Client, token: str, expected: int) -> None:
+    deadline = time.monotonic() + 10
+    while admin_status(http, token)["counts"]["uploads_in_flight"] != expected:
+        assert time.monotonic() < deadline, f"uploads in flight never became {expected}"
+        time.sleep(0.05)
+
+
+def rest_upload(http: httpx.Client, token: str, device: str) -> httpx.Response:
+    return http.post(f"/api/gallery/{device}/upload", headers={"Authorization": f"Bearer {token}"},
+                     files={"event": ("a.bin", b"abc")}, data={"name": "a.bin"})
+
+
+def assert_429(r: httpx.Response, reason: str) -> None:
+    assert r.status_code == 429, r.text
+    body = r.json()
+    assert body["code"] == 8
+    assert body["details"][0]["reason"] == reason
+
+
+def test_uploads_in_flight_are_limited_per_device_and_in_total(limited: Stack, mint: Callable[..., str]) -> None:
+    token = mint(scope=ADMIN_SCOPES)
+    md = [("authorization", f"Bearer {token}")]
+    with httpx.Client(base_url=limited.base_url, timeout=30) as http, \
+            grpc.insecure_channel(limited.envoy_grpc_address) as channel:
+        stub = gallery_pb2_grpc.GalleryServiceStub(channel)
+        held = [HeldUpload(stub, md, "lim-a")]
+        try:
+            wait_in_flight(http, token, 1)
+            assert_429(rest_upload(http, token, "lim-a"), "TOO_MANY_DEVICE_UPLOADS")
+            assert rest_upload(http, token, "lim-b").status_code == 200  # another device may
+            held += [HeldUpload(stub, md, "lim-c"), HeldUpload(stub, md, "lim-d")]
+            wait_in_flight(http, token, 3)
+            assert_429(rest_upload(http, token, "lim-e"), "TOO_MANY_UPLOADS")
+            with pytest.raises(grpc.RpcError) as native:
+                stub.UploadEvent(iter([pb.UploadEventRequest(header=pb.UploadHeader(device="lim-e", name="n")),
+                                       pb.UploadEventRequest(finish=pb.UploadFinish())]), metadata=md)
+            assert native.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert rich_error(native.value)[0].reason == "TOO_MANY_UPLOADS"
+        finally:
+            for upload in held:
+                upload.release.set()
+        for upload in held:
+            assert upload.future.result(timeout=30).success
+        wait_in_flight(http, token, 0)
+        assert rest_upload(http, token, "lim-e").status_code == 200
+
+
+def test_an_idle_upload_is_aborted_and_leaves_nothing(limited: Stack, mint: Callable[..., str]) -> None:
+    token = mint(scope=ADMIN_SCOPES)
+    md = [("authorization", f"Bearer {token}")]
+    before = set(stored_files(limited.data_dir))
+    with httpx.Client(base_url=limited.base_url, timeout=30) as http, \
+            grpc.insecure_channel(limited.grpc_address) as channel:
+        stub = gallery_pb2_grpc.GalleryServiceStub(channel)
+        started = time.monotonic()
+        silent = HeldUpload(stub, md, "lim-idle", keep_alive=False)
+        try:
+            with pytest.raises(grpc.RpcError) as aborted:
+                silent.future.result(timeout=30)
+        finally:
+            silent.release.set()
+        took = time.monotonic() - started
+        assert aborted.value.code() == grpc.StatusCode.CANCELLED
+        assert IDLE_SECONDS <= took < IDLE_SECONDS + 5
+        wait_in_flight(http, token, 0)
+    assert set(stored_files(limited.data_dir)) == before
+    assert not (limited.data_dir / "media" / "lim-idle").exists() or not any(
+        (limited.data_dir / "media" / "lim-idle").iterdir()
+    )
+
+
+def test_admin_status_shape_and_scope(limited: Stack, mint: Callable[..., str]) -> None:
+    with httpx.Client(base_url=limited.base_url, timeout=30) as http:
+        assert http.get("/api/admin/status").status_code == 401
+        denied = http.get("/api/admin/status", headers={"Authorization": f"Bearer {mint()}"})
+        assert denied.status_code == 403
+        assert denied.json()["details"][0]["reason"] == "SCOPE_MISSING"
+        # The reconciler ran at start-up; its findings are in the status.
+        body = admin_status(http, mint(scope=auth.ADMIN))
+    assert set(body) == {"last_reconcile", "disk", "counts"}
+    run = body["last_reconcile"]
+    assert set(run) == {
+        "started", "finished", "replica", "staging_removed", "orphan_media_removed",
+        "orphan_thumbnails_removed", "expired_grants_removed", "bytes_reclaimed", "rows_checked",
+        "missing_media", "size_mismatch", "examples",
+    }
+    assert isinstance(run["started"], str) and run["started"].endswith("Z")
+    assert isinstance(run["examples"], list)
+    assert all(isinstance(run[k], int | float) for k in set(run) - {"started", "finished", "replica", "examples"})
+    assert run["missing_media"] == 0
+    assert set(body["disk"]) == {"total_bytes", "free_bytes", "min_free_bytes", "accepting_uploads"}
+    assert body["disk"]["accepting_uploads"] is True
+    assert body["disk"]["min_free_bytes"] == 1 << 30
+    assert body["disk"]["total_bytes"] >= body["disk"]["free_bytes"] > 0
+    assert set(body["counts"]) == {
+        "events_stored", "events_on_device", "stored_bytes", "upload_sessions", "upload_grants",
+        "uploads_in_flight",
+    }
+    assert all(isinstance(v, int | float) for v in body["counts"].values())
+
+
+def test_admin_status_natively(limited: Stack, mint: Callable[..., str]) -> None:
+    with grpc.insecure_channel(limited.envoy_grpc_address) as channel:
+        stub = gallery_pb2_grpc.GalleryAdminServiceStub(channel)
+        reply = stub.GetAdminStatus(pb.GetAdminStatusRequest(),
+                                    metadata=[("authorization", f"Bearer {mint(scope=auth.ADMIN)}")])
+        assert reply.HasField("last_reconcile") and reply.disk.total_bytes > 0
+        with pytest.raises(grpc.RpcError) as denied:
+            stub.GetAdminStatus(pb.GetAdminStatusRequest(),
+                                metadata=[("authorization", f"Bearer {mint()}")])
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_edge_refuses_oversized_headers_and_keeps_paths_canonical(limited: Stack, mint: Callable[..., str]) -> None:
+    token = {"Authorization": f"Bearer {mint()}"}
+    with httpx.Client(base_url=limited.base_url, timeout=30) as http:
+        assert http.get("/api/gallery/cam1/stats", headers=token).status_code == 200
+        # At most 32 KiB of request headers, and at most 64 of them (envoy/envoy.yaml).
+        big = http.get("/api/gallery/cam1/stats", headers={**token, "x-big": "a" * (40 << 10)})
+        assert big.status_code == 431
+        many = http.get("/api/gallery/cam1/stats", headers={**token, **{f"x-h{i}": "1" for i in range(70)}})
+        assert many.status_code == 431
+        # Merged slashes reach the same route (merge_slashes); an encoded slash is refused.
+        assert http.get("/api//gallery//cam1/stats", headers=token).status_code == 200
+        assert http.get("/api/gallery/cam%2F1/stats", headers=token).status_code == 400

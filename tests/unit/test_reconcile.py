@@ -1,0 +1,291 @@
+"""The reconciler and the limits on uploads, on both databases (the `gallery` fixture runs on SQLite
+and PostgreSQL), with real files under a temporary data root.
+
+Files are made "old" by reconciling with a grace period of 0 (everything changed before the pass
+is old) and kept "young" with the default grace period of an hour: a file's age is the later of
+its mtime and ctime, and ctime cannot be set back from user space.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from gallery_server import auth
+from gallery_server.errors import Exhausted, FailedPrecondition, PermissionDenied
+from gallery_server.models import Event, UploadGrant, UploadSessionRow
+from gallery_server.reconcile import Reconciler
+from gallery_server.service import Gallery, utcnow
+from gallery_server.storage import Storage
+from gallery_server.uploads import IdleWatchdog, UploadSlots
+
+from .test_service import PNG, store
+
+ADMIN = auth.Principal("ops", frozenset({"*"}), frozenset({auth.ADMIN}))
+
+
+def settle() -> None:
+    # Timestamps are taken from a coarse clock: let it tick past the files just written.
+    time.sleep(0.02)
+
+
+def add_grant(gallery: Gallery, event_id: str, *, expires_in: float, media_state: str = "open") -> None:
+    with gallery.db.session() as session:
+        session.add(UploadGrant(
+            event_id=event_id, device="cam1", filename="f.jpg", media_state=media_state,
+            expires_at=utcnow() + datetime.timedelta(seconds=expires_in),
+        ))
+        session.commit()
+
+
+def grant_ids(gallery: Gallery) -> set[str]:
+    with gallery.db.session() as session:
+        return set(session.exec(sa.select(UploadGrant.event_id)).scalars())  # type: ignore[call-overload]
+
+
+def test_orphans_older_than_the_grace_period_are_removed_and_rows_files_kept(gallery, principal):
+    kept = store(gallery, principal, "cam1", PNG)
+    storage = gallery.storage
+    orphan = storage.media_path("cam1", "evt_orphan0000000000000")
+    orphan.write_bytes(b"x" * 100)
+    orphan_thumb = storage.thumbnail_path("cam1", "evt_orphan0000000000000")
+    orphan_thumb.write_bytes(b"t" * 10)
+    # A media file whose id has a row, but of another device, is an orphan too.
+    foreign = storage.media_path("cam2", kept.id)
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"y")
+    settle()
+
+    young = Reconciler(gallery).run_once()  # default grace: an hour
+    assert young.orphan_media_removed == young.orphan_thumbnails_removed == 0
+    assert orphan.exists() and orphan_thumb.exists()
+
+    findings = Reconciler(gallery, grace_seconds=0).run_once()
+    assert findings.orphan_media_removed == 2
+    assert findings.orphan_thumbnails_removed == 1
+    assert findings.bytes_reclaimed == 111
+    assert not orphan.exists() and not orphan_thumb.exists() and not foreign.exists()
+    assert storage.media_path("cam1", kept.id).read_bytes() == PNG
+    assert findings.rows_checked == 1 and findings.missing_media == 0
+
+
+def test_a_file_linked_just_now_is_young_whatever_its_mtime(gallery):
+    # A resumable upload written hours ago is linked into media/ a moment before its row commits.
+    path = gallery.storage.media_path("cam1", "evt_linked00000000000000")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    source = gallery.storage.staging_root / "sessions-like"
+    source.write_bytes(b"z" * 10)
+    hours_ago = time.time() - 7200
+    os.utime(source, (hours_ago, hours_ago))
+    os.link(source, path)
+    source.unlink()
+    assert path.stat().st_mtime < time.time() - 3600
+    assert Reconciler(gallery, grace_seconds=600).run_once().orphan_media_removed == 0
+    assert path.exists()
+
+
+def test_staging_leftovers_go_but_live_sessions_and_young_files_stay(gallery):
+    storage = gallery.storage
+    leftover = storage.staging_root / "0123456789abcdef0123456789abcdef"
+    leftover.write_bytes(b"partial")
+    incoming_copy = storage.staging_root / "incoming-0123456789abcdef"
+    incoming_copy.write_bytes(b"copy")
+    live = storage.session_path("cam1", "live-upload-1")
+    live.parent.mkdir(parents=True)
+    live.write_bytes(b"resumable bytes")
+    dead = storage.session_path("cam1", "dead-upload-1")
+    dead.write_bytes(b"no row")
+    with gallery.db.session() as session:
+        now = utcnow()
+        session.add(UploadSessionRow(
+            device="cam1", upload_id="live-upload-1", name="a.bin", committed_size=15,
+            created=now, expires_at=now + datetime.timedelta(hours=1),
+        ))
+        session.commit()
+    settle()
+
+    assert Reconciler(gallery).run_once().staging_removed == 0
+    assert leftover.exists() and dead.exists()
+
+    findings = Reconciler(gallery, grace_seconds=0).run_once()
+    assert findings.staging_removed == 3
+    assert not leftover.exists() and not incoming_copy.exists() and not dead.exists()
+    assert live.read_bytes() == b"resumable bytes"  # a session with its row is never touched
+
+
+def test_thumbnail_waiting_for_its_media_is_kept_while_its_grant_exists(gallery):
+    storage = gallery.storage
+    thumb = storage.thumbnail_path("cam1", "evt_granted0000000000000")
+    thumb.parent.mkdir(parents=True)
+    thumb.write_bytes(b"thumb first")
+    add_grant(gallery, "evt_granted0000000000000", expires_in=600)
+    settle()
+    findings = Reconciler(gallery, grace_seconds=0).run_once()
+    assert findings.orphan_thumbnails_removed == 0 and thumb.exists()
+
+
+def test_expired_grants_are_removed_unless_a_put_is_running(gallery):
+    add_grant(gallery, "evt_fresh000000000000000", expires_in=600)
+    add_grant(gallery, "evt_expired0000000000000", expires_in=-7200)
+    add_grant(gallery, "evt_busy0000000000000000", expires_in=-7200, media_state="uploading")
+    findings = Reconciler(gallery, grace_seconds=3600).run_once()
+    assert findings.expired_grants_removed == 1
+    assert grant_ids(gallery) == {"evt_fresh000000000000000", "evt_busy0000000000000000"}
+
+
+def test_rows_without_their_file_are_reported_never_deleted(gallery, principal):
+    missing = store(gallery, principal, "cam1", PNG, name="a.png")
+    short = store(gallery, principal, "cam1", PNG, name="b.png")
+    fine = store(gallery, principal, "cam1", PNG, name="c.png")
+    gallery.storage.media_path("cam1", missing.id).unlink()
+    with gallery.storage.media_path("cam1", short.id).open("r+b") as f:
+        f.truncate(10)
+    reconciler = Reconciler(gallery, grace_seconds=0)
+    findings = reconciler.run_once()
+    assert (findings.rows_checked, findings.missing_media, findings.size_mismatch) == (3, 1, 1)
+    assert sorted(findings.examples) == sorted([f"cam1/{missing.id}", f"cam1/{short.id}"])
+    with gallery.db.session() as session:
+        assert {e.id for e in session.exec(sa.select(Event)).scalars()} == {missing.id, short.id, fine.id}  # type: ignore[call-overload]
+    # The findings are shared through the data root, for every replica's admin status.
+    saved = json.loads(reconciler.status_path.read_text())
+    assert saved["missing_media"] == 1 and saved["size_mismatch"] == 1
+    assert saved["started"].endswith("Z") and saved["finished"] >= saved["started"]
+
+
+def test_admin_status_needs_the_admin_scope_and_reports_counts(gallery, principal):
+    reconciler = Reconciler(gallery)
+    with pytest.raises(PermissionDenied) as denied:
+        reconciler.admin_status(principal)  # read+write, not admin
+    assert denied.value.reason == "SCOPE_MISSING"
+    event = store(gallery, principal, "cam1", PNG)
+    before = reconciler.admin_status(ADMIN)
+    assert before.last_reconcile is None
+    reconciler.run_once()
+    status = reconciler.admin_status(ADMIN)
+    assert status.last_reconcile is not None and status.last_reconcile.rows_checked == 1
+    assert status.counts.events_stored == 1 and status.counts.stored_bytes == event.size
+    assert status.counts.uploads_in_flight == 0
+    assert status.disk.total_bytes >= status.disk.free_bytes > 0
+    assert status.accepting_uploads is (status.disk.free_bytes >= status.min_free_bytes)
+
+
+# -- limits ---------------------------------------------------------------------------------------
+
+
+def test_upload_slots_per_device_and_in_total():
+    slots = UploadSlots(per_device=2, total=3)
+    a1, a2 = slots.acquire("a"), slots.acquire("a")
+    with pytest.raises(Exhausted) as device_full:
+        slots.acquire("a")
+    assert device_full.value.reason == "TOO_MANY_DEVICE_UPLOADS"
+    b1 = slots.acquire("b")
+    with pytest.raises(Exhausted) as all_full:
+        slots.acquire("c")
+    assert all_full.value.reason == "TOO_MANY_UPLOADS"
+    a1()
+    a1()  # giving back twice gives back once
+    assert slots.in_flight == 2
+    slots.acquire("c")()
+    a2()
+    b1()
+    assert slots.in_flight == 0
+
+
+def test_an_upload_holds_its_slot_until_closed(gallery, principal):
+    gallery.slots.per_device = 1
+    with gallery.begin_upload(principal, "cam1"):
+        assert gallery.slots.in_flight == 1
+        with pytest.raises(Exhausted):
+            gallery.begin_upload(principal, "cam1")
+    assert gallery.slots.in_flight == 0
+    store(gallery, principal, "cam1", PNG)  # free again
+
+
+def test_no_upload_below_the_disk_headroom_and_no_partial_file(gallery, principal):
+    storage: Storage = gallery.storage
+    storage.min_free_bytes = storage.disk_space().free_bytes * 2  # more than there is
+    with pytest.raises(Exhausted) as refused:
+        gallery.begin_upload(principal, "cam1")
+    assert refused.value.reason == "INSUFFICIENT_STORAGE"
+    assert int(refused.value.metadata["min_free_bytes"]) == storage.min_free_bytes
+    # Checked again while the bytes arrive: an upload that started in time stops at the headroom.
+    storage.min_free_bytes = 0
+    with gallery.begin_upload(principal, "cam1") as upload:
+        upload.write_media(b"x" * (4 << 20))
+        storage.min_free_bytes = storage.disk_space().free_bytes * 2
+        with pytest.raises(Exhausted):
+            upload.write_media(b"x" * (8 << 20))
+    assert not any(storage.staging_root.iterdir())
+    assert gallery.slots.in_flight == 0
+
+
+def test_idle_stream_is_cancelled_and_its_reader_told_why():
+    watchdog = IdleWatchdog(0.2)
+    unblock = threading.Event()
+    cancelled = []
+
+    def stalled():
+        yield 1
+        unblock.wait(5)  # a client that stops sending
+        raise RuntimeError("the transport's error once cancelled")
+
+    def cancel() -> None:
+        cancelled.append(True)
+        unblock.set()
+
+    received = []
+    with pytest.raises(FailedPrecondition) as idle:
+        for message in watchdog.watch(stalled(), cancel):
+            received.append(message)
+    assert idle.value.reason == "UPLOAD_IDLE"
+    assert received == [1] and cancelled == [True]
+    # A stream that keeps sending is never cancelled.
+    assert list(watchdog.watch(iter(range(5)), lambda: cancelled.append(False))) == list(range(5))
+    assert cancelled == [True]
+
+
+def test_two_links_of_one_inode_go_in_one_pass(gallery):
+    # A crash between link (into media/) and unlink (of the staging name) leaves one inode under
+    # two names; removing either sets the inode's ctime, which must not spare the other.
+    storage = gallery.storage
+    staged = storage.staging_root / "fedcba9876543210fedcba9876543210"
+    staged.write_bytes(b"half-stored")
+    media = storage.media_path("cam1", "evt_twolinks000000000000")
+    media.parent.mkdir(parents=True)
+    os.link(staged, media)
+    settle()
+    findings = Reconciler(gallery, grace_seconds=0).run_once()
+    assert (findings.staging_removed, findings.orphan_media_removed) == (1, 1)
+    assert not staged.exists() and not media.exists()
+
+
+def test_replicas_reconciling_at_once_remove_each_orphan_once(gallery, principal):
+    # Several replicas share storage and database: their passes may overlap.
+    kept = store(gallery, principal, "cam1", PNG)
+    orphans = [gallery.storage.media_path("cam1", f"evt_orphan{i:013d}") for i in range(40)]
+    for path in orphans:
+        path.write_bytes(b"o")
+    settle()
+    results, errors = [], []
+
+    def replica() -> None:
+        try:
+            results.append(Reconciler(gallery, grace_seconds=0).run_once())
+        except Exception as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=replica) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert sum(r.orphan_media_removed for r in results) == len(orphans)
+    assert not any(p.exists() for p in orphans)
+    assert gallery.storage.media_path("cam1", kept.id).exists()
