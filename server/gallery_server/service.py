@@ -217,8 +217,7 @@ class Gallery:
 
         Refused (Exhausted) when the disk is down to its headroom or the device, or the replica,
         has as many uploads in flight as allowed; the Upload holds its slot until closed."""
-        self.storage.require_space()
-        release = self.slots.acquire(device)
+        release = self.reserve_upload(device)
         try:
             return Upload(
                 self.storage,
@@ -230,6 +229,12 @@ class Gallery:
         except BaseException:
             release()
             raise
+
+    def reserve_upload(self, device: str) -> Callable[[], None]:
+        """Admit one more upload of the device, or refuse it (Exhausted): the disk must be above
+        its headroom and the device and replica below their upload counts. Returns the release."""
+        self.storage.require_space()
+        return self.slots.acquire(device)
 
     def watch_upload(
         self, messages: Iterator[T], cancel: Callable[[], None],

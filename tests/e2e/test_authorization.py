@@ -36,9 +36,14 @@ from .conftest import Stack, start_stack
 
 TIMEOUT = 20
 SERVICES = (
-    gallery_pb2.DESCRIPTOR.services_by_name["GalleryService"],
-    device_pb2.DESCRIPTOR.services_by_name["DeviceService"],
+    *gallery_pb2.DESCRIPTOR.services_by_name.values(),
+    *device_pb2.DESCRIPTOR.services_by_name.values(),
 )
+# Operators' service: not about a device, so it is walked for its scope alone.
+ADMIN_SERVICE = "GalleryAdminService"
+ADMIN_REQUESTS: dict[str, Callable[[], list]] = {
+    "GetAdminStatus": lambda: [pb.GetAdminStatusRequest()],
+}
 ALL_SCOPES = {auth.READ, auth.WRITE, auth.DEVICE}
 PUBLIC = {"PutSignedUpload", "GetSignedUploadStatus"}
 BOUNDARY = "authz-boundary"
@@ -81,7 +86,8 @@ REQUESTS: dict[str, tuple[str, Build]] = {
     "AnnounceEvents": (auth.DEVICE, lambda d, e, u: [dpb.AnnounceEventsRequest(
         device=d, events=[dpb.AnnouncedEvent(device_key="k1", name="a.jpg", size=5)])]),
 }
-METHODS = [(s, m) for s in SERVICES for m in s.methods]
+METHODS = [(s, m) for s in SERVICES if s.name != ADMIN_SERVICE for m in s.methods]
+ADMIN_METHODS = [(s, m) for s in SERVICES if s.name == ADMIN_SERVICE for m in s.methods]
 REST_METHODS = [
     (s, m) for s, m in METHODS
     if m.GetOptions().HasExtension(annotations_pb2.http) and m.name not in PUBLIC
@@ -93,7 +99,9 @@ def _id(item: tuple[descriptor.ServiceDescriptor, descriptor.MethodDescriptor]) 
 
 
 def test_every_rpc_has_an_authorization_case() -> None:
+    assert {s.name for s in SERVICES} == {"GalleryService", "DeviceService", ADMIN_SERVICE}
     assert {m.name for _, m in METHODS} == set(REQUESTS) | PUBLIC
+    assert {m.name for _, m in ADMIN_METHODS} == set(ADMIN_REQUESTS)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +140,8 @@ def target(authz_stack: Stack) -> dict[str, str]:
         event_id = r.json()["eventId"]
     upload_id = "authz-" + uuid.uuid4().hex
     with grpc.insecure_channel(authz_stack.envoy_grpc_address) as channel:
-        call = _multicallable(channel, SERVICES[0].methods_by_name["StartUpload"])
+        call = _multicallable(channel, gallery_pb2.DESCRIPTOR.services_by_name["GalleryService"]
+                              .methods_by_name["StartUpload"])
         call(pb.StartUploadRequest(device=device, name="b.bin", size=5, upload_id=upload_id),
              metadata=[("authorization", f"Bearer {owner}")], timeout=TIMEOUT)
     return {"device": device, "event_id": event_id, "upload_id": upload_id}
@@ -235,6 +244,27 @@ def test_rest_route_authorization(item, target, http) -> None:  # type: ignore[n
     assert (status, body["details"][0]["reason"], body["details"][0]["metadata"]) == (
         403, "SCOPE_MISSING", {"scope": scope}
     )
+
+
+@pytest.mark.parametrize("item", ADMIN_METHODS, ids=_id)
+def test_admin_rpc_authorization(item, envoy_channel, http) -> None:  # type: ignore[no-untyped-def]
+    """Only gallery:admin opens the admin service, natively and over REST: every other scope on
+    every device is refused."""
+    _, method = item
+    requests = ADMIN_REQUESTS[method.name]()
+    code, _, reason, _ = _native_error(envoy_channel, method, requests, None)
+    assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_MISSING")
+    everything_else = _token(["*"], ALL_SCOPES)
+    code, _, reason, metadata = _native_error(envoy_channel, method, requests, everything_else)
+    assert (code, reason, metadata) == (grpc.StatusCode.PERMISSION_DENIED, "SCOPE_MISSING", {"scope": auth.ADMIN})
+    verb, path, _ = _rest_request(method, "", "")
+    r = http.request(verb, path)
+    assert (r.status_code, r.json()["details"][0]["reason"]) == (401, "TOKEN_MISSING")
+    r = http.request(verb, path, headers={"Authorization": f"Bearer {everything_else}"})
+    assert (r.status_code, r.json()["details"][0]["reason"]) == (403, "SCOPE_MISSING")
+    admin = _token([], {auth.ADMIN})
+    r = http.request(verb, path, headers={"Authorization": f"Bearer {admin}"})
+    assert r.status_code == 200, r.text
 
 
 def test_signed_upload_authorization(target, http) -> None:  # type: ignore[no-untyped-def]

@@ -131,7 +131,18 @@ def test_full_disk_refuses_uploads_cleanly_and_recovers(tmpfs: pathlib.Path, min
                     device="disk1", upload_id=session.upload_id, data=b"0123456789", finish_write=True,
                 )]), metadata=md)
             assert rich_error(resumable.value)[0].reason == "INSUFFICIENT_STORAGE"
-            no_partial_files(stack, stored | {stack.data_dir / "staging" / "sessions" / "disk1" / session.upload_id})
+            url = http.get("/api/gallery/disk1/upload-url?filename=p.bin", headers=headers).json()["upload_url"]
+            path = httpx.URL(url).path
+            assert_refused_507(http.put(path, content=random_bytes(1000)))
+            assert_refused_507(http.put(path, content=random_bytes(1000),
+                                        headers={"Content-Range": "bytes 0-999/2000"}))
+            status = http.get(path).json()
+            assert (status["committedSize"], status["complete"]) == (0, False)
+            # The two sessions exist (empty, resumable once space returns); nothing else was written.
+            sessions = stack.data_dir / "staging" / "sessions" / "disk1"
+            stored |= {sessions / session.upload_id, sessions / f"url.{status['eventId']}"}
+            assert all(p.stat().st_size == 0 for p in sessions.iterdir())
+            no_partial_files(stack, stored)
 
             # Reads keep working, and the admin status says why uploads are refused.
             listed = http.get("/api/gallery/disk1/events", headers=headers)
@@ -165,7 +176,7 @@ def test_full_disk_refuses_uploads_cleanly_and_recovers(tmpfs: pathlib.Path, min
             assert stopped.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert rich_error(stopped.value)[0].reason == "INSUFFICIENT_STORAGE"
             assert lowest[0] > HEADROOM - 9 * MiB  # at most one check interval below the headroom
-            no_partial_files(stack, stored | {stack.data_dir / "staging" / "sessions" / "disk1" / session.upload_id})
+            no_partial_files(stack, stored)
             ballast.unlink()
     finally:
         stop_stack(stack)

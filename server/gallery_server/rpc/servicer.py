@@ -248,8 +248,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         try:
             if writer.done is not None:  # completed before: never stored twice
                 return _session_message(writer.done)
-            self.gallery.storage.require_space()
-            release = self.gallery.slots.acquire(first.device)
+            release = self.gallery.reserve_upload(first.device)
             message, finished = first, False
             while True:
                 if finished:
@@ -308,11 +307,15 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         return pb.UploadEventResponse(success=True, event_id=event.id)
 
     def PutSignedUpload(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        request_iterator = self.gallery.watch_upload(request_iterator, context.cancel)
+        content_range = _request_headers(context).get("content-range", "")
+        # A range PUT writes a session file, not a StagedFile: free space is checked as it streams.
+        request_iterator = self.gallery.watch_upload(
+            request_iterator, context.cancel,
+            size_of=(lambda m: len(m.http_body.data)) if content_range else None,
+        )
         first = _first(request_iterator)
         target = self.signed.verify(validation.device_id(first.device), first.token)
         declared = _declared_body_length(context)
-        content_range = _request_headers(context).get("content-range", "")
         if content_range:
             return self._put_range(context, target, content_range, declared, first, request_iterator)
         if declared is None:
@@ -341,15 +344,19 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         """A resumable PUT (Content-Range): 200 with the event id once the file is complete, else
         308 with the committed size (GCS's "resume incomplete")."""
         put = self.signed.open_range(target, parse_content_range(content_range), declared)
+        release = None
         try:
             if put.done:  # the URL's event is stored: answer it, store nothing
                 return pb.UploadEventResponse(success=True, event_id=put.done)
+            release = self.gallery.reserve_upload(target.device)
             put.write_all(m.http_body.data for m in itertools.chain([first], request_iterator))
             # What arrived is committed either way (close()); only a whole chunk may finish.
             _require_whole_body(declared, put.received)
             state = put.finish()
         finally:
             put.close()
+            if release is not None:
+                release()
         if state.complete:
             return pb.UploadEventResponse(success=True, event_id=state.event_id)
         context.send_initial_metadata([(HTTP_STATUS_HEADER, "308"), *_upload_state_headers(state)])
