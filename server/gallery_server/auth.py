@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 from typing import Any
 
@@ -110,6 +111,7 @@ class Verifier:
         self._jwks: jwt.PyJWKClient | None = None
         self._jwks_failed_at = -math.inf
         self._jwks_retry = min(jwks_cooldown, JWKS_RETRY_SECONDS)
+        self._jwks_lock = threading.Lock()
         if jwks_url:
             # PyJWT's client caches the key set for `lifespan` and refetches it for an unknown
             # `kid` at most once per `cooldown_duration`: tokens with made-up kids cannot turn
@@ -177,17 +179,9 @@ class Verifier:
             raise Unauthenticated("TOKEN_INVALID", f"invalid token: {exc}") from None
         if not isinstance(kid, str) or not kid:
             raise Unauthenticated("TOKEN_INVALID", "invalid token: the header has no 'kid'")
-        if time.monotonic() - self._jwks_failed_at < self._jwks_retry:
-            raise _jwks_unavailable()
-        try:
-            jwk = self._jwks.get_signing_key(kid)
-        except jwt.PyJWKClientConnectionError:
-            # PyJWT retries a failed fetch on every call; while the identity provider is down,
-            # every request would wait out a fetch. Fail fast for a few seconds instead.
-            self._jwks_failed_at = time.monotonic()
-            raise _jwks_unavailable() from None
-        except jwt.PyJWTError:
-            raise Unauthenticated("TOKEN_KEY_UNKNOWN", "invalid token: no known key has its 'kid'") from None
+        # A key in the cached set needs no fetch: while the identity provider is down, tokens of
+        # known keys keep working, whatever tokens with made-up kids do meanwhile.
+        jwk = self._cached_key(kid) or self._fetch_key(kid)
         # The JWK's type (or its own `alg`) decides the algorithm; only the asymmetric pair is
         # allowed, so an `oct` (shared secret) key published in a JWKS is never used.
         algorithm = jwk.algorithm_name
@@ -195,6 +189,31 @@ class Verifier:
         if algorithm not in (RS256, ES256) or not isinstance(jwk.key, expected):
             raise Unauthenticated("TOKEN_KEY_UNKNOWN", "invalid token: its key is not RS256 or ES256")
         return jwk.key, [algorithm]
+
+    def _cached_key(self, kid: str) -> jwt.PyJWK | None:
+        assert self._jwks is not None
+        cached = self._jwks.jwk_set_cache.get() if self._jwks.jwk_set_cache is not None else None
+        return next(
+            (key for key in cached.keys if key.key_id == kid and key.public_key_use in ("sig", None)), None
+        ) if cached else None
+
+    def _fetch_key(self, kid: str) -> jwt.PyJWK:
+        """The key from the identity provider, one fetch at a time. PyJWT retries a failed fetch
+        on every call, so while the provider is down every request would wait out a fetch (one
+        after another, behind PyJWT's lock): fail fast for a few seconds instead."""
+        assert self._jwks is not None
+        with self._jwks_lock:
+            if time.monotonic() - self._jwks_failed_at < self._jwks_retry:
+                raise _jwks_unavailable()
+            try:
+                return self._jwks.get_signing_key(kid)
+            except jwt.PyJWKClientConnectionError:
+                self._jwks_failed_at = time.monotonic()
+                raise _jwks_unavailable() from None
+            except jwt.PyJWTError:
+                raise Unauthenticated(
+                    "TOKEN_KEY_UNKNOWN", "invalid token: no known key has its 'kid'"
+                ) from None
 
 
 def _jwks_unavailable() -> Unavailable:

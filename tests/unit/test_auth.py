@@ -525,26 +525,48 @@ def test_jwks_accepts_rs256_and_es256_by_kid(jwks_server, rsa_private, ec_privat
 
 
 def test_jwks_unknown_kids_cannot_flood_the_identity_provider(jwks_server, rsa_private) -> None:  # type: ignore[no-untyped-def]
+    # Tokens are signed up front and the cooldown is 2 s, so a slow CI machine cannot turn
+    # signing time into a passed cooldown.
+    rotated = _rsa_key()
+    random_kids = [_kid_token(rsa_private, f"random-{n}") for n in range(50)]
+    other_kids = [_kid_token(rsa_private, f"again-{n}") for n in range(50)]
+    rotated_token = _kid_token(rotated, "rsa-2")
     jwks_server.publish("rsa-1", rsa_private)
-    verifier = auth.Verifier(secret=JWT_SECRET, jwks_url=jwks_server.url, jwks_cooldown=1.0)
+    verifier = auth.Verifier(secret=JWT_SECRET, jwks_url=jwks_server.url, jwks_cooldown=2.0)
     assert verifier.verify(_kid_token(rsa_private, "rsa-1")).subject == "alice"
     assert jwks_server.requests == 1
-    for n in range(50):  # within the cooldown of that fetch: no refetch at all
-        _refused(verifier, _kid_token(rsa_private, f"random-{n}"), "TOKEN_KEY_UNKNOWN")
+    for token in random_kids:  # within the cooldown of that fetch: no refetch at all
+        _refused(verifier, token, "TOKEN_KEY_UNKNOWN")
     assert jwks_server.requests == 1
-    time.sleep(1.1)
+    time.sleep(2.1)
     # After the cooldown, a burst of unknown kids costs exactly one refetch.
-    for n in range(50):
-        _refused(verifier, _kid_token(rsa_private, f"again-{n}"), "TOKEN_KEY_UNKNOWN")
+    for token in other_kids:
+        _refused(verifier, token, "TOKEN_KEY_UNKNOWN")
     assert jwks_server.requests == 2
     # A rotated-in key is found by the next refetch the cooldown allows.
-    rotated = _rsa_key()
     jwks_server.publish("rsa-2", rotated)
-    _refused(verifier, _kid_token(rotated, "rsa-2"), "TOKEN_KEY_UNKNOWN")
+    _refused(verifier, rotated_token, "TOKEN_KEY_UNKNOWN")
     assert jwks_server.requests == 2
-    time.sleep(1.1)
-    assert verifier.verify(_kid_token(rotated, "rsa-2")).subject == "alice"
+    time.sleep(2.1)
+    assert verifier.verify(rotated_token).subject == "alice"
     assert jwks_server.requests == 3
+
+
+def test_jwks_outage_never_locks_out_cached_keys(jwks_server, rsa_private) -> None:  # type: ignore[no-untyped-def]
+    """Made-up kids during an identity-provider outage get 503 (and then fail fast), but cannot
+    take the tokens of keys already fetched down with them."""
+    jwks_server.publish("rsa-1", rsa_private)
+    good = _kid_token(rsa_private, "rsa-1")
+    made_up = [_kid_token(rsa_private, f"made-up-{n}") for n in range(5)]
+    verifier = auth.Verifier(secret=JWT_SECRET, jwks_url=jwks_server.url, jwks_cooldown=2.0)
+    assert verifier.verify(good).subject == "alice"
+    time.sleep(2.1)  # past the cooldown: an unknown kid may refetch
+    jwks_server.down = True
+    for token in made_up:  # the first refetch fails; the rest fail fast without fetching
+        with pytest.raises(Unavailable):
+            verifier.verify(token)
+        assert verifier.verify(good).subject == "alice"
+    assert jwks_server.requests == 2
 
 
 def test_jwks_symmetric_key_is_never_used(jwks_server) -> None:  # type: ignore[no-untyped-def]
@@ -559,13 +581,14 @@ def test_jwks_symmetric_key_is_never_used(jwks_server) -> None:  # type: ignore[
 def test_jwks_unreachable_is_unavailable_not_unauthenticated(jwks_server, rsa_private) -> None:  # type: ignore[no-untyped-def]
     jwks_server.down = True
     jwks_server.publish("rsa-1", rsa_private)
-    verifier = auth.Verifier(secret=JWT_SECRET, jwks_url=jwks_server.url, jwks_cooldown=0.5)
+    token = _kid_token(rsa_private, "rsa-1")
+    verifier = auth.Verifier(secret=JWT_SECRET, jwks_url=jwks_server.url, jwks_cooldown=2.0)
     for _ in range(20):  # one fetch fails; the next requests fail fast without fetching
         with pytest.raises(Unavailable) as info:
-            verifier.verify(_kid_token(rsa_private, "rsa-1"))
+            verifier.verify(token)
         assert info.value.reason == "JWKS_UNAVAILABLE"
     assert jwks_server.requests == 1
     jwks_server.down = False
-    time.sleep(0.6)
-    assert verifier.verify(_kid_token(rsa_private, "rsa-1")).subject == "alice"
+    time.sleep(2.1)
+    assert verifier.verify(token).subject == "alice"
     assert jwks_server.requests == 2
