@@ -140,10 +140,6 @@ class Verifier:
             jwks_lifespan=settings.jwt_jwks_lifespan,
         )
 
-    @property
-    def asymmetric(self) -> bool:
-        return self._jwks is not None or self._algorithms != [ALGORITHM]
-
     def verify(self, token: str) -> Principal:
         if not token.isascii():  # a JWT is base64url and dots; PyJWT would choke on surrogates
             raise Unauthenticated("TOKEN_INVALID", "invalid token: not ASCII")
@@ -230,11 +226,6 @@ def _principal(claims: dict[str, Any]) -> Principal:
     return Principal(
         subject=str(claims["sub"]), devices=frozenset(devices), scopes=frozenset(scope.split())
     )
-
-
-def verify(token: str, secret: str) -> Principal:
-    """Verify an HS256 token under `secret` (the default configuration)."""
-    return Verifier(secret=secret).verify(token)
 
 
 def mint(

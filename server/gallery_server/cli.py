@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gallery: {exc}", file=sys.stderr)
         return 2
 
-    if args.command == "token" and (settings.jwt_public_key or settings.jwt_jwks_url):
+    if args.command == "token" and settings.issuer_tokens:
         print("gallery: this server takes RS256/ES256 tokens from its identity provider;"
               " `gallery token` mints HS256 tokens that it refuses", file=sys.stderr)
         return 2

@@ -53,6 +53,8 @@ import pathlib
 import secrets
 import urllib.parse
 
+from .auth import public_key_algorithm
+
 SECRET_FILE_NAME = "jwt-secret"
 
 
@@ -94,6 +96,11 @@ class Settings:
     min_free_bytes: int = 1 << 30
     reconcile_interval_seconds: float = 600.0
     reconcile_grace_seconds: float = 3600.0
+
+    @property
+    def issuer_tokens(self) -> bool:
+        """Bearer tokens come from an identity provider (RS256/ES256); HS256 ones are refused."""
+        return bool(self.jwt_public_key or self.jwt_jwks_url)
 
     @classmethod
     def from_env(cls, env: os._Environ[str] | dict[str, str] = os.environ) -> Settings:
@@ -165,8 +172,6 @@ def _token_keys(env: os._Environ[str] | dict[str, str]) -> tuple[str, str]:
     if public_key and jwks_url:
         raise ConfigError("set a JWT public key or GALLERY_JWT_JWKS_URL, not both")
     if public_key:
-        from .auth import public_key_algorithm
-
         try:
             public_key_algorithm(public_key)
         except ValueError as exc:

@@ -134,7 +134,7 @@ def _stop_all(children: list[subprocess.Popen[bytes]]) -> None:
 
 
 def _print_banner(settings: Settings) -> None:
-    if settings.jwt_public_key or settings.jwt_jwks_url:
+    if settings.issuer_tokens:
         # HS256 tokens are refused in this configuration: a minted one would only mislead.
         print(
             f"\ngallery is up: REST and gRPC on {settings.public_url}; bearer tokens: RS256/ES256"

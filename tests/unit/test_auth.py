@@ -53,7 +53,7 @@ def _b64(data: bytes) -> str:
 
 def _unauthenticated(token: str, reason: str, secret: str = JWT_SECRET) -> Unauthenticated:
     with pytest.raises(Unauthenticated) as info:
-        auth.verify(token, secret)
+        auth.Verifier(secret=secret).verify(token)
     assert info.value.reason == reason
     return info.value
 
@@ -62,21 +62,21 @@ def _unauthenticated(token: str, reason: str, secret: str = JWT_SECRET) -> Unaut
 
 
 def test_verify_valid_token() -> None:
-    principal = auth.verify(_encode(_claims()), JWT_SECRET)
+    principal = auth.Verifier(secret=JWT_SECRET).verify(_encode(_claims()))
     assert principal == auth.Principal(
         "alice", frozenset({"cam1", "cam2"}), frozenset({auth.READ, auth.WRITE})
     )
 
 
 def test_verify_minted_token(mint) -> None:  # type: ignore[no-untyped-def]
-    principal = auth.verify(mint(devices=["d1"], scope=auth.READ, sub="bob"), JWT_SECRET)
+    principal = auth.Verifier(secret=JWT_SECRET).verify(mint(devices=["d1"], scope=auth.READ, sub="bob"))
     assert principal.subject == "bob"
     assert principal.devices == frozenset({"d1"})
     assert principal.scopes == frozenset({auth.READ})
 
 
 def test_verify_defaults_for_missing_devices_and_scope() -> None:
-    principal = auth.verify(_encode(_claims(devices=None, scope=None)), JWT_SECRET)
+    principal = auth.Verifier(secret=JWT_SECRET).verify(_encode(_claims(devices=None, scope=None)))
     assert principal.devices == frozenset()
     assert principal.scopes == frozenset()
     with pytest.raises(PermissionDenied):
@@ -92,7 +92,7 @@ def test_verify_expired_token() -> None:
 
 def test_verify_expired_within_leeway_is_accepted() -> None:
     token = _encode(_claims(exp=int(time.time()) - 5))
-    assert auth.verify(token, JWT_SECRET).subject == "alice"
+    assert auth.Verifier(secret=JWT_SECRET).verify(token).subject == "alice"
 
 
 def test_verify_expired_beyond_leeway_is_refused() -> None:
@@ -234,7 +234,7 @@ def test_require_device_match_is_exact() -> None:
 
 def test_require_scope_match_is_exact() -> None:
     # "gallery:read gallery:writer" grants read, not write.
-    principal = auth.verify(_encode(_claims(scope="gallery:read gallery:writer")), JWT_SECRET)
+    principal = auth.Verifier(secret=JWT_SECRET).verify(_encode(_claims(scope="gallery:read gallery:writer")))
     principal.require("cam1", auth.READ)
     assert _denied(principal, "cam1", auth.WRITE).reason == "SCOPE_MISSING"
 
@@ -319,7 +319,6 @@ def _refused(verifier: auth.Verifier, token: str, reason: str) -> None:
 
 def test_rs256_public_key_accepts_its_tokens(rsa_private) -> None:  # type: ignore[no-untyped-def]
     verifier = auth.Verifier(secret=JWT_SECRET, public_key=_public_pem(rsa_private))
-    assert verifier.asymmetric
     principal = verifier.verify(jwt.encode(_claims(), rsa_private, algorithm="RS256"))
     assert principal == auth.Principal(
         "alice", frozenset({"cam1", "cam2"}), frozenset({auth.READ, auth.WRITE})
