@@ -428,11 +428,24 @@ def test_device_event_iddedupes_and_conflicts(gallery: Gallery, principal: auth.
         upload_once(gallery, b"x", "bad\x00id")
     assert caught.value.reason == "INVALID_DEVICE_EVENT_ID"
 
-    # A resumable upload naming a stored capture is answered at once, with no session.
+    # A resumable upload naming a stored capture with its sha256 is answered at once, with no
+    # session.
     uploads = ResumableUploads(gallery)
     state = uploads.start(principal, "cam1", name="a.jpg", upload_id="capture-0001",
+                          sha256=hashlib.sha256(b"capture bytes").hexdigest(),
                           device_event_id="DSC_0001")
     assert state.event_id == first.id
+    # Without a sha256 the server has not seen the content: it opens a session and the bytes
+    # decide (a device that reset its counter must not be told a new capture is stored).
+    state = uploads.start(principal, "cam1", name="a.jpg", upload_id="capture-0004",
+                          device_event_id="DSC_0001")
+    assert (state.event_id, state.committed_size) == ("", 0)
+    with pytest.raises(AlreadyExists) as caught:
+        write(uploads, principal, "capture-0004", 0, b"a new capture", finish=True)
+    assert caught.value.reason == "DEVICE_EVENT_ID_CONFLICT"
+    assert not session_file(gallery, "capture-0004").exists()
+    uploads.start(principal, "cam1", name="a.jpg", upload_id="capture-0005", device_event_id="DSC_0001")
+    assert write(uploads, principal, "capture-0005", 0, b"capture bytes", finish=True).event_id == first.id
     with pytest.raises(AlreadyExists):
         uploads.start(principal, "cam1", name="a.jpg", upload_id="capture-0002",
                       sha256=hashlib.sha256(b"other").hexdigest(), device_event_id="DSC_0001")
@@ -477,3 +490,33 @@ def test_concurrent_uploads_of_one_capture_make_one_event(gallery: Gallery) -> N
     assert results == [event.id] * racers
     assert event.device_event_id == "DSC_RACE"
     assert [p.name for p in stored_files(gallery.settings.data_dir)] == [event.id]
+
+
+def test_finish_failing_at_commit_keeps_the_sessions_bytes(
+    gallery: Gallery, principal: auth.Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database fails as the event is committed: the session keeps every committed byte (its
+    file is linked into media/, never moved), and finishing again stores the event."""
+    from sqlmodel import Session
+
+    uploads = ResumableUploads(gallery)
+    uploads.start(principal, "cam1", name="a.bin", size=len(DATA), sha256=SHA, upload_id="upload-fail1")
+    write(uploads, principal, "upload-fail1", 0, DATA)
+    real = Session.commit
+
+    def commit(self: Session) -> None:
+        if any(isinstance(obj, Event) for obj in self.new):
+            raise RuntimeError("database went away")
+        real(self)
+
+    monkeypatch.setattr(Session, "commit", commit)
+    with pytest.raises(RuntimeError):
+        write(uploads, principal, "upload-fail1", len(DATA), b"", finish=True)
+    monkeypatch.setattr(Session, "commit", real)
+    assert events(gallery) == []
+    assert stored_files(gallery.settings.data_dir) == [session_file(gallery, "upload-fail1")]
+    assert session_file(gallery, "upload-fail1").read_bytes() == DATA
+    assert uploads.query(principal, "cam1", "upload-fail1").committed_size == len(DATA)
+    state = write(uploads, principal, "upload-fail1", len(DATA), b"", finish=True)
+    assert state.event_id and gallery.storage.media_path("cam1", state.event_id).read_bytes() == DATA
+    assert not session_file(gallery, "upload-fail1").exists()

@@ -24,7 +24,7 @@ from ..devices import Devices, PullStatus
 from ..errors import InvalidArgument
 from ..forms import FormReceiver
 from ..models import Event
-from ..resumable import ResumableUploads, SessionState
+from ..resumable import SessionState
 from ..service import Gallery
 from ..signed_urls import THUMBNAIL, SignedTarget, SignedUploads, SignedUploadState, parse_content_range
 from .interceptor import current_principal
@@ -46,7 +46,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         self.gallery = gallery
         self.signed = signed
         self.devices = devices
-        self.resumable = ResumableUploads(gallery)
+        self.resumable = signed.uploads  # one set of sessions for native and pre-signed uploads
         # Who is calling; the interceptor's verified principal unless a test injects one.
         self.principal = principal
 
