@@ -52,7 +52,7 @@ from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .models import Event, UploadSessionRow
 from .service import Gallery, SessionHook, aware, utcnow
 from .storage import StagedFile, _fsync_dir
-from .uploads import Upload, check_device_event_id
+from .uploads import Upload
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class ResumableUploads:
     ) -> SessionState:
         """start() for a caller that has authorized the device and chosen the id."""
         validation.display_name(name)
-        check_device_event_id(device_event_id)
+        device_event_id = validation.device_event_id(device_event_id)
         if media_type:
             validation.media_type(media_type)
         validation.sha256_hex(sha256)

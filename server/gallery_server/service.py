@@ -25,7 +25,7 @@ from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import DeviceCommand, Event, initial_thumbnail_state
 from .settings import Settings
 from .storage import SPACE_CHECK_BYTES, StagedFile, Storage
-from .uploads import IdleWatchdog, Upload, UploadSlots, check_device_event_id
+from .uploads import IdleWatchdog, Upload, UploadSlots
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +379,7 @@ class Gallery:
         if fields.media_type:
             validation.media_type(fields.media_type)
         validation.sha256_hex(fields.declared_sha256)
-        check_device_event_id(fields.device_event_id)
+        validation.device_event_id(fields.device_event_id)
         if not upload.media_received:
             raise InvalidArgument("EVENT_FILE_REQUIRED", "the event file is missing", field="event")
         if fields.thumbnail_promised and upload.thumbnail is None:

@@ -23,7 +23,6 @@ import datetime
 import hashlib
 import hmac
 import json
-import re
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
@@ -33,6 +32,7 @@ from sqlmodel import Session, col
 
 from . import validation
 from .auth import WRITE, Principal
+from .downloads import ContentRange
 from .errors import (
     Conflict,
     FailedPrecondition,
@@ -51,34 +51,6 @@ THUMBNAIL = "thumbnail"
 _VERSION = 1
 # The session of a pre-signed URL: "." keeps it apart from native upload ids ([A-Za-z0-9_-]).
 SESSION_PREFIX = "url."
-_CONTENT_RANGE_RE = re.compile(r"bytes (?:(\d{1,19})-(\d{1,19})|\*)/(\d{1,19})")
-
-
-@dataclasses.dataclass(frozen=True)
-class ContentRange:
-    """`bytes first-last/total`, or `bytes */total` (first and last None: where to resume?)."""
-
-    first: int | None
-    last: int | None
-    total: int
-
-    @property
-    def length(self) -> int:
-        return 0 if self.first is None or self.last is None else self.last - self.first + 1
-
-
-def parse_content_range(header: str) -> ContentRange:
-    match = _CONTENT_RANGE_RE.fullmatch(header.strip())
-    if match is None or (match[1] is not None and not int(match[1]) <= int(match[2]) < int(match[3])):
-        raise InvalidArgument(
-            "INVALID_CONTENT_RANGE",
-            "Content-Range must be `bytes <first>-<last>/<total>` with first <= last < total,"
-            " or `bytes */<total>`",
-            field="content_range", content_range=header[:100],
-        )
-    first = int(match[1]) if match[1] is not None else None
-    last = int(match[2]) if match[2] is not None else None
-    return ContentRange(first, last, int(match[3]))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,10 +15,11 @@ import sqlalchemy as sa
 from sqlmodel import Session, select
 
 from gallery_server import auth, resumable
+from gallery_server.downloads import ContentRange, parse_content_range
 from gallery_server.errors import Conflict, InvalidArgument, PermissionDenied
 from gallery_server.models import Event
 from gallery_server.service import Gallery
-from gallery_server.signed_urls import SESSION_PREFIX, ContentRange, SignedUploads, parse_content_range
+from gallery_server.signed_urls import SESSION_PREFIX, SignedUploads
 
 from ..conftest import random_bytes, stored_files
 
