@@ -323,7 +323,14 @@ def test_completed_session_answers_until_its_event_is_deleted(
         assert caught.value.reason == "UPLOAD_EVENT_DELETED"
         assert caught.value.metadata["event_id"] == done.event_id
     assert events(gallery) == []
-    # ... until the sweeper forgets it; and StartUpload with the id starts afresh.
+    # ... for one session TTL from the deletion (not from the upload's long-past expiry), then
+    # the sweeper forgets it; and StartUpload with the id starts afresh.
+    deleted = datetime.datetime.now(datetime.UTC)
+    ttl = datetime.timedelta(seconds=gallery.settings.upload_session_ttl)
+    assert uploads.sweep_once(now=deleted + ttl - datetime.timedelta(seconds=60)) == 0
+    with pytest.raises(NotFound) as caught:
+        uploads.query(principal, "cam1", "late-retry-01")
+    assert caught.value.reason == "UPLOAD_EVENT_DELETED"
     assert uploads.sweep_once(now=later) == 1
     with pytest.raises(NotFound) as caught:
         uploads.query(principal, "cam1", "late-retry-01")

@@ -16,18 +16,27 @@ folder need a filesystem with working flock (local disks, NFSv4).
 
 Completion: the whole file is hashed once (one streaming read, no hash state kept across
 resumes), checked against the declared size and sha256 and handed to Gallery.store(), which marks
-the row complete with the event id in the same transaction that inserts the event. The completed
-row (its bytes are gone) remains as long as its event exists, however late a retry comes: a retry
-with the same upload id gets that event, never a second. Once the event is deleted, QueryUpload
-and WriteUpload answer NOT_FOUND UPLOAD_EVENT_DELETED (for a TTL, then UPLOAD_NOT_FOUND) and
-StartUpload with the id starts afresh: a deleted capture comes back only if a client says so.
+the row complete with the event id in the same transaction that inserts the event. The session
+file is linked into media/ (StagedFile.adopt) and unlinked only after that commit: a completion
+that fails (a database error, a URL taken by a single-shot PUT) keeps every committed byte, and the
+client finishes again. The completed row (its bytes are gone) remains as long as its event exists,
+however late a retry comes: a retry with the same upload id gets that event, never a second.
+Deleting the event sets the row's expiry to one GALLERY_UPLOAD_SESSION_TTL later
+(Gallery.delete_event): until then QueryUpload and WriteUpload answer NOT_FOUND
+UPLOAD_EVENT_DELETED, then the sweeper removes the row (UPLOAD_NOT_FOUND). StartUpload with the id
+starts afresh at once: a deleted capture comes back only if a client says so.
+
+A device_event_id is answered by StartUpload at once only with a declared sha256 equal to the
+stored capture's; otherwise completion decides (Gallery.capture: that event, or
+DEVICE_EVENT_ID_CONFLICT).
 
 Expiry: an incomplete session lives GALLERY_UPLOAD_SESSION_TTL after its start or last committed
 write (and never past its `not_after`: a pre-signed URL's session ends with the URL). An expired
 session is removed (file, then row) on access and by SessionSweeper in every replica.
 
 Pre-signed URLs (signed_urls.py) use the same sessions through the methods without a principal
-(`open_session`, `writer`, `state`): the URL's signature is their authorization.
+(`open_session`, `writer`, `peek`): the URL's signature is their authorization. `peek` is read
+only, for the unauthenticated status GET/HEAD.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from .auth import READ, WRITE, Principal
 from .db import Database
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .media_types import SNIFF_BYTES, classify, detect_mime
-from .models import DeviceCommand, Event, initial_thumbnail_state
+from .models import DeviceCommand, Event, UploadSessionRow, initial_thumbnail_state
 from .settings import Settings
 from .storage import SPACE_CHECK_BYTES, StagedFile, Storage
 from .uploads import IdleWatchdog, Upload, UploadSlots
@@ -205,6 +205,14 @@ class Gallery:
                     .where(col(DeviceCommand.event_id) == event_id,
                            col(DeviceCommand.open_key).is_not(None))
                     .values(state="cancelled", open_key=None)
+                )
+                # Its completed resumable sessions answer UPLOAD_EVENT_DELETED for one session
+                # TTL from now; then the sweeper removes them (resumable.py).
+                ttl = datetime.timedelta(seconds=self.settings.upload_session_ttl)
+                session.exec(  # type: ignore[call-overload]
+                    sa.update(UploadSessionRow)
+                    .where(col(UploadSessionRow.event_id) == event_id)
+                    .values(expires_at=utcnow() + ttl)
                 )
             session.commit()
         if not deleted:
