@@ -106,7 +106,7 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     return start, min(int(last), size - 1) if last else size - 1
 
 
-_CONTENT_RANGE_SPEC = re.compile(r"(?:(\d{1,19})-(\d{1,19})|\*)/(\d{1,19})")
+_CONTENT_RANGE_SPEC = re.compile(r"(?:([0-9]{1,19})-([0-9]{1,19})|\*)/([0-9]{1,19})")  # ASCII digits only
 
 
 @dataclasses.dataclass(frozen=True)
