@@ -527,3 +527,14 @@ def test_finish_failing_at_commit_keeps_the_sessions_bytes(
     state = write(uploads, principal, "upload-fail1", len(DATA), b"", finish=True)
     assert state.event_id and gallery.storage.media_path("cam1", state.event_id).read_bytes() == DATA
     assert not session_file(gallery, "upload-fail1").exists()
+
+
+def test_query_never_creates_a_session_file(gallery: Gallery, principal: auth.Principal) -> None:
+    """QueryUpload racing the sweeper (the file gone, the row still read) must not leave a file
+    with no row behind: it opens the file without creating it."""
+    uploads = ResumableUploads(gallery)
+    uploads.start(principal, "cam1", name="a.bin", upload_id="vanish-0001")
+    write(uploads, principal, "vanish-0001", 0, b"abc")
+    session_file(gallery, "vanish-0001").unlink()
+    assert uploads.query(principal, "cam1", "vanish-0001").committed_size == 0
+    assert not session_file(gallery, "vanish-0001").exists()

@@ -216,7 +216,10 @@ class ResumableUploads:
         row = self._load(device, upload_id_)
         if row.event_id:
             return _state(row)
-        fd = _open(self.storage.session_path(device, row.upload_id))
+        try:  # never created here: a file the sweeper just removed must not come back rowless
+            fd = os.open(self.storage.session_path(device, row.upload_id), os.O_RDWR)
+        except FileNotFoundError:  # removed meanwhile, or lost: nothing of it is there
+            return dataclasses.replace(_state(row), committed_size=0)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
