@@ -576,6 +576,12 @@ class SessionWriter:
     def state(self) -> SessionState:
         return _state(self._row)
 
+    def discard(self) -> None:
+        """Remove this session (its file, then its row) under this writer's lock: its bytes can
+        never be stored (the pre-signed URL was completed by another PUT)."""
+        if self._fd is not None and not self._row.event_id:
+            self._uploads.remove(self._row, held=True)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # releases the lock

@@ -368,8 +368,10 @@ class RangePut:
     def finish(self) -> SignedUploadState:
         """Commit this PUT's bytes; store the event if they complete the file.
 
-        A single-shot PUT of the URL may complete it meanwhile: then its event is the answer (the
-        URL is done), and this session's bytes stay until the session expires with the URL."""
+        A single-shot PUT of the URL may take it meanwhile. While that PUT runs this chunk is 409
+        UPLOAD_BUSY and the session keeps every byte (the PUT may fail and give the URL back);
+        once it has completed the URL, its event is the answer and this session, whose bytes can
+        never be stored under the URL, is removed."""
         writer = self._writer
         target = self._target
         signed = self._signed
@@ -391,6 +393,7 @@ class RangePut:
                 state = signed.state_of(target)
                 if not state.complete:
                     raise
+                writer.discard()
                 return state
         state = writer.state()
         return SignedUploadState(

@@ -333,6 +333,7 @@ def test_single_shot_put_completes_the_url_while_the_last_chunk_is_in_flight(
     one_event(stack, http, headers, device, event_id, other)
     body = status(url)
     assert (body["complete"], body["committedSize"]) == (True, len(other))
+    assert not staged.exists()  # the chunks can never be stored under the URL: removed
 
 
 def test_chunk_put_while_a_single_shot_put_is_in_flight(

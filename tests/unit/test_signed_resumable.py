@@ -213,6 +213,9 @@ def test_single_shot_put_during_the_last_chunk(
         last.close()
     assert (state.event_id, state.complete, state.committed_size) == (event_id, True, 11)
     assert signed.gallery.storage.media_path("cam1", event_id).read_bytes() == b"single shot"
+    # The session's bytes can never be stored under the URL now: they are gone.
+    assert not signed.gallery.storage.session_path("cam1", SESSION_PREFIX + event_id).exists()
+    assert signed.uploads.peek("cam1", SESSION_PREFIX + event_id) is None
 
 
 def test_completion_after_a_crash_between_link_and_commit(
