@@ -60,3 +60,27 @@ def test_an_out_of_range_created_is_invalid(channel, mint):
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     info, _ = rich_error(caught.value)
     assert info.reason == "INVALID_CREATED"
+
+
+def test_a_bad_message_ends_the_channel_with_invalid_argument(channel, mint):
+    """An undecodable message on the channel ends it with INVALID_ARGUMENT MALFORMED_REQUEST (the
+    one error mapping), not with OK as if the server had simply closed it."""
+    connect = channel.stream_stream(
+        "/gallery.v1.DeviceService/Connect", request_serializer=lambda raw: raw,
+        response_deserializer=dpb.ConnectResponse.FromString,
+    )
+    sent = threading.Event()
+
+    def requests():
+        yield dpb.ConnectRequest(hello=dpb.DeviceHello(device="cam1")).SerializeToString()
+        yield b"\xff\xff\xff\xff"  # not a protobuf message
+        sent.wait(10)  # keep our side open: the server must end the call
+
+    stream = connect(requests(), metadata=device_auth(mint), timeout=20)
+    with pytest.raises(grpc.RpcError) as caught:
+        for _ in stream:
+            pass
+    sent.set()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+    info, _ = rich_error(caught.value)
+    assert info.reason == "MALFORMED_REQUEST"

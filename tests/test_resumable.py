@@ -323,7 +323,14 @@ def test_completed_session_answers_until_its_event_is_deleted(
         assert caught.value.reason == "UPLOAD_EVENT_DELETED"
         assert caught.value.metadata["event_id"] == done.event_id
     assert events(gallery) == []
-    # ... until the sweeper forgets it; and StartUpload with the id starts afresh.
+    # ... for one session TTL from the deletion (not from the upload's long-past expiry), then
+    # the sweeper forgets it; and StartUpload with the id starts afresh.
+    deleted = datetime.datetime.now(datetime.UTC)
+    ttl = datetime.timedelta(seconds=gallery.settings.upload_session_ttl)
+    assert uploads.sweep_once(now=deleted + ttl - datetime.timedelta(seconds=60)) == 0
+    with pytest.raises(NotFound) as caught:
+        uploads.query(principal, "cam1", "late-retry-01")
+    assert caught.value.reason == "UPLOAD_EVENT_DELETED"
     assert uploads.sweep_once(now=later) == 1
     with pytest.raises(NotFound) as caught:
         uploads.query(principal, "cam1", "late-retry-01")
@@ -428,11 +435,24 @@ def test_device_event_iddedupes_and_conflicts(gallery: Gallery, principal: auth.
         upload_once(gallery, b"x", "bad\x00id")
     assert caught.value.reason == "INVALID_DEVICE_EVENT_ID"
 
-    # A resumable upload naming a stored capture is answered at once, with no session.
+    # A resumable upload naming a stored capture with its sha256 is answered at once, with no
+    # session.
     uploads = ResumableUploads(gallery)
     state = uploads.start(principal, "cam1", name="a.jpg", upload_id="capture-0001",
+                          sha256=hashlib.sha256(b"capture bytes").hexdigest(),
                           device_event_id="DSC_0001")
     assert state.event_id == first.id
+    # Without a sha256 the server has not seen the content: it opens a session and the bytes
+    # decide (a device that reset its counter must not be told a new capture is stored).
+    state = uploads.start(principal, "cam1", name="a.jpg", upload_id="capture-0004",
+                          device_event_id="DSC_0001")
+    assert (state.event_id, state.committed_size) == ("", 0)
+    with pytest.raises(AlreadyExists) as caught:
+        write(uploads, principal, "capture-0004", 0, b"a new capture", finish=True)
+    assert caught.value.reason == "DEVICE_EVENT_ID_CONFLICT"
+    assert not session_file(gallery, "capture-0004").exists()
+    uploads.start(principal, "cam1", name="a.jpg", upload_id="capture-0005", device_event_id="DSC_0001")
+    assert write(uploads, principal, "capture-0005", 0, b"capture bytes", finish=True).event_id == first.id
     with pytest.raises(AlreadyExists):
         uploads.start(principal, "cam1", name="a.jpg", upload_id="capture-0002",
                       sha256=hashlib.sha256(b"other").hexdigest(), device_event_id="DSC_0001")
@@ -477,3 +497,44 @@ def test_concurrent_uploads_of_one_capture_make_one_event(gallery: Gallery) -> N
     assert results == [event.id] * racers
     assert event.device_event_id == "DSC_RACE"
     assert [p.name for p in stored_files(gallery.settings.data_dir)] == [event.id]
+
+
+def test_finish_failing_at_commit_keeps_the_sessions_bytes(
+    gallery: Gallery, principal: auth.Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database fails as the event is committed: the session keeps every committed byte (its
+    file is linked into media/, never moved), and finishing again stores the event."""
+    from sqlmodel import Session
+
+    uploads = ResumableUploads(gallery)
+    uploads.start(principal, "cam1", name="a.bin", size=len(DATA), sha256=SHA, upload_id="upload-fail1")
+    write(uploads, principal, "upload-fail1", 0, DATA)
+    real = Session.commit
+
+    def commit(self: Session) -> None:
+        if any(isinstance(obj, Event) for obj in self.new):
+            raise RuntimeError("database went away")
+        real(self)
+
+    monkeypatch.setattr(Session, "commit", commit)
+    with pytest.raises(RuntimeError):
+        write(uploads, principal, "upload-fail1", len(DATA), b"", finish=True)
+    monkeypatch.setattr(Session, "commit", real)
+    assert events(gallery) == []
+    assert stored_files(gallery.settings.data_dir) == [session_file(gallery, "upload-fail1")]
+    assert session_file(gallery, "upload-fail1").read_bytes() == DATA
+    assert uploads.query(principal, "cam1", "upload-fail1").committed_size == len(DATA)
+    state = write(uploads, principal, "upload-fail1", len(DATA), b"", finish=True)
+    assert state.event_id and gallery.storage.media_path("cam1", state.event_id).read_bytes() == DATA
+    assert not session_file(gallery, "upload-fail1").exists()
+
+
+def test_query_never_creates_a_session_file(gallery: Gallery, principal: auth.Principal) -> None:
+    """QueryUpload racing the sweeper (the file gone, the row still read) must not leave a file
+    with no row behind: it opens the file without creating it."""
+    uploads = ResumableUploads(gallery)
+    uploads.start(principal, "cam1", name="a.bin", upload_id="vanish-0001")
+    write(uploads, principal, "vanish-0001", 0, b"abc")
+    session_file(gallery, "vanish-0001").unlink()
+    assert uploads.query(principal, "cam1", "vanish-0001").committed_size == 0
+    assert not session_file(gallery, "vanish-0001").exists()

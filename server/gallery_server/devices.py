@@ -24,7 +24,7 @@ from .auth import DEVICE, WRITE, Principal
 from .errors import FailedPrecondition, InvalidArgument, NotFound, TooLarge
 from .media_types import classify, detect_mime
 from .models import DeviceCommand, DeviceConnection, Event
-from .service import Gallery, utcnow
+from .service import Gallery, aware, utcnow
 
 POLL_INTERVAL_S = 1.0
 HEARTBEAT_S = 5.0
@@ -230,7 +230,7 @@ class Devices:
         if command is None:
             return None
         state = command.state
-        if state in OPEN_STATES and _aware(command.expires_at) < utcnow():
+        if state in OPEN_STATES and aware(command.expires_at) < utcnow():
             state = "expired"
         return PullStatus(PULL_STATES[state], command.error, command.created, command.expires_at)
 
@@ -386,7 +386,3 @@ class Channel:
             yield from self.claim()
             if self.wait():
                 yield None
-
-
-def _aware(moment: datetime.datetime) -> datetime.datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)

@@ -9,6 +9,9 @@ then Range. What is not understood is ignored, as RFC 9110 allows: a malformed R
 unit or several ranges (no multipart/byteranges here) get the whole file with 200; a malformed
 If-None-Match matches nothing.
 
+The Content-Range of a resumable pre-signed PUT (signed_urls.py) is parsed here too, next to the
+Range of a download, by the same rules for its unit.
+
 The native read (ReadEventContent) uses `read_window`, the offset/limit rules of
 google.bytestream.ByteStream.Read.
 """
@@ -101,6 +104,39 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     if start >= size:
         raise RangeNotSatisfiable(size)
     return start, min(int(last), size - 1) if last else size - 1
+
+
+_CONTENT_RANGE_SPEC = re.compile(r"(?:([0-9]{1,19})-([0-9]{1,19})|\*)/([0-9]{1,19})")  # ASCII digits only
+
+
+@dataclasses.dataclass(frozen=True)
+class ContentRange:
+    """`bytes first-last/total`, or `bytes */total` (first and last None: where to resume?)."""
+
+    first: int | None
+    last: int | None
+    total: int
+
+    @property
+    def length(self) -> int:
+        return 0 if self.first is None or self.last is None else self.last - self.first + 1
+
+
+def parse_content_range(header: str) -> ContentRange:
+    """The Content-Range of a resumable PUT (GCS-style); the unit is case-insensitive, as
+    parse_range's is."""
+    unit, _, spec = header.strip().partition(" ")
+    match = _CONTENT_RANGE_SPEC.fullmatch(spec) if unit.lower() == "bytes" else None
+    if match is None or (match[1] is not None and not int(match[1]) <= int(match[2]) < int(match[3])):
+        raise InvalidArgument(
+            "INVALID_CONTENT_RANGE",
+            "Content-Range must be `bytes <first>-<last>/<total>` with first <= last < total,"
+            " or `bytes */<total>`",
+            field="content_range", content_range=header[:100],
+        )
+    first = int(match[1]) if match[1] is not None else None
+    last = int(match[2]) if match[2] is not None else None
+    return ContentRange(first, last, int(match[3]))
 
 
 def entity_tags(header: str) -> list[tuple[bool, str]] | None:

@@ -7,7 +7,7 @@ GalleryError                 base; carries a stable UPPER_SNAKE `reason` and `me
 ├── NotFound                 the event does not exist for this device (404 / NOT_FOUND)
 ├── AlreadyExists            the resource was created already (409 / ALREADY_EXISTS)
 ├── FailedPrecondition       not possible in the resource's current state (400 / FAILED_PRECONDITION)
-├── Conflict                 lost to another request's state: re-read, then retry (409 / ABORTED)
+├── Conflict                 lost to another request's state: re-read, then retry (ABORTED, 409)
 ├── OutOfRange               a read past the end of the content (400 / OUT_OF_RANGE)
 ├── TooLarge                 a size limit was exceeded (429 through Envoy / RESOURCE_EXHAUSTED)
 ├── Unavailable              a service the request needs is unreachable, e.g. the JWKS (503 / UNAVAILABLE)
@@ -52,9 +52,10 @@ class FailedPrecondition(GalleryError):
 
 
 class Conflict(GalleryError):
-    """A REST pre-signed resumable PUT that does not fit the upload's current state (a wrong
-    offset, another PUT writing): 409 as HTTP range-upload protocols answer, where native gRPC keeps
-    ByteStream's FAILED_PRECONDITION."""
+    """The request lost to another request on the same resource, or was based on a state that
+    has moved on (a chunk at a stale offset, another writer at work): re-read the resource's
+    state, then retry. Raised for pre-signed range uploads (signed_urls.range_conflicts), where
+    native resumable writes keep ByteStream's FailedPrecondition for the same reasons."""
 
 
 class OutOfRange(GalleryError):

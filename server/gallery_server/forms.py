@@ -11,11 +11,11 @@ from python_multipart.multipart import MultipartParser, MultipartState, parse_op
 
 from . import validation
 from .errors import Exhausted, InvalidArgument, TooLarge
-from .uploads import Upload, check_device_event_id
+from .uploads import Upload
 
 _TEXT_LIMITS = {"name": 4 * validation.MAX_NAME_CHARS, "media_type": 64, "has_thumbnail": 16,
-                # UTF-8 of uploads.MAX_DEVICE_EVENT_ID_CHARS characters.
-                "device_event_id": 4 * 128}
+                # UTF-8 of that many characters, and the whitespace around them.
+                "device_event_id": 4 * validation.MAX_DEVICE_EVENT_ID_CHARS + 64}
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", ""}
 
@@ -66,6 +66,7 @@ class FormReceiver:
                 "on_header_end": self._on_header_end,
                 "on_headers_finished": self._on_headers_finished,
                 "on_part_data": self._on_part_data,
+                "on_part_end": self._on_part_end,
             },
         )
 
@@ -97,7 +98,7 @@ class FormReceiver:
                 field="has_thumbnail",
             )
         fields.thumbnail_promised = flag in _TRUE
-        fields.device_event_id = check_device_event_id(texts.get("device_event_id", "").strip())
+        fields.device_event_id = validation.device_event_id(texts.get("device_event_id", ""))
 
     # -- parser callbacks: errors are kept, because python-multipart re-raises its own ----------
 
@@ -137,6 +138,14 @@ class FormReceiver:
             self._upload.write_media(b"")  # an empty file part is still a file (0-byte media)
         elif name != "thumbnail":
             self._texts[name] = bytearray()
+
+    def _on_part_end(self) -> None:
+        # Checked as soon as it arrives, not after the event file that may follow it.
+        if self._part == "device_event_id":
+            try:
+                validation.device_event_id(_utf8(self._part, self._texts[self._part]))
+            except InvalidArgument as exc:
+                self._fail(exc)
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = memoryview(data)[start:end]

@@ -10,8 +10,10 @@ What is removed, and why it is safe with any number of replicas sharing storage 
 * staging/<name> (an upload in flight, an incoming copy) whose last change is older than the grace
   period. Uploads in flight write continually, and a silent one is aborted after
   GALLERY_UPLOAD_IDLE_SECONDS, far below the grace period.
-* staging/sessions/<device>/<upload_id> with no session row, older than the grace period: a live
-  resumable session always has its row (resumable.py removes the file first, then the row).
+* staging/sessions/<device>/<upload_id> with no session row, or whose row is complete, older than
+  the grace period: a live resumable session always has its row (resumable.py removes the file
+  first, then the row), and a completed one's file is a second name of its event's media (linked
+  into media/, then unlinked from staging after the commit: a crash in between leaves it).
 * media/<device>/<id> with no event row for that device and id, older than the grace period: an
   upload links its file into media/ a moment before it commits the row, so a young file may be
   one about to be committed. Age is the later of mtime and ctime: a link or rename sets ctime, so
@@ -160,7 +162,9 @@ class Reconciler:
         for path in sessions:
             with self.db.session() as session:
                 row = session.get(UploadSessionRow, (path.parent.name, path.name))
-            if row is None:
+            # A completed session's file is a leftover of a crash between the event's commit and
+            # the unlink of its staging name (the event's own link in media/ holds the bytes).
+            if row is None or row.event_id:
                 self._remove(path, findings, "staging_removed")
 
     def _media(self, findings: Findings, media: dict[str, list[pathlib.Path]]) -> None:

@@ -16,18 +16,27 @@ folder need a filesystem with working flock (local disks, NFSv4).
 
 Completion: the whole file is hashed once (one streaming read, no hash state kept across
 resumes), checked against the declared size and sha256 and handed to Gallery.store(), which marks
-the row complete with the event id in the same transaction that inserts the event. The completed
-row (its bytes are gone) remains as long as its event exists, however late a retry comes: a retry
-with the same upload id gets that event, never a second. Once the event is deleted, QueryUpload
-and WriteUpload answer NOT_FOUND UPLOAD_EVENT_DELETED (for a TTL, then UPLOAD_NOT_FOUND) and
-StartUpload with the id starts afresh: a deleted capture comes back only if a client says so.
+the row complete with the event id in the same transaction that inserts the event. The session
+file is linked into media/ (StagedFile.adopt) and unlinked only after that commit: a completion
+that fails (a database error, a URL taken by a single-shot PUT) keeps every committed byte, and the
+client finishes again. The completed row (its bytes are gone) remains as long as its event exists,
+however late a retry comes: a retry with the same upload id gets that event, never a second.
+Deleting the event sets the row's expiry to one GALLERY_UPLOAD_SESSION_TTL later
+(Gallery.delete_event): until then QueryUpload and WriteUpload answer NOT_FOUND
+UPLOAD_EVENT_DELETED, then the sweeper removes the row (UPLOAD_NOT_FOUND). StartUpload with the id
+starts afresh at once: a deleted capture comes back only if a client says so.
+
+A device_event_id is answered by StartUpload at once only with a declared sha256 equal to the
+stored capture's; otherwise completion decides (Gallery.capture: that event, or
+DEVICE_EVENT_ID_CONFLICT).
 
 Expiry: an incomplete session lives GALLERY_UPLOAD_SESSION_TTL after its start or last committed
 write (and never past its `not_after`: a pre-signed URL's session ends with the URL). An expired
 session is removed (file, then row) on access and by SessionSweeper in every replica.
 
 Pre-signed URLs (signed_urls.py) use the same sessions through the methods without a principal
-(`open_session`, `writer`, `state`): the URL's signature is their authorization.
+(`open_session`, `writer`, `peek`): the URL's signature is their authorization. `peek` is read
+only, for the unauthenticated status GET/HEAD.
 """
 
 from __future__ import annotations
@@ -50,9 +59,9 @@ from .auth import READ, WRITE, Principal
 from .background import BackgroundLoop
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, TooLarge
 from .models import Event, UploadSessionRow
-from .service import Gallery, SessionHook, utcnow
+from .service import Gallery, SessionHook, aware, utcnow
 from .storage import StagedFile, _fsync_dir
-from .uploads import Upload, check_device_event_id
+from .uploads import Upload
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +82,7 @@ class SessionState:
     committed_size: int
     expires_at: datetime.datetime
     event_id: str = ""
+    declared_size: int | None = None
 
 
 def check_upload_id(value: str) -> str:
@@ -130,7 +140,7 @@ class ResumableUploads:
     ) -> SessionState:
         """start() for a caller that has authorized the device and chosen the id."""
         validation.display_name(name)
-        check_device_event_id(device_event_id)
+        device_event_id = validation.device_event_id(device_event_id)
         if media_type:
             validation.media_type(media_type)
         validation.sha256_hex(sha256)
@@ -147,35 +157,31 @@ class ResumableUploads:
                 )
             existing = self._event_with(device, sha256)
             if existing is not None:
-                return SessionState(upload_id, existing.size, utcnow(), existing.id)
-        if device_event_id:
-            existing = self._event_of_capture(device, device_event_id)
+                return SessionState(upload_id, existing.size, utcnow(), existing.id, existing.size)
+        if device_event_id and sha256:
+            # Only a declared sha256 proves the content is the stored capture's: without one, the
+            # bytes decide at completion (a device that reused an id gets DEVICE_EVENT_ID_CONFLICT
+            # then, never "stored" for a capture the server has not seen).
+            existing = self.gallery.capture(device, device_event_id, sha256)
             if existing is not None:
-                if sha256 and existing.sha256 != sha256:
-                    raise AlreadyExists(
-                        "DEVICE_EVENT_ID_CONFLICT",
-                        f"event {existing.id} already has device_event_id {device_event_id!r}"
-                        " with another sha256", field="device_event_id",
-                        device_event_id=device_event_id, event_id=existing.id,
-                    )
-                return SessionState(upload_id, existing.size, utcnow(), existing.id)
+                return SessionState(upload_id, existing.size, utcnow(), existing.id, existing.size)
         now = utcnow()
         with self.db.session() as session:
             row = session.get(UploadSessionRow, (device, upload_id))
         if row is not None and (
-            (not row.event_id and _aware(row.expires_at) <= now)
+            (not row.event_id and aware(row.expires_at) <= now)
             or (row.event_id and not self._event_exists(row.event_id))
         ):  # expired, or its event was deleted: the id is free again. Removed outside the
             # session that inserts: on SQLite a transaction that read before another's write
             # cannot write after it.
-            self._remove(row)
+            self.remove(row)
         with self.db.session() as session:
             row = session.get(UploadSessionRow, (device, upload_id))
             if row is None:
                 row = UploadSessionRow(
                     device=device, upload_id=upload_id, name=name, media_type=media_type,
                     metadata_json=metadata_json, declared_size=size, declared_sha256=sha256,
-                    committed_size=0, created=now, expires_at=self._expiry(now, not_after),
+                    committed_size=0, created=now, expires_at=self.expiry(now, not_after),
                     device_event_id=device_event_id, not_after=not_after,
                 )
                 session.add(row)
@@ -197,7 +203,7 @@ class ResumableUploads:
             raise FailedPrecondition(
                 "UPLOAD_ID_IN_USE",
                 f"upload {upload_id} exists with another declared size or sha256",
-                upload_id=upload_id,
+                upload_id=upload_id, declared_size=str(row.declared_size),
             )
         return _state(row)
 
@@ -210,7 +216,10 @@ class ResumableUploads:
         row = self._load(device, upload_id_)
         if row.event_id:
             return _state(row)
-        fd = _open(self.storage.session_path(device, row.upload_id))
+        try:  # never created here: a file the sweeper just removed must not come back rowless
+            fd = os.open(self.storage.session_path(device, row.upload_id), os.O_RDWR)
+        except FileNotFoundError:  # removed meanwhile, or lost: nothing of it is there
+            return dataclasses.replace(_state(row), committed_size=0)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -220,11 +229,24 @@ class ResumableUploads:
         finally:
             os.close(fd)
 
-    def declared_size(self, device: str, upload_id_: str) -> int:
-        """The size a session declared (0 when none or no session)."""
+    def peek(self, device: str, upload_id_: str) -> SessionState | None:
+        """A session's state, read only (None: no session, or an expired one): nothing is
+        created, truncated, updated or removed, so an unauthenticated status read changes
+        nothing. Bytes past the row's committed size were never acknowledged and do not count;
+        a file shorter than its row (or gone) counts for what it holds."""
         with self.db.session() as session:
             row = session.get(UploadSessionRow, (device, upload_id_))
-        return (row.declared_size or 0) if row is not None else 0
+        if row is None:
+            return None
+        if row.event_id:
+            return _state(row)
+        if aware(row.expires_at) <= utcnow():
+            return None
+        try:
+            size = os.stat(self.storage.session_path(device, upload_id_)).st_size
+        except FileNotFoundError:
+            size = 0
+        return dataclasses.replace(_state(row), committed_size=min(size, row.committed_size))
 
     def find_existing(self, principal: Principal, device: str, sha256s: list[str]) -> dict[str, str]:
         """The digests among `sha256s` that the device has stored, each with its oldest event."""
@@ -300,17 +322,17 @@ class ResumableUploads:
             ).all()
         removed = 0
         for row in rows:
-            if self._remove(row, now=now):
+            if self.remove(row, now=now):
                 removed += 1
         return removed
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _expiry(
+    def expiry(
         self, now: datetime.datetime, not_after: datetime.datetime | None = None
     ) -> datetime.datetime:
         expiry = now + datetime.timedelta(seconds=self.settings.upload_session_ttl)
-        return min(expiry, _aware(not_after)) if not_after is not None else expiry
+        return min(expiry, aware(not_after)) if not_after is not None else expiry
 
     def _load(self, device: str, upload_id_: str) -> UploadSessionRow:
         with self.db.session() as session:
@@ -329,8 +351,8 @@ class ResumableUploads:
                     device=device, upload_id=upload_id_, event_id=row.event_id,
                 )
             return row
-        if _aware(row.expires_at) <= utcnow():
-            self._remove(row)
+        if aware(row.expires_at) <= utcnow():
+            self.remove(row)
             raise FailedPrecondition(
                 "SESSION_EXPIRED", f"upload {upload_id_} expired: start it again",
                 device=device, upload_id=upload_id_,
@@ -357,7 +379,7 @@ class ResumableUploads:
             row.committed_size = size
         return row
 
-    def _remove(
+    def remove(
         self, row: UploadSessionRow, *, now: datetime.datetime | None = None, held: bool = False
     ) -> bool:
         """Delete a session's file, then its row (only if still expired at `now`, when given).
@@ -398,12 +420,6 @@ class ResumableUploads:
     def _event_exists(self, event_id: str) -> bool:
         with self.db.session() as session:
             return session.get(Event, event_id) is not None
-
-    def _event_of_capture(self, device: str, device_event_id: str) -> Event | None:
-        with self.db.session() as session:
-            return session.exec(
-                select(Event).where(Event.device == device, Event.device_event_id == device_event_id)
-            ).first()
 
     def _event_with(self, device: str, sha256: str) -> Event | None:
         with self.db.session() as session:
@@ -470,7 +486,7 @@ class SessionWriter:
                        col(UploadSessionRow.committed_size) == row.committed_size,
                        col(UploadSessionRow.event_id).is_(None))
                 .values(committed_size=self.offset,
-                        expires_at=self._uploads._expiry(now, row.not_after))
+                        expires_at=self._uploads.expiry(now, row.not_after))
             ).rowcount
             session.commit()
         if not updated:  # removed (expired) or changed under the lock: should not happen
@@ -480,7 +496,7 @@ class SessionWriter:
             )
         row.committed_size = self.offset
         self._committed_at = time.monotonic()
-        row.expires_at = self._uploads._expiry(now, row.not_after)
+        row.expires_at = self._uploads.expiry(now, row.not_after)
 
     def commit_quietly(self) -> None:
         """commit() for a stream that ended in an error (or was cancelled): every message
@@ -544,19 +560,27 @@ class SessionWriter:
             # Bytes that can never become this upload's event: nothing of them is kept.
             if exc.reason in ("SIZE_MISMATCH", "SHA256_MISMATCH", "DEVICE_EVENT_ID_CONFLICT"):
                 media.sync()
-                uploads._remove(row, held=True)
+                uploads.remove(row, held=True)
             raise
         finally:
-            media.sync()  # closes its descriptor; the file stays unless stored or removed
-        if not media.moved:  # the capture was stored already (device_event_id): its answer
-            path.unlink(missing_ok=True)
-            _fsync_dir(path.parent)
+            media.sync()  # closes its descriptor
+        # Committed: the event's own link holds the bytes now (or, for a capture stored before,
+        # that event is the answer). On any failure above the session file is untouched: store()
+        # links it into media/ and unlinks only that link, so its committed bytes survive.
+        path.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
         row.event_id = event.id
         _tidy(path)
         return _state(row)
 
     def state(self) -> SessionState:
         return _state(self._row)
+
+    def discard(self) -> None:
+        """Remove this session (its file, then its row) under this writer's lock: its bytes can
+        never be stored (the pre-signed URL was completed by another PUT)."""
+        if self._fd is not None and not self._row.event_id:
+            self._uploads.remove(self._row, held=True)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -579,7 +603,8 @@ class SessionSweeper(BackgroundLoop):
 
 
 def _state(row: UploadSessionRow) -> SessionState:
-    return SessionState(row.upload_id, row.committed_size, _aware(row.expires_at), row.event_id or "")
+    return SessionState(row.upload_id, row.committed_size, aware(row.expires_at), row.event_id or "",
+                        row.declared_size)
 
 
 def _open(path: pathlib.Path, flags: int = 0) -> int:
@@ -615,7 +640,3 @@ def _lock(fd: int, upload_id_: str) -> None:
                     upload_id=upload_id_,
                 ) from None
             time.sleep(0.05)
-
-
-def _aware(moment: datetime.datetime) -> datetime.datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)

@@ -22,10 +22,10 @@ from .auth import READ, WRITE, Principal
 from .db import Database
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .media_types import SNIFF_BYTES, classify, detect_mime
-from .models import DeviceCommand, Event, initial_thumbnail_state
+from .models import DeviceCommand, Event, UploadSessionRow, initial_thumbnail_state
 from .settings import Settings
-from .storage import SPACE_CHECK_BYTES, Storage
-from .uploads import IdleWatchdog, Upload, UploadSlots, check_device_event_id
+from .storage import SPACE_CHECK_BYTES, StagedFile, Storage
+from .uploads import IdleWatchdog, Upload, UploadSlots
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,11 @@ class Stats:
 
 def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
+
+
+def aware(moment: datetime.datetime) -> datetime.datetime:
+    """A stored moment as UTC: SQLite gives back naive datetimes, PostgreSQL aware ones."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
 
 
 class Gallery:
@@ -201,6 +206,14 @@ class Gallery:
                            col(DeviceCommand.open_key).is_not(None))
                     .values(state="cancelled", open_key=None)
                 )
+                # Its completed resumable sessions answer UPLOAD_EVENT_DELETED for one session
+                # TTL from now; then the sweeper removes them (resumable.py).
+                ttl = datetime.timedelta(seconds=self.settings.upload_session_ttl)
+                session.exec(  # type: ignore[call-overload]
+                    sa.update(UploadSessionRow)
+                    .where(col(UploadSessionRow.event_id) == event_id)
+                    .values(expires_at=utcnow() + ttl)
+                )
             session.commit()
         if not deleted:
             raise _not_found(device, event_id)
@@ -267,8 +280,11 @@ class Gallery:
     ) -> Event:
         """Validate a fully received upload, move its files into place and commit its row.
 
-        `before_insert` runs inside the row's transaction (signed URLs mark their grant used, pulls
-        close their command, in the same commit). `fill` is an announced (`on_device`) event whose
+        `before_insert` runs inside the row's transaction, before any file moves (signed URLs
+        mark their grant used, pulls close their command, in the same commit); an `event_id`
+        chosen by the caller must be claimed by it (see _move_into_place). On any failure the
+        files moved are taken back: a resumable upload's file (linked, not renamed) keeps its
+        session's bytes. `fill` is an announced (`on_device`) event whose
         content this upload is: its row is updated, under its row lock, instead of inserted.
 
         With a device_event_id that an event of the device has already, that event is returned
@@ -277,7 +293,7 @@ class Gallery:
         """
         event = self._describe(upload, event_id, fill)
         if event.device_event_id:
-            existing = self._same_capture(event)
+            existing = self.capture(event.device, event.device_event_id, event.sha256)
             if existing is not None:
                 return self._answer_duplicate(existing, before_insert)
         media_path = self.storage.media_path(event.device, event.id)
@@ -291,12 +307,15 @@ class Gallery:
             with self.db.session() as session:
                 if fill is not None:
                     self._lock_announced(session, event)
+                # First, so that a hook that refuses (a URL used meanwhile) moves no file, and a
+                # hook that claims a chosen event id holds that claim while the files move.
+                if before_insert is not None:
+                    before_insert(session, event)
                 for file, destination in staged:
                     # A new event's paths must be free; an announced one may already have the
                     # thumbnail the device sent with its announcement, which the upload replaces.
-                    file.move(destination, replace=fill is not None)
-                if before_insert is not None:
-                    before_insert(session, event)
+                    self._move_into_place(session, event, file, destination,
+                                          chosen=event_id is not None, fill=fill is not None)
                 if fill is None:
                     # before_insert may have attached a thumbnail that arrived first.
                     event.thumbnail_state = initial_thumbnail_state(event.media_type, event.has_thumbnail)
@@ -304,11 +323,12 @@ class Gallery:
                 session.commit()
         except BaseException as exc:
             for file, destination in staged:
-                if file.moved:
+                if file.moved:  # an adopted file (keep_source) still has its own name
                     destination.unlink(missing_ok=True)
+                    file.moved = False
             # A concurrent upload of the same capture won the unique (device, device_event_id).
             if isinstance(exc, sa.exc.IntegrityError) and event.device_event_id:
-                existing = self._same_capture(event)
+                existing = self.capture(event.device, event.device_event_id, event.sha256)
                 if existing is not None:
                     return self._answer_duplicate(existing, before_insert)
             raise
@@ -318,20 +338,37 @@ class Gallery:
         )
         return event
 
-    def _same_capture(self, event: Event) -> Event | None:
-        """The stored event of the same device-side capture, if any; other content is a conflict."""
+    def _move_into_place(self, session: Session, event: Event, file: StagedFile,
+                         destination: pathlib.Path, *, chosen: bool, fill: bool) -> None:
+        """Move one staged file to its place in media/.
+
+        A new event's path must be free. One exception: an event id chosen by the caller (a
+        pre-signed URL's) is claimed by its `before_insert` hook, whose row lock is held until
+        commit, so no one else can be storing that id now; a file already there with no event
+        row is what a crash between a move and its commit left, and is replaced. (Without it the
+        URL could never complete: every retry would meet EVENT_EXISTS.)"""
+        try:
+            file.move(destination, replace=fill)
+        except AlreadyExists:
+            if not chosen or session.get(Event, event.id) is not None:
+                raise
+            log.warning("replacing a media file left without its row",
+                        extra={"device": event.device, "event_id": event.id})
+            file.move(destination, replace=True)
+
+    def capture(self, device: str, device_event_id: str, sha256: str) -> Event | None:
+        """The device's event with this device_event_id, if any, when its content has `sha256`;
+        another content under the same id is DEVICE_EVENT_ID_CONFLICT."""
         with self.db.session() as session:
             existing = session.exec(
-                select(Event).where(Event.device == event.device,
-                                    Event.device_event_id == event.device_event_id)
+                select(Event).where(Event.device == device, Event.device_event_id == device_event_id)
             ).first()
-        if existing is not None and existing.sha256 != event.sha256:
+        if existing is not None and existing.sha256 != sha256:
             raise AlreadyExists(
                 "DEVICE_EVENT_ID_CONFLICT",
-                f"event {existing.id} already has device_event_id {event.device_event_id!r} with"
+                f"event {existing.id} already has device_event_id {device_event_id!r} with"
                 " other content: nothing was stored",
-                field="device_event_id", device_event_id=event.device_event_id,
-                event_id=existing.id,
+                field="device_event_id", device_event_id=device_event_id, event_id=existing.id,
             )
         return existing
 
@@ -350,7 +387,7 @@ class Gallery:
         if fields.media_type:
             validation.media_type(fields.media_type)
         validation.sha256_hex(fields.declared_sha256)
-        check_device_event_id(fields.device_event_id)
+        validation.device_event_id(fields.device_event_id)
         if not upload.media_received:
             raise InvalidArgument("EVENT_FILE_REQUIRED", "the event file is missing", field="event")
         if fields.thumbnail_promised and upload.thumbnail is None:

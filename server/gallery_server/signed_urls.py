@@ -17,21 +17,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import datetime
 import hashlib
 import hmac
 import json
-import re
 import time
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import sqlalchemy as sa
 from sqlmodel import Session, col
 
 from . import validation
 from .auth import WRITE, Principal
+from .downloads import ContentRange
 from .errors import (
     Conflict,
     FailedPrecondition,
@@ -42,7 +43,7 @@ from .errors import (
 )
 from .models import Event, UploadGrant
 from .resumable import ResumableUploads, SessionWriter
-from .service import Gallery
+from .service import Gallery, aware
 from .uploads import Upload
 
 MEDIA = "media"
@@ -50,34 +51,6 @@ THUMBNAIL = "thumbnail"
 _VERSION = 1
 # The session of a pre-signed URL: "." keeps it apart from native upload ids ([A-Za-z0-9_-]).
 SESSION_PREFIX = "url."
-_CONTENT_RANGE_RE = re.compile(r"bytes (?:(\d{1,19})-(\d{1,19})|\*)/(\d{1,19})")
-
-
-@dataclasses.dataclass(frozen=True)
-class ContentRange:
-    """`bytes first-last/total`, or `bytes */total` (first and last None: where to resume?)."""
-
-    first: int | None
-    last: int | None
-    total: int
-
-    @property
-    def length(self) -> int:
-        return 0 if self.first is None or self.last is None else self.last - self.first + 1
-
-
-def parse_content_range(header: str) -> ContentRange:
-    match = _CONTENT_RANGE_RE.fullmatch(header.strip())
-    if match is None or (match[1] is not None and not int(match[1]) <= int(match[2]) < int(match[3])):
-        raise InvalidArgument(
-            "INVALID_CONTENT_RANGE",
-            "Content-Range must be `bytes <first>-<last>/<total>` with first <= last < total,"
-            " or `bytes */<total>`",
-            field="content_range", content_range=header[:100],
-        )
-    first = int(match[1]) if match[1] is not None else None
-    last = int(match[2]) if match[2] is not None else None
-    return ContentRange(first, last, int(match[3]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +83,10 @@ class SignedTarget:
 
 
 class SignedUploads:
-    def __init__(self, gallery: Gallery) -> None:
+    def __init__(self, gallery: Gallery, uploads: ResumableUploads | None = None) -> None:
         self.gallery = gallery
+        # The sessions of Content-Range PUTs: the servicer's own, shared (it uses this one).
+        self.uploads = uploads or ResumableUploads(gallery)
         self._key = hmac.new(
             gallery.settings.jwt_secret.encode(), b"gallery signed upload URLs v1", hashlib.sha256
         ).digest()
@@ -200,25 +175,26 @@ class SignedUploads:
     # -- resumable PUTs and their status ---------------------------------------------------------
 
     def status(self, device: str, token: str) -> SignedUploadState:
-        target = self.verify(device, token, allow_expired=True)
-        grant = self._grant(target)
+        """The upload's state, read only: an unauthenticated GET or HEAD changes nothing."""
+        return self.state_of(self.verify(device, token, allow_expired=True))
+
+    def state_of(self, target: SignedTarget) -> SignedUploadState:
+        grant = self.grant(target)
         done_state = grant.media_state if target.purpose == MEDIA else grant.thumbnail_state
-        expires_at = _aware(grant.expires_at)
+        expires_at = aware(grant.expires_at)
         if done_state == "done":
             size = 0
             if target.purpose == MEDIA:
                 with self.gallery.db.session() as session:
                     event = session.get(Event, target.event_id)
-                size = event.size if event is not None else 0
+                size = event.size if event is not None else 0  # 0: the event was deleted since
             return SignedUploadState(target.event_id, size, size, True, expires_at)
         committed = size = 0
         if target.purpose == MEDIA:
-            uploads = ResumableUploads(self.gallery)
-            try:
-                committed = uploads.state(target.device, _session_id(target)).committed_size
-                size = uploads.declared_size(target.device, _session_id(target))
-            except (NotFound, FailedPrecondition):  # none yet, or expired (its bytes are gone)
-                pass
+            # None: no session yet, or expired (its bytes are going).
+            state = self.uploads.peek(target.device, _session_id(target))
+            if state is not None:
+                committed, size = state.committed_size, state.declared_size or 0
         return SignedUploadState(target.event_id, committed, size, False, expires_at)
 
     def open_range(
@@ -251,20 +227,22 @@ class SignedUploads:
                 "UPLOAD_TOO_LARGE", f"event is larger than {limit} bytes",
                 field="content_range", limit=str(limit),
             )
-        grant = self._grant(target)
+        grant = self.grant(target)
         if grant.media_state == "done":
-            return RangePut(self, target, content_range, None)
+            return RangePut(self, target, content_range, None, done=True)
         if grant.media_state == "uploading":
-            raise Conflict(
-                "UPLOAD_BUSY", "a single-shot PUT of this URL is in progress",
-                event_id=target.event_id,
-            )
-        uploads = ResumableUploads(self.gallery)
+            raise _single_shot_busy(target)
+        uploads = self.uploads
         session_id = _session_id(target)
+        if (content_range.first is None and content_range.total
+                and uploads.peek(target.device, session_id) is None):
+            # `bytes */total` asks where to resume: with no session there is nothing to open
+            # (`bytes */0` is the whole of an empty file: it completes the upload).
+            return RangePut(self, target, content_range, None)
         try:
             uploads.open_session(
                 target.device, session_id, name=target.filename, size=content_range.total,
-                not_after=_aware(grant.expires_at),
+                not_after=aware(grant.expires_at),
             )
         except FailedPrecondition as exc:
             if exc.reason != "UPLOAD_ID_IN_USE":
@@ -272,19 +250,23 @@ class SignedUploads:
             raise InvalidArgument(
                 "INVALID_CONTENT_RANGE",
                 f"the total size {content_range.total} differs from the one this upload started with"
-                f" ({uploads.declared_size(target.device, session_id)})",
+                f" ({exc.metadata.get('declared_size', '')})",
                 field="content_range", total=str(content_range.total),
             ) from None
-        try:
+        with range_conflicts():
             writer = uploads.writer(target.device, session_id, content_range.first)
-        except FailedPrecondition as exc:
-            if exc.reason in ("WRONG_OFFSET", "UPLOAD_BUSY"):
-                # REST range uploads answer a conflict with the upload's state as 409.
-                raise Conflict(exc.reason, exc.message, field=exc.field, **exc.metadata) from None
-            raise
         return RangePut(self, target, content_range, writer)
 
-    def _grant(self, target: SignedTarget) -> UploadGrant:
+    def finish_media(self, target: SignedTarget, session: Session, event: Event) -> None:
+        """In the event's transaction: move the grant of a range-uploaded URL `open` -> `done`
+        (a single-shot PUT that holds or completed the URL wins: UPLOAD_BUSY)."""
+        if not self._move(target, "open", "done", session=session):
+            raise _single_shot_busy(target)
+        grant = session.get(UploadGrant, target.event_id)
+        if grant is not None and grant.thumbnail_state == "done":
+            event.has_thumbnail = True
+
+    def grant(self, target: SignedTarget) -> UploadGrant:
         with self.gallery.db.session() as session:
             grant = session.get(UploadGrant, target.event_id)
         if grant is None or grant.device != target.device:
@@ -349,55 +331,74 @@ def _b64decode(text: str) -> bytes:
 
 
 class RangePut:
-    """One Content-Range PUT of a media URL: appends its body to the URL's session."""
+    """One Content-Range PUT of a media URL: appends its body to the URL's session. Without a
+    writer it writes nothing: the URL was stored before (`done`), or the PUT is a `bytes */total`
+    query of a URL with no session yet."""
 
     def __init__(self, signed: SignedUploads, target: SignedTarget, content_range: ContentRange,
-                 writer: SessionWriter | None) -> None:
+                 writer: SessionWriter | None, *, done: bool = False) -> None:
         self._signed = signed
         self._target = target
         self._range = content_range
         self._writer = writer
+        self._done = done
         self.received = 0
 
     @property
     def done(self) -> str:
         """The URL's event id when it was stored before this PUT ("" otherwise)."""
-        if self._writer is None:
+        if self._done:
             return self._target.event_id
-        return self._writer.done.event_id if self._writer.done is not None else ""
+        if self._writer is None or self._writer.done is None:
+            return ""
+        return self._writer.done.event_id
 
     def write_all(self, pieces: Iterable[bytes]) -> None:
-        assert self._writer is not None
         for data in pieces:
+            if self._writer is None:
+                if data:  # cannot happen: the Content-Length of a query is 0
+                    raise InvalidArgument(
+                        "INVALID_CONTENT_RANGE", "`bytes */total` carries no body",
+                        field="content_range",
+                    )
+                continue
             self._writer.write(data)
             self.received += len(data)
 
     def finish(self) -> SignedUploadState:
-        """Commit this PUT's bytes; store the event if they complete the file."""
+        """Commit this PUT's bytes; store the event if they complete the file.
+
+        A single-shot PUT of the URL may take it meanwhile. While that PUT runs this chunk is 409
+        UPLOAD_BUSY and the session keeps every byte (the PUT may fail and give the URL back);
+        once it has completed the URL, its event is the answer and this session, whose bytes can
+        never be stored under the URL, is removed."""
         writer = self._writer
-        assert writer is not None
-        writer.commit()
-        total = self._range.total
         target = self._target
         signed = self._signed
+        if writer is None:
+            return signed.state_of(target)
+        writer.commit()
+        total = self._range.total
         if writer.offset == total:
 
             def mark_used(session: Session, event: Event) -> None:
-                if not signed._move(target, "open", "done", session=session):
-                    raise Conflict(
-                        "UPLOAD_BUSY", "a single-shot PUT of this URL is in progress",
-                        event_id=target.event_id,
-                    )
-                grant = session.get(UploadGrant, target.event_id)
-                if grant is not None and grant.thumbnail_state == "done":
-                    event.has_thumbnail = True
+                signed.finish_media(target, session, event)
 
-            writer.finish(event_id=target.event_id, before_insert=mark_used)
+            try:
+                with range_conflicts():
+                    writer.finish(event_id=target.event_id, before_insert=mark_used)
+            except Conflict as exc:
+                if exc.reason != "UPLOAD_BUSY":
+                    raise
+                state = signed.state_of(target)
+                if not state.complete:
+                    raise
+                writer.discard()
+                return state
         state = writer.state()
-        grant = signed._grant(target)
         return SignedUploadState(
             target.event_id, state.committed_size, total, bool(state.event_id),
-            _aware(grant.expires_at),
+            aware(signed.grant(target).expires_at),
         )
 
     def close(self) -> None:
@@ -407,9 +408,25 @@ class RangePut:
             self._writer.close()
 
 
+@contextlib.contextmanager
+def range_conflicts() -> Iterator[None]:
+    """The one place where a session's WRONG_OFFSET and UPLOAD_BUSY (FAILED_PRECONDITION, as
+    ByteStream answers native writes) become Conflict: REST range uploads answer a PUT that does
+    not fit the upload's current state with 409, and the client re-reads the state."""
+    try:
+        yield
+    except FailedPrecondition as exc:
+        if exc.reason not in ("WRONG_OFFSET", "UPLOAD_BUSY"):
+            raise
+        raise Conflict(exc.reason, exc.message, field=exc.field, **exc.metadata) from None
+
+
+def _single_shot_busy(target: SignedTarget) -> Conflict:
+    return Conflict(
+        "UPLOAD_BUSY", "a single-shot PUT of this URL is in progress or has completed it",
+        event_id=target.event_id,
+    )
+
+
 def _session_id(target: SignedTarget) -> str:
     return SESSION_PREFIX + target.event_id
-
-
-def _aware(moment: datetime.datetime) -> datetime.datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)

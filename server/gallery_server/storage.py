@@ -105,6 +105,7 @@ class StagedFile:
         self.head = b""
         self._hash = hashlib.sha256()
         self.moved = False
+        self.keep_source = False
         self._space_check = space_check
         self._unchecked = 0  # bytes written since the last free-space check
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -112,9 +113,11 @@ class StagedFile:
     @classmethod
     def adopt(cls, path: pathlib.Path, *, what: str) -> StagedFile:
         """An existing complete file (a finished resumable upload), hashed by one streaming read;
-        sync() and move() then work as for a file received here."""
+        sync() and move() then work as for a file received here, except that move() links it
+        into place and keeps `path` (`keep_source`): it is the upload's only copy until the
+        event's row is committed, and the owner removes it after that."""
         self = cls.__new__(cls)
-        self.path, self.what, self.moved = path, what, False
+        self.path, self.what, self.moved, self.keep_source = path, what, False, True
         self._hash = hashlib.sha256()
         self._fd = os.open(path, os.O_RDONLY)
         self.head = os.pread(self._fd, SNIFF_BYTES, 0)
@@ -171,10 +174,14 @@ class StagedFile:
 
     def move(self, destination: pathlib.Path, *, replace: bool = True) -> None:
         """Rename into place. With replace=False an existing file is never touched: the move
-        fails with AlreadyExists instead (a new event must not overwrite anyone's bytes)."""
+        fails with AlreadyExists instead (a new event must not overwrite anyone's bytes). A
+        `keep_source` file is linked, never renamed: its own name stays (a destination that is
+        that very file already, linked before a crash, counts as moved)."""
         assert self._fd is None, "sync() first"
         _make_dir(destination.parent)
-        if replace:
+        if self.keep_source:
+            self._link(destination, replace=replace)
+        elif replace:
             os.replace(self.path, destination)
         else:
             try:
@@ -187,11 +194,26 @@ class StagedFile:
         self.moved = True
         _fsync_dir(destination.parent)
 
+    def _link(self, destination: pathlib.Path, *, replace: bool) -> None:
+        try:
+            os.link(self.path, destination)
+            return
+        except FileExistsError:
+            if os.path.samefile(self.path, destination):
+                return
+            if not replace:
+                raise AlreadyExists(
+                    "EVENT_EXISTS", f"{destination.name} is already stored", file=destination.name
+                ) from None
+        spare = destination.with_name(f".{destination.name}.{secrets.token_hex(4)}")
+        os.link(self.path, spare)
+        os.replace(spare, destination)
+
     def discard(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if not self.moved:
+        if not self.moved and not self.keep_source:  # an adopted file belongs to its owner
             self.path.unlink(missing_ok=True)
 
 

@@ -13,14 +13,11 @@ import dataclasses
 import logging
 import threading
 import time
-import unicodedata
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from .errors import Exhausted, FailedPrecondition, InvalidArgument
 from .storage import StagedFile, Storage
-
-MAX_DEVICE_EVENT_ID_CHARS = 128
 
 
 @dataclasses.dataclass
@@ -54,18 +51,6 @@ class UploadFields:
             )
         self.declared_sha256 = self.declared_sha256 or sha256
 
-
-def check_device_event_id(value: str) -> str:
-    """A device's id for a capture: printable, 1..128 characters (empty means none)."""
-    if len(value) > MAX_DEVICE_EVENT_ID_CHARS or any(
-        unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") for c in value
-    ):
-        raise InvalidArgument(
-            "INVALID_DEVICE_EVENT_ID",
-            f"device_event_id must be at most {MAX_DEVICE_EVENT_ID_CHARS} printable characters",
-            field="device_event_id",
-        )
-    return value
 
 
 class Upload:

@@ -12,6 +12,8 @@ URLs, the drop folders):
   character, nor a line or paragraph separator; `.` and `..` are refused. Look-alike letters of
   other scripts are allowed (they are real names in those scripts). A name is never used to build
   a path; `/` and `\\` are allowed in it and replaced in Content-Disposition.
+- A device_event_id follows the character rules of names, at most 128 characters, compared
+  exactly (validation.device_event_id() at every entry point).
 - Metadata keys (at every depth) follow the same character rules as names and are at most 256
   characters; keys and string values must be valid Unicode (no lone surrogates, which JSON's
   `\\ud800` escapes can produce).
@@ -32,6 +34,7 @@ from .errors import InvalidArgument
 
 MEDIA_TYPES = ("image", "video", "audio", "document", "other")
 MAX_NAME_CHARS = 255
+MAX_DEVICE_EVENT_ID_CHARS = 128
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 50
 
@@ -91,6 +94,21 @@ _UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 def _printable(value: str) -> bool:
     return not any(unicodedata.category(c) in _UNPRINTABLE for c in value)
+
+
+def device_event_id(value: str) -> str:
+    """A device's own id for a capture (empty: none), from any entry point (REST form field,
+    native UploadHeader and StartUpload). Surrounding whitespace is dropped (a form field's
+    trailing newline); what remains is at most MAX_DEVICE_EVENT_ID_CHARS characters, printable by
+    the rule of display names. Not NFC-normalised: it is compared exactly, as the device sent it."""
+    value = value.strip()
+    if len(value) > MAX_DEVICE_EVENT_ID_CHARS or not _printable(value):
+        raise InvalidArgument(
+            "INVALID_DEVICE_EVENT_ID",
+            f"device_event_id must be at most {MAX_DEVICE_EVENT_ID_CHARS} printable characters",
+            field="device_event_id",
+        )
+    return value
 
 
 def media_type(value: str) -> str:

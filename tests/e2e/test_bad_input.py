@@ -516,18 +516,20 @@ def test_native_undecodable_messages(case: tuple[str, str, str, bytes], bad_stac
 
 
 def test_device_channel_survives_an_undecodable_message(bad_stack: Stack) -> None:
-    """A garbled message on an open command channel ends that channel cleanly, never the server."""
+    """A garbled message on an open command channel ends that channel with INVALID_ARGUMENT
+    MALFORMED_REQUEST (not OK: the device must know its message was refused), never the server."""
     metadata = [("authorization", f"Bearer {_token(scope=auth.DEVICE)}")]
     hello = dpb.ConnectRequest(hello=dpb.DeviceHello(device=DEVICE)).SerializeToString()
     with grpc.insecure_channel(bad_stack.envoy_grpc_address) as channel:
         call = channel.stream_stream("/gallery.v1.DeviceService/Connect")(
             iter([hello, NOT_PROTOBUF]), metadata=metadata, timeout=10,
         )
-        try:
+        with pytest.raises(grpc.RpcError) as caught:
             for _ in call:
                 pass
-        except grpc.RpcError as error:
-            raise AssertionError(f"the channel ended in an error instead of closing: {error}") from None
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+    info, _ = rich_error(caught.value)
+    assert info.reason == "MALFORMED_REQUEST"
     log = bad_stack.log()
     assert "Traceback" not in log, log[-2000:]
     assert '"message": "device channel closed: bad message"' in log

@@ -1,11 +1,12 @@
 """Fuzzing every REST route from the API schema: no 5xx, and JSON wherever the server answered.
 
 There is no OpenAPI document to hand to a schema fuzzer; the schema is the gallery descriptor set
-that Envoy itself loads (generated/gallery_descriptor.pb). Its google.api.http annotations give
-each route's verb, path template and body, and the request message gives the query parameters
-and their types. From those, hypothesis strategies draw path values, query values (typed, mistyped
-and unknown), headers (tokens good and bad, Range, If-None-Match, If-Range, Content-Type) and
-bodies, and send them through the real Envoy to a real server.
+that Envoy itself loads (generated/gallery_descriptor.pb). Its google.api.http annotations (with
+their additional bindings, e.g. the status HEAD) give each route's verb, path template and body, and
+the request message gives the query parameters and their types. From those, hypothesis strategies
+draw path values, query values (typed, mistyped and unknown), headers (tokens good and bad, Range,
+If-None-Match, If-Range, Content-Type, Content-Range on PUT) and bodies, and send them through the
+real Envoy to a real server.
 
 What counts as a pass: never a 5xx; a server answer is JSON (a google.rpc.Status on errors)
 except the bytes of a successful download. Envoy's own 4xx answers, which never reach the server,
@@ -41,7 +42,8 @@ FD = descriptor_pb2.FieldDescriptorProto
 
 
 def _routes() -> list[dict]:
-    """(name, verb, template, body, query fields) for every annotated method of the descriptor."""
+    """(name, verb, template, body, query fields) for every binding (additional ones too, named
+    `Method.VERB`) of every annotated method of the descriptor."""
     files = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR_SET.read_bytes()).file
     messages = {f".{f.package}.{m.name}": m for f in files for m in f.message_type}
     routes = []
@@ -50,14 +52,19 @@ def _routes() -> list[dict]:
             for method in service.method:
                 if not method.options.HasExtension(annotations_pb2.http):
                     continue
-                rule = method.options.Extensions[annotations_pb2.http]
-                verb = rule.WhichOneof("pattern")
-                template = getattr(rule, verb)
-                in_path = {p.strip("{}") for p in template.split("/") if p.startswith("{")}
-                fields = [f for f in messages[method.input_type].field
-                          if f.name not in in_path and f.name != rule.body]
-                routes.append({"name": method.name, "verb": verb.upper(), "template": template,
-                               "body": rule.body, "query": fields})
+                main = method.options.Extensions[annotations_pb2.http]
+                for extra, rule in enumerate([main, *main.additional_bindings]):
+                    pattern = rule.WhichOneof("pattern")
+                    if pattern == "custom":
+                        verb, template = rule.custom.kind, rule.custom.path
+                    else:
+                        verb, template = pattern.upper(), getattr(rule, pattern)
+                    in_path = {p.strip("{}") for p in template.split("/") if p.startswith("{")}
+                    fields = [f for f in messages[method.input_type].field
+                              if f.name not in in_path and f.name != rule.body]
+                    routes.append({"name": f"{method.name}.{verb}" if extra else method.name,
+                                   "verb": verb, "template": template, "body": rule.body,
+                                   "query": fields})
     return routes
 
 
@@ -72,6 +79,7 @@ def test_the_schema_has_every_documented_route() -> None:
         ("PUT", "/api/gallery/{device}/upload/{token}"), ("GET", "/api/gallery/{device}/stats"),
         ("DELETE", "/api/gallery/{device}/events/{event_id}"),
         ("GET", "/api/gallery/{device}/events/{event_id}/content"),
+        ("HEAD", "/api/gallery/{device}/upload/{token}"),  # an additional binding
     }
 
 
@@ -165,6 +173,11 @@ def requests(draw: st.DrawFn, route: dict, seeds: dict[str, str]) -> dict:
             headers.append((name, _header_bytes(draw(st.one_of(
                 TEXT, st.sampled_from(["bytes=0-3", "bytes=-2", "bytes=5-", "bytes=9-1", "*", '"x", W/"y"'])
             )))))
+    if route["verb"] == "PUT" and draw(st.integers(0, 2)) == 0:  # resumable chunks
+        headers.append((b"content-range", _header_bytes(draw(st.one_of(TEXT, st.sampled_from([
+            "bytes 0-9/10", "bytes */10", "bytes */0", "bytes 0-0/1", "bytes 5-2/10", "bytes 0-9/*",
+            "Bytes 0-3/4", "bytes 0-99999999999999999999/1", "bytes 0-65536/65537", "bytes -1-2/3",
+        ]))))))
     body = None
     if route["body"] == "http_body":
         boundary = draw(st.sampled_from(["b", "fz-boundary", ""]))
@@ -218,6 +231,9 @@ def test_fuzz_route(route: dict, fuzz_stack: Stack, seeds: dict[str, str]) -> No
         content_type = r.headers.get("content-type", "")
         if route["name"] in DOWNLOADS and r.status_code in (200, 206, 304, 416):
             return  # the stored bytes, in their own type (or no body)
+        if request["method"] == "HEAD":
+            assert not r.content, (request, r.status_code, r.content[:200])
+            return
         if content_type.startswith("application/json"):
             json.loads(r.content)
         else:  # Envoy answered itself

@@ -52,15 +52,57 @@ def assert_incomplete(response: httpx.Response, committed: int) -> None:
     assert response.json() == {"success": True, "eventId": ""}
 
 
-def cut_put(stack: Stack, url: str, first: int, total: int, declared: bytes, sent: int) -> None:
-    """A raw HTTP/1.1 chunk PUT declaring `declared`, sending only `sent` bytes of it, then closing."""
+def open_put(stack: Stack, url: str, declared: bytes, sent: int,
+             content_range: str | None = None) -> socket.socket:
+    """A raw HTTP/1.1 PUT declaring `declared` (with `content_range`, if any), of which only the
+    first `sent` bytes are sent; the caller finishes it (finish_put) or closes the socket."""
     host, port = stack.base_url.removeprefix("http://").rsplit(":", 1)
     path = urllib.parse.urlsplit(url).path
-    head = (f"PUT {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(declared)}\r\n"
-            f"Content-Range: bytes {first}-{first + len(declared) - 1}/{total}\r\n\r\n")
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(head.encode() + declared[:sent])
-        time.sleep(0.3)  # let Envoy forward what was sent before the connection goes
+    head = f"PUT {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(declared)}\r\n"
+    if content_range:
+        head += f"Content-Range: {content_range}\r\n"
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(head.encode() + b"\r\n" + declared[:sent])
+    return sock
+
+
+def finish_put(sock: socket.socket, rest: bytes) -> tuple[int, bytes]:
+    """Send the rest of an open_put body; the (status, body) of the answer (Content-Length)."""
+    with sock:
+        sock.sendall(rest)
+        sock.settimeout(30)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            more = sock.recv(65536)
+            assert more, received
+            received += more
+        head, _, body = received.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            more = sock.recv(65536)
+            assert more, (lines, body)
+            body += more
+    return int(lines[0].split()[1]), body
+
+
+def session_path(stack: Stack, device: str, event_id: str) -> pathlib.Path:
+    return stack.data_dir / "staging" / "sessions" / device / f"url.{event_id}"
+
+
+def wait_for(condition: Callable[[], bool], what: str, seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def file_size(path: pathlib.Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def session_files(stack: Stack) -> list[pathlib.Path]:
@@ -85,14 +127,18 @@ def test_chunks_cut_query_resume_complete(
     assert_incomplete(put_range(url, data[:MIB], 0, total), MIB)
     assert status(url)["committedSize"] == MIB and status(url)["size"] == total
 
-    # A chunk cut mid-body: what arrived counts (it was whole), the rest is resumed.
+    # A chunk cut mid-body: every byte that reached the server counts (each message was whole),
+    # the rest is resumed. The cut comes once the server has written all `sent` bytes.
     seen = put_access_lines(stack)
     sent = MIB + 300_000
-    cut_put(stack, url, MIB, total, data[MIB:3 * MIB], sent)
+    cut = open_put(stack, url, data[MIB:3 * MIB], sent, f"bytes {MIB}-{3 * MIB - 1}/{total}")
+    staged = session_path(stack, device, event_id)
+    wait_for(lambda: file_size(staged) == MIB + sent, "the sent bytes never reached the session")
+    cut.close()
     code, reason = wait_for_put_access(stack, seen)
     assert (code, reason) in {("CANCELLED", ""), ("INVALID_ARGUMENT", "BODY_INCOMPLETE")}, (code, reason)
     committed = status(url)["committedSize"]
-    assert MIB <= committed <= MIB + sent, committed
+    assert committed == MIB + sent, committed
     with httpx.Client(timeout=30) as raw:
         head = raw.head(url)
     assert head.status_code == 200 and head.content == b""
@@ -166,17 +212,25 @@ def test_resume_with_curl(stack: Stack, http: httpx.Client, tmp_path: pathlib.Pa
                         f"Content-Range: bytes 0-{MIB - 1}/{total}", url)
     assert code == 308 and got["range"] == f"bytes=0-{MIB - 1}" and got["x-committed-size"] == str(MIB)
 
-    # curl gives up mid-chunk (slow link, --max-time): the part that arrived counts.
+    # curl is stopped mid-chunk on a slow link, once the server has written part of the chunk:
+    # at least that part counts.
     chunk.write_bytes(data[MIB:])
     seen = put_access_lines(stack)
-    subprocess.run(["curl", "-s", "-o", "/dev/null", "--limit-rate", "256k", "--max-time", "1.5",
-                    "-X", "PUT", "--upload-file", str(chunk), "-H",
-                    f"Content-Range: bytes {MIB}-{total - 1}/{total}", url], timeout=30)
+    slow = subprocess.Popen(["curl", "-s", "-o", "/dev/null", "--limit-rate", "256k",
+                             "-X", "PUT", "--upload-file", str(chunk), "-H",
+                             f"Content-Range: bytes {MIB}-{total - 1}/{total}", url])
+    staged = session_path(stack, device, event_id)
+    try:
+        wait_for(lambda: file_size(staged) > MIB + 200_000, "curl's bytes never reached the session")
+        arrived = file_size(staged)
+    finally:
+        slow.terminate()
+        slow.wait(10)
     wait_for_put_access(stack, seen)  # the server commits the cut stream's bytes, then logs it
     code, got, body = curl(url)
     assert code == 200, body
     committed = int(got["x-committed-size"])
-    assert MIB <= committed < total
+    assert arrived <= committed < total, (arrived, committed)
     code, got, _ = curl("-I", url)
     assert code == 200 and got["x-committed-size"] == str(committed)
     code, got, _ = curl("-X", "PUT", "-H", f"Content-Range: bytes */{total}", url)
@@ -237,3 +291,104 @@ def test_total_change_and_thumbnail_url(
     assert done.status_code == 200, done.text
     [event] = http.get(f"/api/gallery/{device}/events", headers=headers).json()
     assert event["id"] == urls["eventId"] and event["has_thumbnail"] is True and event["size"] == 10
+
+
+# -- races between PUTs of one URL -----------------------------------------------------------------
+
+
+def new_url(http: httpx.Client, headers: dict[str, str], device: str) -> tuple[str, str]:
+    urls = http.get(f"/api/gallery/{device}/upload-url", params={"filename": "race.bin"},
+                    headers=headers).json()
+    return urls["upload_url"], urls["eventId"]
+
+
+def one_event(stack: Stack, http: httpx.Client, headers: dict[str, str], device: str,
+              event_id: str, data: bytes) -> None:
+    events = http.get(f"/api/gallery/{device}/events", headers=headers).json()
+    assert [(e["id"], e["size"]) for e in events] == [(event_id, len(data))]
+    stored = stack.data_dir / "media" / device / event_id
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert [p.name for p in (stack.data_dir / "media" / device).iterdir()] == [event_id]
+
+
+def test_single_shot_put_completes_the_url_while_the_last_chunk_is_in_flight(
+    stack: Stack, http: httpx.Client, auth_headers: Callable[..., dict[str, str]]
+) -> None:
+    """The last chunk finds the URL done by a single-shot PUT: it is answered 200 with the URL's
+    event (not 409, not 5xx), and the event holds the single-shot PUT's bytes."""
+    device, headers = new_device(), auth_headers()
+    url, event_id = new_url(http, headers, device)
+    data, other = random_bytes(2 * MIB), random_bytes(2 * MIB)
+    assert_incomplete(put_range(url, data[:MIB], 0, len(data)), MIB)
+    last = open_put(stack, url, data[MIB:], 100_000, f"bytes {MIB}-{len(data) - 1}/{len(data)}")
+    staged = session_path(stack, device, event_id)
+    wait_for(lambda: file_size(staged) >= MIB + 100_000, "the last chunk never started")
+    with httpx.Client(timeout=60) as raw:
+        single = raw.put(url, content=other)
+    assert single.status_code == 200, single.text
+    assert single.json() == {"success": True, "eventId": event_id}
+    code, body = finish_put(last, data[MIB + 100_000:])
+    assert code == 200, body
+    assert httpx.Response(200, content=body).json() == {"success": True, "eventId": event_id}
+    one_event(stack, http, headers, device, event_id, other)
+    body = status(url)
+    assert (body["complete"], body["committedSize"]) == (True, len(other))
+    assert not staged.exists()  # the chunks can never be stored under the URL: removed
+
+
+def test_chunk_put_while_a_single_shot_put_is_in_flight(
+    stack: Stack, http: httpx.Client, auth_headers: Callable[..., dict[str, str]]
+) -> None:
+    device, headers = new_device(), auth_headers()
+    url, event_id = new_url(http, headers, device)
+    data, other = random_bytes(2 * MIB), random_bytes(2 * MIB)
+    staging = stack.data_dir / "staging"
+    before = {p for p in staging.iterdir() if p.is_file()}
+    single = open_put(stack, url, other, 100_000)
+    wait_for(lambda: any(file_size(p) >= 100_000 for p in set(staging.iterdir()) - before),
+             "the single-shot PUT never started")
+    busy = put_range(url, data[:MIB], 0, len(data))
+    assert busy.status_code == 409, busy.text
+    assert error_reason(busy) == "UPLOAD_BUSY"
+    code, body = finish_put(single, other[100_000:])
+    assert code == 200, body
+    # Chunks after it are answered with its event; nothing more is stored.
+    again = put_range(url, data, 0, len(data))
+    assert again.status_code == 200 and again.json() == {"success": True, "eventId": event_id}
+    one_event(stack, http, headers, device, event_id, other)
+
+
+def test_two_chunk_puts_of_one_url_at_once(
+    stack: Stack, http: httpx.Client, auth_headers: Callable[..., dict[str, str]]
+) -> None:
+    """One session writer at a time: the second chunk PUT waits for the session's lock, then gets
+    409 UPLOAD_BUSY (or WRONG_OFFSET, had the first ended meanwhile); the first completes."""
+    device, headers = new_device(), auth_headers()
+    url, event_id = new_url(http, headers, device)
+    data = random_bytes(2 * MIB)
+    first = open_put(stack, url, data, 100_000, f"bytes 0-{len(data) - 1}/{len(data)}")
+    staged = session_path(stack, device, event_id)
+    wait_for(lambda: file_size(staged) >= 100_000, "the first chunk PUT never started")
+    second = put_range(url, data[:1000], 0, len(data))
+    assert second.status_code == 409, second.text
+    assert error_reason(second) in {"UPLOAD_BUSY", "WRONG_OFFSET"}
+    code, body = finish_put(first, data[100_000:])
+    assert code == 200, body
+    assert httpx.Response(200, content=body).json() == {"success": True, "eventId": event_id}
+    one_event(stack, http, headers, device, event_id, data)
+    assert not staged.exists()
+
+
+def test_status_reads_change_nothing(
+    stack: Stack, http: httpx.Client, auth_headers: Callable[..., dict[str, str]]
+) -> None:
+    """GET/HEAD of a URL never create a session, and a `bytes */total` query of a fresh URL is
+    308 with nothing committed, opening none."""
+    device, headers = new_device(), auth_headers()
+    url, event_id = new_url(http, headers, device)
+    with httpx.Client(timeout=30) as raw:
+        assert raw.head(url).status_code == 200
+        query = raw.put(url, headers={"Content-Range": "bytes */1000"})
+    assert_incomplete(query, 0)
+    assert status(url)["size"] == 0
+    assert not session_path(stack, device, event_id).exists()

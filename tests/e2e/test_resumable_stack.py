@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import httpx
+import pytest
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
 
-from ..conftest import random_bytes
+from ..conftest import random_bytes, rich_error
 from .conftest import Stack, start_stack, stop_stack
 
 CHUNK = 128 * 1024
@@ -129,3 +130,35 @@ def test_checksums_rest_and_native(stack: Stack, envoy_channel: grpc.Channel,
         ok = http.post(f"/api/gallery/{device}/checksums", json={"sha256s": wanted[-1:]},
                        headers={"Authorization": f"Bearer {reader}"})
         assert ok.status_code == 200 and ok.json() == {"existing": {wanted[-1]: stored[wanted[-1]]}}
+
+
+def test_upload_of_a_deleted_event(stack: Stack, envoy_channel: grpc.Channel,
+                                   mint: Callable[..., str]) -> None:
+    """Through Envoy: once the event of a completed upload is deleted (over REST), Query and Write
+    answer NOT_FOUND UPLOAD_EVENT_DELETED naming it; StartUpload with the id starts afresh."""
+    token = mint()
+    metadata = [("authorization", f"Bearer {token}")]
+    stub = gallery_pb2_grpc.GalleryServiceStub(envoy_channel)
+    device, upload_id = "deleted-cam", "deleted-0001"
+    stub.StartUpload(pb.StartUploadRequest(device=device, name="a.txt", upload_id=upload_id),
+                     metadata=metadata)
+    done = stub.WriteUpload(iter([pb.WriteUploadRequest(
+        device=device, upload_id=upload_id, data=b"gone soon", finish_write=True)]), metadata=metadata)
+    with httpx.Client(base_url=stack.base_url, timeout=60) as http:
+        deleted = http.delete(f"/api/gallery/{device}/events/{done.event_id}",
+                              headers={"Authorization": f"Bearer {token}"})
+    assert deleted.status_code == 200, deleted.text
+    for call in (
+        lambda: stub.QueryUpload(pb.QueryUploadRequest(device=device, upload_id=upload_id),
+                                 metadata=metadata),
+        lambda: stub.WriteUpload(iter([pb.WriteUploadRequest(
+            device=device, upload_id=upload_id, data=b"x", finish_write=True)]), metadata=metadata),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        info, _ = rich_error(caught.value)
+        assert info.reason == "UPLOAD_EVENT_DELETED" and info.metadata["event_id"] == done.event_id
+    fresh = stub.StartUpload(pb.StartUploadRequest(device=device, name="a.txt", upload_id=upload_id),
+                             metadata=metadata)
+    assert (fresh.committed_size, fresh.event_id) == (0, "")

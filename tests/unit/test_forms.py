@@ -391,3 +391,19 @@ def test_staging_holds_files_only_while_open(storage: Storage) -> None:
 def test_staging_empty_after_error_midway(storage: Storage) -> None:
     data = body(Part("event", MEDIA), Part("thumbnail", THUMB), Part("bogus", b"x"))
     fail(storage, data, InvalidArgument, "UNKNOWN_FORM_FIELD", size=9)
+
+
+def test_a_bad_device_event_id_is_refused_before_the_event_file(storage: Storage) -> None:
+    """device_event_id is checked when its part ends, not after the (large) file that follows."""
+    with new_upload(storage) as upload:
+        form = FormReceiver(upload, CONTENT_TYPE, max_metadata_bytes=MAX_METADATA)
+        with pytest.raises(InvalidArgument) as info:
+            form.feed(Part("device_event_id", "DSC\u2028001".encode()).encode()
+                      + Part("event", b"x" * 100).encode()[:60])
+        assert info.value.reason == "INVALID_DEVICE_EVENT_ID"
+    trimmed = body(Part("device_event_id", b" DSC_0001\n"), Part("event", b"abc"))
+    with new_upload(storage) as upload:
+        form = FormReceiver(upload, CONTENT_TYPE, max_metadata_bytes=MAX_METADATA)
+        form.feed(trimmed)
+        form.finish()
+        assert upload.fields.device_event_id == "DSC_0001"

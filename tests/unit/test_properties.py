@@ -210,6 +210,61 @@ def test_parse_range_stays_within_the_content(header: str, size: int) -> None:
         assert 0 <= start <= end < size
 
 
+CONTENT_RANGE_TEXT = st.one_of(
+    TEXT,
+    st.builds(lambda unit, a, b, t: f"{unit} {a}-{b}/{t}",
+              st.sampled_from(["bytes", "Bytes", "BYTES", "byte", "items"]),
+              st.integers(0, 10**20), st.integers(0, 10**20), st.integers(0, 10**20)),
+    st.builds(lambda t: f"bytes */{t}", st.one_of(st.integers(0, 10**20).map(str), TEXT)),
+    st.just("bytes \u0661-\u0662/\u0663"),  # digits, but not ASCII ones
+)
+
+
+@PROFILE
+@given(CONTENT_RANGE_TEXT)
+def test_parse_content_range_accepts_only_ranges_inside_their_total(header: str) -> None:
+    try:
+        got = downloads.parse_content_range(header)
+    except InvalidArgument as exc:
+        assert exc.reason == "INVALID_CONTENT_RANGE" and len(exc.metadata["content_range"]) <= 100
+        return
+    assert header.strip().lower().startswith("bytes ") and header.isascii()
+    if got.first is None:
+        assert got.last is None and got.length == 0
+    else:
+        assert got.last is not None and 0 <= got.first <= got.last < got.total
+        assert got.length == got.last - got.first + 1
+    # What it accepts, written back canonically, parses to the same range.
+    spec = "*" if got.first is None else f"{got.first}-{got.last}"
+    assert downloads.parse_content_range(f"bytes {spec}/{got.total}") == got
+
+
+@PROFILE
+@given(st.integers(1, 10**15), st.data())
+def test_parse_content_range_round_trips_valid_ranges(total: int, data: st.DataObject) -> None:
+    first = data.draw(st.integers(0, total - 1))
+    last = data.draw(st.integers(first, total - 1))
+    unit = data.draw(st.sampled_from(["bytes", "Bytes", "BYTES"]))
+    got = downloads.parse_content_range(f"{unit} {first}-{last}/{total}")
+    assert (got.first, got.last, got.total) == (first, last, total)
+
+
+@PROFILE
+@given(st.one_of(TEXT, st.text(min_size=120, max_size=140)))
+def test_device_event_id_is_stripped_bounded_printable_and_idempotent(value: str) -> None:
+    try:
+        got = validation.device_event_id(value)
+    except InvalidArgument as exc:
+        assert exc.reason == "INVALID_DEVICE_EVENT_ID" and exc.field == "device_event_id"
+        stripped = value.strip()
+        assert (len(stripped) > validation.MAX_DEVICE_EVENT_ID_CHARS
+                or any(unicodedata.category(c) in _UNPRINTABLE for c in stripped))
+        return
+    assert got == value.strip() and len(got) <= validation.MAX_DEVICE_EVENT_ID_CHARS
+    assert not any(unicodedata.category(c) in _UNPRINTABLE for c in got)
+    assert validation.device_event_id(got) == got  # idempotent: the same id at every entry point
+
+
 @PROFILE
 @given(st.integers(0, 10**12), st.data())
 def test_parse_range_round_trips_valid_ranges(size: int, data: st.DataObject) -> None:

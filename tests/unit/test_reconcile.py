@@ -101,11 +101,18 @@ def test_staging_leftovers_go_but_live_sessions_and_young_files_stay(gallery):
     live.write_bytes(b"resumable bytes")
     dead = storage.session_path("cam1", "dead-upload-1")
     dead.write_bytes(b"no row")
+    # A crash after the event's commit, before the staging name of its file was unlinked.
+    completed = storage.session_path("cam1", "done-upload-1")
+    completed.write_bytes(b"also in media/")
     with gallery.db.session() as session:
         now = utcnow()
         session.add(UploadSessionRow(
             device="cam1", upload_id="live-upload-1", name="a.bin", committed_size=15,
             created=now, expires_at=now + datetime.timedelta(hours=1),
+        ))
+        session.add(UploadSessionRow(
+            device="cam1", upload_id="done-upload-1", name="a.bin", committed_size=14,
+            created=now, expires_at=now + datetime.timedelta(hours=1), event_id="evt_" + "d" * 22,
         ))
         session.commit()
     settle()
@@ -114,8 +121,9 @@ def test_staging_leftovers_go_but_live_sessions_and_young_files_stay(gallery):
     assert leftover.exists() and dead.exists()
 
     findings = Reconciler(gallery, grace_seconds=0).run_once()
-    assert findings.staging_removed == 3
+    assert findings.staging_removed == 4
     assert not leftover.exists() and not incoming_copy.exists() and not dead.exists()
+    assert not completed.exists()
     assert live.read_bytes() == b"resumable bytes"  # a session with its row is never touched
 
 

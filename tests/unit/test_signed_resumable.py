@@ -3,20 +3,25 @@ URL's session ending with the URL, and the conflicts that are 409 over REST."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
+import os
+from collections.abc import Iterator
 
 import pytest
-from sqlmodel import select
+import sqlalchemy as sa
+from sqlmodel import Session, select
 
 from gallery_server import auth, resumable
+from gallery_server.downloads import ContentRange, parse_content_range
 from gallery_server.errors import Conflict, InvalidArgument, PermissionDenied
 from gallery_server.models import Event
 from gallery_server.service import Gallery
-from gallery_server.signed_urls import ContentRange, SignedUploads, parse_content_range
+from gallery_server.signed_urls import SESSION_PREFIX, SignedUploads
 
-from ..conftest import stored_files
+from ..conftest import random_bytes, stored_files
 
 
 def new_url(signed: SignedUploads, principal: auth.Principal) -> tuple[str, str]:
@@ -125,3 +130,139 @@ def test_session_ends_with_the_url(gallery: Gallery, principal: auth.Principal) 
 
 def _with_ttl(gallery: Gallery, ttl: int) -> Gallery:
     return Gallery(dataclasses.replace(gallery.settings, upload_url_ttl=ttl), gallery.db, gallery.storage)
+
+
+# -- completion that fails keeps the session's bytes -------------------------------------------
+
+
+@contextlib.contextmanager
+def failing_commit() -> Iterator[None]:
+    """Every commit that would insert an event fails, as a database lost at that moment."""
+    real = Session.commit
+
+    def commit(self: Session) -> None:
+        if any(isinstance(obj, Event) for obj in self.new):
+            raise sa.exc.OperationalError("COMMIT", {}, Exception("database went away"))
+        real(self)
+
+    Session.commit = commit  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Session.commit = real  # type: ignore[method-assign]
+
+
+def session_bytes(signed: SignedUploads, event_id: str) -> bytes:
+    return signed.gallery.storage.session_path("cam1", SESSION_PREFIX + event_id).read_bytes()
+
+
+def test_final_chunk_failing_at_commit_keeps_its_bytes(
+    signed: SignedUploads, principal: auth.Principal
+) -> None:
+    token, event_id = new_url(signed, principal)
+    data = random_bytes(5000)
+    assert put_range(signed, token, data[:3000], "bytes 0-2999/5000") == ""
+    with failing_commit(), pytest.raises(sa.exc.OperationalError):
+        put_range(signed, token, data[3000:], "bytes 3000-4999/5000")
+    # Nothing stored, everything committed is still the session's.
+    assert not signed.gallery.storage.media_path("cam1", event_id).exists()
+    assert session_bytes(signed, event_id) == data
+    state = signed.status("cam1", token)
+    assert (state.committed_size, state.complete) == (5000, False)
+    # A query completes it (all bytes are there), with the right bytes.
+    assert put_range(signed, token, b"", "bytes */5000") == event_id
+    assert signed.gallery.storage.media_path("cam1", event_id).read_bytes() == data
+    assert [p.name for p in stored_files(signed.gallery.settings.data_dir)] == [event_id]
+
+
+def test_single_shot_put_during_the_last_chunk(
+    signed: SignedUploads, principal: auth.Principal
+) -> None:
+    token, event_id = new_url(signed, principal)
+    target = signed.verify("cam1", token)
+    data = random_bytes(4000)
+    assert put_range(signed, token, data[:1000], "bytes 0-999/4000") == ""
+    # A single-shot PUT takes the URL while the last chunk is in flight: the chunk loses (409),
+    # its bytes stay, and once the single-shot PUT gives the URL back the upload completes.
+    last = signed.open_range(target, parse_content_range("bytes 1000-3999/4000"), 3000)
+    signed.claim(target)
+    try:
+        last.write_all([data[1000:]])
+        with pytest.raises(Conflict) as caught:
+            last.finish()
+        assert caught.value.reason == "UPLOAD_BUSY"
+    finally:
+        last.close()
+    assert session_bytes(signed, event_id) == data
+    signed.release(target)
+    assert put_range(signed, token, b"", "bytes */4000") == event_id
+    assert signed.gallery.storage.media_path("cam1", event_id).read_bytes() == data
+
+    # When the single-shot PUT completes the URL first, the last chunk is answered with its event.
+    token, event_id = new_url(signed, principal)
+    target = signed.verify("cam1", token)
+    last = signed.open_range(target, parse_content_range("bytes 0-3999/4000"), 4000)
+    try:
+        last.write_all([data])
+        signed.claim(target)
+        with signed.gallery.open_upload("cam1") as upload:
+            upload.write_media(b"single shot")
+            assert signed.complete(target, upload) == event_id
+        state = last.finish()
+    finally:
+        last.close()
+    assert (state.event_id, state.complete, state.committed_size) == (event_id, True, 11)
+    assert signed.gallery.storage.media_path("cam1", event_id).read_bytes() == b"single shot"
+    # The session's bytes can never be stored under the URL now: they are gone.
+    assert not signed.gallery.storage.session_path("cam1", SESSION_PREFIX + event_id).exists()
+    assert signed.uploads.peek("cam1", SESSION_PREFIX + event_id) is None
+
+
+def test_completion_after_a_crash_between_link_and_commit(
+    signed: SignedUploads, principal: auth.Principal
+) -> None:
+    """A crash after the file reached media/ and before the row committed leaves a file with no
+    row at the URL's event id: the URL's completion replaces it instead of failing forever."""
+    storage = signed.gallery.storage
+    for leftover in ("link", "other"):
+        token, event_id = new_url(signed, principal)
+        data = random_bytes(3000)
+        assert put_range(signed, token, data[:1000], "bytes 0-999/3000") == ""
+        target = signed.verify("cam1", token)
+        last = signed.open_range(target, parse_content_range("bytes 1000-2999/3000"), 2000)
+        try:
+            last.write_all([data[1000:]])
+            last._writer.commit()  # type: ignore[union-attr]  # the bytes are durable, then:
+        finally:
+            last.close()
+        media = storage.media_path("cam1", event_id)
+        media.parent.mkdir(parents=True, exist_ok=True)
+        if leftover == "link":  # the session file linked into place, the crash before commit
+            os.link(storage.session_path("cam1", SESSION_PREFIX + event_id), media)
+        else:  # any other bytes at that name with no row (a single-shot PUT's, say)
+            media.write_bytes(b"partial leftovers")
+        assert put_range(signed, token, b"", "bytes */3000") == event_id
+        assert media.read_bytes() == data
+        assert not storage.session_path("cam1", SESSION_PREFIX + event_id).exists()
+
+
+def test_status_is_read_only_and_a_query_opens_no_session(
+    signed: SignedUploads, principal: auth.Principal
+) -> None:
+    token, event_id = new_url(signed, principal)
+    path = signed.gallery.storage.session_path("cam1", SESSION_PREFIX + event_id)
+    # A query of a fresh URL: 308 with nothing committed, and no session appears.
+    assert put_range(signed, token, b"", "bytes */100") == ""
+    assert signed.uploads.peek("cam1", SESSION_PREFIX + event_id) is None
+    assert not path.exists()
+    assert put_range(signed, token, b"x" * 10, "bytes 0-9/100") == ""
+    # Unacknowledged bytes past the committed size are not counted, and not truncated by status.
+    with path.open("ab") as file:
+        file.write(b"y" * 5)
+    state = signed.status("cam1", token)
+    assert (state.committed_size, state.size) == (10, 100)
+    assert path.stat().st_size == 15
+    # A file removed (by the sweeper, say) is not recreated by a status read.
+    path.unlink()
+    assert signed.status("cam1", token).committed_size == 0
+    assert not path.exists()

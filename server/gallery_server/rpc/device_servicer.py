@@ -65,8 +65,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                                   field="hello")
         channel = self.devices.connect(self.principal(), first.hello.device)
         context.add_callback(channel.close)  # the RPC ended, however it ended
+        failure: list[GalleryError] = []  # a bad message the reader met: the RPC's error
         reader = threading.Thread(
-            target=self._read_replies, args=(request_iterator, channel),
+            target=self._read_replies, args=(request_iterator, channel, failure),
             name=f"device-{channel.device}", daemon=True,
         )
         reader.start()
@@ -84,14 +85,19 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                         name=command.name,
                     ),
                 ))
+            if failure:  # the reader closed the channel on a bad message: end with its error
+                raise failure[0]
         finally:
             channel.close()
 
-    def _read_replies(self, request_iterator: Iterator[pb.ConnectRequest], channel: Channel) -> None:
+    def _read_replies(self, request_iterator: Iterator[pb.ConnectRequest], channel: Channel,
+                      failure: list[GalleryError]) -> None:
         """Apply the device's acks, progress and failures as they come.
 
         A device that half-closes its side keeps receiving commands: only the end of the RPC
-        (a callback registered in Connect) or a broken stream closes the channel."""
+        (a callback registered in Connect), a broken stream or an undecodable message (recorded
+        in `failure`, which Connect raises: INVALID_ARGUMENT MALFORMED_REQUEST) closes the
+        channel."""
         device = channel.device
         try:
             for message in request_iterator:
@@ -103,6 +109,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             channel.close()  # the device went away
         except GalleryError as exc:  # an undecodable message (interceptor.py): end the channel
             log.warning("device channel closed: bad message", extra={"device": device, "reason": exc.reason})
+            failure.append(exc)
             channel.close()
 
     def _apply(self, device: str, message: pb.ConnectRequest) -> None:

@@ -24,9 +24,9 @@ from ..devices import Devices, PullStatus
 from ..errors import InvalidArgument
 from ..forms import FormReceiver
 from ..models import Event
-from ..resumable import ResumableUploads, SessionState
+from ..resumable import SessionState
 from ..service import Gallery
-from ..signed_urls import THUMBNAIL, SignedTarget, SignedUploads, SignedUploadState, parse_content_range
+from ..signed_urls import THUMBNAIL, SignedTarget, SignedUploads, SignedUploadState
 from .interceptor import current_principal
 
 # Where ListEvents returns the next page's token (empty after the last page).
@@ -46,7 +46,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         self.gallery = gallery
         self.signed = signed
         self.devices = devices
-        self.resumable = ResumableUploads(gallery)
+        self.resumable = signed.uploads  # one set of sessions for native and pre-signed uploads
         # Who is calling; the interceptor's verified principal unless a test injects one.
         self.principal = principal
 
@@ -166,7 +166,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             if h.HasField("size"):
                 fields.declare_size(h.size)
             fields.declared_sha256 = h.sha256
-            fields.device_event_id = h.device_event_id
+            fields.device_event_id = validation.device_event_id(h.device_event_id)  # before the body
             if announced:
                 fields.name = fields.name or announced.name
                 fields.media_type = fields.media_type or announced.media_type
@@ -343,7 +343,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
                    declared: int | None, first, request_iterator):
         """A resumable PUT (Content-Range): 200 with the event id once the file is complete, else
         308 with the committed size (GCS's "resume incomplete")."""
-        put = self.signed.open_range(target, parse_content_range(content_range), declared)
+        put = self.signed.open_range(target, downloads.parse_content_range(content_range), declared)
         release = None
         try:
             if put.done:  # the URL's event is stored: answer it, store nothing
