@@ -22,7 +22,6 @@ import json
 import os
 import pathlib
 import platform
-import resource
 import secrets
 import shutil
 import signal
@@ -32,121 +31,41 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import _stack
 import grpc
 import httpx
+from _common import (
+    BENCHMARKS_MD,
+    CHUNK_BYTES,
+    DEVICE,
+    JWT_SECRET,
+    REQUEST_TIMEOUT_S,
+    RESULTS_DIR,
+    ROOT,
+    Bench,
+    BenchError,
+    GiB,
+    KiB,
+    MiB,
+    Options,
+    Payload,
+    Section,
+    Stream,
+    cpu_now,
+    fmt_size,
+    md_table,
+    median,
+    mib_or_dash,
+    rng,
+    spread,
+    text_table,
+)
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
 from gallery_server import auth, local_stack, supervisor
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
-RESULTS_DIR = ROOT / "bench" / "results"
-
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-CHUNK_BYTES = MiB
-DEVICE = "bench-device"
-JWT_SECRET = "bench-secret-" + secrets.token_hex(24)
-REQUEST_TIMEOUT_S = 900
-
-
-class BenchError(Exception):
-    """A measured operation failed or returned a wrong result."""
-
-
-# -- options and shared state -------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    quick: bool
-    runs: int
-    size: int  # bytes of the large upload
-    ref_size: int  # bytes of the reference upload (memory must not grow from ref_size to size)
-    scenarios: list[str]
-    write_report: bool
-
-
-class Payload:
-    """Upload bytes, never materialised: a few distinct random 1 MiB blocks, reused in turn.
-
-    Seven (prime) distinct blocks rather than one make a dropped, duplicated or reordered chunk
-    change the sha256, while the client still holds only 7 MiB whatever the upload size.
-    """
-
-    BLOCKS = 7
-
-    def __init__(self, chunk_bytes: int = CHUNK_BYTES) -> None:
-        self.blocks = [os.urandom(chunk_bytes) for _ in range(self.BLOCKS)]
-        self.chunk_bytes = chunk_bytes
-
-    def stream(self, size: int) -> Stream:
-        return Stream(self, size)
-
-
-class Stream:
-    """The `size` bytes of one upload, iterated once in chunks: hashes what it yields (sha256 of
-    what was sent) and notes when the last chunk was taken by the client library."""
-
-    def __init__(self, payload: Payload, size: int) -> None:
-        self.payload = payload
-        self.size = size
-        self.hasher = hashlib.sha256()
-        self.last_chunk_taken: float | None = None  # time.monotonic()
-
-    def __iter__(self) -> Iterator[bytes]:
-        blocks, count = self.payload.blocks, self.payload.BLOCKS
-        full, rest = divmod(self.size, self.payload.chunk_bytes)
-        for i in range(full):
-            block = blocks[i % count]
-            self.hasher.update(block)
-            yield block
-        if rest:
-            tail = blocks[full % count][:rest]
-            self.hasher.update(tail)
-            yield tail
-        self.last_chunk_taken = time.monotonic()
-
-    @property
-    def sha256(self) -> str:
-        return self.hasher.hexdigest()
-
-
-@dataclasses.dataclass
-class Bench:
-    """Everything a scenario needs: the running stack, clients, a token and the payload."""
-
-    options: Options
-    stack: local_stack.Stack
-    token: str
-    http: httpx.Client
-    envoy_channel: grpc.Channel
-    direct_channel: grpc.Channel
-    payload: Payload
-    facts: dict[str, object] = dataclasses.field(default_factory=dict)  # shared between scenarios
-
-    @property
-    def auth_header(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.token}"}
-
-    @property
-    def pids(self) -> dict[str, int]:
-        return {"server": self.stack.server_pid, "envoy": self.stack.envoy_pid, "client": os.getpid()}
-
-
-@dataclasses.dataclass
-class Section:
-    """One scenario's results: console text, Markdown for BENCHMARKS.md, raw data, failures."""
-
-    title: str
-    console: str
-    markdown: str
-    raw: object
-    failures: list[str] = dataclasses.field(default_factory=list)
-
 
 # -- scenario: uploads through every path -------------------------------------------------------
 
@@ -305,18 +224,6 @@ class UploadSample:
         return self.size / self.seconds / 1e6
 
 
-def _client_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _cpu_now(pids: dict[str, int]) -> dict[str, float]:
-    cpu = {name: _stack.cpu_seconds(pid) for name, pid in pids.items() if name != "client"}
-    cpu["client"] = _client_cpu()
-    cpu["machine"] = _stack.machine_busy_seconds()
-    return cpu
-
-
 def rss_trend(
     series: list[tuple[float, ...]], column: int, transfer_s: float, size: int
 ) -> float | None:
@@ -333,12 +240,12 @@ def measure_upload(bench: Bench, path: UploadPath, size: int, run: int) -> Uploa
     pids = bench.pids
     filename = f"bench-{run}-{size}.bin"
     stream = bench.payload.stream(size)
-    before = _cpu_now(pids)
+    before = cpu_now(pids)
     with _stack.MemoryProbe(pids) as probe:
         started = time.monotonic()
         event_id = path.send(bench, stream, filename)
         finished = time.monotonic()
-    after = _cpu_now(pids)
+    after = cpu_now(pids)
     cpu = {name: after[name] - before[name] for name in before}
     cpu["other"] = max(0.0, cpu.pop("machine") - sum(cpu.values()))
     verify_and_delete(bench, event_id, size, stream.sha256)
@@ -372,60 +279,6 @@ def scenario_uploads(bench: Bench) -> Section:
                     flush=True,
                 )
     return render_uploads(bench, samples)
-
-
-# -- statistics and rendering -------------------------------------------------------------------
-
-
-def fmt_size(n: int) -> str:
-    if n >= GiB and n % GiB == 0:
-        return f"{n // GiB} GiB"
-    if n >= MiB and n % MiB == 0:
-        return f"{n // MiB} MiB"
-    return f"{n} B"
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-def rng(values: Iterable[float], fmt: str) -> str:
-    """ "lo – hi" of some values, or the single value when the two print alike."""
-    values = list(values)
-    lo, hi = fmt.format(min(values)), fmt.format(max(values))
-    return lo if lo == hi else f"{lo} – {hi}"
-
-
-def spread(values: list[float], fmt: str = "{:.0f}") -> str:
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(min(values))} – {fmt.format(max(values))}"
-
-
-def md_table(header: list[str], rows: list[list[str]], align: str = "") -> str:
-    align = align or "l" + "r" * (len(header) - 1)
-    rule = ["---:" if a == "r" else "---" for a in align]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def text_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    out.append("  ".join("-" * w for w in widths))
-    for row in rows:
-        cells = zip(row, widths, strict=True)
-        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells)))
-    return "\n".join(out)
-
-
-def _mib(kib: float) -> str:
-    return f"{kib / KiB:.0f}"
-
-
-def _mib_or_dash(value: float | None, fmt: str = "{:.0f}") -> str:
-    return "–" if value is None else fmt.format(value)
 
 
 def render_uploads(bench: Bench, samples: list[UploadSample]) -> Section:
@@ -493,7 +346,7 @@ def render_uploads(bench: Bench, samples: list[UploadSample]) -> Section:
             growth_rows.append([
                 path.name, proc if proc != "envoy" else "Envoy", f"{m['before']:.0f}", f"{small:.0f}",
                 f"{large:.0f}", f"{large - small:+.0f}", f"+{m['rise']:.0f} (+{m['max_rise']:.0f})",
-                _mib_or_dash(m["trend"], "{:+.0f}"),
+                mib_or_dash(m["trend"], "{:+.0f}"),
             ])
 
     # Ratios of paths measured in the same run (per run, then the median).
@@ -902,12 +755,12 @@ def measure_download(bench: Bench, path: DownloadPath, event_id: str, size: int,
     if peer is not None:
         pids["peer"] = peer.pid
     try:
-        before = _cpu_now(pids)
+        before = cpu_now(pids)
         with _stack.MemoryProbe(pids) as probe:
             started = time.monotonic()
             got = peer.receive(started) if peer is not None else path.fetch(bench, event_id, started)
             finished = time.monotonic()
-        after = _cpu_now(pids)
+        after = cpu_now(pids)
     finally:
         if peer is not None:
             peer.close()
