@@ -10,6 +10,8 @@ import pathlib
 import resource
 import secrets
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Iterable, Iterator
 
@@ -103,7 +105,10 @@ class Bench:
     envoy_channel: grpc.Channel
     direct_channel: grpc.Channel
     payload: Payload
+    peer: PeerServer | None = None
     facts: dict[str, object] = dataclasses.field(default_factory=dict)  # shared between scenarios
+    # (scenario, target, measured, met): collected by the scenarios for the Targets section
+    targets: list[tuple[str, str, str, bool | None]] = dataclasses.field(default_factory=list)
 
     @property
     def auth_header(self) -> dict[str, str]:
@@ -112,6 +117,13 @@ class Bench:
     @property
     def pids(self) -> dict[str, int]:
         return {"server": self.stack.server_pid, "envoy": self.stack.envoy_pid, "client": os.getpid()}
+
+    def receiver_pids(self, receiver: str) -> dict[str, int]:
+        """The processes of a measurement: `server` is whichever receives (gallery or peer)."""
+        if receiver == "peer":
+            assert self.peer is not None
+            return {"server": self.peer.pid, "envoy": self.stack.envoy_pid, "client": os.getpid()}
+        return self.pids
 
 
 @dataclasses.dataclass
@@ -123,7 +135,6 @@ class Section:
     markdown: str
     raw: object
     failures: list[str] = dataclasses.field(default_factory=list)
-
 
 
 # -- CPU probes --------------------------------------------------------------------------------
@@ -192,3 +203,55 @@ def mib(kib: float) -> str:
 
 def mib_or_dash(value: float | None, fmt: str = "{:.0f}") -> str:
     return "–" if value is None else fmt.format(value)
+
+
+# -- the peers' process ---------------------------------------------------------------------------
+
+
+class PeerServer:
+    """bench/_peers.py under uvicorn (httptools, one process), on a free loopback port; files in
+    `folder` (its temporary files too, so that FastAPI's spooling hits the same disk)."""
+
+    def __init__(self, folder: pathlib.Path, log_path: pathlib.Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = local_stack.free_port()
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        env = {**os.environ, "PEER_DIR": str(folder), "TMPDIR": str(folder)}
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "uvicorn", "--app-dir", str(ROOT / "bench"), "_peers:app",
+                "--host", "127.0.0.1", "--port", str(self.port), "--http", "httptools",
+                "--log-level", "warning", "--no-access-log",
+            ],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            if self.process.poll() is not None:
+                raise BenchError(f"peer server exited with {self.process.returncode}: see {log_path}")
+            try:
+                if httpx.get(f"{self.url}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError("peer server did not answer /ping within 60 s")
+            time.sleep(0.1)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
