@@ -63,6 +63,7 @@ from _common import (
     spread,
     text_table,
 )
+from _concurrency import scenario_concurrent
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
@@ -1128,6 +1129,7 @@ def scenario_calibration(bench: Bench) -> Section:
 SCENARIOS: dict[str, Callable[[Bench], Section]] = {
     "calibration": scenario_calibration,
     "uploads": scenario_uploads,
+    "concurrent": scenario_concurrent,
     "downloads": scenario_downloads,
 }
 
