@@ -64,9 +64,13 @@ class Storage:
 
 
 # Below this many bytes an upload is hashed and written in the receiving thread (no helper thread
-# for small files); past it, by a _Pipeline holding at most PIPELINE_DEPTH chunks in flight.
+# for small files); past it, by a _Pipeline holding at most PIPELINE_DEPTH chunks in flight. At most
+# MAX_PIPELINES uploads have one at a time (the others work inline, as small ones do): a few helper
+# threads already keep the cores busy, and every pipeline's queued chunks are memory held per upload.
 PIPELINE_AFTER_BYTES = 4 << 20
-PIPELINE_DEPTH = 4
+PIPELINE_DEPTH = 2
+MAX_PIPELINES = 4
+_pipeline_slots = threading.BoundedSemaphore(MAX_PIPELINES)
 # Smaller pieces (HTTP/2 frames from Envoy can be 16 KiB) are gathered up to this size first, so
 # that the per-item cost of the queue and the thread switch stays small next to the hashing.
 PIPELINE_MIN_ITEM = 256 << 10
@@ -117,11 +121,14 @@ class _Pipeline:
 
     def finish(self) -> None:
         """Wait until every chunk is hashed and written; raise the first error."""
-        if self._pending:
-            self._queue.put(bytes(self._pending))
-            self._pending = bytearray()
-        self._queue.put(self._STOP)
-        self._thread.join()
+        try:
+            if self._pending:
+                self._queue.put(bytes(self._pending))
+                self._pending = bytearray()
+            self._queue.put(self._STOP)
+            self._thread.join()
+        finally:
+            _pipeline_slots.release()
         self.raise_error()
 
 
@@ -167,8 +174,13 @@ class StagedFile:
         if len(self.head) < SNIFF_BYTES:
             self.head += bytes(data[: SNIFF_BYTES - len(self.head)])
         assert self._fd is not None
-        if self._pipeline is None and self.size >= PIPELINE_AFTER_BYTES:
-            self._pipeline = _Pipeline(self._fd, self._hash)
+        if (self._pipeline is None and self.size >= PIPELINE_AFTER_BYTES
+                and _pipeline_slots.acquire(blocking=False)):
+            try:
+                self._pipeline = _Pipeline(self._fd, self._hash)
+            except BaseException:
+                _pipeline_slots.release()
+                raise
         if self._pipeline is not None:
             self._pipeline.put(data)
         else:

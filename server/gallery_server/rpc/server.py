@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import threading
@@ -33,6 +34,7 @@ DEVICE_SERVICE_NAME = device_pb2.DESCRIPTOR.services_by_name["DeviceService"].fu
 # Upload chunks are up to 1 MiB from Envoy and up to 4 MiB from native clients.
 MAX_MESSAGE_BYTES = 8 << 20
 DB_POOL_SIZE = 20
+M_ARENA_MAX = -8  # glibc mallopt parameter (malloc.h)
 
 
 def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
@@ -52,6 +54,11 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # grpc-core's BDP probing grows each stream's receive window to tens of MiB, so every
+            # upload whose handler falls behind queues that much in the server: 16 concurrent 64 MiB
+            # uploads peaked at 755 MiB RSS with it and 170 MiB without it (BENCHMARKS.md), and one
+            # stream was not slower. Windows then stay at grpc's defaults (enough for one message).
+            ("grpc.http2.bdp_probe", 0),
         ],
         maximum_concurrent_rpcs=settings.grpc_workers * 4,
     )
@@ -73,8 +80,20 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
     return server, port
 
 
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's per-thread malloc arenas (default 8 per core). Dozens of RPC threads handling
+    1 MiB messages otherwise each keep freed chunks in their own arena: 64 concurrent uploads
+    peaked near 400 MiB RSS with the default and 275 MiB with two arenas (BENCHMARKS.md)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_ARENA_MAX, arenas)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then stop with a grace period for RPCs in flight."""
+    _limit_malloc_arenas()
     server, port = create_server(settings, settings.grpc_address)
     server.start()
     log.info("gRPC server listening", extra={"address": settings.grpc_address, "port": port})
