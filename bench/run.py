@@ -64,6 +64,7 @@ from _common import (
     text_table,
 )
 from _concurrency import scenario_concurrent
+from _listing import BIG_DEVICE, SMALL_DEVICE, scenario_listing, scenario_small_requests
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
@@ -1131,6 +1132,8 @@ SCENARIOS: dict[str, Callable[[Bench], Section]] = {
     "uploads": scenario_uploads,
     "concurrent": scenario_concurrent,
     "downloads": scenario_downloads,
+    "listing": scenario_listing,
+    "small-requests": scenario_small_requests,
 }
 
 
@@ -1257,7 +1260,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         token = auth.mint(
-            JWT_SECRET, subject="bench", devices=[DEVICE], scope=f"{auth.READ} {auth.WRITE}", ttl_seconds=6 * 3600
+            JWT_SECRET, subject="bench", devices=[DEVICE, BIG_DEVICE, SMALL_DEVICE],
+            scope=f"{auth.READ} {auth.WRITE}", ttl_seconds=6 * 3600,
         )
         timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=10)
         with (
