@@ -164,6 +164,14 @@ def scenario_listing(bench: Bench) -> Section:
     return Section(f"Listing and stats on {count:,} events", text_table(header, rows), markdown, raw)
 
 
+def profile_listing(bench: Bench) -> None:
+    """Load for the profiler: the first page of the big device (seeded by scenario_listing, or empty)."""
+    request = _loadgen.get_request("127.0.0.1", bench.stack.http_port, f"/api/gallery/{BIG_DEVICE}/events?limit=50",
+                                   {"Authorization": f"Bearer {bench.token}"})
+    _loadgen.run("127.0.0.1", bench.stack.http_port, [request], connections=CONNECTIONS,
+                 seconds=1.0 if bench.options.quick else 3.0)
+
+
 def scenario_small_requests(bench: Bench) -> Section:
     opts = bench.options
     seconds = 1.0 if opts.quick else 4.0
