@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 import _profile
 import _stack
 import grpc
+import httptools
 import httpx
 from _common import (
     BENCHMARKS_MD,
@@ -689,6 +690,56 @@ def fetch_rest(bench: Bench, event_id: str, started: float) -> Received:
         )
 
 
+class _RawResponse:
+    """httptools callbacks of one download: headers kept, body hashed as it arrives."""
+
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+        self.hasher = hashlib.sha256()
+        self.size = 0
+        self.first: float | None = None
+        self.done = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, data: bytes) -> None:
+        if self.first is None:
+            self.first = time.monotonic()
+        self.hasher.update(data)
+        self.size += len(data)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+def fetch_rest_socket(bench: Bench, event_id: str, started: float) -> Received:
+    """The same GET through Envoy with the receiving side of the peer: a plain socket, recv_into 1 MiB,
+    httptools' C parser for the chunked body; so the comparison with the peer is about the server."""
+    port = bench.stack.http_port
+    request = (
+        f"GET /api/gallery/{DEVICE}/events/{event_id}/content HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Authorization: Bearer {bench.token}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    response = _RawResponse()
+    parser = httptools.HttpResponseParser(response)
+    buf = bytearray(CHUNK_BYTES)
+    view = memoryview(buf)
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(REQUEST_TIMEOUT_S)
+        sock.sendall(request)
+        while not response.done and (n := sock.recv_into(buf)):
+            parser.feed_data(view[:n])
+    if parser.get_status_code() != 200 or not response.done:
+        raise BenchError(f"REST download (socket): HTTP {parser.get_status_code()}, complete={response.done}")
+    headers = response.headers
+    return Received(
+        response.size, response.hasher.hexdigest(),
+        _header_int(headers.get("x-content-length"), "REST download (socket)"),
+        headers.get("x-content-sha256"), headers.get("etag"), (response.first or time.monotonic()) - started,
+    )
+
+
 def _fetch_grpc(bench: Bench, channel: grpc.Channel, event_id: str, started: float) -> Received:
     stub = gallery_pb2_grpc.GalleryServiceStub(channel)
     hasher, size, first = hashlib.sha256(), 0, None
@@ -803,6 +854,7 @@ class PeerSender:
 PEER = "peer: plain Python file → loopback TCP"
 DOWNLOAD_PATHS = [
     DownloadPath("REST GET content via Envoy (httpx)", True, fetch_rest),
+    DownloadPath("REST GET content via Envoy (socket + httptools)", True, fetch_rest_socket),
     DownloadPath("gRPC ReadEventContent direct", False, fetch_grpc_direct),
     DownloadPath("gRPC ReadEventContent via Envoy", True, fetch_grpc_envoy),
     DownloadPath(PEER, False, lambda *_: Received(0, "", None, None, None, 0.0)),  # see measure_download
