@@ -104,15 +104,12 @@ class Gallery:
             statement = statement.where(c.created < query.until)
         created, event_id = c.created, c.id
         if query.after:
-            after_created, after_id = query.after
-            if query.newest_first:
-                statement = statement.where(sa.or_(
-                    created < after_created, sa.and_(created == after_created, event_id < after_id)
-                ))
-            else:
-                statement = statement.where(sa.or_(
-                    created > after_created, sa.and_(created == after_created, event_id > after_id)
-                ))
+            # A row-value comparison: SQLite and PostgreSQL both seek the (device, created, id) index to
+            # the position, so a deep page costs as the first. (The equivalent OR of two conditions
+            # made SQLite walk every newer row: 1.2 s at depth 500,000 in BENCHMARKS.md.)
+            position = sa.tuple_(created, event_id)
+            after = sa.tuple_(sa.literal(query.after[0], created.type), sa.literal(query.after[1], event_id.type))
+            statement = statement.where(position < after if query.newest_first else position > after)
         order = (created.desc(), event_id.desc()) if query.newest_first else (created, event_id)
         statement = statement.order_by(*order).offset(query.offset).limit(query.limit)
         with self.db.engine.connect() as connection:
