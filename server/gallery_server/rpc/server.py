@@ -34,6 +34,7 @@ DEVICE_SERVICE_NAME = device_pb2.DESCRIPTOR.services_by_name["DeviceService"].fu
 # Upload chunks are up to 1 MiB from Envoy and up to 4 MiB from native clients.
 MAX_MESSAGE_BYTES = 8 << 20
 DB_POOL_SIZE = 20
+UPLOAD_WINDOW_BYTES = 1 << 20
 M_ARENA_MAX = -8  # glibc mallopt parameter (malloc.h)
 
 
@@ -54,11 +55,14 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            # grpc-core's BDP probing grows each stream's receive window to tens of MiB, so every
-            # upload whose handler falls behind queues that much in the server: 16 concurrent 64 MiB
-            # uploads peaked at 755 MiB RSS with it and 170 MiB without it (BENCHMARKS.md), and one
-            # stream was not slower. Windows then stay at grpc's defaults (enough for one message).
+            # Fixed HTTP/2 receive windows of one upload chunk per stream. grpc-core's BDP probing
+            # grows each stream's window to tens of MiB, so every upload whose handler falls behind
+            # queues that much here: 16 concurrent 64 MiB uploads peaked at 755 MiB RSS with it,
+            # ~200 MiB without. A window smaller than a 1 MiB message costs a round trip per message
+            # (one REST upload through Envoy fell from ~1.0x to ~0.7x the raw-PUT peer with the
+            # 64 KiB default, 512 KiB was no better); 1 MiB keeps one stream as fast as with BDP.
             ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", UPLOAD_WINDOW_BYTES),
         ],
         maximum_concurrent_rpcs=settings.grpc_workers * 4,
     )
