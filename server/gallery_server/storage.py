@@ -25,6 +25,7 @@ import queue
 import secrets
 import threading
 
+from . import _malloc
 from .errors import AlreadyExists, TooLarge
 from .media_types import SNIFF_BYTES
 
@@ -211,6 +212,8 @@ class StagedFile:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
+            if self.size >= PIPELINE_AFTER_BYTES:
+                _malloc.trim()  # the chunks of a large upload are freed: return their memory
 
     def move(self, destination: pathlib.Path, *, replace: bool = True) -> None:
         """Rename into place. With replace=False an existing file is never touched: the move

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import signal
 import threading
@@ -14,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gallery.v1 import device_pb2, device_pb2_grpc, gallery_pb2, gallery_pb2_grpc
 
+from .. import _malloc
 from ..db import Database
 from ..devices import Devices
 from ..incoming import IncomingImporter
@@ -35,7 +35,6 @@ DEVICE_SERVICE_NAME = device_pb2.DESCRIPTOR.services_by_name["DeviceService"].fu
 MAX_MESSAGE_BYTES = 8 << 20
 DB_POOL_SIZE = 20
 UPLOAD_WINDOW_BYTES = 1 << 20
-M_ARENA_MAX = -8  # glibc mallopt parameter (malloc.h)
 
 
 def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
@@ -84,20 +83,11 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
     return server, port
 
 
-def _limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's per-thread malloc arenas (default 8 per core). Dozens of RPC threads handling
-    1 MiB messages otherwise each keep freed chunks in their own arena: 64 concurrent uploads
-    peaked near 400 MiB RSS with the default and 275 MiB with two arenas (BENCHMARKS.md)."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_ARENA_MAX, arenas)
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
-
-
 def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then stop with a grace period for RPCs in flight."""
-    _limit_malloc_arenas()
+    # Fewer malloc arenas: 64 concurrent uploads peaked near 400 MiB RSS with glibc's default and
+    # 275 MiB with two (BENCHMARKS.md); see _malloc.py.
+    _malloc.limit_arenas()
     server, port = create_server(settings, settings.grpc_address)
     server.start()
     log.info("gRPC server listening", extra={"address": settings.grpc_address, "port": port})
