@@ -15,7 +15,7 @@ setup: $(INSTALLED)
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	touch $@
 
 $(BUF):
@@ -43,9 +43,12 @@ unit: setup
 e2e: setup
 	$(PY) -m pytest -m e2e
 
+# The full suite (< 15 min): rewrites BENCHMARKS.md and writes bench/results/<time>.json.
 bench: setup
 	$(PY) bench/run.py
 
+# The same code paths on small sizes (< 1 min), correctness asserted; `make test` runs it too
+# (tests/e2e/test_bench_quick.py).
 bench-quick: setup
 	$(PY) bench/run.py --quick
 

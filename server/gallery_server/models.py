@@ -153,3 +153,63 @@ class UploadSessionRow(SQLModel, table=True):
     device_event_id: str = Field(default="", max_length=128)
     # A bound on expires_at whatever the writes: a pre-signed URL's session ends with the URL.
     not_after: datetime.datetime | None = None
+
+
+class EventCount(SQLModel, table=True):
+    """How many events (and bytes) a device has of each media type: what GetStats answers.
+
+    Maintained by database triggers on `events` (below), in the same transaction as every insert,
+    delete or change of device, media_type or size, whatever code path makes it (uploads, imports,
+    announcements, reconciliation, a bulk load in SQL). Each change is an atomic
+    `count = count + 1` upsert on one row, so concurrent writers on PostgreSQL never lose an update,
+    and stats cost one index lookup per request however many events a device has.
+    """
+
+    __tablename__ = "event_counts"
+
+    device: str = Field(primary_key=True, max_length=128)
+    media_type: str = Field(primary_key=True, max_length=16)
+    count: int = Field(default=0, sa_type=sa.BigInteger)
+    size: int = Field(default=0, sa_type=sa.BigInteger)
+
+
+_COUNT_ADD = (
+    "INSERT INTO event_counts (device, media_type, count, size) VALUES (NEW.device, NEW.media_type, 1, NEW.size) "
+    "ON CONFLICT (device, media_type) DO UPDATE "
+    "SET count = event_counts.count + 1, size = event_counts.size + excluded.size"
+)
+_COUNT_REMOVE = (
+    "UPDATE event_counts SET count = count - 1, size = size - OLD.size "
+    "WHERE device = OLD.device AND media_type = OLD.media_type"
+)
+_SQLITE_TRIGGERS = (
+    f"CREATE TRIGGER IF NOT EXISTS events_count_insert AFTER INSERT ON events BEGIN {_COUNT_ADD}; END",
+    f"CREATE TRIGGER IF NOT EXISTS events_count_delete AFTER DELETE ON events BEGIN {_COUNT_REMOVE}; END",
+    "CREATE TRIGGER IF NOT EXISTS events_count_update AFTER UPDATE OF device, media_type, size ON events "
+    f"BEGIN {_COUNT_REMOVE}; {_COUNT_ADD}; END",
+)
+_POSTGRES_TRIGGERS = (
+    "CREATE OR REPLACE FUNCTION events_count() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    f"IF TG_OP IN ('DELETE', 'UPDATE') THEN {_COUNT_REMOVE}; END IF; "
+    f"IF TG_OP IN ('INSERT', 'UPDATE') THEN {_COUNT_ADD}; END IF; "
+    "RETURN NULL; END $$",
+    "DROP TRIGGER IF EXISTS events_count ON events",
+    "CREATE TRIGGER events_count AFTER INSERT OR DELETE OR UPDATE OF device, media_type, size ON events "
+    "FOR EACH ROW EXECUTE FUNCTION events_count()",
+)
+# A database created before event_counts existed gets its counts once, when the table is created.
+_BACKFILL = (
+    "INSERT INTO event_counts (device, media_type, count, size) "
+    "SELECT device, media_type, COUNT(*), COALESCE(SUM(size), 0) FROM events GROUP BY device, media_type"
+)
+
+
+@sa.event.listens_for(SQLModel.metadata, "after_create")
+def _install_event_counters(_metadata: sa.MetaData, connection: sa.Connection, **kw: object) -> None:
+    """Runs after create_all: when event_counts was just created, add the triggers and backfill."""
+    created = kw.get("tables") or ()
+    if EventCount.__table__ not in created:  # type: ignore[operator]
+        return
+    triggers = _POSTGRES_TRIGGERS if connection.dialect.name == "postgresql" else _SQLITE_TRIGGERS
+    for statement in (*triggers, _BACKFILL):
+        connection.exec_driver_sql(statement)

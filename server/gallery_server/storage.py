@@ -15,6 +15,10 @@ Disk headroom: uploads need `min_free_bytes` left on the data root's filesystem,
 upload starts (require_space) and again every SPACE_CHECK_BYTES while it is written, so one upload
 cannot fill the disk; a write that still hits ENOSPC is the same INSUFFICIENT_STORAGE error.
 Reads never check: a full disk keeps serving what it holds.
+
+Large uploads are hashed and written by a helper thread (_Pipeline) while the RPC thread receives the
+next message: hashlib and os.write release the GIL on big buffers, so the two overlap on a second
+core instead of running in series (BENCHMARKS.md measures the difference).
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ import errno
 import hashlib
 import os
 import pathlib
+import queue
 import secrets
+import threading
 from collections.abc import Callable
 
+from . import _malloc
 from .errors import AlreadyExists, Exhausted, TooLarge
 from .media_types import SNIFF_BYTES
 
@@ -91,6 +98,86 @@ class Storage:
         _fsync_dir(self.media_root / device)
 
 
+# Below this many bytes an upload is hashed and written in the receiving thread (no helper thread
+# for small files); past it, by a _Pipeline holding at most PIPELINE_DEPTH chunks in flight. At most
+# MAX_PIPELINES uploads have one at a time (the others work inline, as small ones do): a few helper
+# threads already keep the cores busy, and every pipeline's queued chunks are memory held per upload.
+PIPELINE_AFTER_BYTES = 4 << 20
+PIPELINE_DEPTH = 2
+MAX_PIPELINES = 4
+_pipeline_slots = threading.BoundedSemaphore(MAX_PIPELINES)
+# Smaller pieces (HTTP/2 frames from Envoy can be 16 KiB) are gathered up to this size first, so
+# that the per-item cost of the queue and the thread switch stays small next to the hashing.
+PIPELINE_MIN_ITEM = 256 << 10
+
+
+class _Pipeline:
+    """Hashes and writes chunks in order on a helper thread; the first error is kept and raised
+    to the receiving thread on its next call. The bounded queue keeps memory per upload to
+    PIPELINE_DEPTH chunks and slows the receiver (hence gRPC flow control) when the disk is slow."""
+
+    _STOP = object()
+
+    def __init__(self, fd: int, digest: hashlib._Hash) -> None:  # type: ignore[name-defined]
+        self._fd = fd
+        self._digest = digest
+        self._queue: queue.Queue[object] = queue.Queue(PIPELINE_DEPTH)
+        self._error: BaseException | None = None
+        self._pending = bytearray()
+        self._thread = threading.Thread(target=self._run, name="staged-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not self._STOP:
+            if self._error is not None:
+                continue  # drain after a failure; the receiver learns of it on its next call
+            try:
+                self._digest.update(item)  # type: ignore[arg-type]
+                _write_all(self._fd, item)  # type: ignore[arg-type]
+            except BaseException as exc:  # noqa: BLE001 - handed to the receiving thread
+                self._error = exc
+
+    def put(self, data: bytes | memoryview) -> None:
+        self.raise_error()
+        if self._pending or len(data) < PIPELINE_MIN_ITEM:
+            self._pending += data
+            if len(self._pending) < PIPELINE_MIN_ITEM:
+                return
+            data, self._pending = bytes(self._pending), bytearray()
+        elif isinstance(data, memoryview) and not isinstance(data.obj, bytes):
+            data = bytes(data)  # a view of a buffer its owner may reuse: keep a copy
+        self._queue.put(data)
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def finish(self) -> None:
+        """Wait until every chunk is hashed and written; raise the first error."""
+        try:
+            if self._pending:
+                self._queue.put(bytes(self._pending))
+                self._pending = bytearray()
+            self._queue.put(self._STOP)
+            self._thread.join()
+        finally:
+            _pipeline_slots.release()
+        self.raise_error()
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    """os.write until all of `data` is written; a full disk is INSUFFICIENT_STORAGE, not an OSError."""
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise insufficient_storage(0, 0) from None
+            raise
+        view = view[written:]
+
+
 class StagedFile:
     """A file being received: bounded in size, hashed as it is written, discarded unless committed."""
 
@@ -109,6 +196,7 @@ class StagedFile:
         self._space_check = space_check
         self._unchecked = 0  # bytes written since the last free-space check
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self._pipeline: _Pipeline | None = None
 
     @classmethod
     def adopt(cls, path: pathlib.Path, *, what: str) -> StagedFile:
@@ -118,6 +206,7 @@ class StagedFile:
         event's row is committed, and the owner removes it after that."""
         self = cls.__new__(cls)
         self.path, self.what, self.moved, self.keep_source = path, what, False, True
+        self._pipeline = None
         self._hash = hashlib.sha256()
         self._fd = os.open(path, os.O_RDONLY)
         self.head = os.pread(self._fd, SNIFF_BYTES, 0)
@@ -144,21 +233,29 @@ class StagedFile:
             if self._unchecked >= SPACE_CHECK_BYTES:
                 self._unchecked = 0
                 self._space_check()
-        self._hash.update(data)
-        view = memoryview(data)
-        while view:
-            assert self._fd is not None
+        assert self._fd is not None
+        if (self._pipeline is None and self.size >= PIPELINE_AFTER_BYTES
+                and _pipeline_slots.acquire(blocking=False)):
             try:
-                written = os.write(self._fd, view)
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise insufficient_storage(0, 0) from None
+                self._pipeline = _Pipeline(self._fd, self._hash)
+            except BaseException:
+                _pipeline_slots.release()
                 raise
-            view = view[written:]
+        if self._pipeline is not None:
+            self._pipeline.put(data)
+        else:
+            self._hash.update(data)
+            _write_all(self._fd, data)
         self.size += len(data)
+
+    def _drain(self) -> None:
+        if self._pipeline is not None:
+            pipeline, self._pipeline = self._pipeline, None
+            pipeline.finish()
 
     @property
     def sha256(self) -> str:
+        self._drain()
         return self._hash.hexdigest()
 
     def commit(self, destination: pathlib.Path) -> None:
@@ -167,10 +264,13 @@ class StagedFile:
         self.move(destination)
 
     def sync(self) -> None:
+        self._drain()
         if self._fd is not None:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
+            if self.size >= PIPELINE_AFTER_BYTES:
+                _malloc.trim()  # the chunks of a large upload are freed: return their memory
 
     def move(self, destination: pathlib.Path, *, replace: bool = True) -> None:
         """Rename into place. With replace=False an existing file is never touched: the move
@@ -210,6 +310,10 @@ class StagedFile:
         os.replace(spare, destination)
 
     def discard(self) -> None:
+        try:
+            self._drain()
+        except Exception:  # noqa: BLE001 - the file is being thrown away
+            pass
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gallery.v1 import device_pb2, device_pb2_grpc, gallery_pb2, gallery_pb2_grpc
 
+from .. import _malloc
 from ..auth import Verifier
 from ..db import Database
 from ..devices import Devices
@@ -37,6 +38,7 @@ ADMIN_SERVICE_NAME = gallery_pb2.DESCRIPTOR.services_by_name["GalleryAdminServic
 # Upload chunks are up to 1 MiB from Envoy and up to 4 MiB from native clients.
 MAX_MESSAGE_BYTES = 8 << 20
 DB_POOL_SIZE = 20
+UPLOAD_WINDOW_BYTES = 1 << 20
 
 
 def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
@@ -56,6 +58,14 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # Fixed HTTP/2 receive windows of one upload chunk per stream. grpc-core's BDP probing
+            # grows each stream's window to tens of MiB, so every upload whose handler falls behind
+            # queues that much here: 16 concurrent 64 MiB uploads peaked at 755 MiB RSS with it,
+            # ~200 MiB without. A window smaller than a 1 MiB message costs a round trip per message
+            # (one REST upload through Envoy fell from ~1.0x to ~0.7x the raw-PUT peer with the
+            # 64 KiB default, 512 KiB was no better); 1 MiB keeps one stream as fast as with BDP.
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", UPLOAD_WINDOW_BYTES),
         ],
         maximum_concurrent_rpcs=settings.grpc_workers * 4,
     )
@@ -84,6 +94,9 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
 
 def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then stop with a grace period for RPCs in flight."""
+    # Fewer malloc arenas: 64 concurrent uploads peaked near 400 MiB RSS with glibc's default and
+    # 275 MiB with two (BENCHMARKS.md); see _malloc.py.
+    _malloc.limit_arenas()
     server, port = create_server(settings, settings.grpc_address)
     server.start()
     log.info("gRPC server listening", extra={"address": settings.grpc_address, "port": port})

@@ -195,6 +195,8 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
                         "HEADER_REPEATED", "only the first message may be a header",
                         field="header",
                     )
+                # Drop this chunk before waiting for the next: one message less held per upload.
+                del message
             _require_active(context)
             if not finished:
                 raise InvalidArgument(
