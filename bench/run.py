@@ -1391,7 +1391,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stack = local_stack.start_stack(
             tmp / "data", tmp / "gallery.log", jwt_secret=JWT_SECRET,
-            extra_env={"GALLERY_MAX_UPLOAD_BYTES": str(max(opts.size * 2, 16 * GiB)), "GALLERY_LOG_LEVEL": "WARNING"},
+            extra_env={
+                "GALLERY_MAX_UPLOAD_BYTES": str(max(opts.size * 2, 16 * GiB)), "GALLERY_LOG_LEVEL": "WARNING",
+                # The concurrency scenario sends 64 streams for one device: lift the per-device and
+                # total upload limits (defaults 4 and 48) above that, and the workers above the total.
+                "GALLERY_MAX_UPLOADS_PER_DEVICE": "64", "GALLERY_MAX_UPLOADS_TOTAL": "64",
+                "GALLERY_GRPC_WORKERS": "96",
+            },
         )
         print(
             f"stack up: Envoy {stack.base_url} (pid {stack.envoy_pid}), gRPC server {stack.grpc_address} "

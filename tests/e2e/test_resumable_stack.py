@@ -162,3 +162,9 @@ def test_upload_of_a_deleted_event(stack: Stack, envoy_channel: grpc.Channel,
     fresh = stub.StartUpload(pb.StartUploadRequest(device=device, name="a.txt", upload_id=upload_id),
                              metadata=metadata)
     assert (fresh.committed_size, fresh.event_id) == (0, "")
+    # The fresh session is a real upload: it completes as a new event (and leaves the shared
+    # stack's staging/ empty, as the other tests expect).
+    again = stub.WriteUpload(iter([pb.WriteUploadRequest(
+        device=device, upload_id=upload_id, data=b"back again", finish_write=True)]), metadata=metadata)
+    assert again.event_id and again.event_id != done.event_id
+    assert not (stack.data_dir / "staging" / "sessions" / device).exists()
