@@ -55,7 +55,7 @@ from .errors import GalleryError
 from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import Event, initial_thumbnail_state
 from .service import Gallery, utcnow
-from .storage import _fsync_dir, _make_dir
+from .storage import fsync_dir, make_dir
 
 log = logging.getLogger(__name__)
 
@@ -499,9 +499,9 @@ class IncomingImporter(BackgroundLoop):
 
 
 def _place(taken: _Taken, destination: pathlib.Path) -> None:
-    _make_dir(destination.parent)  # a new device folder is made durable with the file in it
+    make_dir(destination.parent)  # a new device folder is made durable with the file in it
     os.replace(taken.staged, destination)
-    _fsync_dir(destination.parent)
+    fsync_dir(destination.parent)
 
 
 def _unlink_if_same(path: pathlib.Path, expected: Signature) -> None:
@@ -518,7 +518,7 @@ def _unlink_if_same(path: pathlib.Path, expected: Signature) -> None:
         log.warning("incoming file changed while it was imported; left in place", extra={"file": str(path)})
         return
     path.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _sha256_of(path: pathlib.Path) -> str:

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import os
 import pathlib
 import secrets
+import threading
 from collections.abc import Callable
 
 from .errors import AlreadyExists, Exhausted, TooLarge
@@ -88,7 +90,7 @@ class Storage:
     def remove_event_files(self, device: str, event_id: str) -> None:
         for path in (self.media_path(device, event_id), self.thumbnail_path(device, event_id)):
             path.unlink(missing_ok=True)
-        _fsync_dir(self.media_root / device)
+        fsync_dir(self.media_root / device)
 
 
 class StagedFile:
@@ -108,6 +110,7 @@ class StagedFile:
         self._space_check = space_check
         self._unchecked = 0  # bytes written since the last free-space check
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self._in_use: int | None = hold_shared(self._fd)
 
     @classmethod
     def adopt(cls, path: pathlib.Path, *, what: str) -> StagedFile:
@@ -115,6 +118,7 @@ class StagedFile:
         sync() and move() then work as for a file received here."""
         self = cls.__new__(cls)
         self.path, self.what, self.moved = path, what, False
+        self._in_use = None  # the resumable writer's exclusive lock covers the file
         self._hash = hashlib.sha256()
         self._fd = os.open(path, os.O_RDONLY)
         self.head = os.pread(self._fd, SNIFF_BYTES, 0)
@@ -162,6 +166,7 @@ class StagedFile:
         """Make the bytes durable, then move them to `destination` atomically."""
         self.sync()
         self.move(destination)
+        self.release()
 
     def sync(self) -> None:
         if self._fd is not None:
@@ -173,7 +178,7 @@ class StagedFile:
         """Rename into place. With replace=False an existing file is never touched: the move
         fails with AlreadyExists instead (a new event must not overwrite anyone's bytes)."""
         assert self._fd is None, "sync() first"
-        _make_dir(destination.parent)
+        make_dir(destination.parent)
         if replace:
             os.replace(self.path, destination)
         else:
@@ -185,7 +190,7 @@ class StagedFile:
                 ) from None
             os.unlink(self.path)
         self.moved = True
-        _fsync_dir(destination.parent)
+        fsync_dir(destination.parent)
 
     def discard(self) -> None:
         if self._fd is not None:
@@ -193,6 +198,14 @@ class StagedFile:
             self._fd = None
         if not self.moved:
             self.path.unlink(missing_ok=True)
+        self.release()
+
+    def release(self) -> None:
+        """Drop the shared lock that marks the file as in use (hold_shared); discard() and
+        commit() call it, Gallery.store() keeps it until the row owning the moved file is committed."""
+        if self._in_use is not None:
+            os.close(self._in_use)
+            self._in_use = None
 
 
 def insufficient_storage(free: int, headroom: int) -> Exhausted:
@@ -203,20 +216,37 @@ def insufficient_storage(free: int, headroom: int) -> Exhausted:
     )
 
 
-def _make_dir(path: pathlib.Path) -> None:
+def hold_shared(fd: int) -> int:
+    """Mark an open file as in use: a shared flock on its open file description, kept by a
+    duplicate descriptor (closing the writing one does not drop it). The reconciler removes a file
+    only under an exclusive flock it gets without waiting (reconcile.py), so never one in use."""
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return os.dup(fd)
+
+
+_DURABLE_DIRS: set[pathlib.Path] = set()
+_DURABLE_DIRS_LOCK = threading.Lock()
+
+
+def make_dir(path: pathlib.Path) -> None:
     """mkdir -p, durably: a new device folder's own entry must survive a crash with the files
-    linked into it, so its parent is fsynced when it is created."""
-    if path.is_dir():
+    linked into it, so its parent is fsynced. Once per process per folder, not only when this
+    call created it: a process that died between the mkdir and the fsync left a folder that
+    exists but whose entry may not be durable."""
+    if path in _DURABLE_DIRS:
         return
-    _make_dir(path.parent)
-    try:
-        path.mkdir()
-    except FileExistsError:
-        return
-    _fsync_dir(path.parent)
+    if not path.is_dir():
+        make_dir(path.parent)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            pass
+    fsync_dir(path.parent)
+    with _DURABLE_DIRS_LOCK:
+        _DURABLE_DIRS.add(path)
 
 
-def _fsync_dir(path: pathlib.Path) -> None:
+def fsync_dir(path: pathlib.Path) -> None:
     # A rename or unlink is durable only once its directory is fsynced.
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -226,3 +256,8 @@ def _fsync_dir(path: pathlib.Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# The old private names, for modules of other branches (resumable.py) until they use the above.
+_fsync_dir = fsync_dir
+_make_dir = make_dir

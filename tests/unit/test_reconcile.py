@@ -9,6 +9,8 @@ its mtime and ctime, and ctime cannot be set back from user space.
 from __future__ import annotations
 
 import datetime
+import errno
+import fcntl
 import json
 import os
 import threading
@@ -289,3 +291,86 @@ def test_replicas_reconciling_at_once_remove_each_orphan_once(gallery, principal
     assert sum(r.orphan_media_removed for r in results) == len(orphans)
     assert not any(p.exists() for p in orphans)
     assert gallery.storage.media_path("cam1", kept.id).exists()
+
+
+# -- files in use are never removed, whatever the grace period -------------------------------------
+
+
+def test_a_live_upload_keeps_its_staged_files_however_old_they_look(gallery, principal):
+    # A thumbnail sent first while its media streams for longer than the grace period: the
+    # thumbnail's staging file looks old, but its upload holds it (StagedFile's shared lock).
+    with gallery.begin_upload(principal, "cam1") as upload:
+        upload.fields.name = "v.bin"
+        upload.write_thumbnail(b"\xff\xd8\xff" + b"t" * 100)
+        upload.write_media(b"m" * 1000)
+        assert upload.thumbnail is not None
+        hours_ago = time.time() - 7200
+        for staged in (upload.thumbnail, upload.media):
+            os.utime(staged.path, (hours_ago, hours_ago))
+        settle()
+        assert Reconciler(gallery, grace_seconds=0).run_once().staging_removed == 0
+        upload.write_media(b"m" * 1000)
+        event = gallery.store(upload)
+    assert gallery.storage.thumbnail_path("cam1", event.id).read_bytes()[:3] == b"\xff\xd8\xff"
+    # Once its upload is closed, a leftover is an ordinary leftover again.
+    leftover = gallery.storage.stage(max_bytes=10, what="event")
+    leftover.sync()
+    leftover.release()
+    settle()
+    assert Reconciler(gallery, grace_seconds=0).run_once().staging_removed == 1
+    assert not leftover.path.exists()
+
+
+def test_a_pass_between_the_link_into_media_and_the_commit_keeps_the_file(gallery, principal):
+    # Gallery.store() links the media into media/ a moment before it commits the row; a pass of
+    # another replica in that window sees a rowless file, locked by the upload until its commit.
+    other = Reconciler(Gallery(gallery.settings, gallery.db, Storage(gallery.settings.data_dir)),
+                       grace_seconds=0)
+    passes = []
+    with gallery.begin_upload(principal, "cam1") as upload:
+        upload.fields.name = "a.bin"
+        upload.write_thumbnail(b"\xff\xd8\xff" + b"t" * 10)
+        upload.write_media(b"hello")
+        event = gallery.store(upload, before_insert=lambda session, event: (
+            settle(), passes.append(other.run_once())))
+    assert passes[0].orphan_media_removed == passes[0].orphan_thumbnails_removed == 0
+    assert gallery.storage.media_path("cam1", event.id).read_bytes() == b"hello"
+    assert gallery.storage.thumbnail_path("cam1", event.id).exists()
+    assert other.run_once().rows_checked == 1
+
+
+def test_a_resumable_writer_keeps_its_session_file_and_completed_sessions_lose_theirs(gallery):
+    storage = gallery.storage
+    busy = storage.session_path("cam1", "busy-upload-1")
+    busy.parent.mkdir(parents=True)
+    busy.write_bytes(b"no row yet")
+    done = storage.session_path("cam1", "done-upload-1")
+    done.write_bytes(b"stored as an event already")
+    with gallery.db.session() as session:
+        now = utcnow()
+        session.add(UploadSessionRow(
+            device="cam1", upload_id="done-upload-1", name="a.bin", committed_size=26,
+            created=now, expires_at=now + datetime.timedelta(hours=1), event_id="evt_done",
+        ))
+        session.commit()
+    settle()
+    fd = os.open(busy, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a resumable writer holds it
+        findings = Reconciler(gallery, grace_seconds=0).run_once()
+    finally:
+        os.close(fd)
+    assert findings.staging_removed == 1
+    assert busy.exists() and not done.exists()
+
+
+def test_the_status_temporary_is_removed_when_the_write_fails(gallery, monkeypatch):
+    reconciler = Reconciler(gallery)
+
+    def full(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError):
+        reconciler.run_once()
+    assert list(reconciler.status_path.parent.iterdir()) == []
