@@ -13,17 +13,19 @@ import errno
 import fcntl
 import json
 import os
+import socket
 import threading
 import time
 
 import pytest
 import sqlalchemy as sa
 
-from gallery_server import auth
+from gallery_server import auth, cli
 from gallery_server.errors import Exhausted, FailedPrecondition, PermissionDenied
 from gallery_server.models import Event, UploadGrant, UploadSessionRow
 from gallery_server.reconcile import Reconciler
 from gallery_server.service import Gallery, utcnow
+from gallery_server.settings import ConfigError, Settings
 from gallery_server.storage import Storage
 from gallery_server.uploads import IdleWatchdog, UploadSlots
 
@@ -374,3 +376,49 @@ def test_the_status_temporary_is_removed_when_the_write_fails(gallery, monkeypat
     with pytest.raises(OSError):
         reconciler.run_once()
     assert list(reconciler.status_path.parent.iterdir()) == []
+
+
+# -- configuration of the limits ------------------------------------------------------------------
+
+
+def limits_env(tmp_path, **values: str) -> dict[str, str]:
+    return {"GALLERY_DATA_DIR": str(tmp_path), "GALLERY_JWT_SECRET": "s" * 40, **values}
+
+
+@pytest.mark.parametrize("values", [
+    {"GALLERY_RECONCILE_GRACE_SECONDS": "0"},
+    {"GALLERY_RECONCILE_GRACE_SECONDS": "-1"},
+    {"GALLERY_RECONCILE_GRACE_SECONDS": "299"},
+    {"GALLERY_RECONCILE_GRACE_SECONDS": "nan"},
+    {"GALLERY_UPLOAD_IDLE_SECONDS": "1801"},  # the default grace (3600) is below 2 x idle
+    {"GALLERY_MAX_UPLOADS_TOTAL": "64"},  # as many as the default workers
+    {"GALLERY_GRPC_WORKERS": "8"},  # fewer than the default uploads in total
+    {"GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS": "0"},
+])
+def test_unsafe_limits_are_refused(tmp_path, values):
+    with pytest.raises(ConfigError):
+        Settings.from_env(limits_env(tmp_path, **values))
+
+
+def test_safe_limits_are_accepted(tmp_path):
+    settings = Settings.from_env(limits_env(
+        tmp_path, GALLERY_RECONCILE_GRACE_SECONDS="300", GALLERY_UPLOAD_IDLE_SECONDS="150",
+        GALLERY_GRPC_WORKERS="8", GALLERY_MAX_UPLOADS_TOTAL="7",
+    ))
+    assert (settings.reconcile_grace_seconds, settings.max_uploads_total) == (300, 7)
+    assert Settings.from_env(limits_env(tmp_path)).upload_first_message_seconds == 30
+
+
+def test_cli_reconcile_needs_force_for_a_short_grace_and_no_server_running(tmp_path, monkeypatch, capsys):
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        for name, value in limits_env(tmp_path, GALLERY_GRPC_ADDRESS=f"127.0.0.1:{port}").items():
+            monkeypatch.setenv(name, value)
+        assert cli.main(["reconcile", "--grace", "0"]) == 2
+        assert "--force" in capsys.readouterr().err
+        assert cli.main(["reconcile", "--grace", "0", "--force"]) == 2  # a server answers
+        assert "answers" in capsys.readouterr().err
+    assert cli.main(["reconcile", "--grace", "0", "--force"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows_checked"] == 0
