@@ -249,9 +249,51 @@ def test_idle_stream_is_cancelled_and_its_reader_told_why():
             received.append(message)
     assert idle.value.reason == "UPLOAD_IDLE"
     assert received == [1] and cancelled == [True]
-    # A stream that keeps sending is never cancelled.
-    assert list(watchdog.watch(iter(range(5)), lambda: cancelled.append(False))) == list(range(5))
-    assert cancelled == [True]
+
+
+def test_only_waiting_for_the_client_counts_as_idle():
+    # The client sends a message every 0.05 s; the server works 0.5 s on each (fsync, a database
+    # wait): longer than the idle time, but the client was not silent.
+    watchdog = IdleWatchdog(0.3)
+    cancelled = []
+
+    def steady():
+        for i in range(3):
+            time.sleep(0.05)
+            yield i
+
+    received = []
+    for message in watchdog.watch(steady(), lambda: cancelled.append(True)):
+        time.sleep(0.5)
+        received.append(message)
+    assert received == [0, 1, 2] and cancelled == []
+
+
+def test_a_finished_or_abandoned_stream_is_never_cancelled_later():
+    watchdog = IdleWatchdog(0.1)
+    cancelled = []
+    done = watchdog.watch(iter([1]), lambda: cancelled.append("done"))
+    assert list(done) == [1]
+    abandoned = watchdog.watch(iter([1, 2]), lambda: cancelled.append("abandoned"))
+    assert next(abandoned) == 1  # the handler failed and returned without reading on
+    time.sleep(0.5)
+    assert cancelled == []
+    del abandoned
+
+
+def test_the_first_message_has_its_own_shorter_limit():
+    watchdog = IdleWatchdog(60, first_message_seconds=0.2)
+    unblock = threading.Event()
+
+    def silent():
+        unblock.wait(5)  # connects, never sends
+        raise RuntimeError("cancelled")
+        yield
+
+    started = time.monotonic()
+    with pytest.raises(FailedPrecondition):
+        list(watchdog.watch(silent(), unblock.set))
+    assert time.monotonic() - started < 3
 
 
 def test_two_links_of_one_inode_go_in_one_pass(gallery):
