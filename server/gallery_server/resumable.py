@@ -51,7 +51,7 @@ from .background import BackgroundLoop
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, TooLarge
 from .models import Event, UploadSessionRow
 from .service import Gallery, SessionHook, utcnow
-from .storage import StagedFile, _fsync_dir
+from .storage import StagedFile, _fsync_dir, disk_full_is_exhausted
 from .uploads import Upload, check_device_event_id
 
 log = logging.getLogger(__name__)
@@ -448,7 +448,8 @@ class SessionWriter:
             )
         view = memoryview(data)
         while view:
-            written = os.pwrite(self._fd, view, self.offset)
+            with disk_full_is_exhausted():
+                written = os.pwrite(self._fd, view, self.offset)
             view = view[written:]
             self.offset += written
         if (self.offset - self._row.committed_size >= COMMIT_BYTES
@@ -459,7 +460,8 @@ class SessionWriter:
         """fsync what was written, then record it as committed (in that order)."""
         if self._fd is None or self.offset == self._row.committed_size:
             return
-        os.fsync(self._fd)
+        with disk_full_is_exhausted():
+            os.fsync(self._fd)
         now = utcnow()
         row = self._row
         with self._uploads.db.session() as session:

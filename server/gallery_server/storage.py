@@ -19,6 +19,7 @@ Reads never check: a full disk keeps serving what it holds.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -27,7 +28,7 @@ import os
 import pathlib
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from .errors import AlreadyExists, Exhausted, TooLarge
 from .media_types import SNIFF_BYTES
@@ -149,12 +150,8 @@ class StagedFile:
         view = memoryview(data)
         while view:
             assert self._fd is not None
-            try:
+            with disk_full_is_exhausted():
                 written = os.write(self._fd, view)
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise insufficient_storage(0, 0) from None
-                raise
             view = view[written:]
         self.size += len(data)
 
@@ -170,7 +167,8 @@ class StagedFile:
 
     def sync(self) -> None:
         if self._fd is not None:
-            os.fsync(self._fd)
+            with disk_full_is_exhausted():
+                os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
 
@@ -214,6 +212,18 @@ def insufficient_storage(free: int, headroom: int) -> Exhausted:
         "the server is short of disk space and accepts no uploads for now: retry later",
         free_bytes=str(free), min_free_bytes=str(headroom),
     )
+
+
+@contextlib.contextmanager
+def disk_full_is_exhausted() -> Iterator[None]:
+    """A write or fsync that finds the disk (or the quota) full is INSUFFICIENT_STORAGE (507),
+    whatever the headroom said: every writer of uploaded bytes wraps those two calls in this."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise insufficient_storage(0, 0) from None
+        raise
 
 
 def hold_shared(fd: int) -> int:
