@@ -312,8 +312,15 @@ class Reconciler:
             return None
 
     def admin_status(self, principal: Principal) -> AdminStatus:
+        # The status names events of every device (examples) and counts them all: it is for
+        # tokens that grant every device ("*"), not filtered per token.
         if ADMIN not in principal.scopes:
             raise PermissionDenied("SCOPE_MISSING", f"token lacks scope {ADMIN!r}", scope=ADMIN)
+        if "*" not in principal.devices:
+            raise PermissionDenied(
+                "DEVICE_NOT_ALLOWED", f"{ADMIN} needs a token that grants every device ('*')",
+                device="*",
+            )
         disk = self.storage.disk_space()
         with self.db.session() as session:
             by_state = dict(session.exec(  # type: ignore[call-overload]

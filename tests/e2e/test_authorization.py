@@ -262,7 +262,11 @@ def test_admin_rpc_authorization(item, envoy_channel, http) -> None:  # type: ig
     assert (r.status_code, r.json()["details"][0]["reason"]) == (401, "TOKEN_MISSING")
     r = http.request(verb, path, headers={"Authorization": f"Bearer {everything_else}"})
     assert (r.status_code, r.json()["details"][0]["reason"]) == (403, "SCOPE_MISSING")
-    admin = _token([], {auth.ADMIN})
+    # The status covers every device: admin with a token for some devices only is refused.
+    some = _token(["cam1"], {auth.ADMIN})
+    r = http.request(verb, path, headers={"Authorization": f"Bearer {some}"})
+    assert (r.status_code, r.json()["details"][0]["reason"]) == (403, "DEVICE_NOT_ALLOWED")
+    admin = _token(["*"], {auth.ADMIN})
     r = http.request(verb, path, headers={"Authorization": f"Bearer {admin}"})
     assert r.status_code == 200, r.text
 

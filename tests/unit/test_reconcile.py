@@ -167,6 +167,10 @@ def test_admin_status_needs_the_admin_scope_and_reports_counts(gallery, principa
     with pytest.raises(PermissionDenied) as denied:
         reconciler.admin_status(principal)  # read+write, not admin
     assert denied.value.reason == "SCOPE_MISSING"
+    one_device = auth.Principal("ops", frozenset({"cam1"}), frozenset({auth.ADMIN}))
+    with pytest.raises(PermissionDenied) as denied:
+        reconciler.admin_status(one_device)  # the status covers every device
+    assert denied.value.reason == "DEVICE_NOT_ALLOWED"
     event = store(gallery, principal, "cam1", PNG)
     before = reconciler.admin_status(ADMIN)
     assert before.last_reconcile is None
