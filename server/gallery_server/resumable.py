@@ -182,9 +182,12 @@ class ResumableUploads:
                 try:
                     session.flush()  # takes the key: a concurrent start of this id waits or fails
                     path = self.storage.session_path(device, upload_id)
-                    os.close(_open(path, os.O_TRUNC))
-                    _fsync_dir(path.parent)
-                    session.commit()
+                    fd = _open_in_use(path)  # until the row is committed (reconcile.py)
+                    try:
+                        _fsync_dir(path.parent)
+                        session.commit()
+                    finally:
+                        os.close(fd)
                     log.info("upload session started",
                              extra={"device": device, "upload_id": upload_id})
                     return _state(row)
@@ -550,9 +553,10 @@ class SessionWriter:
             raise
         finally:
             media.sync()  # closes its descriptor; the file stays unless stored or removed
-        if not media.moved:  # the capture was stored already (device_event_id): its answer
-            path.unlink(missing_ok=True)
-            _fsync_dir(path.parent)
+        # Stored (a link in media/) or stored already (device_event_id): the session file goes
+        # only now that the row says complete (a crash before leaves the session its bytes).
+        path.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
         row.event_id = event.id
         _tidy(path)
         return _state(row)
@@ -602,6 +606,21 @@ def _tidy(path: pathlib.Path) -> None:
             folder.rmdir()
         except OSError:  # not empty (or gone): leave it
             return
+
+
+def _open_in_use(path: pathlib.Path) -> int:
+    """Create (or empty) a session file under a shared flock: the reconciler, which sees no row
+    until it is committed, leaves it alone. Opened again if a reconciler removed the old file
+    under that name while this waited for the lock."""
+    while True:
+        fd = _open(path, os.O_TRUNC)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _lock(fd: int, upload_id_: str) -> None:

@@ -112,6 +112,7 @@ class StagedFile:
         self._unchecked = 0  # bytes written since the last free-space check
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         self._in_use: int | None = hold_shared(self._fd)
+        self._keep_source = False
 
     @classmethod
     def adopt(cls, path: pathlib.Path, *, what: str) -> StagedFile:
@@ -120,6 +121,9 @@ class StagedFile:
         self = cls.__new__(cls)
         self.path, self.what, self.moved = path, what, False
         self._in_use = None  # the resumable writer's exclusive lock covers the file
+        # A resumable session's file keeps its name until the caller's row is committed: a crash
+        # in between must leave the session its committed bytes (resumable.py unlinks it after).
+        self._keep_source = True
         self._hash = hashlib.sha256()
         self._fd = os.open(path, os.O_RDONLY)
         self.head = os.pread(self._fd, SNIFF_BYTES, 0)
@@ -186,7 +190,8 @@ class StagedFile:
                 raise AlreadyExists(
                     "EVENT_EXISTS", f"{destination.name} is already stored", file=destination.name
                 ) from None
-            os.unlink(self.path)
+            if not self._keep_source:
+                os.unlink(self.path)
         self.moved = True
         fsync_dir(destination.parent)
 
