@@ -45,9 +45,9 @@ class DiskSpace:
 
 
 class Storage:
-    def __init__(self, data_dir: pathlib.Path, *, min_free_bytes: int = 0) -> None:
+    def __init__(self, data_dir: pathlib.Path) -> None:
         self.data_dir = data_dir
-        self.min_free_bytes = min_free_bytes
+        self.min_free_bytes = 0  # the headroom: Gallery sets it from the settings, its one owner
         self.media_root = data_dir / "media"
         self.staging_root = data_dir / "staging"
         self.drop_root = data_dir / "gallery"
