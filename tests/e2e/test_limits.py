@@ -12,8 +12,8 @@ import grpc
 import httpx
 import pytest
 
+from gallery.v1 import admin_pb2, admin_pb2_grpc, gallery_pb2_grpc
 from gallery.v1 import gallery_pb2 as pb
-from gallery.v1 import gallery_pb2_grpc
 from gallery_server import auth
 
 from ..conftest import rich_error, stored_files
@@ -188,12 +188,12 @@ def test_admin_status_shape_and_scope(limited: Stack, mint: Callable[..., str]) 
 
 def test_admin_status_natively(limited: Stack, mint: Callable[..., str]) -> None:
     with grpc.insecure_channel(limited.envoy_grpc_address) as channel:
-        stub = gallery_pb2_grpc.GalleryAdminServiceStub(channel)
-        reply = stub.GetAdminStatus(pb.GetAdminStatusRequest(),
+        stub = admin_pb2_grpc.GalleryAdminServiceStub(channel)
+        reply = stub.GetAdminStatus(admin_pb2.GetAdminStatusRequest(),
                                     metadata=[("authorization", f"Bearer {mint(scope=auth.ADMIN)}")])
         assert reply.HasField("last_reconcile") and reply.disk.total_bytes > 0
         with pytest.raises(grpc.RpcError) as denied:
-            stub.GetAdminStatus(pb.GetAdminStatusRequest(),
+            stub.GetAdminStatus(admin_pb2.GetAdminStatusRequest(),
                                 metadata=[("authorization", f"Bearer {mint()}")])
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
