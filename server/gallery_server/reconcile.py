@@ -130,7 +130,37 @@ class Reconciler:
 
     # -- one pass -------------------------------------------------------------------------------
 
+    @property
+    def lock_path(self) -> pathlib.Path:
+        return self.storage.data_dir / "run" / "reconcile.lock"
+
     def run_once(self) -> Findings:
+        """One pass; waits while another replica (or thread) runs one."""
+        found = self._locked(wait=True)
+        assert found is not None
+        return found
+
+    def run_unless_busy(self) -> Findings | None:
+        """One pass, unless another replica runs one now (None: skipped). The periodic loop uses
+        this: every replica walking every file at once would only multiply the disk reads."""
+        return self._locked(wait=False)
+
+    def _locked(self, *, wait: bool) -> Findings | None:
+        # One pass at a time over the shared data root: a lock file beside the status (flock, so
+        # as for the files themselves, replicas on several hosts need a filesystem with flock).
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                log.info("another replica is reconciling: pass skipped")
+                return None
+            return self._pass()
+        finally:
+            os.close(fd)
+
+    def _pass(self) -> Findings:
         findings = Findings(started=_rfc3339(utcnow()), replica=f"{socket.gethostname()}:{os.getpid()}")
         cutoff = time.time() - self.grace_seconds
         # Ages are read for every file before any is removed: a staging leftover and an orphan in
@@ -352,8 +382,8 @@ class Reconciler:
 
 
 class ReconcileLoop(BackgroundLoop):
-    """Runs the reconciler at start-up and every GALLERY_RECONCILE_INTERVAL_SECONDS, in every
-    replica (all its steps are idempotent)."""
+    """Runs the reconciler at start-up and every GALLERY_RECONCILE_INTERVAL_SECONDS in every
+    replica, skipping a pass while another replica runs one (all its steps are idempotent)."""
 
     thread_name = "reconciler"
 
@@ -362,7 +392,7 @@ class ReconcileLoop(BackgroundLoop):
         self.reconciler = reconciler
 
     def run_pass(self) -> bool:
-        self.reconciler.run_once()
+        self.reconciler.run_unless_busy()
         return False
 
 

@@ -421,7 +421,7 @@ def test_the_status_temporary_is_removed_when_the_write_fails(gallery, monkeypat
     monkeypatch.setattr(os, "replace", full)
     with pytest.raises(OSError):
         reconciler.run_once()
-    assert list(reconciler.status_path.parent.iterdir()) == []
+    assert [p.name for p in reconciler.status_path.parent.iterdir()] == ["reconcile.lock"]
 
 
 # -- configuration of the limits ------------------------------------------------------------------
@@ -468,3 +468,15 @@ def test_cli_reconcile_needs_force_for_a_short_grace_and_no_server_running(tmp_p
         assert "answers" in capsys.readouterr().err
     assert cli.main(["reconcile", "--grace", "0", "--force"]) == 0
     assert json.loads(capsys.readouterr().out)["rows_checked"] == 0
+
+
+def test_one_replica_walks_the_files_at_a_time(gallery):
+    reconciler = Reconciler(gallery, grace_seconds=0)
+    reconciler.lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(reconciler.lock_path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another replica's pass
+        assert reconciler.run_unless_busy() is None
+    finally:
+        os.close(fd)
+    assert reconciler.run_unless_busy() is not None
