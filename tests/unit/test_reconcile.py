@@ -13,6 +13,7 @@ import errno
 import fcntl
 import json
 import os
+import pathlib
 import socket
 import threading
 import time
@@ -21,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 
 from gallery_server import auth, cli
+from gallery_server import storage as storage_module
 from gallery_server.errors import Exhausted, FailedPrecondition, PermissionDenied
 from gallery_server.models import Event, UploadGrant, UploadSessionRow
 from gallery_server.reconcile import Reconciler
@@ -480,3 +482,15 @@ def test_one_replica_walks_the_files_at_a_time(gallery):
     finally:
         os.close(fd)
     assert reconciler.run_unless_busy() is not None
+
+
+def test_a_folder_made_before_a_crash_gets_its_parent_fsynced_once(tmp_path, monkeypatch):
+    # A process died between mkdir and the parent's fsync: the folder exists, its entry may not
+    # be durable. The next process fsyncs the parent on first use, then never again.
+    folder = tmp_path / "media" / "cam-crashed"
+    folder.mkdir(parents=True)
+    synced: list[pathlib.Path] = []
+    monkeypatch.setattr(storage_module, "fsync_dir", synced.append)
+    storage_module.make_dir(folder)
+    storage_module.make_dir(folder)
+    assert synced == [folder.parent]
