@@ -10,7 +10,7 @@ import pathlib
 import sys
 
 from . import auth, logs
-from .settings import ConfigError, Settings, ensure_secret_file
+from .settings import ConfigError, Settings, ensure_secret_file, min_reconcile_grace
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     reconcile.add_argument("--grace", type=float, default=None,
                            help="seconds a leftover file must be old to be removed "
-                           "(default: GALLERY_RECONCILE_GRACE_SECONDS); 0 only when no upload runs")
+                           "(default: GALLERY_RECONCILE_GRACE_SECONDS); below the servers' floor "
+                           "(max(2 x GALLERY_UPLOAD_IDLE_SECONDS, 300)) only with --force")
+    reconcile.add_argument("--force", action="store_true",
+                           help="allow a grace below the floor: only while no server of this data "
+                           "folder runs (refused when one answers on GALLERY_GRPC_ADDRESS; "
+                           "replicas on other hosts are not seen: stop them first)")
     token = commands.add_parser("token", help="mint a bearer token signed with the server's secret")
     token.add_argument("--sub", required=True, help="the token's subject (who it is for)")
     token.add_argument(
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logs.configure(settings.log_level)
     if args.command == "reconcile":
-        return _reconcile(settings, args.grace)
+        return _reconcile(settings, args.grace, force=args.force)
     if args.command == "serve":
         from .rpc.server import serve
 
@@ -85,8 +90,30 @@ def main(argv: list[str] | None = None) -> int:
     return run(settings)
 
 
-def _reconcile(settings: Settings, grace: float | None) -> int:
+def _reconcile(settings: Settings, grace: float | None, *, force: bool = False) -> int:
     import json
+    import math
+    import socket
+
+    if grace is not None:
+        floor = min_reconcile_grace(settings.upload_idle_seconds)
+        if not math.isfinite(grace) or grace < 0:
+            print("gallery reconcile: --grace must be a number >= 0", file=sys.stderr)
+            return 2
+        if grace < floor and not force:
+            print(f"gallery reconcile: --grace below {floor:g} s may remove the files of uploads in"
+                  " progress: stop the servers and add --force", file=sys.stderr)
+            return 2
+        if grace < floor:
+            host, _, port = settings.grpc_address.rpartition(":")
+            try:
+                socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=1).close()
+            except (OSError, ValueError):
+                pass
+            else:
+                print(f"gallery reconcile: a server answers on {settings.grpc_address}: stop it"
+                      " before reconciling with a short grace", file=sys.stderr)
+                return 2
 
     from .db import Database
     from .reconcile import Reconciler

@@ -55,7 +55,7 @@ from .errors import GalleryError
 from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import Event, initial_thumbnail_state
 from .service import Gallery, utcnow
-from .storage import _fsync_dir, _make_dir
+from .storage import fsync_dir, hold_shared, make_dir
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,9 @@ class _Taken:
     source: Signature
     sha256: str
     head: bytes
+    # Marks the copy in use until discarded, after its row is committed (storage.hold_shared):
+    # the reconciler leaves it alone in staging/ and once placed in media/.
+    in_use: int | None = None
 
     @property
     def size(self) -> int:
@@ -124,6 +127,9 @@ class _Taken:
 
     def discard(self) -> None:
         self.staged.unlink(missing_ok=True)
+        if self.in_use is not None:
+            os.close(self.in_use)
+            self.in_use = None
 
 
 class IncomingImporter(BackgroundLoop):
@@ -461,6 +467,7 @@ class IncomingImporter(BackgroundLoop):
                 raise _Changed() from None
             raise
         staged = self.storage.staging_root / f"incoming-{secrets.token_hex(16)}"
+        in_use: int | None = None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or signature(st) != file.signature:
@@ -468,6 +475,7 @@ class IncomingImporter(BackgroundLoop):
             # A copy, never a hard link: a writer that still holds the file open (or another link
             # to it) must not be able to change bytes the event already describes.
             out = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            in_use = hold_shared(out)
             try:
                 sha256, head = self._read(fd, out)
                 os.fsync(out)
@@ -477,10 +485,12 @@ class IncomingImporter(BackgroundLoop):
                 raise _Changed()
         except BaseException:
             staged.unlink(missing_ok=True)
+            if in_use is not None:
+                os.close(in_use)
             raise
         finally:
             os.close(fd)
-        return _Taken(staged, file.signature, sha256, head)
+        return _Taken(staged, file.signature, sha256, head, in_use)
 
     def _read(self, fd: int, out: int | None) -> tuple[str, bytes]:
         digest = hashlib.sha256()
@@ -499,9 +509,9 @@ class IncomingImporter(BackgroundLoop):
 
 
 def _place(taken: _Taken, destination: pathlib.Path) -> None:
-    _make_dir(destination.parent)  # a new device folder is made durable with the file in it
+    make_dir(destination.parent)  # a new device folder is made durable with the file in it
     os.replace(taken.staged, destination)
-    _fsync_dir(destination.parent)
+    fsync_dir(destination.parent)
 
 
 def _unlink_if_same(path: pathlib.Path, expected: Signature) -> None:
@@ -518,7 +528,7 @@ def _unlink_if_same(path: pathlib.Path, expected: Signature) -> None:
         log.warning("incoming file changed while it was imported; left in place", extra={"file": str(path)})
         return
     path.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _sha256_of(path: pathlib.Path) -> str:

@@ -7,17 +7,22 @@ touches, the one thing that must not happen: a stored row whose media file is mi
 
 What is removed, and why it is safe with any number of replicas sharing storage and database:
 
+* Nothing in use. Every file is removed under an exclusive flock taken without waiting, and the
+  row is read again under it: a StagedFile holds a shared lock from its creation until the row
+  owning the moved file is committed (storage.hold_shared), a resumable writer holds an
+  exclusive one, so a file of a live upload is skipped however old its timestamps are (a
+  thumbnail sent first while its media streams for hours; a file linked into media/ whose row
+  commits a moment later). Ages are the second line: incoming imports hold no lock, and flock
+  needs a filesystem that has it (local disks, NFSv4); hence the floor on the grace period
+  (settings.py: at least 2 x GALLERY_UPLOAD_IDLE_SECONDS and 300 s).
 * staging/<name> (an upload in flight, an incoming copy) whose last change is older than the grace
-  period. Uploads in flight write continually, and a silent one is aborted after
-  GALLERY_UPLOAD_IDLE_SECONDS, far below the grace period.
-* staging/sessions/<device>/<upload_id> with no session row, or whose row is complete, older than
-  the grace period: a live resumable session always has its row (resumable.py removes the file
-  first, then the row), and a completed one's file is a second name of its event's media (linked
-  into media/, then unlinked from staging after the commit: a crash in between leaves it).
-* media/<device>/<id> with no event row for that device and id, older than the grace period: an
-  upload links its file into media/ a moment before it commits the row, so a young file may be
-  one about to be committed. Age is the later of mtime and ctime: a link or rename sets ctime, so
-  a resumable file written long ago but linked just now counts as new.
+  period.
+* staging/sessions/<device>/<upload_id> older than the grace period with no session row (a live
+  resumable session always has its row: resumable.py removes the file first, then the row) or
+  with a completed row (its bytes are its event's; a crash after the commit leaves this copy).
+* media/<device>/<id> with no event row for that device and id, older than the grace period.
+  Age is the later of mtime and ctime: a link or rename sets ctime, so a resumable file written
+  long ago but linked just now counts as new.
 * media/<device>/<id>.thumb with neither an event row nor a grant row, older than the grace
   period: a signed thumbnail URL may deliver the thumbnail before its media (signed_urls.py).
 * grant rows expired for longer than the grace period, except those with a PUT `uploading`
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fcntl
 import json
 import logging
 import os
@@ -41,6 +47,7 @@ import pathlib
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -51,7 +58,7 @@ from .background import BackgroundLoop
 from .errors import PermissionDenied
 from .models import Event, UploadGrant, UploadSessionRow
 from .service import Gallery, utcnow
-from .storage import DiskSpace, _fsync_dir
+from .storage import DiskSpace, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +130,37 @@ class Reconciler:
 
     # -- one pass -------------------------------------------------------------------------------
 
+    @property
+    def lock_path(self) -> pathlib.Path:
+        return self.storage.data_dir / "run" / "reconcile.lock"
+
     def run_once(self) -> Findings:
+        """One pass; waits while another replica (or thread) runs one."""
+        found = self._locked(wait=True)
+        assert found is not None
+        return found
+
+    def run_unless_busy(self) -> Findings | None:
+        """One pass, unless another replica runs one now (None: skipped). The periodic loop uses
+        this: every replica walking every file at once would only multiply the disk reads."""
+        return self._locked(wait=False)
+
+    def _locked(self, *, wait: bool) -> Findings | None:
+        # One pass at a time over the shared data root: a lock file beside the status (flock, so
+        # as for the files themselves, replicas on several hosts need a filesystem with flock).
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                log.info("another replica is reconciling: pass skipped")
+                return None
+            return self._pass()
+        finally:
+            os.close(fd)
+
+    def _pass(self) -> Findings:
         findings = Findings(started=_rfc3339(utcnow()), replica=f"{socket.gethostname()}:{os.getpid()}")
         cutoff = time.time() - self.grace_seconds
         # Ages are read for every file before any is removed: a staging leftover and an orphan in
@@ -160,12 +197,16 @@ class Reconciler:
         for path in uploads:
             self._remove(path, findings, "staging_removed")
         for path in sessions:
-            with self.db.session() as session:
-                row = session.get(UploadSessionRow, (path.parent.name, path.name))
-            # A completed session's file is a leftover of a crash between the event's commit and
-            # the unlink of its staging name (the event's own link in media/ holds the bytes).
-            if row is None or row.event_id:
-                self._remove(path, findings, "staging_removed")
+            if self._session_file_is_leftover(path):
+                self._remove(path, findings, "staging_removed",
+                             still=lambda p=path: self._session_file_is_leftover(p))
+
+    def _session_file_is_leftover(self, path: pathlib.Path) -> bool:
+        """A session file is a leftover when its session has no row, or is complete (its bytes
+        are its event's now; a crash between the commit and the unlink leaves this copy)."""
+        with self.db.session() as session:
+            row = session.get(UploadSessionRow, (path.parent.name, path.name))
+        return row is None or bool(row.event_id)
 
     def _media(self, findings: Findings, media: dict[str, list[pathlib.Path]]) -> None:
         for device, old in media.items():
@@ -184,10 +225,10 @@ class Reconciler:
                     thumbnail = path.name.endswith(THUMB_SUFFIX)
                     if event_id in events or (thumbnail and event_id in grants):
                         continue
-                    if self._has_row(device, event_id, thumbnail):  # committed since the batch read
-                        continue
                     counter = "orphan_thumbnails_removed" if thumbnail else "orphan_media_removed"
-                    self._remove(path, findings, counter)
+                    # Read again under the file's lock: committed since the batch read?
+                    self._remove(path, findings, counter, still=lambda d=device, e=event_id, t=thumbnail:
+                                 not self._has_row(d, e, t))
 
     def _has_row(self, device: str, event_id: str, thumbnail: bool) -> bool:
         with self.db.session() as session:
@@ -250,13 +291,33 @@ class Reconciler:
         if len(findings.examples) < MAX_EXAMPLES:
             findings.examples.append(f"{device}/{event_id}")
 
-    def _remove(self, path: pathlib.Path, findings: Findings, counter: str) -> None:
+    def _remove(
+        self, path: pathlib.Path, findings: Findings, counter: str,
+        *, still: Callable[[], bool] | None = None,
+    ) -> None:
+        """Unlink `path` under an exclusive flock taken without waiting, when `still()` (read
+        under that lock) says it is a leftover. A file in use is locked (StagedFile holds a shared
+        lock from creation until the row owning it is committed; a resumable writer holds an
+        exclusive one): it is skipped, whatever its age."""
         try:
-            size = path.stat().st_size
-            path.unlink()
-        except FileNotFoundError:  # another replica removed it
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except (FileNotFoundError, IsADirectoryError):  # another replica removed it
             return
-        _fsync_dir(path.parent)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            if still is not None and not still():
+                return
+            size = os.fstat(fd).st_size
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return
+        finally:
+            os.close(fd)
+        fsync_dir(path.parent)
         setattr(findings, counter, getattr(findings, counter) + 1)
         findings.bytes_reclaimed += size
         log.info("reconcile removed a file", extra={"path": str(path), "reason": counter})
@@ -268,8 +329,11 @@ class Reconciler:
         path.parent.mkdir(parents=True, exist_ok=True)
         # A private temporary name: replicas (and threads) may write the status at once.
         temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
-        temporary.write_text(json.dumps(findings.to_json()))
-        os.replace(temporary, path)
+        try:
+            temporary.write_text(json.dumps(findings.to_json()))
+            os.replace(temporary, path)
+        finally:  # a full disk must not leave temporaries behind
+            temporary.unlink(missing_ok=True)
 
     def last(self) -> Findings | None:
         try:
@@ -278,8 +342,15 @@ class Reconciler:
             return None
 
     def admin_status(self, principal: Principal) -> AdminStatus:
+        # The status names events of every device (examples) and counts them all: it is for
+        # tokens that grant every device ("*"), not filtered per token.
         if ADMIN not in principal.scopes:
             raise PermissionDenied("SCOPE_MISSING", f"token lacks scope {ADMIN!r}", scope=ADMIN)
+        if "*" not in principal.devices:
+            raise PermissionDenied(
+                "DEVICE_NOT_ALLOWED", f"{ADMIN} needs a token that grants every device ('*')",
+                device="*",
+            )
         disk = self.storage.disk_space()
         with self.db.session() as session:
             by_state = dict(session.exec(  # type: ignore[call-overload]
@@ -311,8 +382,8 @@ class Reconciler:
 
 
 class ReconcileLoop(BackgroundLoop):
-    """Runs the reconciler at start-up and every GALLERY_RECONCILE_INTERVAL_SECONDS, in every
-    replica (all its steps are idempotent)."""
+    """Runs the reconciler at start-up and every GALLERY_RECONCILE_INTERVAL_SECONDS in every
+    replica, skipping a pass while another replica runs one (all its steps are idempotent)."""
 
     thread_name = "reconciler"
 
@@ -321,7 +392,7 @@ class ReconcileLoop(BackgroundLoop):
         self.reconciler = reconciler
 
     def run_pass(self) -> bool:
-        self.reconciler.run_once()
+        self.reconciler.run_unless_busy()
         return False
 
 

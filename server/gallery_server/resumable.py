@@ -60,7 +60,7 @@ from .background import BackgroundLoop
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, TooLarge
 from .models import Event, UploadSessionRow
 from .service import Gallery, SessionHook, aware, utcnow
-from .storage import StagedFile, _fsync_dir
+from .storage import StagedFile, disk_full_is_exhausted, fsync_dir
 from .uploads import Upload
 
 log = logging.getLogger(__name__)
@@ -188,9 +188,12 @@ class ResumableUploads:
                 try:
                     session.flush()  # takes the key: a concurrent start of this id waits or fails
                     path = self.storage.session_path(device, upload_id)
-                    os.close(_open(path, os.O_TRUNC))
-                    _fsync_dir(path.parent)
-                    session.commit()
+                    fd = _open_in_use(path)  # until the row is committed (reconcile.py)
+                    try:
+                        fsync_dir(path.parent)
+                        session.commit()
+                    finally:
+                        os.close(fd)
                     log.info("upload session started",
                              extra={"device": device, "upload_id": upload_id})
                     return _state(row)
@@ -391,7 +394,7 @@ class ResumableUploads:
             fd = None
         if held:
             path.unlink(missing_ok=True)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             _tidy(path)
         try:
             if fd is not None:
@@ -400,7 +403,7 @@ class ResumableUploads:
                 except BlockingIOError:
                     return False
                 path.unlink(missing_ok=True)
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
                 _tidy(path)
             with self.db.session() as session:
                 statement = sa.delete(UploadSessionRow).where(
@@ -464,7 +467,8 @@ class SessionWriter:
             )
         view = memoryview(data)
         while view:
-            written = os.pwrite(self._fd, view, self.offset)
+            with disk_full_is_exhausted():
+                written = os.pwrite(self._fd, view, self.offset)
             view = view[written:]
             self.offset += written
         if (self.offset - self._row.committed_size >= COMMIT_BYTES
@@ -475,7 +479,8 @@ class SessionWriter:
         """fsync what was written, then record it as committed (in that order)."""
         if self._fd is None or self.offset == self._row.committed_size:
             return
-        os.fsync(self._fd)
+        with disk_full_is_exhausted():
+            os.fsync(self._fd)
         now = utcnow()
         row = self._row
         with self._uploads.db.session() as session:
@@ -568,7 +573,7 @@ class SessionWriter:
         # that event is the answer). On any failure above the session file is untouched: store()
         # links it into media/ and unlinks only that link, so its committed bytes survive.
         path.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         row.event_id = event.id
         _tidy(path)
         return _state(row)
@@ -625,6 +630,21 @@ def _tidy(path: pathlib.Path) -> None:
             folder.rmdir()
         except OSError:  # not empty (or gone): leave it
             return
+
+
+def _open_in_use(path: pathlib.Path) -> int:
+    """Create (or empty) a session file under a shared flock: the reconciler, which sees no row
+    until it is committed, leaves it alone. Opened again if a reconciler removed the old file
+    under that name while this waited for the lock."""
+    while True:
+        fd = _open(path, os.O_TRUNC)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _lock(fd: int, upload_id_: str) -> None:

@@ -74,7 +74,9 @@ class Gallery:
         self.slots = UploadSlots(
             per_device=settings.max_uploads_per_device, total=settings.max_uploads_total
         )
-        self.idle = IdleWatchdog(settings.upload_idle_seconds)
+        self.idle = IdleWatchdog(
+            settings.upload_idle_seconds, first_message_seconds=settings.upload_first_message_seconds
+        )
 
     # -- reads --------------------------------------------------------------------------------
 

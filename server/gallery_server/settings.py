@@ -32,16 +32,22 @@ With a public key or a JWKS URL, bearer tokens must be RS256/ES256 from it and H
 refused (auth.py); the secret (GALLERY_JWT_SECRET or <data>/jwt-secret, which `gallery run`
 creates) is still needed: it signs the pre-signed upload URLs.
 
-Limits and reconciliation (README "Reliability"); upload counts are per replica:
+Limits and reconciliation (README "Durability, limits and faults"); upload counts are per replica:
 
 | variable                           | default  | meaning                                          |
 |------------------------------------|----------|--------------------------------------------------|
 | GALLERY_MAX_UPLOADS_PER_DEVICE     | 4        | uploads of one device at once                    |
-| GALLERY_MAX_UPLOADS_TOTAL          | 48       | uploads at once, all devices (< workers: reads keep threads) |
-| GALLERY_UPLOAD_IDLE_SECONDS        | 120      | an upload stream silent this long is aborted     |
+| GALLERY_MAX_UPLOADS_TOTAL          | 48       | uploads at once, all devices; must be < GALLERY_GRPC_WORKERS |
+| GALLERY_UPLOAD_IDLE_SECONDS        | 120      | an upload stream waiting this long for a message is aborted |
+| GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS | 30     | an upload stream must send its first message within this |
 | GALLERY_MIN_FREE_BYTES             | 1 GiB    | disk headroom: no uploads accepted below it      |
-| GALLERY_RECONCILE_INTERVAL_SECONDS | 600      | how often each replica reconciles (reconcile.py) |
-| GALLERY_RECONCILE_GRACE_SECONDS    | 3600     | age before a leftover or rowless file is removed |
+| GALLERY_RECONCILE_INTERVAL_SECONDS | 600      | how often a replica reconciles (reconcile.py)    |
+| GALLERY_RECONCILE_GRACE_SECONDS    | 3600     | age before a leftover is removed; >= max(2 x idle, 300) |
+
+Threads: each upload holds a gRPC worker for its whole stream, and so do a device's Connect
+stream and a PullEvent waiting for content; GALLERY_MAX_UPLOADS_TOTAL < GALLERY_GRPC_WORKERS keeps
+threads for other calls only if devices and pull waits are fewer than the difference: size
+GALLERY_GRPC_WORKERS for uploads + connected devices + open pulls + reads.
 """
 
 from __future__ import annotations
@@ -93,6 +99,7 @@ class Settings:
     max_uploads_per_device: int = 4
     max_uploads_total: int = 48
     upload_idle_seconds: float = 120.0
+    upload_first_message_seconds: float = 30.0
     min_free_bytes: int = 1 << 30
     reconcile_interval_seconds: float = 600.0
     reconcile_grace_seconds: float = 3600.0
@@ -194,23 +201,49 @@ _LIMITS: dict[str, tuple[str, type]] = {
     "max_uploads_per_device": ("GALLERY_MAX_UPLOADS_PER_DEVICE", int),
     "max_uploads_total": ("GALLERY_MAX_UPLOADS_TOTAL", int),
     "upload_idle_seconds": ("GALLERY_UPLOAD_IDLE_SECONDS", float),
+    "upload_first_message_seconds": ("GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS", float),
     "min_free_bytes": ("GALLERY_MIN_FREE_BYTES", int),
     "reconcile_interval_seconds": ("GALLERY_RECONCILE_INTERVAL_SECONDS", float),
     "reconcile_grace_seconds": ("GALLERY_RECONCILE_GRACE_SECONDS", float),
 }
 
 
+# The least grace period a server reconciles with (reconcile.py): files in use are locked, so the
+# grace guards what locks do not cover (incoming imports, filesystems without flock).
+MIN_RECONCILE_GRACE_SECONDS = 300.0
+
+
+def min_reconcile_grace(upload_idle_seconds: float) -> float:
+    """The least safe grace period: twice the upload idle time, and at least 300 s."""
+    return max(2 * upload_idle_seconds, MIN_RECONCILE_GRACE_SECONDS)
+
+
 def _limits(env: os._Environ[str] | dict[str, str]) -> dict[str, object]:
-    """The limits block; each must be positive (0 for the free-space headroom and the grace)."""
+    """The limits block; each must be positive (0 for the free-space headroom), the grace period
+    at least min_reconcile_grace(), and the uploads in total fewer than the gRPC workers."""
     values: dict[str, object] = {}
     for field, (variable, kind) in _LIMITS.items():
         text = env.get(variable)
         if text is None:
             continue
         value = kind(text)
-        if value < 0 or (value == 0 and field not in ("min_free_bytes", "reconcile_grace_seconds")):
+        if not math.isfinite(value) or value < 0 or (value == 0 and field != "min_free_bytes"):
             raise ConfigError(f"{variable} must be positive, not {text!r}")
         values[field] = value
+    defaults = Settings.__dataclass_fields__
+    get = lambda field: values.get(field, defaults[field].default)  # noqa: E731
+    floor = min_reconcile_grace(get("upload_idle_seconds"))
+    if get("reconcile_grace_seconds") < floor:
+        raise ConfigError(
+            f"GALLERY_RECONCILE_GRACE_SECONDS must be at least {floor:g} (twice "
+            "GALLERY_UPLOAD_IDLE_SECONDS, and 300): a shorter grace may remove an upload's files"
+        )
+    workers = int(env.get("GALLERY_GRPC_WORKERS", defaults["grpc_workers"].default))
+    if get("max_uploads_total") >= workers:
+        raise ConfigError(
+            "GALLERY_MAX_UPLOADS_TOTAL must be below GALLERY_GRPC_WORKERS: uploads must leave "
+            "threads for reads"
+        )
     return values
 
 

@@ -23,15 +23,17 @@ core instead of running in series (BENCHMARKS.md measures the difference).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import os
 import pathlib
 import queue
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from . import _malloc
 from .errors import AlreadyExists, Exhausted, TooLarge
@@ -49,9 +51,9 @@ class DiskSpace:
 
 
 class Storage:
-    def __init__(self, data_dir: pathlib.Path, *, min_free_bytes: int = 0) -> None:
+    def __init__(self, data_dir: pathlib.Path) -> None:
         self.data_dir = data_dir
-        self.min_free_bytes = min_free_bytes
+        self.min_free_bytes = 0  # the headroom: Gallery sets it from the settings, its one owner
         self.media_root = data_dir / "media"
         self.staging_root = data_dir / "staging"
         self.drop_root = data_dir / "gallery"
@@ -95,7 +97,7 @@ class Storage:
     def remove_event_files(self, device: str, event_id: str) -> None:
         for path in (self.media_path(device, event_id), self.thumbnail_path(device, event_id)):
             path.unlink(missing_ok=True)
-        _fsync_dir(self.media_root / device)
+        fsync_dir(self.media_root / device)
 
 
 # Below this many bytes an upload is hashed and written in the receiving thread (no helper thread
@@ -169,12 +171,8 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
     """os.write until all of `data` is written; a full disk is INSUFFICIENT_STORAGE, not an OSError."""
     view = memoryview(data)
     while view:
-        try:
+        with disk_full_is_exhausted():
             written = os.write(fd, view)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise insufficient_storage(0, 0) from None
-            raise
         view = view[written:]
 
 
@@ -197,6 +195,7 @@ class StagedFile:
         self._unchecked = 0  # bytes written since the last free-space check
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         self._pipeline: _Pipeline | None = None
+        self._in_use: int | None = hold_shared(self._fd)
 
     @classmethod
     def adopt(cls, path: pathlib.Path, *, what: str) -> StagedFile:
@@ -207,6 +206,7 @@ class StagedFile:
         self = cls.__new__(cls)
         self.path, self.what, self.moved, self.keep_source = path, what, False, True
         self._pipeline = None
+        self._in_use = None  # the resumable writer's exclusive lock covers the file
         self._hash = hashlib.sha256()
         self._fd = os.open(path, os.O_RDONLY)
         self.head = os.pread(self._fd, SNIFF_BYTES, 0)
@@ -262,11 +262,13 @@ class StagedFile:
         """Make the bytes durable, then move them to `destination` atomically."""
         self.sync()
         self.move(destination)
+        self.release()
 
     def sync(self) -> None:
         self._drain()
         if self._fd is not None:
-            os.fsync(self._fd)
+            with disk_full_is_exhausted():
+                os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
             if self.size >= PIPELINE_AFTER_BYTES:
@@ -278,7 +280,7 @@ class StagedFile:
         `keep_source` file is linked, never renamed: its own name stays (a destination that is
         that very file already, linked before a crash, counts as moved)."""
         assert self._fd is None, "sync() first"
-        _make_dir(destination.parent)
+        make_dir(destination.parent)
         if self.keep_source:
             self._link(destination, replace=replace)
         elif replace:
@@ -292,7 +294,7 @@ class StagedFile:
                 ) from None
             os.unlink(self.path)
         self.moved = True
-        _fsync_dir(destination.parent)
+        fsync_dir(destination.parent)
 
     def _link(self, destination: pathlib.Path, *, replace: bool) -> None:
         try:
@@ -319,6 +321,14 @@ class StagedFile:
             self._fd = None
         if not self.moved and not self.keep_source:  # an adopted file belongs to its owner
             self.path.unlink(missing_ok=True)
+        self.release()
+
+    def release(self) -> None:
+        """Drop the shared lock that marks the file as in use (hold_shared); discard() and
+        commit() call it, Gallery.store() keeps it until the row owning the moved file is committed."""
+        if self._in_use is not None:
+            os.close(self._in_use)
+            self._in_use = None
 
 
 def insufficient_storage(free: int, headroom: int) -> Exhausted:
@@ -329,20 +339,49 @@ def insufficient_storage(free: int, headroom: int) -> Exhausted:
     )
 
 
-def _make_dir(path: pathlib.Path) -> None:
-    """mkdir -p, durably: a new device folder's own entry must survive a crash with the files
-    linked into it, so its parent is fsynced when it is created."""
-    if path.is_dir():
-        return
-    _make_dir(path.parent)
+@contextlib.contextmanager
+def disk_full_is_exhausted() -> Iterator[None]:
+    """A write or fsync that finds the disk (or the quota) full is INSUFFICIENT_STORAGE (507),
+    whatever the headroom said: every writer of uploaded bytes wraps those two calls in this."""
     try:
-        path.mkdir()
-    except FileExistsError:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise insufficient_storage(0, 0) from None
+        raise
+
+
+def hold_shared(fd: int) -> int:
+    """Mark an open file as in use: a shared flock on its open file description, kept by a
+    duplicate descriptor (closing the writing one does not drop it). The reconciler removes a file
+    only under an exclusive flock it gets without waiting (reconcile.py), so never one in use."""
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return os.dup(fd)
+
+
+_DURABLE_DIRS: set[pathlib.Path] = set()
+_DURABLE_DIRS_LOCK = threading.Lock()
+
+
+def make_dir(path: pathlib.Path) -> None:
+    """mkdir -p, durably: a new device folder's own entry must survive a crash with the files
+    linked into it, so its parent is fsynced. Once per process per folder, not only when this
+    call created it: a process that died between the mkdir and the fsync left a folder that
+    exists but whose entry may not be durable."""
+    if path in _DURABLE_DIRS:
         return
-    _fsync_dir(path.parent)
+    if not path.is_dir():
+        make_dir(path.parent)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            pass
+    fsync_dir(path.parent)
+    with _DURABLE_DIRS_LOCK:
+        _DURABLE_DIRS.add(path)
 
 
-def _fsync_dir(path: pathlib.Path) -> None:
+def fsync_dir(path: pathlib.Path) -> None:
     # A rename or unlink is durable only once its directory is fsynced.
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -352,3 +391,4 @@ def _fsync_dir(path: pathlib.Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+

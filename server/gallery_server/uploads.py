@@ -8,7 +8,6 @@ in total) and IdleWatchdog (a stream that sends nothing for a while is aborted).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import threading
@@ -158,74 +157,93 @@ class UploadSlots:
 
         return release
 
-    @contextlib.contextmanager
-    def hold(self, device: str) -> Iterator[None]:
-        release = self.acquire(device)
-        try:
-            yield
-        finally:
-            release()
-
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(eq=False)
+class _Watched:
+    """One upload stream under an IdleWatchdog."""
+
+    cancel: Callable[[], None]
+    limit: float  # seconds the current wait may last
+    waiting_since: float | None = None  # monotonic time the reader entered next(); None: not waiting
+    fired: bool = False
+
+
 class IdleWatchdog:
-    """Aborts upload streams that send nothing for `idle_seconds`.
+    """Aborts upload streams whose client sends nothing for `idle_seconds`.
 
     A client that stops sending without closing its stream (a dead link, a stuck device) would
     otherwise hold its slot, its thread and its staging file until TCP gives up, which may be
     never. One thread per replica watches every stream; `cancel` (the transport's, e.g. a gRPC
     context's cancel) ends the stream, whose reader then fails with UPLOAD_IDLE and cleans up.
+
+    Only the time the reader waits inside next() counts: the server's own work between messages
+    (fsync, database waits) is never the client's silence. A message counts once whole, so the
+    idle time must exceed the time the slowest client link takes to deliver the largest message:
+    120 s with 4 MiB messages is about 35 KiB/s. The first message (before any slot is taken) has
+    its own, shorter limit, `first_message_seconds`.
+
+    What the client sees: cancel() resets the stream, so a gRPC client gets CANCELLED (grpcio
+    cannot send another status to a call cancelled from outside its handler thread); the reason
+    UPLOAD_IDLE is in the server log, and the REST client's connection is reset by Envoy.
     """
 
-    def __init__(self, idle_seconds: float) -> None:
+    def __init__(self, idle_seconds: float, *, first_message_seconds: float | None = None) -> None:
         self.idle_seconds = idle_seconds
+        self.first_message_seconds = first_message_seconds or idle_seconds
         self._lock = threading.Lock()
-        self._streams: dict[int, list[object]] = {}  # id -> [last message time, cancel, fired]
+        self._streams: set[_Watched] = set()
         self._thread: threading.Thread | None = None
 
     def watch(self, messages: Iterator[T], cancel: Callable[[], None]) -> Iterator[T]:
-        entry: list[object] = [time.monotonic(), cancel, False]
-        key = id(entry)
+        entry = _Watched(cancel, self.first_message_seconds)
         with self._lock:
-            self._streams[key] = entry
+            self._streams.add(entry)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="upload-idle", daemon=True)
                 self._thread.start()
         try:
             while True:
+                entry.waiting_since = time.monotonic()
                 try:
                     message = next(messages)
                 except StopIteration:
                     return
                 except Exception:
-                    if entry[2]:
+                    if entry.fired:
                         raise FailedPrecondition(
                             "UPLOAD_IDLE",
-                            f"the upload sent nothing for {self.idle_seconds:g} s and was aborted",
+                            f"the upload sent nothing for {entry.limit:g} s and was aborted",
                         ) from None
                     raise
-                entry[0] = time.monotonic()
+                finally:
+                    entry.waiting_since = None
+                entry.limit = self.idle_seconds
                 yield message
         finally:
+            # A finished (or abandoned) stream is never cancelled later.
             with self._lock:
-                self._streams.pop(key, None)
+                self._streams.discard(entry)
+            close = getattr(messages, "close", None)
+            if close is not None:
+                close()
 
     def _run(self) -> None:
-        period = max(0.05, min(1.0, self.idle_seconds / 4))
+        period = max(0.05, min(1.0, min(self.idle_seconds, self.first_message_seconds) / 4))
         while True:
             time.sleep(period)
             now = time.monotonic()
             with self._lock:
-                stalled = [e for e in self._streams.values()
-                           if not e[2] and now - e[0] > self.idle_seconds]  # type: ignore[operator]
+                stalled = [e for e in self._streams if not e.fired and e.waiting_since is not None
+                           and now - e.waiting_since > e.limit]
                 for entry in stalled:
-                    entry[2] = True
+                    entry.fired = True
             for entry in stalled:
-                log.warning("upload stream idle: aborting", extra={"idle_seconds": self.idle_seconds})
+                log.warning("upload stream idle: aborting", extra={"idle_seconds": entry.limit})
                 try:
-                    entry[1]()  # type: ignore[operator]
+                    entry.cancel()
                 except Exception:
                     log.exception("could not abort an idle upload")

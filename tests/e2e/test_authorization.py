@@ -25,7 +25,7 @@ from google.api import annotations_pb2
 from google.api.httpbody_pb2 import HttpBody
 from google.protobuf import descriptor, message_factory
 
-from gallery.v1 import device_pb2, gallery_pb2
+from gallery.v1 import admin_pb2, device_pb2, gallery_pb2
 from gallery.v1 import device_pb2 as dpb
 from gallery.v1 import gallery_pb2 as pb
 from gallery_server import auth, validation
@@ -38,11 +38,12 @@ TIMEOUT = 20
 SERVICES = (
     *gallery_pb2.DESCRIPTOR.services_by_name.values(),
     *device_pb2.DESCRIPTOR.services_by_name.values(),
+    *admin_pb2.DESCRIPTOR.services_by_name.values(),
 )
 # Operators' service: not about a device, so it is walked for its scope alone.
 ADMIN_SERVICE = "GalleryAdminService"
 ADMIN_REQUESTS: dict[str, Callable[[], list]] = {
-    "GetAdminStatus": lambda: [pb.GetAdminStatusRequest()],
+    "GetAdminStatus": lambda: [admin_pb2.GetAdminStatusRequest()],
 }
 ALL_SCOPES = {auth.READ, auth.WRITE, auth.DEVICE}
 PUBLIC = {"PutSignedUpload", "GetSignedUploadStatus"}
@@ -262,7 +263,11 @@ def test_admin_rpc_authorization(item, envoy_channel, http) -> None:  # type: ig
     assert (r.status_code, r.json()["details"][0]["reason"]) == (401, "TOKEN_MISSING")
     r = http.request(verb, path, headers={"Authorization": f"Bearer {everything_else}"})
     assert (r.status_code, r.json()["details"][0]["reason"]) == (403, "SCOPE_MISSING")
-    admin = _token([], {auth.ADMIN})
+    # The status covers every device: admin with a token for some devices only is refused.
+    some = _token(["cam1"], {auth.ADMIN})
+    r = http.request(verb, path, headers={"Authorization": f"Bearer {some}"})
+    assert (r.status_code, r.json()["details"][0]["reason"]) == (403, "DEVICE_NOT_ALLOWED")
+    admin = _token(["*"], {auth.ADMIN})
     r = http.request(verb, path, headers={"Authorization": f"Bearer {admin}"})
     assert r.status_code == 200, r.text
 

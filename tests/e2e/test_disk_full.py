@@ -3,7 +3,8 @@
 * Below the headroom (GALLERY_MIN_FREE_BYTES) uploads are refused before any byte is stored: REST
   507 with reason INSUFFICIENT_STORAGE (JSON google.rpc.Status), native gRPC RESOURCE_EXHAUSTED.
 * An upload that starts above the headroom is stopped while it streams, before the disk is full.
-* With no headroom at all, the real ENOSPC is the same clean error.
+* With no headroom at all, the real ENOSPC is the same clean error, on every path: multipart,
+  native resumable WriteUpload and pre-signed Content-Range PUT (whose committed bytes stay intact).
 * No partial file is left in staging/ or media/; reads keep working; once space returns, uploads
   work again.
 
@@ -186,14 +187,55 @@ def test_full_disk_refuses_uploads_cleanly_and_recovers(tmpfs: pathlib.Path, min
     stack = start_stack(data_dir, log_dir / "gallery2.log",
                         extra_env={**env, "GALLERY_MIN_FREE_BYTES": "0"}, ports=stack.ports)
     try:
-        with httpx.Client(base_url=stack.base_url, timeout=60) as http:
+        with httpx.Client(base_url=stack.base_url, timeout=60) as http, \
+                grpc.insecure_channel(stack.envoy_grpc_address) as channel:
+            stub = gallery_pb2_grpc.GalleryServiceStub(channel)
+            # Two resumable uploads with 1 MiB committed each: native, and a pre-signed range PUT.
+            first = random_bytes(MiB)
+            native_id = stub.StartUpload(pb.StartUploadRequest(
+                device="disk1", name="r.bin", size=8 * MiB), metadata=md).upload_id
+
+            def write(offset: int, data: bytes, finish: bool) -> pb.UploadSession:
+                return stub.WriteUpload(iter([pb.WriteUploadRequest(
+                    device="disk1", upload_id=native_id, write_offset=offset + i,
+                    data=data[i:i + MiB], finish_write=finish and i + MiB >= len(data),
+                ) for i in range(0, len(data), MiB)]), metadata=md, timeout=60)
+
+            assert write(0, first, False).committed_size == MiB
+            url = http.get("/api/gallery/disk1/upload-url?filename=q.bin", headers=headers).json()["upload_url"]
+            put_path = httpx.URL(url).path
+            r = http.put(put_path, content=first, headers={"Content-Range": f"bytes 0-{MiB - 1}/{8 * MiB}"})
+            assert r.status_code == 308, r.text
             stored = set(stored_files(stack.data_dir))
+
             fill_to(tmpfs, ballast, 2 * MiB)
             assert_refused_507(multipart(http, headers, "disk1", random_bytes(4 * MiB)))
+            # The real ENOSPC on the resumable paths (write and fsync) is the same clean error.
+            with pytest.raises(grpc.RpcError) as full:
+                write(MiB, random_bytes(4 * MiB), False)
+            assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert rich_error(full.value)[0].reason == "INSUFFICIENT_STORAGE"
+            assert_refused_507(http.put(put_path, content=random_bytes(4 * MiB),
+                                        headers={"Content-Range": f"bytes {MiB}-{5 * MiB - 1}/{8 * MiB}"}))
             no_partial_files(stack, stored)
-            listed = http.get("/api/gallery/disk1/events", headers=headers)
-            assert listed.status_code == 200 and len(listed.json()) == 2
+            # What was committed is intact: a query answers 1 MiB at least, and the file holds it.
+            sessions = stack.data_dir / "staging" / "sessions" / "disk1"
+            committed = stub.QueryUpload(pb.QueryUploadRequest(device="disk1", upload_id=native_id),
+                                         metadata=md).committed_size
+            assert committed >= MiB
+            kept_prefix = (sessions / native_id).read_bytes()[:committed]
+            assert kept_prefix[:MiB] == first
+            put_status = http.get(put_path).json()
+            assert put_status["committedSize"] >= MiB
+            assert (sessions / f"url.{put_status['eventId']}").read_bytes()[:MiB] == first
             ballast.unlink()
+            # Space is back: the native upload resumes from its committed size and completes.
+            rest = random_bytes(8 * MiB - committed)
+            whole = kept_prefix + rest
+            assert write(committed, rest, True).event_id
+            listed = http.get("/api/gallery/disk1/events", headers=headers)
+            assert listed.status_code == 200 and len(listed.json()) == 3
+            assert hashlib.sha256(whole).hexdigest() in {e["sha256"] for e in listed.json()}
             r = multipart(http, headers, "disk1", random_bytes(4 * MiB))
             assert r.status_code == 200, r.text
             stored_hash = hashlib.sha256(

@@ -1,10 +1,12 @@
 """Load: 64 uploads at once (REST multipart and native gRPC, all through the real Envoy) plus
-list/stats/get traffic, for LOAD_SECONDS, with no error, every upload stored with its bytes, and
+reads (list, stats, and the content of events stored during the run, checked against their
+sha256), for LOAD_SECONDS, with no error, every upload stored with its bytes, and
 the peak RSS (VmHWM) of the server and of Envoy within their budgets (README "Reliability").
 
 The stack runs with GALLERY_GRPC_WORKERS=96 and GALLERY_MAX_UPLOADS_TOTAL=72: the defaults (64
 workers, 48 uploads) keep 16 threads for reads and would refuse some of 64 simultaneous uploads
-with TOO_MANY_UPLOADS, which is their purpose, not what this test measures.
+with TOO_MANY_UPLOADS, which is their purpose (tested in test_limits.py), not what this test
+measures: the memory of 64 uploads in flight at once, with reads still answered.
 """
 
 from __future__ import annotations
@@ -97,13 +99,22 @@ def test_64_concurrent_uploads_with_reads_within_memory_budget(
         with httpx.Client(base_url=stack.base_url, timeout=60) as http:
             while time.monotonic() < deadline:
                 device = f"load-{rng.randrange(DEVICES)}"
-                for path in (f"/api/gallery/{device}/events?limit=20", f"/api/gallery/{device}/stats"):
+                paths = [f"/api/gallery/{device}/events?limit=20", f"/api/gallery/{device}/stats"]
+                with lock:
+                    done = stored[rng.randrange(len(stored))] if stored else None
+                if done is not None:
+                    paths.append(f"/api/gallery/{done[0]}/events/{done[1]}/content")
+                for path in paths:
                     r = http.get(path, headers=headers)
                     if r.status_code != 200:
                         with lock:
                             failures.append(f"read {path}: {r.status_code} {r.text[:200]}")
+                    elif path.endswith("/content") and done is not None and (
+                            hashlib.sha256(r.content).hexdigest() != done[2]):
+                        with lock:
+                            failures.append(f"read {path}: not the stored bytes")
                 with lock:
-                    reads[0] += 2
+                    reads[0] += len(paths)
 
     try:
         with grpc.insecure_channel(stack.envoy_grpc_address) as channel:

@@ -350,7 +350,7 @@ def _crash(monkeypatch: pytest.MonkeyPatch, target: object, name: str) -> None:
     [
         "_insert",  # media in place, no row
         "_unlink_if_same",  # row committed, dropped files still there
-        "_fsync_dir",  # first rename done, nothing more
+        "fsync_dir",  # first rename done, nothing more
     ],
 )
 def test_a_crash_at_any_step_converges_on_one_event(

@@ -9,19 +9,25 @@ its mtime and ctime, and ctime cannot be set back from user space.
 from __future__ import annotations
 
 import datetime
+import errno
+import fcntl
 import json
 import os
+import pathlib
+import socket
 import threading
 import time
 
 import pytest
 import sqlalchemy as sa
 
-from gallery_server import auth
+from gallery_server import auth, cli
+from gallery_server import storage as storage_module
 from gallery_server.errors import Exhausted, FailedPrecondition, PermissionDenied
 from gallery_server.models import Event, UploadGrant, UploadSessionRow
 from gallery_server.reconcile import Reconciler
 from gallery_server.service import Gallery, utcnow
+from gallery_server.settings import ConfigError, Settings
 from gallery_server.storage import Storage
 from gallery_server.uploads import IdleWatchdog, UploadSlots
 
@@ -171,6 +177,10 @@ def test_admin_status_needs_the_admin_scope_and_reports_counts(gallery, principa
     with pytest.raises(PermissionDenied) as denied:
         reconciler.admin_status(principal)  # read+write, not admin
     assert denied.value.reason == "SCOPE_MISSING"
+    one_device = auth.Principal("ops", frozenset({"cam1"}), frozenset({auth.ADMIN}))
+    with pytest.raises(PermissionDenied) as denied:
+        reconciler.admin_status(one_device)  # the status covers every device
+    assert denied.value.reason == "DEVICE_NOT_ALLOWED"
     event = store(gallery, principal, "cam1", PNG)
     before = reconciler.admin_status(ADMIN)
     assert before.last_reconcile is None
@@ -253,9 +263,51 @@ def test_idle_stream_is_cancelled_and_its_reader_told_why():
             received.append(message)
     assert idle.value.reason == "UPLOAD_IDLE"
     assert received == [1] and cancelled == [True]
-    # A stream that keeps sending is never cancelled.
-    assert list(watchdog.watch(iter(range(5)), lambda: cancelled.append(False))) == list(range(5))
-    assert cancelled == [True]
+
+
+def test_only_waiting_for_the_client_counts_as_idle():
+    # The client sends a message every 0.05 s; the server works 0.5 s on each (fsync, a database
+    # wait): longer than the idle time, but the client was not silent.
+    watchdog = IdleWatchdog(0.3)
+    cancelled = []
+
+    def steady():
+        for i in range(3):
+            time.sleep(0.05)
+            yield i
+
+    received = []
+    for message in watchdog.watch(steady(), lambda: cancelled.append(True)):
+        time.sleep(0.5)
+        received.append(message)
+    assert received == [0, 1, 2] and cancelled == []
+
+
+def test_a_finished_or_abandoned_stream_is_never_cancelled_later():
+    watchdog = IdleWatchdog(0.1)
+    cancelled = []
+    done = watchdog.watch(iter([1]), lambda: cancelled.append("done"))
+    assert list(done) == [1]
+    abandoned = watchdog.watch(iter([1, 2]), lambda: cancelled.append("abandoned"))
+    assert next(abandoned) == 1  # the handler failed and returned without reading on
+    time.sleep(0.5)
+    assert cancelled == []
+    del abandoned
+
+
+def test_the_first_message_has_its_own_shorter_limit():
+    watchdog = IdleWatchdog(60, first_message_seconds=0.2)
+    unblock = threading.Event()
+
+    def silent():
+        unblock.wait(5)  # connects, never sends
+        raise RuntimeError("cancelled")
+        yield
+
+    started = time.monotonic()
+    with pytest.raises(FailedPrecondition):
+        list(watchdog.watch(silent(), unblock.set))
+    assert time.monotonic() - started < 3
 
 
 def test_two_links_of_one_inode_go_in_one_pass(gallery):
@@ -297,3 +349,156 @@ def test_replicas_reconciling_at_once_remove_each_orphan_once(gallery, principal
     assert sum(r.orphan_media_removed for r in results) == len(orphans)
     assert not any(p.exists() for p in orphans)
     assert gallery.storage.media_path("cam1", kept.id).exists()
+
+
+# -- files in use are never removed, whatever the grace period -------------------------------------
+
+
+def test_a_live_upload_keeps_its_staged_files_however_old_they_look(gallery, principal):
+    # A thumbnail sent first while its media streams for longer than the grace period: the
+    # thumbnail's staging file looks old, but its upload holds it (StagedFile's shared lock).
+    with gallery.begin_upload(principal, "cam1") as upload:
+        upload.fields.name = "v.bin"
+        upload.write_thumbnail(b"\xff\xd8\xff" + b"t" * 100)
+        upload.write_media(b"m" * 1000)
+        assert upload.thumbnail is not None
+        hours_ago = time.time() - 7200
+        for staged in (upload.thumbnail, upload.media):
+            os.utime(staged.path, (hours_ago, hours_ago))
+        settle()
+        assert Reconciler(gallery, grace_seconds=0).run_once().staging_removed == 0
+        upload.write_media(b"m" * 1000)
+        event = gallery.store(upload)
+    assert gallery.storage.thumbnail_path("cam1", event.id).read_bytes()[:3] == b"\xff\xd8\xff"
+    # Once its upload is closed, a leftover is an ordinary leftover again.
+    leftover = gallery.storage.stage(max_bytes=10, what="event")
+    leftover.sync()
+    leftover.release()
+    settle()
+    assert Reconciler(gallery, grace_seconds=0).run_once().staging_removed == 1
+    assert not leftover.path.exists()
+
+
+def test_a_pass_between_the_link_into_media_and_the_commit_keeps_the_file(gallery, principal):
+    # Gallery.store() links the media into media/ a moment before it commits the row; a pass of
+    # another replica in that window sees a rowless file, locked by the upload until its commit.
+    other = Reconciler(Gallery(gallery.settings, gallery.db, Storage(gallery.settings.data_dir)),
+                       grace_seconds=0)
+    passes = []
+    with gallery.begin_upload(principal, "cam1") as upload:
+        upload.fields.name = "a.bin"
+        upload.write_thumbnail(b"\xff\xd8\xff" + b"t" * 10)
+        upload.write_media(b"hello")
+        event = gallery.store(upload, before_insert=lambda session, event: (
+            settle(), passes.append(other.run_once())))
+    assert passes[0].orphan_media_removed == passes[0].orphan_thumbnails_removed == 0
+    assert gallery.storage.media_path("cam1", event.id).read_bytes() == b"hello"
+    assert gallery.storage.thumbnail_path("cam1", event.id).exists()
+    assert other.run_once().rows_checked == 1
+
+
+def test_a_resumable_writer_keeps_its_session_file_and_completed_sessions_lose_theirs(gallery):
+    storage = gallery.storage
+    busy = storage.session_path("cam1", "busy-upload-1")
+    busy.parent.mkdir(parents=True)
+    busy.write_bytes(b"no row yet")
+    done = storage.session_path("cam1", "done-upload-1")
+    done.write_bytes(b"stored as an event already")
+    with gallery.db.session() as session:
+        now = utcnow()
+        session.add(UploadSessionRow(
+            device="cam1", upload_id="done-upload-1", name="a.bin", committed_size=26,
+            created=now, expires_at=now + datetime.timedelta(hours=1), event_id="evt_done",
+        ))
+        session.commit()
+    settle()
+    fd = os.open(busy, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a resumable writer holds it
+        findings = Reconciler(gallery, grace_seconds=0).run_once()
+    finally:
+        os.close(fd)
+    assert findings.staging_removed == 1
+    assert busy.exists() and not done.exists()
+
+
+def test_the_status_temporary_is_removed_when_the_write_fails(gallery, monkeypatch):
+    reconciler = Reconciler(gallery)
+
+    def full(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError):
+        reconciler.run_once()
+    assert [p.name for p in reconciler.status_path.parent.iterdir()] == ["reconcile.lock"]
+
+
+# -- configuration of the limits ------------------------------------------------------------------
+
+
+def limits_env(tmp_path, **values: str) -> dict[str, str]:
+    return {"GALLERY_DATA_DIR": str(tmp_path), "GALLERY_JWT_SECRET": "s" * 40, **values}
+
+
+@pytest.mark.parametrize("values", [
+    {"GALLERY_RECONCILE_GRACE_SECONDS": "0"},
+    {"GALLERY_RECONCILE_GRACE_SECONDS": "-1"},
+    {"GALLERY_RECONCILE_GRACE_SECONDS": "299"},
+    {"GALLERY_RECONCILE_GRACE_SECONDS": "nan"},
+    {"GALLERY_UPLOAD_IDLE_SECONDS": "1801"},  # the default grace (3600) is below 2 x idle
+    {"GALLERY_MAX_UPLOADS_TOTAL": "64"},  # as many as the default workers
+    {"GALLERY_GRPC_WORKERS": "8"},  # fewer than the default uploads in total
+    {"GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS": "0"},
+])
+def test_unsafe_limits_are_refused(tmp_path, values):
+    with pytest.raises(ConfigError):
+        Settings.from_env(limits_env(tmp_path, **values))
+
+
+def test_safe_limits_are_accepted(tmp_path):
+    settings = Settings.from_env(limits_env(
+        tmp_path, GALLERY_RECONCILE_GRACE_SECONDS="300", GALLERY_UPLOAD_IDLE_SECONDS="150",
+        GALLERY_GRPC_WORKERS="8", GALLERY_MAX_UPLOADS_TOTAL="7",
+    ))
+    assert (settings.reconcile_grace_seconds, settings.max_uploads_total) == (300, 7)
+    assert Settings.from_env(limits_env(tmp_path)).upload_first_message_seconds == 30
+
+
+def test_cli_reconcile_needs_force_for_a_short_grace_and_no_server_running(tmp_path, monkeypatch, capsys):
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        for name, value in limits_env(tmp_path, GALLERY_GRPC_ADDRESS=f"127.0.0.1:{port}").items():
+            monkeypatch.setenv(name, value)
+        assert cli.main(["reconcile", "--grace", "0"]) == 2
+        assert "--force" in capsys.readouterr().err
+        assert cli.main(["reconcile", "--grace", "0", "--force"]) == 2  # a server answers
+        assert "answers" in capsys.readouterr().err
+    assert cli.main(["reconcile", "--grace", "0", "--force"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows_checked"] == 0
+
+
+def test_one_replica_walks_the_files_at_a_time(gallery):
+    reconciler = Reconciler(gallery, grace_seconds=0)
+    reconciler.lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(reconciler.lock_path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another replica's pass
+        assert reconciler.run_unless_busy() is None
+    finally:
+        os.close(fd)
+    assert reconciler.run_unless_busy() is not None
+
+
+def test_a_folder_made_before_a_crash_gets_its_parent_fsynced_once(tmp_path, monkeypatch):
+    # A process died between mkdir and the parent's fsync: the folder exists, its entry may not
+    # be durable. The next process fsyncs the parent on first use, then never again.
+    folder = tmp_path / "media" / "cam-crashed"
+    folder.mkdir(parents=True)
+    synced: list[pathlib.Path] = []
+    monkeypatch.setattr(storage_module, "fsync_dir", synced.append)
+    storage_module.make_dir(folder)
+    storage_module.make_dir(folder)
+    assert synced == [folder.parent]

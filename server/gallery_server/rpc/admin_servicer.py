@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gallery.v1 import gallery_pb2 as pb
-from gallery.v1 import gallery_pb2_grpc
+from gallery.v1 import admin_pb2 as pb
+from gallery.v1 import admin_pb2_grpc
 
 from ..auth import Principal
 from ..reconcile import Reconciler
 from .interceptor import current_principal
 
 
-class AdminServicer(gallery_pb2_grpc.GalleryAdminServiceServicer):
+class AdminServicer(admin_pb2_grpc.GalleryAdminServiceServicer):
     def __init__(
         self, reconciler: Reconciler, principal: Callable[[], Principal] = current_principal
     ) -> None:

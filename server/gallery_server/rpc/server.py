@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gallery.v1 import device_pb2, device_pb2_grpc, gallery_pb2, gallery_pb2_grpc
+from gallery.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, gallery_pb2, gallery_pb2_grpc
 
 from .. import _malloc
 from ..auth import Verifier
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = gallery_pb2.DESCRIPTOR.services_by_name["GalleryService"].full_name
 DEVICE_SERVICE_NAME = device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name
-ADMIN_SERVICE_NAME = gallery_pb2.DESCRIPTOR.services_by_name["GalleryAdminService"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["GalleryAdminService"].full_name
 # Upload chunks are up to 1 MiB from Envoy and up to 4 MiB from native clients.
 MAX_MESSAGE_BYTES = 8 << 20
 DB_POOL_SIZE = 20
@@ -74,7 +74,7 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
         GalleryServicer(gallery, SignedUploads(gallery), devices), server
     )
     device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(devices), server)
-    gallery_pb2_grpc.add_GalleryAdminServiceServicer_to_server(
+    admin_pb2_grpc.add_GalleryAdminServiceServicer_to_server(
         AdminServicer(Reconciler(gallery)), server
     )
     health_servicer = health.HealthServicer()

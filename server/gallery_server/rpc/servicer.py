@@ -28,6 +28,7 @@ from ..resumable import SessionState
 from ..service import Gallery
 from ..signed_urls import THUMBNAIL, SignedTarget, SignedUploads, SignedUploadState
 from .interceptor import current_principal
+from .status import HTTP_STATUS_HEADER
 
 # Where ListEvents returns the next page's token (empty after the last page).
 NEXT_PAGE_TOKEN_HEADER = "x-next-page-token"
@@ -437,9 +438,8 @@ def _set_pull(message: pb.PullStatus, status: PullStatus | None) -> None:
     message.expires_at.FromDatetime(status.expires_at)
 
 
-# Envoy's Lua filter (envoy/envoy.yaml) turns this response header into the HTTP status of a
-# transcoded download and removes it; native gRPC clients see it as initial metadata.
-HTTP_STATUS_HEADER = "x-http-status"
+# Envoy's Lua filter (envoy/envoy.yaml) turns HTTP_STATUS_HEADER (status.py) into the HTTP status
+# of a transcoded download and removes it; native gRPC clients see it as initial metadata.
 
 
 def _http_download(context: grpc.ServicerContext, content: downloads.Content) -> Iterator[HttpBody]:

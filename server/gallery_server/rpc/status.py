@@ -35,6 +35,7 @@ _CODES: dict[type[errors.GalleryError], int] = {
 # A full disk is 507 Insufficient Storage (RFC 4918): unlike 429, it tells the client that
 # slowing down will not help until the operator frees space.
 _HTTP_STATUS: dict[str, str] = {"INSUFFICIENT_STORAGE": "507"}
+# The one name of that header, in trailers (errors, here) and initial metadata (servicer.py).
 HTTP_STATUS_HEADER = "x-http-status"
 
 

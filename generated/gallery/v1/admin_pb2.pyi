@@ -1,0 +1,78 @@
+from google.api import annotations_pb2 as _annotations_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ReconcileRun(_message.Message):
+    __slots__ = ("started", "finished", "replica", "staging_removed", "orphan_media_removed", "orphan_thumbnails_removed", "expired_grants_removed", "bytes_reclaimed", "rows_checked", "missing_media", "size_mismatch", "examples")
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    STAGING_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    ORPHAN_MEDIA_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    ORPHAN_THUMBNAILS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_GRANTS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECLAIMED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    MISSING_MEDIA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_MISMATCH_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    started: str
+    finished: str
+    replica: str
+    staging_removed: float
+    orphan_media_removed: float
+    orphan_thumbnails_removed: float
+    expired_grants_removed: float
+    bytes_reclaimed: float
+    rows_checked: float
+    missing_media: float
+    size_mismatch: float
+    examples: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, started: _Optional[str] = ..., finished: _Optional[str] = ..., replica: _Optional[str] = ..., staging_removed: _Optional[float] = ..., orphan_media_removed: _Optional[float] = ..., orphan_thumbnails_removed: _Optional[float] = ..., expired_grants_removed: _Optional[float] = ..., bytes_reclaimed: _Optional[float] = ..., rows_checked: _Optional[float] = ..., missing_media: _Optional[float] = ..., size_mismatch: _Optional[float] = ..., examples: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DiskStatus(_message.Message):
+    __slots__ = ("total_bytes", "free_bytes", "min_free_bytes", "accepting_uploads")
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MIN_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTING_UPLOADS_FIELD_NUMBER: _ClassVar[int]
+    total_bytes: float
+    free_bytes: float
+    min_free_bytes: float
+    accepting_uploads: bool
+    def __init__(self, total_bytes: _Optional[float] = ..., free_bytes: _Optional[float] = ..., min_free_bytes: _Optional[float] = ..., accepting_uploads: _Optional[bool] = ...) -> None: ...
+
+class AdminCounts(_message.Message):
+    __slots__ = ("events_stored", "events_on_device", "stored_bytes", "upload_sessions", "upload_grants", "uploads_in_flight")
+    EVENTS_STORED_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_ON_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_GRANTS_FIELD_NUMBER: _ClassVar[int]
+    UPLOADS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    events_stored: float
+    events_on_device: float
+    stored_bytes: float
+    upload_sessions: float
+    upload_grants: float
+    uploads_in_flight: float
+    def __init__(self, events_stored: _Optional[float] = ..., events_on_device: _Optional[float] = ..., stored_bytes: _Optional[float] = ..., upload_sessions: _Optional[float] = ..., upload_grants: _Optional[float] = ..., uploads_in_flight: _Optional[float] = ...) -> None: ...
+
+class GetAdminStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetAdminStatusResponse(_message.Message):
+    __slots__ = ("last_reconcile", "disk", "counts")
+    LAST_RECONCILE_FIELD_NUMBER: _ClassVar[int]
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    last_reconcile: ReconcileRun
+    disk: DiskStatus
+    counts: AdminCounts
+    def __init__(self, last_reconcile: _Optional[_Union[ReconcileRun, _Mapping]] = ..., disk: _Optional[_Union[DiskStatus, _Mapping]] = ..., counts: _Optional[_Union[AdminCounts, _Mapping]] = ...) -> None: ...
