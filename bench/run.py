@@ -1,7 +1,7 @@
 """Benchmarks of the real gallery stack (`gallery run`: gRPC server + Envoy) on this machine.
 
     .venv/bin/python bench/run.py            # full suite; rewrites BENCHMARKS.md
-    .venv/bin/python bench/run.py --quick    # small sizes, 1 run, correctness asserted; < 2 min
+    .venv/bin/python bench/run.py --quick    # small sizes, 1 run, correctness asserted; < 1 min
 
 Each scenario is a function `(Bench) -> Section` registered in SCENARIOS; a Section renders itself
 to the console and to BENCHMARKS.md. Every measured operation is verified (the listed size and
@@ -512,7 +512,10 @@ def memory_verdicts(
             assert growth is not None
             where = f"{name}: {proc} peak RSS {m['small']:.0f} MiB at {fmt_size(opts.ref_size)}, " \
                 f"{m['large']:.0f} MiB at {fmt_size(opts.size)} (largest rise during one upload +{m['max_rise']:.0f})"
-            if (trend is not None and trend > 64) or growth > max(64.0, 0.25 * extra_mib):
+            # A trend over a small upload is a few samples of noise (2 MiB over 16 MiB reads as
+            # 128 MiB/GiB): like the download check, judge the trend only on real sizes.
+            steady = trend is not None and trend > 64 and opts.size >= 256 * MiB
+            if steady or growth > max(64.0, 0.25 * extra_mib):
                 trend_text = "n/a" if trend is None else f"{trend:+.0f}"
                 failures.append(f"memory grows with upload size: {where}, RSS trend {trend_text} MiB/GiB")
             elif growth >= 32:
@@ -1316,6 +1319,16 @@ TARGETS_NOTE = (
 )
 
 
+# The budget tests/e2e/test_load.py enforces in every `make test` (its SERVER_RSS_BUDGET and
+# ENVOY_RSS_BUDGET); stated here so that the benchmark figures can be read against it.
+MEMORY_BUDGET_NOTE = (
+    "`tests/e2e/test_load.py`, part of `make test`, runs 64 concurrent uploads plus list, stats and "
+    "content reads through Envoy for 20 s and fails when a peak RSS exceeds the budget: **gRPC server "
+    "<= 320 MiB, Envoy <= 192 MiB**. The concurrency section below measures the same processes at 16 and "
+    "64 streams of 64 MiB against issue 7's tighter target of 256 MiB for the server."
+)
+
+
 def write_benchmarks_md(sections: list[Section], info: dict[str, str], opts: Options, elapsed: float,
                         targets: list[tuple[str, str, str, bool | None]] | None = None) -> None:
     lines = [
@@ -1341,6 +1354,7 @@ def write_benchmarks_md(sections: list[Section], info: dict[str, str], opts: Opt
         "Units: MB/s = 10^6 bytes per second; RSS in MiB (2^20 bytes). The machine is shared and noisy: "
         "quote medians and compare only ratios measured in the same run.",
     ]
+    lines += ["", "## Memory budget", "", MEMORY_BUDGET_NOTE]
     if targets:
         lines += ["", "## Targets (issue 7)", "", TARGETS_NOTE, "", targets_table(targets)[0]]
     for section in sections:

@@ -10,6 +10,9 @@ from sqlmodel import Session, SQLModel
 
 from . import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
+# pg_advisory_xact_lock key of schema creation: "gall" in ASCII.
+_SCHEMA_LOCK = 0x67616C6C
+
 
 def create_engine(url: str, *, pool_size: int = 32) -> sa.Engine:
     if url.startswith("sqlite"):
@@ -43,7 +46,11 @@ def _use_real_sqlite_transactions(engine: sa.Engine) -> None:
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(connection):  # type: ignore[no-untyped-def]
-        connection.exec_driver_sql("BEGIN")
+        # A unit that reads before it writes and may race another writer (schema creation) asks
+        # for the write lock up front: a deferred BEGIN's read lock cannot be upgraded under
+        # contention ("database is locked" at once, whatever the busy timeout).
+        immediate = connection.get_execution_options().get("sqlite_immediate", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 class Database:
@@ -53,7 +60,15 @@ class Database:
         self.engine = create_engine(url, pool_size=pool_size)
 
     def create_tables(self) -> None:
-        SQLModel.metadata.create_all(self.engine)
+        """Create what is missing. Processes starting together take turns (SQLite: the write lock
+        from the start; PostgreSQL: an advisory lock for the transaction): two concurrent CREATE
+        TABLEs of one name fail."""
+        with self.engine.connect() as connection:
+            connection.execution_options(sqlite_immediate=True)
+            with connection.begin():
+                if connection.dialect.name == "postgresql":
+                    connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
+                SQLModel.metadata.create_all(connection)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:

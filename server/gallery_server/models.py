@@ -193,8 +193,9 @@ _POSTGRES_TRIGGERS = (
     f"IF TG_OP IN ('DELETE', 'UPDATE') THEN {_COUNT_REMOVE}; END IF; "
     f"IF TG_OP IN ('INSERT', 'UPDATE') THEN {_COUNT_ADD}; END IF; "
     "RETURN NULL; END $$",
-    "DROP TRIGGER IF EXISTS events_count ON events",
-    "CREATE TRIGGER events_count AFTER INSERT OR DELETE OR UPDATE OF device, media_type, size ON events "
+    # OR REPLACE (PostgreSQL 14+), not DROP + CREATE: a DROP TRIGGER would hold an ACCESS EXCLUSIVE
+    # lock on events for the rest of this transaction, the backfill's scan included.
+    "CREATE OR REPLACE TRIGGER events_count AFTER INSERT OR DELETE OR UPDATE OF device, media_type, size ON events "
     "FOR EACH ROW EXECUTE FUNCTION events_count()",
 )
 # A database created before event_counts existed gets its counts once, when the table is created.

@@ -279,6 +279,7 @@ class Gallery:
                 unchecked = 0
                 self.storage.require_space()
             yield message
+            del message  # not held while the next one is awaited
 
     def store(
         self,

@@ -138,6 +138,7 @@ class _Pipeline:
                 _write_all(self._fd, item)  # type: ignore[arg-type]
             except BaseException as exc:  # noqa: BLE001 - handed to the receiving thread
                 self._error = exc
+            del item  # not held while the queue is empty
 
     def put(self, data: bytes | memoryview) -> None:
         self.raise_error()
@@ -195,6 +196,7 @@ class StagedFile:
         self._unchecked = 0  # bytes written since the last free-space check
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         self._pipeline: _Pipeline | None = None
+        self._failed: BaseException | None = None
         self._in_use: int | None = hold_shared(self._fd)
 
     @classmethod
@@ -205,7 +207,7 @@ class StagedFile:
         event's row is committed, and the owner removes it after that."""
         self = cls.__new__(cls)
         self.path, self.what, self.moved, self.keep_source = path, what, False, True
-        self._pipeline = None
+        self._pipeline, self._failed = None, None
         self._in_use = None  # the resumable writer's exclusive lock covers the file
         self._hash = hashlib.sha256()
         self._fd = os.open(path, os.O_RDONLY)
@@ -221,6 +223,8 @@ class StagedFile:
     def write(self, data: bytes | memoryview) -> None:
         if not data:
             return
+        if self._failed is not None:
+            raise self._failed
         if self.size + len(data) > self.max_bytes:
             raise TooLarge(
                 "UPLOAD_TOO_LARGE", f"{self.what} is larger than {self.max_bytes} bytes",
@@ -249,9 +253,17 @@ class StagedFile:
         self.size += len(data)
 
     def _drain(self) -> None:
+        """Wait for the helper thread's writes. Its failure stays this file's: later writes,
+        sha256 and sync raise it again, so a file with a lost chunk never passes as whole."""
+        if self._failed is not None:
+            raise self._failed
         if self._pipeline is not None:
             pipeline, self._pipeline = self._pipeline, None
-            pipeline.finish()
+            try:
+                pipeline.finish()
+            except BaseException as exc:
+                self._failed = exc
+                raise
 
     @property
     def sha256(self) -> str:

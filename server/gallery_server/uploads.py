@@ -223,6 +223,9 @@ class IdleWatchdog:
                     entry.waiting_since = None
                 entry.limit = self.idle_seconds
                 yield message
+                # Not held while waiting for the next one: with many slow streams, a chunk per
+                # stream kept alive here is memory (BENCHMARKS.md, concurrent uploads).
+                del message
         finally:
             # A finished (or abandoned) stream is never cancelled later.
             with self._lock:

@@ -7,7 +7,6 @@ import datetime
 import threading
 
 import sqlalchemy as sa
-from sqlmodel import SQLModel
 
 from gallery_server import auth
 from gallery_server.db import Database
@@ -29,9 +28,11 @@ def truth(db: Database) -> dict[tuple[str, str], tuple[int, int]]:
 
 
 def counters(db: Database) -> dict[tuple[str, str], tuple[int, int]]:
+    """Every counter row but the all-zero ones a type's last delete leaves; never a negative one."""
     with db.engine.connect() as c:
-        rows = c.execute(sa.text("SELECT device, media_type, count, size FROM event_counts WHERE count > 0")).all()
-    return {(d, m): (int(n), int(s)) for d, m, n, s in rows}
+        rows = c.execute(sa.text("SELECT device, media_type, count, size FROM event_counts")).all()
+    assert all(n >= 0 and s >= 0 for _, _, n, s in rows), rows
+    return {(d, m): (int(n), int(s)) for d, m, n, s in rows if (n, s) != (0, 0)}
 
 
 def _row(i: int, worker: int) -> dict[str, object]:
@@ -97,7 +98,35 @@ def test_counters_backfilled_for_a_database_made_before_them(gallery: Gallery, p
                 c.execute(sa.text(f"DROP TRIGGER IF EXISTS {trigger}"))
         if c.dialect.name == "postgresql":
             c.execute(sa.text("DROP TRIGGER IF EXISTS events_count ON events"))
-    SQLModel.metadata.create_all(db.engine)
+    db.create_tables()
     assert counters(db) == truth(db)
     store(gallery, principal, data=JPEG)
     assert counters(db) == truth(db)
+
+
+def test_replicas_creating_the_schema_at_once_take_turns(database_url: str) -> None:
+    """Several replicas starting together on an empty database: one creates the tables, triggers
+    and counters, the others find them (two concurrent CREATE TABLEs would fail on PostgreSQL)."""
+    databases = [Database(database_url, pool_size=1) for _ in range(4)]
+    start = threading.Barrier(len(databases))
+    errors: list[BaseException] = []
+
+    def create(db: Database) -> None:
+        start.wait()
+        try:
+            db.create_tables()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create, args=(db,)) for db in databases]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    db = databases[0]
+    with db.engine.begin() as c:
+        c.execute(sa.insert(Event.__table__).values(_row(1, 0)))  # type: ignore[attr-defined]
+    assert counters(db) == truth(db) == {("cam2", "video"): (1, 1001)}
+    for each in databases:
+        each.dispose()

@@ -267,6 +267,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
                     )
                 writer.write(message.data)
                 finished = message.finish_write
+                del message  # not held while the next one is awaited
                 message = next(request_iterator, None)
                 if message is None:
                     break
@@ -300,9 +301,11 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             )
             form.feed(first.http_body.data)
             received = len(first.http_body.data)
+            del first  # chunks are dropped once parsed: memory per upload in flight
             for message in request_iterator:
                 form.feed(message.http_body.data)
                 received += len(message.http_body.data)
+                del message
             _require_active(context)
             _require_whole_body(_declared_body_length(context), received)
             form.finish()
@@ -332,8 +335,10 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         try:
             with self.gallery.open_upload(target.device, max_media_bytes=limit) as upload:
                 upload.write_media(first.http_body.data)
+                del first  # each chunk is dropped once written (memory per upload in flight)
                 for message in request_iterator:
                     upload.write_media(message.http_body.data)
+                    del message
                 _require_active(context)
                 _require_whole_body(declared, upload.media.size)
                 event_id = self.signed.complete(target, upload)
