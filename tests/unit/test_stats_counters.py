@@ -7,6 +7,7 @@ import datetime
 import threading
 
 import sqlalchemy as sa
+from sqlmodel import SQLModel
 
 from gallery_server import auth
 from gallery_server.db import Database
@@ -104,10 +105,14 @@ def test_counters_backfilled_for_a_database_made_before_them(gallery: Gallery, p
     assert counters(db) == truth(db)
 
 
-def test_replicas_creating_the_schema_at_once_take_turns(database_url: str) -> None:
-    """Several replicas starting together on an empty database: one creates the tables, triggers
-    and counters, the others find them (two concurrent CREATE TABLEs would fail on PostgreSQL)."""
-    databases = [Database(database_url, pool_size=1) for _ in range(4)]
+def test_replicas_creating_the_schema_at_once_take_turns(postgres_url: str) -> None:
+    """Several replicas (so PostgreSQL: SQLite serves one process) starting together on an empty
+    database: one creates the tables, triggers and counters, the others find them (two concurrent
+    CREATE TABLEs of one name fail without the advisory lock)."""
+    engine = sa.create_engine(postgres_url)
+    SQLModel.metadata.drop_all(engine)
+    engine.dispose()
+    databases = [Database(postgres_url, pool_size=1) for _ in range(4)]
     start = threading.Barrier(len(databases))
     errors: list[BaseException] = []
 
@@ -130,3 +135,6 @@ def test_replicas_creating_the_schema_at_once_take_turns(database_url: str) -> N
     assert counters(db) == truth(db) == {("cam2", "video"): (1, 1001)}
     for each in databases:
         each.dispose()
+    engine = sa.create_engine(postgres_url)
+    SQLModel.metadata.drop_all(engine)  # the next test starts from empty tables
+    engine.dispose()
