@@ -145,15 +145,16 @@ class Devices:
             created=a.created or utcnow(), state="on_device", device_key=a.device_key,
         )
         thumbnail_path = self.gallery.storage.thumbnail_path(device, event.id)
-        if a.thumbnail:
-            staged = self.gallery.storage.stage(
-                max_bytes=self.settings.max_thumbnail_bytes, what="thumbnail")
-            try:
-                staged.write(a.thumbnail)
-                staged.commit(thumbnail_path)
-            finally:
-                staged.discard()
+        staged = None
         try:
+            if a.thumbnail:
+                staged = self.gallery.storage.stage(
+                    max_bytes=self.settings.max_thumbnail_bytes, what="thumbnail")
+                staged.write(a.thumbnail)
+                # Moved but still locked as in use (until discard() below): the reconciler must
+                # not take it for an orphan before its row is committed.
+                staged.sync()
+                staged.move(thumbnail_path)
             with self.db.session() as session:
                 session.add(event)
                 session.commit()
@@ -167,6 +168,9 @@ class Devices:
         except BaseException:
             thumbnail_path.unlink(missing_ok=True)  # no row, so no file either
             raise
+        finally:
+            if staged is not None:
+                staged.discard()
         return event
 
     def _by_key(self, device: str, device_key: str) -> Event | None:

@@ -223,19 +223,21 @@ class Reconciler:
                 for path in batch:
                     event_id = path.name.removesuffix(THUMB_SUFFIX)
                     thumbnail = path.name.endswith(THUMB_SUFFIX)
-                    if event_id in events or (thumbnail and event_id in grants):
+                    # A grant's id is a URL that may still complete (a retry after a crash
+                    # replaces a leftover at its path): its files are the grant's until it expires.
+                    if event_id in events or event_id in grants:
                         continue
                     counter = "orphan_thumbnails_removed" if thumbnail else "orphan_media_removed"
                     # Read again under the file's lock: committed since the batch read?
-                    self._remove(path, findings, counter, still=lambda d=device, e=event_id, t=thumbnail:
-                                 not self._has_row(d, e, t))
+                    self._remove(path, findings, counter,
+                                 still=lambda d=device, e=event_id: not self._has_row(d, e))
 
-    def _has_row(self, device: str, event_id: str, thumbnail: bool) -> bool:
+    def _has_row(self, device: str, event_id: str) -> bool:
         with self.db.session() as session:
             event = session.get(Event, event_id)
             if event is not None and event.device == device:
                 return True
-            return thumbnail and session.get(UploadGrant, event_id) is not None
+            return session.get(UploadGrant, event_id) is not None
 
     def _grants(self, findings: Findings) -> None:
         now = utcnow()
@@ -310,7 +312,14 @@ class Reconciler:
                 return
             if still is not None and not still():
                 return
-            size = os.fstat(fd).st_size
+            locked = os.fstat(fd)
+            try:  # the name must still be the file locked: a replace in between is someone's upload
+                current = os.lstat(path)
+            except FileNotFoundError:
+                return
+            if (current.st_dev, current.st_ino) != (locked.st_dev, locked.st_ino):
+                return
+            size = locked.st_size
             try:
                 path.unlink()
             except FileNotFoundError:

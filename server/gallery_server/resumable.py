@@ -228,6 +228,11 @@ class ResumableUploads:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # a writer has it: its committed size is the answer
                 return _state(row)
+            # Read the row again now that no writer has the file: one may have completed the
+            # session meanwhile, and this file is then its event's media (never to be trimmed).
+            row = self._load(device, row.upload_id)
+            if row.event_id or os.fstat(fd).st_nlink == 0:
+                return _state(row)
             return _state(self._recover(row, fd))
         finally:
             os.close(fd)

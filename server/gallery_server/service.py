@@ -261,12 +261,12 @@ class Gallery:
 
     def watch_upload(
         self, messages: Iterator[T], cancel: Callable[[], None],
-        size_of: Callable[[T], int] | None = None,
+        size_of: Callable[[T], int] | None = None, first_carries_data: bool = False,
     ) -> Iterator[T]:
         """The messages of an upload stream, aborted (by `cancel`) once idle for
         GALLERY_UPLOAD_IDLE_SECONDS. With `size_of`, the free disk space is checked again every
         SPACE_CHECK_BYTES received (for streams that write outside a StagedFile)."""
-        watched = self.idle.watch(messages, cancel)
+        watched = self.idle.watch(messages, cancel, first_carries_data=first_carries_data)
         if size_of is None:
             return watched
         return self._metered(watched, size_of)

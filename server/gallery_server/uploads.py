@@ -198,8 +198,12 @@ class IdleWatchdog:
         self._streams: set[_Watched] = set()
         self._thread: threading.Thread | None = None
 
-    def watch(self, messages: Iterator[T], cancel: Callable[[], None]) -> Iterator[T]:
-        entry = _Watched(cancel, self.first_message_seconds)
+    def watch(
+        self, messages: Iterator[T], cancel: Callable[[], None], *, first_carries_data: bool = False
+    ) -> Iterator[T]:
+        """`first_carries_data`: the first message may be a large chunk (WriteUpload), which a
+        slow link needs as long for as any other: it gets the idle limit, not the first-message one."""
+        entry = _Watched(cancel, self.idle_seconds if first_carries_data else self.first_message_seconds)
         with self._lock:
             self._streams.add(entry)
             if self._thread is None:

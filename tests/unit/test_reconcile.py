@@ -144,6 +144,24 @@ def test_thumbnail_waiting_for_its_media_is_kept_while_its_grant_exists(gallery)
     assert findings.orphan_thumbnails_removed == 0 and thumb.exists()
 
 
+def test_media_at_a_granted_id_is_the_urls_until_its_grant_goes(gallery):
+    # A crash left media at a pre-signed URL's id with no row; the URL's retry replaces it and
+    # commits: the reconciler must not take the file meanwhile. Once the grant is gone, it may.
+    storage = gallery.storage
+    media = storage.media_path("cam1", "evt_retried0000000000000")
+    media.parent.mkdir(parents=True)
+    media.write_bytes(b"left by a crash")
+    add_grant(gallery, "evt_retried0000000000000", expires_in=600)
+    settle()
+    assert Reconciler(gallery, grace_seconds=0).run_once().orphan_media_removed == 0
+    assert media.exists()
+    with gallery.db.session() as session:
+        session.delete(session.get(UploadGrant, "evt_retried0000000000000"))
+        session.commit()
+    assert Reconciler(gallery, grace_seconds=0).run_once().orphan_media_removed == 1
+    assert not media.exists()
+
+
 def test_expired_grants_are_removed_unless_a_put_is_running(gallery):
     add_grant(gallery, "evt_fresh000000000000000", expires_in=600)
     add_grant(gallery, "evt_expired0000000000000", expires_in=-7200)
@@ -308,6 +326,19 @@ def test_the_first_message_has_its_own_shorter_limit():
     with pytest.raises(FailedPrecondition):
         list(watchdog.watch(silent(), unblock.set))
     assert time.monotonic() - started < 3
+
+
+def test_a_first_message_that_is_data_gets_the_idle_limit():
+    # WriteUpload's first message is a chunk: on a slow link it takes as long as any other.
+    watchdog = IdleWatchdog(1.5, first_message_seconds=0.2)
+    cancelled = []
+
+    def slow_first():
+        time.sleep(0.6)  # longer than the first-message limit, within the idle one
+        yield "chunk"
+
+    assert list(watchdog.watch(slow_first(), lambda: cancelled.append(True), first_carries_data=True)) == ["chunk"]
+    assert cancelled == []
 
 
 def test_two_links_of_one_inode_go_in_one_pass(gallery):

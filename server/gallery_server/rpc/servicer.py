@@ -235,7 +235,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         # Resumable bytes go to the session file, not a StagedFile: the disk headroom is checked
         # as the messages arrive.
         request_iterator = self.gallery.watch_upload(
-            request_iterator, context.cancel, size_of=lambda m: len(m.data)
+            request_iterator, context.cancel, size_of=lambda m: len(m.data), first_carries_data=True
         )
         first = next(request_iterator, None)
         if first is None or not first.upload_id:
