@@ -115,6 +115,16 @@ class AdminStatus:
     counts: Counts
 
 
+def _granted(media_state: str | None, thumbnail: bool) -> bool:
+    """Whether a file in media/ with no event row still belongs to a signed URL's grant: a
+    thumbnail while the grant exists (it may arrive before its media); media while the URL can
+    still complete (`open`: a completion after a crash replaces a leftover at its id). A grant
+    left `uploading` by a killed PUT is never completed, so its leftover is an orphan."""
+    if media_state is None:
+        return False
+    return thumbnail or media_state == "open"
+
+
 class Reconciler:
     def __init__(self, gallery: Gallery, *, grace_seconds: float | None = None) -> None:
         self.gallery = gallery
@@ -217,27 +227,27 @@ class Reconciler:
                     events = set(session.exec(
                         select(Event.id).where(Event.device == device, col(Event.id).in_(ids))
                     ))
-                    grants = set(session.exec(
-                        select(UploadGrant.event_id).where(col(UploadGrant.event_id).in_(ids))
-                    ))
+                    grants = dict(session.exec(
+                        select(UploadGrant.event_id, UploadGrant.media_state)
+                        .where(col(UploadGrant.event_id).in_(ids))
+                    ).all())
                 for path in batch:
                     event_id = path.name.removesuffix(THUMB_SUFFIX)
                     thumbnail = path.name.endswith(THUMB_SUFFIX)
-                    # A grant's id is a URL that may still complete (a retry after a crash
-                    # replaces a leftover at its path): its files are the grant's until it expires.
-                    if event_id in events or event_id in grants:
+                    if event_id in events or _granted(grants.get(event_id), thumbnail):
                         continue
                     counter = "orphan_thumbnails_removed" if thumbnail else "orphan_media_removed"
                     # Read again under the file's lock: committed since the batch read?
                     self._remove(path, findings, counter,
-                                 still=lambda d=device, e=event_id: not self._has_row(d, e))
+                                 still=lambda d=device, e=event_id, t=thumbnail: not self._has_row(d, e, t))
 
-    def _has_row(self, device: str, event_id: str) -> bool:
+    def _has_row(self, device: str, event_id: str, thumbnail: bool) -> bool:
         with self.db.session() as session:
             event = session.get(Event, event_id)
             if event is not None and event.device == device:
                 return True
-            return session.get(UploadGrant, event_id) is not None
+            grant = session.get(UploadGrant, event_id)
+            return _granted(grant.media_state if grant is not None else None, thumbnail)
 
     def _grants(self, findings: Findings) -> None:
         now = utcnow()

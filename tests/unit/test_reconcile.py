@@ -144,9 +144,10 @@ def test_thumbnail_waiting_for_its_media_is_kept_while_its_grant_exists(gallery)
     assert findings.orphan_thumbnails_removed == 0 and thumb.exists()
 
 
-def test_media_at_a_granted_id_is_the_urls_until_its_grant_goes(gallery):
+def test_media_at_a_granted_id_is_kept_while_the_url_can_complete(gallery):
     # A crash left media at a pre-signed URL's id with no row; the URL's retry replaces it and
-    # commits: the reconciler must not take the file meanwhile. Once the grant is gone, it may.
+    # commits: the reconciler must not take the file meanwhile. A URL that can no longer complete
+    # (its single-shot PUT was killed) leaves an orphan.
     storage = gallery.storage
     media = storage.media_path("cam1", "evt_retried0000000000000")
     media.parent.mkdir(parents=True)
@@ -155,8 +156,8 @@ def test_media_at_a_granted_id_is_the_urls_until_its_grant_goes(gallery):
     settle()
     assert Reconciler(gallery, grace_seconds=0).run_once().orphan_media_removed == 0
     assert media.exists()
-    with gallery.db.session() as session:
-        session.delete(session.get(UploadGrant, "evt_retried0000000000000"))
+    with gallery.db.session() as session:  # a PUT killed mid-way: the URL never completes now
+        session.get(UploadGrant, "evt_retried0000000000000").media_state = "uploading"
         session.commit()
     assert Reconciler(gallery, grace_seconds=0).run_once().orphan_media_removed == 1
     assert not media.exists()
