@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime
 import hashlib
+import string
 import threading
 import time
 import types
@@ -163,6 +165,18 @@ def test_tampered_signature(local: SignedUploads, principal: auth.Principal) -> 
         denied("URL_SIGNATURE_INVALID", local.verify, "cam1", f"{payload}.{flip(signature, index)}")
     for bad in ("", signature[:-1], signature + "A", signature[:-4], "!" * len(signature)):
         denied("URL_SIGNATURE_INVALID", local.verify, "cam1", f"{payload}.{bad}")
+
+
+def test_only_the_canonical_spelling_of_a_token_verifies(local: SignedUploads, principal: auth.Principal) -> None:
+    token = token_of(local.create_urls(principal, "cam1", "a.png", thumbnail=False).media_url)
+    payload, signature = token.split(".")
+    alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
+    # A 32-byte signature is 43 characters whose last has 2 spare bits: flipping the lowest one
+    # spells the same bytes, which a lax decoder would accept as a second URL.
+    spare = signature[:-1] + alphabet[alphabet.index(signature[-1]) ^ 1]
+    assert base64.urlsafe_b64decode(spare + "=") == base64.urlsafe_b64decode(signature + "=")
+    denied("URL_SIGNATURE_INVALID", local.verify, "cam1", f"{payload}.{spare}")
+    assert local.verify("cam1", token).event_id  # the canonical one still does
 
 
 def test_payload_swapped_between_urls(local: SignedUploads, principal: auth.Principal) -> None:
