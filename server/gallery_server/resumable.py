@@ -47,7 +47,6 @@ import fcntl
 import logging
 import os
 import pathlib
-import re
 import secrets
 import time
 
@@ -71,7 +70,6 @@ COMMIT_BYTES = 32 << 20
 COMMIT_SECONDS = 2.0
 LOCK_WAIT_SECONDS = 5.0
 MAX_CHECKSUMS = 1000
-_UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,15 +81,6 @@ class SessionState:
     expires_at: datetime.datetime
     event_id: str = ""
     declared_size: int | None = None
-
-
-def check_upload_id(value: str) -> str:
-    if not _UPLOAD_ID_RE.fullmatch(value):
-        raise InvalidArgument(
-            "INVALID_UPLOAD_ID", "upload_id must match ^[A-Za-z0-9_-]{8,64}$",
-            field="upload_id", upload_id=value[:200],
-        )
-    return value
 
 
 class ResumableUploads:
@@ -118,7 +107,7 @@ class ResumableUploads:
         device_event_id: str = "",
     ) -> SessionState:
         principal.require(validation.device_id(device), WRITE)
-        upload_id = check_upload_id(upload_id) if upload_id else secrets.token_urlsafe(24)
+        upload_id = validation.upload_id(upload_id) if upload_id else secrets.token_urlsafe(24)
         return self.open_session(
             device, upload_id, name=name, media_type=media_type, metadata_json=metadata_json,
             size=size, sha256=sha256, dedupe=dedupe, device_event_id=device_event_id,
@@ -212,7 +201,7 @@ class ResumableUploads:
 
     def query(self, principal: Principal, device: str, upload_id_: str) -> SessionState:
         principal.require(validation.device_id(device), WRITE)
-        return self.state(device, check_upload_id(upload_id_))
+        return self.state(device, validation.upload_id(upload_id_))
 
     def state(self, device: str, upload_id_: str) -> SessionState:
         """query() for a caller that has authorized the device."""
@@ -284,7 +273,7 @@ class ResumableUploads:
         """A writer positioned at `write_offset`, which must be the committed size. The caller
         closes it. A completed session gives a writer whose `done` is its state."""
         principal.require(validation.device_id(device), WRITE)
-        return self.writer(device, check_upload_id(upload_id_), write_offset)
+        return self.writer(device, validation.upload_id(upload_id_), write_offset)
 
     def writer(self, device: str, upload_id_: str, write_offset: int | None) -> SessionWriter:
         """open_write() for a caller that has authorized the device; `write_offset` None: at the

@@ -40,6 +40,7 @@ DEFAULT_LIMIT = 50
 
 _DEVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _EVENT_ID_RE = re.compile(r"evt_[A-Za-z0-9_-]{22}")
+_UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -55,6 +56,16 @@ def device_id(value: str) -> str:
             "device must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
             field="device",
             device=value[:200],
+        )
+    return value
+
+
+def upload_id(value: str) -> str:
+    """A resumable upload's id, chosen by the client or the server (StartUpload)."""
+    if not _UPLOAD_ID_RE.fullmatch(value):
+        raise InvalidArgument(
+            "INVALID_UPLOAD_ID", "upload_id must match ^[A-Za-z0-9_-]{8,64}$",
+            field="upload_id", upload_id=value[:200],
         )
     return value
 
