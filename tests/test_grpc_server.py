@@ -284,6 +284,27 @@ def test_internal_error_is_generic(running: Running, caplog: pytest.LogCaptureFi
     assert [getattr(r, "code", None) for r in access] == ["INTERNAL"]
 
 
+def test_short_reads_run_on_their_own_threads(running: Running, caplog: pytest.LogCaptureFixture) -> None:
+    """Lists, stats and gets run on the few read threads (GALLERY_GRPC_READ_WORKERS), uploads and
+    streams on the server's pool. grpcio honours a per-method pool through an attribute of the
+    handler (rpc/interceptor.py); this fails if an upgrade stops honouring it."""
+    from gallery_server.rpc.server import QUICK_READS
+
+    metadata = running.auth()
+    with caplog.at_level(logging.INFO, logger="gallery.access"):
+        running.stub.UploadEvent(upload_requests(PNG), metadata=metadata)
+        running.stub.GetStats(pb.GetStatsRequest(device="cam1"), metadata=metadata)
+        running.stub.ListEventsJson(pb.ListEventsRequest(device="cam1"), metadata=metadata)
+        running.stub.GetDevicePaths(pb.GetDevicePathsRequest(device="cam1"), metadata=metadata)
+        list(running.stub.ListEvents(pb.ListEventsRequest(device="cam1"), metadata=metadata))
+        assert wait_until(lambda: len([r for r in caplog.records if r.getMessage() == "rpc"]) == 5)
+    threads = {r.method: r.threadName for r in caplog.records if r.getMessage() == "rpc"}
+    assert len(threads) == 5
+    for method, thread in threads.items():
+        assert thread.startswith("read" if method in QUICK_READS else "rpc"), (method, thread)
+    assert sum(method in QUICK_READS for method in threads) == 3
+
+
 def test_database_error_is_generic(running: Running) -> None:
     engine = sa.create_engine(running.settings.database_url)
     try:

@@ -12,6 +12,8 @@ from . import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 # pg_advisory_xact_lock key of schema creation: "gall" in ASCII.
 _SCHEMA_LOCK = 0x67616C6C
+# Execution option of Database.read() connections on SQLite: no BEGIN is issued for them.
+_SINGLE_READ = "gallery_single_read"
 
 
 def create_engine(url: str, *, pool_size: int = 32) -> sa.Engine:
@@ -46,10 +48,13 @@ def _use_real_sqlite_transactions(engine: sa.Engine) -> None:
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(connection):  # type: ignore[no-untyped-def]
+        options = connection.get_execution_options()
+        if options.get(_SINGLE_READ, False):
+            return  # Database.read(): one SELECT, in SQLite's own autocommit
         # A unit that reads before it writes and may race another writer (schema creation) asks
         # for the write lock up front: a deferred BEGIN's read lock cannot be upgraded under
         # contention ("database is locked" at once, whatever the busy timeout).
-        immediate = connection.get_execution_options().get("sqlite_immediate", False)
+        immediate = options.get("sqlite_immediate", False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
@@ -58,6 +63,10 @@ class Database:
 
     def __init__(self, url: str, *, pool_size: int = 32) -> None:
         self.engine = create_engine(url, pool_size=pool_size)
+        self._single_read: dict[str, object] = (
+            {_SINGLE_READ: True} if self.engine.dialect.name == "sqlite"
+            else {"isolation_level": "AUTOCOMMIT"}
+        )
 
     def create_tables(self) -> None:
         """Create what is missing. Processes starting together take turns (SQLite: the write lock
@@ -69,6 +78,17 @@ class Database:
                 if connection.dialect.name == "postgresql":
                     connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
                 SQLModel.metadata.create_all(connection)
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sa.Connection]:
+        """A connection for ONE read-only statement, run outside an explicit transaction.
+
+        A single SELECT reads one consistent snapshot on its own on both databases, so the
+        BEGIN and ROLLBACK around it were pure cost: on the hot listing and stats paths they
+        took about as long as the query (SQLite: two more statements through SQLAlchemy;
+        PostgreSQL: two more round trips). Several statements that must agree need session()."""
+        with self.engine.connect() as connection:
+            yield connection.execution_options(**self._single_read)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import logging
 import os
 import pathlib
@@ -61,6 +62,51 @@ def aware(moment: datetime.datetime) -> datetime.datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
 
 
+# The hot reads' statements are built once, with bound parameters: building a select per request
+# (column coercions, operator lookups, its cache key) cost more CPU than SQLite took to run it.
+_STATS = (
+    sa.select(EventCount.media_type, EventCount.count, EventCount.size)
+    .where(col(EventCount.device) == sa.bindparam("device"), col(EventCount.count) > 0)
+)
+
+
+@functools.cache
+def _listing_statement(
+    *, by_type: bool, since: bool, until: bool, after: bool, newest_first: bool
+) -> sa.Select[Any]:
+    """The listing's select for one combination of filters (at most 32 of them).
+
+    Core rows of the listed columns, not ORM objects: on a shallow page building Event objects
+    cost ~10x the query itself (performance-baselines.md). Rows answer the same attributes."""
+    c = Event.__table__.c  # type: ignore[attr-defined]
+    created, event_id = c.created, c.id
+    statement = sa.select(*(c[name] for name in LISTED_COLUMNS)).where(
+        c.device == sa.bindparam("device")
+    )
+    if by_type:
+        statement = statement.where(c.media_type == sa.bindparam("media_type"))
+    if since:
+        statement = statement.where(created >= sa.bindparam("since", type_=created.type))
+    if until:
+        statement = statement.where(created < sa.bindparam("until", type_=created.type))
+    if after:
+        # A row-value comparison: SQLite and PostgreSQL both seek the (device, created, id) index to
+        # the position, so a deep page costs as the first. (The equivalent OR of two conditions
+        # made SQLite walk every newer row: 1.2 s at depth 500,000 in BENCHMARKS.md.)
+        position = sa.tuple_(created, event_id)
+        last = sa.tuple_(
+            sa.bindparam("after_created", type_=created.type),
+            sa.bindparam("after_id", type_=event_id.type),
+        )
+        statement = statement.where(position < last if newest_first else position > last)
+    order = (created.desc(), event_id.desc()) if newest_first else (created, event_id)
+    return (
+        statement.order_by(*order)
+        .offset(sa.bindparam("offset", type_=sa.Integer))
+        .limit(sa.bindparam("limit", type_=sa.Integer))
+    )
+
+
 class Gallery:
     def __init__(self, settings: Settings, db: Database, storage: Storage) -> None:
         self.settings = settings
@@ -108,29 +154,19 @@ class Gallery:
             media_type=media_type, since=since, until=until, order=order, limit=limit,
             offset=offset, page_token=page_token,
         )
-        # Core rows of the listed columns, not ORM objects: on a shallow page building Event objects
-        # cost ~10x the query itself (performance-baselines.md). Rows answer the same attributes.
-        events_table = Event.__table__  # type: ignore[attr-defined]
-        c = events_table.c
-        statement = sa.select(*(c[name] for name in LISTED_COLUMNS)).where(c.device == device)
-        if query.media_type:
-            statement = statement.where(c.media_type == query.media_type)
-        if query.since:
-            statement = statement.where(c.created >= query.since)
-        if query.until:
-            statement = statement.where(c.created < query.until)
-        created, event_id = c.created, c.id
-        if query.after:
-            # A row-value comparison: SQLite and PostgreSQL both seek the (device, created, id) index to
-            # the position, so a deep page costs as the first. (The equivalent OR of two conditions
-            # made SQLite walk every newer row: 1.2 s at depth 500,000 in BENCHMARKS.md.)
-            position = sa.tuple_(created, event_id)
-            after = sa.tuple_(sa.literal(query.after[0], created.type), sa.literal(query.after[1], event_id.type))
-            statement = statement.where(position < after if query.newest_first else position > after)
-        order = (created.desc(), event_id.desc()) if query.newest_first else (created, event_id)
-        statement = statement.order_by(*order).offset(query.offset).limit(query.limit)
-        with self.db.engine.connect() as connection:
-            events: list[Any] = list(connection.execute(statement))
+        statement = _listing_statement(
+            by_type=bool(query.media_type), since=query.since is not None,
+            until=query.until is not None, after=query.after is not None,
+            newest_first=query.newest_first,
+        )
+        parameters = {
+            "device": device, "media_type": query.media_type, "since": query.since,
+            "until": query.until, "offset": query.offset, "limit": query.limit,
+            "after_created": query.after[0] if query.after else None,
+            "after_id": query.after[1] if query.after else None,
+        }
+        with self.db.read() as connection:
+            events: list[Any] = list(connection.execute(statement, parameters).all())
         last = (events[-1].created, events[-1].id) if events else None
         return events, paging.next_page_token(query, last, full=len(events) == query.limit)
 
@@ -187,12 +223,8 @@ class Gallery:
     def stats(self, principal: Principal, device: str) -> Stats:
         """From the per-type counters (models.EventCount): one index lookup, whatever the device's size."""
         principal.require(validation.device_id(device), READ)
-        query = (
-            sa.select(EventCount.media_type, EventCount.count, EventCount.size)
-            .where(col(EventCount.device) == device, col(EventCount.count) > 0)
-        )
-        with self.db.engine.connect() as connection:
-            rows = connection.execute(query).all()
+        with self.db.read() as connection:
+            rows = connection.execute(_STATS, {"device": device}).all()
         by_type = {media: TypeStats(int(count), int(size)) for media, count, size in rows}
         return Stats(
             total_events=sum(t.count for t in by_type.values()),

@@ -14,6 +14,7 @@
 | GALLERY_MAX_THUMBNAIL_BYTES | 10485760 (10 MiB)        | largest thumbnail accepted                      |
 | GALLERY_MAX_METADATA_BYTES  | 65536                    | largest metadata JSON accepted                  |
 | GALLERY_GRPC_WORKERS        | 64                       | gRPC server threads (a connected device holds one) |
+| GALLERY_GRPC_READ_WORKERS   | 4                        | threads of the short reads (list, stats, get)   |
 | GALLERY_LOG_LEVEL           | INFO                     | log level                                       |
 | GALLERY_PULL_TTL            | 3600                     | seconds an open pull request waits for content  |
 | GALLERY_INCOMING_SCAN_SECONDS | 1.0                    | how often the incoming folders are scanned      |
@@ -82,6 +83,7 @@ class Settings:
     max_thumbnail_bytes: int = 10 << 20
     max_metadata_bytes: int = 64 << 10
     grpc_workers: int = 64
+    grpc_read_workers: int = 4
     log_level: str = "INFO"
     pull_ttl: int = 3600
     incoming_scan_seconds: float = 1.0
@@ -137,6 +139,9 @@ class Settings:
                     env.get("GALLERY_MAX_METADATA_BYTES", cls.max_metadata_bytes)
                 ),
                 grpc_workers=int(env.get("GALLERY_GRPC_WORKERS", cls.grpc_workers)),
+                grpc_read_workers=int(
+                    _non_negative(env, "GALLERY_GRPC_READ_WORKERS", cls.grpc_read_workers, positive=True)
+                ),
                 log_level=env.get("GALLERY_LOG_LEVEL", cls.log_level).upper(),
                 pull_ttl=int(env.get("GALLERY_PULL_TTL", cls.pull_ttl)),
                 incoming_scan_seconds=float(

@@ -60,6 +60,7 @@ Build = Callable[[str, str, str], list]
 REQUESTS: dict[str, tuple[str, Build]] = {
     "GetDevicePaths": (auth.READ, lambda d, e, u: [pb.GetDevicePathsRequest(device=d)]),
     "ListEvents": (auth.READ, lambda d, e, u: [pb.ListEventsRequest(device=d)]),
+    "ListEventsJson": (auth.READ, lambda d, e, u: [pb.ListEventsRequest(device=d)]),
     "GetEvent": (auth.READ, lambda d, e, u: [pb.GetEventRequest(device=d, event_id=e)]),
     "UploadEvent": (auth.WRITE, lambda d, e, u: [
         pb.UploadEventRequest(header=pb.UploadHeader(device=d, name="a.txt")),

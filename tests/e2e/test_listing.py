@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import sqlite3
 import uuid
+
+from gallery.v1 import gallery_pb2 as pb
+from gallery.v1 import gallery_pb2_grpc
 
 
 def upload(http, headers, device, name):
@@ -53,3 +57,81 @@ def test_bad_listing_parameters_are_json_400s(http, auth_headers):
         r = http.get(f"/api/gallery/{device}/events", params=params, headers=headers)
         assert r.status_code == 400, r.text
         assert r.json()["details"][0]["reason"] == reason
+
+
+def _seed_announced(stack, device: str) -> None:
+    """Events as a device announces them (no file on the server), with the timestamps, sizes and
+    names whose JSON spelling could differ between the server's printer and Envoy's."""
+    rows = [
+        ("2024-03-20 10:00:00.000000", 0, 'quote " backslash \\ <b>&amp;', 0),
+        ("2024-03-20 10:00:00.120000", 999_999_999_999_999, "café 📷 カメラ.jpg", 1),
+        ("2024-03-20 10:00:00.123456", 2**53, "plain.mp4", 0),
+        ("1999-12-31 23:59:59.000001", 1, "x" * 300, 1),
+    ]
+    with sqlite3.connect(stack.data_dir / "gallery.db", timeout=30) as db:
+        db.executemany(
+            "INSERT INTO events (id, device, name, media_type, mime_type, size, sha256, has_thumbnail,"
+            " metadata_json, created, state, thumbnail_state, thumbnail_attempts, media_info_json)"
+            " VALUES (?, ?, ?, 'video', '', ?, '', ?, '{}', ?, 'on_device', '', 0, '')",
+            [(f"evt_{uuid.uuid4().hex[:22]}", device, name, size, thumbnail, created)
+             for created, size, name, thumbnail in rows],
+        )
+
+
+def test_listed_events_read_exactly_as_envoy_prints_an_event(stack, http, auth_headers):
+    """The listing's JSON is printed by the server (ListEventsJson, one message per page); each
+    event must read as Envoy's transcoder prints the same Event for GetEvent, without the two
+    fields a listing leaves unset: same keys in the same order, same values, same JSON types."""
+    device, headers = f"list-{uuid.uuid4().hex[:8]}", auth_headers()
+    upload(http, headers, device, "upload.txt")
+    r = http.post(f"/api/gallery/{device}/upload", headers=headers, data={"name": "with-thumb.jpg"},
+                  files={"event": ("a.jpg", b"\xff\xd8\xff" + b"0" * 100), "thumbnail": ("t.jpg", b"\xff\xd8\xff")})
+    assert r.status_code == 200, r.text
+    _seed_announced(stack, device)
+    r = http.get(f"/api/gallery/{device}/events", params={"limit": 1000}, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert r.headers["x-next-page-token"] == ""
+    listed = r.json()
+    assert len(listed) == 6
+    for event in listed:
+        one = http.get(f"/api/gallery/{device}/events/{event['id']}", headers=headers)
+        assert one.status_code == 200, one.text
+        printed = {key: value for key, value in one.json().items() if key not in ("metadata", "pull")}
+        assert list(event) == list(printed)
+        assert event == printed
+        assert [type(v) for v in event.values()] == [type(v) for v in printed.values()]
+    sizes = {e["size"] for e in listed}
+    assert {0, 999_999_999_999_999, 2**53} <= sizes
+    assert {e["created"] for e in listed} >= {
+        "2024-03-20T10:00:00Z", "2024-03-20T10:00:00.120Z", "2024-03-20T10:00:00.123456Z",
+        "1999-12-31T23:59:59.000001Z",
+    }
+
+
+def test_native_list_and_rest_list_are_the_same_page(stack, http, auth_headers, envoy_channel):
+    """ListEvents (native, streamed) and the REST listing share one query: same events, same
+    order, same next-page token, for every filter combination the REST route takes."""
+    device, headers = f"list-{uuid.uuid4().hex[:8]}", auth_headers()
+    for i in range(5):
+        upload(http, headers, device, f"{i}.txt")
+    _seed_announced(stack, device)
+    stub = gallery_pb2_grpc.GalleryServiceStub(envoy_channel)
+    metadata = [("authorization", headers["Authorization"])]
+    first = http.get(f"/api/gallery/{device}/events", params={"limit": 2}, headers=headers)
+    cases = [
+        {"limit": 2},
+        {"limit": 3, "order": "oldest"},
+        {"media_type": "video"},
+        {"since": "2024-03-20T10:00:00.100Z", "until": "2024-03-21T00:00:00Z", "order": "oldest"},
+        {"limit": 2, "page_token": first.headers["x-next-page-token"]},
+        {"offset": 3, "limit": 4},
+    ]
+    for params in cases:
+        r = http.get(f"/api/gallery/{device}/events", params=params, headers=headers)
+        assert r.status_code == 200, (params, r.text)
+        responses = stub.ListEvents(pb.ListEventsRequest(device=device, **params), metadata=metadata)
+        native = list(responses)
+        token = dict(responses.initial_metadata())["x-next-page-token"]
+        assert [e["id"] for e in r.json()] == [e.id for e in native], params
+        assert r.headers["x-next-page-token"] == token, params

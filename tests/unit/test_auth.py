@@ -90,6 +90,62 @@ def test_verify_expired_token() -> None:
     assert token not in error.message
 
 
+class _Clock:
+    """Stands in for auth's `time` module: wall time moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+def test_a_remembered_token_skips_the_signature_until_its_entry_ages_out(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    clock, checks, decode = _Clock(), [], jwt.decode
+    monkeypatch.setattr(auth, "time", clock)
+    monkeypatch.setattr(auth.jwt, "decode", lambda *a, **k: checks.append(1) or decode(*a, **k))
+    verifier, token = auth.Verifier(secret=JWT_SECRET), _encode(_claims())
+    first = verifier.verify(token)
+    assert verifier.verify(token) == first and len(checks) == 1
+    clock.now += auth.VERIFIED_TTL_SECONDS + 1
+    assert verifier.verify(token) == first and len(checks) == 2
+
+
+def test_a_remembered_token_still_expires(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    clock = _Clock()
+    monkeypatch.setattr(auth, "time", clock)
+    verifier = auth.Verifier(secret=JWT_SECRET)
+    token = _encode(_claims(exp=int(clock.now) + 5))
+    verifier.verify(token)
+    clock.now += 5 + auth.LEEWAY_SECONDS + 1  # still within the entry's lifetime
+    with pytest.raises(Unauthenticated) as info:
+        verifier.verify(token)
+    assert info.value.reason == "TOKEN_EXPIRED"
+
+
+def test_remembering_a_token_never_vouches_for_other_bytes() -> None:
+    verifier, token = auth.Verifier(secret=JWT_SECRET), _encode(_claims())
+    verifier.verify(token)
+    header, payload, signature = token.split(".")
+    forged_payload = _b64(json.dumps(_claims(devices=["*"])).encode())
+    for forged in (f"{header}.{forged_payload}.{signature}", token + "x", token[:-2]):
+        with pytest.raises(Unauthenticated):
+            verifier.verify(forged)
+
+
+def test_remembered_tokens_are_bounded(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(auth, "VERIFIED_MAX_ENTRIES", 3)
+    verifier = auth.Verifier(secret=JWT_SECRET)
+    tokens = [_encode(_claims(sub=f"user{i}")) for i in range(10)]
+    for token in tokens:
+        verifier.verify(token)
+    assert len(verifier._verified) == 3
+    assert list(verifier._verified) == tokens[-3:]  # the oldest went first
+
+
 def test_verify_expired_within_leeway_is_accepted() -> None:
     token = _encode(_claims(exp=int(time.time()) - 5))
     assert auth.Verifier(secret=JWT_SECRET).verify(token).subject == "alice"

@@ -18,6 +18,7 @@ import unicodedata
 from collections.abc import Iterator
 
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +26,7 @@ from gallery_server import auth, downloads, paging, validation
 from gallery_server.db import Database
 from gallery_server.errors import InvalidArgument, PermissionDenied, TooLarge, Unauthenticated
 from gallery_server.forms import FormReceiver, multipart_boundary
+from gallery_server.rpc import event_json
 from gallery_server.rpc.servicer import content_disposition
 from gallery_server.service import Gallery
 from gallery_server.signed_urls import MEDIA, THUMBNAIL, SignedTarget, SignedUploads
@@ -368,6 +370,17 @@ def test_since_round_trips_rfc3339(moment: datetime.datetime) -> None:
     assert paging.build(until=moment.isoformat()).until == moment
     z = moment.astimezone(datetime.UTC).replace(tzinfo=None).isoformat() + "Z"
     assert paging.build(until=z).until == moment
+
+
+@PROFILE
+@given(st.one_of(MOMENTS, MOMENTS.map(lambda m: m.astimezone(datetime.UTC).replace(tzinfo=None)),
+                 MOMENTS.map(lambda m: m.replace(microsecond=m.microsecond // 1000 * 1000))))
+def test_listing_timestamps_print_as_protobuf_prints_them(moment: datetime.datetime) -> None:
+    # The REST listing's `created` is printed by the server (rpc/event_json.py) and must read as
+    # the transcoder printed the Timestamp (0, 3 or 6 fractional digits here, UTC, "Z").
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    assert event_json.timestamp(moment) == stamp.ToJsonString()
 
 
 @PROFILE

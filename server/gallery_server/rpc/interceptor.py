@@ -16,7 +16,8 @@ import contextvars
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from concurrent import futures
 from typing import Any
 
 import grpc
@@ -47,8 +48,12 @@ def current_principal() -> auth.Principal:
 
 
 class GalleryInterceptor(grpc.ServerInterceptor):
-    def __init__(self, verifier: auth.Verifier) -> None:
+    def __init__(
+        self, verifier: auth.Verifier, pools: Mapping[str, futures.ThreadPoolExecutor] | None = None
+    ) -> None:
         self._verifier = verifier
+        # Methods that run on a pool of their own rather than the server's (rpc/server.py).
+        self._pools = dict(pools or {})
 
     def intercept_service(
         self,
@@ -69,6 +74,11 @@ class GalleryInterceptor(grpc.ServerInterceptor):
             wrapped: Callable[..., Any] = self._wrap_stream(method, public, behavior)
         else:
             wrapped = self._wrap_unary(method, public, behavior)
+        pool = self._pools.get(method)
+        if pool is not None:
+            # grpcio runs a behavior that carries this attribute on that executor instead of the
+            # server's (grpc/_server.py, _select_thread_pool_for_behavior); a test checks it does.
+            wrapped.experimental_thread_pool = pool  # type: ignore[attr-defined]
         factory = {
             (False, False): grpc.unary_unary_rpc_method_handler,
             (False, True): grpc.unary_stream_rpc_method_handler,

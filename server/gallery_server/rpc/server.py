@@ -39,6 +39,17 @@ ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["GalleryAdminService"
 MAX_MESSAGE_BYTES = 8 << 20
 DB_POOL_SIZE = 20
 UPLOAD_WINDOW_BYTES = 1 << 20
+# Short reads that never wait for anything but the database: they run on a few threads of their
+# own (GALLERY_GRPC_READ_WORKERS). Spread over the server's many threads, 16 clients' reads made
+# as many threads take turns at the GIL, and each request cost ~2x the CPU (BENCHMARKS.md);
+# uploads, downloads and waits keep the large pool, where a slow client may hold a thread.
+QUICK_READS = tuple(
+    f"/{SERVICE_NAME}/{method}"
+    for method in (
+        "GetDevicePaths", "GetEvent", "ListEventsJson", "GetStats", "GetSignedUploadStatus",
+        "FindExistingChecksums",
+    )
+)
 
 
 def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
@@ -53,7 +64,10 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
         futures.ThreadPoolExecutor(
             max_workers=settings.grpc_workers, thread_name_prefix="rpc"
         ),
-        interceptors=[GalleryInterceptor(Verifier.from_settings(settings))],
+        interceptors=[GalleryInterceptor(Verifier.from_settings(settings), pools=dict.fromkeys(
+            QUICK_READS,
+            futures.ThreadPoolExecutor(settings.grpc_read_workers, thread_name_prefix="read"),
+        ))],
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -27,6 +27,7 @@ from ..models import Event
 from ..resumable import SessionState
 from ..service import Gallery
 from ..signed_urls import THUMBNAIL, SignedTarget, SignedUploads, SignedUploadState
+from . import event_json
 from .interceptor import current_principal
 from .status import HTTP_STATUS_HEADER
 
@@ -59,6 +60,15 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         )
 
     def ListEvents(self, request, context):  # type: ignore[no-untyped-def]
+        events = self._list_page(request, context)
+        for event in events:
+            yield event_message(event)
+
+    def ListEventsJson(self, request, context):  # type: ignore[no-untyped-def]
+        events = self._list_page(request, context)
+        return HttpBody(content_type="application/json", data=event_json.listing(events))
+
+    def _list_page(self, request: pb.ListEventsRequest, context: grpc.ServicerContext) -> list:
         events, next_page_token = self.gallery.list_page(
             self.principal(),
             request.device,
@@ -70,10 +80,9 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             offset=request.offset if request.HasField("offset") else None,
             page_token=request.page_token,
         )
-        # The body is the documented top-level array, so the token travels as a header.
+        # The REST body is the documented top-level array, so the token travels as a header.
         context.send_initial_metadata(((NEXT_PAGE_TOKEN_HEADER, next_page_token),))
-        for event in events:
-            yield event_message(event)
+        return events
 
     def GetEvent(self, request, context):  # type: ignore[no-untyped-def]
         event = self.gallery.get_event(self.principal(), request.device, request.event_id)
