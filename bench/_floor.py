@@ -1,8 +1,8 @@
 """The floor of the small-request path: a trivial grpcio server behind the gallery's own Envoy.
 
 It answers GetDevicePaths and GetStats with constants (no token check, no database, no log line),
-on the same kind of server as the gallery's (grpcio's sync server, a thread pool), behind an Envoy
-rendered from the same envoy/envoy.yaml. Whatever a gallery request costs beyond this is ours;
+on the same kind of server as the gallery's (grpcio's sync server, as many threads as the gallery's
+reads get), behind an Envoy rendered from the same envoy/envoy.yaml. Whatever a gallery request costs beyond this is ours;
 what this costs is the price of Python gRPC plus Envoy's transcoding on this machine, and it
 bounds the request rate (and so the latency of 16 closed-loop clients) any handler could reach.
 
@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
 from gallery_server import envoy_config, local_stack, supervisor
+from gallery_server.settings import Settings
 
 
 class _Constant(gallery_pb2_grpc.GalleryServiceServicer):
@@ -36,7 +37,9 @@ class _Constant(gallery_pb2_grpc.GalleryServiceServicer):
 
 
 def serve(port: int) -> None:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=[("grpc.so_reuseport", 0)])
+    # As many threads as the gallery gives these reads (GALLERY_GRPC_READ_WORKERS).
+    workers = Settings.__dataclass_fields__["grpc_read_workers"].default
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=[("grpc.so_reuseport", 0)])
     gallery_pb2_grpc.add_GalleryServiceServicer_to_server(_Constant(), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -51,16 +54,17 @@ class FloorStack:
         self.grpc_port = local_stack.free_port()
         self.http_port = local_stack.free_port()
         admin_port = local_stack.free_port()
-        self.server = subprocess.Popen([sys.executable, __file__, str(self.grpc_port)])
         config = f"{run_dir}/floor-envoy.yaml"
         with open(config, "w") as f:
             f.write(envoy_config.render(listen=f"127.0.0.1:{self.http_port}", admin_port=admin_port,
                                         backends=[f"127.0.0.1:{self.grpc_port}"]))
-        self.envoy = subprocess.Popen(
-            [supervisor.envoy_binary(), "-c", config, "--disable-hot-restart", "--log-level", "error"],
-            start_new_session=True,
-        )
+        self.envoy: subprocess.Popen[bytes] | None = None
+        self.server = subprocess.Popen([sys.executable, __file__, str(self.grpc_port)])
         try:
+            self.envoy = subprocess.Popen(
+                [supervisor.envoy_binary(), "-c", config, "--disable-hot-restart", "--log-level", "error"],
+                start_new_session=True,
+            )
             supervisor.wait_grpc_healthy(f"127.0.0.1:{self.grpc_port}", process=self.server)
             supervisor.wait_envoy_ready(admin_port, process=self.envoy)
             supervisor.wait_grpc_healthy(f"127.0.0.1:{self.http_port}", process=self.envoy)
@@ -71,12 +75,14 @@ class FloorStack:
 
     @property
     def pids(self) -> dict[str, int]:
+        assert self.envoy is not None
         return {"server": self.server.pid, "envoy": self.envoy.pid}
 
     def stop(self) -> None:
-        for process in (self.envoy, self.server):
+        processes = [p for p in (self.envoy, self.server) if p is not None]
+        for process in processes:
             process.terminate()
-        for process in (self.envoy, self.server):
+        for process in processes:
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:

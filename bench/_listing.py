@@ -223,7 +223,6 @@ def _small_requests(bench: Bench, floor: FloorStack, seconds: float) -> Section:
                      f"{m['envoy_us']:.0f}" if "envoy_us" in m else "–",
                      f"{ratio(name, floors[name]):.2f}" if name in floors else "–"])
     floor_p50 = median([s["p50"] for s in measured[FLOOR_STATS]])
-    bench.facts["floor"] = {"p50_ms": floor_p50, "rate": median([s["rate"] for s in measured[FLOOR_STATS]])}
     markdown = (
         f"The smallest authenticated calls, through Envoy, for {seconds:.0f} s each over {CONNECTIONS} keep-alive "
         "connections (bench/_loadgen.py). The *floor* rows send the same requests through an Envoy rendered from "

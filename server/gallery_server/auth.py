@@ -42,10 +42,15 @@ ES256 = "ES256"
 JWKS_TIMEOUT_SECONDS = 5.0
 # After a failed JWKS fetch, requests fail fast (503) for this long (or the cooldown, if shorter).
 JWKS_RETRY_SECONDS = 5.0
+# How long a request needing a key waits for another request's fetch of the key set before it is
+# told to retry (503): fetches normally take milliseconds, and requests must not pile up behind
+# an identity provider that hangs (they run on the few read threads, rpc/server.py).
+JWKS_WAIT_SECONDS = 0.25
 # Verified tokens are remembered, so a client sending the same token on every request pays for
 # its signature once (HS256 ~50 µs, RS256/ES256 more, of a ~300 µs small request). An entry lasts
-# at most this long, so a key withdrawn from a JWKS stops being honoured within it, and at most
-# this many are kept (the oldest go first).
+# at most this long: a key withdrawn from a JWKS stops being honoured within this time of the key
+# set's next refresh (GALLERY_JWT_JWKS_LIFESPAN). At most this many are kept, the least recently
+# verified going first.
 VERIFIED_TTL_SECONDS = 60.0
 VERIFIED_MAX_ENTRIES = 4096
 
@@ -118,8 +123,8 @@ class Verifier:
         self._jwks_failed_at = -math.inf
         self._jwks_retry = min(jwks_cooldown, JWKS_RETRY_SECONDS)
         self._jwks_lock = threading.Lock()
-        # token -> (principal, its exp, when it was verified); see VERIFIED_TTL_SECONDS.
-        self._verified: dict[str, tuple[Principal, float, float]] = {}
+        # token -> (principal, its exp, time.monotonic() when verified); see VERIFIED_TTL_SECONDS.
+        self._verified: dict[str, tuple[Principal, int, float]] = {}
         self._verified_lock = threading.Lock()
         if jwks_url:
             # PyJWT's client caches the key set for `lifespan` and refetches it for an unknown
@@ -153,19 +158,19 @@ class Verifier:
         remembered = self._verified.get(token)
         if remembered is not None:
             principal, expires, verified_at = remembered
-            now = time.time()
-            if now - verified_at < VERIFIED_TTL_SECONDS:
-                if now > expires + LEEWAY_SECONDS:  # as PyJWT would decide now
+            if time.monotonic() - verified_at < VERIFIED_TTL_SECONDS:
+                if time.time() >= expires + LEEWAY_SECONDS:  # PyJWT's own rule for `exp`
                     raise Unauthenticated("TOKEN_EXPIRED", "token has expired")
                 return principal
         principal, expires = self._verify_signed(token)
         with self._verified_lock:
+            self._verified.pop(token, None)  # re-verified: now the most recent
             if len(self._verified) >= VERIFIED_MAX_ENTRIES:
                 del self._verified[next(iter(self._verified))]
-            self._verified[token] = (principal, expires, time.time())
+            self._verified[token] = (principal, expires, time.monotonic())
         return principal
 
-    def _verify_signed(self, token: str) -> tuple[Principal, float]:
+    def _verify_signed(self, token: str) -> tuple[Principal, int]:
         if not token.isascii():  # a JWT is base64url and dots; PyJWT would choke on surrogates
             raise Unauthenticated("TOKEN_INVALID", "invalid token: not ASCII")
         key, algorithms = self._key_for(token)
@@ -189,7 +194,7 @@ class Verifier:
         except jwt.InvalidTokenError as exc:
             # The exception text names the failed check, never the token or the key.
             raise Unauthenticated("TOKEN_INVALID", f"invalid token: {exc}") from None
-        return _principal(claims), float(claims["exp"])
+        return _principal(claims), int(claims["exp"])  # PyJWT compares int(exp) too
 
     def _key_for(self, token: str) -> tuple[Any, list[str]]:
         if self._jwks is None:
@@ -221,20 +226,29 @@ class Verifier:
     def _fetch_key(self, kid: str) -> jwt.PyJWK:
         """The key from the identity provider, one fetch at a time. PyJWT retries a failed fetch
         on every call, so while the provider is down every request would wait out a fetch (one
-        after another, behind PyJWT's lock): fail fast for a few seconds instead."""
+        after another, behind PyJWT's lock): fail fast for a few seconds instead. A request that
+        finds a fetch under way waits for it only JWKS_WAIT_SECONDS, so a hanging provider holds
+        one thread, not every thread that reads."""
         assert self._jwks is not None
-        with self._jwks_lock:
+        if not self._jwks_lock.acquire(timeout=JWKS_WAIT_SECONDS):
+            raise _jwks_unavailable()
+        try:
             if time.monotonic() - self._jwks_failed_at < self._jwks_retry:
                 raise _jwks_unavailable()
-            try:
-                return self._jwks.get_signing_key(kid)
-            except jwt.PyJWKClientConnectionError:
-                self._jwks_failed_at = time.monotonic()
-                raise _jwks_unavailable() from None
-            except jwt.PyJWTError:
-                raise Unauthenticated(
-                    "TOKEN_KEY_UNKNOWN", "invalid token: no known key has its 'kid'"
-                ) from None
+            # The fetch we waited for may have brought this key.
+            cached = self._cached_key(kid)
+            if cached is not None:
+                return cached
+            return self._jwks.get_signing_key(kid)
+        except jwt.PyJWKClientConnectionError:
+            self._jwks_failed_at = time.monotonic()
+            raise _jwks_unavailable() from None
+        except jwt.PyJWTError:
+            raise Unauthenticated(
+                "TOKEN_KEY_UNKNOWN", "invalid token: no known key has its 'kid'"
+            ) from None
+        finally:
+            self._jwks_lock.release()
 
 
 def _jwks_unavailable() -> Unavailable:

@@ -95,12 +95,17 @@ class _Clock:
 
     def __init__(self) -> None:
         self.now = time.time()
+        self.skew = 0.0
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.skew += seconds
 
     def time(self) -> float:
         return self.now
 
     def monotonic(self) -> float:
-        return time.monotonic()
+        return time.monotonic() + self.skew
 
 
 def test_a_remembered_token_skips_the_signature_until_its_entry_ages_out(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -110,7 +115,7 @@ def test_a_remembered_token_skips_the_signature_until_its_entry_ages_out(monkeyp
     verifier, token = auth.Verifier(secret=JWT_SECRET), _encode(_claims())
     first = verifier.verify(token)
     assert verifier.verify(token) == first and len(checks) == 1
-    clock.now += auth.VERIFIED_TTL_SECONDS + 1
+    clock.advance(auth.VERIFIED_TTL_SECONDS + 1)
     assert verifier.verify(token) == first and len(checks) == 2
 
 
@@ -120,7 +125,7 @@ def test_a_remembered_token_still_expires(monkeypatch) -> None:  # type: ignore[
     verifier = auth.Verifier(secret=JWT_SECRET)
     token = _encode(_claims(exp=int(clock.now) + 5))
     verifier.verify(token)
-    clock.now += 5 + auth.LEEWAY_SECONDS + 1  # still within the entry's lifetime
+    clock.advance(5 + auth.LEEWAY_SECONDS)  # PyJWT's boundary: expired; still within the entry's lifetime
     with pytest.raises(Unauthenticated) as info:
         verifier.verify(token)
     assert info.value.reason == "TOKEN_EXPIRED"
@@ -518,11 +523,14 @@ class JwksServer:
         self.keys: list[dict] = []
         self.requests = 0
         self.down = False
+        self.release = threading.Event()  # cleared: every request hangs until it is set
+        self.release.set()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 server.requests += 1
+                server.release.wait(timeout=30)
                 if server.down:
                     self.send_error(503)
                     return
@@ -548,6 +556,7 @@ class JwksServer:
         self.keys.append({**jwk, "kid": kid, "use": "sig"})
 
     def close(self) -> None:
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -622,6 +631,36 @@ def test_jwks_outage_never_locks_out_cached_keys(jwks_server, rsa_private) -> No
             verifier.verify(token)
         assert verifier.verify(good).subject == "alice"
     assert jwks_server.requests == 2
+
+
+def test_a_hanging_identity_provider_holds_one_request_not_all(jwks_server, rsa_private) -> None:  # type: ignore[no-untyped-def]
+    """Requests needing a key while another request's fetch hangs are told to retry at once
+    (503) instead of queueing behind it: reads run on a few threads (rpc/server.py)."""
+    jwks_server.publish("rsa-1", rsa_private)
+    good = _kid_token(rsa_private, "rsa-1")
+    verifier = auth.Verifier(secret=JWT_SECRET, jwks_url=jwks_server.url, jwks_cooldown=0.0)
+    assert verifier.verify(good).subject == "alice"
+    jwks_server.release.clear()
+    fetching = threading.Thread(target=lambda: _refused_or_unavailable(verifier, _kid_token(rsa_private, "new-1")))
+    fetching.start()
+    deadline = time.monotonic() + 5
+    while jwks_server.requests < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert jwks_server.requests == 2  # the fetch is under way, hanging
+    started = time.monotonic()
+    for kid in ("new-2", "new-3", "new-4"):
+        with pytest.raises(Unavailable):
+            verifier.verify(_kid_token(rsa_private, kid))
+    assert time.monotonic() - started < 3 * auth.JWKS_WAIT_SECONDS + 1.0
+    assert verifier.verify(good).subject == "alice"  # a cached key needs no fetch
+    jwks_server.release.set()
+    fetching.join(timeout=10)
+    assert not fetching.is_alive()
+
+
+def _refused_or_unavailable(verifier: auth.Verifier, token: str) -> None:
+    with pytest.raises((Unauthenticated, Unavailable)):
+        verifier.verify(token)
 
 
 def test_jwks_symmetric_key_is_never_used(jwks_server) -> None:  # type: ignore[no-untyped-def]

@@ -4,7 +4,7 @@ The bytes must read exactly as Envoy's transcoder prints the `Event` message of 
 ListEvents that the route used to map to (print_options in envoy/envoy.yaml): fields in field-number
 order under their JSON names, every scalar present even when empty or false, `size` a JSON number,
 `created` RFC 3339 in UTC with 0, 3, 6 or 9 fractional digits, and `metadata` and `pull` absent
-(a listing leaves them unset). tests/e2e/test_list_json.py holds each listed event against Envoy's
+(a listing leaves them unset). tests/e2e/test_listing.py holds each listed event against Envoy's
 own rendering of the same event by GetEvent.
 """
 
@@ -12,13 +12,22 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..service import LISTED_COLUMNS
 
-# Compact, and non-ASCII text as UTF-8 like protobuf's printer (clients parse either spelling).
+# Compact, and non-ASCII text as UTF-8, like protobuf's printer.
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# What protobuf's printer escapes beyond JSON's own rules, and the spelling it uses. Of its set,
+# only `<` and `>` can be in a stored name: names refuse control, format and separator characters
+# (validation.py), and every other listed field is ASCII the server wrote; the others here are
+# belt and braces, checked against Envoy byte for byte by tests/e2e/test_listing.py.
+_PROTOBUF_ESCAPES = {
+    char: f"\\u{ord(char):04x}" for char in "<>\x7f\u00ad\u200b\u2028\u2029\ufeff"
+}
+_NEEDS_ESCAPE = re.compile("[" + "".join(_PROTOBUF_ESCAPES) + "]")
 
 
 def timestamp(moment: datetime.datetime) -> str:
@@ -45,7 +54,7 @@ def listing(rows: Iterable[Sequence[Any]]) -> bytes:
 
     `size` is printed as an integer: the transcoder prints the proto's double the same way for
     every size below 10^15 bytes, past which it would switch to exponent notation."""
-    return _encode([
+    text = _encode([
         {
             "id": row[_ID],
             "name": row[_NAME],
@@ -58,4 +67,7 @@ def listing(rows: Iterable[Sequence[Any]]) -> bytes:
             "state": row[_STATE],
         }
         for row in rows
-    ]).encode()
+    ])
+    if _NEEDS_ESCAPE.search(text):
+        text = _NEEDS_ESCAPE.sub(lambda match: _PROTOBUF_ESCAPES[match.group()], text)
+    return text.encode()
