@@ -2,9 +2,10 @@
 
 It answers GetDevicePaths and GetStats with constants (no token check, no database, no log line),
 on the same kind of server as the gallery's (grpcio's sync server, as many threads as the gallery's
-reads get), behind an Envoy rendered from the same envoy/envoy.yaml. Whatever a gallery request costs beyond this is ours;
-what this costs is the price of Python gRPC plus Envoy's transcoding on this machine, and it
-bounds the request rate (and so the latency of 16 closed-loop clients) any handler could reach.
+reads get), behind an Envoy rendered from the same envoy/envoy.yaml. Whatever a gallery request
+costs beyond this is ours; what this costs is the price of Python gRPC plus Envoy's transcoding on
+this machine, and it bounds the request rate (and so the latency of 16 closed-loop clients) that
+any handler could reach.
 
     python bench/_floor.py PORT      # serves until killed
 """
