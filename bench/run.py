@@ -1319,8 +1319,10 @@ TARGETS_NOTE = (
     "reads run without BEGIN/ROLLBACK and with prebuilt statements (stats ~240 -> ~100 µs in process); verified "
     "tokens are remembered (~55 µs each); short reads run on 4 threads of their own, so 16 clients no longer "
     "make 16 threads take turns at the GIL (CPU per request ~2x before). Paths now runs at the floor, stats at "
-    "~0.7x it; the listing's remaining cost is SQLAlchemy's per-row work and the JSON of 50 events (~0.5 ms in "
-    "process), inflated by GIL hand-offs (sqlite3 releases the GIL for every row). Reaching 5 ms needs a "
+    "~0.7x it. On SQLite the listing's page is printed by SQLite's JSON functions inside the query: sqlite3 hands "
+    "rows to Python one at a time and releases the GIL for each, and under 16 clients those 50 contended "
+    "hand-offs per page cost more CPU than the query and the printing together (list ~1.4x the request rate "
+    "with it). Reaching 5 ms needs a "
     "cheaper request path than grpcio's sync server (grpc.aio: ~25% less server CPU for a constant handler, "
     "measured by hand on this machine) and more cores than the 2 the load generator and Envoy share with it.\n"
 )

@@ -18,10 +18,11 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from . import downloads, paging, validation
+from . import downloads, listing_json, paging, validation
 from .auth import READ, WRITE, Principal
 from .db import Database
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .listing_json import LISTED_COLUMNS
 from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import DeviceCommand, Event, EventCount, UploadSessionRow, initial_thumbnail_state
 from .settings import Settings
@@ -29,11 +30,6 @@ from .storage import SPACE_CHECK_BYTES, StagedFile, Storage
 from .uploads import IdleWatchdog, Upload, UploadSlots
 
 log = logging.getLogger(__name__)
-
-# What a listing returns of each event (rpc.servicer.event_message without metadata).
-LISTED_COLUMNS = (
-    "id", "device", "name", "media_type", "mime_type", "size", "sha256", "has_thumbnail", "created", "state",
-)
 
 # Runs inside the transaction that inserts an event, before the insert.
 SessionHook = Callable[[Session, Event], None]
@@ -107,6 +103,36 @@ def _listing_statement(
     )
 
 
+@functools.cache
+def _sqlite_json_statement(page: sa.Select[Any], newest_first: bool) -> sa.Select[Any]:
+    """One row for a whole page on SQLite: its JSON (listing_json.sqlite_array), the number of
+    events, whether every `created` had the stored shape, and "created id" of the last event
+    (the least pair newest first, the greatest oldest first: `created` has a fixed width)."""
+    pages = page.subquery("page")
+    last = "min" if newest_first else "max"
+    return sa.select(
+        sa.literal_column(listing_json.sqlite_array),
+        sa.literal_column("count(*)"),
+        sa.literal_column(listing_json.sqlite_regular),
+        sa.literal_column(f"{last}(created || ' ' || id)"),
+    ).select_from(pages)
+
+
+def _sqlite_position(last: str | None) -> tuple[datetime.datetime, str] | None:
+    """(created, id) from _sqlite_json_statement's "created id" (created has a fixed width)."""
+    if not last:
+        return None
+    width = listing_json.SQLITE_STORED_LENGTH
+    return datetime.datetime.fromisoformat(last[:width]).replace(tzinfo=datetime.UTC), last[width + 1:]
+
+
+def _next_page_token(
+    query: paging.ListQuery, last: tuple[datetime.datetime, str] | None, count: int
+) -> str:
+    """The token after a page of `count` events whose last is at `last` (created, id)."""
+    return paging.next_page_token(query, last, full=count == query.limit)
+
+
 class Gallery:
     def __init__(self, settings: Settings, db: Database, storage: Storage) -> None:
         self.settings = settings
@@ -134,6 +160,46 @@ class Gallery:
         return self.list_page(principal, device, **request)[0]
 
     def list_page(
+        self, principal: Principal, device: str, **request: Any
+    ) -> tuple[list[Event], str]:
+        """One page of a device's events, and the token of the next page ("" after the last).
+
+        The events are read-only rows with the attributes of LISTED_COLUMNS (what a listing shows).
+        `request`: media_type, since, until, order, limit, offset, page_token (paging.build)."""
+        query, statement, parameters = self._page(principal, device, **request)
+        with self.db.read() as connection:
+            events: list[Any] = list(connection.execute(statement, parameters).all())
+        last = (events[-1].created, events[-1].id) if events else None
+        return events, _next_page_token(query, last, len(events))
+
+    def list_page_json(self, principal: Principal, device: str, **request: Any) -> tuple[bytes, str]:
+        """The same page as list_page, as the REST listing's JSON (listing_json), and its token."""
+        query, statement, parameters = self._page(principal, device, **request)
+        if self._sqlite_prints_json:
+            with self.db.read() as connection:
+                text, count, regular, last = connection.execute(
+                    _sqlite_json_statement(statement, query.newest_first), parameters
+                ).one()
+            if regular or not count:  # else a stored time of another shape: printed below
+                return listing_json.finish(text), _next_page_token(query, _sqlite_position(last), count)
+        with self.db.read() as connection:
+            events: list[Any] = list(connection.execute(statement, parameters).all())
+        last_event = (events[-1].created, events[-1].id) if events else None
+        return listing_json.listing(events), _next_page_token(query, last_event, len(events))
+
+    @functools.cached_property
+    def _sqlite_prints_json(self) -> bool:
+        """SQLite with its JSON functions (built in since 3.38; a build may leave them out)."""
+        if self.db.engine.dialect.name != "sqlite":
+            return False
+        try:
+            with self.db.read() as connection:
+                connection.exec_driver_sql("SELECT json_group_array(json_object('a', 1))").one()
+        except sa.exc.OperationalError:
+            return False
+        return True
+
+    def _page(
         self,
         principal: Principal,
         device: str,
@@ -145,10 +211,8 @@ class Gallery:
         limit: int | None = None,
         offset: int | None = None,
         page_token: str = "",
-    ) -> tuple[list[Event], str]:
-        """One page of a device's events, and the token of the next page ("" after the last).
-
-        The events are read-only rows with the attributes of LISTED_COLUMNS (what a listing shows)."""
+    ) -> tuple[paging.ListQuery, sa.Select[Any], dict[str, Any]]:
+        """Authorize and validate a listing request: its query, select and parameters."""
         principal.require(validation.device_id(device), READ)
         query = paging.build(
             media_type=media_type, since=since, until=until, order=order, limit=limit,
@@ -165,10 +229,7 @@ class Gallery:
             "after_created": query.after[0] if query.after else None,
             "after_id": query.after[1] if query.after else None,
         }
-        with self.db.read() as connection:
-            events: list[Any] = list(connection.execute(statement, parameters).all())
-        last = (events[-1].created, events[-1].id) if events else None
-        return events, paging.next_page_token(query, last, full=len(events) == query.limit)
+        return query, statement, parameters
 
     def get_event(self, principal: Principal, device: str, event_id: str) -> Event:
         principal.require(validation.device_id(device), READ)

@@ -22,11 +22,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gallery_server import auth, downloads, paging, validation
+from gallery_server import auth, downloads, listing_json, paging, validation
 from gallery_server.db import Database
 from gallery_server.errors import InvalidArgument, PermissionDenied, TooLarge, Unauthenticated
 from gallery_server.forms import FormReceiver, multipart_boundary
-from gallery_server.rpc import event_json
 from gallery_server.rpc.servicer import content_disposition
 from gallery_server.service import Gallery
 from gallery_server.signed_urls import MEDIA, THUMBNAIL, SignedTarget, SignedUploads
@@ -376,11 +375,11 @@ def test_since_round_trips_rfc3339(moment: datetime.datetime) -> None:
 @given(st.one_of(MOMENTS, MOMENTS.map(lambda m: m.astimezone(datetime.UTC).replace(tzinfo=None)),
                  MOMENTS.map(lambda m: m.replace(microsecond=m.microsecond // 1000 * 1000))))
 def test_listing_timestamps_print_as_protobuf_prints_them(moment: datetime.datetime) -> None:
-    # The REST listing's `created` is printed by the server (rpc/event_json.py) and must read as
+    # The REST listing's `created` is printed by the server (listing_json.py) and must read as
     # the transcoder printed the Timestamp (0, 3 or 6 fractional digits here, UTC, "Z").
     stamp = Timestamp()
     stamp.FromDatetime(moment)
-    assert event_json.timestamp(moment) == stamp.ToJsonString()
+    assert listing_json.timestamp(moment) == stamp.ToJsonString()
 
 
 @PROFILE

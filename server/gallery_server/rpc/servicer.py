@@ -9,6 +9,7 @@ import itertools
 import json
 import urllib.parse
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 from google.api.httpbody_pb2 import HttpBody
@@ -27,7 +28,6 @@ from ..models import Event
 from ..resumable import SessionState
 from ..service import Gallery
 from ..signed_urls import THUMBNAIL, SignedTarget, SignedUploads, SignedUploadState
-from . import event_json
 from .interceptor import current_principal
 from .status import HTTP_STATUS_HEADER
 
@@ -60,29 +60,20 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         )
 
     def ListEvents(self, request, context):  # type: ignore[no-untyped-def]
-        events = self._list_page(request, context)
+        events, next_page_token = self.gallery.list_page(
+            self.principal(), request.device, **_listing_request(request)
+        )
+        context.send_initial_metadata(((NEXT_PAGE_TOKEN_HEADER, next_page_token),))
         for event in events:
             yield event_message(event)
 
     def ListEventsJson(self, request, context):  # type: ignore[no-untyped-def]
-        events = self._list_page(request, context)
-        return HttpBody(content_type="application/json", data=event_json.listing(events))
-
-    def _list_page(self, request: pb.ListEventsRequest, context: grpc.ServicerContext) -> list:
-        events, next_page_token = self.gallery.list_page(
-            self.principal(),
-            request.device,
-            media_type=request.media_type,
-            since=request.since,
-            until=request.until,
-            order=request.order,
-            limit=request.limit if request.HasField("limit") else None,
-            offset=request.offset if request.HasField("offset") else None,
-            page_token=request.page_token,
+        page, next_page_token = self.gallery.list_page_json(
+            self.principal(), request.device, **_listing_request(request)
         )
-        # The REST body is the documented top-level array, so the token travels as a header.
+        # The body is the documented top-level array, so the token travels as a header.
         context.send_initial_metadata(((NEXT_PAGE_TOKEN_HEADER, next_page_token),))
-        return events
+        return HttpBody(content_type="application/json", data=page)
 
     def GetEvent(self, request, context):  # type: ignore[no-untyped-def]
         event = self.gallery.get_event(self.principal(), request.device, request.event_id)
@@ -400,6 +391,18 @@ def _upload_state_headers(state: SignedUploadState) -> list[tuple[str, str]]:
     if state.committed_size:  # GCS's form; absent while nothing is committed, as there
         headers.append(("range", f"bytes=0-{state.committed_size - 1}"))
     return headers
+
+
+def _listing_request(request: pb.ListEventsRequest) -> dict[str, Any]:
+    return {
+        "media_type": request.media_type,
+        "since": request.since,
+        "until": request.until,
+        "order": request.order,
+        "limit": request.limit if request.HasField("limit") else None,
+        "offset": request.offset if request.HasField("offset") else None,
+        "page_token": request.page_token,
+    }
 
 
 def event_message(event: Event, *, with_metadata: bool = False) -> pb.Event:

@@ -1,0 +1,106 @@
+"""A page of events as the REST listing's JSON (GET /api/gallery/{device}/events, ListEventsJson).
+
+The bytes must read exactly as Envoy's transcoder printed the `Event` messages of the streamed
+ListEvents that the route used to map to (print_options in envoy/envoy.yaml): fields in
+field-number order under their JSON names, every scalar present even when empty or false, `size`
+a JSON number, `created` RFC 3339 in UTC with 0, 3 or 6 fractional digits, and `metadata` and
+`pull` absent (a listing leaves them unset). tests/e2e/test_listing.py holds the listing against
+Envoy's own printing of the same events by GetEvent, byte for byte.
+
+Two printers of that one format: Python's, from rows (`listing`), and SQLite's (`sqlite_array`),
+which prints a whole page inside the query. SQLite hands rows to Python one at a time and lets go
+of the GIL for each; with concurrent requests, every such hand-off is contended, and a page of 50
+rows cost ~1 ms of CPU in hand-offs alone (BENCHMARKS.md). Printed by SQLite, the page is one
+value. tests/unit/test_listing_json.py holds the two printers to each other.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+# What a listing returns of each event, in this order (the listing's select, service.py).
+LISTED_COLUMNS = (
+    "id", "device", "name", "media_type", "mime_type", "size", "sha256", "has_thumbnail", "created", "state",
+)
+
+# Compact, and non-ASCII text as UTF-8, like protobuf's printer.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# What protobuf's printer escapes beyond JSON's own rules, and the spelling it uses. Of its set,
+# only `<` and `>` can be in a stored name: names refuse control, format and separator characters
+# (validation.py), and every other listed field is ASCII the server wrote; the others here are
+# belt and braces, checked against Envoy byte for byte by tests/e2e/test_listing.py.
+_PROTOBUF_ESCAPES = {
+    char: f"\\u{ord(char):04x}" for char in "<>\x7f\u00ad\u200b\u2028\u2029\ufeff"
+}
+_NEEDS_ESCAPE = re.compile("[" + "".join(_PROTOBUF_ESCAPES) + "]")
+
+
+def timestamp(moment: datetime.datetime) -> str:
+    """RFC 3339 in UTC, as protobuf prints a google.protobuf.Timestamp (naive means UTC)."""
+    if moment.utcoffset():
+        moment = moment.astimezone(datetime.UTC)
+    # isoformat() is C code: "auto" omits a zero fraction and prints 6 digits otherwise.
+    whole_millis = moment.microsecond % 1000 == 0 and moment.microsecond
+    text = moment.isoformat(timespec="milliseconds" if whole_millis else "auto")
+    return (text[:-6] if moment.tzinfo is not None else text) + "Z"  # drop "+00:00"
+
+
+# Rows come in LISTED_COLUMNS order; indexing a row is much cheaper than its named attributes.
+_ID, _NAME, _TYPE, _MIME, _SIZE, _SHA256, _THUMBNAIL, _CREATED, _STATE = (
+    LISTED_COLUMNS.index(name) for name in (
+        "id", "name", "media_type", "mime_type", "size", "sha256", "has_thumbnail", "created",
+        "state",
+    )
+)
+
+
+def listing(rows: Iterable[Sequence[Any]]) -> bytes:
+    """The JSON array of a page of rows of LISTED_COLUMNS.
+
+    `size` is printed as an integer: the transcoder prints the proto's double the same way for
+    every size below 10^15 bytes, past which it would switch to exponent notation."""
+    return finish(_encode([
+        {
+            "id": row[_ID],
+            "name": row[_NAME],
+            "media_type": row[_TYPE],
+            "size": int(row[_SIZE]),
+            "has_thumbnail": bool(row[_THUMBNAIL]),
+            "created": timestamp(row[_CREATED]),
+            "mime_type": row[_MIME],
+            "sha256": row[_SHA256],
+            "state": row[_STATE],
+        }
+        for row in rows
+    ]))
+
+
+def finish(text: str) -> bytes:
+    """JSON text from either printer with protobuf's extra escapes applied, as bytes."""
+    if _NEEDS_ESCAPE.search(text):
+        text = _NEEDS_ESCAPE.sub(lambda match: _PROTOBUF_ESCAPES[match.group()], text)
+    return text.encode()
+
+
+# SQLAlchemy stores a DATETIME in SQLite as "YYYY-MM-DD HH:MM:SS.ffffff" (UTC here: models.py).
+SQLITE_STORED_LENGTH = 26
+# The page printed by SQLite's JSON functions, over a subquery of LISTED_COLUMNS in listing order
+# (SQLite aggregates a LIMITed subquery's rows in its ORDER BY: it cannot flatten it into the
+# aggregate). json_object keeps the keys in the order given; `created` is cut to RFC 3339 with
+# protobuf's 0, 3 or 6 fractional digits. A `created` of another shape is printed as NULL and
+# counted by `sqlite_regular`: such a page goes to the Python printer instead.
+sqlite_array = """json_group_array(json_object(
+    'id', id, 'name', name, 'media_type', media_type, 'size', size,
+    'has_thumbnail', CASE WHEN has_thumbnail THEN json('true') ELSE json('false') END,
+    'created', CASE WHEN length(created) = 26 AND substr(created, 11, 1) = ' '
+        THEN substr(created, 1, 10) || 'T' || substr(created, 12, 8)
+            || CASE WHEN substr(created, 21, 6) = '000000' THEN ''
+                    WHEN substr(created, 24, 3) = '000' THEN '.' || substr(created, 21, 3)
+                    ELSE '.' || substr(created, 21, 6) END
+            || 'Z' END,
+    'mime_type', mime_type, 'sha256', sha256, 'state', state))"""
+sqlite_regular = "sum(length(created) = 26 AND substr(created, 11, 1) = ' ') = count(*)"

@@ -1,0 +1,108 @@
+"""The REST listing's JSON: SQLite's printer against Python's, on SQLite and PostgreSQL.
+
+Gallery.list_page_json has SQLite print a whole page (listing_json.sqlite_array); everywhere else,
+and for rows SQLite cannot print, Python prints the rows of list_page. Both must give the same
+bytes and the same next-page token for every request a client can make. (Python's printer is held
+to Envoy's own printing by tests/e2e/test_listing.py.)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import pytest
+import sqlalchemy as sa
+
+from gallery_server import listing_json
+from gallery_server.models import Event
+
+DEVICE = "cam-json"
+T0 = datetime.datetime(2024, 3, 20, 10, 0, 0, tzinfo=datetime.UTC)
+NAMES = ['quote " backslash \\ <b>&amp;', "café 📷 カメラ.jpg", "plain.mp4", "x" * 255, "a<b>c"]
+FRACTIONS = [0, 120_000, 123_456, 1, 999_000]
+
+
+@pytest.fixture
+def rows(gallery):
+    """25 events with every shape of name, size, time and flag, some sharing a timestamp."""
+    values = [
+        {
+            "id": f"evt_json{i:018d}", "device": DEVICE, "name": NAMES[i % len(NAMES)],
+            "media_type": ("video", "image", "other")[i % 3], "mime_type": "" if i % 4 else "video/mp4",
+            "size": (0, 1, 999_999_999_999_999, 2**53, 12345)[i % 5], "sha256": f"{i:064x}" if i % 2 else "",
+            "has_thumbnail": i % 3 == 0, "metadata_json": "{}",
+            "created": T0 + datetime.timedelta(seconds=i // 2, microseconds=FRACTIONS[i % len(FRACTIONS)]),
+            "state": "stored" if i % 2 else "on_device", "thumbnail_state": "", "thumbnail_attempts": 0,
+            "media_info_json": "",
+        }
+        for i in range(25)
+    ]
+    with gallery.db.engine.begin() as connection:
+        connection.execute(sa.insert(Event.__table__), values)  # type: ignore[attr-defined]
+    return values
+
+
+REQUESTS = [
+    {},
+    {"limit": 7},
+    {"limit": 7, "order": "oldest"},
+    {"media_type": "video", "limit": 3},
+    {"since": "2024-03-20T10:00:03Z", "until": "2024-03-20T10:00:09.5Z"},
+    {"limit": 4, "offset": 5},
+    {"limit": 1000},
+    {"media_type": "audio"},  # an empty page
+]
+
+
+@pytest.mark.parametrize("request_args", REQUESTS, ids=[json.dumps(r) for r in REQUESTS])
+def test_both_printers_give_the_same_page_and_token(gallery, principal, rows, request_args):
+    token, json_token = "", ""
+    while True:
+        events, token = gallery.list_page(principal, DEVICE, page_token=token, **request_args)
+        page, json_token = gallery.list_page_json(principal, DEVICE, page_token=json_token, **request_args)
+        assert page == listing_json.listing(events)
+        assert json_token == token
+        if not token or "offset" in request_args:
+            break
+
+
+def test_the_pages_hold_every_event_once_in_order(gallery, principal, rows):
+    seen, token = [], ""
+    while True:
+        page, token = gallery.list_page_json(principal, DEVICE, limit=6, page_token=token)
+        seen += [event["id"] for event in json.loads(page)]
+        if not token:
+            break
+    newest_first = sorted(rows, key=lambda r: (r["created"], r["id"]), reverse=True)
+    assert seen == [r["id"] for r in newest_first]
+
+
+def test_sqlite_prints_a_regular_page_in_one_statement(gallery, principal, rows):
+    if gallery.db.engine.dialect.name != "sqlite":
+        pytest.skip("the SQLite printer")
+    gallery.list_page_json(principal, DEVICE, limit=10)  # the first also checks SQLite's JSON functions
+    statements: list[str] = []
+    sa.event.listen(gallery.db.engine, "before_cursor_execute",
+                    lambda _c, _cur, statement, *_: statements.append(statement))
+    gallery.list_page_json(principal, DEVICE, limit=10)
+    assert len(statements) == 1 and "json_group_array" in statements[0]
+
+
+def test_a_time_sqlite_did_not_store_itself_is_printed_by_python(gallery, principal, rows):
+    if gallery.db.engine.dialect.name != "sqlite":
+        pytest.skip("only SQLite stores times as text")
+    with gallery.db.engine.begin() as connection:  # as another tool might have written it
+        connection.exec_driver_sql(
+            "UPDATE events SET created = '2024-03-20 10:00:30' WHERE id = ?", (rows[0]["id"],)
+        )
+    page, token = gallery.list_page_json(principal, DEVICE, limit=3)
+    events, expected_token = gallery.list_page(principal, DEVICE, limit=3)
+    assert page == listing_json.listing(events)
+    assert token == expected_token
+    assert json.loads(page)[0]["created"] == "2024-03-20T10:00:30Z"
+
+
+def test_protobuf_escapes_apply_to_both_printers(gallery, principal, rows):
+    page, _ = gallery.list_page_json(principal, DEVICE, limit=1000)
+    assert b"a\\u003cb\\u003ec" in page and b"<" not in page and b">" not in page
