@@ -114,6 +114,10 @@ class ReceivePermits:
                 self._acquire(stream, holding_message=True)
                 yield message
                 del message  # not held without a permit
+                # Back after every message, not after a few: the stream's next message is still
+                # on its way (its window was just refilled), while the stream at the head of the
+                # queue has one buffered. Keeping the permit for 8 messages at a time halved the
+                # 64-stream throughput (the holders waited on Envoy instead of working).
                 self._release(stream)
         finally:
             self._end(stream)

@@ -10,6 +10,7 @@ import pytest
 
 from gallery_server.errors import FailedPrecondition
 from gallery_server.receiving import ReceivePermits
+from gallery_server.settings import ConfigError, Settings
 from gallery_server.uploads import IdleWatchdog
 
 
@@ -242,3 +243,18 @@ def test_a_stream_waiting_on_its_client_is_still_aborted_when_idle():
         list(permits.bounded(watchdog.watch(transport.messages(), transport.end), on_end=transport.on_end))
     assert idle.value.reason == "UPLOAD_IDLE"
     assert permits.free == 1
+
+
+def settings_env(tmp_path, **values: str) -> dict[str, str]:
+    return {"GALLERY_DATA_DIR": str(tmp_path), "GALLERY_JWT_SECRET": "s" * 40, **values}
+
+
+def test_the_setting_defaults_to_eight_and_must_be_positive(tmp_path):
+    assert Settings.from_env(settings_env(tmp_path)).upload_messages_in_flight == 8
+    chosen = Settings.from_env(settings_env(tmp_path, GALLERY_UPLOAD_MESSAGES_IN_FLIGHT="3"))
+    assert chosen.upload_messages_in_flight == 3
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(ConfigError):
+            Settings.from_env(settings_env(tmp_path, GALLERY_UPLOAD_MESSAGES_IN_FLIGHT=bad))
+    with pytest.raises(ValueError):
+        ReceivePermits(0)
