@@ -25,6 +25,7 @@ from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .listing_json import LISTED_COLUMNS
 from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import DeviceCommand, Event, EventCount, UploadSessionRow, initial_thumbnail_state
+from .receiving import ReceivePermits
 from .settings import Settings
 from .storage import SPACE_CHECK_BYTES, StagedFile, Storage
 from .uploads import IdleWatchdog, Upload, UploadSlots
@@ -149,6 +150,8 @@ class Gallery:
         self.idle = IdleWatchdog(
             settings.upload_idle_seconds, first_message_seconds=settings.upload_first_message_seconds
         )
+        # Upload messages asked for or held at once, all streams together (receiving.py).
+        self.receiving = ReceivePermits(settings.upload_messages_in_flight)
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -355,14 +358,20 @@ class Gallery:
     def watch_upload(
         self, messages: Iterator[T], cancel: Callable[[], None],
         size_of: Callable[[T], int] | None = None, first_carries_data: bool = False,
+        on_end: Callable[[Callable[[], None]], object] | None = None,
     ) -> Iterator[T]:
         """The messages of an upload stream, aborted (by `cancel`) once idle for
         GALLERY_UPLOAD_IDLE_SECONDS. With `size_of`, the free disk space is checked again every
-        SPACE_CHECK_BYTES received (for streams that write outside a StagedFile)."""
+        SPACE_CHECK_BYTES received (for streams that write outside a StagedFile).
+
+        Every message is asked for under one of the replica's GALLERY_UPLOAD_MESSAGES_IN_FLIGHT
+        permits, held until the caller asks for the next (receiving.py); `on_end(callback)` (a
+        gRPC context's add_callback) makes a stream whose RPC ended stop waiting for one."""
+        # The permit is taken outside the idle watch: waiting for one is not the client's silence.
         watched = self.idle.watch(messages, cancel, first_carries_data=first_carries_data)
-        if size_of is None:
-            return watched
-        return self._metered(watched, size_of)
+        if size_of is not None:
+            watched = self._metered(watched, size_of)
+        return self.receiving.bounded(watched, on_end=on_end)
 
     def _metered(self, messages: Iterator[T], size_of: Callable[[T], int]) -> Iterator[T]:
         unchecked = 0

@@ -141,7 +141,9 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         return response
 
     def UploadEvent(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        request_iterator = self.gallery.watch_upload(request_iterator, context.cancel)
+        request_iterator = self.gallery.watch_upload(
+            request_iterator, context.cancel, on_end=context.add_callback
+        )
         header = _first(request_iterator)
         if header.WhichOneof("part") != "header":
             raise InvalidArgument(
@@ -235,7 +237,8 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         # Resumable bytes go to the session file, not a StagedFile: the disk headroom is checked
         # as the messages arrive.
         request_iterator = self.gallery.watch_upload(
-            request_iterator, context.cancel, size_of=lambda m: len(m.data), first_carries_data=True
+            request_iterator, context.cancel, size_of=lambda m: len(m.data), first_carries_data=True,
+            on_end=context.add_callback,
         )
         first = next(request_iterator, None)
         if first is None or not first.upload_id:
@@ -291,7 +294,9 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         return pb.FindExistingChecksumsResponse(existing=existing)
 
     def UploadEventForm(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        request_iterator = self.gallery.watch_upload(request_iterator, context.cancel)
+        request_iterator = self.gallery.watch_upload(
+            request_iterator, context.cancel, on_end=context.add_callback
+        )
         first = _first(request_iterator)
         with self.gallery.begin_upload(self.principal(), first.device) as upload:
             form = FormReceiver(
@@ -318,6 +323,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         request_iterator = self.gallery.watch_upload(
             request_iterator, context.cancel,
             size_of=(lambda m: len(m.http_body.data)) if content_range else None,
+            on_end=context.add_callback,
         )
         first = _first(request_iterator)
         target = self.signed.verify(validation.device_id(first.device), first.token)
