@@ -29,14 +29,25 @@ LISTED_COLUMNS = (
 
 # Compact, and non-ASCII text as UTF-8, like protobuf's printer.
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-# What protobuf's printer escapes beyond JSON's own rules, and the spelling it uses. Of its set,
-# only `<` and `>` can be in a stored name: names refuse control, format and separator characters
-# (validation.py), and every other listed field is ASCII the server wrote; the others here are
-# belt and braces, checked against Envoy byte for byte by tests/e2e/test_listing.py.
-_PROTOBUF_ESCAPES = {
-    char: f"\\u{ord(char):04x}" for char in "<>\x7f\u00ad\u200b\u2028\u2029\ufeff"
-}
-_NEEDS_ESCAPE = re.compile("[" + "".join(_PROTOBUF_ESCAPES) + "]")
+# What protobuf's JSON printer escapes beyond JSON's own rules (its writer's MustEscape), spelled as
+# it spells them: `<`, `>`, DEL and the C1 controls, and Unicode's invisible formatting characters.
+# Names refuse control, format and separator characters (validation.py), but a few of these are
+# other categories (U+17B4 and U+17B5 are combining marks, which Khmer names may hold), and rows
+# written by other tools may hold any of them.
+_PROTOBUF_ESCAPED = (
+    "<>\x7f-\x9f\xad\u0600-\u0603\u06dd\u070f\u17b4\u17b5\u200b-\u200f\u2028-\u202e"
+    "\u2060-\u2064\u206a-\u206f\ufeff\ufff9-\ufffb\U000e0001\U000e0020-\U000e007f"
+    "\U0001d173-\U0001d17a"
+)
+_NEEDS_ESCAPE = re.compile(f"[{_PROTOBUF_ESCAPED}]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    high, low = divmod(code - 0x10000, 0x400)  # JSON spells the others as a surrogate pair
+    return f"\\u{0xD800 + high:04x}\\u{0xDC00 + low:04x}"
 
 
 def timestamp(moment: datetime.datetime) -> str:
@@ -82,25 +93,32 @@ def listing(rows: Iterable[Sequence[Any]]) -> bytes:
 def finish(text: str) -> bytes:
     """JSON text from either printer with protobuf's extra escapes applied, as bytes."""
     if _NEEDS_ESCAPE.search(text):
-        text = _NEEDS_ESCAPE.sub(lambda match: _PROTOBUF_ESCAPES[match.group()], text)
+        text = _NEEDS_ESCAPE.sub(_escape, text)
     return text.encode()
 
 
 # SQLAlchemy stores a DATETIME in SQLite as "YYYY-MM-DD HH:MM:SS.ffffff" (UTC here: models.py).
 SQLITE_STORED_LENGTH = 26
+_STORED_TIME = (
+    "typeof(created) = 'text' AND created GLOB "
+    "'[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] [0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]'"
+)
 # The page printed by SQLite's JSON functions, over a subquery of LISTED_COLUMNS in listing order
 # (SQLite aggregates a LIMITed subquery's rows in its ORDER BY: it cannot flatten it into the
 # aggregate). json_object keeps the keys in the order given; `created` is cut to RFC 3339 with
-# protobuf's 0, 3 or 6 fractional digits. A `created` of another shape is printed as NULL and
-# counted by `sqlite_regular`: such a page goes to the Python printer instead.
-sqlite_array = """json_group_array(json_object(
+# protobuf's 0, 3 or 6 fractional digits. A row the server did not write itself (a time of another
+# shape, a size or flag that is not an integer) is counted by `sqlite_regular`, and its page goes
+# to the Python printer instead.
+sqlite_array = f"""json_group_array(json_object(
     'id', id, 'name', name, 'media_type', media_type, 'size', size,
     'has_thumbnail', CASE WHEN has_thumbnail THEN json('true') ELSE json('false') END,
-    'created', CASE WHEN length(created) = 26 AND substr(created, 11, 1) = ' '
+    'created', CASE WHEN {_STORED_TIME}
         THEN substr(created, 1, 10) || 'T' || substr(created, 12, 8)
             || CASE WHEN substr(created, 21, 6) = '000000' THEN ''
                     WHEN substr(created, 24, 3) = '000' THEN '.' || substr(created, 21, 3)
                     ELSE '.' || substr(created, 21, 6) END
             || 'Z' END,
     'mime_type', mime_type, 'sha256', sha256, 'state', state))"""
-sqlite_regular = "sum(length(created) = 26 AND substr(created, 11, 1) = ' ') = count(*)"
+sqlite_regular = (
+    f"sum({_STORED_TIME} AND typeof(size) = 'integer' AND typeof(has_thumbnail) = 'integer') = count(*)"
+)

@@ -14,13 +14,15 @@ only `permits` handler threads work on messages at once: memory is streams x (wi
 Which wait the permit covers, and why: a gRPC request iterator's next() both waits for the client
 and receives, and the message it returns is the memory to bound, so the permit is taken before
 next() and given back once the message is consumed (the handler asks for the next one). A permit
-held by a stream waiting on its client would make every other upload wait for that client: so a
-stream inside next() for LEND_AFTER_SECONDS while others wait for a permit loses it to them (it is
-"lent"). Its message, when it comes, waits for a permit in Python (ahead of the streams that have
-none: only a permit frees that memory); slow streams may so hold one message each beyond the
-bound, and a silent one delays the others by LEND_AFTER_SECONDS once, not for as long as it stays
-silent. Otherwise permits go first come, first served (a stream that gives one back goes behind
-the streams already waiting), so no stream is starved.
+held by a stream waiting on its client, or by a handler blocked between messages (a resumable
+write waiting for its session's lock, a slow commit), would make every other upload wait for it:
+so a stream that has held a permit for LEND_AFTER_SECONDS while others wait loses it to them (it
+is "lent"). A message that arrives after its stream's permit was lent waits for a permit in
+Python, ahead of the streams that have none (only a permit frees that memory), in arrival order;
+slow streams may so hold one message each beyond the bound, and a silent or blocked one delays the
+others by LEND_AFTER_SECONDS once, not for as long as it stays so. Otherwise permits go first
+come, first served (a stream that gives one back goes behind the streams already waiting), so no
+stream is starved.
 
 The wait for a permit is no client idleness: IdleWatchdog counts only the time inside next(). A
 stream whose RPC ends (cancelled by its client or by the idle watchdog) stops waiting at once and
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,11 +47,13 @@ from typing import TypeVar
 
 from . import _malloc
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# How long a stream may wait on its client while holding a permit others are waiting for. Longer
-# than a message already buffered in grpc-core takes to come out of next() on a busy server (a
-# permit lent then costs one message held in Python), short next to an upload's duration.
+# How long a stream may keep a permit others are waiting for (waiting on its client, or blocked
+# between messages) before it is lent to them. Longer than a message already buffered in
+# grpc-core takes to come out of next() on a busy server (a permit lent then costs one message
+# held in Python), short next to an upload's duration.
 LEND_AFTER_SECONDS = 0.1
 # A trim itself costs a few ms with a heap of a few hundred MiB; the memory it returns is faulted in
 # again by the next messages, which is most of its cost (see the module docstring).
@@ -61,7 +66,7 @@ class _Stream:
 
     wake: threading.Event = dataclasses.field(default_factory=threading.Event)  # set: holds or ended
     holds: bool = False
-    receiving_since: float | None = None  # monotonic time it entered next(); None: not in next()
+    held_since: float = 0.0  # monotonic time it was given its permit
     ended: bool = False  # its RPC is over: it waits for nothing any more
 
 
@@ -76,8 +81,10 @@ class ReceivePermits:
         self._lock = threading.Lock()
         self._free = permits
         self._waiting: collections.deque[_Stream] = collections.deque()
-        self._receiving: set[_Stream] = set()  # holders inside next()
-        self.lent = 0  # permits taken from streams waiting on their client, since start
+        # Streams holding a message that arrived after their permit was lent: served first.
+        self._returning: collections.deque[_Stream] = collections.deque()
+        self._holders: set[_Stream] = set()
+        self.lent = 0  # permits taken from streams that kept them too long, since start
         self._contended = threading.Event()  # set while streams wait for a permit
         self._lender: threading.Thread | None = None
 
@@ -87,7 +94,7 @@ class ReceivePermits:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._returning)
 
     def bounded(
         self, messages: Iterator[T], *, on_end: Callable[[Callable[[], None]], object] | None = None,
@@ -101,17 +108,10 @@ class ReceivePermits:
         try:
             while True:
                 self._acquire(stream)
-                with self._lock:
-                    stream.receiving_since = time.monotonic()
-                    self._receiving.add(stream)
                 try:
                     message = next(messages)
                 except StopIteration:
                     return
-                finally:
-                    with self._lock:
-                        self._receiving.discard(stream)
-                        stream.receiving_since = None
                 # At once, unless the permit was lent while the client was slow.
                 self._acquire(stream, holding_message=True)
                 yield message
@@ -131,14 +131,11 @@ class ReceivePermits:
         with self._lock:
             if stream.holds or stream.ended:
                 return
-            if self._free and not self._waiting:
+            if self._free and not self.waiting:
                 self._free -= 1
-                stream.holds = True
+                self._grant(stream)
                 return
-            if holding_message:
-                self._waiting.appendleft(stream)
-            else:
-                self._waiting.append(stream)
+            (self._returning if holding_message else self._waiting).append(stream)
             self._contended.set()
             if self._lender is None:
                 self._lender = threading.Thread(target=self._lend, name="upload-permits", daemon=True)
@@ -158,30 +155,32 @@ class ReceivePermits:
         while True:
             self._contended.wait()
             time.sleep(self.lend_after / 2)
-            self._lend_stalled()
-            if time.monotonic() - trimmed >= TRIM_EVERY_SECONDS:
-                _malloc.trim()
-                trimmed = time.monotonic()
+            try:
+                self._lend_stalled()
+                if time.monotonic() - trimmed >= TRIM_EVERY_SECONDS:
+                    _malloc.trim()
+                    trimmed = time.monotonic()
+            except Exception:  # noqa: BLE001 - this thread must outlive any one failure
+                log.exception("upload permits: lending failed")
 
     def _lend_stalled(self) -> None:
-        """Hand the permits of holders waiting on their client for lend_after to waiting streams."""
+        """Hand the permits held for lend_after or longer to waiting streams."""
         now = time.monotonic()
         with self._lock:
-            for holder in list(self._receiving):
-                if not self._waiting:
+            for holder in list(self._holders):
+                if not self.waiting:
                     break
-                since = holder.receiving_since
-                if holder.holds and since is not None and now - since >= self.lend_after:
-                    holder.holds = False
+                if now - holder.held_since >= self.lend_after:
+                    self._take(holder)
                     self.lent += 1
                     self._hand_on()
-            if not self._waiting:
+            if not self.waiting:
                 self._contended.clear()
 
     def _release(self, stream: _Stream) -> None:
         with self._lock:
             if stream.holds:
-                stream.holds = False
+                self._take(stream)
                 self._hand_on()
 
     def _end(self, stream: _Stream) -> None:
@@ -189,18 +188,32 @@ class ReceivePermits:
         permit, if any, goes on. Safe to call more than once, from any thread."""
         with self._lock:
             stream.ended = True
-            if stream in self._waiting:
-                self._waiting.remove(stream)
+            for queue in (self._waiting, self._returning):
+                if stream in queue:
+                    queue.remove(stream)
             if stream.holds:
-                stream.holds = False
+                self._take(stream)
                 self._hand_on()
         stream.wake.set()
 
+    def _grant(self, stream: _Stream) -> None:
+        """(The lock is held.)"""
+        stream.holds = True
+        stream.held_since = time.monotonic()
+        self._holders.add(stream)
+
+    def _take(self, stream: _Stream) -> None:
+        """(The lock is held.)"""
+        stream.holds = False
+        self._holders.discard(stream)
+
     def _hand_on(self) -> None:
-        """A permit was given back (the lock is held): to the longest-waiting stream, if any."""
-        if self._waiting:
-            successor = self._waiting.popleft()
-            successor.holds = True
+        """A permit was given back (the lock is held): to a stream holding a message already, else
+        to the longest-waiting stream, if any."""
+        queue = self._returning or self._waiting
+        if queue:
+            successor = queue.popleft()
+            self._grant(successor)
             successor.wake.set()
         else:
             self._free += 1

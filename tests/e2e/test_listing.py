@@ -70,6 +70,9 @@ def _seed_announced(stack, device: str) -> None:
         # Characters protobuf's printer escapes; names refuse all but < and >, but a row written
         # by anything else must still print as Envoy printed it.
         ("2024-03-20 10:00:01.000000", 7, "del\x7f soft\u00ad zw\u200b ls\u2028 ps\u2029 bom\ufeff", 0),
+        ("2024-03-20 10:00:02.000000", 8, "c1\x85 ar\u0600 kh\u17b4\u17b5 bidi\u202a wj\u2060 ann\ufff9"
+         " tag\U000e0001\U000e0041 music\U0001d173 ok", 0),
+        ("2024-03-20 10:00:03.000000", 9, "ក\u17b4.jpg", 0),  # a name the names policy accepts
     ]
     with sqlite3.connect(stack.data_dir / "gallery.db", timeout=30) as db:
         db.executemany(
@@ -96,7 +99,7 @@ def test_listed_events_read_exactly_as_envoy_prints_an_event(stack, http, auth_h
     assert r.headers["content-type"] == "application/json"
     assert r.headers["x-next-page-token"] == ""
     listed = r.json()
-    assert len(listed) == 7
+    assert len(listed) == 9
     for event in listed:
         one = http.get(f"/api/gallery/{device}/events/{event['id']}", headers=headers)
         assert one.status_code == 200, one.text

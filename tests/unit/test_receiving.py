@@ -214,6 +214,60 @@ def test_a_silent_client_does_not_starve_the_others():
     assert permits.free == 1 and permits.waiting == 0
 
 
+def test_a_handler_blocked_between_messages_does_not_hold_the_others_up():
+    """A resumable write waiting for its session's lock (or any slow work between two messages)
+    loses its permit to a waiting stream instead of stalling every upload (review finding)."""
+    permits = ReceivePermits(1, lend_after=0.1)
+    blocked, release = threading.Event(), threading.Event()
+
+    def blocking_handler() -> list[object]:
+        got = []
+        for message in permits.bounded(iter(["first", "second"])):
+            got.append(message)
+            if message == "first":
+                blocked.set()
+                release.wait(10)  # e.g. resumable.py waiting for the session's lock
+        return got
+
+    thread, outcome = run(blocking_handler)
+    assert blocked.wait(5)
+    started = time.monotonic()
+    assert list(permits.bounded(iter(range(3)))) == [0, 1, 2]
+    assert time.monotonic() - started < 2
+    assert permits.lent >= 1
+    release.set()
+    thread.join(5)
+    assert outcome == [["first", "second"]]
+    assert permits.free == 1 and permits.waiting == 0
+
+
+def test_messages_that_came_after_their_permit_was_lent_go_in_arrival_order():
+    permits = ReceivePermits(1, lend_after=0.1)
+    x, y, z = Transport(), Transport(), Transport()
+    order: list[object] = []
+
+    def consume(transport: Transport) -> None:
+        for message in permits.bounded(transport.messages()):
+            order.append(message)
+
+    threads = [run(lambda: consume(x))[0]]
+    assert wait_until(lambda: permits.free == 0)  # x waits on its client with the permit
+    threads.append(run(lambda: consume(y))[0])
+    assert wait_until(lambda: permits.lent == 1)  # lent to y, which waits on its client too
+    threads.append(run(lambda: consume(z))[0])
+    assert wait_until(lambda: permits.lent == 2)  # lent to z
+    x.send("x")  # x's message comes, then y's: both wait for z's permit, in that order
+    assert wait_until(lambda: permits.waiting == 1)
+    y.send("y")
+    assert wait_until(lambda: permits.waiting == 2)
+    assert wait_until(lambda: order == ["x", "y"])  # z's permit is lent on: x first, then y
+    for transport in (x, y, z):
+        transport.close()
+    for thread in threads:
+        thread.join(5)
+    assert permits.free == 1 and permits.waiting == 0
+
+
 def test_waiting_for_a_permit_is_not_client_idleness():
     # Composed as Gallery.watch_upload composes them: the permit is taken outside the idle watch.
     permits = ReceivePermits(1, lend_after=10)
