@@ -183,7 +183,7 @@ class Gallery:
                 text, count, regular, last = connection.execute(
                     _sqlite_json_statement(statement, query.newest_first), parameters
                 ).one()
-            if regular or not count:  # else a stored time of another shape: printed below
+            if regular or not count:  # else a row SQLite did not write itself: printed below
                 return listing_json.finish(text), _next_page_token(query, _sqlite_position(last), count)
         with self.db.read() as connection:
             events: list[Any] = list(connection.execute(statement, parameters).all())

@@ -39,8 +39,9 @@ ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["GalleryAdminService"
 MAX_MESSAGE_BYTES = 8 << 20
 DB_POOL_SIZE = 20
 UPLOAD_WINDOW_BYTES = 1 << 20
-# Short reads that never wait for anything but the database: they run on a few threads of their
-# own (GALLERY_GRPC_READ_WORKERS). Spread over the server's many threads, 16 clients' reads made
+# Short reads that wait for nothing but the database (and, rarely, a fetch of the identity
+# provider's keys, which auth.py lets one request wait for, not all): they run on a few threads of
+# their own (GALLERY_GRPC_READ_WORKERS). Spread over the server's many threads, 16 clients' reads made
 # as many threads take turns at the GIL, and each request cost ~2x the CPU (BENCHMARKS.md);
 # uploads, downloads and waits keep the large pool, where a slow client may hold a thread.
 QUICK_READS = tuple(
