@@ -126,8 +126,9 @@ class ReceivePermits:
 
     def _acquire(self, stream: _Stream, *, holding_message: bool = False) -> None:
         """Wait for a permit; return without one if the RPC ended, so that the transport reports
-        the end. First come, first served, except that a stream holding a message already (its
-        permit was lent while it waited on its client) goes first: only a permit frees that memory."""
+        the end. First come, first served, except that streams holding a message already (their
+        permit was lent while they waited on their client) go first, in arrival order: only a
+        permit frees that memory."""
         with self._lock:
             if stream.holds or stream.ended:
                 return
