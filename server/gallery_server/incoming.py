@@ -50,6 +50,7 @@ import sqlalchemy as sa
 from sqlmodel import col, select
 
 from . import validation
+from ._writeback import Writeback
 from .background import BackgroundLoop
 from .errors import GalleryError
 from .media_types import SNIFF_BYTES, classify, detect_mime
@@ -495,6 +496,7 @@ class IncomingImporter(BackgroundLoop):
     def _read(self, fd: int, out: int | None) -> tuple[str, bytes]:
         digest = hashlib.sha256()
         head = b""
+        writeback = Writeback(out) if out is not None else None
         while chunk := os.read(fd, _CHUNK):
             if self._stopping.is_set():
                 raise _Stopped()
@@ -505,6 +507,8 @@ class IncomingImporter(BackgroundLoop):
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(out, view):]
+                assert writeback is not None
+                writeback.wrote(len(chunk))
         return digest.hexdigest(), head
 
 

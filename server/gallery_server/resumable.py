@@ -54,6 +54,7 @@ import sqlalchemy as sa
 from sqlmodel import col, select
 
 from . import validation
+from ._writeback import Writeback
 from .auth import READ, WRITE, Principal
 from .background import BackgroundLoop
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, TooLarge
@@ -436,6 +437,7 @@ class SessionWriter:
         self._row = row
         self._fd = fd
         self.offset = row.committed_size  # bytes written to the file (committed or not)
+        self._writeback = Writeback(fd, start=self.offset) if fd is not None else None
         self._committed_at = time.monotonic()
 
     @property
@@ -465,6 +467,8 @@ class SessionWriter:
                 written = os.pwrite(self._fd, view, self.offset)
             view = view[written:]
             self.offset += written
+        assert self._writeback is not None
+        self._writeback.wrote(len(data))
         if (self.offset - self._row.committed_size >= COMMIT_BYTES
                 or time.monotonic() - self._committed_at >= COMMIT_SECONDS):
             self.commit()

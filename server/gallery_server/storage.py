@@ -18,7 +18,9 @@ Reads never check: a full disk keeps serving what it holds.
 
 Large uploads are hashed and written by a helper thread (_Pipeline) while the RPC thread receives the
 next message: hashlib and os.write release the GIL on big buffers, so the two overlap on a second
-core instead of running in series (BENCHMARKS.md measures the difference).
+core instead of running in series (BENCHMARKS.md measures the difference). Every writer of
+received bytes asks the kernel to start writing them to disk as they arrive (_writeback.py), so
+the fsync that makes an upload durable waits for its last few MiB, not for the whole file.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 from . import _malloc
+from ._writeback import Writeback
 from .errors import AlreadyExists, Exhausted, TooLarge
 from .media_types import SNIFF_BYTES
 
@@ -120,9 +123,11 @@ class _Pipeline:
 
     _STOP = object()
 
-    def __init__(self, fd: int, digest: hashlib._Hash) -> None:  # type: ignore[name-defined]
-        self._fd = fd
+    def __init__(
+        self, digest: hashlib._Hash, write: Callable[[bytes], None],  # type: ignore[name-defined]
+    ) -> None:
         self._digest = digest
+        self._write = write
         self._queue: queue.Queue[object] = queue.Queue(PIPELINE_DEPTH)
         self._error: BaseException | None = None
         self._pending = bytearray()
@@ -135,7 +140,7 @@ class _Pipeline:
                 continue  # drain after a failure; the receiver learns of it on its next call
             try:
                 self._digest.update(item)  # type: ignore[arg-type]
-                _write_all(self._fd, item)  # type: ignore[arg-type]
+                self._write(item)  # type: ignore[arg-type]
             except BaseException as exc:  # noqa: BLE001 - handed to the receiving thread
                 self._error = exc
             del item  # not held while the queue is empty
@@ -168,15 +173,6 @@ class _Pipeline:
         self.raise_error()
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    """os.write until all of `data` is written; a full disk is INSUFFICIENT_STORAGE, not an OSError."""
-    view = memoryview(data)
-    while view:
-        with disk_full_is_exhausted():
-            written = os.write(fd, view)
-        view = view[written:]
-
-
 class StagedFile:
     """A file being received: bounded in size, hashed as it is written, discarded unless committed."""
 
@@ -195,6 +191,7 @@ class StagedFile:
         self._space_check = space_check
         self._unchecked = 0  # bytes written since the last free-space check
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self._writeback = Writeback(self._fd)
         self._pipeline: _Pipeline | None = None
         self._failed: BaseException | None = None
         self._in_use: int | None = hold_shared(self._fd)
@@ -241,7 +238,7 @@ class StagedFile:
         if (self._pipeline is None and self.size >= PIPELINE_AFTER_BYTES
                 and _pipeline_slots.acquire(blocking=False)):
             try:
-                self._pipeline = _Pipeline(self._fd, self._hash)
+                self._pipeline = _Pipeline(self._hash, self._write_out)
             except BaseException:
                 _pipeline_slots.release()
                 raise
@@ -249,8 +246,19 @@ class StagedFile:
             self._pipeline.put(data)
         else:
             self._hash.update(data)
-            _write_all(self._fd, data)
+            self._write_out(data)
         self.size += len(data)
+
+    def _write_out(self, data: bytes | memoryview) -> None:
+        """os.write until all of `data` is written; a full disk is INSUFFICIENT_STORAGE, not an
+        OSError. Called by the receiving thread or by its pipeline's thread, never both at once."""
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            with disk_full_is_exhausted():
+                written = os.write(self._fd, view)
+            view = view[written:]
+        self._writeback.wrote(len(data))
 
     def _drain(self) -> None:
         """Wait for the helper thread's writes. Its failure stays this file's: later writes,
