@@ -92,9 +92,14 @@ def listing(rows: Iterable[Sequence[Any]]) -> bytes:
 
 def finish(text: str) -> bytes:
     """JSON text from either printer with protobuf's extra escapes applied, as bytes."""
-    if _NEEDS_ESCAPE.search(text):
-        text = _NEEDS_ESCAPE.sub(_escape, text)
-    return text.encode()
+    # A page is ~15 KB and nearly always ASCII, where only three of the escaped characters can
+    # occur: str.isascii and `in` scan it in a few µs, the regex's wide character class in ~125.
+    if text.isascii():
+        if "<" not in text and ">" not in text and "\x7f" not in text:
+            return text.encode()
+    elif not _NEEDS_ESCAPE.search(text):
+        return text.encode()
+    return _NEEDS_ESCAPE.sub(_escape, text).encode()
 
 
 # SQLAlchemy stores a DATETIME in SQLite as "YYYY-MM-DD HH:MM:SS.ffffff" (UTC here: models.py).

@@ -117,3 +117,13 @@ def test_a_row_sqlite_did_not_write_itself_is_printed_by_python(gallery, princip
 def test_protobuf_escapes_apply_to_both_printers(gallery, principal, rows):
     page, _ = gallery.list_page_json(principal, DEVICE, limit=1000)
     assert b"a\\u003cb\\u003ec" in page and b"<" not in page and b">" not in page
+
+
+@pytest.mark.parametrize("text", [
+    '[{"name":"plain"}]', "a<b", "a>b", "del\x7f", "é<", "é>", "é\x7f", "é", "\x85", "\u200b", "\U000e0001",
+    "カメラ\u2028", "",
+])
+def test_finish_escapes_the_same_on_its_ascii_fast_path(text):
+    """finish() skips the regex for ASCII text; what it returns must not depend on that."""
+    everything = listing_json._NEEDS_ESCAPE.sub(listing_json._escape, text).encode()
+    assert listing_json.finish(text) == everything
