@@ -40,6 +40,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -66,7 +67,10 @@ class _Stream:
 
     wake: threading.Event = dataclasses.field(default_factory=threading.Event)  # set: holds or ended
     holds: bool = False
-    held_since: float = 0.0  # monotonic time it was given its permit
+    # Monotonic time its thread took up its permit; infinite from the moment it is handed one while
+    # asleep until its thread runs: a permit not yet taken up is never lent away (its thread
+    # would wake holding nothing, in no queue, and wait forever).
+    held_since: float = 0.0
     ended: bool = False  # its RPC is over: it waits for nothing any more
 
 
@@ -134,7 +138,7 @@ class ReceivePermits:
                 return
             if self._free and not self.waiting:
                 self._free -= 1
-                self._grant(stream)
+                self._grant(stream, time.monotonic())
                 return
             (self._returning if holding_message else self._waiting).append(stream)
             self._contended.set()
@@ -143,7 +147,10 @@ class ReceivePermits:
                 self._lender.start()
         while True:
             with self._lock:
-                if stream.holds or stream.ended:
+                if stream.holds:
+                    stream.held_since = time.monotonic()  # from now on, lent if it stalls
+                    return
+                if stream.ended:
                     return
                 stream.wake.clear()
             stream.wake.wait()
@@ -197,10 +204,10 @@ class ReceivePermits:
                 self._hand_on()
         stream.wake.set()
 
-    def _grant(self, stream: _Stream) -> None:
-        """(The lock is held.)"""
+    def _grant(self, stream: _Stream, taken_up: float = math.inf) -> None:
+        """(The lock is held.) `taken_up`: now, if the stream's own thread is the caller."""
         stream.holds = True
-        stream.held_since = time.monotonic()
+        stream.held_since = taken_up
         self._holders.add(stream)
 
     def _take(self, stream: _Stream) -> None:

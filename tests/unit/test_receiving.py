@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from gallery_server import receiving
 from gallery_server.errors import FailedPrecondition
 from gallery_server.receiving import ReceivePermits
 from gallery_server.settings import ConfigError, Settings
@@ -265,6 +266,39 @@ def test_messages_that_came_after_their_permit_was_lent_go_in_arrival_order():
         transport.close()
     for thread in threads:
         thread.join(5)
+    assert permits.free == 1 and permits.waiting == 0
+
+
+class SlowWake(threading.Event):
+    """A waiting stream's thread that takes its time to run once woken (a busy server: dozens of
+    threads at the GIL), longer than a permit may be held while others wait."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        woken = super().wait(timeout)
+        time.sleep(0.3)
+        return woken
+
+
+def test_a_permit_granted_to_a_stream_not_yet_awake_is_not_lent_away_from_it(monkeypatch):
+    """Found by `make bench` (one of 16 uploads hung until Envoy's 300 s idle timeout): a permit
+    handed to a waiting stream was lent on before its thread ran, as if the stream had stalled with
+    it; the stream then woke holding nothing, in no queue, and waited forever."""
+    stream = receiving._Stream
+    monkeypatch.setattr(receiving, "_Stream", lambda: stream(wake=SlowWake()))
+    permits = ReceivePermits(1, lend_after=0.05)
+
+    def consume(i: int) -> list[int]:
+        got = []
+        for message in permits.bounded(iter([i] * 3)):
+            time.sleep(0.02)  # writing it: the others queue meanwhile
+            got.append(message)
+        return got
+
+    workers = [run(lambda i=i: consume(i)) for i in range(4)]
+    assert wait_until(lambda: permits.waiting >= 2)  # permits are handed to sleeping streams
+    for thread, _ in workers:
+        thread.join(20)
+    assert [outcome for _, outcome in workers] == [[[i] * 3] for i in range(4)]
     assert permits.free == 1 and permits.waiting == 0
 
 
