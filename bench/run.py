@@ -587,8 +587,9 @@ def interpret_uploads(
         parts.append(
             f"The calibration section gives this run's local ceilings: sha256 {h:.0f} MB/s, file write "
             f"{calibration['write_mb_s']:.0f} MB/s, write + fsync {wf:.0f} MB/s on one core without any network. "
-            "The server hashes and writes each chunk in series in the handler thread, so hashing plus writing plus "
-            f"fsync alone would cap one upload near {ceiling:.0f} MB/s on an idle core; the paths reached "
+            "Past its first 4 MiB an upload is hashed and written in series on one helper thread while the RPC "
+            "thread receives (and the disk writes it out meanwhile), so hashing plus durable writing alone would cap "
+            f"one upload near {ceiling:.0f} MB/s on an idle core; the paths reached "
             f"{rng([v / ceiling for v in medians.values()], '{:.0%}')} of that while also "
             "receiving the bytes over gRPC (and HTTP and Envoy). "
         )

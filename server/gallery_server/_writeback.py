@@ -21,7 +21,7 @@ WRITEBACK_BYTES = 8 << 20
 _SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>
 
 try:
-    _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
+    _sync_file_range = ctypes.CDLL(None).sync_file_range
     _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     _sync_file_range.restype = ctypes.c_int
 except (OSError, AttributeError):
