@@ -108,22 +108,28 @@ _STORED_TIME = (
     "typeof(created) = 'text' AND created GLOB "
     "'[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] [0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]'"
 )
-# The page printed by SQLite's JSON functions, over a subquery of LISTED_COLUMNS in listing order
-# (SQLite aggregates a LIMITed subquery's rows in its ORDER BY: it cannot flatten it into the
-# aggregate). json_object keeps the keys in the order given; `created` is cut to RFC 3339 with
-# protobuf's 0, 3 or 6 fractional digits. A row the server did not write itself (a time of another
-# shape, a size or flag that is not an integer) is counted by `sqlite_regular`, and its page goes
-# to the Python printer instead.
+# A row's `created` cut to RFC 3339 with protobuf's 0, 3 or 6 fractional digits, or NULL when the
+# stored time has another shape. It is a column of the page's subquery (SQLITE_CREATED), so each
+# row's GLOB and cuts run once for both `sqlite_array` and `sqlite_regular`: ~30 of the query's
+# ~190 µs per page of 50 when the two evaluated it apart.
+SQLITE_CREATED = "created_rfc3339"
+sqlite_created = f"""CASE WHEN {_STORED_TIME}
+    THEN substr(created, 1, 10) || 'T' || substr(created, 12, 8)
+        || CASE WHEN substr(created, 21, 6) = '000000' THEN ''
+                WHEN substr(created, 24, 3) = '000' THEN '.' || substr(created, 21, 3)
+                ELSE '.' || substr(created, 21, 6) END
+        || 'Z' END"""
+# The page printed by SQLite's JSON functions, over a subquery of LISTED_COLUMNS and SQLITE_CREATED
+# in listing order (SQLite aggregates a LIMITed subquery's rows in its ORDER BY: it cannot flatten
+# it into the aggregate). json_object keeps the keys in the order given. A row the server did not
+# write itself (a time of another shape, a size or flag that is not an integer) is counted by
+# `sqlite_regular`, and its page goes to the Python printer instead.
 sqlite_array = f"""json_group_array(json_object(
     'id', id, 'name', name, 'media_type', media_type, 'size', size,
     'has_thumbnail', CASE WHEN has_thumbnail THEN json('true') ELSE json('false') END,
-    'created', CASE WHEN {_STORED_TIME}
-        THEN substr(created, 1, 10) || 'T' || substr(created, 12, 8)
-            || CASE WHEN substr(created, 21, 6) = '000000' THEN ''
-                    WHEN substr(created, 24, 3) = '000' THEN '.' || substr(created, 21, 3)
-                    ELSE '.' || substr(created, 21, 6) END
-            || 'Z' END,
+    'created', {SQLITE_CREATED},
     'mime_type', mime_type, 'sha256', sha256, 'state', state))"""
 sqlite_regular = (
-    f"sum({_STORED_TIME} AND typeof(size) = 'integer' AND typeof(has_thumbnail) = 'integer') = count(*)"
+    f"sum({SQLITE_CREATED} IS NOT NULL AND typeof(size) = 'integer' AND typeof(has_thumbnail) = 'integer')"
+    " = count(*)"
 )

@@ -109,7 +109,9 @@ def _sqlite_json_statement(page: sa.Select[Any], newest_first: bool) -> sa.Selec
     """One row for a whole page on SQLite: its JSON (listing_json.sqlite_array), the number of
     events, whether every `created` had the stored shape, and "created id" of the last event
     (the least pair newest first, the greatest oldest first: `created` has a fixed width)."""
-    pages = page.subquery("page")
+    pages = page.add_columns(
+        sa.literal_column(listing_json.sqlite_created).label(listing_json.SQLITE_CREATED)
+    ).subquery("page")
     last = "min" if newest_first else "max"
     return sa.select(
         sa.literal_column(listing_json.sqlite_array),
