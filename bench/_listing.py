@@ -13,8 +13,9 @@ import json
 import sqlite3
 import time
 
+import _contention
 import _loadgen
-from _common import Bench, BenchError, Section, cpu_now, md_table, median, text_table
+from _common import JWT_SECRET, Bench, BenchError, Section, cpu_now, md_table, median, text_table
 from _floor import FloorStack
 
 from gallery_server import paging
@@ -150,6 +151,7 @@ def scenario_listing(bench: Bench) -> Section:
         if is_target:
             bench.targets.append((name, f"p50 < {P50_MS:.0f} ms and p99 < {P99_MS:.0f} ms",
                                   f"p50 {m['p50']:.2f} ms, p99 {m['p99']:.2f} ms", met))
+    contention = _contention_table(bench, measured, cases[0][0], cases[3][0])
     first_p50 = median([s["p50"] for s in measured[cases[0][0]]])
     deep = median([s["p50"] for s in measured[cases[1][0]]])
     bench.targets.append(("list, deep page vs first page", "same cost (p50 ratio <= 1.2)",
@@ -162,14 +164,46 @@ def scenario_listing(bench: Bench) -> Section:
         "checked (page contents and order, stats totals). Deep pages use `page_token` (keyset, the API's deep "
         "pagination); the reference's `offset` paging is shown for comparison: SQLite must step over every "
         "skipped row, so its cost grows with the offset and it is not a target. Targets: p50 < 5 ms and "
-        "p99 < 20 ms.\n\n" + md_table(header, rows)
+        "p99 < 20 ms.\n\n" + md_table(header, rows) + "\n\n" + contention.markdown
     )
-    return Section(f"Listing and stats on {count:,} events", text_table(header, rows), markdown, raw)
+    raw["handler CPU by threads"] = contention.raw
+    return Section(f"Listing and stats on {count:,} events", text_table(header, rows) + "\n\n" + contention.console,
+                   markdown, raw)
 
 
-def profile_listing(bench: Bench) -> None:
-    """Load for the profiler: the first page of the big device (seeded by scenario_listing, or empty)."""
-    request = _loadgen.get_request("127.0.0.1", bench.stack.http_port, f"/api/gallery/{BIG_DEVICE}/events?limit=50",
+THREADS = (1, 4)  # 4: GALLERY_GRPC_READ_WORKERS, the threads that answer short reads
+
+
+def _contention_table(bench: Bench, measured: dict[str, list[dict[str, float]]], list_case: str,
+                      stats_case: str) -> Section:
+    """The list and stats calls alone, in one process, on 1 and on 4 threads (bench/_contention.py),
+    next to the server's CPU per request through Envoy under the 16 connections above."""
+    runs = [_contention.handler_cpu(str(bench.stack.data_dir), JWT_SECRET, BIG_DEVICE, THREADS)
+            for _ in range(bench.options.runs)]
+    header = ["call, in one process (no gRPC, Envoy or token check)", "CPU µs/call, 1 thread",
+              "CPU µs/call, 4 threads", "4 threads ÷ 1", "server CPU µs/req through Envoy (above)"]
+    rows = []
+    for call, case in (("list, first page (limit 50)", list_case), ("stats", stats_case)):
+        one = median([r[call][1] for r in runs])
+        four = median([r[call][4] for r in runs])
+        server = median([s["server_us"] for s in measured[case]])
+        rows.append([call, f"{one:.0f}", f"{four:.0f}", f"{four / one:.2f}", f"{server:.0f}"])
+    markdown = (
+        "What the calls cost by themselves (`Gallery.list_page_json` and `Gallery.stats` on the same database, "
+        f"{_contention.CALLS} calls per measurement in a fresh process, medians of {bench.options.runs} runs), on "
+        "one thread and on 4 threads at once, as the server's read workers run them. The threads share one GIL: "
+        "every SQLite step and contended lock lets it go, and with another thread ready, taking it back is a "
+        "futex wait and a context switch, so the same call costs more CPU on 4 threads than on one. The rest of "
+        "the server's CPU per request is grpcio's request path (compare the *floor* rows of the small-request "
+        "section).\n\n" + md_table(header, rows)
+    )
+    return Section("handler CPU by threads", text_table(header, rows), markdown, runs)
+
+
+def profile_load(bench: Bench, what: str) -> None:
+    """Load for the profiler: `what` ("events?limit=50", "stats") of the big device, seeded by
+    scenario_listing (or empty, if it did not run)."""
+    request = _loadgen.get_request("127.0.0.1", bench.stack.http_port, f"/api/gallery/{BIG_DEVICE}/{what}",
                                    {"Authorization": f"Bearer {bench.token}"})
     _loadgen.run("127.0.0.1", bench.stack.http_port, [request], connections=CONNECTIONS,
                  seconds=1.0 if bench.options.quick else 3.0)

@@ -66,7 +66,7 @@ from _common import (
     text_table,
 )
 from _concurrency import scenario_concurrent
-from _listing import BIG_DEVICE, SMALL_DEVICE, profile_listing, scenario_listing, scenario_small_requests
+from _listing import BIG_DEVICE, SMALL_DEVICE, profile_load, scenario_listing, scenario_small_requests
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
@@ -1210,7 +1210,8 @@ def scenario_profiles(bench: Bench) -> Section:
     profiles.append(_profile.record(pid, f"REST GET content via Envoy, {fmt_size(size)}", download))
     verify_and_delete(bench, event_id, size, stream.sha256)
     profiles.append(_profile.record(pid, "list, first page (limit 50), 16 connections through Envoy",
-                                    lambda: profile_listing(bench)))
+                                    lambda: profile_load(bench, "events?limit=50")))
+    profiles.append(_profile.record(pid, "stats, 16 connections through Envoy", lambda: profile_load(bench, "stats")))
     for p in profiles:
         print(f"  {p.what}: {p.samples} samples" + (f" ({p.error})" if p.error else ""), flush=True)
         for frame, n in p.top_self[:5]:
@@ -1337,7 +1338,14 @@ TARGETS_NOTE = (
     "printed by SQLite's JSON functions inside the query: sqlite3 hands "
     "rows to Python one at a time and releases the GIL for each, and under 16 clients those 50 contended "
     "hand-offs per page cost more CPU than the query and the printing together (list ~1.4x the request rate "
-    "with it). Reaching 5 ms needs a "
+    "with it); SQLite cuts each row's `created` to RFC 3339 once, for the page and for its check (list in "
+    "process ~290 -> ~250 µs). Where the rest goes, measured in this run: the listing section's last table runs "
+    "the list and stats calls alone in one process, on one thread and on 4 at once as the read workers do; on 4 "
+    "threads each call costs ~1.8 – 1.9x the CPU of one thread (the threads take turns at the GIL, and each "
+    "SQLite step lets it go), and the server's CPU per request through Envoy is that plus ~250 – 300 µs, the "
+    "floor's grpcio request path. The py-spy profile of stats puts ~40% of the server's working samples in "
+    "grpcio's `_status`, where the handler's thread hands the answer to grpc-core, which frames it and writes "
+    "it to Envoy's socket. Reaching 5 ms needs a "
     "cheaper request path than grpcio's sync server (grpc.aio: ~25% less server CPU for a constant handler, "
     "measured by hand on this machine) and more cores than the 2 the load generator and Envoy share with it.\n"
 )
