@@ -184,18 +184,18 @@ def _contention_table(bench: Bench, measured: dict[str, list[dict[str, float]]],
               "CPU µs/call, 4 threads", "4 threads ÷ 1 (same run)", "server CPU µs/req through Envoy (above)"]
     rows = []
     for call, case in (("list, first page (limit 50)", list_case), ("stats", stats_case)):
-        one = median([r[call][1] for r in runs])
-        four = median([r[call][4] for r in runs])
-        ratio = median([r[call][4] / r[call][1] for r in runs])
+        one = median([r[call]["1"] for r in runs])
+        four = median([r[call]["4"] for r in runs])
+        ratio = median([r[call]["4"] / r[call]["1"] for r in runs])
         server = median([s["server_us"] for s in measured[case]])
         rows.append([call, f"{one:.0f}", f"{four:.0f}", f"{ratio:.2f}", f"{server:.0f}"])
     markdown = (
         "What the calls cost by themselves (`Gallery.list_page_json` and `Gallery.stats` on the same database, "
         f"{_contention.CALLS} calls per measurement in a fresh process, medians of {bench.options.runs} runs), on "
-        "one thread and on 4 threads at once, as the server's read workers run them. The threads share one GIL: "
-        "every SQLite step and contended lock lets it go, and with another thread ready, taking it back is a "
-        "futex wait and a context switch, so the same call costs more CPU on 4 threads than on one. The rest of "
-        "the server's CPU per request is grpcio's request path (compare the *floor* rows of the small-request "
+        "one thread and on 4 threads at once, as the server's read workers run them. The threads share one GIL, "
+        "which every SQLite step and every contended lock lets go: the ratio column shows what taking turns at it "
+        "adds to each call's CPU. The rest of the server's CPU per request through Envoy is the token check, the "
+        "interceptor, protobuf and grpcio's request path (compare the *floor* rows of the small-request "
         "section).\n\n" + md_table(header, rows)
     )
     return Section("handler CPU by threads", text_table(header, rows), markdown, runs)
