@@ -171,11 +171,7 @@ class Gallery:
 
         The events are read-only rows with the attributes of LISTED_COLUMNS (what a listing shows).
         `request`: media_type, since, until, order, limit, offset, page_token (paging.build)."""
-        query, statement, parameters = self._page(principal, device, **request)
-        with self.db.read() as connection:
-            events: list[Any] = list(connection.execute(statement, parameters).all())
-        last = (events[-1].created, events[-1].id) if events else None
-        return events, _next_page_token(query, last, len(events))
+        return self._read_page(*self._page(principal, device, **request))
 
     def list_page_json(self, principal: Principal, device: str, **request: Any) -> tuple[bytes, str]:
         """The same page as list_page, as the REST listing's JSON (listing_json), and its token."""
@@ -187,10 +183,17 @@ class Gallery:
                 ).one()
             if regular or not count:  # else a row SQLite did not write itself: printed below
                 return listing_json.finish(text), _next_page_token(query, _sqlite_position(last), count)
+        events, next_page_token = self._read_page(query, statement, parameters)
+        return listing_json.listing(events), next_page_token
+
+    def _read_page(
+        self, query: paging.ListQuery, statement: sa.Select[Any], parameters: dict[str, Any]
+    ) -> tuple[list[Any], str]:
+        """The rows of a page (_page's query, select and parameters) and the next page's token."""
         with self.db.read() as connection:
             events: list[Any] = list(connection.execute(statement, parameters).all())
-        last_event = (events[-1].created, events[-1].id) if events else None
-        return listing_json.listing(events), _next_page_token(query, last_event, len(events))
+        last = (events[-1].created, events[-1].id) if events else None
+        return events, _next_page_token(query, last, len(events))
 
     @functools.cached_property
     def _sqlite_prints_json(self) -> bool:
