@@ -1,6 +1,6 @@
 """What the listing and stats calls cost when several threads of one process make them.
 
-The server answers short reads on a few threads (GALLERY_GRPC_READ_WORKERS, 4), which share one GIL.
+The server answers short reads on a few threads (GALLERY_GRPC_READ_WORKERS), which share one GIL.
 Each SQLite step and each contended lock lets the GIL go; with other threads ready, taking it back
 means waiting for it (strace, by hand: ~2 futex calls per stats call on 2 threads, none on one).
 This measures the domain calls alone
@@ -78,9 +78,9 @@ def _cpu_per_call(call: Callable[[], object], threads: int) -> float:
     return sum(spent) / (share * threads) * 1e6
 
 
-def handler_cpu(data_dir: str, secret: str, device: str, thread_counts: tuple[int, ...] = (1, 4)) -> (
+def handler_cpu(data_dir: str, secret: str, device: str, thread_counts: tuple[int, ...]) -> (
         dict[str, dict[str, float]]):
-    """CPU µs per call of each read, by number of threads making the calls together (keys "1", "4")."""
+    """CPU µs per call of each read, by number of threads making the calls together (keys "1", "4", ...)."""
     # A fresh interpreter, like the server's; its exceptions come back with their traceback, and a
     # child that dies raises BrokenProcessPool (a RuntimeError) rather than leaving the parent waiting.
     with futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:

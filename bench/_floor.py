@@ -7,11 +7,16 @@ costs beyond this is ours; what this costs is the price of Python gRPC plus Envo
 this machine, and it bounds the request rate (and so the latency of 16 closed-loop clients) that
 any handler could reach.
 
-    python bench/_floor.py PORT      # serves until killed
+The same constants are also served by grpcio's asyncio server (grpc.aio, one event loop, no thread
+hand-off per call), behind an Envoy of its own: whether moving the gallery's request path to
+grpc.aio would raise that bound is measured in every run, not assumed.
+
+    python bench/_floor.py PORT [sync|aio]     # serves until killed
 """
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import threading
@@ -26,21 +31,31 @@ from gallery.v1 import gallery_pb2_grpc
 from gallery_server import envoy_config, local_stack, supervisor
 from gallery_server.settings import Settings
 
+KINDS = ("sync", "aio")
+READ_WORKERS = Settings.__dataclass_fields__["grpc_read_workers"].default  # GALLERY_GRPC_READ_WORKERS
+PATHS = pb.GetDevicePathsResponse(success=True, paths=pb.DevicePaths(incoming="/incoming", thumbnails="/thumbnails"))
+STATS = pb.GetStatsResponse(total_events=1, total_size=1, by_type={"image": pb.TypeStats(count=1, size=1)})
+
 
 class _Constant(gallery_pb2_grpc.GalleryServiceServicer):
     def GetDevicePaths(self, request, context):  # type: ignore[no-untyped-def]
-        return pb.GetDevicePathsResponse(
-            success=True, paths=pb.DevicePaths(incoming="/incoming", thumbnails="/thumbnails")
-        )
+        return PATHS
 
     def GetStats(self, request, context):  # type: ignore[no-untyped-def]
-        return pb.GetStatsResponse(total_events=1, total_size=1, by_type={"image": pb.TypeStats(count=1, size=1)})
+        return STATS
+
+
+class _AsyncConstant(gallery_pb2_grpc.GalleryServiceServicer):
+    async def GetDevicePaths(self, request, context):  # type: ignore[no-untyped-def]
+        return PATHS
+
+    async def GetStats(self, request, context):  # type: ignore[no-untyped-def]
+        return STATS
 
 
 def serve(port: int) -> None:
-    # As many threads as the gallery gives these reads (GALLERY_GRPC_READ_WORKERS).
-    workers = Settings.__dataclass_fields__["grpc_read_workers"].default
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=[("grpc.so_reuseport", 0)])
+    # As many threads as the gallery gives these reads.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=READ_WORKERS), options=[("grpc.so_reuseport", 0)])
     gallery_pb2_grpc.add_GalleryServiceServicer_to_server(_Constant(), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -48,19 +63,30 @@ def serve(port: int) -> None:
     threading.Event().wait()
 
 
-class FloorStack:
-    """The trivial server (its own process) and an Envoy in front of it, on free ports."""
+async def serve_aio(port: int) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    gallery_pb2_grpc.add_GalleryServiceServicer_to_server(_AsyncConstant(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
 
-    def __init__(self, run_dir: str) -> None:
+
+class FloorStack:
+    """The trivial server of `kind` (its own process) and an Envoy in front of it, on free ports."""
+
+    def __init__(self, run_dir: str, kind: str = "sync") -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown floor server kind {kind!r}")
         self.grpc_port = local_stack.free_port()
         self.http_port = local_stack.free_port()
         admin_port = local_stack.free_port()
-        config = f"{run_dir}/floor-envoy.yaml"
+        config = f"{run_dir}/floor-{kind}-envoy.yaml"
         with open(config, "w") as f:
             f.write(envoy_config.render(listen=f"127.0.0.1:{self.http_port}", admin_port=admin_port,
                                         backends=[f"127.0.0.1:{self.grpc_port}"]))
         self.envoy: subprocess.Popen[bytes] | None = None
-        self.server = subprocess.Popen([sys.executable, __file__, str(self.grpc_port)])
+        self.server = subprocess.Popen([sys.executable, __file__, str(self.grpc_port), kind])
         try:
             self.envoy = subprocess.Popen(
                 [supervisor.envoy_binary(), "-c", config, "--disable-hot-restart", "--log-level", "error"],
@@ -92,4 +118,10 @@ class FloorStack:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]))
+    port, kind = int(sys.argv[1]), (sys.argv[2] if len(sys.argv) > 2 else "sync")
+    if kind not in KINDS:
+        sys.exit(f"unknown floor server kind {kind!r}")
+    if kind == "aio":
+        asyncio.run(serve_aio(port))
+    else:
+        serve(port)

@@ -16,7 +16,7 @@ import time
 import _contention
 import _loadgen
 from _common import JWT_SECRET, Bench, BenchError, Section, cpu_now, md_table, median, text_table
-from _floor import FloorStack
+from _floor import READ_WORKERS, FloorStack
 
 from gallery_server import paging
 
@@ -25,6 +25,7 @@ SMALL_DEVICE = "bench-1k"
 CONNECTIONS = 16
 FLOOR_PATHS = "floor: GET .../paths via the same Envoy, constant grpcio handler"
 FLOOR_STATS = "floor: GET .../stats via the same Envoy, constant grpcio handler"
+FLOOR_STATS_AIO = "floor: GET .../stats via the same Envoy, constant grpc.aio handler"
 P50_MS, P99_MS = 5.0, 20.0
 _TYPES = (("image", "image/jpeg"), ("video", "video/mp4"), ("other", "application/octet-stream"))
 _T0 = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
@@ -171,28 +172,31 @@ def scenario_listing(bench: Bench) -> Section:
                    markdown, raw)
 
 
-THREADS = (1, 4)  # 4: GALLERY_GRPC_READ_WORKERS, the threads that answer short reads
 
 
 def _contention_table(bench: Bench, measured: dict[str, list[dict[str, float]]], list_case: str,
                       stats_case: str) -> Section:
-    """The list and stats calls alone, in one process, on 1 and on 4 threads (bench/_contention.py),
-    next to the server's CPU per request through Envoy under the 16 connections above."""
-    runs = [_contention.handler_cpu(str(bench.stack.data_dir), JWT_SECRET, BIG_DEVICE, THREADS)
+    """The list and stats calls alone, in one process, on 1 thread and on as many as the server's read
+    workers (bench/_contention.py), next to the server's CPU per request through Envoy under the 16
+    connections above."""
+    many = READ_WORKERS
+    runs = [_contention.handler_cpu(str(bench.stack.data_dir), JWT_SECRET, BIG_DEVICE, (1, many))
             for _ in range(bench.options.runs)]
     header = ["call, in one process (no gRPC, Envoy or token check)", "CPU µs/call, 1 thread",
-              "CPU µs/call, 4 threads", "4 threads ÷ 1 (same run)", "server CPU µs/req through Envoy (above)"]
+              f"CPU µs/call, {many} threads", f"{many} threads ÷ 1 (same run)",
+              "server CPU µs/req through Envoy (above)"]
     rows = []
     for call, case in (("list, first page (limit 50)", list_case), ("stats", stats_case)):
         one = median([r[call]["1"] for r in runs])
-        four = median([r[call]["4"] for r in runs])
-        ratio = median([r[call]["4"] / r[call]["1"] for r in runs])
+        on_many = median([r[call][str(many)] for r in runs])
+        ratio = median([r[call][str(many)] / r[call]["1"] for r in runs])
         server = median([s["server_us"] for s in measured[case]])
-        rows.append([call, f"{one:.0f}", f"{four:.0f}", f"{ratio:.2f}", f"{server:.0f}"])
+        rows.append([call, f"{one:.0f}", f"{on_many:.0f}", f"{ratio:.2f}", f"{server:.0f}"])
     markdown = (
         "What the calls cost by themselves (`Gallery.list_page_json` and `Gallery.stats` on the same database, "
         f"{_contention.CALLS} calls per measurement in a fresh process, medians of {bench.options.runs} runs), on "
-        "one thread and on 4 threads at once, as the server's read workers run them. The threads share one GIL, "
+        f"one thread and on {many} threads at once, as the server's {many} read workers "
+        "(GALLERY_GRPC_READ_WORKERS' default) run them. The threads share one GIL, "
         "which every SQLite step and every contended lock lets go: the ratio column shows what taking turns at it "
         "adds to each call's CPU. The rest of the server's CPU per request through Envoy is the token check, the "
         "interceptor, protobuf and grpcio's request path (compare the *floor* rows of the small-request "
@@ -212,14 +216,19 @@ def profile_load(bench: Bench, what: str) -> None:
 
 def scenario_small_requests(bench: Bench) -> Section:
     seconds = 1.0 if bench.options.quick else 4.0
-    floor = FloorStack(str(bench.stack.data_dir / "run"))
+    run_dir = str(bench.stack.data_dir / "run")
+    floor = FloorStack(run_dir)
     try:
-        return _small_requests(bench, floor, seconds)
+        aio_floor = FloorStack(run_dir, "aio")
+        try:
+            return _small_requests(bench, floor, aio_floor, seconds)
+        finally:
+            aio_floor.stop()
     finally:
         floor.stop()
 
 
-def _small_requests(bench: Bench, floor: FloorStack, seconds: float) -> Section:
+def _small_requests(bench: Bench, floor: FloorStack, aio_floor: FloorStack, seconds: float) -> Section:
     opts = bench.options
     assert bench.peer is not None
     host = "127.0.0.1"
@@ -232,6 +241,7 @@ def _small_requests(bench: Bench, floor: FloorStack, seconds: float) -> Section:
         ("GET .../stats via Envoy (1,000 events)", bench.stack.http_port, f"/api/gallery/{SMALL_DEVICE}/stats", auth,
          gallery),
         (FLOOR_STATS, floor.http_port, f"/api/gallery/{SMALL_DEVICE}/stats", auth, floor.pids),
+        (FLOOR_STATS_AIO, aio_floor.http_port, f"/api/gallery/{SMALL_DEVICE}/stats", auth, aio_floor.pids),
         ("peer: GET /ping on uvicorn/Starlette (no auth, no proxy)", bench.peer.port, "/ping", {},
          {"server": bench.peer.pid}),
     ]
@@ -250,7 +260,7 @@ def _small_requests(bench: Bench, floor: FloorStack, seconds: float) -> Section:
     def ratio(name: str, other: str) -> float:
         return median([a["rate"] / b["rate"] for a, b in zip(measured[name], measured[other], strict=True)])
 
-    floors = {cases[0][0]: FLOOR_PATHS, cases[2][0]: FLOOR_STATS}
+    floors = {cases[0][0]: FLOOR_PATHS, cases[2][0]: FLOOR_STATS, FLOOR_STATS_AIO: FLOOR_STATS}
     rows, raw = [], measured
     for name, *_ in cases:
         m = {key: median([s[key] for s in measured[name]]) for key in measured[name][0]}
@@ -265,7 +275,11 @@ def _small_requests(bench: Bench, floor: FloorStack, seconds: float) -> Section:
         "constants (bench/_floor.py: no token check, no database, no log line): what Python gRPC plus Envoy's "
         "transcoding cost on this machine before any work is done, which bounds the request rate, and so the "
         f"latency of {CONNECTIONS} closed-loop clients, that any handler could reach here (floor stats p50 "
-        f"{floor_p50:.2f} ms). The peer is a trivial uvicorn/Starlette JSON endpoint (no token, no proxy: an upper "
+        f"{floor_p50:.2f} ms). The *grpc.aio* floor row serves the same constants from grpcio's asyncio server "
+        "(one event loop, no thread hand-off per call) behind an Envoy of its own; its ÷ floor column is its "
+        f"request rate over the sync floor's ({ratio(FLOOR_STATS_AIO, FLOOR_STATS):.2f} in this run): what "
+        "grpc.aio's request path alone would change, before handlers that block on the database. The peer is a "
+        "trivial uvicorn/Starlette JSON endpoint (no token, no proxy: an upper "
         f"bound for Python); gallery paths ÷ peer request rate: {ratio(cases[0][0], cases[-1][0]):.2f}.\n\n"
         + md_table(header, rows)
     )
