@@ -1204,10 +1204,19 @@ def scenario_profiles(bench: Bench) -> Section:
     stream = bench.payload.stream(size)
     event_id = send_grpc_direct(bench, stream, "profiled-download.bin")
 
-    def download() -> None:
-        check_received("profiled download", fetch_rest(bench, event_id, time.monotonic()), size, stream.sha256)
+    # The server works little during a download (Envoy is the busy process), so one download can leave
+    # py-spy with a handful of samples of work, or none: repeat it for long enough to see where they go.
+    repeat_s = 1.0 if opts.quick else 4.0
 
-    profiles.append(_profile.record(pid, f"REST GET content via Envoy, {fmt_size(size)}", download))
+    def download() -> None:
+        until = time.monotonic() + repeat_s
+        while True:
+            check_received("profiled download", fetch_rest(bench, event_id, time.monotonic()), size, stream.sha256)
+            if time.monotonic() >= until:
+                break
+
+    profiles.append(_profile.record(
+        pid, f"REST GET content via Envoy, {fmt_size(size)}, repeated for {repeat_s:.0f} s", download))
     verify_and_delete(bench, event_id, size, stream.sha256)
     profiles.append(_profile.record(pid, "list, first page (limit 50), 16 connections through Envoy",
                                     lambda: profile_load(bench, "events?limit=50")))
