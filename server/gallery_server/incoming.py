@@ -15,6 +15,8 @@ The convention, for whatever writes there (rsync, SFTP, an NFS client, a local p
   imported from this device's incoming folder with that stem and no thumbnail yet; until there is
   such an event, it waits.
 * An imported file is removed from `incoming` (the managed store keeps its own copy).
+* A file waits in `incoming` while copying it would take the disk below its headroom
+  (GALLERY_MIN_FREE_BYTES), as uploads are refused then; it is imported once there is room.
 
 Crash and concurrency safety, without locks, with any number of replicas scanning the same
 folders: the event id is derived from (device, name, size, sha256) with an HMAC under the server
@@ -52,11 +54,11 @@ from sqlmodel import col, select
 from . import validation
 from ._writeback import Writeback
 from .background import BackgroundLoop
-from .errors import GalleryError
+from .errors import Exhausted, GalleryError
 from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import Event, initial_thumbnail_state
 from .service import Gallery, utcnow
-from .storage import fsync_dir, hold_shared, make_dir
+from .storage import SPACE_CHECK_BYTES, disk_full_is_exhausted, fsync_dir, hold_shared, make_dir
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +267,10 @@ class IncomingImporter(BackgroundLoop):
             raise
         except _Changed:
             seen.pop(str(file.path), None)  # it must settle again
+        except Exhausted:
+            # Nothing was kept: the partial copy is gone and the file stays for a later scan.
+            self._skip(device, file, seen, "no room on the disk above its headroom (GALLERY_MIN_FREE_BYTES) "
+                       "to copy it: retried on later scans")
         except Exception as exc:
             record = seen.get(str(file.path))
             problem = f"{type(exc).__name__}: {exc}"
@@ -364,11 +370,14 @@ class IncomingImporter(BackgroundLoop):
         return None
 
     def _take_thumbnail(self, thumb: _DropFile, seen: dict[str, _Seen]) -> _Taken | None:
-        # A thumbnail that changed meanwhile does not hold up its media: it attaches later.
+        # A thumbnail that changed meanwhile, or that finds no room on the disk, does not hold up
+        # its media: it stays in thumbnails/ and attaches later.
         try:
             return self._take(thumb)
         except _Changed:
             seen.pop(str(thumb.path), None)
+            return None
+        except Exhausted:
             return None
 
     def _insert(self, event: Event) -> bool:
@@ -473,13 +482,15 @@ class IncomingImporter(BackgroundLoop):
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or signature(st) != file.signature:
                 raise _Changed()
+            self.storage.require_room_for(file.size)
             # A copy, never a hard link: a writer that still holds the file open (or another link
             # to it) must not be able to change bytes the event already describes.
             out = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             in_use = hold_shared(out)
             try:
-                sha256, head = self._read(fd, out)
-                os.fsync(out)
+                with disk_full_is_exhausted():
+                    sha256, head = self._read(fd, out)
+                    os.fsync(out)
             finally:
                 os.close(out)
             if signature(os.fstat(fd)) != file.signature:
@@ -497,6 +508,7 @@ class IncomingImporter(BackgroundLoop):
         digest = hashlib.sha256()
         head = b""
         writeback = Writeback(out) if out is not None else None
+        unchecked = 0  # bytes copied since the last free-space check
         while chunk := os.read(fd, _CHUNK):
             if self._stopping.is_set():
                 raise _Stopped()
@@ -509,6 +521,11 @@ class IncomingImporter(BackgroundLoop):
                     view = view[os.write(out, view):]
                 assert writeback is not None
                 writeback.wrote(len(chunk))
+                # Other writers share the disk: stop below the headroom, as an upload does.
+                unchecked += len(chunk)
+                if unchecked >= SPACE_CHECK_BYTES:
+                    self.storage.require_space()
+                    unchecked = 0
         return digest.hexdigest(), head
 
 

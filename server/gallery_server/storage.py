@@ -13,7 +13,9 @@ sees a partial file; staging/ lives on the same filesystem so the rename is atom
 
 Disk headroom: uploads need `min_free_bytes` left on the data root's filesystem, checked when an
 upload starts (require_space) and again every SPACE_CHECK_BYTES while it is written, so one upload
-cannot fill the disk; a write that still hits ENOSPC is the same INSUFFICIENT_STORAGE error.
+cannot fill the disk; a write that still hits ENOSPC is the same INSUFFICIENT_STORAGE error. The
+drop-folder importer, which knows a file's size before copying it, needs room for all of it above
+the headroom (require_room_for) and checks as it copies, like an upload.
 Reads never check: a full disk keeps serving what it holds.
 
 Large uploads are hashed and written by a helper thread (_Pipeline) while the RPC thread receives the
@@ -92,6 +94,13 @@ class Storage:
             return
         free = self.disk_space().free_bytes
         if free < self.min_free_bytes:
+            raise insufficient_storage(free, self.min_free_bytes)
+
+    def require_room_for(self, size: int) -> None:
+        """Refuse to write `size` bytes that would take the free space below the headroom (or
+        past the end of the disk): for writers that know their size before the first byte."""
+        free = self.disk_space().free_bytes
+        if free - size < self.min_free_bytes:
             raise insufficient_storage(free, self.min_free_bytes)
 
     def session_path(self, device: str, upload_id: str) -> pathlib.Path:

@@ -7,6 +7,8 @@
   native resumable WriteUpload and pre-signed Content-Range PUT (whose committed bytes stay intact).
 * No partial file is left in staging/ or media/; reads keep working; once space returns, uploads
   work again.
+* A file dropped into an incoming folder is copied only when the copy fits above the headroom: it
+  waits in place until then, and is imported once space returns.
 
 Needs root (mount -t tmpfs); skipped with the reason otherwise.
 """
@@ -18,6 +20,7 @@ import json
 import os
 import pathlib
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -245,3 +248,50 @@ def test_full_disk_refuses_uploads_cleanly_and_recovers(tmpfs: pathlib.Path, min
                                        headers=headers).text)["sha256"] == stored_hash
     finally:
         stop_stack(stack)
+
+
+def test_incoming_files_wait_for_room_above_the_headroom(tmpfs: pathlib.Path, mint: Callable[..., str]) -> None:
+    """A dropped file is copied into the store only when the copy leaves the headroom free: until
+    then it waits in incoming (one warning), nothing is copied, and uploads that fit go on."""
+    env = {"GALLERY_MAKE_THUMBNAILS": "false", "GALLERY_MIN_FREE_BYTES": str(HEADROOM),
+           "GALLERY_INCOMING_SCAN_SECONDS": "0.1", "GALLERY_INCOMING_SETTLE_SECONDS": "0.3"}
+    stack = start_stack(tmpfs / "data", tmpfs.parent / "gallery-incoming.log", extra_env=env)
+    headers = {"Authorization": f"Bearer {mint(scope=f'{auth.READ} {auth.WRITE}')}"}
+    ballast = tmpfs / "ballast"
+    try:
+        with httpx.Client(base_url=stack.base_url, timeout=60) as http:
+            def events() -> list[dict[str, object]]:
+                r = http.get("/api/gallery/disk2/events", headers=headers)
+                assert r.status_code == 200, r.text
+                return r.json()  # type: ignore[no-any-return]
+
+            paths = http.get("/api/gallery/disk2/paths", headers=headers)
+            assert paths.status_code == 200, paths.text
+            inbox = pathlib.Path(paths.json()["paths"]["incoming"])
+            data = random_bytes(20 * MiB)
+            (inbox / ".big.bin.part").write_bytes(data)
+            # Above the headroom, so uploads are accepted, but with less than the file's size to spare.
+            fill_to(tmpfs, ballast, HEADROOM + 10 * MiB)
+            stored = set(stored_files(stack.data_dir))
+            (inbox / ".big.bin.part").rename(inbox / "big.bin")
+
+            time.sleep(2.0)  # ~20 scans, well past the settle time
+            assert events() == [], stack.log()
+            assert (inbox / "big.bin").read_bytes() == data
+            no_partial_files(stack, stored)
+            assert stack.log().count("no room on the disk above its headroom") == 1, stack.log()
+            small = multipart(http, headers, "disk2", random_bytes(100_000))
+            assert small.status_code == 200, small.text
+
+            # Room returns: the file is imported whole, and leaves incoming.
+            ballast.unlink()
+            deadline = time.monotonic() + 20
+            while len(found := events()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            [imported] = [e for e in found if e["name"] == "big.bin"]
+            assert imported["sha256"] == hashlib.sha256(data).hexdigest()
+            assert (stack.data_dir / "media" / "disk2" / str(imported["id"])).read_bytes() == data
+            assert not (inbox / "big.bin").exists()
+    finally:
+        stop_stack(stack)
+        ballast.unlink(missing_ok=True)
