@@ -80,7 +80,7 @@ def _cpu_per_call(call: Callable[[], object], threads: int) -> float:
 
 def handler_cpu(data_dir: str, secret: str, device: str, thread_counts: tuple[int, ...]) -> (
         dict[str, dict[str, float]]):
-    """CPU µs per call of each read, by number of threads making the calls together (keys "1", "4", ...)."""
+    """CPU µs per call of each read, by number of threads making the calls together (keys: str(count))."""
     # A fresh interpreter, like the server's; its exceptions come back with their traceback, and a
     # child that dies raises BrokenProcessPool (a RuntimeError) rather than leaving the parent waiting.
     with futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -7,9 +7,9 @@ costs beyond this is ours; what this costs is the price of Python gRPC plus Envo
 this machine, and it bounds the request rate (and so the latency of 16 closed-loop clients) that
 any handler could reach.
 
-The same constants are also served by grpcio's asyncio server (grpc.aio, one event loop, no thread
-hand-off per call), behind an Envoy of its own: whether moving the gallery's request path to
-grpc.aio would raise that bound is measured in every run, not assumed.
+The same constants are also served by grpcio's asyncio server (grpc.aio: one event loop fed by
+grpc's poller thread, no thread pool), behind an identical Envoy of its own: whether moving the
+gallery's request path to grpc.aio would raise that bound is measured in every run, not assumed.
 
     python bench/_floor.py PORT [sync|aio]     # serves until killed
 """
@@ -32,30 +32,37 @@ from gallery_server import envoy_config, local_stack, supervisor
 from gallery_server.settings import Settings
 
 KINDS = ("sync", "aio")
-READ_WORKERS = Settings.__dataclass_fields__["grpc_read_workers"].default  # GALLERY_GRPC_READ_WORKERS
-PATHS = pb.GetDevicePathsResponse(success=True, paths=pb.DevicePaths(incoming="/incoming", thumbnails="/thumbnails"))
-STATS = pb.GetStatsResponse(total_events=1, total_size=1, by_type={"image": pb.TypeStats(count=1, size=1)})
+
+
+# Each answer is built per call, as a real handler builds its own.
+def _paths() -> pb.GetDevicePathsResponse:
+    return pb.GetDevicePathsResponse(success=True, paths=pb.DevicePaths(incoming="/incoming", thumbnails="/thumbnails"))
+
+
+def _stats() -> pb.GetStatsResponse:
+    return pb.GetStatsResponse(total_events=1, total_size=1, by_type={"image": pb.TypeStats(count=1, size=1)})
 
 
 class _Constant(gallery_pb2_grpc.GalleryServiceServicer):
     def GetDevicePaths(self, request, context):  # type: ignore[no-untyped-def]
-        return PATHS
+        return _paths()
 
     def GetStats(self, request, context):  # type: ignore[no-untyped-def]
-        return STATS
+        return _stats()
 
 
 class _AsyncConstant(gallery_pb2_grpc.GalleryServiceServicer):
     async def GetDevicePaths(self, request, context):  # type: ignore[no-untyped-def]
-        return PATHS
+        return _paths()
 
     async def GetStats(self, request, context):  # type: ignore[no-untyped-def]
-        return STATS
+        return _stats()
 
 
 def serve(port: int) -> None:
-    # As many threads as the gallery gives these reads.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=READ_WORKERS), options=[("grpc.so_reuseport", 0)])
+    # As many threads as the gallery gives these reads (GALLERY_GRPC_READ_WORKERS).
+    workers = Settings.grpc_read_workers
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=[("grpc.so_reuseport", 0)])
     gallery_pb2_grpc.add_GalleryServiceServicer_to_server(_Constant(), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")

@@ -8,6 +8,7 @@ connections to Envoy, each sending its next request when the previous answer is 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import sqlite3
@@ -16,16 +17,17 @@ import time
 import _contention
 import _loadgen
 from _common import JWT_SECRET, Bench, BenchError, Section, cpu_now, md_table, median, text_table
-from _floor import READ_WORKERS, FloorStack
+from _floor import FloorStack
 
 from gallery_server import paging
+from gallery_server.settings import Settings
 
 BIG_DEVICE = "bench-1m"
 SMALL_DEVICE = "bench-1k"
 CONNECTIONS = 16
 FLOOR_PATHS = "floor: GET .../paths via the same Envoy, constant grpcio handler"
 FLOOR_STATS = "floor: GET .../stats via the same Envoy, constant grpcio handler"
-FLOOR_STATS_AIO = "floor: GET .../stats via the same Envoy, constant grpc.aio handler"
+FLOOR_STATS_AIO = "floor: GET .../stats via an identical Envoy, constant grpc.aio handler"
 P50_MS, P99_MS = 5.0, 20.0
 _TYPES = (("image", "image/jpeg"), ("video", "video/mp4"), ("other", "application/octet-stream"))
 _T0 = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
@@ -172,14 +174,12 @@ def scenario_listing(bench: Bench) -> Section:
                    markdown, raw)
 
 
-
-
 def _contention_table(bench: Bench, measured: dict[str, list[dict[str, float]]], list_case: str,
                       stats_case: str) -> Section:
     """The list and stats calls alone, in one process, on 1 thread and on as many as the server's read
     workers (bench/_contention.py), next to the server's CPU per request through Envoy under the 16
     connections above."""
-    many = READ_WORKERS
+    many = Settings.grpc_read_workers
     runs = [_contention.handler_cpu(str(bench.stack.data_dir), JWT_SECRET, BIG_DEVICE, (1, many))
             for _ in range(bench.options.runs)]
     header = ["call, in one process (no gRPC, Envoy or token check)", "CPU µs/call, 1 thread",
@@ -217,15 +217,12 @@ def profile_load(bench: Bench, what: str) -> None:
 def scenario_small_requests(bench: Bench) -> Section:
     seconds = 1.0 if bench.options.quick else 4.0
     run_dir = str(bench.stack.data_dir / "run")
-    floor = FloorStack(run_dir)
-    try:
+    with contextlib.ExitStack() as running:
+        floor = FloorStack(run_dir)
+        running.callback(floor.stop)
         aio_floor = FloorStack(run_dir, "aio")
-        try:
-            return _small_requests(bench, floor, aio_floor, seconds)
-        finally:
-            aio_floor.stop()
-    finally:
-        floor.stop()
+        running.callback(aio_floor.stop)
+        return _small_requests(bench, floor, aio_floor, seconds)
 
 
 def _small_requests(bench: Bench, floor: FloorStack, aio_floor: FloorStack, seconds: float) -> Section:
@@ -270,17 +267,18 @@ def _small_requests(bench: Bench, floor: FloorStack, aio_floor: FloorStack, seco
     floor_p50 = median([s["p50"] for s in measured[FLOOR_STATS]])
     markdown = (
         f"The smallest authenticated calls, through Envoy, for {seconds:.0f} s each over {CONNECTIONS} keep-alive "
-        "connections (bench/_loadgen.py). The *floor* rows send the same requests through an Envoy rendered from "
-        "the same envoy/envoy.yaml to a grpcio server of the same kind (sync, thread pool) whose handlers return "
-        "constants (bench/_floor.py: no token check, no database, no log line): what Python gRPC plus Envoy's "
-        "transcoding cost on this machine before any work is done, which bounds the request rate, and so the "
-        f"latency of {CONNECTIONS} closed-loop clients, that any handler could reach here (floor stats p50 "
+        "connections (bench/_loadgen.py). The sync *floor* rows send the same requests through an Envoy rendered "
+        "from the same envoy/envoy.yaml to a grpcio server of the same kind (sync, thread pool) whose handlers "
+        "return constants (bench/_floor.py: no token check, no database, no log line): what Python gRPC plus "
+        "Envoy's transcoding cost on this machine before any work is done, which bounds the request rate, and so "
+        f"the latency of {CONNECTIONS} closed-loop clients, that any handler could reach here (floor stats p50 "
         f"{floor_p50:.2f} ms). The *grpc.aio* floor row serves the same constants from grpcio's asyncio server "
-        "(one event loop, no thread hand-off per call) behind an Envoy of its own; its ÷ floor column is its "
-        f"request rate over the sync floor's ({ratio(FLOOR_STATS_AIO, FLOOR_STATS):.2f} in this run): what "
-        "grpc.aio's request path alone would change, before handlers that block on the database. The peer is a "
-        "trivial uvicorn/Starlette JSON endpoint (no token, no proxy: an upper "
-        f"bound for Python); gallery paths ÷ peer request rate: {ratio(cases[0][0], cases[-1][0]):.2f}.\n\n"
+        "(one event loop fed by grpc's poller thread, no thread pool) behind an identical Envoy of its own; its "
+        "÷ floor column is its request rate over the sync floor's "
+        f"({ratio(FLOOR_STATS_AIO, FLOOR_STATS):.2f} in this run): what grpc.aio's request path alone would "
+        "change, before handlers that block on the database. The peer is a trivial uvicorn/Starlette JSON "
+        "endpoint (no token, no proxy: an upper bound for Python); gallery paths ÷ peer request rate: "
+        f"{ratio(cases[0][0], cases[-1][0]):.2f}.\n\n"
         + md_table(header, rows)
     )
     return Section("Small requests", text_table(header, rows), markdown, raw)

@@ -16,7 +16,7 @@ The convention, for whatever writes there (rsync, SFTP, an NFS client, a local p
   such an event, it waits.
 * An imported file is removed from `incoming` (the managed store keeps its own copy).
 * A file waits in `incoming` while copying it would take the disk below its headroom
-  (GALLERY_MIN_FREE_BYTES), as uploads are refused then; it is imported once there is room.
+  (GALLERY_MIN_FREE_BYTES), where an upload would be stopped; it is imported once there is room.
 
 Crash and concurrency safety, without locks, with any number of replicas scanning the same
 folders: the event id is derived from (device, name, size, sha256) with an HMAC under the server
@@ -58,7 +58,7 @@ from .errors import Exhausted, GalleryError
 from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import Event, initial_thumbnail_state
 from .service import Gallery, utcnow
-from .storage import SPACE_CHECK_BYTES, disk_full_is_exhausted, fsync_dir, hold_shared, make_dir
+from .storage import INSUFFICIENT_STORAGE, SpaceMeter, disk_full_is_exhausted, fsync_dir, hold_shared, make_dir
 
 log = logging.getLogger(__name__)
 
@@ -267,10 +267,12 @@ class IncomingImporter(BackgroundLoop):
             raise
         except _Changed:
             seen.pop(str(file.path), None)  # it must settle again
-        except Exhausted:
+        except Exhausted as exc:
+            if exc.reason != INSUFFICIENT_STORAGE:
+                raise
             # Nothing was kept: the partial copy is gone and the file stays for a later scan.
             self._skip(device, file, seen, "no room on the disk above its headroom (GALLERY_MIN_FREE_BYTES) "
-                       "to copy it: retried on later scans")
+                       "to copy it: retried on later scans", size=file.size, **exc.metadata)
         except Exception as exc:
             record = seen.get(str(file.path))
             problem = f"{type(exc).__name__}: {exc}"
@@ -282,11 +284,11 @@ class IncomingImporter(BackgroundLoop):
                     record.reported = problem
         return None
 
-    def _skip(self, device: str, file: _DropFile, seen: dict[str, _Seen], why: str) -> None:
+    def _skip(self, device: str, file: _DropFile, seen: dict[str, _Seen], why: str, **details: object) -> None:
         record = seen.get(str(file.path))
         if record is not None and record.reported == why:
             return
-        log.warning("incoming file left in place: " + why, extra={"device": device, "file": file.name})
+        log.warning("incoming file left in place: " + why, extra={"device": device, "file": file.name, **details})
         if record is not None:
             record.reported = why
 
@@ -452,49 +454,55 @@ class IncomingImporter(BackgroundLoop):
             return False
         record = seen.get(str(dropped.path))
         if record is None or not record.sha256:
-            taken = self._take(dropped)
-            if taken is None:
+            sha256 = self._hash(dropped)
+            if sha256 is None:
                 return False
-            taken.discard()
             record = record or _Seen(dropped.signature, 0.0)
-            record.sha256 = taken.sha256  # cached while the file keeps its signature
+            record.sha256 = sha256  # cached while the file keeps its signature
         return _sha256_of(stored) == record.sha256
 
     # -- files --------------------------------------------------------------------------------
+
+    def _hash(self, file: _DropFile) -> str | None:
+        """The settled file's sha256, read in place (no copy, so no disk space needed).
+
+        None if the file is gone; _Changed if it is no longer the file that settled.
+        """
+        fd = _open_dropped(file)
+        if fd is None:
+            return None
+        try:
+            _check_settled(fd, file)
+            sha256, _ = self._read(fd, None)
+            _check_settled(fd, file)
+            return sha256
+        finally:
+            os.close(fd)
 
     def _take(self, file: _DropFile) -> _Taken | None:
         """Copy the settled file into staging, hashing it, and fsync the copy.
 
         None if the file is gone; _Changed if it is no longer the file that settled.
         """
-        try:
-            # O_NOFOLLOW: a symlink swapped in after the listing is refused; O_NONBLOCK: so is a FIFO.
-            fd = os.open(file.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except FileNotFoundError:
+        fd = _open_dropped(file)
+        if fd is None:
             return None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise _Changed() from None
-            raise
         staged = self.storage.staging_root / f"incoming-{secrets.token_hex(16)}"
         in_use: int | None = None
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or signature(st) != file.signature:
-                raise _Changed()
+            _check_settled(fd, file)
             self.storage.require_room_for(file.size)
             # A copy, never a hard link: a writer that still holds the file open (or another link
             # to it) must not be able to change bytes the event already describes.
-            out = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            in_use = hold_shared(out)
-            try:
-                with disk_full_is_exhausted():
+            with disk_full_is_exhausted():
+                out = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+                try:
+                    in_use = hold_shared(out)
                     sha256, head = self._read(fd, out)
                     os.fsync(out)
-            finally:
-                os.close(out)
-            if signature(os.fstat(fd)) != file.signature:
-                raise _Changed()
+                finally:
+                    os.close(out)
+            _check_settled(fd, file)
         except BaseException:
             staged.unlink(missing_ok=True)
             if in_use is not None:
@@ -505,10 +513,12 @@ class IncomingImporter(BackgroundLoop):
         return _Taken(staged, file.signature, sha256, head, in_use)
 
     def _read(self, fd: int, out: int | None) -> tuple[str, bytes]:
+        """sha256 and head of `fd`'s bytes, copied to `out` (unless None) below the headroom."""
         digest = hashlib.sha256()
         head = b""
         writeback = Writeback(out) if out is not None else None
-        unchecked = 0  # bytes copied since the last free-space check
+        # Other writers share the disk: a long copy stops below the headroom, as an upload does.
+        space = SpaceMeter(self.storage.require_space)
         while chunk := os.read(fd, _CHUNK):
             if self._stopping.is_set():
                 raise _Stopped()
@@ -521,18 +531,35 @@ class IncomingImporter(BackgroundLoop):
                     view = view[os.write(out, view):]
                 assert writeback is not None
                 writeback.wrote(len(chunk))
-                # Other writers share the disk: stop below the headroom, as an upload does.
-                unchecked += len(chunk)
-                if unchecked >= SPACE_CHECK_BYTES:
-                    self.storage.require_space()
-                    unchecked = 0
+                space.wrote(len(chunk))
         return digest.hexdigest(), head
 
 
+def _open_dropped(file: _DropFile) -> int | None:
+    """A read descriptor of the dropped file; None if it is gone, _Changed if it is no longer a
+    plain file (O_NOFOLLOW refuses a symlink swapped in after the listing, O_NONBLOCK a FIFO)."""
+    try:
+        return os.open(file.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _Changed() from None
+        raise
+
+
+def _check_settled(fd: int, file: _DropFile) -> None:
+    """_Changed unless `fd` is still the plain file that settled: same inode, size and mtime."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or signature(st) != file.signature:
+        raise _Changed()
+
+
 def _place(taken: _Taken, destination: pathlib.Path) -> None:
-    make_dir(destination.parent)  # a new device folder is made durable with the file in it
-    os.replace(taken.staged, destination)
-    fsync_dir(destination.parent)
+    with disk_full_is_exhausted():  # a new folder's entry, on a full disk
+        make_dir(destination.parent)  # a new device folder is made durable with the file in it
+        os.replace(taken.staged, destination)
+        fsync_dir(destination.parent)
 
 
 def _unlink_if_same(path: pathlib.Path, expected: Signature) -> None:

@@ -27,7 +27,7 @@ from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import DeviceCommand, Event, EventCount, UploadSessionRow, initial_thumbnail_state
 from .receiving import ReceivePermits
 from .settings import Settings
-from .storage import SPACE_CHECK_BYTES, StagedFile, Storage
+from .storage import SpaceMeter, StagedFile, Storage
 from .uploads import IdleWatchdog, Upload, UploadSlots
 
 log = logging.getLogger(__name__)
@@ -379,12 +379,9 @@ class Gallery:
         return self.receiving.bounded(watched, on_end=on_end)
 
     def _metered(self, messages: Iterator[T], size_of: Callable[[T], int]) -> Iterator[T]:
-        unchecked = 0
+        space = SpaceMeter(self.storage.require_space)
         for message in messages:
-            unchecked += size_of(message)
-            if unchecked >= SPACE_CHECK_BYTES:
-                unchecked = 0
-                self.storage.require_space()
+            space.wrote(size_of(message))
             yield message
             del message  # not held while the next one is awaited
 

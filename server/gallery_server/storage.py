@@ -49,6 +49,21 @@ from .media_types import SNIFF_BYTES
 SPACE_CHECK_BYTES = 8 << 20
 
 
+class SpaceMeter:
+    """Counts the bytes a writer stores and calls `check` (a free-space check that raises to stop
+    the writer) once every SPACE_CHECK_BYTES of them."""
+
+    def __init__(self, check: Callable[[], None]) -> None:
+        self._check = check
+        self._unchecked = 0
+
+    def wrote(self, size: int) -> None:
+        self._unchecked += size
+        if self._unchecked >= SPACE_CHECK_BYTES:
+            self._unchecked = 0
+            self._check()
+
+
 @dataclasses.dataclass(frozen=True)
 class DiskSpace:
     total_bytes: int
@@ -197,8 +212,7 @@ class StagedFile:
         self._hash = hashlib.sha256()
         self.moved = False
         self.keep_source = False
-        self._space_check = space_check
-        self._unchecked = 0  # bytes written since the last free-space check
+        self._space = SpaceMeter(space_check) if space_check is not None else None
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         self._writeback = Writeback(self._fd)
         self._pipeline: _Pipeline | None = None
@@ -223,7 +237,7 @@ class StagedFile:
             self._hash.update(chunk)
             self.size += len(chunk)
         self.max_bytes = self.size
-        self._space_check, self._unchecked = None, 0
+        self._space = None
         return self
 
     def write(self, data: bytes | memoryview) -> None:
@@ -238,11 +252,8 @@ class StagedFile:
             )
         if len(self.head) < SNIFF_BYTES:
             self.head += bytes(data[: SNIFF_BYTES - len(self.head)])
-        if self._space_check is not None:
-            self._unchecked += len(data)
-            if self._unchecked >= SPACE_CHECK_BYTES:
-                self._unchecked = 0
-                self._space_check()
+        if self._space is not None:
+            self._space.wrote(len(data))
         assert self._fd is not None
         if (self._pipeline is None and self.size >= PIPELINE_AFTER_BYTES
                 and _pipeline_slots.acquire(blocking=False)):
@@ -360,9 +371,12 @@ class StagedFile:
             self._in_use = None
 
 
+INSUFFICIENT_STORAGE = "INSUFFICIENT_STORAGE"  # the reason of every refusal for want of disk space
+
+
 def insufficient_storage(free: int, headroom: int) -> Exhausted:
     return Exhausted(
-        "INSUFFICIENT_STORAGE",
+        INSUFFICIENT_STORAGE,
         "the server is short of disk space and accepts no uploads for now: retry later",
         free_bytes=str(free), min_free_bytes=str(headroom),
     )

@@ -14,6 +14,7 @@ import hashlib
 import os
 import pathlib
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -269,6 +270,63 @@ def test_a_thumbnail_arriving_later_is_attached_once_settled(gallery, importer, 
     assert gallery.storage.thumbnail_path(DEVICE, event_id).read_bytes() == thumb
     assert list(thumbs.iterdir()) == []
     assert leftovers(gallery) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A 32 MiB tmpfs: free space this test alone decides (skipped where mounting needs root)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_media_with_room_is_imported_and_its_thumbnail_short_of_room_attaches_later(
+    small_disk: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    from ..conftest import make_settings
+
+    MiB = 1 << 20
+    settings = make_settings(small_disk / "data", f"sqlite:///{tmp_path / 'gallery.db'}",  # db off the tmpfs
+                             min_free_bytes=8 * MiB)
+    settings.data_dir.mkdir()
+    db = Database(settings.database_url, pool_size=2)
+    db.create_tables()
+    gallery = Gallery(settings, db, Storage(settings.data_dir))
+    try:
+        importer = IncomingImporter(gallery)
+        inbox, thumbs = gallery.storage.device_paths(DEVICE)
+        media = write(inbox / "clip.bin", random_bytes(6 * MiB))
+        thumb = write(thumbs / "clip.png", PNG + random_bytes(5 * MiB))
+        # 18 MiB free: the media's copy leaves 12 (above the 8 MiB headroom), after which the
+        # thumbnail's would leave 7, below it.
+        with (small_disk / "ballast").open("wb") as ballast:
+            while (free := gallery.storage.disk_space().free_bytes) > 18 * MiB:
+                ballast.write(b"\0" * min(free - 18 * MiB, MiB))
+                ballast.flush()
+
+        [event_id] = settle(importer)
+        [event] = events(gallery)
+        assert (event.has_thumbnail, event.sha256) == (False, hashlib.sha256(media).hexdigest())
+        assert not gallery.storage.thumbnail_path(DEVICE, event_id).exists()
+        assert [p.name for p in thumbs.iterdir()] == ["clip.png"]  # waits; nothing half-copied
+        assert leftovers(gallery) == []
+
+        # The dropped media is gone (its copy is in the store), so there is room for the thumbnail.
+        assert importer.scan_once(now=2 * SETTLED) == []
+        [event] = events(gallery)
+        assert event.has_thumbnail is True
+        assert gallery.storage.thumbnail_path(DEVICE, event_id).read_bytes() == thumb
+        assert list(thumbs.iterdir()) == []
+        assert leftovers(gallery) == []
+    finally:
+        db.dispose()
 
 
 def test_a_thumbnail_waits_for_its_media_rather_than_joining_an_older_event(gallery, importer, folders):
