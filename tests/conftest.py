@@ -7,9 +7,11 @@ When the variable is unset the PostgreSQL variants are skipped, so `make test` n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import secrets
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -62,6 +64,21 @@ def database_url(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iter
     engine = sa.create_engine(url)
     SQLModel.metadata.drop_all(engine)
     engine.dispose()
+
+
+@contextlib.contextmanager
+def small_disk(path: pathlib.Path, size: str) -> Iterator[pathlib.Path]:
+    """A tmpfs of `size` (mount syntax: "64m") mounted at `path`, whose free space only the test
+    changes; the test is skipped where mounting needs root."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def make_settings(data_dir: pathlib.Path, database_url: str = "", **overrides: object) -> Settings:

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import pathlib
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 
@@ -31,7 +30,7 @@ from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
 from gallery_server import auth
 
-from ..conftest import random_bytes, rich_error, stored_files
+from ..conftest import random_bytes, rich_error, small_disk, stored_files
 from .conftest import Stack, start_stack, stop_stack
 
 MiB = 1 << 20
@@ -41,18 +40,8 @@ HEADROOM = 16 * MiB
 
 @pytest.fixture
 def tmpfs(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={SIZE},mode=0755", "tmpfs", str(mount)],
-        capture_output=True, text=True,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
-    try:
+    with small_disk(tmp_path / "small-disk", SIZE) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def free(path: pathlib.Path) -> int:

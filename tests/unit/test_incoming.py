@@ -14,7 +14,6 @@ import hashlib
 import os
 import pathlib
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ from gallery_server.models import Event
 from gallery_server.service import Gallery
 from gallery_server.storage import Storage
 
-from ..conftest import random_bytes
+from ..conftest import make_settings, random_bytes, small_disk
 
 DEVICE = "cam1"
 SETTLED = 10.0  # well past the default settle time (2 s)
@@ -273,27 +272,16 @@ def test_a_thumbnail_arriving_later_is_attached_once_settled(gallery, importer, 
 
 
 @pytest.fixture
-def small_disk(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
-    """A 32 MiB tmpfs: free space this test alone decides (skipped where mounting needs root)."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
+def disk(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    with small_disk(tmp_path / "small-disk", "32m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_media_with_room_is_imported_and_its_thumbnail_short_of_room_attaches_later(
-    small_disk: pathlib.Path, tmp_path: pathlib.Path
+    disk: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
-    from ..conftest import make_settings
-
     MiB = 1 << 20
-    settings = make_settings(small_disk / "data", f"sqlite:///{tmp_path / 'gallery.db'}",  # db off the tmpfs
+    settings = make_settings(disk / "data", f"sqlite:///{tmp_path / 'gallery.db'}",  # db off the tmpfs
                              min_free_bytes=8 * MiB)
     settings.data_dir.mkdir()
     db = Database(settings.database_url, pool_size=2)
@@ -306,7 +294,7 @@ def test_media_with_room_is_imported_and_its_thumbnail_short_of_room_attaches_la
         thumb = write(thumbs / "clip.png", PNG + random_bytes(5 * MiB))
         # 18 MiB free: the media's copy leaves 12 (above the 8 MiB headroom), after which the
         # thumbnail's would leave 7, below it.
-        with (small_disk / "ballast").open("wb") as ballast:
+        with (disk / "ballast").open("wb") as ballast:
             while (free := gallery.storage.disk_space().free_bytes) > 18 * MiB:
                 ballast.write(b"\0" * min(free - 18 * MiB, MiB))
                 ballast.flush()
@@ -476,8 +464,6 @@ def test_a_crash_after_attaching_a_late_thumbnail_does_not_attach_it_twice(
 
 
 def test_the_event_id_is_stable_and_keyed(gallery, importer, tmp_path, restarted):
-    from ..conftest import make_settings
-
     a = importer.event_id_for(DEVICE, "a.jpg", 3, sha(b"abc"))
     assert a == restarted().event_id_for(DEVICE, "a.jpg", 3, sha(b"abc"))
     assert validation.event_id(a) == a
