@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 
+import _concurrency
 import _profile
 import _stack
 import grpc
@@ -1218,6 +1219,8 @@ def scenario_profiles(bench: Bench) -> Section:
     profiles.append(_profile.record(
         pid, f"REST GET content via Envoy, {fmt_size(size)}, repeated for at least {repeat_s:.0f} s", download))
     verify_and_delete(bench, event_id, size, stream.sha256)
+    profiles.append(_profile.record(pid, "16 concurrent gRPC uploads through Envoy",
+                                    lambda: _concurrency.batch(bench, 16)))
     profiles.append(_profile.record(pid, "list, first page (limit 50), 16 connections through Envoy",
                                     lambda: profile_load(bench, "events?limit=50")))
     profiles.append(_profile.record(pid, "stats, 16 connections through Envoy", lambda: profile_load(bench, "stats")))
