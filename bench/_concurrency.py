@@ -96,7 +96,7 @@ def _check_and_delete(bench: Bench, ids: list[str], size: int, sha256: str) -> N
             raise BenchError(f"delete {event_id}: HTTP {deleted.status_code}")
 
 
-def _payload(bench: Bench) -> tuple[int, str]:
+def payload(bench: Bench) -> tuple[int, str]:
     """The size of each stream's upload and its sha256."""
     size = 2 * MiB if bench.options.quick else 64 * MiB
     digest = hashlib.sha256()
@@ -105,16 +105,16 @@ def _payload(bench: Bench) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def batch(bench: Bench, count: int) -> None:
-    """`count` uploads at once, checked and deleted: the load the profiles section samples."""
-    size, sha256 = _payload(bench)
+def batch(bench: Bench, count: int, size: int, sha256: str) -> None:
+    """`count` uploads of `payload(bench)` at once, checked and deleted: the load the profiles
+    section samples."""
     _, ids = _upload_all(bench, count, size, sha256)
     _check_and_delete(bench, ids, size, sha256)
 
 
 def scenario_concurrent(bench: Bench) -> Section:
     opts = bench.options
-    size, sha256 = _payload(bench)
+    size, sha256 = payload(bench)
     pids = {"server": bench.stack.server_pid, "envoy": bench.stack.envoy_pid}
     samples: dict[int, list[dict[str, float]]] = {n: [] for n in COUNTS}
     _upload_all(bench, 2, MiB, hashlib.sha256(bench.payload.blocks[0]).hexdigest())  # warm-up, not kept

@@ -1219,8 +1219,9 @@ def scenario_profiles(bench: Bench) -> Section:
     profiles.append(_profile.record(
         pid, f"REST GET content via Envoy, {fmt_size(size)}, repeated for at least {repeat_s:.0f} s", download))
     verify_and_delete(bench, event_id, size, stream.sha256)
+    each, each_sha256 = _concurrency.payload(bench)  # hashed before the profile starts
     profiles.append(_profile.record(pid, "16 concurrent gRPC uploads through Envoy",
-                                    lambda: _concurrency.batch(bench, 16)))
+                                    lambda: _concurrency.batch(bench, 16, each, each_sha256)))
     profiles.append(_profile.record(pid, "list, first page (limit 50), 16 connections through Envoy",
                                     lambda: profile_load(bench, "events?limit=50")))
     profiles.append(_profile.record(pid, "stats, 16 connections through Envoy", lambda: profile_load(bench, "stats")))

@@ -71,14 +71,17 @@ def small_disk(path: pathlib.Path, size: str) -> Iterator[pathlib.Path]:
     """A tmpfs of `size` (mount syntax: "64m") mounted at `path`, whose free space only the test
     changes; the test is skipped where mounting needs root."""
     path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-                             capture_output=True, text=True)
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+                                 capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("cannot mount a tmpfs here: no mount command")
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
     try:
         yield path
     finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
+        subprocess.run(["umount", "-l", str(path)])  # lazily: never hides the test's own failure
 
 
 def make_settings(data_dir: pathlib.Path, database_url: str = "", **overrides: object) -> Settings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -338,6 +339,26 @@ def test_completed_session_answers_until_its_event_is_deleted(
     uploads.settings = gallery.settings
     fresh = uploads.start(principal, "cam1", name="a.bin", upload_id="late-retry-01")
     assert (fresh.committed_size, fresh.event_id) == (0, "")
+
+
+def test_a_completed_sessions_leftover_file_goes_on_the_next_write(
+    gallery: Gallery, principal: auth.Principal
+) -> None:
+    uploads = ResumableUploads(gallery)
+    uploads.start(principal, "cam1", name="a.bin", upload_id="leftover-001")
+    done = write(uploads, principal, "leftover-001", 0, DATA, finish=True)
+    media = gallery.storage.media_path("cam1", done.event_id)
+    leftover = session_file(gallery, "leftover-001")
+    # A crash between the completion's commit and its unlink leaves the session's own link to
+    # the event's bytes; a writer that lost a race with the completion can leave an empty file.
+    for make in (lambda: (leftover.parent.mkdir(parents=True, exist_ok=True), os.link(media, leftover)),
+                 lambda: (leftover.parent.mkdir(parents=True, exist_ok=True), leftover.touch())):
+        make()
+        assert write(uploads, principal, "leftover-001", 0, b"x", finish=True).event_id == done.event_id
+        assert not leftover.exists()
+        assert not (gallery.settings.data_dir / "staging" / "sessions").exists()  # tidied
+        assert hashlib.sha256(media.read_bytes()).hexdigest() == SHA
+        assert [e.id for e in events(gallery)] == [done.event_id]
 
 
 def test_start_after_deletion_starts_afresh(gallery: Gallery, principal: auth.Principal) -> None:

@@ -47,6 +47,7 @@ import secrets
 import stat
 import threading
 import time
+from collections.abc import Mapping
 
 import sqlalchemy as sa
 from sqlmodel import col, select
@@ -267,13 +268,13 @@ class IncomingImporter(BackgroundLoop):
             raise
         except _Changed:
             seen.pop(str(file.path), None)  # it must settle again
-        except Exhausted as exc:
-            if exc.reason != INSUFFICIENT_STORAGE:
-                raise
-            # Nothing was kept: the partial copy is gone and the file stays for a later scan.
-            self._skip(device, file, seen, "no room on the disk above its headroom (GALLERY_MIN_FREE_BYTES) "
-                       "to copy it: retried on later scans", size=file.size, **exc.metadata)
         except Exception as exc:
+            if _short_of_room(exc):
+                # The file stays for a later scan; a partial copy was removed, and a copy already
+                # placed in media/ has no row yet: the next import of the file replaces it.
+                self._skip(device, file, seen, "no room on the disk above its headroom (GALLERY_MIN_FREE_BYTES) "
+                           "to copy it: retried on later scans", {"size": file.size, **exc.metadata})
+                return None
             record = seen.get(str(file.path))
             problem = f"{type(exc).__name__}: {exc}"
             if record is not None and record.reported == problem:
@@ -284,11 +285,13 @@ class IncomingImporter(BackgroundLoop):
                     record.reported = problem
         return None
 
-    def _skip(self, device: str, file: _DropFile, seen: dict[str, _Seen], why: str, **details: object) -> None:
+    def _skip(self, device: str, file: _DropFile, seen: dict[str, _Seen], why: str,
+              details: Mapping[str, object] | None = None) -> None:
         record = seen.get(str(file.path))
         if record is not None and record.reported == why:
             return
-        log.warning("incoming file left in place: " + why, extra={"device": device, "file": file.name, **details})
+        log.warning("incoming file left in place: " + why,
+                    extra={**(details or {}), "device": device, "file": file.name})
         if record is not None:
             record.reported = why
 
@@ -324,9 +327,7 @@ class IncomingImporter(BackgroundLoop):
             if existing is None:
                 _place(taken, media_path)
                 if thumb is not None:
-                    thumb_taken = self._take_thumbnail(thumb, seen)
-                    if thumb_taken is not None:
-                        _place(thumb_taken, thumb_path)
+                    thumb_taken = self._take_thumbnail(thumb, seen, thumb_path)
                 mime = detect_mime(name, taken.head)
                 event = Event(
                     id=event_id,
@@ -346,9 +347,7 @@ class IncomingImporter(BackgroundLoop):
                 # The event already existed (an earlier run or another replica), perhaps without
                 # this thumbnail: attach it before the dropped file goes.
                 if thumb_taken is None:
-                    thumb_taken = self._take_thumbnail(thumb, seen)
-                    if thumb_taken is not None:
-                        _place(thumb_taken, thumb_path)
+                    thumb_taken = self._take_thumbnail(thumb, seen, thumb_path)
                 if thumb_taken is not None:
                     self._set_has_thumbnail(event_id)
             # The thumbnail goes first: while the media file is still here, a thumbnail of the same
@@ -371,16 +370,30 @@ class IncomingImporter(BackgroundLoop):
                                                                          "event_id": event_id})
         return None
 
-    def _take_thumbnail(self, thumb: _DropFile, seen: dict[str, _Seen]) -> _Taken | None:
-        # A thumbnail that changed meanwhile, or that finds no room on the disk, does not hold up
-        # its media: it stays in thumbnails/ and attaches later.
+    def _take_thumbnail(self, thumb: _DropFile, seen: dict[str, _Seen], destination: pathlib.Path) -> _Taken | None:
+        """Copy the thumbnail and place it at `destination`; None if it did not get there.
+
+        A thumbnail that changed meanwhile, or that finds no room on the disk, does not hold up
+        its media: it stays in thumbnails/ and attaches later."""
         try:
-            return self._take(thumb)
+            taken = self._take(thumb)
         except _Changed:
             seen.pop(str(thumb.path), None)
             return None
-        except Exhausted:
+        except Exhausted as exc:
+            if _short_of_room(exc):
+                return None
+            raise
+        if taken is None:
             return None
+        try:
+            _place(taken, destination)
+        except Exhausted as exc:
+            taken.discard()
+            if _short_of_room(exc):
+                return None
+            raise
+        return taken
 
     def _insert(self, event: Event) -> bool:
         """Insert the row; False if it already exists (an earlier run or another replica)."""
@@ -546,6 +559,10 @@ def _open_dropped(file: _DropFile) -> int | None:
         if exc.errno == errno.ELOOP:
             raise _Changed() from None
         raise
+
+
+def _short_of_room(exc: BaseException) -> bool:
+    return isinstance(exc, Exhausted) and exc.reason == INSUFFICIENT_STORAGE
 
 
 def _check_settled(fd: int, file: _DropFile) -> None:

@@ -281,12 +281,14 @@ class ResumableUploads:
         committed size, whatever it is."""
         row = self._load(device, upload_id_)
         if row.event_id:
+            self._drop_completed_file(row)
             return SessionWriter(self, row, None)
         fd = _open(self.storage.session_path(device, row.upload_id))
         try:
             _lock(fd, row.upload_id)
             row = self._load(device, row.upload_id)  # as it is now that this writer is alone
             if row.event_id:
+                self._drop_completed_file(row, locked=fd)
                 os.close(fd)
                 return SessionWriter(self, row, None)
             row = self._recover(row, fd)
@@ -414,6 +416,40 @@ class ResumableUploads:
                 os.close(fd)
         log.info("upload session removed", extra={"device": row.device, "upload_id": row.upload_id})
         return True
+
+    def _drop_completed_file(self, row: UploadSessionRow, locked: int | None = None) -> None:
+        """Remove a completed session's file if one is there: its event holds the bytes. A crash
+        between a completion's commit and its unlink leaves one (a second link to the event's
+        media), and so does a writer that created the file just after a completion removed it.
+        Only under the session's lock (`locked`: a descriptor of the file holding it) and while
+        the row is still that completion, so a session restarted under the id keeps its file."""
+        path = self.storage.session_path(row.device, row.upload_id)
+        fd = locked
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a writer has it: not a leftover
+                os.close(fd)
+                return
+        try:
+            with self.db.session() as session:
+                current = session.get(UploadSessionRow, (row.device, row.upload_id))
+            if current is not None and current.event_id == row.event_id \
+                    and os.stat(path).st_ino == os.fstat(fd).st_ino:
+                path.unlink()
+                fsync_dir(path.parent)
+                _tidy(path)
+                log.info("completed upload session's leftover file removed",
+                         extra={"device": row.device, "upload_id": row.upload_id, "event_id": row.event_id})
+        except FileNotFoundError:  # removed meanwhile
+            pass
+        finally:
+            if locked is None:
+                os.close(fd)
 
     def _event_exists(self, event_id: str) -> bool:
         with self.db.session() as session:

@@ -174,6 +174,7 @@ def test_full_disk_refuses_uploads_cleanly_and_recovers(tmpfs: pathlib.Path, min
     finally:
         stop_stack(stack)
         ballast.unlink(missing_ok=True)
+    assert stack.process.returncode == 0, stack.log()
 
     # 4. No headroom configured and a truly full disk: ENOSPC is the same clean 507.
     stack = start_stack(data_dir, log_dir / "gallery2.log",
@@ -237,6 +238,7 @@ def test_full_disk_refuses_uploads_cleanly_and_recovers(tmpfs: pathlib.Path, min
                                        headers=headers).text)["sha256"] == stored_hash
     finally:
         stop_stack(stack)
+    assert stack.process.returncode == 0, stack.log()
 
 
 def test_incoming_files_wait_for_room_above_the_headroom(tmpfs: pathlib.Path, mint: Callable[..., str]) -> None:

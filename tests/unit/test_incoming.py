@@ -1,6 +1,7 @@
 """Incoming folders: settling, the naming convention, thumbnails, crash recovery and concurrent replicas.
 
-Every test runs on SQLite and PostgreSQL (the `gallery` fixture). Scans get explicit clock readings
+Every test runs on SQLite and PostgreSQL (the `gallery` fixture), except the small-disk one, whose
+SQLite database sits off its tmpfs so that only the importer changes the free space. Scans get explicit clock readings
 instead of sleeping: the default settle time is 2 s, so `now=0` then `now=SETTLED` imports a file
 that did not change in between.
 """

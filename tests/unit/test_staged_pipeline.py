@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
-import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -16,18 +15,15 @@ from gallery_server import storage
 from gallery_server.errors import Exhausted
 from gallery_server.storage import StagedFile
 
+from ..conftest import small_disk
+
 MiB = 1 << 20
 
 
 @pytest.fixture
-def small_disk(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)],
-                      capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+def disk(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    with small_disk(tmp_path / "disk", "12m") as mount:
+        yield mount
 
 
 def _all_pipeline_slots_free() -> bool:
@@ -52,9 +48,9 @@ def test_a_large_upload_goes_through_the_helper_thread_whole(tmp_path: pathlib.P
 
 
 def test_a_full_disk_met_by_the_helper_thread_is_insufficient_storage_and_sticks(
-    small_disk: pathlib.Path,
+    disk: pathlib.Path,
 ) -> None:
-    staged = StagedFile(small_disk / "f", max_bytes=1 << 30, what="event")
+    staged = StagedFile(disk / "f", max_bytes=1 << 30, what="event")
     chunk = os.urandom(MiB)
     with pytest.raises(Exhausted) as info:
         for _ in range(64):  # the helper thread takes over past 4 MiB; the disk holds 12
@@ -65,5 +61,5 @@ def test_a_full_disk_met_by_the_helper_thread_is_insufficient_storage_and_sticks
         with pytest.raises(Exhausted):
             again()
     staged.discard()
-    assert list(small_disk.iterdir()) == []
+    assert list(disk.iterdir()) == []
     assert _all_pipeline_slots_free()
