@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import os
 import threading
@@ -359,6 +360,35 @@ def test_a_completed_sessions_leftover_file_goes_on_the_next_write(
         assert not (gallery.settings.data_dir / "staging" / "sessions").exists()  # tidied
         assert hashlib.sha256(media.read_bytes()).hexdigest() == SHA
         assert [e.id for e in events(gallery)] == [done.event_id]
+
+
+def test_a_completed_sessions_file_is_kept_while_locked_or_once_the_id_restarts(
+    gallery: Gallery, principal: auth.Principal
+) -> None:
+    uploads = ResumableUploads(gallery)
+    uploads.start(principal, "cam1", name="a.bin", upload_id="leftover-002")
+    done = write(uploads, principal, "leftover-002", 0, b"payload", finish=True)
+    leftover = session_file(gallery, "leftover-002")
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_bytes(b"held")
+    # Someone else holds it (the reconciler, another replica's cleanup): left to them.
+    fd = os.open(leftover, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert write(uploads, principal, "leftover-002", 0, b"x", finish=True).event_id == done.event_id
+        assert leftover.read_bytes() == b"held"
+    finally:
+        os.close(fd)
+    # The event deleted and the id started afresh: a cleanup for the old completion (one that
+    # read the row before the restart) keeps the new session's file.
+    with gallery.db.session() as session:
+        completed = session.get(UploadSessionRow, ("cam1", "leftover-002"))
+    assert completed is not None and completed.event_id == done.event_id
+    gallery.delete_event(principal, "cam1", done.event_id)
+    assert uploads.start(principal, "cam1", name="a.bin", upload_id="leftover-002").event_id == ""
+    assert write(uploads, principal, "leftover-002", 0, b"new bytes").committed_size == 9
+    uploads._drop_completed_file(completed)
+    assert leftover.read_bytes() == b"new bytes"
 
 
 def test_start_after_deletion_starts_afresh(gallery: Gallery, principal: auth.Principal) -> None:

@@ -388,7 +388,7 @@ class IncomingImporter(BackgroundLoop):
             return None
         try:
             _place(taken, destination)
-        except Exhausted as exc:
+        except BaseException as exc:
             taken.discard()
             if _short_of_room(exc):
                 return None

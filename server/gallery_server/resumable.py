@@ -19,8 +19,10 @@ resumes), checked against the declared size and sha256 and handed to Gallery.sto
 the row complete with the event id in the same transaction that inserts the event. The session
 file is linked into media/ (StagedFile.adopt) and unlinked only after that commit: a completion
 that fails (a database error, a URL taken by a single-shot PUT) keeps every committed byte, and the
-client finishes again. The completed row (its bytes are gone) remains as long as its event exists,
-however late a retry comes: a retry with the same upload id gets that event, never a second.
+client finishes again. A file that a crash between the commit and the unlink leaves behind is
+removed by the next write to the completed session (the retry a client makes), else by the
+reconciler. The completed row (its bytes are gone) remains as long as its event exists, however
+late a retry comes: a retry with the same upload id gets that event, never a second.
 Deleting the event sets the row's expiry to one GALLERY_UPLOAD_SESSION_TTL later
 (Gallery.delete_event): until then QueryUpload and WriteUpload answer NOT_FOUND
 UPLOAD_EVENT_DELETED, then the sweeper removes the row (UPLOAD_NOT_FOUND). StartUpload with the id
@@ -422,33 +424,35 @@ class ResumableUploads:
         between a completion's commit and its unlink leaves one (a second link to the event's
         media), and so does a writer that created the file just after a completion removed it.
         Only under the session's lock (`locked`: a descriptor of the file holding it) and while
-        the row is still that completion, so a session restarted under the id keeps its file."""
+        the row is still that completion, so a session restarted under the id keeps its file.
+        Best effort: the answer does not depend on it, and the reconciler removes what is left."""
         path = self.storage.session_path(row.device, row.upload_id)
         fd = locked
-        if fd is None:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                return
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # a writer has it: not a leftover
-                os.close(fd)
-                return
         try:
+            if fd is None:
+                # Read-write: on NFS an exclusive flock needs a descriptor open for writing.
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # a writer, the reconciler or another replica has it
+                    return
             with self.db.session() as session:
                 current = session.get(UploadSessionRow, (row.device, row.upload_id))
+            here, held = os.lstat(path), os.fstat(fd)
             if current is not None and current.event_id == row.event_id \
-                    and os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    and (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino):
                 path.unlink()
                 fsync_dir(path.parent)
                 _tidy(path)
                 log.info("completed upload session's leftover file removed",
                          extra={"device": row.device, "upload_id": row.upload_id, "event_id": row.event_id})
-        except FileNotFoundError:  # removed meanwhile
+        except FileNotFoundError:  # none, or removed meanwhile
             pass
+        except Exception:
+            log.warning("could not remove a completed upload session's leftover file", exc_info=True,
+                        extra={"device": row.device, "upload_id": row.upload_id})
         finally:
-            if locked is None:
+            if locked is None and fd is not None:
                 os.close(fd)
 
     def _event_exists(self, event_id: str) -> bool:
