@@ -379,12 +379,22 @@ def test_a_completed_sessions_file_is_kept_while_locked_or_once_the_id_restarts(
         assert leftover.read_bytes() == b"held"
     finally:
         os.close(fd)
-    # The event deleted and the id started afresh: a cleanup for the old completion (one that
-    # read the row before the restart) keeps the new session's file.
+    # The event deleted: while the leftover is held, the id is not free yet (never an answer
+    # naming the deleted event) ...
     with gallery.db.session() as session:
         completed = session.get(UploadSessionRow, ("cam1", "leftover-002"))
     assert completed is not None and completed.event_id == done.event_id
     gallery.delete_event(principal, "cam1", done.event_id)
+    fd = os.open(leftover, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(FailedPrecondition) as busy:
+            uploads.start(principal, "cam1", name="a.bin", upload_id="leftover-002")
+        assert busy.value.reason == "UPLOAD_BUSY"
+    finally:
+        os.close(fd)
+    # ... then it starts afresh, and a cleanup for the old completion (one that read the row
+    # before the restart) keeps the new session's file.
     assert uploads.start(principal, "cam1", name="a.bin", upload_id="leftover-002").event_id == ""
     assert write(uploads, principal, "leftover-002", 0, b"new bytes").committed_size == 9
     uploads._drop_completed_file(completed)

@@ -166,7 +166,10 @@ class ResumableUploads:
         ):  # expired, or its event was deleted: the id is free again. Removed outside the
             # session that inserts: on SQLite a transaction that read before another's write
             # cannot write after it.
-            self.remove(row)
+            if not self.remove(row):  # its file is held (a writer, a cleanup): not free yet
+                raise FailedPrecondition(
+                    "UPLOAD_BUSY", f"upload {upload_id} is still in use: retry", upload_id=upload_id,
+                )
         with self.db.session() as session:
             row = session.get(UploadSessionRow, (device, upload_id))
             if row is None:

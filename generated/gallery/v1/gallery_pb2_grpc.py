@@ -367,9 +367,10 @@ class GalleryServiceServicer:
         INVALID_DEVICE_EVENT_ID, NAME_REQUIRED and the other name and metadata reasons of
         UploadEvent; FAILED_PRECONDITION UPLOAD_ID_IN_USE (the id names a session with another
         declared size or sha256); ALREADY_EXISTS DEVICE_EVENT_ID_CONFLICT (the device_event_id is
-        stored with another sha256); RESOURCE_EXHAUSTED UPLOAD_TOO_LARGE (declared size above the
-        server's limit). Needs `gallery:write`. Not mapped to REST (REST clients resume through
-        pre-signed URLs: see PutSignedUpload).
+        stored with another sha256); FAILED_PRECONDITION UPLOAD_BUSY (a session whose event was
+        deleted, or that expired, is still held by a writer: retry); RESOURCE_EXHAUSTED
+        UPLOAD_TOO_LARGE (declared size above the server's limit). Needs `gallery:write`. Not mapped
+        to REST (REST clients resume through pre-signed URLs: see PutSignedUpload).
         Returns the UploadSession resource itself, as AIP-133/131 methods return their resource.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
