@@ -18,11 +18,12 @@ import grpc
 import grpc_testing
 import pytest
 from google.api import httpbody_pb2
-from google.protobuf import struct_pb2
+from google.protobuf import message_factory, struct_pb2
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery_server import auth
 from gallery_server.devices import Devices
+from gallery_server.rpc.chunks import Encoded
 from gallery_server.rpc.servicer import GalleryServicer
 from gallery_server.service import Gallery
 from gallery_server.signed_urls import SignedUploads
@@ -567,12 +568,17 @@ def download(server: grpc_testing.Server, name: str, request: Any,
         initial = dict(rpc.initial_metadata())
     except ValueError:  # failed before sending any
         initial = {}
+    # grpc_testing does not serialize: decode what the interceptor's serializer would send as is.
+    response_type = message_factory.GetMessageClass(SERVICE.methods_by_name[name].output_type)
     messages = []
     while True:
         try:
-            messages.append(rpc.take_response())
+            message = rpc.take_response()
         except ValueError:
             break
+        if isinstance(message, Encoded):
+            message = response_type.FromString(message.wire)
+        messages.append(message)
     _, code, _ = rpc.termination()
     return messages, initial, code
 

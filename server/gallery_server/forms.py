@@ -70,9 +70,10 @@ class FormReceiver:
             },
         )
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         try:
-            self._parser.write(data)
+            # python-multipart searches its input with bytes.find: a view becomes bytes first.
+            self._parser.write(data if isinstance(data, bytes) else bytes(data))
         except Exception as exc:  # python-multipart wraps callback errors; unwrap ours
             raise self._error or InvalidArgument(
                 "MALFORMED_MULTIPART", f"malformed multipart body: {exc}"

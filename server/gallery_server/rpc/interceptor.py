@@ -7,7 +7,8 @@ The interceptor wraps each method handler so that, inside the worker thread runn
   becomes a generic INTERNAL, so no exception text reaches a client;
 - one access-log line records method, code, duration, subject and request id (never a token);
 - a request message that does not parse (text that is not UTF-8, bytes that are not protobuf)
-  is INVALID_ARGUMENT `MALFORMED_REQUEST` once authentication passed, not grpcio's INTERNAL.
+  is INVALID_ARGUMENT `MALFORMED_REQUEST` once authentication passed, not grpcio's INTERNAL;
+- the bytes of an upload's body and of a download are not copied by protobuf (chunks.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from google.protobuf.message import DecodeError
 
 from .. import auth
 from ..errors import GalleryError, InvalidArgument, Unauthenticated
-from . import status
+from . import chunks, status
 
 log = logging.getLogger("gallery.access")
 
@@ -87,8 +88,10 @@ class GalleryInterceptor(grpc.ServerInterceptor):
         }[(handler.request_streaming, handler.response_streaming)]
         return factory(
             wrapped,
-            request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
+            request_deserializer=_tolerant(method, handler.request_deserializer),
+            response_serializer=(
+                handler.response_serializer and chunks.serializer(handler.response_serializer)
+            ),
         )
 
     def _wrap_unary(self, method: str, public: bool, behavior: Callable[..., Any]) -> Callable:
@@ -140,9 +143,14 @@ class _Undecodable:
     request!"), a 500 through Envoy, before any of our code ran."""
 
 
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def _tolerant(
+    method: str, deserializer: Callable[[bytes], Any] | None,
+) -> Callable[[bytes], Any] | None:
+    """`method`'s deserializer, answering _Undecodable instead of raising DecodeError; an
+    upload's body messages are decoded without copying their bytes (chunks.py)."""
     if deserializer is None:
         return None
+    deserializer = chunks.deserializer(method, deserializer)
 
     def deserialize(data: bytes) -> Any:
         try:

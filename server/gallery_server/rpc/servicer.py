@@ -28,6 +28,7 @@ from ..models import Event
 from ..resumable import SessionState
 from ..service import Gallery
 from ..signed_urls import THUMBNAIL, SignedTarget, SignedUploads, SignedUploadState
+from . import chunks
 from .interceptor import current_principal
 from .status import HTTP_STATUS_HEADER
 
@@ -112,7 +113,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
                 (downloads.SHA256, content.sha256),
             ))
             for chunk in downloads.read_chunks(content.file, start, length):
-                yield pb.ReadEventContentResponse(data=chunk)
+                yield _read_content_message(chunk)
 
     def GetStats(self, request, context):  # type: ignore[no-untyped-def]
         stats = self.gallery.stats(self.principal(), request.device)
@@ -304,13 +305,14 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
                 first.http_body.content_type,
                 max_metadata_bytes=self.gallery.settings.max_metadata_bytes,
             )
-            form.feed(first.http_body.data)
-            received = len(first.http_body.data)
-            del first  # chunks are dropped once parsed: memory per upload in flight
+            # Each piece is read once: a parsed message's bytes field is copied on every read.
+            form.feed(piece := first.http_body.data)
+            received = len(piece)
+            del first, piece  # chunks are dropped once parsed: memory per upload in flight
             for message in request_iterator:
-                form.feed(message.http_body.data)
-                received += len(message.http_body.data)
-                del message
+                form.feed(piece := message.http_body.data)
+                received += len(piece)
+                del message, piece
             _require_active(context)
             _require_whole_body(_declared_body_length(context), received)
             form.finish()
@@ -465,7 +467,13 @@ def _set_pull(message: pb.PullStatus, status: PullStatus | None) -> None:
 # of a transcoded download and removes it; native gRPC clients see it as initial metadata.
 
 
-def _http_download(context: grpc.ServicerContext, content: downloads.Content) -> Iterator[HttpBody]:
+_http_body_message = chunks.bytes_message(HttpBody, "data")
+_read_content_message = chunks.bytes_message(pb.ReadEventContentResponse, "data")
+
+
+def _http_download(
+    context: grpc.ServicerContext, content: downloads.Content,
+) -> Iterator[HttpBody | chunks.Encoded]:
     """Answer a download as the request's Range and conditional headers ask (downloads.reply)."""
     with content.file:
         request = _request_headers(context)
@@ -482,8 +490,11 @@ def _http_download(context: grpc.ServicerContext, content: downloads.Content) ->
         # The first message names the content type; a 304 or 416 is that message with no data.
         content_type = content.mime_type
         for chunk in downloads.read_chunks(content.file, reply.start, reply.length):
-            yield HttpBody(content_type=content_type, data=chunk)
-            content_type = ""
+            if content_type:
+                yield HttpBody(content_type=content_type, data=chunk)
+                content_type = ""
+            else:
+                yield _http_body_message(chunk)
         if content_type:
             yield HttpBody(content_type=content_type)
 
