@@ -33,6 +33,7 @@ class Profile:
     top_self: list[tuple[str, int]]
     top_inclusive: list[tuple[str, int]]
     error: str = ""
+    gil: bool = False  # only the thread holding the GIL was sampled
 
 
 def py_spy() -> str | None:
@@ -40,8 +41,8 @@ def py_spy() -> str | None:
     return found if os.access(found, os.X_OK) else None
 
 
-def record(pid: int, what: str, action: Callable[[], object], rate: int = 200) -> Profile:
-    """Profile process `pid` while `action()` runs."""
+def record(pid: int, what: str, action: Callable[[], object], rate: int = 200, gil: bool = False) -> Profile:
+    """Profile process `pid` while `action()` runs; with `gil`, only the thread holding the GIL."""
     binary = py_spy()
     if binary is None:
         action()
@@ -50,7 +51,7 @@ def record(pid: int, what: str, action: Callable[[], object], rate: int = 200) -
         out = pathlib.Path(tmp) / "profile.txt"
         spy = subprocess.Popen(
             [binary, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--nonblocking",
-             "-o", str(out)],
+             *(["--gil"] if gil else []), "-o", str(out)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         time.sleep(1.0)  # attach
@@ -65,7 +66,7 @@ def record(pid: int, what: str, action: Callable[[], object], rate: int = 200) -
                 log, _ = spy.communicate()
         if not out.exists():
             return Profile(what, 0, 0, [], [], f"py-spy failed: {log.strip()[-300:]}")
-        return summarise(what, out.read_text())
+        return dataclasses.replace(summarise(what, out.read_text()), gil=gil)
 
 
 def summarise(what: str, folded: str, top: int = 12) -> Profile:
@@ -100,8 +101,9 @@ def markdown(profile: Profile) -> str:
     rows += [f"| {n / working:.0%} | `{frame}` |" for frame, n in profile.top_self]
     rows += ["", "| share of working samples | inclusive (the frame and what it called) |", "| ---: | --- |"]
     rows += [f"| {n / working:.0%} | `{frame}` |" for frame, n in profile.top_inclusive]
+    sampled = "the thread holding the GIL" if profile.gil else "the server's threads"
     return (
-        f"**{profile.what}**: {profile.samples} samples of the server's threads, of which {profile.waiting} "
+        f"**{profile.what}**: {profile.samples} samples of {sampled}, of which {profile.waiting} "
         f"({profile.waiting / profile.samples:.0%}) in waits (condition/queue waits, grpc's completion-queue "
         "poll, the background loop).\n\n" + "\n".join(rows)
     )

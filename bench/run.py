@@ -1222,6 +1222,8 @@ def scenario_profiles(bench: Bench) -> Section:
     each, each_sha256 = _concurrency.payload(bench)  # hashed before the profile starts
     profiles.append(_profile.record(pid, "16 concurrent gRPC uploads through Envoy",
                                     lambda: _concurrency.batch(bench, 16, each, each_sha256)))
+    profiles.append(_profile.record(pid, "16 concurrent gRPC uploads through Envoy, the thread holding the GIL",
+                                    lambda: _concurrency.batch(bench, 16, each, each_sha256), gil=True))
     profiles.append(_profile.record(pid, "list, first page (limit 50), 16 connections through Envoy",
                                     lambda: profile_load(bench, "events?limit=50")))
     profiles.append(_profile.record(pid, "stats, 16 connections through Envoy", lambda: profile_load(bench, "stats")))
@@ -1232,7 +1234,11 @@ def scenario_profiles(bench: Bench) -> Section:
     markdown = (
         "Sampled with py-spy (`bench/_profile.py`, 200 Hz, all threads of the gRPC server process) while one "
         "operation ran. \"Own time\" is where a sample's innermost Python frame was (C code called from it "
-        "counts there: hashing, os.write, protobuf parsing); waits are counted apart.\n\n"
+        "counts there: hashing, os.write, protobuf parsing); waits are counted apart. py-spy samples without "
+        "pausing the server (`--nonblocking`), so it tells waiting threads from working ones by heuristics: a "
+        "thread waiting to take the GIL back after a C call that let it go (os.write, hashing) counts at that "
+        "call. The profile of *the thread holding the GIL* (`--gil`) samples only the thread running Python "
+        "code at that moment: the work that all threads take turns at.\n\n"
         + "\n\n".join(_profile.markdown(p) for p in profiles)
     )
     return Section("Profiles of the server", "\n".join(f"{p.what}: {p.samples} samples" for p in profiles),

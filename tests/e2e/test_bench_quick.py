@@ -21,5 +21,6 @@ def test_bench_quick_runs_every_scenario() -> None:
     for title in ("Uploads of 16 MiB", "Concurrent uploads", "Downloads", "Listing and stats",
                   "call, in one process (no gRPC, Envoy or token check)", "Small requests", "Profiles of the server",
                   "stats, 16 connections through Envoy", "16 concurrent gRPC uploads through Envoy",
+                  "16 concurrent gRPC uploads through Envoy, the thread holding the GIL",
                   "constant grpc.aio handler", "Targets"):
         assert title in output, f"{title!r} missing from the output:\n{output[-3000:]}"
