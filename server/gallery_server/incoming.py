@@ -272,8 +272,12 @@ class IncomingImporter(BackgroundLoop):
             if _short_of_room(exc):
                 # The file stays for a later scan; a partial copy was removed, and a copy already
                 # placed in media/ has no row yet: the next import of the file replaces it.
+                # The figures of the moment, not the error's: a real ENOSPC carries none.
+                storage = self.gallery.storage
                 self._skip(device, file, seen, "no room on the disk above its headroom (GALLERY_MIN_FREE_BYTES) "
-                           "to copy it: retried on later scans", {"size": file.size, **exc.metadata})
+                           "to copy it: retried on later scans",
+                           {"size": file.size, "free_bytes": storage.disk_space().free_bytes,
+                            "min_free_bytes": storage.min_free_bytes})
                 return None
             record = seen.get(str(file.path))
             problem = f"{type(exc).__name__}: {exc}"

@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import errno
 import hashlib
+import logging
 import os
 import pathlib
 import shutil
@@ -314,6 +315,33 @@ def test_media_with_room_is_imported_and_its_thumbnail_short_of_room_attaches_la
         assert gallery.storage.thumbnail_path(DEVICE, event_id).read_bytes() == thumb
         assert list(thumbs.iterdir()) == []
         assert leftovers(gallery) == []
+    finally:
+        db.dispose()
+
+
+def test_a_file_short_of_room_is_reported_once_with_the_disk_figures(
+    disk: pathlib.Path, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    MiB = 1 << 20
+    settings = make_settings(disk / "data", f"sqlite:///{tmp_path / 'gallery.db'}", min_free_bytes=8 * MiB)
+    settings.data_dir.mkdir()
+    db = Database(settings.database_url, pool_size=2)
+    db.create_tables()
+    gallery = Gallery(settings, db, Storage(settings.data_dir))
+    try:
+        importer = IncomingImporter(gallery)
+        inbox, _ = gallery.storage.device_paths(DEVICE)
+        media = write(inbox / "clip.bin", random_bytes(14 * MiB))  # leaves ~18 MiB free: a copy, ~4
+        caplog.set_level(logging.WARNING, logger="gallery_server.incoming")
+        assert settle(importer) == []
+        assert importer.scan_once(now=3 * SETTLED) == []
+        [warning] = [r for r in caplog.records if r.name == "gallery_server.incoming"]
+        assert "no room on the disk above its headroom" in warning.getMessage()
+        free = gallery.storage.disk_space().free_bytes
+        assert (warning.size, warning.min_free_bytes) == (len(media), 8 * MiB)  # type: ignore[attr-defined]
+        assert free - MiB <= warning.free_bytes <= free + MiB  # type: ignore[attr-defined]
+        assert warning.free_bytes - len(media) < 8 * MiB  # type: ignore[attr-defined]
+        assert (inbox / "clip.bin").read_bytes() == media and events(gallery) == []
     finally:
         db.dispose()
 
