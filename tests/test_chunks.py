@@ -101,12 +101,51 @@ def test_a_field_sent_twice_is_parsed_by_protobuf_last_one_wins():
     assert isinstance(got, pb.UploadEventRequest) and got.media_chunk == b"second"
 
 
+# Tags and lengths of 2 to 6 bytes, values past 32 bits, at the top and inside http_body: taken
+# as protobuf takes them (it reads at most 5 bytes and refuses a value of 2**32 or more).
+VARINTS = [
+    (pb.UploadEventRequest, b"\x92\x00\x03abc"),
+    (pb.UploadEventRequest, b"\x92\x80\x80\x80\x00\x03abc"),
+    (pb.UploadEventRequest, b"\x92\x80\x80\x80\x80\x00\x03abc"),
+    (pb.UploadEventRequest, b"\x92\x80\x80\x80\x10\x03abc"),
+    (pb.UploadEventRequest, b"\x92\x80\x80\x80\x0f\x03abc"),
+    (pb.UploadEventRequest, b"\x12\x83\x80\x80\x80\x00abc"),
+    (pb.UploadEventRequest, b"\x12\x83\x80\x80\x80\x80\x00abc"),
+    (pb.UploadEventRequest, b"\x12\x83\x80\x80\x80\x10abc"),
+    (pb.WriteUploadRequest, b"\x22\x83\x80\x00abc"),
+    (pb.UploadEventFormRequest, b"\x12\x07\x12\x83\x80\x00abc"),
+    (pb.UploadEventFormRequest, b"\x12\x0a\x12\x83\x80\x80\x80\x80\x00abc"),
+    (pb.PutSignedUploadRequest, b"\x1a\x85\x80\x80\x80\x80\x00\x12\x03abc"),
+    (pb.PutSignedUploadRequest, b"\x9a\x80\x00\x06\x92\x00\x03abc"),
+]
+
+
+@pytest.mark.parametrize(("cls", "data"), VARINTS)
+def test_long_varints_read_as_protobuf_reads_them(cls, data):
+    try:
+        parsed = cls.FromString(data)
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            decode(cls, data)
+        return
+    assert_reads_alike(decode(cls, data), parsed)
+
+
 def test_a_view_answers_field_reads_only():
     got = decode(pb.UploadEventRequest, pb.UploadEventRequest(media_chunk=b"x").SerializeToString())
     with pytest.raises(AttributeError, match="SerializeToString"):
         got.SerializeToString()
     with pytest.raises(ValueError):
         got.WhichOneof("no_such_group")  # as protobuf answers
+
+
+def test_a_change_to_a_default_stays_in_its_message():
+    data = pb.UploadEventRequest(media_chunk=b"x").SerializeToString()
+    deserialize = chunks.deserializer(METHOD[pb.UploadEventRequest], pb.UploadEventRequest.FromString)
+    first = deserialize(data)
+    first.finish.sha256 = "changed"
+    second = deserialize(data)  # the next message of the stream
+    assert second.finish.sha256 == "" and not second.HasField("finish")
 
 
 def test_other_methods_keep_their_deserializer():

@@ -22,6 +22,7 @@ then the chunk), as an `Encoded` response that `serializer` passes on unchanged.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -54,7 +55,11 @@ class ChunkMessage:
     def __getattr__(self, name: str) -> Any:
         if name == self._field.name:
             return self._value
-        if name in self._default.DESCRIPTOR.fields_by_name:
+        field = self._default.DESCRIPTOR.fields_by_name.get(name)
+        if field is not None:
+            if field.type == field.TYPE_MESSAGE or field.is_repeated:
+                # A fresh default: one a caller changed must not show in the next message.
+                return getattr(type(self._default)(), name)
             return getattr(self._default, name)
         raise AttributeError(
             f"{self._default.DESCRIPTOR.name} decoded without copying has only field reads, "
@@ -83,18 +88,20 @@ def _varint_bytes(value: int) -> bytes:
 
 
 def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
-    """(value, position after it), or (-1, end) if no varint ends before `end`."""
+    """(value, position after it), or (-1, end) unless a varint of at most 5 bytes and below
+    2**32 ends before `end`: protobuf refuses longer tags and lengths, so those are left to it."""
     value = shift = 0
-    while pos < end and shift < 64:
+    while pos < end and shift < 35:
         byte = data[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
-            return value, pos
+            return (value, pos) if value < 1 << 32 else (-1, end)
         shift += 7
     return -1, end
 
 
+@functools.cache
 def _decoder(descriptor: _descriptor.Descriptor) -> Callable[[bytes, int, int], object | None]:
     """decode(data, start, end): the message in data[start:end] as a ChunkMessage, if its wire
     form is one bytes field or one message field of that form; else None."""

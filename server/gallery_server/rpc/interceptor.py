@@ -175,6 +175,7 @@ def _refusing_undecodable(behavior: Callable[..., Any], streaming: bool) -> Call
             if isinstance(message, _Undecodable):
                 raise _malformed()
             yield message
+            del message  # not held while the next one is awaited (an upload chunk is 1-4 MiB)
 
     def call(request: Any, context: grpc.ServicerContext) -> Any:
         if streaming:
