@@ -1065,13 +1065,16 @@ def interpret_downloads(
 ) -> str:
     size = bench.options.size
     per_gb = size / 1e9
-    rest, direct, envoy = (p.name for p in DOWNLOAD_PATHS[:3])
+    name_of = {p.fetch: p.name for p in DOWNLOAD_PATHS}
+    rest, raw, direct, envoy = (name_of[f] for f in (fetch_rest, fetch_rest_socket, fetch_grpc_direct,
+                                                      fetch_grpc_envoy))
     parts = [
         "**Interpretation.** "
         f"The plain-Python peer moved the file at {medians[PEER]:.0f} MB/s; the gallery paths reached "
         f"{ratios[direct]:.2f}x of it on native gRPC direct ({medians[direct]:.0f} MB/s), "
-        f"{ratios[envoy]:.2f}x through Envoy ({medians[envoy]:.0f} MB/s) and {ratios[rest]:.2f}x on REST "
-        f"({medians[rest]:.0f} MB/s), each ratio the median of same-run ratios. "
+        f"{ratios[envoy]:.2f}x on native gRPC through Envoy ({medians[envoy]:.0f} MB/s), {ratios[rest]:.2f}x on "
+        f"REST with httpx ({medians[rest]:.0f} MB/s) and {ratios[raw]:.2f}x on REST with a raw socket "
+        f"({medians[raw]:.0f} MB/s), each ratio the median of same-run ratios. "
     ]
 
     def cpu(p: str, proc: str) -> float:
@@ -1237,8 +1240,9 @@ def scenario_profiles(bench: Bench) -> Section:
         "counts there: hashing, os.write, protobuf parsing); waits are counted apart. py-spy samples without "
         "pausing the server (`--nonblocking`), so it tells waiting threads from working ones by heuristics: a "
         "thread waiting to take the GIL back after a C call that let it go (os.write, hashing) counts at that "
-        "call. The profile of *the thread holding the GIL* (`--gil`) samples only the thread running Python "
-        "code at that moment: the work that all threads take turns at.\n\n"
+        "call. The profile of *the thread holding the GIL* (`--gil`) samples only the thread py-spy finds "
+        "holding the GIL, or holding it last (so some of its samples land in waits): where the work that all "
+        "threads take turns at goes.\n\n"
         + "\n\n".join(_profile.markdown(p) for p in profiles)
     )
     return Section("Profiles of the server", "\n".join(f"{p.what}: {p.samples} samples" for p in profiles),
@@ -1315,8 +1319,9 @@ TARGETS_NOTE = (
     "server):\n\n"
     "- *Uploads vs the peers*: the machine's 2 vCPUs are shared by client, Envoy and server, so throughput follows "
     "CPU per byte. The server spends ~1.6 – 3.4 CPU-s/GB (sha256 ~0.6 – 0.75, page-cache write ~0.3 – 0.5, the "
-    "rest gRPC: HTTP/2 framing in grpc-core and the bytes copy from grpc-core into Python) against ~1.4 – 1.5 for "
-    "the raw-PUT peer; Envoy adds ~0.7 – 1.1 on the REST and proxied paths, which the peers do not pay. "
+    "rest gRPC: HTTP/2 framing in grpc-core and the bytes copy from grpc-core into Python) against ~1.4 – 2.4 for "
+    "the raw-PUT peer (the higher figures when hashing ran slower); Envoy adds ~0.7 – 1.1 on the REST and "
+    "proxied paths, which the peers do not pay. "
     "Protobuf's own two copies of every byte (parsing the message, then reading its bytes field) are skipped: an "
     "upload's body messages are read as views of the buffer grpcio hands over (rpc/chunks.py; interleaved A/B "
     "at 512 MiB, 4 – 8 uploads per path, by hand on 2026-11-28, server CPU per GB gRPC direct 3.08 -> 2.34, "
@@ -1328,16 +1333,19 @@ TARGETS_NOTE = (
     "the peers fsync the whole file after the last byte, as the idiomatic code does. Before rpc/chunks.py, gRPC "
     "direct and the pre-signed PUT reached the raw-PUT peer's rate in some runs and not in others (0.70 – 1.27x "
     "and 0.70 – 0.95x in the runs of 2026-11-28's afternoon) and the other paths did not (0.54 – 0.80x). With "
-    "it, in that evening's 3 runs, every path reached 0.9x except gRPC via Envoy in one run (multipart 1.02 – "
-    "1.13x, pre-signed PUT 1.14 – 1.16x, gRPC via Envoy 0.84 – 0.94x, gRPC direct 0.93 – 1.30x). Part of that "
-    "is the machine: sha256 ran at ~1.1 – 1.2 GB/s that evening against ~1.75 in the afternoon, and the peer "
-    "hashes in series with receiving where the gallery hashes on a helper thread. The commit before it, "
-    "benchmarked on the same machine minutes apart, gave 0.85 / 0.98 / 0.88 / 1.10x with server CPU per GB "
-    "3.11 / 2.78 / 2.64 / 2.59, against 2.46 – 2.64 / 2.27 – 2.29 / 2.18 – 2.40 / 2.01 – 2.12 with it: the "
-    "code took 15 – 20% off the server's CPU per GB. The paths through Envoy pay Envoy's CPU on the same 2 "
-    "vCPUs, and what is left in the server is grpcio's copy of each message into Python and grpc-core's HTTP/2 "
-    "work, which a handler cannot avoid. FastAPI `UploadFile` pays a full second pass (spool to a temporary "
-    "file, then copy); 2.5x of it is reached by gRPC direct only.\n"
+    "it, in four runs that evening (two whole `make bench` runs, two of the upload and download sections), "
+    "every path reached 0.9x except gRPC via Envoy in one run: multipart 1.02 – 1.13x, pre-signed PUT 1.14 – "
+    "1.26x, gRPC via Envoy 0.84 – 1.03x, gRPC direct 0.93 – 1.31x. Part of that is the machine: sha256 ran at "
+    "~1.1 – 1.2 GB/s that evening against ~1.75 in the afternoon, and the peer hashes in series with receiving "
+    "where the gallery hashes on a helper thread. One run of the commit before it on the same machine, minutes "
+    "apart, gave 0.85 / 0.98 / 0.88 / 1.10x (same order) with server CPU per GB 3.11 / 2.78 / 2.64 / 2.59, "
+    "against 2.46 – 2.87 / 2.22 – 2.29 / 2.18 – 2.40 / 2.01 – 2.25 in the four runs with it (8 – 22% less "
+    "per path and run; interleaved by hand the same day, 4 – 8 uploads per path: 2 – 24%). The paths through "
+    "Envoy pay Envoy's CPU on the same 2 vCPUs, and what is left in the server is grpcio's copy of each message "
+    "into Python and grpc-core's HTTP/2 work, which a handler cannot avoid. FastAPI `UploadFile` pays a full "
+    "second pass (spool to a temporary file, then copy); no path reaches 2.5x of it (1.28 – 2.22x in the "
+    "evening's runs): that needs ~600 MB/s with sha256 and fsync on a core that hashes at ~1.2 GB/s and shares "
+    "the machine with the client.\n"
     "- *Concurrent uploads*: upload messages held in Python are bounded server-wide (receiving.py: a stream asks "
     "gRPC for its next message only with one of GALLERY_UPLOAD_MESSAGES_IN_FLIGHT = 8 permits), which took the "
     "64-stream peak from ~360 to ~280 MiB. What is left is outside Python's reach: grpc-core buffers each open "

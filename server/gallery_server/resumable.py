@@ -488,7 +488,7 @@ class SessionWriter:
         """The state of a session that was complete before this stream: nothing to write."""
         return _state(self._row) if self._row.event_id else None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         assert self._fd is not None
         declared = self._row.declared_size
         end = self.offset + len(data)

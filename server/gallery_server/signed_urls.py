@@ -358,7 +358,7 @@ class RangePut:
             return ""
         return self._writer.done.event_id
 
-    def write_all(self, pieces: Iterable[bytes]) -> None:
+    def write_all(self, pieces: Iterable[bytes | memoryview]) -> None:
         for data in pieces:
             if self._writer is None:
                 if data:  # cannot happen: the Content-Length of a query is 0
@@ -369,6 +369,7 @@ class RangePut:
                 continue
             self._writer.write(data)
             self.received += len(data)
+            del data  # not held while the next piece is awaited
 
     def finish(self) -> SignedUploadState:
         """Commit this PUT's bytes; store the event if they complete the file.

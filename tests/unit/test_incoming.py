@@ -273,77 +273,83 @@ def test_a_thumbnail_arriving_later_is_attached_once_settled(gallery, importer, 
     assert leftovers(gallery) == []
 
 
+MiB = 1 << 20
+
+
 @pytest.fixture
 def disk(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
     with small_disk(tmp_path / "small-disk", "32m") as mount:
         yield mount
 
 
-def test_media_with_room_is_imported_and_its_thumbnail_short_of_room_attaches_later(
-    disk: pathlib.Path, tmp_path: pathlib.Path
-) -> None:
-    MiB = 1 << 20
-    settings = make_settings(disk / "data", f"sqlite:///{tmp_path / 'gallery.db'}",  # db off the tmpfs
-                             min_free_bytes=8 * MiB)
-    settings.data_dir.mkdir()
-    db = Database(settings.database_url, pool_size=2)
-    db.create_tables()
-    gallery = Gallery(settings, db, Storage(settings.data_dir))
-    try:
-        importer = IncomingImporter(gallery)
-        inbox, thumbs = gallery.storage.device_paths(DEVICE)
-        media = write(inbox / "clip.bin", random_bytes(6 * MiB))
-        thumb = write(thumbs / "clip.png", PNG + random_bytes(5 * MiB))
-        # 18 MiB free: the media's copy leaves 12 (above the 8 MiB headroom), after which the
-        # thumbnail's would leave 7, below it.
-        with (disk / "ballast").open("wb") as ballast:
-            while (free := gallery.storage.disk_space().free_bytes) > 18 * MiB:
-                ballast.write(b"\0" * min(free - 18 * MiB, MiB))
-                ballast.flush()
-
-        [event_id] = settle(importer)
-        [event] = events(gallery)
-        assert (event.has_thumbnail, event.sha256) == (False, hashlib.sha256(media).hexdigest())
-        assert not gallery.storage.thumbnail_path(DEVICE, event_id).exists()
-        assert [p.name for p in thumbs.iterdir()] == ["clip.png"]  # waits; nothing half-copied
-        assert leftovers(gallery) == []
-
-        # The dropped media is gone (its copy is in the store), so there is room for the thumbnail.
-        assert importer.scan_once(now=2 * SETTLED) == []
-        [event] = events(gallery)
-        assert event.has_thumbnail is True
-        assert gallery.storage.thumbnail_path(DEVICE, event_id).read_bytes() == thumb
-        assert list(thumbs.iterdir()) == []
-        assert leftovers(gallery) == []
-    finally:
-        db.dispose()
-
-
-def test_a_file_short_of_room_is_reported_once_with_the_disk_figures(
-    disk: pathlib.Path, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    MiB = 1 << 20
+@pytest.fixture
+def small_gallery(disk: pathlib.Path, tmp_path: pathlib.Path) -> Iterator[Gallery]:
+    """A gallery whose data root is the 32 MiB tmpfs, with 8 MiB of headroom (its database off it)."""
     settings = make_settings(disk / "data", f"sqlite:///{tmp_path / 'gallery.db'}", min_free_bytes=8 * MiB)
     settings.data_dir.mkdir()
     db = Database(settings.database_url, pool_size=2)
     db.create_tables()
-    gallery = Gallery(settings, db, Storage(settings.data_dir))
     try:
-        importer = IncomingImporter(gallery)
-        inbox, _ = gallery.storage.device_paths(DEVICE)
-        media = write(inbox / "clip.bin", random_bytes(14 * MiB))  # leaves ~18 MiB free: a copy, ~4
-        caplog.set_level(logging.WARNING, logger="gallery_server.incoming")
-        assert settle(importer) == []
-        assert importer.scan_once(now=3 * SETTLED) == []
-        [warning] = [r for r in caplog.records if r.name == "gallery_server.incoming"]
-        assert "no room on the disk above its headroom" in warning.getMessage()
-        free = gallery.storage.disk_space().free_bytes
-        assert (warning.size, warning.min_free_bytes) == (len(media), 8 * MiB)  # type: ignore[attr-defined]
-        assert free - MiB <= warning.free_bytes <= free + MiB  # type: ignore[attr-defined]
-        assert warning.free_bytes - len(media) < 8 * MiB  # type: ignore[attr-defined]
-        assert (inbox / "clip.bin").read_bytes() == media and events(gallery) == []
+        yield Gallery(settings, db, Storage(settings.data_dir))
     finally:
         db.dispose()
+
+
+def test_media_with_room_is_imported_and_its_thumbnail_short_of_room_attaches_later(
+    disk: pathlib.Path, small_gallery: Gallery
+) -> None:
+    gallery = small_gallery
+    importer = IncomingImporter(gallery)
+    inbox, thumbs = gallery.storage.device_paths(DEVICE)
+    media = write(inbox / "clip.bin", random_bytes(6 * MiB))
+    thumb = write(thumbs / "clip.png", PNG + random_bytes(5 * MiB))
+    # 18 MiB free: the media's copy leaves 12 (above the 8 MiB headroom), after which the
+    # thumbnail's would leave 7, below it.
+    with (disk / "ballast").open("wb") as ballast:
+        while (free := gallery.storage.disk_space().free_bytes) > 18 * MiB:
+            ballast.write(b"\0" * min(free - 18 * MiB, MiB))
+            ballast.flush()
+
+    [event_id] = settle(importer)
+    [event] = events(gallery)
+    assert (event.has_thumbnail, event.sha256) == (False, hashlib.sha256(media).hexdigest())
+    assert not gallery.storage.thumbnail_path(DEVICE, event_id).exists()
+    assert [p.name for p in thumbs.iterdir()] == ["clip.png"]  # waits; nothing half-copied
+    assert leftovers(gallery) == []
+
+    # The dropped media is gone (its copy is in the store), so there is room for the thumbnail.
+    assert importer.scan_once(now=2 * SETTLED) == []
+    [event] = events(gallery)
+    assert event.has_thumbnail is True
+    assert gallery.storage.thumbnail_path(DEVICE, event_id).read_bytes() == thumb
+    assert list(thumbs.iterdir()) == []
+    assert leftovers(gallery) == []
+
+
+@pytest.mark.parametrize("full", ["above the headroom", "ENOSPC"])
+def test_a_file_short_of_room_is_reported_once_with_the_disk_figures(
+    small_gallery: Gallery, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, full: str
+) -> None:
+    """Refused by the headroom check before copying, or by the disk itself part-way (the check
+    passed, then the space went): either way one warning, with the disk's figures of the moment."""
+    gallery = small_gallery
+    importer = IncomingImporter(gallery)
+    inbox, _ = gallery.storage.device_paths(DEVICE)
+    media = write(inbox / "clip.bin", random_bytes(20 * MiB))  # leaves ~12 MiB: too little to copy it
+    if full == "ENOSPC":
+        monkeypatch.setattr(gallery.storage, "require_room_for", lambda size: None)
+        monkeypatch.setattr(gallery.storage, "require_space", lambda: None)
+    caplog.set_level(logging.WARNING, logger="gallery_server.incoming")
+    assert settle(importer) == []
+    assert importer.scan_once(now=3 * SETTLED) == []
+    [warning] = [r for r in caplog.records if r.name == "gallery_server.incoming"]
+    assert "no room on the disk above its headroom" in warning.getMessage()
+    free = gallery.storage.disk_space().free_bytes
+    assert (warning.size, warning.min_free_bytes) == (len(media), 8 * MiB)  # type: ignore[attr-defined]
+    assert free - MiB <= warning.free_bytes <= free + MiB  # type: ignore[attr-defined]
+    assert 0 < warning.free_bytes < len(media)  # type: ignore[attr-defined]
+    assert (inbox / "clip.bin").read_bytes() == media and events(gallery) == []
+    assert leftovers(gallery) == []  # a partial copy is removed
 
 
 def test_a_thumbnail_waits_for_its_media_rather_than_joining_an_older_event(gallery, importer, folders):

@@ -3,17 +3,17 @@
 Why: protobuf (upb) parses a 1 MiB chunk message by copying its bytes into the message, and every
 read of a bytes field copies them again into a new bytes object. An upload's body so cost two
 copies of every byte with the GIL held, on top of the one grpcio makes to hand the message to
-Python. These copies were 45% of the GIL-holding samples of 16 concurrent uploads
-(py-spy --gil, 2026-11-28).
+Python. In one py-spy --gil profile of 16 concurrent uploads taken by hand before this module
+(2026-11-28), 45% of the samples attributed to the GIL's holder were in those two copies.
 
 What: on the wire, an upload's body messages are one length-delimited field: `media_chunk`,
 `data`, or an `http_body` that holds only `data`. For exactly that shape, `deserializer` returns
 a ChunkMessage, whose bytes field is a memoryview of the buffer grpcio received. Every other
 shape goes to protobuf as before: a header, a finish message, a message that repeats
-`device` or `upload_id`, a field sent twice or unknown fields. The reader cannot tell the
-difference. A field absent from the wire reads as its default, as it would in the parsed
-message. A method that is not a field read raises AttributeError; nothing answers it with a
-default.
+`device` or `upload_id`, a field sent twice or unknown fields. Field reads, WhichOneof and
+HasField answer as on the parsed message: a field absent from the wire reads as its default
+(a message or repeated field as a fresh one each time, so a change to it is not kept). Anything
+else (SerializeToString, copying, ...) raises AttributeError rather than answer from a default.
 
 Downloads, the other way: protobuf copies a chunk into the message it is set on and again into
 the serialized bytes. `bytes_message` writes the same wire form with one copy (tag and length,
@@ -53,6 +53,8 @@ class ChunkMessage:
         self._value = value
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ChunkMessage.__slots__:
+            raise AttributeError(name)  # never recurse: a slot read here is a slot not yet set
         if name == self._field.name:
             return self._value
         field = self._default.DESCRIPTOR.fields_by_name.get(name)
@@ -88,23 +90,27 @@ def _varint_bytes(value: int) -> bytes:
 
 
 def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
-    """(value, position after it), or (-1, end) unless a varint of at most 5 bytes and below
-    2**32 ends before `end`: protobuf refuses longer tags and lengths, so those are left to it."""
+    """(value, position after it), or (-1, end) unless a varint of at most 5 bytes ends before
+    `end`: protobuf refuses longer tags and lengths, so those are left to it. (It also refuses a
+    value of 2**32 or more, which names no field here and is no length a message can fit.)"""
     value = shift = 0
     while pos < end and shift < 35:
         byte = data[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
-            return (value, pos) if value < 1 << 32 else (-1, end)
+            return value, pos
         shift += 7
     return -1, end
 
 
 @functools.cache
-def _decoder(descriptor: _descriptor.Descriptor) -> Callable[[bytes, int, int], object | None]:
+def _decoder(
+    descriptor: _descriptor.Descriptor, nesting: int = 1,
+) -> Callable[[bytes, int, int], object | None]:
     """decode(data, start, end): the message in data[start:end] as a ChunkMessage, if its wire
-    form is one bytes field or one message field of that form; else None."""
+    form is one bytes field or, `nesting` levels deep at most (http_body is one), one message
+    field of that form; else None."""
     default = message_factory.GetMessageClass(descriptor)()
     fields = {}
     for field in descriptor.fields:
@@ -112,8 +118,8 @@ def _decoder(descriptor: _descriptor.Descriptor) -> Callable[[bytes, int, int], 
             continue
         if field.type == field.TYPE_BYTES:
             fields[field.number] = (field, None)
-        elif field.type == field.TYPE_MESSAGE and field.message_type is not descriptor:
-            fields[field.number] = (field, _decoder(field.message_type))
+        elif field.type == field.TYPE_MESSAGE and nesting > 0:
+            fields[field.number] = (field, _decoder(field.message_type, nesting - 1))
 
     def decode(data: bytes, start: int, end: int) -> object | None:
         tag, pos = _varint(data, start, end)

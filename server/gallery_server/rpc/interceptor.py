@@ -8,7 +8,7 @@ The interceptor wraps each method handler so that, inside the worker thread runn
 - one access-log line records method, code, duration, subject and request id (never a token);
 - a request message that does not parse (text that is not UTF-8, bytes that are not protobuf)
   is INVALID_ARGUMENT `MALFORMED_REQUEST` once authentication passed, not grpcio's INTERNAL;
-- the bytes of an upload's body and of a download are not copied by protobuf (chunks.py).
+- the chunks of an upload's body and of a download skip protobuf's copies (chunks.py).
 """
 
 from __future__ import annotations

@@ -365,7 +365,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             if put.done:  # the URL's event is stored: answer it, store nothing
                 return pb.UploadEventResponse(success=True, event_id=put.done)
             release = self.gallery.reserve_upload(target.device)
-            put.write_all(m.http_body.data for m in itertools.chain([first], request_iterator))
+            put.write_all(_body_pieces(itertools.chain([first], request_iterator)))
             # What arrived is committed either way (close()); only a whole chunk may finish.
             _require_whole_body(declared, put.received)
             state = put.finish()
@@ -516,6 +516,16 @@ def content_disposition(name: str) -> str:
     name = name.replace("/", "_").replace("\\", "_")
     fallback = "".join(c if c.isascii() and c.isprintable() and c != '"' else "_" for c in name)
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{urllib.parse.quote(name, safe='')}"
+
+
+def _body_pieces(messages: Iterator[Any]) -> Iterator[bytes | memoryview]:
+    """Each transcoded message's piece of the HTTP body, the message dropped before the next is
+    awaited (a chunk is up to 1 MiB)."""
+    for message in messages:
+        piece = message.http_body.data
+        del message
+        yield piece
+        del piece
 
 
 def _first(request_iterator: Iterator):  # type: ignore[no-untyped-def,type-arg]
