@@ -55,6 +55,12 @@ def write(uploads: ResumableUploads, principal: auth.Principal, upload_id: str, 
         writer.close()
 
 
+def finished_session(uploads: ResumableUploads, principal: auth.Principal, upload_id: str, data: bytes):  # type: ignore[no-untyped-def]
+    """A session started and written whole in one finishing write: its completed state."""
+    uploads.start(principal, "cam1", name="a.bin", upload_id=upload_id)
+    return write(uploads, principal, upload_id, 0, data, finish=True)
+
+
 # -- domain ------------------------------------------------------------------------------------
 
 
@@ -153,8 +159,7 @@ def test_other_device_and_scopes(gallery: Gallery, principal: auth.Principal) ->
 
 def test_dedupe_and_checksums(gallery: Gallery, principal: auth.Principal) -> None:
     uploads = ResumableUploads(gallery)
-    uploads.start(principal, "cam1", name="a.bin", upload_id="upload-0009")
-    stored = write(uploads, principal, "upload-0009", 0, b"hello", finish=True)
+    stored = finished_session(uploads, principal, "upload-0009", b"hello")
     sha = hashlib.sha256(b"hello").hexdigest()
     state = uploads.start(principal, "cam1", name="b.bin", sha256=sha, dedupe=True)
     assert state.event_id == stored.event_id
@@ -305,8 +310,7 @@ def test_completed_session_answers_until_its_event_is_deleted(
     gallery: Gallery, principal: auth.Principal
 ) -> None:
     uploads = ResumableUploads(gallery)
-    uploads.start(principal, "cam1", name="a.bin", upload_id="late-retry-01")
-    done = write(uploads, principal, "late-retry-01", 0, b"payload", finish=True)
+    done = finished_session(uploads, principal, "late-retry-01", b"payload")
     # Long past its expiry, the completed session is not swept and still answers a retry.
     later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=30)
     assert uploads.sweep_once(now=later) == 0
@@ -346,8 +350,7 @@ def test_a_completed_sessions_leftover_file_goes_on_the_next_write(
     gallery: Gallery, principal: auth.Principal
 ) -> None:
     uploads = ResumableUploads(gallery)
-    uploads.start(principal, "cam1", name="a.bin", upload_id="leftover-001")
-    done = write(uploads, principal, "leftover-001", 0, DATA, finish=True)
+    done = finished_session(uploads, principal, "leftover-001", DATA)
     media = gallery.storage.media_path("cam1", done.event_id)
     leftover = session_file(gallery, "leftover-001")
     # A crash between the completion's commit and its unlink leaves the session's own link to
@@ -366,8 +369,7 @@ def test_a_completed_sessions_file_is_kept_while_locked_or_once_the_id_restarts(
     gallery: Gallery, principal: auth.Principal
 ) -> None:
     uploads = ResumableUploads(gallery)
-    uploads.start(principal, "cam1", name="a.bin", upload_id="leftover-002")
-    done = write(uploads, principal, "leftover-002", 0, b"payload", finish=True)
+    done = finished_session(uploads, principal, "leftover-002", b"payload")
     leftover = session_file(gallery, "leftover-002")
     leftover.parent.mkdir(parents=True, exist_ok=True)
     leftover.write_bytes(b"held")
@@ -403,8 +405,7 @@ def test_a_completed_sessions_file_is_kept_while_locked_or_once_the_id_restarts(
 
 def test_start_after_deletion_starts_afresh(gallery: Gallery, principal: auth.Principal) -> None:
     uploads = ResumableUploads(gallery)
-    uploads.start(principal, "cam1", name="a.bin", upload_id="deleted-0001")
-    done = write(uploads, principal, "deleted-0001", 0, b"one", finish=True)
+    done = finished_session(uploads, principal, "deleted-0001", b"one")
     gallery.delete_event(principal, "cam1", done.event_id)
     fresh = uploads.start(principal, "cam1", name="a.bin", upload_id="deleted-0001")
     assert (fresh.committed_size, fresh.event_id) == (0, "")
