@@ -53,7 +53,7 @@ import sqlalchemy as sa
 from sqlmodel import col, select
 
 from . import validation
-from ._writeback import Writeback
+from ._direct_io import AppendWriter
 from .background import BackgroundLoop
 from .errors import Exhausted, GalleryError
 from .media_types import SNIFF_BYTES, classify, detect_mime
@@ -515,7 +515,9 @@ class IncomingImporter(BackgroundLoop):
                 out = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
                 try:
                     in_use = hold_shared(out)
-                    sha256, head = self._read(fd, out)
+                    copy = AppendWriter(out, direct=self.storage.direct_io)
+                    sha256, head = self._read(fd, copy)
+                    copy.flush()
                     os.fsync(out)
                 finally:
                     os.close(out)
@@ -529,11 +531,10 @@ class IncomingImporter(BackgroundLoop):
             os.close(fd)
         return _Taken(staged, file.signature, sha256, head, in_use)
 
-    def _read(self, fd: int, out: int | None) -> tuple[str, bytes]:
+    def _read(self, fd: int, out: AppendWriter | None) -> tuple[str, bytes]:
         """sha256 and head of `fd`'s bytes, copied to `out` (unless None) below the headroom."""
         digest = hashlib.sha256()
         head = b""
-        writeback = Writeback(out) if out is not None else None
         # Other writers share the disk: a long copy stops below the headroom, as an upload does.
         space = SpaceMeter(self.storage.require_space)
         while chunk := os.read(fd, _CHUNK):
@@ -543,11 +544,7 @@ class IncomingImporter(BackgroundLoop):
                 head += chunk[: SNIFF_BYTES - len(head)]
             digest.update(chunk)
             if out is not None:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(out, view):]
-                assert writeback is not None
-                writeback.wrote(len(chunk))
+                out.write(chunk)
                 space.wrote(len(chunk))
         return digest.hexdigest(), head
 

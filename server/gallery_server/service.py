@@ -141,10 +141,11 @@ class Gallery:
         self.settings = settings
         self.db = db
         self.storage = storage
-        # The settings own the disk headroom, whoever built the Storage (tests of the stateless
-        # signed-URL checks build a Gallery without one).
+        # The settings own the disk headroom and the choice of direct I/O, whoever built the
+        # Storage (tests of the stateless signed-URL checks build a Gallery without one).
         if storage is not None:
             storage.min_free_bytes = settings.min_free_bytes
+            storage.direct_io = settings.direct_io
         # Limits on uploads in flight, per replica (one Gallery serves all RPCs of a server).
         self.slots = UploadSlots(
             per_device=settings.max_uploads_per_device, total=settings.max_uploads_total

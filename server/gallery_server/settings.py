@@ -90,6 +90,7 @@ class Settings:
     incoming_scan_seconds: float = 1.0
     incoming_settle_seconds: float = 2.0
     make_thumbnails: bool = True
+    direct_io: bool = True  # staged uploads written past the page cache (_direct_io.py)
     upload_session_ttl: int = 86400
     # -- bearer tokens beyond the HS256 secret (auth.py) --
     jwt_public_key: str = ""  # PEM text
@@ -156,6 +157,7 @@ class Settings:
                     env.get("GALLERY_INCOMING_SETTLE_SECONDS", cls.incoming_settle_seconds)
                 ),
                 make_thumbnails=_flag(env.get("GALLERY_MAKE_THUMBNAILS", ""), default=cls.make_thumbnails),
+                direct_io=_flag(env.get("GALLERY_DIRECT_IO", ""), default=cls.direct_io),
                 upload_session_ttl=int(
                     env.get("GALLERY_UPLOAD_SESSION_TTL", cls.upload_session_ttl)
                 ),

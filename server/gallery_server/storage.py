@@ -19,10 +19,13 @@ the headroom (require_room_for) and checks as it copies, like an upload.
 Reads never check: a full disk keeps serving what it holds.
 
 Large uploads are hashed and written by a helper thread (_Pipeline) while the RPC thread receives the
-next message: hashlib and os.write release the GIL on big buffers, so the two overlap on a second
-core instead of running in series (BENCHMARKS.md measures the difference). Every writer of
-received bytes asks the kernel to start writing them to disk as they arrive (_writeback.py), so
-the fsync that makes an upload durable waits for its last few MiB, not for the whole file.
+next message: hashlib and the writes to disk release the GIL on big buffers (the copy into a direct
+write's aligned buffer does not, ~0.05 CPU-s per GB), so the two overlap on a second core instead
+of running in series (BENCHMARKS.md measures the difference). A staged file is
+written past the page cache (_direct_io.py: the kernel's page-cache allocation was the dearest
+part of storing an upload here), so the fsync that makes it durable has only its tail to write;
+where direct I/O is refused or turned off (GALLERY_DIRECT_IO), and for resumable uploads, writers
+ask the kernel to start writing bytes to disk as they arrive (_writeback.py) for the same end.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 from . import _malloc
-from ._writeback import Writeback
+from ._direct_io import AppendWriter
 from .errors import AlreadyExists, Exhausted, TooLarge
 from .media_types import SNIFF_BYTES
 
@@ -74,6 +77,7 @@ class Storage:
     def __init__(self, data_dir: pathlib.Path) -> None:
         self.data_dir = data_dir
         self.min_free_bytes = 0  # the headroom: Gallery sets it from the settings, its one owner
+        self.direct_io = False  # write staged files past the page cache; Gallery sets it too
         self.media_root = data_dir / "media"
         self.staging_root = data_dir / "staging"
         self.drop_root = data_dir / "gallery"
@@ -96,7 +100,7 @@ class Storage:
     def stage(self, *, max_bytes: int, what: str) -> StagedFile:
         return StagedFile(
             self.staging_root / secrets.token_hex(16), max_bytes=max_bytes, what=what,
-            space_check=self.require_space,
+            space_check=self.require_space, direct_io=self.direct_io,
         )
 
     def disk_space(self) -> DiskSpace:
@@ -202,7 +206,7 @@ class StagedFile:
 
     def __init__(
         self, path: pathlib.Path, *, max_bytes: int, what: str,
-        space_check: Callable[[], None] | None = None,
+        space_check: Callable[[], None] | None = None, direct_io: bool = False,
     ) -> None:
         self.path = path
         self.max_bytes = max_bytes
@@ -214,7 +218,7 @@ class StagedFile:
         self.keep_source = False
         self._space = SpaceMeter(space_check) if space_check is not None else None
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        self._writeback = Writeback(self._fd)
+        self._out: AppendWriter | None = AppendWriter(self._fd, direct=direct_io)
         self._pipeline: _Pipeline | None = None
         self._failed: BaseException | None = None
         self._in_use: int | None = hold_shared(self._fd)
@@ -229,6 +233,7 @@ class StagedFile:
         self.path, self.what, self.moved, self.keep_source = path, what, False, True
         self._pipeline, self._failed = None, None
         self._in_use = None  # the resumable writer's exclusive lock covers the file
+        self._out = None  # read only
         self._hash = hashlib.sha256()
         self._fd = os.open(path, os.O_RDONLY)
         self.head = os.pread(self._fd, SNIFF_BYTES, 0)
@@ -270,15 +275,11 @@ class StagedFile:
         self.size += len(data)
 
     def _write_out(self, data: bytes | memoryview) -> None:
-        """os.write until all of `data` is written; a full disk is INSUFFICIENT_STORAGE, not an
-        OSError. Called by the receiving thread or by its pipeline's thread, never both at once."""
-        assert self._fd is not None
-        view = memoryview(data)
-        while view:
-            with disk_full_is_exhausted():
-                written = os.write(self._fd, view)
-            view = view[written:]
-        self._writeback.wrote(len(data))
+        """Write all of `data`; a full disk is INSUFFICIENT_STORAGE, not an OSError. Called by
+        the receiving thread or by its pipeline's thread, never both at once."""
+        assert self._out is not None
+        with disk_full_is_exhausted():
+            self._out.write(data)
 
     def _drain(self) -> None:
         """Wait for the helper thread's writes. Its failure stays this file's: later writes,
@@ -308,6 +309,8 @@ class StagedFile:
         self._drain()
         if self._fd is not None:
             with disk_full_is_exhausted():
+                if self._out is not None:
+                    self._out.flush()
                 os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None

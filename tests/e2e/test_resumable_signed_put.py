@@ -345,7 +345,9 @@ def test_chunk_put_while_a_single_shot_put_is_in_flight(
     staging = stack.data_dir / "staging"
     before = {p for p in staging.iterdir() if p.is_file()}
     single = open_put(stack, url, other, 100_000)
-    wait_for(lambda: any(file_size(p) >= 100_000 for p in set(staging.iterdir()) - before),
+    # The PUT claims the URL before it stages a file. Its bytes need not show in the file yet: a
+    # staged file is written directly, in blocks of at least 128 KiB (server/gallery_server/_direct_io.py).
+    wait_for(lambda: bool({p for p in staging.iterdir() if p.is_file()} - before),
              "the single-shot PUT never started")
     busy = put_range(url, data[:MIB], 0, len(data))
     assert busy.status_code == 409, busy.text

@@ -47,10 +47,11 @@ def test_a_large_upload_goes_through_the_helper_thread_whole(tmp_path: pathlib.P
     assert _all_pipeline_slots_free()
 
 
+@pytest.mark.parametrize("direct_io", [True, False], ids=["direct", "page-cache"])
 def test_a_full_disk_met_by_the_helper_thread_is_insufficient_storage_and_sticks(
-    disk: pathlib.Path,
+    disk: pathlib.Path, direct_io: bool,
 ) -> None:
-    staged = StagedFile(disk / "f", max_bytes=1 << 30, what="event")
+    staged = StagedFile(disk / "f", max_bytes=1 << 30, what="event", direct_io=direct_io)
     chunk = os.urandom(MiB)
     with pytest.raises(Exhausted) as info:
         for _ in range(64):  # the helper thread takes over past 4 MiB; the disk holds 12

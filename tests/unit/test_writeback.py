@@ -1,8 +1,9 @@
-"""Received bytes are handed to the disk while they arrive (_writeback.py), so the commit's fsync
-waits for the tail only. The kernel's write-out cannot be watched deterministically, so these tests
-record each sync_file_range call (and still make it) and check what was asked for: the file being
-written, in contiguous steps of WRITEBACK_BYTES, from where the writing began. The bytes on disk
-must come out whole either way."""
+"""Received bytes written through the page cache (resumable sessions; staged files and imports where
+direct I/O is refused or off, _direct_io.py) are handed to the disk while they arrive
+(_writeback.py), so the commit's fsync waits for the tail only. The kernel's write-out cannot be
+watched deterministically, so these tests record each sync_file_range call (and still make it) and
+check what was asked for: the file being written, in contiguous steps of WRITEBACK_BYTES, from
+where the writing began. The bytes on disk must come out whole either way."""
 
 from __future__ import annotations
 
@@ -103,6 +104,7 @@ def test_a_resumed_session_is_handed_to_the_disk_from_where_it_resumed(
 def test_an_imported_file_is_handed_to_the_disk_as_it_is_copied(
     gallery: Gallery, asked: list[tuple[str, int, int]],
 ) -> None:
+    gallery.storage.direct_io = False  # through the page cache: direct writes need no asking
     inbox, _ = gallery.storage.device_paths("cam1")
     data = random_bytes(STEP + MiB)
     (inbox / "clip.bin").write_bytes(data)
