@@ -5,7 +5,6 @@ part-way through a file, gets the same bytes through the page cache."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import hashlib
@@ -25,36 +24,10 @@ from gallery_server.settings import Settings
 from gallery_server.storage import StagedFile, Storage
 
 from ..conftest import JWT_SECRET, random_bytes
+from ..page_cache import cached_pages, direct_writes_skip_the_cache
 
 MiB = 1 << 20
 ALIGN = _direct_io.ALIGN
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-
-
-def cached_pages(path: pathlib.Path) -> int:
-    """How many of the file's pages are in the page cache now (mincore on a shared mapping)."""
-    size = path.stat().st_size
-    if not size:
-        return 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
-        try:
-            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-            vector = ctypes.create_string_buffer(pages)
-            assert _libc.mincore(address, size, vector) == 0, os.strerror(ctypes.get_errno())
-            return sum(byte & 1 for byte in vector.raw)
-        finally:
-            _libc.munmap(address, size)
-    finally:
-        os.close(fd)
-
 
 def open_new(path: pathlib.Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -82,17 +55,8 @@ def write_in_pieces(path: pathlib.Path, data: bytes, piece: int) -> _direct_io.A
 def direct_ok(tmp_path: pathlib.Path) -> pathlib.Path:
     """tmp_path, where a direct write leaves nothing in the page cache: skipped on a filesystem
     that refuses direct I/O, and on one whose files live in memory (tmpfs takes O_DIRECT)."""
-    probe = tmp_path / "probe"
-    fd = open_new(probe)
-    try:
-        writer = _direct_io.AppendWriter(fd, direct=True)
-        writer.write(random_bytes(_direct_io.GATHER_BYTES))
-        os.fsync(fd)
-        if not writer.direct or cached_pages(probe):
-            pytest.skip("no direct I/O past the page cache on this filesystem")
-    finally:
-        os.close(fd)
-    probe.unlink()
+    if not direct_writes_skip_the_cache(tmp_path):
+        pytest.skip("no direct I/O past the page cache on this filesystem")
     return tmp_path
 
 
