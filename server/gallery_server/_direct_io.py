@@ -12,9 +12,9 @@ durable then has nothing left to write but the tail.
 Direct I/O needs the memory address, the file offset and the length aligned to the device's block
 (512 bytes here; ALIGN is a multiple of any common one). Received bytes come at any address and
 length, so they are copied into page-aligned buffers from a small pool shared by all writers and
-written in multiples of ALIGN. Small pieces are gathered first (up to GATHER_BYTES), since each
-direct write waits for the disk; what is left over waits for the next piece, and the last of it goes
-through the page cache at flush(). A filesystem that refuses direct I/O, when it is asked for or on
+written in multiples of ALIGN. Pieces are gathered until there are GATHER_BYTES to write, since
+each direct write waits for the disk; at flush() the whole blocks gathered are written directly and
+the last partial block through the page cache. A filesystem that refuses direct I/O, when it is asked for or on
 a write, gets the rest of the file through the page cache instead, with write-out started as it
 goes (_writeback.py): same bytes, the old cost.
 """
@@ -40,6 +40,7 @@ POOL_BUFFERS = 8
 # Pieces are gathered in the writer's own memory up to this much before a direct write: Envoy's
 # HTTP/2 frames can be 16 KiB, and 4 MiB of them written one by one took ~3x as long as buffered.
 GATHER_BYTES = 128 << 10
+assert GATHER_BYTES + ALIGN <= BUFFER_BYTES  # what is gathered, and more, fits in one buffer
 
 
 class _AlignedBuffers:
@@ -98,13 +99,9 @@ class AppendWriter:
             to_boundary = -self.offset % ALIGN
             self._write_buffered(data[:to_boundary])
             data = data[to_boundary:]
-        if self.direct and len(self._held) + len(data) < GATHER_BYTES:
-            self._held += data
-            self.offset += len(data)
-            return
-        if self.direct:
+        if self.direct and len(self._held) + len(data) >= GATHER_BYTES:
             with _buffers.take() as buffer:
-                while data and self.direct:
+                while self.direct and len(self._held) + len(data) >= GATHER_BYTES:
                     held = len(self._held)
                     take = min(BUFFER_BYTES - held, len(data))
                     buffer[:held] = self._held
@@ -115,7 +112,10 @@ class AppendWriter:
                     self._write_direct(buffer[:whole], at)
                     data = data[take:]
                     self.offset, self._held = at + end, bytearray(buffer[whole:end])
-        if not self.direct:  # from the start, or since a refusal: held bytes go first
+        if self.direct:  # under GATHER_BYTES in all: kept for the next piece or the flush
+            self._held += data
+            self.offset += len(data)
+        else:  # from the start, or since a refusal: held bytes go first
             self.flush()
             self._write_buffered(data)
 

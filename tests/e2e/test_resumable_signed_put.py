@@ -345,8 +345,8 @@ def test_chunk_put_while_a_single_shot_put_is_in_flight(
     staging = stack.data_dir / "staging"
     before = {p for p in staging.iterdir() if p.is_file()}
     single = open_put(stack, url, other, 100_000)
-    # The PUT claims the URL before it stages a file. Its bytes need not show in the file yet: a
-    # staged file is written directly, in blocks of at least 128 KiB (server/gallery_server/_direct_io.py).
+    # PutSignedUpload claims the URL before it stages a file, so a new staged file means the claim is
+    # held. Its bytes need not show yet: direct writes gather 128 KiB first (_direct_io.py).
     wait_for(lambda: bool({p for p in staging.iterdir() if p.is_file()} - before),
              "the single-shot PUT never started")
     busy = put_range(url, data[:MIB], 0, len(data))

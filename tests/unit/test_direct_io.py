@@ -212,7 +212,8 @@ def test_a_short_direct_write_sends_the_rest_through_the_page_cache(
     def short_once(fd: int, data: memoryview, offset: int) -> int:
         if is_direct(fd) and offset == MiB and not calls["short"]:
             calls["short"] += 1
-            return real(fd, data[:ALIGN + 512], offset)  # 512-aligned, but not to ALIGN
+            real(fd, data[:2 * ALIGN], offset)
+            return ALIGN + 512  # reported short, and not to ALIGN
         return real(fd, data, offset)
 
     monkeypatch.setattr(_direct_io.os, "pwrite", short_once)
@@ -220,6 +221,30 @@ def test_a_short_direct_write_sends_the_rest_through_the_page_cache(
     writer = write_in_pieces(direct_ok / "f", data, MiB)
     assert calls["short"] == 1 and not writer.direct
     assert (direct_ok / "f").read_bytes() == data
+
+
+def test_a_refusal_when_a_flush_writes_whole_blocks(
+    direct_ok: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = os.pwrite
+
+    def refusing(fd: int, data: memoryview, offset: int) -> int:
+        if is_direct(fd):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    path = direct_ok / "f"
+    fd = open_new(path)
+    data = random_bytes(_direct_io.GATHER_BYTES - 1)  # all of it gathered: 31 whole blocks and a part
+    try:
+        writer = _direct_io.AppendWriter(fd, direct=True)
+        writer.write(data)
+        monkeypatch.setattr(_direct_io.os, "pwrite", refusing)
+        writer.flush()
+        assert not writer.direct
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
 
 
 def test_a_filesystem_refusing_from_the_start_is_written_through_the_page_cache(
