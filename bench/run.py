@@ -71,7 +71,7 @@ from _listing import BIG_DEVICE, SMALL_DEVICE, profile_load, scenario_listing, s
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
-from gallery_server import auth, local_stack, supervisor
+from gallery_server import _direct_io, auth, local_stack, supervisor
 
 # -- scenario: uploads through every path -------------------------------------------------------
 
@@ -583,14 +583,14 @@ def interpret_uploads(
     )
     calibration = bench.facts.get("calibration")
     if isinstance(calibration, dict):
-        h, wf = calibration["sha256_mb_s"], calibration["write_fsync_mb_s"]
+        h, wf = calibration["sha256_mb_s"], calibration["direct_write_fsync_mb_s"]
         ceiling = 1 / (1 / h + 1 / wf)
         parts.append(
-            f"The calibration section gives this run's local ceilings: sha256 {h:.0f} MB/s, file write "
-            f"{calibration['write_mb_s']:.0f} MB/s, write + fsync {wf:.0f} MB/s on one core without any network. "
-            "Past its first 4 MiB an upload is hashed and written in series on one helper thread while the RPC "
-            "thread receives (and the disk writes it out meanwhile), so hashing plus durable writing alone would cap "
-            f"one upload near {ceiling:.0f} MB/s on an idle core; the paths reached "
+            f"The calibration section gives this run's local ceilings: sha256 {h:.0f} MB/s, direct file write "
+            f"{calibration['direct_write_mb_s']:.0f} MB/s, write + fsync {wf:.0f} MB/s on one core without any "
+            "network. Past its first 4 MiB an upload is hashed and written in series on one helper thread while the "
+            "RPC thread receives (each direct write waiting for the disk), so hashing plus durable writing alone "
+            f"would cap one upload near {ceiling:.0f} MB/s on an idle core; the paths reached "
             f"{rng([v / ceiling for v in medians.values()], '{:.0%}')} of that while also "
             "receiving the bytes over gRPC (and HTTP and Envoy). "
         )
@@ -1145,6 +1145,31 @@ def interpret_downloads(
 # -- scenario: local ceilings of this machine, measured in the same run -------------------------
 
 
+def _write_file(path: pathlib.Path, blocks: list[bytes], size: int, direct: bool) -> dict[str, float]:
+    """`size` bytes of `blocks` written to a new file in 1 MiB pieces, then fsynced: through the page
+    cache (os.write), or as the server writes an upload (AppendWriter, O_DIRECT). Seconds and this
+    thread's CPU seconds (system time included) of the writing and of the fsync."""
+    # As between the uploads below: memory freed seconds ago has been handed back to the host by now.
+    time.sleep(3)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        writer = _direct_io.AppendWriter(fd, direct=True) if direct else None
+        started, cpu = time.monotonic(), time.thread_time()
+        for i in range(size // len(blocks[0])):
+            if writer is None:
+                os.write(fd, blocks[i % len(blocks)])
+            else:
+                writer.write(blocks[i % len(blocks)])
+        if writer is not None:
+            writer.flush()
+        write_s, write_cpu = time.monotonic() - started, time.thread_time() - cpu
+        os.fsync(fd)
+        return {"write_s": write_s, "write_cpu_s": write_cpu, "fsync_s": time.monotonic() - started - write_s}
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+
+
 def scenario_calibration(bench: Bench) -> Section:
     """sha256 and file write (+ fsync) of the upload size on one core, in the stack's data directory."""
     opts = bench.options
@@ -1156,41 +1181,39 @@ def scenario_calibration(bench: Bench) -> Section:
         started = time.monotonic()
         for _chunk in stream:
             pass
-        hash_s = time.monotonic() - started
-        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            blocks = bench.payload.blocks
-            started = time.monotonic()
-            for i in range(size // bench.payload.chunk_bytes):
-                os.write(fd, blocks[i % len(blocks)])
-            write_s = time.monotonic() - started
-            os.fsync(fd)
-            fsync_s = time.monotonic() - started - write_s
-        finally:
-            os.close(fd)
-            scratch.unlink(missing_ok=True)
-        rows_raw.append({"hash_s": hash_s, "write_s": write_s, "fsync_s": fsync_s})
-        print(f"  sha256 {size / hash_s / 1e6:6.0f} MB/s   write {size / write_s / 1e6:6.0f} MB/s   "
-              f"fsync {fsync_s:5.2f} s", flush=True)
+        row: dict[str, float] = {"hash_s": time.monotonic() - started}
+        for way, direct in (("cached", False), ("direct", True)):
+            row |= {f"{way}_{k}": v for k, v in _write_file(scratch, bench.payload.blocks, size, direct).items()}
+        rows_raw.append(row)
+        print(f"  sha256 {size / row['hash_s'] / 1e6:6.0f} MB/s   write via page cache "
+              f"{size / row['cached_write_s'] / 1e6:6.0f} MB/s (CPU {row['cached_write_cpu_s'] / size * 1e9:.2f} "
+              f"s/GB), directly {size / row['direct_write_s'] / 1e6:6.0f} MB/s "
+              f"(CPU {row['direct_write_cpu_s'] / size * 1e9:.2f} s/GB)", flush=True)
     hash_mb = [size / r["hash_s"] / 1e6 for r in rows_raw]
-    write_mb = [size / r["write_s"] / 1e6 for r in rows_raw]
-    fsync_s = [r["fsync_s"] for r in rows_raw]
-    both_mb = [size / (r["write_s"] + r["fsync_s"]) / 1e6 for r in rows_raw]
-    bench.facts["calibration"] = {
-        "sha256_mb_s": median(hash_mb), "write_mb_s": median(write_mb), "write_fsync_mb_s": median(both_mb),
-    }
     header = ["what (one core, no network)", "median", "min – max"]
-    rows = [
-        [f"sha256 of {fmt_size(size)} (hashlib, 1 MiB updates), MB/s", f"{median(hash_mb):.0f}", spread(hash_mb)],
-        [f"write {fmt_size(size)} to the data directory (1 MiB os.write), MB/s", f"{median(write_mb):.0f}",
-         spread(write_mb)],
-        ["then fsync, s", f"{median(fsync_s):.2f}", spread(fsync_s, "{:.2f}")],
-        ["write + fsync, MB/s", f"{median(both_mb):.0f}", spread(both_mb)],
-    ]
+    rows = [[f"sha256 of {fmt_size(size)} (hashlib, 1 MiB updates), MB/s", f"{median(hash_mb):.0f}", spread(hash_mb)]]
+    facts = {"sha256_mb_s": median(hash_mb)}
+    for way, how in (("cached", "through the page cache (1 MiB os.write)"),
+                     ("direct", "directly, as the server writes uploads (O_DIRECT, _direct_io.py)")):
+        write_mb = [size / r[f"{way}_write_s"] / 1e6 for r in rows_raw]
+        cpu = [r[f"{way}_write_cpu_s"] / size * 1e9 for r in rows_raw]
+        fsync_s = [r[f"{way}_fsync_s"] for r in rows_raw]
+        both_mb = [size / (r[f"{way}_write_s"] + r[f"{way}_fsync_s"]) / 1e6 for r in rows_raw]
+        rows += [
+            [f"write {fmt_size(size)} to the data directory {how}, MB/s", f"{median(write_mb):.0f}", spread(write_mb)],
+            ["its CPU, s/GB", f"{median(cpu):.2f}", spread(cpu, "{:.2f}")],
+            ["then fsync, s", f"{median(fsync_s):.2f}", spread(fsync_s, "{:.2f}")],
+            ["write + fsync, MB/s", f"{median(both_mb):.0f}", spread(both_mb)],
+        ]
+        facts |= {f"{way}_write_mb_s": median(write_mb), f"{way}_write_fsync_mb_s": median(both_mb)}
+    bench.facts["calibration"] = facts
     markdown = (
         "What one core of this machine managed in the same run, without gRPC, HTTP or Envoy: the per-byte work "
         "that every upload path has to do in the server. The data directory is the stack's (same filesystem as "
-        "the uploads).\n\n" + md_table(header, rows)
+        "the uploads). A run writes through the page cache first, then directly, each file deleted after its "
+        "fsync; the CPU is the writing thread's, kernel time included. What a buffered write costs depends on "
+        "the memory the kernel finds for the page cache: on this VM, memory just freed by the previous file is "
+        "cheap and memory handed back to the host is dear (see the targets note).\n\n" + md_table(header, rows)
     )
     return Section("Calibration: local ceilings in this run", text_table(header, rows), markdown, rows_raw)
 
@@ -1321,93 +1344,107 @@ def targets_table(targets: list[tuple[str, str, str, bool | None]]) -> tuple[str
 TARGETS_NOTE = (
     "Ratios are medians of per-run ratios measured interleaved in this run; latencies are medians over runs. "
     "The suite asserts correctness, not speed: a missed target does not fail `make bench`. Why targets are "
-    "missed, from the server profiles at the end and the CPU columns (analysis of 2026-11-28, grpcio 1.85 sync "
-    "server):\n\n"
+    "missed, from the server profiles at the end and the CPU columns (analysis of 2026-11-28, grpcio 1.85 "
+    "sync server):\n"
+    "\n"
     "- *Uploads vs the peers*: the machine's 2 vCPUs are shared by client, Envoy and server, so throughput "
-    "follows CPU per byte. The server spends ~1.5 – 2.2 CPU-s/GB (sha256 ~0.6 – 0.8, the rest gRPC: HTTP/2 "
-    "framing in grpc-core and the bytes copy from grpc-core into Python) against ~1.5 – 1.65 for the raw-PUT "
-    "peer; Envoy adds ~0.7 – 0.8 on the REST and proxied paths, which the peers do not pay. Two changes of "
-    "2026-11-28 took the server's share down. Protobuf's own two copies of every byte are skipped: an "
-    "upload's body messages are read as views of the buffer grpcio hands over (rpc/chunks.py; interleaved A/B "
-    "by hand, server CPU per GB gRPC direct 3.08 -> 2.34, pre-signed PUT 2.52 -> 2.30, multipart 2.78 -> "
-    "2.72). And the bytes are written past the page cache (O_DIRECT, server/gallery_server/_direct_io.py): a "
-    "perf profile of one 512 MiB upload had put 27 – 34% of the server's and Envoy's samples in the kernel's "
-    "copy into newly allocated page cache (copy_folio_from_iter_atomic), and a script writing 512 MiB in 1 "
-    "MiB pieces at 1 MiB offsets, as uploads do, paid 1.2 – 1.5 CPU-s/GB through the page cache on this VM "
-    "(0.23 with pieces of 1 MiB + 100 bytes; 0.05 – 0.2 directly, the copy into an aligned buffer included). "
-    "Interleaved A/B on the stack (GALLERY_DIRECT_IO false, then true, twice; this section alone): server CPU "
-    "per GB multipart 2.27 / 2.01 -> 1.88 / 1.94, pre-signed PUT 2.35 / 2.09 -> 1.71 / 1.75, gRPC via Envoy "
-    "2.05 / 2.16 -> 1.73 / 1.71, gRPC direct 1.68 / 1.66 -> 1.49 / 1.53. Throughput ratios moved less than "
-    "the CPU in those pairs (the peers' own rates varied by up to 20% between runs). Hashing and writing "
-    "overlap receiving (a helper thread), and the commit's fsync has only the tail left to write: the time "
-    "after the last byte is 0.01 – 0.04 s at 512 MiB, while the peers fsync the whole file after the last "
-    "byte (0.3 – 1.8 s), as the idiomatic code does. FastAPI `UploadFile` pays a full second pass (spool to a "
-    "temporary file, then copy); its rate varies most between runs (160 – 260 MB/s on 2026-11-28 and 29), and "
-    "so does the ÷ FastAPI ratio: holding 2.5x against its faster runs needs ~650 MB/s with sha256 and fsync "
-    "on 2 vCPUs shared with the client and, on the REST paths, Envoy.\n"
-    "- *Concurrent uploads*: upload messages held in Python are bounded server-wide (receiving.py: a stream asks "
-    "gRPC for its next message only with one of GALLERY_UPLOAD_MESSAGES_IN_FLIGHT = 8 permits), which took the "
-    "64-stream peak from ~360 to ~280 MiB. What is left is outside Python's reach: grpc-core buffers each open "
-    "stream's 1 MiB HTTP/2 window plus the credit to finish a 1 MiB message, ~2 MiB per stream through Envoy "
-    "(measured with idle streams and 2 permits), so 64 streams cost ~120 MiB there before any message reaches "
-    "Python, plus ~100 MiB of interpreter, libraries and heap. A smaller window lowers that (512 KiB: -25 MiB) but "
-    "cost half the 64-stream throughput; below 256 MiB needs fewer streams open at the HTTP/2 level or smaller "
-    "client chunks with a smaller window. Queueing the excess streams in Envoy stalled in the one configuration "
-    "tried (uploads on a cluster of their own, at most 16 or 24 streams per upstream connection, one connection "
-    "per host; by hand, 2026-11-28): the admitted streams got no bytes until the server aborted them as idle "
-    "after 120 s, most likely because the queued streams' bytes had filled the client connection's HTTP/2 "
-    "window at Envoy. The server's own limit (GALLERY_MAX_UPLOADS_TOTAL, 48 by default) refuses the excess "
-    "instead, which cannot stall the others. "
+    "follows CPU per byte. The server spends ~1.5 – 2.5 CPU-s/GB across the runs of 2026-11-28 and 29 (sha256 "
+    "~0.6 – 0.8, the rest gRPC: HTTP/2 framing in grpc-core and the bytes copy from grpc-core into Python) "
+    "against ~1.5 – 1.85 for the raw-PUT peer; Envoy adds ~0.7 – 1.0 on the REST and proxied paths, which the "
+    "peers do not pay. Two changes of 2026-11-28 took the server's share down. Protobuf's own two copies of "
+    "every byte are skipped: an upload's body messages are read as views of the buffer grpcio hands over "
+    "(rpc/chunks.py; interleaved A/B by hand, server CPU per GB gRPC direct 3.08 -> 2.34, pre-signed PUT 2.52 "
+    "-> 2.30, multipart 2.78 -> 2.72). And the bytes are written past the page cache (O_DIRECT, "
+    "server/gallery_server/_direct_io.py): a perf profile of one 512 MiB upload had put 27 – 34% of the "
+    "server's and Envoy's samples in the kernel's copy into newly allocated page cache "
+    "(copy_folio_from_iter_atomic), and a script writing 512 MiB in 1 MiB pieces at 1 MiB offsets, as uploads "
+    "do, paid 1.2 – 1.5 CPU-s/GB through the page cache on this VM at 23:25 (0.23 with pieces of 1 MiB + 100 "
+    "bytes; 0.05 – 0.2 directly, the copy into an aligned buffer included), and 0.2 at 00:28 on 2026-11-29: "
+    "what the page cache costs follows the state of the VM's memory, and so does this section's comparison. "
+    "Interleaved A/B on the stack (GALLERY_DIRECT_IO false, then true, twice; this section alone) while the "
+    "page cache was dear: server CPU per GB multipart 2.27 / 2.01 -> 1.88 / 1.94, pre-signed PUT 2.35 / 2.09 "
+    "-> 1.71 / 1.75, gRPC via Envoy 2.05 / 2.16 -> 1.73 / 1.71, gRPC direct 1.68 / 1.66 -> 1.49 / 1.53 "
+    "(throughput moved less: the peers' own rates varied by up to 20% between runs). While it was cheap "
+    "(00:30 – 00:37 on 2026-11-29: 4 runs of this section through the page cache, 3 direct, interleaved), one "
+    "upload at a time was faster through the page cache: multipart 450 – 494 MB/s against 375 – 400 direct, "
+    "pre-signed PUT 486 – 536 against 385 – 422, gRPC direct 451 – 611 against 456 – 492, with about the same "
+    "server CPU per GB: a direct write waits for the disk on the thread that hashes (letting the receiving "
+    "thread write instead, while the helper hashes, did not help). Direct writes stay the default for what a "
+    "fleet does, many uploads at once (next item). Hashing and writing overlap receiving (a helper thread), "
+    "and the commit's fsync has only the tail left to write: the time after the last byte is 0.01 – 0.04 s at "
+    "512 MiB, while the peers fsync the whole file after the last byte (0.3 – 1.8 s), as the idiomatic code "
+    "does. FastAPI `UploadFile` pays a full second pass (spool to a temporary file, then copy); its rate "
+    "varies most between runs (160 – 260 MB/s on 2026-11-28 and 29), and so does the ÷ FastAPI ratio: holding "
+    "2.5x against its faster runs needs ~650 MB/s with sha256 and fsync on 2 vCPUs shared with the client "
+    "and, on the REST paths, Envoy.\n"
+    "- *Concurrent uploads*: upload messages held in Python are bounded server-wide (receiving.py: a stream "
+    "asks gRPC for its next message only with one of GALLERY_UPLOAD_MESSAGES_IN_FLIGHT = 8 permits), which "
+    "took the 64-stream peak from ~360 to ~280 MiB. What is left is outside Python's reach: grpc-core buffers "
+    "each open stream's 1 MiB HTTP/2 window plus the credit to finish a 1 MiB message, ~2 MiB per stream "
+    "through Envoy (measured with idle streams and 2 permits), so 64 streams cost ~120 MiB there before any "
+    "message reaches Python, plus ~100 MiB of interpreter, libraries and heap. A smaller window lowers that "
+    "(512 KiB: -25 MiB) but cost half the 64-stream throughput; below 256 MiB needs fewer streams open at the "
+    "HTTP/2 level or smaller client chunks with a smaller window. Queueing the excess streams in Envoy "
+    "stalled in the one configuration tried (uploads on a cluster of their own, at most 16 or 24 streams per "
+    "upstream connection, one connection per host; by hand, 2026-11-28): the admitted streams got no bytes "
+    "until the server aborted them as idle after 120 s, most likely because the queued streams' bytes had "
+    "filled the client connection's HTTP/2 window at Envoy. The server's own limit "
+    "(GALLERY_MAX_UPLOADS_TOTAL, 48 by default) refuses the excess instead, which cannot stall the others. "
     "Throughput: before the direct writes, server CPU per GB rose from ~1.9 at 4 streams to ~2.2 – 2.5 at 16 "
     "and ~2.8 – 3.0 at 64 (the kernel's page-cache copy again: ~5% of the server's samples at 4 streams, 14 – "
     "20% at 16 in a perf profile); with them, in an interleaved A/B of this section (GALLERY_DIRECT_IO false "
     "/ true, twice, by hand on 2026-11-28), 16 streams went from 371 / 383 to 484 / 466 MB/s and 64 streams "
     "from 343 / 325 to 437 / 454, with server CPU per GB ~1.75 at 4 streams, ~1.9 at 16 and ~1.9 at 64, and "
-    "16 ÷ 4 from 0.89 / 0.78 to 1.02 / 0.92. What rises from 4 to 16 streams now is spread thin: in a "
-    "system-wide perf profile of 2 GiB sent as 4-stream and as 16-stream batches (by hand, 2026-11-28, with "
-    "the direct writes), the server took ~9% more samples per GB at 16 streams, Envoy ~9% and the Python "
-    "client ~15%, with no one function behind it (the server's memmove and the kernel's copies to user "
-    "space, where grpc-core's and Python's copies land, +14 – 23%: more streams' buffers in flight, fewer of "
-    "them in the CPU's caches), and the 4-stream batches left the CPUs idle for more of the time.\n"
+    "16 ÷ 4 from 0.89 / 0.78 to 1.02 / 0.92. While the page cache was cheap for one file (00:40 – 00:42 on "
+    "2026-11-29, two pairs), the same A/B still favoured the direct writes past 4 streams: 16 streams 374 / "
+    "396 MB/s through the page cache against 412 / 442 direct, 64 streams 370 / 346 against 377 / 409, server "
+    "CPU per GB at 64 streams 2.74 / 2.76 against 2.32 / 2.16, 16 ÷ 4 0.86 / 0.84 against 0.97 / 1.01 (4 "
+    "streams 456 / 516 against 420 / 436): a batch of 1 GiB takes more page cache than was freed a moment "
+    "before. What rises from 4 to 16 streams now is spread thin: in a system-wide perf profile of 2 GiB sent "
+    "as 4-stream and as 16-stream batches (by hand, 2026-11-28, with the direct writes), the server took ~9% "
+    "more samples per GB at 16 streams, Envoy ~9% and the Python client ~15%, with no one function behind it "
+    "(the server's memmove and the kernel's copies to user space, where grpc-core's and Python's copies land, "
+    "+14 – 23%: more streams' buffers in flight, fewer of them in the CPU's caches), and the 4-stream batches "
+    "left the CPUs idle for more of the time.\n"
     "- *Downloads*: plain Python sends a file with one `sendall` per MiB; the server sends a message per MiB "
-    "(written in protobuf's wire form with one copy instead of protobuf's two, rpc/chunks.py: server CPU per GB "
-    "1.04 -> 0.82 through Envoy's REST, 0.98 -> 0.81 on gRPC, interleaved by hand on 2026-11-28), grpc-core "
-    "frames it and Envoy transcodes it to chunked HTTP/1.1 (another ~0.8 CPU-s/GB), on the same 2 vCPUs, with a "
-    "Python client that costs more per byte than the peer's raw socket. gRPC direct reaches about half the "
-    "peer's rate; through Envoy the extra process's CPU widens the gap.\n"
-    "- *Listing and stats latency*: p50 < 5 ms with 16 closed-loop clients means more than 3,200 req/s on 2 vCPUs "
-    "shared by the load generator, Envoy and the server, i.e. under ~600 µs of CPU per request for all three. The "
-    "*floor* rows of the small-request section measure what the stack costs before any work is done: a grpcio "
-    "server of the same kind answering constants behind the same Envoy (~2,000 – 3,800 req/s and p50 ~3 – 8 ms "
-    "across this session's runs; ~250 – 500 µs of server CPU and ~180 – 290 µs of Envoy CPU per request). The "
-    "target sits at that floor: only a handler that costs next to nothing meets it, on a quiet machine. What the "
-    "handlers add was cut this session: the REST listing is one message (`ListEventsJson`, JSON printed by the "
-    "server, byte-identical to Envoy's printing) instead of 50 streamed ones (list p50 ~159 ms before); "
-    "reads run without BEGIN/ROLLBACK and with prebuilt statements (stats ~240 -> ~100 µs in process); verified "
-    "tokens are remembered (~55 µs each); short reads run on 4 threads of their own, so 16 clients no longer "
-    "make 16 threads take turns at the GIL (CPU per request ~2x before). GetDevicePaths runs at ~0.8 – 1.0x the "
-    "floor's request rate (the ÷ floor column), stats at ~0.5 – 0.7x. An ASCII page skips the regex that "
-    "applies protobuf's extra escapes (its wide character class took ~125 µs per 15 KB page with the GIL held; "
-    "list in process 415 -> 281 µs, through Envoy p50 ~19 -> ~12.5 ms). On SQLite the listing's page is "
-    "printed by SQLite's JSON functions inside the query: sqlite3 hands "
-    "rows to Python one at a time and releases the GIL for each, and under 16 clients those 50 contended "
-    "hand-offs per page cost more CPU than the query and the printing together (list ~1.4x the request rate "
-    "with it); SQLite cuts each row's `created` to RFC 3339 once, for the page and for its check (list in "
-    "process ~290 -> ~250 µs). Where the rest goes: the listing section's last table runs the list and stats "
-    "calls alone in one process, on one thread and on 4 at once as the read workers do (this run's figures are "
-    "there); across the runs of 2026-11-28 each call cost ~1.3 – 2.1x the CPU on 4 threads that it cost on one "
-    "(the threads take turns at the GIL, which each SQLite step lets go), and the server's CPU per request "
-    "through Envoy exceeded the 4-thread figure by ~300 – 480 µs: about the floor's server CPU per request "
-    "(grpcio's request path with a constant handler) plus the token check, the interceptor and protobuf. The "
-    "py-spy profile of stats puts about 40% of the server's working samples in grpcio's `_status`, the call "
-    "that hands the answer to grpc-core (C code, which py-spy does not see into). Reaching 5 ms needs a "
-    "cheaper request path than grpcio's and more cores than the 2 the load generator and Envoy share with it. "
-    "grpc.aio is not that path: its floor row (the same constants from grpcio's asyncio server) answered at "
-    "about the sync floor's rate on 2026-11-28 (0.97 – 0.98x in 3 interleaved measurements of 4 rounds, "
-    "with 1 – 5% less server CPU per request). Its p50 was lower and its p99 higher than the sync floor's "
-    "(stats p50 3.2 – 3.4 vs 4.1 – 4.2 ms, p99 31 vs 14 – 15 ms): with 16 closed-loop clients the mean latency "
-    "is 16 ÷ the rate, so it moves latency between the percentiles, past the p99 target, rather than cutting "
-    "the CPU per request that bounds it.\n"
+    "(written in protobuf's wire form with one copy instead of protobuf's two, rpc/chunks.py: server CPU per "
+    "GB 1.04 -> 0.82 through Envoy's REST, 0.98 -> 0.81 on gRPC, interleaved by hand on 2026-11-28), "
+    "grpc-core frames it and Envoy transcodes it to chunked HTTP/1.1 (another ~0.8 CPU-s/GB), on the same 2 "
+    "vCPUs, with a Python client that costs more per byte than the peer's raw socket. gRPC direct reaches "
+    "about half the peer's rate; through Envoy the extra process's CPU widens the gap.\n"
+    "- *Listing and stats latency*: p50 < 5 ms with 16 closed-loop clients means more than 3,200 req/s on 2 "
+    "vCPUs shared by the load generator, Envoy and the server, i.e. under ~600 µs of CPU per request for all "
+    "three. The *floor* rows of the small-request section measure what the stack costs before any work is "
+    "done: a grpcio server of the same kind answering constants behind the same Envoy (~2,000 – 3,800 req/s "
+    "and p50 ~3 – 8 ms across this session's runs; ~250 – 500 µs of server CPU and ~180 – 290 µs of Envoy CPU "
+    "per request). The target sits at that floor: only a handler that costs next to nothing meets it, on a "
+    "quiet machine. What the handlers add was cut this session: the REST listing is one message "
+    "(`ListEventsJson`, JSON printed by the server, byte-identical to Envoy's printing) instead of 50 "
+    "streamed ones (list p50 ~159 ms before); reads run without BEGIN/ROLLBACK and with prebuilt statements "
+    "(stats ~240 -> ~100 µs in process); verified tokens are remembered (~55 µs each); short reads run on 4 "
+    "threads of their own, so 16 clients no longer make 16 threads take turns at the GIL (CPU per request ~2x "
+    "before). GetDevicePaths runs at ~0.8 – 1.0x the floor's request rate (the ÷ floor column), stats at ~0.5 "
+    "– 0.7x. An ASCII page skips the regex that applies protobuf's extra escapes (its wide character class "
+    "took ~125 µs per 15 KB page with the GIL held; list in process 415 -> 281 µs, through Envoy p50 ~19 -> "
+    "~12.5 ms). On SQLite the listing's page is printed by SQLite's JSON functions inside the query: sqlite3 "
+    "hands rows to Python one at a time and releases the GIL for each, and under 16 clients those 50 "
+    "contended hand-offs per page cost more CPU than the query and the printing together (list ~1.4x the "
+    "request rate with it); SQLite cuts each row's `created` to RFC 3339 once, for the page and for its check "
+    "(list in process ~290 -> ~250 µs). Where the rest goes: the listing section's last table runs the list "
+    "and stats calls alone in one process, on one thread and on 4 at once as the read workers do (this run's "
+    "figures are there); across the runs of 2026-11-28 each call cost ~1.3 – 2.1x the CPU on 4 threads that "
+    "it cost on one (the threads take turns at the GIL, which each SQLite step lets go), and the server's CPU "
+    "per request through Envoy exceeded the 4-thread figure by ~300 – 480 µs: about the floor's server CPU "
+    "per request (grpcio's request path with a constant handler) plus the token check, the interceptor and "
+    "protobuf. The py-spy profile of stats puts about 40% of the server's working samples in grpcio's "
+    "`_status`, the call that hands the answer to grpc-core (C code, which py-spy does not see into). "
+    "Reaching 5 ms needs a cheaper request path than grpcio's and more cores than the 2 the load generator "
+    "and Envoy share with it. grpc.aio is not that path: its floor row (the same constants from grpcio's "
+    "asyncio server) answered at about the sync floor's rate on 2026-11-28 (0.97 – 0.98x in 3 interleaved "
+    "measurements of 4 rounds, with 1 – 5% less server CPU per request). Its p50 was lower and its p99 higher "
+    "than the sync floor's (stats p50 3.2 – 3.4 vs 4.1 – 4.2 ms, p99 31 vs 14 – 15 ms): with 16 closed-loop "
+    "clients the mean latency is 16 ÷ the rate, so it moves latency between the percentiles, past the p99 "
+    "target, rather than cutting the CPU per request that bounds it.\n"
 )
 
 
