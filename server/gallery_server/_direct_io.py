@@ -1,22 +1,24 @@
 """Writing received media past the page cache (O_DIRECT).
 
 Why: a buffered write makes the kernel allocate page-cache memory for every byte and copy it there.
-On the VM this is measured on (one that hands freed memory back to its host) that allocation was
-the dearest part of storing an upload: writing 1 MiB pieces at 1 MiB offsets, as uploads do, cost
-1.2 – 1.5 CPU-s per GB in the kernel (copy_folio_from_iter_atomic held 27 – 34% of the server's and
-Envoy's samples during one upload), and direct writes 0.05 – 0.2, the copy into an aligned buffer
-included (by hand, 2026-11-28; BENCHMARKS.md measures the uploads). Media is written once and read
-later, if ever, so the page cache buys nothing on this path, and the fsync that makes the file
-durable then has nothing left to write but the tail.
+On the VM this is measured on (one that hands freed memory back to its host) that allocation was at
+times the dearest part of storing an upload: writing 1 MiB pieces at 1 MiB offsets, as uploads do,
+cost 1.2 – 2.2 CPU-s per GB in the kernel (copy_folio_from_iter_atomic held 27 – 34% of the server's
+and Envoy's samples during one upload), at other times 0.2; direct writes cost 0.05 – 0.3 either way,
+the copy into an aligned buffer included (by hand, 2026-11-28 and 29; BENCHMARKS.md, calibration).
+Media is written once and read later, if ever, so the page cache buys little on this path, and the
+fsync that makes the file durable then has nothing left to write but the tail. The price: a direct
+write waits for the disk, so one upload at a time was up to ~20% slower while the page cache was
+cheap; many at once were faster either way (README, GALLERY_DIRECT_IO).
 
 Direct I/O needs the memory address, the file offset and the length aligned to the device's block
 (512 bytes here; ALIGN is a multiple of any common one). Received bytes come at any address and
 length, so they are copied into page-aligned buffers from a small pool shared by all writers and
 written in multiples of ALIGN. Pieces are gathered until there are GATHER_BYTES to write, since
-each direct write waits for the disk; at flush() the whole blocks gathered are written directly and
-the last partial block through the page cache. A filesystem that refuses direct I/O, when it is asked for or on
-a write, gets the rest of the file through the page cache instead, with write-out started as it
-goes (_writeback.py): same bytes, the old cost.
+each direct write waits for the disk; flush() writes the whole blocks gathered directly and the
+last partial block through the page cache. A filesystem that refuses direct I/O, when it is asked
+for or on a write, gets the rest of the file through the page cache instead, with write-out started
+as it goes (_writeback.py): same bytes, the old cost.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ class AppendWriter:
         self.direct = direct and _set_direct(fd, True)
         self._fd_direct = self.direct  # whether O_DIRECT is on for the descriptor now
         self.offset = 0  # the end of what was handed to write(), held bytes included
-        # Direct mode: the bytes from the last ALIGN boundary written to `offset`, not yet written.
+        # Direct mode: the bytes gathered since the last direct write, from an ALIGN boundary to `offset`.
         self._held = bytearray()
         self._writeback = Writeback(fd)
 

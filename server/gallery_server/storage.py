@@ -21,11 +21,11 @@ Reads never check: a full disk keeps serving what it holds.
 Large uploads are hashed and written by a helper thread (_Pipeline) while the RPC thread receives the
 next message: hashlib and the writes to disk release the GIL on big buffers (the copy into a direct
 write's aligned buffer does not, ~0.05 CPU-s per GB), so the two overlap on a second core instead
-of running in series (BENCHMARKS.md measures the difference). A staged file is
-written past the page cache (_direct_io.py: the kernel's page-cache allocation was the dearest
-part of storing an upload here), so the fsync that makes it durable has only its tail to write;
-where direct I/O is refused or turned off (GALLERY_DIRECT_IO), and for resumable uploads, writers
-ask the kernel to start writing bytes to disk as they arrive (_writeback.py) for the same end.
+of running in series (BENCHMARKS.md measures the difference). A staged file is written past the
+page cache (_direct_io.py: the kernel's page-cache allocation was at times the dearest part of
+storing an upload here), so the fsync that makes it durable has only its tail to write; where
+direct I/O is refused or turned off (GALLERY_DIRECT_IO), and for resumable uploads, writers ask the
+kernel to start writing bytes to disk as they arrive (_writeback.py) for the same end.
 """
 
 from __future__ import annotations
