@@ -1266,10 +1266,12 @@ def scenario_profiles(bench: Bench) -> Section:
     markdown = (
         "Sampled with py-spy (`bench/_profile.py`, 200 Hz, all threads of the gRPC server process) while one "
         "operation ran. \"Own time\" is where a sample's innermost Python frame was (C code called from it "
-        "counts there: hashing, os.write, protobuf parsing); waits are counted apart. py-spy samples without "
-        "pausing the server (`--nonblocking`), so it tells waiting threads from working ones by heuristics: a "
-        "thread waiting to take the GIL back after a C call that let it go (os.write, hashing) counts at that "
-        "call. The profile of *the thread holding the GIL* (`--gil`) samples only the thread py-spy finds "
+        "counts there: hashing, writes to disk, protobuf parsing); waits are counted apart. py-spy samples "
+        "without pausing the server (`--nonblocking`), so it tells waiting threads from working ones by "
+        "heuristics: a thread waiting to take the GIL back after a C call that let it go (a write, hashing) counts "
+        "at that call, and so does a direct write waiting for the disk (`AppendWriter._write_direct`, "
+        "server/gallery_server/_direct_io.py), which uses no CPU meanwhile. The profile "
+        "of *the thread holding the GIL* (`--gil`) samples only the thread py-spy finds "
         "holding the GIL, or holding it last (so some of its samples land in waits): where the work that all "
         "threads take turns at goes.\n\n"
         + "\n\n".join(_profile.markdown(p) for p in profiles)
