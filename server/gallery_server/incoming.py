@@ -59,7 +59,7 @@ from .errors import Exhausted, GalleryError
 from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import Event, initial_thumbnail_state
 from .service import Gallery, utcnow
-from .storage import INSUFFICIENT_STORAGE, SpaceMeter, disk_full_is_exhausted, fsync_dir, hold_shared, make_dir
+from .storage import INSUFFICIENT_STORAGE, SpaceMeter, Storage, fsync_dir, hold_shared, make_dir
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ class IncomingImporter(BackgroundLoop):
             with self.gallery.db.session() as session:
                 existing = session.get(Event, event_id)
             if existing is None:
-                _place(taken, media_path)
+                _place(self.storage, taken, media_path)
                 if thumb is not None:
                     thumb_taken = self._take_thumbnail(thumb, seen, thumb_path)
                 mime = detect_mime(name, taken.head)
@@ -391,7 +391,7 @@ class IncomingImporter(BackgroundLoop):
         if taken is None:
             return None
         try:
-            _place(taken, destination)
+            _place(self.storage, taken, destination)
         except BaseException as exc:
             taken.discard()
             if _short_of_room(exc):
@@ -453,7 +453,7 @@ class IncomingImporter(BackgroundLoop):
         if taken is None:
             return
         try:
-            _place(taken, self.storage.thumbnail_path(device, target.id))
+            _place(self.storage, taken, self.storage.thumbnail_path(device, target.id))
             self._set_has_thumbnail(target.id)
             _unlink_if_same(thumb.path, taken.source)
         finally:
@@ -511,7 +511,7 @@ class IncomingImporter(BackgroundLoop):
             self.storage.require_room_for(file.size)
             # A copy, never a hard link: a writer that still holds the file open (or another link
             # to it) must not be able to change bytes the event already describes.
-            with disk_full_is_exhausted():
+            with self.storage.disk_full_is_exhausted():
                 out = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
                 try:
                     in_use = hold_shared(out)
@@ -573,8 +573,8 @@ def _check_settled(fd: int, file: _DropFile) -> None:
         raise _Changed()
 
 
-def _place(taken: _Taken, destination: pathlib.Path) -> None:
-    with disk_full_is_exhausted():  # a new folder's entry, on a full disk
+def _place(storage: Storage, taken: _Taken, destination: pathlib.Path) -> None:
+    with storage.disk_full_is_exhausted():  # a new folder's entry, on a full disk
         make_dir(destination.parent)  # a new device folder is made durable with the file in it
         os.replace(taken.staged, destination)
         fsync_dir(destination.parent)

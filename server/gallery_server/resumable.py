@@ -62,7 +62,7 @@ from .background import BackgroundLoop
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, TooLarge
 from .models import Event, UploadSessionRow
 from .service import Gallery, SessionHook, aware, utcnow
-from .storage import StagedFile, disk_full_is_exhausted, fsync_dir
+from .storage import StagedFile, fsync_dir
 from .uploads import Upload
 
 log = logging.getLogger(__name__)
@@ -506,7 +506,7 @@ class SessionWriter:
             )
         view = memoryview(data)
         while view:
-            with disk_full_is_exhausted():
+            with self._uploads.storage.disk_full_is_exhausted():
                 written = os.pwrite(self._fd, view, self.offset)
             view = view[written:]
             self.offset += written
@@ -520,7 +520,7 @@ class SessionWriter:
         """fsync what was written, then record it as committed (in that order)."""
         if self._fd is None or self.offset == self._row.committed_size:
             return
-        with disk_full_is_exhausted():
+        with self._uploads.storage.disk_full_is_exhausted():
             os.fsync(self._fd)
         now = utcnow()
         row = self._row
@@ -571,7 +571,7 @@ class SessionWriter:
         uploads = self._uploads
         gallery = uploads.gallery
         path = uploads.storage.session_path(row.device, row.upload_id)
-        media = StagedFile.adopt(path, what="event")
+        media = StagedFile.adopt(path, what="event", storage=uploads.storage)
         upload = Upload(
             uploads.storage, row.device, max_media_bytes=uploads.settings.max_upload_bytes,
             max_thumbnail_bytes=uploads.settings.max_thumbnail_bytes, media=media,

@@ -100,12 +100,16 @@ class Storage:
     def stage(self, *, max_bytes: int, what: str) -> StagedFile:
         return StagedFile(
             self.staging_root / secrets.token_hex(16), max_bytes=max_bytes, what=what,
-            space_check=self.require_space, direct_io=self.direct_io,
+            storage=self, direct_io=self.direct_io,
         )
 
     def disk_space(self) -> DiskSpace:
         st = os.statvfs(self.data_dir)
         return DiskSpace(total_bytes=st.f_blocks * st.f_frsize, free_bytes=st.f_bavail * st.f_frsize)
+
+    def disk_full_is_exhausted(self) -> contextlib.AbstractContextManager[None]:
+        """For every writer of uploaded bytes under the data root: see the function of that name."""
+        return disk_full_is_exhausted(self.data_dir, self.min_free_bytes)
 
     def require_space(self) -> None:
         """Refuse to accept more bytes once the free space is down to the headroom."""
@@ -206,7 +210,7 @@ class StagedFile:
 
     def __init__(
         self, path: pathlib.Path, *, max_bytes: int, what: str,
-        space_check: Callable[[], None] | None = None, direct_io: bool = False,
+        storage: Storage | None = None, direct_io: bool = False,
     ) -> None:
         self.path = path
         self.max_bytes = max_bytes
@@ -216,7 +220,8 @@ class StagedFile:
         self._hash = hashlib.sha256()
         self.moved = False
         self.keep_source = False
-        self._space = SpaceMeter(space_check) if space_check is not None else None
+        self._space = SpaceMeter(storage.require_space) if storage is not None else None
+        self._headroom = storage.min_free_bytes if storage is not None else 0
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         self._out: AppendWriter | None = AppendWriter(self._fd, direct=direct_io)
         self._pipeline: _Pipeline | None = None
@@ -224,7 +229,7 @@ class StagedFile:
         self._in_use: int | None = hold_shared(self._fd)
 
     @classmethod
-    def adopt(cls, path: pathlib.Path, *, what: str) -> StagedFile:
+    def adopt(cls, path: pathlib.Path, *, what: str, storage: Storage | None = None) -> StagedFile:
         """An existing complete file (a finished resumable upload), hashed by one streaming read;
         sync() and move() then work as for a file received here, except that move() links it
         into place and keeps `path` (`keep_source`): it is the upload's only copy until the
@@ -233,6 +238,7 @@ class StagedFile:
         self.path, self.what, self.moved, self.keep_source = path, what, False, True
         self._pipeline, self._failed = None, None
         self._in_use = None  # the resumable writer's exclusive lock covers the file
+        self._headroom = storage.min_free_bytes if storage is not None else 0
         self._out = None  # read only
         self._hash = hashlib.sha256()
         self._fd = os.open(path, os.O_RDONLY)
@@ -278,7 +284,7 @@ class StagedFile:
         """Write all of `data`; a full disk is INSUFFICIENT_STORAGE, not an OSError. Called by
         the receiving thread or by its pipeline's thread, never both at once."""
         assert self._out is not None
-        with disk_full_is_exhausted():
+        with disk_full_is_exhausted(self.path.parent, self._headroom):
             self._out.write(data)
 
     def _drain(self) -> None:
@@ -308,7 +314,7 @@ class StagedFile:
     def sync(self) -> None:
         self._drain()
         if self._fd is not None:
-            with disk_full_is_exhausted():
+            with disk_full_is_exhausted(self.path.parent, self._headroom):
                 if self._out is not None:
                     self._out.flush()
                 os.fsync(self._fd)
@@ -386,15 +392,24 @@ def insufficient_storage(free: int, headroom: int) -> Exhausted:
 
 
 @contextlib.contextmanager
-def disk_full_is_exhausted() -> Iterator[None]:
+def disk_full_is_exhausted(where: pathlib.Path, headroom: int) -> Iterator[None]:
     """A write or fsync that finds the disk (or the quota) full is INSUFFICIENT_STORAGE (507),
-    whatever the headroom said: every writer of uploaded bytes wraps those two calls in this."""
+    whatever the headroom said: every writer of uploaded bytes wraps those two calls in this.
+
+    The error tells the client what the headroom check would have: the space left on `where`'s
+    filesystem then (what statvfs reports; a full quota can leave the disk itself with room) and
+    the headroom, so that it agrees with the admin status."""
     try:
         yield
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise insufficient_storage(0, 0) from None
-        raise
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        try:
+            st = os.statvfs(where)
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            free = 0  # the refusal matters more than the figure
+        raise insufficient_storage(free, headroom) from None
 
 
 def hold_shared(fd: int) -> int:

@@ -75,7 +75,8 @@ def native(stub: gallery_pb2_grpc.GalleryServiceStub, md, device: str, chunks: I
     return str(stub.UploadEvent(parts(), metadata=md, timeout=60).event_id)
 
 
-def assert_refused_507(r: httpx.Response) -> None:
+def assert_refused_507(r: httpx.Response, headroom: int, free_below: int) -> None:
+    """Refused for want of space, telling the headroom and the space left (below `free_below`)."""
     assert r.status_code == 507, r.text
     assert r.headers["content-type"] == "application/json"
     body = r.json()
@@ -85,6 +86,8 @@ def assert_refused_507(r: httpx.Response) -> None:
     assert info["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
     assert info["reason"] == "INSUFFICIENT_STORAGE"
     assert set(info["metadata"]) == {"free_bytes", "min_free_bytes"}
+    assert info["metadata"]["min_free_bytes"] == str(headroom)
+    assert 0 <= int(info["metadata"]["free_bytes"]) < free_below
 
 
 def no_partial_files(stack: Stack, stored: set[pathlib.Path]) -> None:
@@ -112,7 +115,7 @@ def test_full_disk_refuses_uploads_cleanly_and_recovers(tmpfs: pathlib.Path, min
 
             # 1. Below the headroom: refused before a byte is stored, on every path.
             fill_to(tmpfs, ballast, HEADROOM - 4 * MiB)
-            assert_refused_507(multipart(http, headers, "disk1", random_bytes(100_000)))
+            assert_refused_507(multipart(http, headers, "disk1", random_bytes(100_000)), HEADROOM, HEADROOM)
             with pytest.raises(grpc.RpcError) as refused:
                 native(stub, md, "disk1", iter([random_bytes(1000)]))
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -126,9 +129,9 @@ def test_full_disk_refuses_uploads_cleanly_and_recovers(tmpfs: pathlib.Path, min
             assert rich_error(resumable.value)[0].reason == "INSUFFICIENT_STORAGE"
             url = http.get("/api/gallery/disk1/upload-url?filename=p.bin", headers=headers).json()["upload_url"]
             path = httpx.URL(url).path
-            assert_refused_507(http.put(path, content=random_bytes(1000)))
+            assert_refused_507(http.put(path, content=random_bytes(1000)), HEADROOM, HEADROOM)
             assert_refused_507(http.put(path, content=random_bytes(1000),
-                                        headers={"Content-Range": "bytes 0-999/2000"}))
+                                        headers={"Content-Range": "bytes 0-999/2000"}), HEADROOM, HEADROOM)
             status = http.get(path).json()
             assert (status["committedSize"], status["complete"]) == (0, False)
             # The two sessions exist (empty, resumable once space returns); nothing else was written.
@@ -202,14 +205,17 @@ def test_full_disk_refuses_uploads_cleanly_and_recovers(tmpfs: pathlib.Path, min
             stored = set(stored_files(stack.data_dir))
 
             fill_to(tmpfs, ballast, 2 * MiB)
-            assert_refused_507(multipart(http, headers, "disk1", random_bytes(4 * MiB)))
+            assert_refused_507(multipart(http, headers, "disk1", random_bytes(4 * MiB)), 0, 2 * MiB)
             # The real ENOSPC on the resumable paths (write and fsync) is the same clean error.
             with pytest.raises(grpc.RpcError) as full:
                 write(MiB, random_bytes(4 * MiB), False)
             assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert rich_error(full.value)[0].reason == "INSUFFICIENT_STORAGE"
+            info = rich_error(full.value)[0]
+            assert info.reason == "INSUFFICIENT_STORAGE"
+            assert info.metadata["min_free_bytes"] == "0" and int(info.metadata["free_bytes"]) < 2 * MiB
             assert_refused_507(http.put(put_path, content=random_bytes(4 * MiB),
-                                        headers={"Content-Range": f"bytes {MiB}-{5 * MiB - 1}/{8 * MiB}"}))
+                                        headers={"Content-Range": f"bytes {MiB}-{5 * MiB - 1}/{8 * MiB}"}),
+                               0, 2 * MiB)
             no_partial_files(stack, stored)
             # What was committed is intact: a query answers 1 MiB at least, and the file holds it.
             sessions = stack.data_dir / "staging" / "sessions" / "disk1"
