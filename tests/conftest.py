@@ -85,6 +85,25 @@ def small_disk(path: pathlib.Path, size: str) -> Iterator[pathlib.Path]:
         subprocess.run(["umount", "-l", str(path)])  # lazily: never hides the test's own failure
 
 
+@contextlib.contextmanager
+def statements_run(db: Database) -> Iterator[list[str]]:
+    """The SQL statements the database runs meanwhile, whoever sends them: SQLite's trace of each
+    connection taken from the pool (Database.read_rows skips SQLAlchemy's execution there), what
+    SQLAlchemy sends elsewhere."""
+    statements: list[str] = []
+    if db.engine.dialect.name == "sqlite":
+        event, record = "checkout", lambda connection, *_: connection.set_trace_callback(statements.append)
+    else:
+        event, record = "before_cursor_execute", lambda _c, _cursor, statement, *_: statements.append(statement)
+    sa.event.listen(db.engine, event, record)
+    try:
+        yield statements
+    finally:
+        sa.event.remove(db.engine, event, record)
+        if db.engine.dialect.name == "sqlite":  # connections back in the pool trace nothing more
+            db.engine.dispose()
+
+
 def make_settings(data_dir: pathlib.Path, database_url: str = "", **overrides: object) -> Settings:
     return Settings(
         data_dir=data_dir,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, SQLModel
@@ -90,6 +93,29 @@ class Database:
         with self.engine.connect() as connection:
             yield connection.execution_options(**self._single_read)
 
+    def read_rows(self, statement: sa.Select[Any], parameters: Mapping[str, Any]) -> Sequence[tuple[Any, ...]]:
+        """The rows of ONE read-only select, as read() runs it, as tuples.
+
+        On SQLite they come straight from the driver's cursor, the select compiled once
+        (_DriverSelect): around a lookup of one index row SQLAlchemy's execution cost ~4x the query
+        itself (stats: ~55 against ~12 µs in process), with the GIL held, which the other read
+        threads wait for (GetStats through Envoy with 16 clients: ~+30% requests per second).
+        PostgreSQL goes through read(): a round trip to the server dwarfs that cost there."""
+        if self.engine.dialect.name != "sqlite":
+            with self.read() as connection:
+                return [tuple(row) for row in connection.execute(statement, parameters)]
+        select = _DriverSelect.of(statement, self.engine.dialect)
+        connection = self.engine.raw_connection()  # pooled; SQLite's own autocommit, as read()
+        try:
+            cursor = connection.cursor()
+            try:
+                cursor.execute(select.sql, select.arguments(parameters))
+                return select.rows(cursor.fetchall())
+            finally:
+                cursor.close()
+        finally:
+            connection.close()
+
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
         with Session(self.engine, expire_on_commit=False) as session:
@@ -97,3 +123,60 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+@dataclasses.dataclass(frozen=True)
+class _DriverSelect:
+    """A select compiled for a positional DB-API driver (SQLite's), with what SQLAlchemy would do
+    around each execution done by the same public type hooks: its parameters in the order of the
+    SQL's placeholders, the values the statement fixes itself (`count > 0`), each parameter's bind
+    conversion (a datetime to SQLite's stored text) and each column's result conversion."""
+
+    sql: str
+    names: tuple[str, ...]
+    fixed: Mapping[str, Any]
+    to_driver: Mapping[str, Callable[[Any], Any]]
+    from_driver: tuple[Callable[[Any], Any] | None, ...]
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)  # the hot reads' selects are built once (service.py)
+    def of(statement: sa.Select[Any], dialect: sa.Dialect) -> _DriverSelect:
+        compiled = statement.compile(dialect=dialect)
+        names = tuple(compiled.positiontup or ())
+        binds = compiled.binds  # by the names in the SQL, anonymous ones ("count_1") included
+        if not dialect.positional or any(bind.expanding for bind in binds.values()):
+            raise ValueError("only positional parameters without IN-list expansion are supported")
+        to_driver = {}
+        for name in names:
+            convert = binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+            if convert is not None:
+                to_driver[name] = convert
+        return _DriverSelect(
+            sql=compiled.string,
+            names=names,
+            fixed={name: binds[name].effective_value for name in names if not binds[name].required},
+            to_driver=to_driver,
+            from_driver=tuple(
+                column.type.dialect_impl(dialect).result_processor(dialect, None)
+                for column in statement.selected_columns
+            ),
+        )
+
+    def arguments(self, parameters: Mapping[str, Any]) -> tuple[Any, ...]:
+        values = []
+        for name in self.names:
+            value = parameters[name] if name in parameters else self.fixed[name]
+            convert = self.to_driver.get(name)
+            values.append(value if convert is None or value is None else convert(value))
+        return tuple(values)
+
+    def rows(self, fetched: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        if not any(self.from_driver):
+            return fetched
+        return [
+            tuple(
+                value if convert is None else convert(value)
+                for convert, value in zip(self.from_driver, row, strict=True)
+            )
+            for row in fetched
+        ]

@@ -178,10 +178,9 @@ class Gallery:
         """The same page as list_page, as the REST listing's JSON (listing_json), and its token."""
         query, statement, parameters = self._page(principal, device, **request)
         if self._sqlite_prints_json:
-            with self.db.read() as connection:
-                text, count, regular, last = connection.execute(
-                    _sqlite_json_statement(statement, query.newest_first), parameters
-                ).one()
+            [(text, count, regular, last)] = self.db.read_rows(
+                _sqlite_json_statement(statement, query.newest_first), parameters
+            )
             if regular or not count:  # else a row SQLite did not write itself: printed below
                 return listing_json.finish(text), _next_page_token(query, _sqlite_position(last), count)
         events, next_page_token = self._read_page(query, statement, parameters)
@@ -293,8 +292,7 @@ class Gallery:
     def stats(self, principal: Principal, device: str) -> Stats:
         """From the per-type counters (models.EventCount): one index lookup, whatever the device's size."""
         principal.require(validation.device_id(device), READ)
-        with self.db.read() as connection:
-            rows = connection.execute(_STATS, {"device": device}).all()
+        rows = self.db.read_rows(_STATS, {"device": device})
         by_type = {media: TypeStats(int(count), int(size)) for media, count, size in rows}
         return Stats(
             total_events=sum(t.count for t in by_type.values()),

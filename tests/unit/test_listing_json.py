@@ -17,6 +17,8 @@ import sqlalchemy as sa
 from gallery_server import listing_json
 from gallery_server.models import Event
 
+from ..conftest import statements_run
+
 DEVICE = "cam-json"
 T0 = datetime.datetime(2024, 3, 20, 10, 0, 0, tzinfo=datetime.UTC)
 NAMES = ['quote " backslash \\ <b>&amp;', "café 📷 カメラ.jpg", "plain.mp4", "x" * 255, "a<b>c"]
@@ -82,10 +84,8 @@ def test_sqlite_prints_a_regular_page_in_one_statement(gallery, principal, rows)
     if gallery.db.engine.dialect.name != "sqlite":
         pytest.skip("the SQLite printer")
     gallery.list_page_json(principal, DEVICE, limit=10)  # the first also checks SQLite's JSON functions
-    statements: list[str] = []
-    sa.event.listen(gallery.db.engine, "before_cursor_execute",
-                    lambda _c, _cur, statement, *_: statements.append(statement))
-    gallery.list_page_json(principal, DEVICE, limit=10)
+    with statements_run(gallery.db) as statements:
+        gallery.list_page_json(principal, DEVICE, limit=10)
     assert len(statements) == 1 and "json_group_array" in statements[0]
 
 

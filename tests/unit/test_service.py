@@ -14,7 +14,7 @@ from gallery_server.errors import AlreadyExists, InvalidArgument, NotFound, Perm
 from gallery_server.models import Event
 from gallery_server.service import Gallery
 
-from ..conftest import stored_files
+from ..conftest import statements_run, stored_files
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 64
@@ -385,16 +385,8 @@ def test_stats_large_sizes_are_exact(gallery: Gallery, principal: auth.Principal
 def test_stats_read_from_counters_without_scanning_events(gallery: Gallery, principal: auth.Principal) -> None:
     for _ in range(3):
         store(gallery, principal)
-    statements: list[str] = []
-
-    def record(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
-        statements.append(statement)
-
-    sa.event.listen(gallery.db.engine, "before_cursor_execute", record)
-    try:
+    with statements_run(gallery.db) as statements:
         stats = gallery.stats(principal, "cam1")
-    finally:
-        sa.event.remove(gallery.db.engine, "before_cursor_execute", record)
     assert stats.total_events == 3
     selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
     assert len(selects) == 1

@@ -1,0 +1,91 @@
+"""Database.read_rows: on SQLite it runs a select on the driver's cursor itself, so it must give
+exactly the rows SQLAlchemy's execution gives, for every hot read's select and parameters (times
+with microseconds at the filters' edges included); on PostgreSQL it is that execution."""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from gallery_server import service
+from gallery_server.db import _DriverSelect
+from gallery_server.models import Event
+
+DEVICE = "cam-rows"
+T0 = datetime.datetime(2024, 5, 1, 8, 0, 0, tzinfo=datetime.UTC)
+
+
+@pytest.fixture
+def events(gallery) -> list[dict[str, Any]]:
+    """40 events, some sharing a timestamp, with microseconds, of three media types."""
+    values = [
+        {
+            "id": f"evt_rows{i:018d}", "device": DEVICE, "name": f"e{i}.bin",
+            "media_type": ("video", "image", "other")[i % 3], "mime_type": "", "size": i * 1000 + 7,
+            "sha256": f"{i:064x}", "has_thumbnail": False, "metadata_json": "{}",
+            "created": T0 + datetime.timedelta(seconds=i // 3, microseconds=(0, 1, 999_999)[i % 3]),
+            "state": "stored", "thumbnail_state": "", "thumbnail_attempts": 0, "media_info_json": "",
+        }
+        for i in range(40)
+    ]
+    with gallery.db.engine.begin() as connection:
+        connection.execute(sa.insert(Event.__table__), values)  # type: ignore[attr-defined]
+    return values
+
+
+def _through_sqlalchemy(gallery, statement: sa.Select[Any], parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+    with gallery.db.read() as connection:
+        return [tuple(row) for row in connection.execute(statement, parameters)]
+
+
+def _parameter_sets(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    edge = events[13]["created"]  # has microseconds 1, and a neighbour in the same second
+    return [
+        {"device": DEVICE, "media_type": media_type, "since": since, "until": until,
+         "after_created": after[0], "after_id": after[1], "offset": offset, "limit": limit}
+        for media_type, since, until, after, offset, limit in [
+            ("video", edge, edge + datetime.timedelta(seconds=4), (edge, events[13]["id"]), 0, 50),
+            ("image", T0, edge, (events[30]["created"], events[30]["id"]), 2, 5),
+            ("other", edge - datetime.timedelta(microseconds=1), T0 + datetime.timedelta(days=1),
+             (edge, "evt_rows9"), 0, 1000),
+        ]
+    ]
+
+
+@pytest.mark.parametrize("by_type, since, until, after, newest_first", list(itertools.product([False, True], repeat=5)))
+def test_every_listing_select_reads_the_same_rows(gallery, events, by_type, since, until, after, newest_first):
+    page = service._listing_statement(by_type=by_type, since=since, until=until, after=after, newest_first=newest_first)
+    statements = [page]
+    if gallery.db.engine.dialect.name == "sqlite":
+        statements.append(service._sqlite_json_statement(page, newest_first))
+    selected = 0
+    for statement, parameters in itertools.product(statements, _parameter_sets(events)):
+        expected = _through_sqlalchemy(gallery, statement, parameters)
+        assert gallery.db.read_rows(statement, parameters) == expected
+        selected += statement is page and bool(expected)
+    assert selected, "some parameter set selects events"
+
+
+def test_stats_reads_the_same_rows_and_leaves_out_empty_types(gallery, events):
+    with gallery.db.engine.begin() as connection:  # the triggers keep a zero row for a type emptied
+        connection.execute(sa.delete(Event.__table__).where(Event.__table__.c.media_type == "other"))  # type: ignore[attr-defined]
+    rows = gallery.db.read_rows(service._STATS, {"device": DEVICE})
+    assert sorted(rows) == sorted(_through_sqlalchemy(gallery, service._STATS, {"device": DEVICE}))
+    assert sorted(media for media, _, _ in rows) == ["image", "video"]
+    assert gallery.db.read_rows(service._STATS, {"device": "nobody"}) == []
+
+
+def test_a_select_the_driver_path_cannot_run_is_refused(gallery):
+    if gallery.db.engine.dialect.name != "sqlite":
+        pytest.skip("the driver path is SQLite's")
+    statement = sa.select(Event.__table__.c.id).where(  # type: ignore[attr-defined]
+        Event.__table__.c.id.in_(sa.bindparam("ids", expanding=True))  # type: ignore[attr-defined]
+    )
+    with pytest.raises(ValueError):
+        gallery.db.read_rows(statement, {"ids": ["a"]})
+    assert _DriverSelect.of(service._STATS, gallery.db.engine.dialect) is _DriverSelect.of(
+        service._STATS, gallery.db.engine.dialect), "compiled once"
