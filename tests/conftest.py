@@ -68,12 +68,14 @@ def database_url(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iter
 
 
 @contextlib.contextmanager
-def small_disk(path: pathlib.Path, size: str) -> Iterator[pathlib.Path]:
-    """A tmpfs of `size` (mount syntax: "64m") mounted at `path`, whose free space only the test
-    changes; the test is skipped where mounting needs root."""
+def small_disk(path: pathlib.Path, size: str, inodes: int | None = None) -> Iterator[pathlib.Path]:
+    """A tmpfs of `size` (mount syntax: "64m"), and of at most `inodes` files and folders if given,
+    mounted at `path`, whose free space only the test changes; the test is skipped where mounting
+    needs root."""
     path.mkdir()
+    options = f"size={size},mode=0755" + (f",nr_inodes={inodes}" if inodes else "")
     try:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
                                  capture_output=True, text=True)
     except FileNotFoundError:
         pytest.skip("cannot mount a tmpfs here: no mount command")

@@ -272,7 +272,8 @@ class IncomingImporter(BackgroundLoop):
             if _short_of_room(exc):
                 # The file stays for a later scan; a partial copy was removed, and a copy already
                 # placed in media/ has no row yet: the next import of the file replaces it.
-                # The figures of the moment, not the error's: a real ENOSPC carries none.
+                # The figures once the partial copy is removed, not the error's (taken with it
+                # still on the disk).
                 storage = self.gallery.storage
                 self._skip(device, file, seen, "no room on the disk above its headroom (GALLERY_MIN_FREE_BYTES) "
                            "to copy it: retried on later scans",

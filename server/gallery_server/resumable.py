@@ -183,12 +183,14 @@ class ResumableUploads:
                 try:
                     session.flush()  # takes the key: a concurrent start of this id waits or fails
                     path = self.storage.session_path(device, upload_id)
-                    fd = _open_in_use(path)  # until the row is committed (reconcile.py)
-                    try:
-                        fsync_dir(path.parent)
-                        session.commit()
-                    finally:
-                        os.close(fd)
+                    # Even an empty file takes an inode, and its name a directory block.
+                    with self.storage.disk_full_is_exhausted():
+                        fd = _open_in_use(path)  # until the row is committed (reconcile.py)
+                        try:
+                            fsync_dir(path.parent)
+                            session.commit()
+                        finally:
+                            os.close(fd)
                     log.info("upload session started",
                              extra={"device": device, "upload_id": upload_id})
                     return _state(row)

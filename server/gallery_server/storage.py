@@ -220,8 +220,8 @@ class StagedFile:
         self._hash = hashlib.sha256()
         self.moved = False
         self.keep_source = False
+        self._storage = storage
         self._space = SpaceMeter(storage.require_space) if storage is not None else None
-        self._headroom = storage.min_free_bytes if storage is not None else 0
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         self._out: AppendWriter | None = AppendWriter(self._fd, direct=direct_io)
         self._pipeline: _Pipeline | None = None
@@ -238,7 +238,7 @@ class StagedFile:
         self.path, self.what, self.moved, self.keep_source = path, what, False, True
         self._pipeline, self._failed = None, None
         self._in_use = None  # the resumable writer's exclusive lock covers the file
-        self._headroom = storage.min_free_bytes if storage is not None else 0
+        self._storage = storage
         self._out = None  # read only
         self._hash = hashlib.sha256()
         self._fd = os.open(path, os.O_RDONLY)
@@ -284,7 +284,7 @@ class StagedFile:
         """Write all of `data`; a full disk is INSUFFICIENT_STORAGE, not an OSError. Called by
         the receiving thread or by its pipeline's thread, never both at once."""
         assert self._out is not None
-        with disk_full_is_exhausted(self.path.parent, self._headroom):
+        with self._full_disk_is_exhausted():
             self._out.write(data)
 
     def _drain(self) -> None:
@@ -314,7 +314,7 @@ class StagedFile:
     def sync(self) -> None:
         self._drain()
         if self._fd is not None:
-            with disk_full_is_exhausted(self.path.parent, self._headroom):
+            with self._full_disk_is_exhausted():
                 if self._out is not None:
                     self._out.flush()
                 os.fsync(self._fd)
@@ -329,21 +329,27 @@ class StagedFile:
         `keep_source` file is linked, never renamed: its own name stays (a destination that is
         that very file already, linked before a crash, counts as moved)."""
         assert self._fd is None, "sync() first"
-        make_dir(destination.parent)
-        if self.keep_source:
-            self._link(destination, replace=replace)
-        elif replace:
-            os.replace(self.path, destination)
-        else:
-            try:
-                os.link(self.path, destination)
-            except FileExistsError:
-                raise AlreadyExists(
-                    "EVENT_EXISTS", f"{destination.name} is already stored", file=destination.name
-                ) from None
-            os.unlink(self.path)
-        self.moved = True
-        fsync_dir(destination.parent)
+        with self._full_disk_is_exhausted():  # a new folder or directory entry needs a block too
+            make_dir(destination.parent)
+            if self.keep_source:
+                self._link(destination, replace=replace)
+            elif replace:
+                os.replace(self.path, destination)
+            else:
+                try:
+                    os.link(self.path, destination)
+                except FileExistsError:
+                    raise AlreadyExists(
+                        "EVENT_EXISTS", f"{destination.name} is already stored", file=destination.name
+                    ) from None
+                os.unlink(self.path)
+            self.moved = True
+            fsync_dir(destination.parent)
+
+    def _full_disk_is_exhausted(self) -> contextlib.AbstractContextManager[None]:
+        if self._storage is not None:
+            return self._storage.disk_full_is_exhausted()
+        return disk_full_is_exhausted(self.path.parent, 0)  # a file staged outside a Storage
 
     def _link(self, destination: pathlib.Path, *, replace: bool) -> None:
         try:
