@@ -94,16 +94,19 @@ def statements_run(db: Database) -> Iterator[list[str]]:
     SQLAlchemy sends elsewhere."""
     statements: list[str] = []
     if db.engine.dialect.name == "sqlite":
-        event, record = "checkout", lambda connection, *_: connection.set_trace_callback(statements.append)
+        listeners = {
+            "checkout": lambda connection, *_: connection.set_trace_callback(statements.append),
+            "checkin": lambda connection, *_: connection.set_trace_callback(None),
+        }
     else:
-        event, record = "before_cursor_execute", lambda _c, _cursor, statement, *_: statements.append(statement)
-    sa.event.listen(db.engine, event, record)
+        listeners = {"before_cursor_execute": lambda _c, _cursor, statement, *_: statements.append(statement)}
+    for event, listener in listeners.items():
+        sa.event.listen(db.engine, event, listener)
     try:
         yield statements
     finally:
-        sa.event.remove(db.engine, event, record)
-        if db.engine.dialect.name == "sqlite":  # connections back in the pool trace nothing more
-            db.engine.dispose()
+        for event, listener in listeners.items():
+            sa.event.remove(db.engine, event, listener)
 
 
 def make_settings(data_dir: pathlib.Path, database_url: str = "", **overrides: object) -> Settings:

@@ -1,4 +1,5 @@
-"""Engine creation and sessions: SQLite (WAL) by default, PostgreSQL when the URL names it."""
+"""Engine creation, sessions and single reads: SQLite (WAL) by default, PostgreSQL when the URL
+names it. The hot single reads on SQLite run on the driver's cursor (Database.read_rows)."""
 
 from __future__ import annotations
 
@@ -97,14 +98,16 @@ class Database:
         """The rows of ONE read-only select, as read() runs it, as tuples.
 
         On SQLite they come straight from the driver's cursor, the select compiled once
-        (_DriverSelect): around a lookup of one index row SQLAlchemy's execution cost ~4x the query
-        itself (stats: ~55 against ~12 µs in process), with the GIL held, which the other read
-        threads wait for (GetStats through Envoy with 16 clients: ~+30% requests per second).
+        (_driver_select): around a lookup of one index row SQLAlchemy's execution cost ~4x the
+        query itself (the stats select: ~55 against ~12 µs), with the GIL held, which the other
+        read threads wait for (GetStats through Envoy with 16 clients: ~+30% requests per second).
+        Its errors are then the driver's own (sqlite3.Error, not wrapped by SQLAlchemy): callers
+        of these reads catch none, and the RPC layer answers any of them INTERNAL.
         PostgreSQL goes through read(): a round trip to the server dwarfs that cost there."""
         if self.engine.dialect.name != "sqlite":
             with self.read() as connection:
                 return [tuple(row) for row in connection.execute(statement, parameters)]
-        select = _DriverSelect.of(statement, self.engine.dialect)
+        select = _driver_select(statement, self.engine.dialect)
         connection = self.engine.raw_connection()  # pooled; SQLite's own autocommit, as read()
         try:
             cursor = connection.cursor()
@@ -138,36 +141,12 @@ class _DriverSelect:
     to_driver: Mapping[str, Callable[[Any], Any]]
     from_driver: tuple[Callable[[Any], Any] | None, ...]
 
-    @staticmethod
-    @functools.lru_cache(maxsize=256)  # the hot reads' selects are built once (service.py)
-    def of(statement: sa.Select[Any], dialect: sa.Dialect) -> _DriverSelect:
-        compiled = statement.compile(dialect=dialect)
-        names = tuple(compiled.positiontup or ())
-        binds = compiled.binds  # by the names in the SQL, anonymous ones ("count_1") included
-        if not dialect.positional or any(bind.expanding for bind in binds.values()):
-            raise ValueError("only positional parameters without IN-list expansion are supported")
-        to_driver = {}
-        for name in names:
-            convert = binds[name].type.dialect_impl(dialect).bind_processor(dialect)
-            if convert is not None:
-                to_driver[name] = convert
-        return _DriverSelect(
-            sql=compiled.string,
-            names=names,
-            fixed={name: binds[name].effective_value for name in names if not binds[name].required},
-            to_driver=to_driver,
-            from_driver=tuple(
-                column.type.dialect_impl(dialect).result_processor(dialect, None)
-                for column in statement.selected_columns
-            ),
-        )
-
     def arguments(self, parameters: Mapping[str, Any]) -> tuple[Any, ...]:
         values = []
         for name in self.names:
             value = parameters[name] if name in parameters else self.fixed[name]
             convert = self.to_driver.get(name)
-            values.append(value if convert is None or value is None else convert(value))
+            values.append(value if convert is None else convert(value))  # None too, as SQLAlchemy
         return tuple(values)
 
     def rows(self, fetched: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
@@ -180,3 +159,34 @@ class _DriverSelect:
             )
             for row in fetched
         ]
+
+
+@functools.lru_cache(maxsize=256)  # the hot reads' selects are built once (service.py)
+def _driver_select(statement: sa.Select[Any], dialect: sa.Dialect) -> _DriverSelect:
+    compiled = statement.compile(dialect=dialect)
+    names = tuple(compiled.positiontup or ())
+    binds = compiled.binds  # by the names in the SQL, anonymous ones ("count_1") included
+    if (
+        not dialect.positional
+        or compiled.literal_execute_params or compiled.post_compile_params  # rendered per execution
+        or any(bind.expanding or bind.callable is not None for bind in binds.values())
+    ):
+        raise ValueError(
+            "only positional parameters with values known before execution (no IN-list expansion, "
+            "no value rendered into the SQL, no callable value) are supported"
+        )
+    to_driver = {}
+    for name in names:
+        convert = binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+        if convert is not None:
+            to_driver[name] = convert
+    return _DriverSelect(
+        sql=compiled.string,
+        names=names,
+        fixed={name: binds[name].effective_value for name in names if not binds[name].required},
+        to_driver=to_driver,
+        from_driver=tuple(
+            column.type.dialect_impl(dialect).result_processor(dialect, None)
+            for column in statement.selected_columns
+        ),
+    )
