@@ -1426,7 +1426,7 @@ TARGETS_NOTE = (
     "(stats ~240 -> ~100 µs in process); verified tokens are remembered (~55 µs each); short reads run on 4 "
     "threads of their own, so 16 clients no longer make 16 threads take turns at the GIL (CPU per request ~2x "
     "before). GetDevicePaths runs at ~0.8 – 1.0x the floor's request rate (the ÷ floor column), stats at ~0.5 "
-    "– 0.7x before the driver-cursor reads below and ~0.9x with them. "
+    "– 0.7x before the driver-cursor reads below and ~0.8 – 0.9x with them (0.81 – 0.91 in the runs of 2026-11-29). "
     "An ASCII page skips the regex that applies protobuf's extra escapes (its wide character class "
     "took ~125 µs per 15 KB page with the GIL held; list in process 415 -> 281 µs, through Envoy p50 ~19 -> "
     "~12.5 ms). On SQLite the listing's page is printed by SQLite's JSON functions inside the query: sqlite3 "

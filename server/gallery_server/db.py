@@ -100,7 +100,7 @@ class Database:
         On SQLite they come straight from the driver's cursor, the select compiled once
         (_driver_select): around a lookup of one index row SQLAlchemy's execution cost ~4x the
         query itself (the stats select: ~55 against ~12 µs), with the GIL held, which the other
-        read threads wait for (GetStats through Envoy with 16 clients: ~+30% requests per second).
+        read threads wait for (GetStats through Envoy with 16 clients: ~25 – 45% more requests per second).
         Its errors are then the driver's own (sqlite3.Error, not wrapped by SQLAlchemy): callers
         of these reads catch none, and the RPC layer answers any of them INTERNAL.
         PostgreSQL goes through read(): a round trip to the server dwarfs that cost there."""

@@ -222,14 +222,15 @@ class StagedFile:
         self.keep_source = False
         self._storage = storage
         self._space = SpaceMeter(storage.require_space) if storage is not None else None
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        with self._disk_full_is_exhausted():  # even an empty file needs an inode
+            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         self._out: AppendWriter | None = AppendWriter(self._fd, direct=direct_io)
         self._pipeline: _Pipeline | None = None
         self._failed: BaseException | None = None
         self._in_use: int | None = hold_shared(self._fd)
 
     @classmethod
-    def adopt(cls, path: pathlib.Path, *, what: str, storage: Storage | None = None) -> StagedFile:
+    def adopt(cls, path: pathlib.Path, *, what: str, storage: Storage) -> StagedFile:
         """An existing complete file (a finished resumable upload), hashed by one streaming read;
         sync() and move() then work as for a file received here, except that move() links it
         into place and keeps `path` (`keep_source`): it is the upload's only copy until the
@@ -284,7 +285,7 @@ class StagedFile:
         """Write all of `data`; a full disk is INSUFFICIENT_STORAGE, not an OSError. Called by
         the receiving thread or by its pipeline's thread, never both at once."""
         assert self._out is not None
-        with self._full_disk_is_exhausted():
+        with self._disk_full_is_exhausted():
             self._out.write(data)
 
     def _drain(self) -> None:
@@ -314,7 +315,7 @@ class StagedFile:
     def sync(self) -> None:
         self._drain()
         if self._fd is not None:
-            with self._full_disk_is_exhausted():
+            with self._disk_full_is_exhausted():
                 if self._out is not None:
                     self._out.flush()
                 os.fsync(self._fd)
@@ -329,7 +330,7 @@ class StagedFile:
         `keep_source` file is linked, never renamed: its own name stays (a destination that is
         that very file already, linked before a crash, counts as moved)."""
         assert self._fd is None, "sync() first"
-        with self._full_disk_is_exhausted():  # a new folder or directory entry needs a block too
+        with self._disk_full_is_exhausted():  # a new folder or directory entry needs a block too
             make_dir(destination.parent)
             if self.keep_source:
                 self._link(destination, replace=replace)
@@ -346,7 +347,7 @@ class StagedFile:
             self.moved = True
             fsync_dir(destination.parent)
 
-    def _full_disk_is_exhausted(self) -> contextlib.AbstractContextManager[None]:
+    def _disk_full_is_exhausted(self) -> contextlib.AbstractContextManager[None]:
         if self._storage is not None:
             return self._storage.disk_full_is_exhausted()
         return disk_full_is_exhausted(self.path.parent, 0)  # a file staged outside a Storage

@@ -97,6 +97,17 @@ def test_a_select_the_driver_path_cannot_run_is_refused(gallery):
         gallery.db.read_rows(statement, {"ids": ["a"]})
 
 
+def test_the_rows_do_not_go_through_sqlalchemys_execution(gallery, events):
+    executed: list[str] = []
+    record = lambda _c, _cursor, statement, *_: executed.append(statement)  # noqa: E731
+    sa.event.listen(gallery.db.engine, "before_cursor_execute", record)
+    try:
+        assert gallery.db.read_rows(service._STATS, {"device": DEVICE})
+    finally:
+        sa.event.remove(gallery.db.engine, "before_cursor_execute", record)
+    assert executed == []
+
+
 def test_a_select_is_compiled_once(gallery):
     dialect = gallery.db.engine.dialect
     assert _driver_select(service._STATS, dialect) is _driver_select(service._STATS, dialect)

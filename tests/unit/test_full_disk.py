@@ -100,6 +100,16 @@ def test_a_full_quota_tells_the_space_the_disk_still_has(
     assert reported > 0 and abs(reported - free) < 256 * MiB  # a shared disk moves meanwhile
 
 
+def test_an_upload_that_finds_no_inode_left_is_not_staged(few_inodes: pathlib.Path) -> None:
+    store = Storage(few_inodes)
+    store.min_free_bytes = MiB  # far below the free bytes: only the inodes are short
+    _use_every_inode(few_inodes)
+    with pytest.raises(Exhausted) as info:
+        store.stage(max_bytes=1 << 30, what="event")
+    assert int(_refusal(info, store)["free_bytes"]) > 32 * MiB
+    assert list(store.staging_root.iterdir()) == []
+
+
 def test_a_move_that_finds_no_inode_left_is_insufficient_storage(few_inodes: pathlib.Path) -> None:
     store = Storage(few_inodes)
     store.min_free_bytes = MiB

@@ -67,4 +67,3 @@ def test_a_full_disk_met_by_the_helper_thread_is_insufficient_storage_and_sticks
     staged.discard()
     assert list(disk.iterdir()) == []
     assert _all_pipeline_slots_free()
-
