@@ -661,6 +661,7 @@ class DownloadPath:
     name: str
     via_envoy: bool
     fetch: Callable[[Bench, str, float], Received]  # (bench, event id, request time) -> what arrived
+    peer: str = ""  # the peer row received the same way: the path's ÷ peer is against it
 
 
 def _header_int(value: str | None, what: str) -> int:
@@ -672,24 +673,33 @@ def _header_int(value: str | None, what: str) -> int:
 
 def fetch_rest(bench: Bench, event_id: str, started: float) -> Received:
     """GET .../events/{id}/content through Envoy, httpx streaming in 1 MiB pieces, hashed on receipt."""
+    return _fetch_httpx(
+        bench.http, f"/api/gallery/{DEVICE}/events/{event_id}/content", bench.auth_header, started, "REST download"
+    )
+
+
+def _fetch_httpx(
+    client: httpx.Client, url: str, headers: dict[str, str], started: float, what: str, *, declares: bool = True
+) -> Received:
+    """A GET streamed by httpx in 1 MiB pieces, hashed on receipt; `declares`: the answer must carry
+    the gallery's size, checksum and etag headers (the peer's carries none)."""
     hasher, size, first = hashlib.sha256(), 0, None
-    with bench.http.stream(
-        "GET", f"/api/gallery/{DEVICE}/events/{event_id}/content", headers=bench.auth_header
-    ) as response:
+    with client.stream("GET", url, headers=headers) as response:
         if response.status_code != 200:
             response.read()
-            raise BenchError(f"REST download: HTTP {response.status_code}: {response.text[:300]}")
+            raise BenchError(f"{what}: HTTP {response.status_code}: {response.text[:300]}")
         if response.headers.get("content-encoding"):
-            raise BenchError(f"REST download: unexpected content-encoding {response.headers['content-encoding']}")
+            raise BenchError(f"{what}: unexpected content-encoding {response.headers['content-encoding']}")
         for chunk in response.iter_raw(CHUNK_BYTES):
             if first is None:
                 first = time.monotonic()
             hasher.update(chunk)
             size += len(chunk)
-        headers = response.headers
+        declared = response.headers.get("x-content-length")
         return Received(
-            size, hasher.hexdigest(), _header_int(headers.get("x-content-length"), "REST download"),
-            headers.get("x-content-sha256"), headers.get("etag"), (first or time.monotonic()) - started,
+            size, hasher.hexdigest(), _header_int(declared, what) if declares else None,
+            response.headers.get("x-content-sha256"), response.headers.get("etag"),
+            (first or time.monotonic()) - started,
         )
 
 
@@ -797,6 +807,33 @@ while sock.recv(65536):
 sock.close()
 """
 
+# The same sender for an HTTP client: it accepts one connection, reads a request, writes a status
+# line and a Content-Length, then the file as above.
+PEER_HTTP_SENDER = r"""
+import os, socket, sys
+path = sys.argv[1]
+listener = socket.create_server(("127.0.0.1", 0))
+sys.stdout.write(f"{listener.getsockname()[1]}\n"); sys.stdout.flush()
+sock, _ = listener.accept()
+sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+request = b""
+while b"\r\n\r\n" not in request:
+    data = sock.recv(65536)
+    if not data:
+        sys.exit(2)
+    request += data
+sock.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {os.path.getsize(path)}\r\n\r\n".encode())
+buf = bytearray(1 << 20)
+view = memoryview(buf)
+with open(path, "rb", buffering=0) as f:
+    while n := f.readinto(buf):
+        sock.sendall(view[:n])
+sock.shutdown(socket.SHUT_WR)
+while sock.recv(65536):
+    pass
+sock.close()
+"""
+
 
 class PeerSender:
     """The plain-Python peer: a subprocess sending the stored file over loopback TCP to a socket
@@ -815,6 +852,7 @@ class PeerSender:
             raise BenchError("peer sender did not start")
         self.cpu_at_end = 0.0
         self.hwm_kib = 0
+        self.client: httpx.Client | None = None
 
     @property
     def pid(self) -> int:
@@ -840,8 +878,11 @@ class PeerSender:
             self.hwm_kib = _stack.status_kib(self.pid, "VmHWM")
         except (FileNotFoundError, ProcessLookupError, KeyError):
             pass
-        self.sock.close()
-        self.listener.close()
+        if self.client is not None:
+            self.client.close()
+        else:
+            self.sock.close()
+            self.listener.close()
         try:
             code = self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -854,13 +895,37 @@ class PeerSender:
             raise BenchError(f"peer sender exited with status {code}")
 
 
+class HttpPeerSender(PeerSender):
+    """The peer for an HTTP client: the same sender behind a status line and a Content-Length,
+    received with httpx as the REST path is (fetch_rest)."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", PEER_HTTP_SENDER, str(path)], stdout=subprocess.PIPE, text=True
+        )
+        line = self.process.stdout.readline().strip() if self.process.stdout is not None else ""
+        if not line.isdigit():
+            raise BenchError("HTTP peer sender did not start")
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{line}", timeout=REQUEST_TIMEOUT_S)
+        self.cpu_at_end = 0.0
+        self.hwm_kib = 0
+
+    def receive(self, started: float) -> Received:
+        assert self.client is not None
+        return _fetch_httpx(self.client, "/file", {}, started, "HTTP peer", declares=False)
+
+
 PEER = "peer: plain Python file → loopback TCP"
+PEER_HTTP = "peer: the same, as HTTP/1.1 to httpx"
+PEERS = {PEER: PeerSender, PEER_HTTP: HttpPeerSender}
+_PEER_ROW = lambda *_: Received(0, "", None, None, None, 0.0)  # noqa: E731 - see measure_download
 DOWNLOAD_PATHS = [
-    DownloadPath("REST GET content via Envoy (httpx)", True, fetch_rest),
-    DownloadPath("REST GET content via Envoy (socket + httptools)", True, fetch_rest_socket),
-    DownloadPath("gRPC ReadEventContent direct", False, fetch_grpc_direct),
-    DownloadPath("gRPC ReadEventContent via Envoy", True, fetch_grpc_envoy),
-    DownloadPath(PEER, False, lambda *_: Received(0, "", None, None, None, 0.0)),  # see measure_download
+    DownloadPath("REST GET content via Envoy (httpx)", True, fetch_rest, PEER_HTTP),
+    DownloadPath("REST GET content via Envoy (socket + httptools)", True, fetch_rest_socket, PEER),
+    DownloadPath("gRPC ReadEventContent direct", False, fetch_grpc_direct, PEER),
+    DownloadPath("gRPC ReadEventContent via Envoy", True, fetch_grpc_envoy, PEER),
+    DownloadPath(PEER, False, _PEER_ROW),
+    DownloadPath(PEER_HTTP, False, _PEER_ROW),
 ]
 
 
@@ -894,7 +959,8 @@ def check_received(what: str, got: Received, size: int, sha256: str) -> None:
 def measure_download(bench: Bench, path: DownloadPath, event_id: str, size: int, sha256: str, run: int) -> (
     DownloadSample
 ):
-    peer = PeerSender(bench.stack.data_dir / "media" / DEVICE / event_id) if path.name == PEER else None
+    sender = PEERS.get(path.name)
+    peer = sender(bench.stack.data_dir / "media" / DEVICE / event_id) if sender is not None else None
     pids = {"server": bench.stack.server_pid, "envoy": bench.stack.envoy_pid, "client": os.getpid()}
     if peer is not None:
         pids["peer"] = peer.pid
@@ -971,9 +1037,9 @@ def render_downloads(bench: Bench, samples: list[DownloadSample]) -> Section:
     def med(path: str, fn: Callable[[DownloadSample], float]) -> float:
         return median([fn(s) for s in by[path]])
 
-    def peer_ratios(path: str) -> list[float]:
-        peer = {s.run: s for s in by[PEER]}
-        return [s.mb_s / peer[s.run].mb_s for s in by[path] if s.run in peer]
+    def peer_ratios(path: DownloadPath) -> list[float]:
+        peer = {s.run: s for s in by[path.peer]}
+        return [s.mb_s / peer[s.run].mb_s for s in by[path.name] if s.run in peer]
 
     header = [
         "path", "MB/s median", "MB/s min – max", "÷ peer (same run) median", "÷ peer min – max",
@@ -981,16 +1047,16 @@ def render_downloads(bench: Bench, samples: list[DownloadSample]) -> Section:
     ]
     rows = []
     for path in DOWNLOAD_PATHS:
-        ratios = peer_ratios(path.name)
-        if path.name != PEER and path.via_envoy:
+        ratios = peer_ratios(path) if path.peer else [1.0]
+        if path.peer and path.via_envoy:
             bench.targets.append((f"download {fmt_size(size)}, {path.name}", ">= 0.9x plain Python",
                                   f"{median(ratios):.2f}x", median(ratios) >= 0.9))
         rows.append([
             path.name,
             f"{med(path.name, lambda s: s.mb_s):.0f}",
             spread([s.mb_s for s in by[path.name]]),
-            f"{median(ratios):.2f}" if path.name != PEER else "1",
-            spread(ratios, "{:.2f}") if path.name != PEER else "–",
+            f"{median(ratios):.2f}" + (" (HTTP peer)" if path.peer == PEER_HTTP else "") if path.peer else "1",
+            spread(ratios, "{:.2f}") if path.peer else "–",
             f"{med(path.name, lambda s: s.first_byte_s) * 1000:.0f}",
             f"{med(path.name, lambda s: s.cpu_seconds['sender']) / per_gb:.2f}",
             f"{med(path.name, lambda s: s.cpu_seconds['envoy']) / per_gb:.2f}" if path.via_envoy else "–",
@@ -1016,7 +1082,7 @@ def render_downloads(bench: Bench, samples: list[DownloadSample]) -> Section:
         }
         memory[path.name] = m
         mem_rows.append([
-            path.name + (" (sender = peer process)" if path.name == PEER else " (sender = gRPC server)"),
+            path.name + (" (sender = peer process)" if not path.peer else " (sender column: the gRPC server)"),
             f"{m['before']:.0f}", f"{m['peak']:.0f}", f"+{m['rise']:.0f} (+{m['max_rise']:.0f})",
             f"{m['envoy']:.0f}" if path.via_envoy else "–",
             f"{m['envoy_rise']:+.0f}" if path.via_envoy else "–",
@@ -1024,13 +1090,13 @@ def render_downloads(bench: Bench, samples: list[DownloadSample]) -> Section:
         ])
     failures = []
     for path in DOWNLOAD_PATHS:
-        if path.name != PEER and memory[path.name]["max_rise"] > 0.25 * size / MiB and size >= 256 * MiB:
+        if path.peer and memory[path.name]["max_rise"] > 0.25 * size / MiB and size >= 256 * MiB:
             failures.append(
                 f"{path.name}: the server's RSS rose by {memory[path.name]['max_rise']:.0f} MiB during a "
                 f"{fmt_size(size)} download (does it stream?)"
             )
     medians = {p.name: med(p.name, lambda s: s.mb_s) for p in DOWNLOAD_PATHS}
-    ratios = {p.name: median(peer_ratios(p.name)) for p in DOWNLOAD_PATHS if p.name != PEER}
+    ratios = {p.name: median(peer_ratios(p)) for p in DOWNLOAD_PATHS if p.peer}
     text = interpret_downloads(bench, medians, ratios, memory, by, failures)
     markdown = (
         f"One {fmt_size(size)} event, uploaded once (native gRPC, direct), then read back whole on each path, "
@@ -1038,15 +1104,20 @@ def render_downloads(bench: Bench, samples: list[DownloadSample]) -> Section:
         "bytes arrive (sha256, in series with receiving, in the client's one Python thread) and must match the "
         "uploaded size and sha256 and the server's `x-content-length` / `x-content-sha256` / `etag` (REST "
         "headers or gRPC initial metadata). Paths:\n\n"
-        "- **REST GET content via Envoy**: `GET /api/gallery/{device}/events/{eventId}/content`, httpx "
-        "`stream()` + `iter_raw(1 MiB)` (chunked HTTP/1.1 from Envoy's transcoder of `GetEventContent`).\n"
+        "- **REST GET content via Envoy**: `GET /api/gallery/{device}/events/{eventId}/content`, received by "
+        "httpx `stream()` + `iter_raw(1 MiB)`, or by a plain socket (`recv_into` 1 MiB) with httptools' C "
+        "parser. Envoy sends the file itself (its file_server filter, with a Content-Length) once the server's "
+        "Check has let it (rpc/file_handoff.py); the server's \"sender\" CPU is that Check.\n"
         "- **gRPC ReadEventContent direct / via Envoy**: the native server-streaming read (1 MiB messages), to "
         "the server's port or through Envoy's h2c listener.\n"
         "- **peer**: what plain Python does without gRPC, HTTP or Envoy: a separate Python process (as the "
         "server is) reads the same stored file (`<data>/media/<device>/<event_id>`, in the page cache like the "
         "server's reads) with `readinto` into a 1 MiB buffer and writes it to a loopback TCP socket with "
         "`sendall`; the client receives with `recv_into` (1 MiB) and hashes each piece. Its interpreter "
-        "starts before the clock; the clock starts when the one-byte request is sent.\n\n"
+        "starts before the clock; the clock starts when the one-byte request is sent. **The same, as HTTP/1.1 "
+        "to httpx**: the sender answers an HTTP request with a status line and a Content-Length before the "
+        "file, and the client is httpx as on the REST path, whose ÷ peer is against this row (the raw-socket "
+        "client costs less per byte than httpx's, so a path compares with the peer received the same way).\n\n"
         "\"÷ peer\" is the median of the per-run ratios path MB/s ÷ peer MB/s (same run). \"sender\" is the "
         "process that reads the file: the gRPC server, or the peer's process. Time runs from the request to "
         "the last byte; first byte ms is the request-to-first-body-bytes latency.\n\n"
@@ -1074,17 +1145,27 @@ def interpret_downloads(
     name_of = {p.fetch: p.name for p in DOWNLOAD_PATHS}
     rest, raw, direct, envoy = (name_of[f] for f in (fetch_rest, fetch_rest_socket, fetch_grpc_direct,
                                                       fetch_grpc_envoy))
-    parts = [
-        "**Interpretation.** "
-        f"The plain-Python peer moved the file at {medians[PEER]:.0f} MB/s; the gallery paths reached "
-        f"{ratios[direct]:.2f}x of it on native gRPC direct ({medians[direct]:.0f} MB/s), "
-        f"{ratios[envoy]:.2f}x on native gRPC through Envoy ({medians[envoy]:.0f} MB/s), {ratios[rest]:.2f}x on "
-        f"REST with httpx ({medians[rest]:.0f} MB/s) and {ratios[raw]:.2f}x on REST with a raw socket "
-        f"({medians[raw]:.0f} MB/s), each ratio the median of same-run ratios. "
-    ]
 
     def cpu(p: str, proc: str) -> float:
         return median([s.cpu_seconds[proc] for s in by[p]]) / per_gb
+
+    parts = [
+        "**Interpretation.** "
+        f"The plain-Python peer moved the file at {medians[PEER]:.0f} MB/s to a raw socket and "
+        f"{medians[PEER_HTTP]:.0f} MB/s to httpx. A REST download of a whole file is sent by Envoy itself once the "
+        "server's Check has let it (server/gallery_server/rpc/file_handoff.py, Envoy's file_server filter): "
+        f"{ratios[raw]:.2f}x the peer with the raw-socket client ({medians[raw]:.0f} MB/s) and {ratios[rest]:.2f}x "
+        f"the HTTP peer with httpx ({medians[rest]:.0f} MB/s), each ratio the median of same-run ratios. For those "
+        f"the server spent {rng([cpu(p, 'sender') for p in (raw, rest)], '{:.2f}')} CPU-s per GB (one Check) and "
+        f"Envoy {rng([cpu(p, 'envoy') for p in (raw, rest)], '{:.2f}')}, against the peer sender's "
+        f"{cpu(PEER, 'sender'):.2f}. The native reads still stream through the server: {ratios[direct]:.2f}x the "
+        f"peer direct ({medians[direct]:.0f} MB/s) and {ratios[envoy]:.2f}x through Envoy ({medians[envoy]:.0f} "
+        f"MB/s), the server at {rng([cpu(p, 'sender') for p in (direct, envoy)], '{:.2f}')} CPU-s per GB "
+        "(protobuf messages, HTTP/2 framing and grpcio's threads on top of the same file reads), Envoy adding "
+        f"{cpu(envoy, 'envoy'):.2f} through its listener, and the grpcio client "
+        f"{rng([cpu(p, 'client') for p in (direct, envoy)], '{:.2f}')} against the raw socket's "
+        f"{cpu(PEER, 'client'):.2f}. "
+    ]
 
     total = {p: cpu(p, "sender") + cpu(p, "envoy") + cpu(p, "client") for p in medians}
     load = {
@@ -1095,17 +1176,13 @@ def interpret_downloads(
     vcpus = len(os.sched_getaffinity(0))
     calibration = bench.facts.get("calibration")
     hash_mb = calibration["sha256_mb_s"] if isinstance(calibration, dict) else 1350.0
+    peer_of = {p.name: p.peer for p in DOWNLOAD_PATHS}
     parts.append(
-        f"Per GB, the gRPC server used {rng([cpu(p, 'sender') for p in (direct, envoy, rest)], '{:.2f}')} CPU-s "
-        f"against the peer sender's {cpu(PEER, 'sender'):.2f} (protobuf messages, HTTP/2 framing and grpcio's "
-        "threads on top of the same file reads); Envoy added "
-        f"{rng([cpu(p, 'envoy') for p in (envoy, rest)], '{:.2f}')}; and the client used "
-        f"{rng([cpu(p, 'client') for p in (direct, envoy, rest)], '{:.2f}')} on the gallery paths against "
-        f"{cpu(PEER, 'client'):.2f} on the peer's raw socket. sha256 alone is about {1e3 / hash_mb:.2f} CPU-s "
+        f"sha256 alone is about {1e3 / hash_mb:.2f} CPU-s "
         f"per GB at {'this run' if isinstance(calibration, dict) else 'the baseline'}'s {hash_mb:.0f} MB/s and "
-        "is the same on every path (the client hashes in series with receiving, the peer included), so most of "
-        "the client's extra cost is the Python gRPC / httpx receive path, not the hashing. "
-        "In all, the three processes spent "
+        "is the same on every path (the client hashes in series with receiving, the peers included), so the "
+        "clients' differences are their receive paths (raw socket, httpx, grpcio), not the hashing. "
+        "In all, the processes spent "
         + ", ".join(f"{total[p]:.2f}" for p in medians)
         + " CPU-s per GB (table order), and the machine was "
         + ", ".join(f"{load[p]:.2f}" for p in medians)
@@ -1114,8 +1191,8 @@ def interpret_downloads(
         + (
             ": it was essentially saturated, so throughput here follows total CPU per byte, and the ratio to "
             "the peer roughly tracks the ratio of those CPU costs "
-            f"({', '.join(f'{total[PEER] / total[p]:.2f}' for p in (rest, direct, envoy))} for REST, gRPC "
-            "direct and gRPC via Envoy). "
+            f"({', '.join(f'{total[peer_of[p]] / total[p]:.2f}' for p in (rest, raw, direct, envoy))} for REST "
+            "with httpx, REST with a raw socket, gRPC direct and gRPC via Envoy). "
             if min(load.values()) >= 0.85 * vcpus
             else ". "
         )
@@ -1131,8 +1208,8 @@ def interpret_downloads(
             if not failures
             else "**which is more than a streaming download should hold**: " + "; ".join(failures) + ". "
         )
-        + f"The peer's sender process peaked at {memory[PEER]['peak']:.0f} MiB (a bare interpreter and one "
-        "1 MiB buffer)."
+        + "The peers' sender processes peaked at "
+        f"{rng([memory[p]['peak'] for p in PEERS], '{:.0f}')} MiB (a bare interpreter and one 1 MiB buffer)."
     )
     parts.append(
         "\n\nFor scale (performance-baseline notes, same kind of machine): loopback TCP 2,900 MB/s (iperf3) / "
@@ -1237,19 +1314,22 @@ def scenario_profiles(bench: Bench) -> Section:
     stream = bench.payload.stream(size)
     event_id = send_grpc_direct(bench, stream, "profiled-download.bin")
 
-    # The server works little during a download (Envoy is the busy process), so one download can leave
-    # py-spy with a handful of samples of work, or none: repeat it for long enough to see where they go.
+    # A REST download of a whole file is sent by Envoy (rpc/file_handoff.py): the native read is the
+    # download the server streams. It works little meanwhile (the client is the busy process), so one
+    # read can leave py-spy with a handful of samples: repeat it for long enough to see where they go.
     repeat_s = 1.0 if opts.quick else 4.0
 
     def download() -> None:
         until = time.monotonic() + repeat_s
         while True:
-            check_received("profiled download", fetch_rest(bench, event_id, time.monotonic()), size, stream.sha256)
+            got = fetch_grpc_envoy(bench, event_id, time.monotonic())
+            check_received("profiled download", got, size, stream.sha256)
             if time.monotonic() >= until:
                 break
 
     profiles.append(_profile.record(
-        pid, f"REST GET content via Envoy, {fmt_size(size)}, repeated for at least {repeat_s:.0f} s", download))
+        pid, f"gRPC ReadEventContent via Envoy, {fmt_size(size)}, repeated for at least {repeat_s:.0f} s",
+        download))
     verify_and_delete(bench, event_id, size, stream.sha256)
     each, each_sha256 = _concurrency.payload(bench)  # hashed before the profile starts
     profiles.append(_profile.record(pid, "16 concurrent gRPC uploads through Envoy",
@@ -1408,12 +1488,22 @@ TARGETS_NOTE = (
     "(the server's memmove and the kernel's copies to user space, where grpc-core's and Python's copies land, "
     "+14 – 23%: more streams' buffers in flight, fewer of them in the CPU's caches), and the 4-stream batches "
     "left the CPUs idle for more of the time.\n"
-    "- *Downloads*: plain Python sends a file with one `sendall` per MiB; the server sends a message per MiB "
-    "(written in protobuf's wire form with one copy instead of protobuf's two, rpc/chunks.py: server CPU per "
-    "GB 1.04 -> 0.82 through Envoy's REST, 0.98 -> 0.81 on gRPC, interleaved by hand on 2026-11-28), "
-    "grpc-core frames it and Envoy transcodes it to chunked HTTP/1.1 (another ~0.8 CPU-s/GB), on the same 2 "
-    "vCPUs, with a Python client that costs more per byte than the peer's raw socket. gRPC direct reaches "
-    "about half the peer's rate; through Envoy the extra process's CPU widens the gap.\n"
+    "- *Downloads*: a REST download of a whole file is sent by Envoy itself since 2026-11-29: the server "
+    "answers Envoy's ext_authz Check (rpc/file_handoff.py) and Envoy's file_server filter reads the file and "
+    "writes it with a Content-Length, so no byte goes through Python, grpc-core or the transcoder. Before, "
+    "the server sent a message per MiB and Envoy transcoded it to chunked HTTP/1.1 (server ~0.45 – 0.5 and "
+    "Envoy ~0.5 – 0.6 CPU-s/GB in the run of 2026-11-29 02:49; REST 0.54x the peer with httpx, 0.62x with a "
+    "raw socket); the same section on 2026-11-29 04:15, on a VM twice as slow per byte, gave 0.48 – 0.57x "
+    "and 0.61 – 0.66x before and, with the handoff, REST with a raw socket 0.84 – 1.01x the peer (3 runs "
+    "and 3 more: the client is the busiest process on both) and REST with httpx 1.05x the same sender "
+    "received by httpx (0.53x the raw-socket peer: httpx's own receive path costs ~2 CPU-s/GB, so the httpx "
+    "row is compared with the peer received by httpx). Envoy's file_server is marked work in progress by "
+    "Envoy; GALLERY_ENVOY_SENDS_FILES=false turns the handoff off (README). Ranges, conditional requests and "
+    "the native ReadEventContent still stream through the server (written in protobuf's wire form with one "
+    "copy instead of protobuf's two, rpc/chunks.py), grpc-core frames each message and, through Envoy, Envoy "
+    "relays the HTTP/2 frames; with grpcio's client at ~2 CPU-s/GB against the raw socket's ~1.2, gRPC reads "
+    "reach ~0.5 – 0.7x the peer. Meeting 0.9x there needs a cheaper gRPC client (a C++ or Go client pays "
+    "a fraction of grpcio's per-byte cost) as well as a sender outside Python.\n"
     "- *Listing and stats latency*: p50 < 5 ms with 16 closed-loop clients means more than 3,200 req/s on 2 "
     "vCPUs shared by the load generator, Envoy and the server, i.e. under ~600 µs of CPU per request for all "
     "three. The *floor* rows of the small-request section measure what the stack costs before any work is "

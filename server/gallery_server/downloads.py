@@ -21,7 +21,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Iterator, Mapping
 from typing import BinaryIO
 
 from .errors import InvalidArgument, OutOfRange
@@ -199,6 +200,36 @@ def reply(
                 (*common, (CONTENT_RANGE, f"bytes {start}-{end}/{size}")),
             )
     return Reply(OK, 0, size, common)
+
+
+def content_disposition(name: str) -> str:
+    """An attachment header safe for any filename: ASCII fallback plus RFC 5987 UTF-8 form.
+
+    A stored name may hold `/` or `\\` (names are not paths); the suggested filename never does,
+    so that a client saving under it cannot be steered into another folder."""
+    name = name.replace("/", "_").replace("\\", "_")
+    fallback = "".join(c if c.isascii() and c.isprintable() and c != '"' else "_" for c in name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{urllib.parse.quote(name, safe='')}"
+
+
+# A request with any of these wants more than "the whole file now": reply() decides what it gets.
+_SELECTING_HEADERS = ("range", "if-range", "if-none-match", "if-match", "if-modified-since",
+                      "if-unmodified-since")
+
+
+def asks_whole_file(headers: Mapping[str, str]) -> bool:
+    """Whether a GET (header names lower case) is answered with the whole file and status 200
+    whatever the content: no Range and no conditional header."""
+    return not any(name in headers for name in _SELECTING_HEADERS)
+
+
+def whole_file_headers(size: int, sha256: str, mime_type: str, filename: str) -> tuple[tuple[str, str], ...]:
+    """The response headers of a 200 with the whole file: reply()'s, the Content-Type and, for a
+    named file, the Content-Disposition."""
+    headers = (*reply(size, sha256).headers, ("content-type", mime_type))
+    if filename:
+        headers = (*headers, ("content-disposition", content_disposition(filename)))
+    return headers
 
 
 def read_window(size: int, offset: int, limit: int) -> tuple[int, int]:

@@ -16,7 +16,11 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def render(*, listen: str, admin_port: int, backends: list[str]) -> str:
+def render(
+    *, listen: str, admin_port: int, backends: list[str], media_root: pathlib.Path | None = None
+) -> str:
+    """The configuration; with `media_root` (the servers' <data>/media, as Envoy's host sees it)
+    Envoy sends whole-file downloads itself (rpc/file_handoff.py)."""
     listen_host, listen_port = split_address(listen)
     endpoints = []
     for backend in backends:
@@ -30,4 +34,6 @@ def render(*, listen: str, admin_port: int, backends: list[str]) -> str:
         LISTEN_PORT=listen_port,
         DESCRIPTOR=str(DESCRIPTOR),
         BACKENDS=json.dumps(endpoints),  # JSON is YAML: a flow sequence
+        FILE_HANDOFF_OFF="false" if media_root else "true",
+        MEDIA_ROOT=json.dumps(str(media_root or "/nonexistent"))[1:-1],  # inside a quoted string
     )

@@ -248,8 +248,8 @@ class Gallery:
             raise _not_found(device, event_id)
         return event
 
-    def open_content(self, principal: Principal, device: str, event_id: str) -> downloads.Content:
-        """The stored media of an event, open for reading. The caller closes `content.file`."""
+    def stored_media(self, principal: Principal, device: str, event_id: str) -> tuple[Event, pathlib.Path]:
+        """An event whose media is stored here, and where its file is (not checked to exist)."""
         event = self.get_event(principal, device, event_id)
         if event.state != "stored":
             raise FailedPrecondition(
@@ -258,8 +258,13 @@ class Gallery:
                 f"(POST /api/gallery/{event.device}/pull/{event.id})",
                 event_id=event.id,
             )
+        return event, self.storage.media_path(device, event.id)
+
+    def open_content(self, principal: Principal, device: str, event_id: str) -> downloads.Content:
+        """The stored media of an event, open for reading. The caller closes `content.file`."""
+        event, path = self.stored_media(principal, device, event_id)
         try:
-            file = self.storage.media_path(device, event.id).open("rb")
+            file = path.open("rb")
         except FileNotFoundError:  # deleted since the row was read
             raise _not_found(device, event_id) from None
         if os.fstat(file.fileno()).st_size != event.size:

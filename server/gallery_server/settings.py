@@ -10,6 +10,7 @@
 | GALLERY_GRPC_ADDRESS        | 127.0.0.1:50051          | where the gRPC server listens                   |
 | GALLERY_HTTP_ADDRESS        | 0.0.0.0:8001             | where Envoy listens (REST and gRPC)             |
 | GALLERY_ENVOY_ADMIN_PORT    | 9901                     | Envoy admin port (always on 127.0.0.1)          |
+| GALLERY_ENVOY_SENDS_FILES   | true                     | Envoy sends whole-file downloads (file_handoff) |
 | GALLERY_MAX_UPLOAD_BYTES    | 17179869184 (16 GiB)     | largest media file accepted                     |
 | GALLERY_MAX_THUMBNAIL_BYTES | 10485760 (10 MiB)        | largest thumbnail accepted                      |
 | GALLERY_MAX_METADATA_BYTES  | 65536                    | largest metadata JSON accepted                  |
@@ -91,6 +92,7 @@ class Settings:
     incoming_settle_seconds: float = 2.0
     make_thumbnails: bool = True
     direct_io: bool = True  # staged uploads written past the page cache (_direct_io.py)
+    envoy_sends_files: bool = True  # `gallery run`'s Envoy sends whole-file downloads itself
     upload_session_ttl: int = 86400
     # -- bearer tokens beyond the HS256 secret (auth.py) --
     jwt_public_key: str = ""  # PEM text
@@ -158,6 +160,9 @@ class Settings:
                 ),
                 make_thumbnails=_flag(env.get("GALLERY_MAKE_THUMBNAILS", ""), default=cls.make_thumbnails),
                 direct_io=_flag(env.get("GALLERY_DIRECT_IO", ""), default=cls.direct_io),
+                envoy_sends_files=_flag(
+                    env.get("GALLERY_ENVOY_SENDS_FILES", ""), default=cls.envoy_sends_files
+                ),
                 upload_session_ttl=int(
                     env.get("GALLERY_UPLOAD_SESSION_TTL", cls.upload_session_ttl)
                 ),

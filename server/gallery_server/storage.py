@@ -73,12 +73,17 @@ class DiskSpace:
     free_bytes: int  # available to this (unprivileged) process
 
 
+def media_root(data_dir: pathlib.Path) -> pathlib.Path:
+    """Where stored media files live: <data>/media/<device>/<event_id>."""
+    return data_dir / "media"
+
+
 class Storage:
     def __init__(self, data_dir: pathlib.Path) -> None:
         self.data_dir = data_dir
         self.min_free_bytes = 0  # the headroom: Gallery sets it from the settings, its one owner
         self.direct_io = False  # write staged files past the page cache; Gallery sets it too
-        self.media_root = data_dir / "media"
+        self.media_root = media_root(data_dir)
         self.staging_root = data_dir / "staging"
         self.drop_root = data_dir / "gallery"
         for folder in (self.media_root, self.staging_root, self.drop_root):

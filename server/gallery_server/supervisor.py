@@ -19,7 +19,7 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from . import auth, envoy_config
+from . import auth, envoy_config, storage
 from .settings import Settings
 
 READY_TIMEOUT_S = 60
@@ -84,7 +84,8 @@ def start_envoy(settings: Settings, backends: list[str]) -> subprocess.Popen[byt
     run_dir.mkdir(parents=True, exist_ok=True)
     config = run_dir / "envoy.yaml"
     config.write_text(envoy_config.render(
-        listen=settings.http_address, admin_port=settings.envoy_admin_port, backends=backends
+        listen=settings.http_address, admin_port=settings.envoy_admin_port, backends=backends,
+        media_root=storage.media_root(settings.data_dir) if settings.envoy_sends_files else None,
     ))
     return subprocess.Popen(
         [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn"],

@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 
 from gallery_server import auth, downloads, listing_json, paging, validation
 from gallery_server.db import Database
+from gallery_server.downloads import content_disposition
 from gallery_server.errors import InvalidArgument, PermissionDenied, TooLarge, Unauthenticated
 from gallery_server.forms import FormReceiver, multipart_boundary
-from gallery_server.rpc.servicer import content_disposition
 from gallery_server.service import Gallery
 from gallery_server.signed_urls import MEDIA, THUMBNAIL, SignedTarget, SignedUploads
 from gallery_server.storage import Storage

@@ -399,7 +399,7 @@ def test_metadata_string_values_may_hold_any_valid_text() -> None:
 
 
 def test_content_disposition_never_suggests_a_path() -> None:
-    from gallery_server.rpc.servicer import content_disposition
+    from gallery_server.downloads import content_disposition
 
     header = content_disposition("../../etc/pass\\wd\"x.jpg")
     assert header == (

@@ -30,10 +30,12 @@ from . import chunks, status
 
 log = logging.getLogger("gallery.access")
 
-# Methods that carry their own proof (signed URLs) or must answer anyone (health, reflection).
+# Methods that carry their own proof (signed URLs, the bearer token of the request Envoy asks
+# about) or must answer anyone (health, reflection).
 PUBLIC_METHODS = frozenset({
     "/gallery.v1.GalleryService/PutSignedUpload",
     "/gallery.v1.GalleryService/GetSignedUploadStatus",
+    "/envoy.service.auth.v3.Authorization/Check",
 })
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 

@@ -8,6 +8,7 @@ import threading
 from concurrent import futures
 
 import grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -27,6 +28,7 @@ from ..storage import Storage
 from ..thumbnails import Thumbnailer
 from .admin_servicer import AdminServicer
 from .device_servicer import DeviceServicer
+from .file_handoff import CHECK_METHOD, FileHandoff
 from .interceptor import GalleryInterceptor
 from .servicer import GalleryServicer
 
@@ -50,7 +52,7 @@ QUICK_READS = tuple(
         "GetDevicePaths", "GetEvent", "ListEventsJson", "GetStats", "GetSignedUploadStatus",
         "FindExistingChecksums",
     )
-)
+) + (CHECK_METHOD,)
 
 
 def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
@@ -61,11 +63,12 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
     db = Database(settings.database_url, pool_size=DB_POOL_SIZE)
     db.create_tables()
     gallery = Gallery(settings, db, storage)
+    verifier = Verifier.from_settings(settings)
     server = grpc.server(
         futures.ThreadPoolExecutor(
             max_workers=settings.grpc_workers, thread_name_prefix="rpc"
         ),
-        interceptors=[GalleryInterceptor(Verifier.from_settings(settings), pools=dict.fromkeys(
+        interceptors=[GalleryInterceptor(verifier, pools=dict.fromkeys(
             QUICK_READS,
             futures.ThreadPoolExecutor(settings.grpc_read_workers, thread_name_prefix="read"),
         ))],
@@ -92,6 +95,9 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
     admin_pb2_grpc.add_GalleryAdminServiceServicer_to_server(
         AdminServicer(Reconciler(gallery)), server
     )
+    # Envoy's ext_authz asks it before a REST download (file_handoff.py); not a public API, so
+    # neither health-checked nor listed by reflection.
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(FileHandoff(gallery, verifier), server)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME, DEVICE_SERVICE_NAME, ADMIN_SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -485,7 +484,7 @@ def _http_download(
         )
         metadata = [(HTTP_STATUS_HEADER, str(reply.status)), *reply.headers]
         if content.filename:
-            metadata.append(("content-disposition", content_disposition(content.filename)))
+            metadata.append(("content-disposition", downloads.content_disposition(content.filename)))
         context.send_initial_metadata(metadata)
         # The first message names the content type; a 304 or 416 is that message with no data.
         content_type = content.mime_type
@@ -506,16 +505,6 @@ def _request_headers(context: grpc.ServicerContext) -> dict[str, str]:
         if isinstance(value, str):
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
     return headers
-
-
-def content_disposition(name: str) -> str:
-    """An attachment header safe for any filename: ASCII fallback plus RFC 5987 UTF-8 form.
-
-    A stored name may hold `/` or `\\` (names are not paths); the suggested filename never does,
-    so that a client saving under it cannot be steered into another folder."""
-    name = name.replace("/", "_").replace("\\", "_")
-    fallback = "".join(c if c.isascii() and c.isprintable() and c != '"' else "_" for c in name)
-    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{urllib.parse.quote(name, safe='')}"
 
 
 def _body_pieces(messages: Iterator[Any]) -> Iterator[bytes | memoryview]:

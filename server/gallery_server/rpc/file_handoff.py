@@ -1,0 +1,98 @@
+"""Lets Envoy send a stored file itself: the ext_authz Check asked before a REST download.
+
+Streaming a file through grpcio and Envoy's transcoder costs the server and Envoy CPU for every
+byte; Envoy's file_server filter reads the file and writes it to the client with neither
+(BENCHMARKS.md, downloads). Envoy calls Check (envoy.service.auth.v3.Authorization, the ext_authz
+filter in envoy/envoy.yaml) for `GET /api/gallery/{device}/events/{eventId}/content` without Range
+or conditional headers. When the bearer token may read the event, its media is stored here with
+the recorded size and the request asks for the whole file, the answer rewrites the path to
+FILES_PREFIX/<device>/<event_id>, which the file_server filter maps to the media folder, and adds
+the response headers the streaming path sends (downloads.whole_file_headers).
+
+Anything else is answered "go on unchanged": the request then reaches GetEventContent through the
+transcoder, which answers it as it always did (401, 403, 404, an event still on its device). Check
+never refuses and authorization stays with that path: an error here costs speed, not correctness
+(Envoy is told to go on when Check fails, failure_mode_allow). Nor does Check let anything be read
+that GetEventContent would not send to the same request: the path it writes is built from
+validated ids, and only this route's file_server ever sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as authz_pb2
+from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_pb2_grpc
+from google.rpc import status_pb2
+
+from .. import auth, downloads
+from ..errors import GalleryError
+from ..service import Gallery
+
+log = logging.getLogger(__name__)
+
+CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
+# What the rewritten path starts with; envoy/envoy.yaml maps it to <data>/media/.
+FILES_PREFIX = "/_gallery_media/"
+
+_CONTENT_PATH = re.compile(r"/api/gallery/([^/?#]+)/events/([^/?#]+)/content(?:\?.*)?", re.DOTALL)
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_GO_ON = authz_pb2.CheckResponse(
+    status=status_pb2.Status(code=0), ok_response=authz_pb2.OkHttpResponse()
+)
+
+
+class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
+    def __init__(self, gallery: Gallery, verifier: auth.Verifier) -> None:
+        self._gallery = gallery
+        self._verifier = verifier
+
+    def Check(self, request, context):  # type: ignore[no-untyped-def]
+        http = request.attributes.request.http
+        try:
+            return self._handoff(http.method, http.path, dict(http.headers)) or _GO_ON
+        except GalleryError:  # the streaming path answers it, with its status and details
+            return _GO_ON
+        except Exception:  # noqa: BLE001 - never worse than the streaming path
+            log.exception("file handoff failed; the download goes through the gRPC server")
+            return _GO_ON
+
+    def _handoff(
+        self, method: str, path: str, headers: dict[str, str],
+    ) -> authz_pb2.CheckResponse | None:
+        match = _CONTENT_PATH.fullmatch(path)
+        if method != "GET" or match is None or not downloads.asks_whole_file(headers):
+            return None
+        device, event_id = match.groups()
+        principal = self._verifier.verify(auth.bearer_token(headers.get("authorization")))
+        event, file = self._gallery.stored_media(principal, device, event_id)
+        try:
+            if os.stat(file).st_size != event.size or not event.mime_type:
+                return None
+        except FileNotFoundError:
+            return None
+        response_headers = downloads.whole_file_headers(
+            event.size, event.sha256, event.mime_type, event.name
+        )
+        # The access log's line is Check's, with no caller: this one says who reads what.
+        log.info("download sent by envoy", extra={
+            "device": event.device, "event_id": event.id, "size": event.size,
+            "subject": principal.subject, "request_id": headers.get("x-request-id", ""),
+        })
+        return authz_pb2.CheckResponse(
+            status=status_pb2.Status(code=0),
+            ok_response=authz_pb2.OkHttpResponse(
+                # Both ids passed validation: neither holds a `/`, a `%` or a `..`.
+                headers=[_header(":path", f"{FILES_PREFIX}{event.device}/{event.id}")],
+                response_headers_to_add=[_header(k, v) for k, v in response_headers],
+            ),
+        )
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE
+    )

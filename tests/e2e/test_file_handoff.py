@@ -1,0 +1,217 @@
+"""Whole-file REST downloads sent by Envoy itself (server/gallery_server/rpc/file_handoff.py).
+
+Who answered is read from the server's access log: a download Envoy sent shows a Check and no
+GetEventContent; one the server streamed shows GetEventContent. What is checked: the bytes, the
+headers (the same as the streamed answer's, but for how the length is framed), that every request
+the handoff does not take (ranges, conditional requests, HEAD, errors, a file that no longer
+matches its record) still gets the server's answer, that the file path Envoy reads is reachable by
+no client, that Envoy's Check call is not open to clients, and GALLERY_ENVOY_SENDS_FILES=false.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable, Iterator
+
+import grpc
+import httpx
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+from .conftest import Stack, start_stack
+from .test_downloads import MiB, assert_error, content_url, multipart_upload, new_device
+
+CHECK = "/envoy.service.auth.v3.Authorization/Check"
+GET_CONTENT = "/gallery.v1.GalleryService/GetEventContent"
+# How the two answers frame the body, and what only an answer from upstream carries.
+TRANSPORT_HEADERS = {"content-length", "transfer-encoding", "date", "x-envoy-upstream-service-time",
+                     "grpc-accept-encoding"}
+
+
+def rpcs(stack: Stack) -> list[str]:
+    """The methods of the access log's lines so far, in order."""
+    methods = []
+    for line in stack.log().splitlines():
+        if line.startswith("{") and '"gallery.access"' in line:
+            entry = json.loads(line)
+            if entry.get("message") == "rpc":
+                methods.append(entry["method"])
+    return methods
+
+
+class Answered:
+    """The RPCs the server logged while the block ran (one request at a time in these tests)."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.methods: list[str] = []
+
+    def __enter__(self) -> Answered:
+        self._before = len(rpcs(self.stack))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.methods = rpcs(self.stack)[self._before:]
+
+
+@pytest.fixture(scope="module")
+def stored(stack: Stack) -> Iterator[tuple[str, str, bytes, Callable[..., dict[str, str]]]]:
+    from gallery_server import auth
+
+    from ..conftest import JWT_SECRET
+
+    def headers(devices: list[str] | None = None) -> dict[str, str]:
+        token = auth.mint(JWT_SECRET, subject="t", devices=devices or ["*"],
+                          scope="gallery:read gallery:write")
+        return {"Authorization": f"Bearer {token}"}
+
+    device = new_device()
+    data = random.Random(11).randbytes(3 * MiB + 7)
+    with httpx.Client(base_url=stack.base_url, timeout=60) as http:
+        event_id = multipart_upload(http, device, headers(), "clip é \"1\".mp4", data, len(data))
+    yield device, event_id, data, headers
+
+
+def test_envoy_sends_a_whole_file(stack, http, stored):
+    device, event_id, data, headers = stored
+    with Answered(stack) as answered:
+        r = http.get(content_url(device, event_id), headers=headers())
+    assert r.status_code == 200
+    assert r.content == data
+    assert answered.methods == [CHECK]  # no GetEventContent: the server sent no byte
+    sent = [json.loads(line) for line in stack.log().splitlines() if "download sent by envoy" in line]
+    assert {k: sent[-1][k] for k in ("device", "event_id", "size", "subject")} == {
+        "device": device, "event_id": event_id, "size": len(data), "subject": "t"}
+    assert sent[-1]["request_id"]  # Envoy's id of the request, as in its own logs
+    sha256 = hashlib.sha256(data).hexdigest()
+    assert r.headers["content-length"] == str(len(data))
+    assert "transfer-encoding" not in r.headers
+    assert r.headers["etag"] == f'"{sha256}"'
+    assert r.headers["x-content-length"] == str(len(data))
+    assert r.headers["x-content-sha256"] == sha256
+    assert r.headers["accept-ranges"] == "bytes"
+    assert r.headers["content-type"] == "video/mp4"  # from the name
+    assert r.headers["content-disposition"] == (
+        "attachment; filename=\"clip _ _1_.mp4\"; filename*=UTF-8''clip%20%C3%A9%20%221%22.mp4"
+    )
+    for name in ("x-http-status", "grpc-status", "grpc-accept-encoding"):
+        assert name not in r.headers
+
+
+def test_the_same_headers_as_the_streamed_answer(stack, http, stored):
+    device, event_id, data, headers = stored
+    with Answered(stack) as sent:
+        handed_off = http.get(content_url(device, event_id), headers=headers())
+    # An If-None-Match that matches nothing changes nothing in the answer, but the server gives it.
+    with Answered(stack) as streamed:
+        from_server = http.get(content_url(device, event_id),
+                               headers={**headers(), "If-None-Match": '"something else"'})
+    assert (sent.methods, streamed.methods) == ([CHECK], [GET_CONTENT])
+    assert from_server.headers["transfer-encoding"] == "chunked"
+    assert handed_off.content == from_server.content == data
+
+    def comparable(r: httpx.Response) -> dict[str, str]:
+        return {k: v for k, v in r.headers.items() if k not in TRANSPORT_HEADERS}
+
+    assert comparable(handed_off) == comparable(from_server)
+
+
+@pytest.mark.parametrize(("extra", "status", "size"), [
+    ({"Range": "bytes=10-19"}, 206, 10),
+    ({"Range": "bytes=0-"}, 206, 3 * MiB + 7),
+    ({"If-Range": '"x"', "Range": "bytes=0-9"}, 200, 3 * MiB + 7),
+    ({"If-Modified-Since": "Sun, 29 Nov 2026 00:00:00 GMT"}, 200, 3 * MiB + 7),
+], ids=["range", "open-range", "if-range", "if-modified-since"])
+def test_ranges_and_conditions_are_the_servers(stack, http, stored, extra, status, size):
+    device, event_id, data, headers = stored
+    with Answered(stack) as answered:
+        r = http.get(content_url(device, event_id), headers={**headers(), **extra})
+    assert answered.methods == [GET_CONTENT]
+    assert (r.status_code, len(r.content)) == (status, size)
+    start = 10 if extra.get("Range") == "bytes=10-19" else 0
+    assert r.content == data[start:start + size]
+
+
+def test_not_modified_is_the_servers(stack, http, stored):
+    device, event_id, data, headers = stored
+    etag = f'"{hashlib.sha256(data).hexdigest()}"'
+    with Answered(stack) as answered:
+        r = http.get(content_url(device, event_id), headers={**headers(), "If-None-Match": etag})
+    assert (r.status_code, r.content, answered.methods) == (304, b"", [GET_CONTENT])
+
+
+def test_refusals_are_the_servers(stack, http, stored):
+    """Check lets the server answer what it would refuse: the same statuses and error bodies."""
+    device, event_id, _, headers = stored
+    for request_headers, status, reason in (
+        ({}, 401, "TOKEN_MISSING"),
+        ({"Authorization": "Bearer nope"}, 401, "TOKEN_INVALID"),
+        (headers(devices=["another-device"]), 403, "DEVICE_NOT_ALLOWED"),
+    ):
+        with Answered(stack) as answered:
+            assert_error(http.get(content_url(device, event_id), headers=request_headers), status, reason)
+        assert answered.methods == [CHECK, GET_CONTENT], reason
+    with Answered(stack) as answered:
+        assert_error(http.get(content_url(device, "evt_" + "B" * 22), headers=headers()), 404,
+                     "EVENT_NOT_FOUND")
+    assert answered.methods == [CHECK, GET_CONTENT]
+
+
+def test_a_file_that_no_longer_matches_its_record_is_not_sent(stack, http, stored):
+    device = new_device()
+    data = b"x" * 5000
+    event_id = multipart_upload(http, device, stored[3](), "short.bin", data, len(data))
+    path = stack.data_dir / "media" / device / event_id
+    path.write_bytes(data[:100])  # cut behind the server's back
+    with Answered(stack) as answered:
+        r = http.get(content_url(device, event_id), headers=stored[3]())
+    assert answered.methods == [CHECK, GET_CONTENT]
+    assert r.status_code == 500  # as before the handoff: the server refuses to send it
+    path.unlink()
+    with Answered(stack) as answered:
+        assert_error(http.get(content_url(device, event_id), headers=stored[3]()), 404, "EVENT_NOT_FOUND")
+    assert answered.methods == [CHECK, GET_CONTENT]
+
+
+@pytest.mark.parametrize("path", [
+    "/_gallery_media/{device}/{event_id}",
+    "/_gallery_media/../media/{device}/{event_id}",
+    "/api/gallery/{device}/events/{event_id}/content/../../../../_gallery_media/{device}/{event_id}",
+])
+def test_no_client_reaches_the_files_envoy_reads(stack, http, stored, path):
+    device, event_id, data, headers = stored
+    r = http.get(path.format(device=device, event_id=event_id), headers=headers())
+    assert r.status_code == 404
+    assert data[:64] not in r.content
+
+
+def test_check_is_not_open_through_envoy(envoy_channel, stored):
+    device, event_id, _, headers = stored
+    check = external_auth_pb2_grpc.AuthorizationStub(envoy_channel).Check
+    request = external_auth_pb2.CheckRequest()
+    request.attributes.request.http.method = "GET"
+    request.attributes.request.http.path = content_url(device, event_id)
+    request.attributes.request.http.headers["authorization"] = headers()["Authorization"]
+    with pytest.raises(grpc.RpcError) as err:
+        check(request, timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_envoy_sends_no_file_when_told_not_to(tmp_path, mint):
+    stack = start_stack(tmp_path / "data", tmp_path / "gallery.log",
+                        extra_env={"GALLERY_ENVOY_SENDS_FILES": "false", "GALLERY_MAKE_THUMBNAILS": "false"})
+    try:
+        headers = {"Authorization": f"Bearer {mint()}"}
+        data = random.Random(3).randbytes(MiB + 3)
+        with httpx.Client(base_url=stack.base_url, timeout=60) as http:
+            event_id = multipart_upload(http, "cam1", headers, "a.bin", data, len(data))
+            with Answered(stack) as answered:
+                r = http.get(content_url("cam1", event_id), headers=headers)
+        assert (r.status_code, r.content, answered.methods) == (200, data, [GET_CONTENT])
+        assert r.headers["transfer-encoding"] == "chunked"
+    finally:
+        from gallery_server.local_stack import stop_stack
+
+        stop_stack(stack)

@@ -1,0 +1,116 @@
+"""The Check Envoy asks before a REST download (rpc/file_handoff.py), called in process.
+
+A handoff rewrites the path to the stored file and names the response headers; every other answer
+is "go on unchanged" (no header, no refusal), so that the server's own path answers the request.
+tests/e2e/test_file_handoff.py runs the same through the real Envoy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2
+
+from gallery_server import auth
+from gallery_server.rpc.file_handoff import FILES_PREFIX, FileHandoff
+from gallery_server.service import Gallery
+
+from ..conftest import JWT_SECRET
+from .test_service import PDF, store
+
+
+def check(handoff: FileHandoff, path: str, method: str = "GET", **headers: str) -> external_auth_pb2.CheckResponse:
+    request = external_auth_pb2.CheckRequest()
+    request.attributes.request.http.method = method
+    request.attributes.request.http.path = path
+    request.attributes.request.http.headers.update(headers)
+    response = handoff.Check(request, None)
+    assert response.status.code == 0  # never a refusal
+    assert response.WhichOneof("http_response") == "ok_response"
+    return response
+
+
+def handed_off(response: external_auth_pb2.CheckResponse) -> dict[str, str] | None:
+    """The path and response headers of a handoff; None for "go on unchanged"."""
+    ok = response.ok_response
+    if not ok.headers:
+        assert not ok.response_headers_to_add
+        return None
+    assert [h.header.key for h in ok.headers] == [":path"]
+    return {":path": ok.headers[0].header.value} | {h.header.key: h.header.value for h in ok.response_headers_to_add}
+
+
+def bearer(devices: list[str] | None = None, scope: str = "gallery:read") -> str:
+    return "Bearer " + auth.mint(JWT_SECRET, subject="t", devices=devices or ["cam1"], scope=scope)
+
+
+@pytest.fixture
+def handoff(gallery: Gallery) -> FileHandoff:
+    return FileHandoff(gallery, auth.Verifier.from_settings(gallery.settings))
+
+
+def test_a_whole_file_is_handed_off(gallery, principal, handoff):
+    event = store(gallery, principal, data=PDF, name="report ü.pdf")
+    got = handed_off(check(handoff, f"/api/gallery/cam1/events/{event.id}/content?x=1", authorization=bearer()))
+    sha256 = hashlib.sha256(PDF).hexdigest()
+    assert got == {
+        ":path": f"{FILES_PREFIX}cam1/{event.id}",
+        "etag": f'"{sha256}"', "accept-ranges": "bytes", "x-content-length": str(len(PDF)),
+        "x-content-sha256": sha256, "content-type": "application/pdf",
+        "content-disposition": "attachment; filename=\"report _.pdf\"; filename*=UTF-8''report%20%C3%BC.pdf",
+    }
+    # The rewritten path names the stored file under the media folder Envoy maps it to.
+    assert (gallery.storage.media_root / got[":path"].removeprefix(FILES_PREFIX)).read_bytes() == PDF
+
+
+@pytest.mark.parametrize("case", [
+    "HEAD", "range", "if-none-match", "if-range", "if-modified-since", "thumbnail path", "no token",
+    "bad token", "other device", "write scope only", "unknown event", "event id of another device",
+    "encoded device", "deleted file", "file of another size",
+])
+def test_everything_else_goes_on_unchanged(gallery, principal, handoff, case):
+    event = store(gallery, principal, data=PDF)
+    path, method = f"/api/gallery/cam1/events/{event.id}/content", "GET"
+    headers = {"authorization": bearer()}
+    media = gallery.storage.media_path("cam1", event.id)
+    match case:
+        case "HEAD":
+            method = "HEAD"
+        case "range" | "if-none-match" | "if-range" | "if-modified-since":
+            headers[case] = "bytes=0-1" if case == "range" else '"x"'
+        case "thumbnail path":
+            path = path.replace("/content", "/thumbnail")
+        case "no token":
+            headers = {}
+        case "bad token":
+            headers["authorization"] = "Bearer nope"
+        case "other device":
+            headers["authorization"] = bearer(devices=["cam2"])
+        case "write scope only":
+            headers["authorization"] = bearer(scope="gallery:write")
+        case "unknown event":
+            path = path.replace(event.id, "evt_" + "Q" * 22)
+        case "event id of another device":
+            store(gallery, principal, device="cam2")
+            path = path.replace("/cam1/", "/cam2/")
+            headers["authorization"] = bearer(devices=["*"])
+        case "encoded device":
+            path = path.replace("/cam1/", "/cam%31/")
+        case "deleted file":
+            media.unlink()
+        case "file of another size":
+            media.write_bytes(PDF[:10])
+    assert handed_off(check(handoff, path, method, **headers)) is None
+
+
+def test_an_unexpected_error_goes_on_unchanged(gallery, principal, handoff, monkeypatch, caplog):
+    event = store(gallery, principal, data=PDF)
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("database gone")
+
+    monkeypatch.setattr(gallery, "stored_media", broken)
+    response = check(handoff, f"/api/gallery/cam1/events/{event.id}/content", authorization=bearer())
+    assert handed_off(response) is None
+    assert "file handoff failed" in caplog.text
