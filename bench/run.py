@@ -654,6 +654,7 @@ class Received:
     declared_sha256: str | None  # x-content-sha256
     etag: str | None
     first_byte_s: float  # request sent until the first body bytes arrived
+    chunked: bool = False  # HTTP/1.1 chunked: streamed by the server (Envoy sends with a Content-Length)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -699,7 +700,7 @@ def _fetch_httpx(
         return Received(
             size, hasher.hexdigest(), _header_int(declared, what) if declares else None,
             response.headers.get("x-content-sha256"), response.headers.get("etag"),
-            (first or time.monotonic()) - started,
+            (first or time.monotonic()) - started, response.headers.get("transfer-encoding") == "chunked",
         )
 
 
@@ -728,7 +729,7 @@ class _RawResponse:
 
 def fetch_rest_socket(bench: Bench, event_id: str, started: float) -> Received:
     """The same GET through Envoy with the receiving side of the peer: a plain socket, recv_into 1 MiB,
-    httptools' C parser for the chunked body; so the comparison with the peer is about the server."""
+    httptools' C parser for the body; so the comparison with the peer is about the sending side."""
     port = bench.stack.http_port
     request = (
         f"GET /api/gallery/{DEVICE}/events/{event_id}/content HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
@@ -750,6 +751,7 @@ def fetch_rest_socket(bench: Bench, event_id: str, started: float) -> Received:
         response.size, response.hasher.hexdigest(),
         _header_int(headers.get("x-content-length"), "REST download (socket)"),
         headers.get("x-content-sha256"), headers.get("etag"), (response.first or time.monotonic()) - started,
+        headers.get("transfer-encoding") == "chunked",
     )
 
 
@@ -788,14 +790,7 @@ def fetch_grpc_envoy(bench: Bench, event_id: str, started: float) -> Received:
 # The peer's sender: a separate Python process (as the gRPC server is) that waits for a one-byte
 # request, then reads the stored file with readinto into one 1 MiB buffer and writes each piece
 # with sendall; it stays alive until the receiver closes, so that its CPU time and RSS can be read.
-PEER_SENDER = r"""
-import socket, sys
-path, port = sys.argv[1], int(sys.argv[2])
-sock = socket.create_connection(("127.0.0.1", port))
-sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-sys.stdout.write("connected\n"); sys.stdout.flush()
-if sock.recv(1) != b"G":
-    sys.exit(2)
+_SEND_FILE = r"""
 buf = bytearray(1 << 20)
 view = memoryview(buf)
 with open(path, "rb", buffering=0) as f:
@@ -806,6 +801,15 @@ while sock.recv(65536):
     pass
 sock.close()
 """
+PEER_SENDER = r"""
+import socket, sys
+path, port = sys.argv[1], int(sys.argv[2])
+sock = socket.create_connection(("127.0.0.1", port))
+sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+sys.stdout.write("connected\n"); sys.stdout.flush()
+if sock.recv(1) != b"G":
+    sys.exit(2)
+""" + _SEND_FILE
 
 # The same sender for an HTTP client: it accepts one connection, reads a request, writes a status
 # line and a Content-Length, then the file as above.
@@ -823,16 +827,7 @@ while b"\r\n\r\n" not in request:
         sys.exit(2)
     request += data
 sock.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {os.path.getsize(path)}\r\n\r\n".encode())
-buf = bytearray(1 << 20)
-view = memoryview(buf)
-with open(path, "rb", buffering=0) as f:
-    while n := f.readinto(buf):
-        sock.sendall(view[:n])
-sock.shutdown(socket.SHUT_WR)
-while sock.recv(65536):
-    pass
-sock.close()
-"""
+""" + _SEND_FILE
 
 
 class PeerSender:
@@ -939,6 +934,7 @@ class DownloadSample:
     rss_base_kib: dict[str, int]  # "sender" is the gRPC server, or the peer's sender process
     rss_peak_kib: dict[str, int]
     cpu_seconds: dict[str, float]  # sender, envoy, client, other
+    chunked: bool = False  # see Received
 
     @property
     def mb_s(self) -> float:
@@ -984,7 +980,7 @@ def measure_download(bench: Bench, path: DownloadPath, event_id: str, size: int,
     cpu["sender"] = cpu[sender]
     base, peak = dict(probe.baseline), dict(probe.peak)
     base["sender"], peak["sender"] = base[sender], peak[sender]
-    return DownloadSample(path.name, size, run, finished - started, got.first_byte_s, base, peak, cpu)
+    return DownloadSample(path.name, size, run, finished - started, got.first_byte_s, base, peak, cpu, got.chunked)
 
 
 def scenario_downloads(bench: Bench) -> Section:
@@ -1149,14 +1145,23 @@ def interpret_downloads(
     def cpu(p: str, proc: str) -> float:
         return median([s.cpu_seconds[proc] for s in by[p]]) / per_gb
 
+    streamed = any(s.chunked for p in (rest, raw) for s in by[p])
     parts = [
         "**Interpretation.** "
         f"The plain-Python peer moved the file at {medians[PEER]:.0f} MB/s to a raw socket and "
-        f"{medians[PEER_HTTP]:.0f} MB/s to httpx. A REST download of a whole file is sent by Envoy itself once the "
-        "server's Check has let it (server/gallery_server/rpc/file_handoff.py, Envoy's file_server filter): "
-        f"{ratios[raw]:.2f}x the peer with the raw-socket client ({medians[raw]:.0f} MB/s) and {ratios[rest]:.2f}x "
+        f"{medians[PEER_HTTP]:.0f} MB/s to httpx. "
+        + (
+            "**In this run the REST downloads were streamed by the server** (chunked: "
+            "GALLERY_ENVOY_SENDS_FILES=false); they reached "
+            if streamed else
+            "A REST download of a whole file is sent by Envoy itself once the server's Check has let it "
+            "(server/gallery_server/rpc/file_handoff.py, Envoy's file_server filter): "
+        )
+        + f"{ratios[raw]:.2f}x the peer with the raw-socket client ({medians[raw]:.0f} MB/s) and {ratios[rest]:.2f}x "
         f"the HTTP peer with httpx ({medians[rest]:.0f} MB/s), each ratio the median of same-run ratios. For those "
-        f"the server spent {rng([cpu(p, 'sender') for p in (raw, rest)], '{:.2f}')} CPU-s per GB (one Check) and "
+        f"the server spent {rng([cpu(p, 'sender') for p in (raw, rest)], '{:.2f}')} CPU-s per GB "
+        + ("" if streamed else "(one Check) ")
+        + "and "
         f"Envoy {rng([cpu(p, 'envoy') for p in (raw, rest)], '{:.2f}')}, against the peer sender's "
         f"{cpu(PEER, 'sender'):.2f}. The native reads still stream through the server: {ratios[direct]:.2f}x the "
         f"peer direct ({medians[direct]:.0f} MB/s) and {ratios[envoy]:.2f}x through Envoy ({medians[envoy]:.0f} "

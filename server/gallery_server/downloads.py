@@ -226,10 +226,12 @@ def asks_whole_file(headers: Mapping[str, str]) -> bool:
 def whole_file_headers(size: int, sha256: str, mime_type: str, filename: str) -> tuple[tuple[str, str], ...]:
     """The response headers of a 200 with the whole file: reply()'s, the Content-Type and, for a
     named file, the Content-Disposition."""
-    headers = (*reply(size, sha256).headers, ("content-type", mime_type))
-    if filename:
-        headers = (*headers, ("content-disposition", content_disposition(filename)))
-    return headers
+    return (*reply(size, sha256).headers, ("content-type", mime_type), *disposition_headers(filename))
+
+
+def disposition_headers(filename: str) -> tuple[tuple[str, str], ...]:
+    """The Content-Disposition of a download: none for a file stored without a name."""
+    return (("content-disposition", content_disposition(filename)),) if filename else ()
 
 
 def read_window(size: int, offset: int, limit: int) -> tuple[int, int]:

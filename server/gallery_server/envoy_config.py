@@ -35,5 +35,19 @@ def render(
         DESCRIPTOR=str(DESCRIPTOR),
         BACKENDS=json.dumps(endpoints),  # JSON is YAML: a flow sequence
         FILE_HANDOFF_OFF="false" if media_root else "true",
-        MEDIA_ROOT=json.dumps(str(media_root or "/nonexistent"))[1:-1],  # inside a quoted string
+        MEDIA_ROOT=_quoted_text(str(media_root or "/nonexistent")),
     )
+
+
+def _quoted_text(text: str) -> str:
+    """`text` escaped for the inside of a YAML double-quoted string (JSON's escapes are YAML's)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{text!r} is not valid UTF-8, which Envoy's configuration must be: move the data "
+            "directory or set GALLERY_ENVOY_SENDS_FILES=false"
+        ) from None
+    # Not ASCII-only: JSON would write a character outside the BMP as a surrogate pair of \u
+    # escapes, which YAML refuses.
+    return json.dumps(text, ensure_ascii=False)[1:-1]

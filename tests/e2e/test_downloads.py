@@ -176,7 +176,7 @@ def test_download_equals_upload(http, auth_headers, size, how):
             messages += 1
     assert (count, received.hexdigest()) == (size, sent.hexdigest())
     if size == 100 * MiB:
-        assert messages > 10  # streamed as it was read, not in one piece
+        assert messages > 10  # streamed as it was read (by Envoy, file_handoff.py), not in one piece
         assert http.delete(f"/api/gallery/{device}/events/{event_id}", headers=headers).status_code == 200
 
 

@@ -7,7 +7,8 @@ filter in envoy/envoy.yaml) for `GET /api/gallery/{device}/events/{eventId}/cont
 or conditional headers. When the bearer token may read the event, its media is stored here with
 the recorded size and the request asks for the whole file, the answer rewrites the path to
 FILES_PREFIX/<device>/<event_id>, which the file_server filter maps to the media folder, and adds
-the response headers the streaming path sends (downloads.whole_file_headers).
+the response headers the streaming path sends (downloads.whole_file_headers), with HANDOFF_HEADER,
+by which Envoy's Lua filter drops them from an error Envoy answers instead (the file gone since).
 
 Anything else is answered "go on unchanged": the request then reaches GetEventContent through the
 transcoder, which answers it as it always did (401, 403, 404, an event still on its device). Check
@@ -15,6 +16,9 @@ never refuses and authorization stays with that path: an error here costs speed,
 (Envoy is told to go on when Check fails, failure_mode_allow). Nor does Check let anything be read
 that GetEventContent would not send to the same request: the path it writes is built from
 validated ids, and only this route's file_server ever sees it.
+
+Check needs no bearer token of its own (Envoy has none to give): on the gRPC port, where Envoy
+does not stand in the way, a caller learns only what its token could read anyway.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ log = logging.getLogger(__name__)
 CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
 # What the rewritten path starts with; envoy/envoy.yaml maps it to <data>/media/.
 FILES_PREFIX = "/_gallery_media/"
+HANDOFF_HEADER = "x-gallery-handoff"  # removed by Envoy's Lua filter before the client sees it
 
 _CONTENT_PATH = re.compile(r"/api/gallery/([^/?#]+)/events/([^/?#]+)/content(?:\?.*)?", re.DOTALL)
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -77,8 +82,9 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
         response_headers = downloads.whole_file_headers(
             event.size, event.sha256, event.mime_type, event.name
         )
-        # The access log's line is Check's, with no caller: this one says who reads what.
-        log.info("download sent by envoy", extra={
+        # The access log's line is Check's, with no caller: this one says who was let read what
+        # (Envoy's own access log, if kept, says what it then sent).
+        log.info("download handed to envoy", extra={
             "device": event.device, "event_id": event.id, "size": event.size,
             "subject": principal.subject, "request_id": headers.get("x-request-id", ""),
         })
@@ -87,7 +93,9 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
             ok_response=authz_pb2.OkHttpResponse(
                 # Both ids passed validation: neither holds a `/`, a `%` or a `..`.
                 headers=[_header(":path", f"{FILES_PREFIX}{event.device}/{event.id}")],
-                response_headers_to_add=[_header(k, v) for k, v in response_headers],
+                response_headers_to_add=[
+                    _header(k, v) for k, v in (*response_headers, (HANDOFF_HEADER, "1"))
+                ],
             ),
         )
 

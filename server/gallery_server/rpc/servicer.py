@@ -482,9 +482,10 @@ def _http_download(
             if_none_match=request.get("if-none-match", ""),
             if_range=request.get("if-range", ""),
         )
-        metadata = [(HTTP_STATUS_HEADER, str(reply.status)), *reply.headers]
-        if content.filename:
-            metadata.append(("content-disposition", downloads.content_disposition(content.filename)))
+        metadata = [
+            (HTTP_STATUS_HEADER, str(reply.status)), *reply.headers,
+            *downloads.disposition_headers(content.filename),
+        ]
         context.send_initial_metadata(metadata)
         # The first message names the content type; a 304 or 416 is that message with no data.
         content_type = content.mime_type
