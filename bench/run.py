@@ -1103,7 +1103,8 @@ def render_downloads(bench: Bench, samples: list[DownloadSample]) -> Section:
         "- **REST GET content via Envoy**: `GET /api/gallery/{device}/events/{eventId}/content`, received by "
         "httpx `stream()` + `iter_raw(1 MiB)`, or by a plain socket (`recv_into` 1 MiB) with httptools' C "
         "parser. Envoy sends the file itself (its file_server filter, with a Content-Length) once the server's "
-        "Check has let it (rpc/file_handoff.py); the server's \"sender\" CPU is that Check.\n"
+        "Check has let it (rpc/file_handoff.py); the server's \"sender\" CPU is that Check (a download that "
+        "came chunked was streamed by the server instead: the interpretation counts them).\n"
         "- **gRPC ReadEventContent direct / via Envoy**: the native server-streaming read (1 MiB messages), to "
         "the server's port or through Envoy's h2c listener.\n"
         "- **peer**: what plain Python does without gRPC, HTTP or Envoy: a separate Python process (as the "
@@ -1145,14 +1146,17 @@ def interpret_downloads(
     def cpu(p: str, proc: str) -> float:
         return median([s.cpu_seconds[proc] for s in by[p]]) / per_gb
 
-    streamed = any(s.chunked for p in (rest, raw) for s in by[p])
+    rest_samples = [s for p in (rest, raw) for s in by[p]]
+    chunked = sum(s.chunked for s in rest_samples)
+    streamed = chunked > 0
     parts = [
         "**Interpretation.** "
         f"The plain-Python peer moved the file at {medians[PEER]:.0f} MB/s to a raw socket and "
         f"{medians[PEER_HTTP]:.0f} MB/s to httpx. "
         + (
-            "**In this run the REST downloads were streamed by the server** (chunked: "
-            "GALLERY_ENVOY_SENDS_FILES=false); they reached "
+            f"**{chunked} of the {len(rest_samples)} REST downloads came chunked, i.e. streamed by the server** "
+            "(GALLERY_ENVOY_SENDS_FILES=false, or Check declined or failed), so the REST figures are not "
+            "those of Envoy sending the file; they reached "
             if streamed else
             "A REST download of a whole file is sent by Envoy itself once the server's Check has let it "
             "(server/gallery_server/rpc/file_handoff.py, Envoy's file_server filter): "
@@ -1163,7 +1167,7 @@ def interpret_downloads(
         + ("" if streamed else "(one Check) ")
         + "and "
         f"Envoy {rng([cpu(p, 'envoy') for p in (raw, rest)], '{:.2f}')}, against the peer sender's "
-        f"{cpu(PEER, 'sender'):.2f}. The native reads still stream through the server: {ratios[direct]:.2f}x the "
+        f"{cpu(PEER, 'sender'):.2f}. The native reads stream through the server: {ratios[direct]:.2f}x the "
         f"peer direct ({medians[direct]:.0f} MB/s) and {ratios[envoy]:.2f}x through Envoy ({medians[envoy]:.0f} "
         f"MB/s), the server at {rng([cpu(p, 'sender') for p in (direct, envoy)], '{:.2f}')} CPU-s per GB "
         "(protobuf messages, HTTP/2 framing and grpcio's threads on top of the same file reads), Envoy adding "

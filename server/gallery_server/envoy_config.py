@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import string
 
@@ -40,10 +41,13 @@ def render(
 
 
 def _quoted_text(text: str) -> str:
-    """`text` escaped for the inside of a YAML double-quoted string (JSON's escapes are YAML's)."""
+    """The path `text` escaped for the inside of a YAML double-quoted string (JSON's escapes are
+    YAML's); Envoy reads the file as UTF-8, so the path's bytes on disk must be UTF-8 too."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
+        valid = os.fsencode(text).decode("utf-8") == text
+    except UnicodeDecodeError:
+        valid = False
+    if not valid:
         raise ValueError(
             f"{text!r} is not valid UTF-8, which Envoy's configuration must be: move the data "
             "directory or set GALLERY_ENVOY_SENDS_FILES=false"

@@ -83,7 +83,7 @@ def start_envoy(settings: Settings, backends: list[str]) -> subprocess.Popen[byt
     run_dir = settings.data_dir / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     config = run_dir / "envoy.yaml"
-    config.write_text(envoy_config.render(
+    config.write_text(encoding="utf-8", data=envoy_config.render(
         listen=settings.http_address, admin_port=settings.envoy_admin_port, backends=backends,
         media_root=storage.media_root(settings.data_dir) if settings.envoy_sends_files else None,
     ))
@@ -115,7 +115,7 @@ def run(settings: Settings) -> int:
                           file=sys.stderr)
                     return 1
         return 0
-    except TimeoutError as exc:
+    except (TimeoutError, ValueError) as exc:  # ValueError: a configuration Envoy cannot take
         print(f"gallery: {exc}", file=sys.stderr)
         return 1
     finally:

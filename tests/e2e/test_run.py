@@ -108,3 +108,23 @@ def test_sigint_stops_like_ctrl_c(tmp_path):
     stack.process.wait(timeout=30)
     assert stack.process.returncode == 0
     assert not any(_pid_alive(pid) for pid in children)
+
+
+def test_run_refuses_a_data_directory_envoy_cannot_name(tmp_path):
+    """Envoy's configuration is UTF-8: a data directory whose name is not stops `gallery run`
+    with the way out (GALLERY_ENVOY_SENDS_FILES=false) instead of a traceback."""
+    data_dir = os.fsdecode(os.fsencode(tmp_path) + b"/data-\xff")
+    env = {
+        **os.environ,
+        "GALLERY_DATA_DIR": data_dir,
+        "GALLERY_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
+        "GALLERY_HTTP_ADDRESS": f"127.0.0.1:{free_port()}",
+        "GALLERY_ENVOY_ADMIN_PORT": str(free_port()),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "gallery_server", "run"], env=env, capture_output=True,
+        text=True, errors="replace", timeout=60,
+    )
+    assert result.returncode == 1
+    assert "GALLERY_ENVOY_SENDS_FILES=false" in result.stderr
+    assert "Traceback" not in result.stderr

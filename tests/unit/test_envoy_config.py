@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 
 import pytest
 
-from gallery_server import envoy_config, supervisor
+from gallery_server import downloads, envoy_config, supervisor
 
 
 @pytest.mark.parametrize("media_root", [
@@ -28,11 +29,11 @@ def test_envoy_accepts_the_rendered_configuration(tmp_path: pathlib.Path, media_
     assert result.returncode == 0, result.stdout + result.stderr
     text = config.read_text(encoding="utf-8")
     if media_root is None:
-        assert "disabled: true\n" in text and "disabled: false" not in text
+        assert "disabled: false" not in text  # both filters stay off on the download route
     else:
-        assert "disabled: false" in text
-        # The mapping's quoted text reads back as the folder (YAML's double-quoted escapes are
-        # JSON's for these characters; Envoy parsed it above).
+        assert text.count("disabled: false") == 2  # ext_authz and file_server on that route
+        # Envoy parsed it above; the escaping reads back as the folder (YAML's double-quoted
+        # escapes are JSON's for these characters).
         quoted = text.split('file_path_prefix: "', 1)[1].split('/"}', 1)[0]
         assert json.loads(f'"{quoted}"') == str(media_root)
 
@@ -42,3 +43,12 @@ def test_a_data_directory_that_is_not_utf8_is_refused_with_a_way_out() -> None:
     with pytest.raises(ValueError, match="GALLERY_ENVOY_SENDS_FILES=false"):
         envoy_config.render(listen="127.0.0.1:0", admin_port=0, backends=["127.0.0.1:1"],
                             media_root=undecodable)
+
+
+def test_the_lua_filter_strips_every_header_a_handoff_adds() -> None:
+    """An error Envoy answers after a handoff must not keep any of the file's headers (rpc/file_handoff.py)."""
+    lua_list = re.search(r"local handoff_headers = \{(.*?)\}", envoy_config.TEMPLATE.read_text(), re.DOTALL)
+    assert lua_list is not None
+    stripped = set(re.findall(r'"([a-z0-9-]+)"', lua_list.group(1)))
+    added = {name for name, _ in downloads.whole_file_headers(1, "0" * 64, "video/mp4", "clip.mp4")}
+    assert stripped == added
