@@ -212,21 +212,24 @@ def content_disposition(name: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{urllib.parse.quote(name, safe='')}"
 
 
-# A request with any of these wants more than "the whole file now": reply() decides what it gets.
-_SELECTING_HEADERS = ("range", "if-range", "if-none-match", "if-match", "if-modified-since",
-                      "if-unmodified-since")
+# Request headers whose answer depends on more than the size: left to the server's own path.
+_CONDITIONAL_HEADERS = ("if-range", "if-none-match", "if-match", "if-modified-since",
+                        "if-unmodified-since")
 
 
-def asks_whole_file(headers: Mapping[str, str]) -> bool:
-    """Whether a GET (header names lower case) is answered with the whole file and status 200
-    whatever the content: no Range and no conditional header."""
-    return not any(name in headers for name in _SELECTING_HEADERS)
+def unconditional_reply(headers: Mapping[str, str], size: int, sha256: str) -> Reply | None:
+    """reply() for a GET (header names lower case) that carries no conditional header and gets
+    bytes: 200 with the whole file or 206 with one window. None for any other request."""
+    if any(name in headers for name in _CONDITIONAL_HEADERS):
+        return None
+    answer = reply(size, sha256, range_header=headers.get("range", ""))
+    return answer if answer.status in (OK, PARTIAL_CONTENT) else None
 
 
-def whole_file_headers(size: int, sha256: str, mime_type: str, filename: str) -> tuple[tuple[str, str], ...]:
-    """The response headers of a 200 with the whole file: reply()'s, the Content-Type and, for a
+def content_headers(answer: Reply, mime_type: str, filename: str) -> tuple[tuple[str, str], ...]:
+    """The response headers of a download with bytes: the reply's, the Content-Type and, for a
     named file, the Content-Disposition."""
-    return (*reply(size, sha256).headers, ("content-type", mime_type), *disposition_headers(filename))
+    return (*answer.headers, ("content-type", mime_type), *disposition_headers(filename))
 
 
 def disposition_headers(filename: str) -> tuple[tuple[str, str], ...]:

@@ -1,10 +1,11 @@
-"""Whole-file REST downloads sent by Envoy itself (server/gallery_server/rpc/file_handoff.py).
+"""REST downloads sent by Envoy itself (server/gallery_server/rpc/file_handoff.py).
 
 Who answered is read from the server's access log: a download Envoy sent shows a Check and no
-GetEventContent; one the server streamed shows GetEventContent. What is checked: the bytes, the
-headers (the same as the streamed answer's, but for how the length is framed), that every request
-the handoff does not take (ranges, conditional requests, errors, a file that no longer matches its
-record) still gets the server's answer, that an error Envoy answers after a handoff does not carry
+GetEventContent; one the server streamed shows GetEventContent. What is checked: the status, bytes
+and headers of whole files and of ranges of every form (the same as the streamed answer's, but for
+how the length is framed), that every request the handoff does not take (conditional requests,
+unsatisfiable ranges, errors, a file that no longer matches its record) still gets the server's
+answer, that an error Envoy answers after a handoff does not carry
 the file's headers, that the file path Envoy reads is reachable by no client (raw requests, so
 that `..` is sent as is), that Envoy's Check call is not open to clients, and
 GALLERY_ENVOY_SENDS_FILES=false.
@@ -24,7 +25,7 @@ import httpx
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from gallery_server.downloads import whole_file_headers
+from gallery_server.downloads import content_headers, reply
 
 from .conftest import Stack, start_stack
 from .test_downloads import MiB, assert_error, content_url, multipart_upload, new_device
@@ -106,38 +107,57 @@ def test_envoy_sends_a_whole_file(stack, http, stored):
         assert name not in r.headers
 
 
-def test_the_same_headers_as_the_streamed_answer(stack, http, stored):
+SIZE = 3 * MiB + 7  # the stored fixture's size
+
+
+@pytest.mark.parametrize(("range_header", "status", "window"), [
+    (None, 200, (0, SIZE)),
+    ("bytes=10-19", 206, (10, 20)),
+    ("bytes=0-", 206, (0, SIZE)),  # file_server alone would answer this 200
+    ("bytes=-5", 206, (SIZE - 5, SIZE)),  # a suffix: file_server alone would ignore it
+    (f"bytes={MiB - 1}-{2 * MiB}", 206, (MiB - 1, 2 * MiB + 1)),
+    ("bytes=5-99999999999", 206, (5, SIZE)),
+    ("BYTES=3-4", 206, (3, 5)),
+    ("bytes=0-1,5-6", 200, (0, SIZE)),  # several ranges: ignored, the whole file
+    ("bytes=9-3", 200, (0, SIZE)),  # malformed: ignored
+    ("items=0-1", 200, (0, SIZE)),  # another unit: ignored
+], ids=["whole", "range", "open", "suffix", "across-messages", "past-end", "unit-case", "multi",
+        "backwards", "other-unit"])
+def test_envoy_answers_as_the_server_would(stack, http, stored, range_header, status, window):
+    """Status, bytes and headers (but for how the length is framed) equal to the server's own
+    answer to the same request, which a non-matching If-None-Match makes it give."""
     device, event_id, data, headers = stored
+    request = {**headers(), **({"Range": range_header} if range_header else {})}
     with Answered(stack) as sent:
-        handed_off = http.get(content_url(device, event_id), headers=headers())
-    # An If-None-Match that matches nothing changes nothing in the answer, but the server gives it.
+        handed_off = http.get(content_url(device, event_id), headers=request)
     with Answered(stack) as streamed:
         from_server = http.get(content_url(device, event_id),
-                               headers={**headers(), "If-None-Match": '"something else"'})
+                               headers={**request, "If-None-Match": '"something else"'})
     assert (sent.methods, streamed.methods) == ([CHECK], [GET_CONTENT])
     assert from_server.headers["transfer-encoding"] == "chunked"
-    assert handed_off.content == from_server.content == data
+    assert handed_off.status_code == from_server.status_code == status
+    assert handed_off.content == from_server.content == data[window[0]:window[1]]
+    assert handed_off.headers["content-length"] == str(window[1] - window[0])
 
     def comparable(r: httpx.Response) -> dict[str, str]:
         return {k: v for k, v in r.headers.items() if k not in TRANSPORT_HEADERS}
 
     assert comparable(handed_off) == comparable(from_server)
+    if status == 206:
+        assert handed_off.headers["content-range"] == f"bytes {window[0]}-{window[1] - 1}/{SIZE}"
 
 
 @pytest.mark.parametrize(("extra", "status", "size"), [
-    ({"Range": "bytes=10-19"}, 206, 10),
-    ({"Range": "bytes=0-"}, 206, 3 * MiB + 7),
-    ({"If-Range": '"x"', "Range": "bytes=0-9"}, 200, 3 * MiB + 7),
-    ({"If-Modified-Since": "Sun, 29 Nov 2026 00:00:00 GMT"}, 200, 3 * MiB + 7),
-], ids=["range", "open-range", "if-range", "if-modified-since"])
-def test_ranges_and_conditions_are_the_servers(stack, http, stored, extra, status, size):
+    ({"If-Range": '"x"', "Range": "bytes=0-9"}, 200, SIZE),
+    ({"If-Modified-Since": "Sun, 29 Nov 2026 00:00:00 GMT"}, 200, SIZE),
+    ({"Range": f"bytes={SIZE}-"}, 416, 0),
+], ids=["if-range", "if-modified-since", "unsatisfiable"])
+def test_conditions_and_unsatisfiable_ranges_are_the_servers(stack, http, stored, extra, status, size):
     device, event_id, data, headers = stored
     with Answered(stack) as answered:
         r = http.get(content_url(device, event_id), headers={**headers(), **extra})
-    assert answered.methods == [GET_CONTENT]
-    assert (r.status_code, len(r.content)) == (status, size)
-    start = 10 if extra.get("Range") == "bytes=10-19" else 0
-    assert r.content == data[start:start + size]
+    assert answered.methods == ([CHECK, GET_CONTENT] if status == 416 else [GET_CONTENT])
+    assert (r.status_code, r.content) == (status, data[:size])
 
 
 def test_not_modified_is_the_servers(stack, http, stored):
@@ -204,7 +224,8 @@ def test_an_error_envoy_answers_after_a_handoff_does_not_describe_the_file(stack
     assert answered.methods == [CHECK]  # handed off: Check looks at the size, Envoy found a folder
     assert r.status_code == 403
     assert r.headers["content-type"] == "text/plain"
-    file_headers = {name for name, _ in whole_file_headers(1, "0" * 64, "video/mp4", "clip.mp4")}
+    partial = reply(10, "0" * 64, range_header="bytes=0-1")  # a 206 has the most headers
+    file_headers = {name for name, _ in content_headers(partial, "video/mp4", "clip.mp4")}
     for name in file_headers - {"content-type"} | {"x-gallery-handoff"}:
         assert name not in r.headers, name
 

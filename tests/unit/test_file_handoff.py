@@ -32,13 +32,16 @@ def check(handoff: FileHandoff, path: str, method: str = "GET", **headers: str) 
 
 
 def handed_off(response: external_auth_pb2.CheckResponse) -> dict[str, str] | None:
-    """The path and response headers of a handoff; None for "go on unchanged"."""
+    """A handoff's request changes (`:path`, `range`, `-range` for a removed one) and response
+    headers; None for "go on unchanged"."""
     ok = response.ok_response
     if not ok.headers:
-        assert not ok.response_headers_to_add
+        assert not ok.response_headers_to_add and not ok.headers_to_remove
         return None
-    assert [h.header.key for h in ok.headers] == [":path"]
-    return {":path": ok.headers[0].header.value} | {h.header.key: h.header.value for h in ok.response_headers_to_add}
+    changes = {h.header.key: h.header.value for h in ok.headers}
+    assert set(changes) <= {":path", "range"}
+    changes |= {f"-{name}": "" for name in ok.headers_to_remove}
+    return changes | {h.header.key: h.header.value for h in ok.response_headers_to_add}
 
 
 def bearer(devices: list[str] | None = None, scope: str = "gallery:read") -> str:
@@ -55,7 +58,7 @@ def test_a_whole_file_is_handed_off(gallery, principal, handoff):
     got = handed_off(check(handoff, f"/api/gallery/cam1/events/{event.id}/content?x=1", authorization=bearer()))
     sha256 = hashlib.sha256(PDF).hexdigest()
     assert got == {
-        ":path": f"{FILES_PREFIX}cam1/{event.id}",
+        ":path": f"{FILES_PREFIX}cam1/{event.id}", "-range": "",
         "etag": f'"{sha256}"', "accept-ranges": "bytes", "x-content-length": str(len(PDF)),
         "x-content-sha256": sha256, "content-type": "application/pdf",
         "content-disposition": "attachment; filename=\"report _.pdf\"; filename*=UTF-8''report%20%C3%BC.pdf",
@@ -65,8 +68,33 @@ def test_a_whole_file_is_handed_off(gallery, principal, handoff):
     assert (gallery.storage.media_root / got[":path"].removeprefix(FILES_PREFIX)).read_bytes() == PDF
 
 
+@pytest.mark.parametrize(("range_header", "window"), [
+    ("bytes=10-19", "bytes=10-19"),
+    ("bytes=100-", f"bytes=100-{len(PDF) - 1}"),  # file_server reads `a-` as the whole file
+    ("bytes=-5", f"bytes={len(PDF) - 5}-{len(PDF) - 1}"),  # file_server ignores suffixes
+    ("bytes=3-99999", f"bytes=3-{len(PDF) - 1}"),
+])
+def test_a_range_is_handed_off_in_the_one_form_file_server_reads(gallery, principal, handoff, range_header, window):
+    event = store(gallery, principal, data=PDF)
+    got = handed_off(check(handoff, f"/api/gallery/cam1/events/{event.id}/content",
+                           authorization=bearer(), range=range_header))
+    assert got is not None
+    first, last = window.removeprefix("bytes=").split("-")
+    assert (got["range"], got["content-range"]) == (window, f"bytes {first}-{last}/{len(PDF)}")
+    assert "-range" not in got
+
+
+@pytest.mark.parametrize("range_header", ["bytes=0-1,5-6", "bytes=9-3", "items=0-1", "bytes=x-"])
+def test_a_range_the_rules_ignore_is_removed(gallery, principal, handoff, range_header):
+    event = store(gallery, principal, data=PDF)
+    got = handed_off(check(handoff, f"/api/gallery/cam1/events/{event.id}/content",
+                           authorization=bearer(), range=range_header))
+    assert got is not None
+    assert "-range" in got and "range" not in got and "content-range" not in got
+
+
 @pytest.mark.parametrize("case", [
-    "HEAD", "range", "if-none-match", "if-range", "if-modified-since", "thumbnail path", "no token",
+    "HEAD", "unsatisfiable range", "if-none-match", "if-range", "if-modified-since", "thumbnail path", "no token",
     "bad token", "other device", "write scope only", "unknown event", "event id of another device",
     "encoded device", "deleted file", "file of another size",
 ])
@@ -78,8 +106,10 @@ def test_everything_else_goes_on_unchanged(gallery, principal, handoff, case):
     match case:
         case "HEAD":
             method = "HEAD"
-        case "range" | "if-none-match" | "if-range" | "if-modified-since":
-            headers[case] = "bytes=0-1" if case == "range" else '"x"'
+        case "unsatisfiable range":
+            headers["range"] = f"bytes={len(PDF)}-"
+        case "if-none-match" | "if-range" | "if-modified-since":
+            headers[case] = '"x"'
         case "thumbnail path":
             path = path.replace("/content", "/thumbnail")
         case "no token":

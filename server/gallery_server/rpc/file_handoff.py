@@ -3,15 +3,18 @@
 Streaming a file through grpcio and Envoy's transcoder costs the server and Envoy CPU for every
 byte; Envoy's file_server filter reads the file and writes it to the client with neither
 (BENCHMARKS.md, downloads). Envoy calls Check (envoy.service.auth.v3.Authorization, the ext_authz
-filter in envoy/envoy.yaml) for `GET /api/gallery/{device}/events/{eventId}/content` without Range
-or conditional headers. When the bearer token may read the event, its media is stored here with
-the recorded size and the request asks for the whole file, the answer rewrites the path to
-FILES_PREFIX/<device>/<event_id>, which the file_server filter maps to the media folder, and adds
-the response headers the streaming path sends (downloads.whole_file_headers), with HANDOFF_HEADER,
-by which Envoy's Lua filter drops them from an error Envoy answers instead (the file gone since).
+filter in envoy/envoy.yaml) for `GET /api/gallery/{device}/events/{eventId}/content` without
+conditional headers. When the bearer token may read the event, its media is stored here with the
+recorded size and the request gets bytes by the server's own rules (downloads.unconditional_reply:
+the whole file, or the one window a Range selects), the answer rewrites the path to
+FILES_PREFIX/<device>/<event_id>, which the file_server filter maps to the media folder, and sets
+the Range to that window in the one form file_server reads (`bytes=first-last`), or removes a Range
+the rules ignore. It adds the response headers the streaming path sends (downloads.content_headers)
+and HANDOFF_HEADER, by which Envoy's Lua filter drops them from an error Envoy answers instead (the
+file gone since).
 
 Anything else is answered "go on unchanged": the request then reaches GetEventContent through the
-transcoder, which answers it as it always did (401, 403, 404, an event still on its device). Check
+transcoder, which answers it as it always did (401, 403, 404, 416, an event still on its device). Check
 never refuses and authorization stays with that path: an error here costs speed, not correctness
 (Envoy is told to go on when Check fails, failure_mode_allow). Nor does Check let anything be read
 that GetEventContent would not send to the same request: the path it writes is built from
@@ -69,7 +72,7 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
         self, method: str, path: str, headers: dict[str, str],
     ) -> authz_pb2.CheckResponse | None:
         match = _CONTENT_PATH.fullmatch(path)
-        if method != "GET" or match is None or not downloads.asks_whole_file(headers):
+        if method != "GET" or match is None:
             return None
         device, event_id = match.groups()
         principal = self._verifier.verify(auth.bearer_token(headers.get("authorization")))
@@ -79,20 +82,27 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
                 return None
         except FileNotFoundError:
             return None
-        response_headers = downloads.whole_file_headers(
-            event.size, event.sha256, event.mime_type, event.name
-        )
+        answer = downloads.unconditional_reply(headers, event.size, event.sha256)
+        if answer is None:
+            return None
+        if answer.status == downloads.PARTIAL_CONTENT:
+            window = f"bytes={answer.start}-{answer.start + answer.length - 1}"
+            set_range, remove = [_header("range", window)], []
+        else:
+            set_range, remove = [], ["range"]  # a Range the rules ignore: the whole file
+        response_headers = downloads.content_headers(answer, event.mime_type, event.name)
         # The access log's line is Check's, with no caller: this one says who was let read what
         # (Envoy's own access log, if kept, says what it then sent).
         log.info("download handed to envoy", extra={
-            "device": event.device, "event_id": event.id, "size": event.size,
+            "device": event.device, "event_id": event.id, "size": answer.length,
             "subject": principal.subject, "request_id": headers.get("x-request-id", ""),
         })
         return authz_pb2.CheckResponse(
             status=status_pb2.Status(code=0),
             ok_response=authz_pb2.OkHttpResponse(
                 # Both ids passed validation: neither holds a `/`, a `%` or a `..`.
-                headers=[_header(":path", f"{FILES_PREFIX}{event.device}/{event.id}")],
+                headers=[_header(":path", f"{FILES_PREFIX}{event.device}/{event.id}"), *set_range],
+                headers_to_remove=remove,
                 response_headers_to_add=[
                     _header(k, v) for k, v in (*response_headers, (HANDOFF_HEADER, "1"))
                 ],
