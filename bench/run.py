@@ -796,7 +796,8 @@ view = memoryview(buf)
 with open(path, "rb", buffering=0) as f:
     while n := f.readinto(buf):
         sock.sendall(view[:n])
-sock.shutdown(socket.SHUT_WR)
+"""
+_UNTIL_CLOSED = r"""
 while sock.recv(65536):
     pass
 sock.close()
@@ -809,7 +810,7 @@ sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 sys.stdout.write("connected\n"); sys.stdout.flush()
 if sock.recv(1) != b"G":
     sys.exit(2)
-""" + _SEND_FILE
+""" + _SEND_FILE + "sock.shutdown(socket.SHUT_WR)\n" + _UNTIL_CLOSED
 
 # The same sender for an HTTP client: it accepts one connection, reads a request, writes a status
 # line and a Content-Length, then the file as above.
@@ -827,7 +828,7 @@ while b"\r\n\r\n" not in request:
         sys.exit(2)
     request += data
 sock.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {os.path.getsize(path)}\r\n\r\n".encode())
-""" + _SEND_FILE
+""" + _SEND_FILE + _UNTIL_CLOSED  # no end of stream: httpx keeps the connection until close()
 
 
 class PeerSender:
@@ -1513,7 +1514,8 @@ TARGETS_NOTE = (
     "not configurable), so Envoy spends ~0.75 – 1.0 CPU-s/GB against the peer sender's ~0.45, and its writes "
     "reach the client as 32 – 64 KiB pieces (median recv size; the peer's ~128 KiB), which costs the client "
     "~10% more per byte. Envoy marks file_server work in progress; GALLERY_ENVOY_SENDS_FILES=false turns the "
-    "handoff off (README). Ranges, conditional requests and the native ReadEventContent still stream through "
+    "handoff off (README). Single ranges are handed off the same way; conditional requests and the native "
+    "ReadEventContent still stream through "
     "the server (written in protobuf's wire form with one copy instead of protobuf's two, rpc/chunks.py), "
     "grpc-core frames each message and, through Envoy, Envoy relays the HTTP/2 frames; with grpcio's client "
     "at ~2 – 2.6 CPU-s/GB against the raw socket's ~1.2 – 1.35, gRPC reads reach ~0.45 – 0.65x the peer. "

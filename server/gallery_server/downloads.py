@@ -44,6 +44,20 @@ SIZE = "x-content-length"
 SHA256 = "x-content-sha256"
 
 _RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)")  # DIGIT is ASCII: not \d, which is Unicode
+# Larger than any file: what a position of more than 19 significant digits means here. int() of
+# such text would be exact but refuses more than 4,300 digits, which a header may well hold.
+_BEYOND_ANY_FILE = 10**19
+
+
+def _position(digits: str) -> int:
+    significant = digits.lstrip("0")
+    return _BEYOND_ANY_FILE if len(significant) > 19 else int(significant or "0")
+
+
+def _before(a: str, b: str) -> bool:
+    """Whether the number `a` is less than `b`, both in digits of any length."""
+    a, b = a.lstrip("0"), b.lstrip("0")
+    return (len(a), a) < (len(b), b)
 # One entity-tag of a list: optional weak prefix, then a quoted opaque tag (RFC 9110 8.8.3).
 _ENTITY_TAG = re.compile(r'(?:\s*,)*\s*(W/)?"([\x21\x23-\x7e\x80-\xff]*)"\s*(?:,|$)')
 
@@ -93,18 +107,18 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
         return None
     first, last = match.group(1), match.group(2)
     if first == "":  # suffix range: the last n bytes
-        n = int(last)
+        n = _position(last)
         if n == 0:
             raise RangeNotSatisfiable(size)
         if size == 0:
             return None
         return max(0, size - n), size - 1
-    start = int(first)
-    if last and int(last) < start:
+    start = _position(first)
+    if last and _before(last, first):
         return None  # invalid (last before first): ignored like any malformed header
     if start >= size:
         raise RangeNotSatisfiable(size)
-    return start, min(int(last), size - 1) if last else size - 1
+    return start, min(_position(last), size - 1) if last else size - 1
 
 
 _CONTENT_RANGE_SPEC = re.compile(r"(?:([0-9]{1,19})-([0-9]{1,19})|\*)/([0-9]{1,19})")  # ASCII digits only

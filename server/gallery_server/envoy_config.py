@@ -21,7 +21,7 @@ def render(
     *, listen: str, admin_port: int, backends: list[str], media_root: pathlib.Path | None = None
 ) -> str:
     """The configuration; with `media_root` (the servers' <data>/media, as Envoy's host sees it)
-    Envoy sends whole-file downloads itself (rpc/file_handoff.py)."""
+    Envoy sends REST downloads itself (rpc/file_handoff.py)."""
     listen_host, listen_port = split_address(listen)
     endpoints = []
     for backend in backends:

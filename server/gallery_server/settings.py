@@ -10,7 +10,7 @@
 | GALLERY_GRPC_ADDRESS        | 127.0.0.1:50051          | where the gRPC server listens                   |
 | GALLERY_HTTP_ADDRESS        | 0.0.0.0:8001             | where Envoy listens (REST and gRPC)             |
 | GALLERY_ENVOY_ADMIN_PORT    | 9901                     | Envoy admin port (always on 127.0.0.1)          |
-| GALLERY_ENVOY_SENDS_FILES   | true                     | Envoy sends whole-file downloads (file_handoff) |
+| GALLERY_ENVOY_SENDS_FILES   | true                     | Envoy sends downloads itself (file_handoff)     |
 | GALLERY_MAX_UPLOAD_BYTES    | 17179869184 (16 GiB)     | largest media file accepted                     |
 | GALLERY_MAX_THUMBNAIL_BYTES | 10485760 (10 MiB)        | largest thumbnail accepted                      |
 | GALLERY_MAX_METADATA_BYTES  | 65536                    | largest metadata JSON accepted                  |
@@ -92,7 +92,7 @@ class Settings:
     incoming_settle_seconds: float = 2.0
     make_thumbnails: bool = True
     direct_io: bool = True  # staged uploads written past the page cache (_direct_io.py)
-    envoy_sends_files: bool = True  # `gallery run`'s Envoy sends whole-file downloads itself
+    envoy_sends_files: bool = True  # `gallery run`'s Envoy sends REST downloads itself
     upload_session_ttl: int = 86400
     # -- bearer tokens beyond the HS256 secret (auth.py) --
     jwt_public_key: str = ""  # PEM text

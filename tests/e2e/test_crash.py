@@ -283,7 +283,11 @@ def test_sigkill_during_uploads_loses_nothing_acknowledged(
         )
         supervisor.wait_envoy_ready(admin_port, process=envoy)
         with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=10) as http:
-            for cycle in range(cycles):
+            # The run must acknowledge more uploads than it kills servers to prove anything. On a
+            # machine slowed down by its neighbours fewer complete per cycle: it then goes on
+            # killing, up to three times the cycles, until they do.
+            cycle = -1
+            while (cycle := cycle + 1) < cycles or (len(run.acks) <= cycles and cycle < 3 * cycles):
                 if cycle:
                     t0 = time.monotonic()
                     servers.start()
@@ -345,7 +349,7 @@ def test_sigkill_during_uploads_loses_nothing_acknowledged(
             envoy.terminate()
             envoy.wait(timeout=15)
 
-    print(f"crash test ({database_url.split(':')[0]}): {cycles} SIGKILLs in {crash_seconds:.1f} s, "
+    print(f"crash test ({database_url.split(':')[0]}): {cycle} SIGKILLs in {crash_seconds:.1f} s, "
           f"{len(run.acks)} uploads acknowledged, {run.errors} cut off, {len(dropped)} incoming drops; {timings}")
     assert len(run.acks) > cycles, f"seed {seed}: too few uploads completed to prove anything"
     assert {a.path for a in run.acks} >= {"native", "resumable", "multipart", "signed"}

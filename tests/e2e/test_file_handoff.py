@@ -89,8 +89,8 @@ def test_envoy_sends_a_whole_file(stack, http, stored):
     assert r.content == data
     assert answered.methods == [CHECK]  # no GetEventContent: the server sent no byte
     sent = [json.loads(line) for line in stack.log().splitlines() if "download handed to envoy" in line]
-    assert {k: sent[-1][k] for k in ("device", "event_id", "size", "subject")} == {
-        "device": device, "event_id": event_id, "size": len(data), "subject": "t"}
+    assert {k: sent[-1][k] for k in ("device", "event_id", "bytes", "subject")} == {
+        "device": device, "event_id": event_id, "bytes": len(data), "subject": "t"}
     assert sent[-1]["request_id"]  # Envoy's id of the request, as in its own logs
     sha256 = hashlib.sha256(data).hexdigest()
     assert r.headers["content-length"] == str(len(data))
@@ -121,8 +121,10 @@ SIZE = 3 * MiB + 7  # the stored fixture's size
     ("bytes=0-1,5-6", 200, (0, SIZE)),  # several ranges: ignored, the whole file
     ("bytes=9-3", 200, (0, SIZE)),  # malformed: ignored
     ("items=0-1", 200, (0, SIZE)),  # another unit: ignored
+    ("bytes=1-2-3", 200, (0, SIZE)),  # malformed here; file_server alone would send 1-2
+    ("bytes=2-" + "9" * 5000, 206, (2, SIZE)),  # beyond what int() takes from text
 ], ids=["whole", "range", "open", "suffix", "across-messages", "past-end", "unit-case", "multi",
-        "backwards", "other-unit"])
+        "backwards", "other-unit", "three-numbers", "huge-number"])
 def test_envoy_answers_as_the_server_would(stack, http, stored, range_header, status, window):
     """Status, bytes and headers (but for how the length is framed) equal to the server's own
     answer to the same request, which a non-matching If-None-Match makes it give."""
@@ -217,8 +219,8 @@ def test_an_error_envoy_answers_after_a_handoff_does_not_describe_the_file(stack
     media.unlink()
     media.mkdir()
     try:
-        with Answered(stack) as answered:
-            r = http.get(content_url(device, event_id), headers=headers())
+        with Answered(stack) as answered:  # a range, so that Check also names a Content-Range
+            r = http.get(content_url(device, event_id), headers={**headers(), "Range": "bytes=0-1"})
     finally:
         media.rmdir()
     assert answered.methods == [CHECK]  # handed off: Check looks at the size, Envoy found a folder

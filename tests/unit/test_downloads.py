@@ -46,6 +46,9 @@ ETAG = f'"{SHA}"'
     ("bytes=1-2,", 10, (1, 2)),  # empty list elements do not count
     ("bytes=, 1-2", 10, (1, 2)),
     ("bytes=0-" + "9" * 40, 10, (0, 9)),  # numbers beyond int64 are still numbers
+    ("bytes=0-" + "9" * 5000, 10, (0, 9)),  # and beyond what int() takes from text
+    ("bytes=-" + "9" * 5000, 10, (0, 9)),
+    ("bytes=" + "0" * 5000 + "3-" + "0" * 5000 + "4", 10, (3, 4)),  # leading zeros are zeros
 ])
 def test_satisfiable_ranges(header: str, size: int, expected: tuple[int, int]) -> None:
     assert parse_range(header, size) == expected
@@ -55,6 +58,7 @@ def test_satisfiable_ranges(header: str, size: int, expected: tuple[int, int]) -
     ("bytes=10-", 10),
     ("bytes=10-20", 10),
     ("bytes=" + "9" * 40 + "-", 10),
+    ("bytes=" + "9" * 5000 + "-", 10),
     ("bytes=-0", 10),
     ("bytes=0-0", 0),
     ("bytes=0-", 0),
@@ -88,6 +92,7 @@ def test_unsatisfiable_ranges(header: str, size: int) -> None:
     "0-1",
     "bytes=1 -2",
     "bytes=١-٢",  # Arabic-Indic digits match \d in Python but are not DIGIT
+    "bytes=" + "9" * 5000 + "-" + "1" * 5000,  # last before first, in numbers int() would refuse
 ])
 def test_ignored_ranges(header: str) -> None:
     assert parse_range(header, 10) is None

@@ -94,7 +94,7 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
         # The access log's line is Check's, with no caller: this one says who was let read what
         # (Envoy's own access log, if kept, says what it then sent).
         log.info("download handed to envoy", extra={
-            "device": event.device, "event_id": event.id, "size": answer.length,
+            "device": event.device, "event_id": event.id, "bytes": answer.length,
             "subject": principal.subject, "request_id": headers.get("x-request-id", ""),
         })
         return authz_pb2.CheckResponse(
