@@ -47,17 +47,6 @@ _RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)")  # DIGIT is ASCII: not \d, which 
 # Larger than any file: what a position of more than 19 significant digits means here. int() of
 # such text would be exact but refuses more than 4,300 digits, which a header may well hold.
 _BEYOND_ANY_FILE = 10**19
-
-
-def _position(digits: str) -> int:
-    significant = digits.lstrip("0")
-    return _BEYOND_ANY_FILE if len(significant) > 19 else int(significant or "0")
-
-
-def _before(a: str, b: str) -> bool:
-    """Whether the number `a` is less than `b`, both in digits of any length."""
-    a, b = a.lstrip("0"), b.lstrip("0")
-    return (len(a), a) < (len(b), b)
 # One entity-tag of a list: optional weak prefix, then a quoted opaque tag (RFC 9110 8.8.3).
 _ENTITY_TAG = re.compile(r'(?:\s*,)*\s*(W/)?"([\x21\x23-\x7e\x80-\xff]*)"\s*(?:,|$)')
 
@@ -86,6 +75,17 @@ class Reply:
 def etag(sha256: str) -> str:
     """The strong entity-tag of content with this SHA-256: `"<hex>"`."""
     return f'"{sha256}"'
+
+
+def _position(digits: str) -> int:
+    significant = digits.lstrip("0")
+    return _BEYOND_ANY_FILE if len(significant) > 19 else int(significant or "0")
+
+
+def _before(a: str, b: str) -> bool:
+    """Whether the number `a` is less than `b`, both in digits of any length."""
+    a, b = a.lstrip("0"), b.lstrip("0")
+    return (len(a), a) < (len(b), b)
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:

@@ -310,6 +310,10 @@ class GalleryServiceServicer:
         `content-range` for 206 and 416, and `x-http-status`: 200, 206 (a range), 304 (If-None-Match
         matched; no body) or 416 (unsatisfiable range; no body). Envoy makes that the HTTP status; the
         gRPC status stays OK. Errors (401, 403, 404, 400) are gRPC status as for every RPC.
+
+        Through Envoy, a REST GET without `If-*` headers that would get bytes (200 or 206) is sent by
+        Envoy itself from the stored file once the server has checked it (README, "Downloads sent by
+        Envoy"): the same status, headers and bytes, with a Content-Length instead of chunks.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
