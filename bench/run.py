@@ -1525,9 +1525,10 @@ TARGETS_NOTE = (
     "- *Listing and stats latency*: p50 < 5 ms with 16 closed-loop clients means more than 3,200 req/s on 2 "
     "vCPUs shared by the load generator, Envoy and the server, i.e. under ~600 µs of CPU per request for all "
     "three. The *floor* rows of the small-request section measure what the stack costs before any work is "
-    "done: a grpcio server of the same kind answering constants behind the same Envoy (~2,000 – 3,800 req/s "
-    "and p50 ~3 – 8 ms across this session's runs; ~250 – 500 µs of server CPU and ~180 – 290 µs of Envoy CPU "
-    "per request). The target sits at that floor: only a handler that costs next to nothing meets it, on a "
+    "done: a grpcio server of the same kind answering constants behind the same Envoy (~2,000 – 4,400 req/s "
+    "and p50 ~2.5 – 8 ms across the runs of 2026-11-28 and 29; ~240 – 500 µs of server CPU per request, and "
+    "~180 – 290 µs of Envoy CPU before the REST reads' route below, ~150 – 190 with it). "
+    "The target sits at that floor: only a handler that costs next to nothing meets it, on a "
     "quiet machine. What the handlers add was cut this session: the REST listing is one message "
     "(`ListEventsJson`, JSON printed by the server, byte-identical to Envoy's printing) instead of 50 "
     "streamed ones (list p50 ~159 ms before); reads run without BEGIN/ROLLBACK and with prebuilt statements "
@@ -1557,7 +1558,8 @@ TARGETS_NOTE = (
     "CPU per request went from 218 to 173 µs on the floor, 344 to 296 on the list and 238 to 210 on stats at "
     "1,000,000 events (medians); the floor's rate rose ~19%, the list's and stats' ~2 – 4% (within the "
     "noise), and the list's p99 was under 20 ms in all three new rounds (18.3, 18.3, 17.5 ms against 19.9, "
-    "19.1, 22.2). The listing's `x-next-page-token` goes out as initial metadata, which grpcio's sync "
+    "19.1, 22.2). On the server's side, the listing's `x-next-page-token` goes out as initial metadata, "
+    "which grpcio's sync "
     "server sends as a batch of its own ahead of the answer: leaving it out (a measurement only; the header "
     "is part of the contract) cut the server's CPU per list request by ~100 µs (843 – 901 -> 738 – 796) and "
     "raised the list's rate ~10%. grpcio's API has no way to send initial metadata with the answer, and "
@@ -1600,7 +1602,10 @@ def write_benchmarks_md(sections: list[Section], info: dict[str, str], opts: Opt
         "Produced by `make bench` (`.venv/bin/python bench/run.py`), which rewrites this file; "
         "`make bench-quick` runs the same code on small sizes as a smoke test and leaves it alone. "
         "The stack is the real one (`python -m gallery_server run`: the gRPC server and Envoy, started by the "
-        "supervisor on free ports with a temporary data directory on the local disk, SQLite).",
+        "supervisor on free ports with a temporary data directory on the local disk, SQLite), with its defaults "
+        "but for the upload size and concurrency limits, which the scenarios exceed: the log level is INFO, so "
+        "every RPC writes its access-log line to the stack's log file as it does for a user (until 2026-11-29 "
+        "the bench ran at WARNING, without them).",
         "",
         "## Machine",
         "",
@@ -1669,7 +1674,9 @@ def main(argv: list[str] | None = None) -> int:
         stack = local_stack.start_stack(
             tmp / "data", tmp / "gallery.log", jwt_secret=JWT_SECRET,
             extra_env={
-                "GALLERY_MAX_UPLOAD_BYTES": str(max(opts.size * 2, 16 * GiB)), "GALLERY_LOG_LEVEL": "WARNING",
+                # The log level stays the default (INFO): every RPC writes its access-log line, as
+                # it does for a user (~19 µs of server CPU each, measured in process).
+                "GALLERY_MAX_UPLOAD_BYTES": str(max(opts.size * 2, 16 * GiB)),
                 # The concurrency scenario sends 64 streams for one device: lift the per-device and
                 # total upload limits (defaults 4 and 48) above that, and the workers above the total.
                 "GALLERY_MAX_UPLOADS_PER_DEVICE": "64", "GALLERY_MAX_UPLOADS_TOTAL": "64",

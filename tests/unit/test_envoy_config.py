@@ -76,12 +76,14 @@ def _http_bindings() -> set[tuple[str, str, str]]:
 
 def test_the_reads_route_skips_its_filters_for_exactly_the_rest_reads() -> None:
     """The route that runs neither the Lua filter nor header_mutation (envoy.yaml) must take the
-    REST GETs that answer a message and nothing else: a download, a thumbnail or an upload's
-    status needs Lua to set its HTTP status (206, 304, 308, ...), and an upload needs its
-    Content-Length passed on. Envoy's route regexes match the whole path (RE2; Python's `re` reads
-    this one the same)."""
+    REST GETs that answer a message and nothing else: a download or a thumbnail needs Lua to set
+    its HTTP status (206, 304, 416), an upload its 308 or 507 and its Content-Length passed on,
+    a HEAD its empty body. It must come before the catch-all route, or it never matches. Envoy's
+    route regexes match the whole path (RE2; Python's `re` reads this one the same)."""
     routes = envoy_config.TEMPLATE.read_text().split("                        - match:")
     (reads,) = [route for route in routes if "envoy.filters.http.lua:" in route]
+    (catch_all,) = [route for route in routes if route.startswith(' {prefix: "/"}')]
+    assert routes.index(reads) < routes.index(catch_all)
     assert reads.count("disabled: true") == 2
     regex = re.search(r'safe_regex: \{regex: "([^"]+)"\}', reads)
     assert regex is not None and '{name: ":method", string_match: {exact: GET}}' in reads

@@ -33,7 +33,8 @@ _CODES: dict[type[errors.GalleryError], int] = {
 # `x-http-status` trailer, which the Lua filter of envoy/envoy.yaml turns into the HTTP status of
 # a REST response (as it does for downloads); native gRPC clients see the code and the trailer.
 # A full disk is 507 Insufficient Storage (RFC 4918): unlike 429, it tells the client that
-# slowing down will not help until the operator frees space.
+# slowing down will not help until the operator frees space. The REST reads' route runs no Lua
+# (envoy.yaml): a method it takes that could answer one of these must leave that route first.
 _HTTP_STATUS: dict[str, str] = {"INSUFFICIENT_STORAGE": "507"}
 # The one name of that header, in trailers (errors, here) and initial metadata (servicer.py).
 HTTP_STATUS_HEADER = "x-http-status"
