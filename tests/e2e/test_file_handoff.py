@@ -18,6 +18,7 @@ import json
 import os
 import random
 import socket
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -49,7 +50,13 @@ def rpcs(stack: Stack) -> list[str]:
 
 
 class Answered:
-    """The RPCs the server logged while the block ran (one request at a time in these tests)."""
+    """The RPCs the server logged while the block ran (one request at a time in these tests).
+
+    An access line is written as its handler returns, which can be just after the client has its
+    answer (a 304 is complete with its headers): the lines are read once none has come for
+    QUIET_S."""
+
+    QUIET_S = 0.5
 
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
@@ -60,7 +67,14 @@ class Answered:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.methods = rpcs(self.stack)[self._before:]
+        deadline = time.monotonic() + 10
+        seen, quiet_since = rpcs(self.stack), time.monotonic()
+        while time.monotonic() - quiet_since < self.QUIET_S and time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = rpcs(self.stack)
+            if len(now) != len(seen):
+                seen, quiet_since = now, time.monotonic()
+        self.methods = seen[self._before:]
 
 
 @pytest.fixture(scope="module")
