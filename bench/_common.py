@@ -221,8 +221,8 @@ class PeerServer:
         self.process = subprocess.Popen(
             [
                 sys.executable, "-m", "uvicorn", "--app-dir", str(ROOT / "bench"), "_peers:app",
+                # uvicorn's default logging, access lines included, as the gallery keeps its own.
                 "--host", "127.0.0.1", "--port", str(self.port), "--http", "httptools",
-                "--log-level", "warning", "--no-access-log",
             ],
             env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )

@@ -277,7 +277,8 @@ def _small_requests(bench: Bench, floor: FloorStack, aio_floor: FloorStack, seco
         "÷ floor column is its request rate over the sync floor's "
         f"({ratio(FLOOR_STATS_AIO, FLOOR_STATS):.2f} in this run): what grpc.aio's request path alone would "
         "change, before handlers that block on the database. The peer is a trivial uvicorn/Starlette JSON "
-        "endpoint (no token, no proxy: an upper bound for Python); gallery paths ÷ peer request rate: "
+        "endpoint with uvicorn's default logging, an access line per request like the gallery's (no token, no "
+        "proxy: an upper bound for Python); gallery paths ÷ peer request rate: "
         f"{ratio(cases[0][0], cases[-1][0]):.2f}.\n\n"
         + md_table(header, rows)
     )

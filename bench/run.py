@@ -1534,8 +1534,10 @@ TARGETS_NOTE = (
     "streamed ones (list p50 ~159 ms before); reads run without BEGIN/ROLLBACK and with prebuilt statements "
     "(stats ~240 -> ~100 µs in process); verified tokens are remembered (~55 µs each); short reads run on 4 "
     "threads of their own, so 16 clients no longer make 16 threads take turns at the GIL (CPU per request ~2x "
-    "before). GetDevicePaths runs at ~0.8 – 1.0x the floor's request rate (the ÷ floor column), stats at ~0.5 "
-    "– 0.7x before the driver-cursor reads below and ~0.8 – 0.9x with them (0.81 – 0.91 in the runs of 2026-11-29). "
+    "before). Without access lines (the bench's runs at WARNING, until 2e2e8f1 on 2026-11-29), GetDevicePaths "
+    "ran at ~0.8 – 1.0x the floor's request rate (the ÷ floor column), stats at ~0.5 – 0.7x before the "
+    "driver-cursor reads below and ~0.8 – 0.9x with them; with the access line (INFO, below) both answer "
+    "~0.6 – 0.8x the floor, which writes none. "
     "An ASCII page skips the regex that applies protobuf's extra escapes (its wide character class "
     "took ~125 µs per 15 KB page with the GIL held; list in process 415 -> 281 µs, through Envoy p50 ~19 -> "
     "~12.5 ms). On SQLite the listing's page is printed by SQLite's JSON functions inside the query: sqlite3 "
@@ -1558,31 +1560,38 @@ TARGETS_NOTE = (
     "CPU per request went from 218 to 173 µs on the floor, 344 to 296 on the list and 238 to 210 on stats at "
     "1,000,000 events (medians); the floor's rate rose ~19%, the list's and stats' ~2 – 4% (within the "
     "noise), and the list's p99 was under 20 ms in all three new rounds (18.3, 18.3, 17.5 ms against 19.9, "
-    "19.1, 22.2). On the server's side, the listing's `x-next-page-token` goes out as initial metadata, "
+    "19.1, 22.2; at WARNING, like every hand measurement above). On the server's side, the listing's "
+    "`x-next-page-token` goes out as initial metadata, "
     "which grpcio's sync "
     "server sends as a batch of its own ahead of the answer: leaving it out (a measurement only; the header "
     "is part of the contract) cut the server's CPU per list request by ~100 µs (843 – 901 -> 738 – 796) and "
     "raised the list's rate ~10%. grpcio's API has no way to send initial metadata with the answer, and "
     "Envoy's transcoder does not turn the trailers of an HttpBody answer into headers (measured 2026-11-28). "
-    "Since 2026-11-29 the bench runs the server at its default log level, INFO, so every request writes its "
-    "access-log line, as for a user (earlier runs, including the stats figures above, were at WARNING). In 3 "
-    "interleaved rounds by hand (small requests, WARNING then INFO) the line cost stats 20 – 37% of its "
-    "request rate (2,682 – 3,205 -> 1,897 – 2,237 req/s) and ~85 – 145 µs of server CPU per request, far "
-    "more than the ~17 µs a line takes in process on one thread (~35 µs each on 4 threads at once): the "
-    "server's GIL is what every request waits for, and a line holds it. A prebuilt JSON encoder and no "
-    "lookup of each line's caller (logs.py) take ~4 µs off a line; in 3 interleaved rounds at INFO, stats "
-    "went from 2,161 – 2,426 to 2,450 – 2,774 req/s, GetDevicePaths moved within the noise. "
+    "From 6e0d239 (2026-11-29) the bench runs the server at its default log level, INFO, so every request "
+    "writes its access-log line, as for a user; every earlier run and every hand measurement above was at "
+    "WARNING, without them. In 3 interleaved rounds by hand (small requests, WARNING then INFO) the line "
+    "cost stats 20 – 37% of its request rate (2,682 – 3,205 -> 1,897 – 2,237 req/s) and ~85 – 145 µs more "
+    "server CPU per request, far more than the ~17 µs a line takes in process on one thread (~35 µs each on "
+    "4 threads at once). Where the rest of that CPU goes was not isolated: the handler's lock (contended "
+    "between the read workers), a write per line and the context switches they bring are the candidates; "
+    "batching the writes on a thread of its own did not help (3 interleaved rounds, by hand). A prebuilt "
+    "JSON encoder and no lookup of each line's caller (logs.py) take ~4 µs off a line; in 3 interleaved "
+    "rounds at INFO, stats went from 2,161 – 2,426 to 2,450 – 2,774 req/s, GetDevicePaths moved within the "
+    "noise, and the rounds of the WARNING/INFO comparison, at INFO without it, had already spread over "
+    "1,897 – 2,237: the gain is about the size of the noise. Stats at INFO now misses p50 < 5 ms mainly "
+    "for the access line (the stats profile below shows the interceptor's `_Call.log` among its costs). "
     "Where the rest goes: the listing section's last table runs the list "
     "and stats calls alone in one process, on one thread and on 4 at once as the read workers do (this run's "
     "figures are there); across the runs of 2026-11-28 each call cost ~1.3 – 2.1x the CPU on 4 threads that "
     "it cost on one (the threads take turns at the GIL, which each SQLite step lets go), and the server's CPU "
-    "per request through Envoy exceeded the 4-thread figure by ~300 – 480 µs: about the floor's server CPU "
-    "per request (grpcio's request path with a constant handler) plus the token check, the interceptor and "
-    "protobuf. The py-spy profile of stats puts about 40% of the server's working samples in grpcio's "
-    "`_status`, the call that hands the answer to grpc-core (C code, which py-spy does not see into). "
+    "per request through Envoy exceeded the 4-thread figure by ~300 – 480 µs at WARNING (~500 – 600 at "
+    "INFO): about the floor's server CPU per request (grpcio's request path with a constant handler) plus "
+    "the token check, the interceptor (and its access line) and protobuf. The py-spy profiles of stats put "
+    "~20 – 40% of the server's working samples in grpcio's `_status`, the call that hands the answer to "
+    "grpc-core (C code, which py-spy does not see into). "
     "For the listing, reaching 5 ms needs a cheaper request path than grpcio's and more cores than the 2 "
-    "the load generator and Envoy share with it (stats, at ~4 ms, answered ~0.9x the floor's request rate "
-    "in the two new runs: the ÷ floor column of the small-request section, 0.89 and 0.91). "
+    "the load generator and Envoy share with it (stats, at ~4 ms without access lines, answered ~0.9x the "
+    "floor's request rate in two runs of 2026-11-29 at WARNING: 0.89 and 0.91). "
     "grpc.aio is not that path: its floor row (the same constants from grpcio's "
     "asyncio server) answered at about the sync floor's rate on 2026-11-28 (0.97 – 0.98x in 3 interleaved "
     "measurements of 4 rounds, with 1 – 5% less server CPU per request). Its p50 was lower and its p99 higher "
@@ -1611,9 +1620,11 @@ def write_benchmarks_md(sections: list[Section], info: dict[str, str], opts: Opt
         "`make bench-quick` runs the same code on small sizes as a smoke test and leaves it alone. "
         "The stack is the real one (`python -m gallery_server run`: the gRPC server and Envoy, started by the "
         "supervisor on free ports with a temporary data directory on the local disk, SQLite), with its defaults "
-        "but for the upload size and concurrency limits, which the scenarios exceed: the log level is INFO, so "
+        "but for the upload size and concurrency limits and the worker threads they need, which the scenarios "
+        "exceed: the log level is INFO, so "
         "every RPC writes its access-log line to the stack's log file as it does for a user (until 2026-11-29 "
-        "the bench ran at WARNING, without them).",
+        "the bench ran at WARNING, without them). The uvicorn peers keep uvicorn's default logging, access "
+        "lines included.",
         "",
         "## Machine",
         "",
@@ -1683,7 +1694,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp / "data", tmp / "gallery.log", jwt_secret=JWT_SECRET,
             extra_env={
                 # The log level stays the default (INFO): every RPC writes its access-log line, as
-                # it does for a user (~19 µs of server CPU each, measured in process).
+                # it does for a user (what that costs: the targets note).
                 "GALLERY_MAX_UPLOAD_BYTES": str(max(opts.size * 2, 16 * GiB)),
                 # The concurrency scenario sends 64 streams for one device: lift the per-device and
                 # total upload limits (defaults 4 and 48) above that, and the workers above the total.
@@ -1714,9 +1725,12 @@ def main(argv: list[str] | None = None) -> int:
                 sections.append(section)
                 print(f"\n{section.title}\n\n{section.console}\n", flush=True)
     except (BenchError, RuntimeError) as exc:
-        print(f"\nFAILED: {exc}", file=sys.stderr)
         if stack is not None:
-            print(f"--- stack log (tail)\n{stack.log()[-6000:]}", file=sys.stderr)
+            # Without the access lines (one per request at INFO), which would push the server's
+            # errors out of the tail; FAILED comes last, where a truncated capture still shows it.
+            lines = [line for line in stack.log().splitlines() if '"message": "rpc"' not in line]
+            print("--- stack log (tail, without access lines)\n" + "\n".join(lines)[-6000:], file=sys.stderr)
+        print(f"\nFAILED: {exc}", file=sys.stderr)
         return 1
     finally:
         if peer is not None:

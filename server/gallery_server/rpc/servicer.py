@@ -34,7 +34,8 @@ from .status import HTTP_STATUS_HEADER
 # Where ListEvents returns the next page's token (empty after the last page).
 NEXT_PAGE_TOKEN_HEADER = "x-next-page-token"
 # Set by Envoy from the HTTP Content-Length (envoy/envoy.yaml), which transcoding drops; its
-# header_mutation filter does it, which the REST reads' route skips.
+# header_mutation filter does it, and removes a client's own. The REST reads' route skips that
+# filter, so a method it takes must never read this header.
 CONTENT_LENGTH_HEADER = "x-gallery-content-length"
 
 

@@ -34,7 +34,8 @@ _CODES: dict[type[errors.GalleryError], int] = {
 # a REST response (as it does for downloads); native gRPC clients see the code and the trailer.
 # A full disk is 507 Insufficient Storage (RFC 4918): unlike 429, it tells the client that
 # slowing down will not help until the operator frees space. The REST reads' route runs no Lua
-# (envoy.yaml): a method it takes that could answer one of these must leave that route first.
+# (envoy.yaml): a method that could answer one of these must first be taken out of that route's
+# regex (tests/unit/test_envoy_config.py pins its list).
 _HTTP_STATUS: dict[str, str] = {"INSUFFICIENT_STORAGE": "507"}
 # The one name of that header, in trailers (errors, here) and initial metadata (servicer.py).
 HTTP_STATUS_HEADER = "x-http-status"
