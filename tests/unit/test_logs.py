@@ -30,7 +30,7 @@ def ours(stream: io.StringIO) -> list[str]:
     return [line for line in stream.getvalue().splitlines() if '"logger": "gallery' in line]
 
 
-def test_configure_stops_looking_up_each_line_s_caller(captured: io.StringIO) -> None:
+def test_configure_skips_looking_up_the_caller_of_each_line(captured: io.StringIO) -> None:
     assert logging._srcfile is None  # type: ignore[attr-defined]
 
 
