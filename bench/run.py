@@ -1537,7 +1537,7 @@ TARGETS_NOTE = (
     "before). Without access lines (the bench's runs at WARNING, until 2e2e8f1 on 2026-11-29), GetDevicePaths "
     "ran at ~0.8 – 1.0x the floor's request rate (the ÷ floor column), stats at ~0.5 – 0.7x before the "
     "driver-cursor reads below and ~0.8 – 0.9x with them; with the access line (INFO, below) both answer "
-    "~0.6 – 0.8x the floor, which writes none. "
+    "~0.55 – 0.8x the floor, which writes none. "
     "An ASCII page skips the regex that applies protobuf's extra escapes (its wide character class "
     "took ~125 µs per 15 KB page with the GIL held; list in process 415 -> 281 µs, through Envoy p50 ~19 -> "
     "~12.5 ms). On SQLite the listing's page is printed by SQLite's JSON functions inside the query: sqlite3 "
