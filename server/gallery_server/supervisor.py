@@ -105,7 +105,11 @@ def run(settings: Settings) -> int:
             start_new_session=True,
         ))
         wait_grpc_healthy(settings.grpc_address, process=children[-1])
-        children.append(start_envoy(settings, [settings.grpc_address]))
+        try:
+            children.append(start_envoy(settings, [settings.grpc_address]))
+        except ValueError as exc:  # a configuration Envoy cannot take (envoy_config.render)
+            print(f"gallery: {exc}", file=sys.stderr)
+            return 1
         wait_envoy_ready(settings.envoy_admin_port, process=children[-1])
         _print_banner(settings)
         while not stop.wait(0.5):
@@ -115,7 +119,7 @@ def run(settings: Settings) -> int:
                           file=sys.stderr)
                     return 1
         return 0
-    except (TimeoutError, ValueError) as exc:  # ValueError: a configuration Envoy cannot take
+    except TimeoutError as exc:
         print(f"gallery: {exc}", file=sys.stderr)
         return 1
     finally:
