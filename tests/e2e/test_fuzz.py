@@ -2,8 +2,9 @@
 
 There is no OpenAPI document to hand to a schema fuzzer; the schema is the gallery descriptor set
 that Envoy itself loads (generated/gallery_descriptor.pb). Its google.api.http annotations (with
-their additional bindings, e.g. the status HEAD) give each route's verb, path template and body, and
-the request message gives the query parameters and their types. From those, hypothesis strategies
+their additional bindings) give each route's verb, path template and body, and the request message
+gives the query parameters and their types; every GET is also sent as HEAD, which Envoy answers
+with the GET's binding. From those, hypothesis strategies
 draw path values, query values (typed, mistyped and unknown), headers (tokens good and bad, Range,
 If-None-Match, If-Range, Content-Type, Content-Range on PUT) and bodies, and send them through the
 real Envoy to a real server.
@@ -43,7 +44,8 @@ FD = descriptor_pb2.FieldDescriptorProto
 
 def _routes() -> list[dict]:
     """(name, verb, template, body, query fields) for every binding (additional ones too, named
-    `Method.VERB`) of every annotated method of the descriptor."""
+    `Method.VERB`) of every annotated method of the descriptor, and a HEAD (`Method.HEAD`) for
+    every GET."""
     files = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR_SET.read_bytes()).file
     messages = {f".{f.package}.{m.name}": m for f in files for m in f.message_type}
     routes = []
@@ -65,7 +67,9 @@ def _routes() -> list[dict]:
                     routes.append({"name": f"{method.name}.{verb}" if extra else method.name,
                                    "verb": verb, "template": template, "body": rule.body,
                                    "query": fields})
-    return routes
+    heads = [{**route, "name": f"{route['name']}.HEAD", "verb": "HEAD"}
+             for route in routes if route["verb"] == "GET"]
+    return routes + heads
 
 
 ROUTES = _routes()
@@ -79,7 +83,7 @@ def test_the_schema_has_every_documented_route() -> None:
         ("PUT", "/api/gallery/{device}/upload/{token}"), ("GET", "/api/gallery/{device}/stats"),
         ("DELETE", "/api/gallery/{device}/events/{event_id}"),
         ("GET", "/api/gallery/{device}/events/{event_id}/content"),
-        ("HEAD", "/api/gallery/{device}/upload/{token}"),  # an additional binding
+        ("HEAD", "/api/gallery/{device}/upload/{token}"),  # as every GET
     }
 
 

@@ -39,6 +39,10 @@ class GalleryServiceStub:
 
     Errors carry a `google.rpc.Status` with one `google.rpc.ErrorInfo` (domain `gallery`) whose
     `reason` is stable and machine-readable (for example `INVALID_DEVICE_ID`, `EVENT_NOT_FOUND`).
+
+    Through Envoy, every REST `get` binding answers HEAD too: the GET's status and headers, with the
+    Content-Length of the body a GET would get, and no body. A download's HEAD does not read the
+    file (GetEventContent).
     """
 
     def __init__(self, channel):
@@ -157,6 +161,10 @@ class GalleryServiceServicer:
 
     Errors carry a `google.rpc.Status` with one `google.rpc.ErrorInfo` (domain `gallery`) whose
     `reason` is stable and machine-readable (for example `INVALID_DEVICE_ID`, `EVENT_NOT_FOUND`).
+
+    Through Envoy, every REST `get` binding answers HEAD too: the GET's status and headers, with the
+    Content-Length of the body a GET would get, and no body. A download's HEAD does not read the
+    file (GetEventContent).
     """
 
     def GetDevicePaths(self, request, context):
@@ -266,7 +274,7 @@ class GalleryServiceServicer:
         The state of the upload behind a pre-signed URL (`GET` or `HEAD` on the URL itself; no bearer
         token, the signature is the proof; answers after the URL's expiry too, so that a client can
         learn how its upload ended). JSON: `eventId`, `committedSize`, `size`, `complete`,
-        `expires_at`. The same facts come as headers (for HEAD, which has no body):
+        `expires_at`. The same facts come as headers (for HEAD, which gets no body):
         `x-committed-size`, `x-upload-complete` (`true`/`false`), `x-event-id` and, once bytes are
         committed, `range: bytes=0-<committed-1>`. A tampered URL or one for another device is
         PERMISSION_DENIED (403).
@@ -313,7 +321,10 @@ class GalleryServiceServicer:
 
         Through Envoy, a REST GET without `If-*` headers that would get bytes (200 or 206) is sent by
         Envoy itself from the stored file once the server has checked it (README, "Downloads sent by
-        Envoy"): the same status, headers and bytes, with a Content-Length instead of chunks.
+        Envoy"): the same status, headers and bytes, with a Content-Length instead of chunks. A REST
+        HEAD gets the same status and headers as the GET, and the Content-Length of the bytes the GET
+        would get: Envoy tells the server with request metadata `x-gallery-head`, and the server then
+        sends no bytes and names that length in `x-gallery-body-length` (both Envoy's own).
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
@@ -555,6 +566,10 @@ class GalleryService:
 
     Errors carry a `google.rpc.Status` with one `google.rpc.ErrorInfo` (domain `gallery`) whose
     `reason` is stable and machine-readable (for example `INVALID_DEVICE_ID`, `EVENT_NOT_FOUND`).
+
+    Through Envoy, every REST `get` binding answers HEAD too: the GET's status and headers, with the
+    Content-Length of the body a GET would get, and no body. A download's HEAD does not read the
+    file (GetEventContent).
     """
 
     @staticmethod

@@ -37,6 +37,11 @@ NEXT_PAGE_TOKEN_HEADER = "x-next-page-token"
 # header_mutation filter does it, and removes a client's own. The REST reads' route skips that
 # filter, so a method it takes must never read this header.
 CONTENT_LENGTH_HEADER = "x-gallery-content-length"
+# Set by Envoy's Lua filter on a REST HEAD, which it sends on as the GET it mirrors (and removed
+# from any other REST request): a download then answers its headers and no bytes, and names the
+# length a GET would get in BODY_LENGTH_HEADER, which the Lua filter makes the Content-Length.
+HEAD_HEADER = "x-gallery-head"
+BODY_LENGTH_HEADER = "x-gallery-body-length"
 
 
 class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
@@ -488,10 +493,15 @@ def _http_download(
             (HTTP_STATUS_HEADER, str(reply.status)), *reply.headers,
             *downloads.disposition_headers(content.filename),
         ]
+        sent = reply.length
+        if HEAD_HEADER in request:
+            metadata.append((BODY_LENGTH_HEADER, str(reply.length)))
+            sent = 0
         context.send_initial_metadata(metadata)
-        # The first message names the content type; a 304 or 416 is that message with no data.
+        # The first message names the content type; a 304, a 416 or a HEAD is that message with
+        # no data.
         content_type = content.mime_type
-        for chunk in downloads.read_chunks(content.file, reply.start, reply.length):
+        for chunk in downloads.read_chunks(content.file, reply.start, sent):
             if content_type:
                 yield HttpBody(content_type=content_type, data=chunk)
                 content_type = ""
