@@ -89,9 +89,9 @@ def small_disk(path: pathlib.Path, size: str, inodes: int | None = None) -> Iter
 
 @contextlib.contextmanager
 def statements_run(db: Database) -> Iterator[list[str]]:
-    """The SQL statements the database runs meanwhile, whoever sends them: SQLite's trace of each
-    connection taken from the pool (Database.read_rows skips SQLAlchemy's execution there), what
-    SQLAlchemy sends elsewhere."""
+    """The SQL statements the database runs meanwhile, whoever sends them (Database.read_rows skips
+    SQLAlchemy's execution): on each connection taken from the pool, SQLite's trace, or psycopg
+    cursors that note what they execute."""
     statements: list[str] = []
     if db.engine.dialect.name == "sqlite":
         listeners = {
@@ -99,7 +99,19 @@ def statements_run(db: Database) -> Iterator[list[str]]:
             "checkin": lambda connection, *_: connection.set_trace_callback(None),
         }
     else:
-        listeners = {"before_cursor_execute": lambda _c, _cursor, statement, *_: statements.append(statement)}
+        class Noting(psycopg.Cursor):  # type: ignore[type-arg]
+            def execute(self, query, *args, **kwargs):  # type: ignore[no-untyped-def]
+                statements.append(str(query))
+                return super().execute(query, *args, **kwargs)
+
+            def executemany(self, query, *args, **kwargs):  # type: ignore[no-untyped-def]
+                statements.append(str(query))
+                return super().executemany(query, *args, **kwargs)
+
+        listeners = {
+            "checkout": lambda connection, *_: setattr(connection, "cursor_factory", Noting),
+            "checkin": lambda connection, *_: setattr(connection, "cursor_factory", psycopg.Cursor),
+        }
     for event, listener in listeners.items():
         sa.event.listen(db.engine, event, listener)
     try:

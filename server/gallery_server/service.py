@@ -59,6 +59,9 @@ def aware(moment: datetime.datetime) -> datetime.datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
 
 
+# Where a listed row holds the keyset position of the next page.
+_ID, _CREATED = LISTED_COLUMNS.index("id"), LISTED_COLUMNS.index("created")
+
 # The hot reads' statements are built once, with bound parameters: building a select per request
 # (column coercions, operator lookups, its cache key) cost more CPU than SQLite took to run it.
 _STATS = (
@@ -183,8 +186,9 @@ class Gallery:
             )
             if regular or not count:  # else a row SQLite did not write itself: printed below
                 return listing_json.finish(text), _next_page_token(query, _sqlite_position(last), count)
-        events, next_page_token = self._read_page(query, statement, parameters)
-        return listing_json.listing(events), next_page_token
+        rows = self.db.read_rows(statement, parameters)
+        last = (rows[-1][_CREATED], rows[-1][_ID]) if rows else None
+        return listing_json.listing(rows), _next_page_token(query, last, len(rows))
 
     def _read_page(
         self, query: paging.ListQuery, statement: sa.Select[Any], parameters: dict[str, Any]
