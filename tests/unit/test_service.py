@@ -338,6 +338,19 @@ def test_get_event_of_another_device_is_not_found(gallery: Gallery, principal: a
         gallery.get_event(principal, "cam1", event.id)
 
 
+def test_get_event_is_one_select_and_answers_what_the_orm_loads(gallery: Gallery, principal: auth.Principal) -> None:
+    stored = store(gallery, principal, thumbnail=PNG, metadata_json='{"lens": "wide"}')
+    with statements_run(gallery.db) as statements:
+        event = gallery.get_event(principal, "cam1", stored.id)
+    # One statement, and no BEGIN or ROLLBACK around it (SQLite's trace would show them).
+    assert len(statements) == 1 and statements[0].lstrip().upper().startswith("SELECT"), statements
+    with gallery.db.session() as session:
+        loaded = session.get(Event, stored.id)
+    assert loaded is not None
+    assert event.model_dump() == loaded.model_dump()
+    assert event.created.tzinfo is not None and event.has_thumbnail is True
+
+
 def test_get_invalid_event_id(gallery: Gallery, principal: auth.Principal) -> None:
     with pytest.raises(InvalidArgument) as info:
         gallery.get_event(principal, "cam1", "evt_short")
