@@ -32,6 +32,14 @@ CONNECTION_STALE_S = 15.0
 MAX_ANNOUNCE = 1000
 MAX_WAIT_S = 60
 OPEN_STATES = ("pending", "delivered", "acked")
+# The latest pull of an event (GetEvent answers it), as one prebuilt select on the driver's cursor
+# (Database.read_rows) rather than through an ORM session.
+_LATEST_PULL = (
+    sa.select(DeviceCommand.state, DeviceCommand.error, DeviceCommand.created, DeviceCommand.expires_at)
+    .where(col(DeviceCommand.event_id) == sa.bindparam("event_id"))
+    .order_by(col(DeviceCommand.seq).desc())
+    .limit(1)
+)
 # How a command's state reads on the event: the device has it whether or not it acknowledged.
 PULL_STATES = {"pending": "pending", "delivered": "delivered", "acked": "delivered",
                "completed": "completed", "failed": "failed", "expired": "expired",
@@ -226,17 +234,13 @@ class Devices:
             pass  # a pull for this event is already open: do not queue another
 
     def pull_status(self, event_id: str) -> PullStatus | None:
-        with self.db.session() as session:
-            command = session.exec(
-                select(DeviceCommand).where(DeviceCommand.event_id == event_id)
-                .order_by(col(DeviceCommand.seq).desc()).limit(1)
-            ).first()
-        if command is None:
+        rows = self.db.read_rows(_LATEST_PULL, {"event_id": event_id})
+        if not rows:
             return None
-        state = command.state
-        if state in OPEN_STATES and aware(command.expires_at) < utcnow():
+        [(state, error, created, expires_at)] = rows
+        if state in OPEN_STATES and aware(expires_at) < utcnow():
             state = "expired"
-        return PullStatus(PULL_STATES[state], command.error, command.created, command.expires_at)
+        return PullStatus(PULL_STATES[state], error, created, expires_at)
 
     def expire_overdue(self) -> None:
         with self.db.session() as session:

@@ -195,6 +195,7 @@ def test_pulls_expire(devices, gallery, device_principal, principal):
     assert devices.connect(device_principal, DEVICE).claim() == []
     devices.pull(principal, DEVICE, event.id)  # expiry frees the event for a new pull
     assert [c.state for c in commands(gallery, event.id)] == ["expired", "pending"]
+    assert devices.pull_status(event.id).state == "pending"  # the latest pull's
 
 
 def test_pulled_upload_fills_the_announced_event(devices, gallery, device_principal, principal):
