@@ -24,6 +24,7 @@ from gallery_server.settings import Settings
 
 BIG_DEVICE = "bench-1m"
 SMALL_DEVICE = "bench-1k"
+EVENT_DEVICE = "bench-event"  # one uploaded event with a thumbnail: the small-request reads of one event
 CONNECTIONS = 16
 FLOOR_PATHS = "floor: GET .../paths via the same Envoy, constant grpcio handler"
 FLOOR_STATS = "floor: GET .../stats via the same Envoy, constant grpcio handler"
@@ -225,31 +226,56 @@ def scenario_small_requests(bench: Bench) -> Section:
         return _small_requests(bench, floor, aio_floor, seconds)
 
 
+def _event_with_thumbnail(bench: Bench) -> tuple[str, bytes]:
+    """An event of EVENT_DEVICE uploaded with a thumbnail (seeded rows have no files): its id and
+    the thumbnail's bytes."""
+    thumbnail = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 12  # a JPEG's magic, 3 KiB
+    r = bench.http.post(
+        f"/api/gallery/{EVENT_DEVICE}/upload", headers=bench.auth_header, data={"name": "clip.jpg"},
+        files={"event": ("clip.jpg", b"\xff\xd8\xff\xe0" + b"\x00" * 4096), "thumbnail": ("t.jpg", thumbnail)},
+    )
+    if r.status_code != 200:
+        raise BenchError(f"upload with a thumbnail: {r.status_code} {r.text[:200]}")
+    return str(r.json()["eventId"]), thumbnail
+
+
 def _small_requests(bench: Bench, floor: FloorStack, aio_floor: FloorStack, seconds: float) -> Section:
     opts = bench.options
     assert bench.peer is not None
     host = "127.0.0.1"
     auth = {"Authorization": f"Bearer {bench.token}"}
     gallery = {"server": bench.stack.server_pid, "envoy": bench.stack.envoy_pid}
+    event_id, thumbnail = _event_with_thumbnail(bench)
+    event = f"/api/gallery/{EVENT_DEVICE}/events/{event_id}"
+
+    def success(body: bytes) -> bool:
+        return json.loads(body).get("success") is True
+
+    def stats(body: bytes) -> bool:
+        return "total_events" in json.loads(body)
+
     cases = [
         ("GET .../paths via Envoy (JWT checked, GetDevicePaths)", bench.stack.http_port,
-         f"/api/gallery/{SMALL_DEVICE}/paths", auth, gallery),
-        (FLOOR_PATHS, floor.http_port, f"/api/gallery/{SMALL_DEVICE}/paths", auth, floor.pids),
+         f"/api/gallery/{SMALL_DEVICE}/paths", auth, gallery, success),
+        (FLOOR_PATHS, floor.http_port, f"/api/gallery/{SMALL_DEVICE}/paths", auth, floor.pids, success),
         ("GET .../stats via Envoy (1,000 events)", bench.stack.http_port, f"/api/gallery/{SMALL_DEVICE}/stats", auth,
-         gallery),
-        (FLOOR_STATS, floor.http_port, f"/api/gallery/{SMALL_DEVICE}/stats", auth, floor.pids),
-        (FLOOR_STATS_AIO, aio_floor.http_port, f"/api/gallery/{SMALL_DEVICE}/stats", auth, aio_floor.pids),
+         gallery, stats),
+        (FLOOR_STATS, floor.http_port, f"/api/gallery/{SMALL_DEVICE}/stats", auth, floor.pids, stats),
+        (FLOOR_STATS_AIO, aio_floor.http_port, f"/api/gallery/{SMALL_DEVICE}/stats", auth, aio_floor.pids, stats),
+        ("GET .../events/{id} via Envoy (GetEvent: metadata and pull state)", bench.stack.http_port, event, auth,
+         gallery, lambda body: json.loads(body)["id"] == event_id),
+        ("GET .../events/{id}/thumbnail via Envoy (3 KiB, GetEventThumbnail)", bench.stack.http_port,
+         f"{event}/thumbnail", auth, gallery, lambda body: body == thumbnail),
         ("peer: GET /ping on uvicorn/Starlette (no auth, no proxy)", bench.peer.port, "/ping", {},
-         {"server": bench.peer.pid}),
+         {"server": bench.peer.pid}, success),
     ]
     header = ["request (16 connections)", "req/s", "p50 ms", "p99 ms", "server CPU µs/req", "Envoy CPU µs/req",
               "÷ floor (req/s, same run)"]
     measured: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in cases}
     for run in range(opts.runs):
-        for name, port, path, headers, pids in cases:
+        for name, port, path, headers, pids, check in cases:
             result, cpu_us = _load(bench, host, port, path, headers, seconds, pids)
-            body = json.loads(result.sample_bodies[0])
-            if body.get("success") is not True and "total_events" not in body:
+            if not check(result.sample_bodies[0]):
                 raise BenchError(f"{name}: {result.sample_bodies[0][:200]!r}")
             measured[name].append({"rate": result.rate, "p50": result.percentile(50), "p99": result.percentile(99),
                                    **{f"{k}_us": v for k, v in cpu_us.items()}})
@@ -279,7 +305,9 @@ def _small_requests(bench: Bench, floor: FloorStack, aio_floor: FloorStack, seco
         "change, before handlers that block on the database. The peer is a trivial uvicorn/Starlette JSON "
         "endpoint with uvicorn's default logging, an access line per request like the gallery's (no token, no "
         "proxy: an upper bound for Python); gallery paths ÷ peer request rate: "
-        f"{ratio(cases[0][0], cases[-1][0]):.2f}.\n\n"
+        f"{ratio(cases[0][0], cases[-1][0]):.2f}. The one-event rows are what a gallery's page of thumbnails "
+        "asks for: an event uploaded with a 3 KiB thumbnail, read by GetEvent (JSON with its metadata and pull "
+        "state) and GetEventThumbnail (the bytes, streamed by the server; each answer checked).\n\n"
         + md_table(header, rows)
     )
     return Section("Small requests", text_table(header, rows), markdown, raw)

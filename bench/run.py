@@ -67,7 +67,7 @@ from _common import (
     text_table,
 )
 from _concurrency import scenario_concurrent
-from _listing import BIG_DEVICE, SMALL_DEVICE, profile_load, scenario_listing, scenario_small_requests
+from _listing import BIG_DEVICE, EVENT_DEVICE, SMALL_DEVICE, profile_load, scenario_listing, scenario_small_requests
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
@@ -1710,7 +1710,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         token = auth.mint(
-            JWT_SECRET, subject="bench", devices=[DEVICE, BIG_DEVICE, SMALL_DEVICE],
+            JWT_SECRET, subject="bench", devices=[DEVICE, BIG_DEVICE, SMALL_DEVICE, EVENT_DEVICE],
             scope=f"{auth.READ} {auth.WRITE}", ttl_seconds=6 * 3600,
         )
         timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=10)
