@@ -9,10 +9,10 @@ import re
 import subprocess
 
 import pytest
-from google.api import annotations_pb2
-from google.protobuf import descriptor_pb2
 
 from gallery_server import downloads, envoy_config, supervisor
+
+from ..conftest import http_bindings
 
 
 @pytest.mark.parametrize("media_root", [
@@ -57,23 +57,6 @@ def test_the_lua_filter_strips_every_header_a_handoff_adds() -> None:
     assert stripped == added
 
 
-def _http_bindings() -> set[tuple[str, str, str]]:
-    """(method, HTTP verb, path template) of every REST binding in the API's descriptor."""
-    files = descriptor_pb2.FileDescriptorSet.FromString(envoy_config.DESCRIPTOR.read_bytes())
-    bindings = set()
-    for file in files.file:
-        for service in file.service:
-            for method in service.method:
-                rule = method.options.Extensions[annotations_pb2.http]
-                for binding in (rule, *rule.additional_bindings):
-                    kind = binding.WhichOneof("pattern")
-                    if kind == "custom":
-                        bindings.add((method.name, binding.custom.kind, binding.custom.path))
-                    elif kind is not None:
-                        bindings.add((method.name, kind.upper(), getattr(binding, kind)))
-    return bindings
-
-
 def test_the_reads_route_skips_its_filters_for_exactly_the_rest_reads() -> None:
     """The route that runs neither the Lua filter nor header_mutation (envoy.yaml) must take the
     REST GETs that answer a message and nothing else: a download or a thumbnail needs Lua to set
@@ -88,7 +71,7 @@ def test_the_reads_route_skips_its_filters_for_exactly_the_rest_reads() -> None:
     regex = re.search(r'safe_regex: \{regex: "([^"]+)"\}', reads)
     assert regex is not None and '{name: ":method", string_match: {exact: GET}}' in reads
     matched = {
-        method for method, verb, template in _http_bindings()
+        method for method, verb, template in http_bindings()
         if verb == "GET" and re.fullmatch(regex.group(1), re.sub(r"\{[^}]+\}", "x1", template))
     }
     assert matched == {
