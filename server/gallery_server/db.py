@@ -110,22 +110,29 @@ class Database:
         INTERNAL. The connection is checked out of the pool as for read(), pre-ping included."""
         select = _driver_select(statement, self.engine.dialect)
         connection = self.engine.raw_connection()
+        # Outside a transaction, as read(): SQLite's own autocommit needs nothing; a PostgreSQL
+        # connection is switched for the one select (no round trip) and back before the pool
+        # lends it again, unless it was lost meanwhile: then the pool must drop it.
+        driver = connection.dbapi_connection
+        postgres = self.engine.dialect.name == "postgresql"
         try:
-            # Outside a transaction, as read(): SQLite's own autocommit needs nothing; a
-            # PostgreSQL connection is switched for the one select (no round trip) and back.
-            autocommit = self.engine.dialect.name == "postgresql"
-            if autocommit:
-                connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+            if postgres:
+                driver.autocommit = True  # type: ignore[union-attr]
             cursor = connection.cursor()
             try:
                 cursor.execute(select.sql, select.arguments(parameters))
                 return select.rows(cursor.fetchall())
             finally:
                 cursor.close()
-                if autocommit:
-                    connection.dbapi_connection.autocommit = False  # type: ignore[union-attr]
         finally:
-            connection.close()
+            try:
+                if postgres:
+                    if driver.closed:  # type: ignore[union-attr]
+                        connection.invalidate()
+                    else:
+                        driver.autocommit = False  # type: ignore[union-attr]
+            finally:
+                connection.close()
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:

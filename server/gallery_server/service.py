@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+import sqlalchemy.orm
 from sqlmodel import Session, col, select
 
 from . import downloads, listing_json, paging, validation
@@ -76,6 +77,9 @@ _STATS = (
 _EVENT = sa.select(*Event.__table__.c).where(col(Event.id) == sa.bindparam("event_id"))  # type: ignore[attr-defined]
 _EVENT_FIELDS = tuple(column.name for column in Event.__table__.c)  # type: ignore[attr-defined]
 _EVENT_DEVICE = _EVENT_FIELDS.index("device")
+# get_event builds Events with model_construct, which skips the ORM's own set-up of the class:
+# until some ORM call had configured the mappers, reading such an Event's fields failed.
+sqlalchemy.orm.configure_mappers()
 
 
 @functools.cache

@@ -14,9 +14,12 @@ import socket
 import time
 from typing import NamedTuple
 
+import grpc
 import httpx
 import pytest
 
+from gallery.v1 import gallery_pb2 as pb
+from gallery.v1 import gallery_pb2_grpc
 from gallery_server import auth
 from gallery_server.local_stack import Stack
 
@@ -184,10 +187,24 @@ def test_head_leaves_the_connection_usable(stack: Stack, stored: Stored) -> None
         assert body == stored.data
 
 
-def test_a_clients_own_head_marker_is_ignored(http: httpx.Client, stored: Stored) -> None:
+@pytest.mark.parametrize("content_type", [None, "application/grpc-web", "application/grpc; x", "text/plain"])
+def test_a_clients_own_head_marker_is_ignored(http: httpx.Client, stored: Stored, content_type: str | None) -> None:
     """Only Envoy says a request is a HEAD: a GET naming Envoy's marker itself still gets the bytes,
-    on the route the server streams and on the one Envoy sends itself."""
+    on the route the server streams and on the one Envoy sends itself, whatever its Content-Type
+    (the transcoder takes any but application/grpc and application/grpc+... as REST)."""
     content = f"/api/gallery/{stored.device}/events/{stored.event_id}/content"
-    for extra in ({"If-None-Match": '"other"'}, {}):
-        r = http.get(content, headers={**READ, **extra, "x-gallery-head": "1"})
-        assert r.status_code == 200 and r.content == stored.data, extra
+    marker = {"x-gallery-head": "1", **({"content-type": content_type} if content_type else {})}
+    for extra, status, body in [({"If-None-Match": '"other"'}, 200, stored.data), ({}, 200, stored.data),
+                                ({"If-None-Match": '"other"', "Range": "bytes=1-3"}, 206, stored.data[1:4])]:
+        r = http.get(content, headers={**READ, **extra, **marker})
+        assert (r.status_code, r.content) == (status, body), (extra, r.status_code, len(r.content))
+        assert not any(name.startswith("x-gallery-") or name == "x-http-status" for name in r.headers), r.headers
+
+
+def test_a_native_clients_head_marker_is_removed_by_envoy(stack: Stack, stored: Stored) -> None:
+    """Through Envoy a native gRPC call gets its bytes too; only the server's own port believes it."""
+    request = pb.GetEventContentRequest(device=stored.device, event_id=stored.event_id)
+    metadata = (("authorization", f"Bearer {stored.token}"), ("x-gallery-head", "1"))
+    with grpc.insecure_channel(stack.envoy_grpc_address) as channel:
+        answers = list(gallery_pb2_grpc.GalleryServiceStub(channel).GetEventContent(request, metadata=metadata))
+    assert b"".join(answer.data for answer in answers) == stored.data

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import threading
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -120,6 +122,15 @@ def test_a_postgresql_connection_goes_back_to_the_pool_as_it_came(database_url):
         with pytest.raises(Exception, match="division by zero"):
             db.read_rows(failing, {"zero": 0})
         assert db.read_rows(service._STATS, {"device": DEVICE}) == []
+        # Its transaction is the select's own, begun with it, not one a BEGIN opened before it.
+        own_transaction = (
+            sa.select(sa.literal_column("xact_start = query_start")).select_from(sa.text("pg_stat_activity"))
+            .where(sa.literal_column("pid") == sa.func.pg_backend_pid())
+        )
+        assert db.read_rows(own_transaction, {}) == [(True,)]
+        with db.session() as session:  # the control: a session's select follows its BEGIN
+            session.execute(sa.text("SELECT 1"))
+            assert session.execute(own_transaction).one() == (False,)
         with db.engine.connect() as connection:
             assert connection.connection.dbapi_connection.autocommit is False
             connection.execute(sa.insert(Event.__table__), [{  # type: ignore[attr-defined]
@@ -132,3 +143,27 @@ def test_a_postgresql_connection_goes_back_to_the_pool_as_it_came(database_url):
         assert db.read_rows(service._STATS, {"device": DEVICE}) == []  # the insert was rolled back
     finally:
         db.dispose()
+
+
+def test_a_postgresql_connection_lost_during_a_read_raises_its_own_error_and_is_dropped(database_url):
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's server ends the connection")
+    db = Database(database_url, pool_size=1)
+    try:
+        pid = db.read_rows(sa.select(sa.func.pg_backend_pid()), {})[0][0]
+        killer = threading.Timer(0.3, lambda: _terminate(database_url, pid))
+        killer.start()
+        with pytest.raises(psycopg.errors.AdminShutdown):  # the loss itself, not a later error
+            db.read_rows(sa.select(sa.func.pg_sleep(sa.bindparam("seconds", type_=sa.Float))), {"seconds": 5.0})
+        killer.join()
+        assert db.read_rows(sa.select(sa.func.pg_backend_pid()), {})[0][0] != pid  # a new connection
+        with db.session() as session:  # which takes transactions
+            assert session.connection().connection.dbapi_connection.autocommit is False
+    finally:
+        db.dispose()
+
+
+def _terminate(database_url: str, pid: int) -> None:
+    url = sa.make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("SELECT pg_terminate_backend(%s)", (pid,))

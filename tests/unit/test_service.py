@@ -5,6 +5,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import sqlalchemy as sa
@@ -349,6 +352,31 @@ def test_get_event_is_one_select_and_answers_what_the_orm_loads(gallery: Gallery
     assert loaded is not None
     assert event.model_dump() == loaded.model_dump()
     assert event.created.tzinfo is not None and event.has_thumbnail is True
+
+
+def test_get_event_in_a_fresh_process(tmp_path) -> None:
+    """As in a server whose first request is a read: no ORM call has run before get_event."""
+    script = textwrap.dedent(f"""
+        import datetime, sqlite3
+        from gallery_server import auth
+        from gallery_server.db import Database
+        from gallery_server.service import Gallery
+        from gallery_server.settings import Settings
+        url = "sqlite:///{tmp_path}/g.db"
+        Database(url).create_tables()
+        with sqlite3.connect("{tmp_path}/g.db") as db:
+            db.execute("INSERT INTO events (id, device, name, media_type, mime_type, size, sha256, "
+                       "has_thumbnail, metadata_json, created, state, thumbnail_state, thumbnail_attempts, "
+                       "media_info_json) VALUES ('evt_aaaaaaaaaaaaaaaaaaaaaa', 'cam1', 'x.png', 'image', "
+                       "'image/png', 7, '', 0, '{{}}', '2026-01-01 00:00:00.000000', 'stored', '', 0, '')")
+        settings = Settings(data_dir="{tmp_path}", database_url=url, jwt_secret="x" * 48)
+        principal = auth.Principal("t", frozenset({{"cam1"}}), frozenset({{auth.READ}}))
+        event = Gallery(settings, Database(url), None).get_event(principal, "cam1", "evt_aaaaaaaaaaaaaaaaaaaaaa")
+        print(event.name, event.size, event.created.isoformat())
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["x.png", "7", "2026-01-01T00:00:00+00:00"]
 
 
 def test_get_invalid_event_id(gallery: Gallery, principal: auth.Principal) -> None:

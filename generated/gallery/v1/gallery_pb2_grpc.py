@@ -323,8 +323,8 @@ class GalleryServiceServicer:
         Envoy itself from the stored file once the server has checked it (README, "Downloads sent by
         Envoy"): the same status, headers and bytes, with a Content-Length instead of chunks. A REST
         HEAD gets the same status and headers as the GET, and the Content-Length of the bytes the GET
-        would get: Envoy tells the server with request metadata `x-gallery-head`, and the server then
-        sends no bytes and names that length in `x-gallery-body-length` (both Envoy's own).
+        would get: Envoy tells the server with request metadata `x-gallery-head` (removing a client's
+        own), and the server then sends no bytes and names that length in `x-gallery-body-length`.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """

@@ -37,9 +37,10 @@ NEXT_PAGE_TOKEN_HEADER = "x-next-page-token"
 # header_mutation filter does it, and removes a client's own. The REST reads' route skips that
 # filter, so a method it takes must never read this header.
 CONTENT_LENGTH_HEADER = "x-gallery-content-length"
-# Set by Envoy's Lua filter on a REST HEAD, which it sends on as the GET it mirrors (and removed
-# from any other REST request): a download then answers its headers and no bytes, and names the
-# length a GET would get in BODY_LENGTH_HEADER, which the Lua filter makes the Content-Length.
+# Set by Envoy's Lua filter on a REST HEAD, which it sends on as the GET it mirrors, and removed
+# from every other request it sees: a download then answers its headers and no bytes, and names
+# the length a GET would get in BODY_LENGTH_HEADER, which the Lua filter makes the Content-Length.
+# The REST reads' route skips that filter, so a method it takes must never read this header.
 HEAD_HEADER = "x-gallery-head"
 BODY_LENGTH_HEADER = "x-gallery-body-length"
 
