@@ -6,6 +6,7 @@ nothing about that device's events.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import functools
@@ -60,8 +61,8 @@ def aware(moment: datetime.datetime) -> datetime.datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
 
 
-# Where a listed row holds the keyset position of the next page.
-_ID, _CREATED = LISTED_COLUMNS.index("id"), LISTED_COLUMNS.index("created")
+# A listed event: a row of LISTED_COLUMNS (what a listing shows) with their names, read-only.
+ListedEvent = collections.namedtuple("ListedEvent", LISTED_COLUMNS)  # type: ignore[misc]
 
 # The hot reads' statements are built once, with bound parameters: building a select per request
 # (column coercions, operator lookups, its cache key) cost more CPU than SQLite took to run it.
@@ -198,16 +199,14 @@ class Gallery:
             )
             if regular or not count:  # else a row SQLite did not write itself: printed below
                 return listing_json.finish(text), _next_page_token(query, _sqlite_position(last), count)
-        rows = self.db.read_rows(statement, parameters)
-        last = (rows[-1][_CREATED], rows[-1][_ID]) if rows else None
-        return listing_json.listing(rows), _next_page_token(query, last, len(rows))
+        events, next_page_token = self._read_page(query, statement, parameters)
+        return listing_json.listing(events), next_page_token
 
     def _read_page(
         self, query: paging.ListQuery, statement: sa.Select[Any], parameters: dict[str, Any]
     ) -> tuple[list[Any], str]:
         """The rows of a page (_page's query, select and parameters) and the next page's token."""
-        with self.db.read() as connection:
-            events: list[Any] = list(connection.execute(statement, parameters).all())
+        events = [ListedEvent._make(row) for row in self.db.read_rows(statement, parameters)]
         last = (events[-1].created, events[-1].id) if events else None
         return events, _next_page_token(query, last, len(events))
 
