@@ -9,6 +9,7 @@ import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from sqlmodel import Session, SQLModel
 
@@ -16,6 +17,8 @@ from . import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 # pg_advisory_xact_lock key of schema creation: "gall" in ASCII.
 _SCHEMA_LOCK = 0x67616C6C
+# A PostgreSQL connection with nothing under way (psycopg's libpq status).
+_PG_IDLE = psycopg.pq.TransactionStatus.IDLE
 # Execution option of Database.read() connections on SQLite: no BEGIN is issued for them.
 _SINGLE_READ = "gallery_single_read"
 
@@ -112,7 +115,8 @@ class Database:
         connection = self.engine.raw_connection()
         # Outside a transaction, as read(): SQLite's own autocommit needs nothing; a PostgreSQL
         # connection is switched for the one select (no round trip) and back before the pool
-        # lends it again, unless it was lost meanwhile: then the pool must drop it.
+        # lends it again, unless it was lost or left busy meanwhile (a select cut short): then
+        # the pool drops it, and the select's own error is the one raised.
         driver = connection.dbapi_connection
         postgres = self.engine.dialect.name == "postgresql"
         try:
@@ -127,7 +131,7 @@ class Database:
         finally:
             try:
                 if postgres:
-                    if driver.closed:  # type: ignore[union-attr]
+                    if driver.closed or driver.info.transaction_status != _PG_IDLE:  # type: ignore[union-attr]
                         connection.invalidate()
                     else:
                         driver.autocommit = False  # type: ignore[union-attr]

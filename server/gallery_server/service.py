@@ -178,12 +178,12 @@ class Gallery:
         principal.require(validation.device_id(device), READ)
         return self.storage.device_paths(device)
 
-    def list_events(self, principal: Principal, device: str, **request: Any) -> list[Event]:
+    def list_events(self, principal: Principal, device: str, **request: Any) -> list[ListedEvent]:
         return self.list_page(principal, device, **request)[0]
 
     def list_page(
         self, principal: Principal, device: str, **request: Any
-    ) -> tuple[list[Event], str]:
+    ) -> tuple[list[ListedEvent], str]:
         """One page of a device's events, and the token of the next page ("" after the last).
 
         The events are read-only rows with the attributes of LISTED_COLUMNS (what a listing shows).
@@ -204,7 +204,7 @@ class Gallery:
 
     def _read_page(
         self, query: paging.ListQuery, statement: sa.Select[Any], parameters: dict[str, Any]
-    ) -> tuple[list[Any], str]:
+    ) -> tuple[list[ListedEvent], str]:
         """The rows of a page (_page's query, select and parameters) and the next page's token."""
         events = [ListedEvent._make(row) for row in self.db.read_rows(statement, parameters)]
         last = (events[-1].created, events[-1].id) if events else None
@@ -255,7 +255,8 @@ class Gallery:
         return query, statement, parameters
 
     def get_event(self, principal: Principal, device: str, event_id: str) -> Event:
-        """The event, detached from any session: for reading (every download checks one)."""
+        """The event, for reading only (every download checks one): it belongs to no session,
+        and setting an attribute raises."""
         principal.require(validation.device_id(device), READ)
         validation.event_id(event_id)
         rows = self.db.read_rows(_EVENT, {"event_id": event_id})

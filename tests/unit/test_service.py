@@ -354,6 +354,15 @@ def test_get_event_is_one_select_and_answers_what_the_orm_loads(gallery: Gallery
     assert event.created.tzinfo is not None and event.has_thumbnail is True
 
 
+def test_a_native_page_is_one_select_of_named_rows(gallery: Gallery, principal: auth.Principal) -> None:
+    stored = [store(gallery, principal, thumbnail=PNG if i else None) for i in range(3)]
+    with statements_run(gallery.db) as statements:
+        events, token = gallery.list_page(principal, "cam1", limit=2)
+    assert len(statements) == 1 and statements[0].lstrip().upper().startswith("SELECT"), statements
+    assert [e.id for e in events] == [e.id for e in stored[::-1][:2]] and token
+    assert [(e.has_thumbnail, e.size, e.created.tzinfo is not None) for e in events] == [(True, len(PNG), True)] * 2
+
+
 def test_get_event_in_a_fresh_process(tmp_path) -> None:
     """As in a server whose first request is a read: no ORM call has run before get_event."""
     script = textwrap.dedent(f"""
