@@ -73,7 +73,7 @@ _STATS = (
 
 
 # One event (get_event) as a single read rather than through an ORM session, whose BEGIN, identity
-# map and ROLLBACK cost ~5x the lookup on SQLite and two more round trips on PostgreSQL. By its
+# map and ROLLBACK cost ~7x the lookup on SQLite and two more round trips on PostgreSQL. By its
 # primary key alone: with the device in the WHERE too, PostgreSQL may walk the device's index.
 _EVENT = sa.select(*Event.__table__.c).where(col(Event.id) == sa.bindparam("event_id"))  # type: ignore[attr-defined]
 _EVENT_FIELDS = tuple(column.name for column in Event.__table__.c)  # type: ignore[attr-defined]
