@@ -21,7 +21,7 @@ from sqlmodel import Session, col, select
 
 from . import validation
 from .auth import DEVICE, WRITE, Principal
-from .errors import FailedPrecondition, InvalidArgument, NotFound, TooLarge
+from .errors import FailedPrecondition, InvalidArgument, TooLarge
 from .media_types import classify, detect_mime
 from .models import DeviceCommand, DeviceConnection, Event
 from .service import Gallery, aware, utcnow
@@ -195,14 +195,14 @@ class Devices:
         if not 0 <= wait <= MAX_WAIT_S:
             raise InvalidArgument("INVALID_WAIT", f"wait must be between 0 and {MAX_WAIT_S} seconds",
                                   field="wait")
-        event = self._event(device, event_id)
+        event = self.gallery.find_event(device, event_id)
         if event.state == "stored":
             return PullResult(event, self.pull_status(event_id))
         self._open_pull(device, event_id)
         self._wakeups.notify(device)
         deadline = time.monotonic() + wait
         while True:
-            result = PullResult(self._event(device, event_id), self.pull_status(event_id))
+            result = PullResult(self.gallery.find_event(device, event_id), self.pull_status(event_id))
             done = result.event.state == "stored" or (
                 result.pull is not None and result.pull.state in ("failed", "expired"))
             if done or time.monotonic() >= deadline:
@@ -252,19 +252,11 @@ class Devices:
             )
             session.commit()
 
-    def _event(self, device: str, event_id: str) -> Event:
-        with self.db.session() as session:
-            event = session.get(Event, event_id)
-        if event is None or event.device != device:
-            raise NotFound("EVENT_NOT_FOUND", f"event {event_id} not found for device {device}",
-                           device=device, event_id=event_id)
-        return event
-
     def pulled_event(self, principal: Principal, device: str, event_id: str) -> Event:
         """The announced event a device's upload fills (checked before any byte is stored)."""
         principal.require(validation.device_id(device), DEVICE)
         validation.event_id(event_id)
-        event = self._event(device, event_id)
+        event = self.gallery.find_event(device, event_id)
         if event.state != "on_device":
             raise FailedPrecondition("EVENT_ALREADY_STORED", f"event {event_id} is already stored",
                                      event_id=event_id)

@@ -255,10 +255,14 @@ class Gallery:
         return query, statement, parameters
 
     def get_event(self, principal: Principal, device: str, event_id: str) -> Event:
-        """The event, for reading only (every download checks one): it belongs to no session,
-        and setting an attribute raises."""
+        """The event, for reading only (every download checks one): see find_event."""
         principal.require(validation.device_id(device), READ)
         validation.event_id(event_id)
+        return self.find_event(device, event_id)
+
+    def find_event(self, device: str, event_id: str) -> Event:
+        """A device's event by id, or EVENT_NOT_FOUND; the caller has authorized and validated.
+        For reading only: it belongs to no session, and setting an attribute raises."""
         rows = self.db.read_rows(_EVENT, {"event_id": event_id})
         if not rows or rows[0][_EVENT_DEVICE] != device:
             raise _not_found(device, event_id)
