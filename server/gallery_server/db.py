@@ -9,7 +9,6 @@ import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import psycopg
 import sqlalchemy as sa
 from sqlmodel import Session, SQLModel
 
@@ -17,8 +16,6 @@ from . import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 # pg_advisory_xact_lock key of schema creation: "gall" in ASCII.
 _SCHEMA_LOCK = 0x67616C6C
-# A PostgreSQL connection with nothing under way (psycopg's libpq status).
-_PG_IDLE = psycopg.pq.TransactionStatus.IDLE
 # Execution option of Database.read() connections on SQLite: no BEGIN is issued for them.
 _SINGLE_READ = "gallery_single_read"
 
@@ -131,7 +128,7 @@ class Database:
         finally:
             try:
                 if postgres:
-                    if driver.closed or driver.info.transaction_status != _PG_IDLE:  # type: ignore[union-attr]
+                    if not _postgres_idle(driver):
                         connection.invalidate()
                     else:
                         driver.autocommit = False  # type: ignore[union-attr]
@@ -145,6 +142,16 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _postgres_idle(driver: Any) -> bool:
+    """Whether a psycopg connection is open with nothing under way (libpq's status).
+
+    psycopg is imported here, where a PostgreSQL connection already loaded it, and not with this
+    module: it is ~9 MiB of a server's memory that a SQLite deployment never uses."""
+    from psycopg.pq import TransactionStatus
+
+    return not driver.closed and driver.info.transaction_status == TransactionStatus.IDLE
 
 
 @dataclasses.dataclass(frozen=True)
