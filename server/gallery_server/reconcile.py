@@ -47,7 +47,7 @@ import pathlib
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import sqlalchemy as sa
@@ -267,7 +267,13 @@ class Reconciler:
 
     def _rows(self, findings: Findings) -> None:
         """Every stored row must have its media file with the recorded size: report any that
-        does not (logged with its id, counted, shown by GetAdminStatus), never delete it."""
+        does not (counted, shown by GetAdminStatus, the first MAX_EXAMPLES logged with their ids),
+        never delete it.
+
+        A batch's files are looked at first and its suspects read again in one select (a row
+        deleted meanwhile is no finding). Row by row, with a line each, a pass over 100,000 rows
+        whose files were all gone (a media volume that did not mount) took more than 45 s of the
+        server's CPU and logged one line per row, every GALLERY_RECONCILE_INTERVAL_SECONDS."""
         after = ""
         while True:
             with self.db.session() as session:
@@ -278,30 +284,41 @@ class Reconciler:
                 ).all()
             if not rows:
                 return
+            findings.rows_checked += len(rows)
+            suspects: dict[str, tuple[str, str]] = {}  # event id -> (device, problem)
             for event_id, device, size in rows:
-                findings.rows_checked += 1
                 try:
                     actual = os.stat(self.storage.media_path(device, event_id)).st_size
                 except FileNotFoundError:
-                    if self._still_stored(event_id):  # not deleted meanwhile
-                        findings.missing_media += 1
-                        self._example(findings, device, event_id, "missing")
+                    suspects[event_id] = (device, "missing")
                     continue
-                if actual != size and self._still_stored(event_id):
+                if actual != size:
+                    suspects[event_id] = (device, f"size {actual} != {size}")
+            for event_id in self._still_stored(suspects):
+                device, problem = suspects[event_id]
+                if problem == "missing":
+                    findings.missing_media += 1
+                else:
                     findings.size_mismatch += 1
-                    self._example(findings, device, event_id, f"size {actual} != {size}")
+                self._example(findings, device, event_id, problem)
             after = rows[-1][0]
 
-    def _still_stored(self, event_id: str) -> bool:
+    def _still_stored(self, event_ids: Iterable[str]) -> list[str]:
+        """Those of `event_ids` whose rows are stored now, in id order."""
+        wanted = sorted(event_ids)
+        if not wanted:
+            return []
         with self.db.session() as session:
-            event = session.get(Event, event_id)
-        return event is not None and event.state == "stored"
+            return list(session.exec(
+                select(Event.id).where(col(Event.id).in_(wanted), Event.state == "stored")
+                .order_by(col(Event.id))
+            ))
 
     def _example(self, findings: Findings, device: str, event_id: str, what: str) -> None:
-        log.error("stored event without its media file",
-                  extra={"device": device, "event_id": event_id, "problem": what})
         if len(findings.examples) < MAX_EXAMPLES:
             findings.examples.append(f"{device}/{event_id}")
+            log.error("stored event without its media file",
+                      extra={"device": device, "event_id": event_id, "problem": what})
 
     def _remove(
         self, path: pathlib.Path, findings: Findings, counter: str,
