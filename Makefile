@@ -7,6 +7,8 @@ BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 # Database tests also run against this PostgreSQL (the machine's local server, trust auth).
 export GALLERY_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
+# The bench's listing also runs on a throw-away database of this server (bench/_postgres.py).
+export GALLERY_BENCH_POSTGRES_URL ?= $(GALLERY_TEST_POSTGRES_URL)
 
 .PHONY: setup run test unit e2e lint generate check-generated bench bench-quick clean
 

@@ -2,7 +2,9 @@
 
 The events are seeded straight into the stack's SQLite file with executemany (uploads would take
 hours); the triggers that keep the stats counters (server/gallery_server/models.py) run for every
-seeded row as they do for uploads. Load comes from bench/_loadgen.py: 16 keep-alive HTTP/1.1
+seeded row as they do for uploads. Where GALLERY_BENCH_POSTGRES_URL names a PostgreSQL server, the
+same events are also copied into a second stack on it (bench/_postgres.py), and the target requests
+alternate between the two stacks. Load comes from bench/_loadgen.py: 16 keep-alive HTTP/1.1
 connections to Envoy, each sending its next request when the previous answer is complete.
 """
 
@@ -13,10 +15,13 @@ import datetime
 import json
 import sqlite3
 import time
+from collections.abc import Callable, Iterator
 
 import _contention
 import _loadgen
-from _common import JWT_SECRET, Bench, BenchError, Section, cpu_now, md_table, median, text_table
+import _postgres
+import psycopg
+from _common import JWT_SECRET, SEEDED_STACK_ENV, Bench, BenchError, Section, cpu_now, md_table, median, text_table
 from _floor import FloorStack
 
 from gallery_server import paging
@@ -42,27 +47,33 @@ def _created(i: int) -> datetime.datetime:
     return _T0 + datetime.timedelta(milliseconds=i)
 
 
+# The events table's columns that the seeded rows fill, in event_rows()' order.
+EVENT_COLUMNS = ("id", "device", "name", "media_type", "mime_type", "size", "sha256", "has_thumbnail",
+                 "metadata_json", "created", "state", "thumbnail_state", "thumbnail_attempts", "media_info_json")
+
+
+def event_rows(device: str, count: int) -> Iterator[tuple[object, ...]]:
+    """`count` stored events of `device`, one a millisecond apart (`created` naive UTC, as stored)."""
+    for i in range(count):
+        media_type, mime = _TYPES[i % 3]
+        yield (_event_id(device, i), device, f"capture-{i}.bin", media_type, mime, 1000 + i % 1000, f"{i:064x}",
+               False, "{}", _created(i).replace(tzinfo=None), "stored", "", 0, "")
+
+
 def seed(bench: Bench, device: str, count: int) -> float:
-    """Insert `count` events of `device` in one transaction; returns the seconds it took."""
+    """Insert `count` events of `device` into the stack's SQLite in one transaction; returns the
+    seconds it took."""
     started = time.monotonic()
+    created = EVENT_COLUMNS.index("created")
     db = sqlite3.connect(bench.stack.data_dir / "gallery.db", timeout=60)
     try:
         db.execute("PRAGMA busy_timeout=60000")
-
-        def rows():  # type: ignore[no-untyped-def]
-            for i in range(count):
-                media_type, mime = _TYPES[i % 3]
-                yield (
-                    _event_id(device, i), device, f"capture-{i}.bin", media_type, mime, 1000 + i % 1000,
-                    f"{i:064x}", 0, "{}", _created(i).strftime("%Y-%m-%d %H:%M:%S.%f"), "stored", "", 0, "",
-                )
-
         with db:
             db.executemany(
-                "INSERT INTO events (id, device, name, media_type, mime_type, size, sha256, has_thumbnail, "
-                "metadata_json, created, state, thumbnail_state, thumbnail_attempts, media_info_json) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows(),
+                f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(EVENT_COLUMNS))})",
+                # SQLite keeps datetimes as text, in the form SQLAlchemy writes.
+                (row[:created] + (row[created].strftime("%Y-%m-%d %H:%M:%S.%f"),) + row[created + 1:]  # type: ignore[attr-defined]
+                 for row in event_rows(device, count)),
             )
     finally:
         db.close()
@@ -104,10 +115,31 @@ def _load(bench: Bench, host: str, port: int, path: str, headers: dict[str, str]
 def scenario_listing(bench: Bench) -> Section:
     opts = bench.options
     count = 20_000 if opts.quick else 1_000_000
-    seconds = 1.0 if opts.quick else 4.0
     seed_s = seed(bench, BIG_DEVICE, count)
     seed(bench, SMALL_DEVICE, 1000)
     print(f"  seeded {count:,} events in {seed_s:.1f} s", flush=True)
+    postgres_url = _postgres.configured_url()
+    if postgres_url is None:
+        return _listing(bench, count, seed_s, None, f"{_postgres.URL_VARIABLE} was not set")
+    try:
+        postgres = _postgres.PostgresStack(postgres_url, bench.stack.data_dir.parent / "postgres",
+                                           jwt_secret=JWT_SECRET, extra_env=dict(SEEDED_STACK_ENV))
+    except psycopg.OperationalError as exc:  # no server there: the rest of the bench still runs
+        reason = f"its server could not be reached: {' '.join(str(exc).split())[:200]}"
+        print(f"  PostgreSQL not measured: {reason}", flush=True)
+        return _listing(bench, count, seed_s, None, reason)
+    try:
+        postgres_seed_s = postgres.seed(BIG_DEVICE, EVENT_COLUMNS, event_rows(BIG_DEVICE, count))
+        print(f"  seeded {count:,} events in PostgreSQL in {postgres_seed_s:.1f} s", flush=True)
+        return _listing(bench, count, seed_s, (postgres, postgres_seed_s), "")
+    finally:
+        postgres.stop()
+
+
+def _listing(bench: Bench, count: int, seed_s: float,
+             postgres: tuple[_postgres.PostgresStack, float] | None, why_not_postgres: str) -> Section:
+    opts = bench.options
+    seconds = 1.0 if opts.quick else 4.0
     host, port = "127.0.0.1", bench.stack.http_port
     auth = {"Authorization": f"Bearer {bench.token}"}
     depth = count // 2
@@ -132,18 +164,35 @@ def scenario_listing(bench: Bench) -> Section:
     header = ["request (through Envoy, 16 connections)", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms",
               "server CPU µs/req", "Envoy CPU µs/req", "target"]
     measured: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in cases}
+    on_postgres: dict[str, list[dict[str, float]]] = {name: [] for name, *_, is_target in cases if is_target}
+
+    def measure(run: int, name: str, path: str, check: Callable[[bytes], None], where: str, port: int,
+                pids: dict[str, int], database_cpu: Callable[[], float | None] | None = None) -> dict[str, float]:
+        database_before = database_cpu() if database_cpu else None
+        result, cpu_us = _load(bench, host, port, path, auth, seconds, pids)
+        database_after = database_cpu() if database_cpu else None
+        for body in result.sample_bodies:
+            check(body)
+        print(f"  run {run + 1}/{opts.runs}  {where:<10} {name:<55} {result.rate:7.0f} req/s  "
+              f"p50 {result.percentile(50):6.2f} ms  p99 {result.percentile(99):6.2f} ms", flush=True)
+        sample = {
+            "rate": result.rate, "p50": result.percentile(50), "p90": result.percentile(90),
+            "p99": result.percentile(99), "max": max(result.latencies_ms), "server_us": cpu_us["server"],
+            "envoy_us": cpu_us["envoy"],
+        }
+        if database_before is not None and database_after is not None:
+            sample["database_us"] = (database_after - database_before) / max(1, result.requests) * 1e6
+        return sample
+
     for run in range(opts.runs):
         for name, path, check, _ in cases:
-            result, cpu_us = _load(bench, host, port, path, auth, seconds, pids)
-            for body in result.sample_bodies:
-                check(body)
-            measured[name].append({
-                "rate": result.rate, "p50": result.percentile(50), "p90": result.percentile(90),
-                "p99": result.percentile(99), "max": max(result.latencies_ms), "server_us": cpu_us["server"],
-                "envoy_us": cpu_us["envoy"],
-            })
-            print(f"  run {run + 1}/{opts.runs}  {name:<55} {result.rate:7.0f} req/s  "
-                  f"p50 {result.percentile(50):6.2f} ms  p99 {result.percentile(99):6.2f} ms", flush=True)
+            measured[name].append(measure(run, name, path, check, "SQLite", port, pids))
+            if postgres is not None and name in on_postgres:
+                stack = postgres[0].stack
+                on_postgres[name].append(measure(
+                    run, name, path, check, "PostgreSQL", stack.http_port,
+                    {"server": stack.server_pid, "envoy": stack.envoy_pid}, postgres[0].backend_cpu_seconds,
+                ))
     rows, raw = [], {}
     for name, _, _, is_target in cases:
         m = {key: median([s[key] for s in measured[name]]) for key in measured[name][0]}
@@ -168,11 +217,49 @@ def scenario_listing(bench: Bench) -> Section:
         "checked (page contents and order, stats totals). Deep pages use `page_token` (keyset, the API's deep "
         "pagination); the reference's `offset` paging is shown for comparison: SQLite must step over every "
         "skipped row, so its cost grows with the offset and it is not a target. Targets: p50 < 5 ms and "
-        "p99 < 20 ms.\n\n" + md_table(header, rows) + "\n\n" + contention.markdown
+        "p99 < 20 ms.\n\n" + md_table(header, rows)
     )
+    console = text_table(header, rows)
+    if postgres is not None:
+        table = _postgres_table(measured, on_postgres, count, postgres[1], seconds)
+        markdown += "\n\n" + table.markdown
+        console += "\n\n" + table.console
+        raw["on PostgreSQL"] = on_postgres
+    else:
+        markdown += (f"\n\nPostgreSQL was not measured in this run ({why_not_postgres}; `make bench` sets "
+                     f"{_postgres.URL_VARIABLE} to the machine's local server).")
+        console += f"\n\nPostgreSQL was not measured: {why_not_postgres}"
+    markdown += "\n\n" + contention.markdown
+    console += "\n\n" + contention.console
     raw["handler CPU by threads"] = contention.raw
-    return Section(f"Listing and stats on {count:,} events", text_table(header, rows) + "\n\n" + contention.console,
-                   markdown, raw)
+    return Section(f"Listing and stats on {count:,} events", console, markdown, raw)
+
+
+def _postgres_table(on_sqlite: dict[str, list[dict[str, float]]], on_postgres: dict[str, list[dict[str, float]]],
+                    count: int, seed_s: float, seconds: float) -> Section:
+    """The target requests on the PostgreSQL stack, next to the SQLite runs they alternated with."""
+    header = ["request on PostgreSQL (through Envoy, 16 connections)", "req/s", "p50 ms", "p99 ms",
+              "server CPU µs/req", "Envoy CPU µs/req", "PostgreSQL CPU µs/req", "p50 ÷ SQLite (same run)",
+              "target"]
+    rows = []
+    for name, samples in on_postgres.items():
+        m = {key: median([s[key] for s in samples]) for key in samples[0]}
+        ratio = median([p["p50"] / s["p50"] for p, s in zip(samples, on_sqlite[name], strict=True)])
+        met = m["p50"] < P50_MS and m["p99"] < P99_MS
+        rows.append([name, f"{m['rate']:.0f}", f"{m['p50']:.2f}", f"{m['p99']:.2f}", f"{m['server_us']:.0f}",
+                     f"{m['envoy_us']:.0f}", f"{m['database_us']:.0f}" if "database_us" in m else "–",
+                     f"{ratio:.2f}", "met" if met else "NOT met"])
+    markdown = (
+        "**On PostgreSQL**, the database that replicas share: a second stack (server and Envoy, as `gallery run` "
+        f"starts them, one replica) on a throw-away database of {_postgres.URL_VARIABLE}'s server, with the same "
+        f"{count:,} events copied in ({seed_s:.0f} s: COPY with the counters' trigger off, the counts then "
+        "written by one GROUP BY and ANALYZE run; bench/_postgres.py says why). The same requests, each run on "
+        f"SQLite and then here, {seconds:.0f} s each, answers checked; the ratio is of p50s measured one after "
+        "the other. PostgreSQL's CPU is that of the backends connected to the database (a process per "
+        "connection, on this machine's 2 vCPUs like everything else). Not in the targets table: the targets "
+        "are for the default stack.\n\n" + md_table(header, rows)
+    )
+    return Section("On PostgreSQL", text_table(header, rows), markdown, {})
 
 
 def _contention_table(bench: Bench, measured: dict[str, list[dict[str, float]]], list_case: str,

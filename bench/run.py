@@ -47,6 +47,7 @@ from _common import (
     REQUEST_TIMEOUT_S,
     RESULTS_DIR,
     ROOT,
+    SEEDED_STACK_ENV,
     Bench,
     BenchError,
     GiB,
@@ -1704,12 +1705,7 @@ def main(argv: list[str] | None = None) -> int:
                 # total upload limits (defaults 4 and 48) above that, and the workers above the total.
                 "GALLERY_MAX_UPLOADS_PER_DEVICE": "64", "GALLERY_MAX_UPLOADS_TOTAL": "64",
                 "GALLERY_GRPC_WORKERS": "96",
-                # The listing scenario's 1,000,000 seeded rows have no files: a reconciliation pass
-                # (every 600 s by default, so within a slow run) would report each as lost, ~30 s
-                # of the server's CPU in the middle of whatever is measured then. The start-up
-                # pass still runs, before anything is seeded.
-                "GALLERY_RECONCILE_INTERVAL_SECONDS": str(7 * 24 * 3600),
-            },
+            } | SEEDED_STACK_ENV,
         )
         print(
             f"stack up: Envoy {stack.base_url} (pid {stack.envoy_pid}), gRPC server {stack.grpc_address} "

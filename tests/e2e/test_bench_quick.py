@@ -4,6 +4,7 @@ suite cannot rot: the same code paths as `make bench` on small sizes, every resu
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -24,3 +25,7 @@ def test_bench_quick_runs_every_scenario() -> None:
                   "16 concurrent gRPC uploads through Envoy, the thread holding the GIL",
                   "constant grpc.aio handler", "Targets"):
         assert title in output, f"{title!r} missing from the output:\n{output[-3000:]}"
+    # `make test` points the bench at the machine's PostgreSQL, as it points the tests.
+    if os.environ.get("GALLERY_BENCH_POSTGRES_URL"):
+        assert "request on PostgreSQL (through Envoy, 16 connections)" in output, output[-3000:]
+        assert "PostgreSQL stats, 20,000 events" in output, output[-3000:]

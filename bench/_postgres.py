@@ -1,0 +1,111 @@
+"""A second gallery stack on PostgreSQL, for the listing scenario: the database that replicas share.
+
+It runs when GALLERY_BENCH_POSTGRES_URL names a PostgreSQL server on which the bench may create and
+drop a database (the Makefile points it at the machine's local server, as it points the tests);
+without it the listing scenario measures SQLite alone and says so.
+
+The stack is the one `gallery run` starts (server and Envoy, its own ports and data directory) on a
+throw-away database. Its events are copied in with COPY while the counters' trigger is off, and the
+counts are then written by one GROUP BY, as the server's own backfill does: with the trigger on, each
+row cost ~50 µs in upserts of the same three counter rows (~50 s for 1,000,000), and in one
+transaction every update of a counter row left one more dead version of it for the next to step over
+(100,000 rows in one COPY: 54 s; by hand, 2026-11-29). ANALYZE then does what autovacuum would do
+after such a load. PostgreSQL's work is done by its backend processes: those connected to the
+throw-away database are found in pg_stat_activity so that their CPU can be counted (on this machine
+only: a server elsewhere has no /proc here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import time
+import uuid
+from collections.abc import Iterable
+
+import _stack
+import psycopg
+import sqlalchemy as sa
+
+from gallery_server import local_stack
+
+URL_VARIABLE = "GALLERY_BENCH_POSTGRES_URL"
+
+
+def configured_url() -> str | None:
+    return os.environ.get(URL_VARIABLE) or None
+
+
+class PostgresStack:
+    """A gallery stack on a database of its own, created on the server at `base_url` (a SQLAlchemy
+    URL) and dropped by stop()."""
+
+    def __init__(self, base_url: str, work_dir: pathlib.Path, *, jwt_secret: str, extra_env: dict[str, str]) -> None:
+        url = sa.make_url(base_url)
+        self.database = f"gallery_bench_{uuid.uuid4().hex[:12]}"
+        self._admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._direct = url.set(drivername="postgresql", database=self.database).render_as_string(hide_password=False)
+        # Loopback or a Unix socket: its backends are processes of this machine, whose CPU /proc shows.
+        self.local = url.host in (None, "", "localhost", "127.0.0.1", "::1")
+        with psycopg.connect(self._admin, autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{self.database}"')
+        try:
+            work_dir.mkdir(parents=True, exist_ok=True)
+            self.stack = local_stack.start_stack(
+                work_dir / "data", work_dir / "gallery.log", jwt_secret=jwt_secret,
+                extra_env=extra_env | {
+                    "GALLERY_DATABASE_URL": url.set(database=self.database).render_as_string(hide_password=False),
+                },
+            )
+        except BaseException:
+            self._drop()
+            raise
+
+    def seed(self, device: str, columns: tuple[str, ...], rows: Iterable[tuple[object, ...]]) -> float:
+        """Copy `rows` of `device` into events and add their counts; returns the seconds it took."""
+        started = time.monotonic()
+        with psycopg.connect(self._direct) as connection:
+            # One transaction: the trigger is off for this load only, and the counts come with the rows.
+            connection.execute("ALTER TABLE events DISABLE TRIGGER events_count")
+            with connection.cursor().copy(f"COPY events ({', '.join(columns)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            connection.execute(
+                "INSERT INTO event_counts (device, media_type, count, size) "
+                "SELECT device, media_type, COUNT(*), SUM(size) FROM events WHERE device = %s "
+                "GROUP BY device, media_type "
+                "ON CONFLICT (device, media_type) DO UPDATE SET count = excluded.count, size = excluded.size",
+                (device,),
+            )
+            connection.execute("ALTER TABLE events ENABLE TRIGGER events_count")
+            connection.commit()
+            connection.execute("ANALYZE events")
+            connection.commit()
+        return time.monotonic() - started
+
+    def backend_cpu_seconds(self) -> float | None:
+        """CPU time so far of the backends connected to this stack's database (None: the server
+        is not a process of this machine)."""
+        if not self.local:
+            return None
+        with psycopg.connect(self._direct, autocommit=True) as connection:
+            pids = [pid for (pid,) in connection.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )]
+        total = 0.0
+        for pid in pids:
+            with contextlib.suppress(FileNotFoundError):  # a backend that ended meanwhile
+                total += _stack.cpu_seconds(pid)
+        return total
+
+    def stop(self) -> None:
+        try:
+            local_stack.stop_stack(self.stack)
+        finally:
+            self._drop()
+
+    def _drop(self) -> None:
+        with psycopg.connect(self._admin, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+
