@@ -53,11 +53,11 @@ EVENT_COLUMNS = ("id", "device", "name", "media_type", "mime_type", "size", "sha
 
 
 def event_rows(device: str, count: int) -> Iterator[tuple[object, ...]]:
-    """`count` stored events of `device`, one a millisecond apart (`created` naive UTC, as stored)."""
+    """`count` stored events of `device`, one a millisecond apart (`created` in UTC)."""
     for i in range(count):
         media_type, mime = _TYPES[i % 3]
         yield (_event_id(device, i), device, f"capture-{i}.bin", media_type, mime, 1000 + i % 1000, f"{i:064x}",
-               False, "{}", _created(i).replace(tzinfo=None), "stored", "", 0, "")
+               False, "{}", _created(i), "stored", "", 0, "")
 
 
 def seed(bench: Bench, device: str, count: int) -> float:
@@ -71,7 +71,7 @@ def seed(bench: Bench, device: str, count: int) -> float:
         with db:
             db.executemany(
                 f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(EVENT_COLUMNS))})",
-                # SQLite keeps datetimes as text, in the form SQLAlchemy writes.
+                # SQLite keeps datetimes as text, in the form SQLAlchemy writes (UTC, no offset).
                 (row[:created] + (row[created].strftime("%Y-%m-%d %H:%M:%S.%f"),) + row[created + 1:]  # type: ignore[attr-defined]
                  for row in event_rows(device, count)),
             )

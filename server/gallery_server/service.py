@@ -137,6 +137,24 @@ def _sqlite_json_statement(page: sa.Select[Any], newest_first: bool) -> sa.Selec
     ).select_from(pages)
 
 
+@functools.cache
+def _postgres_json_statement(page: sa.Select[Any], newest_first: bool) -> sa.Select[Any]:
+    """One row for a whole page on PostgreSQL: its JSON (listing_json.postgres_array; NULL for an
+    empty page), the number of events, and the last event's `created` and id."""
+    created = Event.__table__.c.created  # type: ignore[attr-defined]
+    pages = page.add_columns(
+        sa.literal_column(listing_json.postgres_created).label(listing_json.POSTGRES_CREATED)
+    ).subquery("page")
+    newest, oldest = "created DESC, id DESC", "created, id"
+    order, reverse = (newest, oldest) if newest_first else (oldest, newest)
+    return sa.select(
+        sa.literal_column(listing_json.postgres_array(order)),
+        sa.literal_column("count(*)"),
+        sa.literal_column(f"(array_agg(created ORDER BY {reverse}))[1]", type_=created.type),
+        sa.literal_column(f"(array_agg(id ORDER BY {reverse}))[1]"),
+    ).select_from(pages)
+
+
 def _sqlite_position(last: str | None) -> tuple[datetime.datetime, str] | None:
     """(created, id) from _sqlite_json_statement's "created id" (created has a fixed width)."""
     if not last:
@@ -193,6 +211,12 @@ class Gallery:
     def list_page_json(self, principal: Principal, device: str, **request: Any) -> tuple[bytes, str]:
         """The same page as list_page, as the REST listing's JSON (listing_json), and its token."""
         query, statement, parameters = self._page(principal, device, **request)
+        if self.db.engine.dialect.name == "postgresql":
+            [(text, count, last_created, last_id)] = self.db.read_rows(
+                _postgres_json_statement(statement, query.newest_first), parameters
+            )
+            last = (last_created, last_id) if count else None
+            return listing_json.finish(text or "[]"), _next_page_token(query, last, count)
         if self._sqlite_prints_json:
             [(text, count, regular, last)] = self.db.read_rows(
                 _sqlite_json_statement(statement, query.newest_first), parameters

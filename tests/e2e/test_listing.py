@@ -59,29 +59,52 @@ def test_bad_listing_parameters_are_json_400s(http, auth_headers):
         assert r.json()["details"][0]["reason"] == reason
 
 
+# Events as a device announces them (no file on the server), with the timestamps, sizes and names
+# whose JSON spelling could differ between the server's printers and Envoy's: (created UTC, size,
+# name, has_thumbnail).
+ANNOUNCED = [
+    ("2024-03-20 10:00:00.000000", 0, 'quote " backslash \\ <b>&amp; a<b', 0),
+    ("2024-03-20 10:00:00.120000", 999_999_999_999_999, "café 📷 カメラ.jpg", 1),
+    ("2024-03-20 10:00:00.123456", 2**53, "plain.mp4", 0),
+    ("1999-12-31 23:59:59.000001", 1, "x" * 300, 1),
+    # Characters protobuf's printer escapes; names refuse all but < and >, but a row written
+    # by anything else must still print as Envoy printed it.
+    ("2024-03-20 10:00:01.000000", 7, "del\x7f soft\u00ad zw\u200b ls\u2028 ps\u2029 bom\ufeff", 0),
+    ("2024-03-20 10:00:02.000000", 8, "c1\x85 ar\u0600 kh\u17b4\u17b5 bidi\u202a wj\u2060 ann\ufff9"
+     " tag\U000e0001\U000e0041 music\U0001d173 ok", 0),
+    ("2024-03-20 10:00:03.000000", 9, "ក\u17b4.jpg", 0),  # a name the names policy accepts
+    # Controls that JSON itself escapes, as another tool might have written them.
+    ("2024-03-20 10:00:04.000000", 10, "ctl \x01\x1f\t\n\r\b\f end", 0),
+]
+ANNOUNCE_SQL = (
+    "INSERT INTO events (id, device, name, media_type, mime_type, size, sha256, has_thumbnail,"
+    " metadata_json, created, state, thumbnail_state, thumbnail_attempts, media_info_json)"
+    " VALUES ({id}, {device}, {name}, 'video', '', {size}, '', {thumbnail}, '{{}}', {created}, 'on_device', '', 0, '')"
+)
+
+
 def _seed_announced(stack, device: str) -> None:
-    """Events as a device announces them (no file on the server), with the timestamps, sizes and
-    names whose JSON spelling could differ between the server's printer and Envoy's."""
-    rows = [
-        ("2024-03-20 10:00:00.000000", 0, 'quote " backslash \\ <b>&amp; a<b', 0),
-        ("2024-03-20 10:00:00.120000", 999_999_999_999_999, "café 📷 カメラ.jpg", 1),
-        ("2024-03-20 10:00:00.123456", 2**53, "plain.mp4", 0),
-        ("1999-12-31 23:59:59.000001", 1, "x" * 300, 1),
-        # Characters protobuf's printer escapes; names refuse all but < and >, but a row written
-        # by anything else must still print as Envoy printed it.
-        ("2024-03-20 10:00:01.000000", 7, "del\x7f soft\u00ad zw\u200b ls\u2028 ps\u2029 bom\ufeff", 0),
-        ("2024-03-20 10:00:02.000000", 8, "c1\x85 ar\u0600 kh\u17b4\u17b5 bidi\u202a wj\u2060 ann\ufff9"
-         " tag\U000e0001\U000e0041 music\U0001d173 ok", 0),
-        ("2024-03-20 10:00:03.000000", 9, "ក\u17b4.jpg", 0),  # a name the names policy accepts
-    ]
     with sqlite3.connect(stack.data_dir / "gallery.db", timeout=30) as db:
         db.executemany(
-            "INSERT INTO events (id, device, name, media_type, mime_type, size, sha256, has_thumbnail,"
-            " metadata_json, created, state, thumbnail_state, thumbnail_attempts, media_info_json)"
-            " VALUES (?, ?, ?, 'video', '', ?, '', ?, '{}', ?, 'on_device', '', 0, '')",
+            ANNOUNCE_SQL.format(id="?", device="?", name="?", size="?", thumbnail="?", created="?"),
             [(f"evt_{uuid.uuid4().hex[:22]}", device, name, size, thumbnail, created)
-             for created, size, name, thumbnail in rows],
+             for created, size, name, thumbnail in ANNOUNCED],
         )
+
+
+def assert_listing_is_envoys_printing(http, headers, device: str) -> None:
+    """Byte for byte: a page of events without metadata is the events as Envoy prints GetEvent,
+    minus their (empty) `metadata`, joined into an array."""
+    page = http.get(f"/api/gallery/{device}/events", headers=headers)
+    assert page.status_code == 200, page.text
+    assert len(page.json()) == len(ANNOUNCED)
+    printed = []
+    for event in page.json():
+        one = http.get(f"/api/gallery/{device}/events/{event['id']}", headers=headers).content
+        assert one.count(b',"metadata":{},') == 1, one
+        printed.append(one.replace(b',"metadata":{},', b","))
+    assert page.content == b"[" + b",".join(printed) + b"]"
+    assert b"\\u003cb\\u003e" in page.content and b"\\u2028" in page.content and b"\\u0001\\u001f\\t\\n" in page.content
 
 
 def test_listed_events_read_exactly_as_envoy_prints_an_event(stack, http, auth_headers):
@@ -99,7 +122,7 @@ def test_listed_events_read_exactly_as_envoy_prints_an_event(stack, http, auth_h
     assert r.headers["content-type"] == "application/json"
     assert r.headers["x-next-page-token"] == ""
     listed = r.json()
-    assert len(listed) == 9
+    assert len(listed) == 2 + len(ANNOUNCED)
     for event in listed:
         one = http.get(f"/api/gallery/{device}/events/{event['id']}", headers=headers)
         assert one.status_code == 200, one.text
@@ -116,19 +139,10 @@ def test_listed_events_read_exactly_as_envoy_prints_an_event(stack, http, auth_h
 
 
 def test_listing_bytes_are_envoys_bytes(stack, http, auth_headers):
-    """Byte for byte: a page of events without metadata is the events as Envoy prints GetEvent,
-    minus their (empty) `metadata`, joined into an array."""
+    """SQLite's printer (tests/e2e/test_postgres_stack.py holds PostgreSQL's)."""
     device, headers = f"list-{uuid.uuid4().hex[:8]}", auth_headers()
     _seed_announced(stack, device)
-    page = http.get(f"/api/gallery/{device}/events", headers=headers)
-    assert page.status_code == 200, page.text
-    printed = []
-    for event in page.json():
-        one = http.get(f"/api/gallery/{device}/events/{event['id']}", headers=headers).content
-        assert one.count(b',"metadata":{},') == 1, one
-        printed.append(one.replace(b',"metadata":{},', b","))
-    assert page.content == b"[" + b",".join(printed) + b"]"
-    assert b"\\u003cb\\u003e" in page.content and b"\\u2028" in page.content
+    assert_listing_is_envoys_printing(http, headers, device)
 
 
 def test_native_list_and_rest_list_are_the_same_page(stack, http, auth_headers, envoy_channel):

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 from ..conftest import stored_files
 from .conftest import Stack, start_stack, stop_stack
+from .test_listing import ANNOUNCE_SQL, ANNOUNCED, assert_listing_is_envoys_printing
 
 EVENT_ID_RE = re.compile(r"evt_[A-Za-z0-9_-]{22}")
 _rng = random.Random(20240320)
@@ -280,3 +281,22 @@ def test_postgres_stack_matches_sqlite(
     # The PostgreSQL stack never fell back to SQLite.
     assert not (pg_stack.data_dir / "gallery.db").exists()
     assert all(p.parent.parent.name == "media" for p in stored_files(pg_stack.data_dir))
+
+
+def test_postgres_listing_bytes_are_envoys_bytes(
+    pg_stack: Stack, pg_engine: sa.Engine, auth_headers: Callable[..., dict[str, str]]
+) -> None:
+    """PostgreSQL prints a page itself (listing_json.postgres_array): byte for byte what Envoy
+    prints for each event, on the rows whose spelling could differ."""
+    device, headers = f"pg-list-{uuid.uuid4().hex[:8]}", auth_headers()
+    with pg_engine.begin() as connection:
+        for created, size, name, thumbnail in ANNOUNCED:
+            connection.execute(
+                sa.text(ANNOUNCE_SQL.format(id=":id", device=":device", name=":name", size=":size",
+                                            thumbnail=":thumbnail", created=":created")),
+                {"id": f"evt_{uuid.uuid4().hex[:22]}", "device": device, "name": name, "size": size,
+                 "thumbnail": bool(thumbnail),
+                 "created": datetime.datetime.fromisoformat(created).replace(tzinfo=datetime.UTC)},
+            )
+    with httpx.Client(base_url=pg_stack.base_url, timeout=60) as http:
+        assert_listing_is_envoys_printing(http, headers, device)

@@ -1,9 +1,10 @@
-"""The REST listing's JSON: SQLite's printer against Python's, on SQLite and PostgreSQL.
+"""The REST listing's JSON: the databases' printers against Python's, on SQLite and PostgreSQL.
 
-Gallery.list_page_json has SQLite print a whole page (listing_json.sqlite_array); everywhere else,
-and for rows SQLite cannot print, Python prints the rows of list_page. Both must give the same
-bytes and the same next-page token for every request a client can make. (Python's printer is held
-to Envoy's own printing by tests/e2e/test_listing.py.)
+Gallery.list_page_json has the database print a whole page (listing_json.sqlite_array and
+postgres_array); for rows SQLite cannot print, and where SQLite lacks its JSON functions, Python
+prints the rows of list_page. All must give the same bytes and the same next-page token for every
+request a client can make. (Python's printer is held to Envoy's own printing by
+tests/e2e/test_listing.py.)
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ import pytest
 import sqlalchemy as sa
 
 from gallery_server import listing_json
+from gallery_server.db import Database
 from gallery_server.models import Event
+from gallery_server.service import Gallery
 
 from ..conftest import statements_run
 
 DEVICE = "cam-json"
 T0 = datetime.datetime(2024, 3, 20, 10, 0, 0, tzinfo=datetime.UTC)
-NAMES = ['quote " backslash \\ <b>&amp;', "café 📷 カメラ.jpg", "plain.mp4", "x" * 255, "a<b>c"]
+# The last, as another tool might have written it: the controls JSON escapes, DEL and U+2028.
+NAMES = ['quote " backslash \\ <b>&amp;', "café 📷 カメラ.jpg", "plain.mp4", "x" * 255, "a<b>c",
+         "ctl \x01\x1f\t\n\r\b\f del\x7f sep\u2028"]
 FRACTIONS = [0, 120_000, 123_456, 1, 999_000]
 
 
@@ -87,6 +92,33 @@ def test_sqlite_prints_a_regular_page_in_one_statement(gallery, principal, rows)
     with statements_run(gallery.db) as statements:
         gallery.list_page_json(principal, DEVICE, limit=10)
     assert len(statements) == 1 and "json_group_array" in statements[0]
+
+
+def test_postgres_prints_a_page_in_one_statement(gallery, principal, rows):
+    if gallery.db.engine.dialect.name != "postgresql":
+        pytest.skip("the PostgreSQL printer")
+    with statements_run(gallery.db) as statements:
+        page, token = gallery.list_page_json(principal, DEVICE, limit=10)
+    assert len(statements) == 1 and "string_agg" in statements[0]
+    assert len(json.loads(page)) == 10 and token
+
+
+def test_postgres_prints_times_in_utc_whatever_the_session_time_zone(settings, principal, rows, gallery):
+    """`created` is a timestamptz: a session in another zone must print the same page."""
+    if gallery.db.engine.dialect.name != "postgresql":
+        pytest.skip("the PostgreSQL printer")
+    url = sa.make_url(settings.database_url)
+    elsewhere = Database(url.set(query={"options": "-c timezone=Asia/Kolkata"}).render_as_string(hide_password=False))
+    try:
+        with elsewhere.read() as connection:
+            assert connection.exec_driver_sql("SHOW timezone").scalar() == "Asia/Kolkata"
+        there = Gallery(settings, elsewhere, gallery.storage)
+        for request_args in ({"limit": 7}, {"limit": 7, "order": "oldest"}):
+            page, token = there.list_page_json(principal, DEVICE, **request_args)
+            assert (page, token) == gallery.list_page_json(principal, DEVICE, **request_args)
+            assert page == listing_json.listing(gallery.list_page(principal, DEVICE, **request_args)[0])
+    finally:
+        elsewhere.dispose()
 
 
 @pytest.mark.parametrize("column, value, created", [
