@@ -187,6 +187,29 @@ def test_head_leaves_the_connection_usable(stack: Stack, stored: Stored) -> None
         assert body == stored.data
 
 
+@pytest.mark.parametrize("path", ["/api/gallery/{device}/upload", "/no/such/path"])
+def test_head_where_no_get_is_bound_answers_the_gets_404(
+    stack: Stack, http: httpx.Client, stored: Stored, path: str
+) -> None:
+    """A POST-only path or an unknown one: the GET's 404, whose body Envoy writes itself, with its
+    Content-Length (it was 0) and no body, and the connection still answers."""
+    path = path.format(device=stored.device)
+    get = http.get(path, headers=READ)
+    assert get.status_code == 404 and get.content
+    request = f"{{}} {{}} HTTP/1.1\r\nHost: gallery\r\nAuthorization: Bearer {stored.token}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", stack.http_port), timeout=10) as sock:
+        sock.sendall(request.format("HEAD", path).encode())
+        head = _answer_head(sock).decode().lower()
+        assert head.startswith("http/1.1 404 ") and f"content-length: {len(get.content)}\r\n" in head, head
+        time.sleep(0.3)
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            sock.recv(1)  # nothing after the headers
+        sock.setblocking(True)
+        sock.sendall(request.format("GET", f"/api/gallery/{stored.device}/stats").encode())
+        assert _answer_head(sock).startswith(b"HTTP/1.1 200 ")
+
+
 @pytest.mark.parametrize("content_type", [None, "application/grpc-web", "application/grpc; x", "text/plain"])
 def test_a_clients_own_head_marker_is_ignored(http: httpx.Client, stored: Stored, content_type: str | None) -> None:
     """Only Envoy says a request is a HEAD: a GET naming Envoy's marker itself still gets the bytes,
