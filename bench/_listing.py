@@ -125,7 +125,7 @@ def scenario_listing(bench: Bench) -> Section:
         postgres = _postgres.PostgresStack(postgres_url, bench.stack.data_dir.parent / "postgres",
                                            jwt_secret=JWT_SECRET, extra_env=dict(SEEDED_STACK_ENV))
     except psycopg.OperationalError as exc:  # no server there: the rest of the bench still runs
-        reason = f"its server could not be reached: {' '.join(str(exc).split())[:200]}"
+        reason = f"connecting to its server failed: {' '.join(str(exc).split())[:200]}"
         print(f"  PostgreSQL not measured: {reason}", flush=True)
         return _listing(bench, count, seed_s, None, reason)
     try:
@@ -166,11 +166,11 @@ def _listing(bench: Bench, count: int, seed_s: float,
     measured: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in cases}
     on_postgres: dict[str, list[dict[str, float]]] = {name: [] for name, *_, is_target in cases if is_target}
 
-    def measure(run: int, name: str, path: str, check: Callable[[bytes], None], where: str, port: int,
-                pids: dict[str, int], database_cpu: Callable[[], float | None] | None = None) -> dict[str, float]:
-        database_before = database_cpu() if database_cpu else None
-        result, cpu_us = _load(bench, host, port, path, auth, seconds, pids)
-        database_after = database_cpu() if database_cpu else None
+    def measure(run: int, name: str, path: str, check: Callable[[bytes], None], where: str, at_port: int,
+                processes: dict[str, int], postgres: _postgres.PostgresStack | None = None) -> dict[str, float]:
+        backends_before = postgres.backends_cpu() if postgres else None
+        result, cpu_us = _load(bench, host, at_port, path, auth, seconds, processes)
+        backends_after = postgres.backends_cpu() if postgres else None
         for body in result.sample_bodies:
             check(body)
         print(f"  run {run + 1}/{opts.runs}  {where:<10} {name:<55} {result.rate:7.0f} req/s  "
@@ -180,8 +180,9 @@ def _listing(bench: Bench, count: int, seed_s: float,
             "p99": result.percentile(99), "max": max(result.latencies_ms), "server_us": cpu_us["server"],
             "envoy_us": cpu_us["envoy"],
         }
-        if database_before is not None and database_after is not None:
-            sample["database_us"] = (database_after - database_before) / max(1, result.requests) * 1e6
+        if backends_before is not None and backends_after is not None:
+            spent = _postgres.cpu_spent(backends_before, backends_after)
+            sample["database_us"] = spent / max(1, result.requests) * 1e6
         return sample
 
     for run in range(opts.runs):
@@ -191,7 +192,7 @@ def _listing(bench: Bench, count: int, seed_s: float,
                 stack = postgres[0].stack
                 on_postgres[name].append(measure(
                     run, name, path, check, "PostgreSQL", stack.http_port,
-                    {"server": stack.server_pid, "envoy": stack.envoy_pid}, postgres[0].backend_cpu_seconds,
+                    {"server": stack.server_pid, "envoy": stack.envoy_pid}, postgres[0],
                 ))
     rows, raw = [], {}
     for name, _, _, is_target in cases:

@@ -9,10 +9,11 @@ throw-away database. Its events are copied in with COPY while the counters' trig
 counts are then written by one GROUP BY, as the server's own backfill does: with the trigger on, each
 row cost ~50 µs in upserts of the same three counter rows (~50 s for 1,000,000), and in one
 transaction every update of a counter row left one more dead version of it for the next to step over
-(100,000 rows in one COPY: 54 s; by hand, 2026-11-29). ANALYZE then does what autovacuum would do
-after such a load. PostgreSQL's work is done by its backend processes: those connected to the
-throw-away database are found in pg_stat_activity so that their CPU can be counted (on this machine
-only: a server elsewhere has no /proc here).
+(100,000 rows in one COPY: 54 s; by hand, 2026-11-29). VACUUM (ANALYZE) then does what autovacuum
+would do after such a load, before the measurements rather than during them. PostgreSQL's work is
+done by its backend processes: those connected to the throw-away database are found in
+pg_stat_activity so that their CPU can be counted (on this machine only: a server elsewhere has no
+/proc here).
 """
 
 from __future__ import annotations
@@ -37,18 +38,25 @@ def configured_url() -> str | None:
     return os.environ.get(URL_VARIABLE) or None
 
 
+# A throw-away database is named with its creation time: one older than this was left by a bench
+# that was killed (SIGKILL skips its clean-up), and the next bench drops it.
+STALE_AFTER_SECONDS = 3600
+_PREFIX = "gallery_bench_"
+
+
 class PostgresStack:
     """A gallery stack on a database of its own, created on the server at `base_url` (a SQLAlchemy
     URL) and dropped by stop()."""
 
     def __init__(self, base_url: str, work_dir: pathlib.Path, *, jwt_secret: str, extra_env: dict[str, str]) -> None:
         url = sa.make_url(base_url)
-        self.database = f"gallery_bench_{uuid.uuid4().hex[:12]}"
+        self.database = f"{_PREFIX}{int(time.time())}_{uuid.uuid4().hex[:8]}"
         self._admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._direct = url.set(drivername="postgresql", database=self.database).render_as_string(hide_password=False)
         # Loopback or a Unix socket: its backends are processes of this machine, whose CPU /proc shows.
         self.local = url.host in (None, "", "localhost", "127.0.0.1", "::1")
         with psycopg.connect(self._admin, autocommit=True) as connection:
+            _drop_stale(connection)
             connection.execute(f'CREATE DATABASE "{self.database}"')
         try:
             work_dir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +67,8 @@ class PostgresStack:
                 },
             )
         except BaseException:
-            self._drop()
+            with contextlib.suppress(Exception):  # the stack's own error is the one to see
+                self._drop()
             raise
 
     def seed(self, device: str, columns: tuple[str, ...], rows: Iterable[tuple[object, ...]]) -> float:
@@ -80,24 +89,27 @@ class PostgresStack:
             )
             connection.execute("ALTER TABLE events ENABLE TRIGGER events_count")
             connection.commit()
-            connection.execute("ANALYZE events")
-            connection.commit()
+            # What autovacuum would soon do after such a load (a COPY of many rows sets it off),
+            # done now rather than in the middle of a measurement.
+            connection.autocommit = True
+            connection.execute("VACUUM (ANALYZE) events")
         return time.monotonic() - started
 
-    def backend_cpu_seconds(self) -> float | None:
-        """CPU time so far of the backends connected to this stack's database (None: the server
-        is not a process of this machine)."""
+    def backends_cpu(self) -> dict[int, float] | None:
+        """CPU time so far of each client backend connected to this stack's database, by pid (None:
+        the server is not a process of this machine)."""
         if not self.local:
             return None
         with psycopg.connect(self._direct, autocommit=True) as connection:
             pids = [pid for (pid,) in connection.execute(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
             )]
-        total = 0.0
+        times = {}
         for pid in pids:
             with contextlib.suppress(FileNotFoundError):  # a backend that ended meanwhile
-                total += _stack.cpu_seconds(pid)
-        return total
+                times[pid] = _stack.cpu_seconds(pid)
+        return times
 
     def stop(self) -> None:
         try:
@@ -109,3 +121,18 @@ class PostgresStack:
         with psycopg.connect(self._admin, autocommit=True) as connection:
             connection.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
 
+
+def cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
+    """The backends' CPU between two backends_cpu() readings: a backend that connected meanwhile
+    counts from 0; one that ended meanwhile is missed (the server's pool keeps its connections)."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+
+def _drop_stale(connection: psycopg.Connection) -> None:  # type: ignore[type-arg]
+    names = [name for (name,) in connection.execute(
+        "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (_PREFIX,)
+    )]
+    for name in names:
+        created = name.removeprefix(_PREFIX).partition("_")[0]
+        if created.isdigit() and time.time() - int(created) > STALE_AFTER_SECONDS:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -112,17 +112,17 @@ _STORED_TIME = (
     "'[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] [0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]'"
 )
 # A row's `created` cut to RFC 3339 with protobuf's 0, 3 or 6 fractional digits, or NULL when the
-# stored time has another shape. It is a column of the page's subquery (SQLITE_CREATED), so each
+# stored time has another shape. It is a column of the page's subquery (CREATED_RFC3339), so each
 # row's GLOB and cuts run once for both `sqlite_array` and `sqlite_regular`: ~30 of the query's
 # ~190 µs per page of 50 when the two evaluated it apart.
-SQLITE_CREATED = "created_rfc3339"
+CREATED_RFC3339 = "created_rfc3339"
 sqlite_created = f"""CASE WHEN {_STORED_TIME}
     THEN substr(created, 1, 10) || 'T' || substr(created, 12, 8)
         || CASE WHEN substr(created, 21, 6) = '000000' THEN ''
                 WHEN substr(created, 24, 3) = '000' THEN '.' || substr(created, 21, 3)
                 ELSE '.' || substr(created, 21, 6) END
         || 'Z' END"""
-# The page printed by SQLite's JSON functions, over a subquery of LISTED_COLUMNS and SQLITE_CREATED
+# The page printed by SQLite's JSON functions, over a subquery of LISTED_COLUMNS and CREATED_RFC3339
 # in listing order (SQLite aggregates a LIMITed subquery's rows in its ORDER BY: it cannot flatten
 # it into the aggregate). json_object keeps the keys in the order given. A row the server did not
 # write itself (a time of another shape, a size or flag that is not an integer) is counted by
@@ -130,10 +130,10 @@ sqlite_created = f"""CASE WHEN {_STORED_TIME}
 sqlite_array = f"""json_group_array(json_object(
     'id', id, 'name', name, 'media_type', media_type, 'size', size,
     'has_thumbnail', CASE WHEN has_thumbnail THEN json('true') ELSE json('false') END,
-    'created', {SQLITE_CREATED},
+    'created', {CREATED_RFC3339},
     'mime_type', mime_type, 'sha256', sha256, 'state', state))"""
 sqlite_regular = (
-    f"sum({SQLITE_CREATED} IS NOT NULL AND typeof(size) = 'integer' AND typeof(has_thumbnail) = 'integer')"
+    f"sum({CREATED_RFC3339} IS NOT NULL AND typeof(size) = 'integer' AND typeof(has_thumbnail) = 'integer')"
     " = count(*)"
 )
 
@@ -141,15 +141,20 @@ sqlite_regular = (
 # PostgreSQL's printer. Its to_json() of a text escapes what Python's encoder does (the quote, the
 # backslash, \b \f \n \r \t, and the other controls as lowercase \u00xx) and leaves the rest as
 # UTF-8; finish() adds protobuf's escapes to both. `size` and `has_thumbnail` are typed columns
-# (bigint, boolean), so every row prints: there is no row for Python to take over. `created` is a
-# timestamptz, printed in UTC whatever the session's time zone, cut to 0, 3 or 6 fractional digits
-# once per row as a column of the page's subquery (POSTGRES_CREATED).
-POSTGRES_CREATED = "created_rfc3339"
+# (bigint, boolean). `created` is a timestamptz, printed in UTC whatever the session's time zone,
+# cut to 0, 3 or 6 fractional digits once per row as a column of the page's subquery
+# (CREATED_RFC3339). A time no Python datetime holds (infinity, a year BC or past 9999, written by
+# another tool) would print wrongly or, as NULL, drop its row from the aggregate: `postgres_regular`
+# counts such rows, and their page goes to the Python printer, whose driver refuses them as before.
 _UTC = "created AT TIME ZONE 'UTC'"
 postgres_created = f"""to_char({_UTC}, 'YYYY-MM-DD"T"HH24:MI:SS')
     || CASE WHEN to_char({_UTC}, 'US') = '000000' THEN ''
         WHEN right(to_char({_UTC}, 'US'), 3) = '000' THEN to_char({_UTC}, '.MS')
         ELSE to_char({_UTC}, '.US') END || 'Z'"""
+postgres_regular = (
+    "coalesce(bool_and(isfinite(created) AND created >= '0001-01-01 00:00:00+00' "
+    "AND created < '10000-01-01 00:00:00+00'), true)"
+)
 
 
 def postgres_array(order: str) -> str:
@@ -158,6 +163,6 @@ def postgres_array(order: str) -> str:
     return f"""'[' || string_agg('{{"id":' || to_json(id)::text || ',"name":' || to_json(name)::text
     || ',"media_type":' || to_json(media_type)::text || ',"size":' || size::text
     || ',"has_thumbnail":' || CASE WHEN has_thumbnail THEN 'true' ELSE 'false' END
-    || ',"created":"' || {POSTGRES_CREATED} || '"'
+    || ',"created":"' || {CREATED_RFC3339} || '"'
     || ',"mime_type":' || to_json(mime_type)::text || ',"sha256":' || to_json(sha256)::text
     || ',"state":' || to_json(state)::text || '}}', ',' ORDER BY {order}) || ']'"""

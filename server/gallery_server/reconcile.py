@@ -305,7 +305,7 @@ class Reconciler:
 
     def _still_stored(self, event_ids: Iterable[str]) -> list[str]:
         """Those of `event_ids` whose rows are stored now, in id order."""
-        wanted = sorted(event_ids)
+        wanted = list(event_ids)
         if not wanted:
             return []
         with self.db.session() as session:

@@ -126,7 +126,7 @@ def _sqlite_json_statement(page: sa.Select[Any], newest_first: bool) -> sa.Selec
     events, whether every `created` had the stored shape, and "created id" of the last event
     (the least pair newest first, the greatest oldest first: `created` has a fixed width)."""
     pages = page.add_columns(
-        sa.literal_column(listing_json.sqlite_created).label(listing_json.SQLITE_CREATED)
+        sa.literal_column(listing_json.sqlite_created).label(listing_json.CREATED_RFC3339)
     ).subquery("page")
     last = "min" if newest_first else "max"
     return sa.select(
@@ -140,18 +140,19 @@ def _sqlite_json_statement(page: sa.Select[Any], newest_first: bool) -> sa.Selec
 @functools.cache
 def _postgres_json_statement(page: sa.Select[Any], newest_first: bool) -> sa.Select[Any]:
     """One row for a whole page on PostgreSQL: its JSON (listing_json.postgres_array; NULL for an
-    empty page), the number of events, and the last event's `created` and id."""
+    empty page), the number of events, whether every `created` is one Python can hold, and the
+    last event's `created` and id (each aggregate in the page's order: PostgreSQL 16 sorts once)."""
     created = Event.__table__.c.created  # type: ignore[attr-defined]
     pages = page.add_columns(
-        sa.literal_column(listing_json.postgres_created).label(listing_json.POSTGRES_CREATED)
+        sa.literal_column(listing_json.postgres_created).label(listing_json.CREATED_RFC3339)
     ).subquery("page")
-    newest, oldest = "created DESC, id DESC", "created, id"
-    order, reverse = (newest, oldest) if newest_first else (oldest, newest)
+    order = "created DESC, id DESC" if newest_first else "created, id"
     return sa.select(
         sa.literal_column(listing_json.postgres_array(order)),
         sa.literal_column("count(*)"),
-        sa.literal_column(f"(array_agg(created ORDER BY {reverse}))[1]", type_=created.type),
-        sa.literal_column(f"(array_agg(id ORDER BY {reverse}))[1]"),
+        sa.literal_column(listing_json.postgres_regular),
+        sa.literal_column(f"(array_agg(created ORDER BY {order}))[count(*)]", type_=created.type),
+        sa.literal_column(f"(array_agg(id ORDER BY {order}))[count(*)]"),
     ).select_from(pages)
 
 
@@ -212,12 +213,13 @@ class Gallery:
         """The same page as list_page, as the REST listing's JSON (listing_json), and its token."""
         query, statement, parameters = self._page(principal, device, **request)
         if self.db.engine.dialect.name == "postgresql":
-            [(text, count, last_created, last_id)] = self.db.read_rows(
+            [(text, count, regular, last_created, last_id)] = self.db.read_rows(
                 _postgres_json_statement(statement, query.newest_first), parameters
             )
-            last = (last_created, last_id) if count else None
-            return listing_json.finish(text or "[]"), _next_page_token(query, last, count)
-        if self._sqlite_prints_json:
+            if regular:  # else a time only PostgreSQL holds: the Python printer refuses it below
+                last = (last_created, last_id) if count else None
+                return listing_json.finish(text or "[]"), _next_page_token(query, last, count)
+        elif self._sqlite_prints_json:
             [(text, count, regular, last)] = self.db.read_rows(
                 _sqlite_json_statement(statement, query.newest_first), parameters
             )

@@ -143,7 +143,8 @@ def test_64_concurrent_uploads_with_reads_within_memory_budget(
     assert server_peak <= SERVER_RSS_BUDGET, f"server peak RSS {server_peak / MiB:.0f} MiB"
     assert envoy_peak <= ENVOY_RSS_BUDGET, f"Envoy peak RSS {envoy_peak / MiB:.0f} MiB"
     # ~9 MiB of the budget that a server on SQLite has no use for (db._postgres_idle).
-    assert "psycopg" not in server_libraries, "a server on SQLite loaded PostgreSQL's driver"
+    assert "psycopg" not in server_libraries and "libpq" not in server_libraries, \
+        "a server on SQLite loaded PostgreSQL's driver"
 
 
 def _parts(device: str, data: bytes) -> Iterator[pb.UploadEventRequest]:

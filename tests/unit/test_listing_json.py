@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -103,12 +104,33 @@ def test_postgres_prints_a_page_in_one_statement(gallery, principal, rows):
     assert len(json.loads(page)) == 10 and token
 
 
+@pytest.mark.parametrize("created", ["infinity", "-infinity", "0044-03-15 12:00:00+00 BC", "12024-03-20 10:00:00+00"])
+def test_a_time_python_cannot_hold_is_never_printed_by_postgres(gallery, principal, rows, created):
+    """Written by another tool: PostgreSQL would print it wrongly or drop its row; the page goes to
+    the Python printer, whose driver refuses the row, as for the native listing."""
+    if gallery.db.engine.dialect.name != "postgresql":
+        pytest.skip("the PostgreSQL printer")
+    with gallery.db.engine.begin() as connection:
+        connection.exec_driver_sql(
+            "UPDATE events SET created = %(created)s::timestamptz WHERE id = %(id)s",
+            {"created": created, "id": rows[-1]["id"]},
+        )
+    with pytest.raises(psycopg.DataError):
+        gallery.list_page(principal, DEVICE, limit=1000)
+    with pytest.raises(psycopg.DataError):
+        gallery.list_page_json(principal, DEVICE, limit=1000)
+    page, _ = gallery.list_page_json(principal, DEVICE, limit=1000, media_type="image")  # without that row
+    assert page == listing_json.listing(gallery.list_page(principal, DEVICE, limit=1000, media_type="image")[0])
+
+
 def test_postgres_prints_times_in_utc_whatever_the_session_time_zone(settings, principal, rows, gallery):
     """`created` is a timestamptz: a session in another zone must print the same page."""
     if gallery.db.engine.dialect.name != "postgresql":
         pytest.skip("the PostgreSQL printer")
     url = sa.make_url(settings.database_url)
-    elsewhere = Database(url.set(query={"options": "-c timezone=Asia/Kolkata"}).render_as_string(hide_password=False))
+    elsewhere = Database(
+        url.update_query_dict({"options": "-c timezone=Asia/Kolkata"}).render_as_string(hide_password=False)
+    )
     try:
         with elsewhere.read() as connection:
             assert connection.exec_driver_sql("SHOW timezone").scalar() == "Asia/Kolkata"
