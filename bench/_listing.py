@@ -254,7 +254,7 @@ def _postgres_table(on_sqlite: dict[str, list[dict[str, float]]], on_postgres: d
         "**On PostgreSQL**, the database that replicas share: a second stack (server and Envoy, as `gallery run` "
         f"starts them, one replica) on a throw-away database of {_postgres.URL_VARIABLE}'s server, with the same "
         f"{count:,} events copied in ({seed_s:.0f} s: COPY with the counters' trigger off, the counts then "
-        "written by one GROUP BY and ANALYZE run; bench/_postgres.py says why). The same requests, each run on "
+        "written by one GROUP BY, then VACUUM (ANALYZE); bench/_postgres.py says why). The same requests, each run on "
         f"SQLite and then here, {seconds:.0f} s each, answers checked; the ratio is of p50s measured one after "
         "the other. PostgreSQL's CPU is that of the backends connected to the database (a process per "
         "connection, on this machine's 2 vCPUs like everything else). Not in the targets table: the targets "
