@@ -167,10 +167,10 @@ def _listing(bench: Bench, count: int, seed_s: float,
     on_postgres: dict[str, list[dict[str, float]]] = {name: [] for name, *_, is_target in cases if is_target}
 
     def measure(run: int, name: str, path: str, check: Callable[[bytes], None], where: str, at_port: int,
-                processes: dict[str, int], postgres: _postgres.PostgresStack | None = None) -> dict[str, float]:
-        backends_before = postgres.backends_cpu() if postgres else None
+                processes: dict[str, int], database: _postgres.PostgresStack | None = None) -> dict[str, float]:
+        backends_before = database.backends_cpu() if database else None
         result, cpu_us = _load(bench, host, at_port, path, auth, seconds, processes)
-        backends_after = postgres.backends_cpu() if postgres else None
+        backends_after = database.backends_cpu() if database else None
         for body in result.sample_bodies:
             check(body)
         print(f"  run {run + 1}/{opts.runs}  {where:<10} {name:<55} {result.rate:7.0f} req/s  "
