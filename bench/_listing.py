@@ -129,7 +129,7 @@ def scenario_listing(bench: Bench) -> Section:
         print(f"  PostgreSQL not measured: {reason}", flush=True)
         return _listing(bench, count, seed_s, None, reason)
     try:
-        postgres_seed_s = postgres.seed(BIG_DEVICE, EVENT_COLUMNS, event_rows(BIG_DEVICE, count))
+        postgres_seed_s = postgres.seed(EVENT_COLUMNS, event_rows(BIG_DEVICE, count))
         print(f"  seeded {count:,} events in PostgreSQL in {postgres_seed_s:.1f} s", flush=True)
         return _listing(bench, count, seed_s, (postgres, postgres_seed_s), "")
     finally:
@@ -253,8 +253,8 @@ def _postgres_table(on_sqlite: dict[str, list[dict[str, float]]], on_postgres: d
     markdown = (
         "**On PostgreSQL**, the database that replicas share: a second stack (server and Envoy, as `gallery run` "
         f"starts them, one replica) on a throw-away database of {_postgres.URL_VARIABLE}'s server, with the same "
-        f"{count:,} events copied in ({seed_s:.0f} s: COPY with the counters' trigger off, the counts then "
-        "written by one GROUP BY, then VACUUM (ANALYZE); bench/_postgres.py says why). The same requests, each run on "
+        f"{count:,} events copied in ({seed_s:.0f} s: one COPY, counted by the stats triggers, then "
+        "VACUUM (ANALYZE); bench/_postgres.py). The same requests, each run on "
         f"SQLite and then here, {seconds:.0f} s each, answers checked; the ratio is of p50s measured one after "
         "the other. PostgreSQL's CPU is that of the backends connected to the database (a process per "
         "connection, on this machine's 2 vCPUs like everything else). Not in the targets table: the targets "

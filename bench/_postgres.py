@@ -5,15 +5,12 @@ drop a database (the Makefile points it at the machine's local server, as it poi
 without it the listing scenario measures SQLite alone and says so.
 
 The stack is the one `gallery run` starts (server and Envoy, its own ports and data directory) on a
-throw-away database. Its events are copied in with COPY while the counters' trigger is off, and the
-counts are then written by one GROUP BY, as the server's own backfill does: with the trigger on, each
-row cost ~50 µs in upserts of the same three counter rows (~50 s for 1,000,000), and in one
-transaction every update of a counter row left one more dead version of it for the next to step over
-(100,000 rows in one COPY: 54 s; by hand, 2026-11-29). VACUUM (ANALYZE) then does what autovacuum
-would do after such a load, before the measurements rather than during them. PostgreSQL's work is
-done by its backend processes: those connected to the throw-away database are found in
-pg_stat_activity so that their CPU can be counted (on this machine only: a server elsewhere has no
-/proc here).
+throw-away database. Its events are copied in with one COPY, the stats counters' triggers counting
+them as they count any insert (once per statement on PostgreSQL: models.py), and VACUUM (ANALYZE)
+then does what autovacuum would do after such a load, before the measurements rather than during
+them. PostgreSQL's work is done by its backend processes: those connected to the throw-away
+database are found in pg_stat_activity so that their CPU can be counted (on this machine only: a
+server elsewhere has no /proc here).
 """
 
 from __future__ import annotations
@@ -71,23 +68,13 @@ class PostgresStack:
                 self._drop()
             raise
 
-    def seed(self, device: str, columns: tuple[str, ...], rows: Iterable[tuple[object, ...]]) -> float:
-        """Copy `rows` of `device` into events and add their counts; returns the seconds it took."""
+    def seed(self, columns: tuple[str, ...], rows: Iterable[tuple[object, ...]]) -> float:
+        """Copy `rows` into events in one transaction; returns the seconds it took."""
         started = time.monotonic()
         with psycopg.connect(self._direct) as connection:
-            # One transaction: the trigger is off for this load only, and the counts come with the rows.
-            connection.execute("ALTER TABLE events DISABLE TRIGGER events_count")
             with connection.cursor().copy(f"COPY events ({', '.join(columns)}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
-            connection.execute(
-                "INSERT INTO event_counts (device, media_type, count, size) "
-                "SELECT device, media_type, COUNT(*), SUM(size) FROM events WHERE device = %s "
-                "GROUP BY device, media_type "
-                "ON CONFLICT (device, media_type) DO UPDATE SET count = excluded.count, size = excluded.size",
-                (device,),
-            )
-            connection.execute("ALTER TABLE events ENABLE TRIGGER events_count")
             connection.commit()
             # What autovacuum would soon do after such a load (a COPY of many rows sets it off),
             # done now rather than in the middle of a measurement.
