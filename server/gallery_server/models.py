@@ -192,16 +192,19 @@ _SQLITE_TRIGGERS = (
 # row trigger's upsert of the same counter row for every row of a bulk load left one more version
 # of that row for the next upsert to step over within the transaction, so a load slowed down as it
 # went (100,000 rows in one COPY: 65 - 75 s, 2.7 s counted per statement; a delete of 50,000 rows:
-# 16 s, 0.1 s). A single-row insert costs PostgreSQL ~60 µs more CPU this way (~12%; by hand,
-# 2026-11-29). Updates keep a row trigger: a statement trigger with a transition table cannot be
-# limited to the three counted columns, and would run for every change of an event's state.
+# 16 s, 0.1 s). The price, paid by the server's own writes, which are one row per statement: a
+# single-row insert costs PostgreSQL ~60 µs more CPU (~12%), a single-row delete about the same as
+# before (~450 µs either way; by hand, 2026-11-29). Chosen so that a load or clean-up in SQL by
+# another tool cannot take hours. Updates keep a row trigger: a statement trigger with a transition
+# table cannot be limited to the three counted columns, and would run for every change of an
+# event's state. TRUNCATE empties the counters too.
 _POSTGRES_TRIGGERS = (
     "CREATE OR REPLACE FUNCTION events_count() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
     f"{_COUNT_REMOVE}; {_COUNT_ADD}; RETURN NULL; END $$",
     "CREATE OR REPLACE FUNCTION events_count_inserted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
     "INSERT INTO event_counts (device, media_type, count, size) "
     "SELECT device, media_type, COUNT(*), SUM(size) FROM inserted GROUP BY device, media_type "
-    "ORDER BY device, media_type "  # counter rows are locked in one order by every statement
+    "ORDER BY device, media_type "  # counter rows are locked in one order by every INSERT or DELETE
     "ON CONFLICT (device, media_type) DO UPDATE "
     "SET count = event_counts.count + excluded.count, size = event_counts.size + excluded.size; "
     "RETURN NULL; END $$",
@@ -220,6 +223,10 @@ _POSTGRES_TRIGGERS = (
     "FOR EACH STATEMENT EXECUTE FUNCTION events_count_inserted()",
     "CREATE OR REPLACE TRIGGER events_count_delete AFTER DELETE ON events REFERENCING OLD TABLE AS deleted "
     "FOR EACH STATEMENT EXECUTE FUNCTION events_count_deleted()",
+    "CREATE OR REPLACE FUNCTION events_count_truncated() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "DELETE FROM event_counts; RETURN NULL; END $$",
+    "CREATE OR REPLACE TRIGGER events_count_truncate AFTER TRUNCATE ON events "
+    "FOR EACH STATEMENT EXECUTE FUNCTION events_count_truncated()",
 )
 # A database created before event_counts existed gets its counts once, when the table is created.
 _BACKFILL = (

@@ -94,7 +94,8 @@ def test_counters_backfilled_for_a_database_made_before_them(gallery: Gallery, p
     db = gallery.db
     with db.engine.begin() as c:  # an older schema: no counters table, no triggers
         c.execute(sa.text("DROP TABLE event_counts"))
-        for trigger in ("events_count_insert", "events_count_delete", "events_count_update", "events_count"):
+        for trigger in ("events_count_insert", "events_count_delete", "events_count_update", "events_count",
+                        "events_count_truncate"):
             on = " ON events" if c.dialect.name == "postgresql" else ""
             c.execute(sa.text(f"DROP TRIGGER IF EXISTS {trigger}{on}"))
     db.create_tables()
@@ -133,9 +134,51 @@ def test_postgres_counts_a_statement_once_per_counter_row(postgres_url: str) -> 
         groups = len(DEVICES) * len(TYPES)
         assert inserted + updated <= 2 * groups, (inserted, updated)
         assert counters(db) == truth(db)
-    finally:
         with db.engine.begin() as c:
-            c.execute(table.delete().where(table.c.id.like("evt_w8_%")))
+            c.execute(sa.text("TRUNCATE events"))
+        assert counters(db) == truth(db) == {}
+    finally:
+        SQLModel.metadata.drop_all(db.engine)  # the next test starts from empty tables
+        db.dispose()
+
+
+# The one trigger databases made before 2026-11-29 have on PostgreSQL: every row of every insert,
+# delete and change of the counted columns.
+_ROW_BY_ROW = (
+    "CREATE OR REPLACE FUNCTION events_count() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "IF TG_OP IN ('DELETE', 'UPDATE') THEN UPDATE event_counts SET count = count - 1, size = size - OLD.size "
+    "WHERE device = OLD.device AND media_type = OLD.media_type; END IF; "
+    "IF TG_OP IN ('INSERT', 'UPDATE') THEN INSERT INTO event_counts (device, media_type, count, size) "
+    "VALUES (NEW.device, NEW.media_type, 1, NEW.size) ON CONFLICT (device, media_type) DO UPDATE "
+    "SET count = event_counts.count + 1, size = event_counts.size + excluded.size; END IF; "
+    "RETURN NULL; END $$",
+    "CREATE OR REPLACE TRIGGER events_count AFTER INSERT OR DELETE OR UPDATE OF device, media_type, size "
+    "ON events FOR EACH ROW EXECUTE FUNCTION events_count()",
+)
+
+
+def test_postgres_counters_reinstalled_over_the_row_trigger_count_once(postgres_url: str) -> None:
+    """What README tells an operator to do to move an older database to statement counting: drop
+    event_counts and start a server. Its install replaces the old trigger, never adds to it."""
+    db = Database(postgres_url, pool_size=1)
+    db.create_tables()
+    table = Event.__table__  # type: ignore[attr-defined]
+    try:
+        with db.engine.begin() as c:
+            for trigger in ("events_count_insert", "events_count_delete", "events_count_truncate"):
+                c.execute(sa.text(f"DROP TRIGGER {trigger} ON events"))
+            for statement in _ROW_BY_ROW:
+                c.execute(sa.text(statement))
+            c.execute(table.insert().values([_row(i, 7) for i in range(30)]))
+            c.execute(sa.text("DROP TABLE event_counts"))
+        db.create_tables()
+        with db.engine.begin() as c:
+            c.execute(table.insert().values([_row(i, 6) for i in range(30)]))
+            c.execute(table.delete().where(table.c.size % 4 == 0))
+            c.execute(table.update().where(table.c.size % 5 == 0).values(media_type="image"))
+        assert counters(db) == truth(db) and sum(n for n, _ in truth(db).values()) == 60 - 16
+    finally:
+        SQLModel.metadata.drop_all(db.engine)
         db.dispose()
 
 
