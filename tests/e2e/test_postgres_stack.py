@@ -6,12 +6,14 @@ Needs GALLERY_TEST_POSTGRES_URL (the Makefile sets it); skipped without it, like
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import hashlib
 import json
 import pathlib
 import random
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -300,3 +302,52 @@ def test_postgres_listing_bytes_are_envoys_bytes(
             )
     with httpx.Client(base_url=pg_stack.base_url, timeout=60) as http:
         assert_listing_is_envoys_printing(http, headers, device)
+
+
+def test_requests_right_after_postgresql_ended_every_connection_are_answered(
+    pg_stack: Stack, pg_engine: sa.Engine, auth_headers: Callable[..., dict[str, str]]
+) -> None:
+    """As after a restart of PostgreSQL: the server's pooled connections are all gone, most of them
+    used moments before (so lent to a read without a ping, db.py). Every request is still answered
+    as before it, at once, and an upload stores its event."""
+    device, headers = f"pg-ended-{uuid.uuid4().hex[:8]}", auth_headers()
+    with httpx.Client(base_url=pg_stack.base_url, timeout=60) as http:
+        r = http.post(f"/api/gallery/{device}/upload", headers=headers, data={"name": "a.png"},
+                      files={"event": ("a.png", PNG, "image/png")})
+        assert r.status_code == 200, r.text
+        event_id = r.json()["eventId"]
+        reads = [f"/api/gallery/{device}/events", f"/api/gallery/{device}/stats",
+                 f"/api/gallery/{device}/events/{event_id}"] * 4
+
+        def read_all() -> list[tuple[int, bytes]]:
+            # At once, from as many connections: the server's read workers take several pooled ones.
+            with concurrent.futures.ThreadPoolExecutor(len(reads)) as pool:
+                return list(pool.map(lambda path: _get(pg_stack, path, headers), reads))
+
+        before = read_all()
+        assert {status for status, _ in before} == {200}
+        # Autocommit: within a transaction pg_stat_activity would show one snapshot throughout.
+        with pg_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            ended = connection.execute(sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )).fetchall()
+            deadline = time.monotonic() + 20
+            while connection.execute(sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            )).scalar_one():
+                assert time.monotonic() < deadline, "the server's connections did not end"
+                time.sleep(0.01)
+        assert len(ended) >= 2  # the server's pooled connections
+        assert read_all() == before
+        r = http.post(f"/api/gallery/{device}/upload", headers=headers, data={"name": "b.png"},
+                      files={"event": ("b.png", PNG, "image/png")})
+        assert r.status_code == 200, r.text
+        assert http.get(f"/api/gallery/{device}/stats", headers=headers).json()["total_events"] == 2
+
+
+def _get(stack: Stack, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    with httpx.Client(base_url=stack.base_url, timeout=60) as http:
+        r = http.get(path, headers=headers)
+        return r.status_code, r.content

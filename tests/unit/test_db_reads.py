@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from gallery_server import service
-from gallery_server.db import Database, _driver_select
+from gallery_server.db import TRUST_RECENT_SECONDS, Database, _ConnectionLost, _driver_select
 from gallery_server.models import Event
 
 DEVICE = "cam-rows"
@@ -146,31 +146,134 @@ def test_a_postgresql_connection_goes_back_to_the_pool_as_it_came(database_url):
         db.dispose()
 
 
-def test_a_postgresql_connection_lost_during_a_read_raises_its_own_error_and_is_dropped(database_url):
+def _admin(database_url: str) -> psycopg.Connection:  # type: ignore[type-arg]
+    url = sa.make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    return psycopg.connect(url, autocommit=True)
+
+
+def _backend_pid(db: Database) -> int:
+    return db.read_rows(sa.select(sa.func.pg_backend_pid()), {})[0][0]
+
+
+def _terminate(database_url: str, pids: list[int]) -> None:
+    """End these backends, as a restarting or an administrator's PostgreSQL would, and wait until
+    they are gone."""
+    with _admin(database_url) as connection:
+        for pid in pids:
+            connection.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        deadline = time.monotonic() + 20
+        while connection.execute("SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)).fetchall():
+            assert time.monotonic() < deadline, "the backends did not end"
+            time.sleep(0.01)
+
+
+def _counting_pings(db: Database, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the pings of db's pool on their way to the dialect's own."""
+    pings: list[int] = []
+    ping = db.engine.dialect.do_ping
+
+    def counted(dbapi_connection: Any) -> bool:
+        pings.append(1)
+        return ping(dbapi_connection)
+
+    monkeypatch.setattr(db.engine.dialect, "do_ping", counted)
+    return pings
+
+
+def test_a_single_read_pings_only_a_connection_idle_for_longer_than_the_window(database_url, monkeypatch):
+    """Sessions, which may write, are pinged at every checkout; a single read only when its
+    connection sat in the pool for TRUST_RECENT_SECONDS or more (a fresh one never)."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite's connections are never pinged")
+    db = Database(database_url, pool_size=1)
+    try:
+        pings = _counting_pings(db, monkeypatch)
+        first = _backend_pid(db)
+        assert pings == []  # just connected
+        assert _backend_pid(db) == first and pings == []  # returned moments ago
+        time.sleep(TRUST_RECENT_SECONDS + 0.1)
+        assert _backend_pid(db) == first and len(pings) == 1
+        with db.session() as session:
+            assert session.execute(sa.select(sa.func.pg_backend_pid())).scalar_one() == first
+        assert len(pings) == 2
+        assert _backend_pid(db) == first and len(pings) == 2
+    finally:
+        db.dispose()
+
+
+def test_a_single_read_whose_connection_was_ended_runs_again_on_another(database_url, monkeypatch):
+    """The connection was lent without a ping: the read finds it ended, and answers all the same."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's server ends the connection")
+    db = Database(database_url, pool_size=1, trust_recent_seconds=3600)
+    try:
+        db.create_tables()
+        pings = _counting_pings(db, monkeypatch)
+        ended = _backend_pid(db)
+        _terminate(database_url, [ended])
+        assert db.read_rows(service._STATS, {"device": DEVICE}) == []
+        assert _backend_pid(db) != ended
+        assert pings == []  # the only connection was replaced, and the new one is fresh
+    finally:
+        db.dispose()
+
+
+def test_after_a_restart_one_failed_ping_replaces_every_pooled_connection(database_url, monkeypatch):
+    """Every backend ended at once, as by a restart: the first checkout that pings finds its
+    connection ended, and the whole pool is replaced, as SQLAlchemy's pool_pre_ping does."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's server ends the connections")
+    db = Database(database_url, pool_size=3, trust_recent_seconds=3600)
+    try:
+        with db.engine.connect() as a, db.engine.connect() as b, db.engine.connect() as c:
+            ended = [
+                connection.execute(sa.select(sa.func.pg_backend_pid())).scalar_one() for connection in (a, b, c)
+            ]
+        pings = _counting_pings(db, monkeypatch)
+        _terminate(database_url, ended)
+        with db.session() as session:  # a session is pinged, even right after its connection's return
+            assert session.execute(sa.select(sa.func.pg_backend_pid())).scalar_one() not in ended
+        assert len(pings) == 1
+        # The two other connections, ended too, went with the failed ping: these reads get new ones,
+        # fresh, so none is pinged or runs a second time.
+        pids = {_backend_pid(db) for _ in range(6)}
+        assert not pids & set(ended) and len(pings) == 1
+    finally:
+        db.dispose()
+
+
+def test_a_read_whose_connection_is_lost_twice_raises_the_drivers_error_and_the_pool_carries_on(database_url):
+    """A select cut short runs once more, and not again: the second loss is the caller's error."""
     if not database_url.startswith("postgresql"):
         pytest.skip("PostgreSQL's server ends the connection")
     db = Database(database_url, pool_size=1)
     try:
-        pid = db.read_rows(sa.select(sa.func.pg_backend_pid()), {})[0][0]
-        killer = threading.Thread(target=_terminate_when_sleeping, args=(database_url, pid))
+        killed: list[int] = []
+        killer = threading.Thread(target=_terminate_sleeping, args=(database_url, 2, killed))
         killer.start()
-        with pytest.raises(psycopg.errors.AdminShutdown):  # the loss itself, not a later error
+        with pytest.raises(psycopg.errors.AdminShutdown) as raised:  # the loss itself, not a later error
             db.read_rows(sa.select(sa.func.pg_sleep(sa.bindparam("seconds", type_=sa.Float))), {"seconds": 30.0})
         killer.join()
+        assert len(set(killed)) == 2  # two connections, one after the other
+        assert isinstance(raised.value.__context__, _ConnectionLost)
+        assert isinstance(raised.value.__context__.__cause__, psycopg.errors.AdminShutdown)
         assert db.read_rows(sa.select(sa.literal(1)), {}) == [(1,)]  # the pool carries on
     finally:
         db.dispose()
 
 
-def _terminate_when_sleeping(database_url: str, pid: int) -> None:
-    """End backend `pid` once it is inside pg_sleep (not before: the pool's pre-ping would quietly
-    replace a connection ended earlier)."""
-    url = sa.make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(url, autocommit=True) as connection:
+def _terminate_sleeping(database_url: str, count: int, killed: list[int]) -> None:
+    """End `count` backends of the database, each once it is inside pg_sleep (not before: it would
+    not be the select that loses its connection)."""
+    with _admin(database_url) as connection:
         deadline = time.monotonic() + 20
-        while not connection.execute(
-            "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event = 'PgSleep'", (pid,)
-        ).fetchall():
-            assert time.monotonic() < deadline, "the select never started sleeping"
+        while len(killed) < count:
+            sleeping = connection.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep'"
+                " AND NOT pid = ANY(%s)", (killed,)
+            ).fetchall()
+            assert time.monotonic() < deadline, "no select was sleeping"
+            if sleeping:
+                connection.execute("SELECT pg_terminate_backend(%s)", (sleeping[0][0],))
+                killed.append(sleeping[0][0])
             time.sleep(0.02)
-        connection.execute("SELECT pg_terminate_backend(%s)", (pid,))
