@@ -7,6 +7,9 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import logging
+import sqlite3
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -15,6 +18,9 @@ import sqlalchemy as sa
 from sqlmodel import Session, SQLModel
 
 from . import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from .errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
 
 # pg_advisory_xact_lock key of schema creation: "gall" in ASCII.
 _SCHEMA_LOCK = 0x67616C6C
@@ -131,7 +137,7 @@ class Database:
         BEGIN and ROLLBACK around it were pure cost: on the hot listing and stats paths they
         took about as long as the query (SQLite: two more statements through SQLAlchemy;
         PostgreSQL: two more round trips). Several statements that must agree need session()."""
-        with self.engine.connect() as connection:
+        with _unavailable_as_error(), self.engine.connect() as connection:
             yield connection.execution_options(**self._single_read)
 
     def read_rows(self, statement: sa.Select[Any], parameters: Mapping[str, Any]) -> Sequence[tuple[Any, ...]]:
@@ -145,24 +151,30 @@ class Database:
         interleaved rounds, 2026-11-29), the server's CPU per stats read went from ~435 to ~265 µs
         and per listing page from ~1,700 to ~1,220 µs.
         Its errors are then the driver's own (sqlite3.Error or psycopg.Error, not wrapped by
-        SQLAlchemy): callers of these reads catch none, and the RPC layer answers any of them
-        INTERNAL.
+        SQLAlchemy), but for those that say the database is unavailable (_unavailable), which are
+        DatabaseUnavailable as from session() and read(): callers of these reads catch none.
 
         On PostgreSQL a connection returned to the pool moments ago is lent without a ping
         (_ping_on_checkout), so if it turns out to be lost (the database restarted, or ended it)
         the select runs once more, on a connection pinged first: the caller sees an error only
         if that one fails too."""
         select = _driver_select(statement, self.engine.dialect)
-        if self.engine.dialect.name != "postgresql":
-            connection = self.engine.raw_connection()
-            try:
-                return _run(connection, select, parameters)
-            finally:
-                connection.close()
         try:
-            return self._read_postgres(select, parameters, runs_again_if_lost=True)
-        except _ConnectionLost:
-            return self._read_postgres(select, parameters, runs_again_if_lost=False)
+            if self.engine.dialect.name != "postgresql":
+                connection = self.engine.raw_connection()
+                try:
+                    return _run(connection, select, parameters)
+                finally:
+                    connection.close()
+            try:
+                return self._read_postgres(select, parameters, runs_again_if_lost=True)
+            except _ConnectionLost:
+                return self._read_postgres(select, parameters, runs_again_if_lost=False)
+        except Exception as exc:
+            if not _unavailable(exc):
+                raise
+            _log_unavailable(exc)
+            raise DatabaseUnavailable() from exc
 
     def _read_postgres(
         self, select: _DriverSelect, parameters: Mapping[str, Any], *, runs_again_if_lost: bool
@@ -194,11 +206,47 @@ class Database:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
-        with Session(self.engine, expire_on_commit=False) as session:
+        with _unavailable_as_error(), Session(self.engine, expire_on_commit=False) as session:
             yield session
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """Whether `exc` means the database could not do the work now, so that the same request may
+    succeed later: PostgreSQL could not be reached or dropped the connection, or said so itself
+    (psycopg's OperationalError: connection failures, shutdowns, cancelled statements, exhausted
+    resources, deadlocks and serialization failures); SQLite stayed locked past the busy timeout;
+    or no pooled connection came free in time."""
+    if isinstance(exc, sa.exc.TimeoutError):
+        return True
+    if isinstance(exc, sa.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        exc = exc.orig
+    psycopg = sys.modules.get("psycopg")  # not loaded: no error of its can exist (_postgres_idle)
+    if psycopg is not None and isinstance(exc, psycopg.OperationalError):
+        return True
+    # Other sqlite3.OperationalErrors are the statement's own ("no such table").
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+
+
+def _log_unavailable(exc: BaseException) -> None:
+    # The request's access line says DATABASE_UNAVAILABLE; this line says why (the driver's
+    # words: host, port and user at most, never a password).
+    log.error("database unavailable: %s: %s", type(exc).__name__, " ".join(str(exc).split())[:500])
+
+
+@contextlib.contextmanager
+def _unavailable_as_error() -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        if not _unavailable(exc):
+            raise
+        _log_unavailable(exc)
+        raise DatabaseUnavailable() from exc
 
 
 class _ConnectionLost(Exception):

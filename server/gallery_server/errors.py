@@ -11,6 +11,7 @@ GalleryError                 base; carries a stable UPPER_SNAKE `reason` and `me
 ├── OutOfRange               a read past the end of the content (400 / OUT_OF_RANGE)
 ├── TooLarge                 a size limit was exceeded (429 through Envoy / RESOURCE_EXHAUSTED)
 ├── Unavailable              a service the request needs is unreachable, e.g. the JWKS (503 / UNAVAILABLE)
+│   └── DatabaseUnavailable  the database could not do the work now (db.py says which errors)
 └── Exhausted                a capacity limit was hit: too many uploads at once (429) or too little
                              free disk (507 through Envoy; both RESOURCE_EXHAUSTED)
 """
@@ -68,6 +69,14 @@ class TooLarge(GalleryError):
 
 class Unavailable(GalleryError):
     pass
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database could not be reached, dropped the connection or stayed busy past the waits:
+    the same request may succeed later. Raised by db.py, from the driver's error."""
+
+    def __init__(self) -> None:
+        super().__init__("DATABASE_UNAVAILABLE", "the database is unavailable; try again later")
 
 
 class Exhausted(GalleryError):

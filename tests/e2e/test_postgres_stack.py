@@ -18,11 +18,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 import sqlalchemy as sa
 
-from ..conftest import stored_files
+from gallery.v1 import gallery_pb2, gallery_pb2_grpc
+
+from ..conftest import rich_error, stored_files
 from .conftest import Stack, start_stack, stop_stack
 from .test_listing import ANNOUNCE_SQL, ANNOUNCED, assert_listing_is_envoys_printing
 
@@ -351,3 +354,68 @@ def _get(stack: Stack, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
     with httpx.Client(base_url=stack.base_url, timeout=60) as http:
         r = http.get(path, headers=headers)
         return r.status_code, r.content
+
+
+def test_while_postgresql_refuses_connections_requests_are_503_and_nothing_is_half_stored(
+    postgres_url: str, tmp_path: pathlib.Path, auth_headers: Callable[..., dict[str, str]]
+) -> None:
+    """As while PostgreSQL restarts: every request that needs the database is UNAVAILABLE (HTTP
+    503, reason DATABASE_UNAVAILABLE: try again later), not INTERNAL; an upload then leaves no file
+    behind; and once the database is back, the same requests are answered."""
+    url = sa.make_url(postgres_url)
+    name = f"gallery_refusing_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    stack = start_stack(tmp_path / "data", tmp_path / "gallery.log", extra_env={
+        "GALLERY_DATABASE_URL": url.set(database=name).render_as_string(hide_password=False),
+    })
+    device, headers = f"pg-refusing-{uuid.uuid4().hex[:8]}", auth_headers()
+    try:
+        with httpx.Client(base_url=stack.base_url, timeout=60) as http:
+            r = http.post(f"/api/gallery/{device}/upload", headers=headers, data={"name": "a.png"},
+                          files={"event": ("a.png", PNG, "image/png")})
+            assert r.status_code == 200, r.text
+            event_id = r.json()["eventId"]
+            stored = stored_files(stack.data_dir)
+            with admin.connect() as connection:
+                connection.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+                connection.exec_driver_sql(
+                    f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+                )
+            try:
+                for method, path in [
+                    ("GET", f"/api/gallery/{device}/events"), ("GET", f"/api/gallery/{device}/stats"),
+                    ("GET", f"/api/gallery/{device}/events/{event_id}"),
+                    ("GET", f"/api/gallery/{device}/events/{event_id}/content"),
+                    ("DELETE", f"/api/gallery/{device}/events/{event_id}"),
+                ]:
+                    r = http.request(method, path, headers=headers)
+                    assert r.status_code == 503, (path, r.status_code, r.text)
+                    body = r.json()
+                    assert body["code"] == 14 and body["message"] == "the database is unavailable; try again later"
+                    assert [d["reason"] for d in body["details"]] == ["DATABASE_UNAVAILABLE"], body
+                r = http.post(f"/api/gallery/{device}/upload", headers=headers, data={"name": "b.png"},
+                              files={"event": ("b.png", VIDEO, "image/png")})
+                assert r.status_code == 503, r.text
+                assert stored_files(stack.data_dir) == stored
+                assert list((stack.data_dir / "staging").iterdir()) == []
+                with grpc.insecure_channel(stack.envoy_grpc_address) as channel:
+                    with pytest.raises(grpc.RpcError) as raised:
+                        gallery_pb2_grpc.GalleryServiceStub(channel).GetStats(
+                            gallery_pb2.GetStatsRequest(device=device), metadata=[
+                                ("authorization", headers["Authorization"])], timeout=30)
+                    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+                    assert rich_error(raised.value)[0].reason == "DATABASE_UNAVAILABLE"
+            finally:
+                with admin.connect() as connection:
+                    connection.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            r = http.get(f"/api/gallery/{device}/stats", headers=headers)
+            assert r.status_code == 200 and r.json()["total_events"] == 1, r.text
+            assert http.get(f"/api/gallery/{device}/events/{event_id}/content", headers=headers).content == PNG
+        assert "database unavailable: " in stack.log()
+    finally:
+        stop_stack(stack)
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()

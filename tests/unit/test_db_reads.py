@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from gallery_server import service
 from gallery_server.db import TRUST_RECENT_SECONDS, Database, _ConnectionLost, _driver_select
+from gallery_server.errors import DatabaseUnavailable
 from gallery_server.models import Event
 
 DEVICE = "cam-rows"
@@ -242,8 +243,9 @@ def test_after_a_restart_one_failed_ping_replaces_every_pooled_connection(databa
         db.dispose()
 
 
-def test_a_read_whose_connection_is_lost_twice_raises_the_drivers_error_and_the_pool_carries_on(database_url):
-    """A select cut short runs once more, and not again: the second loss is the caller's error."""
+def test_a_read_whose_connection_is_lost_twice_is_unavailable_and_the_pool_carries_on(database_url):
+    """A select cut short runs once more, and not again: the second loss is the caller's error
+    (DatabaseUnavailable, from the driver's)."""
     if not database_url.startswith("postgresql"):
         pytest.skip("PostgreSQL's server ends the connection")
     db = Database(database_url, pool_size=1)
@@ -251,12 +253,14 @@ def test_a_read_whose_connection_is_lost_twice_raises_the_drivers_error_and_the_
         killed: list[int] = []
         killer = threading.Thread(target=_terminate_sleeping, args=(database_url, 2, killed))
         killer.start()
-        with pytest.raises(psycopg.errors.AdminShutdown) as raised:  # the loss itself, not a later error
+        with pytest.raises(DatabaseUnavailable) as raised:
             db.read_rows(sa.select(sa.func.pg_sleep(sa.bindparam("seconds", type_=sa.Float))), {"seconds": 30.0})
         killer.join()
         assert len(set(killed)) == 2  # two connections, one after the other
-        assert isinstance(raised.value.__context__, _ConnectionLost)
-        assert isinstance(raised.value.__context__.__cause__, psycopg.errors.AdminShutdown)
+        second = raised.value.__cause__
+        assert isinstance(second, psycopg.errors.AdminShutdown)  # the loss itself, not a later error
+        assert isinstance(second.__context__, _ConnectionLost)
+        assert isinstance(second.__context__.__cause__, psycopg.errors.AdminShutdown)
         assert db.read_rows(sa.select(sa.literal(1)), {}) == [(1,)]  # the pool carries on
     finally:
         db.dispose()

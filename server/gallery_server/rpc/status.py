@@ -41,6 +41,15 @@ _HTTP_STATUS: dict[str, str] = {"INSUFFICIENT_STORAGE": "507"}
 HTTP_STATUS_HEADER = "x-http-status"
 
 
+def _code(error: errors.GalleryError) -> int:
+    """The code of the error's class, or of the nearest class above it that has one."""
+    for kind in type(error).__mro__:
+        code = _CODES.get(kind)
+        if code is not None:
+            return code
+    return code_pb2.INTERNAL
+
+
 def to_status(error: errors.GalleryError) -> grpc.Status:
     details = [
         error_details_pb2.ErrorInfo(
@@ -60,7 +69,7 @@ def to_status(error: errors.GalleryError) -> grpc.Status:
         packed.append(any_detail)
     mapped = rpc_status.to_status(
         status_pb2.Status(
-            code=_CODES.get(type(error), code_pb2.INTERNAL),
+            code=_code(error),
             message=error.message,
             details=packed,
         )

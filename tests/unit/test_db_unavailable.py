@@ -1,0 +1,100 @@
+"""A database that cannot do the work now is DatabaseUnavailable (UNAVAILABLE, HTTP 503: try again
+later), from every way the domain reaches it (read_rows, read, session), with the driver's error as
+its cause; any other database error stays what it was."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from gallery_server import service
+from gallery_server.db import Database
+from gallery_server.errors import DatabaseUnavailable
+
+
+@pytest.fixture
+def closed_database(postgres_url: str) -> Iterator[tuple[Database, contextlib.AbstractContextManager[None]]]:
+    """A Database on a PostgreSQL database of its own, and a context in which that database
+    refuses every connection and has ended those it had (as while PostgreSQL restarts)."""
+    url = sa.make_url(postgres_url)
+    name = f"gallery_closed_{uuid.uuid4().hex[:12]}"
+    admin_url = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        db = Database(url.set(database=name).render_as_string(hide_password=False), pool_size=2)
+
+        @contextlib.contextmanager
+        def closed() -> Iterator[None]:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            try:
+                yield
+            finally:
+                admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+
+        try:
+            db.create_tables()
+            yield db, closed()
+        finally:
+            db.dispose()
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_postgresql_refusing_connections_is_unavailable_then_answers_again(closed_database):
+    db, closed = closed_database
+    assert db.read_rows(service._STATS, {"device": "cam"}) == []  # a pooled connection, used just now
+    with closed:
+        with pytest.raises(DatabaseUnavailable) as raised:
+            db.read_rows(service._STATS, {"device": "cam"})
+        assert raised.value.reason == "DATABASE_UNAVAILABLE"
+        assert isinstance(raised.value.__cause__, (psycopg.OperationalError, sa.exc.OperationalError))
+        with pytest.raises(DatabaseUnavailable), db.session() as session:
+            session.execute(sa.text("SELECT 1"))
+        with pytest.raises(DatabaseUnavailable), db.read() as connection:
+            connection.execute(sa.text("SELECT 1"))
+    assert db.read_rows(service._STATS, {"device": "cam"}) == []
+    with db.session() as session:
+        assert session.execute(sa.text("SELECT 1")).scalar_one() == 1
+
+
+def test_other_database_errors_stay_what_they_were(database_url):
+    db = Database(database_url, pool_size=1)
+    try:
+        db.create_tables()
+        with pytest.raises(sa.exc.ProgrammingError if "postgresql" in database_url else sa.exc.OperationalError):
+            with db.session() as session:  # no such table: the statement's own error
+                session.execute(sa.text("SELECT * FROM no_such_table"))
+        with pytest.raises(Exception, match="no_such_table") as raised:
+            db.read_rows(sa.select(sa.column("x")).select_from(sa.table("no_such_table")), {})
+        assert not isinstance(raised.value, DatabaseUnavailable)
+    finally:
+        db.dispose()
+
+
+def test_sqlite_locked_past_the_busy_timeout_is_unavailable(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'gallery.db'}", pool_size=1)
+    # After the engine's own (30 s): this test need not wait that long.
+    sa.event.listen(db.engine, "connect", lambda connection, _: connection.execute("PRAGMA busy_timeout=50"))
+    try:
+        db.create_tables()
+        holder = sqlite3.connect(tmp_path / "gallery.db", isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(DatabaseUnavailable) as raised, db.session() as session:
+                session.execute(sa.text("DELETE FROM events"))
+                session.commit()
+            assert "locked" in str(raised.value.__cause__)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        with db.session() as session:
+            session.execute(sa.text("DELETE FROM events"))
+            session.commit()
+    finally:
+        db.dispose()
