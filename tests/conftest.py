@@ -14,6 +14,7 @@ import secrets
 import subprocess
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -200,6 +201,58 @@ def mint() -> Callable[..., str]:
                          ttl_seconds=ttl)
 
     return _mint
+
+
+@contextlib.contextmanager
+def backend_ends_itself_at_commit(db: Database) -> Iterator[None]:
+    """On PostgreSQL: a transaction that inserts an event loses its connection during its COMMIT
+    (a deferred trigger ends its own backend), so the COMMIT's outcome is unknown to the server."""
+    with db.engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE FUNCTION test_end_backend() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$"
+        )
+        connection.exec_driver_sql(
+            "CREATE CONSTRAINT TRIGGER test_end_backend AFTER INSERT ON events DEFERRABLE INITIALLY DEFERRED"
+            " FOR EACH ROW EXECUTE FUNCTION test_end_backend()"
+        )
+    try:
+        yield
+    finally:
+        with db.engine.begin() as connection:
+            connection.exec_driver_sql("DROP TRIGGER test_end_backend ON events")
+            connection.exec_driver_sql("DROP FUNCTION test_end_backend()")
+
+
+@contextlib.contextmanager
+def failing_event_commit(error: Exception) -> Iterator[None]:
+    """The COMMIT of every transaction that inserted an event raises `error` (wrapped as SQLAlchemy
+    wraps a driver's), its statements having run: a COMMIT the database refused."""
+    from sqlmodel import Session
+
+    from gallery_server.models import Event
+
+    inserted: weakref.WeakSet[Session] = weakref.WeakSet()
+
+    def on_insert(session: Session, instance: object) -> None:
+        if isinstance(instance, Event):
+            inserted.add(session)
+
+    real = Session.commit
+
+    def commit(self: Session) -> None:
+        if self in inserted or any(isinstance(obj, Event) for obj in self.new):
+            inserted.discard(self)
+            raise sa.exc.OperationalError("COMMIT", {}, error)
+        real(self)
+
+    sa.event.listen(Session, "pending_to_persistent", on_insert)
+    Session.commit = commit  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Session.commit = real  # type: ignore[method-assign]
+        sa.event.remove(Session, "pending_to_persistent", on_insert)
 
 
 def random_bytes(n: int) -> bytes:

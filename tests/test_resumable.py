@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from sqlmodel import select
 
 from gallery.v1 import gallery_pb2 as pb
@@ -31,7 +32,7 @@ from gallery_server.resumable import ResumableUploads
 from gallery_server.service import Gallery
 from gallery_server.settings import Settings
 
-from .conftest import random_bytes, rich_error, stored_files
+from .conftest import failing_event_commit, random_bytes, rich_error, stored_files
 
 DATA = random_bytes(3 * 1024 * 1024 + 123)
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -561,27 +562,14 @@ def test_concurrent_uploads_of_one_capture_make_one_event(gallery: Gallery) -> N
     assert [p.name for p in stored_files(gallery.settings.data_dir)] == [event.id]
 
 
-def test_finish_failing_at_commit_keeps_the_sessions_bytes(
-    gallery: Gallery, principal: auth.Principal, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The database fails as the event is committed: the session keeps every committed byte (its
+def test_finish_failing_at_commit_keeps_the_sessions_bytes(gallery: Gallery, principal: auth.Principal) -> None:
+    """The database refuses the event's COMMIT: the session keeps every committed byte (its
     file is linked into media/, never moved), and finishing again stores the event."""
-    from sqlmodel import Session
-
     uploads = ResumableUploads(gallery)
     uploads.start(principal, "cam1", name="a.bin", size=len(DATA), sha256=SHA, upload_id="upload-fail1")
     write(uploads, principal, "upload-fail1", 0, DATA)
-    real = Session.commit
-
-    def commit(self: Session) -> None:
-        if any(isinstance(obj, Event) for obj in self.new):
-            raise RuntimeError("database went away")
-        real(self)
-
-    monkeypatch.setattr(Session, "commit", commit)
-    with pytest.raises(RuntimeError):
+    with failing_event_commit(RuntimeError("deferred constraint violated")), pytest.raises(sa.exc.OperationalError):
         write(uploads, principal, "upload-fail1", len(DATA), b"", finish=True)
-    monkeypatch.setattr(Session, "commit", real)
     assert events(gallery) == []
     assert stored_files(gallery.settings.data_dir) == [session_file(gallery, "upload-fail1")]
     assert session_file(gallery, "upload-fail1").read_bytes() == DATA

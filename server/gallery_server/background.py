@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import threading
 
+from .errors import DatabaseUnavailable
+
 log = logging.getLogger(__name__)
 
 
@@ -41,6 +43,10 @@ class BackgroundLoop:
         while not self._stopping.is_set():
             try:
                 busy = self.run_pass()
+            except DatabaseUnavailable:  # db.py logged why; no traceback per pass during an outage
+                log.error("background pass failed: the database is unavailable",
+                          extra={"worker": self.thread_name})
+                busy = False
             except Exception:  # one failed pass must not end the worker
                 log.exception("background pass failed", extra={"worker": self.thread_name})
                 busy = False

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, SQLModel
 
 from . import models  # noqa: F401  (registers the tables on SQLModel.metadata)
-from .errors import DatabaseUnavailable
+from .errors import CommitOutcomeUnknown, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +26,23 @@ log = logging.getLogger(__name__)
 _SCHEMA_LOCK = 0x67616C6C
 # Execution option of Database.read() connections on SQLite: no BEGIN is issued for them.
 _SINGLE_READ = "gallery_single_read"
-# A PostgreSQL connection back in the pool for less than this is lent to a single read without a
-# ping (HikariCP's "alive bypass window" is the same idea, and the same 500 ms).
+# A PostgreSQL connection back in the pool for less than this is lent to Database.read_rows without
+# a ping (HikariCP's "alive bypass window" is the same idea, and the same 500 ms).
 TRUST_RECENT_SECONDS = 0.5
 # Set while Database.read_rows checks a connection out for a read that runs again if the connection
 # turns out to be lost: that checkout may skip the ping (_ping_on_checkout).
 _runs_again_if_lost: contextvars.ContextVar[bool] = contextvars.ContextVar("gallery_runs_again_if_lost", default=False)
-_RETURNED_AT = "gallery_returned_at"  # in a pooled connection's info: time.monotonic() of its checkin
+# In a pooled connection's info (emptied when the connection is replaced): time.monotonic() of its
+# last checkin, and whether its current checkout skipped the ping.
+_RETURNED_AT = "gallery_returned_at"
+_UNPINGED = "gallery_unpinged"
+# PostgreSQL's SQLSTATEs that mean "not now" rather than "not this statement" (_unavailable): the
+# connection exception and insufficient resources classes, and these.
+_POSTGRES_NOT_NOW = frozenset({
+    "57P01", "57P02", "57P03", "57P05",  # admin/crash shutdown, cannot connect now, idle session timeout
+    "40001", "40P01",  # serialization failure, deadlock detected
+    "55P03",  # lock not available
+})
 
 
 def create_engine(url: str, *, pool_size: int = 32, trust_recent_seconds: float = TRUST_RECENT_SECONDS) -> sa.Engine:
@@ -45,21 +55,24 @@ def create_engine(url: str, *, pool_size: int = 32, trust_recent_seconds: float 
         )
         _use_real_sqlite_transactions(engine)
     else:
-        engine = sa.create_engine(url, pool_size=pool_size, max_overflow=0)
+        # LIFO: the connections in steady use are the most recently returned, so they are the ones
+        # lent without a ping, and the rest of the pool idles (FIFO would cycle through all of them,
+        # each idle for longer than the window below a few dozen requests per second).
+        engine = sa.create_engine(url, pool_size=pool_size, max_overflow=0, pool_use_lifo=True)
         _ping_on_checkout(engine, trust_recent_seconds)
     return engine
 
 
 def _ping_on_checkout(engine: sa.Engine, trust_recent_seconds: float) -> None:
     """SQLAlchemy's pool_pre_ping (a connection the database ended, say by a restart, is replaced
-    before it fails a request; one found so invalidates the whole pool), except for a single read's
-    checkout of a connection returned less than `trust_recent_seconds` ago.
+    before it fails a request; one found so invalidates the whole pool), except for a checkout by
+    Database.read_rows of a connection returned less than `trust_recent_seconds` ago.
 
     That ping is a round trip per checkout: in process, ~60 of ~150 µs of the server's CPU and
     ~100 of ~230 µs of wall time per stats read (2026-11-29). A connection in steady use is almost
-    never lost between two requests, and a single read that finds its connection lost runs again
-    on a pinged one (Database.read_rows). Sessions, which may write, keep the ping: their work is
-    not run again."""
+    never lost between two requests, and a read_rows that finds its unpinged connection lost runs
+    again on a pinged one. Sessions, which may write, and read(), keep the ping: their work is not
+    run again."""
 
     @sa.event.listens_for(engine, "checkin")
     def _returned(_dbapi_connection, record):  # type: ignore[no-untyped-def]
@@ -67,10 +80,12 @@ def _ping_on_checkout(engine: sa.Engine, trust_recent_seconds: float) -> None:
 
     @sa.event.listens_for(engine, "checkout")
     def _ping(dbapi_connection, record, _proxy):  # type: ignore[no-untyped-def]
+        record.info.pop(_UNPINGED, None)
         returned = record.info.get(_RETURNED_AT)
         if returned is None:
             return  # connected for this checkout (the info is emptied when a connection is replaced)
         if _runs_again_if_lost.get() and time.monotonic() - returned < trust_recent_seconds:
+            record.info[_UNPINGED] = True
             return
         dialect = engine.dialect
         try:
@@ -157,9 +172,10 @@ class Database:
         On PostgreSQL a connection returned to the pool moments ago is lent without a ping
         (_ping_on_checkout), so if it turns out to be lost (the database restarted, or ended it)
         the select runs once more, on a connection pinged first: the caller sees an error only
-        if that one fails too."""
+        if that one fails too. A select whose pinged connection is lost is not run again (an
+        administrator may have ended it for a reason)."""
         select = _driver_select(statement, self.engine.dialect)
-        try:
+        with _unavailable_as_error():
             if self.engine.dialect.name != "postgresql":
                 connection = self.engine.raw_connection()
                 try:
@@ -169,12 +185,8 @@ class Database:
             try:
                 return self._read_postgres(select, parameters, runs_again_if_lost=True)
             except _ConnectionLost:
+                log.warning("a pooled PostgreSQL connection was found lost; the read runs again")
                 return self._read_postgres(select, parameters, runs_again_if_lost=False)
-        except Exception as exc:
-            if not _unavailable(exc):
-                raise
-            _log_unavailable(exc)
-            raise DatabaseUnavailable() from exc
 
     def _read_postgres(
         self, select: _DriverSelect, parameters: Mapping[str, Any], *, runs_again_if_lost: bool
@@ -185,6 +197,7 @@ class Database:
         finally:
             _runs_again_if_lost.reset(checking_out)
         driver = connection.dbapi_connection
+        unpinged = connection.info.get(_UNPINGED, False)
         try:
             # Outside a transaction, as read(): the connection is switched for the one select (no
             # round trip) and back before the pool lends it again, unless it was lost or left busy
@@ -192,7 +205,7 @@ class Database:
             driver.autocommit = True  # type: ignore[union-attr]
             return _run(connection, select, parameters)
         except self.engine.dialect.loaded_dbapi.Error as exc:
-            if runs_again_if_lost and driver.closed:  # type: ignore[union-attr]
+            if unpinged and driver.closed:  # type: ignore[union-attr]
                 raise _ConnectionLost from exc
             raise
         finally:
@@ -209,16 +222,35 @@ class Database:
         with _unavailable_as_error(), Session(self.engine, expire_on_commit=False) as session:
             yield session
 
+    @staticmethod
+    def commit(session: Session) -> None:
+        """Commit the session's work, telling the caller when its outcome is unknown.
+
+        Every statement runs first (a flush): an error up to there wrote nothing. If the
+        connection then goes while the COMMIT is under way (CommitOutcomeUnknown), the work may
+        or may not have been written, so a caller that has put files in place for it keeps them
+        (a file without its row is what reconciliation removes; a row without its file would be
+        an event that cannot be read)."""
+        session.flush()
+        try:
+            session.commit()
+        except Exception as exc:
+            if not _unavailable(exc):
+                raise
+            _log_unavailable(exc)
+            raise CommitOutcomeUnknown() from exc
+
     def dispose(self) -> None:
         self.engine.dispose()
 
 
 def _unavailable(exc: BaseException) -> bool:
     """Whether `exc` means the database could not do the work now, so that the same request may
-    succeed later: PostgreSQL could not be reached or dropped the connection, or said so itself
-    (psycopg's OperationalError: connection failures, shutdowns, cancelled statements, exhausted
-    resources, deadlocks and serialization failures); SQLite stayed locked past the busy timeout;
-    or no pooled connection came free in time."""
+    succeed later: PostgreSQL could not be reached (whatever it answered while connecting) or
+    dropped the connection, or said "not now" (_POSTGRES_NOT_NOW, the 08 and 53 classes); SQLite
+    stayed busy or locked past the busy timeout; or no pooled connection came free in time. An
+    error of the statement itself (a timeout, a limit, a constraint, a missing table) is not:
+    the same statement would fail again."""
     if isinstance(exc, sa.exc.TimeoutError):
         return True
     if isinstance(exc, sa.exc.DBAPIError):
@@ -227,9 +259,11 @@ def _unavailable(exc: BaseException) -> bool:
         exc = exc.orig
     psycopg = sys.modules.get("psycopg")  # not loaded: no error of its can exist (_postgres_idle)
     if psycopg is not None and isinstance(exc, psycopg.OperationalError):
-        return True
-    # Other sqlite3.OperationalErrors are the statement's own ("no such table").
-    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+        state = exc.sqlstate  # None: psycopg's own, while connecting or with the connection gone
+        return state is None or state[:2] in ("08", "53") or state in _POSTGRES_NOT_NOW
+    return isinstance(exc, sqlite3.OperationalError) and (
+        exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # primary code of an extended one
+    )
 
 
 def _log_unavailable(exc: BaseException) -> None:
@@ -250,8 +284,8 @@ def _unavailable_as_error() -> Iterator[None]:
 
 
 class _ConnectionLost(Exception):
-    """A single read's connection was found ended (the database restarted, or ended it): the read
-    runs again, on a connection pinged first."""
+    """A read_rows connection lent without a ping was found ended (the database restarted, or
+    ended it): the read runs again, on a connection pinged first."""
 
 
 def _run(connection: Any, select: _DriverSelect, parameters: Mapping[str, Any]) -> list[tuple[Any, ...]]:

@@ -21,7 +21,7 @@ from sqlmodel import Session, col, select
 
 from . import validation
 from .auth import DEVICE, WRITE, Principal
-from .errors import FailedPrecondition, InvalidArgument, TooLarge
+from .errors import CommitOutcomeUnknown, FailedPrecondition, InvalidArgument, TooLarge
 from .media_types import classify, detect_mime
 from .models import DeviceCommand, DeviceConnection, Event
 from .service import Gallery, aware, utcnow
@@ -165,7 +165,9 @@ class Devices:
                 staged.move(thumbnail_path)
             with self.db.session() as session:
                 session.add(event)
-                session.commit()
+                self.db.commit(session)
+        except CommitOutcomeUnknown:
+            raise  # the row, if written, names the thumbnail: it stays (Database.commit)
         except sa.exc.IntegrityError:
             # The same key announced concurrently: the other announcement won.
             thumbnail_path.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ GalleryError                 base; carries a stable UPPER_SNAKE `reason` and `me
 ├── TooLarge                 a size limit was exceeded (429 through Envoy / RESOURCE_EXHAUSTED)
 ├── Unavailable              a service the request needs is unreachable, e.g. the JWKS (503 / UNAVAILABLE)
 │   └── DatabaseUnavailable  the database could not do the work now (db.py says which errors)
+│       └── CommitOutcomeUnknown  the connection went during a COMMIT (Database.commit)
 └── Exhausted                a capacity limit was hit: too many uploads at once (429) or too little
                              free disk (507 through Envoy; both RESOURCE_EXHAUSTED)
 """
@@ -77,6 +78,11 @@ class DatabaseUnavailable(Unavailable):
 
     def __init__(self) -> None:
         super().__init__("DATABASE_UNAVAILABLE", "the database is unavailable; try again later")
+
+
+class CommitOutcomeUnknown(DatabaseUnavailable):
+    """The connection went while a COMMIT was under way: the work may or may not be written. The
+    client sees DATABASE_UNAVAILABLE; the caller keeps what the work, if written, refers to."""
 
 
 class Exhausted(GalleryError):

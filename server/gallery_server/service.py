@@ -23,7 +23,7 @@ from sqlmodel import Session, col, select
 from . import downloads, listing_json, paging, validation
 from .auth import READ, WRITE, Principal
 from .db import Database
-from .errors import AlreadyExists, DatabaseUnavailable, FailedPrecondition, InvalidArgument, NotFound
+from .errors import AlreadyExists, CommitOutcomeUnknown, FailedPrecondition, InvalidArgument, NotFound
 from .listing_json import LISTED_COLUMNS
 from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import DeviceCommand, Event, EventCount, UploadSessionRow, initial_thumbnail_state
@@ -447,10 +447,11 @@ class Gallery:
 
         `before_insert` runs inside the row's transaction, before any file moves (signed URLs
         mark their grant used, pulls close their command, in the same commit); an `event_id`
-        chosen by the caller must be claimed by it (see _move_into_place). On any failure the
-        files moved are taken back: a resumable upload's file (linked, not renamed) keeps its
-        session's bytes. `fill` is an announced (`on_device`) event whose
-        content this upload is: its row is updated, under its row lock, instead of inserted.
+        chosen by the caller must be claimed by it (see _move_into_place). On a failure the files
+        moved are taken back (a resumable upload's file, linked, not renamed, keeps its session's
+        bytes), unless the COMMIT's outcome is unknown (Database.commit). `fill` is an announced
+        (`on_device`) event whose content this upload is: its row is updated, under its row lock,
+        instead of inserted.
 
         With a device_event_id that an event of the device has already, that event is returned
         and nothing is stored (its `before_insert` still runs, with that event, so a resumable
@@ -468,7 +469,6 @@ class Gallery:
             staged.append((upload.thumbnail, thumbnail_path))
         for file, _ in staged:
             file.sync()
-        committing = False
         try:
             with self.db.session() as session:
                 if fill is not None:
@@ -486,18 +486,15 @@ class Gallery:
                     # before_insert may have attached a thumbnail that arrived first.
                     event.thumbnail_state = initial_thumbnail_state(event.media_type, event.has_thumbnail)
                     session.add(event)
-                session.flush()  # every statement before the COMMIT: a failure up to here wrote nothing
-                committing = True
-                session.commit()
+                self.db.commit(session)
+        except CommitOutcomeUnknown:
+            # The row may have been written: the files stay where it says they are. If it was not,
+            # they are files without a row, which reconciliation removes (and which a retry under
+            # the same chosen id, if its URL or session lets it, replaces: _move_into_place).
+            log.error("the database went away while an upload was committed; its files are kept",
+                      extra={"device": event.device, "event_id": event.id})
+            raise
         except BaseException as exc:
-            if committing and isinstance(exc, DatabaseUnavailable):
-                # The connection went during the COMMIT, which may have gone through: the files
-                # stay where the row, if written, says they are. If it was not, they are files
-                # without a row, which reconciliation removes (and a retry under the same chosen
-                # id replaces: _move_into_place).
-                log.error("the database went away while an upload was committed; its files are kept",
-                          extra={"device": event.device, "event_id": event.id})
-                raise
             for file, destination in staged:
                 if file.moved:  # an adopted file (keep_source) still has its own name
                     destination.unlink(missing_ok=True)

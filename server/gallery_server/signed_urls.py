@@ -34,6 +34,7 @@ from . import validation
 from .auth import WRITE, Principal
 from .downloads import ContentRange
 from .errors import (
+    CommitOutcomeUnknown,
     Conflict,
     FailedPrecondition,
     InvalidArgument,
@@ -294,7 +295,9 @@ class SignedUploads:
                         "EVENT_NOT_FOUND", f"event {target.event_id} no longer exists",
                         event_id=target.event_id,
                     )
-                session.commit()
+                self.gallery.db.commit(session)
+        except CommitOutcomeUnknown:
+            raise  # the event may now say it has this thumbnail: the file stays (Database.commit)
         except BaseException:
             path.unlink(missing_ok=True)
             raise

@@ -181,25 +181,32 @@ def _counting_pings(db: Database, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return pings
 
 
-def test_a_single_read_pings_only_a_connection_idle_for_longer_than_the_window(database_url, monkeypatch):
-    """Sessions, which may write, are pinged at every checkout; a single read only when its
-    connection sat in the pool for TRUST_RECENT_SECONDS or more (a fresh one never)."""
+def test_read_rows_skips_the_ping_of_a_recently_returned_connection_and_sessions_never_do(
+    database_url, monkeypatch
+):
+    """Sessions, which may write, are pinged at every checkout; read_rows only when its connection
+    sat in the pool for the window or longer (a fresh one never)."""
     if not database_url.startswith("postgresql"):
         pytest.skip("SQLite's connections are never pinged")
-    db = Database(database_url, pool_size=1)
-    try:
-        pings = _counting_pings(db, monkeypatch)
-        first = _backend_pid(db)
-        assert pings == []  # just connected
-        assert _backend_pid(db) == first and pings == []  # returned moments ago
-        time.sleep(TRUST_RECENT_SECONDS + 0.1)
-        assert _backend_pid(db) == first and len(pings) == 1
-        with db.session() as session:
-            assert session.execute(sa.select(sa.func.pg_backend_pid())).scalar_one() == first
-        assert len(pings) == 2
-        assert _backend_pid(db) == first and len(pings) == 2
-    finally:
-        db.dispose()
+    for window, read_pings in ((3600.0, 0), (0.0, 1)):  # every return is recent / none is
+        db = Database(database_url, pool_size=1, trust_recent_seconds=window)
+        try:
+            pings = _counting_pings(db, monkeypatch)
+            first = _backend_pid(db)
+            assert pings == []  # just connected
+            assert _backend_pid(db) == first and len(pings) == read_pings
+            with db.session() as session:
+                assert session.execute(sa.select(sa.func.pg_backend_pid())).scalar_one() == first
+            assert len(pings) == read_pings + 1
+            with db.read() as connection:
+                assert connection.execute(sa.select(sa.func.pg_backend_pid())).scalar_one() == first
+            assert len(pings) == read_pings + 2
+        finally:
+            db.dispose()
+
+
+def test_the_window_is_half_a_second():
+    assert TRUST_RECENT_SECONDS == 0.5
 
 
 def test_a_single_read_whose_connection_was_ended_runs_again_on_another(database_url, monkeypatch):
@@ -248,8 +255,9 @@ def test_a_read_whose_connection_is_lost_twice_is_unavailable_and_the_pool_carri
     (DatabaseUnavailable, from the driver's)."""
     if not database_url.startswith("postgresql"):
         pytest.skip("PostgreSQL's server ends the connection")
-    db = Database(database_url, pool_size=1)
+    db = Database(database_url, pool_size=1, trust_recent_seconds=3600)
     try:
+        _backend_pid(db)  # the select below then takes this connection, unpinged
         killed: list[int] = []
         killer = threading.Thread(target=_terminate_sleeping, args=(database_url, 2, killed))
         killer.start()
@@ -262,6 +270,27 @@ def test_a_read_whose_connection_is_lost_twice_is_unavailable_and_the_pool_carri
         assert isinstance(second.__context__, _ConnectionLost)
         assert isinstance(second.__context__.__cause__, psycopg.errors.AdminShutdown)
         assert db.read_rows(sa.select(sa.literal(1)), {}) == [(1,)]  # the pool carries on
+    finally:
+        db.dispose()
+
+
+def test_a_select_whose_pinged_connection_is_lost_does_not_run_again(database_url):
+    """Its connection was checked: the select itself lost it (an administrator may have ended it
+    for a reason), so it is not run a second time."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's server ends the connection")
+    db = Database(database_url, pool_size=1, trust_recent_seconds=0.0)  # every checkout pings
+    try:
+        _backend_pid(db)
+        killed: list[int] = []
+        killer = threading.Thread(target=_terminate_sleeping, args=(database_url, 1, killed))
+        killer.start()
+        with pytest.raises(DatabaseUnavailable) as raised:
+            db.read_rows(sa.select(sa.func.pg_sleep(sa.bindparam("seconds", type_=sa.Float))), {"seconds": 30.0})
+        killer.join()
+        assert isinstance(raised.value.__cause__, psycopg.errors.AdminShutdown)
+        assert raised.value.__cause__.__context__ is None  # the first and only attempt
+        assert db.read_rows(sa.select(sa.literal(1)), {}) == [(1,)]
     finally:
         db.dispose()
 

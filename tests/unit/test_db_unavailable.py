@@ -98,3 +98,17 @@ def test_sqlite_locked_past_the_busy_timeout_is_unavailable(tmp_path):
             session.commit()
     finally:
         db.dispose()
+
+
+def test_a_statement_postgresql_cancels_is_its_own_error_not_unavailable(database_url):
+    """A statement timeout (57014) would end the same statement again: not "try again later"."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's statement_timeout")
+    db = Database(database_url, pool_size=1)
+    try:
+        with pytest.raises(sa.exc.OperationalError) as raised, db.session() as session:
+            session.execute(sa.text("SET LOCAL statement_timeout = 50"))
+            session.execute(sa.text("SELECT pg_sleep(5)"))
+        assert isinstance(raised.value.orig, psycopg.errors.QueryCanceled)
+    finally:
+        db.dispose()

@@ -13,8 +13,17 @@ from sqlmodel import select
 from gallery_server import auth
 from gallery_server import devices as devices_module
 from gallery_server.devices import Announcement, Devices
-from gallery_server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, TooLarge
+from gallery_server.errors import (
+    CommitOutcomeUnknown,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    TooLarge,
+)
 from gallery_server.models import DeviceCommand, DeviceConnection, Event
+
+from ..conftest import backend_ends_itself_at_commit, stored_files
 
 DEVICE = "cam-1"
 
@@ -63,6 +72,19 @@ def test_announced_event_has_a_thumbnail_but_no_content(devices, gallery, device
     with thumbnail.file:
         assert thumbnail.size == len(b"\xff\xd8\xff\xe0thumb")
         assert thumbnail.mime_type == "image/jpeg"
+
+
+def test_an_announcement_whose_commit_outcome_is_unknown_keeps_its_thumbnail(devices, gallery, device_principal):
+    """Its row may name the thumbnail: the file stays (Database.commit); without a row it is a
+    leftover for reconciliation."""
+    if gallery.db.engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL's backend ends the connection during the COMMIT")
+    with backend_ends_itself_at_commit(gallery.db), pytest.raises(CommitOutcomeUnknown):
+        announce(devices, device_principal, thumbnail=b"\xff\xd8\xff" + b"t" * 100)
+    [thumbnail] = stored_files(gallery.settings.data_dir)
+    assert thumbnail.read_bytes() == b"\xff\xd8\xff" + b"t" * 100
+    with gallery.db.session() as session:
+        assert session.exec(select(Event)).all() == []
 
 
 def test_announce_needs_device_scope_and_the_device(devices, principal):

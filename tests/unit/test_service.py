@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from gallery_server import auth, service
 from gallery_server.errors import (
     AlreadyExists,
-    DatabaseUnavailable,
+    CommitOutcomeUnknown,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -25,7 +25,7 @@ from gallery_server.models import Event
 from gallery_server.reconcile import Reconciler
 from gallery_server.service import Gallery
 
-from ..conftest import statements_run, stored_files
+from ..conftest import backend_ends_itself_at_commit, statements_run, stored_files
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 64
@@ -223,31 +223,18 @@ def test_a_connection_lost_during_the_commit_keeps_the_files_for_reconciliation(
     written, has them), the caller is told to try again, and an orphan is reconciliation's."""
     if gallery.db.engine.dialect.name != "postgresql":
         pytest.skip("PostgreSQL's backend ends the connection during the COMMIT")
-    with gallery.db.engine.begin() as connection:  # at COMMIT, the backend ends itself
-        connection.exec_driver_sql(
-            "CREATE FUNCTION test_end_backend() RETURNS trigger LANGUAGE plpgsql AS "
-            "$$ BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$"
-        )
-        connection.exec_driver_sql(
-            "CREATE CONSTRAINT TRIGGER test_end_backend AFTER INSERT ON events DEFERRABLE INITIALLY DEFERRED"
-            " FOR EACH ROW EXECUTE FUNCTION test_end_backend()"
-        )
-    try:
-        with gallery.begin_upload(principal, "cam1") as upload:
-            upload.fields.name = "a.png"
-            upload.write_media(PNG)
-            upload.write_thumbnail(JPEG)
-            with pytest.raises(DatabaseUnavailable):
-                gallery.store(upload)
-    finally:
-        with gallery.db.engine.begin() as connection:
-            connection.exec_driver_sql("DROP TRIGGER test_end_backend ON events")
-            connection.exec_driver_sql("DROP FUNCTION test_end_backend()")
+    with backend_ends_itself_at_commit(gallery.db), gallery.begin_upload(principal, "cam1") as upload:
+        upload.fields.name = "a.png"
+        upload.write_media(PNG)
+        upload.write_thumbnail(JPEG)
+        with pytest.raises(CommitOutcomeUnknown):
+            gallery.store(upload)
     assert row_count(gallery) == 0  # this time the COMMIT had not gone through
     [media, thumbnail] = sorted(stored_files(gallery.settings.data_dir), key=lambda path: path.suffix)
     assert media.read_bytes() == PNG and thumbnail.read_bytes() == JPEG
     assert list(gallery.storage.staging_root.iterdir()) == []
-    assert Reconciler(gallery, grace_seconds=0).run_once().orphan_media_removed >= 1
+    findings = Reconciler(gallery, grace_seconds=0).run_once()
+    assert (findings.orphan_media_removed, findings.orphan_thumbnails_removed) == (1, 1)
     assert stored_files(gallery.settings.data_dir) == []
 
 

@@ -3,16 +3,14 @@ URL's session ending with the URL, and the conflicts that are 409 over REST."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import hashlib
 import os
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from sqlmodel import Session, select
+from sqlmodel import select
 
 from gallery_server import auth, resumable
 from gallery_server.downloads import ContentRange, parse_content_range
@@ -21,7 +19,7 @@ from gallery_server.models import Event
 from gallery_server.service import Gallery
 from gallery_server.signed_urls import SESSION_PREFIX, SignedUploads
 
-from ..conftest import random_bytes, stored_files
+from ..conftest import failing_event_commit, random_bytes, stored_files
 
 
 def new_url(signed: SignedUploads, principal: auth.Principal) -> tuple[str, str]:
@@ -135,23 +133,6 @@ def _with_ttl(gallery: Gallery, ttl: int) -> Gallery:
 # -- completion that fails keeps the session's bytes -------------------------------------------
 
 
-@contextlib.contextmanager
-def failing_commit() -> Iterator[None]:
-    """Every commit that would insert an event fails, as a database lost at that moment."""
-    real = Session.commit
-
-    def commit(self: Session) -> None:
-        if any(isinstance(obj, Event) for obj in self.new):
-            raise sa.exc.OperationalError("COMMIT", {}, Exception("database went away"))
-        real(self)
-
-    Session.commit = commit  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        Session.commit = real  # type: ignore[method-assign]
-
-
 def session_bytes(signed: SignedUploads, event_id: str) -> bytes:
     return signed.gallery.storage.session_path("cam1", SESSION_PREFIX + event_id).read_bytes()
 
@@ -162,7 +143,7 @@ def test_final_chunk_failing_at_commit_keeps_its_bytes(
     token, event_id = new_url(signed, principal)
     data = random_bytes(5000)
     assert put_range(signed, token, data[:3000], "bytes 0-2999/5000") == ""
-    with failing_commit(), pytest.raises(sa.exc.OperationalError):
+    with failing_event_commit(Exception("deferred constraint violated")), pytest.raises(sa.exc.OperationalError):
         put_range(signed, token, data[3000:], "bytes 3000-4999/5000")
     # Nothing stored, everything committed is still the session's.
     assert not signed.gallery.storage.media_path("cam1", event_id).exists()
