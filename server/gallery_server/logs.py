@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import json
 import logging
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+# The id of the RPC being served in this thread (rpc/interceptor.py sets it): every line logged
+# meanwhile carries it, so that a domain module's line (an event stored, the database unavailable)
+# can be matched with the request's access line.
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("gallery_request_id", default="")
 
 
 class JsonFormatter(logging.Formatter):
@@ -21,6 +27,8 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        if "request_id" not in entry and (serving := request_id.get()):
+            entry["request_id"] = serving
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
         return self._encode(entry)

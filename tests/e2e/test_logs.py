@@ -123,3 +123,21 @@ def test_no_secret_in_any_log_at_debug(tmp_path) -> None:  # type: ignore[no-unt
     banner = [line for line in text.splitlines() if line.strip().startswith(b"export TOKEN=")]
     allowed = {m.group() for line in banner for m in JWT_RE.finditer(line)}
     assert {m.group() for m in JWT_RE.finditer(text)} <= allowed
+
+
+def test_the_lines_of_one_request_share_its_request_id(stack, auth_headers) -> None:  # type: ignore[no-untyped-def]
+    """The server's own line about an upload carries the id of the request's access line."""
+    with httpx.Client(base_url=stack.base_url, timeout=30) as http:
+        r = http.post(f"/api/gallery/{DEVICE}/upload", headers=auth_headers(devices=[DEVICE]),
+                      files={"event": ("b.txt", b"traced")}, data={"name": "b.txt"})
+        assert r.status_code == 200, r.text
+    event_id = r.json()["eventId"]
+    deadline = time.monotonic() + 10
+    while True:  # the access line is written as the answer goes out
+        entries = [json.loads(line) for line in stack.log().splitlines() if line.startswith("{")]
+        [stored] = [e for e in entries if e.get("message") == "event stored" and e.get("event_id") == event_id]
+        access = [e for e in entries if e.get("message") == "rpc" and e.get("request_id") == stored.get("request_id")]
+        if access or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert stored["request_id"] and [e["method"] for e in access] == ["/gallery.v1.GalleryService/UploadEventForm"]

@@ -65,3 +65,17 @@ def test_an_error_line_carries_its_traceback(captured: io.StringIO) -> None:
 def test_debug_lines_stay_out_at_info(captured: io.StringIO) -> None:
     logging.getLogger("gallery.access").debug("rpc started")
     assert ours(captured) == []
+
+
+def test_a_line_logged_while_an_rpc_is_served_carries_its_request_id(captured: io.StringIO) -> None:
+    serving = logs.request_id.set("req-42")
+    try:
+        logging.getLogger("gallery.service").info("event stored", extra={"event_id": "evt_1"})
+        logging.getLogger("gallery.access").info("rpc", extra={"request_id": "given"})  # its own wins
+    finally:
+        logs.request_id.reset(serving)
+    logging.getLogger("gallery.service").info("between requests")
+    first, given, between = (json.loads(line) for line in ours(captured))
+    assert (first["request_id"], first["event_id"]) == ("req-42", "evt_1")
+    assert given["request_id"] == "given"
+    assert "request_id" not in between

@@ -13,6 +13,7 @@ The interceptor wraps each method handler so that, inside the worker thread runn
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import time
@@ -24,7 +25,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from .. import auth
+from .. import auth, logs
 from ..errors import GalleryError, InvalidArgument, Unauthenticated
 from . import chunks, status
 
@@ -99,6 +100,7 @@ class GalleryInterceptor(grpc.ServerInterceptor):
     def _wrap_unary(self, method: str, public: bool, behavior: Callable[..., Any]) -> Callable:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
             call = _Call(method, context)
+            serving = logs.request_id.set(call.request_id)
             try:
                 token = self._enter(call, public)
                 try:
@@ -109,12 +111,14 @@ class GalleryInterceptor(grpc.ServerInterceptor):
                 call.fail(exc)
             finally:
                 call.log()
+                logs.request_id.reset(serving)
 
         return run
 
     def _wrap_stream(self, method: str, public: bool, behavior: Callable[..., Any]) -> Callable:
         def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             call = _Call(method, context)
+            serving = logs.request_id.set(call.request_id)
             try:
                 token = self._enter(call, public)
                 try:
@@ -125,6 +129,10 @@ class GalleryInterceptor(grpc.ServerInterceptor):
                 call.fail(exc)
             finally:
                 call.log()
+                # A generator left unfinished is closed by whichever thread collects it, whose
+                # context never held this value: nothing to reset there.
+                with contextlib.suppress(ValueError):
+                    logs.request_id.reset(serving)
 
         return run
 
