@@ -204,16 +204,22 @@ def mint() -> Callable[..., str]:
 
 
 @contextlib.contextmanager
-def backend_ends_itself_at_commit(db: Database) -> Iterator[None]:
-    """On PostgreSQL: a transaction that inserts an event loses its connection during its COMMIT
-    (a deferred trigger ends its own backend), so the COMMIT's outcome is unknown to the server."""
+def event_commit_fails(db: Database, *, sqlstate: str | None = None) -> Iterator[None]:
+    """On PostgreSQL, the COMMIT of a transaction that inserts or changes an event fails in the
+    database (a deferred trigger): with no `sqlstate` its backend ends itself during the COMMIT,
+    so the COMMIT's outcome is unknown to the server; with one, the COMMIT raises that error
+    (the connection stays, nothing is written)."""
+    action = (
+        "PERFORM pg_terminate_backend(pg_backend_pid())" if sqlstate is None
+        else f"RAISE EXCEPTION 'refused by the test' USING ERRCODE = '{sqlstate}'"
+    )
     with db.engine.begin() as connection:
         connection.exec_driver_sql(
             "CREATE FUNCTION test_end_backend() RETURNS trigger LANGUAGE plpgsql AS "
-            "$$ BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$"
+            f"$$ BEGIN {action}; RETURN NULL; END $$"
         )
         connection.exec_driver_sql(
-            "CREATE CONSTRAINT TRIGGER test_end_backend AFTER INSERT ON events DEFERRABLE INITIALLY DEFERRED"
+            "CREATE CONSTRAINT TRIGGER test_end_backend AFTER INSERT OR UPDATE ON events DEFERRABLE INITIALLY DEFERRED"
             " FOR EACH ROW EXECUTE FUNCTION test_end_backend()"
         )
     try:

@@ -226,9 +226,10 @@ class Database:
     def commit(session: Session) -> None:
         """Commit the session's work, telling the caller when its outcome is unknown.
 
-        Every statement runs first (a flush): an error up to there wrote nothing. If the
-        connection then goes while the COMMIT is under way (CommitOutcomeUnknown), the work may
-        or may not have been written, so a caller that has put files in place for it keeps them
+        Every statement runs first (a flush): an error up to there wrote nothing, and so does a
+        COMMIT the database refuses (DatabaseUnavailable, or the error itself). If the connection
+        goes while the COMMIT is under way (CommitOutcomeUnknown), the work may or may not have
+        been written, so a caller that has put files in place for it keeps them
         (a file without its row is what reconciliation removes; a row without its file would be
         an event that cannot be read)."""
         session.flush()
@@ -238,7 +239,8 @@ class Database:
             if not _unavailable(exc):
                 raise
             _log_unavailable(exc)
-            raise CommitOutcomeUnknown() from exc
+            # A database that refused the COMMIT itself (a deadlock, SQLite busy) wrote nothing.
+            raise (CommitOutcomeUnknown() if _connection_gone(exc) else DatabaseUnavailable()) from exc
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -261,14 +263,33 @@ def _unavailable(exc: BaseException) -> bool:
     if psycopg is not None and isinstance(exc, psycopg.OperationalError):
         state = exc.sqlstate  # None: psycopg's own, while connecting or with the connection gone
         return state is None or state[:2] in ("08", "53") or state in _POSTGRES_NOT_NOW
-    return isinstance(exc, sqlite3.OperationalError) and (
-        exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # primary code of an extended one
-    )
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)  # absent from the module's own errors
+        return code is not None and (code & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # primary code
+    return False
+
+
+def _connection_gone(exc: BaseException) -> bool:
+    """Whether `exc` (an _unavailable one) says the connection itself went, so that the server
+    cannot know what the database did with its last statement: psycopg's own errors, the
+    connection exception class and the shutdowns."""
+    if isinstance(exc, sa.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        exc = exc.orig
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is None or not isinstance(exc, psycopg.Error):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith(("08", "57P"))
 
 
 def _log_unavailable(exc: BaseException) -> None:
-    # The request's access line says DATABASE_UNAVAILABLE; this line says why (the driver's
-    # words: host, port and user at most, never a password).
+    # The request's access line says DATABASE_UNAVAILABLE; this line says why, in the driver's
+    # words (host, port and user at most, never a password), not SQLAlchemy's, which would add
+    # the statement's parameters: names and metadata that users sent.
+    if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None:
+        exc = exc.orig
     log.error("database unavailable: %s: %s", type(exc).__name__, " ".join(str(exc).split())[:500])
 
 

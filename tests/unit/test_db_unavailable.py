@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from gallery_server import service
 from gallery_server.db import Database
-from gallery_server.errors import DatabaseUnavailable
+from gallery_server.errors import CommitOutcomeUnknown, DatabaseUnavailable
 
 
 @pytest.fixture
@@ -88,8 +88,10 @@ def test_sqlite_locked_past_the_busy_timeout_is_unavailable(tmp_path):
         try:
             with pytest.raises(DatabaseUnavailable) as raised, db.session() as session:
                 session.execute(sa.text("DELETE FROM events"))
-                session.commit()
+                db.commit(session)
             assert "locked" in str(raised.value.__cause__)
+            # SQLite said no: nothing was written, and the caller may take its files back.
+            assert not isinstance(raised.value, CommitOutcomeUnknown)
         finally:
             holder.execute("ROLLBACK")
             holder.close()
@@ -110,5 +112,20 @@ def test_a_statement_postgresql_cancels_is_its_own_error_not_unavailable(databas
             session.execute(sa.text("SET LOCAL statement_timeout = 50"))
             session.execute(sa.text("SELECT pg_sleep(5)"))
         assert isinstance(raised.value.orig, psycopg.errors.QueryCanceled)
+    finally:
+        db.dispose()
+
+
+def test_an_error_sqlite3_raises_itself_stays_what_it_was(tmp_path):
+    """The sqlite3 module's own errors carry no SQLite error code: a text that is not UTF-8 (which
+    another tool may write) is that error, not one raised while classifying it."""
+    db = Database(f"sqlite:///{tmp_path / 'gallery.db'}", pool_size=1)
+    try:
+        db.create_tables()
+        with db.engine.begin() as connection:
+            connection.exec_driver_sql("CREATE TABLE names (name TEXT)")
+            connection.exec_driver_sql("INSERT INTO names VALUES (CAST(X'FF' AS TEXT))")
+        with pytest.raises(sqlite3.OperationalError, match="UTF-8"):
+            db.read_rows(sa.select(sa.column("name", sa.String)).select_from(sa.table("names")), {})
     finally:
         db.dispose()

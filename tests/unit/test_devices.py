@@ -23,7 +23,7 @@ from gallery_server.errors import (
 )
 from gallery_server.models import DeviceCommand, DeviceConnection, Event
 
-from ..conftest import backend_ends_itself_at_commit, stored_files
+from ..conftest import event_commit_fails, stored_files
 
 DEVICE = "cam-1"
 
@@ -79,7 +79,7 @@ def test_an_announcement_whose_commit_outcome_is_unknown_keeps_its_thumbnail(dev
     leftover for reconciliation."""
     if gallery.db.engine.dialect.name != "postgresql":
         pytest.skip("PostgreSQL's backend ends the connection during the COMMIT")
-    with backend_ends_itself_at_commit(gallery.db), pytest.raises(CommitOutcomeUnknown):
+    with event_commit_fails(gallery.db), pytest.raises(CommitOutcomeUnknown):
         announce(devices, device_principal, thumbnail=b"\xff\xd8\xff" + b"t" * 100)
     [thumbnail] = stored_files(gallery.settings.data_dir)
     assert thumbnail.read_bytes() == b"\xff\xd8\xff" + b"t" * 100

@@ -16,6 +16,7 @@ from gallery_server import auth, service
 from gallery_server.errors import (
     AlreadyExists,
     CommitOutcomeUnknown,
+    DatabaseUnavailable,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -25,7 +26,7 @@ from gallery_server.models import Event
 from gallery_server.reconcile import Reconciler
 from gallery_server.service import Gallery
 
-from ..conftest import backend_ends_itself_at_commit, statements_run, stored_files
+from ..conftest import event_commit_fails, statements_run, stored_files
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 64
@@ -223,7 +224,7 @@ def test_a_connection_lost_during_the_commit_keeps_the_files_for_reconciliation(
     written, has them), the caller is told to try again, and an orphan is reconciliation's."""
     if gallery.db.engine.dialect.name != "postgresql":
         pytest.skip("PostgreSQL's backend ends the connection during the COMMIT")
-    with backend_ends_itself_at_commit(gallery.db), gallery.begin_upload(principal, "cam1") as upload:
+    with event_commit_fails(gallery.db), gallery.begin_upload(principal, "cam1") as upload:
         upload.fields.name = "a.png"
         upload.write_media(PNG)
         upload.write_thumbnail(JPEG)
@@ -235,6 +236,22 @@ def test_a_connection_lost_during_the_commit_keeps_the_files_for_reconciliation(
     assert list(gallery.storage.staging_root.iterdir()) == []
     findings = Reconciler(gallery, grace_seconds=0).run_once()
     assert (findings.orphan_media_removed, findings.orphan_thumbnails_removed) == (1, 1)
+    assert stored_files(gallery.settings.data_dir) == []
+
+
+def test_a_commit_the_database_refuses_takes_the_files_back(gallery: Gallery, principal: auth.Principal) -> None:
+    """Refused (here as a deadlock, which may pass on a retry): nothing was written, so nothing
+    stays; the caller is told to try again."""
+    if gallery.db.engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL's deferred trigger refuses the COMMIT")
+    with event_commit_fails(gallery.db, sqlstate="40P01"), gallery.begin_upload(principal, "cam1") as upload:
+        upload.fields.name = "a.png"
+        upload.write_media(PNG)
+        upload.write_thumbnail(JPEG)
+        with pytest.raises(DatabaseUnavailable) as raised:
+            gallery.store(upload)
+    assert not isinstance(raised.value, CommitOutcomeUnknown)
+    assert row_count(gallery) == 0
     assert stored_files(gallery.settings.data_dir) == []
 
 

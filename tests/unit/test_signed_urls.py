@@ -16,12 +16,12 @@ import pytest
 
 from gallery_server import auth, signed_urls
 from gallery_server.db import Database
-from gallery_server.errors import InvalidArgument, NotFound, PermissionDenied, TooLarge
+from gallery_server.errors import CommitOutcomeUnknown, InvalidArgument, NotFound, PermissionDenied, TooLarge
 from gallery_server.service import Gallery
 from gallery_server.signed_urls import MEDIA, THUMBNAIL, SignedTarget, SignedUploads
 from gallery_server.storage import Storage
 
-from ..conftest import make_settings, stored_files
+from ..conftest import event_commit_fails, make_settings, stored_files
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x01" * 200
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x02" * 50
@@ -337,6 +337,19 @@ def test_media_then_thumbnail(signed: SignedUploads, principal: auth.Principal) 
     assert gallery.storage.media_path("cam1", media.event_id).read_bytes() == PNG
     assert gallery.storage.thumbnail_path("cam1", media.event_id).read_bytes() == JPEG
     assert list(gallery.storage.staging_root.iterdir()) == []
+
+
+def test_a_thumbnail_whose_commit_outcome_is_unknown_stays(signed: SignedUploads, principal: auth.Principal) -> None:
+    """The event may now say it has this thumbnail: the file stays (Database.commit)."""
+    gallery = signed.gallery
+    if gallery.db.engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL's backend ends the connection during the COMMIT")
+    media, thumb = targets(signed, principal)
+    assert put(signed, media, PNG) == media.event_id
+    with event_commit_fails(gallery.db), pytest.raises(CommitOutcomeUnknown):
+        put(signed, thumb, JPEG)
+    assert gallery.storage.thumbnail_path("cam1", media.event_id).read_bytes() == JPEG
+    assert gallery.get_event(principal, "cam1", media.event_id).has_thumbnail is False  # this time not written
 
 
 def test_thumbnail_then_media(signed: SignedUploads, principal: auth.Principal) -> None:
