@@ -3,7 +3,9 @@ owning the gRPC server and the real Envoy binary, on free ports and a temporary 
 
 from __future__ import annotations
 
+import json
 import pathlib
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -71,3 +73,19 @@ def envoy_channel(stack: Stack) -> Iterator[grpc.Channel]:
         yield channel
 
 
+
+
+def log_entries(stack: Stack) -> list[dict[str, object]]:
+    """The stack's JSON log lines so far."""
+    return [json.loads(line) for line in stack.log().splitlines() if line.startswith("{")]
+
+
+def access_line(stack: Stack, request_id: object, timeout: float = 10) -> dict[str, object] | None:
+    """The access line of the RPC with this request id: it is written as the answer goes out, so
+    it may follow the client's answer by a moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [e for e in log_entries(stack) if e.get("message") == "rpc" and e.get("request_id") == request_id]
+        if found or time.monotonic() > deadline:
+            return found[0] if found else None
+        time.sleep(0.05)

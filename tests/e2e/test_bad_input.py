@@ -36,7 +36,7 @@ from gallery_server.signed_urls import SignedUploads
 from gallery_server.storage import Storage
 
 from ..conftest import JWT_SECRET, make_settings, rich_error, stored_files
-from .conftest import start_stack
+from .conftest import access_line, log_entries, start_stack
 
 DEVICE = "cam-bad"
 OTHER = "cam-other"
@@ -532,7 +532,11 @@ def test_device_channel_survives_an_undecodable_message(bad_stack: Stack) -> Non
     assert info.reason == "MALFORMED_REQUEST"
     log = bad_stack.log()
     assert "Traceback" not in log, log[-2000:]
-    assert '"message": "device channel closed: bad message"' in log
+    closed = [e for e in log_entries(bad_stack) if e.get("message") == "device channel closed: bad message"][-1]
+    # The reader thread's line names the RPC it serves: the Connect call's access line.
+    access = access_line(bad_stack, closed.get("request_id"))
+    assert closed["request_id"] and access is not None
+    assert access["method"] == "/gallery.v1.DeviceService/Connect"
     # And the device can connect again.
     stub = device_pb2_grpc.DeviceServiceStub(grpc.insecure_channel(bad_stack.envoy_grpc_address))
     answer = stub.AnnounceEvents(dpb.AnnounceEventsRequest(device=DEVICE), metadata=metadata, timeout=TIMEOUT)

@@ -24,7 +24,7 @@ from gallery_server import auth
 from gallery_server.local_stack import stop_stack
 
 from ..conftest import JWT_SECRET
-from .conftest import start_stack
+from .conftest import access_line, log_entries, start_stack
 
 DEVICE = "log-cam"
 JWT_RE = re.compile(rb"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
@@ -132,12 +132,7 @@ def test_the_lines_of_one_request_share_its_request_id(stack, auth_headers) -> N
                       files={"event": ("b.txt", b"traced")}, data={"name": "b.txt"})
         assert r.status_code == 200, r.text
     event_id = r.json()["eventId"]
-    deadline = time.monotonic() + 10
-    while True:  # the access line is written as the answer goes out
-        entries = [json.loads(line) for line in stack.log().splitlines() if line.startswith("{")]
-        [stored] = [e for e in entries if e.get("message") == "event stored" and e.get("event_id") == event_id]
-        access = [e for e in entries if e.get("message") == "rpc" and e.get("request_id") == stored.get("request_id")]
-        if access or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert stored["request_id"] and [e["method"] for e in access] == ["/gallery.v1.GalleryService/UploadEventForm"]
+    [stored] = [e for e in log_entries(stack) if e.get("message") == "event stored" and e.get("event_id") == event_id]
+    access = access_line(stack, stored.get("request_id"))
+    assert stored["request_id"] and access is not None
+    assert access["method"] == "/gallery.v1.GalleryService/UploadEventForm"

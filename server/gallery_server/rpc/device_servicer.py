@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import logging
 import threading
@@ -67,7 +68,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         context.add_callback(channel.close)  # the RPC ended, however it ended
         failure: list[GalleryError] = []  # a bad message the reader met: the RPC's error
         reader = threading.Thread(
-            target=self._read_replies, args=(request_iterator, channel, failure),
+            # In a copy of this RPC's context, so the reader's lines carry its request id.
+            target=contextvars.copy_context().run,
+            args=(self._read_replies, request_iterator, channel, failure),
             name=f"device-{channel.device}", daemon=True,
         )
         reader.start()

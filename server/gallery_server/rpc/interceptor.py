@@ -43,6 +43,14 @@ PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _principal: contextvars.ContextVar[auth.Principal] = contextvars.ContextVar("principal")
 
 
+def _reset_here(var: contextvars.ContextVar[Any], token: contextvars.Token[Any]) -> None:
+    """Undo `var.set` in a streaming RPC's generator. One left unfinished is closed by whichever
+    thread collects it, whose context never held the value: there is nothing to undo there, and
+    the ValueError reset would raise must not replace the generator's own exit."""
+    with contextlib.suppress(ValueError):
+        var.reset(token)
+
+
 def current_principal() -> auth.Principal:
     """The verified caller of the RPC running in this thread."""
     try:
@@ -124,15 +132,12 @@ class GalleryInterceptor(grpc.ServerInterceptor):
                 try:
                     yield from behavior(request, context)
                 finally:
-                    _principal.reset(token) if token else None
+                    _reset_here(_principal, token) if token else None
             except BaseException as exc:  # noqa: BLE001
                 call.fail(exc)
             finally:
                 call.log()
-                # A generator left unfinished is closed by whichever thread collects it, whose
-                # context never held this value: nothing to reset there.
-                with contextlib.suppress(ValueError):
-                    logs.request_id.reset(serving)
+                _reset_here(logs.request_id, serving)
 
         return run
 
