@@ -11,6 +11,26 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "envoy" / "envoy.yaml"
 DESCRIPTOR = ROOT / "generated" / "gallery_descriptor.pb"
 
+# Envoy's own answers to REST requests (refused before the server sees them: a query value of the
+# wrong type, an unparsable JSON body, a path or method no route has, oversized headers, no server
+# up) take the server's error shape, a JSON google.rpc.Status with an ErrorInfo, so that a client
+# reads every error one way. HTTP status -> (gRPC code, ErrorInfo reason); the message is Envoy's.
+LOCAL_REPLIES = {
+    400: (3, "MALFORMED_REQUEST"),  # INVALID_ARGUMENT, the server's reason for what it cannot parse
+    404: (5, "NOT_FOUND"),
+    408: (4, "REQUEST_TIMEOUT"),  # DEADLINE_EXCEEDED: the headers did not arrive in time
+    413: (8, "BODY_TOO_LARGE"),  # RESOURCE_EXHAUSTED, as the server's own size limits
+    416: (11, "RANGE_NOT_SATISFIABLE"),  # OUT_OF_RANGE: a file Envoy sends shrank since the Check
+    431: (8, "HEADERS_TOO_LARGE"),
+    502: (14, "SERVER_UNAVAILABLE"),  # UNAVAILABLE: no server up, or it went away
+    503: (14, "SERVER_UNAVAILABLE"),
+    504: (4, "SERVER_TIMEOUT"),
+}
+OTHER_LOCAL_REPLY = (2, "REQUEST_FAILED")  # UNKNOWN: a status Envoy seldom answers itself
+# What Envoy takes for gRPC, whose local replies it sends as a gRPC status (grpc-message): those
+# keep Envoy's own form. The Lua filter in envoy.yaml draws the same line.
+_GRPC_CONTENT_TYPE = r"application/grpc(\+.*)?"
+
 
 def split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
@@ -37,7 +57,42 @@ def render(
         BACKENDS=json.dumps(endpoints),  # JSON is YAML: a flow sequence
         FILE_HANDOFF_OFF="false" if media_root else "true",
         MEDIA_ROOT=_quoted_text(str(media_root or "/nonexistent")),
+        LOCAL_REPLY_MAPPERS=json.dumps(_local_reply_mappers()),
     )
+
+
+def _local_reply_mappers() -> list[dict[str, object]]:
+    """LOCAL_REPLIES as Envoy's local_reply_config mappers, the first match applying."""
+    rest = {"or_filter": {"filters": [
+        {"header_filter": {"header": {
+            "name": "content-type", "string_match": {"safe_regex": {"regex": _GRPC_CONTENT_TYPE}},
+            "invert_match": True, "treat_missing_header_as_empty": True,
+        }}},
+        # A REST request the transcoder began to turn into gRPC (its content type is gRPC's now)
+        # before refusing it, as a query value of the wrong type.
+        {"header_filter": {"header": {"name": "x-envoy-original-method", "present_match": True}}},
+    ]}}
+
+    def body(code: int, reason: str) -> dict[str, object]:
+        return {"json_format": {"code": code, "message": "%LOCAL_REPLY_BODY%", "details": [{
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason,
+            "domain": "gallery", "metadata": {},
+        }]}}
+
+    def status_is(status: int) -> dict[str, object]:
+        return {"status_code_filter": {"comparison": {
+            "op": "EQ", "value": {"default_value": status, "runtime_key": f"gallery.local_reply.{status}"},
+        }}}
+
+    mappers: list[dict[str, object]] = [
+        {
+            "filter": {"and_filter": {"filters": [rest, status_is(status)]}},
+            "body_format_override": body(code, reason),
+        }
+        for status, (code, reason) in LOCAL_REPLIES.items()
+    ]
+    mappers.append({"filter": rest, "body_format_override": body(*OTHER_LOCAL_REPLY)})
+    return mappers
 
 
 def _quoted_text(text: str) -> str:

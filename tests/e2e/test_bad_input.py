@@ -2,9 +2,9 @@
 exact answer, and after each the store is checked unchanged: no event, grant or session row, no
 file in media/ or staging/.
 
-One stack for the module, with small limits so that size cases stay small. REST answers are the
-server's JSON google.rpc.Status (`details[0].reason`) unless the case says Envoy answers itself
-(`ENVOY`: text/plain, the request never reached the server).
+One stack for the module, with small limits so that size cases stay small. Every REST answer is a
+JSON google.rpc.Status (`details[0].reason`), Envoy's own included (`ENVOY_*`: the request never
+reached the server; server/gallery_server/envoy_config.py, LOCAL_REPLIES).
 """
 
 from __future__ import annotations
@@ -43,7 +43,12 @@ OTHER = "cam-other"
 MAX_UPLOAD = 4096
 MAX_THUMBNAIL = 512
 MAX_METADATA = 1024
-ENVOY = "ENVOY"  # answered by Envoy in text/plain
+# Envoy's own answers (envoy_config.LOCAL_REPLIES), named apart from the server's reasons, and
+# the google.rpc.Code each carries.
+ENVOY_MALFORMED = "MALFORMED_REQUEST"
+ENVOY_NOT_FOUND = "NOT_FOUND"
+ENVOY_HEADERS_TOO_LARGE = "HEADERS_TOO_LARGE"
+ENVOY_CODES = {ENVOY_MALFORMED: 3, ENVOY_NOT_FOUND: 5, ENVOY_HEADERS_TOO_LARGE: 8}
 BOUNDARY = "bad-input-boundary"
 TIMEOUT = 20
 
@@ -97,7 +102,7 @@ class Rest:
     method: str
     path: str  # `{event}` and `{put}` are filled in from the module's fixture
     status: int
-    reason: str  # ErrorInfo reason; ENVOY for Envoy's own text/plain answer; "" for no JSON body
+    reason: str  # ErrorInfo reason; "" for no body (a 416)
     headers: dict[str, str] | Callable[[], dict[str, str]] = dataclasses.field(default_factory=dict)
     body: bytes | None = None
     content_type: str | bytes | None = None
@@ -136,14 +141,14 @@ REST_CASES = [
     # -- ids in the path --
     Rest("device-bidi", "GET", "/api/gallery/cam%E2%80%AE1/stats", 400, "INVALID_DEVICE_ID"),
     Rest("device-lookalike", "GET", "/api/gallery/c%D0%B0m1/stats", 400, "INVALID_DEVICE_ID"),
-    Rest("device-nul", "GET", "/api/gallery/cam%001/stats", 400, ENVOY),
+    Rest("device-nul", "GET", "/api/gallery/cam%001/stats", 400, ENVOY_MALFORMED),
     Rest("device-too-long", "GET", f"/api/gallery/{'d' * 129}/stats", 400, "INVALID_DEVICE_ID"),
     Rest("device-dot-start", "GET", "/api/gallery/.hidden/stats", 400, "INVALID_DEVICE_ID"),
     Rest("device-zero-width", "GET", "/api/gallery/cam%E2%80%8B1/stats", 400, "INVALID_DEVICE_ID"),
-    Rest("device-encoded-slash", "GET", "/api/gallery/..%2F..%2Fetc/stats", 400, ENVOY),
+    Rest("device-encoded-slash", "GET", "/api/gallery/..%2F..%2Fetc/stats", 400, ENVOY_MALFORMED),
     Rest("event-id-short", "GET", f"{EV}/evt_short", 400, "INVALID_EVENT_ID"),
     Rest("event-id-dots", "GET", f"{EV}/evt_{'.' * 22}", 400, "INVALID_EVENT_ID"),
-    Rest("event-id-nul", "GET", f"{EV}/evt_{'a' * 21}%00", 400, ENVOY),
+    Rest("event-id-nul", "GET", f"{EV}/evt_{'a' * 21}%00", 400, ENVOY_MALFORMED),
     Rest("event-id-long", "DELETE", f"{EV}/evt_{'a' * 2000}", 400, "INVALID_EVENT_ID"),
     Rest("event-id-unknown", "GET", f"{EV}/evt_{'A' * 22}/content", 404, "EVENT_NOT_FOUND"),
     # -- names --
@@ -235,8 +240,8 @@ REST_CASES = [
     # -- page parameters --
     Rest("limit-zero", "GET", f"{EV}?limit=0", 400, "INVALID_LIMIT"),
     Rest("limit-1001", "GET", f"{EV}?limit=1001", 400, "INVALID_LIMIT"),
-    Rest("limit-not-a-number", "GET", f"{EV}?limit=ten", 400, ENVOY),
-    Rest("limit-overflows-int32", "GET", f"{EV}?limit=99999999999", 400, ENVOY),
+    Rest("limit-not-a-number", "GET", f"{EV}?limit=ten", 400, ENVOY_MALFORMED),
+    Rest("limit-overflows-int32", "GET", f"{EV}?limit=99999999999", 400, ENVOY_MALFORMED),
     Rest("offset-negative", "GET", f"{EV}?offset=-1", 400, "INVALID_OFFSET"),
     Rest("order-unknown", "GET", f"{EV}?order=sideways", 400, "INVALID_ORDER"),
     Rest("media-type-case", "GET", f"{EV}?media_type=IMAGE", 400, "INVALID_MEDIA_TYPE"),
@@ -261,8 +266,17 @@ REST_CASES = [
          body=json.dumps({"sha256s": ["G" * 64]}).encode(), content_type="application/json"),
     Rest("checksums-too-many", "POST", f"/api/gallery/{DEVICE}/checksums", 400, "TOO_MANY_CHECKSUMS",
          body=json.dumps({"sha256s": ["a" * 64] * 1001}).encode(), content_type="application/json"),
-    Rest("checksums-not-json", "POST", f"/api/gallery/{DEVICE}/checksums", 400, ENVOY,
+    Rest("checksums-not-json", "POST", f"/api/gallery/{DEVICE}/checksums", 400, ENVOY_MALFORMED,
          body=b"sha256s=abc", content_type="application/json"),
+    Rest("checksums-wrong-json-type", "POST", f"/api/gallery/{DEVICE}/checksums", 400, ENVOY_MALFORMED,
+         body=b'{"sha256s": 5}', content_type="application/json"),
+    # -- what no route or method has, and headers past Envoy's limits --
+    Rest("path-unknown", "GET", f"/api/gallery/{DEVICE}/nothing", 404, ENVOY_NOT_FOUND),
+    Rest("method-unknown", "PATCH", f"/api/gallery/{DEVICE}/stats", 404, ENVOY_NOT_FOUND),
+    Rest("bool-not-a-bool", "GET", f"/api/gallery/{DEVICE}/upload-url?filename=a.jpg&thumbnail=maybe",
+         400, ENVOY_MALFORMED),
+    Rest("headers-too-large", "GET", f"/api/gallery/{DEVICE}/stats", 431, ENVOY_HEADERS_TOO_LARGE,
+         {"x-padding": "p" * 40_000}),
 ]
 
 
@@ -339,12 +353,13 @@ def test_rest_bad_input(case: Rest, bad_stack: Stack, fill: dict[str, str]) -> N
         r = http.request(case.method, path, content=case.body, headers=raw_headers)
     assert r.status_code == case.status, (r.status_code, r.headers.get("content-type"), r.text[:300])
     content_type = r.headers.get("content-type", "")
-    if case.reason == ENVOY:  # Envoy's own answer: text/plain, or no body at all
-        assert content_type.startswith("text/plain") or not r.content, (content_type, r.content)
-    elif case.reason:
+    if case.reason:
         assert content_type.startswith("application/json"), content_type
         body = r.json()
         assert set(body) == {"code", "message", "details"}
+        assert isinstance(body["code"], int) and isinstance(body["message"], str), body
+        if case.reason in ENVOY_CODES:
+            assert body["code"] == ENVOY_CODES[case.reason], body
         assert body["details"][0]["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
         assert (body["details"][0]["reason"], body["details"][0]["domain"]) == (case.reason, "gallery")
     else:

@@ -239,7 +239,9 @@ def test_an_error_envoy_answers_after_a_handoff_does_not_describe_the_file(stack
         media.rmdir()
     assert answered.methods == [CHECK]  # handed off: Check looks at the size, Envoy found a folder
     assert r.status_code == 403
-    assert r.headers["content-type"] == "text/plain"
+    # Envoy's own answer, in the server's error shape (envoy_config.LOCAL_REPLIES).
+    assert r.headers["content-type"] == "application/json"
+    assert r.json()["details"][0]["reason"] == "REQUEST_FAILED"
     partial = reply(10, "0" * 64, range_header="bytes=0-1")  # a 206 has the most headers
     file_headers = {name for name, _ in content_headers(partial, "video/mp4", "clip.mp4")}
     for name in file_headers - {"content-type"} | {"x-gallery-handoff"}:

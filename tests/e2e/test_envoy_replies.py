@@ -1,0 +1,89 @@
+"""Envoy's own answers: a REST client gets the server's error shape, a native client a gRPC status.
+
+The REST requests Envoy refuses before the server sees them are in test_bad_input.py; here, the
+answers when no server is up, and that native gRPC calls keep Envoy's gRPC form
+(server/gallery_server/envoy_config.py, LOCAL_REPLIES).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+
+import grpc
+import httpx
+import pytest
+
+from gallery.v1 import gallery_pb2 as pb
+from gallery.v1 import gallery_pb2_grpc
+from gallery_server import envoy_config, supervisor
+from gallery_server.local_stack import Stack, free_port
+
+
+def _assert_status_json(r: httpx.Response, code: int, reason: str) -> None:
+    assert r.headers["content-type"] == "application/json", (r.headers, r.content)
+    body = r.json()
+    assert set(body) == {"code", "message", "details"}, body
+    assert (body["code"], type(body["message"])) == (code, str), body
+    [info] = body["details"]
+    assert info == {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason,
+                    "domain": "gallery", "metadata": {}}
+
+
+@pytest.fixture(scope="module")
+def envoy_without_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """The real Envoy with the gallery's configuration, its one backend a port nothing listens on."""
+    root = tmp_path_factory.mktemp("no-server")
+    listen, admin = free_port(), free_port()
+    config = root / "envoy.yaml"
+    config.write_text(envoy_config.render(
+        listen=f"127.0.0.1:{listen}", admin_port=admin, backends=[f"127.0.0.1:{free_port()}"],
+    ), encoding="utf-8")
+    log = (root / "envoy.log").open("wb")
+    envoy = subprocess.Popen(
+        [supervisor.envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn"],
+        stdout=log, stderr=log,
+    )
+    try:
+        supervisor.wait_envoy_ready(admin, process=envoy)
+        yield f"http://127.0.0.1:{listen}", f"127.0.0.1:{listen}"
+    finally:
+        envoy.terminate()
+        envoy.wait(timeout=30)
+        log.close()
+
+
+def test_rest_without_a_server_is_a_503_in_the_servers_error_shape(
+    envoy_without_server: tuple[str, str],
+) -> None:
+    base_url, _ = envoy_without_server
+    with httpx.Client(base_url=base_url, timeout=30) as http:
+        for method, path in (("GET", "/api/gallery/cam1/stats"), ("GET", "/api/gallery/cam1/events"),
+                             ("POST", "/api/gallery/cam1/upload")):
+            r = http.request(method, path, headers={"Authorization": "Bearer x"})
+            assert r.status_code == 503, (path, r.status_code, r.text)
+            _assert_status_json(r, 14, "SERVER_UNAVAILABLE")  # UNAVAILABLE: try again later
+            assert r.json()["message"], r.text  # Envoy's words on what failed
+        # HEAD: the same status and headers, no body.
+        r = http.head("/api/gallery/cam1/stats")
+        assert (r.status_code, r.headers["content-type"], r.content) == (503, "application/json", b"")
+
+
+def test_native_grpc_without_a_server_keeps_a_grpc_status(envoy_without_server: tuple[str, str]) -> None:
+    _, address = envoy_without_server
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as caught:
+        gallery_pb2_grpc.GalleryServiceStub(channel).GetStats(pb.GetStatsRequest(device="cam1"), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = caught.value.details() or ""
+    assert not details.startswith("{"), details  # Envoy's words, not a JSON body in grpc-message
+
+
+def test_a_native_call_envoy_refuses_keeps_a_grpc_status(stack: Stack) -> None:
+    """Check is Envoy's question to the server: a client's call of it is answered by Envoy (404,
+    which gRPC reads as UNIMPLEMENTED), never in the REST shape."""
+    with grpc.insecure_channel(stack.envoy_grpc_address) as channel, pytest.raises(grpc.RpcError) as caught:
+        channel.unary_unary("/envoy.service.auth.v3.Authorization/Check")(b"", timeout=30)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(caught.value.details() or "")
