@@ -12,7 +12,9 @@ import os
 import pathlib
 import secrets
 import subprocess
+import threading
 import time
+import traceback
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
@@ -37,6 +39,57 @@ from gallery_server.storage import Storage
 
 JWT_SECRET = "test-secret-" + "x" * 40
 READ_WRITE = f"{auth.READ} {auth.WRITE}"
+
+
+_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+
+
+@pytest.fixture(autouse=True)
+def sqlite_transactions_write_first() -> Iterator[None]:
+    """db.py's rule for SQLite, checked in every test: a server transaction that writes issues a
+    write first (or began IMMEDIATE). One that read first cannot write once another connection
+    has written meanwhile: SQLite refuses it at once ("database is locked", whatever the busy
+    timeout), which the server answers 503. Tests' own transactions are not held to it."""
+    started: dict[int, str] = {}  # connection -> "fresh", "read" or "done" (no longer watched)
+    found: list[str] = []
+    lock = threading.Lock()
+
+    def begin(connection: sa.Connection) -> None:
+        if connection.dialect.name == "sqlite":
+            options = connection.get_execution_options()
+            watched = not (options.get("sqlite_immediate") or options.get("gallery_single_read"))
+            with lock:
+                started[id(connection.connection.dbapi_connection)] = "fresh" if watched else "done"
+
+    def execute(connection: sa.Connection, cursor: object, statement: str, *_: object) -> None:
+        if connection.dialect.name != "sqlite":
+            return
+        key = id(connection.connection.dbapi_connection)
+        verb = statement.lstrip()[:7].upper()
+        with lock:
+            state = started.get(key, "done")
+            if state == "fresh" and not verb.startswith(("BEGIN", "PRAGMA", "SAVEPOI")):
+                started[key] = "read" if verb.startswith("SELECT") else "done"
+            elif state == "read" and verb.startswith(_WRITES):
+                started[key] = "done"
+                server = [f for f in traceback.extract_stack() if "gallery_server" in f.filename]
+                if server:
+                    found.append(" <- ".join(f"{f.name} ({pathlib.Path(f.filename).name}:{f.lineno})"
+                                             for f in reversed(server[-3:])))
+
+    def end(connection: sa.Connection) -> None:
+        with lock:
+            started.pop(id(connection.connection.dbapi_connection), None)
+
+    listeners = [("begin", begin), ("before_cursor_execute", execute), ("commit", end), ("rollback", end)]
+    for name, listener in listeners:
+        sa.event.listen(sa.Engine, name, listener)
+    try:
+        yield
+    finally:
+        for name, listener in listeners:
+            sa.event.remove(sa.Engine, name, listener)
+    assert not found, f"SQLite transactions that read before writing: {found}"
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ from gallery_server.models import Event, UploadSessionRow
 from gallery_server.resumable import ResumableUploads
 from gallery_server.service import Gallery
 from gallery_server.settings import Settings
+from gallery_server.signed_urls import SignedUploads
 
 from .conftest import failing_event_commit, random_bytes, rich_error, stored_files
 
@@ -142,6 +143,33 @@ def test_expiry_on_access_and_by_sweep(gallery: Gallery, principal: auth.Princip
         uploads.query(principal, "cam1", "upload-0007")
     assert caught.value.reason == "SESSION_EXPIRED"
     assert stored_files(gallery.settings.data_dir) == []
+
+
+def test_a_start_is_not_refused_because_another_connection_wrote(
+    gallery: Gallery, principal: auth.Principal,
+) -> None:
+    """A busy server writes between any two statements of a start (here: a pre-signed URL's
+    grant after every read of upload_sessions). On SQLite a start that read, then inserted in one
+    transaction was refused at once ("database is locked": 503 DATABASE_UNAVAILABLE)."""
+    uploads, signed = ResumableUploads(gallery), SignedUploads(gallery)
+    writing = threading.local()
+
+    def write_elsewhere(connection, cursor, statement, *_):  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith("SELECT") and "upload_sessions" in statement \
+                and not getattr(writing, "now", False):
+            writing.now = True
+            try:
+                signed.create_urls(principal, "cam2", "x.jpg", thumbnail=False)
+            finally:
+                writing.now = False
+
+    sa.event.listen(gallery.db.engine, "after_cursor_execute", write_elsewhere)
+    try:
+        for n in range(3):
+            state = uploads.start(principal, "cam1", name="a.bin", size=3, upload_id=f"busy-{n:04d}")
+            assert (state.upload_id, state.committed_size) == (f"busy-{n:04d}", 0)
+    finally:
+        sa.event.remove(gallery.db.engine, "after_cursor_execute", write_elsewhere)
 
 
 def test_other_device_and_scopes(gallery: Gallery, principal: auth.Principal) -> None:

@@ -170,9 +170,12 @@ class ResumableUploads:
                 raise FailedPrecondition(
                     "UPLOAD_BUSY", f"upload {upload_id} is still in use: retry", upload_id=upload_id,
                 )
-        with self.db.session() as session:
-            row = session.get(UploadSessionRow, (device, upload_id))
-            if row is None:
+            row = None
+        if row is None:
+            # The INSERT is this transaction's first statement: on SQLite one that read first
+            # cannot write once another connection has written ("database is locked" at once,
+            # whatever the busy timeout). A concurrent start of the id makes it fail instead.
+            with self.db.session() as session:
                 row = UploadSessionRow(
                     device=device, upload_id=upload_id, name=name, media_type=media_type,
                     metadata_json=metadata_json, declared_size=size, declared_sha256=sha256,
