@@ -109,6 +109,34 @@ def postgres_url() -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture
+def closed_database(postgres_url: str) -> Iterator[tuple[Database, contextlib.AbstractContextManager[None]]]:
+    """A Database on a PostgreSQL database of its own, and a context in which that database
+    refuses every connection and has ended those it had (as while PostgreSQL restarts)."""
+    url = sa.make_url(postgres_url)
+    name = f"gallery_closed_{uuid.uuid4().hex[:12]}"
+    admin_url = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        db = Database(url.set(database=name).render_as_string(hide_password=False), pool_size=2)
+
+        @contextlib.contextmanager
+        def closed() -> Iterator[None]:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            try:
+                yield
+            finally:
+                admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+
+        try:
+            db.create_tables()
+            yield db, closed()
+        finally:
+            db.dispose()
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[str]:
     """Every test using this runs once on SQLite and once on PostgreSQL."""

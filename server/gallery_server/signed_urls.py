@@ -34,7 +34,6 @@ from . import validation
 from .auth import WRITE, Principal
 from .downloads import ContentRange
 from .errors import (
-    CommitOutcomeUnknown,
     Conflict,
     FailedPrecondition,
     InvalidArgument,
@@ -275,32 +274,32 @@ class SignedUploads:
         return grant
 
     def _attach_thumbnail(self, target: SignedTarget, upload: Upload) -> str:
-        storage = self.gallery.storage
-        path = storage.thumbnail_path(target.device, target.event_id)
-        # The thumbnail arrives as the raw body, so it is the "media" of this upload.
-        upload.media.commit(path)
-        try:
-            with self.gallery.db.session() as session:
-                self._move(target, "uploading", "done", session=session)
-                attached = session.exec(  # type: ignore[call-overload]
-                    sa.update(Event)
-                    .where(col(Event.id) == target.event_id)
-                    # The device's thumbnail replaces one the server made or is making.
-                    .values(has_thumbnail=True, thumbnail_state="")
-                ).rowcount
-                grant = session.get(UploadGrant, target.event_id)
-                if not attached and grant is not None and grant.media_state == "done":
-                    # The media arrived and its event was deleted since: nothing to attach to.
-                    raise NotFound(
-                        "EVENT_NOT_FOUND", f"event {target.event_id} no longer exists",
-                        event_id=target.event_id,
-                    )
-                self.gallery.db.commit(session)
-        except CommitOutcomeUnknown:
-            raise  # the event may now say it has this thumbnail: the file stays (Database.commit)
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
+        """Put a PUT thumbnail in place. Its file moves only once the UPDATEs hold the grant's and
+        the event's rows: a thumbnail the server is making (thumbnails.py) waits for them and then
+        finds its claim gone, and a failure before the move (the database unreachable, the event
+        deleted) leaves the event's thumbnail as it was."""
+        thumbnail = upload.media  # the thumbnail arrives as the raw body
+        thumbnail.sync()
+        with self.gallery.db.session() as session:
+            self._move(target, "uploading", "done", session=session)
+            attached = session.exec(  # type: ignore[call-overload]
+                sa.update(Event)
+                .where(col(Event.id) == target.event_id)
+                # The device's thumbnail replaces one the server made or is making.
+                .values(has_thumbnail=True, thumbnail_state="")
+            ).rowcount
+            grant = session.get(UploadGrant, target.event_id)
+            if not attached and grant is not None and grant.media_state == "done":
+                # The media arrived and its event was deleted since: nothing to attach to.
+                raise NotFound(
+                    "EVENT_NOT_FOUND", f"event {target.event_id} no longer exists",
+                    event_id=target.event_id,
+                )
+            # From here on the file stays, whatever the COMMIT does: what it replaced is gone
+            # either way, and it is this event's thumbnail as its device sent it (the URL's
+            # retry, given back by release(), replaces it again).
+            thumbnail.move(self.gallery.storage.thumbnail_path(target.device, target.event_id))
+            self.gallery.db.commit(session)
         return target.event_id
 
     def _move(

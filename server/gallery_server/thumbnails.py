@@ -42,6 +42,7 @@ from sqlmodel import col, select
 from .background import BackgroundLoop
 from .models import Event
 from .service import Gallery, utcnow
+from .storage import StagedFile
 
 log = logging.getLogger(__name__)
 
@@ -157,29 +158,25 @@ class Thumbnailer(BackgroundLoop):
                                                    "error": f"{type(exc).__name__}: {exc}"})
             self._finish(event, attempt, "failed", {})
             return
-        thumb_path = self.storage.thumbnail_path(event.device, event.id)
         staged = self.storage.stage(max_bytes=self.gallery.settings.max_thumbnail_bytes, what="thumbnail")
         try:
             staged.write(made.jpeg)
-            staged.commit(thumb_path)
+            staged.sync()
+            if self._finish(event, attempt, "generated", made.info, thumbnail=staged):
+                log.info("thumbnail made", extra={"device": event.device, "event_id": event.id, "size": len(made.jpeg)})
         finally:
-            staged.discard()
-        if self._finish(event, attempt, "generated", made.info, has_thumbnail=True):
-            log.info("thumbnail made", extra={"device": event.device, "event_id": event.id, "size": len(made.jpeg)})
-            return
-        with self.gallery.db.session() as session:
-            exists = session.get(Event, event.id) is not None
-        if not exists:
-            # Deleted while we worked: its files are gone, and so must this one be.
-            thumb_path.unlink(missing_ok=True)
+            staged.discard()  # removes the file unless it was moved into place
 
     def _finish(self, event: Event, attempt: int, state: str, info: dict[str, Any], *,
-                has_thumbnail: bool = False) -> bool:
-        """Record the outcome under our claim; False if the claim no longer holds."""
+                thumbnail: StagedFile | None = None) -> bool:
+        """Record the outcome under our claim; False if the claim no longer holds (the event was
+        deleted, or its device sent a thumbnail meanwhile). A made thumbnail is moved into place
+        only under the claim, while the UPDATE holds the row's lock: a device's thumbnail, which
+        signed_urls.py moves under that lock too, is never overwritten."""
         values: dict[str, Any] = {"thumbnail_state": state, "thumbnail_claimed_at": None}
         if info:
             values["media_info_json"] = json.dumps(info, separators=(",", ":"), sort_keys=True)
-        if has_thumbnail:
+        if thumbnail is not None:
             values["has_thumbnail"] = True
         with self.gallery.db.session() as session:
             updated = session.exec(  # type: ignore[call-overload]
@@ -188,7 +185,11 @@ class Thumbnailer(BackgroundLoop):
                        col(Event.thumbnail_attempts) == attempt)
                 .values(**values)
             ).rowcount
-            session.commit()
+            if updated and thumbnail is not None:
+                # If the COMMIT then fails, the file stays: no other thumbnail was there (the
+                # event's is being made), and a retry of the claim replaces it.
+                thumbnail.move(self.storage.thumbnail_path(event.device, event.id))
+            self.gallery.db.commit(session)
         return bool(updated)
 
 

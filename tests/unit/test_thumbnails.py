@@ -262,6 +262,62 @@ def test_signed_thumbnail_before_media_is_kept(signed, principal: auth.Principal
     assert Thumbnailer(signed.gallery).work_once() == []
 
 
+def test_a_device_thumbnail_arriving_while_the_server_makes_one_wins(  # type: ignore[no-untyped-def]
+    signed, principal: auth.Principal, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The device's PUT lands while the server decodes the photo (or ffmpeg runs, up to 30 s):
+    the server's thumbnail, made from then on, must not replace the device's on disk."""
+    from .test_signed_urls import put, targets
+
+    gallery = signed.gallery
+    media, thumb = targets(signed, principal, filename="a.png")
+    event_id = put(signed, media, png())
+    real = thumbnails.make
+
+    def make_while_the_device_sends(media_type, path):  # type: ignore[no-untyped-def]
+        made = real(media_type, path)
+        put(signed, thumb, b"device thumb")
+        return made
+
+    monkeypatch.setattr(thumbnails, "make", make_while_the_device_sends)
+    assert Thumbnailer(gallery).work_once() == [event_id]
+    done = row(gallery, event_id)
+    assert done is not None and (done.has_thumbnail, done.thumbnail_state) == (True, "")
+    assert gallery.storage.thumbnail_path("cam1", event_id).read_bytes() == b"device thumb"
+    assert list(gallery.storage.staging_root.iterdir()) == []
+
+
+def test_a_thumbnail_put_during_an_outage_leaves_the_events_thumbnail(  # type: ignore[no-untyped-def]
+    closed_database, principal: auth.Principal, tmp_path,
+) -> None:
+    """PostgreSQL refuses connections as the device's thumbnail PUT completes: the answer is 503
+    and the thumbnail the event has (the server's) stays, bytes and row."""
+    from gallery_server.errors import DatabaseUnavailable
+    from gallery_server.signed_urls import SignedUploads
+    from gallery_server.storage import Storage
+
+    from ..conftest import make_settings
+    from .test_signed_urls import put, targets
+
+    db, closed = closed_database
+    gallery = Gallery(make_settings(tmp_path, db.engine.url.render_as_string(hide_password=False)), db,
+                      Storage(tmp_path))
+    signed = SignedUploads(gallery)
+    media, thumb = targets(signed, principal, filename="a.png")
+    event_id = put(signed, media, png())
+    assert Thumbnailer(gallery).work_once() == [event_id]
+    path = gallery.storage.thumbnail_path("cam1", event_id)
+    servers = path.read_bytes()
+    signed.claim(thumb)
+    with gallery.open_upload("cam1") as upload:
+        upload.write_media(b"device thumb")
+        with closed, pytest.raises(DatabaseUnavailable):
+            signed.complete(thumb, upload)
+    assert path.read_bytes() == servers
+    done = row(gallery, event_id)
+    assert done is not None and (done.has_thumbnail, done.thumbnail_state) == (True, "generated")
+
+
 def test_late_incoming_thumbnail_replaces_the_servers(gallery: Gallery) -> None:
     importer = IncomingImporter(gallery)
     inbox, thumbs = gallery.storage.device_paths("cam1")
