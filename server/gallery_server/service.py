@@ -469,6 +469,7 @@ class Gallery:
             staged.append((upload.thumbnail, thumbnail_path))
         for file, _ in staged:
             file.sync()
+        replaced: set[pathlib.Path] = set()  # destinations whose earlier file is gone
         try:
             with self.db.session() as session:
                 if fill is not None:
@@ -480,8 +481,9 @@ class Gallery:
                 for file, destination in staged:
                     # A new event's paths must be free; an announced one may already have the
                     # thumbnail the device sent with its announcement, which the upload replaces.
-                    self._move_into_place(session, event, file, destination,
-                                          chosen=event_id is not None, fill=fill is not None)
+                    if self._move_into_place(session, event, file, destination,
+                                             chosen=event_id is not None, fill=fill is not None):
+                        replaced.add(destination)
                 if fill is None:
                     # before_insert may have attached a thumbnail that arrived first.
                     event.thumbnail_state = initial_thumbnail_state(event.media_type, event.has_thumbnail)
@@ -496,8 +498,10 @@ class Gallery:
             raise
         except BaseException as exc:
             for file, destination in staged:
-                if file.moved:  # an adopted file (keep_source) still has its own name
-                    destination.unlink(missing_ok=True)
+                # A file that replaced another stays: what was there (an announced event's
+                # thumbnail, a leftover) is gone either way, and this is the same capture's.
+                if file.moved and destination not in replaced:
+                    destination.unlink(missing_ok=True)  # an adopted file keeps its own name
                     file.moved = False
             # A concurrent upload of the same capture won the unique (device, device_event_id).
             if isinstance(exc, sa.exc.IntegrityError) and event.device_event_id:
@@ -512,14 +516,16 @@ class Gallery:
         return event
 
     def _move_into_place(self, session: Session, event: Event, file: StagedFile,
-                         destination: pathlib.Path, *, chosen: bool, fill: bool) -> None:
-        """Move one staged file to its place in media/.
+                         destination: pathlib.Path, *, chosen: bool, fill: bool) -> bool:
+        """Move one staged file to its place in media/; True if it replaced a file there.
 
         A new event's path must be free. One exception: an event id chosen by the caller (a
         pre-signed URL's) is claimed by its `before_insert` hook, whose row lock is held until
         commit, so no one else can be storing that id now; a file already there with no event
         row is what a crash between a move and its commit left, and is replaced. (Without it the
         URL could never complete: every retry would meet EVENT_EXISTS.)"""
+        # The row's lock (an announced event's, or the chosen id's claim) keeps this path ours.
+        replacing = fill and destination.exists()
         try:
             file.move(destination, replace=fill)
         except AlreadyExists:
@@ -528,6 +534,8 @@ class Gallery:
             log.warning("replacing a media file left without its row",
                         extra={"device": event.device, "event_id": event.id})
             file.move(destination, replace=True)
+            return True
+        return replacing
 
     def capture(self, device: str, device_event_id: str, sha256: str) -> Event | None:
         """The device's event with this device_event_id, if any, when its content has `sha256`;

@@ -15,6 +15,7 @@ from gallery_server import devices as devices_module
 from gallery_server.devices import Announcement, Devices
 from gallery_server.errors import (
     CommitOutcomeUnknown,
+    DatabaseUnavailable,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -240,6 +241,28 @@ def test_pulled_upload_fills_the_announced_event(devices, gallery, device_princi
     assert len(commands(gallery, event.id)) == 1  # a stored event is not pulled again
     with pytest.raises(FailedPrecondition):
         devices.pulled_event(device_principal, DEVICE, event.id)
+
+
+def test_a_pulled_upload_whose_commit_is_refused_keeps_a_thumbnail(devices, gallery, device_principal, principal):
+    """The upload's thumbnail replaced the one sent with the announcement, then the COMMIT was
+    refused (a deadlock): the event still says it has a thumbnail, and one is there (the upload's,
+    of the same capture), while its content is taken back and can be sent again."""
+    if gallery.db.engine.dialect.name != "postgresql":
+        pytest.skip("a COMMIT refused by PostgreSQL (a deferred trigger)")
+    event = announce(devices, device_principal, thumbnail=b"\xff\xd8announced")
+    devices.pull(principal, DEVICE, event.id)
+    announced = devices.pulled_event(device_principal, DEVICE, event.id)
+    with gallery.open_upload(DEVICE) as upload:
+        upload.fields.name = announced.name
+        upload.write_media(b"hello")
+        upload.write_thumbnail(b"\xff\xd8uploaded")
+        with event_commit_fails(gallery.db, sqlstate="40P01"), pytest.raises(DatabaseUnavailable):
+            gallery.store(upload, fill=announced, before_insert=devices.complete_pull)
+    got = gallery.get_event(principal, DEVICE, event.id)
+    assert (got.state, got.has_thumbnail) == ("on_device", True)
+    assert gallery.storage.thumbnail_path(DEVICE, event.id).read_bytes() == b"\xff\xd8uploaded"
+    assert not gallery.storage.media_path(DEVICE, event.id).exists()
+    assert devices.pull_status(event.id).state == "pending"
 
 
 def test_second_fill_of_one_event_is_refused_and_keeps_the_first(devices, gallery, device_principal):
