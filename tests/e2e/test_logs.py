@@ -86,6 +86,15 @@ def test_no_secret_in_any_log_at_debug(tmp_path) -> None:  # type: ignore[no-unt
             assert chunked.status_code == 400, chunked.text
             # Tokens in a query string and a custom header: no access line may echo them either.
             http.get(f"/api/gallery/{DEVICE}/stats?access_token={sent[0]}", headers=good)
+            # A valid token followed by a byte that is not UTF-8, and such a byte in a header of
+            # a request with no token: grpc's own decoding must not write either value.
+            spoiled = token()
+            r = http.get(f"/api/gallery/{DEVICE}/stats",
+                         headers=[(b"authorization", b"Bearer " + spoiled.encode() + b"\xff")])
+            assert r.status_code == 401, r.text
+            r = http.get(f"/api/gallery/{DEVICE}/stats", headers=[(b"x-anything", b"secret-ish-\xe9")])
+            assert r.status_code == 401, r.text
+            sent.append("secret-ish-")
         with grpc.insecure_channel(stack.envoy_grpc_address) as channel:
             stub = gallery_pb2_grpc.GalleryServiceStub(channel)
             stub.GetStats(pb.GetStatsRequest(device=DEVICE), metadata=[("authorization", f"Bearer {sent[0]}")],
@@ -113,6 +122,7 @@ def test_no_secret_in_any_log_at_debug(tmp_path) -> None:  # type: ignore[no-unt
     # The log really is at DEBUG and really recorded these calls.
     lines = [json.loads(line) for line in text.splitlines() if line.startswith(b"{")]
     assert any(line["level"] == "DEBUG" for line in lines), "no DEBUG line: the level did not apply"
+    assert not [line for line in lines if line["level"] == "ERROR"], "a client's request made an ERROR line"
     methods = {line.get("method") for line in lines}
     assert {"/gallery.v1.GalleryService/PutSignedUpload", "/gallery.v1.GalleryService/GetEvent"} <= methods
     reasons = {line.get("reason") for line in lines}

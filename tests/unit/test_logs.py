@@ -79,3 +79,22 @@ def test_a_line_logged_while_an_rpc_is_served_carries_its_request_id(captured: i
     assert (first["request_id"], first["event_id"]) == ("req-42", "evt_1")
     assert given["request_id"] == "given"
     assert "request_id" not in between
+
+
+def _grpc_decoding_error(value: bytes) -> None:
+    """What grpc's `_decode` logs for a header value that is not UTF-8 (grpc_string.pyx)."""
+    try:
+        value.decode("utf8")
+    except UnicodeDecodeError:
+        logging.getLogger("grpc._cython.cygrpc").exception("Invalid encoding on %s", value)
+
+
+def test_a_header_value_grpc_cannot_decode_is_never_written(captured: io.StringIO) -> None:
+    _grpc_decoding_error(b"Bearer eyJ.valid-token\xff")
+    assert captured.getvalue() == ""  # at INFO: nothing at all (any client could cause it)
+    logging.getLogger().setLevel("DEBUG")
+    _grpc_decoding_error(b"Bearer eyJ.valid-token\xff")
+    (line,) = captured.getvalue().splitlines()
+    entry = json.loads(line)
+    assert (entry["level"], entry["message"]) == ("DEBUG", "a request header value is not UTF-8: read as Latin-1")
+    assert "valid-token" not in line and "traceback" not in entry
