@@ -93,9 +93,11 @@ def _decode(token: str, query: ListQuery) -> tuple[datetime.datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         version, *fingerprint, created, event_id = json.loads(raw)
-        after = (datetime.datetime.fromisoformat(created), validation.event_id(event_id))
-        valid = version == _VERSION and after[0].tzinfo is not None
-    except (ValueError, TypeError, binascii.Error, RecursionError, InvalidArgument):
+        moment = datetime.datetime.fromisoformat(created)
+        valid = version == _VERSION and moment.tzinfo is not None
+        # In UTC, as the database compares it: year 1 or 9999 shifted by a zone is out of range.
+        after = (moment.astimezone(datetime.UTC) if valid else moment, validation.event_id(event_id))
+    except (ValueError, TypeError, OverflowError, binascii.Error, RecursionError, InvalidArgument):
         valid = False
     if not valid:
         raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not valid", field="page_token")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
+import json
 import random
 
 import pytest
@@ -115,7 +117,17 @@ def test_token_round_trip_fuzz():
     assert paging.next_page_token(query, (T0, "evt_" + "A" * 22), full=False) == ""
 
 
+def _edited_token(created: str) -> str:
+    """A real page token of the default listing whose position is moved to `created`."""
+    token = paging.next_page_token(paging.build(), (T0, "evt_" + "A" * 22), full=True)
+    fields = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    fields[-2] = created
+    return base64.urlsafe_b64encode(json.dumps(fields).encode()).decode().rstrip("=")
+
+
 @pytest.mark.parametrize(("request_args", "reason"), [
+    ({"page_token": _edited_token("0001-01-01T00:00:00+01:00")}, "INVALID_PAGE_TOKEN"),  # before year 1
+    ({"page_token": _edited_token("9999-12-31T23:59:59-01:00")}, "INVALID_PAGE_TOKEN"),  # past 9999
     ({"since": "0001-01-01T00:00:00+01:00"}, "INVALID_TIME"),  # shifts before year 1
     ({"until": "9999-12-31T23:59:59-01:00"}, "INVALID_TIME"),  # shifts past year 9999
     ({"page_token": "W" * 5000}, "INVALID_PAGE_TOKEN"),  # too long to be ours
@@ -127,8 +139,6 @@ def test_hostile_listing_values_are_400s(gallery, principal, request_args, reaso
 
 
 def test_deeply_nested_page_token_is_invalid(gallery, principal):
-    import base64
-
     token = base64.urlsafe_b64encode(b"[" * 600).decode().rstrip("=")
     assert len(token) <= paging.MAX_TOKEN_CHARS
     nested = base64.urlsafe_b64encode(b"[" * 3000).decode().rstrip("=")
