@@ -174,7 +174,7 @@ def metadata_object(value: Any, max_bytes: int) -> str:
     # Metadata travels as a google.protobuf.Struct, whose numbers are doubles: refuse numbers a
     # double cannot hold exactly rather than store what could never be read back unchanged.
     try:
-        _check_numbers(value)
+        _check_numbers(value, 1)
     except RecursionError:
         raise _invalid_metadata("metadata is nested too deeply") from None
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -185,17 +185,24 @@ def metadata_object(value: Any, max_bytes: int) -> str:
 
 _MAX_EXACT_INT = 2**53
 MAX_METADATA_KEY_CHARS = 256
+# Objects and arrays inside one another, the metadata object itself the first. As a protobuf
+# Struct each level is two messages deep (Value, then Struct or ListValue) inside the Event and
+# its answer, and readers stop at 100 (protobuf's recursion limit: grpcio's Python client; Envoy's
+# transcoder answers 502): an event nested near 50 levels would be stored and never read back.
+MAX_METADATA_DEPTH = 32
 
 
-def _check_numbers(value: Any) -> None:
-    """Check numbers, keys and strings at every depth (the name is older than the last two)."""
+def _check_numbers(value: Any, depth: int) -> None:
+    """Check depth, numbers, keys and strings at every level (the name is older than the rest)."""
+    if isinstance(value, (dict, list)) and depth > MAX_METADATA_DEPTH:
+        raise _invalid_metadata(f"metadata must not nest objects and arrays over {MAX_METADATA_DEPTH} deep")
     if isinstance(value, dict):
         for key, item in value.items():
             _check_key(key)
-            _check_numbers(item)
+            _check_numbers(item, depth + 1)
     elif isinstance(value, list):
         for item in value:
-            _check_numbers(item)
+            _check_numbers(item, depth + 1)
     elif isinstance(value, bool):
         return
     elif isinstance(value, str):

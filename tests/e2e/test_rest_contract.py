@@ -508,6 +508,40 @@ def test_accepted_metadata_stays_readable(http, auth_headers):
     assert g.json()["metadata"]["ok"] == 1
 
 
+def _nested(depth: int) -> str:
+    """Metadata `depth` objects and arrays deep, the metadata object itself the first."""
+    return '{"a":' + '[{"b":' * ((depth - 1) // 2) + ('[]' if depth % 2 == 0 else '1') + '}]' * ((depth - 1) // 2) + '}'
+
+
+def test_metadata_nested_as_deep_as_allowed_reads_back_everywhere(http, auth_headers, envoy_channel):
+    """The deepest metadata accepted comes back from GET through Envoy and from native GetEvent
+    (the listing, which has no metadata, lists the event); one level more is refused at upload,
+    never stored unreadable (Envoy's transcoder answered 502 and grpcio's client failed from ~50
+    levels)."""
+    from google.protobuf import json_format
+
+    from gallery.v1 import gallery_pb2 as pb
+    from gallery.v1 import gallery_pb2_grpc
+
+    assert json.loads(_nested(3)) == {"a": [{"b": 1}]} and json.loads(_nested(4)) == {"a": [{"b": []}]}
+    device, headers = new_device(), auth_headers()
+    deepest = _nested(32)
+    r = post_form(http, device, headers, [NAME, EVENT, ("metadata", deepest)])
+    assert r.status_code == 200, r.text
+    event_id = r.json()["eventId"]
+    g = http.get(f"/api/gallery/{device}/events/{event_id}", headers=headers)
+    assert g.status_code == 200, g.text
+    assert g.json()["metadata"] == json.loads(deepest)
+    assert [e["id"] for e in list_events(http, device, headers)] == [event_id]
+    native = gallery_pb2_grpc.GalleryServiceStub(envoy_channel).GetEvent(
+        pb.GetEventRequest(device=device, event_id=event_id), metadata=[("authorization", headers["Authorization"])],
+        timeout=30)
+    assert native.id == event_id and json_format.MessageToDict(native.metadata) == json.loads(deepest)
+    for too_deep in (_nested(33), '{"a":' + "[" * 40 + "]" * 40 + "}"):
+        assert_error(post_form(http, new_device(), headers, [NAME, EVENT, ("metadata", too_deep)]), 400,
+                     "INVALID_METADATA")
+
+
 @pytest.mark.parametrize("complete_multipart", [False, True], ids=["mid-body", "before-declared-end"])
 def test_client_abort_leaves_nothing(http, auth_headers, stack, complete_multipart):
     """A client that disconnects before sending all of its Content-Length stores nothing, even when

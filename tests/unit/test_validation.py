@@ -325,6 +325,25 @@ def test_metadata_object_nested_too_deeply() -> None:
     _raises(InvalidArgument, "INVALID_METADATA", validation.metadata_object, value, 1 << 30)
 
 
+def test_metadata_nesting_stops_at_its_depth() -> None:
+    """Objects and arrays count alike, the metadata object itself the first level; values that
+    are neither add none."""
+    def nested(depth: int, innermost: object) -> dict:
+        value = innermost  # the container at `depth`
+        for level in range(depth - 1, 0, -1):
+            value = {"k": value} if level % 2 else [value]
+        assert isinstance(value, dict)
+        return value
+
+    deepest = validation.MAX_METADATA_DEPTH
+    for innermost in ([], {}, ["leaf", 1, None]):
+        value = nested(deepest, innermost)
+        assert json.loads(validation.metadata_object(value, LIMIT)) == value
+        error = _raises(InvalidArgument, "INVALID_METADATA", validation.metadata_object,
+                        nested(deepest + 1, innermost), LIMIT)
+        assert f"over {deepest} deep" in str(error)
+
+
 def test_metadata_json_too_large_raw_text() -> None:
     text = json.dumps({"k": "v" * LIMIT})
     error = _raises(InvalidArgument, "METADATA_TOO_LARGE", validation.metadata_json, text, LIMIT)
