@@ -25,7 +25,7 @@ from google.api import annotations_pb2
 from google.api.httpbody_pb2 import HttpBody
 from google.protobuf import descriptor, message_factory
 
-from gallery.v1 import admin_pb2, device_pb2, gallery_pb2
+from gallery.v1 import admin_pb2, device_pb2, gallery_pb2, gallery_pb2_grpc
 from gallery.v1 import device_pb2 as dpb
 from gallery.v1 import gallery_pb2 as pb
 from gallery_server import auth, validation
@@ -298,3 +298,24 @@ def test_signed_upload_authorization(target, http) -> None:  # type: ignore[no-u
     data = json.loads(http.get(f"/api/gallery/{device}/events",
                                headers={"Authorization": f"Bearer {owner}"}).text)
     assert [e["id"] for e in data] == [target["event_id"]]  # nothing stored by either PUT
+
+
+def test_a_token_naming_a_fleet_is_accepted_every_time(stack: Stack, envoy_channel) -> None:  # type: ignore[no-untyped-def]
+    """A token that names 400 devices is ~11 KiB, and a client may add a large header of its own:
+    below Envoy's 32 KiB every request is answered (grpc's own 8 KiB soft and 16 KiB hard limits
+    answered some, then all, with RESOURCE_EXHAUSTED: a 429 clients retry for ever)."""
+    fleet = ["cam1"] + [f"fleet-device-{i:05d}" for i in range(400)]
+    token = auth.mint(JWT_SECRET, subject="ops", devices=fleet, scope=auth.READ, ttl_seconds=600)
+    assert len(token) > 11_000
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=stack.base_url, timeout=30) as http:
+        codes = [http.get("/api/gallery/cam1/stats", headers=headers).status_code for _ in range(20)]
+        assert codes == [200] * 20
+        r = http.get("/api/gallery/cam1/stats", headers={**headers, "x-client-note": "n" * 16_000})
+        assert r.status_code == 200, r.text
+    metadata = [("authorization", f"Bearer {token}"), ("x-client-note", "n" * 16_000)]
+    with grpc.insecure_channel(stack.grpc_address) as direct:
+        for channel in (envoy_channel, direct):
+            stats = gallery_pb2_grpc.GalleryServiceStub(channel).GetStats(
+                pb.GetStatsRequest(device="cam1"), metadata=metadata, timeout=30)
+            assert stats.total_events >= 0
