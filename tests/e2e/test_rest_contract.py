@@ -960,3 +960,25 @@ def test_forbidden_does_not_reveal_existence(http, auth_headers, stack, victim, 
     assert a == b  # byte-for-byte the same answer
     assert event_id not in json.dumps(a)
     assert_victim_intact(http, auth_headers, stack, victim)
+
+
+def test_a_query_parameter_named_after_a_path_variable_changes_nothing(http, auth_headers):
+    """`?eventId=`, `?event_id=` and `?device=` are ignored: the path names the event and the
+    device for every answer (the transcoder let them replace the path's, while Envoy's file
+    handoff, HEAD and conditional GETs went by the path: one URL described two events)."""
+    device, other, headers = new_device(), new_device(), auth_headers()
+    first = upload(http, device, headers, name="a.bin", data=b"a" * 2000)
+    second = upload(http, device, headers, name="b.bin", data=b"b" * 677)
+    upload(http, other, headers, name="c.bin", data=b"c" * 5)
+    content = f"/api/gallery/{device}/events/{first}/content"
+    for query in (f"eventId={second}", f"event_id={second}", f"device={other}"):
+        assert http.get(f"{content}?{query}", headers=headers).content == b"a" * 2000
+        conditional = http.get(f"{content}?{query}", headers={**headers, "If-None-Match": '"other"'})
+        assert conditional.content == b"a" * 2000
+        assert http.head(f"{content}?{query}", headers=headers).headers["content-length"] == "2000"
+        r = http.get(f"/api/gallery/{device}/events/{first}?{query}", headers=headers)
+        assert (r.status_code, r.json()["id"]) == (200, first), r.text
+    r = http.get(f"/api/gallery/{device}/stats?device={other}", headers=headers)
+    assert r.json()["total_events"] == 2, r.text
+    r = http.get(f"/api/gallery/{device}/events", params={"device": other}, headers=headers)
+    assert [e["id"] for e in r.json()] == [second, first], r.text
