@@ -132,7 +132,10 @@ class SignedUploads:
             )
         except (ValueError, TypeError, UnicodeError, binascii.Error):
             raise PermissionDenied("URL_SIGNATURE_INVALID", "upload URL is not valid") from None
-        if version != _VERSION or purpose not in (MEDIA, THUMBNAIL):
+        # Only this server signs payloads; their types are checked all the same (a key shared
+        # with a tool that signs its own must not turn into a 500).
+        if (version != _VERSION or purpose not in (MEDIA, THUMBNAIL) or type(expires) is not int
+                or not isinstance(event_id, str) or not isinstance(filename, str)):
             raise PermissionDenied("URL_SIGNATURE_INVALID", "upload URL is not valid")
         if signed_device != device:
             raise PermissionDenied(

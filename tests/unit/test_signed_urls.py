@@ -167,6 +167,20 @@ def test_tampered_signature(local: SignedUploads, principal: auth.Principal) -> 
         denied("URL_SIGNATURE_INVALID", local.verify, "cam1", f"{payload}.{bad}")
 
 
+def test_a_signed_payload_of_the_wrong_shape_is_invalid(local: SignedUploads) -> None:
+    """Signed with the right key, but not as this server signs: refused, never a 500."""
+    event_id = "evt_" + "A" * 22
+    for payload in (
+        [1, "cam1", event_id, MEDIA, str(int(time.time()) + 60), "a.png"],  # the expiry a string
+        [1, "cam1", event_id, MEDIA, float(int(time.time()) + 60), "a.png"],
+        [1, "cam1", event_id, MEDIA, True, "a.png"],
+        [1, "cam1", 7, MEDIA, int(time.time()) + 60, "a.png"],
+        [1, "cam1", event_id, MEDIA, int(time.time()) + 60, ["a.png"]],
+        [1, "cam1", event_id, MEDIA, int(time.time()) + 60],  # a field short
+    ):
+        denied("URL_SIGNATURE_INVALID", local.verify, "cam1", local._sign(payload))
+
+
 def test_only_the_canonical_spelling_of_a_token_verifies(local: SignedUploads, principal: auth.Principal) -> None:
     token = token_of(local.create_urls(principal, "cam1", "a.png", thumbnail=False).media_url)
     payload, signature = token.split(".")
