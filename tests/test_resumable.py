@@ -18,7 +18,7 @@ from sqlmodel import select
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
-from gallery_server import auth
+from gallery_server import auth, resumable
 from gallery_server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -170,6 +170,27 @@ def test_a_start_is_not_refused_because_another_connection_wrote(
             assert (state.upload_id, state.committed_size) == (f"busy-{n:04d}", 0)
     finally:
         sa.event.remove(gallery.db.engine, "after_cursor_execute", write_elsewhere)
+
+
+def test_the_sweeper_spares_a_session_started_again_under_the_same_id(
+    gallery: Gallery, principal: auth.Principal, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sweeper lists expired rows, then reaches each: meanwhile the client, told
+    SESSION_EXPIRED, started the id again and committed bytes. Those are not the sweeper's."""
+    uploads = ResumableUploads(gallery)
+    uploads.start(principal, "cam1", name="a.bin", size=100, upload_id="restarted1")
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(
+        seconds=gallery.settings.upload_session_ttl + 60)
+    with gallery.db.session() as session:
+        [listed] = session.exec(select(UploadSessionRow)).all()  # the sweeper's listing
+    monkeypatch.setattr(resumable, "utcnow", lambda: later)
+    with pytest.raises(FailedPrecondition):  # SESSION_EXPIRED: the old session goes
+        uploads.query(principal, "cam1", "restarted1")
+    uploads.start(principal, "cam1", name="a.bin", size=100, upload_id="restarted1")
+    write(uploads, principal, "restarted1", 0, b"x" * 40)
+    assert uploads.remove(listed, now=later) is False  # the sweeper reaches its listed row
+    assert uploads.query(principal, "cam1", "restarted1").committed_size == 40
+    assert gallery.storage.session_path("cam1", "restarted1").read_bytes() == b"x" * 40
 
 
 def test_other_device_and_scopes(gallery: Gallery, principal: auth.Principal) -> None:

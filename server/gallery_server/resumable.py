@@ -361,8 +361,8 @@ class ResumableUploads:
                     device=device, upload_id=upload_id_, event_id=row.event_id,
                 )
             return row
-        if aware(row.expires_at) <= utcnow():
-            self.remove(row)
+        if aware(row.expires_at) <= (now := utcnow()):
+            self.remove(row, now=now)
             raise FailedPrecondition(
                 "SESSION_EXPIRED", f"upload {upload_id_} expired: start it again",
                 device=device, upload_id=upload_id_,
@@ -393,7 +393,9 @@ class ResumableUploads:
         self, row: UploadSessionRow, *, now: datetime.datetime | None = None, held: bool = False
     ) -> bool:
         """Delete a session's file, then its row (only if still expired at `now`, when given).
-        False when a writer holds it (unless `held`: the caller is that writer)."""
+        False when a writer holds it (unless `held`: the caller is that writer), or when the id
+        has been started afresh since `row` was read: that session's file and row are not the
+        caller's to remove."""
         path = self.storage.session_path(row.device, row.upload_id)
         try:
             fd = None if held else os.open(path, os.O_RDWR)
@@ -409,6 +411,14 @@ class ResumableUploads:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     return False
+                # Under the lock, the row again: a start of the id after the caller's read (the
+                # sweeper lists rows, then reaches each) made a new session at this very name.
+                with self.db.session() as session:
+                    current = session.get(UploadSessionRow, (row.device, row.upload_id))
+                if current is None or current.created != row.created or (
+                    now is not None and aware(current.expires_at) > now
+                ):
+                    return False
                 path.unlink(missing_ok=True)
                 fsync_dir(path.parent)
                 _tidy(path)
@@ -416,6 +426,7 @@ class ResumableUploads:
                 statement = sa.delete(UploadSessionRow).where(
                     col(UploadSessionRow.device) == row.device,
                     col(UploadSessionRow.upload_id) == row.upload_id,
+                    col(UploadSessionRow.created) == row.created,
                 )
                 if now is not None:
                     statement = statement.where(col(UploadSessionRow.expires_at) <= now)
