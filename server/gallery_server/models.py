@@ -67,13 +67,18 @@ def initial_thumbnail_state(media_type: str, has_thumbnail: bool) -> str:
     return "pending" if not has_thumbnail and media_type in THUMBNAILED_MEDIA_TYPES else ""
 
 
+# A grant state whose URL may still complete. `uploading` is the state a PUT held its URL in while
+# it streamed, before PUTs stopped taking URLs: a database from then may still have it, for good.
+GRANT_UNUSED = ("open", "uploading")
+
+
 class UploadGrant(SQLModel, table=True):
     """The single-use state of one pair of pre-signed URLs (media, optional thumbnail).
 
     The URLs themselves are stateless HMAC tokens; this row is what makes each usable once and
     lets the media and thumbnail PUTs meet at one event id whichever arrives first.
-    States: `open` -> `uploading` -> `done`; a failed PUT returns `uploading` to `open` so the
-    client can retry; `none` marks a thumbnail URL that was never issued.
+    States: `open` -> `done`, in the transaction that stores what the PUT brought (a PUT that
+    fails leaves `open`: the client retries); `none` marks a thumbnail URL that was never issued.
     """
 
     __tablename__ = "upload_grants"

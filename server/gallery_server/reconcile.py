@@ -25,7 +25,7 @@ What is removed, and why it is safe with any number of replicas sharing storage 
   long ago but linked just now counts as new.
 * media/<device>/<id>.thumb with neither an event row nor a grant row, older than the grace
   period: a signed thumbnail URL may deliver the thumbnail before its media (signed_urls.py).
-* grant rows expired for longer than the grace period, except those with a PUT `uploading`
+* grant rows expired for longer than the grace period, except those with a URL not used yet
   (kept a day longer: a PUT verified before expiry may still be running).
 
 Every decision reads the row again right before the unlink, every unlink tolerates the file being
@@ -56,7 +56,7 @@ from sqlmodel import col, func, select
 from .auth import ADMIN, Principal
 from .background import BackgroundLoop
 from .errors import PermissionDenied
-from .models import Event, UploadGrant, UploadSessionRow
+from .models import GRANT_UNUSED, Event, UploadGrant, UploadSessionRow
 from .service import Gallery, utcnow
 from .storage import DiskSpace, fsync_dir
 
@@ -65,8 +65,9 @@ log = logging.getLogger(__name__)
 THUMB_SUFFIX = ".thumb"
 ROW_BATCH = 500
 MAX_EXAMPLES = 20
-# A PUT in progress keeps its grant this much longer after expiry (a 16 GiB PUT over a slow link).
-UPLOADING_GRANT_SLACK = datetime.timedelta(days=1)
+# A grant with a URL not used yet is kept this much longer after expiry: a PUT of it that began
+# before expiry may still be running (a 16 GiB PUT over a slow link), and completes with it.
+UNUSED_GRANT_SLACK = datetime.timedelta(days=1)
 
 
 @dataclasses.dataclass
@@ -118,11 +119,10 @@ class AdminStatus:
 def _granted(media_state: str | None, thumbnail: bool) -> bool:
     """Whether a file in media/ with no event row still belongs to a signed URL's grant: a
     thumbnail while the grant exists (it may arrive before its media); media while the URL can
-    still complete (`open`: a completion after a crash replaces a leftover at its id). A grant
-    left `uploading` by a killed PUT is never completed, so its leftover is an orphan."""
+    still complete (a completion after a crash replaces a leftover at its id)."""
     if media_state is None:
         return False
-    return thumbnail or media_state == "open"
+    return thumbnail or media_state in GRANT_UNUSED
 
 
 class Reconciler:
@@ -252,14 +252,14 @@ class Reconciler:
     def _grants(self, findings: Findings) -> None:
         now = utcnow()
         expired = now - datetime.timedelta(seconds=self.grace_seconds)
-        uploading = sa.or_(
-            col(UploadGrant.media_state) == "uploading", col(UploadGrant.thumbnail_state) == "uploading"
+        unused = sa.or_(
+            col(UploadGrant.media_state).in_(GRANT_UNUSED), col(UploadGrant.thumbnail_state).in_(GRANT_UNUSED)
         )
         with self.db.session() as session:
             removed = session.exec(  # type: ignore[call-overload]
                 sa.delete(UploadGrant).where(
                     col(UploadGrant.expires_at) < expired,
-                    sa.or_(sa.not_(uploading), col(UploadGrant.expires_at) < expired - UPLOADING_GRANT_SLACK),
+                    sa.or_(sa.not_(unused), col(UploadGrant.expires_at) < expired - UNUSED_GRANT_SLACK),
                 )
             ).rowcount
             session.commit()

@@ -8,9 +8,13 @@ purposes). A PUT is authorized by its token alone; no bearer token is needed.
 Resumable media PUTs (`Content-Range: bytes a-b/total`, GCS-style): each PUT appends one chunk to
 a resumable session (resumable.py, upload id `url.<event_id>`, which no native id can be) at its
 committed size; the chunk that completes the file stores the event under the URL's event id, in
-the transaction that marks the grant `done`, so a URL still completes exactly one event. Chunk PUTs
-never take the grant's `uploading` state (a server killed mid-PUT would leave it taken for good):
-the session's lock orders them, and the grant moves `open` -> `done` only at completion.
+the transaction that marks the grant `done`, so a URL still completes exactly one event.
+
+No PUT takes the URL while it streams: a whole (single-shot) PUT and a chunk alike move the grant
+`open` -> `done` in the transaction that stores the event, whose row lock orders PUTs completing
+at once: the first stores, the others are refused (URL_ALREADY_USED, or for a chunk its URL's
+event). A PUT that fails, however it fails (a server killed mid-PUT, a database that went away
+at its end), leaves the URL as it was, to be retried until it expires.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from .errors import (
     PermissionDenied,
     TooLarge,
 )
-from .models import Event, UploadGrant
+from .models import GRANT_UNUSED, Event, UploadGrant
 from .resumable import ResumableUploads, SessionWriter
 from .service import Gallery, aware
 from .uploads import Upload
@@ -147,17 +151,12 @@ class SignedUploads:
 
     # -- the PUT ------------------------------------------------------------------------------
 
-    def claim(self, target: SignedTarget) -> None:
-        """Take the URL for this PUT; a used or busy URL is refused."""
-        if not self._move(target, "open", "uploading"):
-            raise PermissionDenied(
-                "URL_ALREADY_USED", "upload URL has already been used",
-                event_id=target.event_id,
-            )
-
-    def release(self, target: SignedTarget) -> None:
-        """A PUT that failed gives its URL back, so the client can retry until it expires."""
-        self._move(target, "uploading", "open")
+    def require_unused(self, target: SignedTarget) -> None:
+        """Refuse a whole PUT of a URL that is used already before it sends a byte (completion
+        checks again, in its transaction: another PUT may complete the URL meanwhile)."""
+        grant = self.grant(target)
+        if (grant.media_state if target.purpose == MEDIA else grant.thumbnail_state) not in GRANT_UNUSED:
+            raise _already_used(target)
 
     def complete(self, target: SignedTarget, upload: Upload) -> str:
         """Store a fully received PUT; returns the event id it belongs to."""
@@ -166,7 +165,8 @@ class SignedUploads:
 
             def mark_used(session: Session, event: Event) -> None:
                 # Locks the grant row first, so a concurrent thumbnail PUT is ordered against us.
-                self._move(target, "uploading", "done", session=session)
+                if not self._use(target, session):
+                    raise _already_used(target)
                 grant = session.get(UploadGrant, target.event_id)
                 if grant is not None and grant.thumbnail_state == "done":
                     event.has_thumbnail = True
@@ -233,8 +233,6 @@ class SignedUploads:
         grant = self.grant(target)
         if grant.media_state == "done":
             return RangePut(self, target, content_range, None, done=True)
-        if grant.media_state == "uploading":
-            raise _single_shot_busy(target)
         uploads = self.uploads
         session_id = _session_id(target)
         if (content_range.first is None and content_range.total
@@ -261,10 +259,10 @@ class SignedUploads:
         return RangePut(self, target, content_range, writer)
 
     def finish_media(self, target: SignedTarget, session: Session, event: Event) -> None:
-        """In the event's transaction: move the grant of a range-uploaded URL `open` -> `done`
-        (a single-shot PUT that holds or completed the URL wins: UPLOAD_BUSY)."""
-        if not self._move(target, "open", "done", session=session):
-            raise _single_shot_busy(target)
+        """In the event's transaction: mark the URL of a range upload used (a whole PUT that
+        completed it first wins: UPLOAD_BUSY, which RangePut.finish answers with its event)."""
+        if not self._use(target, session):
+            raise _completed_by_another(target)
         grant = session.get(UploadGrant, target.event_id)
         if grant is not None and grant.thumbnail_state == "done":
             event.has_thumbnail = True
@@ -284,7 +282,8 @@ class SignedUploads:
         thumbnail = upload.media  # the thumbnail arrives as the raw body
         thumbnail.sync()
         with self.gallery.db.session() as session:
-            self._move(target, "uploading", "done", session=session)
+            if not self._use(target, session):
+                raise _already_used(target)
             attached = session.exec(  # type: ignore[call-overload]
                 sa.update(Event)
                 .where(col(Event.id) == target.event_id)
@@ -299,27 +298,21 @@ class SignedUploads:
                     event_id=target.event_id,
                 )
             # From here on the file stays, whatever the COMMIT does: what it replaced is gone
-            # either way, and it is this event's thumbnail as its device sent it (the URL's
-            # retry, given back by release(), replaces it again).
+            # either way, and it is this event's thumbnail as its device sent it (a retry of
+            # the URL, which stays unused if the COMMIT failed, replaces it again).
             thumbnail.move(self.gallery.storage.thumbnail_path(target.device, target.event_id))
             self.gallery.db.commit(session)
         return target.event_id
 
-    def _move(
-        self, target: SignedTarget, old: str, new: str, *, session: Session | None = None
-    ) -> bool:
+    def _use(self, target: SignedTarget, session: Session) -> bool:
+        """Mark the URL used in `session` (the grant's row lock is held until it ends); False if
+        it is used already, or is a thumbnail URL that was never issued."""
         column = UploadGrant.media_state if target.purpose == MEDIA else UploadGrant.thumbnail_state
-        statement = (
+        return bool(session.exec(  # type: ignore[call-overload]
             sa.update(UploadGrant)
-            .where(col(UploadGrant.event_id) == target.event_id, col(column) == old)
-            .values({column.key: new})  # type: ignore[attr-defined]
-        )
-        if session is not None:
-            return bool(session.exec(statement).rowcount)  # type: ignore[call-overload]
-        with self.gallery.db.session() as own:
-            moved = bool(own.exec(statement).rowcount)  # type: ignore[call-overload]
-            own.commit()
-        return moved
+            .where(col(UploadGrant.event_id) == target.event_id, col(column).in_(GRANT_UNUSED))
+            .values({column.key: "done"})  # type: ignore[attr-defined]
+        ).rowcount)
 
     def _sign(self, payload: list[object]) -> str:
         body = _b64encode(json.dumps(payload, separators=(",", ":")).encode())
@@ -379,10 +372,8 @@ class RangePut:
     def finish(self) -> SignedUploadState:
         """Commit this PUT's bytes; store the event if they complete the file.
 
-        A single-shot PUT of the URL may take it meanwhile. While that PUT runs this chunk is 409
-        UPLOAD_BUSY and the session keeps every byte (the PUT may fail and give the URL back);
-        once it has completed the URL, its event is the answer and this session, whose bytes can
-        never be stored under the URL, is removed."""
+        A whole PUT of the URL may complete it meanwhile: its event is then the answer, and this
+        session, whose bytes can never be stored under the URL, is removed."""
         writer = self._writer
         target = self._target
         signed = self._signed
@@ -432,10 +423,15 @@ def range_conflicts() -> Iterator[None]:
         raise Conflict(exc.reason, exc.message, field=exc.field, **exc.metadata) from None
 
 
-def _single_shot_busy(target: SignedTarget) -> Conflict:
+def _already_used(target: SignedTarget) -> PermissionDenied:
+    return PermissionDenied(
+        "URL_ALREADY_USED", "upload URL has already been used", event_id=target.event_id,
+    )
+
+
+def _completed_by_another(target: SignedTarget) -> Conflict:
     return Conflict(
-        "UPLOAD_BUSY", "a single-shot PUT of this URL is in progress or has completed it",
-        event_id=target.event_id,
+        "UPLOAD_BUSY", "another PUT of this URL has completed it", event_id=target.event_id,
     )
 
 

@@ -339,23 +339,25 @@ def test_single_shot_put_completes_the_url_while_the_last_chunk_is_in_flight(
 def test_chunk_put_while_a_single_shot_put_is_in_flight(
     stack: Stack, http: httpx.Client, auth_headers: Callable[..., dict[str, str]]
 ) -> None:
+    """A whole PUT takes nothing while it streams: a chunk meanwhile is answered as any chunk
+    (308), the whole PUT that completes first stores the URL's event, and chunks after it are
+    answered with that event."""
     device, headers = new_device(), auth_headers()
     url, event_id = new_url(http, headers, device)
     data, other = random_bytes(2 * MIB), random_bytes(2 * MIB)
     staging = stack.data_dir / "staging"
     before = {p for p in staging.iterdir() if p.is_file()}
     single = open_put(stack, url, other, 100_000)
-    # PutSignedUpload claims the URL before it stages a file, so a new staged file means the claim is
-    # held. Its bytes need not show yet: direct writes gather 128 KiB first (_direct_io.py).
+    # A new staged file: the whole PUT is streaming. Its bytes need not show yet: direct writes
+    # gather 128 KiB first (_direct_io.py).
     wait_for(lambda: bool({p for p in staging.iterdir() if p.is_file()} - before),
              "the single-shot PUT never started")
-    busy = put_range(url, data[:MIB], 0, len(data))
-    assert busy.status_code == 409, busy.text
-    assert error_reason(busy) == "UPLOAD_BUSY"
+    chunk = put_range(url, data[:MIB], 0, len(data))
+    assert chunk.status_code == 308, chunk.text
     code, body = finish_put(single, other[100_000:])
     assert code == 200, body
     # Chunks after it are answered with its event; nothing more is stored.
-    again = put_range(url, data, 0, len(data))
+    again = put_range(url, data[MIB:], MIB, len(data))
     assert again.status_code == 200 and again.json() == {"success": True, "eventId": event_id}
     one_event(stack, http, headers, device, event_id, other)
 

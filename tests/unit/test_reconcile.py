@@ -43,11 +43,12 @@ def settle() -> None:
     time.sleep(0.02)
 
 
-def add_grant(gallery: Gallery, event_id: str, *, expires_in: float, media_state: str = "open") -> None:
+def add_grant(gallery: Gallery, event_id: str, *, expires_in: float, media_state: str = "open",
+              thumbnail_state: str = "none") -> None:
     with gallery.db.session() as session:
         session.add(UploadGrant(
             event_id=event_id, device="cam1", filename="f.jpg", media_state=media_state,
-            expires_at=utcnow() + datetime.timedelta(seconds=expires_in),
+            thumbnail_state=thumbnail_state, expires_at=utcnow() + datetime.timedelta(seconds=expires_in),
         ))
         session.commit()
 
@@ -146,32 +147,41 @@ def test_thumbnail_waiting_for_its_media_is_kept_while_its_grant_exists(gallery)
     assert findings.orphan_thumbnails_removed == 0 and thumb.exists()
 
 
-def test_media_at_a_granted_id_is_kept_while_the_url_can_complete(gallery):
+@pytest.mark.parametrize("unused", ["open", "uploading"])  # `uploading`: left by an older server
+def test_media_at_a_granted_id_is_kept_while_the_url_can_complete(gallery, unused):
     # A crash left media at a pre-signed URL's id with no row; the URL's retry replaces it and
-    # commits: the reconciler must not take the file meanwhile. A URL that can no longer complete
-    # (its single-shot PUT was killed) leaves an orphan.
+    # commits: the reconciler must not take the file meanwhile. Once the grant is gone (or used,
+    # by another event), the file is an orphan.
     storage = gallery.storage
     media = storage.media_path("cam1", "evt_retried0000000000000")
     media.parent.mkdir(parents=True)
     media.write_bytes(b"left by a crash")
-    add_grant(gallery, "evt_retried0000000000000", expires_in=600)
+    add_grant(gallery, "evt_retried0000000000000", expires_in=600, media_state=unused)
     settle()
     assert Reconciler(gallery, grace_seconds=0).run_once().orphan_media_removed == 0
     assert media.exists()
-    with gallery.db.session() as session:  # a PUT killed mid-way: the URL never completes now
-        session.get(UploadGrant, "evt_retried0000000000000").media_state = "uploading"
+    with gallery.db.session() as session:
+        session.delete(session.get(UploadGrant, "evt_retried0000000000000"))
         session.commit()
     assert Reconciler(gallery, grace_seconds=0).run_once().orphan_media_removed == 1
     assert not media.exists()
 
 
-def test_expired_grants_are_removed_unless_a_put_is_running(gallery):
+def test_expired_grants_are_removed_a_day_later_while_a_url_is_unused(gallery):
+    """A PUT that began before its URL expired may still be running: an unused URL keeps its
+    grant a day longer, so that the PUT can complete."""
     add_grant(gallery, "evt_fresh000000000000000", expires_in=600)
-    add_grant(gallery, "evt_expired0000000000000", expires_in=-7200)
-    add_grant(gallery, "evt_busy0000000000000000", expires_in=-7200, media_state="uploading")
+    add_grant(gallery, "evt_used00000000000000000", expires_in=-7200, media_state="done")
+    add_grant(gallery, "evt_unused000000000000000", expires_in=-7200)
+    add_grant(gallery, "evt_legacy000000000000000", expires_in=-7200, media_state="uploading")
+    add_grant(gallery, "evt_thumb0000000000000000", expires_in=-7200, media_state="done",
+              thumbnail_state="open")
+    add_grant(gallery, "evt_oldused00000000000000", expires_in=-2 * 86400, media_state="done")
+    add_grant(gallery, "evt_oldunused000000000000", expires_in=-2 * 86400)
     findings = Reconciler(gallery, grace_seconds=3600).run_once()
-    assert findings.expired_grants_removed == 1
-    assert grant_ids(gallery) == {"evt_fresh000000000000000", "evt_busy0000000000000000"}
+    assert findings.expired_grants_removed == 3
+    assert grant_ids(gallery) == {"evt_fresh000000000000000", "evt_unused000000000000000",
+                                  "evt_legacy000000000000000", "evt_thumb0000000000000000"}
 
 
 def test_rows_without_their_file_are_reported_never_deleted(gallery, principal):

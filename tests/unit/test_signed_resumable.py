@@ -94,11 +94,6 @@ def test_busy_url_is_conflict(signed: SignedUploads, principal: auth.Principal,
         assert caught.value.reason == "UPLOAD_BUSY"
     finally:
         first.close()
-    signed.claim(target)  # a single-shot PUT in progress
-    with pytest.raises(Conflict) as caught:
-        signed.open_range(target, parse_content_range("bytes 0-4/10"), 5)
-    assert caught.value.reason == "UPLOAD_BUSY"
-    signed.release(target)
     thumbnail = signed.create_urls(principal, "cam1", "a.jpg", thumbnail=True).thumbnail_url
     assert thumbnail is not None
     with pytest.raises(InvalidArgument) as caught:
@@ -163,20 +158,14 @@ def test_single_shot_put_during_the_last_chunk(
     target = signed.verify("cam1", token)
     data = random_bytes(4000)
     assert put_range(signed, token, data[:1000], "bytes 0-999/4000") == ""
-    # A single-shot PUT takes the URL while the last chunk is in flight: the chunk loses (409),
-    # its bytes stay, and once the single-shot PUT gives the URL back the upload completes.
-    last = signed.open_range(target, parse_content_range("bytes 1000-3999/4000"), 3000)
-    signed.claim(target)
-    try:
-        last.write_all([data[1000:]])
-        with pytest.raises(Conflict) as caught:
-            last.finish()
-        assert caught.value.reason == "UPLOAD_BUSY"
-    finally:
-        last.close()
-    assert session_bytes(signed, event_id) == data
-    signed.release(target)
-    assert put_range(signed, token, b"", "bytes */4000") == event_id
+    # A whole PUT streams while the last chunk completes the file: the chunks store the URL's
+    # event, and the whole PUT is refused at its end, storing nothing.
+    with signed.gallery.open_upload("cam1") as whole:
+        whole.write_media(b"single shot")
+        assert put_range(signed, token, data[1000:], "bytes 1000-3999/4000") == event_id
+        with pytest.raises(PermissionDenied) as refused:
+            signed.complete(target, whole)
+        assert refused.value.reason == "URL_ALREADY_USED"
     assert signed.gallery.storage.media_path("cam1", event_id).read_bytes() == data
 
     # When the single-shot PUT completes the URL first, the last chunk is answered with its event.
@@ -185,7 +174,7 @@ def test_single_shot_put_during_the_last_chunk(
     last = signed.open_range(target, parse_content_range("bytes 0-3999/4000"), 4000)
     try:
         last.write_all([data])
-        signed.claim(target)
+        signed.require_unused(target)
         with signed.gallery.open_upload("cam1") as upload:
             upload.write_media(b"single shot")
             assert signed.complete(target, upload) == event_id

@@ -13,10 +13,19 @@ import types
 from collections.abc import Iterator
 
 import pytest
+import sqlalchemy as sa
 
 from gallery_server import auth, signed_urls
 from gallery_server.db import Database
-from gallery_server.errors import CommitOutcomeUnknown, InvalidArgument, NotFound, PermissionDenied, TooLarge
+from gallery_server.errors import (
+    CommitOutcomeUnknown,
+    DatabaseUnavailable,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    TooLarge,
+)
+from gallery_server.models import UploadGrant
 from gallery_server.service import Gallery
 from gallery_server.signed_urls import MEDIA, THUMBNAIL, SignedTarget, SignedUploads
 from gallery_server.storage import Storage
@@ -48,17 +57,13 @@ def token_of(url: str) -> str:
 
 
 def put(signed: SignedUploads, target: SignedTarget, data: bytes) -> str:
-    """What PutSignedUpload does: claim, receive, complete (or release on failure)."""
-    signed.claim(target)
+    """What PutSignedUpload does: refuse a used URL, receive, complete."""
+    signed.require_unused(target)
     settings = signed.gallery.settings
     limit = settings.max_thumbnail_bytes if target.purpose == THUMBNAIL else None
-    try:
-        with signed.gallery.open_upload(target.device, max_media_bytes=limit) as upload:
-            upload.write_media(data)
-            return signed.complete(target, upload)
-    except BaseException:
-        signed.release(target)
-        raise
+    with signed.gallery.open_upload(target.device, max_media_bytes=limit) as upload:
+        upload.write_media(data)
+        return signed.complete(target, upload)
 
 
 def targets(signed: SignedUploads, principal: auth.Principal, device: str = "cam1",
@@ -110,7 +115,8 @@ def test_create_urls_without_thumbnail(signed: SignedUploads, principal: auth.Pr
     assert urls.thumbnail_url is None
     # A thumbnail token for this grant (forged with the key) finds no open thumbnail slot.
     forged = signed._sign([1, "cam1", urls.event_id, THUMBNAIL, int(time.time()) + 60, "a.png"])
-    denied("URL_ALREADY_USED", signed.claim, signed.verify("cam1", forged))
+    denied("URL_ALREADY_USED", signed.require_unused, signed.verify("cam1", forged))
+    denied("URL_ALREADY_USED", put, signed, signed.verify("cam1", forged), JPEG)
 
 
 def test_each_grant_has_its_own_event_id(local: SignedUploads, principal: auth.Principal) -> None:
@@ -266,63 +272,90 @@ def test_expiry_is_checked_at_verify_time(local: SignedUploads, principal: auth.
 # -- single use -----------------------------------------------------------------------------------
 
 
-def test_claim_twice(signed: SignedUploads, principal: auth.Principal) -> None:
+def test_a_used_url_is_refused(signed: SignedUploads, principal: auth.Principal) -> None:
     media, thumb = targets(signed, principal)
-    signed.claim(media)
-    error = denied("URL_ALREADY_USED", signed.claim, media)
+    signed.require_unused(media)  # nothing is taken by asking
+    assert put(signed, media, PNG) == media.event_id
+    error = denied("URL_ALREADY_USED", signed.require_unused, media)
     assert error.metadata == {"event_id": media.event_id}
-    signed.claim(thumb)  # the thumbnail URL is independent
-    denied("URL_ALREADY_USED", signed.claim, thumb)
+    signed.require_unused(thumb)  # the thumbnail URL is independent
+    assert put(signed, thumb, JPEG) == media.event_id
+    for target in (media, thumb):
+        denied("URL_ALREADY_USED", put, signed, target, b"again")
+    assert signed.gallery.storage.media_path("cam1", media.event_id).read_bytes() == PNG
 
 
-def test_concurrent_claims_let_exactly_one_through(signed: SignedUploads, principal: auth.Principal) -> None:
+def test_puts_completing_at_once_store_exactly_once(signed: SignedUploads, principal: auth.Principal) -> None:
+    """The grant's row lock orders completions: one stores its bytes, the other is refused and
+    leaves nothing behind."""
     for round_ in range(10):
         media, _ = targets(signed, principal)
         barrier = threading.Barrier(2)
-        outcomes: list[str] = []
+        outcomes: dict[bytes, str] = {}
 
-        def claim(barrier: threading.Barrier = barrier, outcomes: list[str] = outcomes,
-                  media: SignedTarget = media) -> None:
-            barrier.wait(timeout=10)
-            try:
-                signed.claim(media)
-                outcomes.append("claimed")
-            except PermissionDenied as exc:
-                outcomes.append(exc.reason)
+        def complete(data: bytes, barrier: threading.Barrier = barrier, media: SignedTarget = media,
+                     outcomes: dict[bytes, str] = outcomes) -> None:
+            with signed.gallery.open_upload("cam1") as upload:
+                upload.write_media(data)
+                barrier.wait(timeout=10)
+                try:
+                    outcomes[data] = signed.complete(media, upload)
+                except PermissionDenied as exc:
+                    outcomes[data] = exc.reason
 
-        threads = [threading.Thread(target=claim) for _ in range(2)]
+        threads = [threading.Thread(target=complete, args=(data,)) for data in (b"first", b"second")]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(timeout=30)
-        assert sorted(outcomes) == ["URL_ALREADY_USED", "claimed"], f"round {round_}: {outcomes}"
+        assert sorted(outcomes.values()) == sorted([media.event_id, "URL_ALREADY_USED"]), f"round {round_}"
+        [winner] = [data for data, outcome in outcomes.items() if outcome == media.event_id]
+        assert signed.gallery.storage.media_path("cam1", media.event_id).read_bytes() == winner
+        assert list(signed.gallery.storage.staging_root.rglob("*.*")) == []
 
 
-def test_release_then_claim_again(signed: SignedUploads, principal: auth.Principal) -> None:
+def test_a_put_in_progress_does_not_hold_its_url(signed: SignedUploads, principal: auth.Principal) -> None:
+    """Nothing is taken while a PUT streams, so a PUT cut short (a dropped link, a server killed
+    mid-PUT) leaves the URL free for its retry; of two PUTs, the first to complete stores."""
     media, _ = targets(signed, principal)
-    signed.claim(media)
-    signed.release(media)
-    signed.claim(media)
-    denied("URL_ALREADY_USED", signed.claim, media)
-
-
-def test_release_of_open_url_is_harmless(signed: SignedUploads, principal: auth.Principal) -> None:
-    media, _ = targets(signed, principal)
-    signed.release(media)
-    signed.claim(media)
-
-
-def test_completed_url_cannot_be_reused_or_released(signed: SignedUploads, principal: auth.Principal) -> None:
-    media, thumb = targets(signed, principal)
-    assert put(signed, media, PNG) == media.event_id
-    assert put(signed, thumb, JPEG) == media.event_id
-    for target in (media, thumb):
-        signed.release(target)  # a release of a done URL changes nothing
-        denied("URL_ALREADY_USED", signed.claim, target)
+    with signed.gallery.open_upload("cam1") as slow:
+        slow.write_media(b"the slow one")
+        assert put(signed, media, PNG) == media.event_id  # a retry while the first still streams
+        denied("URL_ALREADY_USED", signed.complete, media, slow)
     assert signed.gallery.storage.media_path("cam1", media.event_id).read_bytes() == PNG
 
 
-def test_failed_put_releases_the_url_for_a_retry(gallery: Gallery, principal: auth.Principal) -> None:
+def test_a_put_failing_at_its_end_for_an_outage_leaves_the_url_for_a_retry(
+    closed_database, principal: auth.Principal, tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    """PostgreSQL refuses connections as the PUT completes: 503, then the same URL stores once
+    the database is back (an older server left the URL taken for good: URL_ALREADY_USED)."""
+    db, closed = closed_database
+    gallery = Gallery(make_settings(tmp_path, db.engine.url.render_as_string(hide_password=False)), db,
+                      Storage(tmp_path))
+    signed = SignedUploads(gallery)
+    media, _ = targets(signed, principal)
+    signed.require_unused(media)
+    with gallery.open_upload("cam1") as upload:
+        upload.write_media(PNG)
+        with closed, pytest.raises(DatabaseUnavailable):
+            signed.complete(media, upload)
+    assert put(signed, media, PNG) == media.event_id
+    assert gallery.storage.media_path("cam1", media.event_id).read_bytes() == PNG
+
+
+def test_a_url_an_older_server_left_uploading_can_complete(signed: SignedUploads, principal: auth.Principal) -> None:
+    """`uploading`: an older server's PUT in progress, for good if that server died mid-PUT."""
+    media, _ = targets(signed, principal)
+    with signed.gallery.db.session() as session:
+        session.exec(sa.update(UploadGrant).where(UploadGrant.event_id == media.event_id)  # type: ignore[call-overload, arg-type]
+                     .values(media_state="uploading"))
+        session.commit()
+    assert put(signed, media, PNG) == media.event_id
+    denied("URL_ALREADY_USED", signed.require_unused, media)
+
+
+def test_a_failed_put_leaves_the_url_for_a_retry(gallery: Gallery, principal: auth.Principal) -> None:
     small = SignedUploads(Gallery(dataclasses.replace(gallery.settings, max_thumbnail_bytes=10), gallery.db,
                                   gallery.storage))
     media, thumb = targets(small, principal)

@@ -308,7 +308,7 @@ def test_a_thumbnail_put_during_an_outage_leaves_the_events_thumbnail(  # type: 
     assert Thumbnailer(gallery).work_once() == [event_id]
     path = gallery.storage.thumbnail_path("cam1", event_id)
     servers = path.read_bytes()
-    signed.claim(thumb)
+    signed.require_unused(thumb)
     with gallery.open_upload("cam1") as upload:
         upload.write_media(b"device thumb")
         with closed, pytest.raises(DatabaseUnavailable):

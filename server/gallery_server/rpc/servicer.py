@@ -344,22 +344,18 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
                 "LENGTH_REQUIRED", "a PUT upload needs a Content-Length header",
                 field="content_length",
             )
-        self.signed.claim(target)
+        self.signed.require_unused(target)
         settings = self.gallery.settings
         limit = settings.max_thumbnail_bytes if target.purpose == THUMBNAIL else None
-        try:
-            with self.gallery.open_upload(target.device, max_media_bytes=limit) as upload:
-                upload.write_media(first.http_body.data)
-                del first  # each chunk is dropped once written (memory per upload in flight)
-                for message in request_iterator:
-                    upload.write_media(message.http_body.data)
-                    del message
-                _require_active(context)
-                _require_whole_body(declared, upload.media.size)
-                event_id = self.signed.complete(target, upload)
-        except BaseException:
-            self.signed.release(target)
-            raise
+        with self.gallery.open_upload(target.device, max_media_bytes=limit) as upload:
+            upload.write_media(first.http_body.data)
+            del first  # each chunk is dropped once written (memory per upload in flight)
+            for message in request_iterator:
+                upload.write_media(message.http_body.data)
+                del message
+            _require_active(context)
+            _require_whole_body(declared, upload.media.size)
+            event_id = self.signed.complete(target, upload)
         return pb.UploadEventResponse(success=True, event_id=event_id)
 
     def _put_range(self, context, target: SignedTarget, content_range: str,  # type: ignore[no-untyped-def]
