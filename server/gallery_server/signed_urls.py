@@ -27,6 +27,7 @@ import datetime
 import hashlib
 import hmac
 import json
+import logging
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
@@ -45,10 +46,12 @@ from .errors import (
     PermissionDenied,
     TooLarge,
 )
-from .models import GRANT_UNUSED, Event, UploadGrant
+from .models import GRANT_UNUSED, Event, UploadGrant, UploadSessionRow
 from .resumable import ResumableUploads, SessionWriter
 from .service import Gallery, aware
 from .uploads import Upload
+
+log = logging.getLogger(__name__)
 
 MEDIA = "media"
 THUMBNAIL = "thumbnail"
@@ -172,6 +175,7 @@ class SignedUploads:
                     event.has_thumbnail = True
 
             self.gallery.store(upload, event_id=target.event_id, before_insert=mark_used)
+            self._drop_chunks(target)
             return target.event_id
         return self._attach_thumbnail(target, upload)
 
@@ -232,6 +236,7 @@ class SignedUploads:
             )
         grant = self.grant(target)
         if grant.media_state == "done":
+            self._drop_chunks(target)
             return RangePut(self, target, content_range, None, done=True)
         uploads = self.uploads
         session_id = _session_id(target)
@@ -266,6 +271,19 @@ class SignedUploads:
         grant = session.get(UploadGrant, target.event_id)
         if grant is not None and grant.thumbnail_state == "done":
             event.has_thumbnail = True
+
+    def _drop_chunks(self, target: SignedTarget) -> None:
+        """The URL is used: the session of chunks sent to it, if any, can never be stored. Removed
+        now unless a chunk PUT holds it (whose finish removes it: RangePut.finish); best effort,
+        since the sweeper removes it when the URL expires."""
+        try:
+            with self.gallery.db.session() as session:
+                row = session.get(UploadSessionRow, (target.device, _session_id(target)))
+            if row is not None and not row.event_id:
+                self.uploads.remove(row)
+        except Exception:  # noqa: BLE001 - the PUT's answer stands; the sweeper is the second line
+            log.warning("the chunks of a used URL stay until it expires", exc_info=True,
+                        extra={"device": target.device, "event_id": target.event_id})
 
     def grant(self, target: SignedTarget) -> UploadGrant:
         with self.gallery.db.session() as session:

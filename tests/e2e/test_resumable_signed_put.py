@@ -354,8 +354,10 @@ def test_chunk_put_while_a_single_shot_put_is_in_flight(
              "the single-shot PUT never started")
     chunk = put_range(url, data[:MIB], 0, len(data))
     assert chunk.status_code == 308, chunk.text
+    assert file_size(session_path(stack, device, event_id)) == MIB
     code, body = finish_put(single, other[100_000:])
     assert code == 200, body
+    assert not session_path(stack, device, event_id).exists()  # it can never be stored: gone
     # Chunks after it are answered with its event; nothing more is stored.
     again = put_range(url, data[MIB:], MIB, len(data))
     assert again.status_code == 200 and again.json() == {"success": True, "eventId": event_id}

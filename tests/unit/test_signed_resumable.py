@@ -168,6 +168,17 @@ def test_single_shot_put_during_the_last_chunk(
         assert refused.value.reason == "URL_ALREADY_USED"
     assert signed.gallery.storage.media_path("cam1", event_id).read_bytes() == data
 
+    # A whole PUT completes the URL after some chunks: their session, which can never be stored
+    # now, goes with it.
+    token, event_id = new_url(signed, principal)
+    target = signed.verify("cam1", token)
+    assert put_range(signed, token, data[:1000], "bytes 0-999/4000") == ""
+    with signed.gallery.open_upload("cam1") as whole:
+        whole.write_media(b"single shot")
+        assert signed.complete(target, whole) == event_id
+    assert not signed.gallery.storage.session_path("cam1", SESSION_PREFIX + event_id).exists()
+    assert signed.uploads.peek("cam1", SESSION_PREFIX + event_id) is None
+
     # When the single-shot PUT completes the URL first, the last chunk is answered with its event.
     token, event_id = new_url(signed, principal)
     target = signed.verify("cam1", token)
