@@ -47,7 +47,7 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import sqlalchemy as sa
 from sqlmodel import col, select
@@ -331,8 +331,9 @@ class IncomingImporter(BackgroundLoop):
                 existing = session.get(Event, event_id)
             if existing is None:
                 _place(self.storage, taken, media_path)
-                if thumb is not None:
-                    thumb_taken = self._take_thumbnail(thumb, seen, thumb_path)
+                if thumb is not None:  # the row does not exist yet: no one else can touch its path
+                    thumb_taken = self._take_thumbnail(
+                        thumb, seen, lambda taken: _place(self.storage, taken, thumb_path))
                 mime = detect_mime(name, taken.head)
                 event = Event(
                     id=event_id,
@@ -352,8 +353,9 @@ class IncomingImporter(BackgroundLoop):
                 # The event already existed (an earlier run or another replica), perhaps without
                 # this thumbnail: attach it before the dropped file goes.
                 if thumb_taken is None:
-                    thumb_taken = self._take_thumbnail(thumb, seen, thumb_path)
-                if thumb_taken is not None:
+                    thumb_taken = self._take_thumbnail(
+                        thumb, seen, lambda taken: self._attach(event_id, taken, thumb_path))
+                else:  # placed before the row was found to exist: a replica inserted it meanwhile
                     self._set_has_thumbnail(event_id)
             # The thumbnail goes first: while the media file is still here, a thumbnail of the same
             # stem is known to belong to it.
@@ -375,8 +377,10 @@ class IncomingImporter(BackgroundLoop):
                                                                          "event_id": event_id})
         return None
 
-    def _take_thumbnail(self, thumb: _DropFile, seen: dict[str, _Seen], destination: pathlib.Path) -> _Taken | None:
-        """Copy the thumbnail and place it at `destination`; None if it did not get there.
+    def _take_thumbnail(
+        self, thumb: _DropFile, seen: dict[str, _Seen], place: Callable[[_Taken], None],
+    ) -> _Taken | None:
+        """Copy the thumbnail and `place` it; None if it did not get there.
 
         A thumbnail that changed meanwhile, or that finds no room on the disk, does not hold up
         its media: it stays in thumbnails/ and attaches later."""
@@ -392,7 +396,7 @@ class IncomingImporter(BackgroundLoop):
         if taken is None:
             return None
         try:
-            _place(self.storage, taken, destination)
+            place(taken)
         except BaseException as exc:
             taken.discard()
             if _short_of_room(exc):
@@ -409,6 +413,17 @@ class IncomingImporter(BackgroundLoop):
         except sa.exc.IntegrityError:
             return False
         return True
+
+    def _attach(self, event_id: str, taken: _Taken, destination: pathlib.Path) -> None:
+        """The device's thumbnail of a stored event, moved into place while the UPDATE holds the
+        event's row: a thumbnail the server is making (thumbnails.py) then finds its claim gone
+        and never replaces this one."""
+        with self.gallery.db.session() as session:
+            session.exec(  # type: ignore[call-overload]
+                sa.update(Event).where(col(Event.id) == event_id).values(has_thumbnail=True, thumbnail_state="")
+            )
+            _place(self.storage, taken, destination)
+            self.gallery.db.commit(session)
 
     def _set_has_thumbnail(self, event_id: str) -> None:
         with self.gallery.db.session() as session:
@@ -454,8 +469,7 @@ class IncomingImporter(BackgroundLoop):
         if taken is None:
             return
         try:
-            _place(self.storage, taken, self.storage.thumbnail_path(device, target.id))
-            self._set_has_thumbnail(target.id)
+            self._attach(target.id, taken, self.storage.thumbnail_path(device, target.id))
             _unlink_if_same(thumb.path, taken.source)
         finally:
             taken.discard()

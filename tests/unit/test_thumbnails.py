@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import threading
+import time
 import zlib
 
 import pytest
@@ -327,6 +328,48 @@ def test_late_incoming_thumbnail_replaces_the_servers(gallery: Gallery) -> None:
     (thumbs / "a.jpg").write_bytes(b"device thumb")
     importer.scan_once(now=20)
     importer.scan_once(now=30)
+    done = row(gallery, event_id)
+    assert done is not None and (done.has_thumbnail, done.thumbnail_state) == (True, "")
+    assert gallery.storage.thumbnail_path("cam1", event_id).read_bytes() == b"device thumb"
+    assert list(thumbs.iterdir()) == []
+
+
+def test_a_late_incoming_thumbnail_arriving_while_the_server_makes_one_wins(
+    gallery: Gallery, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The drop folder's thumbnail is being attached (its file placed, its row not yet updated)
+    just as the server finishes its own: the server's must not replace it on disk, whichever
+    commits first. The importer pauses after placing the file; the thumbnailer finishes then."""
+    from gallery_server import incoming
+
+    importer = IncomingImporter(gallery)
+    inbox, thumbs = gallery.storage.device_paths("cam1")
+    (inbox / "a.png").write_bytes(png())
+    [event_id] = importer.scan_once(now=0) + importer.scan_once(now=10)
+    placed, real_place, real_make = threading.Event(), incoming._place, thumbnails.make
+
+    def place_then_pause(storage, taken, destination):  # type: ignore[no-untyped-def]
+        real_place(storage, taken, destination)
+        if destination.name.endswith(".thumb"):
+            placed.set()
+            time.sleep(1)  # the thumbnailer finishes meanwhile, or waits for this row's lock
+
+    def attach():  # type: ignore[no-untyped-def]
+        (thumbs / "a.jpg").write_bytes(b"device thumb")
+        importer.scan_once(now=20)
+        importer.scan_once(now=30)
+
+    def make_while_the_thumbnail_drops(media_type, path):  # type: ignore[no-untyped-def]
+        made = real_make(media_type, path)
+        attaching.start()
+        assert placed.wait(timeout=30)
+        return made
+
+    monkeypatch.setattr(incoming, "_place", place_then_pause)
+    monkeypatch.setattr(thumbnails, "make", make_while_the_thumbnail_drops)
+    attaching = threading.Thread(target=attach)
+    assert Thumbnailer(gallery).work_once() == [event_id]
+    attaching.join(timeout=60)
     done = row(gallery, event_id)
     assert done is not None and (done.has_thumbnail, done.thumbnail_state) == (True, "")
     assert gallery.storage.thumbnail_path("cam1", event_id).read_bytes() == b"device thumb"
