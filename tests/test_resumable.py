@@ -44,6 +44,11 @@ def events(gallery: Gallery) -> list[Event]:
         return list(session.exec(select(Event)))
 
 
+def session_rows(gallery: Gallery) -> list[UploadSessionRow]:
+    with gallery.db.session() as session:
+        return list(session.exec(select(UploadSessionRow)))
+
+
 def write(uploads: ResumableUploads, principal: auth.Principal, upload_id: str, offset: int,
           data: bytes, *, finish: bool = False, device: str = "cam1"):  # type: ignore[no-untyped-def]
     writer = uploads.open_write(principal, device, upload_id, offset)
@@ -191,6 +196,15 @@ def test_the_sweeper_spares_a_session_started_again_under_the_same_id(
     assert uploads.remove(listed, now=later) is False  # the sweeper reaches its listed row
     assert uploads.query(principal, "cam1", "restarted1").committed_size == 40
     assert gallery.storage.session_path("cam1", "restarted1").read_bytes() == b"x" * 40
+    # A row another pass removed already counts as removed (a start then need not wait), and a
+    # file left at its name is nobody's.
+    [current] = session_rows(gallery)
+    assert uploads.remove(current) is True and session_rows(gallery) == []
+    path = gallery.storage.session_path("cam1", "restarted1")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"left")
+    assert uploads.remove(current) is True
+    assert not path.exists()
 
 
 def test_other_device_and_scopes(gallery: Gallery, principal: auth.Principal) -> None:

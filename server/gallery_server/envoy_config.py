@@ -18,7 +18,7 @@ DESCRIPTOR = ROOT / "generated" / "gallery_descriptor.pb"
 LOCAL_REPLIES = {
     400: (3, "MALFORMED_REQUEST"),  # INVALID_ARGUMENT, the server's reason for what it cannot parse
     404: (5, "NOT_FOUND"),
-    408: (4, "REQUEST_TIMEOUT"),  # DEADLINE_EXCEEDED: the headers did not arrive in time
+    408: (4, "REQUEST_TIMEOUT"),  # DEADLINE_EXCEEDED: headers late, or a stream silent too long
     413: (8, "BODY_TOO_LARGE"),  # RESOURCE_EXHAUSTED, as the server's own size limits
     416: (11, "RANGE_NOT_SATISFIABLE"),  # OUT_OF_RANGE: a file Envoy sends shrank since the Check
     431: (8, "HEADERS_TOO_LARGE"),

@@ -20,7 +20,8 @@ What is removed, and why it is safe with any number of replicas sharing storage 
 * staging/sessions/<device>/<upload_id> older than the grace period with no session row (a live
   resumable session always has its row: resumable.py removes the file first, then the row) or
   with a completed row (its bytes are its event's; a crash after the commit leaves this copy).
-* media/<device>/<id> with no event row for that device and id, older than the grace period.
+* media/<device>/<id> with no event row for that device and id, older than the grace period,
+  unless a signed URL not used yet has that id (its retry replaces the file: signed_urls.py).
   Age is the later of mtime and ctime: a link or rename sets ctime, so a resumable file written
   long ago but linked just now counts as new.
 * media/<device>/<id>.thumb with neither an event row nor a grant row, older than the grace

@@ -18,8 +18,9 @@ Completion: the whole file is hashed once (one streaming read, no hash state kep
 resumes), checked against the declared size and sha256 and handed to Gallery.store(), which marks
 the row complete with the event id in the same transaction that inserts the event. The session
 file is linked into media/ (StagedFile.adopt) and unlinked only after that commit: a completion
-that fails (a database error, a URL taken by a single-shot PUT) keeps every committed byte, and the
-client finishes again. A file that a crash between the commit and the unlink leaves behind is
+that fails (a database error) keeps every committed byte, and the client finishes again (a
+pre-signed URL that a whole PUT completed first answers that event, and its session goes:
+signed_urls.py). A file that a crash between the commit and the unlink leaves behind is
 removed by the next write to the completed session (the retry a client makes), else by the
 reconciler. The completed row (its bytes are gone) remains as long as its event exists, however
 late a retry comes: a retry with the same upload id gets that event, never a second.
@@ -395,7 +396,7 @@ class ResumableUploads:
         """Delete a session's file, then its row (only if still expired at `now`, when given).
         False when a writer holds it (unless `held`: the caller is that writer), or when the id
         has been started afresh since `row` was read: that session's file and row are not the
-        caller's to remove."""
+        caller's to remove. A row already gone counts as removed."""
         path = self.storage.session_path(row.device, row.upload_id)
         try:
             fd = None if held else os.open(path, os.O_RDWR)
@@ -413,11 +414,13 @@ class ResumableUploads:
                     return False
                 # Under the lock, the row again: a start of the id after the caller's read (the
                 # sweeper lists rows, then reaches each) made a new session at this very name.
+                # (No row at all: removed by another pass, whose file this is no longer, or a start
+                # whose INSERT rolled back: the file is nobody's, and goes.)
                 with self.db.session() as session:
                     current = session.get(UploadSessionRow, (row.device, row.upload_id))
-                if current is None or current.created != row.created or (
+                if current is not None and (current.created != row.created or (
                     now is not None and aware(current.expires_at) > now
-                ):
+                )):
                     return False
                 path.unlink(missing_ok=True)
                 fsync_dir(path.parent)

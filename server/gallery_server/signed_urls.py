@@ -259,8 +259,15 @@ class SignedUploads:
                 f" ({exc.metadata.get('declared_size', '')})",
                 field="content_range", total=str(content_range.total),
             ) from None
-        with range_conflicts():
-            writer = uploads.writer(target.device, session_id, content_range.first)
+        try:
+            with range_conflicts():
+                writer = uploads.writer(target.device, session_id, content_range.first)
+        except NotFound:
+            # A whole PUT completed the URL since the grant was read, and dropped this session
+            # (_drop_chunks): the answer is its event.
+            if self.grant(target).media_state != "done":
+                raise
+            return RangePut(self, target, content_range, None, done=True)
         return RangePut(self, target, content_range, writer)
 
     def finish_media(self, target: SignedTarget, session: Session, event: Event) -> None:

@@ -17,9 +17,11 @@ LEASE_SECONDS, i.e. a worker that died) that only one of them can win, and each 
 attempt; an event claimed MAX_ATTEMPTS times without finishing (a file that kills its worker)
 is marked failed. An exception on one file marks that file failed and the queue moves on.
 
-The thumbnail is written through staging and renamed into place, then the row is updated under
-the same claim. If that matches no row the event was deleted meanwhile (the thumbnail file is
-removed again, never orphaned) or the device's own thumbnail arrived (it wins; the row says so).
+The thumbnail is written and synced in staging; then the row is updated under the same claim and,
+only if that matched, the file is renamed into place before the commit, while the UPDATE holds the
+event's row. If it matches no row, the event was deleted meanwhile or the device's own thumbnail
+arrived (it wins: its writers move their file under the same row lock), and the made one is
+dropped.
 Nothing here runs in the upload path: an upload never waits for, or fails because of, this.
 """
 

@@ -151,6 +151,28 @@ def test_final_chunk_failing_at_commit_keeps_its_bytes(
     assert [p.name for p in stored_files(signed.gallery.settings.data_dir)] == [event_id]
 
 
+def test_a_chunk_whose_session_a_whole_put_drops_meanwhile_is_answered_with_the_event(
+    signed: SignedUploads, principal: auth.Principal, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The chunk PUT found the URL unused and its session open; before it took the session's
+    writer, a whole PUT completed the URL and dropped the session: 200 with the URL's event, not
+    404 UPLOAD_NOT_FOUND."""
+    token, event_id = new_url(signed, principal)
+    target = signed.verify("cam1", token)
+    assert put_range(signed, token, b"a" * 1000, "bytes 0-999/4000") == ""
+    real_writer = signed.uploads.writer
+
+    def writer_after_a_whole_put(*args, **kwargs):  # type: ignore[no-untyped-def]
+        with signed.gallery.open_upload("cam1") as whole:
+            whole.write_media(b"single shot")
+            assert signed.complete(target, whole) == event_id
+        return real_writer(*args, **kwargs)
+
+    monkeypatch.setattr(signed.uploads, "writer", writer_after_a_whole_put)
+    assert put_range(signed, token, b"b" * 3000, "bytes 1000-3999/4000") == event_id
+    assert signed.gallery.storage.media_path("cam1", event_id).read_bytes() == b"single shot"
+
+
 def test_single_shot_put_during_the_last_chunk(
     signed: SignedUploads, principal: auth.Principal
 ) -> None:

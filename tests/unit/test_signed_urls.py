@@ -399,6 +399,31 @@ def test_a_thumbnail_whose_commit_outcome_is_unknown_stays(signed: SignedUploads
     assert gallery.get_event(principal, "cam1", media.event_id).has_thumbnail is False  # this time not written
 
 
+@pytest.mark.parametrize("purpose", [MEDIA, THUMBNAIL])
+def test_a_put_whose_commit_is_refused_leaves_the_url_for_its_retry(
+    signed: SignedUploads, principal: auth.Principal, purpose: str,
+) -> None:
+    """The COMMIT is refused (a deadlock) after the PUT's file moved into place: nothing was
+    written, the URL is unused, and its retry stores. Media is taken back (it replaced nothing); a
+    thumbnail stays (it replaced what was there, and is this event's as its device sent it)."""
+    gallery = signed.gallery
+    if gallery.db.engine.dialect.name != "postgresql":
+        pytest.skip("a COMMIT refused by PostgreSQL (a deferred trigger)")
+    media, thumb = targets(signed, principal)
+    if purpose == THUMBNAIL:
+        assert put(signed, media, PNG) == media.event_id
+    target = media if purpose == MEDIA else thumb
+    path = gallery.storage.media_path("cam1", media.event_id) if purpose == MEDIA else \
+        gallery.storage.thumbnail_path("cam1", media.event_id)
+    with event_commit_fails(gallery.db, sqlstate="40P01"), pytest.raises(DatabaseUnavailable):
+        put(signed, target, JPEG)
+    assert path.exists() is (purpose == THUMBNAIL)
+    signed.require_unused(target)
+    assert put(signed, target, JPEG) == media.event_id
+    assert path.read_bytes() == JPEG
+    assert list(gallery.storage.staging_root.rglob("*.*")) == []
+
+
 def test_thumbnail_then_media(signed: SignedUploads, principal: auth.Principal) -> None:
     gallery = signed.gallery
     media, thumb = targets(signed, principal)
