@@ -46,7 +46,8 @@ _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 
 @pytest.fixture(autouse=True)
 def sqlite_transactions_write_first() -> Iterator[None]:
-    """db.py's rule for SQLite, checked in every test: a server transaction that writes issues a
+    """db.py's rule for SQLite, checked in every test that runs the server's code in process (an
+    end-to-end server is a process of its own): a server transaction that writes issues a
     write first (or began IMMEDIATE). One that read first cannot write once another connection
     has written meanwhile: SQLite refuses it at once ("database is locked", whatever the busy
     timeout), which the server answers 503. Tests' own transactions are not held to it."""
