@@ -356,7 +356,7 @@ class IncomingImporter(BackgroundLoop):
                     thumb_taken = self._take_thumbnail(
                         thumb, seen, lambda taken: self._attach(event_id, taken, thumb_path))
                 else:  # placed before the row was found to exist: a replica inserted it meanwhile
-                    self._set_has_thumbnail(event_id)
+                    self._attach(event_id, None, thumb_path)
             # The thumbnail goes first: while the media file is still here, a thumbnail of the same
             # stem is known to belong to it.
             if thumb is not None and thumb_taken is not None:
@@ -414,23 +414,17 @@ class IncomingImporter(BackgroundLoop):
             return False
         return True
 
-    def _attach(self, event_id: str, taken: _Taken, destination: pathlib.Path) -> None:
-        """The device's thumbnail of a stored event, moved into place while the UPDATE holds the
-        event's row: a thumbnail the server is making (thumbnails.py) then finds its claim gone
-        and never replaces this one."""
+    def _attach(self, event_id: str, taken: _Taken | None, destination: pathlib.Path) -> None:
+        """The device's thumbnail of a stored event (`taken`; None: at `destination` already),
+        moved into place while the UPDATE holds the event's row: a thumbnail the server is making
+        (thumbnails.py) then finds its claim gone and never replaces this one."""
         with self.gallery.db.session() as session:
             session.exec(  # type: ignore[call-overload]
                 sa.update(Event).where(col(Event.id) == event_id).values(has_thumbnail=True, thumbnail_state="")
             )
-            _place(self.storage, taken, destination)
+            if taken is not None:
+                _place(self.storage, taken, destination)
             self.gallery.db.commit(session)
-
-    def _set_has_thumbnail(self, event_id: str) -> None:
-        with self.gallery.db.session() as session:
-            session.exec(  # type: ignore[call-overload]
-                sa.update(Event).where(col(Event.id) == event_id).values(has_thumbnail=True, thumbnail_state="")
-            )
-            session.commit()
 
     # -- thumbnails arriving after their media --------------------------------------------------
 
