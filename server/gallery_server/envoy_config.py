@@ -38,10 +38,13 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 def render(
-    *, listen: str, admin_port: int, backends: list[str], media_root: pathlib.Path | None = None
+    *, listen: str, admin_port: int, backends: list[str], media_root: pathlib.Path | None = None,
+    keepalive_seconds: float = 20.0,
 ) -> str:
     """The configuration; with `media_root` (the servers' <data>/media, as Envoy's host sees it)
-    Envoy sends REST downloads itself (rpc/file_handoff.py)."""
+    Envoy sends REST downloads itself (rpc/file_handoff.py). Envoy PINGs its HTTP/2 clients every
+    `keepalive_seconds` and closes a connection that leaves one unanswered as long
+    (Settings.keepalive_seconds)."""
     listen_host, listen_port = split_address(listen)
     endpoints = []
     for backend in backends:
@@ -58,6 +61,7 @@ def render(
         FILE_HANDOFF_OFF="false" if media_root else "true",
         MEDIA_ROOT=_quoted_text(str(media_root or "/nonexistent")),
         LOCAL_REPLY_MAPPERS=json.dumps(_local_reply_mappers()),
+        KEEPALIVE=f"{keepalive_seconds:.3f}s",
     )
 
 

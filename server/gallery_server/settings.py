@@ -46,6 +46,7 @@ Limits and reconciliation (README "Durability, limits and faults"); upload count
 | GALLERY_MIN_FREE_BYTES             | 1 GiB    | disk headroom: no uploads accepted below it      |
 | GALLERY_RECONCILE_INTERVAL_SECONDS | 600      | how often a replica reconciles (reconcile.py)    |
 | GALLERY_RECONCILE_GRACE_SECONDS    | 3600     | age before a leftover is removed; >= max(2 x idle, 300) |
+| GALLERY_KEEPALIVE_SECONDS          | 20       | HTTP/2 PING interval, and the wait for its answer, on open streams |
 
 Threads: each upload holds a gRPC worker for its whole stream, and so do a device's Connect
 stream and a PullEvent waiting for content; GALLERY_MAX_UPLOADS_TOTAL < GALLERY_GRPC_WORKERS keeps
@@ -113,6 +114,12 @@ class Settings:
     min_free_bytes: int = 1 << 30
     reconcile_interval_seconds: float = 600.0
     reconcile_grace_seconds: float = 3600.0
+    # A connection whose peer went away without a word (a device out of coverage, a NAT that
+    # forgot it: no FIN, no RST) is found by a PING left unanswered and its streams end: a
+    # device's commands go to its next connection (devices.py) instead of waiting ~15 min for TCP
+    # to give up. Envoy pings its downstream (answer within this); the gRPC server its clients
+    # (answer within 3x this, rpc/server.py).
+    keepalive_seconds: float = 20.0
 
     @property
     def issuer_tokens(self) -> bool:
@@ -223,6 +230,7 @@ _LIMITS: dict[str, tuple[str, type]] = {
     "min_free_bytes": ("GALLERY_MIN_FREE_BYTES", int),
     "reconcile_interval_seconds": ("GALLERY_RECONCILE_INTERVAL_SECONDS", float),
     "reconcile_grace_seconds": ("GALLERY_RECONCILE_GRACE_SECONDS", float),
+    "keepalive_seconds": ("GALLERY_KEEPALIVE_SECONDS", float),
 }
 
 

@@ -86,6 +86,7 @@ def start_envoy(settings: Settings, backends: list[str]) -> subprocess.Popen[byt
     config.write_text(encoding="utf-8", data=envoy_config.render(
         listen=settings.http_address, admin_port=settings.envoy_admin_port, backends=backends,
         media_root=storage.media_root(settings.data_dir) if settings.envoy_sends_files else None,
+        keepalive_seconds=settings.keepalive_seconds,
     ))
     return subprocess.Popen(
         [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn"],

@@ -6,6 +6,7 @@ command on its channel and uploads the content; the REST client downloads it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -30,6 +31,7 @@ from gallery.v1 import gallery_pb2 as gpb
 from gallery_server import agent as agent_module
 from gallery_server import auth
 
+from ..silent_network import SilentNetworkProxy
 from .conftest import Stack, start_stack, stop_stack
 
 DOCUMENTED_FIELDS = {"id", "name", "media_type", "size", "has_thumbnail", "created", "mime_type", "sha256"}
@@ -348,4 +350,55 @@ def test_upload_survives_a_server_restart(auth_headers, run_agent, tmp_path):
         assert "retrying" in agent.log() or "reconnecting" in agent.log()
         agent.stop()
     finally:
+        stop_stack(stack)
+
+
+def test_a_command_held_by_a_device_gone_silent_reaches_its_next_connection(auth_headers, mint, tmp_path):
+    """Through Envoy: a device's network goes away without a FIN while its channel holds a
+    command. Envoy's unanswered PING (GALLERY_KEEPALIVE_SECONDS) ends that stream, and with it the
+    server's call, whose connection to Envoy is alive and well; the device's next connection gets
+    the command."""
+    stack = start_stack(tmp_path / "data", tmp_path / "gallery.log",
+                        extra_env={"GALLERY_KEEPALIVE_SECONDS": "1"})
+    proxy = SilentNetworkProxy(stack.http_port)
+    device, stop = new_device(), threading.Event()
+    token = [("authorization", f"Bearer {mint(devices=[device], scope='gallery:device')}")]
+
+    def requests() -> Iterator[dpb.ConnectRequest]:
+        yield dpb.ConnectRequest(hello=dpb.DeviceHello(device=device))
+        stop.wait(60)
+
+    silent_channel = grpc.insecure_channel(f"127.0.0.1:{proxy.port}")
+    channel = grpc.insecure_channel(stack.envoy_grpc_address)
+    try:
+        [announced] = device_pb2_grpc.DeviceServiceStub(channel).AnnounceEvents(
+            dpb.AnnounceEventsRequest(device=device, events=[
+                dpb.AnnouncedEvent(device_key="a.mp4", name="a.mp4", size=3)]), metadata=token).results
+        old = device_pb2_grpc.DeviceServiceStub(silent_channel).Connect(requests(), metadata=token)
+        assert next(old).HasField("heartbeat")
+        proxy.go_silent()
+        with httpx.Client(base_url=stack.base_url, timeout=30) as http:
+            r = http.post(f"/api/gallery/{device}/pull/{announced.event_id}", headers=auth_headers())
+            assert r.status_code == 200, r.text
+            wait_for(lambda: get_event(http, auth_headers(), device, announced.event_id)["pull"]["state"]
+                     == "delivered", 10, "the silent connection to take the command")
+        fresh = device_pb2_grpc.DeviceServiceStub(channel).Connect(requests(), metadata=token)
+        got: list[dpb.Command] = []
+
+        def read() -> None:
+            with contextlib.suppress(grpc.RpcError):
+                for message in fresh:
+                    if message.HasField("command"):
+                        got.append(message.command)
+                        return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(20)
+        assert [c.upload_event.event_id for c in got] == [announced.event_id], stack.log()[-3000:]
+    finally:
+        stop.set()
+        silent_channel.close()
+        channel.close()
+        proxy.close()
         stop_stack(stack)

@@ -69,6 +69,7 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
     db.create_tables()
     gallery = Gallery(settings, db, storage)
     verifier = Verifier.from_settings(settings)
+    keepalive_ms = round(settings.keepalive_seconds * 1000)
     server = grpc.server(
         futures.ThreadPoolExecutor(
             max_workers=settings.grpc_workers, thread_name_prefix="rpc"
@@ -91,6 +92,18 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
             # 64 KiB default, 512 KiB was no better); 1 MiB keeps one stream as fast as with BDP.
             ("grpc.http2.bdp_probe", 0),
             ("grpc.http2.lookahead_bytes", UPLOAD_WINDOW_BYTES),
+            # PINGs on connections with calls open; one left unanswered closes the connection and
+            # ends its calls: a device gone silent frees its commands (Settings.keepalive_seconds).
+            # grpcio 1.85 waits for the answer for ping_timeout_ms, whatever keepalive_timeout_ms
+            # says (tests/test_device_liveness.py), and, unlike Envoy, counts no other frame as
+            # one: a client's answer queues behind the upload bytes it has already sent, which a
+            # slow link takes seconds to deliver. So 3x, grpc's own 60 s by default.
+            ("grpc.keepalive_time_ms", keepalive_ms),
+            ("grpc.keepalive_timeout_ms", 3 * keepalive_ms),
+            ("grpc.http2.ping_timeout_ms", 3 * keepalive_ms),
+            # grpc-core stops pinging after 2 PINGs without data sent by default; a device's
+            # channel between heartbeats, or an upload waiting for its client, must stay watched.
+            ("grpc.http2.max_pings_without_data", 0),
         ],
         maximum_concurrent_rpcs=settings.grpc_workers * 4,
     )
