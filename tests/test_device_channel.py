@@ -84,3 +84,19 @@ def test_a_bad_message_ends_the_channel_with_invalid_argument(channel, mint):
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
     info, _ = rich_error(caught.value)
     assert info.reason == "MALFORMED_REQUEST"
+
+
+def test_a_deleted_capture_is_answered_deleted(channel, mint):
+    devices = device_pb2_grpc.DeviceServiceStub(channel)
+    auth = device_auth(mint)
+    announced = dpb.AnnounceEventsRequest(device="cam1", events=[
+        dpb.AnnouncedEvent(device_key="dcim/a.mp4", name="a.mp4", size=3, sha256="ab" * 32)])
+    [first] = devices.AnnounceEvents(announced, metadata=auth).results
+    user = [("authorization", f"Bearer {mint(devices=['cam1'])}")]
+    gallery_pb2_grpc.GalleryServiceStub(channel).DeleteEvent(
+        gallery_pb2.DeleteEventRequest(device="cam1", event_id=first.event_id), metadata=user)
+    [again] = devices.AnnounceEvents(announced, metadata=auth).results
+    assert (again.device_key, again.event_id, again.state) == ("dcim/a.mp4", first.event_id, "deleted")
+    listed = gallery_pb2_grpc.GalleryServiceStub(channel).ListEvents(
+        gallery_pb2.ListEventsRequest(device="cam1"), metadata=user)
+    assert list(listed) == []

@@ -2,9 +2,12 @@
 
 Commands are rows (DeviceCommand), so they survive restarts and are shared by every replica.
 A connection claims a command with a conditional UPDATE, which is what keeps two live connections
-of one device from both receiving it; a command whose connection is no longer live (no heartbeat
-for CONNECTION_STALE_S) is delivered again. Replicas find new commands by polling every
-POLL_INTERVAL_S; within one process a pull wakes the device's connections at once.
+of one device from both receiving it; a command whose connection is no longer live (its row gone
+when the call ended, or no heartbeat for CONNECTION_STALE_S after its server died) is delivered
+again. The heartbeat is the server's own, so it cannot tell a device that went silent: that call
+is ended by the PING the device leaves unanswered (Settings.keepalive_seconds, in grpc-core and in
+Envoy). Replicas find new commands by polling every POLL_INTERVAL_S; within one process a pull
+wakes the device's connections at once.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from sqlmodel import Session, col, select
 
 from . import validation
 from .auth import DEVICE, WRITE, Principal
-from .errors import CommitOutcomeUnknown, FailedPrecondition, InvalidArgument, TooLarge
+from .errors import CommitOutcomeUnknown, Conflict, FailedPrecondition, InvalidArgument, TooLarge
 from .media_types import classify, detect_mime
-from .models import DeviceCommand, DeviceConnection, Event
+from .models import DeletedCapture, DeviceCommand, DeviceConnection, Event
 from .service import Gallery, aware, utcnow
 
 POLL_INTERVAL_S = 1.0
@@ -88,6 +91,21 @@ class Delivery:
     name: str
 
 
+def _same_capture(known: Event | DeletedCapture, a: Announcement) -> bool:
+    """Whether an announcement describes the capture already known under its key: the same size,
+    and the same sha256 where both sides have one. A device may announce a file again with a new
+    name or time (a restored backup); new content under the key is a new capture."""
+    return known.size == a.size and (not known.sha256 or not a.sha256 or known.sha256 == a.sha256)
+
+
+def _deleted_event(deleted: DeletedCapture, a: Announcement) -> Event:
+    """What an announcement of a capture a user deleted answers: its old id, state `deleted`;
+    nothing is stored."""
+    return Event(id=deleted.event_id, device=deleted.device, name=a.name, media_type="", mime_type="",
+                 size=deleted.size, sha256=deleted.sha256, created=deleted.deleted_at,
+                 state="deleted", device_key=deleted.device_key)
+
+
 class _Wakeups:
     """Per-device condition variables: a pull in this process wakes that device's channels."""
 
@@ -142,9 +160,26 @@ class Devices:
         return [self._announce_one(device, a) for a in announcements]
 
     def _announce_one(self, device: str, a: Announcement) -> Event:
-        existing = self._by_key(device, a.device_key)
-        if existing is not None:
-            return existing
+        for _ in range(3):
+            existing = self._by_key(device, a.device_key)
+            if existing is not None and _same_capture(existing, a):
+                return existing
+            if existing is None:
+                deleted = self._deleted_capture(device, a.device_key)
+                if deleted is not None and _same_capture(deleted, a):
+                    return _deleted_event(deleted, a)
+            event = self._add(device, a, replacing=existing)
+            if event is not None:
+                return event
+        # Three times, another announcement or an upload changed the key's event between our
+        # read and our write: the device's next announcement will find it settled.
+        raise Conflict("ANNOUNCEMENT_CONFLICT", f"device_key {a.device_key} changed meanwhile: retry",
+                       device_key=a.device_key)
+
+    def _add(self, device: str, a: Announcement, *, replacing: Event | None) -> Event | None:
+        """Insert the announced event, in place of the key's event `replacing` (another capture
+        under the same key, as a dashcam's loop recording reuses FILE0001.MP4): None when the
+        key's event is not the one read any more."""
         mime = detect_mime(a.name, b"")
         event = Event(
             id=validation.new_event_id(), device=device, name=a.name,
@@ -164,6 +199,14 @@ class Devices:
                 staged.sync()
                 staged.move(thumbnail_path)
             with self.db.session() as session:
+                if replacing is not None and not self._let_go(session, replacing):
+                    session.rollback()
+                    thumbnail_path.unlink(missing_ok=True)
+                    return None
+                session.exec(  # type: ignore[call-overload]
+                    sa.delete(DeletedCapture).where(col(DeletedCapture.device) == device,
+                                                    col(DeletedCapture.device_key) == a.device_key)
+                )
                 session.add(event)
                 self.db.commit(session)
         except CommitOutcomeUnknown:
@@ -181,13 +224,33 @@ class Devices:
         finally:
             if staged is not None:
                 staged.discard()
+        if replacing is not None and replacing.state == "on_device":
+            self.gallery.storage.remove_event_files(device, replacing.id)
         return event
+
+    def _let_go(self, session: Session, old: Event) -> bool:
+        """Free the key of `old`, an earlier capture the device no longer holds under it. Stored
+        content stays, as an event of its own; one never uploaded can no longer be, so it goes
+        (its pull is cancelled). False when the event changed since it was read."""
+        same = (col(Event.id) == old.id, col(Event.device_key) == old.device_key,
+                col(Event.state) == old.state)
+        if old.state != "on_device":
+            return bool(session.exec(  # type: ignore[call-overload]
+                sa.update(Event).where(*same).values(device_key=None)).rowcount)
+        if not session.exec(sa.delete(Event).where(*same)).rowcount:  # type: ignore[call-overload]
+            return False
+        self.gallery.forget_event(session, old.id)
+        return True
 
     def _by_key(self, device: str, device_key: str) -> Event | None:
         with self.db.session() as session:
             return session.exec(
                 select(Event).where(Event.device == device, Event.device_key == device_key)
             ).first()
+
+    def _deleted_capture(self, device: str, device_key: str) -> DeletedCapture | None:
+        with self.db.session() as session:
+            return session.get(DeletedCapture, (device, device_key))
 
     # -- pulls --------------------------------------------------------------------------------
 
@@ -327,7 +390,11 @@ class Channel:
         live = select(DeviceConnection.id).where(col(DeviceConnection.last_seen) >= stale)
         deliverable = (
             col(DeviceCommand.device) == self.device,
-            col(DeviceCommand.event_id).in_(select(Event.id).where(Event.device == self.device)),
+            # The event still exists. EXISTS looks up its one row; `IN (SELECT id FROM events
+            # WHERE device = ?)` made SQLite list every event of the device on each poll (~75 ms
+            # at 300,000 events, every second, for each connection while a command was open).
+            sa.exists().where(col(Event.id) == col(DeviceCommand.event_id),
+                              col(Event.device) == self.device),
             col(DeviceCommand.state).in_(OPEN_STATES),
             col(DeviceCommand.expires_at) > now,
             sa.or_(col(DeviceCommand.delivered_to).is_(None),

@@ -119,6 +119,22 @@ class DeviceCommand(SQLModel, table=True):
     delivered_at: datetime.datetime | None = None
 
 
+class DeletedCapture(SQLModel, table=True):
+    """An announced event a user deleted. The device still holds the file and announces its whole
+    folder again after every reconnect: the same capture (same key, size and sha256) is answered
+    `deleted` instead of coming back as a new event (Devices.announce). A new capture under the
+    key replaces the row. One row per key a device ever had deleted."""
+
+    __tablename__ = "deleted_captures"
+
+    device: str = Field(primary_key=True, max_length=128)
+    device_key: str = Field(primary_key=True, max_length=512)
+    event_id: str = Field(max_length=64)
+    size: int = Field(sa_type=sa.BigInteger)
+    sha256: str = Field(max_length=64)
+    deleted_at: datetime.datetime
+
+
 class DeviceConnection(SQLModel, table=True):
     """A live command channel; a connection whose heartbeat is stale counts as gone."""
 

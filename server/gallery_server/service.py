@@ -26,7 +26,14 @@ from .db import Database
 from .errors import AlreadyExists, CommitOutcomeUnknown, FailedPrecondition, InvalidArgument, NotFound
 from .listing_json import LISTED_COLUMNS
 from .media_types import SNIFF_BYTES, classify, detect_mime
-from .models import DeviceCommand, Event, EventCount, UploadSessionRow, initial_thumbnail_state
+from .models import (
+    DeletedCapture,
+    DeviceCommand,
+    Event,
+    EventCount,
+    UploadSessionRow,
+    initial_thumbnail_state,
+)
 from .receiving import ReceivePermits
 from .settings import Settings
 from .storage import SpaceMeter, StagedFile, Storage
@@ -359,28 +366,40 @@ class Gallery:
         with self.db.session() as session:
             deleted = session.exec(  # type: ignore[call-overload]
                 sa.delete(Event).where(col(Event.id) == event_id, col(Event.device) == device)
-            ).rowcount
-            if deleted:  # a pull still open for it has nothing left to fetch
-                session.exec(  # type: ignore[call-overload]
-                    sa.update(DeviceCommand)
-                    .where(col(DeviceCommand.event_id) == event_id,
-                           col(DeviceCommand.open_key).is_not(None))
-                    .values(state="cancelled", open_key=None)
-                )
-                # Its completed resumable sessions answer UPLOAD_EVENT_DELETED for one session
-                # TTL from now; then the sweeper removes them (resumable.py).
-                ttl = datetime.timedelta(seconds=self.settings.upload_session_ttl)
-                session.exec(  # type: ignore[call-overload]
-                    sa.update(UploadSessionRow)
-                    .where(col(UploadSessionRow.event_id) == event_id)
-                    .values(expires_at=utcnow() + ttl)
-                )
+                .returning(col(Event.device_key), col(Event.size), col(Event.sha256))
+            ).first()
+            if deleted:
+                self.forget_event(session, event_id)
+                device_key, size, sha256 = deleted
+                if device_key is not None:  # announced: the device will announce it again
+                    session.exec(  # type: ignore[call-overload]
+                        sa.delete(DeletedCapture).where(col(DeletedCapture.device) == device,
+                                                        col(DeletedCapture.device_key) == device_key)
+                    )
+                    session.add(DeletedCapture(device=device, device_key=device_key, event_id=event_id,
+                                               size=size, sha256=sha256, deleted_at=utcnow()))
             session.commit()
         if not deleted:
             raise _not_found(device, event_id)
         # The row is gone first: a crash here leaves files without a row (reclaimable), never a
         # row without its file.
         self.storage.remove_event_files(device, event_id)
+
+    def forget_event(self, session: Session, event_id: str) -> None:
+        """What refers to an event whose row `session` deletes: a pull still open for it has
+        nothing left to fetch; its completed resumable sessions answer UPLOAD_EVENT_DELETED for
+        one session TTL from now, then the sweeper removes them (resumable.py)."""
+        session.exec(  # type: ignore[call-overload]
+            sa.update(DeviceCommand)
+            .where(col(DeviceCommand.event_id) == event_id, col(DeviceCommand.open_key).is_not(None))
+            .values(state="cancelled", open_key=None)
+        )
+        ttl = datetime.timedelta(seconds=self.settings.upload_session_ttl)
+        session.exec(  # type: ignore[call-overload]
+            sa.update(UploadSessionRow)
+            .where(col(UploadSessionRow.event_id) == event_id)
+            .values(expires_at=utcnow() + ttl)
+        )
 
     def begin_upload(self, principal: Principal, device: str) -> Upload:
         principal.require(validation.device_id(device), WRITE)

@@ -22,7 +22,7 @@ from gallery_server.errors import (
     PermissionDenied,
     TooLarge,
 )
-from gallery_server.models import DeviceCommand, DeviceConnection, Event
+from gallery_server.models import DeletedCapture, DeviceCommand, DeviceConnection, Event
 
 from ..conftest import event_commit_fails, stored_files
 
@@ -320,3 +320,98 @@ def test_deleting_an_event_cancels_its_pull(devices, gallery, device_principal, 
     assert devices.connect(device_principal, DEVICE).claim() == []
     [command] = commands(gallery, event.id)
     assert (command.state, command.open_key) == ("cancelled", None)
+
+
+def fill(gallery, devices, device_principal, event, content):
+    announced = devices.pulled_event(device_principal, DEVICE, event.id)
+    with gallery.open_upload(DEVICE) as upload:
+        upload.fields.name = announced.name
+        upload.fields.declared_sha256 = announced.sha256
+        upload.write_media(content)
+        return gallery.store(upload, fill=announced, before_insert=devices.complete_pull)
+
+
+def sha(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def test_a_new_capture_under_a_key_replaces_the_one_never_uploaded(devices, gallery, device_principal, principal):
+    """A dashcam's loop recording writes FILE0001.MP4 again: the old clip is gone from the device,
+    so its announced event goes (its pull cancelled, its thumbnail removed), and the new clip is a
+    new event that can be pulled (it used to keep the old sha256, so every upload failed)."""
+    old, new = b"the old clip", b"the new clip, longer"
+    first = announce(devices, device_principal, key="FILE0001.MP4", size=len(old), sha256=sha(old),
+                     thumbnail=b"\xff\xd8old")
+    devices.pull(principal, DEVICE, first.id)
+    second = announce(devices, device_principal, key="FILE0001.MP4", size=len(new), sha256=sha(new),
+                      thumbnail=b"\xff\xd8new")
+    assert second.id != first.id
+    with pytest.raises(NotFound):
+        gallery.get_event(principal, DEVICE, first.id)
+    assert not gallery.storage.thumbnail_path(DEVICE, first.id).exists()
+    assert [(c.state, c.open_key) for c in commands(gallery, first.id)] == [("cancelled", None)]
+    assert announce(devices, device_principal, key="FILE0001.MP4", size=len(new), sha256=sha(new)).id == second.id
+    assert fill(gallery, devices, device_principal, second, new).sha256 == sha(new)
+    assert [e.id for e in gallery.list_events(principal, DEVICE)] == [second.id]
+    assert gallery.storage.thumbnail_path(DEVICE, second.id).read_bytes() == b"\xff\xd8new"
+
+
+def test_a_new_capture_under_a_key_leaves_the_uploaded_one_stored(devices, gallery, device_principal, principal):
+    old, new = b"the old clip", b"the new clip"
+    first = announce(devices, device_principal, key="FILE0001.MP4", size=len(old), sha256=sha(old))
+    fill(gallery, devices, device_principal, first, old)
+    # The same capture again (a reconnect): the stored event, nothing new.
+    assert announce(devices, device_principal, key="FILE0001.MP4", size=len(old), sha256=sha(old)).id == first.id
+    second = announce(devices, device_principal, key="FILE0001.MP4", size=len(new), sha256=sha(new))
+    assert (second.state, second.size) == ("on_device", len(new))
+    kept = gallery.get_event(principal, DEVICE, first.id)
+    assert (kept.state, kept.sha256, kept.device_key) == ("stored", sha(old), None)
+    assert gallery.storage.media_path(DEVICE, first.id).read_bytes() == old
+    assert sorted(e.id for e in gallery.list_events(principal, DEVICE)) == sorted([first.id, second.id])
+
+
+def test_a_replacement_that_meets_a_changed_event_reads_it_again(devices, gallery, device_principal, principal):
+    """The key's event was uploaded between the announcement's read and its write: it is not
+    removed as if it were still on the device."""
+    old, new = b"the old clip", b"the new clip"
+    first = announce(devices, device_principal, key="k.mp4", size=len(old), sha256=sha(old))
+    fill(gallery, devices, device_principal, first, old)
+    assert devices._add(DEVICE, Announcement(device_key="k.mp4", name="k.mp4", size=len(new), sha256=sha(new)),
+                        replacing=first) is None  # `first` as read before the upload: on_device
+    assert gallery.get_event(principal, DEVICE, first.id).state == "stored"
+    assert [e.id for e in gallery.list_events(principal, DEVICE)] == [first.id]
+    assert list(gallery.storage.media_root.rglob("*.thumb")) == []
+
+
+@pytest.mark.parametrize("uploaded", [False, True])
+def test_a_deleted_capture_is_not_announced_again(devices, gallery, device_principal, principal, uploaded):
+    """The device announces its whole folder after every reconnect: what a user deleted stays
+    deleted while the device holds the same file; new content under the key is a new event."""
+    content = b"a capture"
+    event = announce(devices, device_principal, key="a.jpg", size=len(content), sha256=sha(content))
+    if uploaded:
+        fill(gallery, devices, device_principal, event, content)
+    gallery.delete_event(principal, DEVICE, event.id)
+    again = announce(devices, device_principal, key="a.jpg", size=len(content), sha256=sha(content))
+    assert (again.id, again.state) == (event.id, "deleted")
+    assert gallery.list_events(principal, DEVICE) == []
+    with pytest.raises(NotFound):
+        devices.pull(principal, DEVICE, event.id)
+    new = b"another capture"
+    fresh = announce(devices, device_principal, key="a.jpg", size=len(new), sha256=sha(new))
+    assert fresh.state == "on_device" and fresh.id != event.id
+    assert [e.id for e in gallery.list_events(principal, DEVICE)] == [fresh.id]
+    # Deleted in turn, the old capture's answer does not come back for the new one.
+    gallery.delete_event(principal, DEVICE, fresh.id)
+    assert announce(devices, device_principal, key="a.jpg", size=len(content), sha256=sha(content)).state == "on_device"
+
+
+def test_deleting_an_uploaded_event_remembers_no_capture(devices, gallery, principal):
+    """Only announced events have a device file that could come back."""
+    with gallery.open_upload(DEVICE) as upload:
+        upload.fields.name = "a.jpg"
+        upload.write_media(b"bytes")
+        stored = gallery.store(upload)
+    gallery.delete_event(principal, DEVICE, stored.id)
+    with gallery.db.session() as session:
+        assert session.exec(select(DeletedCapture)).all() == []

@@ -73,7 +73,11 @@ class DeviceServiceServicer:
 
     def AnnounceEvents(self, request, context):
         """Announces events the device holds without sending their content. Idempotent per
-        `device_key`: announcing the same key again returns the same event id.
+        `device_key`: announcing the same capture (same size, and sha256 when both have one) under a
+        key again returns the same event id. Other content under a known key is a new capture: it gets
+        a new event, and the key's earlier event keeps its content if it was uploaded, or is removed
+        if it never was (the device no longer holds it). A capture whose event a user deleted is
+        answered `deleted` and not listed again. All or nothing: one invalid event refuses the call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
