@@ -5,12 +5,19 @@ when someone pulls it. The protocol (protos/gallery/v1/device.proto), as this ag
 
 1. Every call carries `authorization: Bearer <token>` metadata. The token's `devices` claim names
    this device and its scope includes `gallery:device`.
-2. DeviceService.AnnounceEvents(device, events) lists files without their content, at most 1000
-   per call: device_key (the device's stable key; here the path relative to the watched folder),
-   name, size, created, sha256 and an optional small JPEG thumbnail. It is idempotent per
-   device_key (the same key gets the same event id back), so the agent keeps no state file: it
-   announces everything again on start and after every reconnect, which also lets a server that
-   lost its database converge.
+2. DeviceService.AnnounceEvents(device, events) lists files without their content: device_key
+   (the device's stable key; here the path relative to the watched folder), name, size, created,
+   sha256 and an optional small JPEG thumbnail. It is idempotent per device_key (the same key gets
+   the same event id back), so the agent keeps no state file: it announces everything again on
+   start and after every reconnect, which also lets a server that lost its database converge.
+   New content under a key is a new capture (a new event id). A capture whose event a user
+   deleted is answered `deleted` and stays deleted; the agent leaves its file alone.
+   A call carries at most 1000 events and must fit the server's 8 MiB message limit, so the agent
+   cuts its list by count and by serialized size. The server checks the whole list and refuses it
+   all for one file it will not take (INVALID_ARGUMENT, e.g. INVALID_SIZE; RESOURCE_EXHAUSTED
+   THUMBNAIL_TOO_LARGE): the agent then announces each half on its own, down to the file at
+   fault, which it leaves out until the file changes or the channel reconnects. Other errors
+   (the token, an unreachable or busy server) are retried whole at the next scan.
 3. DeviceService.Connect is the command channel, a bidirectional stream. The device sends
    `hello{device}` first; the server streams a heartbeat at once and every few seconds, and
    `command`s. Commands are durable and delivered at least once, so one may arrive twice.
@@ -20,11 +27,16 @@ when someone pulls it. The protocol (protos/gallery/v1/device.proto), as this ag
    command's success; when the file cannot be sent the device answers `failure{reason}`.
    FAILED_PRECONDITION with reason EVENT_ALREADY_STORED means an earlier attempt got through.
 5. When the channel ends or fails (or stays silent), reconnect with exponential backoff and full
-   jitter. Uploads run in their own threads and retry transient errors the same way.
+   jitter. Uploads run in their own threads, at most MAX_UPLOADS at once (the server refuses a
+   device more than GALLERY_MAX_UPLOADS_PER_DEVICE at once); the others wait their turn. An
+   upload retries the same way after a transient error and after a refusal for want of capacity,
+   which the server means as "retry later": RESOURCE_EXHAUSTED with reason TOO_MANY_UPLOADS,
+   TOO_MANY_DEVICE_UPLOADS or INSUFFICIENT_STORAGE. Any other refusal fails the command.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import io
@@ -55,6 +67,15 @@ log = logging.getLogger("gallery.agent")
 
 CHUNK = 1 << 20  # bytes per media_chunk message
 MAX_ANNOUNCE = 1000  # events per AnnounceEvents call (the server's limit)
+# Serialized events per AnnounceEvents call: half the server's 8 MiB message limit, which leaves
+# room for the request's own framing and for a server configured tighter than the default.
+MAX_ANNOUNCE_BYTES = 4 << 20
+# Uploads at once. Each holds one of the server's upload slots for as long as it sends, and the
+# server refuses a device past GALLERY_MAX_UPLOADS_PER_DEVICE (4 by default) with "retry later".
+# Staying below that leaves room for a slot the server has not freed yet (an upload cut short) or
+# a second agent of the device; more streams would not finish sooner over one uplink anyway.
+MAX_UPLOADS = 2
+UPLOAD_SLOT_POLL_S = 0.2  # how often an upload waiting for its turn checks whether we stop
 MAX_KEY_CHARS = 512  # the server's limit on device_key
 THUMBNAIL_PX = 320
 BACKOFF_BASE_S = 0.5
@@ -66,6 +87,27 @@ IGNORED_SUFFIXES = (".part", ".tmp")  # files still being written by convention
 TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                        grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
                        grpc.StatusCode.CANCELLED})
+# RESOURCE_EXHAUSTED reasons that mean the server is at capacity (uploads at once, free disk), not
+# that the request is too big: the same request may succeed later.
+CAPACITY_REASONS = frozenset({"TOO_MANY_UPLOADS", "TOO_MANY_DEVICE_UPLOADS", "INSUFFICIENT_STORAGE"})
+# INVALID_ARGUMENT reasons about the request rather than a file in it: no file is at fault, so
+# announcing the list in halves would only refuse every file one by one.
+REQUEST_REASONS = frozenset({"INVALID_DEVICE_ID"})
+
+
+def retry_later(code: grpc.StatusCode, reason: str) -> bool:
+    """Whether a call that failed so may succeed if made again later, unchanged."""
+    return code in TRANSIENT or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason in CAPACITY_REASONS)
+
+
+def refuses_content(code: grpc.StatusCode, reason: str) -> bool:
+    """Whether an AnnounceEvents failure refuses what the events say (so some file is at fault)
+    rather than the caller (token, device) or the moment (network, capacity)."""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return reason not in REQUEST_REASONS
+    # Without a capacity reason: a limit on what was sent (THUMBNAIL_TOO_LARGE, TOO_MANY_EVENTS,
+    # or gRPC's own "Received message larger than max", which has no reason).
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason not in CAPACITY_REASONS
 
 
 def backoff_delay(attempt: int, rng: Callable[[], float] = random.random) -> float:
@@ -171,6 +213,25 @@ def describe(info: FileInfo, sha256: str = "") -> dpb.AnnouncedEvent:
     )
 
 
+Pending = tuple[FileInfo, dpb.AnnouncedEvent]  # a file and its announcement, not sent yet
+
+
+def announce_batches(pending: list[Pending]) -> Iterator[list[Pending]]:
+    """Consecutive runs of at most MAX_ANNOUNCE events and MAX_ANNOUNCE_BYTES serialized bytes; an
+    event larger than that on its own goes alone (the server says whether it takes it)."""
+    batch: list[Pending] = []
+    batch_bytes = 0
+    for item in pending:
+        item_bytes = item[1].ByteSize()
+        if batch and (len(batch) == MAX_ANNOUNCE or batch_bytes + item_bytes > MAX_ANNOUNCE_BYTES):
+            yield batch
+            batch, batch_bytes = [], 0
+        batch.append(item)
+        batch_bytes += item_bytes
+    if batch:
+        yield batch
+
+
 def error_reason(error: grpc.RpcError) -> str:
     """The ErrorInfo reason of a gallery error (e.g. EVENT_ALREADY_STORED), or ""."""
     status = rpc_status.from_call(error) if isinstance(error, grpc.Call) else None
@@ -205,8 +266,11 @@ class Agent:
         self._call: grpc.Call | None = None
         self._reannounce = threading.Event()
         self._announced: dict[str, tuple[int, int]] = {}  # key -> (size, mtime_ns) announced
+        # key -> (size, mtime_ns) the server refused to take: not sent again until it changes
+        self._refused: dict[str, tuple[int, int]] = {}
         self._hashes: dict[str, tuple[int, int, str]] = {}  # key -> (size, mtime_ns, sha256)
         self._upload_threads: list[threading.Thread] = []
+        self._upload_slots = threading.BoundedSemaphore(MAX_UPLOADS)
         # A command concerns one event, so event ids stand for handled command ids: an event
         # uploaded (or being uploaded) is not uploaded again, whichever command asks.
         self._uploaded: set[str] = set()
@@ -224,7 +288,7 @@ class Agent:
         while not self.stop.is_set():
             if self._reannounce.is_set():  # a (re)connected server may have forgotten us
                 self._reannounce.clear()
-                self._announced.clear()
+                self.forget_announced()
             todo = [f for f in scanner.scan() if self._announced.get(f.key) != (f.size, f.mtime_ns)]
             try:
                 self.announce(todo)
@@ -239,8 +303,21 @@ class Agent:
         self._channel.close()
         return 0
 
+    def forget_announced(self) -> None:
+        """Announce everything again, refused files too: the server may have lost its database, or
+        changed its limits."""
+        self._announced.clear()
+        self._refused.clear()
+
     def announce(self, files: list[FileInfo]) -> None:
-        events = []
+        """Announces the files but those the server refused as they are now. Raises the RpcError
+        of a failure that is not about one file (token, network, capacity): retry them all later."""
+        wanted = [f for f in files if self._refused.get(f.key) != (f.size, f.mtime_ns)]
+        for batch in announce_batches(self._describe_all(wanted)):
+            self._announce_batch(batch)
+
+    def _describe_all(self, files: list[FileInfo]) -> list[Pending]:
+        pending = []
         for info in files:
             known = self._hashes.get(info.key)  # hash a file once, not on every re-announcement
             try:
@@ -248,17 +325,37 @@ class Agent:
             except OSError:
                 continue  # vanished or unreadable: the next scan decides
             self._hashes[info.key] = (info.size, info.mtime_ns, event.sha256)
-            events.append((info, event))
-        for start in range(0, len(events), MAX_ANNOUNCE):
-            batch = events[start:start + MAX_ANNOUNCE]
+            pending.append((info, event))
+        return pending
+
+    def _announce_batch(self, batch: list[Pending]) -> None:
+        try:
             response = self._devices.AnnounceEvents(
                 dpb.AnnounceEventsRequest(device=self.device, events=[e for _, e in batch]),
                 metadata=self._metadata, timeout=60,
             )
-            for info, _ in batch:
-                self._announced[info.key] = (info.size, info.mtime_ns)
-            stored = sum(r.state == "stored" for r in response.results)
-            log.info("announced %d file(s) (%d already stored)", len(batch), stored)
+        except grpc.RpcError as exc:
+            if not refuses_content(exc.code(), error_reason(exc)):
+                raise
+            # The server refuses the whole list for one file: halve it until that file is alone,
+            # so that it does not keep the others unannounced for ever.
+            if len(batch) == 1:
+                self._refuse(batch[0][0], exc)
+                return
+            middle = len(batch) // 2
+            self._announce_batch(batch[:middle])
+            self._announce_batch(batch[middle:])
+            return
+        for info, _ in batch:
+            self._announced[info.key] = (info.size, info.mtime_ns)
+        states = collections.Counter(r.state for r in response.results)
+        log.info("announced %d file(s) (%d already stored, %d deleted by a user)",
+                 len(batch), states["stored"], states["deleted"])
+
+    def _refuse(self, info: FileInfo, exc: grpc.RpcError) -> None:
+        log.warning("not announcing %s until it changes: the server refused it (%s %s: %s)",
+                    info.key, exc.code().name, error_reason(exc) or "-", exc.details())
+        self._refused[info.key] = (info.size, info.mtime_ns)
 
     # -- the command channel ------------------------------------------------------------------
 
@@ -350,12 +447,25 @@ class Agent:
 
     def _upload(self, command_id: str, up: dpb.UploadEventCommand) -> None:
         try:
-            if self._upload_with_retries(command_id, up):
+            if not self._take_upload_slot():
+                return  # stopping: the command, unanswered, is delivered again next time
+            try:
+                uploaded = self._upload_with_retries(command_id, up)
+            finally:
+                self._upload_slots.release()
+            if uploaded:
                 with self._lock:
                     self._uploaded.add(up.event_id)
         finally:
             with self._lock:
                 self._uploading.discard(up.event_id)
+
+    def _take_upload_slot(self) -> bool:
+        """Waits for one of the MAX_UPLOADS slots; False if the agent stops meanwhile."""
+        while not self._upload_slots.acquire(timeout=UPLOAD_SLOT_POLL_S):
+            if self.stop.is_set():
+                return False
+        return True
 
     def _fail(self, command_id: str, up: dpb.UploadEventCommand, reason: str) -> bool:
         log.warning("command %s: %s: %s", command_id, up.device_key, reason)
@@ -390,7 +500,7 @@ class Agent:
                 if code == grpc.StatusCode.FAILED_PRECONDITION and reason == "EVENT_ALREADY_STORED":
                     log.info("command %s: %s was already stored", command_id, up.device_key)
                     return True
-                if code not in TRANSIENT:
+                if not retry_later(code, reason):
                     return self._fail(command_id, up, f"upload refused: {exc.details()}")
                 delay = backoff_delay(attempt)
                 attempt += 1

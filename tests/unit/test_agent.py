@@ -7,7 +7,10 @@ import io
 import os
 import pathlib
 import queue
+import threading
+import time
 
+import grpc
 import pytest
 from PIL import Image
 
@@ -138,6 +141,86 @@ def test_backoff_has_full_jitter():
         assert min(delays) < ceiling / 4 and max(delays) > ceiling * 3 / 4
 
 
+# -- which failures are retried, and which blame a file --------------------------------------------
+
+Code = grpc.StatusCode
+
+
+@pytest.mark.parametrize(("code", "reason"), [
+    *((code, "") for code in agent.TRANSIENT),
+    (Code.UNAVAILABLE, "DATABASE_UNAVAILABLE"),
+    # The server at capacity says "retry later".
+    (Code.RESOURCE_EXHAUSTED, "TOO_MANY_DEVICE_UPLOADS"),
+    (Code.RESOURCE_EXHAUSTED, "TOO_MANY_UPLOADS"),
+    (Code.RESOURCE_EXHAUSTED, "INSUFFICIENT_STORAGE"),
+])
+def test_retried_later(code, reason):
+    assert agent.retry_later(code, reason)
+
+
+@pytest.mark.parametrize(("code", "reason"), [
+    (Code.RESOURCE_EXHAUSTED, "UPLOAD_TOO_LARGE"),  # the same upload would be refused again
+    (Code.RESOURCE_EXHAUSTED, "THUMBNAIL_TOO_LARGE"),
+    (Code.RESOURCE_EXHAUSTED, ""),  # gRPC's own "Received message larger than max"
+    (Code.INVALID_ARGUMENT, "INVALID_SIZE"),
+    (Code.FAILED_PRECONDITION, "UPLOAD_INCOMPLETE"),
+    (Code.NOT_FOUND, "EVENT_NOT_FOUND"),
+    (Code.UNAUTHENTICATED, "TOKEN_INVALID"),
+    (Code.PERMISSION_DENIED, "DEVICE_NOT_ALLOWED"),
+])
+def test_not_retried(code, reason):
+    assert not agent.retry_later(code, reason)
+
+
+@pytest.mark.parametrize(("code", "reason"), [
+    (Code.INVALID_ARGUMENT, "INVALID_SIZE"),
+    (Code.INVALID_ARGUMENT, "INVALID_DEVICE_KEY"),
+    (Code.INVALID_ARGUMENT, "INVALID_SHA256"),
+    (Code.RESOURCE_EXHAUSTED, "THUMBNAIL_TOO_LARGE"),
+    (Code.RESOURCE_EXHAUSTED, "TOO_MANY_EVENTS"),
+    (Code.RESOURCE_EXHAUSTED, ""),  # a message over the server's limit
+])
+def test_an_announcement_refused_for_what_it_says_is_halved(code, reason):
+    assert agent.refuses_content(code, reason)
+
+
+@pytest.mark.parametrize(("code", "reason"), [
+    (Code.UNAUTHENTICATED, "TOKEN_EXPIRED"),
+    (Code.PERMISSION_DENIED, "DEVICE_NOT_ALLOWED"),
+    (Code.INVALID_ARGUMENT, "INVALID_DEVICE_ID"),  # the request's device, in no file
+    (Code.RESOURCE_EXHAUSTED, "INSUFFICIENT_STORAGE"),
+    (Code.RESOURCE_EXHAUSTED, "TOO_MANY_UPLOADS"),
+    *((code, "") for code in agent.TRANSIENT),
+])
+def test_an_announcement_refused_for_the_caller_or_the_moment_is_not_halved(code, reason):
+    assert not agent.refuses_content(code, reason)
+
+
+def pending(thumbnail_bytes: int, count: int) -> list[agent.Pending]:
+    info = agent.FileInfo("k", pathlib.Path("k"), 1, 1)
+    return [(info, dpb.AnnouncedEvent(device_key=f"k{n}", thumbnail=b"t" * thumbnail_bytes))
+            for n in range(count)]
+
+
+def test_announce_batches_hold_at_most_1000_events():
+    assert [len(b) for b in agent.announce_batches(pending(0, 2500))] == [1000, 1000, 500]
+    assert list(agent.announce_batches([])) == []
+
+
+def test_announce_batches_hold_at_most_4_mib():
+    # 1 MiB and a few bytes each: three fit under the cap, four do not.
+    assert [len(b) for b in agent.announce_batches(pending(1 << 20, 7))] == [3, 3, 1]
+    for batch in agent.announce_batches(pending(20 << 10, 500)):
+        assert sum(e.ByteSize() for _, e in batch) <= agent.MAX_ANNOUNCE_BYTES
+
+
+def test_an_event_larger_than_a_batch_goes_alone():
+    big = pending(5 << 20, 1)
+    small = pending(10, 2)
+    batches = list(agent.announce_batches([small[0], *big, small[1]]))
+    assert batches == [[small[0]], big, [small[1]]]
+
+
 # -- thumbnails ---------------------------------------------------------------------------------
 
 
@@ -262,3 +345,74 @@ def test_a_file_that_cannot_be_sent_is_reported_as_a_failure(offline_agent, tmp_
     assert offline_agent.uploads == []
     # Not remembered as done: delivered again, it is tried again.
     assert handle(offline_agent, upload_command("cmd_1", "evt_1", device_key))[-1][0] == "failure"
+
+
+class BlockedUploads:
+    """Stands in for _send_file: each upload runs until released (or the agent stops)."""
+
+    def __init__(self, a: agent.Agent) -> None:
+        self.agent = a
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+        self.done: list[str] = []
+
+    def __call__(self, command_id: str, up: dpb.UploadEventCommand, f: object) -> None:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            while not self.release.wait(0.05):
+                if self.agent.stop.is_set():
+                    raise agent._Stopped()
+            self.done.append(command_id)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def wait_until(condition, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def start_uploads(a: agent.Agent, root: pathlib.Path, count: int) -> None:
+    for n in range(count):
+        touch(root / f"{n}.mov", b"clip")
+        a._on_command(upload_command(f"cmd_{n}", f"evt_{n}", f"{n}.mov"))
+
+
+def test_at_most_max_uploads_run_at_once_and_the_others_wait_their_turn(offline_agent, tmp_path, monkeypatch):
+    uploads = BlockedUploads(offline_agent)
+    monkeypatch.setattr(offline_agent, "_send_file", uploads)
+    start_uploads(offline_agent, tmp_path, 5)
+    wait_until(lambda: uploads.running == agent.MAX_UPLOADS)
+    time.sleep(0.3)  # time enough for a third to start, were it allowed
+    assert uploads.running == agent.MAX_UPLOADS
+
+    uploads.release.set()
+    for thread in offline_agent._upload_threads:
+        thread.join(timeout=5)
+    assert sorted(uploads.done) == [f"cmd_{n}" for n in range(5)]
+    assert uploads.most == agent.MAX_UPLOADS
+    assert [m.WhichOneof("message") for m in offline_agent._outbox.queue] == ["ack"] * 5
+
+
+def test_uploads_waiting_their_turn_do_not_hold_up_stop_nor_fail(offline_agent, tmp_path, monkeypatch):
+    uploads = BlockedUploads(offline_agent)
+    monkeypatch.setattr(offline_agent, "_send_file", uploads)
+    start_uploads(offline_agent, tmp_path, 5)
+    wait_until(lambda: uploads.running == agent.MAX_UPLOADS)
+
+    offline_agent.stop.set()
+    started = time.monotonic()
+    for thread in offline_agent._upload_threads:
+        thread.join(timeout=5)
+    assert time.monotonic() - started < 1
+    assert not any(t.is_alive() for t in offline_agent._upload_threads)
+    # Unanswered rather than failed: the server delivers them again to the next connection.
+    assert [m.WhichOneof("message") for m in offline_agent._outbox.queue] == ["ack"] * 5
+    assert uploads.done == [] and offline_agent._uploading == set()
