@@ -157,6 +157,9 @@ class Devices:
             if len(a.thumbnail) > self.settings.max_thumbnail_bytes:
                 raise TooLarge("THUMBNAIL_TOO_LARGE", "thumbnail is larger than the limit",
                                field="thumbnail")
+        thumbnail_bytes = sum(len(a.thumbnail) for a in announcements)
+        if thumbnail_bytes:  # written to the data disk, like any upload: not below its headroom
+            self.gallery.storage.require_room_for(thumbnail_bytes)
         return [self._announce_one(device, a) for a in announcements]
 
     def _announce_one(self, device: str, a: Announcement) -> Event:

@@ -16,6 +16,7 @@ from gallery_server.devices import Announcement, Devices
 from gallery_server.errors import (
     CommitOutcomeUnknown,
     DatabaseUnavailable,
+    Exhausted,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -415,3 +416,16 @@ def test_deleting_an_uploaded_event_remembers_no_capture(devices, gallery, princ
     gallery.delete_event(principal, DEVICE, stored.id)
     with gallery.db.session() as session:
         assert session.exec(select(DeletedCapture)).all() == []
+
+
+def test_announced_thumbnails_respect_the_disk_headroom(devices, gallery, device_principal):
+    """Thumbnails are bytes on the data disk: an announcement that brings some is refused, as an
+    upload is, when they would take the disk below GALLERY_MIN_FREE_BYTES (the agent retries it
+    later); one without is not."""
+    gallery.storage.min_free_bytes = gallery.storage.disk_space().free_bytes + (64 << 20)
+    with pytest.raises(Exhausted) as refused:
+        devices.announce(device_principal, DEVICE, [
+            Announcement(device_key="a.jpg", name="a.jpg", size=10, thumbnail=b"\xff\xd8" + b"t" * 100)])
+    assert refused.value.reason == "INSUFFICIENT_STORAGE"
+    assert stored_files(gallery.settings.data_dir) == []
+    assert announce(devices, device_principal, key="b.mp4").state == "on_device"
