@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -10,8 +12,10 @@ import pytest
 
 from gallery.v1 import device_pb2 as dpb
 from gallery.v1 import device_pb2_grpc, gallery_pb2, gallery_pb2_grpc
+from gallery_server import auth
+from gallery_server.devices import MAX_CONNECTIONS_PER_DEVICE, MAX_PULL_WAITS_PER_DEVICE
 
-from .conftest import rich_error
+from .conftest import JWT_SECRET, rich_error
 
 
 @pytest.fixture
@@ -100,3 +104,120 @@ def test_a_deleted_capture_is_answered_deleted(channel, mint):
     listed = gallery_pb2_grpc.GalleryServiceStub(channel).ListEvents(
         gallery_pb2.ListEventsRequest(device="cam1"), metadata=user)
     assert list(listed) == []
+
+
+def announce_one(channel, mint, content: bytes, key: str = "a.mp4") -> str:
+    [result] = device_pb2_grpc.DeviceServiceStub(channel).AnnounceEvents(
+        dpb.AnnounceEventsRequest(device="cam1", events=[dpb.AnnouncedEvent(
+            device_key=key, name=key, size=len(content), sha256=hashlib.sha256(content).hexdigest())]),
+        metadata=device_auth(mint)).results
+    return result.event_id
+
+
+def test_a_pulled_upload_cannot_declare_another_sha256_than_announced(channel, mint):
+    """The announced sha256 binds the pulled content: a header naming the sha256 of other bytes
+    is refused before any byte, not obeyed."""
+    event_id = announce_one(channel, mint, b"the real capture")
+    other = b"different bytes, not the announced capture"
+
+    def upload():
+        yield gallery_pb2.UploadEventRequest(header=gallery_pb2.UploadHeader(
+            device="cam1", event_id=event_id, sha256=hashlib.sha256(other).hexdigest()))
+        yield gallery_pb2.UploadEventRequest(media_chunk=other)
+        yield gallery_pb2.UploadEventRequest(finish=gallery_pb2.UploadFinish())
+
+    gallery = gallery_pb2_grpc.GalleryServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as refused:
+        gallery.UploadEvent(upload(), metadata=device_auth(mint), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert rich_error(refused.value)[0].reason == "SHA256_MISMATCH"
+    user = [("authorization", f"Bearer {mint(devices=['cam1'])}")]
+    event = gallery.GetEvent(gallery_pb2.GetEventRequest(device="cam1", event_id=event_id), metadata=user)
+    assert (event.state, event.sha256) == ("on_device", hashlib.sha256(b"the real capture").hexdigest())
+
+
+def open_channel(channel, token, stop: threading.Event):
+    def requests():
+        yield dpb.ConnectRequest(hello=dpb.DeviceHello(device="cam1"))
+        stop.wait(30)
+
+    return device_pb2_grpc.DeviceServiceStub(channel).Connect(
+        requests(), metadata=[("authorization", f"Bearer {token}")], timeout=30)
+
+
+def test_a_device_holds_at_most_a_few_channels(channel, mint):
+    """Each channel holds a server thread: one device token opening channel after channel took
+    every thread, and uploads and deletes of all devices waited."""
+    token, stop = mint(devices=["cam1"], scope="gallery:device"), threading.Event()
+    streams = [open_channel(channel, token, stop) for _ in range(MAX_CONNECTIONS_PER_DEVICE)]
+    try:
+        for stream in streams:
+            assert next(stream).HasField("heartbeat")
+        extra = open_channel(channel, token, stop)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(extra)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert rich_error(refused.value)[0].reason == "TOO_MANY_DEVICE_CONNECTIONS"
+        streams.pop().cancel()  # one goes: its place is free again
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                replacement = open_channel(channel, token, stop)
+                assert next(replacement).HasField("heartbeat")
+                streams.append(replacement)
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, "the cancelled channel's place never came back"
+                time.sleep(0.1)
+        # Another device is not affected.
+        other = device_pb2_grpc.DeviceServiceStub(channel).Connect(
+            iter([dpb.ConnectRequest(hello=dpb.DeviceHello(device="cam2"))]),
+            metadata=device_auth(mint, "cam2"), timeout=30)
+        assert next(other).HasField("heartbeat")
+        other.cancel()
+    finally:
+        stop.set()
+        for stream in streams:
+            stream.cancel()
+
+
+def test_a_channel_ends_when_its_token_expires(channel, mint):
+    """A channel opened with a token that expires 3 s later (PyJWT's 30 s leeway included) ends
+    then with UNAUTHENTICATED TOKEN_EXPIRED: letting a device's token expire cuts it off."""
+    token = auth.mint(JWT_SECRET, subject="cam1", devices=["cam1"], scope="gallery:device",
+                      ttl_seconds=3 - auth.LEEWAY_SECONDS)
+    stop = threading.Event()
+    stream = open_channel(channel, token, stop)
+    started = time.monotonic()
+    try:
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in stream:
+                pass
+        assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert rich_error(ended.value)[0].reason == "TOKEN_EXPIRED"
+        assert 1 < time.monotonic() - started < 10
+    finally:
+        stop.set()
+
+
+def test_pull_waits_are_bounded_and_end_with_their_client(channel, mint):
+    """A waiting pull holds a server thread: a device's waits beyond a few answer at once, and a
+    wait whose client went away stops waiting (its place is free again)."""
+    event_id = announce_one(channel, mint, b"content")
+    user = [("authorization", f"Bearer {mint(devices=['cam1'])}")]
+    gallery = gallery_pb2_grpc.GalleryServiceStub(channel)
+    pull = gallery_pb2.PullEventRequest(device="cam1", event_id=event_id, wait=30)
+    waits = [gallery.PullEvent.future(pull, metadata=user, timeout=2) for _ in range(MAX_PULL_WAITS_PER_DEVICE)]
+    time.sleep(0.5)  # they are waiting
+    started = time.monotonic()
+    response = gallery.PullEvent(pull, metadata=user, timeout=10)
+    assert time.monotonic() - started < 1.5  # answered at once, no thread left to wait
+    assert (response.success, response.pull.state) == (True, "pending")
+    for wait in waits:  # their clients give up after 2 s ...
+        with pytest.raises(grpc.RpcError):
+            wait.result()
+    time.sleep(0.5)  # ... and the server notices (it checks every 0.2 s)
+    started = time.monotonic()
+    gallery.PullEvent(gallery_pb2.PullEventRequest(device="cam1", event_id=event_id, wait=2),
+                      metadata=user, timeout=10)
+    assert time.monotonic() - started > 1.8  # this one waited: the places are free

@@ -60,6 +60,9 @@ class Principal:
     subject: str
     devices: frozenset[str]
     scopes: frozenset[str]
+    # When the token stops being valid (its exp plus the leeway), in time.time() seconds: what
+    # outlives one request, a device's command channel, ends then (devices.py).
+    expires_at: float = math.inf
 
     def require(self, device: str, scope: str) -> None:
         """Raise PermissionDenied unless this principal may use `scope` on `device`."""
@@ -263,7 +266,8 @@ def _principal(claims: dict[str, Any]) -> Principal:
     if not isinstance(scope, str):
         raise Unauthenticated("TOKEN_INVALID", "invalid token: 'scope' must be a string")
     return Principal(
-        subject=str(claims["sub"]), devices=frozenset(devices), scopes=frozenset(scope.split())
+        subject=str(claims["sub"]), devices=frozenset(devices), scopes=frozenset(scope.split()),
+        expires_at=int(claims["exp"]) + LEEWAY_SECONDS,
     )
 
 

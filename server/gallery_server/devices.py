@@ -14,17 +14,26 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from . import validation
 from .auth import DEVICE, WRITE, Principal
-from .errors import CommitOutcomeUnknown, Conflict, FailedPrecondition, InvalidArgument, TooLarge
+from .errors import (
+    CommitOutcomeUnknown,
+    Conflict,
+    Exhausted,
+    FailedPrecondition,
+    InvalidArgument,
+    TooLarge,
+    Unauthenticated,
+)
 from .media_types import classify, detect_mime
 from .models import DeletedCapture, DeviceCommand, DeviceConnection, Event
 from .service import Gallery, aware, utcnow
@@ -34,6 +43,13 @@ HEARTBEAT_S = 5.0
 CONNECTION_STALE_S = 15.0
 MAX_ANNOUNCE = 1000
 MAX_WAIT_S = 60
+# Each open channel and each waiting pull holds one of the server's threads (GALLERY_GRPC_WORKERS),
+# so one token must not be able to take them all. A device needs one channel; a few more let it
+# reconnect while its server has not yet seen the old connection go (keepalive_seconds). Pulls
+# past the waits allowed answer at once, as with wait=0; channels past the limit are refused.
+MAX_CONNECTIONS_PER_DEVICE = 4
+MAX_PULL_WAITS_PER_DEVICE = 4
+MAX_PULL_WAITS = 16
 OPEN_STATES = ("pending", "delivered", "acked")
 # The latest pull of an event (GetEvent answers it), as one prebuilt select on the driver's cursor
 # (Database.read_rows) rather than through an ORM session.
@@ -106,6 +122,32 @@ def _deleted_event(deleted: DeletedCapture, a: Announcement) -> Event:
                  state="deleted", device_key=deleted.device_key)
 
 
+class _Holds:
+    """Per-device counts of something each holding a server thread, with per-device and total
+    limits (one process's: the threads are the process's own)."""
+
+    def __init__(self, per_device: int, total: int | None = None) -> None:
+        self.per_device, self.total = per_device, total
+        self._lock = threading.Lock()
+        self._held: dict[str, int] = {}
+
+    def take(self, device: str) -> bool:
+        with self._lock:
+            held = self._held.get(device, 0)
+            if held >= self.per_device or (self.total is not None and sum(self._held.values()) >= self.total):
+                return False
+            self._held[device] = held + 1
+            return True
+
+    def give_back(self, device: str) -> None:
+        with self._lock:
+            left = self._held[device] - 1
+            if left:
+                self._held[device] = left
+            else:
+                del self._held[device]
+
+
 class _Wakeups:
     """Per-device condition variables: a pull in this process wakes that device's channels."""
 
@@ -129,6 +171,8 @@ class Devices:
         self.db = gallery.db
         self.settings = gallery.settings
         self._wakeups = _Wakeups()
+        self._channels = _Holds(MAX_CONNECTIONS_PER_DEVICE)
+        self._pull_waits = _Holds(MAX_PULL_WAITS_PER_DEVICE, total=MAX_PULL_WAITS)
 
     # -- inventory ----------------------------------------------------------------------------
 
@@ -257,7 +301,12 @@ class Devices:
 
     # -- pulls --------------------------------------------------------------------------------
 
-    def pull(self, principal: Principal, device: str, event_id: str, *, wait: int = 0) -> PullResult:
+    def pull(
+        self, principal: Principal, device: str, event_id: str, *, wait: int = 0,
+        client_waiting: Callable[[], bool] = lambda: True,
+    ) -> PullResult:
+        """Open a pull of the event; with `wait`, up to that many seconds for its outcome while
+        `client_waiting()` holds (a place to wait is free, else the answer comes at once)."""
         principal.require(validation.device_id(device), WRITE)
         validation.event_id(event_id)
         if not 0 <= wait <= MAX_WAIT_S:
@@ -268,14 +317,19 @@ class Devices:
             return PullResult(event, self.pull_status(event_id))
         self._open_pull(device, event_id)
         self._wakeups.notify(device)
-        deadline = time.monotonic() + wait
-        while True:
-            result = PullResult(self.gallery.find_event(device, event_id), self.pull_status(event_id))
-            done = result.event.state == "stored" or (
-                result.pull is not None and result.pull.state in ("failed", "expired"))
-            if done or time.monotonic() >= deadline:
-                return result
-            time.sleep(0.2)
+        waiting = wait > 0 and self._pull_waits.take(device)
+        try:
+            deadline = time.monotonic() + (wait if waiting else 0)
+            while True:
+                result = PullResult(self.gallery.find_event(device, event_id), self.pull_status(event_id))
+                done = result.event.state == "stored" or (
+                    result.pull is not None and result.pull.state in ("failed", "expired"))
+                if done or time.monotonic() >= deadline or not client_waiting():
+                    return result
+                time.sleep(0.2)
+        finally:
+            if waiting:
+                self._pull_waits.give_back(device)
 
     def _open_pull(self, device: str, event_id: str) -> None:
         now = utcnow()
@@ -341,11 +395,23 @@ class Devices:
     # -- the command channel ------------------------------------------------------------------
 
     def connect(self, principal: Principal, device: str) -> Channel:
+        """A channel for the device until close(), or until the token expires (commands() then
+        raises TOKEN_EXPIRED); refused past MAX_CONNECTIONS_PER_DEVICE open in this process."""
         principal.require(validation.device_id(device), DEVICE)
-        channel = Channel(self, device)
-        with self.db.session() as session:
-            session.add(DeviceConnection(id=channel.id, device=device, last_seen=utcnow()))
-            session.commit()
+        if not self._channels.take(device):
+            raise Exhausted(
+                "TOO_MANY_DEVICE_CONNECTIONS",
+                f"device {device} has {MAX_CONNECTIONS_PER_DEVICE} channels open already: close one first",
+                device=device, limit=str(MAX_CONNECTIONS_PER_DEVICE),
+            )
+        channel = Channel(self, device, expires_at=principal.expires_at)
+        try:
+            with self.db.session() as session:
+                session.add(DeviceConnection(id=channel.id, device=device, last_seen=utcnow()))
+                session.commit()
+        except BaseException:
+            channel.close()
+            raise
         return channel
 
     def acknowledge(self, device: str, command_id: str) -> None:
@@ -377,11 +443,13 @@ class Devices:
 class Channel:
     """One live connection of a device: claims its commands and keeps its heartbeat."""
 
-    def __init__(self, devices: Devices, device: str) -> None:
+    def __init__(self, devices: Devices, device: str, *, expires_at: float = math.inf) -> None:
         self.devices = devices
         self.device = device
+        self.expires_at = expires_at
         self.id = "conn_" + secrets.token_urlsafe(12)
         self.closed = threading.Event()
+        self._close_lock = threading.Lock()
         self._condition = devices._wakeups.condition(device)
         self._last_heartbeat = time.monotonic()
 
@@ -443,7 +511,13 @@ class Channel:
         return True
 
     def close(self) -> None:
-        self.closed.set()
+        """End the channel (any number of times: the RPC's end, its reader and its handler may
+        each call it)."""
+        with self._close_lock:
+            first = not self.closed.is_set()
+            self.closed.set()
+        if first:
+            self.devices._channels.give_back(self.device)
         self.devices._wakeups.notify(self.device)
         with self.devices.db.session() as session:
             session.exec(  # type: ignore[call-overload]
@@ -455,6 +529,8 @@ class Channel:
         """Yields commands as they become deliverable, and None when a heartbeat is due."""
         yield None
         while not self.closed.is_set():
+            if time.time() >= self.expires_at:
+                raise Unauthenticated("TOKEN_EXPIRED", "token has expired: connect again with a new one")
             yield from self.claim()
             if self.wait():
                 yield None

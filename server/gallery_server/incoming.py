@@ -47,6 +47,7 @@ import secrets
 import stat
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Mapping
 
 import sqlalchemy as sa
@@ -432,7 +433,8 @@ class IncomingImporter(BackgroundLoop):
         if not 0 < thumb.size <= self.settings.max_thumbnail_bytes:
             self._skip(device, thumb, seen, f"thumbnail empty or larger than {self.settings.max_thumbnail_bytes} bytes")
             return
-        wanted = stem(thumb.name)
+        # Event names are stored composed (NFC); macOS writes file names decomposed.
+        wanted = unicodedata.normalize("NFC", stem(thumb.name))
         query = (
             select(Event)
             .where(

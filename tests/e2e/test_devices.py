@@ -402,3 +402,48 @@ def test_a_command_held_by_a_device_gone_silent_reaches_its_next_connection(auth
         channel.close()
         proxy.close()
         stop_stack(stack)
+
+
+def test_rest_requests_may_stay_quiet_past_30_seconds(stack, auth_headers, mint):
+    """REST requests first match Envoy's catch-all route, whose 30 s idle timeout then stayed with
+    them after the transcoder re-routed them: a pull waiting ?wait=33 answered 504, and a REST
+    upload whose client paused 33 s (well within GALLERY_UPLOAD_IDLE_SECONDS) 408. Both run
+    together here, so the test takes ~35 s, not 70."""
+    device = new_device()
+    token = [("authorization", f"Bearer {mint(devices=[device], scope='gallery:device')}")]
+    with grpc.insecure_channel(stack.envoy_grpc_address) as channel:
+        [announced] = device_pb2_grpc.DeviceServiceStub(channel).AnnounceEvents(
+            dpb.AnnounceEventsRequest(device=device, events=[
+                dpb.AnnouncedEvent(device_key="a.mp4", name="a.mp4", size=3)]), metadata=token).results
+    headers = auth_headers()
+    boundary = "quiet-client"
+    content = os.urandom(200_000)
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nslow.mp4\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"event\"; filename=\"slow.mp4\"\r\n"
+            f"Content-Type: video/mp4\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+
+    def quiet_body() -> Iterator[bytes]:
+        yield body[:100_000]
+        time.sleep(33)
+        yield body[100_000:]
+
+    answers: dict[str, httpx.Response] = {}
+
+    def pull() -> None:
+        with httpx.Client(base_url=stack.base_url, timeout=60) as http:
+            answers["pull"] = http.post(f"/api/gallery/{device}/pull/{announced.event_id}?wait=33",
+                                        headers=headers)
+
+    puller = threading.Thread(target=pull)
+    puller.start()
+    with httpx.Client(base_url=stack.base_url, timeout=60) as http:
+        answers["upload"] = http.post(
+            f"/api/gallery/{device}/upload", content=quiet_body(),
+            headers={**headers, "Content-Type": f"multipart/form-data; boundary={boundary}",
+                     "Content-Length": str(len(body))})
+        puller.join(60)
+        assert answers["upload"].status_code == 200, answers["upload"].text
+        stored = get_event(http, headers, device, answers["upload"].json()["eventId"])
+        assert stored["sha256"] == hashlib.sha256(content).hexdigest()
+    assert answers["pull"].status_code == 200, answers["pull"].text
+    assert answers["pull"].json()["pull"]["state"] == "pending"

@@ -62,9 +62,11 @@ def _unauthenticated(token: str, reason: str, secret: str = JWT_SECRET) -> Unaut
 
 
 def test_verify_valid_token() -> None:
-    principal = auth.Verifier(secret=JWT_SECRET).verify(_encode(_claims()))
+    claims = _claims()
+    principal = auth.Verifier(secret=JWT_SECRET).verify(_encode(claims))
     assert principal == auth.Principal(
-        "alice", frozenset({"cam1", "cam2"}), frozenset({auth.READ, auth.WRITE})
+        "alice", frozenset({"cam1", "cam2"}), frozenset({auth.READ, auth.WRITE}),
+        expires_at=claims["exp"] + auth.LEEWAY_SECONDS,  # a device's channel ends then
     )
 
 
@@ -380,9 +382,11 @@ def _refused(verifier: auth.Verifier, token: str, reason: str) -> None:
 
 def test_rs256_public_key_accepts_its_tokens(rsa_private) -> None:  # type: ignore[no-untyped-def]
     verifier = auth.Verifier(secret=JWT_SECRET, public_key=_public_pem(rsa_private))
-    principal = verifier.verify(jwt.encode(_claims(), rsa_private, algorithm="RS256"))
+    claims = _claims()
+    principal = verifier.verify(jwt.encode(claims, rsa_private, algorithm="RS256"))
     assert principal == auth.Principal(
-        "alice", frozenset({"cam1", "cam2"}), frozenset({auth.READ, auth.WRITE})
+        "alice", frozenset({"cam1", "cam2"}), frozenset({auth.READ, auth.WRITE}),
+        expires_at=claims["exp"] + auth.LEEWAY_SECONDS,
     )
 
 

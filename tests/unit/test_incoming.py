@@ -273,6 +273,20 @@ def test_a_thumbnail_arriving_later_is_attached_once_settled(gallery, importer, 
     assert leftovers(gallery) == []
 
 
+def test_a_late_thumbnail_with_a_decomposed_name_is_attached(gallery, importer, folders):
+    """macOS writes names decomposed (NFD: "e" + U+0301); the imported event's name is stored
+    composed (NFC), and the thumbnail arriving later still finds it."""
+    inbox, thumbs = folders
+    write(inbox / "IMG_cafe\u0301.jpg", random_bytes(5000))
+    [event_id] = settle(importer)
+    assert events(gallery)[0].name == "IMG_caf\u00e9.jpg"
+    thumb = write(thumbs / "IMG_cafe\u0301.png", random_bytes(300))
+    settle(importer, start=100)
+    assert events(gallery)[0].has_thumbnail is True
+    assert gallery.storage.thumbnail_path(DEVICE, event_id).read_bytes() == thumb
+    assert list(thumbs.iterdir()) == []
+
+
 MiB = 1 << 20
 
 

@@ -91,7 +91,8 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
 
     def PullEvent(self, request, context):  # type: ignore[no-untyped-def]
         result = self.devices.pull(
-            self.principal(), request.device, request.event_id, wait=request.wait
+            self.principal(), request.device, request.event_id, wait=request.wait,
+            client_waiting=context.is_active,
         )
         response = pb.PullEventResponse(
             success=result.success, event_id=result.event.id, state=result.event.state
@@ -181,7 +182,9 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             if announced:
                 fields.name = fields.name or announced.name
                 fields.media_type = fields.media_type or announced.media_type
-                fields.declared_sha256 = fields.declared_sha256 or announced.sha256
+                # The announced sha256 binds the pulled content: a header naming another is
+                # refused (SHA256_MISMATCH) before any byte, not taken in its place.
+                fields.declare_sha256(announced.sha256)
                 if fields.metadata_json == "{}":
                     fields.metadata_json = announced.metadata_json
             upload.write_media(b"")  # no media chunks at all is a valid, empty file
