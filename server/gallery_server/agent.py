@@ -23,20 +23,27 @@ when someone pulls it. The protocol (protos/gallery/v1/device.proto), as this ag
    `command`s. Commands are durable and delivered at least once, so one may arrive twice.
 4. On `upload_event{event_id, device_key, name}` the device sends `ack`, then streams the file
    with GalleryService.UploadEvent: a header{device, event_id, name, size} then 1 MiB media_chunk
-   messages, reporting `progress{bytes_sent}` on the channel. The upload succeeding is the
-   command's success; when the file cannot be sent the device answers `failure{reason}`.
-   FAILED_PRECONDITION with reason EVENT_ALREADY_STORED means an earlier attempt got through.
+   messages, reporting `progress{bytes_sent}` on the channel. The header also carries the sha256
+   the agent has for the file as it is now, if it has hashed it so: the server refuses one that
+   is not the announced capture's before any byte (else, at the end: the announced sha256
+   binds). The upload succeeding is the command's success; when the file cannot be sent the
+   device answers `failure{reason}`. FAILED_PRECONDITION with reason EVENT_ALREADY_STORED means an
+   earlier attempt got through; NOT_FOUND, that the event is gone (deleted, or replaced by a
+   newer capture under its key).
 5. When the channel ends or fails (or stays silent), reconnect with exponential backoff and full
    jitter. Uploads run in their own threads, at most MAX_UPLOADS at once (the server refuses a
    device more than GALLERY_MAX_UPLOADS_PER_DEVICE at once); the others wait their turn. An
    upload retries the same way after a transient error and after a refusal for want of capacity,
    which the server means as "retry later": RESOURCE_EXHAUSTED with reason TOO_MANY_UPLOADS,
-   TOO_MANY_DEVICE_UPLOADS or INSUFFICIENT_STORAGE. Any other refusal fails the command.
+   TOO_MANY_DEVICE_UPLOADS or INSUFFICIENT_STORAGE, or grpc's own without a reason (too many
+   calls at once). Any other refusal fails the command. Slots are held while sending only, not
+   while backing off. A failed announcement is retried at the next scan, later and later.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -95,19 +102,28 @@ CAPACITY_REASONS = frozenset({"TOO_MANY_UPLOADS", "TOO_MANY_DEVICE_UPLOADS", "IN
 REQUEST_REASONS = frozenset({"INVALID_DEVICE_ID"})
 
 
-def retry_later(code: grpc.StatusCode, reason: str) -> bool:
-    """Whether a call that failed so may succeed if made again later, unchanged."""
-    return code in TRANSIENT or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason in CAPACITY_REASONS)
+# What grpc itself says, without a reason, of a message above the server's limit.
+TOO_LARGE_MESSAGE = "larger than max"
 
 
-def refuses_content(code: grpc.StatusCode, reason: str) -> bool:
+def retry_later(code: grpc.StatusCode, reason: str, details: str = "") -> bool:
+    """Whether a call that failed so may succeed if made again later, unchanged: transient
+    errors, the server's capacity refusals, and grpc's own RESOURCE_EXHAUSTED without a reason
+    ("Concurrent RPC limit exceeded!") unless it is about the message's size."""
+    if code in TRANSIENT:
+        return True
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and (
+        reason in CAPACITY_REASONS or (not reason and TOO_LARGE_MESSAGE not in details))
+
+
+def refuses_content(code: grpc.StatusCode, reason: str, details: str = "") -> bool:
     """Whether an AnnounceEvents failure refuses what the events say (so some file is at fault)
     rather than the caller (token, device) or the moment (network, capacity)."""
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return reason not in REQUEST_REASONS
-    # Without a capacity reason: a limit on what was sent (THUMBNAIL_TOO_LARGE, TOO_MANY_EVENTS,
-    # or gRPC's own "Received message larger than max", which has no reason).
-    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason not in CAPACITY_REASONS
+    # A limit on what was sent: THUMBNAIL_TOO_LARGE, TOO_MANY_EVENTS, or grpc's own "Received
+    # message larger than max", which has no reason.
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and not retry_later(code, reason, details)
 
 
 def backoff_delay(attempt: int, rng: Callable[[], float] = random.random) -> float:
@@ -285,6 +301,7 @@ class Agent:
         channel_thread = threading.Thread(target=self._channel_loop, name="channel", daemon=True)
         channel_thread.start()
         scanner = Scanner(self.root)
+        failures = 0
         while not self.stop.is_set():
             if self._reannounce.is_set():  # a (re)connected server may have forgotten us
                 self._reannounce.clear()
@@ -292,9 +309,12 @@ class Agent:
             todo = [f for f in scanner.scan() if self._announced.get(f.key) != (f.size, f.mtime_ns)]
             try:
                 self.announce(todo)
+                failures = 0
             except grpc.RpcError as exc:
+                # Backs off: each try describes the pending files again (thumbnails included).
+                failures += 1
                 log.warning("announce failed (%s: %s); will retry", exc.code().name, exc.details())
-            self.stop.wait(self.scan_interval)
+            self.stop.wait(self.scan_interval + (backoff_delay(failures) if failures else 0))
         log.info("stopping")
         if self._call is not None:
             self._call.cancel()
@@ -313,20 +333,25 @@ class Agent:
         """Announces the files but those the server refused as they are now. Raises the RpcError
         of a failure that is not about one file (token, network, capacity): retry them all later."""
         wanted = [f for f in files if self._refused.get(f.key) != (f.size, f.mtime_ns)]
-        for batch in announce_batches(self._describe_all(wanted)):
+        for batch in announce_batches(self._described(wanted)):
             self._announce_batch(batch)
 
-    def _describe_all(self, files: list[FileInfo]) -> list[Pending]:
-        pending = []
+    def _described(self, files: list[FileInfo]) -> Iterator[Pending]:
+        """Each file's announcement, made as the batches need them: one batch's thumbnails are
+        held at a time, not a whole folder's."""
         for info in files:
-            known = self._hashes.get(info.key)  # hash a file once, not on every re-announcement
             try:
-                event = describe(info, known[2] if known and known[:2] == (info.size, info.mtime_ns) else "")
+                event = describe(info, self._known_sha256(info.key, info.size, info.mtime_ns))
             except OSError:
                 continue  # vanished or unreadable: the next scan decides
             self._hashes[info.key] = (info.size, info.mtime_ns, event.sha256)
-            pending.append((info, event))
-        return pending
+            yield info, event
+
+    def _known_sha256(self, key: str, size: int, mtime_ns: int) -> str:
+        """The file's hash from an earlier reading of it as it is now, or "" (hash a file once,
+        not on every announcement or upload)."""
+        known = self._hashes.get(key)
+        return known[2] if known and known[:2] == (size, mtime_ns) else ""
 
     def _announce_batch(self, batch: list[Pending]) -> None:
         try:
@@ -335,7 +360,7 @@ class Agent:
                 metadata=self._metadata, timeout=60,
             )
         except grpc.RpcError as exc:
-            if not refuses_content(exc.code(), error_reason(exc)):
+            if not refuses_content(exc.code(), error_reason(exc), exc.details() or ""):
                 raise
             # The server refuses the whole list for one file: halve it until that file is alone,
             # so that it does not keep the others unannounced for ever.
@@ -447,25 +472,24 @@ class Agent:
 
     def _upload(self, command_id: str, up: dpb.UploadEventCommand) -> None:
         try:
-            if not self._take_upload_slot():
-                return  # stopping: the command, unanswered, is delivered again next time
-            try:
-                uploaded = self._upload_with_retries(command_id, up)
-            finally:
-                self._upload_slots.release()
-            if uploaded:
+            if self._upload_with_retries(command_id, up):
                 with self._lock:
                     self._uploaded.add(up.event_id)
         finally:
             with self._lock:
                 self._uploading.discard(up.event_id)
 
-    def _take_upload_slot(self) -> bool:
-        """Waits for one of the MAX_UPLOADS slots; False if the agent stops meanwhile."""
+    @contextlib.contextmanager
+    def _upload_slot(self) -> Iterator[None]:
+        """Holds one of the MAX_UPLOADS slots while sending (not while backing off between
+        attempts); raises _Stopped if the agent stops while waiting for one."""
         while not self._upload_slots.acquire(timeout=UPLOAD_SLOT_POLL_S):
             if self.stop.is_set():
-                return False
-        return True
+                raise _Stopped()
+        try:
+            yield
+        finally:
+            self._upload_slots.release()
 
     def _fail(self, command_id: str, up: dpb.UploadEventCommand, reason: str) -> bool:
         log.warning("command %s: %s: %s", command_id, up.device_key, reason)
@@ -485,13 +509,13 @@ class Agent:
             except OSError as exc:
                 return self._fail(command_id, up, f"cannot read the file: {exc.strerror}")
             try:
-                with f:
+                with f, self._upload_slot():
                     self._send_file(command_id, up, f)
                 log.info("command %s: uploaded %s", command_id, up.device_key)
                 return True
             except _ReadError as exc:
                 return self._fail(command_id, up, f"cannot read the file: {exc}")
-            except _Stopped:
+            except _Stopped:  # the command, unanswered, is delivered again next time
                 return False
             except grpc.RpcError as exc:
                 if self.stop.is_set():
@@ -500,7 +524,7 @@ class Agent:
                 if code == grpc.StatusCode.FAILED_PRECONDITION and reason == "EVENT_ALREADY_STORED":
                     log.info("command %s: %s was already stored", command_id, up.device_key)
                     return True
-                if not retry_later(code, reason):
+                if not retry_later(code, reason, exc.details() or ""):
                     return self._fail(command_id, up, f"upload refused: {exc.details()}")
                 delay = backoff_delay(attempt)
                 attempt += 1
@@ -512,12 +536,17 @@ class Agent:
     def _send_file(self, command_id: str, up: dpb.UploadEventCommand, f: BinaryIO) -> None:
         # Only a stream that ends with `finish` is stored, so one cut short (stop, read error) is
         # refused; the declared size catches a file that grew, the announced sha256 changed content.
-        size = os.fstat(f.fileno()).st_size
+        # The hash known for the file as it is now goes in the header: a file changed since it
+        # was announced is refused (SHA256_MISMATCH) before its bytes are sent, and announced
+        # again, as a new capture, at the next scan.
+        st = os.fstat(f.fileno())
+        size = st.st_size
+        sha256 = self._known_sha256(up.device_key, size, st.st_mtime_ns)
         read_error: list[OSError] = []
 
         def requests() -> Iterator[gpb.UploadEventRequest]:
             yield gpb.UploadEventRequest(header=gpb.UploadHeader(
-                device=self.device, event_id=up.event_id, name=up.name, size=size))
+                device=self.device, event_id=up.event_id, name=up.name, size=size, sha256=sha256))
             sent, started, reported = 0, time.monotonic(), time.monotonic()
             while not self.stop.is_set():
                 try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 import math
 import secrets
 import threading
@@ -38,6 +39,8 @@ from .media_types import classify, detect_mime
 from .models import DeletedCapture, DeviceCommand, DeviceConnection, Event
 from .service import Gallery, aware, utcnow
 
+log = logging.getLogger(__name__)
+
 POLL_INTERVAL_S = 1.0
 HEARTBEAT_S = 5.0
 CONNECTION_STALE_S = 15.0
@@ -45,11 +48,15 @@ MAX_ANNOUNCE = 1000
 MAX_WAIT_S = 60
 # Each open channel and each waiting pull holds one of the server's threads (GALLERY_GRPC_WORKERS),
 # so one token must not be able to take them all. A device needs one channel; a few more let it
-# reconnect while its server has not yet seen the old connection go (keepalive_seconds). Pulls
-# past the waits allowed answer at once, as with wait=0; channels past the limit are refused.
+# reconnect while its server has not yet seen the old connection go (keepalive_seconds), and its
+# next one replaces its oldest rather than being refused: after a network change the newest
+# connection is the live one. All channels together, and all pull waits, get a share of the
+# threads; past them a channel or a waiting pull is refused (429), so uploads and other calls
+# keep theirs.
 MAX_CONNECTIONS_PER_DEVICE = 4
 MAX_PULL_WAITS_PER_DEVICE = 4
-MAX_PULL_WAITS = 16
+CHANNELS_SHARE = 2  # at most GALLERY_GRPC_WORKERS // 2 channels
+PULL_WAITS_SHARE = 4  # at most GALLERY_GRPC_WORKERS // 4 waiting pulls
 OPEN_STATES = ("pending", "delivered", "acked")
 # The latest pull of an event (GetEvent answers it), as one prebuilt select on the driver's cursor
 # (Database.read_rows) rather than through an ORM session.
@@ -107,18 +114,28 @@ class Delivery:
     name: str
 
 
+# Capture times closer than this are one time: they come from a device's clock through protobuf
+# and the database, each free to round it.
+SAME_CREATED = datetime.timedelta(seconds=1)
+
+
 def _same_capture(known: Event | DeletedCapture, a: Announcement) -> bool:
-    """Whether an announcement describes the capture already known under its key: the same size,
-    and the same sha256 where both sides have one. A device may announce a file again with a new
-    name or time (a restored backup); new content under the key is a new capture."""
-    return known.size == a.size and (not known.sha256 or not a.sha256 or known.sha256 == a.sha256)
+    """Whether an announcement describes the capture already known under its key: the same sha256
+    where both sides have one; else the same size and, where the device says, the same capture
+    time (a device that does not hash, writing segments of one size under reused names). New
+    content under the key is a new capture."""
+    if known.sha256 and a.sha256:
+        return known.sha256 == a.sha256 and known.size == a.size
+    if known.size != a.size:
+        return False
+    return a.created is None or abs(aware(known.created) - aware(a.created)) < SAME_CREATED
 
 
 def _deleted_event(deleted: DeletedCapture, a: Announcement) -> Event:
     """What an announcement of a capture a user deleted answers: its old id, state `deleted`;
     nothing is stored."""
     return Event(id=deleted.event_id, device=deleted.device, name=a.name, media_type="", mime_type="",
-                 size=deleted.size, sha256=deleted.sha256, created=deleted.deleted_at,
+                 size=deleted.size, sha256=deleted.sha256, created=deleted.created,
                  state="deleted", device_key=deleted.device_key)
 
 
@@ -126,7 +143,7 @@ class _Holds:
     """Per-device counts of something each holding a server thread, with per-device and total
     limits (one process's: the threads are the process's own)."""
 
-    def __init__(self, per_device: int, total: int | None = None) -> None:
+    def __init__(self, per_device: int, total: int) -> None:
         self.per_device, self.total = per_device, total
         self._lock = threading.Lock()
         self._held: dict[str, int] = {}
@@ -134,7 +151,7 @@ class _Holds:
     def take(self, device: str) -> bool:
         with self._lock:
             held = self._held.get(device, 0)
-            if held >= self.per_device or (self.total is not None and sum(self._held.values()) >= self.total):
+            if held >= self.per_device or sum(self._held.values()) >= self.total:
                 return False
             self._held[device] = held + 1
             return True
@@ -171,8 +188,11 @@ class Devices:
         self.db = gallery.db
         self.settings = gallery.settings
         self._wakeups = _Wakeups()
-        self._channels = _Holds(MAX_CONNECTIONS_PER_DEVICE)
-        self._pull_waits = _Holds(MAX_PULL_WAITS_PER_DEVICE, total=MAX_PULL_WAITS)
+        self._channels_lock = threading.Lock()
+        self._channels: dict[str, list[Channel]] = {}  # open in this process, oldest first
+        self.max_channels = max(1, self.settings.grpc_workers // CHANNELS_SHARE)
+        self._pull_waits = _Holds(MAX_PULL_WAITS_PER_DEVICE,
+                                  total=max(1, self.settings.grpc_workers // PULL_WAITS_SHARE))
 
     # -- inventory ----------------------------------------------------------------------------
 
@@ -201,9 +221,6 @@ class Devices:
             if len(a.thumbnail) > self.settings.max_thumbnail_bytes:
                 raise TooLarge("THUMBNAIL_TOO_LARGE", "thumbnail is larger than the limit",
                                field="thumbnail")
-        thumbnail_bytes = sum(len(a.thumbnail) for a in announcements)
-        if thumbnail_bytes:  # written to the data disk, like any upload: not below its headroom
-            self.gallery.storage.require_room_for(thumbnail_bytes)
         return [self._announce_one(device, a) for a in announcements]
 
     def _announce_one(self, device: str, a: Announcement) -> Event:
@@ -238,6 +255,8 @@ class Devices:
         staged = None
         try:
             if a.thumbnail:
+                # Bytes on the data disk, like any upload: not below its headroom.
+                self.gallery.storage.require_room_for(len(a.thumbnail))
                 staged = self.gallery.storage.stage(
                     max_bytes=self.settings.max_thumbnail_bytes, what="thumbnail")
                 staged.write(a.thumbnail)
@@ -259,12 +278,10 @@ class Devices:
         except CommitOutcomeUnknown:
             raise  # the row, if written, names the thumbnail: it stays (Database.commit)
         except sa.exc.IntegrityError:
-            # The same key announced concurrently: the other announcement won.
+            # The same key announced concurrently: the other announcement won. Read the key again,
+            # as that one may be another capture.
             thumbnail_path.unlink(missing_ok=True)
-            existing = self._by_key(device, a.device_key)
-            if existing is None:
-                raise
-            return existing
+            return None
         except BaseException:
             thumbnail_path.unlink(missing_ok=True)  # no row, so no file either
             raise
@@ -306,7 +323,8 @@ class Devices:
         client_waiting: Callable[[], bool] = lambda: True,
     ) -> PullResult:
         """Open a pull of the event; with `wait`, up to that many seconds for its outcome while
-        `client_waiting()` holds (a place to wait is free, else the answer comes at once)."""
+        `client_waiting()` holds. A wait needs a free place (TOO_MANY_PULL_WAITS, and nothing
+        opened, when there is none)."""
         principal.require(validation.device_id(device), WRITE)
         validation.event_id(event_id)
         if not 0 <= wait <= MAX_WAIT_S:
@@ -315,11 +333,18 @@ class Devices:
         event = self.gallery.find_event(device, event_id)
         if event.state == "stored":
             return PullResult(event, self.pull_status(event_id))
-        self._open_pull(device, event_id)
-        self._wakeups.notify(device)
-        waiting = wait > 0 and self._pull_waits.take(device)
+        waiting = wait > 0
+        if waiting and not self._pull_waits.take(device):
+            raise Exhausted(
+                "TOO_MANY_PULL_WAITS",
+                f"this server has as many pulls waiting as it allows (of device {device}, or in "
+                "all): retry later, or pull without wait and read the event's pull state",
+                device=device,
+            )
         try:
-            deadline = time.monotonic() + (wait if waiting else 0)
+            self._open_pull(device, event_id)
+            self._wakeups.notify(device)
+            deadline = time.monotonic() + wait
             while True:
                 result = PullResult(self.gallery.find_event(device, event_id), self.pull_status(event_id))
                 done = result.event.state == "stored" or (
@@ -398,13 +423,21 @@ class Devices:
         """A channel for the device until close(), or until the token expires (commands() then
         raises TOKEN_EXPIRED); refused past MAX_CONNECTIONS_PER_DEVICE open in this process."""
         principal.require(validation.device_id(device), DEVICE)
-        if not self._channels.take(device):
-            raise Exhausted(
-                "TOO_MANY_DEVICE_CONNECTIONS",
-                f"device {device} has {MAX_CONNECTIONS_PER_DEVICE} channels open already: close one first",
-                device=device, limit=str(MAX_CONNECTIONS_PER_DEVICE),
-            )
         channel = Channel(self, device, expires_at=principal.expires_at)
+        with self._channels_lock:
+            if sum(map(len, self._channels.values())) >= self.max_channels:
+                raise Exhausted(
+                    "TOO_MANY_CONNECTIONS",
+                    f"this server has {self.max_channels} device channels open: retry later",
+                    limit=str(self.max_channels),
+                )
+            mine = self._channels.setdefault(device, [])
+            replaced = mine.pop(0) if len(mine) >= MAX_CONNECTIONS_PER_DEVICE else None
+            mine.append(channel)
+        if replaced is not None:
+            log.info("device channel replaced by a newer one",
+                     extra={"device": device, "connection": replaced.id})
+            replaced.close()
         try:
             with self.db.session() as session:
                 session.add(DeviceConnection(id=channel.id, device=device, last_seen=utcnow()))
@@ -413,6 +446,14 @@ class Devices:
             channel.close()
             raise
         return channel
+
+    def _forget_channel(self, channel: Channel) -> None:
+        with self._channels_lock:
+            mine = self._channels.get(channel.device, [])
+            if channel in mine:
+                mine.remove(channel)
+            if not mine:
+                self._channels.pop(channel.device, None)
 
     def acknowledge(self, device: str, command_id: str) -> None:
         self._update_command(device, command_id, ("delivered",), state="acked")
@@ -449,7 +490,6 @@ class Channel:
         self.expires_at = expires_at
         self.id = "conn_" + secrets.token_urlsafe(12)
         self.closed = threading.Event()
-        self._close_lock = threading.Lock()
         self._condition = devices._wakeups.condition(device)
         self._last_heartbeat = time.monotonic()
 
@@ -513,11 +553,8 @@ class Channel:
     def close(self) -> None:
         """End the channel (any number of times: the RPC's end, its reader and its handler may
         each call it)."""
-        with self._close_lock:
-            first = not self.closed.is_set()
-            self.closed.set()
-        if first:
-            self.devices._channels.give_back(self.device)
+        self.closed.set()
+        self.devices._forget_channel(self)
         self.devices._wakeups.notify(self.device)
         with self.devices.db.session() as session:
             session.exec(  # type: ignore[call-overload]

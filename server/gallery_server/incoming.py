@@ -83,7 +83,9 @@ def is_candidate_name(name: str) -> bool:
 
 
 def stem(name: str) -> str:
-    return pathlib.PurePath(name).stem
+    """The name without its suffix, composed (NFC) as event names are stored: macOS writes file
+    names decomposed, and a thumbnail must find its media whichever way each was written."""
+    return unicodedata.normalize("NFC", pathlib.PurePath(name).stem)
 
 
 class _Changed(Exception):
@@ -433,8 +435,7 @@ class IncomingImporter(BackgroundLoop):
         if not 0 < thumb.size <= self.settings.max_thumbnail_bytes:
             self._skip(device, thumb, seen, f"thumbnail empty or larger than {self.settings.max_thumbnail_bytes} bytes")
             return
-        # Event names are stored composed (NFC); macOS writes file names decomposed.
-        wanted = unicodedata.normalize("NFC", stem(thumb.name))
+        wanted = stem(thumb.name)
         query = (
             select(Event)
             .where(

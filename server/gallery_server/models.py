@@ -132,6 +132,7 @@ class DeletedCapture(SQLModel, table=True):
     event_id: str = Field(max_length=64)
     size: int = Field(sa_type=sa.BigInteger)
     sha256: str = Field(max_length=64)
+    created: datetime.datetime  # the capture time the device announced
     deleted_at: datetime.datetime
 
 

@@ -366,18 +366,19 @@ class Gallery:
         with self.db.session() as session:
             deleted = session.exec(  # type: ignore[call-overload]
                 sa.delete(Event).where(col(Event.id) == event_id, col(Event.device) == device)
-                .returning(col(Event.device_key), col(Event.size), col(Event.sha256))
+                .returning(col(Event.device_key), col(Event.size), col(Event.sha256), col(Event.created))
             ).first()
             if deleted:
                 self.forget_event(session, event_id)
-                device_key, size, sha256 = deleted
+                device_key, size, sha256, created = deleted
                 if device_key is not None:  # announced: the device will announce it again
                     session.exec(  # type: ignore[call-overload]
                         sa.delete(DeletedCapture).where(col(DeletedCapture.device) == device,
                                                         col(DeletedCapture.device_key) == device_key)
                     )
                     session.add(DeletedCapture(device=device, device_key=device_key, event_id=event_id,
-                                               size=size, sha256=sha256, deleted_at=utcnow()))
+                                               size=size, sha256=sha256, created=created,
+                                               deleted_at=utcnow()))
             session.commit()
         if not deleted:
             raise _not_found(device, event_id)
@@ -639,11 +640,14 @@ class Gallery:
                     has_thumbnail=event.has_thumbnail, name=event.name,
                     metadata_json=event.metadata_json, thumbnail_state=event.thumbnail_state)
         ).rowcount
-        if not updated:
-            raise FailedPrecondition(
-                "EVENT_ALREADY_STORED", f"event {event.id} is not waiting for content",
-                event_id=event.id,
-            )
+        if updated:
+            return
+        if session.get(Event, event.id) is None:  # deleted, or replaced by a new capture meanwhile
+            raise _not_found(event.device, event.id)
+        raise FailedPrecondition(
+            "EVENT_ALREADY_STORED", f"event {event.id} is not waiting for content",
+            event_id=event.id,
+        )
 
 
 def _not_found(device: str, event_id: str) -> NotFound:

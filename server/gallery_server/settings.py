@@ -118,7 +118,7 @@ class Settings:
     # forgot it: no FIN, no RST) is found by a PING left unanswered and its streams end: a
     # device's commands go to its next connection (devices.py) instead of waiting ~15 min for TCP
     # to give up. Envoy pings its downstream (answer within this); the gRPC server its clients
-    # (answer within 3x this, rpc/server.py).
+    # (answer within 6x this, rpc/server.py).
     keepalive_seconds: float = 20.0
 
     @property

@@ -359,7 +359,7 @@ def test_a_command_held_by_a_device_gone_silent_reaches_its_next_connection(auth
     server's call, whose connection to Envoy is alive and well; the device's next connection gets
     the command."""
     stack = start_stack(tmp_path / "data", tmp_path / "gallery.log",
-                        extra_env={"GALLERY_KEEPALIVE_SECONDS": "1"})
+                        extra_env={"GALLERY_KEEPALIVE_SECONDS": "2"})
     proxy = SilentNetworkProxy(stack.http_port)
     device, stop = new_device(), threading.Event()
     token = [("authorization", f"Bearer {mint(devices=[device], scope='gallery:device')}")]

@@ -146,30 +146,38 @@ def test_backoff_has_full_jitter():
 Code = grpc.StatusCode
 
 
-@pytest.mark.parametrize(("code", "reason"), [
-    *((code, "") for code in agent.TRANSIENT),
-    (Code.UNAVAILABLE, "DATABASE_UNAVAILABLE"),
+# grpc's own words, without a reason, for a message above the server's limit and for a server
+# whose threads are all taken (grpc/_server.py, maximum_concurrent_rpcs).
+TOO_LARGE = "Received message larger than max (10296002 vs. 8388608)"
+BUSY = "Concurrent RPC limit exceeded!"
+
+
+@pytest.mark.parametrize(("code", "reason", "details"), [
+    *((code, "", "") for code in agent.TRANSIENT),
+    (Code.UNAVAILABLE, "DATABASE_UNAVAILABLE", ""),
     # The server at capacity says "retry later".
-    (Code.RESOURCE_EXHAUSTED, "TOO_MANY_DEVICE_UPLOADS"),
-    (Code.RESOURCE_EXHAUSTED, "TOO_MANY_UPLOADS"),
-    (Code.RESOURCE_EXHAUSTED, "INSUFFICIENT_STORAGE"),
+    (Code.RESOURCE_EXHAUSTED, "TOO_MANY_DEVICE_UPLOADS", ""),
+    (Code.RESOURCE_EXHAUSTED, "TOO_MANY_UPLOADS", ""),
+    (Code.RESOURCE_EXHAUSTED, "INSUFFICIENT_STORAGE", ""),
+    (Code.RESOURCE_EXHAUSTED, "", BUSY),
 ])
-def test_retried_later(code, reason):
-    assert agent.retry_later(code, reason)
+def test_retried_later(code, reason, details):
+    assert agent.retry_later(code, reason, details)
 
 
-@pytest.mark.parametrize(("code", "reason"), [
-    (Code.RESOURCE_EXHAUSTED, "UPLOAD_TOO_LARGE"),  # the same upload would be refused again
-    (Code.RESOURCE_EXHAUSTED, "THUMBNAIL_TOO_LARGE"),
-    (Code.RESOURCE_EXHAUSTED, ""),  # gRPC's own "Received message larger than max"
-    (Code.INVALID_ARGUMENT, "INVALID_SIZE"),
-    (Code.FAILED_PRECONDITION, "UPLOAD_INCOMPLETE"),
-    (Code.NOT_FOUND, "EVENT_NOT_FOUND"),
-    (Code.UNAUTHENTICATED, "TOKEN_INVALID"),
-    (Code.PERMISSION_DENIED, "DEVICE_NOT_ALLOWED"),
+@pytest.mark.parametrize(("code", "reason", "details"), [
+    (Code.RESOURCE_EXHAUSTED, "UPLOAD_TOO_LARGE", ""),  # the same upload would be refused again
+    (Code.RESOURCE_EXHAUSTED, "THUMBNAIL_TOO_LARGE", ""),
+    (Code.RESOURCE_EXHAUSTED, "", TOO_LARGE),
+    (Code.INVALID_ARGUMENT, "INVALID_SIZE", ""),
+    (Code.INVALID_ARGUMENT, "SHA256_MISMATCH", ""),  # the file changed since it was announced
+    (Code.FAILED_PRECONDITION, "UPLOAD_INCOMPLETE", ""),
+    (Code.NOT_FOUND, "EVENT_NOT_FOUND", ""),
+    (Code.UNAUTHENTICATED, "TOKEN_INVALID", ""),
+    (Code.PERMISSION_DENIED, "DEVICE_NOT_ALLOWED", ""),
 ])
-def test_not_retried(code, reason):
-    assert not agent.retry_later(code, reason)
+def test_not_retried(code, reason, details):
+    assert not agent.retry_later(code, reason, details)
 
 
 @pytest.mark.parametrize(("code", "reason"), [
@@ -178,10 +186,14 @@ def test_not_retried(code, reason):
     (Code.INVALID_ARGUMENT, "INVALID_SHA256"),
     (Code.RESOURCE_EXHAUSTED, "THUMBNAIL_TOO_LARGE"),
     (Code.RESOURCE_EXHAUSTED, "TOO_MANY_EVENTS"),
-    (Code.RESOURCE_EXHAUSTED, ""),  # a message over the server's limit
 ])
 def test_an_announcement_refused_for_what_it_says_is_halved(code, reason):
     assert agent.refuses_content(code, reason)
+
+
+def test_an_announcement_over_the_message_limit_is_halved_and_a_busy_server_is_not():
+    assert agent.refuses_content(Code.RESOURCE_EXHAUSTED, "", TOO_LARGE)
+    assert not agent.refuses_content(Code.RESOURCE_EXHAUSTED, "", BUSY)
 
 
 @pytest.mark.parametrize(("code", "reason"), [

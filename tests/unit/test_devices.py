@@ -377,7 +377,8 @@ def test_a_replacement_that_meets_a_changed_event_reads_it_again(devices, galler
     old, new = b"the old clip", b"the new clip"
     first = announce(devices, device_principal, key="k.mp4", size=len(old), sha256=sha(old))
     fill(gallery, devices, device_principal, first, old)
-    assert devices._add(DEVICE, Announcement(device_key="k.mp4", name="k.mp4", size=len(new), sha256=sha(new)),
+    assert devices._add(DEVICE, Announcement(device_key="k.mp4", name="k.mp4", size=len(new), sha256=sha(new),
+                                             thumbnail=b"\xff\xd8new"),
                         replacing=first) is None  # `first` as read before the upload: on_device
     assert gallery.get_event(principal, DEVICE, first.id).state == "stored"
     assert [e.id for e in gallery.list_events(principal, DEVICE)] == [first.id]
@@ -422,10 +423,69 @@ def test_announced_thumbnails_respect_the_disk_headroom(devices, gallery, device
     """Thumbnails are bytes on the data disk: an announcement that brings some is refused, as an
     upload is, when they would take the disk below GALLERY_MIN_FREE_BYTES (the agent retries it
     later); one without is not."""
+    known = announce(devices, device_principal, key="known.jpg", thumbnail=b"\xff\xd8known")
     gallery.storage.min_free_bytes = gallery.storage.disk_space().free_bytes + (64 << 20)
     with pytest.raises(Exhausted) as refused:
         devices.announce(device_principal, DEVICE, [
             Announcement(device_key="a.jpg", name="a.jpg", size=10, thumbnail=b"\xff\xd8" + b"t" * 100)])
     assert refused.value.reason == "INSUFFICIENT_STORAGE"
-    assert stored_files(gallery.settings.data_dir) == []
+    assert [f.read_bytes() for f in stored_files(gallery.settings.data_dir)] == [b"\xff\xd8known"]
     assert announce(devices, device_principal, key="b.mp4").state == "on_device"
+    # A capture known already writes nothing: announcing it again is not refused.
+    assert announce(devices, device_principal, key="known.jpg", thumbnail=b"\xff\xd8known").id == known.id
+
+
+def at(minute: int) -> datetime.datetime:
+    return datetime.datetime(2026, 11, 29, 12, minute, tzinfo=datetime.UTC)
+
+
+def test_without_sha256_the_capture_time_tells_captures_apart(devices, gallery, device_principal, principal):
+    """A device that does not hash, writing segments of one size under reused names: a segment
+    with another capture time is a new capture, also after the previous one was deleted."""
+    first = announce(devices, device_principal, key="SEG1.MP4", size=100, created=at(0))
+    assert announce(devices, device_principal, key="SEG1.MP4", size=100, created=at(0)).id == first.id
+    # Within a second is the same time, as clocks and databases round it.
+    same = at(0) + datetime.timedelta(microseconds=999_000)
+    assert announce(devices, device_principal, key="SEG1.MP4", size=100, created=same).id == first.id
+    second = announce(devices, device_principal, key="SEG1.MP4", size=100, created=at(1))
+    assert second.id != first.id
+    gallery.delete_event(principal, DEVICE, second.id)
+    assert announce(devices, device_principal, key="SEG1.MP4", size=100, created=at(1)).state == "deleted"
+    third = announce(devices, device_principal, key="SEG1.MP4", size=100, created=at(2))
+    assert third.state == "on_device"
+    assert [e.id for e in gallery.list_events(principal, DEVICE)] == [third.id]
+
+
+def test_an_announcement_that_loses_a_race_for_its_key_reads_it_again(devices, gallery, device_principal, monkeypatch):
+    """Two announcements of different content under one new key: the loser of the insert does not
+    answer the winner's event as its own, it reads the key again and replaces it."""
+    old, new = b"the first content", b"the second content"
+    real_by_key = devices._by_key
+    raced: list = []
+
+    def by_key(device, key):
+        if raced:
+            return real_by_key(device, key)
+        raced.append(None)  # the other announcement commits just after this read
+        raced[0] = announce(devices, device_principal, key="k.mp4", size=len(old), sha256=sha(old))
+        return None
+
+    monkeypatch.setattr(devices, "_by_key", by_key)
+    mine = announce(devices, device_principal, key="k.mp4", size=len(new), sha256=sha(new))
+    assert mine.id != raced[0].id and (mine.size, mine.sha256) == (len(new), sha(new))
+    monkeypatch.undo()
+    assert devices._by_key(DEVICE, "k.mp4").id == mine.id
+
+
+def test_a_pulled_upload_of_an_event_deleted_meanwhile_is_not_found(devices, gallery, device_principal, principal):
+    """Not EVENT_ALREADY_STORED, which an agent takes for its own earlier success."""
+    event = announce(devices, device_principal, key="a.mp4", size=5)
+    announced = devices.pulled_event(device_principal, DEVICE, event.id)
+    gallery.delete_event(principal, DEVICE, event.id)
+    with gallery.open_upload(DEVICE) as upload:
+        upload.fields.name = announced.name
+        upload.write_media(b"bytes")
+        with pytest.raises(NotFound) as gone:
+            gallery.store(upload, fill=announced, before_insert=devices.complete_pull)
+    assert gone.value.reason == "EVENT_NOT_FOUND"
+    assert stored_files(gallery.settings.data_dir) == []

@@ -287,6 +287,16 @@ def test_a_late_thumbnail_with_a_decomposed_name_is_attached(gallery, importer, 
     assert list(thumbs.iterdir()) == []
 
 
+def test_media_and_thumbnail_written_differently_pair_up(gallery, importer, folders):
+    """Dropped together, one composed and one decomposed, they make one event with its thumbnail."""
+    inbox, thumbs = folders
+    write(inbox / "IMG_caf\u00e9.jpg", random_bytes(5000))
+    thumb = write(thumbs / "IMG_cafe\u0301.png", random_bytes(300))
+    [event_id] = settle(importer)
+    assert gallery.storage.thumbnail_path(DEVICE, event_id).read_bytes() == thumb
+    assert list(thumbs.iterdir()) == []
+
+
 MiB = 1 << 20
 
 

@@ -65,7 +65,10 @@ class DeviceServiceServicer:
         """The device's command channel. The first message must be a `hello`; then the server streams
         commands and the device answers each with `ack`, optional `progress`, and `failure` if it
         cannot carry the command out. Success of an upload command is the upload itself (UploadEvent
-        with `event_id`). Reconnect with backoff when the stream ends.
+        with `event_id`). Reconnect with backoff when the stream ends. A device keeps at most 4
+        channels open on a server: a fifth replaces (ends) its oldest. The stream ends with
+        UNAUTHENTICATED `TOKEN_EXPIRED` when the token expires, and a server with as many channels
+        open as it serves refuses more (RESOURCE_EXHAUSTED `TOO_MANY_CONNECTIONS`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,7 +80,9 @@ class DeviceServiceServicer:
         key again returns the same event id. Other content under a known key is a new capture: it gets
         a new event, and the key's earlier event keeps its content if it was uploaded, or is removed
         if it never was (the device no longer holds it). A capture whose event a user deleted is
-        answered `deleted` and not listed again. All or nothing: one invalid event refuses the call.
+        answered `deleted` and not listed again. One invalid event refuses the call before anything
+        is stored; a thumbnail the disk's headroom has no room for (RESOURCE_EXHAUSTED
+        `INSUFFICIENT_STORAGE`) ends it there, the events before it announced.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

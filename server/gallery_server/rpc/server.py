@@ -46,6 +46,7 @@ MAX_MESSAGE_BYTES = 8 << 20
 MAX_METADATA_BYTES = 64 << 10
 DB_POOL_SIZE = 20
 UPLOAD_WINDOW_BYTES = 1 << 20
+PING_ANSWER_FACTOR = 6  # how many keepalive intervals a client has to answer a PING (below)
 # Short reads that wait for nothing but the database (and, rarely, a fetch of the identity
 # provider's keys, which auth.py lets one request wait for, not all): they run on a few threads of
 # their own (GALLERY_GRPC_READ_WORKERS). Spread over the server's many threads, 16 clients' reads made
@@ -96,11 +97,12 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
             # ends its calls: a device gone silent frees its commands (Settings.keepalive_seconds).
             # grpcio 1.85 waits for the answer for ping_timeout_ms, whatever keepalive_timeout_ms
             # says (tests/test_device_liveness.py), and, unlike Envoy, counts no other frame as
-            # one: a client's answer queues behind the upload bytes it has already sent, which a
-            # slow link takes seconds to deliver. So 3x, grpc's own 60 s by default.
+            # one: a client's answer queues behind the upload bytes it has already handed to its
+            # kernel, up to a 1 MiB window per stream, which a 35 KiB/s link takes ~30 s to send
+            # per stream. So 6x (120 s by default): four such uploads on one connection.
             ("grpc.keepalive_time_ms", keepalive_ms),
-            ("grpc.keepalive_timeout_ms", 3 * keepalive_ms),
-            ("grpc.http2.ping_timeout_ms", 3 * keepalive_ms),
+            ("grpc.keepalive_timeout_ms", PING_ANSWER_FACTOR * keepalive_ms),
+            ("grpc.http2.ping_timeout_ms", PING_ANSWER_FACTOR * keepalive_ms),
             # grpc-core stops pinging after 2 PINGs without data sent by default; a device's
             # channel between heartbeats, or an upload waiting for its client, must stay watched.
             ("grpc.http2.max_pings_without_data", 0),
