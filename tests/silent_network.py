@@ -14,12 +14,16 @@ class SilentNetworkProxy:
         self.target_port = target_port
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        self.silent = threading.Event()
         self._sockets: list[socket.socket] = []
+        self._silences: list[threading.Event] = []  # one per connection
+        self.connections = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def go_silent(self) -> None:
-        self.silent.set()
+        """The connections open now go silent; later ones pass (a device that roamed, and whose
+        new connection takes another path)."""
+        for silence in list(self._silences):
+            silence.set()
 
     def close(self) -> None:
         self.listener.close()
@@ -34,15 +38,18 @@ class SilentNetworkProxy:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             self._sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            silence = threading.Event()
+            self._silences.append(silence)
+            self.connections += 1
+            threading.Thread(target=self._pump, args=(client, upstream, silence), daemon=True).start()
 
-    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+    def _pump(self, a: socket.socket, b: socket.socket, silence: threading.Event) -> None:
         peer = {a: b, b: a}
-        while not self.silent.is_set():
+        while not silence.is_set():
             try:
                 ready, _, _ = select.select([a, b], [], [], 0.05)
                 for s in ready:
-                    if self.silent.is_set():
+                    if silence.is_set():
                         return
                     data = s.recv(65536)
                     if not data:

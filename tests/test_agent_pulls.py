@@ -20,6 +20,7 @@ from gallery_server import agent
 from gallery_server.settings import Settings
 
 from .conftest import JWT_SECRET, make_settings, random_bytes
+from .silent_network import SilentNetworkProxy
 
 DEVICE = "cam1"
 UPLOAD_LIMIT = 1 << 20  # the server's GALLERY_MAX_UPLOAD_BYTES in these tests
@@ -252,3 +253,34 @@ def test_an_upload_the_server_has_no_slot_for_is_retried(make_agent, folder, gal
         states = pull_all(gallery_stub, user, events, timeout=18)
 
     assert states == dict.fromkeys(names, "completed")
+
+
+@pytest.mark.parametrize("server_limits", [{"keepalive_seconds": 1.0}], ids=["keepalive-1s"])
+def test_an_agent_whose_connection_went_silent_connects_anew(
+    grpc_port, mint, folder, gallery_stub, user, monkeypatch
+):
+    """The agent's connection goes silent (no FIN, no RST), as when a device roams. Its channel
+    hears no heartbeat and is dropped; the agent must then connect anew: grpc would send the new
+    channel into the same dead connection until the kernel gave up on it."""
+    monkeypatch.setattr(agent, "CHANNEL_SILENCE_S", 3.0)
+    proxy = SilentNetworkProxy(grpc_port)
+    names = clips(folder, 1, 64 << 10)
+    a = agent.Agent(device=DEVICE, root=folder, server=f"127.0.0.1:{proxy.port}",
+                    token=mint(devices=[DEVICE], scope="gallery:device"))
+    try:
+        a.announce(files(folder))
+        events = list(listed(gallery_stub, user).values())
+        with channel_open(a):
+            deadline = time.monotonic() + 10
+            while a._outbox is None:  # the channel is open, through the proxy
+                assert time.monotonic() < deadline, "the channel never opened"
+                time.sleep(0.05)
+            proxy.go_silent()
+            # The silence: 3 s without a heartbeat, then a new connection; the server lets the
+            # old one go after its PING is left unanswered (1 s, then 6 s) and hands it the pull.
+            states = pull_all(gallery_stub, user, events, timeout=30)
+        assert states == dict.fromkeys(names, "completed")
+        assert proxy.connections >= 2
+    finally:
+        a._channel.close()
+        proxy.close()

@@ -270,11 +270,8 @@ class Agent:
     def __init__(self, *, device: str, root: pathlib.Path, server: str, token: str,
                  scan_interval: float = 2.0, max_rate: float = 0) -> None:
         self.device, self.root, self.scan_interval, self.max_rate = device, root, scan_interval, max_rate
-        target, secure = parse_server(server)
-        self._channel = (grpc.secure_channel(target, grpc.ssl_channel_credentials()) if secure
-                         else grpc.insecure_channel(target))
-        self._devices = device_pb2_grpc.DeviceServiceStub(self._channel)
-        self._gallery = gallery_pb2_grpc.GalleryServiceStub(self._channel)
+        self._target, self._secure = parse_server(server)
+        self._open_connection()
         self._metadata = (("authorization", f"Bearer {token}"),)
         self.stop = threading.Event()
         self._lock = threading.Lock()
@@ -396,6 +393,22 @@ class Agent:
             log.info("reconnecting in %.1fs", delay)
             self.stop.wait(delay)
 
+    def _open_connection(self) -> None:
+        """A new gRPC channel (its own TCP connection) and the stubs on it."""
+        channel = (grpc.secure_channel(self._target, grpc.ssl_channel_credentials()) if self._secure
+                   else grpc.insecure_channel(self._target))
+        self._channel = channel
+        self._devices = device_pb2_grpc.DeviceServiceStub(channel)
+        self._gallery = gallery_pb2_grpc.GalleryServiceStub(channel)
+
+    def _replace_connection(self) -> None:
+        """Leave a connection that went silent: grpc would send every new call into it until the
+        kernel gave up on it (~15 min), so the reconnected channel would hear nothing either.
+        Calls still on the old one fail, and uploads retry on the new one."""
+        old = self._channel
+        self._open_connection()
+        old.close()
+
     def _connect_once(self) -> bool:
         """Runs one Connect stream until it ends; True if the server answered at all."""
         outbox: queue.Queue[dpb.ConnectRequest | None] = queue.Queue()
@@ -410,12 +423,13 @@ class Agent:
         if self.stop.is_set():  # stopped while connecting: run() may have missed this call
             call.cancel()
         last_seen = time.monotonic()
-        ended = threading.Event()
+        ended, silent = threading.Event(), threading.Event()
 
         def watchdog() -> None:  # heartbeats stopped: the connection is dead without knowing it
             while not ended.wait(1):
                 if time.monotonic() - last_seen > CHANNEL_SILENCE_S:
                     log.warning("no heartbeat for %.0fs; dropping the channel", CHANNEL_SILENCE_S)
+                    silent.set()
                     call.cancel()
                     return
 
@@ -441,6 +455,8 @@ class Agent:
             with self._lock:
                 self._outbox = None
             outbox.put(None)  # ends requests(), so gRPC's sending thread finishes
+        if silent.is_set() and not self.stop.is_set():
+            self._replace_connection()
         return established
 
     def _send(self, message: dpb.ConnectRequest) -> None:

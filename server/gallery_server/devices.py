@@ -12,6 +12,7 @@ wakes the device's connections at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -29,9 +30,11 @@ from .auth import DEVICE, WRITE, Principal
 from .errors import (
     CommitOutcomeUnknown,
     Conflict,
+    DatabaseUnavailable,
     Exhausted,
     FailedPrecondition,
     InvalidArgument,
+    PermissionDenied,
     TooLarge,
     Unauthenticated,
 )
@@ -55,7 +58,10 @@ MAX_WAIT_S = 60
 # keep theirs.
 MAX_CONNECTIONS_PER_DEVICE = 4
 MAX_PULL_WAITS_PER_DEVICE = 4
-CHANNELS_SHARE = 2  # at most GALLERY_GRPC_WORKERS // 2 channels
+CHANNELS_SHARE = 2  # at most GALLERY_GRPC_WORKERS // 2 channels, those awaiting their hello included
+# A channel's first message, its hello, names the device: until it comes, the stream holds a thread
+# for a token that may not even be a device's, so it must come soon.
+HELLO_SECONDS = 10.0
 PULL_WAITS_SHARE = 4  # at most GALLERY_GRPC_WORKERS // 4 waiting pulls
 OPEN_STATES = ("pending", "delivered", "acked")
 # The latest pull of an event (GetEvent answers it), as one prebuilt select on the driver's cursor
@@ -190,6 +196,7 @@ class Devices:
         self._wakeups = _Wakeups()
         self._channels_lock = threading.Lock()
         self._channels: dict[str, list[Channel]] = {}  # open in this process, oldest first
+        self._greeting = 0  # channels waiting for their hello
         self.max_channels = max(1, self.settings.grpc_workers // CHANNELS_SHARE)
         self._pull_waits = _Holds(MAX_PULL_WAITS_PER_DEVICE,
                                   total=max(1, self.settings.grpc_workers // PULL_WAITS_SHARE))
@@ -419,18 +426,37 @@ class Devices:
 
     # -- the command channel ------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def greeting(self, principal: Principal) -> Iterator[None]:
+        """Around a channel's wait for its hello (at most HELLO_SECONDS, the caller's to enforce):
+        only a device's token may wait, and the wait counts with the open channels."""
+        if DEVICE not in principal.scopes:
+            raise PermissionDenied("SCOPE_MISSING", f"token lacks scope {DEVICE!r}", scope=DEVICE)
+        with self._channels_lock:
+            self._admit_channel()
+            self._greeting += 1
+        try:
+            yield
+        finally:
+            with self._channels_lock:
+                self._greeting -= 1
+
+    def _admit_channel(self) -> None:
+        if self._greeting + sum(map(len, self._channels.values())) >= self.max_channels:
+            raise Exhausted(
+                "TOO_MANY_CONNECTIONS",
+                f"this server has {self.max_channels} device channels open: retry later",
+                limit=str(self.max_channels),
+            )
+
     def connect(self, principal: Principal, device: str) -> Channel:
         """A channel for the device until close(), or until the token expires (commands() then
-        raises TOKEN_EXPIRED); refused past MAX_CONNECTIONS_PER_DEVICE open in this process."""
+        raises TOKEN_EXPIRED); a device's MAX_CONNECTIONS_PER_DEVICE + 1st open in this process
+        replaces its oldest."""
         principal.require(validation.device_id(device), DEVICE)
         channel = Channel(self, device, expires_at=principal.expires_at)
         with self._channels_lock:
-            if sum(map(len, self._channels.values())) >= self.max_channels:
-                raise Exhausted(
-                    "TOO_MANY_CONNECTIONS",
-                    f"this server has {self.max_channels} device channels open: retry later",
-                    limit=str(self.max_channels),
-                )
+            self._admit_channel()
             mine = self._channels.setdefault(device, [])
             replaced = mine.pop(0) if len(mine) >= MAX_CONNECTIONS_PER_DEVICE else None
             mine.append(channel)
@@ -440,6 +466,13 @@ class Devices:
             replaced.close()
         try:
             with self.db.session() as session:
+                # Rows of connections whose close() could not reach the database (an outage) and
+                # whose heartbeat stopped long ago: nothing else removes them.
+                session.exec(  # type: ignore[call-overload]
+                    sa.delete(DeviceConnection).where(
+                        col(DeviceConnection.device) == device,
+                        col(DeviceConnection.last_seen) < utcnow() - datetime.timedelta(hours=1))
+                )
                 session.add(DeviceConnection(id=channel.id, device=device, last_seen=utcnow()))
                 session.commit()
         except BaseException:
@@ -556,11 +589,17 @@ class Channel:
         self.closed.set()
         self.devices._forget_channel(self)
         self.devices._wakeups.notify(self.device)
-        with self.devices.db.session() as session:
-            session.exec(  # type: ignore[call-overload]
-                sa.delete(DeviceConnection).where(col(DeviceConnection.id) == self.id)
-            )
-            session.commit()
+        try:
+            with self.devices.db.session() as session:
+                session.exec(  # type: ignore[call-overload]
+                    sa.delete(DeviceConnection).where(col(DeviceConnection.id) == self.id)
+                )
+                session.commit()
+        except DatabaseUnavailable:
+            # The row's heartbeat has stopped: it counts as gone in 15 s, and the device's next
+            # connect() removes it an hour on.
+            log.warning("device channel closed; its row stays until the database is back",
+                        extra={"device": self.device, "connection": self.id})
 
     def commands(self) -> Iterator[Delivery | None]:
         """Yields commands as they become deliverable, and None when a heartbeat is due."""

@@ -14,6 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gallery.v1 import device_pb2 as pb
 from gallery.v1 import device_pb2_grpc
 
+from .. import devices as devices_module
 from ..auth import Principal
 from ..devices import Announcement, Channel, Devices
 from ..errors import GalleryError, InvalidArgument
@@ -60,11 +61,19 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         ])
 
     def Connect(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        first = next(request_iterator, None)
+        principal = self.principal()
+        with self.devices.greeting(principal):
+            # A stream that never says hello would hold its thread for ever: cancelled.
+            too_late = threading.Timer(devices_module.HELLO_SECONDS, context.cancel)
+            too_late.start()
+            try:
+                first = next(request_iterator, None)
+            finally:
+                too_late.cancel()
         if first is None or first.WhichOneof("message") != "hello":
             raise InvalidArgument("HELLO_REQUIRED", "the first message must be a hello",
                                   field="hello")
-        channel = self.devices.connect(self.principal(), first.hello.device)
+        channel = self.devices.connect(principal, first.hello.device)
         context.add_callback(channel.close)  # the RPC ended, however it ended
         failure: list[GalleryError] = []  # a bad message the reader met: the RPC's error
         reader = threading.Thread(
