@@ -55,6 +55,6 @@ class SilentNetworkProxy:
                     if not data:
                         return
                     peer[s].sendall(data)
-            except OSError:
+            except (OSError, ValueError):  # closed by close(): select() refuses a closed socket
                 return
         # Silent: the sockets stay open, and whatever is sent to them is neither read nor answered.

@@ -34,11 +34,13 @@ def server_limits() -> dict[str, object]:
 
 
 @pytest.fixture
-def settings(tmp_path: pathlib.Path, database_url: str, server_limits: dict[str, object]) -> Settings:
+def settings(tmp_path: pathlib.Path, server_limits: dict[str, object]) -> Settings:
+    # SQLite only: the agent is what is tested here (tests/unit/test_devices.py runs the server's
+    # announcements and pulls on both databases).
     data = tmp_path / "data"
     data.mkdir()
     limits = {"max_upload_bytes": UPLOAD_LIMIT, "max_thumbnail_bytes": THUMBNAIL_LIMIT, **server_limits}
-    return make_settings(data, database_url, **limits)
+    return make_settings(data, **limits)
 
 
 @pytest.fixture
@@ -228,8 +230,8 @@ def clips(folder: pathlib.Path, count: int, size: int) -> set[str]:
 
 def test_six_pulls_at_once_all_complete(make_agent, folder, gallery_stub, user):
     """More pulls at once than the server takes uploads of one device (4): the rest wait."""
-    names = clips(folder, 6, 256 << 10)
-    a = make_agent(max_rate=128 << 10)  # each upload takes 2 s
+    names = clips(folder, 6, 128 << 10)
+    a = make_agent(max_rate=128 << 10)  # each upload takes 1 s
     a.announce(files(folder))
     events = list(listed(gallery_stub, user).values())
 
@@ -281,6 +283,25 @@ def test_an_agent_whose_connection_went_silent_connects_anew(
             states = pull_all(gallery_stub, user, events, timeout=30)
         assert states == dict.fromkeys(names, "completed")
         assert proxy.connections >= 2
+    finally:
+        a._channel.close()
+        proxy.close()
+
+
+def test_a_replaced_connection_is_a_new_one(grpc_port, mint, folder):
+    """grpc shares a connection between channels of one target: the agent's new channel must
+    open a connection of its own, or it would take the silent one's."""
+    proxy = SilentNetworkProxy(grpc_port)
+    clips(folder, 1, 1 << 10)
+    a = agent.Agent(device=DEVICE, root=folder, server=f"127.0.0.1:{proxy.port}",
+                    token=mint(devices=[DEVICE], scope="gallery:device"))
+    try:
+        a.announce(files(folder))
+        assert proxy.connections == 1
+        a._replace_connection()
+        a.forget_announced()
+        a.announce(files(folder))
+        assert proxy.connections == 2
     finally:
         a._channel.close()
         proxy.close()

@@ -16,19 +16,51 @@ from gallery_server import devices as devices_module
 
 from .conftest import make_settings, rich_error
 
-WORKERS = 8  # so a server holds GALLERY_GRPC_WORKERS // 2 = 4 channels
+# What a server of 18 threads, 2 of them for uploads, holds: (18 - 2) // 2 channels, // 8
+# waiting for their hello.
+CHANNELS, HELLOS = 8, 2
 
 
 @pytest.fixture
-def settings(tmp_path: pathlib.Path, database_url: str):
+def settings(tmp_path: pathlib.Path):
+    # SQLite only: what is tested here is the channel's threads and timers, not the database.
     data = tmp_path / "data"
     data.mkdir()
-    return make_settings(data, database_url, grpc_workers=WORKERS, max_uploads_total=2)
+    settings = make_settings(data, grpc_workers=18, max_uploads_total=2)
+    assert devices_module.thread_shares(settings) == (CHANNELS, 4, HELLOS)
+    return settings
 
 
 @pytest.fixture(autouse=True)
 def quick_hello(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(devices_module, "HELLO_SECONDS", 1.0)
+    monkeypatch.setattr(devices_module, "HELLO_SECONDS", 3.0)
+
+
+def device_token(mint, devices=("*",)) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {mint(devices=list(devices), scope='gallery:device')}")]
+
+
+def hello_channel(channel: grpc.Channel, metadata, device: str, stop: threading.Event):
+    def requests():
+        yield dpb.ConnectRequest(hello=dpb.DeviceHello(device=device))
+        stop.wait(30)
+
+    stream = device_pb2_grpc.DeviceServiceStub(channel).Connect(requests(), metadata=metadata, timeout=30)
+    assert next(stream).HasField("heartbeat")
+    return stream
+
+
+def until_admitted(channel: grpc.Channel, metadata, device: str, stop: threading.Event):
+    """A channel, once the server has a place for it again (its count goes down as the handlers
+    of ended streams finish, on their own threads)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return hello_channel(channel, metadata, device, stop)
+        except grpc.RpcError as error:
+            assert rich_error(error)[0].reason == "TOO_MANY_CONNECTIONS"
+            assert time.monotonic() < deadline, "no place came back"
+            time.sleep(0.1)
 
 
 def silent_connect(channel: grpc.Channel, token: str, stop: threading.Event):
@@ -48,7 +80,7 @@ def test_a_stream_that_never_says_hello_is_ended(grpc_port, mint):
             next(silent_connect(channel, mint(devices=["cam1"], scope="gallery:device"), stop))
         stop.set()
     assert ended.value.code() == grpc.StatusCode.CANCELLED
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 15
 
 
 def test_only_a_device_token_may_wait_for_its_hello(grpc_port, mint):
@@ -61,14 +93,13 @@ def test_only_a_device_token_may_wait_for_its_hello(grpc_port, mint):
     assert rich_error(refused.value)[0].reason == "SCOPE_MISSING"
 
 
-def test_streams_waiting_for_their_hello_count_with_the_channels(grpc_port, mint):
-    """Streams that say nothing cannot take more than the channels' share of the threads: past
-    it, one more is refused at once, and the device channels' places come back as they end."""
+def test_only_a_few_streams_may_wait_for_their_hello(grpc_port, mint):
+    """Streams that say nothing cannot take more than their share of the threads: past it, one
+    more is refused at once, and the places come back as they end."""
     token, stop = mint(devices=["*"], scope="gallery:device"), threading.Event()
-    limit = WORKERS // devices_module.CHANNELS_SHARE
     outcomes: list[grpc.StatusCode] = []
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-        calls = [silent_connect(channel, token, stop) for _ in range(limit + 2)]
+        calls = [silent_connect(channel, token, stop) for _ in range(HELLOS + 2)]
 
         def outcome(call) -> None:
             try:
@@ -84,11 +115,47 @@ def test_streams_waiting_for_their_hello_count_with_the_channels(grpc_port, mint
         # The silent ones held their places for the hello's time and were cancelled; the rest
         # were refused at once.
         assert sorted(c.name for c in outcomes) == sorted(
-            ["CANCELLED"] * limit + ["RESOURCE_EXHAUSTED"] * 2)
-        # Their places are free again: a device connects.
-        hello = dpb.ConnectRequest(hello=dpb.DeviceHello(device="cam1"))
-        stream = device_pb2_grpc.DeviceServiceStub(channel).Connect(
-            iter([hello]), metadata=[("authorization", f"Bearer {token}")], timeout=30)
-        assert next(stream).HasField("heartbeat")
-        stream.cancel()
+            ["CANCELLED"] * HELLOS + ["RESOURCE_EXHAUSTED"] * 2)
+        until_admitted(channel, device_token(mint), "cam1", stop).cancel()
         stop.set()
+
+
+def test_a_device_replaces_its_oldest_channel_on_a_full_server(grpc_port, mint):
+    """The server holds as many channels as it may, four of them one device's: that device's
+    fifth still replaces its oldest (one in, one out), where another's first is refused."""
+    stop, streams = threading.Event(), []
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        try:
+            for _ in range(4):
+                streams.append(hello_channel(channel, device_token(mint), "cam1", stop))
+            for n in range(CHANNELS - 4):  # full now
+                streams.append(hello_channel(channel, device_token(mint), f"cam{n + 10}", stop))
+            with pytest.raises(grpc.RpcError) as refused:
+                hello_channel(channel, device_token(mint), "cam3", stop)
+            assert rich_error(refused.value)[0].reason == "TOO_MANY_CONNECTIONS"
+            streams.append(hello_channel(channel, device_token(mint), "cam1", stop))
+        finally:
+            stop.set()
+            for stream in streams:
+                stream.cancel()
+
+
+def test_channels_in_all_are_bounded(grpc_port, mint):
+    """Past its share of the threads on a server (half of what uploads leave), one more channel is
+    refused (429), so a token for many devices cannot take every thread either; its place comes
+    back when one ends."""
+    stop, streams = threading.Event(), []
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        try:
+            for n in range(CHANNELS):
+                streams.append(hello_channel(channel, device_token(mint), f"cam{n}", stop))
+            with pytest.raises(grpc.RpcError) as refused:
+                hello_channel(channel, device_token(mint), "one-more", stop)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert rich_error(refused.value)[0].reason == "TOO_MANY_CONNECTIONS"
+            streams.pop().cancel()
+            streams.append(until_admitted(channel, device_token(mint), "one-more", stop))
+        finally:
+            stop.set()
+            for stream in streams:
+                stream.cancel()

@@ -24,10 +24,11 @@ from .silent_network import SilentNetworkProxy
 
 
 @pytest.fixture
-def settings(tmp_path: pathlib.Path, database_url: str):
+def settings(tmp_path: pathlib.Path):
+    # SQLite only: what is tested here is the channel's threads and timers, not the database.
     data = tmp_path / "data"
     data.mkdir()
-    return make_settings(data, database_url, keepalive_seconds=1.0)
+    return make_settings(data, keepalive_seconds=1.0)
 
 
 def first_command(stream: Iterator[dpb.ConnectResponse], timeout: float) -> list[dpb.Command]:

@@ -395,8 +395,11 @@ class Agent:
 
     def _open_connection(self) -> None:
         """A new gRPC channel (its own TCP connection) and the stubs on it."""
-        channel = (grpc.secure_channel(self._target, grpc.ssl_channel_credentials()) if self._secure
-                   else grpc.insecure_channel(self._target))
+        # grpc shares connections between channels of the same target and options: without a
+        # pool of its own, the new channel would take the old one's dead connection.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        channel = (grpc.secure_channel(self._target, grpc.ssl_channel_credentials(), options) if self._secure
+                   else grpc.insecure_channel(self._target, options))
         self._channel = channel
         self._devices = device_pb2_grpc.DeviceServiceStub(channel)
         self._gallery = gallery_pb2_grpc.GalleryServiceStub(channel)
@@ -404,10 +407,14 @@ class Agent:
     def _replace_connection(self) -> None:
         """Leave a connection that went silent: grpc would send every new call into it until the
         kernel gave up on it (~15 min), so the reconnected channel would hear nothing either.
-        Calls still on the old one fail, and uploads retry on the new one."""
+        New calls take the new one. The old one is closed CHANNEL_SILENCE_S later, not at once
+        (a call whose stub another thread took a moment ago would fail with ValueError, not an
+        RpcError): its calls still waiting then end CANCELLED, and uploads retry on the new one."""
         old = self._channel
         self._open_connection()
-        old.close()
+        closer = threading.Timer(CHANNEL_SILENCE_S, old.close)
+        closer.daemon = True
+        closer.start()
 
     def _connect_once(self) -> bool:
         """Runs one Connect stream until it ends; True if the server answered at all."""

@@ -41,6 +41,7 @@ from .errors import (
 from .media_types import classify, detect_mime
 from .models import DeletedCapture, DeviceCommand, DeviceConnection, Event
 from .service import Gallery, aware, utcnow
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +55,23 @@ MAX_WAIT_S = 60
 # reconnect while its server has not yet seen the old connection go (keepalive_seconds), and its
 # next one replaces its oldest rather than being refused: after a network change the newest
 # connection is the live one. All channels together, and all pull waits, get a share of the
-# threads; past them a channel or a waiting pull is refused (429), so uploads and other calls
-# keep theirs.
+# threads uploads leave (GALLERY_GRPC_WORKERS - GALLERY_MAX_UPLOADS_TOTAL); past them a channel or
+# a waiting pull is refused (429), so that the rest of those threads serve every other call.
 MAX_CONNECTIONS_PER_DEVICE = 4
 MAX_PULL_WAITS_PER_DEVICE = 4
-CHANNELS_SHARE = 2  # at most GALLERY_GRPC_WORKERS // 2 channels, those awaiting their hello included
+CHANNELS_SHARE = 2  # at most half the threads uploads leave: channels
+PULL_WAITS_SHARE = 4  # at most a quarter of them: waiting pulls
+HELLOS_SHARE = 8  # at most an eighth of them: channels still waiting for their hello
 # A channel's first message, its hello, names the device: until it comes, the stream holds a thread
 # for a token that may not even be a device's, so it must come soon.
 HELLO_SECONDS = 10.0
-PULL_WAITS_SHARE = 4  # at most GALLERY_GRPC_WORKERS // 4 waiting pulls
+
+
+def thread_shares(settings: Settings) -> tuple[int, int, int]:
+    """How many channels, waiting pulls and channels waiting for their hello a server holds at
+    most: together at most 7/8 of the threads uploads leave, the rest for every other call."""
+    left = max(0, settings.grpc_workers - settings.max_uploads_total)
+    return tuple(max(1, left // share) for share in (CHANNELS_SHARE, PULL_WAITS_SHARE, HELLOS_SHARE))  # type: ignore[return-value]
 OPEN_STATES = ("pending", "delivered", "acked")
 # The latest pull of an event (GetEvent answers it), as one prebuilt select on the driver's cursor
 # (Database.read_rows) rather than through an ORM session.
@@ -197,9 +206,8 @@ class Devices:
         self._channels_lock = threading.Lock()
         self._channels: dict[str, list[Channel]] = {}  # open in this process, oldest first
         self._greeting = 0  # channels waiting for their hello
-        self.max_channels = max(1, self.settings.grpc_workers // CHANNELS_SHARE)
-        self._pull_waits = _Holds(MAX_PULL_WAITS_PER_DEVICE,
-                                  total=max(1, self.settings.grpc_workers // PULL_WAITS_SHARE))
+        self.max_channels, max_pull_waits, self.max_hellos = thread_shares(self.settings)
+        self._pull_waits = _Holds(MAX_PULL_WAITS_PER_DEVICE, total=max_pull_waits)
 
     # -- inventory ----------------------------------------------------------------------------
 
@@ -429,11 +437,17 @@ class Devices:
     @contextlib.contextmanager
     def greeting(self, principal: Principal) -> Iterator[None]:
         """Around a channel's wait for its hello (at most HELLO_SECONDS, the caller's to enforce):
-        only a device's token may wait, and the wait counts with the open channels."""
+        only a device's token may wait, and only so many at once. Not counted with the channels:
+        the device is not known yet, and its channel may replace one of its own (connect())."""
         if DEVICE not in principal.scopes:
             raise PermissionDenied("SCOPE_MISSING", f"token lacks scope {DEVICE!r}", scope=DEVICE)
         with self._channels_lock:
-            self._admit_channel()
+            if self._greeting >= self.max_hellos:
+                raise Exhausted(
+                    "TOO_MANY_CONNECTIONS",
+                    f"this server has {self.max_hellos} device channels waiting for their hello: "
+                    "retry later", limit=str(self.max_hellos),
+                )
             self._greeting += 1
         try:
             yield
@@ -442,7 +456,7 @@ class Devices:
                 self._greeting -= 1
 
     def _admit_channel(self) -> None:
-        if self._greeting + sum(map(len, self._channels.values())) >= self.max_channels:
+        if sum(map(len, self._channels.values())) >= self.max_channels:
             raise Exhausted(
                 "TOO_MANY_CONNECTIONS",
                 f"this server has {self.max_channels} device channels open: retry later",
@@ -456,15 +470,18 @@ class Devices:
         principal.require(validation.device_id(device), DEVICE)
         channel = Channel(self, device, expires_at=principal.expires_at)
         with self._channels_lock:
-            self._admit_channel()
             mine = self._channels.setdefault(device, [])
-            replaced = mine.pop(0) if len(mine) >= MAX_CONNECTIONS_PER_DEVICE else None
+            if len(mine) >= MAX_CONNECTIONS_PER_DEVICE:
+                replaced: Channel | None = mine.pop(0)  # one in, one out: no more threads held
+            else:
+                replaced = None
+                self._admit_channel()
             mine.append(channel)
-        if replaced is not None:
-            log.info("device channel replaced by a newer one",
-                     extra={"device": device, "connection": replaced.id})
-            replaced.close()
         try:
+            if replaced is not None:
+                log.info("device channel replaced by a newer one",
+                         extra={"device": device, "connection": replaced.id})
+                replaced.close()
             with self.db.session() as session:
                 # Rows of connections whose close() could not reach the database (an outage) and
                 # whose heartbeat stopped long ago: nothing else removes them.

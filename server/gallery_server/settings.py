@@ -14,7 +14,7 @@
 | GALLERY_MAX_UPLOAD_BYTES    | 17179869184 (16 GiB)     | largest media file accepted                     |
 | GALLERY_MAX_THUMBNAIL_BYTES | 10485760 (10 MiB)        | largest thumbnail accepted                      |
 | GALLERY_MAX_METADATA_BYTES  | 65536                    | largest metadata JSON accepted                  |
-| GALLERY_GRPC_WORKERS        | 64                       | gRPC server threads (a connected device holds one) |
+| GALLERY_GRPC_WORKERS        | 256                      | gRPC server threads (a connected device holds one) |
 | GALLERY_GRPC_READ_WORKERS   | 4                        | threads of the short reads (list, stats, get)   |
 | GALLERY_LOG_LEVEL           | INFO                     | log level                                       |
 | GALLERY_PULL_TTL            | 3600                     | seconds an open pull request waits for content  |
@@ -85,7 +85,9 @@ class Settings:
     max_upload_bytes: int = 16 << 30
     max_thumbnail_bytes: int = 10 << 20
     max_metadata_bytes: int = 64 << 10
-    grpc_workers: int = 64
+    # Threads are made as calls need them; each connected device holds one, so the default leaves
+    # room for ~100 devices per replica beside 48 uploads (devices.thread_shares).
+    grpc_workers: int = 256
     grpc_read_workers: int = 4
     log_level: str = "INFO"
     pull_ttl: int = 3600

@@ -406,9 +406,9 @@ def test_a_command_held_by_a_device_gone_silent_reaches_its_next_connection(auth
 
 def test_rest_requests_may_stay_quiet_past_30_seconds(stack, auth_headers, mint):
     """REST requests first match Envoy's catch-all route, whose 30 s idle timeout then stayed with
-    them after the transcoder re-routed them: a pull waiting ?wait=33 answered 504, and a REST
-    upload whose client paused 33 s (well within GALLERY_UPLOAD_IDLE_SECONDS) 408. Both run
-    together here, so the test takes ~35 s, not 70."""
+    them after the transcoder re-routed them: a pull waiting ?wait=32 answered 504, and a REST
+    upload whose client paused 32 s (well within GALLERY_UPLOAD_IDLE_SECONDS) 408. Both run
+    together here, so the test takes ~33 s, not 65."""
     device = new_device()
     token = [("authorization", f"Bearer {mint(devices=[device], scope='gallery:device')}")]
     with grpc.insecure_channel(stack.envoy_grpc_address) as channel:
@@ -424,14 +424,14 @@ def test_rest_requests_may_stay_quiet_past_30_seconds(stack, auth_headers, mint)
 
     def quiet_body() -> Iterator[bytes]:
         yield body[:100_000]
-        time.sleep(33)
+        time.sleep(32)
         yield body[100_000:]
 
     answers: dict[str, httpx.Response] = {}
 
     def pull() -> None:
         with httpx.Client(base_url=stack.base_url, timeout=60) as http:
-            answers["pull"] = http.post(f"/api/gallery/{device}/pull/{announced.event_id}?wait=33",
+            answers["pull"] = http.post(f"/api/gallery/{device}/pull/{announced.event_id}?wait=32",
                                         headers=headers)
 
     puller = threading.Thread(target=pull)

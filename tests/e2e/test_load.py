@@ -3,10 +3,10 @@ reads (list, stats, and the content of events stored during the run, checked aga
 sha256), for LOAD_SECONDS, with no error, every upload stored with its bytes, and
 the peak RSS (VmHWM) of the server and of Envoy within their budgets (README "Reliability").
 
-The stack runs with GALLERY_GRPC_WORKERS=96 and GALLERY_MAX_UPLOADS_TOTAL=72: the defaults (64
-workers, 48 uploads) keep 16 threads for reads and would refuse some of 64 simultaneous uploads
-with TOO_MANY_UPLOADS, which is their purpose (tested in test_limits.py), not what this test
-measures: the memory of 64 uploads in flight at once, with reads still answered.
+The stack runs with GALLERY_GRPC_WORKERS=96 and GALLERY_MAX_UPLOADS_TOTAL=72: the default of 48
+uploads at once would refuse some of 64 simultaneous uploads with TOO_MANY_UPLOADS, which is its
+purpose (tested in test_limits.py), not what this test measures: the memory of 64 uploads in
+flight at once, with reads still answered.
 """
 
 from __future__ import annotations

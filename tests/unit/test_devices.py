@@ -24,8 +24,10 @@ from gallery_server.errors import (
     TooLarge,
 )
 from gallery_server.models import DeletedCapture, DeviceCommand, DeviceConnection, Event
+from gallery_server.service import Gallery
+from gallery_server.storage import Storage
 
-from ..conftest import event_commit_fails, stored_files
+from ..conftest import event_commit_fails, make_settings, stored_files
 
 DEVICE = "cam-1"
 
@@ -489,3 +491,27 @@ def test_a_pulled_upload_of_an_event_deleted_meanwhile_is_not_found(devices, gal
             gallery.store(upload, fill=announced, before_insert=devices.complete_pull)
     assert gone.value.reason == "EVENT_NOT_FOUND"
     assert stored_files(gallery.settings.data_dir) == []
+
+
+def test_a_channel_closed_during_an_outage_leaves_a_row_its_next_connect_removes(closed_database, tmp_path, caplog):
+    """close() cannot delete the channel's row while PostgreSQL refuses connections: it warns
+    (grpc's callback failed with a traceback at ERROR) and the row's heartbeat stops; the device's
+    next connect() removes such rows once an hour old."""
+    db, closed = closed_database
+    gallery = Gallery(make_settings(tmp_path, db.engine.url.render_as_string(hide_password=False)), db,
+                      Storage(tmp_path))
+    devices = Devices(gallery)
+    device_principal = auth.Principal("cam-1", frozenset({DEVICE}), frozenset({auth.DEVICE}))
+    channel = devices.connect(device_principal, DEVICE)
+    with closed, caplog.at_level("WARNING", logger="gallery_server.devices"):
+        channel.close()  # does not raise
+    assert "its row stays until the database is back" in caplog.text
+    with db.session() as session:
+        assert [c.id for c in session.exec(select(DeviceConnection))] == [channel.id]
+        session.exec(sa.update(DeviceConnection).values(
+            last_seen=datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=2)))
+        session.commit()
+    again = devices.connect(device_principal, DEVICE)
+    with db.session() as session:
+        assert [c.id for c in session.exec(select(DeviceConnection))] == [again.id]
+    again.close()

@@ -539,7 +539,7 @@ def limits_env(tmp_path, **values: str) -> dict[str, str]:
     {"GALLERY_RECONCILE_GRACE_SECONDS": "299"},
     {"GALLERY_RECONCILE_GRACE_SECONDS": "nan"},
     {"GALLERY_UPLOAD_IDLE_SECONDS": "1801"},  # the default grace (3600) is below 2 x idle
-    {"GALLERY_MAX_UPLOADS_TOTAL": "64"},  # as many as the default workers
+    {"GALLERY_MAX_UPLOADS_TOTAL": "256"},  # as many as the default workers
     {"GALLERY_GRPC_WORKERS": "8"},  # fewer than the default uploads in total
     {"GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS": "0"},
 ])

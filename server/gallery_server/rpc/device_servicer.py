@@ -32,6 +32,27 @@ def _instant(timestamp: Timestamp) -> datetime.datetime:
                               field="created") from None
 
 
+def _first_within(messages: Iterator[pb.ConnectRequest], context: grpc.ServicerContext,
+                  seconds: float) -> pb.ConnectRequest | None:
+    """The stream's first message, the RPC cancelled if it does not come within `seconds` (a
+    stream that never says hello would hold its thread for ever)."""
+    lock, arrived = threading.Lock(), threading.Event()
+
+    def too_late() -> None:
+        with lock:  # not once the message is taken: Timer.cancel() cannot stop a running callback
+            if not arrived.is_set():
+                context.cancel()
+
+    timer = threading.Timer(seconds, too_late)
+    timer.start()
+    try:
+        return next(messages, None)
+    finally:
+        with lock:
+            arrived.set()
+        timer.cancel()
+
+
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     def __init__(
         self, devices: Devices, principal: Callable[[], Principal] = current_principal
@@ -63,13 +84,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     def Connect(self, request_iterator, context):  # type: ignore[no-untyped-def]
         principal = self.principal()
         with self.devices.greeting(principal):
-            # A stream that never says hello would hold its thread for ever: cancelled.
-            too_late = threading.Timer(devices_module.HELLO_SECONDS, context.cancel)
-            too_late.start()
-            try:
-                first = next(request_iterator, None)
-            finally:
-                too_late.cancel()
+            first = _first_within(request_iterator, context, devices_module.HELLO_SECONDS)
+        if not context.is_active():  # cancelled as the hello came: too late
+            return
         if first is None or first.WhichOneof("message") != "hello":
             raise InvalidArgument("HELLO_REQUIRED", "the first message must be a hello",
                                   field="hello")
