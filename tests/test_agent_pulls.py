@@ -257,7 +257,7 @@ def test_an_upload_the_server_has_no_slot_for_is_retried(make_agent, folder, gal
     assert states == dict.fromkeys(names, "completed")
 
 
-@pytest.mark.parametrize("server_limits", [{"keepalive_seconds": 1.0}], ids=["keepalive-1s"])
+@pytest.mark.parametrize("server_limits", [{"keepalive_seconds": 0.5}], ids=["keepalive-0.5s"])
 def test_an_agent_whose_connection_went_silent_connects_anew(
     grpc_port, mint, folder, gallery_stub, user, monkeypatch
 ):
@@ -279,7 +279,7 @@ def test_an_agent_whose_connection_went_silent_connects_anew(
                 time.sleep(0.05)
             proxy.go_silent()
             # The silence: 3 s without a heartbeat, then a new connection; the server lets the
-            # old one go after its PING is left unanswered (1 s, then 6 s) and hands it the pull.
+            # old one go after its PING is left unanswered (0.5 s, then 3 s) and hands it the pull.
             states = pull_all(gallery_stub, user, events, timeout=30)
         assert states == dict.fromkeys(names, "completed")
         assert proxy.connections >= 2

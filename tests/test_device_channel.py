@@ -174,8 +174,7 @@ def test_a_device_holds_at_most_a_few_channels_and_the_newest_wins(channel, mint
 
         threading.Thread(target=drain, daemon=True).start()
         assert ended.wait(10), "the oldest channel was not ended"
-        for stream in streams:  # the others go on
-            assert next(stream).HasField("heartbeat")
+        assert all(stream.is_active() for stream in streams)  # the others go on
         streams.append(newest)
     finally:
         stop.set()
@@ -185,11 +184,11 @@ def test_a_device_holds_at_most_a_few_channels_and_the_newest_wins(channel, mint
 
 @SQLITE_ONLY
 def test_a_channel_ends_when_its_token_expires(channel, mint):
-    """A channel opened with a token that expires 4 - 5 s later (PyJWT's 30 s leeway included;
+    """A channel opened with a token that expires 3 - 4 s later (PyJWT's 30 s leeway included;
     mint cuts the time to whole seconds) ends then with UNAUTHENTICATED TOKEN_EXPIRED: letting a
     device's token expire cuts it off."""
     token = auth.mint(JWT_SECRET, subject="cam1", devices=["cam1"], scope="gallery:device",
-                      ttl_seconds=5 - auth.LEEWAY_SECONDS)
+                      ttl_seconds=4 - auth.LEEWAY_SECONDS)
     stop = threading.Event()
     stream = open_channel(channel, token, stop)
     started = time.monotonic()
@@ -199,7 +198,7 @@ def test_a_channel_ends_when_its_token_expires(channel, mint):
                 pass
         assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert rich_error(ended.value)[0].reason == "TOKEN_EXPIRED"
-        assert 2 < time.monotonic() - started < 15
+        assert 1 < time.monotonic() - started < 15
     finally:
         stop.set()
 

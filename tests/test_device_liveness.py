@@ -28,7 +28,7 @@ def settings(tmp_path: pathlib.Path):
     # SQLite only: what is tested here is the channel's threads and timers, not the database.
     data = tmp_path / "data"
     data.mkdir()
-    return make_settings(data, keepalive_seconds=1.0)
+    return make_settings(data, keepalive_seconds=0.5)
 
 
 def first_command(stream: Iterator[dpb.ConnectResponse], timeout: float) -> list[dpb.Command]:
@@ -89,7 +89,7 @@ def test_a_command_held_by_a_silent_connection_reaches_the_next_one(grpc_port, m
             time.sleep(0.1)
 
         fresh = device_pb2_grpc.DeviceServiceStub(channel).Connect(requests(), metadata=device)
-        # An unanswered PING (after 1 s, then 6 s for its answer) ends the silent connection's call.
+        # An unanswered PING (after 0.5 s, then 3 s for its answer) ends the silent connection's call.
         got = first_command(fresh, timeout=20)
         assert [c.upload_event.event_id for c in got] == [announced.event_id]
         assert connections(settings.database_url) == 1  # the silent one's row is gone

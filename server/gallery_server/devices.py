@@ -71,7 +71,13 @@ def thread_shares(settings: Settings) -> tuple[int, int, int]:
     """How many channels, waiting pulls and channels waiting for their hello a server holds at
     most: together at most 7/8 of the threads uploads leave, the rest for every other call."""
     left = max(0, settings.grpc_workers - settings.max_uploads_total)
-    return tuple(max(1, left // share) for share in (CHANNELS_SHARE, PULL_WAITS_SHARE, HELLOS_SHARE))  # type: ignore[return-value]
+
+    def share(part: int) -> int:
+        return max(1, left // part)
+
+    return share(CHANNELS_SHARE), share(PULL_WAITS_SHARE), share(HELLOS_SHARE)
+
+
 OPEN_STATES = ("pending", "delivered", "acked")
 # The latest pull of an event (GetEvent answers it), as one prebuilt select on the driver's cursor
 # (Database.read_rows) rather than through an ORM session.
