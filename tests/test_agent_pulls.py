@@ -228,16 +228,20 @@ def clips(folder: pathlib.Path, count: int, size: int) -> set[str]:
     return names
 
 
-def test_six_pulls_at_once_all_complete(make_agent, folder, gallery_stub, user):
-    """More pulls at once than the server takes uploads of one device (4): the rest wait."""
-    names = clips(folder, 6, 128 << 10)
-    a = make_agent(max_rate=128 << 10)  # each upload takes 1 s
+def pulled_at_once(make_agent, folder, gallery_stub, user, count: int) -> tuple[set[str], dict[str, str]]:
+    """`count` clips announced by an agent on a modest uplink (each upload takes 1 s), then all
+    pulled at once: their names, and the state each pull ended in."""
+    names = clips(folder, count, 128 << 10)
+    a = make_agent(max_rate=128 << 10)
     a.announce(files(folder))
     events = list(listed(gallery_stub, user).values())
-
     with channel_open(a):
-        states = pull_all(gallery_stub, user, events, timeout=18)
+        return names, pull_all(gallery_stub, user, events, timeout=18)
 
+
+def test_six_pulls_at_once_all_complete(make_agent, folder, gallery_stub, user):
+    """More pulls at once than the server takes uploads of one device (4): the rest wait."""
+    names, states = pulled_at_once(make_agent, folder, gallery_stub, user, 6)
     assert states == dict.fromkeys(names, "completed")
     assert {e.state for e in listed(gallery_stub, user).values()} == {"stored"}
 
@@ -246,14 +250,7 @@ def test_six_pulls_at_once_all_complete(make_agent, folder, gallery_stub, user):
 def test_an_upload_the_server_has_no_slot_for_is_retried(make_agent, folder, gallery_stub, user):
     """A server taking fewer uploads at once than the agent sends: TOO_MANY_DEVICE_UPLOADS is
     "retry later", not a failure."""
-    names = clips(folder, 2, 128 << 10)
-    a = make_agent(max_rate=128 << 10)  # each upload takes 1 s
-    a.announce(files(folder))
-    events = list(listed(gallery_stub, user).values())
-
-    with channel_open(a):
-        states = pull_all(gallery_stub, user, events, timeout=18)
-
+    names, states = pulled_at_once(make_agent, folder, gallery_stub, user, 2)
     assert states == dict.fromkeys(names, "completed")
 
 

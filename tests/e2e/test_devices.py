@@ -447,3 +447,31 @@ def test_rest_requests_may_stay_quiet_past_30_seconds(stack, auth_headers, mint)
         assert stored["sha256"] == hashlib.sha256(content).hexdigest()
     assert answers["pull"].status_code == 200, answers["pull"].text
     assert answers["pull"].json()["pull"]["state"] == "pending"
+
+
+def test_a_capture_deleted_over_rest_is_answered_deleted_and_new_content_is_a_new_event(
+    stack, http, auth_headers, mint, envoy_channel
+):
+    """Through Envoy: a device's file announced, its event deleted by a REST client, the same
+    file announced again (as the agent does after every reconnect), then new content under the
+    same name (a reused file name)."""
+    device = new_device()
+    token = [("authorization", f"Bearer {mint(devices=[device], scope='gallery:device')}")]
+    devices = device_pb2_grpc.DeviceServiceStub(envoy_channel)
+
+    def announce(content: bytes) -> dpb.AnnouncedEventResult:
+        [result] = devices.AnnounceEvents(dpb.AnnounceEventsRequest(device=device, events=[
+            dpb.AnnouncedEvent(device_key="DCIM/IMG_0001.JPG", name="IMG_0001.JPG", size=len(content),
+                               sha256=hashlib.sha256(content).hexdigest())]), metadata=token).results
+        return result
+
+    first = announce(b"the first photo")
+    r = http.delete(f"/api/gallery/{device}/events/{first.event_id}", headers=auth_headers())
+    assert r.status_code == 200, r.text
+    again = announce(b"the first photo")
+    assert (again.event_id, again.state) == (first.event_id, "deleted")
+    assert list_events(http, auth_headers(), device) == []
+    second = announce(b"a new photo under the same name")
+    assert second.state == "on_device" and second.event_id != first.event_id
+    listed = list_events(http, auth_headers(), device)
+    assert [(e["id"], e["size"]) for e in listed] == [(second.event_id, len(b"a new photo under the same name"))]
