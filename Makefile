@@ -9,6 +9,10 @@ BUF := .tools/node_modules/.bin/buf
 export GALLERY_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 # The bench's listing also runs on a throw-away database of this server (bench/_postgres.py).
 export GALLERY_BENCH_POSTGRES_URL ?= $(GALLERY_TEST_POSTGRES_URL)
+# Most tests wait on subprocesses, sockets and disks more than they compute: two pytest workers
+# halve the suite on 2 CPUs (tests/conftest.py: which tests share a worker). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: setup run test unit e2e lint generate check-generated bench bench-quick clean
 
@@ -37,13 +41,13 @@ lint: setup $(BUF)
 	$(BUF) lint "generated/gallery_descriptor.pb#format=binpb" --path gallery/v1 --config buf.yaml
 
 test: setup check-generated lint
-	$(PY) -m pytest
+	$(PYTEST)
 
 unit: setup
-	$(PY) -m pytest -m "not e2e"
+	$(PYTEST) -m "not e2e"
 
 e2e: setup
-	$(PY) -m pytest -m e2e
+	$(PYTEST) -m e2e
 
 # The full suite (< 15 min): rewrites BENCHMARKS.md and writes bench/results/<time>.json.
 bench: setup

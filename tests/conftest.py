@@ -38,6 +38,19 @@ from gallery_server.signed_urls import SignedUploads
 from gallery_server.storage import Storage
 
 JWT_SECRET = "test-secret-" + "x" * 40
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (`make test` runs two workers)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each module's tests run in one worker, as they share module-scoped stacks. The tests marked
+    xdist_group("heavy") (the crash test, the 64-upload load test, the quick bench, the 1 GiB
+    upload) run in one worker one after the other: their disk writes and CPU at once would slow
+    each other's commits past the crash test's one-second reconciler grace."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
 READ_WRITE = f"{auth.READ} {auth.WRITE}"
 
 

@@ -153,7 +153,7 @@ BUSY = "Concurrent RPC limit exceeded!"
 
 
 @pytest.mark.parametrize(("code", "reason", "details"), [
-    *((code, "", "") for code in agent.TRANSIENT),
+    *((code, "", "") for code in sorted(agent.TRANSIENT, key=lambda c: c.name)),
     (Code.UNAVAILABLE, "DATABASE_UNAVAILABLE", ""),
     # The server at capacity says "retry later".
     (Code.RESOURCE_EXHAUSTED, "TOO_MANY_DEVICE_UPLOADS", ""),
@@ -202,7 +202,7 @@ def test_an_announcement_over_the_message_limit_is_halved_and_a_busy_server_is_n
     (Code.INVALID_ARGUMENT, "INVALID_DEVICE_ID"),  # the request's device, in no file
     (Code.RESOURCE_EXHAUSTED, "INSUFFICIENT_STORAGE"),
     (Code.RESOURCE_EXHAUSTED, "TOO_MANY_UPLOADS"),
-    *((code, "") for code in agent.TRANSIENT),
+    *((code, "") for code in sorted(agent.TRANSIENT, key=lambda c: c.name)),
 ])
 def test_an_announcement_refused_for_the_caller_or_the_moment_is_not_halved(code, reason):
     assert not agent.refuses_content(code, reason)
