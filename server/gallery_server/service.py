@@ -446,7 +446,18 @@ class Gallery:
         watched = self.idle.watch(messages, cancel, first_carries_data=first_carries_data)
         if size_of is not None:
             watched = self._metered(watched, size_of)
-        return self.receiving.bounded(watched, on_end=on_end)
+        return self._admitted(self.receiving.bounded(watched, on_end=on_end))
+
+    def _admitted(self, messages: Iterator[T]) -> Iterator[T]:
+        """The first message awaited under an upload slot's count (UploadSlots.first_message):
+        refused at once, before any permit or byte, if uploads hold every slot already."""
+        with self.slots.first_message():
+            first = next(messages, None)
+        if first is None:
+            return
+        yield first
+        del first  # not held while the next one is awaited
+        yield from messages
 
     def _metered(self, messages: Iterator[T], size_of: Callable[[T], int]) -> Iterator[T]:
         space = SpaceMeter(self.storage.require_space)

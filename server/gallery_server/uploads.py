@@ -8,6 +8,7 @@ in total) and IdleWatchdog (a stream that sends nothing for a while is aborted).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -109,6 +110,11 @@ class UploadSlots:
 
     Each upload holds a server thread and a staging file for as long as its client sends; without
     a bound, one device (or a crowd) could hold every thread and leave none for reads.
+
+    A stream waiting for its first message holds a thread too, for up to
+    GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS, before its device (and so its slot) is known, and a
+    pre-signed PUT needs no token to open one: such streams count against the total with those in
+    flight (first_message()), so that uploads, started or not, hold at most `total` threads.
     """
 
     def __init__(self, *, per_device: int, total: int) -> None:
@@ -117,6 +123,24 @@ class UploadSlots:
         self._lock = threading.Lock()
         self._by_device: dict[str, int] = {}
         self._in_flight = 0
+        self._awaiting_first = 0
+
+    @contextlib.contextmanager
+    def first_message(self) -> Iterator[None]:
+        """Around a stream's wait for its first message (which names its device)."""
+        with self._lock:
+            if self._in_flight + self._awaiting_first >= self.total:
+                raise Exhausted(
+                    "TOO_MANY_UPLOADS",
+                    f"the server is receiving or awaiting {self.total} uploads already: retry later",
+                    limit=str(self.total),
+                )
+            self._awaiting_first += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._awaiting_first -= 1
 
     @property
     def in_flight(self) -> int:

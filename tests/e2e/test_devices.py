@@ -198,9 +198,11 @@ def test_announce_pull_and_download(stack, http, auth_headers, run_agent, tmp_pa
 def test_pull_waits_for_an_offline_device(stack, http, auth_headers, run_agent, tmp_path):
     device, folder, headers = new_device(), tmp_path / "dcim", auth_headers()
     folder.mkdir()
-    data = os.urandom(1 << 20)
+    # 3 chunks at one a second: the agent reports progress after each, the first 2 s before the
+    # end (a report racing the upload's completion is not recorded: the pull is over).
+    data = os.urandom(3 << 20)
     (folder / "late.mov").write_bytes(data)
-    agent = run_agent(stack, device, folder, "--max-rate", str(1 << 19))  # 2 s: it reports progress
+    agent = run_agent(stack, device, folder, "--max-rate", str(1 << 20))
     event = wait_announced(http, headers, device, 1, agent)["late.mov"]
     agent.stop()
 
@@ -212,7 +214,7 @@ def test_pull_waits_for_an_offline_device(stack, http, auth_headers, run_agent, 
     assert get_event(http, headers, device, event["id"])["pull"]["state"] == "pending"
     assert command_count(stack.data_dir, event["id"]) == 1
 
-    agent = run_agent(stack, device, folder, "--max-rate", str(1 << 19))
+    agent = run_agent(stack, device, folder, "--max-rate", str(1 << 20))
     wait_stored(http, headers, device, event["id"], 20, agent)
     assert content(http, headers, device, event["id"]) == data
     with sqlite3.connect(stack.data_dir / "gallery.db") as db:

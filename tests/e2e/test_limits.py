@@ -4,6 +4,9 @@ scope gallery:admin) with its exact JSON shape."""
 
 from __future__ import annotations
 
+import contextlib
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -154,6 +157,61 @@ def test_a_stream_that_never_sends_its_first_message_is_aborted(
             never.set()
     assert aborted.value.code() == grpc.StatusCode.CANCELLED
     assert FIRST_MESSAGE_SECONDS <= time.monotonic() - started < IDLE_SECONDS
+
+
+def test_streams_that_send_nothing_cannot_take_every_thread(
+    tmp_path_factory: pytest.TempPathFactory, mint: Callable[..., str]
+) -> None:
+    """A pre-signed PUT needs no token, and each stream holds a server thread until its first
+    message (up to GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS): silent ones count with the uploads in
+    flight, so past GALLERY_MAX_UPLOADS_TOTAL they are 429 at once, and the server's other
+    threads stay free for every other call."""
+    root = tmp_path_factory.mktemp("silent")
+    workers, total = 8, 3
+    stack = start_stack(root / "data", root / "gallery.log", extra_env={
+        "GALLERY_MAKE_THUMBNAILS": "false",
+        "GALLERY_GRPC_WORKERS": str(workers),
+        "GALLERY_MAX_UPLOADS_TOTAL": str(total),
+        "GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS": "60",
+    })
+    headers = {"Authorization": f"Bearer {mint()}"}
+    try:
+        with contextlib.ExitStack() as silent, httpx.Client(base_url=stack.base_url, timeout=10) as http:
+            # Headers announcing a body that never comes, without a token: more than every thread.
+            sockets = []
+            for _ in range(workers + 4):
+                s = silent.enter_context(socket.create_connection(("127.0.0.1", stack.http_port)))
+                s.sendall(b"PUT /api/gallery/silent-dev/upload/not-a-token HTTP/1.1\r\n"
+                          b"Host: gallery\r\nContent-Length: 100\r\n\r\n")
+                sockets.append(s)
+            # `total` of them wait for their body; every other one is refused at once.
+            refused: dict[socket.socket, bytes] = {}
+            deadline = time.monotonic() + 10
+            while len(refused) < workers + 4 - total and time.monotonic() < deadline:
+                readable, _, _ = select.select([s for s in sockets if s not in refused], [], [], 0.1)
+                refused.update((s, s.recv(4096)) for s in readable)
+            time.sleep(0.3)
+            assert not select.select([s for s in sockets if s not in refused], [], [], 0)[0]
+            assert len(refused) == workers + 4 - total, refused
+            assert all(r.startswith(b"HTTP/1.1 429 ") and b"TOO_MANY_UPLOADS" in r
+                       for r in refused.values()), refused
+            # Calls on the upload threads' pool are answered meanwhile.
+            r = http.get("/api/gallery/silent-dev/upload-url", params={"filename": "a.jpg"}, headers=headers)
+            assert r.status_code == 200, r.text
+            assert_429(http.post("/api/gallery/silent-dev/upload", headers=headers,
+                                 files={"event": ("a.bin", b"abc")}, data={"name": "a.bin"}),
+                       "TOO_MANY_UPLOADS")
+        # The clients went: their streams end and give their places back.
+        with httpx.Client(base_url=stack.base_url, timeout=10) as http:
+            deadline = time.monotonic() + 10
+            while (r := http.post("/api/gallery/silent-dev/upload", headers=headers,
+                                  files={"event": ("a.bin", b"abc")}, data={"name": "a.bin"})).status_code == 429:
+                assert time.monotonic() < deadline, r.text
+                time.sleep(0.1)
+            assert r.status_code == 200, r.text
+    finally:
+        stop_stack(stack)
+    assert [p.name for p in stored_files(stack.data_dir)] == [r.json()["eventId"]]
 
 
 def test_admin_status_shape_and_scope(limited: Stack, mint: Callable[..., str]) -> None:

@@ -294,6 +294,37 @@ def test_upload_slots_per_device_and_in_total():
     assert slots.in_flight == 0
 
 
+def test_streams_awaiting_their_first_message_count_with_the_uploads_in_flight():
+    slots = UploadSlots(per_device=2, total=3)
+    release = slots.acquire("a")
+    with slots.first_message(), slots.first_message():
+        with pytest.raises(Exhausted) as full, slots.first_message():
+            pass
+        assert full.value.reason == "TOO_MANY_UPLOADS"
+    release()
+    with slots.first_message(), slots.first_message(), slots.first_message():
+        pass  # every place given back, refused or not
+    # A stream whose first message came takes its slot if one is free, whoever else is waiting.
+    with slots.first_message(), slots.first_message():
+        slots.acquire("b")()
+
+
+def test_an_upload_stream_is_refused_before_its_first_message_when_every_slot_is_taken(gallery, principal):
+    gallery.slots.total = 1
+    read: list[int] = []
+
+    def messages():
+        read.append(1)
+        yield b"header"
+
+    with gallery.begin_upload(principal, "cam1"):
+        with pytest.raises(Exhausted) as full:
+            next(gallery.watch_upload(messages(), lambda: None))
+        assert full.value.reason == "TOO_MANY_UPLOADS"
+        assert not read  # refused without waiting for the client
+    assert list(gallery.watch_upload(messages(), lambda: None)) == [b"header"]
+
+
 def test_an_upload_holds_its_slot_until_closed(gallery, principal):
     gallery.slots.per_device = 1
     with gallery.begin_upload(principal, "cam1"):
