@@ -13,11 +13,12 @@ import pytest
 from gallery.v1 import device_pb2 as dpb
 from gallery.v1 import device_pb2_grpc
 from gallery_server import devices as devices_module
+from gallery_server.threads import ThreadShares, thread_shares
 
 from .conftest import make_settings, rich_error
 
 # What a server of 18 threads, 2 of them for uploads, holds: (18 - 2) // 2 channels, // 8
-# waiting for their hello.
+# waiting for their hello (threads.py).
 CHANNELS, HELLOS = 8, 2
 
 
@@ -27,7 +28,7 @@ def settings(tmp_path: pathlib.Path):
     data = tmp_path / "data"
     data.mkdir()
     settings = make_settings(data, grpc_workers=18, max_uploads_total=2)
-    assert devices_module.thread_shares(settings) == (CHANNELS, 4, HELLOS)
+    assert thread_shares(settings) == ThreadShares(channels=CHANNELS, pull_waits=2, downloads=2, hellos=HELLOS)
     return settings
 
 

@@ -41,7 +41,7 @@ from .errors import (
 from .media_types import classify, detect_mime
 from .models import DeletedCapture, DeviceCommand, DeviceConnection, Event
 from .service import Gallery, aware, utcnow
-from .settings import Settings
+from .threads import Holds, thread_shares
 
 log = logging.getLogger(__name__)
 
@@ -55,27 +55,12 @@ MAX_WAIT_S = 60
 # reconnect while its server has not yet seen the old connection go (keepalive_seconds), and its
 # next one replaces its oldest rather than being refused: after a network change the newest
 # connection is the live one. All channels together, and all pull waits, get a share of the
-# threads uploads leave (GALLERY_GRPC_WORKERS - GALLERY_MAX_UPLOADS_TOTAL); past them a channel or
-# a waiting pull is refused (429), so that the rest of those threads serve every other call.
+# threads (threads.py); past them a channel or a waiting pull is refused (429).
 MAX_CONNECTIONS_PER_DEVICE = 4
 MAX_PULL_WAITS_PER_DEVICE = 4
-CHANNELS_SHARE = 2  # at most half the threads uploads leave: channels
-PULL_WAITS_SHARE = 4  # at most a quarter of them: waiting pulls
-HELLOS_SHARE = 8  # at most an eighth of them: channels still waiting for their hello
 # A channel's first message, its hello, names the device: until it comes, the stream holds a thread
 # for a token that may not even be a device's, so it must come soon.
 HELLO_SECONDS = 10.0
-
-
-def thread_shares(settings: Settings) -> tuple[int, int, int]:
-    """How many channels, waiting pulls and channels waiting for their hello a server holds at
-    most: together at most 7/8 of the threads uploads leave, the rest for every other call."""
-    left = max(0, settings.grpc_workers - settings.max_uploads_total)
-
-    def share(part: int) -> int:
-        return max(1, left // part)
-
-    return share(CHANNELS_SHARE), share(PULL_WAITS_SHARE), share(HELLOS_SHARE)
 
 
 OPEN_STATES = ("pending", "delivered", "acked")
@@ -160,32 +145,6 @@ def _deleted_event(deleted: DeletedCapture, a: Announcement) -> Event:
                  state="deleted", device_key=deleted.device_key)
 
 
-class _Holds:
-    """Per-device counts of something each holding a server thread, with per-device and total
-    limits (one process's: the threads are the process's own)."""
-
-    def __init__(self, per_device: int, total: int) -> None:
-        self.per_device, self.total = per_device, total
-        self._lock = threading.Lock()
-        self._held: dict[str, int] = {}
-
-    def take(self, device: str) -> bool:
-        with self._lock:
-            held = self._held.get(device, 0)
-            if held >= self.per_device or sum(self._held.values()) >= self.total:
-                return False
-            self._held[device] = held + 1
-            return True
-
-    def give_back(self, device: str) -> None:
-        with self._lock:
-            left = self._held[device] - 1
-            if left:
-                self._held[device] = left
-            else:
-                del self._held[device]
-
-
 class _Wakeups:
     """Per-device condition variables: a pull in this process wakes that device's channels."""
 
@@ -212,8 +171,9 @@ class Devices:
         self._channels_lock = threading.Lock()
         self._channels: dict[str, list[Channel]] = {}  # open in this process, oldest first
         self._greeting = 0  # channels waiting for their hello
-        self.max_channels, max_pull_waits, self.max_hellos = thread_shares(self.settings)
-        self._pull_waits = _Holds(MAX_PULL_WAITS_PER_DEVICE, total=max_pull_waits)
+        shares = thread_shares(self.settings)
+        self.max_channels, self.max_hellos = shares.channels, shares.hellos
+        self._pull_waits = Holds(MAX_PULL_WAITS_PER_DEVICE, total=shares.pull_waits)
 
     # -- inventory ----------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ nothing about that device's events.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -23,7 +24,14 @@ from sqlmodel import Session, col, select
 from . import downloads, listing_json, paging, validation
 from .auth import READ, WRITE, Principal
 from .db import Database
-from .errors import AlreadyExists, CommitOutcomeUnknown, FailedPrecondition, InvalidArgument, NotFound
+from .errors import (
+    AlreadyExists,
+    CommitOutcomeUnknown,
+    Exhausted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 from .listing_json import LISTED_COLUMNS
 from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import (
@@ -37,6 +45,7 @@ from .models import (
 from .receiving import ReceivePermits
 from .settings import Settings
 from .storage import SpaceMeter, StagedFile, Storage
+from .threads import Holds, thread_shares
 from .uploads import IdleWatchdog, Upload, UploadSlots
 
 log = logging.getLogger(__name__)
@@ -195,6 +204,7 @@ class Gallery:
         self.idle = IdleWatchdog(
             settings.upload_idle_seconds, first_message_seconds=settings.upload_first_message_seconds
         )
+        self._downloads = Holds(per_key=(share := thread_shares(settings).downloads), total=share)
         # Upload messages asked for or held at once, all streams together (receiving.py).
         self.receiving = ReceivePermits(settings.upload_messages_in_flight)
 
@@ -447,6 +457,27 @@ class Gallery:
         if size_of is not None:
             watched = self._metered(watched, size_of)
         return self._admitted(self.receiving.bounded(watched, on_end=on_end))
+
+    @contextlib.contextmanager
+    def download_slot(self, device: str) -> Iterator[None]:
+        """Around a native download, which holds a server thread for as long as its client takes
+        to read it: at most the downloads' share of the threads at once (threads.py)."""
+        if not self._downloads.take(device):
+            raise Exhausted(
+                "TOO_MANY_DOWNLOADS",
+                f"this server is sending {self._downloads.total} downloads already: retry later"
+                " (or download over REST, which Envoy sends itself)",
+                limit=str(self._downloads.total),
+            )
+        try:
+            yield
+        finally:
+            self._downloads.give_back(device)
+
+    def watch_download(self, messages: Iterator[T], cancel: Callable[[], None]) -> Iterator[T]:
+        """A server stream's messages, cancelled (by `cancel`) once its client has taken none for
+        GALLERY_DOWNLOAD_IDLE_SECONDS (IdleWatchdog.watch_sends)."""
+        return self.idle.watch_sends(messages, cancel, self.settings.download_idle_seconds)
 
     def _admitted(self, messages: Iterator[T]) -> Iterator[T]:
         """The first message awaited under an upload slot's count (UploadSlots.first_message):

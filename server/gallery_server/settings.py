@@ -42,6 +42,7 @@ Limits and reconciliation (README "Durability, limits and faults"); upload count
 | GALLERY_MAX_UPLOADS_TOTAL          | 48       | uploads at once, all devices; must be < GALLERY_GRPC_WORKERS |
 | GALLERY_UPLOAD_IDLE_SECONDS        | 120      | an upload stream waiting this long for a message is aborted |
 | GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS | 30     | an upload stream must send its first message within this |
+| GALLERY_DOWNLOAD_IDLE_SECONDS      | 120      | a native download whose client takes nothing this long is aborted |
 | GALLERY_UPLOAD_MESSAGES_IN_FLIGHT  | 8        | upload messages received at once, all streams (receiving.py) |
 | GALLERY_MIN_FREE_BYTES             | 1 GiB    | disk headroom: no uploads accepted below it      |
 | GALLERY_RECONCILE_INTERVAL_SECONDS | 600      | how often a replica reconciles (reconcile.py)    |
@@ -86,7 +87,7 @@ class Settings:
     max_thumbnail_bytes: int = 10 << 20
     max_metadata_bytes: int = 64 << 10
     # Threads are made as calls need them; each connected device holds one, so the default leaves
-    # room for ~100 devices per replica beside 48 uploads (devices.thread_shares).
+    # room for ~100 devices per replica beside 48 uploads (threads.py).
     grpc_workers: int = 256
     grpc_read_workers: int = 4
     log_level: str = "INFO"
@@ -109,6 +110,7 @@ class Settings:
     max_uploads_total: int = 48
     upload_idle_seconds: float = 120.0
     upload_first_message_seconds: float = 30.0
+    download_idle_seconds: float = 120.0
     # Bounds the messages held in Python and the threads working on them, all uploads together
     # (receiving.py). 4 and 8 measured the same on 2 vCPUs (16 and 64 concurrent uploads); 8
     # leaves room for more cores.
@@ -228,6 +230,7 @@ _LIMITS: dict[str, tuple[str, type]] = {
     "max_uploads_total": ("GALLERY_MAX_UPLOADS_TOTAL", int),
     "upload_idle_seconds": ("GALLERY_UPLOAD_IDLE_SECONDS", float),
     "upload_first_message_seconds": ("GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS", float),
+    "download_idle_seconds": ("GALLERY_DOWNLOAD_IDLE_SECONDS", float),
     "upload_messages_in_flight": ("GALLERY_UPLOAD_MESSAGES_IN_FLIGHT", int),
     "min_free_bytes": ("GALLERY_MIN_FREE_BYTES", int),
     "reconcile_interval_seconds": ("GALLERY_RECONCILE_INTERVAL_SECONDS", float),

@@ -188,12 +188,14 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(eq=False)
 class _Watched:
-    """One upload stream under an IdleWatchdog."""
+    """One stream under an IdleWatchdog."""
 
     cancel: Callable[[], None]
     limit: float  # seconds the current wait may last
-    waiting_since: float | None = None  # monotonic time the reader entered next(); None: not waiting
+    # Monotonic time the stream began waiting for its client (to send, or to take what was sent).
+    waiting_since: float | None = None
     fired: bool = False
+    what: str = "upload"
 
 
 class IdleWatchdog:
@@ -228,11 +230,7 @@ class IdleWatchdog:
         """`first_carries_data`: the first message may be a large chunk (WriteUpload), which a
         slow link needs as long for as any other: it gets the idle limit, not the first-message one."""
         entry = _Watched(cancel, self.idle_seconds if first_carries_data else self.first_message_seconds)
-        with self._lock:
-            self._streams.add(entry)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="upload-idle", daemon=True)
-                self._thread.start()
+        self._add(entry)
         try:
             while True:
                 entry.waiting_since = time.monotonic()
@@ -262,6 +260,29 @@ class IdleWatchdog:
             if close is not None:
                 close()
 
+    def watch_sends(self, messages: Iterator[T], cancel: Callable[[], None], limit: float) -> Iterator[T]:
+        """A download's messages, its stream cancelled once its client has taken none for `limit`
+        seconds. A handler's send blocks while the client's flow-control windows are full, so a
+        client that stops reading (without closing) would hold the handler's thread for ever."""
+        entry = _Watched(cancel, limit, what="download")
+        self._add(entry)
+        try:
+            for message in messages:
+                entry.waiting_since = time.monotonic()
+                yield message
+                entry.waiting_since = None
+                del message
+        finally:
+            with self._lock:
+                self._streams.discard(entry)
+
+    def _add(self, entry: _Watched) -> None:
+        with self._lock:
+            self._streams.add(entry)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="stream-idle", daemon=True)
+                self._thread.start()
+
     def _run(self) -> None:
         period = max(0.05, min(1.0, min(self.idle_seconds, self.first_message_seconds) / 4))
         while True:
@@ -273,7 +294,7 @@ class IdleWatchdog:
                 for entry in stalled:
                     entry.fired = True
             for entry in stalled:
-                log.warning("upload stream idle: aborting", extra={"idle_seconds": entry.limit})
+                log.warning(f"{entry.what} stream idle: aborting", extra={"idle_seconds": entry.limit})
                 try:
                     entry.cancel()
                 except Exception:

@@ -353,7 +353,10 @@ class GalleryServiceServicer:
         carries `etag`, `x-content-length` and `x-content-sha256` of the whole file, so that a client
         resuming a read can check it is still the same content. An event still on the device is
         FAILED_PRECONDITION with reason EVENT_ON_DEVICE. Needs `gallery:read`. Not mapped to REST
-        (REST clients use GetEventContent with a `Range` header).
+        (REST clients use GetEventContent with a `Range` header). Each read holds a server thread
+        while it sends: past the server's share of them, RESOURCE_EXHAUSTED `TOO_MANY_DOWNLOADS`
+        (retry later); a read whose client takes nothing for GALLERY_DOWNLOAD_IDLE_SECONDS (120) is
+        cancelled.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -5,6 +5,7 @@ Authentication happened in the interceptor; authorization and validation happen 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from collections.abc import Callable, Iterator
@@ -72,8 +73,9 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             self.principal(), request.device, **_listing_request(request)
         )
         context.send_initial_metadata(((NEXT_PAGE_TOKEN_HEADER, next_page_token),))
-        for event in events:
-            yield event_message(event)
+        # A page is read from the database whole; only a client that stops reading a large one
+        # (metadata up to 64 KiB per event) could hold this thread, and only until the watch ends it.
+        yield from self.gallery.watch_download(map(event_message, events), context.cancel)
 
     def ListEventsJson(self, request, context):  # type: ignore[no-untyped-def]
         page, next_page_token = self.gallery.list_page_json(
@@ -102,11 +104,12 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
 
     def GetEventContent(self, request, context):  # type: ignore[no-untyped-def]
         content = self.gallery.open_content(self.principal(), request.device, request.event_id)
-        yield from _http_download(context, content)
+        yield from _http_download(self.gallery, context, request.device, content, counted=True)
 
     def GetEventThumbnail(self, request, context):  # type: ignore[no-untyped-def]
+        # Not counted: a page of a gallery asks for dozens at once, each a few KiB sent at once.
         content = self.gallery.open_thumbnail(self.principal(), request.device, request.event_id)
-        yield from _http_download(context, content)
+        yield from _http_download(self.gallery, context, request.device, content, counted=False)
 
     def ReadEventContent(self, request, context):  # type: ignore[no-untyped-def]
         downloads.check_read(request.read_offset, request.read_limit)
@@ -115,13 +118,14 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             start, length = downloads.read_window(
                 content.size, request.read_offset, request.read_limit
             )
-            context.send_initial_metadata((
-                (downloads.ETAG, downloads.etag(content.sha256)),
-                (downloads.SIZE, str(content.size)),
-                (downloads.SHA256, content.sha256),
-            ))
-            for chunk in downloads.read_chunks(content.file, start, length):
-                yield _read_content_message(chunk)
+            with self.gallery.download_slot(request.device) if length else contextlib.nullcontext():
+                context.send_initial_metadata((
+                    (downloads.ETAG, downloads.etag(content.sha256)),
+                    (downloads.SIZE, str(content.size)),
+                    (downloads.SHA256, content.sha256),
+                ))
+                chunks = map(_read_content_message, downloads.read_chunks(content.file, start, length))
+                yield from self.gallery.watch_download(chunks, context.cancel)
 
     def GetStats(self, request, context):  # type: ignore[no-untyped-def]
         stats = self.gallery.stats(self.principal(), request.device)
@@ -478,9 +482,12 @@ _read_content_message = chunks.bytes_message(pb.ReadEventContentResponse, "data"
 
 
 def _http_download(
-    context: grpc.ServicerContext, content: downloads.Content,
+    gallery: Gallery, context: grpc.ServicerContext, device: str, content: downloads.Content, *,
+    counted: bool,
 ) -> Iterator[HttpBody | chunks.Encoded]:
-    """Answer a download as the request's Range and conditional headers ask (downloads.reply)."""
+    """Answer a download as the request's Range and conditional headers ask (downloads.reply).
+    Bytes to send take one of the server's download slots if `counted` (Gallery.download_slot): a
+    HEAD, a 304 or a 416 sends none."""
     with content.file:
         request = _request_headers(context)
         reply = downloads.reply(
@@ -497,18 +504,22 @@ def _http_download(
         if HEAD_HEADER in request:
             metadata.append((BODY_LENGTH_HEADER, str(reply.length)))
             sent = 0
-        context.send_initial_metadata(metadata)
-        # The first message names the content type; a 304, a 416 or a HEAD is that message with
-        # no data.
-        content_type = content.mime_type
-        for chunk in downloads.read_chunks(content.file, reply.start, sent):
-            if content_type:
-                yield HttpBody(content_type=content_type, data=chunk)
-                content_type = ""
-            else:
-                yield _http_body_message(chunk)
+        with gallery.download_slot(device) if counted and sent else contextlib.nullcontext():
+            context.send_initial_metadata(metadata)
+            yield from gallery.watch_download(_http_body(content, reply.start, sent), context.cancel)
+
+
+def _http_body(content: downloads.Content, start: int, length: int) -> Iterator[HttpBody | chunks.Encoded]:
+    # The first message names the content type; a 304, a 416 or a HEAD is that message with no data.
+    content_type = content.mime_type
+    for chunk in downloads.read_chunks(content.file, start, length):
         if content_type:
-            yield HttpBody(content_type=content_type)
+            yield HttpBody(content_type=content_type, data=chunk)
+            content_type = ""
+        else:
+            yield _http_body_message(chunk)
+    if content_type:
+        yield HttpBody(content_type=content_type)
 
 
 def _request_headers(context: grpc.ServicerContext) -> dict[str, str]:

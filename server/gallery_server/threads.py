@@ -1,0 +1,71 @@
+"""How a server's threads (GALLERY_GRPC_WORKERS) are shared between the calls that hold one for
+long: each upload, device channel, waiting pull and native download holds a thread for as long as
+its client takes, so each kind gets a share, past which it is refused (429) rather than left to
+take the threads every other call needs.
+
+Uploads take GALLERY_MAX_UPLOADS_TOTAL (uploads.UploadSlots). Of the threads they leave:
+
+* device channels at most half (CHANNELS_SHARE): a fleet's devices each keep one open;
+* waiting pulls an eighth (PULL_WAITS_SHARE);
+* native downloads an eighth (DOWNLOADS_SHARE): a client that stops reading leaves its handler
+  blocked in a send (IdleWatchdog.watch_sends ends it after GALLERY_DOWNLOAD_IDLE_SECONDS);
+* channels awaiting their hello an eighth (HELLOS_SHARE);
+
+and the last eighth serves every other call, all of them short (the short reads have a pool of
+their own). REST downloads through Envoy hold no thread: Envoy sends the file (file_handoff.py).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import NamedTuple
+
+from .settings import Settings
+
+CHANNELS_SHARE = 2
+PULL_WAITS_SHARE = 8
+DOWNLOADS_SHARE = 8
+HELLOS_SHARE = 8
+
+
+class ThreadShares(NamedTuple):
+    channels: int
+    pull_waits: int
+    downloads: int
+    hellos: int
+
+
+def thread_shares(settings: Settings) -> ThreadShares:
+    left = max(0, settings.grpc_workers - settings.max_uploads_total)
+
+    def share(part: int) -> int:
+        return max(1, left // part)
+
+    return ThreadShares(share(CHANNELS_SHARE), share(PULL_WAITS_SHARE), share(DOWNLOADS_SHARE),
+                        share(HELLOS_SHARE))
+
+
+class Holds:
+    """Per-key counts of something each holding a server thread, with per-key and total limits
+    (one process's: the threads are the process's own)."""
+
+    def __init__(self, per_key: int, total: int) -> None:
+        self.per_key, self.total = per_key, total
+        self._lock = threading.Lock()
+        self._held: dict[str, int] = {}
+
+    def take(self, key: str) -> bool:
+        with self._lock:
+            held = self._held.get(key, 0)
+            if held >= self.per_key or sum(self._held.values()) >= self.total:
+                return False
+            self._held[key] = held + 1
+            return True
+
+    def give_back(self, key: str) -> None:
+        with self._lock:
+            left = self._held[key] - 1
+            if left:
+                self._held[key] = left
+            else:
+                del self._held[key]

@@ -1,0 +1,77 @@
+"""Downloads the server sends itself hold one of its threads each (threads.py): a client that
+stops reading leaves the handler blocked in a send once the flow-control windows are full. They
+are counted (RESOURCE_EXHAUSTED `TOO_MANY_DOWNLOADS` past their share) and cancelled once their
+client has taken nothing for GALLERY_DOWNLOAD_IDLE_SECONDS. In process, a real gRPC server."""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+import time
+
+import grpc
+import pytest
+
+from gallery.v1 import gallery_pb2 as pb
+from gallery.v1 import gallery_pb2_grpc
+from gallery_server.threads import thread_shares
+
+from .conftest import make_settings, random_bytes, rich_error
+
+SIZE = 32 << 20  # far more than the HTTP/2 windows between the two ends hold
+IDLE = 1.0
+
+
+@pytest.fixture
+def settings(tmp_path: pathlib.Path):
+    # SQLite only: what is tested is the server's threads, not the database.
+    data = tmp_path / "data"
+    data.mkdir()
+    settings = make_settings(data, grpc_workers=10, max_uploads_total=2, download_idle_seconds=IDLE)
+    assert thread_shares(settings).downloads == 1
+    return settings
+
+
+def stored(stub: gallery_pb2_grpc.GalleryServiceStub, md, data: bytes) -> str:
+    parts = [pb.UploadEventRequest(header=pb.UploadHeader(device="cam1", name="big.bin"))]
+    parts += [pb.UploadEventRequest(media_chunk=data[i:i + (1 << 20)]) for i in range(0, len(data), 1 << 20)]
+    parts.append(pb.UploadEventRequest(finish=pb.UploadFinish()))
+    return stub.UploadEvent(iter(parts), metadata=md).event_id
+
+
+def read(stub, md, event_id: str, offset: int = 0):
+    return stub.ReadEventContent(
+        pb.ReadEventContentRequest(device="cam1", event_id=event_id, read_offset=offset), metadata=md, timeout=30)
+
+
+def test_a_download_whose_client_stopped_reading_is_counted_then_cancelled(grpc_port, mint):
+    md = [("authorization", f"Bearer {mint()}")]
+    data = random_bytes(SIZE)
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = gallery_pb2_grpc.GalleryServiceStub(channel)
+        event_id = stored(stub, md, data)
+        stalled = read(stub, md, event_id)
+        next(stalled)  # the server is sending; the client reads no more
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            b"".join(m.data for m in read(stub, md, event_id))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert rich_error(refused.value)[0].reason == "TOO_MANY_DOWNLOADS"
+        # A read with nothing to send holds no thread: answered meanwhile.
+        assert list(read(stub, md, event_id, offset=SIZE)) == []
+        # The stalled one is cancelled after IDLE s without a message taken, and its place is free.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                whole = b"".join(m.data for m in read(stub, md, event_id))
+                break
+            except grpc.RpcError as error:
+                assert rich_error(error)[0].reason == "TOO_MANY_DOWNLOADS"
+                assert time.monotonic() < deadline, "the stalled download was never cancelled"
+                time.sleep(0.1)
+        assert time.monotonic() - started >= IDLE
+        assert hashlib.sha256(whole).digest() == hashlib.sha256(data).digest()
+        with pytest.raises(grpc.RpcError) as cancelled:
+            for _ in stalled:
+                pass
+        assert cancelled.value.code() == grpc.StatusCode.CANCELLED
