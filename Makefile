@@ -12,7 +12,7 @@ export GALLERY_BENCH_POSTGRES_URL ?= $(GALLERY_TEST_POSTGRES_URL)
 # Most tests wait on subprocesses, sockets and disks more than they compute: two pytest workers
 # halve the suite on 2 CPUs (tests/conftest.py: which tests share a worker). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup run test unit e2e lint generate check-generated bench bench-quick clean
 

@@ -40,15 +40,29 @@ from gallery_server.storage import Storage
 JWT_SECRET = "test-secret-" + "x" * 40
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (`make test` runs two workers)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Each module's tests run in one worker, as they share module-scoped stacks. The tests marked
-    xdist_group("heavy") (the crash test, the 64-upload load test, the quick bench, the 1 GiB
-    upload) run in one worker one after the other: their disk writes and CPU at once would slow
-    each other's commits past the crash test's one-second reconciler grace."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+# Run one after another in one pytest worker (`make test` runs two: pytest_xdist_make_scheduler):
+# their disk writes and CPU at once would slow each other's commits past the crash test's
+# one-second reconciler grace.
+HEAVY_MODULES = frozenset({
+    "tests/e2e/test_crash.py", "tests/e2e/test_load.py", "tests/e2e/test_bench_quick.py",
+    "tests/e2e/test_large_upload.py",
+})
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # before xdist's own choice
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """With --dist loadfile, a module's tests share a worker (and its module-scoped stacks), and the
+    HEAVY_MODULES share one."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesAndHeavy(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "heavy" if module in HEAVY_MODULES else module
+
+    return ModulesAndHeavy(config, log)
 
 
 READ_WRITE = f"{auth.READ} {auth.WRITE}"

@@ -443,7 +443,7 @@ class Gallery:
     def watch_upload(
         self, messages: Iterator[T], cancel: Callable[[], None],
         size_of: Callable[[T], int] | None = None, first_carries_data: bool = False,
-        on_end: Callable[[Callable[[], None]], object] | None = None,
+        on_end: Callable[[Callable[[], None]], object] | None = None, public: bool = False,
     ) -> Iterator[T]:
         """The messages of an upload stream, aborted (by `cancel`) once idle for
         GALLERY_UPLOAD_IDLE_SECONDS. With `size_of`, the free disk space is checked again every
@@ -451,12 +451,13 @@ class Gallery:
 
         Every message is asked for under one of the replica's GALLERY_UPLOAD_MESSAGES_IN_FLIGHT
         permits, held until the caller asks for the next (receiving.py); `on_end(callback)` (a
-        gRPC context's add_callback) makes a stream whose RPC ended stop waiting for one."""
+        gRPC context's add_callback) makes a stream whose RPC ended stop waiting for one.
+        `public`: the stream's method needs no token (UploadSlots.first_message)."""
         # The permit is taken outside the idle watch: waiting for one is not the client's silence.
         watched = self.idle.watch(messages, cancel, first_carries_data=first_carries_data)
         if size_of is not None:
             watched = self._metered(watched, size_of)
-        return self._admitted(self.receiving.bounded(watched, on_end=on_end))
+        return self._admitted(self.receiving.bounded(watched, on_end=on_end), public)
 
     @contextlib.contextmanager
     def download_slot(self, device: str) -> Iterator[None]:
@@ -465,8 +466,7 @@ class Gallery:
         if not self._downloads.take(device):
             raise Exhausted(
                 "TOO_MANY_DOWNLOADS",
-                f"this server is sending {self._downloads.total} downloads already: retry later"
-                " (or download over REST, which Envoy sends itself)",
+                f"this server is sending {self._downloads.total} downloads already: retry later",
                 limit=str(self._downloads.total),
             )
         try:
@@ -479,10 +479,10 @@ class Gallery:
         GALLERY_DOWNLOAD_IDLE_SECONDS (IdleWatchdog.watch_sends)."""
         return self.idle.watch_sends(messages, cancel, self.settings.download_idle_seconds)
 
-    def _admitted(self, messages: Iterator[T]) -> Iterator[T]:
+    def _admitted(self, messages: Iterator[T], public: bool) -> Iterator[T]:
         """The first message awaited under an upload slot's count (UploadSlots.first_message):
         refused at once, before any permit or byte, if uploads hold every slot already."""
-        with self.slots.first_message():
+        with self.slots.first_message(public=public):
             first = next(messages, None)
         if first is None:
             return

@@ -12,7 +12,7 @@ Uploads take GALLERY_MAX_UPLOADS_TOTAL (uploads.UploadSlots). Of the threads the
 * channels awaiting their hello an eighth (HELLOS_SHARE);
 
 and the last eighth serves every other call, all of them short (the short reads have a pool of
-their own). REST downloads through Envoy hold no thread: Envoy sends the file (file_handoff.py).
+their own). Most REST downloads hold no thread: Envoy sends the file (file_handoff.py).
 """
 
 from __future__ import annotations

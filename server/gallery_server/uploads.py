@@ -112,9 +112,11 @@ class UploadSlots:
     a bound, one device (or a crowd) could hold every thread and leave none for reads.
 
     A stream waiting for its first message holds a thread too, for up to
-    GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS, before its device (and so its slot) is known, and a
-    pre-signed PUT needs no token to open one: such streams count against the total with those in
-    flight (first_message()), so that uploads, started or not, hold at most `total` threads.
+    GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS, before its device (and so its slot) is known: such
+    streams count against the total with those in flight (first_message()), so that uploads,
+    started or not, hold at most `total` threads. A pre-signed PUT needs no token to open one, so
+    those (`public`) may take at most half the total: anyone could open them, and they must not
+    keep out the uploads of clients with a token.
     """
 
     def __init__(self, *, per_device: int, total: int) -> None:
@@ -124,23 +126,30 @@ class UploadSlots:
         self._by_device: dict[str, int] = {}
         self._in_flight = 0
         self._awaiting_first = 0
+        self._public_awaiting_first = 0
 
     @contextlib.contextmanager
-    def first_message(self) -> Iterator[None]:
-        """Around a stream's wait for its first message (which names its device)."""
+    def first_message(self, *, public: bool = False) -> Iterator[None]:
+        """Around a stream's wait for its first message (which names its device); `public`: a
+        stream of a method that needs no token."""
+        public_limit = max(1, self.total // 2)
         with self._lock:
-            if self._in_flight + self._awaiting_first >= self.total:
+            if self._in_flight + self._awaiting_first >= self.total or (
+                public and self._public_awaiting_first >= public_limit
+            ):
                 raise Exhausted(
                     "TOO_MANY_UPLOADS",
                     f"the server is receiving or awaiting {self.total} uploads already: retry later",
                     limit=str(self.total),
                 )
             self._awaiting_first += 1
+            self._public_awaiting_first += public
         try:
             yield
         finally:
             with self._lock:
                 self._awaiting_first -= 1
+                self._public_awaiting_first -= public
 
     @property
     def in_flight(self) -> int:

@@ -9,12 +9,9 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.xdist_group("heavy")
 def test_bench_quick_runs_every_scenario() -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--quick"],

@@ -233,7 +233,6 @@ def crash_database(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> It
     engine.dispose()
 
 
-@pytest.mark.xdist_group("heavy")
 def test_sigkill_during_uploads_loses_nothing_acknowledged(
     tmp_path: pathlib.Path, crash_database: tuple[str, int]
 ) -> None:

@@ -7,15 +7,12 @@ import hashlib
 import os
 import uuid
 
-import pytest
-
 from ..page_cache import cached_pages, direct_writes_skip_the_cache
 
 GIB = 1 << 30
 CHUNK = 1 << 20
 
 
-@pytest.mark.xdist_group("heavy")
 def test_one_gib_multipart_upload_through_envoy(http, auth_headers, stack):
     device = f"big-{uuid.uuid4().hex[:8]}"
     boundary = uuid.uuid4().hex

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import httpx
-import pytest
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
@@ -48,7 +47,6 @@ def peak_rss(pid: int) -> int:
     raise AssertionError(f"no VmHWM for {pid}")
 
 
-@pytest.mark.xdist_group("heavy")
 def test_64_concurrent_uploads_with_reads_within_memory_budget(
     tmp_path: pathlib.Path, mint: Callable[..., str]
 ) -> None:

@@ -107,7 +107,8 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         yield from _http_download(self.gallery, context, request.device, content, counted=True)
 
     def GetEventThumbnail(self, request, context):  # type: ignore[no-untyped-def]
-        # Not counted: a page of a gallery asks for dozens at once, each a few KiB sent at once.
+        # Not counted: a page of a gallery asks for dozens at once, most sent at once (the idle
+        # watch still ends a stalled one).
         content = self.gallery.open_thumbnail(self.principal(), request.device, request.event_id)
         yield from _http_download(self.gallery, context, request.device, content, counted=False)
 
@@ -339,7 +340,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         request_iterator = self.gallery.watch_upload(
             request_iterator, context.cancel,
             size_of=(lambda m: len(m.http_body.data)) if content_range else None,
-            on_end=context.add_callback,
+            on_end=context.add_callback, public=True,
         )
         first = _first(request_iterator)
         target = self.signed.verify(validation.device_id(first.device), first.token)
