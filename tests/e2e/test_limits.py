@@ -272,3 +272,41 @@ def test_edge_refuses_oversized_headers_and_keeps_paths_canonical(limited: Stack
         # Merged slashes reach the same route (merge_slashes); an encoded slash is refused.
         assert http.get("/api//gallery//cam1/stats", headers=token).status_code == 200
         assert http.get("/api/gallery/cam%2F1/stats", headers=token).status_code == 400
+
+
+def test_a_rest_download_whose_client_stopped_reading_is_counted_then_cancelled(
+    tmp_path_factory: pytest.TempPathFactory, mint: Callable[..., str]
+) -> None:
+    """A REST download the server sends itself (a conditional GET: Envoy hands plain ones to its
+    file server) holds a server thread: past the downloads' share it is 429 TOO_MANY_DOWNLOADS, and
+    one whose client reads nothing is cancelled after GALLERY_DOWNLOAD_IDLE_SECONDS."""
+    root = tmp_path_factory.mktemp("stalled")
+    stack = start_stack(root / "data", root / "gallery.log", extra_env={
+        "GALLERY_MAKE_THUMBNAILS": "false",
+        "GALLERY_GRPC_WORKERS": "10", "GALLERY_MAX_UPLOADS_TOTAL": "2",  # a share of 1 download
+        "GALLERY_DOWNLOAD_IDLE_SECONDS": "3",
+    })
+    headers = {"Authorization": f"Bearer {mint()}"}
+    try:
+        with httpx.Client(base_url=stack.base_url, timeout=30) as http:
+            r = http.post("/api/gallery/dl-dev/upload", headers=headers, data={"name": "big.bin"},
+                          files={"event": ("big.bin", b"x" * (64 << 20))})
+            assert r.status_code == 200, r.text
+            path = f"/api/gallery/dl-dev/events/{r.json()['eventId']}/content"
+            conditional = {**headers, "If-None-Match": '"another"'}
+            with socket.socket() as stalled:
+                stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                stalled.connect(("127.0.0.1", stack.http_port))
+                stalled.sendall(f"GET {path} HTTP/1.1\r\nHost: gallery\r\nAuthorization: {headers['Authorization']}"
+                                f"\r\nIf-None-Match: \"another\"\r\n\r\n".encode())
+                assert stalled.recv(12) == b"HTTP/1.1 200"  # then reads no more
+                assert_429(http.get(path, headers=conditional), "TOO_MANY_DOWNLOADS")
+                assert http.get(path, headers=headers).status_code == 200  # Envoy sends it
+                deadline = time.monotonic() + 20
+                while (r := http.get(path, headers=conditional)).status_code == 429:
+                    assert time.monotonic() < deadline, "the stalled download was never cancelled"
+                    time.sleep(0.2)
+                assert r.status_code == 200 and len(r.content) == 64 << 20
+    finally:
+        stop_stack(stack)
+    assert "download stream idle: aborting" in stack.log()
