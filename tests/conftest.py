@@ -15,9 +15,12 @@ import subprocess
 import threading
 import time
 import traceback
+import types
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
 
 import grpc
 import psycopg
@@ -269,16 +272,28 @@ def grpc_port(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[i
             super().__init__(*args, **kwargs)  # type: ignore[arg-type]
             databases.append(self)
 
+    executors: list[futures.ThreadPoolExecutor] = []
+
+    def tracked_executor(*args: Any, **kwargs: Any) -> futures.ThreadPoolExecutor:
+        executors.append(executor := futures.ThreadPoolExecutor(*args, **kwargs))
+        return executor
+
     monkeypatch.setattr(server_module, "Database", TrackedDatabase)
+    monkeypatch.setattr(server_module, "futures", types.SimpleNamespace(ThreadPoolExecutor=tracked_executor))
     server, port = server_module.create_server(settings, "127.0.0.1:0")
     server.start()
     try:
         yield port
     finally:
         server.stop(None).wait()
-        # A handler whose RPC was cancelled or timed out may still be finishing in its thread:
-        # let it hand its connection back before the pool is closed, or the connection leaks.
+        # A handler whose RPC was cancelled or timed out may still be finishing in its thread
+        # (a device channel notices at its next poll): let it end, handing its connection back
+        # before the pool is closed and logging before this test's output is closed.
         deadline = time.monotonic() + 10
+        for executor in executors:
+            executor.shutdown(wait=False, cancel_futures=True)
+            for thread in list(executor._threads):  # type: ignore[attr-defined]
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
         while any(d.engine.pool.checkedout() for d in databases) and time.monotonic() < deadline:  # type: ignore[attr-defined]
             time.sleep(0.05)
         for database in databases:
