@@ -21,6 +21,7 @@ from gallery.v1 import gallery_pb2_grpc
 from gallery_server import auth, resumable
 from gallery_server.errors import (
     AlreadyExists,
+    Exhausted,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -651,3 +652,30 @@ def test_query_never_creates_a_session_file(gallery: Gallery, principal: auth.Pr
     session_file(gallery, "vanish-0001").unlink()
     assert uploads.query(principal, "cam1", "vanish-0001").committed_size == 0
     assert not session_file(gallery, "vanish-0001").exists()
+
+
+def test_a_device_keeps_a_bounded_number_of_sessions_open(gallery: Gallery, principal: auth.Principal) -> None:
+    """Each session is a row and a file kept until it expires: one token must not pile them up."""
+    gallery.settings = dataclasses.replace(gallery.settings, max_upload_sessions_per_device=2)
+    uploads = ResumableUploads(gallery)
+    uploads.start(principal, "cam1", name="a.bin", upload_id="open-0001")
+    uploads.start(principal, "cam1", name="a.bin", upload_id="open-0002")
+    with pytest.raises(Exhausted) as full:
+        uploads.start(principal, "cam1", name="a.bin", upload_id="open-0003")
+    assert full.value.reason == "TOO_MANY_UPLOAD_SESSIONS"
+    assert not gallery.storage.session_path("cam1", "open-0003").exists()
+    # Starting an open one again is no new session; another device has its own count.
+    assert uploads.start(principal, "cam1", name="a.bin", upload_id="open-0002").upload_id == "open-0002"
+    uploads.start(principal, "cam2", name="a.bin", upload_id="open-0001")
+    # A completed session no longer counts.
+    finished_session(uploads, principal, "open-0001", b"abc")
+    uploads.start(principal, "cam1", name="a.bin", upload_id="open-0003")
+
+
+def test_no_new_session_below_the_disk_headroom(gallery: Gallery, principal: auth.Principal) -> None:
+    uploads = ResumableUploads(gallery)
+    gallery.storage.min_free_bytes = gallery.storage.disk_space().free_bytes * 2
+    with pytest.raises(Exhausted) as full:
+        uploads.start(principal, "cam1", name="a.bin", upload_id="no-room-01")
+    assert full.value.reason == "INSUFFICIENT_STORAGE"
+    assert session_rows(gallery) == []

@@ -143,6 +143,11 @@ class Database:
                 if connection.dialect.name == "postgresql":
                     connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
                 SQLModel.metadata.create_all(connection)
+                # create_all makes a table's indexes only with the table: an index added to an
+                # existing table's model is made here.
+                for table in SQLModel.metadata.sorted_tables:
+                    for index in table.indexes:
+                        index.create(connection, checkfirst=True)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sa.Connection]:

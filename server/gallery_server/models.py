@@ -82,6 +82,8 @@ class UploadGrant(SQLModel, table=True):
     """
 
     __tablename__ = "upload_grants"
+    # SignedUploads.create_urls counts a device's unused ones.
+    __table_args__ = (sa.Index("ix_upload_grants_device_expires", "device", "expires_at"),)
 
     event_id: str = Field(primary_key=True, max_length=64)
     device: str = Field(max_length=128)

@@ -60,7 +60,15 @@ from . import validation
 from ._writeback import Writeback
 from .auth import READ, WRITE, Principal
 from .background import BackgroundLoop
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, TooLarge
+from .errors import (
+    AlreadyExists,
+    Exhausted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    TooLarge,
+)
 from .models import Event, UploadSessionRow
 from .service import Gallery, SessionHook, aware, utcnow
 from .storage import StagedFile, fsync_dir
@@ -173,6 +181,7 @@ class ResumableUploads:
                 )
             row = None
         if row is None:
+            self._require_room_for_a_session(device, now)
             # The INSERT is this transaction's first statement: on SQLite one that read first
             # cannot write once another connection has written ("database is locked" at once,
             # whatever the busy timeout). A concurrent start of the id makes it fail instead.
@@ -210,6 +219,28 @@ class ResumableUploads:
                 upload_id=upload_id, declared_size=str(row.declared_size),
             )
         return _state(row)
+
+    def _require_room_for_a_session(self, device: str, now: datetime.datetime) -> None:
+        """A new session is a row and a file kept until it expires: not below the disk headroom,
+        and at most GALLERY_MAX_UPLOAD_SESSIONS_PER_DEVICE open for a device at once (counted
+        apart from the INSERT, so a burst may pass the limit by a few)."""
+        self.storage.require_space()
+        limit = self.settings.max_upload_sessions_per_device
+        open_ = (
+            sa.select(UploadSessionRow.upload_id)
+            .where(UploadSessionRow.device == device, col(UploadSessionRow.event_id).is_(None),
+                   UploadSessionRow.expires_at > now)
+            .limit(limit)
+            .subquery()
+        )
+        with self.db.read() as connection:
+            held = connection.execute(sa.select(sa.func.count()).select_from(open_)).scalar_one()
+        if held >= limit:
+            raise Exhausted(
+                "TOO_MANY_UPLOAD_SESSIONS",
+                f"device {device} has {limit} resumable uploads open: finish or let some expire first",
+                device=device, limit=str(limit),
+            )
 
     def query(self, principal: Principal, device: str, upload_id_: str) -> SessionState:
         principal.require(validation.device_id(device), WRITE)

@@ -43,6 +43,8 @@ Limits and reconciliation (README "Durability, limits and faults"); upload count
 | GALLERY_UPLOAD_IDLE_SECONDS        | 120      | an upload stream waiting this long for a message is aborted |
 | GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS | 30     | an upload stream must send its first message within this |
 | GALLERY_DOWNLOAD_IDLE_SECONDS      | 120      | a native download whose client takes nothing this long is aborted |
+| GALLERY_MAX_UPLOAD_SESSIONS_PER_DEVICE | 1000 | resumable sessions of one device open at once |
+| GALLERY_MAX_UPLOAD_URLS_PER_DEVICE | 1000     | pre-signed URLs of one device not used yet and not expired |
 | GALLERY_UPLOAD_MESSAGES_IN_FLIGHT  | 8        | upload messages received at once, all streams (receiving.py) |
 | GALLERY_MIN_FREE_BYTES             | 1 GiB    | disk headroom: no uploads accepted below it      |
 | GALLERY_RECONCILE_INTERVAL_SECONDS | 600      | how often a replica reconciles (reconcile.py)    |
@@ -111,6 +113,10 @@ class Settings:
     upload_idle_seconds: float = 120.0
     upload_first_message_seconds: float = 30.0
     download_idle_seconds: float = 120.0
+    # Rows (and, for sessions, files) one device's clients may keep waiting at once: each is kept
+    # until it expires (sessions GALLERY_UPLOAD_SESSION_TTL, URLs GALLERY_UPLOAD_URL_TTL + a day).
+    max_upload_sessions_per_device: int = 1000
+    max_upload_urls_per_device: int = 1000
     # Bounds the messages held in Python and the threads working on them, all uploads together
     # (receiving.py). 4 and 8 measured the same on 2 vCPUs (16 and 64 concurrent uploads); 8
     # leaves room for more cores.
@@ -231,6 +237,8 @@ _LIMITS: dict[str, tuple[str, type]] = {
     "upload_idle_seconds": ("GALLERY_UPLOAD_IDLE_SECONDS", float),
     "upload_first_message_seconds": ("GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS", float),
     "download_idle_seconds": ("GALLERY_DOWNLOAD_IDLE_SECONDS", float),
+    "max_upload_sessions_per_device": ("GALLERY_MAX_UPLOAD_SESSIONS_PER_DEVICE", int),
+    "max_upload_urls_per_device": ("GALLERY_MAX_UPLOAD_URLS_PER_DEVICE", int),
     "upload_messages_in_flight": ("GALLERY_UPLOAD_MESSAGES_IN_FLIGHT", int),
     "min_free_bytes": ("GALLERY_MIN_FREE_BYTES", int),
     "reconcile_interval_seconds": ("GALLERY_RECONCILE_INTERVAL_SECONDS", float),

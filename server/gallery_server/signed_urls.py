@@ -40,6 +40,7 @@ from .auth import WRITE, Principal
 from .downloads import ContentRange
 from .errors import (
     Conflict,
+    Exhausted,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -48,7 +49,7 @@ from .errors import (
 )
 from .models import GRANT_UNUSED, Event, UploadGrant, UploadSessionRow
 from .resumable import ResumableUploads, SessionWriter
-from .service import Gallery, aware
+from .service import Gallery, aware, utcnow
 from .uploads import Upload
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ class SignedUploads:
         event_id = validation.new_event_id()
         expires = int(time.time()) + self.gallery.settings.upload_url_ttl
         expires_at = datetime.datetime.fromtimestamp(expires, datetime.UTC)
+        self._require_room_for_a_url(device)
         with self.gallery.db.session() as session:
             session.add(UploadGrant(
                 event_id=event_id, device=device, filename=filename, expires_at=expires_at,
@@ -124,6 +126,27 @@ class SignedUploads:
             thumbnail_url=url(THUMBNAIL) if thumbnail else None,
             expires_at=expires_at,
         )
+
+    def _require_room_for_a_url(self, device: str) -> None:
+        """Each URL is a row kept until a day past its expiry if it is never used: a device's
+        clients may hold GALLERY_MAX_UPLOAD_URLS_PER_DEVICE unused ones at once (counted apart
+        from the INSERT, so a burst may pass the limit by a few)."""
+        limit = self.gallery.settings.max_upload_urls_per_device
+        unused = (
+            sa.select(UploadGrant.event_id)
+            .where(UploadGrant.device == device, col(UploadGrant.media_state).in_(GRANT_UNUSED),
+                   UploadGrant.expires_at > utcnow())
+            .limit(limit)
+            .subquery()
+        )
+        with self.gallery.db.read() as connection:
+            held = connection.execute(sa.select(sa.func.count()).select_from(unused)).scalar_one()
+        if held >= limit:
+            raise Exhausted(
+                "TOO_MANY_UPLOAD_URLS",
+                f"device {device} has {limit} upload URLs not used yet: use or let some expire first",
+                device=device, limit=str(limit),
+            )
 
     def verify(self, device: str, token: str, *, allow_expired: bool = False) -> SignedTarget:
         """Check signature, expiry and device binding; every failure is the same 403 family.

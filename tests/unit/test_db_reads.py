@@ -310,3 +310,19 @@ def _terminate_sleeping(database_url: str, count: int, killed: list[int]) -> Non
                 connection.execute("SELECT pg_terminate_backend(%s)", (sleeping[0][0],))
                 killed.append(sleeping[0][0])
             time.sleep(0.02)
+
+
+def test_an_index_added_to_an_existing_table_is_made_at_start(database_url: str) -> None:
+    """create_all makes indexes only with their tables: a database made before an index joined
+    its model (ix_upload_grants_device_expires) gets it at the next start."""
+    db = Database(database_url)
+    try:
+        db.create_tables()
+        with db.engine.begin() as connection:
+            connection.exec_driver_sql("DROP INDEX ix_upload_grants_device_expires")
+        db.create_tables()
+        indexes = sa.inspect(db.engine).get_indexes("upload_grants")
+        assert ["device", "expires_at"] in [i["column_names"] for i in indexes]
+        db.create_tables()  # and again: nothing to do
+    finally:
+        db.dispose()

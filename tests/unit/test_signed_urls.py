@@ -14,12 +14,14 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from sqlmodel import select
 
 from gallery_server import auth, signed_urls
 from gallery_server.db import Database
 from gallery_server.errors import (
     CommitOutcomeUnknown,
     DatabaseUnavailable,
+    Exhausted,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -484,3 +486,18 @@ def test_concurrent_media_and_thumbnail(signed: SignedUploads, principal: auth.P
         assert event.has_thumbnail is True, f"round {round_}"
         assert gallery.storage.thumbnail_path("cam1", media.event_id).read_bytes() == JPEG
     assert list(gallery.storage.staging_root.iterdir()) == []
+
+
+def test_a_device_keeps_a_bounded_number_of_unused_urls(signed: SignedUploads, principal: auth.Principal) -> None:
+    """Each URL is a row kept a day past its expiry if never used: one token must not pile them up."""
+    signed.gallery.settings = dataclasses.replace(signed.gallery.settings, max_upload_urls_per_device=2)
+    first, _ = targets(signed, principal)
+    targets(signed, principal)
+    with pytest.raises(Exhausted) as full:
+        signed.create_urls(principal, "cam1", "c.png", thumbnail=False)
+    assert full.value.reason == "TOO_MANY_UPLOAD_URLS"
+    signed.create_urls(principal, "cam2", "c.png", thumbnail=False)  # another device's own count
+    put(signed, first, PNG)  # a used URL no longer counts
+    signed.create_urls(principal, "cam1", "c.png", thumbnail=False)
+    with signed.gallery.db.session() as session:
+        assert len(session.exec(select(UploadGrant).where(UploadGrant.device == "cam1")).all()) == 3

@@ -234,7 +234,8 @@ class GalleryServiceServicer:
     def CreateUploadUrl(self, request, context):
         """Issues pre-signed URLs that accept a raw PUT of a file (and of its thumbnail) without a bearer
         token. The URLs are bound to the device, the filename and their purpose, expire, and work once.
-        Needs `gallery:write`.
+        A device may hold GALLERY_MAX_UPLOAD_URLS_PER_DEVICE (1000) URLs not used yet and not expired;
+        past that, RESOURCE_EXHAUSTED (HTTP 429) TOO_MANY_UPLOAD_URLS. Needs `gallery:write`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -387,7 +388,9 @@ class GalleryServiceServicer:
         declared size or sha256); ALREADY_EXISTS DEVICE_EVENT_ID_CONFLICT (the device_event_id is
         stored with another sha256); FAILED_PRECONDITION UPLOAD_BUSY (a session whose event was
         deleted, or that expired, is still held by a writer: retry); RESOURCE_EXHAUSTED
-        UPLOAD_TOO_LARGE (declared size above the server's limit). Needs `gallery:write`. Not mapped
+        UPLOAD_TOO_LARGE (declared size above the server's limit), TOO_MANY_UPLOAD_SESSIONS (the
+        device has GALLERY_MAX_UPLOAD_SESSIONS_PER_DEVICE, 1000, sessions open: not completed, not
+        expired) or INSUFFICIENT_STORAGE (below the disk headroom). Needs `gallery:write`. Not mapped
         to REST (REST clients resume through pre-signed URLs: see PutSignedUpload).
         Returns the UploadSession resource itself, as AIP-133/131 methods return their resource.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
