@@ -114,14 +114,18 @@ def test_full_disk_refuses_uploads_cleanly_and_recovers(tmpfs: pathlib.Path, min
             stored = set(stored_files(stack.data_dir))
 
             # 1. Below the headroom: refused before a byte is stored, on every path.
+            session = stub.StartUpload(pb.StartUploadRequest(device="disk1", name="r.bin", size=10),
+                                       metadata=md)  # before: its writes are refused below
             fill_to(tmpfs, ballast, HEADROOM - 4 * MiB)
             assert_refused_507(multipart(http, headers, "disk1", random_bytes(100_000)), HEADROOM, HEADROOM)
             with pytest.raises(grpc.RpcError) as refused:
                 native(stub, md, "disk1", iter([random_bytes(1000)]))
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert rich_error(refused.value)[0].reason == "INSUFFICIENT_STORAGE"
-            session = stub.StartUpload(pb.StartUploadRequest(device="disk1", name="r.bin", size=10),
-                                       metadata=md)
+            with pytest.raises(grpc.RpcError) as no_session:  # a session is a file kept for a day
+                stub.StartUpload(pb.StartUploadRequest(device="disk1", name="s.bin", size=10), metadata=md)
+            assert no_session.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert rich_error(no_session.value)[0].reason == "INSUFFICIENT_STORAGE"
             with pytest.raises(grpc.RpcError) as resumable:
                 stub.WriteUpload(iter([pb.WriteUploadRequest(
                     device="disk1", upload_id=session.upload_id, data=b"0123456789", finish_write=True,
@@ -134,9 +138,11 @@ def test_full_disk_refuses_uploads_cleanly_and_recovers(tmpfs: pathlib.Path, min
                                         headers={"Content-Range": "bytes 0-999/2000"}), HEADROOM, HEADROOM)
             status = http.get(path).json()
             assert (status["committedSize"], status["complete"]) == (0, False)
-            # The two sessions exist (empty, resumable once space returns); nothing else was written.
+            # The session started before exists (empty, resumable once space returns); the range
+            # PUT's was never made; nothing else was written.
             sessions = stack.data_dir / "staging" / "sessions" / "disk1"
-            stored |= {sessions / session.upload_id, sessions / f"url.{status['eventId']}"}
+            stored |= {sessions / session.upload_id}
+            assert [p.name for p in sessions.iterdir()] == [session.upload_id]
             assert all(p.stat().st_size == 0 for p in sessions.iterdir())
             no_partial_files(stack, stored)
 
