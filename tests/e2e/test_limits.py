@@ -310,3 +310,33 @@ def test_a_rest_download_whose_client_stopped_reading_is_counted_then_cancelled(
     finally:
         stop_stack(stack)
     assert "download stream idle: aborting" in stack.log()
+
+
+def test_requests_that_never_end_hold_no_server_thread(
+    tmp_path_factory: pytest.TempPathFactory, mint: Callable[..., str]
+) -> None:
+    """grpcio's sync server waits for a unary request's message on one of its threads: a client
+    sending headers and part of a body (no token needed) held one, and 4 took every read thread.
+    Envoy passes only whole requests on (its buffer filter), so the server never waits for one."""
+    root = tmp_path_factory.mktemp("unended")
+    stack = start_stack(root / "data", root / "gallery.log", extra_env={
+        "GALLERY_MAKE_THUMBNAILS": "false", "GALLERY_GRPC_WORKERS": "8", "GALLERY_MAX_UPLOADS_TOTAL": "3",
+    })
+    headers = {"Authorization": f"Bearer {mint()}"}
+    try:
+        with contextlib.ExitStack() as unended, httpx.Client(base_url=stack.base_url, timeout=10) as http:
+            # More than every thread, on the read pool's calls and the main pool's, without a token.
+            for path in ["/api/gallery/stalled/checksums"] * 6 + ["/api/gallery/stalled/pull/evt_x"] * 10:
+                s = unended.enter_context(socket.create_connection(("127.0.0.1", stack.http_port)))
+                s.sendall(f"POST {path} HTTP/1.1\r\nHost: gallery\r\nContent-Type: application/json\r\n"
+                          "Content-Length: 100000\r\n\r\n{\"sha256s\": [".encode())
+            time.sleep(0.5)
+            assert http.get("/api/gallery/stalled/stats", headers=headers).status_code == 200
+            assert http.get("/api/gallery/stalled/upload-url", params={"filename": "a.jpg"},
+                            headers=headers).status_code == 200
+            # Uploads are streams, passed on as they come: a large one is not held whole in Envoy.
+            r = http.post("/api/gallery/stalled/upload", headers=headers, data={"name": "big.bin"},
+                          files={"event": ("big.bin", b"x" * (12 << 20))})
+            assert r.status_code == 200, r.text
+    finally:
+        stop_stack(stack)
