@@ -160,7 +160,11 @@ class UploadSessionRow(SQLModel, table=True):
     """
 
     __tablename__ = "upload_sessions"
-    __table_args__ = (sa.Index("ix_upload_sessions_expires", "expires_at"),)
+    __table_args__ = (
+        sa.Index("ix_upload_sessions_expires", "expires_at"),
+        # ResumableUploads counts a device's open ones (its completed ones stay with their events).
+        sa.Index("ix_upload_sessions_device_expires", "device", "expires_at"),
+    )
 
     device: str = Field(primary_key=True, max_length=128)
     upload_id: str = Field(primary_key=True, max_length=64)

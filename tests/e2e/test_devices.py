@@ -477,3 +477,21 @@ def test_a_capture_deleted_over_rest_is_answered_deleted_and_new_content_is_a_ne
     assert second.state == "on_device" and second.event_id != first.event_id
     listed = list_events(http, auth_headers(), device)
     assert [(e["id"], e["size"]) for e in listed] == [(second.event_id, len(b"a new photo under the same name"))]
+
+
+def test_an_announcement_as_large_as_the_agents_batches_passes_envoy(stack, http, auth_headers, mint, envoy_channel):
+    """Envoy passes whole requests on only (its buffer filter, 1 MiB + 64 KiB by default): a
+    device's AnnounceEvents has a route of its own, up to the gRPC server's 8 MiB, and the agent's
+    batches (agent.py: 4 MiB) pass."""
+    device = new_device()
+    token = [("authorization", f"Bearer {mint(devices=[device], scope=auth.DEVICE)}")]
+    thumbnail = b"\xff\xd8\xff" + os.urandom(20 << 10)
+    events = [dpb.AnnouncedEvent(device_key=f"dcim/{i:04}.jpg", name=f"{i:04}.jpg", size=1000, thumbnail=thumbnail)
+              for i in range(200)]
+    request = dpb.AnnounceEventsRequest(device=device, events=events)
+    assert request.ByteSize() > 4_000_000  # the agent's 4 MiB and some
+    results = device_pb2_grpc.DeviceServiceStub(envoy_channel).AnnounceEvents(
+        request, metadata=token, timeout=60).results
+    assert [r.state for r in results] == ["on_device"] * 200
+    r = http.get(f"/api/gallery/{device}/stats", headers=auth_headers())
+    assert r.json()["total_events"] == 200

@@ -326,9 +326,11 @@ def test_requests_that_never_end_hold_no_server_thread(
     try:
         with contextlib.ExitStack() as unended, httpx.Client(base_url=stack.base_url, timeout=10) as http:
             # More than every thread, on the read pool's calls and the main pool's, without a token.
-            for path in ["/api/gallery/stalled/checksums"] * 6 + ["/api/gallery/stalled/pull/evt_x"] * 10:
+            for method, path in ([("POST", "/api/gallery/stalled/checksums")] * 3
+                                 + [("GET", "/api/gallery/stalled/upload/not-a-token")] * 5
+                                 + [("POST", "/api/gallery/stalled/pull/evt_x")] * 10):
                 s = unended.enter_context(socket.create_connection(("127.0.0.1", stack.http_port)))
-                s.sendall(f"POST {path} HTTP/1.1\r\nHost: gallery\r\nContent-Type: application/json\r\n"
+                s.sendall(f"{method} {path} HTTP/1.1\r\nHost: gallery\r\nContent-Type: application/json\r\n"
                           "Content-Length: 100000\r\n\r\n{\"sha256s\": [".encode())
             time.sleep(0.5)
             assert http.get("/api/gallery/stalled/stats", headers=headers).status_code == 200

@@ -259,7 +259,9 @@ class GalleryServiceServicer:
         is ABORTED (HTTP 409) WRONG_OFFSET with ErrorInfo metadata `committed_size`; a Content-Range
         that is malformed, disagrees with the Content-Length or changes the total is INVALID_ARGUMENT
         INVALID_CONTENT_RANGE; another PUT writing the same URL is ABORTED (409) UPLOAD_BUSY; a total
-        above the server's limit is RESOURCE_EXHAUSTED (429) UPLOAD_TOO_LARGE. Once the URL's event is
+        above the server's limit is RESOURCE_EXHAUSTED (429) UPLOAD_TOO_LARGE; the first chunk of a
+        device with GALLERY_MAX_UPLOAD_SESSIONS_PER_DEVICE sessions open (StartUpload's count) is
+        RESOURCE_EXHAUSTED (429) TOO_MANY_UPLOAD_SESSIONS. Once the URL's event is
         stored, every Content-Range PUT answers 200 with that event's id and stores nothing (a PUT
         without Content-Range keeps the single-shot rule: URL_ALREADY_USED).
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
