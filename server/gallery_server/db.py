@@ -160,6 +160,13 @@ class Database:
         with _unavailable_as_error(), self.engine.connect() as connection:
             yield connection.execution_options(**self._single_read)
 
+    def count_at_most(self, rows: sa.Select[Any], limit: int) -> int:
+        """How many rows `rows` selects, counting no further than `limit` (a cap's check reads
+        no more than the cap)."""
+        counted = sa.select(sa.func.count()).select_from(rows.limit(limit).subquery())
+        with self.read() as connection:
+            return int(connection.execute(counted).scalar_one())
+
     def read_rows(self, statement: sa.Select[Any], parameters: Mapping[str, Any]) -> Sequence[tuple[Any, ...]]:
         """The rows of ONE read-only select, as read() runs it, as tuples.
 

@@ -226,16 +226,11 @@ class ResumableUploads:
         apart from the INSERT, so a burst may pass the limit by a few)."""
         self.storage.require_space()
         limit = self.settings.max_upload_sessions_per_device
-        open_ = (
-            sa.select(UploadSessionRow.upload_id)
-            .where(UploadSessionRow.device == device, col(UploadSessionRow.event_id).is_(None),
-                   UploadSessionRow.expires_at > now)
-            .limit(limit)
-            .subquery()
+        open_ = sa.select(UploadSessionRow.upload_id).where(
+            UploadSessionRow.device == device, col(UploadSessionRow.event_id).is_(None),
+            UploadSessionRow.expires_at > now,
         )
-        with self.db.read() as connection:
-            held = connection.execute(sa.select(sa.func.count()).select_from(open_)).scalar_one()
-        if held >= limit:
+        if self.db.count_at_most(open_, limit) >= limit:
             raise Exhausted(
                 "TOO_MANY_UPLOAD_SESSIONS",
                 f"device {device} has {limit} resumable uploads open: finish or let some expire first",

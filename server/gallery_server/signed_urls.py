@@ -132,16 +132,11 @@ class SignedUploads:
         clients may hold GALLERY_MAX_UPLOAD_URLS_PER_DEVICE unused ones at once (counted apart
         from the INSERT, so a burst may pass the limit by a few)."""
         limit = self.gallery.settings.max_upload_urls_per_device
-        unused = (
-            sa.select(UploadGrant.event_id)
-            .where(UploadGrant.device == device, col(UploadGrant.media_state).in_(GRANT_UNUSED),
-                   UploadGrant.expires_at > utcnow())
-            .limit(limit)
-            .subquery()
+        unused = sa.select(UploadGrant.event_id).where(
+            UploadGrant.device == device, col(UploadGrant.media_state).in_(GRANT_UNUSED),
+            UploadGrant.expires_at > utcnow(),
         )
-        with self.gallery.db.read() as connection:
-            held = connection.execute(sa.select(sa.func.count()).select_from(unused)).scalar_one()
-        if held >= limit:
+        if self.gallery.db.count_at_most(unused, limit) >= limit:
             raise Exhausted(
                 "TOO_MANY_UPLOAD_URLS",
                 f"device {device} has {limit} upload URLs not used yet: use or let some expire first",
