@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import pathlib
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -45,7 +46,7 @@ from .models import (
 from .receiving import ReceivePermits
 from .settings import Settings
 from .storage import SpaceMeter, StagedFile, Storage
-from .threads import Holds, thread_shares
+from .threads import thread_shares
 from .uploads import IdleWatchdog, Upload, UploadSlots
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,8 @@ class Gallery:
         self.idle = IdleWatchdog(
             settings.upload_idle_seconds, first_message_seconds=settings.upload_first_message_seconds
         )
-        self._downloads = Holds(per_key=(share := thread_shares(settings).downloads), total=share)
+        self.max_downloads = thread_shares(settings).downloads
+        self._downloads = threading.BoundedSemaphore(self.max_downloads)
         # Upload messages asked for or held at once, all streams together (receiving.py).
         self.receiving = ReceivePermits(settings.upload_messages_in_flight)
 
@@ -460,19 +462,19 @@ class Gallery:
         return self._admitted(self.receiving.bounded(watched, on_end=on_end), public)
 
     @contextlib.contextmanager
-    def download_slot(self, device: str) -> Iterator[None]:
+    def download_slot(self) -> Iterator[None]:
         """Around a native download, which holds a server thread for as long as its client takes
         to read it: at most the downloads' share of the threads at once (threads.py)."""
-        if not self._downloads.take(device):
+        if not self._downloads.acquire(blocking=False):
             raise Exhausted(
                 "TOO_MANY_DOWNLOADS",
-                f"this server is sending {self._downloads.total} downloads already: retry later",
-                limit=str(self._downloads.total),
+                f"this server is sending {self.max_downloads} downloads already: retry later",
+                limit=str(self.max_downloads),
             )
         try:
             yield
         finally:
-            self._downloads.give_back(device)
+            self._downloads.release()
 
     def watch_download(self, messages: Iterator[T], cancel: Callable[[], None]) -> Iterator[T]:
         """A server stream's messages, cancelled (by `cancel`) once its client has taken none for

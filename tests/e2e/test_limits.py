@@ -36,6 +36,8 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "GALLERY_MAKE_THUMBNAILS": "false",
         "GALLERY_MAX_UPLOADS_PER_DEVICE": "1",
         "GALLERY_MAX_UPLOADS_TOTAL": "3",
+        "GALLERY_MAX_UPLOAD_URLS_PER_DEVICE": "2",
+        "GALLERY_MAX_UPLOAD_SESSIONS_PER_DEVICE": "2",
         "GALLERY_UPLOAD_IDLE_SECONDS": str(IDLE_SECONDS),
         "GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS": str(FIRST_MESSAGE_SECONDS),
     })
@@ -216,6 +218,37 @@ def test_streams_that_send_nothing_cannot_take_every_thread(
         stop_stack(stack)
     assert sorted(p.name for p in stored_files(stack.data_dir)) == sorted(
         r.json()["eventId"] for r in (first, second))
+
+
+def test_upload_urls_and_sessions_waiting_are_bounded_per_device(limited: Stack, mint: Callable[..., str]) -> None:
+    """Each unused URL and open session is a row kept for a day: a device holds at most
+    GALLERY_MAX_UPLOAD_URLS_PER_DEVICE / GALLERY_MAX_UPLOAD_SESSIONS_PER_DEVICE (2 here), 429
+    past them, over REST and natively through Envoy."""
+    token = mint()
+    headers = {"Authorization": f"Bearer {token}"}
+    md = [("authorization", f"Bearer {token}")]
+    with httpx.Client(base_url=limited.base_url, timeout=30) as http, \
+            grpc.insecure_channel(limited.envoy_grpc_address) as channel:
+        urls = [http.get("/api/gallery/lim-rows/upload-url", params={"filename": "a.jpg"}, headers=headers)
+                for _ in range(3)]
+        assert [r.status_code for r in urls[:2]] == [200, 200]
+        assert_429(urls[2], "TOO_MANY_UPLOAD_URLS")
+        # A used URL no longer counts.
+        put = http.put(httpx.URL(urls[0].json()["upload_url"]).path, content=b"abc")
+        assert put.status_code == 200, put.text
+        assert http.get("/api/gallery/lim-rows/upload-url", params={"filename": "b.jpg"},
+                        headers=headers).status_code == 200
+
+        stub = gallery_pb2_grpc.GalleryServiceStub(channel)
+        for upload_id in ("lim-rows-01", "lim-rows-02"):
+            stub.StartUpload(pb.StartUploadRequest(device="lim-rows", name="r.bin", upload_id=upload_id), metadata=md)
+        with pytest.raises(grpc.RpcError) as full:
+            stub.StartUpload(pb.StartUploadRequest(device="lim-rows", name="r.bin", upload_id="lim-rows-03"),
+                             metadata=md)
+        assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert rich_error(full.value)[0].reason == "TOO_MANY_UPLOAD_SESSIONS"
+        # Starting an open one again is no new session.
+        stub.StartUpload(pb.StartUploadRequest(device="lim-rows", name="r.bin", upload_id="lim-rows-02"), metadata=md)
 
 
 def test_admin_status_shape_and_scope(limited: Stack, mint: Callable[..., str]) -> None:

@@ -104,13 +104,13 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
 
     def GetEventContent(self, request, context):  # type: ignore[no-untyped-def]
         content = self.gallery.open_content(self.principal(), request.device, request.event_id)
-        yield from _http_download(self.gallery, context, request.device, content, counted=True)
+        yield from _http_download(self.gallery, context, content, counted=True)
 
     def GetEventThumbnail(self, request, context):  # type: ignore[no-untyped-def]
         # Not counted: a page of a gallery asks for dozens at once, most sent at once (the idle
         # watch still ends a stalled one).
         content = self.gallery.open_thumbnail(self.principal(), request.device, request.event_id)
-        yield from _http_download(self.gallery, context, request.device, content, counted=False)
+        yield from _http_download(self.gallery, context, content, counted=False)
 
     def ReadEventContent(self, request, context):  # type: ignore[no-untyped-def]
         downloads.check_read(request.read_offset, request.read_limit)
@@ -119,7 +119,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             start, length = downloads.read_window(
                 content.size, request.read_offset, request.read_limit
             )
-            with self.gallery.download_slot(request.device) if length else contextlib.nullcontext():
+            with self.gallery.download_slot() if length else contextlib.nullcontext():
                 context.send_initial_metadata((
                     (downloads.ETAG, downloads.etag(content.sha256)),
                     (downloads.SIZE, str(content.size)),
@@ -483,8 +483,7 @@ _read_content_message = chunks.bytes_message(pb.ReadEventContentResponse, "data"
 
 
 def _http_download(
-    gallery: Gallery, context: grpc.ServicerContext, device: str, content: downloads.Content, *,
-    counted: bool,
+    gallery: Gallery, context: grpc.ServicerContext, content: downloads.Content, *, counted: bool,
 ) -> Iterator[HttpBody | chunks.Encoded]:
     """Answer a download as the request's Range and conditional headers ask (downloads.reply).
     Bytes to send take one of the server's download slots if `counted` (Gallery.download_slot): a
@@ -505,7 +504,7 @@ def _http_download(
         if HEAD_HEADER in request:
             metadata.append((BODY_LENGTH_HEADER, str(reply.length)))
             sent = 0
-        with gallery.download_slot(device) if counted and sent else contextlib.nullcontext():
+        with gallery.download_slot() if counted and sent else contextlib.nullcontext():
             context.send_initial_metadata(metadata)
             yield from gallery.watch_download(_http_body(content, reply.start, sent), context.cancel)
 
