@@ -6,10 +6,10 @@ from native clients, and its copies: the serialized bytes, the chunk field) in P
 refills that stream's HTTP/2 window behind it, and dozens of handler threads take turns at the GIL
 to do the same small amount of work each: 64 concurrent uploads of 64 MiB peaked near 380 MiB of
 server RSS. With a permit needed before asking for a message, a stream without one keeps only what
-grpc-core buffers for it (its HTTP/2 window, UPLOAD_WINDOW_BYTES in rpc/server.py, plus the credit
-granted to complete the last message: ~2 MiB per parked stream with 1 MiB messages, measured), and
-only `permits` handler threads work on messages at once: memory is streams x (window + message)
-+ permits x (message and its copies), whatever the number of threads.
+grpc-core buffers for it (the next message, which grpc-core completes once it has its header, and
+its HTTP/2 window behind it, UPLOAD_WINDOW_BYTES in rpc/server.py: ~1.5 MiB per parked stream with
+1 MiB messages), and only `permits` handler threads work on messages at once: memory is
+streams x (message + window) + permits x (message and its copies), whatever the number of threads.
 
 Which wait the permit covers, and why: a gRPC request iterator's next() both waits for the client
 and receives, and the message it returns is the memory to bound, so the permit is taken before

@@ -45,7 +45,7 @@ MAX_MESSAGE_BYTES = 8 << 20
 # Envoy's limit, with room for the headers it adds, for native clients too.
 MAX_METADATA_BYTES = 64 << 10
 DB_POOL_SIZE = 20
-UPLOAD_WINDOW_BYTES = 1 << 20
+UPLOAD_WINDOW_BYTES = 512 << 10
 PING_ANSWER_FACTOR = 6  # how many keepalive intervals a client has to answer a PING (below)
 # Short reads that wait for nothing but the database (and, rarely, a fetch of the identity
 # provider's keys, which auth.py lets one request wait for, not all): they run on a few threads of
@@ -85,12 +85,15 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),
             ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
-            # Fixed HTTP/2 receive windows of one upload chunk per stream. grpc-core's BDP probing
-            # grows each stream's window to tens of MiB, so every upload whose handler falls behind
-            # queues that much here: 16 concurrent 64 MiB uploads peaked at 755 MiB RSS with it,
-            # ~200 MiB without. A window smaller than a 1 MiB message costs a round trip per message
-            # (one REST upload through Envoy fell from ~1.0x to ~0.7x the raw-PUT peer with the
-            # 64 KiB default, 512 KiB was no better); 1 MiB keeps one stream as fast as with BDP.
+            # Fixed HTTP/2 receive windows of half an upload chunk per stream. grpc-core's BDP
+            # probing grows each stream's window to tens of MiB, so every upload whose handler
+            # falls behind queues that much here: 16 concurrent 64 MiB uploads peaked at 755 MiB
+            # RSS with it, ~200 MiB without. Whatever the window, grpc-core completes a message
+            # once it has its header, so a stream waiting for its handler (receiving.py) holds
+            # its next message plus this window: with 1 MiB chunks, 512 KiB took 64 concurrent
+            # uploads from ~270 to ~242 MiB at the same rate as 1 MiB, while 256 KiB (~214 MiB)
+            # cost ~9% of their rate and 64 KiB more (by hand, 2026-11-29, 5 interleaved rounds;
+            # one upload at a time was as fast with any of 256 KiB, 512 KiB and 1 MiB).
             ("grpc.http2.bdp_probe", 0),
             ("grpc.http2.lookahead_bytes", UPLOAD_WINDOW_BYTES),
             # PINGs on connections with calls open; one left unanswered closes the connection and
@@ -98,8 +101,9 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
             # grpcio 1.85 waits for the answer for ping_timeout_ms, whatever keepalive_timeout_ms
             # says (tests/test_device_liveness.py), and, unlike Envoy, counts no other frame as
             # one: a client's answer queues behind the upload bytes it has already handed to its
-            # kernel, up to a 1 MiB window per stream, which a 35 KiB/s link takes ~30 s to send
-            # per stream. So 6x (120 s by default): four such uploads on one connection.
+            # kernel, up to the rest of a message and a window per stream (at most 1.5 MiB with
+            # 1 MiB chunks), which a 35 KiB/s link takes up to ~45 s to send per stream. So 6x
+            # (120 s by default): two or three such uploads on one connection.
             ("grpc.keepalive_time_ms", keepalive_ms),
             ("grpc.keepalive_timeout_ms", PING_ANSWER_FACTOR * keepalive_ms),
             ("grpc.http2.ping_timeout_ms", PING_ANSWER_FACTOR * keepalive_ms),
