@@ -340,7 +340,8 @@ class GalleryServiceServicer:
         `image/jpeg`), an `etag` of its SHA-256 and the same metadata and conditional/range handling
         as GetEventContent (no `content-disposition`). Works for events still on the device when they
         announced a thumbnail. An event without one is NOT_FOUND (HTTP 404) with reason
-        THUMBNAIL_NOT_FOUND. Needs `gallery:read`.
+        THUMBNAIL_NOT_FOUND. Needs `gallery:read`. A thumbnail of more than 1 MiB counts with the
+        downloads the server sends (see ReadEventContent: RESOURCE_EXHAUSTED `TOO_MANY_DOWNLOADS`).
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """

@@ -44,6 +44,12 @@ CONTENT_LENGTH_HEADER = "x-gallery-content-length"
 # The REST reads' route skips that filter, so a method it takes must never read this header.
 HEAD_HEADER = "x-gallery-head"
 BODY_LENGTH_HEADER = "x-gallery-body-length"
+# A thumbnail up to this size is taken whole by Envoy, whatever its client does (Envoy's stream
+# window to this server, initial_stream_window_size in envoy/envoy.yaml), so it holds no thread for
+# long and takes no download slot: a gallery page asks for dozens of thumbnails at once. A larger
+# one (up to GALLERY_MAX_THUMBNAIL_BYTES) can leave its handler blocked in a send: counted like
+# content.
+SENT_WITHOUT_WAITING = 1 << 20
 
 
 class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
@@ -73,8 +79,10 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             self.principal(), request.device, **_listing_request(request)
         )
         context.send_initial_metadata(((NEXT_PAGE_TOKEN_HEADER, next_page_token),))
-        # A page is read from the database whole; only a client that stops reading a large one
-        # (metadata up to 64 KiB per event) could hold this thread, and only until the watch ends it.
+        # A page holds no metadata: 1,000 events are at most ~1.4 MiB (names of 255 four-byte
+        # characters), which Envoy takes whole (its stream window and buffer, ~2 MiB), whatever its
+        # client does. Not counted: only a client connected directly that stops reading could
+        # hold this thread, and only until the watch ends it.
         yield from self.gallery.watch_download(map(event_message, events), context.cancel)
 
     def ListEventsJson(self, request, context):  # type: ignore[no-untyped-def]
@@ -104,13 +112,11 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
 
     def GetEventContent(self, request, context):  # type: ignore[no-untyped-def]
         content = self.gallery.open_content(self.principal(), request.device, request.event_id)
-        yield from _http_download(self.gallery, context, content, counted=True)
+        yield from _http_download(self.gallery, context, content, counted_above=0)
 
     def GetEventThumbnail(self, request, context):  # type: ignore[no-untyped-def]
-        # Not counted: a page of a gallery asks for dozens at once, most sent at once (the idle
-        # watch still ends a stalled one).
         content = self.gallery.open_thumbnail(self.principal(), request.device, request.event_id)
-        yield from _http_download(self.gallery, context, content, counted=False)
+        yield from _http_download(self.gallery, context, content, counted_above=SENT_WITHOUT_WAITING)
 
     def ReadEventContent(self, request, context):  # type: ignore[no-untyped-def]
         downloads.check_read(request.read_offset, request.read_limit)
@@ -483,11 +489,11 @@ _read_content_message = chunks.bytes_message(pb.ReadEventContentResponse, "data"
 
 
 def _http_download(
-    gallery: Gallery, context: grpc.ServicerContext, content: downloads.Content, *, counted: bool,
+    gallery: Gallery, context: grpc.ServicerContext, content: downloads.Content, *, counted_above: int,
 ) -> Iterator[HttpBody | chunks.Encoded]:
     """Answer a download as the request's Range and conditional headers ask (downloads.reply).
-    Bytes to send take one of the server's download slots if `counted` (Gallery.download_slot): a
-    HEAD, a 304 or a 416 sends none."""
+    More than `counted_above` bytes to send take one of the server's download slots
+    (Gallery.download_slot): a HEAD, a 304 or a 416 sends none."""
     with content.file:
         request = _request_headers(context)
         reply = downloads.reply(
@@ -504,7 +510,7 @@ def _http_download(
         if HEAD_HEADER in request:
             metadata.append((BODY_LENGTH_HEADER, str(reply.length)))
             sent = 0
-        with gallery.download_slot() if counted and sent else contextlib.nullcontext():
+        with gallery.download_slot() if sent > counted_above else contextlib.nullcontext():
             context.send_initial_metadata(metadata)
             yield from gallery.watch_download(_http_body(content, reply.start, sent), context.cancel)
 
