@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -679,3 +680,48 @@ def test_no_new_session_below_the_disk_headroom(gallery: Gallery, principal: aut
         uploads.start(principal, "cam1", name="a.bin", upload_id="no-room-01")
     assert full.value.reason == "INSUFFICIENT_STORAGE"
     assert session_rows(gallery) == []
+
+
+
+def test_writers_waiting_for_a_sessions_lock_hold_upload_slots(
+    gallery: Gallery, principal: auth.Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting for a session's lock holds a server thread as writing does: the writers piled up
+    on one session take the device's upload slots, and the ones past them are refused at once
+    instead of each waiting LOCK_WAIT_SECONDS."""
+    per_device = gallery.slots.per_device
+    monkeypatch.setattr(resumable, "LOCK_WAIT_SECONDS", 2.0)
+    uploads = ResumableUploads(gallery)
+    done = finished_session(uploads, principal, "done-0001", b"abc")
+    uploads.start(principal, "cam1", name="a.bin", upload_id="piled-0001")
+    holder = uploads.open_write(principal, "cam1", "piled-0001", 0)
+    outcomes: list[str] = []
+
+    def wait_for_the_lock() -> None:
+        try:
+            uploads.open_write(principal, "cam1", "piled-0001", 0).close()
+            outcomes.append("opened")
+        except FailedPrecondition as error:
+            outcomes.append(error.reason)
+
+    waiters = [threading.Thread(target=wait_for_the_lock) for _ in range(per_device - 1)]
+    try:
+        for thread in waiters:
+            thread.start()
+        deadline = time.monotonic() + 1
+        while gallery.slots.in_flight < per_device:  # the holder's slot and one per waiter
+            assert time.monotonic() < deadline, "the waiters took no upload slots"
+            time.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(Exhausted) as refused:
+            uploads.open_write(principal, "cam1", "piled-0001", 0)
+        assert refused.value.reason == "TOO_MANY_DEVICE_UPLOADS"
+        assert time.monotonic() - started < 1.0  # at once, not after the lock's wait
+        # The retry of a completed session writes nothing and takes no slot: answered.
+        assert write(uploads, principal, "done-0001", 3, b"", finish=True) == done
+    finally:
+        holder.close()
+        for thread in waiters:
+            thread.join()
+    assert len(outcomes) == per_device - 1 and set(outcomes) <= {"opened", "UPLOAD_BUSY"}
+    assert gallery.slots.in_flight == 0  # every writer gave its slot back

@@ -10,7 +10,10 @@ committed size were never acknowledged: whoever opens the session (a writer, Que
 them away. A file shorter than its row (lost outside the server's control) lowers the row to it.
 
 One writer per session: a writer holds an exclusive flock on the staging file for its stream (a
-second stream waits LOCK_WAIT_SECONDS, then fails with UPLOAD_BUSY). The lock is per open file, so
+second stream waits LOCK_WAIT_SECONDS, then fails with UPLOAD_BUSY). A writer takes its upload slot
+(Gallery.reserve_upload) before it waits for the lock, since the wait holds a server thread as
+writing does: streams piled up on one session are refused past the device's uploads at once, not
+each after its wait. The lock is per open file, so
 it holds across threads and processes of one host; replicas on several hosts sharing one staging
 folder need a filesystem with working flock (local disks, NFSv4).
 
@@ -52,6 +55,7 @@ import os
 import pathlib
 import secrets
 import time
+from collections.abc import Callable
 
 import sqlalchemy as sa
 from sqlmodel import col, select
@@ -315,18 +319,25 @@ class ResumableUploads:
 
     def writer(self, device: str, upload_id_: str, write_offset: int | None) -> SessionWriter:
         """open_write() for a caller that has authorized the device; `write_offset` None: at the
-        committed size, whatever it is."""
+        committed size, whatever it is. The writer holds an upload slot of the device until
+        close(), unless the session was complete before (nothing to write, no slot taken)."""
         row = self._load(device, upload_id_)
         if row.event_id:
             self._drop_completed_file(row)
             return SessionWriter(self, row, None)
-        fd = _open(self.storage.session_path(device, row.upload_id))
+        release = self.gallery.reserve_upload(device)
+        try:
+            fd = _open(self.storage.session_path(device, row.upload_id))
+        except BaseException:
+            release()
+            raise
         try:
             _lock(fd, row.upload_id)
             row = self._load(device, row.upload_id)  # as it is now that this writer is alone
             if row.event_id:
                 self._drop_completed_file(row, locked=fd)
                 os.close(fd)
+                release()
                 return SessionWriter(self, row, None)
             row = self._recover(row, fd)
             if write_offset is not None and write_offset != row.committed_size:
@@ -339,8 +350,9 @@ class ResumableUploads:
                 )
         except BaseException:
             os.close(fd)
+            release()
             raise
-        return SessionWriter(self, row, fd)
+        return SessionWriter(self, row, fd, release)
 
     # -- expiry ---------------------------------------------------------------------------------
 
@@ -518,12 +530,17 @@ class ResumableUploads:
 
 
 class SessionWriter:
-    """Appends to one session for one WriteUpload stream, holding its lock until close()."""
+    """Appends to one session for one WriteUpload stream, holding its lock and its upload slot
+    until close()."""
 
-    def __init__(self, uploads: ResumableUploads, row: UploadSessionRow, fd: int | None) -> None:
+    def __init__(
+        self, uploads: ResumableUploads, row: UploadSessionRow, fd: int | None,
+        release: Callable[[], None] | None = None,
+    ) -> None:
         self._uploads = uploads
         self._row = row
         self._fd = fd
+        self._release = release
         self.offset = row.committed_size  # bytes written to the file (committed or not)
         self._writeback = Writeback(fd, start=self.offset) if fd is not None else None
         self._committed_at = time.monotonic()
@@ -677,6 +694,9 @@ class SessionWriter:
         if self._fd is not None:
             os.close(self._fd)  # releases the lock
             self._fd = None
+        if self._release is not None:
+            self._release()
+            self._release = None
 
 
 class SessionSweeper(BackgroundLoop):

@@ -418,7 +418,9 @@ class GalleryServiceServicer:
         WRITE_BEYOND_SIZE (bytes past the declared size; none of that message is kept), NOT_FOUND
         UPLOAD_NOT_FOUND, NOT_FOUND UPLOAD_EVENT_DELETED (the session completed, and its event has
         been deleted since), FAILED_PRECONDITION SESSION_EXPIRED (its bytes are removed),
-        FAILED_PRECONDITION UPLOAD_BUSY (another stream is writing this session), ALREADY_EXISTS
+        FAILED_PRECONDITION UPLOAD_BUSY (another stream is writing this session, after a wait of up
+        to 5 s that counts with the device's uploads: RESOURCE_EXHAUSTED TOO_MANY_DEVICE_UPLOADS
+        past them), ALREADY_EXISTS
         DEVICE_EVENT_ID_CONFLICT (at the finish: nothing is stored, the session is removed),
         INVALID_ARGUMENT FIRST_WRITE_REQUIRED. A message cut short never counts: the committed size
         only covers whole messages, whatever the point where a connection or the server died.

@@ -269,14 +269,13 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
                 "the first message of a write must name device, upload_id and write_offset",
                 field="upload_id",
             )
+        # Takes the device's upload slot, if there is anything to write, before the session's lock.
         writer = self.resumable.open_write(
             self.principal(), first.device, first.upload_id, first.write_offset
         )
-        release = None
         try:
             if writer.done is not None:  # completed before: never stored twice
                 return _session_message(writer.done)
-            release = self.gallery.reserve_upload(first.device)
             message, finished = first, False
             while True:
                 if finished:
@@ -306,8 +305,6 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         finally:
             writer.commit_quietly()
             writer.close()
-            if release is not None:
-                release()
 
     def FindExistingChecksums(self, request, context):  # type: ignore[no-untyped-def]
         existing = self.resumable.find_existing(
@@ -376,20 +373,17 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
                    declared: int | None, first, request_iterator):
         """A resumable PUT (Content-Range): 200 with the event id once the file is complete, else
         308 with the committed size (GCS's "resume incomplete")."""
+        # A put with bytes to write holds the device's upload slot (its session writer's).
         put = self.signed.open_range(target, downloads.parse_content_range(content_range), declared)
-        release = None
         try:
             if put.done:  # the URL's event is stored: answer it, store nothing
                 return pb.UploadEventResponse(success=True, event_id=put.done)
-            release = self.gallery.reserve_upload(target.device)
             put.write_all(_body_pieces(itertools.chain([first], request_iterator)))
             # What arrived is committed either way (close()); only a whole chunk may finish.
             _require_whole_body(declared, put.received)
             state = put.finish()
         finally:
             put.close()
-            if release is not None:
-                release()
         if state.complete:
             return pb.UploadEventResponse(success=True, event_id=state.event_id)
         context.send_initial_metadata([(HTTP_STATUS_HEADER, "308"), *_upload_state_headers(state)])
