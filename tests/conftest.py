@@ -8,6 +8,7 @@ When the variable is unset the PostgreSQL variants are skipped, so `make test` n
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pathlib
 import secrets
@@ -72,6 +73,20 @@ READ_WRITE = f"{auth.READ} {auth.WRITE}"
 
 
 _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+
+
+@pytest.fixture(autouse=True)
+def logging_left_as_found() -> Iterator[None]:
+    """The root logger as each test found it. `gallery reconcile` and `gallery agent` run in
+    process (cli.main) set it up for the process: a handler on the stream pytest captured for that
+    test, closed once it ends, made every later line of that worker a "--- Logging error ---",
+    printed to the real stderr by threads still logging when the worker's output was closed."""
+    root = logging.getLogger()
+    handlers, level, srcfile = root.handlers[:], root.level, logging._srcfile  # type: ignore[attr-defined]
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging._srcfile = srcfile  # type: ignore[attr-defined]
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
 
 import pytest
 
@@ -13,16 +12,12 @@ from gallery_server import logs
 
 
 @pytest.fixture
-def captured(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+def captured(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+    """What configure() prints; conftest's logging_left_as_found undoes it after the test."""
     stream = io.StringIO()
     monkeypatch.setattr("sys.stderr", stream)
-    monkeypatch.setattr(logging, "_srcfile", logging._srcfile)  # type: ignore[attr-defined]  # configure() clears it
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
     logs.configure("INFO")
-    yield stream
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    return stream
 
 
 def ours(stream: io.StringIO) -> list[str]:
