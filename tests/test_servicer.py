@@ -297,6 +297,18 @@ def test_upload_event_roundtrip(server: grpc_testing.Server, gallery: Gallery, p
     assert list(gallery.storage.staging_root.iterdir()) == []
 
 
+def test_an_empty_thumbnail_chunk_is_no_thumbnail(server: grpc_testing.Server, gallery: Gallery,
+                                                  principal: auth.Principal) -> None:
+    """As an empty multipart part: the event has no thumbnail (not a 0-byte one) and, an image,
+    is queued for a server-made one."""
+    response, code, details = stream_unary(
+        server, "UploadEvent", [header(), thumb(b""), media(PNG), thumb(b""), finish()])
+    assert code is grpc.StatusCode.OK, details
+    event = gallery.get_event(principal, "cam1", response.event_id)
+    assert (event.has_thumbnail, event.thumbnail_state) == (False, "pending")
+    assert not gallery.storage.thumbnail_path("cam1", event.id).exists()
+    assert list(gallery.storage.staging_root.iterdir()) == []
+
 def test_upload_event_header_only_is_an_empty_file(server: grpc_testing.Server, gallery: Gallery,
                                                    principal: auth.Principal) -> None:
     response, code, _ = stream_unary(server, "UploadEvent", [header(name="empty.txt"), finish()])

@@ -323,6 +323,10 @@ class SignedUploads:
         finds its claim gone, and a failure before the move (the database unreachable, the event
         deleted) leaves the event's thumbnail as it was."""
         thumbnail = upload.media  # the thumbnail arrives as the raw body
+        if not thumbnail.size:  # no image: the URL stays unused, for a PUT with the thumbnail
+            raise InvalidArgument(
+                "THUMBNAIL_MISSING", "the thumbnail PUT has an empty body", field="body",
+            )
         thumbnail.sync()
         with self.gallery.db.session() as session:
             if not self._use(target, session):

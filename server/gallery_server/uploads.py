@@ -82,6 +82,8 @@ class Upload:
             )
 
     def write_thumbnail(self, data: bytes | memoryview) -> None:
+        if not data:  # an empty chunk is no thumbnail yet (as an empty multipart part is none)
+            return
         if self.thumbnail is None:
             self.thumbnail = self._storage.stage(
                 max_bytes=self._max_thumbnail_bytes, what="thumbnail"

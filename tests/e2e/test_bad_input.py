@@ -270,6 +270,11 @@ REST_CASES = [
          body=b"sha256s=abc", content_type="application/json"),
     Rest("checksums-wrong-json-type", "POST", f"/api/gallery/{DEVICE}/checksums", 400, ENVOY_MALFORMED,
          body=b'{"sha256s": 5}', content_type="application/json"),
+    # The path alone names the device: a body's own `device` would replace it (another device's
+    # digests answered on this device's path).
+    Rest("checksums-device-in-body", "POST", f"/api/gallery/{DEVICE}/checksums", 400, ENVOY_MALFORMED,
+         body=json.dumps({"sha256s": ["a" * 64], "device": "other-cam"}).encode(),
+         content_type="application/json"),
     # -- what no route or method has, and headers past Envoy's limits --
     Rest("path-unknown", "GET", f"/api/gallery/{DEVICE}/nothing", 404, ENVOY_NOT_FOUND),
     Rest("method-unknown", "PATCH", f"/api/gallery/{DEVICE}/stats", 404, ENVOY_NOT_FOUND),

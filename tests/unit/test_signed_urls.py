@@ -388,6 +388,21 @@ def test_media_then_thumbnail(signed: SignedUploads, principal: auth.Principal) 
     assert list(gallery.storage.staging_root.iterdir()) == []
 
 
+def test_an_empty_thumbnail_put_is_refused_and_leaves_the_url_unused(
+    signed: SignedUploads, principal: auth.Principal
+) -> None:
+    gallery = signed.gallery
+    media, thumb = targets(signed, principal)
+    assert put(signed, media, PNG) == media.event_id
+    with pytest.raises(InvalidArgument) as empty:
+        put(signed, thumb, b"")
+    assert empty.value.reason == "THUMBNAIL_MISSING"
+    assert gallery.get_event(principal, "cam1", media.event_id).has_thumbnail is False
+    assert not gallery.storage.thumbnail_path("cam1", media.event_id).exists()
+    signed.require_unused(thumb)
+    assert put(signed, thumb, JPEG) == media.event_id
+    assert gallery.storage.thumbnail_path("cam1", media.event_id).read_bytes() == JPEG
+
 def test_a_thumbnail_whose_commit_outcome_is_unknown_stays(signed: SignedUploads, principal: auth.Principal) -> None:
     """The event may now say it has this thumbnail: the file stays (Database.commit)."""
     gallery = signed.gallery

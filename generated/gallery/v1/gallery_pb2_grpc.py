@@ -210,7 +210,8 @@ class GalleryServiceServicer:
 
     def UploadEvent(self, request_iterator, context):
         """Native streaming upload: one `header`, then media chunks and optional thumbnail chunks in any
-        order, then one `finish`. The event exists only
+        order, then one `finish` (empty thumbnail chunks alone are no thumbnail, as an empty multipart
+        part is none: an image or video gets one made by the server). The event exists only
         once the whole stream has been received and stored; a stream that fails or is cancelled
         leaves nothing behind. Needs `gallery:write`.
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
@@ -243,7 +244,8 @@ class GalleryServiceServicer:
 
     def PutSignedUpload(self, request_iterator, context):
         """Receives the raw body PUT to a pre-signed URL. The media PUT creates the event named in the
-        URL; the thumbnail PUT attaches to that event, before or after the media arrives. A tampered,
+        URL; the thumbnail PUT attaches to that event, before or after the media arrives (an empty
+        thumbnail body is INVALID_ARGUMENT THUMBNAIL_MISSING, and the URL stays unused). A tampered,
         expired or already used URL is PERMISSION_DENIED (HTTP 403).
 
         Resumable (issue 5): a PUT with `Content-Range: bytes <first>-<last>/<total>` appends one chunk
