@@ -3,8 +3,9 @@
 `offset` pages (the documented contract) skip rows, so they cost more the deeper they go and
 shift when events arrive. A page token instead names the last event returned, and the next page
 starts strictly after it in the listing order: pages stay stable across inserts and deletes and
-cost the same at any depth. The token also records the filters and order it belongs to, so it
-cannot be replayed against another listing.
+cost the same at any depth. The token also records the device, filters and order it belongs to,
+so it cannot be replayed against another listing. It is a position, not a secret (unsigned): a
+client can forge one, and learns nothing by it that the listing would not show it.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from .errors import InvalidArgument
 
 ORDERS = ("newest", "oldest")
 MAX_TOKEN_CHARS = 1024
-_VERSION = 1
+_VERSION = 2  # 2: the device is part of the fingerprint (a version-1 token is INVALID_PAGE_TOKEN)
 
 
 @dataclasses.dataclass(frozen=True)
 class ListQuery:
+    device: str = ""
     media_type: str = ""
     since: datetime.datetime | None = None  # inclusive
     until: datetime.datetime | None = None  # exclusive
@@ -40,6 +42,7 @@ class ListQuery:
 
 def build(
     *,
+    device: str = "",
     media_type: str = "",
     since: str = "",
     until: str = "",
@@ -56,6 +59,7 @@ def build(
         raise InvalidArgument("INVALID_ORDER", "order must be newest or oldest", field="order")
     limit, offset = validation.page(limit, offset)
     query = ListQuery(
+        device=device,
         media_type=media_type,
         since=_instant(since, "since"),
         until=_instant(until, "until"),
@@ -84,7 +88,7 @@ def next_page_token(query: ListQuery, page_last: tuple[datetime.datetime, str] |
 
 
 def _fingerprint(query: ListQuery) -> list[str]:
-    return [query.order, query.media_type, _iso(query.since), _iso(query.until)]
+    return [query.device, query.order, query.media_type, _iso(query.since), _iso(query.until)]
 
 
 def _decode(token: str, query: ListQuery) -> tuple[datetime.datetime, str]:
@@ -104,7 +108,7 @@ def _decode(token: str, query: ListQuery) -> tuple[datetime.datetime, str]:
     if fingerprint != _fingerprint(query):
         raise InvalidArgument(
             "PAGE_TOKEN_MISMATCH",
-            "page_token belongs to a listing with other filters or order",
+            "page_token belongs to a listing of another device, or with other filters or order",
             field="page_token",
         )
     return after

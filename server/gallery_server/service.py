@@ -283,7 +283,7 @@ class Gallery:
         """Authorize and validate a listing request: its query, select and parameters."""
         principal.require(validation.device_id(device), READ)
         query = paging.build(
-            media_type=media_type, since=since, until=until, order=order, limit=limit,
+            device=device, media_type=media_type, since=since, until=until, order=order, limit=limit,
             offset=offset, page_token=page_token,
         )
         statement = _listing_statement(

@@ -259,6 +259,8 @@ REST_CASES = [
     Rest("page-token-too-long", "GET", f"{EV}?page_token={'A' * 2000}", 400, "INVALID_PAGE_TOKEN"),
     Rest("page-token-other-listing", "GET", f"{EV}?order=oldest&page_token={{page_token}}", 400,
          "PAGE_TOKEN_MISMATCH"),
+    Rest("page-token-other-device", "GET", f"/api/gallery/{OTHER}/events?page_token={{page_token}}", 400,
+         "PAGE_TOKEN_MISMATCH", lambda: _bearer(_token([OTHER]))),
     Rest("page-token-with-offset", "GET", f"{EV}?offset=5&page_token={{page_token}}", 400,
          "PAGE_TOKEN_WITH_OFFSET"),
     # -- checksums --
@@ -323,7 +325,7 @@ def fill(bad_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         [1, DEVICE, validation.new_event_id(), "media", int(time.time()) - 5, "e.bin"]
     )
     db.dispose()
-    query = paging.build()
+    query = paging.build(device=DEVICE)  # a token of DEVICE's default listing
     page_token = paging.next_page_token(
         query, (datetime.datetime.now(datetime.UTC), validation.new_event_id()), full=True
     )
