@@ -130,6 +130,14 @@ REST_CASES = [
          lambda: _bearer(_alg_none())),
     Rest("token-non-ascii", "GET", f"/api/gallery/{DEVICE}/stats", 401, "TOKEN_INVALID",
          {"Authorization": "Bearer \u00e9y.x.y"}),
+    # The other kinds of route (envoy.yaml): a download (Envoy's file handoff asks the server
+    # first), an upload (Lua filter) and an RPC with a JSON body.
+    Rest("no-token-download", "GET", f"/api/gallery/{DEVICE}/events/{{event}}/content", 401,
+         "TOKEN_MISSING", authorized=False),
+    Rest("no-token-upload", "POST", UP, 401, "TOKEN_MISSING", authorized=False,
+         body=_upload_form(), content_type=MULTIPART),
+    Rest("token-garbage-checksums", "POST", f"/api/gallery/{DEVICE}/checksums", 401, "TOKEN_INVALID",
+         {"Authorization": "Bearer abc.def.ghi"}, body=b'{"sha256s": []}', content_type="application/json"),
     Rest("token-hs512", "GET", f"/api/gallery/{DEVICE}/stats", 401, "TOKEN_INVALID",
          lambda: _bearer(jwt.encode({"sub": "x", "exp": int(time.time()) + 60, "devices": ["*"],
                                      "scope": auth.READ}, JWT_SECRET + "-long-enough-for-hs512" * 2,
@@ -359,6 +367,11 @@ def test_rest_bad_input(case: Rest, bad_stack: Stack, fill: dict[str, str]) -> N
     with httpx.Client(base_url=bad_stack.base_url, timeout=TIMEOUT) as http:
         r = http.request(case.method, path, content=case.body, headers=raw_headers)
     assert r.status_code == case.status, (r.status_code, r.headers.get("content-type"), r.text[:300])
+    # RFC 9110 11.6.1: a 401 names its scheme; RFC 6750 3: an error code for a bad token only.
+    realm = 'Bearer realm="gallery"'
+    assert r.headers.get("www-authenticate") == (None if r.status_code != 401 else {
+        "TOKEN_MISSING": realm, "TOKEN_MALFORMED": f'{realm}, error="invalid_request"',
+    }.get(case.reason, f'{realm}, error="invalid_token"'))
     content_type = r.headers.get("content-type", "")
     if case.reason:
         assert content_type.startswith("application/json"), content_type

@@ -39,6 +39,15 @@ _CODES: dict[type[errors.GalleryError], int] = {
 _HTTP_STATUS: dict[str, str] = {"INSUFFICIENT_STORAGE": "507"}
 # The one name of that header, in trailers (errors, here) and initial metadata (servicer.py).
 HTTP_STATUS_HEADER = "x-http-status"
+# A 401 names the scheme it wants (RFC 9110 11.6.1 says it must; RFC 6750 3 says how for bearer
+# tokens): the header travels as a trailer, which Envoy makes a header of the REST answer (a gRPC
+# error is trailers only). No error code when no token came at all (RFC 6750 3.1).
+_REALM = 'Bearer realm="gallery"'
+_WWW_AUTHENTICATE: dict[str, str] = {
+    "TOKEN_MISSING": _REALM,
+    "TOKEN_MALFORMED": f'{_REALM}, error="invalid_request"',
+}
+_INVALID_TOKEN = f'{_REALM}, error="invalid_token"'
 
 
 def _code(error: errors.GalleryError) -> int:
@@ -74,12 +83,14 @@ def to_status(error: errors.GalleryError) -> grpc.Status:
             details=packed,
         )
     )
-    http_status = _HTTP_STATUS.get(error.reason)
-    if http_status is None:
+    extra: list[tuple[str, str]] = []
+    if (http_status := _HTTP_STATUS.get(error.reason)) is not None:
+        extra.append((HTTP_STATUS_HEADER, http_status))
+    if isinstance(error, errors.Unauthenticated):
+        extra.append(("www-authenticate", _WWW_AUTHENTICATE.get(error.reason, _INVALID_TOKEN)))
+    if not extra:
         return mapped
-    return _Status(
-        mapped.code, mapped.details, (*mapped.trailing_metadata, (HTTP_STATUS_HEADER, http_status))
-    )
+    return _Status(mapped.code, mapped.details, (*mapped.trailing_metadata, *extra))
 
 
 class _Status(grpc.Status):
