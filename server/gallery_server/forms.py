@@ -16,6 +16,9 @@ from .uploads import Upload
 _TEXT_LIMITS = {"name": 4 * validation.MAX_NAME_CHARS, "media_type": 64, "has_thumbnail": 16,
                 # UTF-8 of that many characters, and the whitespace around them.
                 "device_event_id": 4 * validation.MAX_DEVICE_EVENT_ID_CHARS + 64}
+# RFC 2046 5.1.1: what comes before the first boundary line (a preamble) is to be ignored, and
+# python-multipart takes no more than a blank line there. It is looked for within this much.
+MAX_PREAMBLE_BYTES = 64 << 10
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", ""}
 
@@ -57,8 +60,11 @@ class FormReceiver:
         self._headers: dict[str, bytes] = {}
         self._part = ""
         self._error: Exception | None = None
+        boundary = multipart_boundary(content_type)
+        self._delimiter = b"--" + boundary
+        self._preamble: bytes | None = b""  # None once the first boundary line was found
         self._parser = MultipartParser(
-            multipart_boundary(content_type),
+            boundary,
             {
                 "on_part_begin": self._on_part_begin,
                 "on_header_field": self._on_header_field,
@@ -71,13 +77,33 @@ class FormReceiver:
         )
 
     def feed(self, data: bytes | memoryview) -> None:
+        # python-multipart searches its input with bytes.find: a view becomes bytes first.
+        data = data if isinstance(data, bytes) else bytes(data)
+        if self._preamble is not None and not (data := self._past_preamble(data)):
+            return
         try:
-            # python-multipart searches its input with bytes.find: a view becomes bytes first.
-            self._parser.write(data if isinstance(data, bytes) else bytes(data))
+            self._parser.write(data)
         except Exception as exc:  # python-multipart wraps callback errors; unwrap ours
             raise self._error or InvalidArgument(
                 "MALFORMED_MULTIPART", f"malformed multipart body: {exc}"
             ) from None
+
+    def _past_preamble(self, data: bytes) -> bytes:
+        """The body from its first boundary line on, once that has come (b"" until then)."""
+        seen = self._preamble + data if self._preamble else data
+        start = 0
+        while (found := seen.find(self._delimiter, start)) >= 0:
+            if found == 0 or seen[found - 1] == 0x0A:  # a boundary begins a line
+                self._preamble = None
+                return seen[found:] if found else seen
+            start = found + 1
+        if len(seen) > MAX_PREAMBLE_BYTES:
+            raise InvalidArgument(
+                "MALFORMED_MULTIPART",
+                f"malformed multipart body: no boundary line in its first {MAX_PREAMBLE_BYTES} bytes",
+            )
+        self._preamble = seen
+        return b""
 
     def finish(self) -> None:
         """Check the body ended properly and copy the text fields into upload.fields."""

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from gallery_server.errors import GalleryError, InvalidArgument, TooLarge
-from gallery_server.forms import FormReceiver, multipart_boundary
+from gallery_server.forms import MAX_PREAMBLE_BYTES, FormReceiver, multipart_boundary
 from gallery_server.storage import Storage
 from gallery_server.uploads import Upload
 
@@ -251,9 +251,28 @@ def test_content_type_variants(storage: Storage, content_type: str) -> None:
         assert snapshot(upload) == EXPECTED
 
 
-def test_preamble_is_ignored(storage: Storage) -> None:
-    # RFC 2046: anything before the first boundary is a preamble. Some clients send a bare CRLF.
-    assert receive(storage, [b"\r\n" + body(*standard_parts())]) == EXPECTED
+@pytest.mark.parametrize("preamble", [
+    b"\r\n",  # what some clients send
+    b"This is a multi-part message in MIME format.\r\n",
+    b"two lines\r\nand an LF only\n",
+    f"not a boundary: --{BOUNDARY} (mid-line)\r\n".encode(),
+    b"x" * 10_000 + b"\r\n",
+])
+def test_preamble_is_ignored(storage: Storage, preamble: bytes) -> None:
+    # RFC 2046 5.1.1: anything before the first boundary line is a preamble, to be ignored.
+    data = preamble + body(*standard_parts())
+    assert receive(storage, [data]) == EXPECTED
+    assert receive(storage, pieces(data, 7)) == EXPECTED  # the boundary line split anywhere
+
+
+def test_a_body_without_a_boundary_line_is_refused_early(storage: Storage) -> None:
+    """Not held for ever: past MAX_PREAMBLE_BYTES without a boundary line, the feed fails."""
+    with new_upload(storage) as upload:
+        form = FormReceiver(upload, CONTENT_TYPE, max_metadata_bytes=MAX_METADATA)
+        form.feed(b"y" * MAX_PREAMBLE_BYTES)
+        with pytest.raises(InvalidArgument) as refused:
+            form.feed(f"--{BOUNDARY}".encode())  # not at the start of a line: still the preamble
+        assert refused.value.reason == "MALFORMED_MULTIPART"
 
 
 # -- errors ---------------------------------------------------------------------------------------
