@@ -549,7 +549,7 @@ def test_failed_put_can_be_retried(make_server, gallery: Gallery, principal: aut
     response, _, _ = unary(server, "CreateUploadUrl",
                            pb.CreateUploadUrlRequest(device="cam1", filename="a.png", thumbnail=True))
     _, code, details = put(server, "cam1", response.thumbnail_upload_url, b"t" * 101)
-    assert_failed(code, details, "larger than 100")
+    assert_failed(code, details, "thumbnail is larger than 100")  # the body is a thumbnail
     assert stored_files(gallery.settings.data_dir) == []
     _, code, _ = put(server, "cam1", response.thumbnail_upload_url, b"t" * 100)
     assert code is grpc.StatusCode.OK

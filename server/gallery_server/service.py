@@ -418,7 +418,9 @@ class Gallery:
         principal.require(validation.device_id(device), WRITE)
         return self.open_upload(device)
 
-    def open_upload(self, device: str, *, max_media_bytes: int | None = None) -> Upload:
+    def open_upload(
+        self, device: str, *, max_media_bytes: int | None = None, media_is: str = "event"
+    ) -> Upload:
         """An Upload for a device already authorized (by a token or by a signed URL).
 
         Refused (Exhausted) when the disk is down to its headroom or the device, or the replica,
@@ -431,6 +433,7 @@ class Gallery:
                 max_media_bytes=max_media_bytes or self.settings.max_upload_bytes,
                 max_thumbnail_bytes=self.settings.max_thumbnail_bytes,
                 release=release,
+                media_is=media_is,
             )
         except BaseException:
             release()

@@ -59,15 +59,17 @@ class Upload:
     def __init__(
         self, storage: Storage, device: str, *, max_media_bytes: int, max_thumbnail_bytes: int,
         media: StagedFile | None = None, release: Callable[[], None] | None = None,
+        media_is: str = "event",
     ) -> None:
         """`media`: bytes received already (a resumable upload's file), instead of a new file.
-        `release`: called once on close(), to give back an UploadSlots slot."""
+        `release`: called once on close(), to give back an UploadSlots slot. `media_is`: what the
+        body is, as errors name it (a pre-signed thumbnail PUT's body is its thumbnail)."""
         self.device = device
         self._release = release
         self.fields = UploadFields()
         self._storage = storage
         self._max_thumbnail_bytes = max_thumbnail_bytes
-        self.media = media or storage.stage(max_bytes=max_media_bytes, what="event")
+        self.media = media or storage.stage(max_bytes=max_media_bytes, what=media_is)
         self.media_received = media is not None
         self.thumbnail: StagedFile | None = None
 

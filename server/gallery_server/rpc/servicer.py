@@ -357,8 +357,11 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             )
         self.signed.require_unused(target)
         settings = self.gallery.settings
-        limit = settings.max_thumbnail_bytes if target.purpose == THUMBNAIL else None
-        with self.gallery.open_upload(target.device, max_media_bytes=limit) as upload:
+        thumbnail = target.purpose == THUMBNAIL
+        with self.gallery.open_upload(
+            target.device, max_media_bytes=settings.max_thumbnail_bytes if thumbnail else None,
+            media_is="thumbnail" if thumbnail else "event",
+        ) as upload:
             upload.write_media(first.http_body.data)
             del first  # each chunk is dropped once written (memory per upload in flight)
             for message in request_iterator:
