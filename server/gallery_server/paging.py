@@ -15,12 +15,15 @@ import binascii
 import dataclasses
 import datetime
 import json
+import re
 
 from . import validation
 from .errors import InvalidArgument
 
 ORDERS = ("newest", "oldest")
 MAX_TOKEN_CHARS = 1024
+# The fraction of a second in an RFC 3339 time.
+_FRACTION = re.compile(r"[.,](\d+)")
 _VERSION = 2  # 2: the device is part of the fingerprint (a version-1 token is INVALID_PAGE_TOKEN)
 
 
@@ -120,6 +123,11 @@ def _instant(value: str, field: str) -> datetime.datetime | None:
     try:
         moment = datetime.datetime.fromisoformat(value.replace("z", "Z"))
         moment = moment.astimezone(datetime.UTC) if moment.tzinfo else None
+        if moment and (fraction := _FRACTION.search(value)) and fraction.group(1)[6:].strip("0"):
+            # Between two microseconds (Python drops the digits past 6): events are stored to
+            # the microsecond, so the bound is the next one, for `since` (inclusive) as for
+            # `until` (exclusive), not the one before, which took in an event before `since`.
+            moment += datetime.timedelta(microseconds=1)
     except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 shifted out of range
         moment = None
     if moment is None:

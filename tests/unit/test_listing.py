@@ -52,6 +52,18 @@ def test_time_window_is_inclusive_then_exclusive(gallery, principal, events):
     assert len(ids) == 9
 
 
+def test_a_bound_between_two_microseconds_is_the_next_one(gallery, principal, events):
+    """Events are stored to the microsecond: `since` 0.5 µs after an event leaves it out, and
+    `until` 0.5 µs after it takes it in (Python's parser alone dropped the digits past 6)."""
+    first = events[0]
+    moment = first.created.replace(tzinfo=datetime.UTC)
+    between = moment.strftime("%Y-%m-%dT%H:%M:%S.%f") + "5Z"
+    assert paging.build(since=between).since == moment + datetime.timedelta(microseconds=1)
+    assert paging.build(since=moment.strftime("%Y-%m-%dT%H:%M:%S.%f") + "000Z").since == moment
+    assert first.id not in walk(gallery, principal, order="oldest", since=between)
+    assert first.id in walk(gallery, principal, order="oldest", until=between)
+
+
 def test_filters_combine_with_tokens(gallery, principal, events):
     ids = walk(gallery, principal, limit=3, media_type="video")
     assert ids == [e.id for e in reversed(events) if e.media_type == "video"]
