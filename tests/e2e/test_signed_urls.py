@@ -609,7 +609,7 @@ def test_chunked_put_is_length_required_and_url_stays_usable(
             r = raw_put(urls[key], body(), headers)
             assert r.request.headers.get("transfer-encoding") == "chunked", name
             assert "content-length" not in r.request.headers, name
-            assert r.status_code == 400, (name, headers, r.text)
+            assert r.status_code == 411, (name, headers, r.text)  # Length Required
             assert error_reason(r) == "LENGTH_REQUIRED", (name, headers)
             assert r.json()["code"] == 3  # INVALID_ARGUMENT
             assert stored_files(stack.data_dir) == files, (name, headers)
