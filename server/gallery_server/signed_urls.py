@@ -100,20 +100,23 @@ class SignedUploads:
         ).digest()
 
     def create_urls(
-        self, principal: Principal, device: str, filename: str, *, thumbnail: bool
+        self, principal: Principal, device: str, filename: str, *, thumbnail: bool, issue: bool = True
     ) -> UploadUrls:
+        """A media URL (and a thumbnail URL) for one new event. `issue` False: checked and signed
+        alike, but not recorded, so that they are refused if used (the answer to a HEAD)."""
         principal.require(validation.device_id(device), WRITE)
         filename = validation.display_name(filename, "filename")
         event_id = validation.new_event_id()
         expires = int(time.time()) + self.gallery.settings.upload_url_ttl
         expires_at = datetime.datetime.fromtimestamp(expires, datetime.UTC)
         self._require_room_for_a_url(device)
-        with self.gallery.db.session() as session:
-            session.add(UploadGrant(
-                event_id=event_id, device=device, filename=filename, expires_at=expires_at,
-                thumbnail_state="open" if thumbnail else "none",
-            ))
-            session.commit()
+        if issue:
+            with self.gallery.db.session() as session:
+                session.add(UploadGrant(
+                    event_id=event_id, device=device, filename=filename, expires_at=expires_at,
+                    thumbnail_state="open" if thumbnail else "none",
+                ))
+                session.commit()
 
         def url(purpose: str) -> str:
             token = self._sign([_VERSION, device, event_id, purpose, expires, filename])

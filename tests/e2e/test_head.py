@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import random
 import socket
+import sqlite3
 import time
 from typing import NamedTuple
 
@@ -127,6 +128,27 @@ def test_head_answers_what_get_answers_without_the_body(stack: Stack, stored: St
             else:
                 assert head.headers["content-length"] == str(len(get.content)), where
             assert not any(name.startswith("x-gallery-") or name == "x-http-status" for name in head.headers), where
+
+
+def test_a_head_of_upload_url_issues_no_url(stack: Stack, http: httpx.Client) -> None:
+    """A HEAD is safe (RFC 9110 9.2.1): a link checker's HEAD of upload-url answers the GET's
+    headers but records no grant (one would count against the device's unused URLs for a day)."""
+    device = new_device()
+    path = f"/api/gallery/{device}/upload-url"
+
+    def grants() -> int:
+        with sqlite3.connect(stack.data_dir / "gallery.db") as db:
+            return db.execute("SELECT count(*) FROM upload_grants WHERE device = ?", (device,)).fetchone()[0]
+
+    head = http.head(path, params={"filename": "a.jpg", "thumbnail": "true"}, headers=READ)
+    assert (head.status_code, head.content, grants()) == (200, b"", 0)
+    get = http.get(path, params={"filename": "a.jpg", "thumbnail": "true"}, headers=READ)
+    assert (get.status_code, grants()) == (200, 1)
+    assert head.headers["content-length"] == str(len(get.content))
+    # A GET naming Envoy's HEAD marker itself still gets its URL recorded.
+    marked = http.get(path, params={"filename": "a.jpg"}, headers={**READ, "x-gallery-head": "1"})
+    assert (marked.status_code, grants()) == (200, 2)
+    assert marked.json()["upload_url"]
 
 
 def _read_chars(pid: int) -> int:

@@ -121,6 +121,17 @@ def test_create_urls_without_thumbnail(signed: SignedUploads, principal: auth.Pr
     denied("URL_ALREADY_USED", put, signed, signed.verify("cam1", forged), JPEG)
 
 
+def test_urls_not_issued_record_nothing_and_are_refused(signed: SignedUploads, principal: auth.Principal) -> None:
+    """What a HEAD of upload-url answers: URLs like a GET's, for a grant that does not exist."""
+    urls = signed.create_urls(principal, "cam1", "a.png", thumbnail=True, issue=False)
+    with signed.gallery.db.session() as session:
+        assert session.exec(select(UploadGrant)).all() == []
+    for url in (urls.media_url, urls.thumbnail_url):
+        assert url is not None
+        denied("URL_SIGNATURE_INVALID", put, signed, signed.verify("cam1", token_of(url)), PNG)
+    assert signed.gallery.list_events(principal, "cam1") == []
+
+
 def test_each_grant_has_its_own_event_id(local: SignedUploads, principal: auth.Principal) -> None:
     ids = {local.create_urls(principal, "cam1", "a.png", thumbnail=False).event_id for _ in range(20)}
     assert len(ids) == 20

@@ -149,8 +149,10 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         return pb.DeleteEventResponse(success=True)
 
     def CreateUploadUrl(self, request, context):  # type: ignore[no-untyped-def]
+        # A HEAD is safe (RFC 9110): the GET's answer, for URLs that were never issued.
         urls = self.signed.create_urls(
-            self.principal(), request.device, request.filename, thumbnail=request.thumbnail
+            self.principal(), request.device, request.filename, thumbnail=request.thumbnail,
+            issue=HEAD_HEADER not in _request_headers(context),
         )
         response = pb.CreateUploadUrlResponse(
             success=True, upload_url=urls.media_url, event_id=urls.event_id
