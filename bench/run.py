@@ -1575,7 +1575,7 @@ TARGETS_NOTE = (
     "a second stack, alternated with SQLite: there each request also pays a round trip to another process "
     "and that process's CPU on the same 2 vCPUs. "
     "Envoy's share: since 2026-11-29 the REST GETs that answer a message (paths, list, one event, stats, "
-    "admin status; the upload URL too until 2026-11-30, when its HEAD stopped issuing a URL) take a route "
+    "admin status; the upload URL too until 2026-11-29, when its HEAD stopped issuing a URL) take a route "
     "of their own that runs neither the Lua filter nor "
     "header_mutation (envoy/envoy.yaml: they carry no upload body and no status for Lua to set). In 3 "
     "interleaved rounds by hand (old and new configuration, this section and the small requests), Envoy's "
