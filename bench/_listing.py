@@ -146,8 +146,8 @@ def _listing(bench: Bench, count: int, seed_s: float,
     # The token of the page after the event at `depth` from the newest: what a client walking the
     # listing holds there (page tokens are keyset positions, built by the server's own code).
     after_index = count - 1 - depth
-    token = paging.next_page_token(paging.build(limit=50), (_created(after_index), _event_id(BIG_DEVICE, after_index)),
-                                   full=True)
+    token = paging.next_page_token(paging.build(device=BIG_DEVICE, limit=50),
+                                   (_created(after_index), _event_id(BIG_DEVICE, after_index)), full=True)
     base = f"/api/gallery/{BIG_DEVICE}"
     cases = [
         ("list, first page (limit 50)", f"{base}/events?limit=50", lambda b: _check_list(b, count - 1, BIG_DEVICE),
@@ -368,6 +368,7 @@ def _small_requests(bench: Bench, floor: FloorStack, aio_floor: FloorStack, seco
             measured[name].append({"rate": result.rate, "p50": result.percentile(50), "p99": result.percentile(99),
                                    **{f"{k}_us": v for k, v in cpu_us.items()}})
             print(f"  run {run + 1}/{opts.runs}  {name:<60} {result.rate:7.0f} req/s", flush=True)
+
     def ratio(name: str, other: str) -> float:
         return median([a["rate"] / b["rate"] for a, b in zip(measured[name], measured[other], strict=True)])
 

@@ -50,6 +50,22 @@ def read(stub, md, event_id: str, offset: int = 0):
         pb.ReadEventContentRequest(device="cam1", event_id=event_id, read_offset=offset), metadata=md, timeout=30)
 
 
+def thumbnail(stub, md, event_id: str):
+    return stub.GetEventThumbnail(
+        pb.GetEventThumbnailRequest(device="cam1", event_id=event_id), metadata=md, timeout=30)
+
+
+def wait_for_the_place(fetch, deadline: float):
+    """What `fetch` returns once the stalled download's place is free (it is cancelled after IDLE)."""
+    while True:
+        try:
+            return fetch()
+        except grpc.RpcError as error:
+            assert rich_error(error)[0].reason == "TOO_MANY_DOWNLOADS"
+            assert time.monotonic() < deadline, "the stalled download was never cancelled"
+            time.sleep(0.1)
+
+
 def test_a_download_whose_client_stopped_reading_is_counted_then_cancelled(grpc_port, mint):
     md = [("authorization", f"Bearer {mint()}")]
     data = random_bytes(SIZE)
@@ -65,36 +81,13 @@ def test_a_download_whose_client_stopped_reading_is_counted_then_cancelled(grpc_
         # A read with nothing to send holds no thread: answered meanwhile.
         assert list(read(stub, md, event_id, offset=SIZE)) == []
         # The stalled one is cancelled after IDLE s without a message taken, and its place is free.
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                whole = b"".join(m.data for m in read(stub, md, event_id))
-                break
-            except grpc.RpcError as error:
-                assert rich_error(error)[0].reason == "TOO_MANY_DOWNLOADS"
-                assert time.monotonic() < deadline, "the stalled download was never cancelled"
-                time.sleep(0.1)
+        whole = wait_for_the_place(
+            lambda: b"".join(m.data for m in read(stub, md, event_id)), time.monotonic() + 20)
         assert hashlib.sha256(whole).digest() == hashlib.sha256(data).digest()
         with pytest.raises(grpc.RpcError) as cancelled:
             for _ in stalled:
                 pass
         assert cancelled.value.code() == grpc.StatusCode.CANCELLED
-
-
-def thumbnail(stub, md, event_id: str):
-    return stub.GetEventThumbnail(
-        pb.GetEventThumbnailRequest(device="cam1", event_id=event_id), metadata=md, timeout=30)
-
-
-def wait_for_the_place(fetch, deadline: float):
-    """What `fetch` returns once the stalled download's place is free (it is cancelled after IDLE)."""
-    while True:
-        try:
-            return fetch()
-        except grpc.RpcError as error:
-            assert rich_error(error)[0].reason == "TOO_MANY_DOWNLOADS"
-            assert time.monotonic() < deadline, "the stalled download was never cancelled"
-            time.sleep(0.1)
 
 
 def test_a_large_thumbnail_is_counted_and_a_small_one_is_not(grpc_port, mint):
@@ -120,4 +113,3 @@ def test_a_large_thumbnail_is_counted_and_a_small_one_is_not(grpc_port, mint):
             for _ in stalled:
                 pass
         assert cancelled.value.code() == grpc.StatusCode.CANCELLED
-

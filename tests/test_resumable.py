@@ -682,7 +682,6 @@ def test_no_new_session_below_the_disk_headroom(gallery: Gallery, principal: aut
     assert session_rows(gallery) == []
 
 
-
 def test_writers_waiting_for_a_sessions_lock_hold_upload_slots(
     gallery: Gallery, principal: auth.Principal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -690,7 +689,9 @@ def test_writers_waiting_for_a_sessions_lock_hold_upload_slots(
     on one session take the device's upload slots, and the ones past them are refused at once
     instead of each waiting LOCK_WAIT_SECONDS."""
     per_device = gallery.slots.per_device
-    monkeypatch.setattr(resumable, "LOCK_WAIT_SECONDS", 2.0)
+    # Long: the waiters must still be waiting when the last open_write comes (the holder's close
+    # in `finally` lets them go at once).
+    monkeypatch.setattr(resumable, "LOCK_WAIT_SECONDS", 30.0)
     uploads = ResumableUploads(gallery)
     done = finished_session(uploads, principal, "done-0001", b"abc")
     uploads.start(principal, "cam1", name="a.bin", upload_id="piled-0001")
@@ -708,7 +709,7 @@ def test_writers_waiting_for_a_sessions_lock_hold_upload_slots(
     try:
         for thread in waiters:
             thread.start()
-        deadline = time.monotonic() + 1
+        deadline = time.monotonic() + 10
         while gallery.slots.in_flight < per_device:  # the holder's slot and one per waiter
             assert time.monotonic() < deadline, "the waiters took no upload slots"
             time.sleep(0.01)

@@ -309,6 +309,7 @@ def test_an_empty_thumbnail_chunk_is_no_thumbnail(server: grpc_testing.Server, g
     assert not gallery.storage.thumbnail_path("cam1", event.id).exists()
     assert list(gallery.storage.staging_root.iterdir()) == []
 
+
 def test_upload_event_header_only_is_an_empty_file(server: grpc_testing.Server, gallery: Gallery,
                                                    principal: auth.Principal) -> None:
     response, code, _ = stream_unary(server, "UploadEvent", [header(name="empty.txt"), finish()])
@@ -531,6 +532,30 @@ def test_create_upload_url_and_put(server: grpc_testing.Server, gallery: Gallery
         assert_failed(code, details, "already been used")
     _, code, details = put(server, "cam2", response.upload_url, b"x")
     assert_failed(code, details, "another device")
+
+
+def test_resumable_writes_take_one_upload_slot(gallery: Gallery, principal: auth.Principal) -> None:
+    """With one upload per device, a WriteUpload and a ranged PUT still store: the session's
+    writer holds the device's one slot, and nothing around it takes a second."""
+    single = Gallery(dataclasses.replace(gallery.settings, max_uploads_per_device=1), gallery.db, gallery.storage)
+    server = grpc_testing.server_from_dictionary(
+        {SERVICE: GalleryServicer(single, SignedUploads(single), Devices(single), principal=lambda: principal)},
+        grpc_testing.strict_real_time(),
+    )
+    _, code, details = unary(server, "StartUpload",
+                             pb.StartUploadRequest(device="cam1", name="a.png", upload_id="one-slot-01"))
+    assert code is grpc.StatusCode.OK, details
+    written, code, details = stream_unary(server, "WriteUpload", [pb.WriteUploadRequest(
+        device="cam1", upload_id="one-slot-01", write_offset=0, data=PNG, finish_write=True)])
+    assert code is grpc.StatusCode.OK, details
+    assert written.event_id
+    urls, _, _ = unary(server, "CreateUploadUrl", pb.CreateUploadUrlRequest(device="cam1", filename="b.png"))
+    ranged = ((LENGTH, str(len(PNG))), ("content-range", f"bytes 0-{len(PNG) - 1}/{len(PNG)}"))
+    stored, code, details = stream_unary(server, "PutSignedUpload", put_requests("cam1", urls.upload_url, PNG), ranged)
+    assert code is grpc.StatusCode.OK, details
+    assert stored.event_id == urls.event_id
+    assert single.slots.in_flight == 0
+    assert gallery.storage.media_path("cam1", urls.event_id).read_bytes() == PNG
 
 
 def test_create_upload_url_without_thumbnail(server: grpc_testing.Server) -> None:

@@ -91,7 +91,8 @@ class FormReceiver:
     def _past_preamble(self, data: bytes) -> bytes:
         """The body from its first boundary line on, once that has come (b"" until then)."""
         seen = self._preamble + data if self._preamble else data
-        start = 0
+        # What was searched before, but for a delimiter cut by the piece's end and its line break.
+        start = max(0, len(self._preamble or b"") - len(self._delimiter))
         while (found := seen.find(self._delimiter, start)) >= 0:
             if found == 0 or seen[found - 1] == 0x0A:  # a boundary begins a line
                 self._preamble = None
@@ -100,7 +101,7 @@ class FormReceiver:
         if len(seen) > MAX_PREAMBLE_BYTES:
             raise InvalidArgument(
                 "MALFORMED_MULTIPART",
-                f"malformed multipart body: no boundary line in its first {MAX_PREAMBLE_BYTES} bytes",
+                f"malformed multipart body: no boundary line within its first {len(seen)} bytes",
             )
         self._preamble = seen
         return b""

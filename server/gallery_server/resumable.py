@@ -11,11 +11,11 @@ them away. A file shorter than its row (lost outside the server's control) lower
 
 One writer per session: a writer holds an exclusive flock on the staging file for its stream (a
 second stream waits LOCK_WAIT_SECONDS, then fails with UPLOAD_BUSY). A writer takes its upload slot
-(Gallery.reserve_upload) before it waits for the lock, since the wait holds a server thread as
-writing does: streams piled up on one session are refused past the device's uploads at once, not
-each after its wait. The lock is per open file, so
-it holds across threads and processes of one host; replicas on several hosts sharing one staging
-folder need a filesystem with working flock (local disks, NFSv4).
+(Gallery.reserve_upload, which also wants the disk headroom) before it waits for the lock, since
+the wait holds a server thread as writing does: streams piled up on one session are refused past
+the device's uploads at once, not each after its wait. The lock is per open file, so it holds
+across threads and processes of one host; replicas on several hosts sharing one staging folder
+need a filesystem with working flock (local disks, NFSv4).
 
 Completion: the whole file is hashed once (one streaming read, no hash state kept across
 resumes), checked against the declared size and sha256 and handed to Gallery.store(), which marks
@@ -334,24 +334,24 @@ class ResumableUploads:
         try:
             _lock(fd, row.upload_id)
             row = self._load(device, row.upload_id)  # as it is now that this writer is alone
-            if row.event_id:
+            if row.event_id:  # completed by another stream while this one waited
                 self._drop_completed_file(row, locked=fd)
-                os.close(fd)
-                release()
-                return SessionWriter(self, row, None)
-            row = self._recover(row, fd)
-            if write_offset is not None and write_offset != row.committed_size:
-                raise FailedPrecondition(
-                    "WRONG_OFFSET",
-                    f"write_offset {write_offset} is not the committed size {row.committed_size}:"
-                    f" resume at {row.committed_size}",
-                    field="write_offset", committed_size=str(row.committed_size),
-                    write_offset=str(write_offset),
-                )
+            else:
+                row = self._recover(row, fd)
+                if write_offset is not None and write_offset != row.committed_size:
+                    raise FailedPrecondition(
+                        "WRONG_OFFSET",
+                        f"write_offset {write_offset} is not the committed size"
+                        f" {row.committed_size}: resume at {row.committed_size}",
+                        field="write_offset", committed_size=str(row.committed_size),
+                        write_offset=str(write_offset),
+                    )
         except BaseException:
-            os.close(fd)
-            release()
+            _let_go(fd, release)
             raise
+        if row.event_id:  # nothing to write
+            _let_go(fd, release)
+            return SessionWriter(self, row, None)
         return SessionWriter(self, row, fd, release)
 
     # -- expiry ---------------------------------------------------------------------------------
@@ -692,11 +692,9 @@ class SessionWriter:
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # releases the lock
-            self._fd = None
-        if self._release is not None:
-            self._release()
-            self._release = None
+            fd, self._fd = self._fd, None
+            _let_go(fd, self._release or _nothing)
+        self._release = None
 
 
 class SessionSweeper(BackgroundLoop):
@@ -751,6 +749,19 @@ def _open_in_use(path: pathlib.Path) -> int:
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def _let_go(fd: int, release: Callable[[], None]) -> None:
+    """Close a session file, and its lock with it, then give back its writer's upload slot, even
+    if the close fails."""
+    try:
+        os.close(fd)
+    finally:
+        release()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _lock(fd: int, upload_id_: str) -> None:

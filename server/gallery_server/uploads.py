@@ -52,7 +52,6 @@ class UploadFields:
         self.declared_sha256 = self.declared_sha256 or sha256
 
 
-
 class Upload:
     """Receives bytes into staging; discards them on close() unless Gallery.store() took them."""
 

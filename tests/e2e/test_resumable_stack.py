@@ -123,6 +123,11 @@ def test_checksums_rest_and_native(stack: Stack, envoy_channel: grpc.Channel,
                              headers={"Authorization": f"Bearer {token}"})
         assert response.status_code == 200, response.text
         assert response.json() == {"existing": stored}
+        # A body naming the path's own device is still taken (only another device is refused:
+        # tests/e2e/test_bad_input.py, checksums-device-in-body).
+        same = http.post(f"/api/gallery/{device}/checksums", json={"sha256s": wanted, "device": device},
+                         headers={"Authorization": f"Bearer {token}"})
+        assert (same.status_code, same.json()) == (200, {"existing": stored}), same.text
         too_many = http.post(f"/api/gallery/{device}/checksums", json={"sha256s": wanted + ["0" * 64]},
                              headers={"Authorization": f"Bearer {token}"})
         assert too_many.status_code == 400

@@ -77,3 +77,14 @@ def test_the_reads_route_skips_its_filters_for_exactly_the_rest_reads() -> None:
     assert matched == {
         "GetAdminStatus", "GetDevicePaths", "ListEventsJson", "GetEvent", "GetStats",
     }
+
+
+def test_thumbnails_left_uncounted_fit_envoys_window_to_the_server() -> None:
+    """servicer.SENT_WITHOUT_WAITING: a thumbnail up to it takes no download slot because Envoy
+    takes it from the server whole (its stream window to the cluster, plus the gRPC and protobuf
+    framing its buffer absorbs) whatever the client does. A smaller window would make it false."""
+    from gallery_server.rpc.servicer import SENT_WITHOUT_WAITING
+
+    cluster = envoy_config.TEMPLATE.read_text().split("  clusters:")[1]
+    window = re.search(r"initial_stream_window_size: (\d+)", cluster)
+    assert window is not None and SENT_WITHOUT_WAITING <= int(window.group(1))

@@ -414,6 +414,7 @@ def test_an_empty_thumbnail_put_is_refused_and_leaves_the_url_unused(
     assert put(signed, thumb, JPEG) == media.event_id
     assert gallery.storage.thumbnail_path("cam1", media.event_id).read_bytes() == JPEG
 
+
 def test_a_thumbnail_whose_commit_outcome_is_unknown_stays(signed: SignedUploads, principal: auth.Principal) -> None:
     """The event may now say it has this thumbnail: the file stays (Database.commit)."""
     gallery = signed.gallery

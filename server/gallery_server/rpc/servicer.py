@@ -378,7 +378,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
                    declared: int | None, first, request_iterator):
         """A resumable PUT (Content-Range): 200 with the event id once the file is complete, else
         308 with the committed size (GCS's "resume incomplete")."""
-        # A put with bytes to write holds the device's upload slot (its session writer's).
+        # A put that opens its session's writer holds the device's upload slot (the writer's).
         put = self.signed.open_range(target, downloads.parse_content_range(content_range), declared)
         try:
             if put.done:  # the URL's event is stored: answer it, store nothing

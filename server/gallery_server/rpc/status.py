@@ -42,7 +42,9 @@ _HTTP_STATUS: dict[str, str] = {"INSUFFICIENT_STORAGE": "507", "LENGTH_REQUIRED"
 HTTP_STATUS_HEADER = "x-http-status"
 # A 401 names the scheme it wants (RFC 9110 11.6.1 says it must; RFC 6750 3 says how for bearer
 # tokens): the header travels as a trailer, which Envoy makes a header of the REST answer (a gRPC
-# error is trailers only). No error code when no token came at all (RFC 6750 3.1).
+# error is trailers only). No error code when no token came at all (RFC 6750 3.1). A malformed
+# Authorization header says invalid_request, which RFC 6750 pairs with 400, but keeps its 401:
+# the status clients of this API have always had for it.
 _REALM = 'Bearer realm="gallery"'
 _WWW_AUTHENTICATE: dict[str, str] = {
     "TOKEN_MISSING": _REALM,
