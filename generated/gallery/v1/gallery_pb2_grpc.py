@@ -564,9 +564,8 @@ def add_GalleryServiceServicer_to_server(servicer, server):
     server.add_generic_rpc_handlers((generic_handler,))
     server.add_registered_method_handlers('gallery.v1.GalleryService', rpc_method_handlers)
 
+
  # This class is part of an EXPERIMENTAL API.
-
-
 class GalleryService:
     """GalleryService stores the media that devices capture and serves it to people and programs.
 
