@@ -55,6 +55,19 @@ def thumbnail(stub, md, event_id: str):
         pb.GetEventThumbnailRequest(device="cam1", event_id=event_id), metadata=md, timeout=30)
 
 
+def stall_one_then_be_refused(open_download):
+    """Start a download whose client then reads no more, and check that the next one is refused
+    (the stalled one holds the only place); returns the stalled one."""
+    stalled = open_download()
+    next(stalled)  # the server is sending; the client reads no more
+    with pytest.raises(grpc.RpcError) as refused:
+        for _ in open_download():
+            pass
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert rich_error(refused.value)[0].reason == "TOO_MANY_DOWNLOADS"
+    return stalled
+
+
 def wait_for_the_place(fetch, deadline: float):
     """What `fetch` returns once the stalled download's place is free (it is cancelled after IDLE)."""
     while True:
@@ -72,12 +85,7 @@ def test_a_download_whose_client_stopped_reading_is_counted_then_cancelled(grpc_
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
         stub = gallery_pb2_grpc.GalleryServiceStub(channel)
         event_id = stored(stub, md, data)
-        stalled = read(stub, md, event_id)
-        next(stalled)  # the server is sending; the client reads no more
-        with pytest.raises(grpc.RpcError) as refused:
-            b"".join(m.data for m in read(stub, md, event_id))
-        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert rich_error(refused.value)[0].reason == "TOO_MANY_DOWNLOADS"
+        stalled = stall_one_then_be_refused(lambda: read(stub, md, event_id))
         # A read with nothing to send holds no thread: answered meanwhile.
         assert list(read(stub, md, event_id, offset=SIZE)) == []
         # The stalled one is cancelled after IDLE s without a message taken, and its place is free.
@@ -97,12 +105,7 @@ def test_a_large_thumbnail_is_counted_and_a_small_one_is_not(grpc_port, mint):
         stub = gallery_pb2_grpc.GalleryServiceStub(channel)
         with_large = stored(stub, md, b"media", thumbnail=large)
         with_small = stored(stub, md, b"media", thumbnail=small)
-        stalled = thumbnail(stub, md, with_large)
-        next(stalled)  # the server is sending; the client reads no more
-        with pytest.raises(grpc.RpcError) as refused:
-            b"".join(m.data for m in thumbnail(stub, md, with_large))
-        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert rich_error(refused.value)[0].reason == "TOO_MANY_DOWNLOADS"
+        stalled = stall_one_then_be_refused(lambda: thumbnail(stub, md, with_large))
         # Up to SENT_WITHOUT_WAITING bytes take no place: answered meanwhile, more than once.
         for _ in range(3):
             assert b"".join(m.data for m in thumbnail(stub, md, with_small)) == small
