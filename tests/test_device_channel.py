@@ -141,6 +141,36 @@ def test_a_pulled_upload_cannot_declare_another_sha256_than_announced(channel, m
     assert (event.state, event.sha256) == ("on_device", hashlib.sha256(b"the real capture").hexdigest())
 
 
+def test_a_pulled_upload_must_have_the_announced_size(channel, mint):
+    """Without a sha256, the announced size is what tells the capture from new content under its
+    name (a loop recording rewritten since): other bytes are refused, not stored in its event."""
+    capture = b"x" * 5000
+    [announced] = device_pb2_grpc.DeviceServiceStub(channel).AnnounceEvents(
+        dpb.AnnounceEventsRequest(device="cam1", events=[dpb.AnnouncedEvent(
+            device_key="loop/FILE0001.MP4", name="FILE0001.MP4", size=len(capture))]),
+        metadata=device_auth(mint)).results
+    gallery = gallery_pb2_grpc.GalleryServiceStub(channel)
+
+    def upload(content: bytes, **header):
+        yield gallery_pb2.UploadEventRequest(header=gallery_pb2.UploadHeader(
+            device="cam1", event_id=announced.event_id, **header))
+        yield gallery_pb2.UploadEventRequest(media_chunk=content)
+        yield gallery_pb2.UploadEventRequest(finish=gallery_pb2.UploadFinish())
+
+    for content, header in ((b"only ten b", {}), (b"only ten b", {"size": 10}), (capture + b"!", {})):
+        with pytest.raises(grpc.RpcError) as refused:
+            gallery.UploadEvent(upload(content, **header), metadata=device_auth(mint), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, header
+        assert rich_error(refused.value)[0].reason == "SIZE_MISMATCH", header
+    user = [("authorization", f"Bearer {mint(devices=['cam1'])}")]
+    event = gallery.GetEvent(gallery_pb2.GetEventRequest(device="cam1", event_id=announced.event_id), metadata=user)
+    assert (event.state, event.size) == ("on_device", len(capture))
+    stored = gallery.UploadEvent(upload(capture), metadata=device_auth(mint), timeout=10)
+    assert stored.event_id == announced.event_id
+    event = gallery.GetEvent(gallery_pb2.GetEventRequest(device="cam1", event_id=announced.event_id), metadata=user)
+    assert (event.state, event.size, event.sha256) == ("stored", len(capture), hashlib.sha256(capture).hexdigest())
+
+
 def open_channel(channel, token, stop: threading.Event, device: str = "cam1"):
     def requests():
         yield dpb.ConnectRequest(hello=dpb.DeviceHello(device=device))

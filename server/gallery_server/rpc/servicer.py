@@ -195,8 +195,11 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             if announced:
                 fields.name = fields.name or announced.name
                 fields.media_type = fields.media_type or announced.media_type
-                # The announced sha256 binds the pulled content: a header naming another is
-                # refused (SHA256_MISMATCH) before any byte, not taken in its place.
+                # The announced size and sha256 bind the pulled content: a header naming others
+                # is refused (SIZE_MISMATCH, SHA256_MISMATCH) before any byte, not taken in
+                # their place, and so are bytes that differ. Without a sha256 the size is what
+                # tells this capture from new content under its name (a loop recording).
+                fields.declare_size(announced.size)
                 fields.declare_sha256(announced.sha256)
                 if fields.metadata_json == "{}":
                     fields.metadata_json = announced.metadata_json
