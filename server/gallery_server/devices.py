@@ -184,12 +184,21 @@ class Devices:
         if len(announcements) > MAX_ANNOUNCE:
             raise TooLarge("TOO_MANY_EVENTS", f"at most {MAX_ANNOUNCE} events per announcement",
                            field="events")
+        keys: set[str] = set()
         for a in announcements:
             if not 1 <= len(a.device_key) <= 512 or not a.device_key.isprintable():
                 raise InvalidArgument(
                     "INVALID_DEVICE_KEY", "device_key must be 1..512 printable characters",
                     field="device_key",
                 )
+            # A key names one file: twice in a call, the second replaced the first's event
+            # within the call, and the answer named an event that no longer existed.
+            if a.device_key in keys:
+                raise InvalidArgument(
+                    "DUPLICATE_DEVICE_KEY", f"device_key {a.device_key!r} is announced twice",
+                    field="device_key", device_key=a.device_key,
+                )
+            keys.add(a.device_key)
             if a.size > self.settings.max_upload_bytes:
                 raise InvalidArgument(
                     "INVALID_SIZE", f"size is above the upload limit of {self.settings.max_upload_bytes}",

@@ -296,6 +296,17 @@ def test_announce_refuses_sizes_and_keys_it_cannot_store(devices, gallery, devic
         assert caught.value.reason == reason
 
 
+def test_a_key_announced_twice_in_one_call_refuses_the_call(devices, gallery, device_principal, principal):
+    """Before, the second replaced the first's event within the call, and the answer named an
+    event that no longer existed."""
+    twice = [Announcement(device_key="dup", name="a.jpg", size=1), Announcement(device_key="ok", name="b.jpg"),
+             Announcement(device_key="dup", name="b.jpg", size=2)]
+    with pytest.raises(InvalidArgument) as caught:
+        devices.announce(device_principal, DEVICE, twice)
+    assert (caught.value.reason, caught.value.metadata["device_key"]) == ("DUPLICATE_DEVICE_KEY", "dup")
+    assert gallery.list_events(principal, DEVICE) == []  # nothing of the call was stored
+
+
 def test_failed_announcement_leaves_no_thumbnail(devices, gallery, device_principal, monkeypatch):
     def broken_session():
         raise RuntimeError("database went away")

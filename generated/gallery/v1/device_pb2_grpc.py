@@ -81,7 +81,8 @@ class DeviceServiceServicer:
         a new event, and the key's earlier event keeps its content if it was uploaded, or is removed
         if it never was (the device no longer holds it). A capture whose event a user deleted is
         answered `deleted` and not listed again. One invalid event refuses the call before anything
-        is stored; a thumbnail the disk's headroom has no room for (RESOURCE_EXHAUSTED
+        is stored, and so does a `device_key` named twice (INVALID_ARGUMENT `DUPLICATE_DEVICE_KEY`,
+        the key in its metadata: a key names one file); a thumbnail the disk's headroom has no room for (RESOURCE_EXHAUSTED
         `INSUFFICIENT_STORAGE`) ends it there, the events before it announced.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
