@@ -171,6 +171,22 @@ def test_a_pulled_upload_must_have_the_announced_size(channel, mint):
     assert (event.state, event.size, event.sha256) == ("stored", len(capture), hashlib.sha256(capture).hexdigest())
 
 
+def test_a_pulled_upload_takes_no_device_event_id(channel, mint):
+    """It would be dropped (the announced row is filled), and a retry naming it made a second event."""
+    event_id = announce_one(channel, mint, b"capture", key="dei.jpg")
+
+    def upload():
+        yield gallery_pb2.UploadEventRequest(header=gallery_pb2.UploadHeader(
+            device="cam1", event_id=event_id, device_event_id="DEI-2"))
+        yield gallery_pb2.UploadEventRequest(media_chunk=b"capture")
+        yield gallery_pb2.UploadEventRequest(finish=gallery_pb2.UploadFinish())
+
+    with pytest.raises(grpc.RpcError) as refused:
+        gallery_pb2_grpc.GalleryServiceStub(channel).UploadEvent(upload(), metadata=device_auth(mint), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert rich_error(refused.value)[0].reason == "DEVICE_EVENT_ID_WITH_EVENT_ID"
+
+
 def open_channel(channel, token, stop: threading.Event, device: str = "cam1"):
     def requests():
         yield dpb.ConnectRequest(hello=dpb.DeviceHello(device=device))

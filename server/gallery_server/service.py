@@ -636,6 +636,14 @@ class Gallery:
             validation.media_type(fields.media_type)
         validation.sha256_hex(fields.declared_sha256)
         validation.device_event_id(fields.device_event_id)
+        if fill is not None and fields.device_event_id:
+            # A pulled upload fills the event its device_key names; another id would be dropped
+            # silently (the fill keeps the announced row), and a retry naming it made a second event.
+            raise InvalidArgument(
+                "DEVICE_EVENT_ID_WITH_EVENT_ID",
+                "an upload that fills an announced event (event_id) takes no device_event_id",
+                field="device_event_id",
+            )
         if not upload.media_received:
             raise InvalidArgument("EVENT_FILE_REQUIRED", "the event file is missing", field="event")
         if fields.thumbnail_promised and upload.thumbnail is None:
