@@ -91,6 +91,25 @@ def test_a_bad_message_ends_the_channel_with_invalid_argument(channel, mint):
     assert info.reason == "MALFORMED_REQUEST"
 
 
+def test_a_second_hello_ends_the_channel_with_invalid_argument(channel, mint):
+    """`hello` is first and only first: a second one (here naming another device) is not ignored."""
+    sent = threading.Event()
+
+    def requests():
+        yield dpb.ConnectRequest(hello=dpb.DeviceHello(device="cam1"))
+        yield dpb.ConnectRequest()  # empty: ignored
+        yield dpb.ConnectRequest(hello=dpb.DeviceHello(device="cam2"))
+        sent.wait(10)
+
+    stream = device_pb2_grpc.DeviceServiceStub(channel).Connect(requests(), metadata=device_auth(mint), timeout=20)
+    with pytest.raises(grpc.RpcError) as caught:
+        for _ in stream:
+            pass
+    sent.set()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+    assert rich_error(caught.value)[0].reason == "HELLO_REPEATED"
+
+
 def test_a_deleted_capture_is_answered_deleted(channel, mint):
     devices = device_pb2_grpc.DeviceServiceStub(channel)
     auth = device_auth(mint)

@@ -169,6 +169,10 @@ def test_announce_pull_and_download(stack, http, auth_headers, run_agent, tmp_pa
     assert stored["pull"]["state"] == "completed" and stored["sha256"] == video["sha256"]
     assert content(http, headers, device, video["id"]) == clip
     assert command_count(stack.data_dir, video["id"]) == 1
+    # Pulling it again asks the device for nothing: the answer names the pull that brought it.
+    again = http.post(f"/api/gallery/{device}/pull/{video['id']}", headers=headers).json()
+    assert (again["success"], again["state"], again["pull"]["state"]) == (True, "stored", "completed")
+    assert command_count(stack.data_dir, video["id"]) == 1
 
     # A stored event: success at once, no new command.
     r = http.post(f"/api/gallery/{device}/pull/{video['id']}", headers=headers)

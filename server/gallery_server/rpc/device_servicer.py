@@ -124,12 +124,17 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         """Apply the device's acks, progress and failures as they come.
 
         A device that half-closes its side keeps receiving commands: only the end of the RPC
-        (a callback registered in Connect), a broken stream or an undecodable message (recorded
-        in `failure`, which Connect raises: INVALID_ARGUMENT MALFORMED_REQUEST) closes the
-        channel."""
+        (a callback registered in Connect), a broken stream, an undecodable message or a second
+        hello (recorded in `failure`, which Connect raises: INVALID_ARGUMENT MALFORMED_REQUEST or
+        HELLO_REPEATED) closes the channel. An empty message is ignored."""
         device = channel.device
         try:
             for message in request_iterator:
+                if message.WhichOneof("message") == "hello":  # of this device or another: ends it
+                    raise InvalidArgument(
+                        "HELLO_REPEATED", f"this channel said its hello already (device {device})",
+                        field="hello",
+                    )
                 try:
                     self._apply(device, message)
                 except Exception:  # one bad report must not end the device's channel
