@@ -85,9 +85,7 @@ class FloorStack:
     def __init__(self, run_dir: str, kind: str = "sync") -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown floor server kind {kind!r}")
-        self.grpc_port = local_stack.free_port()
-        self.http_port = local_stack.free_port()
-        admin_port = local_stack.free_port()
+        self.grpc_port, self.http_port, admin_port = local_stack.free_ports(3)
         config = f"{run_dir}/floor-{kind}-envoy.yaml"
         with open(config, "w") as f:
             f.write(envoy_config.render(listen=f"127.0.0.1:{self.http_port}", admin_port=admin_port,

@@ -10,6 +10,7 @@ For end-to-end tests and benchmarks, here and in projects that integrate with th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -20,11 +21,23 @@ import sys
 
 from . import supervisor
 
+# A port chosen free may be taken by another process before the stack binds it (tests run in
+# several processes at once): a stack that fails to bind is started again on new ports.
+BIND_ATTEMPTS = 3
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> tuple[int, ...]:
+    """`count` distinct free ports: each is held while the next is chosen (a port closed a moment
+    ago may be handed out again at once: one stack got the same port for Envoy and its server)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return tuple(int(s.getsockname()[1]) for s in sockets)
 
 
 @dataclasses.dataclass
@@ -73,10 +86,24 @@ def start_stack(
     extra_env: dict[str, str] | None = None,
     ports: tuple[int, int, int] | None = None,
 ) -> Stack:
-    """Start `gallery run` and return once REST and gRPC answer through Envoy.
+    """Start `gallery run` and return once REST and gRPC answer through Envoy; without `ports`,
+    on free ones (again on others if one was taken meanwhile).
 
     Raises RuntimeError (with the log) if it does not come up."""
-    http_port, grpc_port, admin_port = ports or (free_port(), free_port(), free_port())
+    for _ in range(BIND_ATTEMPTS - 1):
+        try:
+            return _start(data_dir, log_path, jwt_secret, extra_env, ports or free_ports(3))
+        except RuntimeError as exc:
+            if ports is not None or "Address already in use" not in str(exc):
+                raise
+    return _start(data_dir, log_path, jwt_secret, extra_env, ports or free_ports(3))
+
+
+def _start(
+    data_dir: pathlib.Path, log_path: pathlib.Path, jwt_secret: str,
+    extra_env: dict[str, str] | None, ports: tuple[int, ...],
+) -> Stack:
+    http_port, grpc_port, admin_port = ports
     env = {
         **os.environ,
         "GALLERY_DATA_DIR": str(data_dir),

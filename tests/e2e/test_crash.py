@@ -56,7 +56,7 @@ from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
 from gallery_server import auth, supervisor
 from gallery_server.db import Database
-from gallery_server.local_stack import free_port
+from gallery_server.local_stack import free_ports
 from gallery_server.models import GRANT_UNUSED, Event, UploadGrant, UploadSessionRow
 from gallery_server.reconcile import Reconciler
 from gallery_server.service import Gallery
@@ -242,7 +242,7 @@ def test_sigkill_during_uploads_loses_nothing_acknowledged(
     rng = random.Random(seed)
     run = Run(seed)
     data_dir = tmp_path / "data"
-    http_port, grpc_port, admin_port = free_port(), free_port(), free_port()
+    http_port, grpc_port, admin_port = free_ports(3)
     grpc_address = f"127.0.0.1:{grpc_port}"
     env = {
         **os.environ,

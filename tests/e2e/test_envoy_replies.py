@@ -18,7 +18,7 @@ import pytest
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
 from gallery_server import envoy_config, supervisor
-from gallery_server.local_stack import Stack, free_port
+from gallery_server.local_stack import Stack, free_ports
 
 
 def _assert_status_json(r: httpx.Response, code: int, reason: str) -> None:
@@ -35,10 +35,10 @@ def _assert_status_json(r: httpx.Response, code: int, reason: str) -> None:
 def envoy_without_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """The real Envoy with the gallery's configuration, its one backend a port nothing listens on."""
     root = tmp_path_factory.mktemp("no-server")
-    listen, admin = free_port(), free_port()
+    listen, admin, nothing = free_ports(3)
     config = root / "envoy.yaml"
     config.write_text(envoy_config.render(
-        listen=f"127.0.0.1:{listen}", admin_port=admin, backends=[f"127.0.0.1:{free_port()}"],
+        listen=f"127.0.0.1:{listen}", admin_port=admin, backends=[f"127.0.0.1:{nothing}"],
     ), encoding="utf-8")
     log = (root / "envoy.log").open("wb")
     envoy = subprocess.Popen(

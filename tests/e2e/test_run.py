@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 
 import httpx
 
-from gallery_server.local_stack import free_port
+from gallery_server.local_stack import free_ports
 
 from .conftest import start_stack, stop_stack
 
@@ -86,12 +87,13 @@ def test_run_fails_fast_when_the_port_is_taken(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
+        http_port, admin_port = free_ports(2)
         env = {
             **os.environ,
             "GALLERY_DATA_DIR": str(tmp_path / "data"),
             "GALLERY_GRPC_ADDRESS": f"127.0.0.1:{port}",
-            "GALLERY_HTTP_ADDRESS": f"127.0.0.1:{free_port()}",
-            "GALLERY_ENVOY_ADMIN_PORT": str(free_port()),
+            "GALLERY_HTTP_ADDRESS": f"127.0.0.1:{http_port}",
+            "GALLERY_ENVOY_ADMIN_PORT": str(admin_port),
         }
         result = subprocess.run(
             [sys.executable, "-m", "gallery_server", "run"], env=env, capture_output=True,
@@ -114,12 +116,13 @@ def test_run_refuses_a_data_directory_envoy_cannot_name(tmp_path):
     """Envoy's configuration is UTF-8: a data directory whose name is not stops `gallery run`
     with the way out (GALLERY_ENVOY_SENDS_FILES=false) instead of a traceback."""
     data_dir = os.fsdecode(os.fsencode(tmp_path) + b"/data-\xff")
+    grpc_port, http_port, admin_port = free_ports(3)
     env = {
         **os.environ,
         "GALLERY_DATA_DIR": data_dir,
-        "GALLERY_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
-        "GALLERY_HTTP_ADDRESS": f"127.0.0.1:{free_port()}",
-        "GALLERY_ENVOY_ADMIN_PORT": str(free_port()),
+        "GALLERY_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
+        "GALLERY_HTTP_ADDRESS": f"127.0.0.1:{http_port}",
+        "GALLERY_ENVOY_ADMIN_PORT": str(admin_port),
     }
     result = subprocess.run(
         [sys.executable, "-m", "gallery_server", "run"], env=env, capture_output=True,
@@ -128,3 +131,28 @@ def test_run_refuses_a_data_directory_envoy_cannot_name(tmp_path):
     assert result.returncode == 1
     assert "GALLERY_ENVOY_SENDS_FILES=false" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_free_ports_are_distinct() -> None:
+    for _ in range(200):
+        assert len(set(free_ports(3))) == 3
+
+
+def test_a_stack_whose_port_was_taken_meanwhile_starts_on_others(tmp_path, monkeypatch):
+    """Ports chosen free may be taken before the stack binds them (another test process, or the
+    OS handing a port just closed out again): start_stack then tries new ones."""
+    from gallery_server import local_stack
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        first = [(taken, *local_stack.free_ports(2))]  # Envoy's port is in use
+        chosen = local_stack.free_ports
+        monkeypatch.setattr(local_stack, "free_ports", lambda n: first.pop() if first else chosen(n))
+        stack = start_stack(tmp_path / "data", tmp_path / "run.log")
+        try:
+            assert not first and stack.http_port != taken
+            assert httpx.get(stack.url("/api/gallery/cam1/stats"), timeout=10).status_code == 401
+        finally:
+            stop_stack(stack)
