@@ -576,3 +576,15 @@ def test_device_channel_survives_an_undecodable_message(bad_stack: Stack) -> Non
     stub = device_pb2_grpc.DeviceServiceStub(grpc.insecure_channel(bad_stack.envoy_grpc_address))
     answer = stub.AnnounceEvents(dpb.AnnounceEventsRequest(device=DEVICE), metadata=metadata, timeout=TIMEOUT)
     assert list(answer.results) == []
+
+
+def test_a_multipart_preamble_is_ignored_through_envoy(bad_stack: Stack) -> None:
+    """RFC 2046 5.1.1: text before the first boundary line is ignored (it was 400
+    MALFORMED_MULTIPART); the form after it is stored as sent."""
+    body = b"This is a multi-part message in MIME format.\r\n" + _upload_form(name="pre.bin", event=b"after")
+    with httpx.Client(base_url=bad_stack.base_url, timeout=TIMEOUT) as http:
+        r = http.post(UP, content=body, headers={**_bearer(_token()), "content-type": MULTIPART})
+        assert r.status_code == 200, r.text
+        event_id = r.json()["eventId"]
+        stored = http.get(f"{EV}/{event_id}/content", headers=_bearer(_token()))
+    assert (stored.status_code, stored.content) == (200, b"after")

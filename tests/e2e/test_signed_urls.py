@@ -788,3 +788,21 @@ def test_thumbnail_over_limit_is_429_and_url_stays_usable(
         assert event["has_thumbnail"] is True
         assert client.thumbnail_path(device, urls["eventId"]).read_bytes() == thumbnail
         assert client.media_path(device, urls["eventId"]).read_bytes() == media
+
+
+def test_an_empty_thumbnail_put_is_400_and_its_url_stays_usable(client: Client) -> None:
+    """An empty body is no thumbnail (it used to be stored as a 0-byte image): 400
+    THUMBNAIL_MISSING, the event keeps no thumbnail, and the URL still takes the real one."""
+    device = new_device()
+    urls = client.upload_urls(device, "photo.jpg", thumbnail=True)
+    assert raw_put(urls["upload_url"], random_bytes(4000)).status_code == 200
+    r = raw_put(urls["thumbnail_upload_url"], b"")
+    assert r.request.headers["content-length"] == "0"
+    assert r.status_code == 400, r.text
+    assert error_reason(r) == "THUMBNAIL_MISSING"
+    [event] = client.events(device)
+    assert event["has_thumbnail"] is False
+    assert not client.thumbnail_path(device, event["id"]).exists()
+    thumbnail = random_bytes(300)
+    assert raw_put(urls["thumbnail_upload_url"], thumbnail).status_code == 200
+    assert client.thumbnail_path(device, event["id"]).read_bytes() == thumbnail
