@@ -23,6 +23,7 @@ from grpc_status import rpc_status
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
+from gallery_server.rpc.interceptor import MAX_REFLECTION_STREAMS
 from gallery_server.settings import Settings
 
 from .conftest import rich_error, stored_files
@@ -100,16 +101,51 @@ def test_health_answers_without_a_token(running: Running) -> None:
     assert info.value.code() is grpc.StatusCode.NOT_FOUND
 
 
-def test_reflection_answers_without_a_token(running: Running) -> None:
+def test_reflection_answers_with_a_token_only(running: Running) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(running.channel)
     requests = [
         reflection_pb2.ServerReflectionRequest(list_services=""),
         reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME),
     ]
-    listed, found = list(stub.ServerReflectionInfo(iter(requests), timeout=5))
+    listed, found = list(stub.ServerReflectionInfo(iter(requests), timeout=5, metadata=running.auth()))
     names = {s.name for s in listed.list_services_response.service}
     assert names >= {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
     assert found.file_descriptor_response.file_descriptor_proto
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.ServerReflectionInfo(iter(requests), timeout=5))
+    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_reflection_streams_are_counted(running: Running) -> None:
+    """A reflection stream holds a server thread while it waits for the next question: past
+    MAX_REFLECTION_STREAMS open at once, another is refused at once, and one that ends frees its
+    place (without the count, a few hundred idle streams took every thread)."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(running.channel)
+    question = reflection_pb2.ServerReflectionRequest(list_services="")
+
+    def asks_then_waits(done: threading.Event) -> Iterator[reflection_pb2.ServerReflectionRequest]:
+        yield question
+        done.wait(30)
+
+    ends = [threading.Event() for _ in range(MAX_REFLECTION_STREAMS)]
+    streams = [stub.ServerReflectionInfo(asks_then_waits(end), timeout=30, metadata=running.auth())
+               for end in ends]
+    try:
+        for stream in streams:  # each has its answer: its handler runs, and waits
+            assert next(stream).list_services_response.service
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.ServerReflectionInfo(iter([question]), timeout=5, metadata=running.auth()))
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert rich_error(info.value)[0].reason == "TOO_MANY_REFLECTION_STREAMS"
+        ends[0].set()
+        assert list(streams[0]) == []
+        answers = list(stub.ServerReflectionInfo(iter([question]), timeout=5, metadata=running.auth()))
+        assert answers[0].list_services_response.service
+    finally:
+        for end in ends:
+            end.set()
+        for stream in streams:
+            stream.cancel()
 
 
 # -- authentication -------------------------------------------------------------------------------

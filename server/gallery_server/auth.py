@@ -17,6 +17,7 @@ never verify. `alg: none` is never in an allowed list, so it is always refused.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import threading
 import time
@@ -25,8 +26,11 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.jwk_set_cache import JWKSetCache
 
 from .errors import PermissionDenied, Unauthenticated, Unavailable
+
+log = logging.getLogger(__name__)
 
 READ = "gallery:read"
 WRITE = "gallery:write"
@@ -133,8 +137,8 @@ class Verifier:
             # PyJWT's client caches the key set for `lifespan` and refetches it for an unknown
             # `kid` at most once per `cooldown_duration`: tokens with made-up kids cannot turn
             # into a flood of requests to the identity provider.
-            self._jwks = jwt.PyJWKClient(
-                jwks_url, cache_jwk_set=True, lifespan=jwks_lifespan,
+            self._jwks = _KeySetClient(
+                jwks_url, lifespan=jwks_lifespan,
                 cooldown_duration=jwks_cooldown, timeout=JWKS_TIMEOUT_SECONDS,
             )
         elif public_key:
@@ -243,8 +247,9 @@ class Verifier:
             if cached is not None:
                 return cached
             return self._jwks.get_signing_key(kid)
-        except jwt.PyJWKClientConnectionError:
-            self._jwks_failed_at = time.monotonic()
+        except jwt.PyJWKClientConnectionError as exc:  # _UnusableKeySet included
+            self._jwks_failed_at = time.monotonic()  # logged once per retry window, not per request
+            log.warning("the identity provider's key set could not be used", extra={"error": str(exc)})
             raise _jwks_unavailable() from None
         except jwt.PyJWTError:
             raise Unauthenticated(
@@ -252,6 +257,52 @@ class Verifier:
             ) from None
         finally:
             self._jwks_lock.release()
+
+
+class _UnusableKeySet(jwt.PyJWKClientConnectionError):
+    """The identity provider answered, but with no key set this server can use: as unavailable
+    as no answer (503, retried after a few seconds), not a reason to refuse the token (401)."""
+
+
+class _FilteredSetCache(JWKSetCache):
+    """PyJWT's cache of the key set, storing only the set _KeySetClient returns: PyJWT's
+    fetch_data also puts the set as fetched, and parsing that raised for the keys dropped."""
+
+    def put(self, jwk_set: Any) -> None:
+        if not isinstance(jwk_set, dict):  # the parsed set get_jwk_set puts, or None (clear)
+            super().put(jwk_set)
+
+
+class _KeySetClient(jwt.PyJWKClient):
+    """PyJWT's client, keeping only the keys PyJWT can load: one key it cannot (an `alg` of
+    `none`, an `oct` key without `k`) made it refuse the whole set with an exception of its own,
+    a 500 on every request, each fetching the set again. A set that is not JSON, or has no
+    signing key left, is _UnusableKeySet."""
+
+    def __init__(self, uri: str, *, lifespan: float, **kwargs: Any) -> None:
+        super().__init__(uri, cache_jwk_set=True, lifespan=lifespan, **kwargs)
+        self.jwk_set_cache = _FilteredSetCache(lifespan)
+
+    def fetch_data(self) -> Any:
+        try:
+            data = super().fetch_data()
+        except jwt.PyJWKClientConnectionError:
+            raise
+        except Exception as exc:  # not JSON (an error page), not an object
+            raise _UnusableKeySet(f"the JWKS is not a JSON object: {exc}") from exc
+        keys = data.get("keys")
+        usable = [key for key in keys if _loads(key)] if isinstance(keys, list) else []
+        if not any(key.get("use") in ("sig", None) and key.get("kid") for key in usable):
+            raise _UnusableKeySet(f"the JWKS has no signing key with a kid ({len(usable)} usable keys)")
+        return {**data, "keys": usable}
+
+
+def _loads(key: object) -> bool:
+    try:
+        jwt.PyJWK(key)  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 (PyJWT raises more than its own errors for odd keys)
+        return False
+    return True
 
 
 def _jwks_unavailable() -> Unavailable:

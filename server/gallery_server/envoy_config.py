@@ -26,6 +26,9 @@ LOCAL_REPLIES = {
     503: (14, "SERVER_UNAVAILABLE"),
     504: (4, "SERVER_TIMEOUT"),
 }
+# Streams Envoy passes on to each gRPC server at once (its circuit breaker): above what a server's
+# own limits admit (GALLERY_GRPC_WORKERS threads, 256 by default), so those answer first.
+REQUESTS_PER_BACKEND = 1024
 OTHER_LOCAL_REPLY = (2, "REQUEST_FAILED")  # UNKNOWN: a status Envoy seldom answers itself
 # What Envoy takes for gRPC, whose local replies it sends as a gRPC status (grpc-message): those
 # keep Envoy's own form. The Lua filter in envoy.yaml draws the same line.
@@ -62,6 +65,7 @@ def render(
         MEDIA_ROOT=_quoted_text(str(media_root or "/nonexistent")),
         LOCAL_REPLY_MAPPERS=json.dumps(_local_reply_mappers()),
         KEEPALIVE=f"{keepalive_seconds:.3f}s",
+        MAX_REQUESTS=REQUESTS_PER_BACKEND * len(backends),
     )
 
 

@@ -721,13 +721,28 @@ def test_health(channel: grpc.Channel) -> None:
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_reflection(channel: grpc.Channel) -> None:
+def test_health_watch_is_not_routed_from_outside(stack: Stack, envoy_channel: grpc.Channel) -> None:
+    """Watch stays open without a token: through Envoy it is UNIMPLEMENTED (each held one of the
+    cluster's requests; ~1,000 locked every client out), on the trusted gRPC port it answers."""
+    with pytest.raises(grpc.RpcError) as err:
+        next(health_pb2_grpc.HealthStub(envoy_channel).Watch(health_pb2.HealthCheckRequest(), timeout=TIMEOUT))
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with grpc.insecure_channel(stack.grpc_address) as direct:
+        watch = health_pb2_grpc.HealthStub(direct).Watch(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+
+
+def test_reflection(channel: grpc.Channel, token: str) -> None:
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
     requests = [
         reflection_pb2.ServerReflectionRequest(list_services=""),
         reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE),
     ]
-    responses = list(reflection.ServerReflectionInfo(iter(requests), timeout=TIMEOUT))
+    with pytest.raises(grpc.RpcError) as err:
+        list(reflection.ServerReflectionInfo(iter(requests), timeout=TIMEOUT))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    responses = list(reflection.ServerReflectionInfo(iter(requests), timeout=TIMEOUT, metadata=bearer(token)))
     assert len(responses) == 2
     services = {s.name for s in responses[0].list_services_response.service}
     assert services >= {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}

@@ -982,3 +982,27 @@ def test_a_query_parameter_named_after_a_path_variable_changes_nothing(http, aut
     assert r.json()["total_events"] == 2, r.text
     r = http.get(f"/api/gallery/{device}/events", params={"device": other}, headers=headers)
     assert [e["id"] for e in r.json()] == [second, first], r.text
+
+
+def test_a_percent_encoded_query_parameter_name_is_refused(http, auth_headers):
+    """The transcoder decodes a query parameter's name after it drops those named after a path
+    variable, so `?event%5Fid=B` replaced the path's event (a DELETE of A deleted B): a name
+    with a `%` is 400 through Envoy, for every method, and an encoded value still passes."""
+    device, other, headers = new_device(), new_device(), auth_headers(devices=["*"])
+    first = upload(http, device, headers, name="a.bin", data=b"a" * 20)
+    second = upload(http, device, headers, name="b.bin", data=b"b" * 7)
+    event = f"/api/gallery/{device}/events/{first}"
+    for query in (f"event%5Fid={second}", f"eventI%64={second}", f"%65ventId={second}",
+                  f"devic%65={other}", "limit=1&page%5Ftoken=x"):
+        for method, path in (("GET", event), ("GET", f"{event}/content"), ("DELETE", event),
+                             ("GET", f"/api/gallery/{device}/stats"),
+                             ("GET", f"/api/gallery/{device}/events")):
+            r = http.request(method, f"{path}?{query}", headers=headers)
+            body = assert_error(r, 400, "MALFORMED_REQUEST")
+            assert body["message"] == "query parameter names must not be percent-encoded", body
+        r = http.head(f"{event}/content?{query}", headers=headers)
+        assert r.status_code == 400, (query, r.status_code)
+    listed = http.get(f"/api/gallery/{device}/events", headers=headers).json()
+    assert [e["id"] for e in listed] == [second, first]  # nothing was deleted
+    r = http.get(f"/api/gallery/{device}/events?since=2000-01-01T00%3A00%3A00Z&limit=1", headers=headers)
+    assert (r.status_code, [e["id"] for e in r.json()]) == (200, [second]), r.text

@@ -527,6 +527,7 @@ class JwksServer:
         self.keys: list[dict] = []
         self.requests = 0
         self.down = False
+        self.body: bytes | None = None  # served instead of the key set when set
         self.release = threading.Event()  # cleared: every request hangs until it is set
         self.release.set()
         server = self
@@ -538,7 +539,7 @@ class JwksServer:
                 if server.down:
                     self.send_error(503)
                     return
-                body = json.dumps({"keys": server.keys}).encode()
+                body = server.body if server.body is not None else json.dumps({"keys": server.keys}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -687,6 +688,48 @@ def test_jwks_unreachable_is_unavailable_not_unauthenticated(jwks_server, rsa_pr
         assert info.value.reason == "JWKS_UNAVAILABLE"
     assert jwks_server.requests == 1
     jwks_server.down = False
+    time.sleep(2.1)
+    assert verifier.verify(token).subject == "alice"
+    assert jwks_server.requests == 2
+
+
+@pytest.mark.parametrize("odd_key", [
+    {"kty": "oct", "kid": "none-1", "alg": "none"},  # PyJWT raised NotImplementedError for it
+    {"kty": "oct", "kid": "oct-1"},  # no `k`
+    {"kty": "RSA", "kid": "rsa-bad", "n": "AQAB"},  # no `e`
+    "not an object",
+], ids=["alg-none", "oct-without-k", "rsa-without-e", "string"])
+def test_a_key_pyjwt_cannot_load_leaves_the_rest_of_the_set_usable(jwks_server, rsa_private, odd_key) -> None:  # type: ignore[no-untyped-def]
+    """One key in the identity provider's set that PyJWT cannot load made every request a 500
+    that fetched the set again; the other keys now verify, from one fetch."""
+    jwks_server.publish("rsa-1", rsa_private)
+    jwks_server.keys.append(odd_key)
+    verifier = auth.Verifier(secret=JWT_SECRET, jwks_url=jwks_server.url, jwks_cooldown=2.0)
+    for n in range(5):
+        assert verifier.verify(_kid_token(rsa_private, "rsa-1", sub=f"user-{n}")).subject == f"user-{n}"
+    assert jwks_server.requests == 1
+
+
+@pytest.mark.parametrize("body", [
+    b"<html><body>maintenance</body></html>", b'{"keys": []}', b"[1, 2]", b'{"keys": "none"}',
+    b'{"keys": [{"kty": "oct", "kid": "none-1", "alg": "none"}]}',
+], ids=["html", "empty", "array", "keys-not-a-list", "no-loadable-key"])
+def test_an_unusable_key_set_is_unavailable_and_fails_fast(jwks_server, rsa_private, body, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A set the server cannot use is the identity provider failing: 503 JWKS_UNAVAILABLE (a
+    500, or a 401 with a fetch per request, before), one fetch and one log line per retry
+    window, and tokens verify again once it serves a good set."""
+    jwks_server.body = body
+    token = _kid_token(rsa_private, "rsa-1")
+    verifier = auth.Verifier(secret=JWT_SECRET, jwks_url=jwks_server.url, jwks_cooldown=2.0)
+    with caplog.at_level("WARNING", logger="gallery_server.auth"):
+        for _ in range(10):
+            with pytest.raises(Unavailable) as info:
+                verifier.verify(token)
+            assert info.value.reason == "JWKS_UNAVAILABLE"
+    assert jwks_server.requests == 1
+    assert len([r for r in caplog.records if "key set" in r.getMessage()]) == 1
+    jwks_server.body = None
+    jwks_server.publish("rsa-1", rsa_private)
     time.sleep(2.1)
     assert verifier.verify(token).subject == "alice"
     assert jwks_server.requests == 2

@@ -1,8 +1,9 @@
 """Cross-cutting work for every RPC: authentication, request ids, access logs, error mapping.
 
 The interceptor wraps each method handler so that, inside the worker thread running the RPC:
-- the bearer token is verified (except for the methods in PUBLIC_METHODS) and the Principal is
-  available to the servicer through current_principal();
+- the bearer token is verified (except for the methods in PUBLIC_METHODS and health checks) and
+  the Principal is available to the servicer through current_principal();
+- reflection streams are counted (MAX_REFLECTION_STREAMS);
 - a GalleryError becomes its mapped status; any other exception is logged with its traceback and
   becomes a generic INTERNAL, so no exception text reaches a client;
 - one access-log line records method, code, duration, subject and request id (never a token);
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -26,19 +28,26 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from .. import auth, logs
-from ..errors import GalleryError, InvalidArgument, Unauthenticated
+from ..errors import Exhausted, GalleryError, InvalidArgument, Unauthenticated
 from . import chunks, status
 
 log = logging.getLogger("gallery.access")
 
 # Methods that carry their own proof (signed URLs, the bearer token of the request Envoy asks
-# about) or must answer anyone (health, reflection).
+# about).
 PUBLIC_METHODS = frozenset({
     "/gallery.v1.GalleryService/PutSignedUpload",
     "/gallery.v1.GalleryService/GetSignedUploadStatus",
     "/envoy.service.auth.v3.Authorization/Check",
 })
-PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Health answers anyone: load balancers and Envoy's own checks carry no token. Its Watch holds no
+# thread; Envoy does not route it from outside (envoy.yaml).
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# Reflection needs a token like any call, and each of its streams holds a server thread while it
+# waits for the client's next question (grpcurl asks, then waits): without a token or a count,
+# a few hundred idle streams took every thread of the server.
+REFLECTION_PREFIX = "/grpc.reflection."
+MAX_REFLECTION_STREAMS = 4
 
 _principal: contextvars.ContextVar[auth.Principal] = contextvars.ContextVar("principal")
 
@@ -66,6 +75,7 @@ class GalleryInterceptor(grpc.ServerInterceptor):
         self._verifier = verifier
         # Methods that run on a pool of their own rather than the server's (rpc/server.py).
         self._pools = dict(pools or {})
+        self._reflection_streams = threading.BoundedSemaphore(MAX_REFLECTION_STREAMS)
 
     def intercept_service(
         self,
@@ -74,7 +84,7 @@ class GalleryInterceptor(grpc.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(PUBLIC_PREFIXES):
+        if handler is None or method.startswith(HEALTH_PREFIX):
             return handler
         public = method in PUBLIC_METHODS
         if handler.response_streaming:
@@ -82,6 +92,8 @@ class GalleryInterceptor(grpc.ServerInterceptor):
         else:
             behavior = handler.unary_unary or handler.stream_unary
         behavior = _refusing_undecodable(behavior, handler.request_streaming)
+        if method.startswith(REFLECTION_PREFIX):
+            behavior = _counted(behavior, self._reflection_streams)
         if handler.response_streaming:
             wrapped: Callable[..., Any] = self._wrap_stream(method, public, behavior)
         else:
@@ -148,6 +160,26 @@ class GalleryInterceptor(grpc.ServerInterceptor):
         principal = self._verifier.verify(token)
         call.subject = principal.subject
         return _principal.set(principal)
+
+
+def _counted(behavior: Callable[..., Iterator[Any]], slots: threading.BoundedSemaphore) -> Callable:
+    """A streaming `behavior` that runs only with one of `slots`, held until its stream ends;
+    RESOURCE_EXHAUSTED `TOO_MANY_REFLECTION_STREAMS` when none is free."""
+
+    def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        if not slots.acquire(blocking=False):
+            raise Exhausted(
+                "TOO_MANY_REFLECTION_STREAMS",
+                f"at most {MAX_REFLECTION_STREAMS} reflection streams at once on a server: "
+                "close one, or retry later",
+                limit=str(MAX_REFLECTION_STREAMS),
+            )
+        try:
+            yield from behavior(request, context)
+        finally:
+            slots.release()
+
+    return run
 
 
 class _Undecodable:
