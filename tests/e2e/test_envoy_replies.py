@@ -32,13 +32,14 @@ def _assert_status_json(r: httpx.Response, code: int, reason: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def envoy_without_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """The real Envoy with the gallery's configuration, its one backend a port nothing listens on."""
+def envoy_without_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, int]]:
+    """The real Envoy with the gallery's configuration, its two backends ports nothing listens on;
+    (REST base URL, gRPC address, admin port)."""
     root = tmp_path_factory.mktemp("no-server")
-    listen, admin, nothing = free_ports(3)
+    listen, admin, *nothing = free_ports(4)
     config = root / "envoy.yaml"
     config.write_text(envoy_config.render(
-        listen=f"127.0.0.1:{listen}", admin_port=admin, backends=[f"127.0.0.1:{nothing}"],
+        listen=f"127.0.0.1:{listen}", admin_port=admin, backends=[f"127.0.0.1:{port}" for port in nothing],
     ), encoding="utf-8")
     log = (root / "envoy.log").open("wb")
     envoy = subprocess.Popen(
@@ -47,7 +48,7 @@ def envoy_without_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
     )
     try:
         supervisor.wait_envoy_ready(admin, process=envoy)
-        yield f"http://127.0.0.1:{listen}", f"127.0.0.1:{listen}"
+        yield f"http://127.0.0.1:{listen}", f"127.0.0.1:{listen}", admin
     finally:
         envoy.terminate()
         envoy.wait(timeout=30)
@@ -55,9 +56,9 @@ def envoy_without_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
 
 
 def test_rest_without_a_server_is_a_503_in_the_servers_error_shape(
-    envoy_without_server: tuple[str, str],
+    envoy_without_server: tuple[str, str, int],
 ) -> None:
-    base_url, _ = envoy_without_server
+    base_url, _, _ = envoy_without_server
     with httpx.Client(base_url=base_url, timeout=30) as http:
         for method, path in (("GET", "/api/gallery/cam1/stats"), ("GET", "/api/gallery/cam1/events"),
                              ("POST", "/api/gallery/cam1/upload")):
@@ -70,8 +71,8 @@ def test_rest_without_a_server_is_a_503_in_the_servers_error_shape(
         assert (r.status_code, r.headers["content-type"], r.content) == (503, "application/json", b"")
 
 
-def test_native_grpc_without_a_server_keeps_a_grpc_status(envoy_without_server: tuple[str, str]) -> None:
-    _, address = envoy_without_server
+def test_native_grpc_without_a_server_keeps_a_grpc_status(envoy_without_server: tuple[str, str, int]) -> None:
+    _, address, _ = envoy_without_server
     with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as caught:
         gallery_pb2_grpc.GalleryServiceStub(channel).GetStats(pb.GetStatsRequest(device="cam1"), timeout=30)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -87,3 +88,14 @@ def test_a_native_call_envoy_refuses_keeps_a_grpc_status(stack: Stack) -> None:
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     with pytest.raises(json.JSONDecodeError):
         json.loads(caught.value.details() or "")
+
+
+def test_envoys_request_limit_grows_with_the_replicas(envoy_without_server: tuple[str, str, int]) -> None:
+    """Envoy's default of 1,024 requests in flight is shared by every replica: open streams past
+    it (health Watch streams, device channels of a fleet) made Envoy answer 503 to everyone.
+    The limit is REQUESTS_PER_BACKEND per replica, as Envoy applies it."""
+    _, _, admin = envoy_without_server
+    clusters = httpx.get(f"http://127.0.0.1:{admin}/clusters", timeout=10).text
+    expected = 2 * envoy_config.REQUESTS_PER_BACKEND
+    assert f"gallery_grpc::default_priority::max_requests::{expected}" in clusters, clusters[:2000]
+    assert f"gallery_grpc::default_priority::max_pending_requests::{expected}" in clusters
