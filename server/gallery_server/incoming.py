@@ -18,16 +18,22 @@ The convention, for whatever writes there (rsync, SFTP, an NFS client, a local p
 * A file waits in `incoming` while copying it would take the disk below its headroom
   (GALLERY_MIN_FREE_BYTES), where an upload would be stopped; it is imported once there is room.
 
-Crash and concurrency safety, without locks, with any number of replicas scanning the same
-folders: the event id is derived from (device, name, size, sha256) with an HMAC under the server
-secret, so every replica, and every run after a crash, names the same file the same event. The
-bytes reach `media/` by an atomic rename, then the row is inserted (a duplicate key means the
-event already exists: someone else got there first), and only then is the dropped file unlinked,
-and only if the path still names the very file that was imported. A crash between any two steps
-leaves the file in `incoming`; the next scan converges on exactly one event. Because the id
-commits to the content, replacing `media/<id>` again never changes the bytes a row describes.
-An identical file (same device, name and bytes) dropped again while its event exists is therefore
-not imported twice: it is simply removed from `incoming`.
+Crash and concurrency safety, with any number of replicas scanning the same folders: a replica
+imports a dropped file only under an exclusive flock on it, taken without waiting and held until
+the file is unlinked, and only while the path still names that file; the others skip it. Without
+the lock, a replica that had opened the file before another imported and unlinked it copied it
+all the same and, finding no row, inserted it again: an event a user had deleted in between came
+back, with its file, or without it when the delete's unlink came last. (flock needs a filesystem
+that has it: local disks, NFSv4, as the reconciler does.) The event id is derived from (device,
+name, size, sha256) with an HMAC under the server secret, so every replica, and every run after
+a crash, names the same file the same event. The bytes reach `media/` by an atomic rename, then
+the row is inserted (a duplicate key means the event already exists: an earlier run got there
+first), and only then is the dropped file unlinked, and only if the path still names the very
+file that was imported. A crash between any two steps leaves the file in `incoming` (and frees
+its lock); the next scan converges on exactly one event. Because the id commits to the content,
+replacing `media/<id>` again never changes the bytes a row describes. An identical file (same
+device, name and bytes) dropped again while its event exists is therefore not imported twice:
+it is simply removed from `incoming`.
 
 Files are copied into the store, never hard-linked: a writer still holding a dropped file open (or
 another link to it) must not be able to change bytes an event already describes.
@@ -38,6 +44,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import hmac
 import logging
@@ -127,6 +134,8 @@ class _Taken:
     # Marks the copy in use until discarded, after its row is committed (storage.hold_shared):
     # the reconciler leaves it alone in staging/ and once placed in media/.
     in_use: int | None = None
+    # The dropped file, open with its exclusive flock (_claim): discarded after its unlink.
+    claim: int | None = None
 
     @property
     def size(self) -> int:
@@ -134,9 +143,10 @@ class _Taken:
 
     def discard(self) -> None:
         self.staged.unlink(missing_ok=True)
-        if self.in_use is not None:
-            os.close(self.in_use)
-            self.in_use = None
+        for fd in (self.in_use, self.claim):
+            if fd is not None:
+                os.close(fd)
+        self.in_use = self.claim = None
 
 
 class IncomingImporter(BackgroundLoop):
@@ -381,9 +391,10 @@ class IncomingImporter(BackgroundLoop):
         return None
 
     def _take_thumbnail(
-        self, thumb: _DropFile, seen: dict[str, _Seen], place: Callable[[_Taken], None],
+        self, thumb: _DropFile, seen: dict[str, _Seen], place: Callable[[_Taken], bool | None],
     ) -> _Taken | None:
-        """Copy the thumbnail and `place` it; None if it did not get there.
+        """Copy the thumbnail and `place` it; None if it did not get there (`place` may answer
+        False: its event is gone).
 
         A thumbnail that changed meanwhile, or that finds no room on the disk, does not hold up
         its media: it stays in thumbnails/ and attaches later."""
@@ -399,12 +410,15 @@ class IncomingImporter(BackgroundLoop):
         if taken is None:
             return None
         try:
-            place(taken)
+            placed = place(taken)
         except BaseException as exc:
             taken.discard()
             if _short_of_room(exc):
                 return None
             raise
+        if placed is False:
+            taken.discard()
+            return None
         return taken
 
     def _insert(self, event: Event) -> bool:
@@ -417,17 +431,21 @@ class IncomingImporter(BackgroundLoop):
             return False
         return True
 
-    def _attach(self, event_id: str, taken: _Taken | None, destination: pathlib.Path) -> None:
+    def _attach(self, event_id: str, taken: _Taken | None, destination: pathlib.Path) -> bool:
         """The device's thumbnail of a stored event (`taken`; None: at `destination` already),
         moved into place while the UPDATE holds the event's row: a thumbnail the server is making
-        (thumbnails.py) then finds its claim gone and never replaces this one."""
+        (thumbnails.py) then finds its claim gone and never replaces this one. False, and nothing
+        placed, if the event is gone (deleted since it was read)."""
         with self.gallery.db.session() as session:
-            session.exec(  # type: ignore[call-overload]
+            result = session.exec(  # type: ignore[call-overload]
                 sa.update(Event).where(col(Event.id) == event_id).values(has_thumbnail=True, thumbnail_state="")
             )
+            if result.rowcount == 0:
+                return False
             if taken is not None:
                 _place(self.storage, taken, destination)
             self.gallery.db.commit(session)
+        return True
 
     # -- thumbnails arriving after their media --------------------------------------------------
 
@@ -466,7 +484,8 @@ class IncomingImporter(BackgroundLoop):
         if taken is None:
             return
         try:
-            self._attach(target.id, taken, self.storage.thumbnail_path(device, target.id))
+            if not self._attach(target.id, taken, self.storage.thumbnail_path(device, target.id)):
+                return  # its event was deleted meanwhile: the thumbnail waits for the next scan
             _unlink_if_same(thumb.path, taken.source)
         finally:
             taken.discard()
@@ -509,16 +528,21 @@ class IncomingImporter(BackgroundLoop):
             os.close(fd)
 
     def _take(self, file: _DropFile) -> _Taken | None:
-        """Copy the settled file into staging, hashing it, and fsync the copy.
+        """Claim the settled file, copy it into staging, hashing it, and fsync the copy.
 
-        None if the file is gone; _Changed if it is no longer the file that settled.
+        None if the file is gone, or another replica has it (imports it now, or did meanwhile);
+        _Changed if it is no longer the file that settled.
         """
         fd = _open_dropped(file)
         if fd is None:
             return None
         staged = self.storage.staging_root / f"incoming-{secrets.token_hex(16)}"
         in_use: int | None = None
+        claimed = False
         try:
+            if not _claim(fd, file):
+                return None
+            claimed = True
             _check_settled(fd, file)
             self.storage.require_room_for(file.size)
             # A copy, never a hard link: a writer that still holds the file open (or another link
@@ -538,10 +562,12 @@ class IncomingImporter(BackgroundLoop):
             staged.unlink(missing_ok=True)
             if in_use is not None:
                 os.close(in_use)
+            claimed = False
             raise
         finally:
-            os.close(fd)
-        return _Taken(staged, file.signature, sha256, head, in_use)
+            if not claimed:
+                os.close(fd)
+        return _Taken(staged, file.signature, sha256, head, in_use, claim=fd)
 
     def _read(self, fd: int, out: AppendWriter | None) -> tuple[str, bytes]:
         """sha256 and head of `fd`'s bytes, copied to `out` (unless None) below the headroom."""
@@ -572,6 +598,23 @@ def _open_dropped(file: _DropFile) -> int | None:
         if exc.errno == errno.ELOOP:
             raise _Changed() from None
         raise
+
+
+def _claim(fd: int, file: _DropFile) -> bool:
+    """Whether this replica may import the dropped file open as `fd`: its exclusive flock, taken
+    without waiting (another replica holding it imports the file now), and the path still naming
+    this very file once the lock is held (a replica that imported it unlinked it before letting
+    go). The lock is released when `fd` is closed."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    try:
+        named = os.lstat(file.path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _short_of_room(exc: BaseException) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -572,6 +573,82 @@ def test_replicas_scanning_the_same_folders_import_each_file_exactly_once(galler
         assert event.has_thumbnail == (int(event.name[3:5]) % 3 == 0)
         assert gallery.storage.thumbnail_path(DEVICE, event.id).exists() == event.has_thumbnail
     assert list(inbox.iterdir()) == list(thumbs.iterdir()) == []
+    assert leftovers(gallery) == []
+
+
+def test_a_file_another_replica_is_importing_is_left_to_it(gallery, importer, folders):
+    """A dropped file under another replica's flock (it is copying the file now) is neither
+    copied nor imported here; once the lock goes, the file is imported as usual."""
+    inbox, _ = folders
+    data = write(inbox / "busy.mp4", random_bytes(5000))
+    other_replica = os.open(inbox / "busy.mp4", os.O_RDONLY)
+    try:
+        fcntl.flock(other_replica, fcntl.LOCK_EX)
+        assert settle(importer) == []
+        assert (events(gallery), leftovers(gallery)) == ([], [])
+        assert (inbox / "busy.mp4").exists()
+    finally:
+        os.close(other_replica)
+    [event_id] = importer.scan_once(now=2 * SETTLED)
+    assert gallery.storage.media_path(DEVICE, event_id).read_bytes() == data
+
+
+def test_a_deleted_event_stays_deleted_when_a_slower_replica_had_its_file_open(
+    gallery, folders, restarted, principal, monkeypatch,
+):
+    """Replica B opens a dropped file; before it goes on, replica A imports the file and a user
+    deletes the event. B must not import it again: the file B holds is no longer the one the
+    path names. (Without the claim, B copied it and, finding no row, brought the event back.)"""
+    inbox, _ = folders
+    write(inbox / "clip.mp4", random_bytes(5000))
+    a, b = restarted(), restarted()
+    a.scan_once(now=0)
+    b.scan_once(now=0)
+    real_open = incoming._open_dropped
+    imported: list[str] = []
+
+    def open_then_let_a_import(file):  # type: ignore[no-untyped-def]
+        fd = real_open(file)
+        if not imported:  # B's open: A imports and unlinks the file, then a user deletes it
+            monkeypatch.setattr(incoming, "_open_dropped", real_open)
+            imported.extend(a.scan_once(now=SETTLED))
+            gallery.delete_event(principal, DEVICE, imported[0])
+        return fd
+
+    monkeypatch.setattr(incoming, "_open_dropped", open_then_let_a_import)
+    assert b.scan_once(now=SETTLED) == []
+    assert len(imported) == 1
+    assert events(gallery) == []
+    assert not gallery.storage.media_path(DEVICE, imported[0]).exists()
+    assert (list(inbox.iterdir()), leftovers(gallery)) == ([], [])
+
+
+def test_a_late_thumbnail_for_an_event_deleted_meanwhile_stays_in_its_folder(
+    gallery, importer, folders, principal, monkeypatch,
+):
+    """A late thumbnail whose event is deleted between its lookup and its attachment is not
+    placed (it would be a file without its row) and waits in thumbnails/ for a later scan."""
+    inbox, thumbs = folders
+    write(inbox / "a.mp4", random_bytes(3000))
+    [event_id] = settle(importer)
+    gallery.storage.thumbnail_path(DEVICE, event_id).unlink(missing_ok=True)
+    write(thumbs / "a.jpg", PNG)
+    real_attach = IncomingImporter._attach
+
+    def delete_then_attach(self, event_id_, taken, destination):  # type: ignore[no-untyped-def]
+        gallery.delete_event(principal, DEVICE, event_id_)
+        return real_attach(self, event_id_, taken, destination)
+
+    with gallery.db.session() as session:  # a server-made thumbnail gives way to the device's
+        event = session.get(Event, event_id)
+        event.has_thumbnail, event.thumbnail_state = False, ""
+        session.add(event)
+        session.commit()
+    monkeypatch.setattr(IncomingImporter, "_attach", delete_then_attach)
+    settle(importer, 100)
+    assert events(gallery) == []
+    assert not gallery.storage.thumbnail_path(DEVICE, event_id).exists()
+    assert (thumbs / "a.jpg").read_bytes() == PNG
     assert leftovers(gallery) == []
 
 
