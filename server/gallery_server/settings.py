@@ -50,6 +50,7 @@ Limits and reconciliation (README "Durability, limits and faults"); upload count
 | GALLERY_RECONCILE_INTERVAL_SECONDS | 600      | how often a replica reconciles (reconcile.py)    |
 | GALLERY_RECONCILE_GRACE_SECONDS    | 3600     | age before a leftover is removed; >= max(2 x idle, 300) |
 | GALLERY_KEEPALIVE_SECONDS          | 20       | HTTP/2 PING interval, and the wait for its answer, on open streams |
+| GALLERY_DRAIN_SECONDS              | 5        | on SIGTERM, how long a replica keeps serving while it reports NOT_SERVING (0 under `gallery run`) |
 
 Threads: each upload holds a gRPC worker for its whole stream, and so do a device's Connect
 stream and a PullEvent waiting for content; GALLERY_MAX_UPLOADS_TOTAL < GALLERY_GRPC_WORKERS keeps
@@ -130,6 +131,9 @@ class Settings:
     # to give up. Envoy pings its downstream (answer within this); the gRPC server its clients
     # (answer within 6x this, rpc/server.py).
     keepalive_seconds: float = 20.0
+    # On SIGTERM a replica reports NOT_SERVING and goes on serving this long before it stops:
+    # Envoy's health check (every second, two failures) sends new calls elsewhere meanwhile.
+    drain_seconds: float = 5.0
 
     @property
     def issuer_tokens(self) -> bool:
@@ -191,6 +195,7 @@ class Settings:
                 ),
                 jwt_issuer=env.get("GALLERY_JWT_ISSUER", ""),
                 jwt_audience=env.get("GALLERY_JWT_AUDIENCE", ""),
+                drain_seconds=_non_negative(env, "GALLERY_DRAIN_SECONDS", cls.drain_seconds),
                 **_limits(env),
             )
         except ValueError as exc:

@@ -102,7 +102,8 @@ def run(settings: Settings) -> int:
     try:
         children.append(subprocess.Popen(
             [sys.executable, "-m", "gallery_server", "serve"],
-            env={**os.environ, "GALLERY_DATA_DIR": str(settings.data_dir)},
+            # Envoy stops first and no other replica takes over: nothing to drain for.
+            env={**os.environ, "GALLERY_DATA_DIR": str(settings.data_dir), "GALLERY_DRAIN_SECONDS": "0"},
             start_new_session=True,
         ))
         wait_grpc_healthy(settings.grpc_address, process=children[-1])

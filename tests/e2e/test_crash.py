@@ -259,6 +259,7 @@ def test_sigkill_during_uploads_loses_nothing_acknowledged(
         "GALLERY_RECONCILE_INTERVAL_SECONDS": "3600",
         "GALLERY_MIN_FREE_BYTES": "0",
         "GALLERY_DATABASE_URL": database_url,
+        "GALLERY_DRAIN_SECONDS": "0",  # no Envoy health check to drain for
     }
     settings = Settings.from_env(env)
     data_dir.mkdir()

@@ -61,7 +61,8 @@ class Server:
 
     def start(self) -> None:
         env = {**os.environ, "GALLERY_DATA_DIR": str(self.data_dir), "GALLERY_GRPC_ADDRESS": self.address,
-               "GALLERY_JWT_SECRET": JWT_SECRET, "GALLERY_MAKE_THUMBNAILS": "false", **self.env}
+               "GALLERY_JWT_SECRET": JWT_SECRET, "GALLERY_MAKE_THUMBNAILS": "false",
+               "GALLERY_DRAIN_SECONDS": "0", **self.env}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "gallery_server", "serve"],
                                             env=env, stdout=log, stderr=log)

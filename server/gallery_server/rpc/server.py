@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -62,7 +63,8 @@ QUICK_READS = tuple(
 
 
 def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
-    """Build a ready-to-start server bound to `address` (use port 0 in tests); returns its port."""
+    """Build a ready-to-start server bound to `address` (use port 0 in tests); returns its port.
+    The server's `health` attribute is its health servicer."""
     storage = Storage(settings.data_dir)  # creates the data root, where SQLite lives by default
     # RPCs hold a connection only for their queries, not while streaming bytes: a pool much smaller
     # than the worker count keeps several replicas within PostgreSQL's connection limit.
@@ -136,6 +138,7 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
+    server.health = health_servicer  # type: ignore[attr-defined]
     return server, port
 
 
@@ -181,6 +184,12 @@ def serve(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     stopping.wait()
+    if settings.drain_seconds:
+        # Other replicas take the new calls once Envoy's health check has seen NOT_SERVING;
+        # until then this one answers them all (a stop at once refused them: 503).
+        server.health.enter_graceful_shutdown()  # type: ignore[attr-defined]
+        log.info("draining", extra={"seconds": settings.drain_seconds})
+        time.sleep(settings.drain_seconds)
     importer.stop()
     sweeper.stop()
     reconciler.stop(timeout=5)

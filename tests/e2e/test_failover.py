@@ -1,0 +1,165 @@
+"""Two replicas on one PostgreSQL and one data root behind one real Envoy: stopping one (SIGTERM,
+as a rolling restart does) fails no request, and killing one (SIGKILL) fails no read; uploads
+sent to it fail (503, retryable) only until Envoy's health check has seen it gone.
+
+A stopped replica first reports NOT_SERVING while it goes on serving (GALLERY_DRAIN_SECONDS), so
+Envoy's health check (every second) moves new calls to the other; a call that a gone replica
+refused or never got is retried by Envoy on the other, and so is a read it dropped (envoy.yaml,
+retry_policy; uploads are not retried). Before, a stopped or killed replica's share of every kind
+of call got 503 SERVER_UNAVAILABLE for the seconds, up to a minute, Envoy took to notice."""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from gallery_server import envoy_config, supervisor
+from gallery_server.local_stack import free_ports
+
+from ..conftest import random_bytes
+from .test_rest_contract import Part, post_form
+from .test_resumable_cuts import Server
+
+DEVICE = "failover-cam"
+
+
+def healthy_backends(admin: int) -> int:
+    clusters = httpx.get(f"http://127.0.0.1:{admin}/clusters", timeout=5).text
+    return sum(1 for line in clusters.splitlines()
+               if line.startswith("gallery_grpc::") and line.endswith("::health_flags::healthy"))
+
+
+def wait_healthy(admin: int, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while healthy_backends(admin) != count:
+        assert time.monotonic() < deadline, httpx.get(f"http://127.0.0.1:{admin}/clusters").text
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def replicated(tmp_path: pathlib.Path, postgres_url: str) -> Iterator[tuple[list[Server], str, int]]:
+    """([replica 0, replica 1], Envoy's REST base URL, Envoy's admin port)."""
+    replicas = [Server(tmp_path, name=f"replica-{n}",
+                       env={"GALLERY_DATABASE_URL": postgres_url, "GALLERY_DRAIN_SECONDS": "5"})
+                for n in range(2)]
+    for replica in replicas:
+        replica.start()
+    listen, admin = free_ports(2)
+    config = tmp_path / "envoy.yaml"
+    config.write_text(envoy_config.render(
+        listen=f"127.0.0.1:{listen}", admin_port=admin, backends=[r.address for r in replicas],
+        media_root=replicas[0].data_dir / "media",
+    ), encoding="utf-8")
+    with (tmp_path / "envoy.log").open("wb") as log:
+        envoy = subprocess.Popen([supervisor.envoy_binary(), "-c", str(config), "--disable-hot-restart",
+                                  "--log-level", "warn"], stdout=log, stderr=log)
+    try:
+        supervisor.wait_envoy_ready(admin, process=envoy)
+        wait_healthy(admin, 2)
+        yield replicas, f"http://127.0.0.1:{listen}", admin
+    finally:
+        envoy.terminate()
+        envoy.wait(timeout=30)
+        for replica in replicas:
+            replica.stop()
+
+
+class Traffic:
+    """Clients on threads until stopped: reads (stats, a listing, a download) and uploads, each
+    answer recorded as (what, HTTP status)."""
+
+    def __init__(self, base_url: str, headers: dict[str, str], stored: tuple[str, bytes]) -> None:
+        self.base_url, self.headers, self.stored = base_url, headers, stored
+        self.answers: list[tuple[str, int, float]] = []  # (what, HTTP status, time.monotonic())
+        self.uploaded: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(work,)) for work in
+                         (self._stats, self._list, self._download, self._upload, self._upload)]
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    def failures(self, what: str | None = None, since: float = 0.0) -> list[tuple[str, int, float]]:
+        return [a for a in self.answers if a[1] != 200 and what in (None, a[0]) and a[2] >= since]
+
+    def _loop(self, work: Callable[[httpx.Client], tuple[str, int]]) -> None:
+        with httpx.Client(base_url=self.base_url, timeout=30) as http:
+            while not self._stop.is_set():
+                try:
+                    what, status = work(http)
+                except httpx.TransportError as exc:
+                    what, status = f"{work.__name__}: {exc!r}", 0
+                self.answers.append((what, status, time.monotonic()))
+
+    def _stats(self, http: httpx.Client) -> tuple[str, int]:
+        return "stats", http.get(f"/api/gallery/{DEVICE}/stats", headers=self.headers).status_code
+
+    def _list(self, http: httpx.Client) -> tuple[str, int]:
+        return "list", http.get(f"/api/gallery/{DEVICE}/events?limit=5", headers=self.headers).status_code
+
+    def _download(self, http: httpx.Client) -> tuple[str, int]:
+        event_id, data = self.stored
+        r = http.get(f"/api/gallery/{DEVICE}/events/{event_id}/content", headers=self.headers)
+        assert r.status_code != 200 or r.content == data
+        return "download", r.status_code
+
+    def _upload(self, http: httpx.Client) -> tuple[str, int]:
+        parts: list[Part] = [("name", "clip.bin"), ("event", ("clip.bin", random_bytes(20_000)))]
+        r = post_form(http, DEVICE, self.headers, parts)
+        if r.status_code == 200:
+            self.uploaded.append(r.json()["eventId"])
+        return "upload", r.status_code
+
+
+def test_a_replica_stopped_fails_no_request_and_one_killed_no_read(
+    replicated: tuple[list[Server], str, int], mint: Callable[..., str],
+) -> None:
+    replicas, base_url, admin = replicated
+    headers = {"Authorization": f"Bearer {mint(devices=[DEVICE], scope='gallery:read gallery:write')}"}
+    data = random_bytes(300_000)
+    with httpx.Client(base_url=base_url, timeout=30) as http:
+        r = post_form(http, DEVICE, headers, [("name", "kept.bin"), ("event", ("kept.bin", data))])
+        assert r.status_code == 200, r.text
+    stored = (r.json()["eventId"], data)
+
+    # A rolling restart's step: SIGTERM, which waits for the replica to exit (drain included).
+    with Traffic(base_url, headers, stored) as stopping:
+        time.sleep(1)
+        replicas[0].stop()
+        time.sleep(1.5)
+    assert replicas[0].process is not None and replicas[0].process.returncode == 0
+    assert len(stopping.answers) > 50 and stopping.failures() == [], stopping.failures()[:10]
+    replicas[0].start()
+    wait_healthy(admin, 2)
+
+    # A crash: reads are retried on the other replica; uploads sent to the killed one fail with a
+    # retryable 503 until Envoy's health check has seen it gone (two checks a second apart).
+    with Traffic(base_url, headers, stored) as killing:
+        time.sleep(1)
+        replicas[1].kill()
+        killed = time.monotonic()
+        time.sleep(5)
+    assert len(killing.answers) > 50
+    assert [a for a in killing.failures() if a[0] != "upload"] == [], killing.failures()[:10]
+    assert {status for _, status, _ in killing.failures("upload")} <= {503}
+    assert killing.failures("upload", since=killed + 3.5) == []
+
+    with httpx.Client(base_url=base_url, timeout=30) as http:
+        listed = http.get(f"/api/gallery/{DEVICE}/events?limit=1000", headers=headers).json()
+    listed_ids = {e["id"] for e in listed}
+    assert set(stopping.uploaded) | set(killing.uploaded) <= listed_ids
+    assert hashlib.sha256(data).hexdigest() in {e["sha256"] for e in listed}
