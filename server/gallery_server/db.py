@@ -258,11 +258,15 @@ class Database:
         self.engine.dispose()
 
 
+_SQLITE_NOT_NOW = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_FULL)
+
+
 def _unavailable(exc: BaseException) -> bool:
     """Whether `exc` means the database could not do the work now, so that the same request may
     succeed later: PostgreSQL could not be reached (whatever it answered while connecting) or
-    dropped the connection, or said "not now" (_POSTGRES_NOT_NOW, the 08 and 53 classes); SQLite
-    stayed busy or locked past the busy timeout; or no pooled connection came free in time. An
+    dropped the connection, or said "not now" (_POSTGRES_NOT_NOW, the 08 and 53 classes, disk full
+    included); SQLite stayed busy or locked past the busy timeout, or found its disk full (a
+    DELETE, the way to free space, was a 500); or no pooled connection came free in time. An
     error of the statement itself (a timeout, a limit, a constraint, a missing table) is not:
     the same statement would fail again."""
     if isinstance(exc, sa.exc.TimeoutError):
@@ -277,7 +281,7 @@ def _unavailable(exc: BaseException) -> bool:
         return state is None or state[:2] in ("08", "53") or state in _POSTGRES_NOT_NOW
     if isinstance(exc, sqlite3.OperationalError):
         code = getattr(exc, "sqlite_errorcode", None)  # absent from the module's own errors
-        return code is not None and (code & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # primary code
+        return code is not None and (code & 0xFF) in _SQLITE_NOT_NOW  # primary code
     return False
 
 

@@ -13,8 +13,9 @@ GalleryError                 base; carries a stable UPPER_SNAKE `reason` and `me
 ├── Unavailable              a service the request needs is unreachable, e.g. the JWKS (503 / UNAVAILABLE)
 │   └── DatabaseUnavailable  the database could not do the work now (db.py says which errors)
 │       └── CommitOutcomeUnknown  the connection went during a COMMIT (Database.commit)
-└── Exhausted                a capacity limit was hit: too many uploads at once (429) or too little
-                             free disk (507 through Envoy; both RESOURCE_EXHAUSTED)
+├── Exhausted                a capacity limit was hit: too many uploads at once (429) or too little
+│                            free disk (507 through Envoy; both RESOURCE_EXHAUSTED)
+└── DataLoss                 a stored event's file is missing or damaged (500 / DATA_LOSS)
 """
 
 from __future__ import annotations
@@ -87,3 +88,9 @@ class CommitOutcomeUnknown(DatabaseUnavailable):
 
 class Exhausted(GalleryError):
     """The server is at a capacity limit; the same request may succeed later."""
+
+
+class DataLoss(GalleryError):
+    """A stored event's media file is gone or not its recorded size: storage lost what the row
+    describes (a volume not mounted, a file removed or cut by hand). Not the client's doing, and
+    not a deleted event (404): the reconciler reports the same (reconcile.py)."""

@@ -28,6 +28,7 @@ from .db import Database
 from .errors import (
     AlreadyExists,
     CommitOutcomeUnknown,
+    DataLoss,
     Exhausted,
     FailedPrecondition,
     InvalidArgument,
@@ -330,11 +331,14 @@ class Gallery:
         event, path = self.stored_media(principal, device, event_id)
         try:
             file = path.open("rb")
-        except FileNotFoundError:  # deleted since the row was read
-            raise _not_found(device, event_id) from None
+        except FileNotFoundError:
+            self.get_event(principal, device, event_id)  # NotFound: deleted since it was read
+            raise _media_lost(event, "MEDIA_MISSING", "is missing") from None
+        except IsADirectoryError:
+            raise _media_lost(event, "MEDIA_DAMAGED", "is not a file") from None
         if os.fstat(file.fileno()).st_size != event.size:
             file.close()
-            raise RuntimeError(f"stored media of {event.id} does not have its recorded size")
+            raise _media_lost(event, "MEDIA_DAMAGED", "does not have the event's size")
         return downloads.Content(file, event.size, event.sha256, event.mime_type, event.name)
 
     def open_thumbnail(self, principal: Principal, device: str, event_id: str) -> downloads.Content:
@@ -395,7 +399,7 @@ class Gallery:
         if not deleted:
             raise _not_found(device, event_id)
         # The row is gone first: a crash here leaves files without a row (reclaimable), never a
-        # row without its file.
+        # row without its file. So is a file that cannot be removed now: the event is deleted.
         self.storage.remove_event_files(device, event_id)
 
     def forget_event(self, session: Session, event_id: str) -> None:
@@ -703,6 +707,14 @@ class Gallery:
             "EVENT_ALREADY_STORED", f"event {event.id} is not waiting for content",
             event_id=event.id,
         )
+
+
+def _media_lost(event: Event, reason: str, what: str) -> DataLoss:
+    log.error("stored media lost", extra={"device": event.device, "event_id": event.id, "problem": reason})
+    return DataLoss(
+        reason, f"the stored media of event {event.id} {what}: the server's storage lost it "
+        "(its operator is told)", device=event.device, event_id=event.id,
+    )
 
 
 def _not_found(device: str, event_id: str) -> NotFound:

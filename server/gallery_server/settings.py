@@ -50,7 +50,7 @@ Limits and reconciliation (README "Durability, limits and faults"); upload count
 | GALLERY_RECONCILE_INTERVAL_SECONDS | 600      | how often a replica reconciles (reconcile.py)    |
 | GALLERY_RECONCILE_GRACE_SECONDS    | 3600     | age before a leftover is removed; >= max(2 x idle, 300) |
 | GALLERY_KEEPALIVE_SECONDS          | 20       | HTTP/2 PING interval, and the wait for its answer, on open streams |
-| GALLERY_DRAIN_SECONDS              | 5        | on SIGTERM, how long a replica keeps serving while it reports NOT_SERVING (0 under `gallery run`) |
+| GALLERY_DRAIN_SECONDS              | 5        | on SIGTERM, serve this long reporting NOT_SERVING (`run`: 0) |
 
 Threads: each upload holds a gRPC worker for its whole stream, and so do a device's Connect
 stream and a PullEvent waiting for content; GALLERY_MAX_UPLOADS_TOTAL < GALLERY_GRPC_WORKERS keeps

@@ -35,6 +35,7 @@ import dataclasses
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import pathlib
 import queue
@@ -46,6 +47,8 @@ from . import _malloc
 from ._direct_io import AppendWriter
 from .errors import AlreadyExists, Exhausted, TooLarge
 from .media_types import SNIFF_BYTES
+
+log = logging.getLogger(__name__)
 
 # How many bytes a staged file may grow between two free-space checks: a statvfs() costs
 # microseconds, and at most this much (per upload in flight) is written below the headroom.
@@ -135,9 +138,20 @@ class Storage:
         return self.staging_root / "sessions" / device / upload_id
 
     def remove_event_files(self, device: str, event_id: str) -> None:
+        """Remove a deleted event's files, each as far as it goes: its row is gone already, so a
+        file that cannot be removed now (a read-only or failing volume, a folder in its place) is
+        a leftover the reconciler takes later, logged, not a failed delete."""
         for path in (self.media_path(device, event_id), self.thumbnail_path(device, event_id)):
-            path.unlink(missing_ok=True)
-        fsync_dir(self.media_root / device)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("a deleted event's file was left for the reconciler",
+                            extra={"path": str(path), "error": str(exc)})
+        try:
+            fsync_dir(self.media_root / device)
+        except OSError as exc:
+            log.warning("a deleted event's folder could not be synced",
+                        extra={"path": str(self.media_root / device), "error": str(exc)})
 
 
 # Below this many bytes an upload is hashed and written in the receiving thread (no helper thread

@@ -202,19 +202,33 @@ def test_refusals_are_the_servers(stack, http, stored):
 
 
 def test_a_file_that_no_longer_matches_its_record_is_not_sent(stack, http, stored):
+    """A stored file cut or removed behind the server's back is not sent, and the answer says so:
+    500 DATA_LOSS with MEDIA_DAMAGED or MEDIA_MISSING, for GET and HEAD alike. A missing file is
+    not "no such event" (404: it was answered before), since the event is still listed."""
     device = new_device()
     data = b"x" * 5000
     event_id = multipart_upload(http, device, stored[3](), "short.bin", data, len(data))
     path = stack.data_dir / "media" / device / event_id
+
+    def assert_lost(r: httpx.Response, reason: str) -> None:
+        assert r.status_code == 500, (r.status_code, r.text)
+        if r.request.method == "GET":
+            body = r.json()
+            assert (body["code"], body["details"][0]["reason"]) == (15, reason), body
+            assert event_id in body["message"], body
+
     path.write_bytes(data[:100])  # cut behind the server's back
     with Answered(stack) as answered:
-        r = http.get(content_url(device, event_id), headers=stored[3]())
+        assert_lost(http.get(content_url(device, event_id), headers=stored[3]()), "MEDIA_DAMAGED")
     assert answered.methods == [CHECK, GET_CONTENT]
-    assert r.status_code == 500  # as before the handoff: the server refuses to send it
+    assert_lost(http.head(content_url(device, event_id), headers=stored[3]()), "MEDIA_DAMAGED")
     path.unlink()
     with Answered(stack) as answered:
-        assert_error(http.get(content_url(device, event_id), headers=stored[3]()), 404, "EVENT_NOT_FOUND")
+        assert_lost(http.get(content_url(device, event_id), headers=stored[3]()), "MEDIA_MISSING")
     assert answered.methods == [CHECK, GET_CONTENT]
+    assert_lost(http.head(content_url(device, event_id), headers=stored[3]()), "MEDIA_MISSING")
+    r = http.get(f"/api/gallery/{device}/events/{event_id}", headers=stored[3]())
+    assert (r.status_code, r.json()["id"]) == (200, event_id)
 
 
 def test_an_error_envoy_answers_after_a_handoff_does_not_describe_the_file(stack, http, stored):

@@ -4,6 +4,7 @@ its cause; any other database error stays what it was."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 
 import psycopg
@@ -13,6 +14,8 @@ import sqlalchemy as sa
 from gallery_server import service
 from gallery_server.db import Database
 from gallery_server.errors import CommitOutcomeUnknown, DatabaseUnavailable
+
+from ..conftest import small_disk
 
 
 def test_postgresql_refusing_connections_is_unavailable_then_answers_again(closed_database):
@@ -69,6 +72,32 @@ def test_sqlite_locked_past_the_busy_timeout_is_unavailable(tmp_path):
             session.commit()
     finally:
         db.dispose()
+
+
+def test_sqlite_on_a_full_disk_is_unavailable_then_answers_again(tmp_path):
+    """SQLite finding its disk full is "not now" like PostgreSQL's disk-full class (53): a 503,
+    not a 500, and the same write passes once there is room (a DELETE frees space)."""
+    with small_disk(tmp_path / "disk", "2m") as disk:
+        db = Database(f"sqlite:///{disk / 'gallery.db'}", pool_size=1)
+        try:
+            db.create_tables()
+            filler = disk / "filler"
+            with open(filler, "wb") as f, contextlib.suppress(OSError):
+                while True:  # until ENOSPC: another writer filled the disk
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            with pytest.raises(DatabaseUnavailable) as raised, db.session() as session:
+                session.execute(sa.text("CREATE TABLE filling (b BLOB)"))
+                session.execute(sa.text("INSERT INTO filling VALUES (zeroblob(1048576))"))
+                db.commit(session)
+            assert "full" in str(raised.value.__cause__), raised.value.__cause__
+            filler.unlink()
+            with db.session() as session:
+                session.execute(sa.text("CREATE TABLE filling (b BLOB)"))
+                session.execute(sa.text("INSERT INTO filling VALUES (zeroblob(1048576))"))
+                db.commit(session)
+        finally:
+            db.dispose()
 
 
 def test_a_statement_postgresql_cancels_is_its_own_error_not_unavailable(database_url):

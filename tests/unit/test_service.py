@@ -17,6 +17,7 @@ from gallery_server.errors import (
     AlreadyExists,
     CommitOutcomeUnknown,
     DatabaseUnavailable,
+    DataLoss,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -590,21 +591,68 @@ def test_open_content(gallery: Gallery, principal: auth.Principal) -> None:
     assert (content.mime_type, content.filename) == ("application/pdf", "report ü.pdf")
 
 
-def test_open_content_of_a_deleted_file_is_not_found(gallery: Gallery, principal: auth.Principal) -> None:
+def test_open_content_of_an_event_deleted_meanwhile_is_not_found(
+    gallery: Gallery, principal: auth.Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
     event = store(gallery, principal)
-    gallery.storage.media_path("cam1", event.id).unlink()  # deleted between the row and the file
+    found = gallery.stored_media
+
+    def found_then_deleted(*args):  # type: ignore[no-untyped-def]
+        stored = found(*args)
+        gallery.delete_event(principal, "cam1", event.id)  # between the row and the file
+        return stored
+
+    monkeypatch.setattr(gallery, "stored_media", found_then_deleted)
     with pytest.raises(NotFound) as info:
         gallery.open_content(principal, "cam1", event.id)
     assert info.value.reason == "EVENT_NOT_FOUND"
+
+
+def test_open_content_of_a_stored_event_whose_file_is_gone_is_data_loss(
+    gallery: Gallery, principal: auth.Principal, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not "no such event" (404): the event is still listed; storage lost its file (DATA_LOSS,
+    HTTP 500), and the log says which."""
+    event = store(gallery, principal)
+    gallery.storage.media_path("cam1", event.id).unlink()
+    with pytest.raises(DataLoss) as info:
+        gallery.open_content(principal, "cam1", event.id)
+    assert (info.value.reason, info.value.metadata) == ("MEDIA_MISSING", {"device": "cam1", "event_id": event.id})
+    assert any(r.levelname == "ERROR" and getattr(r, "event_id", "") == event.id for r in caplog.records)
 
 
 def test_open_content_refuses_a_file_that_differs_from_its_record(
     gallery: Gallery, principal: auth.Principal
 ) -> None:
     event = store(gallery, principal)
-    gallery.storage.media_path("cam1", event.id).write_bytes(PNG[:10])
-    with pytest.raises(RuntimeError):  # INTERNAL for the client, logged with its traceback
+    path = gallery.storage.media_path("cam1", event.id)
+    path.write_bytes(PNG[:10])
+    with pytest.raises(DataLoss) as info:
         gallery.open_content(principal, "cam1", event.id)
+    assert info.value.reason == "MEDIA_DAMAGED"
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(DataLoss) as info:
+        gallery.open_content(principal, "cam1", event.id)
+    assert info.value.reason == "MEDIA_DAMAGED"
+
+
+def test_a_delete_whose_file_cannot_be_removed_still_deletes(
+    gallery: Gallery, principal: auth.Principal, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The row goes first; a file that cannot be removed (here a folder in its place) is logged
+    and left to the reconciler, and the other file still goes: the delete succeeded (it was a
+    500 with the row already gone)."""
+    event = store(gallery, principal, thumbnail=JPEG)
+    media = gallery.storage.media_path("cam1", event.id)
+    media.unlink()
+    (media / "inside").mkdir(parents=True)
+    gallery.delete_event(principal, "cam1", event.id)
+    with pytest.raises(NotFound):
+        gallery.get_event(principal, "cam1", event.id)
+    assert not gallery.storage.thumbnail_path("cam1", event.id).exists()
+    assert media.is_dir()
+    assert any(r.levelname == "WARNING" and getattr(r, "path", "") == str(media) for r in caplog.records)
 
 
 def test_open_thumbnail(gallery: Gallery, principal: auth.Principal) -> None:

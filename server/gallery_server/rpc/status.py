@@ -27,6 +27,7 @@ _CODES: dict[type[errors.GalleryError], int] = {
     errors.TooLarge: code_pb2.RESOURCE_EXHAUSTED,  # HTTP 429 (Envoy's mapping)
     errors.Unavailable: code_pb2.UNAVAILABLE,  # HTTP 503
     errors.Exhausted: code_pb2.RESOURCE_EXHAUSTED,  # HTTP 429, or 507 (_HTTP_STATUS below)
+    errors.DataLoss: code_pb2.DATA_LOSS,  # HTTP 500
 }
 
 # Reasons whose REST status is not Envoy's mapping of their gRPC code. The status travels in the
