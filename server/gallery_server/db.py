@@ -8,6 +8,7 @@ import contextvars
 import dataclasses
 import functools
 import logging
+import os
 import sqlite3
 import sys
 import time
@@ -47,6 +48,7 @@ _POSTGRES_NOT_NOW = frozenset({
 
 def create_engine(url: str, *, pool_size: int = 32, trust_recent_seconds: float = TRUST_RECENT_SECONDS) -> sa.Engine:
     if url.startswith("sqlite"):
+        _private_database_file(sa.make_url(url).database)
         engine = sa.create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": 30},
@@ -61,6 +63,18 @@ def create_engine(url: str, *, pool_size: int = 32, trust_recent_seconds: float 
         engine = sa.create_engine(url, pool_size=pool_size, max_overflow=0, pool_use_lifo=True)
         _ping_on_checkout(engine, trust_recent_seconds)
     return engine
+
+
+def _private_database_file(path: str | None) -> None:
+    """Create a new SQLite database file readable by its owner and group only, as media files are
+    (0640): SQLite makes it, and its WAL and shared-memory files, with the umask's 0644, which let
+    every local user read the names, metadata and checksums of every device's events."""
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
+    except (FileExistsError, FileNotFoundError):  # an existing database keeps its mode
+        pass
 
 
 def _ping_on_checkout(engine: sa.Engine, trust_recent_seconds: float) -> None:

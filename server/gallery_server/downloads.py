@@ -240,6 +240,15 @@ def unconditional_reply(headers: Mapping[str, str], size: int, sha256: str) -> R
     return answer if answer.status in (OK, PARTIAL_CONTENT) else None
 
 
+# On every answer (Envoy's virtual host adds them; a file Envoy sends itself gets them from the
+# handoff): no media file or thumbnail uploaded as HTML or SVG is sniffed into another type, nor
+# run as a page if a browser opens it.
+SAFETY_HEADERS = (
+    ("x-content-type-options", "nosniff"),
+    ("content-security-policy", "sandbox; default-src 'none'"),
+)
+
+
 def content_headers(answer: Reply, mime_type: str, filename: str) -> tuple[tuple[str, str], ...]:
     """The response headers of a download with bytes: the reply's, the Content-Type and, for a
     named file, the Content-Disposition."""

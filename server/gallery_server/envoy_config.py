@@ -7,6 +7,8 @@ import os
 import pathlib
 import string
 
+from . import downloads
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "envoy" / "envoy.yaml"
 DESCRIPTOR = ROOT / "generated" / "gallery_descriptor.pb"
@@ -66,6 +68,10 @@ def render(
         LOCAL_REPLY_MAPPERS=json.dumps(_local_reply_mappers()),
         KEEPALIVE=f"{keepalive_seconds:.3f}s",
         MAX_REQUESTS=REQUESTS_PER_BACKEND * len(backends),
+        SAFETY_HEADERS=json.dumps([
+            {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for key, value in downloads.SAFETY_HEADERS
+        ]),
     )
 
 

@@ -1006,3 +1006,19 @@ def test_a_percent_encoded_query_parameter_name_is_refused(http, auth_headers):
     assert [e["id"] for e in listed] == [second, first]  # nothing was deleted
     r = http.get(f"/api/gallery/{device}/events?since=2000-01-01T00%3A00%3A00Z&limit=1", headers=headers)
     assert (r.status_code, [e["id"] for e in r.json()]) == (200, [second]), r.text
+
+
+def test_no_answer_may_be_sniffed_or_run_as_a_page(http, auth_headers):
+    """A media file or thumbnail uploaded as HTML or SVG is served with its type, never sniffed
+    into another (nosniff) nor run as a page (a sandboxing CSP), and so is every other answer."""
+    device, headers = new_device(), auth_headers()
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>'
+    event_id = upload(http, device, headers, name="page.html", data=b"<html><script>alert(1)</script></html>",
+                      thumbnail=svg)
+    base = f"/api/gallery/{device}/events/{event_id}"
+    for r in (http.get(f"{base}/content", headers=headers), http.get(f"{base}/thumbnail", headers=headers),
+              http.get(f"{base}/content", headers={**headers, "Range": "bytes=0-3"}),
+              http.get(base, headers=headers), http.get(f"/api/gallery/{device}/events", headers=headers),
+              http.get(f"{base}x", headers=headers)):
+        assert r.headers.get("x-content-type-options") == "nosniff", (r.request.url, r.headers)
+        assert r.headers.get("content-security-policy") == "sandbox; default-src 'none'", (r.request.url, r.headers)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import os
+import stat
 import threading
 import time
 from typing import Any
@@ -326,3 +328,27 @@ def test_an_index_added_to_an_existing_table_is_made_at_start(database_url: str)
         db.create_tables()  # and again: nothing to do
     finally:
         db.dispose()
+
+
+def test_a_new_sqlite_database_is_not_readable_by_other_users(tmp_path) -> None:
+    """Media files are 0640; the database that names and describes them is too (SQLite made it,
+    and its WAL, 0644 with the usual umask). An existing database keeps its own mode."""
+    old_umask = os.umask(0o022)
+    try:
+        db = Database(f"sqlite:///{tmp_path / 'gallery.db'}", pool_size=1)
+        try:
+            db.create_tables()
+            with db.session() as session:
+                session.execute(sa.text("CREATE TABLE t (x INTEGER)"))
+                session.execute(sa.text("INSERT INTO t VALUES (1)"))
+                session.commit()
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+            assert modes["gallery.db"] == 0o640 and modes.get("gallery.db-wal", 0o640) == 0o640, modes
+        finally:
+            db.dispose()
+        kept = tmp_path / "kept.db"
+        kept.touch(mode=0o600)
+        Database(f"sqlite:///{kept}", pool_size=1).dispose()
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    finally:
+        os.umask(old_umask)

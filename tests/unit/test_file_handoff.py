@@ -63,6 +63,7 @@ def test_a_whole_file_is_handed_off(gallery, principal, handoff):
         "x-content-sha256": sha256, "content-type": "application/pdf",
         "content-disposition": "attachment; filename=\"report _.pdf\"; filename*=UTF-8''report%20%C3%BC.pdf",
         "x-gallery-handoff": "1",  # Envoy's Lua filter removes it (and the rest from an error)
+        "x-content-type-options": "nosniff", "content-security-policy": "sandbox; default-src 'none'",
     }
     # The rewritten path names the stored file under the media folder Envoy maps it to.
     assert (gallery.storage.media_root / got[":path"].removeprefix(FILES_PREFIX)).read_bytes() == PDF

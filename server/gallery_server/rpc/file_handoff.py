@@ -104,7 +104,8 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
                 headers=[_header(":path", f"{FILES_PREFIX}{event.device}/{event.id}"), *set_range],
                 headers_to_remove=remove,
                 response_headers_to_add=[
-                    _header(k, v) for k, v in (*response_headers, (HANDOFF_HEADER, "1"))
+                    _header(k, v)
+                    for k, v in (*response_headers, *downloads.SAFETY_HEADERS, (HANDOFF_HEADER, "1"))
                 ],
             ),
         )
