@@ -316,8 +316,11 @@ def _principal(claims: dict[str, Any]) -> Principal:
         raise Unauthenticated("TOKEN_INVALID", "invalid token: 'devices' must be a list of strings")
     if not isinstance(scope, str):
         raise Unauthenticated("TOKEN_INVALID", "invalid token: 'scope' must be a string")
+    subject = str(claims["sub"])
+    if not subject.strip():  # the access log says who did what by it
+        raise Unauthenticated("TOKEN_INVALID", "invalid token: 'sub' is empty")
     return Principal(
-        subject=str(claims["sub"]), devices=frozenset(devices), scopes=frozenset(scope.split()),
+        subject=subject, devices=frozenset(devices), scopes=frozenset(scope.split()),
         expires_at=int(claims["exp"]) + LEEWAY_SECONDS,
     )
 

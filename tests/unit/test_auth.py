@@ -208,8 +208,10 @@ def test_verify_missing_exp_refused() -> None:
     _unauthenticated(_encode(_claims(exp=None)), "TOKEN_INVALID")
 
 
-def test_verify_missing_sub_refused() -> None:
-    _unauthenticated(_encode(_claims(sub=None)), "TOKEN_INVALID")
+@pytest.mark.parametrize("sub", [None, "", "   "], ids=["missing", "empty", "blank"])
+def test_verify_missing_or_blank_sub_refused(sub: object) -> None:
+    """A token must name its subject: the access log says who did what by it."""
+    _unauthenticated(_encode(_claims(sub=sub)), "TOKEN_INVALID")
 
 
 @pytest.mark.parametrize("devices", ["cam1", {"cam1": True}, 1, [1, 2], ["cam1", None], [["cam1"]]])
