@@ -33,7 +33,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from sqlmodel import SQLModel
 
-from gallery_server import auth, envoy_config
+from gallery_server import auth, envoy_config, incoming
 from gallery_server.db import Database
 from gallery_server.media_types import OCTET_STREAM, SNIFF_BYTES, detect_mime
 from gallery_server.service import Gallery
@@ -295,7 +295,7 @@ def grpc_port(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[i
 
     monkeypatch.setattr(server_module, "Database", TrackedDatabase)
     monkeypatch.setattr(server_module, "futures", types.SimpleNamespace(ThreadPoolExecutor=tracked_executor))
-    server, port = server_module.create_server(settings, "127.0.0.1:0")
+    server, port, _ = server_module.create_server(settings, "127.0.0.1:0")
     server.start()
     try:
         yield port
@@ -434,9 +434,12 @@ def rich_error(error: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo, list[
 
 
 def stored_files(data_dir: pathlib.Path) -> list[pathlib.Path]:
-    """Every file in the managed store and in staging: what an upload may leave behind."""
+    """Every file in the managed store and in staging: what an upload may leave behind (not the
+    incoming folders' lock files, one per device, kept: incoming.py)."""
+    locks = data_dir / "staging" / incoming.LOCKS_FOLDER
     return sorted(
-        p for root in ("media", "staging") for p in (data_dir / root).rglob("*") if p.is_file()
+        p for root in ("media", "staging") for p in (data_dir / root).rglob("*")
+        if p.is_file() and p.parent != locks
     )
 
 

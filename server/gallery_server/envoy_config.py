@@ -28,8 +28,9 @@ LOCAL_REPLIES = {
     503: (14, "SERVER_UNAVAILABLE"),
     504: (4, "SERVER_TIMEOUT"),
 }
-# Streams Envoy passes on to each gRPC server at once (its circuit breaker): above what a server's
-# own limits admit (GALLERY_GRPC_WORKERS threads, 256 by default), so those answer first.
+# Envoy's circuit breaker allows this many streams (and retries) at once per gRPC server it has,
+# in all: above what a server's own limits admit (GALLERY_GRPC_WORKERS threads, 256 by default),
+# so those answer first.
 REQUESTS_PER_BACKEND = 1024
 OTHER_LOCAL_REPLY = (2, "REQUEST_FAILED")  # UNKNOWN: a status Envoy seldom answers itself
 # What Envoy takes for gRPC, whose local replies it sends as a gRPC status (grpc-message): those
@@ -68,11 +69,16 @@ def render(
         LOCAL_REPLY_MAPPERS=json.dumps(_local_reply_mappers()),
         KEEPALIVE=f"{keepalive_seconds:.3f}s",
         MAX_REQUESTS=REQUESTS_PER_BACKEND * len(backends),
-        SAFETY_HEADERS=json.dumps([
-            {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
-            for key, value in downloads.SAFETY_HEADERS
-        ]),
+        SAFETY_HEADERS=json.dumps(_safety_headers()),
     )
+
+
+def _safety_headers() -> list[dict[str, object]]:
+    """downloads.SAFETY_HEADERS as Envoy's headers to add."""
+    return [
+        {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        for key, value in downloads.SAFETY_HEADERS
+    ]
 
 
 def _local_reply_mappers() -> list[dict[str, object]]:
@@ -98,14 +104,17 @@ def _local_reply_mappers() -> list[dict[str, object]]:
             "op": "EQ", "value": {"default_value": status, "runtime_key": f"gallery.local_reply.{status}"},
         }}}
 
+    # The virtual host's headers are not added to Envoy's own answers: each mapper adds them.
     mappers: list[dict[str, object]] = [
         {
             "filter": {"and_filter": {"filters": [rest, status_is(status)]}},
             "body_format_override": body(code, reason),
+            "headers_to_add": _safety_headers(),
         }
         for status, (code, reason) in LOCAL_REPLIES.items()
     ]
-    mappers.append({"filter": rest, "body_format_override": body(*OTHER_LOCAL_REPLY)})
+    mappers.append({"filter": rest, "body_format_override": body(*OTHER_LOCAL_REPLY),
+                    "headers_to_add": _safety_headers()})
     return mappers
 
 

@@ -18,22 +18,26 @@ The convention, for whatever writes there (rsync, SFTP, an NFS client, a local p
 * A file waits in `incoming` while copying it would take the disk below its headroom
   (GALLERY_MIN_FREE_BYTES), where an upload would be stopped; it is imported once there is room.
 
-Crash and concurrency safety, with any number of replicas scanning the same folders: a replica
-imports a dropped file only under an exclusive flock on it, taken without waiting and held until
-the file is unlinked, and only while the path still names that file; the others skip it. Without
-the lock, a replica that had opened the file before another imported and unlinked it copied it
-all the same and, finding no row, inserted it again: an event a user had deleted in between came
-back, with its file, or without it when the delete's unlink came last. (flock needs a filesystem
-that has it: local disks, NFSv4, as the reconciler does.) The event id is derived from (device,
-name, size, sha256) with an HMAC under the server secret, so every replica, and every run after
-a crash, names the same file the same event. The bytes reach `media/` by an atomic rename, then
-the row is inserted (a duplicate key means the event already exists: an earlier run got there
-first), and only then is the dropped file unlinked, and only if the path still names the very
-file that was imported. A crash between any two steps leaves the file in `incoming` (and frees
-its lock); the next scan converges on exactly one event. Because the id commits to the content,
-replacing `media/<id>` again never changes the bytes a row describes. An identical file (same
-device, name and bytes) dropped again while its event exists is therefore not imported twice:
-it is simply removed from `incoming`.
+Crash and concurrency safety, with any number of replicas scanning the same folders:
+
+* One replica at a time imports a device's files: it holds that device's lock (an exclusive
+  flock on `staging/incoming-locks/<device>`, taken without waiting; the others skip the device
+  until their next scan) from before it opens a dropped file until the file is unlinked. Without
+  it, a replica that had opened a file before another imported and unlinked it copied it all the
+  same and, finding no row, inserted it again: an event a user had deleted in between came back,
+  with its file, or without it when the delete's unlink came last. The lock is a file of the
+  server's own, opened for writing: flock on NFS needs that (a dropped file may be read-only to
+  the server). flock needs a filesystem that has it (local disks, NFSv4), as the reconciler does.
+* The event id is derived from (device, name, size, sha256) with an HMAC under the server
+  secret, so every replica, and every run after a crash, names the same file the same event.
+* The bytes reach `media/` by an atomic rename, then the row is inserted (a duplicate key means
+  the event already exists: an earlier run got there first), and only then is the dropped file
+  unlinked, and only if the path still names the very file that was imported. A crash between
+  any two steps leaves the file in `incoming` (and frees the lock); the next scan converges on
+  exactly one event.
+* Because the id commits to the content, replacing `media/<id>` again never changes the bytes a
+  row describes. An identical file (same device, name and bytes) dropped again while its event
+  exists is therefore not imported twice: it is simply removed from `incoming`.
 
 Files are copied into the store, never hard-linked: a writer still holding a dropped file open (or
 another link to it) must not be able to change bytes an event already describes.
@@ -42,6 +46,7 @@ another link to it) must not be able to change bytes an event already describes.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -55,7 +60,7 @@ import stat
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import sqlalchemy as sa
 from sqlmodel import col, select
@@ -72,6 +77,7 @@ from .storage import INSUFFICIENT_STORAGE, SpaceMeter, Storage, fsync_dir, hold_
 log = logging.getLogger(__name__)
 
 SOURCE_METADATA = '{"source":"incoming"}'
+LOCKS_FOLDER = "incoming-locks"  # in staging/: a lock file per device (the module docstring)
 IGNORED_SUFFIXES = (".part", ".tmp", "~")
 _ID_LABEL = b"gallery incoming event ids v1"
 _CHUNK = 1 << 20
@@ -134,8 +140,6 @@ class _Taken:
     # Marks the copy in use until discarded, after its row is committed (storage.hold_shared):
     # the reconciler leaves it alone in staging/ and once placed in media/.
     in_use: int | None = None
-    # The dropped file, open with its exclusive flock (_claim): discarded after its unlink.
-    claim: int | None = None
 
     @property
     def size(self) -> int:
@@ -143,10 +147,9 @@ class _Taken:
 
     def discard(self) -> None:
         self.staged.unlink(missing_ok=True)
-        for fd in (self.in_use, self.claim):
-            if fd is not None:
-                os.close(fd)
-        self.in_use = self.claim = None
+        if self.in_use is not None:
+            os.close(self.in_use)
+            self.in_use = None
 
 
 class IncomingImporter(BackgroundLoop):
@@ -189,12 +192,32 @@ class IncomingImporter(BackgroundLoop):
                         break
                     media = self._list(incoming, now, seen)
                     thumbs = self._list(thumbnails, now, seen)
-                    imported += self._scan_device(device, media, thumbs, seen)
+                    if not any(f.stable for f in (*media, *thumbs)):
+                        continue
+                    with self._device_lock(device) as held:
+                        if held:  # else another replica imports this device's files now
+                            imported += self._scan_device(device, media, thumbs, seen)
             except _Stopped:
                 pass
             finally:
                 self._seen = seen  # forgets what is gone (and, after a stop, what was not reached)
             return imported
+
+    @contextlib.contextmanager
+    def _device_lock(self, device: str) -> Iterator[bool]:
+        """The device's import lock, if no other replica holds it (the module docstring)."""
+        folder = self.storage.staging_root / LOCKS_FOLDER
+        make_dir(folder)
+        fd = os.open(folder / device, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)  # and with it the lock
 
     def _device_folders(self) -> list[tuple[str, pathlib.Path, pathlib.Path]]:
         try:
@@ -368,8 +391,12 @@ class IncomingImporter(BackgroundLoop):
                 if thumb_taken is None:
                     thumb_taken = self._take_thumbnail(
                         thumb, seen, lambda taken: self._attach(event_id, taken, thumb_path))
-                else:  # placed before the row was found to exist: a replica inserted it meanwhile
-                    self._attach(event_id, None, thumb_path)
+                elif not self._attach(event_id, None, thumb_path):
+                    # Placed before the row was found to exist, which is gone again: the placed
+                    # copy goes, and the dropped thumbnail stays for a later scan.
+                    thumb_path.unlink(missing_ok=True)
+                    thumb_taken.discard()
+                    thumb_taken = None
             # The thumbnail goes first: while the media file is still here, a thumbnail of the same
             # stem is known to belong to it.
             if thumb is not None and thumb_taken is not None:
@@ -528,21 +555,16 @@ class IncomingImporter(BackgroundLoop):
             os.close(fd)
 
     def _take(self, file: _DropFile) -> _Taken | None:
-        """Claim the settled file, copy it into staging, hashing it, and fsync the copy.
+        """Copy the settled file into staging, hashing it, and fsync the copy.
 
-        None if the file is gone, or another replica has it (imports it now, or did meanwhile);
-        _Changed if it is no longer the file that settled.
+        None if the file is gone; _Changed if it is no longer the file that settled.
         """
         fd = _open_dropped(file)
         if fd is None:
             return None
         staged = self.storage.staging_root / f"incoming-{secrets.token_hex(16)}"
         in_use: int | None = None
-        claimed = False
         try:
-            if not _claim(fd, file):
-                return None
-            claimed = True
             _check_settled(fd, file)
             self.storage.require_room_for(file.size)
             # A copy, never a hard link: a writer that still holds the file open (or another link
@@ -562,12 +584,10 @@ class IncomingImporter(BackgroundLoop):
             staged.unlink(missing_ok=True)
             if in_use is not None:
                 os.close(in_use)
-            claimed = False
             raise
         finally:
-            if not claimed:
-                os.close(fd)
-        return _Taken(staged, file.signature, sha256, head, in_use, claim=fd)
+            os.close(fd)
+        return _Taken(staged, file.signature, sha256, head, in_use)
 
     def _read(self, fd: int, out: AppendWriter | None) -> tuple[str, bytes]:
         """sha256 and head of `fd`'s bytes, copied to `out` (unless None) below the headroom."""
@@ -598,23 +618,6 @@ def _open_dropped(file: _DropFile) -> int | None:
         if exc.errno == errno.ELOOP:
             raise _Changed() from None
         raise
-
-
-def _claim(fd: int, file: _DropFile) -> bool:
-    """Whether this replica may import the dropped file open as `fd`: its exclusive flock, taken
-    without waiting (another replica holding it imports the file now), and the path still naming
-    this very file once the lock is held (a replica that imported it unlinked it before letting
-    go). The lock is released when `fd` is closed."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    try:
-        named = os.lstat(file.path)
-    except FileNotFoundError:
-        return False
-    held = os.fstat(fd)
-    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _short_of_room(exc: BaseException) -> bool:

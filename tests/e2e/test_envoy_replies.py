@@ -92,10 +92,12 @@ def test_a_native_call_envoy_refuses_keeps_a_grpc_status(stack: Stack) -> None:
 
 def test_envoys_request_limit_grows_with_the_replicas(envoy_without_server: tuple[str, str, int]) -> None:
     """Envoy's default of 1,024 requests in flight is shared by every replica: open streams past
-    it (health Watch streams, device channels of a fleet) made Envoy answer 503 to everyone.
-    The limit is REQUESTS_PER_BACKEND per replica, as Envoy applies it."""
+    it (health Watch streams, device channels of a fleet) made Envoy answer 503 to everyone; and
+    its default of 3 retries at once left the other calls of a killed replica unretried. Both
+    are REQUESTS_PER_BACKEND per replica in all, as Envoy applies them."""
     _, _, admin = envoy_without_server
     clusters = httpx.get(f"http://127.0.0.1:{admin}/clusters", timeout=10).text
     expected = 2 * envoy_config.REQUESTS_PER_BACKEND
     assert f"gallery_grpc::default_priority::max_requests::{expected}" in clusters, clusters[:2000]
     assert f"gallery_grpc::default_priority::max_pending_requests::{expected}" in clusters
+    assert f"gallery_grpc::default_priority::max_retries::{expected}" in clusters

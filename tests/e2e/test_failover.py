@@ -80,8 +80,11 @@ class Traffic:
         self.answers: list[tuple[str, int, float]] = []  # (what, HTTP status, time.monotonic())
         self.uploaded: list[str] = []
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._loop, args=(work,)) for work in
-                         (self._stats, self._list, self._download, self._upload, self._upload)]
+        # Two clients of each read: a killed replica leaves more than three calls to retry at
+        # once (Envoy's default limit on retries in flight was 3).
+        reads = (self._stats, self._list, self._download)
+        self._threads = [threading.Thread(target=self._loop, args=(work,))
+                         for work in (*reads, *reads, self._upload, self._upload)]
 
     def __enter__(self) -> Traffic:
         for thread in self._threads:

@@ -1019,6 +1019,10 @@ def test_no_answer_may_be_sniffed_or_run_as_a_page(http, auth_headers):
     for r in (http.get(f"{base}/content", headers=headers), http.get(f"{base}/thumbnail", headers=headers),
               http.get(f"{base}/content", headers={**headers, "Range": "bytes=0-3"}),
               http.get(base, headers=headers), http.get(f"/api/gallery/{device}/events", headers=headers),
-              http.get(f"{base}x", headers=headers)):
+              http.get(f"{base}x", headers=headers),
+              # Envoy's own answers: no route, a query parameter of the wrong type, the Lua 400.
+              http.get("/api/nowhere", headers=headers),
+              http.get(f"/api/gallery/{device}/events?limit=many", headers=headers),
+              http.get(f"/api/gallery/{device}/events?lim%69t=1", headers=headers)):
         assert r.headers.get("x-content-type-options") == "nosniff", (r.request.url, r.headers)
         assert r.headers.get("content-security-policy") == "sandbox; default-src 'none'", (r.request.url, r.headers)

@@ -78,7 +78,8 @@ def restarted(gallery: Gallery) -> Iterator[Callable[[], IncomingImporter]]:
 
 
 def leftovers(gallery: Gallery) -> list[pathlib.Path]:
-    return sorted(gallery.storage.staging_root.iterdir())
+    """What staging/ holds besides the importer's lock files (one per device, kept)."""
+    return sorted(p for p in gallery.storage.staging_root.iterdir() if p.name != incoming.LOCKS_FOLDER)
 
 
 def sha(data: bytes) -> str:
@@ -576,12 +577,14 @@ def test_replicas_scanning_the_same_folders_import_each_file_exactly_once(galler
     assert leftovers(gallery) == []
 
 
-def test_a_file_another_replica_is_importing_is_left_to_it(gallery, importer, folders):
-    """A dropped file under another replica's flock (it is copying the file now) is neither
-    copied nor imported here; once the lock goes, the file is imported as usual."""
+def test_a_device_another_replica_is_importing_is_left_to_it(gallery, importer, folders):
+    """While another replica holds a device's import lock (it is copying one of its files), this
+    one neither copies nor imports that device's files; once the lock goes, they are imported."""
     inbox, _ = folders
     data = write(inbox / "busy.mp4", random_bytes(5000))
-    other_replica = os.open(inbox / "busy.mp4", os.O_RDONLY)
+    lock_dir = gallery.storage.staging_root / incoming.LOCKS_FOLDER
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    other_replica = os.open(lock_dir / DEVICE, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(other_replica, fcntl.LOCK_EX)
         assert settle(importer) == []
@@ -593,33 +596,36 @@ def test_a_file_another_replica_is_importing_is_left_to_it(gallery, importer, fo
     assert gallery.storage.media_path(DEVICE, event_id).read_bytes() == data
 
 
-def test_a_deleted_event_stays_deleted_when_a_slower_replica_had_its_file_open(
+def test_a_deleted_event_stays_deleted_whichever_replica_scans_meanwhile(
     gallery, folders, restarted, principal, monkeypatch,
 ):
-    """Replica B opens a dropped file; before it goes on, replica A imports the file and a user
-    deletes the event. B must not import it again: the file B holds is no longer the one the
-    path names. (Without the claim, B copied it and, finding no row, brought the event back.)"""
+    """Replica A scans while replica B has a dropped file open to import it: A takes nothing of
+    that device. Once B has imported the file and a user deleted the event, no scan brings it
+    back. (Without the device lock, A imported the file meanwhile; after the delete, B went on
+    with the file it held and, finding no row, brought the event back.)"""
     inbox, _ = folders
     write(inbox / "clip.mp4", random_bytes(5000))
     a, b = restarted(), restarted()
     a.scan_once(now=0)
     b.scan_once(now=0)
     real_open = incoming._open_dropped
-    imported: list[str] = []
+    while_b_imports: list[str] = []
 
-    def open_then_let_a_import(file):  # type: ignore[no-untyped-def]
+    def open_then_let_a_scan(file):  # type: ignore[no-untyped-def]
         fd = real_open(file)
-        if not imported:  # B's open: A imports and unlinks the file, then a user deletes it
-            monkeypatch.setattr(incoming, "_open_dropped", real_open)
-            imported.extend(a.scan_once(now=SETTLED))
-            gallery.delete_event(principal, DEVICE, imported[0])
+        monkeypatch.setattr(incoming, "_open_dropped", real_open)
+        while_b_imports.extend(a.scan_once(now=SETTLED))
+        for event_id in while_b_imports:  # what A imported, a user deletes before B goes on
+            gallery.delete_event(principal, DEVICE, event_id)
         return fd
 
-    monkeypatch.setattr(incoming, "_open_dropped", open_then_let_a_import)
-    assert b.scan_once(now=SETTLED) == []
-    assert len(imported) == 1
+    monkeypatch.setattr(incoming, "_open_dropped", open_then_let_a_scan)
+    [event_id] = b.scan_once(now=SETTLED)
+    assert while_b_imports == []
+    gallery.delete_event(principal, DEVICE, event_id)
+    assert a.scan_once(now=2 * SETTLED) == b.scan_once(now=2 * SETTLED) == []
     assert events(gallery) == []
-    assert not gallery.storage.media_path(DEVICE, imported[0]).exists()
+    assert not gallery.storage.media_path(DEVICE, event_id).exists()
     assert (list(inbox.iterdir()), leftovers(gallery)) == ([], [])
 
 

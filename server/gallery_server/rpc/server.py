@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import signal
-import threading
-import time
 from concurrent import futures
 
 import grpc
@@ -62,9 +62,9 @@ QUICK_READS = tuple(
 ) + (CHECK_METHOD,)
 
 
-def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
-    """Build a ready-to-start server bound to `address` (use port 0 in tests); returns its port.
-    The server's `health` attribute is its health servicer."""
+def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Build a ready-to-start server bound to `address` (use port 0 in tests); returns it, its
+    port and its health servicer."""
     storage = Storage(settings.data_dir)  # creates the data root, where SQLite lives by default
     # RPCs hold a connection only for their queries, not while streaming bytes: a pool much smaller
     # than the worker count keeps several replicas within PostgreSQL's connection limit.
@@ -138,8 +138,7 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int]:
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
-    server.health = health_servicer  # type: ignore[attr-defined]
-    return server, port
+    return server, port, health_servicer
 
 
 def serve(settings: Settings) -> None:
@@ -147,7 +146,7 @@ def serve(settings: Settings) -> None:
     # Fewer malloc arenas: 64 concurrent uploads peaked near 400 MiB RSS with glibc's default and
     # 275 MiB with two (BENCHMARKS.md); see _malloc.py.
     _malloc.limit_arenas()
-    server, port = create_server(settings, settings.grpc_address)
+    server, port, health_servicer = create_server(settings, settings.grpc_address)
     server.start()
     log.info("gRPC server listening", extra={"address": settings.grpc_address, "port": port})
     # Every replica may scan the shared drop folders: imports are idempotent (incoming.py).
@@ -175,21 +174,23 @@ def serve(settings: Settings) -> None:
             Gallery(settings, Database(settings.database_url, pool_size=2), Storage(settings.data_dir))
         )
         thumbnailer.start()
-    stopping = threading.Event()
+    signals: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def stop(signum: int, _frame: object) -> None:
         log.info("stopping", extra={"signal": signal.Signals(signum).name})
-        stopping.set()
+        signals.put(signum)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    stopping.wait()
+    signals.get()
     if settings.drain_seconds:
         # Other replicas take the new calls once Envoy's health check has seen NOT_SERVING;
-        # until then this one answers them all (a stop at once refused them: 503).
-        server.health.enter_graceful_shutdown()  # type: ignore[attr-defined]
+        # until then this one answers them all (a stop at once refused them: 503). A second
+        # signal ends the drain.
+        health_servicer.enter_graceful_shutdown()
         log.info("draining", extra={"seconds": settings.drain_seconds})
-        time.sleep(settings.drain_seconds)
+        with contextlib.suppress(queue.Empty):
+            signals.get(timeout=settings.drain_seconds)
     importer.stop()
     sweeper.stop()
     reconciler.stop(timeout=5)
