@@ -54,7 +54,7 @@ from sqlmodel import SQLModel, select
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
-from gallery_server import auth, supervisor
+from gallery_server import auth, incoming, supervisor
 from gallery_server.db import Database
 from gallery_server.local_stack import free_ports
 from gallery_server.models import GRANT_UNUSED, Event, UploadGrant, UploadSessionRow
@@ -505,7 +505,8 @@ def _verify(settings: Settings, run: Run, dropped: dict[str, tuple[str, bytes]])
                 for s in session.exec(select(UploadSessionRow).where(
                     sa.column("event_id").is_(None)))
             }
-        for path in (p for p in storage.staging_root.rglob("*") if p.is_file()):
+        locks = storage.staging_root / incoming.LOCKS_FOLDER  # one per device, kept
+        for path in (p for p in storage.staging_root.rglob("*") if p.is_file() and p.parent != locks):
             key = (path.parent.name, path.name)
             assert path.parent.parent == storage.staging_root / "sessions" and key in open_sessions, (
                 f"seed {seed}: {path} left in staging after reconciliation"
