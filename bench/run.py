@@ -1625,6 +1625,18 @@ TARGETS_NOTE = (
     "than the sync floor's (stats p50 3.2 – 3.4 vs 4.1 – 4.2 ms, p99 31 vs 14 – 15 ms): with 16 closed-loop "
     "clients the mean latency is 16 ÷ the rate, so it moves latency between the percentiles, past the p99 "
     "target, rather than cutting the CPU per request that bounds it.\n"
+    "- *The VM of 2026-11-30*: in that day's make bench run (01:59) the data disk wrote directly at ~510 MB/s "
+    "and then took 0.6 – 0.8 s to fsync what O_DIRECT had written (calibration; 864 MB/s and 0.00 s on "
+    "2026-11-29): the host now caches the VM's writes and flushes them at fsync. Every upload path waits for "
+    "that flush after its last byte (0.6 – 0.9 s of ~3 s, against 0.01 – 0.04 s before), and the single-upload "
+    "ratios fell to 0.67 – 0.81x the raw-PUT peer. That day's Envoy changes (retries of calls a replica never "
+    "got and of reads it dropped, health checks every second, nosniff and CSP headers on every answer; uploads "
+    "are not retried) were compared with the configuration before them right after, in 2 interleaved rounds "
+    "of the upload and small-request sections by hand (one run each): uploads 196 – 226 MB/s with them against "
+    "201 – 248 without (the peer 229 – 258), Envoy CPU per GB 1.12 – 1.34 against 1.19 – 1.32, stats "
+    "1,366 – 1,485 req/s against 1,166 – 1,209, GetEvent 1,013 – 1,023 against 881 – 889, GetDevicePaths "
+    "1,183 – 1,246 against 1,216 – 1,318: no cost beyond the noise. The single-upload ratios of those rounds "
+    "were 0.78 – 0.97x.\n"
 )
 
 
