@@ -165,6 +165,7 @@ class IncomingImporter(BackgroundLoop):
         self._key = hmac.new(self.settings.jwt_secret.encode(), _ID_LABEL, hashlib.sha256).digest()
         self._seen: dict[str, _Seen] = {}
         self._scan_lock = threading.Lock()
+        self._lock_problems: dict[str, str] = {}  # device -> the last error making its lock file
 
     def run_pass(self) -> bool:
         self.scan_once()  # a stopped importer abandons the file it reads: it stays in incoming
@@ -205,10 +206,20 @@ class IncomingImporter(BackgroundLoop):
 
     @contextlib.contextmanager
     def _device_lock(self, device: str) -> Iterator[bool]:
-        """The device's import lock, if no other replica holds it (the module docstring)."""
+        """The device's import lock, if no other replica holds it (the module docstring). A lock
+        file that cannot be made (no inode left, no permission) skips the device, logged once."""
         folder = self.storage.staging_root / LOCKS_FOLDER
-        make_dir(folder)
-        fd = os.open(folder / device, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            make_dir(folder)
+            fd = os.open(folder / device, os.O_RDWR | os.O_CREAT, 0o640)
+        except OSError as exc:
+            if self._lock_problems.get(device) != str(exc):
+                log.warning("incoming files left in place: no import lock",
+                            extra={"device": device, "error": str(exc)})
+                self._lock_problems[device] = str(exc)
+            yield False
+            return
+        self._lock_problems.pop(device, None)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

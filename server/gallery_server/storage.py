@@ -461,8 +461,9 @@ def make_dir(path: pathlib.Path) -> None:
         make_dir(path.parent)
         try:
             path.mkdir()
-        except FileExistsError:
-            pass
+        except FileExistsError:  # made meanwhile, or something else is there: never remembered
+            if not path.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(path)) from None
     fsync_dir(path.parent)
     with _DURABLE_DIRS_LOCK:
         _DURABLE_DIRS.add(path)

@@ -596,6 +596,22 @@ def test_a_device_another_replica_is_importing_is_left_to_it(gallery, importer, 
     assert gallery.storage.media_path(DEVICE, event_id).read_bytes() == data
 
 
+def test_a_device_whose_lock_cannot_be_made_waits_and_is_reported_once(gallery, importer, folders, caplog):
+    """No lock file (here a file where the locks' folder goes; no inode left would do the same):
+    the device's files wait in incoming, one warning says why, and the scan goes on."""
+    inbox, _ = folders
+    data = write(inbox / "wait.mp4", random_bytes(3000))
+    blocker = gallery.storage.staging_root / incoming.LOCKS_FOLDER
+    blocker.write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        assert settle(importer) + importer.scan_once(now=2 * SETTLED) == []
+    assert [r.getMessage() for r in caplog.records].count("incoming files left in place: no import lock") == 1
+    assert (inbox / "wait.mp4").exists() and events(gallery) == []
+    blocker.unlink()
+    [event_id] = importer.scan_once(now=3 * SETTLED)
+    assert gallery.storage.media_path(DEVICE, event_id).read_bytes() == data
+
+
 def test_a_deleted_event_stays_deleted_whichever_replica_scans_meanwhile(
     gallery, folders, restarted, principal, monkeypatch,
 ):
