@@ -719,7 +719,7 @@ def test_a_key_pyjwt_cannot_load_leaves_the_rest_of_the_set_usable(jwks_server, 
 def test_an_unusable_key_set_is_unavailable_and_fails_fast(jwks_server, rsa_private, body, caplog) -> None:  # type: ignore[no-untyped-def]
     """A set the server cannot use is the identity provider failing: 503 JWKS_UNAVAILABLE (a
     500, or a 401 with a fetch per request, before), one fetch and one log line per retry
-    window, and tokens verify again once it serves a good set."""
+    window, and tokens verify again once it serves a good set (checked for one case)."""
     jwks_server.body = body
     token = _kid_token(rsa_private, "rsa-1")
     verifier = auth.Verifier(secret=JWT_SECRET, jwks_url=jwks_server.url, jwks_cooldown=2.0)
@@ -730,8 +730,9 @@ def test_an_unusable_key_set_is_unavailable_and_fails_fast(jwks_server, rsa_priv
             assert info.value.reason == "JWKS_UNAVAILABLE"
     assert jwks_server.requests == 1
     assert len([r for r in caplog.records if "key set" in r.getMessage()]) == 1
-    jwks_server.body = None
-    jwks_server.publish("rsa-1", rsa_private)
-    time.sleep(2.1)
-    assert verifier.verify(token).subject == "alice"
-    assert jwks_server.requests == 2
+    if body.startswith(b"<html>"):  # one case waits out the retry window (2 s)
+        jwks_server.body = None
+        jwks_server.publish("rsa-1", rsa_private)
+        time.sleep(2.1)
+        assert verifier.verify(token).subject == "alice"
+        assert jwks_server.requests == 2
