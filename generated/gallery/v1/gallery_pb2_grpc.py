@@ -322,7 +322,9 @@ class GalleryServiceServicer:
         stream reaches them as a clean end), `content-disposition` (the original name, RFC 6266),
         `content-range` for 206 and 416, and `x-http-status`: 200, 206 (a range), 304 (If-None-Match
         matched; no body) or 416 (unsatisfiable range; no body). Envoy makes that the HTTP status; the
-        gRPC status stays OK. Errors (401, 403, 404, 400) are gRPC status as for every RPC.
+        gRPC status stays OK. Errors (401, 403, 404, 400) are gRPC status as for every RPC; a stored
+        event whose file the server's storage lost or cut is DATA_LOSS (HTTP 500) with reason
+        MEDIA_MISSING or MEDIA_DAMAGED, never other bytes.
 
         Through Envoy, a REST GET without `If-*` headers that would get bytes (200 or 206) is sent by
         Envoy itself from the stored file once the server has checked it (README, "Downloads sent by
@@ -358,7 +360,8 @@ class GalleryServiceServicer:
         the size reads nothing; a negative offset or limit is INVALID_ARGUMENT. Initial metadata
         carries `etag`, `x-content-length` and `x-content-sha256` of the whole file, so that a client
         resuming a read can check it is still the same content. An event still on the device is
-        FAILED_PRECONDITION with reason EVENT_ON_DEVICE. Needs `gallery:read`. Not mapped to REST
+        FAILED_PRECONDITION with reason EVENT_ON_DEVICE; one whose stored file is lost or cut is
+        DATA_LOSS (MEDIA_MISSING, MEDIA_DAMAGED). Needs `gallery:read`. Not mapped to REST
         (REST clients use GetEventContent with a `Range` header). Each read holds a server thread
         while it sends: past the server's share of them, RESOURCE_EXHAUSTED `TOO_MANY_DOWNLOADS`
         (retry later); a read whose client takes nothing for GALLERY_DOWNLOAD_IDLE_SECONDS (120) is
