@@ -156,7 +156,9 @@ class _Jwks(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def jwks_url(rsa_private) -> Iterator[str]:  # type: ignore[no-untyped-def]
     jwk = jwt.algorithms.RSAAlgorithm.to_jwk(rsa_private.public_key(), as_dict=True)
-    _Jwks.keys, _Jwks.hits = [{**jwk, "kid": "k1", "use": "sig"}], 0
+    # Beside the key in use, one PyJWT cannot load: it made every request a 500 that fetched the
+    # set again, before the server skipped such keys (auth._KeySetClient).
+    _Jwks.keys, _Jwks.hits = [{**jwk, "kid": "k1", "use": "sig"}, {"kty": "oct", "kid": "none-1", "alg": "none"}], 0
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Jwks)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
