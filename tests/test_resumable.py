@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import fcntl
 import hashlib
 import os
 import threading
@@ -19,7 +18,7 @@ from sqlmodel import select
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
-from gallery_server import auth, resumable
+from gallery_server import auth, file_locks, resumable
 from gallery_server.errors import (
     AlreadyExists,
     Exhausted,
@@ -442,7 +441,7 @@ def test_a_completed_sessions_file_is_kept_while_locked_or_once_the_id_restarts(
     # Someone else holds it (the reconciler, another replica's cleanup): left to them.
     fd = os.open(leftover, os.O_RDWR)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        file_locks.lock(fd)
         assert write(uploads, principal, "leftover-002", 0, b"x", finish=True).event_id == done.event_id
         assert leftover.read_bytes() == b"held"
     finally:
@@ -455,7 +454,7 @@ def test_a_completed_sessions_file_is_kept_while_locked_or_once_the_id_restarts(
     gallery.delete_event(principal, "cam1", done.event_id)
     fd = os.open(leftover, os.O_RDWR)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        file_locks.lock(fd)
         with pytest.raises(FailedPrecondition) as busy:
             uploads.start(principal, "cam1", name="a.bin", upload_id="leftover-002")
         assert busy.value.reason == "UPLOAD_BUSY"

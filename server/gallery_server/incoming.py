@@ -21,13 +21,14 @@ The convention, for whatever writes there (rsync, SFTP, an NFS client, a local p
 Crash and concurrency safety, with any number of replicas scanning the same folders:
 
 * One replica at a time imports a device's files: it holds that device's lock (an exclusive
-  flock on `staging/incoming-locks/<device>`, taken without waiting; the others skip the device
+  lock on `staging/incoming-locks/<device>`, taken without waiting; the others skip the device
   until their next scan) from before it opens a dropped file until the file is unlinked. Without
   it, a replica that had opened a file before another imported and unlinked it copied it all the
   same and, finding no row, inserted it again: an event a user had deleted in between came back,
   with its file, or without it when the delete's unlink came last. The lock is a file of the
-  server's own, opened for writing: flock on NFS needs that (a dropped file may be read-only to
-  the server). flock needs a filesystem that has it (local disks, NFSv4), as the reconciler does.
+  server's own, opened for writing: an exclusive lock needs that (file_locks.py; a dropped file
+  may be read-only to the server). Locks need a filesystem that has them (local disks, NFSv4), as
+  the reconciler's do.
 * The event id is derived from (device, name, size, sha256) with an HMAC under the server
   secret, so every replica, and every run after a crash, names the same file the same event.
 * The bytes reach `media/` by an atomic rename, then the row is inserted (a duplicate key means
@@ -49,7 +50,6 @@ import base64
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import hmac
 import logging
@@ -65,7 +65,7 @@ from collections.abc import Callable, Iterator, Mapping
 import sqlalchemy as sa
 from sqlmodel import col, select
 
-from . import validation
+from . import file_locks, validation
 from ._direct_io import AppendWriter
 from .background import BackgroundLoop
 from .errors import Exhausted, GalleryError
@@ -221,12 +221,7 @@ class IncomingImporter(BackgroundLoop):
             return
         self._lock_problems.pop(device, None)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            yield True
+            yield file_locks.try_lock(fd)
         finally:
             os.close(fd)  # and with it the lock
 
@@ -581,7 +576,7 @@ class IncomingImporter(BackgroundLoop):
             # A copy, never a hard link: a writer that still holds the file open (or another link
             # to it) must not be able to change bytes the event already describes.
             with self.storage.disk_full_is_exhausted():
-                out = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+                out = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)  # for hold_shared
                 try:
                     in_use = hold_shared(out)
                     copy = AppendWriter(out, direct=self.storage.direct_io)

@@ -7,13 +7,13 @@ touches, the one thing that must not happen: a stored row whose media file is mi
 
 What is removed, and why it is safe with any number of replicas sharing storage and database:
 
-* Nothing in use. Every file is removed under an exclusive flock taken without waiting, and the
+* Nothing in use. Every file is removed under an exclusive lock taken without waiting, and the
   row is read again under it: a StagedFile holds a shared lock from its creation until the row
   owning the moved file is committed (storage.hold_shared), a resumable writer holds an
   exclusive one, so a file of a live upload is skipped however old its timestamps are (a
   thumbnail sent first while its media streams for hours; a file linked into media/ whose row
-  commits a moment later). Ages are the second line: incoming imports hold no lock, and flock
-  needs a filesystem that has it (local disks, NFSv4); hence the floor on the grace period
+  commits a moment later). Ages are the second line: incoming imports hold no lock, and locks
+  need a filesystem that has them (local disks, NFSv4: file_locks.py); hence the floor on the grace period
   (settings.py: at least 2 x GALLERY_UPLOAD_IDLE_SECONDS and 300 s).
 * staging/<name> (an upload in flight, an incoming copy) whose last change is older than the grace
   period.
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import fcntl
 import json
 import logging
 import os
@@ -54,6 +53,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import col, func, select
 
+from . import file_locks
 from .auth import ADMIN, Principal
 from .background import BackgroundLoop
 from .errors import PermissionDenied
@@ -157,14 +157,14 @@ class Reconciler:
         return self._locked(wait=False)
 
     def _locked(self, *, wait: bool) -> Findings | None:
-        # One pass at a time over the shared data root: a lock file beside the status (flock, so
-        # as for the files themselves, replicas on several hosts need a filesystem with flock).
+        # One pass at a time over the shared data root: a lock file beside the status (as for the
+        # files themselves, replicas on several hosts need a filesystem with locks: file_locks.py).
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o640)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
+            if wait:
+                file_locks.lock(fd)
+            elif not file_locks.try_lock(fd):
                 log.info("another replica is reconciling: pass skipped")
                 return None
             return self._pass()
@@ -325,18 +325,19 @@ class Reconciler:
         self, path: pathlib.Path, findings: Findings, counter: str,
         *, still: Callable[[], bool] | None = None,
     ) -> None:
-        """Unlink `path` under an exclusive flock taken without waiting, when `still()` (read
+        """Unlink `path` under an exclusive lock taken without waiting, when `still()` (read
         under that lock) says it is a leftover. A file in use is locked (StagedFile holds a shared
         lock from creation until the row owning it is committed; a resumable writer holds an
         exclusive one): it is skipped, whatever its age."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:  # read-write: an exclusive lock needs a descriptor open for writing (file_locks.py)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         except (FileNotFoundError, IsADirectoryError):  # another replica removed it
             return
+        except PermissionError:  # made read-only by someone else: theirs to remove, not ours
+            log.warning("reconcile left a file it may not write", extra={"path": str(path)})
+            return
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not file_locks.try_lock(fd):
                 return
             if still is not None and not still():
                 return

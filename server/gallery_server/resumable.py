@@ -9,13 +9,13 @@ holds at least the committed bytes and the committed size never goes backwards. 
 committed size were never acknowledged: whoever opens the session (a writer, QueryUpload) truncates
 them away. A file shorter than its row (lost outside the server's control) lowers the row to it.
 
-One writer per session: a writer holds an exclusive flock on the staging file for its stream (a
+One writer per session: a writer holds an exclusive lock on the staging file for its stream (a
 second stream waits LOCK_WAIT_SECONDS, then fails with UPLOAD_BUSY). A writer takes its upload slot
 (Gallery.reserve_upload, which also wants the disk headroom) before it waits for the lock, since
 the wait holds a server thread as writing does: streams piled up on one session are refused past
 the device's uploads at once, not each after its wait. The lock is per open file, so it holds
 across threads and processes of one host; replicas on several hosts sharing one staging folder
-need a filesystem with working flock (local disks, NFSv4).
+need a filesystem with working locks (local disks, NFSv4: file_locks.py).
 
 Completion: the whole file is hashed once (one streaming read, no hash state kept across
 resumes), checked against the declared size and sha256 and handed to Gallery.store(), which marks
@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import fcntl
 import logging
 import os
 import pathlib
@@ -60,7 +59,7 @@ from collections.abc import Callable
 import sqlalchemy as sa
 from sqlmodel import col, select
 
-from . import validation
+from . import file_locks, validation
 from ._writeback import Writeback
 from .auth import READ, WRITE, Principal
 from .background import BackgroundLoop
@@ -255,9 +254,7 @@ class ResumableUploads:
         except FileNotFoundError:  # removed meanwhile, or lost: nothing of it is there
             return dataclasses.replace(_state(row), committed_size=0)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # a writer has it: its committed size is the answer
+            if not file_locks.try_lock(fd):  # a writer has it: its committed size is the answer
                 return _state(row)
             # Read the row again now that no writer has the file: one may have completed the
             # session meanwhile, and this file is then its event's media (never to be trimmed).
@@ -446,9 +443,7 @@ class ResumableUploads:
             _tidy(path)
         try:
             if fd is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
+                if not file_locks.try_lock(fd):
                     return False
                 # Under the lock, the row again: a start of the id after the caller's read (the
                 # sweeper lists rows, then reaches each) made a new session at this very name.
@@ -490,11 +485,8 @@ class ResumableUploads:
         fd = locked
         try:
             if fd is None:
-                # Read-write: on NFS an exclusive flock needs a descriptor open for writing.
-                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:  # a writer, the reconciler or another replica has it
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)  # an exclusive lock needs writing
+                if not file_locks.try_lock(fd):  # a writer, the reconciler or another replica has it
                     return
             with self.db.session() as session:
                 current = session.get(UploadSessionRow, (row.device, row.upload_id))
@@ -737,12 +729,12 @@ def _tidy(path: pathlib.Path) -> None:
 
 
 def _open_in_use(path: pathlib.Path) -> int:
-    """Create (or empty) a session file under a shared flock: the reconciler, which sees no row
+    """Create (or empty) a session file under a shared lock: the reconciler, which sees no row
     until it is committed, leaves it alone. Opened again if a reconciler removed the old file
     under that name while this waited for the lock."""
     while True:
         fd = _open(path, os.O_TRUNC)
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        file_locks.lock(fd, shared=True)
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd
@@ -767,13 +759,11 @@ def _nothing() -> None:
 def _lock(fd: int, upload_id_: str) -> None:
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if file_locks.try_lock(fd):
             return
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise FailedPrecondition(
-                    "UPLOAD_BUSY", f"another stream is writing upload {upload_id_}",
-                    upload_id=upload_id_,
-                ) from None
-            time.sleep(0.05)
+        if time.monotonic() > deadline:
+            raise FailedPrecondition(
+                "UPLOAD_BUSY", f"another stream is writing upload {upload_id_}",
+                upload_id=upload_id_,
+            )
+        time.sleep(0.05)

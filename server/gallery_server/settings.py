@@ -253,7 +253,7 @@ _LIMITS: dict[str, tuple[str, type]] = {
 
 
 # The least grace period a server reconciles with (reconcile.py): files in use are locked, so the
-# grace guards what locks do not cover (incoming imports, filesystems without flock).
+# grace guards what locks do not cover (incoming imports, filesystems without locks).
 MIN_RECONCILE_GRACE_SECONDS = 300.0
 
 

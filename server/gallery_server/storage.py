@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -43,7 +42,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator
 
-from . import _malloc
+from . import _malloc, file_locks
 from ._direct_io import AppendWriter
 from .errors import AlreadyExists, Exhausted, TooLarge
 from .media_types import SNIFF_BYTES
@@ -242,7 +241,8 @@ class StagedFile:
         self._storage = storage
         self._space = SpaceMeter(storage.require_space) if storage is not None else None
         with self._disk_full_is_exhausted():  # even an empty file needs an inode
-            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            # Read-write although only written: hold_shared's lock needs a readable descriptor.
+            self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
         self._out: AppendWriter | None = AppendWriter(self._fd, direct=direct_io)
         self._pipeline: _Pipeline | None = None
         self._failed: BaseException | None = None
@@ -439,10 +439,11 @@ def disk_full_is_exhausted(where: pathlib.Path, headroom: int) -> Iterator[None]
 
 
 def hold_shared(fd: int) -> int:
-    """Mark an open file as in use: a shared flock on its open file description, kept by a
-    duplicate descriptor (closing the writing one does not drop it). The reconciler removes a file
-    only under an exclusive flock it gets without waiting (reconcile.py), so never one in use."""
-    fcntl.flock(fd, fcntl.LOCK_SH)
+    """Mark an open file as in use: a shared lock on its open file description (`fd` must be open
+    for reading: file_locks.py), kept by a duplicate descriptor (closing the writing one does not
+    drop it). The reconciler removes a file only under an exclusive lock it gets without waiting
+    (reconcile.py), so never one in use."""
+    file_locks.lock(fd, shared=True)
     return os.dup(fd)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -24,7 +23,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from sqlmodel import select
 
-from gallery_server import incoming, validation
+from gallery_server import file_locks, incoming, validation
 from gallery_server.db import Database
 from gallery_server.incoming import IncomingImporter
 from gallery_server.models import Event
@@ -586,7 +585,7 @@ def test_a_device_another_replica_is_importing_is_left_to_it(gallery, importer, 
     lock_dir.mkdir(parents=True, exist_ok=True)
     other_replica = os.open(lock_dir / DEVICE, os.O_RDWR | os.O_CREAT)
     try:
-        fcntl.flock(other_replica, fcntl.LOCK_EX)
+        file_locks.lock(other_replica)
         assert settle(importer) == []
         assert (events(gallery), leftovers(gallery)) == ([], [])
         assert (inbox / "busy.mp4").exists()

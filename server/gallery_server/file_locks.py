@@ -1,0 +1,56 @@
+"""Advisory locks on open files, shared by replicas on one host or on shared storage.
+
+Every lock the server takes on a file goes through here: a resumable writer's, the in-use mark of
+a file being received, the reconciler's before it removes a file, and the import and reconcile
+lock files. They are open file description locks (Linux's F_OFD_SETLK), for three reasons:
+
+* Like flock, they belong to the open file description, not to the process: two threads of one
+  server that open the same file exclude each other, a duplicate descriptor keeps the lock, and
+  the lock ends when the last descriptor of that opening is closed. Classic fcntl locks belong to
+  the process and end when any of its descriptors of the file is closed, which would let a
+  second stream of the same upload in the same process in.
+* On NFS, Linux turns flock into a byte-range lock, which needs a descriptor open for reading
+  for a shared lock and for writing for an exclusive one, or it fails (EBADF). OFD locks make
+  that rule the same on every filesystem, so a descriptor opened with the wrong mode fails here,
+  on a local disk and in the tests, not first on a customer's NFS mount.
+* They are byte-range locks on NFS too, so replicas on several hosts see each other's.
+
+Only the whole file is ever locked, and locks are never dropped explicitly: closing releases them.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import struct
+
+# struct flock on 64-bit Linux: l_type, l_whence (short), l_start, l_len (off_t), l_pid (pid_t,
+# 0 for OFD locks), padded to 32 bytes. l_start = l_len = 0 is the whole file, however it grows.
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def _request(fd: int, command: int, lock_type: int) -> None:
+    fcntl.fcntl(fd, command, _FLOCK.pack(lock_type, 0, 0, 0, 0))
+
+
+def _type(shared: bool) -> int:
+    return fcntl.F_RDLCK if shared else fcntl.F_WRLCK
+
+
+def try_lock(fd: int, *, shared: bool = False) -> bool:
+    """Lock the whole file without waiting; False if another opening holds a conflicting lock.
+
+    A shared lock needs `fd` open for reading and an exclusive one for writing (OSError EBADF
+    otherwise). Taking the other kind on a descriptor that holds one converts it, atomically."""
+    try:
+        _request(fd, fcntl.F_OFD_SETLK, _type(shared))
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):  # POSIX allows either for "held"
+            return False
+        raise
+    return True
+
+
+def lock(fd: int, *, shared: bool = False) -> None:
+    """Lock the whole file, waiting as long as it takes (the GIL is released meanwhile)."""
+    _request(fd, fcntl.F_OFD_SETLKW, _type(shared))
