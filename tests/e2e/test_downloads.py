@@ -15,11 +15,13 @@ import json
 import random
 import re
 import struct
+import time
 import urllib.parse
 import urllib.request
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent import futures
 
 import grpc
 import httpx
@@ -447,3 +449,40 @@ def test_native_get_event_content_keeps_grpc_semantics(stub, mint: Callable[...,
     metadata = dict(call.initial_metadata())
     assert (metadata["x-http-status"], metadata["content-range"]) == ("206", f"bytes 10-19/{len(data)}")
     assert call.code() == grpc.StatusCode.OK
+
+
+def test_readers_that_stop_reading_hold_up_no_other_client(stack, mint: Callable[..., str]):
+    """Native downloads through Envoy whose client stops reading (a phone on a poor link, a paused
+    player) must not stall anyone else's calls. Envoy's connections to the server are shared by
+    every client; a stalled stream keeps its data in Envoy, unconsumed, and when that counted
+    against a connection-wide HTTP/2 window of 4 MiB, four or so such streams on one connection
+    took the whole window and every answer on it stopped: GetStats timed out."""
+    device = new_device()
+    size = 12 * MiB
+    token = mint(scope="gallery:read gallery:write")
+    with httpx.Client(base_url=stack.base_url, timeout=60) as http:
+        event_id = multipart_upload(http, device, {"Authorization": f"Bearer {token}"}, "big.bin",
+                                    pieces(size, 3), size)
+    auth_md = [("authorization", f"Bearer {token}")]
+    # Small fixed receive windows, and no message asked for: the readers take next to nothing.
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 65536)]
+    readers = [grpc.insecure_channel(stack.envoy_grpc_address, options=options) for _ in range(4)]
+    request = pb.ReadEventContentRequest(device=device, event_id=event_id)
+    paused = [gallery_pb2_grpc.GalleryServiceStub(channel).ReadEventContent(request, metadata=auth_md, timeout=60)
+              for channel in readers for _ in range(4)]  # Envoy's workers each have a connection
+    try:
+        time.sleep(1.5)  # the server sends what Envoy lets it meanwhile
+        for attempt in range(8):  # new connections, so both of Envoy's workers are asked
+            with grpc.insecure_channel(stack.envoy_grpc_address) as channel:
+                stats = gallery_pb2_grpc.GalleryServiceStub(channel).GetStats(
+                    pb.GetStatsRequest(device=device), metadata=auth_md, timeout=3)
+            assert stats.total_events == 1, attempt
+        # And the paused ones themselves go on once read.
+        with futures.ThreadPoolExecutor(len(paused)) as pool:
+            firsts = [pool.submit(next, call) for call in paused]
+            assert [len(first.result(timeout=20).data) for first in firsts] == [MiB] * len(paused)
+    finally:
+        for call in paused:
+            call.cancel()
+        for channel in readers:
+            channel.close()
