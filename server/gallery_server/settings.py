@@ -56,12 +56,13 @@ Threads: each upload holds a gRPC worker for its whole stream, and so do a devic
 stream and a PullEvent waiting for content; GALLERY_MAX_UPLOADS_TOTAL < GALLERY_GRPC_WORKERS keeps
 threads for other calls only if devices and pull waits are fewer than the difference: size
 GALLERY_GRPC_WORKERS for uploads + connected devices + open pulls + reads.
+
+Every numeric setting is checked at start against a range chosen from what uses it (_NUMBERS).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import pathlib
 import secrets
@@ -150,56 +151,25 @@ class Settings:
                 " (`gallery run` creates one)"
             )
         public_key, jwks_url = _token_keys(env)
-        try:
-            return cls(
-                data_dir=data_dir,
-                database_url=env.get("GALLERY_DATABASE_URL") or f"sqlite:///{data_dir / 'gallery.db'}",
-                jwt_secret=secret,
-                public_url=env.get("GALLERY_PUBLIC_URL", cls.public_url).rstrip("/"),
-                upload_url_ttl=int(env.get("GALLERY_UPLOAD_URL_TTL", cls.upload_url_ttl)),
-                grpc_address=env.get("GALLERY_GRPC_ADDRESS", cls.grpc_address),
-                http_address=env.get("GALLERY_HTTP_ADDRESS", cls.http_address),
-                envoy_admin_port=int(env.get("GALLERY_ENVOY_ADMIN_PORT", cls.envoy_admin_port)),
-                max_upload_bytes=int(env.get("GALLERY_MAX_UPLOAD_BYTES", cls.max_upload_bytes)),
-                max_thumbnail_bytes=int(
-                    env.get("GALLERY_MAX_THUMBNAIL_BYTES", cls.max_thumbnail_bytes)
-                ),
-                max_metadata_bytes=int(
-                    env.get("GALLERY_MAX_METADATA_BYTES", cls.max_metadata_bytes)
-                ),
-                grpc_workers=int(env.get("GALLERY_GRPC_WORKERS", cls.grpc_workers)),
-                grpc_read_workers=int(
-                    _non_negative(env, "GALLERY_GRPC_READ_WORKERS", cls.grpc_read_workers, positive=True)
-                ),
-                log_level=env.get("GALLERY_LOG_LEVEL", cls.log_level).upper(),
-                pull_ttl=int(env.get("GALLERY_PULL_TTL", cls.pull_ttl)),
-                incoming_scan_seconds=float(
-                    env.get("GALLERY_INCOMING_SCAN_SECONDS", cls.incoming_scan_seconds)
-                ),
-                incoming_settle_seconds=float(
-                    env.get("GALLERY_INCOMING_SETTLE_SECONDS", cls.incoming_settle_seconds)
-                ),
-                make_thumbnails=_flag(env.get("GALLERY_MAKE_THUMBNAILS", ""), default=cls.make_thumbnails),
-                direct_io=_flag(env.get("GALLERY_DIRECT_IO", ""), default=cls.direct_io),
-                envoy_sends_files=_flag(
-                    env.get("GALLERY_ENVOY_SENDS_FILES", ""), default=cls.envoy_sends_files
-                ),
-                upload_session_ttl=int(
-                    env.get("GALLERY_UPLOAD_SESSION_TTL", cls.upload_session_ttl)
-                ),
-                jwt_public_key=public_key,
-                jwt_jwks_url=jwks_url,
-                jwt_jwks_cooldown=_non_negative(env, "GALLERY_JWT_JWKS_COOLDOWN", cls.jwt_jwks_cooldown),
-                jwt_jwks_lifespan=_non_negative(
-                    env, "GALLERY_JWT_JWKS_LIFESPAN", cls.jwt_jwks_lifespan, positive=True
-                ),
-                jwt_issuer=env.get("GALLERY_JWT_ISSUER", ""),
-                jwt_audience=env.get("GALLERY_JWT_AUDIENCE", ""),
-                drain_seconds=_non_negative(env, "GALLERY_DRAIN_SECONDS", cls.drain_seconds),
-                **_limits(env),
-            )
-        except ValueError as exc:
-            raise ConfigError(f"bad numeric setting: {exc}") from None
+        return cls(
+            data_dir=data_dir,
+            database_url=env.get("GALLERY_DATABASE_URL") or f"sqlite:///{data_dir / 'gallery.db'}",
+            jwt_secret=secret,
+            public_url=env.get("GALLERY_PUBLIC_URL", cls.public_url).rstrip("/"),
+            grpc_address=env.get("GALLERY_GRPC_ADDRESS", cls.grpc_address),
+            http_address=env.get("GALLERY_HTTP_ADDRESS", cls.http_address),
+            log_level=env.get("GALLERY_LOG_LEVEL", cls.log_level).upper(),
+            make_thumbnails=_flag(env.get("GALLERY_MAKE_THUMBNAILS", ""), default=cls.make_thumbnails),
+            direct_io=_flag(env.get("GALLERY_DIRECT_IO", ""), default=cls.direct_io),
+            envoy_sends_files=_flag(
+                env.get("GALLERY_ENVOY_SENDS_FILES", ""), default=cls.envoy_sends_files
+            ),
+            jwt_public_key=public_key,
+            jwt_jwks_url=jwks_url,
+            jwt_issuer=env.get("GALLERY_JWT_ISSUER", ""),
+            jwt_audience=env.get("GALLERY_JWT_AUDIENCE", ""),
+            **_numbers(env),
+        )
 
 
 def _token_keys(env: os._Environ[str] | dict[str, str]) -> tuple[str, str]:
@@ -227,30 +197,12 @@ def _token_keys(env: os._Environ[str] | dict[str, str]) -> tuple[str, str]:
     return public_key, jwks_url
 
 
-def _non_negative(
-    env: os._Environ[str] | dict[str, str], name: str, default: float, *, positive: bool = False
-) -> float:
-    value = float(env.get(name, default))
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0")
-    return value
+# -- numeric settings -------------------------------------------------------------------------
+# Every one is checked here, against a range chosen from what consumes it, before anything starts.
 
-
-_LIMITS: dict[str, tuple[str, type]] = {
-    "max_uploads_per_device": ("GALLERY_MAX_UPLOADS_PER_DEVICE", int),
-    "max_uploads_total": ("GALLERY_MAX_UPLOADS_TOTAL", int),
-    "upload_idle_seconds": ("GALLERY_UPLOAD_IDLE_SECONDS", float),
-    "upload_first_message_seconds": ("GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS", float),
-    "download_idle_seconds": ("GALLERY_DOWNLOAD_IDLE_SECONDS", float),
-    "max_upload_sessions_per_device": ("GALLERY_MAX_UPLOAD_SESSIONS_PER_DEVICE", int),
-    "max_upload_urls_per_device": ("GALLERY_MAX_UPLOAD_URLS_PER_DEVICE", int),
-    "upload_messages_in_flight": ("GALLERY_UPLOAD_MESSAGES_IN_FLIGHT", int),
-    "min_free_bytes": ("GALLERY_MIN_FREE_BYTES", int),
-    "reconcile_interval_seconds": ("GALLERY_RECONCILE_INTERVAL_SECONDS", float),
-    "reconcile_grace_seconds": ("GALLERY_RECONCILE_GRACE_SECONDS", float),
-    "keepalive_seconds": ("GALLERY_KEEPALIVE_SECONDS", float),
-}
-
+A_YEAR = 365 * 86400
+INT64_MAX = 2**63 - 1
+MAX_PORT = 65535
 
 # The least grace period a server reconciles with (reconcile.py): files in use are locked, so the
 # grace guards what locks do not cover (incoming imports, filesystems without locks).
@@ -262,18 +214,104 @@ def min_reconcile_grace(upload_idle_seconds: float) -> float:
     return max(2 * upload_idle_seconds, MIN_RECONCILE_GRACE_SECONDS)
 
 
-def _limits(env: os._Environ[str] | dict[str, str]) -> dict[str, object]:
-    """The limits block; each must be positive (0 for the free-space headroom), the grace period
-    at least min_reconcile_grace(), and the uploads in total fewer than the gRPC workers."""
-    values: dict[str, object] = {}
-    for field, (variable, kind) in _LIMITS.items():
-        text = env.get(variable)
-        if text is None:
-            continue
-        value = kind(text)
-        if not math.isfinite(value) or value < 0 or (value == 0 and field != "min_free_bytes"):
-            raise ConfigError(f"{variable} must be positive, not {text!r}")
-        values[field] = value
+@dataclasses.dataclass(frozen=True)
+class _Range:
+    variable: str
+    kind: type[int] | type[float]
+    low: float
+    high: float
+    unit: str = "seconds"
+    above_low: bool = False  # low itself is refused: any positive duration works
+
+    def check(self, text: str) -> int | float:
+        try:
+            value = self.kind(text)
+        except ValueError:  # not a number, or not a whole one
+            raise self.refused(text, say_kind=True) from None
+        # nan fails every comparison, and the infinities are beyond the finite bounds.
+        above = value > self.low if self.above_low else value >= self.low
+        if not (above and value <= self.high):
+            raise self.refused(text)
+        return value
+
+    def refused(self, text: str, *, say_kind: bool = False) -> ConfigError:
+        """E.g. `GALLERY_UPLOAD_URL_TTL=-5: must be between 1 and 31536000 seconds`."""
+        low, high = _plain(self.low), _plain(self.high)
+        span = f"above {low} and at most {high}" if self.above_low else f"between {low} and {high}"
+        kind = ("a whole number " if self.kind is int else "a number ") if say_kind else ""
+        return ConfigError(f"{self.variable}={text.strip()}: must be {kind}{span} {self.unit}".rstrip())
+
+
+def _plain(number: float) -> str:
+    """31536000, not 3.1536e+07 or 31536000.0."""
+    return str(int(number)) if isinstance(number, float) and number.is_integer() else str(number)
+
+
+# Bounds, by what a value meets (README "Configuration"):
+# * durations: at most a year. Added to now as datetimes (URL, pull and session expiries, the
+#   grace's cutoff) and waited for by threads (threading.TIMEOUT_MAX, ~292 years): far larger
+#   values overflow (every upload-url call was a 500 at 1e17; the reconciler thread died at 1e12).
+# * sizes and counts: at most 2**63 - 1, the 64-bit integers of the database (a count's LIMIT),
+#   of SQLite's driver and of protobuf (the admin status's min_free_bytes).
+# * the keep-alive: at most a day. gRPC takes it in int32 milliseconds, times 6 for the answer's
+#   wait (rpc/server.py): above 357913 s that overflows. At least 1 s: PINGs more often only cost.
+# 0 is allowed where it means something: no disk headroom, no settle wait (writers that only
+# rename complete files in), no JWKS refetch cooldown, no drain.
+_NUMBERS: dict[str, _Range] = {
+    "upload_url_ttl": _Range("GALLERY_UPLOAD_URL_TTL", int, 1, A_YEAR),
+    "envoy_admin_port": _Range("GALLERY_ENVOY_ADMIN_PORT", int, 1, MAX_PORT, unit=""),
+    "max_upload_bytes": _Range("GALLERY_MAX_UPLOAD_BYTES", int, 1, INT64_MAX, unit="bytes"),
+    "max_thumbnail_bytes": _Range("GALLERY_MAX_THUMBNAIL_BYTES", int, 1, INT64_MAX, unit="bytes"),
+    # Every event stores at least `{}`; an event's metadata goes out in one gRPC message (8 MiB,
+    # rpc/server.py MAX_MESSAGE_BYTES): a larger one could be stored and never read back.
+    "max_metadata_bytes": _Range("GALLERY_MAX_METADATA_BYTES", int, 2, 8 << 20, unit="bytes"),
+    # Uploads take fewer than all of them (checked in _check_together): at least 2.
+    "grpc_workers": _Range("GALLERY_GRPC_WORKERS", int, 2, INT64_MAX, unit=""),
+    "grpc_read_workers": _Range("GALLERY_GRPC_READ_WORKERS", int, 1, INT64_MAX, unit=""),
+    "pull_ttl": _Range("GALLERY_PULL_TTL", int, 1, A_YEAR),
+    # Shorter than 10 ms is a spin: each scan lists every device's folders.
+    "incoming_scan_seconds": _Range("GALLERY_INCOMING_SCAN_SECONDS", float, 0.01, A_YEAR),
+    "incoming_settle_seconds": _Range("GALLERY_INCOMING_SETTLE_SECONDS", float, 0, A_YEAR),
+    "upload_session_ttl": _Range("GALLERY_UPLOAD_SESSION_TTL", int, 1, A_YEAR),
+    "jwt_jwks_cooldown": _Range("GALLERY_JWT_JWKS_COOLDOWN", float, 0, A_YEAR),
+    "jwt_jwks_lifespan": _Range("GALLERY_JWT_JWKS_LIFESPAN", float, 0, A_YEAR, above_low=True),
+    "max_uploads_per_device": _Range("GALLERY_MAX_UPLOADS_PER_DEVICE", int, 1, INT64_MAX, unit=""),
+    "max_uploads_total": _Range("GALLERY_MAX_UPLOADS_TOTAL", int, 1, INT64_MAX, unit=""),
+    "upload_idle_seconds": _Range("GALLERY_UPLOAD_IDLE_SECONDS", float, 0, A_YEAR, above_low=True),
+    "upload_first_message_seconds": _Range(
+        "GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS", float, 0, A_YEAR, above_low=True
+    ),
+    "download_idle_seconds": _Range("GALLERY_DOWNLOAD_IDLE_SECONDS", float, 0, A_YEAR, above_low=True),
+    "max_upload_sessions_per_device": _Range(
+        "GALLERY_MAX_UPLOAD_SESSIONS_PER_DEVICE", int, 1, INT64_MAX, unit=""
+    ),
+    "max_upload_urls_per_device": _Range("GALLERY_MAX_UPLOAD_URLS_PER_DEVICE", int, 1, INT64_MAX, unit=""),
+    "upload_messages_in_flight": _Range("GALLERY_UPLOAD_MESSAGES_IN_FLIGHT", int, 1, INT64_MAX, unit=""),
+    "min_free_bytes": _Range("GALLERY_MIN_FREE_BYTES", int, 0, INT64_MAX, unit="bytes"),
+    # A pass walks every file and row: more often than each second is a spin.
+    "reconcile_interval_seconds": _Range("GALLERY_RECONCILE_INTERVAL_SECONDS", float, 1, A_YEAR),
+    "reconcile_grace_seconds": _Range(
+        "GALLERY_RECONCILE_GRACE_SECONDS", float, MIN_RECONCILE_GRACE_SECONDS, A_YEAR
+    ),  # and at least twice the upload idle time (_check_together)
+    "keepalive_seconds": _Range("GALLERY_KEEPALIVE_SECONDS", float, 1, 86400),
+    "drain_seconds": _Range("GALLERY_DRAIN_SECONDS", float, 0, A_YEAR),
+}
+
+
+def _numbers(env: os._Environ[str] | dict[str, str]) -> dict[str, int | float]:
+    """Every numeric setting given, each within its range, then checked together."""
+    values = {
+        field: bounds.check(text)
+        for field, bounds in _NUMBERS.items()
+        if (text := env.get(bounds.variable)) is not None
+    }
+    _check_together(values)
+    return values
+
+
+def _check_together(values: dict[str, int | float]) -> None:
+    """The grace period at least min_reconcile_grace(), and the uploads in total fewer than the
+    gRPC workers."""
     defaults = Settings.__dataclass_fields__
     get = lambda field: values.get(field, defaults[field].default)  # noqa: E731
     floor = min_reconcile_grace(get("upload_idle_seconds"))
@@ -282,13 +320,11 @@ def _limits(env: os._Environ[str] | dict[str, str]) -> dict[str, object]:
             f"GALLERY_RECONCILE_GRACE_SECONDS must be at least {floor:g} (twice "
             "GALLERY_UPLOAD_IDLE_SECONDS, and 300): a shorter grace may remove an upload's files"
         )
-    workers = int(env.get("GALLERY_GRPC_WORKERS", defaults["grpc_workers"].default))
-    if get("max_uploads_total") >= workers:
+    if get("max_uploads_total") >= get("grpc_workers"):
         raise ConfigError(
             "GALLERY_MAX_UPLOADS_TOTAL must be below GALLERY_GRPC_WORKERS: uploads must leave "
             "threads for reads"
         )
-    return values
 
 
 def _flag(text: str, *, default: bool) -> bool:

@@ -1,0 +1,148 @@
+"""Settings.from_env: every value is checked at start, and a refused one is a ConfigError naming
+the variable, the value and what is accepted (never a traceback, never a failure later on)."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+
+import pytest
+
+from gallery_server import settings as settings_module
+from gallery_server.settings import ConfigError, Settings
+
+SECRET = "s" * 40
+
+
+def env(tmp_path, **values: str) -> dict[str, str]:
+    return {"GALLERY_DATA_DIR": str(tmp_path), "GALLERY_JWT_SECRET": SECRET, **values}
+
+
+def refusal(tmp_path, variable: str, value: str) -> str:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env(env(tmp_path, **{variable: value}))
+    return str(refused.value)
+
+
+# -- numbers -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("GALLERY_UPLOAD_URL_TTL", "-5"),  # every URL issued already expired
+    ("GALLERY_UPLOAD_URL_TTL", "0"),
+    ("GALLERY_UPLOAD_URL_TTL", "99999999999999999"),  # every upload-url call a 500 (datetime)
+    ("GALLERY_INCOMING_SCAN_SECONDS", "0"),  # the importer spins
+    ("GALLERY_INCOMING_SCAN_SECONDS", "nan"),
+    ("GALLERY_INCOMING_SCAN_SECONDS", "-1"),
+    ("GALLERY_INCOMING_SCAN_SECONDS", "inf"),
+    ("GALLERY_RECONCILE_INTERVAL_SECONDS", "1e12"),  # the reconciler thread died (OverflowError)
+    ("GALLERY_RECONCILE_INTERVAL_SECONDS", "0"),
+    ("GALLERY_MAX_UPLOAD_BYTES", "0"),
+    ("GALLERY_MAX_UPLOAD_BYTES", "-1"),
+    ("GALLERY_MAX_UPLOAD_BYTES", str(2**63)),
+    ("GALLERY_MAX_THUMBNAIL_BYTES", "0"),
+    ("GALLERY_MAX_THUMBNAIL_BYTES", "-1"),
+    ("GALLERY_MAX_METADATA_BYTES", "0"),
+    ("GALLERY_MAX_METADATA_BYTES", "1"),  # less than `{}`: every upload refused
+    ("GALLERY_MAX_METADATA_BYTES", str((8 << 20) + 1)),
+    ("GALLERY_PULL_TTL", "0"),
+    ("GALLERY_PULL_TTL", "-1"),
+    ("GALLERY_PULL_TTL", "99999999999999999"),
+    ("GALLERY_UPLOAD_SESSION_TTL", "0"),
+    ("GALLERY_UPLOAD_SESSION_TTL", "-1"),
+    ("GALLERY_UPLOAD_SESSION_TTL", "99999999999999999"),
+    ("GALLERY_INCOMING_SETTLE_SECONDS", "-1"),
+    ("GALLERY_INCOMING_SETTLE_SECONDS", "nan"),
+    ("GALLERY_KEEPALIVE_SECONDS", "0.001"),
+    ("GALLERY_KEEPALIVE_SECONDS", "1e12"),  # OverflowError (gRPC's int32 milliseconds)
+    ("GALLERY_KEEPALIVE_SECONDS", "0"),
+    ("GALLERY_DRAIN_SECONDS", "1e12"),
+    ("GALLERY_DRAIN_SECONDS", "-1"),
+    ("GALLERY_UPLOAD_IDLE_SECONDS", "0"),
+    ("GALLERY_UPLOAD_IDLE_SECONDS", "1e12"),
+    ("GALLERY_DOWNLOAD_IDLE_SECONDS", "1e12"),
+    ("GALLERY_JWT_JWKS_LIFESPAN", "1e12"),
+    ("GALLERY_RECONCILE_GRACE_SECONDS", "1e12"),
+    ("GALLERY_MAX_UPLOAD_URLS_PER_DEVICE", str(2**63)),  # a SQL LIMIT overflows
+    ("GALLERY_GRPC_READ_WORKERS", "0"),
+    ("GALLERY_GRPC_READ_WORKERS", "1.5"),
+    ("GALLERY_ENVOY_ADMIN_PORT", "0"),
+    ("GALLERY_ENVOY_ADMIN_PORT", "70000"),
+])
+def test_a_number_out_of_its_range_is_refused_with_its_variable_value_and_range(tmp_path, variable, value):
+    message = refusal(tmp_path, variable, value)
+    assert message.startswith(f"{variable}={value}: must be ")
+    assert " and " in message  # the accepted range
+
+
+def test_the_message_says_the_range(tmp_path):
+    assert refusal(tmp_path, "GALLERY_UPLOAD_URL_TTL", "-5") == (
+        "GALLERY_UPLOAD_URL_TTL=-5: must be between 1 and 31536000 seconds"
+    )
+    assert refusal(tmp_path, "GALLERY_UPLOAD_IDLE_SECONDS", "0") == (
+        "GALLERY_UPLOAD_IDLE_SECONDS=0: must be above 0 and at most 31536000 seconds"
+    )
+    assert refusal(tmp_path, "GALLERY_ENVOY_ADMIN_PORT", "70000") == (
+        "GALLERY_ENVOY_ADMIN_PORT=70000: must be between 1 and 65535"
+    )
+
+
+@pytest.mark.parametrize("variable", [
+    "GALLERY_UPLOAD_URL_TTL", "GALLERY_MAX_UPLOAD_BYTES", "GALLERY_GRPC_WORKERS", "GALLERY_PULL_TTL",
+    "GALLERY_ENVOY_ADMIN_PORT", "GALLERY_MAX_UPLOADS_TOTAL", "GALLERY_INCOMING_SCAN_SECONDS",
+    "GALLERY_KEEPALIVE_SECONDS", "GALLERY_JWT_JWKS_COOLDOWN",
+])
+def test_a_value_that_is_not_a_number_names_its_variable(tmp_path, variable):
+    message = refusal(tmp_path, variable, "abc")
+    assert message.startswith(f"{variable}=abc: must be a ")
+    assert "number between" in message
+
+
+@pytest.mark.parametrize(("variable", "value", "field", "expected"), [
+    ("GALLERY_UPLOAD_URL_TTL", "1", "upload_url_ttl", 1),
+    ("GALLERY_UPLOAD_URL_TTL", "31536000", "upload_url_ttl", 31536000),
+    ("GALLERY_INCOMING_SCAN_SECONDS", "0.05", "incoming_scan_seconds", 0.05),
+    # 0: a file is taken at first sight, for writers that all rename complete files in.
+    ("GALLERY_INCOMING_SETTLE_SECONDS", "0", "incoming_settle_seconds", 0),
+    ("GALLERY_MIN_FREE_BYTES", "0", "min_free_bytes", 0),  # no headroom
+    ("GALLERY_DRAIN_SECONDS", "0", "drain_seconds", 0),
+    ("GALLERY_JWT_JWKS_COOLDOWN", "0", "jwt_jwks_cooldown", 0),
+    ("GALLERY_KEEPALIVE_SECONDS", "1", "keepalive_seconds", 1),
+    ("GALLERY_KEEPALIVE_SECONDS", "86400", "keepalive_seconds", 86400),
+    ("GALLERY_RECONCILE_INTERVAL_SECONDS", str(7 * 86400), "reconcile_interval_seconds", 7 * 86400),
+    ("GALLERY_MAX_METADATA_BYTES", "2", "max_metadata_bytes", 2),
+    ("GALLERY_MAX_UPLOAD_BYTES", str(2**63 - 1), "max_upload_bytes", 2**63 - 1),
+    ("GALLERY_ENVOY_ADMIN_PORT", "65535", "envoy_admin_port", 65535),
+    ("GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS", "0.5", "upload_first_message_seconds", 0.5),
+])
+def test_values_within_their_range_are_taken(tmp_path, variable, value, field, expected):
+    assert getattr(Settings.from_env(env(tmp_path, **{variable: value})), field) == expected
+
+
+def test_every_numeric_field_is_checked_and_its_bounds_fit_what_uses_it():
+    numbers = settings_module._NUMBERS
+    numeric = {f.name for f in Settings.__dataclass_fields__.values() if f.type in ("int", "float")}
+    assert set(numbers) == numeric
+    now = datetime.datetime.now(datetime.UTC)
+    for field, bounds in numbers.items():
+        default = Settings.__dataclass_fields__[field].default
+        assert bounds.low <= default <= bounds.high, field  # the default is within its range
+        if bounds.unit == "seconds":
+            now + datetime.timedelta(seconds=bounds.high)  # expiries: no OverflowError
+            now - datetime.timedelta(seconds=bounds.high)  # the reconciler's cutoff
+            assert bounds.high <= threading.TIMEOUT_MAX, field  # waits of threads
+    keepalive = numbers["keepalive_seconds"].high
+    assert 6 * round(keepalive * 1000) < 2**31  # gRPC's int32 milliseconds (rpc/server.py)
+
+
+def test_the_checks_that_existed_still_hold(tmp_path):
+    for values in (
+        {"GALLERY_RECONCILE_GRACE_SECONDS": "299"},
+        {"GALLERY_UPLOAD_IDLE_SECONDS": "1801"},  # the default grace is below 2 x idle
+        {"GALLERY_MAX_UPLOADS_TOTAL": "256"},
+        {"GALLERY_JWT_JWKS_COOLDOWN": "-1"},
+        {"GALLERY_JWT_JWKS_LIFESPAN": "0"},
+        {"GALLERY_UPLOAD_MESSAGES_IN_FLIGHT": "0"},
+    ):
+        with pytest.raises(ConfigError):
+            Settings.from_env(env(tmp_path, **values))
