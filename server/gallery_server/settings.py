@@ -57,7 +57,8 @@ stream and a PullEvent waiting for content; GALLERY_MAX_UPLOADS_TOTAL < GALLERY_
 threads for other calls only if devices and pull waits are fewer than the difference: size
 GALLERY_GRPC_WORKERS for uploads + connected devices + open pulls + reads.
 
-Every numeric setting is checked at start against a range chosen from what uses it (_NUMBERS).
+Every numeric setting is checked at start against a range chosen from what uses it (_NUMBERS);
+an empty variable (`export GALLERY_X=`) means its default, like an unset one.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: os._Environ[str] | dict[str, str] = os.environ) -> Settings:
-        data_dir = pathlib.Path(env.get("GALLERY_DATA_DIR", "./data")).resolve()
+        data_dir = pathlib.Path(_text(env, "GALLERY_DATA_DIR", "./data")).resolve()
         secret = env.get("GALLERY_JWT_SECRET") or read_secret_file(data_dir)
         if not secret:
             raise ConfigError(
@@ -153,31 +154,35 @@ class Settings:
         public_key, jwks_url = _token_keys(env)
         return cls(
             data_dir=data_dir,
-            database_url=env.get("GALLERY_DATABASE_URL") or f"sqlite:///{data_dir / 'gallery.db'}",
+            database_url=_text(env, "GALLERY_DATABASE_URL", f"sqlite:///{data_dir / 'gallery.db'}"),
             jwt_secret=secret,
-            public_url=env.get("GALLERY_PUBLIC_URL", cls.public_url).rstrip("/"),
-            grpc_address=env.get("GALLERY_GRPC_ADDRESS", cls.grpc_address),
-            http_address=env.get("GALLERY_HTTP_ADDRESS", cls.http_address),
-            log_level=env.get("GALLERY_LOG_LEVEL", cls.log_level).upper(),
-            make_thumbnails=_flag(env.get("GALLERY_MAKE_THUMBNAILS", ""), default=cls.make_thumbnails),
-            direct_io=_flag(env.get("GALLERY_DIRECT_IO", ""), default=cls.direct_io),
-            envoy_sends_files=_flag(
-                env.get("GALLERY_ENVOY_SENDS_FILES", ""), default=cls.envoy_sends_files
-            ),
+            public_url=_text(env, "GALLERY_PUBLIC_URL", cls.public_url).rstrip("/"),
+            grpc_address=_text(env, "GALLERY_GRPC_ADDRESS", cls.grpc_address),
+            http_address=_text(env, "GALLERY_HTTP_ADDRESS", cls.http_address),
+            log_level=_text(env, "GALLERY_LOG_LEVEL", cls.log_level).upper(),
+            make_thumbnails=_flag(env, "GALLERY_MAKE_THUMBNAILS", default=cls.make_thumbnails),
+            direct_io=_flag(env, "GALLERY_DIRECT_IO", default=cls.direct_io),
+            envoy_sends_files=_flag(env, "GALLERY_ENVOY_SENDS_FILES", default=cls.envoy_sends_files),
             jwt_public_key=public_key,
             jwt_jwks_url=jwks_url,
-            jwt_issuer=env.get("GALLERY_JWT_ISSUER", ""),
-            jwt_audience=env.get("GALLERY_JWT_AUDIENCE", ""),
+            jwt_issuer=_text(env, "GALLERY_JWT_ISSUER", ""),
+            jwt_audience=_text(env, "GALLERY_JWT_AUDIENCE", ""),
             **_numbers(env),
         )
+
+
+def _text(env: os._Environ[str] | dict[str, str], name: str, default: str) -> str:
+    """The variable's value; empty (an operator's `export GALLERY_X=`) or unset is the default."""
+    value = env.get(name, "")
+    return value if value.strip() else default
 
 
 def _token_keys(env: os._Environ[str] | dict[str, str]) -> tuple[str, str]:
     """The PEM public key and the JWKS URL of bearer tokens, checked now rather than at the
     first request."""
-    public_key = env.get("GALLERY_JWT_PUBLIC_KEY", "")
-    key_file = env.get("GALLERY_JWT_PUBLIC_KEY_FILE", "")
-    jwks_url = env.get("GALLERY_JWT_JWKS_URL", "")
+    public_key = _text(env, "GALLERY_JWT_PUBLIC_KEY", "")
+    key_file = _text(env, "GALLERY_JWT_PUBLIC_KEY_FILE", "")
+    jwks_url = _text(env, "GALLERY_JWT_JWKS_URL", "")
     if public_key and key_file:
         raise ConfigError("set GALLERY_JWT_PUBLIC_KEY or GALLERY_JWT_PUBLIC_KEY_FILE, not both")
     if key_file:
@@ -299,11 +304,11 @@ _NUMBERS: dict[str, _Range] = {
 
 
 def _numbers(env: os._Environ[str] | dict[str, str]) -> dict[str, int | float]:
-    """Every numeric setting given, each within its range, then checked together."""
+    """Every numeric setting given (not empty), each within its range, then checked together."""
     values = {
         field: bounds.check(text)
         for field, bounds in _NUMBERS.items()
-        if (text := env.get(bounds.variable)) is not None
+        if (text := env.get(bounds.variable, "")).strip()
     }
     _check_together(values)
     return values
@@ -327,7 +332,8 @@ def _check_together(values: dict[str, int | float]) -> None:
         )
 
 
-def _flag(text: str, *, default: bool) -> bool:
+def _flag(env: os._Environ[str] | dict[str, str], name: str, *, default: bool) -> bool:
+    text = env.get(name, "")
     value = text.strip().lower()
     if not value:
         return default
@@ -335,7 +341,7 @@ def _flag(text: str, *, default: bool) -> bool:
         return True
     if value in ("0", "false", "no", "off"):
         return False
-    raise ConfigError(f"not a boolean: {text!r} (use true or false)")
+    raise ConfigError(f"{name}={text}: must be true or false")
 
 
 def read_secret_file(data_dir: pathlib.Path) -> str:

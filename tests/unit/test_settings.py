@@ -146,3 +146,41 @@ def test_the_checks_that_existed_still_hold(tmp_path):
     ):
         with pytest.raises(ConfigError):
             Settings.from_env(env(tmp_path, **values))
+
+
+# -- empty values --------------------------------------------------------------------------------
+
+EVERY_VARIABLE = [
+    "GALLERY_DATABASE_URL", "GALLERY_PUBLIC_URL", "GALLERY_UPLOAD_URL_TTL", "GALLERY_GRPC_ADDRESS",
+    "GALLERY_HTTP_ADDRESS", "GALLERY_ENVOY_ADMIN_PORT", "GALLERY_ENVOY_SENDS_FILES",
+    "GALLERY_MAX_UPLOAD_BYTES", "GALLERY_MAX_THUMBNAIL_BYTES", "GALLERY_MAX_METADATA_BYTES",
+    "GALLERY_GRPC_WORKERS", "GALLERY_GRPC_READ_WORKERS", "GALLERY_LOG_LEVEL", "GALLERY_PULL_TTL",
+    "GALLERY_INCOMING_SCAN_SECONDS", "GALLERY_INCOMING_SETTLE_SECONDS", "GALLERY_MAKE_THUMBNAILS",
+    "GALLERY_DIRECT_IO", "GALLERY_UPLOAD_SESSION_TTL", "GALLERY_JWT_PUBLIC_KEY",
+    "GALLERY_JWT_PUBLIC_KEY_FILE", "GALLERY_JWT_JWKS_URL", "GALLERY_JWT_JWKS_COOLDOWN",
+    "GALLERY_JWT_JWKS_LIFESPAN", "GALLERY_JWT_ISSUER", "GALLERY_JWT_AUDIENCE",
+    "GALLERY_MAX_UPLOADS_PER_DEVICE", "GALLERY_MAX_UPLOADS_TOTAL", "GALLERY_UPLOAD_IDLE_SECONDS",
+    "GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS", "GALLERY_DOWNLOAD_IDLE_SECONDS",
+    "GALLERY_MAX_UPLOAD_SESSIONS_PER_DEVICE", "GALLERY_MAX_UPLOAD_URLS_PER_DEVICE",
+    "GALLERY_UPLOAD_MESSAGES_IN_FLIGHT", "GALLERY_MIN_FREE_BYTES", "GALLERY_RECONCILE_INTERVAL_SECONDS",
+    "GALLERY_RECONCILE_GRACE_SECONDS", "GALLERY_KEEPALIVE_SECONDS", "GALLERY_DRAIN_SECONDS",
+]
+
+
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_an_empty_variable_means_its_default(tmp_path, empty):
+    """An operator's `export GALLERY_X=` in a script."""
+    defaults = Settings.from_env(env(tmp_path))
+    assert Settings.from_env(env(tmp_path, **dict.fromkeys(EVERY_VARIABLE, empty))) == defaults
+
+
+def test_an_empty_data_dir_means_the_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = Settings.from_env({"GALLERY_DATA_DIR": "", "GALLERY_JWT_SECRET": SECRET})
+    assert settings.data_dir == tmp_path / "data"
+
+
+def test_a_bad_boolean_names_its_variable(tmp_path):
+    assert refusal(tmp_path, "GALLERY_MAKE_THUMBNAILS", "maybe") == (
+        "GALLERY_MAKE_THUMBNAILS=maybe: must be true or false"
+    )
