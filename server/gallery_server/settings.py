@@ -157,8 +157,8 @@ class Settings:
             database_url=_text(env, "GALLERY_DATABASE_URL", f"sqlite:///{data_dir / 'gallery.db'}"),
             jwt_secret=secret,
             public_url=_text(env, "GALLERY_PUBLIC_URL", cls.public_url).rstrip("/"),
-            grpc_address=_text(env, "GALLERY_GRPC_ADDRESS", cls.grpc_address),
-            http_address=_text(env, "GALLERY_HTTP_ADDRESS", cls.http_address),
+            grpc_address=_address(env, "GALLERY_GRPC_ADDRESS", cls.grpc_address),
+            http_address=_address(env, "GALLERY_HTTP_ADDRESS", cls.http_address),
             log_level=_text(env, "GALLERY_LOG_LEVEL", cls.log_level).upper(),
             make_thumbnails=_flag(env, "GALLERY_MAKE_THUMBNAILS", default=cls.make_thumbnails),
             direct_io=_flag(env, "GALLERY_DIRECT_IO", default=cls.direct_io),
@@ -200,6 +200,23 @@ def _token_keys(env: os._Environ[str] | dict[str, str]) -> tuple[str, str]:
     if jwks_url and urllib.parse.urlsplit(jwks_url).scheme not in ("http", "https"):
         raise ConfigError("GALLERY_JWT_JWKS_URL must be an http or https URL")
     return public_key, jwks_url
+
+
+def _address(env: os._Environ[str] | dict[str, str], name: str, default: str) -> str:
+    """host:port ([host]:port for IPv6), checked here: a bad port otherwise fails in Envoy, after
+    thousands of lines of its configuration, or as a traceback."""
+    text = _text(env, name, default)
+    host, colon, port = text.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if (
+        not colon or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= MAX_PORT
+        or (":" in host and not bracketed)
+    ):
+        raise ConfigError(
+            f"{name}={text}: must be host:port ([host]:port for IPv6) with a port between 1 and"
+            f" {MAX_PORT}"
+        )
+    return text
 
 
 # -- numeric settings -------------------------------------------------------------------------
