@@ -159,7 +159,7 @@ class Settings:
             public_url=_text(env, "GALLERY_PUBLIC_URL", cls.public_url).rstrip("/"),
             grpc_address=_address(env, "GALLERY_GRPC_ADDRESS", cls.grpc_address),
             http_address=_address(env, "GALLERY_HTTP_ADDRESS", cls.http_address),
-            log_level=_text(env, "GALLERY_LOG_LEVEL", cls.log_level).upper(),
+            log_level=_log_level(env, cls.log_level),
             make_thumbnails=_flag(env, "GALLERY_MAKE_THUMBNAILS", default=cls.make_thumbnails),
             direct_io=_flag(env, "GALLERY_DIRECT_IO", default=cls.direct_io),
             envoy_sends_files=_flag(env, "GALLERY_ENVOY_SENDS_FILES", default=cls.envoy_sends_files),
@@ -217,6 +217,20 @@ def _address(env: os._Environ[str] | dict[str, str], name: str, default: str) ->
             f" {MAX_PORT}"
         )
     return text
+
+
+# logging's level names (logs.configure() hands the level to logging, which raises on any other
+# name: a traceback at start-up); WARN and FATAL are logging's aliases of WARNING and CRITICAL.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LOG_LEVEL_ALIASES = ("WARN", "FATAL")
+
+
+def _log_level(env: os._Environ[str] | dict[str, str], default: str) -> str:
+    text = _text(env, "GALLERY_LOG_LEVEL", default)
+    level = text.strip().upper()
+    if level not in LOG_LEVELS + _LOG_LEVEL_ALIASES:
+        raise ConfigError(f"GALLERY_LOG_LEVEL={text}: must be one of {', '.join(LOG_LEVELS)}")
+    return level
 
 
 # -- numeric settings -------------------------------------------------------------------------

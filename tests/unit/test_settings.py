@@ -166,6 +166,21 @@ def test_addresses_with_a_port_in_range_are_taken(tmp_path, value):
     assert settings.http_address == settings.grpc_address == value
 
 
+# -- log level -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["verbose", "10", "NOTSET"])
+def test_an_unknown_log_level_is_refused_with_the_levels(tmp_path, value):
+    assert refusal(tmp_path, "GALLERY_LOG_LEVEL", value) == (
+        f"GALLERY_LOG_LEVEL={value}: must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+    )
+
+
+def test_log_levels_are_taken_in_any_case(tmp_path):
+    assert Settings.from_env(env(tmp_path, GALLERY_LOG_LEVEL="debug")).log_level == "DEBUG"
+    assert Settings.from_env(env(tmp_path, GALLERY_LOG_LEVEL="warn")).log_level == "WARN"  # logging's alias
+
+
 # -- empty values --------------------------------------------------------------------------------
 
 EVERY_VARIABLE = [
