@@ -5,7 +5,7 @@
 | GALLERY_DATA_DIR            | ./data                   | root of the database, media and drop folders    |
 | GALLERY_DATABASE_URL        | sqlite:///<data>/gallery.db | SQLAlchemy URL; postgresql+psycopg://... for PostgreSQL |
 | GALLERY_JWT_SECRET          | contents of <data>/jwt-secret | HS256 key for bearer tokens and signed URLs |
-| GALLERY_PUBLIC_URL          | http://localhost:8001    | base of the pre-signed upload URLs              |
+| GALLERY_PUBLIC_URL          | from GALLERY_HTTP_ADDRESS | base of the pre-signed upload URLs (_public_url) |
 | GALLERY_UPLOAD_URL_TTL      | 900                      | seconds a pre-signed URL stays valid            |
 | GALLERY_GRPC_ADDRESS        | 127.0.0.1:50051          | where the gRPC server listens                   |
 | GALLERY_HTTP_ADDRESS        | 0.0.0.0:8001             | where Envoy listens (REST and gRPC)             |
@@ -64,6 +64,7 @@ an empty variable (`export GALLERY_X=`) means its default, like an unset one.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import pathlib
 import secrets
@@ -152,13 +153,14 @@ class Settings:
                 " (`gallery run` creates one)"
             )
         public_key, jwks_url = _token_keys(env)
+        http_address = _address(env, "GALLERY_HTTP_ADDRESS", cls.http_address)
         return cls(
             data_dir=data_dir,
             database_url=_text(env, "GALLERY_DATABASE_URL", f"sqlite:///{data_dir / 'gallery.db'}"),
             jwt_secret=secret,
-            public_url=_text(env, "GALLERY_PUBLIC_URL", cls.public_url).rstrip("/"),
+            public_url=_public_url(env, http_address),
             grpc_address=_address(env, "GALLERY_GRPC_ADDRESS", cls.grpc_address),
-            http_address=_address(env, "GALLERY_HTTP_ADDRESS", cls.http_address),
+            http_address=http_address,
             log_level=_log_level(env, cls.log_level),
             make_thumbnails=_flag(env, "GALLERY_MAKE_THUMBNAILS", default=cls.make_thumbnails),
             direct_io=_flag(env, "GALLERY_DIRECT_IO", default=cls.direct_io),
@@ -217,6 +219,20 @@ def _address(env: os._Environ[str] | dict[str, str], name: str, default: str) ->
             f" {MAX_PORT}"
         )
     return text
+
+
+def _public_url(env: os._Environ[str] | dict[str, str], http_address: str) -> str:
+    """GALLERY_PUBLIC_URL, else Envoy's own address: a second gallery on a shared host, given only
+    another GALLERY_HTTP_ADDRESS, must not hand out URLs that lead to the first one."""
+    text = _text(env, "GALLERY_PUBLIC_URL", "")
+    if text:
+        return text.rstrip("/")
+    host, _, port = http_address.rpartition(":")
+    try:
+        wildcard = ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:  # a name
+        wildcard = not host
+    return f"http://{'localhost' if wildcard else host}:{port}"
 
 
 # logging's level names (logs.configure() hands the level to logging, which raises on any other

@@ -166,6 +166,26 @@ def test_addresses_with_a_port_in_range_are_taken(tmp_path, value):
     assert settings.http_address == settings.grpc_address == value
 
 
+# -- the public URL ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("http_address", "public_url"), [
+    ("127.0.0.1:28441", "http://127.0.0.1:28441"),
+    ("0.0.0.0:28441", "http://localhost:28441"),
+    ("[::]:28441", "http://localhost:28441"),
+    ("[::1]:28441", "http://[::1]:28441"),
+    ("gallery.example:8080", "http://gallery.example:8080"),
+])
+def test_the_public_url_follows_the_http_address(tmp_path, http_address, public_url):
+    assert Settings.from_env(env(tmp_path, GALLERY_HTTP_ADDRESS=http_address)).public_url == public_url
+
+
+def test_a_public_url_given_wins_and_the_default_stays(tmp_path):
+    given = env(tmp_path, GALLERY_HTTP_ADDRESS="127.0.0.1:28441", GALLERY_PUBLIC_URL="https://photos.example/")
+    assert Settings.from_env(given).public_url == "https://photos.example"
+    assert Settings.from_env(env(tmp_path)).public_url == "http://localhost:8001"
+
+
 # -- log level -----------------------------------------------------------------------------------
 
 
