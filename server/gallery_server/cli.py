@@ -9,7 +9,8 @@ import os
 import pathlib
 import sys
 
-from . import auth, logs
+from . import auth, logs, validation
+from .errors import InvalidArgument
 from .settings import ConfigError, Settings, ensure_secret_file, min_reconcile_grace
 
 
@@ -32,14 +33,16 @@ def main(argv: list[str] | None = None) -> int:
                            "folder runs (refused when one answers on GALLERY_GRPC_ADDRESS; "
                            "replicas on other hosts are not seen: stop them first)")
     token = commands.add_parser("token", help="mint a bearer token signed with the server's secret")
-    token.add_argument("--sub", required=True, help="the token's subject (who it is for)")
+    token.add_argument("--sub", required=True, type=_token_subject,
+                       help="the token's subject (who it is for; not blank)")
     token.add_argument(
-        "--device", action="append", required=True,
+        "--device", action="append", required=True, type=_token_device,
         help="a device id the token grants, or '*' for all; repeat for several",
     )
-    token.add_argument("--scope", default=f"{auth.READ} {auth.WRITE}",
-                       help="space-separated scopes (default: %(default)s)")
-    token.add_argument("--ttl", type=int, default=86400, help="lifetime in seconds")
+    token.add_argument("--scope", default=f"{auth.READ} {auth.WRITE}", type=_token_scope,
+                       help=f"space-separated scopes, of {' '.join(TOKEN_SCOPES)} (default: %(default)s)")
+    token.add_argument("--ttl", type=_token_ttl, default=86400,
+                       help=f"lifetime in seconds, at most {MAX_TOKEN_TTL} (10 years; default: %(default)s)")
     agent = commands.add_parser(
         "agent", help="run a device agent: announce a folder's files, upload them when pulled",
         description="Watches a folder, announces its files to the gallery and uploads a file when "
@@ -88,6 +91,49 @@ def main(argv: list[str] | None = None) -> int:
     from .supervisor import run
 
     return run(settings)
+
+
+# What `gallery token` mints must be a token the server takes (auth.py): checked before minting,
+# since a refused token is otherwise found only at its first request.
+TOKEN_SCOPES = (auth.READ, auth.WRITE, auth.DEVICE, auth.ADMIN)
+MAX_TOKEN_TTL = 10 * 365 * 86400  # a leaked development token must not stay good for ever
+
+
+def _token_subject(text: str) -> str:
+    if not text.strip():  # the server refuses it: the access log says who did what by it
+        raise argparse.ArgumentTypeError("must not be empty or blank")
+    return text
+
+
+def _token_device(text: str) -> str:
+    if text == "*":  # every device
+        return text
+    try:
+        return validation.device_id(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device id ({exc.message}; '*' for all)") from None
+
+
+def _token_scope(text: str) -> str:
+    unknown = [scope for scope in text.split() if scope not in TOKEN_SCOPES]
+    if unknown or not text.split():
+        raise argparse.ArgumentTypeError(
+            f"{'unknown scope ' + ' '.join(unknown) if unknown else 'no scope'}: the scopes are"
+            f" {', '.join(TOKEN_SCOPES)}"
+        )
+    return text
+
+
+def _token_ttl(text: str) -> int:
+    try:
+        ttl = int(text)
+    except ValueError:
+        ttl = 0  # not a whole number: refused below, with the range
+    if not 1 <= ttl <= MAX_TOKEN_TTL:
+        raise argparse.ArgumentTypeError(
+            f"{text}: must be a whole number of seconds from 1 to {MAX_TOKEN_TTL} (10 years)"
+        )
+    return ttl
 
 
 def _reconcile(settings: Settings, grace: float | None, *, force: bool = False) -> int:

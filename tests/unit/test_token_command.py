@@ -1,0 +1,68 @@
+"""`gallery token` mints only tokens the server takes: anything else is refused, exit status 2."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from gallery_server import auth, cli
+
+from ..conftest import JWT_SECRET
+
+TEN_YEARS = 10 * 365 * 86400
+
+
+@pytest.fixture(autouse=True)
+def secret(tmp_path, monkeypatch):
+    monkeypatch.setenv("GALLERY_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("GALLERY_JWT_SECRET", JWT_SECRET)
+
+
+def mint(capsys, *args: str) -> auth.Principal:
+    assert cli.main(["token", *args]) == 0
+    return auth.Verifier(secret=JWT_SECRET).verify(capsys.readouterr().out.strip())
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--sub", ""], "--sub: must not be empty or blank"),  # the server refuses an empty sub
+    (["--sub", "  "], "--sub: must not be empty or blank"),
+    (["--ttl", "-100"], "--ttl: -100: must be a whole number of seconds"),  # already expired
+    (["--ttl", "0"], "--ttl: 0: must be"),
+    (["--ttl", "99999999999999"], f"from 1 to {TEN_YEARS} (10 years)"),
+    (["--ttl", "1.5"], "--ttl: 1.5: must be"),
+    (["--scope", "gallery:reed"], "unknown scope gallery:reed: the scopes are gallery:read, "),
+    (["--scope", "gallery:read gallery:reed"], "unknown scope gallery:reed"),
+    (["--scope", " "], "no scope"),
+    (["--device", "dev/../x"], "'dev/../x' is not a device id"),
+    (["--device", ""], "is not a device id"),
+])
+def test_what_the_server_would_refuse_is_refused(capsys, args, says):
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["token", "--sub", "ops", "--device", "cam-1", *args])
+    assert refused.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_a_minted_token_is_one_the_server_takes(capsys):
+    principal = mint(capsys, "--sub", "ops", "--device", "cam-1", "--device", "cam.2",
+                     "--scope", "gallery:device gallery:admin", "--ttl", "60")
+    assert principal.subject == "ops"
+    assert principal.devices == {"cam-1", "cam.2"}
+    assert principal.scopes == {auth.DEVICE, auth.ADMIN}
+    assert principal.expires_at <= time.time() + 60 + auth.LEEWAY_SECONDS
+
+
+def test_every_device_and_the_longest_ttl_are_allowed(capsys):
+    principal = mint(capsys, "--sub", "ops", "--device", "*", "--ttl", str(TEN_YEARS))
+    assert principal.devices == {"*"}
+    assert principal.scopes == {auth.READ, auth.WRITE}  # the default
+
+
+def test_help_shows_the_defaults_and_the_cap(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["token", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "default: 86400" in shown
+    assert f"at most {TEN_YEARS} (10 years" in shown
+    assert "default: gallery:read gallery:write" in shown
