@@ -11,7 +11,7 @@ import sys
 
 from . import auth, logs, validation
 from .errors import InvalidArgument
-from .settings import ConfigError, Settings, ensure_secret_file, min_reconcile_grace
+from .settings import ConfigError, Settings, data_dir_from_env, ensure_secret_file, min_reconcile_grace
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "run" and not os.environ.get("GALLERY_JWT_SECRET"):
-            data_dir = pathlib.Path(os.environ.get("GALLERY_DATA_DIR", "./data")).resolve()
-            ensure_secret_file(data_dir)
+            ensure_secret_file(data_dir_from_env())
         settings = Settings.from_env()
     except ConfigError as exc:
         print(f"gallery: {exc}", file=sys.stderr)

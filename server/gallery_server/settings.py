@@ -145,7 +145,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: os._Environ[str] | dict[str, str] = os.environ) -> Settings:
-        data_dir = pathlib.Path(_text(env, "GALLERY_DATA_DIR", "./data")).resolve()
+        data_dir = data_dir_from_env(env)
         secret = env.get("GALLERY_JWT_SECRET") or read_secret_file(data_dir)
         if not secret:
             raise ConfigError(
@@ -171,6 +171,11 @@ class Settings:
             jwt_audience=_text(env, "GALLERY_JWT_AUDIENCE", ""),
             **_numbers(env),
         )
+
+
+def data_dir_from_env(env: os._Environ[str] | dict[str, str] = os.environ) -> pathlib.Path:
+    """GALLERY_DATA_DIR, absolute (`gallery run` makes the secret there before Settings reads it)."""
+    return pathlib.Path(_text(env, "GALLERY_DATA_DIR", "./data")).resolve()
 
 
 def _text(env: os._Environ[str] | dict[str, str], name: str, default: str) -> str:

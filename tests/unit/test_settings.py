@@ -231,6 +231,8 @@ def test_an_empty_data_dir_means_the_default(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     settings = Settings.from_env({"GALLERY_DATA_DIR": "", "GALLERY_JWT_SECRET": SECRET})
     assert settings.data_dir == tmp_path / "data"
+    # Where `gallery run` makes the secret before reading its settings: the same folder.
+    assert settings_module.data_dir_from_env({"GALLERY_DATA_DIR": " "}) == tmp_path / "data"
 
 
 def test_a_bad_boolean_names_its_variable(tmp_path):
