@@ -80,13 +80,21 @@ def main(argv: list[str] | None = None) -> int:
                         scope=args.scope, ttl_seconds=args.ttl))
         return 0
     logs.configure(settings.log_level)
-    if args.command == "reconcile":
-        return _reconcile(settings, args.grace, force=args.force)
-    if args.command == "serve":
-        from .rpc.server import serve
+    if args.command in ("reconcile", "serve"):
+        import sqlalchemy as sa
 
-        serve(settings)
-        return 0
+        try:
+            if args.command == "reconcile":
+                return _reconcile(settings, args.grace, force=args.force)
+            from .rpc.server import serve
+
+            serve(settings)
+            return 0
+        except (sa.exc.OperationalError, sa.exc.ArgumentError) as exc:
+            # The database cannot be reached (or its URL names no driver) at start: one line that
+            # says so, not a traceback of the driver's connection attempt. No password is in it.
+            print(f"gallery: GALLERY_DATABASE_URL: {getattr(exc, 'orig', None) or exc}", file=sys.stderr)
+            return 1
     from .supervisor import run
 
     return run(settings)

@@ -60,7 +60,12 @@ def create_engine(url: str, *, pool_size: int = 32, trust_recent_seconds: float 
         # LIFO: the connections in steady use are the most recently returned, so they are the ones
         # lent without a ping, and the rest of the pool idles (FIFO would cycle through all of them,
         # each idle for longer than the window below a few dozen requests per second).
-        engine = sa.create_engine(url, pool_size=pool_size, max_overflow=0, pool_use_lifo=True)
+        # A server that accepts the connection and never answers would hold start-up (and any
+        # request needing a new connection) for ever: libpq waits without a limit by default.
+        connect_args = {} if "connect_timeout" in sa.make_url(url).query else {"connect_timeout": 10}
+        engine = sa.create_engine(
+            url, pool_size=pool_size, max_overflow=0, pool_use_lifo=True, connect_args=connect_args,
+        )
         _ping_on_checkout(engine, trust_recent_seconds)
     return engine
 

@@ -1,20 +1,25 @@
 """`gallery run`: one parent process that owns the gRPC server and Envoy.
 
-It starts the server, waits for its health check, starts Envoy, waits for Envoy to be ready,
-prints how to call the API, and stops both on SIGINT/SIGTERM or as soon as either dies. Envoy must
-be owned by a long-lived parent: started from a throwaway shell it gets SIGTERM when the shell exits.
+It checks that its three ports are free, starts the server, waits for its health check, starts
+Envoy, waits for Envoy to be ready, prints how to call the API, and stops both on SIGINT/SIGTERM
+(during start-up too) or as soon as either dies. Envoy must be owned by a long-lived parent: started
+from a throwaway shell it gets SIGTERM when the shell exits. Each child gets SIGTERM if this process
+dies without stopping it (kill -9, an OOM kill): nothing is left holding the ports.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,6 +28,15 @@ from . import auth, envoy_config, storage
 from .settings import Settings
 
 READY_TIMEOUT_S = 60
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM came while the stack was starting."""
+
+
+class PortTaken(Exception):
+    """One of the stack's ports is held by another process."""
 _FAST_RECONNECT = [
     ("grpc.initial_reconnect_backoff_ms", 50),
     ("grpc.min_reconnect_backoff_ms", 50),
@@ -36,13 +50,16 @@ def envoy_binary() -> str:
     return str(local) if local.exists() else "envoy"
 
 
-def _check_alive(process: subprocess.Popen[bytes] | None) -> None:
+def _check_alive(process: subprocess.Popen[bytes] | None, stop: threading.Event | None = None) -> None:
     if process is not None and process.poll() is not None:
         raise TimeoutError(f"{process.args[0]} exited with {process.returncode} while starting")
+    if stop is not None and stop.is_set():
+        raise Interrupted
 
 
 def wait_grpc_healthy(
-    address: str, timeout: float = READY_TIMEOUT_S, process: subprocess.Popen[bytes] | None = None
+    address: str, timeout: float = READY_TIMEOUT_S, process: subprocess.Popen[bytes] | None = None,
+    stop: threading.Event | None = None,
 ) -> None:
     deadline = time.monotonic() + timeout
     # The first attempts are refused while the server starts; grpc's default reconnect backoff
@@ -56,14 +73,18 @@ def wait_grpc_healthy(
                     return
             except grpc.RpcError:
                 pass
-            _check_alive(process)
+            _check_alive(process, stop)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"gRPC server at {address} not healthy after {timeout}s")
+                raise TimeoutError(
+                    f"gRPC server at {address} not healthy after {timeout}s (its log above says why;"
+                    " a database that does not answer is one cause)"
+                )
             time.sleep(0.1)
 
 
 def wait_envoy_ready(
-    admin_port: int, timeout: float = READY_TIMEOUT_S, process: subprocess.Popen[bytes] | None = None
+    admin_port: int, timeout: float = READY_TIMEOUT_S, process: subprocess.Popen[bytes] | None = None,
+    stop: threading.Event | None = None,
 ) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -73,7 +94,7 @@ def wait_envoy_ready(
                     return
         except OSError:
             pass
-        _check_alive(process)
+        _check_alive(process, stop)
         if time.monotonic() > deadline:
             raise TimeoutError(f"Envoy not ready after {timeout}s")
         time.sleep(0.1)
@@ -90,8 +111,45 @@ def start_envoy(settings: Settings, backends: list[str]) -> subprocess.Popen[byt
     ))
     return subprocess.Popen(
         [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn"],
-        start_new_session=True,
+        start_new_session=True, preexec_fn=_dies_with(os.getpid()),
     )
+
+
+def _dies_with(parent: int) -> Callable[[], None]:
+    """For a child: SIGTERM when `parent` dies (the thread that started it, in fact: the main
+    thread here), so a supervisor killed outright leaves no server or Envoy on its ports."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def in_child() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died before the line above: no signal will come
+            os._exit(1)
+
+    return in_child
+
+
+def check_ports_free(settings: Settings) -> None:
+    """Refuse to start over another process's ports. Otherwise the health check may be answered
+    by another gallery on GALLERY_GRPC_ADDRESS, and the banner says "up" a moment before this
+    server fails to bind; Envoy binds its listener with SO_REUSEPORT, so a second Envoy on the
+    same port would even share the first one's traffic."""
+    for variable, address in (
+        ("GALLERY_GRPC_ADDRESS", settings.grpc_address),
+        ("GALLERY_HTTP_ADDRESS", settings.http_address),
+        ("GALLERY_ENVOY_ADMIN_PORT", f"127.0.0.1:{settings.envoy_admin_port}"),
+    ):
+        host, port = envoy_config.split_address(address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # As the servers bind: a port whose old connections wait out TIME_WAIT is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise PortTaken(
+                    f"{variable} {address}: {exc.strerror} (another gallery, or another server?)"
+                ) from None
+
 
 
 def run(settings: Settings) -> int:
@@ -100,19 +158,20 @@ def run(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
+        check_ports_free(settings)
         children.append(subprocess.Popen(
             [sys.executable, "-m", "gallery_server", "serve"],
             # Envoy stops first and no other replica takes over: nothing to drain for.
             env={**os.environ, "GALLERY_DATA_DIR": str(settings.data_dir), "GALLERY_DRAIN_SECONDS": "0"},
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_dies_with(os.getpid()),
         ))
-        wait_grpc_healthy(settings.grpc_address, process=children[-1])
+        wait_grpc_healthy(settings.grpc_address, process=children[-1], stop=stop)
         try:
             children.append(start_envoy(settings, [settings.grpc_address]))
         except ValueError as exc:  # a configuration Envoy cannot take (envoy_config.render)
             print(f"gallery: {exc}", file=sys.stderr)
             return 1
-        wait_envoy_ready(settings.envoy_admin_port, process=children[-1])
+        wait_envoy_ready(settings.envoy_admin_port, process=children[-1], stop=stop)
         _print_banner(settings)
         while not stop.wait(0.5):
             for child in children:
@@ -121,7 +180,9 @@ def run(settings: Settings) -> int:
                           file=sys.stderr)
                     return 1
         return 0
-    except TimeoutError as exc:
+    except Interrupted:
+        return 0
+    except (TimeoutError, PortTaken) as exc:
         print(f"gallery: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -10,8 +11,14 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from concurrent import futures
 
+import grpc
 import httpx
+import pytest
+from grpc_health.v1 import health as health_servicer
+from grpc_health.v1 import health_pb2_grpc
 
 from gallery_server.local_stack import free_ports
 
@@ -80,27 +87,117 @@ def test_run_reuses_existing_secret(tmp_path):
         stop_stack(stack)
 
 
-def test_run_fails_fast_when_the_port_is_taken(tmp_path):
-    import socket
+def run_env(tmp_path, grpc_port: int, http_port: int, admin_port: int, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "GALLERY_DATA_DIR": str(tmp_path / "data"),
+        "GALLERY_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
+        "GALLERY_HTTP_ADDRESS": f"127.0.0.1:{http_port}",
+        "GALLERY_ENVOY_ADMIN_PORT": str(admin_port),
+        **extra,
+    }
 
+
+@contextlib.contextmanager
+def held(variable: str) -> Iterator[int]:
+    """A port held by another process's server: on GALLERY_GRPC_ADDRESS another gallery's health
+    service (its answer once let `gallery run` print "up" over a server that failed to bind), on
+    GALLERY_HTTP_ADDRESS a listener with SO_REUSEPORT as Envoy binds (a second Envoy would share
+    it), on the admin port a plain listener."""
+    if variable == "GALLERY_GRPC_ADDRESS":
+        other = grpc.server(futures.ThreadPoolExecutor(2))
+        health = health_servicer.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, other)
+        port = other.add_insecure_port("127.0.0.1:0")
+        other.start()
+        try:
+            yield port
+        finally:
+            other.stop(None)
+        return
     with socket.socket() as busy:
+        if variable == "GALLERY_HTTP_ADDRESS":
+            busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        port = busy.getsockname()[1]
-        http_port, admin_port = free_ports(2)
-        env = {
-            **os.environ,
-            "GALLERY_DATA_DIR": str(tmp_path / "data"),
-            "GALLERY_GRPC_ADDRESS": f"127.0.0.1:{port}",
-            "GALLERY_HTTP_ADDRESS": f"127.0.0.1:{http_port}",
-            "GALLERY_ENVOY_ADMIN_PORT": str(admin_port),
-        }
+        yield busy.getsockname()[1]
+
+
+@pytest.mark.parametrize("variable", ["GALLERY_GRPC_ADDRESS", "GALLERY_HTTP_ADDRESS", "GALLERY_ENVOY_ADMIN_PORT"])
+def test_run_refuses_a_port_another_process_holds(tmp_path, variable):
+    with held(variable) as port:
+        ports = dict(zip(("grpc_port", "http_port", "admin_port"), free_ports(3), strict=True))
+        ports[{"GALLERY_GRPC_ADDRESS": "grpc_port", "GALLERY_HTTP_ADDRESS": "http_port",
+               "GALLERY_ENVOY_ADMIN_PORT": "admin_port"}[variable]] = port
         result = subprocess.run(
-            [sys.executable, "-m", "gallery_server", "run"], env=env, capture_output=True,
-            text=True, timeout=60,
+            [sys.executable, "-m", "gallery_server", "run"], env=run_env(tmp_path, **ports),
+            capture_output=True, text=True, timeout=60,
         )
-    assert result.returncode != 0
-    assert "exited" in result.stderr
+    assert result.returncode == 1
+    assert "gallery is up" not in result.stdout
+    assert f"gallery: {variable} " in result.stderr and "Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_killed_supervisor_leaves_no_server_or_envoy(tmp_path):
+    stack = start_stack(tmp_path / "data", tmp_path / "run.log")
+    children = [stack.server_pid, stack.envoy_pid]
+    try:
+        stack.process.kill()
+        stack.process.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while any(_pid_alive(pid) for pid in children):
+            assert time.monotonic() < deadline, "a child outlived its supervisor"
+            time.sleep(0.1)
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def silent_database() -> Iterator[str]:
+    """A PostgreSQL URL whose server takes the connection and never answers."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel completes the handshake; nothing ever reads or writes
+        yield f"postgresql+psycopg://gallery@127.0.0.1:{silent.getsockname()[1]}/gallery"
+
+
+def test_ctrl_c_while_starting_stops_at_once(tmp_path):
+    """Start-up waiting on a database that does not answer: Ctrl-C used to wait for the end of
+    the 60 s start-up window."""
+    with silent_database() as url:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gallery_server", "run"],
+            env=run_env(tmp_path, *free_ports(3), GALLERY_DATABASE_URL=url),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            time.sleep(2)  # the server is waiting for the database
+            assert process.poll() is None
+            process.send_signal(signal.SIGINT)
+            out, _ = process.communicate(timeout=5)
+        finally:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0
+    assert "gallery is up" not in out
+
+
+def test_a_database_that_does_not_answer_stops_the_server_with_one_line(tmp_path):
+    """libpq waits for ever by default: 10 s, then a message naming the setting."""
+    with silent_database() as url:
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "gallery_server", "serve"],
+            env=run_env(tmp_path, *free_ports(3), GALLERY_DATABASE_URL=url, GALLERY_JWT_SECRET="s"),
+            capture_output=True, text=True, timeout=60,
+        )
+    assert result.returncode == 1
+    assert 9 < time.monotonic() - started < 30
+    assert result.stderr.startswith("gallery: GALLERY_DATABASE_URL: "), result.stderr
+    assert "timeout" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_sigint_stops_like_ctrl_c(tmp_path):
