@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pathlib
 import string
+
+from google.rpc import error_details_pb2, status_pb2
 
 from . import downloads
 
@@ -32,6 +35,12 @@ LOCAL_REPLIES = {
 # in all: above what a server's own limits admit (GALLERY_GRPC_WORKERS threads, 256 by default),
 # so those answer first.
 REQUESTS_PER_BACKEND = 1024
+# Envoy's own answers to native gRPC calls whose gRPC status, derived from the HTTP one, says
+# nothing a client can act on (413 would be UNKNOWN).
+GRPC_LOCAL_REPLIES = {
+    413: (8, "BODY_TOO_LARGE", "the request is larger than Envoy takes: 1 MiB + 64 KiB"
+                               " (AnnounceEvents 8 MiB + 64 KiB)"),
+}
 OTHER_LOCAL_REPLY = (2, "REQUEST_FAILED")  # UNKNOWN: a status Envoy seldom answers itself
 # What Envoy takes for gRPC, whose local replies it sends as a gRPC status (grpc-message): those
 # keep Envoy's own form. The Lua filter in envoy.yaml draws the same line.
@@ -115,7 +124,32 @@ def _local_reply_mappers() -> list[dict[str, object]]:
     ]
     mappers.append({"filter": rest, "body_format_override": body(*OTHER_LOCAL_REPLY),
                     "headers_to_add": _safety_headers()})
+    native = {"header_filter": {"header": {
+        "name": "content-type", "string_match": {"safe_regex": {"regex": _GRPC_CONTENT_TYPE}},
+    }}}
+    mappers.extend(
+        {
+            "filter": {"and_filter": {"filters": [native, status_is(status)]}},
+            # The body is the grpc-message of Envoy's answer.
+            "body": {"inline_string": message},
+            "headers_to_add": [*_safety_headers(), *_grpc_status_headers(code, reason, message)],
+        }
+        for status, (code, reason, message) in GRPC_LOCAL_REPLIES.items()
+    )
     return mappers
+
+
+def _grpc_status_headers(code: int, reason: str, message: str) -> list[dict[str, object]]:
+    """grpc-status and its details (an ErrorInfo with the reason, as the server's own errors
+    carry), in place of the status Envoy derives from the HTTP one."""
+    status = status_pb2.Status(code=code, message=message)
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain="gallery"))
+    return [
+        {"header": {"key": "grpc-status", "value": str(code)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+        {"header": {"key": "grpc-status-details-bin",
+                    "value": base64.b64encode(status.SerializeToString()).decode().rstrip("=")},
+         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+    ]
 
 
 def _quoted_text(text: str) -> str:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from .errors import Exhausted, FailedPrecondition, InvalidArgument
+from .errors import Exhausted, FailedPrecondition, InvalidArgument, TooLarge
 from .storage import StagedFile, Storage
 
 
@@ -71,6 +71,20 @@ class Upload:
         self.media = media or storage.stage(max_bytes=max_media_bytes, what=media_is)
         self.media_received = media is not None
         self.thumbnail: StagedFile | None = None
+
+    def declare_size(self, size: int) -> None:
+        """A declared media size (a header's, a finish's, an announcement's): one the media may
+        not reach is refused now, as StartUpload does, not after the client sent that many bytes."""
+        self.expect_media_size(size)
+        self.fields.declare_size(size)
+
+    def expect_media_size(self, size: int) -> None:
+        limit = self.media.max_bytes
+        if size > limit:
+            raise TooLarge(
+                "UPLOAD_TOO_LARGE", f"{self.media.what} is larger than {limit} bytes",
+                field="size", limit=str(limit),
+            )
 
     def write_media(self, data: bytes | memoryview) -> None:
         self.media_received = True

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import httpx
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
@@ -88,6 +90,25 @@ def test_a_native_call_envoy_refuses_keeps_a_grpc_status(stack: Stack) -> None:
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     with pytest.raises(json.JSONDecodeError):
         json.loads(caught.value.details() or "")
+
+
+def test_a_native_call_too_large_for_envoy_is_resource_exhausted_with_its_reason(
+    stack: Stack, mint: Callable[..., str]
+) -> None:
+    """Envoy refuses a unary request over its buffer (413): gRPC would read that as UNKNOWN, a
+    code no client acts on. It is RESOURCE_EXHAUSTED with the server's error details instead."""
+    request = pb.CreateUploadUrlRequest(device="cam1", filename="x" * (2 << 20))
+    with grpc.insecure_channel(stack.envoy_grpc_address) as channel, pytest.raises(grpc.RpcError) as caught:
+        gallery_pb2_grpc.GalleryServiceStub(channel).CreateUploadUrl(
+            request, metadata=[("authorization", f"Bearer {mint(scope='gallery:write')}")], timeout=30)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = rpc_status.from_call(caught.value)  # its message agrees with grpc-message
+    assert status is not None and status.code == 8
+    [detail] = status.details
+    info = error_details_pb2.ErrorInfo()
+    assert detail.Unpack(info)
+    assert (info.reason, info.domain) == ("BODY_TOO_LARGE", "gallery")
+    assert "1 MiB" in status.message
 
 
 def test_envoys_request_limit_grows_with_the_replicas(envoy_without_server: tuple[str, str, int]) -> None:

@@ -285,6 +285,14 @@ def upload_error_cases(device: str) -> list[tuple[str, list[pb.UploadEventReques
         ("empty-stream", [], grpc.StatusCode.INVALID_ARGUMENT, "EMPTY_STREAM", ""),
         ("header-repeated", [header_message(device), MEDIA_CHUNKS[0], header_message(device)],
          grpc.StatusCode.INVALID_ARGUMENT, "HEADER_REPEATED", "header"),
+        # A message with no part set (empty, or a part only a newer client knows) is named as such.
+        ("empty-message", [header_message(device), MEDIA_CHUNKS[0], pb.UploadEventRequest(), FINISH],
+         grpc.StatusCode.INVALID_ARGUMENT, "PART_REQUIRED", "part"),
+        # A declared size over the limit is refused at the header, before its bytes come.
+        ("declared-size-over-the-limit", [header_message(device, size=1 << 50), MEDIA_CHUNKS[0], FINISH],
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "UPLOAD_TOO_LARGE", "size"),
+        ("finish-size-over-the-limit", [header_message(device), MEDIA_CHUNKS[0], finish_message(size=1 << 50)],
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "UPLOAD_TOO_LARGE", "size"),
         ("declared-size-smaller", [header_message(device, size=len(MEDIA) - 1), *MEDIA_CHUNKS, FINISH],
          grpc.StatusCode.INVALID_ARGUMENT, "SIZE_MISMATCH", "size"),
         ("declared-size-larger", [header_message(device, size=len(MEDIA) + 1), *MEDIA_CHUNKS, FINISH],

@@ -762,6 +762,26 @@ def test_media_over_limit_is_429_and_url_stays_usable(
         assert error_reason(r) == "URL_ALREADY_USED"
 
 
+def test_a_content_length_over_the_limit_is_refused_before_the_body(
+    small_stack: Stack, auth_headers: Callable[..., dict[str, str]]
+) -> None:
+    """The PUT's Content-Length is the media's size: one over the limit is answered at once, not
+    after the client sent the limit's worth of bytes (16 GiB by default)."""
+    with httpx.Client(base_url=small_stack.base_url, timeout=60) as http:
+        client = Client(small_stack, http, auth_headers())
+        device = new_device()
+        upload_url = client.upload_urls(device, "video.mp4")["upload_url"]
+    path = urllib.parse.urlsplit(upload_url).path
+    with socket.create_connection(("127.0.0.1", small_stack.http_port), timeout=10) as sock:
+        sock.sendall(f"PUT {path} HTTP/1.1\r\nHost: gallery\r\n"
+                     f"Content-Length: {1000 * SMALL_MEDIA_LIMIT}\r\n\r\n".encode() + b"p" * 4096)
+        answer = ""  # no more of the body is ever sent
+        while '"UPLOAD_TOO_LARGE"' not in answer and (piece := sock.recv(65536)):
+            answer += piece.decode("latin-1")
+    assert answer.startswith("HTTP/1.1 429 "), answer
+    assert '"UPLOAD_TOO_LARGE"' in answer
+
+
 def test_thumbnail_over_limit_is_429_and_url_stays_usable(
     small_stack: Stack, auth_headers: Callable[..., dict[str, str]]
 ) -> None:

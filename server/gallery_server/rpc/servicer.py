@@ -189,7 +189,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             fields.media_type = h.media_type
             fields.metadata_json = metadata_json(h.metadata, settings.max_metadata_bytes)
             if h.HasField("size"):
-                fields.declare_size(h.size)
+                upload.declare_size(h.size)
             fields.declared_sha256 = h.sha256
             fields.device_event_id = validation.device_event_id(h.device_event_id)  # before the body
             if announced:
@@ -199,7 +199,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
                 # is refused (SIZE_MISMATCH, SHA256_MISMATCH) before any byte, not taken in
                 # their place, and so are bytes that differ. Without a sha256 the size is what
                 # tells this capture from new content under its name (a loop recording).
-                fields.declare_size(announced.size)
+                upload.declare_size(announced.size)
                 fields.declare_sha256(announced.sha256)
                 if fields.metadata_json == "{}":
                     fields.metadata_json = announced.metadata_json
@@ -218,12 +218,19 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
                 elif part == "finish":
                     finished = True
                     if message.finish.HasField("size"):
-                        fields.declare_size(message.finish.size)
+                        upload.declare_size(message.finish.size)
                     fields.declare_sha256(message.finish.sha256)
-                else:
+                elif part == "header":
                     raise InvalidArgument(
                         "HEADER_REPEATED", "only the first message may be a header",
                         field="header",
+                    )
+                else:  # nothing set: an empty message, or a part only a newer client knows
+                    raise InvalidArgument(
+                        "PART_REQUIRED",
+                        "an upload message must carry one of header, media_chunk, thumbnail_chunk"
+                        " or finish",
+                        field="part",
                     )
                 # Drop this chunk before waiting for the next: one message less held per upload.
                 del message
@@ -367,6 +374,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             target.device, max_media_bytes=settings.max_thumbnail_bytes if thumbnail else None,
             media_is="thumbnail" if thumbnail else "event",
         ) as upload:
+            upload.expect_media_size(declared)  # the Content-Length: refused before any byte
             upload.write_media(first.http_body.data)
             del first  # each chunk is dropped once written (memory per upload in flight)
             for message in request_iterator:
