@@ -51,13 +51,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.orm import aliased
 from sqlmodel import col, func, select
 
 from . import file_locks
 from .auth import ADMIN, Principal
 from .background import BackgroundLoop
 from .errors import PermissionDenied
-from .models import GRANT_UNUSED, Event, UploadGrant, UploadSessionRow
+from .models import GRANT_UNUSED, DeviceCommand, Event, UploadGrant, UploadSessionRow
 from .service import Gallery, utcnow
 from .storage import DiskSpace, fsync_dir
 
@@ -82,6 +83,7 @@ class Findings:
     orphan_media_removed: int = 0
     orphan_thumbnails_removed: int = 0
     expired_grants_removed: int = 0
+    closed_commands_removed: int = 0
     bytes_reclaimed: int = 0
     rows_checked: int = 0
     # Rows whose media file is missing, or has another size than the row says: never deleted.
@@ -182,6 +184,7 @@ class Reconciler:
         self._staging(findings, staging, sessions)
         self._media(findings, media)
         self._grants(findings)
+        self._commands(findings)
         self._rows(findings)
         findings.finished = _rfc3339(utcnow())
         self._write_status(findings)
@@ -265,6 +268,27 @@ class Reconciler:
             ).rowcount
             session.commit()
         findings.expired_grants_removed += removed or 0
+
+    def _commands(self, findings: Findings) -> None:
+        """Closed pull commands nothing reads again: those of events deleted since, and every
+        one of an event but its latest (GetEvent shows the latest pull; each retried pull left a
+        row). Without this, every pull ever made stayed a row. Open commands are never touched."""
+        later = aliased(DeviceCommand)
+        with self.db.session() as session:
+            removed = session.exec(  # type: ignore[call-overload]
+                sa.delete(DeviceCommand).where(
+                    col(DeviceCommand.open_key).is_(None),
+                    sa.or_(
+                        ~sa.exists().where(col(Event.device) == col(DeviceCommand.device),
+                                           col(Event.id) == col(DeviceCommand.event_id)),
+                        sa.exists().where(later.device == DeviceCommand.device,
+                                          later.event_id == DeviceCommand.event_id,
+                                          later.seq > DeviceCommand.seq),  # type: ignore[operator]
+                    ),
+                )
+            ).rowcount
+            session.commit()
+        findings.closed_commands_removed += removed or 0
 
     def _rows(self, findings: Findings) -> None:
         """Every stored row must have its media file with the recorded size: report any that

@@ -21,11 +21,12 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from sqlmodel import col, select
 
 from gallery_server import auth, cli, file_locks
 from gallery_server import storage as storage_module
 from gallery_server.errors import Exhausted, FailedPrecondition, PermissionDenied
-from gallery_server.models import Event, UploadGrant, UploadSessionRow
+from gallery_server.models import DeviceCommand, Event, UploadGrant, UploadSessionRow
 from gallery_server.reconcile import MAX_EXAMPLES, ROW_BATCH, Reconciler
 from gallery_server.service import Gallery, utcnow
 from gallery_server.settings import ConfigError, Settings
@@ -182,6 +183,35 @@ def test_expired_grants_are_removed_a_day_later_while_a_url_is_unused(gallery):
     assert findings.expired_grants_removed == 3
     assert grant_ids(gallery) == {"evt_fresh000000000000000", "evt_unused000000000000000",
                                   "evt_legacy000000000000000", "evt_thumb0000000000000000"}
+
+
+def test_closed_pull_commands_go_but_each_events_latest_and_open_ones_stay(gallery, principal):
+    kept = store(gallery, principal, "cam1", PNG)
+    other = store(gallery, principal, "cam1", PNG + b"other")
+    now = utcnow()
+
+    def command(seq: int, event_id: str, state: str, *, device: str = "cam1") -> DeviceCommand:
+        return DeviceCommand(
+            seq=seq, id=f"cmd-{seq}", device=device, event_id=event_id, state=state,
+            open_key=event_id if state in ("pending", "delivered", "acked") else None,
+            created=now, expires_at=now + datetime.timedelta(hours=1),
+        )
+
+    with gallery.db.session() as session:
+        session.add_all([
+            command(1, kept.id, "failed"), command(2, kept.id, "expired"), command(3, kept.id, "completed"),
+            command(4, "evt_deleted000000000000", "completed"),  # its event is gone
+            command(5, other.id, "failed"), command(6, other.id, "pending"),  # retried, open again
+            command(7, kept.id, "failed", device="cam2"),  # an id of another device's: no such event
+        ])
+        session.commit()
+
+    findings = Reconciler(gallery).run_once()
+    with gallery.db.session() as session:
+        left = session.exec(select(DeviceCommand.seq).order_by(col(DeviceCommand.seq))).all()
+    assert left == [3, 6]
+    assert findings.closed_commands_removed == 5
+    assert Reconciler(gallery).run_once().closed_commands_removed == 0
 
 
 def test_rows_without_their_file_are_reported_never_deleted(gallery, principal):
