@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import pathlib
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -186,6 +187,28 @@ def test_a_token_the_server_refuses_fails_the_announcement_without_blaming_the_f
 
     # One call each time, with every file: not halved, and nothing left out the second time.
     assert sent == [["a.mp4", "b.mp4", "c.mp4"]] * 2
+
+
+@pytest.mark.parametrize("token", [
+    {"devices": ["another-device"], "scope": "gallery:device"},
+    {"devices": [DEVICE], "scope": "gallery:device", "ttl": -60},  # expired
+], ids=["another-device", "expired"])
+def test_an_agent_the_server_refuses_stops_with_status_2(make_agent, folder, mint, token, caplog):
+    """Retrying cannot mend a refused token, and an agent that retried it for ever looked alive
+    to whatever ran it: it stops, so that its supervisor sees it and starts it with a new one."""
+    (folder / "a.mp4").write_bytes(b"clip")
+    a = make_agent(token=mint(**token), scan_interval=0.05)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    give_up = threading.Timer(20, a.stop.set)  # run() would otherwise retry for ever
+    give_up.start()
+    try:
+        status = a.run()  # on the main thread: it sets signal handlers
+    finally:
+        give_up.cancel()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert status == 2
+    assert any("the server refuses this agent" in r.getMessage() for r in caplog.records)
 
 
 # -- pulls ----------------------------------------------------------------------------------------

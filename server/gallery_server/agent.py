@@ -90,6 +90,11 @@ BACKOFF_CAP_S = 30.0
 CHANNEL_SILENCE_S = 30.0  # the server heartbeats every 5 s: this much silence means a dead channel
 PROGRESS_EVERY_S = 1.0
 IGNORED_SUFFIXES = (".part", ".tmp")  # files still being written by convention
+# The server refuses this agent itself, its token (expired, revoked, signed with another key) or
+# its device: no retry can help, and the agent stops (exit status 2) so that whatever runs it
+# sees the failure and can start it again with a new token.
+REFUSED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+
 # Worth retrying: the server or the network is away, or had a passing problem.
 TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                        grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
@@ -270,6 +275,7 @@ class Agent:
     def __init__(self, *, device: str, root: pathlib.Path, server: str, token: str,
                  scan_interval: float = 2.0, max_rate: float = 0) -> None:
         self.device, self.root, self.scan_interval, self.max_rate = device, root, scan_interval, max_rate
+        self.exit_status = 0
         self._target, self._secure = parse_server(server)
         self._open_connection()
         self._metadata = (("authorization", f"Bearer {token}"),)
@@ -308,6 +314,8 @@ class Agent:
                 self.announce(todo)
                 failures = 0
             except grpc.RpcError as exc:
+                if self._stop_if_refused(exc):
+                    break
                 # Backs off: each try describes the pending files again (thumbnails included).
                 failures += 1
                 log.warning("announce failed (%s: %s); will retry", exc.code().name, exc.details())
@@ -318,7 +326,17 @@ class Agent:
         for thread in [channel_thread, *self._upload_threads]:
             thread.join(timeout=5)
         self._channel.close()
-        return 0
+        return self.exit_status
+
+    def _stop_if_refused(self, exc: grpc.RpcError) -> bool:
+        """Stops the agent if the server refuses it (REFUSED); True then."""
+        if exc.code() not in REFUSED:
+            return False
+        log.error("the server refuses this agent (%s: %s): stopping; start it again with a token"
+                  " that has scope gallery:device for device %s", exc.code().name, exc.details(), self.device)
+        self.exit_status = 2
+        self.stop.set()
+        return True
 
     def forget_announced(self) -> None:
         """Announce everything again, refused files too: the server may have lost its database, or
@@ -455,7 +473,7 @@ class Agent:
                     self._on_command(response.command)
             log.info("channel closed by the server")
         except grpc.RpcError as exc:
-            if not self.stop.is_set():
+            if not self.stop.is_set() and not self._stop_if_refused(exc):
                 log.warning("channel failed: %s: %s", exc.code().name, exc.details())
         finally:
             ended.set()

@@ -193,6 +193,11 @@ def _agent(args: argparse.Namespace) -> int:
     if not args.dir.is_dir():
         print(f"gallery agent: {args.dir} is not a folder", file=sys.stderr)
         return 2
+    try:
+        validation.device_id(args.device)
+    except InvalidArgument as exc:
+        print(f"gallery agent: --device {args.device!r}: {exc.message}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gallery-agent: %(message)s")
     try:
         agent = Agent(device=args.device, root=args.dir, server=args.server, token=token,

@@ -297,6 +297,8 @@ def test_agent_command_needs_a_token_and_a_folder(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("GALLERY_AGENT_TOKEN", "t0ken-value")
     assert cli.main(["agent", "--device", "cam1", "--dir", str(tmp_path / "nope")]) == 2
     assert "t0ken-value" not in capsys.readouterr().err
+    assert cli.main(["agent", "--device", "dev/../x", "--dir", str(tmp_path)]) == 2
+    assert "--device 'dev/../x'" in capsys.readouterr().err
 
 
 # -- commands -----------------------------------------------------------------------------------
