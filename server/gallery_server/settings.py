@@ -1,56 +1,10 @@
-"""Configuration, read once from environment variables into an immutable Settings object.
+"""Configuration, read once from GALLERY_* environment variables into an immutable Settings object.
 
-| variable                    | default                  | meaning                                        |
-|-----------------------------|--------------------------|------------------------------------------------|
-| GALLERY_DATA_DIR            | ./data                   | root of the database, media and drop folders    |
-| GALLERY_DATABASE_URL        | sqlite:///<data>/gallery.db | SQLAlchemy URL; postgresql+psycopg://... for PostgreSQL |
-| GALLERY_JWT_SECRET          | contents of <data>/jwt-secret | HS256 key for bearer tokens and signed URLs |
-| GALLERY_PUBLIC_URL          | from GALLERY_HTTP_ADDRESS | base of the pre-signed upload URLs (_public_url) |
-| GALLERY_UPLOAD_URL_TTL      | 900                      | seconds a pre-signed URL stays valid            |
-| GALLERY_GRPC_ADDRESS        | 127.0.0.1:50051          | where the gRPC server listens                   |
-| GALLERY_HTTP_ADDRESS        | 0.0.0.0:8001             | where Envoy listens (REST and gRPC)             |
-| GALLERY_ENVOY_ADMIN_PORT    | 9901                     | Envoy admin port (always on 127.0.0.1)          |
-| GALLERY_ENVOY_SENDS_FILES   | true                     | Envoy sends downloads itself (file_handoff)     |
-| GALLERY_MAX_UPLOAD_BYTES    | 17179869184 (16 GiB)     | largest media file accepted                     |
-| GALLERY_MAX_THUMBNAIL_BYTES | 10485760 (10 MiB)        | largest thumbnail accepted                      |
-| GALLERY_MAX_METADATA_BYTES  | 65536                    | largest metadata JSON accepted                  |
-| GALLERY_GRPC_WORKERS        | 256                      | gRPC server threads (a connected device holds one) |
-| GALLERY_GRPC_READ_WORKERS   | 4                        | threads of the short reads (list, stats, get)   |
-| GALLERY_LOG_LEVEL           | INFO                     | log level                                       |
-| GALLERY_PULL_TTL            | 3600                     | seconds an open pull request waits for content  |
-| GALLERY_INCOMING_SCAN_SECONDS | 1.0                    | how often the incoming folders are scanned      |
-| GALLERY_INCOMING_SETTLE_SECONDS | 2.0                  | how long a file's size and mtime must be stable |
-| GALLERY_MAKE_THUMBNAILS     | true                     | this replica makes missing thumbnails (thumbnails.py) |
-| GALLERY_UPLOAD_SESSION_TTL  | 86400                    | seconds a resumable upload lives after its last write |
-| GALLERY_JWT_PUBLIC_KEY      | (none)                   | PEM public key of tokens (RSA: RS256, P-256: ES256) |
-| GALLERY_JWT_PUBLIC_KEY_FILE | (none)                   | file holding that PEM public key                |
-| GALLERY_JWT_JWKS_URL        | (none)                   | JWKS of the identity provider (key by `kid`) |
-| GALLERY_JWT_JWKS_COOLDOWN   | 60                       | least seconds between refetches for an unknown `kid` |
-| GALLERY_JWT_JWKS_LIFESPAN   | 300                      | seconds the fetched key set is cached           |
-| GALLERY_JWT_ISSUER          | (none)                   | when set, tokens must carry this `iss`          |
-| GALLERY_JWT_AUDIENCE        | (none)                   | when set, tokens must carry this `aud`          |
-
-With a public key or a JWKS URL, bearer tokens must be RS256/ES256 from it and HS256 tokens are
-refused (auth.py); the secret (GALLERY_JWT_SECRET or <data>/jwt-secret, which `gallery run`
-creates) is still needed: it signs the pre-signed upload URLs.
-
-Limits and reconciliation (README "Durability, limits and faults"); upload counts are per replica:
-
-| variable                           | default  | meaning                                          |
-|------------------------------------|----------|--------------------------------------------------|
-| GALLERY_MAX_UPLOADS_PER_DEVICE     | 4        | uploads of one device at once                    |
-| GALLERY_MAX_UPLOADS_TOTAL          | 48       | uploads at once, all devices; must be < GALLERY_GRPC_WORKERS |
-| GALLERY_UPLOAD_IDLE_SECONDS        | 120      | an upload stream waiting this long for a message is aborted |
-| GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS | 30     | an upload stream must send its first message within this |
-| GALLERY_DOWNLOAD_IDLE_SECONDS      | 120      | a native download whose client takes nothing this long is aborted |
-| GALLERY_MAX_UPLOAD_SESSIONS_PER_DEVICE | 1000 | resumable sessions of one device open at once |
-| GALLERY_MAX_UPLOAD_URLS_PER_DEVICE | 1000     | pre-signed URLs of one device not used yet and not expired |
-| GALLERY_UPLOAD_MESSAGES_IN_FLIGHT  | 8        | upload messages received at once, all streams (receiving.py) |
-| GALLERY_MIN_FREE_BYTES             | 1 GiB    | disk headroom: no uploads accepted below it      |
-| GALLERY_RECONCILE_INTERVAL_SECONDS | 600      | how often a replica reconciles (reconcile.py)    |
-| GALLERY_RECONCILE_GRACE_SECONDS    | 3600     | age before a leftover is removed; >= max(2 x idle, 300) |
-| GALLERY_KEEPALIVE_SECONDS          | 20       | HTTP/2 PING interval, and the wait for its answer, on open streams |
-| GALLERY_DRAIN_SECONDS              | 5        | on SIGTERM, serve this long reporting NOT_SERVING (`run`: 0) |
+README.md's "Configuration" section is the table of every variable, its default and what it means
+(the defaults themselves are Settings' field defaults below); "Durability, limits and faults"
+explains the limits and reconciliation. With a public key or a JWKS URL, bearer tokens must be
+RS256/ES256 from it and HS256 tokens are refused (auth.py); the secret (GALLERY_JWT_SECRET or
+<data>/jwt-secret, which `gallery run` creates) is still needed: it signs the pre-signed URLs.
 
 Threads: each upload holds a gRPC worker for its whole stream, and so do a device's Connect
 stream and a PullEvent waiting for content; GALLERY_MAX_UPLOADS_TOTAL < GALLERY_GRPC_WORKERS keeps

@@ -4,6 +4,8 @@ the variable, the value and what is accepted (never a traceback, never a failure
 from __future__ import annotations
 
 import datetime
+import pathlib
+import re
 import threading
 
 import pytest
@@ -239,3 +241,14 @@ def test_a_bad_boolean_names_its_variable(tmp_path):
     assert refusal(tmp_path, "GALLERY_MAKE_THUMBNAILS", "maybe") == (
         "GALLERY_MAKE_THUMBNAILS=maybe: must be true or false"
     )
+
+
+def test_every_variable_read_is_in_the_readmes_configuration_and_the_reverse():
+    """README's "Configuration" is the one table of the variables (settings.py points to it)."""
+    root = pathlib.Path(settings_module.__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("\n## Configuration"):readme.index("\n## Reliability and security")]
+    documented = set(re.findall(r"`(GALLERY_[A-Z_]+)`", section))
+    read = set(re.findall(r'"(GALLERY_[A-Z_]+)"', pathlib.Path(settings_module.__file__).read_text()))
+    assert read - documented == set()
+    assert documented - read == set()
