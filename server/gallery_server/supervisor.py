@@ -110,7 +110,10 @@ def start_envoy(settings: Settings, backends: list[str]) -> subprocess.Popen[byt
         keepalive_seconds=settings.keepalive_seconds,
     ))
     return subprocess.Popen(
-        [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn"],
+        # `misc` at error: its warnings are ten paragraphs at every start, each saying that
+        # file_server is work in progress (README "Downloads sent by Envoy" says what that means).
+        [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn",
+         "--component-log-level", "misc:error"],
         start_new_session=True, preexec_fn=_dies_with(os.getpid()),
     )
 
