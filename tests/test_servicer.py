@@ -323,7 +323,7 @@ UPLOAD_FAILURES = [
     ([media(PNG), finish()], "first message"),
     ([thumb(JPEG), header(), finish()], "first message"),
     ([header(), media(PNG), header(), finish()], "only the first"),
-    ([header(), media(PNG), pb.UploadEventRequest(), finish()], "only the first"),
+    ([header(), media(PNG), pb.UploadEventRequest(), finish()], "must carry one of"),
     ([header(size=len(PNG) - 1), media(PNG), finish()], "declared size"),
     ([header(size=len(PNG) + 1), media(PNG), finish()], "declared"),
     ([header(), media(PNG), finish(size=len(PNG) + 1)], "declared"),

@@ -326,14 +326,21 @@ def _principal(claims: dict[str, Any]) -> Principal:
 
 
 def mint(
-    secret: str, *, subject: str, devices: list[str], scope: str, ttl_seconds: int = 86400
+    secret: str, *, subject: str, devices: list[str], scope: str, ttl_seconds: int = 86400,
+    issuer: str = "", audience: str = "",
 ) -> str:
+    """An HS256 token; with the `iss` and `aud` the server requires when it is told to
+    (GALLERY_JWT_ISSUER, GALLERY_JWT_AUDIENCE), or it would refuse its own tokens."""
     now = int(time.time())
-    claims = {
+    claims: dict[str, object] = {
         "sub": subject,
         "devices": devices,
         "scope": scope,
         "iat": now,
         "exp": now + ttl_seconds,
     }
+    if issuer:
+        claims["iss"] = issuer
+    if audience:
+        claims["aud"] = audience
     return jwt.encode(claims, secret, algorithm=ALGORITHM)

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "token":
         print(auth.mint(settings.jwt_secret, subject=args.sub, devices=args.device,
-                        scope=args.scope, ttl_seconds=args.ttl))
+                        scope=args.scope, ttl_seconds=args.ttl,
+                        issuer=settings.jwt_issuer, audience=settings.jwt_audience))
         return 0
     logs.configure(settings.log_level)
     if args.command in ("reconcile", "serve"):

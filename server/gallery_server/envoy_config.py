@@ -38,8 +38,8 @@ REQUESTS_PER_BACKEND = 1024
 # Envoy's own answers to native gRPC calls whose gRPC status, derived from the HTTP one, says
 # nothing a client can act on (413 would be UNKNOWN).
 GRPC_LOCAL_REPLIES = {
-    413: (8, "BODY_TOO_LARGE", "the request is larger than Envoy takes: 1 MiB + 64 KiB"
-                               " (AnnounceEvents 8 MiB + 64 KiB)"),
+    # The sizes are envoy.yaml's buffer limits (README "Reliability and security").
+    413: (8, "BODY_TOO_LARGE", "the request is larger than Envoy takes for this call"),
 }
 OTHER_LOCAL_REPLY = (2, "REQUEST_FAILED")  # UNKNOWN: a status Envoy seldom answers itself
 # What Envoy takes for gRPC, whose local replies it sends as a gRPC status (grpc-message): those

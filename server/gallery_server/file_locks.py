@@ -16,6 +16,13 @@ lock files. They are open file description locks (Linux's F_OFD_SETLK), for thre
 * They are byte-range locks on NFS too, so replicas on several hosts see each other's.
 
 Only the whole file is ever locked, and locks are never dropped explicitly: closing releases them.
+
+Each lock is also taken as a flock, first, for a rolling upgrade: servers of 2026-11-29 and before
+lock with flock only, which Linux keeps apart from OFD locks on a local disk, so a replica of each
+kind sharing one data root would not see the other's locks (two writers of one resumable upload,
+a file in use removed, a device's files imported twice). On NFS both are byte-range locks of the
+same owner, the open file, and never conflict with each other. The flock half can go once no
+replica of those versions shares a data root with this one.
 """
 
 from __future__ import annotations
@@ -41,16 +48,31 @@ def try_lock(fd: int, *, shared: bool = False) -> bool:
     """Lock the whole file without waiting; False if another opening holds a conflicting lock.
 
     A shared lock needs `fd` open for reading and an exclusive one for writing (OSError EBADF
-    otherwise). Taking the other kind on a descriptor that holds one converts it, atomically."""
+    otherwise). Taking the other kind on a descriptor that holds one converts it, atomically (the
+    flock half of a failed conversion is lost: flock converts by unlocking first)."""
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
     try:
         _request(fd, fcntl.F_OFD_SETLK, _type(shared))
     except OSError as exc:
+        fcntl.flock(fd, fcntl.LOCK_UN)
         if exc.errno in (errno.EAGAIN, errno.EACCES):  # POSIX allows either for "held"
             return False
         raise
     return True
 
 
+def held(fd: int) -> bool:
+    """Whether another opening holds any lock on the file; needs no access mode (a descriptor
+    opened read-only may ask), but says nothing of the moment after."""
+    answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, 0, 0, 0, 0))
+    return _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
+
+
 def lock(fd: int, *, shared: bool = False) -> None:
-    """Lock the whole file, waiting as long as it takes (the GIL is released meanwhile)."""
+    """Lock the whole file, waiting as long as it takes (the GIL is released meanwhile). Both
+    halves in try_lock's order, so two waiters never hold one half each."""
+    fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
     _request(fd, fcntl.F_OFD_SETLKW, _type(shared))

@@ -274,21 +274,32 @@ class Reconciler:
         one of an event but its latest (GetEvent shows the latest pull; each retried pull left a
         row). Without this, every pull ever made stayed a row. Open commands are never touched."""
         later = aliased(DeviceCommand)
-        with self.db.session() as session:
-            removed = session.exec(  # type: ignore[call-overload]
-                sa.delete(DeviceCommand).where(
-                    col(DeviceCommand.open_key).is_(None),
-                    sa.or_(
-                        ~sa.exists().where(col(Event.device) == col(DeviceCommand.device),
-                                           col(Event.id) == col(DeviceCommand.event_id)),
-                        sa.exists().where(later.device == DeviceCommand.device,
-                                          later.event_id == DeviceCommand.event_id,
-                                          later.seq > DeviceCommand.seq),  # type: ignore[operator]
-                    ),
-                )
-            ).rowcount
-            session.commit()
-        findings.closed_commands_removed += removed or 0
+        # In batches, each its own short transaction: the first pass after an upgrade may find
+        # every pull ever made, and one DELETE of them all would hold SQLite's write lock as long.
+        batch = (
+            sa.select(DeviceCommand.seq)
+            .where(
+                col(DeviceCommand.open_key).is_(None),
+                sa.or_(
+                    ~sa.exists().where(col(Event.device) == col(DeviceCommand.device),
+                                       col(Event.id) == col(DeviceCommand.event_id)),
+                    sa.exists().where(later.device == DeviceCommand.device,
+                                      later.event_id == DeviceCommand.event_id,
+                                      later.seq > DeviceCommand.seq),  # type: ignore[operator]
+                ),
+            )
+            .limit(ROW_BATCH)
+            .correlate(None)  # its own rows, not the DELETE's: a batch of them
+        )
+        while True:
+            with self.db.session() as session:
+                removed = session.exec(  # type: ignore[call-overload]
+                    sa.delete(DeviceCommand).where(col(DeviceCommand.seq).in_(batch.scalar_subquery()))
+                ).rowcount or 0
+                session.commit()
+            findings.closed_commands_removed += removed
+            if removed < ROW_BATCH:
+                return
 
     def _rows(self, findings: Findings) -> None:
         """Every stored row must have its media file with the recorded size: report any that
@@ -353,15 +364,22 @@ class Reconciler:
         under that lock) says it is a leftover. A file in use is locked (StagedFile holds a shared
         lock from creation until the row owning it is committed; a resumable writer holds an
         exclusive one): it is skipped, whatever its age."""
+        writable = True
         try:  # read-write: an exclusive lock needs a descriptor open for writing (file_locks.py)
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         except (FileNotFoundError, IsADirectoryError):  # another replica removed it
             return
-        except PermissionError:  # made read-only by someone else: theirs to remove, not ours
-            log.warning("reconcile left a file it may not write", extra={"path": str(path)})
-            return
+        except PermissionError:
+            # Read-only to the server (restored from a backup, chmod): no upload of this server
+            # writes it (they make their files writable to themselves), so a lock held on it
+            # is all that can say "in use", and its absence is enough.
+            writable = False
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except (FileNotFoundError, IsADirectoryError):
+                return
         try:
-            if not file_locks.try_lock(fd):
+            if not (file_locks.try_lock(fd) if writable else not file_locks.held(fd)):
                 return
             if still is not None and not still():
                 return
@@ -376,6 +394,9 @@ class Reconciler:
             try:
                 path.unlink()
             except FileNotFoundError:
+                return
+            except PermissionError:  # a folder it may not change, an immutable file
+                log.warning("reconcile could not remove a file", extra={"path": str(path)})
                 return
         finally:
             os.close(fd)

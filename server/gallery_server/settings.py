@@ -273,9 +273,11 @@ _NUMBERS: dict[str, _Range] = {
     "envoy_admin_port": _Range("GALLERY_ENVOY_ADMIN_PORT", int, 1, MAX_PORT, unit=""),
     "max_upload_bytes": _Range("GALLERY_MAX_UPLOAD_BYTES", int, 1, INT64_MAX, unit="bytes"),
     "max_thumbnail_bytes": _Range("GALLERY_MAX_THUMBNAIL_BYTES", int, 1, INT64_MAX, unit="bytes"),
-    # Every event stores at least `{}`; an event's metadata goes out in one gRPC message (8 MiB,
-    # rpc/server.py MAX_MESSAGE_BYTES): a larger one could be stored and never read back.
-    "max_metadata_bytes": _Range("GALLERY_MAX_METADATA_BYTES", int, 2, 8 << 20, unit="bytes"),
+    # Every event stores at least `{}`. An event's metadata goes out in one gRPC message (8 MiB,
+    # rpc/server.py MAX_MESSAGE_BYTES) as a protobuf Struct, up to 5.5 times its JSON (a list of
+    # zeros: 2 bytes of JSON, 11 of Struct each): above 1 MiB, metadata could be stored and never
+    # read back.
+    "max_metadata_bytes": _Range("GALLERY_MAX_METADATA_BYTES", int, 2, 1 << 20, unit="bytes"),
     # Uploads take fewer than all of them (checked in _check_together): at least 2.
     "grpc_workers": _Range("GALLERY_GRPC_WORKERS", int, 2, INT64_MAX, unit=""),
     "grpc_read_workers": _Range("GALLERY_GRPC_READ_WORKERS", int, 1, INT64_MAX, unit=""),

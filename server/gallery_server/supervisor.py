@@ -10,6 +10,7 @@ dies without stopping it (kill -9, an OOM kill): nothing is left holding the por
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import pathlib
 import signal
@@ -37,6 +38,8 @@ class Interrupted(Exception):
 
 class PortTaken(Exception):
     """One of the stack's ports is held by another process."""
+
+
 _FAST_RECONNECT = [
     ("grpc.initial_reconnect_backoff_ms", 50),
     ("grpc.min_reconnect_backoff_ms", 50),
@@ -120,7 +123,10 @@ def start_envoy(settings: Settings, backends: list[str]) -> subprocess.Popen[byt
 
 def _dies_with(parent: int) -> Callable[[], None]:
     """For a child: SIGTERM when `parent` dies (the thread that started it, in fact: the main
-    thread here), so a supervisor killed outright leaves no server or Envoy on its ports."""
+    thread here), so a supervisor killed outright leaves no server or Envoy on its ports. It runs
+    between fork and exec, in a parent that has threads (grpc's): it only calls prctl and getppid.
+    The kernel clears the setting for a binary with file capabilities (an Envoy given
+    cap_net_bind_service to bind a low port), which then outlives a killed supervisor."""
     prctl = ctypes.CDLL(None, use_errno=True).prctl
 
     def in_child() -> None:
@@ -142,17 +148,25 @@ def check_ports_free(settings: Settings) -> None:
         ("GALLERY_ENVOY_ADMIN_PORT", f"127.0.0.1:{settings.envoy_admin_port}"),
     ):
         host, port = envoy_config.split_address(address)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            # As the servers bind: a port whose old connections wait out TIME_WAIT is free.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            places = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror:
+            continue  # a name that does not resolve: the server that binds it says so
+        for family, kind, protocol, _, place in places:
             try:
-                probe.bind((host, port))
-            except OSError as exc:
-                raise PortTaken(
-                    f"{variable} {address}: {exc.strerror} (another gallery, or another server?)"
-                ) from None
-
+                probe = socket.socket(family, kind, protocol)
+            except OSError:  # a family this host lacks (IPv6 turned off)
+                continue
+            with probe:
+                # As the servers bind: a port whose old connections wait out TIME_WAIT is free.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(place)
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE:
+                        raise PortTaken(
+                            f"{variable} {address}: {exc.strerror} (another gallery, or another server?)"
+                        ) from None
 
 
 def run(settings: Settings) -> int:
@@ -214,7 +228,8 @@ def _print_banner(settings: Settings) -> None:
         )
         return
     token = auth.mint(
-        settings.jwt_secret, subject="dev", devices=["*"], scope=f"{auth.READ} {auth.WRITE}"
+        settings.jwt_secret, subject="dev", devices=["*"], scope=f"{auth.READ} {auth.WRITE}",
+        issuer=settings.jwt_issuer, audience=settings.jwt_audience,
     )
     print(
         f"\ngallery is up: REST and gRPC on {settings.public_url} "

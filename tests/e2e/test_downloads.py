@@ -472,10 +472,11 @@ def test_readers_that_stop_reading_hold_up_no_other_client(stack, mint: Callable
               for channel in readers for _ in range(4)]  # Envoy's workers each have a connection
     try:
         time.sleep(1.5)  # the server sends what Envoy lets it meanwhile
-        for attempt in range(8):  # new connections, so both of Envoy's workers are asked
+        # New connections, so both of Envoy's workers are asked; a stalled one never answers.
+        for attempt in range(8):
             with grpc.insecure_channel(stack.envoy_grpc_address) as channel:
                 stats = gallery_pb2_grpc.GalleryServiceStub(channel).GetStats(
-                    pb.GetStatsRequest(device=device), metadata=auth_md, timeout=3)
+                    pb.GetStatsRequest(device=device), metadata=auth_md, timeout=10)
             assert stats.total_events == 1, attempt
         # And the paused ones themselves go on once read.
         with futures.ThreadPoolExecutor(len(paused)) as pool:

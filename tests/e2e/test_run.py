@@ -164,6 +164,19 @@ def silent_database() -> Iterator[str]:
         yield f"postgresql+psycopg://gallery@127.0.0.1:{silent.getsockname()[1]}/gallery"
 
 
+def _server_child(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = f.read().split()
+    except FileNotFoundError:
+        return False
+    for child in children:
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"gallery_server\0serve" in f.read():
+                return True
+    return False
+
+
 def test_ctrl_c_while_starting_stops_at_once(tmp_path):
     """Start-up waiting on a database that does not answer: Ctrl-C used to wait for the end of
     the 60 s start-up window."""
@@ -174,8 +187,11 @@ def test_ctrl_c_while_starting_stops_at_once(tmp_path):
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         try:
-            time.sleep(2)  # the server is waiting for the database
-            assert process.poll() is None
+            deadline = time.monotonic() + 30
+            while not _server_child(process.pid):  # started: its supervisor is waiting for it
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+            time.sleep(0.5)  # and it is waiting for the database
             process.send_signal(signal.SIGINT)
             out, _ = process.communicate(timeout=5)
         finally:

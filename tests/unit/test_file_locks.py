@@ -5,6 +5,7 @@ with the wrong mode, here rather than on an NFS mount)."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import subprocess
 import sys
@@ -121,3 +122,38 @@ def test_a_descriptor_without_the_access_the_lock_needs_is_refused(path, flags, 
         assert refused.value.errno == errno.EBADF
     finally:
         os.close(fd)
+
+
+def test_held_says_whether_another_opening_has_a_lock_on_a_read_only_descriptor(path):
+    # The reconciler's question for a file it may only read (reconcile.py).
+    reader = opened(path, os.O_RDONLY)
+    holder = opened(path)
+    try:
+        assert not file_locks.held(reader)
+        file_locks.lock(holder, shared=True)  # an upload's in-use mark
+        assert file_locks.held(reader)
+        os.close(holder)
+        holder = -1
+        assert not file_locks.held(reader)
+    finally:
+        os.close(reader)
+        if holder >= 0:
+            os.close(holder)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_server_of_before_that_locks_with_flock_only_is_seen_both_ways(path, shared):
+    """During a rolling upgrade, replicas of the earlier versions (flock only) share the data root
+    with this one: each must see the other's locks, which flock and OFD locks alone do not."""
+    old, new = opened(path), opened(path)
+    try:
+        fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)  # an old replica's writer
+        assert not file_locks.try_lock(new, shared=shared)
+        os.close(old)
+        old = opened(path)
+        assert file_locks.try_lock(new, shared=shared)
+        with pytest.raises(BlockingIOError):  # and the old replica sees this one's
+            fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(old)
+        os.close(new)

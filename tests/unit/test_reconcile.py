@@ -213,6 +213,15 @@ def test_closed_pull_commands_go_but_each_events_latest_and_open_ones_stay(galle
     assert findings.closed_commands_removed == 5
     assert Reconciler(gallery).run_once().closed_commands_removed == 0
 
+    # A backlog goes in batches, all of it.
+    backlog = 2 * ROW_BATCH + 1
+    with gallery.db.session() as session:
+        session.add_all([command(100 + i, f"evt_gone{i:018d}", "completed") for i in range(backlog)])
+        session.commit()
+    assert Reconciler(gallery).run_once().closed_commands_removed == backlog
+    with gallery.db.session() as session:
+        assert session.exec(select(DeviceCommand.seq).order_by(col(DeviceCommand.seq))).all() == [3, 6]
+
 
 def test_rows_without_their_file_are_reported_never_deleted(gallery, principal):
     missing = store(gallery, principal, "cam1", PNG, name="a.png")
@@ -657,9 +666,10 @@ def test_a_folder_made_before_a_crash_gets_its_parent_fsynced_once(tmp_path, mon
     assert synced == [folder.parent]
 
 
-def test_an_orphan_the_server_may_not_open_for_writing_is_left_with_a_warning(gallery, caplog):
+def test_an_orphan_the_server_may_not_open_for_writing_nor_remove_is_left_with_a_warning(gallery, caplog):
     # Its exclusive lock needs a descriptor open for writing (file_locks.py): without one the
-    # file is skipped, and the rest of the pass goes on. chattr +i refuses that even to root.
+    # reconciler asks whether anyone holds a lock instead, and tries. chattr +i refuses the
+    # write and the unlink even to root; the rest of the pass goes on.
     storage = gallery.storage
     stuck = storage.media_path("cam1", "evt_immutable000000000000")
     stuck.parent.mkdir(parents=True, exist_ok=True)
@@ -676,5 +686,5 @@ def test_an_orphan_the_server_may_not_open_for_writing_is_left_with_a_warning(ga
         subprocess.run(["chattr", "-i", str(stuck)], check=True)
     assert stuck.read_bytes() == b"s" * 5 and not orphan.exists()
     assert (findings.orphan_media_removed, findings.bytes_reclaimed) == (1, 7)
-    assert [r.path for r in caplog.records if r.message == "reconcile left a file it may not write"] \
+    assert [r.path for r in caplog.records if r.message == "reconcile could not remove a file"] \
         == [str(stuck)]

@@ -46,7 +46,7 @@ def refusal(tmp_path, variable: str, value: str) -> str:
     ("GALLERY_MAX_THUMBNAIL_BYTES", "-1"),
     ("GALLERY_MAX_METADATA_BYTES", "0"),
     ("GALLERY_MAX_METADATA_BYTES", "1"),  # less than `{}`: every upload refused
-    ("GALLERY_MAX_METADATA_BYTES", str((8 << 20) + 1)),
+    ("GALLERY_MAX_METADATA_BYTES", str((1 << 20) + 1)),  # its Struct could pass 8 MiB
     ("GALLERY_PULL_TTL", "0"),
     ("GALLERY_PULL_TTL", "-1"),
     ("GALLERY_PULL_TTL", "99999999999999999"),
@@ -252,3 +252,21 @@ def test_every_variable_read_is_in_the_readmes_configuration_and_the_reverse():
     read = set(re.findall(r'"(GALLERY_[A-Z_]+)"', pathlib.Path(settings_module.__file__).read_text()))
     assert read - documented == set()
     assert documented - read == set()
+
+
+def test_metadata_at_its_largest_allowed_size_still_goes_out_in_one_grpc_message():
+    """GALLERY_MAX_METADATA_BYTES' bound: the JSON that grows most as a protobuf Struct (a list
+    of zeros, 2 bytes each in JSON, 11 in the Struct) still fits GetEvent's 8 MiB answer."""
+    from gallery_server.models import Event
+    from gallery_server.rpc.server import MAX_MESSAGE_BYTES
+    from gallery_server.rpc.servicer import event_message
+
+    limit = int(settings_module._NUMBERS["max_metadata_bytes"].high)
+    worst = '{"a":[' + ",".join(["0"] * ((limit - 8) // 2)) + "]}"
+    assert limit - 2 <= len(worst) <= limit
+    event = Event(id="evt_" + "A" * 22, device="cam1", name="n", media_type="other",
+                  mime_type="application/octet-stream", size=0, metadata_json=worst,
+                  created=datetime.datetime.now(datetime.UTC), sha256="0" * 64)
+    answer = event_message(event, with_metadata=True).ByteSize()
+    assert answer > 5 * limit  # it is the worst case
+    assert answer < MAX_MESSAGE_BYTES - (64 << 10)  # with room for the rest of the answer

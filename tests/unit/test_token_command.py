@@ -53,6 +53,15 @@ def test_a_minted_token_is_one_the_server_takes(capsys):
     assert principal.expires_at <= time.time() + 60 + auth.LEEWAY_SECONDS
 
 
+def test_a_server_that_requires_an_issuer_and_audience_takes_the_minted_token(capsys, monkeypatch):
+    monkeypatch.setenv("GALLERY_JWT_ISSUER", "https://gallery.example")
+    monkeypatch.setenv("GALLERY_JWT_AUDIENCE", "gallery")
+    assert cli.main(["token", "--sub", "ops", "--device", "cam-1"]) == 0
+    token = capsys.readouterr().out.strip()
+    verifier = auth.Verifier(secret=JWT_SECRET, issuer="https://gallery.example", audience="gallery")
+    assert verifier.verify(token).subject == "ops"
+
+
 def test_every_device_and_the_longest_ttl_are_allowed(capsys):
     principal = mint(capsys, "--sub", "ops", "--device", "*", "--ttl", str(TEN_YEARS))
     assert principal.devices == {"*"}
