@@ -1637,6 +1637,15 @@ TARGETS_NOTE = (
     "1,366 – 1,485 req/s against 1,166 – 1,209, GetEvent 1,013 – 1,023 against 881 – 889, GetDevicePaths "
     "1,183 – 1,246 against 1,216 – 1,318: no cost beyond the noise. The single-upload ratios of those rounds "
     "were 0.78 – 0.97x.\n"
+    "- *Envoy's window to the servers (2026-11-30)*: the HTTP/2 connection window of Envoy's connections to "
+    "the servers went from 4 MiB to the protocol's largest, because a few native downloads whose readers "
+    "paused took the whole 4 MiB and stalled every other client's answers on that connection "
+    "(tests/e2e/test_downloads.py). The price, measured right after in interleaved runs of the download "
+    "section by hand (one run each): native ReadEventContent through Envoy went from a median of 518 MB/s "
+    "(452 – 572, 12 runs) to 481 (398 – 601, 12 runs), 0.535x against 0.49x the plain-Python peer of the "
+    "same run (medians; 0.45 – 0.61 against 0.40 – 0.56), with the servers' and Envoy's CPU per GB within "
+    "each other's ranges; a 64 MiB window did no better (494 MB/s, 4 runs). About 7% of a path that stays "
+    "far from its target, within the spread of both, for no stall: kept.\n"
 )
 
 
