@@ -378,8 +378,12 @@ class Reconciler:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
             except (FileNotFoundError, IsADirectoryError):
                 return
+            except PermissionError:  # not even readable: someone else's
+                log.warning("reconcile left a file it may not read", extra={"path": str(path)})
+                return
         try:
-            if not (file_locks.try_lock(fd) if writable else not file_locks.held(fd)):
+            free = file_locks.try_lock(fd) if writable else not file_locks.held(fd)
+            if not free:
                 return
             if still is not None and not still():
                 return
