@@ -310,6 +310,11 @@ def _jwks_unavailable() -> Unavailable:
 
 
 def _principal(claims: dict[str, Any]) -> Principal:
+    for name in ("exp", "nbf"):
+        # A NumericDate is a JSON number (RFC 7519). PyJWT takes int() of it, so "9999999999"
+        # passed: a token whose lifetime a lenient issuer wrote as text.
+        if name in claims and (isinstance(claims[name], bool) or not isinstance(claims[name], int | float)):
+            raise Unauthenticated("TOKEN_INVALID", f"invalid token: '{name}' must be a number")
     devices = claims.get("devices", [])
     scope = claims.get("scope", "")
     if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):

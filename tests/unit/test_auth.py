@@ -208,6 +208,14 @@ def test_verify_missing_exp_refused() -> None:
     _unauthenticated(_encode(_claims(exp=None)), "TOKEN_INVALID")
 
 
+@pytest.mark.parametrize("claim", ["exp", "nbf"])
+def test_verify_a_lifetime_written_as_text_refused(claim: str) -> None:
+    """RFC 7519's NumericDate is a JSON number; PyJWT alone took int() of a string."""
+    valid = {"exp": int(time.time()) + 600, "nbf": int(time.time()) - 60}[claim]
+    assert auth.Verifier(secret=JWT_SECRET).verify(_encode(_claims(**{claim: valid}))).subject == "alice"
+    _unauthenticated(_encode(_claims(**{claim: str(valid)})), "TOKEN_INVALID")
+
+
 @pytest.mark.parametrize("sub", [None, "", "   "], ids=["missing", "empty", "blank"])
 def test_verify_missing_or_blank_sub_refused(sub: object) -> None:
     """A token must name its subject: the access log says who did what by it."""
