@@ -48,8 +48,8 @@ def try_lock(fd: int, *, shared: bool = False) -> bool:
     """Lock the whole file without waiting; False if another opening holds a conflicting lock.
 
     A shared lock needs `fd` open for reading and an exclusive one for writing (OSError EBADF
-    otherwise). Taking the other kind on a descriptor that holds one converts it, atomically (the
-    flock half of a failed conversion is lost: flock converts by unlocking first)."""
+    otherwise). Only for a descriptor that holds no lock yet: flock converts a lock by unlocking
+    it first, so a failed conversion would lose the flock half (no caller converts)."""
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -65,8 +65,18 @@ def try_lock(fd: int, *, shared: bool = False) -> bool:
 
 
 def held(fd: int) -> bool:
-    """Whether another opening holds any lock on the file; needs no access mode (a descriptor
-    opened read-only may ask), but says nothing of the moment after."""
+    """Whether another opening holds any lock on the file, for a descriptor opened read-only.
+
+    Locally, an exclusive flock (which needs no access mode) answers for the flock-only locks of
+    older servers, and keeps lockers of this version out until `fd` is closed; on NFS it fails
+    (EBADF: a byte-range lock there), where the byte-range query below sees flocks too."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError as exc:
+        if exc.errno != errno.EBADF:
+            raise
     answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, 0, 0, 0, 0))
     return _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
 
@@ -75,4 +85,8 @@ def lock(fd: int, *, shared: bool = False) -> None:
     """Lock the whole file, waiting as long as it takes (the GIL is released meanwhile). Both
     halves in try_lock's order, so two waiters never hold one half each."""
     fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-    _request(fd, fcntl.F_OFD_SETLKW, _type(shared))
+    try:
+        _request(fd, fcntl.F_OFD_SETLKW, _type(shared))
+    except BaseException:  # not half a lock: the caller may keep the descriptor open
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        raise

@@ -274,32 +274,37 @@ class Reconciler:
         one of an event but its latest (GetEvent shows the latest pull; each retried pull left a
         row). Without this, every pull ever made stayed a row. Open commands are never touched."""
         later = aliased(DeviceCommand)
-        # In batches, each its own short transaction: the first pass after an upgrade may find
-        # every pull ever made, and one DELETE of them all would hold SQLite's write lock as long.
-        batch = (
-            sa.select(DeviceCommand.seq)
-            .where(
-                col(DeviceCommand.open_key).is_(None),
-                sa.or_(
-                    ~sa.exists().where(col(Event.device) == col(DeviceCommand.device),
-                                       col(Event.id) == col(DeviceCommand.event_id)),
-                    sa.exists().where(later.device == DeviceCommand.device,
-                                      later.event_id == DeviceCommand.event_id,
-                                      later.seq > DeviceCommand.seq),  # type: ignore[operator]
-                ),
-            )
-            .limit(ROW_BATCH)
-            .correlate(None)  # its own rows, not the DELETE's: a batch of them
+        leftover = sa.and_(
+            col(DeviceCommand.open_key).is_(None),
+            sa.or_(
+                ~sa.exists().where(col(Event.device) == col(DeviceCommand.device),
+                                   col(Event.id) == col(DeviceCommand.event_id)),
+                sa.exists().where(later.device == DeviceCommand.device,
+                                  later.event_id == DeviceCommand.event_id,
+                                  later.seq > DeviceCommand.seq),  # type: ignore[operator]
+            ),
         )
+        # In batches walked by seq, each read and then deleted in a short transaction of its own:
+        # the first pass after an upgrade may find every pull ever made, and one DELETE of them
+        # all would hold SQLite's write lock as long; batches that each scanned from the start
+        # again (the rows kept included) took quadratic time. A row read as a leftover stays one:
+        # a closed command never reopens, a deleted event's id never comes back, a later pull
+        # only adds rows, and only this pass, under its lock, deletes commands.
+        after = 0
         while True:
             with self.db.session() as session:
-                removed = session.exec(  # type: ignore[call-overload]
-                    sa.delete(DeviceCommand).where(col(DeviceCommand.seq).in_(batch.scalar_subquery()))
-                ).rowcount or 0
-                session.commit()
-            findings.closed_commands_removed += removed
-            if removed < ROW_BATCH:
+                seqs = list(session.exec(  # type: ignore[call-overload]
+                    sa.select(DeviceCommand.seq).where(col(DeviceCommand.seq) > after, leftover)
+                    .order_by(col(DeviceCommand.seq)).limit(ROW_BATCH)
+                ).scalars())
+            if seqs:
+                with self.db.session() as session:
+                    session.exec(sa.delete(DeviceCommand).where(col(DeviceCommand.seq).in_(seqs)))  # type: ignore[call-overload]
+                    session.commit()
+            findings.closed_commands_removed += len(seqs)
+            if len(seqs) < ROW_BATCH:
                 return
+            after = seqs[-1]
 
     def _rows(self, findings: Findings) -> None:
         """Every stored row must have its media file with the recorded size: report any that
@@ -374,8 +379,8 @@ class Reconciler:
             # writes it (they make their files writable to themselves), so a lock held on it
             # is all that can say "in use", and its absence is enough.
             writable = False
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:  # not waiting on a FIFO put in the file's place meanwhile
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             except (FileNotFoundError, IsADirectoryError):
                 return
             except PermissionError:  # not even readable: someone else's

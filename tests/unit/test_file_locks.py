@@ -124,36 +124,47 @@ def test_a_descriptor_without_the_access_the_lock_needs_is_refused(path, flags, 
         os.close(fd)
 
 
-def test_held_says_whether_another_opening_has_a_lock_on_a_read_only_descriptor(path):
-    # The reconciler's question for a file it may only read (reconcile.py).
+def held_now(path) -> bool:
+    """held() on a read-only descriptor of its own, closed after (held() keeps others out of
+    the file until then, as the reconciler wants until its unlink)."""
     reader = opened(path, os.O_RDONLY)
-    holder = opened(path)
     try:
-        assert not file_locks.held(reader)
-        file_locks.lock(holder, shared=True)  # an upload's in-use mark
-        assert file_locks.held(reader)
-        os.close(holder)
-        holder = -1
-        assert not file_locks.held(reader)
+        return file_locks.held(reader)
     finally:
         os.close(reader)
-        if holder >= 0:
-            os.close(holder)
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_a_server_of_before_that_locks_with_flock_only_is_seen_both_ways(path, shared):
-    """During a rolling upgrade, replicas of the earlier versions (flock only) share the data root
-    with this one: each must see the other's locks, which flock and OFD locks alone do not."""
-    old, new = opened(path), opened(path)
+def test_held_says_whether_another_opening_has_a_lock_on_a_read_only_descriptor(path):
+    # The reconciler's question for a file it may only read (reconcile.py).
+    holder = opened(path)
     try:
-        fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)  # an old replica's writer
-        assert not file_locks.try_lock(new, shared=shared)
-        os.close(old)
-        old = opened(path)
-        assert file_locks.try_lock(new, shared=shared)
-        with pytest.raises(BlockingIOError):  # and the old replica sees this one's
-            fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert not held_now(path)
+        file_locks.lock(holder, shared=True)  # an upload's in-use mark
+        assert held_now(path)
     finally:
+        os.close(holder)
+    assert not held_now(path)
+
+
+def test_held_keeps_lockers_out_until_its_descriptor_closes(path):
+    reader, other = opened(path, os.O_RDONLY), opened(path)
+    try:
+        assert not file_locks.held(reader)
+        assert not file_locks.try_lock(other, shared=True)
+        os.close(reader)
+        reader = -1
+        assert file_locks.try_lock(other, shared=True)
+    finally:
+        for fd in (reader, other):
+            if fd >= 0:
+                os.close(fd)
+
+
+def test_held_sees_a_flock_of_an_older_server(path):
+    reader, old = opened(path, os.O_RDONLY), opened(path)
+    try:
+        fcntl.flock(old, fcntl.LOCK_SH | fcntl.LOCK_NB)  # an older replica's in-use mark
+        assert file_locks.held(reader)
+    finally:
+        os.close(reader)
         os.close(old)
-        os.close(new)

@@ -688,3 +688,31 @@ def test_an_orphan_the_server_may_not_open_for_writing_nor_remove_is_left_with_a
     assert (findings.orphan_media_removed, findings.bytes_reclaimed) == (1, 7)
     assert [r.path for r in caplog.records if r.message == "reconcile could not remove a file"] \
         == [str(stuck)]
+
+
+@pytest.mark.parametrize("in_use", [False, True])
+def test_a_leftover_the_server_may_only_read_goes_unless_a_lock_is_held_on_it(gallery, monkeypatch, in_use):
+    """Restored read-only, say (the tests run as root, so refusing the write is simulated): no
+    upload writes such a file, so a lock held on it is the only sign of use."""
+    storage = gallery.storage
+    orphan = storage.media_path("cam1", "evt_readonly00000000000")
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"r" * 9)
+    real_open = os.open
+
+    def read_only(target, flags, *args):  # type: ignore[no-untyped-def]
+        if os.fspath(target) == str(orphan) and flags & os.O_ACCMODE != os.O_RDONLY:
+            raise PermissionError(13, "Permission denied", str(target))
+        return real_open(target, flags, *args)
+
+    holder = real_open(orphan, os.O_RDWR)
+    try:
+        if in_use:
+            file_locks.lock(holder, shared=True)
+        monkeypatch.setattr(os, "open", read_only)
+        settle()
+        findings = Reconciler(gallery, grace_seconds=0).run_once()
+    finally:
+        os.close(holder)
+    assert orphan.exists() is in_use
+    assert findings.orphan_media_removed == (0 if in_use else 1)
