@@ -16,8 +16,9 @@ when someone pulls it. The protocol (protos/gallery/v1/device.proto), as this ag
    cuts its list by count and by serialized size. The server checks the whole list and refuses it
    all for one file it will not take (INVALID_ARGUMENT, e.g. INVALID_SIZE; RESOURCE_EXHAUSTED
    THUMBNAIL_TOO_LARGE): the agent then announces each half on its own, down to the file at
-   fault, which it leaves out until the file changes or the channel reconnects. Other errors
-   (the token, an unreachable or busy server) are retried whole at the next scan.
+   fault, which it leaves out until the file changes or the channel reconnects. An unreachable
+   or busy server is retried whole at the next scan; a refused token or device (UNAUTHENTICATED,
+   PERMISSION_DENIED) stops the agent with exit status 2, since no retry can mend it.
 3. DeviceService.Connect is the command channel, a bidirectional stream. The device sends
    `hello{device}` first; the server streams a heartbeat at once and every few seconds, and
    `command`s. Commands are durable and delivered at least once, so one may arrive twice.

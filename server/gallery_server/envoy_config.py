@@ -38,7 +38,7 @@ REQUESTS_PER_BACKEND = 1024
 # Envoy's own answers to native gRPC calls whose gRPC status, derived from the HTTP one, says
 # nothing a client can act on (413 would be UNKNOWN).
 GRPC_LOCAL_REPLIES = {
-    # The sizes are envoy.yaml's buffer limits (README "Reliability and security").
+    # "Takes": envoy.yaml's buffer limits, named in README "Reliability and security", not here.
     413: (8, "BODY_TOO_LARGE", "the request is larger than Envoy takes for this call"),
 }
 OTHER_LOCAL_REPLY = (2, "REQUEST_FAILED")  # UNKNOWN: a status Envoy seldom answers itself
