@@ -319,6 +319,10 @@ def _principal(claims: dict[str, Any]) -> Principal:
     scope = claims.get("scope", "")
     if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
         raise Unauthenticated("TOKEN_INVALID", "invalid token: 'devices' must be a list of strings")
+    if "*" in devices and len(set(devices)) > 1:
+        # ["cam-1", "*"] reads as a mistake either way; granting every device would guess the
+        # wider of the two meanings, so the issuer is told instead.
+        raise Unauthenticated("TOKEN_INVALID", "invalid token: '*' in 'devices' must stand alone")
     if not isinstance(scope, str):
         raise Unauthenticated("TOKEN_INVALID", "invalid token: 'scope' must be a string")
     subject = str(claims["sub"])

@@ -106,6 +106,7 @@ class Settings:
                 f"no JWT secret: set GALLERY_JWT_SECRET or create {data_dir / SECRET_FILE_NAME}"
                 " (`gallery run` creates one)"
             )
+        _check_secret_strength(secret)
         public_key, jwks_url = _token_keys(env)
         http_address = _address(env, "GALLERY_HTTP_ADDRESS", cls.http_address)
         return cls(
@@ -350,6 +351,19 @@ def _flag(env: os._Environ[str] | dict[str, str], name: str, *, default: bool) -
     if value in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name}={text}: must be true or false")
+
+
+# RFC 7518 3.2: an HS256 key must be at least as long as the hash, 256 bits. A shorter one (or
+# spaces) lets anyone who guesses it mint tokens and sign URLs for every device.
+MIN_SECRET_BYTES = 32
+
+
+def _check_secret_strength(secret: str) -> None:
+    if not secret.strip() or len(secret.encode()) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"the JWT secret must be at least {MIN_SECRET_BYTES} bytes and not blank"
+            " (e.g. `python3 -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
+        )
 
 
 def read_secret_file(data_dir: pathlib.Path) -> str:

@@ -207,7 +207,7 @@ def test_a_database_that_does_not_answer_stops_the_server_with_one_line(tmp_path
         started = time.monotonic()
         result = subprocess.run(
             [sys.executable, "-m", "gallery_server", "serve"],
-            env=run_env(tmp_path, *free_ports(3), GALLERY_DATABASE_URL=url, GALLERY_JWT_SECRET="s"),
+            env=run_env(tmp_path, *free_ports(3), GALLERY_DATABASE_URL=url, GALLERY_JWT_SECRET="s" * 40),
             capture_output=True, text=True, timeout=60,
         )
     assert result.returncode == 1

@@ -227,6 +227,17 @@ def test_verify_devices_not_a_list_of_strings_refused(devices: object) -> None:
     _unauthenticated(_encode(_claims(devices=devices)), "TOKEN_INVALID")
 
 
+@pytest.mark.parametrize("devices", [["cam1", "*"], ["*", "cam1"]])
+def test_verify_wildcard_beside_device_ids_refused(devices: list[str]) -> None:
+    """Granting every device would guess the wider meaning of a list the issuer got wrong."""
+    _unauthenticated(_encode(_claims(devices=devices)), "TOKEN_INVALID")
+
+
+def test_verify_repeated_wildcard_grants_every_device() -> None:
+    principal = auth.Verifier(secret=JWT_SECRET).verify(_encode(_claims(devices=["*", "*"])))
+    assert principal.devices == frozenset({"*"})
+
+
 @pytest.mark.parametrize("scope", [["gallery:read"], 1, {"gallery:read": 1}])
 def test_verify_scope_not_a_string_refused(scope: object) -> None:
     _unauthenticated(_encode(_claims(scope=scope)), "TOKEN_INVALID")

@@ -188,6 +188,26 @@ def test_a_public_url_given_wins_and_the_default_stays(tmp_path):
     assert Settings.from_env(env(tmp_path)).public_url == "http://localhost:8001"
 
 
+# -- the JWT secret ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("secret", ["s", "x" * 31, " " * 40, "\t\n" * 20], ids=["1", "31", "spaces", "blank"])
+def test_a_short_or_blank_secret_is_refused(tmp_path, secret):
+    """Whoever guesses the secret mints tokens and signs URLs for every device (RFC 7518 3.2)."""
+    assert "at least 32 bytes" in refusal(tmp_path, "GALLERY_JWT_SECRET", secret)
+
+
+def test_a_short_secret_file_is_refused(tmp_path):
+    (tmp_path / "jwt-secret").write_text("short\n")
+    with pytest.raises(ConfigError, match="at least 32 bytes"):
+        Settings.from_env({"GALLERY_DATA_DIR": str(tmp_path)})
+
+
+def test_a_secret_of_32_bytes_is_taken(tmp_path):
+    secret = "é" * 16  # 16 characters, 32 bytes: the hash's length counts bytes
+    assert Settings.from_env(env(tmp_path, GALLERY_JWT_SECRET=secret)).jwt_secret == secret
+
+
 # -- log level -----------------------------------------------------------------------------------
 
 

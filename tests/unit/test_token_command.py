@@ -36,6 +36,7 @@ def mint(capsys, *args: str) -> auth.Principal:
     (["--scope", " "], "no scope"),
     (["--device", "dev/../x"], "'dev/../x' is not a device id"),
     (["--device", ""], "is not a device id"),
+    (["--device", "*"], "'*' grants every device and must stand alone"),
 ])
 def test_what_the_server_would_refuse_is_refused(capsys, args, says):
     with pytest.raises(SystemExit) as refused:
