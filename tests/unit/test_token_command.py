@@ -1,12 +1,15 @@
-"""`gallery token` mints only tokens the server takes: anything else is refused, exit status 2."""
+"""`gallery token` (and `gallery run`'s banner) mint only tokens the server takes: anything else is
+refused, exit status 2."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
 
-from gallery_server import auth, cli
+from gallery_server import auth, cli, supervisor
+from gallery_server.settings import Settings
 
 from ..conftest import JWT_SECRET
 
@@ -61,6 +64,16 @@ def test_a_server_that_requires_an_issuer_and_audience_takes_the_minted_token(ca
     token = capsys.readouterr().out.strip()
     verifier = auth.Verifier(secret=JWT_SECRET, issuer="https://gallery.example", audience="gallery")
     assert verifier.verify(token).subject == "ops"
+
+
+def test_the_run_banners_token_is_taken_by_a_server_that_requires_an_issuer_and_audience(capsys, monkeypatch):
+    monkeypatch.setenv("GALLERY_JWT_ISSUER", "https://gallery.example")
+    monkeypatch.setenv("GALLERY_JWT_AUDIENCE", "gallery")
+    supervisor._print_banner(Settings.from_env())
+    token = re.search(r"export TOKEN=(\S+)", capsys.readouterr().out).group(1)
+    verifier = auth.Verifier(secret=JWT_SECRET, issuer="https://gallery.example", audience="gallery")
+    principal = verifier.verify(token)
+    assert (principal.devices, principal.scopes) == ({"*"}, {auth.READ, auth.WRITE})
 
 
 def test_every_device_and_the_longest_ttl_are_allowed(capsys):
