@@ -47,6 +47,24 @@ OTHER_LOCAL_REPLY = (2, "REQUEST_FAILED")  # UNKNOWN: a status Envoy seldom answ
 _GRPC_CONTENT_TYPE = r"application/grpc(\+.*)?"
 
 
+# What a web page on an allowed origin may send and read (GALLERY_CORS_ORIGINS). Tokens travel in
+# the Authorization header, never in cookies, so no credentials are allowed: a page gets only
+# what its own token grants. The request headers are those the REST API reads; the exposed ones
+# every header it answers with that is not CORS-safelisted (README "Browsers").
+CORS_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE")
+CORS_REQUEST_HEADERS = (
+    "authorization", "content-type", "content-range", "range", "if-match", "if-none-match",
+    "if-range", "if-modified-since", "if-unmodified-since", "x-request-id",
+)
+CORS_EXPOSED_HEADERS = (
+    downloads.ETAG, downloads.ACCEPT_RANGES, downloads.CONTENT_RANGE, downloads.SIZE,
+    downloads.SHA256, "content-disposition", "x-next-page-token", "x-committed-size",
+    "x-upload-complete", "x-event-id",
+    "range",  # a resumable PUT's 308: what the server holds (README "Resumable uploads over REST")
+)
+CORS_MAX_AGE_SECONDS = 600  # how long a browser may reuse a preflight's answer
+
+
 def split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]") or "0.0.0.0", int(port)
@@ -54,12 +72,13 @@ def split_address(address: str) -> tuple[str, int]:
 
 def render(
     *, listen: str, admin_port: int, backends: list[str], media_root: pathlib.Path | None = None,
-    keepalive_seconds: float = 20.0,
+    keepalive_seconds: float = 20.0, cors_origins: tuple[str, ...] = (),
 ) -> str:
     """The configuration; with `media_root` (the servers' <data>/media, as Envoy's host sees it)
     Envoy sends REST downloads itself (rpc/file_handoff.py). Envoy PINGs its HTTP/2 clients every
     `keepalive_seconds` and closes a connection that leaves one unanswered as long
-    (Settings.keepalive_seconds)."""
+    (Settings.keepalive_seconds). Web pages on `cors_origins` (serialized origins, or "*" for
+    any) may call the REST API (Settings.cors_origins)."""
     listen_host, listen_port = split_address(listen)
     endpoints = []
     for backend in backends:
@@ -79,7 +98,27 @@ def render(
         KEEPALIVE=f"{keepalive_seconds:.3f}s",
         MAX_REQUESTS=REQUESTS_PER_BACKEND * len(backends),
         SAFETY_HEADERS=json.dumps(_safety_headers()),
+        VIRTUAL_HOST_FILTERS=json.dumps(
+            {"envoy.filters.http.cors": cors_policy(cors_origins)} if cors_origins else {}
+        ),
     )
+
+
+def cors_policy(origins: tuple[str, ...]) -> dict[str, object]:
+    """Envoy's CORS policy for web pages on `origins`; "*" alone allows any origin."""
+    if origins == ("*",):
+        allowed: list[dict[str, str]] = [{"safe_regex": {"regex": ".+"}}]
+    else:
+        allowed = [{"exact": origin} for origin in origins]
+    return {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        "allow_origin_string_match": allowed,
+        "allow_methods": ",".join(CORS_METHODS),
+        "allow_headers": ",".join(CORS_REQUEST_HEADERS),
+        "expose_headers": ",".join(CORS_EXPOSED_HEADERS),
+        "max_age": str(CORS_MAX_AGE_SECONDS),
+        "allow_credentials": False,
+    }
 
 
 def _safety_headers() -> list[dict[str, object]]:

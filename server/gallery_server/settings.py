@@ -91,6 +91,9 @@ class Settings:
     # On SIGTERM a replica reports NOT_SERVING and goes on serving this long before it stops:
     # Envoy's health check (every second, two failures) sends new calls elsewhere meanwhile.
     drain_seconds: float = 5.0
+    # Web pages on these origins may call the REST API from a browser (envoy_config.cors_policy);
+    # none by default, ("*",) for any.
+    cors_origins: tuple[str, ...] = ()
 
     @property
     def issuer_tokens(self) -> bool:
@@ -124,6 +127,7 @@ class Settings:
             jwt_jwks_url=jwks_url,
             jwt_issuer=_text(env, "GALLERY_JWT_ISSUER", ""),
             jwt_audience=_text(env, "GALLERY_JWT_AUDIENCE", ""),
+            cors_origins=_cors_origins(env),
             **_numbers(env),
         )
 
@@ -179,6 +183,41 @@ def _address(env: os._Environ[str] | dict[str, str], name: str, default: str) ->
             f" {MAX_PORT}"
         )
     return text
+
+
+def _cors_origins(env: os._Environ[str] | dict[str, str]) -> tuple[str, ...]:
+    """GALLERY_CORS_ORIGINS: origins separated by commas or spaces, each as a browser sends it in
+    its Origin header, or "*" alone. A browser's Origin is compared whole: `https://app.example/`
+    or a capital letter would match no request, so such a value is refused with the right one."""
+    names = tuple(_text(env, "GALLERY_CORS_ORIGINS", "").replace(",", " ").split())
+    if "*" in names and names != ("*",):
+        raise ConfigError("GALLERY_CORS_ORIGINS: '*' allows every origin and must stand alone")
+    for name in names:
+        if name != "*" and (serialized := _serialized_origin(name)) != name:
+            raise ConfigError(
+                f"GALLERY_CORS_ORIGINS: {name!r} is not an origin as a browser sends it"
+                " (scheme://host[:port]: http or https, lower case, an ASCII host, no default"
+                " port, no path)" + (f"; write {serialized}" if serialized else "")
+            )
+    return names
+
+
+def _serialized_origin(url: str) -> str:
+    """The origin of an http(s) URL of no path, as RFC 6454 serializes it; "" for anything else."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:  # a port out of range or not a number
+        return ""
+    scheme, host = parts.scheme.lower(), parts.hostname or ""
+    default_port = {"http": 80, "https": 443}.get(scheme)
+    if (
+        default_port is None or not host or not host.isascii() or parts.username is not None
+        or parts.path.strip("/") or parts.query or parts.fragment
+    ):
+        return ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}" + ("" if port in (None, default_port) else f":{port}")
 
 
 def _public_url(env: os._Environ[str] | dict[str, str], http_address: str) -> str:

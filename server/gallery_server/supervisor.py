@@ -110,7 +110,7 @@ def start_envoy(settings: Settings, backends: list[str]) -> subprocess.Popen[byt
     config.write_text(encoding="utf-8", data=envoy_config.render(
         listen=settings.http_address, admin_port=settings.envoy_admin_port, backends=backends,
         media_root=storage.media_root(settings.data_dir) if settings.envoy_sends_files else None,
-        keepalive_seconds=settings.keepalive_seconds,
+        keepalive_seconds=settings.keepalive_seconds, cors_origins=settings.cors_origins,
     ))
     return subprocess.Popen(
         # `misc` at error: its warnings are ten paragraphs at every start, each saying that

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import pathlib
@@ -11,6 +12,8 @@ import subprocess
 import pytest
 
 from gallery_server import downloads, envoy_config, supervisor
+from gallery_server.rpc import servicer
+from gallery_server.signed_urls import SignedUploadState
 
 from ..conftest import http_bindings
 
@@ -38,6 +41,30 @@ def test_envoy_accepts_the_rendered_configuration(tmp_path: pathlib.Path, media_
         # escapes are JSON's for these characters).
         quoted = text.split('file_path_prefix: "', 1)[1].split('/"}', 1)[0]
         assert json.loads(f'"{quoted}"') == str(media_root)
+
+
+@pytest.mark.parametrize("origins", [("*",), ("https://app.example", "http://[::1]:3000")], ids=["any", "listed"])
+def test_envoy_accepts_a_cors_policy(tmp_path: pathlib.Path, origins: tuple[str, ...]) -> None:
+    config = tmp_path / "envoy.yaml"
+    config.write_text(envoy_config.render(
+        listen="127.0.0.1:0", admin_port=0, backends=["127.0.0.1:1"], cors_origins=origins,
+    ), encoding="utf-8")
+    result = subprocess.run([supervisor.envoy_binary(), "--mode", "validate", "-c", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "CorsPolicy" in config.read_text(encoding="utf-8")
+
+
+def test_a_page_may_read_every_header_the_rest_api_answers_with() -> None:
+    """A header left out of CORS_EXPOSED_HEADERS is one a browser hides from an allowed page."""
+    partial = downloads.reply(10, "0" * 64, range_header="bytes=0-1")  # the most headers: a 206
+    answered = {name for name, _ in downloads.content_headers(partial, "video/mp4", "clip.mp4")}
+    state = SignedUploadState("evt_x", committed_size=5, size=10, complete=False,
+                              expires_at=datetime.datetime.now(datetime.UTC))
+    answered |= {name for name, _ in servicer._upload_state_headers(state)}
+    answered.add(servicer.NEXT_PAGE_TOKEN_HEADER)
+    safelisted = {"content-type", "content-length"}  # a page reads these without being told
+    assert answered - safelisted == set(envoy_config.CORS_EXPOSED_HEADERS)
 
 
 def test_a_data_directory_that_is_not_utf8_is_refused_with_a_way_out() -> None:

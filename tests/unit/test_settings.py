@@ -208,6 +208,41 @@ def test_a_secret_of_32_bytes_is_taken(tmp_path):
     assert Settings.from_env(env(tmp_path, GALLERY_JWT_SECRET=secret)).jwt_secret == secret
 
 
+# -- browsers' origins ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "origins"), [
+    ("https://app.example", ("https://app.example",)),
+    ("https://app.example, http://localhost:3000", ("https://app.example", "http://localhost:3000")),
+    ("http://[::1]:8080 https://a.example:8443", ("http://[::1]:8080", "https://a.example:8443")),
+    ("*", ("*",)),
+    ("", ()),
+])
+def test_cors_origins_are_taken_as_browsers_send_them(tmp_path, value, origins):
+    assert Settings.from_env(env(tmp_path, GALLERY_CORS_ORIGINS=value)).cors_origins == origins
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    # A browser's Origin is compared whole: each of these would match no request.
+    ("https://app.example/", "write https://app.example"),
+    ("https://App.Example", "write https://app.example"),
+    ("HTTPS://app.example", "write https://app.example"),
+    ("https://app.example:443", "write https://app.example"),
+    ("http://app.example:80", "write http://app.example"),
+    ("https://app.example/gallery", "no path)"),
+    ("https://app.example?x=1", "no path)"),
+    ("https://user@app.example", "no path)"),
+    ("app.example", "no path)"),
+    ("ftp://app.example", "http or https"),
+    ("https://bücher.example", "an ASCII host"),
+    ("https://app.example:99999", "'https://app.example:99999' is not an origin"),
+    ("null", "'null' is not an origin"),
+    ("*, https://app.example", "'*' allows every origin and must stand alone"),
+])
+def test_a_cors_origin_a_browser_would_never_send_is_refused_with_the_right_form(tmp_path, value, says):
+    assert says in refusal(tmp_path, "GALLERY_CORS_ORIGINS", value)
+
+
 # -- log level -----------------------------------------------------------------------------------
 
 
