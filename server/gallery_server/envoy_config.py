@@ -94,10 +94,10 @@ def render(
         BACKENDS=json.dumps(endpoints),  # JSON is YAML: a flow sequence
         FILE_HANDOFF_OFF="false" if media_root else "true",
         MEDIA_ROOT=_quoted_text(str(media_root or "/nonexistent")),
-        LOCAL_REPLY_MAPPERS=json.dumps(_local_reply_mappers()),
+        LOCAL_REPLY_MAPPERS=json.dumps(_local_reply_mappers(bool(cors_origins))),
         KEEPALIVE=f"{keepalive_seconds:.3f}s",
         MAX_REQUESTS=REQUESTS_PER_BACKEND * len(backends),
-        SAFETY_HEADERS=json.dumps(_safety_headers()),
+        SAFETY_HEADERS=json.dumps(_headers_to_add(bool(cors_origins))),
         VIRTUAL_HOST_FILTERS=json.dumps(
             {"envoy.filters.http.cors": cors_policy(cors_origins)} if cors_origins else {}
         ),
@@ -121,15 +121,20 @@ def cors_policy(origins: tuple[str, ...]) -> dict[str, object]:
     }
 
 
-def _safety_headers() -> list[dict[str, object]]:
-    """downloads.SAFETY_HEADERS as Envoy's headers to add."""
-    return [
+def _headers_to_add(cors: bool) -> list[dict[str, object]]:
+    """downloads.SAFETY_HEADERS as Envoy's headers to add; with a CORS policy, `Vary: Origin` too:
+    the answer's Access-Control-Allow-Origin names the asking page's origin, so a cache must not
+    hand it to a page on another."""
+    headers = [
         {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
         for key, value in downloads.SAFETY_HEADERS
     ]
+    if cors:
+        headers.append({"header": {"key": "vary", "value": "origin"}, "append_action": "APPEND_IF_EXISTS_OR_ADD"})
+    return headers
 
 
-def _local_reply_mappers() -> list[dict[str, object]]:
+def _local_reply_mappers(cors: bool) -> list[dict[str, object]]:
     """LOCAL_REPLIES as Envoy's local_reply_config mappers, the first match applying."""
     rest = {"or_filter": {"filters": [
         {"header_filter": {"header": {
@@ -157,12 +162,12 @@ def _local_reply_mappers() -> list[dict[str, object]]:
         {
             "filter": {"and_filter": {"filters": [rest, status_is(status)]}},
             "body_format_override": body(code, reason),
-            "headers_to_add": _safety_headers(),
+            "headers_to_add": _headers_to_add(cors),
         }
         for status, (code, reason) in LOCAL_REPLIES.items()
     ]
     mappers.append({"filter": rest, "body_format_override": body(*OTHER_LOCAL_REPLY),
-                    "headers_to_add": _safety_headers()})
+                    "headers_to_add": _headers_to_add(cors)})
     native = {"header_filter": {"header": {
         "name": "content-type", "string_match": {"safe_regex": {"regex": _GRPC_CONTENT_TYPE}},
     }}}
@@ -171,7 +176,7 @@ def _local_reply_mappers() -> list[dict[str, object]]:
             "filter": {"and_filter": {"filters": [native, status_is(status)]}},
             # The body is the grpc-message of Envoy's answer.
             "body": {"inline_string": message},
-            "headers_to_add": [*_safety_headers(), *_grpc_status_headers(code, reason, message)],
+            "headers_to_add": [*_headers_to_add(cors), *_grpc_status_headers(code, reason, message)],
         }
         for status, (code, reason, message) in GRPC_LOCAL_REPLIES.items()
     )

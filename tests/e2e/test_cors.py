@@ -59,6 +59,7 @@ def assert_allowed_answer(r: httpx.Response, origin: str) -> None:
     assert r.headers["access-control-allow-origin"] == origin, r.headers
     assert listed(r.headers["access-control-expose-headers"]) == set(envoy_config.CORS_EXPOSED_HEADERS)
     assert "access-control-allow-credentials" not in r.headers  # tokens, never cookies
+    assert "origin" in listed(r.headers["vary"])  # a cache keeps one page's answer from another's
 
 
 def test_a_preflight_from_an_allowed_origin_is_answered_by_envoy(page: httpx.Client) -> None:
@@ -140,3 +141,4 @@ def test_without_cors_origins_no_page_is_allowed(http: httpx.Client, auth_header
     r = http.get("/api/gallery/cam1/events", headers={**auth_headers(), "Origin": APP})
     assert r.status_code == 200, r.text
     assert not [name for name in r.headers if name.startswith("access-control-")], r.headers
+    assert "vary" not in r.headers

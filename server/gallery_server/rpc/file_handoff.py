@@ -57,6 +57,11 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
     def __init__(self, gallery: Gallery, verifier: auth.Verifier) -> None:
         self._gallery = gallery
         self._verifier = verifier
+        # What Envoy's virtual host adds to every other answer (envoy_config._headers_to_add),
+        # which a file Envoy sends itself does not get.
+        self._always = (
+            *downloads.SAFETY_HEADERS, *((("vary", "origin"),) if gallery.settings.cors_origins else ()),
+        )
 
     def Check(self, request, context):  # type: ignore[no-untyped-def]
         http = request.attributes.request.http
@@ -105,7 +110,7 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
                 headers_to_remove=remove,
                 response_headers_to_add=[
                     _header(k, v)
-                    for k, v in (*response_headers, *downloads.SAFETY_HEADERS, (HANDOFF_HEADER, "1"))
+                    for k, v in (*response_headers, *self._always, (HANDOFF_HEADER, "1"))
                 ],
             ),
         )
