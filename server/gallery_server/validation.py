@@ -4,7 +4,7 @@ The policy, everywhere a name or id comes in (REST path, query and form, native 
 URLs, the drop folders):
 - Identifiers are ASCII-only patterns, so no look-alike, NUL, separator or traversal can pass:
   device ids `^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`, event ids `evt_` + 22 URL-safe characters,
-  upload ids `^[A-Za-z0-9_-]{8,64}$` (resumable.py), sha256 64 lowercase hex digits. Nothing is
+  upload ids `^[A-Za-z0-9_-]{8,64}$` (resumable uploads' ids), sha256 64 lowercase hex digits. Nothing is
   normalised: a value is either exactly valid or refused.
 - Display names (the event's filename, a pre-signed URL's filename, an announced name) are
   NFC-normalised, then must be 1..255 characters and hold no control (Cc), format (Cf: bidi
@@ -174,7 +174,7 @@ def metadata_object(value: Any, max_bytes: int) -> str:
     # Metadata travels as a google.protobuf.Struct, whose numbers are doubles: refuse numbers a
     # double cannot hold exactly rather than store what could never be read back unchanged.
     try:
-        _check_numbers(value, 1)
+        _check_metadata_value(value, 1)
     except RecursionError:
         raise _invalid_metadata("metadata is nested too deeply") from None
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -192,17 +192,17 @@ MAX_METADATA_KEY_CHARS = 256
 MAX_METADATA_DEPTH = 32
 
 
-def _check_numbers(value: Any, depth: int) -> None:
-    """Check depth, numbers, keys and strings at every level (the name is older than the rest)."""
+def _check_metadata_value(value: Any, depth: int) -> None:
+    """Check depth, numbers, keys and strings at every level."""
     if isinstance(value, (dict, list)) and depth > MAX_METADATA_DEPTH:
         raise _invalid_metadata(f"metadata must not nest objects and arrays over {MAX_METADATA_DEPTH} deep")
     if isinstance(value, dict):
         for key, item in value.items():
             _check_key(key)
-            _check_numbers(item, depth + 1)
+            _check_metadata_value(item, depth + 1)
     elif isinstance(value, list):
         for item in value:
-            _check_numbers(item, depth + 1)
+            _check_metadata_value(item, depth + 1)
     elif isinstance(value, bool):
         return
     elif isinstance(value, str):
