@@ -400,6 +400,21 @@ def failing_event_commit(error: Exception) -> Iterator[None]:
         sa.event.remove(Session, "pending_to_persistent", on_insert)
 
 
+def new_device(prefix: str = "cam") -> str:
+    """A device id no other test has: tests share a stack, its database and its limits per device."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
+    """Whether `condition` came true within `seconds` (polled; for what no event signals)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def random_bytes(n: int) -> bytes:
     """Random bytes that content sniffing takes for no known type: about one random head in
     a thousand looks like an MP3 frame, and would make "other" media audio."""

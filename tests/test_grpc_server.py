@@ -26,7 +26,7 @@ from gallery.v1 import gallery_pb2_grpc
 from gallery_server.rpc.interceptor import MAX_REFLECTION_STREAMS
 from gallery_server.settings import Settings
 
-from .conftest import rich_error, stored_files
+from .conftest import rich_error, stored_files, wait_until
 
 SERVICE_NAME = "gallery.v1.GalleryService"
 GENERIC_INTERNAL = "internal error; the server log has the details"
@@ -435,15 +435,6 @@ ROUNDS = 4
 
 def staged(running: Running) -> list:
     return sorted((running.settings.data_dir / "staging").iterdir())
-
-
-def wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def assert_nothing_left(running: Running, round_: int) -> None:

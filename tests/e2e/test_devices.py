@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -31,6 +30,7 @@ from gallery.v1 import gallery_pb2 as gpb
 from gallery_server import agent as agent_module
 from gallery_server import auth
 
+from ..conftest import new_device
 from ..silent_network import SilentNetworkProxy
 from .conftest import Stack, start_stack, stop_stack
 
@@ -131,10 +131,6 @@ def content(http: httpx.Client, headers: dict[str, str], device: str, event_id: 
     r = http.get(f"/api/gallery/{device}/events/{event_id}/content", headers=headers)
     assert r.status_code == 200, r.text
     return r.content
-
-
-def new_device() -> str:
-    return f"cam-{uuid.uuid4().hex[:10]}"
 
 
 def test_announce_pull_and_download(stack, http, auth_headers, run_agent, tmp_path, envoy_channel):

@@ -34,7 +34,7 @@ from gallery.v1 import device_pb2_grpc, gallery_pb2_grpc
 from gallery.v1 import gallery_pb2 as pb
 from gallery_server import auth
 
-from ..conftest import JWT_SECRET
+from ..conftest import JWT_SECRET, new_device
 from .conftest import Stack
 
 MiB = 1 << 20
@@ -43,10 +43,6 @@ DOWNLOAD_METHODS = ("GetEventContent", "GetEventThumbnail", "ReadEventContent")
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def new_device() -> str:
-    return f"dl-{uuid.uuid4().hex[:10]}"
 
 
 def pieces(size: int, seed: int) -> Iterator[bytes]:

@@ -16,7 +16,6 @@ import json
 import re
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -29,17 +28,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
 
-from ..conftest import random_bytes, rich_error, stored_files
+from ..conftest import new_device, random_bytes, rich_error, stored_files
 from .conftest import Stack
 
 EVENT_ID_RE = re.compile(r"evt_[A-Za-z0-9_-]{22}")
 MiB = 1024 * 1024
 SERVICE = "gallery.v1.GalleryService"
 TIMEOUT = 60
-
-
-def new_device() -> str:
-    return f"dev-{uuid.uuid4().hex[:10]}"
 
 
 def bearer(token: str) -> list[tuple[str, str]]:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from ..conftest import random_bytes, stored_files
+from ..conftest import new_device, random_bytes, stored_files
 
 READ = "gallery:read"
 WRITE = "gallery:write"
@@ -37,10 +37,6 @@ EVENT_KEYS = {"id", "name", "media_type", "size", "has_thumbnail", "created", "m
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def new_device() -> str:
-    return f"dev-{uuid.uuid4().hex}"
 
 
 def is_number(value: object) -> bool:

@@ -20,13 +20,12 @@ import socket
 import threading
 import time
 import urllib.parse
-import uuid
 from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 
-from ..conftest import random_bytes, stored_files
+from ..conftest import new_device, random_bytes, stored_files
 from .conftest import Stack, start_stack, stop_stack
 
 EVENT_ID_RE = re.compile(r"evt_[A-Za-z0-9_-]{22}")
@@ -35,10 +34,6 @@ SMALL_THUMBNAIL_LIMIT = 16 * 1024
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def new_device() -> str:
-    return f"cam-{uuid.uuid4().hex[:10]}"
 
 
 def error_reason(response: httpx.Response) -> str:

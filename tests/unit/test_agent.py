@@ -17,6 +17,8 @@ from PIL import Image
 from gallery.v1 import device_pb2 as dpb
 from gallery_server import agent, cli
 
+from ..conftest import wait_until
+
 
 def touch(path: pathlib.Path, data: bytes = b"x") -> pathlib.Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -386,13 +388,6 @@ class BlockedUploads:
                 self.running -= 1
 
 
-def wait_until(condition, timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 def start_uploads(a: agent.Agent, root: pathlib.Path, count: int) -> None:
     for n in range(count):
         touch(root / f"{n}.mov", b"clip")
@@ -403,7 +398,7 @@ def test_at_most_max_uploads_run_at_once_and_the_others_wait_their_turn(offline_
     uploads = BlockedUploads(offline_agent)
     monkeypatch.setattr(offline_agent, "_send_file", uploads)
     start_uploads(offline_agent, tmp_path, 5)
-    wait_until(lambda: uploads.running == agent.MAX_UPLOADS)
+    assert wait_until(lambda: uploads.running == agent.MAX_UPLOADS)
     time.sleep(0.3)  # time enough for a third to start, were it allowed
     assert uploads.running == agent.MAX_UPLOADS
 
@@ -419,7 +414,7 @@ def test_uploads_waiting_their_turn_do_not_hold_up_stop_nor_fail(offline_agent, 
     uploads = BlockedUploads(offline_agent)
     monkeypatch.setattr(offline_agent, "_send_file", uploads)
     start_uploads(offline_agent, tmp_path, 5)
-    wait_until(lambda: uploads.running == agent.MAX_UPLOADS)
+    assert wait_until(lambda: uploads.running == agent.MAX_UPLOADS)
 
     offline_agent.stop.set()
     started = time.monotonic()

@@ -14,6 +14,8 @@ from gallery_server.receiving import ReceivePermits
 from gallery_server.settings import ConfigError, Settings
 from gallery_server.uploads import IdleWatchdog
 
+from ..conftest import wait_until
+
 
 class Ended(Exception):
     """What a transport's request iterator raises once its RPC is over."""
@@ -78,15 +80,6 @@ def run(target: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
     thread = threading.Thread(target=body, daemon=True)
     thread.start()
     return thread, outcome
-
-
-def wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_at_most_permits_messages_are_held_at_once():
