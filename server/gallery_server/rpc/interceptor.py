@@ -29,6 +29,7 @@ from google.protobuf.message import DecodeError
 
 from .. import auth, logs
 from ..errors import Exhausted, GalleryError, InvalidArgument, Unauthenticated
+from ..metrics import CALL_TYPES, Metrics
 from . import chunks, status
 
 log = logging.getLogger("gallery.access")
@@ -70,9 +71,11 @@ def current_principal() -> auth.Principal:
 
 class GalleryInterceptor(grpc.ServerInterceptor):
     def __init__(
-        self, verifier: auth.Verifier, pools: Mapping[str, futures.ThreadPoolExecutor] | None = None
+        self, verifier: auth.Verifier, pools: Mapping[str, futures.ThreadPoolExecutor] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._verifier = verifier
+        self._metrics = metrics
         # Methods that run on a pool of their own rather than the server's (rpc/server.py).
         self._pools = dict(pools or {})
         self._reflection_streams = threading.BoundedSemaphore(MAX_REFLECTION_STREAMS)
@@ -94,10 +97,11 @@ class GalleryInterceptor(grpc.ServerInterceptor):
         behavior = _refusing_undecodable(behavior, handler.request_streaming)
         if method.startswith(REFLECTION_PREFIX):
             behavior = _counted(behavior, self._reflection_streams)
+        call_type = CALL_TYPES[(handler.request_streaming, handler.response_streaming)]
         if handler.response_streaming:
-            wrapped: Callable[..., Any] = self._wrap_stream(method, public, behavior)
+            wrapped: Callable[..., Any] = self._wrap_stream(method, call_type, public, behavior)
         else:
-            wrapped = self._wrap_unary(method, public, behavior)
+            wrapped = self._wrap_unary(method, call_type, public, behavior)
         pool = self._pools.get(method)
         if pool is not None:
             # grpcio runs a behavior that carries this attribute on that executor instead of the
@@ -117,9 +121,9 @@ class GalleryInterceptor(grpc.ServerInterceptor):
             ),
         )
 
-    def _wrap_unary(self, method: str, public: bool, behavior: Callable[..., Any]) -> Callable:
+    def _wrap_unary(self, method: str, call_type: str, public: bool, behavior: Callable[..., Any]) -> Callable:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
-            call = _Call(method, context)
+            call = _Call(method, call_type, context, self._metrics)
             serving = logs.request_id.set(call.request_id)
             try:
                 token = self._enter(call, public)
@@ -135,9 +139,9 @@ class GalleryInterceptor(grpc.ServerInterceptor):
 
         return run
 
-    def _wrap_stream(self, method: str, public: bool, behavior: Callable[..., Any]) -> Callable:
+    def _wrap_stream(self, method: str, call_type: str, public: bool, behavior: Callable[..., Any]) -> Callable:
         def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            call = _Call(method, context)
+            call = _Call(method, call_type, context, self._metrics)
             serving = logs.request_id.set(call.request_id)
             try:
                 token = self._enter(call, public)
@@ -235,10 +239,14 @@ def _refusing_undecodable(behavior: Callable[..., Any], streaming: bool) -> Call
 
 
 class _Call:
-    """Bookkeeping of one RPC for the access log."""
+    """Bookkeeping of one RPC for the access log and the metrics."""
 
-    def __init__(self, method: str, context: grpc.ServicerContext) -> None:
+    def __init__(
+        self, method: str, call_type: str, context: grpc.ServicerContext, metrics: Metrics | None,
+    ) -> None:
         self.method = method
+        self.call_type = call_type
+        self.metrics = metrics
         self.context = context
         self.metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
         self.request_id = self.metadata.get("x-request-id") or uuid.uuid4().hex
@@ -246,6 +254,8 @@ class _Call:
         self.code = "OK"
         self.reason = ""
         self.started = time.perf_counter()
+        if metrics is not None:
+            metrics.call_started(call_type, method)
         if log.isEnabledFor(logging.DEBUG):
             # Names only: the values carry bearer tokens (authorization) and, for a transcoded
             # PUT, the path with its signed-URL token is not in the metadata at all.
@@ -268,6 +278,10 @@ class _Call:
         self.context.abort_with_status(status.internal_status())
 
     def log(self) -> None:
+        """The call's access line, and its count and duration in the metrics."""
+        seconds = time.perf_counter() - self.started
+        if self.metrics is not None:
+            self.metrics.call_finished(self.call_type, self.method, self.code, seconds)
         log.info(
             "rpc",
             extra={
@@ -276,6 +290,6 @@ class _Call:
                 "reason": self.reason,
                 "subject": self.subject,
                 "request_id": self.request_id,
-                "duration_ms": round((time.perf_counter() - self.started) * 1000, 2),
+                "duration_ms": round(seconds * 1000, 2),
             },
         )

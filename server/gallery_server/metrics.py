@@ -1,0 +1,99 @@
+"""Prometheus metrics of one server process, served on GALLERY_METRICS_ADDRESS (off by default).
+
+Calls are counted under the names and labels of the gRPC ecosystem's server metrics
+(`grpc_server_started_total`, `grpc_server_handled_total`, `grpc_server_handling_seconds`, as
+go-grpc-prometheus and its dashboards have them), REST calls included, since Envoy turns each into
+one gRPC call. Beside them, what this server bounds and an operator watches: uploads in flight and
+device channels open, each with its limit, and the data root's free space. Envoy's own figures (per
+route, per upstream, the transcoder's) are on its admin port, at /stats/prometheus.
+
+Each replica serves its own; nothing here is shared between processes.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Callable
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# A counter's `_created` twin doubles every scrape and says nothing its reset to 0 does not.
+prometheus_client.disable_created_metrics()
+
+# From a remembered token's read (~1 ms) to a long upload or a device's channel (hours).
+HANDLING_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200,
+)
+# grpc_type, by whether the request and the answer are streams.
+CALL_TYPES = {
+    (False, False): "unary", (True, False): "client_stream",
+    (False, True): "server_stream", (True, True): "bidi_stream",
+}
+
+
+def code_label(code_name: str) -> str:
+    """A gRPC status code as the ecosystem's metrics write it (Go's codes.Code.String():
+    `InvalidArgument`, `Canceled`), from grpcio's name of it (`INVALID_ARGUMENT`, `CANCELLED`)."""
+    if code_name == "OK":
+        return "OK"
+    if code_name == "CANCELLED":
+        return "Canceled"
+    return "".join(word.capitalize() for word in code_name.split("_"))
+
+
+class Metrics:
+    """One process's registry: the interceptor reports each call, the server adds its gauges."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ("grpc_type", "grpc_service", "grpc_method")
+        self._started = Counter(
+            "grpc_server_started", "Calls started on the server.", labels, registry=self.registry,
+        )
+        self._handled = Counter(
+            "grpc_server_handled", "Calls finished on the server, by gRPC status code.",
+            (*labels, "grpc_code"), registry=self.registry,
+        )
+        self._handling = Histogram(
+            "grpc_server_handling_seconds", "Time from a call's start to its end, streams included.",
+            labels, buckets=HANDLING_BUCKETS, registry=self.registry,
+        )
+
+    def call_started(self, call_type: str, method: str) -> None:
+        self._started.labels(call_type, *_service_and_method(method)).inc()
+
+    def call_finished(self, call_type: str, method: str, code_name: str, seconds: float) -> None:
+        service, name = _service_and_method(method)
+        self._handled.labels(call_type, service, name, code_label(code_name)).inc()
+        self._handling.labels(call_type, service, name).observe(seconds)
+
+    def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        """A figure read when scraped, from what already counts it."""
+        Gauge(name, documentation, registry=self.registry).set_function(read)
+
+    def watch_free_space(self, data_dir: pathlib.Path) -> None:
+        def free() -> float:
+            st = os.statvfs(data_dir)
+            return st.f_bavail * st.f_frsize
+
+        self.gauge("gallery_data_free_bytes", "Bytes free for the server on the data root's filesystem.", free)
+
+    def serve(self, host: str, port: int) -> tuple[int, Callable[[], None]]:
+        """Serve the metrics on host:port (0: any free port), at /metrics and every other path;
+        returns the port and what stops it."""
+        server, thread = prometheus_client.start_http_server(port, host, registry=self.registry)
+
+        def stop() -> None:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+
+        return server.server_port, stop
+
+
+def _service_and_method(method: str) -> tuple[str, str]:
+    """("gallery.v1.GalleryService", "ListEvents") of "/gallery.v1.GalleryService/ListEvents"."""
+    service, _, name = method.lstrip("/").rpartition("/")
+    return service, name
