@@ -430,8 +430,13 @@ class Devices:
             with self._channels_lock:
                 self._greeting -= 1
 
+    @property
+    def channels_open(self) -> int:
+        """Device channels open in this process (the metrics' gauge)."""
+        return sum(map(len, list(self._channels.values())))
+
     def _admit_channel(self) -> None:
-        if sum(map(len, self._channels.values())) >= self.max_channels:
+        if self.channels_open >= self.max_channels:
             raise Exhausted(
                 "TOO_MANY_CONNECTIONS",
                 f"this server has {self.max_channels} device channels open: retry later",
