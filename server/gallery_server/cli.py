@@ -173,13 +173,14 @@ def _reconcile(settings: Settings, grace: float | None, *, force: bool = False) 
 
     from .db import Database
     from .reconcile import Reconciler
-    from .service import Gallery
+    from .service import BACKGROUND_POOL_SIZE, Gallery
     from .storage import Storage
 
-    db = Database(settings.database_url, pool_size=2)
+    # Not background_gallery: the tables come first, before the Storage makes the data folders.
+    db = Database(settings.database_url, pool_size=BACKGROUND_POOL_SIZE)
     try:
         db.create_tables()
-        findings = Reconciler(Gallery(settings, db, Storage(settings.data_dir)), grace_seconds=grace).run_once()
+        findings = Reconciler(Gallery(settings, db, Storage.from_settings(settings)), grace_seconds=grace).run_once()
     finally:
         db.dispose()
     print(json.dumps(findings.to_json()))

@@ -189,13 +189,29 @@ def _next_page_token(
     return paging.next_page_token(query, last, full=count == query.limit)
 
 
+# The database pool of each background loop's Gallery (rpc/server.py: serve) and of `gallery
+# reconcile`: a loop runs one query at a time. With DB_POOL_SIZE (rpc/server.py) it makes a
+# replica's count of PostgreSQL connections in the README.
+BACKGROUND_POOL_SIZE = 2
+
+
+def background_gallery(settings: Settings) -> Gallery:
+    """A Gallery of its own for a background loop: its own small pool, the server's tables."""
+    return Gallery(
+        settings, Database(settings.database_url, pool_size=BACKGROUND_POOL_SIZE),
+        Storage.from_settings(settings),
+    )
+
+
 class Gallery:
     def __init__(self, settings: Settings, db: Database, storage: Storage) -> None:
         self.settings = settings
         self.db = db
         self.storage = storage
         # The settings own the disk headroom and the choice of direct I/O, whoever built the
-        # Storage (tests of the stateless signed-URL checks build a Gallery without one).
+        # Storage: one built bare (Storage(data_dir), as tests do) takes theirs here; one built by
+        # Storage.from_settings has them already. Tests of the stateless signed-URL checks build a
+        # Gallery without one.
         if storage is not None:
             storage.min_free_bytes = settings.min_free_bytes
             storage.direct_io = settings.direct_io

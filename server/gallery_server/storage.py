@@ -41,11 +41,15 @@ import queue
 import secrets
 import threading
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from . import _malloc, file_locks
 from ._direct_io import AppendWriter
 from .errors import AlreadyExists, Exhausted, TooLarge
 from .media_types import SNIFF_BYTES
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +85,23 @@ def media_root(data_dir: pathlib.Path) -> pathlib.Path:
 
 
 class Storage:
-    def __init__(self, data_dir: pathlib.Path) -> None:
+    def __init__(
+        self, data_dir: pathlib.Path, *, min_free_bytes: int = 0, direct_io: bool = False
+    ) -> None:
         self.data_dir = data_dir
-        self.min_free_bytes = 0  # the headroom: Gallery sets it from the settings, its one owner
-        self.direct_io = False  # write staged files past the page cache; Gallery sets it too
+        self.min_free_bytes = min_free_bytes  # the headroom (0: none)
+        self.direct_io = direct_io  # write staged files past the page cache
         self.media_root = media_root(data_dir)
         self.staging_root = data_dir / "staging"
         self.drop_root = data_dir / "gallery"
         for folder in (self.media_root, self.staging_root, self.drop_root):
             folder.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Storage:
+        """The data root with the headroom and the choice of direct I/O of the settings, their one
+        owner."""
+        return cls(settings.data_dir, min_free_bytes=settings.min_free_bytes, direct_io=settings.direct_io)
 
     def device_paths(self, device: str) -> tuple[pathlib.Path, pathlib.Path]:
         incoming = self.drop_root / device / "incoming"

@@ -22,7 +22,7 @@ from ..devices import Devices
 from ..incoming import IncomingImporter
 from ..reconcile import ReconcileLoop, Reconciler
 from ..resumable import ResumableUploads, SessionSweeper
-from ..service import Gallery
+from ..service import Gallery, background_gallery
 from ..settings import Settings
 from ..signed_urls import SignedUploads
 from ..storage import Storage
@@ -45,6 +45,8 @@ MAX_MESSAGE_BYTES = 8 << 20
 # to 32 KiB (max_request_headers_kb): a token naming a fleet of devices is past 8 KiB. Above
 # Envoy's limit, with room for the headers it adds, for native clients too.
 MAX_METADATA_BYTES = 64 << 10
+# The requests' database pool; with BACKGROUND_POOL_SIZE (service.py) for each of serve()'s
+# background loops, a replica's count of PostgreSQL connections in the README.
 DB_POOL_SIZE = 20
 UPLOAD_WINDOW_BYTES = 512 << 10
 PING_ANSWER_FACTOR = 6  # how many keepalive intervals a client has to answer a PING (below)
@@ -65,7 +67,7 @@ QUICK_READS = tuple(
 def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build a ready-to-start server bound to `address` (use port 0 in tests); returns it, its
     port and its health servicer."""
-    storage = Storage(settings.data_dir)  # creates the data root, where SQLite lives by default
+    storage = Storage.from_settings(settings)  # creates the data root, where SQLite lives by default
     # RPCs hold a connection only for their queries, not while streaming bytes: a pool much smaller
     # than the worker count keeps several replicas within PostgreSQL's connection limit.
     db = Database(settings.database_url, pool_size=DB_POOL_SIZE)
@@ -150,29 +152,22 @@ def serve(settings: Settings) -> None:
     server.start()
     log.info("gRPC server listening", extra={"address": settings.grpc_address, "port": port})
     # Every replica may scan the shared drop folders: imports are idempotent (incoming.py).
-    importer = IncomingImporter(
-        Gallery(settings, Database(settings.database_url, pool_size=2), Storage(settings.data_dir))
-    )
+    importer = IncomingImporter(background_gallery(settings))
     importer.start()
     # Every replica may sweep expired upload sessions: removal is idempotent (resumable.py).
-    sweeper = SessionSweeper(ResumableUploads(
-        Gallery(settings, Database(settings.database_url, pool_size=2), Storage(settings.data_dir))
-    ))
+    sweeper = SessionSweeper(ResumableUploads(background_gallery(settings)))
     sweeper.start()
     # Every replica reconciles files and rows, at start-up and then periodically: each step is
     # idempotent and spares anything younger than the grace period (reconcile.py).
     reconciler = ReconcileLoop(
-        Reconciler(Gallery(settings, Database(settings.database_url, pool_size=2),
-                           Storage(settings.data_dir))),
+        Reconciler(background_gallery(settings)),
         settings.reconcile_interval_seconds,
     )
     reconciler.start()
     # Every replica may also make missing thumbnails: events are claimed one at a time (thumbnails.py).
     thumbnailer = None
     if settings.make_thumbnails:
-        thumbnailer = Thumbnailer(
-            Gallery(settings, Database(settings.database_url, pool_size=2), Storage(settings.data_dir))
-        )
+        thumbnailer = Thumbnailer(background_gallery(settings))
         thumbnailer.start()
     signals: queue.SimpleQueue[int] = queue.SimpleQueue()
 
