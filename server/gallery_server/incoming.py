@@ -238,9 +238,8 @@ class IncomingImporter(BackgroundLoop):
                 continue
             # Never through a symlink: a linked folder would import (and then delete) files from
             # wherever it points, or another device's folder as this device's.
-            root = pathlib.Path(entry.path)
             if entry.is_dir(follow_symlinks=False):
-                folders.append((entry.name, root / "incoming", root / "thumbnails"))
+                folders.append((entry.name, *self.storage.drop_folders(entry.name)))
         return folders
 
     def _list(self, folder: pathlib.Path, now: float, seen: dict[str, _Seen]) -> list[_DropFile]:

@@ -139,13 +139,13 @@ class Reconciler:
 
     @property
     def status_path(self) -> pathlib.Path:
-        return self.storage.data_dir / "run" / "reconcile.json"
+        return self.storage.run_root / "reconcile.json"
 
     # -- one pass -------------------------------------------------------------------------------
 
     @property
     def lock_path(self) -> pathlib.Path:
-        return self.storage.data_dir / "run" / "reconcile.lock"
+        return self.storage.run_root / "reconcile.lock"
 
     def run_once(self) -> Findings:
         """One pass; waits while another replica (or thread) runs one."""
@@ -198,7 +198,7 @@ class Reconciler:
     def _old_staging(self, cutoff: float) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
         root = self.storage.staging_root
         uploads = [p for p in _files(root) if _changed(p) < cutoff]
-        sessions = [p for d in _dirs(root / "sessions") for p in _files(d) if _changed(p) < cutoff]
+        sessions = [p for d in _dirs(self.storage.sessions_root) for p in _files(d) if _changed(p) < cutoff]
         return uploads, sessions
 
     def _old_media(self, cutoff: float) -> dict[str, list[pathlib.Path]]:

@@ -7,6 +7,8 @@ Layout under the data root:
     staging/sessions/<device>/<id>     resumable uploads (resumable.py), kept across restarts
     gallery/<device>/incoming          drop folders handed out by GetDevicePaths
     gallery/<device>/thumbnails
+    run/                               the running stack's files: Envoy's config, the reconciler's
+                                       lock and status
 
 A file reaches media/ only by rename after it is complete, hashed and fsynced, so a reader never
 sees a partial file; staging/ lives on the same filesystem so the rename is atomic.
@@ -84,6 +86,12 @@ def media_root(data_dir: pathlib.Path) -> pathlib.Path:
     return data_dir / "media"
 
 
+def run_dir(data_dir: pathlib.Path) -> pathlib.Path:
+    """Where the running stack keeps its files (Envoy's config, the reconciler's lock and status);
+    not created here: each writer makes it when it writes there."""
+    return data_dir / "run"
+
+
 class Storage:
     def __init__(
         self, data_dir: pathlib.Path, *, min_free_bytes: int = 0, direct_io: bool = False
@@ -93,7 +101,9 @@ class Storage:
         self.direct_io = direct_io  # write staged files past the page cache
         self.media_root = media_root(data_dir)
         self.staging_root = data_dir / "staging"
+        self.sessions_root = self.staging_root / "sessions"  # made by the first resumable upload
         self.drop_root = data_dir / "gallery"
+        self.run_root = run_dir(data_dir)
         for folder in (self.media_root, self.staging_root, self.drop_root):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -103,9 +113,14 @@ class Storage:
         owner."""
         return cls(settings.data_dir, min_free_bytes=settings.min_free_bytes, direct_io=settings.direct_io)
 
+    def drop_folders(self, device: str) -> tuple[pathlib.Path, pathlib.Path]:
+        """A device's drop folders (incoming, thumbnails), not created: for readers of them."""
+        device_root = self.drop_root / device
+        return device_root / "incoming", device_root / "thumbnails"
+
     def device_paths(self, device: str) -> tuple[pathlib.Path, pathlib.Path]:
-        incoming = self.drop_root / device / "incoming"
-        thumbnails = self.drop_root / device / "thumbnails"
+        """A device's drop folders (incoming, thumbnails), created if missing: for handing out."""
+        incoming, thumbnails = self.drop_folders(device)
         incoming.mkdir(parents=True, exist_ok=True)
         thumbnails.mkdir(parents=True, exist_ok=True)
         return incoming, thumbnails
@@ -146,7 +161,7 @@ class Storage:
             raise insufficient_storage(free, self.min_free_bytes)
 
     def session_path(self, device: str, upload_id: str) -> pathlib.Path:
-        return self.staging_root / "sessions" / device / upload_id
+        return self.sessions_root / device / upload_id
 
     def remove_event_files(self, device: str, event_id: str) -> None:
         """Remove a deleted event's files, each as far as it goes: its row is gone already, so a

@@ -104,7 +104,7 @@ def wait_envoy_ready(
 
 
 def start_envoy(settings: Settings, backends: list[str]) -> subprocess.Popen[bytes]:
-    run_dir = settings.data_dir / "run"
+    run_dir = storage.run_dir(settings.data_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = run_dir / "envoy.yaml"
     config.write_text(encoding="utf-8", data=envoy_config.render(
