@@ -10,6 +10,7 @@ import pathlib
 import sys
 
 from . import auth, logs, validation
+from .addresses import split_address
 from .errors import InvalidArgument
 from .settings import ConfigError, Settings, data_dir_from_env, ensure_secret_file, min_reconcile_grace
 
@@ -161,9 +162,8 @@ def _reconcile(settings: Settings, grace: float | None, *, force: bool = False) 
                   " progress: stop the servers and add --force", file=sys.stderr)
             return 2
         if grace < floor:
-            host, _, port = settings.grpc_address.rpartition(":")
             try:
-                socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=1).close()
+                socket.create_connection(split_address(settings.grpc_address, "127.0.0.1"), timeout=1).close()
             except (OSError, ValueError):
                 pass
             else:

@@ -11,6 +11,7 @@ import string
 from google.rpc import error_details_pb2, status_pb2
 
 from . import downloads
+from .addresses import ANY_HOST, split_address
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "envoy" / "envoy.yaml"
@@ -65,11 +66,6 @@ CORS_EXPOSED_HEADERS = (
 CORS_MAX_AGE_SECONDS = 600  # how long a browser may reuse a preflight's answer
 
 
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 def render(
     *, listen: str, admin_port: int, backends: list[str], media_root: pathlib.Path | None = None,
     keepalive_seconds: float = 20.0, cors_origins: tuple[str, ...] = (),
@@ -79,10 +75,10 @@ def render(
     `keepalive_seconds` and closes a connection that leaves one unanswered as long
     (Settings.keepalive_seconds). Web pages on `cors_origins` (serialized origins, or "*" for
     any) may call the REST API (Settings.cors_origins)."""
-    listen_host, listen_port = split_address(listen)
+    listen_host, listen_port = split_address(listen, ANY_HOST)
     endpoints = []
     for backend in backends:
-        host, port = split_address(backend)
+        host, port = split_address(backend, ANY_HOST)
         endpoints.append(
             {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
         )

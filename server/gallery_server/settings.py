@@ -24,6 +24,7 @@ import pathlib
 import secrets
 import urllib.parse
 
+from .addresses import ANY_HOST, MAX_PORT, split_address
 from .auth import public_key_algorithm
 
 SECRET_FILE_NAME = "jwt-secret"
@@ -172,12 +173,11 @@ def _address(env: os._Environ[str] | dict[str, str], name: str, default: str) ->
     """host:port ([host]:port for IPv6), checked here: a bad port otherwise fails in Envoy, after
     thousands of lines of its configuration, or as a traceback."""
     text = _text(env, name, default)
-    host, colon, port = text.rpartition(":")
-    bracketed = host.startswith("[") and host.endswith("]")
-    if (
-        not colon or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= MAX_PORT
-        or (":" in host and not bracketed)
-    ):
+    try:
+        _, port = split_address(text, default_host="")
+    except ValueError:
+        port = 0  # not host:port: refused below, as port 0 (any free one) is: clients must know it
+    if not port:
         raise ConfigError(
             f"{name}={text}: must be host:port ([host]:port for IPv6) with a port between 1 and"
             f" {MAX_PORT}"
@@ -226,12 +226,12 @@ def _public_url(env: os._Environ[str] | dict[str, str], http_address: str) -> st
     text = _text(env, "GALLERY_PUBLIC_URL", "")
     if text:
         return text.rstrip("/")
-    host, _, port = http_address.rpartition(":")
+    host, port = split_address(http_address, default_host=ANY_HOST)
     try:
-        wildcard = ipaddress.ip_address(host.strip("[]")).is_unspecified
+        wildcard = ipaddress.ip_address(host).is_unspecified
     except ValueError:  # a name
-        wildcard = not host
-    return f"http://{'localhost' if wildcard else host}:{port}"
+        wildcard = False
+    return f"http://localhost:{port}" if wildcard else f"http://{http_address}"
 
 
 # logging's level names (logs.configure() hands the level to logging, which raises on any other
@@ -253,7 +253,6 @@ def _log_level(env: os._Environ[str] | dict[str, str], default: str) -> str:
 
 A_YEAR = 365 * 86400
 INT64_MAX = 2**63 - 1
-MAX_PORT = 65535
 
 # The least grace period a server reconciles with (reconcile.py): files in use are locked, so the
 # grace guards what locks do not cover (incoming imports, filesystems without locks).

@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import auth, envoy_config, storage
+from .addresses import ANY_HOST, split_address
 from .settings import Settings
 
 READY_TIMEOUT_S = 60
@@ -147,7 +148,7 @@ def check_ports_free(settings: Settings) -> None:
         ("GALLERY_HTTP_ADDRESS", settings.http_address),
         ("GALLERY_ENVOY_ADMIN_PORT", f"127.0.0.1:{settings.envoy_admin_port}"),
     ):
-        host, port = envoy_config.split_address(address)
+        host, port = split_address(address, ANY_HOST)
         try:
             places = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         except socket.gaierror:
