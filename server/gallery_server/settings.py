@@ -46,6 +46,7 @@ class Settings:
     envoy_admin_port: int = 9901
     max_upload_bytes: int = 16 << 30
     max_thumbnail_bytes: int = 10 << 20
+    # An event's JSON metadata (a request's headers are limited by rpc/server.py MAX_HEADER_LIST_BYTES).
     max_metadata_bytes: int = 64 << 10
     # Threads are made as calls need them; each connected device holds one, so the default leaves
     # room for ~100 devices per replica beside 48 uploads (threads.py).

@@ -40,11 +40,12 @@ DEVICE_SERVICE_NAME = device_pb2.DESCRIPTOR.services_by_name["DeviceService"].fu
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["GalleryAdminService"].full_name
 # Upload chunks are up to 1 MiB from Envoy and up to 4 MiB from native clients.
 MAX_MESSAGE_BYTES = 8 << 20
-# Request headers (gRPC metadata). grpc-core's defaults refuse some requests above 8 KiB and all
-# above 16 KiB with RESOURCE_EXHAUSTED (a 429 that clients retry for ever), while Envoy passes up
-# to 32 KiB (max_request_headers_kb): a token naming a fleet of devices is past 8 KiB. Above
-# Envoy's limit, with room for the headers it adds, for native clients too.
-MAX_METADATA_BYTES = 64 << 10
+# A request's header list (gRPC metadata; an event's metadata is Settings.max_metadata_bytes).
+# grpc-core's defaults refuse some requests above 8 KiB and all above 16 KiB with
+# RESOURCE_EXHAUSTED (a 429 that clients retry for ever), while Envoy passes up to 32 KiB
+# (max_request_headers_kb): a token naming a fleet of devices is past 8 KiB. Above Envoy's limit,
+# with room for the headers it adds, for native clients too.
+MAX_HEADER_LIST_BYTES = 64 << 10
 # The requests' database pool; with BACKGROUND_POOL_SIZE (service.py) for each of serve()'s
 # background loops, a replica's count of PostgreSQL connections in the README.
 DB_POOL_SIZE = 20
@@ -87,8 +88,8 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int, h
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
-            ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+            ("grpc.max_metadata_size", MAX_HEADER_LIST_BYTES),
+            ("grpc.absolute_max_metadata_size", MAX_HEADER_LIST_BYTES),
             # Fixed HTTP/2 receive windows of half an upload chunk per stream. grpc-core's BDP
             # probing grows each stream's window to tens of MiB, so every upload whose handler
             # falls behind queues that much here: 16 concurrent 64 MiB uploads peaked at 755 MiB
