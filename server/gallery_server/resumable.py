@@ -70,11 +70,10 @@ from .errors import (
     InvalidArgument,
     NotFound,
     OutOfRange,
-    TooLarge,
 )
 from .models import Event, UploadSessionRow
 from .service import Gallery, SessionHook, aware, utcnow
-from .storage import StagedFile, fsync_dir
+from .storage import StagedFile, fsync_dir, upload_too_large
 from .uploads import Upload
 
 log = logging.getLogger(__name__)
@@ -150,10 +149,7 @@ class ResumableUploads:
         validation.sha256_hex(sha256)
         limit = self.settings.max_upload_bytes
         if size is not None and size > limit:
-            raise TooLarge(
-                "UPLOAD_TOO_LARGE", f"event is larger than {limit} bytes",
-                field="size", limit=str(limit),
-            )
+            raise upload_too_large("event", limit, field="size")
         if dedupe:
             if not sha256:
                 raise InvalidArgument(
@@ -554,10 +550,7 @@ class SessionWriter:
             )
         limit = self._uploads.settings.max_upload_bytes
         if end > limit:
-            raise TooLarge(
-                "UPLOAD_TOO_LARGE", f"event is larger than {limit} bytes",
-                field="data", limit=str(limit),
-            )
+            raise upload_too_large("event", limit, field="data")
         view = memoryview(data)
         while view:
             with self._uploads.storage.disk_full_is_exhausted():

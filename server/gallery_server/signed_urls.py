@@ -45,11 +45,11 @@ from .errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    TooLarge,
 )
 from .models import GRANT_UNUSED, Event, UploadGrant, UploadSessionRow
 from .resumable import ResumableUploads, SessionWriter
 from .service import Gallery, aware, utcnow
+from .storage import upload_too_large
 from .uploads import Upload
 
 log = logging.getLogger(__name__)
@@ -251,10 +251,7 @@ class SignedUploads:
             )
         limit = self.gallery.settings.max_upload_bytes
         if content_range.total > limit:
-            raise TooLarge(
-                "UPLOAD_TOO_LARGE", f"event is larger than {limit} bytes",
-                field="content_range", limit=str(limit),
-            )
+            raise upload_too_large("event", limit, field="content_range")
         grant = self.grant(target)
         if grant.media_state == "done":
             self._drop_chunks(target)

@@ -304,10 +304,7 @@ class StagedFile:
         if self._failed is not None:
             raise self._failed
         if self.size + len(data) > self.max_bytes:
-            raise TooLarge(
-                "UPLOAD_TOO_LARGE", f"{self.what} is larger than {self.max_bytes} bytes",
-                field=self.what, limit=str(self.max_bytes),
-            )
+            raise upload_too_large(self.what, self.max_bytes, field=self.what)
         if len(self.head) < SNIFF_BYTES:
             self.head += bytes(data[: SNIFF_BYTES - len(self.head)])
         if self._space is not None:
@@ -441,6 +438,14 @@ def insufficient_storage(free: int, headroom: int) -> Exhausted:
         INSUFFICIENT_STORAGE,
         "the server is short of disk space and accepts no uploads for now: retry later",
         free_bytes=str(free), min_free_bytes=str(headroom),
+    )
+
+
+def upload_too_large(what: str, limit: int, *, field: str) -> TooLarge:
+    """The one refusal of media (`what`: "event", or "thumbnail") past `limit` bytes, whether a
+    declared size or the bytes written found it; `field` is the request field at fault."""
+    return TooLarge(
+        "UPLOAD_TOO_LARGE", f"{what} is larger than {limit} bytes", field=field, limit=str(limit),
     )
 
 

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from .errors import Exhausted, FailedPrecondition, InvalidArgument, TooLarge
-from .storage import StagedFile, Storage
+from .errors import Exhausted, FailedPrecondition, InvalidArgument
+from .storage import StagedFile, Storage, upload_too_large
 
 
 @dataclasses.dataclass
@@ -81,10 +81,7 @@ class Upload:
     def expect_media_size(self, size: int) -> None:
         limit = self.media.max_bytes
         if size > limit:
-            raise TooLarge(
-                "UPLOAD_TOO_LARGE", f"{self.media.what} is larger than {limit} bytes",
-                field="size", limit=str(limit),
-            )
+            raise upload_too_large(self.media.what, limit, field="size")
 
     def write_media(self, data: bytes | memoryview) -> None:
         self.media_received = True
