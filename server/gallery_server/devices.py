@@ -27,6 +27,7 @@ from sqlmodel import Session, col, select
 
 from . import validation
 from .auth import DEVICE, WRITE, Principal
+from .clock import aware, utcnow
 from .errors import (
     CommitOutcomeUnknown,
     Conflict,
@@ -40,7 +41,7 @@ from .errors import (
 )
 from .media_types import classify, detect_mime
 from .models import DeletedCapture, DeviceCommand, DeviceConnection, Event
-from .service import Gallery, aware, utcnow
+from .service import Gallery
 from .threads import Holds, thread_shares
 
 log = logging.getLogger(__name__)

@@ -68,10 +68,11 @@ from sqlmodel import col, select
 from . import file_locks, validation
 from ._direct_io import AppendWriter
 from .background import BackgroundLoop
+from .clock import utcnow
 from .errors import Exhausted, GalleryError
 from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import Event, initial_thumbnail_state
-from .service import Gallery, utcnow
+from .service import Gallery
 from .storage import INSUFFICIENT_STORAGE, SpaceMeter, Storage, fsync_dir, hold_shared, make_dir
 
 log = logging.getLogger(__name__)

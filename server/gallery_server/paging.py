@@ -18,6 +18,7 @@ import json
 import re
 
 from . import validation
+from .clock import aware
 from .errors import InvalidArgument
 
 ORDERS = ("newest", "oldest")
@@ -141,6 +142,4 @@ def _instant(value: str, field: str) -> datetime.datetime | None:
 def _iso(moment: datetime.datetime | None) -> str:
     if moment is None:
         return ""
-    if moment.tzinfo is None:  # SQLite hands back naive UTC
-        moment = moment.replace(tzinfo=datetime.UTC)
-    return moment.astimezone(datetime.UTC).isoformat()
+    return aware(moment).astimezone(datetime.UTC).isoformat()

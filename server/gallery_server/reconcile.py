@@ -57,9 +57,10 @@ from sqlmodel import col, func, select
 from . import file_locks
 from .auth import ADMIN, Principal
 from .background import BackgroundLoop
+from .clock import rfc3339, utcnow
 from .errors import PermissionDenied
 from .models import GRANT_UNUSED, DeviceCommand, Event, UploadGrant, UploadSessionRow
-from .service import Gallery, utcnow
+from .service import Gallery
 from .storage import DiskSpace, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ class Reconciler:
             os.close(fd)
 
     def _pass(self) -> Findings:
-        findings = Findings(started=_rfc3339(utcnow()), replica=f"{socket.gethostname()}:{os.getpid()}")
+        findings = Findings(started=rfc3339(utcnow()), replica=f"{socket.gethostname()}:{os.getpid()}")
         cutoff = time.time() - self.grace_seconds
         # Ages are read for every file before any is removed: a staging leftover and an orphan in
         # media/ may be two links of one inode (a crash between link and unlink), and removing
@@ -186,7 +187,7 @@ class Reconciler:
         self._grants(findings)
         self._commands(findings)
         self._rows(findings)
-        findings.finished = _rfc3339(utcnow())
+        findings.finished = rfc3339(utcnow())
         self._write_status(findings)
         problems = findings.missing_media + findings.size_mismatch
         (log.error if problems else log.info)(
@@ -486,10 +487,6 @@ class ReconcileLoop(BackgroundLoop):
     def run_pass(self) -> bool:
         self.reconciler.run_unless_busy()
         return False
-
-
-def _rfc3339(moment: datetime.datetime) -> str:
-    return moment.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
 def _changed(path: pathlib.Path) -> float:

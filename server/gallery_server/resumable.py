@@ -63,6 +63,7 @@ from . import file_locks, validation
 from ._writeback import Writeback
 from .auth import READ, WRITE, Principal
 from .background import BackgroundLoop
+from .clock import aware, utcnow
 from .errors import (
     AlreadyExists,
     Exhausted,
@@ -72,7 +73,7 @@ from .errors import (
     OutOfRange,
 )
 from .models import Event, UploadSessionRow
-from .service import Gallery, SessionHook, aware, utcnow
+from .service import Gallery, SessionHook
 from .storage import StagedFile, fsync_dir, upload_too_large
 from .uploads import Upload
 

@@ -24,6 +24,7 @@ from sqlmodel import Session, col, select
 
 from . import downloads, listing_json, paging, validation
 from .auth import READ, WRITE, Principal
+from .clock import utcnow
 from .db import Database
 from .errors import (
     AlreadyExists,
@@ -68,15 +69,6 @@ class Stats:
     total_events: int
     total_size: int
     by_type: dict[str, TypeStats]
-
-
-def utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
-def aware(moment: datetime.datetime) -> datetime.datetime:
-    """A stored moment as UTC: SQLite gives back naive datetimes, PostgreSQL aware ones."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
 
 
 # A listed event: a row of LISTED_COLUMNS (what a listing shows) with their names, read-only.

@@ -37,6 +37,7 @@ from sqlmodel import Session, col
 
 from . import validation
 from .auth import WRITE, Principal
+from .clock import aware, utcnow
 from .downloads import ContentRange
 from .errors import (
     Conflict,
@@ -48,7 +49,7 @@ from .errors import (
 )
 from .models import GRANT_UNUSED, Event, UploadGrant, UploadSessionRow
 from .resumable import ResumableUploads, SessionWriter
-from .service import Gallery, aware, utcnow
+from .service import Gallery
 from .storage import upload_too_large
 from .uploads import Upload
 

@@ -42,8 +42,9 @@ from PIL import Image, ImageOps
 from sqlmodel import col, select
 
 from .background import BackgroundLoop
+from .clock import utcnow
 from .models import Event
-from .service import Gallery, utcnow
+from .service import Gallery
 from .storage import StagedFile
 
 log = logging.getLogger(__name__)

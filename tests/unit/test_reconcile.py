@@ -25,10 +25,11 @@ from sqlmodel import col, select
 
 from gallery_server import auth, cli, file_locks
 from gallery_server import storage as storage_module
+from gallery_server.clock import utcnow
 from gallery_server.errors import Exhausted, FailedPrecondition, PermissionDenied
 from gallery_server.models import DeviceCommand, Event, UploadGrant, UploadSessionRow
 from gallery_server.reconcile import MAX_EXAMPLES, ROW_BATCH, Reconciler
-from gallery_server.service import Gallery, utcnow
+from gallery_server.service import Gallery
 from gallery_server.settings import ConfigError, Settings
 from gallery_server.storage import Storage
 from gallery_server.uploads import IdleWatchdog, UploadSlots
