@@ -8,10 +8,11 @@ import os
 import pathlib
 import string
 
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from . import downloads
 from .addresses import ANY_HOST, split_address
+from .errors import ERROR_DOMAIN
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "envoy" / "envoy.yaml"
@@ -22,15 +23,15 @@ DESCRIPTOR = ROOT / "generated" / "gallery_descriptor.pb"
 # up) take the server's error shape, a JSON google.rpc.Status with an ErrorInfo, so that a client
 # reads every error one way. HTTP status -> (gRPC code, ErrorInfo reason); the message is Envoy's.
 LOCAL_REPLIES = {
-    400: (3, "MALFORMED_REQUEST"),  # INVALID_ARGUMENT, the server's reason for what it cannot parse
-    404: (5, "NOT_FOUND"),
-    408: (4, "REQUEST_TIMEOUT"),  # DEADLINE_EXCEEDED: headers late, or a stream silent too long
-    413: (8, "BODY_TOO_LARGE"),  # RESOURCE_EXHAUSTED, as the server's own size limits
-    416: (11, "RANGE_NOT_SATISFIABLE"),  # OUT_OF_RANGE: a file Envoy sends shrank since the Check
-    431: (8, "HEADERS_TOO_LARGE"),
-    502: (14, "SERVER_UNAVAILABLE"),  # UNAVAILABLE: no server up, or it went away
-    503: (14, "SERVER_UNAVAILABLE"),
-    504: (4, "SERVER_TIMEOUT"),
+    400: (code_pb2.INVALID_ARGUMENT, "MALFORMED_REQUEST"),  # the server's reason for what it cannot parse
+    404: (code_pb2.NOT_FOUND, "NOT_FOUND"),
+    408: (code_pb2.DEADLINE_EXCEEDED, "REQUEST_TIMEOUT"),  # headers late, or a stream silent too long
+    413: (code_pb2.RESOURCE_EXHAUSTED, "BODY_TOO_LARGE"),  # as the server's own size limits
+    416: (code_pb2.OUT_OF_RANGE, "RANGE_NOT_SATISFIABLE"),  # a file Envoy sends shrank since the Check
+    431: (code_pb2.RESOURCE_EXHAUSTED, "HEADERS_TOO_LARGE"),
+    502: (code_pb2.UNAVAILABLE, "SERVER_UNAVAILABLE"),  # no server up, or it went away
+    503: (code_pb2.UNAVAILABLE, "SERVER_UNAVAILABLE"),
+    504: (code_pb2.DEADLINE_EXCEEDED, "SERVER_TIMEOUT"),
 }
 # Envoy's circuit breaker allows this many streams (and retries) at once per gRPC server it has,
 # in all: above what a server's own limits admit (GALLERY_GRPC_WORKERS threads, 256 by default),
@@ -40,9 +41,9 @@ REQUESTS_PER_BACKEND = 1024
 # nothing a client can act on (413 would be UNKNOWN).
 GRPC_LOCAL_REPLIES = {
     # "Takes": envoy.yaml's buffer limits, named in README "Reliability and security", not here.
-    413: (8, "BODY_TOO_LARGE", "the request is larger than Envoy takes for this call"),
+    413: (code_pb2.RESOURCE_EXHAUSTED, "BODY_TOO_LARGE", "the request is larger than Envoy takes for this call"),
 }
-OTHER_LOCAL_REPLY = (2, "REQUEST_FAILED")  # UNKNOWN: a status Envoy seldom answers itself
+OTHER_LOCAL_REPLY = (code_pb2.UNKNOWN, "REQUEST_FAILED")  # a status Envoy seldom answers itself
 # What Envoy takes for gRPC, whose local replies it sends as a gRPC status (grpc-message): those
 # keep Envoy's own form. The Lua filter in envoy.yaml draws the same line.
 _GRPC_CONTENT_TYPE = r"application/grpc(\+.*)?"
@@ -145,7 +146,7 @@ def _local_reply_mappers(cors: bool) -> list[dict[str, object]]:
     def body(code: int, reason: str) -> dict[str, object]:
         return {"json_format": {"code": code, "message": "%LOCAL_REPLY_BODY%", "details": [{
             "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason,
-            "domain": "gallery", "metadata": {},
+            "domain": ERROR_DOMAIN, "metadata": {},
         }]}}
 
     def status_is(status: int) -> dict[str, object]:
@@ -183,7 +184,7 @@ def _grpc_status_headers(code: int, reason: str, message: str) -> list[dict[str,
     """grpc-status and its details (an ErrorInfo with the reason, as the server's own errors
     carry), in place of the status Envoy derives from the HTTP one."""
     status = status_pb2.Status(code=code, message=message)
-    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain="gallery"))
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
     return [
         {"header": {"key": "grpc-status", "value": str(code)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
         {"header": {"key": "grpc-status-details-bin",

@@ -20,6 +20,10 @@ GalleryError                 base; carries a stable UPPER_SNAKE `reason` and `me
 
 from __future__ import annotations
 
+# The ErrorInfo domain of every error the API answers with: the server's (rpc/status.py) and
+# Envoy's own (envoy_config.py).
+ERROR_DOMAIN = "gallery"
+
 
 class GalleryError(Exception):
     def __init__(self, reason: str, message: str, *, field: str = "", **metadata: str) -> None:

@@ -12,8 +12,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from .. import errors
-
-ERROR_DOMAIN = "gallery"
+from ..errors import ERROR_DOMAIN
 
 _CODES: dict[type[errors.GalleryError], int] = {
     errors.InvalidArgument: code_pb2.INVALID_ARGUMENT,  # HTTP 400
