@@ -203,11 +203,7 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def mib(kib: float) -> str:
-    return f"{kib / KiB:.0f}"
-
-
-def mib_or_dash(value: float | None, fmt: str = "{:.0f}") -> str:
+def formatted_or_dash(value: float | None, fmt: str = "{:.0f}") -> str:
     return "–" if value is None else fmt.format(value)
 
 

@@ -100,7 +100,7 @@ def _check_stats(body: bytes, count: int) -> None:
         raise BenchError(f"stats: by_type does not add up: {body[:300]!r}")
 
 
-def _load(bench: Bench, host: str, port: int, path: str, headers: dict[str, str], seconds: float,
+def _load(host: str, port: int, path: str, headers: dict[str, str], seconds: float,
           pids: dict[str, int]) -> tuple[_loadgen.LoadResult, dict[str, float]]:
     request = _loadgen.get_request(host, port, path, headers)
     before = cpu_now(pids)
@@ -169,7 +169,7 @@ def _listing(bench: Bench, count: int, seed_s: float,
     def measure(run: int, name: str, path: str, check: Callable[[bytes], None], where: str, at_port: int,
                 processes: dict[str, int], database: _postgres.PostgresStack | None = None) -> dict[str, float]:
         backends_before = database.backends_cpu() if database else None
-        result, cpu_us = _load(bench, host, at_port, path, auth, seconds, processes)
+        result, cpu_us = _load(host, at_port, path, auth, seconds, processes)
         backends_after = database.backends_cpu() if database else None
         for body in result.sample_bodies:
             check(body)
@@ -362,7 +362,7 @@ def _small_requests(bench: Bench, floor: FloorStack, aio_floor: FloorStack, seco
     measured: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in cases}
     for run in range(opts.runs):
         for name, port, path, headers, pids, check in cases:
-            result, cpu_us = _load(bench, host, port, path, headers, seconds, pids)
+            result, cpu_us = _load(host, port, path, headers, seconds, pids)
             if not check(result.sample_bodies[0]):
                 raise BenchError(f"{name}: {result.sample_bodies[0][:200]!r}")
             measured[name].append({"rate": result.rate, "p50": result.percentile(50), "p99": result.percentile(99),

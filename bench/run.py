@@ -60,9 +60,9 @@ from _common import (
     Stream,
     cpu_now,
     fmt_size,
+    formatted_or_dash,
     md_table,
     median,
-    mib_or_dash,
     rng,
     spread,
     text_table,
@@ -413,7 +413,7 @@ def render_uploads(bench: Bench, samples: list[UploadSample]) -> Section:
                 path.name, {"envoy": "Envoy", "server": path.receiver}.get(proc, proc),
                 f"{m['before']:.0f}", f"{small:.0f}",
                 f"{large:.0f}", f"{large - small:+.0f}", f"+{m['rise']:.0f} (+{m['max_rise']:.0f})",
-                mib_or_dash(m["trend"], "{:+.0f}"),
+                formatted_or_dash(m["trend"], "{:+.0f}"),
             ])
 
     # Ratios of paths measured in the same run (per run, then the median).

@@ -490,10 +490,6 @@ def _set_pull(message: pb.PullStatus, status: PullStatus | None) -> None:
     message.expires_at.FromDatetime(status.expires_at)
 
 
-# Envoy's Lua filter (envoy/envoy.yaml) turns HTTP_STATUS_HEADER (status.py) into the HTTP status
-# of a transcoded download and removes it; native gRPC clients see it as initial metadata.
-
-
 _http_body_message = chunks.bytes_message(HttpBody, "data")
 _read_content_message = chunks.bytes_message(pb.ReadEventContentResponse, "data")
 
