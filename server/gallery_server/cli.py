@@ -90,9 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.command == "reconcile":
                 return _reconcile(settings, args.grace, force=args.force)
-            from .rpc.server import serve
+            from .rpc.server import CannotListen, serve
 
-            serve(settings)
+            try:
+                serve(settings)
+            except CannotListen as exc:
+                print(f"gallery: {exc}", file=sys.stderr)
+                return 1
             return 0
         except (sa.exc.OperationalError, sa.exc.ArgumentError) as exc:
             # The database cannot be reached (or its URL names no driver) at start: one line that

@@ -96,6 +96,8 @@ class Settings:
     # Web pages on these origins may call the REST API from a browser (envoy_config.cors_policy);
     # none by default, ("*",) for any.
     cors_origins: tuple[str, ...] = ()
+    # Where this process serves its Prometheus metrics (metrics.py); "" serves none.
+    metrics_address: str = ""
 
     @property
     def issuer_tokens(self) -> bool:
@@ -130,6 +132,9 @@ class Settings:
             jwt_issuer=_text(env, "GALLERY_JWT_ISSUER", ""),
             jwt_audience=_text(env, "GALLERY_JWT_AUDIENCE", ""),
             cors_origins=_cors_origins(env),
+            metrics_address=(
+                _address(env, "GALLERY_METRICS_ADDRESS", "") if _text(env, "GALLERY_METRICS_ADDRESS", "") else ""
+            ),
             **_numbers(env),
         )
 

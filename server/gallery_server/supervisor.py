@@ -147,6 +147,7 @@ def check_ports_free(settings: Settings) -> None:
         ("GALLERY_GRPC_ADDRESS", settings.grpc_address),
         ("GALLERY_HTTP_ADDRESS", settings.http_address),
         ("GALLERY_ENVOY_ADMIN_PORT", f"127.0.0.1:{settings.envoy_admin_port}"),
+        *((("GALLERY_METRICS_ADDRESS", settings.metrics_address),) if settings.metrics_address else ()),
     ):
         host, port = split_address(address, ANY_HOST)
         try:

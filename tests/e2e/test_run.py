@@ -139,6 +139,22 @@ def test_run_refuses_a_port_another_process_holds(tmp_path, variable):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(("command", "variable"), [
+    ("serve", "GALLERY_GRPC_ADDRESS"), ("serve", "GALLERY_METRICS_ADDRESS"), ("run", "GALLERY_METRICS_ADDRESS"),
+])
+def test_an_address_another_process_holds_stops_the_server_with_one_line(tmp_path, command, variable):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = f"127.0.0.1:{busy.getsockname()[1]}"
+        env = run_env(tmp_path, *free_ports(3), GALLERY_JWT_SECRET="s" * 40, **{variable: taken})
+        result = subprocess.run([sys.executable, "-m", "gallery_server", command], env=env,
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"gallery: {variable}" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert "gallery is up" not in result.stdout
+
+
 def test_a_killed_supervisor_leaves_no_server_or_envoy(tmp_path):
     stack = start_stack(tmp_path / "data", tmp_path / "run.log")
     children = [stack.server_pid, stack.envoy_pid]

@@ -153,7 +153,7 @@ def test_the_checks_that_existed_still_hold(tmp_path):
 # -- addresses and ports -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variable", ["GALLERY_HTTP_ADDRESS", "GALLERY_GRPC_ADDRESS"])
+@pytest.mark.parametrize("variable", ["GALLERY_HTTP_ADDRESS", "GALLERY_GRPC_ADDRESS", "GALLERY_METRICS_ADDRESS"])
 @pytest.mark.parametrize("value", ["garbage", "127.0.0.1:99999", "127.0.0.1:0", "127.0.0.1:", "::1:8001",
                                    "127.0.0.1:http"])
 def test_an_address_needs_a_port_in_range(tmp_path, variable, value):
@@ -164,8 +164,13 @@ def test_an_address_needs_a_port_in_range(tmp_path, variable, value):
 
 @pytest.mark.parametrize("value", ["127.0.0.1:28441", "[::1]:28441", "0.0.0.0:1", "localhost:65535"])
 def test_addresses_with_a_port_in_range_are_taken(tmp_path, value):
-    settings = Settings.from_env(env(tmp_path, GALLERY_HTTP_ADDRESS=value, GALLERY_GRPC_ADDRESS=value))
-    assert settings.http_address == settings.grpc_address == value
+    settings = Settings.from_env(env(tmp_path, GALLERY_HTTP_ADDRESS=value, GALLERY_GRPC_ADDRESS=value,
+                                     GALLERY_METRICS_ADDRESS=value))
+    assert settings.http_address == settings.grpc_address == settings.metrics_address == value
+
+
+def test_no_metrics_address_serves_no_metrics(tmp_path):
+    assert Settings.from_env(env(tmp_path)).metrics_address == ""
 
 
 # -- the public URL ------------------------------------------------------------------------------

@@ -16,10 +16,12 @@ from grpc_reflection.v1alpha import reflection
 from gallery.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, gallery_pb2, gallery_pb2_grpc
 
 from .. import _malloc
+from ..addresses import ANY_HOST, split_address
 from ..auth import Verifier
 from ..db import Database
 from ..devices import Devices
 from ..incoming import IncomingImporter
+from ..metrics import Metrics
 from ..reconcile import ReconcileLoop, Reconciler
 from ..resumable import ResumableUploads, SessionSweeper
 from ..service import Gallery, background_gallery
@@ -65,9 +67,15 @@ QUICK_READS = tuple(
 ) + (CHECK_METHOD,)
 
 
-def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int, health.HealthServicer]:
+class CannotListen(Exception):
+    """An address this server must listen on is taken or not this host's."""
+
+
+def create_server(
+    settings: Settings, address: str, metrics: Metrics | None = None,
+) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build a ready-to-start server bound to `address` (use port 0 in tests); returns it, its
-    port and its health servicer."""
+    port and its health servicer. With `metrics`, its calls and gauges are reported there."""
     storage = Storage.from_settings(settings)  # creates the data root, where SQLite lives by default
     # RPCs hold a connection only for their queries, not while streaming bytes: a pool much smaller
     # than the worker count keeps several replicas within PostgreSQL's connection limit.
@@ -80,7 +88,7 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int, h
         futures.ThreadPoolExecutor(
             max_workers=settings.grpc_workers, thread_name_prefix="rpc"
         ),
-        interceptors=[GalleryInterceptor(verifier, pools=dict.fromkeys(
+        interceptors=[GalleryInterceptor(verifier, metrics=metrics, pools=dict.fromkeys(
             QUICK_READS,
             futures.ThreadPoolExecutor(settings.grpc_read_workers, thread_name_prefix="read"),
         ))],
@@ -119,6 +127,8 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int, h
         maximum_concurrent_rpcs=settings.grpc_workers * 4,
     )
     devices = Devices(gallery)
+    if metrics is not None:
+        _add_gauges(metrics, gallery, devices)
     gallery_pb2_grpc.add_GalleryServiceServicer_to_server(
         GalleryServicer(gallery, SignedUploads(gallery), devices), server
     )
@@ -138,10 +148,26 @@ def create_server(settings: Settings, address: str) -> tuple[grpc.Server, int, h
          reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio's "Failed to bind", which names no cause
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {address}")
+        raise CannotListen(f"GALLERY_GRPC_ADDRESS={address}: cannot listen there (another process holds the port?)")
     return server, port, health_servicer
+
+
+def _add_gauges(metrics: Metrics, gallery: Gallery, devices: Devices) -> None:
+    """What this replica bounds, each beside its limit (an alert compares the two)."""
+    metrics.gauge("gallery_uploads_in_flight", "Uploads being received by this server.",
+                  lambda: gallery.slots.in_flight)
+    metrics.gauge("gallery_uploads_limit", "Uploads this server receives at once (GALLERY_MAX_UPLOADS_TOTAL).",
+                  lambda: gallery.slots.total)
+    metrics.gauge("gallery_device_channels_open", "Devices' command channels open on this server.",
+                  lambda: devices.channels_open)
+    metrics.gauge("gallery_device_channels_limit", "Device channels this server keeps open at once.",
+                  lambda: devices.max_channels)
+    metrics.watch_free_space(gallery.settings.data_dir)
 
 
 def serve(settings: Settings) -> None:
@@ -149,9 +175,18 @@ def serve(settings: Settings) -> None:
     # Fewer malloc arenas: 64 concurrent uploads peaked near 400 MiB RSS with glibc's default and
     # 275 MiB with two (BENCHMARKS.md); see _malloc.py.
     _malloc.limit_arenas()
-    server, port, health_servicer = create_server(settings, settings.grpc_address)
+    metrics = Metrics() if settings.metrics_address else None
+    server, port, health_servicer = create_server(settings, settings.grpc_address, metrics)
     server.start()
     log.info("gRPC server listening", extra={"address": settings.grpc_address, "port": port})
+    stop_metrics = None
+    if metrics is not None:
+        try:
+            metrics_port, stop_metrics = metrics.serve(*split_address(settings.metrics_address, ANY_HOST))
+        except OSError as exc:
+            server.stop(grace=None)
+            raise CannotListen(f"GALLERY_METRICS_ADDRESS={settings.metrics_address}: {exc.strerror or exc}") from None
+        log.info("metrics listening", extra={"address": settings.metrics_address, "port": metrics_port})
     # Every replica may scan the shared drop folders: imports are idempotent (incoming.py).
     importer = IncomingImporter(background_gallery(settings))
     importer.start()
@@ -194,3 +229,5 @@ def serve(settings: Settings) -> None:
     if thumbnailer is not None:
         thumbnailer.stop(timeout=5)
     server.stop(grace=10).wait()
+    if stop_metrics is not None:
+        stop_metrics()

@@ -1,0 +1,132 @@
+"""A replica's Prometheus metrics (GALLERY_METRICS_ADDRESS) on the real stack: REST calls through
+Envoy counted as the gRPC calls they become, and what the server bounds read as it stands."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import threading
+from collections.abc import Callable, Iterator
+
+import grpc
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gallery.v1 import device_pb2 as dpb
+from gallery.v1 import device_pb2_grpc, gallery_pb2_grpc
+from gallery.v1 import gallery_pb2 as pb
+from gallery_server import auth
+from gallery_server.local_stack import Stack, free_ports, stop_stack
+
+from ..conftest import JWT_SECRET, new_device, wait_until
+from .conftest import start_stack
+
+SERVICE = "gallery.v1.GalleryService"
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, str]]:
+    root = tmp_path_factory.mktemp("metrics")
+    [port] = free_ports(1)
+    stack = start_stack(root / "data", root / "gallery.log", extra_env={
+        "GALLERY_METRICS_ADDRESS": f"127.0.0.1:{port}", "GALLERY_MAKE_THUMBNAILS": "false",
+    })
+    yield stack, f"http://127.0.0.1:{port}/metrics"
+    stop_stack(stack)
+    assert stack.process.returncode == 0, stack.log()
+
+
+def scrape(url: str) -> Callable[..., float]:
+    """The scraped samples, as value(name, **labels) (0 for a series not there yet)."""
+    r = httpx.get(url, timeout=10)
+    assert r.status_code == 200, r.text
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(r.text) for sample in family.samples
+    }
+    return lambda name, **labels: samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def bearer(device: str, scope: str = f"{auth.READ} {auth.WRITE}") -> str:
+    return auth.mint(JWT_SECRET, subject="ops", devices=[device], scope=scope)
+
+
+def test_rest_calls_are_counted_by_method_and_code(measured: tuple[Stack, str]) -> None:
+    stack, url = measured
+    stats = {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": "GetStats"}
+    before = scrape(url)
+    device = new_device()
+    with httpx.Client(base_url=stack.base_url, timeout=30) as http:
+        for _ in range(3):
+            assert http.get(f"/api/gallery/{device}/stats",
+                            headers={"Authorization": f"Bearer {bearer(device)}"}).status_code == 200
+        assert http.get(f"/api/gallery/{device}/stats").status_code == 401
+    after = scrape(url)
+    for name, labels, more in (
+        ("grpc_server_started_total", stats, 4),
+        ("grpc_server_handled_total", {**stats, "grpc_code": "OK"}, 3),
+        ("grpc_server_handled_total", {**stats, "grpc_code": "Unauthenticated"}, 1),
+        ("grpc_server_handling_seconds_count", stats, 4),
+    ):
+        assert after(name, **labels) - before(name, **labels) == more, (name, labels)
+    assert after("gallery_data_free_bytes") > 0
+    assert after("gallery_uploads_limit") == 48  # GALLERY_MAX_UPLOADS_TOTAL's default
+
+
+def test_uploads_and_device_channels_are_read_as_they_stand(measured: tuple[Stack, str]) -> None:
+    stack, url = measured
+    device, release = new_device(), threading.Event()
+
+    def upload() -> Iterator[pb.UploadEventRequest]:
+        yield pb.UploadEventRequest(header=pb.UploadHeader(device=device, name="clip.mp4", size=6))
+        yield pb.UploadEventRequest(media_chunk=b"abc")
+        release.wait(30)  # in flight until the test has looked
+        yield pb.UploadEventRequest(media_chunk=b"def")
+        yield pb.UploadEventRequest(finish=pb.UploadFinish())
+
+    def hello() -> Iterator[dpb.ConnectRequest]:
+        yield dpb.ConnectRequest(hello=dpb.DeviceHello(device=device))
+        release.wait(30)
+
+    with grpc.insecure_channel(stack.envoy_grpc_address) as channel:
+        uploading = gallery_pb2_grpc.GalleryServiceStub(channel).UploadEvent.future(
+            upload(), metadata=[("authorization", f"Bearer {bearer(device)}")], timeout=60)
+        connected = device_pb2_grpc.DeviceServiceStub(channel).Connect(
+            hello(), metadata=[("authorization", f"Bearer {bearer(device, auth.DEVICE)}")], timeout=60)
+        try:
+            assert wait_until(lambda: scrape(url)("gallery_uploads_in_flight") == 1, seconds=15)
+            assert wait_until(lambda: scrape(url)("gallery_device_channels_open") == 1, seconds=15)
+            assert scrape(url)("gallery_device_channels_limit") > 0
+        finally:
+            release.set()
+            connected.cancel()
+        assert uploading.result().success is True
+    assert wait_until(lambda: scrape(url)("gallery_uploads_in_flight") == 0, seconds=15)
+    assert wait_until(lambda: scrape(url)("gallery_device_channels_open") == 0, seconds=15)
+    handled = scrape(url)("grpc_server_handled_total", grpc_type="client_stream", grpc_service=SERVICE,
+                          grpc_method="UploadEvent", grpc_code="OK")
+    assert handled == 1
+
+
+def test_without_the_setting_no_metrics_port_is_opened(stack: Stack) -> None:
+    """The shared stack sets no GALLERY_METRICS_ADDRESS: its server listens on its gRPC port only."""
+    assert _listening_ports_of(stack.server_pid) == {stack.grpc_port}
+
+
+def _listening_ports_of(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on (its sockets' inodes found in /proc/net/tcp{,6})."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in pathlib.Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
