@@ -97,7 +97,10 @@ def _fingerprint(query: ListQuery) -> list[str]:
 
 def _decode(token: str, query: ListQuery) -> tuple[datetime.datetime, str]:
     if len(token) > MAX_TOKEN_CHARS:
-        raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not valid", field="page_token")
+        raise InvalidArgument(
+            "INVALID_PAGE_TOKEN", "page_token is not valid (altered, or made by an older version):"
+            " start the listing again", field="page_token",
+        )
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         version, *fingerprint, created, event_id = json.loads(raw)
@@ -108,7 +111,10 @@ def _decode(token: str, query: ListQuery) -> tuple[datetime.datetime, str]:
     except (ValueError, TypeError, OverflowError, binascii.Error, RecursionError, InvalidArgument):
         valid = False
     if not valid:
-        raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not valid", field="page_token")
+        raise InvalidArgument(
+            "INVALID_PAGE_TOKEN", "page_token is not valid (altered, or made by an older version):"
+            " start the listing again", field="page_token",
+        )
     if fingerprint != _fingerprint(query):
         raise InvalidArgument(
             "PAGE_TOKEN_MISMATCH",

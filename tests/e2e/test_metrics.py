@@ -1,5 +1,6 @@
-"""A replica's Prometheus metrics (GALLERY_METRICS_ADDRESS) on the real stack: REST calls through
-Envoy counted as the gRPC calls they become, and what the server bounds read as it stands."""
+"""What a replica tells its operator, on the real stack: its Prometheus metrics
+(GALLERY_METRICS_ADDRESS), REST calls through Envoy counted as the gRPC calls they become and what
+the server bounds read as it stands, and the shares of its threads, logged at start."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from gallery_server import auth
 from gallery_server.local_stack import Stack, free_ports, stop_stack
 
 from ..conftest import JWT_SECRET, new_device, wait_until
-from .conftest import start_stack
+from .conftest import log_entries, start_stack
 
 SERVICE = "gallery.v1.GalleryService"
 
@@ -108,6 +109,15 @@ def test_uploads_and_device_channels_are_read_as_they_stand(measured: tuple[Stac
     handled = scrape(url)("grpc_server_handled_total", grpc_type="client_stream", grpc_service=SERVICE,
                           grpc_method="UploadEvent", grpc_code="OK")
     assert handled == 1
+
+
+def test_each_server_logs_what_it_admits_at_once(stack: Stack) -> None:
+    """By default (256 workers, 48 uploads): half of the 208 threads left for device channels,
+    an eighth each for pull waits, downloads and hellos (threads.py)."""
+    [shares] = [entry for entry in log_entries(stack) if entry.get("message") == "thread shares"]
+    assert {key: shares[key] for key in ("uploads", "channels", "pull_waits", "downloads", "hellos")} == {
+        "uploads": 48, "channels": 104, "pull_waits": 26, "downloads": 26, "hellos": 26,
+    }
 
 
 def test_without_the_setting_no_metrics_port_is_opened(stack: Stack) -> None:

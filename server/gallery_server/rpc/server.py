@@ -28,6 +28,7 @@ from ..service import Gallery, background_gallery
 from ..settings import Settings
 from ..signed_urls import SignedUploads
 from ..storage import Storage
+from ..threads import thread_shares
 from ..thumbnails import Thumbnailer
 from .admin_servicer import AdminServicer
 from .device_servicer import DeviceServicer
@@ -179,6 +180,8 @@ def serve(settings: Settings) -> None:
     server, port, health_servicer = create_server(settings, settings.grpc_address, metrics)
     server.start()
     log.info("gRPC server listening", extra={"address": settings.grpc_address, "port": port})
+    # What this replica admits at once: an operator sees it without working out threads.py.
+    log.info("thread shares", extra={"uploads": settings.max_uploads_total, **thread_shares(settings)._asdict()})
     stop_metrics = None
     if metrics is not None:
         try:
