@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from .errors import Exhausted, FailedPrecondition, InvalidArgument
+from .models import Event
 from .storage import StagedFile, Storage, upload_too_large
 
 
@@ -82,6 +83,19 @@ class Upload:
         limit = self.media.max_bytes
         if size > limit:
             raise upload_too_large(self.media.what, limit, field="size")
+
+    def fill(self, announced: Event) -> None:
+        """Make this the upload of the capture a device announced (and was asked to pull): what
+        the client left blank comes from the announcement. The announced size and sha256 bind the
+        content: a client naming others is refused (SIZE_MISMATCH, SHA256_MISMATCH) before any
+        byte, not taken in their place, and so are bytes that differ. Without a sha256 the size is
+        what tells this capture from new content under its name (a loop recording)."""
+        self.fields.name = self.fields.name or announced.name
+        self.fields.media_type = self.fields.media_type or announced.media_type
+        self.declare_size(announced.size)
+        self.fields.declare_sha256(announced.sha256)
+        if self.fields.metadata_json == "{}":
+            self.fields.metadata_json = announced.metadata_json
 
     def write_media(self, data: bytes | memoryview) -> None:
         self.media_received = True

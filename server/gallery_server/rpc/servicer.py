@@ -193,16 +193,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             fields.declared_sha256 = h.sha256
             fields.device_event_id = validation.device_event_id(h.device_event_id)  # before the body
             if announced:
-                fields.name = fields.name or announced.name
-                fields.media_type = fields.media_type or announced.media_type
-                # The announced size and sha256 bind the pulled content: a header naming others
-                # is refused (SIZE_MISMATCH, SHA256_MISMATCH) before any byte, not taken in
-                # their place, and so are bytes that differ. Without a sha256 the size is what
-                # tells this capture from new content under its name (a loop recording).
-                upload.declare_size(announced.size)
-                fields.declare_sha256(announced.sha256)
-                if fields.metadata_json == "{}":
-                    fields.metadata_json = announced.metadata_json
+                upload.fill(announced)
             upload.write_media(b"")  # no media chunks at all is a valid, empty file
             finished = False
             for message in request_iterator:
