@@ -158,3 +158,59 @@ def test_deeply_nested_page_token_is_invalid(gallery, principal):
         with pytest.raises(InvalidArgument) as caught:
             gallery.list_page(principal, "cam1", page_token=value)
         assert caught.value.reason == "INVALID_PAGE_TOKEN"
+
+
+def _forged_token(version=2, created="2024-05-01T12:00:00+00:00", event_id="evt_" + "A" * 22, length=0) -> str:
+    """A page token of the default listing with the given fields (as a client could write one)."""
+    token = paging.next_page_token(paging.build(), (T0, "evt_" + "A" * 22), full=True)
+    fields = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    fields[0], fields[-2], fields[-1] = version, created, event_id
+    text = json.dumps(fields)
+    text += " " * (length * 3 // 4 - len(text))  # blanks after the JSON, up to `length` characters
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def test_forged_token_helper_makes_a_valid_token():
+    assert paging.build(page_token=_forged_token()).after == (T0, "evt_" + "A" * 22)
+
+
+@pytest.mark.parametrize("token", [
+    _forged_token(version=1),  # version 1 tokens did not name the device
+    _forged_token(created="2024-05-01T12:00:00"),  # no zone
+    _forged_token(event_id="evt_short"),  # not an event id
+    _forged_token(event_id=7),
+])
+def test_forged_page_tokens_are_invalid(token):
+    with pytest.raises(InvalidArgument) as caught:
+        paging.build(page_token=token)
+    assert caught.value.reason == "INVALID_PAGE_TOKEN"
+
+
+def test_a_well_formed_token_longer_than_1024_characters_is_invalid():
+    assert len(_forged_token(length=1024)) == 1024
+    assert paging.build(page_token=_forged_token(length=1024)).after == (T0, "evt_" + "A" * 22)
+    token = _forged_token(length=1028)
+    assert len(token) == 1028
+    with pytest.raises(InvalidArgument) as caught:
+        paging.build(page_token=token)
+    assert caught.value.reason == "INVALID_PAGE_TOKEN"
+
+
+def test_token_is_bound_to_its_device_and_until():
+    until = "2024-06-01T00:00:00Z"
+    token = paging.next_page_token(paging.build(device="cam1", until=until), (T0, "evt_" + "A" * 22), full=True)
+    assert paging.build(device="cam1", until=until, page_token=token).after == (T0, "evt_" + "A" * 22)
+    for other in ({"device": "cam2", "until": until}, {"device": "cam1"}):
+        with pytest.raises(InvalidArgument) as caught:
+            paging.build(page_token=token, **other)
+        assert caught.value.reason == "PAGE_TOKEN_MISMATCH"
+
+
+def test_an_empty_time_window_is_invalid():
+    with pytest.raises(InvalidArgument) as caught:
+        paging.build(since="2024-05-01T12:00:00Z", until="2024-05-01T12:00:00Z")
+    assert caught.value.reason == "INVALID_TIME_WINDOW"
+
+
+def test_a_lowercase_z_is_utc():
+    assert paging.build(since="2024-05-01T12:00:00z").since == T0
