@@ -344,6 +344,17 @@ def test_metadata_nesting_stops_at_its_depth() -> None:
         assert f"over {deepest} deep" in str(error)
 
 
+def test_metadata_may_nest_32_deep_and_no_deeper() -> None:
+    def nested(depth: int) -> dict:
+        value: dict = {}
+        for _ in range(depth - 1):
+            value = {"k": value}
+        return value
+
+    assert validation.metadata_object(nested(32), LIMIT) == '{"k":' * 31 + "{}" + "}" * 31
+    _raises(InvalidArgument, "INVALID_METADATA", validation.metadata_object, nested(33), LIMIT)
+
+
 def test_metadata_json_too_large_raw_text() -> None:
     text = json.dumps({"k": "v" * LIMIT})
     error = _raises(InvalidArgument, "METADATA_TOO_LARGE", validation.metadata_json, text, LIMIT)
@@ -355,6 +366,18 @@ def test_metadata_json_limit_counts_bytes_not_characters() -> None:
     text = json.dumps({"k": "é" * 400}, ensure_ascii=False)  # ~800 bytes, ~400 characters
     assert len(text) < 500
     _raises(InvalidArgument, "METADATA_TOO_LARGE", validation.metadata_json, text, 500)
+
+
+def test_metadata_json_raw_limit_counts_bytes_not_characters() -> None:
+    compact = '{"k":"' + "é" * 10 + '"}'  # 18 characters, 28 bytes
+    padded = compact.replace(":", ": ")  # 29 bytes as sent: over the limit, though its compact form is not
+    _raises(InvalidArgument, "METADATA_TOO_LARGE", validation.metadata_json, padded, 28)
+    assert validation.metadata_json(compact, 28) == compact
+
+
+def test_metadata_object_limit_counts_bytes_not_characters() -> None:
+    _raises(InvalidArgument, "METADATA_TOO_LARGE", validation.metadata_object, {"k": "é" * 10}, 27)
+    assert validation.metadata_object({"k": "é" * 10}, 28) == '{"k":"' + "é" * 10 + '"}'
 
 
 def test_metadata_json_whitespace_does_not_count_after_canonicalisation_but_raw_size_does() -> None:
@@ -435,3 +458,14 @@ def test_device_event_id() -> None:
         with pytest.raises(InvalidArgument) as caught:
             validation.device_event_id(bad)
         assert caught.value.reason == "INVALID_DEVICE_EVENT_ID"
+
+
+@pytest.mark.parametrize("value", ["a" * 8, "A-z_0-9_", "u" * 64])
+def test_upload_id_valid(value: str) -> None:
+    assert validation.upload_id(value) == value
+
+
+@pytest.mark.parametrize("value", ["", "a" * 7, "u" * 65, "abcdefg.", "abcdefgh/", "abcdefg\u00e9", "abcdefgh\n"])
+def test_upload_id_invalid(value: str) -> None:
+    error = _raises(InvalidArgument, "INVALID_UPLOAD_ID", validation.upload_id, value)
+    assert error.field == "upload_id"
