@@ -153,6 +153,30 @@ def test_remembered_tokens_are_bounded(monkeypatch) -> None:  # type: ignore[no-
     assert list(verifier._verified) == tokens[-3:]  # the oldest went first
 
 
+def test_a_remembered_token_is_verified_again_within_a_minute(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A key withdrawn from a JWKS stops being honoured within a minute of the set's refresh."""
+    clock, checks, decode = _Clock(), [], jwt.decode
+    monkeypatch.setattr(auth, "time", clock)
+    monkeypatch.setattr(auth.jwt, "decode", lambda *a, **k: checks.append(1) or decode(*a, **k))
+    verifier, token = auth.Verifier(secret=JWT_SECRET), _encode(_claims())
+    verifier.verify(token)
+    clock.advance(59)
+    verifier.verify(token)
+    assert len(checks) == 1
+    clock.advance(2)
+    verifier.verify(token)
+    assert len(checks) == 2
+
+
+def test_at_most_4096_tokens_are_remembered() -> None:
+    verifier = auth.Verifier(secret=JWT_SECRET)
+    tokens = [_encode(_claims(sub=f"user{i}")) for i in range(4097)]
+    for token in tokens:
+        verifier.verify(token)
+    assert len(verifier._verified) == 4096
+    assert tokens[0] not in verifier._verified
+
+
 def test_verify_expired_within_leeway_is_accepted() -> None:
     token = _encode(_claims(exp=int(time.time()) - 5))
     assert auth.Verifier(secret=JWT_SECRET).verify(token).subject == "alice"
@@ -193,6 +217,22 @@ hs512 = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarnin
 def test_verify_hs512_refused() -> None:
     token = _encode(_claims(), algorithm="HS512")
     _unauthenticated(token, "TOKEN_INVALID")
+
+
+@hs512
+def test_verify_hs384_refused() -> None:
+    # With the shared secret only HS256 is accepted, not HMAC with another hash.
+    _unauthenticated(_encode(_claims(), algorithm="HS384"), "TOKEN_INVALID")
+
+
+@pytest.mark.parametrize("token", ["\ud800", "é.é.é", _b64(b'{"alg":"HS256"}') + ".\u00e9.x"])
+def test_verify_non_ascii_token_refused(token: str) -> None:
+    _unauthenticated(token, "TOKEN_INVALID")
+
+
+def test_verify_a_boolean_nbf_refused() -> None:
+    # true is no NumericDate, though Python counts it as the integer 1.
+    _unauthenticated(_encode(_claims(nbf=True)), "TOKEN_INVALID")
 
 
 @hs512
@@ -470,6 +510,11 @@ def test_issuer_and_audience_checked_when_configured(rsa_private) -> None:  # ty
     _refused(verifier, token(iss="https://id.example"), "TOKEN_INVALID")  # no aud
     _refused(verifier, token(iss="https://evil.example", aud="gallery"), "TOKEN_INVALID")
     _refused(verifier, token(iss="https://id.example", aud="other"), "TOKEN_INVALID")
+
+
+def test_a_public_key_and_a_jwks_url_together_are_refused(rsa_private) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="not both"):
+        auth.Verifier(public_key=_public_pem(rsa_private), jwks_url="https://id.example/jwks.json")
 
 
 def test_issuer_and_audience_unchecked_by_default() -> None:
@@ -755,3 +800,26 @@ def test_an_unusable_key_set_is_unavailable_and_fails_fast(jwks_server, rsa_priv
         time.sleep(2.1)
         assert verifier.verify(token).subject == "alice"
         assert jwks_server.requests == 2
+
+
+def test_jwks_keys_not_for_signing_are_never_used(jwks_server, rsa_private) -> None:  # type: ignore[no-untyped-def]
+    """A key the set publishes for encryption (`use: enc`) verifies no token, even once the set
+    is cached."""
+    jwks_server.publish("rsa-1", rsa_private)
+    jwks_server.publish("enc-1", rsa_private)
+    jwks_server.keys[-1]["use"] = "enc"
+    verifier = auth.Verifier(secret=JWT_SECRET, jwks_url=jwks_server.url, jwks_cooldown=2.0)
+    assert verifier.verify(_kid_token(rsa_private, "rsa-1")).subject == "alice"
+    for _ in range(2):
+        _refused(verifier, _kid_token(rsa_private, "enc-1"), "TOKEN_KEY_UNKNOWN")
+
+
+@pytest.mark.parametrize("change", [{"use": "enc"}, {"kid": None}], ids=["only-encryption-keys", "no-kid"])
+def test_a_key_set_with_no_signing_key_named_by_a_kid_is_unavailable(jwks_server, rsa_private, change) -> None:  # type: ignore[no-untyped-def]
+    jwks_server.publish("rsa-1", rsa_private)
+    jwks_server.keys[0].update(change)
+    jwks_server.keys[0] = {k: v for k, v in jwks_server.keys[0].items() if v is not None}
+    verifier = auth.Verifier(secret=JWT_SECRET, jwks_url=jwks_server.url, jwks_cooldown=2.0)
+    with pytest.raises(Unavailable) as info:
+        verifier.verify(_kid_token(rsa_private, "rsa-1"))
+    assert info.value.reason == "JWKS_UNAVAILABLE"
