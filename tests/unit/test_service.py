@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import sqlalchemy as sa
 
-from gallery_server import auth, service
+from gallery_server import auth, media_types, service
 from gallery_server.errors import (
     AlreadyExists,
     CommitOutcomeUnknown,
@@ -687,3 +687,21 @@ def test_downloads_authorize_before_existence(gallery: Gallery, principal: auth.
             with pytest.raises(PermissionDenied) as info:
                 call(writer, "cam1", event_id)
             assert info.value.reason == "SCOPE_MISSING"
+
+
+@pytest.mark.parametrize(("mime", "media_type"), [
+    ("image/png", "image"), ("video/mp4", "video"), ("audio/mpeg", "audio"),
+    ("application/pdf", "document"), ("application/json", "document"), ("text/plain", "document"),
+    ("application/vnd.openxmlformats-officedocument.wordprocessingml.document", "document"),
+    ("application/vnd.oasis.opendocument.text", "document"),
+    ("application/zip", "other"), ("application/octet-stream", "other"),
+])
+def test_media_type_of_a_mime_type(mime: str, media_type: str) -> None:
+    assert media_types.classify(mime) == media_type
+
+
+def test_mime_type_from_content_then_the_name() -> None:
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 32
+    assert media_types.detect_mime("photo.txt", png) == "image/png"  # content wins
+    assert media_types.detect_mime("notes.txt", b"hello") == "text/plain"
+    assert media_types.detect_mime("unknown.zzz", b"hello") == "application/octet-stream"

@@ -515,6 +515,18 @@ def test_concurrent_media_and_thumbnail(signed: SignedUploads, principal: auth.P
     assert list(gallery.storage.staging_root.iterdir()) == []
 
 
+def test_expired_unused_urls_no_longer_count(signed: SignedUploads, principal: auth.Principal) -> None:
+    signed.gallery.settings = dataclasses.replace(signed.gallery.settings, max_upload_urls_per_device=1)
+    signed.create_urls(principal, "cam1", "a.png", thumbnail=False)
+    with pytest.raises(Exhausted):
+        signed.create_urls(principal, "cam1", "b.png", thumbnail=False)
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=1)
+    with signed.gallery.db.session() as session:
+        session.execute(sa.update(UploadGrant).values(expires_at=past))
+        session.commit()
+    signed.create_urls(principal, "cam1", "b.png", thumbnail=False)
+
+
 def test_a_device_keeps_a_bounded_number_of_unused_urls(signed: SignedUploads, principal: auth.Principal) -> None:
     """Each URL is a row kept a day past its expiry if never used: one token must not pile them up."""
     signed.gallery.settings = dataclasses.replace(signed.gallery.settings, max_upload_urls_per_device=2)
