@@ -70,13 +70,24 @@ class Principal:
 
     def require(self, device: str, scope: str) -> None:
         """Raise PermissionDenied unless this principal may use `scope` on `device`."""
-        if scope not in self.scopes:
-            raise PermissionDenied(
-                "SCOPE_MISSING", f"token lacks scope {scope!r}", scope=scope
-            )
+        self.require_scope(scope)
         if "*" not in self.devices and device not in self.devices:
             raise PermissionDenied(
                 "DEVICE_NOT_ALLOWED", f"token does not grant device {device!r}", device=device
+            )
+
+
+    def require_scope(self, scope: str) -> None:
+        """For what comes before any device is named (a channel awaiting its device's hello)."""
+        if scope not in self.scopes:
+            raise PermissionDenied("SCOPE_MISSING", f"token lacks scope {scope!r}", scope=scope)
+
+    def require_every_device(self, scope: str) -> None:
+        """For what spans every device (the admin status): `scope`, in a token for all ('*')."""
+        self.require_scope(scope)
+        if "*" not in self.devices:
+            raise PermissionDenied(
+                "DEVICE_NOT_ALLOWED", f"{scope} needs a token that grants every device ('*')", device="*",
             )
 
 

@@ -35,7 +35,6 @@ from .errors import (
     Exhausted,
     FailedPrecondition,
     InvalidArgument,
-    PermissionDenied,
     TooLarge,
     Unauthenticated,
 )
@@ -415,8 +414,7 @@ class Devices:
         """Around a channel's wait for its hello (at most HELLO_SECONDS, the caller's to enforce):
         only a device's token may wait, and only so many at once. Not counted with the channels:
         the device is not known yet, and its channel may replace one of its own (connect())."""
-        if DEVICE not in principal.scopes:
-            raise PermissionDenied("SCOPE_MISSING", f"token lacks scope {DEVICE!r}", scope=DEVICE)
+        principal.require_scope(DEVICE)
         with self._channels_lock:
             if self._greeting >= self.max_hellos:
                 raise Exhausted(

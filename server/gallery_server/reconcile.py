@@ -58,7 +58,6 @@ from . import file_locks
 from .auth import ADMIN, Principal
 from .background import BackgroundLoop
 from .clock import rfc3339, utcnow
-from .errors import PermissionDenied
 from .models import GRANT_UNUSED, DeviceCommand, Event, UploadGrant, UploadSessionRow
 from .service import Gallery
 from .storage import DiskSpace, fsync_dir
@@ -437,13 +436,7 @@ class Reconciler:
     def admin_status(self, principal: Principal) -> AdminStatus:
         # The status names events of every device (examples) and counts them all: it is for
         # tokens that grant every device ("*"), not filtered per token.
-        if ADMIN not in principal.scopes:
-            raise PermissionDenied("SCOPE_MISSING", f"token lacks scope {ADMIN!r}", scope=ADMIN)
-        if "*" not in principal.devices:
-            raise PermissionDenied(
-                "DEVICE_NOT_ALLOWED", f"{ADMIN} needs a token that grants every device ('*')",
-                device="*",
-            )
+        principal.require_every_device(ADMIN)
         disk = self.storage.disk_space()
         with self.db.session() as session:
             by_state = dict(session.exec(  # type: ignore[call-overload]
