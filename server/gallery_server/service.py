@@ -6,11 +6,9 @@ nothing about that device's events.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import datetime
-import functools
 import logging
 import os
 import pathlib
@@ -22,7 +20,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm
 from sqlmodel import Session, col, select
 
-from . import downloads, listing_json, paging, validation
+from . import downloads, validation
 from .auth import READ, WRITE, Principal
 from .clock import utcnow
 from .db import Database
@@ -35,7 +33,7 @@ from .errors import (
     InvalidArgument,
     NotFound,
 )
-from .listing_json import LISTED_COLUMNS
+from .listing import ListedEvent, Listing
 from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import (
     DeletedCapture,
@@ -71,9 +69,6 @@ class Stats:
     by_type: dict[str, TypeStats]
 
 
-# A listed event: a row of LISTED_COLUMNS (what a listing shows) with their names, read-only.
-ListedEvent = collections.namedtuple("ListedEvent", LISTED_COLUMNS)  # type: ignore[misc]
-
 # The hot reads' statements are built once, with bound parameters: building a select per request
 # (column coercions, operator lookups, its cache key) cost more CPU than SQLite took to run it.
 _STATS = (
@@ -91,94 +86,6 @@ _EVENT_DEVICE = _EVENT_FIELDS.index("device")
 # get_event builds Events with model_construct, which skips the ORM's own set-up of the class:
 # until some ORM call had configured the mappers, reading such an Event's fields failed.
 sqlalchemy.orm.configure_mappers()
-
-
-@functools.cache
-def _listing_statement(
-    *, by_type: bool, since: bool, until: bool, after: bool, newest_first: bool
-) -> sa.Select[Any]:
-    """The listing's select for one combination of filters (at most 32 of them).
-
-    Core rows of the listed columns, not ORM objects: on a shallow page building Event objects
-    cost ~10x the query itself (performance-baselines.md). Rows answer the same attributes."""
-    c = Event.__table__.c  # type: ignore[attr-defined]
-    created, event_id = c.created, c.id
-    statement = sa.select(*(c[name] for name in LISTED_COLUMNS)).where(
-        c.device == sa.bindparam("device")
-    )
-    if by_type:
-        statement = statement.where(c.media_type == sa.bindparam("media_type"))
-    if since:
-        statement = statement.where(created >= sa.bindparam("since", type_=created.type))
-    if until:
-        statement = statement.where(created < sa.bindparam("until", type_=created.type))
-    if after:
-        # A row-value comparison: SQLite and PostgreSQL both seek the (device, created, id) index to
-        # the position, so a deep page costs as the first. (The equivalent OR of two conditions
-        # made SQLite walk every newer row: 1.2 s at depth 500,000 in BENCHMARKS.md.)
-        position = sa.tuple_(created, event_id)
-        last = sa.tuple_(
-            sa.bindparam("after_created", type_=created.type),
-            sa.bindparam("after_id", type_=event_id.type),
-        )
-        statement = statement.where(position < last if newest_first else position > last)
-    order = (created.desc(), event_id.desc()) if newest_first else (created, event_id)
-    return (
-        statement.order_by(*order)
-        .offset(sa.bindparam("offset", type_=sa.Integer))
-        .limit(sa.bindparam("limit", type_=sa.Integer))
-    )
-
-
-@functools.cache
-def _sqlite_json_statement(page: sa.Select[Any], newest_first: bool) -> sa.Select[Any]:
-    """One row for a whole page on SQLite: its JSON (listing_json.sqlite_array), the number of
-    events, whether every `created` had the stored shape, and "created id" of the last event
-    (the least pair newest first, the greatest oldest first: `created` has a fixed width)."""
-    pages = page.add_columns(
-        sa.literal_column(listing_json.sqlite_created).label(listing_json.CREATED_RFC3339)
-    ).subquery("page")
-    last = "min" if newest_first else "max"
-    return sa.select(
-        sa.literal_column(listing_json.sqlite_array),
-        sa.literal_column("count(*)"),
-        sa.literal_column(listing_json.sqlite_regular),
-        sa.literal_column(f"{last}(created || ' ' || id)"),
-    ).select_from(pages)
-
-
-@functools.cache
-def _postgres_json_statement(page: sa.Select[Any], newest_first: bool) -> sa.Select[Any]:
-    """One row for a whole page on PostgreSQL: its JSON (listing_json.postgres_array; NULL for an
-    empty page), the number of events, whether every `created` is one Python can hold, and the
-    last event's `created` and id (each aggregate in the page's order: PostgreSQL 16 sorts once)."""
-    created = Event.__table__.c.created  # type: ignore[attr-defined]
-    pages = page.add_columns(
-        sa.literal_column(listing_json.postgres_created).label(listing_json.CREATED_RFC3339)
-    ).subquery("page")
-    order = "created DESC, id DESC" if newest_first else "created, id"
-    return sa.select(
-        sa.literal_column(listing_json.postgres_array(order)),
-        sa.literal_column("count(*)"),
-        sa.literal_column(listing_json.postgres_regular),
-        sa.literal_column(f"(array_agg(created ORDER BY {order}))[count(*)]", type_=created.type),
-        sa.literal_column(f"(array_agg(id ORDER BY {order}))[count(*)]"),
-    ).select_from(pages)
-
-
-def _sqlite_position(last: str | None) -> tuple[datetime.datetime, str] | None:
-    """(created, id) from _sqlite_json_statement's "created id" (created has a fixed width)."""
-    if not last:
-        return None
-    width = listing_json.SQLITE_STORED_LENGTH
-    return datetime.datetime.fromisoformat(last[:width]).replace(tzinfo=datetime.UTC), last[width + 1:]
-
-
-def _next_page_token(
-    query: paging.ListQuery, last: tuple[datetime.datetime, str] | None, count: int
-) -> str:
-    """The token after a page of `count` events whose last is at `last` (created, id)."""
-    return paging.next_page_token(query, last, full=count == query.limit)
 
 
 # The database pool of each background loop's Gallery (rpc/server.py: serve) and of `gallery
@@ -200,6 +107,7 @@ class Gallery:
         self.settings = settings
         self.db = db
         self.storage = storage
+        self.listing = Listing(db)
         # The settings own the disk headroom and the choice of direct I/O, whoever built the
         # Storage: one built bare (Storage(data_dir), as tests do) takes theirs here; one built by
         # Storage.from_settings has them already. Tests of the stateless signed-URL checks build a
@@ -231,82 +139,14 @@ class Gallery:
     def list_page(
         self, principal: Principal, device: str, **request: Any
     ) -> tuple[list[ListedEvent], str]:
-        """One page of a device's events, and the token of the next page ("" after the last).
-
-        The events are read-only rows with the attributes of LISTED_COLUMNS (what a listing shows).
-        `request`: media_type, since, until, order, limit, offset, page_token (paging.build)."""
-        return self._read_page(*self._page(principal, device, **request))
+        """One page of a device's events and the next page's token (Listing.page)."""
+        principal.require(validation.device_id(device), READ)
+        return self.listing.page(device, **request)
 
     def list_page_json(self, principal: Principal, device: str, **request: Any) -> tuple[bytes, str]:
-        """The same page as list_page, as the REST listing's JSON (listing_json), and its token."""
-        query, statement, parameters = self._page(principal, device, **request)
-        if self.db.engine.dialect.name == "postgresql":
-            [(text, count, regular, last_created, last_id)] = self.db.read_rows(
-                _postgres_json_statement(statement, query.newest_first), parameters
-            )
-            if regular:  # else a time only PostgreSQL holds: the Python printer refuses it below
-                last = (last_created, last_id) if count else None
-                return listing_json.finish(text or "[]"), _next_page_token(query, last, count)
-        elif self._sqlite_prints_json:
-            [(text, count, regular, last)] = self.db.read_rows(
-                _sqlite_json_statement(statement, query.newest_first), parameters
-            )
-            if regular or not count:  # else a row SQLite did not write itself: printed below
-                return listing_json.finish(text), _next_page_token(query, _sqlite_position(last), count)
-        events, next_page_token = self._read_page(query, statement, parameters)
-        return listing_json.listing(events), next_page_token
-
-    def _read_page(
-        self, query: paging.ListQuery, statement: sa.Select[Any], parameters: dict[str, Any]
-    ) -> tuple[list[ListedEvent], str]:
-        """The rows of a page (_page's query, select and parameters) and the next page's token."""
-        events = [ListedEvent._make(row) for row in self.db.read_rows(statement, parameters)]
-        last = (events[-1].created, events[-1].id) if events else None
-        return events, _next_page_token(query, last, len(events))
-
-    @functools.cached_property
-    def _sqlite_prints_json(self) -> bool:
-        """SQLite with its JSON functions (built in since 3.38; a build may leave them out)."""
-        if self.db.engine.dialect.name != "sqlite":
-            return False
-        try:
-            with self.db.read() as connection:
-                connection.exec_driver_sql("SELECT json_group_array(json_object('a', 1))").one()
-        except sa.exc.OperationalError:
-            return False
-        return True
-
-    def _page(
-        self,
-        principal: Principal,
-        device: str,
-        *,
-        media_type: str = "",
-        since: str = "",
-        until: str = "",
-        order: str = "",
-        limit: int | None = None,
-        offset: int | None = None,
-        page_token: str = "",
-    ) -> tuple[paging.ListQuery, sa.Select[Any], dict[str, Any]]:
-        """Authorize and validate a listing request: its query, select and parameters."""
+        """The same page as the REST listing's JSON, and its token (Listing.page_json)."""
         principal.require(validation.device_id(device), READ)
-        query = paging.build(
-            device=device, media_type=media_type, since=since, until=until, order=order, limit=limit,
-            offset=offset, page_token=page_token,
-        )
-        statement = _listing_statement(
-            by_type=bool(query.media_type), since=query.since is not None,
-            until=query.until is not None, after=query.after is not None,
-            newest_first=query.newest_first,
-        )
-        parameters = {
-            "device": device, "media_type": query.media_type, "since": query.since,
-            "until": query.until, "offset": query.offset, "limit": query.limit,
-            "after_created": query.after[0] if query.after else None,
-            "after_id": query.after[1] if query.after else None,
-        }
-        return query, statement, parameters
+        return self.listing.page_json(device, **request)
 
     def get_event(self, principal: Principal, device: str, event_id: str) -> Event:
         """The event, for reading only (every download checks one): see find_event."""

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from gallery_server import service
+from gallery_server import listing, service
 from gallery_server.db import Database, _ConnectionLost, _driver_select
 from gallery_server.errors import DatabaseUnavailable
 from gallery_server.models import Event
@@ -69,10 +69,10 @@ def _parameter_sets(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("by_type, since, until, after, newest_first", list(itertools.product([False, True], repeat=5)))
 def test_every_listing_select_reads_the_same_rows(gallery, events, by_type, since, until, after, newest_first):
-    page = service._listing_statement(by_type=by_type, since=since, until=until, after=after, newest_first=newest_first)
+    page = listing._listing_statement(by_type=by_type, since=since, until=until, after=after, newest_first=newest_first)
     statements = [page]
     if gallery.db.engine.dialect.name == "sqlite":  # the page SQLite prints itself
-        statements.append(service._sqlite_json_statement(page, newest_first))
+        statements.append(listing._sqlite_json_statement(page, newest_first))
     selected = 0
     for statement, parameters in itertools.product(statements, _parameter_sets(events)):
         expected = _through_sqlalchemy(gallery, statement, parameters)

@@ -1,0 +1,193 @@
+"""A device's events, a page at a time: the listing's selects, built once per combination of
+filters, and the page read as rows or printed as the REST listing's JSON by the database itself
+(listing_json). Keyset pages (paging.py) seek the (device, created, id) index, so a deep page costs
+as the first. Gallery.list_page authorizes; this module reads.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import functools
+from typing import Any
+
+import sqlalchemy as sa
+
+from . import listing_json, paging
+from .db import Database
+from .listing_json import LISTED_COLUMNS
+from .models import Event
+
+# A listed event: a row of LISTED_COLUMNS (what a listing shows) with their names, read-only.
+ListedEvent = collections.namedtuple("ListedEvent", LISTED_COLUMNS)  # type: ignore[misc]
+
+
+@functools.cache
+def _listing_statement(
+    *, by_type: bool, since: bool, until: bool, after: bool, newest_first: bool
+) -> sa.Select[Any]:
+    """The listing's select for one combination of filters (at most 32 of them).
+
+    Core rows of the listed columns, not ORM objects: on a shallow page building Event objects
+    cost ~10x the query itself (measured 2026-11-28). Rows answer the same attributes."""
+    c = Event.__table__.c  # type: ignore[attr-defined]
+    created, event_id = c.created, c.id
+    statement = sa.select(*(c[name] for name in LISTED_COLUMNS)).where(
+        c.device == sa.bindparam("device")
+    )
+    if by_type:
+        statement = statement.where(c.media_type == sa.bindparam("media_type"))
+    if since:
+        statement = statement.where(created >= sa.bindparam("since", type_=created.type))
+    if until:
+        statement = statement.where(created < sa.bindparam("until", type_=created.type))
+    if after:
+        # A row-value comparison: SQLite and PostgreSQL both seek the (device, created, id) index to
+        # the position, so a deep page costs as the first. (The equivalent OR of two conditions
+        # made SQLite walk every newer row: 1.2 s at depth 500,000 in BENCHMARKS.md.)
+        position = sa.tuple_(created, event_id)
+        last = sa.tuple_(
+            sa.bindparam("after_created", type_=created.type),
+            sa.bindparam("after_id", type_=event_id.type),
+        )
+        statement = statement.where(position < last if newest_first else position > last)
+    order = (created.desc(), event_id.desc()) if newest_first else (created, event_id)
+    return (
+        statement.order_by(*order)
+        .offset(sa.bindparam("offset", type_=sa.Integer))
+        .limit(sa.bindparam("limit", type_=sa.Integer))
+    )
+
+
+@functools.cache
+def _sqlite_json_statement(page: sa.Select[Any], newest_first: bool) -> sa.Select[Any]:
+    """One row for a whole page on SQLite: its JSON (listing_json.sqlite_array), the number of
+    events, whether every `created` had the stored shape, and "created id" of the last event
+    (the least pair newest first, the greatest oldest first: `created` has a fixed width)."""
+    pages = page.add_columns(
+        sa.literal_column(listing_json.sqlite_created).label(listing_json.CREATED_RFC3339)
+    ).subquery("page")
+    last = "min" if newest_first else "max"
+    return sa.select(
+        sa.literal_column(listing_json.sqlite_array),
+        sa.literal_column("count(*)"),
+        sa.literal_column(listing_json.sqlite_regular),
+        sa.literal_column(f"{last}(created || ' ' || id)"),
+    ).select_from(pages)
+
+
+@functools.cache
+def _postgres_json_statement(page: sa.Select[Any], newest_first: bool) -> sa.Select[Any]:
+    """One row for a whole page on PostgreSQL: its JSON (listing_json.postgres_array; NULL for an
+    empty page), the number of events, whether every `created` is one Python can hold, and the
+    last event's `created` and id (each aggregate in the page's order: PostgreSQL 16 sorts once)."""
+    created = Event.__table__.c.created  # type: ignore[attr-defined]
+    pages = page.add_columns(
+        sa.literal_column(listing_json.postgres_created).label(listing_json.CREATED_RFC3339)
+    ).subquery("page")
+    order = "created DESC, id DESC" if newest_first else "created, id"
+    return sa.select(
+        sa.literal_column(listing_json.postgres_array(order)),
+        sa.literal_column("count(*)"),
+        sa.literal_column(listing_json.postgres_regular),
+        sa.literal_column(f"(array_agg(created ORDER BY {order}))[count(*)]", type_=created.type),
+        sa.literal_column(f"(array_agg(id ORDER BY {order}))[count(*)]"),
+    ).select_from(pages)
+
+
+def _sqlite_position(last: str | None) -> tuple[datetime.datetime, str] | None:
+    """(created, id) from _sqlite_json_statement's "created id" (created has a fixed width)."""
+    if not last:
+        return None
+    width = listing_json.SQLITE_STORED_LENGTH
+    return datetime.datetime.fromisoformat(last[:width]).replace(tzinfo=datetime.UTC), last[width + 1:]
+
+
+def _next_page_token(
+    query: paging.ListQuery, last: tuple[datetime.datetime, str] | None, count: int
+) -> str:
+    """The token after a page of `count` events whose last is at `last` (created, id)."""
+    return paging.next_page_token(query, last, full=count == query.limit)
+
+
+class Listing:
+    """Pages of events on one database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def page(self, device: str, **request: Any) -> tuple[list[ListedEvent], str]:
+        """One page of a device's events, and the token of the next page ("" after the last).
+
+        The events are read-only rows with the attributes of LISTED_COLUMNS (what a listing shows).
+        `request`: media_type, since, until, order, limit, offset, page_token (paging.build)."""
+        return self._read_page(*self._prepare(device, **request))
+
+    def page_json(self, device: str, **request: Any) -> tuple[bytes, str]:
+        """The same page as page(), as the REST listing's JSON (listing_json), and its token."""
+        query, statement, parameters = self._prepare(device, **request)
+        if self.db.engine.dialect.name == "postgresql":
+            [(text, count, regular, last_created, last_id)] = self.db.read_rows(
+                _postgres_json_statement(statement, query.newest_first), parameters
+            )
+            if regular:  # else a time only PostgreSQL holds: the Python printer refuses it below
+                last = (last_created, last_id) if count else None
+                return listing_json.finish(text or "[]"), _next_page_token(query, last, count)
+        elif self._sqlite_prints_json:
+            [(text, count, regular, last)] = self.db.read_rows(
+                _sqlite_json_statement(statement, query.newest_first), parameters
+            )
+            if regular or not count:  # else a row SQLite did not write itself: printed below
+                return listing_json.finish(text), _next_page_token(query, _sqlite_position(last), count)
+        events, next_page_token = self._read_page(query, statement, parameters)
+        return listing_json.listing(events), next_page_token
+
+    def _read_page(
+        self, query: paging.ListQuery, statement: sa.Select[Any], parameters: dict[str, Any]
+    ) -> tuple[list[ListedEvent], str]:
+        """The rows of a page (_prepare's query, select and parameters) and the next page's token."""
+        events = [ListedEvent._make(row) for row in self.db.read_rows(statement, parameters)]
+        last = (events[-1].created, events[-1].id) if events else None
+        return events, _next_page_token(query, last, len(events))
+
+    @functools.cached_property
+    def _sqlite_prints_json(self) -> bool:
+        """SQLite with its JSON functions (built in since 3.38; a build may leave them out)."""
+        if self.db.engine.dialect.name != "sqlite":
+            return False
+        try:
+            with self.db.read() as connection:
+                connection.exec_driver_sql("SELECT json_group_array(json_object('a', 1))").one()
+        except sa.exc.OperationalError:
+            return False
+        return True
+
+    def _prepare(
+        self,
+        device: str,
+        *,
+        media_type: str = "",
+        since: str = "",
+        until: str = "",
+        order: str = "",
+        limit: int | None = None,
+        offset: int | None = None,
+        page_token: str = "",
+    ) -> tuple[paging.ListQuery, sa.Select[Any], dict[str, Any]]:
+        """Validate a listing request: its query, select and parameters."""
+        query = paging.build(
+            device=device, media_type=media_type, since=since, until=until, order=order, limit=limit,
+            offset=offset, page_token=page_token,
+        )
+        statement = _listing_statement(
+            by_type=bool(query.media_type), since=query.since is not None,
+            until=query.until is not None, after=query.after is not None,
+            newest_first=query.newest_first,
+        )
+        parameters = {
+            "device": device, "media_type": query.media_type, "since": query.since,
+            "until": query.until, "offset": query.offset, "limit": query.limit,
+            "after_created": query.after[0] if query.after else None,
+            "after_id": query.after[1] if query.after else None,
+        }
+        return query, statement, parameters
