@@ -3,6 +3,7 @@ owning the gRPC server and the real Envoy binary, on free ports and a temporary 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import time
@@ -42,15 +43,24 @@ def start_stack(
         raise AssertionError(str(exc)) from None
 
 
+@contextlib.contextmanager
+def running_stack(root: pathlib.Path, extra_env: dict[str, str]) -> Iterator[Stack]:
+    """A stack of its own under `root` with these settings, stopped afterwards: it must then have
+    stopped cleanly (exit status 0), or the test that used it fails with its log."""
+    stack = start_stack(root / "data", root / "gallery.log", extra_env=extra_env)
+    try:
+        yield stack
+    finally:
+        stop_stack(stack)
+    assert stack.process.returncode == 0, stack.log()
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("stack")
     # Background thumbnails would change the store while tests compare snapshots of it: the
     # shared stack makes none; test_thumbnails.py runs its own stack that does.
-    stack = start_stack(root / "data", root / "gallery.log", extra_env={"GALLERY_MAKE_THUMBNAILS": "false"})
-    yield stack
-    stop_stack(stack)
-    assert stack.process.returncode == 0, stack.log()
+    with running_stack(tmp_path_factory.mktemp("stack"), {"GALLERY_MAKE_THUMBNAILS": "false"}) as stack:
+        yield stack
 
 
 @pytest.fixture

@@ -29,10 +29,9 @@ from gallery.v1 import admin_pb2, device_pb2, gallery_pb2, gallery_pb2_grpc
 from gallery.v1 import device_pb2 as dpb
 from gallery.v1 import gallery_pb2 as pb
 from gallery_server import auth, validation
-from gallery_server.local_stack import stop_stack
 
 from ..conftest import JWT_SECRET, rich_error
-from .conftest import Stack, start_stack
+from .conftest import Stack, running_stack
 
 TIMEOUT = 20
 SERVICES = (
@@ -111,10 +110,8 @@ def authz_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # Its own stack: the upload session made below would stay in the shared stack's staging/,
     # which other tests expect empty.
     root = tmp_path_factory.mktemp("authz")
-    stack = start_stack(root / "data", root / "gallery.log", extra_env={"GALLERY_MAKE_THUMBNAILS": "false"})
-    yield stack
-    stop_stack(stack)
-    assert stack.process.returncode == 0, stack.log()
+    with running_stack(root, {"GALLERY_MAKE_THUMBNAILS": "false"}) as stack:
+        yield stack
 
 
 @pytest.fixture

@@ -30,13 +30,13 @@ from gallery.v1 import device_pb2_grpc, gallery_pb2_grpc
 from gallery.v1 import gallery_pb2 as pb
 from gallery_server import auth, paging, validation
 from gallery_server.db import Database
-from gallery_server.local_stack import Stack, stop_stack
+from gallery_server.local_stack import Stack
 from gallery_server.service import Gallery
 from gallery_server.signed_urls import SignedUploads
 from gallery_server.storage import Storage
 
 from ..conftest import JWT_SECRET, make_settings, rich_error, stored_files
-from .conftest import access_line, log_entries, start_stack
+from .conftest import access_line, log_entries, running_stack
 
 DEVICE = "cam-bad"
 OTHER = "cam-other"
@@ -298,15 +298,13 @@ REST_CASES = [
 @pytest.fixture(scope="module")
 def bad_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("bad-input")
-    stack = start_stack(root / "data", root / "gallery.log", extra_env={
+    with running_stack(root, {
         "GALLERY_MAKE_THUMBNAILS": "false",
         "GALLERY_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
         "GALLERY_MAX_THUMBNAIL_BYTES": str(MAX_THUMBNAIL),
         "GALLERY_MAX_METADATA_BYTES": str(MAX_METADATA),
-    })
-    yield stack
-    stop_stack(stack)
-    assert stack.process.returncode == 0, stack.log()
+    }) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")

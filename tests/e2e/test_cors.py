@@ -11,10 +11,10 @@ import httpx
 import pytest
 
 from gallery_server import auth, envoy_config
-from gallery_server.local_stack import Stack, stop_stack
+from gallery_server.local_stack import Stack
 
 from ..conftest import JWT_SECRET
-from .conftest import start_stack
+from .conftest import running_stack
 
 APP = "https://app.example"
 OTHER_APP = "http://localhost:3000"
@@ -24,12 +24,10 @@ STRANGER = "https://evil.example"
 @pytest.fixture(scope="module")
 def cors_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("cors")
-    stack = start_stack(root / "data", root / "gallery.log", extra_env={
+    with running_stack(root, {
         "GALLERY_CORS_ORIGINS": f"{APP}, {OTHER_APP}", "GALLERY_MAKE_THUMBNAILS": "false",
-    })
-    yield stack
-    stop_stack(stack)
-    assert stack.process.returncode == 0, stack.log()
+    }) as stack:
+        yield stack
 
 
 @pytest.fixture

@@ -30,10 +30,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gallery_server import auth, validation
-from gallery_server.local_stack import Stack, stop_stack
+from gallery_server.local_stack import Stack
 
 from ..conftest import JWT_SECRET
-from .conftest import start_stack
+from .conftest import running_stack
 
 DESCRIPTOR_SET = pathlib.Path(__file__).parents[2] / "generated" / "gallery_descriptor.pb"
 EXAMPLES_PER_ROUTE = 45
@@ -96,12 +96,10 @@ TEXT = st.one_of(st.text(max_size=30), st.lists(st.one_of(NASTY, st.text(max_siz
 @pytest.fixture(scope="module")
 def fuzz_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("fuzz")
-    stack = start_stack(root / "data", root / "gallery.log", extra_env={
+    with running_stack(root, {
         "GALLERY_MAKE_THUMBNAILS": "false", "GALLERY_MAX_UPLOAD_BYTES": "65536",
-    })
-    yield stack
-    stop_stack(stack)
-    assert stack.process.returncode == 0, stack.log()
+    }) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from ..conftest import random_bytes
-from .conftest import Stack, start_stack, stop_stack
+from .conftest import Stack, running_stack, start_stack, stop_stack
 
 DEVICE = "cam-incoming"
 FAST_SCANS = {"GALLERY_INCOMING_SCAN_SECONDS": "0.2", "GALLERY_INCOMING_SETTLE_SECONDS": "1"}
@@ -21,10 +21,8 @@ PIECE = 512 << 10  # 6 pieces: 3 MiB, written over 3 s
 
 @pytest.fixture
 def incoming_stack(tmp_path: pathlib.Path) -> Iterator[Stack]:
-    stack = start_stack(tmp_path / "data", tmp_path / "gallery.log", extra_env=FAST_SCANS)
-    yield stack
-    stop_stack(stack)
-    assert stack.process.returncode == 0, stack.log()
+    with running_stack(tmp_path, FAST_SCANS) as stack:
+        yield stack
 
 
 def _events(client: httpx.Client, headers: dict[str, str]) -> list[dict]:  # type: ignore[type-arg]

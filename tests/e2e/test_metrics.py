@@ -19,10 +19,10 @@ from gallery.v1 import device_pb2 as dpb
 from gallery.v1 import device_pb2_grpc, gallery_pb2_grpc
 from gallery.v1 import gallery_pb2 as pb
 from gallery_server import auth
-from gallery_server.local_stack import Stack, free_ports, stop_stack
+from gallery_server.local_stack import Stack, free_ports
 
 from ..conftest import JWT_SECRET, new_device, wait_until
-from .conftest import log_entries, start_stack
+from .conftest import log_entries, running_stack
 
 SERVICE = "gallery.v1.GalleryService"
 
@@ -31,12 +31,10 @@ SERVICE = "gallery.v1.GalleryService"
 def measured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, str]]:
     root = tmp_path_factory.mktemp("metrics")
     [port] = free_ports(1)
-    stack = start_stack(root / "data", root / "gallery.log", extra_env={
+    with running_stack(root, {
         "GALLERY_METRICS_ADDRESS": f"127.0.0.1:{port}", "GALLERY_MAKE_THUMBNAILS": "false",
-    })
-    yield stack, f"http://127.0.0.1:{port}/metrics"
-    stop_stack(stack)
-    assert stack.process.returncode == 0, stack.log()
+    }) as stack:
+        yield stack, f"http://127.0.0.1:{port}/metrics"
 
 
 def scrape(url: str) -> Callable[..., float]:

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from gallery.v1 import gallery_pb2, gallery_pb2_grpc
 
 from ..conftest import rich_error, stored_files
-from .conftest import Stack, start_stack, stop_stack
+from .conftest import Stack, running_stack, start_stack, stop_stack
 from .test_listing import ANNOUNCE_SQL, ANNOUNCED, assert_listing_is_envoys_printing
 
 EVENT_ID_RE = re.compile(r"evt_[A-Za-z0-9_-]{22}")
@@ -42,13 +42,8 @@ Check = Callable[[str, str, dict[str, str]], None]
 
 @pytest.fixture(scope="module")
 def pg_stack(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("pg-stack")
-    stack = start_stack(
-        root / "data", root / "gallery.log", extra_env={"GALLERY_DATABASE_URL": postgres_url}
-    )
-    yield stack
-    stop_stack(stack)
-    assert stack.process.returncode == 0, stack.log()
+    with running_stack(tmp_path_factory.mktemp("pg-stack"), {"GALLERY_DATABASE_URL": postgres_url}) as stack:
+        yield stack
 
 
 @pytest.fixture
