@@ -163,22 +163,10 @@ class Listing:
         return True
 
     def _prepare(
-        self,
-        device: str,
-        *,
-        media_type: str = "",
-        since: str = "",
-        until: str = "",
-        order: str = "",
-        limit: int | None = None,
-        offset: int | None = None,
-        page_token: str = "",
+        self, device: str, **request: Any
     ) -> tuple[paging.ListQuery, sa.Select[Any], dict[str, Any]]:
-        """Validate a listing request: its query, select and parameters."""
-        query = paging.build(
-            device=device, media_type=media_type, since=since, until=until, order=order, limit=limit,
-            offset=offset, page_token=page_token,
-        )
+        """Validate a listing request (paging.build's arguments): its query, select and parameters."""
+        query = paging.build(device=device, **request)
         statement = _listing_statement(
             by_type=bool(query.media_type), since=query.since is not None,
             until=query.until is not None, after=query.after is not None,
