@@ -1,4 +1,5 @@
-"""The interceptor's per-RPC state (the caller, the request id) across grpcio's threads."""
+"""The interceptor's per-RPC state (the caller, the request id) across grpcio's threads, and the
+calls it reports to the metrics (metrics.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+import pytest
 
 from gallery_server import auth, logs
+from gallery_server.metrics import Metrics
 from gallery_server.rpc.interceptor import GalleryInterceptor, current_principal
 
 from ..conftest import JWT_SECRET
 
 METHOD = "/gallery.v1.GalleryService/DownloadEvent"
+SERVICE = "gallery.v1.GalleryService"
 
 
 @dataclasses.dataclass
@@ -24,20 +28,27 @@ class _Details:
     invocation_metadata: tuple[tuple[str, str], ...] = ()
 
 
-class _FinishedCall:
-    """The few ServicerContext methods the interceptor uses, of an RPC whose client has gone."""
+class _Aborted(Exception):
+    pass
 
-    def __init__(self, metadata: list[tuple[str, str]]) -> None:
+
+class _Call:
+    """The few ServicerContext methods the interceptor uses; `active`: its client is still there."""
+
+    def __init__(self, metadata: list[tuple[str, str]], *, active: bool = True) -> None:
         self._metadata = metadata
+        self._active = active
 
     def invocation_metadata(self) -> list[tuple[str, str]]:
         return self._metadata
 
     def is_active(self) -> bool:
-        return False
+        return self._active
 
     def abort_with_status(self, status: Any) -> None:
-        raise AssertionError(f"aborted with {status}")
+        if not self._active:
+            raise AssertionError(f"aborted with {status}")
+        raise _Aborted(status.code)
 
 
 def test_a_response_stream_closed_on_another_thread_ends_cleanly(mint: Callable[..., str]) -> None:
@@ -59,7 +70,7 @@ def _stream_closed_on_another_thread(mint: Callable[..., str]) -> None:
         lambda details: grpc.unary_stream_rpc_method_handler(behavior), _Details(METHOD),
     )
     assert handler is not None
-    call = _FinishedCall([("authorization", f"Bearer {mint(sub='closer')}"), ("x-request-id", "req-7")])
+    call = _Call([("authorization", f"Bearer {mint(sub='closer')}"), ("x-request-id", "req-7")], active=False)
     stream = handler.unary_stream(object(), call)
     assert next(stream) == "first" and seen == ["closer"]
     errors: list[BaseException] = []
@@ -76,3 +87,52 @@ def _stream_closed_on_another_thread(mint: Callable[..., str]) -> None:
     assert errors == []
     # This thread still holds the RPC's values: the other thread's close did not touch them.
     assert logs.request_id.get() == "req-7"
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+def _intercepted(metrics: Metrics, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    wrapped = GalleryInterceptor(auth.Verifier(secret=JWT_SECRET), metrics=metrics).intercept_service(
+        lambda details: handler, _Details(method),
+    )
+    assert wrapped is not None
+    return wrapped
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_calls_are_counted_by_type_service_method_and_code(mint: Callable[..., str]) -> None:
+    metrics = Metrics()
+    unary = _intercepted(metrics, f"/{SERVICE}/GetStats",
+                         grpc.unary_unary_rpc_method_handler(lambda request, context: "stats"))
+    token = [("authorization", f"Bearer {mint()}")]
+    assert unary.unary_unary(object(), _Call(token)) == "stats"
+    assert unary.unary_unary(object(), _Call(token)) == "stats"
+    with pytest.raises(_Aborted):
+        unary.unary_unary(object(), _Call([]))  # no token
+    labels = {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": "GetStats"}
+    assert value(metrics, "grpc_server_started_total", **labels) == 3
+    assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="OK") == 2
+    assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="Unauthenticated") == 1
+    assert value(metrics, "grpc_server_handling_seconds_count", **labels) == 3
+    assert 0 < value(metrics, "grpc_server_handling_seconds_sum", **labels) < 5
+
+
+def test_a_stream_counts_once_it_ends(mint: Callable[..., str]) -> None:
+    metrics = Metrics()
+
+    def behavior(request: Any, context: Any) -> Iterator[str]:
+        yield from ("a", "b")
+
+    stream = _intercepted(metrics, f"/{SERVICE}/ReadEventContent",
+                          grpc.unary_stream_rpc_method_handler(behavior))
+    labels = {"grpc_type": "server_stream", "grpc_service": SERVICE, "grpc_method": "ReadEventContent"}
+    answers = stream.unary_stream(object(), _Call([("authorization", f"Bearer {mint()}")]))
+    assert next(answers) == "a"
+    assert value(metrics, "grpc_server_started_total", **labels) == 1
+    assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="OK") == 0  # still open
+    assert list(answers) == ["b"]
+    assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="OK") == 1

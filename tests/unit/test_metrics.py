@@ -1,22 +1,15 @@
-"""The metrics one server process serves (metrics.py): calls counted by the interceptor under the
-gRPC ecosystem's names and labels, gauges read when scraped, the text a scraper reads."""
+"""The metrics one server process serves (metrics.py): codes labelled as the gRPC ecosystem writes
+them, gauges read when scraped, the text a scraper reads. The interceptor's counting of calls is
+in test_interceptor.py."""
 
 from __future__ import annotations
-
-import dataclasses
-from collections.abc import Callable, Iterator
-from typing import Any
 
 import grpc
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gallery_server import auth
 from gallery_server.metrics import Metrics, code_label
-from gallery_server.rpc.interceptor import GalleryInterceptor
-
-from ..conftest import JWT_SECRET
 
 SERVICE = "gallery.v1.GalleryService"
 
@@ -33,78 +26,6 @@ GO_CODE_NAMES = {
 
 def test_every_grpc_code_is_labelled_as_go_names_it() -> None:
     assert {code.name: code_label(code.name) for code in grpc.StatusCode} == GO_CODE_NAMES
-
-
-@dataclasses.dataclass
-class _Details:
-    method: str
-    invocation_metadata: tuple[tuple[str, str], ...] = ()
-
-
-class _Aborted(Exception):
-    pass
-
-
-class _LiveCall:
-    """The ServicerContext methods the interceptor uses, of a call whose client is still there."""
-
-    def __init__(self, metadata: list[tuple[str, str]]) -> None:
-        self._metadata = metadata
-
-    def invocation_metadata(self) -> list[tuple[str, str]]:
-        return self._metadata
-
-    def is_active(self) -> bool:
-        return True
-
-    def abort_with_status(self, status: Any) -> None:
-        raise _Aborted(status.code)
-
-
-def _intercepted(metrics: Metrics, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    wrapped = GalleryInterceptor(auth.Verifier(secret=JWT_SECRET), metrics=metrics).intercept_service(
-        lambda details: handler, _Details(method),
-    )
-    assert wrapped is not None
-    return wrapped
-
-
-def value(metrics: Metrics, name: str, **labels: str) -> float:
-    return metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-def test_calls_are_counted_by_type_service_method_and_code(mint: Callable[..., str]) -> None:
-    metrics = Metrics()
-    unary = _intercepted(metrics, f"/{SERVICE}/GetStats",
-                         grpc.unary_unary_rpc_method_handler(lambda request, context: "stats"))
-    token = [("authorization", f"Bearer {mint()}")]
-    assert unary.unary_unary(object(), _LiveCall(token)) == "stats"
-    assert unary.unary_unary(object(), _LiveCall(token)) == "stats"
-    with pytest.raises(_Aborted):
-        unary.unary_unary(object(), _LiveCall([]))  # no token
-    labels = {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": "GetStats"}
-    assert value(metrics, "grpc_server_started_total", **labels) == 3
-    assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="OK") == 2
-    assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="Unauthenticated") == 1
-    assert value(metrics, "grpc_server_handling_seconds_count", **labels) == 3
-    assert 0 < value(metrics, "grpc_server_handling_seconds_sum", **labels) < 5
-
-
-def test_a_stream_counts_once_it_ends(mint: Callable[..., str]) -> None:
-    metrics = Metrics()
-
-    def behavior(request: Any, context: Any) -> Iterator[str]:
-        yield from ("a", "b")
-
-    stream = _intercepted(metrics, f"/{SERVICE}/ReadEventContent",
-                          grpc.unary_stream_rpc_method_handler(behavior))
-    labels = {"grpc_type": "server_stream", "grpc_service": SERVICE, "grpc_method": "ReadEventContent"}
-    answers = stream.unary_stream(object(), _LiveCall([("authorization", f"Bearer {mint()}")]))
-    assert next(answers) == "a"
-    assert value(metrics, "grpc_server_started_total", **labels) == 1
-    assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="OK") == 0  # still open
-    assert list(answers) == ["b"]
-    assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="OK") == 1
 
 
 def test_the_endpoint_serves_what_a_scraper_reads(tmp_path) -> None:
