@@ -127,7 +127,9 @@ def _headers_to_add(cors: bool) -> list[dict[str, object]]:
         for key, value in downloads.SAFETY_HEADERS
     ]
     if cors:
-        headers.append({"header": {"key": "vary", "value": "origin"}, "append_action": "APPEND_IF_EXISTS_OR_ADD"})
+        # Overwritten, not appended: Envoy's own answers get both the virtual host's headers and
+        # their mapper's (vary: origin,origin), and no answer of the server's varies otherwise.
+        headers.append({"header": {"key": "vary", "value": "origin"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"})
     return headers
 
 
@@ -154,7 +156,8 @@ def _local_reply_mappers(cors: bool) -> list[dict[str, object]]:
             "op": "EQ", "value": {"default_value": status, "runtime_key": f"gallery.local_reply.{status}"},
         }}}
 
-    # The virtual host's headers are not added to Envoy's own answers: each mapper adds them.
+    # Each mapper adds the virtual host's headers too: Envoy's answers that no route took (a
+    # request refused before routing) do not get the virtual host's.
     mappers: list[dict[str, object]] = [
         {
             "filter": {"and_filter": {"filters": [rest, status_is(status)]}},
