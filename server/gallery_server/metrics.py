@@ -12,6 +12,7 @@ Each replica serves its own; nothing here is shared between processes.
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 from collections.abc import Callable
@@ -75,7 +76,10 @@ class Metrics:
 
     def watch_free_space(self, data_dir: pathlib.Path) -> None:
         def free() -> float:
-            st = os.statvfs(data_dir)
+            try:
+                st = os.statvfs(data_dir)
+            except OSError:  # NaN, rather than a failed scrape of every other figure
+                return math.nan
             return st.f_bavail * st.f_frsize
 
         self.gauge("gallery_data_free_bytes", "Bytes free for the server on the data root's filesystem.", free)

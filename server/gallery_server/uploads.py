@@ -183,6 +183,11 @@ class UploadSlots:
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def awaiting_first(self) -> int:
+        """Streams waiting for their first message: they count against `total` too."""
+        return self._awaiting_first
+
     def acquire(self, device: str) -> Callable[[], None]:
         """Take a slot for `device`; returns the function that gives it back (once)."""
         with self._lock:

@@ -89,20 +89,30 @@ def test_uploads_and_device_channels_are_read_as_they_stand(measured: tuple[Stac
         yield dpb.ConnectRequest(hello=dpb.DeviceHello(device=device))
         release.wait(30)
 
+    def silent() -> Iterator[pb.UploadEventRequest]:
+        release.wait(30)  # no first message yet: the limit counts it all the same
+        yield from ()
+
     with grpc.insecure_channel(stack.envoy_grpc_address) as channel:
         uploading = gallery_pb2_grpc.GalleryServiceStub(channel).UploadEvent.future(
             upload(), metadata=[("authorization", f"Bearer {bearer(device)}")], timeout=60)
         connected = device_pb2_grpc.DeviceServiceStub(channel).Connect(
             hello(), metadata=[("authorization", f"Bearer {bearer(device, auth.DEVICE)}")], timeout=60)
+        waiting = gallery_pb2_grpc.GalleryServiceStub(channel).UploadEvent.future(
+            silent(), metadata=[("authorization", f"Bearer {bearer(device)}")], timeout=60)
         try:
             assert wait_until(lambda: scrape(url)("gallery_uploads_in_flight") == 1, seconds=15)
+            assert wait_until(lambda: scrape(url)("gallery_uploads_awaiting_first_message") == 1, seconds=15)
             assert wait_until(lambda: scrape(url)("gallery_device_channels_open") == 1, seconds=15)
             assert scrape(url)("gallery_device_channels_limit") > 0
         finally:
             release.set()
             connected.cancel()
         assert uploading.result().success is True
+        with pytest.raises(grpc.RpcError):
+            waiting.result()  # it ended without a message
     assert wait_until(lambda: scrape(url)("gallery_uploads_in_flight") == 0, seconds=15)
+    assert wait_until(lambda: scrape(url)("gallery_uploads_awaiting_first_message") == 0, seconds=15)
     assert wait_until(lambda: scrape(url)("gallery_device_channels_open") == 0, seconds=15)
     handled = scrape(url)("grpc_server_handled_total", grpc_type="client_stream", grpc_service=SERVICE,
                           grpc_method="UploadEvent", grpc_code="OK")

@@ -136,3 +136,20 @@ def test_a_stream_counts_once_it_ends(mint: Callable[..., str]) -> None:
     assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="OK") == 0  # still open
     assert list(answers) == ["b"]
     assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="OK") == 1
+
+
+def test_a_stream_its_client_leaves_counts_as_cancelled(mint: Callable[..., str]) -> None:
+    """grpcio closes the answer stream of a client that went (a video seek drops a download)."""
+    metrics = Metrics()
+
+    def behavior(request: Any, context: Any) -> Iterator[str]:
+        yield from ("a", "b")
+
+    stream = _intercepted(metrics, f"/{SERVICE}/ReadEventContent",
+                          grpc.unary_stream_rpc_method_handler(behavior))
+    answers = stream.unary_stream(object(), _Call([("authorization", f"Bearer {mint()}")]))
+    assert next(answers) == "a"
+    answers.close()
+    labels = {"grpc_type": "server_stream", "grpc_service": SERVICE, "grpc_method": "ReadEventContent"}
+    assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="Canceled") == 1
+    assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="OK") == 0

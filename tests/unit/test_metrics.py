@@ -4,6 +4,8 @@ in test_interceptor.py."""
 
 from __future__ import annotations
 
+import math
+
 import grpc
 import httpx
 import pytest
@@ -58,3 +60,18 @@ def test_the_endpoint_serves_what_a_scraper_reads(tmp_path) -> None:
         stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+
+
+def test_free_space_that_cannot_be_read_is_nan_and_the_rest_is_served(tmp_path) -> None:
+    metrics = Metrics()
+    metrics.watch_free_space(tmp_path / "gone")  # a data root removed, or a stale mount
+    metrics.gauge("gallery_uploads_in_flight", "Uploads being received.", lambda: 2)
+    port, stop = metrics.serve("127.0.0.1", 0)
+    try:
+        r = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    finally:
+        stop()
+    assert r.status_code == 200
+    samples = {s.name: s.value for f in text_string_to_metric_families(r.text) for s in f.samples}
+    assert math.isnan(samples["gallery_data_free_bytes"])
+    assert samples["gallery_uploads_in_flight"] == 2

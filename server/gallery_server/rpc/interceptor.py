@@ -267,7 +267,10 @@ class _Call:
             mapped = status.to_status(exc)
             self.code, self.reason = mapped.code.name, exc.reason
             self.context.abort_with_status(mapped)
-        if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)):
+        if isinstance(exc, GeneratorExit):  # grpcio closed the answer stream: its client went
+            self.code = "CANCELLED"
+            raise exc
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise exc
         if not self.context.is_active():  # the client went away: nothing to report to it
             self.code = "CANCELLED"

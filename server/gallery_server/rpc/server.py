@@ -162,6 +162,9 @@ def _add_gauges(metrics: Metrics, gallery: Gallery, devices: Devices) -> None:
     """What this replica bounds, each beside its limit (an alert compares the two)."""
     metrics.gauge("gallery_uploads_in_flight", "Uploads being received by this server.",
                   lambda: gallery.slots.in_flight)
+    metrics.gauge("gallery_uploads_awaiting_first_message",
+                  "Upload streams waiting for their first message; the limit counts them with those in flight.",
+                  lambda: gallery.slots.awaiting_first)
     metrics.gauge("gallery_uploads_limit", "Uploads this server receives at once (GALLERY_MAX_UPLOADS_TOTAL).",
                   lambda: gallery.slots.total)
     metrics.gauge("gallery_device_channels_open", "Devices' command channels open on this server.",
@@ -176,20 +179,20 @@ def serve(settings: Settings) -> None:
     # Fewer malloc arenas: 64 concurrent uploads peaked near 400 MiB RSS with glibc's default and
     # 275 MiB with two (BENCHMARKS.md); see _malloc.py.
     _malloc.limit_arenas()
-    metrics = Metrics() if settings.metrics_address else None
+    metrics, stop_metrics = None, None
+    if settings.metrics_address:
+        # Bound first: a replica that cannot serve its metrics stops before it reports healthy.
+        metrics = Metrics()
+        try:
+            metrics_port, stop_metrics = metrics.serve(*split_address(settings.metrics_address, ANY_HOST))
+        except OSError as exc:
+            raise CannotListen(f"GALLERY_METRICS_ADDRESS={settings.metrics_address}: {exc.strerror or exc}") from None
+        log.info("metrics listening", extra={"address": settings.metrics_address, "port": metrics_port})
     server, port, health_servicer = create_server(settings, settings.grpc_address, metrics)
     server.start()
     log.info("gRPC server listening", extra={"address": settings.grpc_address, "port": port})
     # What this replica admits at once: an operator sees it without working out threads.py.
     log.info("thread shares", extra={"uploads": settings.max_uploads_total, **thread_shares(settings)._asdict()})
-    stop_metrics = None
-    if metrics is not None:
-        try:
-            metrics_port, stop_metrics = metrics.serve(*split_address(settings.metrics_address, ANY_HOST))
-        except OSError as exc:
-            server.stop(grace=None)
-            raise CannotListen(f"GALLERY_METRICS_ADDRESS={settings.metrics_address}: {exc.strerror or exc}") from None
-        log.info("metrics listening", extra={"address": settings.metrics_address, "port": metrics_port})
     # Every replica may scan the shared drop folders: imports are idempotent (incoming.py).
     importer = IncomingImporter(background_gallery(settings))
     importer.start()
