@@ -31,7 +31,7 @@ WARMUP = 50  # per thread, not counted
 def _measure(data_dir: str, secret: str, device: str, thread_counts: tuple[int, ...]) -> dict[str, dict[str, float]]:
     settings = Settings.from_env({"GALLERY_DATA_DIR": data_dir, "GALLERY_JWT_SECRET": secret})
     gallery = Gallery(settings, Database(settings.database_url, pool_size=max(thread_counts)),
-                      Storage(settings.data_dir))
+                      Storage.from_settings(settings))
     principal = auth.Principal("bench", frozenset({device}), frozenset({auth.READ}))
     calls = {
         "list, first page (limit 50)": lambda: gallery.list_page_json(principal, device, limit=50),

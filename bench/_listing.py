@@ -24,7 +24,7 @@ import psycopg
 from _common import JWT_SECRET, SEEDED_STACK_ENV, Bench, BenchError, Section, cpu_now, md_table, median, text_table
 from _floor import FloorStack
 
-from gallery_server import paging
+from gallery_server import paging, storage
 from gallery_server.settings import Settings
 
 BIG_DEVICE = "bench-1m"
@@ -305,7 +305,7 @@ def profile_load(bench: Bench, what: str) -> None:
 
 def scenario_small_requests(bench: Bench) -> Section:
     seconds = 1.0 if bench.options.quick else 4.0
-    run_dir = str(bench.stack.data_dir / "run")
+    run_dir = str(storage.run_dir(bench.stack.data_dir))
     with contextlib.ExitStack() as running:
         floor = FloorStack(run_dir)
         running.callback(floor.stop)
