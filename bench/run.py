@@ -481,7 +481,7 @@ TARGETS_NOTE = (
     "far from its target, within the spread of both, for no stall: kept.\n"
     "- *Envoy's CORS filter (2026-11-30)*: every request now passes Envoy's CORS filter, first in the chain, "
     "which does nothing without GALLERY_CORS_ORIGINS (the default, as in these runs). Measured right after "
-    "in 3 interleaved pairs of the small-request section by hand (one run each, another engineer's unit "
+    "in 3 interleaved pairs of the small-request section by hand (one run each, a helper's unit "
     "tests running meanwhile), medians without / with it: GetDevicePaths 2,050 / 2,208 req/s with Envoy at "
     "182 / 163 µs of CPU per request, stats 2,016 / 1,982 req/s at 178 / 182 µs, the floors 3,981 / 3,843 "
     "and 3,365 / 3,151 req/s at 127 / 129 and 136 / 158 µs: no cost beyond the noise.\n"
