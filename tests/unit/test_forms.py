@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gallery_server.errors import GalleryError, InvalidArgument, TooLarge
+from gallery_server.errors import Exhausted, GalleryError, InvalidArgument, TooLarge
 from gallery_server.forms import MAX_PREAMBLE_BYTES, FormReceiver, multipart_boundary
 from gallery_server.storage import Storage
 from gallery_server.uploads import Upload
@@ -233,6 +233,21 @@ def test_metadata_at_limit_is_accepted(storage: Storage) -> None:
     assert received.metadata_json == metadata.decode()
 
 
+
+def test_device_event_id_at_limit_is_accepted(storage: Storage) -> None:
+    # 128 characters of 4 bytes each, and up to 64 bytes of whitespace around them.
+    value = "\U0001F600" * 128
+    raw = b" " * 32 + value.encode() + b"\r\n" * 16
+    assert len(raw) == 4 * 128 + 64
+    with new_upload(storage) as upload:
+        form = FormReceiver(upload, CONTENT_TYPE, max_metadata_bytes=MAX_METADATA)
+        form.feed(body(Part("event", b"x"), Part("device_event_id", raw)))
+        form.finish()
+        assert upload.fields.device_event_id == value
+    data = body(Part("event", b"x"), Part("device_event_id", raw + b" "))
+    error = fail(storage, data, InvalidArgument, "FORM_FIELD_TOO_LARGE")
+    assert error.field == "device_event_id"
+
 @pytest.mark.parametrize(
     "content_type",
     [
@@ -274,6 +289,17 @@ def test_a_body_without_a_boundary_line_is_refused_early(storage: Storage) -> No
             form.feed(f"--{BOUNDARY}".encode())  # not at the start of a line: still the preamble
         assert refused.value.reason == "MALFORMED_MULTIPART"
 
+
+
+def test_the_preamble_limit_is_64_kib(storage: Storage) -> None:
+    assert MAX_PREAMBLE_BYTES == 64 << 10
+    preamble = b"y" * (MAX_PREAMBLE_BYTES - 2) + b"\r\n"
+    assert receive(storage, [preamble, body(*standard_parts())]) == EXPECTED
+    with new_upload(storage) as upload:
+        form = FormReceiver(upload, CONTENT_TYPE, max_metadata_bytes=MAX_METADATA)
+        with pytest.raises(InvalidArgument) as refused:
+            form.feed(b"y" + preamble)
+        assert refused.value.reason == "MALFORMED_MULTIPART"
 
 # -- errors ---------------------------------------------------------------------------------------
 
@@ -426,3 +452,41 @@ def test_a_bad_device_event_id_is_refused_before_the_event_file(storage: Storage
         form.feed(trimmed)
         form.finish()
         assert upload.fields.device_event_id == "DSC_0001"
+
+
+def test_a_content_type_beyond_latin_1_is_not_multipart(storage: Storage) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        multipart_boundary("multipart/form-data; boundary=\u0100")
+    assert info.value.reason == "NOT_MULTIPART"
+    assert info.value.field == "content_type"
+
+
+@pytest.mark.parametrize("name", ["name", "media_type", "has_thumbnail", "metadata", "device_event_id"])
+def test_a_text_field_not_utf8_is_refused(storage: Storage, name: str) -> None:
+    data = body(Part("event", b"x"), Part(name, b"caf\xe9"))
+    error = fail(storage, data, InvalidArgument, "FORM_FIELD_NOT_UTF8")
+    assert error.field == name
+
+
+def test_a_field_name_not_utf8_is_unknown(storage: Storage) -> None:
+    data = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="even'.encode() + b"\xff"
+            + f't"\r\n\r\nx\r\n--{BOUNDARY}--\r\n'.encode())
+    error = fail(storage, data, InvalidArgument, "UNKNOWN_FORM_FIELD")
+    assert error.field == "even\ufffdt"
+
+
+def test_an_unknown_field_name_is_told_in_its_first_64_characters(storage: Storage) -> None:
+    data = body(Part("event", b"x"), Part("o" * 100, b"y"))
+    error = fail(storage, data, InvalidArgument, "UNKNOWN_FORM_FIELD")
+    assert error.field == "o" * 64
+
+
+def test_a_full_disk_while_receiving_the_event_is_its_own_error(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def write_media(self: Upload, data: bytes | memoryview) -> None:
+        if data:
+            raise Exhausted("INSUFFICIENT_STORAGE", "no space left")
+
+    monkeypatch.setattr(Upload, "write_media", write_media)
+    fail(storage, body(Part("event", b"abc")), Exhausted, "INSUFFICIENT_STORAGE", size=5)
