@@ -104,7 +104,8 @@ def test_postgres_prints_a_page_in_one_statement(gallery, principal, rows):
     assert len(json.loads(page)) == 10 and token
 
 
-@pytest.mark.parametrize("created", ["infinity", "-infinity", "0044-03-15 12:00:00+00 BC", "12024-03-20 10:00:00+00"])
+@pytest.mark.parametrize("created", ["infinity", "-infinity", "0044-03-15 12:00:00+00 BC", "12024-03-20 10:00:00+00",
+                                     "10000-01-01 00:00:00+00"])
 def test_a_time_python_cannot_hold_is_never_printed_by_postgres(gallery, principal, rows, created):
     """Written by another tool: PostgreSQL would print it wrongly or drop its row; the page goes to
     the Python printer, whose driver refuses the row, as for the native listing."""
@@ -150,6 +151,7 @@ def test_postgres_prints_times_in_utc_whatever_the_session_time_zone(settings, p
     ("created", "2024-03-20 10:00:30.1+0530", "2024-03-20T04:30:30.100Z"),
     ("has_thumbnail", "true", None),
     ("size", 5.0, None),
+    ("size", 5.5, None),  # a REAL: SQLite keeps it (5.0 it makes an integer)
 ])
 def test_a_row_sqlite_did_not_write_itself_is_printed_by_python(gallery, principal, rows, column, value, created):
     """Rows as another tool might have written them: the page goes to the Python printer (review
@@ -181,3 +183,45 @@ def test_finish_escapes_the_same_on_its_ascii_fast_path(text):
     """finish() skips the regex for ASCII text; what it returns must not depend on that."""
     everything = listing_json._NEEDS_ESCAPE.sub(listing_json._escape, text).encode()
     assert listing_json.finish(text) == everything
+
+
+def test_finish_escapes_what_protobufs_printer_escapes_and_nothing_beside():
+    """Every end of every escaped range, spelled as protobuf's JSON printer spells it (astral
+    characters as a surrogate pair), and their neighbours left as they are."""
+    escaped = ("<>\x7f\x80\x9f\xad\u0600\u0603\u06dd\u070f\u17b4\u17b5\u200b\u200f\u2028\u202e"
+               "\u2060\u2064\u206a\u206f\ufeff\ufff9\ufffb\U000e0001\U000e0020\U000e007f\U0001d173\U0001d17a")
+    assert listing_json.finish(escaped) == (
+        b"\\u003c\\u003e\\u007f\\u0080\\u009f\\u00ad\\u0600\\u0603\\u06dd\\u070f\\u17b4\\u17b5\\u200b\\u200f"
+        b"\\u2028\\u202e\\u2060\\u2064\\u206a\\u206f\\ufeff\\ufff9\\ufffb\\udb40\\udc01\\udb40\\udc20"
+        b"\\udb40\\udc7f\\ud834\\udd73\\ud834\\udd7a"
+    )
+    kept = "~=\xa0\xac\xae\u05ff\u0604\u17b6\u200a\u2010\u2027\u202f\u205f\u2070\ufefe\ufffc\U000e0002\U0001d17b é"
+    assert listing_json.finish(kept) == kept.encode()
+    assert listing_json.finish("a<b") == b"a\\u003cb"  # the ASCII path
+
+
+@pytest.mark.parametrize(("moment", "printed"), [
+    (datetime.datetime(2024, 3, 20, 10, 0, 30), "2024-03-20T10:00:30Z"),  # naive: UTC
+    (datetime.datetime(2024, 3, 20, 10, 0, 30, tzinfo=datetime.UTC), "2024-03-20T10:00:30Z"),
+    (datetime.datetime(2024, 3, 20, 10, 0, 30, 120_000, tzinfo=datetime.UTC), "2024-03-20T10:00:30.120Z"),
+    (datetime.datetime(2024, 3, 20, 10, 0, 30, 100, tzinfo=datetime.UTC), "2024-03-20T10:00:30.000100Z"),
+    (datetime.datetime(2024, 3, 20, 10, 0, 30, 1000), "2024-03-20T10:00:30.001Z"),
+    (datetime.datetime(2024, 3, 20, 15, 30, 30, 5, tzinfo=datetime.timezone(datetime.timedelta(hours=5, minutes=30))),
+     "2024-03-20T10:00:30.000005Z"),
+])
+def test_created_prints_in_utc_with_0_3_or_6_fractional_digits(moment, printed):
+    assert listing_json.timestamp(moment) == printed
+
+
+def test_python_prints_each_event_with_its_keys_in_order_and_typed():
+    """`size` a JSON number and `has_thumbnail` a boolean whatever the row holds (5.0, 1), the keys
+    in the field-number order of `Event`, no metadata and no pull."""
+    row = ("evt_a", DEVICE, "a.jpg", "image", "image/jpeg", 5.0, "ab" * 32, 1,
+           datetime.datetime(2024, 3, 20, 10, 0, 30, tzinfo=datetime.UTC), "stored")
+    assert listing_json.listing([row, row[:5] + (0, "", 0) + row[8:]]) == (
+        b'[{"id":"evt_a","name":"a.jpg","media_type":"image","size":5,"has_thumbnail":true,'
+        b'"created":"2024-03-20T10:00:30Z","mime_type":"image/jpeg","sha256":"' + b"ab" * 32 + b'","state":"stored"},'
+        b'{"id":"evt_a","name":"a.jpg","media_type":"image","size":0,"has_thumbnail":false,'
+        b'"created":"2024-03-20T10:00:30Z","mime_type":"image/jpeg","sha256":"","state":"stored"}]'
+    )
+    assert listing_json.listing([]) == b"[]"
