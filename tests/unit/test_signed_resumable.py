@@ -51,6 +51,25 @@ def test_parse_content_range() -> None:
         assert caught.value.reason == "INVALID_CONTENT_RANGE"
 
 
+def test_a_content_range_takes_numbers_of_up_to_19_digits() -> None:
+    nineteen = "9" * 19
+    last = int(nineteen[:-1])
+    assert parse_content_range(f"bytes 0-{nineteen[:-1]}/{nineteen}") == ContentRange(0, last, int(nineteen))
+    assert parse_content_range(f"bytes {10**18}-{10**18}/{nineteen}") == ContentRange(10**18, 10**18, int(nineteen))
+    for bad in (f"bytes 0-0/1{nineteen}", f"bytes */1{nineteen}", f"bytes 0-{nineteen}0/1{nineteen}0"):
+        with pytest.raises(InvalidArgument) as caught:
+            parse_content_range(bad)
+        assert caught.value.reason == "INVALID_CONTENT_RANGE"
+
+
+def test_a_bad_content_range_names_its_field_and_its_first_100_characters() -> None:
+    header = "bytes 0-9/" + "x" * 200
+    with pytest.raises(InvalidArgument) as caught:
+        parse_content_range(header)
+    assert caught.value.field == "content_range"
+    assert caught.value.metadata == {"content_range": header[:100]}
+
+
 def test_chunks_status_and_one_event(signed: SignedUploads, principal: auth.Principal) -> None:
     token, event_id = new_url(signed, principal)
     data = b"0123456789" * 100
