@@ -3,6 +3,7 @@ the variable, the value and what is accepted (never a traceback, never a failure
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import pathlib
 import re
@@ -87,6 +88,12 @@ def test_the_message_says_the_range(tmp_path):
     assert refusal(tmp_path, "GALLERY_ENVOY_ADMIN_PORT", "70000") == (
         "GALLERY_ENVOY_ADMIN_PORT=70000: must be between 1 and 65535"
     )
+    assert refusal(tmp_path, "GALLERY_RECONCILE_GRACE_SECONDS", "299") == (
+        "GALLERY_RECONCILE_GRACE_SECONDS=299: must be between 300 and 31536000 seconds"
+    )
+    assert refusal(tmp_path, "GALLERY_INCOMING_SCAN_SECONDS", " 0 ") == (
+        "GALLERY_INCOMING_SCAN_SECONDS=0: must be between 0.01 and 31536000 seconds"
+    )
 
 
 @pytest.mark.parametrize("variable", [
@@ -150,7 +157,96 @@ def test_the_checks_that_existed_still_hold(tmp_path):
             Settings.from_env(env(tmp_path, **values))
 
 
-# -- addresses and ports -------------------------------------------------------------------------
+
+A_YEAR, INT64_MAX = 31536000, 2**63 - 1
+# README "Configuration": variable, whole numbers or not, the least and the most accepted, and
+# whether the least itself is refused (durations that must be above 0).
+RANGES = [
+    ("GALLERY_UPLOAD_URL_TTL", int, 1, A_YEAR, False),
+    ("GALLERY_ENVOY_ADMIN_PORT", int, 1, 65535, False),
+    ("GALLERY_MAX_UPLOAD_BYTES", int, 1, INT64_MAX, False),
+    ("GALLERY_MAX_THUMBNAIL_BYTES", int, 1, INT64_MAX, False),
+    ("GALLERY_MAX_METADATA_BYTES", int, 2, 1 << 20, False),
+    ("GALLERY_GRPC_WORKERS", int, 2, INT64_MAX, False),
+    ("GALLERY_GRPC_READ_WORKERS", int, 1, INT64_MAX, False),
+    ("GALLERY_PULL_TTL", int, 1, A_YEAR, False),
+    ("GALLERY_INCOMING_SCAN_SECONDS", float, 0.01, A_YEAR, False),
+    ("GALLERY_INCOMING_SETTLE_SECONDS", float, 0, A_YEAR, False),
+    ("GALLERY_UPLOAD_SESSION_TTL", int, 1, A_YEAR, False),
+    ("GALLERY_JWT_JWKS_COOLDOWN", float, 0, A_YEAR, False),
+    ("GALLERY_JWT_JWKS_LIFESPAN", float, 0, A_YEAR, True),
+    ("GALLERY_MAX_UPLOADS_PER_DEVICE", int, 1, INT64_MAX, False),
+    ("GALLERY_MAX_UPLOADS_TOTAL", int, 1, INT64_MAX, False),
+    ("GALLERY_UPLOAD_IDLE_SECONDS", float, 0, A_YEAR, True),
+    ("GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS", float, 0, A_YEAR, True),
+    ("GALLERY_DOWNLOAD_IDLE_SECONDS", float, 0, A_YEAR, True),
+    ("GALLERY_MAX_UPLOAD_SESSIONS_PER_DEVICE", int, 1, INT64_MAX, False),
+    ("GALLERY_MAX_UPLOAD_URLS_PER_DEVICE", int, 1, INT64_MAX, False),
+    ("GALLERY_UPLOAD_MESSAGES_IN_FLIGHT", int, 1, INT64_MAX, False),
+    ("GALLERY_MIN_FREE_BYTES", int, 0, INT64_MAX, False),
+    ("GALLERY_RECONCILE_INTERVAL_SECONDS", float, 1, A_YEAR, False),
+    ("GALLERY_RECONCILE_GRACE_SECONDS", float, 300, A_YEAR, False),
+    ("GALLERY_KEEPALIVE_SECONDS", float, 1, 86400, False),
+    ("GALLERY_DRAIN_SECONDS", float, 0, A_YEAR, False),
+]
+
+
+@pytest.mark.parametrize(("variable", "kind", "low", "high", "above_low"), RANGES, ids=[r[0] for r in RANGES])
+def test_each_number_is_taken_exactly_within_its_range(variable, kind, low, high, above_low):
+    (bounds,) = [b for b in settings_module._NUMBERS.values() if b.variable == variable]
+    step = 1 if kind is int else low / 100 or 0.001
+    if above_low:
+        with pytest.raises(ConfigError):
+            bounds.check(str(low))
+        assert bounds.check(str(low + step)) == low + step
+    else:
+        assert bounds.check(str(low)) == low
+    with pytest.raises(ConfigError):
+        bounds.check(str(low - step))
+    assert bounds.check(str(high)) == high
+    assert type(bounds.check(str(high))) is kind
+    with pytest.raises(ConfigError):
+        bounds.check(str(high + 1))
+    if kind is int:
+        with pytest.raises(ConfigError, match="a whole number"):
+            bounds.check(f"{low + 1}.5")
+
+
+def test_the_grace_must_be_twice_the_upload_idle_time_and_the_uploads_fewer_than_the_workers(tmp_path):
+    taken = Settings.from_env(env(tmp_path, GALLERY_UPLOAD_IDLE_SECONDS="200", GALLERY_RECONCILE_GRACE_SECONDS="400",
+                                  GALLERY_MAX_UPLOADS_TOTAL="9", GALLERY_GRPC_WORKERS="10"))
+    assert (taken.reconcile_grace_seconds, taken.max_uploads_total, taken.grpc_workers) == (400, 9, 10)
+    assert Settings.from_env(env(tmp_path, GALLERY_RECONCILE_GRACE_SECONDS="300")).reconcile_grace_seconds == 300
+    with pytest.raises(ConfigError, match="at least 400 "):
+        Settings.from_env(env(tmp_path, GALLERY_UPLOAD_IDLE_SECONDS="200", GALLERY_RECONCILE_GRACE_SECONDS="399"))
+    with pytest.raises(ConfigError, match="below GALLERY_GRPC_WORKERS"):
+        Settings.from_env(env(tmp_path, GALLERY_MAX_UPLOADS_TOTAL="10", GALLERY_GRPC_WORKERS="10"))
+
+
+def test_the_defaults_are_the_readmes():
+    """README's tables give each variable's default; Settings' field defaults are the real ones."""
+    root = pathlib.Path(settings_module.__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    documented = dict(re.findall(r"^\| `(GALLERY_[A-Z_]+)` \| `([^`]*)`", readme, re.MULTILINE))
+    fields = Settings.__dataclass_fields__
+    checked = 0
+    for variable, text in documented.items():
+        field = fields.get(variable.removeprefix("GALLERY_").lower())
+        if field is None or field.default is dataclasses.MISSING or variable == "GALLERY_PUBLIC_URL":
+            continue  # the public URL's default follows GALLERY_HTTP_ADDRESS (tested above)
+        default = field.default
+        if isinstance(default, bool):
+            assert text == str(default).lower(), variable
+        elif isinstance(default, (int, float)):
+            assert float(text) == default, variable
+        else:
+            assert text == default, variable
+        checked += 1
+    assert checked >= 25
+    assert fields["max_upload_bytes"].default == 16 << 30  # "16 GiB" in the table
+
+
+# -- addresses and ports ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("variable", ["GALLERY_HTTP_ADDRESS", "GALLERY_GRPC_ADDRESS", "GALLERY_METRICS_ADDRESS"])
@@ -208,6 +304,36 @@ def test_a_short_secret_file_is_refused(tmp_path):
         Settings.from_env({"GALLERY_DATA_DIR": str(tmp_path)})
 
 
+def test_a_jwks_url_alone_makes_tokens_the_identity_providers(tmp_path):
+    """HS256 tokens under the secret are then refused (auth.py), as with a public key."""
+    assert Settings.from_env(env(tmp_path, GALLERY_JWT_JWKS_URL="https://id.example/jwks.json")).issuer_tokens
+    assert not Settings.from_env(env(tmp_path)).issuer_tokens
+
+
+def test_a_public_key_file_that_is_not_text_is_refused(tmp_path):
+    (tmp_path / "key.pem").write_bytes(b"\xff\xfe-----BEGIN PUBLIC KEY-----\n")
+    message = refusal(tmp_path, "GALLERY_JWT_PUBLIC_KEY_FILE", str(tmp_path / "key.pem"))
+    assert message.startswith("GALLERY_JWT_PUBLIC_KEY_FILE: ")
+
+
+def test_no_secret_at_all_says_where_to_put_one(tmp_path):
+    with pytest.raises(ConfigError, match="no JWT secret: set GALLERY_JWT_SECRET or create"):
+        Settings.from_env({"GALLERY_DATA_DIR": str(tmp_path)})
+
+
+def test_a_secret_file_is_read_without_its_line_break(tmp_path):
+    (tmp_path / "jwt-secret").write_text(SECRET + "\n")
+    assert Settings.from_env({"GALLERY_DATA_DIR": str(tmp_path)}).jwt_secret == SECRET
+
+
+def test_the_development_secret_is_made_once_64_characters_long_and_readable_by_its_owner_only(tmp_path):
+    secret = settings_module.ensure_secret_file(tmp_path / "data")
+    path = tmp_path / "data" / "jwt-secret"
+    assert len(secret) == 64 and path.read_text() == secret + "\n"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert settings_module.ensure_secret_file(tmp_path / "data") == secret
+
+
 def test_a_secret_of_32_bytes_is_taken(tmp_path):
     secret = "é" * 16  # 16 characters, 32 bytes: the hash's length counts bytes
     assert Settings.from_env(env(tmp_path, GALLERY_JWT_SECRET=secret)).jwt_secret == secret
@@ -248,6 +374,16 @@ def test_a_cors_origin_a_browser_would_never_send_is_refused_with_the_right_form
     assert says in refusal(tmp_path, "GALLERY_CORS_ORIGINS", value)
 
 
+
+@pytest.mark.parametrize("value", [
+    "app.example", "https://", "https://user@app.example", "https://app.example/gallery", "https://app.example?x=1",
+    "https://app.example#top",
+])
+def test_a_value_with_no_origin_in_it_is_refused_without_a_suggestion(tmp_path, value):
+    message = refusal(tmp_path, "GALLERY_CORS_ORIGINS", value)
+    assert message.startswith(f"GALLERY_CORS_ORIGINS: {value!r} is not an origin")
+    assert message.endswith("no path)")
+
 # -- log level -----------------------------------------------------------------------------------
 
 
@@ -262,6 +398,15 @@ def test_log_levels_are_taken_in_any_case(tmp_path):
     assert Settings.from_env(env(tmp_path, GALLERY_LOG_LEVEL="debug")).log_level == "DEBUG"
     assert Settings.from_env(env(tmp_path, GALLERY_LOG_LEVEL="warn")).log_level == "WARN"  # logging's alias
 
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("true", True), ("1", True), ("yes", True), ("on", True), ("ON", True), (" True ", True),
+    ("false", False), ("0", False), ("no", False), ("off", False), ("OFF", False), (" False ", False),
+])
+def test_booleans_are_taken_in_every_spelling_and_case(tmp_path, value, expected):
+    assert Settings.from_env(env(tmp_path, GALLERY_MAKE_THUMBNAILS=value)).make_thumbnails is expected
+    assert Settings.from_env(env(tmp_path, GALLERY_DIRECT_IO=value)).direct_io is expected
 
 # -- empty values --------------------------------------------------------------------------------
 
