@@ -305,7 +305,7 @@ def test_a_short_secret_file_is_refused(tmp_path):
 
 
 def test_a_jwks_url_alone_makes_tokens_the_identity_providers(tmp_path):
-    """HS256 tokens under the secret are then refused (auth.py), as with a public key."""
+    """As with a public key: `gallery token` then mints none (cli.py), `gallery run` prints none."""
     assert Settings.from_env(env(tmp_path, GALLERY_JWT_JWKS_URL="https://id.example/jwks.json")).issuer_tokens
     assert not Settings.from_env(env(tmp_path)).issuer_tokens
 
