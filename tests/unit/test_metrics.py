@@ -11,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gallery_server.metrics import Metrics, code_label
+from gallery_server.metrics import CALL_TYPES, Metrics, code_label
 
 SERVICE = "gallery.v1.GalleryService"
 
@@ -24,6 +24,10 @@ GO_CODE_NAMES = {
     "UNIMPLEMENTED": "Unimplemented", "INTERNAL": "Internal", "UNAVAILABLE": "Unavailable",
     "DATA_LOSS": "DataLoss", "UNAUTHENTICATED": "Unauthenticated",
 }
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def test_every_grpc_code_is_labelled_as_go_names_it() -> None:
@@ -75,3 +79,44 @@ def test_free_space_that_cannot_be_read_is_nan_and_the_rest_is_served(tmp_path) 
     samples = {s.name: s.value for f in text_string_to_metric_families(r.text) for s in f.samples}
     assert math.isnan(samples["gallery_data_free_bytes"])
     assert samples["gallery_uploads_in_flight"] == 2
+
+
+def test_call_types_are_named_as_the_ecosystem_names_them() -> None:
+    assert CALL_TYPES == {
+        (False, False): "unary", (True, False): "client_stream",
+        (False, True): "server_stream", (True, True): "bidi_stream",
+    }
+
+
+def test_handling_is_observed_in_seconds_in_buckets_from_1_ms_to_2_hours() -> None:
+    metrics = Metrics()
+    metrics.call_finished("unary", f"/{SERVICE}/GetStats", "OK", 0.002)
+    labels = {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": "GetStats"}
+    assert value(metrics, "grpc_server_handling_seconds_sum", **labels) == 0.002
+    bounds = [
+        sample.labels["le"] for family in metrics.registry.collect() for sample in family.samples
+        if sample.name == "grpc_server_handling_seconds_bucket"
+    ]
+    assert bounds == ["0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5",
+                      "5.0", "10.0", "30.0", "60.0", "300.0", "1800.0", "7200.0", "+Inf"]
+    assert value(metrics, "grpc_server_handling_seconds_bucket", **labels, le="0.001") == 0
+    assert value(metrics, "grpc_server_handling_seconds_bucket", **labels, le="0.0025") == 1
+
+
+def test_free_space_is_what_the_server_may_use(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks available to an unprivileged writer (not those kept for root), in fragment-size units."""
+    statvfs = type("statvfs", (), {"f_bavail": 3, "f_bfree": 5, "f_frsize": 4096, "f_bsize": 8192})
+    monkeypatch.setattr("gallery_server.metrics.os.statvfs", lambda path: statvfs)
+    metrics = Metrics()
+    metrics.watch_free_space(tmp_path)
+    assert value(metrics, "gallery_data_free_bytes") == 3 * 4096
+
+
+def test_the_endpoint_listens_on_its_host_only() -> None:
+    port, stop = Metrics().serve("127.0.0.2", 0)  # all of 127/8 is the loopback on Linux
+    try:
+        assert httpx.get(f"http://127.0.0.2:{port}/metrics", timeout=10).status_code == 200
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    finally:
+        stop()
