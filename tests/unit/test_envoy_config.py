@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 import os
@@ -10,6 +11,7 @@ import re
 import subprocess
 
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from gallery_server import downloads, envoy_config, supervisor
 from gallery_server.errors import Unauthenticated
@@ -119,3 +121,90 @@ def test_thumbnails_left_uncounted_fit_envoys_window_to_the_server() -> None:
     cluster = envoy_config.TEMPLATE.read_text().split("  clusters:")[1]
     window = re.search(r"initial_stream_window_size: (\d+)", cluster)
     assert window is not None and SENT_WITHOUT_WAITING <= int(window.group(1))
+
+
+def test_envoys_own_answers_carry_the_servers_codes_and_reasons() -> None:
+    """README "Errors": what a client reads when Envoy answers a REST request itself."""
+    assert {status: (code, reason) for status, (code, reason) in envoy_config.LOCAL_REPLIES.items()} == {
+        400: (3, "MALFORMED_REQUEST"), 404: (5, "NOT_FOUND"), 408: (4, "REQUEST_TIMEOUT"),
+        413: (8, "BODY_TOO_LARGE"), 416: (11, "RANGE_NOT_SATISFIABLE"), 431: (8, "HEADERS_TOO_LARGE"),
+        502: (14, "SERVER_UNAVAILABLE"), 503: (14, "SERVER_UNAVAILABLE"), 504: (4, "SERVER_TIMEOUT"),
+    }
+    assert envoy_config.OTHER_LOCAL_REPLY == (2, "REQUEST_FAILED")
+
+
+@pytest.mark.parametrize("cors", [False, True])
+def test_each_local_reply_mapper_answers_one_rest_status_in_the_servers_error_shape(cors: bool) -> None:
+    mappers = envoy_config._local_reply_mappers(cors)
+    safety = [{"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+              for k, v in downloads.SAFETY_HEADERS]
+    vary = [{"header": {"key": "vary", "value": "origin"}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}] if cors else []
+    rest = {"or_filter": {"filters": [
+        {"header_filter": {"header": {
+            "name": "content-type", "string_match": {"safe_regex": {"regex": r"application/grpc(\+.*)?"}},
+            "invert_match": True, "treat_missing_header_as_empty": True,
+        }}},
+        {"header_filter": {"header": {"name": "x-envoy-original-method", "present_match": True}}},
+    ]}}
+
+    def body(code: int, reason: str) -> dict:
+        return {"json_format": {"code": code, "message": "%LOCAL_REPLY_BODY%", "details": [{
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": "gallery",
+            "metadata": {},
+        }]}}
+
+    statuses = list(envoy_config.LOCAL_REPLIES)
+    for mapper, status in zip(mappers, statuses, strict=False):
+        code, reason = envoy_config.LOCAL_REPLIES[status]
+        assert mapper == {
+            "filter": {"and_filter": {"filters": [rest, {"status_code_filter": {"comparison": {
+                "op": "EQ", "value": {"default_value": status, "runtime_key": f"gallery.local_reply.{status}"},
+            }}}]}},
+            "body_format_override": body(code, reason),
+            "headers_to_add": safety + vary,
+        }
+    assert mappers[len(statuses)] == {"filter": rest, "body_format_override": body(2, "REQUEST_FAILED"),
+                                      "headers_to_add": safety + vary}
+    (native,) = mappers[len(statuses) + 1:]
+    assert native["body"] == {"inline_string": "the request is larger than Envoy takes for this call"}
+    added = {h["header"]["key"]: h["header"]["value"] for h in native["headers_to_add"]}
+    assert added["grpc-status"] == "8"
+    details = status_pb2.Status.FromString(base64.b64decode(added["grpc-status-details-bin"] + "=="))
+    info = error_details_pb2.ErrorInfo()
+    assert details.code == 8 and details.message == native["body"]["inline_string"]
+    assert details.details[0].Unpack(info) and (info.reason, info.domain) == ("BODY_TOO_LARGE", "gallery")
+    assert not added["grpc-status-details-bin"].endswith("=")
+    assert native["headers_to_add"][:len(safety + vary)] == safety + vary
+    assert {h["append_action"] for h in native["headers_to_add"][len(safety + vary):]} == {"OVERWRITE_IF_EXISTS_OR_ADD"}
+
+
+@pytest.mark.parametrize(("origins", "allowed"), [
+    (("*",), [{"safe_regex": {"regex": ".+"}}]),
+    (("https://app.example", "http://[::1]:3000"), [{"exact": "https://app.example"}, {"exact": "http://[::1]:3000"}]),
+], ids=["any", "listed"])
+def test_the_cors_policy(origins: tuple[str, ...], allowed: list[dict[str, object]]) -> None:
+    assert envoy_config.cors_policy(origins) == {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        "allow_origin_string_match": allowed,
+        "allow_methods": "GET,HEAD,POST,PUT,DELETE",
+        "allow_headers": "authorization,content-type,content-range,range,if-match,if-none-match,if-range,"
+                         "if-modified-since,if-unmodified-since,x-request-id",
+        "expose_headers": ",".join(envoy_config.CORS_EXPOSED_HEADERS),
+        "max_age": "600",
+        "allow_credentials": False,
+    }
+    assert "range" in envoy_config.CORS_EXPOSED_HEADERS  # a resumable PUT's 308
+
+
+def test_the_rendered_values(tmp_path: pathlib.Path) -> None:
+    def render(**kwargs: object) -> str:
+        return envoy_config.render(listen="127.0.0.1:0", admin_port=0, backends=["127.0.0.1:1", "127.0.0.1:2"],
+                                   **kwargs)  # type: ignore[arg-type]
+
+    plain = render(keepalive_seconds=2.5)
+    assert "connection_keepalive: {interval: 2.500s, timeout: 2.500s}" in plain
+    assert "max_requests: 2048" in plain
+    assert "typed_per_filter_config: {}" in plain and '"vary"' not in plain
+    listed = render(cors_origins=("https://app.example",))
+    assert 'typed_per_filter_config: {"envoy.filters.http.cors": {' in listed and '"vary"' in listed
+    assert render(media_root=tmp_path).count("disabled: false") == 2
