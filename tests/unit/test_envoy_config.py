@@ -154,11 +154,12 @@ def test_each_local_reply_mapper_answers_one_rest_status_in_the_servers_error_sh
         }]}}
 
     statuses = list(envoy_config.LOCAL_REPLIES)
-    for mapper, status in zip(mappers, statuses, strict=False):
-        code, reason = envoy_config.LOCAL_REPLIES[status]
+    for mapper, http_status in zip(mappers, statuses, strict=False):
+        code, reason = envoy_config.LOCAL_REPLIES[http_status]
         assert mapper == {
             "filter": {"and_filter": {"filters": [rest, {"status_code_filter": {"comparison": {
-                "op": "EQ", "value": {"default_value": status, "runtime_key": f"gallery.local_reply.{status}"},
+                "op": "EQ", "value": {"default_value": http_status,
+                                      "runtime_key": f"gallery.local_reply.{http_status}"},
             }}}]}},
             "body_format_override": body(code, reason),
             "headers_to_add": safety + vary,
