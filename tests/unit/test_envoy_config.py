@@ -138,7 +138,8 @@ def test_each_local_reply_mapper_answers_one_rest_status_in_the_servers_error_sh
     mappers = envoy_config._local_reply_mappers(cors)
     safety = [{"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
               for k, v in downloads.SAFETY_HEADERS]
-    vary = [{"header": {"key": "vary", "value": "origin"}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}] if cors else []
+    vary = [{"header": {"key": "vary", "value": "origin"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+    vary = vary if cors else []
     rest = {"or_filter": {"filters": [
         {"header_filter": {"header": {
             "name": "content-type", "string_match": {"safe_regex": {"regex": r"application/grpc(\+.*)?"}},
