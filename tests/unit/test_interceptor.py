@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import re
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -153,3 +154,23 @@ def test_a_stream_its_client_leaves_counts_as_cancelled(mint: Callable[..., str]
     labels = {"grpc_type": "server_stream", "grpc_service": SERVICE, "grpc_method": "ReadEventContent"}
     assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="Canceled") == 1
     assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="OK") == 0
+
+
+@pytest.mark.parametrize(("offered", "kept"), [
+    ("9f1c2d3e-4b5a-6978-8a9b-0c1d2e3f4a5b", True),  # Envoy's
+    ("trace.7:span-2_x", True),
+    ("x" * 129, False),
+    ("id\nforged line", False),
+    ("", False),
+])
+def test_a_callers_request_id_is_kept_only_in_a_plain_form(mint: Callable[..., str], offered: str, kept: bool) -> None:
+    seen: list[str] = []
+    unary = GalleryInterceptor(auth.Verifier(secret=JWT_SECRET)).intercept_service(
+        lambda details: grpc.unary_unary_rpc_method_handler(lambda r, c: seen.append(logs.request_id.get())),
+        _Details(METHOD),
+    )
+    assert unary is not None
+    unary.unary_unary(object(), _Call([("authorization", f"Bearer {mint()}"), ("x-request-id", offered)]))
+    [request_id] = seen
+    assert (request_id == offered) is kept
+    assert re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", request_id)

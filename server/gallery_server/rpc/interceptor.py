@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import re
 import threading
 import time
 import uuid
@@ -49,6 +50,10 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 # a few hundred idle streams took every thread of the server.
 REFLECTION_PREFIX = "/grpc.reflection."
 MAX_REFLECTION_STREAMS = 4
+# A request id the access log takes from the caller: Envoy's UUIDs, or a native client's own
+# tracing id. Anything else (a direct client's kilobytes, or a value made to look like a second
+# record) is replaced by one of the server's.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 _principal: contextvars.ContextVar[auth.Principal] = contextvars.ContextVar("principal")
 
@@ -249,7 +254,8 @@ class _Call:
         self.metrics = metrics
         self.context = context
         self.metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
-        self.request_id = self.metadata.get("x-request-id") or uuid.uuid4().hex
+        offered = self.metadata.get("x-request-id", "")
+        self.request_id = offered if _REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
         self.subject = ""
         self.code = "OK"
         self.reason = ""
