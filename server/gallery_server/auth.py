@@ -320,6 +320,12 @@ def _jwks_unavailable() -> Unavailable:
     return Unavailable("JWKS_UNAVAILABLE", "the token's keys could not be fetched; try again later")
 
 
+def wildcard_beside_ids(devices: list[str]) -> bool:
+    """["cam-1", "*"] reads as a mistake either way: granting every device would guess the wider
+    of its two meanings, so such a token is refused (and `gallery token` mints none)."""
+    return "*" in devices and len(set(devices)) > 1
+
+
 def _principal(claims: dict[str, Any]) -> Principal:
     for name in ("exp", "nbf"):
         # A NumericDate is a JSON number (RFC 7519). PyJWT takes int() of it, so "9999999999"
@@ -330,9 +336,7 @@ def _principal(claims: dict[str, Any]) -> Principal:
     scope = claims.get("scope", "")
     if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
         raise Unauthenticated("TOKEN_INVALID", "invalid token: 'devices' must be a list of strings")
-    if "*" in devices and len(set(devices)) > 1:
-        # ["cam-1", "*"] reads as a mistake either way; granting every device would guess the
-        # wider of the two meanings, so the issuer is told instead.
+    if wildcard_beside_ids(devices):
         raise Unauthenticated("TOKEN_INVALID", "invalid token: '*' in 'devices' must stand alone")
     if not isinstance(scope, str):
         raise Unauthenticated("TOKEN_INVALID", "invalid token: 'scope' must be a string")

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     agent.add_argument("--max-rate", type=float, default=0,
                        help="upload bandwidth limit in bytes per second; 0 for none (default)")
     args = parser.parse_args(argv)
-    if args.command == "token" and "*" in args.device and len(set(args.device)) > 1:
+    if args.command == "token" and auth.wildcard_beside_ids(args.device):
         token.error("--device: '*' grants every device and must stand alone (the server refuses it beside ids)")
 
     if args.command == "agent":
