@@ -72,6 +72,7 @@ from .clock import utcnow
 from .errors import Exhausted, GalleryError
 from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import Event, initial_thumbnail_state
+from .quota import QUOTA_EXCEEDED
 from .service import Gallery
 from .storage import INSUFFICIENT_STORAGE, SpaceMeter, Storage, fsync_dir, hold_shared, make_dir
 
@@ -311,6 +312,10 @@ class IncomingImporter(BackgroundLoop):
         except _Changed:
             seen.pop(str(file.path), None)  # it must settle again
         except Exception as exc:
+            if isinstance(exc, Exhausted) and exc.reason == QUOTA_EXCEEDED:
+                self._skip(device, file, seen, "the device is at its quota (GALLERY_MAX_DEVICE_BYTES): "
+                           "retried on later scans", exc.metadata)
+                return None
             if _short_of_room(exc):
                 # The file stays for a later scan; a partial copy was removed, and a copy already
                 # placed in media/ has no row yet: the next import of the file replaces it.
@@ -359,6 +364,9 @@ class IncomingImporter(BackgroundLoop):
         if thumb is not None and not 0 < thumb.size <= self.settings.max_thumbnail_bytes:
             self._skip(device, thumb, seen, f"thumbnail empty or larger than {self.settings.max_thumbnail_bytes} bytes")
             thumb = None
+        # Before copying a byte: a device at its quota would otherwise have the file copied and
+        # refused again at every scan. _insert checks again, in the row's transaction.
+        self.gallery.quota.require_room(device, file.size)
 
         taken = self._take(file)
         if taken is None:
@@ -390,7 +398,13 @@ class IncomingImporter(BackgroundLoop):
                     metadata_json=SOURCE_METADATA,
                     created=utcnow(),
                 )
-                created = self._insert(event)
+                try:
+                    created = self._insert(event)
+                except Exhausted:  # the quota, since the check above: the copies placed go
+                    media_path.unlink(missing_ok=True)
+                    if thumb_taken is not None:
+                        thumb_path.unlink(missing_ok=True)
+                    raise
             if not created and thumb is not None:
                 # The event already existed (an earlier run or another replica), perhaps without
                 # this thumbnail: attach it before the dropped file goes.
@@ -459,6 +473,7 @@ class IncomingImporter(BackgroundLoop):
         try:
             with self.gallery.db.session() as session:
                 session.add(event)
+                self.gallery.quota.check_stored(session, event.device, event.size)
                 session.commit()
         except sa.exc.IntegrityError:
             return False

@@ -263,12 +263,83 @@ _BACKFILL = (
 )
 
 
+class DeviceUsage(SQLModel, table=True):
+    """How many bytes of media a device has stored on the server: what GALLERY_MAX_DEVICE_BYTES
+    bounds (quota.py).
+
+    Only stored events count: an announced one's size is the device's claim about a file it still
+    holds. Thumbnails do not count. Maintained by triggers on `events` as EventCount is, in the
+    transaction that stores, pulls or deletes the event, so a store that passes the quota holds
+    this row's lock until it commits (Gallery.store checks it after its write)."""
+
+    __tablename__ = "device_usage"
+
+    device: str = Field(primary_key=True, max_length=128)
+    stored_bytes: int = Field(default=0, sa_type=sa.BigInteger)
+
+
+_USAGE_ADD = (
+    "INSERT INTO device_usage (device, stored_bytes) SELECT NEW.device, NEW.size WHERE NEW.state = 'stored' "
+    "ON CONFLICT (device) DO UPDATE SET stored_bytes = device_usage.stored_bytes + excluded.stored_bytes"
+)
+_USAGE_REMOVE = (
+    "UPDATE device_usage SET stored_bytes = stored_bytes - OLD.size WHERE device = OLD.device AND OLD.state = 'stored'"
+)
+_SQLITE_USAGE_TRIGGERS = (
+    f"CREATE TRIGGER IF NOT EXISTS events_usage_insert AFTER INSERT ON events BEGIN {_USAGE_ADD}; END",
+    f"CREATE TRIGGER IF NOT EXISTS events_usage_delete AFTER DELETE ON events BEGIN {_USAGE_REMOVE}; END",
+    "CREATE TRIGGER IF NOT EXISTS events_usage_update AFTER UPDATE OF device, state, size ON events "
+    f"BEGIN {_USAGE_REMOVE}; {_USAGE_ADD}; END",
+)
+# As _POSTGRES_TRIGGERS: inserts and deletes per statement, updates (a pull's on_device -> stored)
+# per row; TRUNCATE empties the table.
+_POSTGRES_USAGE_TRIGGERS = (
+    "CREATE OR REPLACE FUNCTION events_usage() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    f"{_USAGE_REMOVE}; {_USAGE_ADD}; RETURN NULL; END $$",
+    "CREATE OR REPLACE FUNCTION events_usage_inserted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "INSERT INTO device_usage (device, stored_bytes) "
+    "SELECT device, SUM(size) FROM inserted WHERE state = 'stored' GROUP BY device ORDER BY device "
+    "ON CONFLICT (device) DO UPDATE SET stored_bytes = device_usage.stored_bytes + excluded.stored_bytes; "
+    "RETURN NULL; END $$",
+    "CREATE OR REPLACE FUNCTION events_usage_deleted() RETURNS trigger LANGUAGE plpgsql AS $$ "
+    "DECLARE gone record; BEGIN "
+    "FOR gone IN SELECT device, SUM(size) AS size FROM deleted WHERE state = 'stored' "
+    "GROUP BY device ORDER BY device LOOP "
+    "UPDATE device_usage SET stored_bytes = device_usage.stored_bytes - gone.size WHERE device = gone.device; "
+    "END LOOP; RETURN NULL; END $$",
+    "CREATE OR REPLACE TRIGGER events_usage AFTER UPDATE OF device, state, size ON events "
+    "FOR EACH ROW EXECUTE FUNCTION events_usage()",
+    "CREATE OR REPLACE TRIGGER events_usage_insert AFTER INSERT ON events REFERENCING NEW TABLE AS inserted "
+    "FOR EACH STATEMENT EXECUTE FUNCTION events_usage_inserted()",
+    "CREATE OR REPLACE TRIGGER events_usage_delete AFTER DELETE ON events REFERENCING OLD TABLE AS deleted "
+    "FOR EACH STATEMENT EXECUTE FUNCTION events_usage_deleted()",
+    "CREATE OR REPLACE FUNCTION events_usage_truncated() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "DELETE FROM device_usage; RETURN NULL; END $$",
+    "CREATE OR REPLACE TRIGGER events_usage_truncate AFTER TRUNCATE ON events "
+    "FOR EACH STATEMENT EXECUTE FUNCTION events_usage_truncated()",
+)
+_USAGE_BACKFILL = (
+    "INSERT INTO device_usage (device, stored_bytes) "
+    "SELECT device, SUM(size) FROM events WHERE state = 'stored' GROUP BY device"
+)
+
+
 @sa.event.listens_for(SQLModel.metadata, "after_create")
-def _install_event_counters(_metadata: sa.MetaData, connection: sa.Connection, **kw: object) -> None:
-    """Runs after create_all: when event_counts was just created, add the triggers and backfill."""
+def _install_counters(_metadata: sa.MetaData, connection: sa.Connection, **kw: object) -> None:
+    """Runs after create_all: a counter table just created gets its triggers and its backfill."""
     created = kw.get("tables") or ()
-    if EventCount.__table__ not in created:  # type: ignore[operator]
-        return
-    triggers = _POSTGRES_TRIGGERS if connection.dialect.name == "postgresql" else _SQLITE_TRIGGERS
-    for statement in (*triggers, _BACKFILL):
-        connection.exec_driver_sql(statement)
+    postgres = connection.dialect.name == "postgresql"
+    counters = (
+        (EventCount, _POSTGRES_TRIGGERS if postgres else _SQLITE_TRIGGERS, _BACKFILL),
+        (DeviceUsage, _POSTGRES_USAGE_TRIGGERS if postgres else _SQLITE_USAGE_TRIGGERS, _USAGE_BACKFILL),
+    )
+    for table, triggers, backfill in counters:
+        if table.__table__ not in created:  # type: ignore[attr-defined]
+            continue
+        if postgres:
+            # Replicas of an older version may be writing events meanwhile, without the triggers
+            # until this commits: their rows would be in neither the backfill's snapshot nor the
+            # counts. Writes to events wait for this transaction instead (once, on upgrade).
+            connection.exec_driver_sql("LOCK TABLE events IN SHARE MODE")
+        for statement in (*triggers, backfill):
+            connection.exec_driver_sql(statement)

@@ -73,6 +73,7 @@ from .errors import (
     OutOfRange,
 )
 from .models import Event, UploadSessionRow
+from .quota import Room
 from .service import Gallery, SessionHook
 from .storage import StagedFile, fsync_dir, upload_too_large
 from .uploads import Upload
@@ -182,6 +183,7 @@ class ResumableUploads:
             row = None
         if row is None:
             self._require_room_for_a_session(device, now)
+            self.gallery.quota.require_room(device, size)
             # The INSERT is this transaction's first statement: on SQLite one that read first
             # cannot write once another connection has written ("database is locked" at once,
             # whatever the busy timeout). A concurrent start of the id makes it fail instead.
@@ -319,6 +321,7 @@ class ResumableUploads:
         if row.event_id:
             self._drop_completed_file(row)
             return SessionWriter(self, row, None)
+        room = self.gallery.quota.require_room(device)
         release = self.gallery.reserve_upload(device)
         try:
             fd = _open(self.storage.session_path(device, row.upload_id))
@@ -346,7 +349,7 @@ class ResumableUploads:
         if row.event_id:  # nothing to write
             _let_go(fd, release)
             return SessionWriter(self, row, None)
-        return SessionWriter(self, row, fd, release)
+        return SessionWriter(self, row, fd, release, room)
 
     # -- expiry ---------------------------------------------------------------------------------
 
@@ -524,9 +527,10 @@ class SessionWriter:
 
     def __init__(
         self, uploads: ResumableUploads, row: UploadSessionRow, fd: int | None,
-        release: Callable[[], None] | None = None,
+        release: Callable[[], None] | None = None, room: Room | None = None,
     ) -> None:
         self._uploads = uploads
+        self._room = room  # the device's quota when this stream began (quota.py)
         self._row = row
         self._fd = fd
         self._release = release
@@ -552,6 +556,8 @@ class SessionWriter:
         limit = self._uploads.settings.max_upload_bytes
         if end > limit:
             raise upload_too_large("event", limit, field="data")
+        if self._room is not None:
+            self._room.check(end)
         view = memoryview(data)
         while view:
             with self._uploads.storage.disk_full_is_exhausted():

@@ -43,6 +43,7 @@ from .models import (
     UploadSessionRow,
     initial_thumbnail_state,
 )
+from .quota import DeviceQuota
 from .receiving import ReceivePermits
 from .settings import Settings
 from .storage import SpaceMeter, StagedFile, Storage
@@ -108,6 +109,7 @@ class Gallery:
         self.db = db
         self.storage = storage
         self.listing = Listing(db)
+        self.quota = DeviceQuota(db, settings.max_device_bytes)
         # The settings own the disk headroom and the choice of direct I/O, whoever built the
         # Storage: one built bare (Storage(data_dir), as tests do) takes theirs here; one built by
         # Storage.from_settings has them already. Tests of the stateless signed-URL checks build a
@@ -276,7 +278,9 @@ class Gallery:
         """An Upload for a device already authorized (by a token or by a signed URL).
 
         Refused (Exhausted) when the disk is down to its headroom or the device, or the replica,
-        has as many uploads in flight as allowed; the Upload holds its slot until closed."""
+        has as many uploads in flight as allowed, or the device is at its quota; the Upload holds
+        its slot until closed."""
+        room = self.quota.require_room(device) if media_is == "event" else None  # thumbnails do not count
         release = self.reserve_upload(device)
         try:
             return Upload(
@@ -286,6 +290,7 @@ class Gallery:
                 max_thumbnail_bytes=self.settings.max_thumbnail_bytes,
                 release=release,
                 media_is=media_is,
+                room=room,
             )
         except BaseException:
             release()
@@ -407,6 +412,7 @@ class Gallery:
                     # before_insert may have attached a thumbnail that arrived first.
                     event.thumbnail_state = initial_thumbnail_state(event.media_type, event.has_thumbnail)
                     session.add(event)
+                self.quota.check_stored(session, event.device, event.size)
                 self.db.commit(session)
         except CommitOutcomeUnknown:
             # The row may have been written: the files stay where it says they are. If it was not,

@@ -82,6 +82,8 @@ class Settings:
     # leaves room for more cores.
     upload_messages_in_flight: int = 8
     min_free_bytes: int = 1 << 30
+    # Bytes of media one device may keep stored (quota.py); 0: no quota.
+    max_device_bytes: int = 0
     reconcile_interval_seconds: float = 600.0
     reconcile_grace_seconds: float = 3600.0
     # A connection whose peer went away without a word (a device out of coverage, a NAT that
@@ -346,6 +348,7 @@ _NUMBERS: dict[str, _Range] = {
     "max_upload_urls_per_device": _Range("GALLERY_MAX_UPLOAD_URLS_PER_DEVICE", int, 1, INT64_MAX, unit=""),
     "upload_messages_in_flight": _Range("GALLERY_UPLOAD_MESSAGES_IN_FLIGHT", int, 1, INT64_MAX, unit=""),
     "min_free_bytes": _Range("GALLERY_MIN_FREE_BYTES", int, 0, INT64_MAX, unit="bytes"),
+    "max_device_bytes": _Range("GALLERY_MAX_DEVICE_BYTES", int, 0, INT64_MAX, unit="bytes"),
     # A pass walks every file and row: more often than each second is a spin.
     "reconcile_interval_seconds": _Range("GALLERY_RECONCILE_INTERVAL_SECONDS", float, 1, A_YEAR),
     "reconcile_grace_seconds": _Range(

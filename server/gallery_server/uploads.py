@@ -18,6 +18,7 @@ from typing import TypeVar
 
 from .errors import Exhausted, FailedPrecondition, InvalidArgument
 from .models import Event
+from .quota import Room
 from .storage import StagedFile, Storage, upload_too_large
 
 
@@ -59,13 +60,15 @@ class Upload:
     def __init__(
         self, storage: Storage, device: str, *, max_media_bytes: int, max_thumbnail_bytes: int,
         media: StagedFile | None = None, release: Callable[[], None] | None = None,
-        media_is: str = "event",
+        media_is: str = "event", room: Room | None = None,
     ) -> None:
         """`media`: bytes received already (a resumable upload's file), instead of a new file.
         `release`: called once on close(), to give back an UploadSlots slot. `media_is`: what the
-        body is, as errors name it (a pre-signed thumbnail PUT's body is its thumbnail)."""
+        body is, as errors name it (a pre-signed thumbnail PUT's body is its thumbnail). `room`:
+        the device's quota, checked against declared and received sizes as they come."""
         self.device = device
         self._release = release
+        self._room = room
         self.fields = UploadFields()
         self._storage = storage
         self._max_thumbnail_bytes = max_thumbnail_bytes
@@ -83,6 +86,8 @@ class Upload:
         limit = self.media.max_bytes
         if size > limit:
             raise upload_too_large(self.media.what, limit, field="size")
+        if self._room is not None:
+            self._room.check(size)
 
     def fill(self, announced: Event) -> None:
         """Make this the upload of the capture a device announced (and was asked to pull): what
@@ -100,6 +105,8 @@ class Upload:
     def write_media(self, data: bytes | memoryview) -> None:
         self.media_received = True
         self.media.write(data)
+        if self._room is not None:
+            self._room.check(self.media.size)
         declared = self.fields.declared_size
         if declared is not None and self.media.size > declared:
             raise InvalidArgument(

@@ -33,11 +33,14 @@ _CODES: dict[type[errors.GalleryError], int] = {
 # `x-http-status` trailer, which the Lua filter of envoy/envoy.yaml turns into the HTTP status of
 # a REST response (as it does for downloads); native gRPC clients see the code and the trailer.
 # A full disk is 507 Insufficient Storage (RFC 4918): unlike 429, it tells the client that
-# slowing down will not help until the operator frees space. A PUT without a Content-Length is
+# slowing down will not help until the operator frees space; so is a device at its quota, whose
+# events must be deleted first (RFC 4918 names quotas among its causes). A PUT without a Content-Length is
 # 411 Length Required (RFC 9110 15.5.12), which an HTTP client knows how to act on. The REST reads'
 # route runs no Lua (envoy.yaml): a method that could answer one of these must first be taken out
 # of that route's regex (tests/unit/test_envoy_config.py pins its list).
-_HTTP_STATUS: dict[str, str] = {"INSUFFICIENT_STORAGE": "507", "LENGTH_REQUIRED": "411"}
+_HTTP_STATUS: dict[str, str] = {
+    "INSUFFICIENT_STORAGE": "507", "DEVICE_QUOTA_EXCEEDED": "507", "LENGTH_REQUIRED": "411",
+}
 # The one name of that header, in trailers (errors, here) and initial metadata (servicer.py).
 HTTP_STATUS_HEADER = "x-http-status"
 # A 401 names the scheme it wants (RFC 9110 11.6.1 says it must; RFC 6750 3 says how for bearer

@@ -1,0 +1,87 @@
+"""GALLERY_MAX_DEVICE_BYTES: how many bytes of media one device may keep stored on the server.
+
+A fleet shares one disk: without a quota, one device whose clock loops or whose camera never
+stops can take every byte above the headroom (GALLERY_MIN_FREE_BYTES) from all the others. The
+figure is models.DeviceUsage, kept by database triggers, so no request sums a device's rows.
+
+Where it is checked (DEVICE_QUOTA_EXCEEDED, RESOURCE_EXHAUSTED, 507 through Envoy):
+- before any byte, when an upload, a resumable session or a drop-folder import starts: a device
+  at its quota, or a declared size that does not fit, is refused at once;
+- while an upload streams, against the room there was when it started;
+- in the transaction that stores the event, after its write (Gallery.store): the write's trigger
+  holds the device's usage row until COMMIT, so concurrent stores of one device take turns and
+  the quota holds exactly, on every replica. The earlier checks only save the client's bytes.
+
+Only media counts (not thumbnails), and only stored events: an announced one is a file the
+device still holds. Deleting events frees room at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import sqlalchemy as sa
+from sqlmodel import Session, col
+
+from .db import Database
+from .errors import Exhausted
+from .models import DeviceUsage
+
+QUOTA_EXCEEDED = "DEVICE_QUOTA_EXCEEDED"
+
+_USED = sa.select(DeviceUsage.stored_bytes).where(col(DeviceUsage.device) == sa.bindparam("device"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Room:
+    """A device's quota and what it had stored when an upload started."""
+
+    device: str
+    limit: int
+    used: int
+
+    def check(self, size: int) -> None:
+        """Refuse media of `size` bytes that would take the device past its quota."""
+        if self.used + size > self.limit:
+            raise quota_exceeded(self.device, self.limit, self.used, size)
+
+
+class DeviceQuota:
+    def __init__(self, db: Database, limit: int) -> None:
+        self._db = db
+        self.limit = limit  # 0: no quota
+
+    def used(self, device: str) -> int:
+        rows = self._db.read_rows(_USED, {"device": device})
+        return int(rows[0][0]) if rows else 0
+
+    def require_room(self, device: str, size: int | None = None) -> Room | None:
+        """The device's room for a new upload (None: no quota), refused at once when the device
+        is at its quota already or `size`, if known, does not fit."""
+        if not self.limit:
+            return None
+        room = Room(device, self.limit, self.used(device))
+        if room.used >= self.limit:
+            raise quota_exceeded(device, self.limit, room.used, size or 0)
+        if size is not None:
+            room.check(size)
+        return room
+
+    def check_stored(self, session: Session, device: str, size: int) -> None:
+        """In the transaction that stored `size` bytes for the device, after the write: refuse
+        (and so roll back) a store that took the device past its quota."""
+        if not self.limit:
+            return
+        session.flush()  # the write, whose trigger counts it and locks the device's usage row
+        used = session.scalar(_USED, {"device": device}) or 0
+        if used > self.limit:
+            raise quota_exceeded(device, self.limit, used - size, size)
+
+
+def quota_exceeded(device: str, limit: int, used: int, size: int) -> Exhausted:
+    return Exhausted(
+        QUOTA_EXCEEDED,
+        f"device {device} has {used} bytes of media stored and a quota of {limit}"
+        f" (GALLERY_MAX_DEVICE_BYTES): {size} more do not fit; delete events to make room",
+        device=device, quota_bytes=str(limit), used_bytes=str(used), size=str(size),
+    )

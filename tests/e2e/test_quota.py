@@ -1,0 +1,109 @@
+"""GALLERY_MAX_DEVICE_BYTES through the real Envoy: a device at its quota gets 507 over REST and
+RESOURCE_EXHAUSTED natively, reason DEVICE_QUOTA_EXCEEDED with the figures, on every upload path;
+other devices and reads are untouched, and a delete makes room at once."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable, Iterator
+
+import grpc
+import httpx
+import pytest
+
+from gallery.v1 import gallery_pb2 as pb
+from gallery.v1 import gallery_pb2_grpc
+
+from ..conftest import new_device, random_bytes, rich_error, stored_files
+from .conftest import Stack, running_stack
+
+QUOTA = 3000
+
+
+@pytest.fixture(scope="module")
+def quota_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    env = {"GALLERY_MAKE_THUMBNAILS": "false", "GALLERY_MAX_DEVICE_BYTES": str(QUOTA)}
+    with running_stack(tmp_path_factory.mktemp("quota"), env) as stack:
+        yield stack
+
+
+def multipart(http: httpx.Client, headers: dict[str, str], device: str, data: bytes) -> httpx.Response:
+    return http.post(f"/api/gallery/{device}/upload", headers=headers,
+                     files={"event": ("f.bin", data, "application/octet-stream")}, data={"name": "f.bin"})
+
+
+def assert_over_quota(r: httpx.Response, device: str, used: int) -> dict[str, str]:
+    assert r.status_code == 507, r.text
+    body = r.json()
+    assert set(body) == {"code", "message", "details"}
+    assert body["code"] == 8  # RESOURCE_EXHAUSTED
+    [info] = body["details"]
+    assert info["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
+    assert info["reason"] == "DEVICE_QUOTA_EXCEEDED"
+    metadata = info["metadata"]
+    assert set(metadata) == {"device", "quota_bytes", "used_bytes", "size"}
+    assert (metadata["device"], metadata["quota_bytes"], metadata["used_bytes"]) == (device, str(QUOTA), str(used))
+    assert "GALLERY_MAX_DEVICE_BYTES" in body["message"]
+    return metadata
+
+
+def test_every_upload_path_stops_at_the_quota(quota_stack: Stack, mint: Callable[..., str]) -> None:
+    device, other = new_device(), new_device()
+    headers = {"Authorization": f"Bearer {mint()}"}
+    md = [("authorization", f"Bearer {mint()}")]
+    with httpx.Client(base_url=quota_stack.base_url, timeout=60) as http, \
+            grpc.insecure_channel(quota_stack.envoy_grpc_address) as channel:
+        stub = gallery_pb2_grpc.GalleryServiceStub(channel)
+        r = multipart(http, headers, device, random_bytes(2000))
+        assert r.status_code == 200, r.text
+        first = r.json()["eventId"]
+        stored = set(stored_files(quota_stack.data_dir))
+
+        # Multipart: 2,000 more do not fit in the 1,000 left.
+        metadata = assert_over_quota(multipart(http, headers, device, random_bytes(2000)), device, 2000)
+        assert 1000 < int(metadata["size"]) <= 2000
+        # Native, through Envoy: the header's size is refused before any byte.
+        def parts() -> Iterator[pb.UploadEventRequest]:
+            yield pb.UploadEventRequest(header=pb.UploadHeader(device=device, name="n.bin", size=1001))
+            yield pb.UploadEventRequest(media_chunk=random_bytes(1001))
+            yield pb.UploadEventRequest(finish=pb.UploadFinish())
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.UploadEvent(parts(), metadata=md, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        info = rich_error(refused.value)[0]
+        assert info.reason == "DEVICE_QUOTA_EXCEEDED"
+        assert (info.metadata["size"], info.metadata["used_bytes"]) == ("1001", "2000")
+        # A native resumable session that declares more than the room.
+        with pytest.raises(grpc.RpcError) as no_session:
+            stub.StartUpload(pb.StartUploadRequest(device=device, name="s.bin", size=1001), metadata=md)
+        assert rich_error(no_session.value)[0].reason == "DEVICE_QUOTA_EXCEEDED"
+        # A pre-signed PUT, by its Content-Length, and a pre-signed range PUT past the room.
+        url = http.get(f"/api/gallery/{device}/upload-url?filename=p.bin", headers=headers).json()["upload_url"]
+        path = httpx.URL(url).path
+        assert_over_quota(http.put(path, content=random_bytes(1001)), device, 2000)
+        assert_over_quota(http.put(path, content=random_bytes(1001),
+                                   headers={"Content-Range": "bytes 0-1000/1001"}), device, 2000)
+        assert set(stored_files(quota_stack.data_dir)) == stored  # nothing refused was kept
+
+        # What fits is stored, to the byte; then the device is full, and every path says so at once.
+        r = http.put(path, content=random_bytes(1000))
+        assert r.status_code == 200, r.text
+        assert_over_quota(multipart(http, headers, device, b"x"), device, QUOTA)
+        stats = http.get(f"/api/gallery/{device}/stats", headers=headers).json()
+        assert (stats["total_events"], stats["total_size"]) == (2, QUOTA)
+        assert http.get(f"/api/gallery/{device}/events/{first}/content", headers=headers).status_code == 200
+        assert multipart(http, headers, other, random_bytes(2000)).status_code == 200  # a quota each
+
+        # A delete makes room at once.
+        assert http.delete(f"/api/gallery/{device}/events/{first}", headers=headers).status_code == 200
+        assert multipart(http, headers, device, random_bytes(2000)).status_code == 200
+
+
+def test_the_quota_is_in_the_log_line_of_the_refusal(quota_stack: Stack, mint: Callable[..., str]) -> None:
+    """The operator sees which device hit its quota without reading every answer."""
+    device = new_device()
+    headers = {"Authorization": f"Bearer {mint()}"}
+    with httpx.Client(base_url=quota_stack.base_url, timeout=60) as http:
+        assert multipart(http, headers, device, random_bytes(QUOTA)).status_code == 200
+        assert multipart(http, headers, device, b"x").status_code == 507
+    assert "DEVICE_QUOTA_EXCEEDED" in pathlib.Path(quota_stack.log_path).read_text()

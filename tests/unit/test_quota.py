@@ -1,0 +1,304 @@
+"""GALLERY_MAX_DEVICE_BYTES (quota.py): the stored bytes it bounds (models.DeviceUsage) follow
+every write to events, on SQLite and PostgreSQL, and every path that stores media stops at the
+quota, exactly, with nothing left behind."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import pytest
+import sqlalchemy as sa
+from sqlmodel import SQLModel
+
+from gallery_server import auth
+from gallery_server.devices import Announcement, Devices
+from gallery_server.errors import Exhausted
+from gallery_server.incoming import IncomingImporter
+from gallery_server.models import DeviceUsage, Event
+from gallery_server.quota import QUOTA_EXCEEDED
+from gallery_server.resumable import ResumableUploads
+from gallery_server.service import Gallery
+
+from ..conftest import stored_files
+from .test_service import PDF, PNG, row_count, store
+from .test_stats_counters import _row
+
+
+def usage(gallery: Gallery) -> dict[str, int]:
+    """What device_usage says, without the zero rows a device's last delete leaves."""
+    with gallery.db.engine.connect() as c:
+        rows = c.execute(sa.text("SELECT device, stored_bytes FROM device_usage")).all()
+    return {d: int(n) for d, n in rows if n}
+
+
+def truth(gallery: Gallery) -> dict[str, int]:
+    with gallery.db.engine.connect() as c:
+        rows = c.execute(sa.text(
+            "SELECT device, SUM(size) FROM events WHERE state = 'stored' GROUP BY device")).all()
+    return {d: int(n) for d, n in rows if n}
+
+
+def refused(excinfo: pytest.ExceptionInfo[Exhausted], *, used: int, size: int, limit: int) -> None:
+    assert excinfo.value.reason == QUOTA_EXCEEDED
+    assert excinfo.value.metadata == {
+        "device": "cam1", "quota_bytes": str(limit), "used_bytes": str(used), "size": str(size),
+    }
+
+
+# -- what is counted ------------------------------------------------------------------------------
+
+
+def test_usage_counts_stored_media_only_through_every_kind_of_write(gallery: Gallery) -> None:
+    table = Event.__table__  # type: ignore[attr-defined]
+    rows = [{**_row(i, 0), "device": "cam1", "size": 100 * (i + 1)} for i in range(4)]
+    rows[3]["state"] = "on_device"  # announced: the device's claim, not bytes on the server
+    with gallery.db.engine.begin() as c:
+        c.execute(table.insert(), rows)  # one statement (PostgreSQL counts it once, per statement)
+    assert usage(gallery) == {"cam1": 100 + 200 + 300}
+    with gallery.db.engine.begin() as c:  # a pull stores the announced event with its real size
+        c.execute(table.update().where(table.c.id == rows[3]["id"]).values(state="stored", size=450))
+    assert usage(gallery) == {"cam1": 1050}
+    with gallery.db.engine.begin() as c:
+        c.execute(table.update().where(table.c.id == rows[0]["id"]).values(device="cam2"))
+        c.execute(table.delete().where(table.c.id.in_([rows[1]["id"], rows[2]["id"]])))
+    assert usage(gallery) == {"cam1": 450, "cam2": 100} == truth(gallery)
+
+
+def test_usage_matches_the_sum_after_concurrent_writes(gallery: Gallery) -> None:
+    table = Event.__table__  # type: ignore[attr-defined]
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(40):
+                row = _row(i, n)
+                row["state"] = "on_device" if i % 4 == 0 else "stored"
+                with gallery.db.engine.begin() as c:
+                    c.execute(table.insert(), row)
+                if i % 3 == 0:
+                    with gallery.db.engine.begin() as c:
+                        c.execute(table.delete().where(table.c.id == f"evt_w{n}_{i // 2}"))
+                if i % 5 == 0:
+                    with gallery.db.engine.begin() as c:
+                        c.execute(table.update().where(table.c.id == f"evt_w{n}_{i // 3}")
+                                  .values(state="stored", size=table.c.size + 7))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert usage(gallery) == truth(gallery) != {}
+
+
+def test_a_database_from_before_the_quota_gets_its_usage_on_upgrade(gallery: Gallery) -> None:
+    table = Event.__table__  # type: ignore[attr-defined]
+    with gallery.db.engine.begin() as c:
+        c.execute(table.insert(), [{**_row(i, 0), "device": f"cam{i % 2}", "size": 10 ** i} for i in range(5)])
+    # As a database of an earlier version: no device_usage table, and so no triggers of its.
+    DeviceUsage.__table__.drop(gallery.db.engine)  # type: ignore[attr-defined]
+    with gallery.db.engine.begin() as c:
+        if c.dialect.name == "postgresql":
+            for suffix in ("", "_insert", "_delete", "_truncate"):
+                c.exec_driver_sql(f"DROP TRIGGER events_usage{suffix} ON events")
+        else:
+            for suffix in ("_insert", "_delete", "_update"):
+                c.exec_driver_sql(f"DROP TRIGGER events_usage{suffix}")
+    gallery.db.create_tables()
+    assert usage(gallery) == {"cam0": 1 + 100 + 10000, "cam1": 10 + 1000} == truth(gallery)
+    with gallery.db.engine.begin() as c:  # and its triggers are back
+        c.execute(table.delete().where(table.c.device == "cam0"))
+    assert usage(gallery) == {"cam1": 1010}
+    assert set(SQLModel.metadata.tables) >= {"device_usage"}
+
+
+# -- uploads ---------------------------------------------------------------------------------------
+
+
+def test_no_quota_by_default(gallery: Gallery, principal: auth.Principal) -> None:
+    assert gallery.settings.max_device_bytes == 0
+    for _ in range(3):
+        store(gallery, principal, data=PDF, name="doc.pdf")
+    assert usage(gallery) == {"cam1": 3 * len(PDF)}
+
+
+def test_uploads_fill_the_quota_exactly_then_are_refused(gallery: Gallery, principal: auth.Principal) -> None:
+    gallery.quota.limit = 2 * len(PDF) + len(PNG)
+    store(gallery, principal, data=PDF, name="a.pdf")
+    store(gallery, principal, data=PDF, name="b.pdf")
+    with pytest.raises(Exhausted) as excinfo:  # one byte past the quota, found at the last chunk
+        store(gallery, principal, data=PNG + b"x")
+    refused(excinfo, used=2 * len(PDF), size=len(PNG) + 1, limit=gallery.quota.limit)
+    store(gallery, principal, data=PNG)  # exactly the quota
+    assert usage(gallery) == {"cam1": gallery.quota.limit}
+    with pytest.raises(Exhausted) as excinfo:  # at the quota: refused before any byte
+        gallery.begin_upload(principal, "cam1")
+    refused(excinfo, used=gallery.quota.limit, size=0, limit=gallery.quota.limit)
+    store(gallery, principal, "cam2", data=PDF)  # other devices have quotas of their own
+    assert row_count(gallery) == 4
+    assert len(stored_files(gallery.settings.data_dir)) == 4
+
+
+def test_a_declared_size_over_the_room_is_refused_before_any_byte(gallery: Gallery, principal: auth.Principal) -> None:
+    gallery.quota.limit = 1000
+    store(gallery, principal, data=PDF)
+    with gallery.begin_upload(principal, "cam1") as upload, pytest.raises(Exhausted) as excinfo:
+        upload.declare_size(1001 - len(PDF))
+    refused(excinfo, used=len(PDF), size=1001 - len(PDF), limit=1000)
+    assert stored_files(gallery.settings.data_dir) == [gallery.storage.media_path("cam1", next(iter(_ids(gallery))))]
+
+
+def test_a_stream_is_stopped_at_the_chunk_that_passes_the_room(gallery: Gallery, principal: auth.Principal) -> None:
+    gallery.quota.limit = 1000
+    with gallery.begin_upload(principal, "cam1") as upload:
+        upload.write_media(b"a" * 600)
+        upload.write_media(b"b" * 400)
+        with pytest.raises(Exhausted) as excinfo:
+            upload.write_media(b"c")  # not after the client has sent all it meant to
+    refused(excinfo, used=0, size=1001, limit=1000)
+
+
+def test_deleting_events_makes_room(gallery: Gallery, principal: auth.Principal) -> None:
+    gallery.quota.limit = len(PDF)
+    first = store(gallery, principal, data=PDF)
+    with pytest.raises(Exhausted):
+        store(gallery, principal, data=PDF, name="again.pdf")
+    gallery.delete_event(principal, "cam1", first.id)
+    assert usage(gallery) == {}
+    store(gallery, principal, data=PDF, name="again.pdf")
+
+
+def test_the_commit_refuses_what_concurrent_uploads_would_take_past_the_quota(gallery: Gallery) -> None:
+    """Every upload passes the checks as it starts and streams (the room is there for each alone);
+    the transaction that stores decides, so the quota holds exactly on either database."""
+    gallery.quota.limit = 2 * len(PDF)
+    uploads = []
+    for i in range(4):  # the device's upload slots
+        upload = gallery.open_upload("cam1")
+        upload.fields.name = f"{i}.pdf"
+        upload.write_media(PDF)
+        uploads.append(upload)
+    outcomes: list[str] = []
+
+    def finish(upload) -> None:  # type: ignore[no-untyped-def]
+        with upload:
+            try:
+                gallery.store(upload)
+                outcomes.append("stored")
+            except Exhausted as exc:
+                outcomes.append(exc.reason)
+
+    threads = [threading.Thread(target=finish, args=(u,)) for u in uploads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == [QUOTA_EXCEEDED] * 2 + ["stored"] * 2
+    assert usage(gallery) == {"cam1": 2 * len(PDF)} == truth(gallery)
+    assert len(stored_files(gallery.settings.data_dir)) == 2
+
+
+def test_a_pulled_upload_counts_once_stored(gallery: Gallery, principal: auth.Principal) -> None:
+    devices = Devices(gallery)
+    device = auth.Principal("cam1", frozenset({"cam1"}), frozenset({auth.DEVICE}))
+    content = b"pulled" * 100
+    [announced] = devices.announce(device, "cam1", [Announcement(
+        device_key="dcim/a.mp4", name="a.mp4", size=len(content), sha256=hashlib.sha256(content).hexdigest())])
+    assert usage(gallery) == {}  # announced: still on the device
+    gallery.quota.limit = len(content) - 1
+    devices.pull(principal, "cam1", announced.id)
+    pulled = devices.pulled_event(device, "cam1", announced.id)
+    with gallery.open_upload("cam1") as upload, pytest.raises(Exhausted) as excinfo:
+        upload.fill(pulled)  # the announced size does not fit: refused before any byte
+    refused(excinfo, used=0, size=len(content), limit=len(content) - 1)
+    gallery.quota.limit = len(content)
+    with gallery.open_upload("cam1") as upload:
+        upload.fill(pulled)
+        upload.write_media(content)
+        gallery.store(upload, fill=pulled, before_insert=devices.complete_pull)
+    assert usage(gallery) == {"cam1": len(content)}
+
+
+def test_a_resumable_upload_stops_at_the_quota(gallery: Gallery, principal: auth.Principal) -> None:
+    uploads = ResumableUploads(gallery)
+    gallery.quota.limit = 1000
+    store(gallery, principal, data=PDF)
+    room = 1000 - len(PDF)
+    with pytest.raises(Exhausted) as excinfo:  # a declared size that cannot fit: no session at all
+        uploads.start(principal, "cam1", name="big.bin", size=room + 1)
+    refused(excinfo, used=len(PDF), size=room + 1, limit=1000)
+    state = uploads.start(principal, "cam1", name="big.bin")  # no size declared
+    writer = uploads.open_write(principal, "cam1", state.upload_id, 0)
+    try:
+        writer.write(b"a" * room)
+        with pytest.raises(Exhausted):
+            writer.write(b"b")
+        writer.commit()
+    finally:
+        writer.close()
+    assert uploads.state("cam1", state.upload_id).committed_size == room  # what fitted is kept
+
+
+def test_a_dropped_file_over_the_quota_stays_until_there_is_room(gallery: Gallery, principal: auth.Principal,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    importer = IncomingImporter(gallery)
+    incoming, _ = gallery.storage.device_paths("cam1")
+    gallery.quota.limit = len(PDF)
+    first = store(gallery, principal, data=PDF)
+    (incoming / "clip.pdf").write_bytes(PDF)
+    assert importer.scan_once(now=0) + importer.scan_once(now=10) == []
+    assert (incoming / "clip.pdf").exists()
+    assert "GALLERY_MAX_DEVICE_BYTES" in caplog.text
+    assert stored_files(gallery.settings.data_dir) == [gallery.storage.media_path("cam1", first.id)]
+    gallery.delete_event(principal, "cam1", first.id)
+    assert len(importer.scan_once(now=20)) == 1
+    assert not (incoming / "clip.pdf").exists()
+    assert usage(gallery) == {"cam1": len(PDF)}
+
+
+def test_a_dropped_file_is_not_even_copied_while_the_device_is_at_its_quota(
+    gallery: Gallery, principal: auth.Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    importer = IncomingImporter(gallery)
+    incoming, _ = gallery.storage.device_paths("cam1")
+    gallery.quota.limit = len(PDF)
+    store(gallery, principal, data=PDF)
+    copies: list[str] = []
+    take = importer._take
+    monkeypatch.setattr(importer, "_take", lambda file: copies.append(file.name) or take(file))
+    (incoming / "clip.pdf").write_bytes(PDF)
+    assert importer.scan_once(now=0) + importer.scan_once(now=10) == []
+    assert copies == []  # each scan would copy it (and throw the copy away) otherwise
+
+
+def test_an_upload_stored_while_a_dropped_file_was_copied_wins_the_room(
+    gallery: Gallery, principal: auth.Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The importer's check before copying saw room; the insert's check sees the upload that took
+    it meanwhile: the copy placed in media/ goes, and the dropped file stays for later."""
+    importer = IncomingImporter(gallery)
+    incoming, _ = gallery.storage.device_paths("cam1")
+    gallery.quota.limit = len(PDF)
+    take = importer._take
+    uploaded: list[str] = []
+
+    def upload_meanwhile(file):  # type: ignore[no-untyped-def]
+        taken = take(file)
+        uploaded.append(store(gallery, principal, data=PDF, name="meanwhile.pdf").id)
+        return taken
+
+    monkeypatch.setattr(importer, "_take", upload_meanwhile)
+    (incoming / "clip.pdf").write_bytes(PDF)
+    assert importer.scan_once(now=0) + importer.scan_once(now=10) == []
+    assert (incoming / "clip.pdf").exists()
+    assert stored_files(gallery.settings.data_dir) == [gallery.storage.media_path("cam1", uploaded[0])]
+    assert usage(gallery) == {"cam1": len(PDF)} == truth(gallery)
+
+
+def _ids(gallery: Gallery) -> list[str]:
+    with gallery.db.engine.connect() as c:
+        return [r[0] for r in c.execute(sa.text("SELECT id FROM events"))]
