@@ -12,7 +12,14 @@ import sys
 from . import auth, logs, validation
 from .addresses import split_address
 from .errors import InvalidArgument
-from .settings import ConfigError, Settings, data_dir_from_env, ensure_secret_file, min_reconcile_grace
+from .settings import (
+    ConfigError,
+    Settings,
+    data_dir_from_env,
+    ensure_secret_file,
+    min_reconcile_grace,
+    prepare_data_dir,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return _agent(args)
 
     try:
+        if args.command != "token":  # the token's command only reads the secret
+            prepare_data_dir(data_dir_from_env())
         if args.command == "run" and not os.environ.get("GALLERY_JWT_SECRET"):
             ensure_secret_file(data_dir_from_env())
         settings = Settings.from_env()
@@ -101,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         except (sa.exc.OperationalError, sa.exc.ArgumentError) as exc:
             # The database cannot be reached (or its URL names no driver) at start: one line that
             # says so, not a traceback of the driver's connection attempt. No password is in it.
-            print(f"gallery: GALLERY_DATABASE_URL: {getattr(exc, 'orig', None) or exc}", file=sys.stderr)
+            where = sa.make_url(settings.database_url).render_as_string(hide_password=True)
+            print(f"gallery: GALLERY_DATABASE_URL={where}: {getattr(exc, 'orig', None) or exc}".rstrip(),
+                  file=sys.stderr)
             return 1
     from .supervisor import run
 

@@ -120,7 +120,7 @@ class Settings:
         http_address = _address(env, "GALLERY_HTTP_ADDRESS", cls.http_address)
         return cls(
             data_dir=data_dir,
-            database_url=_text(env, "GALLERY_DATABASE_URL", f"sqlite:///{data_dir / 'gallery.db'}"),
+            database_url=_database_url(env, data_dir),
             jwt_secret=secret,
             public_url=_public_url(env, http_address),
             grpc_address=_address(env, "GALLERY_GRPC_ADDRESS", cls.grpc_address),
@@ -144,6 +144,40 @@ class Settings:
 def data_dir_from_env(env: os._Environ[str] | dict[str, str] = os.environ) -> pathlib.Path:
     """GALLERY_DATA_DIR, absolute (`gallery run` makes the secret there before Settings reads it)."""
     return pathlib.Path(_text(env, "GALLERY_DATA_DIR", "./data")).resolve()
+
+
+def prepare_data_dir(path: pathlib.Path) -> None:
+    """Create the data folder if needed; one that cannot be made is a ConfigError, not a traceback."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"GALLERY_DATA_DIR={path}: cannot create it ({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"GALLERY_DATA_DIR={path}: not writable by this user")
+
+
+def _database_url(env: os._Environ[str] | dict[str, str], data_dir: pathlib.Path) -> str:
+    """GALLERY_DATABASE_URL: SQLite or PostgreSQL, through a driver that is installed (checked
+    now: a URL for another database, or for a driver this install lacks, failed at the first
+    connection with an import error's traceback)."""
+    text = _text(env, "GALLERY_DATABASE_URL", f"sqlite:///{data_dir / 'gallery.db'}")
+    import sqlalchemy as sa  # here: `gallery token` and the agent need no SQLAlchemy
+
+    try:
+        url = sa.make_url(text)
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError
+        url.get_dialect().import_dbapi()
+    except (ValueError, ImportError, sa.exc.ArgumentError, sa.exc.NoSuchModuleError):
+        try:  # never the password
+            shown = sa.make_url(text).render_as_string(hide_password=True)
+        except sa.exc.ArgumentError:
+            shown = text if "@" not in text else "(not shown: it may hold a password)"
+        raise ConfigError(
+            f"GALLERY_DATABASE_URL={shown}: must be a SQLite or PostgreSQL URL with an installed driver"
+            " (sqlite:///path/gallery.db or postgresql+psycopg://user@host/db)"
+        ) from None
+    return text
 
 
 def _text(env: os._Environ[str] | dict[str, str], name: str, default: str) -> str:
@@ -233,7 +267,17 @@ def _public_url(env: os._Environ[str] | dict[str, str], http_address: str) -> st
     another GALLERY_HTTP_ADDRESS, must not hand out URLs that lead to the first one."""
     text = _text(env, "GALLERY_PUBLIC_URL", "")
     if text:
-        return text.rstrip("/")
+        parts = urllib.parse.urlsplit(text.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ConfigError(
+                f"GALLERY_PUBLIC_URL={text.strip()}: must be an http:// or https:// URL with a host and no"
+                " query (e.g. https://gallery.example): pre-signed upload URLs start with it"
+            )
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not one
+        except ValueError:
+            raise ConfigError(f"GALLERY_PUBLIC_URL={text.strip()}: the port is not a number from 0 to 65535") from None
+        return text.strip().rstrip("/")
     host, port = split_address(http_address, default_host=ANY_HOST)
     try:
         wildcard = ipaddress.ip_address(host).is_unspecified
@@ -383,8 +427,8 @@ def _check_together(values: dict[str, int | float]) -> None:
         )
     if get("max_uploads_total") >= get("grpc_workers"):
         raise ConfigError(
-            "GALLERY_MAX_UPLOADS_TOTAL must be below GALLERY_GRPC_WORKERS: uploads must leave "
-            "threads for reads"
+            f"GALLERY_MAX_UPLOADS_TOTAL ({get('max_uploads_total')}) must be below GALLERY_GRPC_WORKERS"
+            f" ({get('grpc_workers')}): uploads must leave threads for reads"
         )
 
 

@@ -42,6 +42,7 @@ import pathlib
 import queue
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -144,6 +145,14 @@ class Storage:
     def disk_full_is_exhausted(self) -> contextlib.AbstractContextManager[None]:
         """For every writer of uploaded bytes under the data root: see the function of that name."""
         return disk_full_is_exhausted(self.data_dir, self.min_free_bytes)
+
+    def warn_if_short_of_room(self) -> None:
+        """At start: a server whose disk is already below its headroom refuses every upload."""
+        free = self.disk_space().free_bytes
+        if free < self.min_free_bytes:
+            log.warning("the data root's free space is below GALLERY_MIN_FREE_BYTES: every upload will be"
+                        " refused (507) until there is more", extra={
+                            "data_dir": str(self.data_dir), "free_bytes": free, "min_free_bytes": self.min_free_bytes})
 
     def require_space(self) -> None:
         """Refuse to accept more bytes once the free space is down to the headroom."""
@@ -433,7 +442,18 @@ class StagedFile:
 INSUFFICIENT_STORAGE = "INSUFFICIENT_STORAGE"  # the reason of every refusal for want of disk space
 
 
+# A refusal for want of space is the operator's to act on, not the client's: it is logged as a
+# WARNING (an access line is INFO), at most once a minute per process.
+SHORT_OF_ROOM_WARNING_SECONDS = 60.0
+_short_of_room_warned = [-SHORT_OF_ROOM_WARNING_SECONDS]
+
+
 def insufficient_storage(free: int, headroom: int) -> Exhausted:
+    now = time.monotonic()
+    if now - _short_of_room_warned[0] >= SHORT_OF_ROOM_WARNING_SECONDS:
+        _short_of_room_warned[0] = now
+        log.warning("uploads refused: the data root's free space is below GALLERY_MIN_FREE_BYTES; free space"
+                    " or lower the headroom", extra={"free_bytes": free, "min_free_bytes": headroom})
     return Exhausted(
         INSUFFICIENT_STORAGE,
         "the server is short of disk space and accepts no uploads for now: retry later",

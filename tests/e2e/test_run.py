@@ -228,8 +228,10 @@ def test_a_database_that_does_not_answer_stops_the_server_with_one_line(tmp_path
         )
     assert result.returncode == 1
     assert 9 < time.monotonic() - started < 30
-    assert result.stderr.startswith("gallery: GALLERY_DATABASE_URL: "), result.stderr
+    # Where it waited (host and port), for the operator to look.
+    assert result.stderr.startswith(f"gallery: GALLERY_DATABASE_URL={url}: "), result.stderr
     assert "timeout" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_sigint_stops_like_ctrl_c(tmp_path):

@@ -144,3 +144,29 @@ def test_a_resumable_upload_that_finds_no_inode_left_is_not_started(
         assert uploads.query(principal, "cam1", "upload-first").committed_size == 0
     finally:
         db.dispose()
+
+
+def test_a_server_short_of_room_says_so_at_start_and_as_it_refuses(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refusals are INFO access lines for the client; the operator, who must act, gets WARNINGs:
+    one at start, then at most one a minute while uploads are refused."""
+    store = Storage(tmp_path)
+    store.min_free_bytes = 1 << 62  # more than any disk has
+    store.warn_if_short_of_room()
+    [start] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "GALLERY_MIN_FREE_BYTES" in start.getMessage() and start.min_free_bytes == 1 << 62
+    caplog.clear()
+    monkeypatch.setattr(storage, "_short_of_room_warned", [-storage.SHORT_OF_ROOM_WARNING_SECONDS])
+    for _ in range(3):
+        with pytest.raises(Exhausted):
+            store.require_space()
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    monkeypatch.setattr(storage, "_short_of_room_warned", [-storage.SHORT_OF_ROOM_WARNING_SECONDS])
+    with pytest.raises(Exhausted):  # a minute later
+        store.require_space()
+    assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
+    caplog.clear()
+    store.min_free_bytes = 0
+    store.warn_if_short_of_room()
+    assert caplog.records == []

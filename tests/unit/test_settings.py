@@ -222,8 +222,11 @@ def test_the_grace_must_be_twice_the_upload_idle_time_and_the_uploads_fewer_than
     assert Settings.from_env(env(tmp_path, GALLERY_RECONCILE_GRACE_SECONDS="300")).reconcile_grace_seconds == 300
     with pytest.raises(ConfigError, match="at least 400 "):
         Settings.from_env(env(tmp_path, GALLERY_UPLOAD_IDLE_SECONDS="200", GALLERY_RECONCILE_GRACE_SECONDS="399"))
-    with pytest.raises(ConfigError, match="below GALLERY_GRPC_WORKERS"):
+    below = r"^GALLERY_MAX_UPLOADS_TOTAL \(10\) must be below GALLERY_GRPC_WORKERS \(10\)"
+    with pytest.raises(ConfigError, match=below):
         Settings.from_env(env(tmp_path, GALLERY_MAX_UPLOADS_TOTAL="10", GALLERY_GRPC_WORKERS="10"))
+    with pytest.raises(ConfigError, match=r"\(48\) must be below GALLERY_GRPC_WORKERS \(40\)"):  # the default
+        Settings.from_env(env(tmp_path, GALLERY_GRPC_WORKERS="40"))
 
 
 def test_the_defaults_are_the_readmes():
@@ -290,6 +293,46 @@ def test_a_public_url_given_wins_and_the_default_stays(tmp_path):
     given = env(tmp_path, GALLERY_HTTP_ADDRESS="127.0.0.1:28441", GALLERY_PUBLIC_URL="https://photos.example/")
     assert Settings.from_env(given).public_url == "https://photos.example"
     assert Settings.from_env(env(tmp_path)).public_url == "http://localhost:8001"
+
+
+@pytest.mark.parametrize("url", [
+    "notaurl", "ftp://gallery.example", "https://", "http:///path", "https://gallery.example/?token=1",
+    "https://gallery.example/#top", "http://gallery.example:99999", "localhost:8001",
+])
+def test_a_public_url_that_no_client_could_use_is_refused(tmp_path, url):
+    """Every pre-signed upload URL starts with it: a bad one made URLs that nobody could use."""
+    message = refusal(tmp_path, "GALLERY_PUBLIC_URL", url)
+    assert message.startswith(f"GALLERY_PUBLIC_URL={url}: ")
+
+
+@pytest.mark.parametrize("url", [
+    "sqlite:////var/lib/gallery/gallery.db", "postgresql+psycopg://gallery@db.example:5432/gallery",
+])
+def test_sqlite_and_postgresql_urls_are_taken(tmp_path, url):
+    assert Settings.from_env(env(tmp_path, GALLERY_DATABASE_URL=url)).database_url == url
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("mysql://gallery@db/gallery", "mysql://gallery@db/gallery"),
+    ("not a url", "not a url"),
+    ("postgresql+nosuchdriver://gallery:hunter2@db/gallery", "postgresql+nosuchdriver://gallery:***@db/gallery"),
+    ("postgresql+asyncpg://gallery:hunter2@db/gallery", "postgresql+asyncpg://gallery:***@db/gallery"),
+])
+def test_a_database_url_the_server_cannot_use_is_refused_without_its_password(tmp_path, url, shown):
+    message = refusal(tmp_path, "GALLERY_DATABASE_URL", url)
+    assert message.startswith(f"GALLERY_DATABASE_URL={shown}: must be a SQLite or PostgreSQL URL")
+    assert "hunter2" not in message
+
+
+def test_a_data_dir_that_cannot_be_made_is_one_line(tmp_path):
+    from gallery_server.settings import prepare_data_dir
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=rf"^GALLERY_DATA_DIR={blocker / 'data'}: cannot create it \("):
+        prepare_data_dir(blocker / "data")
+    prepare_data_dir(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir()
 
 
 # -- the JWT secret ------------------------------------------------------------------------------

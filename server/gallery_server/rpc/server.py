@@ -193,6 +193,7 @@ def serve(settings: Settings) -> None:
     log.info("gRPC server listening", extra={"address": settings.grpc_address, "port": port})
     # What this replica admits at once: an operator sees it without working out threads.py.
     log.info("thread shares", extra={"uploads": settings.max_uploads_total, **thread_shares(settings)._asdict()})
+    Storage.from_settings(settings).warn_if_short_of_room()
     # Every replica may scan the shared drop folders: imports are idempotent (incoming.py).
     importer = IncomingImporter(background_gallery(settings))
     importer.start()
