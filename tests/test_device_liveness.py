@@ -24,11 +24,11 @@ from .silent_network import SilentNetworkProxy
 
 
 @pytest.fixture
-def settings(tmp_path: pathlib.Path):
+def settings(tmp_path: pathlib.Path, request: pytest.FixtureRequest):
     # SQLite only: what is tested here is the channel's threads and timers, not the database.
     data = tmp_path / "data"
     data.mkdir()
-    return make_settings(data, keepalive_seconds=0.5)
+    return make_settings(data, keepalive_seconds=getattr(request, "param", 0.5))
 
 
 def first_command(stream: Iterator[dpb.ConnectResponse], timeout: float) -> list[dpb.Command]:
@@ -98,3 +98,26 @@ def test_a_command_held_by_a_silent_connection_reaches_the_next_one(grpc_port, m
         old_channel.close()
         channel.close()
         proxy.close()
+
+
+@pytest.mark.parametrize("settings", [4.0], indirect=True)
+def test_a_client_pinging_as_often_as_the_server_keeps_its_idle_calls(grpc_port, mint, settings) -> None:
+    """A direct client's keepalive every half of GALLERY_KEEPALIVE_SECONDS (10 s by default, a
+    common grpc-js setting) on a connection with no data: grpc-core's default policy closed it
+    (GOAWAY too_many_pings) after two such PINGs, and the idle call failed RESOURCE_EXHAUSTED."""
+    interval_ms = int(settings.keepalive_seconds * 1000 / 2)
+    options = [("grpc.keepalive_time_ms", interval_ms), ("grpc.keepalive_permit_without_calls", 1),
+               ("grpc.http2.max_pings_without_data", 0)]
+    token = mint(devices=["cam1"])
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=options) as channel:
+        stub = gallery_pb2_grpc.GalleryServiceStub(channel)
+        md = [("authorization", f"Bearer {token}")]
+
+        def upload() -> Iterator[gallery_pb2.UploadEventRequest]:
+            yield gallery_pb2.UploadEventRequest(header=gallery_pb2.UploadHeader(device="cam1", name="idle.bin"))
+            time.sleep(6 * interval_ms / 1000)  # idle: no data either way while the client pings
+            yield gallery_pb2.UploadEventRequest(media_chunk=b"late")
+            yield gallery_pb2.UploadEventRequest(finish=gallery_pb2.UploadFinish())
+
+        response = stub.UploadEvent(upload(), metadata=md, timeout=60)
+        assert response.success and response.event_id

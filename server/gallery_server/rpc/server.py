@@ -124,6 +124,14 @@ def create_server(
             # grpc-core stops pinging after 2 PINGs without data sent by default; a device's
             # channel between heartbeats, or an upload waiting for its client, must stay watched.
             ("grpc.http2.max_pings_without_data", 0),
+            # A client's own PINGs: by default grpc-core counts one that comes less than 5 min
+            # after the last, on a connection it has sent no data on, as a strike, and closes the
+            # connection at the second (GOAWAY too_many_pings), which the client sees as
+            # RESOURCE_EXHAUSTED without a reason: a grpc-js client with a common keepalive of
+            # 10 s lost an upload waiting for its next chunk, or a pull wait, after ~50 s (Envoy
+            # takes PINGs at any rate). Taken every quarter of the server's own interval or more (5 s by default).
+            ("grpc.http2.min_ping_interval_without_data_ms", keepalive_ms // 4),
+            ("grpc.keepalive_permit_without_calls", 1),
         ],
         maximum_concurrent_rpcs=settings.grpc_workers * 4,
     )
