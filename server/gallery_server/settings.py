@@ -305,6 +305,10 @@ def _log_level(env: os._Environ[str] | dict[str, str], default: str) -> str:
 
 A_YEAR = 365 * 86400
 INT64_MAX = 2**63 - 1
+# An event's metadata goes out as a protobuf Struct, up to 5.5 times the size of its JSON
+# (`[0,0,...]`: each 2-byte element is an 11-byte Value): within 4 MiB, Envoy's transcoding buffer
+# for a REST GetEvent (envoy.yaml's max_response_body_size) and a gRPC client's default receive limit.
+MAX_METADATA_BYTES = 512 << 10
 
 # The least grace period a server reconciles with (reconcile.py): files in use are locked, so the
 # grace guards what locks do not cover (incoming imports, filesystems without locks).
@@ -368,7 +372,7 @@ _NUMBERS: dict[str, _Range] = {
     # rpc/server.py MAX_MESSAGE_BYTES) as a protobuf Struct, up to 5.5 times its JSON (a list of
     # zeros: 2 bytes of JSON, 11 of Struct each): above 1 MiB, metadata could be stored and never
     # read back.
-    "max_metadata_bytes": _Range("GALLERY_MAX_METADATA_BYTES", int, 2, 1 << 20, unit="bytes"),
+    "max_metadata_bytes": _Range("GALLERY_MAX_METADATA_BYTES", int, 2, MAX_METADATA_BYTES, unit="bytes"),
     # Uploads take fewer than all of them (checked in _check_together): at least 2.
     "grpc_workers": _Range("GALLERY_GRPC_WORKERS", int, 2, INT64_MAX, unit=""),
     "grpc_read_workers": _Range("GALLERY_GRPC_READ_WORKERS", int, 1, INT64_MAX, unit=""),

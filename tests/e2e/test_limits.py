@@ -18,6 +18,7 @@ import pytest
 from gallery.v1 import admin_pb2, admin_pb2_grpc, gallery_pb2_grpc
 from gallery.v1 import gallery_pb2 as pb
 from gallery_server import auth
+from gallery_server.settings import MAX_METADATA_BYTES
 
 from ..conftest import rich_error, stored_files
 from .conftest import Stack, start_stack, stop_stack
@@ -40,6 +41,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "GALLERY_MAX_UPLOAD_SESSIONS_PER_DEVICE": "2",
         "GALLERY_UPLOAD_IDLE_SECONDS": str(IDLE_SECONDS),
         "GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS": str(FIRST_MESSAGE_SECONDS),
+        "GALLERY_MAX_METADATA_BYTES": str(MAX_METADATA_BYTES),  # the highest it may be
     })
     yield stack
     stop_stack(stack)
@@ -375,3 +377,27 @@ def test_requests_that_never_end_hold_no_server_thread(
             assert r.status_code == 200, r.text
     finally:
         stop_stack(stack)
+
+
+def test_the_largest_metadata_allowed_reads_back_over_rest_and_grpc(limited: Stack, mint: Callable[..., str]) -> None:
+    """Metadata of the worst shape at GALLERY_MAX_METADATA_BYTES' highest value: its Struct (5.5x
+    the JSON) fits Envoy's transcoding buffer, or a REST GET of the event answered 500, and a gRPC
+    client's default 4 MiB receive limit."""
+    head, tail = '{"a":[', "]}"
+    zeros = (MAX_METADATA_BYTES - len(head) - len(tail) + 1) // 2
+    metadata = head + ",".join(["0"] * zeros) + tail
+    assert len(metadata) == MAX_METADATA_BYTES - 1 or len(metadata) == MAX_METADATA_BYTES
+    token = mint()
+    with httpx.Client(base_url=limited.base_url, timeout=60) as http:
+        r = http.post("/api/gallery/meta1/upload", headers={"Authorization": f"Bearer {token}"},
+                      files={"event": ("m.txt", b"metadata")}, data={"name": "m.txt", "metadata": metadata})
+        assert r.status_code == 200, r.text
+        event_id = r.json()["eventId"]
+        r = http.get(f"/api/gallery/meta1/events/{event_id}", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["metadata"]["a"] == [0] * zeros
+    with grpc.insecure_channel(limited.envoy_grpc_address) as channel:  # the client's default limits
+        event = gallery_pb2_grpc.GalleryServiceStub(channel).GetEvent(
+            pb.GetEventRequest(device="meta1", event_id=event_id),
+            metadata=[("authorization", f"Bearer {token}")], timeout=30)
+    assert len(event.metadata["a"]) == zeros

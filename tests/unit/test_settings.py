@@ -47,7 +47,7 @@ def refusal(tmp_path, variable: str, value: str) -> str:
     ("GALLERY_MAX_THUMBNAIL_BYTES", "-1"),
     ("GALLERY_MAX_METADATA_BYTES", "0"),
     ("GALLERY_MAX_METADATA_BYTES", "1"),  # less than `{}`: every upload refused
-    ("GALLERY_MAX_METADATA_BYTES", str((1 << 20) + 1)),  # its Struct could pass 8 MiB
+    ("GALLERY_MAX_METADATA_BYTES", str((512 << 10) + 1)),  # its Struct could pass 4 MiB
     ("GALLERY_PULL_TTL", "0"),
     ("GALLERY_PULL_TTL", "-1"),
     ("GALLERY_PULL_TTL", "99999999999999999"),
@@ -168,7 +168,7 @@ RANGES = [
     ("GALLERY_ENVOY_ADMIN_PORT", int, 1, 65535, False),
     ("GALLERY_MAX_UPLOAD_BYTES", int, 1, INT64_MAX, False),
     ("GALLERY_MAX_THUMBNAIL_BYTES", int, 1, INT64_MAX, False),
-    ("GALLERY_MAX_METADATA_BYTES", int, 2, 1 << 20, False),
+    ("GALLERY_MAX_METADATA_BYTES", int, 2, 512 << 10, False),
     ("GALLERY_GRPC_WORKERS", int, 2, INT64_MAX, False),
     ("GALLERY_GRPC_READ_WORKERS", int, 1, INT64_MAX, False),
     ("GALLERY_PULL_TTL", int, 1, A_YEAR, False),
