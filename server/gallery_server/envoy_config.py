@@ -64,6 +64,7 @@ CORS_EXPOSED_HEADERS = (
     "x-upload-complete", "x-event-id",
     "range",  # a resumable PUT's 308: what the server holds (README "Resumable uploads over REST")
     "www-authenticate",  # a 401's: which token problem (RFC 6750)
+    "x-request-id",  # every answer's: what the logs call the request
 )
 CORS_MAX_AGE_SECONDS = 600  # how long a browser may reuse a preflight's answer
 

@@ -146,3 +146,19 @@ def test_the_lines_of_one_request_share_its_request_id(stack, auth_headers) -> N
     access = access_line(stack, stored.get("request_id"))
     assert stored["request_id"] and access is not None
     assert access["method"] == "/gallery.v1.GalleryService/UploadEventForm"
+    assert r.headers["x-request-id"] == stored["request_id"]  # the client can quote it
+
+
+def test_every_answer_through_envoy_names_its_request_id(stack, auth_headers) -> None:  # type: ignore[no-untyped-def]
+    """Errors too, the server's and Envoy's own, REST and native: what a client quotes in a report."""
+    with httpx.Client(base_url=stack.base_url, timeout=30) as http:
+        refused = http.get(f"/api/gallery/{DEVICE}/stats")  # no token: the server's 401
+        assert refused.status_code == 401
+        assert access_line(stack, refused.headers["x-request-id"])["reason"] == "TOKEN_MISSING"
+        assert http.get("/no/such/path").headers["x-request-id"]  # Envoy's own 404
+    with grpc.insecure_channel(stack.envoy_grpc_address) as channel:
+        token = auth_headers(devices=[DEVICE])["Authorization"]
+        call = gallery_pb2_grpc.GalleryServiceStub(channel).GetStats.with_call(
+            pb.GetStatsRequest(device=DEVICE), metadata=[("authorization", token)])[1]
+        ids = [value for key, value in call.initial_metadata() if key == "x-request-id"]
+    assert len(ids) == 1 and access_line(stack, ids[0])["method"] == "/gallery.v1.GalleryService/GetStats"
