@@ -265,7 +265,9 @@ class GalleryServiceServicer:
         device with GALLERY_MAX_UPLOAD_SESSIONS_PER_DEVICE sessions open (StartUpload's count) is
         RESOURCE_EXHAUSTED (429) TOO_MANY_UPLOAD_SESSIONS. Once the URL's event is
         stored, every Content-Range PUT answers 200 with that event's id and stores nothing (a PUT
-        without Content-Range keeps the single-shot rule: URL_ALREADY_USED).
+        without Content-Range keeps the single-shot rule: URL_ALREADY_USED). For REST clients: through
+        Envoy the body's length is the HTTP request's Content-Length, which a native call has not
+        (LENGTH_REQUIRED); native clients upload with UploadEvent or the resumable calls.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
