@@ -38,6 +38,8 @@ DEVICE = "gallery:device"  # a device: announce, keep the command channel, uploa
 ADMIN = "gallery:admin"  # operators: the admin status (reconcile.py)
 ALGORITHM = "HS256"
 LEEWAY_SECONDS = 30
+# The one message for a token that does not parse as a JWT, whatever part of it failed.
+MALFORMED_JWT = "invalid token: not a JWT (three base64url parts, the first two JSON objects)"
 # The asymmetric algorithms accepted, by key type. Pinned: a key of one type never verifies a
 # token that names another algorithm.
 RS256 = "RS256"
@@ -209,6 +211,11 @@ class Verifier:
             )
         except jwt.ExpiredSignatureError:
             raise Unauthenticated("TOKEN_EXPIRED", "token has expired") from None
+        except jwt.InvalidSignatureError as exc:  # a DecodeError too, but one worth naming
+            raise Unauthenticated("TOKEN_INVALID", f"invalid token: {exc}") from None
+        except jwt.DecodeError:
+            # PyJWT's words are its parser's ("'utf-8' codec can't decode byte 0xb7 ..."): say what is wrong.
+            raise Unauthenticated("TOKEN_INVALID", MALFORMED_JWT) from None
         except jwt.InvalidTokenError as exc:
             # The exception text names the failed check, never the token or the key.
             raise Unauthenticated("TOKEN_INVALID", f"invalid token: {exc}") from None
@@ -219,8 +226,8 @@ class Verifier:
             return self._key, self._algorithms
         try:
             kid = jwt.get_unverified_header(token).get("kid")
-        except jwt.InvalidTokenError as exc:
-            raise Unauthenticated("TOKEN_INVALID", f"invalid token: {exc}") from None
+        except jwt.InvalidTokenError:
+            raise Unauthenticated("TOKEN_INVALID", MALFORMED_JWT) from None
         if not isinstance(kid, str) or not kid:
             raise Unauthenticated("TOKEN_INVALID", "invalid token: the header has no 'kid'")
         # A key in the cached set needs no fetch: while the identity provider is down, tokens of

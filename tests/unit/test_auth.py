@@ -290,6 +290,20 @@ def test_verify_garbage_refused(token: str) -> None:
     _unauthenticated(token, "TOKEN_INVALID")
 
 
+@pytest.mark.parametrize("token", [
+    "a.b.c", "abc.def.ghi", "x", _b64(b"[1]") + ".e30.sig", "e30." + _b64(b"\xff") + ".s",
+])
+def test_a_token_that_is_no_jwt_is_told_so_in_plain_words(token: str) -> None:
+    """Not PyJWT's parser's words ("'utf-8' codec can't decode byte 0xb7 ...")."""
+    assert _unauthenticated(token, "TOKEN_INVALID").message == auth.MALFORMED_JWT
+
+
+def test_a_bad_signature_is_named() -> None:
+    header, payload, _ = _encode(_claims()).split(".")
+    forged = f"{header}.{payload}.{_b64(b'x' * 32)}"
+    assert "Signature verification failed" in _unauthenticated(forged, "TOKEN_INVALID").message
+
+
 def test_verify_tampered_payload_refused() -> None:
     header, _, signature = _encode(_claims()).split(".")
     payload = _b64(json.dumps(_claims(devices=["*"])).encode())
