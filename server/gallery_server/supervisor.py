@@ -191,7 +191,7 @@ def run(settings: Settings) -> int:
             print(f"gallery: {exc}", file=sys.stderr)
             return 1
         wait_envoy_ready(settings.envoy_admin_port, process=children[-1], stop=stop)
-        _print_banner(settings)
+        _print_banner(settings, show_token=sys.stdout.isatty())
         while not stop.wait(0.5):
             for child in children:
                 if child.poll() is not None:
@@ -220,7 +220,10 @@ def _stop_all(children: list[subprocess.Popen[bytes]]) -> None:
             child.wait()
 
 
-def _print_banner(settings: Settings) -> None:
+def _print_banner(settings: Settings, *, show_token: bool) -> None:
+    """`show_token`: whether stdout is a terminal. The development token grants every device for a
+    day: under a service manager or a redirect, stdout is a log kept and read by others, so it gets
+    the way to mint one instead."""
     if settings.issuer_tokens:
         # HS256 tokens are refused in this configuration: a minted one would only mislead.
         print(
@@ -229,16 +232,20 @@ def _print_banner(settings: Settings) -> None:
             flush=True,
         )
         return
-    token = auth.mint(
-        settings.jwt_secret, subject="dev", devices=["*"], scope=f"{auth.READ} {auth.WRITE}",
-        issuer=settings.jwt_issuer, audience=settings.jwt_audience,
-    )
+    if show_token:
+        token = auth.mint(
+            settings.jwt_secret, subject="dev", devices=["*"], scope=f"{auth.READ} {auth.WRITE}",
+            issuer=settings.jwt_issuer, audience=settings.jwt_audience,
+        )
+        how = f"A development token (all devices, read+write, valid 24 h):\n\n  export TOKEN={token}\n"
+    else:
+        how = ("A development token is printed only to a terminal (this output may be kept in a log); mint one:\n\n"
+               "  export TOKEN=$(.venv/bin/gallery token --sub dev --device '*' --ttl 86400)\n")
     print(
         f"\ngallery is up: REST and gRPC on {settings.public_url} "
         f"(gRPC server {settings.grpc_address}, Envoy admin 127.0.0.1:{settings.envoy_admin_port})\n"
         f"data: {settings.data_dir}\n\n"
-        f"A development token (all devices, read+write, valid 24 h):\n\n"
-        f"  export TOKEN={token}\n"
+        f"{how}"
         f'  curl "{settings.public_url}/api/gallery/device123/paths" '
         '-H "Authorization: Bearer $TOKEN"\n\n'
         "Ctrl-C stops everything.\n",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pty
 import re
+import select
 import signal
 import socket
 import stat
@@ -44,12 +46,16 @@ def test_run_generates_secret_prints_token_and_stops_cleanly(tmp_path, monkeypat
         assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
         secret = secret_file.read_text().strip()
         assert len(secret) >= 32
-        # The supervisor prints its banner once its own readiness checks pass.
+        # The supervisor prints its banner once its own readiness checks pass; its stdout is a
+        # file here, so the banner tells how to mint a token instead of printing one.
         deadline = time.monotonic() + 30
-        while not (match := re.search(r"export TOKEN=(\S+)", stack.log())):
+        while not (match := re.search(r"export TOKEN=\$\((.*)\)", stack.log())):
             assert time.monotonic() < deadline, stack.log()
             time.sleep(0.1)
-        token = match.group(1)
+        assert not re.search(r"eyJ[\w-]+\.[\w-]+\.", stack.log())
+        command = match.group(1).replace(".venv/bin/gallery", f"{sys.executable} -m gallery_server")
+        token = subprocess.run(command, shell=True, env={**os.environ, "GALLERY_DATA_DIR": str(data),
+                               "GALLERY_JWT_SECRET": ""}, capture_output=True, text=True, check=True).stdout.strip()
         r = httpx.get(stack.url("/api/gallery/device123/paths"),
                       headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200, r.text
@@ -62,6 +68,32 @@ def test_run_generates_secret_prints_token_and_stops_cleanly(tmp_path, monkeypat
         stop_stack(stack)
     assert stack.process.returncode == 0
     assert not any(_pid_alive(pid) for pid in children)
+
+
+def test_run_prints_a_development_token_to_a_terminal(tmp_path):
+    """`make run` in a terminal: the banner's token works at once."""
+    grpc_port, http_port, admin_port = free_ports(3)
+    main, terminal = pty.openpty()
+    with (tmp_path / "run.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gallery_server", "run"], stdin=subprocess.DEVNULL, stdout=terminal, stderr=log,
+            env=run_env(tmp_path, grpc_port, http_port, admin_port, GALLERY_JWT_SECRET=""),
+        )
+    os.close(terminal)
+    try:
+        out, deadline = b"", time.monotonic() + 60
+        while not (match := re.search(rb"export TOKEN=(eyJ\S+)", out)):
+            assert time.monotonic() < deadline and process.poll() is None, out
+            if select.select([main], [], [], 0.5)[0]:
+                out += os.read(main, 65536)
+        r = httpx.get(f"http://127.0.0.1:{http_port}/api/gallery/device123/paths",
+                      headers={"Authorization": f"Bearer {match.group(1).decode()}"})
+        assert r.status_code == 200, r.text
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+        os.close(main)
+    assert process.returncode == 0
 
 
 def test_run_reuses_existing_secret(tmp_path):

@@ -69,7 +69,7 @@ def test_a_server_that_requires_an_issuer_and_audience_takes_the_minted_token(ca
 def test_the_run_banners_token_is_taken_by_a_server_that_requires_an_issuer_and_audience(capsys, monkeypatch):
     monkeypatch.setenv("GALLERY_JWT_ISSUER", "https://gallery.example")
     monkeypatch.setenv("GALLERY_JWT_AUDIENCE", "gallery")
-    supervisor._print_banner(Settings.from_env())
+    supervisor._print_banner(Settings.from_env(), show_token=True)
     token = re.search(r"export TOKEN=(\S+)", capsys.readouterr().out).group(1)
     verifier = auth.Verifier(secret=JWT_SECRET, issuer="https://gallery.example", audience="gallery")
     principal = verifier.verify(token)
@@ -89,3 +89,12 @@ def test_help_shows_the_defaults_and_the_cap(capsys):
     assert "default: 86400" in shown
     assert f"at most {TEN_YEARS} (10 years" in shown
     assert "default: gallery:read gallery:write" in shown
+
+
+def test_the_run_banner_prints_no_token_where_stdout_is_not_a_terminal(capsys):
+    """A service manager's journal or a redirected log keeps stdout: a day-long token for every
+    device does not belong there. The banner says how to mint one."""
+    supervisor._print_banner(Settings.from_env(), show_token=False)
+    out = capsys.readouterr().out
+    assert "gallery is up" in out and "gallery token --sub dev" in out
+    assert not re.search(r"eyJ[\w-]+\.[\w-]+\.[\w-]+", out)
