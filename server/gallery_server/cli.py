@@ -1,5 +1,6 @@
-"""The `gallery` command: run the stack, serve gRPC alone, mint a development token, or run a
-device agent."""
+"""The `gallery` command: run the stack; or, for a deployment of several replicas, serve gRPC alone
+and run Envoy in front of them; reconcile files and rows once; mint a bearer token; run a device
+agent. Every setting comes from GALLERY_* environment variables (README "Configuration")."""
 
 from __future__ import annotations
 
@@ -25,8 +26,25 @@ from .settings import (
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gallery", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("run", help="start the gRPC server and Envoy; Ctrl-C stops both")
-    commands.add_parser("serve", help="start only the gRPC server (GALLERY_GRPC_ADDRESS)")
+    commands.add_parser("run", help="start the gRPC server and Envoy; Ctrl-C stops both",
+                        description="Start the gRPC server and Envoy on GALLERY_GRPC_ADDRESS and "
+                        "GALLERY_HTTP_ADDRESS; every setting comes from GALLERY_* environment variables "
+                        "(README \"Configuration\"). Ctrl-C stops both.")
+    commands.add_parser("serve", help="start only the gRPC server (GALLERY_GRPC_ADDRESS): one replica",
+                        description="Start one gRPC server (a replica) on GALLERY_GRPC_ADDRESS, without "
+                        "Envoy (see `gallery envoy`); settings from GALLERY_* environment variables. "
+                        "SIGTERM drains it for GALLERY_DRAIN_SECONDS, then stops it.")
+    envoy = commands.add_parser(
+        "envoy", help="run Envoy in front of gRPC servers started with `gallery serve`",
+        description="Run Envoy on GALLERY_HTTP_ADDRESS (admin on 127.0.0.1:GALLERY_ENVOY_ADMIN_PORT) in "
+        "front of the given gRPC servers, with the configuration `gallery run` uses: REST, native gRPC, "
+        "health checks of each server, and downloads sent from GALLERY_DATA_DIR/media when "
+        "GALLERY_ENVOY_SENDS_FILES (the servers' shared storage, mounted at the same path here).",
+    )
+    envoy.add_argument("--backend", action="append", required=True, metavar="HOST:PORT",
+                       help="a server's GALLERY_GRPC_ADDRESS; repeat for each replica")
+    envoy.add_argument("--config", type=pathlib.Path, default=None,
+                       help="where to write Envoy's configuration (default: GALLERY_DATA_DIR/run/envoy.yaml)")
     reconcile = commands.add_parser(
         "reconcile", help="reconcile files and rows once and print the findings as JSON",
         description="One pass of the reconciler that every server runs periodically (safe while "
@@ -78,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             prepare_data_dir(data_dir_from_env())
         if args.command == "run" and not os.environ.get("GALLERY_JWT_SECRET"):
             ensure_secret_file(data_dir_from_env())
-        settings = Settings.from_env()
+        settings = Settings.from_env(needs_secret=args.command not in ("reconcile", "envoy"))
+        if args.command == "envoy":
+            backends = [_backend(text) for text in args.backend]
     except ConfigError as exc:
         print(f"gallery: {exc}", file=sys.stderr)
         return 2
@@ -92,6 +112,15 @@ def main(argv: list[str] | None = None) -> int:
                         scope=args.scope, ttl_seconds=args.ttl,
                         issuer=settings.jwt_issuer, audience=settings.jwt_audience))
         return 0
+    if args.command == "envoy":
+        from .supervisor import envoy_command
+
+        try:
+            command = envoy_command(settings, backends, args.config)
+        except (OSError, ValueError) as exc:  # an unwritable --config; what Envoy cannot take
+            print(f"gallery: {exc}", file=sys.stderr)
+            return 2
+        os.execv(command[0], command)  # Envoy is the process: its signals and exit status are its own
     logs.configure(settings.log_level)
     if args.command in ("reconcile", "serve"):
         import sqlalchemy as sa
@@ -129,6 +158,17 @@ def _token_subject(text: str) -> str:
     if not text.strip():  # the server refuses it: the access log says who did what by it
         raise argparse.ArgumentTypeError("must not be empty or blank")
     return text
+
+
+def _backend(text: str) -> str:
+    """A `gallery envoy --backend`: a server's host:port (a port of 0 binds, it reaches nothing)."""
+    try:
+        host, port = split_address(text.strip(), "")
+    except ValueError as exc:
+        raise ConfigError(f"--backend {exc}") from None
+    if not host or not port:
+        raise ConfigError(f"--backend {text!r}: name the server's host and its port (10.0.0.5:50051)")
+    return text.strip()
 
 
 def _token_device(text: str) -> str:

@@ -107,15 +107,18 @@ class Settings:
         return bool(self.jwt_public_key or self.jwt_jwks_url)
 
     @classmethod
-    def from_env(cls, env: os._Environ[str] | dict[str, str] = os.environ) -> Settings:
+    def from_env(cls, env: os._Environ[str] | dict[str, str] = os.environ, *, needs_secret: bool = True) -> Settings:
+        """`needs_secret` False: for a command that signs and checks nothing (`gallery reconcile`,
+        `gallery envoy`), a missing secret is no error."""
         data_dir = data_dir_from_env(env)
         secret = env.get("GALLERY_JWT_SECRET") or read_secret_file(data_dir)
-        if not secret:
+        if not secret and needs_secret:
             raise ConfigError(
                 f"no JWT secret: set GALLERY_JWT_SECRET or create {data_dir / SECRET_FILE_NAME}"
                 " (`gallery run` creates one)"
             )
-        _check_secret_strength(secret)
+        if secret:
+            _check_secret_strength(secret)
         public_key, jwks_url = _token_keys(env)
         http_address = _address(env, "GALLERY_HTTP_ADDRESS", cls.http_address)
         return cls(

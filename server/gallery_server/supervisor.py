@@ -105,21 +105,28 @@ def wait_envoy_ready(
 
 
 def start_envoy(settings: Settings, backends: list[str]) -> subprocess.Popen[bytes]:
-    run_dir = storage.run_dir(settings.data_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = run_dir / "envoy.yaml"
+    return subprocess.Popen(
+        envoy_command(settings, backends), start_new_session=True, preexec_fn=_dies_with(os.getpid()),
+    )
+
+
+def envoy_command(settings: Settings, backends: list[str], config: pathlib.Path | None = None) -> list[str]:
+    """Write Envoy's configuration for these gRPC servers (to `config`, else <data>/run/envoy.yaml)
+    and return the command that runs Envoy on it: `gallery run`'s, and `gallery envoy`'s in front
+    of replicas."""
+    if config is None:
+        run_dir = storage.run_dir(settings.data_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = run_dir / "envoy.yaml"
     config.write_text(encoding="utf-8", data=envoy_config.render(
         listen=settings.http_address, admin_port=settings.envoy_admin_port, backends=backends,
         media_root=storage.media_root(settings.data_dir) if settings.envoy_sends_files else None,
         keepalive_seconds=settings.keepalive_seconds, cors_origins=settings.cors_origins,
     ))
-    return subprocess.Popen(
-        # `misc` at error: its warnings are ten paragraphs at every start, each saying that
-        # file_server is work in progress (README "Downloads sent by Envoy" says what that means).
-        [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn",
-         "--component-log-level", "misc:error"],
-        start_new_session=True, preexec_fn=_dies_with(os.getpid()),
-    )
+    # `misc` at error: its warnings are ten paragraphs at every start, each saying that
+    # file_server is work in progress (README "Downloads sent by Envoy" says what that means).
+    return [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn",
+            "--component-log-level", "misc:error"]
 
 
 def _dies_with(parent: int) -> Callable[[], None]:

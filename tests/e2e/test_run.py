@@ -22,6 +22,7 @@ import pytest
 from grpc_health.v1 import health as health_servicer
 from grpc_health.v1 import health_pb2_grpc
 
+from gallery_server import auth, supervisor
 from gallery_server.local_stack import free_ports
 
 from .conftest import start_stack, stop_stack
@@ -319,3 +320,48 @@ def test_a_stack_whose_port_was_taken_meanwhile_starts_on_others(tmp_path, monke
             assert httpx.get(stack.url("/api/gallery/cam1/stats"), timeout=10).status_code == 401
         finally:
             stop_stack(stack)
+
+
+def test_gallery_envoy_fronts_replicas_started_with_gallery_serve(tmp_path):
+    """The multi-replica deployment as README tells it: two `gallery serve` on one database and
+    one data folder, one `gallery envoy --backend ... --backend ...`; a replica stopped, the other
+    answers."""
+    grpc_a, grpc_b, http_port, admin_port = free_ports(4)
+    secret = "r" * 40
+    base = run_env(tmp_path, grpc_a, http_port, admin_port, GALLERY_JWT_SECRET=secret, GALLERY_DRAIN_SECONDS="0")
+    processes: list[subprocess.Popen[bytes]] = []
+    logs = (tmp_path / "logs").open("wb")
+    try:
+        for port in (grpc_a, grpc_b):
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "gallery_server", "serve"], stdout=logs, stderr=logs,
+                env={**base, "GALLERY_GRPC_ADDRESS": f"127.0.0.1:{port}"}))
+            supervisor.wait_grpc_healthy(f"127.0.0.1:{port}", process=processes[-1])
+        envoy = subprocess.Popen(
+            [sys.executable, "-m", "gallery_server", "envoy",
+             "--backend", f"127.0.0.1:{grpc_a}", "--backend", f"127.0.0.1:{grpc_b}"],
+            stdout=logs, stderr=logs, env=base)
+        processes.append(envoy)
+        supervisor.wait_envoy_ready(admin_port, process=envoy)
+        supervisor.wait_grpc_healthy(f"127.0.0.1:{http_port}", process=envoy)
+        token = auth.mint(secret, subject="ops", devices=["*"], scope=f"{auth.READ} {auth.WRITE}")
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", headers=headers, timeout=30) as http:
+            r = http.post("/api/gallery/cam1/upload", files={"event": ("a.bin", b"replicated")},
+                          data={"name": "a.bin"})
+            assert r.status_code == 200, r.text
+            event_id = r.json()["eventId"]
+            processes[0].send_signal(signal.SIGTERM)  # one replica goes (a rolling restart)
+            processes[0].wait(timeout=30)
+            for _ in range(5):  # every request now reaches the other one
+                r = http.get(f"/api/gallery/cam1/events/{event_id}/content")
+                assert (r.status_code, r.content) == (200, b"replicated")
+        config = (tmp_path / "data" / "run" / "envoy.yaml").read_text()
+        assert str(grpc_a) in config and str(grpc_b) in config
+    finally:
+        for process in reversed(processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=30)
+        logs.close()
+    assert envoy.returncode == 0, (tmp_path / "logs").read_text()

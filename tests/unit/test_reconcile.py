@@ -717,3 +717,15 @@ def test_a_leftover_the_server_may_only_read_goes_unless_a_lock_is_held_on_it(ga
         os.close(holder)
     assert orphan.exists() is in_use
     assert findings.orphan_media_removed == (0 if in_use else 1)
+
+
+def test_cli_reconcile_needs_no_jwt_secret(tmp_path, monkeypatch, capsys):
+    """It signs and checks no token: an operator's host without the secret may run it."""
+    for name, value in limits_env(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("GALLERY_JWT_SECRET")
+    assert not (tmp_path / "jwt-secret").exists()
+    assert cli.main(["reconcile"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows_checked"] == 0
+    assert cli.main(["token", "--sub", "ops", "--device", "cam-1"]) == 2  # minting one still needs it
+    assert "no JWT secret" in capsys.readouterr().err
