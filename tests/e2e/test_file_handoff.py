@@ -28,14 +28,15 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from gallery_server.downloads import content_headers, reply
 
-from .conftest import Stack, start_stack
+from .conftest import Stack, access_line, start_stack
 from .test_downloads import MiB, assert_error, content_url, multipart_upload, new_device
 
 CHECK = "/envoy.service.auth.v3.Authorization/Check"
 GET_CONTENT = "/gallery.v1.GalleryService/GetEventContent"
-# How the two answers frame the body, and what only an answer from upstream carries.
+# How the two answers frame the body, what only an answer from upstream carries, and each
+# answer's own request id.
 TRANSPORT_HEADERS = {"content-length", "transfer-encoding", "date", "x-envoy-upstream-service-time",
-                     "grpc-accept-encoding"}
+                     "grpc-accept-encoding", "x-request-id"}
 
 
 def rpcs(stack: Stack) -> list[str]:
@@ -105,7 +106,10 @@ def test_envoy_sends_a_whole_file(stack, http, stored):
     sent = [json.loads(line) for line in stack.log().splitlines() if "download handed to envoy" in line]
     assert {k: sent[-1][k] for k in ("device", "event_id", "bytes", "subject")} == {
         "device": device, "event_id": event_id, "bytes": len(data), "subject": "t"}
-    assert sent[-1]["request_id"]  # Envoy's id of the request, as in its own logs
+    # The request's id (Envoy's, in its answer too), not that of Envoy's Check call, and its caller.
+    assert sent[-1]["request_id"] == r.headers["x-request-id"]
+    check = access_line(stack, r.headers["x-request-id"])
+    assert check is not None and (check["method"], check["subject"], check["code"]) == (CHECK, "t", "OK")
     sha256 = hashlib.sha256(data).hexdigest()
     assert r.headers["content-length"] == str(len(data))
     assert "transfer-encoding" not in r.headers

@@ -38,6 +38,7 @@ from google.rpc import status_pb2
 from .. import auth, downloads
 from ..errors import GalleryError
 from ..service import Gallery
+from .interceptor import on_behalf_of
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
 
     def Check(self, request, context):  # type: ignore[no-untyped-def]
         http = request.attributes.request.http
+        on_behalf_of(request_id=http.headers.get("x-request-id", ""))  # the download's, in the logs
         try:
             return self._handoff(http.method, http.path, dict(http.headers)) or _GO_ON
         except GalleryError:  # the streaming path answers it, with its status and details
@@ -81,6 +83,7 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
             return None
         device, event_id = match.groups()
         principal = self._verifier.verify(auth.bearer_token(headers.get("authorization")))
+        on_behalf_of(subject=principal.subject)
         event, file = self._gallery.stored_media(principal, device, event_id)
         try:
             if os.stat(file).st_size != event.size or not event.mime_type:
@@ -96,11 +99,10 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
         else:
             set_range, remove = [], ["range"]  # a Range the rules ignore: the whole file
         response_headers = downloads.content_headers(answer, event.mime_type, event.name)
-        # The access log's line is Check's, with no caller: this one says who was let read what
-        # (Envoy's own access log, if kept, says what it then sent).
+        # The access log's line is Check's: this one says what was let read (Envoy's own access
+        # log, if kept, says what it then sent).
         log.info("download handed to envoy", extra={
-            "device": event.device, "event_id": event.id, "bytes": answer.length,
-            "subject": principal.subject, "request_id": headers.get("x-request-id", ""),
+            "device": event.device, "event_id": event.id, "bytes": answer.length, "subject": principal.subject,
         })
         return authz_pb2.CheckResponse(
             status=status_pb2.Status(code=0),

@@ -66,6 +66,24 @@ def _reset_here(var: contextvars.ContextVar[Any], token: contextvars.Token[Any])
         var.reset(token)
 
 
+# The unary call being served on this thread, for on_behalf_of().
+_serving: contextvars.ContextVar[_Call] = contextvars.ContextVar("gallery_call")
+
+
+def on_behalf_of(*, request_id: str = "", subject: str = "") -> None:
+    """For a handler that serves someone else's request, Envoy's Check of a REST download
+    (file_handoff.py): the call's access line and the lines written meanwhile carry that request's
+    id (when well-formed) instead of the id of Envoy's own call, and the subject its token named."""
+    call = _serving.get(None)
+    if call is None:
+        return
+    if _REQUEST_ID.fullmatch(request_id):
+        call.request_id = request_id
+        logs.request_id.set(request_id)  # the interceptor's reset restores what was before
+    if subject:
+        call.subject = subject
+
+
 def current_principal() -> auth.Principal:
     """The verified caller of the RPC running in this thread."""
     try:
@@ -130,6 +148,7 @@ class GalleryInterceptor(grpc.ServerInterceptor):
         def run(request: Any, context: grpc.ServicerContext) -> Any:
             call = _Call(method, call_type, context, self._metrics)
             serving = logs.request_id.set(call.request_id)
+            this_call = _serving.set(call)
             try:
                 token = self._enter(call, public)
                 try:
@@ -140,6 +159,7 @@ class GalleryInterceptor(grpc.ServerInterceptor):
                 call.fail(exc)
             finally:
                 call.log()
+                _serving.reset(this_call)
                 logs.request_id.reset(serving)
 
         return run
