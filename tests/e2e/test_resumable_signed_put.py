@@ -50,6 +50,7 @@ def assert_incomplete(response: httpx.Response, committed: int) -> None:
     assert response.headers["x-committed-size"] == str(committed)
     assert response.headers.get("range") == (f"bytes=0-{committed - 1}" if committed else None)
     assert response.json() == {"success": True, "eventId": ""}
+    assert "x-envoy-upstream-service-time" not in response.headers  # the servers' timing is the logs'
 
 
 def open_put(stack: Stack, url: str, declared: bytes, sent: int,
