@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+# What `make run` needs: the service and its runtime dependencies only, not the tests' and bench's.
+RUNTIME := $(VENV)/.installed-runtime
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 # Database tests also run against this PostgreSQL (the machine's local server, trust auth).
@@ -18,16 +20,20 @@ PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 setup: $(INSTALLED)
 
-$(INSTALLED): pyproject.toml
+$(RUNTIME): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(INSTALLED): $(RUNTIME) pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	touch $@
 
 $(BUF):
 	npm install --silent --no-save --no-package-lock --prefix .tools @bufbuild/buf@$(BUF_VERSION)
 
-run: setup
+run: $(RUNTIME)
 	$(VENV)/bin/gallery run
 
 generate: setup
