@@ -117,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             command = envoy_command(settings, backends, args.config)
-        except (OSError, ValueError) as exc:  # an unwritable --config; what Envoy cannot take
+            os.execv(command[0], command)  # Envoy is the process: its signals and exit status are its own
+        except (OSError, ValueError) as exc:  # an unwritable --config, no Envoy binary, what Envoy cannot take
             print(f"gallery: {exc}", file=sys.stderr)
             return 2
-        os.execv(command[0], command)  # Envoy is the process: its signals and exit status are its own
     logs.configure(settings.log_level)
     if args.command in ("reconcile", "serve"):
         import sqlalchemy as sa
