@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             command = envoy_command(settings, backends, args.config)
-            os.execv(command[0], command)  # Envoy is the process: its signals and exit status are its own
+            os.execvp(command[0], command)  # Envoy is the process: its signals and exit status are its own
         except (OSError, ValueError) as exc:  # an unwritable --config, no Envoy binary, what Envoy cannot take
             print(f"gallery: {exc}", file=sys.stderr)
             return 2
