@@ -22,7 +22,7 @@ from gallery_server.service import Gallery
 
 from ..conftest import stored_files
 from .test_service import PDF, PNG, row_count, store
-from .test_stats_counters import _row
+from .test_stats_counters import _row, write_concurrently
 
 
 def usage(gallery: Gallery) -> dict[str, int]:
@@ -66,32 +66,7 @@ def test_usage_counts_stored_media_only_through_every_kind_of_write(gallery: Gal
 
 
 def test_usage_matches_the_sum_after_concurrent_writes(gallery: Gallery) -> None:
-    table = Event.__table__  # type: ignore[attr-defined]
-    errors: list[BaseException] = []
-
-    def worker(n: int) -> None:
-        try:
-            for i in range(40):
-                row = _row(i, n)
-                row["state"] = "on_device" if i % 4 == 0 else "stored"
-                with gallery.db.engine.begin() as c:
-                    c.execute(table.insert(), row)
-                if i % 3 == 0:
-                    with gallery.db.engine.begin() as c:
-                        c.execute(table.delete().where(table.c.id == f"evt_w{n}_{i // 2}"))
-                if i % 5 == 0:
-                    with gallery.db.engine.begin() as c:
-                        c.execute(table.update().where(table.c.id == f"evt_w{n}_{i // 3}")
-                                  .values(state="stored", size=table.c.size + 7))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    write_concurrently(gallery.db)
     assert usage(gallery) == truth(gallery) != {}
 
 
