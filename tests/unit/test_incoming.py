@@ -52,6 +52,10 @@ def events(gallery: Gallery, device: str = DEVICE) -> list[Event]:
         return sorted(session.exec(select(Event).where(Event.device == device)), key=lambda e: e.created)
 
 
+def thumbnailed(gallery: Gallery) -> dict[str, bool]:
+    return {e.name: e.has_thumbnail for e in events(gallery)}
+
+
 def write(path: pathlib.Path, data: bytes) -> bytes:
     path.write_bytes(data)
     return data
@@ -96,7 +100,7 @@ def test_a_file_is_imported_once_it_has_settled(gallery, importer, folders):
     assert importer.scan_once(now=1.5) == []  # seen unchanged for 1.5 s < 2 s
     assert events(gallery) == [] and (inbox / "photo.png").exists()
 
-    [event_id] = importer.scan_once(now=2.5)
+    [event_id] = importer.scan_once(now=2.0)  # unchanged for the settle time: complete
     [event] = events(gallery)
     assert event.id == event_id
     assert validation.event_id(event_id) == event_id
@@ -142,32 +146,46 @@ def test_partial_names_dotfiles_symlinks_and_folders_are_never_imported(gallery,
     assert gallery.storage.media_path(DEVICE, event_id).read_bytes() == data
     assert [e.name for e in events(gallery)] == ["clip.mp4"]
 
+    # A folder is not media waiting in incoming: a thumbnail of its stem attaches to the event.
+    (inbox / "clip").mkdir()
+    thumb = write(folders[1] / "clip.jpg", PNG)
+    settle(importer, 300)
+    assert gallery.storage.thumbnail_path(DEVICE, event_id).read_bytes() == thumb
 
-def test_a_growing_file_waits_until_it_stops_growing(gallery, importer, folders):
+
+def test_a_growing_file_waits_until_it_stops_growing_and_holds_up_no_other(gallery, importer, folders):
     inbox, _ = folders
     first, rest = random_bytes(50_000), random_bytes(70_000)
     write(inbox / "video.mp4", first)
+    done = write(inbox / "done.jpg", random_bytes(1000))
     assert importer.scan_once(now=0) == []
     with (inbox / "video.mp4").open("ab") as f:
         f.write(rest)
     os.utime(inbox / "video.mp4", ns=(time.time_ns(), time.time_ns() + 1_000_000))  # coarse mtime clocks
-    assert importer.scan_once(now=3) == []  # changed: the settle time starts again
+    [done_id] = importer.scan_once(now=3)  # changed: the settle time starts again; the settled file goes on
+    assert gallery.storage.media_path(DEVICE, done_id).read_bytes() == done
     assert importer.scan_once(now=4.5) == []
     [event_id] = importer.scan_once(now=5.5)
-    [event] = events(gallery)
+    [event] = [e for e in events(gallery) if e.id == event_id]
     assert event.size == len(first + rest)
     assert event.sha256 == sha(first + rest)
     assert gallery.storage.media_path(DEVICE, event_id).read_bytes() == first + rest
 
 
-def test_only_incoming_folders_of_valid_devices_are_scanned(gallery, importer):
+def test_only_incoming_folders_of_valid_devices_are_scanned(gallery, importer, caplog):
     drop = gallery.storage.drop_root
     for folder in (drop / "-bad" / "incoming", drop / "cam1" / "elsewhere", drop / ".x" / "incoming"):
         folder.mkdir(parents=True)
         write(folder / "a.jpg", random_bytes(100))
     write(drop / "stray.jpg", random_bytes(100))
-    assert settle(importer) == []
+    (drop / "cam2").mkdir()
+    write(drop / "cam2" / "incoming", random_bytes(100))  # a file, not a folder: nothing to report
+    with caplog.at_level(logging.WARNING):
+        assert settle(importer) == []
     assert events(gallery) == []
+    assert [r.getMessage() for r in caplog.records if r.name == "gallery_server.incoming"] == []
+    shutil.rmtree(drop)  # no drop folders at all: nothing to scan, and no error
+    assert settle(importer, 100) == []
 
 
 def test_empty_files_and_bad_names_stay_and_are_reported_once(gallery, importer, folders, caplog):
@@ -183,7 +201,36 @@ def test_empty_files_and_bad_names_stay_and_are_reported_once(gallery, importer,
     assert sorted(r.file for r in warnings) == ["bad\x01name.jpg", "empty.jpg"]  # not again on later scans
 
 
-def test_one_failing_file_does_not_hold_up_the_others(gallery, importer, folders, monkeypatch):
+def test_files_up_to_the_size_limits_are_imported_and_larger_or_empty_ones_stay(gallery, folders):
+    limits = dataclasses.replace(gallery.settings, max_upload_bytes=1000, max_thumbnail_bytes=100)
+    importer = IncomingImporter(Gallery(limits, gallery.db, gallery.storage))
+    inbox, thumbs = folders
+    media = write(inbox / "fits.bin", random_bytes(1000))
+    thumb = write(thumbs / "fits.png", random_bytes(100))
+    write(inbox / "over.bin", random_bytes(1001))
+    write(inbox / "big.bin", random_bytes(10))
+    write(thumbs / "big.png", random_bytes(101))
+    write(inbox / "blank.bin", random_bytes(10))
+    write(thumbs / "blank.png", b"")
+    settle(importer)
+    imported = {e.name: e for e in events(gallery)}
+    assert sorted(imported) == ["big.bin", "blank.bin", "fits.bin"]
+    assert gallery.storage.media_path(DEVICE, imported["fits.bin"].id).read_bytes() == media
+    assert gallery.storage.thumbnail_path(DEVICE, imported["fits.bin"].id).read_bytes() == thumb
+    assert thumbnailed(gallery) == {"fits.bin": True, "big.bin": False, "blank.bin": False}
+    assert sorted(p.name for p in inbox.iterdir()) == ["over.bin"]
+    assert sorted(p.name for p in thumbs.iterdir()) == ["big.png", "blank.png"]
+    settle(importer, 100)  # nor do they attach later
+    assert thumbnailed(gallery) == {"fits.bin": True, "big.bin": False, "blank.bin": False}
+    assert sorted(p.name for p in thumbs.iterdir()) == ["big.png", "blank.png"]
+    late = write(thumbs / "big.png", random_bytes(100))  # one that fits does
+    settle(importer, 200)
+    assert gallery.storage.thumbnail_path(DEVICE, imported["big.bin"].id).read_bytes() == late
+
+
+def test_one_failing_file_does_not_hold_up_the_others_and_is_reported_once(
+    gallery, importer, folders, monkeypatch, caplog,
+):
     inbox, _ = folders
     write(inbox / "a.bin", random_bytes(100))
     write(inbox / "b.bin", random_bytes(100))
@@ -195,9 +242,13 @@ def test_one_failing_file_does_not_hold_up_the_others(gallery, importer, folders
         return real(self, device, file, thumb, seen)
 
     monkeypatch.setattr(IncomingImporter, "_import", flaky)
-    assert len(settle(importer)) == 1
+    with caplog.at_level(logging.ERROR):
+        assert len(settle(importer)) == 1
+        assert importer.scan_once(now=15) == []
     assert [e.name for e in events(gallery)] == ["b.bin"]
     assert [p.name for p in inbox.iterdir()] == ["a.bin"]
+    [report] = [r for r in caplog.records if r.getMessage() == "cannot import an incoming file"]  # not every scan
+    assert (report.file, report.exc_info[0]) == ("a.bin", OSError)
 
     monkeypatch.setattr(IncomingImporter, "_import", real)
     assert len(importer.scan_once(now=20)) == 1
@@ -220,25 +271,56 @@ def test_the_same_file_dropped_again_is_not_imported_twice(gallery, importer, fo
     assert len(events(gallery)) == 2
 
 
-def test_a_file_replaced_while_it_is_imported_is_kept_and_imported_next(gallery, importer, folders, monkeypatch):
+@pytest.mark.parametrize("how", ["renamed-over", "appended"])
+def test_a_file_changed_while_it_is_imported_is_kept_and_imported_next(gallery, importer, folders, monkeypatch, how):
     inbox, _ = folders
     old = write(inbox / "latest.jpg", random_bytes(1000))
-    new = random_bytes(1000)
+    more = random_bytes(1000)
+    new = more if how == "renamed-over" else old + more
     real = IncomingImporter._insert
 
-    def insert_then_replace(self, event):  # type: ignore[no-untyped-def]
+    def insert_then_change(self, event):  # type: ignore[no-untyped-def]
         created = real(self, event)
-        write(inbox / "new.part", new)
-        os.replace(inbox / "new.part", inbox / "latest.jpg")  # a writer renames a new version in
+        if how == "renamed-over":
+            write(inbox / "new.part", more)
+            os.replace(inbox / "new.part", inbox / "latest.jpg")  # a writer renames a new version in
+        else:
+            with (inbox / "latest.jpg").open("ab") as writer:  # or goes on writing in place
+                writer.write(more)
         return created
 
-    monkeypatch.setattr(IncomingImporter, "_insert", insert_then_replace)
+    monkeypatch.setattr(IncomingImporter, "_insert", insert_then_change)
     [first] = settle(importer)
     monkeypatch.setattr(IncomingImporter, "_insert", real)
     assert (inbox / "latest.jpg").read_bytes() == new
     [second] = settle(importer, 100)
     stored = {e.id: gallery.storage.media_path(DEVICE, e.id).read_bytes() for e in events(gallery)}
     assert stored == {first: old, second: new}
+
+
+@pytest.mark.parametrize("how", ["appended", "rewritten-in-place"])
+def test_a_file_written_to_while_it_is_copied_waits_to_settle_again(gallery, importer, folders, monkeypatch, how):
+    """The writer goes on once the copy has read the file: what was read is not imported."""
+    inbox, _ = folders
+    first, later = random_bytes(5000), random_bytes(1000 if how == "appended" else 5000)
+    final = first + later if how == "appended" else later
+    write(inbox / "clip.mp4", first)
+    real_read = IncomingImporter._read
+
+    def read_then_write(self, fd, out):  # type: ignore[no-untyped-def]
+        monkeypatch.setattr(IncomingImporter, "_read", real_read)
+        result = real_read(self, fd, out)
+        with (inbox / "clip.mp4").open("ab" if how == "appended" else "r+b") as writer:
+            writer.write(later)
+        os.utime(inbox / "clip.mp4", ns=(time.time_ns(), time.time_ns() + 1_000_000))  # coarse mtime clocks
+        return result
+
+    monkeypatch.setattr(IncomingImporter, "_read", read_then_write)
+    assert settle(importer) == []
+    assert (events(gallery), leftovers(gallery)) == ([], [])
+    [event_id] = settle(importer, 100)
+    assert gallery.storage.media_path(DEVICE, event_id).read_bytes() == final
+    assert list(inbox.iterdir()) == []
 
 
 # -- thumbnails -----------------------------------------------------------------------------------
@@ -259,19 +341,57 @@ def test_a_thumbnail_with_the_same_stem_is_attached(gallery, importer, folders):
     assert leftovers(gallery) == []
 
 
-def test_a_thumbnail_arriving_later_is_attached_once_settled(gallery, importer, folders):
+def test_a_thumbnail_that_cannot_be_placed_leaves_no_copy_behind(gallery, importer, folders, monkeypatch):
+    inbox, thumbs = folders
+    media = write(inbox / "clip.mp4", random_bytes(3000))
+    thumb = write(thumbs / "clip.jpg", PNG)
+    real_place = incoming._place
+
+    def place(storage, taken, destination):  # type: ignore[no-untyped-def]
+        if destination.suffix == ".thumb":
+            raise OSError(errno.EIO, "disk trouble")
+        real_place(storage, taken, destination)
+
+    monkeypatch.setattr(incoming, "_place", place)
+    assert settle(importer) == []
+    assert (events(gallery), leftovers(gallery)) == ([], [])
+    assert ((inbox / "clip.mp4").read_bytes(), (thumbs / "clip.jpg").read_bytes()) == (media, thumb)
+    monkeypatch.undo()
+    [event_id] = settle(importer, 100)
+    assert gallery.storage.thumbnail_path(DEVICE, event_id).read_bytes() == thumb
+
+
+def test_a_thumbnail_arriving_later_is_attached_once_settled(gallery, importer, folders, principal):
     inbox, thumbs = folders
     write(inbox / "clip.mp4", random_bytes(5000))
     [event_id] = settle(importer)
+    write(inbox / "other.mp4", random_bytes(1000))
+    importer.scan_once(now=90)
     thumb = write(thumbs / "clip.webp", random_bytes(300))
-    assert importer.scan_once(now=100) == []
-    assert events(gallery)[0].has_thumbnail is False
+    assert len(importer.scan_once(now=100)) == 1  # other.mp4; the thumbnail has only just appeared
+    assert gallery.get_event(principal, DEVICE, event_id).has_thumbnail is False
+    assert list(thumbs.iterdir()) == [thumbs / "clip.webp"]
     assert importer.scan_once(now=100 + SETTLED) == []  # attaching is not importing
-    [event] = events(gallery)
-    assert event.has_thumbnail is True
+    assert gallery.get_event(principal, DEVICE, event_id).has_thumbnail is True
     assert gallery.storage.thumbnail_path(DEVICE, event_id).read_bytes() == thumb
     assert list(thumbs.iterdir()) == []
     assert leftovers(gallery) == []
+
+
+def test_a_thumbnail_still_being_written_does_not_go_with_its_media(gallery, importer, folders):
+    """Media settled, its thumbnail only just appeared: the media goes alone, and the thumbnail
+    attaches once it has settled in turn (never a half-written one)."""
+    inbox, thumbs = folders
+    write(inbox / "clip.mp4", random_bytes(5000))
+    importer.scan_once(now=0)
+    write(thumbs / "clip.jpg", random_bytes(100))
+    [event_id] = importer.scan_once(now=SETTLED)
+    assert events(gallery)[0].has_thumbnail is False
+    assert not gallery.storage.thumbnail_path(DEVICE, event_id).exists()
+    thumb = write(thumbs / "clip.jpg", random_bytes(300))  # the writer goes on
+    settle(importer, 2 * SETTLED)
+    assert events(gallery)[0].has_thumbnail is True
+    assert gallery.storage.thumbnail_path(DEVICE, event_id).read_bytes() == thumb
 
 
 def test_a_late_thumbnail_with_a_decomposed_name_is_attached(gallery, importer, folders):
@@ -377,6 +497,34 @@ def test_a_file_short_of_room_is_reported_once_with_the_disk_figures(
     assert leftovers(gallery) == []  # a partial copy is removed
 
 
+def test_a_copy_stops_at_the_headroom_when_another_writer_takes_the_room_meanwhile(
+    disk: pathlib.Path, small_gallery: Gallery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other writers share the disk: a copy that had room when it began stops at the headroom,
+    as an upload does, and the file is imported once there is room again."""
+    gallery = small_gallery
+    importer = IncomingImporter(gallery)
+    inbox, _ = gallery.storage.device_paths(DEVICE)
+    media = write(inbox / "clip.bin", random_bytes(10 * MiB))
+    room_for = gallery.storage.require_room_for
+
+    def room_for_then_another_writer(size: int) -> None:
+        room_for(size)
+        with (disk / "ballast").open("wb") as ballast:  # leaves 12 MiB: the copy would leave 2
+            while (free := gallery.storage.disk_space().free_bytes) > 12 * MiB:
+                ballast.write(b"\0" * min(free - 12 * MiB, MiB))
+                ballast.flush()
+
+    monkeypatch.setattr(gallery.storage, "require_room_for", room_for_then_another_writer)
+    assert settle(importer) == []
+    assert (inbox / "clip.bin").read_bytes() == media and events(gallery) == []
+    assert leftovers(gallery) == []  # the partial copy is removed
+    monkeypatch.undo()
+    (disk / "ballast").unlink()
+    [event_id] = importer.scan_once(now=2 * SETTLED)
+    assert gallery.storage.media_path(DEVICE, event_id).read_bytes() == media
+
+
 def test_a_thumbnail_waits_for_its_media_rather_than_joining_an_older_event(gallery, importer, folders):
     inbox, thumbs = folders
     write(inbox / "snap.jpg", random_bytes(500))
@@ -400,16 +548,18 @@ def test_a_late_thumbnail_joins_the_newest_event_without_one(gallery, importer, 
     [older] = settle(importer)
     write(inbox / "snap.jpg", random_bytes(500))
     [newer] = settle(importer, 100)
+    write(inbox / "snapshot.jpg", random_bytes(500))  # newer still, and its name starts alike: not snap's
+    [other] = settle(importer, 150)
     write(inbox / "snap.jpg.part", b"")  # unrelated partial file: does not hold the thumbnail back
     thumb = write(thumbs / "snap.png", random_bytes(300))
     settle(importer, 200)
     by_id = {e.id: e for e in events(gallery)}
-    assert (by_id[older].has_thumbnail, by_id[newer].has_thumbnail) == (False, True)
+    assert (by_id[older].has_thumbnail, by_id[newer].has_thumbnail, by_id[other].has_thumbnail) == (False, True, False)
     assert gallery.storage.thumbnail_path(DEVICE, newer).read_bytes() == thumb
 
     second = write(thumbs / "snap.png", random_bytes(300))  # the next one goes to the older event
     settle(importer, 300)
-    assert all(e.has_thumbnail for e in events(gallery))
+    assert {e.id: e.has_thumbnail for e in events(gallery)} == {older: True, newer: True, other: False}
     assert gallery.storage.thumbnail_path(DEVICE, older).read_bytes() == second
     assert list(thumbs.iterdir()) == []
 
@@ -429,16 +579,21 @@ def test_an_identical_thumbnail_still_goes_to_a_newer_event(gallery, importer, f
     assert list(thumbs.iterdir()) == []
 
 
-def test_a_thumbnail_never_attaches_to_uploaded_events(gallery, importer, folders, principal):
+def test_a_thumbnail_never_attaches_to_uploaded_events_or_another_devices(gallery, importer, folders, principal):
     _, thumbs = folders
     with gallery.begin_upload(principal, DEVICE) as upload:
         upload.fields.name = "up.jpg"
         upload.write_media(random_bytes(100))
         gallery.store(upload)
+    other_inbox, _ = gallery.storage.device_paths("cam2")
+    write(other_inbox / "theirs.jpg", random_bytes(100))  # imported from cam2's own incoming folder
     write(thumbs / "up.png", random_bytes(100))
     settle(importer)
+    write(thumbs / "theirs.png", random_bytes(100))
+    settle(importer, 100)
     assert [e.has_thumbnail for e in events(gallery)] == [False]
-    assert [p.name for p in thumbs.iterdir()] == ["up.png"]
+    assert [e.has_thumbnail for e in events(gallery, "cam2")] == [False]
+    assert sorted(p.name for p in thumbs.iterdir()) == ["theirs.png", "up.png"]
 
 
 # -- crashes: the next run converges on exactly one event ------------------------------------------
@@ -595,20 +750,32 @@ def test_a_device_another_replica_is_importing_is_left_to_it(gallery, importer, 
     assert gallery.storage.media_path(DEVICE, event_id).read_bytes() == data
 
 
-def test_a_device_whose_lock_cannot_be_made_waits_and_is_reported_once(gallery, importer, folders, caplog):
-    """No lock file (here a file where the locks' folder goes; no inode left would do the same):
-    the device's files wait in incoming, one warning says why, and the scan goes on."""
+def test_a_device_whose_lock_cannot_be_made_waits_and_is_reported_once_each_time(
+    gallery, importer, folders, caplog,
+):
+    """No lock file (here a folder where it goes; no inode left would do the same): the device's
+    files wait in incoming, one warning says why, and the scan goes on. The same problem coming
+    back after the lock could be made again is reported again."""
     inbox, _ = folders
     data = write(inbox / "wait.mp4", random_bytes(3000))
-    blocker = gallery.storage.staging_root / incoming.LOCKS_FOLDER
-    blocker.write_bytes(b"")
+    blocker = gallery.storage.staging_root / incoming.LOCKS_FOLDER / DEVICE
+    blocker.mkdir(parents=True)
+    no_lock = "incoming files left in place: no import lock"
     with caplog.at_level(logging.WARNING):
         assert settle(importer) + importer.scan_once(now=2 * SETTLED) == []
-    assert [r.getMessage() for r in caplog.records].count("incoming files left in place: no import lock") == 1
+    assert [r.getMessage() for r in caplog.records].count(no_lock) == 1
     assert (inbox / "wait.mp4").exists() and events(gallery) == []
-    blocker.unlink()
+    blocker.rmdir()
     [event_id] = importer.scan_once(now=3 * SETTLED)
     assert gallery.storage.media_path(DEVICE, event_id).read_bytes() == data
+
+    blocker.unlink()
+    blocker.mkdir()
+    write(inbox / "later.mp4", random_bytes(3000))
+    with caplog.at_level(logging.WARNING):
+        assert settle(importer, 4 * SETTLED) == []
+    assert [r.getMessage() for r in caplog.records].count(no_lock) == 2
+    assert (inbox / "later.mp4").exists()
 
 
 def test_a_deleted_event_stays_deleted_whichever_replica_scans_meanwhile(
@@ -644,16 +811,20 @@ def test_a_deleted_event_stays_deleted_whichever_replica_scans_meanwhile(
     assert (list(inbox.iterdir()), leftovers(gallery)) == ([], [])
 
 
-def test_a_late_thumbnail_for_an_event_deleted_meanwhile_stays_in_its_folder(
-    gallery, importer, folders, principal, monkeypatch,
+@pytest.mark.parametrize("with_media", [False, True], ids=["late", "with-its-media-again"])
+def test_a_thumbnail_for_an_event_deleted_meanwhile_stays_in_its_folder(
+    gallery, importer, folders, principal, monkeypatch, with_media,
 ):
-    """A late thumbnail whose event is deleted between its lookup and its attachment is not
-    placed (it would be a file without its row) and waits in thumbnails/ for a later scan."""
+    """A thumbnail whose event is deleted between its lookup and its attachment is not placed (it
+    would be a file without its row), leaves no copy in staging/, and waits in thumbnails/ for a
+    later scan."""
     inbox, thumbs = folders
-    write(inbox / "a.mp4", random_bytes(3000))
+    media = write(inbox / "a.mp4", random_bytes(3000))
     [event_id] = settle(importer)
     gallery.storage.thumbnail_path(DEVICE, event_id).unlink(missing_ok=True)
     write(thumbs / "a.jpg", PNG)
+    if with_media:
+        write(inbox / "a.mp4", media)
     real_attach = IncomingImporter._attach
 
     def delete_then_attach(self, event_id_, taken, destination):  # type: ignore[no-untyped-def]
@@ -693,17 +864,40 @@ def test_start_scans_in_the_background_until_stopped(gallery, folders):
     assert not any(t.name == "incoming-importer" for t in threading.enumerate())
 
 
+def test_a_stop_during_a_copy_leaves_the_file_in_incoming(gallery, importer, folders, monkeypatch):
+    inbox, _ = folders
+    data = write(inbox / "clip.mp4", random_bytes(5000))
+    real_open = incoming._open_dropped
+
+    def open_then_stop(file):  # type: ignore[no-untyped-def]
+        importer.stop()  # the server shuts down while the file is being read
+        return real_open(file)
+
+    importer.scan_once(now=0)
+    monkeypatch.setattr(incoming, "_open_dropped", open_then_stop)
+    assert importer.scan_once(now=SETTLED) == []
+    assert (events(gallery), leftovers(gallery)) == ([], [])
+    assert (inbox / "clip.mp4").read_bytes() == data
+    monkeypatch.undo()
+    [event_id] = settle(IncomingImporter(gallery), 100)  # the next run imports it
+    assert gallery.storage.media_path(DEVICE, event_id).read_bytes() == data
+
+
 def test_symlinked_folders_are_never_followed(gallery, importer, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "passwords.txt").write_bytes(b"secret")
     drop = gallery.storage.drop_root
+    (outside / "incoming").mkdir()
+    (outside / "incoming" / "notes.txt").write_bytes(b"private")
     (drop / "evil").mkdir()
     (drop / "evil" / "incoming").symlink_to(outside)  # a linked incoming folder
-    (drop / "alias").symlink_to(outside.parent)  # a linked device folder
+    (drop / "alias").symlink_to(outside)  # a linked device folder, with an incoming folder in it
     for now in (0.0, 100.0, 200.0):
         assert importer.scan_once(now=now) == []
     assert (outside / "passwords.txt").read_bytes() == b"secret"
+    assert (outside / "incoming" / "notes.txt").read_bytes() == b"private"
+    assert events(gallery, "evil") == events(gallery, "alias") == []
 
 
 def test_a_writer_holding_the_file_cannot_change_the_stored_bytes(gallery, importer, folders):
