@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import threading
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -22,12 +24,13 @@ from gallery_server.errors import (
     NotFound,
     PermissionDenied,
     TooLarge,
+    Unauthenticated,
 )
 from gallery_server.models import DeletedCapture, DeviceCommand, DeviceConnection, Event
 from gallery_server.service import Gallery
 from gallery_server.storage import Storage
 
-from ..conftest import event_commit_fails, make_settings, stored_files
+from ..conftest import event_commit_fails, failing_event_commit, make_settings, stored_files, wait_until
 
 DEVICE = "cam-1"
 
@@ -65,6 +68,8 @@ def test_announce_is_idempotent_per_key_and_lists_on_device(devices, gallery, de
     [listed] = gallery.list_events(principal, DEVICE)
     assert (listed.id, listed.state, listed.size) == (first.id, "on_device", 10)
     assert not gallery.storage.media_path(DEVICE, first.id).exists()
+    # The device's word on the kind wins over the name's (a raw photo under a suffix of its own).
+    assert announce(devices, device_principal, key="dcim/b.dat", media_type="image").media_type == "image"
 
 
 def test_announced_event_has_a_thumbnail_but_no_content(devices, gallery, device_principal, principal):
@@ -109,6 +114,15 @@ def test_announce_validates(devices, device_principal):
                          [Announcement(device_key=str(i), name="a") for i in range(1001)])
 
 
+def test_devices_announcing_the_same_key_get_events_of_their_own(devices, gallery, device_principal, principal):
+    other = auth.Principal("cam-2", frozenset({"cam-2"}), frozenset({auth.DEVICE}))
+    mine = announce(devices, device_principal, key="dcim/a.mp4")
+    [theirs] = devices.announce(other, "cam-2", [Announcement(device_key="dcim/a.mp4", name="a.mp4", size=10)])
+    assert theirs.id != mine.id
+    assert [e.id for e in gallery.list_events(principal, "cam-2")] == [theirs.id]
+    assert [e.id for e in gallery.list_events(principal, DEVICE)] == [mine.id]
+
+
 def test_pull_queues_one_command_while_open(devices, gallery, device_principal, principal):
     event = announce(devices, device_principal)
     results = [devices.pull(principal, DEVICE, event.id) for _ in range(3)]
@@ -140,6 +154,7 @@ def test_pull_errors(devices, device_principal, principal):
         devices.pull(stranger, DEVICE, "evt_" + "A" * 22)
     with pytest.raises(InvalidArgument):
         devices.pull(principal, DEVICE, event.id, wait=61)
+    assert devices.pull(principal, DEVICE, event.id, wait=60, client_waiting=lambda: False).success
 
 
 def test_one_channel_gets_a_command_and_a_dead_ones_commands_are_redelivered(
@@ -159,6 +174,32 @@ def test_one_channel_gets_a_command_and_a_dead_ones_commands_are_redelivered(
     other.close()
 
 
+def test_a_channel_waits_for_no_poll_after_a_pull_or_once_closed(devices, device_principal, principal, monkeypatch):
+    """Within one process a pull reaches the device's channel at once, not at its next poll; so
+    does close(), and a closed channel's wait returns at once."""
+    monkeypatch.setattr(devices_module, "POLL_INTERVAL_S", 60.0)  # a poll would come far too late
+    event = announce(devices, device_principal)
+    channel = devices.connect(device_principal, DEVICE)
+    wakeups: list[None] = []
+
+    def wait_until_closed() -> None:
+        while not channel.closed.is_set():
+            channel.wait()
+            wakeups.append(None)
+
+    waiter = threading.Thread(target=wait_until_closed, daemon=True)
+    waiter.start()
+    # Pulled again until woken: the channel may not be waiting yet when the first pull comes.
+    assert wait_until(lambda: bool(devices.pull(principal, DEVICE, event.id)) and bool(wakeups), 10)
+    assert [d.event_id for d in channel.claim()] == [event.id]
+    channel.close()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    returned = threading.Event()
+    threading.Thread(target=lambda: (channel.wait(), returned.set()), daemon=True).start()
+    assert returned.wait(10)
+
+
 def test_stale_connection_counts_as_gone(devices, gallery, device_principal, principal):
     event = announce(devices, device_principal)
     devices.pull(principal, DEVICE, event.id)
@@ -173,6 +214,52 @@ def test_stale_connection_counts_as_gone(devices, gallery, device_principal, pri
     assert [d.event_id for d in fresh.claim()] == [event.id]
 
 
+def test_a_new_connection_leaves_the_rows_of_live_ones(devices, gallery, device_principal, principal):
+    """connect() removes only rows whose heartbeat stopped long ago: a live connection's command
+    (heartbeat 10 s ago, not yet stale) is not handed to the newer one."""
+    event = announce(devices, device_principal)
+    devices.pull(principal, DEVICE, event.id)
+    holder = devices.connect(device_principal, DEVICE)
+    assert len(holder.claim()) == 1
+    with gallery.db.session() as session:
+        session.exec(sa.update(DeviceConnection).values(
+            last_seen=devices_module.utcnow() - datetime.timedelta(seconds=10)))
+        session.commit()
+    newer = devices.connect(device_principal, DEVICE)
+    assert newer.claim() == []
+    with gallery.db.session() as session:
+        assert sorted(session.exec(select(DeviceConnection.id))) == sorted([holder.id, newer.id])
+
+
+def test_a_channel_heartbeats_once_per_heartbeat_interval(devices, gallery, device_principal, monkeypatch):
+    monkeypatch.setattr(devices_module, "POLL_INTERVAL_S", 0.01)
+    monkeypatch.setattr(devices_module, "HEARTBEAT_S", 1.0)
+    channel = devices.connect(device_principal, DEVICE)
+    old = devices_module.utcnow() - datetime.timedelta(seconds=10)
+    with gallery.db.session() as session:
+        session.exec(sa.update(DeviceConnection).values(last_seen=old))
+        session.commit()
+    assert wait_until(channel.wait, 10)  # a heartbeat comes due: the connection's row says it is live
+    with gallery.db.session() as session:
+        assert devices_module.aware(session.get(DeviceConnection, channel.id).last_seen) > devices_module.aware(old)
+    assert channel.wait() is False  # the next poll is not a heartbeat
+    channel.close()
+
+
+def test_the_channel_of_an_expired_token_ends_at_once(devices, device_principal, monkeypatch):
+    monkeypatch.setattr(devices_module, "POLL_INTERVAL_S", 60.0)  # no slack: not even one poll
+    expired = dataclasses.replace(device_principal, expires_at=time.time() - 1)
+    channel = devices.connect(expired, DEVICE)
+    commands = channel.commands()
+    assert next(commands) is None
+    started = time.monotonic()
+    with pytest.raises(Unauthenticated) as caught:
+        next(commands)
+    assert caught.value.reason == "TOKEN_EXPIRED"
+    assert time.monotonic() - started < 30
+    channel.close()
+
+
 def test_commands_are_delivered_in_order(devices, device_principal, principal):
     events = [announce(devices, device_principal, key=f"k{i}") for i in range(5)]
     for event in reversed(events):
@@ -184,6 +271,9 @@ def test_commands_are_delivered_in_order(devices, device_principal, principal):
 def test_failure_is_reported_and_a_new_pull_can_follow(devices, gallery, device_principal, principal):
     event = announce(devices, device_principal)
     devices.pull(principal, DEVICE, event.id)
+    [pending] = commands(gallery, event.id)
+    devices.acknowledge(DEVICE, pending.id)  # only a delivered command can be acknowledged
+    assert devices.pull_status(event.id).state == "pending"
     channel = devices.connect(device_principal, DEVICE)
     [delivery] = channel.claim()
     devices.acknowledge(DEVICE, delivery.command_id)
@@ -196,6 +286,16 @@ def test_failure_is_reported_and_a_new_pull_can_follow(devices, gallery, device_
     result = devices.pull(principal, DEVICE, event.id, wait=1)
     assert result.pull.state in ("pending", "delivered")
     assert len(commands(gallery, event.id)) == 2
+
+
+def test_a_failure_reason_is_kept_to_1024_characters_and_never_empty(devices, device_principal, principal):
+    event = announce(devices, device_principal)
+    channel = devices.connect(device_principal, DEVICE)
+    for reason, kept in (("x" * 5000, "x" * 1024), ("", "failed on the device")):
+        devices.pull(principal, DEVICE, event.id)
+        [delivery] = channel.claim()
+        devices.fail(DEVICE, delivery.command_id, reason)
+        assert (devices.pull_status(event.id).state, devices.pull_status(event.id).error) == ("failed", kept)
 
 
 def test_waiting_pull_reports_failure(devices, device_principal, principal):
@@ -224,6 +324,15 @@ def test_pulls_expire(devices, gallery, device_principal, principal):
     assert devices.pull_status(event.id).state == "pending"  # the latest pull's
 
 
+def test_a_waiting_pull_returns_once_its_command_expires(devices, gallery, device_principal, principal):
+    short = Devices(Gallery(dataclasses.replace(gallery.settings, pull_ttl=1), gallery.db, gallery.storage))
+    event = announce(short, device_principal)
+    started = time.monotonic()
+    result = short.pull(principal, DEVICE, event.id, wait=30)
+    assert (result.pull.state, result.success) == ("expired", False)
+    assert time.monotonic() - started < 15  # not the whole wait
+
+
 def test_pulled_upload_fills_the_announced_event(devices, gallery, device_principal, principal):
     content = b"the real bytes" * 1000
     event = announce(devices, device_principal, size=len(content),
@@ -240,6 +349,17 @@ def test_pulled_upload_fills_the_announced_event(devices, gallery, device_princi
     assert (got.state, got.size, got.created) == ("stored", len(content), event.created)
     assert gallery.storage.media_path(DEVICE, event.id).read_bytes() == content
     assert devices.pull_status(event.id).state == "completed"
+    [command] = commands(gallery, event.id)
+    devices.acknowledge(DEVICE, command.id)  # late reports of the device change nothing
+    devices.fail(DEVICE, command.id, "too late")
+    assert devices.pull_status(event.id).state == "completed"
+    assert devices.connect(device_principal, DEVICE).claim() == []  # nor is it delivered again
+    with gallery.db.session() as session:
+        session.exec(sa.update(DeviceCommand).values(
+            expires_at=devices_module.utcnow() - datetime.timedelta(seconds=1)))
+        session.commit()
+    devices.expire_overdue()
+    assert devices.pull_status(event.id).state == "completed"  # a closed pull does not expire
     assert devices.pull(principal, DEVICE, event.id).success
     assert len(commands(gallery, event.id)) == 1  # a stored event is not pulled again
     with pytest.raises(FailedPrecondition):
@@ -285,14 +405,36 @@ def test_second_fill_of_one_event_is_refused_and_keeps_the_first(devices, galler
         assert session.get(Event, event.id).size == len(b"first")
 
 
-def test_announce_refuses_sizes_and_keys_it_cannot_store(devices, gallery, device_principal):
+def test_announce_refuses_what_it_cannot_store(devices, gallery, device_principal, principal):
     for bad, reason in (
         (Announcement(device_key="k", name="a.mp4", size=2**63), "INVALID_SIZE"),
         (Announcement(device_key="k\x00", name="a.mp4"), "INVALID_DEVICE_KEY"),
         (Announcement(device_key="k\n", name="a.mp4"), "INVALID_DEVICE_KEY"),
+        (Announcement(device_key="k", name="a.mp4", media_type="hologram"), "INVALID_MEDIA_TYPE"),
+        (Announcement(device_key="k", name="a.mp4", sha256="ABC"), "INVALID_SHA256"),
     ):
         with pytest.raises(InvalidArgument) as caught:
             devices.announce(device_principal, DEVICE, [bad])
+        assert caught.value.reason == reason
+    assert gallery.list_events(principal, DEVICE) == []
+
+
+def test_announce_takes_keys_sizes_and_thumbnails_up_to_their_limits(devices, gallery, device_principal,
+                                                                      monkeypatch):
+    monkeypatch.setattr(devices_module, "MAX_ANNOUNCE", 3)
+    limits = dataclasses.replace(gallery.settings, max_upload_bytes=1000, max_thumbnail_bytes=100)
+    at_limits = Devices(Gallery(limits, gallery.db, gallery.storage))
+    fits = [Announcement(device_key="k" * 512, name="a.jpg", size=1000, thumbnail=b"t" * 100),
+            Announcement(device_key="b", name="b.jpg"), Announcement(device_key="c", name="c.jpg")]
+    assert [e.state for e in at_limits.announce(device_principal, DEVICE, fits)] == ["on_device"] * 3
+    for over, error, reason in (
+        ([Announcement(device_key="k" * 513, name="a.jpg")], InvalidArgument, "INVALID_DEVICE_KEY"),
+        ([Announcement(device_key="k", name="a.jpg", size=1001)], InvalidArgument, "INVALID_SIZE"),
+        ([Announcement(device_key="k", name="a.jpg", thumbnail=b"t" * 101)], TooLarge, "THUMBNAIL_TOO_LARGE"),
+        ([Announcement(device_key=str(i), name="a.jpg") for i in range(4)], TooLarge, "TOO_MANY_EVENTS"),
+    ):
+        with pytest.raises(error) as caught:
+            at_limits.announce(device_principal, DEVICE, over)
         assert caught.value.reason == reason
 
 
@@ -307,16 +449,14 @@ def test_a_key_announced_twice_in_one_call_refuses_the_call(devices, gallery, de
     assert gallery.list_events(principal, DEVICE) == []  # nothing of the call was stored
 
 
-def test_failed_announcement_leaves_no_thumbnail(devices, gallery, device_principal, monkeypatch):
-    def broken_session():
-        raise RuntimeError("database went away")
-
-    monkeypatch.setattr(gallery.db, "session", broken_session)
-    with pytest.raises(RuntimeError):
+def test_failed_announcement_leaves_no_thumbnail(devices, gallery, device_principal, principal):
+    """The database refuses the COMMIT of the announced event (its thumbnail already in place):
+    no row, so no file either."""
+    with failing_event_commit(RuntimeError("deferred constraint violated")), pytest.raises(sa.exc.OperationalError):
         devices.announce(device_principal, DEVICE, [Announcement(device_key="k", name="a.jpg",
                                                                  thumbnail=b"\xff\xd8thumb")])
-    monkeypatch.undo()
-    assert list((gallery.storage.media_root).rglob("*.thumb")) == []
+    assert stored_files(gallery.settings.data_dir) == []
+    assert gallery.list_events(principal, DEVICE) == []
 
 
 def test_progress_reports_are_clamped(devices, gallery, device_principal, principal):
@@ -467,6 +607,22 @@ def test_without_sha256_the_capture_time_tells_captures_apart(devices, gallery, 
     third = announce(devices, device_principal, key="SEG1.MP4", size=100, created=at(2))
     assert third.state == "on_device"
     assert [e.id for e in gallery.list_events(principal, DEVICE)] == [third.id]
+    # A whole second apart is another time.
+    later = at(2) + datetime.timedelta(seconds=1)
+    assert announce(devices, device_principal, key="SEG1.MP4", size=100, created=later).id != third.id
+
+
+def test_a_sha256_on_only_one_side_does_not_make_a_new_capture(devices, gallery, device_principal, principal):
+    """A sha256 decides only where both announcements have one: the same file announced once
+    without (not hashed yet) and once with it, same size and time, stays one event."""
+    content = b"a capture"
+    plain = announce(devices, device_principal, key="a.jpg", size=len(content), created=at(0))
+    assert announce(devices, device_principal, key="a.jpg", size=len(content), created=at(0),
+                    sha256=sha(content)).id == plain.id
+    hashed = announce(devices, device_principal, key="b.jpg", size=len(content), created=at(0),
+                      sha256=sha(content))
+    assert announce(devices, device_principal, key="b.jpg", size=len(content), created=at(0)).id == hashed.id
+    assert sorted(e.id for e in gallery.list_events(principal, DEVICE)) == sorted([plain.id, hashed.id])
 
 
 def test_an_announcement_that_loses_a_race_for_its_key_reads_it_again(devices, gallery, device_principal, monkeypatch):
@@ -484,10 +640,12 @@ def test_an_announcement_that_loses_a_race_for_its_key_reads_it_again(devices, g
         return None
 
     monkeypatch.setattr(devices, "_by_key", by_key)
-    mine = announce(devices, device_principal, key="k.mp4", size=len(new), sha256=sha(new))
+    mine = announce(devices, device_principal, key="k.mp4", size=len(new), sha256=sha(new), thumbnail=b"\xff\xd8new")
     assert mine.id != raced[0].id and (mine.size, mine.sha256) == (len(new), sha(new))
     monkeypatch.undo()
     assert devices._by_key(DEVICE, "k.mp4").id == mine.id
+    # The lost insert's thumbnail went with it: only the event that stands has one.
+    assert [f.read_bytes() for f in stored_files(gallery.settings.data_dir)] == [b"\xff\xd8new"]
 
 
 def test_a_pulled_upload_of_an_event_deleted_meanwhile_is_not_found(devices, gallery, device_principal, principal):
