@@ -127,6 +127,8 @@ def test_pull_queues_one_command_while_open(devices, gallery, device_principal, 
     event = announce(devices, device_principal)
     results = [devices.pull(principal, DEVICE, event.id) for _ in range(3)]
     assert all(r.success and r.pull.state == "pending" for r in results)
+    ttl = results[0].pull.expires_at - results[0].pull.requested
+    assert ttl == datetime.timedelta(seconds=gallery.settings.pull_ttl)  # GALLERY_PULL_TTL
     assert len(commands(gallery, event.id)) == 1
 
 
