@@ -676,7 +676,10 @@ def test_a_channel_closed_during_an_outage_leaves_a_row_its_next_connect_removes
     channel = devices.connect(device_principal, DEVICE)
     with closed, caplog.at_level("WARNING", logger="gallery_server.devices"):
         channel.close()  # does not raise
+        with pytest.raises(DatabaseUnavailable):
+            devices.connect(device_principal, DEVICE)
     assert "its row stays until the database is back" in caplog.text
+    assert devices.channels_open == 0  # the failed connect() holds no channel either
     with db.session() as session:
         assert [c.id for c in session.exec(select(DeviceConnection))] == [channel.id]
         session.exec(sa.update(DeviceConnection).values(
