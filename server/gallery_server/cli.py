@@ -20,6 +20,7 @@ from .settings import (
     ensure_secret_file,
     min_reconcile_grace,
     prepare_data_dir,
+    shown_database_url,
 )
 
 
@@ -139,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         except (sa.exc.OperationalError, sa.exc.ArgumentError) as exc:
             # The database cannot be reached (or its URL names no driver) at start: one line that
             # says so, not a traceback of the driver's connection attempt. No password is in it.
-            where = sa.make_url(settings.database_url).render_as_string(hide_password=True)
-            print(f"gallery: GALLERY_DATABASE_URL={where}: {getattr(exc, 'orig', None) or exc}".rstrip(),
+            why = " ".join(str(getattr(exc, "orig", None) or exc).split())  # psycopg's words span lines
+            print(f"gallery: GALLERY_DATABASE_URL={shown_database_url(settings.database_url)}: {why}",
                   file=sys.stderr)
             return 1
     from .supervisor import run

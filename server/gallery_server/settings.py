@@ -164,7 +164,7 @@ def _database_url(env: os._Environ[str] | dict[str, str], data_dir: pathlib.Path
     now: a URL for another database, or for a driver this install lacks, failed at the first
     connection with an import error's traceback)."""
     text = _text(env, "GALLERY_DATABASE_URL", f"sqlite:///{data_dir / 'gallery.db'}")
-    import sqlalchemy as sa  # here: `gallery token` and the agent need no SQLAlchemy
+    import sqlalchemy as sa  # here: `gallery agent`, which never reads these settings, needs none
 
     try:
         url = sa.make_url(text)
@@ -172,15 +172,27 @@ def _database_url(env: os._Environ[str] | dict[str, str], data_dir: pathlib.Path
             raise ValueError
         url.get_dialect().import_dbapi()
     except (ValueError, ImportError, sa.exc.ArgumentError, sa.exc.NoSuchModuleError):
-        try:  # never the password
-            shown = sa.make_url(text).render_as_string(hide_password=True)
-        except sa.exc.ArgumentError:
-            shown = text if "@" not in text else "(not shown: it may hold a password)"
         raise ConfigError(
-            f"GALLERY_DATABASE_URL={shown}: must be a SQLite or PostgreSQL URL with an installed driver"
-            " (sqlite:///path/gallery.db or postgresql+psycopg://user@host/db)"
+            f"GALLERY_DATABASE_URL={shown_database_url(text)}: must be a SQLite or PostgreSQL URL with an"
+            " installed driver (sqlite:///path/gallery.db or postgresql+psycopg://user@host/db)"
         ) from None
     return text
+
+
+# libpq takes secrets in the query string too (postgresql://host/db?password=...).
+_SECRET_QUERY_KEYS = frozenset({"password", "passfile", "sslpassword"})
+
+
+def shown_database_url(text: str) -> str:
+    """GALLERY_DATABASE_URL as an error message may show it: no password, wherever the URL holds one."""
+    import sqlalchemy as sa
+
+    try:
+        url = sa.make_url(text)
+    except sa.exc.ArgumentError:
+        return text if "@" not in text and "password" not in text.lower() else "(not shown: it may hold a password)"
+    url = url.difference_update_query([key for key in url.query if key.lower() in _SECRET_QUERY_KEYS])
+    return url.render_as_string(hide_password=True)
 
 
 def _text(env: os._Environ[str] | dict[str, str], name: str, default: str) -> str:

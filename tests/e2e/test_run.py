@@ -256,13 +256,15 @@ def test_a_database_that_does_not_answer_stops_the_server_with_one_line(tmp_path
         started = time.monotonic()
         result = subprocess.run(
             [sys.executable, "-m", "gallery_server", "serve"],
-            env=run_env(tmp_path, *free_ports(3), GALLERY_DATABASE_URL=url, GALLERY_JWT_SECRET="s" * 40),
+            env=run_env(tmp_path, *free_ports(3), GALLERY_DATABASE_URL=f"{url}?password=hunter2",
+                        GALLERY_JWT_SECRET="s" * 40),
             capture_output=True, text=True, timeout=60,
         )
     assert result.returncode == 1
     assert 9 < time.monotonic() - started < 30
-    # Where it waited (host and port), for the operator to look.
+    # Where it waited (host and port), for the operator to look; never the password.
     assert result.stderr.startswith(f"gallery: GALLERY_DATABASE_URL={url}: "), result.stderr
+    assert "hunter2" not in result.stderr
     assert "timeout" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 

@@ -317,6 +317,8 @@ def test_sqlite_and_postgresql_urls_are_taken(tmp_path, url):
     ("not a url", "not a url"),
     ("postgresql+nosuchdriver://gallery:hunter2@db/gallery", "postgresql+nosuchdriver://gallery:***@db/gallery"),
     ("postgresql+asyncpg://gallery:hunter2@db/gallery", "postgresql+asyncpg://gallery:***@db/gallery"),
+    ("mysql://gallery@db/gallery?password=hunter2&sslPassword=hunter2&charset=utf8",
+     "mysql://gallery@db/gallery?charset=utf8"),  # libpq's other places for it
 ])
 def test_a_database_url_the_server_cannot_use_is_refused_without_its_password(tmp_path, url, shown):
     message = refusal(tmp_path, "GALLERY_DATABASE_URL", url)
