@@ -19,6 +19,7 @@ from sqlmodel import select
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
 from gallery_server import auth, file_locks, resumable
+from gallery_server.clock import aware
 from gallery_server.errors import (
     AlreadyExists,
     Exhausted,
@@ -34,7 +35,7 @@ from gallery_server.service import Gallery
 from gallery_server.settings import Settings
 from gallery_server.signed_urls import SignedUploads
 
-from .conftest import failing_event_commit, random_bytes, rich_error, stored_files
+from .conftest import failing_event_commit, random_bytes, rich_error, stored_files, wait_until
 
 DATA = random_bytes(3 * 1024 * 1024 + 123)
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -79,6 +80,10 @@ def test_segments_then_finish_store_one_event(gallery: Gallery, principal: auth.
     assert (state.upload_id, state.committed_size, state.event_id) == ("upload-0001", 0, "")
     assert uploads.start(principal, "cam1", name="a.bin", size=len(DATA), sha256=SHA,
                          upload_id="upload-0001") == state  # idempotent
+    for other in ({"size": len(DATA) - 1, "sha256": SHA}, {"size": len(DATA), "sha256": "0" * 64}):
+        with pytest.raises(FailedPrecondition) as caught:
+            uploads.start(principal, "cam1", name="a.bin", upload_id="upload-0001", **other)
+        assert caught.value.reason == "UPLOAD_ID_IN_USE"
     cut = [0, 1_000_000, 2_500_000, len(DATA)]
     for a, b in zip(cut[:-1], cut[1:], strict=True):
         state = write(uploads, principal, "upload-0001", a, DATA[a:b], finish=b == len(DATA))
@@ -104,12 +109,19 @@ def test_wrong_offset_and_beyond_size(gallery: Gallery, principal: auth.Principa
     assert caught.value.reason == "WRONG_OFFSET"
     assert caught.value.metadata["committed_size"] == "5"
     assert "5" in caught.value.message
+    with pytest.raises(FailedPrecondition) as caught:  # past the committed size: a gap
+        write(uploads, principal, "upload-0002", 7, b"x")
+    assert caught.value.reason == "WRONG_OFFSET"
     with pytest.raises(OutOfRange):
         write(uploads, principal, "upload-0002", 5, b"123456")
     with pytest.raises(FailedPrecondition) as caught:
         write(uploads, principal, "upload-0002", 5, b"", finish=True)
     assert caught.value.reason == "UPLOAD_INCOMPLETE"
-    assert uploads.query(principal, "cam1", "upload-0002").committed_size == 5
+    write(uploads, principal, "upload-0002", 5, b"1234")
+    with pytest.raises(FailedPrecondition) as caught:  # one byte short is incomplete too
+        write(uploads, principal, "upload-0002", 9, b"", finish=True)
+    assert caught.value.reason == "UPLOAD_INCOMPLETE"
+    assert uploads.query(principal, "cam1", "upload-0002").committed_size == 9
 
 
 def test_unacknowledged_bytes_are_truncated(gallery: Gallery, principal: auth.Principal) -> None:
@@ -140,8 +152,10 @@ def test_expiry_on_access_and_by_sweep(gallery: Gallery, principal: auth.Princip
     for upload_id in ("upload-0005", "upload-0006"):
         uploads.start(principal, "cam1", name="a.bin", upload_id=upload_id)
         write(uploads, principal, upload_id, 0, b"abc")
-    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=2)
-    assert uploads.sweep_once(now=later) == 2
+    # A session's expiry is the first moment it is expired (as on access).
+    first, last = sorted(aware(row.expires_at) for row in session_rows(gallery))
+    assert uploads.sweep_once(now=first - datetime.timedelta(microseconds=1)) == 0
+    assert uploads.sweep_once(now=last) == 2
     assert stored_files(gallery.settings.data_dir) == []
     uploads.settings = dataclasses.replace(gallery.settings, upload_session_ttl=-1)
     uploads.start(principal, "cam1", name="a.bin", upload_id="upload-0007")
@@ -149,6 +163,24 @@ def test_expiry_on_access_and_by_sweep(gallery: Gallery, principal: auth.Princip
         uploads.query(principal, "cam1", "upload-0007")
     assert caught.value.reason == "SESSION_EXPIRED"
     assert stored_files(gallery.settings.data_dir) == []
+
+
+def test_a_start_of_an_expired_id_starts_afresh(gallery: Gallery, principal: auth.Principal) -> None:
+    uploads = ResumableUploads(gallery)
+    uploads.start(principal, "cam1", name="a.bin", upload_id="expired-0001")
+    write(uploads, principal, "expired-0001", 0, b"abc")
+    expire(gallery, "expired-0001")
+    fresh = uploads.start(principal, "cam1", name="a.bin", upload_id="expired-0001")
+    assert fresh.committed_size == 0 and fresh.expires_at > datetime.datetime.now(datetime.UTC)
+    assert session_file(gallery, "expired-0001").read_bytes() == b""
+
+
+def expire(gallery: Gallery, upload_id: str) -> None:
+    with gallery.db.session() as session:
+        assert session.exec(sa.update(UploadSessionRow).where(  # type: ignore[call-overload]
+            sa.and_(UploadSessionRow.device == "cam1", UploadSessionRow.upload_id == upload_id)
+        ).values(expires_at=datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=1))).rowcount == 1
+        session.commit()
 
 
 def test_a_start_is_not_refused_because_another_connection_wrote(
@@ -216,10 +248,35 @@ def test_other_device_and_scopes(gallery: Gallery, principal: auth.Principal) ->
     reader = auth.Principal("r", frozenset({"*"}), frozenset({auth.READ}))
     other = auth.Principal("o", frozenset({"cam2"}), frozenset({auth.READ, auth.WRITE}))
     for who in (reader, other):
-        with pytest.raises(auth.PermissionDenied):
-            uploads.query(who, "cam1", "upload-0008")
-    with pytest.raises(InvalidArgument):
-        uploads.start(principal, "cam1", name="a.bin", upload_id="short")
+        for attempt in (lambda w=who: uploads.query(w, "cam1", "upload-0008"),
+                        lambda w=who: uploads.open_write(w, "cam1", "upload-0008", 0),
+                        lambda w=who: uploads.start(w, "cam1", name="a.bin", upload_id="upload-0009")):
+            with pytest.raises(auth.PermissionDenied):
+                attempt()
+    assert uploads.find_existing(reader, "cam1", ["0" * 64]) == {}  # reading is enough for that
+    with pytest.raises(auth.PermissionDenied):
+        uploads.find_existing(other, "cam1", ["0" * 64])
+    for attempt in (lambda: uploads.start(principal, "cam1", name="a.bin", upload_id="short"),
+                    lambda: uploads.query(principal, "cam1", "short")):
+        with pytest.raises(InvalidArgument) as caught:
+            attempt()
+        assert caught.value.reason == "INVALID_UPLOAD_ID"
+
+
+@pytest.mark.parametrize(("field", "value", "reason"), [
+    ("name", "a\x00.bin", "NAME_INVALID"),
+    ("media_type", "sound", "INVALID_MEDIA_TYPE"),
+    ("sha256", "F" * 64, "INVALID_SHA256"),
+])
+def test_a_start_with_a_bad_field_is_refused_and_opens_nothing(
+    gallery: Gallery, principal: auth.Principal, field: str, value: str, reason: str,
+) -> None:
+    uploads = ResumableUploads(gallery)
+    fields: dict[str, Any] = {"name": "a.bin", field: value}
+    with pytest.raises(InvalidArgument) as caught:
+        uploads.start(principal, "cam1", upload_id="bad-field-01", **fields)
+    assert caught.value.reason == reason
+    assert session_rows(gallery) == [] and stored_files(gallery.settings.data_dir) == []
 
 
 def test_dedupe_and_checksums(gallery: Gallery, principal: auth.Principal) -> None:
@@ -227,14 +284,37 @@ def test_dedupe_and_checksums(gallery: Gallery, principal: auth.Principal) -> No
     stored = finished_session(uploads, principal, "upload-0009", b"hello")
     sha = hashlib.sha256(b"hello").hexdigest()
     state = uploads.start(principal, "cam1", name="b.bin", sha256=sha, dedupe=True)
-    assert state.event_id == stored.event_id
+    assert (state.event_id, state.committed_size, state.declared_size) == (stored.event_id, 5, 5)
+    with pytest.raises(InvalidArgument) as caught:  # dedupe compares digests: one is needed
+        uploads.start(principal, "cam1", name="b.bin", dedupe=True)
+    assert caught.value.reason == "SHA256_REQUIRED"
     assert uploads.start(principal, "cam2", name="b.bin", sha256=sha, dedupe=True).event_id == ""
     others = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(999)]
     assert uploads.find_existing(principal, "cam1", [*others, sha]) == {sha: stored.event_id}
     with pytest.raises(InvalidArgument):
         uploads.find_existing(principal, "cam1", [*others, sha, sha])
-    with pytest.raises(InvalidArgument):
-        uploads.find_existing(principal, "cam1", ["nothex"])
+    for bad in ("nothex", ""):  # an empty digest is no digest
+        with pytest.raises(InvalidArgument) as caught:
+            uploads.find_existing(principal, "cam1", [bad])
+        assert caught.value.reason == "INVALID_SHA256"
+
+
+def test_dedupe_and_checksums_answer_the_oldest_stored_event(gallery: Gallery, principal: auth.Principal) -> None:
+    """Uploads without dedupe may store one content twice: the answer is the oldest event, and
+    never one still only on the device (the server does not have its bytes)."""
+    uploads = ResumableUploads(gallery)
+    sha = hashlib.sha256(b"hello").hexdigest()
+    with gallery.db.session() as session:
+        session.add(Event(id="evt_ondevice000000000000", device="cam1", name="a.bin", media_type="other",
+                          mime_type="application/octet-stream", size=5, sha256=sha, state="on_device",
+                          created=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)))
+        session.commit()
+    oldest = finished_session(uploads, principal, "same-bytes-1", b"hello")
+    time.sleep(0.01)
+    newer = finished_session(uploads, principal, "same-bytes-2", b"hello")
+    assert newer.event_id != oldest.event_id
+    assert uploads.find_existing(principal, "cam1", [sha]) == {sha: oldest.event_id}
+    assert uploads.start(principal, "cam1", name="b.bin", sha256=sha, dedupe=True).event_id == oldest.event_id
 
 
 # -- RPCs on an in-process server ----------------------------------------------------------------
@@ -380,7 +460,8 @@ def test_completed_session_answers_until_its_event_is_deleted(
     later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=30)
     assert uploads.sweep_once(now=later) == 0
     uploads.settings = dataclasses.replace(gallery.settings, upload_session_ttl=-1)  # all expired
-    assert uploads.query(principal, "cam1", "late-retry-01").event_id == done.event_id
+    queried = uploads.query(principal, "cam1", "late-retry-01")
+    assert (queried.event_id, queried.committed_size) == (done.event_id, len(b"payload"))
     assert uploads.start(principal, "cam1", name="a.bin", upload_id="late-retry-01").event_id == done.event_id
     assert write(uploads, principal, "late-retry-01", 0, b"x", finish=True).event_id == done.event_id
     assert len(events(gallery)) == 1 and not session_file(gallery, "late-retry-01").exists()
@@ -525,6 +606,18 @@ def test_errors_have_distinct_reasons_and_leave_nothing(gallery: Gallery, princi
     with pytest.raises(TooLarge) as caught:
         uploads.start(principal, "cam1", name="a.bin", size=10, upload_id="err-toolarge")
     assert caught.value.reason == "UPLOAD_TOO_LARGE"
+    # Without a declared size, the write that passes the limit is refused, and nothing of it kept;
+    # the limit itself is allowed.
+    uploads.start(principal, "cam1", name="a.bin", upload_id="err-toolong")
+    with pytest.raises(TooLarge) as caught:
+        write(uploads, principal, "err-toolong", 0, b"01234")
+    assert caught.value.reason == "UPLOAD_TOO_LARGE"
+    assert session_file(gallery, "err-toolong").read_bytes() == b""
+    uploads.start(principal, "cam1", name="a.bin", size=4, upload_id="at-the-limit")
+    assert write(uploads, principal, "at-the-limit", 0, b"0123", finish=True).event_id
+    assert write(uploads, principal, "err-toolong", 0, b"0123", finish=True).event_id
+    for event in events(gallery):
+        gallery.delete_event(principal, "cam1", event.id)
     uploads.settings = gallery.settings
     with pytest.raises(NotFound):
         uploads.query(principal, "cam1", "err-toolarge")
@@ -667,9 +760,11 @@ def test_a_device_keeps_a_bounded_number_of_sessions_open(gallery: Gallery, prin
     # Starting an open one again is no new session; another device has its own count.
     assert uploads.start(principal, "cam1", name="a.bin", upload_id="open-0002").upload_id == "open-0002"
     uploads.start(principal, "cam2", name="a.bin", upload_id="open-0001")
-    # A completed session no longer counts.
+    # A completed session no longer counts, nor an expired one.
     finished_session(uploads, principal, "open-0001", b"abc")
     uploads.start(principal, "cam1", name="a.bin", upload_id="open-0003")
+    expire(gallery, "open-0002")
+    uploads.start(principal, "cam1", name="a.bin", upload_id="open-0004")
 
 
 def test_no_new_session_below_the_disk_headroom(gallery: Gallery, principal: auth.Principal) -> None:
@@ -725,3 +820,214 @@ def test_writers_waiting_for_a_sessions_lock_hold_upload_slots(
             thread.join()
     assert len(outcomes) == per_device - 1 and set(outcomes) <= {"opened", "UPLOAD_BUSY"}
     assert gallery.slots.in_flight == 0  # every writer gave its slot back
+
+
+# -- what a session's file and row say, and who may change them -------------------------------------
+
+
+def test_peek_reads_a_session_and_changes_nothing(gallery: Gallery, principal: auth.Principal) -> None:
+    """The unauthenticated status of a pre-signed URL: bytes past the committed size do not count
+    (and stay), a file shorter than its row counts for what it holds, an expired session is none."""
+    uploads = ResumableUploads(gallery)
+    assert uploads.peek("cam1", "peeked-0001") is None
+    uploads.start(principal, "cam1", name="a.bin", size=10, upload_id="peeked-0001")
+    write(uploads, principal, "peeked-0001", 0, b"01234")
+    path = session_file(gallery, "peeked-0001")
+    with path.open("ab") as f:
+        f.write(b"567")
+    peeked = uploads.peek("cam1", "peeked-0001")
+    assert peeked is not None and (peeked.committed_size, peeked.declared_size) == (5, 10)
+    assert path.read_bytes() == b"01234567"
+    os.truncate(path, 2)
+    peeked = uploads.peek("cam1", "peeked-0001")
+    assert peeked is not None and peeked.committed_size == 2
+    assert [row.committed_size for row in session_rows(gallery)] == [5]
+    expire(gallery, "peeked-0001")
+    assert uploads.peek("cam1", "peeked-0001") is None
+    assert len(session_rows(gallery)) == 1 and path.exists()
+    # A completed session is its event, long after its expiry and with its file gone.
+    done = finished_session(uploads, principal, "peeked-0002", b"payload")
+    uploads.settings = dataclasses.replace(gallery.settings, upload_session_ttl=-1)
+    peeked = uploads.peek("cam1", "peeked-0002")
+    assert peeked is not None and (peeked.event_id, peeked.committed_size) == (done.event_id, 7)
+
+
+def test_a_session_file_shorter_than_its_row_resumes_from_what_it_holds(
+    gallery: Gallery, principal: auth.Principal,
+) -> None:
+    """Bytes lost outside the server's control: the session resumes from what its file holds,
+    never past it (that would leave a hole of zeros in the stored file)."""
+    uploads = ResumableUploads(gallery)
+    data = b"0123456789"
+    uploads.start(principal, "cam1", name="a.bin", size=10, sha256=hashlib.sha256(data).hexdigest(),
+                  upload_id="shrunk-0001")
+    write(uploads, principal, "shrunk-0001", 0, data[:8])
+    os.truncate(session_file(gallery, "shrunk-0001"), 3)
+    assert uploads.query(principal, "cam1", "shrunk-0001").committed_size == 3
+    assert [row.committed_size for row in session_rows(gallery)] == [3]
+    done = write(uploads, principal, "shrunk-0001", 3, data[3:], finish=True)
+    assert gallery.storage.media_path("cam1", done.event_id).read_bytes() == data
+
+
+def test_a_removal_of_a_session_read_before_never_takes_a_newer_ones_bytes_or_row(
+    gallery: Gallery, principal: auth.Principal,
+) -> None:
+    """remove() gets a row read earlier (the sweeper's listing, a start that found it expired):
+    a session written or started again since is not the remover's, even with its file lost."""
+    uploads = ResumableUploads(gallery)
+    uploads.start(principal, "cam1", name="a.bin", upload_id="stale-0001")
+    write(uploads, principal, "stale-0001", 0, b"abc")
+    [listed] = session_rows(gallery)
+    time.sleep(0.01)
+    write(uploads, principal, "stale-0001", 3, b"def")  # its expiry moved past the one read
+    assert uploads.remove(listed, now=aware(listed.expires_at)) is False
+    assert session_file(gallery, "stale-0001").read_bytes() == b"abcdef"
+    # Started afresh since the row was read: a start removes with no `now`.
+    [old] = session_rows(gallery)
+    expire(gallery, "stale-0001")
+    uploads.start(principal, "cam1", name="a.bin", upload_id="stale-0001")
+    write(uploads, principal, "stale-0001", 0, b"new")
+    assert uploads.remove(old) is False
+    assert session_file(gallery, "stale-0001").read_bytes() == b"new"
+    # With the new session's file lost, the old row is simply gone (removed), the new one stays;
+    # so does a row written again since it was read.
+    [current] = session_rows(gallery)
+    time.sleep(0.01)
+    write(uploads, principal, "stale-0001", 3, b"er")
+    session_file(gallery, "stale-0001").unlink()
+    assert uploads.remove(old) is True
+    assert uploads.remove(current, now=aware(current.expires_at)) is True
+    assert [row.created for row in session_rows(gallery)] == [current.created]
+    assert uploads.query(principal, "cam1", "stale-0001").committed_size == 0
+
+
+def test_a_stream_that_waited_for_one_that_completed_the_session_gives_its_slot_back(
+    gallery: Gallery, principal: auth.Principal,
+) -> None:
+    uploads = ResumableUploads(gallery)
+    uploads.start(principal, "cam1", name="a.bin", upload_id="waited-0001")
+    holder = uploads.open_write(principal, "cam1", "waited-0001", 0)
+    answers: list[str] = []
+    waiter = threading.Thread(
+        target=lambda: answers.append(write(uploads, principal, "waited-0001", 0, b"", finish=True).event_id))
+    try:
+        holder.write(b"abc")
+        waiter.start()
+        assert wait_until(lambda: gallery.slots.in_flight == 2)  # the waiter has its slot
+        done = holder.finish()
+    finally:
+        holder.close()
+        waiter.join(10)
+    assert answers == [done.event_id]
+    assert gallery.slots.in_flight == 0
+
+
+def test_a_stream_waits_a_while_for_the_one_writing(gallery: Gallery, principal: auth.Principal) -> None:
+    """A client that resumes while its previous stream is still being closed waits for it
+    (LOCK_WAIT_SECONDS) rather than being refused UPLOAD_BUSY at once."""
+    uploads = ResumableUploads(gallery)
+    uploads.start(principal, "cam1", name="a.bin", upload_id="waits-0001")
+    holder = uploads.open_write(principal, "cam1", "waits-0001", 0)
+    holder.write(b"abc")
+    holder.commit()
+    timer = threading.Timer(1.0, holder.close)
+    timer.start()
+    try:
+        assert write(uploads, principal, "waits-0001", 3, b"def").committed_size == 6
+    finally:
+        timer.join()
+
+
+def test_a_long_stream_commits_as_it_goes(
+    gallery: Gallery, principal: auth.Principal, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every COMMIT_BYTES, or COMMIT_SECONDS after the last commit: QueryUpload (a client after a
+    crash) sees the progress while the stream is still open. A write of nothing extends nothing."""
+    uploads = ResumableUploads(gallery)
+    uploads.start(principal, "cam1", name="a.bin", upload_id="long-0001")
+    monkeypatch.setattr(resumable, "COMMIT_BYTES", 4)
+    monkeypatch.setattr(resumable, "COMMIT_SECONDS", 3600.0)
+    writer = uploads.open_write(principal, "cam1", "long-0001", 0)
+    try:
+        writer.write(b"abc")
+        assert uploads.query(principal, "cam1", "long-0001").committed_size == 0
+        writer.write(b"d")
+        assert uploads.query(principal, "cam1", "long-0001").committed_size == 4
+        monkeypatch.setattr(resumable, "COMMIT_BYTES", 1 << 30)
+        monkeypatch.setattr(resumable, "COMMIT_SECONDS", 1.0)
+        time.sleep(1.1)
+        writer.write(b"e")  # a second after the last commit
+        assert uploads.query(principal, "cam1", "long-0001").committed_size == 5
+        writer.write(b"f")  # just after a commit: waits for the next
+        assert uploads.query(principal, "cam1", "long-0001").committed_size == 5
+        writer.commit()
+        [before] = session_rows(gallery)
+        time.sleep(0.01)
+        writer.commit()
+        [after] = session_rows(gallery)
+        assert (after.committed_size, after.expires_at) == (6, before.expires_at)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("change", ["committed_size", "event_id", "removed"])
+def test_a_commit_refuses_a_row_changed_under_its_lock(
+    gallery: Gallery, principal: auth.Principal, change: str,
+) -> None:
+    """Cannot happen while locks work (a replica on a filesystem without them): the writer must
+    not raise a size or reopen a session that it did not hold alone."""
+    uploads = ResumableUploads(gallery)
+    uploads.start(principal, "cam1", name="a.bin", upload_id="changed-01")
+    write(uploads, principal, "changed-01", 0, b"abc")
+    writer = uploads.open_write(principal, "cam1", "changed-01", 3)
+    try:
+        writer.write(b"def")
+        with gallery.db.session() as session:
+            row = session.get(UploadSessionRow, ("cam1", "changed-01"))
+            assert row is not None
+            if change == "removed":
+                session.delete(row)
+            else:
+                setattr(row, change, 1 if change == "committed_size" else "evt_" + "e" * 22)
+            session.commit()
+        with pytest.raises(FailedPrecondition) as caught:
+            writer.commit()
+        assert caught.value.reason == "SESSION_EXPIRED"
+    finally:
+        writer.close()
+    assert [(row.committed_size, row.event_id) for row in session_rows(gallery)] == {
+        "committed_size": [(1, None)], "event_id": [(3, "evt_" + "e" * 22)], "removed": [],
+    }[change]
+
+
+def test_a_query_whose_file_was_replaced_meanwhile_answers_the_new_session(
+    gallery: Gallery, principal: auth.Principal, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """QueryUpload opens the file, then takes its lock: in between, the session expired, was
+    started again and written. The old file (unlinked) must not set the new session's size."""
+    uploads = ResumableUploads(gallery)
+    uploads.start(principal, "cam1", name="a.bin", upload_id="replaced-01")
+    write(uploads, principal, "replaced-01", 0, b"abc")
+    racing = threading.local()
+
+    def try_lock(fd: int, *, shared: bool = False) -> bool:
+        if not getattr(racing, "done", False):
+            racing.done = True
+            expire(gallery, "replaced-01")
+            uploads.start(principal, "cam1", name="a.bin", upload_id="replaced-01")
+            write(uploads, principal, "replaced-01", 0, b"12345")
+        return file_locks.try_lock(fd, shared=shared)
+
+    monkeypatch.setattr(resumable, "file_locks", dataclasses.replace(
+        FileLocks(file_locks.try_lock, file_locks.lock), try_lock=try_lock))
+    assert uploads.query(principal, "cam1", "replaced-01").committed_size == 5
+    assert [row.committed_size for row in session_rows(gallery)] == [5]
+    assert session_file(gallery, "replaced-01").read_bytes() == b"12345"
+
+
+@dataclasses.dataclass(frozen=True)
+class FileLocks:
+    """file_locks as resumable.py uses it, with one function replaced."""
+
+    try_lock: Callable[..., bool]
+    lock: Callable[..., None]
