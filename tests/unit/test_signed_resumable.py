@@ -126,9 +126,12 @@ def test_session_ends_with_the_url(gallery: Gallery, principal: auth.Principal) 
     token, event_id = new_url(short, principal)
     assert put_range(short, token, b"abc", "bytes 0-2/10") == ""
     assert stored_files(gallery.settings.data_dir)  # the session's bytes
+    # A session opened by a PUT whose body never came (nothing committed) ends with its URL too.
+    idle_token, _ = new_url(short, principal)
+    short.open_range(short.verify("cam1", idle_token), parse_content_range("bytes 0-2/10"), 3).close()
     later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=120)
     # Its session lives no longer than the URL (not GALLERY_UPLOAD_SESSION_TTL): swept with it.
-    assert resumable.ResumableUploads(gallery).sweep_once(now=later) == 1
+    assert resumable.ResumableUploads(gallery).sweep_once(now=later) == 2
     assert stored_files(gallery.settings.data_dir) == []
     # An expired URL takes no bytes, but its status stays readable.
     expired = SignedUploads(_with_ttl(gallery, -1))
