@@ -18,17 +18,19 @@ import socket
 import subprocess
 import threading
 import time
+import types
 
 import pytest
 import sqlalchemy as sa
 from sqlmodel import col, select
 
-from gallery_server import auth, cli, file_locks
+from gallery_server import auth, cli, file_locks, reconcile
 from gallery_server import storage as storage_module
 from gallery_server.clock import utcnow
 from gallery_server.errors import Exhausted, FailedPrecondition, PermissionDenied
 from gallery_server.models import DeviceCommand, Event, UploadGrant, UploadSessionRow
 from gallery_server.reconcile import MAX_EXAMPLES, ROW_BATCH, Reconciler
+from gallery_server.resumable import ResumableUploads
 from gallery_server.service import Gallery
 from gallery_server.settings import ConfigError, Settings
 from gallery_server.storage import Storage
@@ -138,19 +140,21 @@ def test_staging_leftovers_go_but_live_sessions_and_young_files_stay(gallery):
     assert live.read_bytes() == b"resumable bytes"  # a session with its row is never touched
 
 
-def test_thumbnail_waiting_for_its_media_is_kept_while_its_grant_exists(gallery):
+@pytest.mark.parametrize("media_state", ["open", "done"])  # the thumbnail may come after the media
+def test_thumbnail_waiting_for_its_media_is_kept_while_its_grant_exists(gallery, media_state):
     storage = gallery.storage
     thumb = storage.thumbnail_path("cam1", "evt_granted0000000000000")
     thumb.parent.mkdir(parents=True)
     thumb.write_bytes(b"thumb first")
-    add_grant(gallery, "evt_granted0000000000000", expires_in=600)
+    add_grant(gallery, "evt_granted0000000000000", expires_in=600, media_state=media_state)
     settle()
     findings = Reconciler(gallery, grace_seconds=0).run_once()
     assert findings.orphan_thumbnails_removed == 0 and thumb.exists()
 
 
+@pytest.mark.parametrize("then", ["used", "gone"])
 @pytest.mark.parametrize("unused", ["open", "uploading"])  # `uploading`: left by an older server
-def test_media_at_a_granted_id_is_kept_while_the_url_can_complete(gallery, unused):
+def test_media_at_a_granted_id_is_kept_while_the_url_can_complete(gallery, unused, then):
     # A crash left media at a pre-signed URL's id with no row; the URL's retry replaces it and
     # commits: the reconciler must not take the file meanwhile. Once the grant is gone (or used,
     # by another event), the file is an orphan.
@@ -163,7 +167,11 @@ def test_media_at_a_granted_id_is_kept_while_the_url_can_complete(gallery, unuse
     assert Reconciler(gallery, grace_seconds=0).run_once().orphan_media_removed == 0
     assert media.exists()
     with gallery.db.session() as session:
-        session.delete(session.get(UploadGrant, "evt_retried0000000000000"))
+        grant = session.get(UploadGrant, "evt_retried0000000000000")
+        if then == "used":
+            grant.media_state = "done"
+        else:
+            session.delete(grant)
         session.commit()
     assert Reconciler(gallery, grace_seconds=0).run_once().orphan_media_removed == 1
     assert not media.exists()
@@ -173,6 +181,7 @@ def test_expired_grants_are_removed_a_day_later_while_a_url_is_unused(gallery):
     """A PUT that began before its URL expired may still be running: an unused URL keeps its
     grant a day longer, so that the PUT can complete."""
     add_grant(gallery, "evt_fresh000000000000000", expires_in=600)
+    add_grant(gallery, "evt_justexpired000000000", expires_in=-600, media_state="done")  # within the grace
     add_grant(gallery, "evt_used00000000000000000", expires_in=-7200, media_state="done")
     add_grant(gallery, "evt_unused000000000000000", expires_in=-7200)
     add_grant(gallery, "evt_legacy000000000000000", expires_in=-7200, media_state="uploading")
@@ -182,7 +191,7 @@ def test_expired_grants_are_removed_a_day_later_while_a_url_is_unused(gallery):
     add_grant(gallery, "evt_oldunused000000000000", expires_in=-2 * 86400)
     findings = Reconciler(gallery, grace_seconds=3600).run_once()
     assert findings.expired_grants_removed == 3
-    assert grant_ids(gallery) == {"evt_fresh000000000000000", "evt_unused000000000000000",
+    assert grant_ids(gallery) == {"evt_fresh000000000000000", "evt_justexpired000000000", "evt_unused000000000000000",
                                   "evt_legacy000000000000000", "evt_thumb0000000000000000"}
 
 
@@ -204,13 +213,14 @@ def test_closed_pull_commands_go_but_each_events_latest_and_open_ones_stay(galle
             command(4, "evt_deleted000000000000", "completed"),  # its event is gone
             command(5, other.id, "failed"), command(6, other.id, "pending"),  # retried, open again
             command(7, kept.id, "failed", device="cam2"),  # an id of another device's: no such event
+            command(8, "evt_deleted000000000", "pending"),  # open: never touched, its event gone or not
         ])
         session.commit()
 
     findings = Reconciler(gallery).run_once()
     with gallery.db.session() as session:
         left = session.exec(select(DeviceCommand.seq).order_by(col(DeviceCommand.seq))).all()
-    assert left == [3, 6]
+    assert left == [3, 6, 8]
     assert findings.closed_commands_removed == 5
     assert Reconciler(gallery).run_once().closed_commands_removed == 0
 
@@ -221,25 +231,29 @@ def test_closed_pull_commands_go_but_each_events_latest_and_open_ones_stay(galle
         session.commit()
     assert Reconciler(gallery).run_once().closed_commands_removed == backlog
     with gallery.db.session() as session:
-        assert session.exec(select(DeviceCommand.seq).order_by(col(DeviceCommand.seq))).all() == [3, 6]
+        assert session.exec(select(DeviceCommand.seq).order_by(col(DeviceCommand.seq))).all() == [3, 6, 8]
 
 
 def test_rows_without_their_file_are_reported_never_deleted(gallery, principal):
     missing = store(gallery, principal, "cam1", PNG, name="a.png")
     short = store(gallery, principal, "cam1", PNG, name="b.png")
     fine = store(gallery, principal, "cam1", PNG, name="c.png")
+    long = store(gallery, principal, "cam1", PNG, name="d.png")
     gallery.storage.media_path("cam1", missing.id).unlink()
     with gallery.storage.media_path("cam1", short.id).open("r+b") as f:
         f.truncate(10)
+    with gallery.storage.media_path("cam1", long.id).open("ab") as f:
+        f.write(b"more")
     reconciler = Reconciler(gallery, grace_seconds=0)
     findings = reconciler.run_once()
-    assert (findings.rows_checked, findings.missing_media, findings.size_mismatch) == (3, 1, 1)
-    assert sorted(findings.examples) == sorted([f"cam1/{missing.id}", f"cam1/{short.id}"])
+    assert (findings.rows_checked, findings.missing_media, findings.size_mismatch) == (4, 1, 2)
+    assert sorted(findings.examples) == sorted([f"cam1/{missing.id}", f"cam1/{short.id}", f"cam1/{long.id}"])
     with gallery.db.session() as session:
-        assert {e.id for e in session.exec(sa.select(Event)).scalars()} == {missing.id, short.id, fine.id}  # type: ignore[call-overload]
+        assert {e.id for e in session.exec(sa.select(Event)).scalars()} == {  # type: ignore[call-overload]
+            missing.id, short.id, fine.id, long.id}
     # The findings are shared through the data root, for every replica's admin status.
     saved = json.loads(reconciler.status_path.read_text())
-    assert saved["missing_media"] == 1 and saved["size_mismatch"] == 1
+    assert saved["missing_media"] == 1 and saved["size_mismatch"] == 2
     assert saved["started"].endswith("Z") and saved["finished"] >= saved["started"]
 
 
@@ -301,15 +315,34 @@ def test_admin_status_needs_the_admin_scope_and_reports_counts(gallery, principa
         reconciler.admin_status(one_device)  # the status covers every device
     assert denied.value.reason == "DEVICE_NOT_ALLOWED"
     event = store(gallery, principal, "cam1", PNG)
+    with gallery.db.session() as session:  # neither counts as stored, nor its bytes
+        session.add(Event(id="evt_ondevice000000000000", device="cam1", name="b.png", media_type="image",
+                          mime_type="image/png", size=10, sha256="1" * 64, created=utcnow(), state="on_device"))
+        session.commit()
+    uploads = ResumableUploads(gallery)
+    uploads.start(principal, "cam1", name="a.bin", upload_id="open-session-1")
+    uploads.start(principal, "cam1", name="a.bin", upload_id="done-session-1")
+    writer = uploads.open_write(principal, "cam1", "done-session-1", 0)
+    try:
+        writer.finish()
+    finally:
+        writer.close()
     before = reconciler.admin_status(ADMIN)
     assert before.last_reconcile is None
+    reconciler.status_path.parent.mkdir(parents=True, exist_ok=True)
+    for damaged in ("", "{"):  # a damaged status (cut short) is no status, not an error
+        reconciler.status_path.write_text(damaged)
+        assert reconciler.admin_status(ADMIN).last_reconcile is None
     reconciler.run_once()
     status = reconciler.admin_status(ADMIN)
-    assert status.last_reconcile is not None and status.last_reconcile.rows_checked == 1
-    assert status.counts.events_stored == 1 and status.counts.stored_bytes == event.size
+    assert status.last_reconcile is not None and status.last_reconcile.rows_checked == 2
+    assert status.counts.events_stored == 2 and status.counts.events_on_device == 1
+    assert status.counts.stored_bytes == event.size and status.counts.upload_sessions == 1
     assert status.counts.uploads_in_flight == 0
     assert status.disk.total_bytes >= status.disk.free_bytes > 0
     assert status.accepting_uploads is (status.disk.free_bytes >= status.min_free_bytes)
+    gallery.storage.min_free_bytes = status.disk.free_bytes * 2
+    assert reconciler.admin_status(ADMIN).accepting_uploads is False
 
 
 # -- limits ---------------------------------------------------------------------------------------
@@ -650,8 +683,15 @@ def test_one_replica_walks_the_files_at_a_time(gallery):
     try:
         file_locks.lock(fd)  # another replica's pass
         assert reconciler.run_unless_busy() is None
+        # run_once (the CLI's) waits for that pass to end rather than skipping or overlapping it.
+        waiting = threading.Thread(target=reconciler.run_once)
+        waiting.start()
+        time.sleep(0.3)
+        assert waiting.is_alive() and reconciler.last() is None
     finally:
         os.close(fd)
+    waiting.join(10)
+    assert not waiting.is_alive() and reconciler.last() is not None
     assert reconciler.run_unless_busy() is not None
 
 
@@ -729,3 +769,47 @@ def test_cli_reconcile_needs_no_jwt_secret(tmp_path, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["rows_checked"] == 0
     assert cli.main(["token", "--sub", "ops", "--device", "cam-1"]) == 2  # minting one still needs it
     assert "no JWT secret" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("committed", ["session", "event", "grant"])
+def test_a_file_whose_row_commits_before_its_lock_is_taken_is_kept(gallery, principal, monkeypatch, committed):
+    """The pass reads the rows (none: an orphan), then takes the file's lock: a row committed in
+    between, its upload's lock let go since, is read again under the lock."""
+    storage = gallery.storage
+    event_id = "evt_racing00000000000000"
+    path = storage.session_path("cam1", "racing-0001") if committed == "session" \
+        else storage.media_path("cam1", event_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"old")
+    racing = path.stat().st_ino
+    settle()
+
+    def commit_first(fd: int, *, shared: bool = False) -> bool:
+        nonlocal racing
+        if os.fstat(fd).st_ino == racing:
+            racing = -1
+            if committed == "session":  # started again at the leftover's name, and written
+                uploads = ResumableUploads(gallery)
+                uploads.start(principal, "cam1", name="a.bin", upload_id="racing-0001")
+                writer = uploads.open_write(principal, "cam1", "racing-0001", 0)
+                try:
+                    writer.write(b"abc")
+                    writer.commit()
+                finally:
+                    writer.close()
+            elif committed == "event":
+                with gallery.db.session() as session:
+                    session.add(Event(id=event_id, device="cam1", name="a.bin", media_type="other",
+                                      mime_type="application/octet-stream", size=3, sha256="0" * 64,
+                                      created=utcnow()))
+                    session.commit()
+            else:
+                add_grant(gallery, event_id, expires_in=600)
+        return file_locks.try_lock(fd, shared=shared)
+
+    monkeypatch.setattr(reconcile, "file_locks", types.SimpleNamespace(
+        try_lock=commit_first, lock=file_locks.lock, held=file_locks.held))
+    findings = Reconciler(gallery, grace_seconds=0).run_once()
+    assert racing == -1  # the pass did reach the file
+    assert (findings.staging_removed, findings.orphan_media_removed, findings.missing_media) == (0, 0, 0)
+    assert path.read_bytes() == (b"abc" if committed == "session" else b"old")
