@@ -428,8 +428,11 @@ class Reconciler:
             temporary.unlink(missing_ok=True)
 
     def last(self) -> Findings | None:
+        """The last pass's findings; None when there are none to read (no pass yet, a file cut
+        short, or one someone else wrote that is not the object a pass writes)."""
         try:
-            return Findings.from_json(json.loads(self.status_path.read_text()))
+            data = json.loads(self.status_path.read_text())
+            return Findings.from_json(data) if isinstance(data, dict) else None
         except (FileNotFoundError, ValueError, TypeError):
             return None
 

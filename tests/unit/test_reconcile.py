@@ -330,7 +330,8 @@ def test_admin_status_needs_the_admin_scope_and_reports_counts(gallery, principa
     before = reconciler.admin_status(ADMIN)
     assert before.last_reconcile is None
     reconciler.status_path.parent.mkdir(parents=True, exist_ok=True)
-    for damaged in ("", "{"):  # a damaged status (cut short) is no status, not an error
+    # A damaged status (cut short, or JSON that is not a pass's object) is no status, not an error.
+    for damaged in ("", "{", "[]", "null", "1", '"text"'):
         reconciler.status_path.write_text(damaged)
         assert reconciler.admin_status(ADMIN).last_reconcile is None
     reconciler.run_once()
