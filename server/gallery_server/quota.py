@@ -19,6 +19,7 @@ device still holds. Deleting events frees room at once.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import sqlalchemy as sa
 from sqlmodel import Session, col
@@ -32,18 +33,22 @@ QUOTA_EXCEEDED = "DEVICE_QUOTA_EXCEEDED"
 _USED = sa.select(DeviceUsage.stored_bytes).where(col(DeviceUsage.device) == sa.bindparam("device"))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Room:
     """A device's quota and what it had stored when an upload started."""
 
     device: str
     limit: int
     used: int
+    reread: Callable[[], int]  # what the device has stored now
 
     def check(self, size: int) -> None:
-        """Refuse media of `size` bytes that would take the device past its quota."""
+        """Refuse media of `size` bytes that would take the device past its quota, as it is now:
+        events deleted since the upload started make room for it too."""
         if self.used + size > self.limit:
-            raise quota_exceeded(self.device, self.limit, self.used, size)
+            self.used = self.reread()
+            if self.used + size > self.limit:
+                raise quota_exceeded(self.device, self.limit, self.used, size)
 
 
 class DeviceQuota:
@@ -60,7 +65,7 @@ class DeviceQuota:
         is at its quota already or `size`, if known, does not fit."""
         if not self.limit:
             return None
-        room = Room(device, self.limit, self.used(device))
+        room = Room(device, self.limit, self.used(device), lambda: self.used(device))
         if room.used >= self.limit:
             raise quota_exceeded(device, self.limit, room.used, size or 0)
         if size is not None:

@@ -137,6 +137,18 @@ def test_a_stream_is_stopped_at_the_chunk_that_passes_the_room(gallery: Gallery,
     refused(excinfo, used=0, size=1001, limit=1000)
 
 
+def test_an_upload_under_way_gets_the_room_a_delete_makes(gallery: Gallery, principal: auth.Principal) -> None:
+    gallery.quota.limit = len(PDF) + 100
+    first = store(gallery, principal, data=PDF)
+    with gallery.begin_upload(principal, "cam1") as upload:
+        upload.write_media(b"a" * 100)  # the room it started with
+        gallery.delete_event(principal, "cam1", first.id)
+        upload.write_media(b"b" * len(PDF))  # past that room, within what the delete freed
+        upload.fields.name = "late.bin"
+        gallery.store(upload)
+    assert usage(gallery) == {"cam1": len(PDF) + 100}
+
+
 def test_deleting_events_makes_room(gallery: Gallery, principal: auth.Principal) -> None:
     gallery.quota.limit = len(PDF)
     first = store(gallery, principal, data=PDF)
