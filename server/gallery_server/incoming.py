@@ -72,7 +72,7 @@ from .clock import utcnow
 from .errors import Exhausted, GalleryError
 from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import Event, initial_thumbnail_state
-from .quota import QUOTA_EXCEEDED
+from .quota import QUOTA_EXCEEDED, Room
 from .service import Gallery
 from .storage import INSUFFICIENT_STORAGE, SpaceMeter, Storage, fsync_dir, hold_shared, make_dir
 
@@ -83,6 +83,7 @@ LOCKS_FOLDER = "incoming-locks"  # in staging/: a lock file per device (the modu
 IGNORED_SUFFIXES = (".part", ".tmp", "~")
 _ID_LABEL = b"gallery incoming event ids v1"
 _CHUNK = 1 << 20
+QUOTA_WAIT = "the device is at its quota (GALLERY_MAX_DEVICE_BYTES): retried on later scans"
 
 # (st_dev, st_ino, st_size, st_mtime_ns): what must stay unchanged for a file to count as complete,
 # and what the path must still name for the dropped file to be removed after its import.
@@ -281,8 +282,13 @@ class IncomingImporter(BackgroundLoop):
         imported = []
         waiting_stems = {stem(f.name) for f in media}
         claimed: set[str] = set()
+        room = self._room(device, media)
         for file in media:
             if not file.stable or self._stopping.is_set():
+                continue
+            if room is not None and room.used + file.size > room.limit:
+                self._skip(device, file, seen, QUOTA_WAIT, {"size": file.size, "used_bytes": room.used,
+                                                             "quota_bytes": room.limit})
                 continue
             thumb = next(
                 (t for t in thumbs if t.stable and t.name not in claimed and stem(t.name) == stem(file.name)),
@@ -293,6 +299,8 @@ class IncomingImporter(BackgroundLoop):
             event_id = self._guarded(device, file, seen, lambda f=file, t=thumb: self._import(device, f, t, seen))
             if event_id:
                 imported.append(event_id)
+                if room is not None:
+                    room.used += file.size
         for thumb in thumbs:
             # A thumbnail whose media is still in incoming waits for it, rather than attaching to
             # an older event of the same name.
@@ -302,6 +310,12 @@ class IncomingImporter(BackgroundLoop):
                 break
             self._guarded(device, thumb, seen, lambda t=thumb: self._attach_late(device, t, seen))
         return imported
+
+    def _room(self, device: str, media: list[_DropFile]) -> Room | None:
+        """The device's quota for this scan, read once (None: no quota, or nothing to import). Files
+        that do not fit stay, uncopied: each scan would otherwise copy them, and throw the copies
+        away. _insert checks again, in the row's transaction."""
+        return self.gallery.quota.room(device) if any(file.stable for file in media) else None
 
     def _guarded(self, device: str, file: _DropFile, seen: dict[str, _Seen], action):  # type: ignore[no-untyped-def]
         """Run one file's work; one bad file is logged (once per version) and never stalls the rest."""
@@ -313,8 +327,7 @@ class IncomingImporter(BackgroundLoop):
             seen.pop(str(file.path), None)  # it must settle again
         except Exception as exc:
             if isinstance(exc, Exhausted) and exc.reason == QUOTA_EXCEEDED:
-                self._skip(device, file, seen, "the device is at its quota (GALLERY_MAX_DEVICE_BYTES): "
-                           "retried on later scans", exc.metadata)
+                self._skip(device, file, seen, QUOTA_WAIT, exc.metadata)
                 return None
             if _short_of_room(exc):
                 # The file stays for a later scan; a partial copy was removed, and a copy already
@@ -364,9 +377,6 @@ class IncomingImporter(BackgroundLoop):
         if thumb is not None and not 0 < thumb.size <= self.settings.max_thumbnail_bytes:
             self._skip(device, thumb, seen, f"thumbnail empty or larger than {self.settings.max_thumbnail_bytes} bytes")
             thumb = None
-        # Before copying a byte: a device at its quota would otherwise have the file copied and
-        # refused again at every scan. _insert checks again, in the row's transaction.
-        self.gallery.quota.require_room(device, file.size)
 
         taken = self._take(file)
         if taken is None:

@@ -60,12 +60,18 @@ class DeviceQuota:
         rows = self._db.read_rows(_USED, {"device": device})
         return int(rows[0][0]) if rows else 0
 
+    def room(self, device: str) -> Room | None:
+        """The device's quota and what it has stored now; None: no quota."""
+        if not self.limit:
+            return None
+        return Room(device, self.limit, self.used(device), lambda: self.used(device))
+
     def require_room(self, device: str, size: int | None = None) -> Room | None:
         """The device's room for a new upload (None: no quota), refused at once when the device
         is at its quota already or `size`, if known, does not fit."""
-        if not self.limit:
+        room = self.room(device)
+        if room is None:
             return None
-        room = Room(device, self.limit, self.used(device), lambda: self.used(device))
         if room.used >= self.limit:
             raise quota_exceeded(device, self.limit, room.used, size or 0)
         if size is not None:

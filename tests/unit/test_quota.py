@@ -257,9 +257,14 @@ def test_a_dropped_file_is_not_even_copied_while_the_device_is_at_its_quota(
     copies: list[str] = []
     take = importer._take
     monkeypatch.setattr(importer, "_take", lambda file: copies.append(file.name) or take(file))
-    (incoming / "clip.pdf").write_bytes(PDF)
-    assert importer.scan_once(now=0) + importer.scan_once(now=10) == []
-    assert copies == []  # each scan would copy it (and throw the copy away) otherwise
+    reads: list[str] = []
+    used = gallery.quota.used
+    monkeypatch.setattr(gallery.quota, "used", lambda device: reads.append(device) or used(device))
+    for i in range(5):
+        (incoming / f"clip{i}.pdf").write_bytes(PDF)
+    assert importer.scan_once(now=0) + importer.scan_once(now=10) + importer.scan_once(now=20) == []
+    assert copies == []  # each scan would copy them (and throw the copies away) otherwise
+    assert reads == ["cam1", "cam1"]  # once a scan with files to import (the first has none settled)
 
 
 def test_an_upload_stored_while_a_dropped_file_was_copied_wins_the_room(
