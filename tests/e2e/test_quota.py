@@ -4,7 +4,6 @@ other devices and reads are untouched, and a delete makes room at once."""
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -15,7 +14,7 @@ from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
 
 from ..conftest import new_device, random_bytes, rich_error, stored_files
-from .conftest import Stack, running_stack
+from .conftest import Stack, access_line, running_stack
 
 QUOTA = 3000
 
@@ -102,11 +101,13 @@ def test_every_upload_path_stops_at_the_quota(quota_stack: Stack, mint: Callable
         assert multipart(http, headers, device, random_bytes(2000)).status_code == 200
 
 
-def test_the_quota_is_in_the_log_line_of_the_refusal(quota_stack: Stack, mint: Callable[..., str]) -> None:
-    """The operator sees which device hit its quota without reading every answer."""
+def test_the_refusal_is_in_its_access_line(quota_stack: Stack, mint: Callable[..., str]) -> None:
+    """The operator sees which request hit a quota, and the client can quote its id."""
     device = new_device()
     headers = {"Authorization": f"Bearer {mint()}"}
     with httpx.Client(base_url=quota_stack.base_url, timeout=60) as http:
         assert multipart(http, headers, device, random_bytes(QUOTA)).status_code == 200
-        assert multipart(http, headers, device, b"x").status_code == 507
-    assert "DEVICE_QUOTA_EXCEEDED" in pathlib.Path(quota_stack.log_path).read_text()
+        refused = multipart(http, headers, device, b"x")
+    assert refused.status_code == 507
+    line = access_line(quota_stack, refused.headers["x-request-id"])
+    assert line is not None and (line["code"], line["reason"]) == ("RESOURCE_EXHAUSTED", "DEVICE_QUOTA_EXCEEDED")

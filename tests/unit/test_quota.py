@@ -19,6 +19,7 @@ from gallery_server.models import DeviceUsage, Event
 from gallery_server.quota import QUOTA_EXCEEDED
 from gallery_server.resumable import ResumableUploads
 from gallery_server.service import Gallery
+from gallery_server.signed_urls import SignedUploads
 
 from ..conftest import stored_files
 from .test_service import PDF, PNG, row_count, store
@@ -208,6 +209,84 @@ def test_a_pulled_upload_counts_once_stored(gallery: Gallery, principal: auth.Pr
         upload.write_media(content)
         gallery.store(upload, fill=pulled, before_insert=devices.complete_pull)
     assert usage(gallery) == {"cam1": len(content)}
+
+
+# -- refused at the commit: what the client had is kept for its retry ------------------------------
+
+
+def _fill_meanwhile(gallery: Gallery, principal: auth.Principal) -> Event:
+    """Another upload of the device, stored after this one passed its checks: it takes the room."""
+    return store(gallery, principal, data=PDF, name="meanwhile.pdf")
+
+
+def test_a_resumable_session_refused_at_its_commit_keeps_its_bytes(gallery: Gallery, principal: auth.Principal) -> None:
+    uploads = ResumableUploads(gallery)
+    gallery.quota.limit = len(PDF) + 99  # room for either upload alone
+    state = uploads.start(principal, "cam1", name="r.bin", size=100)
+    writer = uploads.open_write(principal, "cam1", state.upload_id, 0)
+    try:
+        writer.write(b"r" * 100)
+        other = _fill_meanwhile(gallery, principal)
+        with pytest.raises(Exhausted) as excinfo:
+            writer.finish()
+        assert excinfo.value.reason == QUOTA_EXCEEDED
+    finally:
+        writer.close()
+    assert uploads.state("cam1", state.upload_id).committed_size == 100  # nothing to send again
+    gallery.delete_event(principal, "cam1", other.id)
+    writer = uploads.open_write(principal, "cam1", state.upload_id, None)
+    try:
+        done = writer.finish()
+    finally:
+        writer.close()
+    assert gallery.storage.media_path("cam1", done.event_id).read_bytes() == b"r" * 100
+
+
+def test_a_pre_signed_put_refused_at_its_commit_leaves_its_url_unused(
+    gallery: Gallery, signed: SignedUploads, principal: auth.Principal
+) -> None:
+    urls = signed.create_urls(principal, "cam1", "p.bin", thumbnail=False)
+    target = signed.verify("cam1", urls.media_url.rsplit("/", 1)[1])
+    gallery.quota.limit = len(PDF) + 99  # room for either upload alone
+    with gallery.open_upload("cam1") as upload:
+        upload.write_media(b"p" * 100)
+        other = _fill_meanwhile(gallery, principal)
+        with pytest.raises(Exhausted):
+            signed.complete(target, upload)
+    signed.require_unused(target)  # the client may PUT again
+    gallery.delete_event(principal, "cam1", other.id)
+    with gallery.open_upload("cam1") as upload:
+        upload.write_media(b"p" * 100)
+        event_id = signed.complete(target, upload)
+    assert gallery.storage.media_path("cam1", event_id).read_bytes() == b"p" * 100
+
+
+def test_a_pull_refused_at_its_commit_stays_open_with_its_event_on_the_device(
+    gallery: Gallery, principal: auth.Principal
+) -> None:
+    devices = Devices(gallery)
+    device = auth.Principal("cam1", frozenset({"cam1"}), frozenset({auth.DEVICE}))
+    content = b"pulled" * 20
+    [announced] = devices.announce(device, "cam1", [Announcement(
+        device_key="dcim/b.mp4", name="b.mp4", size=len(content), sha256=hashlib.sha256(content).hexdigest())])
+    devices.pull(principal, "cam1", announced.id)
+    pulled = devices.pulled_event(device, "cam1", announced.id)
+    gallery.quota.limit = len(PDF) + len(content) - 1  # room for either upload alone
+    with gallery.open_upload("cam1") as upload:
+        upload.fill(pulled)
+        upload.write_media(content)
+        other = _fill_meanwhile(gallery, principal)
+        with pytest.raises(Exhausted):
+            gallery.store(upload, fill=pulled, before_insert=devices.complete_pull)
+    assert gallery.get_event(principal, "cam1", announced.id).state == "on_device"
+    assert devices.pull_status(announced.id).state != "completed"  # the device is asked again
+    assert not gallery.storage.media_path("cam1", announced.id).exists()
+    gallery.delete_event(principal, "cam1", other.id)
+    with gallery.open_upload("cam1") as upload:
+        upload.fill(pulled)
+        upload.write_media(content)
+        gallery.store(upload, fill=pulled, before_insert=devices.complete_pull)
+    assert gallery.get_event(principal, "cam1", announced.id).state == "stored"
 
 
 def test_a_resumable_upload_stops_at_the_quota(gallery: Gallery, principal: auth.Principal) -> None:
