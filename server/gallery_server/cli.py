@@ -9,6 +9,7 @@ import logging
 import os
 import pathlib
 import sys
+import tempfile
 
 from . import auth, logs, validation
 from .addresses import split_address
@@ -52,7 +53,8 @@ def _main(argv: list[str] | None) -> int:
     envoy.add_argument("--backend", action="append", required=True, metavar="HOST:PORT",
                        help="a server's GALLERY_GRPC_ADDRESS; repeat for each replica")
     envoy.add_argument("--config", type=pathlib.Path, default=None,
-                       help="where to write Envoy's configuration (default: GALLERY_DATA_DIR/run/envoy.yaml)")
+                       help="where to write Envoy's configuration (default: a new file in this host's "
+                       "temporary folder, not on the servers' shared storage)")
     reconcile = commands.add_parser(
         "reconcile", help="reconcile files and rows once and print the findings as JSON",
         description="One pass of the reconciler that every server runs periodically (safe while "
@@ -124,7 +126,8 @@ def _main(argv: list[str] | None) -> int:
         from .supervisor import envoy_command
 
         try:
-            command = envoy_command(settings, backends, args.config)
+            config = args.config or _host_local_config()
+            command = envoy_command(settings, backends, config)
             os.execvp(command[0], command)  # Envoy is the process: its signals and exit status are its own
         except (OSError, ValueError) as exc:  # an unwritable --config, no Envoy binary, what Envoy cannot take
             print(f"gallery: {exc}", file=sys.stderr)
@@ -166,6 +169,15 @@ def _token_subject(text: str) -> str:
     if not text.strip():  # the server refuses it: the access log says who did what by it
         raise argparse.ArgumentTypeError("must not be empty or blank")
     return text
+
+
+def _host_local_config() -> pathlib.Path:
+    """Where `gallery envoy` writes its configuration by default: a file of its own on this host.
+    <data>/run/ is the servers' shared storage, which the edge should not need to write to, and
+    where two edges would write the same file."""
+    fd, path = tempfile.mkstemp(prefix="gallery-envoy-", suffix=".yaml")
+    os.close(fd)
+    return pathlib.Path(path)
 
 
 def _backend(text: str) -> str:

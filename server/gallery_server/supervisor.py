@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -113,16 +114,26 @@ def start_envoy(settings: Settings, backends: list[str]) -> subprocess.Popen[byt
 def envoy_command(settings: Settings, backends: list[str], config: pathlib.Path | None = None) -> list[str]:
     """Write Envoy's configuration for these gRPC servers (to `config`, else <data>/run/envoy.yaml)
     and return the command that runs Envoy on it: `gallery run`'s, and `gallery envoy`'s in front
-    of replicas."""
+    of replicas. Written whole, then renamed into place: another gallery starting on the same data
+    folder never has its Envoy read half a file."""
     if config is None:
         run_dir = storage.run_dir(settings.data_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         config = run_dir / "envoy.yaml"
-    config.write_text(encoding="utf-8", data=envoy_config.render(
+    text = envoy_config.render(
         listen=settings.http_address, admin_port=settings.envoy_admin_port, backends=backends,
         media_root=storage.media_root(settings.data_dir) if settings.envoy_sends_files else None,
         keepalive_seconds=settings.keepalive_seconds, cors_origins=settings.cors_origins,
-    ))
+    )
+    fd, written = tempfile.mkstemp(prefix=".envoy-", suffix=".yaml", dir=config.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(written, 0o644)  # as write_text made it: Envoy may run as another user
+        os.replace(written, config)
+    except BaseException:
+        pathlib.Path(written).unlink(missing_ok=True)
+        raise
     # `misc` at error: its warnings are ten paragraphs at every start, each saying that
     # file_server is work in progress (README "Downloads sent by Envoy" says what that means).
     return [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn",

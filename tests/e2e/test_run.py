@@ -342,7 +342,7 @@ def test_gallery_envoy_fronts_replicas_started_with_gallery_serve(tmp_path):
         envoy = subprocess.Popen(
             [sys.executable, "-m", "gallery_server", "envoy",
              "--backend", f"127.0.0.1:{grpc_a}", "--backend", f"127.0.0.1:{grpc_b}"],
-            stdout=logs, stderr=logs, env=base)
+            stdout=logs, stderr=logs, env={**base, "TMPDIR": str(tmp_path)})  # where its configuration goes
         processes.append(envoy)
         supervisor.wait_envoy_ready(admin_port, process=envoy)
         supervisor.wait_grpc_healthy(f"127.0.0.1:{http_port}", process=envoy)
@@ -358,8 +358,9 @@ def test_gallery_envoy_fronts_replicas_started_with_gallery_serve(tmp_path):
             for _ in range(5):  # every request now reaches the other one
                 r = http.get(f"/api/gallery/cam1/events/{event_id}/content")
                 assert (r.status_code, r.content) == (200, b"replicated")
-        config = (tmp_path / "data" / "run" / "envoy.yaml").read_text()
-        assert str(grpc_a) in config and str(grpc_b) in config
+        [config] = tmp_path.glob("gallery-envoy-*.yaml")  # on this host, not on the shared storage
+        assert str(grpc_a) in config.read_text() and str(grpc_b) in config.read_text()
+        assert not (tmp_path / "data" / "run" / "envoy.yaml").exists()
     finally:
         for process in reversed(processes):
             if process.poll() is None:
