@@ -110,6 +110,7 @@ def test_envoy_sends_a_whole_file(stack, http, stored):
     assert sent[-1]["request_id"] == r.headers["x-request-id"]
     check = access_line(stack, r.headers["x-request-id"])
     assert check is not None and (check["method"], check["subject"], check["code"]) == (CHECK, "t", "OK")
+    assert check["call_request_id"] not in ("", check["request_id"])  # Envoy's call's own id, kept
     sha256 = hashlib.sha256(data).hexdigest()
     assert r.headers["content-length"] == str(len(data))
     assert "transfer-encoding" not in r.headers

@@ -73,11 +73,14 @@ _serving: contextvars.ContextVar[_Call] = contextvars.ContextVar("gallery_call")
 def on_behalf_of(*, request_id: str = "", subject: str = "") -> None:
     """For a handler that serves someone else's request, Envoy's Check of a REST download
     (file_handoff.py): the call's access line and the lines written meanwhile carry that request's
-    id (when well-formed) instead of the id of Envoy's own call, and the subject its token named."""
+    id (when well-formed) instead of the id of Envoy's own call, which the access line keeps as
+    `call_request_id` (on the direct port anyone may send a Check naming any id), and the subject
+    its token named."""
     call = _serving.get(None)
     if call is None:
         return
-    if _REQUEST_ID.fullmatch(request_id):
+    if _REQUEST_ID.fullmatch(request_id) and request_id != call.request_id:
+        call.call_request_id = call.call_request_id or call.request_id
         call.request_id = request_id
         logs.request_id.set(request_id)  # the interceptor's reset restores what was before
     if subject:
@@ -276,6 +279,7 @@ class _Call:
         self.metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
         offered = self.metadata.get("x-request-id", "")
         self.request_id = offered if _REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
+        self.call_request_id = ""  # this call's own id, when it serves another request's (on_behalf_of)
         self.subject = ""
         self.code = "OK"
         self.reason = ""
@@ -319,6 +323,7 @@ class _Call:
                 "reason": self.reason,
                 "subject": self.subject,
                 "request_id": self.request_id,
+                **({"call_request_id": self.call_request_id} if self.call_request_id else {}),
                 "duration_ms": round(seconds * 1000, 2),
             },
         )
