@@ -336,10 +336,9 @@ def _install_counters(_metadata: sa.MetaData, connection: sa.Connection, **kw: o
     for table, triggers, backfill in counters:
         if table.__table__ not in created:  # type: ignore[attr-defined]
             continue
-        if postgres:
-            # Replicas of an older version may be writing events meanwhile, without the triggers
-            # until this commits: their rows would be in neither the backfill's snapshot nor the
-            # counts. Writes to events wait for this transaction instead (once, on upgrade).
-            connection.exec_driver_sql("LOCK TABLE events IN SHARE MODE")
+        # Replicas of an older version may be writing events meanwhile. On PostgreSQL, CREATE
+        # TRIGGER locks events against writes (SHARE ROW EXCLUSIVE) until this transaction ends:
+        # a write under way finishes first, and the backfill (READ COMMITTED, after it) counts it;
+        # a later one waits and meets the triggers. SQLite's writers take turns anyway.
         for statement in (*triggers, backfill):
             connection.exec_driver_sql(statement)
