@@ -165,7 +165,7 @@ class IncomingImporter(BackgroundLoop):
         self.gallery = gallery
         self.settings = gallery.settings
         self.storage = gallery.storage
-        self._key = hmac.new(self.settings.jwt_secret.encode(), _ID_LABEL, hashlib.sha256).digest()
+        self._key = hmac.new(self.settings.key_secret, _ID_LABEL, hashlib.sha256).digest()
         self._seen: dict[str, _Seen] = {}
         self._scan_lock = threading.Lock()
         self._lock_problems: dict[str, str] = {}  # device -> the last error making its lock file

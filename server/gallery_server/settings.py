@@ -102,6 +102,14 @@ class Settings:
     metrics_address: str = ""
 
     @property
+    def key_secret(self) -> bytes:
+        """The JWT secret as the key that signed URLs and drop-folder event ids derive from. A
+        command read without one (`needs_secret=False`) must not build what needs it."""
+        if not self.jwt_secret:
+            raise ConfigError("no JWT secret: this needs GALLERY_JWT_SECRET or the data folder's jwt-secret")
+        return self.jwt_secret.encode()
+
+    @property
     def issuer_tokens(self) -> bool:
         """Bearer tokens come from an identity provider (RS256/ES256); HS256 ones are refused."""
         return bool(self.jwt_public_key or self.jwt_jwks_url)

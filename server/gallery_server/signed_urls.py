@@ -97,7 +97,7 @@ class SignedUploads:
         # The sessions of Content-Range PUTs: the servicer's own, shared (it uses this one).
         self.uploads = uploads or ResumableUploads(gallery)
         self._key = hmac.new(
-            gallery.settings.jwt_secret.encode(), b"gallery signed upload URLs v1", hashlib.sha256
+            gallery.settings.key_secret, b"gallery signed upload URLs v1", hashlib.sha256
         ).digest()
 
     def create_urls(

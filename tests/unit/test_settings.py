@@ -524,3 +524,15 @@ def test_metadata_at_its_largest_allowed_size_still_goes_out_in_one_grpc_message
     answer = event_message(event, with_metadata=True).ByteSize()
     assert answer > 5 * limit  # it is the worst case
     assert answer < MAX_MESSAGE_BYTES - (64 << 10)  # with room for the rest of the answer
+
+
+def test_a_command_that_needs_no_secret_reads_its_settings_without_one_and_builds_nothing_keyed(tmp_path):
+    """`gallery reconcile` and `gallery envoy` sign nothing; what derives keys from the secret (signed
+    URLs, drop-folder event ids) refuses to be built from an empty one."""
+    settings = Settings.from_env({"GALLERY_DATA_DIR": str(tmp_path)}, needs_secret=False)
+    assert settings.jwt_secret == ""
+    with pytest.raises(ConfigError, match="no JWT secret"):
+        settings.key_secret  # noqa: B018
+    with pytest.raises(ConfigError, match="no JWT secret"):
+        Settings.from_env({"GALLERY_DATA_DIR": str(tmp_path)})
+    assert Settings.from_env(env(tmp_path)).key_secret == SECRET.encode()
