@@ -13,6 +13,8 @@ from grpc_status import rpc_status
 
 from .. import errors
 from ..errors import ERROR_DOMAIN
+from ..quota import QUOTA_EXCEEDED
+from ..storage import INSUFFICIENT_STORAGE
 
 _CODES: dict[type[errors.GalleryError], int] = {
     errors.InvalidArgument: code_pb2.INVALID_ARGUMENT,  # HTTP 400
@@ -39,7 +41,7 @@ _CODES: dict[type[errors.GalleryError], int] = {
 # route runs no Lua (envoy.yaml): a method that could answer one of these must first be taken out
 # of that route's regex (tests/unit/test_envoy_config.py pins its list).
 _HTTP_STATUS: dict[str, str] = {
-    "INSUFFICIENT_STORAGE": "507", "DEVICE_QUOTA_EXCEEDED": "507", "LENGTH_REQUIRED": "411",
+    INSUFFICIENT_STORAGE: "507", QUOTA_EXCEEDED: "507", "LENGTH_REQUIRED": "411",
 }
 # The one name of that header, in trailers (errors, here) and initial metadata (servicer.py).
 HTTP_STATUS_HEADER = "x-http-status"
