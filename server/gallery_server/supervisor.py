@@ -13,6 +13,7 @@ import ctypes
 import errno
 import os
 import pathlib
+import shlex
 import signal
 import socket
 import subprocess
@@ -238,6 +239,13 @@ def _stop_all(children: list[subprocess.Popen[bytes]]) -> None:
             child.wait()
 
 
+def _token_command(settings: Settings) -> str:
+    """`gallery token` as a shell can run it from anywhere: this install's, on this data folder."""
+    script = pathlib.Path(sys.executable).parent / "gallery"
+    program = shlex.quote(str(script)) if script.exists() else f"{shlex.quote(sys.executable)} -m gallery_server"
+    return f"GALLERY_DATA_DIR={shlex.quote(str(settings.data_dir))} {program} token"
+
+
 def _print_banner(settings: Settings, *, show_token: bool) -> None:
     """`show_token`: whether stdout is a terminal. The development token grants every device for a
     day: under a service manager or a redirect, stdout is a log kept and read by others, so it gets
@@ -257,8 +265,9 @@ def _print_banner(settings: Settings, *, show_token: bool) -> None:
         )
         how = f"A development token (all devices, read+write, valid 24 h):\n\n  export TOKEN={token}\n"
     else:
-        how = ("A development token is printed only to a terminal (this output may be kept in a log); mint one:\n\n"
-               "  export TOKEN=$(.venv/bin/gallery token --sub dev --device '*' --ttl 86400)\n")
+        how = ("A development token is printed only to a terminal (this output may be kept in a log); mint one"
+               " (with this server's GALLERY_JWT_SECRET, if it has one):\n\n"
+               f"  export TOKEN=$({_token_command(settings)} --sub dev --device '*' --ttl 86400)\n")
     print(
         f"\ngallery is up: REST and gRPC on {settings.public_url} "
         f"(gRPC server {settings.grpc_address}, Envoy admin 127.0.0.1:{settings.envoy_admin_port})\n"

@@ -54,9 +54,9 @@ def test_run_generates_secret_prints_token_and_stops_cleanly(tmp_path, monkeypat
             assert time.monotonic() < deadline, stack.log()
             time.sleep(0.1)
         assert not re.search(r"eyJ[\w-]+\.[\w-]+\.", stack.log())
-        command = match.group(1).replace(".venv/bin/gallery", f"{sys.executable} -m gallery_server")
-        token = subprocess.run(command, shell=True, env={**os.environ, "GALLERY_DATA_DIR": str(data),
-                               "GALLERY_JWT_SECRET": ""}, capture_output=True, text=True, check=True).stdout.strip()
+        # Runnable as printed, from anywhere: this install's command, on this data folder.
+        token = subprocess.run(match.group(1), shell=True, cwd="/", env={**os.environ, "GALLERY_JWT_SECRET": ""},
+                               capture_output=True, text=True, check=True).stdout.strip()
         r = httpx.get(stack.url("/api/gallery/device123/paths"),
                       headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200, r.text
