@@ -226,8 +226,10 @@ class Verifier:
             return self._key, self._algorithms
         try:
             kid = jwt.get_unverified_header(token).get("kid")
-        except jwt.InvalidTokenError:
+        except jwt.DecodeError:
             raise Unauthenticated("TOKEN_INVALID", MALFORMED_JWT) from None
+        except jwt.InvalidTokenError as exc:  # a JWT, with a header PyJWT refuses (a kid not a string)
+            raise Unauthenticated("TOKEN_INVALID", f"invalid token: {exc}") from None
         if not isinstance(kid, str) or not kid:
             raise Unauthenticated("TOKEN_INVALID", "invalid token: the header has no 'kid'")
         # A key in the cached set needs no fetch: while the identity provider is down, tokens of
