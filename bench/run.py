@@ -485,6 +485,15 @@ TARGETS_NOTE = (
     "tests running meanwhile), medians without / with it: GetDevicePaths 2,050 / 2,208 req/s with Envoy at "
     "182 / 163 µs of CPU per request, stats 2,016 / 1,982 req/s at 178 / 182 µs, the floors 3,981 / 3,843 "
     "and 3,365 / 3,151 req/s at 127 / 129 and 136 / 158 µs: no cost beyond the noise.\n"
+    "- *Quota counters and request ids (2026-11-30, 10:20)*: every event insert, delete and pull now "
+    "also keeps the device's stored bytes (models.DeviceUsage, by triggers, quota or not), Envoy returns "
+    "x-request-id on every answer and adds no x-envoy-upstream-service-time. In the make bench run right "
+    "after, the upload ratios to the raw-PUT peer stayed where they were (0.80 / 0.89 / 0.85 / 1.01x "
+    "against 0.79 / 0.87 / 0.79 / 1.03x) while every process, the peers included, ran ~10% slower than "
+    "the morning's (the uvicorn peer's /ping 6,045 against 8,511 req/s). Then 2 interleaved rounds of the "
+    "small-request section by hand, the code before and after (one run each): GetDevicePaths 1,944 / "
+    "1,994 before and 2,048 / 2,603 after, stats 2,116 / 2,004 and 2,139 / 2,674, GetEvent 1,552 / 1,521 "
+    "and 1,443 / 1,666 req/s: no cost beyond the noise.\n"
 )
 
 
