@@ -5,9 +5,11 @@ stops can take every byte above the headroom (GALLERY_MIN_FREE_BYTES) from all t
 figure is models.DeviceUsage, kept by database triggers, so no request sums a device's rows.
 
 Where it is checked (DEVICE_QUOTA_EXCEEDED, RESOURCE_EXHAUSTED, 507 through Envoy):
-- before any byte, when an upload, a resumable session or a drop-folder import starts: a device
-  at its quota, or a declared size that does not fit, is refused at once;
-- while an upload streams, against the room there was when it started;
+- before any byte, when an upload or a resumable session (or write) starts: a device at its
+  quota, or a declared size that does not fit, is refused at once; a drop-folder scan reads the
+  figure once per device and leaves the files that do not fit where they are, uncopied;
+- while an upload streams, against the room there was when it started, read again before a
+  refusal (events deleted meanwhile make room);
 - in the transaction that stores the event, after its write (Gallery.store): the write's trigger
   holds the device's usage row until COMMIT, so concurrent stores of one device take turns and
   the quota holds exactly, on every replica. The earlier checks only save the client's bytes.
