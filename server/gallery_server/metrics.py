@@ -62,14 +62,23 @@ class Metrics:
             "grpc_server_handling_seconds", "Time from a call's start to its end, streams included.",
             labels, buckets=HANDLING_BUCKETS, registry=self.registry,
         )
+        # What a status code lumps together (RESOURCE_EXHAUSTED: too many uploads, a full disk, a
+        # device at its quota) told apart by the answer's ErrorInfo reason: one of the server's
+        # own constants, never a client's text, so the labels stay few.
+        self._refused = Counter(
+            "gallery_refused", "Calls answered with an error, by the reason of its ErrorInfo.",
+            ("grpc_service", "grpc_method", "reason"), registry=self.registry,
+        )
 
     def call_started(self, call_type: str, method: str) -> None:
         self._started.labels(call_type, *_service_and_method(method)).inc()
 
-    def call_finished(self, call_type: str, method: str, code_name: str, seconds: float) -> None:
+    def call_finished(self, call_type: str, method: str, code_name: str, seconds: float, reason: str = "") -> None:
         service, name = _service_and_method(method)
         self._handled.labels(call_type, service, name, code_label(code_name)).inc()
         self._handling.labels(call_type, service, name).observe(seconds)
+        if reason:
+            self._refused.labels(service, name, reason).inc()
 
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A figure read when scraped, from what already counts it."""

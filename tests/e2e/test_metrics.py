@@ -68,6 +68,7 @@ def test_rest_calls_are_counted_by_method_and_code(measured: tuple[Stack, str]) 
         ("grpc_server_handled_total", {**stats, "grpc_code": "OK"}, 3),
         ("grpc_server_handled_total", {**stats, "grpc_code": "Unauthenticated"}, 1),
         ("grpc_server_handling_seconds_count", stats, 4),
+        ("gallery_refused_total", {"grpc_service": SERVICE, "grpc_method": "GetStats", "reason": "TOKEN_MISSING"}, 1),
     ):
         assert after(name, **labels) - before(name, **labels) == more, (name, labels)
     assert after("gallery_data_free_bytes") > 0

@@ -118,6 +118,8 @@ def test_calls_are_counted_by_type_service_method_and_code(mint: Callable[..., s
     assert value(metrics, "grpc_server_started_total", **labels) == 3
     assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="OK") == 2
     assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="Unauthenticated") == 1
+    assert value(metrics, "gallery_refused_total", grpc_service=SERVICE, grpc_method="GetStats",
+                 reason="TOKEN_MISSING") == 1  # what the code alone does not tell
     assert value(metrics, "grpc_server_handling_seconds_count", **labels) == 3
     assert 0 < value(metrics, "grpc_server_handling_seconds_sum", **labels) < 5
 

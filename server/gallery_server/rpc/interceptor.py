@@ -314,7 +314,7 @@ class _Call:
         """The call's access line, and its count and duration in the metrics."""
         seconds = time.perf_counter() - self.started
         if self.metrics is not None:
-            self.metrics.call_finished(self.call_type, self.method, self.code, seconds)
+            self.metrics.call_finished(self.call_type, self.method, self.code, seconds, self.reason)
         log.info(
             "rpc",
             extra={
