@@ -4,7 +4,8 @@ Calls are counted under the names and labels of the gRPC ecosystem's server metr
 (`grpc_server_started_total`, `grpc_server_handled_total`, `grpc_server_handling_seconds`, as
 go-grpc-prometheus and its dashboards have them), REST calls included, since Envoy turns each into
 a gRPC call (README "Metrics" names what is not counted: calls grpcio refuses before a handler
-runs, Envoy's own answers). Beside them, what this server bounds and an operator watches: uploads in flight and
+runs, Envoy's own answers), and error answers by their ErrorInfo reason (`gallery_refused_total`).
+Beside them, what this server bounds and an operator watches: uploads in flight and
 device channels open, each with its limit, and the data root's free space. Envoy's own figures (per
 route, per upstream, the transcoder's) are on its admin port, at /stats/prometheus.
 
