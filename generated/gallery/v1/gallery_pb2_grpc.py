@@ -213,7 +213,11 @@ class GalleryServiceServicer:
         order, then one `finish` (empty thumbnail chunks alone are no thumbnail, as an empty multipart
         part is none: an image or video gets one made by the server). The event exists only
         once the whole stream has been received and stored; a stream that fails or is cancelled
-        leaves nothing behind. Needs `gallery:write`.
+        leaves nothing behind. Needs `gallery:write`. With GALLERY_MAX_DEVICE_BYTES set, media that
+        would take the device's stored bytes past it is RESOURCE_EXHAUSTED (HTTP 507)
+        DEVICE_QUOTA_EXCEEDED (metadata `quota_bytes`, `used_bytes`, `size`), on every upload call:
+        before any byte when the device is full or a declared size does not fit, else at the chunk
+        that passes the room, else at the commit.
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -400,7 +404,8 @@ class GalleryServiceServicer:
         deleted, or that expired, is still held by a writer: retry); RESOURCE_EXHAUSTED
         UPLOAD_TOO_LARGE (declared size above the server's limit), TOO_MANY_UPLOAD_SESSIONS (the
         device has GALLERY_MAX_UPLOAD_SESSIONS_PER_DEVICE, 1000, sessions open: not completed, not
-        expired) or INSUFFICIENT_STORAGE (below the disk headroom). Needs `gallery:write`. Not mapped
+        expired), INSUFFICIENT_STORAGE (below the disk headroom) or DEVICE_QUOTA_EXCEEDED (the device
+        is at GALLERY_MAX_DEVICE_BYTES, or the declared size does not fit). Needs `gallery:write`. Not mapped
         to REST (REST clients resume through pre-signed URLs: see PutSignedUpload).
         Returns the UploadSession resource itself, as AIP-133/131 methods return their resource.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
