@@ -13,7 +13,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import _stack
 import grpc
@@ -168,8 +169,16 @@ def fmt_size(n: int) -> str:
     return f"{n} B"
 
 
+T = TypeVar("T")
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def median_of(samples: Iterable[T], figure: Callable[[T], float]) -> float:
+    """The median of one figure of each sample."""
+    return median([figure(s) for s in samples])
 
 
 def rng(values: Iterable[float], fmt: str) -> str:

@@ -40,6 +40,7 @@ from _common import (
     fmt_size,
     md_table,
     median,
+    median_of,
     rng,
     spread,
     text_table,
@@ -449,7 +450,7 @@ def render_downloads(bench: Bench, samples: list[DownloadSample]) -> Section:
     header, rows = _throughput_table(bench, by)
     mem_header, mem_rows, memory = _memory_table(by)
     failures = _memory_failures(size, memory)
-    medians = {p.name: _median_of(by[p.name], lambda s: s.mb_s) for p in DOWNLOAD_PATHS}
+    medians = {p.name: median_of(by[p.name], lambda s: s.mb_s) for p in DOWNLOAD_PATHS}
     ratios = {p.name: median(_peer_ratios(by, p)) for p in DOWNLOAD_PATHS if p.peer}
     text = interpret_downloads(bench, medians, ratios, memory, by, failures)
     markdown = (
@@ -494,9 +495,6 @@ def _method_text(size: int, runs: int) -> str:
     )
 
 
-def _median_of(group: list[DownloadSample], fn: Callable[[DownloadSample], float]) -> float:
-    return median([fn(s) for s in group])
-
 
 def _peer_ratios(by: Groups, path: DownloadPath) -> list[float]:
     """MB/s of `path` over its peer's, one ratio per run that measured both."""
@@ -521,15 +519,15 @@ def _throughput_table(bench: Bench, by: Groups) -> tuple[list[str], list[list[st
                                   f"{median(ratios):.2f}x", median(ratios) >= 0.9))
         rows.append([
             path.name,
-            f"{_median_of(group, lambda s: s.mb_s):.0f}",
+            f"{median_of(group, lambda s: s.mb_s):.0f}",
             spread([s.mb_s for s in group]),
             f"{median(ratios):.2f}" + (" (HTTP peer)" if path.peer == PEER_HTTP else "") if path.peer else "1",
             spread(ratios, "{:.2f}") if path.peer else "–",
-            f"{_median_of(group, lambda s: s.first_byte_s) * 1000:.0f}",
-            f"{_median_of(group, lambda s: s.cpu_seconds['sender']) / per_gb:.2f}",
-            f"{_median_of(group, lambda s: s.cpu_seconds['envoy']) / per_gb:.2f}" if path.via_envoy else "–",
-            f"{_median_of(group, lambda s: s.cpu_seconds['client']) / per_gb:.2f}",
-            f"{_median_of(group, lambda s: s.cpu_seconds['other'] / s.seconds):.2f}",
+            f"{median_of(group, lambda s: s.first_byte_s) * 1000:.0f}",
+            f"{median_of(group, lambda s: s.cpu_seconds['sender']) / per_gb:.2f}",
+            f"{median_of(group, lambda s: s.cpu_seconds['envoy']) / per_gb:.2f}" if path.via_envoy else "–",
+            f"{median_of(group, lambda s: s.cpu_seconds['client']) / per_gb:.2f}",
+            f"{median_of(group, lambda s: s.cpu_seconds['other'] / s.seconds):.2f}",
         ])
     return header, rows
 
@@ -545,13 +543,13 @@ def _memory_table(by: Groups) -> tuple[list[str], list[list[str]], Memory]:
     for path in DOWNLOAD_PATHS:
         group = by[path.name]
         m = {
-            "before": _median_of(group, lambda s: s.rss_base_kib["sender"]) / KiB,
-            "peak": _median_of(group, lambda s: s.rss_peak_kib["sender"]) / KiB,
-            "rise": _median_of(group, lambda s: s.rss_peak_kib["sender"] - s.rss_base_kib["sender"]) / KiB,
+            "before": median_of(group, lambda s: s.rss_base_kib["sender"]) / KiB,
+            "peak": median_of(group, lambda s: s.rss_peak_kib["sender"]) / KiB,
+            "rise": median_of(group, lambda s: s.rss_peak_kib["sender"] - s.rss_base_kib["sender"]) / KiB,
             "max_rise": max(s.rss_peak_kib["sender"] - s.rss_base_kib["sender"] for s in group) / KiB,
-            "envoy": _median_of(group, lambda s: s.rss_peak_kib["envoy"]) / KiB,
-            "envoy_rise": _median_of(group, lambda s: s.rss_peak_kib["envoy"] - s.rss_base_kib["envoy"]) / KiB,
-            "client": _median_of(group, lambda s: s.rss_peak_kib["client"]) / KiB,
+            "envoy": median_of(group, lambda s: s.rss_peak_kib["envoy"]) / KiB,
+            "envoy_rise": median_of(group, lambda s: s.rss_peak_kib["envoy"] - s.rss_base_kib["envoy"]) / KiB,
+            "client": median_of(group, lambda s: s.rss_peak_kib["client"]) / KiB,
         }
         memory[path.name] = m
         mem_rows.append([

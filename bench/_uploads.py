@@ -39,6 +39,7 @@ from _common import (
     formatted_or_dash,
     md_table,
     median,
+    median_of,
     rng,
     spread,
     text_table,
@@ -339,7 +340,7 @@ def render_uploads(bench: Bench, samples: list[UploadSample]) -> Section:
     peer_header, peer_rows = _peer_table(bench, by)
 
     failures, warnings = memory_verdicts(opts, memory)
-    medians = {p.name: _median_of(by[(p.name, opts.size)], lambda s: s.mb_s) for p in GALLERY_PATHS}
+    medians = {p.name: median_of(by[(p.name, opts.size)], lambda s: s.mb_s) for p in GALLERY_PATHS}
     interpretation = interpret_uploads(bench, medians, ratios, memory, by, warnings, failures)
 
     tables_md = (
@@ -388,9 +389,6 @@ def _method_text(big: str, ref: str) -> str:
     )
 
 
-def _median_of(group: list[UploadSample], fn: Callable[[UploadSample], float]) -> float:
-    return median([fn(s) for s in group])
-
 
 def _median_or_none(group: list[UploadSample], fn: Callable[[UploadSample], float | None]) -> float | None:
     """The median of the values there are (an RSS trend needs enough samples), or None."""
@@ -411,14 +409,14 @@ def _throughput_table(opts: Options, by: Groups) -> tuple[list[str], list[list[s
             per_gb = size / 1e9
             rows.append([
                 path.name, fmt_size(size),
-                f"{_median_of(group, lambda s: s.mb_s):.0f}",
+                f"{median_of(group, lambda s: s.mb_s):.0f}",
                 spread([s.mb_s for s in group]),
-                f"{_median_of(group, lambda s: s.seconds):.2f}",
-                f"{_median_of(group, lambda s: s.tail_seconds):.2f}",
-                f"{_median_of(group, lambda s: s.cpu_seconds['server']) / per_gb:.2f}",
-                f"{_median_of(group, lambda s: s.cpu_seconds['envoy']) / per_gb:.2f}" if path.via_envoy else "–",
-                f"{_median_of(group, lambda s: s.cpu_seconds['client']) / per_gb:.2f}",
-                f"{_median_of(group, lambda s: s.cpu_seconds['other'] / s.seconds):.2f}",
+                f"{median_of(group, lambda s: s.seconds):.2f}",
+                f"{median_of(group, lambda s: s.tail_seconds):.2f}",
+                f"{median_of(group, lambda s: s.cpu_seconds['server']) / per_gb:.2f}",
+                f"{median_of(group, lambda s: s.cpu_seconds['envoy']) / per_gb:.2f}" if path.via_envoy else "–",
+                f"{median_of(group, lambda s: s.cpu_seconds['client']) / per_gb:.2f}",
+                f"{median_of(group, lambda s: s.cpu_seconds['other'] / s.seconds):.2f}",
             ])
     return header, rows
 
@@ -439,14 +437,14 @@ def _memory_table(opts: Options, by: Groups) -> tuple[list[str], list[list[str]]
         for proc in ("server", "envoy", "client"):
             if proc == "envoy" and not path.via_envoy:
                 continue
-            small = _median_of(at_ref, lambda s, p=proc: s.rss_peak_kib[p]) / KiB
-            large = _median_of(at_size, lambda s, p=proc: s.rss_peak_kib[p]) / KiB
+            small = median_of(at_ref, lambda s, p=proc: s.rss_peak_kib[p]) / KiB
+            large = median_of(at_size, lambda s, p=proc: s.rss_peak_kib[p]) / KiB
             m: dict[str, float | None] = {
-                "before": _median_of(at_size, lambda s, p=proc: s.rss_base_kib[p]) / KiB,
+                "before": median_of(at_size, lambda s, p=proc: s.rss_base_kib[p]) / KiB,
                 "small": small,
                 "large": large,
                 "growth": large - small,
-                "rise": _median_of(at_size, lambda s, p=proc: s.rss_peak_kib[p] - s.rss_base_kib[p]) / KiB,
+                "rise": median_of(at_size, lambda s, p=proc: s.rss_peak_kib[p] - s.rss_base_kib[p]) / KiB,
                 "max_rise": max(s.rss_peak_kib[proc] - s.rss_base_kib[proc] for s in at_size) / KiB,
                 "trend": _median_or_none(at_size, lambda s, p=proc: s.rss_trend_mib_per_gib[p]),
             }
@@ -585,7 +583,7 @@ def _time_and_cpu_text(opts: Options, medians: dict[str, float], by: Groups) -> 
     big, vcpus = fmt_size(opts.size), len(os.sched_getaffinity(0))
 
     def med_of(name: str, fn: Callable[[UploadSample], float]) -> float:
-        return _median_of(by[(name, opts.size)], fn)
+        return median_of(by[(name, opts.size)], fn)
 
     tail = {name: med_of(name, lambda s: s.tail_seconds / s.seconds) for name in medians}
     tail_s = {name: med_of(name, lambda s: s.tail_seconds) for name in medians}
