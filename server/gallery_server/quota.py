@@ -33,6 +33,32 @@ from .models import DeviceUsage
 QUOTA_EXCEEDED = "DEVICE_QUOTA_EXCEEDED"
 
 _USED = sa.select(DeviceUsage.stored_bytes).where(col(DeviceUsage.device) == sa.bindparam("device"))
+# Of the devices that store the most, how many the admin status names.
+LARGEST_SHOWN = 10
+# A device "near" its quota uses at least this percentage of it (the admin status counts them).
+NEAR_PERCENT = 90
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """A device's quota and what it has stored, as GetStats tells it."""
+
+    limit: int
+    used: int
+
+    @property
+    def available(self) -> int:
+        return max(0, self.limit - self.used)
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """Stored media per device, for operators (the admin status)."""
+
+    limit: int  # 0: no quota
+    at_quota: int
+    near_quota: int
+    largest: list[tuple[str, int]]  # (device, bytes stored), largest first
 
 
 @dataclasses.dataclass
@@ -61,6 +87,30 @@ class DeviceQuota:
     def used(self, device: str) -> int:
         rows = self._db.read_rows(_USED, {"device": device})
         return int(rows[0][0]) if rows else 0
+
+    def usage(self, device: str) -> Usage | None:
+        """The device's quota and what it has stored now; None: no quota."""
+        return Usage(self.limit, self.used(device)) if self.limit else None
+
+    def summary(self) -> Summary:
+        """The devices that store the most and, with a quota, how many are at or near it: one
+        pass over the usage rows (a row per device that ever stored, not per event)."""
+        with self._db.session() as session:
+            largest = session.execute(
+                sa.select(DeviceUsage.device, DeviceUsage.stored_bytes)
+                .where(col(DeviceUsage.stored_bytes) > 0)
+                .order_by(col(DeviceUsage.stored_bytes).desc(), col(DeviceUsage.device))
+                .limit(LARGEST_SHOWN)
+            ).all()
+            at_quota = near_quota = 0
+            if self.limit:
+                near = -(-self.limit * NEAR_PERCENT // 100)  # rounded up, in integers
+                at_quota, near_quota = session.execute(sa.select(
+                    sa.func.count().filter(col(DeviceUsage.stored_bytes) >= self.limit),
+                    sa.func.count().filter(col(DeviceUsage.stored_bytes) >= near),
+                )).one()
+        return Summary(self.limit, int(at_quota), int(near_quota),
+                       [(device, int(used)) for device, used in largest])
 
     def room(self, device: str) -> Room | None:
         """The device's quota and what it has stored now; None: no quota."""

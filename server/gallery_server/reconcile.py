@@ -54,7 +54,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import aliased
 from sqlmodel import col, func, select
 
-from . import file_locks
+from . import file_locks, quota
 from .auth import ADMIN, Principal
 from .background import BackgroundLoop
 from .clock import rfc3339, utcnow
@@ -117,6 +117,7 @@ class AdminStatus:
     min_free_bytes: int
     accepting_uploads: bool
     counts: Counts
+    device_storage: quota.Summary
 
 
 def _granted(media_state: str | None, thumbnail: bool) -> bool:
@@ -467,6 +468,7 @@ class Reconciler:
                 upload_grants=int(grants),
                 uploads_in_flight=self.gallery.slots.in_flight,
             ),
+            device_storage=self.gallery.quota.summary(),
         )
 
 

@@ -43,7 +43,7 @@ from .models import (
     UploadSessionRow,
     initial_thumbnail_state,
 )
-from .quota import DeviceQuota
+from .quota import DeviceQuota, Usage
 from .receiving import ReceivePermits
 from .settings import Settings
 from .storage import SpaceMeter, StagedFile, Storage
@@ -68,6 +68,7 @@ class Stats:
     total_events: int
     total_size: int
     by_type: dict[str, TypeStats]
+    quota: Usage | None  # None: the server sets no quota
 
 
 # The hot reads' statements are built once, with bound parameters: building a select per request
@@ -214,7 +215,8 @@ class Gallery:
         return downloads.Content(file, size, sha256, detect_mime("", head))
 
     def stats(self, principal: Principal, device: str) -> Stats:
-        """From the per-type counters (models.EventCount): one index lookup, whatever the device's size."""
+        """From the per-type counters (models.EventCount): one index lookup, whatever the device's
+        size; with a quota, one more (models.DeviceUsage)."""
         principal.require(validation.device_id(device), READ)
         rows = self.db.read_rows(_STATS, {"device": device})
         by_type = {media: TypeStats(int(count), int(size)) for media, count, size in rows}
@@ -222,6 +224,7 @@ class Gallery:
             total_events=sum(t.count for t in by_type.values()),
             total_size=sum(t.size for t in by_type.values()),
             by_type=by_type,
+            quota=self.quota.usage(device),
         )
 
     # -- writes -------------------------------------------------------------------------------

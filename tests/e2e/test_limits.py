@@ -261,7 +261,7 @@ def test_admin_status_shape_and_scope(limited: Stack, mint: Callable[..., str]) 
         assert denied.json()["details"][0]["reason"] == "SCOPE_MISSING"
         # The reconciler ran at start-up; its findings are in the status.
         body = admin_status(http, mint(scope=auth.ADMIN))
-    assert set(body) == {"last_reconcile", "disk", "counts"}
+    assert set(body) == {"last_reconcile", "disk", "counts", "device_storage"}
     run = body["last_reconcile"]
     assert set(run) == {
         "started", "finished", "replica", "staging_removed", "orphan_media_removed",
@@ -281,6 +281,13 @@ def test_admin_status_shape_and_scope(limited: Stack, mint: Callable[..., str]) 
         "uploads_in_flight",
     }
     assert all(isinstance(v, int | float) for v in body["counts"].values())
+    storage = body["device_storage"]  # no quota here: its figures are 0 (test_quota.py has one)
+    assert set(storage) == {"quota_bytes", "devices_at_quota", "devices_near_quota", "largest"}
+    assert (storage["quota_bytes"], storage["devices_at_quota"], storage["devices_near_quota"]) == (0, 0, 0)
+    assert isinstance(storage["largest"], list) and len(storage["largest"]) <= 10
+    for entry in storage["largest"]:
+        assert set(entry) == {"device", "used_bytes"}
+        assert isinstance(entry["device"], str) and isinstance(entry["used_bytes"], int) and entry["used_bytes"] > 0
 
 
 def test_admin_status_natively(limited: Stack, mint: Callable[..., str]) -> None:

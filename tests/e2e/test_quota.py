@@ -10,8 +10,9 @@ import grpc
 import httpx
 import pytest
 
+from gallery.v1 import admin_pb2, admin_pb2_grpc, gallery_pb2_grpc
 from gallery.v1 import gallery_pb2 as pb
-from gallery.v1 import gallery_pb2_grpc
+from gallery_server import auth
 
 from ..conftest import new_device, random_bytes, rich_error, stored_files
 from .conftest import Stack, access_line, running_stack
@@ -111,3 +112,38 @@ def test_the_refusal_is_in_its_access_line(quota_stack: Stack, mint: Callable[..
     assert refused.status_code == 507
     line = access_line(quota_stack, refused.headers["x-request-id"])
     assert line is not None and (line["code"], line["reason"]) == ("RESOURCE_EXHAUSTED", "DEVICE_QUOTA_EXCEEDED")
+
+
+def test_stats_and_the_admin_status_tell_the_room(quota_stack: Stack, mint: Callable[..., str]) -> None:
+    """A device reads its room before it uploads; an operator sees who is full, over REST and
+    natively."""
+    device = new_device()
+    headers = {"Authorization": f"Bearer {mint()}"}
+    admin = {"Authorization": f"Bearer {mint(scope=auth.ADMIN)}"}
+    with httpx.Client(base_url=quota_stack.base_url, timeout=60) as http, \
+            grpc.insecure_channel(quota_stack.envoy_grpc_address) as channel:
+        stats = http.get(f"/api/gallery/{device}/stats", headers=headers)
+        assert stats.status_code == 200, stats.text
+        assert stats.json() == {"total_events": 0, "total_size": 0, "by_type": {},
+                                "quota": {"limit_bytes": QUOTA, "used_bytes": 0, "available_bytes": QUOTA}}
+        assert multipart(http, headers, device, random_bytes(2800)).status_code == 200
+        quota = http.get(f"/api/gallery/{device}/stats", headers=headers).json()["quota"]
+        assert quota == {"limit_bytes": QUOTA, "used_bytes": 2800, "available_bytes": 200}
+        assert all(type(v) is int for v in quota.values())
+        native = gallery_pb2_grpc.GalleryServiceStub(channel).GetStats(
+            pb.GetStatsRequest(device=device), metadata=[("authorization", headers["Authorization"])])
+        assert (native.quota.limit_bytes, native.quota.used_bytes, native.quota.available_bytes) == (QUOTA, 2800, 200)
+
+        status = http.get("/api/admin/status", headers=admin)
+        assert status.status_code == 200, status.text
+        storage = status.json()["device_storage"]
+        assert storage["quota_bytes"] == QUOTA
+        # Other tests of this module filled devices too; this one is near (>= 90%), not at, its quota.
+        assert storage["devices_near_quota"] >= storage["devices_at_quota"] + 1
+        assert {"device": device, "used_bytes": 2800} in storage["largest"]
+        used = [entry["used_bytes"] for entry in storage["largest"]]
+        assert used == sorted(used, reverse=True)
+        reply = admin_pb2_grpc.GalleryAdminServiceStub(channel).GetAdminStatus(
+            admin_pb2.GetAdminStatusRequest(), metadata=[("authorization", admin["Authorization"])])
+        assert reply.device_storage.quota_bytes == QUOTA
+        assert (device, 2800) in [(u.device, u.used_bytes) for u in reply.device_storage.largest]

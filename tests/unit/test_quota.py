@@ -4,6 +4,7 @@ quota, exactly, with nothing left behind."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 
@@ -15,7 +16,7 @@ from gallery_server.devices import Announcement, Devices
 from gallery_server.errors import Exhausted
 from gallery_server.incoming import IncomingImporter
 from gallery_server.models import DeviceUsage, Event
-from gallery_server.quota import QUOTA_EXCEEDED
+from gallery_server.quota import QUOTA_EXCEEDED, Summary, Usage
 from gallery_server.resumable import ResumableUploads
 from gallery_server.service import Gallery
 from gallery_server.signed_urls import SignedUploads
@@ -156,6 +157,54 @@ def test_deleting_events_makes_room(gallery: Gallery, principal: auth.Principal)
     gallery.delete_event(principal, "cam1", first.id)
     assert usage(gallery) == {}
     store(gallery, principal, data=PDF, name="again.pdf")
+
+
+# -- what devices and operators are told ----------------------------------------------------------
+
+
+def test_stats_tell_a_device_its_room(gallery: Gallery, principal: auth.Principal) -> None:
+    store(gallery, principal, data=PDF)
+    assert gallery.stats(principal, "cam1").quota is None  # no quota: nothing to tell
+    gallery.quota.limit = 3 * len(PDF)
+    devices = Devices(gallery)  # an announced event is in the stats' total, not in the quota's use
+    devices.announce(auth.Principal("cam1", frozenset({"cam1"}), frozenset({auth.DEVICE})), "cam1",
+                     [Announcement(device_key="a.mp4", name="a.mp4", size=10 ** 9)])
+    stats = gallery.stats(principal, "cam1")
+    assert stats.total_size == len(PDF) + 10 ** 9
+    assert stats.quota == Usage(limit=3 * len(PDF), used=len(PDF))
+    assert stats.quota.available == 2 * len(PDF)
+    assert gallery.stats(principal, "cam2").quota == Usage(limit=3 * len(PDF), used=0)
+    store(gallery, principal, data=PDF, name="b.pdf")
+    store(gallery, principal, data=PDF, name="c.pdf")
+    assert gallery.stats(principal, "cam1").quota.available == 0  # type: ignore[union-attr]
+    with pytest.raises(Exhausted):  # what stats said: no room, not even for a byte
+        gallery.begin_upload(principal, "cam1")
+    gallery.quota.limit = len(PDF)  # lowered below what the device keeps: no room, never less
+    assert gallery.stats(principal, "cam1").quota == Usage(limit=len(PDF), used=3 * len(PDF))
+    assert gallery.stats(principal, "cam1").quota.available == 0  # type: ignore[union-attr]
+
+
+def test_the_admin_summary_names_the_largest_devices_and_those_at_or_near_the_quota(gallery: Gallery) -> None:
+    table = Event.__table__  # type: ignore[attr-defined]
+    sizes = {f"dev{n:02}": size for n, size in enumerate(
+        [1200, 1000, 999, 900, 899, 500, 500, 10, 9, 8, 7, 6, 5])}
+    rows = [{**_row(i, 0), "device": device, "size": size} for i, (device, size) in enumerate(sizes.items())]
+    rows.append({**_row(99, 0), "device": "dev99", "size": 10 ** 6, "state": "on_device"})  # not stored
+    with gallery.db.engine.begin() as c:
+        c.execute(table.insert(), rows)
+        c.execute(table.delete().where(table.c.device == "dev12"))  # leaves a usage row of 0
+    summary = gallery.quota.summary()
+    assert summary == Summary(limit=0, at_quota=0, near_quota=0, largest=[
+        ("dev00", 1200), ("dev01", 1000), ("dev02", 999), ("dev03", 900), ("dev04", 899),
+        ("dev05", 500), ("dev06", 500), ("dev07", 10), ("dev08", 9), ("dev09", 8),  # ties by id; 10 shown
+    ])
+    gallery.quota.limit = 1000  # at: 1200 and 1000; near (90%, rounded up: 900): 999 and 900 too
+    assert gallery.quota.summary() == dataclasses.replace(summary, limit=1000, at_quota=2, near_quota=4)
+    gallery.quota.limit = 1001  # 90% is 900.9: 900 is not near any more
+    assert (gallery.quota.summary().at_quota, gallery.quota.summary().near_quota) == (1, 3)
+    with gallery.db.engine.begin() as c:  # devices that deleted all they stored are not named
+        c.execute(table.delete().where(table.c.device != "dev00"))
+    assert gallery.quota.summary().largest == [("dev00", 1200)]
 
 
 def test_the_commit_refuses_what_concurrent_uploads_would_take_past_the_quota(gallery: Gallery) -> None:

@@ -447,7 +447,7 @@ def test_get_invalid_event_id(gallery: Gallery, principal: auth.Principal) -> No
 
 def test_stats_empty(gallery: Gallery, principal: auth.Principal) -> None:
     stats = gallery.stats(principal, "cam1")
-    assert stats == service.Stats(total_events=0, total_size=0, by_type={})
+    assert stats == service.Stats(total_events=0, total_size=0, by_type={}, quota=None)
 
 
 def test_stats_grouped_by_type(gallery: Gallery, principal: auth.Principal) -> None:

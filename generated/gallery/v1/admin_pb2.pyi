@@ -70,11 +70,33 @@ class GetAdminStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetAdminStatusResponse(_message.Message):
-    __slots__ = ("last_reconcile", "disk", "counts")
+    __slots__ = ("last_reconcile", "disk", "counts", "device_storage")
     LAST_RECONCILE_FIELD_NUMBER: _ClassVar[int]
     DISK_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_STORAGE_FIELD_NUMBER: _ClassVar[int]
     last_reconcile: ReconcileRun
     disk: DiskStatus
     counts: AdminCounts
-    def __init__(self, last_reconcile: _Optional[_Union[ReconcileRun, _Mapping]] = ..., disk: _Optional[_Union[DiskStatus, _Mapping]] = ..., counts: _Optional[_Union[AdminCounts, _Mapping]] = ...) -> None: ...
+    device_storage: DeviceStorage
+    def __init__(self, last_reconcile: _Optional[_Union[ReconcileRun, _Mapping]] = ..., disk: _Optional[_Union[DiskStatus, _Mapping]] = ..., counts: _Optional[_Union[AdminCounts, _Mapping]] = ..., device_storage: _Optional[_Union[DeviceStorage, _Mapping]] = ...) -> None: ...
+
+class DeviceStorage(_message.Message):
+    __slots__ = ("quota_bytes", "devices_at_quota", "devices_near_quota", "largest")
+    QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_AT_QUOTA_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_NEAR_QUOTA_FIELD_NUMBER: _ClassVar[int]
+    LARGEST_FIELD_NUMBER: _ClassVar[int]
+    quota_bytes: float
+    devices_at_quota: float
+    devices_near_quota: float
+    largest: _containers.RepeatedCompositeFieldContainer[DeviceStorageUsage]
+    def __init__(self, quota_bytes: _Optional[float] = ..., devices_at_quota: _Optional[float] = ..., devices_near_quota: _Optional[float] = ..., largest: _Optional[_Iterable[_Union[DeviceStorageUsage, _Mapping]]] = ...) -> None: ...
+
+class DeviceStorageUsage(_message.Message):
+    __slots__ = ("device", "used_bytes")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    used_bytes: float
+    def __init__(self, device: _Optional[str] = ..., used_bytes: _Optional[float] = ...) -> None: ...

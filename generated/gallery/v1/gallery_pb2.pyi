@@ -221,7 +221,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self, device: _Optional[str] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("total_events", "total_size", "by_type")
+    __slots__ = ("total_events", "total_size", "by_type", "quota")
     class ByTypeEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -232,10 +232,22 @@ class GetStatsResponse(_message.Message):
     TOTAL_EVENTS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     BY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
     total_events: float
     total_size: float
     by_type: _containers.MessageMap[str, TypeStats]
-    def __init__(self, total_events: _Optional[float] = ..., total_size: _Optional[float] = ..., by_type: _Optional[_Mapping[str, TypeStats]] = ...) -> None: ...
+    quota: DeviceQuota
+    def __init__(self, total_events: _Optional[float] = ..., total_size: _Optional[float] = ..., by_type: _Optional[_Mapping[str, TypeStats]] = ..., quota: _Optional[_Union[DeviceQuota, _Mapping]] = ...) -> None: ...
+
+class DeviceQuota(_message.Message):
+    __slots__ = ("limit_bytes", "used_bytes", "available_bytes")
+    LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    limit_bytes: float
+    used_bytes: float
+    available_bytes: float
+    def __init__(self, limit_bytes: _Optional[float] = ..., used_bytes: _Optional[float] = ..., available_bytes: _Optional[float] = ...) -> None: ...
 
 class TypeStats(_message.Message):
     __slots__ = ("count", "size")

@@ -36,6 +36,15 @@ class AdminServicer(admin_pb2_grpc.GalleryAdminServiceServicer):
                 upload_grants=status.counts.upload_grants,
                 uploads_in_flight=status.counts.uploads_in_flight,
             ),
+            device_storage=pb.DeviceStorage(
+                quota_bytes=status.device_storage.limit,
+                devices_at_quota=status.device_storage.at_quota,
+                devices_near_quota=status.device_storage.near_quota,
+                largest=[
+                    pb.DeviceStorageUsage(device=device, used_bytes=used)
+                    for device, used in status.device_storage.largest
+                ],
+            ),
         )
         run = status.last_reconcile
         if run is not None:

@@ -136,12 +136,16 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
 
     def GetStats(self, request, context):  # type: ignore[no-untyped-def]
         stats = self.gallery.stats(self.principal(), request.device)
+        quota = stats.quota
         return pb.GetStatsResponse(
             total_events=stats.total_events,
             total_size=stats.total_size,
             by_type={
                 media: pb.TypeStats(count=t.count, size=t.size) for media, t in stats.by_type.items()
             },
+            quota=None if quota is None else pb.DeviceQuota(
+                limit_bytes=quota.limit, used_bytes=quota.used, available_bytes=quota.available,
+            ),
         )
 
     def DeleteEvent(self, request, context):  # type: ignore[no-untyped-def]
