@@ -446,12 +446,20 @@ INSUFFICIENT_STORAGE = "INSUFFICIENT_STORAGE"  # the reason of every refusal for
 # WARNING (an access line is INFO), at most once a minute per process.
 SHORT_OF_ROOM_WARNING_SECONDS = 60.0
 _short_of_room_warned = [-SHORT_OF_ROOM_WARNING_SECONDS]
+_short_of_room_lock = threading.Lock()  # uploads on many threads are refused at the same moment
+
+
+def _first_refusal_this_minute() -> bool:
+    with _short_of_room_lock:
+        now = time.monotonic()
+        if now - _short_of_room_warned[0] < SHORT_OF_ROOM_WARNING_SECONDS:
+            return False
+        _short_of_room_warned[0] = now
+        return True
 
 
 def insufficient_storage(free: int, headroom: int) -> Exhausted:
-    now = time.monotonic()
-    if now - _short_of_room_warned[0] >= SHORT_OF_ROOM_WARNING_SECONDS:
-        _short_of_room_warned[0] = now
+    if _first_refusal_this_minute():
         log.warning("uploads refused: the data root's free space is below GALLERY_MIN_FREE_BYTES; free space"
                     " or lower the headroom", extra={"free_bytes": free, "min_free_bytes": headroom})
     return Exhausted(
