@@ -56,6 +56,7 @@ class Summary:
     """Stored media per device, for operators (the admin status)."""
 
     limit: int  # 0: no quota
+    stored_bytes: int  # by every device
     at_quota: int
     near_quota: int
     largest: list[tuple[str, int]]  # (device, bytes stored), largest first
@@ -93,8 +94,8 @@ class DeviceQuota:
         return Usage(self.limit, self.used(device)) if self.limit else None
 
     def summary(self) -> Summary:
-        """The devices that store the most and, with a quota, how many are at or near it: one
-        pass over the usage rows (a row per device that ever stored, not per event)."""
+        """The bytes stored, the devices that store the most and, with a quota, how many are at
+        or near it: from the usage rows (one per device that ever stored, not one per event)."""
         with self._db.session() as session:
             largest = session.execute(
                 sa.select(DeviceUsage.device, DeviceUsage.stored_bytes)
@@ -102,14 +103,14 @@ class DeviceQuota:
                 .order_by(col(DeviceUsage.stored_bytes).desc(), col(DeviceUsage.device))
                 .limit(LARGEST_SHOWN)
             ).all()
-            at_quota = near_quota = 0
-            if self.limit:
-                near = -(-self.limit * NEAR_PERCENT // 100)  # rounded up, in integers
-                at_quota, near_quota = session.execute(sa.select(
-                    sa.func.count().filter(col(DeviceUsage.stored_bytes) >= self.limit),
-                    sa.func.count().filter(col(DeviceUsage.stored_bytes) >= near),
-                )).one()
-        return Summary(self.limit, int(at_quota), int(near_quota),
+            limit = self.limit or None  # NULL: nothing is at or near no quota
+            near = None if limit is None else -(-limit * NEAR_PERCENT // 100)  # rounded up
+            stored, at_quota, near_quota = session.execute(sa.select(
+                sa.func.coalesce(sa.func.sum(DeviceUsage.stored_bytes), 0),
+                sa.func.count().filter(col(DeviceUsage.stored_bytes) >= sa.literal(limit, sa.BigInteger)),
+                sa.func.count().filter(col(DeviceUsage.stored_bytes) >= sa.literal(near, sa.BigInteger)),
+            )).one()
+        return Summary(self.limit, int(stored), int(at_quota), int(near_quota),
                        [(device, int(used)) for device, used in largest])
 
     def room(self, device: str) -> Room | None:

@@ -446,15 +446,13 @@ class Reconciler:
             by_state = dict(session.exec(  # type: ignore[call-overload]
                 select(Event.state, func.count()).group_by(Event.state)
             ).all())
-            stored_bytes = session.exec(
-                select(func.coalesce(func.sum(Event.size), 0)).where(Event.state == "stored")
-            ).one()
             sessions = session.exec(
                 select(func.count()).select_from(UploadSessionRow)
                 .where(col(UploadSessionRow.event_id).is_(None))
             ).one()
             grants = session.exec(select(func.count()).select_from(UploadGrant)).one()
         minimum = self.storage.min_free_bytes
+        device_storage = self.gallery.quota.summary()
         return AdminStatus(
             last_reconcile=self.last(),
             disk=disk,
@@ -463,12 +461,12 @@ class Reconciler:
             counts=Counts(
                 events_stored=int(by_state.get("stored", 0)),
                 events_on_device=int(by_state.get("on_device", 0)),
-                stored_bytes=int(stored_bytes),
+                stored_bytes=device_storage.stored_bytes,  # kept by triggers: no scan of events
                 upload_sessions=int(sessions),
                 upload_grants=int(grants),
                 uploads_in_flight=self.gallery.slots.in_flight,
             ),
-            device_storage=self.gallery.quota.summary(),
+            device_storage=device_storage,
         )
 
 
