@@ -40,15 +40,38 @@ class BackgroundLoop:
 
     def _run(self) -> None:
         log.info("background worker started", extra={"worker": self.thread_name})
+        failures = 0  # passes failed in a row
         while not self._stopping.is_set():
             try:
                 busy = self.run_pass()
-            except DatabaseUnavailable:  # db.py logged why; no traceback per pass during an outage
-                log.error("background pass failed: the database is unavailable",
-                          extra={"worker": self.thread_name})
+            except DatabaseUnavailable:
+                # db.py says why, once a minute: this worker says it waits, on its first failure.
+                failures += 1
+                if failures == 1:
+                    log.warning("background worker waits for the database",
+                                extra={"worker": self.thread_name})
                 busy = False
             except Exception:  # one failed pass must not end the worker
-                log.exception("background pass failed", extra={"worker": self.thread_name})
+                failures += 1
+                log.exception("background pass failed", extra={"worker": self.thread_name, "failures": failures})
                 busy = False
+            else:
+                if failures:
+                    log.info("background worker recovered",
+                             extra={"worker": self.thread_name, "failed_passes": failures})
+                failures = 0
             if not busy:
-                self._stopping.wait(self.interval)
+                self._stopping.wait(retry_delay(self.interval, failures))
+
+
+# A pass that keeps failing is retried later and later, up to this: a thumbnailer every 0.5 s
+# during a database outage wrote two ERROR lines a second per replica, and retried as often.
+MAX_RETRY_SECONDS = 60.0
+
+
+def retry_delay(interval: float, failures: int) -> float:
+    """The wait before the next pass: `interval`, doubled for each pass failed in a row, up to
+    MAX_RETRY_SECONDS (never below `interval`)."""
+    if not failures:
+        return interval
+    return max(interval, min(MAX_RETRY_SECONDS, interval * 2 ** min(failures, 16)))

@@ -11,6 +11,7 @@ import logging
 import os
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -269,7 +270,7 @@ class Database:
         except Exception as exc:
             if not _unavailable(exc):
                 raise
-            _log_unavailable(exc)
+            availability.failed(exc)
             # A database that refused the COMMIT itself (a deadlock, SQLite busy) wrote nothing.
             raise (CommitOutcomeUnknown() if _connection_gone(exc) else DatabaseUnavailable()) from exc
 
@@ -319,13 +320,56 @@ def _connection_gone(exc: BaseException) -> bool:
     return state is None or state.startswith(("08", "57P"))
 
 
-def _log_unavailable(exc: BaseException) -> None:
-    # The request's access line says DATABASE_UNAVAILABLE; this line says why, in the driver's
-    # words (host, port and user at most, never a password), not SQLAlchemy's, which would add
-    # the statement's parameters: names and metadata that users sent.
-    if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None:
-        exc = exc.orig
-    log.error("database unavailable: %s: %s", type(exc).__name__, " ".join(str(exc).split())[:500])
+class Availability:
+    """Whether the database answered when last asked, for the operator: one ERROR when it stops
+    answering, then at most one a minute while it stays so (each request's access line says
+    DATABASE_UNAVAILABLE meanwhile: an outage under load or a background loop's retries made
+    several lines a second), and one WARNING when it answers again; `up` is a metric."""
+
+    REPEAT_SECONDS = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.down_since: float | None = None  # time.monotonic() of the first failure
+        self._logged_at = 0.0
+        self._failures = 0  # since the last line
+
+    @property
+    def up(self) -> bool:
+        return self.down_since is None
+
+    def failed(self, exc: BaseException) -> None:
+        # The driver's words (host, port and user at most, never a password), not SQLAlchemy's,
+        # which would add the statement's parameters: names and metadata that users sent.
+        if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None:
+            exc = exc.orig
+        why = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+        with self._lock:
+            now = time.monotonic()
+            self._failures += 1
+            if self.down_since is None:
+                self.down_since = now
+            elif now - self._logged_at < self.REPEAT_SECONDS:
+                return
+            self._logged_at, failures, self._failures = now, self._failures, 0
+            down_for = now - self.down_since
+        log.error("database unavailable: %s", why,
+                  extra={"failures": failures, "unavailable_seconds": round(down_for, 1)})
+
+    def answered(self) -> None:
+        if self.down_since is None:  # the usual case: no lock taken
+            return
+        with self._lock:
+            if self.down_since is None:
+                return
+            down_for, failures = time.monotonic() - self.down_since, self._failures
+            self.down_since, self._failures = None, 0
+        log.warning("database available again", extra={
+            "unavailable_seconds": round(down_for, 1), "failures_since_last_line": failures})
+
+
+# One per process: every engine of it reaches the same database.
+availability = Availability()
 
 
 @contextlib.contextmanager
@@ -334,9 +378,11 @@ def _unavailable_as_error() -> Iterator[None]:
         yield
     except Exception as exc:
         if not _unavailable(exc):
+            availability.answered()  # an error of the statement: the database answered
             raise
-        _log_unavailable(exc)
+        availability.failed(exc)
         raise DatabaseUnavailable() from exc
+    availability.answered()
 
 
 class _ConnectionLost(Exception):

@@ -13,6 +13,18 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 # meanwhile carries it, so that a domain module's line (an event stored, the database unavailable)
 # can be matched with the request's access line.
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("gallery_request_id", default="")
+# Fields of the access line of the RPC being served (rpc/interceptor.py owns the dict): what the
+# call is about, noted by the domain code that learns it (validation.device_id notes the device),
+# so that an operator finds what one device did or was refused, whoever's token asked.
+call_fields: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "gallery_call_fields", default=None)
+
+
+def note(**fields: str) -> None:
+    """Add `fields` to the access line of the RPC being served; outside an RPC, nothing."""
+    current = call_fields.get()
+    if current is not None:
+        current.update(fields)
 
 
 class JsonFormatter(logging.Formatter):

@@ -14,13 +14,20 @@ Each replica serves its own; nothing here is shared between processes.
 
 from __future__ import annotations
 
+import datetime
+import functools
+import importlib.metadata
 import math
 import os
 import pathlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
+
+if TYPE_CHECKING:
+    from .reconcile import Findings
 
 # A counter's `_created` twin doubles every scrape and says nothing its reset to 0 does not.
 prometheus_client.disable_created_metrics()
@@ -51,6 +58,12 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # The process's memory (README's budget), CPU, descriptors and start time, and which
+        # version runs: what every Prometheus client process exports by default.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        Info("gallery_build", "The gallery server's version.", registry=self.registry).info(
+            {"version": importlib.metadata.version("gallery")})
         labels = ("grpc_type", "grpc_service", "grpc_method")
         self._started = Counter(
             "grpc_server_started", "Calls started on the server.", labels, registry=self.registry,
@@ -95,6 +108,23 @@ class Metrics:
 
         self.gauge("gallery_data_free_bytes", "Bytes free for the server on the data root's filesystem.", free)
 
+    def watch_reconciliation(self, last: Callable[[], Findings | None]) -> None:
+        """What the last reconciliation of any replica found (its status file, read at each
+        scrape): an alert on missing or damaged media needs no log rule. NaN before any pass."""
+        figures = {
+            "gallery_reconcile_last_finished_timestamp_seconds": (
+                "When the last reconciliation finished (Unix time): an old one means none runs.",
+                lambda run: datetime.datetime.fromisoformat(run.finished).timestamp() if run.finished else math.nan),
+            "gallery_reconcile_missing_media": (
+                "Stored events whose media file the last reconciliation found missing.",
+                lambda run: run.missing_media),
+            "gallery_reconcile_size_mismatch": (
+                "Stored events whose media file the last reconciliation found of another size.",
+                lambda run: run.size_mismatch),
+        }
+        for name, (documentation, figure) in figures.items():
+            self.gauge(name, documentation, functools.partial(_of_last, last, figure))
+
     def serve(self, host: str, port: int) -> tuple[int, Callable[[], None]]:
         """Serve the metrics on host:port (0: any free port), at /metrics and every other path;
         returns the port and what stops it."""
@@ -106,6 +136,11 @@ class Metrics:
             thread.join(timeout=5)
 
         return server.server_port, stop
+
+
+def _of_last(last: Callable[[], Findings | None], figure: Callable[[Findings], float]) -> float:
+    run = last()
+    return math.nan if run is None else figure(run)
 
 
 def _service_and_method(method: str) -> tuple[str, str]:

@@ -30,6 +30,7 @@ import secrets
 import unicodedata
 from typing import Any
 
+from . import logs
 from .errors import InvalidArgument
 
 MEDIA_TYPES = ("image", "video", "audio", "document", "other")
@@ -57,6 +58,7 @@ def device_id(value: str) -> str:
             field="device",
             device=value[:200],
         )
+    logs.note(device=value)
     return value
 
 

@@ -5,9 +5,11 @@ the server bounds read as it stands, and the shares of its threads, logged at st
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import pathlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -118,6 +120,30 @@ def test_uploads_and_device_channels_are_read_as_they_stand(measured: tuple[Stac
     handled = scrape(url)("grpc_server_handled_total", grpc_type="client_stream", grpc_service=SERVICE,
                           grpc_method="UploadEvent", grpc_code="OK")
     assert handled == 1
+    # The channel its device left counts as Canceled, not as a success, and the log says it went.
+    connect = {"grpc_type": "bidi_stream", "grpc_service": "gallery.v1.DeviceService", "grpc_method": "Connect"}
+    assert wait_until(lambda: scrape(url)("grpc_server_handled_total", **connect, grpc_code="Canceled") == 1)
+    assert scrape(url)("grpc_server_handled_total", **connect, grpc_code="OK") == 0
+    [gone] = [e for e in log_entries(stack) if e.get("message") == "device disconnected" and e.get("device") == device]
+    [line] = [e for e in log_entries(stack) if e.get("message") == "rpc" and e.get("request_id") == gone["request_id"]]
+    assert (line["method"], line["code"], line["device"]) == ("/gallery.v1.DeviceService/Connect", "CANCELLED", device)
+    assert isinstance(gone["connected_seconds"], float)
+
+
+def test_what_an_operator_is_paged_for_is_scraped(measured: tuple[Stack, str]) -> None:
+    """The process (memory against README's budget), the version, the headroom and quota an
+    alert compares with, the database, and what the start-up reconciliation found."""
+    stack, url = measured
+    assert wait_until(lambda: scrape(url)("gallery_reconcile_last_finished_timestamp_seconds") > 0, seconds=30)
+    value = scrape(url)
+    assert 20 * 2 ** 20 < value("process_resident_memory_bytes") < 1024 * 2 ** 20
+    assert value("process_open_fds") > 0 and value("process_start_time_seconds") > 0
+    assert value("gallery_build_info", version=importlib.metadata.version("gallery")) == 1
+    assert value("gallery_data_min_free_bytes") == 1 << 30  # GALLERY_MIN_FREE_BYTES's default
+    assert value("gallery_device_quota_bytes") == 0  # no quota set
+    assert value("gallery_database_up") == 1
+    assert value("gallery_reconcile_missing_media") == value("gallery_reconcile_size_mismatch") == 0
+    assert time.time() - 600 < value("gallery_reconcile_last_finished_timestamp_seconds") <= time.time()
 
 
 def test_each_server_logs_what_it_admits_at_once(stack: Stack) -> None:

@@ -4,6 +4,7 @@ other devices and reads are untouched, and a delete makes room at once."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -112,6 +113,12 @@ def test_the_refusal_is_in_its_access_line(quota_stack: Stack, mint: Callable[..
     assert refused.status_code == 507
     line = access_line(quota_stack, refused.headers["x-request-id"])
     assert line is not None and (line["code"], line["reason"]) == ("RESOURCE_EXHAUSTED", "DEVICE_QUOTA_EXCEEDED")
+    # Which device, whoever's token asked (a gateway's for many), and from where: the peer is
+    # Envoy, the client the address Envoy forwards (for a client on loopback, as here, Envoy
+    # writes this host's own address).
+    assert line["device"] == device
+    assert str(line["peer"]).startswith("ipv4:127.0.0.1:")
+    assert isinstance(line["forwarded_for"], str) and ipaddress.ip_address(line["forwarded_for"])
 
 
 def test_stats_and_the_admin_status_tell_the_room(quota_stack: Stack, mint: Callable[..., str]) -> None:

@@ -5,12 +5,14 @@ its cause; any other database error stays what it was."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 
 import psycopg
 import pytest
 import sqlalchemy as sa
 
+from gallery_server import db as db_module
 from gallery_server import service
 from gallery_server.db import Database
 from gallery_server.errors import CommitOutcomeUnknown, DatabaseUnavailable
@@ -18,10 +20,11 @@ from gallery_server.errors import CommitOutcomeUnknown, DatabaseUnavailable
 from ..conftest import small_disk
 
 
-def test_postgresql_refusing_connections_is_unavailable_then_answers_again(closed_database):
+def test_postgresql_refusing_connections_is_unavailable_then_answers_again(closed_database, monkeypatch, caplog):
     db, closed = closed_database
+    monkeypatch.setattr(db_module, "availability", db_module.Availability())
     assert db.read_rows(service._STATS, {"device": "cam"}) == []  # a pooled connection, used just now
-    with closed:
+    with closed, caplog.at_level(logging.WARNING, logger="gallery_server.db"):
         with pytest.raises(DatabaseUnavailable) as raised:
             db.read_rows(service._STATS, {"device": "cam"})
         assert raised.value.reason == "DATABASE_UNAVAILABLE"
@@ -30,9 +33,37 @@ def test_postgresql_refusing_connections_is_unavailable_then_answers_again(close
             session.execute(sa.text("SELECT 1"))
         with pytest.raises(DatabaseUnavailable), db.read() as connection:
             connection.execute(sa.text("SELECT 1"))
+        assert db_module.availability.up is False  # gallery_database_up reads it
+        # Three failures, one line (then one a minute): an outage under load does not flood the log.
+        [down] = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert down.getMessage().startswith("database unavailable: ") and down.failures == 1
     assert db.read_rows(service._STATS, {"device": "cam"}) == []
+    assert db_module.availability.up is True
+    [again] = [r for r in caplog.records if r.getMessage() == "database available again"]
+    assert again.levelname == "WARNING" and again.failures_since_last_line == 2
     with db.session() as session:
         assert session.execute(sa.text("SELECT 1")).scalar_one() == 1
+
+
+def test_a_lasting_outage_is_logged_once_a_minute_with_its_count(monkeypatch, caplog):
+    availability = db_module.Availability()
+    clock = [1000.0]
+    monkeypatch.setattr(db_module.time, "monotonic", lambda: clock[0])
+    with caplog.at_level(logging.WARNING, logger="gallery_server.db"):
+        for _ in range(5):  # 5 failures in the first 50 s
+            availability.failed(OSError("connection refused"))
+            clock[0] += 10
+        clock[0] += 10  # a minute after the first line
+        availability.failed(OSError("connection refused"))
+        availability.answered()
+        availability.answered()  # once up, nothing more is said
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines == [("ERROR", "database unavailable: OSError: connection refused")] * 2 + [
+        ("WARNING", "database available again")]
+    first, later, again = caplog.records
+    assert (first.failures, first.unavailable_seconds) == (1, 0)
+    assert (later.failures, later.unavailable_seconds) == (5, 60)
+    assert (again.unavailable_seconds, again.failures_since_last_line) == (60, 0)
 
 
 def test_other_database_errors_stay_what_they_were(database_url):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import logging
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
-from gallery_server import auth, logs
+from gallery_server import auth, logs, validation
 from gallery_server.metrics import Metrics
 from gallery_server.rpc.interceptor import GalleryInterceptor, current_principal
 
@@ -45,6 +46,9 @@ class _Call:
 
     def is_active(self) -> bool:
         return self._active
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:40000"
 
     def abort_with_status(self, status: Any) -> None:
         if not self._active:
@@ -156,6 +160,53 @@ def test_a_stream_its_client_leaves_counts_as_cancelled(mint: Callable[..., str]
     labels = {"grpc_type": "server_stream", "grpc_service": SERVICE, "grpc_method": "ReadEventContent"}
     assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="Canceled") == 1
     assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="OK") == 0
+
+
+def test_an_answer_its_client_left_before_counts_as_cancelled(
+    mint: Callable[..., str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A handler that returns after its client went (cancelled, or past its deadline: a device
+    channel whose device vanished, a read stuck behind a lock) did not answer anyone."""
+    metrics = Metrics()
+    unary = _intercepted(metrics, f"/{SERVICE}/GetStats",
+                         grpc.unary_unary_rpc_method_handler(lambda request, context: "stats"))
+    token = [("authorization", f"Bearer {mint()}")]
+    with caplog.at_level(logging.INFO, logger="gallery.access"):
+        unary.unary_unary(object(), _Call(token, active=False))
+    labels = {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": "GetStats"}
+    assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="Canceled") == 1
+    assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="OK") == 0
+    [line] = [r for r in caplog.records if r.getMessage() == "rpc"]
+    assert line.code == "CANCELLED"
+
+
+def test_the_access_line_names_the_device_and_where_the_call_came_from(
+    mint: Callable[..., str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The device a request names, even one its token does not grant, and the peer with the
+    addresses Envoy forwards: an operator finds what one device did, or who keeps failing."""
+    def behavior(request: Any, context: Any) -> str:
+        current_principal().require(validation.device_id(request), auth.READ)
+        return "ok"
+
+    unary = GalleryInterceptor(auth.Verifier(secret=JWT_SECRET)).intercept_service(
+        lambda details: grpc.unary_unary_rpc_method_handler(behavior), _Details(METHOD),
+    )
+    assert unary is not None
+    token = ("authorization", f"Bearer {mint(devices=['cam1'])}")
+    with caplog.at_level(logging.INFO, logger="gallery.access"):
+        unary.unary_unary("cam1", _Call([token, ("x-forwarded-for", "203.0.113.7")]))
+        with pytest.raises(_Aborted):
+            unary.unary_unary("cam2", _Call([token]))
+        with pytest.raises(_Aborted):
+            unary.unary_unary("../etc", _Call([token]))  # not a device id: not named
+    granted, denied, invalid = [r for r in caplog.records if r.getMessage() == "rpc"]
+    assert (granted.code, granted.device, granted.forwarded_for) == ("OK", "cam1", "203.0.113.7")
+    assert granted.peer == "ipv4:127.0.0.1:40000"
+    assert (denied.reason, denied.device) == ("DEVICE_NOT_ALLOWED", "cam2")
+    assert not hasattr(denied, "forwarded_for")
+    assert invalid.reason == "INVALID_DEVICE_ID" and not hasattr(invalid, "device")
+    assert logs.call_fields.get() is None  # nothing of the calls is left in this thread
 
 
 @pytest.mark.parametrize(("offered", "kept"), [

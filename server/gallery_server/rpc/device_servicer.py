@@ -6,6 +6,7 @@ import contextvars
 import datetime
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -100,6 +101,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             name=f"device-{channel.device}", daemon=True,
         )
         reader.start()
+        connected = time.monotonic()
         log.info("device connected", extra={"device": channel.device, "connection": channel.id,
                                              "agent": first.hello.agent})
         try:
@@ -118,6 +120,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 raise failure[0]
         finally:
             channel.close()
+            # The access line that follows says how it ended (CANCELLED: the device went).
+            log.info("device disconnected", extra={"device": channel.device, "connection": channel.id,
+                                                   "connected_seconds": round(time.monotonic() - connected, 1)})
 
     def _read_replies(self, request_iterator: Iterator[pb.ConnectRequest], channel: Channel,
                       failure: list[GalleryError]) -> None:

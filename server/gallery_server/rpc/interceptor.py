@@ -50,6 +50,8 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 # a few hundred idle streams took every thread of the server.
 REFLECTION_PREFIX = "/grpc.reflection."
 MAX_REFLECTION_STREAMS = 4
+# X-Forwarded-For as a client sent it may be long; the access line keeps its start.
+MAX_FORWARDED_CHARS = 256
 # A request id the access log takes from the caller: Envoy's UUIDs, or a native client's own
 # tracing id. Anything else (a direct client's kilobytes, or a value made to look like a second
 # record) is replaced by one of the server's.
@@ -151,6 +153,7 @@ class GalleryInterceptor(grpc.ServerInterceptor):
         def run(request: Any, context: grpc.ServicerContext) -> Any:
             call = _Call(method, call_type, context, self._metrics)
             serving = logs.request_id.set(call.request_id)
+            noting = logs.call_fields.set(call.fields)
             this_call = _serving.set(call)
             try:
                 token = self._enter(call, public)
@@ -163,6 +166,7 @@ class GalleryInterceptor(grpc.ServerInterceptor):
             finally:
                 call.log()
                 _serving.reset(this_call)
+                logs.call_fields.reset(noting)
                 logs.request_id.reset(serving)
 
         return run
@@ -171,6 +175,7 @@ class GalleryInterceptor(grpc.ServerInterceptor):
         def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             call = _Call(method, call_type, context, self._metrics)
             serving = logs.request_id.set(call.request_id)
+            noting = logs.call_fields.set(call.fields)
             try:
                 token = self._enter(call, public)
                 try:
@@ -181,6 +186,7 @@ class GalleryInterceptor(grpc.ServerInterceptor):
                 call.fail(exc)
             finally:
                 call.log()
+                _reset_here(logs.call_fields, noting)
                 _reset_here(logs.request_id, serving)
 
         return run
@@ -281,6 +287,7 @@ class _Call:
         self.request_id = offered if _REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
         self.call_request_id = ""  # this call's own id, when it serves another request's (on_behalf_of)
         self.subject = ""
+        self.fields: dict[str, str] = {}  # logs.note(): what the call is about (its device)
         self.code = "OK"
         self.reason = ""
         self.started = time.perf_counter()
@@ -313,6 +320,10 @@ class _Call:
     def log(self) -> None:
         """The call's access line, and its count and duration in the metrics."""
         seconds = time.perf_counter() - self.started
+        if self.code == "OK" and not self.context.is_active():
+            # The handler finished after its client had gone (cancelled, or past its deadline):
+            # the client never got this answer (a device channel whose device vanished ends so).
+            self.code = "CANCELLED"
         if self.metrics is not None:
             self.metrics.call_finished(self.call_type, self.method, self.code, seconds, self.reason)
         log.info(
@@ -322,6 +333,12 @@ class _Call:
                 "code": self.code,
                 "reason": self.reason,
                 "subject": self.subject,
+                **self.fields,
+                # Where the call came from: the peer (Envoy, for calls through it) and the client
+                # addresses Envoy puts in X-Forwarded-For (the last one is the one it saw).
+                "peer": self.context.peer(),
+                **({"forwarded_for": forwarded[:MAX_FORWARDED_CHARS]}
+                   if (forwarded := self.metadata.get("x-forwarded-for")) else {}),
                 "request_id": self.request_id,
                 **({"call_request_id": self.call_request_id} if self.call_request_id else {}),
                 "duration_ms": round(seconds * 1000, 2),

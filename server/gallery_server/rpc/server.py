@@ -18,7 +18,7 @@ from gallery.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, g
 from .. import _malloc
 from ..addresses import ANY_HOST, split_address
 from ..auth import Verifier
-from ..db import Database
+from ..db import Database, availability
 from ..devices import Devices
 from ..incoming import IncomingImporter
 from ..metrics import Metrics
@@ -136,14 +136,15 @@ def create_server(
         maximum_concurrent_rpcs=settings.grpc_workers * 4,
     )
     devices = Devices(gallery)
+    reconciler = Reconciler(gallery)
     if metrics is not None:
-        _add_gauges(metrics, gallery, devices)
+        _add_gauges(metrics, gallery, devices, reconciler)
     gallery_pb2_grpc.add_GalleryServiceServicer_to_server(
         GalleryServicer(gallery, SignedUploads(gallery), devices), server
     )
     device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(devices), server)
     admin_pb2_grpc.add_GalleryAdminServiceServicer_to_server(
-        AdminServicer(Reconciler(gallery)), server
+        AdminServicer(reconciler), server
     )
     # Envoy's ext_authz asks it before a REST download (file_handoff.py); not a public API, so
     # neither health-checked nor listed by reflection.
@@ -166,8 +167,9 @@ def create_server(
     return server, port, health_servicer
 
 
-def _add_gauges(metrics: Metrics, gallery: Gallery, devices: Devices) -> None:
-    """What this replica bounds, each beside its limit (an alert compares the two)."""
+def _add_gauges(metrics: Metrics, gallery: Gallery, devices: Devices, reconciler: Reconciler) -> None:
+    """What this replica bounds, each beside its limit (an alert compares the two), and what an
+    operator is paged for: the database, and what the last reconciliation found."""
     metrics.gauge("gallery_uploads_in_flight", "Uploads being received by this server.",
                   lambda: gallery.slots.in_flight)
     metrics.gauge("gallery_uploads_awaiting_first_message",
@@ -180,6 +182,16 @@ def _add_gauges(metrics: Metrics, gallery: Gallery, devices: Devices) -> None:
     metrics.gauge("gallery_device_channels_limit", "Device channels this server keeps open at once.",
                   lambda: devices.max_channels)
     metrics.watch_free_space(gallery.settings.data_dir)
+    metrics.gauge("gallery_data_min_free_bytes",
+                  "The headroom (GALLERY_MIN_FREE_BYTES): below it, uploads are refused.",
+                  lambda: gallery.storage.min_free_bytes)
+    metrics.gauge("gallery_device_quota_bytes",
+                  "Bytes of media one device may keep stored (GALLERY_MAX_DEVICE_BYTES); 0: no quota.",
+                  lambda: gallery.quota.limit)
+    metrics.gauge("gallery_database_up",
+                  "1 when the database answered this server's last request of it, 0 while it does not.",
+                  lambda: availability.up)
+    metrics.watch_reconciliation(reconciler.last)
 
 
 def serve(settings: Settings) -> None:
