@@ -47,7 +47,15 @@ _POSTGRES_NOT_NOW = frozenset({
 })
 
 
-def create_engine(url: str, *, pool_size: int = 32, trust_recent_seconds: float = TRUST_RECENT_SECONDS) -> sa.Engine:
+# How long a PostgreSQL statement waits for a lock before it gives up (55P03, DATABASE_UNAVAILABLE,
+# 503: try again), as SQLite's busy timeout does (30 s): a session holding a table lock (a
+# migration, an operator's LOCK TABLE) held every request behind it for as long, silently, and the
+# server answered them OK long after Envoy had told their clients 504.
+LOCK_TIMEOUT_MS = 30_000
+
+
+def create_engine(url: str, *, pool_size: int = 32, trust_recent_seconds: float = TRUST_RECENT_SECONDS,
+                  lock_timeout_ms: int = LOCK_TIMEOUT_MS) -> sa.Engine:
     if url.startswith("sqlite"):
         _private_database_file(sa.make_url(url).database)
         engine = sa.create_engine(
@@ -63,7 +71,10 @@ def create_engine(url: str, *, pool_size: int = 32, trust_recent_seconds: float 
         # each idle for longer than the window below a few dozen requests per second).
         # A server that accepts the connection and never answers would hold start-up (and any
         # request needing a new connection) for ever: libpq waits without a limit by default.
-        connect_args = {} if "connect_timeout" in sa.make_url(url).query else {"connect_timeout": 10}
+        query = sa.make_url(url).query
+        connect_args: dict[str, object] = {} if "connect_timeout" in query else {"connect_timeout": 10}
+        if "options" not in query:  # a URL's own server options are the operator's
+            connect_args["options"] = f"-c lock_timeout={lock_timeout_ms}"
         engine = sa.create_engine(
             url, pool_size=pool_size, max_overflow=0, pool_use_lifo=True, connect_args=connect_args,
         )
@@ -146,8 +157,10 @@ def _use_real_sqlite_transactions(engine: sa.Engine) -> None:
 class Database:
     """Owns the engine; hands out one session per unit of work (one per RPC, never shared)."""
 
-    def __init__(self, url: str, *, pool_size: int = 32, trust_recent_seconds: float = TRUST_RECENT_SECONDS) -> None:
-        self.engine = create_engine(url, pool_size=pool_size, trust_recent_seconds=trust_recent_seconds)
+    def __init__(self, url: str, *, pool_size: int = 32, trust_recent_seconds: float = TRUST_RECENT_SECONDS,
+                 lock_timeout_ms: int = LOCK_TIMEOUT_MS) -> None:
+        self.engine = create_engine(url, pool_size=pool_size, trust_recent_seconds=trust_recent_seconds,
+                                    lock_timeout_ms=lock_timeout_ms)
         self._single_read: dict[str, object] = (
             {_SINGLE_READ: True} if self.engine.dialect.name == "sqlite"
             else {"isolation_level": "AUTOCOMMIT"}
@@ -161,6 +174,9 @@ class Database:
             connection.execution_options(sqlite_immediate=True)
             with connection.begin():
                 if connection.dialect.name == "postgresql":
+                    # A replica waits its turn however long the one before it takes (a backfill of
+                    # millions of events), and so do the DDL's own locks behind live traffic.
+                    connection.exec_driver_sql("SET LOCAL lock_timeout = 0")
                     connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
                 SQLModel.metadata.create_all(connection)
                 # create_all makes a table's indexes only with the table: an index added to an

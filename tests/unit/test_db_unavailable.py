@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import time
 
 import psycopg
 import pytest
@@ -129,6 +130,28 @@ def test_sqlite_on_a_full_disk_is_unavailable_then_answers_again(tmp_path):
                 db.commit(session)
         finally:
             db.dispose()
+
+
+def test_a_lock_held_past_the_lock_timeout_is_unavailable_not_a_silent_wait(database_url):
+    """As SQLite's busy timeout: a request behind another session's table lock (a migration, an
+    operator's LOCK TABLE) is a 503 after the timeout, not an answer after the lock is gone."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's lock_timeout (SQLite's busy timeout is tested above)")
+    db = Database(database_url, pool_size=2, lock_timeout_ms=200)
+    try:
+        db.create_tables()  # with no lock timeout of its own: it waits for its turn
+        with db.engine.connect() as holder, holder.begin():
+            holder.exec_driver_sql("LOCK TABLE event_counts IN ACCESS EXCLUSIVE MODE")
+            started = time.monotonic()
+            with pytest.raises(DatabaseUnavailable) as raised:
+                db.read_rows(service._STATS, {"device": "cam"})
+            assert time.monotonic() - started < 5
+            assert isinstance(raised.value.__cause__, psycopg.errors.LockNotAvailable)
+        assert db.read_rows(service._STATS, {"device": "cam"}) == []
+        with db.engine.connect() as connection:
+            assert connection.exec_driver_sql("SHOW lock_timeout").scalar_one() == "200ms"
+    finally:
+        db.dispose()
 
 
 def test_a_statement_postgresql_cancels_is_its_own_error_not_unavailable(database_url):
