@@ -58,6 +58,7 @@ from . import file_locks, quota
 from .auth import ADMIN, Principal
 from .background import BackgroundLoop
 from .clock import rfc3339, utcnow
+from .errors import DatabaseUnavailable
 from .models import GRANT_UNUSED, DeviceCommand, Event, UploadGrant, UploadSessionRow
 from .service import Gallery
 from .storage import DiskSpace, fsync_dir
@@ -116,8 +117,8 @@ class AdminStatus:
     disk: DiskSpace
     min_free_bytes: int
     accepting_uploads: bool
-    counts: Counts
-    device_storage: quota.Summary
+    counts: Counts | None  # None: the database did not answer
+    device_storage: quota.Summary | None
 
 
 def _granted(media_state: str | None, thumbnail: bool) -> bool:
@@ -442,6 +443,23 @@ class Reconciler:
         # tokens that grant every device ("*"), not filtered per token.
         principal.require_every_device(ADMIN)
         disk = self.storage.disk_space()
+        minimum = self.storage.min_free_bytes
+        try:
+            counts, device_storage = self._counts()
+        except DatabaseUnavailable:
+            # What does not live in the database (the disk, the last pass's findings) is what an
+            # operator needs most during an outage: the status answers without the counts.
+            counts, device_storage = None, None
+        return AdminStatus(
+            last_reconcile=self.last(),
+            disk=disk,
+            min_free_bytes=minimum,
+            accepting_uploads=disk.free_bytes >= minimum,
+            counts=counts,
+            device_storage=device_storage,
+        )
+
+    def _counts(self) -> tuple[Counts, quota.Summary]:
         with self.db.session() as session:
             by_state = dict(session.exec(  # type: ignore[call-overload]
                 select(Event.state, func.count()).group_by(Event.state)
@@ -451,23 +469,15 @@ class Reconciler:
                 .where(col(UploadSessionRow.event_id).is_(None))
             ).one()
             grants = session.exec(select(func.count()).select_from(UploadGrant)).one()
-        minimum = self.storage.min_free_bytes
         device_storage = self.gallery.quota.summary()
-        return AdminStatus(
-            last_reconcile=self.last(),
-            disk=disk,
-            min_free_bytes=minimum,
-            accepting_uploads=disk.free_bytes >= minimum,
-            counts=Counts(
-                events_stored=int(by_state.get("stored", 0)),
-                events_on_device=int(by_state.get("on_device", 0)),
-                stored_bytes=device_storage.stored_bytes,  # kept by triggers: no scan of events
-                upload_sessions=int(sessions),
-                upload_grants=int(grants),
-                uploads_in_flight=self.gallery.slots.in_flight,
-            ),
-            device_storage=device_storage,
-        )
+        return Counts(
+            events_stored=int(by_state.get("stored", 0)),
+            events_on_device=int(by_state.get("on_device", 0)),
+            stored_bytes=device_storage.stored_bytes,  # kept by triggers: no scan of events
+            upload_sessions=int(sessions),
+            upload_grants=int(grants),
+            uploads_in_flight=self.gallery.slots.in_flight,
+        ), device_storage
 
 
 class ReconcileLoop(BackgroundLoop):

@@ -36,7 +36,7 @@ from gallery_server.settings import ConfigError, Settings
 from gallery_server.storage import Storage
 from gallery_server.uploads import IdleWatchdog, UploadSlots
 
-from ..conftest import statements_run
+from ..conftest import make_settings, statements_run
 from .test_service import PNG, store
 
 ADMIN = auth.Principal("ops", frozenset({"*"}), frozenset({auth.ADMIN}))
@@ -344,6 +344,22 @@ def test_admin_status_needs_the_admin_scope_and_reports_counts(gallery, principa
     assert status.accepting_uploads is (status.disk.free_bytes >= status.min_free_bytes)
     gallery.storage.min_free_bytes = status.disk.free_bytes * 2
     assert reconciler.admin_status(ADMIN).accepting_uploads is False
+
+
+def test_admin_status_answers_without_its_counts_while_the_database_does_not(closed_database, tmp_path):
+    """What lives outside the database (the disk, the last pass's findings) is what an operator
+    needs most during an outage."""
+    db, closed = closed_database
+    data = tmp_path / "data"
+    data.mkdir()
+    gallery = Gallery(make_settings(data, "sqlite://"), db, Storage(data))
+    reconciler = Reconciler(gallery)
+    reconciler.run_once()
+    with closed:
+        status = reconciler.admin_status(ADMIN)
+    assert status.counts is None and status.device_storage is None
+    assert status.disk.total_bytes > 0 and status.last_reconcile is not None
+    assert reconciler.admin_status(ADMIN).counts is not None  # back with the database
 
 
 # -- limits ---------------------------------------------------------------------------------------

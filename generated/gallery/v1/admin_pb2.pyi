@@ -70,16 +70,18 @@ class GetAdminStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetAdminStatusResponse(_message.Message):
-    __slots__ = ("last_reconcile", "disk", "counts", "device_storage")
+    __slots__ = ("last_reconcile", "disk", "counts", "device_storage", "database_up")
     LAST_RECONCILE_FIELD_NUMBER: _ClassVar[int]
     DISK_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_STORAGE_FIELD_NUMBER: _ClassVar[int]
+    DATABASE_UP_FIELD_NUMBER: _ClassVar[int]
     last_reconcile: ReconcileRun
     disk: DiskStatus
     counts: AdminCounts
     device_storage: DeviceStorage
-    def __init__(self, last_reconcile: _Optional[_Union[ReconcileRun, _Mapping]] = ..., disk: _Optional[_Union[DiskStatus, _Mapping]] = ..., counts: _Optional[_Union[AdminCounts, _Mapping]] = ..., device_storage: _Optional[_Union[DeviceStorage, _Mapping]] = ...) -> None: ...
+    database_up: bool
+    def __init__(self, last_reconcile: _Optional[_Union[ReconcileRun, _Mapping]] = ..., disk: _Optional[_Union[DiskStatus, _Mapping]] = ..., counts: _Optional[_Union[AdminCounts, _Mapping]] = ..., device_storage: _Optional[_Union[DeviceStorage, _Mapping]] = ..., database_up: _Optional[bool] = ...) -> None: ...
 
 class DeviceStorage(_message.Message):
     __slots__ = ("quota_bytes", "devices_at_quota", "devices_near_quota", "largest")

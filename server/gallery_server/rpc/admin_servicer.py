@@ -28,24 +28,26 @@ class AdminServicer(admin_pb2_grpc.GalleryAdminServiceServicer):
                 min_free_bytes=status.min_free_bytes,
                 accepting_uploads=status.accepting_uploads,
             ),
-            counts=pb.AdminCounts(
-                events_stored=status.counts.events_stored,
-                events_on_device=status.counts.events_on_device,
-                stored_bytes=status.counts.stored_bytes,
-                upload_sessions=status.counts.upload_sessions,
-                upload_grants=status.counts.upload_grants,
-                uploads_in_flight=status.counts.uploads_in_flight,
-            ),
-            device_storage=pb.DeviceStorage(
-                quota_bytes=status.device_storage.limit,
-                devices_at_quota=status.device_storage.at_quota,
-                devices_near_quota=status.device_storage.near_quota,
-                largest=[
-                    pb.DeviceStorageUsage(device=device, used_bytes=used)
-                    for device, used in status.device_storage.largest
-                ],
-            ),
+            database_up=status.counts is not None,
         )
+        counts = status.counts
+        if counts is not None:
+            response.counts.CopyFrom(pb.AdminCounts(
+                events_stored=counts.events_stored,
+                events_on_device=counts.events_on_device,
+                stored_bytes=counts.stored_bytes,
+                upload_sessions=counts.upload_sessions,
+                upload_grants=counts.upload_grants,
+                uploads_in_flight=counts.uploads_in_flight,
+            ))
+        storage = status.device_storage
+        if storage is not None:
+            response.device_storage.CopyFrom(pb.DeviceStorage(
+                quota_bytes=storage.limit,
+                devices_at_quota=storage.at_quota,
+                devices_near_quota=storage.near_quota,
+                largest=[pb.DeviceStorageUsage(device=device, used_bytes=used) for device, used in storage.largest],
+            ))
         run = status.last_reconcile
         if run is not None:
             response.last_reconcile.CopyFrom(pb.ReconcileRun(
