@@ -126,7 +126,7 @@ def _main(argv: list[str] | None) -> int:
         from .supervisor import envoy_command
 
         try:
-            config = args.config or _host_local_config()
+            config = args.config or _host_local_config(settings.http_address)
             command = envoy_command(settings, backends, config)
             os.execvp(command[0], command)  # Envoy is the process: its signals and exit status are its own
         except (OSError, ValueError) as exc:  # an unwritable --config, no Envoy binary, what Envoy cannot take
@@ -171,13 +171,14 @@ def _token_subject(text: str) -> str:
     return text
 
 
-def _host_local_config() -> pathlib.Path:
+def _host_local_config(http_address: str) -> pathlib.Path:
     """Where `gallery envoy` writes its configuration by default: a file of its own on this host.
     <data>/run/ is the servers' shared storage, which the edge should not need to write to, and
-    where two edges would write the same file."""
-    fd, path = tempfile.mkstemp(prefix="gallery-envoy-", suffix=".yaml")
-    os.close(fd)
-    return pathlib.Path(path)
+    where two edges would write the same file. One name per user and listener, rewritten at each
+    start: Envoy becomes the process (exec), so nothing is left to remove the file after it, and
+    a new name per start left one behind each time."""
+    port = split_address(http_address, "")[1]
+    return pathlib.Path(tempfile.gettempdir()) / f"gallery-envoy-{os.getuid()}-{port}.yaml"
 
 
 def _backend(text: str) -> str:

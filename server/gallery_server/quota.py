@@ -146,6 +146,7 @@ def quota_exceeded(device: str, limit: int, used: int, size: int) -> Exhausted:
     return Exhausted(
         QUOTA_EXCEEDED,
         f"device {device} has {used} bytes of media stored and a quota of {limit}"
-        f" (GALLERY_MAX_DEVICE_BYTES): {size} more do not fit; delete events to make room",
+        f" (GALLERY_MAX_DEVICE_BYTES): {size} more bytes do not fit in the {max(0, limit - used)} left;"
+        " delete events to make room",
         device=device, quota_bytes=str(limit), used_bytes=str(used), size=str(size),
     )

@@ -358,7 +358,9 @@ def test_gallery_envoy_fronts_replicas_started_with_gallery_serve(tmp_path):
             for _ in range(5):  # every request now reaches the other one
                 r = http.get(f"/api/gallery/cam1/events/{event_id}/content")
                 assert (r.status_code, r.content) == (200, b"replicated")
-        [config] = tmp_path.glob("gallery-envoy-*.yaml")  # on this host, not on the shared storage
+        # On this host, not on the shared storage; one name per listener, so restarts leave no pile.
+        [config] = tmp_path.glob("gallery-envoy-*.yaml")
+        assert config.name == f"gallery-envoy-{os.getuid()}-{http_port}.yaml"
         assert str(grpc_a) in config.read_text() and str(grpc_b) in config.read_text()
         assert not (tmp_path / "data" / "run" / "envoy.yaml").exists()
     finally:
