@@ -1,6 +1,7 @@
 """The `gallery` command: run the stack; or, for a deployment of several replicas, serve gRPC alone
-and run Envoy in front of them; reconcile files and rows once; mint a bearer token; run a device
-agent. Every setting comes from GALLERY_* environment variables (README "Configuration")."""
+and run Envoy in front of them; reconcile files and rows once; verify every stored file's bytes;
+mint a bearer token; run a device agent. Every setting comes from GALLERY_* environment variables
+(README "Configuration")."""
 
 from __future__ import annotations
 
@@ -68,6 +69,20 @@ def _main(argv: list[str] | None) -> int:
                            help="allow a grace below the floor: only while no server of this data "
                            "folder runs (refused when one answers on GALLERY_GRPC_ADDRESS; "
                            "replicas on other hosts are not seen: stop them first)")
+    # A command of its own, not `reconcile --verify`: it reads every byte (hours on a large
+    # gallery), removes nothing and takes no lock, so the reconciler's passes (which a held
+    # reconcile lock would skip) go on meanwhile, and --grace/--force mean nothing to it.
+    verify = commands.add_parser(
+        "verify", help="read every stored media file and check it against its recorded SHA-256",
+        description="Read each stored event's media file whole and compare it with the size and "
+        "SHA-256 recorded at upload (safe while servers run; changes nothing). Logs each damaged or "
+        "missing file as an ERROR line, prints the totals as JSON. Exit status 1 when any is.",
+    )
+    verify.add_argument("--device", type=_verify_device, default=None, metavar="ID",
+                        help="check only this device's events (default: every device's)")
+    verify.add_argument("--max-mb-per-second", type=_rate, default=0.0, metavar="MB",
+                        help="read at most this many MB (10^6 bytes) per second, to leave the disk to "
+                        "uploads and downloads; 0 for no limit (default)")
     token = commands.add_parser("token", help="mint a bearer token signed with the server's secret")
     token.add_argument("--sub", required=True, type=_token_subject,
                        help="the token's subject (who it is for; not blank)")
@@ -102,11 +117,11 @@ def _main(argv: list[str] | None) -> int:
         return _agent(args)
 
     try:
-        if args.command != "token":  # the token's command only reads the secret
+        if args.command not in ("token", "verify"):  # token only reads the secret; verify changes nothing
             prepare_data_dir(data_dir_from_env())
         if args.command == "run" and not os.environ.get("GALLERY_JWT_SECRET"):
             ensure_secret_file(data_dir_from_env())
-        settings = Settings.from_env(needs_secret=args.command not in ("reconcile", "envoy"))
+        settings = Settings.from_env(needs_secret=args.command not in ("reconcile", "verify", "envoy"))
         if args.command == "envoy":
             backends = [_backend(text) for text in args.backend]
     except ConfigError as exc:
@@ -133,12 +148,16 @@ def _main(argv: list[str] | None) -> int:
             print(f"gallery: {exc}", file=sys.stderr)
             return 2
     logs.configure(settings.log_level)
-    if args.command in ("reconcile", "serve"):
+    if args.command in ("reconcile", "verify", "serve"):
         import sqlalchemy as sa
+
+        from .errors import DatabaseUnavailable
 
         try:
             if args.command == "reconcile":
                 return _reconcile(settings, args.grace, force=args.force)
+            if args.command == "verify":
+                return _verify(settings, args.device, args.max_mb_per_second * 1e6)
             from .rpc.server import CannotListen, serve
 
             try:
@@ -147,10 +166,12 @@ def _main(argv: list[str] | None) -> int:
                 print(f"gallery: {exc}", file=sys.stderr)
                 return 1
             return 0
-        except (sa.exc.OperationalError, sa.exc.ArgumentError) as exc:
+        except (sa.exc.OperationalError, sa.exc.ArgumentError, DatabaseUnavailable) as exc:
             # The database cannot be reached (or its URL names no driver) at start: one line that
             # says so, not a traceback of the driver's connection attempt. No password is in it.
-            why = " ".join(str(getattr(exc, "orig", None) or exc).split())  # psycopg's words span lines
+            # (DatabaseUnavailable: db.py's reads wrap the driver's error, its __cause__.)
+            cause = exc.__cause__ if isinstance(exc, DatabaseUnavailable) and exc.__cause__ else exc
+            why = " ".join(str(getattr(cause, "orig", None) or cause).split())  # psycopg's words span lines
             print(f"gallery: GALLERY_DATABASE_URL={shown_database_url(settings.database_url)}: {why}",
                   file=sys.stderr)
             return 1
@@ -261,6 +282,39 @@ def _reconcile(settings: Settings, grace: float | None, *, force: bool = False) 
         db.dispose()
     print(json.dumps(findings.to_json()))
     return 1 if findings.missing_media or findings.size_mismatch else 0
+
+
+def _verify_device(text: str) -> str:
+    try:
+        return validation.device_id(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device id ({exc.message})") from None
+
+
+def _rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = -1.0
+    if not 0 <= rate < float("inf"):  # nan fails too
+        raise argparse.ArgumentTypeError(f"{text}: must be a number >= 0")
+    return rate
+
+
+def _verify(settings: Settings, device: str | None, bytes_per_second: float) -> int:
+    import json
+
+    from .db import Database
+    from .scrub import Scrub
+
+    # No create_tables, unlike `gallery reconcile`: verifying changes nothing, the schema included.
+    db = Database(settings.database_url, pool_size=1)
+    try:
+        totals = Scrub(db, settings.data_dir, bytes_per_second=bytes_per_second).run(device=device)
+    finally:
+        db.dispose()
+    print(json.dumps(totals.to_json()))
+    return 1 if totals.damaged or totals.missing else 0
 
 
 def _agent(args: argparse.Namespace) -> int:

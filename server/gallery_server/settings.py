@@ -117,7 +117,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: os._Environ[str] | dict[str, str] = os.environ, *, needs_secret: bool = True) -> Settings:
         """`needs_secret` False: for a command that signs and checks nothing (`gallery reconcile`,
-        `gallery envoy`), a missing secret is no error."""
+        `gallery verify`, `gallery envoy`), a missing secret is no error."""
         data_dir = data_dir_from_env(env)
         secret = env.get("GALLERY_JWT_SECRET") or read_secret_file(data_dir)
         if not secret and needs_secret:
