@@ -34,6 +34,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import col
 
+from . import storage
 from .db import Database
 from .models import Event
 
@@ -79,7 +80,7 @@ class Scrub:
         self, db: Database, data_dir: pathlib.Path, *, bytes_per_second: float = 0
     ) -> None:
         self.db = db
-        self.media_root = data_dir / "media"  # storage.media_root, without making it
+        self.media_root = storage.media_root(data_dir)  # not a Storage: that makes folders
         self.bytes_per_second = bytes_per_second  # 0: no limit
         self._paid_until = 0.0  # the rate limit: when the bytes read so far may have been read
         self._buffer = bytearray(CHUNK_BYTES)  # every file is read through this one
