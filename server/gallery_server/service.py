@@ -232,12 +232,22 @@ class Gallery:
     def delete_event(self, principal: Principal, device: str, event_id: str) -> None:
         principal.require(validation.device_id(device), WRITE)
         validation.event_id(event_id)
+        if not self.delete_events(device, [event_id]):
+            raise _not_found(device, event_id)
+
+    def delete_events(self, device: str, event_ids: list[str]) -> list[str]:
+        """Delete these events of the device in one transaction (a user's DELETE, retention's
+        batches); returns the ids there were to delete."""
+        deleted_ids = []
         with self.db.session() as session:
-            deleted = session.exec(  # type: ignore[call-overload]
-                sa.delete(Event).where(col(Event.id) == event_id, col(Event.device) == device)
-                .returning(col(Event.device_key), col(Event.size), col(Event.sha256), col(Event.created))
-            ).first()
-            if deleted:
+            for event_id in event_ids:
+                deleted = session.exec(  # type: ignore[call-overload]
+                    sa.delete(Event).where(col(Event.id) == event_id, col(Event.device) == device)
+                    .returning(col(Event.device_key), col(Event.size), col(Event.sha256), col(Event.created))
+                ).first()
+                if not deleted:
+                    continue
+                deleted_ids.append(event_id)
                 self.forget_event(session, event_id)
                 device_key, size, sha256, created = deleted
                 if device_key is not None:  # announced: the device will announce it again
@@ -249,11 +259,11 @@ class Gallery:
                                                size=size, sha256=sha256, created=created,
                                                deleted_at=utcnow()))
             session.commit()
-        if not deleted:
-            raise _not_found(device, event_id)
-        # The row is gone first: a crash here leaves files without a row (reclaimable), never a
+        # The rows are gone first: a crash here leaves files without a row (reclaimable), never a
         # row without its file. So is a file that cannot be removed now: the event is deleted.
-        self.storage.remove_event_files(device, event_id)
+        for event_id in deleted_ids:
+            self.storage.remove_event_files(device, event_id)
+        return deleted_ids
 
     def forget_event(self, session: Session, event_id: str) -> None:
         """What refers to an event whose row `session` deletes: a pull still open for it has

@@ -84,6 +84,8 @@ class Settings:
     min_free_bytes: int = 1 << 30
     # Bytes of media one device may keep stored (quota.py); 0: no quota.
     max_device_bytes: int = 0
+    # Events created longer ago than this are deleted (retention.py); 0: kept for ever.
+    retention_days: float = 0.0
     reconcile_interval_seconds: float = 600.0
     reconcile_grace_seconds: float = 3600.0
     # A connection whose peer went away without a word (a device out of coverage, a NAT that
@@ -420,6 +422,8 @@ _NUMBERS: dict[str, _Range] = {
     "upload_messages_in_flight": _Range("GALLERY_UPLOAD_MESSAGES_IN_FLIGHT", int, 1, INT64_MAX, unit=""),
     "min_free_bytes": _Range("GALLERY_MIN_FREE_BYTES", int, 0, INT64_MAX, unit="bytes"),
     "max_device_bytes": _Range("GALLERY_MAX_DEVICE_BYTES", int, 0, INT64_MAX, unit="bytes"),
+    # Up to a century: beyond, a cutoff before year 1 is no date at all.
+    "retention_days": _Range("GALLERY_RETENTION_DAYS", float, 0, 36500, unit="days"),
     # A pass walks every file and row: more often than each second is a spin.
     "reconcile_interval_seconds": _Range("GALLERY_RECONCILE_INTERVAL_SECONDS", float, 1, A_YEAR),
     "reconcile_grace_seconds": _Range(

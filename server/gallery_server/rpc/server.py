@@ -24,6 +24,7 @@ from ..incoming import IncomingImporter
 from ..metrics import Metrics
 from ..reconcile import ReconcileLoop, Reconciler
 from ..resumable import ResumableUploads, SessionSweeper
+from ..retention import Retention
 from ..service import Gallery, background_gallery
 from ..settings import Settings
 from ..signed_urls import SignedUploads
@@ -227,6 +228,11 @@ def serve(settings: Settings) -> None:
         settings.reconcile_interval_seconds,
     )
     reconciler.start()
+    # Every replica may delete events past the retention: each is deleted once (retention.py).
+    retention = None
+    if settings.retention_days:
+        retention = Retention(background_gallery(settings), settings.retention_days)
+        retention.start()
     # Every replica may also make missing thumbnails: events are claimed one at a time (thumbnails.py).
     thumbnailer = None
     if settings.make_thumbnails:
@@ -252,6 +258,8 @@ def serve(settings: Settings) -> None:
     importer.stop()
     sweeper.stop()
     reconciler.stop(timeout=5)
+    if retention is not None:
+        retention.stop(timeout=5)
     # A file in hand is not waited for long: its claim is simply taken again after the lease.
     if thumbnailer is not None:
         thumbnailer.stop(timeout=5)

@@ -1,0 +1,78 @@
+"""GALLERY_RETENTION_DAYS: events older than that are deleted, as a user's DELETE would.
+
+A fleet's cameras never stop; without a limit on age, the disk (or a device's quota) fills and
+uploads are refused until someone deletes by hand. "Keep N days" is the rule such fleets run by.
+
+Older means by `created`: when the device captured an announced event (so a backlog a device
+announces late is as old as its captures), when the server stored an upload. Stored and
+announced events alike: an announced one deleted so is answered `deleted` when its device
+announces it again (Devices.announce), as after a user's delete, and is not listed again.
+
+Every replica runs the loop (Retention), and so may several at once: each event is deleted by one
+DELETE of its row (Gallery.delete_events), which only one of them finds. A pass walks the devices
+that have events and, for each, deletes the oldest past the cutoff in batches, each batch one
+transaction whose files are removed after its commit (rows first: a crash leaves files without
+rows, which reconciliation removes, never the reverse). The index on (device, created) makes
+finding them a range read per device, however many events are kept.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+
+import sqlalchemy as sa
+from sqlmodel import col
+
+from .background import BackgroundLoop
+from .clock import utcnow
+from .models import Event, EventCount
+from .service import Gallery
+
+log = logging.getLogger(__name__)
+
+# Events deleted per transaction: a batch's row locks are held until its commit.
+BATCH = 200
+# How often a replica looks for events past the cutoff; a pass that found a full batch goes on at
+# once (BackgroundLoop: busy).
+INTERVAL_SECONDS = 600.0
+
+_DEVICES = sa.select(EventCount.device).where(col(EventCount.count) > 0).distinct()
+_EXPIRED = (
+    sa.select(Event.id)
+    .where(col(Event.device) == sa.bindparam("device"), col(Event.created) < sa.bindparam("cutoff"))
+    .order_by(col(Event.created), col(Event.id))
+    .limit(BATCH)
+)
+
+
+class Retention(BackgroundLoop):
+    thread_name = "retention"
+
+    def __init__(self, gallery: Gallery, days: float, interval: float = INTERVAL_SECONDS) -> None:
+        super().__init__(interval)
+        self.gallery = gallery
+        self.keep = datetime.timedelta(days=days)
+
+    def run_pass(self) -> bool:
+        return self.expire() > 0  # more may be waiting: the next pass comes at once
+
+    def expire(self, now: datetime.datetime | None = None) -> int:
+        """Delete up to a batch per device of the events created before `now` less the retention
+        (now: the clock's); returns how many were deleted."""
+        cutoff = (now or utcnow()) - self.keep
+        db = self.gallery.db
+        with db.read() as connection:
+            devices = list(connection.execute(_DEVICES).scalars())
+        expired = 0
+        for device in devices:
+            with db.read() as connection:
+                ids = list(connection.execute(_EXPIRED, {"device": device, "cutoff": cutoff}).scalars())
+            if not ids:
+                continue
+            deleted = self.gallery.delete_events(device, ids)
+            expired += len(deleted)
+            log.info("events expired", extra={
+                "device": device, "events": len(deleted), "created_before": cutoff.isoformat(),
+                "retention_days": self.keep / datetime.timedelta(days=1)})
+        return expired

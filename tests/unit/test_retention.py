@@ -1,0 +1,98 @@
+"""GALLERY_RETENTION_DAYS (retention.py): events created before the cutoff are deleted as a user's
+DELETE deletes them (rows, files, counters; an announced capture stays deleted), in batches, once
+however many replicas run the loop; nothing younger is touched. On SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+
+import sqlalchemy as sa
+
+from gallery_server import auth, retention
+from gallery_server.clock import utcnow
+from gallery_server.devices import Announcement, Devices
+from gallery_server.models import Event
+from gallery_server.retention import Retention
+from gallery_server.service import Gallery
+
+from ..conftest import stored_files
+from .test_service import PDF, PNG, row_count, store
+from .test_stats_counters import _row
+
+DAY = datetime.timedelta(days=1)
+
+
+def backdate(gallery: Gallery, event_id: str, age: datetime.timedelta) -> None:
+    with gallery.db.engine.begin() as c:
+        c.execute(sa.update(Event).where(Event.id == event_id).values(created=utcnow() - age))
+
+
+def test_events_past_the_retention_go_with_their_files_and_the_rest_stay(
+    gallery: Gallery, principal: auth.Principal,
+) -> None:
+    old = store(gallery, principal, data=PNG, name="old.png", thumbnail=PNG)
+    kept = store(gallery, principal, data=PDF, name="kept.pdf")
+    other = store(gallery, principal, "cam2", data=PNG, name="other.png")
+    backdate(gallery, old.id, 31 * DAY)
+    backdate(gallery, kept.id, 29 * DAY)
+    backdate(gallery, other.id, 40 * DAY)
+    assert Retention(gallery, days=30).expire() == 2
+    assert row_count(gallery) == 1
+    assert [p.name for p in stored_files(gallery.settings.data_dir)] == [kept.id]  # thumbnail gone too
+    stats = gallery.stats(principal, "cam1")  # the counters follow, as for any delete
+    assert (stats.total_events, stats.total_size) == (1, len(PDF))
+    assert gallery.stats(principal, "cam2").total_events == 0
+    assert Retention(gallery, days=30).expire() == 0  # nothing more: nothing younger is touched
+    assert Retention(gallery, days=0.5).expire(now=utcnow() + 29 * DAY) == 1  # its own clock too
+
+
+def test_an_announced_capture_past_the_retention_stays_deleted(gallery: Gallery) -> None:
+    """Its device still holds the file and announces it again: it is answered `deleted`."""
+    devices = Devices(gallery)
+    device = auth.Principal("cam1", frozenset({"cam1"}), frozenset({auth.DEVICE}))
+    capture = Announcement(device_key="dcim/old.mp4", name="old.mp4", size=1000, sha256="a" * 64,
+                           created=utcnow() - 45 * DAY)
+    [announced] = devices.announce(device, "cam1", [capture])
+    assert announced.state == "on_device"
+    assert Retention(gallery, days=30).expire() == 1
+    [again] = devices.announce(device, "cam1", [capture])
+    assert (again.id, again.state) == (announced.id, "deleted")
+    assert row_count(gallery) == 0
+
+
+def test_a_backlog_goes_in_batches_oldest_first(gallery: Gallery) -> None:
+    table = Event.__table__  # type: ignore[attr-defined]
+    start = utcnow() - 100 * DAY
+    count = retention.BATCH + 50
+    rows = [{**_row(i, 0), "device": "cam1", "created": start + i * datetime.timedelta(minutes=1)}
+            for i in range(count)]
+    with gallery.db.engine.begin() as c:
+        c.execute(table.insert(), rows)
+    loop = Retention(gallery, days=30)
+    assert loop.expire() == retention.BATCH  # one transaction's worth per device and pass
+    with gallery.db.engine.connect() as c:
+        left = sorted(c.execute(sa.select(table.c.id)).scalars())
+    assert left == sorted(r["id"] for r in rows[retention.BATCH:])  # the oldest went first
+    assert loop.run_pass() is True  # it goes on at once while it finds some
+    assert loop.run_pass() is False and row_count(gallery) == 0
+
+
+def test_replicas_expiring_at_once_delete_each_event_once(gallery: Gallery, principal: auth.Principal) -> None:
+    events = [store(gallery, principal, data=PNG, name=f"{i}.png") for i in range(12)]
+    for event in events:
+        backdate(gallery, event.id, 60 * DAY)
+    counts: list[int] = []
+    barrier = threading.Barrier(3)
+
+    def replica() -> None:
+        barrier.wait()
+        counts.append(Retention(gallery, days=30).expire())
+
+    threads = [threading.Thread(target=replica) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(counts) == 12 and row_count(gallery) == 0
+    assert stored_files(gallery.settings.data_dir) == []
