@@ -164,7 +164,9 @@ def _children(pid: int) -> tuple[int, int]:
         with open(f"/proc/{pid}/task/{task}/children") as f:
             found += [int(c) for c in f.read().split()]
     server = [p for p in found if "gallery_server" in _command(p)]
-    envoy = [p for p in found if "envoy" in _command(p).split(" ")[0]]
+    # The program's name, not its folder's: a checkout under a path with "envoy" in it (its
+    # .venv/bin/python) is not Envoy.
+    envoy = [p for p in found if os.path.basename(_command(p).split(" ")[0]) == "envoy"]
     if len(server) != 1 or len(envoy) != 1:
         raise ValueError(f"expected the server and Envoy under pid {pid}, found {found}")
     return server[0], envoy[0]

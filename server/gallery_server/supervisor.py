@@ -137,8 +137,10 @@ def envoy_command(settings: Settings, backends: list[str], config: pathlib.Path 
         raise
     # `misc` at error: its warnings are ten paragraphs at every start, each saying that
     # file_server is work in progress (README "Downloads sent by Envoy" says what that means).
+    # Envoy's access log lines (its own answers, envoy.yaml) are written every second, not every
+    # 10 s (its default): near the server's lines, which are written at once.
     return [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn",
-            "--component-log-level", "misc:error"]
+            "--component-log-level", "misc:error", "--file-flush-interval-msec", "1000"]
 
 
 def _dies_with(parent: int) -> Callable[[], None]:

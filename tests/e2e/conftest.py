@@ -86,16 +86,29 @@ def envoy_channel(stack: Stack) -> Iterator[grpc.Channel]:
 
 
 def log_entries(stack: Stack) -> list[dict[str, object]]:
-    """The stack's JSON log lines so far."""
-    return [json.loads(line) for line in stack.log().splitlines() if line.startswith("{")]
+    """The stack's JSON log lines so far; whole lines only (the last may be half-written: Envoy
+    writes its lines a second's worth at a time)."""
+    return [json.loads(line) for line in stack.log().split("\n")[:-1] if line.startswith("{")]
 
 
 def access_line(stack: Stack, request_id: object, timeout: float = 10) -> dict[str, object] | None:
     """The access line of the RPC with this request id: it is written as the answer goes out, so
     it may follow the client's answer by a moment."""
+    found = _lines_of(stack, "rpc", request_id, timeout)
+    return found[0] if found else None
+
+
+def envoy_lines(stack: Stack, request_id: object, timeout: float = 10) -> list[dict[str, object]]:
+    """Envoy's lines about an answer it made itself with this request id (envoy.yaml, access_log):
+    Envoy writes them every second (supervisor.envoy_command), so they may follow the answer by
+    that. Empty if none came within `timeout`."""
+    return _lines_of(stack, "envoy reply", request_id, timeout)
+
+
+def _lines_of(stack: Stack, message: str, request_id: object, timeout: float) -> list[dict[str, object]]:
     deadline = time.monotonic() + timeout
     while True:
-        found = [e for e in log_entries(stack) if e.get("message") == "rpc" and e.get("request_id") == request_id]
+        found = [e for e in log_entries(stack) if e.get("message") == message and e.get("request_id") == request_id]
         if found or time.monotonic() > deadline:
-            return found[0] if found else None
+            return found
         time.sleep(0.05)

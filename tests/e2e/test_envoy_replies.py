@@ -8,7 +8,9 @@ answers when no server is up, and that native gRPC calls keep Envoy's gRPC form
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -34,9 +36,11 @@ def _assert_status_json(r: httpx.Response, code: int, reason: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def envoy_without_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, int]]:
+def envoy_without_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, str, int, pathlib.Path]]:
     """The real Envoy with the gallery's configuration, its two backends ports nothing listens on;
-    (REST base URL, gRPC address, admin port)."""
+    (REST base URL, gRPC address, admin port, its output)."""
     root = tmp_path_factory.mktemp("no-server")
     listen, admin, *nothing = free_ports(4)
     config = root / "envoy.yaml"
@@ -45,12 +49,14 @@ def envoy_without_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
     ), encoding="utf-8")
     log = (root / "envoy.log").open("wb")
     envoy = subprocess.Popen(
-        [supervisor.envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn"],
+        # Its access log lines every second, as `gallery run`'s (supervisor.envoy_command).
+        [supervisor.envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn",
+         "--file-flush-interval-msec", "1000"],
         stdout=log, stderr=log,
     )
     try:
         supervisor.wait_envoy_ready(admin, process=envoy)
-        yield f"http://127.0.0.1:{listen}", f"127.0.0.1:{listen}", admin
+        yield f"http://127.0.0.1:{listen}", f"127.0.0.1:{listen}", admin, root / "envoy.log"
     finally:
         envoy.terminate()
         envoy.wait(timeout=30)
@@ -58,9 +64,9 @@ def envoy_without_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
 
 
 def test_rest_without_a_server_is_a_503_in_the_servers_error_shape(
-    envoy_without_server: tuple[str, str, int],
+    envoy_without_server: tuple[str, str, int, pathlib.Path],
 ) -> None:
-    base_url, _, _ = envoy_without_server
+    base_url, _, _, _ = envoy_without_server
     with httpx.Client(base_url=base_url, timeout=30) as http:
         for method, path in (("GET", "/api/gallery/cam1/stats"), ("GET", "/api/gallery/cam1/events"),
                              ("POST", "/api/gallery/cam1/upload")):
@@ -73,8 +79,26 @@ def test_rest_without_a_server_is_a_503_in_the_servers_error_shape(
         assert (r.status_code, r.headers["content-type"], r.content) == (503, "application/json", b"")
 
 
-def test_native_grpc_without_a_server_keeps_a_grpc_status(envoy_without_server: tuple[str, str, int]) -> None:
-    _, address, _ = envoy_without_server
+def test_a_503_without_a_server_is_logged_by_envoy(envoy_without_server: tuple[str, str, int, pathlib.Path]) -> None:
+    """No server answered it, so only Envoy's line (envoy.yaml, access_log) names its request id."""
+    base_url, _, _, output = envoy_without_server
+    r = httpx.get(f"{base_url}/api/gallery/cam1/stats", headers={"Authorization": "Bearer x"}, timeout=30)
+    assert r.status_code == 503, r.text
+    deadline = time.monotonic() + 10  # Envoy writes its lines every second
+    while not (found := [line for line in output.read_text().split("\n")[:-1]
+                         if line.startswith("{") and r.headers["x-request-id"] in line]):
+        assert time.monotonic() < deadline, output.read_text()[-3000:]
+        time.sleep(0.05)
+    [line] = [json.loads(text) for text in found]
+    assert (line["message"], line["http_method"], line["http_status"]) == ("envoy reply", "GET", 503), line
+    # No connection yet, or no healthy server once the health checks have failed.
+    assert line["details"].startswith(("upstream_reset_before_response_started", "no_healthy_upstream")), line
+
+
+def test_native_grpc_without_a_server_keeps_a_grpc_status(
+    envoy_without_server: tuple[str, str, int, pathlib.Path],
+) -> None:
+    _, address, _, _ = envoy_without_server
     with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as caught:
         gallery_pb2_grpc.GalleryServiceStub(channel).GetStats(pb.GetStatsRequest(device="cam1"), timeout=30)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -111,12 +135,14 @@ def test_a_native_call_too_large_for_envoy_is_resource_exhausted_with_its_reason
     assert status.message == "the request is larger than Envoy takes for this call"
 
 
-def test_envoys_request_limit_grows_with_the_replicas(envoy_without_server: tuple[str, str, int]) -> None:
+def test_envoys_request_limit_grows_with_the_replicas(
+    envoy_without_server: tuple[str, str, int, pathlib.Path],
+) -> None:
     """Envoy's default of 1,024 requests in flight is shared by every replica: open streams past
     it (health Watch streams, device channels of a fleet) made Envoy answer 503 to everyone; and
     its default of 3 retries at once left the other calls of a killed replica unretried. Both
     are REQUESTS_PER_BACKEND per replica in all, as Envoy applies them."""
-    _, _, admin = envoy_without_server
+    _, _, admin, _ = envoy_without_server
     clusters = httpx.get(f"http://127.0.0.1:{admin}/clusters", timeout=10).text
     expected = 2 * envoy_config.REQUESTS_PER_BACKEND
     assert f"gallery_grpc::default_priority::max_requests::{expected}" in clusters, clusters[:2000]

@@ -212,3 +212,26 @@ def test_the_rendered_values(tmp_path: pathlib.Path) -> None:
     listed = render(cors_origins=("https://app.example",))
     assert 'typed_per_filter_config: {"envoy.filters.http.cors": {' in listed and '"vary"' in listed
     assert render(media_root=tmp_path).count("disabled: false") == 2
+
+
+def test_envoys_access_log_takes_its_own_answers_only_and_names_no_secret() -> None:
+    """Envoy logs the answers it makes itself (README "Logs"): a server's answer (via_upstream)
+    and a file Envoy sends after the Check have the server's lines already. A line must read no
+    path or query (a pre-signed URL's path is its token) and no header but the request id and
+    the method (Authorization carries bearer tokens)."""
+    text = envoy_config.render(listen="127.0.0.1:0", admin_port=0, backends=["127.0.0.1:1"])
+    assert text.count("access_log:") == 1  # the connection manager's; no other logger anywhere
+    block = text.split("access_log:\n", 1)[1].split("request_headers_timeout:", 1)[0]
+    assert "envoy.access_loggers.stderr" in block and "StderrAccessLog" in block
+    assert re.findall(r'expression: "(.*)"', block) == [
+        "response.code_details != 'via_upstream' && response.code_details != 'file_server'"
+    ]
+    fields = dict(re.findall(r"^ {26}(\w+): (.+)$", block.split("json_format:\n", 1)[1], re.MULTILINE))
+    assert set(fields) == {"time", "level", "logger", "message", "request_id", "http_method", "http_status",
+                           "details", "flags", "duration_ms", "client", "upstream_host"}
+    assert (fields["message"], fields["request_id"]) == ("envoy reply", '"%REQ(X-REQUEST-ID)%"')
+    operators = {name for value in fields.values() for name, _ in re.findall(r"%([A-Z_]+)(\([^)]*\))?%", value)}
+    assert operators == {"EMIT_TIME", "REQ", "RESPONSE_CODE", "RESPONSE_CODE_DETAILS", "RESPONSE_FLAGS",
+                         "DURATION", "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT", "UPSTREAM_HOST"}
+    headers = {h for value in fields.values() for arg in re.findall(r"%REQ\(([^)]*)\)%", value) for h in arg.split("?")}
+    assert headers == {"X-REQUEST-ID", "X-ENVOY-ORIGINAL-METHOD", ":METHOD"}
