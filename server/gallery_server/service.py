@@ -240,16 +240,18 @@ class Gallery:
         batches); returns the ids there were to delete."""
         deleted_ids = []
         with self.db.session() as session:
-            for event_id in event_ids:
-                deleted = session.exec(  # type: ignore[call-overload]
-                    sa.delete(Event).where(col(Event.id) == event_id, col(Event.device) == device)
-                    .returning(col(Event.device_key), col(Event.size), col(Event.sha256), col(Event.created))
-                ).first()
-                if not deleted:
-                    continue
+            # One statement for the batch: its triggers then lock the device's counter rows once, in
+            # their one order (models.py), as every insert does. A statement per event locked them
+            # event by event, so a batch mixing media types took them out of that order and
+            # deadlocked with a concurrent upload on PostgreSQL.
+            deleted = session.exec(  # type: ignore[call-overload]
+                sa.delete(Event).where(col(Event.device) == device, col(Event.id).in_(event_ids))
+                .returning(col(Event.id), col(Event.device_key), col(Event.size), col(Event.sha256),
+                           col(Event.created))
+            ).all()
+            for event_id, device_key, size, sha256, created in sorted(deleted):
                 deleted_ids.append(event_id)
                 self.forget_event(session, event_id)
-                device_key, size, sha256, created = deleted
                 if device_key is not None:  # announced: the device will announce it again
                     session.exec(  # type: ignore[call-overload]
                         sa.delete(DeletedCapture).where(col(DeletedCapture.device) == device,

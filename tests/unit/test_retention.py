@@ -96,3 +96,45 @@ def test_replicas_expiring_at_once_delete_each_event_once(gallery: Gallery, prin
         t.join()
     assert sum(counts) == 12 and row_count(gallery) == 0
     assert stored_files(gallery.settings.data_dir) == []
+
+
+def test_a_batch_of_several_media_types_does_not_deadlock_an_upload(gallery: Gallery) -> None:
+    """An upload inserting a video between two statements of a batch that deletes an image and a
+    video (by hand below: the batch is held after its first DELETE). Deleted one statement per
+    event, the batch held the image's counter and the device's usage, the upload took the video's
+    counter and waited for the usage, and the batch's next DELETE waited for the video's counter:
+    PostgreSQL's deadlock detector aborted one of them. One statement takes them all in order."""
+    table = Event.__table__  # type: ignore[attr-defined]
+    with gallery.db.engine.begin() as c:
+        c.execute(table.insert(), [{**_row(0, 0), "device": "cam1", "media_type": "image"},
+                                   {**_row(1, 0), "device": "cam1", "media_type": "video"}])
+    batch_thread = threading.get_ident()
+    upload_done = threading.Event()
+    errors: list[BaseException] = []
+
+    def upload() -> None:
+        try:
+            with gallery.db.engine.begin() as c:
+                c.execute(table.insert(), [{**_row(2, 0), "device": "cam1", "media_type": "video"}])
+        except BaseException as exc:  # noqa: BLE001 - the test's finding
+            errors.append(exc)
+        finally:
+            upload_done.set()
+
+    uploader = threading.Thread(target=upload)
+
+    def between_statements(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+        if threading.get_ident() == batch_thread and statement.startswith("DELETE FROM events") \
+                and not uploader.is_alive() and not upload_done.is_set():
+            uploader.start()
+            upload_done.wait(2.5)  # past PostgreSQL's deadlock_timeout (1 s), had there been one
+
+    sa.event.listen(gallery.db.engine, "after_cursor_execute", between_statements)
+    try:
+        deleted = gallery.delete_events("cam1", ["evt_w0_0", "evt_w0_1"])
+    finally:
+        sa.event.remove(gallery.db.engine, "after_cursor_execute", between_statements)
+        uploader.join(10)
+    assert errors == [] and sorted(deleted) == ["evt_w0_0", "evt_w0_1"]
+    with gallery.db.engine.connect() as c:
+        assert list(c.execute(sa.select(table.c.id)).scalars()) == ["evt_w0_2"]
