@@ -321,6 +321,29 @@ def _unavailable(exc: BaseException) -> bool:
     return False
 
 
+def _unreachable(exc: BaseException) -> bool:
+    """Whether `exc` (an _unavailable one) says the database could not be reached at all: the
+    connection failed or was lost, the server is shutting down or out of connections. The rest
+    (a deadlock, a lock or pool timeout, a full disk, SQLite busy) are answers of a database that
+    is there."""
+    if isinstance(exc, sa.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        exc = exc.orig
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is None or not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate  # None: psycopg's own, while connecting or with the connection gone
+    return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03", "53300")
+
+
+def _from_database(exc: BaseException) -> bool:
+    """Whether `exc` is an error the database (or its driver) answered with."""
+    psycopg = sys.modules.get("psycopg")
+    return isinstance(exc, (sa.exc.DBAPIError, sqlite3.Error)) or (
+        psycopg is not None and isinstance(exc, psycopg.Error))
+
+
 def _connection_gone(exc: BaseException) -> bool:
     """Whether `exc` (an _unavailable one) says the connection itself went, so that the server
     cannot know what the database did with its last statement: psycopg's own errors, the
@@ -336,41 +359,77 @@ def _connection_gone(exc: BaseException) -> bool:
     return state is None or state.startswith(("08", "57P"))
 
 
+class _Throttle:
+    """At most one line per `seconds` about one kind of trouble, with how often it happened since
+    the last line: an outage under load, or a background loop's retries, made several a second."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._lock = threading.Lock()
+        self._last = -float("inf")
+        self._since = 0
+
+    def due(self) -> int | None:
+        """Count one more; None while the last line is recent, else how many since it (this one
+        included), and the next line is `seconds` away."""
+        with self._lock:
+            self._since += 1
+            now = time.monotonic()
+            if now - self._last < self.seconds:
+                return None
+            self._last, count, self._since = now, self._since, 0
+            return count
+
+
+def _words(exc: BaseException) -> str:
+    """The driver's words (host, port and user at most, never a password), not SQLAlchemy's,
+    which would add the statement's parameters: names and metadata that users sent."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None:
+        exc = exc.orig
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+
+
 class Availability:
-    """Whether the database answered when last asked, for the operator: one ERROR when it stops
-    answering, then at most one a minute while it stays so (each request's access line says
-    DATABASE_UNAVAILABLE meanwhile: an outage under load or a background loop's retries made
-    several lines a second), and one WARNING when it answers again; `up` is a metric."""
+    """Whether this process can reach the database, for the operator: `up` is a metric
+    (gallery_database_up), and an outage is one ERROR, then at most one a minute with the count of
+    failures meanwhile, and one WARNING when the database answers again (after a line said it was
+    down). Only failures to reach it count (unreachable, connection lost, shutting down, out of
+    connections): a deadlock, a lock or pool timeout or a full disk are answers of a database that
+    is there, each a 503 too (_unavailable), told by `strained`, once a minute, as WARNINGs."""
 
     REPEAT_SECONDS = 60.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.down_since: float | None = None  # time.monotonic() of the first failure
-        self._logged_at = 0.0
-        self._failures = 0  # since the last line
+        self.down_since: float | None = None  # time.monotonic() of the outage's first failure
+        self._failures = 0  # in this outage
+        self._said_down = False
+        # Kept across outages: one that comes back within the minute is no new ERROR line.
+        self._down = _Throttle(self.REPEAT_SECONDS)
+        self._strained = _Throttle(self.REPEAT_SECONDS)
 
     @property
     def up(self) -> bool:
         return self.down_since is None
 
     def failed(self, exc: BaseException) -> None:
-        # The driver's words (host, port and user at most, never a password), not SQLAlchemy's,
-        # which would add the statement's parameters: names and metadata that users sent.
-        if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None:
-            exc = exc.orig
-        why = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+        """A request found the database unavailable (_unavailable): an outage, or a strain."""
+        if not _unreachable(exc):
+            if (count := self._strained.due()) is not None:
+                log.warning("database could not do the work now: %s", _words(exc), extra={"occurrences": count})
+            return
         with self._lock:
             now = time.monotonic()
-            self._failures += 1
             if self.down_since is None:
                 self.down_since = now
-            elif now - self._logged_at < self.REPEAT_SECONDS:
-                return
-            self._logged_at, failures, self._failures = now, self._failures, 0
+            self._failures += 1
             down_for = now - self.down_since
-        log.error("database unavailable: %s", why,
-                  extra={"failures": failures, "unavailable_seconds": round(down_for, 1)})
+            count = self._down.due()
+            if count is not None:
+                self._said_down = True
+        if count is not None:
+            log.error("database unavailable: %s", _words(exc),
+                      extra={"failures": count, "unavailable_seconds": round(down_for, 1)})
 
     def answered(self) -> None:
         if self.down_since is None:  # the usual case: no lock taken
@@ -378,10 +437,11 @@ class Availability:
         with self._lock:
             if self.down_since is None:
                 return
-            down_for, failures = time.monotonic() - self.down_since, self._failures
-            self.down_since, self._failures = None, 0
-        log.warning("database available again", extra={
-            "unavailable_seconds": round(down_for, 1), "failures_since_last_line": failures})
+            down_for, failures, said = time.monotonic() - self.down_since, self._failures, self._said_down
+            self.down_since, self._failures, self._said_down = None, 0, False
+        if said:
+            log.warning("database available again",
+                        extra={"unavailable_seconds": round(down_for, 1), "failures": failures})
 
 
 # One per process: every engine of it reaches the same database.
@@ -392,12 +452,15 @@ availability = Availability()
 def _unavailable_as_error() -> Iterator[None]:
     try:
         yield
+    except (DatabaseUnavailable, CommitOutcomeUnknown):
+        raise  # told where it was raised (a commit, or a read nested in a session)
     except Exception as exc:
-        if not _unavailable(exc):
-            availability.answered()  # an error of the statement: the database answered
-            raise
-        availability.failed(exc)
-        raise DatabaseUnavailable() from exc
+        if _unavailable(exc):
+            availability.failed(exc)
+            raise DatabaseUnavailable() from exc
+        if _from_database(exc):  # an error of the statement: the database answered
+            availability.answered()
+        raise
     availability.answered()
 
 

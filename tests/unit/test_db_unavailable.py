@@ -41,9 +41,20 @@ def test_postgresql_refusing_connections_is_unavailable_then_answers_again(close
     assert db.read_rows(service._STATS, {"device": "cam"}) == []
     assert db_module.availability.up is True
     [again] = [r for r in caplog.records if r.getMessage() == "database available again"]
-    assert again.levelname == "WARNING" and again.failures_since_last_line == 2
+    assert again.levelname == "WARNING" and again.failures == 3
     with db.session() as session:
         assert session.execute(sa.text("SELECT 1")).scalar_one() == 1
+
+
+def test_a_commit_that_finds_the_database_gone_leaves_it_down(closed_database, monkeypatch):
+    """The session around a failed COMMIT is no sign that the database answered."""
+    db, closed = closed_database
+    monkeypatch.setattr(db_module, "availability", db_module.Availability())
+    with pytest.raises((CommitOutcomeUnknown, DatabaseUnavailable)), db.session() as session:
+        session.execute(sa.text("CREATE TEMP TABLE pending (x int)"))  # a transaction under way
+        with closed:
+            db.commit(session)
+    assert db_module.availability.up is False
 
 
 def test_a_lasting_outage_is_logged_once_a_minute_with_its_count(monkeypatch, caplog):
@@ -52,19 +63,40 @@ def test_a_lasting_outage_is_logged_once_a_minute_with_its_count(monkeypatch, ca
     monkeypatch.setattr(db_module.time, "monotonic", lambda: clock[0])
     with caplog.at_level(logging.WARNING, logger="gallery_server.db"):
         for _ in range(5):  # 5 failures in the first 50 s
-            availability.failed(OSError("connection refused"))
+            availability.failed(psycopg.OperationalError("connection refused"))
             clock[0] += 10
         clock[0] += 10  # a minute after the first line
-        availability.failed(OSError("connection refused"))
+        availability.failed(psycopg.OperationalError("connection refused"))
         availability.answered()
         availability.answered()  # once up, nothing more is said
     lines = [(r.levelname, r.getMessage()) for r in caplog.records]
-    assert lines == [("ERROR", "database unavailable: OSError: connection refused")] * 2 + [
+    assert lines == [("ERROR", "database unavailable: OperationalError: connection refused")] * 2 + [
         ("WARNING", "database available again")]
     first, later, again = caplog.records
     assert (first.failures, first.unavailable_seconds) == (1, 0)
     assert (later.failures, later.unavailable_seconds) == (5, 60)
-    assert (again.unavailable_seconds, again.failures_since_last_line) == (60, 0)
+    assert (again.unavailable_seconds, again.failures) == (60, 6)
+    assert availability.up
+
+
+def test_an_outage_back_within_the_minute_and_a_strained_database_say_little(monkeypatch, caplog):
+    """A database that flaps (a partial outage) is no ERROR and WARNING per request; a deadlock or a
+    lock timeout is a database that answered: no outage, one WARNING a minute."""
+    availability = db_module.Availability()
+    clock = [1000.0]
+    monkeypatch.setattr(db_module.time, "monotonic", lambda: clock[0])
+    deadlock = psycopg.errors.DeadlockDetected("deadlock detected")
+    with caplog.at_level(logging.WARNING, logger="gallery_server.db"):
+        for _ in range(3):
+            availability.failed(psycopg.OperationalError("connection refused"))
+            assert not availability.up
+            availability.answered()
+            availability.failed(deadlock)
+            assert availability.up  # a deadlock is no outage
+            clock[0] += 5
+    lines = [(r.levelname, r.getMessage().split(":")[0]) for r in caplog.records]
+    assert lines == [("ERROR", "database unavailable"), ("WARNING", "database available again"),
+                     ("WARNING", "database could not do the work now")]
 
 
 def test_other_database_errors_stay_what_they_were(database_url):
