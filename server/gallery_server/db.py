@@ -178,6 +178,7 @@ class Database:
                     # millions of events), and so do the DDL's own locks behind live traffic.
                     connection.exec_driver_sql("SET LOCAL lock_timeout = 0")
                     connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
+                _add_missing_columns(connection)
                 SQLModel.metadata.create_all(connection)
                 # create_all makes a table's indexes only with the table: an index added to an
                 # existing table's model is made here.
@@ -357,6 +358,27 @@ def _connection_gone(exc: BaseException) -> bool:
         return False
     state = exc.sqlstate
     return state is None or state.startswith(("08", "57P"))
+
+
+def _add_missing_columns(connection: sa.Connection) -> None:
+    """A column added to an existing table's model (events.received_at) is added to the table of a
+    database made by an earlier version: ADD COLUMN of a nullable column without a server default,
+    which both databases do without rewriting the table. Its rows from before hold NULL, which
+    every reader of such a column must take (the one reason a new column may not be required)."""
+    inspector = sa.inspect(connection)
+    for table in SQLModel.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue  # create_all makes it whole
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable or column.server_default is not None or column.primary_key:
+                raise RuntimeError(f"{table.name}.{column.name}: a column added to an existing table must be"
+                                   " nullable, without a server default")
+            spec = sa.schema.CreateColumn(column).compile(dialect=connection.dialect)
+            connection.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {spec}")
+            log.info("column added", extra={"table": table.name, "column": column.name})
 
 
 class _Throttle:

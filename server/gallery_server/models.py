@@ -7,6 +7,8 @@ import datetime
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
+from .clock import utcnow
+
 
 class Event(SQLModel, table=True):
     """One stored media file of a device. A row exists only once its file is complete on disk."""
@@ -39,6 +41,11 @@ class Event(SQLModel, table=True):
     metadata_json: str = Field(default="{}", sa_type=sa.Text)
     # UTC; rendered as RFC 3339 UTC.
     created: datetime.datetime
+    # When the server got the row (an upload stored, an announcement, an import); NULL in rows
+    # from before it was kept. Retention (retention.py) waits for it as well as for `created`,
+    # which for an announced event is the device's clock: one reset to 1970 must not make its
+    # captures look decades old.
+    received_at: datetime.datetime | None = Field(default_factory=utcnow, sa_column_kwargs={"default": utcnow})
     # STORED: the content is in media/. ON_DEVICE: announced by the device, content not yet pulled
     # (size and sha256 are then the device's claims).
     state: str = Field(default="stored", max_length=16)

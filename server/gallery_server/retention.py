@@ -3,8 +3,11 @@
 A fleet's cameras never stop; without a limit on age, the disk (or a device's quota) fills and
 uploads are refused until someone deletes by hand. "Keep N days" is the rule such fleets run by.
 
-Older means by `created`: when the device captured an announced event (so a backlog a device
-announces late is as old as its captures), when the server stored an upload. Stored and
+Older means both created and received before the cutoff. `created` is when the device captured
+an announced event and when the server stored an upload; `received_at`, when the server got the
+row. An event goes once both are past: a backlog a device announces today is kept for the
+retention from today, and a device whose clock was set back to 1970 does not see its captures
+deleted as decades old. Rows from before `received_at` was kept go by `created` alone. Stored and
 announced events alike: an announced one deleted so is answered `deleted` when its device
 announces it again (Devices.announce), as after a user's delete, and is not listed again.
 
@@ -38,9 +41,13 @@ BATCH = 200
 INTERVAL_SECONDS = 600.0
 
 _DEVICES = sa.select(EventCount.device).where(col(EventCount.count) > 0).distinct()
+# Both the capture and its arrival before the cutoff. `created` first, for the (device, created)
+# index; `received_at` (NULL in rows from before the server kept it) then holds back what a device
+# with a clock set back announced lately.
 _EXPIRED = (
     sa.select(Event.id)
-    .where(col(Event.device) == sa.bindparam("device"), col(Event.created) < sa.bindparam("cutoff"))
+    .where(col(Event.device) == sa.bindparam("device"), col(Event.created) < sa.bindparam("cutoff"),
+           sa.or_(col(Event.received_at).is_(None), col(Event.received_at) < sa.bindparam("cutoff")))
     .order_by(col(Event.created), col(Event.id))
     .limit(BATCH)
 )

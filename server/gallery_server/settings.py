@@ -446,8 +446,8 @@ def _numbers(env: os._Environ[str] | dict[str, str]) -> dict[str, int | float]:
 
 
 def _check_together(values: dict[str, int | float]) -> None:
-    """The grace period at least min_reconcile_grace(), and the uploads in total fewer than the
-    gRPC workers."""
+    """The grace period at least min_reconcile_grace(), a retention of a day or more, and the
+    uploads in total fewer than the gRPC workers."""
     defaults = Settings.__dataclass_fields__
     get = lambda field: values.get(field, defaults[field].default)  # noqa: E731
     floor = min_reconcile_grace(get("upload_idle_seconds"))
@@ -455,6 +455,11 @@ def _check_together(values: dict[str, int | float]) -> None:
         raise ConfigError(
             f"GALLERY_RECONCILE_GRACE_SECONDS must be at least {floor:g} (twice "
             "GALLERY_UPLOAD_IDLE_SECONDS, and 300): a shorter grace may remove an upload's files"
+        )
+    if 0 < get("retention_days") < 1:
+        raise ConfigError(
+            f"GALLERY_RETENTION_DAYS={get('retention_days'):g}: must be 0 (keep for ever) or at least 1:"
+            " a fraction of a day deletes what was uploaded hours ago, most likely not what was meant"
         )
     if get("max_uploads_total") >= get("grpc_workers"):
         raise ConfigError(

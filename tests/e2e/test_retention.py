@@ -27,9 +27,9 @@ def test_a_server_with_a_retention_deletes_what_is_older(tmp_path, mint: Callabl
             httpx.Client(base_url=stack.base_url, timeout=30) as http:
         old, recent = upload(http, "old.bin"), upload(http, "recent.bin")
     # As if uploaded 31 days ago (SQLite keeps UTC, without an offset).
-    month_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=31)
+    month_ago = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=31)).strftime("%Y-%m-%d %H:%M:%S.%f")
     with sqlite3.connect(tmp_path / "data" / "gallery.db") as db:
-        db.execute("UPDATE events SET created = ? WHERE id = ?", (month_ago.strftime("%Y-%m-%d %H:%M:%S.%f"), old))
+        db.execute("UPDATE events SET created = ?, received_at = ? WHERE id = ?", (month_ago, month_ago, old))
 
     with running_stack(tmp_path, {"GALLERY_MAKE_THUMBNAILS": "false", "GALLERY_RETENTION_DAYS": "30"}) as stack, \
             httpx.Client(base_url=stack.base_url, timeout=30) as http:

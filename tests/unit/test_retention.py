@@ -24,8 +24,10 @@ DAY = datetime.timedelta(days=1)
 
 
 def backdate(gallery: Gallery, event_id: str, age: datetime.timedelta) -> None:
+    """As if captured and received `age` ago."""
     with gallery.db.engine.begin() as c:
-        c.execute(sa.update(Event).where(Event.id == event_id).values(created=utcnow() - age))
+        c.execute(sa.update(Event).where(Event.id == event_id).values(
+            created=utcnow() - age, received_at=utcnow() - age))
 
 
 def test_events_past_the_retention_go_with_their_files_and_the_rest_stay(
@@ -55,18 +57,52 @@ def test_an_announced_capture_past_the_retention_stays_deleted(gallery: Gallery)
                            created=utcnow() - 45 * DAY)
     [announced] = devices.announce(device, "cam1", [capture])
     assert announced.state == "on_device"
-    assert Retention(gallery, days=30).expire() == 1
+    assert Retention(gallery, days=30).expire(now=utcnow() + 31 * DAY) == 1  # a month after it came
     [again] = devices.announce(device, "cam1", [capture])
     assert (again.id, again.state) == (announced.id, "deleted")
     assert row_count(gallery) == 0
+
+
+def test_what_arrived_lately_stays_whatever_the_devices_clock_says(gallery: Gallery) -> None:
+    """A device whose clock was set back (a flat RTC battery: 1970) announces captures that look
+    decades old, and a backlog announced today is old too: each is kept the retention from its
+    arrival."""
+    devices = Devices(gallery)
+    device = auth.Principal("cam1", frozenset({"cam1"}), frozenset({auth.DEVICE}))
+    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+    [reset, backlog] = devices.announce(device, "cam1", [
+        Announcement(device_key="dcim/0001.mp4", name="0001.mp4", size=1000, sha256="a" * 64, created=epoch),
+        Announcement(device_key="dcim/0002.mp4", name="0002.mp4", size=1000, sha256="b" * 64,
+                     created=utcnow() - 60 * DAY)])
+    loop = Retention(gallery, days=30)
+    assert loop.expire() == 0 and row_count(gallery) == 2
+    assert loop.expire(now=utcnow() + 29 * DAY) == 0
+    assert loop.expire(now=utcnow() + 31 * DAY) == 2  # once both capture and arrival are past
+    assert row_count(gallery) == 0
+
+
+def test_rows_from_before_the_arrival_was_kept_go_by_their_capture(gallery: Gallery) -> None:
+    """A database of an earlier version: create_tables adds the column, its rows hold NULL."""
+    table = Event.__table__  # type: ignore[attr-defined]
+    with gallery.db.engine.begin() as c:
+        c.exec_driver_sql("ALTER TABLE events DROP COLUMN received_at")
+        c.exec_driver_sql(
+            "INSERT INTO events (id, device, name, media_type, mime_type, size, sha256, has_thumbnail,"
+            " metadata_json, created, state, thumbnail_state, thumbnail_attempts, media_info_json)"
+            " VALUES ('evt_old', 'cam1', 'a.bin', 'other', 'application/octet-stream', 1, '', false, '{}',"
+            " :created, 'stored', '', 0, '')".replace(":created", "'2000-01-01 00:00:00'"))
+    gallery.db.create_tables()
+    with gallery.db.engine.connect() as c:
+        assert c.execute(sa.select(table.c.received_at).where(table.c.id == "evt_old")).scalar_one() is None
+    assert Retention(gallery, days=30).expire() == 1
 
 
 def test_a_backlog_goes_in_batches_oldest_first(gallery: Gallery) -> None:
     table = Event.__table__  # type: ignore[attr-defined]
     start = utcnow() - 100 * DAY
     count = retention.BATCH + 50
-    rows = [{**_row(i, 0), "device": "cam1", "created": start + i * datetime.timedelta(minutes=1)}
-            for i in range(count)]
+    rows = [{**_row(i, 0), "device": "cam1", "created": start + i * datetime.timedelta(minutes=1),
+             "received_at": start} for i in range(count)]
     with gallery.db.engine.begin() as c:
         c.execute(table.insert(), rows)
     loop = Retention(gallery, days=30)

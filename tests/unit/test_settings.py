@@ -230,6 +230,14 @@ def test_the_grace_must_be_twice_the_upload_idle_time_and_the_uploads_fewer_than
         Settings.from_env(env(tmp_path, GALLERY_GRPC_WORKERS="40"))
 
 
+def test_a_retention_is_none_or_a_day_at_least(tmp_path):
+    assert Settings.from_env(env(tmp_path)).retention_days == 0  # kept for ever
+    assert Settings.from_env(env(tmp_path, GALLERY_RETENTION_DAYS="1")).retention_days == 1
+    assert Settings.from_env(env(tmp_path, GALLERY_RETENTION_DAYS="30.5")).retention_days == 30.5
+    with pytest.raises(ConfigError, match=r"^GALLERY_RETENTION_DAYS=0.5: must be 0 \(keep for ever\) or at least 1"):
+        Settings.from_env(env(tmp_path, GALLERY_RETENTION_DAYS="0.5"))
+
+
 def test_the_defaults_are_the_readmes():
     """README's tables give each variable's default; Settings' field defaults are the real ones."""
     root = pathlib.Path(settings_module.__file__).resolve().parents[2]
