@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import threading
 import time
 
 import psycopg
@@ -182,6 +183,23 @@ def test_a_lock_held_past_the_lock_timeout_is_unavailable_not_a_silent_wait(data
         assert db.read_rows(service._STATS, {"device": "cam"}) == []
         with db.engine.connect() as connection:
             assert connection.exec_driver_sql("SHOW lock_timeout").scalar_one() == "200ms"
+        # Schema creation waits its turn however long another replica's takes (a backfill).
+        with db.engine.connect() as other, other.begin():
+            other.exec_driver_sql(f"SELECT pg_advisory_xact_lock({db_module._SCHEMA_LOCK})")
+            errors: list[BaseException] = []
+
+            def create() -> None:
+                try:
+                    db.create_tables()
+                except BaseException as exc:  # noqa: BLE001 - the test's finding
+                    errors.append(exc)
+
+            creating = threading.Thread(target=create)
+            creating.start()
+            creating.join(1.0)  # five lock timeouts
+            assert creating.is_alive() and errors == []  # still waiting, not refused
+        creating.join(10)
+        assert not creating.is_alive() and errors == []
     finally:
         db.dispose()
 
