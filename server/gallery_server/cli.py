@@ -304,13 +304,24 @@ def _rate(text: str) -> float:
 def _verify(settings: Settings, device: str | None, bytes_per_second: float) -> int:
     import json
 
+    import sqlalchemy as sa
+
     from .db import Database
     from .scrub import Scrub
 
-    # No create_tables, unlike `gallery reconcile`: verifying changes nothing, the schema included.
+    # No create_tables, unlike `gallery reconcile`: verifying changes nothing, the schema included,
+    # nor a SQLite file where a wrong GALLERY_DATA_DIR points (opening one creates it).
+    url = sa.make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database and not pathlib.Path(url.database).exists():
+        print(f"gallery: no database at {url.database} (GALLERY_DATA_DIR or GALLERY_DATABASE_URL)", file=sys.stderr)
+        return 2
     db = Database(settings.database_url, pool_size=1)
     try:
         totals = Scrub(db, settings.data_dir, bytes_per_second=bytes_per_second).run(device=device)
+    except PermissionError as exc:
+        print(f"gallery: cannot read {exc.filename}: run `gallery verify` as the server's user or group",
+              file=sys.stderr)
+        return 2
     finally:
         db.dispose()
     print(json.dumps(totals.to_json()))

@@ -15,7 +15,7 @@ into one buffer, and an optional rate limit leaves the disk to live uploads and 
 
 A service running meanwhile raises no false alarm: a file that fails is read again, and reported
 only if it fails again and its row is still stored, with the same size and digest, after that.
-Rows are deleted before their files (service.py: delete_event), so a row still there after its
+Rows are deleted before their files (service.py: delete_events), so a row still there after its
 file was seen missing or wrong had that file; a file replaced meanwhile by a complete one passes
 the second read.
 """
@@ -160,6 +160,8 @@ class Scrub:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             return {"problem": "missing"}
+        except PermissionError:
+            raise  # this user may not read the files (they are 0640): no finding about any of them
         except OSError as exc:
             return {"problem": "unreadable", "error": exc.strerror or str(exc)}
         with open(fd, "rb", buffering=0) as file:

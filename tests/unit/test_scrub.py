@@ -197,3 +197,13 @@ def test_cli_verify_refuses_bad_arguments(args):
     with pytest.raises(SystemExit) as exited:
         cli.main(["verify", *args])
     assert exited.value.code == 2
+
+
+def test_cli_verify_changes_nothing_where_there_is_nothing(tmp_path):
+    """A wrong GALLERY_DATA_DIR: no SQLite file made there, exit status 2."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GALLERY_")}
+    env |= {"GALLERY_DATA_DIR": str(tmp_path / "typo")}
+    result = subprocess.run([sys.executable, "-m", "gallery_server", "verify"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no database at" in result.stderr, result.stderr
+    assert not (tmp_path / "typo").exists()
