@@ -62,8 +62,7 @@ class Metrics:
         # version runs: what every Prometheus client process exports by default.
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
-        Info("gallery_build", "The gallery server's version.", registry=self.registry).info(
-            {"version": importlib.metadata.version("gallery")})
+        Info("gallery_build", "The gallery server's version.", registry=self.registry).info({"version": _version()})
         labels = ("grpc_type", "grpc_service", "grpc_method")
         self._started = Counter(
             "grpc_server_started", "Calls started on the server.", labels, registry=self.registry,
@@ -140,7 +139,17 @@ class Metrics:
 
 def _of_last(last: Callable[[], Findings | None], figure: Callable[[Findings], float]) -> float:
     run = last()
-    return math.nan if run is None else figure(run)
+    try:
+        return math.nan if run is None else float(figure(run))
+    except (TypeError, ValueError):  # a status file someone else wrote: NaN, not a failed scrape
+        return math.nan
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("gallery")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
 
 
 def _service_and_method(method: str) -> tuple[str, str]:

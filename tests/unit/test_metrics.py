@@ -4,6 +4,9 @@ in test_interceptor.py."""
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
+import json
 import math
 
 import grpc
@@ -12,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gallery_server.metrics import CALL_TYPES, Metrics, code_label
+from gallery_server.reconcile import Findings
 
 SERVICE = "gallery.v1.GalleryService"
 
@@ -120,3 +124,28 @@ def test_the_endpoint_listens_on_its_host_only() -> None:
             httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
     finally:
         stop()
+
+
+def test_the_reconciliation_figures_are_nan_rather_than_a_failed_scrape(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Read from the status file at each scrape: before any pass, or from a file someone else
+    wrote, a figure is NaN and every other figure is still served."""
+    status = tmp_path / "reconcile.json"
+
+    def last() -> Findings | None:
+        try:
+            return Findings.from_json(json.loads(status.read_text()))
+        except FileNotFoundError:
+            return None
+
+    metrics = Metrics()
+    metrics.watch_reconciliation(last)
+    finished = "gallery_reconcile_last_finished_timestamp_seconds"
+    assert math.isnan(value(metrics, finished))
+    status.write_text(json.dumps({"finished": "2026-11-30T12:00:00.000000Z", "missing_media": 2}))
+    assert value(metrics, finished) == datetime.datetime(2026, 11, 30, 12, tzinfo=datetime.UTC).timestamp()
+    assert value(metrics, "gallery_reconcile_missing_media") == 2
+    status.write_text(json.dumps({"finished": "yesterday", "missing_media": "many"}))
+    assert math.isnan(value(metrics, finished)) and math.isnan(value(metrics, "gallery_reconcile_missing_media"))
+    assert value(metrics, "gallery_reconcile_size_mismatch") == 0
+    version = {"version": importlib.metadata.version("gallery")}
+    assert metrics.registry.get_sample_value("gallery_build_info", version) == 1
