@@ -22,6 +22,8 @@ call_fields: contextvars.ContextVar[dict[str, str] | None] = contextvars.Context
 
 def note(**fields: str) -> None:
     """Add `fields` to the access line of the RPC being served; outside an RPC, nothing."""
+    if clash := fields.keys() & _STANDARD:  # logging would refuse the access line's `extra`
+        raise ValueError(f"{sorted(clash)} are LogRecord attributes")
     current = call_fields.get()
     if current is not None:
         current.update(fields)

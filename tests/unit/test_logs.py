@@ -93,3 +93,11 @@ def test_a_header_value_grpc_cannot_decode_is_never_written(captured: io.StringI
     entry = json.loads(line)
     assert (entry["level"], entry["message"]) == ("DEBUG", "a request header value is not UTF-8: read as Latin-1")
     assert "valid-token" not in line and "traceback" not in entry
+
+
+def test_a_noted_field_may_not_be_a_log_records_own() -> None:
+    """logging refuses an `extra` that overwrites a LogRecord attribute: the access line would
+    fail as its call ends. Refused where it is noted instead, outside a call too."""
+    with pytest.raises(ValueError, match="LogRecord"):
+        logs.note(name="cam1")
+    logs.note(device="cam1")  # outside a call: nothing to add it to
