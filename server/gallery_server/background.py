@@ -41,13 +41,15 @@ class BackgroundLoop:
     def _run(self) -> None:
         log.info("background worker started", extra={"worker": self.thread_name})
         failures = 0  # passes failed in a row
+        waiting = False  # for the database, said once
         while not self._stopping.is_set():
             try:
                 busy = self.run_pass()
             except DatabaseUnavailable:
-                # db.py says why, once a minute: this worker says it waits, on its first failure.
+                # db.py says why, once a minute: this worker says it waits, once.
                 failures += 1
-                if failures == 1:
+                if not waiting:
+                    waiting = True
                     log.warning("background worker waits for the database",
                                 extra={"worker": self.thread_name})
                 busy = False
@@ -59,7 +61,7 @@ class BackgroundLoop:
                 if failures:
                     log.info("background worker recovered",
                              extra={"worker": self.thread_name, "failed_passes": failures})
-                failures = 0
+                failures, waiting = 0, False
             if not busy:
                 self._stopping.wait(retry_delay(self.interval, failures))
 

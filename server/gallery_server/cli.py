@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import pathlib
+import stat
 import sys
 import tempfile
 
@@ -195,11 +196,17 @@ def _token_subject(text: str) -> str:
 def _host_local_config(http_address: str) -> pathlib.Path:
     """Where `gallery envoy` writes its configuration by default: a file of its own on this host.
     <data>/run/ is the servers' shared storage, which the edge should not need to write to, and
-    where two edges would write the same file. One name per user and listener, rewritten at each
-    start: Envoy becomes the process (exec), so nothing is left to remove the file after it, and
-    a new name per start left one behind each time."""
+    where two edges would write the same file. One name per listener, rewritten at each start:
+    Envoy becomes the process (exec), so nothing is left to remove the file after it, and a new
+    name per start left one behind each time. In a folder of this user's own (0700): a name known
+    in advance in the shared temporary folder is one another user could take first."""
+    folder = pathlib.Path(tempfile.gettempdir()) / f"gallery-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    st = folder.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ValueError(f"{folder} is not a folder of this user's own (0700): pass --config")
     port = split_address(http_address, "")[1]
-    return pathlib.Path(tempfile.gettempdir()) / f"gallery-envoy-{os.getuid()}-{port}.yaml"
+    return folder / f"envoy-{port}.yaml"
 
 
 def _backend(text: str) -> str:

@@ -67,7 +67,7 @@ class Retention(BackgroundLoop):
     def expire(self, now: datetime.datetime | None = None) -> int:
         """Delete up to a batch per device of the events created before `now` less the retention
         (now: the clock's); returns how many were deleted."""
-        cutoff = (now or utcnow()) - self.keep
+        cutoff = (now or utcnow()).astimezone(datetime.UTC) - self.keep  # SQLite compares UTC text
         db = self.gallery.db
         with db.read() as connection:
             devices = list(connection.execute(_DEVICES).scalars())

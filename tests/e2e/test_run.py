@@ -358,9 +358,10 @@ def test_gallery_envoy_fronts_replicas_started_with_gallery_serve(tmp_path):
             for _ in range(5):  # every request now reaches the other one
                 r = http.get(f"/api/gallery/cam1/events/{event_id}/content")
                 assert (r.status_code, r.content) == (200, b"replicated")
-        # On this host, not on the shared storage; one name per listener, so restarts leave no pile.
-        [config] = tmp_path.glob("gallery-envoy-*.yaml")
-        assert config.name == f"gallery-envoy-{os.getuid()}-{http_port}.yaml"
+        # On this host, not on the shared storage, in a folder of this user's own; one name per
+        # listener, so restarts leave no pile.
+        config = tmp_path / f"gallery-{os.getuid()}" / f"envoy-{http_port}.yaml"
+        assert (config.parent.stat().st_mode & 0o777) == 0o700
         assert str(grpc_a) in config.read_text() and str(grpc_b) in config.read_text()
         assert not (tmp_path / "data" / "run" / "envoy.yaml").exists()
     finally:
