@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 
 # Events deleted per transaction: a batch's row locks are held until its commit.
 BATCH = 200
-# How often a replica looks for events past the cutoff; a pass that found a full batch goes on at
-# once (BackgroundLoop: busy).
+# How often a replica looks for events past the cutoff; a pass that deleted some goes on at once
+# (BackgroundLoop: busy), until one finds none.
 INTERVAL_SECONDS = 600.0
 
 _DEVICES = sa.select(EventCount.device).where(col(EventCount.count) > 0).distinct()
@@ -65,8 +65,8 @@ class Retention(BackgroundLoop):
         return self.expire() > 0  # more may be waiting: the next pass comes at once
 
     def expire(self, now: datetime.datetime | None = None) -> int:
-        """Delete up to a batch per device of the events created before `now` less the retention
-        (now: the clock's); returns how many were deleted."""
+        """Delete up to a batch per device of the events created and received before `now` (the
+        clock's, if not given) less the retention; returns how many were deleted."""
         cutoff = (now or utcnow()).astimezone(datetime.UTC) - self.keep  # SQLite compares UTC text
         db = self.gallery.db
         with db.read() as connection:
@@ -80,6 +80,6 @@ class Retention(BackgroundLoop):
             deleted = self.gallery.delete_events(device, ids)
             expired += len(deleted)
             log.info("events expired", extra={
-                "device": device, "events": len(deleted), "created_before": cutoff.isoformat(),
+                "device": device, "events": len(deleted), "cutoff": cutoff.isoformat(),
                 "retention_days": self.keep / datetime.timedelta(days=1)})
         return expired
