@@ -324,18 +324,13 @@ def _unavailable(exc: BaseException) -> bool:
 
 def _unreachable(exc: BaseException) -> bool:
     """Whether `exc` (an _unavailable one) says the database could not be reached at all: the
-    connection failed or was lost, the server is shutting down or out of connections. The rest
-    (a deadlock, a lock or pool timeout, a full disk, SQLite busy) are answers of a database that
-    is there."""
-    if isinstance(exc, sa.exc.DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        exc = exc.orig
-    psycopg = sys.modules.get("psycopg")
-    if psycopg is None or not isinstance(exc, psycopg.OperationalError):
-        return False
-    state = exc.sqlstate  # None: psycopg's own, while connecting or with the connection gone
-    return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03", "53300")
+    connection failed or was lost, the server is shutting down (_connection_gone), or it has no
+    connection left to give. The rest (a deadlock, a lock or pool timeout, a full disk, SQLite
+    busy) are answers of a database that is there."""
+    if _connection_gone(exc):
+        return True
+    driver = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+    return getattr(driver, "sqlstate", None) == "53300"  # too_many_connections
 
 
 def _from_database(exc: BaseException) -> bool:
