@@ -190,7 +190,7 @@ def _add_gauges(metrics: Metrics, gallery: Gallery, devices: Devices, reconciler
                   "Bytes of media one device may keep stored (GALLERY_MAX_DEVICE_BYTES); 0: no quota.",
                   lambda: gallery.quota.limit)
     metrics.gauge("gallery_database_up",
-                  "1 when the database answered this server's last request of it, 0 while it does not.",
+                  "0 from a failure of this server to reach the database until it answers again, else 1.",
                   lambda: availability.up)
     metrics.watch_reconciliation(reconciler.last)
 
