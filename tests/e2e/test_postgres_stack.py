@@ -24,8 +24,9 @@ import pytest
 import sqlalchemy as sa
 
 from gallery.v1 import gallery_pb2, gallery_pb2_grpc
+from gallery_server import auth
 
-from ..conftest import rich_error, stored_files
+from ..conftest import JWT_SECRET, rich_error, stored_files
 from .conftest import Stack, running_stack, start_stack, stop_stack
 from .test_listing import ANNOUNCE_SQL, ANNOUNCED, assert_listing_is_envoys_printing
 
@@ -367,6 +368,7 @@ def test_while_postgresql_refuses_connections_requests_are_503_and_nothing_is_ha
         "GALLERY_DATABASE_URL": url.set(database=name).render_as_string(hide_password=False),
     })
     device, headers = f"pg-refusing-{uuid.uuid4().hex[:8]}", auth_headers()
+    admin_token = auth.mint(JWT_SECRET, subject="ops", devices=["*"], scope=auth.ADMIN)
     try:
         with httpx.Client(base_url=stack.base_url, timeout=60) as http:
             r = http.post(f"/api/gallery/{device}/upload", headers=headers, data={"name": "a.png"},
@@ -403,6 +405,12 @@ def test_while_postgresql_refuses_connections_requests_are_503_and_nothing_is_ha
                                 ("authorization", headers["Authorization"])], timeout=30)
                     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
                     assert rich_error(raised.value)[0].reason == "DATABASE_UNAVAILABLE"
+                # The operator's status still answers, with what lives outside the database.
+                r = http.get("/api/admin/status", headers={"Authorization": f"Bearer {admin_token}"})
+                assert r.status_code == 200, r.text
+                status = r.json()
+                assert status["database_up"] is False and "counts" not in status and "device_storage" not in status
+                assert status["disk"]["total_bytes"] > 0
             finally:
                 with admin.connect() as connection:
                     connection.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
