@@ -263,8 +263,8 @@ class Gallery:
             session.commit()
         # The rows are gone first: a crash here leaves files without a row (reclaimable), never a
         # row without its file. So is a file that cannot be removed now: the event is deleted.
-        for event_id in deleted_ids:
-            self.storage.remove_event_files(device, event_id)
+        if deleted_ids:
+            self.storage.remove_event_files(device, *deleted_ids)
         return deleted_ids
 
     def forget_event(self, session: Session, event_id: str) -> None:

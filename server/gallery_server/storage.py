@@ -172,16 +172,18 @@ class Storage:
     def session_path(self, device: str, upload_id: str) -> pathlib.Path:
         return self.sessions_root / device / upload_id
 
-    def remove_event_files(self, device: str, event_id: str) -> None:
-        """Remove a deleted event's files, each as far as it goes: its row is gone already, so a
+    def remove_event_files(self, device: str, *event_ids: str) -> None:
+        """Remove deleted events' files, each as far as it goes: their rows are gone already, so a
         file that cannot be removed now (a read-only or failing volume, a folder in its place) is
-        a leftover the reconciler takes later, logged, not a failed delete."""
-        for path in (self.media_path(device, event_id), self.thumbnail_path(device, event_id)):
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as exc:
-                log.warning("a deleted event's file was left for the reconciler",
-                            extra={"path": str(path), "error": str(exc)})
+        a leftover the reconciler takes later, logged, not a failed delete. The device's folder is
+        synced once for them all (a retention batch is 200 events)."""
+        for event_id in event_ids:
+            for path in (self.media_path(device, event_id), self.thumbnail_path(device, event_id)):
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    log.warning("a deleted event's file was left for the reconciler",
+                                extra={"path": str(path), "error": str(exc)})
         try:
             fsync_dir(self.media_root / device)
         except OSError as exc:
