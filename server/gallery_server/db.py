@@ -48,10 +48,12 @@ _POSTGRES_NOT_NOW = frozenset({
 
 
 # How long a PostgreSQL statement waits for a lock before it gives up (55P03, DATABASE_UNAVAILABLE,
-# 503: try again), as SQLite's busy timeout does (30 s): a session holding a table lock (a
+# 503: try again), as SQLite gives up past its busy timeout: a session holding a table lock (a
 # migration, an operator's LOCK TABLE) held every request behind it for as long, silently, and the
-# server answered them OK long after Envoy had told their clients 504.
-LOCK_TIMEOUT_MS = 30_000
+# server answered them OK long after Envoy had told their clients 504. Under the 30 s Envoy waits
+# for a REST read's answer (envoy.yaml, idle_timeout), so that the client gets the 503 that says
+# why, not Envoy's 504 (tests/unit/test_envoy_config.py holds the two apart).
+LOCK_TIMEOUT_MS = 20_000
 
 
 def create_engine(url: str, *, pool_size: int = 32, trust_recent_seconds: float = TRUST_RECENT_SECONDS,

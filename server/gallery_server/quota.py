@@ -143,10 +143,13 @@ class DeviceQuota:
 
 
 def quota_exceeded(device: str, limit: int, used: int, size: int) -> Exhausted:
+    """`size`: what did not fit (a declared size, or what a stream had sent when it passed the
+    room); 0 when the device is at its quota before any size is known."""
+    why = (f"{size} more bytes do not fit in the {max(0, limit - used)} left" if size
+           else "it is at its quota")
     return Exhausted(
         QUOTA_EXCEEDED,
         f"device {device} has {used} bytes of media stored and a quota of {limit}"
-        f" (GALLERY_MAX_DEVICE_BYTES): {size} more bytes do not fit in the {max(0, limit - used)} left;"
-        " delete events to make room",
+        f" (GALLERY_MAX_DEVICE_BYTES): {why}; delete events to make room",
         device=device, quota_bytes=str(limit), used_bytes=str(used), size=str(size),
     )

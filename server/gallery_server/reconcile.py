@@ -360,7 +360,7 @@ class Reconciler:
     def _example(self, findings: Findings, device: str, event_id: str, what: str) -> None:
         if len(findings.examples) < MAX_EXAMPLES:
             findings.examples.append(f"{device}/{event_id}")
-            log.error("stored event without its media file",
+            log.error("stored event's media file missing or of another size",
                       extra={"device": device, "event_id": event_id, "problem": what})
 
     def _remove(

@@ -13,6 +13,7 @@ import logging
 import os
 import pathlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -578,8 +579,24 @@ class Gallery:
         )
 
 
+# The operator is told of a lost file once an hour per event and process: every GET or HEAD of it
+# wrote an ERROR line, so any reader could flood the ERROR alerts (each answer's access line still
+# names its reason).
+LOST_REPEAT_SECONDS = 3600.0
+_lost_told: dict[str, float] = {}
+_lost_lock = threading.Lock()
+
+
 def _media_lost(event: Event, reason: str, what: str) -> DataLoss:
-    log.error("stored media lost", extra={"device": event.device, "event_id": event.id, "problem": reason})
+    now = time.monotonic()
+    with _lost_lock:
+        if len(_lost_told) > 10_000:  # bounded: a whole volume gone names every event
+            _lost_told.clear()
+        tell = now - _lost_told.get(event.id, -LOST_REPEAT_SECONDS) >= LOST_REPEAT_SECONDS
+        if tell:
+            _lost_told[event.id] = now
+    if tell:
+        log.error("stored media lost", extra={"device": event.device, "event_id": event.id, "problem": reason})
     return DataLoss(
         reason, f"the stored media of event {event.id} {what}: the server's storage lost it "
         "(its operator is told)", device=event.device, event_id=event.id,

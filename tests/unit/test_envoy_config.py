@@ -13,7 +13,7 @@ import subprocess
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from gallery_server import downloads, envoy_config, supervisor
+from gallery_server import db, downloads, envoy_config, supervisor
 from gallery_server.errors import Unauthenticated
 from gallery_server.rpc import servicer, status
 from gallery_server.signed_urls import SignedUploadState
@@ -235,3 +235,13 @@ def test_envoys_access_log_takes_its_own_answers_only_and_names_no_secret() -> N
                          "DURATION", "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT", "UPSTREAM_HOST"}
     headers = {h for value in fields.values() for arg in re.findall(r"%REQ\(([^)]*)\)%", value) for h in arg.split("?")}
     assert headers == {"X-REQUEST-ID", "X-ENVOY-ORIGINAL-METHOD", ":METHOD"}
+
+
+def test_a_read_behind_a_lock_is_the_servers_503_before_envoys_504() -> None:
+    """PostgreSQL gives up on a lock (db.LOCK_TIMEOUT_MS: 503 DATABASE_UNAVAILABLE, retryable, with
+    its reason) before Envoy gives up waiting for the REST read's answer (its route's
+    idle_timeout: 504 with no reason): an SRE probe got 504s when the two were equal."""
+    text = envoy_config.TEMPLATE.read_text()
+    [reads] = [line for line in text.splitlines() if "idle_timeout:" in line and "route:" in line]
+    idle_seconds = int(re.search(r"idle_timeout: (\d+)s", reads).group(1))  # type: ignore[union-attr]
+    assert db.LOCK_TIMEOUT_MS / 1000 < idle_seconds - 5  # a margin for the answer's way back

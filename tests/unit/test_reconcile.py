@@ -275,7 +275,7 @@ def test_a_pass_over_many_lost_files_reads_each_batch_once_and_logs_only_the_exa
         findings = Reconciler(gallery, grace_seconds=0).run_once()
     assert (findings.rows_checked, findings.missing_media, findings.size_mismatch) == (lost, lost, 0)
     assert findings.examples == [f"cam1/evt_lost{i:016d}" for i in range(MAX_EXAMPLES)]
-    named = [r for r in caplog.records if r.getMessage() == "stored event without its media file"]
+    named = [r for r in caplog.records if r.getMessage() == "stored event's media file missing or of another size"]
     assert [r.event_id for r in named] == [f"evt_lost{i:016d}" for i in range(MAX_EXAMPLES)]
     (summary,) = [r for r in caplog.records if r.getMessage() == "reconciled"]
     assert summary.levelno == logging.ERROR and summary.missing_media == lost

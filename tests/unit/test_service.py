@@ -619,6 +619,11 @@ def test_open_content_of_a_stored_event_whose_file_is_gone_is_data_loss(
         gallery.open_content(principal, "cam1", event.id)
     assert (info.value.reason, info.value.metadata) == ("MEDIA_MISSING", {"device": "cam1", "event_id": event.id})
     assert any(r.levelname == "ERROR" and getattr(r, "event_id", "") == event.id for r in caplog.records)
+    caplog.clear()
+    for _ in range(3):  # any reader, again and again: the operator was told, once an hour is enough
+        with pytest.raises(DataLoss):
+            gallery.open_content(principal, "cam1", event.id)
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
 
 
 def test_open_content_refuses_a_file_that_differs_from_its_record(
