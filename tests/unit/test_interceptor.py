@@ -37,9 +37,14 @@ class _Aborted(Exception):
 class _Call:
     """The few ServicerContext methods the interceptor uses; `active`: its client is still there."""
 
-    def __init__(self, metadata: list[tuple[str, str]], *, active: bool = True) -> None:
+    def __init__(self, metadata: list[tuple[str, str]], *, active: bool = True,
+                 time_remaining: float | None = None) -> None:
         self._metadata = metadata
         self._active = active
+        self._time_remaining = time_remaining
+
+    def time_remaining(self) -> float | None:
+        return self._time_remaining
 
     def invocation_metadata(self) -> list[tuple[str, str]]:
         return self._metadata
@@ -178,6 +183,12 @@ def test_an_answer_its_client_left_before_counts_as_cancelled(
     assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="OK") == 0
     [line] = [r for r in caplog.records if r.getMessage() == "rpc"]
     assert line.code == "CANCELLED"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gallery.access"):  # its deadline passed meanwhile
+        unary.unary_unary(object(), _Call(token, active=False, time_remaining=0))
+    [line] = [r for r in caplog.records if r.getMessage() == "rpc"]
+    assert line.code == "DEADLINE_EXCEEDED"
+    assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="DeadlineExceeded") == 1
 
 
 def test_the_access_line_names_the_device_and_where_the_call_came_from(

@@ -6,7 +6,8 @@ The interceptor wraps each method handler so that, inside the worker thread runn
 - reflection streams are counted (MAX_REFLECTION_STREAMS);
 - a GalleryError becomes its mapped status; any other exception is logged with its traceback and
   becomes a generic INTERNAL, so no exception text reaches a client;
-- one access-log line records method, code (CANCELLED when the client left before the answer),
+- one access-log line records method, code (CANCELLED or DEADLINE_EXCEEDED when the client was
+  gone before the answer),
   reason, duration, subject, the device the request names (logs.note), peer, X-Forwarded-For and
   request id (never a token);
 - a request message that does not parse (text that is not UTF-8, bytes that are not protobuf)
@@ -325,7 +326,8 @@ class _Call:
         if self.code == "OK" and not self.context.is_active():
             # The handler finished after its client had gone (cancelled, or past its deadline):
             # the client never got this answer (a device channel whose device vanished ends so).
-            self.code = "CANCELLED"
+            remaining = self.context.time_remaining()  # None: the call had no deadline
+            self.code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
         if self.metrics is not None:
             self.metrics.call_finished(self.call_type, self.method, self.code, seconds, self.reason)
         log.info(
