@@ -7,9 +7,8 @@ The interceptor wraps each method handler so that, inside the worker thread runn
 - a GalleryError becomes its mapped status; any other exception is logged with its traceback and
   becomes a generic INTERNAL, so no exception text reaches a client;
 - one access-log line records method, code (CANCELLED or DEADLINE_EXCEEDED when the client was
-  gone before the answer),
-  reason, duration, subject, the device the request names (logs.note), peer, X-Forwarded-For and
-  request id (never a token);
+  gone before the answer), reason, duration, subject, the device the request names (logs.note),
+  peer, X-Forwarded-For and request id (never a token);
 - a request message that does not parse (text that is not UTF-8, bytes that are not protobuf)
   is INVALID_ARGUMENT `MALFORMED_REQUEST` once authentication passed, not grpcio's INTERNAL;
 - the chunks of an upload's body and of a download skip protobuf's copies (chunks.py).
