@@ -325,7 +325,7 @@ class _Call:
         if self.code == "OK" and not self.context.is_active():
             # The handler finished after its client had gone (cancelled, or past its deadline):
             # the client never got this answer (a device channel whose device vanished ends so).
-            remaining = self.context.time_remaining()  # None: the call had no deadline
+            remaining = self.context.time_remaining()  # grpcio: 0 once past it; huge, or None, without one
             self.code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
         if self.metrics is not None:
             self.metrics.call_finished(self.call_type, self.method, self.code, seconds, self.reason)
