@@ -130,6 +130,26 @@ def test_uploads_and_device_channels_are_read_as_they_stand(measured: tuple[Stac
     assert isinstance(gone["connected_seconds"], float)
 
 
+def test_an_answer_past_its_clients_deadline_counts_as_deadline_exceeded(measured: tuple[Stack, str]) -> None:
+    """A pull that waits longer than its caller's deadline: the wait ends when the client goes,
+    and the call is recorded as the client saw it, not as OK."""
+    stack, url = measured
+    device = new_device()
+    with grpc.insecure_channel(stack.envoy_grpc_address) as channel:
+        [announced] = device_pb2_grpc.DeviceServiceStub(channel).AnnounceEvents(
+            dpb.AnnounceEventsRequest(device=device, events=[
+                dpb.AnnouncedEvent(device_key="k1", name="a.jpg", size=5)]),
+            metadata=[("authorization", f"Bearer {bearer(device, auth.DEVICE)}")], timeout=30).results
+        with pytest.raises(grpc.RpcError) as late:
+            gallery_pb2_grpc.GalleryServiceStub(channel).PullEvent(
+                pb.PullEventRequest(device=device, event_id=announced.event_id, wait=30),
+                metadata=[("authorization", f"Bearer {bearer(device)}")], timeout=1)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    pull = {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": "PullEvent"}
+    assert wait_until(lambda: scrape(url)("grpc_server_handled_total", **pull, grpc_code="DeadlineExceeded") == 1)
+    assert scrape(url)("grpc_server_handled_total", **pull, grpc_code="OK") == 0
+
+
 def test_what_an_operator_is_paged_for_is_scraped(measured: tuple[Stack, str]) -> None:
     """The process (memory against README's budget), the version, the headroom and quota an
     alert compares with, the database, and what the start-up reconciliation found."""
