@@ -185,10 +185,11 @@ def test_an_answer_its_client_left_before_counts_as_cancelled(
     assert line.code == "CANCELLED"
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="gallery.access"):  # its deadline passed meanwhile
-        unary.unary_unary(object(), _Call(token, active=False, time_remaining=0))
-    [line] = [r for r in caplog.records if r.getMessage() == "rpc"]
-    assert line.code == "DEADLINE_EXCEEDED"
+        unary.unary_unary(object(), _Call(token, active=False, time_remaining=0.2))  # its cancel came first
+        unary.unary_unary(object(), _Call(token, active=False, time_remaining=60))  # cancelled well before
+    assert [r.code for r in caplog.records if r.getMessage() == "rpc"] == ["DEADLINE_EXCEEDED", "CANCELLED"]
     assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="DeadlineExceeded") == 1
+    assert value(metrics, "grpc_server_handled_total", **labels, grpc_code="Canceled") == 2
 
 
 def test_the_access_line_names_the_device_and_where_the_call_came_from(

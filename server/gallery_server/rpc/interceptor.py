@@ -52,6 +52,8 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 # a few hundred idle streams took every thread of the server.
 REFLECTION_PREFIX = "/grpc.reflection."
 MAX_REFLECTION_STREAMS = 4
+# How close to its deadline a client that went counts as gone for the deadline (_Call.log).
+DEADLINE_SLACK_SECONDS = 0.5
 # X-Forwarded-For as a client sent it may be long; the access line keeps its start.
 MAX_FORWARDED_CHARS = 256
 # A request id the access log takes from the caller: Envoy's UUIDs, or a native client's own
@@ -325,8 +327,12 @@ class _Call:
         if self.code == "OK" and not self.context.is_active():
             # The handler finished after its client had gone (cancelled, or past its deadline):
             # the client never got this answer (a device channel whose device vanished ends so).
-            remaining = self.context.time_remaining()  # grpcio: 0 once past it; huge, or None, without one
-            self.code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            # grpcio: 0 once past the deadline; huge, or None, without one. The client cancels at
+            # its own deadline, which the server's trails by the request's way there: a client that
+            # went within DEADLINE_SLACK_SECONDS of it went for the deadline.
+            remaining = self.context.time_remaining()
+            past = remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
+            self.code = "DEADLINE_EXCEEDED" if past else "CANCELLED"
         if self.metrics is not None:
             self.metrics.call_finished(self.call_type, self.method, self.code, seconds, self.reason)
         log.info(
