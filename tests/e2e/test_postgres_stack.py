@@ -364,12 +364,13 @@ def test_while_postgresql_refuses_connections_requests_are_503_and_nothing_is_ha
     admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    stack = start_stack(tmp_path / "data", tmp_path / "gallery.log", extra_env={
-        "GALLERY_DATABASE_URL": url.set(database=name).render_as_string(hide_password=False),
-    })
     device, headers = f"pg-refusing-{uuid.uuid4().hex[:8]}", auth_headers()
     admin_token = auth.mint(JWT_SECRET, subject="ops", devices=["*"], scope=auth.ADMIN)
-    try:
+    stack = None
+    try:  # from the start: a stack that fails to start must not leave the database behind
+        stack = start_stack(tmp_path / "data", tmp_path / "gallery.log", extra_env={
+            "GALLERY_DATABASE_URL": url.set(database=name).render_as_string(hide_password=False),
+        })
         with httpx.Client(base_url=stack.base_url, timeout=60) as http:
             r = http.post(f"/api/gallery/{device}/upload", headers=headers, data={"name": "a.png"},
                           files={"event": ("a.png", PNG, "image/png")})
@@ -419,7 +420,8 @@ def test_while_postgresql_refuses_connections_requests_are_503_and_nothing_is_ha
             assert http.get(f"/api/gallery/{device}/events/{event_id}/content", headers=headers).content == PNG
         assert "database unavailable: " in stack.log()
     finally:
-        stop_stack(stack)
+        if stack is not None:
+            stop_stack(stack)
         with admin.connect() as connection:
             connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
