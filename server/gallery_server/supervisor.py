@@ -9,7 +9,6 @@ dies without stopping it (kill -9, an OOM kill): nothing is left holding the por
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import pathlib
@@ -22,7 +21,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,7 +31,6 @@ from .addresses import ANY_HOST, split_address
 from .settings import Settings
 
 READY_TIMEOUT_S = 60
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class Interrupted(Exception):
@@ -107,9 +105,7 @@ def wait_envoy_ready(
 
 
 def start_envoy(settings: Settings, backends: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        envoy_command(settings, backends), start_new_session=True, preexec_fn=_dies_with(os.getpid()),
-    )
+    return spawn(envoy_command(settings, backends))
 
 
 def envoy_command(settings: Settings, backends: list[str], config: pathlib.Path | None = None) -> list[str]:
@@ -143,20 +139,38 @@ def envoy_command(settings: Settings, backends: list[str], config: pathlib.Path 
             "--component-log-level", "misc:error", "--file-flush-interval-msec", "1000"]
 
 
-def _dies_with(parent: int) -> Callable[[], None]:
-    """For a child: SIGTERM when `parent` dies (the thread that started it, in fact: the main
-    thread here), so a supervisor killed outright leaves no server or Envoy on its ports. It runs
-    between fork and exec, in a parent that has threads (grpc's): it only calls prctl and getppid.
-    The kernel clears the setting for a binary with file capabilities (an Envoy given
+# The first step of each child, as `python -I -c`: it asks for SIGTERM when the supervisor dies,
+# then becomes the child's own program. The supervisor cannot ask for it in a `preexec_fn`: that
+# makes subprocess fork (not vfork) a process whose grpc threads are running, and grpc's fork
+# handlers then crash the child now and then before it can exec (SIGABRT, about 1 in 1,000 while
+# a call is in flight; grpc/grpc#43055).
+_DIE_WITH_PARENT = """\
+import ctypes, os, signal, sys
+parent, command = int(sys.argv[1]), sys.argv[2:]
+prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)  # Linux only
+if prctl is not None:
+    prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the line above: no signal will come
+        sys.exit(1)
+try:
+    os.execvp(command[0], command)
+except OSError as exc:
+    sys.exit(f"gallery: cannot run {command[0]}: {exc.strerror}")
+"""
+
+
+def spawn(command: list[str], **popen_options: Any) -> subprocess.Popen[bytes]:
+    """Start `command` in a session of its own (Ctrl-C reaches the supervisor only), to get SIGTERM
+    when this process dies: a supervisor killed outright (kill -9, an OOM kill) leaves no server
+    or Envoy on its ports. "This process" is the thread that starts it, in fact: the main thread
+    here. The kernel clears the setting for a binary with file capabilities (an Envoy given
     cap_net_bind_service to bind a low port), which then outlives a killed supervisor."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def in_child() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # it died before the line above: no signal will come
-            os._exit(1)
-
-    return in_child
+    process = subprocess.Popen(
+        [sys.executable, "-I", "-c", _DIE_WITH_PARENT, str(os.getpid()), *command],
+        start_new_session=True, **popen_options,
+    )
+    process.args = command  # what it runs once the first step has exec'd: the name messages give
+    return process
 
 
 def check_ports_free(settings: Settings) -> None:
@@ -199,11 +213,10 @@ def run(settings: Settings) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         check_ports_free(settings)
-        children.append(subprocess.Popen(
+        children.append(spawn(
             [sys.executable, "-m", "gallery_server", "serve"],
             # Envoy stops first and no other replica takes over: nothing to drain for.
             env={**os.environ, "GALLERY_DATA_DIR": str(settings.data_dir), "GALLERY_DRAIN_SECONDS": "0"},
-            start_new_session=True, preexec_fn=_dies_with(os.getpid()),
         ))
         wait_grpc_healthy(settings.grpc_address, process=children[-1], stop=stop)
         try:
