@@ -313,10 +313,10 @@ def _verify(settings: Settings, device: str | None, bytes_per_second: float) -> 
 
     import sqlalchemy as sa
 
+    from . import scrub
     from .db import Database
-    from .scrub import Scrub
 
-    # No create_tables, unlike `gallery reconcile`: verifying changes nothing, the schema included,
+    # No create_tables, unlike `gallery reconcile`: verifying changes no row, nor the schema,
     # nor a SQLite file where a wrong GALLERY_DATA_DIR points (opening one creates it).
     url = sa.make_url(settings.database_url)
     if url.get_backend_name() == "sqlite" and url.database and not pathlib.Path(url.database).exists():
@@ -324,7 +324,7 @@ def _verify(settings: Settings, device: str | None, bytes_per_second: float) -> 
         return 2
     db = Database(settings.database_url, pool_size=1)
     try:
-        totals = Scrub(db, settings.data_dir, bytes_per_second=bytes_per_second).run(device=device)
+        totals = scrub.Scrub(db, settings.data_dir, bytes_per_second=bytes_per_second).run(device=device)
     except PermissionError as exc:
         print(f"gallery: cannot read {exc.filename}: run `gallery verify` as the server's user or group",
               file=sys.stderr)
@@ -332,6 +332,14 @@ def _verify(settings: Settings, device: str | None, bytes_per_second: float) -> 
     finally:
         db.dispose()
     print(json.dumps(totals.to_json()))
+    if totals.interrupted:
+        return 130
+    if device is None:
+        try:
+            scrub.record(settings.data_dir, totals)
+        except OSError as exc:  # the findings are in the log and above: say so, do not fail for it
+            print(f"gallery: the totals were not kept for the admin status and metrics"
+                  f" ({scrub.status_path(settings.data_dir)}: {exc.strerror})", file=sys.stderr)
     return 1 if totals.damaged or totals.missing else 0
 
 

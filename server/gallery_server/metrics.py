@@ -21,13 +21,16 @@ import math
 import os
 import pathlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 
 if TYPE_CHECKING:
     from .reconcile import Findings
+    from .scrub import Totals
+
+Run = TypeVar("Run")  # a status file's result: a reconciliation's findings, a verification's totals
 
 # A counter's `_created` twin doubles every scrape and says nothing its reset to 0 does not.
 prometheus_client.disable_created_metrics()
@@ -110,17 +113,36 @@ class Metrics:
     def watch_reconciliation(self, last: Callable[[], Findings | None]) -> None:
         """What the last reconciliation of any replica found (its status file, read at each
         scrape): an alert on missing or damaged media needs no log rule. NaN before any pass."""
-        figures = {
+        self._watch_last(last, {
             "gallery_reconcile_last_finished_timestamp_seconds": (
                 "When the last reconciliation finished (Unix time): an old one means none runs.",
-                lambda run: datetime.datetime.fromisoformat(run.finished).timestamp() if run.finished else math.nan),
+                lambda run: _unix_time(run.finished)),
             "gallery_reconcile_missing_media": (
                 "Stored events whose media file the last reconciliation found missing.",
                 lambda run: run.missing_media),
             "gallery_reconcile_size_mismatch": (
                 "Stored events whose media file the last reconciliation found of another size.",
                 lambda run: run.size_mismatch),
-        }
+        })
+
+    def watch_verification(self, last: Callable[[], Totals | None]) -> None:
+        """What the last whole `gallery verify` found (its status file, read at each scrape), as
+        for the reconciliation. NaN before the first."""
+        self._watch_last(last, {
+            "gallery_verify_last_finished_timestamp_seconds": (
+                "When the last whole `gallery verify` finished (Unix time).",
+                lambda run: _unix_time(run.finished)),
+            "gallery_verify_damaged": (
+                "Stored media files the last whole `gallery verify` found of other bytes or size, or unreadable.",
+                lambda run: run.damaged),
+            "gallery_verify_missing": (
+                "Stored events whose media file the last whole `gallery verify` found missing.",
+                lambda run: run.missing),
+        })
+
+    def _watch_last(
+        self, last: Callable[[], Run | None], figures: dict[str, tuple[str, Callable[[Run], float]]],
+    ) -> None:
         for name, (documentation, figure) in figures.items():
             self.gauge(name, documentation, functools.partial(_of_last, last, figure))
 
@@ -137,7 +159,11 @@ class Metrics:
         return server.server_port, stop
 
 
-def _of_last(last: Callable[[], Findings | None], figure: Callable[[Findings], float]) -> float:
+def _unix_time(rfc3339: str) -> float:
+    return datetime.datetime.fromisoformat(rfc3339).timestamp() if rfc3339 else math.nan
+
+
+def _of_last(last: Callable[[], Run | None], figure: Callable[[Run], float]) -> float:
     run = last()
     try:
         return math.nan if run is None else float(figure(run))

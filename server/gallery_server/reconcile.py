@@ -40,11 +40,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import pathlib
-import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -54,7 +52,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import aliased
 from sqlmodel import col, func, select
 
-from . import file_locks, quota
+from . import file_locks, quota, scrub, status_files
 from .auth import ADMIN, Principal
 from .background import BackgroundLoop
 from .clock import rfc3339, utcnow
@@ -95,11 +93,6 @@ class Findings:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Findings:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
 
 @dataclasses.dataclass(frozen=True)
 class Counts:
@@ -114,6 +107,7 @@ class Counts:
 @dataclasses.dataclass(frozen=True)
 class AdminStatus:
     last_reconcile: Findings | None
+    last_verify: scrub.Totals | None
     disk: DiskSpace
     min_free_bytes: int
     accepting_uploads: bool
@@ -189,7 +183,7 @@ class Reconciler:
         self._commands(findings)
         self._rows(findings)
         findings.finished = rfc3339(utcnow())
-        self._write_status(findings)
+        status_files.write(self.status_path, findings)
         problems = findings.missing_media + findings.size_mismatch
         (log.error if problems else log.info)(
             "reconciled", extra={k: v for k, v in findings.to_json().items() if k != "examples"}
@@ -418,25 +412,9 @@ class Reconciler:
 
     # -- status ---------------------------------------------------------------------------------
 
-    def _write_status(self, findings: Findings) -> None:
-        path = self.status_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # A private temporary name: replicas (and threads) may write the status at once.
-        temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
-        try:
-            temporary.write_text(json.dumps(findings.to_json()))
-            os.replace(temporary, path)
-        finally:  # a full disk must not leave temporaries behind
-            temporary.unlink(missing_ok=True)
-
     def last(self) -> Findings | None:
-        """The last pass's findings; None when there are none to read (no pass yet, a file cut
-        short, or one someone else wrote that is not the object a pass writes)."""
-        try:
-            data = json.loads(self.status_path.read_text())
-            return Findings.from_json(data) if isinstance(data, dict) else None
-        except (FileNotFoundError, ValueError, TypeError):
-            return None
+        """The last pass's findings (of any replica); None before the first."""
+        return status_files.read(self.status_path, Findings)
 
     def admin_status(self, principal: Principal) -> AdminStatus:
         # The status names events of every device (examples) and counts them all: it is for
@@ -452,6 +430,7 @@ class Reconciler:
             counts, device_storage = None, None
         return AdminStatus(
             last_reconcile=self.last(),
+            last_verify=scrub.last(self.gallery.settings.data_dir),
             disk=disk,
             min_free_bytes=minimum,
             accepting_uploads=disk.free_bytes >= minimum,

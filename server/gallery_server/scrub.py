@@ -6,8 +6,12 @@ whose bytes changed in place (bit rot, a failing disk, someone's edit) keeps its
 while downloads go on announcing the recorded digest (x-content-sha256, ETag) over other bytes.
 Reading every byte is too dear for a periodic pass, so an operator runs this on demand.
 
-It changes nothing: no file, no row, no folder (it takes no Storage, which makes folders). Each
-damaged or missing file is logged as one ERROR line with its device and event id, and counted.
+It changes no media file, no row and no media folder (it takes no Storage, which makes folders).
+Each damaged or missing file is logged as one ERROR line with its device and event id, and
+counted. A whole run over every device leaves its totals in <data>/run/verify.json, where the
+admin status and every replica's metrics read them: an alert on damage needs no log rule. A run of
+one device, or one stopped by Ctrl-C, has seen only part of the gallery and leaves none: its
+clean totals would hide damage the last whole run found.
 
 Its cost stays bounded whatever the gallery's size: rows are read ROW_BATCH at a time by id (one
 short read each, no transaction held open while files are read), each file in CHUNK_BYTES reads
@@ -34,7 +38,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import col
 
-from . import storage
+from . import status_files, storage
+from .clock import rfc3339, utcnow
 from .db import Database
 from .models import Event
 
@@ -54,6 +59,9 @@ class Totals:
     """One scrub: what it read and what it found."""
 
     device: str = ""  # "" for every device
+    started: str = ""  # RFC 3339 UTC
+    finished: str = ""  # "" while it runs, and for a run stopped before its end
+    interrupted: bool = False  # stopped before its end (Ctrl-C): the figures are the part done
     events: int = 0  # stored events in scope when it began
     checked: int = 0
     skipped: int = 0  # stored without a recorded sha256: nothing to check against
@@ -90,8 +98,24 @@ class Scrub:
         return self.media_root / device / event_id
 
     def run(self, *, device: str | None = None) -> Totals:
+        """Read every stored file of `device` (every device: None); Ctrl-C ends it early, with the
+        totals of the part done (`interrupted`)."""
         started = time.monotonic()
-        totals = Totals(device=device or "")
+        totals = Totals(device=device or "", started=rfc3339(utcnow()))
+        try:
+            self._read_all(totals, device, started)
+        except KeyboardInterrupt:
+            totals.interrupted = True
+        totals.seconds = round(time.monotonic() - started, 3)
+        if totals.interrupted:
+            log.warning("verify stopped before its end", extra=_summary(totals, totals.seconds))
+            return totals
+        totals.finished = rfc3339(utcnow())
+        (log.error if totals.damaged or totals.missing else log.info)(
+            "verified", extra=_summary(totals, totals.seconds))
+        return totals
+
+    def _read_all(self, totals: Totals, device: str | None, started: float) -> None:
         in_scope = [Event.state == "stored"] + ([Event.device == device] if device else [])
         with self.db.read() as connection:
             totals.events = connection.execute(
@@ -124,10 +148,6 @@ class Scrub:
             for row, problem in self._still_stored(suspects):
                 self._report(totals, row, problem)
             after = rows[-1].id
-        totals.seconds = round(time.monotonic() - started, 3)
-        (log.error if totals.damaged or totals.missing else log.info)(
-            "verified", extra=_summary(totals, totals.seconds))
-        return totals
 
     def _still_stored(self, suspects: dict[str, tuple[_Row, dict[str, Any]]]) -> list[tuple[_Row, dict[str, Any]]]:
         """The suspects whose rows are still stored as they were read, in id order: one select
@@ -201,6 +221,21 @@ class Scrub:
         self._paid_until = max(self._paid_until, now - MAX_BURST_SECONDS) + n / self.bytes_per_second
         if self._paid_until > now:
             time.sleep(self._paid_until - now)
+
+
+def status_path(data_dir: pathlib.Path) -> pathlib.Path:
+    return storage.run_dir(data_dir) / "verify.json"
+
+
+def record(data_dir: pathlib.Path, totals: Totals) -> None:
+    """Keep a whole, finished run's totals as the last verification (for the admin status and the
+    metrics)."""
+    status_files.write(status_path(data_dir), totals)
+
+
+def last(data_dir: pathlib.Path) -> Totals | None:
+    """The last whole verification's totals; None before the first."""
+    return status_files.read(status_path(data_dir), Totals)
 
 
 def _summary(totals: Totals, seconds: float) -> dict[str, Any]:

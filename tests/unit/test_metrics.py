@@ -14,6 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gallery_server import status_files
 from gallery_server.metrics import CALL_TYPES, Metrics, code_label
 from gallery_server.reconcile import Findings
 
@@ -131,14 +132,8 @@ def test_the_reconciliation_figures_are_nan_rather_than_a_failed_scrape(tmp_path
     wrote, a figure is NaN and every other figure is still served."""
     status = tmp_path / "reconcile.json"
 
-    def last() -> Findings | None:
-        try:
-            return Findings.from_json(json.loads(status.read_text()))
-        except FileNotFoundError:
-            return None
-
     metrics = Metrics()
-    metrics.watch_reconciliation(last)
+    metrics.watch_reconciliation(lambda: status_files.read(status, Findings))
     finished = "gallery_reconcile_last_finished_timestamp_seconds"
     assert math.isnan(value(metrics, finished))
     status.write_text(json.dumps({"finished": "2026-11-30T12:00:00.000000Z", "missing_media": 2}))

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -186,9 +187,13 @@ def test_cli_verify_runs_as_a_command(gallery, principal):
     (summary,) = [line for line in lines if line["message"] == "verified"]
     assert summary["level"] == "ERROR" and summary["damaged"] == 1 and "bytes_read" in summary
 
+    kept = scrub.last(gallery.settings.data_dir)  # for the admin status and the metrics
+    assert kept is not None and kept.to_json() == totals and kept.finished.endswith("Z")
+
     result = verify("--device", "cam2", "--max-mb-per-second", "100")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["checked"] == 1
+    assert scrub.last(gallery.settings.data_dir) == kept  # one device's run has not seen the rest
 
 
 @pytest.mark.parametrize("args", [["--device", "../x"], ["--max-mb-per-second", "-1"],
@@ -207,3 +212,37 @@ def test_cli_verify_changes_nothing_where_there_is_nothing(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no database at" in result.stderr, result.stderr
     assert not (tmp_path / "typo").exists()
+
+
+def test_cli_verify_stopped_by_ctrl_c_prints_what_it_did_and_keeps_no_totals(gallery, principal):
+    big = store(gallery, principal, "cam1", PNG + b"\x00" * (4 * scrub.CHUNK_BYTES), name="big.png")
+    media = gallery.storage.media_path("cam1", big.id)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GALLERY_")}
+    env |= {"GALLERY_DATA_DIR": str(gallery.settings.data_dir), "GALLERY_DATABASE_URL": gallery.settings.database_url}
+    process = subprocess.Popen([sys.executable, "-m", "gallery_server", "verify", "--max-mb-per-second", "1"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(os.path.realpath(f"/proc/{process.pid}/fd/{fd}") == str(media)
+                      for fd in _fds(process.pid)):
+            assert process.poll() is None and time.monotonic() < deadline, "verify never opened the file"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    totals = json.loads(out)
+    assert totals["interrupted"] is True and totals["finished"] == "" and totals["started"].endswith("Z")
+    assert totals["checked"] == 1 and totals["bytes_read"] < media.stat().st_size  # stopped in its first file
+    lines = [json.loads(line) for line in err.splitlines()]
+    assert [(line["level"], line["message"]) for line in lines] == [("WARNING", "verify stopped before its end")]
+    assert not scrub.status_path(gallery.settings.data_dir).exists()
+    assert scrub.last(gallery.settings.data_dir) is None
+
+
+def _fds(pid: int) -> list[str]:
+    try:
+        return os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return []

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16gallery/v1/admin.proto\x12\ngallery.v1\x1a\x1cgoogle/api/annotations.proto\"\xfc\x03\n\x0cReconcileRun\x12\x0f\n\x07started\x18\x01 \x01(\t\x12\x10\n\x08\x66inished\x18\x02 \x01(\t\x12\x0f\n\x07replica\x18\x03 \x01(\t\x12(\n\x0fstaging_removed\x18\x04 \x01(\x01R\x0fstaging_removed\x12\x32\n\x14orphan_media_removed\x18\x05 \x01(\x01R\x14orphan_media_removed\x12<\n\x19orphan_thumbnails_removed\x18\x06 \x01(\x01R\x19orphan_thumbnails_removed\x12\x36\n\x16\x65xpired_grants_removed\x18\x07 \x01(\x01R\x16\x65xpired_grants_removed\x12(\n\x0f\x62ytes_reclaimed\x18\x08 \x01(\x01R\x0f\x62ytes_reclaimed\x12\"\n\x0crows_checked\x18\t \x01(\x01R\x0crows_checked\x12$\n\rmissing_media\x18\n \x01(\x01R\rmissing_media\x12$\n\rsize_mismatch\x18\x0b \x01(\x01R\rsize_mismatch\x12\x10\n\x08\x65xamples\x18\x0c \x03(\t\x12\x38\n\x17\x63losed_commands_removed\x18\r \x01(\x01R\x17\x63losed_commands_removed\"\xa4\x01\n\nDiskStatus\x12 \n\x0btotal_bytes\x18\x01 \x01(\x01R\x0btotal_bytes\x12\x1e\n\nfree_bytes\x18\x02 \x01(\x01R\nfree_bytes\x12&\n\x0emin_free_bytes\x18\x03 \x01(\x01R\x0emin_free_bytes\x12,\n\x11\x61\x63\x63\x65pting_uploads\x18\x04 \x01(\x08R\x11\x61\x63\x63\x65pting_uploads\"\x81\x02\n\x0b\x41\x64minCounts\x12$\n\revents_stored\x18\x01 \x01(\x01R\revents_stored\x12*\n\x10\x65vents_on_device\x18\x02 \x01(\x01R\x10\x65vents_on_device\x12\"\n\x0cstored_bytes\x18\x03 \x01(\x01R\x0cstored_bytes\x12(\n\x0fupload_sessions\x18\x04 \x01(\x01R\x0fupload_sessions\x12$\n\rupload_grants\x18\x05 \x01(\x01R\rupload_grants\x12,\n\x11uploads_in_flight\x18\x06 \x01(\x01R\x11uploads_in_flight\"\x17\n\x15GetAdminStatusRequest\"\x8e\x02\n\x16GetAdminStatusResponse\x12@\n\x0elast_reconcile\x18\x01 \x01(\x0b\x32\x18.gallery.v1.ReconcileRunR\x0elast_reconcile\x12$\n\x04\x64isk\x18\x02 \x01(\x0b\x32\x16.gallery.v1.DiskStatus\x12\'\n\x06\x63ounts\x18\x03 \x01(\x0b\x32\x17.gallery.v1.AdminCounts\x12\x41\n\x0e\x64\x65vice_storage\x18\x04 \x01(\x0b\x32\x19.gallery.v1.DeviceStorageR\x0e\x64\x65vice_storage\x12 \n\x0b\x64\x61tabase_up\x18\x05 \x01(\x08R\x0b\x64\x61tabase_up\"\xbe\x01\n\rDeviceStorage\x12 \n\x0bquota_bytes\x18\x01 \x01(\x01R\x0bquota_bytes\x12*\n\x10\x64\x65vices_at_quota\x18\x02 \x01(\x01R\x10\x64\x65vices_at_quota\x12.\n\x12\x64\x65vices_near_quota\x18\x03 \x01(\x01R\x12\x64\x65vices_near_quota\x12/\n\x07largest\x18\x04 \x03(\x0b\x32\x1e.gallery.v1.DeviceStorageUsage\"D\n\x12\x44\x65viceStorageUsage\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x1e\n\nused_bytes\x18\x02 \x01(\x01R\nused_bytes2\x89\x01\n\x13GalleryAdminService\x12r\n\x0eGetAdminStatus\x12!.gallery.v1.GetAdminStatusRequest\x1a\".gallery.v1.GetAdminStatusResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/api/admin/statusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16gallery/v1/admin.proto\x12\ngallery.v1\x1a\x1cgoogle/api/annotations.proto\"\xfc\x03\n\x0cReconcileRun\x12\x0f\n\x07started\x18\x01 \x01(\t\x12\x10\n\x08\x66inished\x18\x02 \x01(\t\x12\x0f\n\x07replica\x18\x03 \x01(\t\x12(\n\x0fstaging_removed\x18\x04 \x01(\x01R\x0fstaging_removed\x12\x32\n\x14orphan_media_removed\x18\x05 \x01(\x01R\x14orphan_media_removed\x12<\n\x19orphan_thumbnails_removed\x18\x06 \x01(\x01R\x19orphan_thumbnails_removed\x12\x36\n\x16\x65xpired_grants_removed\x18\x07 \x01(\x01R\x16\x65xpired_grants_removed\x12(\n\x0f\x62ytes_reclaimed\x18\x08 \x01(\x01R\x0f\x62ytes_reclaimed\x12\"\n\x0crows_checked\x18\t \x01(\x01R\x0crows_checked\x12$\n\rmissing_media\x18\n \x01(\x01R\rmissing_media\x12$\n\rsize_mismatch\x18\x0b \x01(\x01R\rsize_mismatch\x12\x10\n\x08\x65xamples\x18\x0c \x03(\t\x12\x38\n\x17\x63losed_commands_removed\x18\r \x01(\x01R\x17\x63losed_commands_removed\"\xc5\x01\n\tVerifyRun\x12\x0f\n\x07started\x18\x01 \x01(\t\x12\x10\n\x08\x66inished\x18\x02 \x01(\t\x12\x0e\n\x06\x65vents\x18\x03 \x01(\x01\x12\x0f\n\x07\x63hecked\x18\x04 \x01(\x01\x12\x0f\n\x07skipped\x18\x05 \x01(\x01\x12\x1e\n\nbytes_read\x18\x06 \x01(\x01R\nbytes_read\x12\x0f\n\x07\x64\x61maged\x18\x07 \x01(\x01\x12\x0f\n\x07missing\x18\x08 \x01(\x01\x12\x0f\n\x07seconds\x18\t \x01(\x01\x12\x10\n\x08\x65xamples\x18\n \x03(\t\"\xa4\x01\n\nDiskStatus\x12 \n\x0btotal_bytes\x18\x01 \x01(\x01R\x0btotal_bytes\x12\x1e\n\nfree_bytes\x18\x02 \x01(\x01R\nfree_bytes\x12&\n\x0emin_free_bytes\x18\x03 \x01(\x01R\x0emin_free_bytes\x12,\n\x11\x61\x63\x63\x65pting_uploads\x18\x04 \x01(\x08R\x11\x61\x63\x63\x65pting_uploads\"\x81\x02\n\x0b\x41\x64minCounts\x12$\n\revents_stored\x18\x01 \x01(\x01R\revents_stored\x12*\n\x10\x65vents_on_device\x18\x02 \x01(\x01R\x10\x65vents_on_device\x12\"\n\x0cstored_bytes\x18\x03 \x01(\x01R\x0cstored_bytes\x12(\n\x0fupload_sessions\x18\x04 \x01(\x01R\x0fupload_sessions\x12$\n\rupload_grants\x18\x05 \x01(\x01R\rupload_grants\x12,\n\x11uploads_in_flight\x18\x06 \x01(\x01R\x11uploads_in_flight\"\x17\n\x15GetAdminStatusRequest\"\xc7\x02\n\x16GetAdminStatusResponse\x12@\n\x0elast_reconcile\x18\x01 \x01(\x0b\x32\x18.gallery.v1.ReconcileRunR\x0elast_reconcile\x12$\n\x04\x64isk\x18\x02 \x01(\x0b\x32\x16.gallery.v1.DiskStatus\x12\'\n\x06\x63ounts\x18\x03 \x01(\x0b\x32\x17.gallery.v1.AdminCounts\x12\x41\n\x0e\x64\x65vice_storage\x18\x04 \x01(\x0b\x32\x19.gallery.v1.DeviceStorageR\x0e\x64\x65vice_storage\x12 \n\x0b\x64\x61tabase_up\x18\x05 \x01(\x08R\x0b\x64\x61tabase_up\x12\x37\n\x0blast_verify\x18\x06 \x01(\x0b\x32\x15.gallery.v1.VerifyRunR\x0blast_verify\"\xbe\x01\n\rDeviceStorage\x12 \n\x0bquota_bytes\x18\x01 \x01(\x01R\x0bquota_bytes\x12*\n\x10\x64\x65vices_at_quota\x18\x02 \x01(\x01R\x10\x64\x65vices_at_quota\x12.\n\x12\x64\x65vices_near_quota\x18\x03 \x01(\x01R\x12\x64\x65vices_near_quota\x12/\n\x07largest\x18\x04 \x03(\x0b\x32\x1e.gallery.v1.DeviceStorageUsage\"D\n\x12\x44\x65viceStorageUsage\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x1e\n\nused_bytes\x18\x02 \x01(\x01R\nused_bytes2\x89\x01\n\x13GalleryAdminService\x12r\n\x0eGetAdminStatus\x12!.gallery.v1.GetAdminStatusRequest\x1a\".gallery.v1.GetAdminStatusResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/api/admin/statusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,18 +36,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GALLERYADMINSERVICE'].methods_by_name['GetAdminStatus']._serialized_options = b'\202\323\344\223\002\023\022\021/api/admin/status'
   _globals['_RECONCILERUN']._serialized_start=69
   _globals['_RECONCILERUN']._serialized_end=577
-  _globals['_DISKSTATUS']._serialized_start=580
-  _globals['_DISKSTATUS']._serialized_end=744
-  _globals['_ADMINCOUNTS']._serialized_start=747
-  _globals['_ADMINCOUNTS']._serialized_end=1004
-  _globals['_GETADMINSTATUSREQUEST']._serialized_start=1006
-  _globals['_GETADMINSTATUSREQUEST']._serialized_end=1029
-  _globals['_GETADMINSTATUSRESPONSE']._serialized_start=1032
-  _globals['_GETADMINSTATUSRESPONSE']._serialized_end=1302
-  _globals['_DEVICESTORAGE']._serialized_start=1305
-  _globals['_DEVICESTORAGE']._serialized_end=1495
-  _globals['_DEVICESTORAGEUSAGE']._serialized_start=1497
-  _globals['_DEVICESTORAGEUSAGE']._serialized_end=1565
-  _globals['_GALLERYADMINSERVICE']._serialized_start=1568
-  _globals['_GALLERYADMINSERVICE']._serialized_end=1705
+  _globals['_VERIFYRUN']._serialized_start=580
+  _globals['_VERIFYRUN']._serialized_end=777
+  _globals['_DISKSTATUS']._serialized_start=780
+  _globals['_DISKSTATUS']._serialized_end=944
+  _globals['_ADMINCOUNTS']._serialized_start=947
+  _globals['_ADMINCOUNTS']._serialized_end=1204
+  _globals['_GETADMINSTATUSREQUEST']._serialized_start=1206
+  _globals['_GETADMINSTATUSREQUEST']._serialized_end=1229
+  _globals['_GETADMINSTATUSRESPONSE']._serialized_start=1232
+  _globals['_GETADMINSTATUSRESPONSE']._serialized_end=1559
+  _globals['_DEVICESTORAGE']._serialized_start=1562
+  _globals['_DEVICESTORAGE']._serialized_end=1752
+  _globals['_DEVICESTORAGEUSAGE']._serialized_start=1754
+  _globals['_DEVICESTORAGEUSAGE']._serialized_end=1822
+  _globals['_GALLERYADMINSERVICE']._serialized_start=1825
+  _globals['_GALLERYADMINSERVICE']._serialized_end=1962
 # @@protoc_insertion_point(module_scope)

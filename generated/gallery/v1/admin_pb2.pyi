@@ -37,6 +37,30 @@ class ReconcileRun(_message.Message):
     closed_commands_removed: float
     def __init__(self, started: _Optional[str] = ..., finished: _Optional[str] = ..., replica: _Optional[str] = ..., staging_removed: _Optional[float] = ..., orphan_media_removed: _Optional[float] = ..., orphan_thumbnails_removed: _Optional[float] = ..., expired_grants_removed: _Optional[float] = ..., bytes_reclaimed: _Optional[float] = ..., rows_checked: _Optional[float] = ..., missing_media: _Optional[float] = ..., size_mismatch: _Optional[float] = ..., examples: _Optional[_Iterable[str]] = ..., closed_commands_removed: _Optional[float] = ...) -> None: ...
 
+class VerifyRun(_message.Message):
+    __slots__ = ("started", "finished", "events", "checked", "skipped", "bytes_read", "damaged", "missing", "seconds", "examples")
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_READ_FIELD_NUMBER: _ClassVar[int]
+    DAMAGED_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    started: str
+    finished: str
+    events: float
+    checked: float
+    skipped: float
+    bytes_read: float
+    damaged: float
+    missing: float
+    seconds: float
+    examples: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, started: _Optional[str] = ..., finished: _Optional[str] = ..., events: _Optional[float] = ..., checked: _Optional[float] = ..., skipped: _Optional[float] = ..., bytes_read: _Optional[float] = ..., damaged: _Optional[float] = ..., missing: _Optional[float] = ..., seconds: _Optional[float] = ..., examples: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class DiskStatus(_message.Message):
     __slots__ = ("total_bytes", "free_bytes", "min_free_bytes", "accepting_uploads")
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -70,18 +94,20 @@ class GetAdminStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetAdminStatusResponse(_message.Message):
-    __slots__ = ("last_reconcile", "disk", "counts", "device_storage", "database_up")
+    __slots__ = ("last_reconcile", "disk", "counts", "device_storage", "database_up", "last_verify")
     LAST_RECONCILE_FIELD_NUMBER: _ClassVar[int]
     DISK_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_STORAGE_FIELD_NUMBER: _ClassVar[int]
     DATABASE_UP_FIELD_NUMBER: _ClassVar[int]
+    LAST_VERIFY_FIELD_NUMBER: _ClassVar[int]
     last_reconcile: ReconcileRun
     disk: DiskStatus
     counts: AdminCounts
     device_storage: DeviceStorage
     database_up: bool
-    def __init__(self, last_reconcile: _Optional[_Union[ReconcileRun, _Mapping]] = ..., disk: _Optional[_Union[DiskStatus, _Mapping]] = ..., counts: _Optional[_Union[AdminCounts, _Mapping]] = ..., device_storage: _Optional[_Union[DeviceStorage, _Mapping]] = ..., database_up: _Optional[bool] = ...) -> None: ...
+    last_verify: VerifyRun
+    def __init__(self, last_reconcile: _Optional[_Union[ReconcileRun, _Mapping]] = ..., disk: _Optional[_Union[DiskStatus, _Mapping]] = ..., counts: _Optional[_Union[AdminCounts, _Mapping]] = ..., device_storage: _Optional[_Union[DeviceStorage, _Mapping]] = ..., database_up: _Optional[bool] = ..., last_verify: _Optional[_Union[VerifyRun, _Mapping]] = ...) -> None: ...
 
 class DeviceStorage(_message.Message):
     __slots__ = ("quota_bytes", "devices_at_quota", "devices_near_quota", "largest")

@@ -55,7 +55,8 @@ class GalleryAdminServiceServicer:
     """
 
     def GetAdminStatus(self, request, context):
-        """The last reconciliation (of any replica), disk space and headroom, and counts.
+        """The last reconciliation (of any replica), the last whole `gallery verify`, disk space and
+        headroom, and counts.
         REST: `GET /api/admin/status`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -63,4 +63,12 @@ class AdminServicer(admin_pb2_grpc.GalleryAdminServiceServicer):
                 size_mismatch=run.size_mismatch,
                 examples=run.examples,
             ))
+        verified = status.last_verify
+        if verified is not None:
+            response.last_verify.CopyFrom(pb.VerifyRun(
+                started=verified.started, finished=verified.finished, events=verified.events,
+                checked=verified.checked, skipped=verified.skipped, bytes_read=verified.bytes_read,
+                damaged=verified.damaged, missing=verified.missing, seconds=verified.seconds,
+                examples=verified.examples,
+            ))
         return response

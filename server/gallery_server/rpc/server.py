@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import signal
@@ -15,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gallery.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, gallery_pb2, gallery_pb2_grpc
 
-from .. import _malloc
+from .. import _malloc, scrub
 from ..addresses import ANY_HOST, split_address
 from ..auth import Verifier
 from ..db import Database, availability
@@ -193,6 +194,7 @@ def _add_gauges(metrics: Metrics, gallery: Gallery, devices: Devices, reconciler
                   "0 from a failure of this server to reach the database until it answers again, else 1.",
                   lambda: availability.up)
     metrics.watch_reconciliation(reconciler.last)
+    metrics.watch_verification(functools.partial(scrub.last, gallery.settings.data_dir))
 
 
 def serve(settings: Settings) -> None:
