@@ -28,6 +28,7 @@ from sqlmodel import Session, col, select
 from . import validation
 from .auth import DEVICE, WRITE, Principal
 from .clock import aware, utcnow
+from .db import Database
 from .errors import (
     CommitOutcomeUnknown,
     Conflict,
@@ -76,6 +77,16 @@ _LATEST_PULL = (
 PULL_STATES = {"pending": "pending", "delivered": "delivered", "acked": "delivered",
                "completed": "completed", "failed": "failed", "expired": "expired",
                "cancelled": "cancelled"}
+
+
+def open_pulls(db: Database) -> int:
+    """Pull commands not yet closed nor past their expiry: uploads devices have been asked for and
+    have not finished (read from the open-key index, which closed commands leave)."""
+    with db.read() as connection:
+        return int(connection.execute(
+            sa.select(sa.func.count()).select_from(DeviceCommand)
+            .where(col(DeviceCommand.open_key).is_not(None), col(DeviceCommand.expires_at) >= utcnow())
+        ).scalar_one())
 
 
 @dataclasses.dataclass

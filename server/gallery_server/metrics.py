@@ -24,9 +24,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 import prometheus_client
+import sqlalchemy
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 
+from . import devices, thumbnails
+from .errors import DatabaseUnavailable
+
 if TYPE_CHECKING:
+    from .db import Database
     from .reconcile import Findings
     from .scrub import Totals
 
@@ -100,6 +105,17 @@ class Metrics:
         """A figure read when scraped, from what already counts it."""
         Gauge(name, documentation, registry=self.registry).set_function(read)
 
+    def watch_backlogs(self, db: Database) -> None:
+        """The queues every replica shares, counted in the database at each scrape (a range of an
+        index each): NaN while it does not answer, and the other figures are served all the same."""
+        for name, documentation, count in (
+            ("gallery_thumbnails_pending", "Stored events waiting for the thumbnail the server makes.",
+             thumbnails.backlog),
+            ("gallery_pulls_open", "Pulls asked of devices, not yet uploaded, failed or expired.",
+             devices.open_pulls),
+        ):
+            self.gauge(name, documentation, functools.partial(_counted, count, db))
+
     def watch_free_space(self, data_dir: pathlib.Path) -> None:
         def free() -> float:
             try:
@@ -157,6 +173,13 @@ class Metrics:
             thread.join(timeout=5)
 
         return server.server_port, stop
+
+
+def _counted(count: Callable[[Database], int], db: Database) -> float:
+    try:
+        return count(db)
+    except (DatabaseUnavailable, sqlalchemy.exc.SQLAlchemyError):
+        return math.nan
 
 
 def _unix_time(rfc3339: str) -> float:

@@ -52,7 +52,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import aliased
 from sqlmodel import col, func, select
 
-from . import file_locks, quota, scrub, status_files
+from . import devices, file_locks, quota, scrub, status_files, thumbnails
 from .auth import ADMIN, Principal
 from .background import BackgroundLoop
 from .clock import rfc3339, utcnow
@@ -102,6 +102,8 @@ class Counts:
     upload_sessions: int
     upload_grants: int
     uploads_in_flight: int  # in the replica that answered
+    thumbnails_pending: int
+    pulls_open: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -456,6 +458,8 @@ class Reconciler:
             upload_sessions=int(sessions),
             upload_grants=int(grants),
             uploads_in_flight=self.gallery.slots.in_flight,
+            thumbnails_pending=thumbnails.backlog(self.db),
+            pulls_open=devices.open_pulls(self.db),
         ), device_storage
 
 

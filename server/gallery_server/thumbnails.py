@@ -43,6 +43,7 @@ from sqlmodel import col, select
 
 from .background import BackgroundLoop
 from .clock import utcnow
+from .db import Database
 from .models import Event
 from .service import Gallery
 from .storage import StagedFile
@@ -62,6 +63,16 @@ _EXIF_IFD = 0x8769
 _DATETIME_ORIGINAL = 36867
 _OFFSET_TIME_ORIGINAL = 36881
 _DATETIME = 306
+
+
+def backlog(db: Database) -> int:
+    """Stored events waiting for a thumbnail (pending, or claimed by a worker that has not finished):
+    the queue's length, read from its index."""
+    with db.read() as connection:
+        return int(connection.execute(
+            sa.select(sa.func.count()).select_from(Event)
+            .where(col(Event.thumbnail_state).in_(("pending", "working")), col(Event.state) == "stored")
+        ).scalar_one())
 
 
 class Unsupported(Exception):

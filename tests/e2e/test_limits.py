@@ -279,7 +279,7 @@ def test_admin_status_shape_and_scope(limited: Stack, mint: Callable[..., str]) 
     assert body["disk"]["total_bytes"] >= body["disk"]["free_bytes"] > 0
     assert set(body["counts"]) == {
         "events_stored", "events_on_device", "stored_bytes", "upload_sessions", "upload_grants",
-        "uploads_in_flight",
+        "uploads_in_flight", "thumbnails_pending", "pulls_open",
     }
     assert all(isinstance(v, int | float) for v in body["counts"].values())
     storage = body["device_storage"]  # no quota here: its figures are 0 (test_quota.py has one)

@@ -162,8 +162,38 @@ def test_what_an_operator_is_paged_for_is_scraped(measured: tuple[Stack, str]) -
     assert value("gallery_data_min_free_bytes") == 1 << 30  # GALLERY_MIN_FREE_BYTES's default
     assert value("gallery_device_quota_bytes") == 0  # no quota set
     assert value("gallery_database_up") == 1
+    assert value("gallery_thumbnails_pending") >= 0 and value("gallery_pulls_open") >= 0  # NaN fails
     assert value("gallery_reconcile_missing_media") == value("gallery_reconcile_size_mismatch") == 0
     assert time.time() - 600 < value("gallery_reconcile_last_finished_timestamp_seconds") <= time.time()
+
+
+def test_the_shared_backlogs_are_scraped(measured: tuple[Stack, str]) -> None:
+    """Thumbnails to make (this stack makes none: its queue only grows) and pulls devices still
+    owe, as the admin status counts them."""
+    stack, url = measured
+    device = new_device()
+    before = scrape(url)
+    with httpx.Client(base_url=stack.base_url, timeout=30) as http:
+        r = http.post(f"/api/gallery/{device}/upload", headers={"Authorization": f"Bearer {bearer(device)}"},
+                      files={"event": ("a.png", b"\x89PNG\r\n\x1a\n" + bytes(64), "image/png")},
+                      data={"name": "a.png"})
+        assert r.status_code == 200, r.text
+    with grpc.insecure_channel(stack.envoy_grpc_address) as channel:
+        [announced] = device_pb2_grpc.DeviceServiceStub(channel).AnnounceEvents(
+            dpb.AnnounceEventsRequest(device=device, events=[
+                dpb.AnnouncedEvent(device_key="k1", name="b.jpg", size=5)]),
+            metadata=[("authorization", f"Bearer {bearer(device, auth.DEVICE)}")], timeout=30).results
+        gallery_pb2_grpc.GalleryServiceStub(channel).PullEvent(
+            pb.PullEventRequest(device=device, event_id=announced.event_id),
+            metadata=[("authorization", f"Bearer {bearer(device)}")], timeout=30)
+    after = scrape(url)
+    for name in ("gallery_thumbnails_pending", "gallery_pulls_open"):
+        assert after(name) - before(name) == 1, name
+    status = httpx.get(f"{stack.base_url}/api/admin/status", timeout=30, headers={
+        "Authorization": f"Bearer {auth.mint(JWT_SECRET, subject='ops', devices=['*'], scope=auth.ADMIN)}"})
+    counts = status.json()["counts"]
+    assert (counts["thumbnails_pending"], counts["pulls_open"]) == (
+        after("gallery_thumbnails_pending"), after("gallery_pulls_open"))
 
 
 def test_each_server_logs_what_it_admits_at_once(stack: Stack) -> None:

@@ -312,6 +312,26 @@ def test_waiting_pull_reports_failure(devices, device_principal, principal):
     assert result.pull.state == "failed"
 
 
+def test_open_pulls_count_what_devices_still_owe(devices, gallery, device_principal, principal):
+    first, second, third = (announce(devices, device_principal, key=f"k{i}") for i in range(3))
+    assert devices_module.open_pulls(gallery.db) == 0
+    for event in (first, second, third):
+        devices.pull(principal, DEVICE, event.id)
+    devices.pull(principal, DEVICE, first.id)  # the same open pull
+    assert devices_module.open_pulls(gallery.db) == 3
+    channel = devices.connect(device_principal, DEVICE)
+    deliveries = {d.event_id: d for d in channel.claim()}
+    devices.acknowledge(DEVICE, deliveries[first.id].command_id)
+    assert devices_module.open_pulls(gallery.db) == 3  # delivered and acknowledged: still owed
+    devices.fail(DEVICE, deliveries[first.id].command_id, "gone")
+    assert devices_module.open_pulls(gallery.db) == 2
+    with gallery.db.session() as session:  # past its expiry, before anything marks it expired
+        session.exec(sa.update(DeviceCommand).where(DeviceCommand.event_id == second.id).values(
+            expires_at=devices_module.utcnow() - datetime.timedelta(seconds=1)))
+        session.commit()
+    assert devices_module.open_pulls(gallery.db) == 1
+
+
 def test_pulls_expire(devices, gallery, device_principal, principal):
     event = announce(devices, device_principal)
     devices.pull(principal, DEVICE, event.id)

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gallery_server import status_files
+from gallery_server.db import Database
 from gallery_server.metrics import CALL_TYPES, Metrics, code_label
 from gallery_server.reconcile import Findings
 
@@ -144,3 +145,12 @@ def test_the_reconciliation_figures_are_nan_rather_than_a_failed_scrape(tmp_path
     assert value(metrics, "gallery_reconcile_size_mismatch") == 0
     version = {"version": importlib.metadata.version("gallery")}
     assert metrics.registry.get_sample_value("gallery_build_info", version) == 1
+
+
+def test_the_backlogs_are_nan_while_the_database_does_not_answer(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    metrics = Metrics()
+    metrics.watch_backlogs(Database(f"sqlite:///{tmp_path}/no-such-folder/gallery.db"))
+    assert math.isnan(value(metrics, "gallery_thumbnails_pending"))
+    assert math.isnan(value(metrics, "gallery_pulls_open"))
+    version = {"version": importlib.metadata.version("gallery")}
+    assert metrics.registry.get_sample_value("gallery_build_info", version) == 1  # the rest is served

@@ -340,6 +340,7 @@ def test_admin_status_needs_the_admin_scope_and_reports_counts(gallery, principa
     assert status.counts.events_stored == 2 and status.counts.events_on_device == 1
     assert status.counts.stored_bytes == event.size and status.counts.upload_sessions == 1
     assert status.counts.uploads_in_flight == 0
+    assert (status.counts.thumbnails_pending, status.counts.pulls_open) == (1, 0)  # the PNG awaits its thumbnail
     assert status.disk.total_bytes >= status.disk.free_bytes > 0
     assert status.accepting_uploads is (status.disk.free_bytes >= status.min_free_bytes)
     gallery.storage.min_free_bytes = status.disk.free_bytes * 2

@@ -142,10 +142,13 @@ def test_newest_first(gallery: Gallery, principal: auth.Principal) -> None:
     for age, event in enumerate(reversed(events)):
         backdate(gallery, event.id, age * 10)
     worker = Thumbnailer(gallery)
+    assert thumbnails.backlog(gallery.db) == 3  # the queue's length, for the admin status and metrics
     assert worker.work_once(limit=1) == [events[2].id]
     newer = store(gallery, principal, data=png((40, 40)), name="new.png")
+    assert thumbnails.backlog(gallery.db) == 3
     assert worker.work_once() == [newer.id, events[1].id, events[0].id]
     assert worker.work_once() == []
+    assert thumbnails.backlog(gallery.db) == 0
 
 
 def test_replicas_process_each_event_once(gallery: Gallery, principal: auth.Principal) -> None:
@@ -205,11 +208,14 @@ def test_stale_claim_is_retried_then_given_up(gallery: Gallery, principal: auth.
             session.commit()
 
     crash_claim(1)
+    assert thumbnails.backlog(gallery.db) == 1  # claimed, not finished: still waiting
     assert Thumbnailer(gallery).work_once() == [event.id]
+    assert thumbnails.backlog(gallery.db) == 0
     assert row(gallery, event.id).thumbnail_state == "generated"  # type: ignore[union-attr]
     crash_claim(thumbnails.MAX_ATTEMPTS)
     assert Thumbnailer(gallery).work_once() == []
     assert row(gallery, event.id).thumbnail_state == "failed"  # type: ignore[union-attr]
+    assert thumbnails.backlog(gallery.db) == 0
 
 
 def test_video_without_ffmpeg_is_skipped(

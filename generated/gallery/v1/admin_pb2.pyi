@@ -74,20 +74,24 @@ class DiskStatus(_message.Message):
     def __init__(self, total_bytes: _Optional[float] = ..., free_bytes: _Optional[float] = ..., min_free_bytes: _Optional[float] = ..., accepting_uploads: _Optional[bool] = ...) -> None: ...
 
 class AdminCounts(_message.Message):
-    __slots__ = ("events_stored", "events_on_device", "stored_bytes", "upload_sessions", "upload_grants", "uploads_in_flight")
+    __slots__ = ("events_stored", "events_on_device", "stored_bytes", "upload_sessions", "upload_grants", "uploads_in_flight", "thumbnails_pending", "pulls_open")
     EVENTS_STORED_FIELD_NUMBER: _ClassVar[int]
     EVENTS_ON_DEVICE_FIELD_NUMBER: _ClassVar[int]
     STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_GRANTS_FIELD_NUMBER: _ClassVar[int]
     UPLOADS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    THUMBNAILS_PENDING_FIELD_NUMBER: _ClassVar[int]
+    PULLS_OPEN_FIELD_NUMBER: _ClassVar[int]
     events_stored: float
     events_on_device: float
     stored_bytes: float
     upload_sessions: float
     upload_grants: float
     uploads_in_flight: float
-    def __init__(self, events_stored: _Optional[float] = ..., events_on_device: _Optional[float] = ..., stored_bytes: _Optional[float] = ..., upload_sessions: _Optional[float] = ..., upload_grants: _Optional[float] = ..., uploads_in_flight: _Optional[float] = ...) -> None: ...
+    thumbnails_pending: float
+    pulls_open: float
+    def __init__(self, events_stored: _Optional[float] = ..., events_on_device: _Optional[float] = ..., stored_bytes: _Optional[float] = ..., upload_sessions: _Optional[float] = ..., upload_grants: _Optional[float] = ..., uploads_in_flight: _Optional[float] = ..., thumbnails_pending: _Optional[float] = ..., pulls_open: _Optional[float] = ...) -> None: ...
 
 class GetAdminStatusRequest(_message.Message):
     __slots__ = ()

@@ -39,6 +39,8 @@ class AdminServicer(admin_pb2_grpc.GalleryAdminServiceServicer):
                 upload_sessions=counts.upload_sessions,
                 upload_grants=counts.upload_grants,
                 uploads_in_flight=counts.uploads_in_flight,
+                thumbnails_pending=counts.thumbnails_pending,
+                pulls_open=counts.pulls_open,
             ))
         storage = status.device_storage
         if storage is not None:

@@ -193,6 +193,7 @@ def _add_gauges(metrics: Metrics, gallery: Gallery, devices: Devices, reconciler
     metrics.gauge("gallery_database_up",
                   "0 from a failure of this server to reach the database until it answers again, else 1.",
                   lambda: availability.up)
+    metrics.watch_backlogs(gallery.db)
     metrics.watch_reconciliation(reconciler.last)
     metrics.watch_verification(functools.partial(scrub.last, gallery.settings.data_dir))
 
