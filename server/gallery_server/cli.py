@@ -1,6 +1,6 @@
 """The `gallery` command: run the stack; or, for a deployment of several replicas, serve gRPC alone
 and run Envoy in front of them; reconcile files and rows once; verify every stored file's bytes;
-mint a bearer token; run a device agent. Every setting comes from GALLERY_* environment variables
+take a backup; mint a bearer token; run a device agent. Every setting comes from GALLERY_* environment variables
 (README "Configuration")."""
 
 from __future__ import annotations
@@ -84,6 +84,18 @@ def _main(argv: list[str] | None) -> int:
     verify.add_argument("--max-mb-per-second", type=_rate, default=0.0, metavar="MB",
                         help="read at most this many MB (10^6 bytes) per second, to leave the disk to "
                         "uploads and downloads; 0 for no limit (default)")
+    backup = commands.add_parser(
+        "backup", help="copy the database and every stored file into a new folder, while servers run",
+        description="Take a consistent backup into DEST (which must not exist, or be empty): the "
+        "database as one snapshot (SQLite's online backup, or pg_dump for PostgreSQL), the media files it "
+        "names, hard-linked (copied from another filesystem, or with --copy), and the data folder's "
+        "jwt-secret. DEST is then a data folder a gallery can run on (README \"Backup and restore\"). "
+        "Prints what it holds as JSON.",
+    )
+    backup.add_argument("destination", type=pathlib.Path, metavar="DEST", help="a new or empty folder")
+    backup.add_argument("--copy", action="store_true",
+                        help="copy the files even on the same filesystem (default: hard links, which "
+                        "share the live files' blocks: a snapshot to ship elsewhere, not a second copy)")
     token = commands.add_parser("token", help="mint a bearer token signed with the server's secret")
     token.add_argument("--sub", required=True, type=_token_subject,
                        help="the token's subject (who it is for; not blank)")
@@ -118,11 +130,11 @@ def _main(argv: list[str] | None) -> int:
         return _agent(args)
 
     try:
-        if args.command not in ("token", "verify"):  # token only reads the secret; verify changes nothing
+        if args.command not in ("token", "verify", "backup"):  # these only read the data folder
             prepare_data_dir(data_dir_from_env())
         if args.command == "run" and not os.environ.get("GALLERY_JWT_SECRET"):
             ensure_secret_file(data_dir_from_env())
-        settings = Settings.from_env(needs_secret=args.command not in ("reconcile", "verify", "envoy"))
+        settings = Settings.from_env(needs_secret=args.command not in ("reconcile", "verify", "envoy", "backup"))
         if args.command == "envoy":
             backends = [_backend(text) for text in args.backend]
     except ConfigError as exc:
@@ -149,6 +161,8 @@ def _main(argv: list[str] | None) -> int:
             print(f"gallery: {exc}", file=sys.stderr)
             return 2
     logs.configure(settings.log_level)
+    if args.command == "backup":
+        return _backup(settings, args.destination, copy=args.copy)
     if args.command in ("reconcile", "verify", "serve"):
         import sqlalchemy as sa
 
@@ -341,6 +355,29 @@ def _verify(settings: Settings, device: str | None, bytes_per_second: float) -> 
             print(f"gallery: the totals were not kept for the admin status and metrics"
                   f" ({scrub.status_path(settings.data_dir)}: {exc.strerror})", file=sys.stderr)
     return 1 if totals.damaged or totals.missing else 0
+
+
+def _backup(settings: Settings, destination: pathlib.Path, *, copy: bool) -> int:
+    import dataclasses
+    import json
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    from .backup import BackupRefused, backup
+
+    try:
+        manifest = backup(settings, destination, copy=copy)
+    except BackupRefused as exc:
+        print(f"gallery: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError, sqlite3.Error, sa.exc.SQLAlchemyError) as exc:
+        # Nothing is left in DEST (backup.backup removes what it wrote): say why, in one line.
+        why = " ".join(str(getattr(exc, "orig", None) or exc).split())
+        print(f"gallery: backup failed, nothing kept in {destination}: {why}", file=sys.stderr)
+        return 1
+    print(json.dumps(dataclasses.asdict(manifest)))
+    return 0
 
 
 def _agent(args: argparse.Namespace) -> int:

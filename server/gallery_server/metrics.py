@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import importlib.metadata
 import math
 import os
 import pathlib
@@ -27,7 +26,7 @@ import prometheus_client
 import sqlalchemy
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 
-from . import devices, thumbnails
+from . import devices, thumbnails, version
 from .errors import DatabaseUnavailable
 
 if TYPE_CHECKING:
@@ -70,7 +69,7 @@ class Metrics:
         # version runs: what every Prometheus client process exports by default.
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
-        Info("gallery_build", "The gallery server's version.", registry=self.registry).info({"version": _version()})
+        Info("gallery_build", "The gallery server's version.", registry=self.registry).info({"version": version()})
         labels = ("grpc_type", "grpc_service", "grpc_method")
         self._started = Counter(
             "grpc_server_started", "Calls started on the server.", labels, registry=self.registry,
@@ -192,13 +191,6 @@ def _of_last(last: Callable[[], Run | None], figure: Callable[[Run], float]) -> 
         return math.nan if run is None else float(figure(run))
     except (TypeError, ValueError):  # a status file someone else wrote: NaN, not a failed scrape
         return math.nan
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("gallery")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
-        return "unknown"
 
 
 def _service_and_method(method: str) -> tuple[str, str]:
