@@ -2,26 +2,29 @@
 
 DEST becomes a data folder: the database (SQLite: `gallery.db`, a database file; PostgreSQL:
 `gallery.pgdump`, pg_dump's custom format, for pg_restore), `media/<device>/` with every file
-the database names, the data folder's `jwt-secret` if the secret lives there (it signs the
+the database names, the data folder's `jwt-secret` if that is the secret in use (it signs the
 pre-signed URLs and names drop-folder imports: a restore needs the same one), and `backup.json`,
-written last: a folder without it is no finished backup.
+written last and synced: a folder without it is no finished backup.
 
 Consistency. The database is copied first, as one snapshot: SQLite's online backup, in one step
-(a reader: the servers' writes go on meanwhile); on PostgreSQL, pg_dump reads a snapshot that
-this command exports and holds while it works. The files to take are read from that snapshot,
-then each is hard-linked into DEST, or copied when DEST is on another filesystem or with
-`--copy`. A stored event's media file never changes once stored (each upload stores a new event,
-its file moved into place whole), so a file taken after the snapshot holds the bytes its row
-describes. An event deleted while the backup runs may have lost its files before they are
-taken: it is then left out of the backup (on SQLite its row is deleted from the copy, whose
-triggers keep the counters right), so that every event the backup holds has its files. A
-PostgreSQL dump cannot be edited: those events are named in backup.json, and a restore's
-reconciliation reports them as missing media.
+(a reader: the servers' writes go on); on PostgreSQL, pg_dump reads a snapshot that this command
+exports, and the list of files is read in that same snapshot (then the transaction ends: it does
+not hold back vacuum while files are taken). Then each file is hard-linked into DEST, or copied
+when DEST is on another filesystem or with `--copy`. A stored event's media file never changes
+once stored (each upload stores a new event, its file moved into place whole), so a file taken
+after the snapshot holds the bytes its row describes.
+
+A file the snapshot names may be gone when it is taken. The live database says why: an event no
+longer there was deleted meanwhile and is left out (on SQLite its row is deleted from the copy as
+a user's DELETE deletes it: counters, open pulls, the device's tombstone; a PostgreSQL dump cannot
+be edited: those events are named in backup.json, and the restored gallery's reconciliation
+reports them as missing media). An event still there has lost its file in the live gallery too:
+the backup keeps it as it is, and names it (`missing_files`), as reconciliation would.
 
 Hard links share the live files' blocks: on the same filesystem the backup is a consistent set
-to copy elsewhere (rsync -H, tar), taken in seconds and costing no space, not a second copy that
-survives the disk. Not in it: staging (uploads in flight; an open resumable session resumes from
-0 after a restore), the drop folders' files not yet imported, and run/ (status files).
+to copy elsewhere (rsync -H, tar), taken in seconds, not a second copy that survives the disk.
+Not in it: staging (uploads in flight; an open resumable session resumes from 0 after a
+restore), the drop folders' files not yet imported, and run/ (status files).
 """
 
 from __future__ import annotations
@@ -29,29 +32,44 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import json
 import os
 import pathlib
 import shutil
-import sqlite3
 import subprocess
+import tempfile
 import time
-from collections.abc import Iterator
-from typing import Any
+from typing import IO
 
 import sqlalchemy as sa
-from sqlalchemy.pool import NullPool
+from sqlmodel import Session, col
 
+from . import db as db_module
 from . import status_files, storage, version
 from .clock import rfc3339, utcnow
-from .settings import SECRET_FILE_NAME, Settings
+from .models import GRANT_UNUSED, Event, UploadGrant
+from .service import delete_event_rows
+from .settings import ConfigError, Settings, libpq_connection, read_secret_file, write_secret_file
 
 MANIFEST = "backup.json"
 SQLITE_FILE = "gallery.db"
 POSTGRES_DUMP = "gallery.pgdump"
+IN_PROGRESS = ".backup-in-progress"  # claims DEST: a second backup into it is refused
 MAX_EXAMPLES = 20
-THUMB_SUFFIX = ".thumb"
+BATCH = 500  # events whose missing files are looked up in the live database at once
+PG_CONNECT_TIMEOUT_SECONDS = "10"  # as db.py's: libpq waits for ever on a silent server
 
-_STORED = "SELECT device, id, has_thumbnail FROM events WHERE state = 'stored' ORDER BY device, id"
+# What the backup takes: each stored event's media and thumbnail, an announced event's thumbnail
+# (sent with its announcement), and the thumbnail a signed URL brought before its media.
+_EVENTS = (
+    sa.select(Event.device, Event.id, Event.state, Event.has_thumbnail, Event.size)
+    .where(sa.or_(col(Event.state) == "stored", col(Event.has_thumbnail)))
+    .order_by(col(Event.device), col(Event.id))
+)
+_GRANT_THUMBNAILS = (
+    sa.select(UploadGrant.device, UploadGrant.event_id)
+    .where(col(UploadGrant.media_state).in_(GRANT_UNUSED), col(UploadGrant.thumbnail_state) == "done")
+)
 
 
 class BackupRefused(Exception):
@@ -67,161 +85,153 @@ class Manifest:
     version: str = ""  # the gallery's that took it
     database: str = ""  # "sqlite" or "postgresql"
     database_file: str = ""  # in the backup folder
-    events: int = 0  # stored events whose files it holds
+    events: int = 0  # events whose files it holds (stored ones, and announced ones with a thumbnail)
     files: int = 0  # media files and thumbnails
     linked: int = 0
     copied: int = 0
     bytes_copied: int = 0
     secret: bool = False  # whether it holds the data folder's jwt-secret
     # Events deleted while it ran, their files gone before they were taken: left out (SQLite), or
-    # named here and in the dump (PostgreSQL).
+    # named here and still in the dump (PostgreSQL).
     deleted_meanwhile: int = 0
-    examples: list[str] = dataclasses.field(default_factory=list)  # "<device>/<event_id>"
+    # Files of events still in the live gallery that are missing there too: "<device>/<file>".
+    missing_files: int = 0
+    examples: list[str] = dataclasses.field(default_factory=list)  # of both: "<device>/<file>"
     seconds: float = 0.0
 
 
 def backup(settings: Settings, destination: pathlib.Path, *, copy: bool = False) -> Manifest:
     """Take a backup into `destination`, which must not exist or be an empty folder. On any
-    failure, what was written there is removed and the error raised."""
+    failure (Ctrl-C included), what this wrote there is removed and the error raised."""
     started = time.monotonic()
     url = sa.make_url(settings.database_url)
     postgres = url.get_backend_name() == "postgresql"
-    if not postgres and not (url.database and pathlib.Path(url.database).is_file()):
-        raise BackupRefused(f"no database at {url.database} (GALLERY_DATA_DIR or GALLERY_DATABASE_URL)")
-    if postgres and shutil.which("pg_dump") is None:
-        raise BackupRefused("pg_dump not found: install the PostgreSQL client of the server's major version")
-    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
-        raise BackupRefused(f"{destination} exists and is not an empty folder")
-    destination.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check(settings, url, destination)
+    secret = _secret_in_use(settings)  # read first: a user who may not read it learns it now
+    made = _claim(destination)
     manifest = Manifest(started=rfc3339(utcnow()), version=version(),
                         database="postgresql" if postgres else "sqlite",
                         database_file=POSTGRES_DUMP if postgres else SQLITE_FILE)
+    live = db_module.create_engine(settings.database_url, pool_size=1)
+    copied_db = None
     try:
-        files = _Files(storage.media_root(settings.data_dir), storage.media_root(destination), copy, manifest)
-        if postgres:
-            with _postgres_snapshot(url, destination / POSTGRES_DUMP) as rows:
-                files.take_all(rows)
-        else:
-            copied = destination / SQLITE_FILE
-            _sqlite_snapshot(pathlib.Path(url.database), copied)  # type: ignore[arg-type]
-            with contextlib.closing(sqlite3.connect(copied)) as database:
-                gone = files.take_all(database.execute(_STORED))
-                with database:
-                    database.executemany("DELETE FROM events WHERE id = ?", [(event_id,) for event_id in gone])
-            _fsync(copied)
-        manifest.secret = _take_secret(settings.data_dir, destination)
+        with tempfile.TemporaryFile("w+", dir=destination, encoding="utf-8") as spool:
+            if postgres:
+                wanted = _postgres_snapshot(live, settings.database_url, destination / POSTGRES_DUMP, spool)
+            else:
+                copied_db = db_module.create_engine(f"sqlite:///{destination / SQLITE_FILE}", pool_size=1)
+                _sqlite_snapshot(live, copied_db)
+                with copied_db.connect() as connection:
+                    wanted = _spool(connection, spool)
+            files = _Files(settings, destination, copy, manifest, live)
+            files.make_room_for(wanted)
+            gone = files.take_all(spool)
+        if copied_db is not None:
+            with Session(copied_db) as session:
+                for device, event_ids in gone.items():
+                    delete_event_rows(session, device, event_ids, session_ttl=settings.upload_session_ttl)
+                session.commit()
+            copied_db.dispose()  # the last connection checkpoints its WAL into the file, and removes it
+            _fsync(destination / SQLITE_FILE)
+        if secret:
+            write_secret_file(destination, secret)
+            manifest.secret = True
         manifest.finished = rfc3339(utcnow())
         manifest.seconds = round(time.monotonic() - started, 3)
-        status_files.write(destination / MANIFEST, manifest)
+        status_files.write(destination / MANIFEST, manifest, durable=True)
+        (destination / IN_PROGRESS).unlink()
         storage.fsync_dir(destination)
     except BaseException:
-        shutil.rmtree(destination, ignore_errors=True)
+        if copied_db is not None:
+            copied_db.dispose()
+        _remove_what_was_made(destination, made)
         raise
+    finally:
+        live.dispose()
     return manifest
 
 
-class _Files:
-    """Takes each stored event's files into the backup's media folder."""
-
-    def __init__(self, source: pathlib.Path, target: pathlib.Path, copy: bool, manifest: Manifest) -> None:
-        self.source = source
-        self.target = target
-        self.copy = copy
-        self.manifest = manifest
-        self.made: set[str] = set()  # device folders made in the backup
-
-    def take_all(self, rows: Any) -> list[str]:
-        """Take the files of each (device, event id, has thumbnail) row; returns the ids of the
-        events whose files were gone (deleted meanwhile), which are then left out."""
-        gone: list[str] = []
-        folder = None
-        for device, event_id, has_thumbnail in rows:
-            if device not in self.made:
-                if folder is not None:
-                    storage.fsync_dir(folder)
-                folder = self.target / device
-                folder.mkdir(mode=0o750, parents=True, exist_ok=True)
-                self.made.add(device)
-            names = [event_id, event_id + THUMB_SUFFIX] if has_thumbnail else [event_id]
-            taken = []
-            for name in names:
-                if not self._take(self.source / device / name, self.target / device / name):
-                    break
-                taken.append(name)
-            if len(taken) == len(names):
-                self.manifest.events += 1
-                self.manifest.files += len(names)
-                continue
-            for name in taken:  # half an event: the part taken goes with it
-                (self.target / device / name).unlink()
-            gone.append(event_id)
-            self.manifest.deleted_meanwhile += 1
-            if len(self.manifest.examples) < MAX_EXAMPLES:
-                self.manifest.examples.append(f"{device}/{event_id}")
-        if folder is not None:
-            storage.fsync_dir(folder)
-        storage.fsync_dir(self.target)
-        return gone
-
-    def _take(self, source: pathlib.Path, target: pathlib.Path) -> bool:
-        """False when the source file is gone."""
-        if not self.copy:
-            try:
-                os.link(source, target)
-                self.manifest.linked += 1
-                return True
-            except FileNotFoundError:
-                return False
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                    raise
-                self.copy = True  # another filesystem, or one without hard links: copy the rest
+def _check(settings: Settings, url: sa.URL, destination: pathlib.Path) -> None:
+    if url.get_backend_name() == "postgresql":
+        if shutil.which("pg_dump") is None:
+            raise BackupRefused("pg_dump not found: install PostgreSQL's client, of the server's major"
+                                " version or newer")
         try:
-            shutil.copyfile(source, target)
-        except FileNotFoundError:
-            target.unlink(missing_ok=True)
-            return False
-        shutil.copymode(source, target)
-        _fsync(target)
-        self.manifest.copied += 1
-        self.manifest.bytes_copied += target.stat().st_size
-        return True
+            libpq_connection(settings.database_url)
+        except ConfigError as exc:
+            raise BackupRefused(str(exc)) from None
+    elif not (url.database and pathlib.Path(url.database).is_file()):
+        raise BackupRefused(f"no database at {url.database} (GALLERY_DATA_DIR or GALLERY_DATABASE_URL)")
+    if destination.resolve().is_relative_to(settings.data_dir.resolve()):
+        # Under media/ the reconciler would remove its files as orphans, under a drop folder they
+        # would be imported, and a copy of the data folder would hold every backup in it.
+        raise BackupRefused(f"{destination} is inside the data folder {settings.data_dir}: choose a folder beside it")
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+        raise BackupRefused(f"{destination} exists and is not an empty folder")
 
 
-def _sqlite_snapshot(source: pathlib.Path, target: pathlib.Path) -> None:
-    """The live database, copied in one step of SQLite's online backup: one consistent read, while
-    the servers' writes go on (WAL)."""
-    with contextlib.closing(sqlite3.connect(source)) as live, contextlib.closing(sqlite3.connect(target)) as copy:
-        live.execute("PRAGMA busy_timeout = 20000")
-        live.backup(copy)
-    _fsync(target)
+def _secret_in_use(settings: Settings) -> str:
+    """The data folder's jwt-secret when it is the secret the servers use (GALLERY_JWT_SECRET
+    unset); "" otherwise: the operator keeps GALLERY_JWT_SECRET."""
+    secret = read_secret_file(settings.data_dir)
+    return secret if secret and secret == settings.jwt_secret else ""
 
 
-@contextlib.contextmanager
-def _postgres_snapshot(url: sa.URL, dump: pathlib.Path) -> Iterator[Any]:
-    """pg_dump of a snapshot this transaction exports, then the stored events' rows as of that same
-    snapshot. The transaction stays open until the files are taken: pg_dump must start in it."""
-    engine = sa.create_engine(url, poolclass=NullPool)
+def _claim(destination: pathlib.Path) -> bool:
+    """Make DEST (or take an empty one) for this backup alone; whether it was made here."""
     try:
-        with engine.connect().execution_options(isolation_level="REPEATABLE READ") as connection:
-            connection.exec_driver_sql("SET TRANSACTION READ ONLY")
-            snapshot = connection.exec_driver_sql("SELECT pg_export_snapshot()").scalar_one()
-            _pg_dump(url, snapshot, dump)
-            rows = connection.execution_options(stream_results=True, yield_per=1000).exec_driver_sql(_STORED)
-            try:
-                yield rows
-            finally:
-                rows.close()  # a server-side cursor: closed before its transaction ends, failure or not
-    finally:
-        engine.dispose()
+        destination.mkdir(mode=0o700, parents=True)
+        made = True
+    except FileExistsError:
+        made = False
+    try:
+        os.close(os.open(destination / IN_PROGRESS, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        raise BackupRefused(f"another backup is writing to {destination}") from None
+    if not made and any(p.name != IN_PROGRESS for p in destination.iterdir()):  # filled meanwhile
+        (destination / IN_PROGRESS).unlink()
+        raise BackupRefused(f"{destination} exists and is not an empty folder")
+    return made
 
 
-def _pg_dump(url: sa.URL, snapshot: str, dump: pathlib.Path) -> None:
-    # The password goes in pg_dump's environment, not on its command line (which ps shows).
-    env = {**os.environ, **({"PGPASSWORD": url.password} if url.password else {})}
-    libpq = url.set(drivername="postgresql", password=None).render_as_string(hide_password=False)
+def _remove_what_was_made(destination: pathlib.Path, made: bool) -> None:
+    """A failed backup leaves nothing: the folder if this made it, else what it put in it."""
+    if made:
+        shutil.rmtree(destination, ignore_errors=True)
+        return
+    for entry in destination.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _sqlite_snapshot(live: sa.Engine, copy: sa.Engine) -> None:
+    """The live database, copied in one step of SQLite's online backup: one consistent read while
+    the servers' writes go on (WAL). The copy's file is made 0640 by db.create_engine."""
+    with contextlib.closing(live.raw_connection()) as source, contextlib.closing(copy.raw_connection()) as target:
+        source.driver_connection.backup(target.driver_connection)  # type: ignore[union-attr]
+
+
+def _postgres_snapshot(live: sa.Engine, database_url: str, dump: pathlib.Path, spool: IO[str]) -> int:
+    """pg_dump of a snapshot this transaction exports, and the files to take as of that same
+    snapshot, spooled; the transaction then ends. Returns the bytes of media named."""
+    fd = os.open(dump, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)  # pg_dump keeps the mode
+    os.close(fd)
+    with live.connect().execution_options(isolation_level="REPEATABLE READ") as connection:
+        connection.exec_driver_sql("SET TRANSACTION READ ONLY")
+        # A managed server's idle-in-transaction timeout would end it while pg_dump works.
+        connection.exec_driver_sql("SET LOCAL idle_in_transaction_session_timeout = 0")
+        snapshot = connection.exec_driver_sql("SELECT pg_export_snapshot()").scalar_one()
+        _pg_dump(database_url, snapshot, dump)
+        return _spool(connection, spool)
+
+
+def _pg_dump(database_url: str, snapshot: str, dump: pathlib.Path) -> None:
+    uri, secrets = libpq_connection(database_url)  # secrets in the environment, not on a command line
+    env = {"PGCONNECT_TIMEOUT": PG_CONNECT_TIMEOUT_SECONDS, **os.environ, **secrets}
     result = subprocess.run(
-        ["pg_dump", f"--snapshot={snapshot}", "--format=custom", f"--file={dump}", f"--dbname={libpq}"],
+        ["pg_dump", f"--snapshot={snapshot}", "--format=custom", f"--file={dump}", f"--dbname={uri}"],
         env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
     )
     if result.returncode != 0:
@@ -229,18 +239,135 @@ def _pg_dump(url: sa.URL, snapshot: str, dump: pathlib.Path) -> None:
     _fsync(dump)
 
 
-def _take_secret(data_dir: pathlib.Path, destination: pathlib.Path) -> bool:
-    source = data_dir / SECRET_FILE_NAME
-    try:
-        secret = source.read_bytes()
-    except FileNotFoundError:
-        return False  # GALLERY_JWT_SECRET: the operator keeps it
-    fd = os.open(destination / SECRET_FILE_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret)
-        f.flush()
-        os.fsync(f.fileno())
-    return True
+def _spool(connection: sa.Connection, spool: IO[str]) -> int:
+    """Write the files to take, a JSON line per event, to `spool`; returns the bytes of media."""
+    media_bytes = 0
+    rows = connection.execution_options(yield_per=1000).execute(_EVENTS)
+    for device, event_id, state, has_thumbnail, size in rows:
+        stored = state == "stored"
+        media_bytes += size if stored else 0
+        spool.write(json.dumps([device, event_id, stored, bool(has_thumbnail), True]) + "\n")
+    for device, event_id in connection.execute(_GRANT_THUMBNAILS):
+        spool.write(json.dumps([device, event_id, False, True, False]) + "\n")
+    spool.flush()
+    return media_bytes
+
+
+class _Files:
+    """Takes the spooled events' files into the backup's media folder."""
+
+    def __init__(self, settings: Settings, destination: pathlib.Path, copy: bool, manifest: Manifest,
+                 live: sa.Engine) -> None:
+        self.source = storage.media_root(settings.data_dir)
+        self.target = storage.media_root(destination)
+        self.same_disk = os.stat(settings.data_dir).st_dev == os.stat(destination).st_dev
+        self.min_free_bytes = settings.min_free_bytes
+        self.copy = copy
+        self.manifest = manifest
+        self.live = live
+        self.media_bytes = 0
+
+    def make_room_for(self, media_bytes: int) -> None:
+        self.media_bytes = media_bytes
+        self.target.mkdir(mode=0o750)
+        if self.copy:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        """Copies must fit, and leave the servers their headroom when on their disk."""
+        st = os.statvfs(self.target)
+        free = st.f_bavail * st.f_frsize - (self.min_free_bytes if self.same_disk else 0)
+        if self.media_bytes > free:
+            raise OSError(errno.ENOSPC, f"no room to copy {self.media_bytes} bytes of media (and thumbnails):"
+                          f" {max(free, 0)} bytes free{' above the servers headroom' if self.same_disk else ''}")
+
+    def take_all(self, spool: IO[str]) -> dict[str, list[str]]:
+        """Take every spooled event's files; returns the events deleted meanwhile, by device."""
+        spool.seek(0)
+        gone: dict[str, list[str]] = {}
+        suspects: dict[str, tuple[str, dict[str, int], list[str]]] = {}
+        folders: set[str] = set()
+        for line in spool:
+            device, event_id, stored, has_thumbnail, needed = json.loads(line)
+            if device not in folders:
+                (self.target / device).mkdir(mode=0o750, exist_ok=True)
+                folders.add(device)
+            names = ([event_id] if stored else []) + ([event_id + storage.THUMBNAIL_SUFFIX] if has_thumbnail else [])
+            taken = {name: copied for name in names if (copied := self._take(device, name)) is not None}
+            if len(taken) == len(names):
+                self.manifest.events += int(needed)
+                self.manifest.files += len(taken)
+            elif needed:  # a grant's thumbnail that is gone was used or expired meanwhile
+                suspects[event_id] = (device, taken, [n for n in names if n not in taken])
+                if len(suspects) >= BATCH:
+                    self._settle(suspects, gone)
+        self._settle(suspects, gone)
+        for device in folders:
+            storage.fsync_dir(self.target / device)
+        storage.fsync_dir(self.target)
+        return gone
+
+    def _settle(self, suspects: dict[str, tuple[str, dict[str, int], list[str]]], gone: dict[str, list[str]]) -> None:
+        """Events some of whose files were missing: left out if the live gallery no longer has them
+        (deleted meanwhile), else kept as they are there, their missing files named."""
+        if not suspects:
+            return
+        with self.live.connect() as connection:
+            alive = set(connection.execute(sa.select(Event.id).where(col(Event.id).in_(list(suspects)))).scalars())
+        for event_id, (device, taken, missing) in sorted(suspects.items()):
+            if event_id in alive:
+                self.manifest.events += 1
+                self.manifest.files += len(taken)
+                self.manifest.missing_files += len(missing)
+                self._example(*(f"{device}/{name}" for name in missing))
+                continue
+            for name, copied in taken.items():
+                self._untake(device, name, copied)
+            gone.setdefault(device, []).append(event_id)
+            self.manifest.deleted_meanwhile += 1
+            self._example(f"{device}/{event_id}")
+        suspects.clear()
+
+    def _example(self, *examples: str) -> None:
+        room = MAX_EXAMPLES - len(self.manifest.examples)
+        self.manifest.examples.extend(examples[:max(room, 0)])
+
+    def _take(self, device: str, name: str) -> int | None:
+        """Link or copy one file: the bytes copied (0 for a link), None when the source is gone."""
+        source, target = self.source / device / name, self.target / device / name
+        if not self.copy:
+            try:
+                os.link(source, target)
+                self.manifest.linked += 1
+                return 0
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:  # EPERM (a user not the files' owner), EMLINK, ...
+                    raise OSError(exc.errno, f"cannot hard-link {source} ({exc.strerror}): run as the"
+                                  " files' owner, or take copies with --copy") from None
+                self.copy = True  # another filesystem: copy the rest
+                self._check_room()
+        try:
+            shutil.copyfile(source, target)
+        except FileNotFoundError:
+            target.unlink(missing_ok=True)
+            return None
+        shutil.copymode(source, target)
+        _fsync(target)
+        size = target.stat().st_size
+        self.manifest.copied += 1
+        self.manifest.bytes_copied += size
+        return size
+
+    def _untake(self, device: str, name: str, copied: int) -> None:
+        """Remove a file taken for an event that is left out, and its count."""
+        (self.target / device / name).unlink()
+        if copied:
+            self.manifest.copied -= 1
+            self.manifest.bytes_copied -= copied
+        else:
+            self.manifest.linked -= 1
 
 
 def _fsync(path: pathlib.Path) -> None:

@@ -371,6 +371,9 @@ def _backup(settings: Settings, destination: pathlib.Path, *, copy: bool) -> int
     except BackupRefused as exc:
         print(f"gallery: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"gallery: backup stopped, nothing kept in {destination}", file=sys.stderr)
+        return 130
     except (OSError, RuntimeError, sqlite3.Error, sa.exc.SQLAlchemyError) as exc:
         # Nothing is left in DEST (backup.backup removes what it wrote): say why, in one line.
         why = " ".join(str(getattr(exc, "orig", None) or exc).split())

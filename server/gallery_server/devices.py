@@ -41,7 +41,7 @@ from .errors import (
 )
 from .media_types import classify, detect_mime
 from .models import DeletedCapture, DeviceCommand, DeviceConnection, Event
-from .service import Gallery
+from .service import Gallery, forget_event
 from .threads import Holds, thread_shares
 
 log = logging.getLogger(__name__)
@@ -304,7 +304,7 @@ class Devices:
                 sa.update(Event).where(*same).values(device_key=None)).rowcount)
         if not session.exec(sa.delete(Event).where(*same)).rowcount:  # type: ignore[call-overload]
             return False
-        self.gallery.forget_event(session, old.id)
+        forget_event(session, old.id, session_ttl=self.gallery.settings.upload_session_ttl)
         return True
 
     def _by_key(self, device: str, device_key: str) -> Event | None:

@@ -19,6 +19,8 @@ import functools
 import math
 import os
 import pathlib
+import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -105,15 +107,15 @@ class Metrics:
         Gauge(name, documentation, registry=self.registry).set_function(read)
 
     def watch_backlogs(self, db: Database) -> None:
-        """The queues every replica shares, counted in the database at each scrape (a range of an
-        index each): NaN while it does not answer, and the other figures are served all the same."""
-        for name, documentation, count in (
-            ("gallery_thumbnails_pending", "Stored events waiting for the thumbnail the server makes.",
-             thumbnails.backlog),
-            ("gallery_pulls_open", "Pulls asked of devices, not yet uploaded, failed or expired.",
-             devices.open_pulls),
-        ):
-            self.gauge(name, documentation, functools.partial(_counted, count, db))
+        """The queues every replica shares, counted in the database (a range of an index each) when
+        scraped, within a bounded wait: NaN while it does not answer, and the other figures are
+        served all the same."""
+        counts = _DatabaseCounts(db, {"gallery_thumbnails_pending": thumbnails.backlog,
+                                      "gallery_pulls_open": devices.open_pulls})
+        self.gauge("gallery_thumbnails_pending", "Stored events waiting for the thumbnail the server makes.",
+                   functools.partial(counts.value, "gallery_thumbnails_pending"))
+        self.gauge("gallery_pulls_open", "Pulls asked of devices, not yet uploaded, failed or expired.",
+                   functools.partial(counts.value, "gallery_pulls_open"))
 
     def watch_free_space(self, data_dir: pathlib.Path) -> None:
         def free() -> float:
@@ -174,11 +176,49 @@ class Metrics:
         return server.server_port, stop
 
 
-def _counted(count: Callable[[Database], int], db: Database) -> float:
-    try:
-        return count(db)
-    except (DatabaseUnavailable, sqlalchemy.exc.SQLAlchemyError):
-        return math.nan
+class _DatabaseCounts:
+    """Counts read from the database on a thread of their own, for the scrape. A scrape must
+    answer within its timeout (Prometheus's default: 10 s) even when the database does not (a new
+    connection to a silent one waits 10 s, db.py): each waits at most READ_WAIT_SECONDS for a read
+    it started, then serves the last counts (NaN before the first, and for a read that failed); a
+    scrape waits once for a read that hangs. The gauges of one scrape share one read."""
+
+    READ_WAIT_SECONDS = 1.0
+    FRESH_SECONDS = 0.25  # long enough for one scrape's gauges to share a read
+
+    def __init__(self, db: Database, counts: dict[str, Callable[[Database], int]]) -> None:
+        self.db = db
+        self.counts = counts
+        self._lock = threading.Lock()
+        self._values: dict[str, float] = {}
+        self._read = threading.Event()
+        self._read.set()
+        self._read_at = -math.inf
+        self._waited_for: threading.Event | None = None
+
+    def value(self, name: str) -> float:
+        with self._lock:
+            read = self._read
+            if read.is_set() and time.monotonic() - self._read_at >= self.FRESH_SECONDS:
+                read = self._read = threading.Event()
+                threading.Thread(target=self._count, args=(read,), name="metrics-counts", daemon=True).start()
+            waited_for = self._waited_for
+        if read is not waited_for and not read.wait(self.READ_WAIT_SECONDS):
+            with self._lock:
+                self._waited_for = read  # a read that hangs holds up one gauge, not every one
+        with self._lock:
+            return self._values.get(name, math.nan)
+
+    def _count(self, done: threading.Event) -> None:
+        values = {}
+        for name, count in self.counts.items():
+            try:
+                values[name] = float(count(self.db))
+            except (DatabaseUnavailable, sqlalchemy.exc.SQLAlchemyError):
+                values[name] = math.nan
+        with self._lock:
+            self._values, self._read_at = values, time.monotonic()
+        done.set()
 
 
 def _unix_time(rfc3339: str) -> float:

@@ -59,11 +59,10 @@ from .clock import rfc3339, utcnow
 from .errors import DatabaseUnavailable
 from .models import GRANT_UNUSED, DeviceCommand, Event, UploadGrant, UploadSessionRow
 from .service import Gallery
-from .storage import DiskSpace, fsync_dir
+from .storage import THUMBNAIL_SUFFIX, DiskSpace, fsync_dir
 
 log = logging.getLogger(__name__)
 
-THUMB_SUFFIX = ".thumb"
 ROW_BATCH = 500
 MAX_EXAMPLES = 20
 # A grant with a URL not used yet is kept this much longer after expiry: a PUT of it that began
@@ -224,7 +223,7 @@ class Reconciler:
         for device, old in media.items():
             for start in range(0, len(old), ROW_BATCH):
                 batch = old[start:start + ROW_BATCH]
-                ids = {p.name.removesuffix(THUMB_SUFFIX) for p in batch}
+                ids = {p.name.removesuffix(THUMBNAIL_SUFFIX) for p in batch}
                 with self.db.session() as session:
                     events = set(session.exec(
                         select(Event.id).where(Event.device == device, col(Event.id).in_(ids))
@@ -234,8 +233,8 @@ class Reconciler:
                         .where(col(UploadGrant.event_id).in_(ids))
                     ).all())
                 for path in batch:
-                    event_id = path.name.removesuffix(THUMB_SUFFIX)
-                    thumbnail = path.name.endswith(THUMB_SUFFIX)
+                    event_id = path.name.removesuffix(THUMBNAIL_SUFFIX)
+                    thumbnail = path.name.endswith(THUMBNAIL_SUFFIX)
                     if event_id in events or _granted(grants.get(event_id), thumbnail):
                         continue
                     counter = "orphan_thumbnails_removed" if thumbnail else "orphan_media_removed"

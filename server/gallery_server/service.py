@@ -239,50 +239,14 @@ class Gallery:
     def delete_events(self, device: str, event_ids: list[str]) -> list[str]:
         """Delete these events of the device in one transaction (a user's DELETE, retention's
         batches); returns the ids there were to delete."""
-        deleted_ids = []
         with self.db.session() as session:
-            # One statement for the batch: its triggers then lock the device's counter rows once, in
-            # their one order (models.py), as every insert does. A statement per event locked them
-            # event by event, so a batch mixing media types took them out of that order and
-            # deadlocked with a concurrent upload on PostgreSQL.
-            deleted = session.exec(  # type: ignore[call-overload]
-                sa.delete(Event).where(col(Event.device) == device, col(Event.id).in_(event_ids))
-                .returning(col(Event.id), col(Event.device_key), col(Event.size), col(Event.sha256),
-                           col(Event.created))
-            ).all()
-            for event_id, device_key, size, sha256, created in sorted(deleted):
-                deleted_ids.append(event_id)
-                self.forget_event(session, event_id)
-                if device_key is not None:  # announced: the device will announce it again
-                    session.exec(  # type: ignore[call-overload]
-                        sa.delete(DeletedCapture).where(col(DeletedCapture.device) == device,
-                                                        col(DeletedCapture.device_key) == device_key)
-                    )
-                    session.add(DeletedCapture(device=device, device_key=device_key, event_id=event_id,
-                                               size=size, sha256=sha256, created=created,
-                                               deleted_at=utcnow()))
+            deleted_ids = delete_event_rows(session, device, event_ids, session_ttl=self.settings.upload_session_ttl)
             session.commit()
         # The rows are gone first: a crash here leaves files without a row (reclaimable), never a
         # row without its file. So is a file that cannot be removed now: the event is deleted.
         if deleted_ids:
             self.storage.remove_event_files(device, *deleted_ids)
         return deleted_ids
-
-    def forget_event(self, session: Session, event_id: str) -> None:
-        """What refers to an event whose row `session` deletes: a pull still open for it has
-        nothing left to fetch; its completed resumable sessions answer UPLOAD_EVENT_DELETED for
-        one session TTL from now, then the sweeper removes them (resumable.py)."""
-        session.exec(  # type: ignore[call-overload]
-            sa.update(DeviceCommand)
-            .where(col(DeviceCommand.event_id) == event_id, col(DeviceCommand.open_key).is_not(None))
-            .values(state="cancelled", open_key=None)
-        )
-        ttl = datetime.timedelta(seconds=self.settings.upload_session_ttl)
-        session.exec(  # type: ignore[call-overload]
-            sa.update(UploadSessionRow)
-            .where(col(UploadSessionRow.event_id) == event_id)
-            .values(expires_at=utcnow() + ttl)
-        )
 
     def begin_upload(self, principal: Principal, device: str) -> Upload:
         principal.require(validation.device_id(device), WRITE)
@@ -609,3 +573,47 @@ def _not_found(device: str, event_id: str) -> NotFound:
         device=device, event_id=event_id,
     )
 
+
+
+def delete_event_rows(session: Session, device: str, event_ids: list[str], *, session_ttl: float) -> list[str]:
+    """Delete the rows of these events of the device, and record what a deletion must (below), in
+    `session`, uncommitted: for the service, and for a backup's copy of the database (backup.py).
+    Returns the ids there were to delete, in order."""
+    # One statement for the batch: its triggers then lock the device's counter rows once, in
+    # their one order (models.py), as every insert does. A statement per event locked them
+    # event by event, so a batch mixing media types took them out of that order and
+    # deadlocked with a concurrent upload on PostgreSQL.
+    deleted = session.exec(  # type: ignore[call-overload]
+        sa.delete(Event).where(col(Event.device) == device, col(Event.id).in_(event_ids))
+        .returning(col(Event.id), col(Event.device_key), col(Event.size), col(Event.sha256),
+                   col(Event.created))
+    ).all()
+    deleted_ids = []
+    for event_id, device_key, size, sha256, created in sorted(deleted):
+        deleted_ids.append(event_id)
+        forget_event(session, event_id, session_ttl=session_ttl)
+        if device_key is not None:  # announced: the device will announce it again
+            session.exec(  # type: ignore[call-overload]
+                sa.delete(DeletedCapture).where(col(DeletedCapture.device) == device,
+                                                col(DeletedCapture.device_key) == device_key)
+            )
+            session.add(DeletedCapture(device=device, device_key=device_key, event_id=event_id,
+                                       size=size, sha256=sha256, created=created,
+                                       deleted_at=utcnow()))
+    return deleted_ids
+
+
+def forget_event(session: Session, event_id: str, *, session_ttl: float) -> None:
+    """What refers to an event whose row `session` deletes: a pull still open for it has
+    nothing left to fetch; its completed resumable sessions answer UPLOAD_EVENT_DELETED for
+    one session TTL from now, then the sweeper removes them (resumable.py)."""
+    session.exec(  # type: ignore[call-overload]
+        sa.update(DeviceCommand)
+        .where(col(DeviceCommand.event_id) == event_id, col(DeviceCommand.open_key).is_not(None))
+        .values(state="cancelled", open_key=None)
+    )
+    session.exec(  # type: ignore[call-overload]
+        sa.update(UploadSessionRow)
+        .where(col(UploadSessionRow.event_id) == event_id)
+        .values(expires_at=utcnow() + datetime.timedelta(seconds=session_ttl))
+    )

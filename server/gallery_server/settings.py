@@ -205,6 +205,35 @@ def shown_database_url(text: str) -> str:
     return url.render_as_string(hide_password=True)
 
 
+def libpq_connection(text: str) -> tuple[str, dict[str, str]]:
+    """A PostgreSQL GALLERY_DATABASE_URL as libpq's tools (pg_dump) take it: the connection URI,
+    and the environment variables that carry its secrets, since a command line is visible to every
+    local user (ps). SQLAlchemy's form of several hosts (`?host=h1:5432&host=h2:5433`) becomes
+    libpq's (`host=h1,h2&port=5432,5433`)."""
+    import sqlalchemy as sa
+
+    url = sa.make_url(text)
+    env = {"PGPASSWORD": url.password} if url.password else {}
+    query: dict[str, str] = {}
+    for key, value in url.query.items():
+        values = list(value) if isinstance(value, tuple) else [value]
+        if key.lower() == "password":
+            env["PGPASSWORD"] = values[-1]
+        elif key.lower() == "passfile":
+            env["PGPASSFILE"] = values[-1]
+        elif key.lower() == "sslpassword":  # libpq reads it from the connection string only
+            raise ConfigError("GALLERY_DATABASE_URL: a URL with sslpassword cannot be passed to pg_dump"
+                              " without showing it to every local user; use a key without a passphrase")
+        elif key == "host" and any(":" in v and not v.startswith("/") for v in values):
+            hosts, ports = zip(*(v.rsplit(":", 1) if ":" in v and not v.startswith("/") else (v, "")
+                                 for v in values), strict=True)
+            query["host"], query["port"] = ",".join(hosts), ",".join(ports)
+        else:
+            query[key] = ",".join(values)
+    bare = sa.URL.create("postgresql", url.username, None, url.host, url.port, url.database, query)
+    return bare.render_as_string(hide_password=False), env
+
+
 def _text(env: os._Environ[str] | dict[str, str], name: str, default: str) -> str:
     """The variable's value; empty (an operator's `export GALLERY_X=`) or unset is the default."""
     value = env.get(name, "")
@@ -505,7 +534,15 @@ def ensure_secret_file(data_dir: pathlib.Path) -> str:
         return existing
     data_dir.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(48)
+    write_secret_file(data_dir, secret)
+    return secret
+
+
+def write_secret_file(data_dir: pathlib.Path, secret: str) -> None:
+    """A new <data>/jwt-secret, 0600 from its creation (never readable by others, even briefly),
+    synced."""
     fd = os.open(data_dir / SECRET_FILE_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secret + "\n")
-    return secret
+        f.flush()
+        os.fsync(f.fileno())

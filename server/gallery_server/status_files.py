@@ -1,6 +1,6 @@
-"""The JSON files in <data>/run/ that say how a periodic or on-demand job last ended (the
-reconciler's reconcile.json, the scrub's verify.json), for the admin status and the metrics of
-every replica.
+"""The JSON files that say how a periodic or on-demand job ended: in <data>/run/, the reconciler's
+reconcile.json and the scrub's verify.json, for the admin status and the metrics of every
+replica; a backup's backup.json, in the backup.
 
 Written whole and renamed into place, so that a reader never sees half a file; each writer uses a
 private temporary name, since replicas (and threads) may write the same file at once. Read back
@@ -17,16 +17,27 @@ import pathlib
 import secrets
 from typing import Any, TypeVar
 
+from .storage import fsync_dir
+
 Result = TypeVar("Result")
 
 
-def write(path: pathlib.Path, result: Any) -> None:
-    """Write a dataclass as `path`'s JSON object."""
+def write(path: pathlib.Path, result: Any, *, durable: bool = False) -> None:
+    """Write a dataclass as `path`'s JSON object (mode 0640, as the data folder's files). With
+    `durable`, the file is synced before it replaces the old one and the folder after, for a file
+    whose presence says something (a backup's manifest says the backup is whole)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
     try:
-        temporary.write_text(json.dumps(dataclasses.asdict(result)))
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(dataclasses.asdict(result)))
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(temporary, path)
+        if durable:
+            fsync_dir(path.parent)
     finally:  # a full disk must not leave temporaries behind
         temporary.unlink(missing_ok=True)
 

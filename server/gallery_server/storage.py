@@ -82,6 +82,9 @@ class DiskSpace:
     free_bytes: int  # available to this (unprivileged) process
 
 
+THUMBNAIL_SUFFIX = ".thumb"
+
+
 def media_root(data_dir: pathlib.Path) -> pathlib.Path:
     """Where stored media files live: <data>/media/<device>/<event_id>."""
     return data_dir / "media"
@@ -130,7 +133,7 @@ class Storage:
         return self.media_root / device / event_id
 
     def thumbnail_path(self, device: str, event_id: str) -> pathlib.Path:
-        return self.media_root / device / f"{event_id}.thumb"
+        return self.media_root / device / f"{event_id}{THUMBNAIL_SUFFIX}"
 
     def stage(self, *, max_bytes: int, what: str) -> StagedFile:
         return StagedFile(

@@ -140,10 +140,11 @@ def envoy_command(settings: Settings, backends: list[str], config: pathlib.Path 
 
 
 # The first step of each child, as `python -I -c`: it asks for SIGTERM when the supervisor dies,
-# then becomes the child's own program. The supervisor cannot ask for it in a `preexec_fn`: that
-# makes subprocess fork (not vfork) a process whose grpc threads are running, and grpc's fork
-# handlers then crash the child now and then before it can exec (SIGABRT, about 1 in 1,000 while
-# a call is in flight; grpc/grpc#43055).
+# then becomes the child's own program. The supervisor cannot ask for it in a `preexec_fn`: with
+# one, subprocess starts the child with fork(), not vfork(), and fork() runs grpc's pthread_atfork
+# handlers, which in a process whose grpc threads are running crash the child now and then before
+# it can exec (SIGABRT, about 1 in 1,000 while a call is in flight; grpc/grpc#43055). vfork() runs
+# no fork handlers.
 _DIE_WITH_PARENT = """\
 import ctypes, os, signal, sys
 parent, command = int(sys.argv[1]), sys.argv[2:]

@@ -67,11 +67,12 @@ _DATETIME = 306
 
 def backlog(db: Database) -> int:
     """Stored events waiting for a thumbnail (pending, or claimed by a worker that has not finished):
-    the queue's length, read from its index."""
+    the queue's length, a range of its index (only stored events are ever queued: an announced
+    one's state is empty until its upload stores it)."""
     with db.read() as connection:
         return int(connection.execute(
             sa.select(sa.func.count()).select_from(Event)
-            .where(col(Event.thumbnail_state).in_(("pending", "working")), col(Event.state) == "stored")
+            .where(col(Event.thumbnail_state).in_(("pending", "working")))
         ).scalar_one())
 
 

@@ -186,9 +186,9 @@ def test_the_shared_backlogs_are_scraped(measured: tuple[Stack, str]) -> None:
         gallery_pb2_grpc.GalleryServiceStub(channel).PullEvent(
             pb.PullEventRequest(device=device, event_id=announced.event_id),
             metadata=[("authorization", f"Bearer {bearer(device)}")], timeout=30)
-    after = scrape(url)
     for name in ("gallery_thumbnails_pending", "gallery_pulls_open"):
-        assert after(name) - before(name) == 1, name
+        assert wait_until(lambda name=name: scrape(url)(name) - before(name) == 1), name
+    after = scrape(url)
     status = httpx.get(f"{stack.base_url}/api/admin/status", timeout=30, headers={
         "Authorization": f"Bearer {auth.mint(JWT_SECRET, subject='ops', devices=['*'], scope=auth.ADMIN)}"})
     counts = status.json()["counts"]

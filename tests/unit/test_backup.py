@@ -6,6 +6,7 @@ pg_restore into a database of its own."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import pathlib
@@ -19,16 +20,17 @@ import pytest
 import sqlalchemy as sa
 
 from gallery_server import backup as backup_module
+from gallery_server import cli
 from gallery_server.backup import BackupRefused, backup
 from gallery_server.clock import utcnow
 from gallery_server.db import Database
-from gallery_server.models import Event
+from gallery_server.models import DeletedCapture, Event, UploadGrant
 from gallery_server.reconcile import Reconciler
 from gallery_server.service import Gallery
 from gallery_server.settings import Settings
 from gallery_server.storage import Storage
 
-from ..conftest import make_settings, random_bytes
+from ..conftest import JWT_SECRET, make_settings, random_bytes, small_disk
 from .test_service import PNG, store
 
 
@@ -73,6 +75,10 @@ def snapshot(gallery: Gallery, principal) -> dict[str, object]:  # type: ignore[
     return seen
 
 
+ANNOUNCED = "evt_ondevice" + "0" * 14
+GRANTED = "evt_granted" + "0" * 15
+
+
 def fill(gallery: Gallery, principal) -> list[Event]:  # type: ignore[no-untyped-def]
     events = [
         store(gallery, principal, "cam1", PNG + b"1", name="a.png"),
@@ -81,16 +87,23 @@ def fill(gallery: Gallery, principal) -> list[Event]:  # type: ignore[no-untyped
         store(gallery, principal, "cam2", PNG + b"4", name="d.png"),
     ]
     gallery.delete_event(principal, "cam2", events[3].id)
-    with gallery.db.session() as session:  # its content is still on the device: no file to take
-        session.add(Event(id="evt_ondevice000000000000", device="cam1", name="e.png", media_type="image",
-                          mime_type="image/png", size=10, sha256="1" * 64, created=utcnow(), state="on_device"))
+    with gallery.db.session() as session:
+        # Its content is still on the device: only the thumbnail it announced with is here.
+        session.add(Event(id=ANNOUNCED, device="cam1", name="e.png", media_type="image", mime_type="image/png",
+                          size=10, sha256="1" * 64, created=utcnow(), state="on_device", has_thumbnail=True,
+                          device_key="dcim/e.png"))
+        # A signed URL's thumbnail, PUT before its media: the media PUT will make the event.
+        session.add(UploadGrant(event_id=GRANTED, device="cam2", filename="f.jpg", media_state="open",
+                                thumbnail_state="done", expires_at=utcnow() + datetime.timedelta(hours=1)))
         session.commit()
+    gallery.storage.thumbnail_path("cam1", ANNOUNCED).write_bytes(b"announced thumb")
+    gallery.storage.thumbnail_path("cam2", GRANTED).write_bytes(b"granted thumb")
     return events[:3]
 
 
 def test_a_backup_restores_to_the_same_gallery(gallery, principal, tmp_path):
     events = fill(gallery, principal)
-    (gallery.settings.data_dir / "jwt-secret").write_text("the data folder's secret\n")
+    (gallery.settings.data_dir / "jwt-secret").write_text(JWT_SECRET + "\n")  # the secret in use
     before = snapshot(gallery, principal)
 
     manifest = backup(gallery.settings, tmp_path / "backup")
@@ -100,29 +113,58 @@ def test_a_backup_restores_to_the_same_gallery(gallery, principal, tmp_path):
     database_file = "gallery.pgdump" if postgres else "gallery.db"
     assert sorted(p.name for p in folder.iterdir()) == sorted(["backup.json", database_file, "jwt-secret", "media"])
     assert json.loads((folder / "backup.json").read_text()) == json.loads(json.dumps(manifest.__dict__))
-    assert (manifest.events, manifest.files, manifest.linked, manifest.copied) == (3, 4, 4, 0)
-    assert (manifest.deleted_meanwhile, manifest.secret, manifest.database_file) == (0, True, database_file)
+    # The stored events' 3 media files and 1 thumbnail, the announced event's and the grant's thumbnails.
+    assert (manifest.events, manifest.files, manifest.linked, manifest.copied) == (4, 6, 6, 0)
+    assert (manifest.deleted_meanwhile, manifest.missing_files, manifest.secret) == (0, 0, True)
+    assert manifest.database_file == database_file
     assert manifest.started.endswith("Z") and manifest.finished.endswith("Z")
     for event in events:  # hard links: the same file, no space spent
         live = gallery.storage.media_path(event.device, event.id)
         assert os.stat(folder / "media" / event.device / event.id).st_ino == os.stat(live).st_ino
-    assert (folder / "jwt-secret").read_text() == "the data folder's secret\n"
-    assert (folder / "jwt-secret").stat().st_mode & 0o777 == 0o600
+    assert (folder / "jwt-secret").read_text() == JWT_SECRET + "\n"
+    modes = {p.relative_to(folder).as_posix(): p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert modes == {"backup.json": 0o640, database_file: 0o640, "jwt-secret": 0o600, "media": 0o750}
     assert folder.stat().st_mode & 0o777 == 0o700
 
     with restored(gallery, folder) as copy:
         assert snapshot(copy, principal) == before
         assert copy.storage.thumbnail_path("cam1", events[1].id).read_bytes() == b"thumb of b"
+        with contextlib.closing(copy.open_thumbnail(principal, "cam1", ANNOUNCED).file) as thumbnail:
+            thumbnail.seek(0)  # open_thumbnail has read its head
+            assert thumbnail.read() == b"announced thumb"
+        assert copy.storage.thumbnail_path("cam2", GRANTED).read_bytes() == b"granted thumb"
         findings = Reconciler(copy, grace_seconds=0).run_once()
     assert (findings.rows_checked, findings.missing_media, findings.size_mismatch) == (3, 0, 0)
     assert findings.orphan_media_removed == findings.orphan_thumbnails_removed == 0
 
 
+def test_the_secret_is_taken_only_when_it_is_the_one_in_use(gallery, principal, tmp_path):
+    fill(gallery, principal)
+    (gallery.settings.data_dir / "jwt-secret").write_text("an old file, not the secret in use" + "x" * 32)
+    manifest = backup(gallery.settings, tmp_path / "backup")  # GALLERY_JWT_SECRET is the one in use
+    assert manifest.secret is False and not (tmp_path / "backup" / "jwt-secret").exists()
+
+
+def test_files_missing_from_the_live_gallery_too_are_kept_as_they_are_and_named(gallery, principal, tmp_path):
+    plain, with_thumbnail, _ = fill(gallery, principal)
+    gallery.storage.media_path(plain.device, plain.id).unlink()  # lost: damage the live gallery has
+    gallery.storage.thumbnail_path(with_thumbnail.device, with_thumbnail.id).unlink()
+    manifest = backup(gallery.settings, tmp_path / "backup")
+    assert (manifest.events, manifest.files, manifest.missing_files, manifest.deleted_meanwhile) == (4, 4, 2, 0)
+    assert sorted(manifest.examples) == sorted([f"{plain.device}/{plain.id}",
+                                                f"{with_thumbnail.device}/{with_thumbnail.id}.thumb"])
+    assert (tmp_path / "backup" / "media" / with_thumbnail.device / with_thumbnail.id).exists()
+    with restored(gallery, tmp_path / "backup") as copy:  # as the live gallery is: reported, not hidden
+        findings = Reconciler(copy, grace_seconds=0).run_once()
+    assert findings.missing_media == 1 and findings.examples == [f"{plain.device}/{plain.id}"]
+
+
 def test_copy_takes_files_of_their_own(gallery, principal, tmp_path):
     events = fill(gallery, principal)
     manifest = backup(gallery.settings, tmp_path / "backup", copy=True)
-    assert (manifest.linked, manifest.copied, manifest.secret) == (0, 4, False)
-    assert manifest.bytes_copied == sum(e.size for e in events) + len(b"thumb of b")
+    assert (manifest.linked, manifest.copied, manifest.secret) == (0, 6, False)
+    thumbnails = len(b"thumb of b") + len(b"announced thumb") + len(b"granted thumb")
+    assert manifest.bytes_copied == sum(e.size for e in events) + thumbnails
     for event in events:
         live = gallery.storage.media_path(event.device, event.id)
         taken = tmp_path / "backup" / "media" / event.device / event.id
@@ -130,28 +172,40 @@ def test_copy_takes_files_of_their_own(gallery, principal, tmp_path):
         assert taken.stat().st_mode == live.stat().st_mode
 
 
-def test_an_event_deleted_while_the_backup_runs_is_left_out(gallery, principal, tmp_path, monkeypatch):
+@pytest.mark.parametrize("copy", [False, True])
+def test_an_event_deleted_while_the_backup_runs_is_left_out(gallery, principal, tmp_path, monkeypatch, copy):
     kept, with_thumbnail, deleted = fill(gallery, principal)
+    with gallery.db.session() as session:  # announced, then pulled: its deletion leaves a tombstone
+        session.exec(sa.update(Event).where(Event.id == with_thumbnail.id).values(device_key="dcim/b.png"))
+        session.commit()
     take_all = backup_module._Files.take_all
 
-    def deleted_after_the_snapshot(self, rows):  # type: ignore[no-untyped-def]
+    def deleted_after_the_snapshot(self, spool):  # type: ignore[no-untyped-def]
         gallery.delete_event(principal, with_thumbnail.device, with_thumbnail.id)
         gallery.delete_event(principal, deleted.device, deleted.id)
-        return take_all(self, rows)
+        return take_all(self, spool)
 
     monkeypatch.setattr(backup_module._Files, "take_all", deleted_after_the_snapshot)
-    manifest = backup(gallery.settings, tmp_path / "backup")
-    assert (manifest.events, manifest.files, manifest.deleted_meanwhile) == (1, 1, 2)
+    manifest = backup(gallery.settings, tmp_path / "backup", copy=copy)
+    assert (manifest.events, manifest.files, manifest.deleted_meanwhile, manifest.missing_files) == (2, 3, 2, 0)
+    assert (manifest.linked + manifest.copied, manifest.copied > 0) == (3, copy)  # what was left out is uncounted
     assert sorted(manifest.examples) == sorted(f"{e.device}/{e.id}" for e in (with_thumbnail, deleted))
-    assert [p.name for p in (tmp_path / "backup" / "media").rglob("*") if p.is_file()] == [kept.id]
+    taken = sorted(p.name for p in (tmp_path / "backup" / "media").rglob("*") if p.is_file())
+    assert taken == sorted([kept.id, ANNOUNCED + ".thumb", GRANTED + ".thumb"])
     after = snapshot(gallery, principal)
-    with restored(gallery, tmp_path / "backup") as copy:
-        if copy.db.engine.dialect.name == "sqlite":  # left out of the copy, counters with them
-            assert snapshot(copy, principal) == after
+    with restored(gallery, tmp_path / "backup") as copied:
+        if copied.db.engine.dialect.name == "sqlite":  # deleted from the copy as a user's DELETE deletes
+            assert snapshot(copied, principal) == after
+            assert tombstones(copied) == tombstones(gallery) == [("cam1", "dcim/b.png", with_thumbnail.id)]
         else:  # a dump cannot be edited: named in backup.json, and reported as missing media
-            findings = Reconciler(copy, grace_seconds=0).run_once()
+            findings = Reconciler(copied, grace_seconds=0).run_once()
             assert findings.missing_media == 2
             assert sorted(findings.examples) == sorted(manifest.examples)
+
+
+def tombstones(gallery: Gallery) -> list[tuple[str, str, str]]:
+    with gallery.db.session() as session:
+        return sorted((d.device, d.device_key, d.event_id) for d in session.exec(sa.select(DeletedCapture)).scalars())
 
 
 def test_it_refuses_a_folder_in_use_and_touches_nothing(gallery, principal, tmp_path):
@@ -162,18 +216,43 @@ def test_it_refuses_a_folder_in_use_and_touches_nothing(gallery, principal, tmp_
     with pytest.raises(BackupRefused, match="not an empty folder"):
         backup(gallery.settings, used)
     assert [p.name for p in used.iterdir()] == ["mine.txt"]
+    inside = gallery.settings.data_dir / "media" / "backup"  # the reconciler would remove its files
+    with pytest.raises(BackupRefused, match="inside the data folder"):
+        backup(gallery.settings, inside)
+    assert not inside.exists()
     (tmp_path / "empty").mkdir()  # an empty folder is taken
-    assert backup(gallery.settings, tmp_path / "empty").events == 3
+    assert backup(gallery.settings, tmp_path / "empty").events == 4
 
 
 def test_a_failed_backup_leaves_nothing(gallery, principal, tmp_path):
     [first, *_] = fill(gallery, principal)
     media = gallery.storage.media_path(first.device, first.id)
     media.unlink()
-    media.mkdir()  # what is there cannot be taken
-    with pytest.raises(OSError):
+    media.mkdir()  # what is there cannot be linked: an error, not a silent copy of everything
+    with pytest.raises(OSError, match="cannot hard-link"):
         backup(gallery.settings, tmp_path / "backup")
     assert not (tmp_path / "backup").exists()
+    (tmp_path / "given").mkdir()  # a folder it did not make stays, empty
+    with pytest.raises(OSError):
+        backup(gallery.settings, tmp_path / "given")
+    assert list((tmp_path / "given").iterdir()) == []
+
+
+def test_a_copy_that_cannot_fit_is_refused_before_it_starts(gallery, principal, tmp_path):
+    store(gallery, principal, "cam1", random_bytes(3 << 20), name="big.bin")
+    with small_disk(tmp_path / "disk", "2m") as disk:
+        with pytest.raises(OSError, match="no room to copy"):
+            backup(gallery.settings, disk / "backup", copy=True)
+        assert not (disk / "backup").exists()
+
+
+def test_a_folder_another_backup_writes_to_is_refused(gallery, principal, tmp_path):
+    fill(gallery, principal)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / backup_module.IN_PROGRESS).touch()
+    with pytest.raises(BackupRefused):
+        backup(gallery.settings, tmp_path / "busy")
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == [backup_module.IN_PROGRESS]
 
 
 def test_the_command_prints_what_it_took(settings: Settings, gallery, principal, tmp_path):
@@ -191,3 +270,17 @@ def test_the_command_prints_what_it_took(settings: Settings, gallery, principal,
     again = command(str(tmp_path / "backup"))
     assert again.returncode == 2 and "exists and is not an empty folder" in again.stderr, again.stderr
     assert "Traceback" not in again.stderr
+
+
+def test_ctrl_c_leaves_nothing(settings: Settings, gallery, principal, tmp_path, monkeypatch, capsys):
+    fill(gallery, principal)
+
+    def interrupted(self, spool):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(backup_module._Files, "take_all", interrupted)
+    monkeypatch.setenv("GALLERY_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("GALLERY_DATABASE_URL", settings.database_url)
+    assert cli.main(["backup", str(tmp_path / "backup")]) == 130
+    assert "backup stopped, nothing kept" in capsys.readouterr().err
+    assert not (tmp_path / "backup").exists()

@@ -8,6 +8,8 @@ import datetime
 import importlib.metadata
 import json
 import math
+import socket
+import time
 
 import grpc
 import httpx
@@ -154,3 +156,20 @@ def test_the_backlogs_are_nan_while_the_database_does_not_answer(tmp_path) -> No
     assert math.isnan(value(metrics, "gallery_pulls_open"))
     version = {"version": importlib.metadata.version("gallery")}
     assert metrics.registry.get_sample_value("gallery_build_info", version) == 1  # the rest is served
+
+
+def test_a_silent_database_does_not_hold_the_scrape() -> None:
+    """A database that takes connections and never answers: the scrape answers within the read's
+    bounded wait, NaN for the counts, and the next ones too, while that read still hangs."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        db = Database(f"postgresql+psycopg://gallery@127.0.0.1:{silent.getsockname()[1]}/gallery", pool_size=1)
+        metrics = Metrics()
+        metrics.watch_backlogs(db)
+        started = time.monotonic()
+        for _ in range(3):  # each a whole scrape (get_sample_value collects every gauge)
+            assert math.isnan(value(metrics, "gallery_thumbnails_pending"))
+            assert math.isnan(value(metrics, "gallery_pulls_open"))
+        assert time.monotonic() - started < 3  # one wait of 1 s in all, not one per gauge and scrape
+        db.dispose()

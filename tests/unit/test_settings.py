@@ -545,3 +545,21 @@ def test_a_command_that_needs_no_secret_reads_its_settings_without_one_and_build
     with pytest.raises(ConfigError, match="no JWT secret"):
         Settings.from_env({"GALLERY_DATA_DIR": str(tmp_path)})
     assert Settings.from_env(env(tmp_path)).key_secret == SECRET.encode()
+
+
+@pytest.mark.parametrize(("url", "uri", "env"), [
+    ("postgresql+psycopg://u:pw@h:5433/db", "postgresql://u@h:5433/db", {"PGPASSWORD": "pw"}),
+    ("postgresql+psycopg://u@/db?password=s3cret&host=127.0.0.1", "postgresql://u@/db?host=127.0.0.1",
+     {"PGPASSWORD": "s3cret"}),
+    ("postgresql+psycopg://u@h/db?passfile=/etc/pgpass&sslmode=require", "postgresql://u@h/db?sslmode=require",
+     {"PGPASSFILE": "/etc/pgpass"}),
+    ("postgresql+psycopg://u@/db?host=h1:5432&host=h2:5433", "postgresql://u@/db?host=h1%2Ch2&port=5432%2C5433", {}),
+    ("postgresql+psycopg://u@/db?host=/var/run/postgresql", "postgresql://u@/db?host=%2Fvar%2Frun%2Fpostgresql", {}),
+])
+def test_a_database_url_as_pg_dump_takes_it_keeps_secrets_off_its_command_line(url, uri, env):
+    assert settings_module.libpq_connection(url) == (uri, env)
+
+
+def test_a_url_with_an_ssl_key_passphrase_cannot_be_given_to_pg_dump():
+    with pytest.raises(ConfigError, match="sslpassword"):
+        settings_module.libpq_connection("postgresql+psycopg://u@h/db?sslpassword=secret")

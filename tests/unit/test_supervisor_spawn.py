@@ -1,16 +1,21 @@
 """How `gallery run` starts its server and Envoy (supervisor.spawn): each gets SIGTERM when the
-supervisor dies, and no Python runs in the forked child before exec. A child forked to run Python
-in it (a `preexec_fn`) from a process with running grpc threads aborted now and then (SIGABRT) in
-grpc's fork handlers: "envoy exited with -6 while starting", once in a CI run."""
+supervisor dies, and is started by vfork(), which runs no fork handlers. A child started with a
+`preexec_fn` is fork()ed, which runs grpc's pthread_atfork handlers, and from a process with
+running grpc threads they aborted it now and then (SIGABRT): "envoy exited with -6 while
+starting", once in a CI run."""
 
 from __future__ import annotations
 
 import os
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
 import time
+
+import pytest
 
 from gallery_server import supervisor
 
@@ -31,9 +36,9 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_no_python_runs_in_the_forked_child(tmp_path):
-    # Python calls its at-fork hooks in a child only when it runs Python code there before exec,
-    # which is when grpc's fork handlers run too.
+def test_no_fork_handler_runs_in_the_child(tmp_path):
+    # Python's own at-fork hooks run in the child on the same path as grpc's C ones (fork(), for a
+    # preexec_fn), and a test can see them.
     marker = tmp_path / "ran-in-child"
     result = _run_script("""
         import os, sys
@@ -75,3 +80,16 @@ def test_a_program_that_cannot_run_says_so_and_keeps_its_name():
     assert child.returncode == 1
     assert child.args == ["/nonexistent/envoy", "-c", "x"]  # the name the supervisor's messages give
     assert stderr.decode().strip() == "gallery: cannot run /nonexistent/envoy: No such file or directory"
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_the_child_is_started_by_vfork():
+    traced = subprocess.run(
+        ["strace", "-f", "-qq", "-e", "trace=fork,vfork,clone,clone3", sys.executable, "-c",
+         "from gallery_server import supervisor; supervisor.spawn(['true']).wait()"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(SERVER_DIR)})
+    assert traced.returncode == 0, traced.stderr
+    calls = [line for line in traced.stderr.splitlines() if re.search(r"\b(fork|vfork|clone3?)\(", line)]
+    assert any("vfork(" in line for line in calls), calls
+    # fork() is glibc's clone() of a new process (SIGCHLD) that shares no memory (no CLONE_VM).
+    assert not [line for line in calls if "SIGCHLD" in line and "CLONE_VM" not in line], calls
