@@ -27,7 +27,7 @@ from gallery_server.db import Database
 from gallery_server.models import DeletedCapture, Event, UploadGrant
 from gallery_server.reconcile import Reconciler
 from gallery_server.service import Gallery
-from gallery_server.settings import Settings
+from gallery_server.settings import Settings, libpq_connection
 from gallery_server.storage import Storage
 
 from ..conftest import JWT_SECRET, make_settings, random_bytes, small_disk
@@ -45,10 +45,10 @@ def restored(gallery: Gallery, folder: pathlib.Path) -> Iterator[Gallery]:
         with psycopg.connect(admin, autocommit=True) as connection:
             connection.execute(f'CREATE DATABASE "{name}"')
         database_url = url.set(database=name).render_as_string(hide_password=False)
-        result = subprocess.run(
-            ["pg_restore", "--no-owner", "--exit-on-error",
-             f"--dbname={sa.make_url(database_url).set(drivername='postgresql').render_as_string(hide_password=False)}",
-             str(folder / "gallery.pgdump")], capture_output=True, text=True)
+        uri, secrets = libpq_connection(database_url)
+        result = subprocess.run(["pg_restore", "--no-owner", "--exit-on-error", f"--dbname={uri}",
+                                 str(folder / "gallery.pgdump")], capture_output=True, text=True,
+                                env={**os.environ, **secrets})
         assert result.returncode == 0, result.stderr
     settings = make_settings(folder, database_url)
     db = Database(settings.database_url, pool_size=2)
