@@ -49,7 +49,7 @@ from . import status_files, storage, version
 from .clock import rfc3339, utcnow
 from .models import GRANT_UNUSED, Event, UploadGrant
 from .service import delete_event_rows
-from .settings import ConfigError, Settings, libpq_connection, read_secret_file, write_secret_file
+from .settings import SECRET_FILE_NAME, ConfigError, Settings, libpq_connection, read_secret_file, write_secret_file
 
 MANIFEST = "backup.json"
 SQLITE_FILE = "gallery.db"
@@ -173,7 +173,11 @@ def _check(settings: Settings, url: sa.URL, destination: pathlib.Path) -> None:
 def _secret_in_use(settings: Settings) -> str:
     """The data folder's jwt-secret when it is the secret the servers use (GALLERY_JWT_SECRET
     unset); "" otherwise: the operator keeps GALLERY_JWT_SECRET."""
-    secret = read_secret_file(settings.data_dir)
+    try:
+        secret = read_secret_file(settings.data_dir)
+    except PermissionError:
+        raise BackupRefused(f"cannot read {settings.data_dir / SECRET_FILE_NAME} (0600): run `gallery backup`"
+                            " as the server's user") from None
     return secret if secret and secret == settings.jwt_secret else ""
 
 
@@ -342,10 +346,17 @@ class _Files:
                 return 0
             except FileNotFoundError:
                 return None
+            except PermissionError as exc:
+                if exc.errno == errno.EACCES:  # not even readable: copies would fail as well
+                    raise PermissionError(exc.errno, f"cannot read {source}: run `gallery backup` as the"
+                                          " server's user or group") from None
+                # EPERM: Linux links only its own files for a user (fs.protected_hardlinks).
+                raise PermissionError(exc.errno, f"cannot hard-link {source} ({exc.strerror}): run as"
+                                      " the files' owner, or take copies with --copy") from None
             except OSError as exc:
-                if exc.errno != errno.EXDEV:  # EPERM (a user not the files' owner), EMLINK, ...
-                    raise OSError(exc.errno, f"cannot hard-link {source} ({exc.strerror}): run as the"
-                                  " files' owner, or take copies with --copy") from None
+                if exc.errno != errno.EXDEV:  # EMLINK, a filesystem without links, ...
+                    raise OSError(exc.errno, f"cannot hard-link {source} ({exc.strerror}); take copies"
+                                  " with --copy") from None
                 self.copy = True  # another filesystem: copy the rest
                 self._check_room()
         try:
@@ -353,6 +364,9 @@ class _Files:
         except FileNotFoundError:
             target.unlink(missing_ok=True)
             return None
+        except PermissionError as exc:
+            raise PermissionError(exc.errno, f"cannot read {source}: run `gallery backup` as the server's"
+                                  " user or group") from None
         shutil.copymode(source, target)
         _fsync(target)
         size = target.stat().st_size
