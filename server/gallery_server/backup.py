@@ -124,7 +124,7 @@ def backup(settings: Settings, destination: pathlib.Path, *, copy: bool = False)
                 with copied_db.connect() as connection:
                     wanted = _spool(connection, spool)
             files = _Files(settings, destination, copy, manifest, live)
-            files.make_room_for(wanted)
+            files.prepare(wanted)
             gone = files.take_all(spool)
         if copied_db is not None:
             with Session(copied_db) as session:
@@ -271,7 +271,8 @@ class _Files:
         self.live = live
         self.media_bytes = 0
 
-    def make_room_for(self, media_bytes: int) -> None:
+    def prepare(self, media_bytes: int) -> None:
+        """Make the media folder; with copies, check first that `media_bytes` fit."""
         self.media_bytes = media_bytes
         self.target.mkdir(mode=0o750)
         if self.copy:
