@@ -6,20 +6,23 @@ the database names, the data folder's `jwt-secret` if that is the secret in use 
 pre-signed URLs and names drop-folder imports: a restore needs the same one), and `backup.json`,
 written last and synced: a folder without it is no finished backup.
 
-Consistency. The database is copied first, as one snapshot: SQLite's online backup, in one step
-(a reader: the servers' writes go on); on PostgreSQL, pg_dump reads a snapshot that this command
-exports, and the list of files is read in that same snapshot (then the transaction ends: it does
-not hold back vacuum while files are taken). Then each file is hard-linked into DEST, or copied
-when DEST is on another filesystem or with `--copy`. A stored event's media file never changes
-once stored (each upload stores a new event, its file moved into place whole), so a file taken
-after the snapshot holds the bytes its row describes.
+Consistency. First every file now in the live media folder is taken (hard-linked, or copied
+when DEST is on another filesystem or with `--copy`) into a folder of DEST's own. Then the
+database is copied as one snapshot: SQLite's online backup, in one step (a reader: the servers'
+writes go on); on PostgreSQL, pg_dump reads a snapshot that this command exports, and the list of
+files is read in that same snapshot (then the transaction ends: it does not hold back vacuum).
+Then each file the snapshot names is moved into DEST's media folder, and what is left of the
+first folder (files of events deleted before the snapshot) is removed. A stored event's file never
+changes once stored (each upload stores a new event, its file moved into place whole), so a file
+taken before or after the snapshot holds the bytes its row describes, and an event deleted after
+the snapshot keeps its files in the backup: they were taken before it.
 
-A file the snapshot names may be gone when it is taken. The live database says why: an event no
-longer there was deleted meanwhile and is left out (on SQLite its row is deleted from the copy as
-a user's DELETE deletes it: counters, open pulls, the device's tombstone; a PostgreSQL dump cannot
-be edited: those events are named in backup.json, and the restored gallery's reconciliation
-reports them as missing media). An event still there has lost its file in the live gallery too:
-the backup keeps it as it is, and names it (`missing_files`), as reconciliation would.
+Only an event stored after the files were first taken and deleted before the snapshot's files
+were placed can have lost its files. The live database then says why: an event no longer there is
+left out (on SQLite its row is deleted from the copy as a user's DELETE deletes it: counters, open
+pulls, the device's tombstone; a PostgreSQL dump cannot be edited: those events are listed in
+backup.json, for deletion after a restore). An event still there has lost its file in the live
+gallery too: the backup keeps it as it is, and names it (`missing_files`), as reconciliation would.
 
 Hard links share the live files' blocks: on the same filesystem the backup is a consistent set
 to copy elsewhere (rsync -H, tar), taken in seconds, not a second copy that survives the disk.
@@ -33,12 +36,15 @@ import contextlib
 import dataclasses
 import errno
 import json
+import logging
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import IO
 
 import sqlalchemy as sa
@@ -49,20 +55,23 @@ from . import status_files, storage, version
 from .clock import rfc3339, utcnow
 from .models import GRANT_UNUSED, Event, UploadGrant
 from .service import delete_event_rows
-from .settings import SECRET_FILE_NAME, ConfigError, Settings, libpq_connection, read_secret_file, write_secret_file
+from .settings import SECRET_FILE_NAME, ConfigError, Settings, libpq_connection, write_secret_file
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "backup.json"
 SQLITE_FILE = "gallery.db"
 POSTGRES_DUMP = "gallery.pgdump"
 IN_PROGRESS = ".backup-in-progress"  # claims DEST: a second backup into it is refused
+GATHERED = ".gathered"  # the files taken before the snapshot, until it names them
 MAX_EXAMPLES = 20
 BATCH = 500  # events whose missing files are looked up in the live database at once
 PG_CONNECT_TIMEOUT_SECONDS = "10"  # as db.py's: libpq waits for ever on a silent server
 
-# What the backup takes: each stored event's media and thumbnail, an announced event's thumbnail
+# What the backup places: each stored event's media and thumbnail, an announced event's thumbnail
 # (sent with its announcement), and the thumbnail a signed URL brought before its media.
 _EVENTS = (
-    sa.select(Event.device, Event.id, Event.state, Event.has_thumbnail, Event.size)
+    sa.select(Event.device, Event.id, Event.state, Event.has_thumbnail)
     .where(sa.or_(col(Event.state) == "stored", col(Event.has_thumbnail)))
     .order_by(col(Event.device), col(Event.id))
 )
@@ -80,7 +89,8 @@ class BackupRefused(Exception):
 class Manifest:
     """backup.json: what the backup holds and how it was taken."""
 
-    started: str = ""  # RFC 3339 UTC: the database's snapshot is of about then
+    started: str = ""  # RFC 3339 UTC
+    snapshot: str = ""  # when the database's snapshot was taken: the backup's moment
     finished: str = ""
     version: str = ""  # the gallery's that took it
     database: str = ""  # "sqlite" or "postgresql"
@@ -91,23 +101,23 @@ class Manifest:
     copied: int = 0
     bytes_copied: int = 0
     secret: bool = False  # whether it holds the data folder's jwt-secret
-    # Events deleted while it ran, their files gone before they were taken: left out (SQLite), or
-    # named here and still in the dump (PostgreSQL).
-    deleted_meanwhile: int = 0
     # Files of events still in the live gallery that are missing there too: "<device>/<file>".
     missing_files: int = 0
-    examples: list[str] = dataclasses.field(default_factory=list)  # of both: "<device>/<file>"
+    examples: list[str] = dataclasses.field(default_factory=list)  # up to 20 of those
+    # Events stored and deleted while it ran, their files gone before they could be taken, as
+    # "<device>/<event_id>": left out of a SQLite copy; still in a PostgreSQL dump, to delete.
+    deleted_meanwhile: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
 
 def backup(settings: Settings, destination: pathlib.Path, *, copy: bool = False) -> Manifest:
     """Take a backup into `destination`, which must not exist or be an empty folder. On any
-    failure (Ctrl-C included), what this wrote there is removed and the error raised."""
+    failure (a signal made an exception included), what this wrote there is removed and the error
+    raised."""
     started = time.monotonic()
     url = sa.make_url(settings.database_url)
     postgres = url.get_backend_name() == "postgresql"
     _check(settings, url, destination)
-    secret = _secret_in_use(settings)  # read first: a user who may not read it learns it now
     made = _claim(destination)
     manifest = Manifest(started=rfc3339(utcnow()), version=version(),
                         database="postgresql" if postgres else "sqlite",
@@ -115,17 +125,20 @@ def backup(settings: Settings, destination: pathlib.Path, *, copy: bool = False)
     live = db_module.create_engine(settings.database_url, pool_size=1)
     copied_db = None
     try:
+        files = _Files(settings, destination, copy, manifest, live)
+        files.gather(database_bytes=0 if postgres else _sqlite_size(url))
         with tempfile.TemporaryFile("w+", dir=destination, encoding="utf-8") as spool:
+            manifest.snapshot = rfc3339(utcnow())
             if postgres:
-                wanted = _postgres_snapshot(live, settings.database_url, destination / POSTGRES_DUMP, spool)
+                _postgres_snapshot(live, settings.database_url, destination / POSTGRES_DUMP, spool)
             else:
-                copied_db = db_module.create_engine(f"sqlite:///{destination / SQLITE_FILE}", pool_size=1)
+                # A URL object: the path is never parsed, so a "?" or "%" in DEST's name stays in it.
+                copied_db = db_module.create_engine(
+                    sa.URL.create("sqlite", database=str(destination / SQLITE_FILE)), pool_size=1)
                 _sqlite_snapshot(live, copied_db)
                 with copied_db.connect() as connection:
-                    wanted = _spool(connection, spool)
-            files = _Files(settings, destination, copy, manifest, live)
-            files.prepare(wanted)
-            gone = files.take_all(spool)
+                    _spool(connection, spool)
+            gone = files.place(spool)
         if copied_db is not None:
             with Session(copied_db) as session:
                 for device, event_ids in gone.items():
@@ -133,9 +146,12 @@ def backup(settings: Settings, destination: pathlib.Path, *, copy: bool = False)
                 session.commit()
             copied_db.dispose()  # the last connection checkpoints its WAL into the file, and removes it
             _fsync(destination / SQLITE_FILE)
-        if secret:
-            write_secret_file(destination, secret)
+        if settings.secret_file:
+            write_secret_file(destination, settings.jwt_secret)
             manifest.secret = True
+        elif not settings.jwt_secret and (settings.data_dir / SECRET_FILE_NAME).exists():
+            log.warning("the data folder's jwt-secret is not in the backup: this user may not read it; keep a"
+                        " copy of it with the backup (a restore needs the same secret)")
         manifest.finished = rfc3339(utcnow())
         manifest.seconds = round(time.monotonic() - started, 3)
         status_files.write(destination / MANIFEST, manifest, durable=True)
@@ -148,6 +164,9 @@ def backup(settings: Settings, destination: pathlib.Path, *, copy: bool = False)
         raise
     finally:
         live.dispose()
+    if manifest.missing_files:
+        log.warning("the live gallery has lost files of events it still holds; the backup holds them as they are",
+                    extra={"missing_files": manifest.missing_files, "examples": manifest.examples})
     return manifest
 
 
@@ -166,19 +185,19 @@ def _check(settings: Settings, url: sa.URL, destination: pathlib.Path) -> None:
         # Under media/ the reconciler would remove its files as orphans, under a drop folder they
         # would be imported, and a copy of the data folder would hold every backup in it.
         raise BackupRefused(f"{destination} is inside the data folder {settings.data_dir}: choose a folder beside it")
-    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
-        raise BackupRefused(f"{destination} exists and is not an empty folder")
+    if destination.exists() and not destination.is_dir():
+        raise BackupRefused(f"{destination} exists and is not a folder")
+    if destination.exists() and any(destination.iterdir()):
+        raise BackupRefused(_in_use(destination))
 
 
-def _secret_in_use(settings: Settings) -> str:
-    """The data folder's jwt-secret when it is the secret the servers use (GALLERY_JWT_SECRET
-    unset); "" otherwise: the operator keeps GALLERY_JWT_SECRET."""
+def _in_use(destination: pathlib.Path) -> str:
     try:
-        secret = read_secret_file(settings.data_dir)
-    except PermissionError:
-        raise BackupRefused(f"cannot read {settings.data_dir / SECRET_FILE_NAME} (0600): run `gallery backup`"
-                            " as the server's user") from None
-    return secret if secret and secret == settings.jwt_secret else ""
+        claimed_by = (destination / IN_PROGRESS).read_text().strip()
+    except OSError:
+        return f"{destination} exists and is not an empty folder"
+    return (f"{destination} holds a backup that is being taken or was stopped ({IN_PROGRESS}: process"
+            f" {claimed_by or '?'}); if that process is gone, remove the folder")
 
 
 def _claim(destination: pathlib.Path) -> bool:
@@ -189,9 +208,11 @@ def _claim(destination: pathlib.Path) -> bool:
     except FileExistsError:
         made = False
     try:
-        os.close(os.open(destination / IN_PROGRESS, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        fd = os.open(destination / IN_PROGRESS, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise BackupRefused(f"another backup is writing to {destination}") from None
+        raise BackupRefused(_in_use(destination)) from None
+    with os.fdopen(fd, "w") as marker:
+        marker.write(f"{os.getpid()} on {socket.gethostname()}\n")
     if not made and any(p.name != IN_PROGRESS for p in destination.iterdir()):  # filled meanwhile
         (destination / IN_PROGRESS).unlink()
         raise BackupRefused(f"{destination} exists and is not an empty folder")
@@ -210,6 +231,11 @@ def _remove_what_was_made(destination: pathlib.Path, made: bool) -> None:
             entry.unlink(missing_ok=True)
 
 
+def _sqlite_size(url: sa.URL) -> int:
+    """The live SQLite database's bytes with its WAL: what its copy may take."""
+    return sum(os.stat(path).st_size for path in (url.database, f"{url.database}-wal") if os.path.exists(path))
+
+
 def _sqlite_snapshot(live: sa.Engine, copy: sa.Engine) -> None:
     """The live database, copied in one step of SQLite's online backup: one consistent read while
     the servers' writes go on (WAL). The copy's file is made 0640 by db.create_engine."""
@@ -217,23 +243,24 @@ def _sqlite_snapshot(live: sa.Engine, copy: sa.Engine) -> None:
         source.driver_connection.backup(target.driver_connection)  # type: ignore[union-attr]
 
 
-def _postgres_snapshot(live: sa.Engine, database_url: str, dump: pathlib.Path, spool: IO[str]) -> int:
-    """pg_dump of a snapshot this transaction exports, and the files to take as of that same
-    snapshot, spooled; the transaction then ends. Returns the bytes of media named."""
-    fd = os.open(dump, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)  # pg_dump keeps the mode
-    os.close(fd)
+def _postgres_snapshot(live: sa.Engine, database_url: str, dump: pathlib.Path, spool: IO[str]) -> None:
+    """pg_dump of a snapshot this transaction exports, and the files to place as of that same
+    snapshot, spooled; the transaction then ends."""
+    os.close(os.open(dump, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))  # pg_dump keeps the mode
     with live.connect().execution_options(isolation_level="REPEATABLE READ") as connection:
         connection.exec_driver_sql("SET TRANSACTION READ ONLY")
         # A managed server's idle-in-transaction timeout would end it while pg_dump works.
         connection.exec_driver_sql("SET LOCAL idle_in_transaction_session_timeout = 0")
         snapshot = connection.exec_driver_sql("SELECT pg_export_snapshot()").scalar_one()
         _pg_dump(database_url, snapshot, dump)
-        return _spool(connection, spool)
+        _spool(connection, spool)
 
 
 def _pg_dump(database_url: str, snapshot: str, dump: pathlib.Path) -> None:
     uri, secrets = libpq_connection(database_url)  # secrets in the environment, not on a command line
     env = {"PGCONNECT_TIMEOUT": PG_CONNECT_TIMEOUT_SECONDS, **os.environ, **secrets}
+    # subprocess.run kills pg_dump when this is interrupted (Ctrl-C, or a signal the command turns
+    # into an exception): no dump goes on writing into a folder being removed.
     result = subprocess.run(
         ["pg_dump", f"--snapshot={snapshot}", "--format=custom", f"--file={dump}", f"--dbname={uri}"],
         env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
@@ -243,74 +270,116 @@ def _pg_dump(database_url: str, snapshot: str, dump: pathlib.Path) -> None:
     _fsync(dump)
 
 
-def _spool(connection: sa.Connection, spool: IO[str]) -> int:
-    """Write the files to take, a JSON line per event, to `spool`; returns the bytes of media."""
-    media_bytes = 0
-    rows = connection.execution_options(yield_per=1000).execute(_EVENTS)
-    for device, event_id, state, has_thumbnail, size in rows:
-        stored = state == "stored"
-        media_bytes += size if stored else 0
-        spool.write(json.dumps([device, event_id, stored, bool(has_thumbnail), True]) + "\n")
+def _spool(connection: sa.Connection, spool: IO[str]) -> None:
+    """Write the files to place, a JSON line per event, to `spool`: [device, event id, media?,
+    thumbnail?, whether the event needs them (a grant's early thumbnail may be used meanwhile)]."""
+    for device, event_id, state, has_thumbnail in connection.execution_options(yield_per=1000).execute(_EVENTS):
+        spool.write(json.dumps([device, event_id, state == "stored", bool(has_thumbnail), True]) + "\n")
     for device, event_id in connection.execute(_GRANT_THUMBNAILS):
         spool.write(json.dumps([device, event_id, False, True, False]) + "\n")
     spool.flush()
-    return media_bytes
 
 
 class _Files:
-    """Takes the spooled events' files into the backup's media folder."""
+    """Takes the live media files into the backup: all of them before the snapshot (gather), then
+    those the snapshot names into the backup's media folder (place)."""
 
     def __init__(self, settings: Settings, destination: pathlib.Path, copy: bool, manifest: Manifest,
                  live: sa.Engine) -> None:
         self.source = storage.media_root(settings.data_dir)
         self.target = storage.media_root(destination)
+        self.gathered = destination / GATHERED
         self.same_disk = os.stat(settings.data_dir).st_dev == os.stat(destination).st_dev
         self.min_free_bytes = settings.min_free_bytes
         self.copy = copy
         self.manifest = manifest
         self.live = live
-        self.media_bytes = 0
+        self.database_bytes = 0
 
-    def prepare(self, media_bytes: int) -> None:
-        """Make the media folder; with copies, check first that `media_bytes` fit."""
-        self.media_bytes = media_bytes
+    def gather(self, *, database_bytes: int) -> None:
+        """Take every file now in the live media folder; with copies, first check they fit."""
+        self.database_bytes = database_bytes
         self.target.mkdir(mode=0o750)
+        self.gathered.mkdir(mode=0o700)
         if self.copy:
             self._check_room()
+        for device, names in self._live_files():
+            (self.gathered / device).mkdir(mode=0o750)
+            for name in names:
+                self._take(self.source / device / name, self.gathered / device / name)
+
+    def _live_files(self) -> Iterator[tuple[str, list[str]]]:
+        """(device, its file names) of the live media folder, one device at a time."""
+        try:
+            devices = sorted(entry.name for entry in os.scandir(self.source) if entry.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return
+        for device in devices:
+            try:
+                with os.scandir(self.source / device) as entries:
+                    names = [e.name for e in entries if e.is_file(follow_symlinks=False) and not e.name.startswith(".")]
+            except FileNotFoundError:
+                continue
+            yield device, names
 
     def _check_room(self) -> None:
-        """Copies must fit, and leave the servers their headroom when on their disk."""
+        """Copies must fit, the database's with them, and leave the servers their headroom when
+        on their disk. Counted from the files themselves, thumbnails included."""
+        needed = self.database_bytes
+        for device, names in self._live_files():
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):
+                    needed += os.stat(self.source / device / name).st_size
         st = os.statvfs(self.target)
         free = st.f_bavail * st.f_frsize - (self.min_free_bytes if self.same_disk else 0)
-        if self.media_bytes > free:
-            raise OSError(errno.ENOSPC, f"no room to copy {self.media_bytes} bytes of media (and thumbnails):"
-                          f" {max(free, 0)} bytes free{' above the servers headroom' if self.same_disk else ''}")
+        if needed > free:
+            above = " above the servers' headroom" if self.same_disk else ""
+            raise OSError(errno.ENOSPC, f"no room to copy {needed} bytes: {max(free, 0)} bytes free{above}")
 
-    def take_all(self, spool: IO[str]) -> dict[str, list[str]]:
-        """Take every spooled event's files; returns the events deleted meanwhile, by device."""
+    def place(self, spool: IO[str]) -> dict[str, list[str]]:
+        """Place every spooled event's files; returns the events deleted meanwhile, by device.
+        What was gathered and not placed is removed."""
         spool.seek(0)
         gone: dict[str, list[str]] = {}
         suspects: dict[str, tuple[str, dict[str, int], list[str]]] = {}
         folders: set[str] = set()
         for line in spool:
-            device, event_id, stored, has_thumbnail, needed = json.loads(line)
+            device, event_id, media, thumbnail, needed = json.loads(line)
             if device not in folders:
                 (self.target / device).mkdir(mode=0o750, exist_ok=True)
                 folders.add(device)
-            names = ([event_id] if stored else []) + ([event_id + storage.THUMBNAIL_SUFFIX] if has_thumbnail else [])
-            taken = {name: copied for name in names if (copied := self._take(device, name)) is not None}
-            if len(taken) == len(names):
+            names = ([event_id] if media else []) + ([event_id + storage.THUMBNAIL_SUFFIX] if thumbnail else [])
+            placed = {name: size for name in names if (size := self._place(device, name)) is not None}
+            if len(placed) == len(names):
                 self.manifest.events += int(needed)
-                self.manifest.files += len(taken)
+                self.manifest.files += len(placed)
             elif needed:  # a grant's thumbnail that is gone was used or expired meanwhile
-                suspects[event_id] = (device, taken, [n for n in names if n not in taken])
+                suspects[event_id] = (device, placed, [n for n in names if n not in placed])
                 if len(suspects) >= BATCH:
                     self._settle(suspects, gone)
         self._settle(suspects, gone)
+        shutil.rmtree(self.gathered)
         for device in folders:
             storage.fsync_dir(self.target / device)
         storage.fsync_dir(self.target)
         return gone
+
+    def _place(self, device: str, name: str) -> int | None:
+        """Move a gathered file into the media folder, or take it from the live one if it came
+        later: its bytes (for the counts), None when it is gone."""
+        target = self.target / device / name
+        try:
+            os.rename(self.gathered / device / name, target)
+        except FileNotFoundError:
+            if not self._take(self.source / device / name, target):
+                return None
+        size = os.stat(target).st_size
+        if self.copy:
+            self.manifest.copied += 1
+            self.manifest.bytes_copied += size
+        else:
+            self.manifest.linked += 1
+        return size
 
     def _settle(self, suspects: dict[str, tuple[str, dict[str, int], list[str]]], gone: dict[str, list[str]]) -> None:
         """Events some of whose files were missing: left out if the live gallery no longer has them
@@ -319,34 +388,33 @@ class _Files:
             return
         with self.live.connect() as connection:
             alive = set(connection.execute(sa.select(Event.id).where(col(Event.id).in_(list(suspects)))).scalars())
-        for event_id, (device, taken, missing) in sorted(suspects.items()):
+        for event_id, (device, placed, missing) in sorted(suspects.items()):
             if event_id in alive:
                 self.manifest.events += 1
-                self.manifest.files += len(taken)
+                self.manifest.files += len(placed)
                 self.manifest.missing_files += len(missing)
-                self._example(*(f"{device}/{name}" for name in missing))
+                room = MAX_EXAMPLES - len(self.manifest.examples)
+                self.manifest.examples.extend([f"{device}/{name}" for name in missing][:max(room, 0)])
                 continue
-            for name, copied in taken.items():
-                self._untake(device, name, copied)
+            for name, size in placed.items():  # half an event: the part placed goes with it
+                (self.target / device / name).unlink()
+                if self.copy:
+                    self.manifest.copied -= 1
+                    self.manifest.bytes_copied -= size
+                else:
+                    self.manifest.linked -= 1
             gone.setdefault(device, []).append(event_id)
-            self.manifest.deleted_meanwhile += 1
-            self._example(f"{device}/{event_id}")
+            self.manifest.deleted_meanwhile.append(f"{device}/{event_id}")
         suspects.clear()
 
-    def _example(self, *examples: str) -> None:
-        room = MAX_EXAMPLES - len(self.manifest.examples)
-        self.manifest.examples.extend(examples[:max(room, 0)])
-
-    def _take(self, device: str, name: str) -> int | None:
-        """Link or copy one file: the bytes copied (0 for a link), None when the source is gone."""
-        source, target = self.source / device / name, self.target / device / name
+    def _take(self, source: pathlib.Path, target: pathlib.Path) -> bool:
+        """Link or copy one file; False when the source is gone."""
         if not self.copy:
             try:
                 os.link(source, target)
-                self.manifest.linked += 1
-                return 0
+                return True
             except FileNotFoundError:
-                return None
+                return False
             except PermissionError as exc:
                 if exc.errno == errno.EACCES:  # not even readable: copies would fail as well
                     raise PermissionError(exc.errno, f"cannot read {source}: run `gallery backup` as the"
@@ -358,31 +426,19 @@ class _Files:
                 if exc.errno != errno.EXDEV:  # EMLINK, a filesystem without links, ...
                     raise OSError(exc.errno, f"cannot hard-link {source} ({exc.strerror}); take copies"
                                   " with --copy") from None
-                self.copy = True  # another filesystem: copy the rest
+                self.copy = True  # another filesystem: copy everything (this is the first file)
                 self._check_room()
         try:
             shutil.copyfile(source, target)
         except FileNotFoundError:
             target.unlink(missing_ok=True)
-            return None
+            return False
         except PermissionError as exc:
             raise PermissionError(exc.errno, f"cannot read {source}: run `gallery backup` as the server's"
                                   " user or group") from None
         shutil.copymode(source, target)
         _fsync(target)
-        size = target.stat().st_size
-        self.manifest.copied += 1
-        self.manifest.bytes_copied += size
-        return size
-
-    def _untake(self, device: str, name: str, copied: int) -> None:
-        """Remove a file taken for an event that is left out, and its count."""
-        (self.target / device / name).unlink()
-        if copied:
-            self.manifest.copied -= 1
-            self.manifest.bytes_copied -= copied
-        else:
-            self.manifest.linked -= 1
+        return True
 
 
 def _fsync(path: pathlib.Path) -> None:

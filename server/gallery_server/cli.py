@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import pathlib
+import signal
 import stat
 import sys
 import tempfile
@@ -357,6 +358,19 @@ def _verify(settings: Settings, device: str | None, bytes_per_second: float) -> 
     return 1 if totals.damaged or totals.missing else 0
 
 
+class _Stopped(BaseException):
+    """A signal that ends the command (SIGTERM from a service manager or `timeout`, SIGHUP), raised
+    where the command is, so that it cleans up as after Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, _frame: object) -> None:
+    raise _Stopped(signum)
+
+
 def _backup(settings: Settings, destination: pathlib.Path, *, copy: bool) -> int:
     import dataclasses
     import json
@@ -366,6 +380,8 @@ def _backup(settings: Settings, destination: pathlib.Path, *, copy: bool) -> int
 
     from .backup import BackupRefused, backup
 
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_stopped)
     try:
         manifest = backup(settings, destination, copy=copy)
     except BackupRefused as exc:
@@ -373,7 +389,10 @@ def _backup(settings: Settings, destination: pathlib.Path, *, copy: bool) -> int
         return 2
     except KeyboardInterrupt:
         print(f"gallery: backup stopped, nothing kept in {destination}", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    except _Stopped as stopped:
+        print(f"gallery: backup stopped by {stopped}, nothing kept in {destination}", file=sys.stderr)
+        return 128 + stopped.signum
     except (OSError, RuntimeError, sqlite3.Error, sa.exc.SQLAlchemyError) as exc:
         # Nothing is left in DEST (backup.backup removes what it wrote): say why, in one line.
         why = " ".join(str(getattr(exc, "orig", None) or exc).split())

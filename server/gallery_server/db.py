@@ -56,9 +56,11 @@ _POSTGRES_NOT_NOW = frozenset({
 LOCK_TIMEOUT_MS = 20_000
 
 
-def create_engine(url: str, *, pool_size: int = 32, trust_recent_seconds: float = TRUST_RECENT_SECONDS,
+def create_engine(url: str | sa.URL, *, pool_size: int = 32, trust_recent_seconds: float = TRUST_RECENT_SECONDS,
                   lock_timeout_ms: int = LOCK_TIMEOUT_MS) -> sa.Engine:
-    if url.startswith("sqlite"):
+    """`url` may be a URL object: a file's path in one is never parsed (a "?" in a folder's name
+    would start a query in a URL's text)."""
+    if sa.make_url(url).get_backend_name() == "sqlite":
         _private_database_file(sa.make_url(url).database)
         engine = sa.create_engine(
             url,

@@ -39,6 +39,7 @@ class Settings:
     data_dir: pathlib.Path
     database_url: str
     jwt_secret: str = dataclasses.field(repr=False)
+    secret_file: bool = False  # jwt_secret was read from <data>/jwt-secret (GALLERY_JWT_SECRET unset)
     public_url: str = "http://localhost:8001"
     upload_url_ttl: int = 900
     grpc_address: str = "127.0.0.1:50051"
@@ -121,7 +122,16 @@ class Settings:
         """`needs_secret` False: for a command that signs and checks nothing (`gallery reconcile`,
         `gallery verify`, `gallery envoy`), a missing secret is no error."""
         data_dir = data_dir_from_env(env)
-        secret = env.get("GALLERY_JWT_SECRET") or read_secret_file(data_dir)
+        secret = env.get("GALLERY_JWT_SECRET", "")
+        secret_file = not secret
+        if secret_file:
+            try:
+                secret = read_secret_file(data_dir)
+            except PermissionError:
+                if needs_secret:
+                    raise ConfigError(f"cannot read {data_dir / SECRET_FILE_NAME} (0600): run as the server's"
+                                      " user, or set GALLERY_JWT_SECRET") from None
+                secret = ""  # a command that needs none (run by the server's group): no secret
         if not secret and needs_secret:
             raise ConfigError(
                 f"no JWT secret: set GALLERY_JWT_SECRET or create {data_dir / SECRET_FILE_NAME}"
@@ -135,6 +145,7 @@ class Settings:
             data_dir=data_dir,
             database_url=_database_url(env, data_dir),
             jwt_secret=secret,
+            secret_file=secret_file and bool(secret),
             public_url=_public_url(env, http_address),
             grpc_address=_address(env, "GALLERY_GRPC_ADDRESS", cls.grpc_address),
             http_address=http_address,

@@ -60,7 +60,7 @@ def test_a_backup_taken_under_load_runs_as_a_gallery(tmp_path) -> None:  # type:
     assert not refused, refused  # uploads went on while it ran
     assert result.returncode == 0, result.stderr
     manifest = json.loads(result.stdout)
-    assert manifest["secret"] is True and manifest["deleted_meanwhile"] == 0
+    assert manifest["secret"] is True and manifest["missing_files"] == 0
     assert 5 <= manifest["events"] <= len(sent)
 
     # Restored as README says: a gallery started on the backup folder, its secret taken from there.

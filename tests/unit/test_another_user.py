@@ -20,6 +20,7 @@ from sqlmodel import SQLModel
 
 from gallery_server.db import Database
 from gallery_server.service import Gallery
+from gallery_server.settings import write_secret_file
 from gallery_server.storage import Storage
 
 from ..conftest import make_settings
@@ -42,6 +43,7 @@ def shared(postgres_url: str, principal) -> Iterator[tuple[Gallery, pathlib.Path
         (root / "out").mkdir(mode=0o777)
         (root / "out").chmod(0o777)
         settings = make_settings(root / "data", postgres_url)
+        write_secret_file(root / "data", "s" * 48)  # 0600, as `gallery run` makes it: not for them
         db = Database(settings.database_url, pool_size=2)
         db.create_tables()
         gallery = Gallery(settings, db, Storage(settings.data_dir))

@@ -6,12 +6,15 @@ pg_restore into a database of its own."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -21,13 +24,14 @@ import sqlalchemy as sa
 
 from gallery_server import backup as backup_module
 from gallery_server import cli
+from gallery_server import settings as settings_module
 from gallery_server.backup import BackupRefused, backup
 from gallery_server.clock import utcnow
 from gallery_server.db import Database
 from gallery_server.models import DeletedCapture, Event, UploadGrant
 from gallery_server.reconcile import Reconciler
 from gallery_server.service import Gallery
-from gallery_server.settings import Settings, libpq_connection
+from gallery_server.settings import ConfigError, Settings, libpq_connection
 from gallery_server.storage import Storage
 
 from ..conftest import JWT_SECRET, make_settings, random_bytes, small_disk
@@ -103,10 +107,11 @@ def fill(gallery: Gallery, principal) -> list[Event]:  # type: ignore[no-untyped
 
 def test_a_backup_restores_to_the_same_gallery(gallery, principal, tmp_path):
     events = fill(gallery, principal)
-    (gallery.settings.data_dir / "jwt-secret").write_text(JWT_SECRET + "\n")  # the secret in use
+    (gallery.settings.data_dir / "jwt-secret").write_text(JWT_SECRET + "\n")
+    read_from_the_file = dataclasses.replace(gallery.settings, secret_file=True)  # GALLERY_JWT_SECRET unset
     before = snapshot(gallery, principal)
 
-    manifest = backup(gallery.settings, tmp_path / "backup")
+    manifest = backup(read_from_the_file, tmp_path / "backup")
 
     folder = tmp_path / "backup"
     postgres = gallery.db.engine.dialect.name == "postgresql"
@@ -115,7 +120,8 @@ def test_a_backup_restores_to_the_same_gallery(gallery, principal, tmp_path):
     assert json.loads((folder / "backup.json").read_text()) == json.loads(json.dumps(manifest.__dict__))
     # The stored events' 3 media files and 1 thumbnail, the announced event's and the grant's thumbnails.
     assert (manifest.events, manifest.files, manifest.linked, manifest.copied) == (4, 6, 6, 0)
-    assert (manifest.deleted_meanwhile, manifest.missing_files, manifest.secret) == (0, 0, True)
+    assert (manifest.deleted_meanwhile, manifest.missing_files, manifest.secret) == ([], 0, True)
+    assert manifest.started <= manifest.snapshot <= manifest.finished
     assert manifest.database_file == database_file
     assert manifest.started.endswith("Z") and manifest.finished.endswith("Z")
     for event in events:  # hard links: the same file, no space spent
@@ -145,12 +151,31 @@ def test_the_secret_is_taken_only_when_it_is_the_one_in_use(gallery, principal, 
     assert manifest.secret is False and not (tmp_path / "backup" / "jwt-secret").exists()
 
 
+def test_the_secret_file_is_read_only_when_it_is_the_one_in_use(tmp_path, monkeypatch):
+    """`verify` and `backup` need no secret: run by the server's group, who may not read the 0600
+    file, they go on without it; the server itself says what to do."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "jwt-secret").write_text(JWT_SECRET + "\n")
+    env = {"GALLERY_DATA_DIR": str(data)}
+    assert Settings.from_env(env, needs_secret=False).secret_file is True
+    assert Settings.from_env({**env, "GALLERY_JWT_SECRET": "y" * 40}, needs_secret=False).secret_file is False
+    monkeypatch.setattr(settings_module, "read_secret_file", _unreadable)
+    assert Settings.from_env(env, needs_secret=False).jwt_secret == ""
+    with pytest.raises(ConfigError, match="run as the server's user, or set GALLERY_JWT_SECRET"):
+        Settings.from_env(env)
+
+
+def _unreadable(data_dir: pathlib.Path) -> str:
+    raise PermissionError(13, "Permission denied", str(data_dir / "jwt-secret"))
+
+
 def test_files_missing_from_the_live_gallery_too_are_kept_as_they_are_and_named(gallery, principal, tmp_path):
     plain, with_thumbnail, _ = fill(gallery, principal)
     gallery.storage.media_path(plain.device, plain.id).unlink()  # lost: damage the live gallery has
     gallery.storage.thumbnail_path(with_thumbnail.device, with_thumbnail.id).unlink()
     manifest = backup(gallery.settings, tmp_path / "backup")
-    assert (manifest.events, manifest.files, manifest.missing_files, manifest.deleted_meanwhile) == (4, 4, 2, 0)
+    assert (manifest.events, manifest.files, manifest.missing_files, manifest.deleted_meanwhile) == (4, 4, 2, [])
     assert sorted(manifest.examples) == sorted([f"{plain.device}/{plain.id}",
                                                 f"{with_thumbnail.device}/{with_thumbnail.id}.thumb"])
     assert (tmp_path / "backup" / "media" / with_thumbnail.device / with_thumbnail.id).exists()
@@ -173,34 +198,80 @@ def test_copy_takes_files_of_their_own(gallery, principal, tmp_path):
 
 
 @pytest.mark.parametrize("copy", [False, True])
-def test_an_event_deleted_while_the_backup_runs_is_left_out(gallery, principal, tmp_path, monkeypatch, copy):
-    kept, with_thumbnail, deleted = fill(gallery, principal)
-    with gallery.db.session() as session:  # announced, then pulled: its deletion leaves a tombstone
-        session.exec(sa.update(Event).where(Event.id == with_thumbnail.id).values(device_key="dcim/b.png"))
-        session.commit()
-    take_all = backup_module._Files.take_all
+def test_events_deleted_after_the_snapshot_are_in_the_backup_whole(gallery, principal, tmp_path, monkeypatch, copy):
+    """Their files were taken before the snapshot: the backup is the gallery at its snapshot, on
+    both databases (a PostgreSQL dump, which cannot be edited, holds no event without its files)."""
+    fill(gallery, principal)
+    at_the_snapshot = snapshot(gallery, principal)
+    place = backup_module._Files.place
 
     def deleted_after_the_snapshot(self, spool):  # type: ignore[no-untyped-def]
-        gallery.delete_event(principal, with_thumbnail.device, with_thumbnail.id)
-        gallery.delete_event(principal, deleted.device, deleted.id)
-        return take_all(self, spool)
+        for device in ("cam1", "cam2"):
+            for event in gallery.list_events(principal, device):
+                gallery.delete_event(principal, device, event.id)
+        return place(self, spool)
 
-    monkeypatch.setattr(backup_module._Files, "take_all", deleted_after_the_snapshot)
+    monkeypatch.setattr(backup_module._Files, "place", deleted_after_the_snapshot)
     manifest = backup(gallery.settings, tmp_path / "backup", copy=copy)
-    assert (manifest.events, manifest.files, manifest.deleted_meanwhile, manifest.missing_files) == (2, 3, 2, 0)
-    assert (manifest.linked + manifest.copied, manifest.copied > 0) == (3, copy)  # what was left out is uncounted
-    assert sorted(manifest.examples) == sorted(f"{e.device}/{e.id}" for e in (with_thumbnail, deleted))
-    taken = sorted(p.name for p in (tmp_path / "backup" / "media").rglob("*") if p.is_file())
-    assert taken == sorted([kept.id, ANNOUNCED + ".thumb", GRANTED + ".thumb"])
+    assert (manifest.events, manifest.files, manifest.deleted_meanwhile, manifest.missing_files) == (4, 6, [], 0)
+    assert (manifest.linked, manifest.copied) == ((0, 6) if copy else (6, 0))
+    assert snapshot(gallery, principal)["cam1"] == []  # the live gallery is empty now
+    with restored(gallery, tmp_path / "backup") as copied:
+        assert snapshot(copied, principal) == at_the_snapshot
+        findings = Reconciler(copied, grace_seconds=0).run_once()
+    assert (findings.missing_media, findings.orphan_media_removed) == (0, 0)
+    assert not (tmp_path / "backup" / backup_module.GATHERED).exists()
+
+
+def test_files_deleted_before_the_snapshot_are_not_kept(gallery, principal, tmp_path, monkeypatch):
+    kept, _, doomed = fill(gallery, principal)
+    gather = backup_module._Files.gather
+
+    def deleted_before_the_snapshot(self, **kwargs):  # type: ignore[no-untyped-def]
+        gather(self, **kwargs)
+        gallery.delete_event(principal, doomed.device, doomed.id)
+
+    monkeypatch.setattr(backup_module._Files, "gather", deleted_before_the_snapshot)
+    manifest = backup(gallery.settings, tmp_path / "backup")
+    assert (manifest.events, manifest.files, manifest.linked) == (3, 5, 5)
+    assert not (tmp_path / "backup" / "media" / doomed.device / doomed.id).exists()
+    assert (tmp_path / "backup" / "media" / kept.device / kept.id).exists()
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_an_event_stored_and_deleted_while_the_backup_runs_is_left_out(gallery, principal, tmp_path, monkeypatch,
+                                                                       copy):
+    """Stored after the files were gathered, deleted before they were placed: the one window in
+    which the snapshot names files that are gone."""
+    kept, *_ = fill(gallery, principal)
+    gather, place = backup_module._Files.gather, backup_module._Files.place
+    late: list[Event] = []
+
+    def stored_after_gathering(self, **kwargs):  # type: ignore[no-untyped-def]
+        gather(self, **kwargs)
+        late.append(store(gallery, principal, "cam1", PNG + b"late", name="late.png", thumbnail=b"late thumb"))
+        with gallery.db.session() as session:  # announced, then pulled: its deletion leaves a tombstone
+            session.exec(sa.update(Event).where(Event.id == late[0].id).values(device_key="dcim/late.png"))
+            session.commit()
+
+    def deleted_before_placing(self, spool):  # type: ignore[no-untyped-def]
+        gallery.delete_event(principal, "cam1", late[0].id)
+        return place(self, spool)
+
+    monkeypatch.setattr(backup_module._Files, "gather", stored_after_gathering)
+    monkeypatch.setattr(backup_module._Files, "place", deleted_before_placing)
+    manifest = backup(gallery.settings, tmp_path / "backup", copy=copy)
+    assert (manifest.events, manifest.files, manifest.missing_files) == (4, 6, 0)
+    assert manifest.deleted_meanwhile == [f"cam1/{late[0].id}"]
+    assert manifest.linked + manifest.copied == 6
     after = snapshot(gallery, principal)
     with restored(gallery, tmp_path / "backup") as copied:
         if copied.db.engine.dialect.name == "sqlite":  # deleted from the copy as a user's DELETE deletes
             assert snapshot(copied, principal) == after
-            assert tombstones(copied) == tombstones(gallery) == [("cam1", "dcim/b.png", with_thumbnail.id)]
-        else:  # a dump cannot be edited: named in backup.json, and reported as missing media
+            assert tombstones(copied) == tombstones(gallery) == [("cam1", "dcim/late.png", late[0].id)]
+        else:  # a dump cannot be edited: listed in backup.json, and reported as missing media
             findings = Reconciler(copied, grace_seconds=0).run_once()
-            assert findings.missing_media == 2
-            assert sorted(findings.examples) == sorted(manifest.examples)
+            assert findings.missing_media == 1 and findings.examples == manifest.deleted_meanwhile
 
 
 def tombstones(gallery: Gallery) -> list[tuple[str, str, str]]:
@@ -278,9 +349,59 @@ def test_ctrl_c_leaves_nothing(settings: Settings, gallery, principal, tmp_path,
     def interrupted(self, spool):  # type: ignore[no-untyped-def]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(backup_module._Files, "take_all", interrupted)
+    monkeypatch.setattr(backup_module._Files, "place", interrupted)
     monkeypatch.setenv("GALLERY_DATA_DIR", str(settings.data_dir))
     monkeypatch.setenv("GALLERY_DATABASE_URL", settings.database_url)
     assert cli.main(["backup", str(tmp_path / "backup")]) == 130
     assert "backup stopped, nothing kept" in capsys.readouterr().err
     assert not (tmp_path / "backup").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_backup_stopped_by_a_service_manager_leaves_nothing(settings: Settings, gallery, principal, tmp_path,
+                                                              signum):
+    """SIGTERM (systemd, `timeout`) or SIGHUP while pg_dump runs: pg_dump is ended with the
+    command, and what was written is removed, as after Ctrl-C."""
+    if gallery.db.engine.dialect.name != "postgresql":
+        pytest.skip("a pg_dump that takes its time: PostgreSQL's")
+    fill(gallery, principal)
+    slow = tmp_path / "bin"
+    slow.mkdir()
+    (slow / "pg_dump").write_text(f"#!/bin/sh\necho $$ > {tmp_path}/pg_dump.pid\nexec sleep 60\n")
+    (slow / "pg_dump").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GALLERY_")}
+    env |= {"GALLERY_DATA_DIR": str(settings.data_dir), "GALLERY_DATABASE_URL": settings.database_url,
+            "PATH": f"{slow}:{os.environ['PATH']}"}
+    process = subprocess.Popen([sys.executable, "-m", "gallery_server", "backup", str(tmp_path / "backup")],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid_file = tmp_path / "pg_dump.pid"
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.02)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signum, err
+    assert f"backup stopped by {signal.Signals(signum).name}, nothing kept" in err and "Traceback" not in err
+    assert not (tmp_path / "backup").exists()
+    dump = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{dump}") and "Z" not in open(f"/proc/{dump}/stat").read().rsplit(")", 1)[1][:3]:
+        assert time.monotonic() < deadline, "pg_dump outlived the backup"
+        time.sleep(0.05)
+
+
+def test_a_folder_name_that_reads_as_a_url_stays_a_folder_name(gallery, principal, tmp_path):
+    """A "?" or "%41" in DEST is part of its name: nothing is written beside it."""
+    fill(gallery, principal)
+    (tmp_path / "out").mkdir()
+    beside = tmp_path / "out" / "victim.db"
+    beside.write_bytes(b"not the gallery's")
+    for name in ("victim.db?old", "pct%41x", "q?x#y"):
+        assert backup(gallery.settings, tmp_path / "out" / name).events == 4
+    assert beside.read_bytes() == b"not the gallery's"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["victim.db", "victim.db?old", "pct%41x", "q?x#y"])
