@@ -574,7 +574,6 @@ def _not_found(device: str, event_id: str) -> NotFound:
     )
 
 
-
 def delete_event_rows(session: Session, device: str, event_ids: list[str], *, session_ttl: float) -> list[str]:
     """Delete the rows of these events of the device, and record what a deletion must (below), in
     `session`, uncommitted: for the service, and for a backup's copy of the database (backup.py).

@@ -120,7 +120,8 @@ class Settings:
     @classmethod
     def from_env(cls, env: os._Environ[str] | dict[str, str] = os.environ, *, needs_secret: bool = True) -> Settings:
         """`needs_secret` False: for a command that signs and checks nothing (`gallery reconcile`,
-        `gallery verify`, `gallery envoy`), a missing secret is no error."""
+        `gallery verify`, `gallery envoy`, `gallery backup`), a missing secret is no error, nor one
+        this user may not read."""
         data_dir = data_dir_from_env(env)
         secret = env.get("GALLERY_JWT_SECRET", "")
         secret_file = not secret
