@@ -17,8 +17,12 @@ changes once stored (each upload stores a new event, its file moved into place w
 taken before or after the snapshot holds the bytes its row describes, and an event deleted after
 the snapshot keeps its files in the backup: they were taken before it.
 
+Thumbnails are the exception to "never changes" (a device's replaces the one the server made):
+each is taken again from the live folder when placed, the gathered one kept only if it is gone.
+
 Only an event stored after the files were first taken and deleted before the snapshot's files
-were placed can have lost its files. The live database then says why: an event no longer there is
+were placed can have lost its files (a window of seconds with hard links; with copies, as long as
+the copy). The live database then says why: an event no longer there is
 left out (on SQLite its row is deleted from the copy as a user's DELETE deletes it: counters, open
 pulls, the device's tombstone; a PostgreSQL dump cannot be edited: those events are listed in
 backup.json, for deletion after a restore). An event still there has lost its file in the live
@@ -126,7 +130,7 @@ def backup(settings: Settings, destination: pathlib.Path, *, copy: bool = False)
     copied_db = None
     try:
         files = _Files(settings, destination, copy, manifest, live)
-        files.gather(database_bytes=0 if postgres else _sqlite_size(url))
+        files.gather(database_bytes=_postgres_size(live) if postgres else _sqlite_size(url))
         with tempfile.TemporaryFile("w+", dir=destination, encoding="utf-8") as spool:
             manifest.snapshot = rfc3339(utcnow())
             if postgres:
@@ -236,6 +240,12 @@ def _sqlite_size(url: sa.URL) -> int:
     return sum(os.stat(path).st_size for path in (url.database, f"{url.database}-wal") if os.path.exists(path))
 
 
+def _postgres_size(live: sa.Engine) -> int:
+    """The live database's size: more than its dump takes (compressed, without indexes)."""
+    with live.connect() as connection:
+        return int(connection.exec_driver_sql("SELECT pg_database_size(current_database())").scalar_one())
+
+
 def _sqlite_snapshot(live: sa.Engine, copy: sa.Engine) -> None:
     """The live database, copied in one step of SQLite's online backup: one consistent read while
     the servers' writes go on (WAL). The copy's file is made 0640 by db.create_engine."""
@@ -324,13 +334,16 @@ class _Files:
 
     def _check_room(self) -> None:
         """Copies must fit, the database's with them, and leave the servers their headroom when
-        on their disk. Counted from the files themselves, thumbnails included."""
-        needed = self.database_bytes
+        on their disk. Counted from the files themselves, thumbnails included, each in whole
+        blocks of the target's filesystem (small files take far more than their size)."""
+        st = os.statvfs(self.target)
+        block = st.f_frsize or 4096
+        needed = _in_blocks(self.database_bytes, block)
         for device, names in self._live_files():
+            needed += block  # the device's folder
             for name in names:
                 with contextlib.suppress(FileNotFoundError):
-                    needed += os.stat(self.source / device / name).st_size
-        st = os.statvfs(self.target)
+                    needed += _in_blocks(os.stat(self.source / device / name).st_size, block)
         free = st.f_bavail * st.f_frsize - (self.min_free_bytes if self.same_disk else 0)
         if needed > free:
             above = " above the servers' headroom" if self.same_disk else ""
@@ -366,13 +379,20 @@ class _Files:
 
     def _place(self, device: str, name: str) -> int | None:
         """Move a gathered file into the media folder, or take it from the live one if it came
-        later: its bytes (for the counts), None when it is gone."""
+        later: its bytes (for the counts), None when it is gone. A thumbnail is taken from the
+        live folder first: unlike media, it may have been replaced since it was gathered (a
+        device's replaces the one the server made), and the live one is at least as new as the
+        snapshot's row."""
         target = self.target / device / name
-        try:
-            os.rename(self.gathered / device / name, target)
-        except FileNotFoundError:
-            if not self._take(self.source / device / name, target):
-                return None
+        source, gathered = self.source / device / name, self.gathered / device / name
+        if name.endswith(storage.THUMBNAIL_SUFFIX) and self._take(source, target):
+            gathered.unlink(missing_ok=True)
+        else:
+            try:
+                os.rename(gathered, target)
+            except FileNotFoundError:
+                if not self._take(source, target):
+                    return None
         size = os.stat(target).st_size
         if self.copy:
             self.manifest.copied += 1
@@ -439,6 +459,10 @@ class _Files:
         shutil.copymode(source, target)
         _fsync(target)
         return True
+
+
+def _in_blocks(size: int, block: int) -> int:
+    return -(-size // block) * block
 
 
 def _fsync(path: pathlib.Path) -> None:

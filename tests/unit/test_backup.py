@@ -405,3 +405,36 @@ def test_a_folder_name_that_reads_as_a_url_stays_a_folder_name(gallery, principa
     assert beside.read_bytes() == b"not the gallery's"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         ["victim.db", "victim.db?old", "pct%41x", "q?x#y"])
+
+
+def test_the_room_for_copies_is_counted_in_blocks(gallery, principal, tmp_path):
+    """700 files of 100 bytes take 70 kB by their sizes and 2.8 MB of 4 kB blocks."""
+    fill(gallery, principal)
+    many = gallery.storage.media_root / "cam9"
+    many.mkdir()
+    for i in range(700):
+        (many / f"evt_{i:022d}").write_bytes(b"x" * 100)
+    with small_disk(tmp_path / "disk", "2m") as disk:
+        with pytest.raises(OSError, match="no room to copy"):
+            backup(gallery.settings, disk / "backup", copy=True)
+        assert not (disk / "backup").exists()
+
+
+def test_a_thumbnail_replaced_after_it_was_gathered_is_taken_as_it_is_now(gallery, principal, tmp_path,
+                                                                        monkeypatch):
+    """Media never change once stored; a thumbnail may (a device's replaces the server's)."""
+    _, with_thumbnail, _ = fill(gallery, principal)
+    live = gallery.storage.thumbnail_path(with_thumbnail.device, with_thumbnail.id)
+    gather = backup_module._Files.gather
+
+    def replaced_after_gathering(self, **kwargs):  # type: ignore[no-untyped-def]
+        gather(self, **kwargs)
+        replacement = live.with_name("replacement")
+        replacement.write_bytes(b"the device's own thumbnail")
+        os.replace(replacement, live)  # as the server moves a device's thumbnail into place
+
+    monkeypatch.setattr(backup_module._Files, "gather", replaced_after_gathering)
+    manifest = backup(gallery.settings, tmp_path / "backup")
+    taken = tmp_path / "backup" / "media" / with_thumbnail.device / live.name
+    assert taken.read_bytes() == b"the device's own thumbnail"
+    assert (manifest.files, manifest.linked) == (6, 6)
