@@ -122,11 +122,11 @@ def backup(settings: Settings, destination: pathlib.Path, *, copy: bool = False)
     url = sa.make_url(settings.database_url)
     postgres = url.get_backend_name() == "postgresql"
     _check(settings, url, destination)
+    live = db_module.create_engine(settings.database_url, pool_size=1)  # connects when first used
     made = _claim(destination)
     manifest = Manifest(started=rfc3339(utcnow()), version=version(),
                         database="postgresql" if postgres else "sqlite",
                         database_file=POSTGRES_DUMP if postgres else SQLITE_FILE)
-    live = db_module.create_engine(settings.database_url, pool_size=1)
     copied_db = None
     try:
         files = _Files(settings, destination, copy, manifest, live)
