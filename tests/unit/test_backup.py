@@ -389,9 +389,18 @@ def test_a_backup_stopped_by_a_service_manager_leaves_nothing(settings: Settings
     assert not (tmp_path / "backup").exists()
     dump = int(pid_file.read_text())
     deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{dump}") and "Z" not in open(f"/proc/{dump}/stat").read().rsplit(")", 1)[1][:3]:
+    while _running(dump):
         assert time.monotonic() < deadline, "pg_dump outlived the backup"
         time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Alive, and not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_a_folder_name_that_reads_as_a_url_stays_a_folder_name(gallery, principal, tmp_path):
