@@ -48,7 +48,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO
 
 import sqlalchemy as sa
@@ -149,7 +149,7 @@ def backup(settings: Settings, destination: pathlib.Path, *, copy: bool = False)
                     delete_event_rows(session, device, event_ids, session_ttl=settings.upload_session_ttl)
                 session.commit()
             copied_db.dispose()  # the last connection checkpoints its WAL into the file, and removes it
-            _fsync(destination / SQLITE_FILE)
+            fsync(destination / SQLITE_FILE)
         if settings.secret_file:
             write_secret_file(destination, settings.jwt_secret)
             manifest.secret = True
@@ -277,7 +277,7 @@ def _pg_dump(database_url: str, snapshot: str, dump: pathlib.Path) -> None:
     )
     if result.returncode != 0:
         raise RuntimeError(f"pg_dump failed: {' '.join(result.stderr.split())}")
-    _fsync(dump)
+    fsync(dump)
 
 
 def _spool(connection: sa.Connection, spool: IO[str]) -> None:
@@ -301,7 +301,8 @@ class _Files:
         self.gathered = destination / GATHERED
         self.same_disk = os.stat(settings.data_dir).st_dev == os.stat(destination).st_dev
         self.min_free_bytes = settings.min_free_bytes
-        self.copy = copy
+        self.taker = FileTaker(copy=copy, unreadable="run `gallery backup` as the server's user or group",
+                               before_copying=self._check_room)
         self.manifest = manifest
         self.live = live
         self.database_bytes = 0
@@ -311,43 +312,24 @@ class _Files:
         self.database_bytes = database_bytes
         self.target.mkdir(mode=0o750)
         self.gathered.mkdir(mode=0o700)
-        if self.copy:
+        if self.taker.copy:
             self._check_room()
-        for device, names in self._live_files():
+        for device, names in media_files(self.source):
             (self.gathered / device).mkdir(mode=0o750)
             for name in names:
-                self._take(self.source / device / name, self.gathered / device / name)
-
-    def _live_files(self) -> Iterator[tuple[str, list[str]]]:
-        """(device, its file names) of the live media folder, one device at a time."""
-        try:
-            devices = sorted(entry.name for entry in os.scandir(self.source) if entry.is_dir(follow_symlinks=False))
-        except FileNotFoundError:
-            return
-        for device in devices:
-            try:
-                with os.scandir(self.source / device) as entries:
-                    names = [e.name for e in entries if e.is_file(follow_symlinks=False) and not e.name.startswith(".")]
-            except FileNotFoundError:
-                continue
-            yield device, names
+                self.taker.take(self.source / device / name, self.gathered / device / name)
 
     def _check_room(self) -> None:
         """Copies must fit, the database's with them, and leave the servers their headroom when
-        on their disk. Counted from the files themselves, thumbnails included, each in whole
-        blocks of the target's filesystem (small files take far more than their size)."""
-        st = os.statvfs(self.target)
-        block = st.f_frsize or 4096
-        needed = _in_blocks(self.database_bytes, block)
-        for device, names in self._live_files():
-            needed += block  # the device's folder
+        on their disk. Counted from the files themselves, thumbnails included."""
+        sizes = [self.database_bytes]
+        for device, names in media_files(self.source):
+            sizes.append(FOLDER)
             for name in names:
                 with contextlib.suppress(FileNotFoundError):
-                    needed += _in_blocks(os.stat(self.source / device / name).st_size, block)
-        free = st.f_bavail * st.f_frsize - (self.min_free_bytes if self.same_disk else 0)
-        if needed > free:
-            above = " above the servers' headroom" if self.same_disk else ""
-            raise OSError(errno.ENOSPC, f"no room to copy {needed} bytes: {max(free, 0)} bytes free{above}")
+                    sizes.append(os.stat(self.source / device / name).st_size)
+        require_room(self.target, sizes, reserve=self.min_free_bytes if self.same_disk else 0,
+                     reserve_is="the servers' headroom")
 
     def place(self, spool: IO[str]) -> dict[str, list[str]]:
         """Place every spooled event's files; returns the events deleted meanwhile, by device.
@@ -385,16 +367,16 @@ class _Files:
         snapshot's row."""
         target = self.target / device / name
         source, gathered = self.source / device / name, self.gathered / device / name
-        if name.endswith(storage.THUMBNAIL_SUFFIX) and self._take(source, target):
+        if name.endswith(storage.THUMBNAIL_SUFFIX) and self.taker.take(source, target):
             gathered.unlink(missing_ok=True)
         else:
             try:
                 os.rename(gathered, target)
             except FileNotFoundError:
-                if not self._take(source, target):
+                if not self.taker.take(source, target):
                     return None
         size = os.stat(target).st_size
-        if self.copy:
+        if self.taker.copy:
             self.manifest.copied += 1
             self.manifest.bytes_copied += size
         else:
@@ -418,7 +400,7 @@ class _Files:
                 continue
             for name, size in placed.items():  # half an event: the part placed goes with it
                 (self.target / device / name).unlink()
-                if self.copy:
+                if self.taker.copy:
                     self.manifest.copied -= 1
                     self.manifest.bytes_copied -= size
                 else:
@@ -427,7 +409,48 @@ class _Files:
             self.manifest.deleted_meanwhile.append(f"{device}/{event_id}")
         suspects.clear()
 
-    def _take(self, source: pathlib.Path, target: pathlib.Path) -> bool:
+def media_files(root: pathlib.Path) -> Iterator[tuple[str, list[str]]]:
+    """(device, its file names) of a media folder, one device at a time; a folder or file that
+    goes meanwhile is skipped, and so are hidden names (a staging file) and what is not a file."""
+    try:
+        devices = sorted(entry.name for entry in os.scandir(root) if entry.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        return
+    for device in devices:
+        try:
+            with os.scandir(root / device) as entries:
+                names = [e.name for e in entries if e.is_file(follow_symlinks=False) and not e.name.startswith(".")]
+        except FileNotFoundError:
+            continue
+        yield device, names
+
+
+FOLDER = -1  # in require_room's sizes: a folder, which takes one block
+
+
+def require_room(target: pathlib.Path, sizes: Iterable[int], *, reserve: int, reserve_is: str) -> None:
+    """ENOSPC unless files of these sizes fit on `target`'s filesystem with `reserve` bytes left:
+    each counted in whole blocks of that filesystem (small files take far more than their size)."""
+    st = os.statvfs(target)
+    block = st.f_frsize or 4096
+    needed = sum(block if size == FOLDER else -(-size // block) * block for size in sizes)
+    free = st.f_bavail * st.f_frsize - reserve
+    if needed > free:
+        above = f" above {reserve_is}" if reserve else ""
+        raise OSError(errno.ENOSPC, f"no room to copy {needed} bytes: {max(free, 0)} bytes free{above}")
+
+
+class FileTaker:
+    """Takes files for a backup or a restore: hard links, or copies (synced, the mode kept) with
+    `copy` or when the target is on another filesystem (`before_copying` runs once then, to check
+    that every copy fits)."""
+
+    def __init__(self, *, copy: bool, unreadable: str, before_copying: Callable[[], None]) -> None:
+        self.copy = copy
+        self.unreadable = unreadable  # what to do about a file this user may not read
+        self.before_copying = before_copying
+
+    def take(self, source: pathlib.Path, target: pathlib.Path) -> bool:
         """Link or copy one file; False when the source is gone."""
         if not self.copy:
             try:
@@ -437,8 +460,7 @@ class _Files:
                 return False
             except PermissionError as exc:
                 if exc.errno == errno.EACCES:  # not even readable: copies would fail as well
-                    raise PermissionError(exc.errno, f"cannot read {source}: run `gallery backup` as the"
-                                          " server's user or group") from None
+                    raise PermissionError(exc.errno, f"cannot read {source}: {self.unreadable}") from None
                 # EPERM: Linux links only its own files for a user (fs.protected_hardlinks).
                 raise PermissionError(exc.errno, f"cannot hard-link {source} ({exc.strerror}): run as"
                                       " the files' owner, or take copies with --copy") from None
@@ -447,25 +469,20 @@ class _Files:
                     raise OSError(exc.errno, f"cannot hard-link {source} ({exc.strerror}); take copies"
                                   " with --copy") from None
                 self.copy = True  # another filesystem: copy everything (this is the first file)
-                self._check_room()
+                self.before_copying()
         try:
             shutil.copyfile(source, target)
         except FileNotFoundError:
             target.unlink(missing_ok=True)
             return False
         except PermissionError as exc:
-            raise PermissionError(exc.errno, f"cannot read {source}: run `gallery backup` as the server's"
-                                  " user or group") from None
+            raise PermissionError(exc.errno, f"cannot read {source}: {self.unreadable}") from None
         shutil.copymode(source, target)
-        _fsync(target)
+        fsync(target)
         return True
 
 
-def _in_blocks(size: int, block: int) -> int:
-    return -(-size // block) * block
-
-
-def _fsync(path: pathlib.Path) -> None:
+def fsync(path: pathlib.Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

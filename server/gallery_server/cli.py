@@ -1,7 +1,7 @@
 """The `gallery` command: run the stack; or, for a deployment of several replicas, serve gRPC alone
 and run Envoy in front of them; reconcile files and rows once; verify every stored file's bytes;
-take a backup; mint a bearer token; run a device agent. Every setting comes from GALLERY_* environment variables
-(README "Configuration")."""
+take a backup, restore one; mint a bearer token; run a device agent. Every setting comes from
+GALLERY_* environment variables (README "Configuration")."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import signal
 import stat
 import sys
 import tempfile
+from collections.abc import Callable
 
 from . import auth, logs, validation
 from .addresses import split_address
@@ -24,6 +25,7 @@ from .settings import (
     ensure_secret_file,
     min_reconcile_grace,
     prepare_data_dir,
+    refuse_while_restoring,
     shown_database_url,
 )
 
@@ -97,6 +99,19 @@ def _main(argv: list[str] | None) -> int:
     backup.add_argument("--copy", action="store_true",
                         help="copy the files even on the same filesystem (default: hard links, which "
                         "share the live files' blocks: a snapshot to ship elsewhere, not a second copy)")
+    restore = commands.add_parser(
+        "restore", help="make a backup the gallery again, in a new data folder and database",
+        description="Restore a backup made by `gallery backup` into GALLERY_DATA_DIR (which must not exist, "
+        "or be empty) and GALLERY_DATABASE_URL (on PostgreSQL, a database without tables: createdb it "
+        "first), with no server running on them: the database (SQLite: the backup's file; PostgreSQL: "
+        "pg_restore, then the events the backup lists as deleted while it ran are deleted), the media "
+        "files (hard-linked from the backup on its filesystem, else copied; --copy to copy) and the "
+        "jwt-secret. Prints what it restored as JSON (README \"Backup and restore\").",
+    )
+    restore.add_argument("backup_folder", type=pathlib.Path, metavar="BACKUP", help="a folder `gallery backup` made")
+    restore.add_argument("--copy", action="store_true",
+                         help="copy the files even on the backup's filesystem (default: hard links: the "
+                         "gallery never writes into a stored file, so its changes leave the backup as it was)")
     token = commands.add_parser("token", help="mint a bearer token signed with the server's secret")
     token.add_argument("--sub", required=True, type=_token_subject,
                        help="the token's subject (who it is for; not blank)")
@@ -131,11 +146,14 @@ def _main(argv: list[str] | None) -> int:
         return _agent(args)
 
     try:
-        if args.command not in ("token", "verify", "backup"):  # these only read the data folder
+        if args.command not in ("token", "restore"):  # restore makes the data folder, empty: the only one
+            refuse_while_restoring(data_dir_from_env())
+        if args.command not in ("token", "verify", "backup", "restore"):  # these only read the data folder
             prepare_data_dir(data_dir_from_env())
         if args.command == "run" and not os.environ.get("GALLERY_JWT_SECRET"):
             ensure_secret_file(data_dir_from_env())
-        settings = Settings.from_env(needs_secret=args.command not in ("reconcile", "verify", "envoy", "backup"))
+        secretless = ("reconcile", "verify", "envoy", "backup", "restore")
+        settings = Settings.from_env(needs_secret=args.command not in secretless)
         if args.command == "envoy":
             backends = [_backend(text) for text in args.backend]
     except ConfigError as exc:
@@ -164,6 +182,8 @@ def _main(argv: list[str] | None) -> int:
     logs.configure(settings.log_level)
     if args.command == "backup":
         return _backup(settings, args.destination, copy=args.copy)
+    if args.command == "restore":
+        return _restore(settings, args.backup_folder, copy=args.copy)
     if args.command in ("reconcile", "verify", "serve"):
         import sqlalchemy as sa
 
@@ -372,33 +392,47 @@ def _raise_stopped(signum: int, _frame: object) -> None:
 
 
 def _backup(settings: Settings, destination: pathlib.Path, *, copy: bool) -> int:
+    from .backup import BackupRefused, backup
+
+    return _undone_on_failure("backup", f"nothing kept in {destination}", BackupRefused,
+                              lambda: backup(settings, destination, copy=copy))
+
+
+def _restore(settings: Settings, backup_folder: pathlib.Path, *, copy: bool) -> int:
+    from .restore import RestoreRefused, restore
+
+    return _undone_on_failure("restore", f"nothing restored into {settings.data_dir}", RestoreRefused,
+                              lambda: restore(settings, backup_folder, copy=copy))
+
+
+def _undone_on_failure(command: str, undone: str, refused: type[Exception], work: Callable[[], object]) -> int:
+    """Run a backup or a restore, which remove what they wrote when they fail or are stopped (Ctrl-C,
+    SIGTERM, SIGHUP): print what it made as JSON, or why it did not in one line, with its exit status
+    (2: refused, nothing written; 1: failed; 128 + the signal)."""
     import dataclasses
     import json
     import sqlite3
 
     import sqlalchemy as sa
 
-    from .backup import BackupRefused, backup
-
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_stopped)
     try:
-        manifest = backup(settings, destination, copy=copy)
-    except BackupRefused as exc:
+        made = work()
+    except refused as exc:
         print(f"gallery: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"gallery: backup stopped, nothing kept in {destination}", file=sys.stderr)
+        print(f"gallery: {command} stopped, {undone}", file=sys.stderr)
         return 128 + signal.SIGINT
     except _Stopped as stopped:
-        print(f"gallery: backup stopped by {stopped}, nothing kept in {destination}", file=sys.stderr)
+        print(f"gallery: {command} stopped by {stopped}, {undone}", file=sys.stderr)
         return 128 + stopped.signum
     except (OSError, RuntimeError, sqlite3.Error, sa.exc.SQLAlchemyError) as exc:
-        # Nothing is left in DEST (backup.backup removes what it wrote): say why, in one line.
         why = " ".join(str(getattr(exc, "orig", None) or exc).split())
-        print(f"gallery: backup failed, nothing kept in {destination}: {why}", file=sys.stderr)
+        print(f"gallery: {command} failed, {undone}: {why}", file=sys.stderr)
         return 1
-    print(json.dumps(dataclasses.asdict(manifest)))
+    print(json.dumps(dataclasses.asdict(made)))  # type: ignore[call-overload]
     return 0
 
 

@@ -28,6 +28,7 @@ from .addresses import ANY_HOST, MAX_PORT, split_address
 from .auth import public_key_algorithm
 
 SECRET_FILE_NAME = "jwt-secret"
+RESTORE_IN_PROGRESS = ".restore-in-progress"  # `gallery restore` is filling the data folder
 
 
 class ConfigError(Exception):
@@ -120,8 +121,8 @@ class Settings:
     @classmethod
     def from_env(cls, env: os._Environ[str] | dict[str, str] = os.environ, *, needs_secret: bool = True) -> Settings:
         """`needs_secret` False: for a command that signs and checks nothing (`gallery reconcile`,
-        `gallery verify`, `gallery envoy`, `gallery backup`), a missing secret is no error, nor one
-        this user may not read."""
+        `gallery verify`, `gallery envoy`, `gallery backup`, `gallery restore`), a missing secret is no
+        error, nor one this user may not read."""
         data_dir = data_dir_from_env(env)
         secret = env.get("GALLERY_JWT_SECRET", "")
         secret_file = not secret
@@ -179,6 +180,25 @@ def prepare_data_dir(path: pathlib.Path) -> None:
         raise ConfigError(f"GALLERY_DATA_DIR={path}: cannot create it ({exc.strerror or exc})") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"GALLERY_DATA_DIR={path}: not writable by this user")
+
+
+def restoring(data_dir: pathlib.Path) -> str | None:
+    """Which process is restoring a backup into this data folder (or was, and was killed), if any:
+    no server or other command may use it meanwhile."""
+    try:
+        return (data_dir / RESTORE_IN_PROGRESS).read_text().strip() or "?"
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return "?"
+
+
+def refuse_while_restoring(data_dir: pathlib.Path) -> None:
+    who = restoring(data_dir)
+    if who is not None:
+        raise ConfigError(f"GALLERY_DATA_DIR={data_dir}: a backup is being restored into it, or its restore was"
+                          f" stopped ({RESTORE_IN_PROGRESS}: process {who}); if that process is gone, remove the"
+                          " folder and restore again")
 
 
 def _database_url(env: os._Environ[str] | dict[str, str], data_dir: pathlib.Path) -> str:

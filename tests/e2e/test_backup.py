@@ -1,6 +1,7 @@
-"""`gallery backup` of a running stack while uploads go on, then a second stack started on the
-backup folder, as README says to restore: every event it lists downloads whole through Envoy,
-with the bytes and digest it was uploaded with, and old tokens still work (the secret came along)."""
+"""`gallery backup` of a running stack while uploads go on, then `gallery restore` of it into a new
+data folder and a second stack started there: every event it lists downloads whole through Envoy,
+with the bytes and digest it was uploaded with, old tokens still work (the secret came along), and
+what the restored gallery deletes stays in the backup."""
 
 from __future__ import annotations
 
@@ -63,11 +64,16 @@ def test_a_backup_taken_under_load_runs_as_a_gallery(tmp_path) -> None:  # type:
     assert manifest["secret"] is True and manifest["missing_files"] == 0
     assert 5 <= manifest["events"] <= len(sent)
 
-    # Restored as README says: a gallery started on the backup folder, its secret taken from there.
-    restored = start_stack(tmp_path / "backup", tmp_path / "restored.log", extra_env=OWN_SECRET)
+    restoring = gallery("restore", str(tmp_path / "backup"), data_dir=tmp_path / "restored")
+    assert restoring.returncode == 0, restoring.stderr
+    restored_json = json.loads(restoring.stdout)
+    assert (restored_json["events"], restored_json["files"]) == (manifest["events"], manifest["files"])
+    assert (restored_json["linked"], restored_json["missing_files"], restored_json["secret"]) == (
+        manifest["files"], 0, True)
+    restored = start_stack(tmp_path / "restored", tmp_path / "restored.log", extra_env=OWN_SECRET)
     try:
         with httpx.Client(base_url=restored.base_url, timeout=60) as http:
-            listed = 0
+            listed = []
             for device in ("cam0", "cam1", "cam2"):
                 r = http.get(f"/api/gallery/{device}/events", headers=headers, params={"limit": 1000})
                 assert r.status_code == 200, r.text
@@ -75,15 +81,23 @@ def test_a_backup_taken_under_load_runs_as_a_gallery(tmp_path) -> None:  # type:
                     content = http.get(f"/api/gallery/{device}/events/{event['id']}/content", headers=headers)
                     assert content.status_code == 200, content.text
                     assert hashlib.sha256(content.content).hexdigest() == sent[event["id"]]
-                    listed += 1
-            assert listed == manifest["events"]
+                    listed.append((device, event["id"]))
+            assert len(listed) == manifest["events"]
+            device, event_id = listed[0]
+            assert http.delete(f"/api/gallery/{device}/events/{event_id}", headers=headers).status_code == 200
+            assert not (tmp_path / "restored" / "media" / device / event_id).exists()
+            assert (tmp_path / "backup" / "media" / device / event_id).exists()  # a link gone, not the file
     finally:
         stop_stack(restored)
     assert restored.process.returncode == 0, restored.log()
 
 
 def backup(stack: Stack, destination: os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    return gallery("backup", str(destination), data_dir=stack.data_dir)
+
+
+def gallery(*args: str, data_dir: os.PathLike[str]) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GALLERY_")}
-    env["GALLERY_DATA_DIR"] = str(stack.data_dir)
-    return subprocess.run([sys.executable, "-m", "gallery_server", "backup", str(destination)], env=env,
+    env["GALLERY_DATA_DIR"] = str(data_dir)
+    return subprocess.run([sys.executable, "-m", "gallery_server", *args], env=env,
                           capture_output=True, text=True, timeout=120)

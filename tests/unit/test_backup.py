@@ -30,8 +30,9 @@ from gallery_server.clock import utcnow
 from gallery_server.db import Database
 from gallery_server.models import DeletedCapture, Event, UploadGrant
 from gallery_server.reconcile import Reconciler
+from gallery_server.restore import restore
 from gallery_server.service import Gallery
-from gallery_server.settings import ConfigError, Settings, libpq_connection
+from gallery_server.settings import ConfigError, Settings
 from gallery_server.storage import Storage
 
 from ..conftest import JWT_SECRET, make_settings, random_bytes, small_disk
@@ -39,31 +40,39 @@ from .test_service import PNG, store
 
 
 @contextlib.contextmanager
-def restored(gallery: Gallery, folder: pathlib.Path) -> Iterator[Gallery]:
-    """A gallery running on the backup folder, as README says to restore one."""
+def restored(gallery: Gallery, folder: pathlib.Path, *, copy: bool = False) -> Iterator[Gallery]:
+    """The backup restored by `gallery restore` into a new data folder (and a new database on
+    PostgreSQL, dropped afterwards); the gallery on it, its restore's result as `.restored`."""
+    with new_database(gallery) as database_url:
+        settings = make_settings(folder.parent / f"restored_{uuid.uuid4().hex[:8]}", database_url)
+        result = restore(settings, folder, copy=copy)
+        db = Database(settings.database_url, pool_size=2)
+        try:
+            db.create_tables()  # as a server starting on it does: nothing to make
+            copied = Gallery(settings, db, Storage(settings.data_dir))
+            copied.restored = result  # type: ignore[attr-defined]
+            yield copied
+        finally:
+            db.dispose()
+
+
+@contextlib.contextmanager
+def new_database(gallery: Gallery) -> Iterator[str]:
+    """A new empty PostgreSQL database beside the gallery's (dropped afterwards), its URL; for a
+    gallery on SQLite, "": the data folder's gallery.db."""
     url = sa.make_url(gallery.settings.database_url)
-    database_url = ""  # SQLite: the folder's gallery.db, as for any data folder
+    if url.get_backend_name() != "postgresql":
+        yield ""
+        return
     name = f"gallery_restored_{uuid.uuid4().hex[:12]}"
     admin = url.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
-    if url.get_backend_name() == "postgresql":
-        with psycopg.connect(admin, autocommit=True) as connection:
-            connection.execute(f'CREATE DATABASE "{name}"')
-        database_url = url.set(database=name).render_as_string(hide_password=False)
-        uri, secrets = libpq_connection(database_url)
-        result = subprocess.run(["pg_restore", "--no-owner", "--exit-on-error", f"--dbname={uri}",
-                                 str(folder / "gallery.pgdump")], capture_output=True, text=True,
-                                env={**os.environ, **secrets})
-        assert result.returncode == 0, result.stderr
-    settings = make_settings(folder, database_url)
-    db = Database(settings.database_url, pool_size=2)
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
     try:
-        db.create_tables()  # as a server starting on it does: nothing to make
-        yield Gallery(settings, db, Storage(folder))
+        yield url.set(database=name).render_as_string(hide_password=False)
     finally:
-        db.dispose()
-        if database_url:
-            with psycopg.connect(admin, autocommit=True) as connection:
-                connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def snapshot(gallery: Gallery, principal) -> dict[str, object]:  # type: ignore[no-untyped-def]
@@ -265,13 +274,15 @@ def test_an_event_stored_and_deleted_while_the_backup_runs_is_left_out(gallery, 
     assert manifest.deleted_meanwhile == [f"cam1/{late[0].id}"]
     assert manifest.linked + manifest.copied == 6
     after = snapshot(gallery, principal)
+    # Deleted from a SQLite copy as a user's DELETE deletes; a dump cannot be edited: `gallery
+    # restore` deletes them from the restored PostgreSQL database.
     with restored(gallery, tmp_path / "backup") as copied:
-        if copied.db.engine.dialect.name == "sqlite":  # deleted from the copy as a user's DELETE deletes
-            assert snapshot(copied, principal) == after
-            assert tombstones(copied) == tombstones(gallery) == [("cam1", "dcim/late.png", late[0].id)]
-        else:  # a dump cannot be edited: listed in backup.json, and reported as missing media
-            findings = Reconciler(copied, grace_seconds=0).run_once()
-            assert findings.missing_media == 1 and findings.examples == manifest.deleted_meanwhile
+        assert snapshot(copied, principal) == after
+        assert tombstones(copied) == tombstones(gallery) == [("cam1", "dcim/late.png", late[0].id)]
+        postgres = copied.db.engine.dialect.name == "postgresql"
+        assert copied.restored.deleted == (manifest.deleted_meanwhile if postgres else [])
+        findings = Reconciler(copied, grace_seconds=0).run_once()
+    assert (findings.missing_media, findings.orphan_media_removed) == (0, 0)
 
 
 def tombstones(gallery: Gallery) -> list[tuple[str, str, str]]:
