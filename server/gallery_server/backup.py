@@ -44,7 +44,6 @@ import logging
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -55,7 +54,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col
 
 from . import db as db_module
-from . import status_files, storage, version
+from . import folder_claims, status_files, storage, version
 from .clock import rfc3339, utcnow
 from .models import GRANT_UNUSED, Event, UploadGrant
 from .service import delete_event_rows
@@ -123,7 +122,8 @@ def backup(settings: Settings, destination: pathlib.Path, *, copy: bool = False)
     postgres = url.get_backend_name() == "postgresql"
     _check(settings, url, destination)
     live = db_module.create_engine(settings.database_url, pool_size=1)  # connects when first used
-    made = _claim(destination)
+    made = folder_claims.claim(destination, IN_PROGRESS, mode=0o700,
+                               refused=lambda: BackupRefused(_in_use(destination)))
     manifest = Manifest(started=rfc3339(utcnow()), version=version(),
                         database="postgresql" if postgres else "sqlite",
                         database_file=POSTGRES_DUMP if postgres else SQLITE_FILE)
@@ -164,7 +164,7 @@ def backup(settings: Settings, destination: pathlib.Path, *, copy: bool = False)
     except BaseException:
         if copied_db is not None:
             copied_db.dispose()
-        _remove_what_was_made(destination, made)
+        folder_claims.remove_what_was_made(destination, made)
         raise
     finally:
         live.dispose()
@@ -196,43 +196,11 @@ def _check(settings: Settings, url: sa.URL, destination: pathlib.Path) -> None:
 
 
 def _in_use(destination: pathlib.Path) -> str:
-    try:
-        claimed_by = (destination / IN_PROGRESS).read_text().strip()
-    except OSError:
+    claimed_by = folder_claims.claimed_by(destination, IN_PROGRESS)
+    if claimed_by is None:
         return f"{destination} exists and is not an empty folder"
     return (f"{destination} holds a backup that is being taken or was stopped ({IN_PROGRESS}: process"
-            f" {claimed_by or '?'}); if that process is gone, remove the folder")
-
-
-def _claim(destination: pathlib.Path) -> bool:
-    """Make DEST (or take an empty one) for this backup alone; whether it was made here."""
-    try:
-        destination.mkdir(mode=0o700, parents=True)
-        made = True
-    except FileExistsError:
-        made = False
-    try:
-        fd = os.open(destination / IN_PROGRESS, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise BackupRefused(_in_use(destination)) from None
-    with os.fdopen(fd, "w") as marker:
-        marker.write(f"{os.getpid()} on {socket.gethostname()}\n")
-    if not made and any(p.name != IN_PROGRESS for p in destination.iterdir()):  # filled meanwhile
-        (destination / IN_PROGRESS).unlink()
-        raise BackupRefused(f"{destination} exists and is not an empty folder")
-    return made
-
-
-def _remove_what_was_made(destination: pathlib.Path, made: bool) -> None:
-    """A failed backup leaves nothing: the folder if this made it, else what it put in it."""
-    if made:
-        shutil.rmtree(destination, ignore_errors=True)
-        return
-    for entry in destination.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+            f" {claimed_by}); if that process is gone, remove the folder")
 
 
 def _sqlite_size(url: sa.URL) -> int:

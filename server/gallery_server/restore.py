@@ -27,7 +27,6 @@ import os
 import pathlib
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 
@@ -35,7 +34,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col
 
 from . import db as db_module
-from . import status_files, storage, validation
+from . import folder_claims, status_files, storage, validation
 from .backup import (
     FOLDER,
     MANIFEST,
@@ -57,7 +56,6 @@ from .settings import (
     ConfigError,
     Settings,
     libpq_connection,
-    restoring,
     write_secret_file,
 )
 
@@ -114,7 +112,8 @@ def restore(settings: Settings, source: pathlib.Path, *, copy: bool = False) -> 
     if not postgres:  # a SQLite copy was made without them (backup.py); a PostgreSQL dump holds them
         deletions = {}
     data_dir = settings.data_dir
-    made = _claim(data_dir)
+    made = folder_claims.claim(data_dir, RESTORE_IN_PROGRESS, mode=0o750,
+                               refused=lambda: RestoreRefused(_in_use(data_dir)))
     result = Restored(backup=str(source.resolve()), snapshot=manifest.snapshot, database=manifest.database)
     sqlite_file = None if postgres else pathlib.Path(str(url.database))
     database = None
@@ -151,7 +150,7 @@ def restore(settings: Settings, source: pathlib.Path, *, copy: bool = False) -> 
         if sqlite_file is not None and not sqlite_file.resolve().is_relative_to(data_dir.resolve()):
             for path in (sqlite_file, pathlib.Path(f"{sqlite_file}-wal"), pathlib.Path(f"{sqlite_file}-shm")):
                 path.unlink(missing_ok=True)
-        _remove_what_was_made(data_dir, made)
+        folder_claims.remove_what_was_made(data_dir, made)
         raise
     result.seconds = round(time.monotonic() - started, 3)
     if result.missing_files:
@@ -209,44 +208,12 @@ def _deletions(manifest: Manifest) -> dict[str, list[str]]:
 
 
 def _in_use(data_dir: pathlib.Path) -> str:
-    who = restoring(data_dir)
+    who = folder_claims.claimed_by(data_dir, RESTORE_IN_PROGRESS)
     if who is None:
         return (f"GALLERY_DATA_DIR={data_dir} is not empty: a restore makes a new gallery, it never"
                 " overwrites one (move that folder aside, or name a new one)")
     return (f"GALLERY_DATA_DIR={data_dir} is being restored into, or a restore there was stopped"
             f" ({RESTORE_IN_PROGRESS}: process {who}); if that process is gone, remove the folder")
-
-
-def _claim(data_dir: pathlib.Path) -> bool:
-    """Make the data folder (or take an empty one) for this restore alone; whether it was made here."""
-    try:
-        data_dir.mkdir(mode=0o750, parents=True)
-        made = True
-    except FileExistsError:
-        made = False
-    except OSError as exc:
-        raise RestoreRefused(f"GALLERY_DATA_DIR={data_dir}: cannot create it ({exc.strerror or exc})") from None
-    try:
-        fd = os.open(data_dir / RESTORE_IN_PROGRESS, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise RestoreRefused(_in_use(data_dir)) from None
-    with os.fdopen(fd, "w") as marker:
-        marker.write(f"{os.getpid()} on {socket.gethostname()}\n")
-    if not made and any(p.name != RESTORE_IN_PROGRESS for p in data_dir.iterdir()):  # filled meanwhile
-        (data_dir / RESTORE_IN_PROGRESS).unlink()
-        raise RestoreRefused(_in_use(data_dir))
-    return made
-
-
-def _remove_what_was_made(data_dir: pathlib.Path, made: bool) -> None:
-    if made:
-        shutil.rmtree(data_dir, ignore_errors=True)
-        return
-    for entry in data_dir.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
 
 
 def _check_room(source: pathlib.Path, data_dir: pathlib.Path, settings: Settings, *, media: bool) -> None:

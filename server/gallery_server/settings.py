@@ -26,6 +26,7 @@ import urllib.parse
 
 from .addresses import ANY_HOST, MAX_PORT, split_address
 from .auth import public_key_algorithm
+from .folder_claims import claimed_by
 
 SECRET_FILE_NAME = "jwt-secret"
 RESTORE_IN_PROGRESS = ".restore-in-progress"  # `gallery restore` is filling the data folder
@@ -182,19 +183,10 @@ def prepare_data_dir(path: pathlib.Path) -> None:
         raise ConfigError(f"GALLERY_DATA_DIR={path}: not writable by this user")
 
 
-def restoring(data_dir: pathlib.Path) -> str | None:
-    """Which process is restoring a backup into this data folder (or was, and was killed), if any:
-    no server or other command may use it meanwhile."""
-    try:
-        return (data_dir / RESTORE_IN_PROGRESS).read_text().strip() or "?"
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return "?"
-
-
 def refuse_while_restoring(data_dir: pathlib.Path) -> None:
-    who = restoring(data_dir)
+    """No server or other command may use a data folder `gallery restore` is filling (or was, and
+    was killed)."""
+    who = claimed_by(data_dir, RESTORE_IN_PROGRESS)
     if who is not None:
         raise ConfigError(f"GALLERY_DATA_DIR={data_dir}: a backup is being restored into it, or its restore was"
                           f" stopped ({RESTORE_IN_PROGRESS}: process {who}); if that process is gone, remove the"
