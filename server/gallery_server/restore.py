@@ -160,6 +160,13 @@ def restore(settings: Settings, source: pathlib.Path, *, copy: bool = False) -> 
 
 
 def _check(settings: Settings, url: sa.URL, source: pathlib.Path, postgres: _PostgresTarget | None) -> Manifest:
+    try:
+        (source / MANIFEST).open("rb").close()
+    except PermissionError:
+        raise RestoreRefused(f"cannot read {source / MANIFEST}: run `gallery restore` as a user who may read"
+                             " the backup (the one who took it)") from None
+    except OSError:
+        pass  # none there: said below
     manifest = status_files.read(source / MANIFEST, Manifest)
     if manifest is None or not manifest.finished:
         raise RestoreRefused(f"{source} holds no finished backup (no readable {MANIFEST}: `gallery backup`"

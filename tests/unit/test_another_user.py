@@ -1,8 +1,9 @@
-"""`gallery verify` and `gallery backup` run by a user who may not read the media files (they are
-0640, the server's own): each says so and what to do, exit status 2 or 1, and leaves nothing
-behind, instead of reporting every file damaged or copying half a backup. The commands run as
-`nobody` (setpriv), so this needs root; the database is PostgreSQL, which `nobody` reaches over TCP
-(a SQLite file would need the server's permissions to be opened at all)."""
+"""`gallery verify`, `gallery backup` and `gallery restore` run by a user who may not read the
+media files (they are 0640, the server's own) or the backup: each says so and what to do, exit
+status 2 or 1, and leaves nothing behind, instead of reporting every file damaged or copying half
+a backup. The commands run as `nobody` (setpriv), so this needs root; the database is PostgreSQL,
+which `nobody` reaches over TCP (a SQLite file would need the server's permissions to be opened
+at all)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from collections.abc import Iterator
 import pytest
 from sqlmodel import SQLModel
 
+from gallery_server.backup import backup
 from gallery_server.db import Database
 from gallery_server.service import Gallery
-from gallery_server.settings import write_secret_file
+from gallery_server.settings import Settings, write_secret_file
 from gallery_server.storage import Storage
 
 from ..conftest import make_settings
@@ -56,9 +58,10 @@ def shared(postgres_url: str, principal) -> Iterator[tuple[Gallery, pathlib.Path
         shutil.rmtree(root, ignore_errors=True)
 
 
-def as_nobody(gallery: Gallery, *args: str) -> subprocess.CompletedProcess[str]:
+def as_nobody(gallery: Gallery | Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    settings = gallery if isinstance(gallery, Settings) else gallery.settings
     env = {k: v for k, v in os.environ.items() if not k.startswith("GALLERY_")}
-    env |= {"GALLERY_DATA_DIR": str(gallery.settings.data_dir), "GALLERY_DATABASE_URL": gallery.settings.database_url,
+    env |= {"GALLERY_DATA_DIR": str(settings.data_dir), "GALLERY_DATABASE_URL": settings.database_url,
             "HOME": "/tmp"}
     return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
                            sys.executable, "-m", "gallery_server", *args],
@@ -96,3 +99,15 @@ def test_the_same_backup_by_the_servers_user_works(shared):  # type: ignore[no-u
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["events"] == 2
+
+
+def test_restore_by_a_user_who_may_not_read_the_backup_says_so(shared):  # type: ignore[no-untyped-def]
+    gallery, out = shared
+    backup(gallery.settings, out / "backup")
+    (out / "backup").chmod(0o755)  # its files stay 0640, its secret 0600: the taker's
+    restored = make_settings(out / "restored", gallery.settings.database_url)
+    result = as_nobody(restored, "restore", str(out / "backup"))
+    assert result.returncode == 2, result.stderr
+    assert "run `gallery restore` as a user who may read the backup" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert sorted(p.name for p in out.iterdir()) == ["backup"]
