@@ -44,7 +44,6 @@ import logging
 import os
 import pathlib
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -54,7 +53,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col
 
 from . import db as db_module
-from . import folder_claims, status_files, storage, version
+from . import folder_claims, status_files, stoppable, storage, version
 from .clock import rfc3339, utcnow
 from .models import GRANT_UNUSED, Event, UploadGrant
 from .service import delete_event_rows
@@ -122,13 +121,14 @@ def backup(settings: Settings, destination: pathlib.Path, *, copy: bool = False)
     postgres = url.get_backend_name() == "postgresql"
     _check(settings, url, destination)
     live = db_module.create_engine(settings.database_url, pool_size=1)  # connects when first used
-    made = folder_claims.claim(destination, IN_PROGRESS, mode=0o700,
-                               refused=lambda: BackupRefused(_in_use(destination)))
     manifest = Manifest(started=rfc3339(utcnow()), version=version(),
                         database="postgresql" if postgres else "sqlite",
                         database_file=POSTGRES_DUMP if postgres else SQLITE_FILE)
     copied_db = None
+    made: bool | None = None
     try:
+        with stoppable.signals_held():  # a signal as it returns would leave a marked folder unknown here
+            made = _claim(destination)
         files = _Files(settings, destination, copy, manifest, live)
         files.gather(database_bytes=_postgres_size(live) if postgres else _sqlite_size(url))
         with tempfile.TemporaryFile("w+", dir=destination, encoding="utf-8") as spool:
@@ -162,9 +162,11 @@ def backup(settings: Settings, destination: pathlib.Path, *, copy: bool = False)
         (destination / IN_PROGRESS).unlink()
         storage.fsync_dir(destination)
     except BaseException:
-        if copied_db is not None:
-            copied_db.dispose()
-        folder_claims.remove_what_was_made(destination, made)
+        with stoppable.signals_held():  # a second Ctrl-C must not cut the removal short
+            if copied_db is not None:
+                copied_db.dispose()
+            if made is not None:
+                folder_claims.remove_what_was_made(destination, made, marker=IN_PROGRESS)
         raise
     finally:
         live.dispose()
@@ -193,6 +195,14 @@ def _check(settings: Settings, url: sa.URL, destination: pathlib.Path) -> None:
         raise BackupRefused(f"{destination} exists and is not a folder")
     if destination.exists() and any(destination.iterdir()):
         raise BackupRefused(_in_use(destination))
+
+
+def _claim(destination: pathlib.Path) -> bool:
+    try:
+        return folder_claims.claim(destination, IN_PROGRESS, mode=0o700,
+                                   refused=lambda: BackupRefused(_in_use(destination)))
+    except OSError as exc:
+        raise BackupRefused(f"{destination}: cannot write there ({exc.strerror or exc})") from None
 
 
 def _in_use(destination: pathlib.Path) -> str:
@@ -237,12 +247,10 @@ def _postgres_snapshot(live: sa.Engine, database_url: str, dump: pathlib.Path, s
 def _pg_dump(database_url: str, snapshot: str, dump: pathlib.Path) -> None:
     uri, secrets = libpq_connection(database_url)  # secrets in the environment, not on a command line
     env = {"PGCONNECT_TIMEOUT": PG_CONNECT_TIMEOUT_SECONDS, **os.environ, **secrets}
-    # subprocess.run kills pg_dump when this is interrupted (Ctrl-C, or a signal the command turns
-    # into an exception): no dump goes on writing into a folder being removed.
-    result = subprocess.run(
-        ["pg_dump", f"--snapshot={snapshot}", "--format=custom", f"--file={dump}", f"--dbname={uri}"],
-        env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
-    )
+    # Ended when this is interrupted (Ctrl-C, or a signal the command turns into an exception): no
+    # dump goes on writing into a folder being removed.
+    result = stoppable.run(
+        ["pg_dump", f"--snapshot={snapshot}", "--format=custom", f"--file={dump}", f"--dbname={uri}"], env)
     if result.returncode != 0:
         raise RuntimeError(f"pg_dump failed: {' '.join(result.stderr.split())}")
     fsync(dump)
@@ -297,7 +305,7 @@ class _Files:
                 with contextlib.suppress(FileNotFoundError):
                     sizes.append(os.stat(self.source / device / name).st_size)
         require_room(self.target, sizes, reserve=self.min_free_bytes if self.same_disk else 0,
-                     reserve_is="the servers' headroom")
+                     reserve_is="the servers' headroom (GALLERY_MIN_FREE_BYTES)")
 
     def place(self, spool: IO[str]) -> dict[str, list[str]]:
         """Place every spooled event's files; returns the events deleted meanwhile, by device.

@@ -409,16 +409,33 @@ def _undone_on_failure(command: str, undone: str, refused: type[Exception], work
     """Run a backup or a restore, which remove what they wrote when they fail or are stopped (Ctrl-C,
     SIGTERM, SIGHUP): print what it made as JSON, or why it did not in one line, with its exit status
     (2: refused, nothing written; 1: failed; 128 + the signal)."""
+    from .stoppable import STOPPING
+
+    previous = {signum: signal.getsignal(signum) for signum in STOPPING}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_stopped)
+    try:
+        return _said(command, undone, refused, work)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _said(command: str, undone: str, refused: type[Exception], work: Callable[[], object]) -> int:
     import dataclasses
     import json
     import sqlite3
 
     import sqlalchemy as sa
 
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _raise_stopped)
+    from .stoppable import STOPPING
+
     try:
-        made = work()
+        try:
+            made = work()
+        finally:  # done, or undone: a signal now (a second Ctrl-C) would only interrupt saying so
+            for signum in STOPPING:
+                signal.signal(signum, signal.SIG_IGN)
     except refused as exc:
         print(f"gallery: {exc}", file=sys.stderr)
         return 2

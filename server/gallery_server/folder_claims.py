@@ -5,6 +5,7 @@ folder it did not make."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -43,13 +44,17 @@ def claimed_by(folder: pathlib.Path, marker: str) -> str | None:
         return "?"
 
 
-def remove_what_was_made(folder: pathlib.Path, made: bool) -> None:
-    """The folder if this run made it, else what it put in it (it was taken empty)."""
-    if made:
-        shutil.rmtree(folder, ignore_errors=True)
-        return
+def remove_what_was_made(folder: pathlib.Path, made: bool, *, marker: str) -> None:
+    """The folder if this run made it, else what it put in it (it was taken empty); its marker
+    last, so that a folder half removed (a crash meanwhile) is still marked."""
     for entry in folder.iterdir():
+        if entry.name == marker:
+            continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
+    (folder / marker).unlink(missing_ok=True)
+    if made:
+        with contextlib.suppress(OSError):
+            folder.rmdir()

@@ -197,8 +197,11 @@ def _database_url(env: os._Environ[str] | dict[str, str], data_dir: pathlib.Path
     """GALLERY_DATABASE_URL: SQLite or PostgreSQL, through a driver that is installed (checked
     now: a URL for another database, or for a driver this install lacks, failed at the first
     connection with an import error's traceback)."""
-    text = _text(env, "GALLERY_DATABASE_URL", f"sqlite:///{data_dir / 'gallery.db'}")
     import sqlalchemy as sa  # here: `gallery agent`, which never reads these settings, needs none
+
+    # Made as a URL, not pasted into one: a "?" or "%" in the folder's name stays in the path.
+    default = sa.URL.create("sqlite", database=str(data_dir / "gallery.db")).render_as_string()
+    text = _text(env, "GALLERY_DATABASE_URL", default)
 
     try:
         url = sa.make_url(text)

@@ -21,7 +21,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from . import auth, envoy_config, storage
 from .addresses import ANY_HOST, split_address
 from .settings import Settings
+from .stoppable import spawn
 
 READY_TIMEOUT_S = 60
 
@@ -137,41 +137,6 @@ def envoy_command(settings: Settings, backends: list[str], config: pathlib.Path 
     # 10 s (its default): near the server's lines, which are written at once.
     return [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn",
             "--component-log-level", "misc:error", "--file-flush-interval-msec", "1000"]
-
-
-# The first step of each child, as `python -I -c`: it asks for SIGTERM when the supervisor dies,
-# then becomes the child's own program. The supervisor cannot ask for it in a `preexec_fn`: with
-# one, subprocess starts the child with fork(), not vfork(), and fork() runs grpc's pthread_atfork
-# handlers, which in a process whose grpc threads are running crash the child now and then before
-# it can exec (SIGABRT, about 1 in 1,000 while a call is in flight; grpc/grpc#43055). vfork() runs
-# no fork handlers.
-_DIE_WITH_PARENT = """\
-import ctypes, os, signal, sys
-parent, command = int(sys.argv[1]), sys.argv[2:]
-prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)  # Linux only
-if prctl is not None:
-    prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # it died before the line above: no signal will come
-        sys.exit(1)
-try:
-    os.execvp(command[0], command)
-except OSError as exc:
-    sys.exit(f"gallery: cannot run {command[0]}: {exc.strerror}")
-"""
-
-
-def spawn(command: list[str], **popen_options: Any) -> subprocess.Popen[bytes]:
-    """Start `command` in a session of its own (Ctrl-C reaches the supervisor only), to get SIGTERM
-    when this process dies: a supervisor killed outright (kill -9, an OOM kill) leaves no server
-    or Envoy on its ports. "This process" is the thread that starts it, in fact: the main thread
-    here. The kernel clears the setting for a binary with file capabilities (an Envoy given
-    cap_net_bind_service to bind a low port), which then outlives a killed supervisor."""
-    process = subprocess.Popen(
-        [sys.executable, "-I", "-c", _DIE_WITH_PARENT, str(os.getpid()), *command],
-        start_new_session=True, **popen_options,
-    )
-    process.args = command  # what it runs once the first step has exec'd: the name messages give
-    return process
 
 
 def check_ports_free(settings: Settings) -> None:

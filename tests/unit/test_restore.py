@@ -129,7 +129,7 @@ def test_it_never_restores_over_a_gallery(gallery, principal, backed_up, tmp_pat
         restore(make_settings(used, gallery.settings.database_url), folder)
     assert [p.name for p in used.iterdir()] == ["mine.txt"]
     # The live database: on PostgreSQL it has tables; on SQLite its file is there.
-    refusal = "already has tables" if postgres(gallery) else "a database is already at"
+    refusal = "already has tables" if postgres(gallery) else "gallery.db is already there"
     with pytest.raises(RestoreRefused, match=refusal):
         restore(make_settings(tmp_path / "new", gallery.settings.database_url), folder)
     assert not (tmp_path / "new").exists()
@@ -148,9 +148,14 @@ def test_it_restores_only_a_finished_backup_of_its_kind(gallery, principal, back
         (folder / "backup.json").unlink()  # a backup stopped by kill -9 has no manifest
         with pytest.raises(RestoreRefused, match="holds no finished backup"):
             restore(settings, folder)
-        (folder / "backup.json").write_text(json.dumps(json.loads(manifest) | {"deleted_meanwhile": ["cam1/../x"]}))
-        with pytest.raises(RestoreRefused, match="deleted_meanwhile holds 'cam1/../x'"):
-            restore(settings, folder)
+        for edited, says in (({"deleted_meanwhile": ["cam1/../x"]}, "deleted_meanwhile holds 'cam1/../x'"),
+                             ({"deleted_meanwhile": "cam1/evt_x"}, "deleted_meanwhile is 'cam1/evt_x', not what"),
+                             ({"deleted_meanwhile": [5]}, "deleted_meanwhile holds 5"),
+                             ({"database": "mysql"}, "database is 'mysql', not what"),
+                             ({"events": None}, "events is None, not what")):
+            (folder / "backup.json").write_text(json.dumps(json.loads(manifest) | edited))
+            with pytest.raises(RestoreRefused, match=says):
+                restore(settings, folder)
         (folder / "backup.json").write_text(manifest)
         # The other database: a backup restores into its own kind.
         wrong = make_settings(tmp_path / "new", "" if postgres(gallery) else "postgresql+psycopg://nobody@127.0.0.1/x")
@@ -206,9 +211,10 @@ def test_a_failed_restore_leaves_nothing(gallery, principal, backed_up, tmp_path
         def fails(*args, **kwargs):  # type: ignore[no-untyped-def]
             raise OSError(28, "No space left on device")
 
-        step = {"database": "_check_sqlite" if not database_url else "_look_for_named_files",
-                "media": "_restore_media", "secret": "_restore_secret"}[when]
-        monkeypatch.setattr(restore_module, step, fails)
+        if when == "database":  # the step after the database was restored (PostgreSQL: committed)
+            monkeypatch.setattr(restore_module.db_module.Database, "create_tables", fails)
+        else:
+            monkeypatch.setattr(restore_module, {"media": "_restore_media", "secret": "_restore_secret"}[when], fails)
         with pytest.raises(OSError, match="No space left"):
             restore(settings, folder)
         assert not settings.data_dir.exists()
@@ -240,9 +246,78 @@ def test_a_damaged_sqlite_database_fails_the_restore(gallery, principal, backed_
     with open(database, "r+b") as f:  # every page but the first (the header) overwritten
         f.seek(4096)
         f.write(b"\xff" * (size - 4096))
-    with pytest.raises(Exception, match="malformed|damaged|not a database"):
+    with pytest.raises(RuntimeError, match="the backup's database is damaged"):
         restore(make_settings(tmp_path / "new"), folder)
     assert not (tmp_path / "new").exists()
+
+
+def test_a_sqlite_file_outside_the_data_folder(gallery, principal, backed_up, tmp_path, monkeypatch):
+    """GALLERY_DATABASE_URL may name a file elsewhere: restored there, removed on failure, and a
+    file that appears there meanwhile (another restore's, a server's) is never removed."""
+    if postgres(gallery):
+        pytest.skip("SQLite's database file")
+    folder, before = backed_up
+    (tmp_path / "db").mkdir()
+    elsewhere = tmp_path / "db" / "gallery.db"
+    settings = make_settings(tmp_path / "new", f"sqlite:///{elsewhere}")
+    monkeypatch.setattr(restore_module, "_restore_media", lambda *a: (_ for _ in ()).throw(OSError(5, "I/O")))
+    with pytest.raises(OSError):
+        restore(settings, folder)
+    assert list((tmp_path / "db").iterdir()) == [] and not settings.data_dir.exists()
+    monkeypatch.undo()
+
+    check_room = restore_module._check_room
+
+    def another_made_it_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
+        elsewhere.write_bytes(b"another's database")
+        return check_room(*args, **kwargs)
+
+    monkeypatch.setattr(restore_module, "_check_room", another_made_it_meanwhile)
+    with pytest.raises(FileExistsError):
+        restore(settings, folder)
+    assert elsewhere.read_bytes() == b"another's database" and not settings.data_dir.exists()
+    monkeypatch.undo()
+    elsewhere.unlink()
+
+    assert restore(settings, folder).events == 4
+    assert sorted(p.name for p in (tmp_path / "db").iterdir())[0] == "gallery.db"
+    assert not (settings.data_dir / "gallery.db").exists()
+
+
+def test_a_sqlite_backup_left_open_or_a_url_without_a_file_is_refused(gallery, principal, backed_up, tmp_path):
+    if postgres(gallery):
+        pytest.skip("SQLite's database file")
+    folder, _ = backed_up
+    for url in ("sqlite://", "sqlite:///:memory:", f"sqlite:///file:{tmp_path}/x.db?mode=rwc&uri=true"):
+        with pytest.raises(RestoreRefused, match="name a SQLite file"):
+            restore(make_settings(tmp_path / "new", url), folder)
+    (folder / "gallery.db-wal").write_bytes(b"pages committed since")
+    with pytest.raises(RestoreRefused, match="gallery.db-wal is beside the backup's database"):
+        restore(make_settings(tmp_path / "new"), folder)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_restore_that_finds_fewer_events_than_the_backup_holds_fails(gallery, principal, backed_up, tmp_path):
+    """What a dump restored where the servers do not look would give: a database without them."""
+    folder, _ = backed_up
+    manifest = json.loads((folder / "backup.json").read_text())
+    (folder / "backup.json").write_text(json.dumps(manifest | {"events": manifest["events"] + 1}))
+    with new_database(gallery) as database_url:
+        with pytest.raises(RuntimeError, match="names the files of 4 events, and the backup holds 5"):
+            restore(make_settings(tmp_path / "new", database_url), folder)
+        assert not (tmp_path / "new").exists()
+        if database_url:
+            assert _schema_objects(database_url) == []
+
+
+def test_the_dumps_schemas_are_read_from_its_list(gallery, principal, backed_up):
+    if not postgres(gallery):
+        pytest.skip("a PostgreSQL dump")
+    folder, _ = backed_up
+    # Its list names "TABLE public events" and "TABLE DATA public events": one schema.
+    schemas, made = restore_module._PostgresTarget("", folder / "gallery.pgdump")._contents()
+    assert schemas == ["public"]
+    assert {"public.events_count", "public.device_commands_seq_seq"} <= made  # what a leftover would be
 
 
 def test_a_copy_that_cannot_fit_is_refused_before_it_starts(gallery, principal, tmp_path):
@@ -260,7 +335,8 @@ def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env | {"GALLERY_DATA_DIR": str(settings.data_dir), "GALLERY_DATABASE_URL": settings.database_url} | extra
 
 
-def test_the_command_prints_what_it_restored_and_servers_wait_for_it(gallery, principal, backed_up, tmp_path):
+def test_the_command_prints_what_it_restored_and_servers_refuse_its_folder_meanwhile(
+        gallery, principal, backed_up, tmp_path):  # type: ignore[no-untyped-def]
     folder, _ = backed_up
     with new_database(gallery) as database_url:
         settings = make_settings(tmp_path / "new", database_url)
@@ -268,8 +344,10 @@ def test_the_command_prints_what_it_restored_and_servers_wait_for_it(gallery, pr
         result = subprocess.run(command, env=cli_env(settings), capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         printed = json.loads(result.stdout)
-        assert list(printed) == ["backup", "snapshot", "database", "events", "files", "linked", "copied",
-                                 "bytes_copied", "secret", "deleted", "missing_files", "examples", "seconds"]
+        assert list(printed) == ["backup", "data_dir", "database_url", "snapshot", "database", "events", "files",
+                                 "linked", "copied", "bytes_copied", "secret", "deleted", "missing_files",
+                                 "examples", "seconds"]
+        assert printed["data_dir"] == str(settings.data_dir.resolve())
         assert (printed["events"], printed["files"], printed["secret"]) == (4, 6, True)
         again = subprocess.run(command, env=cli_env(settings), capture_output=True, text=True, timeout=120)
         assert again.returncode == 2 and "is not empty: a restore makes a new gallery" in again.stderr
@@ -287,38 +365,49 @@ def test_the_command_prints_what_it_restored_and_servers_wait_for_it(gallery, pr
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stopped_restore_leaves_nothing(gallery, principal, backed_up, tmp_path, signum):
-    """SIGTERM (a service manager, `timeout`) or Ctrl-C while pg_restore runs: it is ended (its
-    transaction never commits) and the command removes what it wrote."""
+    """SIGTERM (a service manager, `timeout`) or Ctrl-C while the real pg_restore is inside its
+    transaction (held there by an event trigger after its first CREATE TABLE): it is ended, its
+    tables never commit, and the command removes what it wrote."""
     if not postgres(gallery):
-        pytest.skip("a pg_restore that takes its time: PostgreSQL's (SQLite's Ctrl-C: below)")
+        pytest.skip("pg_restore: PostgreSQL's (SQLite's Ctrl-C: below)")
     folder, _ = backed_up
-    slow = tmp_path / "bin"
-    slow.mkdir()
+    wrapper = tmp_path / "bin"
+    wrapper.mkdir()
     pid_file = tmp_path / "pg_restore.pid"
-    (slow / "pg_restore").write_text(  # lists the dump as the real one does, then restores for ever
-        f"#!/bin/sh\ncase \"$1\" in --list) exec {shutil.which('pg_restore')} \"$@\";; esac\n"
-        f"echo $$ > {pid_file}\nexec sleep 60\n")
-    (slow / "pg_restore").chmod(0o755)
+    (wrapper / "pg_restore").write_text(f"#!/bin/sh\necho $$ >> {pid_file}\nexec {shutil.which('pg_restore')} \"$@\"\n")
+    (wrapper / "pg_restore").chmod(0o755)
     with new_database(gallery) as database_url:
+        engine = sa.create_engine(database_url)
+        with engine.begin() as connection:  # the operator's own: kept
+            connection.exec_driver_sql(
+                "CREATE FUNCTION hold_restore() RETURNS event_trigger LANGUAGE plpgsql AS"
+                " 'BEGIN PERFORM pg_sleep(30); END'")
+            connection.exec_driver_sql("CREATE EVENT TRIGGER hold_restore ON ddl_command_end"
+                                       " WHEN TAG IN ('CREATE TABLE') EXECUTE FUNCTION hold_restore()")
         settings = make_settings(tmp_path / "new", database_url)
         process = subprocess.Popen([sys.executable, "-m", "gallery_server", "restore", str(folder)],
-                                   env=cli_env(settings, PATH=f"{slow}:{os.environ['PATH']}"),
+                                   env=cli_env(settings, PATH=f"{wrapper}:{os.environ['PATH']}"),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 60
-            while not pid_file.exists() or not pid_file.read_text().strip():
-                assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-                time.sleep(0.02)
+            # Autocommit: pg_stat_activity is read once per transaction.
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                while not connection.exec_driver_sql(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND wait_event = 'PgSleep'").scalar_one():
+                    assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+                    time.sleep(0.05)
             assert (settings.data_dir / RESTORE_IN_PROGRESS).exists()
             process.send_signal(signum)
             _, err = process.communicate(timeout=30)
         finally:
             process.kill()
+            engine.dispose()
         assert process.returncode == 128 + signum, err
         assert f"nothing restored into {settings.data_dir}" in err and "Traceback" not in err
         assert not settings.data_dir.exists()
-        assert _schema_objects(database_url) == []
-        restorer = int(pid_file.read_text())
+        assert _schema_objects(database_url) == ["hold_restore"]  # no table of the dump's
+        restorer = int(pid_file.read_text().split()[-1])  # the restore's (the first one listed the dump)
         deadline = time.monotonic() + 10
         while _running(restorer):
             assert time.monotonic() < deadline, "pg_restore outlived the restore"
@@ -358,3 +447,82 @@ def test_a_backup_without_its_secret_restores_without_one(gallery, principal, tm
     with new_database(gallery) as database_url:
         assert restore(make_settings(tmp_path / "new", database_url), tmp_path / "backup").secret is False
     assert not (tmp_path / "new" / "jwt-secret").exists()
+
+
+def test_a_second_signal_does_not_cut_the_removal_short(gallery, principal, tmp_path):
+    """An impatient Ctrl-C Ctrl-C (or a service manager's second SIGTERM) while a restore copies
+    thousands of files: the first stops it, the second waits for what it wrote to be removed."""
+    if postgres(gallery):
+        pytest.skip("the copy of many files is the same on both; run once")
+    store(gallery, principal, "cam1", PNG, name="a.png")
+    backup(gallery.settings, tmp_path / "backup")
+    for i in range(3000):  # files the database does not name: copied all the same, and slow enough
+        (tmp_path / "backup" / "media" / "cam1" / f"extra{i}").write_bytes(b"x" * 100)
+    settings = make_settings(tmp_path / "new")
+    process = subprocess.Popen([sys.executable, "-m", "gallery_server", "restore", "--copy", str(tmp_path / "backup")],
+                               env=cli_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        media = settings.data_dir / "media" / "cam1"
+        while not (media.exists() and any(media.iterdir())):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.005)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.005)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    # 143, or killed by the second signal once the command had ended (Python's own exit restores
+    # the default handlers): the same $? to a shell.
+    assert process.returncode in (128 + signal.SIGTERM, -signal.SIGTERM), err
+    assert "restore stopped by SIGTERM" in err and "Traceback" not in err
+    assert not settings.data_dir.exists()
+
+
+def test_a_database_another_restore_holds_or_a_killed_one_left_is_refused(gallery, principal, backed_up, tmp_path):
+    if not postgres(gallery):
+        pytest.skip("PostgreSQL's")
+    folder, _ = backed_up
+    with new_database(gallery) as database_url:
+        settings = make_settings(tmp_path / "new", database_url)
+        engine = sa.create_engine(database_url)
+        try:
+            with engine.connect() as holder:  # another restore, into another data folder
+                holder.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": restore_module._RESTORE_LOCK})
+                with pytest.raises(RestoreRefused, match="another `gallery restore` is restoring into this database"):
+                    restore(settings, folder)
+                holder.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": restore_module._RESTORE_LOCK})
+                holder.rollback()
+            with engine.begin() as connection:  # what a restore killed by kill -9, its tables dropped, left
+                connection.exec_driver_sql("CREATE FUNCTION events_count() RETURNS int LANGUAGE sql AS 'SELECT 1'")
+            with pytest.raises(RestoreRefused, match=r"already has objects the backup makes \(public.events_count\)"):
+                restore(settings, folder)
+        finally:
+            engine.dispose()
+        assert not settings.data_dir.exists()
+
+
+def test_what_sqlite_keeps_beside_the_target_or_a_target_in_the_backup_is_refused(gallery, principal, backed_up,
+                                                                                 tmp_path):
+    if postgres(gallery):
+        pytest.skip("SQLite's database file")
+    folder, _ = backed_up
+    (tmp_path / "db").mkdir()
+    (tmp_path / "db" / "g.db-wal").write_bytes(b"another database's pages")  # it would be read into the copy
+    with pytest.raises(RestoreRefused, match="g.db-wal is already there"):
+        restore(make_settings(tmp_path / "new", f"sqlite:///{tmp_path / 'db' / 'g.db'}"), folder)
+    assert (tmp_path / "db" / "g.db-wal").read_bytes() == b"another database's pages"
+    with pytest.raises(RestoreRefused, match="names a file inside the backup"):
+        restore(make_settings(tmp_path / "new", f"sqlite:///{folder / 'new.db'}"), folder)
+    assert not (folder / "new.db").exists() and not (tmp_path / "new").exists()
+
+
+def test_a_backup_whose_database_holds_no_gallery_fails(gallery, principal, backed_up, tmp_path):
+    if postgres(gallery):
+        pytest.skip("SQLite's database file")
+    folder, _ = backed_up
+    (folder / "gallery.db").write_bytes(b"")  # an empty file is an empty SQLite database
+    with pytest.raises(RuntimeError, match="the backup's database holds no gallery"):
+        restore(make_settings(tmp_path / "new"), folder)
+    assert not (tmp_path / "new").exists()

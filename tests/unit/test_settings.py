@@ -563,3 +563,13 @@ def test_a_database_url_as_pg_dump_takes_it_keeps_secrets_off_its_command_line(u
 def test_a_url_with_an_ssl_key_passphrase_cannot_be_given_to_pg_dump():
     with pytest.raises(ConfigError, match="sslpassword"):
         settings_module.libpq_connection("postgresql+psycopg://u@h/db?sslpassword=secret")
+
+
+def test_a_data_folder_whose_name_reads_as_a_url_keeps_its_database_inside(tmp_path):
+    """The default database URL is made from GALLERY_DATA_DIR: a "?", "%41" or "#" in the
+    folder's name stays in the path (pasted into a URL, "r?q" put the database at "r")."""
+    import sqlalchemy as sa
+
+    for name in ("r?q", "r%41", "r#x"):
+        settings = Settings.from_env({"GALLERY_DATA_DIR": str(tmp_path / name), "GALLERY_JWT_SECRET": "x" * 40})
+        assert sa.make_url(settings.database_url).database == str(tmp_path / name / "gallery.db")
