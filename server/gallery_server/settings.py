@@ -200,7 +200,12 @@ def _database_url(env: os._Environ[str] | dict[str, str], data_dir: pathlib.Path
     import sqlalchemy as sa  # here: `gallery agent`, which never reads these settings, needs none
 
     # Made as a URL, not pasted into one: a "?" or "%" in the folder's name stays in the path.
-    default = sa.URL.create("sqlite", database=str(data_dir / "gallery.db")).render_as_string()
+    # A name that is not UTF-8 cannot be quoted: kept as it is (`gallery run` says what it
+    # cannot do with it).
+    try:
+        default = sa.URL.create("sqlite", database=str(data_dir / "gallery.db")).render_as_string()
+    except UnicodeEncodeError:
+        default = f"sqlite:///{data_dir / 'gallery.db'}"
     text = _text(env, "GALLERY_DATABASE_URL", default)
 
     try:
