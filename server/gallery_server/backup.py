@@ -178,13 +178,7 @@ def backup(settings: Settings, destination: pathlib.Path, *, copy: bool = False)
 
 def _check(settings: Settings, url: sa.URL, destination: pathlib.Path) -> None:
     if url.get_backend_name() == "postgresql":
-        if shutil.which("pg_dump") is None:
-            raise BackupRefused("pg_dump not found: install PostgreSQL's client, of the server's major"
-                                " version or newer")
-        try:
-            libpq_connection(settings.database_url)
-        except ConfigError as exc:
-            raise BackupRefused(str(exc)) from None
+        require_client("pg_dump", settings.database_url, of="the server's", refused=BackupRefused)
     elif not (url.database and pathlib.Path(url.database).is_file()):
         raise BackupRefused(f"no database at {url.database} (GALLERY_DATA_DIR or GALLERY_DATABASE_URL)")
     if destination.resolve().is_relative_to(settings.data_dir.resolve()):
@@ -399,6 +393,16 @@ def media_files(root: pathlib.Path) -> Iterator[tuple[str, list[str]]]:
         except FileNotFoundError:
             continue
         yield device, names
+
+
+def require_client(program: str, database_url: str, *, of: str, refused: type[Exception]) -> None:
+    """PostgreSQL's client `program` installed, and a URL libpq can take; else `refused` says what to do."""
+    if shutil.which(program) is None:
+        raise refused(f"{program} not found: install PostgreSQL's client, of {of} major version or newer")
+    try:
+        libpq_connection(database_url)
+    except ConfigError as exc:
+        raise refused(str(exc)) from None
 
 
 FOLDER = -1  # in require_room's sizes: a folder, which takes one block

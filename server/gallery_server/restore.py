@@ -45,6 +45,7 @@ from .backup import (
     FileTaker,
     Manifest,
     media_files,
+    require_client,
     require_room,
 )
 from .errors import InvalidArgument
@@ -53,7 +54,6 @@ from .service import delete_event_rows
 from .settings import (
     RESTORE_IN_PROGRESS,
     SECRET_FILE_NAME,
-    ConfigError,
     Settings,
     libpq_connection,
     shown_database_url,
@@ -391,13 +391,7 @@ class _PostgresTarget:
         """Refused unless pg_restore is there, no other restore holds the database, and it has no
         table in the dump's schemas nor any of its functions or sequences (left by a restore killed
         with kill -9); what is there is noted, so that undo() leaves it."""
-        if shutil.which("pg_restore") is None:
-            raise RestoreRefused("pg_restore not found: install PostgreSQL's client, of the dump's major version"
-                                 " or newer")
-        try:
-            libpq_connection(self.database_url)
-        except ConfigError as exc:
-            raise RestoreRefused(str(exc)) from None
+        require_client("pg_restore", self.database_url, of="the dump's", refused=RestoreRefused)
         self.schemas, made_by_the_dump = self._contents()
         self.engine = db_module.create_engine(self.database_url, pool_size=2)  # the lock's, and undo's
         try:

@@ -17,6 +17,8 @@ import pytest
 
 from gallery_server import stoppable
 
+from .test_backup import _running
+
 
 class Stopped(BaseException):
     pass
@@ -24,14 +26,6 @@ class Stopped(BaseException):
 
 def _stop(signum: int, frame: object) -> None:
     raise Stopped
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def interrupted_runs(run, tmp_path: pathlib.Path, runs: int) -> list[int]:  # type: ignore[no-untyped-def]
@@ -54,11 +48,11 @@ def interrupted_runs(run, tmp_path: pathlib.Path, runs: int) -> list[int]:  # ty
         signal.signal(signal.SIGTERM, previous)
     time.sleep(0.2)  # a killed child's parent reaps it at once; give a leaked one's `sh` time to write
     started = [int(line) for line in pids.read_text().split()] if pids.exists() else []
-    return [pid for pid in started if _alive(pid)]
+    return [pid for pid in started if _running(pid)]
 
 
 def test_a_signal_never_leaves_the_child_running(tmp_path):
-    left = interrupted_runs(lambda command: stoppable.run(command, dict(os.environ)), tmp_path, 100)
+    left = interrupted_runs(lambda command: stoppable.run(command, dict(os.environ)), tmp_path, 40)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert left == []
