@@ -415,13 +415,14 @@ def _undone_on_failure(command: str, undone: str, refused: type[Exception], work
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_stopped)
     try:
-        return _said(command, undone, refused, work)
+        return _run_and_say(command, undone, refused, work)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
-def _said(command: str, undone: str, refused: type[Exception], work: Callable[[], object]) -> int:
+def _run_and_say(command: str, undone: str, refused: type[Exception], work: Callable[[], object]) -> int:
+    """`work`, then what became of it on stdout or stderr; its exit status."""
     import dataclasses
     import json
     import sqlite3
