@@ -227,7 +227,7 @@ def _valid(manifest: Manifest) -> None:
                                  " writes")
 
     field_is("database", str, manifest.database in _NAMES)
-    field_is("events", int)
+    field_is("events", int, not isinstance(manifest.events, bool))
     field_is("secret", bool)
     field_is("snapshot", str)
     field_is("deleted_meanwhile", list)
@@ -366,6 +366,7 @@ class _PostgresTarget:
         self.restored = False
         self.engine: sa.Engine | None = None
         self.lock: sa.Connection | None = None  # holds _RESTORE_LOCK until the restore ends
+        self.session_name = f"gallery-restore-{os.getpid()}-{secrets.token_hex(4)}"  # pg_restore's
 
     def _contents(self) -> tuple[list[str], set[str]]:
         """The schemas the dump makes its tables in (public, unless the live gallery used another),
@@ -423,7 +424,8 @@ class _PostgresTarget:
 
     def restore(self) -> None:
         uri, libpq_secrets = libpq_connection(self.database_url)  # secrets in the environment only
-        env = {"PGCONNECT_TIMEOUT": PG_CONNECT_TIMEOUT_SECONDS, **os.environ, **libpq_secrets}
+        env = {"PGCONNECT_TIMEOUT": PG_CONNECT_TIMEOUT_SECONDS, **os.environ, **libpq_secrets,
+               "PGAPPNAME": self.session_name}
         # From here on, undo() drops what is new in the dump's schemas: the database was found
         # empty of them, and this restore holds it. (Set after pg_restore, a signal between its
         # commit and this line would leave its tables.)
@@ -443,6 +445,7 @@ class _PostgresTarget:
             self.release()
             return
         try:
+            self._end_pg_restores_session()
             with self.engine.begin() as connection:
                 for schema in self.schemas:
                     if schema not in self.schemas_before:
@@ -459,6 +462,20 @@ class _PostgresTarget:
                       extra={"error": " ".join(str(getattr(exc, "orig", None) or exc).split())})
         finally:
             self.release()
+
+    def _end_pg_restores_session(self) -> None:
+        """pg_restore ended (killed) is not its session ended: a COMMIT it had sent may still be
+        finishing on the server, and tables committed after undo() looked would stay. So its
+        session is ended first (a COMMIT under way completes or not, never later), and waited for."""
+        assert self.lock is not None
+        sessions = sa.text("SELECT pid FROM pg_stat_activity WHERE application_name = :name")
+        deadline = time.monotonic() + 30
+        while pids := self.lock.execute(sessions, {"name": self.session_name}).scalars().all():
+            for pid in pids:
+                self.lock.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pg_restore's session (process {pids[0]} of the server) would not end")
+            time.sleep(0.05)
 
     def release(self) -> None:
         """Let the database go: the lock's connection closed, the engine disposed."""

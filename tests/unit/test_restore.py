@@ -14,9 +14,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -152,7 +154,8 @@ def test_it_restores_only_a_finished_backup_of_its_kind(gallery, principal, back
                              ({"deleted_meanwhile": "cam1/evt_x"}, "deleted_meanwhile is 'cam1/evt_x', not what"),
                              ({"deleted_meanwhile": [5]}, "deleted_meanwhile holds 5"),
                              ({"database": "mysql"}, "database is 'mysql', not what"),
-                             ({"events": None}, "events is None, not what")):
+                             ({"events": None}, "events is None, not what"),
+                             ({"events": True}, "events is True, not what")):
             (folder / "backup.json").write_text(json.dumps(json.loads(manifest) | edited))
             with pytest.raises(RestoreRefused, match=says):
                 restore(settings, folder)
@@ -526,3 +529,36 @@ def test_a_backup_whose_database_holds_no_gallery_fails(gallery, principal, back
     with pytest.raises(RuntimeError, match="the backup's database holds no gallery"):
         restore(make_settings(tmp_path / "new"), folder)
     assert not (tmp_path / "new").exists()
+
+
+def test_the_undo_waits_for_a_commit_pg_restore_had_sent(gallery, principal, backed_up, tmp_path):
+    """pg_restore killed as its COMMIT reaches the server (the re-probe's 1 run in 24): the undo
+    ends its session before it looks, so a table that commits then is dropped too, or never
+    commits. Here the session is held open, its CREATE TABLE not yet committed, as undo starts."""
+    if not postgres(gallery):
+        pytest.skip("PostgreSQL's")
+    folder, _ = backed_up
+    with new_database(gallery) as database_url:
+        target = restore_module._PostgresTarget(database_url, folder / "gallery.pgdump")
+        target.check(make_settings(tmp_path / "new", database_url), folder)
+        target.restored = True  # as restore() sets it before pg_restore starts
+        url = sa.make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        session = psycopg.connect(url, application_name=target.session_name)
+        session.execute("CREATE TABLE events (id text)")  # pg_restore's, its COMMIT still to come
+        committed: list[BaseException | None] = []
+
+        def commit_later() -> None:
+            time.sleep(0.5)
+            try:
+                session.commit()
+                committed.append(None)
+            except psycopg.Error as exc:
+                committed.append(exc)
+
+        late = threading.Thread(target=commit_later)
+        late.start()
+        target.undo()
+        late.join()
+        session.close()
+        assert _schema_objects(database_url) == []  # ended before its commit: no table
+        assert isinstance(committed[0], psycopg.Error)
