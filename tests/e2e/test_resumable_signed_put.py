@@ -273,6 +273,20 @@ def test_bad_content_range_is_400_and_stores_nothing(
     assert not [p for p in session_files(stack) if device in str(p)]
 
 
+def test_a_total_over_the_limit_is_413_and_stores_nothing(stack: Stack, http: httpx.Client,
+                                                          auth_headers: Callable[..., dict[str, str]]) -> None:
+    """Not 429: a client that retries on 429 would send the same too-large total for ever."""
+    device = new_device()
+    urls = http.get(f"/api/gallery/{device}/upload-url", params={"filename": "a.bin"},
+                    headers=auth_headers()).json()
+    response = put_range(urls["upload_url"], b"x" * 10, 0, 17 * 1024**3)  # the default limit: 16 GiB
+    assert response.status_code == 413, response.text
+    assert error_reason(response) == "UPLOAD_TOO_LARGE"
+    assert response.json()["code"] == 8  # RESOURCE_EXHAUSTED, as native clients see it
+    assert status(urls["upload_url"])["committedSize"] == 0
+    assert not [p for p in session_files(stack) if device in str(p)]
+
+
 def test_total_change_and_thumbnail_url(
     stack: Stack, http: httpx.Client, auth_headers: Callable[..., dict[str, str]]
 ) -> None:

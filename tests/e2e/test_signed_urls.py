@@ -725,7 +725,7 @@ def test_expired_url_is_refused(ttl_stack: Stack, auth_headers: Callable[..., di
 # -- size limits: a failed PUT gives its URL back -------------------------------------------------
 
 
-def test_media_over_limit_is_429_and_url_stays_usable(
+def test_media_over_limit_is_413_and_url_stays_usable(
     small_stack: Stack, auth_headers: Callable[..., dict[str, str]]
 ) -> None:
     with httpx.Client(base_url=small_stack.base_url, timeout=60) as http:
@@ -736,7 +736,7 @@ def test_media_over_limit_is_429_and_url_stays_usable(
 
         for size in (SMALL_MEDIA_LIMIT + 1, 4 * SMALL_MEDIA_LIMIT, 3 * 1024 * 1024):
             r = raw_put(urls["upload_url"], random_bytes(size))
-            assert r.status_code == 429, (size, r.text)
+            assert r.status_code == 413, (size, r.text)  # not 429: retrying cannot help
             assert error_reason(r) == "UPLOAD_TOO_LARGE"
             assert r.json()["code"] == 8  # RESOURCE_EXHAUSTED
             assert stored_files(small_stack.data_dir) == files
@@ -773,11 +773,11 @@ def test_a_content_length_over_the_limit_is_refused_before_the_body(
         answer = ""  # no more of the body is ever sent
         while '"UPLOAD_TOO_LARGE"' not in answer and (piece := sock.recv(65536)):
             answer += piece.decode("latin-1")
-    assert answer.startswith("HTTP/1.1 429 "), answer
+    assert answer.startswith("HTTP/1.1 413 "), answer
     assert '"UPLOAD_TOO_LARGE"' in answer
 
 
-def test_thumbnail_over_limit_is_429_and_url_stays_usable(
+def test_thumbnail_over_limit_is_413_and_url_stays_usable(
     small_stack: Stack, auth_headers: Callable[..., dict[str, str]]
 ) -> None:
     with httpx.Client(base_url=small_stack.base_url, timeout=60) as http:
@@ -789,7 +789,7 @@ def test_thumbnail_over_limit_is_429_and_url_stays_usable(
         files = stored_files(small_stack.data_dir)
 
         r = raw_put(urls["thumbnail_upload_url"], random_bytes(SMALL_THUMBNAIL_LIMIT + 1))
-        assert r.status_code == 429, r.text
+        assert r.status_code == 413, r.text
         assert error_reason(r) == "UPLOAD_TOO_LARGE"
         assert stored_files(small_stack.data_dir) == files
         [event] = client.events(device)

@@ -25,7 +25,7 @@ _CODES: dict[type[errors.GalleryError], int] = {
     errors.FailedPrecondition: code_pb2.FAILED_PRECONDITION,  # HTTP 400
     errors.Conflict: code_pb2.ABORTED,  # HTTP 409
     errors.OutOfRange: code_pb2.OUT_OF_RANGE,  # HTTP 400
-    errors.TooLarge: code_pb2.RESOURCE_EXHAUSTED,  # HTTP 429 (Envoy's mapping)
+    errors.TooLarge: code_pb2.RESOURCE_EXHAUSTED,  # HTTP 413 (_HTTP_STATUS_OF_KIND below)
     errors.Unavailable: code_pb2.UNAVAILABLE,  # HTTP 503
     errors.Exhausted: code_pb2.RESOURCE_EXHAUSTED,  # HTTP 429, or 507 (_HTTP_STATUS below)
     errors.DataLoss: code_pb2.DATA_LOSS,  # HTTP 500
@@ -40,9 +40,13 @@ _CODES: dict[type[errors.GalleryError], int] = {
 # 411 Length Required (RFC 9110 15.5.12), which an HTTP client knows how to act on. The REST reads'
 # route runs no Lua (envoy.yaml): a method that could answer one of these must first be taken out
 # of that route's regex (tests/unit/test_envoy_config.py pins its list).
+# Whatever is too large (an upload past GALLERY_MAX_UPLOAD_BYTES, a thumbnail past its limit, an
+# announcement of too many events) is 413 Content Too Large (RFC 9110 15.5.14): the same request
+# will be refused again, where a client that retries on 429 would retry it for ever.
 _HTTP_STATUS: dict[str, str] = {
     INSUFFICIENT_STORAGE: "507", QUOTA_EXCEEDED: "507", "LENGTH_REQUIRED": "411",
 }
+_HTTP_STATUS_OF_KIND: dict[type[errors.GalleryError], str] = {errors.TooLarge: "413"}
 # The one name of that header, in trailers (errors, here) and initial metadata (servicer.py).
 HTTP_STATUS_HEADER = "x-http-status"
 # A 401 names the scheme it wants (RFC 9110 11.6.1 says it must; RFC 6750 3 says how for bearer
@@ -92,7 +96,7 @@ def to_status(error: errors.GalleryError) -> grpc.Status:
         )
     )
     extra: list[tuple[str, str]] = []
-    if (http_status := _HTTP_STATUS.get(error.reason)) is not None:
+    if (http_status := _HTTP_STATUS.get(error.reason) or _HTTP_STATUS_OF_KIND.get(type(error))) is not None:
         extra.append((HTTP_STATUS_HEADER, http_status))
     if isinstance(error, errors.Unauthenticated):
         extra.append(("www-authenticate", _WWW_AUTHENTICATE.get(error.reason, _INVALID_TOKEN)))
