@@ -24,6 +24,7 @@ from .errors import InvalidArgument
 ORDERS = ("newest", "oldest")
 MAX_TOKEN_CHARS = 1024
 # The fraction of a second in an RFC 3339 time.
+_PLUS_READ_AS_SPACE = re.compile(r"(?<=\d) (\d\d:?\d\d)$")
 _FRACTION = re.compile(r"[.,](\d+)")
 _VERSION = 2  # 2: the device is part of the fingerprint (a version-1 token is INVALID_PAGE_TOKEN)
 
@@ -127,6 +128,9 @@ def _decode(token: str, query: ListQuery) -> tuple[datetime.datetime, str]:
 def _instant(value: str, field: str) -> datetime.datetime | None:
     if not value:
         return None
+    # A query's `+` is a space (Envoy reads queries as forms do), so `since=...T10:00:00+01:00`
+    # typed as is arrives as `T10:00:00 01:00`: a space can stand nowhere else in that place.
+    value = _PLUS_READ_AS_SPACE.sub(r"+\1", value)
     try:
         moment = datetime.datetime.fromisoformat(value.replace("z", "Z"))
         moment = moment.astimezone(datetime.UTC) if moment.tzinfo else None

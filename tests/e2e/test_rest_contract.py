@@ -1004,6 +1004,19 @@ def test_a_percent_encoded_query_parameter_name_is_refused(http, auth_headers):
     assert (r.status_code, [e["id"] for e in r.json()]) == (200, [second]), r.text
 
 
+def test_a_time_offset_typed_with_its_plus_sign(http, auth_headers):
+    """Envoy reads a query's `+` as a space (as forms write one); a time's offset typed as is,
+    `+01:00` unencoded, is still that offset, and so is the %2B a client's encoder sends."""
+    device, headers = new_device(), auth_headers()
+    event_id = upload(http, device, headers)
+    for since, until, listed in (("2000-01-01T01:00:00+01:00", "2999-01-01T00:00:00+01:00", [event_id]),
+                                 ("2000-01-01T01:00:00%2B01:00", "2999-01-01T00:00:00%2B01:00", [event_id]),
+                                 ("2999-01-01T00:00:00+01:00", "", [])):
+        r = http.get(f"/api/gallery/{device}/events?since={since}&until={until}", headers=headers)
+        assert r.request.url.query.decode().startswith(f"since={since}&")  # sent as typed
+        assert (r.status_code, [e["id"] for e in r.json()]) == (200, listed), (since, r.text)
+
+
 def test_no_answer_may_be_sniffed_or_run_as_a_page(http, auth_headers):
     """A media file or thumbnail uploaded as HTML or SVG is served with its type, never sniffed
     into another (nosniff) nor run as a page (a sandboxing CSP), and so is every other answer."""

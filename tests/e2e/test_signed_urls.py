@@ -319,6 +319,21 @@ def test_filename_is_kept_exactly(client: Client) -> None:
     assert event["name"] == name
 
 
+@pytest.mark.parametrize(("query", "name"), [
+    ("my+summer+clip.mp4", "my summer clip.mp4"),  # as forms, URLSearchParams and urlencode write a space
+    ("a%2Bb+c.mp4", "a+b c.mp4"),  # a plus sign itself is %2B
+    ("100%25+done.mp4", "100% done.mp4"),
+])
+def test_a_plus_in_the_query_is_a_space(client: Client, query: str, name: str) -> None:
+    device = new_device()
+    r = client.http.get(f"/api/gallery/{device}/upload-url?filename={query}", headers=client.headers)
+    assert r.status_code == 200, r.text
+    assert raw_put(r.json()["upload_url"], b"clip").status_code == 200
+    [event] = client.events(device)
+    assert event["name"] == name
+    assert urllib.parse.urlencode({"filename": name}) == f"filename={query}"  # what clients send
+
+
 def test_media_without_thumbnail_url_and_empty_body(client: Client) -> None:
     device = new_device()
     urls = client.upload_urls(device, "notes.txt", thumbnail=False)
