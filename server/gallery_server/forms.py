@@ -3,13 +3,16 @@
 File parts (`event`, `thumbnail`) go to staging as they arrive; text parts (`name`, `media_type`,
 `has_thumbnail`, `metadata`, `device_event_id`) are small and bounded. Parts may come in any
 order: the reference's own curl example sends `event` before `media_type` and `metadata`.
+Parts of other names are skipped, as HTTP frameworks skip fields a handler does not read: an
+existing client may send more than the reference lists (a device id, a timestamp). They are
+bounded too, and named in the call's access line so that a misspelt field can be found.
 """
 
 from __future__ import annotations
 
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
-from . import validation
+from . import logs, validation
 from .errors import Exhausted, InvalidArgument, TooLarge
 from .uploads import Upload
 
@@ -19,6 +22,9 @@ _TEXT_LIMITS = {"name": 4 * validation.MAX_NAME_CHARS, "media_type": 64, "has_th
 # RFC 2046 5.1.1: what comes before the first boundary line (a preamble) is to be ignored, and
 # python-multipart takes no more than a blank line there. It is looked for within this much.
 MAX_PREAMBLE_BYTES = 64 << 10
+# Parts of names the upload does not read: each skipped, up to this size and this many.
+MAX_OTHER_PART_BYTES = 64 << 10
+MAX_OTHER_PARTS = 32
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", ""}
 
@@ -59,6 +65,8 @@ class FormReceiver:
         self._header_value = bytearray()
         self._headers: dict[str, bytes] = {}
         self._part = ""
+        self._skipped: list[str] = []  # names of the parts skipped, in order
+        self._skipped_bytes = -1  # of the part being skipped; -1: none is
         self._error: Exception | None = None
         boundary = multipart_boundary(content_type)
         self._delimiter = b"--" + boundary
@@ -137,6 +145,7 @@ class FormReceiver:
     def _on_part_begin(self) -> None:
         self._headers = {}
         self._part = ""
+        self._skipped_bytes = -1
 
     def _on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_field += data[start:end]
@@ -152,10 +161,11 @@ class FormReceiver:
     def _on_headers_finished(self) -> None:
         _, options = parse_options_header(self._headers.get("content-disposition", b""))
         name = options.get(b"name", b"").decode("utf-8", "replace")
+        if not name:  # RFC 7578 4.2: every part names its field
+            self._fail(InvalidArgument("UNKNOWN_FORM_FIELD", "a form part has no name", field=""))
         if name not in ("event", "thumbnail", *self._limits):
-            self._fail(InvalidArgument(
-                "UNKNOWN_FORM_FIELD", f"unknown form field {name[:64]!r}", field=name[:64]
-            ))
+            self._skip(name)
+            return
         if name in self._seen:
             self._fail(InvalidArgument(
                 "DUPLICATE_FORM_FIELD", f"form field {name!r} appears twice", field=name
@@ -166,6 +176,16 @@ class FormReceiver:
             self._upload.write_media(b"")  # an empty file part is still a file (0-byte media)
         elif name != "thumbnail":
             self._texts[name] = bytearray()
+
+    def _skip(self, name: str) -> None:
+        if len(self._skipped) == MAX_OTHER_PARTS:
+            self._fail(InvalidArgument(
+                "TOO_MANY_FORM_FIELDS", f"more than {MAX_OTHER_PARTS} form fields the upload does not read",
+                field=name[:64],
+            ))
+        self._skipped.append(name[:64])
+        logs.note(ignored_form_fields=",".join(self._skipped))
+        self._skipped_bytes = 0
 
     def _on_part_end(self) -> None:
         # Checked as soon as it arrives, not after the event file that may follow it.
@@ -178,7 +198,15 @@ class FormReceiver:
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = memoryview(data)[start:end]
         try:
-            if self._part == "event":
+            if self._skipped_bytes >= 0:
+                self._skipped_bytes += len(chunk)
+                if self._skipped_bytes > MAX_OTHER_PART_BYTES:
+                    self._fail(InvalidArgument(
+                        "FORM_FIELD_TOO_LARGE",
+                        f"form field {self._skipped[-1]!r} is longer than {MAX_OTHER_PART_BYTES} bytes",
+                        field=self._skipped[-1],
+                    ))
+            elif self._part == "event":
                 self._upload.write_media(chunk)
             elif self._part == "thumbnail":
                 self._upload.write_thumbnail(chunk)

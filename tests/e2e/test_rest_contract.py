@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from ..conftest import new_device, random_bytes, stored_files
+from .conftest import access_line
 
 READ = "gallery:read"
 WRITE = "gallery:write"
@@ -468,7 +469,7 @@ REJECTED_UPLOADS: dict[str, tuple[list[Part], dict, str]] = {
     "missing-name": ([EVENT], {}, "NAME_REQUIRED"),
     "empty-name": ([("name", ""), EVENT], {}, "NAME_REQUIRED"),
     "missing-event": ([NAME, ("media_type", "image")], {}, "EVENT_FILE_REQUIRED"),
-    "unknown-field": ([NAME, EVENT, ("color", "blue")], {}, "UNKNOWN_FORM_FIELD"),
+    "other-field-too-large": ([NAME, EVENT, ("color", "b" * 70_000)], {}, "FORM_FIELD_TOO_LARGE"),
     "duplicate-field": ([NAME, EVENT, ("event", ("g.bin", b"other"))], {}, "DUPLICATE_FORM_FIELD"),
     "truncated-body": ([NAME, EVENT], {"close": False}, "MALFORMED_MULTIPART"),
     "json-content-type": ([NAME, EVENT], {"content_type": "application/json"}, "NOT_MULTIPART"),
@@ -1002,6 +1003,23 @@ def test_a_percent_encoded_query_parameter_name_is_refused(http, auth_headers):
     assert [e["id"] for e in listed] == [second, first]  # nothing was deleted
     r = http.get(f"/api/gallery/{device}/events?since=2000-01-01T00%3A00%3A00Z&limit=1", headers=headers)
     assert (r.status_code, [e["id"] for e in r.json()]) == (200, [second]), r.text
+
+
+def test_form_fields_the_upload_does_not_read_are_skipped(stack, http, auth_headers):
+    """A client may send more than the reference lists (a device id, a timestamp, another file):
+    the upload stores what it reads, and the access line names what it skipped."""
+    device, headers = new_device(), auth_headers()
+    media = random_bytes(300_000)
+    r = http.post(f"/api/gallery/{device}/upload", headers=headers,
+                  data={"name": "clip.mp4", "device_id": device, "timestamp": "1732960000"},
+                  files={"event": ("clip.mp4", media, "video/mp4"), "file": ("x.bin", b"other", "text/plain")})
+    assert r.status_code == 200, r.text
+    event_id = r.json()["eventId"]
+    [event] = http.get(f"/api/gallery/{device}/events", headers=headers).json()
+    assert (event["id"], event["name"], event["size"]) == (event_id, "clip.mp4", len(media))
+    assert (stack.data_dir / "media" / device / event_id).read_bytes() == media
+    line = access_line(stack, r.headers["x-request-id"])
+    assert line is not None and line["ignored_form_fields"] == "device_id,timestamp,file", line
 
 
 def test_a_time_offset_typed_with_its_plus_sign(http, auth_headers):
