@@ -122,7 +122,7 @@ class SignedUploads:
         def url(purpose: str) -> str:
             token = self._sign([_VERSION, device, event_id, purpose, expires, filename])
             base = self.gallery.settings.public_url
-            return f"{base}/api/gallery/{urllib.parse.quote(device)}/upload/{token}"
+            return f"{base}/api/gallery/{urllib.parse.quote(device, safe=':')}/upload/{token}"
 
         return UploadUrls(
             event_id=event_id,

@@ -3,7 +3,7 @@
 The policy, everywhere a name or id comes in (REST path, query and form, native fields, pre-signed
 URLs, the drop folders):
 - Identifiers are ASCII-only patterns, so no look-alike, NUL, separator or traversal can pass:
-  device ids `^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`, event ids `evt_` + 22 URL-safe characters,
+  device ids `^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$`, event ids `evt_` + 22 URL-safe characters,
   upload ids `^[A-Za-z0-9_-]{8,64}$` (resumable uploads' ids), sha256 64 lowercase hex digits. Nothing is
   normalised: a value is either exactly valid or refused.
 - Display names (the event's filename, a pre-signed URL's filename, an announced name) are
@@ -39,7 +39,7 @@ MAX_DEVICE_EVENT_ID_CHARS = 128
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 50
 
-_DEVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_DEVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _EVENT_ID_RE = re.compile(r"evt_[A-Za-z0-9_-]{22}")
 _UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -54,7 +54,7 @@ def device_id(value: str) -> str:
     if not _DEVICE_RE.fullmatch(value):
         raise InvalidArgument(
             "INVALID_DEVICE_ID",
-            "device must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+            "device must match ^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
             field="device",
             device=value[:200],
         )

@@ -125,7 +125,7 @@ def _token(**kw: object) -> str:
 def _path_value(seeds: dict[str, str], name: str) -> st.SearchStrategy[str]:
     raw = st.one_of(
         st.just(seeds.get(name, "x")),
-        st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,20}\Z"),
+        st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._:-]{0,20}\Z"),
         st.builds(validation.new_event_id),
         TEXT,
     )

@@ -78,3 +78,18 @@ def test_a_file_written_slowly_into_incoming_becomes_one_event(
     finally:
         stop_stack(again)
     assert again.process.returncode == 0, again.log()
+
+
+def test_a_device_named_by_its_mac_address_has_a_drop_folder(
+    incoming_stack: Stack, auth_headers: Callable[..., dict[str, str]]
+) -> None:
+    device, headers, data = "00:1a:2b:3c:4d:5e", auth_headers(), random_bytes(10_000)
+    with httpx.Client(base_url=incoming_stack.base_url, timeout=30) as client:
+        inbox = pathlib.Path(client.get(f"/api/gallery/{device}/paths", headers=headers).json()["paths"]["incoming"])
+        (inbox / "dropped.jpg").write_bytes(data)
+        deadline = time.monotonic() + 20
+        while not (found := client.get(f"/api/gallery/{device}/events", headers=headers).json()):
+            assert time.monotonic() < deadline, incoming_stack.log()
+            time.sleep(0.2)
+    assert [(e["name"], e["sha256"]) for e in found] == [("dropped.jpg", hashlib.sha256(data).hexdigest())]
+    assert (incoming_stack.data_dir / "media" / device / found[0]["id"]).read_bytes() == data

@@ -46,7 +46,7 @@ NASTY = st.sampled_from(
      "\\", "%2F", "\u0430", "\u2028", "😀", "\ue000", "\u0378", " ", '"', "evt_", "*", "-", ","]
 )
 TEXT = st.one_of(st.text(), st.lists(st.one_of(NASTY, st.text(max_size=3))).map("".join))
-DEVICE_ID = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+DEVICE_ID = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 SHA = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
 _UNPRINTABLE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
 
@@ -61,7 +61,7 @@ def test_device_id_accepts_exactly_its_ascii_pattern(value: str) -> None:
         assert validation.device_id(value) == value
     except InvalidArgument as exc:
         assert exc.reason == "INVALID_DEVICE_ID"
-        assert not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value, re.ASCII)
+        assert not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}", value, re.ASCII)
         assert len(exc.metadata["device"]) <= 200
     else:
         assert value.isascii() and "/" not in value and not value.startswith(".")

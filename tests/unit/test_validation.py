@@ -35,6 +35,8 @@ def _raises(error: type[GalleryError], reason: str, func, *args, **kwargs) -> Ga
         "a..b",
         "a-",
         "a.",
+        "00:1a:2b:3c:4d:5e",  # a MAC address
+        "a:",
     ],
 )
 def test_device_id_valid(device: str) -> None:
@@ -64,7 +66,7 @@ def test_device_id_valid(device: str) -> None:
         "\uff41",  # fullwidth a
         "caf\u00e9",
         "\u0661\u0662",  # Arabic-Indic digits: \d would take them, the regex must not
-        "a:b",
+        ":a",  # a colon stands anywhere but first
         "a%2Fb",
     ],
 )

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import urllib.parse
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as authz_pb2
@@ -81,7 +82,8 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
         match = _CONTENT_PATH.fullmatch(path)
         if method != "GET" or match is None:
             return None
-        device, event_id = match.groups()
+        # Decoded as the transcoder decodes a path's variables: a device's %3A (tests/e2e/test_device_ids.py).
+        device, event_id = (urllib.parse.unquote(part) for part in match.groups())
         principal = self._verifier.verify(auth.bearer_token(headers.get("authorization")))
         on_behalf_of(subject=principal.subject)
         event, file = self._gallery.stored_media(principal, device, event_id)
