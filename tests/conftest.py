@@ -44,7 +44,7 @@ from gallery_server.storage import Storage
 JWT_SECRET = "test-secret-" + "x" * 40
 
 
-# Run one after another in one pytest worker (`make test` runs two: pytest_xdist_make_scheduler):
+# Run one after another in one pytest worker (`make test` runs three: pytest_xdist_make_scheduler):
 # their disk writes and CPU at once would slow each other's commits past the crash test's
 # one-second reconciler grace.
 HEAVY_MODULES = frozenset({
