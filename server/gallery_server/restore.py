@@ -56,6 +56,7 @@ from .settings import (
     SECRET_FILE_NAME,
     Settings,
     libpq_connection,
+    read_secret_file,
     shown_database_url,
     write_secret_file,
 )
@@ -524,10 +525,8 @@ def _restore_media(source: pathlib.Path, data_dir: pathlib.Path, taker: FileTake
 def _restore_secret(source: pathlib.Path, settings: Settings) -> bool:
     """The backup's jwt-secret as the data folder's: it signed the pre-signed URLs and named the
     drop-folder imports. GALLERY_JWT_SECRET, when set, stays the one in use: said if it differs."""
-    try:
-        secret = (source / SECRET_FILE_NAME).read_text().strip()
-    except FileNotFoundError:
-        raise RuntimeError(f"{MANIFEST} says the backup holds its jwt-secret, and {source} lacks it") from None
+    if not (secret := read_secret_file(source)):
+        raise RuntimeError(f"{MANIFEST} says the backup holds its jwt-secret, and {source} lacks it")
     write_secret_file(settings.data_dir, secret)
     if settings.jwt_secret and settings.jwt_secret != secret:
         log.warning("GALLERY_JWT_SECRET is not the backup's jwt-secret, which is now the data folder's: unset it"
