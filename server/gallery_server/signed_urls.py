@@ -256,7 +256,7 @@ class SignedUploads:
         grant = self.grant(target)
         if grant.media_state == "done":
             self._drop_chunks(target)
-            return RangePut(self, target, content_range, None, done=True)
+            return self._stored_before(target, content_range)
         uploads = self.uploads
         session_id = _session_id(target)
         if (content_range.first is None and content_range.total
@@ -286,8 +286,22 @@ class SignedUploads:
             # (_drop_chunks): the answer is its event.
             if self.grant(target).media_state != "done":
                 raise
-            return RangePut(self, target, content_range, None, done=True)
+            return self._stored_before(target, content_range)
         return RangePut(self, target, content_range, writer)
+
+    def _stored_before(self, target: SignedTarget, content_range: ContentRange) -> RangePut:
+        """A chunk PUT to a URL whose event was stored: a retry of the last one, whose answer got
+        lost, is answered that event; unless it was deleted since, as a native session's is."""
+        with self.gallery.db.session() as session:
+            stored = session.get(Event, target.event_id) is not None
+        if not stored:
+            raise NotFound(
+                "UPLOAD_EVENT_DELETED",
+                f"this URL's upload was stored as event {target.event_id}, which has been deleted since;"
+                " ask a new upload URL to upload it again",
+                device=target.device, event_id=target.event_id,
+            )
+        return RangePut(self, target, content_range, None, done=True)
 
     def finish_media(self, target: SignedTarget, session: Session, event: Event) -> None:
         """In the event's transaction: mark the URL of a range upload used (a whole PUT that

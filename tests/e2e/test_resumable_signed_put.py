@@ -184,6 +184,14 @@ def test_chunks_cut_query_resume_complete(
     assert len(http.get(f"/api/gallery/{device}/events", headers=headers).json()) == 1
     assert hashlib.sha256(stored.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
 
+    # Deleted since: the repeated chunk is told so, as a native session is (it said 200 before),
+    # and stores nothing.
+    assert http.delete(f"/api/gallery/{device}/events/{event_id}", headers=headers).status_code == 200
+    gone = put_range(url, data[offset:], offset, total)
+    assert gone.status_code == 404 and error_reason(gone) == "UPLOAD_EVENT_DELETED", gone.text
+    assert http.get(f"/api/gallery/{device}/events", headers=headers).json() == []
+    assert not stored.exists() and not [p for p in session_files(stack) if device in str(p)]
+
 
 def curl(*args: str) -> tuple[int, dict[str, str], bytes]:
     """curl in a subprocess: (status, headers, body) of the last response."""
