@@ -59,7 +59,7 @@ from .clock import rfc3339, utcnow
 from .errors import DatabaseUnavailable
 from .models import GRANT_UNUSED, DeviceCommand, Event, UploadGrant, UploadSessionRow
 from .service import Gallery
-from .storage import THUMBNAIL_SUFFIX, DiskSpace, fsync_dir
+from .storage import THUMBNAIL_SUFFIX, DiskSpace, fsync_dir, make_folders
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class Reconciler:
     def _locked(self, *, wait: bool) -> Findings | None:
         # One pass at a time over the shared data root: a lock file beside the status (as for the
         # files themselves, replicas on several hosts need a filesystem with locks: file_locks.py).
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(self.lock_path.parent)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o640)
         try:
             if wait:

@@ -75,7 +75,7 @@ from .errors import (
 from .models import Event, UploadSessionRow
 from .quota import Room
 from .service import Gallery, SessionHook
-from .storage import StagedFile, fsync_dir, upload_too_large
+from .storage import StagedFile, fsync_dir, make_folders, upload_too_large
 from .uploads import Upload
 
 log = logging.getLogger(__name__)
@@ -710,7 +710,7 @@ def _state(row: UploadSessionRow) -> SessionState:
 
 def _open(path: pathlib.Path, flags: int = 0) -> int:
     for _ in range(10):  # _tidy() may remove an empty parent between mkdir and open
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(path.parent)
         try:
             return os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o640)
         except FileNotFoundError:

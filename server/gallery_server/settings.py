@@ -27,6 +27,7 @@ import urllib.parse
 from .addresses import ANY_HOST, MAX_PORT, split_address
 from .auth import public_key_algorithm
 from .folder_claims import claimed_by
+from .storage import make_folders
 
 SECRET_FILE_NAME = "jwt-secret"
 RESTORE_IN_PROGRESS = ".restore-in-progress"  # `gallery restore` is filling the data folder
@@ -176,7 +177,7 @@ def data_dir_from_env(env: os._Environ[str] | dict[str, str] = os.environ) -> pa
 def prepare_data_dir(path: pathlib.Path) -> None:
     """Create the data folder if needed; one that cannot be made is a ConfigError, not a traceback."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        make_folders(path)
     except OSError as exc:
         raise ConfigError(f"GALLERY_DATA_DIR={path}: cannot create it ({exc.strerror or exc})") from None
     if not os.access(path, os.W_OK | os.X_OK):
@@ -564,7 +565,7 @@ def ensure_secret_file(data_dir: pathlib.Path) -> str:
     existing = read_secret_file(data_dir)
     if existing:
         return existing
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_folders(data_dir)
     secret = secrets.token_urlsafe(48)
     write_secret_file(data_dir, secret)
     return secret

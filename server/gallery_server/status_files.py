@@ -17,7 +17,7 @@ import pathlib
 import secrets
 from typing import Any, TypeVar
 
-from .storage import fsync_dir
+from .storage import fsync_dir, make_folders
 
 Result = TypeVar("Result")
 
@@ -26,7 +26,7 @@ def write(path: pathlib.Path, result: Any, *, durable: bool = False) -> None:
     """Write a dataclass as `path`'s JSON object (mode 0640, as the data folder's files). With
     `durable`, the file is synced before it replaces the old one and the folder after, for a file
     whose presence says something (a backup's manifest says the backup is whole)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(path.parent)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)

@@ -90,6 +90,26 @@ def media_root(data_dir: pathlib.Path) -> pathlib.Path:
     return data_dir / "media"
 
 
+# The data folder's folders, as its files are 0640: its servers and their group may read them,
+# other local users may not list its devices and event ids.
+FOLDER_MODE = 0o750
+
+
+def make_folders(path: pathlib.Path) -> None:
+    """mkdir -p, each folder it makes FOLDER_MODE (Path.mkdir gives the parents it makes the
+    umask's 0755); what exists stays as it is."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=FOLDER_MODE)
+        except FileExistsError:  # made meanwhile, or something else is there
+            if not folder.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder)) from None
+
+
 def run_dir(data_dir: pathlib.Path) -> pathlib.Path:
     """Where the running stack keeps its files (Envoy's config, the reconciler's lock and status);
     not created here: each writer makes it when it writes there."""
@@ -109,7 +129,7 @@ class Storage:
         self.drop_root = data_dir / "gallery"
         self.run_root = run_dir(data_dir)
         for folder in (self.media_root, self.staging_root, self.drop_root):
-            folder.mkdir(parents=True, exist_ok=True)
+            make_folders(folder)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Storage:
@@ -125,8 +145,8 @@ class Storage:
     def device_paths(self, device: str) -> tuple[pathlib.Path, pathlib.Path]:
         """A device's drop folders (incoming, thumbnails), created if missing: for handing out."""
         incoming, thumbnails = self.drop_folders(device)
-        incoming.mkdir(parents=True, exist_ok=True)
-        thumbnails.mkdir(parents=True, exist_ok=True)
+        make_folders(incoming)
+        make_folders(thumbnails)
         return incoming, thumbnails
 
     def media_path(self, device: str, event_id: str) -> pathlib.Path:
@@ -526,7 +546,7 @@ def make_dir(path: pathlib.Path) -> None:
     if not path.is_dir():
         make_dir(path.parent)
         try:
-            path.mkdir()
+            path.mkdir(mode=FOLDER_MODE)
         except FileExistsError:  # made meanwhile, or something else is there: never remembered
             if not path.is_dir():
                 raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(path)) from None

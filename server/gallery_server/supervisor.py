@@ -115,7 +115,7 @@ def envoy_command(settings: Settings, backends: list[str], config: pathlib.Path 
     folder never has its Envoy read half a file."""
     if config is None:
         run_dir = storage.run_dir(settings.data_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        storage.make_folders(run_dir)
         config = run_dir / "envoy.yaml"
     text = envoy_config.render(
         listen=settings.http_address, admin_port=settings.envoy_admin_port, backends=backends,

@@ -371,3 +371,35 @@ def test_gallery_envoy_fronts_replicas_started_with_gallery_serve(tmp_path):
                 process.wait(timeout=30)
         logs.close()
     assert envoy.returncode == 0, (tmp_path / "logs").read_text()
+
+
+def test_the_data_folder_is_for_its_servers_and_their_group(tmp_path, mint) -> None:
+    """Under the usual umask (0022), every folder the stack makes is 0750 and every file 0640:
+    another local user may not list the devices and event ids (folders were 0755 until
+    2026-11-30). Envoy's config stays 0644: Envoy may run as another user."""
+    data_dir = tmp_path / "new" / "data"
+    old_umask = os.umask(0o022)
+    try:
+        stack = start_stack(data_dir, tmp_path / "gallery.log")  # `gallery run` makes the data folder
+    finally:
+        os.umask(old_umask)
+    try:
+        device, headers = "cam-modes", {"Authorization": f"Bearer {mint(devices=['cam-modes'])}"}
+        with httpx.Client(base_url=stack.base_url, timeout=30) as http:
+            assert http.get(f"/api/gallery/{device}/paths", headers=headers).status_code == 200
+            r = http.post(f"/api/gallery/{device}/upload", headers=headers, data={"name": "a.jpg"},
+                          files={"event": ("a.jpg", b"jpeg", "image/jpeg"), "thumbnail": ("t.jpg", b"t", "image/jpeg")})
+            assert r.status_code == 200, r.text
+            url = http.get(f"/api/gallery/{device}/upload-url", params={"filename": "b.bin"},
+                           headers=headers).json()["upload_url"]
+            r = httpx.put(url, content=b"abc", headers={"Content-Range": "bytes 0-2/10"})
+            assert r.status_code == 308, r.text  # a resumable session: its folder and file
+    finally:
+        stop_stack(stack)
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode)
+             for p in [data_dir.parent, *data_dir.parent.rglob("*")] if p.is_dir() or p.is_file()}
+    assert any(name.startswith("new/data/staging/sessions/") and os.path.isfile(tmp_path / name) for name in modes)
+    assert "new/data/gallery/cam-modes/incoming" in modes and "new/data/run/envoy.yaml" in modes
+    expected = {name: 0o644 if name == "new/data/run/envoy.yaml" else 0o750 if (tmp_path / name).is_dir() else 0o640
+                for name in modes}
+    assert modes == expected
