@@ -58,8 +58,9 @@ def _main(argv: list[str] | None) -> int:
     envoy.add_argument("--backend", action="append", required=True, metavar="HOST:PORT",
                        help="a server's GALLERY_GRPC_ADDRESS; repeat for each replica")
     envoy.add_argument("--config", type=pathlib.Path, default=None,
-                       help="where to write Envoy's configuration (default: a new file in this host's "
-                       "temporary folder, not on the servers' shared storage)")
+                       help="where to write Envoy's configuration (default: gallery-<uid>/envoy-<port>.yaml "
+                       "in this host's temporary folder, rewritten at each start; not on the servers' "
+                       "shared storage)")
     reconcile = commands.add_parser(
         "reconcile", help="reconcile files and rows once and print the findings as JSON",
         description="One pass of the reconciler that every server runs periodically (safe while "
