@@ -365,6 +365,11 @@ def _public_url(env: os._Environ[str] | dict[str, str], http_address: str) -> st
         except ValueError:
             raise ConfigError(f"GALLERY_PUBLIC_URL={text.strip()}: the port is not a number from 0 to 65535") from None
         return text.strip().rstrip("/")
+    return listen_url(http_address)
+
+
+def listen_url(http_address: str) -> str:
+    """The URL of Envoy's listener on this host (a wildcard address is reached as localhost)."""
     host, port = split_address(http_address, default_host=ANY_HOST)
     try:
         wildcard = ipaddress.ip_address(host).is_unspecified

@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import auth, envoy_config, storage
 from .addresses import ANY_HOST, split_address
-from .settings import Settings
+from .settings import Settings, listen_url
 from .stoppable import spawn
 
 READY_TIMEOUT_S = 60
@@ -234,7 +234,7 @@ def _print_banner(settings: Settings, *, show_token: bool) -> None:
     if settings.issuer_tokens:
         # HS256 tokens are refused in this configuration: a minted one would only mislead.
         print(
-            f"\ngallery is up: REST and gRPC on {settings.public_url}; bearer tokens: RS256/ES256"
+            f"\ngallery is up: REST and gRPC on {listen_url(settings.http_address)}; bearer tokens: RS256/ES256"
             " from your identity provider\nCtrl-C stops everything.\n",
             flush=True,
         )
@@ -249,12 +249,16 @@ def _print_banner(settings: Settings, *, show_token: bool) -> None:
         how = ("A development token is printed only to a terminal (this output may be kept in a log); mint one"
                " (with this server's GALLERY_JWT_SECRET, if it has one):\n\n"
                f"  export TOKEN=$({_token_command(settings)} --sub dev --device '*' --ttl 86400)\n")
+    here = listen_url(settings.http_address)
+    # GALLERY_PUBLIC_URL may name a proxy or a name this host does not resolve: the example uses
+    # the listener, and the banner names both.
+    public = f"; clients reach it as {settings.public_url}" if settings.public_url != here else ""
     print(
-        f"\ngallery is up: REST and gRPC on {settings.public_url} "
-        f"(gRPC server {settings.grpc_address}, Envoy admin 127.0.0.1:{settings.envoy_admin_port})\n"
+        f"\ngallery is up: REST and gRPC on {here} "
+        f"(gRPC server {settings.grpc_address}, Envoy admin 127.0.0.1:{settings.envoy_admin_port}){public}\n"
         f"data: {settings.data_dir}\n\n"
         f"{how}"
-        f'  curl "{settings.public_url}/api/gallery/device123/paths" '
+        f'  curl "{here}/api/gallery/device123/paths" '
         '-H "Authorization: Bearer $TOKEN"\n\n'
         "Ctrl-C stops everything.\n",
         flush=True,

@@ -98,3 +98,18 @@ def test_the_run_banner_prints_no_token_where_stdout_is_not_a_terminal(capsys):
     out = capsys.readouterr().out
     assert "gallery is up" in out and "gallery token --sub dev" in out
     assert not re.search(r"eyJ[\w-]+\.[\w-]+\.[\w-]+", out)
+
+
+def test_the_run_banner_names_the_listener_and_the_public_url(capsys, monkeypatch):
+    """GALLERY_PUBLIC_URL may be a proxy's name this host does not resolve: the banner says where
+    the stack listens, and its example uses that; the public URL is named beside it."""
+    monkeypatch.setenv("GALLERY_HTTP_ADDRESS", "127.0.0.1:18002")
+    monkeypatch.setenv("GALLERY_PUBLIC_URL", "https://gallery.example")
+    supervisor._print_banner(Settings.from_env(), show_token=False)
+    out = capsys.readouterr().out
+    assert "gallery is up: REST and gRPC on http://127.0.0.1:18002 " in out
+    assert "clients reach it as https://gallery.example" in out
+    assert 'curl "http://127.0.0.1:18002/api/gallery/device123/paths"' in out
+    monkeypatch.delenv("GALLERY_PUBLIC_URL")
+    supervisor._print_banner(Settings.from_env(), show_token=False)
+    assert "clients reach it as" not in capsys.readouterr().out
