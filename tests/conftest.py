@@ -190,11 +190,16 @@ def database_url(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iter
         yield f"sqlite:///{tmp_path / 'gallery.db'}"
         return
     url = request.getfixturevalue("postgres_url")
-    yield url
-    # Each test starts from empty tables on the shared throw-away database.
+    # Each test starts from empty tables on the worker's throw-away database, whatever ran on it
+    # before: the e2e stacks on `postgres_url` leave their rows (a reconciliation test counted
+    # another test's events when three workers put them in one).
     engine = sa.create_engine(url)
     SQLModel.metadata.drop_all(engine)
-    engine.dispose()
+    try:
+        yield url
+    finally:
+        SQLModel.metadata.drop_all(engine)
+        engine.dispose()
 
 
 @contextlib.contextmanager
