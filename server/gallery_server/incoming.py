@@ -42,6 +42,11 @@ Crash and concurrency safety, with any number of replicas scanning the same fold
 
 Files are copied into the store, never hard-linked: a writer still holding a dropped file open (or
 another link to it) must not be able to change bytes an event already describes.
+
+What a scan leaves in the drop folders (still being written, waiting for room or for its media,
+failing) is the drop folders' backlog: written to <data>/run/incoming.json when it changes, and
+once a minute while it does not, for the admin status and the metrics of every replica
+(DropBacklog). One that grows, or whose oldest file gets old, means files are not being imported.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import datetime
 import errno
 import hashlib
 import hmac
@@ -65,10 +71,10 @@ from collections.abc import Callable, Iterator, Mapping
 import sqlalchemy as sa
 from sqlmodel import col, select
 
-from . import file_locks, validation
+from . import file_locks, status_files, validation
 from ._direct_io import AppendWriter
 from .background import BackgroundLoop
-from .clock import utcnow
+from .clock import rfc3339, utcnow
 from .errors import Exhausted, GalleryError
 from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import Event, initial_thumbnail_state
@@ -83,6 +89,9 @@ LOCKS_FOLDER = "incoming-locks"  # in staging/: a lock file per device (the modu
 IGNORED_SUFFIXES = (".part", ".tmp", "~")
 _ID_LABEL = b"gallery incoming event ids v1"
 _CHUNK = 1 << 20
+# The backlog's status file is rewritten at least this often, so that its `scanned` time says the
+# scans go on.
+BACKLOG_REFRESH_SECONDS = 60.0
 QUOTA_WAIT = "the device is at its quota (GALLERY_MAX_DEVICE_BYTES): retried on later scans"
 
 # (st_dev, st_ino, st_size, st_mtime_ns): what must stay unchanged for a file to count as complete,
@@ -118,6 +127,28 @@ class _Seen:
     since: float  # when this signature was first observed
     sha256: str = ""  # cached digest of a thumbnail with this signature
     reported: str = ""  # the last problem logged for this signature (logged once, not every scan)
+
+
+@dataclasses.dataclass
+class DropBacklog:
+    """What the last scan left in the drop folders (incoming and thumbnails, every device)."""
+
+    files: int = 0
+    bytes: int = 0
+    oldest: str = ""  # RFC 3339 modification time of the oldest of those files; "" with none
+    scanned: str = ""  # RFC 3339: when the scan that found these figures ended
+
+    def figures(self) -> tuple[int, int, str]:
+        return self.files, self.bytes, self.oldest
+
+
+def backlog_path(storage: Storage) -> pathlib.Path:
+    return storage.run_root / "incoming.json"
+
+
+def last_backlog(storage: Storage) -> DropBacklog | None:
+    """The drop folders' backlog as the last scan of any replica left it; None before the first."""
+    return status_files.read(backlog_path(storage), DropBacklog)
 
 
 @dataclasses.dataclass
@@ -169,6 +200,7 @@ class IncomingImporter(BackgroundLoop):
         self._seen: dict[str, _Seen] = {}
         self._scan_lock = threading.Lock()
         self._lock_problems: dict[str, str] = {}  # device -> the last error making its lock file
+        self._backlog_written: tuple[tuple[int, int, str], float] | None = None  # figures, when
 
     def run_pass(self) -> bool:
         self.scan_once()  # a stopped importer abandons the file it reads: it stays in incoming
@@ -205,7 +237,36 @@ class IncomingImporter(BackgroundLoop):
                 pass
             finally:
                 self._seen = seen  # forgets what is gone (and, after a stop, what was not reached)
+            if not self._stopping.is_set():  # a stopped scan did not look at every folder
+                self._record_backlog(seen)
             return imported
+
+    def _record_backlog(self, seen: dict[str, _Seen]) -> None:
+        """Count what is still there of what this scan listed, and keep it when it changed (or
+        has not been written for BACKLOG_REFRESH_SECONDS)."""
+        backlog = DropBacklog()
+        oldest_ns = None
+        for path in seen:
+            try:
+                st = os.lstat(path)
+            except OSError:  # imported, or gone otherwise
+                continue
+            backlog.files += 1
+            backlog.bytes += st.st_size
+            oldest_ns = st.st_mtime_ns if oldest_ns is None else min(oldest_ns, st.st_mtime_ns)
+        if oldest_ns is not None:
+            backlog.oldest = rfc3339(datetime.datetime.fromtimestamp(oldest_ns / 1e9, datetime.UTC))
+        now = time.monotonic()
+        if (self._backlog_written is not None and self._backlog_written[0] == backlog.figures()
+                and now - self._backlog_written[1] < BACKLOG_REFRESH_SECONDS):
+            return
+        backlog.scanned = rfc3339(utcnow())
+        try:
+            status_files.write(backlog_path(self.storage), backlog)
+        except OSError as exc:  # a full disk: the imports go on, the status is stale
+            log.warning("the drop folders' backlog was not written", extra={"error": str(exc)})
+            return
+        self._backlog_written = (backlog.figures(), now)
 
     @contextlib.contextmanager
     def _device_lock(self, device: str) -> Iterator[bool]:

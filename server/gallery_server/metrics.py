@@ -33,10 +33,11 @@ from .errors import DatabaseUnavailable
 
 if TYPE_CHECKING:
     from .db import Database
+    from .incoming import DropBacklog
     from .reconcile import Findings
     from .scrub import Totals
 
-Run = TypeVar("Run")  # a status file's result: a reconciliation's findings, a verification's totals
+Run = TypeVar("Run")  # a status file's result: a reconciliation's findings, a verification's totals, a backlog
 
 # A counter's `_created` twin doubles every scrape and says nothing its reset to 0 does not.
 prometheus_client.disable_created_metrics()
@@ -155,6 +156,24 @@ class Metrics:
             "gallery_verify_missing": (
                 "Stored events whose media file the last whole `gallery verify` found missing.",
                 lambda run: run.missing),
+        })
+
+    def watch_drop_folders(self, last: Callable[[], DropBacklog | None]) -> None:
+        """What the last scan of the drop folders left in them (its status file, read at each
+        scrape). NaN before the first scan; the oldest file's time is NaN when none waits."""
+        self._watch_last(last, {
+            "gallery_incoming_files_waiting": (
+                "Files the last scan left in the drop folders (being written, waiting for room or media, failing).",
+                lambda backlog: backlog.files),
+            "gallery_incoming_bytes_waiting": (
+                "Bytes of the files the last scan left in the drop folders.",
+                lambda backlog: backlog.bytes),
+            "gallery_incoming_oldest_waiting_timestamp_seconds": (
+                "Modification time (Unix time) of the oldest file left in the drop folders: an old one is stuck.",
+                lambda backlog: _unix_time(backlog.oldest)),
+            "gallery_incoming_last_scan_timestamp_seconds": (
+                "When that scan ended (Unix time; rewritten at least once a minute while scans run).",
+                lambda backlog: _unix_time(backlog.scanned)),
         })
 
     def _watch_last(

@@ -52,7 +52,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import aliased
 from sqlmodel import col, func, select
 
-from . import devices, file_locks, quota, scrub, status_files, thumbnails
+from . import devices, file_locks, incoming, quota, scrub, status_files, thumbnails
 from .auth import ADMIN, Principal
 from .background import BackgroundLoop
 from .clock import rfc3339, utcnow
@@ -114,6 +114,7 @@ class AdminStatus:
     accepting_uploads: bool
     counts: Counts | None  # None: the database did not answer
     device_storage: quota.Summary | None
+    drop_backlog: incoming.DropBacklog | None = None
 
 
 def _granted(media_state: str | None, thumbnail: bool) -> bool:
@@ -437,6 +438,7 @@ class Reconciler:
             accepting_uploads=disk.free_bytes >= minimum,
             counts=counts,
             device_storage=device_storage,
+            drop_backlog=incoming.last_backlog(self.storage),
         )
 
     def _counts(self) -> tuple[Counts, quota.Summary]:

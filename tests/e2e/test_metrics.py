@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import math
 import os
 import pathlib
 import threading
@@ -194,6 +195,41 @@ def test_the_shared_backlogs_are_scraped(measured: tuple[Stack, str]) -> None:
     counts = status.json()["counts"]
     assert (counts["thumbnails_pending"], counts["pulls_open"]) == (
         after("gallery_thumbnails_pending"), after("gallery_pulls_open"))
+
+
+def test_what_the_drop_folders_hold_back_is_scraped_and_in_the_status(measured: tuple[Stack, str]) -> None:
+    """Files a scan leaves in the drop folders (an empty file is never imported; a thumbnail waits
+    for media of its stem), with the oldest one's time: what an alert on stuck imports reads."""
+    stack, url = measured
+    device, admin = new_device(), auth.mint(JWT_SECRET, subject="ops", devices=["*"], scope=auth.ADMIN)
+    inbox = stack.data_dir / "gallery" / device / "incoming"
+    thumbs = inbox.with_name("thumbnails")
+    inbox.mkdir(parents=True)
+    thumbs.mkdir()
+    (inbox / "placeholder.mp4").touch()
+    (thumbs / "later.jpg").write_bytes(b"jpeg")
+    os.utime(thumbs / "later.jpg", (1_700_000_000, 1_700_000_000))
+
+    def status() -> dict:  # type: ignore[type-arg]
+        r = httpx.get(f"{stack.base_url}/api/admin/status", timeout=30, headers={"Authorization": f"Bearer {admin}"})
+        assert r.status_code == 200, r.text
+        return r.json()["incoming"]  # type: ignore[no-any-return]
+
+    assert wait_until(lambda: scrape(url)("gallery_incoming_files_waiting") == 2, seconds=15)
+    value = scrape(url)
+    assert value("gallery_incoming_bytes_waiting") == 4
+    assert value("gallery_incoming_oldest_waiting_timestamp_seconds") == 1_700_000_000
+    assert time.time() - 120 < value("gallery_incoming_last_scan_timestamp_seconds") <= time.time()
+    backlog = status()
+    assert backlog.keys() == {"files", "bytes", "oldest", "scanned"}
+    assert (backlog["files"], backlog["bytes"], backlog["oldest"]) == (2, 4, "2023-11-14T22:13:20Z")
+    assert isinstance(backlog["scanned"], str) and backlog["scanned"].endswith("Z")
+
+    (inbox / "placeholder.mp4").unlink()
+    (thumbs / "later.jpg").unlink()
+    assert wait_until(lambda: scrape(url)("gallery_incoming_files_waiting") == 0, seconds=15)
+    assert math.isnan(scrape(url)("gallery_incoming_oldest_waiting_timestamp_seconds"))
+    assert status() | {"scanned": ""} == {"files": 0, "bytes": 0, "oldest": "", "scanned": ""}
 
 
 def test_each_server_logs_what_it_admits_at_once(stack: Stack) -> None:

@@ -910,3 +910,49 @@ def test_a_writer_holding_the_file_cannot_change_the_stored_bytes(gallery, impor
         writer.write(b"b" * 500)  # the writer goes on after the file settled and was taken
     stored = gallery.storage.media_path(DEVICE, event_id)
     assert stored.read_bytes() == b"a" * 1000
+
+
+# -- the backlog --------------------------------------------------------------------------------
+
+
+def test_what_a_scan_leaves_is_the_backlog_of_every_replica(gallery, importer, folders, restarted, monkeypatch):
+    inbox, thumbs = folders
+    assert incoming.last_backlog(gallery.storage) is None  # before the first scan
+    importer.scan_once(now=0)
+    empty = incoming.last_backlog(gallery.storage)
+    assert empty is not None and empty.figures() == (0, 0, "") and empty.scanned
+
+    media = write(inbox / "clip.mp4", random_bytes(3_000))
+    late = write(thumbs / "other.jpg", b"jpeg")  # waits for media of its stem
+    os.utime(inbox / "clip.mp4", ns=(1_700_000_000_000_000_000,) * 2)
+    importer.scan_once(now=1)  # not settled yet
+    backlog = incoming.last_backlog(gallery.storage)
+    assert backlog is not None
+    assert backlog.figures() == (2, len(media) + len(late), "2023-11-14T22:13:20Z")
+    # Read by another replica as written by this one (a file of the shared data folder).
+    assert incoming.last_backlog(restarted().storage) == backlog
+
+    [_] = importer.scan_once(now=1 + SETTLED)  # clip.mp4 imported; the thumbnail still waits
+    backlog = incoming.last_backlog(gallery.storage)
+    assert backlog.files == 1 and backlog.bytes == len(late) and backlog.oldest
+    # The same figures again: the file is left as it is, until a minute has passed.
+    scanned = backlog.scanned
+    importer.scan_once(now=2 + SETTLED)
+    assert incoming.last_backlog(gallery.storage).scanned == scanned
+    monkeypatch.setattr(incoming, "BACKLOG_REFRESH_SECONDS", 0.0)
+    importer.scan_once(now=3 + SETTLED)
+    assert incoming.last_backlog(gallery.storage).scanned > scanned
+
+    (thumbs / "other.jpg").unlink()
+    importer.scan_once(now=4 + SETTLED)
+    assert incoming.last_backlog(gallery.storage).figures() == (0, 0, "")
+
+
+def test_a_stopped_scan_leaves_the_backlog_as_it_was(gallery, importer, folders):
+    inbox, _ = folders
+    importer.scan_once(now=0)
+    before = incoming.last_backlog(gallery.storage)
+    write(inbox / "a.bin", b"abc")
+    importer._stopping.set()
+    importer.scan_once(now=1)
+    assert incoming.last_backlog(gallery.storage) == before

@@ -98,20 +98,34 @@ class GetAdminStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetAdminStatusResponse(_message.Message):
-    __slots__ = ("last_reconcile", "disk", "counts", "device_storage", "database_up", "last_verify")
+    __slots__ = ("last_reconcile", "disk", "counts", "device_storage", "database_up", "last_verify", "incoming")
     LAST_RECONCILE_FIELD_NUMBER: _ClassVar[int]
     DISK_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_STORAGE_FIELD_NUMBER: _ClassVar[int]
     DATABASE_UP_FIELD_NUMBER: _ClassVar[int]
     LAST_VERIFY_FIELD_NUMBER: _ClassVar[int]
+    INCOMING_FIELD_NUMBER: _ClassVar[int]
     last_reconcile: ReconcileRun
     disk: DiskStatus
     counts: AdminCounts
     device_storage: DeviceStorage
     database_up: bool
     last_verify: VerifyRun
-    def __init__(self, last_reconcile: _Optional[_Union[ReconcileRun, _Mapping]] = ..., disk: _Optional[_Union[DiskStatus, _Mapping]] = ..., counts: _Optional[_Union[AdminCounts, _Mapping]] = ..., device_storage: _Optional[_Union[DeviceStorage, _Mapping]] = ..., database_up: _Optional[bool] = ..., last_verify: _Optional[_Union[VerifyRun, _Mapping]] = ...) -> None: ...
+    incoming: DropBacklog
+    def __init__(self, last_reconcile: _Optional[_Union[ReconcileRun, _Mapping]] = ..., disk: _Optional[_Union[DiskStatus, _Mapping]] = ..., counts: _Optional[_Union[AdminCounts, _Mapping]] = ..., device_storage: _Optional[_Union[DeviceStorage, _Mapping]] = ..., database_up: _Optional[bool] = ..., last_verify: _Optional[_Union[VerifyRun, _Mapping]] = ..., incoming: _Optional[_Union[DropBacklog, _Mapping]] = ...) -> None: ...
+
+class DropBacklog(_message.Message):
+    __slots__ = ("files", "bytes", "oldest", "scanned")
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_FIELD_NUMBER: _ClassVar[int]
+    SCANNED_FIELD_NUMBER: _ClassVar[int]
+    files: float
+    bytes: float
+    oldest: str
+    scanned: str
+    def __init__(self, files: _Optional[float] = ..., bytes: _Optional[float] = ..., oldest: _Optional[str] = ..., scanned: _Optional[str] = ...) -> None: ...
 
 class DeviceStorage(_message.Message):
     __slots__ = ("quota_bytes", "devices_at_quota", "devices_near_quota", "largest")

@@ -73,4 +73,9 @@ class AdminServicer(admin_pb2_grpc.GalleryAdminServiceServicer):
                 damaged=verified.damaged, missing=verified.missing, seconds=verified.seconds,
                 examples=verified.examples,
             ))
+        backlog = status.drop_backlog
+        if backlog is not None:
+            response.incoming.CopyFrom(pb.DropBacklog(
+                files=backlog.files, bytes=backlog.bytes, oldest=backlog.oldest, scanned=backlog.scanned,
+            ))
         return response

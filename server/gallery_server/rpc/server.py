@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gallery.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, gallery_pb2, gallery_pb2_grpc
 
-from .. import _malloc, scrub
+from .. import _malloc, incoming, scrub
 from ..addresses import ANY_HOST, split_address
 from ..auth import Verifier
 from ..db import Database, availability
@@ -196,6 +196,7 @@ def _add_gauges(metrics: Metrics, gallery: Gallery, devices: Devices, reconciler
     metrics.watch_backlogs(gallery.db)
     metrics.watch_reconciliation(reconciler.last)
     metrics.watch_verification(functools.partial(scrub.last, gallery.settings.data_dir))
+    metrics.watch_drop_folders(functools.partial(incoming.last_backlog, gallery.storage))
 
 
 def serve(settings: Settings) -> None:
