@@ -284,7 +284,7 @@ class _Files:
         self.gathered.mkdir(mode=0o700)
         if self.taker.copy:
             self._check_room()
-        for device, names in media_files(self.source):
+        for device, names in media_files(self.source, unreadable=self.taker.unreadable):
             (self.gathered / device).mkdir(mode=0o750)
             for name in names:
                 self.taker.take(self.source / device / name, self.gathered / device / name)
@@ -293,7 +293,7 @@ class _Files:
         """Copies must fit, the database's with them, and leave the servers their headroom when
         on their disk. Counted from the files themselves, thumbnails included."""
         sizes = [self.database_bytes]
-        for device, names in media_files(self.source):
+        for device, names in media_files(self.source, unreadable=self.taker.unreadable):
             sizes.append(FOLDER)
             for name in names:
                 with contextlib.suppress(FileNotFoundError):
@@ -379,19 +379,24 @@ class _Files:
             self.manifest.deleted_meanwhile.append(f"{device}/{event_id}")
         suspects.clear()
 
-def media_files(root: pathlib.Path) -> Iterator[tuple[str, list[str]]]:
+def media_files(root: pathlib.Path, *, unreadable: str) -> Iterator[tuple[str, list[str]]]:
     """(device, its file names) of a media folder, one device at a time; a folder or file that
-    goes meanwhile is skipped, and so are hidden names (a staging file) and what is not a file."""
+    goes meanwhile is skipped, and so are hidden names (a staging file) and what is not a file.
+    A folder this user may not list (the servers' are 0750) says what to do: `unreadable`."""
     try:
         devices = sorted(entry.name for entry in os.scandir(root) if entry.is_dir(follow_symlinks=False))
     except FileNotFoundError:
         return
+    except PermissionError as exc:
+        raise PermissionError(exc.errno, f"cannot list {root}: {unreadable}") from None
     for device in devices:
         try:
             with os.scandir(root / device) as entries:
                 names = [e.name for e in entries if e.is_file(follow_symlinks=False) and not e.name.startswith(".")]
         except FileNotFoundError:
             continue
+        except PermissionError as exc:
+            raise PermissionError(exc.errno, f"cannot list {root / device}: {unreadable}") from None
         yield device, names
 
 

@@ -5,7 +5,10 @@ File parts (`event`, `thumbnail`) go to staging as they arrive; text parts (`nam
 order: the reference's own curl example sends `event` before `media_type` and `metadata`.
 Parts of other names are skipped, as HTTP frameworks skip fields a handler does not read: an
 existing client may send more than the reference lists (a device id, a timestamp). They are
-bounded too, and named in the call's access line so that a misspelt field can be found.
+bounded too, and named in the call's access line so that a misspelt field can be found. A name
+that is a field's but for its case or separators (`mediaType`, `Device-Event-Id`) is refused: the
+client meant that field, and skipping it would change what is stored (a retry keyed by
+`deviceEventId` stored twice).
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ def multipart_boundary(content_type: str) -> bytes:
             field="content_type",
         )
     return boundary
+
+
+def _folded(name: str) -> str:
+    """A field name without its case and separators: `mediaType` and `Media-Type` are media_type."""
+    return name.lower().replace("_", "").replace("-", "")
 
 
 def _utf8(field: str, value: bytearray) -> str:
@@ -178,6 +186,10 @@ class FormReceiver:
             self._texts[name] = bytearray()
 
     def _skip(self, name: str) -> None:
+        if meant := {_folded(known): known for known in ("event", "thumbnail", *self._limits)}.get(_folded(name)):
+            self._fail(InvalidArgument(
+                "UNKNOWN_FORM_FIELD", f"unknown form field {name[:64]!r}: the field is {meant!r}", field=name[:64],
+            ))
         if len(self._skipped) == MAX_OTHER_PARTS:
             self._fail(InvalidArgument(
                 "TOO_MANY_FORM_FIELDS", f"more than {MAX_OTHER_PARTS} form fields the upload does not read",

@@ -62,6 +62,7 @@ from .settings import (
 )
 
 log = logging.getLogger(__name__)
+_UNREADABLE = "run `gallery restore` as a user who may read the backup"
 
 # Each file the restored database names: a stored event's media (its size known) and thumbnail,
 # and an announced event's thumbnail.
@@ -123,7 +124,7 @@ def restore(settings: Settings, source: pathlib.Path, *, copy: bool = False) -> 
         with stoppable.signals_held():  # a signal as it returns would leave a marked folder unknown here
             made = _claim(data_dir)
         copy = copy or os.stat(source).st_dev != os.stat(data_dir).st_dev
-        taker = FileTaker(copy=copy, unreadable="run `gallery restore` as a user who may read the backup",
+        taker = FileTaker(copy=copy, unreadable=_UNREADABLE,
                           before_copying=lambda: _check_room(source, data_dir, settings, media=True, database=None))
         _check_room(source, data_dir, settings, media=copy, database=target)
         target.restore()
@@ -271,7 +272,7 @@ def _check_room(source: pathlib.Path, data_dir: pathlib.Path, settings: Settings
         need(database.path.parent, [database.backup_file.stat().st_size])
     if media:
         root = storage.media_root(source)
-        for device, names in media_files(root):
+        for device, names in media_files(root, unreadable=_UNREADABLE):
             need(data_dir, [FOLDER, *((root / device / name).stat().st_size for name in names)])
     for folder, sizes in needs.values():
         require_room(folder, sizes, reserve=settings.min_free_bytes,
@@ -506,7 +507,7 @@ def _restore_media(source: pathlib.Path, data_dir: pathlib.Path, taker: FileTake
     """Every file of the backup's media folder into the data folder's, folders 0750."""
     backup_media, media = storage.media_root(source), storage.media_root(data_dir)
     media.mkdir(mode=0o750, exist_ok=True)
-    for device, names in media_files(backup_media):
+    for device, names in media_files(backup_media, unreadable=taker.unreadable):
         (media / device).mkdir(mode=0o750)
         for name in names:
             target = media / device / name

@@ -261,7 +261,8 @@ def test_admin_status_shape_and_scope(limited: Stack, mint: Callable[..., str]) 
         assert denied.json()["details"][0]["reason"] == "SCOPE_MISSING"
         # The reconciler ran at start-up; its findings are in the status.
         body = admin_status(http, mint(scope=auth.ADMIN))
-    assert set(body) == {"last_reconcile", "disk", "counts", "device_storage", "database_up"}
+    assert set(body) == {"last_reconcile", "disk", "counts", "device_storage", "database_up", "incoming"}
+    assert set(body["incoming"]) == {"files", "bytes", "oldest", "scanned"}  # the first scan's
     assert body["database_up"] is True
     run = body["last_reconcile"]
     assert set(run) == {

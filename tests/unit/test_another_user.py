@@ -51,6 +51,9 @@ def shared(postgres_url: str, principal) -> Iterator[tuple[Gallery, pathlib.Path
         gallery = Gallery(settings, db, Storage(settings.data_dir))
         for i in range(2):
             store(gallery, principal, "cam1", PNG + bytes([i]), name=f"{i}.png")
+        # Folders others may enter and list (the servers make them 0750): only the files, 0640, are not theirs.
+        for folder in (settings.data_dir, gallery.storage.media_root, gallery.storage.media_root / "cam1"):
+            folder.chmod(0o755)
         yield gallery, root / "out"
         SQLModel.metadata.drop_all(db.engine)  # the session's database is shared: leave it empty
         db.dispose()
@@ -88,6 +91,18 @@ def test_backup_by_a_user_who_may_not_read_the_files_says_so(shared, copy, says)
     assert result.returncode == 1, result.stderr
     assert says in result.stderr and "nothing kept" in result.stderr, result.stderr
     assert not destination.exists()
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_backup_by_a_user_who_may_not_list_the_folders_says_so(shared, copy):  # type: ignore[no-untyped-def]
+    """The servers' folders are 0750: another user cannot even list them."""
+    gallery, out = shared
+    gallery.storage.media_root.chmod(0o750)
+    result = as_nobody(gallery, "backup", str(out / "backup"), *(["--copy"] if copy else []))
+    assert result.returncode == 1, result.stderr
+    assert f"cannot list {gallery.storage.media_root}: run `gallery backup` as the server's user or group" \
+        in result.stderr and "nothing kept" in result.stderr, result.stderr
     assert list(out.iterdir()) == []
 
 

@@ -331,13 +331,26 @@ def test_bad_content_type(storage: Storage, content_type: str) -> None:
 @pytest.mark.parametrize("size", [None, 1, 3, 16])
 def test_fields_the_upload_does_not_read_are_skipped(storage: Storage, size: int | None) -> None:
     """As HTTP frameworks skip them: a client may send more than the reference lists, text or
-    files, named twice, even named like a known field but for its case."""
+    files, named twice."""
     others = [Part("device_id", b"cam1"), Part("owner", b"mallory"), Part("owner", b"again"),
-              Part("Name", b"not the name"), Part("file", MEDIA[::-1], filename="x.png", content_type="image/png"),
+              Part("filename", b"not the name"), Part("file", MEDIA[::-1], filename="x.png", content_type="image/png"),
               Part("timestamp", b"x" * forms.MAX_OTHER_PART_BYTES)]
     parts = standard_parts()
     data = body(*others[:3], *parts[:3], *others[3:], *parts[3:])
     assert receive(storage, pieces(data, size or len(data))) == EXPECTED
+
+
+@pytest.mark.parametrize(("name", "meant"), [
+    ("deviceEventId", "device_event_id"), ("mediaType", "media_type"), ("Media-Type", "media_type"),
+    ("hasThumbnail", "has_thumbnail"), ("Name", "name"), ("EVENT", "event"), ("Thumbnail", "thumbnail"),
+    ("META_DATA", "metadata"),
+])
+def test_a_field_the_upload_reads_spelt_otherwise_is_refused(storage: Storage, name: str, meant: str) -> None:
+    """The client meant that field: skipping it would change what is stored (a retry keyed by
+    `deviceEventId` stored twice, a `mediaType` lost)."""
+    data = body(Part("name", b"a.mp4"), Part("event", b"abc"), Part(name, b"x"))
+    error = fail(storage, data, InvalidArgument, "UNKNOWN_FORM_FIELD")
+    assert (error.field, error.message) == (name, f"unknown form field {name!r}: the field is {meant!r}")
 
 
 def test_fields_skipped_are_bounded(storage: Storage) -> None:
