@@ -212,11 +212,8 @@ class SignedUploads:
         done_state = grant.media_state if target.purpose == MEDIA else grant.thumbnail_state
         expires_at = aware(grant.expires_at)
         if done_state == "done":
-            size = 0
-            if target.purpose == MEDIA:
-                with self.gallery.db.session() as session:
-                    event = session.get(Event, target.event_id)
-                size = event.size if event is not None else 0  # 0: the event was deleted since
+            event = self._stored(target)
+            size = int(event.size) if target.purpose == MEDIA else 0
             return SignedUploadState(target.event_id, size, size, True, expires_at)
         committed = size = 0
         if target.purpose == MEDIA:
@@ -291,17 +288,23 @@ class SignedUploads:
 
     def _stored_before(self, target: SignedTarget, content_range: ContentRange) -> RangePut:
         """A chunk PUT to a URL whose event was stored: a retry of the last one, whose answer got
-        lost, is answered that event; unless it was deleted since, as a native session's is."""
+        lost, is answered that event."""
+        self._stored(target)
+        return RangePut(self, target, content_range, None, done=True)
+
+    def _stored(self, target: SignedTarget) -> Event:
+        """The event a used URL stored; NOT_FOUND once it was deleted, as a native session's is
+        (its status and its chunk PUTs would otherwise tell a client its upload is stored)."""
         with self.gallery.db.session() as session:
-            stored = session.get(Event, target.event_id) is not None
-        if not stored:
+            event = session.get(Event, target.event_id)
+        if event is None:
             raise NotFound(
                 "UPLOAD_EVENT_DELETED",
                 f"this URL's upload was stored as event {target.event_id}, which has been deleted since;"
                 " ask a new upload URL to upload it again",
                 device=target.device, event_id=target.event_id,
             )
-        return RangePut(self, target, content_range, None, done=True)
+        return event
 
     def finish_media(self, target: SignedTarget, session: Session, event: Event) -> None:
         """In the event's transaction: mark the URL of a range upload used (a whole PUT that

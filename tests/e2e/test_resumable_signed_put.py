@@ -189,6 +189,10 @@ def test_chunks_cut_query_resume_complete(
     assert http.delete(f"/api/gallery/{device}/events/{event_id}", headers=headers).status_code == 200
     gone = put_range(url, data[offset:], offset, total)
     assert gone.status_code == 404 and error_reason(gone) == "UPLOAD_EVENT_DELETED", gone.text
+    with httpx.Client(timeout=30) as raw:
+        for answer in (raw.get(url), raw.put(url, headers={"Content-Range": f"bytes */{total}"})):
+            assert answer.status_code == 404 and error_reason(answer) == "UPLOAD_EVENT_DELETED", answer.text
+        assert raw.head(url).status_code == 404
     assert http.get(f"/api/gallery/{device}/events", headers=headers).json() == []
     assert not stored.exists() and not [p for p in session_files(stack) if device in str(p)]
 
