@@ -91,20 +91,23 @@ def media_root(data_dir: pathlib.Path) -> pathlib.Path:
 
 
 # The data folder's folders, as its files are 0640: its servers and their group may read them,
-# other local users may not list its devices and event ids.
+# other local users may not list its devices and event ids. The drop folders are written by
+# something else (rsync, a file share): a group the umask lets write may. Each less under a
+# stricter umask.
 FOLDER_MODE = 0o750
+DROP_FOLDER_MODE = 0o770
 
 
-def make_folders(path: pathlib.Path) -> None:
-    """mkdir -p, each folder it makes FOLDER_MODE (Path.mkdir gives the parents it makes the
-    umask's 0755); what exists stays as it is."""
+def make_folders(path: pathlib.Path, mode: int = FOLDER_MODE) -> None:
+    """mkdir -p, each folder it makes `mode` less the umask (Path.mkdir gives the parents it
+    makes 0777 less the umask); what exists stays as it is."""
     missing = []
     while not path.is_dir():
         missing.append(path)
         path = path.parent
     for folder in reversed(missing):
         try:
-            folder.mkdir(mode=FOLDER_MODE)
+            folder.mkdir(mode=mode)
         except FileExistsError:  # made meanwhile, or something else is there
             if not folder.is_dir():
                 raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder)) from None
@@ -128,8 +131,9 @@ class Storage:
         self.sessions_root = self.staging_root / "sessions"  # made by the first resumable upload
         self.drop_root = data_dir / "gallery"
         self.run_root = run_dir(data_dir)
-        for folder in (self.media_root, self.staging_root, self.drop_root):
-            make_folders(folder)
+        make_folders(self.media_root)
+        make_folders(self.staging_root)
+        make_folders(self.drop_root, DROP_FOLDER_MODE)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Storage:
@@ -145,8 +149,8 @@ class Storage:
     def device_paths(self, device: str) -> tuple[pathlib.Path, pathlib.Path]:
         """A device's drop folders (incoming, thumbnails), created if missing: for handing out."""
         incoming, thumbnails = self.drop_folders(device)
-        make_folders(incoming)
-        make_folders(thumbnails)
+        make_folders(incoming, DROP_FOLDER_MODE)
+        make_folders(thumbnails, DROP_FOLDER_MODE)
         return incoming, thumbnails
 
     def media_path(self, device: str, event_id: str) -> pathlib.Path:
@@ -545,11 +549,7 @@ def make_dir(path: pathlib.Path) -> None:
         return
     if not path.is_dir():
         make_dir(path.parent)
-        try:
-            path.mkdir(mode=FOLDER_MODE)
-        except FileExistsError:  # made meanwhile, or something else is there: never remembered
-            if not path.is_dir():
-                raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(path)) from None
+        make_folders(path)  # its parent is there: this one folder
     fsync_dir(path.parent)
     with _DURABLE_DIRS_LOCK:
         _DURABLE_DIRS.add(path)

@@ -126,7 +126,7 @@ def envoy_command(settings: Settings, backends: list[str], config: pathlib.Path 
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(written, 0o644)  # as write_text made it: Envoy may run as another user
+        os.chmod(written, 0o644)  # as write_text made it: Envoy may run as another user (`--config` anywhere)
         os.replace(written, config)
     except BaseException:
         pathlib.Path(written).unlink(missing_ok=True)

@@ -956,3 +956,21 @@ def test_a_stopped_scan_leaves_the_backlog_as_it_was(gallery, importer, folders)
     importer._stopping.set()
     importer.scan_once(now=1)
     assert incoming.last_backlog(gallery.storage) == before
+
+
+@pytest.mark.parametrize(("umask", "drop", "other"), [
+    (0o022, 0o750, 0o750), (0o002, 0o770, 0o750), (0o077, 0o700, 0o700),
+])
+def test_drop_folders_are_as_writable_as_the_umask_lets_a_group(tmp_path, umask, drop, other):
+    """Something else writes into the drop folders (rsync, a file share): a group the umask lets
+    write may. The servers' own folders are at most 0750, and nothing is ever open to others."""
+    old = os.umask(umask)
+    try:
+        storage = Storage(tmp_path / "data")
+        inbox, thumbs = storage.device_paths("cam1")
+        storage_dirs = [storage.media_root, storage.staging_root]
+    finally:
+        os.umask(old)
+    modes = {p: p.stat().st_mode & 0o777 for p in [storage.drop_root, inbox.parent, inbox, thumbs, *storage_dirs]}
+    assert modes == {**dict.fromkeys([storage.drop_root, inbox.parent, inbox, thumbs], drop),
+                     **dict.fromkeys(storage_dirs, other)}
