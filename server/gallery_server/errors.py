@@ -9,7 +9,7 @@ GalleryError                 base; carries a stable UPPER_SNAKE `reason` and `me
 ├── FailedPrecondition       not possible in the resource's current state (400 / FAILED_PRECONDITION)
 ├── Conflict                 lost to another request's state: re-read, then retry (ABORTED, 409)
 ├── OutOfRange               a read past the end of the content (400 / OUT_OF_RANGE)
-├── TooLarge                 a size limit was exceeded (429 through Envoy / RESOURCE_EXHAUSTED)
+├── TooLarge                 a size limit was exceeded (413 through Envoy: rpc/status.py / RESOURCE_EXHAUSTED)
 ├── Unavailable              a service the request needs is unreachable, e.g. the JWKS (503 / UNAVAILABLE)
 │   └── DatabaseUnavailable  the database could not do the work now (db.py says which errors)
 │       └── CommitOutcomeUnknown  the connection went during a COMMIT (Database.commit)

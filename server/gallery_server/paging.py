@@ -23,8 +23,9 @@ from .errors import InvalidArgument
 
 ORDERS = ("newest", "oldest")
 MAX_TOKEN_CHARS = 1024
+# A time's UTC offset whose `+` a query read as a space: `T10:00:00 01:00` (or ` 01`, ` 0100`, ` 01:00:00`).
+_PLUS_READ_AS_SPACE = re.compile(r"(?<=\d) (\d\d(?::?\d\d){0,2}(?:\.\d+)?)$")
 # The fraction of a second in an RFC 3339 time.
-_PLUS_READ_AS_SPACE = re.compile(r"(?<=\d) (\d\d:?\d\d)$")
 _FRACTION = re.compile(r"[.,](\d+)")
 _VERSION = 2  # 2: the device is part of the fingerprint (a version-1 token is INVALID_PAGE_TOKEN)
 

@@ -84,7 +84,7 @@ def event_id(value: str) -> str:
 def display_name(value: str, field: str = "name") -> str:
     """A filename shown to users: never used to build a path, but kept printable and bounded."""
     value = unicodedata.normalize("NFC", value)  # before measuring: NFC can lengthen a name
-    if not value:
+    if not value.strip():  # blanks alone name nothing (`?filename=+` is one space)
         raise InvalidArgument("NAME_REQUIRED", f"{field} is required", field=field)
     if len(value) > MAX_NAME_CHARS:
         raise InvalidArgument(

@@ -197,6 +197,7 @@ REST_CASES = [
          content_type=MULTIPART),
     Rest("body-other-field-too-large", "POST", UP, 400, "FORM_FIELD_TOO_LARGE",
          body=_upload_form(owner="r" * (64 * 1024 + 1)), content_type=MULTIPART),
+    Rest("upload-url-blank-filename", "GET", f"/api/gallery/{DEVICE}/upload-url?filename=+", 400, "NAME_REQUIRED"),
     Rest("body-field-spelt-otherwise", "POST", UP, 400, "UNKNOWN_FORM_FIELD",
          body=_upload_form(deviceEventId="cap-42"), content_type=MULTIPART),
     Rest("body-too-many-other-fields", "POST", UP, 400, "TOO_MANY_FORM_FIELDS",

@@ -218,13 +218,16 @@ def test_a_lowercase_z_is_utc():
 
 @pytest.mark.parametrize("typed", [
     "2024-05-01T14:00:00+02:00", "2024-05-01T14:00:00 02:00",  # a raw `+` in a query reads as a space
-    "2024-05-01T14:00:00.000 02:00", "2024-05-01T14:00:00 0200",
+    "2024-05-01T14:00:00.000 02:00", "2024-05-01T14:00:00 0200", "2024-05-01T14:00:00 02", "2024-05-01T14:00:00+02",
+    "2024-05-01T14:00:00 02:00:00", "2024-05-01 14:00:00 02:00",
 ])
 def test_an_offset_whose_plus_became_a_space_is_that_offset(typed):
     assert paging.build(since=typed).since == T0
 
 
-@pytest.mark.parametrize("typed", ["2024-05-01 12:00", "2024-05-01T12:00:00  02:00"])
+@pytest.mark.parametrize("typed", [
+    "2024-05-01 12:00", "2024-05-01 12:00:00", "2024-05-01 12", "2024-05-01T12:00:00  02:00",
+])
 def test_a_space_elsewhere_is_no_offset(typed):
     with pytest.raises(InvalidArgument) as caught:
         paging.build(since=typed)

@@ -153,6 +153,9 @@ def test_display_name_required() -> None:
     assert error.field == "name"
     error = _raises(InvalidArgument, "NAME_REQUIRED", validation.display_name, "", "filename")
     assert error.field == "filename"
+    for blank in (" ", "  ", "\t ", "\u00a0", "\u3000"):  # `?filename=+` is one space: it names nothing
+        _raises(InvalidArgument, "NAME_REQUIRED", validation.display_name, blank)
+    assert validation.display_name(" a ") == " a "  # a name keeps its own spaces
 
 
 def test_display_name_too_long() -> None:

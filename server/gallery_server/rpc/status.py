@@ -40,9 +40,10 @@ _CODES: dict[type[errors.GalleryError], int] = {
 # 411 Length Required (RFC 9110 15.5.12), which an HTTP client knows how to act on. The REST reads'
 # route runs no Lua (envoy.yaml): a method that could answer one of these must first be taken out
 # of that route's regex (tests/unit/test_envoy_config.py pins its list).
-# Whatever is too large (an upload past GALLERY_MAX_UPLOAD_BYTES, a thumbnail past its limit, an
-# announcement of too many events) is 413 Content Too Large (RFC 9110 15.5.14): the same request
-# will be refused again, where a client that retries on 429 would retry it for ever.
+# A TooLarge (an upload past GALLERY_MAX_UPLOAD_BYTES, a thumbnail past its limit; an announcement
+# of too many events, native only) is 413 Content Too Large (RFC 9110 15.5.14): the same request
+# will be refused again, where a client that retries on 429 would retry it for ever. A form
+# field too long is a bad request (400, InvalidArgument).
 _HTTP_STATUS: dict[str, str] = {
     INSUFFICIENT_STORAGE: "507", QUOTA_EXCEEDED: "507", "LENGTH_REQUIRED": "411",
 }
