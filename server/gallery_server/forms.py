@@ -196,7 +196,7 @@ class FormReceiver:
                 field=name[:64],
             ))
         self._skipped.append(name[:64])
-        logs.note(ignored_form_fields=",".join(self._skipped))
+        logs.note(ignored_form_fields=list(self._skipped))  # a list: a name may hold a comma
         self._skipped_bytes = 0
 
     def _on_part_end(self) -> None:

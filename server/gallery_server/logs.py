@@ -16,11 +16,11 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("gallery_reques
 # Fields of the access line of the RPC being served (rpc/interceptor.py owns the dict): what the
 # call is about, noted by the domain code that learns it (validation.device_id notes the device),
 # so that an operator finds what one device did or was refused, whoever's token asked.
-call_fields: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+call_fields: contextvars.ContextVar[dict[str, str | list[str]] | None] = contextvars.ContextVar(
     "gallery_call_fields", default=None)
 
 
-def note(**fields: str) -> None:
+def note(**fields: str | list[str]) -> None:
     """Add `fields` to the access line of the RPC being served; outside an RPC, nothing."""
     if clash := fields.keys() & _STANDARD:  # logging would refuse the access line's `extra`
         raise ValueError(f"{sorted(clash)} are LogRecord attributes")

@@ -1019,7 +1019,7 @@ def test_form_fields_the_upload_does_not_read_are_skipped(stack, http, auth_head
     assert (event["id"], event["name"], event["size"]) == (event_id, "clip.mp4", len(media))
     assert (stack.data_dir / "media" / device / event_id).read_bytes() == media
     line = access_line(stack, r.headers["x-request-id"])
-    assert line is not None and line["ignored_form_fields"] == "device_id,timestamp,file", line
+    assert line is not None and line["ignored_form_fields"] == ["device_id", "timestamp", "file"], line
 
 
 def test_a_time_offset_typed_with_its_plus_sign(http, auth_headers):

@@ -291,7 +291,7 @@ class _Call:
         self.request_id = offered if _REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
         self.call_request_id = ""  # this call's own id, when it serves another request's (on_behalf_of)
         self.subject = ""
-        self.fields: dict[str, str] = {}  # logs.note(): what the call is about (its device)
+        self.fields: dict[str, str | list[str]] = {}  # logs.note(): what the call is about (its device)
         self.code = "OK"
         self.reason = ""
         self.started = time.perf_counter()
