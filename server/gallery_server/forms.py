@@ -67,6 +67,7 @@ class FormReceiver:
     def __init__(self, upload: Upload, content_type: str, *, max_metadata_bytes: int) -> None:
         self._upload = upload
         self._limits = {**_TEXT_LIMITS, "metadata": max_metadata_bytes}
+        self._fields_folded = {_folded(field): field for field in ("event", "thumbnail", *self._limits)}
         self._seen: set[str] = set()
         self._texts: dict[str, bytearray] = {}
         self._header_field = bytearray()
@@ -186,7 +187,7 @@ class FormReceiver:
             self._texts[name] = bytearray()
 
     def _skip(self, name: str) -> None:
-        if meant := {_folded(known): known for known in ("event", "thumbnail", *self._limits)}.get(_folded(name)):
+        if meant := self._fields_folded.get(_folded(name)):
             self._fail(InvalidArgument(
                 "UNKNOWN_FORM_FIELD", f"unknown form field {name[:64]!r}: the field is {meant!r}", field=name[:64],
             ))
