@@ -211,9 +211,11 @@ class SignedUploads:
         grant = self.grant(target)
         done_state = grant.media_state if target.purpose == MEDIA else grant.thumbnail_state
         expires_at = aware(grant.expires_at)
+        # Once the media stored the event, the pair's status follows it: NOT_FOUND once it is
+        # deleted, for the thumbnail URL too. A thumbnail PUT before its media finds no event yet.
+        stored = self._stored(target) if grant.media_state == "done" else None
         if done_state == "done":
-            event = self._stored(target)
-            size = int(event.size) if target.purpose == MEDIA else 0
+            size = int(stored.size) if stored is not None and target.purpose == MEDIA else 0
             return SignedUploadState(target.event_id, size, size, True, expires_at)
         committed = size = 0
         if target.purpose == MEDIA:

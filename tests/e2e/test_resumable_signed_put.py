@@ -314,10 +314,17 @@ def test_total_change_and_thumbnail_url(
     # The thumbnail, PUT whole, attaches whenever the resumable media completes.
     with httpx.Client(timeout=30) as raw:
         assert raw.put(urls["thumbnail_upload_url"], content=b"jpeg").status_code == 200
+    assert status(urls["thumbnail_upload_url"])["complete"] is True  # before its media: no event yet, none deleted
     done = put_range(urls["upload_url"], b"defghij", 3, 10)
     assert done.status_code == 200, done.text
     [event] = http.get(f"/api/gallery/{device}/events", headers=headers).json()
     assert event["id"] == urls["eventId"] and event["has_thumbnail"] is True and event["size"] == 10
+    # Deleted: both URLs of the pair say so.
+    assert http.delete(f"/api/gallery/{device}/events/{event['id']}", headers=headers).status_code == 200
+    with httpx.Client(timeout=30) as raw:
+        for url in (urls["upload_url"], urls["thumbnail_upload_url"]):
+            gone = raw.get(url)
+            assert gone.status_code == 404 and error_reason(gone) == "UPLOAD_EVENT_DELETED", gone.text
 
 
 # -- races between PUTs of one URL -----------------------------------------------------------------
