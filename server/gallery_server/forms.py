@@ -6,9 +6,9 @@ order: the reference's own curl example sends `event` before `media_type` and `m
 Parts of other names are skipped, as HTTP frameworks skip fields a handler does not read: an
 existing client may send more than the reference lists (a device id, a timestamp). They are
 bounded too, and named in the call's access line so that a misspelt field can be found. A name
-that is a field's but for its case or separators (`mediaType`, `Device-Event-Id`) is refused: the
-client meant that field, and skipping it would change what is stored (a retry keyed by
-`deviceEventId` stored twice).
+that is a field's but for its case, separators or punctuation (`mediaType`, `Device-Event-Id`) is
+refused: the client meant that field, and skipping it would change what is stored (a retry keyed
+by `deviceEventId` stored twice). So are the native header's fields a form does not take.
 """
 
 from __future__ import annotations
@@ -28,6 +28,15 @@ MAX_PREAMBLE_BYTES = 64 << 10
 # Parts of names the upload does not read: each skipped, up to this size and this many.
 MAX_OTHER_PART_BYTES = 64 << 10
 MAX_OTHER_PARTS = 32
+# Fields of the native upload's header that a form does not take: skipped, each would silently lose
+# what the client sent it for.
+_NATIVE_ONLY = {
+    "eventid": "a pulled event's content is uploaded natively (UploadEvent), or with a pre-signed URL",
+    "sha256": "the server computes the sha256; a declared one is checked natively (UploadEvent) only",
+    "size": "the size is the event part's; a declared one is checked natively (UploadEvent) only",
+    "mimetype": "the type is detected from the content (or set media_type)",
+    "metadatajson": "send the JSON object as `metadata`",
+}
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", ""}
 
@@ -47,8 +56,9 @@ def multipart_boundary(content_type: str) -> bytes:
 
 
 def _folded(name: str) -> str:
-    """A field name without its case and separators: `mediaType` and `Media-Type` are media_type."""
-    return name.lower().replace("_", "").replace("-", "")
+    """A field name's letters and digits, in lower case: `mediaType`, `Media-Type`, `media type`
+    and `media.type ` are media_type."""
+    return "".join(c for c in name.lower() if c.isascii() and c.isalnum())
 
 
 def _utf8(field: str, value: bytearray) -> str:
@@ -187,9 +197,15 @@ class FormReceiver:
             self._texts[name] = bytearray()
 
     def _skip(self, name: str) -> None:
-        if meant := self._fields_folded.get(_folded(name)):
+        folded = _folded(name)
+        if meant := self._fields_folded.get(folded):
             self._fail(InvalidArgument(
                 "UNKNOWN_FORM_FIELD", f"unknown form field {name[:64]!r}: the field is {meant!r}", field=name[:64],
+            ))
+        if folded in _NATIVE_ONLY:
+            self._fail(InvalidArgument(
+                "UNKNOWN_FORM_FIELD", f"form field {name[:64]!r} is not one of this upload's: {_NATIVE_ONLY[folded]}",
+                field=name[:64],
             ))
         if len(self._skipped) == MAX_OTHER_PARTS:
             self._fail(InvalidArgument(
