@@ -135,7 +135,9 @@ class DropBacklog:
 
     files: int = 0
     bytes: int = 0
-    oldest: str = ""  # RFC 3339 modification time of the oldest of those files; "" with none
+    # RFC 3339: when the oldest of those files arrived, its inode's change time (a copy that keeps
+    # its dates, rsync -a or cp -p, sets an old modification time, never this); "" with none.
+    oldest: str = ""
     scanned: str = ""  # RFC 3339: when the scan that found these figures ended
 
     def figures(self) -> tuple[int, int, str]:
@@ -253,7 +255,7 @@ class IncomingImporter(BackgroundLoop):
                 continue
             backlog.files += 1
             backlog.bytes += st.st_size
-            oldest_ns = st.st_mtime_ns if oldest_ns is None else min(oldest_ns, st.st_mtime_ns)
+            oldest_ns = st.st_ctime_ns if oldest_ns is None else min(oldest_ns, st.st_ctime_ns)
         if oldest_ns is not None:
             backlog.oldest = rfc3339(datetime.datetime.fromtimestamp(oldest_ns / 1e9, datetime.UTC))
         now = time.monotonic()

@@ -169,7 +169,7 @@ class Metrics:
                 "Bytes of the files the last scan left in the drop folders.",
                 lambda backlog: backlog.bytes),
             "gallery_incoming_oldest_waiting_timestamp_seconds": (
-                "Modification time (Unix time) of the oldest file left in the drop folders: an old one is stuck.",
+                "When the oldest file left in the drop folders arrived (Unix time, ctime): an old one is stuck.",
                 lambda backlog: _unix_time(backlog.oldest)),
             "gallery_incoming_last_scan_timestamp_seconds": (
                 "When that scan ended (Unix time; rewritten at least once a minute while scans run).",

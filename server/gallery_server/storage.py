@@ -91,9 +91,9 @@ def media_root(data_dir: pathlib.Path) -> pathlib.Path:
 
 
 # The data folder's folders, as its files are 0640: its servers and their group may read them,
-# other local users may not list its devices and event ids. The drop folders are written by
-# something else (rsync, a file share): a group the umask lets write may. Each less under a
-# stricter umask.
+# other local users may not list its devices and event ids. The drop folders themselves
+# (incoming, thumbnails) are written by something else (rsync, a file share): a group the umask
+# lets write may, in them only. Each less under a stricter umask.
 FOLDER_MODE = 0o750
 DROP_FOLDER_MODE = 0o770
 
@@ -133,7 +133,7 @@ class Storage:
         self.run_root = run_dir(data_dir)
         make_folders(self.media_root)
         make_folders(self.staging_root)
-        make_folders(self.drop_root, DROP_FOLDER_MODE)
+        make_folders(self.drop_root)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Storage:
@@ -149,6 +149,7 @@ class Storage:
     def device_paths(self, device: str) -> tuple[pathlib.Path, pathlib.Path]:
         """A device's drop folders (incoming, thumbnails), created if missing: for handing out."""
         incoming, thumbnails = self.drop_folders(device)
+        make_folders(incoming.parent)  # the device's folder: a writer of its files may not rename it
         make_folders(incoming, DROP_FOLDER_MODE)
         make_folders(thumbnails, DROP_FOLDER_MODE)
         return incoming, thumbnails

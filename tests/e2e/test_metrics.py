@@ -208,7 +208,7 @@ def test_what_the_drop_folders_hold_back_is_scraped_and_in_the_status(measured: 
     thumbs.mkdir()
     (inbox / "placeholder.mp4").touch()
     (thumbs / "later.jpg").write_bytes(b"jpeg")
-    os.utime(thumbs / "later.jpg", (1_700_000_000, 1_700_000_000))
+    os.utime(thumbs / "later.jpg", (1_700_000_000, 1_700_000_000))  # copied with its dates: it arrived now
 
     def status() -> dict:  # type: ignore[type-arg]
         r = httpx.get(f"{stack.base_url}/api/admin/status", timeout=30, headers={"Authorization": f"Bearer {admin}"})
@@ -218,11 +218,12 @@ def test_what_the_drop_folders_hold_back_is_scraped_and_in_the_status(measured: 
     assert wait_until(lambda: scrape(url)("gallery_incoming_files_waiting") == 2, seconds=15)
     value = scrape(url)
     assert value("gallery_incoming_bytes_waiting") == 4
-    assert value("gallery_incoming_oldest_waiting_timestamp_seconds") == 1_700_000_000
+    assert time.time() - 120 < value("gallery_incoming_oldest_waiting_timestamp_seconds") <= time.time()
     assert time.time() - 120 < value("gallery_incoming_last_scan_timestamp_seconds") <= time.time()
     backlog = status()
     assert backlog.keys() == {"files", "bytes", "oldest", "scanned"}
-    assert (backlog["files"], backlog["bytes"], backlog["oldest"]) == (2, 4, "2023-11-14T22:13:20Z")
+    assert (backlog["files"], backlog["bytes"]) == (2, 4)
+    assert backlog["oldest"].endswith("Z") and not backlog["oldest"].startswith("2023")
     assert isinstance(backlog["scanned"], str) and backlog["scanned"].endswith("Z")
 
     (inbox / "placeholder.mp4").unlink()
