@@ -31,7 +31,7 @@ MAX_OTHER_PARTS = 32
 # Fields of the native upload's header that a form does not take: skipped, each would silently lose
 # what the client sent it for.
 _NATIVE_ONLY = {
-    "eventid": "a pulled event's content is uploaded natively (UploadEvent), or with a pre-signed URL",
+    "eventid": "a pulled event's content is uploaded natively (UploadEvent, header event_id)",
     "sha256": "the server computes the sha256; a declared one is checked natively (UploadEvent) only",
     "size": "the size is the event part's; a declared one is checked natively (UploadEvent) only",
     "mimetype": "the type is detected from the content (or set media_type)",
