@@ -227,7 +227,10 @@ class GalleryServiceServicer:
     def UploadEventForm(self, request_iterator, context):
         """REST multipart upload (`POST /api/gallery/{device}/upload`, fields `name`, `event`, `thumbnail`,
         `media_type`, `has_thumbnail`, `metadata`, and beyond the reference `device_event_id`, as
-        UploadHeader.device_event_id). The body arrives as a stream of HttpBody chunks and is
+        UploadHeader.device_event_id). Parts of other names are skipped (at most 32, of 64 KiB each),
+        but one of those names spelt otherwise (`deviceEventId`) or an UploadHeader field a form does
+        not take (`sha256`) is INVALID_ARGUMENT UNKNOWN_FORM_FIELD; past a size limit, RESOURCE_EXHAUSTED
+        (HTTP 413) UPLOAD_TOO_LARGE. The body arrives as a stream of HttpBody chunks and is
         parsed incrementally. Needs `gallery:write`.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
@@ -265,11 +268,12 @@ class GalleryServiceServicer:
         is ABORTED (HTTP 409) WRONG_OFFSET with ErrorInfo metadata `committed_size`; a Content-Range
         that is malformed, disagrees with the Content-Length or changes the total is INVALID_ARGUMENT
         INVALID_CONTENT_RANGE; another PUT writing the same URL is ABORTED (409) UPLOAD_BUSY; a total
-        above the server's limit is RESOURCE_EXHAUSTED (429) UPLOAD_TOO_LARGE; the first chunk of a
+        above the server's limit is RESOURCE_EXHAUSTED (HTTP 413) UPLOAD_TOO_LARGE; the first chunk of a
         device with GALLERY_MAX_UPLOAD_SESSIONS_PER_DEVICE sessions open (StartUpload's count) is
         RESOURCE_EXHAUSTED (429) TOO_MANY_UPLOAD_SESSIONS. Once the URL's event is
         stored, every Content-Range PUT answers 200 with that event's id and stores nothing (a PUT
-        without Content-Range keeps the single-shot rule: URL_ALREADY_USED). For REST clients: through
+        without Content-Range keeps the single-shot rule: URL_ALREADY_USED); once that event is
+        deleted, NOT_FOUND (404) UPLOAD_EVENT_DELETED. For REST clients: through
         Envoy the body's length is the HTTP request's Content-Length, which a native call has not
         (LENGTH_REQUIRED); native clients upload with UploadEvent or the resumable calls.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
@@ -288,7 +292,8 @@ class GalleryServiceServicer:
         `expires_at`. The same facts come as headers (for HEAD, which gets no body):
         `x-committed-size`, `x-upload-complete` (`true`/`false`), `x-event-id` and, once bytes are
         committed, `range: bytes=0-<committed-1>`. A tampered URL or one for another device is
-        PERMISSION_DENIED (403).
+        PERMISSION_DENIED (403); once the pair's media stored its event and that event was deleted,
+        NOT_FOUND (404) UPLOAD_EVENT_DELETED.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
