@@ -27,13 +27,11 @@ import grpc
 import psycopg
 import pytest
 import sqlalchemy as sa
-from google.api import annotations_pb2
-from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from sqlmodel import SQLModel
 
-from gallery_server import auth, envoy_config, incoming
+from gallery_server import auth, incoming
 from gallery_server.db import Database
 from gallery_server.media_types import OCTET_STREAM, SNIFF_BYTES, detect_mime
 from gallery_server.service import Gallery
@@ -463,18 +461,3 @@ def stored_files(data_dir: pathlib.Path) -> list[pathlib.Path]:
     )
 
 
-def http_bindings() -> set[tuple[str, str, str]]:
-    """(method, HTTP verb, path template) of every REST binding in the descriptor Envoy loads."""
-    files = descriptor_pb2.FileDescriptorSet.FromString(envoy_config.DESCRIPTOR.read_bytes())
-    bindings = set()
-    for file in files.file:
-        for service in file.service:
-            for method in service.method:
-                rule = method.options.Extensions[annotations_pb2.http]
-                for binding in (rule, *rule.additional_bindings):
-                    kind = binding.WhichOneof("pattern")
-                    if kind == "custom":
-                        bindings.add((method.name, binding.custom.kind, binding.custom.path))
-                    elif kind is not None:
-                        bindings.add((method.name, kind.upper(), getattr(binding, kind)))
-    return bindings

@@ -6,8 +6,11 @@ import base64
 import json
 import os
 import pathlib
+import re
 import string
 
+from google.api import annotations_pb2
+from google.protobuf import descriptor_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from . import downloads
@@ -19,12 +22,13 @@ TEMPLATE = ROOT / "envoy" / "envoy.yaml"
 DESCRIPTOR = ROOT / "generated" / "gallery_descriptor.pb"
 
 # Envoy's own answers to REST requests (refused before the server sees them: a query value of the
-# wrong type, an unparsable JSON body, a path or method no route has, oversized headers, no server
+# wrong type, an unparsable JSON body, a path no route has or a method it has not, oversized headers, no server
 # up) take the server's error shape, a JSON google.rpc.Status with an ErrorInfo, so that a client
 # reads every error one way. HTTP status -> (gRPC code, ErrorInfo reason); the message is Envoy's.
 LOCAL_REPLIES = {
     400: (code_pb2.INVALID_ARGUMENT, "MALFORMED_REQUEST"),  # the server's reason for what it cannot parse
     404: (code_pb2.NOT_FOUND, "NOT_FOUND"),
+    405: (code_pb2.UNIMPLEMENTED, "METHOD_NOT_ALLOWED"),  # a path the API has, with a method it has not
     408: (code_pb2.DEADLINE_EXCEEDED, "REQUEST_TIMEOUT"),  # headers late, or a stream silent too long
     413: (code_pb2.RESOURCE_EXHAUSTED, "BODY_TOO_LARGE"),  # as the server's own size limits
     416: (code_pb2.OUT_OF_RANGE, "RANGE_NOT_SATISFIABLE"),  # a file Envoy sends shrank since the Check
@@ -65,8 +69,13 @@ CORS_EXPOSED_HEADERS = (
     "range",  # a resumable PUT's 308: what the server holds (README "Resumable uploads over REST")
     "www-authenticate",  # a 401's: which token problem (RFC 6750)
     "x-request-id",  # every answer's: what the logs call the request
+    "allow",  # a 405's: the methods the path takes (method_not_allowed_routes)
 )
 CORS_MAX_AGE_SECONDS = 600  # how long a browser may reuse a preflight's answer
+
+
+# The indentation of the line the generated routes take the place of.
+_ROUTES_INDENT = re.search(r"^( *)\$\{METHOD_NOT_ALLOWED_ROUTES\}$", TEMPLATE.read_text(), re.MULTILINE)[1]
 
 
 def render(
@@ -100,6 +109,87 @@ def render(
         VIRTUAL_HOST_FILTERS=json.dumps(
             {"envoy.filters.http.cors": cors_policy(cors_origins)} if cors_origins else {}
         ),
+        # One flow mapping (JSON) per line, each an item of the block sequence the line is in.
+        METHOD_NOT_ALLOWED_ROUTES=f"\n{_ROUTES_INDENT}".join(
+            f"- {json.dumps(route)}" for route in method_not_allowed_routes()
+        ),
+    )
+
+
+def http_bindings() -> set[tuple[str, str, str]]:
+    """(RPC, HTTP method, path template) of every REST binding in the descriptor Envoy loads."""
+    files = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR.read_bytes())
+    bindings = set()
+    for file in files.file:
+        for service in file.service:
+            for method in service.method:
+                rule = method.options.Extensions[annotations_pb2.http]
+                for binding in (rule, *rule.additional_bindings):
+                    kind = binding.WhichOneof("pattern")
+                    if kind == "custom":
+                        bindings.add((method.name, binding.custom.kind, binding.custom.path))
+                    elif kind is not None:
+                        bindings.add((method.name, kind.upper(), getattr(binding, kind)))
+    return bindings
+
+
+def method_not_allowed_routes() -> list[dict[str, object]]:
+    """A route for each REST path template, taken by the methods it has no binding for: Lua answers
+    405 with the Allow header (RFC 9110), where the transcoder would answer 404 as for a path that
+    does not exist. Lua, not a direct_response, for the same reason as the percent-encoded query
+    route in envoy.yaml: Lua runs before the transcoder, and the CORS filter serves routes to a
+    cluster only. HEAD is allowed wherever GET is (envoy.yaml's Lua filter answers it)."""
+    bound: dict[str, set[str]] = {}
+    for _, method, template in http_bindings():
+        bound.setdefault(template, set()).add(method)
+    routes: list[dict[str, object]] = []
+    for template in sorted(bound):
+        # A path that another template matches too takes that template's methods as well.
+        allowed = set().union(*(bound[other] for other in bound if _may_match_one_path(template, other)))
+        if "GET" in allowed:
+            allowed = allowed | {"HEAD"}
+        allow = ", ".join(sorted(allowed))
+        # Not naming the method asked: a HEAD's Content-Length must be its GET's.
+        answer = (
+            "function envoy_on_request(handle)\n"
+            f"  handle:respond({{[\":status\"] = \"405\", [\"allow\"] = \"{allow}\"}},\n"
+            f"    \"method not allowed: {template} takes {allow}\")\n"
+            "end\n"
+        )
+        routes.append({
+            "match": {
+                "safe_regex": {"regex": _path_regex(template)},
+                "headers": [{"name": ":method", "invert_match": True,
+                             "string_match": {"safe_regex": {"regex": "|".join(sorted(allowed))}}}],
+            },
+            "route": {"cluster": "gallery_grpc", "timeout": "60s"},
+            "typed_per_filter_config": {"envoy.filters.http.lua": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute",
+                "source_code": {"inline_string": answer},
+            }},
+        })
+    return routes
+
+
+def _path_regex(template: str) -> str:
+    """The RE2 regex of the paths a binding's template matches; only the single-segment
+    variables this API uses (`{device}`), so that a template with more fails loudly here."""
+    segments = []
+    for segment in template.split("/"):
+        if re.fullmatch(r"\{[A-Za-z_][A-Za-z0-9_]*\}", segment):
+            segments.append("[^/]+")
+        elif re.fullmatch(r"[A-Za-z0-9._~-]*", segment):
+            segments.append(re.escape(segment))
+        else:
+            raise ValueError(f"path template {template!r}: only literal and {{name}} segments are supported")
+    return "/".join(segments)
+
+
+def _may_match_one_path(template: str, other: str) -> bool:
+    """Whether some path matches both templates (segment by segment, a variable matching any)."""
+    ours, theirs = template.split("/"), other.split("/")
+    return len(ours) == len(theirs) and all(
+        a == b or a.startswith("{") or b.startswith("{") for a, b in zip(ours, theirs, strict=True)
     )
 
 

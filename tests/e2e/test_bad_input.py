@@ -28,7 +28,7 @@ from google.protobuf import struct_pb2
 from gallery.v1 import device_pb2 as dpb
 from gallery.v1 import device_pb2_grpc, gallery_pb2_grpc
 from gallery.v1 import gallery_pb2 as pb
-from gallery_server import auth, paging, validation
+from gallery_server import auth, envoy_config, paging, validation
 from gallery_server.db import Database
 from gallery_server.local_stack import Stack
 from gallery_server.service import Gallery
@@ -47,8 +47,9 @@ MAX_METADATA = 1024
 # the google.rpc.Code each carries.
 ENVOY_MALFORMED = "MALFORMED_REQUEST"
 ENVOY_NOT_FOUND = "NOT_FOUND"
+ENVOY_METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
 ENVOY_HEADERS_TOO_LARGE = "HEADERS_TOO_LARGE"
-ENVOY_CODES = {ENVOY_MALFORMED: 3, ENVOY_NOT_FOUND: 5, ENVOY_HEADERS_TOO_LARGE: 8}
+ENVOY_CODES = {ENVOY_MALFORMED: 3, ENVOY_NOT_FOUND: 5, ENVOY_METHOD_NOT_ALLOWED: 12, ENVOY_HEADERS_TOO_LARGE: 8}
 BOUNDARY = "bad-input-boundary"
 TIMEOUT = 20
 
@@ -295,7 +296,9 @@ REST_CASES = [
          content_type="application/json"),
     # -- what no route or method has, and headers past Envoy's limits --
     Rest("path-unknown", "GET", f"/api/gallery/{DEVICE}/nothing", 404, ENVOY_NOT_FOUND),
-    Rest("method-unknown", "PATCH", f"/api/gallery/{DEVICE}/stats", 404, ENVOY_NOT_FOUND),
+    Rest("method-unknown", "PATCH", f"/api/gallery/{DEVICE}/stats", 405, ENVOY_METHOD_NOT_ALLOWED),
+    Rest("method-unknown-unauthorized", "DELETE", f"/api/gallery/{DEVICE}/stats", 405, ENVOY_METHOD_NOT_ALLOWED,
+         authorized=False),
     Rest("bool-not-a-bool", "GET", f"/api/gallery/{DEVICE}/upload-url?filename=a.jpg&thumbnail=maybe",
          400, ENVOY_MALFORMED),
     Rest("headers-too-large", "GET", f"/api/gallery/{DEVICE}/stats", 431, ENVOY_HEADERS_TOO_LARGE,
@@ -594,3 +597,54 @@ def test_a_multipart_preamble_is_ignored_through_envoy(bad_stack: Stack) -> None
         event_id = r.json()["eventId"]
         stored = http.get(f"{EV}/{event_id}/content", headers=_bearer(_token()))
     assert (stored.status_code, stored.content) == (200, b"after")
+
+
+# -- a path the API has, with a method it has not -----------------------------------------------
+# RFC 9110 15.5.6: 405 and the methods the path takes, not the 404 of a path that does not exist
+# (envoy_config.method_not_allowed_routes). Every binding's path, every method it lacks.
+METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+ALLOWED = {  # by hand, from the reference and the proto: the routes are generated
+    "/api/admin/status": "GET, HEAD",
+    "/api/gallery/{device}/checksums": "POST",
+    "/api/gallery/{device}/events": "GET, HEAD",
+    "/api/gallery/{device}/events/{event_id}": "DELETE, GET, HEAD",
+    "/api/gallery/{device}/events/{event_id}/content": "GET, HEAD",
+    "/api/gallery/{device}/events/{event_id}/thumbnail": "GET, HEAD",
+    "/api/gallery/{device}/paths": "GET, HEAD",
+    "/api/gallery/{device}/pull/{event_id}": "POST",
+    "/api/gallery/{device}/stats": "GET, HEAD",
+    "/api/gallery/{device}/upload": "POST",
+    "/api/gallery/{device}/upload-url": "GET, HEAD",
+    "/api/gallery/{device}/upload/{token}": "GET, HEAD, PUT",
+}
+
+
+def test_every_rest_path_is_listed() -> None:
+    assert {template for _, _, template in envoy_config.http_bindings()} == set(ALLOWED)
+
+
+@pytest.mark.parametrize("template", sorted(ALLOWED))
+def test_a_method_a_path_does_not_take_is_405_with_allow(template: str, bad_stack: Stack, fill: dict[str, str]) -> None:
+    path = template.format(device=DEVICE, event_id=fill["event"], token=fill["put"])
+    before = snapshot(bad_stack.data_dir)
+    with httpx.Client(base_url=bad_stack.base_url, timeout=TIMEOUT, headers=_bearer(_token())) as http:
+        for method in METHODS:
+            if method in ALLOWED[template].split(", "):
+                if method in ("GET", "HEAD"):  # the others would write: every other test sends them
+                    r = http.request(method, path)
+                    assert r.status_code != 405, (method, r.status_code, r.text[:200])
+                continue
+            r = http.request(method, path, content=b"x" if method in ("POST", "PUT") else None)
+            assert (r.status_code, r.headers.get("allow")) == (405, ALLOWED[template]), (method, r.text[:200])
+            if method == "HEAD":
+                assert r.content == b""
+                continue
+            assert r.headers["content-type"] == "application/json"
+            body = r.json()
+            assert body == {"code": 12, "message": f"method not allowed: {template} takes {ALLOWED[template]}",
+                            "details": [{
+                                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                "reason": ENVOY_METHOD_NOT_ALLOWED, "domain": "gallery", "metadata": {}}]}
+            assert r.headers["x-content-type-options"] == "nosniff"
+            assert r.headers["x-request-id"]
+    assert snapshot(bad_stack.data_dir) == before

@@ -21,10 +21,10 @@ import pytest
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
-from gallery_server import auth
+from gallery_server import auth, envoy_config
 from gallery_server.local_stack import Stack
 
-from ..conftest import JWT_SECRET, http_bindings
+from ..conftest import JWT_SECRET
 from .test_downloads import JPEG, MiB, multipart_upload, new_device, upload_with_thumbnail
 
 # Headers that differ between any two answers, that only say how the body is framed, or that
@@ -110,7 +110,7 @@ def signed_url(stack: Stack, stored: Stored) -> str:
 
 
 def test_every_get_route_has_a_case(stored: Stored) -> None:
-    gets = {method for method, verb, _ in http_bindings() if verb == "GET"}
+    gets = {method for method, verb, _ in envoy_config.http_bindings() if verb == "GET"}
     assert {case.method for case in _cases(stored, "/")} == gets
 
 
@@ -210,20 +210,20 @@ def test_head_leaves_the_connection_usable(stack: Stack, stored: Stored) -> None
         assert body == stored.data
 
 
-@pytest.mark.parametrize("path", ["/api/gallery/{device}/upload", "/no/such/path"])
-def test_head_where_no_get_is_bound_answers_the_gets_404(
-    stack: Stack, http: httpx.Client, stored: Stored, path: str
+@pytest.mark.parametrize(("path", "status"), [("/api/gallery/{device}/upload", 405), ("/no/such/path", 404)])
+def test_head_where_no_get_is_bound_answers_as_the_get(
+    stack: Stack, http: httpx.Client, stored: Stored, path: str, status: int
 ) -> None:
-    """A POST-only path or an unknown one: the GET's 404, whose body Envoy writes itself, with its
-    Content-Length (it was 0) and no body, and the connection still answers."""
+    """A POST-only path (405) or an unknown one (404): the GET's answer, whose body Envoy writes
+    itself, with its Content-Length (it was 0) and no body, and the connection still answers."""
     path = path.format(device=stored.device)
     get = http.get(path, headers=READ)
-    assert get.status_code == 404 and get.content
+    assert get.status_code == status and get.content
     request = f"{{}} {{}} HTTP/1.1\r\nHost: gallery\r\nAuthorization: Bearer {stored.token}\r\n\r\n"
     with socket.create_connection(("127.0.0.1", stack.http_port), timeout=10) as sock:
         sock.sendall(request.format("HEAD", path).encode())
         head = _answer_head(sock).decode().lower()
-        assert head.startswith("http/1.1 404 ") and f"content-length: {len(get.content)}\r\n" in head, head
+        assert head.startswith(f"http/1.1 {status} ") and f"content-length: {len(get.content)}\r\n" in head, head
         time.sleep(0.3)
         sock.setblocking(False)
         with pytest.raises(BlockingIOError):

@@ -18,8 +18,6 @@ from gallery_server.errors import Unauthenticated
 from gallery_server.rpc import servicer, status
 from gallery_server.signed_urls import SignedUploadState
 
-from ..conftest import http_bindings
-
 
 @pytest.mark.parametrize("media_root", [
     None,
@@ -66,6 +64,8 @@ def test_a_page_may_read_every_header_the_rest_api_answers_with() -> None:
                               expires_at=datetime.datetime.now(datetime.UTC))
     answered |= {name for name, _ in servicer._upload_state_headers(state)}
     answered.add(servicer.NEXT_PAGE_TOKEN_HEADER)
+    if envoy_config.method_not_allowed_routes():
+        answered.add("allow")  # a 405's: the methods the path takes
     if "always_set_request_id_in_response: true" in envoy_config.TEMPLATE.read_text():
         answered.add("x-request-id")  # Envoy's, on every answer
     refused = status.to_status(Unauthenticated("TOKEN_MISSING", "missing bearer token"))
@@ -106,7 +106,7 @@ def test_the_reads_route_skips_its_filters_for_exactly_the_rest_reads() -> None:
     regex = re.search(r'safe_regex: \{regex: "([^"]+)"\}', reads)
     assert regex is not None and '{name: ":method", string_match: {exact: GET}}' in reads
     matched = {
-        method for method, verb, template in http_bindings()
+        method for method, verb, template in envoy_config.http_bindings()
         if verb == "GET" and re.fullmatch(regex.group(1), re.sub(r"\{[^}]+\}", "x1", template))
     }
     assert matched == {
@@ -128,7 +128,8 @@ def test_thumbnails_left_uncounted_fit_envoys_window_to_the_server() -> None:
 def test_envoys_own_answers_carry_the_servers_codes_and_reasons() -> None:
     """README "Errors": what a client reads when Envoy answers a REST request itself."""
     assert {status: (code, reason) for status, (code, reason) in envoy_config.LOCAL_REPLIES.items()} == {
-        400: (3, "MALFORMED_REQUEST"), 404: (5, "NOT_FOUND"), 408: (4, "REQUEST_TIMEOUT"),
+        400: (3, "MALFORMED_REQUEST"), 404: (5, "NOT_FOUND"), 405: (12, "METHOD_NOT_ALLOWED"),
+        408: (4, "REQUEST_TIMEOUT"),
         413: (8, "BODY_TOO_LARGE"), 416: (11, "RANGE_NOT_SATISFIABLE"), 431: (8, "HEADERS_TOO_LARGE"),
         502: (14, "SERVER_UNAVAILABLE"), 503: (14, "SERVER_UNAVAILABLE"), 504: (4, "SERVER_TIMEOUT"),
     }
@@ -245,3 +246,22 @@ def test_a_read_behind_a_lock_is_the_servers_503_before_envoys_504() -> None:
     [reads] = [line for line in text.splitlines() if "idle_timeout:" in line and "route:" in line]
     idle_seconds = int(re.search(r"idle_timeout: (\d+)s", reads).group(1))  # type: ignore[union-attr]
     assert db.LOCK_TIMEOUT_MS / 1000 < idle_seconds - 5  # a margin for the answer's way back
+
+
+def test_a_binding_path_becomes_the_regex_of_the_paths_it_takes() -> None:
+    assert envoy_config._path_regex("/api/gallery/{device}/upload-url") == r"/api/gallery/[^/]+/upload\-url"
+    regex = re.compile(envoy_config._path_regex("/api/gallery/{device}/events/{event_id}"))
+    assert regex.fullmatch("/api/gallery/cam:1/events/evt_x")
+    assert not regex.fullmatch("/api/gallery/cam/events/evt_x/content")
+    # A template with more than this API uses must be told, not given a wrong route.
+    with pytest.raises(ValueError, match="only literal and"):
+        envoy_config._path_regex("/api/{name=files/**}")
+
+
+def test_paths_two_templates_both_match_take_the_methods_of_both() -> None:
+    assert envoy_config._may_match_one_path("/a/{d}/stats", "/a/{d}/{event}")
+    assert not envoy_config._may_match_one_path("/a/{d}/stats", "/a/{d}/paths")
+    assert not envoy_config._may_match_one_path("/a/{d}", "/a/{d}/{event}")
+    routes = {route["match"]["safe_regex"]["regex"]: route for route in envoy_config.method_not_allowed_routes()}
+    (method,) = routes[r"/api/gallery/[^/]+/events/[^/]+"]["match"]["headers"]
+    assert method["string_match"] == {"safe_regex": {"regex": "DELETE|GET|HEAD"}} and method["invert_match"]
