@@ -24,7 +24,8 @@ DESCRIPTOR = ROOT / "generated" / "gallery_descriptor.pb"
 # Envoy's own answers to REST requests (refused before the server sees them: a query value of the
 # wrong type, an unparsable JSON body, a path no route has or a method it has not, oversized
 # headers, no server up) take the server's error shape, a JSON google.rpc.Status with an
-# ErrorInfo, so that a client reads every error one way. HTTP status -> (gRPC code, ErrorInfo reason); the message is Envoy's.
+# ErrorInfo, so that a client reads every error one way. HTTP status -> (gRPC code, ErrorInfo
+# reason); the message is Envoy's.
 LOCAL_REPLIES = {
     400: (code_pb2.INVALID_ARGUMENT, "MALFORMED_REQUEST"),  # the server's reason for what it cannot parse
     404: (code_pb2.NOT_FOUND, "NOT_FOUND"),
