@@ -97,10 +97,11 @@ def test_only_a_device_token_may_wait_for_its_hello(grpc_port, mint):
 def test_only_a_few_streams_may_wait_for_their_hello(grpc_port, mint):
     """Streams that say nothing cannot take more than their share of the threads: past it, one
     more is refused at once, and the places come back as they end."""
-    token, stop = mint(devices=["*"], scope="gallery:device"), threading.Event()
+    stop = threading.Event()
     outcomes: list[grpc.StatusCode] = []
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-        calls = [silent_connect(channel, token, stop) for _ in range(HELLOS + 2)]
+        calls = [silent_connect(channel, mint(devices=[f"cam{n}"], scope="gallery:device"), stop)
+                 for n in range(HELLOS + 2)]
 
         def outcome(call) -> None:
             try:
@@ -119,6 +120,26 @@ def test_only_a_few_streams_may_wait_for_their_hello(grpc_port, mint):
             ["CANCELLED"] * HELLOS + ["RESOURCE_EXHAUSTED"] * 2)
         until_admitted(channel, device_token(mint), "cam1", stop).cancel()
         stop.set()
+
+
+def test_one_token_may_hold_only_its_grants_part_of_the_waits_for_a_hello(grpc_port, mint):
+    """A device's token for one device may wait with as many streams as that device may have
+    channels (4), a token for every device with half of them (threads.grant_share): one token
+    (a device's, leaked, say) cannot keep every other device from connecting."""
+    stop = threading.Event()
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        every_device = mint(devices=["*"], scope="gallery:device")
+        held = silent_connect(channel, every_device, stop)  # HELLOS // 2: its whole part
+        time.sleep(0.5)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(silent_connect(channel, every_device, stop))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert rich_error(refused.value)[0].reason == "TOO_MANY_CONNECTIONS"
+        assert "at most 1 for this token" in refused.value.details()
+        # Another token still has a place, and then says its hello.
+        hello_channel(channel, device_token(mint, ["cam7"]), "cam7", stop).cancel()
+        stop.set()
+        held.cancel()
 
 
 def test_a_device_replaces_its_oldest_channel_on_a_full_server(grpc_port, mint):
@@ -160,3 +181,22 @@ def test_channels_in_all_are_bounded(grpc_port, mint):
             stop.set()
             for stream in streams:
                 stream.cancel()
+
+
+def test_a_devices_agent_is_logged_cut_short(grpc_port, mint, caplog):
+    """A hello's free-form agent is the device's to write: megabytes of it, on every reconnect,
+    would fill the log volume."""
+    stop = threading.Event()
+
+    def requests():
+        yield dpb.ConnectRequest(hello=dpb.DeviceHello(device="cam1", agent="cam-agent/1.0 " + "Z" * 1_000_000))
+        stop.wait(30)
+
+    with caplog.at_level("INFO", logger="gallery_server"), grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stream = device_pb2_grpc.DeviceServiceStub(channel).Connect(
+            requests(), metadata=device_token(mint, ["cam1"]), timeout=30)
+        assert next(stream).HasField("heartbeat")
+        stop.set()
+        stream.cancel()
+    (connected,) = [r for r in caplog.records if r.getMessage() == "device connected"]
+    assert connected.agent == "cam-agent/1.0 " + "Z" * 186 + "..."  # type: ignore[attr-defined]

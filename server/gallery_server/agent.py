@@ -207,8 +207,8 @@ def make_thumbnail(path: pathlib.Path) -> bytes:
     try:
         with Image.open(path) as image:
             image.draft("RGB", (THUMBNAIL_PX, THUMBNAIL_PX))  # JPEG: decode at a reduced scale
+            image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))  # small before it is turned: no full-size copy
             small = ImageOps.exif_transpose(image).convert("RGB")
-            small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
             out = io.BytesIO()
             small.save(out, "JPEG", quality=80)
             return out.getvalue()

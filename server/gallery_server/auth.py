@@ -79,10 +79,12 @@ class Principal:
             )
 
 
-    def require_scope(self, scope: str) -> None:
-        """For what comes before any device is named (a channel awaiting its device's hello)."""
-        if scope not in self.scopes:
-            raise PermissionDenied("SCOPE_MISSING", f"token lacks scope {scope!r}", scope=scope)
+    def require_scope(self, scope: str, *or_scopes: str) -> None:
+        """For what comes before any device is named (a channel awaiting its device's hello, an
+        upload its first message): `scope`, or one of `or_scopes`."""
+        if self.scopes.isdisjoint((scope, *or_scopes)):
+            wanted = " or ".join(repr(s) for s in (scope, *or_scopes))
+            raise PermissionDenied("SCOPE_MISSING", f"token lacks scope {wanted}", scope=scope)
 
     def require_every_device(self, scope: str) -> None:
         """For what spans every device (the admin status): `scope`, in a token for all ('*')."""

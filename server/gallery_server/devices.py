@@ -42,7 +42,7 @@ from .errors import (
 from .media_types import classify, detect_mime
 from .models import DeletedCapture, DeviceCommand, DeviceConnection, Event
 from .service import Gallery, forget_event
-from .threads import Holds, thread_shares
+from .threads import Holds, grant_share, thread_shares
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +181,9 @@ class Devices:
         self._wakeups = _Wakeups()
         self._channels_lock = threading.Lock()
         self._channels: dict[str, list[Channel]] = {}  # open in this process, oldest first
-        self._greeting = 0  # channels waiting for their hello
         shares = thread_shares(self.settings)
         self.max_channels, self.max_hellos = shares.channels, shares.hellos
+        self._greeting = Holds(MAX_CONNECTIONS_PER_DEVICE, total=shares.hellos)  # by token's grant
         self._pull_waits = Holds(MAX_PULL_WAITS_PER_DEVICE, total=shares.pull_waits)
 
     # -- inventory ----------------------------------------------------------------------------
@@ -423,22 +423,21 @@ class Devices:
     @contextlib.contextmanager
     def greeting(self, principal: Principal) -> Iterator[None]:
         """Around a channel's wait for its hello (at most HELLO_SECONDS, the caller's to enforce):
-        only a device's token may wait, and only so many at once. Not counted with the channels:
-        the device is not known yet, and its channel may replace one of its own (connect())."""
+        only a device's token may wait, and only so many at once, in all and per token's grant
+        (threads.grant_share). Not counted with the channels: the device is not known yet, and its
+        channel may replace one of its own (connect())."""
         principal.require_scope(DEVICE)
-        with self._channels_lock:
-            if self._greeting >= self.max_hellos:
-                raise Exhausted(
-                    "TOO_MANY_CONNECTIONS",
-                    f"this server has {self.max_hellos} device channels waiting for their hello: "
-                    "retry later", limit=str(self.max_hellos),
-                )
-            self._greeting += 1
+        limit = grant_share(principal.devices, MAX_CONNECTIONS_PER_DEVICE, self.max_hellos)
+        if not self._greeting.take(principal.devices, limit):
+            raise Exhausted(
+                "TOO_MANY_CONNECTIONS",
+                f"too many device channels are waiting for their hello (at most {limit} for this "
+                f"token, {self.max_hellos} on this server): retry later", limit=str(limit),
+            )
         try:
             yield
         finally:
-            with self._channels_lock:
-                self._greeting -= 1
+            self._greeting.give_back(principal.devices)
 
     @property
     def channels_open(self) -> int:

@@ -22,7 +22,7 @@ import sqlalchemy.orm
 from sqlmodel import Session, col, select
 
 from . import downloads, validation
-from .auth import READ, WRITE, Principal
+from .auth import DEVICE, READ, WRITE, Principal
 from .clock import utcnow
 from .db import Database
 from .errors import (
@@ -48,7 +48,7 @@ from .quota import DeviceQuota, Usage
 from .receiving import ReceivePermits
 from .settings import Settings
 from .storage import SpaceMeter, StagedFile, Storage
-from .threads import thread_shares
+from .threads import Holds, grant_share, thread_shares
 from .uploads import IdleWatchdog, Upload, UploadSlots
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,9 @@ sqlalchemy.orm.configure_mappers()
 # reconcile`: a loop runs one query at a time. With DB_POOL_SIZE (rpc/server.py) it makes a
 # replica's count of PostgreSQL connections in the README.
 BACKGROUND_POOL_SIZE = 2
+# Native downloads one token may have at once, per device it grants (download_slot): as many as
+# a device may have uploads by default.
+MAX_DOWNLOADS_PER_DEVICE = 4
 
 
 def background_gallery(settings: Settings) -> Gallery:
@@ -127,7 +130,7 @@ class Gallery:
             settings.upload_idle_seconds, first_message_seconds=settings.upload_first_message_seconds
         )
         self.max_downloads = thread_shares(settings).downloads
-        self._downloads = threading.BoundedSemaphore(self.max_downloads)
+        self._downloads = Holds(MAX_DOWNLOADS_PER_DEVICE, total=self.max_downloads)  # by token's grant
         # Upload messages asked for or held at once, all streams together (receiving.py).
         self.receiving = ReceivePermits(settings.upload_messages_in_flight)
 
@@ -135,7 +138,9 @@ class Gallery:
 
     def device_paths(self, principal: Principal, device: str) -> tuple[pathlib.Path, pathlib.Path]:
         principal.require(validation.device_id(device), READ)
-        return self.storage.device_paths(device)
+        # Made only for a token that may store into them: a viewer's read-only token for every
+        # device made a folder for each id it asked about, and the importer scans each folder.
+        return self.storage.device_paths(device, make=not principal.scopes.isdisjoint((WRITE, DEVICE)))
 
     def list_events(self, principal: Principal, device: str, **request: Any) -> list[ListedEvent]:
         return self.list_page(principal, device, **request)[0]
@@ -285,7 +290,8 @@ class Gallery:
     def watch_upload(
         self, messages: Iterator[T], cancel: Callable[[], None],
         size_of: Callable[[T], int] | None = None, first_carries_data: bool = False,
-        on_end: Callable[[Callable[[], None]], object] | None = None, public: bool = False,
+        on_end: Callable[[Callable[[], None]], object] | None = None,
+        caller: Principal | None = None,
     ) -> Iterator[T]:
         """The messages of an upload stream, aborted (by `cancel`) once idle for
         GALLERY_UPLOAD_IDLE_SECONDS. With `size_of`, the free disk space is checked again every
@@ -294,37 +300,41 @@ class Gallery:
         Every message is asked for under one of the replica's GALLERY_UPLOAD_MESSAGES_IN_FLIGHT
         permits, held until the caller asks for the next (receiving.py); `on_end(callback)` (a
         gRPC context's add_callback) makes a stream whose RPC ended stop waiting for one.
-        `public`: the stream's method needs no token (UploadSlots.first_message)."""
+        `caller`: the stream's token, None for a method that needs none (pre-signed URLs); its
+        streams awaiting their first message are counted under its grant
+        (UploadSlots.first_message)."""
         # The permit is taken outside the idle watch: waiting for one is not the client's silence.
         watched = self.idle.watch(messages, cancel, first_carries_data=first_carries_data)
         if size_of is not None:
             watched = self._metered(watched, size_of)
-        return self._admitted(self.receiving.bounded(watched, on_end=on_end), public)
+        return self._admitted(self.receiving.bounded(watched, on_end=on_end), caller)
 
     @contextlib.contextmanager
-    def download_slot(self) -> Iterator[None]:
+    def download_slot(self, principal: Principal) -> Iterator[None]:
         """Around a native download, which holds a server thread for as long as its client takes
-        to read it: at most the downloads' share of the threads at once (threads.py)."""
-        if not self._downloads.acquire(blocking=False):
+        to read it: at most the downloads' share of the threads at once (threads.py), and of those
+        at most its token's grant's part (threads.grant_share)."""
+        limit = grant_share(principal.devices, MAX_DOWNLOADS_PER_DEVICE, self.max_downloads)
+        if not self._downloads.take(principal.devices, limit):
             raise Exhausted(
                 "TOO_MANY_DOWNLOADS",
-                f"this server is sending {self.max_downloads} downloads already: retry later",
-                limit=str(self.max_downloads),
+                f"too many downloads are in progress (at most {limit} for this token, "
+                f"{self.max_downloads} on this server): retry later", limit=str(limit),
             )
         try:
             yield
         finally:
-            self._downloads.release()
+            self._downloads.give_back(principal.devices)
 
     def watch_download(self, messages: Iterator[T], cancel: Callable[[], None]) -> Iterator[T]:
         """A server stream's messages, cancelled (by `cancel`) once its client has taken none for
         GALLERY_DOWNLOAD_IDLE_SECONDS (IdleWatchdog.watch_sends)."""
         return self.idle.watch_sends(messages, cancel, self.settings.download_idle_seconds)
 
-    def _admitted(self, messages: Iterator[T], public: bool) -> Iterator[T]:
+    def _admitted(self, messages: Iterator[T], caller: Principal | None) -> Iterator[T]:
         """The first message awaited under an upload slot's count (UploadSlots.first_message):
         refused at once, before any permit or byte, if uploads hold every slot already."""
-        with self.slots.first_message(public=public):
+        with self.slots.first_message(caller.devices if caller is not None else None):
             first = next(messages, None)
         if first is None:
             return

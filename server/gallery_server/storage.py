@@ -146,9 +146,12 @@ class Storage:
         device_root = self.drop_root / device
         return device_root / "incoming", device_root / "thumbnails"
 
-    def device_paths(self, device: str) -> tuple[pathlib.Path, pathlib.Path]:
-        """A device's drop folders (incoming, thumbnails), created if missing: for handing out."""
+    def device_paths(self, device: str, *, make: bool = True) -> tuple[pathlib.Path, pathlib.Path]:
+        """A device's drop folders (incoming, thumbnails), for handing out; `make`: created if
+        missing."""
         incoming, thumbnails = self.drop_folders(device)
+        if not make:
+            return incoming, thumbnails
         make_folders(incoming.parent)  # the device's folder: a writer of its files may not rename it
         make_folders(incoming, DROP_FOLDER_MODE)
         make_folders(thumbnails, DROP_FOLDER_MODE)

@@ -13,11 +13,17 @@ Uploads take GALLERY_MAX_UPLOADS_TOTAL (uploads.UploadSlots). Of the threads the
 
 and the last eighth serves every other call, all of them short (the short reads have a pool of
 their own). Most REST downloads hold no thread: Envoy sends the file (file_handoff.py).
+
+Within a share, one token may hold only its grant's part (grant_share), where its calls are
+counted before they name a device (an upload awaiting its first message, a channel its hello) or
+whatever device they name (a download): else any valid token, a read-only one of a single device
+included, could hold a whole share and refuse every other device.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Hashable
 from typing import NamedTuple
 
 from .settings import Settings
@@ -45,6 +51,15 @@ def thread_shares(settings: Settings) -> ThreadShares:
                         share(HELLOS_SHARE))
 
 
+def grant_share(devices: frozenset[str], per_device: int, total: int) -> int:
+    """How much of a `total` one token may hold at once, its holds counted together under its grant
+    (Principal.devices): `per_device` for each device it grants; half the total for a token for
+    every device ('*'), as for requests that need no token (uploads.UploadSlots)."""
+    if "*" in devices:
+        return max(1, total // 2)
+    return max(1, per_device * len(devices))
+
+
 class Holds:
     """Per-key counts of something each holding a server thread, with per-key and total limits
     (one process's: the threads are the process's own)."""
@@ -52,17 +67,18 @@ class Holds:
     def __init__(self, per_key: int, total: int) -> None:
         self.per_key, self.total = per_key, total
         self._lock = threading.Lock()
-        self._held: dict[str, int] = {}
+        self._held: dict[Hashable, int] = {}
 
-    def take(self, key: str) -> bool:
+    def take(self, key: Hashable, limit: int | None = None) -> bool:
+        """One more for `key`, unless it holds `limit` (per_key if None) or all hold `total`."""
         with self._lock:
             held = self._held.get(key, 0)
-            if held >= self.per_key or sum(self._held.values()) >= self.total:
+            if held >= (self.per_key if limit is None else limit) or sum(self._held.values()) >= self.total:
                 return False
             self._held[key] = held + 1
             return True
 
-    def give_back(self, key: str) -> None:
+    def give_back(self, key: Hashable) -> None:
         with self._lock:
             left = self._held[key] - 1
             if left:

@@ -4,8 +4,10 @@ What a thumbnail is: a JPEG (quality 85) at most THUMBNAIL_MAX_SIDE (320) pixels
 never larger than the original, upright (EXIF orientation applied), transparency flattened on
 white, the first frame of an animation. Images are decoded with Pillow, only in the formats of
 IMAGE_FORMATS and up to MAX_PIXELS (64 megapixels, checked from the header before anything is
-decoded); videos with ffmpeg (a frame at 1 s, or the first frame of a shorter clip) when `ffmpeg`
-is on PATH. The same pass reads what is cheap to know (EXIF capture time and dimensions; with
+decoded), and, in a format Pillow cannot decode at a fraction of its size (all but JPEG), up to
+MAX_DECODED_BYTES decoded (a 270 KB PNG of 64 megapixels took 860 MB of the server's memory);
+videos with ffmpeg (a frame at 1 s, or the first frame of a shorter clip) when `ffmpeg` is on
+PATH. The same pass reads what is cheap to know (EXIF capture time and dimensions; with
 `ffprobe`, a video's duration and dimensions) into `Event.media_info_json`.
 
 The queue is the events table: `Event.thumbnail_state` goes pending -> working -> generated, or
@@ -53,6 +55,11 @@ log = logging.getLogger(__name__)
 THUMBNAIL_MAX_SIDE = 320
 THUMBNAIL_QUALITY = 85
 MAX_PIXELS = 64_000_000
+# What one image may take decoded, in the formats decoded whole (JPEG is decoded at an eighth):
+# the thumbnailer's peak above what the server holds (one image at a time per replica). 25
+# megapixels in colour (Pillow keeps RGB in 4 bytes a pixel), a 24-megapixel camera's export.
+MAX_DECODED_BYTES = 96 * 2**20
+_DRAFT_FORMATS = ("JPEG", "MPO")  # MPO: a phone's JPEG with extra pictures
 IMAGE_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"})
 FFMPEG_TIMEOUT_SECONDS = 30
 LEASE_SECONDS = 300
@@ -228,6 +235,10 @@ def make_image(path: Any) -> Made:
             width, height = im.size
             if width * height > MAX_PIXELS:
                 raise ValueError(f"{width}x{height} is more than {MAX_PIXELS} pixels")
+            # Before getexif(), which decodes a PNG whole (its EXIF may follow the pixels).
+            if im.format not in _DRAFT_FORMATS and (decoded := _decoded_bytes(im)) > MAX_DECODED_BYTES:
+                raise ValueError(f"{width}x{height} {im.mode} takes {decoded >> 20} MiB decoded, "
+                                 f"more than {MAX_DECODED_BYTES >> 20} MiB")
             info: dict[str, Any] = {}
             exif = im.getexif()
             captured = _captured_at(exif)
@@ -236,15 +247,22 @@ def make_image(path: Any) -> Made:
             if exif.get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees: shown the other way
                 width, height = height, width
             info["width"], info["height"] = width, height
-            if im.format in ("JPEG", "MPO"):  # MPO: a phone's JPEG with extra pictures
+            if im.format in _DRAFT_FORMATS:
                 im.draft("RGB", (THUMBNAIL_MAX_SIDE * 2, THUMBNAIL_MAX_SIDE * 2))  # decode at a fraction
             im.load()
             return Made(_to_jpeg(im), info)
 
 
+def _decoded_bytes(im: Image.Image) -> int:
+    """What Pillow allocates to decode the image whole: 1, 2 or 4 bytes a pixel by mode."""
+    per_pixel = 1 if im.mode in ("1", "L", "P") else 2 if im.mode.startswith("I;16") else 4
+    return im.width * im.height * per_pixel
+
+
 def _to_jpeg(im: Image.Image) -> bytes:
-    im = ImageOps.exif_transpose(im)
+    # Made small first, in place: turned upright afterwards, the full-size image is never copied.
     im.thumbnail((THUMBNAIL_MAX_SIDE, THUMBNAIL_MAX_SIDE), Image.Resampling.LANCZOS)
+    im = ImageOps.exif_transpose(im)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         flat = Image.new("RGB", rgba.size, (255, 255, 255))

@@ -20,6 +20,7 @@ from .errors import Exhausted, FailedPrecondition, InvalidArgument
 from .models import Event
 from .quota import Room
 from .storage import StagedFile, Storage, upload_too_large
+from .threads import grant_share
 
 
 @dataclasses.dataclass
@@ -149,9 +150,11 @@ class UploadSlots:
     A stream waiting for its first message holds a thread too, for up to
     GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS, before its device (and so its slot) is known: such
     streams count against the total with those in flight (first_message()), so that uploads,
-    started or not, hold at most `total` threads. A pre-signed PUT needs no token to open one, so
-    those (`public`) may take at most half the total: anyone could open them, and they must not
-    keep out the uploads of clients with a token.
+    started or not, hold at most `total` threads. Each token may have only its grant's part of
+    them awaiting (threads.grant_share: `per_device` for each device it grants). A pre-signed PUT
+    needs no token to open one, so those (`caller` None) may take at most half the total, as a
+    token for every device: anyone could open them, and they must not keep out the uploads of
+    clients with a token.
     """
 
     def __init__(self, *, per_device: int, total: int) -> None:
@@ -161,30 +164,40 @@ class UploadSlots:
         self._by_device: dict[str, int] = {}
         self._in_flight = 0
         self._awaiting_first = 0
-        self._public_awaiting_first = 0
+        self._awaiting_by_caller: dict[frozenset[str] | None, int] = {}
 
     @contextlib.contextmanager
-    def first_message(self, *, public: bool = False) -> Iterator[None]:
-        """Around a stream's wait for its first message (which names its device); `public`: a
-        stream of a method that needs no token."""
-        public_limit = max(1, self.total // 2)
+    def first_message(self, caller: frozenset[str] | None) -> Iterator[None]:
+        """Around a stream's wait for its first message (which names its device); `caller`: the
+        devices its token grants (Principal.devices), None for a method that needs no token."""
+        limit = grant_share(caller if caller is not None else frozenset("*"), self.per_device, self.total)
         with self._lock:
-            if self._in_flight + self._awaiting_first >= self.total or (
-                public and self._public_awaiting_first >= public_limit
-            ):
+            mine = self._awaiting_by_caller.get(caller, 0)
+            if self._in_flight + self._awaiting_first >= self.total:
                 raise Exhausted(
                     "TOO_MANY_UPLOADS",
                     f"the server is receiving or awaiting {self.total} uploads already: retry later",
                     limit=str(self.total),
                 )
+            if mine >= limit:
+                whose = "this token has" if caller is not None else "uploads by pre-signed URL have"
+                raise Exhausted(
+                    "TOO_MANY_UPLOADS",
+                    f"{whose} {limit} uploads awaiting their first message already: retry later",
+                    limit=str(limit),
+                )
             self._awaiting_first += 1
-            self._public_awaiting_first += public
+            self._awaiting_by_caller[caller] = mine + 1
         try:
             yield
         finally:
             with self._lock:
                 self._awaiting_first -= 1
-                self._public_awaiting_first -= public
+                left = self._awaiting_by_caller[caller] - 1
+                if left:
+                    self._awaiting_by_caller[caller] = left
+                else:
+                    del self._awaiting_by_caller[caller]
 
     @property
     def in_flight(self) -> int:

@@ -222,6 +222,54 @@ def test_streams_that_send_nothing_cannot_take_every_thread(
         r.json()["eventId"] for r in (first, second))
 
 
+def test_one_tokens_silent_streams_cannot_refuse_other_devices_uploads(
+    tmp_path_factory: pytest.TempPathFactory, mint: Callable[..., str]
+) -> None:
+    """Streams awaiting their first message name no device yet, so they are counted by token: a
+    token may have its grant's part of them (GALLERY_MAX_UPLOADS_PER_DEVICE for each device it
+    grants, threads.grant_share), and a token that can store nothing none at all. Before, any
+    valid token, a read-only one included, held every upload place and refused every device."""
+    root = tmp_path_factory.mktemp("silent-token")
+    stack = start_stack(root / "data", root / "gallery.log", extra_env={
+        "GALLERY_MAKE_THUMBNAILS": "false", "GALLERY_GRPC_WORKERS": "24",
+        "GALLERY_MAX_UPLOADS_TOTAL": "8", "GALLERY_MAX_UPLOADS_PER_DEVICE": "2",
+        "GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS": "60",
+    })
+    reader = mint(devices=["cam-a"], scope="gallery:read")
+    writer = mint(devices=["cam-a"], scope="gallery:write")
+
+    def silent(token: str, sockets: contextlib.ExitStack) -> socket.socket:
+        s = sockets.enter_context(socket.create_connection(("127.0.0.1", stack.http_port)))
+        s.sendall(f"POST /api/gallery/cam-a/upload HTTP/1.1\r\nHost: gallery\r\n"
+                  f"Authorization: Bearer {token}\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+                  "Content-Length: 1000\r\n\r\n".encode())
+        return s
+
+    def answer(s: socket.socket) -> bytes:
+        s.settimeout(10)
+        return s.recv(4096)
+
+    try:
+        with contextlib.ExitStack() as sockets, httpx.Client(base_url=stack.base_url, timeout=10) as http:
+            # A read-only token is refused at once, without waiting for a body.
+            refused = answer(silent(reader, sockets))
+            assert refused.startswith(b"HTTP/1.1 403 ") and b"SCOPE_MISSING" in refused, refused
+            # A writer's token for one device: two wait for their body, the third is refused.
+            waiting = [silent(writer, sockets) for _ in range(2)]
+            time.sleep(0.5)
+            third = answer(silent(writer, sockets))
+            assert third.startswith(b"HTTP/1.1 429 ") and b"TOO_MANY_UPLOADS" in third, third
+            assert b"this token has 2 uploads awaiting their first message" in third
+            assert not select.select(waiting, [], [], 0)[0]  # still waiting
+            # Another device's uploads still have their places.
+            r = http.post("/api/gallery/cam-b/upload", headers={"Authorization": f"Bearer {mint(devices=['cam-b'])}"},
+                          files={"event": ("b.bin", b"bee")}, data={"name": "b.bin"})
+            assert r.status_code == 200, r.text
+    finally:
+        stop_stack(stack)
+    assert [p.name for p in stored_files(stack.data_dir)] == [r.json()["eventId"]]
+
+
 def test_upload_urls_and_sessions_waiting_are_bounded_per_device(limited: Stack, mint: Callable[..., str]) -> None:
     """Each unused URL and open session is a row kept for a day: a device holds at most
     GALLERY_MAX_UPLOAD_URLS_PER_DEVICE / GALLERY_MAX_UPLOAD_SESSIONS_PER_DEVICE (2 here), 429

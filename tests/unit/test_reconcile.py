@@ -8,6 +8,7 @@ its mtime and ctime, and ctime cannot be set back from user space.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import json
@@ -385,19 +386,41 @@ def test_upload_slots_per_device_and_in_total():
     assert slots.in_flight == 0
 
 
+A, B, C = frozenset({"a"}), frozenset({"b"}), frozenset({"c"})
+
+
 def test_streams_awaiting_their_first_message_count_with_the_uploads_in_flight():
     slots = UploadSlots(per_device=2, total=3)
     release = slots.acquire("a")
-    with slots.first_message(), slots.first_message():
-        with pytest.raises(Exhausted) as full, slots.first_message():
+    with slots.first_message(A), slots.first_message(B):
+        with pytest.raises(Exhausted) as full, slots.first_message(C):
             pass
         assert full.value.reason == "TOO_MANY_UPLOADS"
     release()
-    with slots.first_message(), slots.first_message(), slots.first_message():
+    with slots.first_message(A), slots.first_message(B), slots.first_message(C):
         pass  # every place given back, refused or not
     # A stream whose first message came takes its slot if one is free, whoever else is waiting.
-    with slots.first_message(), slots.first_message():
+    with slots.first_message(A), slots.first_message(B):
         slots.acquire("b")()
+
+
+def test_one_token_may_have_only_its_grants_part_of_the_streams_awaiting_a_first_message():
+    """threads.grant_share: per_device for each device the token grants; half the total for a
+    token for every device, and for the pre-signed PUTs (no token) together."""
+    slots = UploadSlots(per_device=2, total=12)
+    for caller, part in ((A, 2), (A | B, 4), (frozenset({"*"}), 6), (None, 6)):
+        with contextlib.ExitStack() as held:
+            for _ in range(part):
+                held.enter_context(slots.first_message(caller))
+            with pytest.raises(Exhausted) as refused, slots.first_message(caller):
+                pass
+            assert refused.value.reason == "TOO_MANY_UPLOADS"
+            assert refused.value.metadata["limit"] == str(part)
+            whose = "this token has" if caller is not None else "uploads by pre-signed URL have"
+            assert f"{whose} {part} uploads awaiting" in refused.value.message
+            with slots.first_message(C):  # another token still has its place
+                assert slots.awaiting_first == part + 1
+    assert slots.awaiting_first == 0
 
 
 def test_an_upload_stream_is_refused_before_its_first_message_when_every_slot_is_taken(gallery, principal):

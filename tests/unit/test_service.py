@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -18,6 +19,7 @@ from gallery_server.errors import (
     CommitOutcomeUnknown,
     DatabaseUnavailable,
     DataLoss,
+    Exhausted,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -579,7 +581,49 @@ def test_device_paths(gallery: Gallery, principal: auth.Principal) -> None:
     assert gallery.device_paths(principal, "device123") == (incoming, thumbnails)  # idempotent
 
 
+def test_device_paths_are_made_only_for_a_token_that_may_store_into_them(gallery: Gallery) -> None:
+    """A viewer's read-only token for every device made a folder for each id it asked about (4,000
+    asked: 4,000 folders, each scanned by the importer every second)."""
+    viewer = auth.Principal("viewer", frozenset({"*"}), frozenset({auth.READ}))
+    root = gallery.settings.data_dir / "gallery" / "cam-9"
+    assert gallery.device_paths(viewer, "cam-9") == (root / "incoming", root / "thumbnails")
+    assert not root.exists()
+    device = auth.Principal("cam-9", frozenset({"cam-9"}), frozenset({auth.READ, auth.DEVICE}))
+    incoming, thumbnails = gallery.device_paths(device, "cam-9")
+    assert incoming.is_dir() and thumbnails.is_dir()
+
+
 # -- downloads -------------------------------------------------------------------------------------
+
+
+def test_one_token_may_have_only_its_grants_part_of_the_native_downloads(gallery: Gallery) -> None:
+    """Each holds a server thread while its client reads: a token may hold MAX_DOWNLOADS_PER_DEVICE
+    for each device it grants, a token for every device half the share (threads.grant_share), so
+    that one device's read token, stalling its reads, cannot refuse everyone else's."""
+    per_device, share = service.MAX_DOWNLOADS_PER_DEVICE, gallery.max_downloads
+    assert (per_device, share) == (4, 26)  # 256 threads, 48 of them uploads': an eighth of the rest
+
+    def reader(*devices: str) -> auth.Principal:
+        return auth.Principal("r", frozenset(devices), frozenset({auth.READ}))
+
+    def refusal(principal: auth.Principal) -> str:
+        with pytest.raises(Exhausted) as refused, gallery.download_slot(principal):
+            pass
+        assert refused.value.reason == "TOO_MANY_DOWNLOADS"
+        return refused.value.message
+
+    with contextlib.ExitStack() as held:
+        for _ in range(per_device):
+            held.enter_context(gallery.download_slot(reader("cam1")))
+        assert "at most 4 for this token, 26 on this server" in refusal(reader("cam1"))
+        for _ in range(share // 2):
+            held.enter_context(gallery.download_slot(reader("*")))
+        assert "at most 13 for this token" in refusal(reader("*"))
+        for n in range(share - per_device - share // 2):
+            held.enter_context(gallery.download_slot(reader(f"cam{n + 2}")))
+        refusal(reader("cam-last"))  # the server's share is full
+    with gallery.download_slot(reader("cam1")), gallery.download_slot(reader("*")):
+        pass  # every place given back
 
 
 def test_open_content(gallery: Gallery, principal: auth.Principal) -> None:

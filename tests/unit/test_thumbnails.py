@@ -8,6 +8,7 @@ import json
 import shutil
 import struct
 import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -135,6 +136,45 @@ def test_bad_files_fail_alone(gallery: Gallery, principal: auth.Principal) -> No
         assert not gallery.storage.thumbnail_path("cam1", event.id).exists()
     ok = row(gallery, good.id)
     assert ok is not None and ok.has_thumbnail
+
+
+def test_an_image_decoded_whole_is_refused_past_its_memory_before_decoding(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A PNG of 30 megapixels (120 MiB decoded, a few hundred KB on disk) gets no thumbnail: its
+    header alone says so, and nothing is decoded."""
+    path = tmp_path / "wide.png"
+    path.write_bytes(png_claiming(6_000, 5_000))
+    with pytest.raises(ValueError, match=r"6000x5000 RGB takes 114 MiB decoded, more than 96 MiB"):
+        thumbnails.make_image(path)
+
+
+# The process's peak resident memory in KiB: VmHWM, its own since exec (ru_maxrss would keep the
+# forking pytest's).
+PEAK_MEMORY = """
+import re, sys
+from gallery_server import thumbnails
+def peak():
+    with open("/proc/self/status") as status:
+        return int(re.search(r"VmHWM:\\s+(\\d+) kB", status.read())[1])
+before = peak()
+made = thumbnails.make_image(sys.argv[1])
+print(made.info["width"], made.info["height"], peak() - before)
+"""
+
+
+def test_a_turned_image_is_made_small_before_it_is_turned(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The server's peak while it makes a thumbnail is the decoded image and little more: turned
+    upright first, a 16-megapixel photo was copied whole once more (61 MiB). In a process of its
+    own, whose peak resident memory is the measure."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: shown the other way
+    path = tmp_path / "turned.png"
+    Image.new("RGB", (4_000, 4_000), (10, 200, 10)).save(path, "PNG", exif=exif)
+    decoded_kib = 4_000 * 4_000 * 4 // 1024
+    result = subprocess.run([sys.executable, "-c", PEAK_MEMORY, str(path)], capture_output=True, text=True,
+                            timeout=120, check=True)
+    width, height, grew_kib = map(int, result.stdout.split())
+    assert (width, height) == (4_000, 4_000)
+    assert decoded_kib * 0.9 < grew_kib < decoded_kib * 1.4, (grew_kib, decoded_kib)
 
 
 def test_newest_first(gallery: Gallery, principal: auth.Principal) -> None:

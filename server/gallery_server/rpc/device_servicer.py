@@ -24,6 +24,8 @@ from .servicer import metadata_json
 
 log = logging.getLogger(__name__)
 
+MAX_AGENT_LOGGED = 200  # a device's "name/version (platform)" is a few dozen
+
 
 def _instant(timestamp: Timestamp) -> datetime.datetime:
     try:
@@ -52,6 +54,12 @@ def _first_within(messages: Iterator[pb.ConnectRequest], context: grpc.ServicerC
         with lock:
             arrived.set()
         timer.cancel()
+
+
+def _loggable(agent: str) -> str:
+    """A device's free-form description of itself, cut to MAX_AGENT_LOGGED characters: a device
+    that reconnects with megabytes of it must not fill the log volume."""
+    return agent if len(agent) <= MAX_AGENT_LOGGED else agent[:MAX_AGENT_LOGGED] + "..."
 
 
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
@@ -103,7 +111,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         reader.start()
         connected = time.monotonic()
         log.info("device connected", extra={"device": channel.device, "connection": channel.id,
-                                             "agent": first.hello.agent})
+                                             "agent": _loggable(first.hello.agent)})
         try:
             for command in channel.commands():
                 if command is None:

@@ -20,7 +20,7 @@ from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
 
 from .. import downloads, validation
-from ..auth import Principal
+from ..auth import DEVICE, WRITE, Principal
 from ..devices import Devices, PullStatus
 from ..errors import InvalidArgument
 from ..forms import FormReceiver
@@ -67,6 +67,13 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         # Who is calling; the interceptor's verified principal unless a test injects one.
         self.principal = principal
 
+    def _uploader(self, *scopes: str) -> Principal:
+        """The caller of an upload stream, refused before it holds a thread awaiting its first
+        message unless its token has one of `scopes`: a read-only token can store nothing."""
+        principal = self.principal()
+        principal.require_scope(*scopes)
+        return principal
+
     def GetDevicePaths(self, request, context):  # type: ignore[no-untyped-def]
         incoming, thumbnails = self.gallery.device_paths(self.principal(), request.device)
         return pb.GetDevicePathsResponse(
@@ -111,21 +118,24 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         return response
 
     def GetEventContent(self, request, context):  # type: ignore[no-untyped-def]
-        content = self.gallery.open_content(self.principal(), request.device, request.event_id)
-        yield from _http_download(self.gallery, context, content, counted_above=0)
+        principal = self.principal()
+        content = self.gallery.open_content(principal, request.device, request.event_id)
+        yield from _http_download(self.gallery, principal, context, content, counted_above=0)
 
     def GetEventThumbnail(self, request, context):  # type: ignore[no-untyped-def]
-        content = self.gallery.open_thumbnail(self.principal(), request.device, request.event_id)
-        yield from _http_download(self.gallery, context, content, counted_above=SENT_WITHOUT_WAITING)
+        principal = self.principal()
+        content = self.gallery.open_thumbnail(principal, request.device, request.event_id)
+        yield from _http_download(self.gallery, principal, context, content, counted_above=SENT_WITHOUT_WAITING)
 
     def ReadEventContent(self, request, context):  # type: ignore[no-untyped-def]
         downloads.check_read(request.read_offset, request.read_limit)
-        content = self.gallery.open_content(self.principal(), request.device, request.event_id)
+        principal = self.principal()
+        content = self.gallery.open_content(principal, request.device, request.event_id)
         with content.file:
             start, length = downloads.read_window(
                 content.size, request.read_offset, request.read_limit
             )
-            with self.gallery.download_slot() if length else contextlib.nullcontext():
+            with self.gallery.download_slot(principal) if length else contextlib.nullcontext():
                 context.send_initial_metadata((
                     (downloads.ETAG, downloads.etag(content.sha256)),
                     (downloads.SIZE, str(content.size)),
@@ -168,7 +178,8 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
 
     def UploadEvent(self, request_iterator, context):  # type: ignore[no-untyped-def]
         request_iterator = self.gallery.watch_upload(
-            request_iterator, context.cancel, on_end=context.add_callback
+            request_iterator, context.cancel, on_end=context.add_callback,
+            caller=self._uploader(WRITE, DEVICE),  # a device answers a pull with DEVICE alone
         )
         header = _first(request_iterator)
         if header.WhichOneof("part") != "header":
@@ -267,7 +278,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         # as the messages arrive.
         request_iterator = self.gallery.watch_upload(
             request_iterator, context.cancel, size_of=lambda m: len(m.data), first_carries_data=True,
-            on_end=context.add_callback,
+            on_end=context.add_callback, caller=self._uploader(WRITE),
         )
         first = next(request_iterator, None)
         if first is None or not first.upload_id:
@@ -321,7 +332,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
 
     def UploadEventForm(self, request_iterator, context):  # type: ignore[no-untyped-def]
         request_iterator = self.gallery.watch_upload(
-            request_iterator, context.cancel, on_end=context.add_callback
+            request_iterator, context.cancel, on_end=context.add_callback, caller=self._uploader(WRITE),
         )
         first = _first(request_iterator)
         with self.gallery.begin_upload(self.principal(), first.device) as upload:
@@ -350,7 +361,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         request_iterator = self.gallery.watch_upload(
             request_iterator, context.cancel,
             size_of=(lambda m: len(m.http_body.data)) if content_range else None,
-            on_end=context.add_callback, public=True,
+            on_end=context.add_callback,  # no caller: the URL is the grant
         )
         first = _first(request_iterator)
         target = self.signed.verify(validation.device_id(first.device), first.token)
@@ -490,7 +501,8 @@ _read_content_message = chunks.bytes_message(pb.ReadEventContentResponse, "data"
 
 
 def _http_download(
-    gallery: Gallery, context: grpc.ServicerContext, content: downloads.Content, *, counted_above: int,
+    gallery: Gallery, principal: Principal, context: grpc.ServicerContext, content: downloads.Content, *,
+    counted_above: int,
 ) -> Iterator[HttpBody | chunks.Encoded]:
     """Answer a download as the request's Range and conditional headers ask (downloads.reply).
     More than `counted_above` bytes to send take one of the server's download slots
@@ -511,7 +523,7 @@ def _http_download(
         if HEAD_HEADER in request:
             metadata.append((BODY_LENGTH_HEADER, str(reply.length)))
             sent = 0
-        with gallery.download_slot() if sent > counted_above else contextlib.nullcontext():
+        with gallery.download_slot(principal) if sent > counted_above else contextlib.nullcontext():
             context.send_initial_metadata(metadata)
             yield from gallery.watch_download(_http_body(content, reply.start, sent), context.cancel)
 
