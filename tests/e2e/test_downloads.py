@@ -464,8 +464,13 @@ def test_readers_that_stop_reading_hold_up_no_other_client(stack, mint: Callable
     options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 65536)]
     readers = [grpc.insecure_channel(stack.envoy_grpc_address, options=options) for _ in range(4)]
     request = pb.ReadEventContentRequest(device=device, event_id=event_id)
-    paused = [gallery_pb2_grpc.GalleryServiceStub(channel).ReadEventContent(request, metadata=auth_md, timeout=60)
-              for channel in readers for _ in range(4)]  # Envoy's workers each have a connection
+    # A token of its own for each reader: one token holds at most its grant's part of the
+    # downloads' share (threads.grant_share; 4 for each device it grants).
+    grants = [[("authorization", f"Bearer {mint(devices=[device, f'{device}-{n}'], scope='gallery:read')}")]
+              for n in range(len(readers))]
+    paused = [gallery_pb2_grpc.GalleryServiceStub(channel).ReadEventContent(request, metadata=md, timeout=60)
+              for channel, md in zip(readers, grants, strict=True)
+              for _ in range(4)]  # Envoy's workers each have a connection
     try:
         time.sleep(1.5)  # the server sends what Envoy lets it meanwhile
         # New connections, so both of Envoy's workers are asked; a stalled one never answers.
