@@ -137,7 +137,8 @@ def sqlite_transactions_write_first() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
+def postgres_database() -> Iterator[str]:
+    """A throw-away PostgreSQL database for the worker's session; tests get it as postgres_url."""
     base = os.environ.get("GALLERY_TEST_POSTGRES_URL")
     if not base:
         pytest.skip("GALLERY_TEST_POSTGRES_URL is not set")
@@ -151,6 +152,27 @@ def postgres_url() -> Iterator[str]:
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def drop_tables(url: str) -> None:
+    """Empty the worker's PostgreSQL database of what earlier tests left: a server on a data
+    folder of its own would find none of their stored media, and report NOT_SERVING
+    (rpc/readiness.py); a reconciliation test counted another test's events."""
+    engine = sa.create_engine(url)
+    try:
+        SQLModel.metadata.drop_all(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def postgres_url(postgres_database: str) -> Iterator[str]:
+    """The worker's PostgreSQL database, with empty tables from the test's start to its end."""
+    drop_tables(postgres_database)
+    try:
+        yield postgres_database
+    finally:
+        drop_tables(postgres_database)
 
 
 @pytest.fixture
@@ -187,17 +209,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iter
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'gallery.db'}"
         return
-    url = request.getfixturevalue("postgres_url")
-    # Each test starts from empty tables on the worker's throw-away database, whatever ran on it
-    # before: the e2e stacks on `postgres_url` leave their rows (a reconciliation test counted
-    # another test's events when three workers put them in one).
-    engine = sa.create_engine(url)
-    SQLModel.metadata.drop_all(engine)
-    try:
-        yield url
-    finally:
-        SQLModel.metadata.drop_all(engine)
-        engine.dispose()
+    yield request.getfixturevalue("postgres_url")  # empty tables (postgres_url)
 
 
 @contextlib.contextmanager

@@ -201,6 +201,11 @@ class Database:
         with _unavailable_as_error(), self.engine.connect() as connection:
             yield connection.execution_options(**self._single_read)
 
+    def ping(self) -> None:
+        """One round trip; DatabaseUnavailable when the database cannot be reached."""
+        with self.read() as connection:
+            connection.execute(sa.text("SELECT 1"))
+
     def count_at_most(self, rows: sa.Select[Any], limit: int) -> int:
         """How many rows `rows` selects, counting no further than `limit` (a cap's check reads
         no more than the cap)."""

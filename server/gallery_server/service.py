@@ -142,6 +142,19 @@ class Gallery:
         # device made a folder for each id it asked about, and the importer scans each folder.
         return self.storage.device_paths(device, make=not principal.scopes.isdisjoint((WRITE, DEVICE)))
 
+    def stored_media_found(self, sample: int = 20, at_least: int = 5) -> bool:
+        """Whether the data folder holds the media file of any of `sample` stored events, or
+        there are fewer than `at_least`. Each file is renamed into place before its row commits,
+        and its row deleted before it: a folder holding none of them is not the one the database
+        describes (a shared volume not mounted), where a few files missing are the reconciler's
+        to report."""
+        query = sa.select(col(Event.device), col(Event.id)).where(col(Event.state) == "stored").limit(sample)
+        with self.db.read() as connection:
+            rows = connection.execute(query).all()
+        return len(rows) < at_least or any(
+            self.storage.media_path(device, event_id).exists() for device, event_id in rows
+        )
+
     def list_events(self, principal: Principal, device: str, **request: Any) -> list[ListedEvent]:
         return self.list_page(principal, device, **request)[0]
 

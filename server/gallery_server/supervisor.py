@@ -81,7 +81,8 @@ def wait_grpc_healthy(
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"gRPC server at {address} not healthy after {timeout}s (its log above says why;"
-                    " a database that does not answer is one cause)"
+                    " a database that does not answer is one cause, a data folder without the stored media"
+                    " another)"
                 )
             time.sleep(0.1)
 

@@ -11,15 +11,20 @@ of call got 503 SERVER_UNAVAILABLE for the seconds, up to a minute, Envoy took t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import pathlib
+import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 
+import grpc
 import httpx
 import pytest
+import sqlalchemy as sa
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gallery_server import envoy_config, supervisor
 from gallery_server.local_stack import free_ports
@@ -44,14 +49,9 @@ def wait_healthy(admin: int, count: int) -> None:
         time.sleep(0.1)
 
 
-@pytest.fixture
-def replicated(tmp_path: pathlib.Path, postgres_url: str) -> Iterator[tuple[list[Server], str, int]]:
-    """([replica 0, replica 1], Envoy's REST base URL, Envoy's admin port)."""
-    replicas = [Server(tmp_path, name=f"replica-{n}",
-                       env={"GALLERY_DATABASE_URL": postgres_url, "GALLERY_DRAIN_SECONDS": "5"})
-                for n in range(2)]
-    for replica in replicas:
-        replica.start()
+@contextlib.contextmanager
+def behind_envoy(tmp_path: pathlib.Path, replicas: list[Server]) -> Iterator[tuple[str, int]]:
+    """A real Envoy in front of the replicas (started or not); yields (REST base URL, admin port)."""
     listen, admin = free_ports(2)
     config = tmp_path / "envoy.yaml"
     config.write_text(envoy_config.render(
@@ -63,13 +63,25 @@ def replicated(tmp_path: pathlib.Path, postgres_url: str) -> Iterator[tuple[list
                                   "--log-level", "warn"], stdout=log, stderr=log)
     try:
         supervisor.wait_envoy_ready(admin, process=envoy)
-        wait_healthy(admin, 2)
-        yield replicas, f"http://127.0.0.1:{listen}", admin
+        yield f"http://127.0.0.1:{listen}", admin
     finally:
         envoy.terminate()
         envoy.wait(timeout=30)
         for replica in replicas:
             replica.stop()
+
+
+@pytest.fixture
+def replicated(tmp_path: pathlib.Path, postgres_url: str) -> Iterator[tuple[list[Server], str, int]]:
+    """([replica 0, replica 1], Envoy's REST base URL, Envoy's admin port)."""
+    replicas = [Server(tmp_path, name=f"replica-{n}",
+                       env={"GALLERY_DATABASE_URL": postgres_url, "GALLERY_DRAIN_SECONDS": "5"})
+                for n in range(2)]
+    for replica in replicas:
+        replica.start()
+    with behind_envoy(tmp_path, replicas) as (base_url, admin):
+        wait_healthy(admin, 2)
+        yield replicas, base_url, admin
 
 
 class Traffic:
@@ -178,3 +190,148 @@ def test_a_replica_stopped_fails_no_request_and_one_killed_no_read(
     listed_ids = {e["id"] for e in listed}
     assert set(stopping.uploaded) | set(killing.uploaded) <= listed_ids
     assert hashlib.sha256(data).hexdigest() in {e["sha256"] for e in listed}
+
+
+# -- a replica that cannot do its work is taken out (rpc/readiness.py) ---------------------------
+
+
+class Proxy:
+    """A TCP relay to `target` on threads; cut() drops every connection and refuses new ones (a
+    link down between one replica and the database), heal() lets them through again."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._cut = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            if self._cut.is_set():
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)  # closed by its pumps
+            with self._lock:
+                self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for s in (source, sink):  # the other direction's pump ends too
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def cut(self) -> None:
+        self._cut.set()
+        with self._lock:
+            for s in self._open:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            self._open.clear()
+
+    def heal(self) -> None:
+        self._cut.clear()
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+def health_of(replica: Server) -> int:
+    with grpc.insecure_channel(replica.address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def wait_for(what: Callable[[], bool], seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not what():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_a_replica_cut_off_from_the_database_alone_is_taken_out(
+    tmp_path: pathlib.Path, postgres_url: str, mint: Callable[..., str],
+) -> None:
+    """Its health says NOT_SERVING while it cannot reach the database (probed every second), so
+    Envoy sends every call to the replica that can; it is SERVING again once the link is back.
+    Before, it stayed SERVING and failed its share of every call, a third of them, for as long
+    as the outage lasted."""
+    url = sa.make_url(postgres_url)
+    proxy = Proxy((url.host or "127.0.0.1", url.port or 5432))
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    replicas = [Server(tmp_path, name="direct", env={"GALLERY_DATABASE_URL": postgres_url}),
+                Server(tmp_path, name="proxied", env={"GALLERY_DATABASE_URL": proxied})]
+    for replica in replicas:
+        replica.start()
+    headers = {"Authorization": f"Bearer {mint(devices=[DEVICE], scope='gallery:read gallery:write')}"}
+    try:
+        with behind_envoy(tmp_path, replicas) as (base_url, admin), httpx.Client(base_url=base_url, timeout=30) as http:
+            wait_healthy(admin, 2)
+            proxy.cut()
+            wait_for(lambda: health_of(replicas[1]) == health_pb2.HealthCheckResponse.NOT_SERVING)
+            wait_healthy(admin, 1)
+            answers = [http.get(f"/api/gallery/{DEVICE}/stats", headers=headers).status_code for _ in range(30)]
+            answers += [post_form(http, DEVICE, headers, [("name", f"{n}.bin"), ("event", (f"{n}.bin", b"x"))])
+                        .status_code for n in range(10)]
+            assert answers == [200] * 40
+            proxy.heal()
+            wait_for(lambda: health_of(replicas[1]) == health_pb2.HealthCheckResponse.SERVING)
+            wait_healthy(admin, 2)
+    finally:
+        proxy.close()
+    log = replicas[1].log_path.read_text()
+    assert '"message": "health: NOT_SERVING"' in log and '"message": "health: SERVING"' in log
+
+
+def test_a_replica_on_another_data_folder_is_never_sent_calls(
+    tmp_path: pathlib.Path, postgres_url: str, mint: Callable[..., str],
+) -> None:
+    """A replica whose shared volume did not mount sees none of the stored media the database
+    names: it reports NOT_SERVING from its start. Before, it took its share of the uploads into a
+    folder no other replica reads (acknowledged, then MEDIA_MISSING or DATA_LOSS elsewhere) and
+    failed the others' downloads."""
+    env = {"GALLERY_DATABASE_URL": postgres_url}
+    shared = Server(tmp_path, name="shared", env=env)
+    (tmp_path / "unmounted").mkdir()
+    unmounted = Server(tmp_path / "unmounted", name="unmounted", env=env)
+    shared.start()
+    headers = {"Authorization": f"Bearer {mint(devices=[DEVICE], scope='gallery:read gallery:write')}"}
+    with behind_envoy(tmp_path, [shared, unmounted]) as (base_url, admin), \
+            httpx.Client(base_url=base_url, timeout=30) as http:
+        wait_healthy(admin, 1)
+        for n in range(5):  # Gallery.stored_media_found: a gallery of fewer is never taken for another
+            first = post_form(http, DEVICE, headers, [("name", "first.bin"), ("event", ("first.bin", b"%d" % n))])
+            assert first.status_code == 200, first.text
+        unmounted.start(wait_healthy=False)
+        wait_for(lambda: _answers(unmounted))
+        assert health_of(unmounted) == health_pb2.HealthCheckResponse.NOT_SERVING
+        time.sleep(2.5)  # Envoy's checks: it would be in after one SERVING answer
+        assert healthy_backends(admin) == 1
+        uploads = [post_form(http, DEVICE, headers, [("name", f"{n}.bin"), ("event", (f"{n}.bin", b"%d" % n))])
+                   for n in range(12)]
+        assert [r.status_code for r in uploads] == [200] * 12
+        ids = [r.json()["eventId"] for r in uploads]
+        assert all((shared.data_dir / "media" / DEVICE / event_id).is_file() for event_id in ids)
+        assert not (unmounted.data_dir / "media" / DEVICE).exists()
+        for event_id in ids:
+            assert http.get(f"/api/gallery/{DEVICE}/events/{event_id}/content", headers=headers).status_code == 200
+    assert "data folder holds none of the stored media the database names" in unmounted.log_path.read_text()
+
+
+def _answers(replica: Server) -> bool:
+    try:
+        health_of(replica)
+    except grpc.RpcError:
+        return False
+    return True

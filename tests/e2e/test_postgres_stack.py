@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from gallery.v1 import gallery_pb2, gallery_pb2_grpc
 from gallery_server import auth
 
-from ..conftest import JWT_SECRET, rich_error, stored_files
+from ..conftest import JWT_SECRET, drop_tables, rich_error, stored_files
 from .conftest import Stack, running_stack, start_stack, stop_stack
 from .test_listing import ANNOUNCE_SQL, ANNOUNCED, assert_listing_is_envoys_printing
 
@@ -42,14 +42,16 @@ Check = Callable[[str, str, dict[str, str]], None]
 
 
 @pytest.fixture(scope="module")
-def pg_stack(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(tmp_path_factory.mktemp("pg-stack"), {"GALLERY_DATABASE_URL": postgres_url}) as stack:
+def pg_stack(postgres_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    drop_tables(postgres_database)  # a new data folder: no earlier test's stored events
+    with running_stack(tmp_path_factory.mktemp("pg-stack"), {"GALLERY_DATABASE_URL": postgres_database}) as stack:
         yield stack
+    drop_tables(postgres_database)
 
 
 @pytest.fixture
-def pg_engine(postgres_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(postgres_url)
+def pg_engine(postgres_database: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(postgres_database)
     yield engine
     engine.dispose()
 
@@ -182,7 +184,7 @@ def expected_event(name: str, media_type: str, mime: str, data: bytes, thumb: bo
 
 
 def test_postgres_stack_matches_sqlite(
-    postgres_url: str,  # first: skips before any stack starts when PostgreSQL is not configured
+    postgres_database: str,  # first: skips before any stack starts when PostgreSQL is not configured
     stack: Stack, pg_stack: Stack, pg_engine: sa.Engine, auth_headers: Callable[..., dict[str, str]]
 ) -> None:
     headers = auth_headers()
@@ -353,12 +355,12 @@ def _get(stack: Stack, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
 
 
 def test_while_postgresql_refuses_connections_requests_are_503_and_nothing_is_half_stored(
-    postgres_url: str, tmp_path: pathlib.Path, auth_headers: Callable[..., dict[str, str]]
+    postgres_database: str, tmp_path: pathlib.Path, auth_headers: Callable[..., dict[str, str]]
 ) -> None:
     """As while PostgreSQL restarts: every request that needs the database is UNAVAILABLE (HTTP
     503, reason DATABASE_UNAVAILABLE: try again later), not INTERNAL; an upload then leaves no file
     behind; and once the database is back, the same requests are answered."""
-    url = sa.make_url(postgres_url)
+    url = sa.make_url(postgres_database)
     name = f"gallery_refusing_{uuid.uuid4().hex[:12]}"
     # Through the tests' own database: a server need not have one named "postgres".
     admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")

@@ -59,14 +59,15 @@ class Server:
         self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, *, wait_healthy: bool = True) -> None:
         env = {**os.environ, "GALLERY_DATA_DIR": str(self.data_dir), "GALLERY_GRPC_ADDRESS": self.address,
                "GALLERY_JWT_SECRET": JWT_SECRET, "GALLERY_MAKE_THUMBNAILS": "false",
                "GALLERY_DRAIN_SECONDS": "0", **self.env}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "gallery_server", "serve"],
                                             env=env, stdout=log, stderr=log)
-        supervisor.wait_grpc_healthy(self.address, process=self.process)
+        if wait_healthy:
+            supervisor.wait_grpc_healthy(self.address, process=self.process)
 
     def kill(self) -> None:
         assert self.process is not None

@@ -36,6 +36,7 @@ from .admin_servicer import AdminServicer
 from .device_servicer import DeviceServicer
 from .file_handoff import CHECK_METHOD, FileHandoff
 from .interceptor import GalleryInterceptor
+from .readiness import Readiness
 from .servicer import GalleryServicer
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = gallery_pb2.DESCRIPTOR.services_by_name["GalleryService"].full_name
 DEVICE_SERVICE_NAME = device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["GalleryAdminService"].full_name
+HEALTH_CHECKED = ("", SERVICE_NAME, DEVICE_SERVICE_NAME, ADMIN_SERVICE_NAME)  # "": the server's
 # Upload chunks are up to 1 MiB from Envoy and up to 4 MiB from native clients.
 MAX_MESSAGE_BYTES = 8 << 20
 # A request's header list (gRPC metadata; an event's metadata is Settings.max_metadata_bytes).
@@ -152,7 +154,7 @@ def create_server(
     # neither health-checked nor listed by reflection.
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(FileHandoff(gallery, verifier), server)
     health_servicer = health.HealthServicer()
-    for name in ("", SERVICE_NAME, DEVICE_SERVICE_NAME, ADMIN_SERVICE_NAME):
+    for name in HEALTH_CHECKED:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -214,6 +216,12 @@ def serve(settings: Settings) -> None:
             raise CannotListen(f"GALLERY_METRICS_ADDRESS={settings.metrics_address}: {exc.strerror or exc}") from None
         log.info("metrics listening", extra={"address": settings.metrics_address, "port": metrics_port})
     server, port, health_servicer = create_server(settings, settings.grpc_address, metrics)
+    reconciling = background_gallery(settings)
+    # Health follows the database and the data folder (readiness.py): one statement a second,
+    # on the reconciler's pool (one of its two connections is idle between its passes). Its first
+    # pass before the first call: a replica on the wrong folder is never SERVING.
+    readiness = Readiness(reconciling, health_servicer, HEALTH_CHECKED)
+    readiness.run_pass()
     server.start()
     log.info("gRPC server listening", extra={"address": settings.grpc_address, "port": port})
     # What this replica admits at once: an operator sees it without working out threads.py.
@@ -227,10 +235,7 @@ def serve(settings: Settings) -> None:
     sweeper.start()
     # Every replica reconciles files and rows, at start-up and then periodically: each step is
     # idempotent and spares anything younger than the grace period (reconcile.py).
-    reconciler = ReconcileLoop(
-        Reconciler(background_gallery(settings)),
-        settings.reconcile_interval_seconds,
-    )
+    reconciler = ReconcileLoop(Reconciler(reconciling), settings.reconcile_interval_seconds)
     reconciler.start()
     # Every replica may delete events past the retention: each is deleted once (retention.py).
     retention = None
@@ -242,6 +247,7 @@ def serve(settings: Settings) -> None:
     if settings.make_thumbnails:
         thumbnailer = Thumbnailer(background_gallery(settings))
         thumbnailer.start()
+    readiness.start()
     signals: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def stop(signum: int, _frame: object) -> None:
@@ -259,6 +265,7 @@ def serve(settings: Settings) -> None:
         log.info("draining", extra={"seconds": settings.drain_seconds})
         with contextlib.suppress(queue.Empty):
             signals.get(timeout=settings.drain_seconds)
+    readiness.stop()
     importer.stop()
     sweeper.stop()
     reconciler.stop(timeout=5)
@@ -267,6 +274,8 @@ def serve(settings: Settings) -> None:
     # A file in hand is not waited for long: its claim is simply taken again after the lease.
     if thumbnailer is not None:
         thumbnailer.stop(timeout=5)
-    server.stop(grace=10).wait()
+    # The metrics port is let go with the gRPC one, not once the last call has ended: a
+    # replacement started as soon as the gRPC port was free failed on the metrics address.
     if stop_metrics is not None:
         stop_metrics()
+    server.stop(grace=10).wait()

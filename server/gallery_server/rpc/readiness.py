@@ -1,0 +1,85 @@
+"""Whether this replica should be sent calls: its gRPC health, which Envoy checks every second,
+follows what the replica can reach. It reports NOT_SERVING while
+
+* it cannot reach the database (db.availability), probed every PROBE_SECONDS: a replica cut off
+  from a database the others still reach failed a third of all calls for as long as it lasted;
+* its data folder holds none of a sample of the stored media the database names
+  (Gallery.stored_media_found, every STORAGE_CHECK_SECONDS): a replica whose shared volume did not
+  mount acknowledged uploads that no other replica could read, and answered the others'
+  downloads with MEDIA_MISSING.
+
+Envoy then sends the calls to the other replicas. When none is SERVING (the database down for
+all), its panic mode sends them to all, and each answers as it can (503 DATABASE_UNAVAILABLE).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from grpc_health.v1 import health, health_pb2
+
+from ..background import BackgroundLoop
+from ..db import availability
+from ..errors import DatabaseUnavailable
+from ..service import Gallery
+
+log = logging.getLogger(__name__)
+
+PROBE_SECONDS = 1.0  # as often as Envoy checks
+STORAGE_CHECK_SECONDS = 30.0
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Readiness(BackgroundLoop):
+    """Sets `services`' health on `health_servicer` from the database and the data folder; a
+    graceful shutdown's NOT_SERVING (HealthServicer.enter_graceful_shutdown) is never undone."""
+
+    thread_name = "readiness"
+
+    def __init__(self, gallery: Gallery, health_servicer: health.HealthServicer,
+                 services: tuple[str, ...]) -> None:
+        super().__init__(PROBE_SECONDS)
+        self.gallery = gallery
+        self.health_servicer = health_servicer
+        self.services = services
+        self.storage_ok = True
+        self._storage_checked = -float("inf")  # time.monotonic()
+        self.serving = True
+
+    def run_pass(self) -> bool:
+        try:
+            self.gallery.db.ping()
+            if time.monotonic() - self._storage_checked >= STORAGE_CHECK_SECONDS:
+                self._check_storage()
+        except DatabaseUnavailable:
+            pass  # db.availability has it, and says so in the log
+        self._report(availability.up and self.storage_ok)
+        return False
+
+    def _check_storage(self) -> None:
+        found = self.gallery.stored_media_found()
+        self._storage_checked = time.monotonic()
+        if found != self.storage_ok:
+            if found:
+                log.warning("data folder holds the stored media again",
+                            extra={"data_dir": str(self.gallery.settings.data_dir)})
+            else:
+                log.error(
+                    "data folder holds none of the stored media the database names: reporting "
+                    "NOT_SERVING until it does (is GALLERY_DATA_DIR the shared volume, mounted?)",
+                    extra={"data_dir": str(self.gallery.settings.data_dir)},
+                )
+        self.storage_ok = found
+
+    def _report(self, serving: bool) -> None:
+        if serving == self.serving:
+            return
+        self.serving = serving
+        log.log(logging.INFO if serving else logging.WARNING,
+                "health: SERVING" if serving else "health: NOT_SERVING",
+                extra={"database_up": availability.up, "data_folder_ok": self.storage_ok})
+        for name in self.services:
+            self.health_servicer.set(name, SERVING if serving else NOT_SERVING)
