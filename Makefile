@@ -15,7 +15,7 @@ export GALLERY_BENCH_POSTGRES_URL ?= $(GALLERY_TEST_POSTGRES_URL)
 # keep 2 CPUs busy (2026-11-30, the same tree: 7:16 with two, 5:57 with three, 6:27 with four;
 # tests/conftest.py: which tests share a worker). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 3
-PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15  # the slowest: where the time goes
 
 .PHONY: setup run test unit e2e lint generate check-generated bench bench-quick clean
 
