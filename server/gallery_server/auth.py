@@ -17,10 +17,12 @@ never verify. `alg: none` is never in an allowed list, so it is always refused.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import threading
 import time
+from collections.abc import Hashable
 from typing import Any
 
 import jwt
@@ -69,6 +71,15 @@ class Principal:
     # When the token stops being valid (its exp plus the leeway), in time.time() seconds: what
     # outlives one request, a device's command channel, ends then (devices.py).
     expires_at: float = math.inf
+    # A digest of the token itself, never the token: what one token holds of the server's shares
+    # is counted under it (threads.Holds.held_for), so a token leaked or misused takes no part
+    # of another's, even of the same devices.
+    token_id: str = ""
+
+    @property
+    def holder(self) -> Hashable:
+        """Whose holds these are: the token's, or (a principal made without one) its grant's."""
+        return self.token_id or self.devices
 
     def require(self, device: str, scope: str) -> None:
         """Raise PermissionDenied unless this principal may use `scope` on `device`."""
@@ -221,7 +232,8 @@ class Verifier:
         except jwt.InvalidTokenError as exc:
             # The exception text names the failed check, never the token or the key.
             raise Unauthenticated("TOKEN_INVALID", f"invalid token: {exc}") from None
-        return _principal(claims), int(claims["exp"])  # PyJWT compares int(exp) too
+        principal = dataclasses.replace(_principal(claims), token_id=hashlib.sha256(token.encode()).hexdigest()[:32])
+        return principal, int(claims["exp"])  # PyJWT compares int(exp) too
 
     def _key_for(self, token: str) -> tuple[Any, list[str]]:
         if self._jwks is None:

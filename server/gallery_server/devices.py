@@ -42,7 +42,7 @@ from .errors import (
 from .media_types import classify, detect_mime
 from .models import DeletedCapture, DeviceCommand, DeviceConnection, Event
 from .service import Gallery, forget_event
-from .threads import Holds, grant_share, thread_shares
+from .threads import Holds, thread_shares
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class Devices:
         self._channels: dict[str, list[Channel]] = {}  # open in this process, oldest first
         shares = thread_shares(self.settings)
         self.max_channels, self.max_hellos = shares.channels, shares.hellos
-        self._greeting = Holds(MAX_CONNECTIONS_PER_DEVICE, total=shares.hellos)  # by token's grant
+        self._greeting = Holds(MAX_CONNECTIONS_PER_DEVICE, total=shares.hellos)  # by token (held_for)
         self._pull_waits = Holds(MAX_PULL_WAITS_PER_DEVICE, total=shares.pull_waits)
 
     # -- inventory ----------------------------------------------------------------------------
@@ -427,17 +427,16 @@ class Devices:
         (threads.grant_share). Not counted with the channels: the device is not known yet, and its
         channel may replace one of its own (connect())."""
         principal.require_scope(DEVICE)
-        limit = grant_share(principal.devices, MAX_CONNECTIONS_PER_DEVICE, self.max_hellos)
-        if not self._greeting.take(principal.devices, limit):
-            raise Exhausted(
+
+        def refusal(limit: int) -> Exhausted:
+            return Exhausted(
                 "TOO_MANY_CONNECTIONS",
                 f"too many device channels are waiting for their hello (at most {limit} for this "
                 f"token, {self.max_hellos} on this server): retry later", limit=str(limit),
             )
-        try:
+
+        with self._greeting.held_for(principal, refusal):
             yield
-        finally:
-            self._greeting.give_back(principal.devices)
 
     @property
     def channels_open(self) -> int:

@@ -173,8 +173,9 @@ def method_not_allowed_routes() -> list[dict[str, object]]:
 
 
 def _path_regex(template: str) -> str:
-    """The RE2 regex of the paths a binding's template matches; only the single-segment
-    variables this API uses (`{device}`), so that a template with more fails loudly here."""
+    """The RE2 regex of the paths a binding's template matches, with a trailing slash too (as the
+    transcoder takes them); only the single-segment variables this API uses (`{device}`), so
+    that a template with more fails loudly here."""
     segments = []
     for segment in template.split("/"):
         if re.fullmatch(r"\{[A-Za-z_][A-Za-z0-9_]*\}", segment):
@@ -183,7 +184,7 @@ def _path_regex(template: str) -> str:
             segments.append(re.escape(segment))
         else:
             raise ValueError(f"path template {template!r}: only literal and {{name}} segments are supported")
-    return "/".join(segments)
+    return "/".join(segments) + "/?"
 
 
 def _may_match_one_path(template: str, other: str) -> bool:

@@ -48,7 +48,7 @@ from .quota import DeviceQuota, Usage
 from .receiving import ReceivePermits
 from .settings import Settings
 from .storage import SpaceMeter, StagedFile, Storage
-from .threads import Holds, grant_share, thread_shares
+from .threads import Holds, thread_shares
 from .uploads import IdleWatchdog, Upload, UploadSlots
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class Gallery:
             settings.upload_idle_seconds, first_message_seconds=settings.upload_first_message_seconds
         )
         self.max_downloads = thread_shares(settings).downloads
-        self._downloads = Holds(MAX_DOWNLOADS_PER_DEVICE, total=self.max_downloads)  # by token's grant
+        self._downloads = Holds(MAX_DOWNLOADS_PER_DEVICE, total=self.max_downloads)  # by token (held_for)
         # Upload messages asked for or held at once, all streams together (receiving.py).
         self.receiving = ReceivePermits(settings.upload_messages_in_flight)
 
@@ -143,17 +143,26 @@ class Gallery:
         return self.storage.device_paths(device, make=not principal.scopes.isdisjoint((WRITE, DEVICE)))
 
     def stored_media_found(self, sample: int = 20, at_least: int = 5) -> bool:
-        """Whether the data folder holds the media file of any of `sample` stored events, or
-        there are fewer than `at_least`. Each file is renamed into place before its row commits,
-        and its row deleted before it: a folder holding none of them is not the one the database
-        describes (a shared volume not mounted), where a few files missing are the reconciler's
-        to report."""
-        query = sa.select(col(Event.device), col(Event.id)).where(col(Event.state) == "stored").limit(sample)
+        """Whether the data folder holds the media file of any of `sample` stored events picked
+        at random, or there are fewer than `at_least` of them. Each file is renamed into place
+        before its row commits, and its row deleted before it: a folder holding none of them is
+        not the one the database describes (a shared volume not mounted), where some files lost
+        are the reconciler's to report. At random, by index seeks from random ids (ids are
+        random): the first rows of the table, always the same, may be those of one old device."""
+        stored = col(Event.state) == "stored"
+        seek = (sa.select(col(Event.device), col(Event.id)).where(stored, col(Event.id) >= sa.bindparam("start"))
+                .order_by(col(Event.id)).limit(1))
+        first = sa.select(col(Event.device), col(Event.id)).where(stored).order_by(col(Event.id)).limit(1)
+        if self.db.count_at_most(sa.select(col(Event.id)).where(stored), at_least) < at_least:
+            return True
+        picked: set[tuple[str, str]] = set()
         with self.db.read() as connection:
-            rows = connection.execute(query).all()
-        return len(rows) < at_least or any(
-            self.storage.media_path(device, event_id).exists() for device, event_id in rows
-        )
+            for _ in range(sample):
+                row = connection.execute(seek, {"start": validation.new_event_id()}).first()
+                row = row or connection.execute(first).first()  # past the last id: from the start
+                if row is not None:  # deleted meanwhile
+                    picked.add((row[0], row[1]))
+        return not picked or any(self.storage.media_path(device, event_id).exists() for device, event_id in picked)
 
     def list_events(self, principal: Principal, device: str, **request: Any) -> list[ListedEvent]:
         return self.list_page(principal, device, **request)[0]
@@ -327,17 +336,15 @@ class Gallery:
         """Around a native download, which holds a server thread for as long as its client takes
         to read it: at most the downloads' share of the threads at once (threads.py), and of those
         at most its token's grant's part (threads.grant_share)."""
-        limit = grant_share(principal.devices, MAX_DOWNLOADS_PER_DEVICE, self.max_downloads)
-        if not self._downloads.take(principal.devices, limit):
-            raise Exhausted(
+        def refusal(limit: int) -> Exhausted:
+            return Exhausted(
                 "TOO_MANY_DOWNLOADS",
                 f"too many downloads are in progress (at most {limit} for this token, "
                 f"{self.max_downloads} on this server): retry later", limit=str(limit),
             )
-        try:
+
+        with self._downloads.held_for(principal, refusal):
             yield
-        finally:
-            self._downloads.give_back(principal.devices)
 
     def watch_download(self, messages: Iterator[T], cancel: Callable[[], None]) -> Iterator[T]:
         """A server stream's messages, cancelled (by `cancel`) once its client has taken none for
@@ -347,7 +354,7 @@ class Gallery:
     def _admitted(self, messages: Iterator[T], caller: Principal | None) -> Iterator[T]:
         """The first message awaited under an upload slot's count (UploadSlots.first_message):
         refused at once, before any permit or byte, if uploads hold every slot already."""
-        with self.slots.first_message(caller.devices if caller is not None else None):
+        with self.slots.first_message(caller):
             first = next(messages, None)
         if first is None:
             return

@@ -22,11 +22,15 @@ included, could hold a whole share and refuse every other device.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Hashable
-from typing import NamedTuple
+from collections.abc import Callable, Hashable, Iterator
+from typing import TYPE_CHECKING, NamedTuple
 
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .auth import Principal
 
 CHANNELS_SHARE = 2
 PULL_WAITS_SHARE = 8
@@ -52,12 +56,11 @@ def thread_shares(settings: Settings) -> ThreadShares:
 
 
 def grant_share(devices: frozenset[str], per_device: int, total: int) -> int:
-    """How much of a `total` one token may hold at once, its holds counted together under its grant
-    (Principal.devices): `per_device` for each device it grants; half the total for a token for
-    every device ('*'), as for requests that need no token (uploads.UploadSlots)."""
-    if "*" in devices:
-        return max(1, total // 2)
-    return max(1, per_device * len(devices))
+    """How much of a `total` one token may hold at once, by its grant (Principal.devices):
+    `per_device` for each device it grants, and never more than half the total (a token for
+    every device ('*') half, as the requests that need no token together: uploads.UploadSlots)."""
+    half = max(1, total // 2)
+    return half if "*" in devices else max(1, min(per_device * len(devices), half))
 
 
 class Holds:
@@ -77,6 +80,18 @@ class Holds:
                 return False
             self._held[key] = held + 1
             return True
+
+    @contextlib.contextmanager
+    def held_for(self, principal: Principal, refusal: Callable[[int], Exception]) -> Iterator[None]:
+        """Around one hold of `principal`'s token, up to its part (grant_share, `per_key` for each
+        device it grants); past that or the total, `refusal(its part)` is raised."""
+        limit = grant_share(principal.devices, self.per_key, self.total)
+        if not self.take(principal.holder, limit):
+            raise refusal(limit)
+        try:
+            yield
+        finally:
+            self.give_back(principal.holder)
 
     def give_back(self, key: Hashable) -> None:
         with self._lock:

@@ -13,14 +13,17 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Callable, Hashable, Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import Exhausted, FailedPrecondition, InvalidArgument
 from .models import Event
 from .quota import Room
 from .storage import StagedFile, Storage, upload_too_large
 from .threads import grant_share
+
+if TYPE_CHECKING:
+    from .auth import Principal
 
 
 @dataclasses.dataclass
@@ -164,15 +167,16 @@ class UploadSlots:
         self._by_device: dict[str, int] = {}
         self._in_flight = 0
         self._awaiting_first = 0
-        self._awaiting_by_caller: dict[frozenset[str] | None, int] = {}
+        self._awaiting_by_caller: dict[Hashable, int] = {}
 
     @contextlib.contextmanager
-    def first_message(self, caller: frozenset[str] | None) -> Iterator[None]:
-        """Around a stream's wait for its first message (which names its device); `caller`: the
-        devices its token grants (Principal.devices), None for a method that needs no token."""
-        limit = grant_share(caller if caller is not None else frozenset("*"), self.per_device, self.total)
+    def first_message(self, caller: Principal | None) -> Iterator[None]:
+        """Around a stream's wait for its first message (which names its device); `caller`: its
+        token's principal, None for a method that needs no token."""
+        limit = grant_share(caller.devices if caller is not None else frozenset("*"), self.per_device, self.total)
+        key = caller.holder if caller is not None else None
         with self._lock:
-            mine = self._awaiting_by_caller.get(caller, 0)
+            mine = self._awaiting_by_caller.get(key, 0)
             if self._in_flight + self._awaiting_first >= self.total:
                 raise Exhausted(
                     "TOO_MANY_UPLOADS",
@@ -187,17 +191,17 @@ class UploadSlots:
                     limit=str(limit),
                 )
             self._awaiting_first += 1
-            self._awaiting_by_caller[caller] = mine + 1
+            self._awaiting_by_caller[key] = mine + 1
         try:
             yield
         finally:
             with self._lock:
                 self._awaiting_first -= 1
-                left = self._awaiting_by_caller[caller] - 1
+                left = self._awaiting_by_caller[key] - 1
                 if left:
-                    self._awaiting_by_caller[caller] = left
+                    self._awaiting_by_caller[key] = left
                 else:
-                    del self._awaiting_by_caller[caller]
+                    del self._awaiting_by_caller[key]
 
     @property
     def in_flight(self) -> int:

@@ -297,6 +297,7 @@ REST_CASES = [
     # -- what no route or method has, and headers past Envoy's limits --
     Rest("path-unknown", "GET", f"/api/gallery/{DEVICE}/nothing", 404, ENVOY_NOT_FOUND),
     Rest("method-unknown", "PATCH", f"/api/gallery/{DEVICE}/stats", 405, ENVOY_METHOD_NOT_ALLOWED),
+    Rest("method-unknown-trailing-slash", "PATCH", f"/api/gallery/{DEVICE}/stats/", 405, ENVOY_METHOD_NOT_ALLOWED),
     Rest("method-unknown-unauthorized", "DELETE", f"/api/gallery/{DEVICE}/stats", 405, ENVOY_METHOD_NOT_ALLOWED,
          authorized=False),
     Rest("bool-not-a-bool", "GET", f"/api/gallery/{DEVICE}/upload-url?filename=a.jpg&thumbnail=maybe",

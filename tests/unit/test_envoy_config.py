@@ -249,9 +249,10 @@ def test_a_read_behind_a_lock_is_the_servers_503_before_envoys_504() -> None:
 
 
 def test_a_binding_path_becomes_the_regex_of_the_paths_it_takes() -> None:
-    assert envoy_config._path_regex("/api/gallery/{device}/upload-url") == r"/api/gallery/[^/]+/upload\-url"
+    assert envoy_config._path_regex("/api/gallery/{device}/upload-url") == r"/api/gallery/[^/]+/upload\-url/?"
     regex = re.compile(envoy_config._path_regex("/api/gallery/{device}/events/{event_id}"))
     assert regex.fullmatch("/api/gallery/cam:1/events/evt_x")
+    assert regex.fullmatch("/api/gallery/cam:1/events/evt_x/")  # as the transcoder takes it
     assert not regex.fullmatch("/api/gallery/cam/events/evt_x/content")
     # A template with more than this API uses must be told, not given a wrong route.
     with pytest.raises(ValueError, match="only literal and"):
@@ -263,5 +264,5 @@ def test_paths_two_templates_both_match_take_the_methods_of_both() -> None:
     assert not envoy_config._may_match_one_path("/a/{d}/stats", "/a/{d}/paths")
     assert not envoy_config._may_match_one_path("/a/{d}", "/a/{d}/{event}")
     routes = {route["match"]["safe_regex"]["regex"]: route for route in envoy_config.method_not_allowed_routes()}
-    (method,) = routes[r"/api/gallery/[^/]+/events/[^/]+"]["match"]["headers"]
+    (method,) = routes[r"/api/gallery/[^/]+/events/[^/]+/?"]["match"]["headers"]
     assert method["string_match"] == {"safe_regex": {"regex": "DELETE|GET|HEAD"}} and method["invert_match"]

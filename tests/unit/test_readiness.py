@@ -4,6 +4,8 @@ databases, with grpc_health's own servicer: what Envoy's health check reads."""
 from __future__ import annotations
 
 import logging
+import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -47,6 +49,16 @@ def test_stored_media_are_found_where_the_database_says(gallery: Gallery, princi
     media.with_name("elsewhere").rename(media)
     assert gallery.stored_media_found()
     for event_id in ids[1:]:  # files lost are the reconciler's to report, while one is there
+        gallery.storage.media_path("cam1", event_id).unlink()
+    assert gallery.stored_media_found()
+
+
+def test_the_events_looked_at_are_picked_at_random(gallery: Gallery, principal: auth.Principal) -> None:
+    """The table's first 20 rows (an old device's, say) were the sample every time: their files
+    deleted by hand, a gallery of 137 was taken for another folder and `gallery run` would not
+    start. With half of 40 gone, one of 20 picks at random missing them all is a chance in 10^6."""
+    ids = [store(gallery, principal, data=b"%d" % n).id for n in range(40)]
+    for event_id in ids[:20]:  # the first stored: the table's first rows
         gallery.storage.media_path("cam1", event_id).unlink()
     assert gallery.stored_media_found()
 
@@ -108,6 +120,35 @@ def test_a_replica_that_cannot_reach_the_database_is_not_serving_until_it_can(wa
         gallery.db = reachable
     check.run_pass()  # the probe finds it again: no request needed
     assert availability.up and status(servicer) == readiness.SERVING
+
+
+def test_a_database_that_does_not_answer_is_not_waited_for(
+    watched, gallery: Gallery, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A link that drops packets rather than connections: the probe gets no answer at all. Before,
+    the probe waited as long as TCP would (minutes), SERVING all along, and the replica's stop
+    waited for it. A real socket that takes the connection and never says a word."""
+    monkeypatch.setattr(readiness, "PROBE_TIMEOUT_SECONDS", 0.5)
+    check, servicer = watched
+    check.run_pass()
+    silent = socket.create_server(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+    reachable = gallery.db
+    gallery.db = Database(f"postgresql+psycopg://postgres@127.0.0.1:{port}/gallery?connect_timeout=3", pool_size=1)
+    try:
+        started = time.monotonic()
+        check.run_pass()
+        assert time.monotonic() - started < 2
+        assert status(servicer) == readiness.NOT_SERVING
+        check.stop(timeout=1)  # returns: the probe is not waited for
+        assert check.probe is not None
+        check.probe.join(10)  # ended by its connect timeout, before the next test
+    finally:
+        silent.close()
+        gallery.db.dispose()
+        gallery.db = reachable
+    check.run_pass()
+    assert status(servicer) == readiness.SERVING
 
 
 def test_a_replica_draining_stays_not_serving(watched) -> None:

@@ -9,12 +9,14 @@ its mtime and ctime, and ctime cannot be set back from user space.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import errno
 import json
 import logging
 import os
 import pathlib
+import secrets
 import socket
 import subprocess
 import threading
@@ -386,7 +388,12 @@ def test_upload_slots_per_device_and_in_total():
     assert slots.in_flight == 0
 
 
-A, B, C = frozenset({"a"}), frozenset({"b"}), frozenset({"c"})
+def token(*devices: str) -> auth.Principal:
+    """A token's principal, as the interceptor makes one: a token of its own (token_id)."""
+    return auth.Principal("t", frozenset(devices), frozenset({auth.WRITE}), token_id=secrets.token_hex(16))
+
+
+A, B, C = token("a"), token("b"), token("c")
 
 
 def test_streams_awaiting_their_first_message_count_with_the_uploads_in_flight():
@@ -408,7 +415,8 @@ def test_one_token_may_have_only_its_grants_part_of_the_streams_awaiting_a_first
     """threads.grant_share: per_device for each device the token grants; half the total for a
     token for every device, and for the pre-signed PUTs (no token) together."""
     slots = UploadSlots(per_device=2, total=12)
-    for caller, part in ((A, 2), (A | B, 4), (frozenset({"*"}), 6), (None, 6)):
+    many = token(*(f"cam{n}" for n in range(10)))  # 20 by its devices: half the total at most
+    for caller, part in ((A, 2), (token("a", "b"), 4), (many, 6), (token("*"), 6), (None, 6)):
         with contextlib.ExitStack() as held:
             for _ in range(part):
                 held.enter_context(slots.first_message(caller))
@@ -420,6 +428,9 @@ def test_one_token_may_have_only_its_grants_part_of_the_streams_awaiting_a_first
             assert f"{whose} {part} uploads awaiting" in refused.value.message
             with slots.first_message(C):  # another token still has its place
                 assert slots.awaiting_first == part + 1
+            if caller is not None:  # and so has another token of the same devices
+                with slots.first_message(dataclasses.replace(caller, token_id="another")):
+                    pass
     assert slots.awaiting_first == 0
 
 

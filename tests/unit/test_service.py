@@ -626,6 +626,26 @@ def test_one_token_may_have_only_its_grants_part_of_the_native_downloads(gallery
         pass  # every place given back
 
 
+def test_each_token_has_its_own_part_of_the_native_downloads(gallery: Gallery) -> None:
+    """Counted by token (Principal.token_id), not by the devices it grants: a read-only token
+    leaked and stalling its reads leaves the device's own app its part."""
+    leaked = auth.Principal("leak", frozenset({"cam1"}), frozenset({auth.READ}), token_id="a" * 32)
+    app = auth.Principal("app", frozenset({"cam1"}), frozenset({auth.READ}), token_id="b" * 32)
+    many = auth.Principal("m", frozenset(f"cam{n}" for n in range(20)), frozenset({auth.READ}), token_id="c" * 32)
+    with contextlib.ExitStack() as held:
+        for _ in range(service.MAX_DOWNLOADS_PER_DEVICE):
+            held.enter_context(gallery.download_slot(leaked))
+        with pytest.raises(Exhausted):
+            held.enter_context(gallery.download_slot(leaked))
+        held.enter_context(gallery.download_slot(app))
+    with contextlib.ExitStack() as held:  # 20 devices: 80 by its devices, half the share at most
+        for _ in range(gallery.max_downloads // 2):
+            held.enter_context(gallery.download_slot(many))
+        with pytest.raises(Exhausted) as refused:
+            held.enter_context(gallery.download_slot(many))
+        assert "at most 13 for this token" in refused.value.message
+
+
 def test_open_content(gallery: Gallery, principal: auth.Principal) -> None:
     event = store(gallery, principal, data=PDF, name="report ü.pdf")
     content = gallery.open_content(principal, "cam1", event.id)

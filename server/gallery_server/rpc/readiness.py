@@ -1,8 +1,10 @@
 """Whether this replica should be sent calls: its gRPC health, which Envoy checks every second,
 follows what the replica can reach. It reports NOT_SERVING while
 
-* it cannot reach the database (db.availability), probed every PROBE_SECONDS: a replica cut off
-  from a database the others still reach failed a third of all calls for as long as it lasted;
+* it cannot reach the database (db.availability), probed every PROBE_SECONDS, or the probe has
+  had no answer for PROBE_TIMEOUT_SECONDS (a link that drops packets rather than connections: a
+  probe waited for ever, SERVING, and held up the replica's stop): a replica cut off from a
+  database the others still reach failed a third of all calls for as long as it lasted;
 * its data folder holds none of a sample of the stored media the database names
   (Gallery.stored_media_found, every STORAGE_CHECK_SECONDS): a replica whose shared volume did not
   mount acknowledged uploads that no other replica could read, and answered the others'
@@ -15,6 +17,7 @@ all), its panic mode sends them to all, and each answers as it can (503 DATABASE
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from grpc_health.v1 import health, health_pb2
@@ -27,6 +30,7 @@ from ..service import Gallery
 log = logging.getLogger(__name__)
 
 PROBE_SECONDS = 1.0  # as often as Envoy checks
+PROBE_TIMEOUT_SECONDS = 3.0
 STORAGE_CHECK_SECONDS = 30.0
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -48,16 +52,28 @@ class Readiness(BackgroundLoop):
         self.storage_ok = True
         self._storage_checked = -float("inf")  # time.monotonic()
         self.serving = True
+        self.probe: threading.Thread | None = None
 
     def run_pass(self) -> bool:
+        # On a thread of its own, waited for PROBE_TIMEOUT_SECONDS at most: a statement to a
+        # database that does not answer waits as long as TCP does (minutes).
+        if self.probe is None or not self.probe.is_alive():
+            self.probe = threading.Thread(target=self._probe, name="readiness-probe", daemon=True)
+            self.probe.start()
+        self.probe.join(PROBE_TIMEOUT_SECONDS)
+        answering = not self.probe.is_alive()
+        self._report(answering and availability.up and self.storage_ok, answering)
+        return False
+
+    def _probe(self) -> None:
         try:
             self.gallery.db.ping()
             if time.monotonic() - self._storage_checked >= STORAGE_CHECK_SECONDS:
                 self._check_storage()
         except DatabaseUnavailable:
             pass  # db.availability has it, and says so in the log
-        self._report(availability.up and self.storage_ok)
-        return False
+        except Exception:  # the next probe tries again
+            log.exception("readiness probe failed")
 
     def _check_storage(self) -> None:
         found = self.gallery.stored_media_found()
@@ -74,12 +90,13 @@ class Readiness(BackgroundLoop):
                 )
         self.storage_ok = found
 
-    def _report(self, serving: bool) -> None:
+    def _report(self, serving: bool, answering: bool) -> None:
         if serving == self.serving:
             return
         self.serving = serving
         log.log(logging.INFO if serving else logging.WARNING,
                 "health: SERVING" if serving else "health: NOT_SERVING",
-                extra={"database_up": availability.up, "data_folder_ok": self.storage_ok})
+                extra={"database_up": availability.up, "database_answering": answering,
+                       "data_folder_ok": self.storage_ok})
         for name in self.services:
             self.health_servicer.set(name, SERVING if serving else NOT_SERVING)

@@ -265,17 +265,20 @@ def serve(settings: Settings) -> None:
         log.info("draining", extra={"seconds": settings.drain_seconds})
         with contextlib.suppress(queue.Empty):
             signals.get(timeout=settings.drain_seconds)
-    readiness.stop()
-    importer.stop()
-    sweeper.stop()
+    # Each waited for a while, not for ever: a database that stopped answering holds a statement
+    # as long as TCP does (minutes), and the loops' threads are daemons.
+    readiness.stop(timeout=5)  # its probe is a thread of its own, never waited for
+    importer.stop(timeout=5)
+    sweeper.stop(timeout=5)
     reconciler.stop(timeout=5)
     if retention is not None:
         retention.stop(timeout=5)
     # A file in hand is not waited for long: its claim is simply taken again after the lease.
     if thumbnailer is not None:
         thumbnailer.stop(timeout=5)
-    # The metrics port is let go with the gRPC one, not once the last call has ended: a
-    # replacement started as soon as the gRPC port was free failed on the metrics address.
+    # The metrics port is let go as the gRPC one is (stop() lets go of it at once), not once the
+    # last call has ended: a replacement started as soon as the gRPC port was free failed on the
+    # metrics address.
     if stop_metrics is not None:
         stop_metrics()
     server.stop(grace=10).wait()
