@@ -63,11 +63,15 @@ def _unauthenticated(token: str, reason: str, secret: str = JWT_SECRET) -> Unaut
 
 def test_verify_valid_token() -> None:
     claims = _claims()
-    principal = auth.Verifier(secret=JWT_SECRET).verify(_encode(claims))
+    token = _encode(claims)
+    principal = auth.Verifier(secret=JWT_SECRET).verify(token)
     assert principal == auth.Principal(
         "alice", frozenset({"cam1", "cam2"}), frozenset({auth.READ, auth.WRITE}),
         expires_at=claims["exp"] + auth.LEEWAY_SECONDS,  # a device's channel ends then
+        # A digest, never the token: what the token holds of the server's shares goes by it.
+        token_id=hashlib.sha256(token.encode()).hexdigest()[:32],
     )
+    assert principal.holder == principal.token_id and principal.token_id not in token
 
 
 def test_verify_minted_token(mint) -> None:  # type: ignore[no-untyped-def]
@@ -458,10 +462,11 @@ def _refused(verifier: auth.Verifier, token: str, reason: str) -> None:
 def test_rs256_public_key_accepts_its_tokens(rsa_private) -> None:  # type: ignore[no-untyped-def]
     verifier = auth.Verifier(secret=JWT_SECRET, public_key=_public_pem(rsa_private))
     claims = _claims()
-    principal = verifier.verify(jwt.encode(claims, rsa_private, algorithm="RS256"))
+    token = jwt.encode(claims, rsa_private, algorithm="RS256")
+    principal = verifier.verify(token)
     assert principal == auth.Principal(
         "alice", frozenset({"cam1", "cam2"}), frozenset({auth.READ, auth.WRITE}),
-        expires_at=claims["exp"] + auth.LEEWAY_SECONDS,
+        expires_at=claims["exp"] + auth.LEEWAY_SECONDS, token_id=hashlib.sha256(token.encode()).hexdigest()[:32],
     )
 
 
