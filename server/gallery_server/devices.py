@@ -423,7 +423,7 @@ class Devices:
     @contextlib.contextmanager
     def greeting(self, principal: Principal) -> Iterator[None]:
         """Around a channel's wait for its hello (at most HELLO_SECONDS, the caller's to enforce):
-        only a device's token may wait, and only so many at once, in all and per token's grant
+        only a device's token may wait, and only so many at once, in all and per token
         (threads.grant_share). Not counted with the channels: the device is not known yet, and its
         channel may replace one of its own (connect())."""
         principal.require_scope(DEVICE)

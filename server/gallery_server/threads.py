@@ -14,10 +14,10 @@ Uploads take GALLERY_MAX_UPLOADS_TOTAL (uploads.UploadSlots). Of the threads the
 and the last eighth serves every other call, all of them short (the short reads have a pool of
 their own). Most REST downloads hold no thread: Envoy sends the file (file_handoff.py).
 
-Within a share, one token may hold only its grant's part (grant_share), where its calls are
-counted before they name a device (an upload awaiting its first message, a channel its hello) or
-whatever device they name (a download): else any valid token, a read-only one of a single device
-included, could hold a whole share and refuse every other device.
+Within a share, each token may hold only its part (grant_share, counted by token: Holds.held_for),
+where its calls are counted before they name a device (an upload awaiting its first message, a
+channel its hello) or whatever device they name (a download): else any valid token, a read-only
+one of a single device included, could hold a whole share and refuse every other device.
 """
 
 from __future__ import annotations

@@ -153,8 +153,8 @@ class UploadSlots:
     A stream waiting for its first message holds a thread too, for up to
     GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS, before its device (and so its slot) is known: such
     streams count against the total with those in flight (first_message()), so that uploads,
-    started or not, hold at most `total` threads. Each token may have only its grant's part of
-    them awaiting (threads.grant_share: `per_device` for each device it grants). A pre-signed PUT
+    started or not, hold at most `total` threads. Each token may have only its part of them
+    awaiting (threads.grant_share: `per_device` for each device it grants). A pre-signed PUT
     needs no token to open one, so those (`caller` None) may take at most half the total, as a
     token for every device: anyone could open them, and they must not keep out the uploads of
     clients with a token.
