@@ -77,6 +77,12 @@ def create_engine(url: str | sa.URL, *, pool_size: int = 32, trust_recent_second
         # request needing a new connection) for ever: libpq waits without a limit by default.
         query = sa.make_url(url).query
         connect_args: dict[str, object] = {} if "connect_timeout" in query else {"connect_timeout": 10}
+        # A link that drops packets rather than the connection (a network cut) left a statement
+        # waiting as long as the kernel retransmits, ~15 minutes: unacknowledged data or silent
+        # keepalives end it in under half a minute instead (each a libpq parameter a URL may set).
+        for name, value in TCP_LIMITS.items():
+            if name not in query:
+                connect_args[name] = value
         if "options" not in query:  # a URL's own server options are the operator's
             connect_args["options"] = f"-c lock_timeout={lock_timeout_ms}"
         engine = sa.create_engine(
@@ -84,6 +90,12 @@ def create_engine(url: str | sa.URL, *, pool_size: int = 32, trust_recent_second
         )
         _ping_on_checkout(engine, trust_recent_seconds)
     return engine
+
+
+TCP_LIMITS = {
+    "tcp_user_timeout": 20_000,  # ms: data sent and not acknowledged
+    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+}
 
 
 def _private_database_file(path: str | None) -> None:

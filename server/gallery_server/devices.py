@@ -428,11 +428,11 @@ class Devices:
         channel may replace one of its own (connect())."""
         principal.require_scope(DEVICE)
 
-        def refusal(limit: int) -> Exhausted:
+        def refusal(part: int, reached: int) -> Exhausted:
             return Exhausted(
                 "TOO_MANY_CONNECTIONS",
-                f"too many device channels are waiting for their hello (at most {limit} for this "
-                f"token, {self.max_hellos} on this server): retry later", limit=str(limit),
+                f"too many device channels are waiting for their hello (at most {part} for this "
+                f"token, {self.max_hellos} on this server): retry later", limit=str(reached),
             )
 
         with self._greeting.held_for(principal, refusal):

@@ -336,11 +336,11 @@ class Gallery:
         """Around a native download, which holds a server thread for as long as its client takes
         to read it: at most the downloads' share of the threads at once (threads.py), and of those
         at most its token's grant's part (threads.grant_share)."""
-        def refusal(limit: int) -> Exhausted:
+        def refusal(part: int, reached: int) -> Exhausted:
             return Exhausted(
                 "TOO_MANY_DOWNLOADS",
-                f"too many downloads are in progress (at most {limit} for this token, "
-                f"{self.max_downloads} on this server): retry later", limit=str(limit),
+                f"too many downloads are in progress (at most {part} for this token, "
+                f"{self.max_downloads} on this server): retry later", limit=str(reached),
             )
 
         with self._downloads.held_for(principal, refusal):

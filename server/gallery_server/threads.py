@@ -82,12 +82,13 @@ class Holds:
             return True
 
     @contextlib.contextmanager
-    def held_for(self, principal: Principal, refusal: Callable[[int], Exception]) -> Iterator[None]:
+    def held_for(self, principal: Principal, refusal: Callable[[int, int], Exception]) -> Iterator[None]:
         """Around one hold of `principal`'s token, up to its part (grant_share, `per_key` for each
-        device it grants); past that or the total, `refusal(its part)` is raised."""
+        device it grants); past that or the total, `refusal(its part, the limit reached)` is
+        raised."""
         limit = grant_share(principal.devices, self.per_key, self.total)
         if not self.take(principal.holder, limit):
-            raise refusal(limit)
+            raise refusal(limit, limit if self._held.get(principal.holder, 0) >= limit else self.total)
         try:
             yield
         finally:

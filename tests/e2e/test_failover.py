@@ -26,6 +26,7 @@ import pytest
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gallery.v1 import gallery_pb2, gallery_pb2_grpc
 from gallery_server import envoy_config, supervisor
 from gallery_server.local_stack import free_ports
 
@@ -197,7 +198,8 @@ def test_a_replica_stopped_fails_no_request_and_one_killed_no_read(
 
 class Proxy:
     """A TCP relay to `target` on threads; cut() drops every connection and refuses new ones (a
-    link down between one replica and the database), heal() lets them through again."""
+    link down between one replica and the database), silence() keeps them and forwards nothing (a
+    link that drops packets), heal() lets them through again."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -206,6 +208,7 @@ class Proxy:
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
         self._cut = threading.Event()
+        self._silent = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -226,7 +229,8 @@ class Proxy:
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                sink.sendall(data)
+                if not self._silent.is_set():
+                    sink.sendall(data)
         for s in (source, sink):  # the other direction's pump ends too
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
@@ -240,8 +244,12 @@ class Proxy:
                     s.shutdown(socket.SHUT_RDWR)
             self._open.clear()
 
+    def silence(self) -> None:
+        self._silent.set()
+
     def heal(self) -> None:
         self._cut.clear()
+        self._silent.clear()
 
     def close(self) -> None:
         self.cut()
@@ -292,6 +300,40 @@ def test_a_replica_cut_off_from_the_database_alone_is_taken_out(
         proxy.close()
     log = replicas[1].log_path.read_text()
     assert '"message": "health: NOT_SERVING"' in log and '"message": "health: SERVING"' in log
+
+
+def test_a_replica_whose_database_went_silent_is_taken_out_and_still_stops(
+    tmp_path: pathlib.Path, postgres_url: str, mint: Callable[..., str],
+) -> None:
+    """A database that stops answering without closing the connection (packets dropped): the
+    health probe is given 3 s (readiness.py), and SIGTERM ends the replica although a call still
+    waits for the database. Before, it stayed SERVING, and its stop waited for ever on the
+    handler's thread."""
+    url = sa.make_url(postgres_url)
+    proxy = Proxy((url.host or "127.0.0.1", url.port or 5432))
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    replica = Server(tmp_path, name="silenced", env={"GALLERY_DATABASE_URL": proxied})
+    replica.start()
+    token = [("authorization", f"Bearer {mint(devices=[DEVICE], scope='gallery:read')}")]
+    try:
+        with grpc.insecure_channel(replica.address) as channel:
+            stub = gallery_pb2_grpc.GalleryServiceStub(channel)
+            stub.GetStats(gallery_pb2.GetStatsRequest(device=DEVICE), metadata=token, timeout=10)
+            proxy.silence()
+            waiting = stub.GetStats.future(gallery_pb2.GetStatsRequest(device=DEVICE), metadata=token, timeout=60)
+            wait_for(lambda: health_of(replica) == health_pb2.HealthCheckResponse.NOT_SERVING, 10)
+            assert not waiting.done()  # its handler waits for the database
+            assert replica.process is not None
+            replica.process.terminate()
+            stopped = time.monotonic()
+            replica.process.wait(timeout=40)  # the grace (10 s), then 5 s for calls that hang
+        assert time.monotonic() - stopped < 25
+    finally:
+        replica.stop()
+        proxy.close()
+    log = replica.log_path.read_text()
+    assert '"database_answering": false' in log
+    assert "stopped with calls still waiting (for the database?): exiting without them" in log
 
 
 def test_a_replica_on_another_data_folder_is_never_sent_calls(

@@ -610,18 +610,18 @@ def test_one_token_may_have_only_its_grants_part_of_the_native_downloads(gallery
         with pytest.raises(Exhausted) as refused, gallery.download_slot(principal):
             pass
         assert refused.value.reason == "TOO_MANY_DOWNLOADS"
-        return refused.value.message
+        return f"{refused.value.message} limit={refused.value.metadata['limit']}"
 
     with contextlib.ExitStack() as held:
         for _ in range(per_device):
             held.enter_context(gallery.download_slot(reader("cam1")))
-        assert "at most 4 for this token, 26 on this server" in refusal(reader("cam1"))
+        assert "at most 4 for this token, 26 on this server): retry later limit=4" in refusal(reader("cam1"))
         for _ in range(share // 2):
             held.enter_context(gallery.download_slot(reader("*")))
         assert "at most 13 for this token" in refusal(reader("*"))
         for n in range(share - per_device - share // 2):
             held.enter_context(gallery.download_slot(reader(f"cam{n + 2}")))
-        refusal(reader("cam-last"))  # the server's share is full
+        assert refusal(reader("cam-last")).endswith("limit=26")  # the server's share is full
     with gallery.download_slot(reader("cam1")), gallery.download_slot(reader("*")):
         pass  # every place given back
 

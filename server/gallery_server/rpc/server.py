@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import queue
 import signal
+import threading
 from concurrent import futures
 
 import grpc
@@ -282,3 +284,24 @@ def serve(settings: Settings) -> None:
     if stop_metrics is not None:
         stop_metrics()
     server.stop(grace=10).wait()
+    _exit_even_if_calls_hang()
+
+
+STUCK_CALLS_SECONDS = 5.0
+
+
+def _exit_even_if_calls_hang() -> None:
+    """Exit even if handlers are still in a call once the grace is over: a statement to a
+    database that stopped answering waits as long as TCP does, and the interpreter joins the gRPC
+    pools' threads at exit, so a replica told to stop stayed up for minutes (for ever behind a
+    relay that kept the connection). Their calls were cancelled already; the process exits
+    STUCK_CALLS_SECONDS after this, unless it has exited by itself."""
+
+    def leave() -> None:
+        log.warning("stopped with calls still waiting (for the database?): exiting without them")
+        logging.shutdown()
+        os._exit(0)
+
+    watchdog = threading.Timer(STUCK_CALLS_SECONDS, leave)
+    watchdog.daemon = True  # gone with the process when nothing hangs
+    watchdog.start()
