@@ -35,7 +35,7 @@ from gallery.v1 import gallery_pb2_grpc
 from gallery_server import supervisor
 from gallery_server.local_stack import free_port
 
-from ..conftest import JWT_SECRET, random_bytes
+from ..conftest import JWT_SECRET, random_bytes, rich_error
 
 DEVICE = "cut-cam"
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
@@ -219,7 +219,10 @@ def test_connection_cut_inside_messages(server: Server, mint: Callable[..., str]
                     session = proxy_stub.WriteUpload(writes(upload_id, data, offset, message),
                                                      metadata=metadata, timeout=30)
                 except grpc.RpcError as error:
-                    assert error.code() in RETRYABLE, (cuts, error)
+                    # Or WRONG_OFFSET: the cut stream's last whole message reached the session
+                    # file after the committed size was asked (_recover counts it at the next
+                    # open), and the client resumes where it is told, as README says.
+                    assert error.code() in RETRYABLE or rich_error(error)[0].reason == "WRONG_OFFSET", (cuts, error)
             forwarding.join(10)
             if session is not None and session.event_id:
                 break
