@@ -67,7 +67,11 @@ class Server:
             self.process = subprocess.Popen([sys.executable, "-m", "gallery_server", "serve"],
                                             env=env, stdout=log, stderr=log)
         if wait_healthy:
-            supervisor.wait_grpc_healthy(self.address, process=self.process)
+            try:
+                supervisor.wait_grpc_healthy(self.address, process=self.process)
+            except BaseException:  # not left running after the test: nothing else would stop it
+                self.kill()
+                raise
 
     def kill(self) -> None:
         assert self.process is not None

@@ -1,7 +1,7 @@
 """Whether this replica should be sent calls: its gRPC health, which Envoy checks every second,
 follows what the replica can reach. It reports NOT_SERVING while
 
-* it cannot reach the database (db.availability), probed every PROBE_SECONDS, or the probe has
+* it cannot reach the database, probed every PROBE_SECONDS, or the probe has
   had no answer for PROBE_TIMEOUT_SECONDS (a link that drops packets rather than connections: a
   probe waited for ever, SERVING, and held up the replica's stop): a replica cut off from a
   database the others still reach failed a third of all calls for as long as it lasted;
@@ -23,7 +23,6 @@ import time
 from grpc_health.v1 import health, health_pb2
 
 from ..background import BackgroundLoop
-from ..db import availability
 from ..errors import DatabaseUnavailable
 from ..service import Gallery
 
@@ -50,6 +49,10 @@ class Readiness(BackgroundLoop):
         self.health_servicer = health_servicer
         self.services = services
         self.storage_ok = True
+        # The probe's own outcome, not db.availability's: another thread's statement that fails
+        # in a way the database seems to have answered marks that "up" (a cut link flipped the
+        # replica back to SERVING for a second, and an upload sent there failed).
+        self.database_ok = True
         self._storage_checked = -float("inf")  # time.monotonic()
         self.serving = True
         self.probe: threading.Thread | None = None
@@ -62,17 +65,26 @@ class Readiness(BackgroundLoop):
             self.probe.start()
         self.probe.join(PROBE_TIMEOUT_SECONDS)
         answering = not self.probe.is_alive()
-        self._report(answering and availability.up and self.storage_ok, answering)
+        self._report(answering and self.database_ok and self.storage_ok, answering)
         return False
 
     def _probe(self) -> None:
         try:
             self.gallery.db.ping()
+        except DatabaseUnavailable:
+            self.database_ok = False  # db.availability has it, and says so in the log
+            return
+        except Exception:  # the next probe tries again
+            self.database_ok = False
+            log.exception("readiness probe failed")
+            return
+        self.database_ok = True
+        try:
             if time.monotonic() - self._storage_checked >= STORAGE_CHECK_SECONDS:
                 self._check_storage()
         except DatabaseUnavailable:
-            pass  # db.availability has it, and says so in the log
-        except Exception:  # the next probe tries again
+            self.database_ok = False
+        except Exception:
             log.exception("readiness probe failed")
 
     def _check_storage(self) -> None:
@@ -96,7 +108,7 @@ class Readiness(BackgroundLoop):
         self.serving = serving
         log.log(logging.INFO if serving else logging.WARNING,
                 "health: SERVING" if serving else "health: NOT_SERVING",
-                extra={"database_up": availability.up, "database_answering": answering,
+                extra={"database_ok": self.database_ok, "database_answering": answering,
                        "data_folder_ok": self.storage_ok})
         for name in self.services:
             self.health_servicer.set(name, SERVING if serving else NOT_SERVING)
