@@ -32,6 +32,10 @@ class BackgroundLoop:
         self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
 
+    def ask_to_stop(self) -> None:
+        """End after the pass in hand; stop() waits for that."""
+        self._stopping.set()
+
     def stop(self, timeout: float | None = None) -> None:
         self._stopping.set()
         if self._thread is not None:

@@ -9,6 +9,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -267,17 +268,17 @@ def serve(settings: Settings) -> None:
         log.info("draining", extra={"seconds": settings.drain_seconds})
         with contextlib.suppress(queue.Empty):
             signals.get(timeout=settings.drain_seconds)
-    # Each waited for a while, not for ever: a database that stopped answering holds a statement
-    # as long as TCP does (minutes), and the loops' threads are daemons.
-    readiness.stop(timeout=5)  # its probe is a thread of its own, never waited for
-    importer.stop(timeout=5)
-    sweeper.stop(timeout=5)
-    reconciler.stop(timeout=5)
-    if retention is not None:
-        retention.stop(timeout=5)
-    # A file in hand is not waited for long: its claim is simply taken again after the lease.
-    if thumbnailer is not None:
-        thumbnailer.stop(timeout=5)
+    # All told at once, then waited for LOOPS_STOP_SECONDS in all, not for ever: a database that
+    # stopped answering holds a statement as long as TCP does (minutes), and the loops' threads
+    # are daemons. Each step of theirs is safe to cut (a thumbnail's claim is taken again after
+    # its lease, an import or a reconciliation is done again); the readiness probe is never
+    # waited for.
+    loops = [loop for loop in (readiness, importer, sweeper, reconciler, retention, thumbnailer) if loop]
+    for loop in loops:
+        loop.ask_to_stop()
+    deadline = time.monotonic() + LOOPS_STOP_SECONDS
+    for loop in loops:
+        loop.stop(timeout=max(0.0, deadline - time.monotonic()))
     # The metrics port is let go as the gRPC one is (stop() lets go of it at once), not once the
     # last call has ended: a replacement started as soon as the gRPC port was free failed on the
     # metrics address.
@@ -288,6 +289,7 @@ def serve(settings: Settings) -> None:
 
 
 STUCK_CALLS_SECONDS = 5.0
+LOOPS_STOP_SECONDS = 5.0
 
 
 def _exit_even_if_calls_hang() -> None:
