@@ -313,7 +313,7 @@ class Gallery:
         self, messages: Iterator[T], cancel: Callable[[], None],
         size_of: Callable[[T], int] | None = None, first_carries_data: bool = False,
         on_end: Callable[[Callable[[], None]], object] | None = None,
-        caller: Principal | None = None,
+        *, caller: Principal | None,
     ) -> Iterator[T]:
         """The messages of an upload stream, aborted (by `cancel`) once idle for
         GALLERY_UPLOAD_IDLE_SECONDS. With `size_of`, the free disk space is checked again every
@@ -322,9 +322,9 @@ class Gallery:
         Every message is asked for under one of the replica's GALLERY_UPLOAD_MESSAGES_IN_FLIGHT
         permits, held until the caller asks for the next (receiving.py); `on_end(callback)` (a
         gRPC context's add_callback) makes a stream whose RPC ended stop waiting for one.
-        `caller`: the stream's token, None for a method that needs none (pre-signed URLs); its
-        streams awaiting their first message are counted under its grant
-        (UploadSlots.first_message)."""
+        `caller`: the stream's token, None for a method that needs none (pre-signed URLs), always
+        named so that no stream is counted as a pre-signed one by omission; its streams awaiting
+        their first message are counted by token (UploadSlots.first_message)."""
         # The permit is taken outside the idle watch: waiting for one is not the client's silence.
         watched = self.idle.watch(messages, cancel, first_carries_data=first_carries_data)
         if size_of is not None:
@@ -335,7 +335,7 @@ class Gallery:
     def download_slot(self, principal: Principal) -> Iterator[None]:
         """Around a native download, which holds a server thread for as long as its client takes
         to read it: at most the downloads' share of the threads at once (threads.py), and of those
-        at most its token's grant's part (threads.grant_share)."""
+        at most its token's part (threads.grant_share)."""
         def refusal(part: int, reached: int) -> Exhausted:
             return Exhausted(
                 "TOO_MANY_DOWNLOADS",

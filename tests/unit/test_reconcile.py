@@ -444,10 +444,10 @@ def test_an_upload_stream_is_refused_before_its_first_message_when_every_slot_is
 
     with gallery.begin_upload(principal, "cam1"):
         with pytest.raises(Exhausted) as full:
-            next(gallery.watch_upload(messages(), lambda: None))
+            next(gallery.watch_upload(messages(), lambda: None, caller=None))
         assert full.value.reason == "TOO_MANY_UPLOADS"
         assert not read  # refused without waiting for the client
-    assert list(gallery.watch_upload(messages(), lambda: None)) == [b"header"]
+    assert list(gallery.watch_upload(messages(), lambda: None, caller=None)) == [b"header"]
 
 
 def test_an_upload_holds_its_slot_until_closed(gallery, principal):

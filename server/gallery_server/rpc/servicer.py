@@ -361,7 +361,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         request_iterator = self.gallery.watch_upload(
             request_iterator, context.cancel,
             size_of=(lambda m: len(m.http_body.data)) if content_range else None,
-            on_end=context.add_callback,  # no caller: the URL is the grant
+            on_end=context.add_callback, caller=None,  # no token: the URL is the grant
         )
         first = _first(request_iterator)
         target = self.signed.verify(validation.device_id(first.device), first.token)
