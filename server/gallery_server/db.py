@@ -428,12 +428,13 @@ def _words(exc: BaseException) -> str:
 
 
 class Availability:
-    """Whether this process can reach the database, for the operator: `up` is a metric
-    (gallery_database_up), and an outage is one ERROR, then at most one a minute with the count of
-    failures meanwhile, and one WARNING when the database answers again (after a line said it was
-    down). Only failures to reach it count (unreachable, connection lost, shutting down, out of
-    connections): a deadlock, a lock or pool timeout or a full disk are answers of a database that
-    is there, each a 503 too (_unavailable), told by `strained`, once a minute, as WARNINGs."""
+    """Whether this process can reach the database, as its requests found it, for the log (the
+    gallery_database_up metric follows the readiness probe instead): an outage is one ERROR, then
+    at most one a minute with the count of failures meanwhile, and one WARNING when the database
+    answers again (after a line said it was down). Only failures to reach it count (unreachable,
+    connection lost, shutting down, out of connections): a deadlock, a lock or pool timeout or a
+    full disk are answers of a database that is there, each a 503 too (_unavailable), told by
+    `strained`, once a minute, as WARNINGs."""
 
     REPEAT_SECONDS = 60.0
 

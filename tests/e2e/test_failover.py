@@ -31,6 +31,7 @@ from gallery_server import envoy_config, supervisor
 from gallery_server.local_stack import free_ports
 
 from ..conftest import random_bytes
+from .test_metrics import scrape
 from .test_rest_contract import Part, post_form
 from .test_resumable_cuts import Server
 
@@ -279,16 +280,22 @@ def test_a_replica_cut_off_from_the_database_alone_is_taken_out(
     url = sa.make_url(postgres_url)
     proxy = Proxy((url.host or "127.0.0.1", url.port or 5432))
     proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    [metrics_port] = free_ports(1)
+    def database_up() -> float:  # 1 before the cut and after it is healed: the gauge is there
+        return scrape(f"http://127.0.0.1:{metrics_port}/metrics")("gallery_database_up")
     replicas = [Server(tmp_path, name="direct", env={"GALLERY_DATABASE_URL": postgres_url}),
-                Server(tmp_path, name="proxied", env={"GALLERY_DATABASE_URL": proxied})]
+                Server(tmp_path, name="proxied", env={"GALLERY_DATABASE_URL": proxied,
+                                                      "GALLERY_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}"})]
     headers = {"Authorization": f"Bearer {mint(devices=[DEVICE], scope='gallery:read gallery:write')}"}
     try:
         with behind_envoy(tmp_path, replicas) as (base_url, admin), httpx.Client(base_url=base_url, timeout=30) as http:
             for replica in replicas:
                 replica.start()
             wait_healthy(admin, 2)
+            assert database_up() == 1
             proxy.cut()
             wait_for(lambda: health_of(replicas[1]) == health_pb2.HealthCheckResponse.NOT_SERVING)
+            assert database_up() == 0
             wait_healthy(admin, 1)
             reads = [http.get(f"/api/gallery/{DEVICE}/stats", headers=headers) for _ in range(30)]
             assert [r.status_code for r in reads] == [200] * 30, [r.text for r in reads if r.status_code != 200]
@@ -300,6 +307,7 @@ def test_a_replica_cut_off_from_the_database_alone_is_taken_out(
             assert [r.status_code for r in uploads] == [200] * 10, [r.text for r in uploads]
             proxy.heal()
             wait_for(lambda: health_of(replicas[1]) == health_pb2.HealthCheckResponse.SERVING)
+            assert database_up() == 1
             wait_healthy(admin, 2)
     finally:
         proxy.close()

@@ -35,7 +35,7 @@ def test_postgresql_refusing_connections_is_unavailable_then_answers_again(close
             session.execute(sa.text("SELECT 1"))
         with pytest.raises(DatabaseUnavailable), db.read() as connection:
             connection.execute(sa.text("SELECT 1"))
-        assert db_module.availability.up is False  # gallery_database_up reads it
+        assert db_module.availability.up is False
         # Three failures, one line (then one a minute): an outage under load does not flood the log.
         [down] = [r for r in caplog.records if r.levelname == "ERROR"]
         assert down.getMessage().startswith("database unavailable: ") and down.failures == 1

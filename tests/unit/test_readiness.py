@@ -113,13 +113,13 @@ def test_a_replica_that_cannot_reach_the_database_is_not_serving_until_it_can(wa
     reachable, gallery.db = gallery.db, Database(UNREACHABLE, pool_size=1)
     try:
         check.run_pass()
-        assert not availability.up
+        assert not availability.up and not check.database_up  # the log's view and the gauge's
         assert [status(servicer, name) for name in HEALTH_CHECKED] == [readiness.NOT_SERVING] * 4
     finally:
         gallery.db.dispose()
         gallery.db = reachable
     check.run_pass()  # the probe finds it again: no request needed
-    assert availability.up and status(servicer) == readiness.SERVING
+    assert availability.up and check.database_up and status(servicer) == readiness.SERVING
 
 
 def test_a_database_that_does_not_answer_is_not_waited_for(
@@ -139,7 +139,8 @@ def test_a_database_that_does_not_answer_is_not_waited_for(
         started = time.monotonic()
         check.run_pass()
         assert time.monotonic() - started < 2
-        assert status(servicer) == readiness.NOT_SERVING
+        # No statement failed: db.availability still says up; gallery_database_up says 0.
+        assert status(servicer) == readiness.NOT_SERVING and not check.database_up
         check.stop(timeout=1)  # returns: the probe is not waited for
         assert check.probe is not None
         check.probe.join(10)  # ended by its connect timeout, before the next test
@@ -148,7 +149,7 @@ def test_a_database_that_does_not_answer_is_not_waited_for(
         gallery.db.dispose()
         gallery.db = reachable
     check.run_pass()
-    assert status(servicer) == readiness.SERVING
+    assert status(servicer) == readiness.SERVING and check.database_up
 
 
 def test_a_replica_draining_stays_not_serving(watched) -> None:

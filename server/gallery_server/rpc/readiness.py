@@ -53,6 +53,9 @@ class Readiness(BackgroundLoop):
         # in a way the database seems to have answered marks that "up" (a cut link flipped the
         # replica back to SERVING for a second, and an upload sent there failed).
         self.database_ok = True
+        # The last pass's view (gallery_database_up): the probe answered, and the database with
+        # it. A silent database fails no statement, so no request's failure would say it.
+        self.database_up = True
         self._storage_checked = -float("inf")  # time.monotonic()
         self.serving = True
         self.probe: threading.Thread | None = None
@@ -65,7 +68,8 @@ class Readiness(BackgroundLoop):
             self.probe.start()
         self.probe.join(PROBE_TIMEOUT_SECONDS)
         answering = not self.probe.is_alive()
-        self._report(answering and self.database_ok and self.storage_ok, answering)
+        self.database_up = answering and self.database_ok
+        self._report(self.database_up and self.storage_ok, answering)
         return False
 
     def _probe(self) -> None:

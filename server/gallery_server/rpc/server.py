@@ -22,7 +22,7 @@ from gallery.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, g
 from .. import _malloc, incoming, scrub
 from ..addresses import ANY_HOST, split_address
 from ..auth import Verifier
-from ..db import Database, availability
+from ..db import Database
 from ..devices import Devices
 from ..incoming import IncomingImporter
 from ..metrics import Metrics
@@ -195,9 +195,6 @@ def _add_gauges(metrics: Metrics, gallery: Gallery, devices: Devices, reconciler
     metrics.gauge("gallery_device_quota_bytes",
                   "Bytes of media one device may keep stored (GALLERY_MAX_DEVICE_BYTES); 0: no quota.",
                   lambda: gallery.quota.limit)
-    metrics.gauge("gallery_database_up",
-                  "0 from a failure of this server to reach the database until it answers again, else 1.",
-                  lambda: availability.up)
     metrics.watch_backlogs(gallery.db)
     metrics.watch_reconciliation(reconciler.last)
     metrics.watch_verification(functools.partial(scrub.last, gallery.settings.data_dir))
@@ -225,6 +222,12 @@ def serve(settings: Settings) -> None:
     # pass before the first call: a replica on the wrong folder is never SERVING.
     readiness = Readiness(reconciling, health_servicer, HEALTH_CHECKED)
     readiness.run_pass()
+    if metrics:
+        # The probe's, not db.availability's: a statement can fail on a cut link in a way that
+        # reads as the database's answer, and none fails while the database is silent.
+        metrics.gauge("gallery_database_up",
+                      "1 while this server's probe of the database (every second, 3 s to answer) "
+                      "gets its answer, else 0.", lambda: readiness.database_up)
     server.start()
     log.info("gRPC server listening", extra={"address": settings.grpc_address, "port": port})
     # What this replica admits at once: an operator sees it without working out threads.py.
