@@ -154,10 +154,10 @@ class UploadSlots:
     GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS, before its device (and so its slot) is known: such
     streams count against the total with those in flight (first_message()), so that uploads,
     started or not, hold at most `total` threads. Each token may have only its part of them
-    awaiting (threads.grant_share: `per_device` for each device it grants). A pre-signed PUT
-    needs no token to open one, so those (`caller` None) may take at most half the total, as a
-    token for every device: anyone could open them, and they must not keep out the uploads of
-    clients with a token.
+    waiting on their client (asked_first(); threads.grant_share: `per_device` for each device it
+    grants). A pre-signed PUT needs no token to open one, so those (`caller` None) may take at
+    most half the total, as a token for every device: anyone could open them, and they must not
+    keep out the uploads of clients with a token.
     """
 
     def __init__(self, *, per_device: int, total: int) -> None:
@@ -167,22 +167,38 @@ class UploadSlots:
         self._by_device: dict[str, int] = {}
         self._in_flight = 0
         self._awaiting_first = 0
-        self._awaiting_by_caller: dict[Hashable, int] = {}
+        self._asked_by_caller: dict[Hashable, int] = {}  # asked_first's, by token
 
     @contextlib.contextmanager
-    def first_message(self, caller: Principal | None) -> Iterator[None]:
-        """Around a stream's wait for its first message (which names its device); `caller`: its
-        token's principal, None for a method that needs no token."""
-        limit = grant_share(caller.devices if caller is not None else frozenset("*"), self.per_device, self.total)
-        key = caller.holder if caller is not None else None
+    def first_message(self) -> Iterator[None]:
+        """Around a stream's whole wait for its first message, a receive permit's included: it
+        counts with the uploads in flight against the total, and is refused at once past it."""
         with self._lock:
-            mine = self._awaiting_by_caller.get(key, 0)
             if self._in_flight + self._awaiting_first >= self.total:
                 raise Exhausted(
                     "TOO_MANY_UPLOADS",
                     f"the server is receiving or awaiting {self.total} uploads already: retry later",
                     limit=str(self.total),
                 )
+            self._awaiting_first += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._awaiting_first -= 1
+
+    @contextlib.contextmanager
+    def asked_first(self, caller: Principal | None) -> Iterator[None]:
+        """Around the wait on the client itself for a stream's first message, from when the stream
+        holds a receive permit (receiving.py); `caller`: its token's principal, None for a method
+        that needs no token. Each token may have its part of the streams so waiting. A stream
+        queued for a permit waits on the server, not on its client, so it is not counted: 64
+        uploads of one gateway's token, queued for the permits, had more than its half
+        counted and refused (429)."""
+        limit = grant_share(caller.devices if caller is not None else frozenset("*"), self.per_device, self.total)
+        key = caller.holder if caller is not None else None
+        with self._lock:
+            mine = self._asked_by_caller.get(key, 0)
             if mine >= limit:
                 whose = "this token has" if caller is not None else "uploads by pre-signed URL have"
                 raise Exhausted(
@@ -190,18 +206,16 @@ class UploadSlots:
                     f"{whose} {limit} uploads awaiting their first message already: retry later",
                     limit=str(limit),
                 )
-            self._awaiting_first += 1
-            self._awaiting_by_caller[key] = mine + 1
+            self._asked_by_caller[key] = mine + 1
         try:
             yield
         finally:
             with self._lock:
-                self._awaiting_first -= 1
-                left = self._awaiting_by_caller[key] - 1
+                left = self._asked_by_caller[key] - 1
                 if left:
-                    self._awaiting_by_caller[key] = left
+                    self._asked_by_caller[key] = left
                 else:
-                    del self._awaiting_by_caller[key]
+                    del self._asked_by_caller[key]
 
     @property
     def in_flight(self) -> int:

@@ -22,6 +22,7 @@ import subprocess
 import threading
 import time
 import types
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -32,6 +33,7 @@ from gallery_server import storage as storage_module
 from gallery_server.clock import utcnow
 from gallery_server.errors import Exhausted, FailedPrecondition, PermissionDenied
 from gallery_server.models import DeviceCommand, Event, UploadGrant, UploadSessionRow
+from gallery_server.receiving import ReceivePermits
 from gallery_server.reconcile import MAX_EXAMPLES, ROW_BATCH, Reconciler
 from gallery_server.resumable import ResumableUploads
 from gallery_server.service import Gallery
@@ -39,7 +41,7 @@ from gallery_server.settings import ConfigError, Settings
 from gallery_server.storage import Storage
 from gallery_server.uploads import IdleWatchdog, UploadSlots
 
-from ..conftest import make_settings, statements_run
+from ..conftest import make_settings, statements_run, wait_until
 from .test_service import PNG, store
 
 ADMIN = auth.Principal("ops", frozenset({"*"}), frozenset({auth.ADMIN}))
@@ -399,19 +401,19 @@ A, B, C = token("a"), token("b"), token("c")
 def test_streams_awaiting_their_first_message_count_with_the_uploads_in_flight():
     slots = UploadSlots(per_device=2, total=3)
     release = slots.acquire("a")
-    with slots.first_message(A), slots.first_message(B):
-        with pytest.raises(Exhausted) as full, slots.first_message(C):
+    with slots.first_message(), slots.first_message():
+        with pytest.raises(Exhausted) as full, slots.first_message():
             pass
         assert full.value.reason == "TOO_MANY_UPLOADS"
     release()
-    with slots.first_message(A), slots.first_message(B), slots.first_message(C):
+    with slots.first_message(), slots.first_message(), slots.first_message():
         pass  # every place given back, refused or not
     # A stream whose first message came takes its slot if one is free, whoever else is waiting.
-    with slots.first_message(A), slots.first_message(B):
+    with slots.first_message(), slots.first_message():
         slots.acquire("b")()
 
 
-def test_one_token_may_have_only_its_grants_part_of_the_streams_awaiting_a_first_message():
+def test_one_token_may_have_only_its_grants_part_of_the_streams_waiting_on_their_client():
     """threads.grant_share: per_device for each device the token grants; half the total for a
     token for every device, and for the pre-signed PUTs (no token) together."""
     slots = UploadSlots(per_device=2, total=12)
@@ -419,19 +421,20 @@ def test_one_token_may_have_only_its_grants_part_of_the_streams_awaiting_a_first
     for caller, part in ((A, 2), (token("a", "b"), 4), (many, 6), (token("*"), 6), (None, 6)):
         with contextlib.ExitStack() as held:
             for _ in range(part):
-                held.enter_context(slots.first_message(caller))
-            with pytest.raises(Exhausted) as refused, slots.first_message(caller):
+                held.enter_context(slots.asked_first(caller))
+            with pytest.raises(Exhausted) as refused, slots.asked_first(caller):
                 pass
             assert refused.value.reason == "TOO_MANY_UPLOADS"
             assert refused.value.metadata["limit"] == str(part)
             whose = "this token has" if caller is not None else "uploads by pre-signed URL have"
             assert f"{whose} {part} uploads awaiting" in refused.value.message
-            with slots.first_message(C):  # another token still has its place
-                assert slots.awaiting_first == part + 1
+            with slots.asked_first(C):  # another token still has its place
+                pass
             if caller is not None:  # and so has another token of the same devices
-                with slots.first_message(dataclasses.replace(caller, token_id="another")):
+                with slots.asked_first(dataclasses.replace(caller, token_id="another")):
                     pass
-    assert slots.awaiting_first == 0
+        with slots.asked_first(caller):  # given back
+            pass
 
 
 def test_an_upload_stream_is_refused_before_its_first_message_when_every_slot_is_taken(gallery, principal):
@@ -448,6 +451,41 @@ def test_an_upload_stream_is_refused_before_its_first_message_when_every_slot_is
         assert full.value.reason == "TOO_MANY_UPLOADS"
         assert not read  # refused without waiting for the client
     assert list(gallery.watch_upload(messages(), lambda: None, caller=None)) == [b"header"]
+
+
+def test_streams_queued_for_a_permit_are_not_counted_against_their_token(gallery) -> None:
+    """A token's part (2 here) counts the streams waiting on their client with a receive permit
+    held: one gateway's burst queued behind the permits waits on the server. Before, every stream
+    of the token awaiting its first message counted, and a burst of 64 was refused (429)."""
+    gallery.slots.per_device = 2
+    gallery.receiving = ReceivePermits(1, lend_after=60)  # held by the slow client's stream
+    gateway = token("cam1")
+    slow_client = threading.Event()
+    answers: list[object] = []
+
+    def messages(wait: bool) -> Iterator[bytes]:
+        if wait:
+            slow_client.wait(30)
+        yield b"header"
+
+    def upload(wait: bool) -> None:
+        try:
+            answers.append(list(gallery.watch_upload(messages(wait), lambda: None, caller=gateway)))
+        except Exhausted as exc:
+            answers.append(exc.message)
+
+    threads = [threading.Thread(target=upload, args=(n == 0,)) for n in range(5)]
+    threads[0].start()
+    assert wait_until(lambda: gallery.slots.awaiting_first == 1)
+    for thread in threads[1:]:
+        thread.start()
+    assert wait_until(lambda: gallery.slots.awaiting_first == 5)  # four queued for the permit
+    assert answers == []
+    slow_client.set()
+    for thread in threads:
+        thread.join(30)
+    assert answers == [[b"header"]] * 5
+    assert gallery.slots.awaiting_first == 0
 
 
 def test_an_upload_holds_its_slot_until_closed(gallery, principal):

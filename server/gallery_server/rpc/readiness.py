@@ -5,7 +5,7 @@ follows what the replica can reach. It reports NOT_SERVING while
   had no answer for PROBE_TIMEOUT_SECONDS (a link that drops packets rather than connections: a
   probe waited for ever, SERVING, and held up the replica's stop): a replica cut off from a
   database the others still reach failed a third of all calls for as long as it lasted;
-* its data folder holds none of a sample of the stored media the database names
+* its data folder holds none of the stored media the database names, of up to 1,000 looked at
   (Gallery.stored_media_found, every STORAGE_CHECK_SECONDS): a replica whose shared volume did not
   mount acknowledged uploads that no other replica could read, and answered the others'
   downloads with MEDIA_MISSING.
