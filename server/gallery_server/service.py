@@ -136,11 +136,14 @@ class Gallery:
 
     # -- reads --------------------------------------------------------------------------------
 
-    def device_paths(self, principal: Principal, device: str) -> tuple[pathlib.Path, pathlib.Path]:
+    def device_paths(
+        self, principal: Principal, device: str, *, make: bool = True
+    ) -> tuple[pathlib.Path, pathlib.Path]:
+        """The device's drop folders, made if `make` (not for a HEAD, which is safe)."""
         principal.require(validation.device_id(device), READ)
         # Made only for a token that may store into them: a viewer's read-only token for every
         # device made a folder for each id it asked about, and the importer scans each folder.
-        return self.storage.device_paths(device, make=not principal.scopes.isdisjoint((WRITE, DEVICE)))
+        return self.storage.device_paths(device, make=make and not principal.scopes.isdisjoint((WRITE, DEVICE)))
 
     def stored_media_found(self, scan: int = 1000, at_least: int = 5, batch: int = 50) -> bool:
         """Whether the data folder holds the media file of any stored event, looking at `scan` of

@@ -152,6 +152,19 @@ def test_a_head_of_upload_url_issues_no_url(stack: Stack, http: httpx.Client) ->
     assert marked.json()["upload_url"]
 
 
+def test_a_head_of_paths_makes_no_folders(stack: Stack, http: httpx.Client) -> None:
+    """A HEAD is safe: with a token that may store, GET .../paths makes the device's drop folders
+    (scanned by the importer every second), and its HEAD answers the same headers making none."""
+    device = new_device()
+    root = stack.data_dir / "gallery" / device
+    path = f"/api/gallery/{device}/paths"
+    head = http.head(path, headers=READ)
+    assert (head.status_code, head.content, root.exists()) == (200, b"", False)
+    get = http.get(path, headers=READ)
+    assert get.status_code == 200 and (root / "incoming").is_dir() and (root / "thumbnails").is_dir()
+    assert head.headers["content-length"] == str(len(get.content))
+
+
 def _read_chars(pid: int) -> int:
     """Bytes the process has read with read-like system calls (/proc/<pid>/io, rchar)."""
     with open(f"/proc/{pid}/io") as io:

@@ -75,7 +75,8 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         return principal
 
     def GetDevicePaths(self, request, context):  # type: ignore[no-untyped-def]
-        incoming, thumbnails = self.gallery.device_paths(self.principal(), request.device)
+        incoming, thumbnails = self.gallery.device_paths(
+            self.principal(), request.device, make=HEAD_HEADER not in _request_headers(context))
         return pb.GetDevicePathsResponse(
             success=True,
             paths=pb.DevicePaths(incoming=str(incoming), thumbnails=str(thumbnails)),
