@@ -347,7 +347,7 @@ class Gallery:
             watched = self._metered(watched, size_of)
         asked = self._first_under(watched, self.slots.asked_first(caller))
         # Refused at once, before any permit or byte, if uploads hold every slot already.
-        return self._first_under(self.receiving.bounded(asked, on_end=on_end), self.slots.first_message())
+        return self._first_under(self.receiving.bounded(asked, on_end=on_end), self.slots.first_message(caller))
 
     @contextlib.contextmanager
     def download_slot(self, principal: Principal) -> Iterator[None]:

@@ -154,8 +154,8 @@ class UploadSlots:
     GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS, before its device (and so its slot) is known: such
     streams count against the total with those in flight (first_message()), so that uploads,
     started or not, hold at most `total` threads. Each token may have only its part of them
-    waiting on their client (asked_first(); threads.grant_share: `per_device` for each device it
-    grants). A pre-signed PUT needs no token to open one, so those (`caller` None) may take at
+    (part(); threads.grant_share: `per_device` for each device it grants; a token for every device
+    counts only those waiting on their client, _counted_while_asked). A pre-signed PUT needs no token to open one, so those (`caller` None) may take at
     most half the total, as a token for every device: anyone could open them, and they must not
     keep out the uploads of clients with a token.
     """
@@ -167,12 +167,29 @@ class UploadSlots:
         self._by_device: dict[str, int] = {}
         self._in_flight = 0
         self._awaiting_first = 0
-        self._asked_by_caller: dict[Hashable, int] = {}  # asked_first's, by token
+        self._awaiting_by_caller: dict[Hashable, int] = {}  # by token: see _counted_while_asked
+
+    def part(self, caller: Principal | None) -> int:
+        """How many of `caller`'s streams may await their first message at once."""
+        return grant_share(caller.devices if caller is not None else frozenset("*"), self.per_device, self.total)
+
+    @staticmethod
+    def _counted_while_asked(caller: Principal | None) -> bool:
+        """Whether `caller`'s streams count against its part only while their client is asked for
+        the first message (asked_first), not while they queue for a receive permit: a token for
+        every device, a gateway's or the operator's, whose bursts of 64 uploads queued for the
+        permits were refused (429), and which may delete every event anyway. Another token's
+        streams, and the pre-signed PUTs (anyone holding a URL), count for their whole wait: a
+        burst of theirs queued behind silent streams holding the permits filled the total."""
+        return caller is not None and "*" in caller.devices
 
     @contextlib.contextmanager
-    def first_message(self) -> Iterator[None]:
-        """Around a stream's whole wait for its first message, a receive permit's included: it
-        counts with the uploads in flight against the total, and is refused at once past it."""
+    def first_message(self, caller: Principal | None) -> Iterator[None]:
+        """Around a stream's whole wait for its first message, a receive permit's included; `caller`:
+        its token's principal, None for a method that needs no token. It counts with the uploads
+        in flight against the total, and against its token's part (but see _counted_while_asked),
+        and is refused at once past either."""
+        key = self._refuse_past_part(caller)
         with self._lock:
             if self._in_flight + self._awaiting_first >= self.total:
                 raise Exhausted(
@@ -182,7 +199,8 @@ class UploadSlots:
                 )
             self._awaiting_first += 1
         try:
-            yield
+            with self._counted(caller, key, while_asked=False):
+                yield
         finally:
             with self._lock:
                 self._awaiting_first -= 1
@@ -190,32 +208,47 @@ class UploadSlots:
     @contextlib.contextmanager
     def asked_first(self, caller: Principal | None) -> Iterator[None]:
         """Around the wait on the client itself for a stream's first message, from when the stream
-        holds a receive permit (receiving.py); `caller`: its token's principal, None for a method
-        that needs no token. Each token may have its part of the streams so waiting. A stream
-        queued for a permit waits on the server, not on its client, so it is not counted: 64
-        uploads of one gateway's token, queued for the permits, had more than its half
-        counted and refused (429)."""
-        limit = grant_share(caller.devices if caller is not None else frozenset("*"), self.per_device, self.total)
-        key = caller.holder if caller is not None else None
+        holds a receive permit (receiving.py): where that is what counts (_counted_while_asked)."""
+        with self._counted(caller, caller.holder if caller is not None else None, while_asked=True):
+            yield
+
+    @contextlib.contextmanager
+    def _counted(self, caller: Principal | None, key: Hashable, *, while_asked: bool) -> Iterator[None]:
+        if self._counted_while_asked(caller) != while_asked:
+            yield
+            return
         with self._lock:
-            mine = self._asked_by_caller.get(key, 0)
-            if mine >= limit:
-                whose = "this token has" if caller is not None else "uploads by pre-signed URL have"
-                raise Exhausted(
-                    "TOO_MANY_UPLOADS",
-                    f"{whose} {limit} uploads awaiting their first message already: retry later",
-                    limit=str(limit),
-                )
-            self._asked_by_caller[key] = mine + 1
+            mine = self._awaiting_by_caller.get(key, 0)
+            if mine >= self.part(caller):
+                raise self._refusal(caller)
+            self._awaiting_by_caller[key] = mine + 1
         try:
             yield
         finally:
             with self._lock:
-                left = self._asked_by_caller[key] - 1
+                left = self._awaiting_by_caller[key] - 1
                 if left:
-                    self._asked_by_caller[key] = left
+                    self._awaiting_by_caller[key] = left
                 else:
-                    del self._asked_by_caller[key]
+                    del self._awaiting_by_caller[key]
+
+    def _refuse_past_part(self, caller: Principal | None) -> Hashable:
+        """`caller`'s key, after refusing it if it has its part awaiting already: checked before a
+        stream waits for anything, so that none queues only to be refused at its permit."""
+        key = caller.holder if caller is not None else None
+        with self._lock:
+            if self._awaiting_by_caller.get(key, 0) >= self.part(caller):
+                raise self._refusal(caller)
+        return key
+
+    def _refusal(self, caller: Principal | None) -> Exhausted:
+        limit = self.part(caller)
+        whose = "this token has" if caller is not None else "uploads by pre-signed URL have"
+        return Exhausted(
+            "TOO_MANY_UPLOADS",
+            f"{whose} {limit} uploads awaiting their first message already: retry later",
+            limit=str(limit),
+        )
 
     @property
     def in_flight(self) -> int:

@@ -301,7 +301,8 @@ def test_a_replica_cut_off_from_the_database_alone_is_taken_out(
             assert [r.status_code for r in reads] == [200] * 30, [r.text for r in reads if r.status_code != 200]
             # Uploads are not retried by Envoy: each goes to the replica that can store it from
             # the moment the admin page shows the other failed (update_merge_window: 0s). Before,
-            # every other one went on to the cut replica for up to a second: a 503.
+            # the cut came within a second of the replicas' coming in, Envoy held the change until
+            # that second ended, and every other upload went on to the cut replica: a 503.
             uploads = [post_form(http, DEVICE, headers, [("name", f"{n}.bin"), ("event", (f"{n}.bin", b"x"))])
                        for n in range(10)]
             assert [r.status_code for r in uploads] == [200] * 10, [r.text for r in uploads]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -56,11 +57,12 @@ def test_stored_media_are_found_where_the_database_says(gallery: Gallery, princi
 def test_the_events_looked_at_are_not_the_tables_first(gallery: Gallery, principal: auth.Principal) -> None:
     """The table's first 20 rows (an old device's, say) were the sample every time: their files
     deleted by hand, a gallery of 137 was taken for another folder and `gallery run` would not
-    start."""
-    ids = [store(gallery, principal, data=b"%d" % n).id for n in range(40)]
-    for event_id in ids[:20]:  # the first stored: the table's first rows
+    start. Here the 20 lowest ids of 40 have lost their files, and each look covers 20 events: it
+    finds a file unless it starts below the lowest id or above the highest (about 1 in 20)."""
+    ids = sorted(store(gallery, principal, data=b"%d" % n).id for n in range(40))
+    for event_id in ids[:20]:
         gallery.storage.media_path("cam1", event_id).unlink()
-    assert gallery.stored_media_found(scan=20, batch=5)
+    assert sum(gallery.stored_media_found(scan=20, batch=5) for _ in range(40)) >= 20
 
 
 def test_one_file_left_is_found_wherever_its_id_sorts(gallery: Gallery, principal: auth.Principal) -> None:
@@ -168,6 +170,27 @@ def test_a_database_that_does_not_answer_is_not_waited_for(
         gallery.db = reachable
     check.run_pass()
     assert status(servicer) == readiness.SERVING and check.database_up
+
+
+def test_a_slow_look_at_the_data_folder_is_not_the_databases_silence(
+    watched, gallery: Gallery, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The look at the data folder runs after the ping, on the probe's thread: one that hangs (a
+    stuck mount) makes the replica NOT_SERVING, while gallery_database_up still says the
+    database answered."""
+    monkeypatch.setattr(readiness, "PROBE_TIMEOUT_SECONDS", 0.5)
+    check, servicer = watched
+    stuck = threading.Event()
+    monkeypatch.setattr(gallery, "stored_media_found", lambda: stuck.wait(10))
+    try:
+        check.run_pass()
+        assert status(servicer) == readiness.NOT_SERVING and check.database_up
+    finally:
+        stuck.set()
+        assert check.probe is not None
+        check.probe.join(10)
+    check.run_pass()
+    assert status(servicer) == readiness.SERVING
 
 
 def test_a_replica_draining_stays_not_serving(watched) -> None:

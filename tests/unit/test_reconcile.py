@@ -401,40 +401,79 @@ A, B, C = token("a"), token("b"), token("c")
 def test_streams_awaiting_their_first_message_count_with_the_uploads_in_flight():
     slots = UploadSlots(per_device=2, total=3)
     release = slots.acquire("a")
-    with slots.first_message(), slots.first_message():
-        with pytest.raises(Exhausted) as full, slots.first_message():
+    with slots.first_message(A), slots.first_message(B):
+        with pytest.raises(Exhausted) as full, slots.first_message(C):
             pass
         assert full.value.reason == "TOO_MANY_UPLOADS"
     release()
-    with slots.first_message(), slots.first_message(), slots.first_message():
+    with slots.first_message(A), slots.first_message(B), slots.first_message(C):
         pass  # every place given back, refused or not
     # A stream whose first message came takes its slot if one is free, whoever else is waiting.
-    with slots.first_message(), slots.first_message():
+    with slots.first_message(A), slots.first_message(B):
         slots.acquire("b")()
 
 
-def test_one_token_may_have_only_its_grants_part_of_the_streams_waiting_on_their_client():
+@contextlib.contextmanager
+def awaiting(slots: UploadSlots, caller: auth.Principal | None) -> Iterator[None]:
+    """A stream that has its receive permit and awaits its client's first message."""
+    with slots.first_message(caller), slots.asked_first(caller):
+        yield
+
+
+def test_one_token_may_have_only_its_grants_part_of_the_streams_awaiting_a_first_message():
     """threads.grant_share: per_device for each device the token grants; half the total for a
     token for every device, and for the pre-signed PUTs (no token) together."""
     slots = UploadSlots(per_device=2, total=12)
     many = token(*(f"cam{n}" for n in range(10)))  # 20 by its devices: half the total at most
     for caller, part in ((A, 2), (token("a", "b"), 4), (many, 6), (token("*"), 6), (None, 6)):
+        assert slots.part(caller) == part
         with contextlib.ExitStack() as held:
             for _ in range(part):
-                held.enter_context(slots.asked_first(caller))
-            with pytest.raises(Exhausted) as refused, slots.asked_first(caller):
+                held.enter_context(awaiting(slots, caller))
+            with pytest.raises(Exhausted) as refused, awaiting(slots, caller):
                 pass
             assert refused.value.reason == "TOO_MANY_UPLOADS"
             assert refused.value.metadata["limit"] == str(part)
             whose = "this token has" if caller is not None else "uploads by pre-signed URL have"
             assert f"{whose} {part} uploads awaiting" in refused.value.message
-            with slots.asked_first(C):  # another token still has its place
+            assert slots.awaiting_first == part  # the refused one given back
+            with awaiting(slots, C):  # another token still has its place
                 pass
             if caller is not None:  # and so has another token of the same devices
-                with slots.asked_first(dataclasses.replace(caller, token_id="another")):
+                with awaiting(slots, dataclasses.replace(caller, token_id="another")):
                     pass
-        with slots.asked_first(caller):  # given back
+        with awaiting(slots, caller):  # given back
             pass
+    assert slots.awaiting_first == 0
+
+
+def test_a_token_for_every_device_is_counted_only_while_its_client_is_asked():
+    """A gateway's burst queued for the receive permits waits on the server: only its streams
+    asked for their first message count against its part. Another token's count for their
+    whole wait (UploadSlots._counted_while_asked)."""
+    slots = UploadSlots(per_device=2, total=8)
+    gateway = token("*")  # a part of 4
+    with contextlib.ExitStack() as queued:
+        for _ in range(7):  # more than its part: waiting for permits
+            queued.enter_context(slots.first_message(gateway))
+        with slots.asked_first(gateway):  # one has its permit
+            pass
+        with slots.first_message(B):  # the last place
+            with pytest.raises(Exhausted) as full, slots.first_message(C):  # the total, not a part
+                pass
+        assert "the server is receiving or awaiting 8 uploads" in full.value.message
+    with contextlib.ExitStack() as asked:
+        for _ in range(4):
+            asked.enter_context(awaiting(slots, gateway))
+        with pytest.raises(Exhausted) as refused, slots.first_message(gateway):  # before it queues
+            pass
+        assert "this token has 4 uploads awaiting" in refused.value.message
+    with contextlib.ExitStack() as queued:
+        for _ in range(2):
+            queued.enter_context(slots.first_message(A))
+        with pytest.raises(Exhausted) as refused, slots.first_message(A):
+            pass
+        assert "this token has 2 uploads awaiting" in refused.value.message
 
 
 def test_an_upload_stream_is_refused_before_its_first_message_when_every_slot_is_taken(gallery, principal):
@@ -453,13 +492,14 @@ def test_an_upload_stream_is_refused_before_its_first_message_when_every_slot_is
     assert list(gallery.watch_upload(messages(), lambda: None, caller=None)) == [b"header"]
 
 
-def test_streams_queued_for_a_permit_are_not_counted_against_their_token(gallery) -> None:
-    """A token's part (2 here) counts the streams waiting on their client with a receive permit
-    held: one gateway's burst queued behind the permits waits on the server. Before, every stream
-    of the token awaiting its first message counted, and a burst of 64 was refused (429)."""
-    gallery.slots.per_device = 2
+def test_a_gateways_streams_queued_for_a_permit_are_not_counted_against_its_token(gallery) -> None:
+    """A token for every device (a part of 4 here) counts its streams waiting on their client with
+    a receive permit held: a gateway's burst queued behind the permits waits on the server. Before,
+    every stream of the token awaiting its first message counted, and a burst of 64 was refused
+    (429)."""
+    gallery.slots.total = 8
     gallery.receiving = ReceivePermits(1, lend_after=60)  # held by the slow client's stream
-    gateway = token("cam1")
+    gateway = token("*")
     slow_client = threading.Event()
     answers: list[object] = []
 
@@ -474,18 +514,56 @@ def test_streams_queued_for_a_permit_are_not_counted_against_their_token(gallery
         except Exhausted as exc:
             answers.append(exc.message)
 
-    threads = [threading.Thread(target=upload, args=(n == 0,)) for n in range(5)]
+    threads = [threading.Thread(target=upload, args=(n == 0,)) for n in range(6)]
     threads[0].start()
-    assert wait_until(lambda: gallery.slots.awaiting_first == 1)
+    assert wait_until(lambda: gallery.receiving.free == 0)  # the slow client's stream has it
     for thread in threads[1:]:
         thread.start()
-    assert wait_until(lambda: gallery.slots.awaiting_first == 5)  # four queued for the permit
+    assert wait_until(lambda: gallery.slots.awaiting_first == 6)  # five queued for the permit
     assert answers == []
     slow_client.set()
     for thread in threads:
         thread.join(30)
-    assert answers == [[b"header"]] * 5
+    assert answers == [[b"header"]] * 6
     assert gallery.slots.awaiting_first == 0
+
+
+def test_a_device_tokens_silent_streams_cannot_make_a_burst_fill_the_total(gallery) -> None:
+    """A token's silent streams held the receive permits, so its burst queued for them, each
+    holding a place in the total: every other token's upload was refused until the permits were
+    lent (the review's reproduction, in process). A token for some devices counts its streams for
+    their whole wait: the burst past its part is refused at once."""
+    gallery.slots = UploadSlots(per_device=2, total=8)
+    gallery.receiving = ReceivePermits(2)
+    attacker, other = token("cam1", "cam2"), token("cam3")  # a part of 4
+    silence = threading.Event()
+    refusals: list[str] = []
+
+    def silent() -> Iterator[bytes]:
+        silence.wait(30)
+        yield b"late"
+
+    def attack() -> None:
+        try:
+            list(gallery.watch_upload(silent(), lambda: None, caller=attacker))
+        except Exhausted as exc:
+            refusals.append(exc.message)
+
+    threads = [threading.Thread(target=attack) for _ in range(11)]
+    try:
+        threads[0].start()
+        assert wait_until(lambda: gallery.receiving.free == 1)  # one permit held by a silent stream
+        for thread in threads[1:]:
+            thread.start()
+        assert wait_until(lambda: len(refusals) == 7)
+        assert refusals == ["this token has 4 uploads awaiting their first message already: retry later"] * 7
+        assert gallery.slots.awaiting_first == 4
+        # Another token's upload goes on (a permit lent to it, if silent streams hold both).
+        assert list(gallery.watch_upload(iter([b"header"]), lambda: None, caller=other)) == [b"header"]
+    finally:
+        silence.set()
+        for thread in threads:
+            thread.join(10)
 
 
 def test_an_upload_holds_its_slot_until_closed(gallery, principal):

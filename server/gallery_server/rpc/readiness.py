@@ -53,26 +53,31 @@ class Readiness(BackgroundLoop):
         # in a way the database seems to have answered marks that "up" (a cut link flipped the
         # replica back to SERVING for a second, and an upload sent there failed).
         self.database_ok = True
-        # The last pass's view (gallery_database_up): the probe answered, and the database with
-        # it. A silent database fails no statement, so no request's failure would say it.
+        # The last pass's view (gallery_database_up): the ping answered, and the database with
+        # it. A silent database fails no statement, so no request's failure would say it; a slow
+        # look at the data folder (after the ping, on the same thread) is not the database's.
         self.database_up = True
         self._storage_checked = -float("inf")  # time.monotonic()
         self.serving = True
         self.probe: threading.Thread | None = None
+        self.pinged = threading.Event()  # the current probe's ping has its answer
 
     def run_pass(self) -> bool:
         # On a thread of its own, waited for PROBE_TIMEOUT_SECONDS at most: a statement to a
-        # database that does not answer waits as long as TCP does (minutes).
+        # database that does not answer waits as long as TCP does (minutes), and so may a look at
+        # a data folder whose mount hangs.
         if self.probe is None or not self.probe.is_alive():
-            self.probe = threading.Thread(target=self._probe, name="readiness-probe", daemon=True)
+            self.pinged = threading.Event()
+            self.probe = threading.Thread(target=self._probe, args=(self.pinged,), name="readiness-probe",
+                                          daemon=True)
             self.probe.start()
         self.probe.join(PROBE_TIMEOUT_SECONDS)
-        answering = not self.probe.is_alive()
+        answering = self.pinged.is_set()
         self.database_up = answering and self.database_ok
-        self._report(self.database_up and self.storage_ok, answering)
+        self._report(self.database_up and self.storage_ok and not self.probe.is_alive(), answering)
         return False
 
-    def _probe(self) -> None:
+    def _probe(self, pinged: threading.Event) -> None:
         try:
             self.gallery.db.ping()
         except DatabaseUnavailable:
@@ -82,6 +87,8 @@ class Readiness(BackgroundLoop):
             self.database_ok = False
             log.exception("readiness probe failed")
             return
+        finally:
+            pinged.set()
         self.database_ok = True
         try:
             if time.monotonic() - self._storage_checked >= STORAGE_CHECK_SECONDS:
@@ -113,6 +120,7 @@ class Readiness(BackgroundLoop):
         log.log(logging.INFO if serving else logging.WARNING,
                 "health: SERVING" if serving else "health: NOT_SERVING",
                 extra={"database_ok": self.database_ok, "database_answering": answering,
-                       "data_folder_ok": self.storage_ok})
+                       "data_folder_ok": self.storage_ok,
+                       "probe_finished": self.probe is not None and not self.probe.is_alive()})
         for name in self.services:
             self.health_servicer.set(name, SERVING if serving else NOT_SERVING)
