@@ -4,8 +4,9 @@ Every count (4, 16, 64 streams) uploads `size` bytes per stream from one client 
 all started together on one channel to Envoy (as many devices behind one proxy would look to the
 server). The client does not hash here (the payload's digest is computed once), so that its CPU goes
 to sending. Each run checks every stored event (size, sha256) and deletes them. The stack runs with
-the upload limits raised to 64 per device and in total, and 96 gRPC workers (run.py), so that no
-stream is refused (the defaults would answer 429 past 4 uploads of one device).
+the upload limits raised to 64 per device and 128 in total (one token may have half the total
+awaiting a first message), and 160 gRPC workers (run.py), so that no stream is refused (the defaults
+would answer 429 past 4 uploads of one device).
 """
 
 from __future__ import annotations

@@ -602,10 +602,12 @@ def main(argv: list[str] | None = None) -> int:
                 # The log level stays the default (INFO): every RPC writes its access-log line, as
                 # it does for a user (what that costs: the targets note).
                 "GALLERY_MAX_UPLOAD_BYTES": str(max(opts.size * 2, 16 * GiB)),
-                # The concurrency scenario sends 64 streams for one device: lift the per-device and
-                # total upload limits (defaults 4 and 48) to that, and the workers above the total.
-                "GALLERY_MAX_UPLOADS_PER_DEVICE": "64", "GALLERY_MAX_UPLOADS_TOTAL": "64",
-                "GALLERY_GRPC_WORKERS": "96",
+                # The concurrency scenario sends 64 streams for one device, with one token: lift the
+                # per-device and total upload limits (defaults 4 and 48) to that, the total to twice
+                # it (one token may have half the total awaiting a first message: threads.py), and
+                # the workers above the total.
+                "GALLERY_MAX_UPLOADS_PER_DEVICE": "64", "GALLERY_MAX_UPLOADS_TOTAL": "128",
+                "GALLERY_GRPC_WORKERS": "160",
             } | SEEDED_STACK_ENV,
         )
         print(
