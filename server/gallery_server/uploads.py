@@ -155,9 +155,10 @@ class UploadSlots:
     streams count against the total with those in flight (first_message()), so that uploads,
     started or not, hold at most `total` threads. Each token may have only its part of them
     (part(); threads.grant_share: `per_device` for each device it grants; a token for every device
-    counts only those waiting on their client, _counted_while_asked). A pre-signed PUT needs no token to open one, so those (`caller` None) may take at
-    most half the total, as a token for every device: anyone could open them, and they must not
-    keep out the uploads of clients with a token.
+    counts only those waiting on their client, _counted_while_asked). A pre-signed PUT needs no
+    token to open one, so those (`caller` None) may take at most half the total, as a token for
+    every device: anyone could open them, and they must not keep out the uploads of clients with a
+    token.
     """
 
     def __init__(self, *, per_device: int, total: int) -> None:
