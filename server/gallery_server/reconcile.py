@@ -65,8 +65,10 @@ log = logging.getLogger(__name__)
 
 ROW_BATCH = 500
 MAX_EXAMPLES = 20
-# A grant with a URL not used yet is kept this much longer after expiry: a PUT of it that began
-# before expiry may still be running (a 16 GiB PUT over a slow link), and completes with it.
+# A grant whose media URL is not used yet is kept this much longer after expiry: a PUT of it that
+# began before expiry may still be running (a 16 GiB PUT over a slow link), and completes with it.
+# A thumbnail's PUT (GALLERY_MAX_THUMBNAIL_BYTES at most) has the grace period: every grant whose
+# thumbnail URL was left unused stayed a day, a day's uploads' worth of rows (soak test).
 UNUSED_GRANT_SLACK = datetime.timedelta(days=1)
 
 
@@ -254,14 +256,12 @@ class Reconciler:
     def _grants(self, findings: Findings) -> None:
         now = utcnow()
         expired = now - datetime.timedelta(seconds=self.grace_seconds)
-        unused = sa.or_(
-            col(UploadGrant.media_state).in_(GRANT_UNUSED), col(UploadGrant.thumbnail_state).in_(GRANT_UNUSED)
-        )
+        media_unused = col(UploadGrant.media_state).in_(GRANT_UNUSED)
         with self.db.session() as session:
             removed = session.exec(  # type: ignore[call-overload]
                 sa.delete(UploadGrant).where(
                     col(UploadGrant.expires_at) < expired,
-                    sa.or_(sa.not_(unused), col(UploadGrant.expires_at) < expired - UNUSED_GRANT_SLACK),
+                    sa.or_(sa.not_(media_unused), col(UploadGrant.expires_at) < expired - UNUSED_GRANT_SLACK),
                 )
             ).rowcount
             session.commit()
