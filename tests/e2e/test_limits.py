@@ -99,7 +99,11 @@ def test_uploads_in_flight_are_limited_per_device_and_in_total(limited: Stack, m
             wait_in_flight(http, token, 1)
             assert_429(rest_upload(http, token, "lim-a"), "TOO_MANY_DEVICE_UPLOADS")
             assert rest_upload(http, token, "lim-b").status_code == 200  # another device may
-            held += [HeldUpload(stub, md, "lim-c"), HeldUpload(stub, md, "lim-d")]
+            # One at a time: with a total of 3, a token for every device may have one stream
+            # awaiting its first message (half the total), and two started at once could race.
+            held.append(HeldUpload(stub, md, "lim-c"))
+            wait_in_flight(http, token, 2)
+            held.append(HeldUpload(stub, md, "lim-d"))
             wait_in_flight(http, token, 3)
             assert_429(rest_upload(http, token, "lim-e"), "TOO_MANY_UPLOADS")
             with pytest.raises(grpc.RpcError) as native:
@@ -187,12 +191,14 @@ def test_streams_that_send_nothing_cannot_take_every_thread(
 
     try:
         with contextlib.ExitStack() as silent, httpx.Client(base_url=stack.base_url, timeout=10) as http:
-            # Headers announcing a body that never comes, without a token: more than every thread.
+            # Headers announcing a body that never comes, without a token but with a genuine URL
+            # (a made-up one is refused at once): more than every thread.
+            url = http.get("/api/gallery/silent-dev/upload-url", params={"filename": "s.bin"}, headers=headers)
+            put = httpx.URL(url.json()["upload_url"]).raw_path
             sockets = []
             for _ in range(workers + 4):
                 s = silent.enter_context(socket.create_connection(("127.0.0.1", stack.http_port)))
-                s.sendall(b"PUT /api/gallery/silent-dev/upload/not-a-token HTTP/1.1\r\n"
-                          b"Host: gallery\r\nContent-Length: 100\r\n\r\n")
+                s.sendall(b"PUT " + put + b" HTTP/1.1\r\nHost: gallery\r\nContent-Length: 100\r\n\r\n")
                 sockets.append(s)
             # total / 2 of them wait for their body; every other one is refused at once.
             expected = workers + 4 - total // 2

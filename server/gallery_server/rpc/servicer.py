@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import re
+import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -43,6 +45,8 @@ CONTENT_LENGTH_HEADER = "x-gallery-content-length"
 # the length a GET would get in BODY_LENGTH_HEADER, which the Lua filter makes the Content-Length.
 # The REST reads' route skips that filter, so a method it takes must never read this header.
 HEAD_HEADER = "x-gallery-head"
+# The REST path of a pre-signed PUT, which the transcoder keeps in x-envoy-original-path.
+_SIGNED_PUT_PATH = re.compile(r"/api/gallery/([^/?#]+)/upload/([^/?#]+)/?(?:\?.*)?", re.DOTALL)
 BODY_LENGTH_HEADER = "x-gallery-body-length"
 # A thumbnail up to this size is taken whole by Envoy, whatever its client does (Envoy's stream
 # window to this server, initial_stream_window_size in envoy/envoy.yaml), so it holds no thread for
@@ -357,7 +361,14 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         return pb.UploadEventResponse(success=True, event_id=event.id)
 
     def PutSignedUpload(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        content_range = _request_headers(context).get("content-range", "")
+        headers = _request_headers(context)
+        content_range = headers.get("content-range", "")
+        # A URL that is not one of ours is refused before its stream waits for anything: made-up
+        # URLs, headers only, took every place of the pre-signed PUTs (uploads.UploadSlots) and
+        # refused every device's. The path is Envoy's; the first message is checked as before.
+        if (path := _SIGNED_PUT_PATH.fullmatch(headers.get("x-envoy-original-path", ""))) is not None:
+            device, token = (urllib.parse.unquote(part) for part in path.groups())
+            self.signed.verify(validation.device_id(device), token)
         # A range PUT writes a session file, not a StagedFile: free space is checked as it streams.
         request_iterator = self.gallery.watch_upload(
             request_iterator, context.cancel,
