@@ -190,8 +190,12 @@ class UploadSlots:
         its token's principal, None for a method that needs no token. It counts with the uploads
         in flight against the total, and against its token's part (but see _counted_while_asked),
         and is refused at once past either."""
-        key = self._refuse_past_part(caller)
+        key = caller.holder if caller is not None else None
         with self._lock:
+            # One that counts only once asked would be refused at its permit, having held a place
+            # in the total while it queued: refused now. (Another is checked in _counted.)
+            if self._counted_while_asked(caller) and self._awaiting_by_caller.get(key, 0) >= self.part(caller):
+                raise self._refusal(caller)
             if self._in_flight + self._awaiting_first >= self.total:
                 raise Exhausted(
                     "TOO_MANY_UPLOADS",
@@ -232,15 +236,6 @@ class UploadSlots:
                     self._awaiting_by_caller[key] = left
                 else:
                     del self._awaiting_by_caller[key]
-
-    def _refuse_past_part(self, caller: Principal | None) -> Hashable:
-        """`caller`'s key, after refusing it if it has its part awaiting already: checked before a
-        stream waits for anything, so that none queues only to be refused at its permit."""
-        key = caller.holder if caller is not None else None
-        with self._lock:
-            if self._awaiting_by_caller.get(key, 0) >= self.part(caller):
-                raise self._refusal(caller)
-        return key
 
     def _refusal(self, caller: Principal | None) -> Exhausted:
         limit = self.part(caller)

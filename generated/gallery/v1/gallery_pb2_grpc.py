@@ -253,7 +253,9 @@ class GalleryServiceServicer:
         """Receives the raw body PUT to a pre-signed URL. The media PUT creates the event named in the
         URL; the thumbnail PUT attaches to that event, before or after the media arrives (an empty
         thumbnail body is INVALID_ARGUMENT THUMBNAIL_MISSING, and the URL stays unused). A tampered,
-        expired or already used URL is PERMISSION_DENIED (HTTP 403).
+        expired or already used URL is PERMISSION_DENIED (HTTP 403); through Envoy, a URL that is not
+        the server's is refused before the body is read (the REST path Envoy keeps in
+        x-envoy-original-path), so that PUTs of made-up URLs hold no upload place.
 
         Resumable (issue 5): a PUT with `Content-Range: bytes <first>-<last>/<total>` appends one chunk
         at the committed size instead of storing the whole body at once (media URLs only; a thumbnail
