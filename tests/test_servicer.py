@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import pathlib
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,6 +28,7 @@ from gallery_server.rpc.chunks import Encoded
 from gallery_server.rpc.servicer import GalleryServicer
 from gallery_server.service import Gallery
 from gallery_server.signed_urls import SignedUploads
+from gallery_server.uploads import Uploader
 
 from .conftest import stored_files
 
@@ -556,6 +558,40 @@ def test_resumable_writes_take_one_upload_slot(gallery: Gallery, principal: auth
     assert stored.event_id == urls.event_id
     assert single.slots.in_flight == 0
     assert gallery.storage.media_path("cam1", urls.event_id).read_bytes() == PNG
+
+
+def test_a_put_counts_against_the_token_that_asked_for_its_url(gallery: Gallery) -> None:
+    """A PUT takes a place of the uploads of the token that asked for its URL: known from the
+    REST path Envoy keeps before anything is read, else from the first message (a native call).
+    Past that token's part, 429 TOO_MANY_UPLOADS, and the URL stays unused."""
+    single = Gallery(dataclasses.replace(gallery.settings, max_uploads_per_device=1), gallery.db, gallery.storage)
+    owner = auth.Principal("owner", frozenset({"cam1"}), frozenset({auth.READ, auth.WRITE}), token_id="ab" * 16)
+    server = grpc_testing.server_from_dictionary(
+        {SERVICE: GalleryServicer(single, SignedUploads(single), Devices(single), principal=lambda: owner)},
+        grpc_testing.strict_real_time(),
+    )
+    urls = [unary(server, "CreateUploadUrl", pb.CreateUploadUrlRequest(device="cam1", filename="a.png"))[0].upload_url
+            for _ in range(2)]
+
+    def put_at(url: str, path: str | None = None) -> tuple[Any, grpc.StatusCode, str]:
+        metadata: tuple = ((LENGTH, str(len(PNG))),)
+        if path is not None:
+            metadata += (("x-envoy-original-path", urllib.parse.urlsplit(path).path),)
+        return stream_unary(server, "PutSignedUpload", put_requests("cam1", url, PNG), metadata)
+
+    release = single.slots.hold(Uploader.of(owner))  # the owner's one upload, in flight
+    for path in (None, urls[0]):
+        _, code, details = put_at(urls[0], path)  # the status is the interceptor's (e2e)
+        assert_failed(code, details, "the token that asked for this URL has 1 uploads open")
+    release()
+    _, code, details = put_at(urls[0], urls[1])  # counted as the path's URL, but not that one
+    assert_failed(code, details, "not the one in the request's path")
+    assert stored_files(gallery.settings.data_dir) == []
+    for url, path in ((urls[0], None), (urls[1], urls[1])):
+        stored, code, details = put_at(url, path)
+        assert code is grpc.StatusCode.OK, details
+        assert single.storage.media_path("cam1", stored.event_id).read_bytes() == PNG
+    single.slots.hold(Uploader.of(owner))()  # every PUT gave its place back
 
 
 def test_create_upload_url_without_thumbnail(server: grpc_testing.Server) -> None:

@@ -81,6 +81,11 @@ class Principal:
         """Whose holds these are: the token's, or (a principal made without one) its grant's."""
         return self.token_id or self.devices
 
+    @property
+    def granted(self) -> int | None:
+        """How many devices the token grants; None: every device ('*')."""
+        return None if "*" in self.devices else len(self.devices)
+
     def require(self, device: str, scope: str) -> None:
         """Raise PermissionDenied unless this principal may use `scope` on `device`."""
         self.require_scope(scope)

@@ -49,7 +49,7 @@ from .receiving import ReceivePermits
 from .settings import Settings
 from .storage import SpaceMeter, StagedFile, Storage
 from .threads import Holds, thread_shares
-from .uploads import IdleWatchdog, Upload, UploadSlots
+from .uploads import IdleWatchdog, Upload, Uploader, UploadSlots
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ class Gallery:
         self, messages: Iterator[T], cancel: Callable[[], None],
         size_of: Callable[[T], int] | None = None, first_carries_data: bool = False,
         on_end: Callable[[Callable[[], None]], object] | None = None,
-        *, caller: Principal | None,
+        *, caller: Uploader | None,
     ) -> Iterator[T]:
         """The messages of an upload stream, aborted (by `cancel`) once idle for
         GALLERY_UPLOAD_IDLE_SECONDS. With `size_of`, the free disk space is checked again every
@@ -336,18 +336,44 @@ class Gallery:
 
         Every message is asked for under one of the replica's GALLERY_UPLOAD_MESSAGES_IN_FLIGHT
         permits, held until the caller asks for the next (receiving.py); `on_end(callback)` (a
-        gRPC context's add_callback) makes a stream whose RPC ended stop waiting for one.
-        `caller`: the stream's token, None for a method that needs none (pre-signed URLs), always
-        named so that no stream is counted as a pre-signed one by omission. The whole wait for the
-        first message counts against the replica's upload total (UploadSlots.first_message), and
-        the wait on the client, a permit held, against the token's part (UploadSlots.asked_first)."""
+        gRPC context's add_callback) makes a stream whose RPC ended stop waiting for one, and
+        give back what it holds. `caller`: whose upload it is (UploadSlots), None for a pre-signed
+        PUT whose URL is not known yet, always named so that no stream goes uncounted by omission.
+        The stream counts against its token's part from when its first message is asked for
+        (UploadSlots.hold), and its wait for that message against the replica's upload total."""
         # The permit is taken outside the idle watch: waiting for one is not the client's silence.
         watched = self.idle.watch(messages, cancel, first_carries_data=first_carries_data)
         if size_of is not None:
             watched = self._metered(watched, size_of)
         asked = self._first_under(watched, self.slots.asked_first(caller))
         # Refused at once, before any permit or byte, if uploads hold every slot already.
-        return self._first_under(self.receiving.bounded(asked, on_end=on_end), self.slots.first_message(caller))
+        waited = self._first_under(self.receiving.bounded(asked, on_end=on_end), self.slots.first_message(caller))
+        return self._held(waited, caller, on_end)
+
+    def _held(
+        self, messages: Iterator[T], caller: Uploader | None,
+        on_end: Callable[[Callable[[], None]], object] | None,
+    ) -> Iterator[T]:
+        """`messages`, counted against `caller`'s part until they end or the RPC does (whichever is
+        first: a handler that fails leaves its stream unfinished)."""
+        release = self.slots.hold(caller)
+        if on_end is not None and on_end(release) is False:  # the RPC is over already
+            release()
+        try:
+            yield from messages
+        finally:
+            release()
+
+    @contextlib.contextmanager
+    def held_upload(self, uploader: Uploader | None) -> Iterator[None]:
+        """Around the rest of a stream whose uploader became known only from its first message
+        (a pre-signed PUT called natively): its token's part, as watch_upload counts the others.
+        None: nothing to count (one known from the start, or a URL of an earlier version)."""
+        release = self.slots.hold(uploader)
+        try:
+            yield
+        finally:
+            release()
 
     @contextlib.contextmanager
     def download_slot(self, principal: Principal) -> Iterator[None]:

@@ -1,9 +1,11 @@
 """Pre-signed upload URLs: stateless HMAC tokens plus a grant row that makes each usable once.
 
 A token is `<payload>.<signature>`, both base64url: the payload is the JSON list
-[version, device, event_id, purpose, expires_unix, filename] and the signature an HMAC-SHA256 of
-the payload under a key derived from the JWT secret (so one secret serves both, for different
-purposes). A PUT is authorized by its token alone; no bearer token is needed.
+[version, device, event_id, purpose, expires_unix, filename, [budget, granted]] and the signature
+an HMAC-SHA256 of the payload under a key derived from the JWT secret (so one secret serves both,
+for different purposes). A PUT is authorized by its token alone; no bearer token is needed. The
+last item names the bearer token that asked for the URL (a digest: uploads.Uploader), whose part
+of the uploads in flight the PUT takes; version 1, without it, is still taken until it expires.
 
 Resumable media PUTs (`Content-Range: bytes a-b/total`, GCS-style): each PUT appends one chunk to
 a resumable session (resumable.py, upload id `url.<event_id>`, which no native id can be) at its
@@ -51,13 +53,13 @@ from .models import GRANT_UNUSED, Event, UploadGrant, UploadSessionRow
 from .resumable import ResumableUploads, SessionWriter
 from .service import Gallery
 from .storage import upload_too_large
-from .uploads import Upload
+from .uploads import Upload, Uploader
 
 log = logging.getLogger(__name__)
 
 MEDIA = "media"
 THUMBNAIL = "thumbnail"
-_VERSION = 1
+_VERSION = 2
 # The session of a pre-signed URL: "." keeps it apart from native upload ids ([A-Za-z0-9_-]).
 SESSION_PREFIX = "url."
 
@@ -89,6 +91,8 @@ class SignedTarget:
     event_id: str
     purpose: str
     filename: str
+    # Whose part of the uploads in flight its PUTs take; None: a URL of version 1.
+    uploader: Uploader | None = dataclasses.field(default=None, compare=False)
 
 
 class SignedUploads:
@@ -119,8 +123,11 @@ class SignedUploads:
                 ))
                 session.commit()
 
+        uploader = Uploader.of(principal)
+
         def url(purpose: str) -> str:
-            token = self._sign([_VERSION, device, event_id, purpose, expires, filename])
+            token = self._sign([_VERSION, device, event_id, purpose, expires, filename,
+                                [uploader.key, uploader.granted]])
             base = self.gallery.settings.public_url
             return f"{base}/api/gallery/{urllib.parse.quote(device, safe=':')}/upload/{token}"
 
@@ -156,14 +163,15 @@ class SignedUploads:
             expected = hmac.new(self._key, payload_b64.encode("ascii"), hashlib.sha256).digest()
             if not hmac.compare_digest(signature, expected):
                 raise ValueError("bad signature")
-            version, signed_device, event_id, purpose, expires, filename = json.loads(
+            version, signed_device, event_id, purpose, expires, filename, *budget = json.loads(
                 _b64decode(payload_b64)
             )
+            uploader = _uploader(version, budget)
         except (ValueError, TypeError, UnicodeError, binascii.Error):
             raise PermissionDenied("URL_SIGNATURE_INVALID", "upload URL is not valid") from None
         # Only this server signs payloads; their types are checked all the same (a key shared
         # with a tool that signs its own must not turn into a 500).
-        if (version != _VERSION or purpose not in (MEDIA, THUMBNAIL) or type(expires) is not int
+        if (purpose not in (MEDIA, THUMBNAIL) or type(expires) is not int
                 or not isinstance(event_id, str) or not isinstance(filename, str)):
             raise PermissionDenied("URL_SIGNATURE_INVALID", "upload URL is not valid")
         if signed_device != device:
@@ -172,7 +180,7 @@ class SignedUploads:
             )
         if time.time() > expires and not allow_expired:
             raise PermissionDenied("URL_EXPIRED", "upload URL has expired")
-        return SignedTarget(device, event_id, purpose, filename)
+        return SignedTarget(device, event_id, purpose, filename, uploader)
 
     # -- the PUT ------------------------------------------------------------------------------
 
@@ -385,6 +393,18 @@ class SignedUploads:
         body = _b64encode(json.dumps(payload, separators=(",", ":")).encode())
         signature = hmac.new(self._key, body.encode("ascii"), hashlib.sha256).digest()
         return f"{body}.{_b64encode(signature)}"
+
+
+def _uploader(version: object, budget: list[object]) -> Uploader | None:
+    """The payload's last item, by its version; ValueError if it is not what that version has.
+    Version 1 (URLs issued before 2026-12-01, until they expire) names no token."""
+    if version == 1 and not budget:
+        return None
+    if version == _VERSION and len(budget) == 1 and isinstance(budget[0], list) and len(budget[0]) == 2:
+        key, granted = budget[0]
+        if isinstance(key, str) and (granted is None or (type(granted) is int and granted > 0)):
+            return Uploader(key, granted, by_url=True)
+    raise ValueError("not a payload of a known version")
 
 
 def _b64encode(data: bytes) -> str:

@@ -55,12 +55,12 @@ def thread_shares(settings: Settings) -> ThreadShares:
                         share(HELLOS_SHARE))
 
 
-def grant_share(devices: frozenset[str], per_device: int, total: int) -> int:
-    """How much of a `total` one token may hold at once, by its grant (Principal.devices):
+def grant_share(granted: int | None, per_device: int, total: int) -> int:
+    """How much of a `total` one token may hold at once, by its grant (Principal.granted):
     `per_device` for each device it grants, and never more than half the total (a token for
-    every device ('*') half, as the requests that need no token together: uploads.UploadSlots)."""
+    every device, `granted` None, half)."""
     half = max(1, total // 2)
-    return half if "*" in devices else max(1, min(per_device * len(devices), half))
+    return half if granted is None else max(1, min(per_device * granted, half))
 
 
 class Holds:
@@ -86,7 +86,7 @@ class Holds:
         """Around one hold of `principal`'s token, up to its part (grant_share, `per_key` for each
         device it grants); past that or the total, `refusal(its part, the limit reached)` is
         raised."""
-        limit = grant_share(principal.devices, self.per_key, self.total)
+        limit = grant_share(principal.granted, self.per_key, self.total)
         if not self.take(principal.holder, limit):
             raise refusal(limit, limit if self._held.get(principal.holder, 0) >= limit else self.total)
         try:

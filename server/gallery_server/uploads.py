@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import threading
 import time
@@ -144,6 +145,47 @@ class Upload:
         self.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class Uploader:
+    """Whose upload a stream is, for UploadSlots: a token's, or (`by_url`) a pre-signed PUT's, of
+    the token that asked for its URL (signed into the URL: signed_urls.py). Either way it takes a
+    part of that token's budget, so that a token's own streams and its URLs' add up to one part."""
+
+    key: str  # a digest of the token (Principal.token_id), never the token
+    granted: int | None  # how many devices the token grants; None: every device ('*')
+    by_url: bool = False
+
+    @classmethod
+    def of(cls, principal: Principal) -> Uploader:
+        # Digested again: the key travels in URLs, and token_id is the server's key of the token
+        # for its other shares (threads.Holds). A principal made without a token: its grant.
+        holder = principal.token_id or ",".join(sorted(principal.devices))
+        key = hashlib.sha256(b"gallery upload budget\0" + holder.encode()).hexdigest()[:24]
+        return cls(key, principal.granted)
+
+    @property
+    def counted_while_asked(self) -> bool:
+        """Whether the stream counts against its token's part only while its client is asked for
+        the first message (UploadSlots.asked_first), not while it queues for a receive permit, nor
+        once it sends: a token for every device's own streams. That token is a gateway's or the
+        operator's, whose bursts of 64 uploads queued for the permits were refused (429), and
+        which may delete every event anyway. Every other stream counts from its start to its end:
+        a token's silent streams, trickling uploads and URLs' PUTs, each counted apart, together
+        filled the total."""
+        return self.granted is None and not self.by_url
+
+    @property
+    def budget(self) -> Hashable:
+        # The URLs of a token for every device (a gateway's, for its devices to PUT) have a part
+        # of their own, apart from the gateway's own streams, which count only while asked.
+        return ("url", self.key) if self.granted is None and self.by_url else self.key
+
+
+# Pre-signed PUTs whose URL is not known before their first message (a native call: the REST
+# path names it) count as no token's: together they may have this fraction of the total awaiting.
+UNATTRIBUTED_SHARE = 8
+
+
 class UploadSlots:
     """Counts the uploads in flight in this replica and refuses one past either limit.
 
@@ -153,12 +195,12 @@ class UploadSlots:
     A stream waiting for its first message holds a thread too, for up to
     GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS, before its device (and so its slot) is known: such
     streams count against the total with those in flight (first_message()), so that uploads,
-    started or not, hold at most `total` threads. Each token may have only its part of them
-    (part(); threads.grant_share: `per_device` for each device it grants; a token for every device
-    counts only those waiting on their client, _counted_while_asked). A pre-signed PUT needs no
-    token to open one, so those (`caller` None) may take at most half the total, as a token for
-    every device: anyone could open them, and they must not keep out the uploads of clients with a
-    token.
+    started or not, hold at most `total` threads. Each token may hold only its part of the total
+    (part(); threads.grant_share: `per_device` for each device it grants, half the total at most):
+    its own streams and the PUTs of its URLs, from their start to their end (hold()), a token for
+    every device's own only while asked (Uploader.counted_while_asked). Pre-signed PUTs whose URL
+    is not known yet (`uploader` None) may have UNATTRIBUTED_SHARE of the total awaiting: anyone
+    can open them; once the URL is known, they hold its token's part too.
     """
 
     def __init__(self, *, per_device: int, total: int) -> None:
@@ -168,34 +210,26 @@ class UploadSlots:
         self._by_device: dict[str, int] = {}
         self._in_flight = 0
         self._awaiting_first = 0
-        self._awaiting_by_caller: dict[Hashable, int] = {}  # by token: see _counted_while_asked
+        self._by_budget: dict[Hashable, int] = {}  # Uploader.budget (None: not known yet)
 
-    def part(self, caller: Principal | None) -> int:
-        """How many of `caller`'s streams may await their first message at once."""
-        return grant_share(caller.devices if caller is not None else frozenset("*"), self.per_device, self.total)
-
-    @staticmethod
-    def _counted_while_asked(caller: Principal | None) -> bool:
-        """Whether `caller`'s streams count against its part only while their client is asked for
-        the first message (asked_first), not while they queue for a receive permit: a token for
-        every device, a gateway's or the operator's, whose bursts of 64 uploads queued for the
-        permits were refused (429), and which may delete every event anyway. Another token's
-        streams, and the pre-signed PUTs (anyone holding a URL), count for their whole wait: a
-        burst of theirs queued behind silent streams holding the permits filled the total."""
-        return caller is not None and "*" in caller.devices
+    def part(self, uploader: Uploader | None) -> int:
+        """How many streams of `uploader`'s budget may be counted at once."""
+        if uploader is None:
+            return max(1, self.total // UNATTRIBUTED_SHARE)
+        return grant_share(uploader.granted, self.per_device, self.total)
 
     @contextlib.contextmanager
-    def first_message(self, caller: Principal | None) -> Iterator[None]:
-        """Around a stream's whole wait for its first message, a receive permit's included; `caller`:
-        its token's principal, None for a method that needs no token. It counts with the uploads
-        in flight against the total, and against its token's part (but see _counted_while_asked),
-        and is refused at once past either."""
-        key = caller.holder if caller is not None else None
+    def first_message(self, uploader: Uploader | None) -> Iterator[None]:
+        """Around a stream's whole wait for its first message, a receive permit's included. It
+        counts with the uploads in flight against the total, a stream of no known token against
+        UNATTRIBUTED_SHARE too, and is refused at once past either."""
+        budget = uploader.budget if uploader is not None else None
         with self._lock:
             # One that counts only once asked would be refused at its permit, having held a place
-            # in the total while it queued: refused now. (Another is checked in _counted.)
-            if self._counted_while_asked(caller) and self._awaiting_by_caller.get(key, 0) >= self.part(caller):
-                raise self._refusal(caller)
+            # in the total while it queued: refused now. (The others are counted by hold().)
+            counted_here = uploader is None or uploader.counted_while_asked
+            if counted_here and self._by_budget.get(budget, 0) >= self.part(uploader):
+                raise self._refusal(uploader)
             if self._in_flight + self._awaiting_first >= self.total:
                 raise Exhausted(
                     "TOO_MANY_UPLOADS",
@@ -203,48 +237,72 @@ class UploadSlots:
                     limit=str(self.total),
                 )
             self._awaiting_first += 1
+            if uploader is None:
+                self._by_budget[None] = self._by_budget.get(None, 0) + 1
         try:
-            with self._counted(caller, key, while_asked=False):
-                yield
+            yield
         finally:
             with self._lock:
                 self._awaiting_first -= 1
+                if uploader is None:
+                    self._give_back(None)
 
     @contextlib.contextmanager
-    def asked_first(self, caller: Principal | None) -> Iterator[None]:
+    def asked_first(self, uploader: Uploader | None) -> Iterator[None]:
         """Around the wait on the client itself for a stream's first message, from when the stream
-        holds a receive permit (receiving.py): where that is what counts (_counted_while_asked)."""
-        with self._counted(caller, caller.holder if caller is not None else None, while_asked=True):
-            yield
-
-    @contextlib.contextmanager
-    def _counted(self, caller: Principal | None, key: Hashable, *, while_asked: bool) -> Iterator[None]:
-        if self._counted_while_asked(caller) != while_asked:
+        holds a receive permit (receiving.py): what counts for a token for every device's own."""
+        if uploader is None or not uploader.counted_while_asked:
             yield
             return
-        with self._lock:
-            mine = self._awaiting_by_caller.get(key, 0)
-            if mine >= self.part(caller):
-                raise self._refusal(caller)
-            self._awaiting_by_caller[key] = mine + 1
+        release = self._take(uploader)
         try:
             yield
         finally:
-            with self._lock:
-                left = self._awaiting_by_caller[key] - 1
-                if left:
-                    self._awaiting_by_caller[key] = left
-                else:
-                    del self._awaiting_by_caller[key]
+            release()
 
-    def _refusal(self, caller: Principal | None) -> Exhausted:
-        limit = self.part(caller)
-        whose = "this token has" if caller is not None else "uploads by pre-signed URL have"
-        return Exhausted(
-            "TOO_MANY_UPLOADS",
-            f"{whose} {limit} uploads awaiting their first message already: retry later",
-            limit=str(limit),
-        )
+    def hold(self, uploader: Uploader | None) -> Callable[[], None]:
+        """Count one stream of `uploader` against its part, from its start to its end; returns
+        the function that gives it back (once). Refused (Exhausted) past its part."""
+        if uploader is None or uploader.counted_while_asked:
+            return lambda: None
+        return self._take(uploader)
+
+    def _take(self, uploader: Uploader) -> Callable[[], None]:
+        budget = uploader.budget
+        with self._lock:
+            held = self._by_budget.get(budget, 0)
+            if held >= self.part(uploader):
+                raise self._refusal(uploader)
+            self._by_budget[budget] = held + 1
+        released = threading.Event()
+
+        def release() -> None:
+            if released.is_set():
+                return
+            released.set()
+            with self._lock:
+                self._give_back(budget)
+
+        return release
+
+    def _give_back(self, budget: Hashable) -> None:
+        left = self._by_budget[budget] - 1
+        if left:
+            self._by_budget[budget] = left
+        else:
+            del self._by_budget[budget]
+
+    def _refusal(self, uploader: Uploader | None) -> Exhausted:
+        limit = self.part(uploader)
+        if uploader is None:
+            what = f"{limit} uploads by pre-signed URL not named in their path are awaiting their first message"
+        elif uploader.counted_while_asked:
+            what = f"this token has {limit} uploads awaiting their first message"
+        elif uploader.by_url:
+            what = f"the token that asked for this URL has {limit} uploads open (its URLs' included)"
+        else:
+            what = f"this token has {limit} uploads open (its upload URLs' included)"
+        return Exhausted("TOO_MANY_UPLOADS", f"{what} already: retry later", limit=str(limit))
 
     @property
     def in_flight(self) -> int:
@@ -254,6 +312,13 @@ class UploadSlots:
     def awaiting_first(self) -> int:
         """Streams waiting for their first message: they count against `total` too."""
         return self._awaiting_first
+
+    @property
+    def counted_by_token(self) -> int:
+        """Streams counted against a part (a token's, its URLs', or that of the PUTs whose URL is
+        not known yet): with nothing in flight, 0, else a place is lost until the replica stops."""
+        with self._lock:
+            return sum(self._by_budget.values())
 
     def acquire(self, device: str) -> Callable[[], None]:
         """Take a slot for `device`; returns the function that gives it back (once)."""

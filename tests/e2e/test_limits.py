@@ -20,7 +20,7 @@ from gallery.v1 import gallery_pb2 as pb
 from gallery_server import auth
 from gallery_server.settings import MAX_METADATA_BYTES
 
-from ..conftest import rich_error, stored_files
+from ..conftest import rich_error, stored_files, wait_until
 from .conftest import Stack, start_stack, stop_stack
 
 # Long enough that a held upload's keep-alive (every IDLE_SECONDS / 6) survives scheduling stalls
@@ -265,7 +265,7 @@ def test_one_tokens_silent_streams_cannot_refuse_other_devices_uploads(
             time.sleep(0.5)
             third = answer(silent(writer, sockets))
             assert third.startswith(b"HTTP/1.1 429 ") and b"TOO_MANY_UPLOADS" in third, third
-            assert b"this token has 2 uploads awaiting their first message" in third
+            assert b"this token has 2 uploads open" in third
             assert not select.select(waiting, [], [], 0)[0]  # still waiting
             # Another device's uploads still have their places.
             r = http.post("/api/gallery/cam-b/upload", headers={"Authorization": f"Bearer {mint(devices=['cam-b'])}"},
@@ -274,6 +274,91 @@ def test_one_tokens_silent_streams_cannot_refuse_other_devices_uploads(
     finally:
         stop_stack(stack)
     assert [p.name for p in stored_files(stack.data_dir)] == [r.json()["eventId"]]
+
+
+def test_a_tokens_uploads_in_flight_silent_streams_and_urls_take_one_part(
+    tmp_path_factory: pytest.TempPathFactory, mint: Callable[..., str]
+) -> None:
+    """A token's uploads in flight, its streams awaiting their first message and the PUTs of the
+    URLs it asked for count against one part of the total (threads.grant_share), and pre-signed
+    PUTs whose URL is not named in their path (native calls) against an eighth. Before, they
+    added up: a token for 3 devices trickling 2 uploads per device, with its part of silent
+    streams and silent PUTs of its URLs, filled the total, and another device's upload was
+    refused (the re-probe's reproduction, at smaller limits)."""
+    root = tmp_path_factory.mktemp("one-part")
+    stack = start_stack(root / "data", root / "gallery.log", extra_env={
+        "GALLERY_MAKE_THUMBNAILS": "false", "GALLERY_GRPC_WORKERS": "40",
+        "GALLERY_MAX_UPLOADS_TOTAL": "16", "GALLERY_MAX_UPLOADS_PER_DEVICE": "2",
+        "GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS": "60", "GALLERY_UPLOAD_IDLE_SECONDS": str(IDLE_SECONDS),
+    })
+    devices = ["cam1", "cam2", "cam3"]  # a part of 6
+    attacker = mint(devices=devices, scope="gallery:write")
+    md = [("authorization", f"Bearer {attacker}")]
+    admin = mint(scope=ADMIN_SCOPES)
+    never = threading.Event()
+
+    def silent(sockets: contextlib.ExitStack, head: str) -> socket.socket:
+        s = sockets.enter_context(socket.create_connection(("127.0.0.1", stack.http_port)))
+        s.sendall(f"{head} HTTP/1.1\r\nHost: gallery\r\nContent-Length: 1000\r\n".encode())
+        return s
+
+    def answer(s: socket.socket) -> bytes:
+        s.settimeout(10)
+        return s.recv(4096)
+
+    def nothing() -> Iterator[pb.PutSignedUploadRequest]:
+        never.wait(60)
+        yield pb.PutSignedUploadRequest()
+
+    try:
+        with contextlib.ExitStack() as sockets, httpx.Client(base_url=stack.base_url, timeout=10) as http, \
+                grpc.insecure_channel(stack.envoy_grpc_address) as channel:
+            stub = gallery_pb2_grpc.GalleryServiceStub(channel)
+            held: list[HeldUpload] = []
+            try:
+                puts = [httpx.URL(http.get(f"/api/gallery/{device}/upload-url", params={"filename": "a.bin"},
+                                           headers={"Authorization": f"Bearer {attacker}"}).json()["upload_url"])
+                        for device in devices]
+                for device in devices * 2:  # two trickling uploads per device: the token's part
+                    held.append(HeldUpload(stub, md, device))
+                    wait_in_flight(http, admin, len(held))
+                post = silent(sockets, "POST /api/gallery/cam1/upload")
+                post.sendall(f"Authorization: Bearer {attacker}\r\n"
+                             "Content-Type: multipart/form-data; boundary=zz\r\n\r\n".encode())
+                refused = answer(post)
+                assert refused.startswith(b"HTTP/1.1 429 ") and b"this token has 6 uploads open" in refused, refused
+                for url in puts:
+                    put = silent(sockets, f"PUT {url.raw_path.decode()}")
+                    put.sendall(b"\r\n")
+                    refused = answer(put)
+                    assert refused.startswith(b"HTTP/1.1 429 "), refused
+                    assert b"the token that asked for this URL has 6 uploads open" in refused, refused
+                # A native call names its URL in its first message, and then counts against its part.
+                token = puts[0].path.rsplit("/", 1)[1]
+                with pytest.raises(grpc.RpcError) as named:
+                    stub.PutSignedUpload(iter([pb.PutSignedUploadRequest(device="cam1", token=token)]), timeout=30)
+                assert named.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "the token that asked for this URL has 6 uploads open" in named.value.details()
+                # Before that message, such calls may await it for an eighth of the total (2).
+                anonymous = [stub.PutSignedUpload.future(nothing(), timeout=60) for _ in range(3)]
+                assert wait_until(lambda: sum(f.done() for f in anonymous) == 1)
+                [late] = [f for f in anonymous if f.done()]
+                assert late.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "uploads by pre-signed URL not named in their path" in late.exception().details()
+                # The token and the nameless PUTs hold 8 of 16: another device's upload is stored.
+                assert admin_status(http, admin)["counts"]["uploads_in_flight"] == 6
+                other = rest_upload(http, mint(devices=["cam9"]), "cam9")
+                assert other.status_code == 200, other.text
+            finally:
+                never.set()
+                for upload in held:
+                    upload.release.set()
+                results = [upload.future.result(timeout=30) for upload in held]
+    finally:
+        stop_stack(stack)
+    assert all(r.success for r in results)
+    assert sorted(p.name for p in stored_files(stack.data_dir)) == sorted(
+        [other.json()["eventId"], *(r.event_id for r in results)])
 
 
 def test_upload_urls_and_sessions_waiting_are_bounded_per_device(limited: Stack, mint: Callable[..., str]) -> None:

@@ -107,6 +107,7 @@ def test_uploads_and_device_channels_are_read_as_they_stand(measured: tuple[Stac
         try:
             assert wait_until(lambda: scrape(url)("gallery_uploads_in_flight") == 1, seconds=15)
             assert wait_until(lambda: scrape(url)("gallery_uploads_awaiting_first_message") == 1, seconds=15)
+            assert scrape(url)("gallery_uploads_counted_by_token") == 2  # the device's token: both
             assert wait_until(lambda: scrape(url)("gallery_device_channels_open") == 1, seconds=15)
             assert scrape(url)("gallery_device_channels_limit") > 0
         finally:
@@ -117,6 +118,7 @@ def test_uploads_and_device_channels_are_read_as_they_stand(measured: tuple[Stac
             waiting.result()  # it ended without a message
     assert wait_until(lambda: scrape(url)("gallery_uploads_in_flight") == 0, seconds=15)
     assert wait_until(lambda: scrape(url)("gallery_uploads_awaiting_first_message") == 0, seconds=15)
+    assert wait_until(lambda: scrape(url)("gallery_uploads_counted_by_token") == 0, seconds=15)
     assert wait_until(lambda: scrape(url)("gallery_device_channels_open") == 0, seconds=15)
     handled = scrape(url)("grpc_server_handled_total", grpc_type="client_stream", grpc_service=SERVICE,
                           grpc_method="UploadEvent", grpc_code="OK")

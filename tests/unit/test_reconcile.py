@@ -22,7 +22,7 @@ import subprocess
 import threading
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -39,7 +39,7 @@ from gallery_server.resumable import ResumableUploads
 from gallery_server.service import Gallery
 from gallery_server.settings import ConfigError, Settings
 from gallery_server.storage import Storage
-from gallery_server.uploads import IdleWatchdog, UploadSlots
+from gallery_server.uploads import IdleWatchdog, Uploader, UploadSlots
 
 from ..conftest import make_settings, statements_run, wait_until
 from .test_service import PNG, store
@@ -392,9 +392,14 @@ def test_upload_slots_per_device_and_in_total():
     assert slots.in_flight == 0
 
 
-def token(*devices: str) -> auth.Principal:
-    """A token's principal, as the interceptor makes one: a token of its own (token_id)."""
-    return auth.Principal("t", frozenset(devices), frozenset({auth.WRITE}), token_id=secrets.token_hex(16))
+def token(*devices: str) -> Uploader:
+    """A token's uploader, as the servicer makes one: a token of its own (token_id)."""
+    return Uploader.of(auth.Principal("t", frozenset(devices), frozenset({auth.WRITE}), token_id=secrets.token_hex(16)))
+
+
+def urls_of(uploader: Uploader) -> Uploader:
+    """What a PUT of a URL that `uploader`'s token asked for counts as (signed_urls.py)."""
+    return dataclasses.replace(uploader, by_url=True)
 
 
 A, B, C = token("a"), token("b"), token("c")
@@ -416,18 +421,33 @@ def test_streams_awaiting_their_first_message_count_with_the_uploads_in_flight()
 
 
 @contextlib.contextmanager
-def awaiting(slots: UploadSlots, caller: auth.Principal | None) -> Iterator[None]:
-    """A stream that has its receive permit and awaits its client's first message."""
-    with slots.first_message(caller), slots.asked_first(caller):
-        yield
+def awaiting(slots: UploadSlots, caller: Uploader | None) -> Iterator[None]:
+    """A stream that has its receive permit and awaits its client's first message, counted as
+    Gallery.watch_upload counts it."""
+    release = slots.hold(caller)
+    try:
+        with slots.first_message(caller), slots.asked_first(caller):
+            yield
+    finally:
+        release()
 
 
-def test_one_token_may_have_only_its_grants_part_of_the_streams_awaiting_a_first_message():
+def test_one_token_may_have_only_its_grants_part_of_the_streams():
     """threads.grant_share: per_device for each device the token grants; half the total for a
-    token for every device, and for the pre-signed PUTs (no token) together."""
+    token for every device; an eighth for the pre-signed PUTs whose URL is not known yet."""
     slots = UploadSlots(per_device=2, total=12)
     many = token(*(f"cam{n}" for n in range(10)))  # 20 by its devices: half the total at most
-    for caller, part in ((A, 2), (token("a", "b"), 4), (many, 6), (token("*"), 6), (None, 6)):
+    gateway = token("*")
+    cases = (
+        (A, 2, "this token has 2 uploads open (its upload URLs' included)"),
+        (token("a", "b"), 4, "this token has 4 uploads open"),
+        (many, 6, "this token has 6 uploads open"),
+        (urls_of(A), 2, "the token that asked for this URL has 2 uploads open (its URLs' included)"),
+        (gateway, 6, "this token has 6 uploads awaiting their first message"),
+        (urls_of(gateway), 6, "the token that asked for this URL has 6 uploads open"),
+        (None, 1, "1 uploads by pre-signed URL not named in their path are awaiting their first message"),
+    )
+    for caller, part, refusal in cases:
         assert slots.part(caller) == part
         with contextlib.ExitStack() as held:
             for _ in range(part):
@@ -436,23 +456,76 @@ def test_one_token_may_have_only_its_grants_part_of_the_streams_awaiting_a_first
                 pass
             assert refused.value.reason == "TOO_MANY_UPLOADS"
             assert refused.value.metadata["limit"] == str(part)
-            whose = "this token has" if caller is not None else "uploads by pre-signed URL have"
-            assert f"{whose} {part} uploads awaiting" in refused.value.message
+            assert refusal in refused.value.message
             assert slots.awaiting_first == part  # the refused one given back
             with awaiting(slots, C):  # another token still has its place
                 pass
             if caller is not None:  # and so has another token of the same devices
-                with awaiting(slots, dataclasses.replace(caller, token_id="another")):
+                with awaiting(slots, dataclasses.replace(caller, key="another")):
                     pass
         with awaiting(slots, caller):  # given back
             pass
     assert slots.awaiting_first == 0
 
 
+def test_a_tokens_uploads_in_flight_and_its_urls_puts_take_one_part():
+    """A token's streams count from their start to their end, whether they still await their
+    first message or send their bytes, and so do the PUTs of the URLs it asked for: before, a
+    token for 3 devices could have 4 uploads in flight per device (trickling), its part of the
+    streams awaiting a first message, and its URLs' PUTs half the total, which filled it (48 of
+    48 at the defaults) and refused every other device."""
+    slots = UploadSlots(per_device=4, total=48)
+    owner = token("cam1", "cam2", "cam3")  # a part of 12
+    with contextlib.ExitStack() as held:
+        for device in ("cam1", "cam2", "cam3"):
+            for _ in range(3):  # in flight: their first message came
+                held.callback(slots.hold(owner))
+                held.callback(slots.acquire(device))
+        for _ in range(2):
+            held.enter_context(awaiting(slots, urls_of(owner)))  # its URLs' PUTs, awaiting
+        held.callback(slots.hold(urls_of(owner)))  # and one in flight
+        held.callback(slots.acquire("cam1"))
+        assert slots.in_flight == 10 and slots.awaiting_first == 2
+        with pytest.raises(Exhausted) as own:
+            slots.hold(owner)
+        assert "this token has 12 uploads open" in own.value.message
+        with pytest.raises(Exhausted) as by_url:
+            slots.hold(urls_of(owner))
+        assert "the token that asked for this URL has 12 uploads open" in by_url.value.message
+        # The token holds its part, a quarter of the total: the rest is every other device's.
+        for n in range(48 - 12):
+            held.enter_context(awaiting(slots, token(f"other{n}")))
+        with pytest.raises(Exhausted) as full, slots.first_message(C):
+            pass
+        assert "the server is receiving or awaiting 48 uploads" in full.value.message
+    # Every place given back.
+    with contextlib.ExitStack() as held:
+        for _ in range(12):
+            held.callback(slots.hold(owner))
+
+
+def test_a_gateways_urls_have_a_part_apart_from_its_own_streams():
+    """A token for every device counts its own streams only while asked (a gateway's bursts); the
+    PUTs of the URLs it asks for (its devices', say) count from start to end, in a part of their
+    own, so that neither keeps out the other."""
+    slots = UploadSlots(per_device=2, total=12)
+    gateway = token("*")
+    with contextlib.ExitStack() as held:
+        for _ in range(6):
+            held.callback(slots.hold(urls_of(gateway)))
+        with awaiting(slots, gateway):
+            pass
+        assert slots.hold(gateway)() is None  # its own are not counted while they send
+    with contextlib.ExitStack() as held:
+        for _ in range(6):
+            held.enter_context(awaiting(slots, gateway))
+        held.callback(slots.hold(urls_of(gateway)))
+
+
 def test_a_token_for_every_device_is_counted_only_while_its_client_is_asked():
     """A gateway's burst queued for the receive permits waits on the server: only its streams
-    asked for their first message count against its part. Another token's count for their
-    whole wait (UploadSlots._counted_while_asked)."""
+    asked for their first message count against its part. Another token's count from their start
+    (Uploader.counted_while_asked)."""
     slots = UploadSlots(per_device=2, total=8)
     gateway = token("*")  # a part of 4
     with contextlib.ExitStack() as queued:
@@ -472,10 +545,10 @@ def test_a_token_for_every_device_is_counted_only_while_its_client_is_asked():
         assert "this token has 4 uploads awaiting" in refused.value.message
     with contextlib.ExitStack() as queued:
         for _ in range(2):
-            queued.enter_context(slots.first_message(A))
-        with pytest.raises(Exhausted) as refused, slots.first_message(A):
-            pass
-        assert "this token has 2 uploads awaiting" in refused.value.message
+            queued.callback(slots.hold(A))
+        with pytest.raises(Exhausted) as refused:
+            slots.hold(A)
+        assert "this token has 2 uploads open" in refused.value.message
 
 
 def test_an_upload_stream_is_refused_before_its_first_message_when_every_slot_is_taken(gallery, principal):
@@ -558,7 +631,7 @@ def test_a_device_tokens_silent_streams_cannot_make_a_burst_fill_the_total(galle
         for thread in threads[1:]:
             thread.start()
         assert wait_until(lambda: len(refusals) == 7)
-        assert refusals == ["this token has 4 uploads awaiting their first message already: retry later"] * 7
+        assert refusals == ["this token has 4 uploads open (its upload URLs' included) already: retry later"] * 7
         assert gallery.slots.awaiting_first == 4
         # Another token's upload goes on (a permit lent to it, if silent streams hold both).
         assert list(gallery.watch_upload(iter([b"header"]), lambda: None, caller=other)) == [b"header"]
@@ -566,6 +639,33 @@ def test_a_device_tokens_silent_streams_cannot_make_a_burst_fill_the_total(galle
         silence.set()
         for thread in threads:
             thread.join(10)
+
+
+def test_an_upload_stream_counts_against_its_token_until_it_ends_or_its_rpc_does(gallery) -> None:
+    """Gallery.watch_upload counts a stream against its token's part from its first message
+    asked for to its last, or to its RPC's end: a handler that fails leaves its stream unfinished,
+    and it must not keep the place until the garbage collector finds it."""
+    gallery.slots = UploadSlots(per_device=1, total=8)
+    device = token("cam1")  # a part of 1
+    ended: list[Callable[[], None]] = []
+
+    def stream(*messages: bytes) -> Iterator[bytes]:
+        return gallery.watch_upload(iter(messages), lambda: None, on_end=ended.append, caller=device)
+
+    first = stream(b"header", b"chunk")
+    assert next(first) == b"header"
+    with pytest.raises(Exhausted) as refused:
+        next(stream(b"header"))
+    assert "this token has 1 uploads open" in refused.value.message
+    assert list(first) == [b"chunk"]  # the stream ended: its place given back
+    abandoned = stream(b"header", b"chunk")
+    assert next(abandoned) == b"header"
+    with pytest.raises(Exhausted):
+        next(stream(b"header"))
+    for callback in ended:  # the RPC ends (grpc runs its callbacks), the stream unfinished
+        callback()
+    assert list(stream(b"header")) == [b"header"]
+    del abandoned
 
 
 def test_an_upload_holds_its_slot_until_closed(gallery, principal):

@@ -31,6 +31,7 @@ from gallery_server.models import UploadGrant
 from gallery_server.service import Gallery
 from gallery_server.signed_urls import MEDIA, THUMBNAIL, SignedTarget, SignedUploads
 from gallery_server.storage import Storage
+from gallery_server.uploads import Uploader
 
 from ..conftest import event_commit_fails, make_settings, stored_files
 
@@ -110,6 +111,26 @@ def test_create_urls_and_verify_roundtrip(signed: SignedUploads, principal: auth
     assert signed.verify("cam1", token_of(urls.thumbnail_url)) == SignedTarget(
         "cam1", urls.event_id, THUMBNAIL, "photo.png"
     )
+
+
+def test_a_url_names_the_token_that_asked_for_it(signed: SignedUploads) -> None:
+    """Its PUTs take that token's part of the uploads in flight (uploads.UploadSlots); a URL of
+    version 1, issued before URLs named it, is still taken until it expires, as no token's."""
+    for devices in ({"cam1", "cam2"}, {"*"}):
+        asker = auth.Principal("t", frozenset(devices), frozenset({auth.WRITE}), token_id="ab" * 16)
+        urls = signed.create_urls(asker, "cam1", "a.png", thumbnail=True)
+        assert urls.thumbnail_url is not None
+        for url in (urls.media_url, urls.thumbnail_url):
+            uploader = signed.verify("cam1", token_of(url)).uploader
+            assert uploader == dataclasses.replace(Uploader.of(asker), by_url=True)
+            assert uploader is not None and uploader.granted == (None if "*" in devices else 2)
+            assert asker.token_id not in url  # a digest of it, not the server's own key
+        other = dataclasses.replace(asker, token_id="cd" * 16)
+        assert signed.verify("cam1", token_of(signed.create_urls(other, "cam1", "a.png", thumbnail=False).media_url)
+                             ).uploader != uploader
+    old = signed._sign([1, "cam1", urls.event_id, MEDIA, int(time.time()) + 60, "a.png"])
+    assert signed.verify("cam1", old) == SignedTarget("cam1", urls.event_id, MEDIA, "a.png")
+    assert signed.verify("cam1", old).uploader is None
 
 
 def test_create_urls_without_thumbnail(signed: SignedUploads, principal: auth.Principal) -> None:
@@ -241,7 +262,14 @@ def test_bearer_jwt_is_not_an_upload_token(keyed: SignedUploads, mint) -> None: 
 @pytest.mark.parametrize(
     "payload",
     [
-        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png"],  # unknown version
+        [3, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", ["k", 1]],  # unknown version
+        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png"],  # its token missing
+        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", ["k", 0]],
+        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", ["k", True]],
+        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", ["k", "1"]],
+        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", [7, 1]],
+        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", ["k", 1, 2]],
+        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", ["k", 1], "extra"],
         [1, "cam1", "evt_" + "a" * 22, "other", 2**40, "a.png"],  # unknown purpose
         [1, "cam1", "evt_" + "a" * 22, MEDIA, 2**40],  # too short
         [1, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", "extra"],

@@ -241,7 +241,8 @@ class GalleryServiceServicer:
 
     def CreateUploadUrl(self, request, context):
         """Issues pre-signed URLs that accept a raw PUT of a file (and of its thumbnail) without a bearer
-        token. The URLs are bound to the device, the filename and their purpose, expire, and work once.
+        token. The URLs are bound to the device, the filename and their purpose, expire, and work once;
+        they name (by a digest) the token that asked for them, whose part of the uploads their PUTs take.
         A device may hold GALLERY_MAX_UPLOAD_URLS_PER_DEVICE (1000) URLs not used yet and not expired;
         past that, RESOURCE_EXHAUSTED (HTTP 429) TOO_MANY_UPLOAD_URLS. Needs `gallery:write`.
         """
@@ -255,7 +256,10 @@ class GalleryServiceServicer:
         thumbnail body is INVALID_ARGUMENT THUMBNAIL_MISSING, and the URL stays unused). A tampered,
         expired or already used URL is PERMISSION_DENIED (HTTP 403); through Envoy, a URL that is not
         the server's is refused before the body is read (the REST path Envoy keeps in
-        x-envoy-original-path), so that PUTs of made-up URLs hold no upload place.
+        x-envoy-original-path), so that PUTs of made-up URLs hold no upload place. A PUT counts
+        against the uploads in flight of the token that asked for its URL (RESOURCE_EXHAUSTED, HTTP
+        429, TOO_MANY_UPLOADS past that token's part); where the URL comes only in the first message
+        (a native call), those awaiting it may hold an eighth of GALLERY_MAX_UPLOADS_TOTAL together.
 
         Resumable (issue 5): a PUT with `Content-Range: bytes <first>-<last>/<total>` appends one chunk
         at the committed size instead of storing the whole body at once (media URLs only; a thumbnail

@@ -182,6 +182,9 @@ def _add_gauges(metrics: Metrics, gallery: Gallery, devices: Devices, reconciler
     metrics.gauge("gallery_uploads_awaiting_first_message",
                   "Upload streams waiting for their first message; the limit counts them with those in flight.",
                   lambda: gallery.slots.awaiting_first)
+    metrics.gauge("gallery_uploads_counted_by_token",
+                  "Upload streams counted against their token's part of the limit (its own and its URLs' PUTs).",
+                  lambda: gallery.slots.counted_by_token)
     metrics.gauge("gallery_uploads_limit", "Uploads this server receives at once (GALLERY_MAX_UPLOADS_TOTAL).",
                   lambda: gallery.slots.total)
     metrics.gauge("gallery_device_channels_open", "Devices' command channels open on this server.",

@@ -24,12 +24,13 @@ from gallery.v1 import gallery_pb2_grpc
 from .. import downloads, validation
 from ..auth import DEVICE, WRITE, Principal
 from ..devices import Devices, PullStatus
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, PermissionDenied
 from ..forms import FormReceiver
 from ..models import Event
 from ..resumable import SessionState
 from ..service import Gallery
 from ..signed_urls import THUMBNAIL, SignedTarget, SignedUploads, SignedUploadState
+from ..uploads import Uploader
 from . import chunks
 from .interceptor import current_principal
 from .status import HTTP_STATUS_HEADER
@@ -71,12 +72,12 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         # Who is calling; the interceptor's verified principal unless a test injects one.
         self.principal = principal
 
-    def _uploader(self, *scopes: str) -> Principal:
+    def _uploader(self, *scopes: str) -> Uploader:
         """The caller of an upload stream, refused before it holds a thread awaiting its first
         message unless its token has one of `scopes`: a read-only token can store nothing."""
         principal = self.principal()
         principal.require_scope(*scopes)
-        return principal
+        return Uploader.of(principal)
 
     def GetDevicePaths(self, request, context):  # type: ignore[no-untyped-def]
         incoming, thumbnails = self.gallery.device_paths(
@@ -363,45 +364,51 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
     def PutSignedUpload(self, request_iterator, context):  # type: ignore[no-untyped-def]
         headers = _request_headers(context)
         content_range = headers.get("content-range", "")
-        # A URL that is not one of ours is refused before its stream waits for anything: made-up
-        # URLs, headers only, took every place of the pre-signed PUTs (uploads.UploadSlots) and
-        # refused every device's. The path is Envoy's; the first message is checked as before.
+        # The URL is verified before its stream waits for anything, from the REST path Envoy
+        # keeps: made-up URLs, headers only, took every place of the pre-signed PUTs and refused
+        # every device's; and a URL's PUT counts against the part of the token that asked for it
+        # (uploads.UploadSlots), else a token's URLs and its own streams added up to the total.
+        early = None
         if (path := _SIGNED_PUT_PATH.fullmatch(headers.get("x-envoy-original-path", ""))) is not None:
             device, token = (urllib.parse.unquote(part) for part in path.groups())
-            self.signed.verify(validation.device_id(device), token)
+            early = self.signed.verify(validation.device_id(device), token)
         # A range PUT writes a session file, not a StagedFile: free space is checked as it streams.
         request_iterator = self.gallery.watch_upload(
             request_iterator, context.cancel,
             size_of=(lambda m: len(m.http_body.data)) if content_range else None,
-            on_end=context.add_callback, caller=None,  # no token: the URL is the grant
+            on_end=context.add_callback, caller=early.uploader if early is not None else None,
         )
         first = _first(request_iterator)
         target = self.signed.verify(validation.device_id(first.device), first.token)
-        declared = _declared_body_length(context)
-        if content_range:
-            return self._put_range(context, target, content_range, declared, first, request_iterator)
-        if declared is None:
-            raise InvalidArgument(
-                "LENGTH_REQUIRED", "a PUT upload needs a Content-Length header",
-                field="content_length",
-            )
-        self.signed.require_unused(target)
-        settings = self.gallery.settings
-        thumbnail = target.purpose == THUMBNAIL
-        with self.gallery.open_upload(
-            target.device, max_media_bytes=settings.max_thumbnail_bytes if thumbnail else None,
-            media_is="thumbnail" if thumbnail else "event",
-        ) as upload:
-            upload.expect_media_size(declared)  # the Content-Length: refused before any byte
-            upload.write_media(first.http_body.data)
-            del first  # each chunk is dropped once written (memory per upload in flight)
-            for message in request_iterator:
-                upload.write_media(message.http_body.data)
-                del message
-            _require_active(context)
-            _require_whole_body(declared, upload.media.size)
-            event_id = self.signed.complete(target, upload)
-        return pb.UploadEventResponse(success=True, event_id=event_id)
+        if early is not None and target != early:  # counted as another URL's PUT
+            raise PermissionDenied("URL_SIGNATURE_INVALID", "the upload URL is not the one in the request's path")
+        # A native call's URL, and so its token, is known only now.
+        with self.gallery.held_upload(target.uploader if early is None else None):
+            declared = _declared_body_length(context)
+            if content_range:
+                return self._put_range(context, target, content_range, declared, first, request_iterator)
+            if declared is None:
+                raise InvalidArgument(
+                    "LENGTH_REQUIRED", "a PUT upload needs a Content-Length header",
+                    field="content_length",
+                )
+            self.signed.require_unused(target)
+            settings = self.gallery.settings
+            thumbnail = target.purpose == THUMBNAIL
+            with self.gallery.open_upload(
+                target.device, max_media_bytes=settings.max_thumbnail_bytes if thumbnail else None,
+                media_is="thumbnail" if thumbnail else "event",
+            ) as upload:
+                upload.expect_media_size(declared)  # the Content-Length: refused before any byte
+                upload.write_media(first.http_body.data)
+                del first  # each chunk is dropped once written (memory per upload in flight)
+                for message in request_iterator:
+                    upload.write_media(message.http_body.data)
+                    del message
+                _require_active(context)
+                _require_whole_body(declared, upload.media.size)
+                event_id = self.signed.complete(target, upload)
+            return pb.UploadEventResponse(success=True, event_id=event_id)
 
     def _put_range(self, context, target: SignedTarget, content_range: str,  # type: ignore[no-untyped-def]
                    declared: int | None, first, request_iterator):
