@@ -185,6 +185,15 @@ def _add_gauges(metrics: Metrics, gallery: Gallery, devices: Devices, reconciler
     metrics.gauge("gallery_uploads_counted_by_token",
                   "Upload streams counted against their token's part of the limit (its own and its URLs' PUTs).",
                   lambda: gallery.slots.counted_by_token)
+    metrics.gauge("gallery_upload_receive_permits_free",
+                  "Receive permits free: upload messages this server may ask for now (receiving.py).",
+                  lambda: gallery.receiving.free)
+    metrics.gauge("gallery_upload_receive_permits",
+                  "Upload messages this server asks for or holds at once (GALLERY_UPLOAD_MESSAGES_IN_FLIGHT).",
+                  lambda: gallery.receiving.permits)
+    metrics.gauge("gallery_upload_streams_waiting_for_a_permit",
+                  "Upload streams waiting for a receive permit (a queue that stays long: the CPU is the bottleneck).",
+                  lambda: gallery.receiving.waiting)
     metrics.gauge("gallery_uploads_limit", "Uploads this server receives at once (GALLERY_MAX_UPLOADS_TOTAL).",
                   lambda: gallery.slots.total)
     metrics.gauge("gallery_device_channels_open", "Devices' command channels open on this server.",
