@@ -365,11 +365,16 @@ class Gallery:
             release()
 
     @contextlib.contextmanager
-    def held_upload(self, uploader: Uploader | None) -> Iterator[None]:
+    def held_upload(
+        self, uploader: Uploader | None, on_end: Callable[[Callable[[], None]], object] | None = None,
+    ) -> Iterator[None]:
         """Around the rest of a stream whose uploader became known only from its first message
-        (a pre-signed PUT called natively): its token's part, as watch_upload counts the others.
-        None: nothing to count (one known from the start, or a URL of an earlier version)."""
+        (a pre-signed PUT called natively): its token's part, as watch_upload counts the others,
+        given back at the latest when the RPC ends (`on_end`). None: nothing to count (one known
+        from the start, or a URL of an earlier version)."""
         release = self.slots.hold(uploader)
+        if on_end is not None and on_end(release) is False:
+            release()
         try:
             yield
         finally:

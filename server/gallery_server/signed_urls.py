@@ -4,8 +4,9 @@ A token is `<payload>.<signature>`, both base64url: the payload is the JSON list
 [version, device, event_id, purpose, expires_unix, filename, [budget, granted]] and the signature
 an HMAC-SHA256 of the payload under a key derived from the JWT secret (so one secret serves both,
 for different purposes). A PUT is authorized by its token alone; no bearer token is needed. The
-last item names the bearer token that asked for the URL (a digest: uploads.Uploader), whose part
-of the uploads in flight the PUT takes; version 1, without it, is still taken until it expires.
+last item names the bearer token that asked for the URL (a digest, uploads.Uploader, masked per
+event), whose part of the uploads in flight the PUT takes; version 1, without it, is still taken
+until it expires.
 
 Resumable media PUTs (`Content-Range: bytes a-b/total`, GCS-style): each PUT appends one chunk to
 a resumable session (resumable.py, upload id `url.<event_id>`, which no native id can be) at its
@@ -127,7 +128,7 @@ class SignedUploads:
 
         def url(purpose: str) -> str:
             token = self._sign([_VERSION, device, event_id, purpose, expires, filename,
-                                [uploader.key, uploader.granted]])
+                                [self._masked(uploader.key, event_id), uploader.granted]])
             base = self.gallery.settings.public_url
             return f"{base}/api/gallery/{urllib.parse.quote(device, safe=':')}/upload/{token}"
 
@@ -166,14 +167,16 @@ class SignedUploads:
             version, signed_device, event_id, purpose, expires, filename, *budget = json.loads(
                 _b64decode(payload_b64)
             )
-            uploader = _uploader(version, budget)
+            # Only this server signs payloads; their types are checked all the same (a key shared
+            # with a tool that signs its own must not turn into a 500).
+            if (purpose not in (MEDIA, THUMBNAIL) or type(expires) is not int
+                    or not isinstance(event_id, str) or not isinstance(filename, str)):
+                raise ValueError("not a payload of this server's")
+            uploader = _uploader(version, budget, (device, event_id, purpose))
+            if uploader is not None:
+                uploader = dataclasses.replace(uploader, key=self._masked(uploader.key, event_id))
         except (ValueError, TypeError, UnicodeError, binascii.Error):
             raise PermissionDenied("URL_SIGNATURE_INVALID", "upload URL is not valid") from None
-        # Only this server signs payloads; their types are checked all the same (a key shared
-        # with a tool that signs its own must not turn into a 500).
-        if (purpose not in (MEDIA, THUMBNAIL) or type(expires) is not int
-                or not isinstance(event_id, str) or not isinstance(filename, str)):
-            raise PermissionDenied("URL_SIGNATURE_INVALID", "upload URL is not valid")
         if signed_device != device:
             raise PermissionDenied(
                 "URL_DEVICE_MISMATCH", "upload URL was issued for another device"
@@ -181,6 +184,12 @@ class SignedUploads:
         if time.time() > expires and not allow_expired:
             raise PermissionDenied("URL_EXPIRED", "upload URL has expired")
         return SignedTarget(device, event_id, purpose, filename, uploader)
+
+    def _masked(self, key: str, event_id: str) -> str:
+        """A token's budget key (hex) XOR a pad of the URL's event, which unmasks it again: the
+        URLs one token asked for do not show that they are one token's to whoever holds them."""
+        pad = hmac.new(self._key, b"upload budget\0" + event_id.encode(), hashlib.sha256).digest()
+        return bytes(a ^ b for a, b in zip(bytes.fromhex(key), pad, strict=False)).hex()
 
     # -- the PUT ------------------------------------------------------------------------------
 
@@ -395,15 +404,16 @@ class SignedUploads:
         return f"{body}.{_b64encode(signature)}"
 
 
-def _uploader(version: object, budget: list[object]) -> Uploader | None:
-    """The payload's last item, by its version; ValueError if it is not what that version has.
-    Version 1 (URLs issued before 2026-12-01, until they expire) names no token."""
+def _uploader(version: object, budget: list[object], url: tuple[str, str, str]) -> Uploader | None:
+    """Whose PUTs the URL's are, from the payload's last item, by its version; ValueError if it is
+    not what that version has. Version 1 (URLs issued before 2026-12-01, until they expire) names
+    no token."""
     if version == 1 and not budget:
         return None
     if version == _VERSION and len(budget) == 1 and isinstance(budget[0], list) and len(budget[0]) == 2:
         key, granted = budget[0]
         if isinstance(key, str) and (granted is None or (type(granted) is int and granted > 0)):
-            return Uploader(key, granted, by_url=True)
+            return Uploader(key, granted, url=url)
     raise ValueError("not a payload of a known version")
 
 

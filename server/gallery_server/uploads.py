@@ -147,13 +147,14 @@ class Upload:
 
 @dataclasses.dataclass(frozen=True)
 class Uploader:
-    """Whose upload a stream is, for UploadSlots: a token's, or (`by_url`) a pre-signed PUT's, of
-    the token that asked for its URL (signed into the URL: signed_urls.py). Either way it takes a
-    part of that token's budget, so that a token's own streams and its URLs' add up to one part."""
+    """Whose upload a stream is, for UploadSlots: a token's, or a pre-signed PUT's (`url`), of the
+    token that asked for its URL (signed into the URL: signed_urls.py). Either way it takes a part
+    of that token's budget, so that a token's own streams and its URLs' add up to one part."""
 
     key: str  # a digest of the token (Principal.token_id), never the token
     granted: int | None  # how many devices the token grants; None: every device ('*')
-    by_url: bool = False
+    # A PUT's: its URL's device and event and purpose (at most PUTS_PER_URL of one URL at once).
+    url: tuple[str, str, str] | None = None
 
     @classmethod
     def of(cls, principal: Principal) -> Uploader:
@@ -172,14 +173,26 @@ class Uploader:
         which may delete every event anyway. Every other stream counts from its start to its end:
         a token's silent streams, trickling uploads and URLs' PUTs, each counted apart, together
         filled the total."""
-        return self.granted is None and not self.by_url
+        return self.granted is None and self.url is None
 
     @property
     def budget(self) -> Hashable:
-        # The URLs of a token for every device (a gateway's, for its devices to PUT) have a part
-        # of their own, apart from the gateway's own streams, which count only while asked.
-        return ("url", self.key) if self.granted is None and self.by_url else self.key
+        # The URLs of a token for every device (a gateway's, for its devices to PUT) count by
+        # their device, `per_device` each: a fleet's devices PUT at once, none takes another's
+        # place, and none the gateway's own streams', which count only while asked.
+        if self.granted is None and self.url is not None:
+            return ("url", self.key, self.url[0])
+        return self.key
 
+    @property
+    def granted_here(self) -> int | None:
+        """The devices the part is counted for (threads.grant_share): one for a gateway's URLs."""
+        return 1 if self.granted is None and self.url is not None else self.granted
+
+
+# At most this many PUTs of one URL at once: a retry may overlap the stream it replaces, which the
+# server has not seen end yet; more would let whoever holds one URL take its token's whole part.
+PUTS_PER_URL = 2
 
 # Pre-signed PUTs whose URL is not known before their first message (a native call: the REST
 # path names it) count as no token's: together they may have this fraction of the total awaiting.
@@ -198,9 +211,11 @@ class UploadSlots:
     started or not, hold at most `total` threads. Each token may hold only its part of the total
     (part(); threads.grant_share: `per_device` for each device it grants, half the total at most):
     its own streams and the PUTs of its URLs, from their start to their end (hold()), a token for
-    every device's own only while asked (Uploader.counted_while_asked). Pre-signed PUTs whose URL
-    is not known yet (`uploader` None) may have UNATTRIBUTED_SHARE of the total awaiting: anyone
-    can open them; once the URL is known, they hold its token's part too.
+    every device's own only while asked (Uploader.counted_while_asked) and its URLs' by device
+    (Uploader.budget); one URL's PUTs at most PUTS_PER_URL. Pre-signed PUTs whose token is not
+    known (`uploader` None: a native call before its first message names the URL, a URL of version
+    1) may have 1/UNATTRIBUTED_SHARE of the total awaiting: anyone can open them; once the URL is
+    known, they hold its token's part too.
     """
 
     def __init__(self, *, per_device: int, total: int) -> None:
@@ -211,12 +226,13 @@ class UploadSlots:
         self._in_flight = 0
         self._awaiting_first = 0
         self._by_budget: dict[Hashable, int] = {}  # Uploader.budget (None: not known yet)
+        self._by_url: dict[tuple[str, str, str], int] = {}  # Uploader.url
 
     def part(self, uploader: Uploader | None) -> int:
         """How many streams of `uploader`'s budget may be counted at once."""
         if uploader is None:
             return max(1, self.total // UNATTRIBUTED_SHARE)
-        return grant_share(uploader.granted, self.per_device, self.total)
+        return grant_share(uploader.granted_here, self.per_device, self.total)
 
     @contextlib.contextmanager
     def first_message(self, uploader: Uploader | None) -> Iterator[None]:
@@ -268,20 +284,35 @@ class UploadSlots:
         return self._take(uploader)
 
     def _take(self, uploader: Uploader) -> Callable[[], None]:
-        budget = uploader.budget
+        budget, url = uploader.budget, uploader.url
         with self._lock:
+            if url is not None and self._by_url.get(url, 0) >= PUTS_PER_URL:
+                raise Exhausted(
+                    "TOO_MANY_UPLOADS", f"this URL has {PUTS_PER_URL} PUTs in progress already: retry later",
+                    limit=str(PUTS_PER_URL),
+                )
             held = self._by_budget.get(budget, 0)
             if held >= self.part(uploader):
                 raise self._refusal(uploader)
             self._by_budget[budget] = held + 1
-        released = threading.Event()
+            if url is not None:
+                self._by_url[url] = self._by_url.get(url, 0) + 1
+        released = False
 
         def release() -> None:
-            if released.is_set():
-                return
-            released.set()
+            # Called by the stream's end and by its RPC's end, which may run at once.
+            nonlocal released
             with self._lock:
+                if released:
+                    return
+                released = True
                 self._give_back(budget)
+                if url is not None:
+                    left = self._by_url[url] - 1
+                    if left:
+                        self._by_url[url] = left
+                    else:
+                        del self._by_url[url]
 
         return release
 
@@ -298,7 +329,9 @@ class UploadSlots:
             what = f"{limit} uploads by pre-signed URL not named in their path are awaiting their first message"
         elif uploader.counted_while_asked:
             what = f"this token has {limit} uploads awaiting their first message"
-        elif uploader.by_url:
+        elif uploader.url is not None and uploader.granted is None:
+            what = f"the token that asked for this URL has {limit} uploads open for device {uploader.url[0]}"
+        elif uploader.url is not None:
             what = f"the token that asked for this URL has {limit} uploads open (its URLs' included)"
         else:
             what = f"this token has {limit} uploads open (its upload URLs' included)"
@@ -315,8 +348,9 @@ class UploadSlots:
 
     @property
     def counted_by_token(self) -> int:
-        """Streams counted against a part (a token's, its URLs', or that of the PUTs whose URL is
-        not known yet): with nothing in flight, 0, else a place is lost until the replica stops."""
+        """Streams counted against a part: a token's, its URLs', or that of the PUTs whose token is
+        not known (a native PUT before its first message names its URL, a URL of version 1 before
+        its first message). With no upload open, 0, else a place is lost until the replica stops."""
         with self._lock:
             return sum(self._by_budget.values())
 
@@ -339,13 +373,14 @@ class UploadSlots:
                 )
             self._by_device[device] = held + 1
             self._in_flight += 1
-        released = threading.Event()
+        released = False
 
         def release() -> None:
-            if released.is_set():
-                return
-            released.set()
+            nonlocal released
             with self._lock:
+                if released:
+                    return
+                released = True
                 self._in_flight -= 1
                 left = self._by_device[device] - 1
                 if left:

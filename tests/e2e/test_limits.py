@@ -361,6 +361,57 @@ def test_a_tokens_uploads_in_flight_silent_streams_and_urls_take_one_part(
         [other.json()["eventId"], *(r.event_id for r in results)])
 
 
+def test_a_url_is_put_by_two_streams_at_most_and_a_used_one_by_none(
+    tmp_path_factory: pytest.TempPathFactory, mint: Callable[..., str]
+) -> None:
+    """Whoever holds one URL must not take its token's whole part with silent PUTs of it: a used
+    URL is refused before its PUT waits for a body (403), and an unused one has at most two PUTs
+    at once (a retry may overlap the one it replaces), 429 past them. Before, 12 PUTs of one used
+    URL, headers only, held a 3-device token's whole part (the review)."""
+    root = tmp_path_factory.mktemp("one-url")
+    stack = start_stack(root / "data", root / "gallery.log", extra_env={
+        "GALLERY_MAKE_THUMBNAILS": "false", "GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS": "60",
+    })
+    headers = {"Authorization": f"Bearer {mint(devices=['cam1', 'cam2', 'cam3'], scope='gallery:write')}"}
+
+    def silent_put(sockets: contextlib.ExitStack, url: httpx.URL) -> socket.socket:
+        s = sockets.enter_context(socket.create_connection(("127.0.0.1", stack.http_port)))
+        s.sendall(b"PUT " + url.raw_path + b" HTTP/1.1\r\nHost: gallery\r\nContent-Length: 3\r\n\r\n")
+        return s
+
+    def answer(s: socket.socket) -> bytes:
+        s.settimeout(10)
+        return s.recv(4096)
+
+    try:
+        with httpx.Client(base_url=stack.base_url, timeout=10) as http:
+            used, fresh = (httpx.URL(http.get("/api/gallery/cam1/upload-url", params={"filename": "a.bin"},
+                                              headers=headers).json()["upload_url"]) for _ in range(2))
+            stored = http.put(used.raw_path.decode(), content=b"abc")
+            assert stored.status_code == 200, stored.text
+            with contextlib.ExitStack() as sockets:
+                refused = answer(silent_put(sockets, used))
+                assert refused.startswith(b"HTTP/1.1 403 ") and b"URL_ALREADY_USED" in refused, refused
+                # Three at once (Envoy may pass them on in any order): one is refused.
+                puts = [silent_put(sockets, fresh) for _ in range(3)]
+                assert select.select(puts, [], [], 10)[0]
+                time.sleep(0.3)
+                readable = select.select(puts, [], [], 0)[0]
+                assert len(readable) == 1, [s.recv(4096) for s in readable]
+                third = readable[0].recv(4096)
+                assert third.startswith(b"HTTP/1.1 429 "), third
+                assert b"this URL has 2 PUTs in progress already" in third, third
+            # The dropped PUTs gave their places back: a retry of the URL is stored.
+            deadline = time.monotonic() + 10
+            while (retry := http.put(fresh.raw_path.decode(), content=b"def")).status_code == 429:
+                assert time.monotonic() < deadline, retry.text
+                time.sleep(0.1)
+            assert retry.status_code == 200, retry.text
+    finally:
+        stop_stack(stack)
+    assert sorted(p.read_bytes() for p in stored_files(stack.data_dir)) == [b"abc", b"def"]
+
+
 def test_upload_urls_and_sessions_waiting_are_bounded_per_device(limited: Stack, mint: Callable[..., str]) -> None:
     """Each unused URL and open session is a row kept for a day: a device holds at most
     GALLERY_MAX_UPLOAD_URLS_PER_DEVICE / GALLERY_MAX_UPLOAD_SESSIONS_PER_DEVICE (2 here), 429

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import itertools
 import json
 import logging
 import os
@@ -397,9 +398,13 @@ def token(*devices: str) -> Uploader:
     return Uploader.of(auth.Principal("t", frozenset(devices), frozenset({auth.WRITE}), token_id=secrets.token_hex(16)))
 
 
-def urls_of(uploader: Uploader) -> Uploader:
-    """What a PUT of a URL that `uploader`'s token asked for counts as (signed_urls.py)."""
-    return dataclasses.replace(uploader, by_url=True)
+_events = itertools.count()
+
+
+def urls_of(uploader: Uploader, device: str = "a") -> Uploader:
+    """What a PUT counts as, of a new URL of `device` that `uploader`'s token asked for
+    (signed_urls.py)."""
+    return dataclasses.replace(uploader, url=(device, f"evt_{next(_events)}", "media"))
 
 
 A, B, C = token("a"), token("b"), token("c")
@@ -444,15 +449,18 @@ def test_one_token_may_have_only_its_grants_part_of_the_streams():
         (many, 6, "this token has 6 uploads open"),
         (urls_of(A), 2, "the token that asked for this URL has 2 uploads open (its URLs' included)"),
         (gateway, 6, "this token has 6 uploads awaiting their first message"),
-        (urls_of(gateway), 6, "the token that asked for this URL has 6 uploads open"),
+        (urls_of(gateway), 2, "the token that asked for this URL has 2 uploads open for device a"),
         (None, 1, "1 uploads by pre-signed URL not named in their path are awaiting their first message"),
     )
     for caller, part, refusal in cases:
         assert slots.part(caller) == part
+        def another(caller: Uploader | None = caller) -> Uploader | None:
+            return urls_of(caller) if caller is not None and caller.url is not None else caller  # a URL each
+
         with contextlib.ExitStack() as held:
             for _ in range(part):
-                held.enter_context(awaiting(slots, caller))
-            with pytest.raises(Exhausted) as refused, awaiting(slots, caller):
+                held.enter_context(awaiting(slots, another()))
+            with pytest.raises(Exhausted) as refused, awaiting(slots, another()):
                 pass
             assert refused.value.reason == "TOO_MANY_UPLOADS"
             assert refused.value.metadata["limit"] == str(part)
@@ -482,8 +490,8 @@ def test_a_tokens_uploads_in_flight_and_its_urls_puts_take_one_part():
                 held.callback(slots.hold(owner))
                 held.callback(slots.acquire(device))
         for _ in range(2):
-            held.enter_context(awaiting(slots, urls_of(owner)))  # its URLs' PUTs, awaiting
-        held.callback(slots.hold(urls_of(owner)))  # and one in flight
+            held.enter_context(awaiting(slots, urls_of(owner, "cam2")))  # its URLs' PUTs, awaiting
+        held.callback(slots.hold(urls_of(owner, "cam1")))  # and one in flight
         held.callback(slots.acquire("cam1"))
         assert slots.in_flight == 10 and slots.awaiting_first == 2
         with pytest.raises(Exhausted) as own:
@@ -504,15 +512,21 @@ def test_a_tokens_uploads_in_flight_and_its_urls_puts_take_one_part():
             held.callback(slots.hold(owner))
 
 
-def test_a_gateways_urls_have_a_part_apart_from_its_own_streams():
+def test_a_gateways_urls_count_by_their_device_apart_from_its_own_streams():
     """A token for every device counts its own streams only while asked (a gateway's bursts); the
-    PUTs of the URLs it asks for (its devices', say) count from start to end, in a part of their
-    own, so that neither keeps out the other."""
+    PUTs of the URLs it asks for (its devices', say) count from start to end, `per_device` for each
+    URL's device: a fleet's devices PUT at once (a part of half the total refused 6 of 30), and
+    neither they nor the gateway's own streams keep out the others."""
     slots = UploadSlots(per_device=2, total=12)
     gateway = token("*")
     with contextlib.ExitStack() as held:
-        for _ in range(6):
-            held.callback(slots.hold(urls_of(gateway)))
+        for device in ("x", "y", "z"):
+            for _ in range(2):
+                held.callback(slots.hold(urls_of(gateway, device)))
+        with pytest.raises(Exhausted) as refused:
+            slots.hold(urls_of(gateway, "x"))
+        assert "has 2 uploads open for device x" in refused.value.message
+        held.callback(slots.hold(urls_of(gateway, "w")))  # 7 at once: more than half the total
         with awaiting(slots, gateway):
             pass
         assert slots.hold(gateway)() is None  # its own are not counted while they send
@@ -520,6 +534,26 @@ def test_a_gateways_urls_have_a_part_apart_from_its_own_streams():
         for _ in range(6):
             held.enter_context(awaiting(slots, gateway))
         held.callback(slots.hold(urls_of(gateway)))
+
+
+def test_one_url_may_have_two_puts_at_once():
+    """A retry may overlap the PUT it replaces (which the server has not seen end yet); more of one
+    URL would let whoever holds it take its token's whole part (the review: 12 PUTs of one used
+    URL took a 3-device token's). Each release gives back once, whoever calls it first."""
+    slots = UploadSlots(per_device=4, total=48)
+    owner = token("cam1", "cam2", "cam3")
+    url = urls_of(owner, "cam1")
+    first, second = slots.hold(url), slots.hold(url)
+    with pytest.raises(Exhausted) as refused:
+        slots.hold(url)
+    assert refused.value.reason == "TOO_MANY_UPLOADS"
+    assert refused.value.message == "this URL has 2 PUTs in progress already: retry later"
+    slots.hold(urls_of(owner, "cam1"))()  # another URL of the token
+    first()
+    first()  # the RPC's end and the stream's: given back once
+    slots.hold(url)()
+    second()
+    assert slots.counted_by_token == 0
 
 
 def test_a_token_for_every_device_is_counted_only_while_its_client_is_asked():

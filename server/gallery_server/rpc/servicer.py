@@ -366,12 +366,15 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         content_range = headers.get("content-range", "")
         # The URL is verified before its stream waits for anything, from the REST path Envoy
         # keeps: made-up URLs, headers only, took every place of the pre-signed PUTs and refused
-        # every device's; and a URL's PUT counts against the part of the token that asked for it
-        # (uploads.UploadSlots), else a token's URLs and its own streams added up to the total.
+        # every device's, and used ones its token's part; and a URL's PUT counts against the part
+        # of the token that asked for it (uploads.UploadSlots), else a token's URLs and its own
+        # streams added up to the total.
         early = None
         if (path := _SIGNED_PUT_PATH.fullmatch(headers.get("x-envoy-original-path", ""))) is not None:
             device, token = (urllib.parse.unquote(part) for part in path.groups())
             early = self.signed.verify(validation.device_id(device), token)
+            if not content_range:  # nor a used one (a range PUT of one answers its event)
+                self.signed.require_unused(early)
         # A range PUT writes a session file, not a StagedFile: free space is checked as it streams.
         request_iterator = self.gallery.watch_upload(
             request_iterator, context.cancel,
@@ -383,7 +386,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         if early is not None and target != early:  # counted as another URL's PUT
             raise PermissionDenied("URL_SIGNATURE_INVALID", "the upload URL is not the one in the request's path")
         # A native call's URL, and so its token, is known only now.
-        with self.gallery.held_upload(target.uploader if early is None else None):
+        with self.gallery.held_upload(target.uploader if early is None else None, on_end=context.add_callback):
             declared = _declared_body_length(context)
             if content_range:
                 return self._put_range(context, target, content_range, declared, first, request_iterator)
@@ -392,7 +395,8 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
                     "LENGTH_REQUIRED", "a PUT upload needs a Content-Length header",
                     field="content_length",
                 )
-            self.signed.require_unused(target)
+            if early is None:
+                self.signed.require_unused(target)
             settings = self.gallery.settings
             thumbnail = target.purpose == THUMBNAIL
             with self.gallery.open_upload(
