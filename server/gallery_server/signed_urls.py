@@ -172,7 +172,7 @@ class SignedUploads:
             if (purpose not in (MEDIA, THUMBNAIL) or type(expires) is not int
                     or not isinstance(event_id, str) or not isinstance(filename, str)):
                 raise ValueError("not a payload of this server's")
-            uploader = _uploader(version, budget, (device, event_id, purpose))
+            uploader = _uploader(version, budget, (device, event_id))
             if uploader is not None:
                 uploader = dataclasses.replace(uploader, key=self._masked(uploader.key, event_id))
         except (ValueError, TypeError, UnicodeError, binascii.Error):
@@ -404,7 +404,7 @@ class SignedUploads:
         return f"{body}.{_b64encode(signature)}"
 
 
-def _uploader(version: object, budget: list[object], url: tuple[str, str, str]) -> Uploader | None:
+def _uploader(version: object, budget: list[object], url: tuple[str, str]) -> Uploader | None:
     """Whose PUTs the URL's are, from the payload's last item, by its version; ValueError if it is
     not what that version has. Version 1 (URLs issued before 2026-12-01, until they expire) names
     no token."""

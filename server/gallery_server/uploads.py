@@ -153,8 +153,8 @@ class Uploader:
 
     key: str  # a digest of the token (Principal.token_id), never the token
     granted: int | None  # how many devices the token grants; None: every device ('*')
-    # A PUT's: its URL's device and event and purpose (at most PUTS_PER_URL of one URL at once).
-    url: tuple[str, str, str] | None = None
+    # A PUT's: its URL's device and event (the PUTs of one event's URLs: at most PUTS_PER_EVENT).
+    url: tuple[str, str] | None = None
 
     @classmethod
     def of(cls, principal: Principal) -> Uploader:
@@ -190,9 +190,10 @@ class Uploader:
         return 1 if self.granted is None and self.url is not None else self.granted
 
 
-# At most this many PUTs of one URL at once: a retry may overlap the stream it replaces, which the
-# server has not seen end yet; more would let whoever holds one URL take its token's whole part.
-PUTS_PER_URL = 2
+# At most this many PUTs of one event's URLs (media and thumbnail together) at once: a retry may
+# overlap the stream it replaces, which the server has not seen end yet; more would let whoever holds
+# one event's URLs take their token's whole part (a device's token has 4).
+PUTS_PER_EVENT = 2
 
 # Pre-signed PUTs whose URL is not known before their first message (a native call: the REST
 # path names it) count as no token's: together they may have this fraction of the total awaiting.
@@ -212,7 +213,7 @@ class UploadSlots:
     (part(); threads.grant_share: `per_device` for each device it grants, half the total at most):
     its own streams and the PUTs of its URLs, from their start to their end (hold()), a token for
     every device's own only while asked (Uploader.counted_while_asked) and its URLs' by device
-    (Uploader.budget); one URL's PUTs at most PUTS_PER_URL. Pre-signed PUTs whose token is not
+    (Uploader.budget); one event's URLs at most PUTS_PER_EVENT PUTs. Pre-signed PUTs whose token is not
     known (`uploader` None: a native call before its first message names the URL, a URL of version
     1) may have 1/UNATTRIBUTED_SHARE of the total awaiting: anyone can open them; once the URL is
     known, they hold its token's part too.
@@ -226,7 +227,7 @@ class UploadSlots:
         self._in_flight = 0
         self._awaiting_first = 0
         self._by_budget: dict[Hashable, int] = {}  # Uploader.budget (None: not known yet)
-        self._by_url: dict[tuple[str, str, str], int] = {}  # Uploader.url
+        self._by_url: dict[tuple[str, str], int] = {}  # Uploader.url
 
     def part(self, uploader: Uploader | None) -> int:
         """How many streams of `uploader`'s budget may be counted at once."""
@@ -286,10 +287,11 @@ class UploadSlots:
     def _take(self, uploader: Uploader) -> Callable[[], None]:
         budget, url = uploader.budget, uploader.url
         with self._lock:
-            if url is not None and self._by_url.get(url, 0) >= PUTS_PER_URL:
+            if url is not None and self._by_url.get(url, 0) >= PUTS_PER_EVENT:
                 raise Exhausted(
-                    "TOO_MANY_UPLOADS", f"this URL has {PUTS_PER_URL} PUTs in progress already: retry later",
-                    limit=str(PUTS_PER_URL),
+                    "TOO_MANY_UPLOADS",
+                    f"the URLs of this event have {PUTS_PER_EVENT} PUTs in progress already: retry later",
+                    limit=str(PUTS_PER_EVENT),
                 )
             held = self._by_budget.get(budget, 0)
             if held >= self.part(uploader):

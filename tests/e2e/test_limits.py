@@ -361,13 +361,14 @@ def test_a_tokens_uploads_in_flight_silent_streams_and_urls_take_one_part(
         [other.json()["eventId"], *(r.event_id for r in results)])
 
 
-def test_a_url_is_put_by_two_streams_at_most_and_a_used_one_by_none(
+def test_one_events_urls_are_put_by_two_streams_at_most_and_a_used_one_by_none(
     tmp_path_factory: pytest.TempPathFactory, mint: Callable[..., str]
 ) -> None:
-    """Whoever holds one URL must not take its token's whole part with silent PUTs of it: a used
-    URL is refused before its PUT waits for a body (403), and an unused one has at most two PUTs
-    at once (a retry may overlap the one it replaces), 429 past them. Before, 12 PUTs of one used
-    URL, headers only, held a 3-device token's whole part (the review)."""
+    """Whoever holds one event's URLs must not take their token's whole part with silent PUTs: a
+    used URL is refused before its PUT waits for a body (403), and one event's URLs (media and
+    thumbnail) have at most two PUTs at once (a retry may overlap the one it replaces), 429 past
+    them. Before, 12 PUTs of one used URL, headers only, held a 3-device token's whole part (the
+    review)."""
     root = tmp_path_factory.mktemp("one-url")
     stack = start_stack(root / "data", root / "gallery.log", extra_env={
         "GALLERY_MAKE_THUMBNAILS": "false", "GALLERY_UPLOAD_FIRST_MESSAGE_SECONDS": "60",
@@ -385,22 +386,24 @@ def test_a_url_is_put_by_two_streams_at_most_and_a_used_one_by_none(
 
     try:
         with httpx.Client(base_url=stack.base_url, timeout=10) as http:
-            used, fresh = (httpx.URL(http.get("/api/gallery/cam1/upload-url", params={"filename": "a.bin"},
-                                              headers=headers).json()["upload_url"]) for _ in range(2))
+            used, pair = (http.get("/api/gallery/cam1/upload-url", params={"filename": "a.bin", "thumbnail": "true"},
+                                   headers=headers).json() for _ in range(2))
+            used, fresh, thumbnail = (httpx.URL(u) for u in (used["upload_url"], pair["upload_url"],
+                                                             pair["thumbnail_upload_url"]))
             stored = http.put(used.raw_path.decode(), content=b"abc")
             assert stored.status_code == 200, stored.text
             with contextlib.ExitStack() as sockets:
                 refused = answer(silent_put(sockets, used))
                 assert refused.startswith(b"HTTP/1.1 403 ") and b"URL_ALREADY_USED" in refused, refused
-                # Three at once (Envoy may pass them on in any order): one is refused.
-                puts = [silent_put(sockets, fresh) for _ in range(3)]
+                # Three at once of one event's URLs (Envoy may pass them on in any order): one is refused.
+                puts = [silent_put(sockets, url) for url in (fresh, fresh, thumbnail)]
                 assert select.select(puts, [], [], 10)[0]
                 time.sleep(0.3)
                 readable = select.select(puts, [], [], 0)[0]
                 assert len(readable) == 1, [s.recv(4096) for s in readable]
                 third = readable[0].recv(4096)
                 assert third.startswith(b"HTTP/1.1 429 "), third
-                assert b"this URL has 2 PUTs in progress already" in third, third
+                assert b"the URLs of this event have 2 PUTs in progress already" in third, third
             # The dropped PUTs gave their places back: a retry of the URL is stored.
             deadline = time.monotonic() + 10
             while (retry := http.put(fresh.raw_path.decode(), content=b"def")).status_code == 429:

@@ -404,7 +404,7 @@ _events = itertools.count()
 def urls_of(uploader: Uploader, device: str = "a") -> Uploader:
     """What a PUT counts as, of a new URL of `device` that `uploader`'s token asked for
     (signed_urls.py)."""
-    return dataclasses.replace(uploader, url=(device, f"evt_{next(_events)}", "media"))
+    return dataclasses.replace(uploader, url=(device, f"evt_{next(_events)}"))
 
 
 A, B, C = token("a"), token("b"), token("c")
@@ -536,10 +536,12 @@ def test_a_gateways_urls_count_by_their_device_apart_from_its_own_streams():
         held.callback(slots.hold(urls_of(gateway)))
 
 
-def test_one_url_may_have_two_puts_at_once():
+def test_one_events_urls_may_have_two_puts_at_once():
     """A retry may overlap the PUT it replaces (which the server has not seen end yet); more of one
-    URL would let whoever holds it take its token's whole part (the review: 12 PUTs of one used
-    URL took a 3-device token's). Each release gives back once, whoever calls it first."""
+    event's URLs (media and thumbnail together) would let whoever holds them take their token's
+    whole part (the review: 12 PUTs of one used URL took a 3-device token's; the re-probe: 2 of
+    each URL of a pair took a device token's 4). Each release gives back once, whoever calls it
+    first."""
     slots = UploadSlots(per_device=4, total=48)
     owner = token("cam1", "cam2", "cam3")
     url = urls_of(owner, "cam1")
@@ -547,7 +549,7 @@ def test_one_url_may_have_two_puts_at_once():
     with pytest.raises(Exhausted) as refused:
         slots.hold(url)
     assert refused.value.reason == "TOO_MANY_UPLOADS"
-    assert refused.value.message == "this URL has 2 PUTs in progress already: retry later"
+    assert refused.value.message == "the URLs of this event have 2 PUTs in progress already: retry later"
     slots.hold(urls_of(owner, "cam1"))()  # another URL of the token
     first()
     first()  # the RPC's end and the stream's: given back once

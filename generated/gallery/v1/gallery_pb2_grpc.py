@@ -258,9 +258,10 @@ class GalleryServiceServicer:
         the server's is refused before the body is read (the REST path Envoy keeps in
         x-envoy-original-path), and so is a whole PUT of a used URL, so that PUTs of made-up or used
         URLs hold no upload place. A PUT counts against the uploads in flight of the token that asked
-        for its URL, and one URL has at most 2 PUTs at once (RESOURCE_EXHAUSTED, HTTP 429,
-        TOO_MANY_UPLOADS past either); where the URL comes only in the first message (a native call),
-        those awaiting it may hold an eighth of GALLERY_MAX_UPLOADS_TOTAL together.
+        for its URL, and one event's URLs (media and thumbnail) have at most 2 PUTs at once
+        (RESOURCE_EXHAUSTED, HTTP 429, TOO_MANY_UPLOADS past either); where the URL comes only in the
+        first message (a native call), those awaiting it may hold an eighth of
+        GALLERY_MAX_UPLOADS_TOTAL together.
 
         Resumable (issue 5): a PUT with `Content-Range: bytes <first>-<last>/<total>` appends one chunk
         at the committed size instead of storing the whole body at once (media URLs only; a thumbnail
