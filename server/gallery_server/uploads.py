@@ -200,6 +200,18 @@ PUTS_PER_EVENT = 2
 UNATTRIBUTED_SHARE = 8
 
 
+K = TypeVar("K", bound=Hashable)
+
+
+def _count_down(counts: dict[K, int], key: K) -> None:
+    """One fewer for `key`, whose entry goes at 0 (the dicts hold only what is open)."""
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
+
+
 class UploadSlots:
     """Counts the uploads in flight in this replica and refuses one past either limit.
 
@@ -262,7 +274,7 @@ class UploadSlots:
             with self._lock:
                 self._awaiting_first -= 1
                 if uploader is None:
-                    self._give_back(None)
+                    _count_down(self._by_budget, None)
 
     @contextlib.contextmanager
     def asked_first(self, uploader: Uploader | None) -> Iterator[None]:
@@ -308,22 +320,11 @@ class UploadSlots:
                 if released:
                     return
                 released = True
-                self._give_back(budget)
+                _count_down(self._by_budget, budget)
                 if url is not None:
-                    left = self._by_url[url] - 1
-                    if left:
-                        self._by_url[url] = left
-                    else:
-                        del self._by_url[url]
+                    _count_down(self._by_url, url)
 
         return release
-
-    def _give_back(self, budget: Hashable) -> None:
-        left = self._by_budget[budget] - 1
-        if left:
-            self._by_budget[budget] = left
-        else:
-            del self._by_budget[budget]
 
     def _refusal(self, uploader: Uploader | None) -> Exhausted:
         limit = self.part(uploader)
@@ -384,11 +385,7 @@ class UploadSlots:
                     return
                 released = True
                 self._in_flight -= 1
-                left = self._by_device[device] - 1
-                if left:
-                    self._by_device[device] = left
-                else:
-                    del self._by_device[device]
+                _count_down(self._by_device, device)
 
         return release
 
