@@ -354,26 +354,21 @@ class Gallery:
         self, messages: Iterator[T], caller: Uploader | None,
         on_end: Callable[[Callable[[], None]], object] | None,
     ) -> Iterator[T]:
-        """`messages`, counted against `caller`'s part until they end or the RPC does (whichever is
-        first: a handler that fails leaves its stream unfinished)."""
-        release = self.slots.hold(caller)
-        if on_end is not None and on_end(release) is False:  # the RPC is over already
-            release()
-        try:
+        """`messages`, counted against `caller`'s part from the first asked for."""
+        with self.held_upload(caller, on_end):
             yield from messages
-        finally:
-            release()
 
     @contextlib.contextmanager
     def held_upload(
         self, uploader: Uploader | None, on_end: Callable[[Callable[[], None]], object] | None = None,
     ) -> Iterator[None]:
-        """Around the rest of a stream whose uploader became known only from its first message
-        (a pre-signed PUT called natively): its token's part, as watch_upload counts the others,
-        given back at the latest when the RPC ends (`on_end`). None: nothing to count (one known
-        from the start, or a URL of an earlier version)."""
+        """Around (the rest of) an upload stream: one place of its token's part (UploadSlots.hold),
+        given back when the stream ends or its RPC does (`on_end`), whichever is first: a handler
+        that fails leaves its stream unfinished. Also for a stream whose uploader became known
+        only from its first message (a pre-signed PUT called natively). None: nothing to count (one
+        known from the start, or a URL of an earlier version)."""
         release = self.slots.hold(uploader)
-        if on_end is not None and on_end(release) is False:
+        if on_end is not None and on_end(release) is False:  # the RPC is over already
             release()
         try:
             yield

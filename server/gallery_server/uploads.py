@@ -196,7 +196,8 @@ class Uploader:
 PUTS_PER_EVENT = 2
 
 # Pre-signed PUTs whose URL is not known before their first message (a native call: the REST
-# path names it) count as no token's: together they may have this fraction of the total awaiting.
+# path names it), and those of URLs of version 1, count as no token's: together they may have this
+# fraction of the total awaiting their first message.
 UNATTRIBUTED_SHARE = 8
 
 
@@ -311,20 +312,13 @@ class UploadSlots:
             self._by_budget[budget] = held + 1
             if url is not None:
                 self._by_url[url] = self._by_url.get(url, 0) + 1
-        released = False
 
-        def release() -> None:
-            # Called by the stream's end and by its RPC's end, which may run at once.
-            nonlocal released
-            with self._lock:
-                if released:
-                    return
-                released = True
-                _count_down(self._by_budget, budget)
-                if url is not None:
-                    _count_down(self._by_url, url)
+        def give_back() -> None:
+            _count_down(self._by_budget, budget)
+            if url is not None:
+                _count_down(self._by_url, url)
 
-        return release
+        return self._once(give_back)
 
     def _refusal(self, uploader: Uploader | None) -> Exhausted:
         limit = self.part(uploader)
@@ -376,16 +370,24 @@ class UploadSlots:
                 )
             self._by_device[device] = held + 1
             self._in_flight += 1
-        released = False
+
+        def give_back() -> None:
+            self._in_flight -= 1
+            _count_down(self._by_device, device)
+
+        return self._once(give_back)
+
+    def _once(self, give_back: Callable[[], None]) -> Callable[[], None]:
+        """`give_back` as the function that runs it once, under the lock, however many threads
+        call it: a stream's end and its RPC's end may come at once (twice, it undercounted)."""
+        done = False
 
         def release() -> None:
-            nonlocal released
+            nonlocal done
             with self._lock:
-                if released:
-                    return
-                released = True
-                self._in_flight -= 1
-                _count_down(self._by_device, device)
+                if not done:
+                    done = True
+                    give_back()
 
         return release
 
