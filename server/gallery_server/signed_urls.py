@@ -41,7 +41,7 @@ from sqlmodel import Session, col
 from . import validation
 from .auth import WRITE, Principal
 from .clock import aware, utcnow
-from .downloads import ContentRange
+from .downloads import ContentRange, parse_content_range
 from .errors import (
     Conflict,
     Exhausted,
@@ -242,12 +242,31 @@ class SignedUploads:
                 committed, size = state.committed_size, state.declared_size or 0
         return SignedUploadState(target.event_id, committed, size, False, expires_at)
 
-    def open_range(
-        self, target: SignedTarget, content_range: ContentRange, content_length: int | None
-    ) -> RangePut:
-        """The writer of one Content-Range PUT (the caller feeds it the body, then finish()es and
-        close()s it). When the URL's event is stored already, `done` says so and nothing is
-        written."""
+    def check_put(
+        self, target: SignedTarget, content_range: str, content_length: int | None
+    ) -> ContentRange | None:
+        """Refuse a PUT by what its headers alone tell, before its body is waited for (each PUT
+        waiting holds a place of its token's uploads): a used URL (a whole PUT's; a range PUT of
+        one answers its event), a missing or too large Content-Length, a malformed Content-Range,
+        a thumbnail URL's range PUT. Returns the parsed Content-Range, None for a whole PUT."""
+        if content_range:
+            parsed = parse_content_range(content_range)
+            self._check_range(target, parsed, content_length)
+            return parsed
+        if content_length is None:
+            raise InvalidArgument(
+                "LENGTH_REQUIRED", "a PUT upload needs a Content-Length header",
+                field="content_length",
+            )
+        self.require_unused(target)
+        settings = self.gallery.settings
+        thumbnail = target.purpose == THUMBNAIL
+        limit = settings.max_thumbnail_bytes if thumbnail else settings.max_upload_bytes
+        if content_length > limit:
+            raise upload_too_large("thumbnail" if thumbnail else "event", limit, field="size")
+        return None
+
+    def _check_range(self, target: SignedTarget, content_range: ContentRange, content_length: int | None) -> None:
         if target.purpose != MEDIA:
             raise InvalidArgument(
                 "RESUMABLE_MEDIA_ONLY",
@@ -269,6 +288,14 @@ class SignedUploads:
         limit = self.gallery.settings.max_upload_bytes
         if content_range.total > limit:
             raise upload_too_large("event", limit, field="content_range")
+
+    def open_range(
+        self, target: SignedTarget, content_range: ContentRange, content_length: int | None
+    ) -> RangePut:
+        """The writer of one Content-Range PUT (the caller feeds it the body, then finish()es and
+        close()s it). When the URL's event is stored already, `done` says so and nothing is
+        written."""
+        self._check_range(target, content_range, content_length)
         grant = self.grant(target)
         if grant.media_state == "done":
             self._drop_chunks(target)

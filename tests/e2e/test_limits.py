@@ -336,7 +336,8 @@ def test_a_tokens_uploads_in_flight_silent_streams_and_urls_take_one_part(
                 # A native call names its URL in its first message, and then counts against its part.
                 token = puts[0].path.rsplit("/", 1)[1]
                 with pytest.raises(grpc.RpcError) as named:
-                    stub.PutSignedUpload(iter([pb.PutSignedUploadRequest(device="cam1", token=token)]), timeout=30)
+                    stub.PutSignedUpload(iter([pb.PutSignedUploadRequest(device="cam1", token=token)]), timeout=30,
+                                         metadata=[("content-range", "bytes */3")])  # needs no length
                 assert named.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 assert "the token that asked for this URL has 6 uploads open" in named.value.details()
                 # Before that message, such calls may await it for an eighth of the total (2).
@@ -365,7 +366,8 @@ def test_one_events_urls_are_put_by_two_streams_at_most_and_a_used_one_by_none(
     tmp_path_factory: pytest.TempPathFactory, mint: Callable[..., str]
 ) -> None:
     """Whoever holds one event's URLs must not take their token's whole part with silent PUTs: a
-    used URL is refused before its PUT waits for a body (403), and one event's URLs (media and
+    used URL is refused before its PUT waits for a body (403), and so is what the headers alone
+    refuse (the re-probe: each waited its 30 s), and one event's URLs (media and
     thumbnail) have at most two PUTs at once (a retry may overlap the one it replaces), 429 past
     them. Before, 12 PUTs of one used URL, headers only, held a 3-device token's whole part (the
     review)."""
@@ -375,9 +377,10 @@ def test_one_events_urls_are_put_by_two_streams_at_most_and_a_used_one_by_none(
     })
     headers = {"Authorization": f"Bearer {mint(devices=['cam1', 'cam2', 'cam3'], scope='gallery:write')}"}
 
-    def silent_put(sockets: contextlib.ExitStack, url: httpx.URL) -> socket.socket:
+    def silent_put(sockets: contextlib.ExitStack, url: httpx.URL,
+                   head: bytes = b"Content-Length: 3\r\n") -> socket.socket:
         s = sockets.enter_context(socket.create_connection(("127.0.0.1", stack.http_port)))
-        s.sendall(b"PUT " + url.raw_path + b" HTTP/1.1\r\nHost: gallery\r\nContent-Length: 3\r\n\r\n")
+        s.sendall(b"PUT " + url.raw_path + b" HTTP/1.1\r\nHost: gallery\r\n" + head + b"\r\n")
         return s
 
     def answer(s: socket.socket) -> bytes:
@@ -395,6 +398,16 @@ def test_one_events_urls_are_put_by_two_streams_at_most_and_a_used_one_by_none(
             with contextlib.ExitStack() as sockets:
                 refused = answer(silent_put(sockets, used))
                 assert refused.startswith(b"HTTP/1.1 403 ") and b"URL_ALREADY_USED" in refused, refused
+                # So is what the headers alone refuse: a size over the limit (the thumbnail's, 10 MiB),
+                # a malformed Content-Range, a range PUT of a thumbnail URL.
+                for url, head, status, reason in (
+                    (thumbnail, b"Content-Length: 20000000\r\n", b"413", b"UPLOAD_TOO_LARGE"),
+                    (fresh, b"Content-Length: 3\r\nContent-Range: bytes 5-1/9\r\n", b"400", b"INVALID_CONTENT_RANGE"),
+                    (thumbnail, b"Content-Length: 3\r\nContent-Range: bytes 0-2/9\r\n", b"400",
+                     b"RESUMABLE_MEDIA_ONLY"),
+                ):
+                    refused = answer(silent_put(sockets, url, head))
+                    assert refused.startswith(b"HTTP/1.1 " + status) and reason in refused, refused
                 # Three at once of one event's URLs (Envoy may pass them on in any order): one is refused.
                 puts = [silent_put(sockets, url) for url in (fresh, fresh, thumbnail)]
                 assert select.select(puts, [], [], 10)[0]

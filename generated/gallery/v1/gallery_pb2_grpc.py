@@ -256,8 +256,8 @@ class GalleryServiceServicer:
         thumbnail body is INVALID_ARGUMENT THUMBNAIL_MISSING, and the URL stays unused). A tampered,
         expired or already used URL is PERMISSION_DENIED (HTTP 403); through Envoy, a URL that is not
         the server's is refused before the body is read (the REST path Envoy keeps in
-        x-envoy-original-path), and so is a whole PUT of a used URL, so that PUTs of made-up or used
-        URLs hold no upload place. A PUT counts against the uploads in flight of the token that asked
+        x-envoy-original-path), and so is a whole PUT of a used URL, or one its headers alone refuse
+        (Content-Length, Content-Range), so that such PUTs hold no upload place. A PUT counts against the uploads in flight of the token that asked
         for its URL, and one event's URLs (media and thumbnail) have at most 2 PUTs at once
         (RESOURCE_EXHAUSTED, HTTP 429, TOO_MANY_UPLOADS past either); where the URL comes only in the
         first message (a native call), those awaiting it may hold an eighth of

@@ -369,12 +369,12 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         # every device's, and used ones its token's part; and a URL's PUT counts against the part
         # of the token that asked for it (uploads.UploadSlots), else a token's URLs and its own
         # streams added up to the total.
-        early = None
+        declared = _declared_body_length(context)
+        early = ranged = None
         if (path := _SIGNED_PUT_PATH.fullmatch(headers.get("x-envoy-original-path", ""))) is not None:
             device, token = (urllib.parse.unquote(part) for part in path.groups())
             early = self.signed.verify(validation.device_id(device), token)
-            if not content_range:  # nor a used one (a range PUT of one answers its event)
-                self.signed.require_unused(early)
+            ranged = self.signed.check_put(early, content_range, declared)
         # A range PUT writes a session file, not a StagedFile: free space is checked as it streams.
         request_iterator = self.gallery.watch_upload(
             request_iterator, context.cancel,
@@ -385,18 +385,12 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         target = self.signed.verify(validation.device_id(first.device), first.token)
         if early is not None and target != early:  # counted as another URL's PUT
             raise PermissionDenied("URL_SIGNATURE_INVALID", "the upload URL is not the one in the request's path")
-        # A native call's URL, and so its token, is known only now.
+        if early is None:  # a native call: its URL, and so its token, is known only now
+            ranged = self.signed.check_put(target, content_range, declared)
         with self.gallery.held_upload(target.uploader if early is None else None, on_end=context.add_callback):
-            declared = _declared_body_length(context)
-            if content_range:
-                return self._put_range(context, target, content_range, declared, first, request_iterator)
-            if declared is None:
-                raise InvalidArgument(
-                    "LENGTH_REQUIRED", "a PUT upload needs a Content-Length header",
-                    field="content_length",
-                )
-            if early is None:
-                self.signed.require_unused(target)
+            if ranged is not None:
+                return self._put_range(context, target, ranged, declared, first, request_iterator)
+            assert declared is not None  # check_put refused a whole PUT without it
             settings = self.gallery.settings
             thumbnail = target.purpose == THUMBNAIL
             with self.gallery.open_upload(
@@ -414,12 +408,12 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
                 event_id = self.signed.complete(target, upload)
             return pb.UploadEventResponse(success=True, event_id=event_id)
 
-    def _put_range(self, context, target: SignedTarget, content_range: str,  # type: ignore[no-untyped-def]
+    def _put_range(self, context, target: SignedTarget, content_range: downloads.ContentRange,  # type: ignore[no-untyped-def]
                    declared: int | None, first, request_iterator):
         """A resumable PUT (Content-Range): 200 with the event id once the file is complete, else
         308 with the committed size (GCS's "resume incomplete")."""
         # A put that opens its session's writer holds the device's upload slot (the writer's).
-        put = self.signed.open_range(target, downloads.parse_content_range(content_range), declared)
+        put = self.signed.open_range(target, content_range, declared)
         try:
             if put.done:  # the URL's event is stored: answer it, store nothing
                 return pb.UploadEventResponse(success=True, event_id=put.done)
