@@ -260,17 +260,21 @@ def test_bearer_jwt_is_not_an_upload_token(keyed: SignedUploads, mint) -> None: 
     denied("URL_SIGNATURE_INVALID", keyed.verify, "cam1", mint())
 
 
+KEY = "ab" * 12  # a key as URLs carry one (hex): each payload below is refused for its own fault
+
+
 @pytest.mark.parametrize(
     "payload",
     [
-        [3, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", ["k", 1]],  # unknown version
+        [3, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", [KEY, 1]],  # unknown version
         [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png"],  # its token missing
-        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", ["k", 0]],
-        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", ["k", True]],
-        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", ["k", "1"]],
-        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", [7, 1]],
-        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", ["k", 1, 2]],
-        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", ["k", 1], "extra"],
+        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", [KEY, 0]],
+        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", [KEY, True]],
+        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", [KEY, "1"]],
+        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", [7, 1]],  # the key not a string
+        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", ["not hex", 1]],
+        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", [KEY, 1, 2]],
+        [2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", [KEY, 1], "extra"],
         [1, "cam1", "evt_" + "a" * 22, "other", 2**40, "a.png"],  # unknown purpose
         [1, "cam1", "evt_" + "a" * 22, MEDIA, 2**40],  # too short
         [1, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", "extra"],
@@ -279,6 +283,7 @@ def test_bearer_jwt_is_not_an_upload_token(keyed: SignedUploads, mint) -> None: 
     ],
 )
 def test_signed_but_malformed_payloads(keyed: SignedUploads, payload: object) -> None:
+    assert keyed.verify("cam1", keyed._sign([2, "cam1", "evt_" + "a" * 22, MEDIA, 2**40, "a.png", [KEY, 1]]))
     denied("URL_SIGNATURE_INVALID", keyed.verify, "cam1", keyed._sign(payload))  # type: ignore[arg-type]
 
 
