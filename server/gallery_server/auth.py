@@ -277,10 +277,11 @@ class Verifier:
         one thread, not every thread that reads."""
         assert self._jwks is not None
         if not self._jwks_lock.acquire(timeout=JWKS_WAIT_SECONDS):
-            raise _jwks_unavailable()
+            # A fetch slower than that wait most likely hangs: it ends by JWKS_TIMEOUT_SECONDS.
+            raise _jwks_unavailable(retry_after=1)
         try:
-            if time.monotonic() - self._jwks_failed_at < self._jwks_retry:
-                raise _jwks_unavailable()
+            if (since_failure := time.monotonic() - self._jwks_failed_at) < self._jwks_retry:
+                raise _jwks_unavailable(retry_after=self._jwks_retry - since_failure)
             # The fetch we waited for may have brought this key.
             cached = self._cached_key(kid)
             if cached is not None:
@@ -289,7 +290,7 @@ class Verifier:
         except jwt.PyJWKClientConnectionError as exc:  # _UnusableKeySet included
             self._jwks_failed_at = time.monotonic()  # logged once per retry window, not per request
             log.warning("the identity provider's key set could not be used", extra={"error": str(exc)})
-            raise _jwks_unavailable() from None
+            raise _jwks_unavailable(retry_after=self._jwks_retry) from None
         except jwt.PyJWTError:
             raise Unauthenticated(
                 "TOKEN_KEY_UNKNOWN", "invalid token: no known key has its 'kid'"
@@ -344,8 +345,10 @@ def _loads(key: object) -> bool:
     return True
 
 
-def _jwks_unavailable() -> Unavailable:
-    return Unavailable("JWKS_UNAVAILABLE", "the token's keys could not be fetched; try again later")
+def _jwks_unavailable(*, retry_after: float) -> Unavailable:
+    """`retry_after`: when this server fetches the key set again."""
+    return Unavailable("JWKS_UNAVAILABLE", "the token's keys could not be fetched; try again later",
+                       retry_after=retry_after)
 
 
 def wildcard_beside_ids(devices: list[str]) -> bool:

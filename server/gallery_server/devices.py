@@ -30,10 +30,10 @@ from .auth import DEVICE, WRITE, Principal
 from .clock import aware, utcnow
 from .db import Database
 from .errors import (
+    Busy,
     CommitOutcomeUnknown,
     Conflict,
     DatabaseUnavailable,
-    Exhausted,
     FailedPrecondition,
     InvalidArgument,
     TooLarge,
@@ -336,7 +336,7 @@ class Devices:
             return PullResult(event, self.pull_status(event_id))
         waiting = wait > 0
         if waiting and not self._pull_waits.take(device):
-            raise Exhausted(
+            raise Busy(
                 "TOO_MANY_PULL_WAITS",
                 f"this server has as many pulls waiting as it allows (of device {device}, or in "
                 "all): retry later, or pull without wait and read the event's pull state",
@@ -428,8 +428,8 @@ class Devices:
         channel may replace one of its own (connect())."""
         principal.require_scope(DEVICE)
 
-        def refusal(part: int, reached: int) -> Exhausted:
-            return Exhausted(
+        def refusal(part: int, reached: int) -> Busy:
+            return Busy(
                 "TOO_MANY_CONNECTIONS",
                 f"too many device channels are waiting for their hello (at most {part} for this "
                 f"token, {self.max_hellos} on this server): retry later", limit=str(reached),
@@ -445,7 +445,7 @@ class Devices:
 
     def _admit_channel(self) -> None:
         if self.channels_open >= self.max_channels:
-            raise Exhausted(
+            raise Busy(
                 "TOO_MANY_CONNECTIONS",
                 f"this server has {self.max_channels} device channels open: retry later",
                 limit=str(self.max_channels),

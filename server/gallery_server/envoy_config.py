@@ -38,6 +38,10 @@ LOCAL_REPLIES = {
     503: (code_pb2.UNAVAILABLE, "SERVER_UNAVAILABLE"),
     504: (code_pb2.DEADLINE_EXCEEDED, "SERVER_TIMEOUT"),
 }
+# Envoy's own 502 and 503 (no server up, a server gone mid-call, Envoy overloaded) say when to try
+# again, as the server's 503s and 429s do (rpc/status.py): Envoy checks the servers' health every
+# second (envoy.yaml), so it knows within that of one back up.
+RETRY_AFTER_NO_SERVER_SECONDS = 1
 # Envoy's circuit breaker allows this many streams (and retries) at once per gRPC server it has,
 # in all: above what a server's own limits admit (GALLERY_GRPC_WORKERS threads, 256 by default),
 # so those answer first.
@@ -71,6 +75,7 @@ CORS_EXPOSED_HEADERS = (
     "www-authenticate",  # a 401's: which token problem (RFC 6750)
     "x-request-id",  # every answer's: what the logs call the request
     "allow",  # a 405's: the methods the path takes (method_not_allowed_routes)
+    "retry-after",  # a 429's or 503's: when to try again (rpc/status.py)
 )
 CORS_MAX_AGE_SECONDS = 600  # how long a browser may reuse a preflight's answer
 
@@ -256,7 +261,10 @@ def _local_reply_mappers(cors: bool) -> list[dict[str, object]]:
         {
             "filter": {"and_filter": {"filters": [rest, status_is(status)]}},
             "body_format_override": body(code, reason),
-            "headers_to_add": _headers_to_add(cors),
+            "headers_to_add": [*_headers_to_add(cors), *(
+                [{"header": {"key": "retry-after", "value": str(RETRY_AFTER_NO_SERVER_SECONDS)},
+                  "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}] if status in (502, 503) else []
+            )],
         }
         for status, (code, reason) in LOCAL_REPLIES.items()
     ]

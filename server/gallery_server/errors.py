@@ -14,7 +14,8 @@ GalleryError                 base; carries a stable UPPER_SNAKE `reason` and `me
 │   └── DatabaseUnavailable  the database could not do the work now (db.py says which errors)
 │       └── CommitOutcomeUnknown  the connection went during a COMMIT (Database.commit)
 ├── Exhausted                a capacity limit was hit: too many uploads at once (429) or too little
-│                            free disk (507 through Envoy; both RESOURCE_EXHAUSTED)
+│   │                        free disk (507 through Envoy; both RESOURCE_EXHAUSTED)
+│   └── Busy                 a place the server frees as calls end: the same request, a moment later
 └── DataLoss                 a stored event's file is missing or damaged (500 / DATA_LOSS)
 """
 
@@ -26,6 +27,12 @@ ERROR_DOMAIN = "gallery"
 
 
 class GalleryError(Exception):
+    # Seconds after which the same request is likely to succeed, where waiting is what helps (a
+    # place freed as calls end, a dependency that comes back): Retry-After (rpc/status.py). None
+    # where the client must act first (a quota, a full disk, a bad request) or time alone is no
+    # answer.
+    retry_after: float | None = None
+
     def __init__(self, reason: str, message: str, *, field: str = "", **metadata: str) -> None:
         super().__init__(message)
         self.reason = reason
@@ -74,7 +81,9 @@ class TooLarge(GalleryError):
 
 
 class Unavailable(GalleryError):
-    pass
+    def __init__(self, reason: str, message: str, *, retry_after: float, **metadata: str) -> None:
+        super().__init__(reason, message, **metadata)
+        self.retry_after = retry_after
 
 
 class DatabaseUnavailable(Unavailable):
@@ -82,7 +91,9 @@ class DatabaseUnavailable(Unavailable):
     the same request may succeed later. Raised by db.py, from the driver's error."""
 
     def __init__(self) -> None:
-        super().__init__("DATABASE_UNAVAILABLE", "the database is unavailable; try again later")
+        # The database was unreachable or busy just now: a client back a second later finds it
+        # again after a restart or a released lock, or gets this answer again.
+        super().__init__("DATABASE_UNAVAILABLE", "the database is unavailable; try again later", retry_after=1)
 
 
 class CommitOutcomeUnknown(DatabaseUnavailable):
@@ -92,6 +103,17 @@ class CommitOutcomeUnknown(DatabaseUnavailable):
 
 class Exhausted(GalleryError):
     """The server is at a capacity limit; the same request may succeed later."""
+
+
+class Busy(Exhausted):
+    """Every place of a kind the server frees as calls end (uploads, downloads, device channels,
+    pull waits, reflection streams) is taken: the same request is likely to succeed a moment
+    later. Not a limit on what is stored (a quota, unused URLs, open sessions), which the client
+    must change first."""
+
+    # A place frees within milliseconds (a refused call) to minutes (a large upload): a second
+    # keeps a retrying client's wait short and its retries cheap (each is refused at once).
+    retry_after = 1
 
 
 class DataLoss(GalleryError):

@@ -27,9 +27,9 @@ from .clock import utcnow
 from .db import Database
 from .errors import (
     AlreadyExists,
+    Busy,
     CommitOutcomeUnknown,
     DataLoss,
-    Exhausted,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -380,8 +380,8 @@ class Gallery:
         """Around a native download, which holds a server thread for as long as its client takes
         to read it: at most the downloads' share of the threads at once (threads.py), and of those
         at most its token's part (threads.grant_share)."""
-        def refusal(part: int, reached: int) -> Exhausted:
-            return Exhausted(
+        def refusal(part: int, reached: int) -> Busy:
+            return Busy(
                 "TOO_MANY_DOWNLOADS",
                 f"too many downloads are in progress (at most {part} for this token, "
                 f"{self.max_downloads} on this server): retry later", limit=str(reached),

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
-from .errors import Exhausted, FailedPrecondition, InvalidArgument
+from .errors import Busy, FailedPrecondition, InvalidArgument
 from .models import Event
 from .quota import Room
 from .storage import StagedFile, Storage, upload_too_large
@@ -261,7 +261,7 @@ class UploadSlots:
             if counted_here and self._by_budget.get(budget, 0) >= self.part(uploader):
                 raise self._refusal(uploader)
             if self._in_flight + self._awaiting_first >= self.total:
-                raise Exhausted(
+                raise Busy(
                     "TOO_MANY_UPLOADS",
                     f"the server is receiving or awaiting {self.total} uploads already: retry later",
                     limit=str(self.total),
@@ -292,7 +292,7 @@ class UploadSlots:
 
     def hold(self, uploader: Uploader | None) -> Callable[[], None]:
         """Count one stream of `uploader` against its part, from its start to its end; returns
-        the function that gives it back (once). Refused (Exhausted) past its part."""
+        the function that gives it back (once). Refused (Busy) past its part."""
         if uploader is None or uploader.counted_while_asked:
             return lambda: None
         return self._take(uploader)
@@ -301,7 +301,7 @@ class UploadSlots:
         budget, url = uploader.budget, uploader.url
         with self._lock:
             if url is not None and self._by_url.get(url, 0) >= PUTS_PER_EVENT:
-                raise Exhausted(
+                raise Busy(
                     "TOO_MANY_UPLOADS",
                     f"the URLs of this event have {PUTS_PER_EVENT} PUTs in progress already: retry later",
                     limit=str(PUTS_PER_EVENT),
@@ -320,7 +320,7 @@ class UploadSlots:
 
         return self._once(give_back)
 
-    def _refusal(self, uploader: Uploader | None) -> Exhausted:
+    def _refusal(self, uploader: Uploader | None) -> Busy:
         limit = self.part(uploader)
         if uploader is None:
             what = f"{limit} uploads by pre-signed URL not named in their path are awaiting their first message"
@@ -332,7 +332,7 @@ class UploadSlots:
             what = f"the token that asked for this URL has {limit} uploads open (its URLs' included)"
         else:
             what = f"this token has {limit} uploads open (its upload URLs' included)"
-        return Exhausted("TOO_MANY_UPLOADS", f"{what} already: retry later", limit=str(limit))
+        return Busy("TOO_MANY_UPLOADS", f"{what} already: retry later", limit=str(limit))
 
     @property
     def in_flight(self) -> int:
@@ -355,14 +355,14 @@ class UploadSlots:
         """Take a slot for `device`; returns the function that gives it back (once)."""
         with self._lock:
             if self._in_flight >= self.total:
-                raise Exhausted(
+                raise Busy(
                     "TOO_MANY_UPLOADS",
                     f"the server is receiving {self.total} uploads already: retry later",
                     limit=str(self.total),
                 )
             held = self._by_device.get(device, 0)
             if held >= self.per_device:
-                raise Exhausted(
+                raise Busy(
                     "TOO_MANY_DEVICE_UPLOADS",
                     f"device {device} has {self.per_device} uploads in progress already: "
                     "finish one first",

@@ -79,6 +79,7 @@ def assert_refused_507(r: httpx.Response, headroom: int, free_below: int) -> Non
     """Refused for want of space, telling the headroom and the space left (below `free_below`)."""
     assert r.status_code == 507, r.text
     assert r.headers["content-type"] == "application/json"
+    assert "retry-after" not in r.headers  # waiting alone frees no space
     body = r.json()
     assert set(body) == {"code", "message", "details"}
     assert body["code"] == 8  # RESOURCE_EXHAUSTED

@@ -74,9 +74,11 @@ def test_rest_without_a_server_is_a_503_in_the_servers_error_shape(
             assert r.status_code == 503, (path, r.status_code, r.text)
             _assert_status_json(r, 14, "SERVER_UNAVAILABLE")  # UNAVAILABLE: try again later
             assert r.json()["message"], r.text  # Envoy's words on what failed
+            assert r.headers["retry-after"] == "1"  # Envoy checks the servers every second
         # HEAD: the same status and headers, no body.
         r = http.head("/api/gallery/cam1/stats")
         assert (r.status_code, r.headers["content-type"], r.content) == (503, "application/json", b"")
+        assert r.headers["retry-after"] == "1"
 
 
 def test_a_503_without_a_server_is_logged_by_envoy(envoy_without_server: tuple[str, str, int, pathlib.Path]) -> None:

@@ -81,11 +81,14 @@ def rest_upload(http: httpx.Client, token: str, device: str) -> httpx.Response:
                      files={"event": ("a.bin", b"abc")}, data={"name": "a.bin"})
 
 
-def assert_429(r: httpx.Response, reason: str) -> None:
+def assert_429(r: httpx.Response, reason: str, retry_after: str | None = "1") -> None:
+    """Refused 429 for `reason`; a place the server frees as calls end says when to come back
+    (Retry-After), a limit the client must act on does not."""
     assert r.status_code == 429, r.text
     body = r.json()
     assert body["code"] == 8
     assert body["details"][0]["reason"] == reason
+    assert r.headers.get("retry-after") == retry_after, r.headers
 
 
 def test_uploads_in_flight_are_limited_per_device_and_in_total(limited: Stack, mint: Callable[..., str]) -> None:
@@ -111,6 +114,7 @@ def test_uploads_in_flight_are_limited_per_device_and_in_total(limited: Stack, m
                                        pb.UploadEventRequest(finish=pb.UploadFinish())]), metadata=md)
             assert native.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert rich_error(native.value)[0].reason == "TOO_MANY_UPLOADS"
+            assert ("retry-after", "1") in native.value.trailing_metadata()
         finally:
             for upload in held:
                 upload.release.set()
@@ -440,7 +444,7 @@ def test_upload_urls_and_sessions_waiting_are_bounded_per_device(limited: Stack,
         urls = [http.get("/api/gallery/lim-rows/upload-url", params={"filename": "a.jpg"}, headers=headers)
                 for _ in range(3)]
         assert [r.status_code for r in urls[:2]] == [200, 200]
-        assert_429(urls[2], "TOO_MANY_UPLOAD_URLS")
+        assert_429(urls[2], "TOO_MANY_UPLOAD_URLS", retry_after=None)  # use some first, or let them expire
         # A used URL no longer counts.
         put = http.put(httpx.URL(urls[0].json()["upload_url"]).path, content=b"abc")
         assert put.status_code == 200, put.text
@@ -455,6 +459,7 @@ def test_upload_urls_and_sessions_waiting_are_bounded_per_device(limited: Stack,
                              metadata=md)
         assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert rich_error(full.value)[0].reason == "TOO_MANY_UPLOAD_SESSIONS"
+        assert "retry-after" not in dict(full.value.trailing_metadata())
         # Starting an open one again is no new session.
         stub.StartUpload(pb.StartUploadRequest(device="lim-rows", name="r.bin", upload_id="lim-rows-02"), metadata=md)
 

@@ -396,6 +396,7 @@ def test_while_postgresql_refuses_connections_requests_are_503_and_nothing_is_ha
                     body = r.json()
                     assert body["code"] == 14 and body["message"] == "the database is unavailable; try again later"
                     assert [d["reason"] for d in body["details"]] == ["DATABASE_UNAVAILABLE"], body
+                    assert r.headers["retry-after"] == "1", (path, r.headers)
                 r = http.post(f"/api/gallery/{device}/upload", headers=headers, data={"name": "b.png"},
                               files={"event": ("b.png", VIDEO, "image/png")})
                 assert r.status_code == 503, r.text
@@ -408,6 +409,7 @@ def test_while_postgresql_refuses_connections_requests_are_503_and_nothing_is_ha
                                 ("authorization", headers["Authorization"])], timeout=30)
                     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
                     assert rich_error(raised.value)[0].reason == "DATABASE_UNAVAILABLE"
+                    assert ("retry-after", "1") in raised.value.trailing_metadata()
                 # The operator's status still answers, with what lives outside the database.
                 r = http.get("/api/admin/status", headers={"Authorization": f"Bearer {admin_token}"})
                 assert r.status_code == 200, r.text

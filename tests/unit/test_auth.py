@@ -767,11 +767,15 @@ def test_jwks_unreachable_is_unavailable_not_unauthenticated(jwks_server, rsa_pr
     jwks_server.publish("rsa-1", rsa_private)
     token = _kid_token(rsa_private, "rsa-1")
     verifier = auth.Verifier(secret=JWT_SECRET, jwks_url=jwks_server.url, jwks_cooldown=2.0)
+    told = []
     for _ in range(20):  # one fetch fails; the next requests fail fast without fetching
         with pytest.raises(Unavailable) as info:
             verifier.verify(token)
         assert info.value.reason == "JWKS_UNAVAILABLE"
+        told.append(info.value.retry_after)
     assert jwks_server.requests == 1
+    # Each is told when the next fetch will be made (Retry-After): the window's end, drawing near.
+    assert told[0] == 2.0 and all(0 < later <= earlier for earlier, later in zip(told, told[1:], strict=False)), told
     jwks_server.down = False
     time.sleep(2.1)
     assert verifier.verify(token).subject == "alice"

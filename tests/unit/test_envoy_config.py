@@ -14,7 +14,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from gallery_server import db, downloads, envoy_config, supervisor
-from gallery_server.errors import Unauthenticated
+from gallery_server.errors import Busy, Unauthenticated
 from gallery_server.rpc import servicer, status
 from gallery_server.signed_urls import SignedUploadState
 
@@ -68,8 +68,9 @@ def test_a_page_may_read_every_header_the_rest_api_answers_with() -> None:
         answered.add("allow")  # a 405's: the methods the path takes
     if "always_set_request_id_in_response: true" in envoy_config.TEMPLATE.read_text():
         answered.add("x-request-id")  # Envoy's, on every answer
-    refused = status.to_status(Unauthenticated("TOKEN_MISSING", "missing bearer token"))
-    answered |= {name for name, _ in refused.trailing_metadata} - {"grpc-status-details-bin"}  # the body's
+    for error in (Unauthenticated("TOKEN_MISSING", "missing bearer token"), Busy("TOO_MANY_UPLOADS", "full")):
+        # grpc-status-details-bin is the body's
+        answered |= {name for name, _ in status.to_status(error).trailing_metadata} - {"grpc-status-details-bin"}
     safelisted = {"content-type", "content-length"}  # a page reads these without being told
     assert answered - safelisted == set(envoy_config.CORS_EXPOSED_HEADERS)
 
@@ -166,7 +167,10 @@ def test_each_local_reply_mapper_answers_one_rest_status_in_the_servers_error_sh
                                       "runtime_key": f"gallery.local_reply.{http_status}"},
             }}}]}},
             "body_format_override": body(code, reason),
-            "headers_to_add": safety + vary,
+            # No server to answer, or Envoy overloaded: a second, and Envoy has checked again.
+            "headers_to_add": safety + vary + ([{"header": {"key": "retry-after", "value": "1"},
+                                                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+                                               if http_status in (502, 503) else []),
         }
     assert mappers[len(statuses)] == {"filter": rest, "body_format_override": body(2, "REQUEST_FAILED"),
                                       "headers_to_add": safety + vary}

@@ -31,7 +31,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from .. import auth, logs
-from ..errors import Exhausted, GalleryError, InvalidArgument, Unauthenticated
+from ..errors import Busy, GalleryError, InvalidArgument, Unauthenticated
 from ..metrics import CALL_TYPES, Metrics
 from . import chunks, status
 
@@ -210,7 +210,7 @@ def _counted(behavior: Callable[..., Iterator[Any]], slots: threading.BoundedSem
 
     def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         if not slots.acquire(blocking=False):
-            raise Exhausted(
+            raise Busy(
                 "TOO_MANY_REFLECTION_STREAMS",
                 f"at most {MAX_REFLECTION_STREAMS} reflection streams at once on a server: "
                 "close one, or retry later",

@@ -6,6 +6,8 @@ metadata) and, when a request field is at fault, a BadRequest field violation (A
 
 from __future__ import annotations
 
+import math
+
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -61,6 +63,11 @@ _WWW_AUTHENTICATE: dict[str, str] = {
     "TOKEN_MALFORMED": f'{_REALM}, error="invalid_request"',
 }
 _INVALID_TOKEN = f'{_REALM}, error="invalid_token"'
+# When to try again, where waiting is what helps (GalleryError.retry_after): whole seconds, at
+# least one (RFC 9110 10.2.3), in a trailer, which Envoy makes a header of the REST answer as it
+# does www-authenticate; HTTP clients that retry (urllib3's Retry, say) wait that long for a 429
+# or a 503. Native clients read it from the trailing metadata.
+RETRY_AFTER_HEADER = "retry-after"
 
 
 def _code(error: errors.GalleryError) -> int:
@@ -101,6 +108,8 @@ def to_status(error: errors.GalleryError) -> grpc.Status:
         extra.append((HTTP_STATUS_HEADER, http_status))
     if isinstance(error, errors.Unauthenticated):
         extra.append(("www-authenticate", _WWW_AUTHENTICATE.get(error.reason, _INVALID_TOKEN)))
+    if error.retry_after is not None:
+        extra.append((RETRY_AFTER_HEADER, str(max(1, math.ceil(error.retry_after)))))
     if not extra:
         return mapped
     return _Status(mapped.code, mapped.details, (*mapped.trailing_metadata, *extra))
