@@ -45,6 +45,21 @@ def test_page_tokens_visit_every_event_once_in_order(gallery, principal, events,
     assert walk(gallery, principal, limit=limit, order="oldest") == [e.id for e in events]
 
 
+@pytest.mark.parametrize(("limit", "sizes"), [(7, [7, 7, 7, 7, 2]), (10, [10, 10, 10, 0]), (30, [30, 0]), (31, [30])])
+def test_the_token_is_empty_once_a_page_is_short(gallery, principal, events, limit, sizes):
+    """As README and the proto say: a page with fewer than `limit` events ends the listing, and a
+    last page that is exactly full names one more, empty page (no second read per full page).
+    Both printers of a page: rows (native) and the REST listing's JSON."""
+    for read in (gallery.list_page, gallery.list_page_json):
+        served, token = [], ""
+        while True:
+            page, token = read(principal, "cam1", limit=limit, page_token=token)
+            served.append(len(json.loads(page)) if isinstance(page, bytes) else len(page))
+            if not token:
+                break
+        assert served == sizes, read.__name__
+
+
 def test_time_window_is_inclusive_then_exclusive(gallery, principal, events):
     since, until = T0 + datetime.timedelta(minutes=2), T0 + datetime.timedelta(minutes=5)
     ids = walk(gallery, principal, limit=2, order="oldest", since=since.isoformat(), until=until.isoformat())
