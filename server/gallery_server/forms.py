@@ -37,8 +37,10 @@ _NATIVE_ONLY = {
     "mimetype": "the type is detected from the content (or set media_type)",
     "metadatajson": "send the JSON object as `metadata`",
 }
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off", ""}
+# What HTML forms and client libraries write for a flag, and every spelling the query's
+# booleans take (Envoy's transcoder reads `thumbnail=t` and `y` too), so both say the same.
+_TRUE = {"true", "1", "yes", "on", "t", "y"}
+_FALSE = {"false", "0", "no", "off", "", "f", "n"}
 
 
 def multipart_boundary(content_type: str) -> bytes:

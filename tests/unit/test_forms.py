@@ -214,6 +214,7 @@ def test_no_event_part_means_no_media(storage: Storage) -> None:
 
 def test_text_fields_are_trimmed_and_flags_parsed(storage: Storage) -> None:
     for flag, expected in [("true", True), ("TRUE", True), (" 1 ", True), ("yes", True), ("on", True),
+                           ("t", True), ("Y", True), ("f", False), ("n", False),  # as the query's booleans
                            ("false", False), ("0", False), ("no", False), ("off", False), ("", False)]:
         received = receive(storage, [body(
             Part("event", b"x"), Part("media_type", b"  video \r\n\t"), Part("has_thumbnail", flag.encode()),
