@@ -352,7 +352,7 @@ def _small_requests(bench: Bench, floor: FloorStack, aio_floor: FloorStack, seco
         (FLOOR_STATS_AIO, aio_floor.http_port, f"/api/gallery/{SMALL_DEVICE}/stats", auth, aio_floor.pids, stats),
         ("GET .../events/{id} via Envoy (GetEvent: metadata and pull state)", bench.stack.http_port, event, auth,
          gallery, lambda body: json.loads(body)["id"] == event_id),
-        ("GET .../events/{id}/thumbnail via Envoy (3 KiB, GetEventThumbnail)", bench.stack.http_port,
+        ("GET .../events/{id}/thumbnail via Envoy (3 KiB, sent by Envoy after Check)", bench.stack.http_port,
          f"{event}/thumbnail", auth, gallery, lambda body: body == thumbnail),
         ("peer: GET /ping on uvicorn/Starlette (no auth, no proxy)", bench.peer.port, "/ping", {},
          {"server": bench.peer.pid}, success),
@@ -396,7 +396,8 @@ def _small_requests(bench: Bench, floor: FloorStack, aio_floor: FloorStack, seco
         "proxy: an upper bound for Python); gallery paths ÷ peer request rate: "
         f"{ratio(cases[0][0], cases[-1][0]):.2f}. The one-event rows are what a gallery's page of thumbnails "
         "asks for: an event uploaded with a 3 KiB thumbnail, read by GetEvent (JSON with its metadata and pull "
-        "state) and GetEventThumbnail (the bytes, streamed by the server; each answer checked).\n\n"
+        "state) and the thumbnail's GET (the bytes, which Envoy sends itself once the server's Check has let it, "
+        "rpc/file_handoff.py, as for content; each answer checked).\n\n"
         + md_table(header, rows)
     )
     return Section("Small requests", text_table(header, rows), markdown, raw)

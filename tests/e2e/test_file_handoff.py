@@ -1,13 +1,13 @@
 """REST downloads sent by Envoy itself (server/gallery_server/rpc/file_handoff.py).
 
 Who answered is read from the server's access log: a download Envoy sent shows a Check and no
-GetEventContent; one the server streamed shows GetEventContent. What is checked: the status, bytes
-and headers of whole files and of ranges of every form (the same as the streamed answer's, but for
-how the length is framed), that every request the handoff does not take (conditional requests,
-unsatisfiable ranges, errors, a file that no longer matches its record) still gets the server's
-answer, that an error Envoy answers after a handoff does not carry
-the file's headers, that the file path Envoy reads is reachable by no client (raw requests, so
-that `..` is sent as is), that Envoy's Check call is not open to clients, and
+GetEventContent (or GetEventThumbnail); one the server streamed shows that. What is checked: the
+status, bytes and headers of whole files, thumbnails and ranges of every form (the same as the
+streamed answer's, but for how the length is framed), that every request the handoff does not take
+(conditional requests, unsatisfiable ranges, errors, a file that no longer matches its record)
+still gets the server's answer, that an error Envoy answers after a handoff does not carry the
+file's headers, that the file path Envoy reads is reachable by no client (raw requests, so that
+`..` is sent as is), that Envoy's Check call is not open to clients, and
 GALLERY_ENVOY_SENDS_FILES=false.
 """
 
@@ -29,10 +29,11 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from gallery_server.downloads import content_headers, reply
 
 from .conftest import Stack, access_line, start_stack
-from .test_downloads import MiB, assert_error, content_url, multipart_upload, new_device
+from .test_downloads import JPEG, MiB, assert_error, content_url, multipart_upload, new_device, upload_with_thumbnail
 
 CHECK = "/envoy.service.auth.v3.Authorization/Check"
 GET_CONTENT = "/gallery.v1.GalleryService/GetEventContent"
+GET_THUMBNAIL = "/gallery.v1.GalleryService/GetEventThumbnail"
 # How the two answers frame the body, what only an answer from upstream carries, and each
 # answer's own request id.
 TRANSPORT_HEADERS = {"content-length", "transfer-encoding", "date", "x-envoy-upstream-service-time",
@@ -166,6 +167,34 @@ def test_envoy_answers_as_the_server_would(stack, http, stored, range_header, st
     assert comparable(handed_off) == comparable(from_server)
     if status == 206:
         assert handed_off.headers["content-range"] == f"bytes {window[0]}-{window[1] - 1}/{SIZE}"
+
+
+@pytest.mark.parametrize("range_header", [None, "bytes=2-9", "bytes=-4"])
+def test_envoy_sends_a_thumbnail_as_the_server_describes_it(stack, http, stored, range_header):
+    """A gallery's page asks for dozens of thumbnails: Envoy sends them after a Check, with a
+    Content-Length (streamed, they came chunked), and the headers of the server's own answer."""
+    device, _, _, headers = stored
+    event_id = upload_with_thumbnail(http, device, headers(), b"clip", JPEG)
+    url = f"/api/gallery/{device}/events/{event_id}/thumbnail"
+    request = {**headers(), **({"Range": range_header} if range_header else {})}
+    with Answered(stack) as sent:
+        handed_off = http.get(url, headers=request)
+    with Answered(stack) as streamed:
+        from_server = http.get(url, headers={**request, "If-None-Match": '"something else"'})
+    assert (sent.methods, streamed.methods) == ([CHECK], [GET_THUMBNAIL])
+    expected = JPEG if range_header is None else JPEG[2:10] if range_header == "bytes=2-9" else JPEG[-4:]
+    assert handed_off.status_code == from_server.status_code == (200 if range_header is None else 206)
+    assert handed_off.content == from_server.content == expected
+    assert handed_off.headers["content-length"] == str(len(expected))
+    assert "transfer-encoding" not in handed_off.headers
+    assert handed_off.headers["content-type"] == "image/jpeg"  # from its bytes
+    assert handed_off.headers["etag"] == f'"{hashlib.sha256(JPEG).hexdigest()}"'
+    assert "content-disposition" not in handed_off.headers
+
+    def comparable(r: httpx.Response) -> dict[str, str]:
+        return {k: v for k, v in r.headers.items() if k not in TRANSPORT_HEADERS}
+
+    assert comparable(handed_off) == comparable(from_server)
 
 
 @pytest.mark.parametrize(("extra", "status", "size"), [

@@ -17,7 +17,7 @@ from gallery_server.rpc.file_handoff import FILES_PREFIX, FileHandoff
 from gallery_server.service import Gallery
 
 from ..conftest import JWT_SECRET
-from .test_service import PDF, store
+from .test_service import PDF, PNG, store
 
 
 def check(handoff: FileHandoff, path: str, method: str = "GET", **headers: str) -> external_auth_pb2.CheckResponse:
@@ -69,6 +69,24 @@ def test_a_whole_file_is_handed_off(gallery, principal, handoff):
     assert (gallery.storage.media_root / got[":path"].removeprefix(FILES_PREFIX)).read_bytes() == PDF
 
 
+def test_a_thumbnail_is_handed_off_as_its_streaming_path_describes_it(gallery, principal, handoff):
+    """Its type detected from its bytes, its ETag their SHA-256, no Content-Disposition, as
+    GetEventThumbnail answers (a gallery's page asks for dozens at once)."""
+    event = store(gallery, principal, data=PDF, name="report.pdf", thumbnail=PNG)
+    got = handed_off(check(handoff, f"/api/gallery/cam1/events/{event.id}/thumbnail", authorization=bearer()))
+    sha256 = hashlib.sha256(PNG).hexdigest()
+    assert got == {
+        ":path": f"{FILES_PREFIX}cam1/{event.id}.thumb", "-range": "",
+        "etag": f'"{sha256}"', "accept-ranges": "bytes", "x-content-length": str(len(PNG)),
+        "x-content-sha256": sha256, "content-type": "image/png", "x-gallery-handoff": "1",
+        "x-content-type-options": "nosniff", "content-security-policy": "sandbox; default-src 'none'",
+    }
+    assert (gallery.storage.media_root / got[":path"].removeprefix(FILES_PREFIX)).read_bytes() == PNG
+    window = handed_off(check(handoff, f"/api/gallery/cam1/events/{event.id}/thumbnail",
+                              authorization=bearer(), range="bytes=-4"))
+    assert window is not None and window["range"] == f"bytes={len(PNG) - 4}-{len(PNG) - 1}"
+
+
 def test_a_path_is_read_as_the_transcoder_reads_it(gallery, principal, handoff):
     """A device's `:` as `%3A` (encodeURIComponent writes it so), as the transcoder decodes it."""
     event = store(gallery, principal, device="00:1a:2b:3c:4d:5e", data=PDF)
@@ -104,7 +122,7 @@ def test_a_range_the_rules_ignore_is_removed(gallery, principal, handoff, range_
 
 
 @pytest.mark.parametrize("case", [
-    "HEAD", "unsatisfiable range", "if-none-match", "if-range", "if-modified-since", "thumbnail path", "no token",
+    "HEAD", "unsatisfiable range", "if-none-match", "if-range", "if-modified-since", "no thumbnail", "no token",
     "bad token", "other device", "write scope only", "unknown event", "event id of another device",
     "encoded device", "deleted file", "file of another size",
 ])
@@ -120,7 +138,7 @@ def test_everything_else_goes_on_unchanged(gallery, principal, handoff, case):
             headers["range"] = f"bytes={len(PDF)}-"
         case "if-none-match" | "if-range" | "if-modified-since":
             headers[case] = '"x"'
-        case "thumbnail path":
+        case "no thumbnail":  # 404 THUMBNAIL_NOT_FOUND is the server's
             path = path.replace("/content", "/thumbnail")
         case "no token":
             headers = {}

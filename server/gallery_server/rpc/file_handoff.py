@@ -3,22 +3,23 @@
 Streaming a file through grpcio and Envoy's transcoder costs the server and Envoy CPU for every
 byte; Envoy's file_server filter reads the file and writes it to the client with neither
 (BENCHMARKS.md, downloads). Envoy calls Check (envoy.service.auth.v3.Authorization, the ext_authz
-filter in envoy/envoy.yaml) for `GET /api/gallery/{device}/events/{eventId}/content` without
-conditional headers. When the bearer token may read the event, its media is stored here with the
-recorded size and the request gets bytes by the server's own rules (downloads.unconditional_reply:
-the whole file, or the one window a Range selects), the answer rewrites the path to
-FILES_PREFIX/<device>/<event_id>, which the file_server filter maps to the media folder, and sets
+filter in envoy/envoy.yaml) for `GET /api/gallery/{device}/events/{eventId}/content` and
+`.../thumbnail` without conditional headers. When the bearer token may read the event, its media
+is stored here with the recorded size (or its thumbnail is there) and the request gets bytes by the
+server's own rules (downloads.unconditional_reply: the whole file, or the one window a Range
+selects), the answer rewrites the path to FILES_PREFIX/<device>/<file> (<event_id>, or
+<event_id>.thumb), which the file_server filter maps to the media folder, and sets
 the Range to that window in the one form file_server reads (`bytes=first-last`), or removes a Range
 the rules ignore. It adds the response headers the streaming path sends (downloads.content_headers)
 and HANDOFF_HEADER, by which Envoy's Lua filter drops them from an error Envoy answers instead (the
 file gone since).
 
-Anything else is answered "go on unchanged": the request then reaches GetEventContent through the
-transcoder, which answers it as it always did (401, 403, 404, 416, an event still on its device). Check
-never refuses and authorization stays with that path: an error here costs speed, not correctness
-(Envoy is told to go on when Check fails, failure_mode_allow). Nor does Check let anything be read
-that GetEventContent would not send to the same request: the path it writes is built from
-validated ids, and only this route's file_server ever sees it.
+Anything else is answered "go on unchanged": the request then reaches GetEventContent (or
+GetEventThumbnail) through the transcoder, which answers it as it always did (401, 403, 404, 416,
+an event still on its device). Check never refuses and authorization stays with that path: an error
+here costs speed, not correctness (Envoy is told to go on when Check fails, failure_mode_allow).
+Nor does Check let anything be read that the streaming path would not send to the same request: the
+path it writes is built from validated ids, and only this route's file_server ever sees it.
 
 Check needs no bearer token of its own (Envoy has none to give): on the gRPC port, where Envoy
 does not stand in the way, a caller learns only what its token could read anyway.
@@ -28,7 +29,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import re
+import typing
 import urllib.parse
 
 from envoy.config.core.v3 import base_pb2
@@ -48,7 +51,7 @@ CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
 FILES_PREFIX = "/_gallery_media/"
 HANDOFF_HEADER = "x-gallery-handoff"  # removed by Envoy's Lua filter before the client sees it
 
-_CONTENT_PATH = re.compile(r"/api/gallery/([^/?#]+)/events/([^/?#]+)/content(?:\?.*)?", re.DOTALL)
+_DOWNLOAD_PATH = re.compile(r"/api/gallery/([^/?#]+)/events/([^/?#]+)/(content|thumbnail)(?:\?.*)?", re.DOTALL)
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _GO_ON = authz_pb2.CheckResponse(
     status=status_pb2.Status(code=0), ok_response=authz_pb2.OkHttpResponse()
@@ -79,20 +82,21 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
     def _handoff(
         self, method: str, path: str, headers: dict[str, str],
     ) -> authz_pb2.CheckResponse | None:
-        match = _CONTENT_PATH.fullmatch(path)
+        match = _DOWNLOAD_PATH.fullmatch(path)
         if method != "GET" or match is None:
             return None
         # Decoded as the transcoder decodes a path's variables: a device's %3A (tests/e2e/test_device_ids.py).
-        device, event_id = (urllib.parse.unquote(part) for part in match.groups())
+        device, event_id = (urllib.parse.unquote(part) for part in match.groups()[:2])
         principal = self._verifier.verify(auth.bearer_token(headers.get("authorization")))
         on_behalf_of(subject=principal.subject)
-        event, file = self._gallery.stored_media(principal, device, event_id)
-        try:
-            if os.stat(file).st_size != event.size or not event.mime_type:
-                return None
-        except FileNotFoundError:
+        if match[3] == "thumbnail":
+            found = self._thumbnail(principal, device, event_id)
+        else:
+            found = self._media(principal, device, event_id)
+        if found is None:
             return None
-        answer = downloads.unconditional_reply(headers, event.size, event.sha256)
+        file, size, sha256, mime_type, name = found
+        answer = downloads.unconditional_reply(headers, size, sha256)
         if answer is None:
             return None
         if answer.status == downloads.PARTIAL_CONTENT:
@@ -100,17 +104,18 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
             set_range, remove = [_header("range", window)], []
         else:
             set_range, remove = [], ["range"]  # a Range the rules ignore: the whole file
-        response_headers = downloads.content_headers(answer, event.mime_type, event.name)
+        response_headers = downloads.content_headers(answer, mime_type, name)
         # The access log's line is Check's: this one says what was let read (Envoy's own access
         # log, if kept, says what it then sent).
         log.info("download handed to envoy", extra={
-            "device": event.device, "event_id": event.id, "bytes": answer.length, "subject": principal.subject,
+            "device": device, "event_id": event_id, "file": file.name, "bytes": answer.length,
+            "subject": principal.subject,
         })
         return authz_pb2.CheckResponse(
             status=status_pb2.Status(code=0),
             ok_response=authz_pb2.OkHttpResponse(
                 # Both ids passed validation: neither holds a `/`, a `%` or a `..`.
-                headers=[_header(":path", f"{FILES_PREFIX}{event.device}/{event.id}"), *set_range],
+                headers=[_header(":path", f"{FILES_PREFIX}{device}/{file.name}"), *set_range],
                 headers_to_remove=remove,
                 response_headers_to_add=[
                     _header(k, v)
@@ -118,6 +123,38 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
                 ],
             ),
         )
+
+
+    def _media(self, principal: auth.Principal, device: str, event_id: str) -> _Found | None:
+        """The event's media, when its file is there with the recorded size (else the streaming
+        path tells what is wrong) and its type is known."""
+        event, file = self._gallery.stored_media(principal, device, event_id)
+        try:
+            if os.stat(file).st_size != event.size or not event.mime_type:
+                return None
+        except FileNotFoundError:
+            return None
+        return _Found(file, event.size, event.sha256, event.mime_type, event.name)
+
+    def _thumbnail(self, principal: auth.Principal, device: str, event_id: str) -> _Found | None:
+        """The event's thumbnail, read and hashed here as the streaming path reads it (a few KiB:
+        Gallery.open_thumbnail). Thumbnails are replaced by rename only, so Envoy reads either
+        this one or, if a pulled upload brought its own in between, that one whole: then under
+        this one's ETag, x-content-length and x-content-sha256, which tell a client that checks."""
+        content = self._gallery.open_thumbnail(principal, device, event_id)
+        content.file.close()
+        return _Found(self._gallery.storage.thumbnail_path(device, event_id), content.size, content.sha256,
+                      content.mime_type, "")
+
+
+class _Found(typing.NamedTuple):
+    """A stored file Envoy may send, and what its answer says of it."""
+
+    file: pathlib.Path
+    size: int
+    sha256: str
+    mime_type: str
+    name: str  # the Content-Disposition's filename; "" for none
 
 
 def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
