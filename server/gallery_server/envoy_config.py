@@ -15,7 +15,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from . import downloads
 from .addresses import ANY_HOST, split_address
-from .errors import ERROR_DOMAIN
+from .errors import ERROR_DOMAIN, RETRY_AFTER_HEADER
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "envoy" / "envoy.yaml"
@@ -75,7 +75,7 @@ CORS_EXPOSED_HEADERS = (
     "www-authenticate",  # a 401's: which token problem (RFC 6750)
     "x-request-id",  # every answer's: what the logs call the request
     "allow",  # a 405's: the methods the path takes (method_not_allowed_routes)
-    "retry-after",  # a 429's or 503's: when to try again (rpc/status.py)
+    RETRY_AFTER_HEADER,  # a 429's or 503's: when to try again (rpc/status.py)
 )
 CORS_MAX_AGE_SECONDS = 600  # how long a browser may reuse a preflight's answer
 
@@ -262,7 +262,7 @@ def _local_reply_mappers(cors: bool) -> list[dict[str, object]]:
             "filter": {"and_filter": {"filters": [rest, status_is(status)]}},
             "body_format_override": body(code, reason),
             "headers_to_add": [*_headers_to_add(cors), *(
-                [{"header": {"key": "retry-after", "value": str(RETRY_AFTER_NO_SERVER_SECONDS)},
+                [{"header": {"key": RETRY_AFTER_HEADER, "value": str(RETRY_AFTER_NO_SERVER_SECONDS)},
                   "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}] if status in (502, 503) else []
             )],
         }

@@ -24,6 +24,8 @@ from __future__ import annotations
 # The ErrorInfo domain of every error the API answers with: the server's (rpc/status.py) and
 # Envoy's own (envoy_config.py).
 ERROR_DOMAIN = "gallery"
+# The header that tells GalleryError.retry_after (rpc/status.py), and Envoy's own (envoy_config.py).
+RETRY_AFTER_HEADER = "retry-after"
 
 
 class GalleryError(Exception):

@@ -13,7 +13,7 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 
 from gallery_server import auth
-from gallery_server.rpc.file_handoff import FILES_PREFIX, FileHandoff
+from gallery_server.rpc.file_handoff import FILES_PREFIX, HANDOFF_THUMBNAIL_BYTES, FileHandoff
 from gallery_server.service import Gallery
 
 from ..conftest import JWT_SECRET
@@ -82,9 +82,26 @@ def test_a_thumbnail_is_handed_off_as_its_streaming_path_describes_it(gallery, p
         "x-content-type-options": "nosniff", "content-security-policy": "sandbox; default-src 'none'",
     }
     assert (gallery.storage.media_root / got[":path"].removeprefix(FILES_PREFIX)).read_bytes() == PNG
-    window = handed_off(check(handoff, f"/api/gallery/cam1/events/{event.id}/thumbnail",
-                              authorization=bearer(), range="bytes=-4"))
-    assert window is not None and window["range"] == f"bytes={len(PNG) - 4}-{len(PNG) - 1}"
+
+
+@pytest.mark.parametrize("case", ["range", "large", "missing"])
+def test_a_thumbnail_envoy_must_not_send_goes_on_unchanged(gallery, principal, handoff, case):
+    """A window of a thumbnail replaced since Check could be neither file's; a large one would be
+    read and hashed on a quick-read thread; a missing one is the server's 404."""
+    event = store(gallery, principal, data=PDF, thumbnail=PNG)
+    path, headers = f"/api/gallery/cam1/events/{event.id}/thumbnail", {"authorization": bearer()}
+    thumbnail = gallery.storage.thumbnail_path("cam1", event.id)
+    match case:
+        case "range":
+            headers["range"] = "bytes=0-3"
+        case "large":
+            thumbnail.write_bytes(PNG.ljust(HANDOFF_THUMBNAIL_BYTES + 1, b"\0"))
+        case "missing":
+            thumbnail.unlink()
+    assert handed_off(check(handoff, path, **headers)) is None
+    if case == "large":  # the largest it takes
+        thumbnail.write_bytes(PNG.ljust(HANDOFF_THUMBNAIL_BYTES, b"\0"))
+        assert handed_off(check(handoff, path, authorization=bearer())) is not None
 
 
 def test_a_path_is_read_as_the_transcoder_reads_it(gallery, principal, handoff):

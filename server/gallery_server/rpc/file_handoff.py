@@ -5,9 +5,9 @@ byte; Envoy's file_server filter reads the file and writes it to the client with
 (BENCHMARKS.md, downloads). Envoy calls Check (envoy.service.auth.v3.Authorization, the ext_authz
 filter in envoy/envoy.yaml) for `GET /api/gallery/{device}/events/{eventId}/content` and
 `.../thumbnail` without conditional headers. When the bearer token may read the event, its media
-is stored here with the recorded size (or its thumbnail is there) and the request gets bytes by the
-server's own rules (downloads.unconditional_reply: the whole file, or the one window a Range
-selects), the answer rewrites the path to FILES_PREFIX/<device>/<file> (<event_id>, or
+is stored here with the recorded size (or it has a small thumbnail, asked for whole: _thumbnail)
+and the request gets bytes by the server's own rules (downloads.unconditional_reply: the whole
+file, or the one window a Range selects), the answer rewrites the path to FILES_PREFIX/<device>/<file> (<event_id>, or
 <event_id>.thumb), which the file_server filter maps to the media folder, and sets
 the Range to that window in the one form file_server reads (`bytes=first-last`), or removes a Range
 the rules ignore. It adds the response headers the streaming path sends (downloads.content_headers)
@@ -39,7 +39,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as authz_pb2
 from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_pb2_grpc
 from google.rpc import status_pb2
 
-from .. import auth, downloads
+from .. import auth, downloads, validation
 from ..errors import GalleryError
 from ..service import Gallery
 from .interceptor import on_behalf_of
@@ -50,6 +50,11 @@ CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
 # What the rewritten path starts with; envoy/envoy.yaml maps it to <data>/media/.
 FILES_PREFIX = "/_gallery_media/"
 HANDOFF_HEADER = "x-gallery-handoff"  # removed by Envoy's Lua filter before the client sees it
+# Check runs on the few quick-read threads (rpc/server.py) and reads and hashes a thumbnail whole
+# there: only one this small (a server-made one is a few tens of KiB). A larger one, up to
+# GALLERY_MAX_THUMBNAIL_BYTES, is streamed by the server on its other threads: 8 clients asking
+# for a 10 MB one took the quick reads' p50 from 3 to ~80 ms (review, 2026-12-01).
+HANDOFF_THUMBNAIL_BYTES = 256 * 1024
 
 _DOWNLOAD_PATH = re.compile(r"/api/gallery/([^/?#]+)/events/([^/?#]+)/(content|thumbnail)(?:\?.*)?", re.DOTALL)
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -90,7 +95,7 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
         principal = self._verifier.verify(auth.bearer_token(headers.get("authorization")))
         on_behalf_of(subject=principal.subject)
         if match[3] == "thumbnail":
-            found = self._thumbnail(principal, device, event_id)
+            found = None if "range" in headers else self._thumbnail(principal, device, event_id)
         else:
             found = self._media(principal, device, event_id)
         if found is None:
@@ -137,10 +142,20 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
         return _Found(file, event.size, event.sha256, event.mime_type, event.name)
 
     def _thumbnail(self, principal: auth.Principal, device: str, event_id: str) -> _Found | None:
-        """The event's thumbnail, read and hashed here as the streaming path reads it (a few KiB:
-        Gallery.open_thumbnail). Thumbnails are replaced by rename only, so Envoy reads either
-        this one or, if a pulled upload brought its own in between, that one whole: then under
-        this one's ETag, x-content-length and x-content-sha256, which tell a client that checks."""
+        """The event's thumbnail, read and hashed here as the streaming path reads it
+        (Gallery.open_thumbnail), when it is at most HANDOFF_THUMBNAIL_BYTES.
+
+        A thumbnail is replaced by rename only (one a pulled upload, a device's PUT or its drop
+        folder brings over the server's own): Envoy then reads this one or the new one whole, the
+        new one under this one's ETag, x-content-length and x-content-sha256, which tell a client
+        that checks. A window of it could be neither's: a GET with a Range is left to the
+        server, which reads and sends one open file."""
+        path = self._gallery.storage.thumbnail_path(validation.device_id(device), validation.event_id(event_id))
+        try:
+            if path.stat().st_size > HANDOFF_THUMBNAIL_BYTES:
+                return None
+        except OSError:  # none: the server's 404
+            return None
         content = self._gallery.open_thumbnail(principal, device, event_id)
         content.file.close()
         return _Found(self._gallery.storage.thumbnail_path(device, event_id), content.size, content.sha256,

@@ -14,7 +14,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from .. import errors
-from ..errors import ERROR_DOMAIN
+from ..errors import ERROR_DOMAIN, RETRY_AFTER_HEADER
 from ..quota import QUOTA_EXCEEDED
 from ..storage import INSUFFICIENT_STORAGE
 
@@ -67,7 +67,6 @@ _INVALID_TOKEN = f'{_REALM}, error="invalid_token"'
 # least one (RFC 9110 10.2.3), in a trailer, which Envoy makes a header of the REST answer as it
 # does www-authenticate; HTTP clients that retry (urllib3's Retry, say) wait that long for a 429
 # or a 503. Native clients read it from the trailing metadata.
-RETRY_AFTER_HEADER = "retry-after"
 
 
 def _code(error: errors.GalleryError) -> int:
