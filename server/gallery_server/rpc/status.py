@@ -63,10 +63,6 @@ _WWW_AUTHENTICATE: dict[str, str] = {
     "TOKEN_MALFORMED": f'{_REALM}, error="invalid_request"',
 }
 _INVALID_TOKEN = f'{_REALM}, error="invalid_token"'
-# When to try again, where waiting is what helps (GalleryError.retry_after): whole seconds, at
-# least one (RFC 9110 10.2.3), in a trailer, which Envoy makes a header of the REST answer as it
-# does www-authenticate; HTTP clients that retry (urllib3's Retry, say) wait that long for a 429
-# or a 503. Native clients read it from the trailing metadata.
 
 
 def _code(error: errors.GalleryError) -> int:
@@ -108,6 +104,10 @@ def to_status(error: errors.GalleryError) -> grpc.Status:
     if isinstance(error, errors.Unauthenticated):
         extra.append(("www-authenticate", _WWW_AUTHENTICATE.get(error.reason, _INVALID_TOKEN)))
     if error.retry_after is not None:
+        # When to try again, where waiting is what helps: whole seconds, at least one (RFC 9110
+        # 10.2.3), in a trailer, which Envoy makes a header of the REST answer as it does
+        # www-authenticate; HTTP clients that retry (urllib3's Retry, say) wait that long for a
+        # 429 or a 503. Native clients read it from the trailing metadata.
         extra.append((RETRY_AFTER_HEADER, str(max(1, math.ceil(error.retry_after)))))
     if not extra:
         return mapped
