@@ -63,6 +63,8 @@ THUMBNAIL = "thumbnail"
 _VERSION = 2
 # The session of a pre-signed URL: "." keeps it apart from native upload ids ([A-Za-z0-9_-]).
 SESSION_PREFIX = "url."
+# The reason of a form sent as a PUT's body: 415 through Envoy (rpc/status.py).
+MULTIPART_PUT = "MULTIPART_PUT"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +267,19 @@ class SignedUploads:
         if content_length > limit:
             raise upload_too_large("thumbnail" if thumbnail else "event", limit, field="size")
         return None
+
+    @staticmethod
+    def check_body_type(content_type: str) -> None:
+        """Refuse a form as a PUT's body: a PUT stores its body as the file, so `curl -F` or a
+        browser's FormData stored the form, boundaries and all, as the media (contract probe,
+        2026-12-01). Before any byte is written: the URL stays unused for the retry."""
+        if content_type.split(";", 1)[0].strip().lower() == "multipart/form-data":
+            raise InvalidArgument(
+                MULTIPART_PUT,
+                "a PUT's body is the file itself, not a form: send the bytes (curl --upload-file FILE), "
+                "or POST the form to /api/gallery/{device}/upload",
+                field="content_type",
+            )
 
     def _check_range(self, target: SignedTarget, content_range: ContentRange, content_length: int | None) -> None:
         if target.purpose != MEDIA:

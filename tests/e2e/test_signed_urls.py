@@ -350,6 +350,39 @@ def test_media_without_thumbnail_url_and_empty_body(client: Client) -> None:
 # -- rejected PUTs --------------------------------------------------------------------------------
 
 
+def raw_put_with_type(url: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
+    with httpx.Client(timeout=60) as http:
+        return http.put(url, content=content, headers=headers)
+
+
+@pytest.mark.parametrize(("which", "content_range"), [
+    ("upload_url", False), ("upload_url", True), ("thumbnail_upload_url", False),  # a thumbnail's PUT is whole
+], ids=["media", "media-range", "thumbnail"])
+def test_a_form_put_is_refused_and_its_url_kept(client: Client, stack: Stack, which: str, content_range: bool) -> None:
+    """`curl -F file=@clip.mp4 -X PUT <url>` (or a browser's FormData) sends a form: its bytes,
+    boundaries and all, were stored as the file. 415 before anything is written; the URL then
+    takes the file's own bytes."""
+    device = new_device()
+    urls = client.upload_urls(device, "clip.mp4", thumbnail=True)
+    media = random_bytes(5_000)
+    files = stored_files(stack.data_dir)
+    form = httpx.Request("PUT", urls[which], files={"file": ("clip.mp4", media)})
+    headers = {"Content-Type": form.headers["content-type"]}
+    body = form.read()
+    if content_range:
+        headers["Content-Range"] = f"bytes 0-{len(body) - 1}/{len(body)}"
+    r = raw_put_with_type(urls[which], body, headers)
+    assert r.status_code == 415, r.text
+    assert error_reason(r) == "MULTIPART_PUT"
+    assert r.json()["code"] == 3  # INVALID_ARGUMENT natively
+    assert stored_files(stack.data_dir) == files
+    assert client.events(device) == []
+    r = raw_put(urls[which], media)
+    assert r.status_code == 200, r.text
+    path = client.media_path if which == "upload_url" else client.thumbnail_path
+    assert path(device, urls["eventId"]).read_bytes() == media
+
+
 def test_used_url_is_refused(client: Client, stack: Stack) -> None:
     device = new_device()
     urls = client.upload_urls(device, "video.mp4", thumbnail=True)

@@ -385,6 +385,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         target = self.signed.verify(validation.device_id(first.device), first.token)
         if early is not None and target != early:  # counted as another URL's PUT
             raise PermissionDenied("URL_SIGNATURE_INVALID", "the upload URL is not the one in the request's path")
+        self.signed.check_body_type(first.http_body.content_type)
         if early is None:  # a native call: its URL, and so its token, is known only now
             ranged = self.signed.check_put(target, content_range, declared)
         with self.gallery.held_upload(target.uploader if early is None else None, on_end=context.add_callback):

@@ -16,6 +16,7 @@ from grpc_status import rpc_status
 from .. import errors
 from ..errors import ERROR_DOMAIN, RETRY_AFTER_HEADER
 from ..quota import QUOTA_EXCEEDED
+from ..signed_urls import MULTIPART_PUT
 from ..storage import INSUFFICIENT_STORAGE
 
 _CODES: dict[type[errors.GalleryError], int] = {
@@ -39,7 +40,8 @@ _CODES: dict[type[errors.GalleryError], int] = {
 # A full disk is 507 Insufficient Storage (RFC 4918): unlike 429, it tells the client that
 # slowing down will not help until the operator frees space; so is a device at its quota, whose
 # events must be deleted first (RFC 4918 names quotas among its causes). A PUT without a Content-Length is
-# 411 Length Required (RFC 9110 15.5.12), which an HTTP client knows how to act on. The REST reads'
+# 411 Length Required (RFC 9110 15.5.12), which an HTTP client knows how to act on; a form as a
+# PUT's body, whose bytes would be stored as the file, 415 Unsupported Media Type (15.5.16). The REST reads'
 # route runs no Lua (envoy.yaml): a method that could answer one of these must first be taken out
 # of that route's regex (tests/unit/test_envoy_config.py pins its list).
 # A TooLarge (an upload past GALLERY_MAX_UPLOAD_BYTES, a thumbnail past its limit; an announcement
@@ -47,7 +49,7 @@ _CODES: dict[type[errors.GalleryError], int] = {
 # will be refused again, where a client that retries on 429 would retry it for ever. A form
 # field too long is a bad request (400, InvalidArgument).
 _HTTP_STATUS: dict[str, str] = {
-    INSUFFICIENT_STORAGE: "507", QUOTA_EXCEEDED: "507", "LENGTH_REQUIRED": "411",
+    INSUFFICIENT_STORAGE: "507", QUOTA_EXCEEDED: "507", "LENGTH_REQUIRED": "411", MULTIPART_PUT: "415",
 }
 _HTTP_STATUS_OF_KIND: dict[type[errors.GalleryError], str] = {errors.TooLarge: "413"}
 # The one name of that header, in trailers (errors, here) and initial metadata (servicer.py).
