@@ -32,6 +32,7 @@ CHUNK_BYTES = 1 << 20  # one streamed message
 OK = 200
 PARTIAL_CONTENT = 206
 NOT_MODIFIED = 304
+PRECONDITION_FAILED = 412
 RANGE_NOT_SATISFIABLE = 416
 
 # Response headers (lower case, as gRPC metadata must be).
@@ -181,6 +182,13 @@ def none_match(header: str, sha256: str) -> bool:
     return any(tag in ("*", sha256) for _, tag in tags)
 
 
+def match(header: str, sha256: str) -> bool:
+    """Whether If-Match holds for content with this SHA-256: `*`, or one of its entity-tags by
+    strong comparison (RFC 9110 13.1.1). A list that does not parse holds for nothing."""
+    tags = entity_tags(header)
+    return tags is not None and any(tag == "*" or (not weak and tag == sha256) for weak, tag in tags)
+
+
 def if_range_holds(header: str, sha256: str) -> bool:
     """Whether If-Range lets the Range apply: a strong match of the entity-tag (RFC 9110 13.1.5).
 
@@ -195,11 +203,17 @@ def reply(
     sha256: str,
     *,
     range_header: str = "",
+    if_match: str = "",
     if_none_match: str = "",
     if_range: str = "",
 ) -> Reply:
-    """Evaluate a GET of content of `size` bytes with this SHA-256 under the request's headers."""
+    """Evaluate a GET of content of `size` bytes with this SHA-256 under the request's headers,
+    in RFC 9110's order (13.2.2): If-Match, If-None-Match, then Range with If-Range.
+    If-Modified-Since and If-Unmodified-Since are ignored, as for a resource without a
+    Last-Modified (none is sent)."""
     common = ((ETAG, etag(sha256)), (ACCEPT_RANGES, "bytes"), (SIZE, str(size)), (SHA256, sha256))
+    if if_match and not match(if_match, sha256):
+        return Reply(PRECONDITION_FAILED, 0, 0, common)
     if if_none_match and none_match(if_none_match, sha256):
         return Reply(NOT_MODIFIED, 0, 0, common)
     if range_header and (not if_range or if_range_holds(if_range, sha256)):

@@ -4,7 +4,7 @@ and through Envoy.
 What is checked: the bytes (equal to what was uploaded, for sizes around the 1 MiB message size and
 a 100 MiB file streamed and hashed incrementally), the headers a client relies on (Content-Type,
 Content-Disposition, ETag, the size and checksum headers, Accept-Ranges), the HTTP statuses Envoy's
-Lua filter makes from the server's `x-http-status` (206, 304, 416; their bodies), the error
+Lua filter makes from the server's `x-http-status` (206, 304, 412, 416; their bodies), the error
 statuses that come from the error tree, and ReadEventContent's offset/limit rules.
 """
 
@@ -264,15 +264,35 @@ def test_if_none_match(http, auth_headers, stored):
     assert (r.status_code, r.content) == (206, data[1:3])
 
 
+def test_if_match(http, auth_headers, stored):
+    """RFC 9110: a GET whose If-Match names other content is 412 with no body (it was ignored:
+    200 and the content); a match, or `*`, goes on to the rest of the request."""
+    device, event_id, data = stored
+    sha, headers = hashlib.sha256(data).hexdigest(), auth_headers()
+    for path in (content_url(device, event_id), f"/api/gallery/{device}/events/{event_id}/thumbnail"):
+        for method in ("GET", "HEAD"):
+            r = http.request(method, path, headers={**headers, "If-Match": '"other"', "Range": "bytes=0-1"})
+            if path.endswith("/thumbnail"):  # no thumbnail: that is told first
+                assert r.status_code == 404, r.text
+                continue
+            assert (r.status_code, r.content) == (412, b""), (method, r.text)  # as a 416, an empty body
+            assert r.headers["etag"] == f'"{sha}"' and "content-range" not in r.headers
+    for header in (f'"{sha}"', "*", f'"other", "{sha}"'):
+        r = http.get(content_url(device, event_id), headers={**headers, "If-Match": header, "Range": "bytes=1-2"})
+        assert (r.status_code, r.content) == (206, data[1:3]), header
+    r = http.get(content_url(device, event_id), headers={**headers, "If-Match": f'W/"{sha}"'})
+    assert r.status_code == 412  # strong comparison
+
+
 def test_empty_answers_keep_the_connection_usable(stack, auth_headers, stored):
     device, event_id, data = stored
     sha = hashlib.sha256(data).hexdigest()
     with httpx.Client(base_url=stack.base_url, timeout=30, limits=httpx.Limits(max_connections=1)) as one:
         for extra, status in [({"If-None-Match": f'"{sha}"'}, 304), ({"Range": "bytes=-0"}, 416),
-                              ({}, 200), ({"Range": "bytes=0-0"}, 206), ({}, 200)]:
+                              ({"If-Match": '"other"'}, 412), ({}, 200), ({"Range": "bytes=0-0"}, 206), ({}, 200)]:
             r = one.get(content_url(device, event_id), headers={**auth_headers(), **extra})
             assert r.status_code == status
-            assert len(r.content) == {304: 0, 416: 0, 206: 1, 200: len(data)}[status]
+            assert len(r.content) == {304: 0, 412: 0, 416: 0, 206: 1, 200: len(data)}[status]
 
 
 # -- thumbnails -----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from gallery_server.downloads import (
     NOT_MODIFIED,
     OK,
     PARTIAL_CONTENT,
+    PRECONDITION_FAILED,
     RANGE_NOT_SATISFIABLE,
     RangeNotSatisfiable,
     parse_range,
@@ -207,6 +208,24 @@ def test_if_none_match(header: str, matches: bool) -> None:
     result = reply(10, SHA, if_none_match=header)
     assert result.status == (NOT_MODIFIED if matches else OK)
     assert result.length == (0 if matches else 10)
+    assert dict(result.headers)["etag"] == ETAG
+
+
+@pytest.mark.parametrize(("header", "holds"), [
+    (ETAG, True),
+    ("*", True),  # the event exists
+    (f'"{OTHER}", {ETAG}', True),
+    (f"W/{ETAG}", False),  # If-Match compares strongly
+    (f'"{OTHER}"', False),
+    (SHA, False),  # unquoted: not a list, so it holds for nothing
+    (f"{ETAG} x", False),
+])
+def test_if_match_fails_a_get_that_names_other_content(header: str, holds: bool) -> None:
+    """RFC 9110 13.1.1: a server MUST NOT answer as asked when If-Match is false: 412, no body,
+    before If-None-Match and Range are looked at."""
+    assert downloads.match(header, SHA) is holds
+    result = reply(10, SHA, if_match=header, if_none_match="*", range_header="bytes=0-1")
+    assert (result.status, result.length) == ((NOT_MODIFIED, 0) if holds else (PRECONDITION_FAILED, 0))
     assert dict(result.headers)["etag"] == ETAG
 
 

@@ -524,12 +524,13 @@ def _http_download(
 ) -> Iterator[HttpBody | chunks.Encoded]:
     """Answer a download as the request's Range and conditional headers ask (downloads.reply).
     More than `counted_above` bytes to send take one of the server's download slots
-    (Gallery.download_slot): a HEAD, a 304 or a 416 sends none."""
+    (Gallery.download_slot): a HEAD, a 304, a 412 or a 416 sends none."""
     with content.file:
         request = _request_headers(context)
         reply = downloads.reply(
             content.size, content.sha256,
             range_header=request.get("range", ""),
+            if_match=request.get("if-match", ""),
             if_none_match=request.get("if-none-match", ""),
             if_range=request.get("if-range", ""),
         )
@@ -547,7 +548,7 @@ def _http_download(
 
 
 def _http_body(content: downloads.Content, start: int, length: int) -> Iterator[HttpBody | chunks.Encoded]:
-    # The first message names the content type; a 304, a 416 or a HEAD is that message with no data.
+    # The first message names the content type; a 304, a 412, a 416 or a HEAD is that message with no data.
     content_type = content.mime_type
     for chunk in downloads.read_chunks(content.file, start, length):
         if content_type:
