@@ -155,14 +155,14 @@ def parse_content_range(header: str) -> ContentRange:
     return ContentRange(first, last, int(match[3]))
 
 
-def entity_tags(header: str) -> list[tuple[bool, str]] | None:
-    """The (weak, opaque-tag) pairs of an If-None-Match or If-Range list; `*` is [(False, "*")].
-
-    None when the value is not a valid list.
+def entity_tags(header: str) -> list[tuple[bool, str | None]] | None:
+    """The (weak, opaque-tag) pairs of an If-Match, If-None-Match or If-Range list; a bare `*`
+    (any content) is [(False, None)], apart from a quoted "*", an ordinary tag that no content here
+    has. None when the value is not a valid list (an empty one included).
     """
     value = header.strip()
     if value == "*":
-        return [(False, "*")]
+        return [(False, None)]
     tags = []
     pos = 0
     while pos < len(value):
@@ -179,14 +179,15 @@ def none_match(header: str, sha256: str) -> bool:
     tags = entity_tags(header)
     if not tags:
         return False
-    return any(tag in ("*", sha256) for _, tag in tags)
+    return any(tag in (None, sha256) for _, tag in tags)
 
 
 def match(header: str, sha256: str) -> bool:
     """Whether If-Match holds for content with this SHA-256: `*`, or one of its entity-tags by
-    strong comparison (RFC 9110 13.1.1). A list that does not parse holds for nothing."""
+    strong comparison (RFC 9110 13.1.1). A list that does not parse, or an empty one, holds for
+    nothing."""
     tags = entity_tags(header)
-    return tags is not None and any(tag == "*" or (not weak and tag == sha256) for weak, tag in tags)
+    return tags is not None and any(tag is None or (not weak and tag == sha256) for weak, tag in tags)
 
 
 def if_range_holds(header: str, sha256: str) -> bool:
@@ -203,16 +204,16 @@ def reply(
     sha256: str,
     *,
     range_header: str = "",
-    if_match: str = "",
+    if_match: str | None = None,
     if_none_match: str = "",
     if_range: str = "",
 ) -> Reply:
     """Evaluate a GET of content of `size` bytes with this SHA-256 under the request's headers,
     in RFC 9110's order (13.2.2): If-Match, If-None-Match, then Range with If-Range.
     If-Modified-Since and If-Unmodified-Since are ignored, as for a resource without a
-    Last-Modified (none is sent)."""
+    Last-Modified (none is sent). `if_match` None: no If-Match (an empty one names no content)."""
     common = ((ETAG, etag(sha256)), (ACCEPT_RANGES, "bytes"), (SIZE, str(size)), (SHA256, sha256))
-    if if_match and not match(if_match, sha256):
+    if if_match is not None and not match(if_match, sha256):
         return Reply(PRECONDITION_FAILED, 0, 0, common)
     if if_none_match and none_match(if_none_match, sha256):
         return Reply(NOT_MODIFIED, 0, 0, common)

@@ -187,6 +187,7 @@ def test_etag_is_the_quoted_sha256() -> None:
     (f"W/{ETAG}", True),  # weak comparison
     ("*", True),
     (" * ", True),
+    ('"*"', False),  # quoted: an ordinary tag, not the wildcard
     (f'"{OTHER}", {ETAG}', True),
     (f'"{OTHER}",{ETAG}', True),
     (f'W/"{OTHER}" ,  W/{ETAG} ', True),
@@ -219,6 +220,8 @@ def test_if_none_match(header: str, matches: bool) -> None:
     (f'"{OTHER}"', False),
     (SHA, False),  # unquoted: not a list, so it holds for nothing
     (f"{ETAG} x", False),
+    ('"*"', False),  # quoted: an ordinary tag, not the wildcard
+    ("", False),  # an empty list names no content
 ])
 def test_if_match_fails_a_get_that_names_other_content(header: str, holds: bool) -> None:
     """RFC 9110 13.1.1: a server MUST NOT answer as asked when If-Match is false: 412, no body,

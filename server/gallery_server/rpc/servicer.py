@@ -530,7 +530,7 @@ def _http_download(
         reply = downloads.reply(
             content.size, content.sha256,
             range_header=request.get("range", ""),
-            if_match=request.get("if-match", ""),
+            if_match=request.get("if-match"),
             if_none_match=request.get("if-none-match", ""),
             if_range=request.get("if-range", ""),
         )
