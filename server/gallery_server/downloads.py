@@ -33,6 +33,8 @@ OK = 200
 PARTIAL_CONTENT = 206
 NOT_MODIFIED = 304
 PRECONDITION_FAILED = 412
+# The reason of an If-Match that fails a request answered with an error (a DELETE): 412 too.
+PRECONDITION_FAILED_REASON = "PRECONDITION_FAILED"
 RANGE_NOT_SATISFIABLE = 416
 
 # Response headers (lower case, as gRPC metadata must be).

@@ -285,6 +285,23 @@ def test_if_match(http, auth_headers, stored):
         assert (r.status_code, r.content) == (412, b""), header
 
 
+def test_a_delete_whose_if_match_names_other_content_is_412_and_deletes_nothing(http, auth_headers):
+    device, headers = new_device(), auth_headers()
+    data = b"kept unless asked right"
+    event_id = multipart_upload(http, device, headers, "a.bin", data, len(data))
+    path, sha = f"/api/gallery/{device}/events/{event_id}", hashlib.sha256(data).hexdigest()
+    for header in ('"other"', f'W/"{sha}"', '"*"', ""):
+        r = http.delete(path, headers={**headers, "If-Match": header})
+        assert r.status_code == 412, (header, r.text)
+        assert r.json()["details"][0]["reason"] == "PRECONDITION_FAILED"
+        assert http.get(path, headers=headers).status_code == 200  # still there
+    r = http.delete(f"/api/gallery/{device}/events/evt_{'Q' * 22}", headers={**headers, "If-Match": "*"})
+    assert r.status_code == 404  # no event: that is told first
+    r = http.delete(path, headers={**headers, "If-Match": f'"other", "{sha}"'})
+    assert (r.status_code, r.json()) == (200, {"success": True})
+    assert http.get(path, headers=headers).status_code == 404
+
+
 def test_empty_answers_keep_the_connection_usable(stack, auth_headers, stored):
     device, event_id, data = stored
     sha = hashlib.sha256(data).hexdigest()

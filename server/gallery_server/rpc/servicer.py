@@ -165,7 +165,8 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         )
 
     def DeleteEvent(self, request, context):  # type: ignore[no-untyped-def]
-        self.gallery.delete_event(self.principal(), request.device, request.event_id)
+        self.gallery.delete_event(self.principal(), request.device, request.event_id,
+                                  if_match=_request_headers(context).get("if-match"))
         return pb.DeleteEventResponse(success=True)
 
     def CreateUploadUrl(self, request, context):  # type: ignore[no-untyped-def]

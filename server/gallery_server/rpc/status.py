@@ -14,6 +14,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from .. import errors
+from ..downloads import PRECONDITION_FAILED_REASON
 from ..errors import ERROR_DOMAIN, RETRY_AFTER_HEADER
 from ..quota import QUOTA_EXCEEDED
 from ..signed_urls import MULTIPART_PUT
@@ -41,7 +42,8 @@ _CODES: dict[type[errors.GalleryError], int] = {
 # slowing down will not help until the operator frees space; so is a device at its quota, whose
 # events must be deleted first (RFC 4918 names quotas among its causes). A PUT without a Content-Length is
 # 411 Length Required (RFC 9110 15.5.12), which an HTTP client knows how to act on; a form as a
-# PUT's body, whose bytes would be stored as the file, 415 Unsupported Media Type (15.5.16). The REST reads'
+# PUT's body, whose bytes would be stored as the file, 415 Unsupported Media Type (15.5.16); a
+# DELETE whose If-Match names other content, 412 Precondition Failed (15.5.13). The REST reads'
 # route runs no Lua (envoy.yaml): a method that could answer one of these must first be taken out
 # of that route's regex (tests/unit/test_envoy_config.py pins its list).
 # A TooLarge (an upload past GALLERY_MAX_UPLOAD_BYTES, a thumbnail past its limit; an announcement
@@ -50,6 +52,7 @@ _CODES: dict[type[errors.GalleryError], int] = {
 # field too long is a bad request (400, InvalidArgument).
 _HTTP_STATUS: dict[str, str] = {
     INSUFFICIENT_STORAGE: "507", QUOTA_EXCEEDED: "507", "LENGTH_REQUIRED": "411", MULTIPART_PUT: "415",
+    PRECONDITION_FAILED_REASON: "412",
 }
 _HTTP_STATUS_OF_KIND: dict[type[errors.GalleryError], str] = {errors.TooLarge: "413"}
 # The one name of that header, in trailers (errors, here) and initial metadata (servicer.py).
