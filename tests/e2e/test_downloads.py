@@ -269,14 +269,17 @@ def test_if_match(http, auth_headers, stored):
     200 and the content); a match, or `*`, goes on to the rest of the request."""
     device, event_id, data = stored
     sha, headers = hashlib.sha256(data).hexdigest(), auth_headers()
-    for path in (content_url(device, event_id), f"/api/gallery/{device}/events/{event_id}/thumbnail"):
+    with_thumbnail = upload_with_thumbnail(http, device, headers, b"clip", JPEG)
+    for path, tag in ((content_url(device, event_id), sha),
+                      (f"/api/gallery/{device}/events/{with_thumbnail}/thumbnail", hashlib.sha256(JPEG).hexdigest()),
+                      (f"/api/gallery/{device}/events/{event_id}/thumbnail", None)):
         for method in ("GET", "HEAD"):
             r = http.request(method, path, headers={**headers, "If-Match": '"other"', "Range": "bytes=0-1"})
-            if path.endswith("/thumbnail"):  # no thumbnail: that is told first
+            if tag is None:  # no thumbnail: that is told first
                 assert r.status_code == 404, r.text
                 continue
-            assert (r.status_code, r.content) == (412, b""), (method, r.text)  # as a 416, an empty body
-            assert r.headers["etag"] == f'"{sha}"' and "content-range" not in r.headers
+            assert (r.status_code, r.content) == (412, b""), (path, method, r.text)  # as a 416, an empty body
+            assert r.headers["etag"] == f'"{tag}"' and "content-range" not in r.headers
     for header in (f'"{sha}"', "*", f'"other", "{sha}"'):
         r = http.get(content_url(device, event_id), headers={**headers, "If-Match": header, "Range": "bytes=1-2"})
         assert (r.status_code, r.content) == (206, data[1:3]), header

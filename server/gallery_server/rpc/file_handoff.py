@@ -4,11 +4,11 @@ Streaming a file through grpcio and Envoy's transcoder costs the server and Envo
 byte; Envoy's file_server filter reads the file and writes it to the client with neither
 (BENCHMARKS.md, downloads). Envoy calls Check (envoy.service.auth.v3.Authorization, the ext_authz
 filter in envoy/envoy.yaml) for `GET /api/gallery/{device}/events/{eventId}/content` and
-`.../thumbnail` without conditional headers. When the bearer token may read the event, its media
-is stored here with the recorded size (or it has a small thumbnail, asked for whole: _thumbnail)
-and the request gets bytes by the server's own rules (downloads.unconditional_reply: the whole
-file, or the one window a Range selects), the answer rewrites the path to FILES_PREFIX/<device>/<file> (<event_id>, or
-<event_id>.thumb), which the file_server filter maps to the media folder, and sets
+`.../thumbnail` without conditional headers. When the bearer token may read the event, its media is
+stored here with the recorded size (or it has a small thumbnail, asked for whole: _thumbnail) and
+the request gets bytes by the server's own rules (downloads.unconditional_reply: the whole file, or
+the one window a Range selects), the answer rewrites the path to FILES_PREFIX/<device>/<file>
+(<event_id>, or <event_id>.thumb), which the file_server filter maps to the media folder, and sets
 the Range to that window in the one form file_server reads (`bytes=first-last`), or removes a Range
 the rules ignore. It adds the response headers the streaming path sends (downloads.content_headers)
 and HANDOFF_HEADER, by which Envoy's Lua filter drops them from an error Envoy answers instead (the
@@ -129,7 +129,6 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
             ),
         )
 
-
     def _media(self, principal: auth.Principal, device: str, event_id: str) -> _Found | None:
         """The event's media, when its file is there with the recorded size (else the streaming
         path tells what is wrong) and its type is known."""
@@ -158,8 +157,7 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
             return None
         content = self._gallery.open_thumbnail(principal, device, event_id)
         content.file.close()
-        return _Found(self._gallery.storage.thumbnail_path(device, event_id), content.size, content.sha256,
-                      content.mime_type, "")
+        return _Found(path, content.size, content.sha256, content.mime_type, "")
 
 
 class _Found(typing.NamedTuple):
