@@ -39,6 +39,8 @@ class GalleryServiceStub:
 
     Errors carry a `google.rpc.Status` with one `google.rpc.ErrorInfo` (domain `gallery`) whose
     `reason` is stable and machine-readable (for example `INVALID_DEVICE_ID`, `EVENT_NOT_FOUND`).
+    A refusal that waiting mends (RESOURCE_EXHAUSTED for a place freed as calls end, UNAVAILABLE)
+    carries a `retry-after` trailer, in whole seconds: the REST answer's Retry-After header.
 
     Through Envoy, every REST `get` binding answers HEAD too: the GET's status and headers, with the
     Content-Length of the body a GET would get, and no body. A download's HEAD does not read the
@@ -161,6 +163,8 @@ class GalleryServiceServicer:
 
     Errors carry a `google.rpc.Status` with one `google.rpc.ErrorInfo` (domain `gallery`) whose
     `reason` is stable and machine-readable (for example `INVALID_DEVICE_ID`, `EVENT_NOT_FOUND`).
+    A refusal that waiting mends (RESOURCE_EXHAUSTED for a place freed as calls end, UNAVAILABLE)
+    carries a `retry-after` trailer, in whole seconds: the REST answer's Retry-After header.
 
     Through Envoy, every REST `get` binding answers HEAD too: the GET's status and headers, with the
     Content-Length of the body a GET would get, and no body. A download's HEAD does not read the
@@ -253,7 +257,9 @@ class GalleryServiceServicer:
     def PutSignedUpload(self, request_iterator, context):
         """Receives the raw body PUT to a pre-signed URL. The media PUT creates the event named in the
         URL; the thumbnail PUT attaches to that event, before or after the media arrives (an empty
-        thumbnail body is INVALID_ARGUMENT THUMBNAIL_MISSING, and the URL stays unused). A tampered,
+        thumbnail body is INVALID_ARGUMENT THUMBNAIL_MISSING, and the URL stays unused; so is a body
+        sent as a form, content type multipart/form-data: INVALID_ARGUMENT MULTIPART_PUT, HTTP 415,
+        before any byte is written, since its bytes would be stored as the file). A tampered,
         expired or already used URL is PERMISSION_DENIED (HTTP 403); through Envoy, a URL that is not
         the server's is refused before the body is read (the REST path Envoy keeps in
         x-envoy-original-path), and so is a whole PUT of a used URL, or one its headers alone refuse
@@ -340,7 +346,8 @@ class GalleryServiceServicer:
         range: HTTP/1.1 clients check a download against them, since an error in the middle of a
         stream reaches them as a clean end), `content-disposition` (the original name, RFC 6266),
         `content-range` for 206 and 416, and `x-http-status`: 200, 206 (a range), 304 (If-None-Match
-        matched; no body) or 416 (unsatisfiable range; no body). Envoy makes that the HTTP status; the
+        matched; no body), 412 (an If-Match naming no ETag of it, strong comparison, `*` naming any;
+        looked at first; no body) or 416 (unsatisfiable range; no body). Envoy makes that the HTTP status; the
         gRPC status stays OK. Errors (401, 403, 404, 400) are gRPC status as for every RPC; a stored
         event whose file the server's storage lost or cut is DATA_LOSS (HTTP 500) with reason
         MEDIA_MISSING or MEDIA_DAMAGED, never other bytes.
@@ -365,6 +372,8 @@ class GalleryServiceServicer:
         announced a thumbnail. An event without one is NOT_FOUND (HTTP 404) with reason
         THUMBNAIL_NOT_FOUND. Needs `gallery:read`. A thumbnail of more than 1 MiB counts with the
         downloads the server sends (see ReadEventContent: RESOURCE_EXHAUSTED `TOO_MANY_DOWNLOADS`).
+        Through Envoy, a REST GET of a whole thumbnail of at most 256 KiB without `If-*` headers is
+        sent by Envoy itself once the server has checked it, as for GetEventContent.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
@@ -392,7 +401,9 @@ class GalleryServiceServicer:
 
     def DeleteEvent(self, request, context):
         """Deletes an event, its media and its thumbnail. Deleting an event that does not exist (or no
-        longer exists) is NOT_FOUND. Needs `gallery:write`.
+        longer exists) is NOT_FOUND. With request metadata `if-match` (REST: the If-Match header) it
+        deletes only if that names the event's ETag (`"<sha256 hex>"`, or `*`): FAILED_PRECONDITION
+        PRECONDITION_FAILED (HTTP 412) otherwise, nothing deleted. Needs `gallery:write`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -602,6 +613,8 @@ class GalleryService:
 
     Errors carry a `google.rpc.Status` with one `google.rpc.ErrorInfo` (domain `gallery`) whose
     `reason` is stable and machine-readable (for example `INVALID_DEVICE_ID`, `EVENT_NOT_FOUND`).
+    A refusal that waiting mends (RESOURCE_EXHAUSTED for a place freed as calls end, UNAVAILABLE)
+    carries a `retry-after` trailer, in whole seconds: the REST answer's Retry-After header.
 
     Through Envoy, every REST `get` binding answers HEAD too: the GET's status and headers, with the
     Content-Length of the body a GET would get, and no body. A download's HEAD does not read the
