@@ -37,7 +37,8 @@ when someone pulls it. The protocol (protos/gallery/v1/device.proto), as this ag
    upload retries the same way after a transient error and after a refusal for want of capacity,
    which the server means as "retry later": RESOURCE_EXHAUSTED with reason TOO_MANY_UPLOADS,
    TOO_MANY_DEVICE_UPLOADS or INSUFFICIENT_STORAGE, or grpc's own without a reason (too many
-   calls at once). Any other refusal fails the command. Slots are held while sending only, not
+   calls at once), and no sooner than the `retry-after` the server names. Any other refusal fails
+   the command. Slots are held while sending only, not
    while backing off. A failed announcement is retried at the next scan, later and later.
 """
 
@@ -70,6 +71,8 @@ from grpc_status import rpc_status
 from gallery.v1 import device_pb2 as dpb
 from gallery.v1 import device_pb2_grpc, gallery_pb2_grpc
 from gallery.v1 import gallery_pb2 as gpb
+
+from .errors import RETRY_AFTER_HEADER
 
 log = logging.getLogger("gallery.agent")
 
@@ -130,6 +133,16 @@ def refuses_content(code: grpc.StatusCode, reason: str, details: str = "") -> bo
     # A limit on what was sent: THUMBNAIL_TOO_LARGE, TOO_MANY_EVENTS, or grpc's own "Received
     # message larger than max", which has no reason.
     return code == grpc.StatusCode.RESOURCE_EXHAUSTED and not retry_later(code, reason, details)
+
+
+def server_wait(error: grpc.RpcError) -> float:
+    """The seconds a refused call was asked to wait (the server's `retry-after` trailer, rpc/status.py),
+    at most BACKOFF_CAP_S; 0 without one."""
+    metadata = error.trailing_metadata() if isinstance(error, grpc.Call) else None
+    for key, value in metadata or ():
+        if key == RETRY_AFTER_HEADER and isinstance(value, str) and value.isdigit():
+            return min(float(value), BACKOFF_CAP_S)
+    return 0.0
 
 
 def backoff_delay(attempt: int, rng: Callable[[], float] = random.random) -> float:
@@ -568,7 +581,8 @@ class Agent:
                     return True
                 if not retry_later(code, reason, exc.details() or ""):
                     return self._fail(command_id, up, f"upload refused: {exc.details()}")
-                delay = backoff_delay(attempt)
+                # No sooner than the server asked: full jitter alone may retry at once.
+                delay = max(backoff_delay(attempt), server_wait(exc))
                 attempt += 1
                 log.warning("command %s: upload failed (%s: %s); retrying in %.1fs",
                             command_id, code.name, exc.details(), delay)

@@ -9,6 +9,7 @@ import pathlib
 import queue
 import threading
 import time
+from concurrent import futures
 
 import grpc
 import pytest
@@ -16,6 +17,8 @@ from PIL import Image
 
 from gallery.v1 import device_pb2 as dpb
 from gallery_server import agent, cli
+from gallery_server.errors import Busy, InvalidArgument, Unavailable
+from gallery_server.rpc import status
 
 from ..conftest import wait_until
 
@@ -165,6 +168,31 @@ BUSY = "Concurrent RPC limit exceeded!"
 ])
 def test_retried_later(code, reason, details):
     assert agent.retry_later(code, reason, details)
+
+
+@pytest.mark.parametrize(("error", "wait"), [
+    (Busy("TOO_MANY_DEVICE_UPLOADS", "finish one first"), 1.0),
+    (Unavailable("JWKS_UNAVAILABLE", "down", retry_after=4.2), 5.0),  # whole seconds, rounded up
+    (Unavailable("JWKS_UNAVAILABLE", "down", retry_after=3600), agent.BACKOFF_CAP_S),  # a bound on a server's word
+    (InvalidArgument("INVALID_SIZE", "no"), 0.0),
+])
+def test_an_upload_retries_no_sooner_than_the_server_asks(error, wait):
+    """server_wait reads the `retry-after` trailer of a real call refused through rpc/status.py."""
+    def refuse(request, context):
+        context.abort_with_status(status.to_status(error))
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", {
+        "Refuse": grpc.unary_unary_rpc_method_handler(refuse),
+    }),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as refused:
+            channel.unary_unary("/t.T/Refuse")(b"", timeout=10)
+    finally:
+        server.stop(None)
+    assert agent.server_wait(refused.value) == wait
 
 
 @pytest.mark.parametrize(("code", "reason", "details"), [
