@@ -38,8 +38,8 @@ when someone pulls it. The protocol (protos/gallery/v1/device.proto), as this ag
    which the server means as "retry later": RESOURCE_EXHAUSTED with reason TOO_MANY_UPLOADS,
    TOO_MANY_DEVICE_UPLOADS or INSUFFICIENT_STORAGE, or grpc's own without a reason (too many
    calls at once), and no sooner than the `retry-after` the server names. Any other refusal fails
-   the command. Slots are held while sending only, not
-   while backing off. A failed announcement is retried at the next scan, later and later.
+   the command. Slots are held while sending only, not while backing off. A failed announcement
+   is retried at the next scan, later and later.
 """
 
 from __future__ import annotations
