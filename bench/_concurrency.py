@@ -135,13 +135,17 @@ def scenario_concurrent(bench: Bench) -> Section:
                 "server_before_mib": probe.baseline["server"] / KiB,
                 "server_cpu_per_gb": (after["server"] - before["server"]) / gb,
                 "envoy_cpu_per_gb": (after["envoy"] - before["envoy"]) / gb,
+                "client_cpu_per_gb": (after["client"] - before["client"]) / gb,
+                # Of the machine's 2 vCPUs: how close to its limit the batch ran.
+                "machine_busy_cpus": (after["machine"] - before["machine"]) / seconds,
             }
             samples[count].append(sample)
             print(f"  run {run + 1}/{opts.runs}  {count:3d} x {fmt_size(size)}  {sample['mb_s']:7.1f} MB/s  "
                   f"server peak {sample['server_peak_mib']:5.0f} MiB  envoy peak {sample['envoy_peak_mib']:5.0f} MiB",
                   flush=True)
     header = ["streams", "aggregate MB/s median", "min – max", "÷ 4 streams (same run)", "server peak RSS MiB",
-              "max", "Envoy peak RSS MiB", "server CPU s/GB", "Envoy CPU s/GB"]
+              "max", "Envoy peak RSS MiB", "server CPU s/GB", "Envoy CPU s/GB", "client CPU s/GB",
+              "machine CPUs busy"]
     rows, failures = [], []
     for count in COUNTS:
         group = samples[count]
@@ -153,6 +157,8 @@ def scenario_concurrent(bench: Bench) -> Section:
             f"{median([s['envoy_peak_mib'] for s in group]):.0f}",
             f"{median([s['server_cpu_per_gb'] for s in group]):.2f}",
             f"{median([s['envoy_cpu_per_gb'] for s in group]):.2f}",
+            f"{median([s['client_cpu_per_gb'] for s in group]):.2f}",
+            f"{median([s['machine_busy_cpus'] for s in group]):.2f}",
         ])
         if count > COUNTS[0]:
             bench.targets.append((f"{count} x {fmt_size(size)} concurrent uploads", ">= 1.0x the 4-stream aggregate",
