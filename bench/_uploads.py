@@ -660,7 +660,7 @@ def _memory_text(big: str, ref: str, memory: Memory, warnings: list[str], failur
             "The server's RSS is bursty, though: during a large upload it rises and falls by tens of MiB, "
             f"at most +{max_rise:.0f} MiB above its level before the upload in this run, and a longer upload "
             "has more chances of a high burst, which is why its median peak is higher at "
-            f"{big} than at {ref}. The server bounds what one stream may queue (fixed 512 KiB HTTP/2 windows, "
+            f"{big} than at {ref}. The server bounds what one stream may queue (fixed 384 KiB HTTP/2 windows, "
             "no BDP probing, rpc/server.py) and returns freed chunks to the OS after each large upload "
             "(_malloc.py); a burst above that is the allocator's, not data kept. "
             if warnings or max_rise >= 32

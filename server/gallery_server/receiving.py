@@ -7,7 +7,7 @@ refills that stream's HTTP/2 window behind it, and dozens of handler threads tak
 to do the same small amount of work each: 64 concurrent uploads of 64 MiB peaked near 380 MiB of
 server RSS. With a permit needed before asking for a message, a stream without one keeps only what
 grpc-core buffers for it (the next message, which grpc-core completes once it has its header, and
-its HTTP/2 window behind it, UPLOAD_WINDOW_BYTES in rpc/server.py: ~1.5 MiB per parked stream with
+its HTTP/2 window behind it, UPLOAD_WINDOW_BYTES in rpc/server.py: ~1.4 MiB per parked stream with
 1 MiB messages), and only `permits` handler threads work on messages at once: memory is
 streams x (message + window) + permits x (message and its copies), whatever the number of threads.
 

@@ -82,9 +82,12 @@ class Settings:
     max_upload_sessions_per_device: int = 1000
     max_upload_urls_per_device: int = 1000
     # Bounds the messages held in Python and the threads working on them, all uploads together
-    # (receiving.py). 4 and 8 measured the same on 2 vCPUs (16 and 64 concurrent uploads); 8
-    # leaves room for more cores.
-    upload_messages_in_flight: int = 8
+    # (receiving.py). 4 and 8 measured the same on 2 vCPUs while the CPU was what uploads waited
+    # for; on a VM with a faster disk and hashing, 8 left the CPUs ~30% idle at 64 uploads at once
+    # (a permit covers a message's hashing and direct write, which waits for the disk) and 16 took
+    # them from ~525 to ~660 MB/s, at 16 uploads the same (by hand, 2026-12-01, interleaved rounds
+    # of 8, 12, 16, 24 and 32; BENCHMARKS.md). Past 16, the peak RSS rose with no more speed.
+    upload_messages_in_flight: int = 16
     min_free_bytes: int = 1 << 30
     # Bytes of media one device may keep stored (quota.py); 0: no quota.
     max_device_bytes: int = 0

@@ -120,7 +120,7 @@ def test_uploads_and_device_channels_are_read_as_they_stand(measured: tuple[Stac
     assert wait_until(lambda: scrape(url)("gallery_uploads_awaiting_first_message") == 0, seconds=15)
     assert wait_until(lambda: scrape(url)("gallery_uploads_counted_by_token") == 0, seconds=15)
     permits = scrape(url)("gallery_upload_receive_permits")
-    assert permits == 8  # GALLERY_UPLOAD_MESSAGES_IN_FLIGHT's default
+    assert permits == 16  # GALLERY_UPLOAD_MESSAGES_IN_FLIGHT's default
     assert wait_until(lambda: scrape(url)("gallery_upload_receive_permits_free") == permits, seconds=15)
     assert scrape(url)("gallery_upload_streams_waiting_for_a_permit") == 0
     assert wait_until(lambda: scrape(url)("gallery_device_channels_open") == 0, seconds=15)

@@ -59,7 +59,7 @@ MAX_HEADER_LIST_BYTES = 64 << 10
 # The requests' database pool; with BACKGROUND_POOL_SIZE (service.py) for each of serve()'s
 # background loops, a replica's count of PostgreSQL connections in the README.
 DB_POOL_SIZE = 20
-UPLOAD_WINDOW_BYTES = 512 << 10
+UPLOAD_WINDOW_BYTES = 384 << 10
 PING_ANSWER_FACTOR = 6  # how many keepalive intervals a client has to answer a PING (below)
 # Short reads that wait for nothing but the database (and, rarely, a fetch of the identity
 # provider's keys, which auth.py lets one request wait for, not all): they run on a few threads of
@@ -106,7 +106,7 @@ def create_server(
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_metadata_size", MAX_HEADER_LIST_BYTES),
             ("grpc.absolute_max_metadata_size", MAX_HEADER_LIST_BYTES),
-            # Fixed HTTP/2 receive windows of half an upload chunk per stream. grpc-core's BDP
+            # Fixed HTTP/2 receive windows of part of an upload chunk per stream. grpc-core's BDP
             # probing grows each stream's window to tens of MiB, so every upload whose handler
             # falls behind queues that much here: 16 concurrent 64 MiB uploads peaked at 755 MiB
             # RSS with it, ~200 MiB without. Whatever the window, grpc-core completes a message
@@ -114,7 +114,11 @@ def create_server(
             # its next message plus this window: with 1 MiB chunks, 512 KiB took 64 concurrent
             # uploads from ~270 to ~242 MiB at the same rate as 1 MiB, while 256 KiB (~214 MiB)
             # cost ~9% of their rate and 64 KiB more (by hand, 2026-11-29, 5 interleaved rounds;
-            # one upload at a time was as fast with any of 256 KiB, 512 KiB and 1 MiB).
+            # one upload at a time was as fast with any of 256 KiB, 512 KiB and 1 MiB). 384 KiB
+            # since 2026-12-01, when twice the receive permits (settings.py) sped 64 uploads up by
+            # a quarter at +5 - 10 MiB: with both, their peak was 224 - 244 MiB against 242 - 253
+            # with 512 KiB, at the same rate (by hand, 2 interleaved rounds; 256 KiB: 221 - 241,
+            # 4 uploads ~10% slower).
             ("grpc.http2.bdp_probe", 0),
             ("grpc.http2.lookahead_bytes", UPLOAD_WINDOW_BYTES),
             # PINGs on connections with calls open; one left unanswered closes the connection and
@@ -122,7 +126,7 @@ def create_server(
             # grpcio 1.85 waits for the answer for ping_timeout_ms, whatever keepalive_timeout_ms
             # says (tests/test_device_liveness.py), and, unlike Envoy, counts no other frame as
             # one: a client's answer queues behind the upload bytes it has already handed to its
-            # kernel, up to the rest of a message and a window per stream (at most 1.5 MiB with
+            # kernel, up to the rest of a message and a window per stream (at most 1.4 MiB with
             # 1 MiB chunks), which a 35 KiB/s link takes up to ~45 s to send per stream. So 6x
             # (120 s by default): two or three such uploads on one connection.
             ("grpc.keepalive_time_ms", keepalive_ms),
