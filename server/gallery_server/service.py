@@ -235,8 +235,11 @@ class Gallery:
             raise _media_lost(event, "MEDIA_DAMAGED", "does not have the event's size")
         return downloads.Content(file, event.size, event.sha256, event.mime_type, event.name)
 
-    def open_thumbnail(self, principal: Principal, device: str, event_id: str) -> downloads.Content:
-        """The thumbnail of an event, open for reading, its type detected from its bytes.
+    def open_thumbnail(
+        self, principal: Principal, device: str, event_id: str, *, at_most: int | None = None,
+    ) -> downloads.Content | None:
+        """The thumbnail of an event, open for reading, its type detected from its bytes; with
+        `at_most`, None when the open file holds more bytes (it is then neither read nor hashed).
 
         Thumbnails are small (GALLERY_MAX_THUMBNAIL_BYTES) and may be replaced when a pulled
         upload brings its own, so their SHA-256 is computed from the open file on every read."""
@@ -249,6 +252,9 @@ class Gallery:
                 device=device, event_id=event.id,
             ) from None
         try:
+            if at_most is not None and os.fstat(file.fileno()).st_size > at_most:
+                file.close()
+                return None
             head = file.read(SNIFF_BYTES)
             sha256 = downloads.sha256_of(file)
             size = file.tell()

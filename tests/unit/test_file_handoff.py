@@ -104,6 +104,26 @@ def test_a_thumbnail_envoy_must_not_send_goes_on_unchanged(gallery, principal, h
         assert handed_off(check(handoff, path, authorization=bearer())) is not None
 
 
+def test_a_thumbnail_swapped_for_a_large_one_after_the_look_goes_on_unchanged(gallery, principal, handoff, monkeypatch):
+    """Replaced by rename between Check's look at its size and its open: the open file's size
+    decides, so the large one is neither read nor hashed on a quick-read thread."""
+    event = store(gallery, principal, data=PDF, thumbnail=PNG)
+    thumbnail = gallery.storage.thumbnail_path("cam1", event.id)
+    opened = []
+    real_open = Gallery.open_thumbnail
+
+    def swapped_then_opened(self, *args, **kwargs):
+        large = thumbnail.with_name("large.tmp")
+        large.write_bytes(PNG.ljust(HANDOFF_THUMBNAIL_BYTES + 1, b"\0"))
+        large.replace(thumbnail)
+        opened.append(content := real_open(self, *args, **kwargs))
+        return content
+
+    monkeypatch.setattr(Gallery, "open_thumbnail", swapped_then_opened)
+    assert handed_off(check(handoff, f"/api/gallery/cam1/events/{event.id}/thumbnail", authorization=bearer())) is None
+    assert opened == [None]
+
+
 def test_a_path_is_read_as_the_transcoder_reads_it(gallery, principal, handoff):
     """A device's `:` as `%3A` (encodeURIComponent writes it so), as the transcoder decodes it."""
     event = store(gallery, principal, device="00:1a:2b:3c:4d:5e", data=PDF)

@@ -735,6 +735,16 @@ def test_open_thumbnail(gallery: Gallery, principal: auth.Principal) -> None:
     assert (content.size, content.sha256) == (len(JPEG), hashlib.sha256(JPEG).hexdigest())
 
 
+def test_open_thumbnail_at_most(gallery: Gallery, principal: auth.Principal) -> None:
+    """The open file's size decides (the thumbnail handoff's bound): one byte more is not read."""
+    event = store(gallery, principal, data=PDF, thumbnail=JPEG)
+    assert gallery.open_thumbnail(principal, "cam1", event.id, at_most=len(JPEG) - 1) is None
+    content = gallery.open_thumbnail(principal, "cam1", event.id, at_most=len(JPEG))
+    assert content is not None
+    with content.file:
+        assert (content.size, content.sha256) == (len(JPEG), hashlib.sha256(JPEG).hexdigest())
+
+
 def test_open_thumbnail_missing(gallery: Gallery, principal: auth.Principal) -> None:
     event = store(gallery, principal)
     with pytest.raises(NotFound) as info:

@@ -150,12 +150,15 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
         that checks. A window of it could be neither's: a GET with a Range is left to the
         server, which reads and sends one open file."""
         path = self._gallery.storage.thumbnail_path(validation.device_id(device), validation.event_id(event_id))
-        try:
+        try:  # a look that spares the database read when there is no thumbnail or a large one
             if path.stat().st_size > HANDOFF_THUMBNAIL_BYTES:
                 return None
         except OSError:  # none: the server's 404
             return None
-        content = self._gallery.open_thumbnail(principal, device, event_id)
+        # The open file's size decides: one swapped for a larger one since the look is not read.
+        content = self._gallery.open_thumbnail(principal, device, event_id, at_most=HANDOFF_THUMBNAIL_BYTES)
+        if content is None:
+            return None
         content.file.close()
         return _Found(path, content.size, content.sha256, content.mime_type, "")
 
