@@ -331,7 +331,7 @@ def settings_env(tmp_path, **values: str) -> dict[str, str]:
     return {"GALLERY_DATA_DIR": str(tmp_path), "GALLERY_JWT_SECRET": "s" * 40, **values}
 
 
-def test_the_setting_defaults_to_eight_and_must_be_positive(tmp_path):
+def test_the_setting_defaults_to_sixteen_and_must_be_positive(tmp_path):
     assert Settings.from_env(settings_env(tmp_path)).upload_messages_in_flight == 16
     chosen = Settings.from_env(settings_env(tmp_path, GALLERY_UPLOAD_MESSAGES_IN_FLIGHT="3"))
     assert chosen.upload_messages_in_flight == 3
