@@ -49,7 +49,7 @@ from .receiving import ReceivePermits
 from .settings import Settings
 from .storage import SpaceMeter, StagedFile, Storage
 from .threads import Holds, thread_shares
-from .uploads import IdleWatchdog, Upload, Uploader, UploadSlots
+from .uploads import IdleWatchdog, Upload, Uploader, UploadSlots, WatchedStream
 
 log = logging.getLogger(__name__)
 
@@ -357,32 +357,35 @@ class Gallery:
         The stream counts against its token's part from when its first message is asked for
         (UploadSlots.hold), and its wait for that message against the replica's upload total."""
         # The permit is taken outside the idle watch: waiting for one is not the client's silence.
-        watched = self.idle.watch(messages, cancel, first_carries_data=first_carries_data)
+        stream = self.idle.stream(cancel, first_carries_data=first_carries_data)
+        watched = self.idle.watch_stream(messages, stream)
         if size_of is not None:
             watched = self._metered(watched, size_of)
         asked = self._first_under(watched, self.slots.asked_first(caller))
         # Refused at once, before any permit or byte, if uploads hold every slot already.
         waited = self._first_under(self.receiving.bounded(asked, on_end=on_end), self.slots.first_message(caller))
-        return self._held(waited, caller, on_end)
+        return self._held(waited, caller, on_end, stream)
 
     def _held(
         self, messages: Iterator[T], caller: Uploader | None,
-        on_end: Callable[[Callable[[], None]], object] | None,
+        on_end: Callable[[Callable[[], None]], object] | None, stream: WatchedStream,
     ) -> Iterator[T]:
         """`messages`, counted against `caller`'s part from the first asked for."""
-        with self.held_upload(caller, on_end):
+        with self.held_upload(caller, on_end, stream):
             yield from messages
 
     @contextlib.contextmanager
     def held_upload(
         self, uploader: Uploader | None, on_end: Callable[[Callable[[], None]], object] | None = None,
+        stream: WatchedStream | None = None,
     ) -> Iterator[None]:
         """Around (the rest of) an upload stream: one place of its token's part (UploadSlots.hold),
         given back when the stream ends or its RPC does (`on_end`), whichever is first: a handler
         that fails leaves its stream unfinished. Also for a stream whose uploader became known
         only from its first message (a pre-signed PUT called natively). None: nothing to count (one
-        known from the start, or a URL of an earlier version)."""
-        release = self.slots.hold(uploader)
+        known from the start, or a URL of an earlier version). A PUT's `stream` (its idle watch)
+        lets a newer PUT of its URLs take its place once it is silent (UploadSlots.hold)."""
+        release = self.slots.hold(uploader, stream)
         if on_end is not None and on_end(release) is False:  # the RPC is over already
             release()
         try:

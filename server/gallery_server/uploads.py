@@ -194,6 +194,14 @@ class Uploader:
 # overlap the stream it replaces, which the server has not seen end yet; more would let whoever holds
 # one event's URLs take their token's whole part (a device's token has 4).
 PUTS_PER_EVENT = 2
+# A PUT of those URLs whose client has sent nothing for this long gives its place to a new PUT that
+# finds them at PUTS_PER_EVENT, and is aborted (UPLOAD_REPLACED): the new one is its client's retry
+# over a new connection, the old one's connection most likely dead without a FIN, which nothing
+# finds over HTTP/1.1 before the idle limit (GALLERY_UPLOAD_IDLE_SECONDS, 120 s by default). Two
+# dropped connections kept every retry at 429 until then. A REST body comes through Envoy in pieces
+# as its bytes arrive, so a live PUT is rarely silent this long; waits for a receive permit or on the
+# server's own work are no silence (IdleWatchdog).
+REPLACE_SILENT_PUT_SECONDS = 5.0
 
 # Pre-signed PUTs whose URL is not known before their first message (a native call: the REST
 # path names it), and those of URLs of version 1, count as no token's: together they may have this
@@ -213,6 +221,16 @@ def _count_down(counts: dict[K, int], key: K) -> None:
         del counts[key]
 
 
+@dataclasses.dataclass(eq=False)
+class _Place:
+    """One stream counted against its part (UploadSlots.hold)."""
+
+    budget: Hashable
+    url: tuple[str, str] | None
+    stream: WatchedStream | None
+    given_back: bool = False
+
+
 class UploadSlots:
     """Counts the uploads in flight in this replica and refuses one past either limit.
 
@@ -226,21 +244,25 @@ class UploadSlots:
     (part(); threads.grant_share: `per_device` for each device it grants, half the total at most):
     its own streams and the PUTs of its URLs, from their start to their end (hold()), a token for
     every device's own only while asked (Uploader.counted_while_asked) and its URLs' by device
-    (Uploader.budget); one event's URLs at most PUTS_PER_EVENT PUTs. Pre-signed PUTs whose token is not
+    (Uploader.budget); one event's URLs at most PUTS_PER_EVENT PUTs (one silent for
+    REPLACE_SILENT_PUT_SECONDS gives its place to a newer). Pre-signed PUTs whose token is not
     known (`uploader` None: a native call before its first message names the URL, a URL of version
     1) may have 1/UNATTRIBUTED_SHARE of the total awaiting: anyone can open them; once the URL is
     known, they hold its token's part too.
     """
 
-    def __init__(self, *, per_device: int, total: int) -> None:
+    def __init__(
+        self, *, per_device: int, total: int, replace_silent_after: float = REPLACE_SILENT_PUT_SECONDS,
+    ) -> None:
         self.per_device = per_device
         self.total = total
+        self.replace_silent_after = replace_silent_after
         self._lock = threading.Lock()
         self._by_device: dict[str, int] = {}
         self._in_flight = 0
         self._awaiting_first = 0
         self._by_budget: dict[Hashable, int] = {}  # Uploader.budget (None: not known yet)
-        self._by_url: dict[tuple[str, str], int] = {}  # Uploader.url
+        self._puts: dict[tuple[str, str], list[_Place]] = {}  # Uploader.url: its PUTs counted
 
     def part(self, uploader: Uploader | None) -> int:
         """How many streams of `uploader`'s budget may be counted at once."""
@@ -290,35 +312,73 @@ class UploadSlots:
         finally:
             release()
 
-    def hold(self, uploader: Uploader | None) -> Callable[[], None]:
+    def hold(self, uploader: Uploader | None, stream: WatchedStream | None = None) -> Callable[[], None]:
         """Count one stream of `uploader` against its part, from its start to its end; returns
-        the function that gives it back (once). Refused (Busy) past its part."""
+        the function that gives it back (once). Refused (Busy) past its part. A PUT's `stream` (its
+        IdleWatchdog entry) lets a newer PUT of its event's URLs replace it once it has been
+        silent for `replace_silent_after` (REPLACE_SILENT_PUT_SECONDS)."""
         if uploader is None or uploader.counted_while_asked:
             return lambda: None
-        return self._take(uploader)
+        return self._take(uploader, stream)
 
-    def _take(self, uploader: Uploader) -> Callable[[], None]:
-        budget, url = uploader.budget, uploader.url
+    def _take(self, uploader: Uploader, stream: WatchedStream | None = None) -> Callable[[], None]:
+        place = _Place(uploader.budget, uploader.url, stream)
+        replaced = None
         with self._lock:
-            if url is not None and self._by_url.get(url, 0) >= PUTS_PER_EVENT:
-                raise Busy(
-                    "TOO_MANY_UPLOADS",
-                    f"the URLs of this event have {PUTS_PER_EVENT} PUTs in progress already: retry later",
-                    limit=str(PUTS_PER_EVENT),
-                )
-            held = self._by_budget.get(budget, 0)
+            puts = self._puts.get(place.url, []) if place.url is not None else []
+            if len(puts) >= PUTS_PER_EVENT:
+                replaced = self._silent_longest(puts)
+                if replaced is None:
+                    raise Busy(
+                        "TOO_MANY_UPLOADS",
+                        f"the URLs of this event have {PUTS_PER_EVENT} PUTs in progress already: retry later",
+                        limit=str(PUTS_PER_EVENT),
+                    )
+            held = self._by_budget.get(place.budget, 0)
+            if replaced is not None and replaced.budget == place.budget:
+                held -= 1  # the place it takes over
             if held >= self.part(uploader):
                 raise self._refusal(uploader)
-            self._by_budget[budget] = held + 1
-            if url is not None:
-                self._by_url[url] = self._by_url.get(url, 0) + 1
+            if replaced is not None:
+                self._give_back(replaced)
+            self._by_budget[place.budget] = self._by_budget.get(place.budget, 0) + 1
+            if place.url is not None:
+                self._puts.setdefault(place.url, []).append(place)
+        if replaced is not None and replaced.stream is not None:
+            device, event_id = replaced.url or ("", "")
+            log.warning("silent upload replaced by a newer PUT of its URLs", extra={
+                "device": device, "event_id": event_id, "idle_seconds": self.replace_silent_after,
+            })
+            replaced.stream.replace()
 
-        def give_back() -> None:
-            _count_down(self._by_budget, budget)
-            if url is not None:
-                _count_down(self._by_url, url)
+        def release() -> None:
+            with self._lock:
+                self._give_back(place)
 
-        return self._once(give_back)
+        return release
+
+    def _silent_longest(self, puts: list[_Place]) -> _Place | None:
+        """Of one event's PUTs, the one whose client has been silent longest, if that is at least
+        `replace_silent_after` (PUTs called natively have no stream here and are never replaced)."""
+        now = time.monotonic()
+        silences = [(p.stream.silent_for(now), i) for i, p in enumerate(puts) if p.stream is not None]
+        longest = max(silences, default=None)
+        if longest is None or longest[0] < self.replace_silent_after:
+            return None
+        return puts[longest[1]]
+
+    def _give_back(self, place: _Place) -> None:
+        """Under the lock; once per place, whoever calls first: a stream's end and its RPC's end
+        may come at once (twice, it undercounted), and a replaced PUT gives its place back early."""
+        if place.given_back:
+            return
+        place.given_back = True
+        _count_down(self._by_budget, place.budget)
+        if place.url is not None:
+            puts = self._puts[place.url]
+            puts.remove(place)
+            if not puts:
+                del self._puts[place.url]
 
     def _refusal(self, uploader: Uploader | None) -> Busy:
         limit = self.part(uploader)
@@ -397,15 +457,25 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(eq=False)
-class _Watched:
+class WatchedStream:
     """One stream under an IdleWatchdog."""
 
     cancel: Callable[[], None]
     limit: float  # seconds the current wait may last
     # Monotonic time the stream began waiting for its client (to send, or to take what was sent).
     waiting_since: float | None = None
-    fired: bool = False
+    fired: bool = False  # aborted as idle
+    replaced: bool = False  # aborted for a newer PUT of its URLs (UploadSlots)
     what: str = "upload"
+
+    def silent_for(self, now: float) -> float:
+        """How long its client has kept the stream waiting now; 0 while the server works."""
+        since = self.waiting_since
+        return 0.0 if since is None else now - since
+
+    def replace(self) -> None:
+        self.replaced = True
+        self.cancel()
 
 
 class IdleWatchdog:
@@ -431,15 +501,21 @@ class IdleWatchdog:
         self.idle_seconds = idle_seconds
         self.first_message_seconds = first_message_seconds or idle_seconds
         self._lock = threading.Lock()
-        self._streams: set[_Watched] = set()
+        self._streams: set[WatchedStream] = set()
         self._thread: threading.Thread | None = None
+
+    def stream(self, cancel: Callable[[], None], *, first_carries_data: bool = False) -> WatchedStream:
+        """The entry of an upload stream to watch (watch_stream). `first_carries_data`: the first
+        message may be a large chunk (WriteUpload), which a slow link needs as long for as any
+        other: it gets the idle limit, not the first-message one."""
+        return WatchedStream(cancel, self.idle_seconds if first_carries_data else self.first_message_seconds)
 
     def watch(
         self, messages: Iterator[T], cancel: Callable[[], None], *, first_carries_data: bool = False
     ) -> Iterator[T]:
-        """`first_carries_data`: the first message may be a large chunk (WriteUpload), which a
-        slow link needs as long for as any other: it gets the idle limit, not the first-message one."""
-        entry = _Watched(cancel, self.idle_seconds if first_carries_data else self.first_message_seconds)
+        return self.watch_stream(messages, self.stream(cancel, first_carries_data=first_carries_data))
+
+    def watch_stream(self, messages: Iterator[T], entry: WatchedStream) -> Iterator[T]:
         self._add(entry)
         try:
             while True:
@@ -449,6 +525,10 @@ class IdleWatchdog:
                 except StopIteration:
                     return
                 except Exception:
+                    if entry.replaced:
+                        raise FailedPrecondition(
+                            "UPLOAD_REPLACED", "the upload sent nothing and a newer PUT of its URLs took its place",
+                        ) from None
                     if entry.fired:
                         raise FailedPrecondition(
                             "UPLOAD_IDLE",
@@ -474,7 +554,7 @@ class IdleWatchdog:
         """A download's messages, its stream cancelled once its client has taken none for `limit`
         seconds. A handler's send blocks while the client's flow-control windows are full, so a
         client that stops reading (without closing) would hold the handler's thread for ever."""
-        entry = _Watched(cancel, limit, what="download")
+        entry = WatchedStream(cancel, limit, what="download")
         self._add(entry)
         try:
             for message in messages:
@@ -486,7 +566,7 @@ class IdleWatchdog:
             with self._lock:
                 self._streams.discard(entry)
 
-    def _add(self, entry: _Watched) -> None:
+    def _add(self, entry: WatchedStream) -> None:
         with self._lock:
             self._streams.add(entry)
             if self._thread is None:

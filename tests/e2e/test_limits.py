@@ -21,7 +21,7 @@ from gallery_server import auth
 from gallery_server.settings import MAX_METADATA_BYTES
 
 from ..conftest import rich_error, stored_files, wait_until
-from .conftest import Stack, start_stack, stop_stack
+from .conftest import Stack, log_entries, start_stack, stop_stack
 
 # Long enough that a held upload's keep-alive (every IDLE_SECONDS / 6) survives scheduling stalls
 # of a loaded 2-CPU machine; the abort is checked against a generous upper bound for the same reason.
@@ -430,6 +430,41 @@ def test_one_events_urls_are_put_by_two_streams_at_most_and_a_used_one_by_none(
     finally:
         stop_stack(stack)
     assert sorted(p.read_bytes() for p in stored_files(stack.data_dir)) == [b"abc", b"def"]
+
+
+def test_a_silent_put_gives_its_place_to_a_retry_of_its_url(stack: Stack, mint: Callable[..., str]) -> None:
+    """Two PUTs of one URL whose connections died without a FIN (a device out of coverage: over
+    HTTP/1.1 nothing tells Envoy or the server) kept every retry at 429 until the idle limit, 120 s.
+    Once one has sent nothing for 5 s (REPLACE_SILENT_PUT_SECONDS), a retry takes its place and
+    it is aborted: the event holds the retry's bytes, and the replaced PUT stored nothing."""
+    device = "silent-put-cam"
+    headers = {"Authorization": f"Bearer {mint(devices=[device], scope='gallery:read gallery:write')}"}
+    with httpx.Client(base_url=stack.base_url, timeout=10) as http, contextlib.ExitStack() as sockets:
+        got = http.get(f"/api/gallery/{device}/upload-url", params={"filename": "a.bin"}, headers=headers)
+        url = httpx.URL(got.json()["upload_url"])
+        dead = []
+        for _ in range(2):
+            s = sockets.enter_context(socket.create_connection(("127.0.0.1", stack.http_port)))
+            s.sendall(b"PUT " + url.raw_path + b" HTTP/1.1\r\nHost: gallery\r\nContent-Length: 6\r\n\r\nabc")
+            dead.append(s)
+        sent = time.monotonic()
+        time.sleep(1)  # both counted once their first bytes are asked for
+        assert_429(http.put(url.raw_path.decode(), content=b"abcdef"), "TOO_MANY_UPLOADS")
+        while (retry := http.put(url.raw_path.decode(), content=b"abcdef")).status_code == 429:
+            assert time.monotonic() - sent < 20, retry.text
+            time.sleep(0.25)
+        assert retry.status_code == 200, retry.text
+        assert time.monotonic() - sent > 4.5  # not before the dead PUTs were silent for 5 s
+        # One dead PUT was aborted: Envoy ends its connection.
+        readable = select.select(dead, [], [], 10)[0]
+        assert len(readable) == 1
+        with contextlib.suppress(ConnectionResetError):
+            assert not readable[0].recv(4096).startswith(b"HTTP/1.1 2")
+        event = http.get(f"/api/gallery/{device}/events/{retry.json()['eventId']}/content", headers=headers)
+        assert event.status_code == 200 and event.content == b"abcdef"
+    replaced = [e for e in log_entries(stack) if e.get("device") == device
+                and e.get("message") == "silent upload replaced by a newer PUT of its URLs"]
+    assert len(replaced) == 1
 
 
 def test_upload_urls_and_sessions_waiting_are_bounded_per_device(limited: Stack, mint: Callable[..., str]) -> None:

@@ -40,7 +40,7 @@ from gallery_server.resumable import ResumableUploads
 from gallery_server.service import Gallery
 from gallery_server.settings import ConfigError, Settings
 from gallery_server.storage import Storage
-from gallery_server.uploads import IdleWatchdog, Uploader, UploadSlots
+from gallery_server.uploads import IdleWatchdog, Uploader, UploadSlots, WatchedStream
 
 from ..conftest import make_settings, statements_run, wait_until
 from .test_service import PNG, store
@@ -536,6 +536,52 @@ def test_a_gateways_urls_count_by_their_device_apart_from_its_own_streams():
         held.callback(slots.hold(urls_of(gateway)))
 
 
+def watched(silent_for: float | None, cancelled: list[str], name: str) -> WatchedStream:
+    """A PUT's idle-watch entry, its client silent for `silent_for` seconds (None: the server is
+    working on its last message)."""
+    stream = WatchedStream(lambda: cancelled.append(name), limit=120)
+    stream.waiting_since = None if silent_for is None else time.monotonic() - silent_for
+    return stream
+
+
+def test_a_silent_put_gives_its_place_to_a_newer_put_of_its_urls():
+    """Two PUTs whose connections died without a FIN kept every retry of their URLs at 429 until
+    the idle limit (120 s): the one silent longest, once silent for `replace_silent_after`, is
+    aborted (UPLOAD_REPLACED) and its place taken. One that is sending, one silent less long, and
+    one called natively (no stream) are never replaced."""
+    slots = UploadSlots(per_device=4, total=48, replace_silent_after=5)
+    cancelled: list[str] = []
+    owner = token("cam1")
+    url = urls_of(owner, "cam1")
+    sending, recent = watched(None, cancelled, "sending"), watched(2, cancelled, "recent")
+    first, second = slots.hold(url, sending), slots.hold(url, recent)
+    with pytest.raises(Exhausted) as refused:
+        slots.hold(url, watched(None, cancelled, "third"))
+    assert refused.value.reason == "TOO_MANY_UPLOADS" and cancelled == []
+    assert recent.waiting_since is not None
+    recent.waiting_since -= 4  # now silent for 6 s
+    # The token's part is full (4: two other URLs' PUTs and these two): the new PUT takes the place
+    # of the one it replaces.
+    others = [slots.hold(urls_of(owner, "cam1")) for _ in range(2)]
+    third = slots.hold(url, watched(None, cancelled, "third"))
+    assert cancelled == ["recent"] and recent.replaced and not sending.replaced
+    assert slots.counted_by_token == 4
+    second()  # the replaced PUT's own end gives back nothing more
+    assert slots.counted_by_token == 4
+    with pytest.raises(Exhausted):  # the other two are sending, or were never silent
+        slots.hold(url, watched(None, cancelled, "fourth"))
+    for release in (first, third, *others):
+        release()
+    assert slots.counted_by_token == 0
+    # Called natively, a PUT's stream is not known to its count: it is never replaced.
+    native = [slots.hold(url) for _ in range(2)]
+    with pytest.raises(Exhausted):
+        slots.hold(url, watched(None, cancelled, "fifth"))
+    for release in native:
+        release()
+    assert slots.counted_by_token == 0 and cancelled == ["recent"]
+
+
 def test_one_events_urls_may_have_two_puts_at_once():
     """A retry may overlap the PUT it replaces (which the server has not seen end yet); more of one
     event's URLs (media and thumbnail together) would let whoever holds them take their token's
@@ -797,6 +843,28 @@ def test_the_first_message_has_its_own_shorter_limit():
     with pytest.raises(FailedPrecondition):
         list(watchdog.watch(silent(), unblock.set))
     assert time.monotonic() - started < 3
+
+
+def test_a_replaced_stream_fails_as_replaced():
+    """UploadSlots replaces a silent PUT through its entry: the transport's cancel ends the wait,
+    and the reader fails with UPLOAD_REPLACED (the log's reason), long before the idle limit."""
+    watchdog = IdleWatchdog(60)
+    unblock = threading.Event()
+
+    def silent():
+        yield "head"
+        unblock.wait(5)  # its connection is gone
+        raise RuntimeError("cancelled")
+
+    stream = watchdog.stream(unblock.set)
+    messages = watchdog.watch_stream(silent(), stream)
+    assert next(messages) == "head"
+    threading.Timer(0.2, stream.replace).start()
+    started = time.monotonic()
+    with pytest.raises(FailedPrecondition) as failed:
+        next(messages)
+    assert failed.value.reason == "UPLOAD_REPLACED" and time.monotonic() - started < 3
+    assert stream.silent_for(time.monotonic()) == 0  # not waiting any more
 
 
 def test_a_first_message_that_is_data_gets_the_idle_limit():
