@@ -313,10 +313,14 @@ class ResumableUploads:
         principal.require(validation.device_id(device), WRITE)
         return self.writer(device, validation.upload_id(upload_id_), write_offset)
 
-    def writer(self, device: str, upload_id_: str, write_offset: int | None) -> SessionWriter:
+    def writer(
+        self, device: str, upload_id_: str, write_offset: int | None,
+        while_busy: Callable[[], object] | None = None,
+    ) -> SessionWriter:
         """open_write() for a caller that has authorized the device; `write_offset` None: at the
         committed size, whatever it is. The writer holds an upload slot of the device until
-        close(), unless the session was complete before (nothing to write, no slot taken)."""
+        close(), unless the session was complete before (nothing to write, no slot taken).
+        `while_busy` is called as the writer waits for another stream's lock on the session."""
         row = self._load(device, upload_id_)
         if row.event_id:
             self._drop_completed_file(row)
@@ -329,7 +333,7 @@ class ResumableUploads:
             release()
             raise
         try:
-            _lock(fd, row.upload_id)
+            _lock(fd, row.upload_id, while_busy)
             row = self._load(device, row.upload_id)  # as it is now that this writer is alone
             if row.event_id:  # completed by another stream while this one waited
                 self._drop_completed_file(row, locked=fd)
@@ -756,11 +760,13 @@ def _nothing() -> None:
     pass
 
 
-def _lock(fd: int, upload_id_: str) -> None:
+def _lock(fd: int, upload_id_: str, while_busy: Callable[[], object] | None = None) -> None:
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
         if file_locks.try_lock(fd):
             return
+        if while_busy is not None:
+            while_busy()
         if time.monotonic() > deadline:
             raise FailedPrecondition(
                 "UPLOAD_BUSY", f"another stream is writing upload {upload_id_}",

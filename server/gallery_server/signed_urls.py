@@ -33,7 +33,7 @@ import json
 import logging
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import sqlalchemy as sa
 from sqlmodel import Session, col
@@ -338,7 +338,12 @@ class SignedUploads:
             ) from None
         try:
             with range_conflicts():
-                writer = uploads.writer(target.device, session_id, content_range.first)
+                # A silent PUT of the URL holding the session (its connection dropped) is
+                # replaced as the lock is waited for (UploadSlots.replace_silent).
+                writer = uploads.writer(
+                    target.device, session_id, content_range.first,
+                    while_busy=self._replace_silent(target),
+                )
         except NotFound:
             # A whole PUT completed the URL since the grant was read, and dropped this session
             # (_drop_chunks): the answer is its event.
@@ -346,6 +351,13 @@ class SignedUploads:
                 raise
             return self._stored_before(target, content_range)
         return RangePut(self, target, content_range, writer)
+
+    def _replace_silent(self, target: SignedTarget) -> Callable[[], object] | None:
+        url = target.uploader.url if target.uploader is not None else None
+        if url is None:  # a URL of version 1: its PUTs are counted by no one
+            return None
+        slots = self.gallery.slots
+        return lambda: slots.replace_silent(url)
 
     def _stored_before(self, target: SignedTarget, content_range: ContentRange) -> RangePut:
         """A chunk PUT to a URL whose event was stored: a retry of the last one, whose answer got

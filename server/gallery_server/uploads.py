@@ -323,11 +323,11 @@ class UploadSlots:
 
     def _take(self, uploader: Uploader, stream: WatchedStream | None = None) -> Callable[[], None]:
         place = _Place(uploader.budget, uploader.url, stream)
-        replaced = None
+        replaced, silence = None, 0.0
         with self._lock:
             puts = self._puts.get(place.url, []) if place.url is not None else []
             if len(puts) >= PUTS_PER_EVENT:
-                replaced = self._silent_longest(puts)
+                replaced, silence = self._silent_longest(puts)
                 if replaced is None:
                     raise Busy(
                         "TOO_MANY_UPLOADS",
@@ -344,12 +344,8 @@ class UploadSlots:
             self._by_budget[place.budget] = self._by_budget.get(place.budget, 0) + 1
             if place.url is not None:
                 self._puts.setdefault(place.url, []).append(place)
-        if replaced is not None and replaced.stream is not None:
-            device, event_id = replaced.url or ("", "")
-            log.warning("silent upload replaced by a newer PUT of its URLs", extra={
-                "device": device, "event_id": event_id, "idle_seconds": self.replace_silent_after,
-            })
-            replaced.stream.replace()
+        if replaced is not None:
+            self._abort(replaced, silence)
 
         def release() -> None:
             with self._lock:
@@ -357,15 +353,42 @@ class UploadSlots:
 
         return release
 
-    def _silent_longest(self, puts: list[_Place]) -> _Place | None:
-        """Of one event's PUTs, the one whose client has been silent longest, if that is at least
-        `replace_silent_after` (PUTs called natively have no stream here and are never replaced)."""
+    def replace_silent(self, url: tuple[str, str]) -> bool:
+        """Abort the PUT of `url`'s event whose client has been silent longest, if for
+        `replace_silent_after` or more, its place given back; whether there was one. For a range
+        PUT waiting for its session, which such a PUT holds (resumable.py): one dropped connection
+        leaves a place free, so no third PUT comes to replace it, and every retry waited 5 s for
+        the session's lock and got 409 UPLOAD_BUSY until the idle limit ended it."""
+        with self._lock:
+            replaced, silence = self._silent_longest(self._puts.get(url, []))
+            if replaced is None:
+                return False
+            self._give_back(replaced)
+        self._abort(replaced, silence)
+        return True
+
+    @staticmethod
+    def _abort(replaced: _Place, silence: float) -> None:
+        device, event_id = replaced.url or ("", "")
+        log.warning("silent upload replaced by a newer PUT of its URLs", extra={
+            "device": device, "event_id": event_id, "idle_seconds": round(silence, 1),
+        })
+        try:
+            if replaced.stream is not None:
+                replaced.stream.replace()
+        except Exception:  # noqa: BLE001 - its place is given back either way
+            log.exception("could not abort a replaced upload")
+
+    def _silent_longest(self, puts: list[_Place]) -> tuple[_Place | None, float]:
+        """Of one event's PUTs, the one whose client has been silent longest, and for how long, if
+        that is at least `replace_silent_after` (PUTs called natively have no stream here and are
+        never replaced)."""
         now = time.monotonic()
         silences = [(p.stream.silent_for(now), i) for i, p in enumerate(puts) if p.stream is not None]
-        longest = max(silences, default=None)
-        if longest is None or longest[0] < self.replace_silent_after:
-            return None
-        return puts[longest[1]]
+        silence, index = max(silences, default=(0.0, -1))
+        if index < 0 or silence < self.replace_silent_after:
+            return None, silence
+        return puts[index], silence
 
     def _give_back(self, place: _Place) -> None:
         """Under the lock; once per place, whoever calls first: a stream's end and its RPC's end
@@ -474,6 +497,8 @@ class WatchedStream:
         return 0.0 if since is None else now - since
 
     def replace(self) -> None:
+        if self.fired:  # aborted as idle already: its reader fails with UPLOAD_IDLE
+            return
         self.replaced = True
         self.cancel()
 

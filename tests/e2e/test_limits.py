@@ -448,7 +448,8 @@ def test_a_silent_put_gives_its_place_to_a_retry_of_its_url(stack: Stack, mint: 
             s.sendall(b"PUT " + url.raw_path + b" HTTP/1.1\r\nHost: gallery\r\nContent-Length: 6\r\n\r\nabc")
             dead.append(s)
         sent = time.monotonic()
-        time.sleep(1)  # both counted once their first bytes are asked for
+        admin = mint(scope=ADMIN_SCOPES)  # both counted (their first bytes asked for) before the retry
+        assert wait_until(lambda: admin_status(http, admin)["counts"]["uploads_in_flight"] >= 2, seconds=10)
         assert_429(http.put(url.raw_path.decode(), content=b"abcdef"), "TOO_MANY_UPLOADS")
         while (retry := http.put(url.raw_path.decode(), content=b"abcdef")).status_code == 429:
             assert time.monotonic() - sent < 20, retry.text

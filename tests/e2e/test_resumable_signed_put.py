@@ -8,6 +8,7 @@ import hashlib
 import pathlib
 import socket
 import subprocess
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -402,19 +403,60 @@ def test_two_chunk_puts_of_one_url_at_once(
     stack: Stack, http: httpx.Client, auth_headers: Callable[..., dict[str, str]]
 ) -> None:
     """One session writer at a time: the second chunk PUT waits for the session's lock, then gets
-    409 UPLOAD_BUSY (or WRONG_OFFSET, had the first ended meanwhile); the first completes."""
+    409 UPLOAD_BUSY (or WRONG_OFFSET, had the first ended meanwhile); the first, slow but sending
+    (a silent one would be replaced: the next test), completes."""
     device, headers = new_device(), auth_headers()
     url, event_id = new_url(http, headers, device)
     data = random_bytes(2 * MIB)
     first = open_put(stack, url, data, 100_000, f"bytes 0-{len(data) - 1}/{len(data)}")
     staged = session_path(stack, device, event_id)
     wait_for(lambda: file_size(staged) >= 100_000, "the first chunk PUT never started")
-    second = put_range(url, data[:1000], 0, len(data))
+    sent, stop = 100_000, threading.Event()
+
+    def trickle() -> None:
+        nonlocal sent
+        while not stop.wait(0.25):
+            first.sendall(data[sent:sent + 1000])
+            sent += 1000
+
+    trickling = threading.Thread(target=trickle)
+    trickling.start()
+    try:
+        second = put_range(url, data[:1000], 0, len(data))
+    finally:
+        stop.set()
+        trickling.join()
     assert second.status_code == 409, second.text
     assert error_reason(second) in {"UPLOAD_BUSY", "WRONG_OFFSET"}
-    code, body = finish_put(first, data[100_000:])
+    code, body = finish_put(first, data[sent:])
     assert code == 200, body
     assert httpx.Response(200, content=body).json() == {"success": True, "eventId": event_id}
+    one_event(stack, http, headers, device, event_id, data)
+    assert not staged.exists()
+
+
+def test_a_chunk_put_replaces_a_silent_one_holding_its_session(
+    stack: Stack, http: httpx.Client, auth_headers: Callable[..., dict[str, str]]
+) -> None:
+    """A chunk PUT whose connection died without a FIN holds the session's lock, with one of its
+    URLs' two places: every retry waited 5 s for the lock and got 409 UPLOAD_BUSY until the idle
+    limit (120 s) ended it. Once it has sent nothing for 5 s, a retry waiting for the lock aborts
+    it (UPLOAD_REPLACED), and the client resumes from the committed size as it would after any 409."""
+    device, headers = new_device(), auth_headers()
+    url, event_id = new_url(http, headers, device)
+    data = random_bytes(2 * MIB)
+    with open_put(stack, url, data, 100_000, f"bytes 0-{len(data) - 1}/{len(data)}"):
+        staged = session_path(stack, device, event_id)
+        wait_for(lambda: file_size(staged) >= 100_000, "the chunk PUT never started")
+        deadline = time.monotonic() + 30
+        while True:
+            committed = status(url)["committedSize"]
+            answer = put_range(url, data[committed:], committed, len(data))
+            if answer.status_code == 200:
+                break
+            assert answer.status_code == 409 and time.monotonic() < deadline, answer.text
+            assert error_reason(answer) in {"UPLOAD_BUSY", "WRONG_OFFSET"}
+        assert answer.json() == {"success": True, "eventId": event_id}
     one_event(stack, http, headers, device, event_id, data)
     assert not staged.exists()
 

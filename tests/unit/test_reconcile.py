@@ -582,6 +582,27 @@ def test_a_silent_put_gives_its_place_to_a_newer_put_of_its_urls():
     assert slots.counted_by_token == 0 and cancelled == ["recent"]
 
 
+def test_a_put_waiting_for_its_session_replaces_the_silent_put_holding_it():
+    """One dropped connection leaves a place free, so no third PUT replaces it: a range PUT that
+    waits for the session's lock the silent one holds asks for it (replace_silent), never for
+    itself (it is working, not waiting on its client) nor for one silent less long."""
+    slots = UploadSlots(per_device=4, total=48, replace_silent_after=5)
+    cancelled: list[str] = []
+    url = urls_of(token("cam1"), "cam1")
+    assert url.url is not None
+    dead = watched(2, cancelled, "dead")
+    held, retry = slots.hold(url, dead), slots.hold(url, watched(None, cancelled, "retry"))
+    assert not slots.replace_silent(url.url) and cancelled == []
+    assert dead.waiting_since is not None
+    dead.waiting_since -= 4
+    assert slots.replace_silent(url.url) and cancelled == ["dead"] and dead.replaced
+    assert slots.counted_by_token == 1
+    assert not slots.replace_silent(url.url)  # once
+    held()
+    retry()
+    assert slots.counted_by_token == 0
+
+
 def test_one_events_urls_may_have_two_puts_at_once():
     """A retry may overlap the PUT it replaces (which the server has not seen end yet); more of one
     event's URLs (media and thumbnail together) would let whoever holds them take their token's
