@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from .errors import Busy, FailedPrecondition, InvalidArgument
 from .models import Event
@@ -326,15 +326,17 @@ class UploadSlots:
         replaced, silence = None, 0.0
         with self._lock:
             puts = self._puts.get(place.url, []) if place.url is not None else []
-            if len(puts) >= PUTS_PER_EVENT:
-                replaced, silence = self._silent_longest(puts)
-                if replaced is None:
-                    raise Busy(
-                        "TOO_MANY_UPLOADS",
-                        f"the URLs of this event have {PUTS_PER_EVENT} PUTs in progress already: retry later",
-                        limit=str(PUTS_PER_EVENT),
-                    )
             held = self._by_budget.get(place.budget, 0)
+            # Full by the event's PUTs or by the token's part (a device whose connections all
+            # dropped at once, one PUT of each event): a silent PUT of these URLs gives its place.
+            if len(puts) >= PUTS_PER_EVENT or held >= self.part(uploader):
+                replaced, silence = self._silent_longest(puts)
+            if len(puts) - (replaced is not None) >= PUTS_PER_EVENT:
+                raise Busy(
+                    "TOO_MANY_UPLOADS",
+                    f"the URLs of this event have {PUTS_PER_EVENT} PUTs in progress already: retry later",
+                    limit=str(PUTS_PER_EVENT),
+                )
             if replaced is not None and replaced.budget == place.budget:
                 held -= 1  # the place it takes over
             if held >= self.part(uploader):
@@ -370,7 +372,7 @@ class UploadSlots:
     @staticmethod
     def _abort(replaced: _Place, silence: float) -> None:
         device, event_id = replaced.url or ("", "")
-        log.warning("silent upload replaced by a newer PUT of its URLs", extra={
+        log.warning("this PUT replaces a silent one of its URLs", extra={
             "device": device, "event_id": event_id, "idle_seconds": round(silence, 1),
         })
         try:
@@ -540,6 +542,16 @@ class IdleWatchdog:
     ) -> Iterator[T]:
         return self.watch_stream(messages, self.stream(cancel, first_carries_data=first_carries_data))
 
+    @staticmethod
+    def _raise_aborted(entry: WatchedStream) -> NoReturn:
+        if entry.replaced:
+            raise FailedPrecondition(
+                "UPLOAD_REPLACED", "the upload sent nothing and a newer PUT of its URLs took its place",
+            ) from None
+        raise FailedPrecondition(
+            "UPLOAD_IDLE", f"the upload sent nothing for {entry.limit:g} s and was aborted",
+        ) from None
+
     def watch_stream(self, messages: Iterator[T], entry: WatchedStream) -> Iterator[T]:
         self._add(entry)
         try:
@@ -548,17 +560,14 @@ class IdleWatchdog:
                 try:
                     message = next(messages)
                 except StopIteration:
-                    return
+                    # grpcio may end a call cancelled from outside as a stream that ended: the
+                    # reason is this one's, not a body cut short.
+                    if not (entry.replaced or entry.fired):
+                        return
+                    self._raise_aborted(entry)
                 except Exception:
-                    if entry.replaced:
-                        raise FailedPrecondition(
-                            "UPLOAD_REPLACED", "the upload sent nothing and a newer PUT of its URLs took its place",
-                        ) from None
-                    if entry.fired:
-                        raise FailedPrecondition(
-                            "UPLOAD_IDLE",
-                            f"the upload sent nothing for {entry.limit:g} s and was aborted",
-                        ) from None
+                    if entry.replaced or entry.fired:
+                        self._raise_aborted(entry)
                     raise
                 finally:
                     entry.waiting_since = None

@@ -582,6 +582,26 @@ def test_a_silent_put_gives_its_place_to_a_newer_put_of_its_urls():
     assert slots.counted_by_token == 0 and cancelled == ["recent"]
 
 
+def test_a_silent_put_gives_its_place_when_its_tokens_part_is_full():
+    """A device whose connections all dropped at once, one PUT of each of 4 events, filled its
+    token's part (4): every retry was refused until the idle limit. The retry of an event replaces
+    that event's silent PUT; a PUT of a fifth event, which has none, is still refused."""
+    slots = UploadSlots(per_device=4, total=48, replace_silent_after=5)
+    cancelled: list[str] = []
+    owner = token("cam1")
+    urls = [urls_of(owner, "cam1") for _ in range(4)]
+    dead = [watched(6, cancelled, f"dead{i}") for i in range(4)]
+    releases = [slots.hold(url, stream) for url, stream in zip(urls, dead, strict=True)]
+    with pytest.raises(Exhausted) as refused:
+        slots.hold(urls_of(owner, "cam1"), watched(None, cancelled, "fifth"))
+    assert "has 4 uploads open" in refused.value.message and cancelled == []
+    retry = slots.hold(urls[1], watched(None, cancelled, "retry"))
+    assert cancelled == ["dead1"] and slots.counted_by_token == 4
+    for release in (*releases, retry):
+        release()
+    assert slots.counted_by_token == 0
+
+
 def test_a_put_waiting_for_its_session_replaces_the_silent_put_holding_it():
     """One dropped connection leaves a place free, so no third PUT replaces it: a range PUT that
     waits for the session's lock the silent one holds asks for it (replace_silent), never for
@@ -886,6 +906,23 @@ def test_a_replaced_stream_fails_as_replaced():
         next(messages)
     assert failed.value.reason == "UPLOAD_REPLACED" and time.monotonic() - started < 3
     assert stream.silent_for(time.monotonic()) == 0  # not waiting any more
+
+
+@pytest.mark.parametrize("abort", ["replaced", "idle"])
+def test_an_aborted_stream_that_grpcio_ends_as_finished_fails_with_its_reason(abort):
+    """grpcio may end a call cancelled from outside as a stream that ended (StopIteration): that
+    is no complete body, and the reader fails as the abort says (the probe saw BODY_INCOMPLETE)."""
+    watchdog = IdleWatchdog(60)
+    stream = watchdog.stream(lambda: None)
+    messages = watchdog.watch_stream(iter(["head"]), stream)
+    assert next(messages) == "head"
+    if abort == "replaced":
+        stream.replace()
+    else:
+        stream.fired = True  # what the watchdog's thread sets before its cancel
+    with pytest.raises(FailedPrecondition) as failed:
+        next(messages)
+    assert failed.value.reason == {"replaced": "UPLOAD_REPLACED", "idle": "UPLOAD_IDLE"}[abort]
 
 
 def test_a_first_message_that_is_data_gets_the_idle_limit():
