@@ -265,9 +265,9 @@ class GalleryServiceServicer:
         x-envoy-original-path), and so is a whole PUT of a used URL, or one its headers alone refuse
         (Content-Length, Content-Range), so that such PUTs hold no upload place. A PUT counts against the uploads in flight of the token that asked
         for its URL, and one event's URLs (media and thumbnail) have at most 2 PUTs at once
-        (RESOURCE_EXHAUSTED, HTTP 429, TOO_MANY_UPLOADS past either; when both are taken, the REST PUT
-        whose client has sent nothing longest, for 5 s or more, is aborted and a newer PUT of the same
-        URLs takes its place); where the URL comes only in the
+        (RESOURCE_EXHAUSTED, HTTP 429, TOO_MANY_UPLOADS past either; when either is full, the REST PUT
+        of the same URLs whose client has sent nothing longest, for 5 s or more, is aborted and a newer
+        PUT of them takes its place); where the URL comes only in the
         first message (a native call), those awaiting it may hold an eighth of
         GALLERY_MAX_UPLOADS_TOTAL together.
 
