@@ -194,11 +194,12 @@ class Uploader:
 # overlap the stream it replaces, which the server has not seen end yet; more would let whoever holds
 # one event's URLs take their token's whole part (a device's token has 4).
 PUTS_PER_EVENT = 2
-# A PUT of those URLs whose client has sent nothing for this long gives its place to a new PUT that
-# finds them at PUTS_PER_EVENT, and is aborted (UPLOAD_REPLACED): the new one is its client's retry
-# over a new connection, the old one's connection most likely dead without a FIN, which nothing
-# finds over HTTP/1.1 before the idle limit (GALLERY_UPLOAD_IDLE_SECONDS, 120 s by default). Two
-# dropped connections kept every retry at 429 until then. A REST body comes through Envoy in pieces
+# A PUT of those URLs whose client has sent nothing for this long gives its place to a new PUT of
+# them that finds them at PUTS_PER_EVENT or their token's part full, and is aborted (UPLOAD_REPLACED):
+# the new one is its client's retry over a new connection, the old one's connection most likely dead
+# without a FIN, which nothing finds over HTTP/1.1 before the idle limit (GALLERY_UPLOAD_IDLE_SECONDS,
+# 120 s by default). Two dropped connections of one event, or one of each of a device's 4, kept
+# every retry at 429 until then. A REST body comes through Envoy in pieces
 # as its bytes arrive, so a live PUT is rarely silent this long; waits for a receive permit or on the
 # server's own work are no silence (IdleWatchdog).
 REPLACE_SILENT_PUT_SECONDS = 5.0
@@ -244,8 +245,8 @@ class UploadSlots:
     (part(); threads.grant_share: `per_device` for each device it grants, half the total at most):
     its own streams and the PUTs of its URLs, from their start to their end (hold()), a token for
     every device's own only while asked (Uploader.counted_while_asked) and its URLs' by device
-    (Uploader.budget); one event's URLs at most PUTS_PER_EVENT PUTs (one silent for
-    REPLACE_SILENT_PUT_SECONDS gives its place to a newer). Pre-signed PUTs whose token is not
+    (Uploader.budget); one event's URLs at most PUTS_PER_EVENT PUTs (past either, one of them silent
+    for REPLACE_SILENT_PUT_SECONDS gives its place to a newer). Pre-signed PUTs whose token is not
     known (`uploader` None: a native call before its first message names the URL, a URL of version
     1) may have 1/UNATTRIBUTED_SHARE of the total awaiting: anyone can open them; once the URL is
     known, they hold its token's part too.
