@@ -2,6 +2,10 @@
 filters, and the page read as rows or printed as the REST listing's JSON by the database itself
 (listing_json). Keyset pages (paging.py) seek the (device, created, id) index, so a deep page costs
 as the first. Gallery.list_page authorizes; this module reads.
+
+Pages read lately are kept (PageCache) with the device's listing version they were read at
+(models.ListingVersion): a page asked for again costs one lookup of that version, not the page's
+rows, and is served only while the version is the same, on whichever replica wrote.
 """
 
 from __future__ import annotations
@@ -9,17 +13,84 @@ from __future__ import annotations
 import collections
 import datetime
 import functools
-from typing import Any
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import cachetools
 import sqlalchemy as sa
 
 from . import listing_json, paging
 from .db import Database
 from .listing_json import LISTED_COLUMNS
-from .models import Event
+from .models import Event, ListingVersion
 
 # A listed event: a row of LISTED_COLUMNS (what a listing shows) with their names, read-only.
 ListedEvent = collections.namedtuple("ListedEvent", LISTED_COLUMNS)  # type: ignore[misc]
+
+_VERSIONS = ListingVersion.__table__.c  # type: ignore[attr-defined]
+# The device's listing version (no row: 0), alone and as a column of the pages the database prints.
+_VERSION = sa.select(_VERSIONS.version).where(_VERSIONS.device == sa.bindparam("device"))
+_VERSION_COLUMN = _VERSION.scalar_subquery()
+# What a kept page costs beyond its bytes: its key (the query), the entry, the cache's own links.
+_ENTRY_BYTES = 1024
+Page = TypeVar("Page")
+
+
+class PageCache:
+    """Pages of listings read lately, at most `max_bytes` of them, the least recently asked for
+    going first; each kept with the listing version of its device it was read at, and served only
+    while the version read now is that one.
+
+    The version comes from the page's own statement where the database prints the page (one
+    snapshot: a page read once costs no more than before), or else is read just before the page:
+    a write committed between the two leaves the page newer than its version, which the next
+    version read has passed, so it is never served. Versions only grow: a page served is exactly
+    what the database would answer."""
+
+    def __init__(self, db: Database, max_bytes: int) -> None:
+        self.db = db
+        self._pages: cachetools.LRUCache[tuple[str, paging.ListQuery], tuple[int, Any]] = cachetools.LRUCache(
+            max_bytes, getsizeof=_entry_size
+        )
+        self._lock = threading.Lock()  # LRUCache's reads move entries too
+
+    @property
+    def keeps(self) -> bool:
+        return bool(self._pages.maxsize)
+
+    def version(self, device: str) -> int:
+        rows = self.db.read_rows(_VERSION, {"device": device})
+        return int(rows[0][0]) if rows else 0
+
+    def get(self, kind: str, query: paging.ListQuery, read: Callable[[], tuple[Page, int | None]]) -> Page:
+        """The page of `query` (`kind`: how it is printed), kept or else read: `read()` answers the
+        page and the version it was read at (None: not to keep)."""
+        key = (kind, query)
+        if self.keeps:
+            with self._lock:
+                kept = self._pages.get(key)
+            if kept is not None and kept[0] == self.version(query.device):
+                return kept[1]  # type: ignore[no-any-return]
+        page, version = read()
+        if version is not None and self.keeps:
+            with self._lock:
+                try:
+                    self._pages[key] = (version, page)
+                except ValueError:  # larger than the whole cache: served, not kept
+                    pass
+        return page
+
+
+def _entry_size(entry: tuple[int, tuple[bytes | list[ListedEvent], str]]) -> int:
+    """Bytes of a kept page: the REST JSON's own length, or each row's fields as Python holds them."""
+    page, token = entry[1]
+    if isinstance(page, bytes):
+        held = len(page)
+    else:
+        held = sum(sys.getsizeof(row) + sum(map(sys.getsizeof, row)) for row in page)
+    return _ENTRY_BYTES + held + len(token)
 
 
 @functools.cache
@@ -62,8 +133,9 @@ def _listing_statement(
 @functools.cache
 def _sqlite_json_statement(page: sa.Select[Any], newest_first: bool) -> sa.Select[Any]:
     """One row for a whole page on SQLite: its JSON (listing_json.sqlite_array), the number of
-    events, whether every `created` had the stored shape, and "created id" of the last event
-    (the least pair newest first, the greatest oldest first: `created` has a fixed width)."""
+    events, whether every `created` had the stored shape, "created id" of the last event (the
+    least pair newest first, the greatest oldest first: `created` has a fixed width), and the
+    device's listing version (NULL: 0)."""
     pages = page.add_columns(
         sa.literal_column(listing_json.sqlite_created).label(listing_json.CREATED_RFC3339)
     ).subquery("page")
@@ -73,14 +145,16 @@ def _sqlite_json_statement(page: sa.Select[Any], newest_first: bool) -> sa.Selec
         sa.literal_column("count(*)"),
         sa.literal_column(listing_json.sqlite_regular),
         sa.literal_column(f"{last}(created || ' ' || id)"),
+        _VERSION_COLUMN,
     ).select_from(pages)
 
 
 @functools.cache
 def _postgres_json_statement(page: sa.Select[Any], newest_first: bool) -> sa.Select[Any]:
     """One row for a whole page on PostgreSQL: its JSON (listing_json.postgres_array; NULL for an
-    empty page), the number of events, whether every `created` is one Python can hold, and the
-    last event's `created` and id (each aggregate in the page's order: PostgreSQL 16 sorts once)."""
+    empty page), the number of events, whether every `created` is one Python can hold, the last
+    event's `created` and id (each aggregate in the page's order: PostgreSQL 16 sorts once), and
+    the device's listing version (NULL: 0)."""
     created = Event.__table__.c.created  # type: ignore[attr-defined]
     pages = page.add_columns(
         sa.literal_column(listing_json.postgres_created).label(listing_json.CREATED_RFC3339)
@@ -92,6 +166,7 @@ def _postgres_json_statement(page: sa.Select[Any], newest_first: bool) -> sa.Sel
         sa.literal_column(listing_json.postgres_regular),
         sa.literal_column(f"(array_agg(created ORDER BY {order}))[count(*)]", type_=created.type),
         sa.literal_column(f"(array_agg(id ORDER BY {order}))[count(*)]"),
+        _VERSION_COLUMN,
     ).select_from(pages)
 
 
@@ -113,34 +188,51 @@ def _next_page_token(
 class Listing:
     """Pages of events on one database."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, cache_bytes: int = 0) -> None:
+        """`cache_bytes`: how much of the pages read lately to keep (PageCache); 0 keeps none."""
         self.db = db
+        self._kept = PageCache(db, cache_bytes)
 
     def page(self, device: str, **request: Any) -> tuple[list[ListedEvent], str]:
         """One page of a device's events, and the token of the next page ("" after the last).
 
         The events are read-only rows with the attributes of LISTED_COLUMNS (what a listing shows).
         `request`: media_type, since, until, order, limit, offset, page_token (paging.build)."""
-        return self._read_page(*self._prepare(device, **request))
+        query, statement, parameters = self._prepare(device, **request)
+
+        def read() -> tuple[tuple[list[ListedEvent], str], int | None]:
+            version = self._kept.version(device) if self._kept.keeps else None
+            return self._read_page(query, statement, parameters), version
+
+        events, next_page_token = self._kept.get("rows", query, read)
+        return list(events), next_page_token  # the kept list stays as read, whatever the caller does
 
     def page_json(self, device: str, **request: Any) -> tuple[bytes, str]:
         """The same page as page(), as the REST listing's JSON (listing_json), and its token."""
         query, statement, parameters = self._prepare(device, **request)
+        return self._kept.get("json", query, lambda: self._read_page_json(query, statement, parameters))
+
+    def _read_page_json(
+        self, query: paging.ListQuery, statement: sa.Select[Any], parameters: dict[str, Any]
+    ) -> tuple[tuple[bytes, str], int | None]:
+        """page_json()'s answer, and the device's listing version it was read at (PageCache)."""
         if self.db.engine.dialect.name == "postgresql":
-            [(text, count, regular, last_created, last_id)] = self.db.read_rows(
+            [(text, count, regular, last_created, last_id, version)] = self.db.read_rows(
                 _postgres_json_statement(statement, query.newest_first), parameters
             )
             if regular:  # else a time only PostgreSQL holds: the Python printer refuses it below
                 last = (last_created, last_id) if count else None
-                return listing_json.finish(text or "[]"), _next_page_token(query, last, count)
+                return (listing_json.finish(text or "[]"), _next_page_token(query, last, count)), int(version or 0)
         elif self._sqlite_prints_json:
-            [(text, count, regular, last)] = self.db.read_rows(
+            [(text, count, regular, last, version)] = self.db.read_rows(
                 _sqlite_json_statement(statement, query.newest_first), parameters
             )
             if regular or not count:  # else a row SQLite did not write itself: printed below
-                return listing_json.finish(text), _next_page_token(query, _sqlite_position(last), count)
+                page = listing_json.finish(text), _next_page_token(query, _sqlite_position(last), count)
+                return page, int(version or 0)
+        version = self._kept.version(query.device) if self._kept.keeps else None
         events, next_page_token = self._read_page(query, statement, parameters)
-        return listing_json.listing(events), next_page_token
+        return (listing_json.listing(events), next_page_token), version
 
     def _read_page(
         self, query: paging.ListQuery, statement: sa.Select[Any], parameters: dict[str, Any]

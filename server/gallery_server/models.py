@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
 from .clock import utcnow
+from .listing_json import LISTED_COLUMNS
 
 
 class Event(SQLModel, table=True):
@@ -331,6 +332,74 @@ _USAGE_BACKFILL = (
 )
 
 
+class ListingVersion(SQLModel, table=True):
+    """How many times what a listing shows of a device's events has changed: a page read at one
+    version is the page as long as the version stays (listing.py keeps recent pages by it, and
+    asks for this one row instead of the page's 50).
+
+    Raised by triggers on `events`, in the transaction of every insert, delete and change of a
+    listed column, whoever writes (as EventCount). It only ever grows: TRUNCATE raises every row,
+    and a device's row stays when its last event goes, so a number never comes back to mean
+    other events. A device without a row reads as 0 (no event was ever written under this
+    table)."""
+
+    __tablename__ = "listing_versions"
+
+    device: str = Field(primary_key=True, max_length=128)
+    version: int = Field(default=0, sa_type=sa.BigInteger)
+
+
+# What a listing shows: an UPDATE naming none of these (a thumbnail's claim, the media info) leaves
+# every page kept valid.
+_LISTED = ", ".join(LISTED_COLUMNS)
+
+
+def _version_raise(device: str) -> str:
+    return (
+        f"INSERT INTO listing_versions (device, version) VALUES ({device}, 1) "
+        "ON CONFLICT (device) DO UPDATE SET version = listing_versions.version + 1"
+    )
+
+
+# An UPDATE that moves an event to another device (no code path does) raises both devices.
+_SQLITE_VERSION_TRIGGERS = (
+    "CREATE TRIGGER IF NOT EXISTS events_listing_insert AFTER INSERT ON events "
+    f"BEGIN {_version_raise('NEW.device')}; END",
+    "CREATE TRIGGER IF NOT EXISTS events_listing_delete AFTER DELETE ON events "
+    f"BEGIN {_version_raise('OLD.device')}; END",
+    f"CREATE TRIGGER IF NOT EXISTS events_listing_update AFTER UPDATE OF {_LISTED} ON events "
+    f"BEGIN {_version_raise('OLD.device')}; "
+    "INSERT INTO listing_versions (device, version) SELECT NEW.device, 1 WHERE NEW.device <> OLD.device "
+    "ON CONFLICT (device) DO UPDATE SET version = listing_versions.version + 1; END",
+)
+# As _POSTGRES_TRIGGERS: inserts and deletes once per statement (one raise per device, rows locked
+# in one order), updates per row; TRUNCATE raises every device.
+_POSTGRES_VERSION_TRIGGERS = (
+    "CREATE OR REPLACE FUNCTION events_listing() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    f"{_version_raise('OLD.device')}; "
+    f"IF NEW.device <> OLD.device THEN {_version_raise('NEW.device')}; END IF; RETURN NULL; END $$",
+    "CREATE OR REPLACE FUNCTION events_listing_inserted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "INSERT INTO listing_versions (device, version) SELECT DISTINCT device, 1 FROM inserted ORDER BY device "
+    "ON CONFLICT (device) DO UPDATE SET version = listing_versions.version + 1; RETURN NULL; END $$",
+    "CREATE OR REPLACE FUNCTION events_listing_deleted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "INSERT INTO listing_versions (device, version) SELECT DISTINCT device, 1 FROM deleted ORDER BY device "
+    "ON CONFLICT (device) DO UPDATE SET version = listing_versions.version + 1; RETURN NULL; END $$",
+    f"CREATE OR REPLACE TRIGGER events_listing AFTER UPDATE OF {_LISTED} ON events "
+    "FOR EACH ROW EXECUTE FUNCTION events_listing()",
+    "CREATE OR REPLACE TRIGGER events_listing_insert AFTER INSERT ON events REFERENCING NEW TABLE AS inserted "
+    "FOR EACH STATEMENT EXECUTE FUNCTION events_listing_inserted()",
+    "CREATE OR REPLACE TRIGGER events_listing_delete AFTER DELETE ON events REFERENCING OLD TABLE AS deleted "
+    "FOR EACH STATEMENT EXECUTE FUNCTION events_listing_deleted()",
+    "CREATE OR REPLACE FUNCTION events_listing_truncated() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "UPDATE listing_versions SET version = version + 1; RETURN NULL; END $$",
+    "CREATE OR REPLACE TRIGGER events_listing_truncate AFTER TRUNCATE ON events "
+    "FOR EACH STATEMENT EXECUTE FUNCTION events_listing_truncated()",
+)
+# A device with events from before the table gets its row (version 1) when the table is created:
+# a TRUNCATE raises only the rows there are.
+_VERSION_BACKFILL = "INSERT INTO listing_versions (device, version) SELECT DISTINCT device, 1 FROM events"
+
+
 @sa.event.listens_for(SQLModel.metadata, "after_create")
 def _install_counters(_metadata: sa.MetaData, connection: sa.Connection, **kw: object) -> None:
     """Runs after create_all: a counter table just created gets its triggers and its backfill."""
@@ -339,6 +408,7 @@ def _install_counters(_metadata: sa.MetaData, connection: sa.Connection, **kw: o
     counters = (
         (EventCount, _POSTGRES_TRIGGERS if postgres else _SQLITE_TRIGGERS, _BACKFILL),
         (DeviceUsage, _POSTGRES_USAGE_TRIGGERS if postgres else _SQLITE_USAGE_TRIGGERS, _USAGE_BACKFILL),
+        (ListingVersion, _POSTGRES_VERSION_TRIGGERS if postgres else _SQLITE_VERSION_TRIGGERS, _VERSION_BACKFILL),
     )
     for table, triggers, backfill in counters:
         if table.__table__ not in created:  # type: ignore[attr-defined]

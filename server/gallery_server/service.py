@@ -113,7 +113,7 @@ class Gallery:
         self.settings = settings
         self.db = db
         self.storage = storage
-        self.listing = Listing(db)
+        self.listing = Listing(db, cache_bytes=settings.list_cache_bytes)
         self.quota = DeviceQuota(db, settings.max_device_bytes)
         # The settings own the disk headroom and the choice of direct I/O, whoever built the
         # Storage: one built bare (Storage(data_dir), as tests do) takes theirs here; one built by

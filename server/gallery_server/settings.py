@@ -89,6 +89,9 @@ class Settings:
     # of 8, 12, 16, 24 and 32; BENCHMARKS.md). Past 16, the peak RSS rose with no more speed.
     upload_messages_in_flight: int = 16
     min_free_bytes: int = 1 << 30
+    # Listing pages read lately, kept while their device's events stay as they were (listing.py):
+    # ~500 REST pages of 50 events. 0 keeps none.
+    list_cache_bytes: int = 8 << 20
     # Bytes of media one device may keep stored (quota.py); 0: no quota.
     max_device_bytes: int = 0
     # Events created longer ago than this are deleted (retention.py); 0: kept for ever.
@@ -491,6 +494,7 @@ _NUMBERS: dict[str, _Range] = {
     "max_upload_urls_per_device": _Range("GALLERY_MAX_UPLOAD_URLS_PER_DEVICE", int, 1, INT64_MAX, unit=""),
     "upload_messages_in_flight": _Range("GALLERY_UPLOAD_MESSAGES_IN_FLIGHT", int, 1, INT64_MAX, unit=""),
     "min_free_bytes": _Range("GALLERY_MIN_FREE_BYTES", int, 0, INT64_MAX, unit="bytes"),
+    "list_cache_bytes": _Range("GALLERY_LIST_CACHE_BYTES", int, 0, 1 << 40, unit="bytes"),
     "max_device_bytes": _Range("GALLERY_MAX_DEVICE_BYTES", int, 0, INT64_MAX, unit="bytes"),
     # Up to a century: beyond, a cutoff before year 1 is no date at all.
     "retention_days": _Range("GALLERY_RETENTION_DAYS", float, 0, 36500, unit="days"),

@@ -91,8 +91,8 @@ def test_sqlite_prints_a_regular_page_in_one_statement(gallery, principal, rows)
         pytest.skip("the SQLite printer")
     gallery.list_page_json(principal, DEVICE, limit=10)  # the first also checks SQLite's JSON functions
     with statements_run(gallery.db) as statements:
-        gallery.list_page_json(principal, DEVICE, limit=10)
-    assert len(statements) == 1 and "json_group_array" in statements[0]
+        gallery.list_page_json(principal, DEVICE, limit=11)  # a page not kept (listing.PageCache)
+    assert len(statements) == 1 and "json_group_array" in statements[0] and "listing_versions" in statements[0]
 
 
 def test_postgres_prints_a_page_in_one_statement(gallery, principal, rows):
@@ -100,7 +100,7 @@ def test_postgres_prints_a_page_in_one_statement(gallery, principal, rows):
         pytest.skip("the PostgreSQL printer")
     with statements_run(gallery.db) as statements:
         page, token = gallery.list_page_json(principal, DEVICE, limit=10)
-    assert len(statements) == 1 and "string_agg" in statements[0]
+    assert len(statements) == 1 and "string_agg" in statements[0] and "listing_versions" in statements[0]
     assert len(json.loads(page)) == 10 and token
 
 

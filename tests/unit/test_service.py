@@ -405,10 +405,12 @@ def test_get_event_is_one_select_and_answers_what_the_orm_loads(gallery: Gallery
 
 
 def test_a_native_page_is_one_select_of_named_rows(gallery: Gallery, principal: auth.Principal) -> None:
+    """After the one-row lookup of the device's listing version (listing.PageCache)."""
     stored = [store(gallery, principal, thumbnail=PNG if i else None) for i in range(3)]
     with statements_run(gallery.db) as statements:
         events, token = gallery.list_page(principal, "cam1", limit=2)
-    assert len(statements) == 1 and statements[0].lstrip().upper().startswith("SELECT"), statements
+    assert len(statements) == 2 and "listing_versions" in statements[0], statements
+    assert statements[1].lstrip().upper().startswith("SELECT") and "FROM events" in statements[1], statements
     assert [e.id for e in events] == [e.id for e in stored[::-1][:2]] and token
     assert [(e.has_thumbnail, e.size, e.created.tzinfo is not None) for e in events] == [(True, len(PNG), True)] * 2
 
