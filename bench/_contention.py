@@ -3,10 +3,10 @@
 The server answers short reads on a few threads (GALLERY_GRPC_READ_WORKERS), which share one GIL.
 Each SQLite step and each contended lock lets the GIL go; with other threads ready, taking it back
 means waiting for it (strace, by hand: ~2 futex calls per stats call on 2 threads, none on one).
-This measures the domain calls alone
-(Gallery.list_page_json and Gallery.stats on the stack's database: no gRPC, no Envoy, no token
-check) on one thread and on several, in a fresh child process, so the listing section can tell the
-handler's own cost from what concurrency adds to it.
+This measures the domain calls alone (Gallery.list_page_json, with its page read each time and
+kept, and Gallery.stats on the stack's database: no gRPC, no Envoy, no token check) on one thread
+and on several, in a fresh child process, so the listing section can tell the handler's own cost
+from what concurrency adds to it.
 """
 
 from __future__ import annotations
@@ -26,16 +26,24 @@ from gallery_server.storage import Storage
 
 CALLS = 1500  # per measurement, split between the threads
 WARMUP = 50  # per thread, not counted
+LIST_READ = "list, first page (limit 50), read from the database"
+LIST_KEPT = "list, first page (limit 50), kept"
+STATS = "stats"
 
 
 def _measure(data_dir: str, secret: str, device: str, thread_counts: tuple[int, ...]) -> dict[str, dict[str, float]]:
-    settings = Settings.from_env({"GALLERY_DATA_DIR": data_dir, "GALLERY_JWT_SECRET": secret})
-    gallery = Gallery(settings, Database(settings.database_url, pool_size=max(thread_counts)),
+    environment = {"GALLERY_DATA_DIR": data_dir, "GALLERY_JWT_SECRET": secret}
+    settings = Settings.from_env(environment)
+    db = Database(settings.database_url, pool_size=max(thread_counts))
+    gallery = Gallery(settings, db, Storage.from_settings(settings))
+    # The same calls with no page kept: each reads its page from the database.
+    reading = Gallery(Settings.from_env({**environment, "GALLERY_LIST_CACHE_BYTES": "0"}), db,
                       Storage.from_settings(settings))
     principal = auth.Principal("bench", frozenset({device}), frozenset({auth.READ}))
     calls = {
-        "list, first page (limit 50)": lambda: gallery.list_page_json(principal, device, limit=50),
-        "stats": lambda: gallery.stats(principal, device),
+        LIST_READ: lambda: reading.list_page_json(principal, device, limit=50),
+        LIST_KEPT: lambda: gallery.list_page_json(principal, device, limit=50),
+        STATS: lambda: gallery.stats(principal, device),
     }
     # Measure the real work: a full page and a device with events, as the load above saw them.
     page, _ = gallery.list_page_json(principal, device, limit=50)
@@ -44,7 +52,7 @@ def _measure(data_dir: str, secret: str, device: str, thread_counts: tuple[int, 
     results: dict[str, dict[str, float]] = {}
     for name, call in calls.items():
         results[name] = {str(threads): _cpu_per_call(call, threads) for threads in thread_counts}
-    gallery.db.dispose()
+    db.dispose()
     return results
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import sqlite3
 import time
@@ -35,6 +36,10 @@ FLOOR_PATHS = "floor: GET .../paths via the same Envoy, constant grpcio handler"
 FLOOR_STATS = "floor: GET .../stats via the same Envoy, constant grpcio handler"
 FLOOR_STATS_AIO = "floor: GET .../stats via an identical Envoy, constant grpc.aio handler"
 P50_MS, P99_MS = 5.0, 20.0
+# The first page asked for again and again, as a page left open or polled is: served as kept
+# (server/gallery_server/listing.py, PageCache) after one lookup of the device's listing version.
+LIST_KEPT = "list, first page (limit 50), asked for again: kept"
+WALK_PAGES = 8000  # per walk: 500 for each of the 16 connections (bench/_loadgen.py)
 _TYPES = (("image", "image/jpeg"), ("video", "video/mp4"), ("other", "application/octet-stream"))
 _T0 = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
 
@@ -84,12 +89,35 @@ def _expected_size(count: int) -> int:
     return sum(1000 + i % 1000 for i in range(count))
 
 
-def _check_list(body: bytes, first_index: int, device: str) -> None:
+def _check_list(body: bytes, first_index: int | None, device: str) -> None:
+    """A page of 50 events of `device`, newest first, starting at `first_index` (None: anywhere)."""
     events = json.loads(body)
     if not isinstance(events, list) or len(events) != 50:
         raise BenchError(f"list: expected 50 events, got {body[:200]!r}")
-    if events[0]["id"] != _event_id(device, first_index) or events[-1]["id"] != _event_id(device, first_index - 49):
-        raise BenchError(f"list: page starts at {events[0]['id']}, expected {_event_id(device, first_index)}")
+    if first_index is None:
+        first_index = int(events[0]["id"][-20:])
+    if [e["id"] for e in events] != [_event_id(device, first_index - k) for k in range(50)]:
+        raise BenchError(f"list: page starts at {events[0]['id']}, expected 50 events from "
+                         f"{_event_id(device, first_index)} down")
+
+
+def _walk(base: str, count: int, depth: int, pages: int, *, by_offset: bool = False) -> list[str]:
+    """The paths of `pages` consecutive pages of 50 of BIG_DEVICE's `count` events, newest first,
+    from `depth`: each with the page token a client walking the listing holds there (built by the
+    server's own code; page tokens are keyset positions), or with `offset`."""
+    paths = []
+    for page in range(pages):
+        skipped = depth + 50 * page
+        if by_offset:
+            paths.append(f"{base}/events?limit=50&offset={skipped}")
+        elif skipped == 0:
+            paths.append(f"{base}/events?limit=50")
+        else:
+            before = count - skipped  # the index of the last event of the page before
+            token = paging.next_page_token(paging.build(device=BIG_DEVICE, limit=50),
+                                           (_created(before), _event_id(BIG_DEVICE, before)), full=True)
+            paths.append(f"{base}/events?limit=50&page_token={token}")
+    return paths
 
 
 def _check_stats(body: bytes, count: int) -> None:
@@ -100,21 +128,25 @@ def _check_stats(body: bytes, count: int) -> None:
         raise BenchError(f"stats: by_type does not add up: {body[:300]!r}")
 
 
-def _load(host: str, port: int, path: str, headers: dict[str, str], seconds: float,
+def _load(host: str, port: int, paths: list[str], headers: dict[str, str], seconds: float,
           pids: dict[str, int]) -> tuple[_loadgen.LoadResult, dict[str, float]]:
-    request = _loadgen.get_request(host, port, path, headers)
+    requests = [_loadgen.get_request(host, port, path, headers) for path in paths]
     before = cpu_now(pids)
-    result = _loadgen.run(host, port, [request], connections=CONNECTIONS, seconds=seconds)
+    result = _loadgen.run(host, port, requests, connections=CONNECTIONS, seconds=seconds)
     after = cpu_now(pids)
     if result.errors or set(result.statuses) != {200}:
-        raise BenchError(f"GET {path}: statuses {result.statuses}, errors {result.errors[:3]}")
+        raise BenchError(f"GET {paths[0]}: statuses {result.statuses}, errors {result.errors[:3]}")
     cpu_us = {name: (after[name] - before[name]) / max(1, result.requests) * 1e6 for name in pids}
     return result, cpu_us
 
 
+def _seeded(bench: Bench) -> int:
+    """How many events scenario_listing gives the big device."""
+    return 20_000 if bench.options.quick else 1_000_000
+
+
 def scenario_listing(bench: Bench) -> Section:
-    opts = bench.options
-    count = 20_000 if opts.quick else 1_000_000
+    count = _seeded(bench)
     seed_s = seed(bench, BIG_DEVICE, count)
     seed(bench, SMALL_DEVICE, 1000)
     print(f"  seeded {count:,} events in {seed_s:.1f} s", flush=True)
@@ -143,21 +175,20 @@ def _listing(bench: Bench, count: int, seed_s: float,
     host, port = "127.0.0.1", bench.stack.http_port
     auth = {"Authorization": f"Bearer {bench.token}"}
     depth = count // 2
-    # The token of the page after the event at `depth` from the newest: what a client walking the
-    # listing holds there (page tokens are keyset positions, built by the server's own code).
-    after_index = count - 1 - depth
-    token = paging.next_page_token(paging.build(device=BIG_DEVICE, limit=50),
-                                   (_created(after_index), _event_id(BIG_DEVICE, after_index)), full=True)
+    # Distinct pages enough that no connection asks for one twice in a run (16 x 500), as far as
+    # the device goes: each page is read from the database, none is served as kept.
+    pages = min(WALK_PAGES, (count - depth) // 50)
     base = f"/api/gallery/{BIG_DEVICE}"
+    any_page = functools.partial(_check_list, first_index=None, device=BIG_DEVICE)
     cases = [
-        ("list, first page (limit 50)", f"{base}/events?limit=50", lambda b: _check_list(b, count - 1, BIG_DEVICE),
-         True),
-        (f"list, page_token at depth {depth:,}", f"{base}/events?limit=50&page_token={token}",
-         lambda b: _check_list(b, after_index - 1, BIG_DEVICE), True),
-        (f"list, offset {depth:,} (the reference's offset paging)", f"{base}/events?limit=50&offset={depth}",
-         lambda b: _check_list(b, count - 1 - depth, BIG_DEVICE), False),
-        (f"stats, {count:,} events", f"{base}/stats", lambda b: _check_stats(b, count), True),
-        ("stats, 1,000 events (control)", f"/api/gallery/{SMALL_DEVICE}/stats", lambda b: _check_stats(b, 1000),
+        (LIST_KEPT, [f"{base}/events?limit=50"], lambda b: _check_list(b, count - 1, BIG_DEVICE), True),
+        (f"list, {pages:,} pages from the first, each read once", _walk(base, count, 0, pages), any_page, True),
+        (f"list, {pages:,} pages from depth {depth:,} by page_token, each read once",
+         _walk(base, count, depth, pages), any_page, True),
+        (f"list, {pages:,} pages from offset {depth:,} (the reference's offset paging), each read once",
+         _walk(base, count, depth, pages, by_offset=True), any_page, False),
+        (f"stats, {count:,} events", [f"{base}/stats"], lambda b: _check_stats(b, count), True),
+        ("stats, 1,000 events (control)", [f"/api/gallery/{SMALL_DEVICE}/stats"], lambda b: _check_stats(b, 1000),
          False),
     ]
     pids = {"server": bench.stack.server_pid, "envoy": bench.stack.envoy_pid}
@@ -166,10 +197,10 @@ def _listing(bench: Bench, count: int, seed_s: float,
     measured: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in cases}
     on_postgres: dict[str, list[dict[str, float]]] = {name: [] for name, *_, is_target in cases if is_target}
 
-    def measure(run: int, name: str, path: str, check: Callable[[bytes], None], where: str, at_port: int,
+    def measure(run: int, name: str, paths: list[str], check: Callable[[bytes], None], where: str, at_port: int,
                 processes: dict[str, int], database: _postgres.PostgresStack | None = None) -> dict[str, float]:
         backends_before = database.backends_cpu() if database else None
-        result, cpu_us = _load(host, at_port, path, auth, seconds, processes)
+        result, cpu_us = _load(host, at_port, paths, auth, seconds, processes)
         backends_after = database.backends_cpu() if database else None
         for body in result.sample_bodies:
             check(body)
@@ -186,12 +217,12 @@ def _listing(bench: Bench, count: int, seed_s: float,
         return sample
 
     for run in range(opts.runs):
-        for name, path, check, _ in cases:
-            measured[name].append(measure(run, name, path, check, "SQLite", port, pids))
+        for name, paths, check, _ in cases:
+            measured[name].append(measure(run, name, paths, check, "SQLite", port, pids))
             if postgres is not None and name in on_postgres:
                 stack = postgres[0].stack
                 on_postgres[name].append(measure(
-                    run, name, path, check, "PostgreSQL", stack.http_port,
+                    run, name, paths, check, "PostgreSQL", stack.http_port,
                     {"server": stack.server_pid, "envoy": stack.envoy_pid}, postgres[0],
                 ))
     rows, raw = [], {}
@@ -205,17 +236,23 @@ def _listing(bench: Bench, count: int, seed_s: float,
         if is_target:
             bench.targets.append((name, f"p50 < {P50_MS:.0f} ms and p99 < {P99_MS:.0f} ms",
                                   f"p50 {m['p50']:.2f} ms, p99 {m['p99']:.2f} ms", met))
-    contention = _contention_table(bench, measured, cases[0][0], cases[3][0])
-    first_p50 = median([s["p50"] for s in measured[cases[0][0]]])
-    deep = median([s["p50"] for s in measured[cases[1][0]]])
-    bench.targets.append(("list, deep page vs first page", "same cost (p50 ratio <= 1.2)",
+    contention = _contention_table(bench, measured, kept_case=cases[0][0], read_case=cases[1][0],
+                                   stats_case=cases[4][0])
+    first_p50 = median([s["p50"] for s in measured[cases[1][0]]])
+    deep = median([s["p50"] for s in measured[cases[2][0]]])
+    bench.targets.append(("list, deep pages vs pages from the first, each read once", "same cost (p50 ratio <= 1.2)",
                           f"{deep / first_p50:.2f}x", deep / first_p50 <= 1.2))
     markdown = (
         f"A device with {count:,} events (and one with 1,000), seeded straight into SQLite in {seed_s:.0f} s "
         f"(executemany; the stats triggers ran for every row). Each request was sent for {seconds:.0f} s over "
         f"{CONNECTIONS} keep-alive HTTP/1.1 connections to Envoy (closed loop: each connection sends its next "
         "request when the previous answer is complete), by bench/_loadgen.py in its own process; answers were "
-        "checked (page contents and order, stats totals). Deep pages use `page_token` (keyset, the API's deep "
+        "checked (page contents and order, stats totals). The server keeps pages it has read (PageCache, "
+        "server/gallery_server/listing.py) while their device's events stay as they were, and serves one asked "
+        "for again after a lookup of one row (the device's listing version): the first row asks for the same "
+        "page every time, as a page left open, polled or shared does. The walks ask for distinct pages, each "
+        "connection its own stretch of consecutive ones, so every page is read from the database: what a "
+        "client paging through a listing meets. Deep pages use `page_token` (keyset, the API's deep "
         "pagination); the reference's `offset` paging is shown for comparison: SQLite must step over every "
         "skipped row, so its cost grows with the offset and it is not a target. Targets: p50 < 5 ms and "
         "p99 < 20 ms.\n\n" + md_table(header, rows)
@@ -263,8 +300,8 @@ def _postgres_table(on_sqlite: dict[str, list[dict[str, float]]], on_postgres: d
     return Section("On PostgreSQL", text_table(header, rows), markdown, {})
 
 
-def _contention_table(bench: Bench, measured: dict[str, list[dict[str, float]]], list_case: str,
-                      stats_case: str) -> Section:
+def _contention_table(bench: Bench, measured: dict[str, list[dict[str, float]]], *, kept_case: str,
+                      read_case: str, stats_case: str) -> Section:
     """The list and stats calls alone, in one process, on 1 thread and on as many as the server's read
     workers (bench/_contention.py), next to the server's CPU per request through Envoy under the 16
     connections above."""
@@ -275,14 +312,17 @@ def _contention_table(bench: Bench, measured: dict[str, list[dict[str, float]]],
               f"CPU µs/call, {many} threads", f"{many} threads ÷ 1 (same run)",
               "server CPU µs/req through Envoy (above)"]
     rows = []
-    for call, case in (("list, first page (limit 50)", list_case), ("stats", stats_case)):
+    calls = ((_contention.LIST_READ, read_case), (_contention.LIST_KEPT, kept_case), (_contention.STATS, stats_case))
+    for call, case in calls:
         one = median([r[call]["1"] for r in runs])
         on_many = median([r[call][str(many)] for r in runs])
         ratio = median([r[call][str(many)] / r[call]["1"] for r in runs])
         server = median([s["server_us"] for s in measured[case]])
         rows.append([call, f"{one:.0f}", f"{on_many:.0f}", f"{ratio:.2f}", f"{server:.0f}"])
     markdown = (
-        "What the calls cost by themselves (`Gallery.list_page_json` and `Gallery.stats` on the same database, "
+        "What the calls cost by themselves (`Gallery.list_page_json`, with no page kept and with the page kept, "
+        "and `Gallery.stats`, on the same database; each next to the request through Envoy that does the same: "
+        "a walk's page, the first page asked for again, stats; "
         f"{_contention.CALLS} calls per measurement in a fresh process, medians of {bench.options.runs} runs), on "
         f"one thread and on {many} threads at once, as the server's {many} read workers "
         "(GALLERY_GRPC_READ_WORKERS' default) run them. The threads share one GIL, "
@@ -295,11 +335,14 @@ def _contention_table(bench: Bench, measured: dict[str, list[dict[str, float]]],
 
 
 def profile_load(bench: Bench, what: str) -> None:
-    """Load for the profiler: `what` ("events?limit=50", "stats") of the big device, seeded by
-    scenario_listing (or empty, if it did not run)."""
-    request = _loadgen.get_request("127.0.0.1", bench.stack.http_port, f"/api/gallery/{BIG_DEVICE}/{what}",
-                                   {"Authorization": f"Bearer {bench.token}"})
-    _loadgen.run("127.0.0.1", bench.stack.http_port, [request], connections=CONNECTIONS,
+    """Load for the profiler on the big device, seeded by scenario_listing (or empty, if it did not
+    run): "stats", or "walk", the listing's pages from the first, each asked for once."""
+    base = f"/api/gallery/{BIG_DEVICE}"
+    count = _seeded(bench)
+    paths = _walk(base, count, 0, min(WALK_PAGES, count // 50)) if what == "walk" else [f"{base}/{what}"]
+    requests = [_loadgen.get_request("127.0.0.1", bench.stack.http_port, path,
+                                     {"Authorization": f"Bearer {bench.token}"}) for path in paths]
+    _loadgen.run("127.0.0.1", bench.stack.http_port, requests, connections=CONNECTIONS,
                  seconds=1.0 if bench.options.quick else 3.0)
 
 
@@ -362,7 +405,7 @@ def _small_requests(bench: Bench, floor: FloorStack, aio_floor: FloorStack, seco
     measured: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in cases}
     for run in range(opts.runs):
         for name, port, path, headers, pids, check in cases:
-            result, cpu_us = _load(host, port, path, headers, seconds, pids)
+            result, cpu_us = _load(host, port, [path], headers, seconds, pids)
             if not check(result.sample_bodies[0]):
                 raise BenchError(f"{name}: {result.sample_bodies[0][:200]!r}")
             measured[name].append({"rate": result.rate, "p50": result.percentile(50), "p99": result.percentile(99),

@@ -72,7 +72,9 @@ class _Connection:
 def _run(host: str, port: int, requests: list[bytes], connections: int, seconds: float,
          samples: int) -> LoadResult:
     selector = selectors.DefaultSelector()
-    conns = [_Connection(host, port, requests, i) for i in range(connections)]
+    # Each connection starts its own stretch of `requests`: given a walk of distinct pages, no two
+    # ask for the same one (unless a connection gets through its whole stretch).
+    conns = [_Connection(host, port, requests, i * len(requests) // connections) for i in range(connections)]
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     bodies: list[bytes] = []
