@@ -466,7 +466,7 @@ TARGETS_NOTE = (
     "target, rather than cutting the CPU per request that bounds it.\n"
     "- *Pages kept (2026-12-01)*: the server keeps the listing pages it has read (server/gallery_server/"
     "listing.py, PageCache; GALLERY_LIST_CACHE_BYTES, 8 MiB by default) with the device's listing version, a "
-    "number that triggers on `events` raise in the transaction of every write a listing shows; a page asked "
+    "random number that triggers on `events` draw anew in the transaction of every write; a page asked "
     "for again is served after a lookup of that one row, the cost of stats. So the first-page row now measures "
     "a page kept, and the walks (8,000 distinct pages, each connection its own stretch; bench/_loadgen.py) "
     "measure pages read from the database, which is what every request measured before; the deep-page target "

@@ -45,9 +45,10 @@ class PageCache:
 
     The version comes from the page's own statement where the database prints the page (one
     snapshot: a page read once costs no more than before), or else is read just before the page:
-    a write committed between the two leaves the page newer than its version, which the next
-    version read has passed, so it is never served. Versions only grow: a page served is exactly
-    what the database would answer."""
+    a write committed between the two leaves the page newer than its version, which that write
+    replaced, so it is never served. Each change draws a random version (models.ListingVersion):
+    one comes back by a chance of about 1 in 2^52, so a page served is what the database would
+    answer."""
 
     def __init__(self, db: Database, max_bytes: int) -> None:
         self.db = db

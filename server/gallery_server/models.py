@@ -8,7 +8,6 @@ import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
 from .clock import utcnow
-from .listing_json import LISTED_COLUMNS
 
 
 class Event(SQLModel, table=True):
@@ -333,15 +332,16 @@ _USAGE_BACKFILL = (
 
 
 class ListingVersion(SQLModel, table=True):
-    """How many times what a listing shows of a device's events has changed: a page read at one
-    version is the page as long as the version stays (listing.py keeps recent pages by it, and
-    asks for this one row instead of the page's 50).
+    """A number that changes whenever a device's events change: a page read at one version is the
+    page as long as the version stays (listing.py keeps recent pages by it, and asks for this one
+    row instead of the page's 50).
 
-    Raised by triggers on `events`, in the transaction of every insert, delete and change of a
-    listed column, whoever writes (as EventCount). It only ever grows: TRUNCATE raises every row,
-    and a device's row stays when its last event goes, so a number never comes back to mean
-    other events. A device without a row reads as 0 (no event was ever written under this
-    table)."""
+    Drawn anew by triggers on `events`, in the transaction of every insert, delete and update,
+    whoever writes (as EventCount), at random rather than counted up: a database rolled back (a
+    failover to a standby without the last commits, a restore) would count up again from an
+    earlier number to one a replica has kept a page under, for other events. A device's row
+    stays when its last event goes, and TRUNCATE draws every row anew. A device without a row
+    reads as 0: it has no events."""
 
     __tablename__ = "listing_versions"
 
@@ -349,55 +349,59 @@ class ListingVersion(SQLModel, table=True):
     version: int = Field(default=0, sa_type=sa.BigInteger)
 
 
-# What a listing shows: an UPDATE naming none of these (a thumbnail's claim, the media info) leaves
-# every page kept valid.
-_LISTED = ", ".join(LISTED_COLUMNS)
-
-
-def _version_raise(device: str) -> str:
+def _version_draws(devices: str, random: str) -> str:
+    """Upsert a new random version for each device `devices` selects (a column named device)."""
     return (
-        f"INSERT INTO listing_versions (device, version) VALUES ({device}, 1) "
-        "ON CONFLICT (device) DO UPDATE SET version = listing_versions.version + 1"
+        f"INSERT INTO listing_versions (device, version) SELECT device, {random} FROM ({devices}) AS changed "
+        "WHERE true ORDER BY device "  # WHERE: SQLite's upsert after a SELECT must have one
+        "ON CONFLICT (device) DO UPDATE SET version = excluded.version"
     )
 
 
-# An UPDATE that moves an event to another device (no code path does) raises both devices.
-_SQLITE_VERSION_TRIGGERS = (
-    "CREATE TRIGGER IF NOT EXISTS events_listing_insert AFTER INSERT ON events "
-    f"BEGIN {_version_raise('NEW.device')}; END",
-    "CREATE TRIGGER IF NOT EXISTS events_listing_delete AFTER DELETE ON events "
-    f"BEGIN {_version_raise('OLD.device')}; END",
-    f"CREATE TRIGGER IF NOT EXISTS events_listing_update AFTER UPDATE OF {_LISTED} ON events "
-    f"BEGIN {_version_raise('OLD.device')}; "
-    "INSERT INTO listing_versions (device, version) SELECT NEW.device, 1 WHERE NEW.device <> OLD.device "
-    "ON CONFLICT (device) DO UPDATE SET version = listing_versions.version + 1; END",
+_SQLITE_RANDOM = "random()"  # 64 bits
+_POSTGRES_RANDOM = "(random() * 9.0e18)::bigint"  # 52 bits of randomness
+# Any UPDATE, whatever its columns: an UPDATE OF a list of the listed columns would go stale on
+# databases made before a column was added to the listing, as triggers are made once.
+_SQLITE_VERSION_TRIGGERS = tuple(
+    f"CREATE TRIGGER IF NOT EXISTS events_changed{suffix} AFTER {event} ON events "
+    f"BEGIN {_version_draws(devices, _SQLITE_RANDOM)}; END"
+    for suffix, event, devices in (
+        ("_insert", "INSERT", "SELECT NEW.device AS device"),
+        ("_delete", "DELETE", "SELECT OLD.device AS device"),
+        ("", "UPDATE", "SELECT OLD.device AS device UNION SELECT NEW.device"),
+    )
 )
-# As _POSTGRES_TRIGGERS: inserts and deletes once per statement (one raise per device, rows locked
-# in one order), updates per row; TRUNCATE raises every device.
+# As _POSTGRES_TRIGGERS: inserts and deletes once per statement, updates per row, TRUNCATE draws
+# every row anew. Named to fire before events_count* and events_usage* (PostgreSQL fires a
+# relation's triggers of one event by name): every statement on events locks its device's
+# version row before its counter rows, so two writers of one device never each hold a row the
+# other waits for (a transaction that deletes an event of one type and inserts one of another,
+# beside an insert of the second type, did: review of the first version).
 _POSTGRES_VERSION_TRIGGERS = (
-    "CREATE OR REPLACE FUNCTION events_listing() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-    f"{_version_raise('OLD.device')}; "
-    f"IF NEW.device <> OLD.device THEN {_version_raise('NEW.device')}; END IF; RETURN NULL; END $$",
-    "CREATE OR REPLACE FUNCTION events_listing_inserted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-    "INSERT INTO listing_versions (device, version) SELECT DISTINCT device, 1 FROM inserted ORDER BY device "
-    "ON CONFLICT (device) DO UPDATE SET version = listing_versions.version + 1; RETURN NULL; END $$",
-    "CREATE OR REPLACE FUNCTION events_listing_deleted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-    "INSERT INTO listing_versions (device, version) SELECT DISTINCT device, 1 FROM deleted ORDER BY device "
-    "ON CONFLICT (device) DO UPDATE SET version = listing_versions.version + 1; RETURN NULL; END $$",
-    f"CREATE OR REPLACE TRIGGER events_listing AFTER UPDATE OF {_LISTED} ON events "
-    "FOR EACH ROW EXECUTE FUNCTION events_listing()",
-    "CREATE OR REPLACE TRIGGER events_listing_insert AFTER INSERT ON events REFERENCING NEW TABLE AS inserted "
-    "FOR EACH STATEMENT EXECUTE FUNCTION events_listing_inserted()",
-    "CREATE OR REPLACE TRIGGER events_listing_delete AFTER DELETE ON events REFERENCING OLD TABLE AS deleted "
-    "FOR EACH STATEMENT EXECUTE FUNCTION events_listing_deleted()",
-    "CREATE OR REPLACE FUNCTION events_listing_truncated() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-    "UPDATE listing_versions SET version = version + 1; RETURN NULL; END $$",
-    "CREATE OR REPLACE TRIGGER events_listing_truncate AFTER TRUNCATE ON events "
-    "FOR EACH STATEMENT EXECUTE FUNCTION events_listing_truncated()",
+    "CREATE OR REPLACE FUNCTION events_changed() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    f"{_version_draws('SELECT OLD.device AS device UNION SELECT NEW.device', _POSTGRES_RANDOM)}; "
+    "RETURN NULL; END $$",
+    "CREATE OR REPLACE FUNCTION events_changed_inserted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    f"{_version_draws('SELECT DISTINCT device FROM inserted', _POSTGRES_RANDOM)}; RETURN NULL; END $$",
+    "CREATE OR REPLACE FUNCTION events_changed_deleted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    f"{_version_draws('SELECT DISTINCT device FROM deleted', _POSTGRES_RANDOM)}; RETURN NULL; END $$",
+    "CREATE OR REPLACE TRIGGER events_changed AFTER UPDATE ON events "
+    "FOR EACH ROW EXECUTE FUNCTION events_changed()",
+    "CREATE OR REPLACE TRIGGER events_changed_insert AFTER INSERT ON events REFERENCING NEW TABLE AS inserted "
+    "FOR EACH STATEMENT EXECUTE FUNCTION events_changed_inserted()",
+    "CREATE OR REPLACE TRIGGER events_changed_delete AFTER DELETE ON events REFERENCING OLD TABLE AS deleted "
+    "FOR EACH STATEMENT EXECUTE FUNCTION events_changed_deleted()",
+    "CREATE OR REPLACE FUNCTION events_changed_truncated() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    f"UPDATE listing_versions SET version = {_POSTGRES_RANDOM}; RETURN NULL; END $$",
+    "CREATE OR REPLACE TRIGGER events_changed_truncate AFTER TRUNCATE ON events "
+    "FOR EACH STATEMENT EXECUTE FUNCTION events_changed_truncated()",
 )
-# A device with events from before the table gets its row (version 1) when the table is created:
-# a TRUNCATE raises only the rows there are.
-_VERSION_BACKFILL = "INSERT INTO listing_versions (device, version) SELECT DISTINCT device, 1 FROM events"
+
+
+def _version_backfill(random: str) -> str:
+    """A device with events from before the table gets its row when the table is created."""
+    return (f"INSERT INTO listing_versions (device, version) SELECT device, {random} "
+            "FROM (SELECT DISTINCT device FROM events) AS listed")
 
 
 @sa.event.listens_for(SQLModel.metadata, "after_create")
@@ -408,7 +412,8 @@ def _install_counters(_metadata: sa.MetaData, connection: sa.Connection, **kw: o
     counters = (
         (EventCount, _POSTGRES_TRIGGERS if postgres else _SQLITE_TRIGGERS, _BACKFILL),
         (DeviceUsage, _POSTGRES_USAGE_TRIGGERS if postgres else _SQLITE_USAGE_TRIGGERS, _USAGE_BACKFILL),
-        (ListingVersion, _POSTGRES_VERSION_TRIGGERS if postgres else _SQLITE_VERSION_TRIGGERS, _VERSION_BACKFILL),
+        (ListingVersion, _POSTGRES_VERSION_TRIGGERS if postgres else _SQLITE_VERSION_TRIGGERS,
+         _version_backfill(_POSTGRES_RANDOM if postgres else _SQLITE_RANDOM)),
     )
     for table, triggers, backfill in counters:
         if table.__table__ not in created:  # type: ignore[attr-defined]
