@@ -55,11 +55,23 @@ class PageCache:
         self._pages: cachetools.LRUCache[tuple[str, paging.ListQuery], tuple[int, Any]] = cachetools.LRUCache(
             max_bytes, getsizeof=_entry_size
         )
-        self._lock = threading.Lock()  # LRUCache's reads move entries too
+        self._lock = threading.Lock()  # LRUCache's reads move entries too; and the counts below
+        # Pages answered, since the start: as kept, and as read from the database (metrics).
+        self.served_kept = 0
+        self.served_read = 0
 
     @property
     def keeps(self) -> bool:
         return bool(self._pages.maxsize)
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self._pages.maxsize)
+
+    @property
+    def kept_bytes(self) -> int:
+        with self._lock:
+            return int(self._pages.currsize)
 
     def version(self, device: str) -> int:
         rows = self.db.read_rows(_VERSION, {"device": device})
@@ -73,10 +85,13 @@ class PageCache:
             with self._lock:
                 kept = self._pages.get(key)
             if kept is not None and kept[0] == self.version(query.device):
+                with self._lock:
+                    self.served_kept += 1
                 return kept[1]  # type: ignore[no-any-return]
         page, version = read()
-        if version is not None and self.keeps:
-            with self._lock:
+        with self._lock:
+            self.served_read += 1
+            if version is not None and self.keeps:
                 try:
                     self._pages[key] = (version, page)
                 except ValueError:  # larger than the whole cache: served, not kept
@@ -192,7 +207,7 @@ class Listing:
     def __init__(self, db: Database, *, cache_bytes: int = 0) -> None:
         """`cache_bytes`: how much of the pages read lately to keep (PageCache); 0 keeps none."""
         self.db = db
-        self._kept = PageCache(db, cache_bytes)
+        self.kept = PageCache(db, cache_bytes)
 
     def page(self, device: str, **request: Any) -> tuple[list[ListedEvent], str]:
         """One page of a device's events, and the token of the next page ("" after the last).
@@ -202,16 +217,16 @@ class Listing:
         query, statement, parameters = self._prepare(device, **request)
 
         def read() -> tuple[tuple[list[ListedEvent], str], int | None]:
-            version = self._kept.version(device) if self._kept.keeps else None
+            version = self.kept.version(device) if self.kept.keeps else None
             return self._read_page(query, statement, parameters), version
 
-        events, next_page_token = self._kept.get("rows", query, read)
+        events, next_page_token = self.kept.get("rows", query, read)
         return list(events), next_page_token  # the kept list stays as read, whatever the caller does
 
     def page_json(self, device: str, **request: Any) -> tuple[bytes, str]:
         """The same page as page(), as the REST listing's JSON (listing_json), and its token."""
         query, statement, parameters = self._prepare(device, **request)
-        return self._kept.get("json", query, lambda: self._read_page_json(query, statement, parameters))
+        return self.kept.get("json", query, lambda: self._read_page_json(query, statement, parameters))
 
     def _read_page_json(
         self, query: paging.ListQuery, statement: sa.Select[Any], parameters: dict[str, Any]
@@ -231,7 +246,7 @@ class Listing:
             if regular or not count:  # else a row SQLite did not write itself: printed below
                 page = listing_json.finish(text), _next_page_token(query, _sqlite_position(last), count)
                 return page, int(version or 0)
-        version = self._kept.version(query.device) if self._kept.keeps else None
+        version = self.kept.version(query.device) if self.kept.keeps else None
         events, next_page_token = self._read_page(query, statement, parameters)
         return (listing_json.listing(events), next_page_token), version
 

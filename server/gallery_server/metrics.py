@@ -21,12 +21,14 @@ import os
 import pathlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
 import prometheus_client
 import sqlalchemy
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from . import devices, thumbnails, version
 from .errors import DatabaseUnavailable
@@ -106,6 +108,10 @@ class Metrics:
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A figure read when scraped, from what already counts it."""
         Gauge(name, documentation, registry=self.registry).set_function(read)
+
+    def counter(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        """A count that only grows (`name` ends in _total), read when scraped from what counts it."""
+        self.registry.register(_ReadCounter(name.removesuffix("_total"), documentation, read))
 
     def watch_backlogs(self, db: Database) -> None:
         """The queues every replica shares, counted in the database (a range of an index each) when
@@ -238,6 +244,19 @@ class _DatabaseCounts:
         with self._lock:
             self._values, self._read_at = values, time.monotonic()
         done.set()
+
+
+class _ReadCounter(Collector):
+    """A counter whose value something else keeps (prometheus_client's Counter keeps its own)."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        self.name, self.documentation, self.read = name, documentation, read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.documentation, value=self.read())
+
+    def describe(self) -> Iterator[CounterMetricFamily]:  # registered by name, without a scrape
+        yield CounterMetricFamily(self.name, self.documentation)
 
 
 def _unix_time(rfc3339: str) -> float:

@@ -137,6 +137,21 @@ def test_uploads_and_device_channels_are_read_as_they_stand(measured: tuple[Stac
     assert isinstance(gone["connected_seconds"], float)
 
 
+def test_listing_pages_are_counted_as_kept_or_read(measured: tuple[Stack, str]) -> None:
+    stack, url = measured
+    device = new_device()
+    before = scrape(url)
+    with httpx.Client(base_url=stack.base_url, timeout=30,
+                      headers={"Authorization": f"Bearer {bearer(device)}"}) as http:
+        for _ in range(3):
+            assert http.get(f"/api/gallery/{device}/events").status_code == 200
+    after = scrape(url)
+    assert after("gallery_listing_pages_served_kept_total") - before("gallery_listing_pages_served_kept_total") == 2
+    assert after("gallery_listing_pages_read_total") - before("gallery_listing_pages_read_total") == 1
+    assert after("gallery_listing_kept_bytes") > 0
+    assert after("gallery_listing_kept_bytes_limit") == 8 << 20  # GALLERY_LIST_CACHE_BYTES' default
+
+
 def test_an_answer_past_its_clients_deadline_counts_as_deadline_exceeded(measured: tuple[Stack, str]) -> None:
     """A pull that waits longer than its caller's deadline: the wait ends when the client goes,
     and the call is recorded as the client saw it, not as OK."""

@@ -147,6 +147,20 @@ def test_every_change_a_listing_shows_is_served_at_once(gallery: Gallery, replic
     assert pages  # what was kept before the write
 
 
+def test_the_pages_answered_are_counted_as_kept_or_read(gallery: Gallery, principal: auth.Principal) -> None:
+    """What the metrics show (gallery_listing_pages_*): an operator tells the share of pages kept."""
+    pages = gallery.listing.kept
+    store(gallery, principal)
+    for _ in range(3):
+        gallery.list_page_json(principal, "cam1")
+    gallery.list_page(principal, "cam1")
+    assert (pages.served_kept, pages.served_read) == (2, 2)
+    store(gallery, principal)
+    gallery.list_page_json(principal, "cam1")
+    assert (pages.served_kept, pages.served_read) == (2, 3)
+    assert 0 < pages.kept_bytes <= pages.max_bytes == gallery.settings.list_cache_bytes
+
+
 def test_a_page_is_served_kept_until_the_next_write(gallery: Gallery, principal: auth.Principal) -> None:
     for i in range(3):
         store(gallery, principal, name=f"{i}.png")
@@ -229,7 +243,7 @@ def test_kept_pages_are_bounded_in_bytes(gallery: Gallery, principal: auth.Princ
     for limit in range(1, 13):
         small.page_json("cam1", limit=limit)
         small.page("cam1", limit=limit)
-        assert small._kept._pages.currsize <= 6000
+        assert small.kept.kept_bytes <= 6000
     with statements_run(gallery.db) as statements:
         last = small.page_json("cam1", limit=12)  # the last kept: a lookup
     assert len(statements) == 1 and "FROM events" not in statements[0], statements

@@ -13,6 +13,7 @@ import time
 
 import grpc
 import httpx
+import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -72,6 +73,17 @@ def test_the_endpoint_serves_what_a_scraper_reads(tmp_path) -> None:
         stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+
+
+def test_a_counter_read_at_each_scrape_is_a_counter() -> None:
+    metrics = Metrics()
+    served = [5]
+    metrics.counter("gallery_listing_pages_read_total", "Pages read.", lambda: served[0])
+    exposition = prometheus_client.generate_latest(metrics.registry).decode()
+    assert "# TYPE gallery_listing_pages_read_total counter" in exposition
+    assert "gallery_listing_pages_read_total 5.0" in exposition
+    served[0] = 7
+    assert "gallery_listing_pages_read_total 7.0" in prometheus_client.generate_latest(metrics.registry).decode()
 
 
 def test_free_space_that_cannot_be_read_is_nan_and_the_rest_is_served(tmp_path) -> None:

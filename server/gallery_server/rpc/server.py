@@ -204,6 +204,16 @@ def _add_gauges(metrics: Metrics, gallery: Gallery, devices: Devices, reconciler
                   lambda: devices.channels_open)
     metrics.gauge("gallery_device_channels_limit", "Device channels this server keeps open at once.",
                   lambda: devices.max_channels)
+    pages = gallery.listing.kept
+    metrics.counter("gallery_listing_pages_served_kept_total",
+                    "Listing pages answered as this server kept them, after a lookup of the device's version.",
+                    lambda: pages.served_kept)
+    metrics.counter("gallery_listing_pages_read_total", "Listing pages answered as read from the database.",
+                    lambda: pages.served_read)
+    metrics.gauge("gallery_listing_kept_bytes", "Bytes of listing pages this server keeps (listing.py).",
+                  lambda: pages.kept_bytes)
+    metrics.gauge("gallery_listing_kept_bytes_limit", "Bytes of listing pages kept at most (GALLERY_LIST_CACHE_BYTES).",
+                  lambda: pages.max_bytes)
     metrics.watch_free_space(gallery.settings.data_dir)
     metrics.gauge("gallery_data_min_free_bytes",
                   "The headroom (GALLERY_MIN_FREE_BYTES): below it, uploads are refused.",
