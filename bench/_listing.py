@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import json
 import sqlite3
 import time
@@ -89,13 +88,11 @@ def _expected_size(count: int) -> int:
     return sum(1000 + i % 1000 for i in range(count))
 
 
-def _check_list(body: bytes, first_index: int | None, device: str) -> None:
-    """A page of 50 events of `device`, newest first, starting at `first_index` (None: anywhere)."""
+def _check_list(body: bytes, first_index: int, device: str) -> None:
+    """A page of 50 events of `device`, newest first, starting at `first_index`."""
     events = json.loads(body)
     if not isinstance(events, list) or len(events) != 50:
         raise BenchError(f"list: expected 50 events, got {body[:200]!r}")
-    if first_index is None:
-        first_index = int(events[0]["id"][-20:])
     if [e["id"] for e in events] != [_event_id(device, first_index - k) for k in range(50)]:
         raise BenchError(f"list: page starts at {events[0]['id']}, expected 50 events from "
                          f"{_event_id(device, first_index)} down")
@@ -179,17 +176,21 @@ def _listing(bench: Bench, count: int, seed_s: float,
     # the device goes: each page is read from the database, none is served as kept.
     pages = min(WALK_PAGES, (count - depth) // 50)
     base = f"/api/gallery/{BIG_DEVICE}"
-    any_page = functools.partial(_check_list, first_index=None, device=BIG_DEVICE)
+
+    def walked(skipped: int) -> Callable[[bytes, int], None]:
+        """The check of a walk's answer to its `page`-th path: the 50 events after `skipped`."""
+        return lambda body, page: _check_list(body, count - 1 - skipped - 50 * page, BIG_DEVICE)
+
     cases = [
-        (LIST_KEPT, [f"{base}/events?limit=50"], lambda b: _check_list(b, count - 1, BIG_DEVICE), True),
-        (f"list, {pages:,} pages from the first, each read once", _walk(base, count, 0, pages), any_page, True),
+        (LIST_KEPT, [f"{base}/events?limit=50"], walked(0), True),
+        (f"list, {pages:,} pages from the first, each read once", _walk(base, count, 0, pages), walked(0), True),
         (f"list, {pages:,} pages from depth {depth:,} by page_token, each read once",
-         _walk(base, count, depth, pages), any_page, True),
+         _walk(base, count, depth, pages), walked(depth), True),
         (f"list, {pages:,} pages from offset {depth:,} (the reference's offset paging), each read once",
-         _walk(base, count, depth, pages, by_offset=True), any_page, False),
-        (f"stats, {count:,} events", [f"{base}/stats"], lambda b: _check_stats(b, count), True),
-        ("stats, 1,000 events (control)", [f"/api/gallery/{SMALL_DEVICE}/stats"], lambda b: _check_stats(b, 1000),
-         False),
+         _walk(base, count, depth, pages, by_offset=True), walked(depth), False),
+        (f"stats, {count:,} events", [f"{base}/stats"], lambda body, _: _check_stats(body, count), True),
+        ("stats, 1,000 events (control)", [f"/api/gallery/{SMALL_DEVICE}/stats"],
+         lambda body, _: _check_stats(body, 1000), False),
     ]
     pids = {"server": bench.stack.server_pid, "envoy": bench.stack.envoy_pid}
     header = ["request (through Envoy, 16 connections)", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms",
@@ -197,13 +198,13 @@ def _listing(bench: Bench, count: int, seed_s: float,
     measured: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in cases}
     on_postgres: dict[str, list[dict[str, float]]] = {name: [] for name, *_, is_target in cases if is_target}
 
-    def measure(run: int, name: str, paths: list[str], check: Callable[[bytes], None], where: str, at_port: int,
+    def measure(run: int, name: str, paths: list[str], check: Callable[[bytes, int], None], where: str, at_port: int,
                 processes: dict[str, int], database: _postgres.PostgresStack | None = None) -> dict[str, float]:
         backends_before = database.backends_cpu() if database else None
         result, cpu_us = _load(host, at_port, paths, auth, seconds, processes)
         backends_after = database.backends_cpu() if database else None
-        for body in result.sample_bodies:
-            check(body)
+        for body, request in zip(result.sample_bodies, result.sample_requests, strict=True):
+            check(body, request)  # each answer against the path it answers: a page is the one asked for
         print(f"  run {run + 1}/{opts.runs}  {where:<10} {name:<55} {result.rate:7.0f} req/s  "
               f"p50 {result.percentile(50):6.2f} ms  p99 {result.percentile(99):6.2f} ms", flush=True)
         sample = {

@@ -25,6 +25,7 @@ class LoadResult:
     latencies_ms: list[float]  # every completed request
     statuses: dict[int, int]
     sample_bodies: list[bytes]  # the first few complete bodies, for checking
+    sample_requests: list[int]  # which of the requests each answers (its index in the list given)
     errors: list[str]
 
     @property
@@ -78,6 +79,7 @@ def _run(host: str, port: int, requests: list[bytes], connections: int, seconds:
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     bodies: list[bytes] = []
+    answered: list[int] = []
     errors: list[str] = []
     for conn in conns:
         selector.register(conn.sock, selectors.EVENT_READ, conn)
@@ -110,6 +112,7 @@ def _run(host: str, port: int, requests: list[bytes], connections: int, seconds:
             statuses[status] = statuses.get(status, 0) + 1
             if len(bodies) < samples:
                 bodies.append(bytes(conn.body))
+                answered.append((conn.index - 1) % len(requests))
             if now < deadline:
                 conn.send()
             else:
@@ -121,7 +124,7 @@ def _run(host: str, port: int, requests: list[bytes], connections: int, seconds:
     elapsed = time.perf_counter() - started
     for conn in conns:
         conn.sock.close()
-    return LoadResult(len(latencies), elapsed, latencies, statuses, bodies, errors)
+    return LoadResult(len(latencies), elapsed, latencies, statuses, bodies, answered, errors)
 
 
 def _child(queue: multiprocessing.Queue, *args: object) -> None:  # type: ignore[type-arg]
