@@ -16,6 +16,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import _contention
 import _loadgen
@@ -38,6 +39,9 @@ P50_MS, P99_MS = 5.0, 20.0
 # The first page asked for again and again, as a page left open or polled is: served as kept
 # (server/gallery_server/listing.py, PageCache) after one lookup of the device's listing version.
 LIST_KEPT = "list, first page (limit 50), asked for again: kept"
+# The same page polled by a client that holds it (a browser's cache, a dashboard): If-None-Match
+# with its ETag, answered 304 with no body after the same lookup.
+LIST_UNCHANGED = "list, first page polled with its ETag: 304"
 WALK_PAGES = 8000  # per walk: 500 for each of the 16 connections (bench/_loadgen.py)
 _TYPES = (("image", "image/jpeg"), ("video", "video/mp4"), ("other", "application/octet-stream"))
 _T0 = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
@@ -126,12 +130,12 @@ def _check_stats(body: bytes, count: int) -> None:
 
 
 def _load(host: str, port: int, paths: list[str], headers: dict[str, str], seconds: float,
-          pids: dict[str, int]) -> tuple[_loadgen.LoadResult, dict[str, float]]:
+          pids: dict[str, int], *, status: int = 200) -> tuple[_loadgen.LoadResult, dict[str, float]]:
     requests = [_loadgen.get_request(host, port, path, headers) for path in paths]
     before = cpu_now(pids)
     result = _loadgen.run(host, port, requests, connections=CONNECTIONS, seconds=seconds)
     after = cpu_now(pids)
-    if result.errors or set(result.statuses) != {200}:
+    if result.errors or set(result.statuses) != {status}:
         raise BenchError(f"GET {paths[0]}: statuses {result.statuses}, errors {result.errors[:3]}")
     cpu_us = {name: (after[name] - before[name]) / max(1, result.requests) * 1e6 for name in pids}
     return result, cpu_us
@@ -140,6 +144,19 @@ def _load(host: str, port: int, paths: list[str], headers: dict[str, str], secon
 def _seeded(bench: Bench) -> int:
     """How many events scenario_listing gives the big device."""
     return 20_000 if bench.options.quick else 1_000_000
+
+
+class _Case(NamedTuple):
+    """A request of the listing's load: its paths (cycled), the check of each sampled answer (its
+    body, and the index of the path it answers), whether it is a target, and what it sends and
+    must be answered beyond a 200 to an authorized GET."""
+
+    name: str
+    paths: list[str]
+    check: Callable[[bytes, int], None]
+    is_target: bool
+    headers: dict[str, str] = {}  # never changed
+    status: int = 200
 
 
 def scenario_listing(bench: Bench) -> Section:
@@ -181,31 +198,41 @@ def _listing(bench: Bench, count: int, seed_s: float,
         """The check of a walk's answer to its `page`-th path: the 50 events after `skipped`."""
         return lambda body, page: _check_list(body, count - 1 - skipped - 50 * page, BIG_DEVICE)
 
+    def unchanged(body: bytes, _: int) -> None:
+        if body:
+            raise BenchError(f"a 304 with a body: {body[:100]!r}")
+
+    first_page = f"{base}/events?limit=50"
+    tag = bench.http.get(first_page, headers=auth).headers["etag"]
+    read_first, read_deep = (f"list, {pages:,} pages from the first, each read once",
+                             f"list, {pages:,} pages from depth {depth:,} by page_token, each read once")
+    stats = f"stats, {count:,} events"
     cases = [
-        (LIST_KEPT, [f"{base}/events?limit=50"], walked(0), True),
-        (f"list, {pages:,} pages from the first, each read once", _walk(base, count, 0, pages), walked(0), True),
-        (f"list, {pages:,} pages from depth {depth:,} by page_token, each read once",
-         _walk(base, count, depth, pages), walked(depth), True),
-        (f"list, {pages:,} pages from offset {depth:,} (the reference's offset paging), each read once",
-         _walk(base, count, depth, pages, by_offset=True), walked(depth), False),
-        (f"stats, {count:,} events", [f"{base}/stats"], lambda body, _: _check_stats(body, count), True),
-        ("stats, 1,000 events (control)", [f"/api/gallery/{SMALL_DEVICE}/stats"],
-         lambda body, _: _check_stats(body, 1000), False),
+        _Case(LIST_KEPT, [first_page], walked(0), True),
+        _Case(LIST_UNCHANGED, [first_page], unchanged, False, {"If-None-Match": tag}, 304),
+        _Case(read_first, _walk(base, count, 0, pages), walked(0), True),
+        _Case(read_deep, _walk(base, count, depth, pages), walked(depth), True),
+        _Case(f"list, {pages:,} pages from offset {depth:,} (the reference's offset paging), each read once",
+              _walk(base, count, depth, pages, by_offset=True), walked(depth), False),
+        _Case(stats, [f"{base}/stats"], lambda body, _: _check_stats(body, count), True),
+        _Case("stats, 1,000 events (control)", [f"/api/gallery/{SMALL_DEVICE}/stats"],
+              lambda body, _: _check_stats(body, 1000), False),
     ]
     pids = {"server": bench.stack.server_pid, "envoy": bench.stack.envoy_pid}
     header = ["request (through Envoy, 16 connections)", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms",
               "server CPU µs/req", "Envoy CPU µs/req", "target"]
-    measured: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in cases}
-    on_postgres: dict[str, list[dict[str, float]]] = {name: [] for name, *_, is_target in cases if is_target}
+    measured: dict[str, list[dict[str, float]]] = {case.name: [] for case in cases}
+    on_postgres: dict[str, list[dict[str, float]]] = {case.name: [] for case in cases if case.is_target}
 
-    def measure(run: int, name: str, paths: list[str], check: Callable[[bytes, int], None], where: str, at_port: int,
-                processes: dict[str, int], database: _postgres.PostgresStack | None = None) -> dict[str, float]:
+    def measure(run: int, case: _Case, where: str, at_port: int, processes: dict[str, int],
+                database: _postgres.PostgresStack | None = None) -> dict[str, float]:
         backends_before = database.backends_cpu() if database else None
-        result, cpu_us = _load(host, at_port, paths, auth, seconds, processes)
+        result, cpu_us = _load(host, at_port, case.paths, {**auth, **case.headers}, seconds, processes,
+                               status=case.status)
         backends_after = database.backends_cpu() if database else None
         for body, request in zip(result.sample_bodies, result.sample_requests, strict=True):
-            check(body, request)  # each answer against the path it answers: a page is the one asked for
-        print(f"  run {run + 1}/{opts.runs}  {where:<10} {name:<55} {result.rate:7.0f} req/s  "
+            case.check(body, request)  # each answer against the path it answers: a page is the one asked for
+        print(f"  run {run + 1}/{opts.runs}  {where:<10} {case.name:<55} {result.rate:7.0f} req/s  "
               f"p50 {result.percentile(50):6.2f} ms  p99 {result.percentile(99):6.2f} ms", flush=True)
         sample = {
             "rate": result.rate, "p50": result.percentile(50), "p90": result.percentile(90),
@@ -218,16 +245,16 @@ def _listing(bench: Bench, count: int, seed_s: float,
         return sample
 
     for run in range(opts.runs):
-        for name, paths, check, _ in cases:
-            measured[name].append(measure(run, name, paths, check, "SQLite", port, pids))
-            if postgres is not None and name in on_postgres:
+        for case in cases:
+            measured[case.name].append(measure(run, case, "SQLite", port, pids))
+            if postgres is not None and case.name in on_postgres:
                 stack = postgres[0].stack
-                on_postgres[name].append(measure(
-                    run, name, paths, check, "PostgreSQL", stack.http_port,
+                on_postgres[case.name].append(measure(
+                    run, case, "PostgreSQL", stack.http_port,
                     {"server": stack.server_pid, "envoy": stack.envoy_pid}, postgres[0],
                 ))
     rows, raw = [], {}
-    for name, _, _, is_target in cases:
+    for name, is_target in ((case.name, case.is_target) for case in cases):
         m = {key: median([s[key] for s in measured[name]]) for key in measured[name][0]}
         met = m["p50"] < P50_MS and m["p99"] < P99_MS
         rows.append([name, f"{m['rate']:.0f}", f"{m['p50']:.2f}", f"{m['p90']:.2f}", f"{m['p99']:.2f}",
@@ -237,10 +264,9 @@ def _listing(bench: Bench, count: int, seed_s: float,
         if is_target:
             bench.targets.append((name, f"p50 < {P50_MS:.0f} ms and p99 < {P99_MS:.0f} ms",
                                   f"p50 {m['p50']:.2f} ms, p99 {m['p99']:.2f} ms", met))
-    contention = _contention_table(bench, measured, kept_case=cases[0][0], read_case=cases[1][0],
-                                   stats_case=cases[4][0])
-    first_p50 = median([s["p50"] for s in measured[cases[1][0]]])
-    deep = median([s["p50"] for s in measured[cases[2][0]]])
+    contention = _contention_table(bench, measured, kept_case=LIST_KEPT, read_case=read_first, stats_case=stats)
+    first_p50 = median([s["p50"] for s in measured[read_first]])
+    deep = median([s["p50"] for s in measured[read_deep]])
     bench.targets.append(("list, deep pages vs pages from the first, each read once", "same cost (p50 ratio <= 1.2)",
                           f"{deep / first_p50:.2f}x", deep / first_p50 <= 1.2))
     markdown = (
@@ -251,7 +277,9 @@ def _listing(bench: Bench, count: int, seed_s: float,
         "checked (page contents and order, stats totals). The server keeps pages it has read (PageCache, "
         "server/gallery_server/listing.py) while their device's events stay as they were, and serves one asked "
         "for again after a lookup of one row (the device's listing version): the first row asks for the same "
-        "page every time, as a page left open, polled or shared does. The walks ask for distinct pages, each "
+        "page every time, as a page left open, polled or shared does; the second polls it with its ETag "
+        "(If-None-Match), as a browser's cache or a dashboard that keeps what it has does, and is answered 304 "
+        "with no body after the same lookup (not a target: no page is sent). The walks ask for distinct pages, each "
         "connection its own stretch of consecutive ones, so every page is read from the database: what a "
         "client paging through a listing meets. Deep pages use `page_token` (keyset, the API's deep "
         "pagination); the reference's `offset` paging is shown for comparison: SQLite must step over every "

@@ -176,12 +176,13 @@ def entity_tags(header: str) -> list[tuple[bool, str | None]] | None:
     return tags or None
 
 
-def none_match(header: str, sha256: str) -> bool:
-    """Whether If-None-Match matches content with this SHA-256 (weak comparison, `*` matches)."""
+def none_match(header: str, opaque_tag: str) -> bool:
+    """Whether If-None-Match matches content whose entity-tag is `opaque_tag` (weak comparison,
+    `*` matches): a download's SHA-256, or a listing page's (listing.etag)."""
     tags = entity_tags(header)
     if not tags:
         return False
-    return any(tag in (None, sha256) for _, tag in tags)
+    return any(tag in (None, opaque_tag) for _, tag in tags)
 
 
 def match(header: str, sha256: str) -> bool:

@@ -5,7 +5,9 @@ as the first. Gallery.list_page authorizes; this module reads.
 
 Pages read lately are kept (PageCache) with the device's listing version they were read at
 (models.ListingVersion): a page asked for again costs one lookup of that version, not the page's
-rows, and is served only while the version is the same, on whichever replica wrote.
+rows, and is served only while the version is the same, on whichever replica wrote. The version
+is also the page's entity-tag (etag): a client that names it in If-None-Match while it is current
+is told its copy is (ListingAnswer.page None, HTTP 304), whether or not this replica kept the page.
 """
 
 from __future__ import annotations
@@ -13,16 +15,18 @@ from __future__ import annotations
 import collections
 import datetime
 import functools
+import hashlib
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import cachetools
 import sqlalchemy as sa
 
 from . import listing_json, paging
 from .db import Database
+from .downloads import none_match
 from .listing_json import LISTED_COLUMNS
 from .models import Event, ListingVersion
 
@@ -35,7 +39,38 @@ _VERSION = sa.select(_VERSIONS.version).where(_VERSIONS.device == sa.bindparam("
 _VERSION_COLUMN = _VERSION.scalar_subquery()
 # What a kept page costs beyond its bytes: its key (the query), the entry, the cache's own links.
 _ENTRY_BYTES = 1024
+# What an entity-tag stands for beyond its version and query: raise it when a release prints the
+# same events differently, so that no client keeps a copy in the old form as current.
+_TAG_FORM = 1
 Page = TypeVar("Page")
+
+
+class ListingAnswer(NamedTuple, Generic[Page]):
+    """A listing request's answer: the page, or None when If-None-Match named its entity-tag (the
+    client's copy is current); the next page's token ("" after the last page, and with no page);
+    the page's entity-tag (etag)."""
+
+    page: Page | None
+    next_page_token: str
+    etag: str
+
+
+@functools.lru_cache(maxsize=4096)
+def _query_tag(kind: str, query: paging.ListQuery) -> str:
+    """The part of an entity-tag that names the page asked for: two pages never share a tag,
+    even when a client sends one page's tag with another's request."""
+    return hashlib.blake2b(repr((_TAG_FORM, kind, query)).encode(), digest_size=8).hexdigest()
+
+
+def _opaque_tag(kind: str, query: paging.ListQuery, version: int) -> str:
+    return f"{version & 0xFFFF_FFFF_FFFF_FFFF:016x}-{_query_tag(kind, query)}"
+
+
+def etag(kind: str, query: paging.ListQuery, version: int) -> str:
+    """The weak entity-tag of the page of `query`, printed as `kind`, at this listing version of
+    its device: `W/"<version>-<query>"` in hex. Weak, since equal pages may differ in bytes (the
+    database's printer or Python's, a release's); a page at one version is the same events."""
+    return f'W/"{_opaque_tag(kind, query, version)}"'
 
 
 class PageCache:
@@ -56,9 +91,11 @@ class PageCache:
             max_bytes, getsizeof=_entry_size
         )
         self._lock = threading.Lock()  # LRUCache's reads move entries too; and the counts below
-        # Pages answered, since the start: as kept, and as read from the database (metrics).
+        # Pages answered, since the start: as kept, as read from the database, and as the copy
+        # the client named in If-None-Match (metrics).
         self.served_kept = 0
         self.served_read = 0
+        self.served_unchanged = 0
 
     @property
     def keeps(self) -> bool:
@@ -77,26 +114,36 @@ class PageCache:
         rows = self.db.read_rows(_VERSION, {"device": device})
         return int(rows[0][0]) if rows else 0
 
-    def get(self, kind: str, query: paging.ListQuery, read: Callable[[], tuple[Page, int | None]]) -> Page:
-        """The page of `query` (`kind`: how it is printed), kept or else read: `read()` answers the
-        page and the version it was read at (None: not to keep)."""
+    def get(
+        self, kind: str, query: paging.ListQuery, read: Callable[[], tuple[Page, int]], *, if_none_match: str = ""
+    ) -> tuple[Page | None, int]:
+        """The page of `query` (`kind`: how it is printed), kept or else read, and the listing
+        version it was read at: `read()` answers both. None for the page when `if_none_match` (an
+        If-None-Match header) names its entity-tag at the current version: the client holds it."""
         key = (kind, query)
+        kept = None
         if self.keeps:
             with self._lock:
                 kept = self._pages.get(key)
-            if kept is not None and kept[0] == self.version(query.device):
+        if kept is not None or if_none_match:
+            version = self.version(query.device)
+            if if_none_match and none_match(if_none_match, _opaque_tag(kind, query, version)):
+                with self._lock:
+                    self.served_unchanged += 1
+                return None, version
+            if kept is not None and kept[0] == version:
                 with self._lock:
                     self.served_kept += 1
-                return kept[1]  # type: ignore[no-any-return]
+                return kept[1], version  # type: ignore[no-any-return]
         page, version = read()
         with self._lock:
             self.served_read += 1
-            if version is not None and self.keeps:
+            if self.keeps:
                 try:
                     self._pages[key] = (version, page)
                 except ValueError:  # larger than the whole cache: served, not kept
                     pass
-        return page
+        return page, version
 
 
 def _entry_size(entry: tuple[int, tuple[bytes | list[ListedEvent], str]]) -> int:
@@ -214,23 +261,42 @@ class Listing:
 
         The events are read-only rows with the attributes of LISTED_COLUMNS (what a listing shows).
         `request`: media_type, since, until, order, limit, offset, page_token (paging.build)."""
-        query, statement, parameters = self._prepare(device, **request)
-
-        def read() -> tuple[tuple[list[ListedEvent], str], int | None]:
-            version = self.kept.version(device) if self.kept.keeps else None
-            return self._read_page(query, statement, parameters), version
-
-        events, next_page_token = self.kept.get("rows", query, read)
-        return list(events), next_page_token  # the kept list stays as read, whatever the caller does
+        events, next_page_token, _ = self.answer("rows", device, **request)
+        return events, next_page_token  # type: ignore[return-value]
 
     def page_json(self, device: str, **request: Any) -> tuple[bytes, str]:
         """The same page as page(), as the REST listing's JSON (listing_json), and its token."""
+        page, next_page_token, _ = self.answer("json", device, **request)
+        return page, next_page_token  # type: ignore[return-value]
+
+    def answer(self, printed: str, device: str, *, if_none_match: str = "", **request: Any) -> ListingAnswer[Any]:
+        """A listing request's answer (ListingAnswer): the page as page() ("rows") or page_json()
+        ("json") answer it, unless `if_none_match` names its entity-tag while it is current."""
         query, statement, parameters = self._prepare(device, **request)
-        return self.kept.get("json", query, lambda: self._read_page_json(query, statement, parameters))
+        if printed == "json":
+            read = functools.partial(self._read_page_json, query, statement, parameters)
+        else:
+            read = functools.partial(self._read_page_rows, query, statement, parameters)
+        page, version = self.kept.get(printed, query, read, if_none_match=if_none_match)
+        tag = etag(printed, query, version)
+        if page is None:
+            return ListingAnswer(None, "", tag)
+        body, next_page_token = page
+        if printed != "json":
+            body = list(body)  # the kept list stays as read, whatever the caller does
+        return ListingAnswer(body, next_page_token, tag)
+
+    def _read_page_rows(
+        self, query: paging.ListQuery, statement: sa.Select[Any], parameters: dict[str, Any]
+    ) -> tuple[tuple[list[ListedEvent], str], int]:
+        """page()'s answer, and the device's listing version it was read at (PageCache): read just
+        before the page, so a write committed in between leaves the page newer than its version."""
+        version = self.kept.version(query.device)
+        return self._read_page(query, statement, parameters), version
 
     def _read_page_json(
         self, query: paging.ListQuery, statement: sa.Select[Any], parameters: dict[str, Any]
-    ) -> tuple[tuple[bytes, str], int | None]:
+    ) -> tuple[tuple[bytes, str], int]:
         """page_json()'s answer, and the device's listing version it was read at (PageCache)."""
         if self.db.engine.dialect.name == "postgresql":
             [(text, count, regular, last_created, last_id, version)] = self.db.read_rows(
@@ -246,8 +312,7 @@ class Listing:
             if regular or not count:  # else a row SQLite did not write itself: printed below
                 page = listing_json.finish(text), _next_page_token(query, _sqlite_position(last), count)
                 return page, int(version or 0)
-        version = self.kept.version(query.device) if self.kept.keeps else None
-        events, next_page_token = self._read_page(query, statement, parameters)
+        (events, next_page_token), version = self._read_page_rows(query, statement, parameters)
         return (listing_json.listing(events), next_page_token), version
 
     def _read_page(

@@ -1,6 +1,7 @@
 """Listing pages kept by a replica (server/gallery_server/listing.py, PageCache) through the real
 stack: two replicas on one PostgreSQL behind one real Envoy. A page one replica keeps shows at once
-what the other wrote, asked for natively from that replica or through Envoy from either."""
+what the other wrote, asked for natively from that replica or through Envoy from either; and a
+page's ETag from one is answered 304 by either while the page is unchanged."""
 
 from __future__ import annotations
 
@@ -68,10 +69,14 @@ def test_a_page_kept_by_one_replica_shows_what_another_wrote(
             for _ in range(6):
                 r = http.get(f"/api/gallery/{DEVICE}/events")
                 assert r.status_code == 200 and [e["id"] for e in r.json()] == [second, unseen]
+            # A page's ETag is its device's version, which both replicas read: either answers 304.
+            tag = r.headers["etag"]
+            for _ in range(6):
+                assert http.get(f"/api/gallery/{DEVICE}/events", headers={"If-None-Match": tag}).status_code == 304
             third = http.post(f"/api/gallery/{DEVICE}/upload", data={"name": "third.bin"},
                               files={"event": ("third.bin", b"third")}).json()["eventId"]
             for _ in range(6):
-                r = http.get(f"/api/gallery/{DEVICE}/events")
+                r = http.get(f"/api/gallery/{DEVICE}/events", headers={"If-None-Match": tag})
                 assert r.status_code == 200 and [e["id"] for e in r.json()][:2] == [third, second]
         assert listed()[:2] == [third, second]
     finally:

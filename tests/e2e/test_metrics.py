@@ -137,17 +137,19 @@ def test_uploads_and_device_channels_are_read_as_they_stand(measured: tuple[Stac
     assert isinstance(gone["connected_seconds"], float)
 
 
-def test_listing_pages_are_counted_as_kept_or_read(measured: tuple[Stack, str]) -> None:
+def test_listing_pages_are_counted_as_kept_read_or_not_modified(measured: tuple[Stack, str]) -> None:
     stack, url = measured
     device = new_device()
     before = scrape(url)
     with httpx.Client(base_url=stack.base_url, timeout=30,
                       headers={"Authorization": f"Bearer {bearer(device)}"}) as http:
         for _ in range(3):
-            assert http.get(f"/api/gallery/{device}/events").status_code == 200
+            tag = http.get(f"/api/gallery/{device}/events").headers["etag"]
+        assert http.get(f"/api/gallery/{device}/events", headers={"If-None-Match": tag}).status_code == 304
     after = scrape(url)
     assert after("gallery_listing_pages_served_kept_total") - before("gallery_listing_pages_served_kept_total") == 2
     assert after("gallery_listing_pages_read_total") - before("gallery_listing_pages_read_total") == 1
+    assert after("gallery_listing_pages_not_modified_total") - before("gallery_listing_pages_not_modified_total") == 1
     assert after("gallery_listing_kept_bytes") > 0
     assert after("gallery_listing_kept_bytes_limit") == 8 << 20  # GALLERY_LIST_CACHE_BYTES' default
 

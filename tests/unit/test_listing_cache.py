@@ -142,10 +142,23 @@ def test_every_change_a_listing_shows_is_served_at_once(gallery: Gallery, replic
             gallery.list_page_json(principal, device)
             gallery.list_page(principal, device)
     assert gallery.listing.kept.served_kept == 4  # the second round's, all kept before the write
+    tagged = {(device, printed): gallery.list_answer(principal, device, printed)
+              for device in ("cam1", "cam2") for printed in ("json", "rows")}
+    before_write = versions(gallery.db)
     write(replica if writer == "another replica" else gallery, principal)
+    unchanged = {device for device, version in versions(gallery.db).items() if before_write.get(device) == version}
     for device in ("cam1", "cam2"):
         assert gallery.list_page_json(principal, device) == Listing(gallery.db).page_json(device)
         assert gallery.list_page(principal, device) == Listing(gallery.db).page(device)
+    # A client's copy is answered as current (304) only while it is the page the database answers.
+    for (device, printed), before in tagged.items():
+        now = gallery.list_answer(principal, device, printed, if_none_match=before.etag)
+        truth_now = Listing(gallery.db).answer(printed, device)
+        assert (now.page is None) is (device in unchanged), (device, printed)
+        if now.page is None:
+            assert before[:2] == truth_now[:2] and now.etag == before.etag, (device, printed)
+        else:
+            assert now == truth_now and now.etag != before.etag, (device, printed)
 
 
 def test_the_pages_answered_are_counted_as_kept_or_read(gallery: Gallery, principal: auth.Principal) -> None:
@@ -261,7 +274,8 @@ def test_kept_pages_are_bounded_in_bytes(gallery: Gallery, principal: auth.Princ
 
 
 def test_none_kept_with_no_bytes_for_them(gallery: Gallery, principal: auth.Principal) -> None:
-    """GALLERY_LIST_CACHE_BYTES=0: every page is read, the rows without a lookup of the version."""
+    """GALLERY_LIST_CACHE_BYTES=0: every page is read (the rows after a lookup of the version,
+    which names their ETag), none kept."""
     store(gallery, principal)
     none = Listing(gallery.db, cache_bytes=0)
     expected = (truth(gallery), Listing(gallery.db).page("cam1"))
@@ -270,7 +284,9 @@ def test_none_kept_with_no_bytes_for_them(gallery: Gallery, principal: auth.Prin
         with statements_run(gallery.db) as statements:
             answered = (none.page_json("cam1"), none.page("cam1"))
         assert answered == expected
-        assert len(statements) == 2 and all("FROM events" in s for s in statements), statements
+        assert len(statements) == 3 and all("FROM events" in s for s in (statements[0], statements[2])), statements
+        assert "FROM events" not in statements[1] and "listing_versions" in statements[1], statements
+    assert none.kept.kept_bytes == 0
 
 
 def test_each_writer_lists_its_own_write_among_concurrent_ones(gallery: Gallery, replica: Gallery,

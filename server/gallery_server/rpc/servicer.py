@@ -26,6 +26,7 @@ from ..auth import DEVICE, WRITE, Principal
 from ..devices import Devices, PullStatus
 from ..errors import InvalidArgument, PermissionDenied
 from ..forms import FormReceiver
+from ..listing import ListingAnswer
 from ..models import Event
 from ..resumable import SessionState
 from ..service import Gallery
@@ -37,6 +38,9 @@ from .status import HTTP_STATUS_HEADER
 
 # Where ListEvents returns the next page's token (empty after the last page).
 NEXT_PAGE_TOKEN_HEADER = "x-next-page-token"
+# A listing changes with every upload: a browser or proxy may keep it for its own user, but asks
+# each time (If-None-Match with the page's ETag, answered 304 while it is current).
+_LISTING_CACHING = ("cache-control", "private, no-cache")
 # Set by Envoy from the HTTP Content-Length (envoy/envoy.yaml), which transcoding drops; its
 # header_mutation filter does it, and removes a client's own. The REST reads' route skips that
 # filter, so a method it takes must never read this header.
@@ -88,23 +92,39 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         )
 
     def ListEvents(self, request, context):  # type: ignore[no-untyped-def]
-        events, next_page_token = self.gallery.list_page(
-            self.principal(), request.device, **_listing_request(request)
-        )
-        context.send_initial_metadata(((NEXT_PAGE_TOKEN_HEADER, next_page_token),))
+        answer = self._list(request, context, "rows")
+        if answer.page is None:
+            return
         # A page holds no metadata: 1,000 events are at most ~1.4 MiB (names of 255 four-byte
         # characters), which Envoy takes whole (its stream window and buffer, ~2 MiB), whatever its
         # client does. Not counted: only a client connected directly that stops reading could
         # hold this thread, and only until the watch ends it.
-        yield from self.gallery.watch_download(map(event_message, events), context.cancel)
+        yield from self.gallery.watch_download(map(event_message, answer.page), context.cancel)
 
     def ListEventsJson(self, request, context):  # type: ignore[no-untyped-def]
-        page, next_page_token = self.gallery.list_page_json(
-            self.principal(), request.device, **_listing_request(request)
+        answer = self._list(request, context, "json")
+        return HttpBody(content_type="application/json", data=answer.page or b"")
+
+    def _list(self, request: pb.ListEventsRequest, context: grpc.ServicerContext, printed: str) -> ListingAnswer[Any]:
+        """A listing's answer, its headers sent: the next page's token (the REST body is the
+        documented top-level array, so it travels as a header) and the page's entity-tag; or, when
+        If-None-Match names that tag, 304 and no page."""
+        if_none_match = ""
+        for key, value in context.invocation_metadata():
+            if key == "if-none-match":
+                if_none_match = f"{if_none_match}, {value}" if if_none_match else value
+        answer = self.gallery.list_answer(
+            self.principal(), request.device, printed, if_none_match=if_none_match, **_listing_request(request)
         )
-        # The body is the documented top-level array, so the token travels as a header.
-        context.send_initial_metadata(((NEXT_PAGE_TOKEN_HEADER, next_page_token),))
-        return HttpBody(content_type="application/json", data=page)
+        if answer.page is None:
+            context.send_initial_metadata(
+                ((HTTP_STATUS_HEADER, str(downloads.NOT_MODIFIED)), (downloads.ETAG, answer.etag), _LISTING_CACHING)
+            )
+        else:
+            context.send_initial_metadata(
+                ((NEXT_PAGE_TOKEN_HEADER, answer.next_page_token), (downloads.ETAG, answer.etag), _LISTING_CACHING)
+            )
+        return answer
 
     def GetEvent(self, request, context):  # type: ignore[no-untyped-def]
         event = self.gallery.get_event(self.principal(), request.device, request.event_id)
