@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import logging
+import re
 
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
 from .clock import utcnow
+
+log = logging.getLogger(__name__)
 
 
 class Event(SQLModel, table=True):
@@ -404,23 +409,97 @@ def _version_backfill(random: str) -> str:
             "FROM (SELECT DISTINCT device FROM events) AS listed")
 
 
+class TriggerGeneration(SQLModel, table=True):
+    """Which generation of its triggers each table kept by triggers on `events` has (_KEPT_TABLES).
+
+    Triggers are made in the database, once: without this a database made by an earlier release
+    would keep that release's triggers for good. A start that finds an earlier generation (or
+    none: a database made before this table) replaces them; one that finds a later generation
+    leaves them, so a replica of the older release restarted during a rolling upgrade does not
+    put its triggers back."""
+
+    __tablename__ = "trigger_generations"
+
+    kept_table: str = Field(primary_key=True, max_length=64)
+    generation: int = Field(sa_type=sa.Integer)
+
+
+@dataclasses.dataclass(frozen=True)
+class _KeptTable:
+    """A table kept by triggers on `events`: their statements on each database, and the backfill
+    that fills it when it is created on a database that already has events."""
+
+    model: type[SQLModel]
+    # Raise it with any change of the statements below: tests/unit/test_trigger_generations.py
+    # pins each generation's statements, so that no change can be left out of it.
+    generation: int
+    prefix: str  # the name of each of its triggers (and PostgreSQL functions): this, or this_...
+    sqlite: tuple[str, ...]
+    postgres: tuple[str, ...]
+    sqlite_backfill: str
+    postgres_backfill: str
+
+    def owns(self, trigger: str) -> bool:
+        return trigger == self.prefix or trigger.startswith(f"{self.prefix}_")
+
+
+_KEPT_TABLES = (
+    _KeptTable(EventCount, 1, "events_count", _SQLITE_TRIGGERS, _POSTGRES_TRIGGERS, _BACKFILL, _BACKFILL),
+    _KeptTable(DeviceUsage, 1, "events_usage", _SQLITE_USAGE_TRIGGERS, _POSTGRES_USAGE_TRIGGERS,
+               _USAGE_BACKFILL, _USAGE_BACKFILL),
+    _KeptTable(ListingVersion, 1, "events_changed", _SQLITE_VERSION_TRIGGERS, _POSTGRES_VERSION_TRIGGERS,
+               _version_backfill(_SQLITE_RANDOM), _version_backfill(_POSTGRES_RANDOM)),
+)
+_POSTGRES_TRIGGER_NAME = re.compile(r"CREATE OR REPLACE TRIGGER (\w+) ")
+
+
+def trigger_names(connection: sa.Connection) -> list[str]:
+    """The triggers on `events` (PostgreSQL: not its internal ones), by name."""
+    if connection.dialect.name == "postgresql":
+        select = "SELECT tgname FROM pg_trigger WHERE tgrelid = 'events'::regclass AND NOT tgisinternal"
+    else:
+        select = "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'events'"
+    return sorted(name for (name,) in connection.exec_driver_sql(select))
+
+
 @sa.event.listens_for(SQLModel.metadata, "after_create")
-def _install_counters(_metadata: sa.MetaData, connection: sa.Connection, **kw: object) -> None:
-    """Runs after create_all: a counter table just created gets its triggers and its backfill."""
+def _install_triggers(_metadata: sa.MetaData, connection: sa.Connection, **kw: object) -> None:
+    """Runs after create_all (Database.create_tables, under its schema lock): a table kept by
+    triggers that was just created gets them and its backfill; one whose triggers are of an
+    earlier generation than this release's (TriggerGeneration) gets this release's instead."""
     created = kw.get("tables") or ()
     postgres = connection.dialect.name == "postgresql"
-    counters = (
-        (EventCount, _POSTGRES_TRIGGERS if postgres else _SQLITE_TRIGGERS, _BACKFILL),
-        (DeviceUsage, _POSTGRES_USAGE_TRIGGERS if postgres else _SQLITE_USAGE_TRIGGERS, _USAGE_BACKFILL),
-        (ListingVersion, _POSTGRES_VERSION_TRIGGERS if postgres else _SQLITE_VERSION_TRIGGERS,
-         _version_backfill(_POSTGRES_RANDOM if postgres else _SQLITE_RANDOM)),
-    )
-    for table, triggers, backfill in counters:
-        if table.__table__ not in created:  # type: ignore[attr-defined]
+    generations = TriggerGeneration.__table__  # type: ignore[attr-defined]
+    recorded = dict(connection.execute(sa.select(generations.c.kept_table, generations.c.generation)).all())
+    for kept in _KEPT_TABLES:
+        name = kept.model.__tablename__
+        is_new = kept.model.__table__ in created  # type: ignore[attr-defined]
+        if not is_new and recorded.get(name, 0) >= kept.generation:
             continue
         # Replicas of an older version may be writing events meanwhile. On PostgreSQL, CREATE
         # TRIGGER locks events against writes (SHARE ROW EXCLUSIVE) until this transaction ends:
         # a write under way finishes first, and the backfill (READ COMMITTED, after it) counts it;
         # a later one waits and meets the triggers. SQLite's writers take turns anyway.
-        for statement in (*triggers, backfill):
+        triggers = kept.postgres if postgres else kept.sqlite
+        if not is_new:
+            _drop_replaced_triggers(connection, kept, triggers, postgres)
+            log.info("triggers replaced", extra={"table": name, "generation": kept.generation,
+                                                 "replaced_generation": recorded.get(name, 0)})
+        for statement in triggers:
             connection.exec_driver_sql(statement)
+        if is_new:
+            connection.exec_driver_sql(kept.postgres_backfill if postgres else kept.sqlite_backfill)
+        connection.execute(generations.delete().where(generations.c.kept_table == name))
+        connection.execute(generations.insert().values(kept_table=name, generation=kept.generation))
+
+
+def _drop_replaced_triggers(connection: sa.Connection, kept: _KeptTable, triggers: tuple[str, ...],
+                            postgres: bool) -> None:
+    """Drop the triggers of `kept` that `triggers` will not replace: on SQLite all of them (it has
+    no CREATE OR REPLACE TRIGGER); on PostgreSQL those of an earlier generation's names only, as
+    a DROP TRIGGER locks `events` against reads too (ACCESS EXCLUSIVE) until the transaction ends."""
+    replaced = {match[1] for statement in triggers if (match := _POSTGRES_TRIGGER_NAME.match(statement))}
+    quote = connection.dialect.identifier_preparer.quote
+    for trigger in trigger_names(connection):
+        if kept.owns(trigger) and not (postgres and trigger in replaced):
+            connection.exec_driver_sql(f"DROP TRIGGER IF EXISTS {quote(trigger)}{' ON events' if postgres else ''}")
