@@ -19,14 +19,15 @@ import hashlib
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 import cachetools
 import sqlalchemy as sa
 
 from . import listing_json, paging
 from .db import Database
-from .downloads import none_match
+from .downloads import PRECONDITION_FAILED_REASON, entity_tags, none_match
+from .errors import FailedPrecondition
 from .listing_json import LISTED_COLUMNS
 from .models import Event, ListingVersion
 
@@ -39,10 +40,13 @@ _VERSION = sa.select(_VERSIONS.version).where(_VERSIONS.device == sa.bindparam("
 _VERSION_COLUMN = _VERSION.scalar_subquery()
 # What a kept page costs beyond its bytes: its key (the query), the entry, the cache's own links.
 _ENTRY_BYTES = 1024
-# What an entity-tag stands for beyond its version and query: raise it when a release prints the
-# same events differently, so that no client keeps a copy in the old form as current.
-_TAG_FORM = 1
+# What an entity-tag stands for beyond its device's version and its query: the columns a page
+# shows (a column added to the listing, which adds nothing to the versions, gives every page a new
+# tag by itself), and a number to raise when a release prints the same rows differently or selects
+# other rows for the same query, so that no client keeps a copy of the old answer as current.
+_TAG_FORM = (1, LISTED_COLUMNS)
 Page = TypeVar("Page")
+Printed = Literal["json", "rows"]  # a page as the REST listing's JSON, or as rows (ListedEvent)
 
 
 class ListingAnswer(NamedTuple, Generic[Page]):
@@ -56,20 +60,20 @@ class ListingAnswer(NamedTuple, Generic[Page]):
 
 
 @functools.lru_cache(maxsize=4096)
-def _query_tag(kind: str, query: paging.ListQuery) -> str:
+def _query_tag(kind: Printed, query: paging.ListQuery) -> str:
     """The part of an entity-tag that names the page asked for: two pages never share a tag,
     even when a client sends one page's tag with another's request."""
     return hashlib.blake2b(repr((_TAG_FORM, kind, query)).encode(), digest_size=8).hexdigest()
 
 
-def _opaque_tag(kind: str, query: paging.ListQuery, version: int) -> str:
+def _opaque_tag(kind: Printed, query: paging.ListQuery, version: int) -> str:
     return f"{version & 0xFFFF_FFFF_FFFF_FFFF:016x}-{_query_tag(kind, query)}"
 
 
-def etag(kind: str, query: paging.ListQuery, version: int) -> str:
+def etag(kind: Printed, query: paging.ListQuery, version: int) -> str:
     """The weak entity-tag of the page of `query`, printed as `kind`, at this listing version of
-    its device: `W/"<version>-<query>"` in hex. Weak, since equal pages may differ in bytes (the
-    database's printer or Python's, a release's); a page at one version is the same events."""
+    its device: `W/"<version>-<query>"` in hex. Weak, since the same page may be printed by the
+    database or by Python (listing_json), whose bytes may differ; it holds the same events."""
     return f'W/"{_opaque_tag(kind, query, version)}"'
 
 
@@ -91,11 +95,9 @@ class PageCache:
             max_bytes, getsizeof=_entry_size
         )
         self._lock = threading.Lock()  # LRUCache's reads move entries too; and the counts below
-        # Pages answered, since the start: as kept, as read from the database, and as the copy
-        # the client named in If-None-Match (metrics).
+        # Pages answered, since the start: as kept, and as read from the database (metrics).
         self.served_kept = 0
         self.served_read = 0
-        self.served_unchanged = 0
 
     @property
     def keeps(self) -> bool:
@@ -115,27 +117,24 @@ class PageCache:
         return int(rows[0][0]) if rows else 0
 
     def get(
-        self, kind: str, query: paging.ListQuery, read: Callable[[], tuple[Page, int]], *, if_none_match: str = ""
-    ) -> tuple[Page | None, int]:
+        self, kind: str, query: paging.ListQuery, read: Callable[[int | None], tuple[Page, int]], *,
+        version: int | None = None,
+    ) -> tuple[Page, int]:
         """The page of `query` (`kind`: how it is printed), kept or else read, and the listing
-        version it was read at: `read()` answers both. None for the page when `if_none_match` (an
-        If-None-Match header) names its entity-tag at the current version: the client holds it."""
+        version it was read at. `version`: the device's, if the caller has just read it;
+        `read(version)` answers the page and the version it was read at."""
         key = (kind, query)
-        kept = None
         if self.keeps:
             with self._lock:
                 kept = self._pages.get(key)
-        if kept is not None or if_none_match:
-            version = self.version(query.device)
-            if if_none_match and none_match(if_none_match, _opaque_tag(kind, query, version)):
-                with self._lock:
-                    self.served_unchanged += 1
-                return None, version
-            if kept is not None and kept[0] == version:
-                with self._lock:
-                    self.served_kept += 1
-                return kept[1], version  # type: ignore[no-any-return]
-        page, version = read()
+            if kept is not None:
+                if version is None:
+                    version = self.version(query.device)
+                if kept[0] == version:
+                    with self._lock:
+                        self.served_kept += 1
+                    return kept[1], version  # type: ignore[no-any-return]
+        page, version = read(version)
         with self._lock:
             self.served_read += 1
             if self.keeps:
@@ -255,6 +254,9 @@ class Listing:
         """`cache_bytes`: how much of the pages read lately to keep (PageCache); 0 keeps none."""
         self.db = db
         self.kept = PageCache(db, cache_bytes)
+        # Requests answered 304, since the start: If-None-Match named the page's tag (metrics).
+        self.not_modified = 0
+        self._count_lock = threading.Lock()
 
     def page(self, device: str, **request: Any) -> tuple[list[ListedEvent], str]:
         """One page of a device's events, and the token of the next page ("" after the last).
@@ -269,35 +271,54 @@ class Listing:
         page, next_page_token, _ = self.answer("json", device, **request)
         return page, next_page_token  # type: ignore[return-value]
 
-    def answer(self, printed: str, device: str, *, if_none_match: str = "", **request: Any) -> ListingAnswer[Any]:
+    def answer(
+        self, printed: Printed, device: str, *, if_none_match: str = "", if_match: str | None = None, **request: Any
+    ) -> ListingAnswer[Any]:
         """A listing request's answer (ListingAnswer): the page as page() ("rows") or page_json()
-        ("json") answer it, unless `if_none_match` names its entity-tag while it is current."""
+        ("json") answer it, unless `if_none_match` (an If-None-Match header) names its entity-tag
+        at the device's version now: the client holds that page.
+
+        `if_match` (an If-Match header; None: none) is evaluated first (RFC 9110 13.2.2) and holds
+        for `*` alone: it compares strongly, and a listing's tags are weak (etag), so no list of
+        tags can hold; PRECONDITION_FAILED (412) otherwise."""
         query, statement, parameters = self._prepare(device, **request)
-        if printed == "json":
-            read = functools.partial(self._read_page_json, query, statement, parameters)
-        else:
-            read = functools.partial(self._read_page_rows, query, statement, parameters)
-        page, version = self.kept.get(printed, query, read, if_none_match=if_none_match)
-        tag = etag(printed, query, version)
-        if page is None:
-            return ListingAnswer(None, "", tag)
-        body, next_page_token = page
-        if printed != "json":
+        if if_match is not None and entity_tags(if_match) != [(False, None)]:
+            raise FailedPrecondition(
+                PRECONDITION_FAILED_REASON,
+                "If-Match holds only as `*` for a listing: its ETags are weak, and If-Match compares strongly"
+                " (RFC 9110 13.1.1); If-None-Match takes them",
+                field="if_match",
+            )
+        version = None
+        if if_none_match:
+            version = self.kept.version(device)
+            if none_match(if_none_match, _opaque_tag(printed, query, version)):
+                with self._count_lock:
+                    self.not_modified += 1
+                return ListingAnswer(None, "", etag(printed, query, version))
+        read = self._read_page_json if printed == "json" else self._read_page_rows
+        (body, next_page_token), version = self.kept.get(
+            printed, query, functools.partial(read, query, statement, parameters), version=version
+        )
+        if printed == "rows":
             body = list(body)  # the kept list stays as read, whatever the caller does
-        return ListingAnswer(body, next_page_token, tag)
+        return ListingAnswer(body, next_page_token, etag(printed, query, version))
 
     def _read_page_rows(
-        self, query: paging.ListQuery, statement: sa.Select[Any], parameters: dict[str, Any]
+        self, query: paging.ListQuery, statement: sa.Select[Any], parameters: dict[str, Any], version: int | None
     ) -> tuple[tuple[list[ListedEvent], str], int]:
-        """page()'s answer, and the device's listing version it was read at (PageCache): read just
-        before the page, so a write committed in between leaves the page newer than its version."""
-        version = self.kept.version(query.device)
+        """page()'s answer, and the device's listing version it was read at (PageCache): `version`
+        if the caller has just read it, else read now; before the page either way, so a write
+        committed in between leaves the page newer than its version, never older."""
+        if version is None:
+            version = self.kept.version(query.device)
         return self._read_page(query, statement, parameters), version
 
     def _read_page_json(
-        self, query: paging.ListQuery, statement: sa.Select[Any], parameters: dict[str, Any]
+        self, query: paging.ListQuery, statement: sa.Select[Any], parameters: dict[str, Any], version: int | None
     ) -> tuple[tuple[bytes, str], int]:
-        """page_json()'s answer, and the device's listing version it was read at (PageCache)."""
+        """page_json()'s answer, and the device's listing version it was read at (PageCache): from
+        the page's own statement where the database prints it, else as _read_page_rows reads it."""
         if self.db.engine.dialect.name == "postgresql":
             [(text, count, regular, last_created, last_id, version)] = self.db.read_rows(
                 _postgres_json_statement(statement, query.newest_first), parameters
@@ -312,7 +333,7 @@ class Listing:
             if regular or not count:  # else a row SQLite did not write itself: printed below
                 page = listing_json.finish(text), _next_page_token(query, _sqlite_position(last), count)
                 return page, int(version or 0)
-        (events, next_page_token), version = self._read_page_rows(query, statement, parameters)
+        (events, next_page_token), version = self._read_page_rows(query, statement, parameters, version)
         return (listing_json.listing(events), next_page_token), version
 
     def _read_page(

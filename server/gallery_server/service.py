@@ -34,7 +34,7 @@ from .errors import (
     InvalidArgument,
     NotFound,
 )
-from .listing import ListedEvent, Listing, ListingAnswer
+from .listing import ListedEvent, Listing, ListingAnswer, Printed
 from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import (
     DeletedCapture,
@@ -194,13 +194,12 @@ class Gallery:
         principal.require(validation.device_id(device), READ)
         return self.listing.page_json(device, **request)
 
-    def list_answer(
-        self, principal: Principal, device: str, printed: str, *, if_none_match: str = "", **request: Any
-    ) -> ListingAnswer[Any]:
+    def list_answer(self, principal: Principal, device: str, printed: Printed, **request: Any) -> ListingAnswer[Any]:
         """A page as list_page ("rows") or list_page_json ("json") reads it, with its entity-tag;
-        none when `if_none_match` names that tag while it is current (Listing.answer)."""
+        none when `if_none_match` names that tag while it is current (Listing.answer: also
+        `if_match`)."""
         principal.require(validation.device_id(device), READ)
-        return self.listing.answer(printed, device, if_none_match=if_none_match, **request)
+        return self.listing.answer(printed, device, **request)
 
     def get_event(self, principal: Principal, device: str, event_id: str) -> Event:
         """The event, for reading only (every download checks one): see find_event."""

@@ -37,6 +37,7 @@ def test_a_listing_is_304_while_its_events_are_unchanged(http, auth_headers):
     assert again.content == b""
     assert "content-length" not in again.headers  # a 304 names no length (RFC 9110 8.6)
     assert "transfer-encoding" not in again.headers
+    assert "content-type" not in again.headers  # no body to have a type (RFC 9110 15.4.5)
     assert again.headers["etag"] == tag
     assert again.headers["cache-control"] == "private, no-cache"
     assert "x-next-page-token" not in again.headers  # the client keeps the one it holds
@@ -48,6 +49,9 @@ def test_a_listing_is_304_while_its_events_are_unchanged(http, auth_headers):
         assert http.get(url, headers={**headers, "If-None-Match": header}).status_code == 304, header
     head = http.head(url, headers={**headers, "If-None-Match": tag})
     assert head.status_code == 304 and head.content == b""
+    assert "content-length" not in head.headers
+    two_headers = [*headers.items(), ("If-None-Match", '"other"'), ("If-None-Match", tag)]  # one list (RFC 9110 5.3)
+    assert http.get(url, headers=two_headers).status_code == 304
     head = http.head(url, headers=headers)
     assert head.status_code == 200 and head.headers["etag"] == tag
     assert int(head.headers["content-length"]) == len(page.content)
@@ -94,11 +98,34 @@ def test_a_device_without_events_has_a_tag_too(http, auth_headers):
     assert r.status_code == 200 and len(r.json()) == 1
 
 
-@pytest.mark.parametrize("path", ["stats", "paths"])
+def test_if_match_holds_for_a_star_alone(http, auth_headers):
+    """A listing's tags are weak, and If-Match compares strongly (RFC 9110 13.1.1): 412 for any
+    list of tags, the page's own included; `*` holds, since a listing always has a page."""
+    device, headers = f"etag-{uuid.uuid4().hex[:8]}", auth_headers()
+    upload(http, headers, device, "a.txt")
+    url = f"/api/gallery/{device}/events"
+    page = http.get(url, headers=headers)
+    assert http.get(url, headers={**headers, "If-Match": "*"}).json() == page.json()
+    for header in (page.headers["etag"], page.headers["etag"].removeprefix("W/"), "garbage"):
+        r = http.get(url, headers={**headers, "If-Match": header})
+        assert r.status_code == 412, (header, r.text)
+        assert r.json()["details"][0]["reason"] == "PRECONDITION_FAILED"
+        assert "etag" not in r.headers
+
+
+def test_a_bad_request_is_refused_before_its_tag_is_compared(http, auth_headers):
+    device, headers = f"etag-{uuid.uuid4().hex[:8]}", auth_headers()
+    upload(http, headers, device, "a.txt")
+    r = http.get(f"/api/gallery/{device}/events", params={"page_token": "nope"},
+                 headers={**headers, "If-None-Match": "*"})
+    assert r.status_code == 400 and r.json()["details"][0]["reason"] == "INVALID_PAGE_TOKEN"
+
+
+@pytest.mark.parametrize("path", ["stats", "paths", "events/{event_id}"])
 def test_other_reads_ignore_if_none_match(http, auth_headers, path):
     """Only the listing is conditional; the other reads answer as ever on the route that runs Lua."""
     device, headers = f"etag-{uuid.uuid4().hex[:8]}", auth_headers()
-    upload(http, headers, device, "a.txt")
+    path = path.format(event_id=upload(http, headers, device, "a.txt"))
     plain = http.get(f"/api/gallery/{device}/{path}", headers=headers)
     r = http.get(f"/api/gallery/{device}/{path}", headers={**headers, "If-None-Match": "*"})
     assert r.status_code == plain.status_code == 200

@@ -106,6 +106,9 @@ def test_the_reads_route_skips_its_filters_for_exactly_the_rest_reads() -> None:
     assert reads.count("disabled: true") == 2
     regex = re.search(r'safe_regex: \{regex: "([^"]+)"\}', reads)
     assert regex is not None and '{name: ":method", string_match: {exact: GET}}' in reads
+    # A listing's 304 and 412 (listing.py) are statuses only Lua sets: such requests go below.
+    for conditional in ("if-none-match", "if-match"):
+        assert f"{{name: {conditional}, present_match: false}}" in reads
     matched = {
         method for method, verb, template in envoy_config.http_bindings()
         if verb == "GET" and re.fullmatch(regex.group(1), re.sub(r"\{[^}]+\}", "x1", template))

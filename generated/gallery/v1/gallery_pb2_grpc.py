@@ -182,6 +182,10 @@ class GalleryServiceServicer:
     def ListEvents(self, request, context):
         """Lists a device's events, newest first (ties broken by id, descending), as a stream of Event
         messages. Needs `gallery:read`. REST clients reach the same listing through ListEventsJson.
+        The initial metadata holds `x-next-page-token` and the page's weak `etag`: sent back as
+        `if-none-match` metadata while the device's events are unchanged, it is answered with
+        `x-http-status: 304` in the initial metadata and no events (an `if-match` other than `*`
+        fails FAILED_PRECONDITION, PRECONDITION_FAILED: the tags are weak).
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
@@ -193,6 +197,8 @@ class GalleryServiceServicer:
         """The REST form of ListEvents: the same page and errors, answered as one `application/json`
         body holding the documented top-level array of events, each exactly as the transcoder prints
         an Event (without `metadata` and `pull`), and `x-next-page-token` as a response header.
+        Conditional as ListEvents (its tags are its own): over REST, If-None-Match with the page's
+        ETag is 304 with no body, and If-Match other than `*` is 412.
         One message per page instead of one per event: a streamed page cost the server ~50 message
         sends and Envoy ~50 JSON conversions (BENCHMARKS.md, listing).
         buf:lint:ignore RPC_REQUEST_STANDARD_NAME

@@ -212,7 +212,7 @@ def _add_gauges(metrics: Metrics, gallery: Gallery, devices: Devices, reconciler
                     lambda: pages.served_read)
     metrics.counter("gallery_listing_pages_not_modified_total",
                     "Listing requests answered 304: If-None-Match named the page's current ETag.",
-                    lambda: pages.served_unchanged)
+                    lambda: gallery.listing.not_modified)
     metrics.gauge("gallery_listing_kept_bytes", "Bytes of listing pages this server keeps (listing.py).",
                   lambda: pages.kept_bytes)
     metrics.gauge("gallery_listing_kept_bytes_limit", "Bytes of listing pages kept at most (GALLERY_LIST_CACHE_BYTES).",

@@ -26,7 +26,7 @@ from ..auth import DEVICE, WRITE, Principal
 from ..devices import Devices, PullStatus
 from ..errors import InvalidArgument, PermissionDenied
 from ..forms import FormReceiver
-from ..listing import ListingAnswer
+from ..listing import ListingAnswer, Printed
 from ..models import Event
 from ..resumable import SessionState
 from ..service import Gallery
@@ -105,16 +105,14 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         answer = self._list(request, context, "json")
         return HttpBody(content_type="application/json", data=answer.page or b"")
 
-    def _list(self, request: pb.ListEventsRequest, context: grpc.ServicerContext, printed: str) -> ListingAnswer[Any]:
+    def _list(self, request: pb.ListEventsRequest, context: grpc.ServicerContext, printed: Printed) -> ListingAnswer:
         """A listing's answer, its headers sent: the next page's token (the REST body is the
         documented top-level array, so it travels as a header) and the page's entity-tag; or, when
         If-None-Match names that tag, 304 and no page."""
-        if_none_match = ""
-        for key, value in context.invocation_metadata():
-            if key == "if-none-match":
-                if_none_match = f"{if_none_match}, {value}" if if_none_match else value
+        headers = _request_headers(context)
         answer = self.gallery.list_answer(
-            self.principal(), request.device, printed, if_none_match=if_none_match, **_listing_request(request)
+            self.principal(), request.device, printed, if_none_match=headers.get("if-none-match", ""),
+            if_match=headers.get("if-match"), **_listing_request(request),
         )
         if answer.page is None:
             context.send_initial_metadata(
