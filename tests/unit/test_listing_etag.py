@@ -14,7 +14,7 @@ from gallery_server.listing import Listing
 from gallery_server.service import Gallery
 
 from ..conftest import statements_run
-from .test_listing_cache import replica  # noqa: F401 - the fixture
+from .test_listing_cache import PRINTERS, replica, write_after_each_read  # noqa: F401 - replica: the fixture
 from .test_service import other_principal, store
 
 
@@ -97,32 +97,16 @@ def test_if_match_holds_for_a_star_alone(gallery: Gallery, principal: auth.Princ
         assert refused.value.reason == "PRECONDITION_FAILED"  # evaluated before If-None-Match
 
 
-@pytest.mark.parametrize("printed", ["JSON by the database", "JSON by Python", "rows"])
+@pytest.mark.parametrize("printed", PRINTERS)
 def test_a_tag_never_names_a_page_older_than_its_version(gallery: Gallery, principal: auth.Principal,
                                                          monkeypatch: pytest.MonkeyPatch, printed: str) -> None:
     """A write committed right after a page's read, with nothing kept: the tag answered with that
     page must not be current after the write (a tag read after the page would be, and a client
     holding the older page would be told it is current)."""
-    store(gallery, principal)
-    if printed == "JSON by Python":
-        if gallery.db.engine.dialect.name != "sqlite":
-            pytest.skip("only SQLite keeps a time another tool wrote as is")
-        with gallery.db.engine.begin() as c:  # a time of another shape: the page goes to Python's printer
-            c.exec_driver_sql("UPDATE events SET created = '2024-03-20 10:00:30'")
-    method = "_read_page_json" if printed == "JSON by the database" else "_read_page"
-    read = getattr(Listing, method)
-    written = []
-
-    def read_then_write(self: Listing, *args: object) -> object:
-        page = read(self, *args)
-        if not written:  # once: another writer stores right after the page's read
-            written.append(store(gallery, principal, name="late.png"))
-        return page
-
-    monkeypatch.setattr(Listing, method, read_then_write)
+    written = write_after_each_read(gallery, principal, monkeypatch, printed)
     none_kept = Listing(gallery.db, cache_bytes=0)
     kind = "rows" if printed == "rows" else "json"
     before = none_kept.answer(kind, "cam1")
-    assert written and written[0].id not in repr(before.page)
+    assert written and written[0] not in repr(before.page)
     after = none_kept.answer(kind, "cam1", if_none_match=before.etag)
-    assert after.page is not None and written[0].id in repr(after.page)
+    assert after.page is not None and written[0] in repr(after.page)
