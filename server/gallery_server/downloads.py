@@ -50,8 +50,11 @@ _RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)")  # DIGIT is ASCII: not \d, which 
 # Larger than any file: what a position of more than 19 significant digits means here. int() of
 # such text would be exact but refuses more than 4,300 digits, which a header may well hold.
 _BEYOND_ANY_FILE = 10**19
-# One entity-tag of a list: optional weak prefix, then a quoted opaque tag (RFC 9110 8.8.3).
-_ENTITY_TAG = re.compile(r'(?:\s*,)*\s*(W/)?"([\x21\x23-\x7e\x80-\xff]*)"\s*(?:,|$)')
+# One entity-tag of a list: optional weak prefix, then a quoted opaque tag (RFC 9110 8.8.3), and
+# the comma that ends it (or the end).
+_ENTITY_TAG = re.compile(r'(W/)?"([\x21\x23-\x7e\x80-\xff]*)"\s*(?:,|$)')
+# Empty list elements, which a recipient must ignore wherever they are (RFC 9110 5.6.1.2).
+_EMPTY_ELEMENTS = re.compile(r"[\s,]*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,13 +169,13 @@ def entity_tags(header: str) -> list[tuple[bool, str | None]] | None:
     if value == "*":
         return [(False, None)]
     tags = []
-    pos = 0
+    pos = _EMPTY_ELEMENTS.match(value).end()  # type: ignore[union-attr]
     while pos < len(value):
         match = _ENTITY_TAG.match(value, pos)
         if match is None:
             return None
         tags.append((match.group(1) is not None, match.group(2)))
-        pos = match.end()
+        pos = _EMPTY_ELEMENTS.match(value, match.end()).end()  # type: ignore[union-attr]
     return tags or None
 
 

@@ -191,7 +191,11 @@ def test_etag_is_the_quoted_sha256() -> None:
     (f'"{OTHER}", {ETAG}', True),
     (f'"{OTHER}",{ETAG}', True),
     (f'W/"{OTHER}" ,  W/{ETAG} ', True),
-    (f', , {ETAG}', True),  # empty list elements
+    (f', , {ETAG}', True),  # empty list elements, wherever they are (RFC 9110 5.6.1.2)
+    (f'{ETAG},,', True),
+    (f'{ETAG}, ,', True),
+    (f',,{ETAG},, ,"{OTHER}",,', True),
+    (",", False),  # no element at all: not a list
     (f'"a,b", {ETAG}', True),  # a comma inside an entity-tag is part of the tag
     (f'"{OTHER}"', False),
     ("", False),
