@@ -433,24 +433,41 @@ class _KeptTable:
     # Raise it with any change of the statements below: tests/unit/test_trigger_generations.py
     # pins each generation's statements, so that no change can be left out of it.
     generation: int
-    prefix: str  # the name of each of its triggers (and PostgreSQL functions): this, or this_...
+    # The names of its triggers (and PostgreSQL functions): the first, or the first and `_...`;
+    # the others are names an earlier generation used, whose triggers a start drops.
+    prefixes: tuple[str, ...]
     sqlite: tuple[str, ...]
     postgres: tuple[str, ...]
     sqlite_backfill: str
     postgres_backfill: str
 
-    def owns(self, trigger: str) -> bool:
-        return trigger == self.prefix or trigger.startswith(f"{self.prefix}_")
+    def owns(self, name: str) -> bool:
+        return any(name == prefix or name.startswith(f"{prefix}_") for prefix in self.prefixes)
+
+    def statements(self, postgres: bool) -> tuple[str, ...]:
+        return self.postgres if postgres else self.sqlite
+
+    def made(self, kind: str, postgres: bool) -> set[str]:
+        """The names of the triggers or functions (`kind`) its statements make (CREATE OR REPLACE,
+        which replaces one of the same name in place: PostgreSQL's only)."""
+        if not postgres:
+            return set()
+        return {m[1] for s in self.postgres if (m := re.match(rf"CREATE OR REPLACE {kind} (\w+)", s))}
 
 
 _KEPT_TABLES = (
-    _KeptTable(EventCount, 1, "events_count", _SQLITE_TRIGGERS, _POSTGRES_TRIGGERS, _BACKFILL, _BACKFILL),
-    _KeptTable(DeviceUsage, 1, "events_usage", _SQLITE_USAGE_TRIGGERS, _POSTGRES_USAGE_TRIGGERS,
+    _KeptTable(EventCount, 1, ("events_count",), _SQLITE_TRIGGERS, _POSTGRES_TRIGGERS, _BACKFILL, _BACKFILL),
+    _KeptTable(DeviceUsage, 1, ("events_usage",), _SQLITE_USAGE_TRIGGERS, _POSTGRES_USAGE_TRIGGERS,
                _USAGE_BACKFILL, _USAGE_BACKFILL),
-    _KeptTable(ListingVersion, 1, "events_changed", _SQLITE_VERSION_TRIGGERS, _POSTGRES_VERSION_TRIGGERS,
-               _version_backfill(_SQLITE_RANDOM), _version_backfill(_POSTGRES_RANDOM)),
+    # events_listing*: the first version of these triggers (e5e91f9, 2026-12-01), counting up.
+    _KeptTable(ListingVersion, 1, ("events_changed", "events_listing"), _SQLITE_VERSION_TRIGGERS,
+               _POSTGRES_VERSION_TRIGGERS, _version_backfill(_SQLITE_RANDOM), _version_backfill(_POSTGRES_RANDOM)),
 )
-_POSTGRES_TRIGGER_NAME = re.compile(r"CREATE OR REPLACE TRIGGER (\w+) ")
+# How long a start waits to replace the triggers of a table that has them (PostgreSQL): the lock it
+# takes on `events` queues every write behind it, and an open write transaction, or VACUUM, may
+# hold `events` for long. A start that cannot have it in time keeps the triggers it found (they
+# work: an earlier generation is only slower or less exact), says so, and tries again at the next.
+REPLACE_LOCK_TIMEOUT_MS = 2000
 
 
 def trigger_names(connection: sa.Connection) -> list[str]:
@@ -462,44 +479,78 @@ def trigger_names(connection: sa.Connection) -> list[str]:
     return sorted(name for (name,) in connection.exec_driver_sql(select))
 
 
+def trigger_functions(connection: sa.Connection) -> list[str]:
+    """PostgreSQL's trigger functions in the current schema, by name."""
+    select = ("SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+              "WHERE n.nspname = current_schema() AND p.prorettype = 'trigger'::regtype")
+    return sorted(name for (name,) in connection.exec_driver_sql(select))
+
+
 @sa.event.listens_for(SQLModel.metadata, "after_create")
 def _install_triggers(_metadata: sa.MetaData, connection: sa.Connection, **kw: object) -> None:
     """Runs after create_all (Database.create_tables, under its schema lock): a table kept by
     triggers that was just created gets them and its backfill; one whose triggers are of an
     earlier generation than this release's (TriggerGeneration) gets this release's instead."""
     created = kw.get("tables") or ()
-    postgres = connection.dialect.name == "postgresql"
     generations = TriggerGeneration.__table__  # type: ignore[attr-defined]
     recorded = dict(connection.execute(sa.select(generations.c.kept_table, generations.c.generation)).all())
-    for kept in _KEPT_TABLES:
+    new = [kept for kept in _KEPT_TABLES if kept.model.__table__ in created]  # type: ignore[attr-defined]
+    earlier = [kept for kept in _KEPT_TABLES
+               if kept not in new and recorded.get(kept.model.__tablename__, 0) < kept.generation]
+    if new:
+        # Triggers it must have: waited for as long as the tables' creation was. Replicas of an
+        # older version may be writing events meanwhile. On PostgreSQL, CREATE TRIGGER locks
+        # events against writes (SHARE ROW EXCLUSIVE) until this transaction ends: a write under
+        # way finishes first, and the backfill (READ COMMITTED, after it) counts it; a later one
+        # waits and meets the triggers. SQLite's writers take turns anyway.
+        _make_triggers(connection, new + earlier, recorded, backfill=new)
+        return
+    if not earlier:
+        return
+    if connection.dialect.name != "postgresql":  # the schema step holds SQLite's write lock already
+        _make_triggers(connection, earlier, recorded, backfill=[])
+        return
+    try:
+        with connection.begin_nested():  # a lock not had in time rolls back to here, and only this
+            connection.exec_driver_sql(f"SET LOCAL lock_timeout = {int(REPLACE_LOCK_TIMEOUT_MS)}")
+            _make_triggers(connection, earlier, recorded, backfill=[])
+            connection.exec_driver_sql("SET LOCAL lock_timeout = 0")  # as create_tables has it
+    except sa.exc.OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) != "55P03":  # lock_not_available
+            raise
+        log.warning("triggers of an earlier generation kept: events was not free to replace them in time;"
+                    " the next start tries again",
+                    extra={"tables": [kept.model.__tablename__ for kept in earlier],
+                           "waited_ms": REPLACE_LOCK_TIMEOUT_MS})
+
+
+def _make_triggers(connection: sa.Connection, tables: list[_KeptTable], recorded: dict[str, int], *,
+                   backfill: list[_KeptTable]) -> None:
+    """Make the triggers of `tables`, backfill those of `backfill`, and record their generations.
+    Every drop comes before every CREATE: on PostgreSQL a DROP TRIGGER locks `events` against
+    reads too (ACCESS EXCLUSIVE), and taking it after a CREATE's lock would be an upgrade, which
+    can deadlock with a transaction that read `events` and then writes it."""
+    postgres = connection.dialect.name == "postgresql"
+    quote = connection.dialect.identifier_preparer.quote
+    for kept in tables:
+        # SQLite drops them all (it has no CREATE OR REPLACE TRIGGER); PostgreSQL only the names
+        # the statements will not replace in place, and the functions no trigger calls then.
+        for trigger in trigger_names(connection):
+            if kept.owns(trigger) and trigger not in kept.made("TRIGGER", postgres):
+                connection.exec_driver_sql(f"DROP TRIGGER IF EXISTS {quote(trigger)}{' ON events' if postgres else ''}")
+        if postgres:
+            for function in trigger_functions(connection):
+                if kept.owns(function) and function not in kept.made("FUNCTION", postgres):
+                    connection.exec_driver_sql(f"DROP FUNCTION IF EXISTS {quote(function)}()")
+    generations = TriggerGeneration.__table__  # type: ignore[attr-defined]
+    for kept in tables:
         name = kept.model.__tablename__
-        is_new = kept.model.__table__ in created  # type: ignore[attr-defined]
-        if not is_new and recorded.get(name, 0) >= kept.generation:
-            continue
-        # Replicas of an older version may be writing events meanwhile. On PostgreSQL, CREATE
-        # TRIGGER locks events against writes (SHARE ROW EXCLUSIVE) until this transaction ends:
-        # a write under way finishes first, and the backfill (READ COMMITTED, after it) counts it;
-        # a later one waits and meets the triggers. SQLite's writers take turns anyway.
-        triggers = kept.postgres if postgres else kept.sqlite
-        if not is_new:
-            _drop_replaced_triggers(connection, kept, triggers, postgres)
+        for statement in kept.statements(postgres):
+            connection.exec_driver_sql(statement)
+        if kept in backfill:
+            connection.exec_driver_sql(kept.postgres_backfill if postgres else kept.sqlite_backfill)
+        else:
             log.info("triggers replaced", extra={"table": name, "generation": kept.generation,
                                                  "replaced_generation": recorded.get(name, 0)})
-        for statement in triggers:
-            connection.exec_driver_sql(statement)
-        if is_new:
-            connection.exec_driver_sql(kept.postgres_backfill if postgres else kept.sqlite_backfill)
         connection.execute(generations.delete().where(generations.c.kept_table == name))
         connection.execute(generations.insert().values(kept_table=name, generation=kept.generation))
-
-
-def _drop_replaced_triggers(connection: sa.Connection, kept: _KeptTable, triggers: tuple[str, ...],
-                            postgres: bool) -> None:
-    """Drop the triggers of `kept` that `triggers` will not replace: on SQLite all of them (it has
-    no CREATE OR REPLACE TRIGGER); on PostgreSQL those of an earlier generation's names only, as
-    a DROP TRIGGER locks `events` against reads too (ACCESS EXCLUSIVE) until the transaction ends."""
-    replaced = {match[1] for statement in triggers if (match := _POSTGRES_TRIGGER_NAME.match(statement))}
-    quote = connection.dialect.identifier_preparer.quote
-    for trigger in trigger_names(connection):
-        if kept.owns(trigger) and not (postgres and trigger in replaced):
-            connection.exec_driver_sql(f"DROP TRIGGER IF EXISTS {quote(trigger)}{' ON events' if postgres else ''}")

@@ -1,10 +1,12 @@
 """Triggers on `events` (models._KEPT_TABLES) on databases made by earlier releases, on SQLite and
-PostgreSQL: a start replaces triggers of an earlier generation (or of none recorded), and leaves
-those of a later one, as a replica of an older release restarted during a rolling upgrade must."""
+PostgreSQL: a start replaces triggers of an earlier generation (or of none recorded), those of
+names no longer used included, and leaves those of a later one, as a replica of an older release
+restarted during a rolling upgrade must."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import pytest
 import sqlalchemy as sa
@@ -15,14 +17,16 @@ from gallery_server.service import Gallery
 from .test_listing_cache import versions
 from .test_service import store
 
-# Each table's generation and a digest of its statements. A failure here means a trigger's SQL
-# changed: raise that table's generation in models._KEPT_TABLES (so that databases made before
-# get the new triggers at their next start) and pin the new pair.
-PINNED = {
-    "event_counts": (1, "966f245d57dc6f73"),
-    "device_usage": (1, "344d26d7baff1cea"),
-    "listing_versions": (1, "bf690f8e8a4bb496"),
+# Each table's generations, each with a digest of its statements: append-only. A failure here
+# means a trigger's SQL changed: add a generation with the new digest, and raise the table's
+# generation in models._KEPT_TABLES to it, so that databases made before get the new triggers at
+# their next start. Never change a digest in place.
+GENERATIONS = {
+    "event_counts": {1: "966f245d57dc6f73"},
+    "device_usage": {1: "344d26d7baff1cea"},
+    "listing_versions": {1: "bf690f8e8a4bb496"},
 }
+CURRENT = {table: max(generations) for table, generations in GENERATIONS.items()}
 
 
 def _digest(kept: models._KeptTable) -> str:
@@ -30,8 +34,12 @@ def _digest(kept: models._KeptTable) -> str:
     return hashlib.sha256("\n".join(statements).encode()).hexdigest()[:16]
 
 
-def test_a_change_of_a_trigger_raises_its_generation() -> None:
-    assert {kept.model.__tablename__: (kept.generation, _digest(kept)) for kept in models._KEPT_TABLES} == PINNED
+def test_a_change_of_a_trigger_is_a_new_generation() -> None:
+    assert {kept.model.__tablename__ for kept in models._KEPT_TABLES} == set(GENERATIONS)
+    for kept in models._KEPT_TABLES:
+        history = GENERATIONS[kept.model.__tablename__]
+        assert len(set(history.values())) == len(history), "a generation's digest was reused"
+        assert (kept.generation, _digest(kept)) == (max(history), history[max(history)]), kept.model.__tablename__
 
 
 def _recorded(gallery: Gallery) -> dict[str, int]:
@@ -41,27 +49,38 @@ def _recorded(gallery: Gallery) -> dict[str, int]:
 
 def _triggers(gallery: Gallery) -> list[str]:
     with gallery.db.engine.connect() as c:
-        return models.trigger_names(c)
+        names = models.trigger_names(c)
+        if c.dialect.name == "postgresql":
+            names += [f"{name}()" for name in models.trigger_functions(c)]
+    return names
+
+
+def _drop_version_triggers(c: sa.Connection) -> None:
+    postgres = c.dialect.name == "postgresql"
+    for trigger in models.trigger_names(c):
+        if trigger.startswith("events_changed"):
+            c.exec_driver_sql(f"DROP TRIGGER {trigger}{' ON events' if postgres else ''}")
+
+
+def _set_generation(c: sa.Connection, generation: int | None) -> None:
+    c.exec_driver_sql("DELETE FROM trigger_generations WHERE kept_table = 'listing_versions'")
+    if generation is not None:
+        c.execute(sa.text("INSERT INTO trigger_generations (kept_table, generation) "
+                          "VALUES ('listing_versions', :g)"), {"g": generation})
 
 
 def _an_older_releases_version_trigger(gallery: Gallery, generation: int | None) -> None:
-    """The listing version's triggers as a release that limited the UPDATE trigger to the name
-    made them, with one trigger of a name this release has not, and `generation` recorded."""
+    """The listing version's UPDATE trigger under its own name, limited to the name column as an
+    older release might have made it, with `generation` recorded (None: none)."""
     with gallery.db.engine.begin() as c:
-        postgres = c.dialect.name == "postgresql"
-        for trigger in models.trigger_names(c):
-            if trigger.startswith("events_changed"):
-                c.exec_driver_sql(f"DROP TRIGGER {trigger}{' ON events' if postgres else ''}")
-        if postgres:
-            c.exec_driver_sql("CREATE TRIGGER events_changed_by_name AFTER UPDATE OF name ON events "
+        _drop_version_triggers(c)
+        if c.dialect.name == "postgresql":
+            c.exec_driver_sql("CREATE TRIGGER events_changed AFTER UPDATE OF name ON events "
                               "FOR EACH ROW EXECUTE FUNCTION events_changed()")
         else:
-            c.exec_driver_sql("CREATE TRIGGER events_changed_by_name AFTER UPDATE OF name ON events BEGIN "
+            c.exec_driver_sql("CREATE TRIGGER events_changed AFTER UPDATE OF name ON events BEGIN "
                               "UPDATE listing_versions SET version = random() WHERE device = NEW.device; END")
-        c.exec_driver_sql("DELETE FROM trigger_generations WHERE kept_table = 'listing_versions'")
-        if generation is not None:
-            c.execute(sa.text("INSERT INTO trigger_generations (kept_table, generation) "
-                              "VALUES ('listing_versions', :g)"), {"g": generation})
+        _set_generation(c, generation)
 
 
 def _unlisted_update_changes_the_version(gallery: Gallery) -> bool:
@@ -71,30 +90,54 @@ def _unlisted_update_changes_the_version(gallery: Gallery) -> bool:
     return versions(gallery.db)["cam1"] != before
 
 
-def test_a_new_database_records_every_generation(gallery: Gallery) -> None:
-    assert _recorded(gallery) == {name: generation for name, (generation, _) in PINNED.items()}
+def _counts_are_the_events(gallery: Gallery) -> bool:
+    """Whether both tables of counts say what the events do, for every device."""
+    with gallery.db.engine.connect() as c:
+        counted = {tuple(r) for r in c.exec_driver_sql(
+            "SELECT device, media_type, count, size FROM event_counts WHERE count > 0")}
+        events = {tuple(r) for r in c.exec_driver_sql(
+            "SELECT device, media_type, COUNT(*), SUM(size) FROM events GROUP BY device, media_type")}
+        stored = {tuple(r) for r in c.exec_driver_sql("SELECT device, stored_bytes FROM device_usage "
+                                                      "WHERE stored_bytes > 0")}
+        stored_events = {tuple(r) for r in c.exec_driver_sql(
+            "SELECT device, SUM(size) FROM events WHERE state = 'stored' GROUP BY device")}
+    return counted == events and stored == stored_events
+
+
+def _writes(gallery: Gallery, principal: auth.Principal) -> None:
+    """An insert, a delete and an update of a counted column: each counted once, or not at all."""
+    events = [store(gallery, principal, name=f"w{i}.png") for i in range(2)]
+    gallery.delete_event(principal, "cam1", events[0].id)
+    with gallery.db.engine.begin() as c:
+        c.exec_driver_sql("UPDATE events SET size = size + 1")
+
+
+def test_a_new_database_records_every_generation(gallery: Gallery, caplog: pytest.LogCaptureFixture) -> None:
+    assert _recorded(gallery) == CURRENT
     current = _triggers(gallery)
-    gallery.db.create_tables()  # a start on a database of this release replaces nothing
+    with caplog.at_level(logging.INFO, logger="gallery_server.models"):
+        gallery.db.create_tables()  # a start on a database of this release replaces nothing
     assert _triggers(gallery) == current
+    assert not [r for r in caplog.records if r.name == "gallery_server.models"]
 
 
 @pytest.mark.parametrize("generation", [0, None], ids=["an earlier generation", "none recorded"])
 def test_triggers_of_an_earlier_generation_are_replaced(gallery: Gallery, principal: auth.Principal,
+                                                         caplog: pytest.LogCaptureFixture,
                                                          generation: int | None) -> None:
     store(gallery, principal)
     expected = _triggers(gallery)
     _an_older_releases_version_trigger(gallery, generation)
-    assert not _unlisted_update_changes_the_version(gallery)  # the older release's triggers
-    gallery.db.create_tables()
-    assert _triggers(gallery) == expected  # the older name gone, none twice
-    assert _recorded(gallery)["listing_versions"] == PINNED["listing_versions"][0]
-    assert _unlisted_update_changes_the_version(gallery)
-    # The other tables' triggers were not touched, and every trigger runs once: one more event
-    # is counted once, and its device's version drawn anew.
+    assert not _unlisted_update_changes_the_version(gallery)  # the older release's trigger
+    with caplog.at_level(logging.INFO, logger="gallery_server.models"):
+        gallery.db.create_tables()
+    assert [r.getMessage() for r in caplog.records if r.name == "gallery_server.models"] == ["triggers replaced"]
+    assert _triggers(gallery) == expected
+    assert _recorded(gallery)["listing_versions"] == CURRENT["listing_versions"]
+    assert _unlisted_update_changes_the_version(gallery)  # this release's, under the same name
     before = versions(gallery.db)["cam1"]
-    store(gallery, principal, name="second.png")
-    assert gallery.stats(principal, "cam1").total_events == 2
-    assert versions(gallery.db)["cam1"] != before
+    _writes(gallery, principal)
+    assert _counts_are_the_events(gallery) and versions(gallery.db)["cam1"] != before
 
 
 def test_a_database_made_before_the_generations_gets_this_releases_triggers(gallery: Gallery,
@@ -108,11 +151,43 @@ def test_a_database_made_before_the_generations_gets_this_releases_triggers(gall
     with gallery.db.engine.begin() as c:
         c.exec_driver_sql("DROP TABLE trigger_generations")
     gallery.db.create_tables()
-    assert _recorded(gallery) == {name: generation for name, (generation, _) in PINNED.items()}
+    assert _recorded(gallery) == CURRENT
     assert _triggers(gallery) == expected
     assert gallery.stats(principal, "cam1") == stats
+    _writes(gallery, principal)
+    assert gallery.stats(principal, "cam1").total_events == 3 and _counts_are_the_events(gallery)
+
+
+def test_the_first_version_triggers_are_dropped(gallery: Gallery, principal: auth.Principal) -> None:
+    """e5e91f9 (2026-12-01) counted the listing version up in triggers and functions named
+    events_listing*, which the next commit renamed: a database made by it loses them, where
+    otherwise both sets would write each change's version."""
+    store(gallery, principal)
+    expected = _triggers(gallery)
+    with gallery.db.engine.begin() as c:
+        bump = "UPDATE listing_versions SET version = version + 1 WHERE device = {}.device"
+        if c.dialect.name == "postgresql":
+            for trigger, function, event, row in (
+                ("events_listing_insert", "events_listing_inserted", "INSERT", "NEW"),
+                ("events_listing_delete", "events_listing_deleted", "DELETE", "OLD"),
+                ("events_listing", "events_listing", "UPDATE", "NEW"),
+            ):
+                c.exec_driver_sql(f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger "
+                                  f"LANGUAGE plpgsql AS $$ BEGIN {bump.format(row)}; RETURN NULL; END $$")
+                c.exec_driver_sql(f"CREATE TRIGGER {trigger} AFTER {event} ON events "
+                                  f"FOR EACH ROW EXECUTE FUNCTION {function}()")
+        else:
+            for suffix, event, row in (("_insert", "INSERT", "NEW"), ("_delete", "DELETE", "OLD"),
+                                       ("_update", "UPDATE", "NEW")):
+                c.exec_driver_sql(f"CREATE TRIGGER events_listing{suffix} AFTER {event} ON events "
+                                  f"BEGIN {bump.format(row)}; END")
+        c.exec_driver_sql("DROP TABLE trigger_generations")
+    assert any("events_listing" in name for name in _triggers(gallery))
+    gallery.db.create_tables()
+    assert _triggers(gallery) == expected  # no events_listing* trigger or function left
+    before = versions(gallery.db)["cam1"]
     store(gallery, principal, name="c.png")
-    assert gallery.stats(principal, "cam1").total_events == 3
+    assert versions(gallery.db)["cam1"] not in (before, before + 1)  # drawn, and only drawn
 
 
 def test_triggers_of_a_later_generation_are_left_as_they_are(gallery: Gallery, principal: auth.Principal) -> None:
@@ -121,8 +196,34 @@ def test_triggers_of_a_later_generation_are_left_as_they_are(gallery: Gallery, p
     _an_older_releases_version_trigger(gallery, generation=99)  # here: what a newer release made
     later = _triggers(gallery)
     gallery.db.create_tables()
-    assert _triggers(gallery) == later and "events_changed_by_name" in later
+    assert _triggers(gallery) == later
+    assert not _unlisted_update_changes_the_version(gallery)
     assert _recorded(gallery)["listing_versions"] == 99
+
+
+def test_a_start_that_cannot_lock_events_in_time_keeps_the_triggers_it_found(
+    gallery: Gallery, principal: auth.Principal, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """PostgreSQL: a write transaction left open holds events against the start's lock; the start
+    does not queue every write behind it for long, and replaces the triggers at a later start."""
+    if gallery.db.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's schema step holds its write lock from the start")
+    store(gallery, principal)
+    _an_older_releases_version_trigger(gallery, generation=None)
+    monkeypatch.setattr(models, "REPLACE_LOCK_TIMEOUT_MS", 200)
+    with gallery.db.engine.connect() as writer:
+        open_write = writer.begin()
+        writer.exec_driver_sql("UPDATE events SET thumbnail_attempts = 0")  # holds events until its end
+        with caplog.at_level(logging.WARNING, logger="gallery_server.models"):
+            gallery.db.create_tables()
+        open_write.rollback()
+    assert [r.getMessage() for r in caplog.records if r.name == "gallery_server.models"] == [
+        "triggers of an earlier generation kept: events was not free to replace them in time;"
+        " the next start tries again"]
+    assert "listing_versions" not in _recorded(gallery) and not _unlisted_update_changes_the_version(gallery)
+    gallery.db.create_tables()
+    assert _recorded(gallery)["listing_versions"] == CURRENT["listing_versions"]
+    assert _unlisted_update_changes_the_version(gallery)
 
 
 def test_the_row_counting_trigger_of_2026_11_28_is_replaced(gallery: Gallery, principal: auth.Principal) -> None:
@@ -146,11 +247,5 @@ def test_the_row_counting_trigger_of_2026_11_28_is_replaced(gallery: Gallery, pr
         c.exec_driver_sql("DROP TABLE trigger_generations")
     gallery.db.create_tables()
     assert _triggers(gallery) == expected  # inserts and deletes counted by statement again
-    events = [store(gallery, principal, name=f"{i}.png") for i in range(2)]
-    gallery.delete_event(principal, "cam1", events[0].id)
-    with gallery.db.engine.begin() as c:
-        c.exec_driver_sql("UPDATE events SET size = size + 1")
-    with gallery.db.engine.connect() as c:
-        counted = c.exec_driver_sql("SELECT count, size FROM event_counts WHERE device = 'cam1'").all()
-        actual = c.exec_driver_sql("SELECT COUNT(*), SUM(size) FROM events WHERE device = 'cam1'").all()
-    assert [tuple(row) for row in counted] == [tuple(row) for row in actual] and actual[0][0] == 2
+    _writes(gallery, principal)
+    assert _counts_are_the_events(gallery)
