@@ -532,16 +532,16 @@ def _make_triggers(connection: sa.Connection, tables: list[_KeptTable], recorded
     can deadlock with a transaction that read `events` and then writes it."""
     postgres = connection.dialect.name == "postgresql"
     quote = connection.dialect.identifier_preparer.quote
+    triggers, functions = trigger_names(connection), trigger_functions(connection) if postgres else []
     for kept in tables:
         # SQLite drops them all (it has no CREATE OR REPLACE TRIGGER); PostgreSQL only the names
         # the statements will not replace in place, and the functions no trigger calls then.
-        for trigger in trigger_names(connection):
+        for trigger in triggers:
             if kept.owns(trigger) and trigger not in kept.made("TRIGGER", postgres):
                 connection.exec_driver_sql(f"DROP TRIGGER IF EXISTS {quote(trigger)}{' ON events' if postgres else ''}")
-        if postgres:
-            for function in trigger_functions(connection):
-                if kept.owns(function) and function not in kept.made("FUNCTION", postgres):
-                    connection.exec_driver_sql(f"DROP FUNCTION IF EXISTS {quote(function)}()")
+        for function in functions:
+            if kept.owns(function) and function not in kept.made("FUNCTION", postgres):
+                connection.exec_driver_sql(f"DROP FUNCTION IF EXISTS {quote(function)}()")
     generations = TriggerGeneration.__table__  # type: ignore[attr-defined]
     for kept in tables:
         name = kept.model.__tablename__
