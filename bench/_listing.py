@@ -254,7 +254,8 @@ def _listing(bench: Bench, count: int, seed_s: float,
                     {"server": stack.server_pid, "envoy": stack.envoy_pid}, postgres[0],
                 ))
     rows, raw = [], {}
-    for name, is_target in ((case.name, case.is_target) for case in cases):
+    for case in cases:
+        name, is_target = case.name, case.is_target
         m = {key: median([s[key] for s in measured[name]]) for key in measured[name][0]}
         met = m["p50"] < P50_MS and m["p99"] < P99_MS
         rows.append([name, f"{m['rate']:.0f}", f"{m['p50']:.2f}", f"{m['p90']:.2f}", f"{m['p99']:.2f}",
