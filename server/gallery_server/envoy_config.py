@@ -42,6 +42,12 @@ LOCAL_REPLIES = {
 # again, as the server's 503s and 429s do (rpc/status.py): Envoy checks the servers' health every
 # second (envoy.yaml), so it knows within that of one back up.
 RETRY_AFTER_NO_SERVER_SECONDS = 1
+# A unary read one replica has not answered after this long is sent to another as well, the first
+# answer winning (envoy.yaml, hedge_policy): a replica that hangs holds reads no longer than this,
+# while its health check takes it out. Far above a healthy read's time (stats and a kept page take
+# milliseconds, a deep offset page a few hundred), so that hedges come from replicas that hang, not
+# from load.
+READ_HEDGE_AFTER_SECONDS = 3
 # Envoy's circuit breaker allows this many streams (and retries) at once per gRPC server it has,
 # in all: above what a server's own limits admit (GALLERY_GRPC_WORKERS threads, 256 by default),
 # so those answer first.
@@ -111,6 +117,8 @@ def render(
         LOCAL_REPLY_MAPPERS=json.dumps(_local_reply_mappers(bool(cors_origins))),
         KEEPALIVE=f"{keepalive_seconds:.3f}s",
         MAX_REQUESTS=REQUESTS_PER_BACKEND * len(backends),
+        # 0s: no per-try timeout, so no hedge, with one replica (it would only run a slow read twice).
+        READ_HEDGE_AFTER=f"{READ_HEDGE_AFTER_SECONDS}s" if len(backends) > 1 else "0s",
         SAFETY_HEADERS=json.dumps(_headers_to_add(bool(cors_origins))),
         VIRTUAL_HOST_FILTERS=json.dumps(
             {"envoy.filters.http.cors": cors_policy(cors_origins)} if cors_origins else {}

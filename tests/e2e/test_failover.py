@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import pathlib
+import signal
 import socket
 import subprocess
 import threading
@@ -192,6 +193,154 @@ def test_a_replica_stopped_fails_no_request_and_one_killed_no_read(
     listed_ids = {e["id"] for e in listed}
     assert set(stopping.uploaded) | set(killing.uploaded) <= listed_ids
     assert hashlib.sha256(data).hexdigest() in {e["sha256"] for e in listed}
+
+
+class Reads:
+    """Unary reads of every kind through Envoy, REST and native, and a REST download, each on a
+    connection of its own (REST) or one channel (native): `at_once` runs `times` of each on
+    threads and records (what, HTTP status or gRPC code, body, seconds)."""
+
+    def __init__(self, base_url: str, token: str, event_id: str) -> None:
+        self.base_url, self.event_id = base_url, event_id
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.metadata = [("authorization", f"Bearer {token}")]
+        self.answers: list[tuple[str, int, bytes, float]] = []
+        events = f"/api/gallery/{DEVICE}/events"
+        self.kinds: dict[str, Callable[[gallery_pb2_grpc.GalleryServiceStub], tuple[int, bytes]]] = {
+            "stats": self._rest(f"/api/gallery/{DEVICE}/stats"),
+            "list": self._rest(f"{events}?limit=5"),
+            "list, tag not current": self._rest(f"{events}?limit=5", {"if-none-match": '"x"'}),  # Lua's route
+            "event": self._rest(f"{events}/{event_id}"),
+            "paths": self._rest(f"/api/gallery/{DEVICE}/paths"),
+            "download": self._rest(f"{events}/{event_id}/content"),
+            "native GetEvent": self._native(lambda stub: stub.GetEvent(
+                gallery_pb2.GetEventRequest(device=DEVICE, event_id=event_id), metadata=self.metadata, timeout=20)),
+            "native ListEvents": self._native(lambda stub: list(stub.ListEvents(
+                gallery_pb2.ListEventsRequest(device=DEVICE, limit=5), metadata=self.metadata, timeout=20))),
+        }
+
+    def _rest(self, path: str, extra: dict[str, str] | None = None) -> Callable[..., tuple[int, bytes]]:
+        def read(_: object) -> tuple[int, bytes]:
+            with httpx.Client(base_url=self.base_url, timeout=20) as client:
+                try:
+                    answer = client.get(path, headers={**self.headers, **(extra or {})})
+                except httpx.TransportError as exc:
+                    return 0, repr(exc).encode()
+            return answer.status_code, answer.content
+        return read
+
+    @staticmethod
+    def _native(call: Callable[[gallery_pb2_grpc.GalleryServiceStub], object]) -> Callable[..., tuple[int, bytes]]:
+        def read(stub: gallery_pb2_grpc.GalleryServiceStub) -> tuple[int, bytes]:
+            try:
+                answer = call(stub)
+            except grpc.RpcError as exc:
+                return exc.code().value[0], str(exc.details()).encode()
+            return 200, repr(answer).encode()
+        return read
+
+    def at_once(self, times: int, meanwhile: Callable[[], None] = lambda: None) -> None:
+        """Starts every read `times` over, runs `meanwhile`, and waits for all of them."""
+        with grpc.insecure_channel(self.base_url.removeprefix("http://")) as channel:
+            stub = gallery_pb2_grpc.GalleryServiceStub(channel)
+
+            def timed(what: str) -> None:
+                started = time.monotonic()
+                status, body = self.kinds[what](stub)
+                self.answers.append((what, status, body, time.monotonic() - started))
+
+            threads = [threading.Thread(target=timed, args=(what,)) for what in self.kinds for _ in range(times)]
+            for thread in threads:
+                thread.start()
+            meanwhile()
+            for thread in threads:
+                thread.join()
+
+    def assert_all_answered(self) -> None:
+        assert len(self.answers) > 0
+        assert [(what, status) for what, status, _, _ in self.answers if status != 200] == [], self.summary()
+        for what, _, body, _ in self.answers:
+            expected = {"download": b"kept", "stats": b'"total_events":1,', "paths": DEVICE.encode()}
+            assert expected.get(what, self.event_id.encode()) in body, (what, body)
+
+    def seconds(self, *, download: bool) -> list[float]:
+        return [seconds for what, *_, seconds in self.answers if (what == "download") == download]
+
+    def summary(self) -> list[tuple[float, str, int, bytes]]:
+        """(seconds, what, status, the body's start) of every answer, the fastest first."""
+        return sorted((round(seconds, 2), what, status, body[:80]) for what, status, body, seconds in self.answers)
+
+
+@pytest.fixture
+def reads(replicated: tuple[list[Server], str, int], mint: Callable[..., str]) -> Reads:
+    _, base_url, _ = replicated
+    token = mint(devices=[DEVICE], scope="gallery:read gallery:write")
+    with httpx.Client(base_url=base_url, timeout=30) as http:
+        r = post_form(http, DEVICE, {"Authorization": f"Bearer {token}"},
+                      [("name", "kept.bin"), ("event", ("kept.bin", b"kept"))])
+        assert r.status_code == 200, r.text
+    return Reads(base_url, token, r.json()["eventId"])
+
+
+@contextlib.contextmanager
+def stopped(*replicas: Server) -> Iterator[Callable[[], None]]:
+    """The replicas hang (SIGSTOP: a frozen VM, a process stuck on a disk), their connections open,
+    until the end of the block or a call of what it yields."""
+    processes = [replica.process for replica in replicas]
+
+    def resume() -> None:
+        for process in processes:
+            process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+
+    assert all(process is not None for process in processes)
+    try:
+        for process in processes:
+            process.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        yield resume
+    finally:
+        resume()
+
+
+def test_a_replica_that_hangs_holds_no_read_past_the_hedge(
+    replicated: tuple[list[Server], str, int], reads: Reads,
+) -> None:
+    """Envoy's health check takes a replica that hangs out after two missed checks; reads sent to
+    it before that are sent to the other replica as well once they have waited
+    READ_HEDGE_AFTER_SECONDS, and the first answer wins (envoy.yaml, hedge_policy). Before, each
+    such read waited 30 s for a 504 (REST) or 60 s for DEADLINE_EXCEEDED (native)."""
+    replicas, _, admin = replicated
+    with stopped(replicas[0]):
+        # Three of each at once: Envoy sends every other call to the replica that hangs (round
+        # robin), as its health check has not missed twice yet.
+        reads.at_once(3)
+    reads.assert_all_answered()
+    slowest = max(reads.seconds(download=False))
+    assert slowest < envoy_config.READ_HEDGE_AFTER_SECONDS + 3, reads.summary()
+    # Not a test that passes with no read sent to the replica that hung: some waited for the hedge.
+    assert slowest > envoy_config.READ_HEDGE_AFTER_SECONDS, reads.summary()
+    # A REST download's Check (the file handoff's) sent to it waits out ext_authz's 5 s (envoy.yaml),
+    # then the download goes by the transcoder to a replica the health check has taken out.
+    assert max(reads.seconds(download=True)) < 5 + 3, reads.summary()
+    wait_healthy(admin, 2)  # and it is taken back once it answers again
+
+
+def test_a_read_every_replica_is_slow_to_answer_is_answered_all_the_same(
+    replicated: tuple[list[Server], str, int], reads: Reads,
+) -> None:
+    """A hedge cancels nothing: with every replica slow (both hang for longer than two hedge
+    delays, then go on), each read gets the first answer, late, never a 504 at its hedge's time.
+    A per-try timeout without hedging would cut each attempt and fail the read."""
+    replicas, _, admin = replicated
+    pause = 2 * envoy_config.READ_HEDGE_AFTER_SECONDS + 1
+    def go_on_after_the_pause() -> None:
+        time.sleep(pause)
+        resume()
+
+    with stopped(*replicas) as resume:
+        reads.at_once(2, meanwhile=go_on_after_the_pause)
+    reads.assert_all_answered()
+    assert min(reads.seconds(download=False)) > pause - 0.5, reads.summary()
+    wait_healthy(admin, 2)
 
 
 # -- a replica that cannot do its work is taken out (rpc/readiness.py) ---------------------------

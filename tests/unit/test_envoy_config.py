@@ -216,6 +216,10 @@ def test_the_rendered_values(tmp_path: pathlib.Path) -> None:
     plain = render(keepalive_seconds=2.5)
     assert "connection_keepalive: {interval: 2.500s, timeout: 2.500s}" in plain
     assert "max_requests: 2048" in plain
+    # Unary reads are hedged where there is another replica to send them to, and only there.
+    assert plain.count(" per_try_timeout:") == 1 and " per_try_timeout: 3s" in plain
+    alone = envoy_config.render(listen="127.0.0.1:0", admin_port=0, backends=["127.0.0.1:1"])
+    assert alone.count(" per_try_timeout:") == 1 and " per_try_timeout: 0s" in alone
     assert "typed_per_filter_config: {}" in plain and '"vary"' not in plain
     listed = render(cors_origins=("https://app.example",))
     assert 'typed_per_filter_config: {"envoy.filters.http.cors": {' in listed and '"vary"' in listed
@@ -252,7 +256,9 @@ def test_a_read_behind_a_lock_is_the_servers_503_before_envoys_504() -> None:
     text = envoy_config.TEMPLATE.read_text()
     [reads] = [line for line in text.splitlines() if "idle_timeout:" in line and "route:" in line]
     idle_seconds = int(re.search(r"idle_timeout: (\d+)s", reads).group(1))  # type: ignore[union-attr]
-    assert db.LOCK_TIMEOUT_MS / 1000 < idle_seconds - 5  # a margin for the answer's way back
+    # With replicas, the read's hedge waits for the lock as long, from its start.
+    last_answer = envoy_config.READ_HEDGE_AFTER_SECONDS + db.LOCK_TIMEOUT_MS / 1000
+    assert last_answer < idle_seconds - 5  # a margin for the answer's way back
 
 
 def test_a_binding_path_becomes_the_regex_of_the_paths_it_takes() -> None:
