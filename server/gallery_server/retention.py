@@ -16,7 +16,9 @@ DELETE of its row (Gallery.delete_events), which only one of them finds. A pass 
 that have events and, for each, deletes the oldest past the cutoff in batches, each batch one
 transaction whose files are removed after its commit (rows first: a crash leaves files without
 rows, which reconciliation removes, never the reverse). The index on (device, created) makes
-finding them a range read per device, however many events are kept.
+finding them a range read per device, however many events are kept. A device whose batch was full
+may have more: the passes that follow at once look at those devices alone, so a backlog on a few
+devices of a large fleet costs a batch's reads, not a walk of the fleet per batch.
 """
 
 from __future__ import annotations
@@ -60,26 +62,34 @@ class Retention(BackgroundLoop):
         super().__init__(interval)
         self.gallery = gallery
         self.keep = datetime.timedelta(days=days)
+        self.behind: list[str] = []  # devices whose last batch was full: more may be waiting
 
     def run_pass(self) -> bool:
-        return self.expire() > 0  # more may be waiting: the next pass comes at once
+        self.expire(devices=self.behind or None)
+        return bool(self.behind)  # the next pass comes at once, for those devices alone
 
-    def expire(self, now: datetime.datetime | None = None) -> int:
-        """Delete up to a batch per device of the events created and received before `now` (the
-        clock's, if not given) less the retention; returns how many were deleted."""
+    def expire(self, now: datetime.datetime | None = None, devices: list[str] | None = None) -> int:
+        """Delete up to a batch per device (of `devices`, else of every device with events) of the
+        events created and received before `now` (the clock's, if not given) less the retention;
+        returns how many were deleted, and notes in `behind` the devices whose batch was full."""
         cutoff = (now or utcnow()).astimezone(datetime.UTC) - self.keep  # SQLite compares UTC text
         db = self.gallery.db
-        with db.read() as connection:
-            devices = list(connection.execute(_DEVICES).scalars())
-        expired = 0
+        if devices is None:
+            with db.read() as connection:
+                devices = list(connection.execute(_DEVICES).scalars())
+        self.behind = []  # until this pass ends: one that fails is followed by a whole walk
+        expired, behind = 0, []
         for device in devices:
             with db.read() as connection:
                 ids = list(connection.execute(_EXPIRED, {"device": device, "cutoff": cutoff}).scalars())
             if not ids:
                 continue
+            if len(ids) == BATCH:
+                behind.append(device)
             deleted = self.gallery.delete_events(device, ids)
             expired += len(deleted)
             log.info("events expired", extra={
                 "device": device, "events": len(deleted), "cutoff": cutoff.isoformat(),
                 "retention_days": self.keep / datetime.timedelta(days=1)})
+        self.behind = behind
         return expired

@@ -16,7 +16,7 @@ from gallery_server.models import Event
 from gallery_server.retention import Retention
 from gallery_server.service import Gallery
 
-from ..conftest import stored_files
+from ..conftest import statements_run, stored_files
 from .test_service import PDF, PNG, row_count, store
 from .test_stats_counters import _row
 
@@ -110,8 +110,28 @@ def test_a_backlog_goes_in_batches_oldest_first(gallery: Gallery) -> None:
     with gallery.db.engine.connect() as c:
         left = sorted(c.execute(sa.select(table.c.id)).scalars())
     assert left == sorted(r["id"] for r in rows[retention.BATCH:])  # the oldest went first
-    assert loop.run_pass() is True  # it goes on at once while it finds some
-    assert loop.run_pass() is False and row_count(gallery) == 0
+    assert loop.behind == ["cam1"]  # its batch was full: more may be waiting
+    assert loop.run_pass() is False and row_count(gallery) == 0  # the rest, a batch not full: done
+
+
+def test_a_backlog_on_one_device_of_many_is_not_a_walk_of_them_all_per_batch(gallery: Gallery) -> None:
+    """The passes that follow a full batch at once look at the devices behind alone: before, a
+    backlog on one camera of a fleet of thousands read every camera's events again per batch."""
+    table = Event.__table__  # type: ignore[attr-defined]
+    old = utcnow() - 100 * DAY
+    fleet = [{**_row(i, 0), "device": f"cam{i:03}", "created": utcnow(), "received_at": utcnow()} for i in range(50)]
+    backlog = [{**_row(1000 + i, 0), "device": "cam007", "created": old + i * datetime.timedelta(minutes=1),
+                "received_at": old} for i in range(2 * retention.BATCH + 1)]
+    with gallery.db.engine.begin() as c:
+        c.execute(table.insert(), fleet + backlog)
+    loop = Retention(gallery, days=30)
+    with statements_run(gallery.db) as run:
+        passes = [loop.run_pass() for _ in range(3)]
+    assert passes == [True, True, False]  # full, full, then the one left
+    assert row_count(gallery) == len(fleet)
+    reads = [sql for sql in run if sql.lstrip().upper().startswith("SELECT") and "created <" in sql.replace('"', "")]
+    assert len(reads) == 50 + 1 + 1, reads  # the fleet once, then cam007 alone
+    assert loop.run_pass() is False  # a whole walk again, which finds nothing
 
 
 def test_replicas_expiring_at_once_delete_each_event_once(gallery: Gallery, principal: auth.Principal) -> None:
