@@ -217,6 +217,12 @@ class Reads:
                 gallery_pb2.GetEventRequest(device=DEVICE, event_id=event_id), metadata=self.metadata, timeout=20)),
             "native ListEvents": self._native(lambda stub: list(stub.ListEvents(
                 gallery_pb2.ListEventsRequest(device=DEVICE, limit=5), metadata=self.metadata, timeout=20))),
+            "native GetEventContent": self._native(lambda stub: list(stub.GetEventContent(
+                gallery_pb2.GetEventContentRequest(device=DEVICE, event_id=event_id),
+                metadata=self.metadata, timeout=20))),
+            "native ReadEventContent": self._native(lambda stub: list(stub.ReadEventContent(
+                gallery_pb2.ReadEventContentRequest(device=DEVICE, event_id=event_id),
+                metadata=self.metadata, timeout=20))),
         }
 
     def _rest(self, path: str, extra: dict[str, str] | None = None) -> Callable[..., tuple[int, bytes]]:
@@ -260,7 +266,9 @@ class Reads:
         assert len(self.answers) > 0
         assert [(what, status) for what, status, _, _ in self.answers if status != 200] == [], self.summary()
         for what, _, body, _ in self.answers:
-            expected = {"download": b"kept", "stats": b'"total_events":1,', "paths": DEVICE.encode()}
+            expected = {"download": b"kept", "native GetEventContent": b'data: "kept"',
+                        "native ReadEventContent": b'data: "kept"', "stats": b'"total_events":1,',
+                        "paths": DEVICE.encode()}
             assert expected.get(what, self.event_id.encode()) in body, (what, body)
 
     def seconds(self, *, download: bool) -> list[float]:
@@ -322,6 +330,40 @@ def test_a_replica_that_hangs_holds_no_read_past_the_hedge(
     # then the download goes by the transcoder to a replica the health check has taken out.
     assert max(reads.seconds(download=True)) < 5 + 3, reads.summary()
     wait_healthy(admin, 2)  # and it is taken back once it answers again
+
+
+def test_a_download_longer_than_the_hedge_delay_is_neither_cut_nor_sent_twice(
+    replicated: tuple[list[Server], str, int], mint: Callable[..., str],
+) -> None:
+    """A read's per-try timeout only sends a hedge while no answer has begun (Envoy ignores it
+    after: the router's UpstreamRequest::onPerTryTimeout): a native download that a slow reader
+    takes for several hedge delays goes on, from one replica, to its last byte."""
+    replicas, base_url, _ = replicated
+    token = mint(devices=[DEVICE], scope="gallery:read gallery:write")
+    data = random_bytes(48 << 20)  # 48 messages, far more than Envoy's and the client's windows hold
+    with httpx.Client(base_url=base_url, timeout=30) as http:
+        r = post_form(http, DEVICE, {"Authorization": f"Bearer {token}"},
+                      [("name", "long.bin"), ("event", ("long.bin", data))])
+        assert r.status_code == 200, r.text
+    request = gallery_pb2.GetEventContentRequest(device=DEVICE, event_id=r.json()["eventId"])
+    def served() -> list[int]:  # each replica's access lines of GetEventContent
+        return [sum('"message": "rpc"' in line and 'GalleryService/GetEventContent"' in line
+                    for line in replica.log_path.read_text().splitlines()) for replica in replicas]
+
+    served_before = served()
+    received, started = bytearray(), time.monotonic()
+    with grpc.insecure_channel(base_url.removeprefix("http://")) as channel:
+        stream = gallery_pb2_grpc.GalleryServiceStub(channel).GetEventContent(
+            request, metadata=[("authorization", f"Bearer {token}")], timeout=60)
+        for message in stream:
+            received += message.data
+            if time.monotonic() - started < 2 * envoy_config.READ_HEDGE_AFTER_SECONDS + 1:
+                time.sleep(0.25)  # a slow reader: the windows fill, and the server waits to send
+    assert time.monotonic() - started > 2 * envoy_config.READ_HEDGE_AFTER_SECONDS + 1
+    assert received == data
+    time.sleep(0.5)  # the access lines of both replicas are written after their answers
+    attempts = [after - before for after, before in zip(served(), served_before, strict=True)]
+    assert sorted(attempts) == [0, 1], attempts  # one attempt, never a hedge
 
 
 def test_a_read_every_replica_is_slow_to_answer_is_answered_all_the_same(
