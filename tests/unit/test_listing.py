@@ -125,6 +125,9 @@ def test_token_is_bound_to_its_listing(gallery, principal, events):
     with pytest.raises(InvalidArgument) as caught:
         gallery.list_page(principal, "cam1", limit=2, offset=2, page_token=token)
     assert caught.value.reason == "PAGE_TOKEN_WITH_OFFSET"
+    # An offset of 0 skips nothing (the reference's own example sends `offset=0`): taken.
+    with_zero, _ = gallery.list_page(principal, "cam1", limit=2, offset=0, page_token=token)
+    assert with_zero == gallery.list_page(principal, "cam1", limit=2, page_token=token)[0]
 
 
 def test_permission_comes_before_validation_of_the_listing(gallery):
