@@ -25,10 +25,11 @@ DEVICE = "device123"  # the README's
 
 
 def python_block(containing: str) -> str:
-    """The one ```python block of README.md that holds `containing`."""
+    """The one ```python block of README.md that holds `containing`, as written (a block that goes
+    on from the one before it is indented as its continuation)."""
     blocks = re.findall(r"^```python\n(.*?)^```", README.read_text(encoding="utf-8"), re.DOTALL | re.MULTILINE)
     [block] = [block for block in blocks if containing in block]
-    return textwrap.dedent(block)
+    return block
 
 
 @pytest.fixture
@@ -67,7 +68,7 @@ def test_the_resumable_upload_goes_on_through_a_server_restart(
     server: Server, mint: Callable[..., str], tmp_path: pathlib.Path,
 ) -> None:
     namespace: dict[str, object] = {"grpc": grpc, "pb": pb}  # the imports of README's first example
-    exec(python_block("def upload_resumable("), namespace)  # noqa: S102 - README's own code
+    exec(textwrap.dedent(python_block("def upload_resumable(")), namespace)  # noqa: S102 - README's own code
     upload_resumable = namespace["upload_resumable"]
     data = random_bytes(12 << 20)
     path = tmp_path / "clip.bin"
@@ -84,4 +85,23 @@ def test_the_resumable_upload_goes_on_through_a_server_restart(
         [event] = list(gallery_pb2_grpc.GalleryServiceStub(channel).ListEvents(
             pb.ListEventsRequest(device=DEVICE), metadata=auth, timeout=10))
     assert (event.id, int(event.size), event.sha256) == (event_id, len(data), hashlib.sha256(data).hexdigest())
+    assert (server.data_dir / "media" / DEVICE / event_id).read_bytes() == data
+
+
+def test_the_first_native_example_uploads_lists_and_reads_back(
+    server: Server, mint: Callable[..., str], tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """README's native upload and its continuation (ReadEventContent), on the gRPC port its
+    comment names instead of Envoy's."""
+    code = python_block("stub.UploadEvent(parts(") + python_block("stub.ReadEventContent(request")
+    assert '"localhost:8001"' in code
+    data = random_bytes(3 << 20)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "capture.jpg").write_bytes(data)
+    exec(code.replace('"localhost:8001"', repr(server.address)), {"token": mint(devices=[DEVICE])})  # noqa: S102
+    assert (tmp_path / "copy.jpg").read_bytes() == data
+    [line] = capsys.readouterr().out.splitlines()  # the listing's print
+    event_id, name, size = line.split()
+    assert (name, size) == ("capture.jpg", f"{float(len(data))}")
     assert (server.data_dir / "media" / DEVICE / event_id).read_bytes() == data
