@@ -17,6 +17,7 @@ from gallery_server import local_stack
 from gallery_server.local_stack import Stack, stop_stack
 
 from ..conftest import JWT_SECRET
+from .test_resumable_cuts import Server
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -61,6 +62,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # shared stack makes none; test_thumbnails.py runs its own stack that does.
     with running_stack(tmp_path_factory.mktemp("stack"), {"GALLERY_MAKE_THUMBNAILS": "false"}) as stack:
         yield stack
+
+
+@pytest.fixture
+def server(tmp_path: pathlib.Path) -> Iterator[Server]:
+    """`gallery serve` alone (no Envoy) in a subprocess, on the gRPC port: killed and started again at will."""
+    running = Server(tmp_path)
+    running.start()
+    yield running
+    running.stop()
 
 
 @pytest.fixture

@@ -32,14 +32,6 @@ def python_block(containing: str) -> str:
     return block
 
 
-@pytest.fixture
-def server(tmp_path: pathlib.Path) -> Iterator[Server]:
-    running = Server(tmp_path)
-    running.start()
-    yield running
-    running.stop()
-
-
 class RestartingStub:
     """The real stub, but the first WriteUpload stream's server is killed after `after` messages
     and started again `down_seconds` later, on the same port."""

@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import grpc
-import pytest
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
@@ -88,14 +87,6 @@ class Server:
 
     def session_file(self, upload_id: str) -> pathlib.Path:
         return self.data_dir / "staging" / "sessions" / DEVICE / upload_id
-
-
-@pytest.fixture
-def server(tmp_path: pathlib.Path) -> Iterator[Server]:
-    running = Server(tmp_path)
-    running.start()
-    yield running
-    running.stop()
 
 
 class CuttingProxy:
