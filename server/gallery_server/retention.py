@@ -18,13 +18,17 @@ transaction whose files are removed after its commit (rows first: a crash leaves
 rows, which reconciliation removes, never the reverse). The index on (device, created) makes
 finding them a range read per device, however many events are kept. A device whose batch was full
 may have more: the passes that follow at once look at those devices alone, so a backlog on a few
-devices of a large fleet costs a batch's reads, not a walk of the fleet per batch.
+devices of a large fleet costs a batch's reads, not a walk of the fleet per batch (and every device
+is looked at again once an interval has passed, however long the backlog lasts). A device whose
+batch another replica deleted first is left to that replica.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import math
+import time
 
 import sqlalchemy as sa
 from sqlmodel import col
@@ -63,10 +67,17 @@ class Retention(BackgroundLoop):
         self.gallery = gallery
         self.keep = datetime.timedelta(days=days)
         self.behind: list[str] = []  # devices whose last batch was full: more may be waiting
+        self._walked_at = -math.inf  # time.monotonic() of the last pass over every device
 
     def run_pass(self) -> bool:
-        self.expire(devices=self.behind or None)
-        return bool(self.behind)  # the next pass comes at once, for those devices alone
+        # The devices behind alone, but every device again once an interval has passed since the
+        # last such pass: a backlog of millions on one device does not hold back the others'.
+        if self.behind and time.monotonic() - self._walked_at < self.interval:
+            self.expire(devices=self.behind)
+        else:
+            self._walked_at = time.monotonic()
+            self.expire()
+        return bool(self.behind)  # the next pass comes at once
 
     def expire(self, now: datetime.datetime | None = None, devices: list[str] | None = None) -> int:
         """Delete up to a batch per device (of `devices`, else of every device with events) of the
@@ -84,9 +95,9 @@ class Retention(BackgroundLoop):
                 ids = list(connection.execute(_EXPIRED, {"device": device, "cutoff": cutoff}).scalars())
             if not ids:
                 continue
-            if len(ids) == BATCH:
-                behind.append(device)
             deleted = self.gallery.delete_events(device, ids)
+            if len(ids) == BATCH and deleted:  # none deleted: another replica has these in hand
+                behind.append(device)
             expired += len(deleted)
             log.info("events expired", extra={
                 "device": device, "events": len(deleted), "cutoff": cutoff.isoformat(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+import types
 
 import sqlalchemy as sa
 
@@ -132,6 +133,41 @@ def test_a_backlog_on_one_device_of_many_is_not_a_walk_of_them_all_per_batch(gal
     reads = [sql for sql in run if sql.lstrip().upper().startswith("SELECT") and "created <" in sql.replace('"', "")]
     assert len(reads) == 50 + 1 + 1, reads  # the fleet once, then cam007 alone
     assert loop.run_pass() is False  # a whole walk again, which finds nothing
+
+
+def test_the_other_devices_are_looked_at_again_once_an_interval_has_passed(
+    gallery: Gallery, principal: auth.Principal,
+) -> None:
+    """However long a backlog keeps the passes on the devices behind, every device is walked again
+    an interval after the last walk: events of other devices expire meanwhile too."""
+    table = Event.__table__  # type: ignore[attr-defined]
+    old = utcnow() - 100 * DAY
+    backlog = [{**_row(i, 0), "device": "cam1", "created": old, "received_at": old} for i in range(2 * retention.BATCH + 50)]
+    with gallery.db.engine.begin() as c:
+        c.execute(table.insert(), backlog)
+    loop = Retention(gallery, days=30)
+    assert loop.run_pass() is True and loop.behind == ["cam1"]
+    late = store(gallery, principal, "cam2", data=PNG, name="late.png")
+    backdate(gallery, late.id, 40 * DAY)
+    assert loop.run_pass() is True and row_count(gallery) == 50 + 1  # cam1's alone
+    loop._walked_at -= loop.interval  # an interval later
+    assert loop.run_pass() is False and row_count(gallery) == 0  # every device: cam2's too
+
+
+def test_a_device_whose_batch_another_replica_deleted_is_left_to_it(gallery: Gallery) -> None:
+    """Its rows were gone when this replica's DELETE came (it deleted none): following the device
+    too would make the two replicas take turns at every batch, one of them deleting nothing."""
+    table = Event.__table__  # type: ignore[attr-defined]
+    old = utcnow() - 100 * DAY
+    with gallery.db.engine.begin() as c:
+        c.execute(table.insert(), [{**_row(i, 0), "device": "cam1", "created": old, "received_at": old}
+                                   for i in range(2 * retention.BATCH)])
+    late = Retention(gallery, days=30)
+    late.gallery = types.SimpleNamespace(db=gallery.db, delete_events=lambda device, ids: [])  # type: ignore[assignment]
+    assert late.expire() == 0 and late.behind == []
+    assert late.run_pass() is False
+    first = Retention(gallery, days=30)
+    assert first.expire() == retention.BATCH and first.behind == ["cam1"]
 
 
 def test_replicas_expiring_at_once_delete_each_event_once(gallery: Gallery, principal: auth.Principal) -> None:
