@@ -50,9 +50,10 @@ _POSTGRES_NOT_NOW = frozenset({
 # How long a PostgreSQL statement waits for a lock before it gives up (55P03, DATABASE_UNAVAILABLE,
 # 503: try again), as SQLite gives up past its busy timeout: a session holding a table lock (a
 # migration, an operator's LOCK TABLE) held every request behind it for as long, silently, and the
-# server answered them OK long after Envoy had told their clients 504. Under the 30 s Envoy waits
-# for a REST read's answer (envoy.yaml, idle_timeout), so that the client gets the 503 that says
-# why, not Envoy's 504 (tests/unit/test_envoy_config.py holds the two apart).
+# server answered them OK long after Envoy had told their clients 504. A read and Envoy's one
+# retry of it (a 503 is UNAVAILABLE) wait under the 50 s Envoy waits for a REST read's answer
+# (envoy.yaml, idle_timeout), so that the client gets the 503 that says why, not Envoy's 504
+# (tests/unit/test_envoy_config.py holds the two apart).
 LOCK_TIMEOUT_MS = 20_000
 
 

@@ -42,11 +42,12 @@ LOCAL_REPLIES = {
 # again, as the server's 503s and 429s do (rpc/status.py): Envoy checks the servers' health every
 # second (envoy.yaml), so it knows within that of one back up.
 RETRY_AFTER_NO_SERVER_SECONDS = 1
-# A unary read one replica has not answered after this long is sent to another as well, the first
+# A read one replica has not begun to answer after this long is sent to another as well, the first
 # answer winning (envoy.yaml, hedge_policy): a replica that hangs holds reads no longer than this,
 # while its health check takes it out. Far above a healthy read's time (stats and a kept page take
-# milliseconds, a deep offset page a few hundred), so that hedges come from replicas that hang, not
-# from load.
+# milliseconds, a deep offset page a few hundred), so that a busy replica sends none. A database
+# slow for every replica (a table locked, its disk saturated) does: each read that slow runs once
+# more, at most (one retry per read), on another replica.
 READ_HEDGE_AFTER_SECONDS = 3
 # Envoy's circuit breaker allows this many streams (and retries) at once per gRPC server it has,
 # in all: above what a server's own limits admit (GALLERY_GRPC_WORKERS threads, 256 by default),

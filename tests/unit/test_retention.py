@@ -142,7 +142,8 @@ def test_the_other_devices_are_looked_at_again_once_an_interval_has_passed(
     an interval after the last walk: events of other devices expire meanwhile too."""
     table = Event.__table__  # type: ignore[attr-defined]
     old = utcnow() - 100 * DAY
-    backlog = [{**_row(i, 0), "device": "cam1", "created": old, "received_at": old} for i in range(2 * retention.BATCH + 50)]
+    backlog = [{**_row(i, 0), "device": "cam1", "created": old, "received_at": old}
+               for i in range(2 * retention.BATCH + 50)]
     with gallery.db.engine.begin() as c:
         c.execute(table.insert(), backlog)
     loop = Retention(gallery, days=30)
