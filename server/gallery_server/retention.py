@@ -82,7 +82,8 @@ class Retention(BackgroundLoop):
     def expire(self, now: datetime.datetime | None = None, devices: list[str] | None = None) -> int:
         """Delete up to a batch per device (of `devices`, else of every device with events) of the
         events created and received before `now` (the clock's, if not given) less the retention;
-        returns how many were deleted, and notes in `behind` the devices whose batch was full."""
+        returns how many were deleted, and notes in `behind` the devices whose batch was full and
+        deleted here."""
         cutoff = (now or utcnow()).astimezone(datetime.UTC) - self.keep  # SQLite compares UTC text
         db = self.gallery.db
         if devices is None:
@@ -96,7 +97,9 @@ class Retention(BackgroundLoop):
             if not ids:
                 continue
             deleted = self.gallery.delete_events(device, ids)
-            if len(ids) == BATCH and deleted:  # none deleted: another replica has these in hand
+            if not deleted:  # another replica deleted these first, and has the device in hand
+                continue
+            if len(ids) == BATCH:
                 behind.append(device)
             expired += len(deleted)
             log.info("events expired", extra={

@@ -204,7 +204,7 @@ def test_a_replica_stopped_fails_no_request_and_one_killed_no_read(
 
 
 class Reads:
-    """Unary reads of every kind through Envoy, REST and native, and a REST download, each on a
+    """Reads of every kind through Envoy, REST and native, downloads included, each on a
     connection of its own (REST) or one channel (native): `at_once` runs `times` of each on
     threads and records (what, HTTP status or gRPC code, body, seconds)."""
 
