@@ -216,7 +216,7 @@ def test_the_rendered_values(tmp_path: pathlib.Path) -> None:
     plain = render(keepalive_seconds=2.5)
     assert "connection_keepalive: {interval: 2.500s, timeout: 2.500s}" in plain
     assert "max_requests: 2048" in plain
-    # Unary reads are hedged where there is another replica to send them to, and only there.
+    # Reads are hedged where there is another replica to send them to, and only there.
     assert plain.count(" per_try_timeout:") == 1 and " per_try_timeout: 3s" in plain
     alone = envoy_config.render(listen="127.0.0.1:0", admin_port=0, backends=["127.0.0.1:1"])
     assert alone.count(" per_try_timeout:") == 1 and " per_try_timeout: 0s" in alone
