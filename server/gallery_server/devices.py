@@ -134,6 +134,7 @@ class Delivery:
 # Capture times closer than this are one time: they come from a device's clock through protobuf
 # and the database, each free to round it.
 SAME_CREATED = datetime.timedelta(seconds=1)
+_DAY = datetime.timedelta(days=1)
 
 
 def _same_capture(known: Event | DeletedCapture, a: Announcement) -> bool:
@@ -232,7 +233,9 @@ class Devices:
             if existing is None:
                 deleted = self._deleted_capture(device, a.device_key)
                 if deleted is not None and _same_capture(deleted, a):
-                    return _deleted_event(deleted, a)
+                    if self._still_held(deleted):
+                        return _deleted_event(deleted, a)
+                    continue  # forgotten or replaced meanwhile: read the key again
             event = self._add(device, a, replacing=existing)
             if event is not None:
                 return event
@@ -316,6 +319,29 @@ class Devices:
     def _deleted_capture(self, device: str, device_key: str) -> DeletedCapture | None:
         with self.db.session() as session:
             return session.get(DeletedCapture, (device, device_key))
+
+    def _still_held(self, deleted: DeletedCapture) -> bool:
+        """The device announced a capture that was deleted: it still holds the file, so the
+        deletion is remembered GALLERY_DELETED_CAPTURE_DAYS from now (the reconciler forgets
+        it after). Written once the last announcement is older than a tenth of that (at most a
+        day): a device announcing its folder at every reconnect does not write a row per
+        deleted capture each time. False when the reconciler forgot it, or a new capture
+        replaced it, since it was read."""
+        days = self.settings.deleted_capture_days
+        now = utcnow()
+        last = deleted.announced_at or deleted.deleted_at
+        if not days or now - aware(last) < min(_DAY, datetime.timedelta(days=days) / 10):
+            return True
+        with self.db.session() as session:
+            updated = session.exec(  # type: ignore[call-overload]
+                sa.update(DeletedCapture)
+                .where(col(DeletedCapture.device) == deleted.device,
+                       col(DeletedCapture.device_key) == deleted.device_key,
+                       col(DeletedCapture.event_id) == deleted.event_id)
+                .values(announced_at=now)
+            ).rowcount
+            self.db.commit(session)
+        return bool(updated)
 
     # -- pulls --------------------------------------------------------------------------------
 

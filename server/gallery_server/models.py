@@ -134,10 +134,13 @@ class DeviceCommand(SQLModel, table=True):
 
 
 class DeletedCapture(SQLModel, table=True):
-    """An announced event a user deleted. The device still holds the file and announces its whole
-    folder again after every reconnect: the same capture (same key, size and sha256) is answered
-    `deleted` instead of coming back as a new event (Devices.announce). A new capture under the
-    key replaces the row. One row per key a device ever had deleted."""
+    """An announced event a user (or the retention) deleted. The device still holds the file and
+    announces its whole folder again after every reconnect: the same capture (same key, size and
+    sha256) is answered `deleted` instead of coming back as a new event (Devices.announce). A new
+    capture under the key replaces the row. One row per key, until its device has not announced
+    it for GALLERY_DELETED_CAPTURE_DAYS: the device no longer holds the file, and the reconciler
+    forgets it (without that, a fleet whose files have unique names kept a row per capture it
+    ever deleted)."""
 
     __tablename__ = "deleted_captures"
 
@@ -148,6 +151,10 @@ class DeletedCapture(SQLModel, table=True):
     sha256: str = Field(max_length=64)
     created: datetime.datetime  # the capture time the device announced
     deleted_at: datetime.datetime
+    # When its device last announced it (the deletion's time until it does), written again once
+    # it is older than a tenth of the days it is remembered (Devices._still_held). NULL in rows
+    # from before 2026-12-01, which go by deleted_at.
+    announced_at: datetime.datetime | None = Field(default=None, index=True)
 
 
 class DeviceConnection(SQLModel, table=True):

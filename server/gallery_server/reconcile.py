@@ -57,7 +57,7 @@ from .auth import ADMIN, Principal
 from .background import BackgroundLoop
 from .clock import rfc3339, utcnow
 from .errors import DatabaseUnavailable
-from .models import GRANT_UNUSED, DeviceCommand, Event, UploadGrant, UploadSessionRow
+from .models import GRANT_UNUSED, DeletedCapture, DeviceCommand, Event, UploadGrant, UploadSessionRow
 from .service import Gallery
 from .storage import THUMBNAIL_SUFFIX, DiskSpace, fsync_dir, make_folders
 
@@ -84,6 +84,8 @@ class Findings:
     orphan_thumbnails_removed: int = 0
     expired_grants_removed: int = 0
     closed_commands_removed: int = 0
+    # Deletions of captures their devices stopped announcing long ago (devices.py): forgotten.
+    deleted_captures_forgotten: int = 0
     bytes_reclaimed: int = 0
     rows_checked: int = 0
     # Rows whose media file is missing, or has another size than the row says: never deleted.
@@ -185,6 +187,7 @@ class Reconciler:
         self._media(findings, media)
         self._grants(findings)
         self._commands(findings)
+        self._deleted_captures(findings)
         self._rows(findings)
         findings.finished = rfc3339(utcnow())
         status_files.write(self.status_path, findings)
@@ -303,6 +306,31 @@ class Reconciler:
             if len(seqs) < ROW_BATCH:
                 return
             after = seqs[-1]
+
+    def _deleted_captures(self, findings: Findings) -> None:
+        """Deleted captures whose devices have not announced them for GALLERY_DELETED_CAPTURE_DAYS:
+        the device no longer holds the file, and the row would stay for ever (one per capture a
+        device with unique file names ever had deleted). A device that announces one later gets
+        a new event for it. In batches, each one statement: the first pass after an upgrade may
+        find years of them, and SQLite's write lock is held for a statement's whole work."""
+        days = self.gallery.settings.deleted_capture_days
+        if not days:
+            return
+        cutoff = utcnow() - datetime.timedelta(days=days)
+        # Rows from before announced_at was kept go by their deletion.
+        stale = sa.or_(col(DeletedCapture.announced_at) < cutoff,
+                       sa.and_(col(DeletedCapture.announced_at).is_(None), col(DeletedCapture.deleted_at) < cutoff))
+        key = sa.tuple_(col(DeletedCapture.device), col(DeletedCapture.device_key))
+        batch = sa.select(col(DeletedCapture.device), col(DeletedCapture.device_key)).where(stale).limit(ROW_BATCH)
+        while True:
+            with self.db.session() as session:
+                # `stale` again outside the batch's select: on PostgreSQL a row an announcement
+                # refreshed while this waited for its lock is looked at again as it now is.
+                removed = session.exec(sa.delete(DeletedCapture).where(key.in_(batch), stale)).rowcount  # type: ignore[call-overload]
+                session.commit()
+            findings.deleted_captures_forgotten += removed
+            if removed < ROW_BATCH:
+                return
 
     def _rows(self, findings: Findings) -> None:
         """Every stored row must have its media file with the recorded size: report any that

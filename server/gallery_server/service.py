@@ -695,9 +695,10 @@ def delete_event_rows(session: Session, device: str, event_ids: list[str], *, se
                 sa.delete(DeletedCapture).where(col(DeletedCapture.device) == device,
                                                 col(DeletedCapture.device_key) == device_key)
             )
+            now = utcnow()
             session.add(DeletedCapture(device=device, device_key=device_key, event_id=event_id,
                                        size=size, sha256=sha256, created=created,
-                                       deleted_at=utcnow()))
+                                       deleted_at=now, announced_at=now))
     return deleted_ids
 
 

@@ -96,6 +96,9 @@ class Settings:
     max_device_bytes: int = 0
     # Events created longer ago than this are deleted (retention.py); 0: kept for ever.
     retention_days: float = 0.0
+    # A deleted capture is remembered while its device announces it, and this long after
+    # (devices.py, reconcile.py); 0: for ever.
+    deleted_capture_days: float = 90.0
     reconcile_interval_seconds: float = 600.0
     reconcile_grace_seconds: float = 3600.0
     # A connection whose peer went away without a word (a device out of coverage, a NAT that
@@ -498,6 +501,7 @@ _NUMBERS: dict[str, _Range] = {
     "max_device_bytes": _Range("GALLERY_MAX_DEVICE_BYTES", int, 0, INT64_MAX, unit="bytes"),
     # Up to a century: beyond, a cutoff before year 1 is no date at all.
     "retention_days": _Range("GALLERY_RETENTION_DAYS", float, 0, 36500, unit="days"),
+    "deleted_capture_days": _Range("GALLERY_DELETED_CAPTURE_DAYS", float, 0, 36500, unit="days"),
     # A pass walks every file and row: more often than each second is a spin.
     "reconcile_interval_seconds": _Range("GALLERY_RECONCILE_INTERVAL_SECONDS", float, 1, A_YEAR),
     "reconcile_grace_seconds": _Range(
@@ -520,8 +524,8 @@ def _numbers(env: os._Environ[str] | dict[str, str]) -> dict[str, int | float]:
 
 
 def _check_together(values: dict[str, int | float]) -> None:
-    """The grace period at least min_reconcile_grace(), a retention of a day or more, and the
-    uploads in total fewer than the gRPC workers."""
+    """The grace period at least min_reconcile_grace(), a retention and a memory of deleted
+    captures of a day or more, and the uploads in total fewer than the gRPC workers."""
     defaults = Settings.__dataclass_fields__
     get = lambda field: values.get(field, defaults[field].default)  # noqa: E731
     floor = min_reconcile_grace(get("upload_idle_seconds"))
@@ -534,6 +538,11 @@ def _check_together(values: dict[str, int | float]) -> None:
         raise ConfigError(
             f"GALLERY_RETENTION_DAYS={get('retention_days'):g}: must be 0 (keep for ever) or at least 1:"
             " a fraction of a day deletes what was uploaded hours ago, most likely not what was meant"
+        )
+    if 0 < get("deleted_capture_days") < 1:
+        raise ConfigError(
+            f"GALLERY_DELETED_CAPTURE_DAYS={get('deleted_capture_days'):g}: must be 0 (for ever) or at least"
+            " 1: a device announcing its folder once a day would get back what was deleted"
         )
     if get("max_uploads_total") >= get("grpc_workers"):
         raise ConfigError(

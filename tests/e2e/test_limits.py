@@ -521,7 +521,7 @@ def test_admin_status_shape_and_scope(limited: Stack, mint: Callable[..., str]) 
     run = body["last_reconcile"]
     assert set(run) == {
         "started", "finished", "replica", "staging_removed", "orphan_media_removed",
-        "orphan_thumbnails_removed", "expired_grants_removed", "closed_commands_removed",
+        "orphan_thumbnails_removed", "expired_grants_removed", "closed_commands_removed", "deleted_captures_forgotten",
         "bytes_reclaimed", "rows_checked", "missing_media", "size_mismatch", "examples",
     }
     assert isinstance(run["started"], str) and run["started"].endswith("Z")

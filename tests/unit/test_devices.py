@@ -14,6 +14,7 @@ from sqlmodel import select
 
 from gallery_server import auth
 from gallery_server import devices as devices_module
+from gallery_server.clock import aware, utcnow
 from gallery_server.devices import Announcement, Devices
 from gallery_server.errors import (
     CommitOutcomeUnknown,
@@ -581,6 +582,74 @@ def test_a_deleted_capture_is_not_announced_again(devices, gallery, device_princ
     # Deleted in turn, the old capture's answer does not come back for the new one.
     gallery.delete_event(principal, DEVICE, fresh.id)
     assert announce(devices, device_principal, key="a.jpg", size=len(content), sha256=sha(content)).state == "on_device"
+
+
+def marked_announced(gallery, key, when=None):
+    """The deleted capture's last announcement: read, or with `when`, set (as if then)."""
+    with gallery.db.session() as session:
+        marker = session.get(DeletedCapture, (DEVICE, key))
+        if when is not None:
+            marker.announced_at = when
+            session.add(marker)
+            session.commit()
+        return marker.announced_at and aware(marker.announced_at)
+
+
+@pytest.mark.parametrize("days", [90, 5])
+def test_announcing_a_deleted_capture_again_keeps_it_remembered(devices, gallery, device_principal, principal, days):
+    """The reconciler forgets a deletion its device has not announced for
+    GALLERY_DELETED_CAPTURE_DAYS: each announcement pushes that back, written once the last one is
+    older than a tenth of the days (at most one day), not at every reconnect."""
+    devices = Devices(Gallery(dataclasses.replace(gallery.settings, deleted_capture_days=days), gallery.db,
+                              gallery.storage))
+    content = b"a capture"
+    capture = dict(key="a.jpg", size=len(content), sha256=sha(content))
+    event = announce(devices, device_principal, **capture)
+    before = utcnow()
+    gallery.delete_event(principal, DEVICE, event.id)
+    assert before <= marked_announced(gallery, "a.jpg") <= utcnow()  # the deletion's time, to begin with
+    step = min(datetime.timedelta(days=1), datetime.timedelta(days=days) / 10)
+    recent = marked_announced(gallery, "a.jpg", utcnow() - step + datetime.timedelta(minutes=5))
+    assert announce(devices, device_principal, **capture).state == "deleted"
+    assert marked_announced(gallery, "a.jpg") == recent  # not written
+    marked_announced(gallery, "a.jpg", utcnow() - step - datetime.timedelta(minutes=5))
+    before = utcnow()
+    assert announce(devices, device_principal, **capture).state == "deleted"
+    assert before <= marked_announced(gallery, "a.jpg") <= utcnow()
+
+
+def test_a_deletion_remembered_for_ever_is_never_written_again(devices, gallery, device_principal, principal):
+    devices = Devices(Gallery(dataclasses.replace(gallery.settings, deleted_capture_days=0), gallery.db,
+                              gallery.storage))
+    event = announce(devices, device_principal, key="a.jpg")
+    gallery.delete_event(principal, DEVICE, event.id)
+    long_ago = marked_announced(gallery, "a.jpg", utcnow() - datetime.timedelta(days=3650))
+    assert announce(devices, device_principal, key="a.jpg").state == "deleted"
+    assert marked_announced(gallery, "a.jpg") == long_ago
+
+
+def test_a_deletion_forgotten_while_its_capture_is_announced_makes_a_new_event(
+    devices, gallery, device_principal, principal, monkeypatch,
+):
+    """The reconciler forgets the deletion between the announcement's read of it and its write:
+    the announcement does not answer `deleted` for what is no longer remembered (the next one
+    would bring the capture back anyway); it reads the key again and the capture is new."""
+    event = announce(devices, device_principal, key="a.jpg")
+    gallery.delete_event(principal, DEVICE, event.id)
+    marked_announced(gallery, "a.jpg", utcnow() - datetime.timedelta(days=100))
+    read = devices._deleted_capture
+
+    def read_then_forget(device, key):
+        marker = read(device, key)
+        with gallery.db.session() as session:
+            session.exec(sa.delete(DeletedCapture))
+            session.commit()
+        return marker
+
+    monkeypatch.setattr(devices, "_deleted_capture", read_then_forget)
+    again = announce(devices, device_principal, key="a.jpg")
+    assert again.state == "on_device" and again.id != event.id
+    assert [e.id for e in gallery.list_events(principal, DEVICE)] == [again.id]
 
 
 def test_deleting_an_uploaded_event_remembers_no_capture(devices, gallery, principal):

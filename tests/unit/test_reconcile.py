@@ -32,8 +32,9 @@ from sqlmodel import col, select
 from gallery_server import auth, cli, file_locks, reconcile
 from gallery_server import storage as storage_module
 from gallery_server.clock import utcnow
+from gallery_server.devices import Announcement, Devices
 from gallery_server.errors import Exhausted, FailedPrecondition, PermissionDenied
-from gallery_server.models import DeviceCommand, Event, UploadGrant, UploadSessionRow
+from gallery_server.models import DeletedCapture, DeviceCommand, Event, UploadGrant, UploadSessionRow
 from gallery_server.receiving import ReceivePermits
 from gallery_server.reconcile import MAX_EXAMPLES, ROW_BATCH, Reconciler
 from gallery_server.resumable import ResumableUploads
@@ -240,6 +241,79 @@ def test_closed_pull_commands_go_but_each_events_latest_and_open_ones_stay(galle
     assert Reconciler(gallery).run_once().closed_commands_removed == backlog
     with gallery.db.session() as session:
         assert session.exec(select(DeviceCommand.seq).order_by(col(DeviceCommand.seq))).all() == [3, 6, 8]
+
+
+def deleted_capture(key: str, announced: datetime.datetime | None, deleted: datetime.datetime) -> DeletedCapture:
+    return DeletedCapture(device="cam1", device_key=key, event_id=f"evt_{key}", size=1, sha256="",
+                          created=deleted, deleted_at=deleted, announced_at=announced)
+
+
+def remembered(gallery: Gallery) -> list[str]:
+    with gallery.db.session() as session:
+        return sorted(session.exec(select(DeletedCapture.device_key)).all())
+
+
+def test_deleted_captures_their_devices_stopped_announcing_are_forgotten(gallery, principal):
+    """A deletion is remembered while its device announces the capture (devices.py), and
+    GALLERY_DELETED_CAPTURE_DAYS after the last time; then the reconciler forgets it, and the
+    capture announced again is a new event."""
+    now, day = utcnow(), datetime.timedelta(days=1)
+    with gallery.db.session() as session:
+        session.add_all([
+            deleted_capture("stale", now - 91 * day, now - 91 * day),
+            deleted_capture("kept", now - 89 * day, now - 89 * day),
+            deleted_capture("announced-lately", now - day, now - 400 * day),
+            # From before announced_at was kept: by the deletion's time.
+            deleted_capture("legacy-stale", None, now - 91 * day),
+            deleted_capture("legacy-kept", None, now - 89 * day),
+        ])
+        session.commit()
+    forgetting_nothing = Gallery(dataclasses.replace(gallery.settings, deleted_capture_days=0), gallery.db,
+                                 gallery.storage)
+    assert Reconciler(forgetting_nothing).run_once().deleted_captures_forgotten == 0
+    assert len(remembered(gallery)) == 5
+    assert gallery.settings.deleted_capture_days == 90  # the default
+    findings = Reconciler(gallery).run_once()
+    assert findings.deleted_captures_forgotten == 2
+    assert remembered(gallery) == ["announced-lately", "kept", "legacy-kept"]
+    assert Reconciler(gallery).run_once().deleted_captures_forgotten == 0
+
+    devices = Devices(gallery)
+    device = auth.Principal("cam1", frozenset({"cam1"}), frozenset({auth.DEVICE}))
+    [forgotten, still] = devices.announce(device, "cam1", [
+        Announcement(device_key="stale", name="stale.jpg", size=1, created=now - 91 * day),
+        Announcement(device_key="kept", name="kept.jpg", size=1, created=now - 89 * day),
+    ])
+    assert forgotten.state == "on_device" and forgotten.id != "evt_stale"
+    assert (still.id, still.state) == ("evt_kept", "deleted")
+
+    # A backlog goes in batches, all of it.
+    with gallery.db.session() as session:
+        session.add_all([deleted_capture(f"old-{i}", now - 100 * day, now - 100 * day)
+                         for i in range(2 * ROW_BATCH + 1)])
+        session.commit()
+    assert Reconciler(gallery).run_once().deleted_captures_forgotten == 2 * ROW_BATCH + 1
+    assert remembered(gallery) == ["announced-lately", "kept", "legacy-kept"]
+
+
+def test_a_database_from_before_announcements_were_kept_gets_the_column(gallery):
+    """create_tables adds deleted_captures.announced_at to a database of an earlier version; its
+    rows hold NULL and are forgotten by their deletion's time."""
+    with gallery.db.engine.begin() as c:
+        c.exec_driver_sql("DROP INDEX ix_deleted_captures_announced_at")
+        c.exec_driver_sql("ALTER TABLE deleted_captures DROP COLUMN announced_at")
+        for key, age in (("old", 91), ("new", 1)):
+            c.execute(sa.text(
+                "INSERT INTO deleted_captures (device, device_key, event_id, size, sha256, created, deleted_at)"
+                " VALUES ('cam1', :key, :id, 1, '', :at, :at)"),
+                {"key": key, "id": f"evt_{key}", "at": utcnow() - datetime.timedelta(days=age)})
+    gallery.db.create_tables()
+    with gallery.db.engine.connect() as c:
+        assert sa.inspect(c).get_indexes("deleted_captures")[0]["column_names"] == ["announced_at"]
+    with gallery.db.session() as session:
+        assert session.exec(select(DeletedCapture.announced_at)).all() == [None, None]
+    assert Reconciler(gallery).run_once().deleted_captures_forgotten == 1
+    assert remembered(gallery) == ["new"]
 
 
 def test_rows_without_their_file_are_reported_never_deleted(gallery, principal):

@@ -188,6 +188,7 @@ RANGES = [
     ("GALLERY_MIN_FREE_BYTES", int, 0, INT64_MAX, False),
     ("GALLERY_MAX_DEVICE_BYTES", int, 0, INT64_MAX, False),
     ("GALLERY_RETENTION_DAYS", float, 0, 36500, False),
+    ("GALLERY_DELETED_CAPTURE_DAYS", float, 0, 36500, False),
     ("GALLERY_RECONCILE_INTERVAL_SECONDS", float, 1, A_YEAR, False),
     ("GALLERY_RECONCILE_GRACE_SECONDS", float, 300, A_YEAR, False),
     ("GALLERY_KEEPALIVE_SECONDS", float, 1, 86400, False),
@@ -236,6 +237,14 @@ def test_a_retention_is_none_or_a_day_at_least(tmp_path):
     assert Settings.from_env(env(tmp_path, GALLERY_RETENTION_DAYS="30.5")).retention_days == 30.5
     with pytest.raises(ConfigError, match=r"^GALLERY_RETENTION_DAYS=0.5: must be 0 \(keep for ever\) or at least 1"):
         Settings.from_env(env(tmp_path, GALLERY_RETENTION_DAYS="0.5"))
+
+
+def test_deleted_captures_are_remembered_for_ever_or_a_day_at_least(tmp_path):
+    assert Settings.from_env(env(tmp_path)).deleted_capture_days == 90
+    assert Settings.from_env(env(tmp_path, GALLERY_DELETED_CAPTURE_DAYS="0")).deleted_capture_days == 0
+    assert Settings.from_env(env(tmp_path, GALLERY_DELETED_CAPTURE_DAYS="1")).deleted_capture_days == 1
+    with pytest.raises(ConfigError, match=r"^GALLERY_DELETED_CAPTURE_DAYS=0.9: must be 0 \(for ever\) or at least 1"):
+        Settings.from_env(env(tmp_path, GALLERY_DELETED_CAPTURE_DAYS="0.9"))
 
 
 def test_the_defaults_are_the_readmes():

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16gallery/v1/admin.proto\x12\ngallery.v1\x1a\x1cgoogle/api/annotations.proto\"\xfc\x03\n\x0cReconcileRun\x12\x0f\n\x07started\x18\x01 \x01(\t\x12\x10\n\x08\x66inished\x18\x02 \x01(\t\x12\x0f\n\x07replica\x18\x03 \x01(\t\x12(\n\x0fstaging_removed\x18\x04 \x01(\x01R\x0fstaging_removed\x12\x32\n\x14orphan_media_removed\x18\x05 \x01(\x01R\x14orphan_media_removed\x12<\n\x19orphan_thumbnails_removed\x18\x06 \x01(\x01R\x19orphan_thumbnails_removed\x12\x36\n\x16\x65xpired_grants_removed\x18\x07 \x01(\x01R\x16\x65xpired_grants_removed\x12(\n\x0f\x62ytes_reclaimed\x18\x08 \x01(\x01R\x0f\x62ytes_reclaimed\x12\"\n\x0crows_checked\x18\t \x01(\x01R\x0crows_checked\x12$\n\rmissing_media\x18\n \x01(\x01R\rmissing_media\x12$\n\rsize_mismatch\x18\x0b \x01(\x01R\rsize_mismatch\x12\x10\n\x08\x65xamples\x18\x0c \x03(\t\x12\x38\n\x17\x63losed_commands_removed\x18\r \x01(\x01R\x17\x63losed_commands_removed\"\xc5\x01\n\tVerifyRun\x12\x0f\n\x07started\x18\x01 \x01(\t\x12\x10\n\x08\x66inished\x18\x02 \x01(\t\x12\x0e\n\x06\x65vents\x18\x03 \x01(\x01\x12\x0f\n\x07\x63hecked\x18\x04 \x01(\x01\x12\x0f\n\x07skipped\x18\x05 \x01(\x01\x12\x1e\n\nbytes_read\x18\x06 \x01(\x01R\nbytes_read\x12\x0f\n\x07\x64\x61maged\x18\x07 \x01(\x01\x12\x0f\n\x07missing\x18\x08 \x01(\x01\x12\x0f\n\x07seconds\x18\t \x01(\x01\x12\x10\n\x08\x65xamples\x18\n \x03(\t\"\xa4\x01\n\nDiskStatus\x12 \n\x0btotal_bytes\x18\x01 \x01(\x01R\x0btotal_bytes\x12\x1e\n\nfree_bytes\x18\x02 \x01(\x01R\nfree_bytes\x12&\n\x0emin_free_bytes\x18\x03 \x01(\x01R\x0emin_free_bytes\x12,\n\x11\x61\x63\x63\x65pting_uploads\x18\x04 \x01(\x08R\x11\x61\x63\x63\x65pting_uploads\"\xd1\x02\n\x0b\x41\x64minCounts\x12$\n\revents_stored\x18\x01 \x01(\x01R\revents_stored\x12*\n\x10\x65vents_on_device\x18\x02 \x01(\x01R\x10\x65vents_on_device\x12\"\n\x0cstored_bytes\x18\x03 \x01(\x01R\x0cstored_bytes\x12(\n\x0fupload_sessions\x18\x04 \x01(\x01R\x0fupload_sessions\x12$\n\rupload_grants\x18\x05 \x01(\x01R\rupload_grants\x12,\n\x11uploads_in_flight\x18\x06 \x01(\x01R\x11uploads_in_flight\x12.\n\x12thumbnails_pending\x18\x07 \x01(\x01R\x12thumbnails_pending\x12\x1e\n\npulls_open\x18\x08 \x01(\x01R\npulls_open\"\x17\n\x15GetAdminStatusRequest\"\xf2\x02\n\x16GetAdminStatusResponse\x12@\n\x0elast_reconcile\x18\x01 \x01(\x0b\x32\x18.gallery.v1.ReconcileRunR\x0elast_reconcile\x12$\n\x04\x64isk\x18\x02 \x01(\x0b\x32\x16.gallery.v1.DiskStatus\x12\'\n\x06\x63ounts\x18\x03 \x01(\x0b\x32\x17.gallery.v1.AdminCounts\x12\x41\n\x0e\x64\x65vice_storage\x18\x04 \x01(\x0b\x32\x19.gallery.v1.DeviceStorageR\x0e\x64\x65vice_storage\x12 \n\x0b\x64\x61tabase_up\x18\x05 \x01(\x08R\x0b\x64\x61tabase_up\x12\x37\n\x0blast_verify\x18\x06 \x01(\x0b\x32\x15.gallery.v1.VerifyRunR\x0blast_verify\x12)\n\x08incoming\x18\x07 \x01(\x0b\x32\x17.gallery.v1.DropBacklog\"L\n\x0b\x44ropBacklog\x12\r\n\x05\x66iles\x18\x01 \x01(\x01\x12\r\n\x05\x62ytes\x18\x02 \x01(\x01\x12\x0e\n\x06oldest\x18\x03 \x01(\t\x12\x0f\n\x07scanned\x18\x04 \x01(\t\"\xbe\x01\n\rDeviceStorage\x12 \n\x0bquota_bytes\x18\x01 \x01(\x01R\x0bquota_bytes\x12*\n\x10\x64\x65vices_at_quota\x18\x02 \x01(\x01R\x10\x64\x65vices_at_quota\x12.\n\x12\x64\x65vices_near_quota\x18\x03 \x01(\x01R\x12\x64\x65vices_near_quota\x12/\n\x07largest\x18\x04 \x03(\x0b\x32\x1e.gallery.v1.DeviceStorageUsage\"D\n\x12\x44\x65viceStorageUsage\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x1e\n\nused_bytes\x18\x02 \x01(\x01R\nused_bytes2\x89\x01\n\x13GalleryAdminService\x12r\n\x0eGetAdminStatus\x12!.gallery.v1.GetAdminStatusRequest\x1a\".gallery.v1.GetAdminStatusResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/api/admin/statusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16gallery/v1/admin.proto\x12\ngallery.v1\x1a\x1cgoogle/api/annotations.proto\"\xbc\x04\n\x0cReconcileRun\x12\x0f\n\x07started\x18\x01 \x01(\t\x12\x10\n\x08\x66inished\x18\x02 \x01(\t\x12\x0f\n\x07replica\x18\x03 \x01(\t\x12(\n\x0fstaging_removed\x18\x04 \x01(\x01R\x0fstaging_removed\x12\x32\n\x14orphan_media_removed\x18\x05 \x01(\x01R\x14orphan_media_removed\x12<\n\x19orphan_thumbnails_removed\x18\x06 \x01(\x01R\x19orphan_thumbnails_removed\x12\x36\n\x16\x65xpired_grants_removed\x18\x07 \x01(\x01R\x16\x65xpired_grants_removed\x12(\n\x0f\x62ytes_reclaimed\x18\x08 \x01(\x01R\x0f\x62ytes_reclaimed\x12\"\n\x0crows_checked\x18\t \x01(\x01R\x0crows_checked\x12$\n\rmissing_media\x18\n \x01(\x01R\rmissing_media\x12$\n\rsize_mismatch\x18\x0b \x01(\x01R\rsize_mismatch\x12\x10\n\x08\x65xamples\x18\x0c \x03(\t\x12\x38\n\x17\x63losed_commands_removed\x18\r \x01(\x01R\x17\x63losed_commands_removed\x12>\n\x1a\x64\x65leted_captures_forgotten\x18\x0e \x01(\x01R\x1a\x64\x65leted_captures_forgotten\"\xc5\x01\n\tVerifyRun\x12\x0f\n\x07started\x18\x01 \x01(\t\x12\x10\n\x08\x66inished\x18\x02 \x01(\t\x12\x0e\n\x06\x65vents\x18\x03 \x01(\x01\x12\x0f\n\x07\x63hecked\x18\x04 \x01(\x01\x12\x0f\n\x07skipped\x18\x05 \x01(\x01\x12\x1e\n\nbytes_read\x18\x06 \x01(\x01R\nbytes_read\x12\x0f\n\x07\x64\x61maged\x18\x07 \x01(\x01\x12\x0f\n\x07missing\x18\x08 \x01(\x01\x12\x0f\n\x07seconds\x18\t \x01(\x01\x12\x10\n\x08\x65xamples\x18\n \x03(\t\"\xa4\x01\n\nDiskStatus\x12 \n\x0btotal_bytes\x18\x01 \x01(\x01R\x0btotal_bytes\x12\x1e\n\nfree_bytes\x18\x02 \x01(\x01R\nfree_bytes\x12&\n\x0emin_free_bytes\x18\x03 \x01(\x01R\x0emin_free_bytes\x12,\n\x11\x61\x63\x63\x65pting_uploads\x18\x04 \x01(\x08R\x11\x61\x63\x63\x65pting_uploads\"\xd1\x02\n\x0b\x41\x64minCounts\x12$\n\revents_stored\x18\x01 \x01(\x01R\revents_stored\x12*\n\x10\x65vents_on_device\x18\x02 \x01(\x01R\x10\x65vents_on_device\x12\"\n\x0cstored_bytes\x18\x03 \x01(\x01R\x0cstored_bytes\x12(\n\x0fupload_sessions\x18\x04 \x01(\x01R\x0fupload_sessions\x12$\n\rupload_grants\x18\x05 \x01(\x01R\rupload_grants\x12,\n\x11uploads_in_flight\x18\x06 \x01(\x01R\x11uploads_in_flight\x12.\n\x12thumbnails_pending\x18\x07 \x01(\x01R\x12thumbnails_pending\x12\x1e\n\npulls_open\x18\x08 \x01(\x01R\npulls_open\"\x17\n\x15GetAdminStatusRequest\"\xf2\x02\n\x16GetAdminStatusResponse\x12@\n\x0elast_reconcile\x18\x01 \x01(\x0b\x32\x18.gallery.v1.ReconcileRunR\x0elast_reconcile\x12$\n\x04\x64isk\x18\x02 \x01(\x0b\x32\x16.gallery.v1.DiskStatus\x12\'\n\x06\x63ounts\x18\x03 \x01(\x0b\x32\x17.gallery.v1.AdminCounts\x12\x41\n\x0e\x64\x65vice_storage\x18\x04 \x01(\x0b\x32\x19.gallery.v1.DeviceStorageR\x0e\x64\x65vice_storage\x12 \n\x0b\x64\x61tabase_up\x18\x05 \x01(\x08R\x0b\x64\x61tabase_up\x12\x37\n\x0blast_verify\x18\x06 \x01(\x0b\x32\x15.gallery.v1.VerifyRunR\x0blast_verify\x12)\n\x08incoming\x18\x07 \x01(\x0b\x32\x17.gallery.v1.DropBacklog\"L\n\x0b\x44ropBacklog\x12\r\n\x05\x66iles\x18\x01 \x01(\x01\x12\r\n\x05\x62ytes\x18\x02 \x01(\x01\x12\x0e\n\x06oldest\x18\x03 \x01(\t\x12\x0f\n\x07scanned\x18\x04 \x01(\t\"\xbe\x01\n\rDeviceStorage\x12 \n\x0bquota_bytes\x18\x01 \x01(\x01R\x0bquota_bytes\x12*\n\x10\x64\x65vices_at_quota\x18\x02 \x01(\x01R\x10\x64\x65vices_at_quota\x12.\n\x12\x64\x65vices_near_quota\x18\x03 \x01(\x01R\x12\x64\x65vices_near_quota\x12/\n\x07largest\x18\x04 \x03(\x0b\x32\x1e.gallery.v1.DeviceStorageUsage\"D\n\x12\x44\x65viceStorageUsage\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x1e\n\nused_bytes\x18\x02 \x01(\x01R\nused_bytes2\x89\x01\n\x13GalleryAdminService\x12r\n\x0eGetAdminStatus\x12!.gallery.v1.GetAdminStatusRequest\x1a\".gallery.v1.GetAdminStatusResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/api/admin/statusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,23 +35,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GALLERYADMINSERVICE'].methods_by_name['GetAdminStatus']._loaded_options = None
   _globals['_GALLERYADMINSERVICE'].methods_by_name['GetAdminStatus']._serialized_options = b'\202\323\344\223\002\023\022\021/api/admin/status'
   _globals['_RECONCILERUN']._serialized_start=69
-  _globals['_RECONCILERUN']._serialized_end=577
-  _globals['_VERIFYRUN']._serialized_start=580
-  _globals['_VERIFYRUN']._serialized_end=777
-  _globals['_DISKSTATUS']._serialized_start=780
-  _globals['_DISKSTATUS']._serialized_end=944
-  _globals['_ADMINCOUNTS']._serialized_start=947
-  _globals['_ADMINCOUNTS']._serialized_end=1284
-  _globals['_GETADMINSTATUSREQUEST']._serialized_start=1286
-  _globals['_GETADMINSTATUSREQUEST']._serialized_end=1309
-  _globals['_GETADMINSTATUSRESPONSE']._serialized_start=1312
-  _globals['_GETADMINSTATUSRESPONSE']._serialized_end=1682
-  _globals['_DROPBACKLOG']._serialized_start=1684
-  _globals['_DROPBACKLOG']._serialized_end=1760
-  _globals['_DEVICESTORAGE']._serialized_start=1763
-  _globals['_DEVICESTORAGE']._serialized_end=1953
-  _globals['_DEVICESTORAGEUSAGE']._serialized_start=1955
-  _globals['_DEVICESTORAGEUSAGE']._serialized_end=2023
-  _globals['_GALLERYADMINSERVICE']._serialized_start=2026
-  _globals['_GALLERYADMINSERVICE']._serialized_end=2163
+  _globals['_RECONCILERUN']._serialized_end=641
+  _globals['_VERIFYRUN']._serialized_start=644
+  _globals['_VERIFYRUN']._serialized_end=841
+  _globals['_DISKSTATUS']._serialized_start=844
+  _globals['_DISKSTATUS']._serialized_end=1008
+  _globals['_ADMINCOUNTS']._serialized_start=1011
+  _globals['_ADMINCOUNTS']._serialized_end=1348
+  _globals['_GETADMINSTATUSREQUEST']._serialized_start=1350
+  _globals['_GETADMINSTATUSREQUEST']._serialized_end=1373
+  _globals['_GETADMINSTATUSRESPONSE']._serialized_start=1376
+  _globals['_GETADMINSTATUSRESPONSE']._serialized_end=1746
+  _globals['_DROPBACKLOG']._serialized_start=1748
+  _globals['_DROPBACKLOG']._serialized_end=1824
+  _globals['_DEVICESTORAGE']._serialized_start=1827
+  _globals['_DEVICESTORAGE']._serialized_end=2017
+  _globals['_DEVICESTORAGEUSAGE']._serialized_start=2019
+  _globals['_DEVICESTORAGEUSAGE']._serialized_end=2087
+  _globals['_GALLERYADMINSERVICE']._serialized_start=2090
+  _globals['_GALLERYADMINSERVICE']._serialized_end=2227
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ReconcileRun(_message.Message):
-    __slots__ = ("started", "finished", "replica", "staging_removed", "orphan_media_removed", "orphan_thumbnails_removed", "expired_grants_removed", "bytes_reclaimed", "rows_checked", "missing_media", "size_mismatch", "examples", "closed_commands_removed")
+    __slots__ = ("started", "finished", "replica", "staging_removed", "orphan_media_removed", "orphan_thumbnails_removed", "expired_grants_removed", "bytes_reclaimed", "rows_checked", "missing_media", "size_mismatch", "examples", "closed_commands_removed", "deleted_captures_forgotten")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class ReconcileRun(_message.Message):
     SIZE_MISMATCH_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     CLOSED_COMMANDS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    DELETED_CAPTURES_FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
     started: str
     finished: str
     replica: str
@@ -35,7 +36,8 @@ class ReconcileRun(_message.Message):
     size_mismatch: float
     examples: _containers.RepeatedScalarFieldContainer[str]
     closed_commands_removed: float
-    def __init__(self, started: _Optional[str] = ..., finished: _Optional[str] = ..., replica: _Optional[str] = ..., staging_removed: _Optional[float] = ..., orphan_media_removed: _Optional[float] = ..., orphan_thumbnails_removed: _Optional[float] = ..., expired_grants_removed: _Optional[float] = ..., bytes_reclaimed: _Optional[float] = ..., rows_checked: _Optional[float] = ..., missing_media: _Optional[float] = ..., size_mismatch: _Optional[float] = ..., examples: _Optional[_Iterable[str]] = ..., closed_commands_removed: _Optional[float] = ...) -> None: ...
+    deleted_captures_forgotten: float
+    def __init__(self, started: _Optional[str] = ..., finished: _Optional[str] = ..., replica: _Optional[str] = ..., staging_removed: _Optional[float] = ..., orphan_media_removed: _Optional[float] = ..., orphan_thumbnails_removed: _Optional[float] = ..., expired_grants_removed: _Optional[float] = ..., bytes_reclaimed: _Optional[float] = ..., rows_checked: _Optional[float] = ..., missing_media: _Optional[float] = ..., size_mismatch: _Optional[float] = ..., examples: _Optional[_Iterable[str]] = ..., closed_commands_removed: _Optional[float] = ..., deleted_captures_forgotten: _Optional[float] = ...) -> None: ...
 
 class VerifyRun(_message.Message):
     __slots__ = ("started", "finished", "events", "checked", "skipped", "bytes_read", "damaged", "missing", "seconds", "examples")

@@ -59,6 +59,7 @@ class AdminServicer(admin_pb2_grpc.GalleryAdminServiceServicer):
                 orphan_thumbnails_removed=run.orphan_thumbnails_removed,
                 expired_grants_removed=run.expired_grants_removed,
                 closed_commands_removed=run.closed_commands_removed,
+                deleted_captures_forgotten=run.deleted_captures_forgotten,
                 bytes_reclaimed=run.bytes_reclaimed,
                 rows_checked=run.rows_checked,
                 missing_media=run.missing_media,
