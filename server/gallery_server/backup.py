@@ -144,6 +144,11 @@ def backup(settings: Settings, destination: pathlib.Path, *, copy: bool = False)
                     _spool(connection, spool)
             gone = files.place(spool)
         if copied_db is not None:
+            if gone:
+                # Deleted as this version deletes: a database of an earlier one (a backup taken
+                # before its servers were upgraded) first gets this version's schema, as a restore
+                # would give it.
+                db_module.create_tables(copied_db)
             with Session(copied_db) as session:
                 for device, event_ids in gone.items():
                     delete_event_rows(session, device, event_ids, session_ttl=settings.upload_session_ttl)

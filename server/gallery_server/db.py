@@ -184,24 +184,7 @@ class Database:
         )
 
     def create_tables(self) -> None:
-        """Create what is missing. Processes starting together take turns (SQLite: the write lock
-        from the start; PostgreSQL: an advisory lock for the transaction): two concurrent CREATE
-        TABLEs of one name fail."""
-        with self.engine.connect() as connection:
-            connection.execution_options(sqlite_immediate=True)
-            with connection.begin():
-                if connection.dialect.name == "postgresql":
-                    # A replica waits its turn however long the one before it takes (a backfill of
-                    # millions of events), and so do the DDL's own locks behind live traffic.
-                    connection.exec_driver_sql("SET LOCAL lock_timeout = 0")
-                    connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
-                _add_missing_columns(connection)
-                SQLModel.metadata.create_all(connection)
-                # create_all makes a table's indexes only with the table: an index added to an
-                # existing table's model is made here.
-                for table in SQLModel.metadata.sorted_tables:
-                    for index in table.indexes:
-                        index.create(connection, checkfirst=True)
+        create_tables(self.engine)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sa.Connection]:
@@ -375,6 +358,27 @@ def _connection_gone(exc: BaseException) -> bool:
         return False
     state = exc.sqlstate
     return state is None or state.startswith(("08", "57P"))
+
+
+def create_tables(engine: sa.Engine) -> None:
+    """Create what is missing, and bring what is there to this version's schema. Processes
+    starting together take turns (SQLite: the write lock from the start; PostgreSQL: an advisory
+    lock for the transaction): two concurrent CREATE TABLEs of one name fail."""
+    with engine.connect() as connection:
+        connection.execution_options(sqlite_immediate=True)
+        with connection.begin():
+            if connection.dialect.name == "postgresql":
+                # A replica waits its turn however long the one before it takes (a backfill of
+                # millions of events), and so do the DDL's own locks behind live traffic.
+                connection.exec_driver_sql("SET LOCAL lock_timeout = 0")
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
+            _add_missing_columns(connection)
+            SQLModel.metadata.create_all(connection)
+            # create_all makes a table's indexes only with the table: an index added to an
+            # existing table's model is made here.
+            for table in SQLModel.metadata.sorted_tables:
+                for index in table.indexes:
+                    index.create(connection, checkfirst=True)
 
 
 def _add_missing_columns(connection: sa.Connection) -> None:

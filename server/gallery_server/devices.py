@@ -223,9 +223,20 @@ class Devices:
             if len(a.thumbnail) > self.settings.max_thumbnail_bytes:
                 raise TooLarge("THUMBNAIL_TOO_LARGE", "thumbnail is larger than the limit",
                                field="thumbnail")
-        return [self._announce_one(device, a) for a in announcements]
+        answers = [self._announce_one(device, a) for a in announcements]
+        # Deleted captures the device still holds are remembered from now, in one write.
+        due = [(i, answer) for i, answer in enumerate(answers)
+               if isinstance(answer, DeletedCapture) and self._refresh_due(answer)]
+        if due:
+            held = self._still_held(device, [deleted for _, deleted in due])
+            for i, deleted in due:
+                if deleted.device_key not in held:  # forgotten or replaced since its read
+                    answers[i] = self._announce_one(device, announcements[i])
+        return [_deleted_event(answer, a) if isinstance(answer, DeletedCapture) else answer
+                for answer, a in zip(answers, announcements, strict=True)]
 
-    def _announce_one(self, device: str, a: Announcement) -> Event:
+    def _announce_one(self, device: str, a: Announcement) -> Event | DeletedCapture:
+        """The key's event for this capture, made if new; or the record of its deletion."""
         for _ in range(3):
             existing = self._by_key(device, a.device_key)
             if existing is not None and _same_capture(existing, a):
@@ -233,9 +244,7 @@ class Devices:
             if existing is None:
                 deleted = self._deleted_capture(device, a.device_key)
                 if deleted is not None and _same_capture(deleted, a):
-                    if self._still_held(deleted):
-                        return _deleted_event(deleted, a)
-                    continue  # forgotten or replaced meanwhile: read the key again
+                    return deleted
             event = self._add(device, a, replacing=existing)
             if event is not None:
                 return event
@@ -320,28 +329,32 @@ class Devices:
         with self.db.session() as session:
             return session.get(DeletedCapture, (device, device_key))
 
-    def _still_held(self, deleted: DeletedCapture) -> bool:
-        """The device announced a capture that was deleted: it still holds the file, so the
-        deletion is remembered GALLERY_DELETED_CAPTURE_DAYS from now (the reconciler forgets
-        it after). Written once the last announcement is older than a tenth of that (at most a
-        day): a device announcing its folder at every reconnect does not write a row per
-        deleted capture each time. False when the reconciler forgot it, or a new capture
-        replaced it, since it was read."""
+    def _refresh_due(self, deleted: DeletedCapture) -> bool:
+        """Whether the device's announcement of a deleted capture is to be written: once the
+        last one written is older than a tenth of GALLERY_DELETED_CAPTURE_DAYS, and a day at
+        most (also when deletions are remembered for ever, so that a limit set later forgets
+        only what the devices stopped announcing). A device that announces its folder at every
+        reconnect does not write each time."""
         days = self.settings.deleted_capture_days
-        now = utcnow()
-        last = deleted.announced_at or deleted.deleted_at
-        if not days or now - aware(last) < min(_DAY, datetime.timedelta(days=days) / 10):
-            return True
+        step = min(_DAY, datetime.timedelta(days=days) / 10) if days else _DAY
+        return deleted.announced_at is None or utcnow() - aware(deleted.announced_at) >= step
+
+    def _still_held(self, device: str, deleted: list[DeletedCapture]) -> set[str]:
+        """The device announced these deleted captures again: it still holds their files, so
+        each deletion is remembered GALLERY_DELETED_CAPTURE_DAYS from now (the reconciler
+        forgets it after). Returns the keys written: not those the reconciler forgot, or a new
+        capture replaced (another event id), since they were read."""
         with self.db.session() as session:
-            updated = session.exec(  # type: ignore[call-overload]
+            written = session.exec(  # type: ignore[call-overload]
                 sa.update(DeletedCapture)
-                .where(col(DeletedCapture.device) == deleted.device,
-                       col(DeletedCapture.device_key) == deleted.device_key,
-                       col(DeletedCapture.event_id) == deleted.event_id)
-                .values(announced_at=now)
-            ).rowcount
+                .where(col(DeletedCapture.device) == device,
+                       sa.tuple_(col(DeletedCapture.device_key), col(DeletedCapture.event_id))
+                       .in_([(d.device_key, d.event_id) for d in deleted]))
+                .values(announced_at=utcnow())
+                .returning(col(DeletedCapture.device_key))
+            ).scalars().all()
             self.db.commit(session)
-        return bool(updated)
+        return set(written)
 
     # -- pulls --------------------------------------------------------------------------------
 

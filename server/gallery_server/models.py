@@ -152,8 +152,8 @@ class DeletedCapture(SQLModel, table=True):
     created: datetime.datetime  # the capture time the device announced
     deleted_at: datetime.datetime
     # When its device last announced it (the deletion's time until it does), written again once
-    # it is older than a tenth of the days it is remembered (Devices._still_held). NULL in rows
-    # from before 2026-12-01, which go by deleted_at.
+    # it is older than a tenth of the days it is remembered (Devices._refresh_due). NULL in rows
+    # an earlier version wrote, until the reconciler's next pass sets it to that pass's time.
     announced_at: datetime.datetime | None = Field(default=None, index=True)
 
 

@@ -311,26 +311,41 @@ class Reconciler:
         """Deleted captures whose devices have not announced them for GALLERY_DELETED_CAPTURE_DAYS:
         the device no longer holds the file, and the row would stay for ever (one per capture a
         device with unique file names ever had deleted). A device that announces one later gets
-        a new event for it. In batches, each one statement: the first pass after an upgrade may
-        find years of them, and SQLite's write lock is held for a statement's whole work."""
+        a new event for it."""
+        now = utcnow()
+        announced = col(DeletedCapture.announced_at)
+        # Rows of an earlier version (from before the column, or written by such a replica during
+        # a rolling upgrade) are remembered from now: by their deletion's time, an upgrade with a
+        # short limit forgot at once captures their devices announce every day.
+        with self.db.session() as session:
+            session.exec(sa.update(DeletedCapture).where(announced.is_(None)).values(announced_at=now))  # type: ignore[call-overload]
+            session.commit()
         days = self.gallery.settings.deleted_capture_days
         if not days:
             return
-        cutoff = utcnow() - datetime.timedelta(days=days)
-        # Rows from before announced_at was kept go by their deletion.
-        stale = sa.or_(col(DeletedCapture.announced_at) < cutoff,
-                       sa.and_(col(DeletedCapture.announced_at).is_(None), col(DeletedCapture.deleted_at) < cutoff))
-        key = sa.tuple_(col(DeletedCapture.device), col(DeletedCapture.device_key))
-        batch = sa.select(col(DeletedCapture.device), col(DeletedCapture.device_key)).where(stale).limit(ROW_BATCH)
+        stale = announced < now - datetime.timedelta(days=days)
+        # In batches walked by (announced_at, key), each read and then deleted in a short
+        # transaction, as the commands above: a batch that started from the beginning again read
+        # every row deleted before it on PostgreSQL (quadratic in a backlog of millions).
+        order = (announced, col(DeletedCapture.device), col(DeletedCapture.device_key))
+        first = sa.select(*order).where(stale).order_by(*order).limit(ROW_BATCH)
+        batch = first
         while True:
             with self.db.session() as session:
-                # `stale` again outside the batch's select: on PostgreSQL a row an announcement
-                # refreshed while this waited for its lock is looked at again as it now is.
-                removed = session.exec(sa.delete(DeletedCapture).where(key.in_(batch), stale)).rowcount  # type: ignore[call-overload]
-                session.commit()
-            findings.deleted_captures_forgotten += removed
-            if removed < ROW_BATCH:
+                rows = session.exec(batch).all()  # type: ignore[call-overload]
+            if rows:
+                with self.db.session() as session:
+                    # `stale` again: an announcement may have written the row since the read.
+                    findings.deleted_captures_forgotten += session.exec(  # type: ignore[call-overload]
+                        sa.delete(DeletedCapture).where(
+                            sa.tuple_(col(DeletedCapture.device), col(DeletedCapture.device_key))
+                            .in_([(device, key) for _, device, key in rows]), stale)
+                    ).rowcount
+                    session.commit()
+            if len(rows) < ROW_BATCH:
                 return
+            last = tuple(rows[-1])
+            batch = first.where(announced >= last[0], sa.tuple_(*order) > last)  # the bound on its own for the index
 
     def _rows(self, findings: Findings) -> None:
         """Every stored row must have its media file with the recorded size: report any that

@@ -285,6 +285,41 @@ def test_an_event_stored_and_deleted_while_the_backup_runs_is_left_out(gallery, 
     assert (findings.missing_media, findings.orphan_media_removed) == (0, 0)
 
 
+def test_a_backup_of_a_database_of_the_version_before_leaves_out_what_it_deleted_meanwhile(
+    gallery, principal, tmp_path, monkeypatch,
+):
+    """The servers not upgraded yet (no deleted_captures.announced_at): the SQLite copy gets this
+    version's schema before its deletions are written as this version writes them."""
+    if gallery.db.engine.dialect.name != "sqlite":
+        pytest.skip("a SQLite copy is edited; a dump is not")
+    with gallery.db.engine.begin() as c:
+        c.exec_driver_sql("DROP INDEX ix_deleted_captures_announced_at")
+        c.exec_driver_sql("ALTER TABLE deleted_captures DROP COLUMN announced_at")
+    fill(gallery, principal)
+    gather, place = backup_module._Files.gather, backup_module._Files.place
+    late: list[Event] = []
+
+    def stored_after_gathering(self, **kwargs):  # type: ignore[no-untyped-def]
+        gather(self, **kwargs)
+        late.append(store(gallery, principal, "cam1", PNG + b"late", name="late.png"))
+        with gallery.db.engine.begin() as c:  # announced, then pulled: its deletion leaves a tombstone
+            c.execute(sa.update(Event).where(Event.id == late[0].id).values(device_key="dcim/late.png"))
+
+    def deleted_before_placing(self, spool):  # type: ignore[no-untyped-def]
+        with gallery.db.engine.begin() as c:  # as the servers' version deletes: no announced_at
+            c.execute(sa.delete(Event).where(Event.id == late[0].id))
+        gallery.storage.remove_event_files("cam1", late[0].id)
+        return place(self, spool)
+
+    monkeypatch.setattr(backup_module._Files, "gather", stored_after_gathering)
+    monkeypatch.setattr(backup_module._Files, "place", deleted_before_placing)
+    manifest = backup(gallery.settings, tmp_path / "backup")
+    assert manifest.deleted_meanwhile == [f"cam1/{late[0].id}"]
+    with restored(gallery, tmp_path / "backup") as copied:
+        assert snapshot(copied, principal) == snapshot(gallery, principal)
+        assert tombstones(copied) == [("cam1", "dcim/late.png", late[0].id)]
+
+
 def tombstones(gallery: Gallery) -> list[tuple[str, str, str]]:
     with gallery.db.session() as session:
         return sorted((d.device, d.device_key, d.event_id) for d in session.exec(sa.select(DeletedCapture)).scalars())

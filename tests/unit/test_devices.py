@@ -31,7 +31,14 @@ from gallery_server.models import DeletedCapture, DeviceCommand, DeviceConnectio
 from gallery_server.service import Gallery
 from gallery_server.storage import Storage
 
-from ..conftest import event_commit_fails, failing_event_commit, make_settings, stored_files, wait_until
+from ..conftest import (
+    event_commit_fails,
+    failing_event_commit,
+    make_settings,
+    statements_run,
+    stored_files,
+    wait_until,
+)
 
 DEVICE = "cam-1"
 
@@ -595,37 +602,53 @@ def marked_announced(gallery, key, when=None):
         return marker.announced_at and aware(marker.announced_at)
 
 
-@pytest.mark.parametrize("days", [90, 5])
-def test_announcing_a_deleted_capture_again_keeps_it_remembered(devices, gallery, device_principal, principal, days):
+def remembering(gallery, days):
+    return Devices(Gallery(dataclasses.replace(gallery.settings, deleted_capture_days=days), gallery.db,
+                           gallery.storage))
+
+
+@pytest.mark.parametrize(("days", "step"), [(90, 1), (5, 0.5), (0, 1)])
+def test_announcing_a_deleted_capture_again_keeps_it_remembered(
+    gallery, device_principal, principal, days, step,
+):
     """The reconciler forgets a deletion its device has not announced for
     GALLERY_DELETED_CAPTURE_DAYS: each announcement pushes that back, written once the last one is
-    older than a tenth of the days (at most one day), not at every reconnect."""
-    devices = Devices(Gallery(dataclasses.replace(gallery.settings, deleted_capture_days=days), gallery.db,
-                              gallery.storage))
+    older than a tenth of the days (at most one day), not at every reconnect. Also when deletions
+    are remembered for ever: a limit set later then forgets only what the devices stopped
+    announcing."""
+    devices = remembering(gallery, days)
+    step = datetime.timedelta(days=step)
     content = b"a capture"
     capture = dict(key="a.jpg", size=len(content), sha256=sha(content))
     event = announce(devices, device_principal, **capture)
     before = utcnow()
     gallery.delete_event(principal, DEVICE, event.id)
     assert before <= marked_announced(gallery, "a.jpg") <= utcnow()  # the deletion's time, to begin with
-    step = min(datetime.timedelta(days=1), datetime.timedelta(days=days) / 10)
     recent = marked_announced(gallery, "a.jpg", utcnow() - step + datetime.timedelta(minutes=5))
     assert announce(devices, device_principal, **capture).state == "deleted"
     assert marked_announced(gallery, "a.jpg") == recent  # not written
     marked_announced(gallery, "a.jpg", utcnow() - step - datetime.timedelta(minutes=5))
     before = utcnow()
-    assert announce(devices, device_principal, **capture).state == "deleted"
+    again = announce(devices, device_principal, **capture)
+    assert (again.id, again.state) == (event.id, "deleted")
     assert before <= marked_announced(gallery, "a.jpg") <= utcnow()
 
 
-def test_a_deletion_remembered_for_ever_is_never_written_again(devices, gallery, device_principal, principal):
-    devices = Devices(Gallery(dataclasses.replace(gallery.settings, deleted_capture_days=0), gallery.db,
-                              gallery.storage))
-    event = announce(devices, device_principal, key="a.jpg")
-    gallery.delete_event(principal, DEVICE, event.id)
-    long_ago = marked_announced(gallery, "a.jpg", utcnow() - datetime.timedelta(days=3650))
-    assert announce(devices, device_principal, key="a.jpg").state == "deleted"
-    assert marked_announced(gallery, "a.jpg") == long_ago
+def test_deleted_captures_announced_together_are_written_in_one_statement(devices, gallery, device_principal,
+                                                                          principal):
+    """A device announcing its folder after a reconnect: one write for the deleted captures in it,
+    not a transaction each."""
+    keys = [f"dcim/{i}.jpg" for i in range(5)]
+    for key in keys:
+        gallery.delete_event(principal, DEVICE, announce(devices, device_principal, key=key).id)
+        marked_announced(gallery, key, utcnow() - datetime.timedelta(days=2))
+    marked_announced(gallery, keys[0], utcnow())  # written lately: not again
+    with statements_run(gallery.db) as statements:
+        answers = devices.announce(device_principal, DEVICE, [Announcement(device_key=k, name="a.jpg", size=10)
+                                                              for k in keys])
+    assert [a.state for a in answers] == ["deleted"] * 5
+    assert len([s for s in statements if s.lstrip().upper().startswith("UPDATE")]) == 1
+    assert all(utcnow() - marked_announced(gallery, key) < datetime.timedelta(minutes=1) for key in keys)
 
 
 def test_a_deletion_forgotten_while_its_capture_is_announced_makes_a_new_event(
@@ -650,6 +673,34 @@ def test_a_deletion_forgotten_while_its_capture_is_announced_makes_a_new_event(
     again = announce(devices, device_principal, key="a.jpg")
     assert again.state == "on_device" and again.id != event.id
     assert [e.id for e in gallery.list_events(principal, DEVICE)] == [again.id]
+
+
+def test_a_deletion_replaced_while_its_capture_is_announced_is_left_as_it_is(
+    devices, gallery, device_principal, principal, monkeypatch,
+):
+    """Between the announcement's read of the deletion and its write, another capture under the
+    key was announced and deleted: that deletion is not the announced capture's, and is not
+    written for it; the announced capture, which the device holds, is new."""
+    old, new = b"the old clip", b"the new clip, longer"
+    event = announce(devices, device_principal, key="a.mp4", size=len(old), sha256=sha(old))
+    gallery.delete_event(principal, DEVICE, event.id)
+    marked_announced(gallery, "a.mp4", utcnow() - datetime.timedelta(days=100))
+    read = devices._deleted_capture
+    replaced = []
+
+    def read_then_replace(device, key):
+        marker = read(device, key)
+        if not replaced:
+            other = announce(Devices(gallery), device_principal, key="a.mp4", size=len(new), sha256=sha(new))
+            gallery.delete_event(principal, DEVICE, other.id)
+            replaced.append(other.id)
+        return marker
+
+    monkeypatch.setattr(devices, "_deleted_capture", read_then_replace)
+    again = announce(devices, device_principal, key="a.mp4", size=len(old), sha256=sha(old))
+    assert again.state == "on_device" and again.id not in (event.id, *replaced)
+    with gallery.db.session() as session:
+        assert session.exec(select(DeletedCapture)).all() == []  # the new capture under the key replaced it
 
 
 def test_deleting_an_uploaded_event_remembers_no_capture(devices, gallery, principal):
