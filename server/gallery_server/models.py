@@ -143,6 +143,8 @@ class DeletedCapture(SQLModel, table=True):
     ever deleted)."""
 
     __tablename__ = "deleted_captures"
+    # The reconciler's walk of the rows to forget, in batches, each a range of this index.
+    __table_args__ = (sa.Index("ix_deleted_captures_announced", "announced_at", "device", "device_key"),)
 
     device: str = Field(primary_key=True, max_length=128)
     device_key: str = Field(primary_key=True, max_length=512)
@@ -154,7 +156,7 @@ class DeletedCapture(SQLModel, table=True):
     # When its device last announced it (the deletion's time until it does), written again once
     # it is older than a tenth of the days it is remembered (Devices._refresh_due). NULL in rows
     # an earlier version wrote, until the reconciler's next pass sets it to that pass's time.
-    announced_at: datetime.datetime | None = Field(default=None, index=True)
+    announced_at: datetime.datetime | None = None
 
 
 class DeviceConnection(SQLModel, table=True):

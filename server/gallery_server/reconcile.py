@@ -324,28 +324,33 @@ class Reconciler:
         if not days:
             return
         stale = announced < now - datetime.timedelta(days=days)
-        # In batches walked by (announced_at, key), each read and then deleted in a short
-        # transaction, as the commands above: a batch that started from the beginning again read
-        # every row deleted before it on PostgreSQL (quadratic in a backlog of millions).
-        order = (announced, col(DeletedCapture.device), col(DeletedCapture.device_key))
-        first = sa.select(*order).where(stale).order_by(*order).limit(ROW_BATCH)
-        batch = first
+        # In batches walked by (announced_at, device, key), each a range of the index on those,
+        # read and then deleted in short transactions: a batch that started from the beginning
+        # again read every row deleted before it (quadratic in a backlog of millions), and one
+        # that deleted by a list of keys was a walk of every stale row on SQLite, whose planner
+        # took the index on the time.
+        position = sa.tuple_(announced, col(DeletedCapture.device), col(DeletedCapture.device_key))
+        first = sa.select(announced, DeletedCapture.device, DeletedCapture.device_key).where(stale).order_by(
+            announced, col(DeletedCapture.device), col(DeletedCapture.device_key)).limit(ROW_BATCH)
+        after: tuple[Any, ...] | None = None
         while True:
+            window = [] if after is None else [position > after]
             with self.db.session() as session:
-                rows = session.exec(batch).all()  # type: ignore[call-overload]
-            if rows:
-                with self.db.session() as session:
-                    # `stale` again: an announcement may have written the row since the read.
-                    findings.deleted_captures_forgotten += session.exec(  # type: ignore[call-overload]
-                        sa.delete(DeletedCapture).where(
-                            sa.tuple_(col(DeletedCapture.device), col(DeletedCapture.device_key))
-                            .in_([(device, key) for _, device, key in rows]), stale)
-                    ).rowcount
-                    session.commit()
-            if len(rows) < ROW_BATCH:
+                rows = session.exec(first.where(*window)).all()  # type: ignore[call-overload]
+            if not rows:
                 return
             last = tuple(rows[-1])
-            batch = first.where(announced >= last[0], sa.tuple_(*order) > last)  # the bound on its own for the index
+            with self.db.session() as session:
+                # Every row of the window was stale when read; one an announcement wrote since
+                # has a time past the window's end, and stays (PostgreSQL looks at the row again
+                # as the announcement left it).
+                findings.deleted_captures_forgotten += session.exec(  # type: ignore[call-overload]
+                    sa.delete(DeletedCapture).where(*window, position <= last)
+                ).rowcount
+                session.commit()
+            if len(rows) < ROW_BATCH:
+                return
+            after = last
 
     def _rows(self, findings: Findings) -> None:
         """Every stored row must have its media file with the recorded size: report any that

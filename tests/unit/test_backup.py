@@ -293,7 +293,7 @@ def test_a_backup_of_a_database_of_the_version_before_leaves_out_what_it_deleted
     if gallery.db.engine.dialect.name != "sqlite":
         pytest.skip("a SQLite copy is edited; a dump is not")
     with gallery.db.engine.begin() as c:
-        c.exec_driver_sql("DROP INDEX ix_deleted_captures_announced_at")
+        c.exec_driver_sql("DROP INDEX ix_deleted_captures_announced")
         c.exec_driver_sql("ALTER TABLE deleted_captures DROP COLUMN announced_at")
     fill(gallery, principal)
     gather, place = backup_module._Files.gather, backup_module._Files.place
