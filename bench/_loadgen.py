@@ -1,10 +1,10 @@
 """A small closed-loop HTTP/1.1 load generator: N keep-alive connections, each sending its next
 request as soon as the previous response is complete, for a fixed time.
 
-It runs in its own process (multiprocessing, so the benchmark's other threads do not share its
-GIL), uses one selector loop and httptools' C parser (chunked bodies included), and costs a few
-tens of microseconds of CPU per request: on a 2-vCPU machine a Python thread pool with httpx would
-be the bottleneck long before the server is.
+It runs in a process of its own, one for the whole benchmark (multiprocessing, so the benchmark's
+other threads do not share its GIL), uses one selector loop and httptools' C parser (chunked
+bodies included), and costs a few tens of microseconds of CPU per request: on a 2-vCPU machine a
+Python thread pool with httpx would be the bottleneck long before the server is.
 """
 
 from __future__ import annotations
@@ -127,24 +127,38 @@ def _run(host: str, port: int, requests: list[bytes], connections: int, seconds:
     return LoadResult(len(latencies), elapsed, latencies, statuses, bodies, answered, errors)
 
 
-def _child(queue: multiprocessing.Queue, *args: object) -> None:  # type: ignore[type-arg]
-    try:
-        queue.put(_run(*args))  # type: ignore[arg-type]
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
-        queue.put(exc)
+def _serve(jobs: multiprocessing.Queue, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    while (job := jobs.get()) is not None:
+        try:
+            results.put(_run(*job))
+        except Exception as exc:  # noqa: BLE001 - reported to the parent
+            results.put(exc)
+
+
+# The child process that drives the load, started at the first run and kept: a child spawned per
+# run imported the benchmark's whole __main__ again (grpc, SQLAlchemy, ...), about 1.1 s each on
+# a 2-vCPU VM, and the quick run makes some 25 of them.
+_worker: tuple[multiprocessing.process.BaseProcess, multiprocessing.Queue, multiprocessing.Queue] | None = None  # type: ignore[type-arg]
 
 
 def run(url_host: str, port: int, requests: list[bytes], *, connections: int = 16, seconds: float = 5.0,
         samples: int = 4) -> LoadResult:
-    """Drive `requests` (raw HTTP/1.1 requests, cycled) from a child process; returns when done."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=_child, args=(queue, url_host, port, requests, connections, seconds, samples))
-    child.start()
+    """Drive `requests` (raw HTTP/1.1 requests, cycled) from the child process; returns when done."""
+    global _worker
+    if _worker is None or not _worker[0].is_alive():
+        context = multiprocessing.get_context("spawn")
+        jobs, results = context.Queue(), context.Queue()
+        child = context.Process(target=_serve, args=(jobs, results), daemon=True)  # ends with the benchmark
+        child.start()
+        _worker = (child, jobs, results)
+    _, jobs, results = _worker
+    jobs.put((url_host, port, requests, connections, seconds, samples))
     try:
-        result = queue.get(timeout=seconds + 120)
-    finally:
-        child.join(timeout=30)
+        result = results.get(timeout=seconds + 120)
+    except BaseException:
+        _worker[0].kill()  # a run still under way would answer the next one
+        _worker = None
+        raise
     if isinstance(result, Exception):
         raise result
     return result
