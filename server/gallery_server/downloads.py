@@ -36,6 +36,8 @@ PRECONDITION_FAILED = 412
 # The reason of an If-Match that fails a request answered with an error (a DELETE): 412 too.
 PRECONDITION_FAILED_REASON = "PRECONDITION_FAILED"
 RANGE_NOT_SATISFIABLE = 416
+# The refusals a download answers with headers and no body.
+REFUSED_WITHOUT_BODY = frozenset({PRECONDITION_FAILED, RANGE_NOT_SATISFIABLE})
 
 # Response headers (lower case, as gRPC metadata must be).
 ETAG = "etag"

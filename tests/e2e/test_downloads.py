@@ -234,6 +234,15 @@ def test_unsatisfiable_range(http, auth_headers, stored, header):
     assert r.headers["content-range"] == f"bytes */{len(data)}"
     assert r.content == b""
     assert "x-http-status" not in r.headers
+    assert_refused_without_body(r)
+
+
+def assert_refused_without_body(r: httpx.Response) -> None:
+    """A download's 412 or 416: no body, so no type (not the file's), a GET's length 0 and not
+    chunked; the server's marker for Envoy does not reach the client."""
+    assert "content-type" not in r.headers, r.headers
+    assert r.headers["content-length"] == "0" and "transfer-encoding" not in r.headers, r.headers
+    assert "x-gallery-body-length" not in r.headers
 
 
 @pytest.mark.parametrize("header", ["bytes=0-1,5-6", "bytes=9-2", "bytes=abc", "items=0-1", "0-1"])
@@ -280,12 +289,14 @@ def test_if_match(http, auth_headers, stored):
                 continue
             assert (r.status_code, r.content) == (412, b""), (path, method, r.text)  # as a 416, an empty body
             assert r.headers["etag"] == f'"{tag}"' and "content-range" not in r.headers
+            assert_refused_without_body(r)
     for header in (f'"{sha}"', "*", f'"other", "{sha}"'):
         r = http.get(content_url(device, event_id), headers={**headers, "If-Match": header, "Range": "bytes=1-2"})
         assert (r.status_code, r.content) == (206, data[1:3]), header
     for header in (f'W/"{sha}"', '"*"', ""):  # strong comparison; a quoted "*" is a tag; an empty list
         r = http.get(content_url(device, event_id), headers={**headers, "If-Match": header})
         assert (r.status_code, r.content) == (412, b""), header
+        assert_refused_without_body(r)
 
 
 def test_a_delete_whose_if_match_names_other_content_is_412_and_deletes_nothing(http, auth_headers):

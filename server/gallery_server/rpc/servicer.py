@@ -561,6 +561,10 @@ def _http_download(
         if HEAD_HEADER in request:
             metadata.append((BODY_LENGTH_HEADER, str(reply.length)))
             sent = 0
+        elif reply.status in downloads.REFUSED_WITHOUT_BODY:
+            # Named for the Lua filter: a 412 or a 416 with no body is sent with Content-Length 0
+            # and no Content-Type (the file's would name a body it has not), not chunked.
+            metadata.append((BODY_LENGTH_HEADER, "0"))
         with gallery.download_slot(principal) if sent > counted_above else contextlib.nullcontext():
             context.send_initial_metadata(metadata)
             yield from gallery.watch_download(_http_body(content, reply.start, sent), context.cancel)
