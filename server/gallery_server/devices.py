@@ -348,6 +348,9 @@ class Devices:
             written = session.exec(  # type: ignore[call-overload]
                 sa.update(DeletedCapture)
                 .where(col(DeletedCapture.device) == device,
+                       # The keys alone too: SQLite's planner then looks up each by its primary
+                       # key, not every row the device has.
+                       col(DeletedCapture.device_key).in_([d.device_key for d in deleted]),
                        sa.tuple_(col(DeletedCapture.device_key), col(DeletedCapture.event_id))
                        .in_([(d.device_key, d.event_id) for d in deleted]))
                 .values(announced_at=utcnow())
