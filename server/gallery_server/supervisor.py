@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -106,7 +107,34 @@ def wait_envoy_ready(
 
 
 def start_envoy(settings: Settings, backends: list[str]) -> subprocess.Popen[bytes]:
-    return spawn(envoy_command(settings, backends))
+    """Envoy for `gallery run`, its stderr passed on to this process's a line at a time
+    (pass_lines)."""
+    envoy = spawn(envoy_command(settings, backends), stderr=subprocess.PIPE)
+    envoy.relay = threading.Thread(  # type: ignore[attr-defined]
+        target=pass_lines, args=(envoy.stderr, STDERR), name="envoy-stderr", daemon=True)
+    envoy.relay.start()  # type: ignore[attr-defined]
+    return envoy
+
+
+STDERR = 2
+
+
+def pass_lines(source: IO[bytes], target: int) -> None:
+    """Copy `source` to the file descriptor `target` until its end, each line in one write.
+
+    Envoy writes its access log from a buffer in pieces, and a line now and then spans two of
+    them: in the output `gallery run` shares with its server (a terminal, a log file), a server
+    line written between the two landed inside Envoy's, and neither parsed as JSON (seen in CI).
+    A target that fails (a closed terminal) stops the copy but not the reading: Envoy, its pipe
+    full, would otherwise stop at its next log line."""
+    with source:
+        for line in source:
+            view = memoryview(line)
+            try:
+                while view:
+                    view = view[os.write(target, view):]
+            except OSError:
+                target = os.open(os.devnull, os.O_WRONLY)
 
 
 def envoy_command(settings: Settings, backends: list[str], config: pathlib.Path | None = None) -> list[str]:
@@ -219,6 +247,9 @@ def _stop_all(children: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+        relay = getattr(child, "relay", None)
+        if relay is not None:
+            relay.join(timeout=5)  # Envoy's last lines (why it stopped) before this process's exit
 
 
 def _token_command(settings: Settings) -> str:

@@ -6,6 +6,7 @@ starting", once in a CI run."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -93,3 +95,37 @@ def test_the_child_is_started_by_vfork():
     assert any("vfork(" in line for line in calls), calls
     # fork() is glibc's clone() of a new process (SIGCHLD) that shares no memory (no CLONE_VM).
     assert not [line for line in calls if "SIGCHLD" in line and "CLONE_VM" not in line], calls
+
+
+def test_envoys_lines_reach_the_shared_output_whole(tmp_path):
+    """Envoy writes a line in two pieces now and then (its access log's buffer); the server writes
+    its own line between them to the output they share: each still reaches it whole, and every
+    line of Envoy's reaches it, also after the output stopped taking them."""
+    output = tmp_path / "gallery.log"
+    shared = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    read_end, write_end = os.pipe()
+    relay = threading.Thread(target=supervisor.pass_lines, args=(os.fdopen(read_end, "rb"), shared))
+    relay.start()
+    os.write(write_end, b'{"logger": "envoy", "flags"')
+    time.sleep(0.2)  # the relay has the first piece
+    os.write(shared, b'{"logger": "server"}\n')
+    os.write(write_end, b': "DC"}\n{"logger": "envoy", "last": true}\n')
+    os.close(write_end)
+    relay.join(timeout=10)
+    os.close(shared)
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert lines == [{"logger": "server"}, {"logger": "envoy", "flags": "DC"}, {"logger": "envoy", "last": True}]
+
+    # An output that fails (a terminal closed: EPIPE): Envoy's lines are still read, so it never
+    # blocks on a full pipe.
+    gone_reader, gone_output = os.pipe()
+    os.close(gone_reader)
+    read_end, write_end = os.pipe()
+    relay = threading.Thread(target=supervisor.pass_lines, args=(os.fdopen(read_end, "rb"), gone_output))
+    relay.start()
+    for _ in range(200):  # past a pipe's 64 KiB
+        os.write(write_end, b"x" * 1000 + b"\n")
+    os.close(write_end)
+    relay.join(timeout=10)
+    assert not relay.is_alive()
+    os.close(gone_output)
