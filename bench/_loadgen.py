@@ -13,6 +13,7 @@ import dataclasses
 import multiprocessing
 import selectors
 import socket
+import threading
 import time
 
 import httptools
@@ -128,7 +129,8 @@ def _run(host: str, port: int, requests: list[bytes], connections: int, seconds:
 
 
 def _serve(jobs: multiprocessing.Queue, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    while (job := jobs.get()) is not None:
+    while True:  # until the benchmark ends (a daemon)
+        job = jobs.get()
         try:
             results.put(_run(*job))
         except Exception as exc:  # noqa: BLE001 - reported to the parent
@@ -139,11 +141,19 @@ def _serve(jobs: multiprocessing.Queue, results: multiprocessing.Queue) -> None:
 # run imported the benchmark's whole __main__ again (grpc, SQLAlchemy, ...), about 1.1 s each on
 # a 2-vCPU VM, and the quick run makes some 25 of them.
 _worker: tuple[multiprocessing.process.BaseProcess, multiprocessing.Queue, multiprocessing.Queue] | None = None  # type: ignore[type-arg]
+# One run at a time: the child's answers are taken in order.
+_one_run = threading.Lock()
 
 
 def run(url_host: str, port: int, requests: list[bytes], *, connections: int = 16, seconds: float = 5.0,
         samples: int = 4) -> LoadResult:
     """Drive `requests` (raw HTTP/1.1 requests, cycled) from the child process; returns when done."""
+    with _one_run:
+        return _run_in_child(url_host, port, requests, connections, seconds, samples)
+
+
+def _run_in_child(url_host: str, port: int, requests: list[bytes], connections: int, seconds: float,
+                  samples: int) -> LoadResult:
     global _worker
     if _worker is None or not _worker[0].is_alive():
         context = multiprocessing.get_context("spawn")

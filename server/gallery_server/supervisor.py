@@ -106,6 +106,9 @@ def wait_envoy_ready(
         time.sleep(0.1)
 
 
+STDERR = 2
+
+
 def start_envoy(settings: Settings, backends: list[str]) -> subprocess.Popen[bytes]:
     """Envoy for `gallery run`, its stderr passed on to this process's a line at a time
     (pass_lines)."""
@@ -114,9 +117,6 @@ def start_envoy(settings: Settings, backends: list[str]) -> subprocess.Popen[byt
         target=pass_lines, args=(envoy.stderr, STDERR), name="envoy-stderr", daemon=True)
     envoy.relay.start()  # type: ignore[attr-defined]
     return envoy
-
-
-STDERR = 2
 
 
 def pass_lines(source: IO[bytes], target: int) -> None:
