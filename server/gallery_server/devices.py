@@ -411,11 +411,12 @@ class Devices:
             with self.db.session() as session:
                 # Take the event's row lock first: an upload storing the content at this moment
                 # either commits before us (then there is nothing left to pull) or after us (then
-                # it closes this command in its own transaction).
+                # it closes this command in its own transaction). The lock is a write of a column
+                # no listing shows, to its own value: the device's listing version stays.
                 still_on_device = session.exec(  # type: ignore[call-overload]
                     sa.update(Event)
                     .where(col(Event.id) == event_id, col(Event.state) == "on_device")
-                    .values(state="on_device")
+                    .values(device_key=col(Event.device_key))
                 ).rowcount
                 if still_on_device:
                     session.add(command)

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
 from .clock import utcnow
+from .listing_json import LISTED_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -346,16 +347,16 @@ _USAGE_BACKFILL = (
 
 
 class ListingVersion(SQLModel, table=True):
-    """A number that changes whenever a device's events change: a page read at one version is the
-    page as long as the version stays (listing.py keeps recent pages by it, and asks for this one
-    row instead of the page's 50).
+    """A number that changes whenever what a listing shows of a device's events changes: a page
+    read at one version is the page as long as the version stays (listing.py keeps recent pages by
+    it, and asks for this one row instead of the page's 50).
 
-    Drawn anew by triggers on `events`, in the transaction of every insert, delete and update,
-    whoever writes (as EventCount), at random rather than counted up: a database rolled back (a
-    failover to a standby without the last commits, a restore) would count up again from an
-    earlier number to one a replica has kept a page under, for other events. A device's row
-    stays when its last event goes, and TRUNCATE draws every row anew. A device without a row
-    reads as 0: it has no events."""
+    Drawn anew by triggers on `events`, in the transaction of every insert, delete and update of a
+    listed column (listing_json.LISTED_COLUMNS), whoever writes (as EventCount), at random rather
+    than counted up: a database rolled back (a failover to a standby without the last commits, a
+    restore) would count up again from an earlier number to one a replica has kept a page under,
+    for other events. A device's row stays when its last event goes, and TRUNCATE draws every row
+    anew. A device without a row reads as 0: it has no events."""
 
     __tablename__ = "listing_versions"
 
@@ -374,23 +375,28 @@ def _version_draws(devices: str, random: str) -> str:
 
 _SQLITE_RANDOM = "random()"  # 64 bits
 _POSTGRES_RANDOM = "(random() * 9.0e18)::bigint"  # 52 bits of randomness
-# Any UPDATE, whatever its columns: an UPDATE OF a list of the listed columns would go stale on
-# databases made before a column was added to the listing, as triggers are made once.
+# An UPDATE of a column a listing shows: one of the others (a thumbnail's claim, the media info
+# read from the file, a device key let go) leaves every page as it was, and its kept copies and
+# entity-tags current. A column added to the listing changes these statements, and so the
+# table's generation (_KEPT_TABLES): databases made before get the new list at their next start.
+# The counters' and the usage's columns are listed columns (tests/unit/test_listing_cache.py), so
+# every UPDATE that fires their triggers fires this one first (below).
+_UPDATE_OF_LISTED = f"UPDATE OF {', '.join(LISTED_COLUMNS)}"
 _SQLITE_VERSION_TRIGGERS = tuple(
     f"CREATE TRIGGER IF NOT EXISTS events_changed{suffix} AFTER {event} ON events "
     f"BEGIN {_version_draws(devices, _SQLITE_RANDOM)}; END"
     for suffix, event, devices in (
         ("_insert", "INSERT", "SELECT NEW.device AS device"),
         ("_delete", "DELETE", "SELECT OLD.device AS device"),
-        ("", "UPDATE", "SELECT OLD.device AS device UNION SELECT NEW.device"),
+        ("", _UPDATE_OF_LISTED, "SELECT OLD.device AS device UNION SELECT NEW.device"),
     )
 )
 # As _POSTGRES_TRIGGERS: inserts and deletes once per statement, updates per row, TRUNCATE draws
 # every row anew. Named to fire before events_count* and events_usage* (PostgreSQL fires a
-# relation's triggers of one event by name): every statement on events locks its device's
-# version row before its counter rows, so two writers of one device never each hold a row the
-# other waits for (a transaction that deletes an event of one type and inserts one of another,
-# beside an insert of the second type, did: review of the first version).
+# relation's triggers of one event by name): every statement on events that changes its counters
+# locks its device's version row before its counter rows, so two writers of one device never each
+# hold a row the other waits for (a transaction that deletes an event of one type and inserts one
+# of another, beside an insert of the second type, did: review of the first version).
 _POSTGRES_VERSION_TRIGGERS = (
     "CREATE OR REPLACE FUNCTION events_changed() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
     f"{_version_draws('SELECT OLD.device AS device UNION SELECT NEW.device', _POSTGRES_RANDOM)}; "
@@ -399,7 +405,7 @@ _POSTGRES_VERSION_TRIGGERS = (
     f"{_version_draws('SELECT DISTINCT device FROM inserted', _POSTGRES_RANDOM)}; RETURN NULL; END $$",
     "CREATE OR REPLACE FUNCTION events_changed_deleted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
     f"{_version_draws('SELECT DISTINCT device FROM deleted', _POSTGRES_RANDOM)}; RETURN NULL; END $$",
-    "CREATE OR REPLACE TRIGGER events_changed AFTER UPDATE ON events "
+    f"CREATE OR REPLACE TRIGGER events_changed AFTER {_UPDATE_OF_LISTED} ON events "
     "FOR EACH ROW EXECUTE FUNCTION events_changed()",
     "CREATE OR REPLACE TRIGGER events_changed_insert AFTER INSERT ON events REFERENCING NEW TABLE AS inserted "
     "FOR EACH STATEMENT EXECUTE FUNCTION events_changed_inserted()",
@@ -469,7 +475,8 @@ _KEPT_TABLES = (
     _KeptTable(DeviceUsage, 1, ("events_usage",), _SQLITE_USAGE_TRIGGERS, _POSTGRES_USAGE_TRIGGERS,
                _USAGE_BACKFILL, _USAGE_BACKFILL),
     # events_listing*: the first version of these triggers (e5e91f9, 2026-12-01), counting up.
-    _KeptTable(ListingVersion, 1, ("events_changed", "events_listing"), _SQLITE_VERSION_TRIGGERS,
+    # Generation 2 (2026-12-01): UPDATE OF the listed columns, where 1 drew a version at any UPDATE.
+    _KeptTable(ListingVersion, 2, ("events_changed", "events_listing"), _SQLITE_VERSION_TRIGGERS,
                _POSTGRES_VERSION_TRIGGERS, _version_backfill(_SQLITE_RANDOM), _version_backfill(_POSTGRES_RANDOM)),
 )
 # How long a start waits to replace the triggers of a table that has them (PostgreSQL): the lock it

@@ -140,6 +140,16 @@ def test_pull_queues_one_command_while_open(devices, gallery, device_principal, 
     assert len(commands(gallery, event.id)) == 1
 
 
+def test_a_pull_leaves_the_listing_as_it_was(devices, gallery, device_principal, principal):
+    """Opening a pull locks the event's row by a write that changes nothing a listing shows: a
+    client polling the device's page with its ETag is answered 304 until the content comes."""
+    event = announce(devices, device_principal)
+    listed = gallery.list_answer(principal, DEVICE, "json")
+    assert devices.pull(principal, DEVICE, event.id).pull.state == "pending"
+    assert len(commands(gallery, event.id)) == 1
+    assert gallery.list_answer(principal, DEVICE, "json", if_none_match=listed.etag).page is None
+
+
 def test_concurrent_pulls_queue_one_command(devices, gallery, device_principal, principal):
     event = announce(devices, device_principal)
     threads = [threading.Thread(target=devices.pull, args=(principal, DEVICE, event.id)) for _ in range(8)]

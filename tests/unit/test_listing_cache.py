@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,15 +14,18 @@ from collections.abc import Callable, Iterator
 import pytest
 import sqlalchemy as sa
 
-from gallery_server import auth, listing
+from gallery_server import auth, listing, models, thumbnails
 from gallery_server.db import Database
 from gallery_server.listing import Listing
+from gallery_server.listing_json import LISTED_COLUMNS
 from gallery_server.models import Event
 from gallery_server.service import Gallery
 from gallery_server.storage import Storage
+from gallery_server.thumbnails import Thumbnailer
 
 from ..conftest import statements_run
 from .test_service import JPEG, store
+from .test_thumbnails import png
 
 EVENTS = Event.__table__  # type: ignore[attr-defined]
 
@@ -173,6 +177,73 @@ def test_every_change_a_listing_shows_is_served_at_once(gallery: Gallery, replic
             assert now == truth_now and now.etag != before.etag, (device, printed)
 
 
+def _another(column: sa.Column[object], value: object) -> object:
+    """A value of `column`'s type unlike `value`, of no greater length."""
+    kind = getattr(column.type, "impl", column.type)  # the type a TypeDecorator (UTC times) stores
+    if isinstance(kind, sa.Boolean):
+        return not value
+    if isinstance(kind, sa.Integer):
+        return int(value or 0) + 1  # type: ignore[call-overload]
+    if isinstance(kind, sa.DateTime):
+        return (value or datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)) + datetime.timedelta(seconds=1)  # type: ignore[operator]
+    text = str(value or "")
+    return text[:-1] + ("y" if text.endswith("x") else "x")
+
+
+def test_only_an_update_of_a_column_a_listing_shows_draws_a_new_version(gallery: Gallery) -> None:
+    """Each column of `events` changed alone, as this server's writes or another tool's SQL may:
+    those no listing shows (a thumbnail's claim, the media info read from the file, a device key
+    let go) leave the device's pages current (kept, and their entity-tags answered 304)."""
+    with gallery.db.engine.begin() as c:
+        c.execute(EVENTS.insert(), [_row(0), _row(1)])
+    drawing = set()
+    changed = EVENTS.c.id == _row(0)["id"]
+    for column in EVENTS.columns:
+        with gallery.db.engine.connect() as c:
+            value = c.execute(sa.select(column).where(changed)).scalar()
+        before = versions(gallery.db)["cam1"]
+        with gallery.db.engine.begin() as c:
+            assert c.execute(EVENTS.update().where(changed).values({column.name: _another(column, value)})).rowcount
+        if versions(gallery.db).get("cam1") != before:
+            drawing.add(column.name)
+        with gallery.db.engine.begin() as c:  # back to two rows of cam1 for the next column
+            c.execute(EVENTS.delete())
+            c.execute(EVENTS.insert(), [_row(0), _row(1)])
+    assert drawing == set(LISTED_COLUMNS)
+
+
+def test_a_server_made_thumbnail_draws_a_new_version_once_made(gallery: Gallery, principal: auth.Principal,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each image stored without a thumbnail is claimed for one, then made or failed: the claims
+    and a failure show nothing new, a made thumbnail does (`has_thumbnail`). A client polling
+    with the page's ETag is answered 304 until then."""
+    good = store(gallery, principal, data=png(), name="good.png")
+    broken = store(gallery, principal, data=JPEG, name="broken.jpg")  # JPEG's magic bytes alone
+    stored = gallery.list_answer(principal, "cam1", "json")
+    before = versions(gallery.db)["cam1"]
+    seen: list[int] = []
+    make = thumbnails.make
+
+    def make_while_looking(media_type: str, path: object) -> object:
+        seen.append(versions(gallery.db)["cam1"])
+        return make(media_type, path)
+
+    monkeypatch.setattr(thumbnails, "make", make_while_looking)
+    assert Thumbnailer(gallery).work_once() == [broken.id, good.id]  # newest first
+    assert seen == [before, before]  # each claimed in turn, the first failed meanwhile
+    assert [(e.id, e.has_thumbnail) for e in gallery.list_page(principal, "cam1")[0]] == [
+        (broken.id, False), (good.id, True)]
+    assert gallery.list_answer(principal, "cam1", "json", if_none_match=stored.etag).page is not None
+
+
+def test_the_counters_columns_are_listed_columns() -> None:
+    """So every UPDATE that fires the counters' or the usage's triggers fires the version's too,
+    before them on PostgreSQL: the lock order of the test below holds for updates as well."""
+    counted = [m.group(1) for kept in models._KEPT_TABLES for statement in kept.postgres + kept.sqlite
+               if (m := re.search(r"UPDATE OF ([\w, ]+) ON events", statement))]
+    assert counted and all(set(columns.split(", ")) <= set(LISTED_COLUMNS) for columns in counted), counted
+
+
 def test_the_pages_answered_are_counted_as_kept_or_read(gallery: Gallery, principal: auth.Principal) -> None:
     """What the metrics show (gallery_listing_pages_*): an operator tells the share of pages kept."""
     pages = gallery.listing.kept
@@ -195,8 +266,8 @@ def test_a_page_is_served_kept_until_the_next_write(gallery: Gallery, principal:
     with statements_run(gallery.db) as statements:
         assert gallery.list_page_json(principal, "cam1") == page
     assert len(statements) == 1, statements
-    with gallery.db.engine.begin() as c:  # any UPDATE is a change: the triggers name no columns
-        c.execute(sa.text("UPDATE events SET thumbnail_attempts = 3 WHERE name = '1.png'"))
+    with gallery.db.engine.begin() as c:  # an UPDATE of a listed column, even to its own value
+        c.execute(sa.text("UPDATE events SET name = name WHERE name = '1.png'"))
     assert versions(gallery.db)["cam1"] != before["cam1"]
     with statements_run(gallery.db) as statements:
         assert gallery.list_page_json(principal, "cam1") == page

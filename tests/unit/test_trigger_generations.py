@@ -24,7 +24,7 @@ from .test_service import store
 GENERATIONS = {
     "event_counts": {1: "966f245d57dc6f73"},
     "device_usage": {1: "344d26d7baff1cea"},
-    "listing_versions": {1: "bf690f8e8a4bb496"},
+    "listing_versions": {1: "bf690f8e8a4bb496", 2: "3fdcc901b2a377fc"},
 }
 CURRENT = {table: max(generations) for table, generations in GENERATIONS.items()}
 
@@ -83,10 +83,12 @@ def _an_older_releases_version_trigger(gallery: Gallery, generation: int | None)
         _set_generation(c, generation)
 
 
-def _unlisted_update_changes_the_version(gallery: Gallery) -> bool:
+def _a_mime_type_change_draws_a_version(gallery: Gallery) -> bool:
+    """True under this release's triggers, False under the older release's of
+    _an_older_releases_version_trigger."""
     before = versions(gallery.db)["cam1"]
     with gallery.db.engine.begin() as c:
-        c.exec_driver_sql("UPDATE events SET thumbnail_attempts = thumbnail_attempts + 1")
+        c.exec_driver_sql("UPDATE events SET mime_type = mime_type || 'x'")
     return versions(gallery.db)["cam1"] != before
 
 
@@ -128,13 +130,13 @@ def test_triggers_of_an_earlier_generation_are_replaced(gallery: Gallery, princi
     store(gallery, principal)
     expected = _triggers(gallery)
     _an_older_releases_version_trigger(gallery, generation)
-    assert not _unlisted_update_changes_the_version(gallery)  # the older release's trigger
+    assert not _a_mime_type_change_draws_a_version(gallery)  # the older release's trigger
     with caplog.at_level(logging.INFO, logger="gallery_server.models"):
         gallery.db.create_tables()
     assert [r.getMessage() for r in caplog.records if r.name == "gallery_server.models"] == ["triggers replaced"]
     assert _triggers(gallery) == expected
     assert _recorded(gallery)["listing_versions"] == CURRENT["listing_versions"]
-    assert _unlisted_update_changes_the_version(gallery)  # this release's, under the same name
+    assert _a_mime_type_change_draws_a_version(gallery)  # this release's, under the same name
     before = versions(gallery.db)["cam1"]
     _writes(gallery, principal)
     assert _counts_are_the_events(gallery) and versions(gallery.db)["cam1"] != before
@@ -197,7 +199,7 @@ def test_triggers_of_a_later_generation_are_left_as_they_are(gallery: Gallery, p
     later = _triggers(gallery)
     gallery.db.create_tables()
     assert _triggers(gallery) == later
-    assert not _unlisted_update_changes_the_version(gallery)
+    assert not _a_mime_type_change_draws_a_version(gallery)
     assert _recorded(gallery)["listing_versions"] == 99
 
 
@@ -220,10 +222,10 @@ def test_a_start_that_cannot_lock_events_in_time_keeps_the_triggers_it_found(
     assert [r.getMessage() for r in caplog.records if r.name == "gallery_server.models"] == [
         "triggers of an earlier generation kept: events was not free to replace them in time;"
         " the next start tries again"]
-    assert "listing_versions" not in _recorded(gallery) and not _unlisted_update_changes_the_version(gallery)
+    assert "listing_versions" not in _recorded(gallery) and not _a_mime_type_change_draws_a_version(gallery)
     gallery.db.create_tables()
     assert _recorded(gallery)["listing_versions"] == CURRENT["listing_versions"]
-    assert _unlisted_update_changes_the_version(gallery)
+    assert _a_mime_type_change_draws_a_version(gallery)
 
 
 def test_the_row_counting_trigger_of_2026_11_28_is_replaced(gallery: Gallery, principal: auth.Principal) -> None:
