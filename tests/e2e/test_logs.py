@@ -153,7 +153,7 @@ def test_every_answer_through_envoy_names_its_request_id(stack, auth_headers) ->
     """Errors too, the server's and Envoy's own, REST and native: what a client quotes in a report."""
     with httpx.Client(base_url=stack.base_url, timeout=30) as http:
         refused = http.get(f"/api/gallery/{DEVICE}/stats")  # no token: the server's 401
-        assert refused.status_code == 401
+        assert refused.status_code == 401 and len(refused.headers.get_list("x-request-id")) == 1
         assert access_line(stack, refused.headers["x-request-id"])["reason"] == "TOKEN_MISSING"
         assert http.get("/no/such/path").headers["x-request-id"]  # Envoy's own 404
     with grpc.insecure_channel(stack.envoy_grpc_address) as channel:
@@ -162,3 +162,33 @@ def test_every_answer_through_envoy_names_its_request_id(stack, auth_headers) ->
             pb.GetStatsRequest(device=DEVICE), metadata=[("authorization", token)])[1]
         ids = [value for key, value in call.initial_metadata() if key == "x-request-id"]
     assert len(ids) == 1 and access_line(stack, ids[0])["method"] == "/gallery.v1.GalleryService/GetStats"
+    assert "x-request-id" not in dict(call.trailing_metadata())  # Envoy sent its id: the server adds none
+
+
+def _trailing_request_ids(call: grpc.Call) -> list[str]:
+    return [value for key, value in call.trailing_metadata() if key == "x-request-id"]
+
+
+def test_a_native_client_on_the_direct_port_gets_the_request_id_the_server_made(stack, auth_headers) -> None:  # type: ignore[no-untyped-def]
+    """In the trailing metadata, beside the status: an answer, an error and a stream's end each name
+    the id of their access line. A client that sent an id of its own gets nothing added."""
+    token = [("authorization", auth_headers(devices=[DEVICE])["Authorization"])]
+    with grpc.insecure_channel(stack.grpc_address) as channel:
+        stub = gallery_pb2_grpc.GalleryServiceStub(channel)
+        answered = stub.GetStats.with_call(pb.GetStatsRequest(device=DEVICE), metadata=token)[1]
+        try:
+            stub.GetEvent(pb.GetEventRequest(device=DEVICE, event_id="evt_" + "A" * 22), metadata=token)
+            raise AssertionError("an event that does not exist was found")
+        except grpc.RpcError as exc:
+            refused = exc
+        streamed = stub.ListEvents(pb.ListEventsRequest(device=DEVICE), metadata=token)
+        list(streamed)  # to its end: the trailing metadata comes with the status
+        own = stub.GetStats.with_call(pb.GetStatsRequest(device=DEVICE),
+                                      metadata=[*token, ("x-request-id", "client-trace-17")])[1]
+    expected = {answered: ("GetStats", "OK"), refused: ("GetEvent", "NOT_FOUND"), streamed: ("ListEvents", "OK")}
+    for call, (method, code) in expected.items():
+        [request_id] = _trailing_request_ids(call)
+        line = access_line(stack, request_id)
+        assert line is not None and (line["method"], line["code"]) == (f"/gallery.v1.GalleryService/{method}", code)
+    assert refused.code() == grpc.StatusCode.NOT_FOUND and refused.details()  # its status as before
+    assert _trailing_request_ids(own) == [] and access_line(stack, "client-trace-17") is not None

@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from gallery_server import auth, logs, validation
+from gallery_server.errors import NotFound
 from gallery_server.metrics import Metrics
 from gallery_server.rpc.interceptor import GalleryInterceptor, current_principal
 
@@ -42,6 +43,10 @@ class _Call:
         self._metadata = metadata
         self._active = active
         self._time_remaining = time_remaining
+        self.trailing_metadata: tuple[tuple[str, str], ...] = ()
+
+    def set_trailing_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.trailing_metadata = metadata
 
     def time_remaining(self) -> float | None:
         return self._time_remaining
@@ -56,6 +61,7 @@ class _Call:
         return "ipv4:127.0.0.1:40000"
 
     def abort_with_status(self, status: Any) -> None:
+        self.aborted = status
         if not self._active:
             raise AssertionError(f"aborted with {status}")
         raise _Aborted(status.code)
@@ -235,7 +241,29 @@ def test_a_callers_request_id_is_kept_only_in_a_plain_form(mint: Callable[..., s
         _Details(METHOD),
     )
     assert unary is not None
-    unary.unary_unary(object(), _Call([("authorization", f"Bearer {mint()}"), ("x-request-id", offered)]))
+    call = _Call([("authorization", f"Bearer {mint()}"), ("x-request-id", offered)])
+    unary.unary_unary(object(), call)
     [request_id] = seen
     assert (request_id == offered) is kept
     assert re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", request_id)
+    # The id the server made is returned to quote; a caller's own is not sent back.
+    assert call.trailing_metadata == (() if kept else (("x-request-id", request_id),))
+
+
+@pytest.mark.parametrize("error", [RuntimeError("a bug"), NotFound("EVENT_NOT_FOUND", "no such event")])
+def test_an_error_keeps_the_request_id_made_beside_its_own_trailing_metadata(
+    mint: Callable[..., str], error: Exception,
+) -> None:
+    def fail(request: Any, context: Any) -> None:
+        raise error
+
+    unary = GalleryInterceptor(auth.Verifier(secret=JWT_SECRET)).intercept_service(
+        lambda details: grpc.unary_unary_rpc_method_handler(fail), _Details(METHOD),
+    )
+    assert unary is not None
+    call = _Call([("authorization", f"Bearer {mint()}")])
+    with pytest.raises(_Aborted):
+        unary.unary_unary(object(), call)
+    [made] = call.trailing_metadata
+    assert made[0] == "x-request-id" and made in call.aborted.trailing_metadata
+    assert any(key == "grpc-status-details-bin" for key, _ in call.aborted.trailing_metadata)

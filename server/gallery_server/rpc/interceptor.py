@@ -8,7 +8,9 @@ The interceptor wraps each method handler so that, inside the worker thread runn
   becomes a generic INTERNAL, so no exception text reaches a client;
 - one access-log line records method, code (CANCELLED or DEADLINE_EXCEEDED when the client was
   gone before the answer), reason, duration, subject, the device the request names (logs.note),
-  peer, X-Forwarded-For and request id (never a token);
+  peer, X-Forwarded-For and request id (never a token); a caller that sent no usable id (a
+  native client on the direct port: Envoy always sends one) gets the one the server made in
+  the trailing metadata, `x-request-id`, to quote;
 - a request message that does not parse (text that is not UTF-8, bytes that are not protobuf)
   is INVALID_ARGUMENT `MALFORMED_REQUEST` once authentication passed, not grpcio's INTERNAL;
 - the chunks of an upload's body and of a download skip protobuf's copies (chunks.py).
@@ -60,6 +62,7 @@ MAX_FORWARDED_CHARS = 256
 # tracing id. Anything else (a direct client's kilobytes, or a value made to look like a second
 # record) is replaced by one of the server's.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+REQUEST_ID_HEADER = "x-request-id"
 
 _principal: contextvars.ContextVar[auth.Principal] = contextvars.ContextVar("principal")
 
@@ -287,8 +290,17 @@ class _Call:
         self.metrics = metrics
         self.context = context
         self.metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
-        offered = self.metadata.get("x-request-id", "")
-        self.request_id = offered if _REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
+        offered = self.metadata.get(REQUEST_ID_HEADER, "")
+        # The id made for a caller that sent none it could use, returned in the trailing metadata
+        # (with the answer's status, in the batch grpcio sends anyway): a native client on the
+        # direct port can quote it, as a REST client quotes the header Envoy returns.
+        self.made_id: tuple[tuple[str, str], ...] = ()
+        if _REQUEST_ID.fullmatch(offered):
+            self.request_id = offered
+        else:
+            self.request_id = uuid.uuid4().hex
+            self.made_id = ((REQUEST_ID_HEADER, self.request_id),)
+            context.set_trailing_metadata(self.made_id)
         self.call_request_id = ""  # this call's own id, when it serves another request's (on_behalf_of)
         self.subject = ""
         self.fields: dict[str, str | list[str]] = {}  # logs.note(): what the call is about (its device)
@@ -305,7 +317,7 @@ class _Call:
 
     def fail(self, exc: BaseException) -> None:
         if isinstance(exc, GalleryError):
-            mapped = status.to_status(exc)
+            mapped = status.to_status(exc, self.made_id)
             self.code, self.reason = mapped.code.name, exc.reason
             self.context.abort_with_status(mapped)
         if isinstance(exc, GeneratorExit):  # grpcio closed the answer stream: its client went
@@ -319,7 +331,7 @@ class _Call:
         self.code = "INTERNAL"
         log.error("unexpected error in %s", self.method, exc_info=exc,
                   extra={"request_id": self.request_id})
-        self.context.abort_with_status(status.internal_status())
+        self.context.abort_with_status(status.internal_status(self.made_id))
 
     def log(self) -> None:
         """The call's access line, and its count and duration in the metrics."""

@@ -7,6 +7,7 @@ metadata) and, when a request field is at fault, a BadRequest field violation (A
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import grpc
 from google.protobuf import any_pb2
@@ -79,7 +80,9 @@ def _code(error: errors.GalleryError) -> int:
     return code_pb2.INTERNAL
 
 
-def to_status(error: errors.GalleryError) -> grpc.Status:
+def to_status(error: errors.GalleryError, trailing_metadata: Iterable[tuple[str, str]] = ()) -> grpc.Status:
+    """The status `error` maps to, with its details and the headers its HTTP answer needs in the
+    trailing metadata, and `trailing_metadata` besides."""
     details = [
         error_details_pb2.ErrorInfo(
             reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
@@ -103,7 +106,7 @@ def to_status(error: errors.GalleryError) -> grpc.Status:
             details=packed,
         )
     )
-    extra: list[tuple[str, str]] = []
+    extra = list(trailing_metadata)
     if (http_status := _HTTP_STATUS.get(error.reason) or _HTTP_STATUS_OF_KIND.get(type(error))) is not None:
         extra.append((HTTP_STATUS_HEADER, http_status))
     if isinstance(error, errors.Unauthenticated):
@@ -126,7 +129,8 @@ class _Status(grpc.Status):
         self.trailing_metadata = trailing_metadata
 
 
-def internal_status() -> grpc.Status:
-    return rpc_status.to_status(status_pb2.Status(
+def internal_status(trailing_metadata: Iterable[tuple[str, str]] = ()) -> grpc.Status:
+    mapped = rpc_status.to_status(status_pb2.Status(
         code=code_pb2.INTERNAL, message="internal error; the server log has the details"
     ))
+    return _Status(mapped.code, mapped.details, (*mapped.trailing_metadata, *trailing_metadata))
