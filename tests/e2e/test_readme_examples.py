@@ -182,6 +182,8 @@ def assert_answer_as_shown(example: Example, out: bytes) -> None:
             assert name in headers, (example.command, name, headers)
             if not re.search(r"\d|\.\.\.", value):  # a value that is the same for every file
                 assert headers[name] == value, (example.command, name, headers[name])
+        if "no body" in example.said:
+            assert final.split(b"\r\n\r\n", 1)[1] == b"", example.command
         assert shown_headers or "no body" in example.said
         return
     answer = json.loads(out)
@@ -208,12 +210,10 @@ def test_the_rest_examples_run_as_written(make_run_stack: Stack, mint: Callable[
                                           tmp_path: pathlib.Path) -> None:
     stack, token = make_run_stack, mint(devices=[DEVICE])
     device_url = stack.url(f"/api/gallery/{DEVICE}")
-    picture = io.BytesIO()
-    Image.effect_noise((640, 480), 60).convert("RGB").save(picture, "JPEG", quality=90)
-    capture = picture.getvalue()
+    capture, thumb = (_jpeg(Image.effect_noise(size, 60).convert("RGB")) for size in ((640, 480), (160, 120)))
     inputs, downloads = tmp_path / "in", tmp_path / "out"
     inputs.mkdir(), downloads.mkdir()
-    for placeholder, data in zip(INPUTS, (capture, random_bytes(300_000), capture[:2] + b"\x00" * 500), strict=True):
+    for placeholder, data in zip(INPUTS, (capture, random_bytes(300_000), thumb), strict=True):
         (inputs / pathlib.Path(placeholder).name).write_bytes(data)
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(timeout=30) as http:
@@ -258,6 +258,13 @@ def test_the_rest_examples_run_as_written(make_run_stack: Stack, mint: Callable[
         assert sorted(event["name"] for event in listed) == ["capture.jpg", "clip.mp4", "video.mp4"]
         [video] = [event for event in listed if event["name"] == "video.mp4"]
         assert video["has_thumbnail"] is True  # its thumbnail PUT, after the media
+        assert http.get(f"{device_url}/events/{video['id']}/thumbnail", headers=headers).content == thumb
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
 
 
 def test_the_resumable_rest_example_runs_as_written(make_run_stack: Stack, mint: Callable[..., str],
