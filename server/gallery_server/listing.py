@@ -16,6 +16,7 @@ import collections
 import datetime
 import functools
 import hashlib
+import logging
 import sys
 import threading
 from collections.abc import Callable
@@ -24,12 +25,14 @@ from typing import Any, Generic, Literal, NamedTuple, TypeVar
 import cachetools
 import sqlalchemy as sa
 
-from . import listing_json, paging
+from . import listing_json, models, paging
 from .db import Database
 from .downloads import PRECONDITION_FAILED_REASON, entity_tags, none_match
 from .errors import FailedPrecondition
 from .listing_json import LISTED_COLUMNS
 from .models import Event, ListingVersion
+
+log = logging.getLogger(__name__)
 
 # A listed event: a row of LISTED_COLUMNS (what a listing shows) with their names, read-only.
 ListedEvent = collections.namedtuple("ListedEvent", LISTED_COLUMNS)  # type: ignore[misc]
@@ -52,7 +55,7 @@ Printed = Literal["json", "rows"]  # a page as the REST listing's JSON, or as ro
 class ListingAnswer(NamedTuple, Generic[Page]):
     """A listing request's answer: the page, or None when If-None-Match named its entity-tag (the
     client's copy is current); the next page's token ("" after the last page, and with no page);
-    the page's entity-tag (etag)."""
+    the page's entity-tag (etag; "" while the listing versions are not this release's: Listing)."""
 
     page: Page | None
     next_page_token: str
@@ -251,8 +254,21 @@ class Listing:
     """Pages of events on one database."""
 
     def __init__(self, db: Database, *, cache_bytes: int = 0) -> None:
-        """`cache_bytes`: how much of the pages read lately to keep (PageCache); 0 keeps none."""
+        """`cache_bytes`: how much of the pages read lately to keep (PageCache); 0 keeps none.
+
+        Pages are kept, tagged and answered 304 by the device's listing version only while this
+        release's triggers draw it (models.listing_versions_current, looked at once, here): else
+        a change of a column this release lists but those triggers do not name would leave a page
+        kept, or a client's copy, current for as long as they stay. Until a start replaces them,
+        this process reads every page, and answers it without an ETag (one given now could pass
+        for current later, at a version such a change left as it was)."""
         self.db = db
+        with db.engine.connect() as connection:
+            self.versions_current = models.listing_versions_current(connection)
+        if not self.versions_current:
+            log.warning("listing versions are drawn by another release's triggers: pages are neither kept nor"
+                        " tagged until a start of this release replaces them")
+            cache_bytes = 0
         self.kept = PageCache(db, cache_bytes)
         # Requests answered 304, since the start: If-None-Match named the page's tag (metrics).
         self.not_modified = 0
@@ -290,7 +306,7 @@ class Listing:
                 field="if_match",
             )
         version = None
-        if if_none_match:
+        if if_none_match and self.versions_current:
             version = self.kept.version(device)
             if none_match(if_none_match, _opaque_tag(printed, query, version)):
                 with self._count_lock:
@@ -302,7 +318,7 @@ class Listing:
         )
         if printed == "rows":
             body = list(body)  # the kept list stays as read, whatever the caller does
-        return ListingAnswer(body, next_page_token, etag(printed, query, version))
+        return ListingAnswer(body, next_page_token, etag(printed, query, version) if self.versions_current else "")
 
     def _read_page_rows(
         self, query: paging.ListQuery, statement: sa.Select[Any], parameters: dict[str, Any], version: int | None

@@ -375,10 +375,11 @@ def _version_draws(devices: str, random: str) -> str:
 
 _SQLITE_RANDOM = "random()"  # 64 bits
 _POSTGRES_RANDOM = "(random() * 9.0e18)::bigint"  # 52 bits of randomness
-# An UPDATE of a column a listing shows: one of the others (a thumbnail's claim, the media info
-# read from the file, a device key let go) leaves every page as it was, and its kept copies and
-# entity-tags current. A column added to the listing changes these statements, and so the
-# table's generation (_KEPT_TABLES): databases made before get the new list at their next start.
+# An UPDATE of a column a listing shows: one of the others (a thumbnail's claim, a thumbnail that
+# cannot be made, a pull's row lock, a tool's edit of the metadata) leaves every page as it was,
+# and its kept copies and entity-tags current. A column added to the listing changes these
+# statements, and so the table's generation (_KEPT_TABLES): databases made before get the new
+# list at their next start, and until then listing.Listing trusts no version (its docstring).
 # The counters' and the usage's columns are listed columns (tests/unit/test_listing_cache.py), so
 # every UPDATE that fires their triggers fires this one first (below).
 _UPDATE_OF_LISTED = f"UPDATE OF {', '.join(LISTED_COLUMNS)}"
@@ -482,8 +483,24 @@ _KEPT_TABLES = (
 # How long a start waits to replace the triggers of a table that has them (PostgreSQL): the lock it
 # takes on `events` queues every write behind it, and an open write transaction, or VACUUM, may
 # hold `events` for long. A start that cannot have it in time keeps the triggers it found (they
-# work: an earlier generation is only slower or less exact), says so, and tries again at the next.
+# work: an earlier generation is only slower or less exact; the listing's versions are not trusted
+# then, listing.Listing), says so, and tries again at the next.
 REPLACE_LOCK_TIMEOUT_MS = 2000
+
+
+def listing_versions_current(connection: sa.Connection) -> bool:
+    """Whether the listing versions are drawn by this release's triggers: a start that could not
+    replace an earlier generation in time kept it (REPLACE_LOCK_TIMEOUT_MS), and one that names
+    fewer columns than this release's listing shows draws no version when one of the others
+    changes (a later generation may name fewer too). False also where there is no record (a
+    database this release's schema step has not seen)."""
+    kept = next(kept for kept in _KEPT_TABLES if kept.model is ListingVersion)
+    generations = TriggerGeneration.__table__  # type: ignore[attr-defined]
+    if not sa.inspect(connection).has_table(generations.name):
+        return False
+    recorded = connection.execute(sa.select(generations.c.generation).where(
+        generations.c.kept_table == ListingVersion.__tablename__)).scalar()
+    return bool(recorded == kept.generation)
 
 
 def trigger_names(connection: sa.Connection) -> list[str]:

@@ -5,13 +5,19 @@ restarted during a rolling upgrade must."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+from collections.abc import Callable
 
+import grpc
 import pytest
 import sqlalchemy as sa
 
+from gallery.v1 import gallery_pb2 as pb
+from gallery.v1 import gallery_pb2_grpc
 from gallery_server import auth, models
+from gallery_server.listing import Listing
 from gallery_server.service import Gallery
 
 from .test_listing_cache import versions
@@ -251,3 +257,76 @@ def test_the_row_counting_trigger_of_2026_11_28_is_replaced(gallery: Gallery, pr
     assert _triggers(gallery) == expected  # inserts and deletes counted by statement again
     _writes(gallery, principal)
     assert _counts_are_the_events(gallery)
+
+
+def test_generation_1_is_replaced_and_an_unlisted_update_then_draws_no_version(gallery: Gallery,
+                                                                              principal: auth.Principal) -> None:
+    """The upgrade from the release of the morning of 2026-12-01, whose UPDATE trigger fired on any
+    column: its own statements (their digest is generation 1's), recorded as generation 1."""
+    kept = next(kept for kept in models._KEPT_TABLES if kept.model is models.ListingVersion)
+    generation_1 = dataclasses.replace(kept, **{
+        database: tuple(s.replace(models._UPDATE_OF_LISTED, "UPDATE") for s in kept.statements(database == "postgres"))
+        for database in ("sqlite", "postgres")})
+    assert _digest(generation_1) == GENERATIONS["listing_versions"][1]
+    store(gallery, principal)
+    expected = _triggers(gallery)
+    with gallery.db.engine.begin() as c:
+        _drop_version_triggers(c)
+        for statement in generation_1.statements(c.dialect.name == "postgresql"):
+            c.exec_driver_sql(statement)
+        _set_generation(c, 1)
+    before = versions(gallery.db)["cam1"]
+    with gallery.db.engine.begin() as c:
+        c.exec_driver_sql("UPDATE events SET thumbnail_attempts = thumbnail_attempts + 1")
+    assert versions(gallery.db)["cam1"] != before  # generation 1: any UPDATE
+    gallery.db.create_tables()
+    assert _triggers(gallery) == expected and _recorded(gallery)["listing_versions"] == CURRENT["listing_versions"]
+    before = versions(gallery.db)["cam1"]
+    with gallery.db.engine.begin() as c:
+        c.exec_driver_sql("UPDATE events SET thumbnail_attempts = thumbnail_attempts + 1")
+    assert versions(gallery.db)["cam1"] == before
+    assert _a_mime_type_change_draws_a_version(gallery)
+
+
+@pytest.mark.parametrize("generation", [1, 99, None], ids=["an earlier one", "a later one", "none recorded"])
+def test_a_listing_on_another_generations_triggers_keeps_no_page_and_gives_no_tag(
+    gallery: Gallery, principal: auth.Principal, caplog: pytest.LogCaptureFixture, generation: int | None,
+) -> None:
+    """Triggers a start kept (it could not replace them in time, or they are a newer release's)
+    may name fewer columns than this release lists: a change of another would draw no version, so
+    no page read at a version may stand for a later one. Each page is read, and carries no tag."""
+    store(gallery, principal)
+    current = Listing(gallery.db, cache_bytes=1 << 20)
+    tag = current.answer("json", "cam1").etag
+    assert tag and current.answer("json", "cam1", if_none_match=tag).page is None
+    with gallery.db.engine.begin() as c:
+        _set_generation(c, generation)
+    with caplog.at_level(logging.WARNING, logger="gallery_server.listing"):
+        listing = Listing(gallery.db, cache_bytes=1 << 20)
+    assert [r.getMessage() for r in caplog.records if r.name == "gallery_server.listing"] == [
+        "listing versions are drawn by another release's triggers: pages are neither kept nor tagged until a start"
+        " of this release replaces them"]
+    for printed in ("json", "rows", "json", "rows"):
+        answer = listing.answer(printed, "cam1", if_none_match=tag)  # type: ignore[arg-type]
+        assert answer.page == current.answer(printed, "cam1").page and answer.etag == ""
+    assert (listing.kept.served_kept, listing.kept.served_read) == (0, 4)
+
+
+@pytest.fixture
+def a_later_releases_listing_triggers(gallery: Gallery) -> None:
+    """Recorded before the server starts, which leaves a later generation as it is."""
+    with gallery.db.engine.begin() as c:
+        _set_generation(c, 99)
+
+
+def test_a_server_on_another_releases_listing_triggers_sends_no_etag(
+    gallery: Gallery, a_later_releases_listing_triggers: None, grpc_port: int, mint: Callable[..., str],
+) -> None:
+    token = [("authorization", f"Bearer {mint(devices=['cam1'])}")]
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = gallery_pb2_grpc.GalleryServiceStub(channel)
+        body, call = stub.ListEventsJson.with_call(pb.ListEventsRequest(device="cam1"),
+                                                   metadata=[*token, ("if-none-match", "*")])
+    headers = dict(call.initial_metadata())
+    assert body.data == b"[]" and "etag" not in headers and "x-http-status" not in headers
+    assert headers["cache-control"] and "x-next-page-token" in headers

@@ -118,10 +118,12 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             context.send_initial_metadata(
                 ((HTTP_STATUS_HEADER, str(downloads.NOT_MODIFIED)), (downloads.ETAG, answer.etag), _LISTING_CACHING)
             )
-        else:
+        elif answer.etag:
             context.send_initial_metadata(
                 ((NEXT_PAGE_TOKEN_HEADER, answer.next_page_token), (downloads.ETAG, answer.etag), _LISTING_CACHING)
             )
+        else:  # the listing versions are not this release's (Listing): no tag to give
+            context.send_initial_metadata(((NEXT_PAGE_TOKEN_HEADER, answer.next_page_token), _LISTING_CACHING))
         return answer
 
     def GetEvent(self, request, context):  # type: ignore[no-untyped-def]
