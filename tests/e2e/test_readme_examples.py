@@ -216,6 +216,10 @@ def test_the_rest_examples_run_as_written(make_run_stack: Stack, mint: Callable[
     for placeholder, data in zip(INPUTS, (capture, random_bytes(300_000), thumb), strict=True):
         (inputs / pathlib.Path(placeholder).name).write_bytes(data)
     headers = {"Authorization": f"Bearer {token}"}
+    # curl's own configuration (CURL_HOME) has it print each answer's status after it: curl exits 0
+    # on a 4xx or 5xx, and the commands are run as written.
+    (tmp_path / ".curlrc").write_text('write-out = "\\n@status %{http_code}\\n"\n')
+    env = {**os.environ, "TOKEN": token, "CURL_HOME": str(tmp_path)}
     with httpx.Client(timeout=30) as http:
         # What the device already holds: a video (the listing asks for videos), and a capture to delete.
         def upload(name: str, media_type: str, data: bytes) -> str:
@@ -239,23 +243,29 @@ def test_the_rest_examples_run_as_written(make_run_stack: Stack, mint: Callable[
             command = command.replace(EVENT_ID, event_id).replace(CONTENT_ETAG, hashlib.sha256(capture).hexdigest())
             if "-C -" in command:  # a download cut midway, resumed
                 (downloads / "capture.jpg").write_bytes(capture[:1000])
-            ran = subprocess.run(["bash", "-c", command], cwd=downloads, env={**os.environ, "TOKEN": token},
-                                 capture_output=True, timeout=60)
+            ran = subprocess.run(["bash", "-c", command], cwd=downloads, env=env, capture_output=True, timeout=60)
             assert ran.returncode == 0, (command, ran.stderr.decode())
-            if json_shown(example.said) or re.search(r"^HTTP/1\.1 ", example.said, re.MULTILINE):
-                assert_answer_as_shown(example, ran.stdout)
-            if ran.stdout.startswith(b"{"):
-                answer = json.loads(ran.stdout)
-                assert answer.get("success", True) is True, (command, answer)
+            out, status = ran.stdout.rsplit(b"\n@status ", 1)
+            shown_status = re.search(r"^HTTP/1\.1 (\d{3})", example.said, re.MULTILINE)
+            expected = {int(shown_status.group(1))} if shown_status else {200, 206}  # 206: the resumed one
+            assert int(status) in expected, (command, status, out[:500])
+            if json_shown(example.said) or shown_status:
+                assert_answer_as_shown(example, out)
+            if out.startswith(b"{"):
+                answer = json.loads(out)
                 given = {**{k: v for k, v in answer.items() if isinstance(v, str)}, **given}  # the first id stays
+            if " -OJ " in command:  # saved under the name it was uploaded as, and nothing else
+                assert [path.name for path in downloads.iterdir()] == ["capture.jpg"]
+                assert (downloads / "capture.jpg").read_bytes() == capture
             if "-F \"event=@" in example.command:  # the server makes the capture's thumbnail
                 event_url = f"{device_url}/events/{given['eventId']}"
                 assert wait_until(lambda url=event_url: http.get(url, headers=headers).json()["has_thumbnail"], 30)
         assert "upload_url" in given and "thumbnail_upload_url" in given
-        assert (downloads / "capture.jpg").read_bytes() == capture  # curl -OJ, then resumed by curl -C -
+        assert (downloads / "capture.jpg").read_bytes() == capture  # resumed by curl -C -
         assert (downloads / "thumb.jpg").read_bytes()[:3] == b"\xff\xd8\xff"
         listed = http.get(f"{device_url}/events", headers=headers).json()
-        assert sorted(event["name"] for event in listed) == ["capture.jpg", "clip.mp4", "video.mp4"]
+        names = {event["name"] for event in listed}  # the resumable example's movie.mp4 too, if it ran first
+        assert {"capture.jpg", "clip.mp4", "video.mp4"} <= names and "old.jpg" not in names
         [video] = [event for event in listed if event["name"] == "video.mp4"]
         assert video["has_thumbnail"] is True  # its thumbnail PUT, after the media
         assert http.get(f"{device_url}/events/{video['id']}/thumbnail", headers=headers).content == thumb

@@ -150,6 +150,26 @@ def test_a_pull_leaves_the_listing_as_it_was(devices, gallery, device_principal,
     assert gallery.list_answer(principal, DEVICE, "json", if_none_match=listed.etag).page is None
 
 
+def test_a_pull_asked_for_while_its_content_is_stored_waits_for_the_store_and_opens_nothing(
+        devices, gallery, device_principal, principal):
+    """The pull's row lock: a store of the content holding the event's row until its commit (as
+    Gallery.store does) makes the pull wait, then find the event stored; no command is left open
+    for content already there."""
+    event = announce(devices, device_principal)
+    answers = []
+    with gallery.db.engine.connect() as c:
+        storing = c.begin()
+        c.execute(sa.update(Event).where(Event.id == event.id).values(state="stored"))
+        pulling = threading.Thread(target=lambda: answers.append(devices.pull(principal, DEVICE, event.id)))
+        pulling.start()
+        pulling.join(0.5)
+        assert pulling.is_alive()  # waiting for the row
+        storing.commit()
+    pulling.join(10)
+    [answer] = answers
+    assert answer.event.state == "stored" and commands(gallery, event.id) == []
+
+
 def test_concurrent_pulls_queue_one_command(devices, gallery, device_principal, principal):
     event = announce(devices, device_principal)
     threads = [threading.Thread(target=devices.pull, args=(principal, DEVICE, event.id)) for _ in range(8)]
