@@ -30,7 +30,7 @@ from .db import Database
 from .downloads import PRECONDITION_FAILED_REASON, entity_tags, none_match
 from .errors import FailedPrecondition
 from .listing_json import LISTED_COLUMNS
-from .models import Event, ListingVersion
+from .models import Event, ListingVersion, TriggerGeneration
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ _VERSIONS = ListingVersion.__table__.c  # type: ignore[attr-defined]
 # The device's listing version (no row: 0), alone and as a column of the pages the database prints.
 _VERSION = sa.select(_VERSIONS.version).where(_VERSIONS.device == sa.bindparam("device"))
 _VERSION_COLUMN = _VERSION.scalar_subquery()
+_GENERATIONS = TriggerGeneration.__table__.c  # type: ignore[attr-defined]
+# The generation of the triggers that draw the versions (Listing.versions_current).
+_GENERATION = sa.select(_GENERATIONS.generation).where(_GENERATIONS.kept_table == ListingVersion.__tablename__)
 # What a kept page costs beyond its bytes: its key (the query), the entry, the cache's own links.
 _ENTRY_BYTES = 1024
 # What an entity-tag stands for beyond its device's version and its query: the columns a page
@@ -121,13 +124,15 @@ class PageCache:
 
     def get(
         self, kind: str, query: paging.ListQuery, read: Callable[[int | None], tuple[Page, int]], *,
-        version: int | None = None,
+        version: int | None = None, keep: bool = True,
     ) -> tuple[Page, int]:
         """The page of `query` (`kind`: how it is printed), kept or else read, and the listing
         version it was read at. `version`: the device's, if the caller has just read it;
-        `read(version)` answers the page and the version it was read at."""
+        `read(version)` answers the page and the version it was read at. `keep`: False reads
+        the page and keeps it not (the versions are not to be trusted: Listing.versions_current)."""
         key = (kind, query)
-        if self.keeps:
+        keeps = self.keeps and keep
+        if keeps:
             with self._lock:
                 kept = self._pages.get(key)
             if kept is not None:
@@ -140,7 +145,7 @@ class PageCache:
         page, version = read(version)
         with self._lock:
             self.served_read += 1
-            if self.keeps:
+            if keeps:
                 try:
                     self._pages[key] = (version, page)
                 except ValueError:  # larger than the whole cache: served, not kept
@@ -254,25 +259,34 @@ class Listing:
     """Pages of events on one database."""
 
     def __init__(self, db: Database, *, cache_bytes: int = 0) -> None:
-        """`cache_bytes`: how much of the pages read lately to keep (PageCache); 0 keeps none.
-
-        Pages are kept, tagged and answered 304 by the device's listing version only while this
-        release's triggers draw it (models.listing_versions_current, looked at once, here): else
-        a change of a column this release lists but those triggers do not name would leave a page
-        kept, or a client's copy, current for as long as they stay. Until a start replaces them,
-        this process reads every page, and answers it without an ETag (one given now could pass
-        for current later, at a version such a change left as it was)."""
+        """`cache_bytes`: how much of the pages read lately to keep (PageCache); 0 keeps none."""
         self.db = db
-        with db.engine.connect() as connection:
-            self.versions_current = models.listing_versions_current(connection)
-        if not self.versions_current:
-            log.warning("listing versions are drawn by another release's triggers: pages are neither kept nor"
-                        " tagged until a start of this release replaces them")
-            cache_bytes = 0
         self.kept = PageCache(db, cache_bytes)
+        self._versions_current: bool | None = None  # looked at by the first answer (versions_current)
+        self._looking = threading.Lock()  # the first answers come at once: one looks, and one warns
         # Requests answered 304, since the start: If-None-Match named the page's tag (metrics).
         self.not_modified = 0
         self._count_lock = threading.Lock()
+
+    def versions_current(self) -> bool:
+        """Whether the database's listing versions are drawn by this release's triggers, looked at
+        once (the first listing after the start's schema step). Pages are kept, tagged and answered
+        304 by a version only then: triggers a start kept (it could not replace them in time:
+        models.REPLACE_LOCK_TIMEOUT_MS) or a newer release's may not name a column this release
+        lists, and a change of it would leave a page kept, or a client's copy, current for as long
+        as they stay. Until a start of this release replaces them, this process reads every page
+        and answers it without an ETag (one given now could pass for current later, at a version
+        such a change left as it was)."""
+        if self._versions_current is None:
+            with self._looking:
+                if self._versions_current is None:
+                    rows = self.db.read_rows(_GENERATION, {})
+                    current = bool(rows) and rows[0][0] == models.generation_of(ListingVersion)
+                    if not current:
+                        log.warning("listing versions are drawn by another release's triggers: pages are"
+                                    " neither kept nor tagged until a start of this release replaces them")
+                    self._versions_current = current
+        return self._versions_current
 
     def page(self, device: str, **request: Any) -> tuple[list[ListedEvent], str]:
         """One page of a device's events, and the token of the next page ("" after the last).
@@ -306,7 +320,8 @@ class Listing:
                 field="if_match",
             )
         version = None
-        if if_none_match and self.versions_current:
+        trusted = self.versions_current()
+        if if_none_match and trusted:
             version = self.kept.version(device)
             if none_match(if_none_match, _opaque_tag(printed, query, version)):
                 with self._count_lock:
@@ -314,11 +329,11 @@ class Listing:
                 return ListingAnswer(None, "", etag(printed, query, version))
         read = self._read_page_json if printed == "json" else self._read_page_rows
         (body, next_page_token), version = self.kept.get(
-            printed, query, functools.partial(read, query, statement, parameters), version=version
+            printed, query, functools.partial(read, query, statement, parameters), version=version, keep=trusted
         )
         if printed == "rows":
             body = list(body)  # the kept list stays as read, whatever the caller does
-        return ListingAnswer(body, next_page_token, etag(printed, query, version) if self.versions_current else "")
+        return ListingAnswer(body, next_page_token, etag(printed, query, version) if trusted else "")
 
     def _read_page_rows(
         self, query: paging.ListQuery, statement: sa.Select[Any], parameters: dict[str, Any], version: int | None

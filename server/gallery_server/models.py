@@ -379,7 +379,7 @@ _POSTGRES_RANDOM = "(random() * 9.0e18)::bigint"  # 52 bits of randomness
 # cannot be made, a pull's row lock, a tool's edit of the metadata) leaves every page as it was,
 # and its kept copies and entity-tags current. A column added to the listing changes these
 # statements, and so the table's generation (_KEPT_TABLES): databases made before get the new
-# list at their next start, and until then listing.Listing trusts no version (its docstring).
+# list at their next start, and until then listing.Listing trusts no version (its answer()).
 # The counters' and the usage's columns are listed columns (tests/unit/test_listing_cache.py), so
 # every UPDATE that fires their triggers fires this one first (below).
 _UPDATE_OF_LISTED = f"UPDATE OF {', '.join(LISTED_COLUMNS)}"
@@ -488,19 +488,9 @@ _KEPT_TABLES = (
 REPLACE_LOCK_TIMEOUT_MS = 2000
 
 
-def listing_versions_current(connection: sa.Connection) -> bool:
-    """Whether the listing versions are drawn by this release's triggers: a start that could not
-    replace an earlier generation in time kept it (REPLACE_LOCK_TIMEOUT_MS), and one that names
-    fewer columns than this release's listing shows draws no version when one of the others
-    changes (a later generation may name fewer too). False also where there is no record (a
-    database this release's schema step has not seen)."""
-    kept = next(kept for kept in _KEPT_TABLES if kept.model is ListingVersion)
-    generations = TriggerGeneration.__table__  # type: ignore[attr-defined]
-    if not sa.inspect(connection).has_table(generations.name):
-        return False
-    recorded = connection.execute(sa.select(generations.c.generation).where(
-        generations.c.kept_table == ListingVersion.__tablename__)).scalar()
-    return bool(recorded == kept.generation)
+def generation_of(model: type[SQLModel]) -> int:
+    """This release's generation of the triggers that keep `model`'s table (_KEPT_TABLES)."""
+    return next(kept.generation for kept in _KEPT_TABLES if kept.model is model)
 
 
 def trigger_names(connection: sa.Connection) -> list[str]:

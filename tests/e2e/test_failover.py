@@ -206,12 +206,22 @@ def test_a_replica_stopped_fails_no_request_and_one_killed_no_read(
 class Reads:
     """Reads of every kind through Envoy, REST and native, downloads included, each on a
     connection of its own (REST) or one channel (native): `at_once` runs `times` of each on
-    threads and records (what, HTTP status or gRPC code, body, seconds)."""
+    threads and records (what, HTTP status or gRPC code, body, seconds).
 
-    def __init__(self, base_url: str, token: str, event_id: str) -> None:
+    Each kind of download has a token of its own: a download holds one of its token's slots on
+    its replica (4 per device: Gallery.download_slot), and a hedge runs it on both replicas at
+    once, so the downloads of three kinds on one token could pass that share on each replica,
+    answered 429 TOO_MANY_DOWNLOADS (1 run in 4 when every replica hung, then went on at once)."""
+
+    def __init__(self, base_url: str, mint: Callable[..., str], event_id: str) -> None:
         self.base_url, self.event_id = base_url, event_id
-        self.headers = {"Authorization": f"Bearer {token}"}
-        self.metadata = [("authorization", f"Bearer {token}")]
+
+        def bearer(subject: str) -> str:
+            return f"Bearer {mint(devices=[DEVICE], scope='gallery:read', sub=subject)}"
+
+        self.headers = {"Authorization": bearer("reader")}
+        self.metadata = [("authorization", self.headers["Authorization"])]
+        downloads = {kind: [("authorization", bearer(kind))] for kind in ("rest", "content", "read")}
         self.answers: list[tuple[str, int, bytes, float]] = []
         events = f"/api/gallery/{DEVICE}/events"
         self.kinds: dict[str, Callable[[gallery_pb2_grpc.GalleryServiceStub], tuple[int, bytes]]] = {
@@ -220,17 +230,17 @@ class Reads:
             "list, tag not current": self._rest(f"{events}?limit=5", {"if-none-match": '"x"'}),  # Lua's route
             "event": self._rest(f"{events}/{event_id}"),
             "paths": self._rest(f"/api/gallery/{DEVICE}/paths"),
-            "download": self._rest(f"{events}/{event_id}/content"),
+            "download": self._rest(f"{events}/{event_id}/content", {"Authorization": downloads["rest"][0][1]}),
             "native GetEvent": self._native(lambda stub: stub.GetEvent(
                 gallery_pb2.GetEventRequest(device=DEVICE, event_id=event_id), metadata=self.metadata, timeout=20)),
             "native ListEvents": self._native(lambda stub: list(stub.ListEvents(
                 gallery_pb2.ListEventsRequest(device=DEVICE, limit=5), metadata=self.metadata, timeout=20))),
             "native GetEventContent": self._native(lambda stub: list(stub.GetEventContent(
                 gallery_pb2.GetEventContentRequest(device=DEVICE, event_id=event_id),
-                metadata=self.metadata, timeout=20))),
+                metadata=downloads["content"], timeout=20))),
             "native ReadEventContent": self._native(lambda stub: list(stub.ReadEventContent(
                 gallery_pb2.ReadEventContentRequest(device=DEVICE, event_id=event_id),
-                metadata=self.metadata, timeout=20))),
+                metadata=downloads["read"], timeout=20))),
         }
 
     def _rest(self, path: str, extra: dict[str, str] | None = None) -> Callable[..., tuple[int, bytes]]:
@@ -295,7 +305,7 @@ def reads(replicated: tuple[list[Server], str, int], mint: Callable[..., str]) -
         r = post_form(http, DEVICE, {"Authorization": f"Bearer {token}"},
                       [("name", "kept.bin"), ("event", ("kept.bin", b"kept"))])
         assert r.status_code == 200, r.text
-    return Reads(base_url, token, r.json()["eventId"])
+    return Reads(base_url, mint, r.json()["eventId"])
 
 
 @contextlib.contextmanager
@@ -535,7 +545,8 @@ def test_a_replica_whose_database_went_silent_is_taken_out_and_still_stops(
             stub.GetStats(gallery_pb2.GetStatsRequest(device=DEVICE), metadata=token, timeout=10)
             proxy.silence()
             waiting = stub.GetStats.future(gallery_pb2.GetStatsRequest(device=DEVICE), metadata=token, timeout=60)
-            wait_for(lambda: health_of(replica) == health_pb2.HealthCheckResponse.NOT_SERVING, 10)
+            # Within PROBE_SECONDS + PROBE_TIMEOUT_SECONDS (4 s); twice 10 s under the whole suite's load.
+            wait_for(lambda: health_of(replica) == health_pb2.HealthCheckResponse.NOT_SERVING, 20)
             assert not waiting.done()  # its handler waits for the database
             assert replica.process is not None
             replica.process.terminate()
