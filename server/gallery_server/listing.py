@@ -274,9 +274,9 @@ class Listing:
         304 by a version only then: triggers a start kept (it could not replace them in time:
         models.REPLACE_LOCK_TIMEOUT_MS) or a newer release's may not name a column this release
         lists, and a change of it would leave a page kept, or a client's copy, current for as long
-        as they stay. Until a start of this release replaces them, this process reads every page
-        and answers it without an ETag (one given now could pass for current later, at a version
-        such a change left as it was)."""
+        as they stay. This process then reads every page and answers it without an ETag (one given
+        now could pass for current later, at a version such a change left as it was), until it
+        restarts: once looked at, it does not look again when another replica replaces them."""
         if self._versions_current is None:
             with self._looking:
                 if self._versions_current is None:
@@ -284,7 +284,7 @@ class Listing:
                     current = bool(rows) and rows[0][0] == models.generation_of(ListingVersion)
                     if not current:
                         log.warning("listing versions are drawn by another release's triggers: pages are"
-                                    " neither kept nor tagged until a start of this release replaces them")
+                                    " neither kept nor tagged until this server restarts on this release's")
                     self._versions_current = current
         return self._versions_current
 

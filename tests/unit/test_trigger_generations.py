@@ -308,8 +308,8 @@ def test_a_listing_on_another_generations_triggers_keeps_no_page_and_gives_no_ta
             assert answer.page == current.answer(printed, "cam1").page and answer.etag == ""
     assert (listing.kept.served_kept, listing.kept.served_read) == (0, 4)
     assert [r.getMessage() for r in caplog.records if r.name == "gallery_server.listing"] == [  # once
-        "listing versions are drawn by another release's triggers: pages are neither kept nor tagged until a start"
-        " of this release replaces them"]
+        "listing versions are drawn by another release's triggers: pages are neither kept nor tagged until this"
+        " server restarts on this release's"]
 
 
 @pytest.fixture
