@@ -62,11 +62,40 @@ def _check_alive(process: subprocess.Popen[bytes] | None, stop: threading.Event 
         raise Interrupted
 
 
+def listens(pid: int, port: int) -> bool | None:
+    """Whether process `pid` holds a listening TCP socket on `port`, as Linux's /proc tells (None
+    where it cannot: no /proc, or the process is gone)."""
+    try:
+        held = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as f:
+                for line in f.readlines()[1:]:
+                    fields = line.split()  # sl local_address rem_address st ... inode
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                        held.add(f"socket:[{fields[9]}]")
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except (OSError, IndexError, ValueError):
+        return None
+    for descriptor in descriptors:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{descriptor}") in held:
+                return True
+        except OSError:  # closed meanwhile
+            continue
+    return False
+
+
 def wait_grpc_healthy(
     address: str, timeout: float = READY_TIMEOUT_S, process: subprocess.Popen[bytes] | None = None,
-    stop: threading.Event | None = None,
+    stop: threading.Event | None = None, *, listening: bool = False,
 ) -> None:
+    """Until the gRPC server at `address` answers its health check SERVING. With `listening`,
+    `process` must be the one that listens there: another program that answers on the port (a
+    process that took it between check_ports_free and the server's bind) does not count, and
+    the server's own failure to bind ends the wait. Before, `gallery run` printed "up" over
+    another test's server, and its tests ran against that one until its own was seen gone."""
     deadline = time.monotonic() + timeout
+    port = int(address.rsplit(":", 1)[1])
     # The first attempts are refused while the server starts; grpc's default reconnect backoff
     # (1 s, growing) would then delay noticing it is up by up to a second.
     with grpc.insecure_channel(address, options=_FAST_RECONNECT) as channel:
@@ -74,7 +103,8 @@ def wait_grpc_healthy(
         while True:
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                if reply.status == health_pb2.HealthCheckResponse.SERVING and not (
+                        listening and process is not None and listens(process.pid, port) is False):
                     return
             except grpc.RpcError:
                 pass
@@ -213,7 +243,7 @@ def run(settings: Settings) -> int:
             # Envoy stops first and no other replica takes over: nothing to drain for.
             env={**os.environ, "GALLERY_DATA_DIR": str(settings.data_dir), "GALLERY_DRAIN_SECONDS": "0"},
         ))
-        wait_grpc_healthy(settings.grpc_address, process=children[-1], stop=stop)
+        wait_grpc_healthy(settings.grpc_address, process=children[-1], stop=stop, listening=True)
         try:
             children.append(start_envoy(settings, [settings.grpc_address]))
         except ValueError as exc:  # a configuration Envoy cannot take (envoy_config.render)

@@ -16,8 +16,11 @@ import sys
 import textwrap
 import threading
 import time
+from concurrent import futures
 
+import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2_grpc
 
 from gallery_server import supervisor
 
@@ -129,3 +132,41 @@ def test_envoys_lines_reach_the_shared_output_whole(tmp_path):
     relay.join(timeout=10)
     assert not relay.is_alive()
     os.close(gone_output)
+
+
+_HEALTHY_SERVER = """
+    import sys, time
+    from concurrent import futures
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+    server = grpc.server(futures.ThreadPoolExecutor(2), options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    server.add_insecure_port(sys.argv[1])
+    server.start()
+    time.sleep(60)
+"""
+
+
+def test_a_health_check_another_process_answers_is_not_the_servers():
+    """A process that took the server's port between the port check and the server's bind answers
+    the health check SERVING; the server then fails to bind and exits. `gallery run` waits for its
+    own (a test's stack once printed "up" over another test's server), and says why it stopped."""
+    other = grpc.server(futures.ThreadPoolExecutor(2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), other)
+    address = f"127.0.0.1:{other.add_insecure_port('127.0.0.1:0')}"
+    other.start()
+    try:
+        assert supervisor.listens(os.getpid(), int(address.rsplit(":", 1)[1])) is True
+        failing = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1); raise SystemExit(1)"])
+        with pytest.raises(TimeoutError, match="exited with 1 while starting"):
+            supervisor.wait_grpc_healthy(address, process=failing, timeout=20, listening=True)
+        failing.wait()
+    finally:
+        other.stop(None)
+    own = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_HEALTHY_SERVER), address])
+    try:
+        supervisor.wait_grpc_healthy(address, process=own, timeout=30, listening=True)
+        assert supervisor.listens(own.pid, int(address.rsplit(":", 1)[1])) is True
+    finally:
+        own.kill()
+        own.wait()
