@@ -89,7 +89,7 @@ def replicated(
         for replica in replicas:  # together: each start is mostly waiting
             replica.start(wait_healthy=False)
         for replica in replicas:
-            supervisor.wait_grpc_healthy(replica.address, process=replica.process)
+            supervisor.wait_grpc_healthy(replica.address, process=replica.process, listening=True)
         wait_healthy(admin, 2)
         yield replicas, base_url, admin
 

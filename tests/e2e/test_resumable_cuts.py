@@ -67,7 +67,8 @@ class Server:
                                             env=env, stdout=log, stderr=log)
         if wait_healthy:
             try:
-                supervisor.wait_grpc_healthy(self.address, process=self.process)
+                # Its own health check, not that of a process that took the port in the meantime.
+                supervisor.wait_grpc_healthy(self.address, process=self.process, listening=True)
             except BaseException:  # not left running after the test: nothing else would stop it
                 self.kill()
                 raise

@@ -338,7 +338,7 @@ def test_gallery_envoy_fronts_replicas_started_with_gallery_serve(tmp_path):
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "gallery_server", "serve"], stdout=logs, stderr=logs,
                 env={**base, "GALLERY_GRPC_ADDRESS": f"127.0.0.1:{port}"}))
-            supervisor.wait_grpc_healthy(f"127.0.0.1:{port}", process=processes[-1])
+            supervisor.wait_grpc_healthy(f"127.0.0.1:{port}", process=processes[-1], listening=True)
         envoy = subprocess.Popen(
             [sys.executable, "-m", "gallery_server", "envoy",
              "--backend", f"127.0.0.1:{grpc_a}", "--backend", f"127.0.0.1:{grpc_b}"],
