@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import os
 import pathlib
+import random
 import signal
 import socket
 import subprocess
@@ -30,14 +31,43 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def _below_ephemeral() -> range:
+    """The ports below the kernel's ephemeral range (Linux: ip_local_port_range), from 10000.
+
+    A port the kernel handed out for a bind to port 0 and that was let go is the kernel's to hand
+    out again as the local port of any outgoing connection (a test's database client, Envoy's
+    upstream): one took a stack's gRPC port between its choice and its server's bind, in two of
+    the whole suite's runs on 2026-12-01. A port below that range is only ever taken by a bind
+    that names it."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return range(0)
+    return range(10000, low)
+
+
 def free_ports(count: int) -> tuple[int, ...]:
-    """`count` distinct free ports: each is held while the next is chosen (a port closed a moment
-    ago may be handed out again at once: one stack got the same port for Envoy and its server)."""
+    """`count` distinct free ports, chosen at random below the ephemeral range where there is one
+    (_below_ephemeral), else as the kernel hands them out: each is held while the next is chosen
+    (a port closed a moment ago may be handed out again at once: one stack got the same port for
+    Envoy and its server)."""
+    candidates = _below_ephemeral()
     with contextlib.ExitStack() as held:
-        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        chosen: list[int] = []
+        for port in random.sample(candidates, min(len(candidates), 64 * count)):
+            s = held.enter_context(socket.socket())
+            try:
+                s.bind(("127.0.0.1", port))  # free: no listener, no connection, none in TIME_WAIT
+            except OSError:
+                continue
+            chosen.append(port)
+            if len(chosen) == count:
+                return tuple(chosen)
+        sockets = [held.enter_context(socket.socket()) for _ in range(count - len(chosen))]
         for s in sockets:
             s.bind(("127.0.0.1", 0))
-        return tuple(int(s.getsockname()[1]) for s in sockets)
+        return (*chosen, *(int(s.getsockname()[1]) for s in sockets))
 
 
 @dataclasses.dataclass

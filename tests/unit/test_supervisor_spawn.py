@@ -11,6 +11,7 @@ import os
 import pathlib
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -22,7 +23,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2_grpc
 
-from gallery_server import supervisor
+from gallery_server import local_stack, supervisor
 
 SERVER_DIR = pathlib.Path(supervisor.__file__).parent.parent
 
@@ -170,3 +171,15 @@ def test_a_health_check_another_process_answers_is_not_the_servers():
     finally:
         own.kill()
         own.wait()
+
+
+def test_ports_for_a_stack_are_chosen_below_the_ephemeral_range():
+    """Where no outgoing connection is given one as its local port (local_stack._below_ephemeral):
+    distinct, and free to bind."""
+    low = int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(20):
+        ports = local_stack.free_ports(3)
+        assert len(set(ports)) == 3 and all(10000 <= port < low for port in ports), ports
+        for port in ports:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))
