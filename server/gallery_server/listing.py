@@ -19,6 +19,7 @@ import hashlib
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
@@ -44,6 +45,8 @@ _VERSION_COLUMN = _VERSION.scalar_subquery()
 _GENERATIONS = TriggerGeneration.__table__.c  # type: ignore[attr-defined]
 # The generation of the triggers that draw the versions (Listing.versions_current).
 _GENERATION = sa.select(_GENERATIONS.generation).where(_GENERATIONS.kept_table == ListingVersion.__tablename__)
+# How often a listing looks again at which release's triggers draw the versions (Listing.versions_current).
+GENERATION_LOOK_SECONDS = 30.0
 # What a kept page costs beyond its bytes: its key (the query), the entry, the cache's own links.
 _ENTRY_BYTES = 1024
 # What an entity-tag stands for beyond its device's version and its query: the columns a page
@@ -117,6 +120,10 @@ class PageCache:
     def kept_bytes(self) -> int:
         with self._lock:
             return int(self._pages.currsize)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._pages.clear()
 
     def version(self, device: str) -> int:
         rows = self.db.read_rows(_VERSION, {"device": device})
@@ -262,30 +269,40 @@ class Listing:
         """`cache_bytes`: how much of the pages read lately to keep (PageCache); 0 keeps none."""
         self.db = db
         self.kept = PageCache(db, cache_bytes)
-        self._versions_current: bool | None = None  # looked at by the first answer (versions_current)
-        self._looking = threading.Lock()  # the first answers come at once: one looks, and one warns
+        self._versions_current = False  # until looked at, by the first answer (versions_current)
+        self._look_at = 0.0  # when to look again (time.monotonic; 0: never looked)
+        self._looking = threading.Lock()  # answers come at once: one looks, and one warns
         # Requests answered 304, since the start: If-None-Match named the page's tag (metrics).
         self.not_modified = 0
         self._count_lock = threading.Lock()
 
     def versions_current(self) -> bool:
         """Whether the database's listing versions are drawn by this release's triggers, looked at
-        once (the first listing after the start's schema step). Pages are kept, tagged and answered
-        304 by a version only then: triggers a start kept (it could not replace them in time:
-        models.REPLACE_LOCK_TIMEOUT_MS) or a newer release's may not name a column this release
-        lists, and a change of it would leave a page kept, or a client's copy, current for as long
-        as they stay. This process then reads every page and answers it without an ETag (one given
-        now could pass for current later, at a version such a change left as it was), until it
-        restarts: once looked at, it does not look again when another replica replaces them."""
-        if self._versions_current is None:
-            with self._looking:
-                if self._versions_current is None:
-                    rows = self.db.read_rows(_GENERATION, {})
-                    current = bool(rows) and rows[0][0] == models.generation_of(ListingVersion)
-                    if not current:
-                        log.warning("listing versions are drawn by another release's triggers: pages are"
-                                    " neither kept nor tagged until this server restarts on this release's")
-                    self._versions_current = current
+        by the first listing (after the start's schema step) and again every GENERATION_LOOK_SECONDS.
+        Pages are kept, tagged and answered 304 by a version only then: triggers a start kept (it
+        could not replace them in time: models.REPLACE_LOCK_TIMEOUT_MS) or a newer release's may not
+        name a column this release lists, and a change of it would leave a page kept, or a client's
+        copy, current for as long as they stay. Until the next look finds this release's (another
+        replica's start replaced them), this process reads every page and answers it without an
+        ETag: one given now could pass for current later, at a version such a change left as it
+        was. Each change of the answer drops the pages kept: those kept before triggers that may
+        have missed a change are not to be served after them."""
+        if time.monotonic() < self._look_at:
+            return self._versions_current
+        with self._looking:
+            if time.monotonic() >= self._look_at:  # else another answer has just looked
+                rows = self.db.read_rows(_GENERATION, {})
+                current = bool(rows) and rows[0][0] == models.generation_of(ListingVersion)
+                if not current and (self._versions_current or not self._look_at):
+                    log.warning("listing versions are drawn by another release's triggers: pages are neither"
+                                " kept nor tagged until they are this release's (looked at every %g s)",
+                                GENERATION_LOOK_SECONDS)
+                elif current and not self._versions_current and self._look_at:
+                    log.info("listing versions are drawn by this release's triggers again: pages are kept and tagged")
+                if current != self._versions_current:
+                    self.kept.clear()
+                self._versions_current = current
+                self._look_at = time.monotonic() + GENERATION_LOOK_SECONDS
         return self._versions_current
 
     def page(self, device: str, **request: Any) -> tuple[list[ListedEvent], str]:

@@ -25,7 +25,7 @@ def test_a_current_tag_is_answered_after_one_lookup(gallery: Gallery, replica: G
     answer = gallery.list_answer(principal, "cam1", "json", limit=2)
     assert (answer.page, answer.next_page_token) == gallery.list_page_json(principal, "cam1", limit=2)
     for listing in (gallery.listing, replica.listing, Listing(gallery.db, cache_bytes=0)):
-        assert listing.versions_current()  # looked at once, by a server's first listing
+        assert listing.versions_current()  # looked at by a server's first listing (and every 30 s)
         with statements_run(listing.db) as statements:
             unchanged = listing.answer("json", "cam1", if_none_match=answer.etag, limit=2)
         assert unchanged == (None, "", answer.etag)

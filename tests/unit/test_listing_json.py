@@ -98,7 +98,7 @@ def test_sqlite_prints_a_regular_page_in_one_statement(gallery, principal, rows)
 def test_postgres_prints_a_page_in_one_statement(gallery, principal, rows):
     if gallery.db.engine.dialect.name != "postgresql":
         pytest.skip("the PostgreSQL printer")
-    assert gallery.listing.versions_current()  # looked at once, by a server's first listing
+    assert gallery.listing.versions_current()  # looked at by a server's first listing (and every 30 s)
     with statements_run(gallery.db) as statements:
         page, token = gallery.list_page_json(principal, DEVICE, limit=10)
     assert len(statements) == 1 and "string_agg" in statements[0] and "listing_versions" in statements[0]

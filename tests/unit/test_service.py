@@ -407,7 +407,7 @@ def test_get_event_is_one_select_and_answers_what_the_orm_loads(gallery: Gallery
 def test_a_native_page_is_one_select_of_named_rows(gallery: Gallery, principal: auth.Principal) -> None:
     """After the one-row lookup of the device's listing version (listing.PageCache)."""
     stored = [store(gallery, principal, thumbnail=PNG if i else None) for i in range(3)]
-    assert gallery.listing.versions_current()  # looked at once, by a server's first listing
+    assert gallery.listing.versions_current()  # looked at by a server's first listing (and every 30 s)
     with statements_run(gallery.db) as statements:
         events, token = gallery.list_page(principal, "cam1", limit=2)
     assert len(statements) == 2 and "listing_versions" in statements[0], statements

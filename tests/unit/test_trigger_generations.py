@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
 from gallery_server import auth, models
+from gallery_server import listing as listing_module
 from gallery_server.listing import Listing
 from gallery_server.service import Gallery
 
@@ -308,8 +309,46 @@ def test_a_listing_on_another_generations_triggers_keeps_no_page_and_gives_no_ta
             assert answer.page == current.answer(printed, "cam1").page and answer.etag == ""
     assert (listing.kept.served_kept, listing.kept.served_read) == (0, 4)
     assert [r.getMessage() for r in caplog.records if r.name == "gallery_server.listing"] == [  # once
-        "listing versions are drawn by another release's triggers: pages are neither kept nor tagged until this"
-        " server restarts on this release's"]
+        "listing versions are drawn by another release's triggers: pages are neither kept nor tagged until they are"
+        " this release's (looked at every 30 s)"]
+
+
+def test_a_listing_looks_again_at_the_triggers_generation_and_drops_what_it_kept_at_each_change(
+    gallery: Gallery, principal: auth.Principal, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server that started beside triggers it could not replace trusts the versions once another
+    replica's start has replaced them, and stops trusting them once a newer release's are in; each
+    time it drops the pages it kept, which a change the triggers missed in between may have left
+    stale. It looks every GENERATION_LOOK_SECONDS, and not between."""
+    store(gallery, principal)
+    with gallery.db.engine.begin() as c:
+        _set_generation(c, 1)
+    listing = Listing(gallery.db, cache_bytes=1 << 20)
+    untagged = listing.answer("json", "cam1")
+    assert untagged.etag == "" and listing.kept.kept_bytes == 0
+
+    with gallery.db.engine.begin() as c:
+        _set_generation(c, CURRENT["listing_versions"])
+    assert listing.answer("json", "cam1").etag == ""  # not looked at again within the interval
+    caplog.clear()  # of the first look's warning (the test above)
+    monkeypatch.setattr(listing_module, "GENERATION_LOOK_SECONDS", 0.0)
+    listing._look_at = 0.001  # the interval has run out; 0 would be a first look
+    with caplog.at_level(logging.INFO, logger="gallery_server.listing"):
+        tagged = listing.answer("json", "cam1")
+        assert tagged.etag and tagged.page == untagged.page and listing.kept.kept_bytes > 0
+        assert listing.answer("json", "cam1", if_none_match=tagged.etag).page is None
+        assert listing.answer("json", "cam1").page == tagged.page and listing.kept.served_kept == 1
+
+        with gallery.db.engine.begin() as c:  # a change the triggers see, then a newer release's triggers
+            c.exec_driver_sql("UPDATE events SET name = 'renamed.jpg'")
+            _set_generation(c, 99)
+        answer = listing.answer("json", "cam1", if_none_match=tagged.etag)
+        assert answer.etag == "" and b'"renamed.jpg"' in answer.page and listing.kept.kept_bytes == 0
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "gallery_server.listing"] == [
+        ("INFO", "listing versions are drawn by this release's triggers again: pages are kept and tagged"),
+        ("WARNING", "listing versions are drawn by another release's triggers: pages are neither kept nor tagged"
+                    " until they are this release's (looked at every 0 s)"),
+    ]
 
 
 @pytest.fixture
