@@ -1,6 +1,6 @@
 """README's code, run as written against a real server: what users copy has to work as the text
 around it says. Its Python on the gRPC port; its shell examples (curl) through Envoy, each answer
-held to the comment that shows it. The resumable upload's example goes on through its server's
+held to the comment or the text that shows it. The resumable upload's example goes on through its server's
 restart (before, its QueryUpload sat outside the retry, so a server still down raised at once)."""
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from PIL import Image
 
 from gallery.v1 import gallery_pb2 as pb
 from gallery.v1 import gallery_pb2_grpc
-from gallery_server.local_stack import Stack
+from gallery_server.local_stack import Stack, free_ports
 
-from ..conftest import random_bytes, wait_until
+from ..conftest import JWT_SECRET, random_bytes, wait_until
 from .conftest import running_stack
 from .test_resumable_cuts import Server
 
-README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+REPO = pathlib.Path(__file__).resolve().parents[2]
+README = REPO / "README.md"
 DEVICE = "device123"  # the README's
 
 
@@ -112,7 +113,7 @@ def test_the_first_native_example_uploads_lists_and_reads_back(
 # README's "REST examples": its first shell block, run command by command with bash and curl
 # against a stack started as `make run` starts it (server-made thumbnails on), each placeholder
 # replaced by what a reader puts there, and each answer held to the comment that shows it.
-REST_EXAMPLES = "## REST examples"
+REST_EXAMPLES = 'curl "http://localhost:8001/api/gallery/device123/paths"'  # its first command
 ELIDED = '".../'  # README's shorthand for the device's URL
 EVENT_ID = "evt_Xq3b..."
 CONTENT_ETAG = "9f86d081884c7d65..."
@@ -125,13 +126,13 @@ class Example:
     said: str  # its own trailing comment and the comment lines after it, without "#", a line each
 
 
-def sh_examples(after_heading: str) -> list[Example]:
-    """The commands of the first ```sh block of README.md under `after_heading`."""
-    section = README.read_text(encoding="utf-8").split(f"\n{after_heading}\n", 1)[1]
-    match = re.search(r"^```sh\n(.*?)^```", section, re.DOTALL | re.MULTILINE)
-    assert match is not None, after_heading
+def sh_examples(containing: str) -> list[Example]:
+    """The commands of the one ```sh block of README.md that holds `containing` (one in a list
+    item is indented as the item is)."""
+    blocks = re.findall(r"^( *)```sh\n(.*?)^\1```", README.read_text(encoding="utf-8"), re.DOTALL | re.MULTILINE)
+    [block] = [textwrap.dedent(block) for indent, block in blocks if containing in block]
     found: list[Example] = []
-    lines = iter(match.group(1).splitlines())
+    lines = iter(block.splitlines())
     for line in lines:
         if line.startswith("#"):
             found[-1].said += "\n" + line[1:].strip()
@@ -201,8 +202,16 @@ def assert_answer_as_shown(example: Example, out: bytes) -> None:
 
 
 @pytest.fixture(scope="module")
-def make_run_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(tmp_path_factory.mktemp("readme"), {}) as stack:  # make run's own settings
+def metrics_address() -> str:
+    """Where the module's stack serves its metrics: the metrics example's, on a free port."""
+    [port] = free_ports(1)
+    return f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def make_run_stack(tmp_path_factory: pytest.TempPathFactory, metrics_address: str) -> Iterator[Stack]:
+    """A stack with `make run`'s own settings, and the metrics example's GALLERY_METRICS_ADDRESS."""
+    with running_stack(tmp_path_factory.mktemp("readme"), {"GALLERY_METRICS_ADDRESS": metrics_address}) as stack:
         yield stack
 
 
@@ -284,7 +293,7 @@ def test_the_resumable_rest_example_runs_as_written(make_run_stack: Stack, mint:
     stack, marker = make_run_stack, "@@@ next example @@@"
     movie = random_bytes(12 << 20)
     (tmp_path / "movie.mp4").write_bytes(movie)
-    examples = sh_examples("### Resumable uploads over REST (pre-signed URLs)")
+    examples = sh_examples("x-committed-size")
     script = "set -euo pipefail\n" + "".join(
         f"{example.command.replace('http://localhost:8001', stack.base_url)}\necho; echo '{marker}'\n"
         for example in examples)
@@ -298,3 +307,76 @@ def test_the_resumable_rest_example_runs_as_written(make_run_stack: Stack, mint:
             assert_answer_as_shown(example, answer)
     event_id = json.loads(answers[-2])["eventId"]
     assert (stack.data_dir / "media" / DEVICE / event_id).read_bytes() == movie
+
+
+def bash(script: str, *, cwd: pathlib.Path, env: dict[str, str]) -> bytes:
+    """What `script` prints, run by bash with `set -euo pipefail` (a failing command fails the test)."""
+    ran = subprocess.run(["bash", "-c", f"set -euo pipefail\n{script}"], cwd=cwd, env={**os.environ, **env},
+                         capture_output=True, timeout=60)
+    assert ran.returncode == 0, (script, ran.stderr.decode())
+    return ran.stdout
+
+
+def test_the_admin_status_example_runs_as_written(make_run_stack: Stack) -> None:
+    """`gallery token` mints the admin's token as written, from the repo (.venv/bin/gallery), and
+    the status answers with every key the paragraph above the example names, and none it does not
+    (after a whole `gallery verify`, which `last_verify` waits for)."""
+    stack = make_run_stack
+    env = {"GALLERY_DATA_DIR": str(stack.data_dir), "GALLERY_JWT_SECRET": JWT_SECRET}  # what `make run` had
+    bash(".venv/bin/gallery verify > /dev/null", cwd=REPO, env=env)
+    examples = sh_examples("ADMIN_TOKEN=")
+    assert [example.command.split()[0] for example in examples] == ["ADMIN_TOKEN=$(.venv/bin/gallery", "curl"]
+    out = bash("\n".join(example.command.replace("http://localhost:8001", stack.base_url) for example in examples),
+               cwd=REPO, env=env)
+    status = json.loads(out)
+    paragraph = README.read_text(encoding="utf-8").split("**Admin status.**", 1)[1].split("```sh", 1)[0]
+    named = set(re.findall(r"`([a-z]+(?:_[a-z]+)*)`", paragraph)) - {"devices", "thumbnails"}  # a claim, a folder
+    # Every key but those inside last_reconcile and its examples, which the paragraph sums up in words.
+    answered = set(status) | {key for name, value in status.items() if name != "last_reconcile" for key in keys(value)}
+    assert status["database_up"] is True and "last_verify" in status and "last_reconcile" in status
+    of_the_pass = {"rows_checked", "missing_media", "size_mismatch", "examples"}  # those it names
+    assert of_the_pass <= set(status["last_reconcile"])
+    assert named == answered | of_the_pass, (named - answered - of_the_pass, answered - named)
+
+
+def test_the_metrics_example_answers_as_written(make_run_stack: Stack, metrics_address: str,
+                                                mint: Callable[..., str]) -> None:
+    """The module's stack is its first command (on a free port); its scrape prints each count of
+    calls handled, one answered through Envoy among them."""
+    start, scrape = sh_examples("grpc_server_handled_total")
+    assert start.command == "GALLERY_METRICS_ADDRESS=127.0.0.1:9464 make run"
+    token = mint(devices=[DEVICE])
+    httpx.get(make_run_stack.url(f"/api/gallery/{DEVICE}/paths"), headers={"Authorization": f"Bearer {token}"},
+              timeout=30).raise_for_status()
+    out = bash(scrape.command.replace("127.0.0.1:9464", metrics_address), cwd=REPO, env={}).decode()
+    lines = [line for line in out.splitlines() if not line.startswith(("# HELP ", "# TYPE "))]  # its comments
+    assert lines and all(line.startswith("grpc_server_handled_total{") for line in lines), out
+    assert any('grpc_method="GetDevicePaths"' in line and 'grpc_code="OK"' in line for line in lines), out
+
+
+def test_the_page_token_example_runs_as_written(make_run_stack: Stack, mint: Callable[..., str]) -> None:
+    """Its first command's `x-next-page-token` goes where the second names it; the two pages hold
+    each event since its date once. Last in the module: it gives README's device 101 events more."""
+    stack, token = make_run_stack, mint(devices=[DEVICE])
+    first, second = sh_examples("page_token=")
+    shown = re.search(r"x-next-page-token: (\S+)\.\.\.", first.said)
+    assert shown is not None and shown.group(1) + "..." in second.command
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(timeout=30) as http:
+        for n in range(101):  # a full page of the example's 100, and one more
+            http.post(stack.url(f"/api/gallery/{DEVICE}/upload"), headers=headers,
+                      files={"event": (f"note-{n}.txt", b"note %d" % n)},
+                      data={"name": f"note-{n}.txt", "media_type": "document"}).raise_for_status()
+        total = http.get(stack.url(f"/api/gallery/{DEVICE}/stats"), headers=headers).json()["total_events"]
+    env = {"TOKEN": token}
+    out = bash(first.command.replace("http://localhost:8001", stack.base_url), cwd=REPO, env=env)
+    head, body = out.split(b"\r\n\r\n", 1)
+    status, *header_lines = head.decode().split("\r\n")
+    page_token = {name.lower(): value for name, value in (line.split(": ", 1) for line in header_lines)}[
+        "x-next-page-token"]
+    assert status == "HTTP/1.1 200 OK" and page_token.startswith(shown.group(1))  # as README shows its start
+    command = second.command.replace("http://localhost:8001", stack.base_url)
+    rest = json.loads(bash(command.replace(shown.group(1) + "...", page_token), cwd=REPO, env=env))
+    page = json.loads(body)
+    assert len(page) == 100 and len(page) + len(rest) == total
+    assert len({event["id"] for event in page + rest}) == total
