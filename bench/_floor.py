@@ -97,7 +97,7 @@ class FloorStack:
                 [supervisor.envoy_binary(), "-c", config, "--disable-hot-restart", "--log-level", "error"],
                 start_new_session=True,
             )
-            supervisor.wait_grpc_healthy(f"127.0.0.1:{self.grpc_port}", process=self.server)
+            supervisor.wait_grpc_healthy(f"127.0.0.1:{self.grpc_port}", process=self.server, listening=True)
             supervisor.wait_envoy_ready(admin_port, process=self.envoy)
             supervisor.wait_grpc_healthy(f"127.0.0.1:{self.http_port}", process=self.envoy)
         except BaseException:
