@@ -86,9 +86,9 @@ class Principal:
         """How many devices the token grants; None: every device ('*')."""
         return None if "*" in self.devices else len(self.devices)
 
-    def require(self, device: str, scope: str) -> None:
-        """Raise PermissionDenied unless this principal may use `scope` on `device`."""
-        self.require_scope(scope)
+    def require(self, device: str, scope: str, *or_scopes: str) -> None:
+        """Raise PermissionDenied unless this principal may use `scope`, or one of `or_scopes`, on `device`."""
+        self.require_scope(scope, *or_scopes)
         if "*" not in self.devices and device not in self.devices:
             raise PermissionDenied(
                 "DEVICE_NOT_ALLOWED", f"token does not grant device {device!r}", device=device

@@ -139,8 +139,11 @@ class Gallery:
     def device_paths(
         self, principal: Principal, device: str, *, make: bool = True
     ) -> tuple[pathlib.Path, pathlib.Path]:
-        """The device's drop folders, made if `make` (not for a HEAD, which is safe)."""
-        principal.require(validation.device_id(device), READ)
+        """The device's drop folders, made if `make` (not for a HEAD, which is safe). Told to a
+        token that may read the device's events or store into them: where to write is what a
+        writer asks, and a device whose token may only store (an upload-only camera's, an
+        agent's) is told where its drop folder is."""
+        principal.require(validation.device_id(device), READ, WRITE, DEVICE)
         # Made only for a token that may store into them: a viewer's read-only token for every
         # device made a folder for each id it asked about, and the importer scans each folder.
         return self.storage.device_paths(device, make=make and not principal.scopes.isdisjoint((WRITE, DEVICE)))

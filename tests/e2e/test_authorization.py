@@ -54,8 +54,10 @@ FORM = (
 ).encode()
 
 # method -> (scope it needs, requests for (device, event_id, upload_id)). A streaming method gets
-# the whole list; a unary one the single message.
+# the whole list; a unary one the single message. A method that ALSO_TAKES other scopes is
+# refused, naming its first, to a token with none of them.
 Build = Callable[[str, str, str], list]
+ALSO_TAKES = {"GetDevicePaths": {auth.WRITE, auth.DEVICE}}  # where to write, for a token that may store
 REQUESTS: dict[str, tuple[str, Build]] = {
     "GetDevicePaths": (auth.READ, lambda d, e, u: [pb.GetDevicePathsRequest(device=d)]),
     "ListEvents": (auth.READ, lambda d, e, u: [pb.ListEventsRequest(device=d)]),
@@ -150,6 +152,12 @@ def _token(devices: list[str], scopes: set[str]) -> str:
     return auth.mint(JWT_SECRET, subject="someone", devices=devices, scope=" ".join(sorted(scopes)))
 
 
+def _lacking(device: str, method: str) -> str:
+    """A token for `device` with every scope but those `method` takes (none left: the admin's)."""
+    scope, _ = REQUESTS[method]
+    return _token([device], ALL_SCOPES - {scope} - ALSO_TAKES.get(method, set()) or {auth.ADMIN})
+
+
 def _multicallable(channel: grpc.Channel, method: descriptor.MethodDescriptor) -> Callable:
     path = f"/{method.containing_service.full_name}/{method.name}"
     serializer = message_factory.GetMessageClass(method.input_type).SerializeToString
@@ -194,7 +202,7 @@ def test_native_rpc_authorization(item, target, envoy_channel) -> None:  # type:
     assert existing[:3] == (grpc.StatusCode.PERMISSION_DENIED, existing[1], "DEVICE_NOT_ALLOWED")
     assert existing == missing  # code, message, reason and metadata: nothing tells them apart
 
-    lacking = _token([device], ALL_SCOPES - {scope})
+    lacking = _lacking(device, method.name)
     code, _, reason, metadata = _native_error(envoy_channel, method, build(device, event_id, upload_id), lacking)
     assert (code, reason, metadata) == (grpc.StatusCode.PERMISSION_DENIED, "SCOPE_MISSING", {"scope": scope})
 
@@ -239,7 +247,7 @@ def test_rest_route_authorization(item, target, http) -> None:  # type: ignore[n
     assert (existing[0], existing[1]["details"][0]["reason"]) == (403, "DEVICE_NOT_ALLOWED")
     assert existing == missing
 
-    status, body = _rest_error(http, method, device, event_id, _token([device], ALL_SCOPES - {scope}))
+    status, body = _rest_error(http, method, device, event_id, _lacking(device, method.name))
     assert (status, body["details"][0]["reason"], body["details"][0]["metadata"]) == (
         403, "SCOPE_MISSING", {"scope": scope}
     )

@@ -596,6 +596,18 @@ def test_device_paths_are_made_only_for_a_token_that_may_store_into_them(gallery
     assert incoming.is_dir() and thumbnails.is_dir()
 
 
+@pytest.mark.parametrize("scope", [auth.WRITE, auth.DEVICE])
+def test_a_token_that_may_only_store_is_told_its_drop_folders_and_gets_them_made(gallery: Gallery, scope: str) -> None:
+    """Where to write is what a writer asks: an upload-only camera's token, an agent's."""
+    writer = auth.Principal("cam-9", frozenset({"cam-9"}), frozenset({scope}))
+    incoming, thumbnails = gallery.device_paths(writer, "cam-9")
+    assert incoming.is_dir() and thumbnails.is_dir()
+    admin = auth.Principal("ops", frozenset({"*"}), frozenset({auth.ADMIN}))
+    with pytest.raises(PermissionDenied) as refused:
+        gallery.device_paths(admin, "cam-9")
+    assert refused.value.reason == "SCOPE_MISSING" and refused.value.metadata == {"scope": auth.READ}
+
+
 # -- downloads -------------------------------------------------------------------------------------
 
 

@@ -172,8 +172,9 @@ class GalleryServiceServicer:
     """
 
     def GetDevicePaths(self, request, context):
-        """Returns the folders of a device's `incoming` and `thumbnails` drop zones, creating them on first
-        use. Needs `gallery:read`.
+        """Returns the folders of a device's `incoming` and `thumbnails` drop zones, creating them for a
+        token that may store into them (`gallery:write` or `gallery:device`; not for a REST HEAD).
+        Needs `gallery:read`, `gallery:write` or `gallery:device`: where to write is a writer's question.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
