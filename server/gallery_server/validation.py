@@ -112,16 +112,18 @@ def _printable(value: str) -> bool:
 def device_event_id(value: str) -> str:
     """A device's own id for a capture (empty: none), from any entry point (REST form field,
     native UploadHeader and StartUpload). Surrounding whitespace is dropped (a form field's
-    trailing newline); what remains is at most MAX_DEVICE_EVENT_ID_CHARS characters, printable by
-    the rule of display names. Not NFC-normalised: it is compared exactly, as the device sent it."""
-    value = value.strip()
-    if len(value) > MAX_DEVICE_EVENT_ID_CHARS or not _printable(value):
+    trailing newline); what remains is 1 to MAX_DEVICE_EVENT_ID_CHARS characters, printable by
+    the rule of display names. Only whitespace is refused, not taken for none: a device that sent
+    it as its id would store each retry anew. Not NFC-normalised: it is compared exactly, as the
+    device sent it."""
+    stripped = value.strip()
+    if len(stripped) > MAX_DEVICE_EVENT_ID_CHARS or not _printable(stripped) or (value and not stripped):
         raise InvalidArgument(
             "INVALID_DEVICE_EVENT_ID",
-            f"device_event_id must be at most {MAX_DEVICE_EVENT_ID_CHARS} printable characters",
+            f"device_event_id must be 1 to {MAX_DEVICE_EVENT_ID_CHARS} printable characters, not only whitespace",
             field="device_event_id",
         )
-    return value
+    return stripped
 
 
 def media_type(value: str) -> str:

@@ -258,7 +258,7 @@ def test_device_event_id_is_stripped_bounded_printable_and_idempotent(value: str
     except InvalidArgument as exc:
         assert exc.reason == "INVALID_DEVICE_EVENT_ID" and exc.field == "device_event_id"
         stripped = value.strip()
-        assert (len(stripped) > validation.MAX_DEVICE_EVENT_ID_CHARS
+        assert (len(stripped) > validation.MAX_DEVICE_EVENT_ID_CHARS or (value and not stripped)
                 or any(unicodedata.category(c) in _UNPRINTABLE for c in stripped))
         return
     assert got == value.strip() and len(got) <= validation.MAX_DEVICE_EVENT_ID_CHARS

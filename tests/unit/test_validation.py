@@ -459,7 +459,7 @@ def test_device_event_id() -> None:
     assert validation.device_event_id("") == ""
     assert validation.device_event_id("  DCIM/0042\n") == "DCIM/0042"  # every entry point strips
     assert validation.device_event_id("é" * validation.MAX_DEVICE_EVENT_ID_CHARS) == "é" * 128
-    for bad in ("a" * 129, "a\x00b", "a\u2028b", "a\u200bb", "a\ud800b", "\u202eevil"):
+    for bad in ("a" * 129, "a\x00b", "a\u2028b", "a\u200bb", "a\ud800b", "\u202eevil", " ", "\r\n", "\t \u3000"):
         with pytest.raises(InvalidArgument) as caught:
             validation.device_event_id(bad)
         assert caught.value.reason == "INVALID_DEVICE_EVENT_ID"
