@@ -288,18 +288,31 @@ class Gallery:
 
     # -- writes -------------------------------------------------------------------------------
 
-    def delete_event(self, principal: Principal, device: str, event_id: str, *, if_match: str | None = None) -> None:
+    def delete_event(
+        self, principal: Principal, device: str, event_id: str, *,
+        if_match: str | None = None, if_none_match: str | None = None,
+    ) -> None:
         """Delete one event; with `if_match` (the request's If-Match, RFC 9110 13.1.1) only if it
-        names the event's content (its ETag, or `*`): PRECONDITION_FAILED (412) otherwise. An event
-        keeps its content for life, so checking before the delete is checking at it."""
+        names the event's content (its ETag, or `*`), and with `if_none_match` (13.1.2) only if it
+        names neither (`*` names any event): PRECONDITION_FAILED (412) otherwise, If-Match looked
+        at first (13.2.2). An event keeps its content for life, so checking before the delete is
+        checking at it. No event is 404 first, whatever they say."""
         principal.require(validation.device_id(device), WRITE)
         validation.event_id(event_id)
-        if if_match is not None and not downloads.match(if_match, self.find_event(device, event_id).sha256):
-            raise FailedPrecondition(
-                downloads.PRECONDITION_FAILED_REASON,
-                "If-Match names other content than this event's (its ETag is the sha256 in quotes): not deleted",
-                field="if_match", event_id=event_id,
-            )
+        if if_match is not None or if_none_match is not None:
+            sha256 = self.find_event(device, event_id).sha256
+            if if_match is not None and not downloads.match(if_match, sha256):
+                raise FailedPrecondition(
+                    downloads.PRECONDITION_FAILED_REASON,
+                    "If-Match names other content than this event's (its ETag is the sha256 in quotes): not deleted",
+                    field="if_match", event_id=event_id,
+                )
+            if if_none_match is not None and downloads.none_match(if_none_match, sha256):
+                raise FailedPrecondition(
+                    downloads.PRECONDITION_FAILED_REASON,
+                    "If-None-Match names this event's content, or is *: not deleted",
+                    field="if_none_match", event_id=event_id,
+                )
         if not self.delete_events(device, [event_id]):
             raise _not_found(device, event_id)
 

@@ -316,6 +316,28 @@ def test_a_delete_whose_if_match_names_other_content_is_412_and_deletes_nothing(
     assert http.get(path, headers=headers).status_code == 404
 
 
+def test_a_delete_whose_if_none_match_names_the_content_is_412_and_deletes_nothing(http, auth_headers):
+    """RFC 9110 13.1.2: `*`, or a tag of the content by weak comparison, fails the condition of a
+    method other than GET and HEAD; If-Match is looked at first (13.2.2)."""
+    device, headers = new_device(), auth_headers()
+    data = b"kept unless asked right"
+    event_id = multipart_upload(http, device, headers, "a.bin", data, len(data))
+    path, sha = f"/api/gallery/{device}/events/{event_id}", hashlib.sha256(data).hexdigest()
+    for header in ("*", f'"{sha}"', f'W/"{sha}"', f'"other", "{sha}"'):
+        r = http.delete(path, headers={**headers, "If-None-Match": header})
+        assert r.status_code == 412, (header, r.text)
+        assert r.json()["details"][0]["reason"] == "PRECONDITION_FAILED"
+        assert "If-None-Match" in r.json()["message"]
+        assert http.get(path, headers=headers).status_code == 200  # still there
+    r = http.delete(path, headers={**headers, "If-Match": '"other"', "If-None-Match": '"other"'})
+    assert r.status_code == 412 and r.json()["message"].startswith("If-Match names other content")
+    r = http.delete(f"/api/gallery/{device}/events/evt_{'Q' * 22}", headers={**headers, "If-None-Match": "*"})
+    assert r.status_code == 404  # no event: that is told first
+    r = http.delete(path, headers={**headers, "If-None-Match": '"other", W/"another"'})
+    assert (r.status_code, r.json()) == (200, {"success": True})
+    assert http.get(path, headers=headers).status_code == 404
+
+
 def test_empty_answers_keep_the_connection_usable(stack, auth_headers, stored):
     device, event_id, data = stored
     sha = hashlib.sha256(data).hexdigest()

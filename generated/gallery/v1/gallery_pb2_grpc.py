@@ -411,7 +411,8 @@ class GalleryServiceServicer:
     def DeleteEvent(self, request, context):
         """Deletes an event, its media and its thumbnail. Deleting an event that does not exist (or no
         longer exists) is NOT_FOUND. With request metadata `if-match` (REST: the If-Match header) it
-        deletes only if that names the event's ETag (`"<sha256 hex>"`, or `*`): FAILED_PRECONDITION
+        deletes only if that names the event's ETag (`"<sha256 hex>"`, or `*`), and with `if-none-match`
+        only if that names neither (weak comparison; `*` names any event): FAILED_PRECONDITION
         PRECONDITION_FAILED (HTTP 412) otherwise, nothing deleted. Needs `gallery:write`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

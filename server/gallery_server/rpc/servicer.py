@@ -185,8 +185,9 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         )
 
     def DeleteEvent(self, request, context):  # type: ignore[no-untyped-def]
+        headers = _request_headers(context)
         self.gallery.delete_event(self.principal(), request.device, request.event_id,
-                                  if_match=_request_headers(context).get("if-match"))
+                                  if_match=headers.get("if-match"), if_none_match=headers.get("if-none-match"))
         return pb.DeleteEventResponse(success=True)
 
     def CreateUploadUrl(self, request, context):  # type: ignore[no-untyped-def]
