@@ -219,10 +219,12 @@ class FormReceiver:
         self._skipped_bytes = 0
 
     def _on_part_end(self) -> None:
-        # Checked as soon as it arrives, not after the event file that may follow it.
+        # Checked as soon as it arrives, not after the event file that may follow it, and known to
+        # the upload from then on: a retry of a capture stored already takes no quota (Upload).
         if self._part == "device_event_id":
             try:
-                validation.device_event_id(_utf8(self._part, self._texts[self._part]))
+                self._upload.fields.device_event_id = validation.device_event_id(
+                    _utf8(self._part, self._texts[self._part]))
             except InvalidArgument as exc:
                 self._fail(exc)
 

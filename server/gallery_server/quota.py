@@ -5,11 +5,17 @@ stops can take every byte above the headroom (GALLERY_MIN_FREE_BYTES) from all t
 figure is models.DeviceUsage, kept by database triggers, so no request sums a device's rows.
 
 Where it is checked (DEVICE_QUOTA_EXCEEDED, RESOURCE_EXHAUSTED, 507 through Envoy):
-- before any byte, when an upload or a resumable session (or write) starts: a device at its
-  quota, or a declared size that does not fit, is refused at once; a drop-folder scan reads the
-  figure once per device and leaves the files that do not fit where they are, uncopied;
+- before any byte: a resumable session (or write) of a device at its quota, and a declared size
+  that does not fit (an upload header's, a Content-Length, a session's), are refused at once; an
+  upload of a device at its quota at its first byte (a form may name a retry before it, below);
+  a drop-folder scan reads the figure once per device and leaves the files that do not fit where
+  they are, uncopied;
 - while an upload streams, against the room there was when it started, read again before a
   refusal (events deleted meanwhile make room);
+- none of these refuse a retry of a capture the device has stored already (its device_event_id,
+  told before the bytes: Gallery.room_for, Upload._check_room): it stores nothing, and answers
+  that capture's event, so a device that lost the answer of the upload that filled its quota
+  learns it was stored;
 - in the transaction that stores the event, after its write (Gallery.store): the write's trigger
   holds the device's usage row until COMMIT, so concurrent stores of one device take turns and
   the quota holds exactly, on every replica. The earlier checks only save the client's bytes.

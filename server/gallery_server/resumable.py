@@ -183,7 +183,7 @@ class ResumableUploads:
             row = None
         if row is None:
             self._require_room_for_a_session(device, now)
-            self.gallery.quota.require_room(device, size)
+            self.gallery.room_for(device, size, device_event_id=device_event_id)
             # The INSERT is this transaction's first statement: on SQLite one that read first
             # cannot write once another connection has written ("database is locked" at once,
             # whatever the busy timeout). A concurrent start of the id makes it fail instead.
@@ -325,7 +325,7 @@ class ResumableUploads:
         if row.event_id:
             self._drop_completed_file(row)
             return SessionWriter(self, row, None)
-        room = self.gallery.quota.require_room(device)
+        room = self.gallery.room_for(device, device_event_id=row.device_event_id)
         release = self.gallery.reserve_upload(device)
         try:
             fd = _open(self.storage.session_path(device, row.upload_id))

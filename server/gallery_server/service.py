@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import logging
 import os
 import pathlib
@@ -30,6 +31,7 @@ from .errors import (
     Busy,
     CommitOutcomeUnknown,
     DataLoss,
+    Exhausted,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -44,7 +46,7 @@ from .models import (
     UploadSessionRow,
     initial_thumbnail_state,
 )
-from .quota import DeviceQuota, Usage
+from .quota import DeviceQuota, Room, Usage
 from .receiving import ReceivePermits
 from .settings import Settings
 from .storage import SpaceMeter, StagedFile, Storage
@@ -85,6 +87,9 @@ _STATS = (
 # primary key alone: with the device in the WHERE too, PostgreSQL may walk the device's index.
 _EVENT = sa.select(*Event.__table__.c).where(col(Event.id) == sa.bindparam("event_id"))  # type: ignore[attr-defined]
 _EVENT_FIELDS = tuple(column.name for column in Event.__table__.c)  # type: ignore[attr-defined]
+# An event of a device by its device_event_id (the unique constraint's index).
+_CAPTURE = sa.select(col(Event.id)).where(col(Event.device) == sa.bindparam("device"),
+                                          col(Event.device_event_id) == sa.bindparam("device_event_id"))
 _EVENT_DEVICE = _EVENT_FIELDS.index("device")
 # get_event builds Events with model_construct, which skips the ORM's own set-up of the class:
 # until some ORM call had configured the mappers, reading such an Event's fields failed.
@@ -338,9 +343,11 @@ class Gallery:
         """An Upload for a device already authorized (by a token or by a signed URL).
 
         Refused (Exhausted) when the disk is down to its headroom or the device, or the replica,
-        has as many uploads in flight as allowed, or the device is at its quota; the Upload holds
-        its slot until closed."""
-        room = self.quota.require_room(device) if media_is == "event" else None  # thumbnails do not count
+        has as many uploads in flight as allowed; the Upload holds its slot until closed. The
+        device's quota refuses its declared size or its first bytes past the room (Upload), not
+        the upload itself: a retry of a capture stored already, which a form may name after this,
+        takes no room."""
+        room = self.quota.room(device) if media_is == "event" else None  # thumbnails do not count
         release = self.reserve_upload(device)
         try:
             return Upload(
@@ -351,10 +358,28 @@ class Gallery:
                 release=release,
                 media_is=media_is,
                 room=room,
+                stored_capture=functools.partial(self.stores_capture, device),
             )
         except BaseException:
             release()
             raise
+
+    def room_for(self, device: str, size: int | None = None, *, device_event_id: str = "") -> Room | None:
+        """The device's room for an upload (DeviceQuota.require_room: refused at once at the quota,
+        or for a `size` past it), but none to check for a retry of a capture the device has stored
+        already (`device_event_id`): store() answers that capture and stores nothing, so a device
+        that lost the answer of the upload that filled its quota learns it was stored. Were the
+        capture deleted meanwhile, the commit's own check still holds the quota."""
+        try:
+            return self.quota.require_room(device, size)
+        except Exhausted:
+            if device_event_id and self.stores_capture(device, device_event_id):
+                return None
+            raise
+
+    def stores_capture(self, device: str, device_event_id: str) -> bool:
+        """Whether an event of the device has this device_event_id (uploaded: its content stored)."""
+        return bool(self.db.read_rows(_CAPTURE, {"device": device, "device_event_id": device_event_id}))
 
     def reserve_upload(self, device: str) -> Callable[[], None]:
         """Admit one more upload of the device, or refuse it (Exhausted): the disk must be above

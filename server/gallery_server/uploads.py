@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
-from .errors import Busy, FailedPrecondition, InvalidArgument
+from .errors import Busy, Exhausted, FailedPrecondition, InvalidArgument
 from .models import Event
 from .quota import Room
 from .storage import StagedFile, Storage, upload_too_large
@@ -65,15 +65,17 @@ class Upload:
     def __init__(
         self, storage: Storage, device: str, *, max_media_bytes: int, max_thumbnail_bytes: int,
         media: StagedFile | None = None, release: Callable[[], None] | None = None,
-        media_is: str = "event", room: Room | None = None,
+        media_is: str = "event", room: Room | None = None, stored_capture: Callable[[str], bool] | None = None,
     ) -> None:
         """`media`: bytes received already (a resumable upload's file), instead of a new file.
         `release`: called once on close(), to give back an UploadSlots slot. `media_is`: what the
         body is, as errors name it (a pre-signed thumbnail PUT's body is its thumbnail). `room`:
-        the device's quota, checked against declared and received sizes as they come."""
+        the device's quota, checked against declared and received sizes as they come, unless
+        `stored_capture(device_event_id)` says the upload retries a capture stored already."""
         self.device = device
         self._release = release
         self._room = room
+        self._stored_capture = stored_capture
         self.fields = UploadFields()
         self._storage = storage
         self._max_thumbnail_bytes = max_thumbnail_bytes
@@ -91,8 +93,23 @@ class Upload:
         limit = self.media.max_bytes
         if size > limit:
             raise upload_too_large(self.media.what, limit, field="size")
-        if self._room is not None:
+        self._check_room(size)
+
+    def _check_room(self, size: int) -> None:
+        """`size` bytes of media against the device's quota. Past it, an upload naming a capture
+        the device has stored already (device_event_id, told before the bytes) goes on, with no
+        room to check: Gallery.store answers that capture and stores nothing (or, for other
+        content, DEVICE_EVENT_ID_CONFLICT), so a device that lost the answer of the upload that
+        filled its quota learns it was stored. Its commit's own check still holds the quota."""
+        if self._room is None:
+            return
+        try:
             self._room.check(size)
+        except Exhausted:
+            retry = self.fields.device_event_id
+            if not (retry and self._stored_capture is not None and self._stored_capture(retry)):
+                raise
+            self._room = None
 
     def fill(self, announced: Event) -> None:
         """Make this the upload of the capture a device announced (and was asked to pull): what
@@ -110,8 +127,7 @@ class Upload:
     def write_media(self, data: bytes | memoryview) -> None:
         self.media_received = True
         self.media.write(data)
-        if self._room is not None:
-            self._room.check(self.media.size)
+        self._check_room(self.media.size)
         declared = self.fields.declared_size
         if declared is not None and self.media.size > declared:
             raise InvalidArgument(

@@ -103,6 +103,45 @@ def test_every_upload_path_stops_at_the_quota(quota_stack: Stack, mint: Callable
         assert multipart(http, headers, device, random_bytes(2000)).status_code == 200
 
 
+def test_a_retry_of_the_capture_that_filled_the_quota_is_answered_with_its_event(
+    quota_stack: Stack, mint: Callable[..., str],
+) -> None:
+    """The upload that filled the quota lost its answer; its device sends it again under its
+    device_event_id, natively or by form (the id's field before the file's, as the device knows
+    it first): the stored event is the answer, and nothing more is stored."""
+    device = new_device()
+    headers = {"Authorization": f"Bearer {mint()}"}
+    md = [("authorization", f"Bearer {mint()}")]
+    data = random_bytes(QUOTA)
+    fields = {"name": "cap.bin", "device_event_id": "DCIM/0042"}
+    with httpx.Client(base_url=quota_stack.base_url, timeout=60) as http, \
+            grpc.insecure_channel(quota_stack.envoy_grpc_address) as channel:
+        r = http.post(f"/api/gallery/{device}/upload", headers=headers, data=fields,
+                      files={"event": ("cap.bin", data, "application/octet-stream")})
+        assert r.status_code == 200, r.text
+        first = r.json()["eventId"]
+        stored = set(stored_files(quota_stack.data_dir))
+        r = http.post(f"/api/gallery/{device}/upload", headers=headers, data=fields,
+                      files={"event": ("cap.bin", data, "application/octet-stream")})
+        assert (r.status_code, r.json()) == (200, {"success": True, "eventId": first})
+
+        def parts(size: int | None) -> Iterator[pb.UploadEventRequest]:
+            yield pb.UploadEventRequest(header=pb.UploadHeader(device=device, name="cap.bin", size=size,
+                                                               device_event_id="DCIM/0042"))
+            yield pb.UploadEventRequest(media_chunk=data)
+            yield pb.UploadEventRequest(finish=pb.UploadFinish())
+        stub = gallery_pb2_grpc.GalleryServiceStub(channel)
+        for size in (None, QUOTA):
+            assert stub.UploadEvent(parts(size), metadata=md, timeout=30).event_id == first
+        # The quota still holds for anything else: an id of no capture is refused at its first byte.
+        r = http.post(f"/api/gallery/{device}/upload", headers=headers, data={**fields, "device_event_id": "DCIM/0043"},
+                      files={"event": ("cap.bin", data, "application/octet-stream")})
+        assert_over_quota(r, device, QUOTA)
+        assert set(stored_files(quota_stack.data_dir)) == stored
+        stats = http.get(f"/api/gallery/{device}/stats", headers=headers).json()
+        assert (stats["total_events"], stats["total_size"]) == (1, QUOTA)
+
+
 def test_the_refusal_is_in_its_access_line(quota_stack: Stack, mint: Callable[..., str]) -> None:
     """The operator sees which request hit a quota, and the client can quote its id."""
     device = new_device()

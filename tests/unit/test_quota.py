@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from gallery_server import auth
 from gallery_server.devices import Announcement, Devices
-from gallery_server.errors import Exhausted
+from gallery_server.errors import AlreadyExists, Exhausted
 from gallery_server.incoming import IncomingImporter
 from gallery_server.models import DeviceUsage, Event
 from gallery_server.quota import QUOTA_EXCEEDED, Summary, Usage
@@ -110,9 +110,9 @@ def test_uploads_fill_the_quota_exactly_then_are_refused(gallery: Gallery, princ
     refused(excinfo, used=2 * len(PDF), size=len(PNG) + 1, limit=gallery.quota.limit)
     store(gallery, principal, data=PNG)  # exactly the quota
     assert usage(gallery) == {"cam1": gallery.quota.limit}
-    with pytest.raises(Exhausted) as excinfo:  # at the quota: refused before any byte
-        gallery.begin_upload(principal, "cam1")
-    refused(excinfo, used=gallery.quota.limit, size=0, limit=gallery.quota.limit)
+    with gallery.begin_upload(principal, "cam1") as upload, pytest.raises(Exhausted) as excinfo:
+        upload.write_media(b"x")  # at the quota: refused at its first byte (a form may name a retry first)
+    refused(excinfo, used=gallery.quota.limit, size=1, limit=gallery.quota.limit)
     store(gallery, principal, "cam2", data=PDF)  # other devices have quotas of their own
     assert row_count(gallery) == 4
     assert len(stored_files(gallery.settings.data_dir)) == 4
@@ -177,8 +177,8 @@ def test_stats_tell_a_device_its_room(gallery: Gallery, principal: auth.Principa
     store(gallery, principal, data=PDF, name="b.pdf")
     store(gallery, principal, data=PDF, name="c.pdf")
     assert gallery.stats(principal, "cam1").quota.available == 0  # type: ignore[union-attr]
-    with pytest.raises(Exhausted):  # what stats said: no room, not even for a byte
-        gallery.begin_upload(principal, "cam1")
+    with gallery.begin_upload(principal, "cam1") as upload, pytest.raises(Exhausted):
+        upload.write_media(b"x")  # what stats said: no room, not even for a byte
     gallery.quota.limit = len(PDF)  # lowered below what the device keeps: no room, never less
     assert gallery.stats(principal, "cam1").quota == Usage(limit=len(PDF), used=3 * len(PDF))
     assert gallery.stats(principal, "cam1").quota.available == 0  # type: ignore[union-attr]
@@ -334,6 +334,63 @@ def test_a_pull_refused_at_its_commit_stays_open_with_its_event_on_the_device(
         upload.write_media(content)
         gallery.store(upload, fill=pulled, before_insert=devices.complete_pull)
     assert gallery.get_event(principal, "cam1", announced.id).state == "stored"
+
+
+def _upload(gallery: Gallery, principal: auth.Principal, data: bytes, *, device_event_id: str = "",
+            declared_size: int | None = None) -> Event:
+    """A native upload's order: its header (the device's id, then a size) before its bytes."""
+    with gallery.begin_upload(principal, "cam1") as upload:
+        upload.fields.name = "capture.pdf"
+        upload.fields.device_event_id = device_event_id
+        if declared_size is not None:
+            upload.declare_size(declared_size)
+        upload.write_media(data)
+        return gallery.store(upload)
+
+
+@pytest.mark.parametrize("declared", [False, True], ids=["streamed", "declared"])
+def test_a_retry_of_the_capture_that_filled_the_quota_is_answered_with_it(
+    gallery: Gallery, principal: auth.Principal, declared: bool,
+) -> None:
+    """A device that lost the answer of the upload that filled its quota sends it again under its
+    device_event_id: the stored event is the answer, nothing more is stored, and the quota still
+    refuses anything else: an id of no capture, and other content under the capture's id (409)."""
+    gallery.quota.limit = 2 * len(PDF)
+    _upload(gallery, principal, PDF, device_event_id="DCIM/0001")
+    first = _upload(gallery, principal, PDF, device_event_id="DCIM/0002")  # fills the quota
+    size = len(PDF) if declared else None
+    again = _upload(gallery, principal, PDF, device_event_id="DCIM/0002", declared_size=size)
+    assert again.id == first.id
+    assert (row_count(gallery), usage(gallery), len(stored_files(gallery.settings.data_dir))) == (
+        2, {"cam1": 2 * len(PDF)}, 2)
+    with pytest.raises(Exhausted) as excinfo:
+        _upload(gallery, principal, PDF, device_event_id="DCIM/0003", declared_size=size)
+    refused(excinfo, used=2 * len(PDF), size=len(PDF), limit=gallery.quota.limit)
+    with pytest.raises(AlreadyExists) as conflict:
+        _upload(gallery, principal, PDF[:-1] + b"y", device_event_id="DCIM/0002", declared_size=size)
+    assert conflict.value.reason == "DEVICE_EVENT_ID_CONFLICT"
+    assert (row_count(gallery), len(stored_files(gallery.settings.data_dir))) == (2, 2)
+
+
+def test_a_resumable_retry_of_the_capture_that_filled_the_quota_is_answered_with_it(
+    gallery: Gallery, principal: auth.Principal,
+) -> None:
+    """A session may start and take the bytes without a declared sha256: completion tells the
+    stored capture (its event) from other content under its id (409)."""
+    uploads = ResumableUploads(gallery)
+    gallery.quota.limit = len(PDF)
+    first = _upload(gallery, principal, PDF, device_event_id="DCIM/0002")
+    for size in (None, len(PDF)):
+        state = uploads.start(principal, "cam1", name="capture.pdf", size=size, device_event_id="DCIM/0002")
+        writer = uploads.open_write(principal, "cam1", state.upload_id, 0)
+        try:
+            writer.write(PDF)
+            assert writer.finish().event_id == first.id
+        finally:
+            writer.close()
+    with pytest.raises(Exhausted):  # an id of no capture
+        uploads.start(principal, "cam1", name="other.pdf", size=1, device_event_id="DCIM/0003")
+    assert (row_count(gallery), usage(gallery)) == (1, {"cam1": len(PDF)})
 
 
 def test_a_resumable_upload_stops_at_the_quota(gallery: Gallery, principal: auth.Principal) -> None:

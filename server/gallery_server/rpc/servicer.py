@@ -231,10 +231,11 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             fields.name = h.name
             fields.media_type = h.media_type
             fields.metadata_json = metadata_json(h.metadata, settings.max_metadata_bytes)
+            # Before the size and the body: a retry of a capture stored already takes no room.
+            fields.device_event_id = validation.device_event_id(h.device_event_id)
             if h.HasField("size"):
                 upload.declare_size(h.size)
             fields.declared_sha256 = h.sha256
-            fields.device_event_id = validation.device_event_id(h.device_event_id)  # before the body
             if announced:
                 upload.fill(announced)
             upload.write_media(b"")  # no media chunks at all is a valid, empty file
