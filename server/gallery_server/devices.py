@@ -240,6 +240,11 @@ class Devices:
         for _ in range(3):
             existing = self._by_key(device, a.device_key)
             if existing is not None and _same_capture(existing, a):
+                if a.sha256 and not existing.sha256 and existing.state == "on_device":
+                    # A device that hashes after a first, cheaper scan: the pulled upload must
+                    # match it. Read again, as recorded (or as an upload left it meanwhile).
+                    self._record_sha256(existing.id, a.sha256)
+                    continue
                 return existing
             if existing is None:
                 deleted = self._deleted_capture(device, a.device_key)
@@ -318,6 +323,16 @@ class Devices:
             return False
         forget_event(session, old.id, session_ttl=self.gallery.settings.upload_session_ttl)
         return True
+
+    def _record_sha256(self, event_id: str, sha256: str) -> None:
+        """Give an announced event the sha256 a later announcement of it tells, unless an upload
+        (its content, hashed) or another announcement's sha256 came first."""
+        with self.db.session() as session:
+            session.exec(  # type: ignore[call-overload]
+                sa.update(Event).where(col(Event.id) == event_id, col(Event.sha256) == "",
+                                       col(Event.state) == "on_device").values(sha256=sha256)
+            )
+            self.db.commit(session)
 
     def _by_key(self, device: str, device_key: str) -> Event | None:
         with self.db.session() as session:

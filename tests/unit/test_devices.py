@@ -426,6 +426,29 @@ def test_pulled_upload_fills_the_announced_event(devices, gallery, device_princi
         devices.pulled_event(device_principal, DEVICE, event.id)
 
 
+def test_a_sha256_a_later_announcement_tells_binds_the_pulled_upload(devices, gallery, device_principal, principal):
+    """A device that scans cheaply first (key and size) and hashes later announces the capture
+    again with its sha256: recorded, so that the pulled upload must match it, as if it had come
+    first. One known already is kept: another sha256 is another capture (a new event)."""
+    content = b"the real bytes" * 1000
+    sha256 = hashlib.sha256(content).hexdigest()
+    event = announce(devices, device_principal, size=len(content))
+    again = announce(devices, device_principal, size=len(content), sha256=sha256)
+    assert (again.id, again.sha256) == (event.id, sha256)
+    assert gallery.get_event(principal, DEVICE, event.id).sha256 == sha256
+    devices.pull(principal, DEVICE, event.id)
+    announced = devices.pulled_event(device_principal, DEVICE, event.id)
+    with gallery.open_upload(DEVICE) as upload, pytest.raises(InvalidArgument) as mismatch:
+        upload.fields.name = announced.name
+        upload.fill(announced)
+        upload.write_media(b"X" * len(content))  # the same size, other bytes
+        gallery.store(upload, fill=announced)
+    assert mismatch.value.reason == "SHA256_MISMATCH"
+    assert gallery.get_event(principal, DEVICE, event.id).state == "on_device"
+    other = announce(devices, device_principal, size=len(content), sha256=hashlib.sha256(b"other").hexdigest())
+    assert other.id != event.id
+
+
 def test_a_pulled_upload_whose_commit_is_refused_keeps_a_thumbnail(devices, gallery, device_principal, principal):
     """The upload's thumbnail replaced the one sent with the announcement, then the COMMIT was
     refused (a deadlock): the event still says it has a thumbnail, and one is there (the upload's,
