@@ -241,6 +241,8 @@ def pull_all(stub, user, events: list[gpb.Event], timeout: float) -> dict[str, s
                 time.monotonic() > deadline):
             break
         time.sleep(0.2)
+    listed = list(stub.ListEvents(gpb.ListEventsRequest(device=DEVICE, limit=1000), metadata=user))
+    assert listed and not any(e.HasField("pull") for e in listed)  # GetEvent's alone (Event.pull)
     return {name: p.state + (f" ({p.error})" if p.error else "") for name, p in pulls.items()}
 
 
