@@ -1007,6 +1007,37 @@ def test_a_percent_encoded_query_parameter_name_is_refused(http, auth_headers):
     assert (r.status_code, [e["id"] for e in r.json()]) == (200, [second]), r.text
 
 
+def test_a_query_parameter_given_twice_is_refused(http, auth_headers):
+    """The transcoder takes a repeated parameter's last value and says nothing:
+    `media_type=video&media_type=image` listed images alone, `filename=a.mp4&filename=b.mp4`
+    signed a URL for b.mp4. A parameter the request reads, given twice, is 400
+    REPEATED_QUERY_PARAMETER, HEAD included; unknown names and those of a path variable stay
+    ignored, repeated or not."""
+    device, headers = new_device(), auth_headers()
+    event_id = upload(http, device, headers, name="a.bin", data=b"a" * 20)
+    events, upload_url = f"/api/gallery/{device}/events", f"/api/gallery/{device}/upload-url"
+    for path, query, name in (
+        (events, "media_type=video&media_type=image", "media_type"),
+        (events, "order=oldest&since=2026-01-01T00:00:00Z&order=newest", "order"),
+        (events, "until=2099-01-01T00:00:00Z&until=2000-01-01T00:00:00Z", "until"),
+        (upload_url, "filename=a.mp4&filename=b.mp4", "filename"),
+        (upload_url, "filename=a.mp4&thumbnail=true&thumbnail=false", "thumbnail"),
+        (f"/api/gallery/{device}/events/{event_id}", "wait=1&wait=2", None),  # GetEvent reads no wait
+    ):
+        r = http.get(f"{path}?{query}", headers=headers)
+        if name is None:
+            assert r.status_code == 200, (query, r.text)
+            continue
+        body = assert_error(r, 400, "REPEATED_QUERY_PARAMETER")
+        assert body["message"] == f"query parameter {name!r} is given more than once: give it once", body
+        assert http.head(f"{path}?{query}", headers=headers).status_code == 400, query
+    r = http.post(f"/api/gallery/{device}/pull/{event_id}?wait=1&wait=2", headers=headers)
+    assert_error(r, 400, "REPEATED_QUERY_PARAMETER")
+    r = http.get(f"{events}?other=1&other=2&device=x&device=y&limit=5", headers=headers)
+    assert (r.status_code, [e["id"] for e in r.json()]) == (200, [event_id]), r.text
+    assert http.get(f"{upload_url}?filename=a.mp4&thumbnail=true", headers=headers).status_code == 200
+
+
 def test_form_fields_the_upload_does_not_read_are_skipped(stack, http, auth_headers):
     """A client may send more than the reference lists (a device id, a timestamp, another file):
     the upload stores what it reads, and the access line names what it skipped."""

@@ -13,6 +13,8 @@ The interceptor wraps each method handler so that, inside the worker thread runn
   the trailing metadata, `x-request-id`, to quote;
 - a request message that does not parse (text that is not UTF-8, bytes that are not protobuf)
   is INVALID_ARGUMENT `MALFORMED_REQUEST` once authentication passed, not grpcio's INTERNAL;
+- a REST query that names one of the request's fields twice is INVALID_ARGUMENT
+  `REPEATED_QUERY_PARAMETER`, where Envoy's transcoder would take the last value silently;
 - the chunks of an upload's body and of a download skip protobuf's copies (chunks.py).
 """
 
@@ -20,16 +22,20 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import re
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from typing import Any
 
 import grpc
+from google.api import annotations_pb2
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError
 
 from .. import auth, logs
@@ -63,6 +69,8 @@ MAX_FORWARDED_CHARS = 256
 # record) is replaced by one of the server's.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 REQUEST_ID_HEADER = "x-request-id"
+# Where Envoy's transcoder keeps a REST request's path and query (the gRPC call has its own path).
+ORIGINAL_PATH_HEADER = "x-envoy-original-path"
 
 _principal: contextvars.ContextVar[auth.Principal] = contextvars.ContextVar("principal")
 
@@ -165,6 +173,7 @@ class GalleryInterceptor(grpc.ServerInterceptor):
             try:
                 token = self._enter(call, public)
                 try:
+                    _refuse_repeated_query_parameters(method, request, call.metadata)
                     return behavior(request, context)
                 finally:
                     _principal.reset(token) if token else None
@@ -186,6 +195,7 @@ class GalleryInterceptor(grpc.ServerInterceptor):
             try:
                 token = self._enter(call, public)
                 try:
+                    _refuse_repeated_query_parameters(method, request, call.metadata)
                     yield from behavior(request, context)
                 finally:
                     _reset_here(_principal, token) if token else None
@@ -205,6 +215,43 @@ class GalleryInterceptor(grpc.ServerInterceptor):
         principal = self._verifier.verify(token)
         call.subject = principal.subject
         return _principal.set(principal)
+
+
+def _refuse_repeated_query_parameters(method: str, request: Any, metadata: Mapping[str, str]) -> None:
+    """A REST request (its path and query kept by the transcoder in x-envoy-original-path) whose
+    query gives one of the request message's fields twice: the transcoder takes the last value
+    (`media_type=video&media_type=image` listed images; `filename=a.mp4&filename=b.mp4` signed a
+    URL for b.mp4) and says nothing. Unknown names stay ignored, repeated or not. A request
+    stream (an upload) takes nothing from its query."""
+    path = metadata.get(ORIGINAL_PATH_HEADER, "")
+    if "?" not in path or not hasattr(request, "DESCRIPTOR"):
+        return
+    names = [name for name, _ in urllib.parse.parse_qsl(path.partition("?")[2], keep_blank_values=True)]
+    if len(names) == len(set(names)):
+        return
+    fields = _query_names(method, request.DESCRIPTOR)
+    for name in {name for name in names if names.count(name) > 1 and name in fields}:
+        raise InvalidArgument(
+            "REPEATED_QUERY_PARAMETER", f"query parameter {name!r} is given more than once: give it once",
+            field=name,
+        )
+
+
+@functools.cache
+def _query_names(method: str, descriptor: Descriptor) -> frozenset[str]:
+    """The names a REST query may give the fields of `method`'s request (`descriptor`): each
+    field's own and its JSON name, but those its path binds, which a query cannot change (README:
+    the path alone names them)."""
+    bound: set[str] = set()
+    with contextlib.suppress(KeyError):  # a method of no REST binding: nothing bound
+        rule = descriptor.file.pool.FindMethodByName(method.strip("/").replace("/", ".")).GetOptions().Extensions[
+            annotations_pb2.http]
+        for binding in (rule, *rule.additional_bindings):
+            kind = binding.WhichOneof("pattern")
+            template = binding.custom.path if kind == "custom" else getattr(binding, kind or "get")
+            bound.update(re.findall(r"\{([^}=]+)", template))
+    return frozenset(name for field in descriptor.fields if field.name not in bound
+                     for name in (field.name, field.json_name))
 
 
 def _counted(behavior: Callable[..., Iterator[Any]], slots: threading.BoundedSemaphore) -> Callable:

@@ -33,7 +33,7 @@ from ..service import Gallery
 from ..signed_urls import THUMBNAIL, SignedTarget, SignedUploads, SignedUploadState
 from ..uploads import Uploader
 from . import chunks
-from .interceptor import current_principal
+from .interceptor import ORIGINAL_PATH_HEADER, current_principal
 from .status import HTTP_STATUS_HEADER
 
 # Where ListEvents returns the next page's token (empty after the last page).
@@ -394,7 +394,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         # streams added up to the total.
         declared = _declared_body_length(context)
         early = ranged = None
-        if (path := _SIGNED_PUT_PATH.fullmatch(headers.get("x-envoy-original-path", ""))) is not None:
+        if (path := _SIGNED_PUT_PATH.fullmatch(headers.get(ORIGINAL_PATH_HEADER, ""))) is not None:
             device, token = (urllib.parse.unquote(part) for part in path.groups())
             early = self.signed.verify(validation.device_id(device), token)
             ranged = self.signed.check_put(early, content_range, declared)
