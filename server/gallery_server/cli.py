@@ -19,6 +19,7 @@ from . import auth, logs, validation
 from .addresses import split_address
 from .errors import InvalidArgument
 from .settings import (
+    A_YEAR,
     ConfigError,
     Settings,
     data_dir_from_env,
@@ -294,8 +295,8 @@ def _reconcile(settings: Settings, grace: float | None, *, force: bool = False) 
 
     if grace is not None:
         floor = min_reconcile_grace(settings.upload_idle_seconds)
-        if not math.isfinite(grace) or grace < 0:
-            print("gallery reconcile: --grace must be a number >= 0", file=sys.stderr)
+        if not math.isfinite(grace) or not 0 <= grace <= A_YEAR:  # longer overflows the date arithmetic
+            print(f"gallery reconcile: --grace must be a number from 0 to {A_YEAR} (a year)", file=sys.stderr)
             return 2
         if grace < floor and not force:
             print(f"gallery reconcile: --grace below {floor:g} s may remove the files of uploads in"
@@ -316,6 +317,9 @@ def _reconcile(settings: Settings, grace: float | None, *, force: bool = False) 
     from .service import BACKGROUND_POOL_SIZE, Gallery
     from .storage import Storage
 
+    if (missing := _missing_sqlite_file(settings)) is not None:
+        print(f"gallery: no database at {missing} (GALLERY_DATA_DIR or GALLERY_DATABASE_URL)", file=sys.stderr)
+        return 2
     # Not background_gallery: the tables come first, before the Storage makes the data folders.
     db = Database(settings.database_url, pool_size=BACKGROUND_POOL_SIZE)
     try:
@@ -325,6 +329,17 @@ def _reconcile(settings: Settings, grace: float | None, *, force: bool = False) 
         db.dispose()
     print(json.dumps(findings.to_json()))
     return 1 if findings.missing_media or findings.size_mismatch else 0
+
+
+def _missing_sqlite_file(settings: Settings) -> str | None:
+    """The SQLite file the settings name, when it is not there: a tool that opened it would make a
+    new, empty one where a mistyped GALLERY_DATA_DIR or GALLERY_DATABASE_URL points."""
+    import sqlalchemy as sa
+
+    url = sa.make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database and not pathlib.Path(url.database).exists():
+        return url.database
+    return None
 
 
 def _verify_device(text: str) -> str:
@@ -347,16 +362,12 @@ def _rate(text: str) -> float:
 def _verify(settings: Settings, device: str | None, bytes_per_second: float) -> int:
     import json
 
-    import sqlalchemy as sa
-
     from . import scrub
     from .db import Database
 
-    # No create_tables, unlike `gallery reconcile`: verifying changes no row, nor the schema,
-    # nor a SQLite file where a wrong GALLERY_DATA_DIR points (opening one creates it).
-    url = sa.make_url(settings.database_url)
-    if url.get_backend_name() == "sqlite" and url.database and not pathlib.Path(url.database).exists():
-        print(f"gallery: no database at {url.database} (GALLERY_DATA_DIR or GALLERY_DATABASE_URL)", file=sys.stderr)
+    # No create_tables, unlike `gallery reconcile`: verifying changes no row, nor the schema.
+    if (missing := _missing_sqlite_file(settings)) is not None:
+        print(f"gallery: no database at {missing} (GALLERY_DATA_DIR or GALLERY_DATABASE_URL)", file=sys.stderr)
         return 2
     db = Database(settings.database_url, pool_size=1)
     try:

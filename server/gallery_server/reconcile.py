@@ -21,6 +21,8 @@ What is removed, and why it is safe with any number of replicas sharing storage 
   resumable session always has its row: resumable.py removes the file first, then the row) or
   with a completed row (its bytes are its event's; a crash after the commit leaves this copy).
 * media/<device>/<id> with no event row for that device and id, older than the grace period,
+  while the database describes the folder (it has events, and the folder holds stored media it
+  names: a new or another gallery's database leaves every file alone, with an error),
   unless a signed URL not used yet has that id (its retry replaces the file: signed_urls.py).
   Age is the later of mtime and ctime: a link or rename sets ctime, so a resumable file written
   long ago but linked just now counts as new.
@@ -226,6 +228,11 @@ class Reconciler:
         return row is None or bool(row.event_id)
 
     def _media(self, findings: Findings, media: dict[str, list[pathlib.Path]]) -> None:
+        if any(media.values()) and not self._database_describes_media():
+            log.error("the database names none of the media in the data folder: no media removed (is"
+                      " GALLERY_DATABASE_URL this gallery's database, and GALLERY_DATA_DIR its folder?)",
+                      extra={"data_dir": str(self.gallery.settings.data_dir)})
+            return
         for device, old in media.items():
             for start in range(0, len(old), ROW_BATCH):
                 batch = old[start:start + ROW_BATCH]
@@ -247,6 +254,16 @@ class Reconciler:
                     # Read again under the file's lock: committed since the batch read?
                     self._remove(path, findings, counter,
                                  still=lambda d=device, e=event_id, t=thumbnail: not self._has_row(d, e, t))
+
+    def _database_describes_media(self) -> bool:
+        """Whether the database is the one this data folder's media belong to, as far as a look
+        tells: it has events, and the folder holds stored media it names (Gallery.stored_media_found).
+        A new database (a mistyped GALLERY_DATABASE_URL, an empty PostgreSQL one) or another
+        gallery's names none of the files here, and every one of them would pass for an orphan:
+        a pass removed a whole gallery's media. The price: a gallery whose every event was deleted
+        keeps the orphans a crash left until it stores an event again."""
+        has_events = self.db.count_at_most(sa.select(col(Event.id)), 1) > 0
+        return has_events and self.gallery.stored_media_found()
 
     def _has_row(self, device: str, event_id: str, thumbnail: bool) -> bool:
         with self.db.session() as session:

@@ -49,6 +49,14 @@ from .test_service import PNG, store
 ADMIN = auth.Principal("ops", frozenset({"*"}), frozenset({auth.ADMIN}))
 
 
+@pytest.fixture
+def a_capture_kept(gallery: Gallery) -> None:
+    """The gallery holds a capture of a device of its own, for a test that stores none: the
+    database describes the data folder (Reconciler._database_describes_media), as a gallery's
+    does once it has stored anything, and orphans may go."""
+    store(gallery, auth.Principal("k", frozenset({"keeper"}), frozenset({auth.WRITE})), "keeper", PNG)
+
+
 def settle() -> None:
     # Timestamps are taken from a coarse clock: let it tick past the files just written.
     time.sleep(0.02)
@@ -95,6 +103,50 @@ def test_orphans_older_than_the_grace_period_are_removed_and_rows_files_kept(gal
     assert findings.rows_checked == 1 and findings.missing_media == 0
 
 
+@pytest.mark.parametrize("database", ["new", "another gallery's"])
+def test_a_database_that_names_none_of_the_media_removes_none(gallery, principal, caplog, database):
+    """A mistyped GALLERY_DATABASE_URL made a new, empty database beside a full data folder (an
+    empty PostgreSQL database got the schema): every file passed for an orphan, and a pass removed
+    a whole gallery's media. Another gallery's database names none of these files either."""
+    files = [gallery.storage.media_path("cam1", f"evt_kept{n:018d}") for n in range(3)]
+    files[0].parent.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        path.write_bytes(b"a capture")
+    gallery.storage.thumbnail_path("cam1", "evt_kept" + "0" * 18).write_bytes(b"its thumbnail")
+    if database == "another gallery's":  # its stored events' files are elsewhere
+        for _ in range(5):
+            gone = store(gallery, principal, "cam2", PNG + secrets.token_bytes(8))
+            gallery.storage.media_path("cam2", gone.id).unlink()
+    settle()
+    with caplog.at_level(logging.ERROR, logger="gallery_server.reconcile"):
+        findings = Reconciler(gallery, grace_seconds=0).run_once()
+    assert (findings.orphan_media_removed, findings.orphan_thumbnails_removed) == (0, 0)
+    assert all(path.exists() for path in files)
+    assert any("names none of the media in the data folder" in r.getMessage() for r in caplog.records)
+    if database == "new":  # once it has stored a capture here, what no row names goes
+        store(gallery, principal, "cam1", PNG)
+        settle()
+        assert Reconciler(gallery, grace_seconds=0).run_once().orphan_media_removed == 3
+
+
+def test_cli_reconcile_makes_no_database_and_takes_no_grace_past_a_year(tmp_path, monkeypatch, capsys):
+    """A mistyped GALLERY_DATA_DIR or GALLERY_DATABASE_URL named a SQLite file that was not there:
+    reconcile made it, then took every file for an orphan. A grace past a year overflowed the
+    date arithmetic (a traceback, exit status 1: "rows lack their files")."""
+    for name, value in limits_env(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["reconcile"]) == 2
+    assert capsys.readouterr().err == f"gallery: no database at {tmp_path / 'gallery.db'} (GALLERY_DATA_DIR or" \
+        " GALLERY_DATABASE_URL)\n"
+    assert not (tmp_path / "gallery.db").exists()
+    a_gallery_database(tmp_path)
+    for grace in ("1e11", "31536001", "-1", "nan"):
+        assert cli.main(["reconcile", "--grace", grace]) == 2, grace
+        assert "--grace must be a number from 0 to 31536000 (a year)" in capsys.readouterr().err
+    assert cli.main(["reconcile", "--grace", "31536000"]) == 0
+
+
+@pytest.mark.usefixtures("a_capture_kept")
 def test_a_file_linked_just_now_is_young_whatever_its_mtime(gallery):
     # A resumable upload written hours ago is linked into media/ a moment before its row commits.
     path = gallery.storage.media_path("cam1", "evt_linked00000000000000")
@@ -159,6 +211,7 @@ def test_thumbnail_waiting_for_its_media_is_kept_while_its_grant_exists(gallery,
     assert findings.orphan_thumbnails_removed == 0 and thumb.exists()
 
 
+@pytest.mark.usefixtures("a_capture_kept")
 @pytest.mark.parametrize("then", ["used", "gone"])
 @pytest.mark.parametrize("unused", ["open", "uploading"])  # `uploading`: left by an older server
 def test_media_at_a_granted_id_is_kept_while_the_url_can_complete(gallery, unused, then):
@@ -1050,6 +1103,7 @@ def test_a_first_message_that_is_data_gets_the_idle_limit():
     assert cancelled == []
 
 
+@pytest.mark.usefixtures("a_capture_kept")
 def test_two_links_of_one_inode_go_in_one_pass(gallery):
     # A crash between link (into media/) and unlink (of the staging name) leaves one inode under
     # two names; removing either sets the inode's ctime, which must not spare the other.
@@ -1181,6 +1235,15 @@ def limits_env(tmp_path, **values: str) -> dict[str, str]:
     return {"GALLERY_DATA_DIR": str(tmp_path), "GALLERY_JWT_SECRET": "s" * 40, **values}
 
 
+def a_gallery_database(tmp_path: pathlib.Path) -> None:
+    """The data folder's database, as a server's first start makes it (reconcile makes none)."""
+    from gallery_server.db import Database
+
+    db = Database(f"sqlite:///{tmp_path / 'gallery.db'}")
+    db.create_tables()
+    db.dispose()
+
+
 @pytest.mark.parametrize("values", [
     {"GALLERY_RECONCILE_GRACE_SECONDS": "0"},
     {"GALLERY_RECONCILE_GRACE_SECONDS": "-1"},
@@ -1212,6 +1275,7 @@ def test_cli_reconcile_needs_force_for_a_short_grace_and_no_server_running(tmp_p
         port = listening.getsockname()[1]
         for name, value in limits_env(tmp_path, GALLERY_GRPC_ADDRESS=f"127.0.0.1:{port}").items():
             monkeypatch.setenv(name, value)
+        a_gallery_database(tmp_path)
         assert cli.main(["reconcile", "--grace", "0"]) == 2
         assert "--force" in capsys.readouterr().err
         assert cli.main(["reconcile", "--grace", "0", "--force"]) == 2  # a server answers
@@ -1251,6 +1315,7 @@ def test_a_folder_made_before_a_crash_gets_its_parent_fsynced_once(tmp_path, mon
     assert synced == [folder.parent]
 
 
+@pytest.mark.usefixtures("a_capture_kept")
 def test_an_orphan_the_server_may_not_open_for_writing_nor_remove_is_left_with_a_warning(gallery, caplog):
     # Its exclusive lock needs a descriptor open for writing (file_locks.py): without one the
     # reconciler asks whether anyone holds a lock instead, and tries. chattr +i refuses the
@@ -1275,6 +1340,7 @@ def test_an_orphan_the_server_may_not_open_for_writing_nor_remove_is_left_with_a
         == [str(stuck)]
 
 
+@pytest.mark.usefixtures("a_capture_kept")
 @pytest.mark.parametrize("in_use", [False, True])
 def test_a_leftover_the_server_may_only_read_goes_unless_a_lock_is_held_on_it(gallery, monkeypatch, in_use):
     """Restored read-only, say (the tests run as root, so refusing the write is simulated): no
@@ -1309,12 +1375,14 @@ def test_cli_reconcile_needs_no_jwt_secret(tmp_path, monkeypatch, capsys):
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("GALLERY_JWT_SECRET")
     assert not (tmp_path / "jwt-secret").exists()
+    a_gallery_database(tmp_path)
     assert cli.main(["reconcile"]) == 0
     assert json.loads(capsys.readouterr().out)["rows_checked"] == 0
     assert cli.main(["token", "--sub", "ops", "--device", "cam-1"]) == 2  # minting one still needs it
     assert "no JWT secret" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("a_capture_kept")
 @pytest.mark.parametrize("committed", ["session", "event", "grant"])
 def test_a_file_whose_row_commits_before_its_lock_is_taken_is_kept(gallery, principal, monkeypatch, committed):
     """The pass reads the rows (none: an orphan), then takes the file's lock: a row committed in
