@@ -172,13 +172,14 @@ def _main(argv: list[str] | None) -> int:
                         issuer=settings.jwt_issuer, audience=settings.jwt_audience))
         return 0
     if args.command == "envoy":
-        from .supervisor import envoy_command
+        from .supervisor import PortTaken, check_ports_free, envoy_command
 
         try:
+            check_ports_free(settings, edge_only=True)
             config = args.config or _host_local_config(settings.http_address)
             command = envoy_command(settings, backends, config)
             os.execvp(command[0], command)  # Envoy is the process: its signals and exit status are its own
-        except (OSError, ValueError) as exc:  # an unwritable --config, no Envoy binary, what Envoy cannot take
+        except (OSError, ValueError, PortTaken) as exc:  # a held port, an unwritable --config, no Envoy binary, ...
             print(f"gallery: {exc}", file=sys.stderr)
             return 2
     logs.configure(settings.log_level)

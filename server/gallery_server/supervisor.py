@@ -198,16 +198,21 @@ def envoy_command(settings: Settings, backends: list[str], config: pathlib.Path 
             "--component-log-level", "misc:error", "--file-flush-interval-msec", "1000"]
 
 
-def check_ports_free(settings: Settings) -> None:
+def check_ports_free(settings: Settings, *, edge_only: bool = False) -> None:
     """Refuse to start over another process's ports. Otherwise the health check may be answered
     by another gallery on GALLERY_GRPC_ADDRESS, and the banner says "up" a moment before this
     server fails to bind; Envoy binds its listener with SO_REUSEPORT, so a second Envoy on the
-    same port would even share the first one's traffic."""
-    for variable, address in (
+    same port would even share the first one's traffic (`edge_only`: Envoy's ports alone, for
+    `gallery envoy`, whose servers run elsewhere: a second edge took 8 of 20 of a running
+    gallery's requests to its dead backend)."""
+    server = () if edge_only else (
         ("GALLERY_GRPC_ADDRESS", settings.grpc_address),
+        *((("GALLERY_METRICS_ADDRESS", settings.metrics_address),) if settings.metrics_address else ()),
+    )
+    for variable, address in (
+        *server,
         ("GALLERY_HTTP_ADDRESS", settings.http_address),
         ("GALLERY_ENVOY_ADMIN_PORT", f"127.0.0.1:{settings.envoy_admin_port}"),
-        *((("GALLERY_METRICS_ADDRESS", settings.metrics_address),) if settings.metrics_address else ()),
     ):
         host, port = split_address(address, ANY_HOST)
         try:

@@ -23,7 +23,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2_grpc
 
-from gallery_server import local_stack, supervisor
+from gallery_server import cli, local_stack, supervisor
 
 SERVER_DIR = pathlib.Path(supervisor.__file__).parent.parent
 
@@ -183,3 +183,23 @@ def test_ports_for_a_stack_are_chosen_below_the_ephemeral_range():
         for port in ports:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize("variable", ["GALLERY_HTTP_ADDRESS", "GALLERY_ENVOY_ADMIN_PORT"])
+def test_gallery_envoy_refuses_a_port_another_process_holds(tmp_path, monkeypatch, capsys, variable):
+    """Envoy binds its listener with SO_REUSEPORT: a second edge started on a running gallery's
+    port shared its traffic, and sent 8 of 20 of its requests to a backend that was not up."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        other = local_stack.free_ports(1)[0]
+        addresses = {"GALLERY_HTTP_ADDRESS": f"127.0.0.1:{other}", "GALLERY_ENVOY_ADMIN_PORT": str(other)}
+        addresses[variable] = f"127.0.0.1:{port}" if variable == "GALLERY_HTTP_ADDRESS" else str(port)
+        for name, value in {"GALLERY_DATA_DIR": str(tmp_path), **addresses}.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(os, "execvp", lambda *_: pytest.fail("Envoy was started over a held port"))
+        assert cli.main(["envoy", "--backend", "127.0.0.1:1", "--config", str(tmp_path / "envoy.yaml")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"gallery: {variable} 127.0.0.1:{port}: ") and "in use" in error, error
+    assert not (tmp_path / "envoy.yaml").exists()  # refused before anything was written
