@@ -324,6 +324,10 @@ def _reconcile(settings: Settings, grace: float | None, *, force: bool = False) 
     # Not background_gallery: the tables come first, before the Storage makes the data folders.
     db = Database(settings.database_url, pool_size=BACKGROUND_POOL_SIZE)
     try:
+        if not db.holds_a_gallery():
+            print(f"gallery: GALLERY_DATABASE_URL={shown_database_url(settings.database_url)} holds no gallery"
+                  " (no events table; none is made)", file=sys.stderr)
+            return 2
         db.create_tables()
         findings = Reconciler(Gallery(settings, db, Storage.from_settings(settings)), grace_seconds=grace).run_once()
     finally:
@@ -372,6 +376,10 @@ def _verify(settings: Settings, device: str | None, bytes_per_second: float) -> 
         return 2
     db = Database(settings.database_url, pool_size=1)
     try:
+        if not db.holds_a_gallery():
+            print(f"gallery: GALLERY_DATABASE_URL={shown_database_url(settings.database_url)} holds no gallery"
+                  " (no events table)", file=sys.stderr)
+            return 2
         totals = scrub.Scrub(db, settings.data_dir, bytes_per_second=bytes_per_second).run(device=device)
     except PermissionError as exc:
         print(f"gallery: cannot read {exc.filename}: run `gallery verify` as the server's user or group",

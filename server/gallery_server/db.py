@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, SQLModel
 
-from . import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from . import models  # (also registers the tables on SQLModel.metadata)
 from .errors import CommitOutcomeUnknown, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,12 @@ class Database:
 
     def create_tables(self) -> None:
         create_tables(self.engine)
+
+    def holds_a_gallery(self) -> bool:
+        """Whether the database has a gallery's tables (its events): a tool that acts on one
+        must not take an empty database, where a mistyped URL points, for a gallery of nothing."""
+        with self.engine.connect() as connection:
+            return sa.inspect(connection).has_table(models.Event.__tablename__)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sa.Connection]:

@@ -184,10 +184,11 @@ class Scrub:
             raise  # this user may not read the files (they are 0640): no finding about any of them
         except OSError as exc:
             return {"problem": "unreadable", "error": exc.strerror or str(exc)}
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # before open(): a folder's descriptor is refused there
+            os.close(fd)
+            return {"problem": "not a regular file"}
         with open(fd, "rb", buffering=0) as file:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return {"problem": "not a regular file"}
             if st.st_size != row.size:  # no need to read it
                 return {"problem": "size", "actual_size": st.st_size}
             # Drop the file's clean pages from the page cache before reading (so the disk's

@@ -81,6 +81,24 @@ def test_intact_files_pass_and_each_damaged_or_missing_one_is_reported(gallery, 
         assert session.execute(sa.select(sa.func.count()).select_from(Event)).scalar_one() == 6
 
 
+def test_a_folder_or_a_pipe_in_a_files_place_is_reported_and_the_scan_goes_on(gallery, principal, caplog):
+    """A folder where a media file should be ended the scan with a traceback (open() of its
+    descriptor): the files after it went unchecked and no totals were kept."""
+    folder = store(gallery, principal, "cam1", PNG + b"1", name="a.png")
+    pipe = store(gallery, principal, "cam1", PNG + b"2", name="b.png")
+    intact = store(gallery, principal, "cam1", PNG + b"3", name="c.png")
+    media = gallery.storage.media_path
+    media("cam1", folder.id).unlink()
+    media("cam1", folder.id).mkdir()
+    media("cam1", pipe.id).unlink()
+    os.mkfifo(media("cam1", pipe.id))
+    caplog.set_level(logging.INFO, logger="gallery_server.scrub")
+    totals = verifier(gallery).run()
+    assert (totals.checked, totals.damaged, totals.missing, totals.bytes_read) == (3, 2, 0, len(PNG) + 1)
+    assert reported(caplog) == {folder.id: ("cam1", "not a regular file"), pipe.id: ("cam1", "not a regular file")}
+    assert media("cam1", intact.id).read_bytes() == PNG + b"3"
+
+
 def test_device_limits_the_scope(gallery, principal, caplog):
     damaged = store(gallery, principal, "cam1", PNG + b"1")
     store(gallery, principal, "cam2", PNG + b"2")
@@ -212,6 +230,23 @@ def test_cli_verify_changes_nothing_where_there_is_nothing(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no database at" in result.stderr, result.stderr
     assert not (tmp_path / "typo").exists()
+
+
+def test_verify_and_reconcile_refuse_a_database_that_holds_no_gallery(postgres_url, tmp_path):
+    """An empty PostgreSQL database where GALLERY_DATABASE_URL points: verify ended with the
+    driver's traceback (exit status 1, "damage found"), and reconcile made the schema there."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GALLERY_")}
+    env |= {"GALLERY_DATA_DIR": str(tmp_path), "GALLERY_DATABASE_URL": postgres_url}
+    for command in ("verify", "reconcile"):
+        result = subprocess.run([sys.executable, "-m", "gallery_server", command], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert "holds no gallery (no events table" in result.stderr and "Traceback" not in result.stderr
+    engine = sa.create_engine(postgres_url)
+    try:
+        assert sa.inspect(engine).get_table_names() == []  # no schema made
+    finally:
+        engine.dispose()
 
 
 def test_cli_verify_stopped_by_ctrl_c_prints_what_it_did_and_keeps_no_totals(gallery, principal):
