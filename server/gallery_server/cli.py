@@ -136,9 +136,9 @@ def _main(argv: list[str] | None) -> int:
     agent.add_argument("--server", default="http://localhost:8001",
                        help="gallery URL: http://host:port, host:port or https://host (default: %(default)s)")
     agent.add_argument("--token", default=None, help="bearer token (default: $GALLERY_AGENT_TOKEN)")
-    agent.add_argument("--scan-interval", type=float, default=2.0,
-                       help="seconds between scans of the folder (default: %(default)s)")
-    agent.add_argument("--max-rate", type=float, default=0,
+    agent.add_argument("--scan-interval", type=_interval, default=2.0,
+                       help="seconds between scans of the folder, at least 0.1 (default: %(default)s)")
+    agent.add_argument("--max-rate", type=_rate, default=0,
                        help="upload bandwidth limit in bytes per second; 0 for none (default)")
     args = parser.parse_args(argv)
     if args.command == "token" and auth.wildcard_beside_ids(args.device):
@@ -336,6 +336,10 @@ def _reconcile(settings: Settings, grace: float | None, *, force: bool = False) 
     return 1 if findings.missing_media or findings.size_mismatch else 0
 
 
+# An agent scanning more often would spend a core on its folder's listing.
+MIN_SCAN_INTERVAL_SECONDS = 0.1
+
+
 def _missing_sqlite_file(settings: Settings) -> str | None:
     """The SQLite file the settings name, when it is not there: a tool that opened it would make a
     new, empty one where a mistyped GALLERY_DATA_DIR or GALLERY_DATABASE_URL points."""
@@ -352,6 +356,17 @@ def _verify_device(text: str) -> str:
         return validation.device_id(text)
     except InvalidArgument as exc:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device id ({exc.message})") from None
+
+
+def _interval(text: str) -> float:
+    """Seconds between an agent's scans: 0, a negative number or nan made it scan without pause."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not MIN_SCAN_INTERVAL_SECONDS <= seconds <= A_YEAR:  # nan fails too
+        raise argparse.ArgumentTypeError(f"{text}: must be a number of seconds from {MIN_SCAN_INTERVAL_SECONDS:g}")
+    return seconds
 
 
 def _rate(text: str) -> float:

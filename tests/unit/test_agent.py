@@ -453,3 +453,16 @@ def test_uploads_waiting_their_turn_do_not_hold_up_stop_nor_fail(offline_agent, 
     # Unanswered rather than failed: the server delivers them again to the next connection.
     assert [m.WhichOneof("message") for m in offline_agent._outbox.queue] == ["ack"] * 5
     assert uploads.done == [] and offline_agent._uploading == set()
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("--scan-interval", "0"), ("--scan-interval", "-1"), ("--scan-interval", "nan"), ("--scan-interval", "0.05"),
+    ("--scan-interval", "x"), ("--max-rate", "-5"), ("--max-rate", "inf"), ("--max-rate", "nan"),
+])
+def test_the_agent_refuses_a_scan_interval_or_a_rate_that_means_nothing(tmp_path, capsys, option, value):
+    """`--scan-interval 0` (or -1, nan) scanned the folder without pause, a core at 100%;
+    `--max-rate -5` meant no limit."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["agent", "--device", "cam-9", "--dir", str(tmp_path), "--token", "t", option, value])
+    assert exited.value.code == 2
+    assert f"argument {option}: {value}: must be a number" in capsys.readouterr().err
