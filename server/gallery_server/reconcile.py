@@ -47,7 +47,7 @@ import os
 import pathlib
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -66,6 +66,9 @@ from .storage import THUMBNAIL_SUFFIX, DiskSpace, fsync_dir, make_folders
 log = logging.getLogger(__name__)
 
 ROW_BATCH = 500
+# A pass that would remove at least this many files, more than half of the old ones, removes none:
+# a database that names almost nothing in the folder is not its gallery's (_media).
+MASS_ORPHANS = 100
 MAX_EXAMPLES = 20
 # A grant whose media URL is not used yet is kept this much longer after expiry: a PUT of it that
 # began before expiry may still be running (a 16 GiB PUT over a slow link), and completes with it.
@@ -228,11 +231,28 @@ class Reconciler:
         return row is None or bool(row.event_id)
 
     def _media(self, findings: Findings, media: dict[str, list[pathlib.Path]]) -> None:
-        if any(media.values()) and not self._database_describes_media():
+        orphans = list(self._orphans(media))
+        if not orphans:
+            return
+        if not self._database_describes_media():
             log.error("the database names none of the media in the data folder: no media removed (is"
                       " GALLERY_DATABASE_URL this gallery's database, and GALLERY_DATA_DIR its folder?)",
                       extra={"data_dir": str(self.gallery.settings.data_dir)})
             return
+        old = sum(map(len, media.values()))
+        if len(orphans) >= MASS_ORPHANS and 2 * len(orphans) > old:
+            log.error("most of the media in the data folder have no row: none removed (is GALLERY_DATABASE_URL"
+                      " this gallery's database, and GALLERY_DATA_DIR its folder?)",
+                      extra={"data_dir": str(self.gallery.settings.data_dir), "orphans": len(orphans), "old": old})
+            return
+        for path, device, event_id, thumbnail in orphans:
+            counter = "orphan_thumbnails_removed" if thumbnail else "orphan_media_removed"
+            # Read again under the file's lock: committed since the batch read?
+            self._remove(path, findings, counter,
+                         still=lambda d=device, e=event_id, t=thumbnail: not self._has_row(d, e, t))
+
+    def _orphans(self, media: dict[str, list[pathlib.Path]]) -> Iterator[tuple[pathlib.Path, str, str, bool]]:
+        """The files of `media` no row names: (path, device, event id, whether a thumbnail)."""
         for device, old in media.items():
             for start in range(0, len(old), ROW_BATCH):
                 batch = old[start:start + ROW_BATCH]
@@ -248,22 +268,20 @@ class Reconciler:
                 for path in batch:
                     event_id = path.name.removesuffix(THUMBNAIL_SUFFIX)
                     thumbnail = path.name.endswith(THUMBNAIL_SUFFIX)
-                    if event_id in events or _granted(grants.get(event_id), thumbnail):
-                        continue
-                    counter = "orphan_thumbnails_removed" if thumbnail else "orphan_media_removed"
-                    # Read again under the file's lock: committed since the batch read?
-                    self._remove(path, findings, counter,
-                                 still=lambda d=device, e=event_id, t=thumbnail: not self._has_row(d, e, t))
+                    if not (event_id in events or _granted(grants.get(event_id), thumbnail)):
+                        yield path, device, event_id, thumbnail
 
     def _database_describes_media(self) -> bool:
         """Whether the database is the one this data folder's media belong to, as far as a look
-        tells: it has events, and the folder holds stored media it names (Gallery.stored_media_found).
-        A new database (a mistyped GALLERY_DATABASE_URL, an empty PostgreSQL one) or another
-        gallery's names none of the files here, and every one of them would pass for an orphan:
-        a pass removed a whole gallery's media. The price: a gallery whose every event was deleted
-        keeps the orphans a crash left until it stores an event again."""
-        has_events = self.db.count_at_most(sa.select(col(Event.id)), 1) > 0
-        return has_events and self.gallery.stored_media_found()
+        tells: it has stored events, and the folder holds the file of one of them (up to 1,000
+        looked at: Gallery.stored_media_found). A new database (a mistyped GALLERY_DATABASE_URL,
+        an empty PostgreSQL one) or another gallery's names none of the files here, and every one
+        of them would pass for an orphan: a pass removed a whole gallery's media. Once such a
+        database has stored a file here, _media's second look refuses a pass that would remove
+        most of the folder. The price: a gallery whose every stored event was deleted keeps the
+        orphans a crash left until it stores an event again."""
+        stored = sa.select(col(Event.id)).where(col(Event.state) == "stored")
+        return self.db.count_at_most(stored, 1) > 0 and self.gallery.stored_media_found(at_least=1)
 
     def _has_row(self, device: str, event_id: str, thumbnail: bool) -> bool:
         with self.db.session() as session:

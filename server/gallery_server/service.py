@@ -371,11 +371,15 @@ class Gallery:
         that lost the answer of the upload that filled its quota learns it was stored. Were the
         capture deleted meanwhile, the commit's own check still holds the quota."""
         try:
-            return self.quota.require_room(device, size)
+            room = self.quota.require_room(device, size)
         except Exhausted:
             if device_event_id and self.stores_capture(device, device_event_id):
                 return None
             raise
+        # Nor later, as its bytes come (a session's writes check no more than this room).
+        if room is not None and device_event_id and self.stores_capture(device, device_event_id):
+            return None
+        return room
 
     def stores_capture(self, device: str, device_event_id: str) -> bool:
         """Whether an event of the device has this device_event_id (uploaded: its content stored)."""
@@ -667,7 +671,9 @@ class Gallery:
         updated = session.exec(  # type: ignore[call-overload]
             sa.update(Event)
             .where(col(Event.id) == event.id, col(Event.device) == event.device,
-                   col(Event.state) == "on_device")
+                   col(Event.state) == "on_device",
+                   # A sha256 a later announcement recorded while this upload streamed binds it too.
+                   col(Event.sha256).in_(("", event.sha256)))
             .values(state="stored", size=event.size, sha256=event.sha256,
                     mime_type=event.mime_type, media_type=event.media_type,
                     has_thumbnail=event.has_thumbnail, name=event.name,
@@ -675,8 +681,12 @@ class Gallery:
         ).rowcount
         if updated:
             return
-        if session.get(Event, event.id) is None:  # deleted, or replaced by a new capture meanwhile
+        if (now := session.get(Event, event.id)) is None:  # deleted, or replaced by a new capture meanwhile
             raise _not_found(event.device, event.id)
+        if now.state == "on_device":
+            raise InvalidArgument(
+                "SHA256_MISMATCH", "the content's sha256 is not the one its device announced", field="sha256",
+            )
         raise FailedPrecondition(
             "EVENT_ALREADY_STORED", f"event {event.id} is not waiting for content",
             event_id=event.id,

@@ -1033,6 +1033,10 @@ def test_a_query_parameter_given_twice_is_refused(http, auth_headers):
         assert http.head(f"{path}?{query}", headers=headers).status_code == 400, query
     r = http.post(f"/api/gallery/{device}/pull/{event_id}?wait=1&wait=2", headers=headers)
     assert_error(r, 400, "REPEATED_QUERY_PARAMETER")
+    sha, other = hashlib.sha256(b"a" * 20).hexdigest(), hashlib.sha256(b"other").hexdigest()
+    r = http.post(f"/api/gallery/{device}/checksums?sha256s={sha}&sha256s={other}", headers=headers,
+                  json={"sha256s": []})  # a repeated field takes a name more than once by design
+    assert (r.status_code, r.json()["existing"]) == (200, {sha: event_id}), r.text
     r = http.get(f"{events}?other=1&other=2&device=x&device=y&limit=5", headers=headers)
     assert (r.status_code, [e["id"] for e in r.json()]) == (200, [event_id]), r.text
     assert http.get(f"{upload_url}?filename=a.mp4&thumbnail=true", headers=headers).status_code == 200

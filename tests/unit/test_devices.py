@@ -449,6 +449,30 @@ def test_a_sha256_a_later_announcement_tells_binds_the_pulled_upload(devices, ga
     assert other.id != event.id
 
 
+def test_a_sha256_announced_while_the_pulled_upload_streams_binds_it_too(devices, gallery, device_principal,
+                                                                        principal):
+    """The upload took the announcement's empty sha256 when it began; the one recorded meanwhile
+    is checked at its commit, under the row's lock."""
+    content = b"the real bytes" * 1000
+    event = announce(devices, device_principal, size=len(content))
+    devices.pull(principal, DEVICE, event.id)
+    announced = devices.pulled_event(device_principal, DEVICE, event.id)
+    for data, stored in ((b"X" * len(content), False), (content, True)):
+        with gallery.open_upload(DEVICE) as upload:
+            upload.fields.name = announced.name
+            upload.fill(announced)
+            upload.write_media(data)
+            announce(devices, device_principal, size=len(content), sha256=hashlib.sha256(content).hexdigest())
+            if stored:
+                assert gallery.store(upload, fill=announced).id == event.id
+            else:
+                with pytest.raises(InvalidArgument) as mismatch:
+                    gallery.store(upload, fill=announced)
+                assert mismatch.value.reason == "SHA256_MISMATCH"
+                assert gallery.get_event(principal, DEVICE, event.id).state == "on_device"
+    assert gallery.storage.media_path(DEVICE, event.id).read_bytes() == content
+
+
 def test_a_pulled_upload_whose_commit_is_refused_keeps_a_thumbnail(devices, gallery, device_principal, principal):
     """The upload's thumbnail replaced the one sent with the announcement, then the COMMIT was
     refused (a deadlock): the event still says it has a thumbnail, and one is there (the upload's,

@@ -378,7 +378,7 @@ def test_a_resumable_retry_of_the_capture_that_filled_the_quota_is_answered_with
     """A session may start and take the bytes without a declared sha256: completion tells the
     stored capture (its event) from other content under its id (409)."""
     uploads = ResumableUploads(gallery)
-    gallery.quota.limit = len(PDF)
+    gallery.quota.limit = len(PDF) + 5  # below the quota, with less room than the capture takes
     first = _upload(gallery, principal, PDF, device_event_id="DCIM/0002")
     for size in (None, len(PDF)):
         state = uploads.start(principal, "cam1", name="capture.pdf", size=size, device_event_id="DCIM/0002")
@@ -389,7 +389,7 @@ def test_a_resumable_retry_of_the_capture_that_filled_the_quota_is_answered_with
         finally:
             writer.close()
     with pytest.raises(Exhausted):  # an id of no capture
-        uploads.start(principal, "cam1", name="other.pdf", size=1, device_event_id="DCIM/0003")
+        uploads.start(principal, "cam1", name="other.pdf", size=6, device_event_id="DCIM/0003")
     assert (row_count(gallery), usage(gallery)) == (1, {"cam1": len(PDF)})
 
 

@@ -103,7 +103,7 @@ def test_orphans_older_than_the_grace_period_are_removed_and_rows_files_kept(gal
     assert findings.rows_checked == 1 and findings.missing_media == 0
 
 
-@pytest.mark.parametrize("database", ["new", "another gallery's"])
+@pytest.mark.parametrize("database", ["new", "another gallery's", "another gallery's of one capture"])
 def test_a_database_that_names_none_of_the_media_removes_none(gallery, principal, caplog, database):
     """A mistyped GALLERY_DATABASE_URL made a new, empty database beside a full data folder (an
     empty PostgreSQL database got the schema): every file passed for an orphan, and a pass removed
@@ -113,8 +113,8 @@ def test_a_database_that_names_none_of_the_media_removes_none(gallery, principal
     for path in files:
         path.write_bytes(b"a capture")
     gallery.storage.thumbnail_path("cam1", "evt_kept" + "0" * 18).write_bytes(b"its thumbnail")
-    if database == "another gallery's":  # its stored events' files are elsewhere
-        for _ in range(5):
+    if database != "new":  # its stored events' files are elsewhere
+        for _ in range(5 if database == "another gallery's" else 1):
             gone = store(gallery, principal, "cam2", PNG + secrets.token_bytes(8))
             gallery.storage.media_path("cam2", gone.id).unlink()
     settle()
@@ -127,6 +127,24 @@ def test_a_database_that_names_none_of_the_media_removes_none(gallery, principal
         store(gallery, principal, "cam1", PNG)
         settle()
         assert Reconciler(gallery, grace_seconds=0).run_once().orphan_media_removed == 3
+
+
+def test_a_pass_that_would_remove_most_of_the_folder_removes_none(gallery, principal, caplog):
+    """A server on a mistyped database stores a capture there: from then on that database names a
+    file here, and the next pass took the rest of the gallery for orphans. At MASS_ORPHANS or
+    more, over half of the old files, a pass removes none; fewer go as ever."""
+    store(gallery, principal, "cam1", PNG)
+    orphans = [gallery.storage.media_path("cam2", f"evt_lost{n:018d}") for n in range(reconcile.MASS_ORPHANS)]
+    orphans[0].parent.mkdir(parents=True, exist_ok=True)
+    for path in orphans:
+        path.write_bytes(b"a capture of the gallery whose database this is not")
+    settle()
+    with caplog.at_level(logging.ERROR, logger="gallery_server.reconcile"):
+        assert Reconciler(gallery, grace_seconds=0).run_once().orphan_media_removed == 0
+    assert all(path.exists() for path in orphans)
+    assert any("most of the media in the data folder have no row" in r.getMessage() for r in caplog.records)
+    orphans.pop().unlink()  # one fewer: below the mark, they go
+    assert Reconciler(gallery, grace_seconds=0).run_once().orphan_media_removed == reconcile.MASS_ORPHANS - 1
 
 
 def test_cli_reconcile_makes_no_database_and_takes_no_grace_past_a_year(tmp_path, monkeypatch, capsys):
