@@ -318,16 +318,12 @@ def _reconcile(settings: Settings, grace: float | None, *, force: bool = False) 
     from .service import BACKGROUND_POOL_SIZE, Gallery
     from .storage import Storage
 
-    if (missing := _missing_sqlite_file(settings)) is not None:
-        print(f"gallery: no database at {missing} (GALLERY_DATA_DIR or GALLERY_DATABASE_URL)", file=sys.stderr)
+    if (why := _no_gallery_at(settings)) is not None:
+        print(f"gallery: {why}", file=sys.stderr)
         return 2
     # Not background_gallery: the tables come first, before the Storage makes the data folders.
     db = Database(settings.database_url, pool_size=BACKGROUND_POOL_SIZE)
     try:
-        if not db.holds_a_gallery():
-            print(f"gallery: GALLERY_DATABASE_URL={shown_database_url(settings.database_url)} holds no gallery"
-                  " (no events table; none is made)", file=sys.stderr)
-            return 2
         db.create_tables()
         findings = Reconciler(Gallery(settings, db, Storage.from_settings(settings)), grace_seconds=grace).run_once()
     finally:
@@ -340,14 +336,24 @@ def _reconcile(settings: Settings, grace: float | None, *, force: bool = False) 
 MIN_SCAN_INTERVAL_SECONDS = 0.1
 
 
-def _missing_sqlite_file(settings: Settings) -> str | None:
-    """The SQLite file the settings name, when it is not there: a tool that opened it would make a
-    new, empty one where a mistyped GALLERY_DATA_DIR or GALLERY_DATABASE_URL points."""
+def _no_gallery_at(settings: Settings) -> str | None:
+    """Why the settings' database is no gallery's, for a tool that acts on one (None: it is one):
+    a SQLite file that is not there (opening it would make a new, empty one where a mistyped
+    GALLERY_DATA_DIR or GALLERY_DATABASE_URL points), or a database without the events table."""
     import sqlalchemy as sa
+
+    from .db import Database
 
     url = sa.make_url(settings.database_url)
     if url.get_backend_name() == "sqlite" and url.database and not pathlib.Path(url.database).exists():
-        return url.database
+        return f"no database at {url.database} (GALLERY_DATA_DIR or GALLERY_DATABASE_URL)"
+    db = Database(settings.database_url, pool_size=1)
+    try:
+        if not db.holds_a_gallery():
+            return (f"GALLERY_DATABASE_URL={shown_database_url(settings.database_url)} holds no gallery"
+                    " (no events table; none is made)")
+    finally:
+        db.dispose()
     return None
 
 
@@ -386,15 +392,11 @@ def _verify(settings: Settings, device: str | None, bytes_per_second: float) -> 
     from .db import Database
 
     # No create_tables, unlike `gallery reconcile`: verifying changes no row, nor the schema.
-    if (missing := _missing_sqlite_file(settings)) is not None:
-        print(f"gallery: no database at {missing} (GALLERY_DATA_DIR or GALLERY_DATABASE_URL)", file=sys.stderr)
+    if (why := _no_gallery_at(settings)) is not None:
+        print(f"gallery: {why}", file=sys.stderr)
         return 2
     db = Database(settings.database_url, pool_size=1)
     try:
-        if not db.holds_a_gallery():
-            print(f"gallery: GALLERY_DATABASE_URL={shown_database_url(settings.database_url)} holds no gallery"
-                  " (no events table)", file=sys.stderr)
-            return 2
         totals = scrub.Scrub(db, settings.data_dir, bytes_per_second=bytes_per_second).run(device=device)
     except PermissionError as exc:
         print(f"gallery: cannot read {exc.filename}: run `gallery verify` as the server's user or group",
