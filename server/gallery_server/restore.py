@@ -552,8 +552,9 @@ def _look_for_named_files(engine: sa.Engine, data_dir: pathlib.Path, result: Res
 
 
 def _there(path: pathlib.Path, size: int | None) -> bool:
-    """Whether the file is there, at `size` bytes when that is known."""
+    """Whether the file is there, at `size` bytes when that is known (a thumbnail's is not)."""
     try:
-        return size is None or path.stat().st_size == size
+        found = path.stat().st_size
     except FileNotFoundError:
         return False
+    return size is None or found == size
