@@ -167,9 +167,13 @@ def _main(argv: list[str] | None) -> int:
               " `gallery token` mints HS256 tokens that it refuses", file=sys.stderr)
         return 2
     if args.command == "token":
-        print(auth.mint(settings.jwt_secret, subject=args.sub, devices=args.device,
-                        scope=args.scope, ttl_seconds=args.ttl,
-                        issuer=settings.jwt_issuer, audience=settings.jwt_audience))
+        token = auth.mint(settings.jwt_secret, subject=args.sub, devices=args.device, scope=args.scope,
+                          ttl_seconds=args.ttl, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+        if len(token) > MAX_TOKEN_BYTES:
+            print(f"gallery token: the token would be {len(token)} bytes, over the {MAX_TOKEN_BYTES} a request"
+                  " may carry in its headers through Envoy: grant fewer devices per token, or '*'", file=sys.stderr)
+            return 2
+        print(token)
         return 0
     if args.command == "envoy":
         from .supervisor import PortTaken, check_ports_free, envoy_command
@@ -213,7 +217,8 @@ def _main(argv: list[str] | None) -> int:
             why = " ".join(str(getattr(cause, "orig", None) or cause).split())  # psycopg's words span lines
             print(f"gallery: GALLERY_DATABASE_URL={shown_database_url(settings.database_url)}: {why}",
                   file=sys.stderr)
-            return 1
+            # The tools' 1 says "damage found": a cron alert must tell a database that did not answer from it.
+            return DATABASE_UNREACHABLE if args.command in ("reconcile", "verify") else 1
     from .supervisor import run
 
     return run(settings)
@@ -223,6 +228,11 @@ def _main(argv: list[str] | None) -> int:
 # since a refused token is otherwise found only at its first request.
 TOKEN_SCOPES = (auth.READ, auth.WRITE, auth.DEVICE, auth.ADMIN)
 MAX_TOKEN_TTL = 10 * 365 * 86400  # a leaked development token must not stay good for ever
+# Envoy answers 431 to a request whose headers pass 32 KiB (envoy.yaml max_request_headers_kb): half
+# of it leaves the rest of a browser's or a client library's headers room. ~90 device ids of 128.
+MAX_TOKEN_BYTES = 16 << 10
+# `gallery reconcile` and `verify`: 1 says what they found; this says they could not look.
+DATABASE_UNREACHABLE = 3
 
 
 def _token_subject(text: str) -> str:

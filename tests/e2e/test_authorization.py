@@ -28,7 +28,7 @@ from google.protobuf import descriptor, message_factory
 from gallery.v1 import admin_pb2, device_pb2, gallery_pb2, gallery_pb2_grpc
 from gallery.v1 import device_pb2 as dpb
 from gallery.v1 import gallery_pb2 as pb
-from gallery_server import auth, validation
+from gallery_server import auth, cli, validation
 
 from ..conftest import JWT_SECRET, rich_error
 from .conftest import Stack, running_stack
@@ -306,19 +306,24 @@ def test_signed_upload_authorization(target, http) -> None:  # type: ignore[no-u
 
 
 def test_a_token_naming_a_fleet_is_accepted_every_time(stack: Stack, envoy_channel) -> None:  # type: ignore[no-untyped-def]
-    """A token that names 400 devices is ~11 KiB, and a client may add a large header of its own:
-    below Envoy's 32 KiB every request is answered (grpc's own 8 KiB soft and 16 KiB hard limits
-    answered some, then all, with RESOURCE_EXHAUSTED: a 429 clients retry for ever)."""
-    fleet = ["cam1"] + [f"fleet-device-{i:05d}" for i in range(400)]
+    """The largest token `gallery token` mints (cli.MAX_TOKEN_BYTES, ~580 devices here), and a
+    client may add a large header of its own: below Envoy's 32 KiB every request is answered (grpc's
+    own 8 KiB soft and 16 KiB hard limits answered some, then all, with RESOURCE_EXHAUSTED: a 429
+    clients retry for ever)."""
+    fleet = ["cam1"]
+    while len(token := auth.mint(JWT_SECRET, subject="ops", devices=[*fleet, "fleet-device-next"],
+                                 scope=auth.READ, ttl_seconds=600)) <= cli.MAX_TOKEN_BYTES:
+        fleet.append(f"fleet-device-{len(fleet):05d}")
     token = auth.mint(JWT_SECRET, subject="ops", devices=fleet, scope=auth.READ, ttl_seconds=600)
-    assert len(token) > 11_000
+    assert cli.MAX_TOKEN_BYTES - 100 < len(token) <= cli.MAX_TOKEN_BYTES
     headers = {"Authorization": f"Bearer {token}"}
+    note = "n" * 12_000  # with the token, ~28 KiB of headers
     with httpx.Client(base_url=stack.base_url, timeout=30) as http:
         codes = [http.get("/api/gallery/cam1/stats", headers=headers).status_code for _ in range(20)]
         assert codes == [200] * 20
-        r = http.get("/api/gallery/cam1/stats", headers={**headers, "x-client-note": "n" * 16_000})
+        r = http.get("/api/gallery/cam1/stats", headers={**headers, "x-client-note": note})
         assert r.status_code == 200, r.text
-    metadata = [("authorization", f"Bearer {token}"), ("x-client-note", "n" * 16_000)]
+    metadata = [("authorization", f"Bearer {token}"), ("x-client-note", note)]
     with grpc.insecure_channel(stack.grpc_address) as direct:
         for channel in (envoy_channel, direct):
             stats = gallery_pb2_grpc.GalleryServiceStub(channel).GetStats(

@@ -249,6 +249,21 @@ def test_verify_and_reconcile_refuse_a_database_that_holds_no_gallery(postgres_u
         engine.dispose()
 
 
+def test_verify_and_reconcile_say_apart_that_the_database_did_not_answer(tmp_path):
+    """Exit status 3, not the 1 of damage found or rows without files: a cron job's alert must tell
+    a database that is down from a gallery that lost data. One line, naming the setting."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GALLERY_")}
+    url = "postgresql+psycopg://postgres@127.0.0.1:1/gallery"  # nothing listens on port 1: refused at once
+    env |= {"GALLERY_DATA_DIR": str(tmp_path), "GALLERY_DATABASE_URL": url}
+    for command in ("verify", "reconcile"):
+        result = subprocess.run([sys.executable, "-m", "gallery_server", command], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == cli.DATABASE_UNREACHABLE == 3, (command, result.stderr)
+        assert result.stderr.startswith(f"gallery: GALLERY_DATABASE_URL={url}: "), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        assert result.stdout == ""
+
+
 def test_cli_verify_stopped_by_ctrl_c_prints_what_it_did_and_keeps_no_totals(gallery, principal):
     big = store(gallery, principal, "cam1", PNG + b"\x00" * (4 * scrub.CHUNK_BYTES), name="big.png")
     media = gallery.storage.media_path("cam1", big.id)

@@ -82,6 +82,16 @@ def test_every_device_and_the_longest_ttl_are_allowed(capsys):
     assert principal.scopes == {auth.READ, auth.WRITE}  # the default
 
 
+def test_a_token_envoy_would_refuse_for_its_size_is_not_minted(capsys):
+    """300 long device ids made a 51 KB token: Envoy answers 431 to every request that carries it."""
+    fleet = [arg for i in range(300) for arg in ("--device", f"{'d' * 120}{i:03d}")]
+    assert cli.main(["token", "--sub", "ops", *fleet]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert re.search(r"the token would be \d+ bytes, over the 16384 a request may carry in its headers", err), err
+    assert "grant fewer devices per token, or '*'" in err
+
+
 def test_help_shows_the_defaults_and_the_cap(capsys):
     with pytest.raises(SystemExit):
         cli.main(["token", "--help"])
