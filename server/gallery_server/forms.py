@@ -180,7 +180,8 @@ class FormReceiver:
         self._header_value.clear()
 
     def _on_headers_finished(self) -> None:
-        _, options = parse_options_header(self._headers.get("content-disposition", b""))
+        disposition = self._headers.get("content-disposition", b"")
+        _, options = parse_options_header(disposition)
         name = options.get(b"name", b"").decode("utf-8", "replace")
         if not name:  # RFC 7578 4.2: every part names its field
             self._fail(InvalidArgument("UNKNOWN_FORM_FIELD", "a form part has no name", field=""))
@@ -194,7 +195,11 @@ class FormReceiver:
         self._seen.add(name)
         self._part = name
         if name == "event":
-            self._upload.write_media(b"")  # an empty file part is still a file (0-byte media)
+            # A file input left empty: a browser sends its part with filename="" and no bytes (HTML's
+            # form data set), which is no event file. Any other part is one, a 0-byte file too.
+            # (python-multipart drops a filename*, which names a file however empty its filename is.)
+            if options.get(b"filename") != b"" or b"filename*" in disposition.lower():
+                self._upload.write_media(b"")
         elif name != "thumbnail":
             self._texts[name] = bytearray()
 
@@ -240,7 +245,8 @@ class FormReceiver:
                         field=self._skipped[-1],
                     ))
             elif self._part == "event":
-                self._upload.write_media(chunk)
+                if chunk:  # an empty piece of a file left unchosen would make it a 0-byte file
+                    self._upload.write_media(chunk)
             elif self._part == "thumbnail":
                 self._upload.write_thumbnail(chunk)
             else:

@@ -470,6 +470,8 @@ REJECTED_UPLOADS: dict[str, tuple[list[Part], dict, str]] = {
     "missing-name": ([EVENT], {}, "NAME_REQUIRED"),
     "empty-name": ([("name", ""), EVENT], {}, "NAME_REQUIRED"),
     "missing-event": ([NAME, ("media_type", "image")], {}, "EVENT_FILE_REQUIRED"),
+    # A browser's form whose file input was left empty: filename="" and no bytes.
+    "no-file-chosen": ([NAME, ("event", ("", b""))], {}, "EVENT_FILE_REQUIRED"),
     "other-field-too-large": ([NAME, EVENT, ("color", "b" * 70_000)], {}, "FORM_FIELD_TOO_LARGE"),
     "duplicate-field": ([NAME, EVENT, ("event", ("g.bin", b"other"))], {}, "DUPLICATE_FORM_FIELD"),
     "truncated-body": ([NAME, EVENT], {"close": False}, "MALFORMED_MULTIPART"),

@@ -203,6 +203,38 @@ def test_empty_event_part_is_a_zero_byte_file(storage: Storage) -> None:
     assert received.media_sha256 == hashlib.sha256(b"").hexdigest()
 
 
+@pytest.mark.parametrize("event", [
+    Part("event", b"", filename="", content_type="application/octet-stream"),  # what a browser sends
+    Part("event", b"", filename=""),
+])
+def test_a_file_input_left_empty_is_no_event_file(storage: Storage, event: Part) -> None:
+    """HTML's form data set: no file chosen is a part with filename="" and no bytes."""
+    for piece in (1, 7, 1 << 20):
+        with new_upload(storage) as upload:
+            form = FormReceiver(upload, CONTENT_TYPE, max_metadata_bytes=MAX_METADATA)
+            for chunk in pieces(body(Part("name", b"x.jpg"), event), piece):
+                form.feed(chunk)
+            form.finish()
+            assert not upload.media_received
+
+
+@pytest.mark.parametrize("event", [
+    Part("event", b"x", filename=""),  # bytes with no file name: a file (its name is the form's)
+    Part("event", b"", filename="empty.txt"),  # an empty file chosen
+    Part("event", b""),  # a field with no filename at all
+])
+def test_any_other_event_part_is_a_file(storage: Storage, event: Part) -> None:
+    received = receive(storage, [body(Part("name", b"x.bin"), event)])
+    assert received.media == event.value
+
+
+def test_an_empty_filename_beside_a_filename_star_is_a_file(storage: Storage) -> None:
+    event = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"event\"; filename=\"\";"
+             " filename*=UTF-8''%C3%A9.txt\r\n\r\n\r\n").encode()
+    received = receive(storage, [Part("name", b"x.bin").encode() + event + f"--{BOUNDARY}--\r\n".encode()])
+    assert received.media == b""
+
+
 def test_no_event_part_means_no_media(storage: Storage) -> None:
     with new_upload(storage) as upload:
         form = FormReceiver(upload, CONTENT_TYPE, max_metadata_bytes=MAX_METADATA)
