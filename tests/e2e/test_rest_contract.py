@@ -1092,3 +1092,45 @@ def test_no_answer_may_be_sniffed_or_run_as_a_page(http, auth_headers):
               http.get(f"/api/gallery/{device}/events?lim%69t=1", headers=headers)):
         assert r.headers.get("x-content-type-options") == "nosniff", (r.request.url, r.headers)
         assert r.headers.get("content-security-policy") == "sandbox; default-src 'none'", (r.request.url, r.headers)
+
+
+def http_1_0(stack, request: bytes) -> tuple[str, dict[str, str], bytes]:
+    """One HTTP/1.0 request, no Host header, read to the close that ends an HTTP/1.0 answer:
+    (status line, headers, body)."""
+    host, port = stack.base_url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        answer = bytearray()
+        while chunk := sock.recv(1 << 16):
+            answer += chunk
+    head, _, body = bytes(answer).partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return status, headers, body
+
+
+def test_an_http_1_0_client_uploads_lists_and_downloads(http, auth_headers, stack):
+    """Old embedded HTTP stacks speak HTTP/1.0, with no Host header: Envoy's default answered them
+    426 Upgrade Required."""
+    device, headers = new_device(), auth_headers()
+    data = random_bytes(300 << 10)
+    body = multipart([NAME, ("event", ("f.bin", data))])
+    status, _, answer = http_1_0(stack, (
+        f"POST /api/gallery/{device}/upload HTTP/1.0\r\nAuthorization: {headers['Authorization']}\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body)
+    assert status == "HTTP/1.0 200 OK", (status, answer)
+    event_id = json.loads(answer)["eventId"]
+    auth = f"Authorization: {headers['Authorization']}\r\n"
+    status, _, answer = http_1_0(stack, f"GET /api/gallery/{device}/events HTTP/1.0\r\n{auth}\r\n".encode())
+    assert status == "HTTP/1.0 200 OK" and [e["id"] for e in json.loads(answer)] == [event_id]
+    status, _, answer = http_1_0(stack, f"GET /api/gallery/{device}/stats HTTP/1.0\r\n{auth}\r\n".encode())
+    assert status == "HTTP/1.0 200 OK" and json.loads(answer)["total_events"] == 1
+    content = f"/api/gallery/{device}/events/{event_id}/content"
+    status, got, answer = http_1_0(stack, f"GET {content} HTTP/1.0\r\n{auth}\r\n".encode())
+    assert status == "HTTP/1.0 200 OK" and answer == data, (status, got)
+    status, got, answer = http_1_0(stack, f"GET {content} HTTP/1.0\r\n{auth}Range: bytes=10-19\r\n\r\n".encode())
+    assert (status, got["content-range"], answer) == ("HTTP/1.0 206 Partial Content", f"bytes 10-19/{len(data)}",
+                                                       data[10:20])
+    status, _, answer = http_1_0(stack, f"GET /api/gallery/{device}/stats HTTP/1.0\r\n\r\n".encode())
+    assert status == "HTTP/1.0 401 Unauthorized" and error_infos(json.loads(answer))[0]["reason"] == "TOKEN_MISSING"
