@@ -13,7 +13,7 @@ by `deviceEventId` stored twice). So are the native header's fields a form does 
 
 from __future__ import annotations
 
-from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, MultipartState, parse_options_header
 
 from . import logs, validation
 from .errors import Exhausted, InvalidArgument, TooLarge
@@ -52,6 +52,11 @@ def multipart_boundary(content_type: str) -> bytes:
     if kind != b"multipart/form-data" or not boundary:
         raise InvalidArgument(
             "NOT_MULTIPART", "the upload body must be multipart/form-data with a boundary",
+            field="content_type",
+        )
+    if len(boundary) > MAX_BOUNDARY_LENGTH:  # python-multipart's own limit (RFC 2046's is 70): its error was a 500
+        raise InvalidArgument(
+            "MALFORMED_MULTIPART", f"the multipart boundary is longer than {MAX_BOUNDARY_LENGTH} bytes",
             field="content_type",
         )
     return boundary

@@ -478,6 +478,8 @@ REJECTED_UPLOADS: dict[str, tuple[list[Part], dict, str]] = {
     "json-content-type": ([NAME, EVENT], {"content_type": "application/json"}, "NOT_MULTIPART"),
     "multipart-without-boundary": ([NAME, EVENT], {"content_type": "multipart/form-data"}, "NOT_MULTIPART"),
     "text-plain": ([NAME, EVENT], {"content_type": "text/plain"}, "NOT_MULTIPART"),
+    "boundary-over-256": ([NAME, EVENT], {"content_type": "multipart/form-data; boundary=" + "b" * 257},
+                          "MALFORMED_MULTIPART"),
 }
 
 

@@ -282,6 +282,21 @@ def test_device_event_id_at_limit_is_accepted(storage: Storage) -> None:
     error = fail(storage, data, InvalidArgument, "FORM_FIELD_TOO_LARGE")
     assert error.field == "device_event_id"
 
+def test_a_boundary_python_multipart_refuses_is_a_bad_request(storage: Storage) -> None:
+    """257 bytes: python-multipart's own error was the server's 500, with an ERROR traceback."""
+    longest = "b" * 256
+    parts = [Part("name", b"x.bin"), Part("event", MEDIA, filename="x.bin")]
+    with new_upload(storage) as upload:
+        form = FormReceiver(upload, f"multipart/form-data; boundary={longest}", max_metadata_bytes=MAX_METADATA)
+        form.feed(body(*parts, boundary=longest))
+        form.finish()
+        assert upload.media.path.read_bytes() == MEDIA
+    with new_upload(storage) as upload, pytest.raises(InvalidArgument) as info:
+        FormReceiver(upload, f"multipart/form-data; boundary={longest}b", max_metadata_bytes=MAX_METADATA)
+    assert (info.value.reason, info.value.field) == ("MALFORMED_MULTIPART", "content_type")
+    assert "longer than 256 bytes" in info.value.message
+
+
 @pytest.mark.parametrize(
     "content_type",
     [
