@@ -560,12 +560,17 @@ class Devices:
         self._update_command(device, command_id, OPEN_STATES, bytes_sent=bytes_sent)
 
     def fail(self, device: str, command_id: str, reason: str) -> None:
+        # The device's words, shown to whoever waits for the pull: PostgreSQL's text holds no NUL
+        # (its error dropped the failure, and the pull stayed "delivered" until it expired).
+        reason = reason.replace("\x00", "")[:1024]
         self._update_command(device, command_id, OPEN_STATES, state="failed", open_key=None,
-                             error=reason[:1024] or "failed on the device")
+                             error=reason or "failed on the device")
 
     def _update_command(
         self, device: str, command_id: str, states: tuple[str, ...], **values: object
     ) -> None:
+        if "\x00" in command_id:  # no command's id; PostgreSQL refused the statement (an ERROR)
+            return
         # Scoped to the device, so one device cannot touch another's commands.
         with self.db.session() as session:
             session.exec(  # type: ignore[call-overload]

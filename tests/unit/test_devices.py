@@ -338,6 +338,22 @@ def test_a_failure_reason_is_kept_to_1024_characters_and_never_empty(devices, de
         assert (devices.pull_status(event.id).state, devices.pull_status(event.id).error) == ("failed", kept)
 
 
+def test_a_nul_from_the_device_is_no_error(devices, device_principal, principal):
+    """PostgreSQL's text holds no NUL: a failure whose reason had one was dropped with an ERROR
+    (the pull stayed "delivered"), and a command id with one was an ERROR with the statement."""
+    event = announce(devices, device_principal)
+    channel = devices.connect(device_principal, DEVICE)
+    devices.pull(principal, DEVICE, event.id)
+    [delivery] = channel.claim()
+    no_command = delivery.command_id + "\x00"
+    devices.acknowledge(DEVICE, no_command)
+    devices.progress(DEVICE, no_command, 5)
+    devices.fail(DEVICE, no_command, "x")
+    assert devices.pull_status(event.id).state == "delivered"
+    devices.fail(DEVICE, delivery.command_id, "bad\x00 reason")
+    assert (devices.pull_status(event.id).state, devices.pull_status(event.id).error) == ("failed", "bad reason")
+
+
 def test_waiting_pull_reports_failure(devices, device_principal, principal):
     event = announce(devices, device_principal)
     devices.pull(principal, DEVICE, event.id)
