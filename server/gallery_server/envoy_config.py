@@ -65,6 +65,52 @@ OTHER_LOCAL_REPLY = (code_pb2.UNKNOWN, "REQUEST_FAILED")  # a status Envoy seldo
 _GRPC_CONTENT_TYPE = r"application/grpc(\+.*)?"
 
 
+# What Envoy holds of a request body whose token it has not checked (envoy.yaml's gallery.token_check,
+# rpc/token_check.py, runs for the others): a tokenless client sending bodies slowly on many
+# connections held up to a MiB each and took Envoy past its overload limit. A GET's, which no GET of
+# the API has (the transcoder reads one as JSON into the request all the same), and the message of a
+# call that takes no token (a pre-signed URL's status, a health check): a few times what an idle
+# request costs Envoy anyway. (A route's buffer cap bounds its answers too: those are small.)
+GET_BODY_BYTES = 1024
+SMALL_BODY_BYTES = 16 * 1024
+# A REST body the transcoder turns into a message (FindExistingChecksums' 1,000 digests: ~70 KiB).
+REST_BODY_BYTES = 1 << 20
+
+
+def transcoder(max_request_body_size: int) -> dict[str, object]:
+    """The grpc_json_transcoder's configuration: Envoy's, and a route's for GETs (GET_BODY_BYTES)."""
+    return {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+        "proto_descriptor": str(DESCRIPTOR),
+        "services": ["gallery.v1.GalleryService", "gallery.v1.GalleryAdminService"],
+        "print_options": {
+            "add_whitespace": False, "always_print_primitive_fields": True,
+            "always_print_enums_as_ints": False, "preserve_proto_field_names": False,
+        },
+        "convert_grpc_status": True,
+        # Unknown query parameters are ignored (as HTTP servers do) rather than letting the request
+        # through untranscoded.
+        "ignore_unknown_query_parameters": True,
+        # `+` in a query is a space, as HTML forms, URLSearchParams, Python's urlencode and Java's
+        # URLEncoder write one (`?filename=my+clip.mp4`), and as the HTTP frameworks of such
+        # services read it; a `+` is sent as %2B.
+        "query_param_unescape_plus": True,
+        # A path variable comes from the path only: a query parameter of the same name would
+        # replace it in the message (`.../events/A/content?eventId=B` read B), while the file
+        # handoff's Check, a HEAD and a conditional GET went by the path, so one URL described two
+        # events.
+        "ignored_query_parameters": ["device", "event_id", "eventId", "token"],
+        "request_validation_options": {
+            "reject_unknown_method": True,
+            # Likewise for a JSON body (`body: "*"`): `{"device": "B"}` posted to
+            # `/api/gallery/A/checksums` replaced A, past any rule keyed on the path.
+            "reject_binding_body_field_collisions": True,
+        },
+        "max_request_body_size": max_request_body_size,
+        "max_response_body_size": 4 << 20,
+    }
+
+
 # What a web page on an allowed origin may send and read (GALLERY_CORS_ORIGINS). Tokens travel in
 # the Authorization header, never in cookies, so no credentials are allowed: a page gets only
 # what its own token grants. The request headers are those the REST API reads; the exposed ones
@@ -111,7 +157,12 @@ def render(
         ADMIN_PORT=admin_port,
         LISTEN_HOST=listen_host,
         LISTEN_PORT=listen_port,
-        DESCRIPTOR=str(DESCRIPTOR),
+        TRANSCODER=json.dumps(transcoder(REST_BODY_BYTES)),
+        GET_TRANSCODER=json.dumps(transcoder(GET_BODY_BYTES)),
+        SMALL_BODY_BUFFER=json.dumps({
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
+            "buffer": {"max_request_bytes": SMALL_BODY_BYTES},
+        }),
         BACKENDS=json.dumps(endpoints),  # JSON is YAML: a flow sequence
         FILE_HANDOFF_OFF="false" if media_root else "true",
         MEDIA_ROOT=_quoted_text(str(media_root or "/nonexistent")),
@@ -265,8 +316,12 @@ def _local_reply_mappers(cors: bool) -> list[dict[str, object]]:
         }}}
 
     # Each mapper adds the virtual host's headers too: Envoy's answers that no route took (a
-    # request refused before routing) do not get the virtual host's.
+    # request refused before routing) do not get the virtual host's. First, a token refused
+    # before its body (rpc/token_check.py): the server's own answer, kept as it is.
     mappers: list[dict[str, object]] = [
+        {"filter": {"response_flag_filter": {"flags": ["UAEX"]}}, "headers_to_add": _headers_to_add(cors)},
+    ]
+    mappers.extend(
         {
             "filter": {"and_filter": {"filters": [rest, status_is(status)]}},
             "body_format_override": body(code, reason),
@@ -276,7 +331,7 @@ def _local_reply_mappers(cors: bool) -> list[dict[str, object]]:
             )],
         }
         for status, (code, reason) in LOCAL_REPLIES.items()
-    ]
+    )
     mappers.append({"filter": rest, "body_format_override": body(*OTHER_LOCAL_REPLY),
                     "headers_to_add": _headers_to_add(cors)})
     native = {"header_filter": {"header": {

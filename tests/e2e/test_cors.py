@@ -112,10 +112,11 @@ def test_a_page_uploads_to_a_pre_signed_url(page: httpx.Client) -> None:
 
 @pytest.mark.parametrize(("method", "path", "headers", "status"), [
     ("GET", "/api/gallery/cam1/stats", {}, 401),  # the server's refusal: no token
+    ("POST", "/api/gallery/cam1/checksums", {}, 401),  # Envoy's Check's, before the body (token_check.py)
     ("GET", "/api/gallery/cam1/events?limit%5F=1", {}, 400),  # Lua's
     ("GET", "/api/nowhere", {}, 404),  # Envoy's own: no route
     ("PATCH", "/api/gallery/cam1/stats", {}, 405),  # a method the path has not (Lua's too)
-], ids=["server", "lua", "envoy", "method"])
+], ids=["server", "token-check", "lua", "envoy", "method"])
 def test_errors_reach_the_page_too(page: httpx.Client, method: str, path: str, headers: dict, status: int) -> None:
     """Else the browser hides the error's JSON and the page sees only a failed fetch."""
     r = page.request(method, path, headers={"Origin": APP, **headers})

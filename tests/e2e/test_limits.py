@@ -17,7 +17,7 @@ import pytest
 
 from gallery.v1 import admin_pb2, admin_pb2_grpc, gallery_pb2_grpc
 from gallery.v1 import gallery_pb2 as pb
-from gallery_server import auth
+from gallery_server import auth, envoy_config
 from gallery_server.settings import MAX_METADATA_BYTES
 
 from ..conftest import rich_error, stored_files, wait_until
@@ -664,3 +664,82 @@ def test_the_largest_metadata_allowed_reads_back_over_rest_and_grpc(limited: Sta
             pb.GetEventRequest(device="meta1", event_id=event_id),
             metadata=[("authorization", f"Bearer {token}")], timeout=30)
     assert len(event.metadata["a"]) == zeros
+
+
+def _answer_to_headers_only(stack: Stack, head: str, seconds: float = 5.0) -> bytes:
+    """What Envoy answers to a request whose headers promise a body that never comes (b"" if
+    nothing within `seconds`)."""
+    with socket.create_connection(("127.0.0.1", stack.http_port)) as s:
+        s.sendall(head.encode())
+        s.settimeout(seconds)
+        try:
+            return s.recv(1 << 16)
+        except TimeoutError:
+            return b""
+
+
+@pytest.mark.parametrize("authorization", ["", "Authorization: Bearer not-a-jwt\r\n"], ids=["none", "bad"])
+@pytest.mark.parametrize("request_line", [
+    "POST /api/gallery/cam1/checksums", "POST /api/gallery/cam1/pull/evt_aaaaaaaaaaaaaaaaaaaaaa",
+    "DELETE /api/gallery/cam1/events/evt_aaaaaaaaaaaaaaaaaaaaaa",
+])
+def test_a_body_without_a_token_that_verifies_is_refused_before_it_comes(
+    stack: Stack, mint: Callable[..., str], request_line: str, authorization: str,
+) -> None:
+    """Envoy held such a body whole (the buffer filter) before the server saw the token: a
+    thousand tokenless connections sending 1 MiB bodies slowly took Envoy past its overload limit,
+    and every other request got 503. Now the token is checked first (rpc/token_check.py)."""
+    head = (f"{request_line} HTTP/1.1\r\nHost: gallery\r\n{authorization}Content-Type: application/json\r\n"
+            "Content-Length: 1000000\r\n\r\n")
+    answer = _answer_to_headers_only(stack, head)
+    assert answer.startswith(b"HTTP/1.1 401 "), answer
+    reason = "TOKEN_INVALID" if authorization else "TOKEN_MISSING"
+    assert f'"reason":"{reason}"'.encode() in answer
+    # A token that verifies: the body is waited for (the server says what the token may do).
+    assert _answer_to_headers_only(stack, head.replace(
+        "Host: gallery\r\n" + authorization, f"Host: gallery\r\nAuthorization: Bearer {mint()}\r\n"), 1.0) == b""
+
+
+def test_the_token_refused_before_the_body_is_answered_as_the_server_answers_it(stack: Stack) -> None:
+    """Same status, body and www-authenticate as the server's own refusal, natively too (its
+    details), and the refusal is on the access line of Envoy's Check, not of a call that never came."""
+    with httpx.Client(base_url=stack.base_url, timeout=10) as http:
+        for headers, reason in (({}, "TOKEN_MISSING"), ({"Authorization": "Basic abc"}, "TOKEN_MALFORMED"),
+                                ({"Authorization": "Bearer x.y.z"}, "TOKEN_INVALID")):
+            by_server = http.get("/api/gallery/cam1/stats", headers=headers)  # a GET: no body, no check
+            by_envoy = http.post("/api/gallery/cam1/checksums", headers=headers, json={"sha256s": []})
+            assert (by_envoy.status_code, by_server.status_code) == (401, 401)
+            assert by_envoy.json() == by_server.json() and by_envoy.json()["details"][0]["reason"] == reason
+            assert by_envoy.headers["www-authenticate"] == by_server.headers["www-authenticate"]
+            assert by_envoy.headers["content-type"] == "application/json"
+    with grpc.insecure_channel(stack.envoy_grpc_address) as channel, pytest.raises(grpc.RpcError) as refused:
+        gallery_pb2_grpc.GalleryServiceStub(channel).GetStats(pb.GetStatsRequest(device="cam1"), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert rich_error(refused.value)[0].reason == "TOKEN_MISSING"
+    trailers = dict(refused.value.trailing_metadata())
+    assert trailers["www-authenticate"] == 'Bearer realm="gallery"'
+    request_id = trailers["x-request-id"]
+
+    def lines() -> list[dict]:
+        return [e for e in log_entries(stack) if e.get("request_id") == request_id and e.get("message") == "rpc"]
+
+    assert wait_until(lines, 10)
+    assert [(e["method"], e.get("token_refused")) for e in lines()] == [
+        ("/envoy.service.auth.v3.Authorization/Check", "TOKEN_MISSING")]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("path", ["/api/gallery/cam1/events", "/api/gallery/cam1/upload-url?filename=a.jpg",
+                                  "/api/gallery/cam1/events/evt_aaaaaaaaaaaaaaaaaaaaaa/content"])
+def test_what_envoy_holds_of_a_gets_body_is_capped(stack: Stack, path: str, chunked: bool) -> None:
+    """The API's GETs have none, but the transcoder read one as JSON into the request, holding up
+    to a MiB, with no token checked: past envoy_config.GET_BODY_BYTES it is 413 at once."""
+    piece = b'{"pageToken":"' + b"a" * envoy_config.GET_BODY_BYTES  # never ended
+    framing = (f"Transfer-Encoding: chunked\r\n\r\n{len(piece):x}\r\n" if chunked
+               else f"Content-Length: {1 << 20}\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", stack.http_port)) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: gallery\r\n{framing}".encode() + piece)
+        s.settimeout(5)
+        answer = s.recv(1 << 16)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    assert b'"reason":"BODY_TOO_LARGE"' in answer

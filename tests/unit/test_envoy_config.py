@@ -161,6 +161,9 @@ def test_each_local_reply_mapper_answers_one_rest_status_in_the_servers_error_sh
             "metadata": {},
         }]}}
 
+    # First, a token refused before its body (rpc/token_check.py): the server's answer, as it is.
+    refused, *mappers = mappers
+    assert refused == {"filter": {"response_flag_filter": {"flags": ["UAEX"]}}, "headers_to_add": safety + vary}
     statuses = list(envoy_config.LOCAL_REPLIES)
     for mapper, http_status in zip(mappers, statuses, strict=False):
         code, reason = envoy_config.LOCAL_REPLIES[http_status]

@@ -23,6 +23,9 @@ path it writes is built from validated ids, and only this route's file_server ev
 
 Check needs no bearer token of its own (Envoy has none to give): on the gRPC port, where Envoy
 does not stand in the way, a caller learns only what its token could read anyway.
+
+The routes that hold a body before sending it on ask Check too, for the token alone (their
+context extension says so): token_check.py answers them.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from google.rpc import status_pb2
 from .. import auth, downloads, validation
 from ..errors import GalleryError
 from ..service import Gallery
+from . import token_check
 from .interceptor import on_behalf_of
 
 log = logging.getLogger(__name__)
@@ -76,6 +80,8 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
     def Check(self, request, context):  # type: ignore[no-untyped-def]
         http = request.attributes.request.http
         on_behalf_of(request_id=http.headers.get("x-request-id", ""))  # the download's, in the logs
+        if request.attributes.context_extensions.get(token_check.CHECK_KEY) == token_check.TOKEN:
+            return token_check.check_token(self._verifier, dict(http.headers))  # a route that buffers
         try:
             return self._handoff(http.method, http.path, dict(http.headers)) or _GO_ON
         except GalleryError:  # the streaming path answers it, with its status and details

@@ -42,7 +42,7 @@ from google.protobuf.message import DecodeError
 from .. import auth, logs
 from ..errors import Busy, GalleryError, InvalidArgument, Unauthenticated
 from ..metrics import CALL_TYPES, Metrics
-from . import chunks, status
+from . import chunks, status, token_check
 
 log = logging.getLogger("gallery.access")
 
@@ -398,7 +398,11 @@ class _Call:
             self.code = "DEADLINE_EXCEEDED" if past else "CANCELLED"
         if self.metrics is not None:
             self.metrics.call_finished(self.call_type, self.method, self.code, seconds, self.reason)
-        log.info(
+        # A token Envoy had checked before a request's body (token_check.py) is the request's own
+        # line to tell: the check's is debug's, but for a refusal, which no server line tells.
+        level = logging.DEBUG if self.fields.keys() == {token_check.PASSED} else logging.INFO
+        log.log(
+            level,
             "rpc",
             extra={
                 "method": self.method,
