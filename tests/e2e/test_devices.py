@@ -480,7 +480,7 @@ def test_a_capture_deleted_over_rest_is_answered_deleted_and_new_content_is_a_ne
 
 
 def test_an_announcement_as_large_as_the_agents_batches_passes_envoy(stack, http, auth_headers, mint, envoy_channel):
-    """Envoy passes whole requests on only (its buffer filter, 1 MiB + 64 KiB by default): a
+    """Envoy passes whole requests on only (its buffer filter, 3 MiB + 64 KiB by default): a
     device's AnnounceEvents has a route of its own, up to the gRPC server's 8 MiB, and the agent's
     batches (agent.py: 4 MiB) pass."""
     device = new_device()

@@ -123,7 +123,10 @@ def test_a_native_call_too_large_for_envoy_is_resource_exhausted_with_its_reason
 ) -> None:
     """Envoy refuses a unary request over its buffer (413): gRPC would read that as UNKNOWN, a
     code no client acts on. It is RESOURCE_EXHAUSTED with the server's error details instead."""
-    request = pb.CreateUploadUrlRequest(device="cam1", filename="x" * (2 << 20))
+    # Over the buffer's 3 MiB + 64 KiB. Its token is checked first (rpc/token_check.py): while Check
+    # ran, Envoy stopped reading at 1 MiB, and under a limit of 1 MiB + 64 KiB a 2 MiB request then
+    # waited for its deadline, never refused.
+    request = pb.CreateUploadUrlRequest(device="cam1", filename="x" * (4 << 20))
     with grpc.insecure_channel(stack.envoy_grpc_address) as channel, pytest.raises(grpc.RpcError) as caught:
         gallery_pb2_grpc.GalleryServiceStub(channel).CreateUploadUrl(
             request, metadata=[("authorization", f"Bearer {mint(scope='gallery:write')}")], timeout=30)
@@ -135,6 +138,13 @@ def test_a_native_call_too_large_for_envoy_is_resource_exhausted_with_its_reason
     assert detail.Unpack(info)
     assert (info.reason, info.domain) == ("BODY_TOO_LARGE", "gallery")
     assert status.message == "the request is larger than Envoy takes for this call"
+    # Under the limit, past the 1 MiB Envoy reads while Check runs: it reaches the server (its own
+    # refusal of a name that long), not the deadline.
+    request = pb.CreateUploadUrlRequest(device="cam1", filename="x" * (2 << 20))
+    with grpc.insecure_channel(stack.envoy_grpc_address) as channel, pytest.raises(grpc.RpcError) as caught:
+        gallery_pb2_grpc.GalleryServiceStub(channel).CreateUploadUrl(
+            request, metadata=[("authorization", f"Bearer {mint(scope='gallery:write')}")], timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
 
 
 def test_envoys_request_limit_grows_with_the_replicas(
