@@ -344,6 +344,20 @@ def _unreachable(exc: BaseException) -> bool:
     return getattr(driver, "sqlstate", None) == "53300"  # too_many_connections
 
 
+def dropped(exc: BaseException) -> bool:
+    """Whether `exc` says PostgreSQL ended a connection it had (an operator's pg_terminate_backend,
+    a restart or failover; 57P: shutdowns, "cannot connect now"), or refused one while starting or
+    stopping: worth trying again. Not a database that does not answer, nor refuses connections
+    outright: those are settings to fix (libpq's connect_timeout, the URL)."""
+    driver = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+    if (getattr(driver, "sqlstate", None) or "").startswith("57P"):
+        return True
+    said = str(driver)
+    return any(words in said for words in (
+        "server closed the connection unexpectedly", "terminating connection", "the database system is",
+    ))
+
+
 def _from_database(exc: BaseException) -> bool:
     """Whether `exc` is an error the database (or its driver) answered with."""
     psycopg = sys.modules.get("psycopg")

@@ -403,3 +403,50 @@ def test_the_data_folder_is_for_its_servers_and_their_group(tmp_path, mint) -> N
     expected = {name: 0o644 if name == "new/data/run/envoy.yaml" else 0o750 if (tmp_path / name).is_dir() else 0o640
                 for name in modes}
     assert modes == expected
+
+
+def test_a_server_starting_while_postgresql_ends_its_connections_tries_again(tmp_path, postgres_url):
+    """A PostgreSQL restart or failover during a rolling restart (here: pg_terminate_backend of
+    every connection, again and again): `gallery serve` exited at the first one, and nothing
+    brought the replica back. It tries its schema step again, then serves."""
+    import sqlalchemy as sa
+    from grpc_health.v1 import health_pb2
+
+    grpc_port, http_port, admin_port = free_ports(3)
+    log = (tmp_path / "serve.log").open("w+")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gallery_server", "serve"], stdout=log, stderr=subprocess.STDOUT,
+        env=run_env(tmp_path, grpc_port, http_port, admin_port, GALLERY_DATABASE_URL=postgres_url,
+                    GALLERY_JWT_SECRET="s" * 40, GALLERY_METRICS_ADDRESS=""),
+    )
+    killer = sa.create_engine(postgres_url, poolclass=sa.pool.NullPool)
+    try:
+        deadline = time.monotonic() + 30
+        with killer.connect() as connection:
+            connection.execution_options(isolation_level="AUTOCOMMIT")
+            while "trying again" not in (tmp_path / "serve.log").read_text():  # ended at least once
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()
+                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                connection.execute(sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+                time.sleep(0.02)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()
+                with contextlib.suppress(grpc.RpcError):
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        break
+                assert time.monotonic() < deadline + 30, (tmp_path / "serve.log").read_text()
+                time.sleep(0.2)
+    finally:
+        killer.dispose()
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()

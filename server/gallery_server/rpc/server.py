@@ -13,6 +13,7 @@ import time
 from concurrent import futures
 
 import grpc
+import sqlalchemy as sa
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -22,7 +23,7 @@ from gallery.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, g
 from .. import _malloc, incoming, scrub
 from ..addresses import ANY_HOST, split_address
 from ..auth import Verifier
-from ..db import Database
+from ..db import Database, dropped
 from ..devices import Devices
 from ..incoming import IncomingImporter
 from ..metrics import Metrics
@@ -79,6 +80,27 @@ class CannotListen(Exception):
     """An address this server must listen on is taken or not this host's."""
 
 
+# A replica that starts while PostgreSQL ends its connections (a restart or failover during a
+# rolling restart, an operator's pg_terminate_backend) tries its schema step again, for this long:
+# it is one transaction under an advisory lock, done whole or not at all. It exited at the first
+# dropped connection, and no replica came back (black-box review, 2026-12-02).
+START_RETRY_SECONDS = 60.0
+
+
+def _create_tables(db: Database, retry_seconds: float = START_RETRY_SECONDS) -> None:
+    deadline = time.monotonic() + retry_seconds
+    while True:
+        try:
+            db.create_tables()
+            return
+        except sa.exc.OperationalError as exc:
+            if not dropped(exc) or time.monotonic() > deadline:
+                raise
+            log.warning("the database ended the connection while this server started: trying again",
+                        extra={"error": " ".join(str(exc.orig).split())[:300]})
+            time.sleep(1)
+
+
 def create_server(
     settings: Settings, address: str, metrics: Metrics | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
@@ -88,7 +110,7 @@ def create_server(
     # RPCs hold a connection only for their queries, not while streaming bytes: a pool much smaller
     # than the worker count keeps several replicas within PostgreSQL's connection limit.
     db = Database(settings.database_url, pool_size=DB_POOL_SIZE)
-    db.create_tables()
+    _create_tables(db)
     gallery = Gallery(settings, db, storage)
     verifier = Verifier.from_settings(settings)
     keepalive_ms = round(settings.keepalive_seconds * 1000)
