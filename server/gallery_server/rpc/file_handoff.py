@@ -62,9 +62,6 @@ HANDOFF_THUMBNAIL_BYTES = 256 * 1024
 
 _DOWNLOAD_PATH = re.compile(r"/api/gallery/([^/?#]+)/events/([^/?#]+)/(content|thumbnail)(?:\?.*)?", re.DOTALL)
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_GO_ON = authz_pb2.CheckResponse(
-    status=status_pb2.Status(code=0), ok_response=authz_pb2.OkHttpResponse()
-)
 
 
 class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
@@ -83,12 +80,12 @@ class FileHandoff(authz_pb2_grpc.AuthorizationServicer):
         if request.attributes.context_extensions.get(token_check.CHECK_KEY) == token_check.TOKEN:
             return token_check.check_token(self._verifier, dict(http.headers))  # a route that buffers
         try:
-            return self._handoff(http.method, http.path, dict(http.headers)) or _GO_ON
+            return self._handoff(http.method, http.path, dict(http.headers)) or token_check.GO_ON
         except GalleryError:  # the streaming path answers it, with its status and details
-            return _GO_ON
+            return token_check.GO_ON
         except Exception:  # noqa: BLE001 - never worse than the streaming path
             log.exception("file handoff failed; the download goes through the gRPC server")
-            return _GO_ON
+            return token_check.GO_ON
 
     def _handoff(
         self, method: str, path: str, headers: dict[str, str],

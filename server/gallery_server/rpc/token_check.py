@@ -6,7 +6,7 @@ slowly). Without this check a client with no token at all could have Envoy hold 
 request, an HTTP/2 connection a hundred of them, and send the last byte never: a thousand such
 connections took Envoy past its overload limit, and every other request got 503 (black-box review,
 2026-12-02). The routes that buffer ask Check first, with the context extension CHECK_KEY set to
-TOKEN (envoy_config.py), before the body: a token that does not verify is answered as the server
+TOKEN (envoy/envoy.yaml), before the body: a token that does not verify is answered as the server
 answers it (401, the same reason, details and www-authenticate; natively UNAUTHENTICATED with the
 same details), and nothing of the body is held. A token that verifies goes on: what it may do is
 the server's to say, as always. So is anything Check cannot tell (failure_mode_allow).
@@ -32,7 +32,8 @@ CHECK_KEY = "gallery_check"  # the context extension that says which check a rou
 TOKEN = "token"
 PASSED = "token_passed"  # noted on the access line of a Check that let a token through
 
-_GO_ON = authz_pb2.CheckResponse(status=status_pb2.Status(code=0), ok_response=authz_pb2.OkHttpResponse())
+# Check's "go on unchanged", for either question (file_handoff.py's too).
+GO_ON = authz_pb2.CheckResponse(status=status_pb2.Status(code=0), ok_response=authz_pb2.OkHttpResponse())
 _GRPC_CONTENT_TYPE = "application/grpc"
 
 
@@ -43,7 +44,7 @@ def check_token(verifier: auth.Verifier, headers: dict[str, str]) -> authz_pb2.C
         logs.note(token_refused=exc.reason)  # on Check's access line, whose own call went well
         return _refusal(exc, native=headers.get("content-type", "").startswith(_GRPC_CONTENT_TYPE))
     logs.note(**{PASSED: "1"})
-    return _GO_ON
+    return GO_ON
 
 
 def _refusal(error: Unauthenticated, *, native: bool) -> authz_pb2.CheckResponse:
