@@ -201,11 +201,12 @@ def _main(argv: list[str] | None) -> int:
                 return _reconcile(settings, args.grace, force=args.force)
             if args.command == "verify":
                 return _verify(settings, args.device, args.max_mb_per_second * 1e6)
+            from .identity import NotThisGallery
             from .rpc.server import CannotListen, serve
 
             try:
                 serve(settings)
-            except CannotListen as exc:
+            except (CannotListen, NotThisGallery) as exc:
                 print(f"gallery: {exc}", file=sys.stderr)
                 return 1
             return 0
@@ -349,9 +350,11 @@ MIN_SCAN_INTERVAL_SECONDS = 0.1
 def _no_gallery_at(settings: Settings) -> str | None:
     """Why the settings' database is no gallery's, for a tool that acts on one (None: it is one):
     a SQLite file that is not there (opening it would make a new, empty one where a mistyped
-    GALLERY_DATA_DIR or GALLERY_DATABASE_URL points), or a database without the events table."""
+    GALLERY_DATA_DIR or GALLERY_DATABASE_URL points), a database without the events table, or one
+    that is not the data folder's gallery (identity.py)."""
     import sqlalchemy as sa
 
+    from . import identity
     from .db import Database
 
     url = sa.make_url(settings.database_url)
@@ -362,9 +365,9 @@ def _no_gallery_at(settings: Settings) -> str | None:
         if not db.holds_a_gallery():
             return (f"GALLERY_DATABASE_URL={shown_database_url(settings.database_url)} holds no gallery"
                     " (no events table; none is made)")
+        return identity.mismatch(db.engine, settings.data_dir)
     finally:
         db.dispose()
-    return None
 
 
 def _verify_device(text: str) -> str:

@@ -440,6 +440,15 @@ class TriggerGeneration(SQLModel, table=True):
     generation: int = Field(sa_type=sa.Integer)
 
 
+class GalleryIdentity(SQLModel, table=True):
+    """Which gallery this database is: one row, whose id the data folder holds too (identity.py)."""
+
+    __tablename__ = "gallery_identity"
+
+    name: str = Field(primary_key=True, max_length=16)  # always "gallery": one row
+    gallery_id: str = Field(max_length=64)
+
+
 @dataclasses.dataclass(frozen=True)
 class _KeptTable:
     """A table kept by triggers on `events`: their statements on each database, and the backfill

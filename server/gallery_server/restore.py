@@ -34,7 +34,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col
 
 from . import db as db_module
-from . import folder_claims, status_files, stoppable, storage, validation
+from . import folder_claims, identity, status_files, stoppable, storage, validation
 from .backup import (
     FOLDER,
     MANIFEST,
@@ -135,6 +135,9 @@ def restore(settings: Settings, source: pathlib.Path, *, copy: bool = False) -> 
             if not sa.inspect(connection).has_table(Event.__tablename__):
                 raise RuntimeError(f"the backup's database holds no gallery (no {Event.__tablename__} table)")
         database.create_tables()  # what a server of this version does at start (an older backup's columns)
+        # A gallery of its own: a server on this folder and the live database, or the other way
+        # round, does not start (identity.py).
+        identity.mint(database.engine, data_dir)
         with Session(database.engine) as session:
             for device, event_ids in deletions.items():
                 deleted = delete_event_rows(session, device, event_ids, session_ttl=settings.upload_session_ttl)

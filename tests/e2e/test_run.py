@@ -450,3 +450,22 @@ def test_a_server_starting_while_postgresql_ends_its_connections_tries_again(tmp
             server.kill()
             server.wait()
         log.close()
+
+
+def test_a_server_whose_folder_is_another_gallerys_does_not_start(tmp_path):
+    """A mistyped GALLERY_DATABASE_URL beside a gallery's folder (here a new SQLite file): the server
+    served an empty gallery and stored new uploads into that database (identity.py)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "gallery-id").write_text("e" * 32 + "\n")
+    grpc_port, http_port, admin_port = free_ports(3)
+    result = subprocess.run(
+        [sys.executable, "-m", "gallery_server", "serve"], capture_output=True, text=True, timeout=60,
+        env=run_env(tmp_path, grpc_port, http_port, admin_port, GALLERY_JWT_SECRET="s" * 40,
+                    GALLERY_DATABASE_URL=f"sqlite:///{tmp_path / 'galery.db'}", GALLERY_METRICS_ADDRESS=""),
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"gallery: GALLERY_DATA_DIR={data} holds gallery {'e' * 32}'s files, and GALLERY_DATABASE_URL is no" \
+           " gallery's" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (data / "gallery-id").read_text() == "e" * 32 + "\n"

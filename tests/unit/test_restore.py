@@ -22,7 +22,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from gallery_server import cli
+from gallery_server import cli, identity
 from gallery_server import restore as restore_module
 from gallery_server.backup import backup
 from gallery_server.reconcile import Reconciler
@@ -38,6 +38,7 @@ from .test_service import PNG, store
 def backed_up(gallery, principal, tmp_path):  # type: ignore[no-untyped-def]
     """A backup of a filled gallery, its secret the data folder's: (folder, what users saw then)."""
     fill(gallery, principal)
+    identity.settle(gallery.db.engine, gallery.settings.data_dir)  # as its first server did
     (gallery.settings.data_dir / "jwt-secret").write_text(JWT_SECRET + "\n")
     backup(dataclasses.replace(gallery.settings, secret_file=True), tmp_path / "backup")
     return tmp_path / "backup", snapshot(gallery, principal)
@@ -58,14 +59,22 @@ def test_a_restore_is_the_gallery_at_the_backup(gallery, principal, backed_up):
         assert (result.snapshot, result.database, result.backup) == (manifest["snapshot"], manifest["database"],
                                                                      str(folder))
         data = copy.settings.data_dir
-        expected = ["gallery.db", "jwt-secret", "media"] if not postgres(gallery) else ["jwt-secret", "media"]
+        expected = ["gallery-id", "gallery.db", "jwt-secret", "media"] if not postgres(gallery) else [
+            "gallery-id", "jwt-secret", "media"]
         made_by_the_server = {"gallery", "staging", "gallery.db-wal", "gallery.db-shm"}  # once it runs on it
         restored_files = [p for p in data.iterdir() if p.name not in made_by_the_server]
         assert sorted(p.name for p in restored_files) == expected  # no marker left
         assert (data / "jwt-secret").read_text().strip() == JWT_SECRET
         modes = {p.name: p.stat().st_mode & 0o777 for p in restored_files}
-        assert modes == {name: mode for name, mode in {"gallery.db": 0o640, "jwt-secret": 0o600, "media": 0o750}.items()
-                         if name in expected}
+        assert modes == {name: mode for name, mode in {"gallery-id": 0o640, "gallery.db": 0o640, "jwt-secret": 0o600,
+                                                       "media": 0o750}.items() if name in expected}
+        # A gallery of its own: neither it nor the backed-up gallery takes the other's folder.
+        with copy.db.engine.connect() as connection:
+            restored_id = connection.execute(sa.text("SELECT gallery_id FROM gallery_identity")).scalar_one()
+        assert (data / identity.FILE_NAME).read_text() == restored_id + "\n"
+        assert restored_id != (gallery.settings.data_dir / identity.FILE_NAME).read_text().strip()
+        assert identity.mismatch(copy.db.engine, data) is None
+        assert identity.mismatch(gallery.db.engine, data) is not None
         assert data.stat().st_mode & 0o777 == 0o750
         assert (data / "media" / "cam1" / (ANNOUNCED + ".thumb")).read_bytes() == b"announced thumb"
         assert (data / "media" / "cam2" / (GRANTED + ".thumb")).read_bytes() == b"granted thumb"

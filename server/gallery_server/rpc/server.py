@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gallery.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, gallery_pb2, gallery_pb2_grpc
 
-from .. import _malloc, incoming, scrub
+from .. import _malloc, identity, incoming, scrub
 from ..addresses import ANY_HOST, split_address
 from ..auth import Verifier
 from ..db import Database, dropped
@@ -111,6 +111,7 @@ def create_server(
     # than the worker count keeps several replicas within PostgreSQL's connection limit.
     db = Database(settings.database_url, pool_size=DB_POOL_SIZE)
     _create_tables(db)
+    identity.settle(db.engine, settings.data_dir)  # NotThisGallery: the folder is another database's
     gallery = Gallery(settings, db, storage)
     verifier = Verifier.from_settings(settings)
     keepalive_ms = round(settings.keepalive_seconds * 1000)
