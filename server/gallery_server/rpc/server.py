@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import pathlib
 import queue
 import signal
 import threading
@@ -81,17 +82,20 @@ class CannotListen(Exception):
 
 
 # A replica that starts while PostgreSQL ends its connections (a restart or failover during a
-# rolling restart, an operator's pg_terminate_backend) tries its schema step again, for this long:
-# it is one transaction under an advisory lock, done whole or not at all. It exited at the first
-# dropped connection, and no replica came back (black-box review, 2026-12-02).
+# rolling restart, an operator's pg_terminate_backend) tries its database steps again, for this
+# long: the schema step is one transaction under an advisory lock, done whole or not at all, and the
+# gallery id's may run twice. It exited at the first dropped connection, and no replica came back
+# (black-box review, 2026-12-02).
 START_RETRY_SECONDS = 60.0
 
 
-def _create_tables(db: Database, retry_seconds: float = START_RETRY_SECONDS) -> None:
+def _prepare_database(db: Database, data_dir: pathlib.Path, retry_seconds: float = START_RETRY_SECONDS) -> None:
+    """The schema, and the gallery id its data folder must share (identity.NotThisGallery if not)."""
     deadline = time.monotonic() + retry_seconds
     while True:
         try:
             db.create_tables()
+            identity.settle(db.engine, data_dir)
             return
         except sa.exc.OperationalError as exc:
             if not dropped(exc) or time.monotonic() > deadline:
@@ -110,8 +114,7 @@ def create_server(
     # RPCs hold a connection only for their queries, not while streaming bytes: a pool much smaller
     # than the worker count keeps several replicas within PostgreSQL's connection limit.
     db = Database(settings.database_url, pool_size=DB_POOL_SIZE)
-    _create_tables(db)
-    identity.settle(db.engine, settings.data_dir)  # NotThisGallery: the folder is another database's
+    _prepare_database(db, settings.data_dir)
     gallery = Gallery(settings, db, storage)
     verifier = Verifier.from_settings(settings)
     keepalive_ms = round(settings.keepalive_seconds * 1000)
