@@ -218,7 +218,10 @@ def _main(argv: list[str] | None) -> int:
             why = " ".join(str(getattr(cause, "orig", None) or cause).split())  # psycopg's words span lines
             print(f"gallery: GALLERY_DATABASE_URL={shown_database_url(settings.database_url)}: {why}",
                   file=sys.stderr)
-            # The tools' 1 says "damage found": a cron alert must tell a database that did not answer from it.
+            # The tools' 1 says "damage found": a cron alert must tell a database that did not answer
+            # from it. A URL that names no driver is a bad setting (2).
+            if isinstance(exc, sa.exc.ArgumentError):
+                return 2 if args.command in ("reconcile", "verify") else 1
             return DATABASE_UNREACHABLE if args.command in ("reconcile", "verify") else 1
     from .supervisor import run
 

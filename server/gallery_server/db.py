@@ -346,15 +346,16 @@ def _unreachable(exc: BaseException) -> bool:
 
 def dropped(exc: BaseException) -> bool:
     """Whether `exc` says PostgreSQL ended a connection it had (an operator's pg_terminate_backend,
-    a restart or failover; 57P: shutdowns, "cannot connect now"), or refused one while starting or
-    stopping: worth trying again. Not a database that does not answer, nor refuses connections
-    outright: those are settings to fix (libpq's connect_timeout, the URL)."""
+    a restart or failover; 57P: shutdowns, "cannot connect now"; over TLS too), or refused one while
+    it was down, starting or stopping: worth trying again. Not a database that does not answer: that
+    stops a server in libpq's connect_timeout, as README says."""
     driver = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
     if (getattr(driver, "sqlstate", None) or "").startswith("57P"):
         return True
     said = str(driver)
     return any(words in said for words in (
         "server closed the connection unexpectedly", "terminating connection", "the database system is",
+        "Connection refused", "SSL SYSCALL error", "SSL connection has been closed", "the connection is closed",
     ))
 
 

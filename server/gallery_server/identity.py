@@ -61,10 +61,14 @@ def settle(engine: sa.Engine, data_dir: pathlib.Path) -> str:
 def mismatch(engine: sa.Engine, data_dir: pathlib.Path) -> str | None:
     """Why the folder and database are not one gallery's (None: they may be), writing nothing: for
     the tools (`gallery verify`, `reconcile`), which must not act on another gallery's files."""
+    try:
+        in_folder = _folder_id(data_dir)
+    except NotThisGallery as exc:
+        return str(exc)
     with engine.connect() as connection:
         # A database of an earlier release, which no server of this one started on yet, has no table.
         named = sa.inspect(connection).has_table(GalleryIdentity.__tablename__) and _database_id(connection)
-        return _apart(data_dir, _folder_id(data_dir), named or None)
+        return _apart(data_dir, in_folder, named or None)
 
 
 def mint(engine: sa.Engine, data_dir: pathlib.Path) -> str:
@@ -80,11 +84,17 @@ def mint(engine: sa.Engine, data_dir: pathlib.Path) -> str:
 def _apart(data_dir: pathlib.Path, in_folder: str | None, in_database: str | None) -> str | None:
     if in_folder is None or in_folder == in_database:
         return None
-    held = f"gallery {in_database}'s" if in_database else "no gallery's (it holds no gallery id)"
+    file = data_dir / FILE_NAME
+    if in_database:
+        held = f"gallery {in_database}'s"
+        mend = f"If the database is this folder's gallery, write {in_database} into {file}"
+    else:
+        held = "no gallery's (it holds no gallery id)"
+        mend = (f"If the database is this folder's gallery (one from before gallery ids, restored by hand),"
+                f" remove {file}: the next start writes one id into both")
     return (f"GALLERY_DATA_DIR={data_dir} holds gallery {in_folder}'s files, and GALLERY_DATABASE_URL is"
             f" {held}: one of them is not this gallery's (a mistyped setting, a restored copy, a folder"
-            f" another database used). If the database is this folder's, write its id into"
-            f" {data_dir / FILE_NAME} (SELECT gallery_id FROM gallery_identity)")
+            f" another database used). {mend}")
 
 
 def _database_id(connection: sa.Connection) -> str | None:
@@ -97,6 +107,8 @@ def _folder_id(data_dir: pathlib.Path) -> str | None:
         return (data_dir / FILE_NAME).read_text(encoding="ascii").strip() or None
     except FileNotFoundError:
         return None
+    except (OSError, UnicodeError) as exc:  # unreadable by this user, or not an id: one line, not a traceback
+        raise NotThisGallery(f"cannot read the gallery id in {data_dir / FILE_NAME}: {exc}") from None
 
 
 def _write_folder_id(data_dir: pathlib.Path, gallery_id: str, *, replace: bool) -> None:

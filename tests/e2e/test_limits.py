@@ -743,3 +743,19 @@ def test_what_envoy_holds_of_a_gets_body_is_capped(stack: Stack, path: str, chun
         answer = s.recv(1 << 16)
     assert answer.startswith(b"HTTP/1.1 413 "), answer
     assert b'"reason":"BODY_TOO_LARGE"' in answer
+
+
+@pytest.mark.parametrize(("request_line", "content_type", "refused"), [
+    ("POST /gallery.v1.GalleryService/GetEventContent", "application/grpc", b"grpc-status: 16"),  # native downloads
+    ("POST /gallery.v1.GalleryService/ReadEventContent", "application/grpc", b"grpc-status: 16"),
+    ("GET /gallery.v1.GalleryService/DeleteEvent", "application/grpc", b"grpc-status: 16"),  # of any method
+    ("GET /api/gallery/cam1/stats", "application/grpc", b"grpc-status: 16"),  # gRPC on a REST read's path
+    ("POST /grpc.health.v1.Health/Watch", "application/grpc", b"grpc-status: 12"),  # answered at its headers
+    ("POST /envoy.service.auth.v3.Authorization/Check", "application/grpc", b"grpc-status: 12"),
+])
+def test_no_route_holds_a_body_whose_token_was_not_checked(stack: Stack, request_line: str, content_type: str,
+                                                          refused: bytes) -> None:
+    """Each of these held up to 3 MiB of a tokenless body (a black-box review of the check)."""
+    head = f"{request_line} HTTP/1.1\r\nHost: gallery\r\nContent-Type: {content_type}\r\n"
+    answer = _answer_to_headers_only(stack, head + "Content-Length: 3000000\r\n\r\n")
+    assert refused in answer, answer

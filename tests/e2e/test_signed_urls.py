@@ -347,6 +347,16 @@ def test_media_without_thumbnail_url_and_empty_body(client: Client) -> None:
     assert client.media_path(device, urls["eventId"]).read_bytes() == b""
 
 
+def test_a_url_with_a_trailing_slash_takes_no_token_either(client: Client) -> None:
+    """The transcoder takes `.../upload/<token>/`; the route that passes PUTs on as streams took it
+    for another request, whose token Envoy checked (none: 401)."""
+    device = new_device()
+    urls = client.upload_urls(device, "slash.bin", thumbnail=False)
+    r = raw_put(urls["upload_url"] + "/", b"slash")
+    assert r.status_code == 200, r.text
+    assert client.media_path(device, urls["eventId"]).read_bytes() == b"slash"
+
+
 # -- rejected PUTs --------------------------------------------------------------------------------
 
 

@@ -231,3 +231,21 @@ def test_an_error_sqlite3_raises_itself_stays_what_it_was(tmp_path):
             db.read_rows(sa.select(sa.column("name", sa.String)).select_from(sa.table("names")), {})
     finally:
         db.dispose()
+
+
+@pytest.mark.parametrize(("said", "again"), [
+    ("consuming input failed: server closed the connection unexpectedly", True),
+    ("terminating connection due to administrator command", True),
+    ("connection failed: FATAL:  the database system is starting up", True),
+    ("connection failed: connection to server at \"127.0.0.1\", port 5432 failed: Connection refused", True),
+    ("SSL SYSCALL error: EOF detected", True),
+    ("the connection is closed", True),
+    ("connection timeout expired", False),  # a database that does not answer: its 10 s, then the server stops
+    ("connection failed: FATAL:  password authentication failed for user \"gallery\"", False),
+    ("connection failed: FATAL:  database \"galery\" does not exist", False),
+])
+def test_what_a_starting_server_tries_again(said: str, again: bool) -> None:
+    """A PostgreSQL restart, failover or pg_terminate_backend while a replica starts (rpc/server.py);
+    not a setting to fix."""
+    error = sa.exc.OperationalError("SELECT 1", {}, psycopg.OperationalError(said))
+    assert db_module.dropped(error) is again

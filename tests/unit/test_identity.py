@@ -43,7 +43,15 @@ def test_a_folder_of_a_gallery_beside_a_database_of_none_is_refused(db: Database
         identity.settle(db.engine, tmp_path)
     with db.engine.connect() as connection:  # nothing written
         assert connection.execute(sa.text("SELECT count(*) FROM gallery_identity")).scalar_one() == 0
-    assert "is no gallery's" in (identity.mismatch(db.engine, tmp_path) or "")
+    said = identity.mismatch(db.engine, tmp_path) or ""
+    assert "is no gallery's" in said and f"remove {tmp_path / identity.FILE_NAME}: the next start writes" in said
+
+
+def test_an_unreadable_id_is_one_line_not_a_traceback(db: Database, tmp_path: pathlib.Path) -> None:
+    (tmp_path / identity.FILE_NAME).write_bytes(b"\xff\xfe\n")
+    with pytest.raises(identity.NotThisGallery, match="cannot read the gallery id in"):
+        identity.settle(db.engine, tmp_path)
+    assert (identity.mismatch(db.engine, tmp_path) or "").startswith("cannot read the gallery id in")
 
 
 def test_a_folder_of_another_gallery_is_refused(db: Database, tmp_path: pathlib.Path) -> None:
@@ -55,7 +63,7 @@ def test_a_folder_of_another_gallery_is_refused(db: Database, tmp_path: pathlib.
     with pytest.raises(identity.NotThisGallery) as refused:
         identity.settle(db.engine, copy)
     assert f"holds gallery {'b' * 32}'s files, and GALLERY_DATABASE_URL is gallery {gallery_id}'s" in str(refused.value)
-    assert f"write its id into {copy / identity.FILE_NAME}" in str(refused.value)
+    assert f"write {gallery_id} into {copy / identity.FILE_NAME}" in str(refused.value)
     assert (copy / identity.FILE_NAME).read_text() == "b" * 32 + "\n"
     assert identity.mismatch(db.engine, copy) == str(refused.value)
 

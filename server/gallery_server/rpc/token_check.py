@@ -34,7 +34,11 @@ PASSED = "token_passed"  # noted on the access line of a Check that let a token 
 
 # Check's "go on unchanged", for either question (file_handoff.py's too).
 GO_ON = authz_pb2.CheckResponse(status=status_pb2.Status(code=0), ok_response=authz_pb2.OkHttpResponse())
-_GRPC_CONTENT_TYPE = "application/grpc"
+
+
+def _native(content_type: str) -> bool:
+    """gRPC as the transcoder tells it (envoy.yaml's Lua filter too): grpc-web is answered as REST."""
+    return content_type == "application/grpc" or content_type.startswith("application/grpc+")
 
 
 def check_token(verifier: auth.Verifier, headers: dict[str, str]) -> authz_pb2.CheckResponse:
@@ -42,7 +46,7 @@ def check_token(verifier: auth.Verifier, headers: dict[str, str]) -> authz_pb2.C
         verifier.verify(auth.bearer_token(headers.get("authorization")))
     except Unauthenticated as exc:
         logs.note(token_refused=exc.reason)  # on Check's access line, whose own call went well
-        return _refusal(exc, native=headers.get("content-type", "").startswith(_GRPC_CONTENT_TYPE))
+        return _refusal(exc, native=_native(headers.get("content-type", "")))
     logs.note(**{PASSED: "1"})
     return GO_ON
 
