@@ -745,17 +745,28 @@ def test_what_envoy_holds_of_a_gets_body_is_capped(stack: Stack, path: str, chun
     assert b'"reason":"BODY_TOO_LARGE"' in answer
 
 
-@pytest.mark.parametrize(("request_line", "content_type", "refused"), [
-    ("POST /gallery.v1.GalleryService/GetEventContent", "application/grpc", b"grpc-status: 16"),  # native downloads
-    ("POST /gallery.v1.GalleryService/ReadEventContent", "application/grpc", b"grpc-status: 16"),
-    ("GET /gallery.v1.GalleryService/DeleteEvent", "application/grpc", b"grpc-status: 16"),  # of any method
-    ("GET /api/gallery/cam1/stats", "application/grpc", b"grpc-status: 16"),  # gRPC on a REST read's path
-    ("POST /grpc.health.v1.Health/Watch", "application/grpc", b"grpc-status: 12"),  # answered at its headers
-    ("POST /envoy.service.auth.v3.Authorization/Check", "application/grpc", b"grpc-status: 12"),
+@pytest.mark.parametrize(("request_line", "refused"), [
+    ("POST /gallery.v1.GalleryService/GetEventContent", b"grpc-status: 16"),  # native downloads
+    ("POST /gallery.v1.GalleryService/ReadEventContent", b"grpc-status: 16"),
+    ("GET /gallery.v1.GalleryService/DeleteEvent", b"grpc-status: 16"),  # a native call of any method
+    ("GET /api/gallery/cam1/stats", b"grpc-status: 16"),  # gRPC on a REST read's path
+    ("POST /grpc.health.v1.Health/Watch", b"grpc-status: 12"),  # answered at its headers
+    ("POST /envoy.service.auth.v3.Authorization/Check", b"grpc-status: 12"),
 ])
-def test_no_route_holds_a_body_whose_token_was_not_checked(stack: Stack, request_line: str, content_type: str,
-                                                          refused: bytes) -> None:
+def test_no_route_holds_a_body_whose_token_was_not_checked(stack: Stack, request_line: str, refused: bytes) -> None:
     """Each of these held up to 3 MiB of a tokenless body (a black-box review of the check)."""
-    head = f"{request_line} HTTP/1.1\r\nHost: gallery\r\nContent-Type: {content_type}\r\n"
+    head = f"{request_line} HTTP/1.1\r\nHost: gallery\r\nContent-Type: application/grpc\r\n"
     answer = _answer_to_headers_only(stack, head + "Content-Length: 3000000\r\n\r\n")
     assert refused in answer, answer
+
+
+@pytest.mark.parametrize("path", ["/grpc.health.v1.Health/Check", "/gallery.v1.GalleryService/GetSignedUploadStatus"])
+def test_a_call_that_takes_no_token_has_at_most_16_kib_held(stack: Stack, path: str) -> None:
+    """A health check and a pre-signed URL's status carry no token to check: past SMALL_BODY_BYTES
+    of their body Envoy refuses them (RESOURCE_EXHAUSTED), holding no more."""
+    with socket.create_connection(("127.0.0.1", stack.http_port)) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: gallery\r\nContent-Type: application/grpc\r\n"
+                  f"Content-Length: 3000000\r\n\r\n".encode() + b"\x00" * (envoy_config.SMALL_BODY_BYTES + 1024))
+        s.settimeout(5)
+        answer = s.recv(1 << 16)
+    assert b"grpc-status: 8" in answer, answer
