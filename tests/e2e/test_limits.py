@@ -19,6 +19,7 @@ from gallery.v1 import admin_pb2, admin_pb2_grpc, gallery_pb2_grpc
 from gallery.v1 import gallery_pb2 as pb
 from gallery_server import auth, envoy_config
 from gallery_server.settings import MAX_METADATA_BYTES
+from gallery_server.validation import MAX_METADATA_VALUES
 
 from ..conftest import rich_error, stored_files, wait_until
 from .conftest import Stack, log_entries, start_stack, stop_stack
@@ -643,13 +644,16 @@ def test_requests_that_never_end_hold_no_server_thread(
 
 
 def test_the_largest_metadata_allowed_reads_back_over_rest_and_grpc(limited: Stack, mint: Callable[..., str]) -> None:
-    """Metadata of the worst shape at GALLERY_MAX_METADATA_BYTES' highest value: its Struct (5.5x
-    the JSON) fits Envoy's transcoding buffer, or a REST GET of the event answered 500, and a gRPC
-    client's default 4 MiB receive limit."""
-    head, tail = '{"a":[', "]}"
-    zeros = (MAX_METADATA_BYTES - len(head) - len(tail) + 1) // 2
-    metadata = head + ",".join(["0"] * zeros) + tail
-    assert len(metadata) == MAX_METADATA_BYTES - 1 or len(metadata) == MAX_METADATA_BYTES
+    """Metadata of the largest shape at GALLERY_MAX_METADATA_BYTES' highest value, as many values
+    as it may hold (validation.MAX_METADATA_VALUES: the array and 2,047 strings, which fill the
+    bytes): its Struct fits Envoy's transcoding buffer, or a REST GET of the event answered 500,
+    and a gRPC client's default 4 MiB receive limit. (A list of zeros, 5.5x its JSON as a Struct,
+    was that shape until values were counted: now at most 2,048 of them.)"""
+    head, tail, items = '{"a":[', "]}", MAX_METADATA_VALUES - 1
+    room = MAX_METADATA_BYTES - len(head) - len(tail) - (items - 1) - 2 * items  # the strings' characters
+    strings = ["x" * (room // items + (i < room % items)) for i in range(items)]
+    metadata = head + ",".join(f'"{text}"' for text in strings) + tail
+    assert len(metadata) == MAX_METADATA_BYTES
     token = mint()
     with httpx.Client(base_url=limited.base_url, timeout=60) as http:
         r = http.post("/api/gallery/meta1/upload", headers={"Authorization": f"Bearer {token}"},
@@ -658,12 +662,12 @@ def test_the_largest_metadata_allowed_reads_back_over_rest_and_grpc(limited: Sta
         event_id = r.json()["eventId"]
         r = http.get(f"/api/gallery/meta1/events/{event_id}", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200, r.text[:300]
-        assert r.json()["metadata"]["a"] == [0] * zeros
+        assert r.json()["metadata"]["a"] == strings
     with grpc.insecure_channel(limited.envoy_grpc_address) as channel:  # the client's default limits
         event = gallery_pb2_grpc.GalleryServiceStub(channel).GetEvent(
             pb.GetEventRequest(device="meta1", event_id=event_id),
             metadata=[("authorization", f"Bearer {token}")], timeout=30)
-    assert len(event.metadata["a"]) == zeros
+    assert list(event.metadata["a"]) == strings
 
 
 def _answer_to_headers_only(stack: Stack, head: str, seconds: float = 5.0) -> bytes:

@@ -463,8 +463,12 @@ REJECTED_UPLOADS: dict[str, tuple[list[Part], dict, str]] = {
     "name-field-too-large": ([("name", "n" * 1021), EVENT], {}, "FORM_FIELD_TOO_LARGE"),
     "media-type-field-too-large": ([NAME, EVENT, ("media_type", "i" * 65)], {}, "FORM_FIELD_TOO_LARGE"),
     # Within the field limit as sent, beyond the metadata limit once stored (1e5 -> 100000.0).
-    "metadata-too-large": ([NAME, EVENT, ("metadata", '{"a": [' + ",".join(["1e5"] * 10_000) + "]}")],
-                           {}, "METADATA_TOO_LARGE"),
+    "metadata-too-large": ([NAME, EVENT, ("metadata", '{"p": "' + "x" * 40_000 + '", "a": ['
+                                          + ",".join(["1e15"] * 2000) + "]}")],
+                           {}, "METADATA_TOO_LARGE"),  # 1e15 -> 1000000000000000.0
+    # Each value costs every read of the event (a Struct): 2,048 at most, the array itself one.
+    "metadata-too-many-values": ([NAME, EVENT, ("metadata", '{"a": [' + ",".join(["0"] * 2048) + "]}")],
+                                 {}, "INVALID_METADATA"),
     "has-thumbnail-without-part": ([NAME, EVENT, ("has_thumbnail", "true")], {}, "THUMBNAIL_MISSING"),
     "has-thumbnail-bogus": ([NAME, EVENT, ("has_thumbnail", "maybe")], {}, "INVALID_HAS_THUMBNAIL"),
     "missing-name": ([EVENT], {}, "NAME_REQUIRED"),

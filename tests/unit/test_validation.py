@@ -360,6 +360,22 @@ def test_metadata_may_nest_32_deep_and_no_deeper() -> None:
     _raises(InvalidArgument, "INVALID_METADATA", validation.metadata_object, nested(33), LIMIT)
 
 
+def test_metadata_values_are_counted_at_every_depth_up_to_the_limit() -> None:
+    """Every object, array and scalar inside the metadata object counts; the object itself does not."""
+    most = validation.MAX_METADATA_VALUES
+    flat = {"a": [0] * (most - 1)}  # the array and its items
+    assert json.loads(validation.metadata_object(flat, 1 << 20)) == flat
+    keys = {f"k{i}": None for i in range(most)}
+    assert json.loads(validation.metadata_object(keys, 1 << 20)) == keys
+    nested = {"a": [{"b": [True, "x"]} for _ in range(most // 4)]}  # 1 + 4 per item
+    refused = _raises(InvalidArgument, "INVALID_METADATA", validation.metadata_object, nested, 1 << 20)
+    assert f"over {most} values" in str(refused)
+    for too_many in ({"a": [0] * most}, {**keys, "one more": {}}, {"a": [[]] * most}):
+        _raises(InvalidArgument, "INVALID_METADATA", validation.metadata_object, too_many, 1 << 20)
+    # The same rule for the form's text.
+    _raises(InvalidArgument, "INVALID_METADATA", validation.metadata_json, json.dumps({"a": [[]] * most}), 1 << 20)
+
+
 def test_metadata_json_too_large_raw_text() -> None:
     text = json.dumps({"k": "v" * LIMIT})
     error = _raises(InvalidArgument, "METADATA_TOO_LARGE", validation.metadata_json, text, LIMIT)
