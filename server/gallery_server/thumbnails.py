@@ -62,6 +62,13 @@ MAX_DECODED_BYTES = 96 * 2**20
 _DRAFT_FORMATS = ("JPEG", "MPO")  # MPO: a phone's JPEG with extra pictures
 IMAGE_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"})
 FFMPEG_TIMEOUT_SECONDS = 30
+# ffmpeg and ffprobe read a stored video only as a file of a container a camera writes (the
+# demuxers' names: mov is MP4/MOV/3GP, matroska is MKV/WebM). Left to guess, ffmpeg takes a text
+# file for a playlist (concat, HLS) and opens the files or URLs it names, so a device's upload could
+# have the server read another file into its thumbnail, or fetch a URL; ffmpeg 9 refuses absolute
+# paths in a concat list but still reads a relative one (another event's file, measured).
+_SAFE_INPUT = ("-protocol_whitelist", "file", "-format_whitelist",
+               "mov,matroska,avi,mpegts,flv,asf,ogg,mpeg,h264,hevc,m4v,dv,mxf,rm,yuv4mpegpipe")
 LEASE_SECONDS = 300
 MAX_ATTEMPTS = 3
 POLL_SECONDS = 0.5
@@ -306,7 +313,7 @@ def make_video(path: Any) -> Made:
     info = _probe(path)
     frame = b""
     for seek in (["-ss", "1"], []):  # a frame at 1 s; a clip shorter than that: its first frame
-        frame = _run([ffmpeg, "-nostdin", "-v", "error", *seek, "-i", str(path), "-frames:v", "1",
+        frame = _run([ffmpeg, "-nostdin", "-v", "error", *_SAFE_INPUT, *seek, "-i", str(path), "-frames:v", "1",
                       "-vf", f"scale={THUMBNAIL_MAX_SIDE * 2}:{THUMBNAIL_MAX_SIDE * 2}"
                              ":force_original_aspect_ratio=decrease",
                       "-f", "image2pipe", "-c:v", "png", "-"])
@@ -324,7 +331,8 @@ def _probe(path: Any) -> dict[str, Any]:
     if ffprobe is None:
         return {}
     try:
-        out = _run([ffprobe, "-v", "error", "-print_format", "json", "-show_format", "-show_streams", str(path)])
+        out = _run([ffprobe, "-v", "error", *_SAFE_INPUT, "-print_format", "json", "-show_format", "-show_streams",
+                    str(path)])
         probed = json.loads(out or b"{}")
     except (ValueError, subprocess.SubprocessError):
         return {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import os
+import pathlib
 import shutil
 import struct
 import subprocess
@@ -26,7 +28,30 @@ from gallery_server.thumbnails import Thumbnailer
 
 from .test_service import store
 
-ffmpeg_missing = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
+ffprobe_missing = pytest.mark.skipif(shutil.which("ffprobe") is None, reason="ffprobe is not installed")
+
+
+@pytest.fixture
+def ffmpeg(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An ffmpeg on PATH, as the server finds it: the machine's, or else the real ffmpeg binary the
+    imageio-ffmpeg package ships (a test dependency), so that the video path runs everywhere."""
+    found = shutil.which("ffmpeg")
+    if found is not None:
+        return found
+    import imageio_ffmpeg
+
+    bin_dir = tmp_path_factory.mktemp("bin")
+    (bin_dir / "ffmpeg").symlink_to(imageio_ffmpeg.get_ffmpeg_exe())
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return str(bin_dir / "ffmpeg")
+
+
+def video_clip(ffmpeg: str, path: pathlib.Path, seconds: float = 2) -> pathlib.Path:
+    """A real MP4 of `seconds` at 640x360, written without an extension as stored media is."""
+    subprocess.run([ffmpeg, "-nostdin", "-v", "error", "-f", "lavfi",
+                    "-i", f"testsrc=duration={seconds}:size=640x360:rate=10",
+                    "-c:v", "mpeg4", "-pix_fmt", "yuv420p", "-f", "mp4", str(path)], check=True, timeout=30)
+    return path
 
 
 def jpeg_with_exif(size: tuple[int, int] = (800, 600), orientation: int = 6) -> bytes:
@@ -267,17 +292,31 @@ def test_video_without_ffmpeg_is_skipped(
     assert row(gallery, event.id).thumbnail_state == "skipped"  # type: ignore[union-attr]
 
 
-@ffmpeg_missing
-def test_video_thumbnail_and_duration(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_video_thumbnail(ffmpeg: str, tmp_path: pathlib.Path) -> None:
     """The video path on its own (the queue around it is the images' one; e2e runs it whole)."""
-    clip = tmp_path / "clip"  # stored media has no extension: ffmpeg goes by the content
-    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", "testsrc=duration=2:size=640x360:rate=10",
-                    "-c:v", "mpeg4", "-pix_fmt", "yuv420p", "-f", "mp4", str(clip)], check=True, timeout=30)
-    made = thumbnails.make("video", clip)
+    made = thumbnails.make("video", video_clip(ffmpeg, tmp_path / "clip"))  # ffmpeg goes by the content
     im = Image.open(io.BytesIO(made.jpeg))
     assert (im.format, im.size) == ("JPEG", (320, 180))
+
+
+@ffprobe_missing
+def test_video_dimensions_and_duration(ffmpeg: str, tmp_path: pathlib.Path) -> None:
+    made = thumbnails.make("video", video_clip(ffmpeg, tmp_path / "clip"))
     assert (made.info["width"], made.info["height"]) == (640, 360)
     assert made.info["duration"] == pytest.approx(2.0, abs=0.2)
+
+
+def test_a_video_that_names_another_file_gets_no_thumbnail_of_it(ffmpeg: str, tmp_path: pathlib.Path) -> None:
+    """A device's "video" that is ffmpeg's concat list naming a file beside it (another event of
+    the device's folder): ffmpeg would render that file into the thumbnail (HLS playlists it
+    refuses itself without an .m3u8 name, in ffmpeg 9.0); the server lets it read stored files
+    only as the containers cameras write, so nothing is made."""
+    video_clip(ffmpeg, tmp_path / "evt_other")
+    assert thumbnails.make("video", tmp_path / "evt_other").jpeg  # the named file makes one itself
+    upload = tmp_path / "evt_upload"
+    upload.write_text("ffconcat version 1.0\nfile evt_other\n")
+    with pytest.raises(ValueError, match="no video frame"):
+        thumbnails.make("video", upload)
 
 
 # -- the device's own thumbnail wins --------------------------------------------------------------
