@@ -266,7 +266,8 @@ class Devices:
         event = Event(
             id=validation.new_event_id(), device=device, name=a.name,
             media_type=a.media_type or classify(mime), mime_type=mime, size=a.size,
-            sha256=a.sha256, has_thumbnail=bool(a.thumbnail), metadata_json=a.metadata_json,
+            sha256=a.sha256, has_thumbnail=bool(a.thumbnail), thumbnail_size=len(a.thumbnail) or None,
+            metadata_json=a.metadata_json,
             created=a.created or utcnow(), state="on_device", device_key=a.device_key,
         )
         thumbnail_path = self.gallery.storage.thumbnail_path(device, event.id)

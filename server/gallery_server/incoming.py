@@ -467,6 +467,7 @@ class IncomingImporter(BackgroundLoop):
                     size=taken.size,
                     sha256=taken.sha256,
                     has_thumbnail=thumb_taken is not None,
+                    thumbnail_size=thumb_taken.size if thumb_taken is not None else None,
                     thumbnail_state=initial_thumbnail_state(classify(mime), thumb_taken is not None),
                     metadata_json=SOURCE_METADATA,
                     created=utcnow(),
@@ -483,8 +484,8 @@ class IncomingImporter(BackgroundLoop):
                 # this thumbnail: attach it before the dropped file goes.
                 if thumb_taken is None:
                     thumb_taken = self._take_thumbnail(
-                        thumb, seen, lambda taken: self._attach(event_id, taken, thumb_path))
-                elif not self._attach(event_id, None, thumb_path):
+                        thumb, seen, lambda taken: self._attach(device, event_id, taken, thumb_path))
+                elif not self._attach(device, event_id, None, thumb_path):
                     # Placed before the row was found to exist, which is gone again: the placed
                     # copy goes, and the dropped thumbnail stays for a later scan.
                     thumb_path.unlink(missing_ok=True)
@@ -516,8 +517,8 @@ class IncomingImporter(BackgroundLoop):
         """Copy the thumbnail and `place` it; None if it did not get there (`place` may answer
         False: its event is gone).
 
-        A thumbnail that changed meanwhile, or that finds no room on the disk, does not hold up
-        its media: it stays in thumbnails/ and attaches later."""
+        A thumbnail that changed meanwhile, or that finds no room on the disk or in the device's
+        quota, does not hold up its media: it stays in thumbnails/ and attaches later."""
         try:
             taken = self._take(thumb)
         except _Changed:
@@ -533,7 +534,7 @@ class IncomingImporter(BackgroundLoop):
             placed = place(taken)
         except BaseException as exc:
             taken.discard()
-            if _short_of_room(exc):
+            if _short_of_room(exc) or (isinstance(exc, Exhausted) and exc.reason == QUOTA_EXCEEDED):
                 return None
             raise
         if placed is False:
@@ -546,23 +547,32 @@ class IncomingImporter(BackgroundLoop):
         try:
             with self.gallery.db.session() as session:
                 session.add(event)
-                self.gallery.quota.check_stored(session, event.device, event.size)
+                self.gallery.quota.check_stored(session, event.device, event.stored_bytes)
                 session.commit()
         except sa.exc.IntegrityError:
             return False
         return True
 
-    def _attach(self, event_id: str, taken: _Taken | None, destination: pathlib.Path) -> bool:
+    def _attach(self, device: str, event_id: str, taken: _Taken | None, destination: pathlib.Path) -> bool:
         """The device's thumbnail of a stored event (`taken`; None: at `destination` already),
         moved into place while the UPDATE holds the event's row: a thumbnail the server is making
         (thumbnails.py) then finds its claim gone and never replaces this one. False, and nothing
-        placed, if the event is gone (deleted since it was read)."""
+        placed, if the event is gone (deleted since it was read); DEVICE_QUOTA_EXCEEDED, and
+        nothing placed, if it does not fit in the device's quota."""
+        size = taken.size if taken is not None else destination.stat().st_size
         with self.gallery.db.session() as session:
             result = session.exec(  # type: ignore[call-overload]
-                sa.update(Event).where(col(Event.id) == event_id).values(has_thumbnail=True, thumbnail_state="")
+                sa.update(Event).where(col(Event.id) == event_id)
+                .values(has_thumbnail=True, thumbnail_state="", thumbnail_size=size)
             )
             if result.rowcount == 0:
                 return False
+            try:
+                self.gallery.quota.check_stored(session, device, size)
+            except Exhausted:
+                if taken is None:
+                    destination.unlink(missing_ok=True)
+                raise
             if taken is not None:
                 _place(self.storage, taken, destination)
             self.gallery.db.commit(session)
@@ -605,7 +615,7 @@ class IncomingImporter(BackgroundLoop):
         if taken is None:
             return
         try:
-            if not self._attach(target.id, taken, self.storage.thumbnail_path(device, target.id)):
+            if not self._attach(device, target.id, taken, self.storage.thumbnail_path(device, target.id)):
                 return  # its event was deleted meanwhile: the thumbnail waits for the next scan
             _unlink_if_same(thumb.path, taken.source)
         finally:

@@ -43,6 +43,9 @@ class Event(SQLModel, table=True):
     size: int = Field(sa_type=sa.BigInteger)
     sha256: str = Field(max_length=64)
     has_thumbnail: bool = False
+    # Bytes of the thumbnail the device sent, which its quota counts with the media (quota.py);
+    # NULL for none, for one the server made, and in rows from before it was kept.
+    thumbnail_size: int | None = Field(default=None, sa_type=sa.BigInteger)
     # The uploader's metadata object, kept as the JSON text it was validated as.
     metadata_json: str = Field(default="{}", sa_type=sa.Text)
     # UTC; rendered as RFC 3339 UTC.
@@ -70,6 +73,11 @@ class Event(SQLModel, table=True):
     # What the server read from the file (dimensions, capture time, duration) as a JSON object, or
     # "" before it looked; shown as metadata.media unless the device sent its own `media` key.
     media_info_json: str = Field(default="", sa_type=sa.Text)
+
+    @property
+    def stored_bytes(self) -> int:
+        """What the event takes of its device's quota once stored (DeviceUsage's triggers)."""
+        return self.size + (self.thumbnail_size or 0)
 
 
 THUMBNAILED_MEDIA_TYPES = ("image", "video")
@@ -290,9 +298,11 @@ class DeviceUsage(SQLModel, table=True):
     bounds (quota.py).
 
     Only stored events count: an announced one's size is the device's claim about a file it still
-    holds. Thumbnails do not count. Maintained by triggers on `events` as EventCount is, in the
-    transaction that stores, pulls or deletes the event, so a store that passes the quota holds
-    this row's lock until it commits (Gallery.store checks it after its write)."""
+    holds. Their thumbnails count too, those the device sent (Event.thumbnail_size): a device at its
+    quota could otherwise fill the disk with 0-byte events of 10 MiB thumbnails. Maintained by
+    triggers on `events` as EventCount is, in the transaction that stores, pulls or deletes the
+    event or attaches its thumbnail, so a store that passes the quota holds this row's lock until
+    it commits (Gallery.store checks it after its write)."""
 
     __tablename__ = "device_usage"
 
@@ -300,17 +310,29 @@ class DeviceUsage(SQLModel, table=True):
     stored_bytes: int = Field(default=0, sa_type=sa.BigInteger)
 
 
+def _stored(row: str = "") -> str:
+    """What an event's row (`row`: "NEW.", "OLD." or none) takes of its device's quota."""
+    return f"{row}size + COALESCE({row}thumbnail_size, 0)"
+
+
+_STORED = _stored()
 _USAGE_ADD = (
-    "INSERT INTO device_usage (device, stored_bytes) SELECT NEW.device, NEW.size WHERE NEW.state = 'stored' "
+    f"INSERT INTO device_usage (device, stored_bytes) SELECT NEW.device, {_stored('NEW.')} WHERE NEW.state = 'stored' "
     "ON CONFLICT (device) DO UPDATE SET stored_bytes = device_usage.stored_bytes + excluded.stored_bytes"
 )
 _USAGE_REMOVE = (
-    "UPDATE device_usage SET stored_bytes = stored_bytes - OLD.size WHERE device = OLD.device AND OLD.state = 'stored'"
+    f"UPDATE device_usage SET stored_bytes = stored_bytes - ({_stored('OLD.')}) "
+    "WHERE device = OLD.device AND OLD.state = 'stored'"
 )
+# has_thumbnail, not thumbnail_size: every writer of a thumbnail's size sets has_thumbnail with it
+# (a tool's UPDATE of thumbnail_size must too), and every column here is a listed one, so that an
+# UPDATE that fires these triggers fires the listing version's first (test_listing_cache.py: the
+# lock order of one device's writers on PostgreSQL).
+_USAGE_COLUMNS = "device, state, size, has_thumbnail"
 _SQLITE_USAGE_TRIGGERS = (
     f"CREATE TRIGGER IF NOT EXISTS events_usage_insert AFTER INSERT ON events BEGIN {_USAGE_ADD}; END",
     f"CREATE TRIGGER IF NOT EXISTS events_usage_delete AFTER DELETE ON events BEGIN {_USAGE_REMOVE}; END",
-    "CREATE TRIGGER IF NOT EXISTS events_usage_update AFTER UPDATE OF device, state, size ON events "
+    f"CREATE TRIGGER IF NOT EXISTS events_usage_update AFTER UPDATE OF {_USAGE_COLUMNS} ON events "
     f"BEGIN {_USAGE_REMOVE}; {_USAGE_ADD}; END",
 )
 # As _POSTGRES_TRIGGERS: inserts and deletes per statement, updates (a pull's on_device -> stored)
@@ -320,16 +342,16 @@ _POSTGRES_USAGE_TRIGGERS = (
     f"{_USAGE_REMOVE}; {_USAGE_ADD}; RETURN NULL; END $$",
     "CREATE OR REPLACE FUNCTION events_usage_inserted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
     "INSERT INTO device_usage (device, stored_bytes) "
-    "SELECT device, SUM(size) FROM inserted WHERE state = 'stored' GROUP BY device ORDER BY device "
+    f"SELECT device, SUM({_STORED}) FROM inserted WHERE state = 'stored' GROUP BY device ORDER BY device "
     "ON CONFLICT (device) DO UPDATE SET stored_bytes = device_usage.stored_bytes + excluded.stored_bytes; "
     "RETURN NULL; END $$",
     "CREATE OR REPLACE FUNCTION events_usage_deleted() RETURNS trigger LANGUAGE plpgsql AS $$ "
     "DECLARE gone record; BEGIN "
-    "FOR gone IN SELECT device, SUM(size) AS size FROM deleted WHERE state = 'stored' "
+    f"FOR gone IN SELECT device, SUM({_STORED}) AS size FROM deleted WHERE state = 'stored' "
     "GROUP BY device ORDER BY device LOOP "
     "UPDATE device_usage SET stored_bytes = device_usage.stored_bytes - gone.size WHERE device = gone.device; "
     "END LOOP; RETURN NULL; END $$",
-    "CREATE OR REPLACE TRIGGER events_usage AFTER UPDATE OF device, state, size ON events "
+    f"CREATE OR REPLACE TRIGGER events_usage AFTER UPDATE OF {_USAGE_COLUMNS} ON events "
     "FOR EACH ROW EXECUTE FUNCTION events_usage()",
     "CREATE OR REPLACE TRIGGER events_usage_insert AFTER INSERT ON events REFERENCING NEW TABLE AS inserted "
     "FOR EACH STATEMENT EXECUTE FUNCTION events_usage_inserted()",
@@ -342,7 +364,7 @@ _POSTGRES_USAGE_TRIGGERS = (
 )
 _USAGE_BACKFILL = (
     "INSERT INTO device_usage (device, stored_bytes) "
-    "SELECT device, SUM(size) FROM events WHERE state = 'stored' GROUP BY device"
+    f"SELECT device, SUM({_STORED}) FROM events WHERE state = 'stored' GROUP BY device"
 )
 
 
@@ -482,7 +504,9 @@ class _KeptTable:
 
 _KEPT_TABLES = (
     _KeptTable(EventCount, 1, ("events_count",), _SQLITE_TRIGGERS, _POSTGRES_TRIGGERS, _BACKFILL, _BACKFILL),
-    _KeptTable(DeviceUsage, 1, ("events_usage",), _SQLITE_USAGE_TRIGGERS, _POSTGRES_USAGE_TRIGGERS,
+    # Generation 2 (2026-12-02): the device's thumbnails count (Event.thumbnail_size). Rows from
+    # before hold NULL there, and counted 0 under generation 1 as they do now: no recount.
+    _KeptTable(DeviceUsage, 2, ("events_usage",), _SQLITE_USAGE_TRIGGERS, _POSTGRES_USAGE_TRIGGERS,
                _USAGE_BACKFILL, _USAGE_BACKFILL),
     # events_listing*: the first version of these triggers (e5e91f9, 2026-12-01), counting up.
     # Generation 2 (2026-12-01): UPDATE OF the listed columns, where 1 drew a version at any UPDATE.

@@ -20,7 +20,9 @@ Where it is checked (DEVICE_QUOTA_EXCEEDED, RESOURCE_EXHAUSTED, 507 through Envo
   holds the device's usage row until COMMIT, so concurrent stores of one device take turns and
   the quota holds exactly, on every replica. The earlier checks only save the client's bytes.
 
-Only media counts (not thumbnails), and only stored events: an announced one is a file the
+What counts: stored events' media and the thumbnails their device sent (a pre-signed thumbnail PUT
+is checked as media is, and in the transaction that attaches it), not those the server made, which
+the server chose to make and bounds itself; and only stored events: an announced one is a file the
 device still holds. Deleting events frees room at once.
 """
 
@@ -138,8 +140,8 @@ class DeviceQuota:
         return room
 
     def check_stored(self, session: Session, device: str, size: int) -> None:
-        """In the transaction that stored `size` bytes for the device, after the write: refuse
-        (and so roll back) a store that took the device past its quota."""
+        """In the transaction that stored `size` bytes for the device (media, thumbnail or both),
+        after the write: refuse (and so roll back) a store that took the device past its quota."""
         if not self.limit:
             return
         session.flush()  # the write, whose trigger counts it and locks the device's usage row

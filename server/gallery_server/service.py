@@ -347,7 +347,7 @@ class Gallery:
         device's quota refuses its declared size or its first bytes past the room (Upload), not
         the upload itself: a retry of a capture stored already, which a form may name after this,
         takes no room."""
-        room = self.quota.room(device) if media_is == "event" else None  # thumbnails do not count
+        room = self.quota.room(device)  # a device's thumbnails count as its media do
         release = self.reserve_upload(device)
         try:
             return Upload(
@@ -536,7 +536,7 @@ class Gallery:
                     # before_insert may have attached a thumbnail that arrived first.
                     event.thumbnail_state = initial_thumbnail_state(event.media_type, event.has_thumbnail)
                     session.add(event)
-                self.quota.check_stored(session, event.device, event.size)
+                self.quota.check_stored(session, event.device, event.stored_bytes)
                 self.db.commit(session)
         except CommitOutcomeUnknown:
             # The row may have been written: the files stay where it says they are. If it was not,
@@ -648,6 +648,10 @@ class Gallery:
         mime = detect_mime(name, media.head)
         media_type = fields.media_type or classify(mime)
         has_thumbnail = upload.thumbnail is not None or bool(fill and fill.has_thumbnail)
+        if upload.thumbnail is not None:
+            thumbnail_size = upload.thumbnail.size
+        else:  # the one the device announced it with stays
+            thumbnail_size = fill.thumbnail_size if fill is not None and fill.has_thumbnail else None
         return Event(
             id=fill.id if fill else event_id or validation.new_event_id(),
             device=upload.device,
@@ -657,6 +661,7 @@ class Gallery:
             size=media.size,
             sha256=media.sha256,
             has_thumbnail=has_thumbnail,
+            thumbnail_size=thumbnail_size,
             thumbnail_state=initial_thumbnail_state(media_type, has_thumbnail),
             metadata_json=fields.metadata_json,
             created=fill.created if fill else utcnow(),
@@ -676,7 +681,7 @@ class Gallery:
                    col(Event.sha256).in_(("", event.sha256)))
             .values(state="stored", size=event.size, sha256=event.sha256,
                     mime_type=event.mime_type, media_type=event.media_type,
-                    has_thumbnail=event.has_thumbnail, name=event.name,
+                    has_thumbnail=event.has_thumbnail, thumbnail_size=event.thumbnail_size, name=event.name,
                     metadata_json=event.metadata_json, thumbnail_state=event.thumbnail_state)
         ).rowcount
         if updated:

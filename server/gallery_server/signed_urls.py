@@ -211,9 +211,7 @@ class SignedUploads:
                 # Locks the grant row first, so a concurrent thumbnail PUT is ordered against us.
                 if not self._use(target, session):
                     raise _already_used(target)
-                grant = session.get(UploadGrant, target.event_id)
-                if grant is not None and grant.thumbnail_state == "done":
-                    event.has_thumbnail = True
+                self._take_thumbnail_sent_first(target, session, event)
 
             self.gallery.store(upload, event_id=target.event_id, before_insert=mark_used)
             self._drop_chunks(target)
@@ -384,9 +382,19 @@ class SignedUploads:
         completed it first wins: UPLOAD_BUSY, which RangePut.finish answers with its event)."""
         if not self._use(target, session):
             raise _completed_by_another(target)
+        self._take_thumbnail_sent_first(target, session, event)
+
+    def _take_thumbnail_sent_first(self, target: SignedTarget, session: Session, event: Event) -> None:
+        """The media's event, before its insert under the grant's lock, takes the thumbnail its
+        URL stored before the media came (in place already), and its size for the quota."""
         grant = session.get(UploadGrant, target.event_id)
         if grant is not None and grant.thumbnail_state == "done":
             event.has_thumbnail = True
+            thumbnail = self.gallery.storage.thumbnail_path(target.device, target.event_id)
+            try:
+                event.thumbnail_size = thumbnail.stat().st_size
+            except FileNotFoundError:  # removed by hand: the event's reads answer that
+                event.thumbnail_size = None
 
     def _drop_chunks(self, target: SignedTarget) -> None:
         """The URL is used: the session of chunks sent to it, if any, can never be stored. Removed
@@ -426,7 +434,7 @@ class SignedUploads:
                 sa.update(Event)
                 .where(col(Event.id) == target.event_id)
                 # The device's thumbnail replaces one the server made or is making.
-                .values(has_thumbnail=True, thumbnail_state="")
+                .values(has_thumbnail=True, thumbnail_state="", thumbnail_size=thumbnail.size)
             ).rowcount
             grant = session.get(UploadGrant, target.event_id)
             if not attached and grant is not None and grant.media_state == "done":
@@ -435,6 +443,8 @@ class SignedUploads:
                     "EVENT_NOT_FOUND", f"event {target.event_id} no longer exists",
                     event_id=target.event_id,
                 )
+            if attached:  # before any file moves: a refusal leaves the event's thumbnail as it was
+                self.gallery.quota.check_stored(session, target.device, thumbnail.size)
             # From here on the file stays, whatever the COMMIT does: what it replaced is gone
             # either way, and it is this event's thumbnail as its device sent it (a retry of
             # the URL, which stays unused if the COMMIT failed, replaces it again).

@@ -96,11 +96,12 @@ class Upload:
         self._check_room(size)
 
     def _check_room(self, size: int) -> None:
-        """`size` bytes of media against the device's quota. Past it, an upload naming a capture
-        the device has stored already (device_event_id, told before the bytes) goes on, with no
-        room to check: Gallery.store answers that capture and stores nothing (or, for other
-        content, DEVICE_EVENT_ID_CONFLICT), so a device that lost the answer of the upload that
-        filled its quota learns it was stored. Its commit's own check still holds the quota."""
+        """`size` bytes of media (and thumbnail) against the device's quota. Past it, an upload
+        naming a capture the device has stored already (device_event_id, told before the bytes)
+        goes on, with no room to check: Gallery.store answers that capture and stores nothing
+        (or, for other content, DEVICE_EVENT_ID_CONFLICT), so a device that lost the answer of
+        the upload that filled its quota learns it was stored. Its commit's own check still holds
+        the quota."""
         if self._room is None:
             return
         try:
@@ -127,7 +128,7 @@ class Upload:
     def write_media(self, data: bytes | memoryview) -> None:
         self.media_received = True
         self.media.write(data)
-        self._check_room(self.media.size)
+        self._check_room(self.received)
         declared = self.fields.declared_size
         if declared is not None and self.media.size > declared:
             raise InvalidArgument(
@@ -143,6 +144,12 @@ class Upload:
                 max_bytes=self._max_thumbnail_bytes, what="thumbnail"
             )
         self.thumbnail.write(data)
+        self._check_room(self.received)
+
+    @property
+    def received(self) -> int:
+        """Bytes of media and thumbnail received so far: what they take of the device's quota."""
+        return self.media.size + (self.thumbnail.size if self.thumbnail is not None else 0)
 
     def close(self) -> None:
         try:

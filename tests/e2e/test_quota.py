@@ -89,9 +89,12 @@ def test_every_upload_path_stops_at_the_quota(quota_stack: Stack, mint: Callable
         # What fits is stored, to the byte; then the device is full, and every path says so at once.
         r = http.put(path, content=random_bytes(1000))
         assert r.status_code == 200, r.text
-        # Thumbnails do not count: the event's own is still taken at the quota.
-        r = http.put(httpx.URL(urls["thumbnail_upload_url"]).path, content=random_bytes(5000))
-        assert r.status_code == 200, r.text
+        # The thumbnails a device sends count: the event's own is refused at the quota, and the
+        # event keeps none.
+        assert_over_quota(http.put(httpx.URL(urls["thumbnail_upload_url"]).path, content=random_bytes(5000)),
+                          device, QUOTA)
+        assert http.get(f"/api/gallery/{device}/events/{urls['eventId']}", headers=headers).json()[
+            "has_thumbnail"] is False
         assert_over_quota(multipart(http, headers, device, b"x"), device, QUOTA)
         stats = http.get(f"/api/gallery/{device}/stats", headers=headers).json()
         assert (stats["total_events"], stats["total_size"]) == (2, QUOTA)

@@ -827,9 +827,9 @@ def test_a_thumbnail_for_an_event_deleted_meanwhile_stays_in_its_folder(
         write(inbox / "a.mp4", media)
     real_attach = IncomingImporter._attach
 
-    def delete_then_attach(self, event_id_, taken, destination):  # type: ignore[no-untyped-def]
-        gallery.delete_event(principal, DEVICE, event_id_)
-        return real_attach(self, event_id_, taken, destination)
+    def delete_then_attach(self, device, event_id_, taken, destination):  # type: ignore[no-untyped-def]
+        gallery.delete_event(principal, device, event_id_)
+        return real_attach(self, device, event_id_, taken, destination)
 
     with gallery.db.session() as session:  # a server-made thumbnail gives way to the device's
         event = session.get(Event, event_id)

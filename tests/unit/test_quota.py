@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import threading
 
 import pytest
@@ -22,6 +23,7 @@ from gallery_server.service import Gallery
 from gallery_server.signed_urls import SignedUploads
 
 from ..conftest import stored_files
+from .test_incoming import leftovers, settle, write
 from .test_service import PDF, PNG, row_count, store
 from .test_stats_counters import _row, write_concurrently
 
@@ -34,9 +36,10 @@ def usage(gallery: Gallery) -> dict[str, int]:
 
 
 def truth(gallery: Gallery) -> dict[str, int]:
+    """The stored events' media and the thumbnails their devices sent, summed."""
     with gallery.db.engine.connect() as c:
-        rows = c.execute(sa.text(
-            "SELECT device, SUM(size) FROM events WHERE state = 'stored' GROUP BY device")).all()
+        rows = c.execute(sa.text("SELECT device, SUM(size + COALESCE(thumbnail_size, 0)) FROM events"
+                                 " WHERE state = 'stored' GROUP BY device")).all()
     return {d: int(n) for d, n in rows if n}
 
 
@@ -477,3 +480,153 @@ def test_an_upload_stored_while_a_dropped_file_was_copied_wins_the_room(
 def _ids(gallery: Gallery) -> list[str]:
     with gallery.db.engine.connect() as c:
         return [r[0] for r in c.execute(sa.text("SELECT id FROM events"))]
+
+
+# -- thumbnails: those the device sends count, those the server makes do not ------------------------
+
+
+def test_the_devices_thumbnails_count_with_their_media(gallery: Gallery, principal: auth.Principal) -> None:
+    with_thumbnail = store(gallery, principal, data=PDF, name="a.pdf", thumbnail=b"t" * 50)
+    store(gallery, principal, data=PDF, name="b.pdf")
+    assert with_thumbnail.thumbnail_size == 50
+    assert usage(gallery) == {"cam1": 2 * len(PDF) + 50} == truth(gallery)
+    gallery.delete_event(principal, "cam1", with_thumbnail.id)
+    assert usage(gallery) == {"cam1": len(PDF)} == truth(gallery)
+
+
+def test_a_thumbnail_the_server_makes_does_not_count(gallery: Gallery, principal: auth.Principal) -> None:
+    from PIL import Image
+
+    from gallery_server.thumbnails import Thumbnailer
+
+    image = io.BytesIO()
+    Image.new("RGB", (640, 480), (200, 30, 30)).save(image, "PNG")
+    event = store(gallery, principal, data=image.getvalue(), name="photo.png")
+    assert Thumbnailer(gallery).work_once() == [event.id]
+    assert gallery.get_event(principal, "cam1", event.id).has_thumbnail is True
+    assert usage(gallery) == {"cam1": len(image.getvalue())} == truth(gallery)
+
+
+def test_events_of_no_bytes_with_thumbnails_stop_at_the_quota(gallery: Gallery, principal: auth.Principal) -> None:
+    """A device at its quota could otherwise fill the disk with empty events and 10 MiB thumbnails."""
+    gallery.quota.limit = 100
+    store(gallery, principal, data=b"", name="a.bin", thumbnail=b"t" * 60)
+    with gallery.begin_upload(principal, "cam1") as upload, pytest.raises(Exhausted) as excinfo:
+        upload.fields.name = "b.bin"
+        upload.write_media(b"")
+        upload.write_thumbnail(b"t" * 41)  # refused as it comes, not once stored
+    refused(excinfo, used=60, size=41, limit=100)
+    assert (row_count(gallery), usage(gallery), len(stored_files(gallery.settings.data_dir))) == (
+        1, {"cam1": 60}, 2)
+    store(gallery, principal, data=b"", name="b.bin", thumbnail=b"t" * 40)  # exactly the quota
+    assert usage(gallery) == {"cam1": 100} == truth(gallery)
+
+
+def _thumbnail_put(gallery: Gallery, signed: SignedUploads, url: str, data: bytes) -> str:
+    target = signed.verify("cam1", url.rsplit("/", 1)[1])
+    with gallery.open_upload("cam1", media_is="thumbnail") as upload:
+        upload.write_media(data)
+        return signed.complete(target, upload)
+
+
+def test_a_pre_signed_thumbnail_past_the_quota_leaves_the_event_as_it_was(
+    gallery: Gallery, signed: SignedUploads, principal: auth.Principal
+) -> None:
+    urls = signed.create_urls(principal, "cam1", "p.bin", thumbnail=True)
+    media = signed.verify("cam1", urls.media_url.rsplit("/", 1)[1])
+    with gallery.open_upload("cam1") as upload:
+        upload.write_media(b"p" * 100)
+        event_id = signed.complete(media, upload)
+    gallery.quota.limit = 100 + 9
+    with pytest.raises(Exhausted) as excinfo:  # as its bytes come
+        _thumbnail_put(gallery, signed, urls.thumbnail_url, b"t" * 10)
+    refused(excinfo, used=100, size=10, limit=109)
+    gallery.quota.limit = 100 + len(PDF) + 9  # room for the thumbnail, until another upload takes it
+    target = signed.verify("cam1", urls.thumbnail_url.rsplit("/", 1)[1])
+    with gallery.open_upload("cam1", media_is="thumbnail") as upload:
+        upload.write_media(b"t" * 10)
+        other = _fill_meanwhile(gallery, principal)
+        with pytest.raises(Exhausted) as excinfo:  # in the transaction that would attach it
+            signed.complete(target, upload)
+    assert excinfo.value.reason == QUOTA_EXCEEDED
+    event = gallery.get_event(principal, "cam1", event_id)
+    assert (event.has_thumbnail, event.thumbnail_size) == (False, None)
+    assert not gallery.storage.thumbnail_path("cam1", event_id).exists()
+    assert usage(gallery) == {"cam1": 100 + len(PDF)} == truth(gallery)
+    signed.require_unused(target)  # the client may PUT it again
+    gallery.delete_event(principal, "cam1", other.id)
+    assert _thumbnail_put(gallery, signed, urls.thumbnail_url, b"t" * 10) == event_id
+    assert gallery.storage.thumbnail_path("cam1", event_id).read_bytes() == b"t" * 10
+    assert usage(gallery) == {"cam1": 110} == truth(gallery)
+
+
+def test_a_pre_signed_thumbnail_sent_before_its_media_counts_once_the_media_is_stored(
+    gallery: Gallery, signed: SignedUploads, principal: auth.Principal
+) -> None:
+    urls = signed.create_urls(principal, "cam1", "p.bin", thumbnail=True)
+    event_id = _thumbnail_put(gallery, signed, urls.thumbnail_url, b"t" * 10)
+    assert usage(gallery) == {}  # no event yet
+    media = signed.verify("cam1", urls.media_url.rsplit("/", 1)[1])
+    gallery.quota.limit = 100 + 9  # the media fits alone, not with its thumbnail
+    with gallery.open_upload("cam1") as upload:
+        upload.write_media(b"p" * 100)
+        with pytest.raises(Exhausted):
+            signed.complete(media, upload)
+    signed.require_unused(media)
+    assert row_count(gallery) == 0
+    gallery.quota.limit = 110
+    with gallery.open_upload("cam1") as upload:
+        upload.write_media(b"p" * 100)
+        assert signed.complete(media, upload) == event_id
+    event = gallery.get_event(principal, "cam1", event_id)
+    assert (event.has_thumbnail, event.thumbnail_size) == (True, 10)
+    assert usage(gallery) == {"cam1": 110} == truth(gallery)
+
+
+def test_an_announced_thumbnail_counts_once_its_event_is_pulled(gallery: Gallery, principal: auth.Principal) -> None:
+    devices = Devices(gallery)
+    device = auth.Principal("cam1", frozenset({"cam1"}), frozenset({auth.DEVICE}))
+    content = b"pulled" * 10
+    [announced] = devices.announce(device, "cam1", [Announcement(
+        device_key="dcim/c.mp4", name="c.mp4", size=len(content), sha256=hashlib.sha256(content).hexdigest(),
+        thumbnail=b"t" * 30)])
+    assert usage(gallery) == {}  # announced: still on the device
+    devices.pull(principal, "cam1", announced.id)
+    pulled = devices.pulled_event(device, "cam1", announced.id)
+    with gallery.open_upload("cam1") as upload:
+        upload.fill(pulled)
+        upload.write_media(content)
+        gallery.store(upload, fill=pulled, before_insert=devices.complete_pull)
+    assert usage(gallery) == {"cam1": len(content) + 30} == truth(gallery)
+
+
+def test_dropped_media_whose_thumbnail_does_not_fit_waits_with_it(gallery: Gallery) -> None:
+    importer = IncomingImporter(gallery)
+    inbox, thumbs = gallery.storage.device_paths("cam1")
+    write(inbox / "clip.pdf", PDF)
+    write(thumbs / "clip.jpg", b"t" * 10)
+    gallery.quota.limit = len(PDF) + 9
+    assert settle(importer) == []
+    assert (row_count(gallery), leftovers(gallery), stored_files(gallery.settings.data_dir)) == (0, [], [])
+    assert [p.name for p in (*inbox.iterdir(), *thumbs.iterdir())] == ["clip.pdf", "clip.jpg"]
+    gallery.quota.limit = len(PDF) + 10
+    [event_id] = settle(importer, 100)
+    assert gallery.storage.thumbnail_path("cam1", event_id).read_bytes() == b"t" * 10
+    assert usage(gallery) == {"cam1": len(PDF) + 10} == truth(gallery)
+
+
+def test_a_late_dropped_thumbnail_past_the_quota_waits(gallery: Gallery, principal: auth.Principal) -> None:
+    importer = IncomingImporter(gallery)
+    inbox, thumbs = gallery.storage.device_paths("cam1")
+    write(inbox / "clip.pdf", PDF)
+    [event_id] = settle(importer)
+    gallery.quota.limit = len(PDF) + 9
+    write(thumbs / "clip.jpg", b"t" * 10)
+    assert settle(importer, 100) == []
+    assert gallery.get_event(principal, "cam1", event_id).has_thumbnail is False
+    assert not gallery.storage.thumbnail_path("cam1", event_id).exists()
+    assert [p.name for p in thumbs.iterdir()] == ["clip.jpg"]
+    gallery.quota.limit = len(PDF) + 10
+    settle(importer, 200)
+    assert gallery.get_event(principal, "cam1", event_id).has_thumbnail is True
+    assert usage(gallery) == {"cam1": len(PDF) + 10} == truth(gallery)

@@ -22,7 +22,7 @@ from gallery_server.listing import Listing
 from gallery_server.service import Gallery
 
 from .test_listing_cache import versions
-from .test_service import store
+from .test_service import PNG, store
 
 # Each table's generations, each with a digest of its statements: append-only. A failure here
 # means a trigger's SQL changed: add a generation with the new digest, and raise the table's
@@ -30,7 +30,7 @@ from .test_service import store
 # their next start. Never change a digest in place.
 GENERATIONS = {
     "event_counts": {1: "966f245d57dc6f73"},
-    "device_usage": {1: "344d26d7baff1cea"},
+    "device_usage": {1: "344d26d7baff1cea", 2: "edaa5491ec582751"},
     "listing_versions": {1: "bf690f8e8a4bb496", 2: "3fdcc901b2a377fc"},
 }
 CURRENT = {table: max(generations) for table, generations in GENERATIONS.items()}
@@ -109,7 +109,8 @@ def _counts_are_the_events(gallery: Gallery) -> bool:
         stored = {tuple(r) for r in c.exec_driver_sql("SELECT device, stored_bytes FROM device_usage "
                                                       "WHERE stored_bytes > 0")}
         stored_events = {tuple(r) for r in c.exec_driver_sql(
-            "SELECT device, SUM(size) FROM events WHERE state = 'stored' GROUP BY device")}
+            "SELECT device, SUM(size + COALESCE(thumbnail_size, 0)) FROM events WHERE state = 'stored'"
+            " GROUP BY device")}
     return counted == events and stored == stored_events
 
 
@@ -233,6 +234,54 @@ def test_a_start_that_cannot_lock_events_in_time_keeps_the_triggers_it_found(
     gallery.db.create_tables()
     assert _recorded(gallery)["listing_versions"] == CURRENT["listing_versions"]
     assert _a_mime_type_change_draws_a_version(gallery)
+
+
+def _usage_generation_1() -> models._KeptTable:
+    """The device_usage triggers of 2026-11-30 to 2026-12-02, which counted media only: this
+    release's with the thumbnails taken out (the digest proves them the very statements)."""
+    kept = next(k for k in models._KEPT_TABLES if k.model is models.DeviceUsage)
+
+    def before(statement: str) -> str:
+        return (statement.replace(models._stored("NEW."), "NEW.size")
+                .replace(f"({models._stored('OLD.')})", "OLD.size")
+                .replace(models._STORED, "size")
+                .replace(models._USAGE_COLUMNS, "device, state, size"))
+
+    old = dataclasses.replace(kept, generation=1, sqlite=tuple(map(before, kept.sqlite)),
+                              postgres=tuple(map(before, kept.postgres)),
+                              sqlite_backfill=before(kept.sqlite_backfill),
+                              postgres_backfill=before(kept.postgres_backfill))
+    assert _digest(old) == GENERATIONS["device_usage"][1]
+    return old
+
+
+def test_a_quota_of_media_only_counts_thumbnails_from_the_upgrade_on(gallery: Gallery,
+                                                                      principal: auth.Principal) -> None:
+    """A database of the release before: no events.thumbnail_size, usage triggers of generation 1.
+    A start adds the column and replaces the triggers; the thumbnails stored before count 0 (their
+    size was never recorded), as they did, and those stored after count, through their delete."""
+    old = store(gallery, principal, name="old.png", thumbnail=b"t" * 50)
+    before = _usage_generation_1()
+    with gallery.db.engine.begin() as c:
+        postgres = c.dialect.name == "postgresql"
+        for trigger in models.trigger_names(c):
+            if before.owns(trigger):
+                c.exec_driver_sql(f"DROP TRIGGER {trigger}{' ON events' if postgres else ''}")
+        c.exec_driver_sql("ALTER TABLE events DROP COLUMN thumbnail_size")
+        for statement in before.statements(postgres):
+            c.exec_driver_sql(statement)
+        c.exec_driver_sql("DELETE FROM device_usage")
+        c.exec_driver_sql(before.postgres_backfill if postgres else before.sqlite_backfill)
+        c.exec_driver_sql("UPDATE trigger_generations SET generation = 1 WHERE kept_table = 'device_usage'")
+    gallery.db.create_tables()
+    assert _recorded(gallery) == CURRENT
+    new = store(gallery, principal, name="new.png", thumbnail=b"t" * 30)
+    assert _counts_are_the_events(gallery)
+    with gallery.db.engine.connect() as c:
+        assert c.exec_driver_sql("SELECT stored_bytes FROM device_usage").scalar_one() == 2 * len(PNG) + 30
+    gallery.delete_event(principal, "cam1", old.id)
+    gallery.delete_event(principal, "cam1", new.id)
+    assert _counts_are_the_events(gallery)
 
 
 def test_the_row_counting_trigger_of_2026_11_28_is_replaced(gallery: Gallery, principal: auth.Principal) -> None:

@@ -224,8 +224,8 @@ class GalleryServiceServicer:
         order, then one `finish` (empty thumbnail chunks alone are no thumbnail, as an empty multipart
         part is none: an image or video gets one made by the server). The event exists only
         once the whole stream has been received and stored; a stream that fails or is cancelled
-        leaves nothing behind. Needs `gallery:write`. With GALLERY_MAX_DEVICE_BYTES set, media that
-        would take the device's stored bytes past it is RESOURCE_EXHAUSTED (HTTP 507)
+        leaves nothing behind. Needs `gallery:write`. With GALLERY_MAX_DEVICE_BYTES set, media and
+        thumbnail that would take the device's stored bytes past it is RESOURCE_EXHAUSTED (HTTP 507)
         DEVICE_QUOTA_EXCEEDED (metadata `quota_bytes`, `used_bytes`, `size`), on every upload call:
         before any byte when the device is full or a declared size does not fit, else at the chunk
         that passes the room, else at the commit.
