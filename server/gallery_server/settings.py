@@ -228,6 +228,13 @@ def _database_url(env: os._Environ[str] | dict[str, str], data_dir: pathlib.Path
             f"GALLERY_DATABASE_URL={shown_database_url(text)}: must be a SQLite or PostgreSQL URL with an"
             " installed driver (sqlite:///path/gallery.db or postgresql+psycopg://user@host/db)"
         ) from None
+    if "@" in (url.host or ""):
+        # A password holding "@" that is not percent-encoded: the URL is cut at its first "@", and
+        # the rest of the password became the host, which every connection error then named.
+        raise ConfigError(
+            "GALLERY_DATABASE_URL=(not shown: it may hold a password): its host holds '@': an '@' in"
+            " the user name or password must be written %40"
+        )
     return text
 
 
@@ -239,10 +246,13 @@ def shown_database_url(text: str) -> str:
     """GALLERY_DATABASE_URL as an error message may show it: no password, wherever the URL holds one."""
     import sqlalchemy as sa
 
+    hidden = "(not shown: it may hold a password)"
     try:
         url = sa.make_url(text)
-    except sa.exc.ArgumentError:
-        return text if "@" not in text and "password" not in text.lower() else "(not shown: it may hold a password)"
+    except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is no number (a ':' in a password)
+        return text if "@" not in text and "password" not in text.lower() else hidden
+    if "@" in (url.host or ""):  # the rest of a password that holds '@' (_database_url)
+        return hidden
     url = url.difference_update_query([key for key in url.query if key.lower() in _SECRET_QUERY_KEYS])
     return url.render_as_string(hide_password=True)
 
@@ -578,7 +588,12 @@ def _check_secret_strength(secret: str) -> None:
 
 def read_secret_file(data_dir: pathlib.Path) -> str:
     path = data_dir / SECRET_FILE_NAME
-    return path.read_text().strip() if path.exists() else ""
+    try:
+        return path.read_text(encoding="utf-8").strip() if path.exists() else ""
+    except UnicodeDecodeError:
+        # One line, and none of the secret: the decoder's own words quote a byte of it.
+        raise ConfigError(f"{path} is not UTF-8 text: write the secret as text (for example"
+                          " `openssl rand -base64 48`), not raw random bytes") from None
 
 
 def ensure_secret_file(data_dir: pathlib.Path) -> str:

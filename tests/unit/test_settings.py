@@ -344,6 +344,19 @@ def test_a_database_url_the_server_cannot_use_is_refused_without_its_password(tm
     assert "hunter2" not in message
 
 
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg://gallery:hunt@er2@db/gallery",  # the rest of the password became the host
+    "postgresql+psycopg://gallery:hu@nt:er2@db:5432/gallery",  # ... and its port: not a number
+    "postgresql+psycopg://gallery:er2@db:notaport/gallery",
+])
+def test_a_database_url_a_password_cuts_wrongly_is_one_line_without_the_password(tmp_path, url):
+    """An '@' or ':' in a password that is not percent-encoded: its rest was shown as the host in
+    every connection error, or the URL's port failed int() with a traceback quoting it."""
+    message = refusal(tmp_path, "GALLERY_DATABASE_URL", url)
+    assert message.startswith("GALLERY_DATABASE_URL=(not shown: it may hold a password): ")
+    assert "er2" not in message
+
+
 def test_a_data_dir_that_cannot_be_made_is_one_line(tmp_path):
     from gallery_server.settings import prepare_data_dir
 
@@ -368,6 +381,14 @@ def test_a_short_secret_file_is_refused(tmp_path):
     (tmp_path / "jwt-secret").write_text("short\n")
     with pytest.raises(ConfigError, match="at least 32 bytes"):
         Settings.from_env({"GALLERY_DATA_DIR": str(tmp_path)})
+
+
+def test_a_secret_file_of_raw_bytes_is_one_line_without_them(tmp_path):
+    """`head -c 48 /dev/urandom > jwt-secret`: the decoder's traceback quoted a byte of it."""
+    (tmp_path / "jwt-secret").write_bytes(b"\xff\xfe" + b"\x9c" * 46)
+    with pytest.raises(ConfigError, match="jwt-secret is not UTF-8 text: write the secret as text") as refused:
+        Settings.from_env({"GALLERY_DATA_DIR": str(tmp_path)})
+    assert "0xff" not in str(refused.value) and refused.value.__suppress_context__
 
 
 def test_a_jwks_url_alone_makes_tokens_the_identity_providers(tmp_path):
