@@ -311,3 +311,29 @@ def test_pull_waits_are_bounded_and_end_with_their_client(channel, mint):
             assert rich_error(error)[0].reason == "TOO_MANY_PULL_WAITS"
             assert time.monotonic() < deadline, "the waits of gone clients never ended"
             time.sleep(0.2)
+
+
+def test_reports_while_the_database_is_away_write_no_error_each(caplog: pytest.LogCaptureFixture) -> None:
+    """Every connected device reports its progress a second apart while it uploads: during an
+    outage each report wrote an ERROR with its traceback, past db.py's one line a minute."""
+    import logging
+    import types
+
+    from gallery_server.errors import DatabaseUnavailable
+    from gallery_server.rpc.device_servicer import DeviceServicer
+
+    def away(*args: object) -> None:
+        raise DatabaseUnavailable()
+
+    servicer = DeviceServicer.__new__(DeviceServicer)
+    servicer.devices = types.SimpleNamespace(acknowledge=away, progress=away, fail=away)  # type: ignore[assignment]
+    closed: list[bool] = []
+    channel = types.SimpleNamespace(device="cam1", close=lambda: closed.append(True))
+    reports = [dpb.ConnectRequest(progress=dpb.CommandProgress(command_id="c1", bytes_sent=n)) for n in range(50)]
+    reports.append(dpb.ConnectRequest(ack=dpb.CommandAck(command_id="c1")))
+    failure: list = []
+    with caplog.at_level(logging.DEBUG, logger="gallery_server.rpc.device_servicer"):
+        servicer._read_replies(iter(reports), channel, failure)  # type: ignore[arg-type]
+    assert (failure, closed) == ([], [])  # the channel stays: the device sends its next reports
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len([r for r in caplog.records if "database is unavailable" in r.getMessage()]) == 51

@@ -514,6 +514,18 @@ def put_requests(device: str, url: str, data: bytes, size: int = 64) -> list:
     return [first] + [pb.PutSignedUploadRequest(http_body=httpbody_pb2.HttpBody(data=p)) for p in pieces[1:]]
 
 
+@pytest.mark.parametrize("declared", ["\u00b2", "\u0661\u0662"], ids=["superscript-two", "arabic-indic-12"])
+def test_a_declared_length_in_other_digits_than_ascii_is_none(server: grpc_testing.Server, declared: str) -> None:
+    """On the direct port the header is the client's own, read before any token: "²" passed
+    str.isdigit() and failed int() (INTERNAL, and an ERROR traceback anyone could write), "١٢"
+    read as 12. Neither is a length: the PUT is refused as one without (LENGTH_REQUIRED, 411)."""
+    urls, code, _ = unary(server, "CreateUploadUrl", pb.CreateUploadUrlRequest(device="cam1", filename="d.png"))
+    assert code is grpc.StatusCode.OK
+    _, _, details = stream_unary(server, "PutSignedUpload", put_requests("cam1", urls.upload_url, PNG),
+                                 ((LENGTH, declared),))
+    assert "a PUT upload needs a Content-Length header" in details  # no interceptor here to map it
+
+
 def test_create_upload_url_and_put(server: grpc_testing.Server, gallery: Gallery, principal: auth.Principal) -> None:
     response, code, _ = unary(server, "CreateUploadUrl",
                               pb.CreateUploadUrlRequest(device="cam1", filename="signed.png", thumbnail=True))

@@ -140,7 +140,7 @@ def server_wait(error: grpc.RpcError) -> float:
     at most BACKOFF_CAP_S; 0 without one."""
     metadata = error.trailing_metadata() if isinstance(error, grpc.Call) else None
     for key, value in metadata or ():
-        if key == RETRY_AFTER_HEADER and isinstance(value, str) and value.isdigit():
+        if key == RETRY_AFTER_HEADER and isinstance(value, str) and value.isascii() and value.isdigit():
             return min(float(value), BACKOFF_CAP_S)
     return 0.0
 

@@ -1,5 +1,6 @@
 """The loop every background worker of a replica runs (incoming importer, thumbnailer, session
-sweeper): a daemon thread repeating one pass, surviving any error in it, stopped by stop()."""
+sweeper, reconciler, retention, readiness check): a daemon thread repeating one pass, surviving
+any error in it, stopped by stop()."""
 
 from __future__ import annotations
 

@@ -194,12 +194,14 @@ class Database:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sa.Connection]:
-        """A connection for ONE read-only statement, run outside an explicit transaction.
+        """A connection for read-only statements, each run outside an explicit transaction.
 
         A single SELECT reads one consistent snapshot on its own on both databases, so the
         BEGIN and ROLLBACK around it were pure cost: on the hot listing and stats paths they
         took about as long as the query (SQLite: two more statements through SQLAlchemy;
-        PostgreSQL: two more round trips). Several statements that must agree need session()."""
+        PostgreSQL: two more round trips). Several statements here each see their own snapshot
+        (Gallery.stored_media_found's batches, which need not agree); statements that must
+        agree need session()."""
         with _unavailable_as_error(), self.engine.connect() as connection:
             yield connection.execution_options(**self._single_read)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, MultipartState, parse_options_header
 
 from . import logs, validation
-from .errors import Exhausted, InvalidArgument, TooLarge
+from .errors import Exhausted, GalleryError, InvalidArgument, TooLarge
 from .uploads import Upload
 
 _TEXT_LIMITS = {"name": 4 * validation.MAX_NAME_CHARS, "media_type": 64, "has_thumbnail": 16,
@@ -117,7 +117,12 @@ class FormReceiver:
             return
         try:
             self._parser.write(data)
-        except Exception as exc:  # python-multipart wraps callback errors; unwrap ours
+        except (GalleryError, OSError):
+            # Raised by our callbacks, which python-multipart lets through as they are: a refusal
+            # of the form's content (_fail), the device's quota, the database or the disk. Not the
+            # body's shape, whose error below would have made them a 400.
+            raise
+        except Exception as exc:  # the parser's own: a body that is no multipart form
             raise self._error or InvalidArgument(
                 "MALFORMED_MULTIPART", f"malformed multipart body: {exc}"
             ) from None

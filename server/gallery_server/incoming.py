@@ -75,6 +75,7 @@ from . import file_locks, status_files, validation
 from ._direct_io import AppendWriter
 from .background import BackgroundLoop
 from .clock import rfc3339, utcnow
+from .downloads import sha256_of
 from .errors import Exhausted, GalleryError
 from .media_types import SNIFF_BYTES, classify, detect_mime
 from .models import Event, initial_thumbnail_state
@@ -631,14 +632,14 @@ class IncomingImporter(BackgroundLoop):
             return True  # hard-linked: the very same file
         if st.st_size != dropped.size:
             return False
-        record = seen.get(str(dropped.path))
-        if record is None or not record.sha256:
+        record = seen.setdefault(str(dropped.path), _Seen(dropped.signature, 0.0))
+        if not record.sha256:
             sha256 = self._hash(dropped)
             if sha256 is None:
                 return False
-            record = record or _Seen(dropped.signature, 0.0)
             record.sha256 = sha256  # cached while the file keeps its signature
-        return _sha256_of(stored) == record.sha256
+        with open(stored, "rb") as file:
+            return sha256_of(file) == record.sha256
 
     # -- files --------------------------------------------------------------------------------
 
@@ -759,9 +760,3 @@ def _unlink_if_same(path: pathlib.Path, expected: Signature) -> None:
     fsync_dir(path.parent)
 
 
-def _sha256_of(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()

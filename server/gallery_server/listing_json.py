@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-# What a listing returns of each event, in this order (the listing's select, service.py).
+# What a listing returns of each event, in this order (the listing's select, listing._listing_statement).
 LISTED_COLUMNS = (
     "id", "device", "name", "media_type", "mime_type", "size", "sha256", "has_thumbnail", "created", "state",
 )

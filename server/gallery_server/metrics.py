@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import logging
 import math
 import os
 import pathlib
@@ -32,6 +33,8 @@ from prometheus_client.registry import Collector
 
 from . import devices, thumbnails, version
 from .errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .db import Database
@@ -236,14 +239,19 @@ class _DatabaseCounts:
 
     def _count(self, done: threading.Event) -> None:
         values = {}
-        for name, count in self.counts.items():
-            try:
-                values[name] = float(count(self.db))
-            except (DatabaseUnavailable, sqlalchemy.exc.SQLAlchemyError):
-                values[name] = math.nan
-        with self._lock:
-            self._values, self._read_at = values, time.monotonic()
-        done.set()
+        try:
+            for name, count in self.counts.items():
+                try:
+                    values[name] = float(count(self.db))
+                except (DatabaseUnavailable, sqlalchemy.exc.SQLAlchemyError):
+                    values[name] = math.nan
+                except Exception:  # a count's own fault: its gauge is unknown, the others are read
+                    log.exception("metrics count failed", extra={"gauge": name})
+                    values[name] = math.nan
+            with self._lock:
+                self._values, self._read_at = values, time.monotonic()
+        finally:
+            done.set()  # else no read would ever start again (value() waits for this one)
 
 
 class _ReadCounter(Collector):

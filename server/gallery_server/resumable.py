@@ -738,12 +738,15 @@ def _open_in_use(path: pathlib.Path) -> int:
     under that name while this waited for the lock."""
     while True:
         fd = _open(path, os.O_TRUNC)
-        file_locks.lock(fd, shared=True)
         try:
+            file_locks.lock(fd, shared=True)
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd
         except FileNotFoundError:
             pass
+        except BaseException:
+            os.close(fd)
+            raise
         os.close(fd)
 
 

@@ -220,7 +220,7 @@ class Gallery:
         For reading only: it belongs to no session, and setting an attribute raises."""
         rows = self.db.read_rows(_EVENT, {"event_id": event_id})
         if not rows or rows[0][_EVENT_DEVICE] != device:
-            raise _not_found(device, event_id)
+            raise event_not_found(device, event_id)
         return Event.model_construct(**dict(zip(_EVENT_FIELDS, rows[0], strict=True)))
 
     def stored_media(self, principal: Principal, device: str, event_id: str) -> tuple[Event, pathlib.Path]:
@@ -319,7 +319,7 @@ class Gallery:
                     field="if_none_match", event_id=event_id,
                 )
         if not self.delete_events(device, [event_id]):
-            raise _not_found(device, event_id)
+            raise event_not_found(device, event_id)
 
     def delete_events(self, device: str, event_ids: list[str]) -> list[str]:
         """Delete these events of the device in one transaction (a user's DELETE, retention's
@@ -687,7 +687,7 @@ class Gallery:
         if updated:
             return
         if (now := session.get(Event, event.id)) is None:  # deleted, or replaced by a new capture meanwhile
-            raise _not_found(event.device, event.id)
+            raise event_not_found(event.device, event.id)
         if now.state == "on_device":
             raise InvalidArgument(
                 "SHA256_MISMATCH", "the content's sha256 is not the one its device announced", field="sha256",
@@ -722,7 +722,8 @@ def _media_lost(event: Event, reason: str, what: str) -> DataLoss:
     )
 
 
-def _not_found(device: str, event_id: str) -> NotFound:
+def event_not_found(device: str, event_id: str) -> NotFound:
+    """EVENT_NOT_FOUND (404): no event of this id is the device's, or none any more."""
     return NotFound(
         "EVENT_NOT_FOUND", f"event {event_id} not found for device {device}",
         device=device, event_id=event_id,

@@ -52,7 +52,7 @@ from .errors import (
 )
 from .models import GRANT_UNUSED, Event, UploadGrant, UploadSessionRow
 from .resumable import ResumableUploads, SessionWriter
-from .service import Gallery
+from .service import Gallery, event_not_found
 from .storage import upload_too_large
 from .uploads import Upload, Uploader
 
@@ -439,10 +439,7 @@ class SignedUploads:
             grant = session.get(UploadGrant, target.event_id)
             if not attached and grant is not None and grant.media_state == "done":
                 # The media arrived and its event was deleted since: nothing to attach to.
-                raise NotFound(
-                    "EVENT_NOT_FOUND", f"event {target.event_id} no longer exists",
-                    event_id=target.event_id,
-                )
+                raise event_not_found(target.device, target.event_id)
             if attached:  # before any file moves: a refusal leaves the event's thumbnail as it was
                 self.gallery.quota.check_stored(session, target.device, thumbnail.size)
             # From here on the file stays, whatever the COMMIT does: what it replaced is gone

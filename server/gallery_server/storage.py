@@ -312,10 +312,15 @@ class StagedFile:
         with self._disk_full_is_exhausted():  # even an empty file needs an inode
             # Read-write although only written: hold_shared's lock needs a readable descriptor.
             self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
-        self._out: AppendWriter | None = AppendWriter(self._fd, direct=direct_io)
+        try:
+            self._out: AppendWriter | None = AppendWriter(self._fd, direct=direct_io)
+            self._in_use: int | None = hold_shared(self._fd)
+        except BaseException:  # no object for its owner to discard(): nothing may stay behind
+            os.close(self._fd)
+            path.unlink(missing_ok=True)
+            raise
         self._pipeline: _Pipeline | None = None
         self._failed: BaseException | None = None
-        self._in_use: int | None = hold_shared(self._fd)
 
     @classmethod
     def adopt(cls, path: pathlib.Path, *, what: str, storage: Storage) -> StagedFile:
@@ -331,11 +336,15 @@ class StagedFile:
         self._out = None  # read only
         self._hash = hashlib.sha256()
         self._fd = os.open(path, os.O_RDONLY)
-        self.head = os.pread(self._fd, SNIFF_BYTES, 0)
-        self.size = 0
-        while chunk := os.read(self._fd, 1 << 20):
-            self._hash.update(chunk)
-            self.size += len(chunk)
+        try:
+            self.head = os.pread(self._fd, SNIFF_BYTES, 0)
+            self.size = 0
+            while chunk := os.read(self._fd, 1 << 20):
+                self._hash.update(chunk)
+                self.size += len(chunk)
+        except BaseException:  # a read error: the file is its owner's, the descriptor ours
+            os.close(self._fd)
+            raise
         self.max_bytes = self.size
         self._space = None
         return self
@@ -390,12 +399,6 @@ class StagedFile:
     def sha256(self) -> str:
         self._drain()
         return self._hash.hexdigest()
-
-    def commit(self, destination: pathlib.Path) -> None:
-        """Make the bytes durable, then move them to `destination` atomically."""
-        self.sync()
-        self.move(destination)
-        self.release()
 
     def sync(self) -> None:
         self._drain()
@@ -465,8 +468,8 @@ class StagedFile:
         self.release()
 
     def release(self) -> None:
-        """Drop the shared lock that marks the file as in use (hold_shared); discard() and
-        commit() call it, Gallery.store() keeps it until the row owning the moved file is committed."""
+        """Drop the shared lock that marks the file as in use (hold_shared); discard() calls it,
+        and Gallery.store() keeps it until the row owning the moved file is committed."""
         if self._in_use is not None:
             os.close(self._in_use)
             self._in_use = None

@@ -95,7 +95,7 @@ def wait_grpc_healthy(
     the server's own failure to bind ends the wait. Before, `gallery run` printed "up" over
     another test's server, and its tests ran against that one until its own was seen gone."""
     deadline = time.monotonic() + timeout
-    port = int(address.rsplit(":", 1)[1])
+    port = split_address(address, "127.0.0.1")[1]
     # The first attempts are refused while the server starts; grpc's default reconnect backoff
     # (1 s, growing) would then delay noticing it is up by up to a second.
     with grpc.insecure_channel(address, options=_FAST_RECONNECT) as channel:
@@ -273,10 +273,11 @@ def run(settings: Settings) -> int:
 
 
 def _stop_all(children: list[subprocess.Popen[bytes]]) -> None:
-    for child in reversed(children):  # Envoy first, so no new requests reach a stopping server
+    # Envoy first, and gone before the server is told to stop, so that no new request reaches a
+    # stopping server (it drains for 0 s under `gallery run`: GALLERY_DRAIN_SECONDS).
+    for child in reversed(children):
         if child.poll() is None:
             child.terminate()
-    for child in reversed(children):
         try:
             child.wait(timeout=15)
         except subprocess.TimeoutExpired:

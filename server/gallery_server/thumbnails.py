@@ -17,7 +17,9 @@ time, so a new upload overtakes an old backlog. Several replicas share the queue
 an event is claimed by a conditional UPDATE (pending, or working under a claim older than
 LEASE_SECONDS, i.e. a worker that died) that only one of them can win, and each claim counts an
 attempt; an event claimed MAX_ATTEMPTS times without finishing (a file that kills its worker)
-is marked failed. An exception on one file marks that file failed and the queue moves on.
+is marked failed. An exception on one file (its decoding, a thumbnail over
+GALLERY_MAX_THUMBNAIL_BYTES) marks that file failed and the queue moves on; a disk down to its
+headroom puts the claim back, uncounted, and ends the pass.
 
 The thumbnail is written and synced in staging; then the row is updated under the same claim and,
 only if that matched, the file is renamed into place before the commit, while the UPDATE holds the
@@ -46,6 +48,7 @@ from sqlmodel import col, select
 from .background import BackgroundLoop
 from .clock import utcnow
 from .db import Database
+from .errors import Exhausted
 from .models import Event
 from .service import Gallery
 from .storage import StagedFile
@@ -187,14 +190,37 @@ class Thumbnailer(BackgroundLoop):
                                                    "error": f"{type(exc).__name__}: {exc}"})
             self._finish(event, attempt, "failed", {})
             return
-        staged = self.storage.stage(max_bytes=self.gallery.settings.max_thumbnail_bytes, what="thumbnail")
+        limit = self.gallery.settings.max_thumbnail_bytes
+        if len(made.jpeg) > limit:  # a limit set below what a 320-pixel JPEG takes: this file's lot
+            too_large = f"{len(made.jpeg)} bytes, over GALLERY_MAX_THUMBNAIL_BYTES"
+            log.warning("thumbnail failed", extra={"device": event.device, "event_id": event.id, "error": too_large})
+            self._finish(event, attempt, "failed", made.info)
+            return
         try:
-            staged.write(made.jpeg)
-            staged.sync()
-            if self._finish(event, attempt, "generated", made.info, thumbnail=staged):
-                log.info("thumbnail made", extra={"device": event.device, "event_id": event.id, "size": len(made.jpeg)})
-        finally:
-            staged.discard()  # removes the file unless it was moved into place
+            staged = self.storage.stage(max_bytes=limit, what="thumbnail")
+            try:
+                staged.write(made.jpeg)
+                staged.sync()
+                if self._finish(event, attempt, "generated", made.info, thumbnail=staged):
+                    log.info("thumbnail made",
+                             extra={"device": event.device, "event_id": event.id, "size": len(made.jpeg)})
+            finally:
+                staged.discard()  # removes the file unless it was moved into place
+        except Exhausted:
+            # The disk down to its headroom: no fault of this file's. Its claim goes back, its
+            # attempt uncounted, and the pass ends (the loop waits before the next).
+            self._unclaim(event, attempt)
+            raise
+
+    def _unclaim(self, event: Event, attempt: int) -> None:
+        with self.gallery.db.session() as session:
+            session.exec(  # type: ignore[call-overload]
+                sa.update(Event)
+                .where(col(Event.id) == event.id, col(Event.thumbnail_state) == "working",
+                       col(Event.thumbnail_attempts) == attempt)
+                .values(thumbnail_state="pending", thumbnail_attempts=attempt - 1, thumbnail_claimed_at=None)
+            )
+            self.gallery.db.commit(session)
 
     def _finish(self, event: Event, attempt: int, state: str, info: dict[str, Any], *,
                 thumbnail: StagedFile | None = None) -> bool:

@@ -157,6 +157,28 @@ TOO_LARGE = "Received message larger than max (10296002 vs. 8388608)"
 BUSY = "Concurrent RPC limit exceeded!"
 
 
+@pytest.mark.parametrize("trailer", ["\u00b2", "\u0661\u0662", "soon", "-1"])
+def test_a_retry_after_of_no_ascii_whole_seconds_asks_no_wait(trailer):
+    """A trailer a server other than this one (or a proxy) made: float("²") raised inside the
+    upload's error handling, and the pull was neither retried nor failed."""
+    def refuse(request, context):
+        context.set_trailing_metadata([(agent.RETRY_AFTER_HEADER, trailer)])
+        context.abort(grpc.StatusCode.UNAVAILABLE, "later")
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", {
+        "Refuse": grpc.unary_unary_rpc_method_handler(refuse),
+    }),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as refused:
+            channel.unary_unary("/t.T/Refuse")(b"", timeout=10)
+    finally:
+        server.stop(None)
+    assert agent.server_wait(refused.value) == 0.0
+
+
 @pytest.mark.parametrize(("code", "reason", "details"), [
     *((code, "", "") for code in sorted(agent.TRANSIENT, key=lambda c: c.name)),
     (Code.UNAVAILABLE, "DATABASE_UNAVAILABLE", ""),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import itertools
 import pathlib
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from gallery_server import forms
-from gallery_server.errors import Exhausted, GalleryError, InvalidArgument, TooLarge
+from gallery_server.errors import DatabaseUnavailable, Exhausted, GalleryError, InvalidArgument, TooLarge
 from gallery_server.forms import MAX_PREAMBLE_BYTES, FormReceiver, multipart_boundary
 from gallery_server.storage import Storage
 from gallery_server.uploads import Upload
@@ -573,3 +574,24 @@ def test_a_full_disk_while_receiving_the_event_is_its_own_error(
 
     monkeypatch.setattr(Upload, "write_media", write_media)
     fail(storage, body(Part("event", b"abc")), Exhausted, "INSUFFICIENT_STORAGE", size=5)
+
+
+@pytest.mark.parametrize("raised", [
+    # The device over its quota before any byte (the quota lowered below what it keeps): at the
+    # event part's headers, where the upload learns it has a file.
+    Exhausted("DEVICE_QUOTA_EXCEEDED", "device cam1 is at its quota"),
+    DatabaseUnavailable(),  # the quota's figure read again
+    OSError(errno.EIO, "Input/output error"),  # a failing disk: the server's fault, not the body's
+], ids=["quota", "database", "disk"])
+def test_what_a_form_cannot_help_is_not_a_malformed_body(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch, raised: Exception,
+) -> None:
+    """python-multipart lets our callbacks' errors through: they keep their own status (507, 503,
+    500 with its traceback logged), where they were all 400 MALFORMED_MULTIPART."""
+    def write_media(self: Upload, data: bytes | memoryview) -> None:
+        raise raised
+
+    monkeypatch.setattr(Upload, "write_media", write_media)
+    with pytest.raises(type(raised)) as info, new_upload(storage) as upload:
+        FormReceiver(upload, CONTENT_TYPE, max_metadata_bytes=MAX_METADATA).feed(body(Part("event", b"abc")))
+    assert info.value is raised

@@ -170,3 +170,45 @@ def test_a_server_short_of_room_says_so_at_start_and_as_it_refuses(
     store.min_free_bytes = 0
     store.warn_if_short_of_room()
     assert caplog.records == []
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_staged_file_whose_lock_fails_leaves_no_file_or_descriptor(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The lock that marks a staged file in use can fail (ENOLCK on NFS, EMFILE for its duplicate):
+    there is no object yet for its owner to discard, so the file and its descriptor were left."""
+    store = Storage(tmp_path / "data")
+
+    def no_lock(fd: int) -> int:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(storage, "hold_shared", no_lock)
+    before = _open_fds()
+    for _ in range(3):
+        with pytest.raises(OSError):
+            store.stage(max_bytes=10, what="event")
+    assert _open_fds() == before
+    assert list(store.staging_root.iterdir()) == []
+
+
+def test_an_adopted_file_that_cannot_be_read_leaves_no_descriptor(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = Storage(tmp_path / "data")
+    finished = tmp_path / "session.bin"
+    finished.write_bytes(b"x" * 100)
+
+    def failing_read(fd: int, n: int) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(storage.os, "read", failing_read)
+    before = _open_fds()
+    with pytest.raises(OSError):
+        storage.StagedFile.adopt(finished, what="event", storage=store)
+    monkeypatch.undo()
+    assert _open_fds() == before
+    assert finished.read_bytes() == b"x" * 100  # the owner's file stays

@@ -185,3 +185,28 @@ def test_a_silent_database_does_not_hold_the_scrape() -> None:
             assert math.isnan(value(metrics, "gallery_pulls_open"))
         assert time.monotonic() - started < 3  # one wait of 1 s in all, not one per gauge and scrape
         db.dispose()
+
+
+def test_a_count_that_fails_on_its_own_leaves_its_gauge_unknown_and_the_reads_going(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A count raising what is no database error ended the read's thread before it said it was
+    done: no read ever started again, and every gauge kept its value for the process's life."""
+    from gallery_server.metrics import _DatabaseCounts
+
+    calls = {"bad": 0, "good": 0}
+
+    def bad(db: Database) -> int:
+        calls["bad"] += 1
+        raise RuntimeError("a bug in a count")
+
+    def good(db: Database) -> int:
+        calls["good"] += 1
+        return 3 + calls["good"]
+
+    counts = _DatabaseCounts(None, {"bad": bad, "good": good})  # type: ignore[arg-type]
+    assert math.isnan(counts.value("bad")) and counts.value("good") == 4
+    time.sleep(counts.FRESH_SECONDS)
+    assert counts.value("good") == 5  # read again
+    assert calls == {"bad": 2, "good": 2}
+    assert "metrics count failed" in caplog.text

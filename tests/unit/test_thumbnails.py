@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
 import json
@@ -20,6 +21,7 @@ import sqlalchemy as sa
 from PIL import Image
 
 from gallery_server import auth, thumbnails
+from gallery_server.errors import Exhausted
 from gallery_server.incoming import IncomingImporter
 from gallery_server.models import Event
 from gallery_server.rpc.servicer import event_message
@@ -161,6 +163,41 @@ def test_bad_files_fail_alone(gallery: Gallery, principal: auth.Principal) -> No
         assert not gallery.storage.thumbnail_path("cam1", event.id).exists()
     ok = row(gallery, good.id)
     assert ok is not None and ok.has_thumbnail
+
+
+def test_a_thumbnail_over_its_limit_fails_its_event_alone(gallery: Gallery, principal: auth.Principal) -> None:
+    """GALLERY_MAX_THUMBNAIL_BYTES may be set below what a 320-pixel JPEG takes: that event fails,
+    the queue moves on (the staged write's TooLarge ended the pass, and the event was claimed three
+    times before it failed as "interrupted")."""
+    small = Gallery(dataclasses.replace(gallery.settings, max_thumbnail_bytes=100), gallery.db, gallery.storage)
+    first = store(small, principal, data=png(), name="first.png")
+    backdate(small, first.id, 1)
+    second = store(small, principal, data=png(), name="second.png")
+    assert Thumbnailer(small).work_once() == [second.id, first.id]
+    for event in (first, second):
+        failed = row(small, event.id)
+        assert failed is not None and (failed.has_thumbnail, failed.thumbnail_state, failed.thumbnail_attempts) == (
+            False, "failed", 1)
+        assert json.loads(failed.media_info_json) == {"width": 640, "height": 400}  # what was learnt stays
+    assert list(small.storage.staging_root.iterdir()) == []
+
+
+def test_a_disk_at_its_headroom_puts_the_claim_back(
+    gallery: Gallery, principal: auth.Principal, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    event = store(gallery, principal, data=png(), name="p.png")
+
+    def no_room(**kw):  # type: ignore[no-untyped-def]
+        raise Exhausted("INSUFFICIENT_STORAGE", "the disk is down to its headroom")
+
+    monkeypatch.setattr(gallery.storage, "stage", no_room)
+    with pytest.raises(Exhausted):  # the pass ends: the background loop waits before the next
+        Thumbnailer(gallery).work_once()
+    waiting = row(gallery, event.id)
+    assert waiting is not None and (waiting.thumbnail_state, waiting.thumbnail_attempts) == ("pending", 0)
+    monkeypatch.undo()
+    assert Thumbnailer(gallery).work_once() == [event.id]
+    assert row(gallery, event.id).thumbnail_state == "generated"  # type: ignore[union-attr]
 
 
 def test_an_image_decoded_whole_is_refused_past_its_memory_before_decoding(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ from gallery.v1 import device_pb2_grpc
 from .. import devices as devices_module
 from ..auth import Principal
 from ..devices import Announcement, Channel, Devices
-from ..errors import GalleryError, InvalidArgument
+from ..errors import DatabaseUnavailable, GalleryError, InvalidArgument
 from .interceptor import current_principal
 from .servicer import metadata_json
 
@@ -150,6 +150,11 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     )
                 try:
                     self._apply(device, message)
+                except DatabaseUnavailable:
+                    # Every connected device's reports (progress, a second apart while it uploads)
+                    # would each write an ERROR with its traceback; db.py tells of the outage, at
+                    # most once a minute. The report is lost: the device sends the next.
+                    log.debug("device message ignored: the database is unavailable", extra={"device": device})
                 except Exception:  # one bad report must not end the device's channel
                     log.exception("device message ignored", extra={"device": device})
         except grpc.RpcError:

@@ -621,7 +621,9 @@ def _declared_body_length(context: grpc.ServicerContext) -> int | None:
     A multipart body also proves it by its closing boundary; a raw PUT has nothing else.
     """
     declared = dict(context.invocation_metadata()).get(CONTENT_LENGTH_HEADER, "")
-    return int(declared) if declared.isdigit() else None
+    # ASCII digits only: str.isdigit() takes "²" (which int() refuses: an INTERNAL) and "١٢" (12),
+    # and on the direct port this header is whatever the client sent, before any token is checked.
+    return int(declared) if declared.isascii() and declared.isdigit() else None
 
 
 def _require_whole_body(declared: int | None, received: int) -> None:
