@@ -158,20 +158,35 @@ def _deleted_event(deleted: DeletedCapture, a: Announcement) -> Event:
 
 
 class _Wakeups:
-    """Per-device condition variables: a pull in this process wakes that device's channels."""
+    """Per-device condition variables: a pull in this process wakes that device's channels. One
+    is kept while a channel of its device holds it: kept for every device that ever connected or
+    was pulled, they grew with the fleet for the life of the process."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._conditions: dict[str, threading.Condition] = {}
+        self._conditions: dict[str, tuple[threading.Condition, int]] = {}  # and how many hold it
 
-    def condition(self, device: str) -> threading.Condition:
+    def hold(self, device: str) -> threading.Condition:
+        """The device's condition, for a channel until it calls let_go."""
         with self._lock:
-            return self._conditions.setdefault(device, threading.Condition())
+            condition, holders = self._conditions.get(device, (threading.Condition(), 0))
+            self._conditions[device] = (condition, holders + 1)
+            return condition
+
+    def let_go(self, device: str) -> None:
+        with self._lock:
+            condition, holders = self._conditions[device]
+            if holders > 1:
+                self._conditions[device] = (condition, holders - 1)
+            else:
+                del self._conditions[device]
 
     def notify(self, device: str) -> None:
-        condition = self.condition(device)
-        with condition:
-            condition.notify_all()
+        with self._lock:
+            held = self._conditions.get(device)
+        if held is not None:  # else no channel of the device here to wake
+            with held[0]:
+                held[0].notify_all()
 
 
 class Devices:
@@ -185,7 +200,9 @@ class Devices:
         shares = thread_shares(self.settings)
         self.max_channels, self.max_hellos = shares.channels, shares.hellos
         self._greeting = Holds(MAX_CONNECTIONS_PER_DEVICE, total=shares.hellos)  # by token (held_for)
-        self._pull_waits = Holds(MAX_PULL_WAITS_PER_DEVICE, total=shares.pull_waits)
+        self._pull_waits = Holds(MAX_PULL_WAITS_PER_DEVICE, total=shares.pull_waits)  # by device
+        # And by token (held_for): a token of many devices, or of all, held the whole share.
+        self._pull_waiters = Holds(MAX_PULL_WAITS_PER_DEVICE, total=shares.pull_waits)
 
     # -- inventory ----------------------------------------------------------------------------
 
@@ -393,27 +410,34 @@ class Devices:
         if event.state == "stored":
             return PullResult(event, self.pull_status(event_id))
         waiting = wait > 0
-        if waiting and not self._pull_waits.take(device):
-            raise Busy(
+
+        def too_many(*_: int) -> Busy:
+            return Busy(
                 "TOO_MANY_PULL_WAITS",
-                f"this server has as many pulls waiting as it allows (of device {device}, or in "
-                "all): retry later, or pull without wait and read the event's pull state",
+                f"this server has as many pulls waiting as it allows (of device {device}, of this"
+                " token, or in all): retry later, or pull without wait and read the event's pull state",
                 device=device,
             )
-        try:
-            self._open_pull(device, event_id)
-            self._wakeups.notify(device)
-            deadline = time.monotonic() + wait
-            while True:
-                result = PullResult(self.gallery.find_event(device, event_id), self.pull_status(event_id))
-                done = result.event.state == "stored" or (
-                    result.pull is not None and result.pull.state in ("failed", "expired"))
-                if done or time.monotonic() >= deadline or not client_waiting():
-                    return result
-                time.sleep(0.2)
-        finally:
+
+        with contextlib.ExitStack() as held:
             if waiting:
-                self._pull_waits.give_back(device)
+                held.enter_context(self._pull_waiters.held_for(principal, too_many))
+                if not self._pull_waits.take(device):
+                    raise too_many()
+                held.callback(self._pull_waits.give_back, device)
+            return self._pull_and_wait(device, event_id, wait, client_waiting)
+
+    def _pull_and_wait(self, device: str, event_id: str, wait: int, client_waiting: Callable[[], bool]) -> PullResult:
+        self._open_pull(device, event_id)
+        self._wakeups.notify(device)
+        deadline = time.monotonic() + wait
+        while True:
+            result = PullResult(self.gallery.find_event(device, event_id), self.pull_status(event_id))
+            done = result.event.state == "stored" or (
+                result.pull is not None and result.pull.state in ("failed", "expired"))
+            if done or time.monotonic() >= deadline or not client_waiting():
+                return result
+            time.sleep(0.2)
 
     def _open_pull(self, device: str, event_id: str) -> None:
         now = utcnow()
@@ -515,15 +539,15 @@ class Devices:
         raises TOKEN_EXPIRED); a device's MAX_CONNECTIONS_PER_DEVICE + 1st open in this process
         replaces its oldest."""
         principal.require(validation.device_id(device), DEVICE)
-        channel = Channel(self, device, expires_at=principal.expires_at)
         with self._channels_lock:
-            mine = self._channels.setdefault(device, [])
+            mine = self._channels.get(device, [])
             if len(mine) >= MAX_CONNECTIONS_PER_DEVICE:
                 replaced: Channel | None = mine.pop(0)  # one in, one out: no more threads held
             else:
                 replaced = None
-                self._admit_channel()
-            mine.append(channel)
+                self._admit_channel()  # refused: nothing of the device is kept
+            channel = Channel(self, device, expires_at=principal.expires_at)
+            self._channels.setdefault(device, mine).append(channel)
         try:
             if replaced is not None:
                 log.info("device channel replaced by a newer one",
@@ -592,7 +616,8 @@ class Channel:
         self.expires_at = expires_at
         self.id = "conn_" + secrets.token_urlsafe(12)
         self.closed = threading.Event()
-        self._condition = devices._wakeups.condition(device)
+        self._closing = threading.Lock()
+        self._condition = devices._wakeups.hold(device)
         self._last_heartbeat = time.monotonic()
 
     def claim(self) -> list[Delivery]:
@@ -654,10 +679,14 @@ class Channel:
 
     def close(self) -> None:
         """End the channel (any number of times: the RPC's end, its reader and its handler may
-        each call it)."""
-        self.closed.set()
+        each call it; the first does it)."""
+        with self._closing:
+            if self.closed.is_set():
+                return
+            self.closed.set()
         self.devices._forget_channel(self)
         self.devices._wakeups.notify(self.device)
+        self.devices._wakeups.let_go(self.device)
         try:
             with self.devices.db.session() as session:
                 session.exec(  # type: ignore[call-overload]

@@ -17,6 +17,7 @@ from gallery_server import devices as devices_module
 from gallery_server.clock import aware, utcnow
 from gallery_server.devices import Announcement, Devices
 from gallery_server.errors import (
+    Busy,
     CommitOutcomeUnknown,
     DatabaseUnavailable,
     Exhausted,
@@ -922,3 +923,72 @@ def test_a_channel_closed_during_an_outage_leaves_a_row_its_next_connect_removes
     with db.session() as session:
         assert [c.id for c in session.exec(select(DeviceConnection))] == [again.id]
     again.close()
+
+
+def test_a_process_keeps_nothing_of_a_device_once_its_channels_are_gone(devices, principal):
+    """The wake-up conditions and channel lists were kept for every device that ever connected,
+    was pulled or was refused a channel: they grew with the fleet for the life of the process."""
+    fleet = auth.Principal("fleet", frozenset({"*"}), frozenset({auth.DEVICE}))
+    for i in range(20):
+        channel = devices.connect(fleet, f"cam-{i}")
+        channel.close()
+        channel.close()  # the RPC's end, its reader and its handler may each close it
+    [announced] = devices.announce(fleet, "cam-x", [Announcement(device_key="a.mp4", name="a.mp4", size=10)])
+    devices.pull(principal, "cam-x", announced.id)  # a pull of a device with no channel here
+    devices.max_channels = 0
+    with pytest.raises(Busy):
+        devices.connect(fleet, "cam-refused")
+    assert (devices._wakeups._conditions, devices._channels) == ({}, {})
+
+
+def test_a_pull_still_wakes_the_channels_of_its_device(devices, gallery, device_principal, principal):
+    first, second = devices.connect(device_principal, DEVICE), devices.connect(device_principal, DEVICE)
+    first.close()
+    event = announce(devices, device_principal)
+    woken: list[float] = []
+    waiter = threading.Thread(target=lambda: second.wait() or woken.append(time.monotonic()))
+    waiter.start()
+    time.sleep(0.1)
+    pulled = time.monotonic()
+    devices.pull(principal, DEVICE, event.id)
+    waiter.join(timeout=5)
+    assert woken and woken[0] - pulled < devices_module.POLL_INTERVAL_S / 2  # woken, not polled
+    assert [c.event_id for c in second.claim()] == [event.id]
+    second.close()
+    assert devices._wakeups._conditions == {}
+
+
+def test_a_token_of_many_devices_holds_only_its_part_of_the_pull_waits(devices, principal):
+    """Waits were counted by device only: a token of every device (or of many) that pulled with
+    wait on each of them held the whole share, and every other token's waits were refused."""
+    fleet = auth.Principal("fleet", frozenset({"*"}), frozenset({auth.DEVICE}))
+    total = devices._pull_waiters.total
+    part = max(1, total // 2)  # threads.grant_share of a token for every device
+    ids = [devices.announce(fleet, f"cam-{i}", [Announcement(device_key="a.mp4", name="a.mp4", size=10)])[0].id
+           for i in range(part + 2)]
+    stop = threading.Event()
+    refused: list[str] = []
+
+    def pull(who: auth.Principal, device: str, event_id: str) -> None:
+        try:
+            devices.pull(who, device, event_id, wait=30, client_waiting=lambda: not stop.is_set())
+        except Busy as exc:
+            refused.append(f"{device}: {exc.reason}")
+
+    waits = [threading.Thread(target=pull, args=(principal, f"cam-{i}", ids[i])) for i in range(part + 1)]
+    other = auth.Principal("one", frozenset({f"cam-{part + 1}"}), frozenset({auth.READ, auth.WRITE}))
+    mine = threading.Thread(target=pull, args=(other, f"cam-{part + 1}", ids[part + 1]))
+    try:
+        for wait in waits:
+            wait.start()
+        assert wait_until(lambda: len(refused) == 1 and devices._pull_waiters._held == {principal.holder: part})
+        assert part + 1 < total  # the share had room: the token's part refused it
+        mine.start()
+        assert wait_until(lambda: devices._pull_waiters._held.get(other.holder) == 1)
+    finally:
+        stop.set()
+        for wait in (*waits, mine):
+            if wait.ident is not None:
+                wait.join(timeout=10)
+    assert len(refused) == 1 and refused[0].endswith("TOO_MANY_PULL_WAITS")
+    assert (devices._pull_waiters._held, devices._pull_waits._held) == ({}, {})
