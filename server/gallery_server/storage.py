@@ -144,7 +144,7 @@ class Storage:
     def drop_folders(self, device: str) -> tuple[pathlib.Path, pathlib.Path]:
         """A device's drop folders (incoming, thumbnails), not created: for readers of them."""
         device_root = self.drop_root / device
-        return device_root / "incoming", device_root / "thumbnails"
+        return device_root / DROP_INCOMING, device_root / DROP_THUMBNAILS
 
     def device_paths(self, device: str, *, make: bool = True) -> tuple[pathlib.Path, pathlib.Path]:
         """A device's drop folders (incoming, thumbnails), for handing out; `make`: created if
@@ -475,6 +475,8 @@ class StagedFile:
             self._in_use = None
 
 
+# The names of a device's drop folders under <data>/gallery/<device>/ (Storage.drop_folders).
+DROP_INCOMING, DROP_THUMBNAILS = "incoming", "thumbnails"
 INSUFFICIENT_STORAGE = "INSUFFICIENT_STORAGE"  # the reason of every refusal for want of disk space
 
 
