@@ -165,18 +165,7 @@ def test_a_retry_after_of_no_ascii_whole_seconds_asks_no_wait(trailer):
         context.set_trailing_metadata([(agent.RETRY_AFTER_HEADER, trailer)])
         context.abort(grpc.StatusCode.UNAVAILABLE, "later")
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", {
-        "Refuse": grpc.unary_unary_rpc_method_handler(refuse),
-    }),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as refused:
-            channel.unary_unary("/t.T/Refuse")(b"", timeout=10)
-    finally:
-        server.stop(None)
-    assert agent.server_wait(refused.value) == 0.0
+    assert agent.server_wait(_refused_by(refuse)) == 0.0
 
 
 @pytest.mark.parametrize(("code", "reason", "details"), [
@@ -203,9 +192,14 @@ def test_an_upload_retries_no_sooner_than_the_server_asks(error, wait):
     def refuse(request, context):
         context.abort_with_status(status.to_status(error))
 
+    assert agent.server_wait(_refused_by(refuse)) == wait
+
+
+def _refused_by(handler) -> grpc.RpcError:  # type: ignore[no-untyped-def]
+    """The error of a real call that `handler`, a unary method of a real server, refuses."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", {
-        "Refuse": grpc.unary_unary_rpc_method_handler(refuse),
+        "Refuse": grpc.unary_unary_rpc_method_handler(handler),
     }),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -214,7 +208,7 @@ def test_an_upload_retries_no_sooner_than_the_server_asks(error, wait):
             channel.unary_unary("/t.T/Refuse")(b"", timeout=10)
     finally:
         server.stop(None)
-    assert agent.server_wait(refused.value) == wait
+    return refused.value
 
 
 @pytest.mark.parametrize(("code", "reason", "details"), [
