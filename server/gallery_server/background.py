@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from .errors import DatabaseUnavailable
+from .errors import DatabaseUnavailable, Exhausted
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,15 @@ class BackgroundLoop:
         while not self._stopping.is_set():
             try:
                 busy = self.run_pass()
-            except DatabaseUnavailable:
-                # db.py says why, once a minute: this worker says it waits, once.
+            except (DatabaseUnavailable, Exhausted) as exc:
+                # Waits on what is not this worker's fault: the database (db.py says why, once a
+                # minute) or a disk at its headroom (storage.py says so, once a minute). This
+                # worker says it waits, once, where a traceback came at every pass.
                 failures += 1
                 if not waiting:
                     waiting = True
-                    log.warning("background worker waits for the database",
+                    log.warning("background worker waits for the database" if isinstance(exc, DatabaseUnavailable)
+                                else f"background worker waits: {exc.message}",
                                 extra={"worker": self.thread_name})
                 busy = False
             except Exception:  # one failed pass must not end the worker

@@ -34,6 +34,7 @@ from .errors import (
     CommitOutcomeUnknown,
     Conflict,
     DatabaseUnavailable,
+    Exhausted,
     FailedPrecondition,
     InvalidArgument,
     TooLarge,
@@ -41,6 +42,7 @@ from .errors import (
 )
 from .media_types import classify, detect_mime
 from .models import DeletedCapture, DeviceCommand, DeviceConnection, Event
+from .quota import QUOTA_EXCEEDED
 from .service import Gallery, forget_event
 from .threads import Holds, thread_shares
 
@@ -278,7 +280,11 @@ class Devices:
     def _add(self, device: str, a: Announcement, *, replacing: Event | None) -> Event | None:
         """Insert the announced event, in place of the key's event `replacing` (another capture
         under the same key, as a dashcam's loop recording reuses FILE0001.MP4): None when the
-        key's event is not the one read any more."""
+        key's event is not the one read any more. A thumbnail that does not fit in the device's
+        quota (it is on the server's disk, counted as an uploaded one) is left out: the event is
+        announced without it."""
+        if a.thumbnail and not self._thumbnail_fits(device, len(a.thumbnail)):
+            a = self._without_thumbnail(device, a)
         mime = detect_mime(a.name, b"")
         event = Event(
             id=validation.new_event_id(), device=device, name=a.name,
@@ -310,9 +316,16 @@ class Devices:
                                                     col(DeletedCapture.device_key) == a.device_key)
                 )
                 session.add(event)
+                if a.thumbnail:  # exactly, under the usage row's lock: announcements run at once
+                    self.gallery.quota.check_stored(session, device, len(a.thumbnail))
                 self.db.commit(session)
         except CommitOutcomeUnknown:
             raise  # the row, if written, names the thumbnail: it stays (Database.commit)
+        except Exhausted as exc:
+            thumbnail_path.unlink(missing_ok=True)
+            if exc.reason != QUOTA_EXCEEDED:
+                raise
+            return self._add(device, self._without_thumbnail(device, a), replacing=replacing)
         except sa.exc.IntegrityError:
             # The same key announced concurrently: the other announcement won. Read the key again,
             # as that one may be another capture.
@@ -327,6 +340,16 @@ class Devices:
         if replacing is not None and replacing.state == "on_device":
             self.gallery.storage.remove_event_files(device, replacing.id)
         return event
+
+    def _thumbnail_fits(self, device: str, size: int) -> bool:
+        room = self.gallery.quota.room(device)
+        return room is None or room.used + size <= room.limit
+
+    @staticmethod
+    def _without_thumbnail(device: str, a: Announcement) -> Announcement:
+        log.info("announced thumbnail left out: it does not fit in the device's quota (GALLERY_MAX_DEVICE_BYTES)",
+                 extra={"device": device, "device_key": a.device_key, "size": len(a.thumbnail)})
+        return dataclasses.replace(a, thumbnail=b"")
 
     def _let_go(self, session: Session, old: Event) -> bool:
         """Free the key of `old`, an earlier capture the device no longer holds under it. Stored

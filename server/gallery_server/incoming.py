@@ -381,21 +381,24 @@ class IncomingImporter(BackgroundLoop):
         for file in media:
             if not file.stable or self._stopping.is_set():
                 continue
-            if room is not None and room.used + file.size > room.limit:
-                self._skip(device, file, seen, QUOTA_WAIT, {"size": file.size, "used_bytes": room.used,
-                                                             "quota_bytes": room.limit})
-                continue
             thumb = next(
                 (t for t in thumbs if t.stable and t.name not in claimed and stem(t.name) == stem(file.name)),
                 None,
             )
             if thumb is not None:
                 claimed.add(thumb.name)
+            # With its thumbnail, which the quota counts too: a pair that does not fit stays, uncopied
+            # (checked by the insert alone, the media was copied again at every scan).
+            size = file.size + (thumb.size if thumb is not None else 0)
+            if room is not None and room.used + size > room.limit:
+                self._skip(device, file, seen, QUOTA_WAIT, {"size": size, "used_bytes": room.used,
+                                                             "quota_bytes": room.limit})
+                continue
             event_id = self._guarded(device, file, seen, lambda f=file, t=thumb: self._import(device, f, t, seen))
             if event_id:
                 imported.append(event_id)
                 if room is not None:
-                    room.used += file.size
+                    room.used += size
         for thumb in thumbs:
             # A thumbnail whose media is still in incoming waits for it, rather than attaching to
             # an older event of the same name.
@@ -549,8 +552,10 @@ class IncomingImporter(BackgroundLoop):
         """Copy the thumbnail and `place` it; None if it did not get there (`place` may answer
         False: its event is gone).
 
-        A thumbnail that changed meanwhile, or that finds no room on the disk or in the device's
-        quota, does not hold up its media: it stays in thumbnails/ and attaches later."""
+        A thumbnail that changed meanwhile, or that finds no room on the disk or (attached to an
+        event stored before) in the device's quota, does not hold up its media: it stays in
+        thumbnails/ and attaches later. A new event's media and thumbnail fit the quota together
+        or wait together (_scan_device)."""
         try:
             taken = self._take(thumb)
         except _Changed:

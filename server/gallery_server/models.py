@@ -112,6 +112,9 @@ class UploadGrant(SQLModel, table=True):
     expires_at: datetime.datetime
     media_state: str = Field(default="open", max_length=16)
     thumbnail_state: str = Field(default="none", max_length=16)
+    # Bytes of a thumbnail PUT before its media: on the disk, and in the device's quota until the
+    # media's event counts it (quota.py); NULL otherwise.
+    thumbnail_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
 
 
 class DeviceCommand(SQLModel, table=True):
@@ -297,9 +300,10 @@ class DeviceUsage(SQLModel, table=True):
     """How many bytes of media a device has stored on the server: what GALLERY_MAX_DEVICE_BYTES
     bounds (quota.py).
 
-    Only stored events count: an announced one's size is the device's claim about a file it still
-    holds. Their thumbnails count too, those the device sent (Event.thumbnail_size): a device at its
-    quota could otherwise fill the disk with 0-byte events of 10 MiB thumbnails. Maintained by
+    Stored events count their size: an announced one's is the device's claim about a file it still
+    holds. The thumbnails a device sent count too, an announced event's as well (Event.thumbnail_size:
+    they are on the server's disk): a device at its quota could otherwise fill the disk with 0-byte
+    or announced events of 10 MiB thumbnails. Maintained by
     triggers on `events` as EventCount is, in the transaction that stores, pulls or deletes the
     event or attaches its thumbnail, so a store that passes the quota holds this row's lock until
     it commits (Gallery.store checks it after its write)."""
@@ -312,17 +316,22 @@ class DeviceUsage(SQLModel, table=True):
 
 def _stored(row: str = "") -> str:
     """What an event's row (`row`: "NEW.", "OLD." or none) takes of its device's quota."""
-    return f"{row}size + COALESCE({row}thumbnail_size, 0)"
+    return f"CASE WHEN {row}state = 'stored' THEN {row}size ELSE 0 END + COALESCE({row}thumbnail_size, 0)"
 
 
-_STORED = _stored()
+def _counted(row: str = "") -> str:
+    """Whether the row takes any of it: the usage row is written (and locked) only then."""
+    return f"({row}state = 'stored' OR {row}thumbnail_size IS NOT NULL)"
+
+
+_STORED, _COUNTED = _stored(), _counted()
 _USAGE_ADD = (
-    f"INSERT INTO device_usage (device, stored_bytes) SELECT NEW.device, {_stored('NEW.')} WHERE NEW.state = 'stored' "
+    f"INSERT INTO device_usage (device, stored_bytes) SELECT NEW.device, {_stored('NEW.')} WHERE {_counted('NEW.')} "
     "ON CONFLICT (device) DO UPDATE SET stored_bytes = device_usage.stored_bytes + excluded.stored_bytes"
 )
 _USAGE_REMOVE = (
     f"UPDATE device_usage SET stored_bytes = stored_bytes - ({_stored('OLD.')}) "
-    "WHERE device = OLD.device AND OLD.state = 'stored'"
+    f"WHERE device = OLD.device AND {_counted('OLD.')}"
 )
 # has_thumbnail, not thumbnail_size: every writer of a thumbnail's size sets has_thumbnail with it
 # (a tool's UPDATE of thumbnail_size must too), and every column here is a listed one, so that an
@@ -342,12 +351,12 @@ _POSTGRES_USAGE_TRIGGERS = (
     f"{_USAGE_REMOVE}; {_USAGE_ADD}; RETURN NULL; END $$",
     "CREATE OR REPLACE FUNCTION events_usage_inserted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
     "INSERT INTO device_usage (device, stored_bytes) "
-    f"SELECT device, SUM({_STORED}) FROM inserted WHERE state = 'stored' GROUP BY device ORDER BY device "
+    f"SELECT device, SUM({_STORED}) FROM inserted WHERE {_COUNTED} GROUP BY device ORDER BY device "
     "ON CONFLICT (device) DO UPDATE SET stored_bytes = device_usage.stored_bytes + excluded.stored_bytes; "
     "RETURN NULL; END $$",
     "CREATE OR REPLACE FUNCTION events_usage_deleted() RETURNS trigger LANGUAGE plpgsql AS $$ "
     "DECLARE gone record; BEGIN "
-    f"FOR gone IN SELECT device, SUM({_STORED}) AS size FROM deleted WHERE state = 'stored' "
+    f"FOR gone IN SELECT device, SUM({_STORED}) AS size FROM deleted WHERE {_COUNTED} "
     "GROUP BY device ORDER BY device LOOP "
     "UPDATE device_usage SET stored_bytes = device_usage.stored_bytes - gone.size WHERE device = gone.device; "
     "END LOOP; RETURN NULL; END $$",
@@ -364,7 +373,7 @@ _POSTGRES_USAGE_TRIGGERS = (
 )
 _USAGE_BACKFILL = (
     "INSERT INTO device_usage (device, stored_bytes) "
-    f"SELECT device, SUM({_STORED}) FROM events WHERE state = 'stored' GROUP BY device"
+    f"SELECT device, SUM({_STORED}) FROM events WHERE {_COUNTED} GROUP BY device"
 )
 
 

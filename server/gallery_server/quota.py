@@ -20,10 +20,12 @@ Where it is checked (DEVICE_QUOTA_EXCEEDED, RESOURCE_EXHAUSTED, 507 through Envo
   holds the device's usage row until COMMIT, so concurrent stores of one device take turns and
   the quota holds exactly, on every replica. The earlier checks only save the client's bytes.
 
-What counts: stored events' media and the thumbnails their device sent (a pre-signed thumbnail PUT
-is checked as media is, and in the transaction that attaches it), not those the server made, which
-the server chose to make and bounds itself; and only stored events: an announced one is a file the
-device still holds. Deleting events frees room at once.
+What counts: stored events' media, and the thumbnails the device sent: a stored event's, an
+announced event's (left out of an announcement that does not fit) and a pre-signed thumbnail's that
+came before its media (UploadGrant.thumbnail_bytes); a thumbnail is checked as media is, and in the
+transaction that attaches it. Not those the server made, which the server chose to make and bounds
+itself, and not an announced event's size: a file the device still holds. Deleting events frees
+room at once.
 """
 
 from __future__ import annotations
@@ -36,11 +38,21 @@ from sqlmodel import Session, col
 
 from .db import Database
 from .errors import Exhausted
-from .models import DeviceUsage
+from .models import DeviceUsage, UploadGrant
 
 QUOTA_EXCEEDED = "DEVICE_QUOTA_EXCEEDED"
 
-_USED = sa.select(DeviceUsage.stored_bytes).where(col(DeviceUsage.device) == sa.bindparam("device"))
+# What the device keeps: its usage row, and the thumbnails its pre-signed URLs brought before their
+# media (no event counts those yet; their files are on the disk until the URL's media comes or the
+# URL is swept, reconcile.py).
+_USED = sa.select(
+    sa.select(DeviceUsage.stored_bytes).where(col(DeviceUsage.device) == sa.bindparam("device"))
+    .scalar_subquery(),
+    sa.select(sa.func.coalesce(sa.func.sum(UploadGrant.thumbnail_bytes), 0))
+    .where(col(UploadGrant.device) == sa.bindparam("device"), col(UploadGrant.thumbnail_bytes).is_not(None),
+           col(UploadGrant.media_state) != "done")
+    .scalar_subquery(),
+)
 # Of the devices that store the most, how many the admin status names.
 LARGEST_SHOWN = 10
 # A device "near" its quota uses at least this percentage of it (the admin status counts them).
@@ -94,8 +106,7 @@ class DeviceQuota:
         self.limit = limit  # 0: no quota
 
     def used(self, device: str) -> int:
-        rows = self._db.read_rows(_USED, {"device": device})
-        return int(rows[0][0]) if rows else 0
+        return _sum(self._db.read_rows(_USED, {"device": device}))
 
     def usage(self, device: str) -> Usage | None:
         """The device's quota and what it has stored now; None: no quota."""
@@ -139,15 +150,31 @@ class DeviceQuota:
             room.check(size)
         return room
 
-    def check_stored(self, session: Session, device: str, size: int) -> None:
+    def check_stored(self, session: Session, device: str, size: int, *, lock: bool = False) -> None:
         """In the transaction that stored `size` bytes for the device (media, thumbnail or both),
-        after the write: refuse (and so roll back) a store that took the device past its quota."""
+        after the write: refuse (and so roll back) a store that took the device past its quota.
+        `lock`: take the device's usage row's lock first, for a write no trigger counts (a
+        pre-signed thumbnail before its media), so that concurrent stores still take turns."""
         if not self.limit:
             return
         session.flush()  # the write, whose trigger counts it and locks the device's usage row
-        used = session.scalar(_USED, {"device": device}) or 0
+        if lock:
+            session.execute(_LOCK_USAGE, {"device": device})
+        used = _sum(session.execute(_USED, {"device": device}).all())
         if used > self.limit:
             raise quota_exceeded(device, self.limit, used - size, size)
+
+
+# A usage row made or locked without a change: upload_grants has no trigger to do it.
+_LOCK_USAGE = sa.text(
+    "INSERT INTO device_usage (device, stored_bytes) VALUES (:device, 0) "
+    "ON CONFLICT (device) DO UPDATE SET stored_bytes = device_usage.stored_bytes"
+)
+
+
+def _sum(rows: list) -> int:  # type: ignore[type-arg]
+    """The usage row's figure and the thumbnails waiting for their media, of _USED's one row."""
+    return sum(int(value or 0) for value in rows[0]) if rows else 0
 
 
 def quota_exceeded(device: str, limit: int, used: int, size: int) -> Exhausted:

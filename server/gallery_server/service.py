@@ -648,10 +648,14 @@ class Gallery:
         mime = detect_mime(name, media.head)
         media_type = fields.media_type or classify(mime)
         has_thumbnail = upload.thumbnail is not None or bool(fill and fill.has_thumbnail)
-        if upload.thumbnail is not None:
-            thumbnail_size = upload.thumbnail.size
-        else:  # the one the device announced it with stays
-            thumbnail_size = fill.thumbnail_size if fill is not None and fill.has_thumbnail else None
+        thumbnail_size = upload.thumbnail.size if upload.thumbnail is not None else None
+        if fill is not None and fill.has_thumbnail and upload.thumbnail is None:
+            # The one the device announced it with stays, as its file is: an earlier upload of this
+            # capture whose commit failed may have replaced it (store: a replaced file stays).
+            try:
+                thumbnail_size = self.storage.thumbnail_path(fill.device, fill.id).stat().st_size
+            except FileNotFoundError:
+                thumbnail_size = fill.thumbnail_size
         return Event(
             id=fill.id if fill else event_id or validation.new_event_id(),
             device=upload.device,

@@ -440,8 +440,13 @@ class SignedUploads:
             if not attached and grant is not None and grant.media_state == "done":
                 # The media arrived and its event was deleted since: nothing to attach to.
                 raise event_not_found(target.device, target.event_id)
-            if attached:  # before any file moves: a refusal leaves the event's thumbnail as it was
-                self.gallery.quota.check_stored(session, target.device, thumbnail.size)
+            if not attached and grant is not None:
+                # Before its media: on the disk, and counted by the grant until the media's event
+                # counts it (URLs whose media never came held thumbnails no quota saw).
+                grant.thumbnail_bytes = thumbnail.size
+                session.add(grant)
+            # Before any file moves: a refusal leaves the event's thumbnail as it was.
+            self.gallery.quota.check_stored(session, target.device, thumbnail.size, lock=not attached)
             # From here on the file stays, whatever the COMMIT does: what it replaced is gone
             # either way, and it is this event's thumbnail as its device sent it (a retry of
             # the URL, which stays unused if the COMMIT failed, replaces it again).

