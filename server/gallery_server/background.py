@@ -8,6 +8,7 @@ import logging
 import threading
 
 from .errors import DatabaseUnavailable, Exhausted
+from .storage import INSUFFICIENT_STORAGE
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +47,24 @@ class BackgroundLoop:
     def _run(self) -> None:
         log.info("background worker started", extra={"worker": self.thread_name})
         failures = 0  # passes failed in a row
-        waiting = False  # for the database, said once
+        waiting = ""  # what for, said once
         while not self._stopping.is_set():
             try:
                 busy = self.run_pass()
             except (DatabaseUnavailable, Exhausted) as exc:
-                # Waits on what is not this worker's fault: the database (db.py says why, once a
-                # minute) or a disk at its headroom (storage.py says so, once a minute). This
-                # worker says it waits, once, where a traceback came at every pass.
                 failures += 1
-                if not waiting:
-                    waiting = True
-                    log.warning("background worker waits for the database" if isinstance(exc, DatabaseUnavailable)
-                                else f"background worker waits: {exc.message}",
-                                extra={"worker": self.thread_name})
                 busy = False
+                if isinstance(exc, Exhausted) and exc.reason != INSUFFICIENT_STORAGE:
+                    log.exception("background pass failed", extra={"worker": self.thread_name, "failures": failures})
+                else:
+                    # Waits on what is not this worker's fault: the database (db.py says why, once
+                    # a minute) or a disk at its headroom (storage.py says so, once a minute). This
+                    # worker says it waits, once for each, where a traceback came at every pass.
+                    what = ("for the database" if isinstance(exc, DatabaseUnavailable)
+                            else f"for room on the disk: {exc.message}")
+                    if what != waiting:
+                        waiting = what
+                        log.warning(f"background worker waits {what}", extra={"worker": self.thread_name})
             except Exception:  # one failed pass must not end the worker
                 failures += 1
                 log.exception("background pass failed", extra={"worker": self.thread_name, "failures": failures})
@@ -69,7 +73,7 @@ class BackgroundLoop:
                 if failures:
                     log.info("background worker recovered",
                              extra={"worker": self.thread_name, "failed_passes": failures})
-                failures, waiting = 0, False
+                failures, waiting = 0, ""
             if not busy:
                 self._stopping.wait(retry_delay(self.interval, failures))
 

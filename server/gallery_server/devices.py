@@ -283,7 +283,10 @@ class Devices:
         key's event is not the one read any more. A thumbnail that does not fit in the device's
         quota (it is on the server's disk, counted as an uploaded one) is left out: the event is
         announced without it."""
-        if a.thumbnail and not self._thumbnail_fits(device, len(a.thumbnail)):
+        # A capture it replaces that was never uploaded goes, with its thumbnail, in the same
+        # transaction: a loop recording at its quota keeps its thumbnails.
+        freed = (replacing.thumbnail_size or 0) if replacing is not None and replacing.state == "on_device" else 0
+        if a.thumbnail and not self._thumbnail_fits(device, len(a.thumbnail) - freed):
             a = self._without_thumbnail(device, a)
         mime = detect_mime(a.name, b"")
         event = Event(

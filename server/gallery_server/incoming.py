@@ -100,6 +100,7 @@ IGNORED_SUFFIXES = (".part", ".tmp", "~")
 _ID_LABEL = b"gallery incoming event ids v1"
 _CHUNK = 1 << 20
 IDLE_TRUST_SECONDS = 2.0
+IDLE_RELIST_SECONDS = 60.0  # a folder seen idle is listed at least this often all the same
 # The backlog's status file is rewritten at least this often, so that its `scanned` time says the
 # scans go on.
 BACKLOG_REFRESH_SECONDS = 60.0
@@ -214,7 +215,7 @@ class IncomingImporter(BackgroundLoop):
         self._scan_lock = threading.Lock()
         self._lock_problems: dict[str, str] = {}  # device -> the last error making its lock file
         self._backlog_written: tuple[tuple[int, int, str], float] | None = None  # figures, when
-        self._idle: dict[str, int] = {}  # folders with nothing to import, by path: their mtime (_list)
+        self._idle: dict[str, tuple[int, float]] = {}  # folders with nothing to import (_list)
 
     def run_pass(self) -> bool:
         self.scan_once()  # a stopped importer abandons the file it reads: it stays in incoming
@@ -235,7 +236,7 @@ class IncomingImporter(BackgroundLoop):
         now = time.monotonic() if now is None else now
         with self._scan_lock:
             seen: dict[str, _Seen] = {}
-            idle: dict[str, int] = {}
+            idle: dict[str, tuple[int, float]] = {}
             imported: list[str] = []
             try:
                 for device, incoming, thumbnails in self._device_folders():
@@ -325,34 +326,41 @@ class IncomingImporter(BackgroundLoop):
                                 os.path.join(entry.path, DROP_THUMBNAILS)))
         return folders
 
-    def _list(self, folder: str, now: float, seen: dict[str, _Seen], idle: dict[str, int]) -> list[_DropFile]:
+    def _list(self, folder: str, now: float, seen: dict[str, _Seen],
+              idle: dict[str, tuple[int, float]]) -> list[_DropFile]:
         """The folder's candidate files. One whose last listing held none and whose mtime has not
-        moved since is not listed again (into `idle`, this pass's such folders): any entry made,
-        removed or renamed in a folder moves its mtime. Every device that ever asked its paths has
-        two folders, empty for most, and listing them all each second cost a core's 8% at 2,000
-        devices (black-box review, 2026-12-02)."""
-        key = folder
+        moved since is not listed again for up to IDLE_RELIST_SECONDS (into `idle`, this pass's
+        such folders, with the mtime and when it was listed): any entry made, removed or renamed
+        in a folder moves its mtime. Every device that ever asked its paths has two folders, empty
+        for most, and listing them all each second cost a core's 8% at 2,000 devices (black-box
+        review, 2026-12-02)."""
+        checked_ns = time.time_ns()  # before the folder's mtime is read: see the trust below
         try:
-            st = os.lstat(folder)
-            if not stat.S_ISDIR(st.st_mode):
+            folder_st = os.lstat(folder)
+            if not stat.S_ISDIR(folder_st.st_mode):
                 return []  # never through a symlink (_device_folders)
-            if self._idle.get(key) == st.st_mtime_ns:
-                idle[key] = st.st_mtime_ns
+            known = self._idle.get(folder)
+            if known is not None and known[0] == folder_st.st_mtime_ns and now - known[1] < IDLE_RELIST_SECONDS:
+                idle[folder] = known
                 return []
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except (FileNotFoundError, NotADirectoryError):
             return []
         except OSError as exc:
-            log.warning("cannot list a drop folder", extra={"folder": key, "error": str(exc)})
+            log.warning("cannot list a drop folder", extra={"folder": folder, "error": str(exc)})
             return []
         files = []
+        unsure = False  # an entry that could not be looked at: the folder is listed again
         for entry in entries:
             if not is_candidate_name(entry.name):
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # gone meanwhile
             except OSError:
-                continue  # gone meanwhile, or unreadable
+                unsure = True  # unreadable now (ESTALE, EIO): maybe a file next time
+                continue
             if not stat.S_ISREG(st.st_mode):
                 continue
             sig = signature(st)
@@ -364,11 +372,13 @@ class IncomingImporter(BackgroundLoop):
             seen[entry.path] = record
             stable = now - record.since >= self.settings.incoming_settle_seconds
             files.append(_DropFile(entry.name, pathlib.Path(entry.path), sig, stable))
-        # Trusted only once its last change is IDLE_TRUST_SECONDS old: a file timestamp is coarse
-        # (a clock tick; 2 s on FAT), and an entry made in the same tick as the listing, after
-        # it, leaves the mtime as it was.
-        if not files and time.time_ns() - st.st_mtime_ns > IDLE_TRUST_SECONDS * 1e9:
-            idle[key] = st.st_mtime_ns
+        # Trusted only once its last change is IDLE_TRUST_SECONDS older than this look: a file
+        # timestamp is coarse (a clock tick; 2 s on FAT), and an entry made in the same tick as the
+        # listing, after it, leaves the mtime as it was. A clock the filesystem's is ahead of (a
+        # network filesystem's server behind) could still trust too soon: IDLE_RELIST_SECONDS
+        # bounds what that costs.
+        if not files and not unsure and checked_ns - folder_st.st_mtime_ns > IDLE_TRUST_SECONDS * 1e9:
+            idle[folder] = (folder_st.st_mtime_ns, now)
         return files
 
     def _scan_device(
@@ -389,7 +399,8 @@ class IncomingImporter(BackgroundLoop):
                 claimed.add(thumb.name)
             # With its thumbnail, which the quota counts too: a pair that does not fit stays, uncopied
             # (checked by the insert alone, the media was copied again at every scan).
-            size = file.size + (thumb.size if thumb is not None else 0)
+            takes_thumb = thumb is not None and 0 < thumb.size <= self.settings.max_thumbnail_bytes  # else skipped
+            size = file.size + (thumb.size if takes_thumb else 0)
             if room is not None and room.used + size > room.limit:
                 self._skip(device, file, seen, QUOTA_WAIT, {"size": size, "used_bytes": room.used,
                                                              "quota_bytes": room.limit})

@@ -103,8 +103,15 @@ class UploadGrant(SQLModel, table=True):
     """
 
     __tablename__ = "upload_grants"
-    # SignedUploads.create_urls counts a device's unused ones.
-    __table_args__ = (sa.Index("ix_upload_grants_device_expires", "device", "expires_at"),)
+    __table_args__ = (
+        # SignedUploads.create_urls counts a device's unused ones.
+        sa.Index("ix_upload_grants_device_expires", "device", "expires_at"),
+        # A device's thumbnails waiting for their media, which every read of its quota sums
+        # (quota.py): only those rows, not the device's every URL of the last hour.
+        sa.Index("ix_upload_grants_waiting_thumbnails", "device",
+                 sqlite_where=sa.text("thumbnail_bytes IS NOT NULL"),
+                 postgresql_where=sa.text("thumbnail_bytes IS NOT NULL")),
+    )
 
     event_id: str = Field(primary_key=True, max_length=64)
     device: str = Field(max_length=128)
@@ -298,7 +305,7 @@ _BACKFILL = (
 
 class DeviceUsage(SQLModel, table=True):
     """How many bytes of media a device has stored on the server: what GALLERY_MAX_DEVICE_BYTES
-    bounds (quota.py).
+    bounds (quota.py), with the pre-signed thumbnails waiting for their media (UploadGrant).
 
     Stored events count their size: an announced one's is the device's claim about a file it still
     holds. The thumbnails a device sent count too, an announced event's as well (Event.thumbnail_size:
@@ -496,6 +503,11 @@ class _KeptTable:
     postgres: tuple[str, ...]
     sqlite_backfill: str
     postgres_backfill: str
+    # Made again (emptied, then the backfill) whenever its triggers are replaced, under the same
+    # lock on `events`: for a figure an earlier generation counted otherwise, whose rows this
+    # release may have written meanwhile (a start that kept the earlier triggers: they did not
+    # count what the new ones take away on a delete).
+    recount: bool = False
 
     def owns(self, name: str) -> bool:
         return any(name == prefix or name.startswith(f"{prefix}_") for prefix in self.prefixes)
@@ -513,10 +525,12 @@ class _KeptTable:
 
 _KEPT_TABLES = (
     _KeptTable(EventCount, 1, ("events_count",), _SQLITE_TRIGGERS, _POSTGRES_TRIGGERS, _BACKFILL, _BACKFILL),
-    # Generation 2 (2026-12-02): the device's thumbnails count (Event.thumbnail_size). Rows from
-    # before hold NULL there, and counted 0 under generation 1 as they do now: no recount.
+    # Generation 2 (2026-12-02): the device's thumbnails count (Event.thumbnail_size), an announced
+    # event's too. Counted again at a replacement: a start of this release that kept generation 1
+    # (PostgreSQL's lock not had in time) wrote sizes those triggers did not count, which generation
+    # 2's would take away at their delete (the usage went below 0 in a review's test).
     _KeptTable(DeviceUsage, 2, ("events_usage",), _SQLITE_USAGE_TRIGGERS, _POSTGRES_USAGE_TRIGGERS,
-               _USAGE_BACKFILL, _USAGE_BACKFILL),
+               _USAGE_BACKFILL, _USAGE_BACKFILL, recount=True),
     # events_listing*: the first version of these triggers (e5e91f9, 2026-12-01), counting up.
     # Generation 2 (2026-12-01): UPDATE OF the listed columns, where 1 drew a version at any UPDATE.
     _KeptTable(ListingVersion, 2, ("events_changed", "events_listing"), _SQLITE_VERSION_TRIGGERS,
@@ -612,10 +626,13 @@ def _make_triggers(connection: sa.Connection, tables: list[_KeptTable], recorded
         name = kept.model.__tablename__
         for statement in kept.statements(postgres):
             connection.exec_driver_sql(statement)
-        if kept in backfill:
+        if kept in backfill or kept.recount:
+            if kept not in backfill:
+                connection.exec_driver_sql(f"DELETE FROM {quote(name)}")
             connection.exec_driver_sql(kept.postgres_backfill if postgres else kept.sqlite_backfill)
-        else:
+        if kept not in backfill:
             log.info("triggers replaced", extra={"table": name, "generation": kept.generation,
-                                                 "replaced_generation": recorded.get(name, 0)})
+                                                 "replaced_generation": recorded.get(name, 0),
+                                                 "counted_again": kept.recount})
         connection.execute(generations.delete().where(generations.c.kept_table == name))
         connection.execute(generations.insert().values(kept_table=name, generation=kept.generation))

@@ -2,7 +2,8 @@
 
 A fleet shares one disk: without a quota, one device whose clock loops or whose camera never
 stops can take every byte above the headroom (GALLERY_MIN_FREE_BYTES) from all the others. The
-figure is models.DeviceUsage, kept by database triggers, so no request sums a device's rows.
+figure is models.DeviceUsage, kept by database triggers, so no request sums a device's events, plus
+its pre-signed thumbnails waiting for their media (a few rows, by a partial index of their own).
 
 Where it is checked (DEVICE_QUOTA_EXCEEDED, RESOURCE_EXHAUSTED, 507 through Envoy):
 - before any byte: a resumable session (or write) of a device at its quota, and a declared size

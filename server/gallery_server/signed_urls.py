@@ -390,6 +390,8 @@ class SignedUploads:
         grant = session.get(UploadGrant, target.event_id)
         if grant is not None and grant.thumbnail_state == "done":
             event.has_thumbnail = True
+            grant.thumbnail_bytes = None  # the event counts it now (quota.py: the grants' index)
+            session.add(grant)
             thumbnail = self.gallery.storage.thumbnail_path(target.device, target.event_id)
             try:
                 event.thumbnail_size = thumbnail.stat().st_size

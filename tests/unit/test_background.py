@@ -72,6 +72,6 @@ def test_a_disk_at_its_headroom_is_one_line_then_its_end(
         loop.stop(timeout=10)
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("INFO", "background worker started"),
-        ("WARNING", "background worker waits: the disk is down to its headroom"),
+        ("WARNING", "background worker waits for room on the disk: the disk is down to its headroom"),
         ("INFO", "background worker recovered"),
     ]

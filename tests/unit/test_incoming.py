@@ -370,6 +370,21 @@ def test_a_folder_changed_lately_is_listed_whatever_its_mtime(gallery, importer,
     assert gallery.storage.media_path(DEVICE, event_id).read_bytes() == data
 
 
+def test_a_quiet_folder_is_listed_again_within_a_minute_whatever_its_mtime(gallery, importer, folders):
+    """What a clock or a filesystem could hide from the mtime (a network filesystem's server
+    behind this one's clock, a file made in the tick of a listing) waits IDLE_RELIST_SECONDS at
+    most, not until the folder changes again."""
+    inbox, _ = folders
+    then = _age(*folders)
+    assert importer.scan_once(now=0) == []  # quiet, trusted
+    data = write(inbox / "hidden.mp4", random_bytes(1000))
+    os.utime(inbox, ns=(then, then))  # the change its mtime did not show
+    assert importer.scan_once(now=1) == [] and importer.scan_once(now=1 + SETTLED) == []
+    relisted = incoming.IDLE_RELIST_SECONDS
+    [event_id] = importer.scan_once(now=relisted) + importer.scan_once(now=relisted + SETTLED)
+    assert gallery.storage.media_path(DEVICE, event_id).read_bytes() == data
+
+
 # -- thumbnails -----------------------------------------------------------------------------------
 
 

@@ -699,6 +699,10 @@ def test_a_pulled_upload_refused_at_its_commit_leaves_the_thumbnail_it_brought_c
         other = _fill_meanwhile(gallery, principal)
         with pytest.raises(Exhausted):
             gallery.store(upload, fill=pulled, before_insert=devices.complete_pull)
+    # The 150 bytes it left in the announced thumbnail's place count from the refusal on.
+    kept = gallery.get_event(principal, "cam1", announced.id)
+    assert (kept.state, kept.thumbnail_size) == ("on_device", 150)
+    assert usage(gallery) == {"cam1": 150 + len(PDF)} == truth(gallery)
     gallery.delete_event(principal, "cam1", other.id)
     with gallery.open_upload("cam1") as upload:
         upload.fill(pulled)
@@ -707,3 +711,41 @@ def test_a_pulled_upload_refused_at_its_commit_leaves_the_thumbnail_it_brought_c
     thumbnail = gallery.storage.thumbnail_path("cam1", stored.id)
     assert stored.thumbnail_size == thumbnail.stat().st_size == 150
     assert usage(gallery) == {"cam1": len(content) + 150} == truth(gallery)
+
+
+def test_dropped_media_whose_thumbnail_is_too_large_to_take_is_imported_alone(gallery: Gallery) -> None:
+    """The thumbnail is skipped (larger than GALLERY_MAX_THUMBNAIL_BYTES), so it takes no room:
+    counted with its media, the media waited for ever."""
+    small = Gallery(dataclasses.replace(gallery.settings, max_thumbnail_bytes=100), gallery.db, gallery.storage)
+    importer = IncomingImporter(small)
+    inbox, thumbs = small.storage.device_paths("cam1")
+    write(inbox / "clip.pdf", PDF)
+    write(thumbs / "clip.jpg", b"t" * 101)
+    small.quota.limit = len(PDF) + 100
+    [event_id] = settle(importer)
+    assert small.storage.media_path("cam1", event_id).read_bytes() == PDF
+    assert usage(small) == {"cam1": len(PDF)} == truth(small)
+
+
+def test_a_capture_announced_in_place_of_one_never_uploaded_keeps_its_thumbnail_at_the_quota(
+    gallery: Gallery, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A dashcam's loop recording reuses its file names: the new capture replaces the old one's
+    event, thumbnail and all, in one transaction, so the old thumbnail's room is the new one's."""
+    devices = Devices(gallery)
+    device = auth.Principal("cam1", frozenset({"cam1"}), frozenset({auth.DEVICE}))
+    gallery.quota.limit = 100
+    devices.announce(device, "cam1", [Announcement(device_key="FILE0001.MP4", name="FILE0001.MP4", size=5,
+                                                   thumbnail=b"a" * 80)])
+    [again] = devices.announce(device, "cam1", [Announcement(device_key="FILE0001.MP4", name="FILE0001.MP4",
+                                                             size=6, thumbnail=b"b" * 80)])
+    assert again.has_thumbnail is True
+    assert usage(gallery) == {"cam1": 80} == truth(gallery)
+    # The check in the announcement's transaction holds without the one before it (announcements
+    # of one device at once): past the quota, the event is taken without its thumbnail.
+    monkeypatch.setattr(Devices, "_thumbnail_fits", lambda self, device, size: True)
+    [other] = devices.announce(device, "cam1", [Announcement(device_key="FILE0002.MP4", name="FILE0002.MP4",
+                                                             thumbnail=b"c" * 30)])
+    assert other.has_thumbnail is False
+    assert not gallery.storage.thumbnail_path("cam1", other.id).exists()
+    assert usage(gallery) == {"cam1": 80} == truth(gallery)

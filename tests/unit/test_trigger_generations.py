@@ -288,6 +288,29 @@ def test_a_quota_of_media_only_counts_thumbnails_from_the_upgrade_on(gallery: Ga
     assert _counts_are_the_events(gallery)
 
 
+def test_usage_written_while_a_start_kept_the_earlier_triggers_is_counted_again(gallery: Gallery,
+                                                                                principal: auth.Principal) -> None:
+    """A start of this release that kept generation 1 (PostgreSQL's lock not had in time) stores
+    thumbnail sizes those triggers do not count; generation 2's took them away at the delete, and
+    the device's usage went below 0 (a review's test). The replacement counts the table again."""
+    before = _usage_generation_1()
+    with gallery.db.engine.begin() as c:  # the column is there; the triggers are generation 1's
+        postgres = c.dialect.name == "postgresql"
+        for trigger in models.trigger_names(c):
+            if before.owns(trigger):
+                c.exec_driver_sql(f"DROP TRIGGER {trigger}{' ON events' if postgres else ''}")
+        for statement in before.statements(postgres):
+            c.exec_driver_sql(statement)
+        c.exec_driver_sql("UPDATE trigger_generations SET generation = 1 WHERE kept_table = 'device_usage'")
+    event = store(gallery, principal, name="kept.png", thumbnail=b"t" * 70)  # counted without its thumbnail
+    gallery.db.create_tables()
+    assert _recorded(gallery) == CURRENT and _counts_are_the_events(gallery)
+    gallery.delete_event(principal, "cam1", event.id)
+    with gallery.db.engine.connect() as c:
+        assert c.exec_driver_sql("SELECT stored_bytes FROM device_usage").scalar_one() == 0
+    assert _counts_are_the_events(gallery)
+
+
 def test_the_row_counting_trigger_of_2026_11_28_is_replaced(gallery: Gallery, principal: auth.Principal) -> None:
     """PostgreSQL databases made before 2026-11-29 count inserts and deletes row by row, in the
     trigger events_count, which is now the update trigger's name: replaced, they count each event
