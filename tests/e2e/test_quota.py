@@ -11,7 +11,8 @@ import grpc
 import httpx
 import pytest
 
-from gallery.v1 import admin_pb2, admin_pb2_grpc, gallery_pb2_grpc
+from gallery.v1 import admin_pb2, admin_pb2_grpc, device_pb2_grpc, gallery_pb2_grpc
+from gallery.v1 import device_pb2 as dpb
 from gallery.v1 import gallery_pb2 as pb
 from gallery_server import auth
 
@@ -196,3 +197,24 @@ def test_stats_and_the_admin_status_tell_the_room(quota_stack: Stack, mint: Call
             admin_pb2.GetAdminStatusRequest(), metadata=[("authorization", admin["Authorization"])])
         assert reply.device_storage.quota_bytes == QUOTA
         assert (device, 2800) in [(u.device, u.used_bytes) for u in reply.device_storage.largest]
+
+
+def test_announced_thumbnails_count_and_one_past_the_quota_is_left_out(
+    quota_stack: Stack, mint: Callable[..., str],
+) -> None:
+    """Announced events' media is on the device, their thumbnails on the server's disk: a device at
+    its quota filled the disk with announcements of thumbnails. Through Envoy, natively."""
+    device = new_device()
+    events = [dpb.AnnouncedEvent(device_key=f"DCIM/{i}.mp4", name=f"{i}.mp4", size=10 ** 6, thumbnail=b"t" * 1000)
+              for i in range(4)]
+    with grpc.insecure_channel(quota_stack.envoy_grpc_address) as channel:
+        reply = device_pb2_grpc.DeviceServiceStub(channel).AnnounceEvents(
+            dpb.AnnounceEventsRequest(device=device, events=events),
+            metadata=[("authorization", f"Bearer {mint(devices=[device], scope=auth.DEVICE)}")], timeout=30)
+    headers = {"Authorization": f"Bearer {mint(devices=[device])}"}
+    with httpx.Client(base_url=quota_stack.base_url, timeout=30) as http:
+        shown = [http.get(f"/api/gallery/{device}/events/{r.event_id}", headers=headers).json()["has_thumbnail"]
+                 for r in reply.results]
+        stats = http.get(f"/api/gallery/{device}/stats", headers=headers).json()
+    assert shown == [True, True, True, False]  # 3 x 1,000 bytes fill the quota of 3,000
+    assert stats["quota"]["used_bytes"] == QUOTA

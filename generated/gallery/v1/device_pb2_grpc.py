@@ -83,7 +83,9 @@ class DeviceServiceServicer:
         answered `deleted` and not listed again. One invalid event refuses the call before anything
         is stored, and so does a `device_key` named twice (INVALID_ARGUMENT `DUPLICATE_DEVICE_KEY`,
         the key in its metadata: a key names one file); a thumbnail the disk's headroom has no room for (RESOURCE_EXHAUSTED
-        `INSUFFICIENT_STORAGE`) ends it there, the events before it announced.
+        `INSUFFICIENT_STORAGE`) ends it there, the events before it announced. A thumbnail that does
+        not fit in the device's quota (GALLERY_MAX_DEVICE_BYTES counts announced events' thumbnails)
+        is left out: its event is announced without it (`has_thumbnail` false).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
