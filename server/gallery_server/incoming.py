@@ -805,5 +805,3 @@ def _unlink_if_same(path: pathlib.Path, expected: Signature) -> None:
         return
     path.unlink(missing_ok=True)
     fsync_dir(path.parent)
-
-
